@@ -1,0 +1,96 @@
+"""Environment capture: which machine a Result came from.
+
+Works with no GPU, no NVML and even no torch: every probe is optional and a missing one leaves
+its field None. NVML gives the driver and the PCIe link (the copy benchmark's peak comes from it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import socket
+from typing import Any
+
+from infermeter import __version__
+
+
+def host_cpu_name() -> str:
+    """Model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_facts() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None, "cuda": None, "device_name": None, "device_count": 0}
+    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        facts["device_count"] = torch.cuda.device_count()
+        facts["device_name"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    else:
+        facts["device_count"] = 0
+        facts["device_name"] = None
+    return facts
+
+
+def nvml_facts(index: int = 0) -> dict[str, Any]:
+    """Driver, PCIe generation/width and total memory of GPU `index`, or {} without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU: NVML raises its own error types
+        return {}
+    facts: dict[str, Any] = {}
+    try:
+        facts["driver"] = _decode(pynvml.nvmlSystemGetDriverVersion())
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        facts["gpu_memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        for key, call in (("pcie_gen", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                          ("pcie_width", "nvmlDeviceGetMaxPcieLinkWidth"),
+                          ("pcie_gen_current", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                          ("pcie_width_current", "nvmlDeviceGetCurrPcieLinkWidth")):
+            try:
+                facts[key] = int(getattr(pynvml, call)(handle))
+            except Exception:  # not every GPU/driver answers every query
+                facts[key] = None
+    except Exception:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return facts
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def capture_env() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device_name": None, "device_count": 0, "driver": None, "cuda": None, "torch": None,
+        "pcie_gen": None, "pcie_width": None, "host_cpu": host_cpu_name(),
+        "hostname": socket.gethostname(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "infermeter_version": __version__, "python": platform.python_version(),
+    }
+    env.update(_torch_facts())
+    if env["device_count"]:
+        nvml = nvml_facts()
+        nvml.pop("gpu_memory_bytes", None)
+        env.update(nvml)
+    if env["device_name"] is None:
+        env["device_name"] = "cpu"
+    return env

@@ -1,0 +1,162 @@
+"""`infermeter kv`: turn a sizing request into Results (one per batch x seq_len case) and a table.
+
+The arithmetic lives in kvsize.py; this file decides what a user sees: which numbers go into the
+Result, which warnings, and how the terminal table reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from infermeter import kvsize
+from infermeter.errors import InfermeterError
+from infermeter.results import Result
+from infermeter.specs import ModelSpec
+from infermeter.textable import render_table
+from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
+
+
+@dataclass(frozen=True)
+class KvRequest:
+    spec: ModelSpec
+    batch_sizes: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    kv_dtype: str
+    dtype: str  # weights
+    tp: int = 1
+    gpu_memory: int | None = None
+    gpu_memory_source: str | None = None  # "--gpu-memory" or the GPU's name (from NVML)
+    reserve: str = "10%"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "seq_lens"):
+            for value in getattr(self, name):
+                if value <= 0:
+                    raise InfermeterError(f"--{name[:-1].replace('_', '-')} must be positive, "
+                                          f"got {value}")
+        kvsize.check_tp(self.spec, self.tp)
+        canonical_dtype(self.kv_dtype)
+        canonical_dtype(self.dtype)
+
+    def reserve_bytes(self) -> int:
+        """Activation reserve: a percent of GPU memory ('10%') or a size ('4GiB')."""
+        text = self.reserve.strip()
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise InfermeterError(f"cannot read reserve {self.reserve!r}") from None
+            if not 0 <= percent < 100:
+                raise InfermeterError(f"reserve {self.reserve!r} must be within 0% and 100%")
+            return int((self.gpu_memory or 0) * percent / 100)
+        return parse_size(text)
+
+
+def _config(req: KvRequest, batch: int, seq_len: int) -> dict[str, Any]:
+    return {"batch_size": batch, "seq_len": seq_len, "kv_dtype": canonical_dtype(req.kv_dtype),
+            "dtype": canonical_dtype(req.dtype), "tp": req.tp, "gpu_memory": req.gpu_memory,
+            "gpu_memory_source": req.gpu_memory_source, "activation_reserve": req.reserve}
+
+
+def _fit_metrics(req: KvRequest, batch: int, seq_len: int, per_rank: int) -> dict[str, Any]:
+    if req.gpu_memory is None:
+        return {}
+    fit = kvsize.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes())
+    budget = fit.kv_budget_bytes
+    per_token = kvsize.kv_bytes_per_token(req.spec, req.kv_dtype, req.tp)
+    return {
+        "gpu_memory_bytes": req.gpu_memory,
+        "activation_reserve_bytes": fit.reserve_bytes,
+        "kv_budget_bytes": budget,
+        "fits": budget >= per_rank,
+        "max_batch_size": kvsize.max_batch(req.spec, seq_len, req.kv_dtype, req.tp, budget),
+        "max_seq_len": kvsize.max_seq_len(req.spec, batch, req.kv_dtype, req.tp, budget),
+        "max_cached_tokens": max(budget, 0) // per_token,
+    }
+
+
+def _warnings(req: KvRequest, seq_len: int, metrics: dict[str, Any]) -> list[str]:
+    notes = []
+    if seq_len > req.spec.max_seq_len:
+        notes.append(f"seq_len {seq_len} exceeds {req.spec.name}'s "
+                     f"{req.spec.max_seq_len} positions")
+    if metrics.get("kv_budget_bytes", 1) <= 0:
+        notes.append("the weights and the reserve alone exceed the GPU memory")
+    elif metrics.get("fits") is False:
+        notes.append(f"the cache ({format_bytes(metrics['kv_cache_bytes_per_rank'])} per rank) "
+                     f"exceeds the KV budget ({format_bytes(metrics['kv_budget_bytes'])})")
+    if req.tp > req.spec.n_kv_heads and not req.spec.is_mla:
+        notes.append(f"tp={req.tp} > {req.spec.n_kv_heads} KV heads: each KV head is replicated "
+                     f"on {req.tp // req.spec.n_kv_heads} ranks")
+    return notes
+
+
+def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
+    spec = req.spec
+    weights = {
+        "param_count": kvsize.param_count(spec),
+        "param_count_active": kvsize.param_count(spec, active=True),
+        "weight_bytes": kvsize.weight_bytes(spec, req.dtype),
+        "weight_bytes_active": kvsize.weight_bytes(spec, req.dtype, active=True),
+        "weight_bytes_per_rank": kvsize.weight_bytes_per_rank(spec, req.dtype, req.tp),
+    }
+    results = []
+    for batch in req.batch_sizes:
+        for seq_len in req.seq_lens:
+            metrics: dict[str, Any] = {
+                "kv_bytes_per_token": kvsize.kv_bytes_per_token(spec, req.kv_dtype),
+                "kv_bytes_per_token_per_rank":
+                    kvsize.kv_bytes_per_token(spec, req.kv_dtype, req.tp),
+                "kv_cache_bytes": kvsize.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype),
+                "kv_cache_bytes_per_rank":
+                    kvsize.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype, req.tp),
+                **weights,
+            }
+            metrics.update(_fit_metrics(req, batch, seq_len, metrics["kv_cache_bytes_per_rank"]))
+            results.append(Result("kv", spec.to_dict(), _config(req, batch, seq_len), env,
+                                  metrics, warnings=_warnings(req, seq_len, metrics)))
+    return results
+
+
+def render_kv(req: KvRequest, results: list[Result]) -> str:
+    """The terminal view: a header on the model and budget, then one row per case."""
+    spec, first = req.spec, results[0].metrics
+    weights = f"weights {format_bytes(first['weight_bytes'])} ({format_count(first['param_count'])}"
+    weights += f" params, {canonical_dtype(req.dtype)})"
+    if spec.is_moe:
+        weights += f", active {format_bytes(first['weight_bytes_active'])}"
+    if spec.is_mla:
+        shape = f"MLA latent {spec.kv_lora_rank} + rope key {spec.qk_rope_head_dim}"
+    else:
+        shape = f"{spec.n_kv_heads} KV heads x {spec.head_dim} head_dim"
+    lines = [f"{spec.name}: {spec.n_layers} layers, {shape}, KV {canonical_dtype(req.kv_dtype)}, "
+             f"tp={req.tp}; " + weights]
+    if req.gpu_memory is not None:
+        lines.append(
+            f"GPU memory {format_bytes(req.gpu_memory)} ({req.gpu_memory_source}) - weights "
+            f"{format_bytes(first['weight_bytes_per_rank'])} per rank - reserve "
+            f"{format_bytes(first['activation_reserve_bytes'])} ({req.reserve}) = KV budget "
+            f"{format_bytes(max(first['kv_budget_bytes'], 0))}")
+    header = ["batch", "seq_len", "KV/token", "KV cache", "bytes"]
+    if req.tp > 1:
+        header += ["per rank", "bytes/rank"]
+    if req.gpu_memory is not None:
+        header += ["fits", "max batch@seq", "max seq@batch"]
+    rows = []
+    for result in results:
+        m, c = result.metrics, result.config
+        row = [c["batch_size"], c["seq_len"], format_bytes(m["kv_bytes_per_token"]),
+               format_bytes(m["kv_cache_bytes"]), f"{m['kv_cache_bytes']:,}"]
+        if req.tp > 1:
+            row += [format_bytes(m["kv_cache_bytes_per_rank"]), f"{m['kv_cache_bytes_per_rank']:,}"]
+        if req.gpu_memory is not None:
+            longest = m["max_seq_len"]
+            capped = longest == spec.max_seq_len
+            row += ["yes" if m["fits"] else "NO", m["max_batch_size"],
+                    f"{longest} (model max)" if capped else longest]
+        rows.append(row)
+    lines.append(render_table(header, rows))
+    for result in results:
+        lines.extend(f"warning: {note}" for note in result.warnings)
+    return "\n".join(dict.fromkeys(lines))  # drop repeated warnings, keep order

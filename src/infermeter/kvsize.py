@@ -1,0 +1,174 @@
+"""Analytic sizes: KV-cache bytes, parameter counts, weight bytes, what fits in GPU memory.
+
+Pure Python (no torch): these numbers must be available on a laptop with no GPU stack, and the
+engine's allocated cache is checked against them byte for byte.
+
+Definitions (DESIGN.md):
+  kv_bytes_per_token = 2 (K and V) x n_layers x n_kv_heads x head_dim x bytes(kv dtype)
+  MLA (DeepSeek-V2/V3): n_layers x (kv_lora_rank + qk_rope_head_dim) x bytes  (one latent, no x2)
+  a sliding-window layer holds at most `window` tokens per sequence.
+  Tensor parallel: each rank holds ceil(n_kv_heads / tp) heads, so heads are replicated when
+  tp > n_kv_heads; the MLA latent is shared by all heads and so is held whole by every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from infermeter.errors import InfermeterError
+from infermeter.specs import ModelSpec
+from infermeter.units import dtype_bytes
+
+
+def check_tp(spec: ModelSpec, tp: int) -> None:
+    """Tensor parallelism splits query heads evenly and KV heads evenly or by replication."""
+    if tp <= 0:
+        raise InfermeterError(f"tensor-parallel degree must be positive, got {tp}")
+    if spec.n_heads % tp:
+        raise InfermeterError(
+            f"tp={tp} does not divide {spec.name}'s {spec.n_heads} attention heads")
+    if spec.n_kv_heads % tp and tp % spec.n_kv_heads:
+        raise InfermeterError(
+            f"tp={tp} neither divides nor is a multiple of {spec.name}'s "
+            f"{spec.n_kv_heads} KV heads")
+
+
+def kv_heads_per_rank(spec: ModelSpec, tp: int = 1) -> int:
+    check_tp(spec, tp)
+    return math.ceil(spec.n_kv_heads / tp)
+
+
+def kv_bytes_per_token_layer(spec: ModelSpec, kv_dtype: str, tp: int = 1) -> int:
+    """Bytes one token adds to one layer's cache on one rank (K and V together)."""
+    if spec.is_mla:
+        check_tp(spec, tp)
+        return (spec.kv_lora_rank + spec.qk_rope_head_dim) * dtype_bytes(kv_dtype)
+    return 2 * kv_heads_per_rank(spec, tp) * spec.head_dim * dtype_bytes(kv_dtype)
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, tp: int = 1) -> int:
+    """Bytes one token adds to the whole cache (before any window cap), one rank at tp > 1."""
+    return spec.n_layers * kv_bytes_per_token_layer(spec, kv_dtype, tp)
+
+
+def cached_tokens(spec: ModelSpec, layer: int, seq_len: int) -> int:
+    """Tokens of one sequence that layer `layer` keeps: all of them, or its window."""
+    window = spec.layer_window(layer)
+    return seq_len if window is None else min(seq_len, window)
+
+
+def kv_cache_bytes(spec: ModelSpec, batch_size: int, seq_len: int, kv_dtype: str,
+                   tp: int = 1) -> int:
+    """Whole KV cache for `batch_size` sequences of `seq_len` tokens (one rank when tp > 1)."""
+    _check_positive(batch_size=batch_size, seq_len=seq_len)
+    per_layer = kv_bytes_per_token_layer(spec, kv_dtype, tp)
+    tokens = sum(cached_tokens(spec, layer, seq_len) for layer in range(spec.n_layers))
+    return batch_size * tokens * per_layer
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise InfermeterError(f"{name} must be positive, got {value}")
+
+
+# ---- parameters ------------------------------------------------------------------------------
+def _attention_params(spec: ModelSpec) -> int:
+    d = spec.dim
+    if spec.is_mla:
+        q_head = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+        if spec.q_lora_rank:  # q = W_qb(norm(W_qa x))
+            q = d * spec.q_lora_rank + spec.q_lora_rank + spec.q_lora_rank * spec.n_heads * q_head
+        else:
+            q = d * spec.n_heads * q_head
+        kv_a = d * (spec.kv_lora_rank + spec.qk_rope_head_dim) + spec.kv_lora_rank  # + its norm
+        kv_b = spec.kv_lora_rank * spec.n_heads * (spec.qk_nope_head_dim + spec.v_head_dim)
+        out = spec.n_heads * spec.v_head_dim * d
+        return q + kv_a + kv_b + out
+    q_out = spec.n_heads * spec.head_dim
+    kv_out = spec.n_kv_heads * spec.head_dim
+    weights = d * q_out + 2 * d * kv_out + q_out * d
+    bias = q_out + 2 * kv_out if spec.qkv_bias else 0
+    return weights + bias
+
+
+def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
+    """SwiGLU: three dim x ffn matrices per (expert) FFN, plus the MoE router."""
+    if not spec.is_moe or layer < spec.n_dense_layers:
+        return 3 * spec.dim * spec.ffn_dim
+    routed = spec.n_active_experts if active else spec.n_experts
+    experts = (routed + spec.n_shared_experts) * 3 * spec.dim * spec.moe_ffn_dim
+    router = spec.dim * spec.n_experts
+    return experts + router
+
+
+def param_count(spec: ModelSpec, active: bool = False) -> int:
+    """Parameters of the model; `active=True` counts only the experts one token uses (MoE)."""
+    per_layer_norms = spec.norms_per_layer * spec.dim
+    layers = sum(_attention_params(spec) + _ffn_params(spec, i, active) + per_layer_norms
+                 for i in range(spec.n_layers))
+    embeddings = spec.vocab_size * spec.dim * (1 if spec.tie_embeddings else 2)
+    return layers + embeddings + spec.dim  # + final norm
+
+
+def weight_bytes(spec: ModelSpec, dtype: str, active: bool = False) -> int:
+    return param_count(spec, active) * dtype_bytes(dtype)
+
+
+def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
+    """Weights one rank holds: matrices split tp ways, norms replicated.
+
+    KV projections are replicated with their heads when tp > n_kv_heads, so a rank holds
+    ceil(n_kv_heads / tp) heads' worth of wk and wv.
+    """
+    check_tp(spec, tp)
+    if tp == 1:
+        return weight_bytes(spec, dtype)
+    norms = (spec.norms_per_layer * spec.n_layers + 1) * spec.dim
+    total = param_count(spec) - norms
+    extra_kv = 0
+    if not spec.is_mla and tp > spec.n_kv_heads:
+        kv_params = 2 * spec.dim * spec.n_kv_heads * spec.head_dim
+        extra_kv = spec.n_layers * kv_params * (tp // spec.n_kv_heads - 1) // tp
+    return (math.ceil(total / tp) + extra_kv + norms) * dtype_bytes(dtype)
+
+
+# ---- what fits -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fit:
+    """KV budget on one GPU after weights and an activation reserve."""
+
+    gpu_memory_bytes: int
+    weight_bytes_per_rank: int
+    reserve_bytes: int
+    kv_budget_bytes: int  # may be negative: the weights alone do not fit
+
+
+def kv_budget(spec: ModelSpec, dtype: str, tp: int, gpu_memory: int, reserve: int) -> Fit:
+    weights = weight_bytes_per_rank(spec, dtype, tp)
+    return Fit(gpu_memory, weights, reserve, gpu_memory - weights - reserve)
+
+
+def max_batch(spec: ModelSpec, seq_len: int, kv_dtype: str, tp: int, budget: int) -> int:
+    """Largest batch of `seq_len`-token sequences whose cache fits `budget` bytes (0 if none)."""
+    if budget <= 0:
+        return 0
+    return budget // kv_cache_bytes(spec, 1, seq_len, kv_dtype, tp)
+
+
+def max_seq_len(spec: ModelSpec, batch_size: int, kv_dtype: str, tp: int, budget: int) -> int:
+    """Longest context (up to the model's max positions) that fits for `batch_size` sequences.
+
+    Found by bisection because sliding-window layers make cache size non-linear in length.
+    """
+    if budget <= 0 or kv_cache_bytes(spec, batch_size, 1, kv_dtype, tp) > budget:
+        return 0
+    lo, hi = 1, spec.max_seq_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if kv_cache_bytes(spec, batch_size, mid, kv_dtype, tp) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,110 @@
+"""Presets: the published shapes of the models people run.
+
+Every number is copied from the model's published config.json (Hugging Face hub) or Meta's
+params.json; tests/test_presets.py checks each preset's parameter count against the size its
+authors published, within 1%.
+"""
+
+from __future__ import annotations
+
+from infermeter.specs import ModelSpec, RopeScaling, all_layers
+
+# Llama 3.1 / 3.2 long-context RoPE scaling (config.json "rope_scaling", rope_type "llama3").
+_LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+_LLAMA32_ROPE = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def _llama2(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, ffn: int) -> ModelSpec:
+    return ModelSpec(name, "llama", n_layers, dim, n_heads, n_kv, dim // n_heads, ffn, 32000,
+                     norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096, torch_dtype="float16")
+
+
+def _llama3(name: str, n_layers: int, dim: int, n_heads: int, ffn: int,
+            rope: RopeScaling | None = None, head_dim: int = 128, tie: bool = False) -> ModelSpec:
+    return ModelSpec(name, "llama", n_layers, dim, n_heads, 8, head_dim, ffn, 128256,
+                     norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope,
+                     max_seq_len=131072 if rope else 8192, tie_embeddings=tie)
+
+
+def _qwen25(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, ffn: int, vocab: int,
+            eps: float, tie: bool = False) -> ModelSpec:
+    return ModelSpec(name, "qwen2", n_layers, dim, n_heads, n_kv, dim // n_heads, ffn, vocab,
+                     norm_eps=eps, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=tie,
+                     qkv_bias=True)
+
+
+_PRESET_LIST = [
+    # meta-llama/Llama-2-{7b,13b,70b}-hf
+    _llama2("llama-2-7b", 32, 4096, 32, 32, 11008),
+    _llama2("llama-2-13b", 40, 5120, 40, 40, 13824),
+    _llama2("llama-2-70b", 80, 8192, 64, 8, 28672),
+    # meta-llama/Meta-Llama-3-{8B,70B}, Llama-3.1-{8B,70B,405B}, Llama-3.2-{1B,3B}
+    _llama3("llama-3-8b", 32, 4096, 32, 14336),
+    _llama3("llama-3-70b", 80, 8192, 64, 28672),
+    _llama3("llama-3.1-8b", 32, 4096, 32, 14336, _LLAMA31_ROPE),
+    _llama3("llama-3.1-70b", 80, 8192, 64, 28672, _LLAMA31_ROPE),
+    _llama3("llama-3.1-405b", 126, 16384, 128, 53248, _LLAMA31_ROPE),
+    _llama3("llama-3.2-1b", 16, 2048, 32, 8192, _LLAMA32_ROPE, head_dim=64, tie=True),
+    _llama3("llama-3.2-3b", 28, 3072, 24, 8192, _LLAMA32_ROPE, head_dim=128, tie=True),
+    # mistralai/Mistral-7B-v0.1: every layer attends to a 4096-token window.
+    ModelSpec("mistral-7b", "mistral", 32, 4096, 32, 8, 128, 14336, 32000, norm_eps=1e-5,
+              rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
+              sliding_window_layers=all_layers(32)),
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts, 2 per token; full attention (sliding_window null).
+    ModelSpec("mixtral-8x7b", "mixtral", 32, 4096, 32, 8, 128, 14336, 32000, norm_eps=1e-5,
+              rope_theta=1000000.0, max_seq_len=32768, n_experts=8, n_active_experts=2,
+              moe_ffn_dim=14336),
+    # Qwen/Qwen2.5-{0.5B,7B,72B}: qkv bias; use_sliding_window is false.
+    _qwen25("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 1e-6, tie=True),
+    _qwen25("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 1e-6),
+    _qwen25("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064, 1e-5),
+    # google/gemma-2-9b: head_dim 256 (not 3584/16), a 4096 window on every other layer
+    # (layers 0, 2, 4, ... as transformers' Gemma2 does), tied embeddings, 4 norms per layer.
+    ModelSpec("gemma-2-9b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256000, norm_eps=1e-6,
+              rope_theta=10000.0, max_seq_len=8192, tie_embeddings=True, sliding_window=4096,
+              sliding_window_layers=tuple(range(0, 42, 2)), norms_per_layer=4),
+    # microsoft/Phi-3-mini-4k-instruct: its config.json sets sliding_window 2047 on all layers.
+    ModelSpec("phi-3-mini", "phi3", 32, 3072, 32, 32, 96, 8192, 32064, norm_eps=1e-5,
+              rope_theta=10000.0, max_seq_len=4096, sliding_window=2047,
+              sliding_window_layers=all_layers(32)),
+    # deepseek-ai/DeepSeek-V3: MLA (latent 512 + rope key 64), 256 routed experts (8 active)
+    # + 1 shared, first 3 layers dense. The multi-token-prediction layer is not counted.
+    ModelSpec("deepseek-v3", "deepseek_v3", 61, 7168, 128, 128, 192, 18432, 129280,
+              norm_eps=1e-6, rope_theta=10000.0, max_seq_len=163840,
+              rope_scaling=RopeScaling("yarn", 40.0, original_max_position=4096,
+                                       extra=(("beta_fast", 32), ("beta_slow", 1),
+                                              ("mscale", 1.0), ("mscale_all_dim", 1.0))),
+              n_experts=256, n_active_experts=8, n_shared_experts=1, moe_ffn_dim=2048,
+              n_dense_layers=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+              qk_rope_head_dim=64, v_head_dim=128),
+    # A tiny Llama for CPU tests and demos: GQA (4 query heads share 2 KV heads), runs in ms.
+    ModelSpec("debug", "llama", 2, 64, 4, 2, 16, 176, 256, norm_eps=1e-5, rope_theta=10000.0,
+              max_seq_len=256, torch_dtype="float32"),
+]
+
+PRESETS: dict[str, ModelSpec] = {spec.name: spec for spec in _PRESET_LIST}
+
+# Sizes the authors published (total parameters; MoE: total and active). Used by the tests and
+# shown by `infermeter presets` next to our own count.
+PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
+    "llama-2-7b": 6.74e9,
+    "llama-2-13b": 13.02e9,
+    "llama-2-70b": 68.98e9,
+    "llama-3-8b": 8.03e9,
+    "llama-3-70b": 70.55e9,
+    "llama-3.1-8b": 8.03e9,
+    "llama-3.1-70b": 70.55e9,
+    "llama-3.1-405b": 405.85e9,
+    "llama-3.2-1b": 1.23e9,
+    "llama-3.2-3b": 3.21e9,
+    "mistral-7b": 7.24e9,
+    "mixtral-8x7b": (46.7e9, 12.9e9),
+    "qwen2.5-0.5b": 0.494e9,
+    "qwen2.5-7b": 7.61e9,
+    "qwen2.5-72b": 72.7e9,
+    "gemma-2-9b": 9.24e9,
+    "phi-3-mini": 3.82e9,
+    "deepseek-v3": (671e9, 37e9),
+}
+
+DEFAULT_MODEL = "llama-2-7b"

@@ -1,0 +1,140 @@
+"""The Result schema (v1) and its JSON / JSONL reading and writing.
+
+A Result is what every measuring command produces (DESIGN.md, "Result schema"):
+  {"schema": 1, "kind": "kv" | "copy" | "generate", "model": {...}, "config": {...},
+   "env": {...}, "metrics": {...}, "samples": {...}, "warnings": [...]}
+plus `output_token_ids` for generate Results.
+
+Writes are atomic: the new content goes to a temporary file in the same folder, which is then
+renamed over the target, so a crash or a full disk never leaves a half-written file, and
+appending a line never corrupts the lines already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infermeter.errors import InfermeterError
+
+SCHEMA_VERSION = 1
+KINDS = ("kv", "copy", "generate")
+REQUIRED_FIELDS = ("schema", "kind", "model", "config", "env", "metrics", "samples", "warnings")
+
+
+@dataclass
+class Result:
+    kind: str
+    model: dict[str, Any]
+    config: dict[str, Any]
+    env: dict[str, Any]
+    metrics: dict[str, Any]
+    samples: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    output_token_ids: list[list[int]] | None = None
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Result kind must be one of {KINDS}, got {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"schema": self.schema, **asdict(self)}
+        if self.output_token_ids is None:
+            del out["output_token_ids"]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "result") -> Result:
+        missing = [name for name in REQUIRED_FIELDS if name not in data]
+        if missing:
+            raise InfermeterError(f"{where}: not an infermeter Result (missing {missing})")
+        if data["schema"] != SCHEMA_VERSION:
+            raise InfermeterError(f"{where}: Result schema {data['schema']!r} is not supported "
+                                  f"(this infermeter reads schema {SCHEMA_VERSION})")
+        if data["kind"] not in KINDS:
+            raise InfermeterError(f"{where}: unknown Result kind {data['kind']!r}")
+        return cls(kind=data["kind"], model=data["model"], config=data["config"],
+                   env=data["env"], metrics=data["metrics"], samples=data["samples"],
+                   warnings=list(data["warnings"]),
+                   output_token_ids=data.get("output_token_ids"))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file + rename in the same folder."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InfermeterError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, result: Result) -> None:
+    """One Result as a pretty JSON file (replacing any file there)."""
+    _atomic_write(Path(path), json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def append_jsonl(path: Path, results: list[Result]) -> None:
+    """Append Results as lines to a JSONL file, rewriting it atomically."""
+    path = Path(path)
+    old = ""
+    if path.exists():
+        try:
+            old = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InfermeterError(f"{path}: cannot append to it ({err})") from None
+        if old and not old.endswith("\n"):
+            old += "\n"
+    new = "".join(result.to_json() + "\n" for result in results)
+    _atomic_write(path, old + new)
+
+
+def read_results(path: Path) -> list[Result]:
+    """Results from a .json file (one object or a list) or a .jsonl file (one per line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InfermeterError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InfermeterError(f"{path}: cannot read ({err})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in text.strip()):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InfermeterError(f"{path}: not valid JSON ({err})") from None
+        items = data if isinstance(data, list) else [data]
+        return [_result(item, f"{path}") for item in items]
+    results = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InfermeterError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        results.append(_result(item, f"{path}:{number}"))
+    return results
+
+
+def _result(item: Any, where: str) -> Result:
+    if not isinstance(item, dict):
+        raise InfermeterError(f"{where}: expected a JSON object")
+    return Result.from_dict(item, where)

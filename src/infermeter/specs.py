@@ -1,0 +1,139 @@
+"""ModelSpec: everything sizing and the engine need to know about a model's shape.
+
+A spec comes from a preset (`presets.py`), a Meta `params.json` or a Hugging Face `config.json`
+(`spec_loaders.py`); `resolve_model` takes whatever the user typed after `--model`.
+Pure Python: no torch import, so `infermeter kv` runs anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermeter.errors import InfermeterError
+
+# Architectures the engine can run; the others are for sizing only.
+ENGINE_ARCHS = ("llama", "mistral", "qwen2")
+# Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
+SIZING_ARCHS = ("llama", "mistral", "qwen2", "mixtral", "gemma2", "phi3", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are stretched for long context.
+
+    kind: "linear" (positions divided by factor), "llama3" (Llama 3.1 wavelength-dependent
+    scaling), "yarn" (DeepSeek-V3; sizing only), "dynamic" (NTK; sizing only).
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    extra: tuple[tuple[str, Any], ...] = ()  # other published fields (yarn betas, mscale)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of one decoder-only transformer.
+
+    head_dim is stored, never re-derived: Gemma-2 (256 with dim 3584 / 16 heads = 224) and
+    Llama-3.2-1B/3B show that dim / n_heads is not always the head size.
+    """
+
+    name: str
+    arch: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    # Sliding-window attention: window length in tokens and the layers that use it.
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] = ()
+    # Mixture of experts: routed experts, routed experts used per token, always-on shared
+    # experts, the FFN size of one expert, and leading layers that stay dense (DeepSeek-V3: 3).
+    n_experts: int = 0
+    n_active_experts: int = 0
+    n_shared_experts: int = 0
+    moe_ffn_dim: int = 0
+    n_dense_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V2/V3): the cache holds one compressed latent of
+    # kv_lora_rank plus the shared rotary key of qk_rope_head_dim per token and layer.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    norms_per_layer: int = 2  # Gemma-2 has 4 (pre/post attention and FFN)
+    torch_dtype: str = "bfloat16"  # the dtype the published weights are stored in
+    source: str = field(default="preset", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                     "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InfermeterError(f"model {self.name}: {name} must be a positive integer, "
+                                      f"got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise InfermeterError(f"model {self.name}: n_heads={self.n_heads} is not a multiple "
+                                  f"of n_kv_heads={self.n_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise InfermeterError(f"model {self.name}: sliding_window must be positive")
+        bad = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise InfermeterError(f"model {self.name}: sliding-window layers {bad} out of range")
+        if self.sliding_window_layers and self.sliding_window is None:
+            raise InfermeterError(f"model {self.name}: sliding-window layers without a window")
+        if self.n_experts and not 0 < self.n_active_experts <= self.n_experts:
+            raise InfermeterError(f"model {self.name}: active experts must be in 1..n_experts")
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def layer_window(self, layer: int) -> int | None:
+        """Tokens layer `layer` attends to (and caches), or None for full attention."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
+
+    def with_updates(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description for a Result's `model` field."""
+        out = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            scaling = dataclasses.asdict(self.rope_scaling)
+            scaling["extra"] = dict(self.rope_scaling.extra)
+            out["rope_scaling"] = scaling
+        out["sliding_window_layers"] = list(self.sliding_window_layers)
+        return out
+
+
+def all_layers(n_layers: int) -> tuple[int, ...]:
+    return tuple(range(n_layers))
+
+
+def check_engine_arch(spec: ModelSpec) -> None:
+    """The engine runs Llama 2/3, Mistral and Qwen2; say so clearly for anything else."""
+    if spec.arch not in ENGINE_ARCHS:
+        raise InfermeterError(
+            f"model {spec.name}: architecture {spec.arch!r} can be sized but not run by the "
+            f"engine (it runs: {', '.join(ENGINE_ARCHS)})"
+        )

@@ -1,0 +1,91 @@
+"""Parsing and printing of the units users type: dtypes, byte sizes, percentages.
+
+Pure Python (no torch import) so that sizing works without a GPU stack.
+Bandwidth uses GB = 1e9 bytes; capacities print as MiB/GiB (2**30), see DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+from infermeter.errors import InfermeterError
+
+# Canonical dtype name -> bytes per element. fp8 means one of the float8 formats (e4m3/e5m2);
+# both take one byte, which is all sizing needs.
+DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8": 1,
+    "int8": 1,
+}
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float8": "float8", "fp8": "float8", "float8_e4m3fn": "float8", "float8_e5m2": "float8",
+    "e4m3": "float8", "e5m2": "float8",
+    "int8": "int8", "i8": "int8",
+}
+
+
+def canonical_dtype(name: str) -> str:
+    """Map any accepted spelling ('fp16', 'half', 'torch.float16') to its canonical name."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in _DTYPE_ALIASES:
+        raise InfermeterError(
+            f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp8, int8"
+        )
+    return _DTYPE_ALIASES[key]
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[canonical_dtype(name)]
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'80GiB' -> 85899345920, '512MB' -> 512000000, '1024' -> 1024 bytes.
+
+    Decimal units (KB, MB, GB, TB) are powers of 1000 and binary units (KiB, MiB, GiB, TiB) powers
+    of 1024, as their names say; a bare letter (80G) is read the way nvidia-smi and most GPU
+    datasheets mean it, as GiB.
+    """
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE_RE.match(str(text))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise InfermeterError(
+                f"cannot read size {text!r}; write it like 80GiB, 512MB or 1024"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(round(value * _SIZE_UNITS[unit]))
+    if size <= 0:
+        raise InfermeterError(f"size {text!r} must be positive")
+    return size
+
+
+def format_bytes(n: float) -> str:
+    """Binary units for capacities: 268435456 -> '256.0 MiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_count(n: float) -> str:
+    """Parameter counts: 6738415616 -> '6.74B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))

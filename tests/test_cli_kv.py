@@ -1,0 +1,128 @@
+"""`infermeter kv` and `infermeter presets` end to end, through a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import published_configs as published
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "infermeter", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def json_lines(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_default_run_is_the_seed_case():
+    out = run("kv")
+    assert out.returncode == 0, out.stderr
+    assert "268,435,456" in out.stdout and "256.0 MiB" in out.stdout
+    assert "llama-2-7b" in out.stdout
+
+
+def test_json_result_schema():
+    out = run("kv", "--model", "llama-2-13b", "--tp", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    (result,) = json_lines(out.stdout)
+    assert result["schema"] == 1 and result["kind"] == "kv"
+    for key in ("kv_bytes_per_token", "kv_cache_bytes", "kv_cache_bytes_per_rank",
+                "weight_bytes"):
+        assert key in result["metrics"]
+    assert result["metrics"]["kv_cache_bytes_per_rank"] == 209_715_200
+    assert result["model"]["n_kv_heads"] == 40 and result["config"]["tp"] == 2
+    for key in ("device_name", "device_count", "driver", "cuda", "torch", "pcie_gen",
+                "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version"):
+        assert key in result["env"]
+
+
+def test_sweep_gives_one_result_per_case_and_appends(tmp_path):
+    path = tmp_path / "kv.jsonl"
+    args = ("kv", "--model", "llama-3-8b", "--batch-size", "1", "8", "--seq-len", "512", "8192",
+            "--kv-dtype", "fp8", "--gpu-memory", "80GiB", "--output", str(path))
+    out = run(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") >= 6  # header lines + 4 rows
+    run(*args, "--json")
+    lines = json_lines(path.read_text())
+    assert len(lines) == 8  # two runs of 4 cases, the first run's lines intact
+    cases = {(r["config"]["batch_size"], r["config"]["seq_len"]) for r in lines}
+    assert cases == {(1, 512), (1, 8192), (8, 512), (8, 8192)}
+    big = next(r for r in lines if r["config"]["batch_size"] == 8
+               and r["config"]["seq_len"] == 8192)
+    assert big["metrics"]["kv_cache_bytes"] == 8 * 8192 * 2 * 32 * 8 * 128 * 1
+    assert big["metrics"]["fits"] is True and big["metrics"]["max_batch_size"] > 8
+
+
+def test_fit_reports_what_does_not_fit():
+    out = run("kv", "--model", "llama-2-70b", "--gpu-memory", "80GiB", "--json")
+    (result,) = json_lines(out.stdout)
+    assert result["metrics"]["fits"] is False and result["metrics"]["max_batch_size"] == 0
+    assert any("exceed the GPU memory" in w for w in result["warnings"])
+
+
+def test_reserve_as_size():
+    out = run("kv", "--gpu-memory", "24GiB", "--reserve", "2GiB", "--json")
+    (result,) = json_lines(out.stdout)
+    m = result["metrics"]
+    assert m["activation_reserve_bytes"] == 2 * 2**30
+    assert m["kv_budget_bytes"] == 24 * 2**30 - 2 * 2**30 - m["weight_bytes"]
+
+
+def test_model_from_a_config_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(published.MIXTRAL_8X7B))
+    out = run("kv", "--model", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    (result,) = json_lines(out.stdout)
+    assert result["model"]["n_experts"] == 8
+    assert result["metrics"]["weight_bytes_active"] < result["metrics"]["weight_bytes"]
+
+
+def test_presets_lists_every_preset():
+    out = run("presets")
+    assert out.returncode == 0
+    for name in ("llama-2-7b", "deepseek-v3", "gemma-2-9b", "debug"):
+        assert name in out.stdout
+    assert "deepseek-v3" in json.loads(run("presets", "--json").stdout)
+
+
+def test_python_dash_m_and_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("infermeter ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("kv", "--model", "llama-3.1-8"), "did you mean"),
+    (("kv", "--model", "/no/such/config.json"), "no such file"),
+    (("kv", "--tp", "3"), "does not divide"),
+    (("kv", "--batch-size", "0"), "must be a positive integer"),
+    (("kv", "--seq-len", "-4"), "seq-len"),
+    (("kv", "--kv-dtype", "fp4"), "unknown dtype"),
+    (("kv", "--gpu-memory", "lots"), "cannot read size"),
+    (("kv", "--gpu-memory", "80GiB", "--reserve", "120%"), "within 0% and 100%"),
+    (("kv", "--frobnicate"), "unrecognized arguments"),
+    (("nonsense",), "invalid choice"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    out = run(*args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{oops", "not valid JSON"),
+    (json.dumps({"model_type": "bert", "hidden_size": 8}), "unsupported model_type 'bert'"),
+])
+def test_bad_config_file_on_the_cli(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    out = run("kv", "--model", str(path), "--output", str(tmp_path / "out.jsonl"))
+    assert out.returncode == 2 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()  # no half-written result

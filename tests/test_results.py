@@ -1,0 +1,118 @@
+"""Result schema, atomic JSON/JSONL writing, reading back, and environment capture."""
+
+import json
+import os
+
+import pytest
+
+from infermeter.env import capture_env, nvml_facts
+from infermeter.errors import InfermeterError
+from infermeter.results import (REQUIRED_FIELDS, Result, append_jsonl, read_results,
+                                write_json)
+
+ENV_FIELDS = ("device_name", "device_count", "driver", "cuda", "torch", "pcie_gen",
+              "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version")
+
+
+def make(kind="kv", n=1):
+    return Result(kind, {"name": "debug"}, {"batch_size": n}, {"hostname": "h"},
+                  {"kv_cache_bytes": 100 * n}, samples={"x": [1, 2]}, warnings=["w"])
+
+
+def test_schema_fields():
+    data = make().to_dict()
+    assert all(name in data for name in REQUIRED_FIELDS)
+    assert data["schema"] == 1 and "output_token_ids" not in data
+    with_ids = Result("generate", {}, {}, {}, {}, output_token_ids=[[1, 2]]).to_dict()
+    assert with_ids["output_token_ids"] == [[1, 2]]
+    with pytest.raises(ValueError):
+        Result("speed", {}, {}, {}, {})
+
+
+def test_jsonl_append_round_trip(tmp_path):
+    path = tmp_path / "out.jsonl"
+    append_jsonl(path, [make(n=1)])
+    append_jsonl(path, [make(n=2), make(n=3)])
+    back = read_results(path)
+    assert [r.config["batch_size"] for r in back] == [1, 2, 3]
+    assert back[0] == make(n=1)
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_append_repairs_a_missing_final_newline(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(make(n=1).to_json())  # written by hand, no trailing newline
+    append_jsonl(path, [make(n=2)])
+    assert [r.config["batch_size"] for r in read_results(path)] == [1, 2]
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    append_jsonl(path, [make(n=1)])
+    before = path.read_text()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        append_jsonl(path, [make(n=2)])
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_nan_is_refused_before_anything_is_written(tmp_path):
+    bad = Result("kv", {}, {}, {}, {"x": float("nan")})
+    with pytest.raises(ValueError):
+        append_jsonl(tmp_path / "out.jsonl", [bad])
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_write_and_read_single_json(tmp_path):
+    path = tmp_path / "one.json"
+    write_json(path, make())
+    assert read_results(path) == [make()]
+    path.write_text(json.dumps([make().to_dict(), make(n=2).to_dict()]))
+    assert len(read_results(path)) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"schema": 1}\n{broken\n', r"out.jsonl:1: not an infermeter Result"),
+    (make().to_json() + "\n{broken\n", r"out.jsonl:2: not valid JSON"),
+    ('{"schema": 9, "kind": "kv", "model": {}, "config": {}, "env": {}, "metrics": {},'
+     ' "samples": {}, "warnings": []}', "schema 9 is not supported"),
+    ("[1]", "expected a JSON object"),
+])
+def test_bad_result_files(tmp_path, content, message):
+    path = tmp_path / "out.jsonl"
+    path.write_text(content)
+    with pytest.raises(InfermeterError, match=message):
+        read_results(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(InfermeterError, match="no such file"):
+        read_results(tmp_path / "nope.jsonl")
+    with pytest.raises(InfermeterError, match="does not exist"):
+        append_jsonl(tmp_path / "no" / "dir" / "out.jsonl", [make()])
+
+
+def test_env_capture_without_gpu():
+    env = capture_env()
+    assert all(name in env for name in ENV_FIELDS)
+    json.dumps(env)  # JSON-ready
+    assert env["host_cpu"] and env["timestamp"].endswith("+00:00")
+
+
+def test_nvml_absent_or_failing_gives_empty(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pynvml(name, *args, **kwargs):
+        if name == "pynvml":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pynvml)
+    assert nvml_facts() == {}

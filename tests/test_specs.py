@@ -1,0 +1,156 @@
+"""Spec loaders: published config.json / params.json files must give exactly the presets."""
+
+import dataclasses
+import json
+
+import pytest
+
+from infermeter.errors import InfermeterError
+from infermeter.presets import PRESETS
+from infermeter.spec_loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
+from infermeter.specs import ModelSpec, check_engine_arch
+from tests import published_configs as published
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def same_shape(a: ModelSpec, b: ModelSpec, ignore=()) -> None:
+    """Every field but the name and where it came from (and any listed) must agree."""
+    skip = {"name", "source", *ignore}
+    for field in dataclasses.fields(ModelSpec):
+        if field.name not in skip:
+            assert getattr(a, field.name) == getattr(b, field.name), field.name
+
+
+@pytest.mark.parametrize("config, preset, ignore", [
+    (published.LLAMA_31_8B, "llama-3.1-8b", ()),
+    (published.MISTRAL_7B, "mistral-7b", ()),
+    (published.MIXTRAL_8X7B, "mixtral-8x7b", ()),
+    (published.QWEN25_7B, "qwen2.5-7b", ()),
+    # Gemma-2's config says float32 although its weights ship as bf16.
+    (published.GEMMA2_9B, "gemma-2-9b", ("torch_dtype",)),
+    (published.DEEPSEEK_V3, "deepseek-v3", ()),
+])
+def test_hf_config_gives_the_preset(tmp_path, config, preset, ignore):
+    folder = tmp_path / preset
+    folder.mkdir()
+    write_json(folder / "config.json", config)
+    spec = resolve_model(str(folder))  # a folder
+    same_shape(spec, PRESETS[preset], ignore)
+    assert spec.name == preset
+    same_shape(spec_from_hf_config(folder / "config.json"), spec)  # the file itself
+
+
+def test_hf_config_fields_that_matter(tmp_path):
+    gemma = spec_from_hf_config(write_json(tmp_path / "g.json", published.GEMMA2_9B))
+    assert gemma.head_dim == 256 != gemma.dim // gemma.n_heads  # explicit head_dim wins
+    assert gemma.sliding_window_layers == tuple(range(0, 42, 2)) and gemma.tie_embeddings
+    qwen = spec_from_hf_config(write_json(tmp_path / "q.json", published.QWEN25_7B))
+    assert qwen.qkv_bias and qwen.sliding_window is None  # use_sliding_window is false
+    ds = spec_from_hf_config(write_json(tmp_path / "d.json", published.DEEPSEEK_V3))
+    assert ds.is_mla and ds.is_moe and ds.rope_scaling.kind == "yarn"
+    assert dict(ds.rope_scaling.extra)["beta_fast"] == 32
+
+
+def test_qwen2_sliding_window_when_enabled(tmp_path):
+    config = dict(published.QWEN25_7B, use_sliding_window=True, max_window_layers=20,
+                  sliding_window=4096)
+    spec = spec_from_hf_config(write_json(tmp_path / "config.json", config))
+    assert spec.sliding_window == 4096 and spec.sliding_window_layers == tuple(range(20, 28))
+
+
+def test_layer_types_field_wins(tmp_path):
+    types = ["sliding_attention", "full_attention"] * 16
+    config = dict(published.MISTRAL_7B, layer_types=types)
+    spec = spec_from_hf_config(write_json(tmp_path / "config.json", config))
+    assert spec.sliding_window_layers == tuple(range(0, 32, 2))
+
+
+def test_transformers_v5_rope_parameters(tmp_path):
+    config = dict(published.LLAMA_31_8B)
+    config["rope_parameters"] = dict(config.pop("rope_scaling"), rope_theta=500000.0)
+    del config["rope_theta"]
+    spec = spec_from_hf_config(write_json(tmp_path / "config.json", config))
+    same_shape(spec, PRESETS["llama-3.1-8b"])
+
+
+@pytest.mark.parametrize("params, preset", [
+    (published.META_LLAMA3_8B, "llama-3-8b"),
+    (published.META_LLAMA31_70B, "llama-3.1-70b"),
+])
+def test_meta_params_give_the_preset(tmp_path, params, preset):
+    spec = spec_from_meta_params(write_json(tmp_path / "params.json", params))
+    same_shape(spec, PRESETS[preset], ignore=("torch_dtype",))
+
+
+def test_meta_llama2_vocab_comes_from_the_tokenizer_or_shard(tmp_path):
+    """Llama 2's params.json says vocab_size -1; a shard's embedding shape tells the truth."""
+    torch = pytest.importorskip("torch")
+    folder = tmp_path / "llama-2-13b"
+    folder.mkdir()
+    write_json(folder / "params.json", published.META_LLAMA2_13B)
+    # A stand-in shard: only the embedding matters; ParallelEmbedding splits dim 1.
+    torch.save({"tok_embeddings.weight": torch.zeros(32000, 4)}, folder / "consolidated.00.pth")
+    same_shape(resolve_model(str(folder)), PRESETS["llama-2-13b"], ignore=("torch_dtype",))
+
+
+def test_meta_params_without_vocab_anywhere(tmp_path):
+    write_json(tmp_path / "params.json", published.META_LLAMA2_13B)
+    with pytest.raises(InfermeterError, match="vocab_size"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"model_type": "gpt2", "n_embd": 768}), "unsupported model_type 'gpt2'"),
+    (json.dumps({"model_type": "llama"}), "missing field 'hidden_size'"),
+    (json.dumps(dict(published.LLAMA_31_8B, num_hidden_layers=0)), "n_layers must be a positive integer"),
+    (json.dumps(dict(published.LLAMA_31_8B, num_key_value_heads=5)), "not a multiple"),
+    (json.dumps(dict(published.LLAMA_31_8B, hidden_size="4096")), "must be an integer"),
+    (json.dumps({"foo": 1}), "neither an HF config.json"),
+])
+def test_bad_config_files(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(InfermeterError, match=message):
+        resolve_model(str(path))
+
+
+def test_unknown_names_and_paths():
+    with pytest.raises(InfermeterError, match="did you mean .*llama-3.1-8b"):
+        resolve_model("llama-3.1-8")
+    with pytest.raises(InfermeterError, match="no such file"):
+        resolve_model("/nonexistent/config.json")
+    with pytest.raises(InfermeterError, match="see `infermeter presets`"):
+        resolve_model("zzzzzz")
+    assert resolve_model("  Llama-2-7B ") is PRESETS["llama-2-7b"]
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(InfermeterError, match="no config.json or params.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_spec_is_frozen_and_validates():
+    spec = PRESETS["debug"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.n_layers = 3
+    with pytest.raises(InfermeterError, match="out of range"):
+        spec.with_updates(sliding_window=8, sliding_window_layers=(5,))
+    with pytest.raises(InfermeterError, match="without a window"):
+        spec.with_updates(sliding_window_layers=(0,))
+
+
+def test_engine_refuses_sizing_only_architectures():
+    check_engine_arch(PRESETS["qwen2.5-7b"])
+    with pytest.raises(InfermeterError, match="gemma2.*can be sized but not run"):
+        check_engine_arch(PRESETS["gemma-2-9b"])
+
+
+def test_to_dict_is_json_ready():
+    data = PRESETS["deepseek-v3"].to_dict()
+    assert json.loads(json.dumps(data))["rope_scaling"]["extra"]["mscale"] == 1.0
