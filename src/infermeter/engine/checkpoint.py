@@ -1,0 +1,129 @@
+"""One entry point for weights: `load_model(source, ...)` -> a ready Transformer with its cache.
+
+source is one of
+  - a ModelSpec, or "random:<anything --model accepts>" (a preset, a config.json/params.json or a
+    folder): seeded random weights (random_weights.py);
+  - a folder with config.json + *.safetensors: HF format (hf_checkpoint.py);
+  - a folder with params.json + consolidated.NN.pth: Meta format (meta_checkpoint.py).
+A folder with a config but no weights is an error that points at "random:" instead of silently
+measuring random weights.
+
+Memory: the model is built on the meta device (no storage), then each tensor is read (mmap'd),
+converted to the target dtype/device and assigned (load_state_dict(assign=True)) before the next
+one is read. Host memory therefore peaks at the loaded model (when device is cpu) plus one tensor,
+never twice the model. With one Meta shard or matching dtypes on cpu, tensors stay mmap-backed.
+Parameters are loaded with requires_grad=False: this is an inference engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.hf_checkpoint import read_hf_tensors, save_hf_checkpoint
+from infermeter.engine.meta_checkpoint import read_meta_tensors, save_meta_checkpoint
+from infermeter.engine.model import Transformer, build_model, torch_dtype
+from infermeter.errors import InfermeterError
+from infermeter.spec_loaders import resolve_model, spec_from_hf_config, spec_from_path
+from infermeter.specs import ModelSpec, check_engine_arch
+
+RANDOM_PREFIX = "random:"
+
+
+def detect_format(folder: Path) -> str:
+    """'hf' or 'meta' for a checkpoint folder; an error for anything else."""
+    if not folder.is_dir():
+        raise InfermeterError(f"{folder}: not a checkpoint folder (for random weights of a "
+                              f"preset or config use {RANDOM_PREFIX}NAME)")
+    if (folder / "config.json").is_file():
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise InfermeterError(f"{folder}: config.json but no weights; use "
+                                  f"{RANDOM_PREFIX}{folder} for random weights of this shape")
+        return "hf"
+    if (folder / "params.json").is_file():
+        if not any(folder.glob("consolidated.*.pth")):
+            raise InfermeterError(f"{folder}: params.json but no consolidated.NN.pth shards; "
+                                  f"use {RANDOM_PREFIX}{folder} for random weights")
+        return "meta"
+    raise InfermeterError(f"{folder}: no config.json (HF) or params.json (Meta) in this folder")
+
+
+def expected_shapes(model: Transformer) -> dict[str, torch.Size]:
+    """Meta name -> shape of every tensor a checkpoint must provide (tied: no output.weight)."""
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    if model.spec.tie_embeddings:
+        shapes.pop("output.weight")
+    return shapes
+
+
+def assign_tensors(model: Transformer, tensors: Iterable[tuple[str, Tensor]],
+                   device: torch.device | str, dtype: torch.dtype) -> Transformer:
+    """Materialise a meta-device model from (name, tensor) pairs, one tensor at a time."""
+    state: dict[str, Tensor] = {}
+    for name, tensor in tensors:
+        # .to() is a no-op (keeps the mmap) when dtype and device already match.
+        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    if model.spec.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the Parameters, so share them again
+    return model.requires_grad_(False)
+
+
+def spec_for(source: str | Path | ModelSpec) -> tuple[ModelSpec, Path | None, str]:
+    """(spec, checkpoint folder, "hf" | "meta" | "random") for a source."""
+    if isinstance(source, ModelSpec):
+        return source, None, "random"
+    text = str(source)
+    if text.startswith(RANDOM_PREFIX):
+        return resolve_model(text[len(RANDOM_PREFIX):]), None, "random"
+    folder = Path(text).expanduser()
+    fmt = detect_format(folder)
+    if fmt == "hf":
+        return spec_from_hf_config(folder / "config.json"), folder, fmt
+    return spec_from_path(folder), folder, fmt
+
+
+def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | str = torch.float32, seed: int = 0) -> Transformer:
+    """A Transformer with weights from `source` and no KV cache yet."""
+    spec, folder, fmt = spec_for(source)
+    check_engine_arch(spec)
+    target = torch_dtype(dtype)
+    if folder is None:
+        return build_model(spec, device, target, seed=seed)
+    model = build_model(spec, device, target, on_meta=True)
+    shapes = expected_shapes(model)
+    if fmt == "hf":
+        tensors = read_hf_tensors(folder, spec, shapes)
+    else:
+        tensors = read_meta_tensors(folder, spec, shapes)
+    return assign_tensors(model, tensors, device, target)
+
+
+def load_model(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
+               dtype: torch.dtype | str = torch.float32, max_batch_size: int = 1,
+               max_seq_len: int | None = None, kv_dtype: torch.dtype | str | None = None,
+               seed: int = 0) -> Transformer:
+    """Load (or randomly initialise) a model and allocate its static KV cache.
+
+    max_seq_len None means the spec's max_seq_len; kv_dtype None means the weights' dtype.
+    """
+    model = load_weights(source, device, dtype, seed)
+    length = model.spec.max_seq_len if max_seq_len is None else max_seq_len
+    model.setup_cache(max_batch_size, length, dtype=kv_dtype, device=device)
+    return model
+
+
+def save_checkpoint(model: Transformer, folder: Path, fmt: str = "hf",
+                    n_shards: int = 1) -> list[Path]:
+    """Write `model`'s weights as an HF ("hf") or Meta ("meta") checkpoint with n_shards files."""
+    state = model.state_dict()
+    if fmt == "hf":
+        return save_hf_checkpoint(state, model.spec, Path(folder), n_shards)
+    if fmt == "meta":
+        return save_meta_checkpoint(state, model.spec, Path(folder), n_shards)
+    raise InfermeterError(f"unknown checkpoint format {fmt!r} (use 'hf' or 'meta')")

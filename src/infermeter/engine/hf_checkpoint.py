@@ -1,0 +1,240 @@
+"""Hugging Face format: config.json + model.safetensors, or shards + model.safetensors.index.json.
+
+Names map one to one onto Meta's (`hf_to_meta_name`). One real difference: HF applies RoPE with
+`rotate_half`, pairing feature i with i + head_dim/2, while Meta pairs 2i with 2i+1. Meta->HF
+conversion (transformers' convert_llama_weights_to_hf.py) permutes the rows of wq and wk per head:
+    permute(w) = w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads*head_dim, dim)
+`unpermute` is its inverse, applied to q/k weights *and* biases (Qwen2). Models trained natively in
+HF layout (Qwen2, Mistral) need the same treatment: attention scores only see q.k, and permuting
+q's and k's features the same way maps rotate_half RoPE exactly onto interleaved RoPE.
+
+Only safetensors are read (safe_open memory-maps the file and never unpickles); a folder with
+just pytorch_model.bin is refused with a clear message. No code from the folder is ever run
+(config.json's auto_map / trust_remote_code are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from infermeter.errors import InfermeterError
+from infermeter.spec_loaders import read_json
+from infermeter.specs import ModelSpec
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight"}
+_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+          "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+          "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+          "post_attention_layernorm": "ffn_norm"}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None if unknown."""
+    if name in _TOP:
+        return _TOP[name]
+    match = _LAYER_RE.match(name)
+    if match and match.group(2) in _LAYER:
+        return f"layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def meta_to_hf_name(name: str) -> str:
+    for hf, meta in _TOP.items():
+        if name == meta:
+            return hf
+    layer, rest = name.removeprefix("layers.").split(".", 1)
+    module, kind = rest.rsplit(".", 1)
+    hf_module = {v: k for k, v in _LAYER.items()}[module]
+    return f"model.layers.{layer}.{hf_module}.{kind}"
+
+
+def _rope_heads(meta_name: str, spec: ModelSpec) -> int | None:
+    """Heads whose rows HF permuted (wq: n_heads, wk: n_kv_heads), None for other tensors."""
+    if ".attention.wq." in meta_name:
+        return spec.n_heads
+    if ".attention.wk." in meta_name:
+        return spec.n_kv_heads
+    return None
+
+
+def unpermute(t: Tensor, n_heads: int) -> Tensor:
+    """HF rotate_half row order -> Meta interleaved row order; t is [rows, dim] or [rows]."""
+    rest = t.shape[1:]
+    return t.reshape(n_heads, 2, -1, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def permute(t: Tensor, n_heads: int) -> Tensor:
+    """Meta interleaved row order -> HF rotate_half row order (convert_llama_weights_to_hf)."""
+    rest = t.shape[1:]
+    return t.reshape(n_heads, -1, 2, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InfermeterError(f"{index}: no 'weight_map' object")
+        files = {name: folder / str(file) for name, file in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if path.parent != folder or not path.is_file():
+                raise InfermeterError(f"{index}: lists {path.name}, which is not in {folder}")
+        return files
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        if len(others) == 1:
+            single = folder / others[0]
+        elif others:
+            raise InfermeterError(f"{folder}: {len(others)} .safetensors files but no {INDEX_FILE}")
+        elif any(folder.glob("*.bin")):
+            raise InfermeterError(f"{folder}: only pickle (.bin) weights; infermeter reads "
+                                  "safetensors only (convert with transformers' save_pretrained)")
+        else:
+            raise InfermeterError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+    with _open(single) as handle:
+        return {name: single for name in handle.keys()}  # noqa: SIM118 - not a dict
+
+
+def _open(path: Path) -> Any:  # safetensors' safe_open handle (a private type)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise InfermeterError(f"{path}: cannot read as safetensors ({err})") from None
+
+
+def _match_names(files: dict[str, Path], spec: ModelSpec,
+                 expected: dict[str, torch.Size]) -> dict[str, str]:
+    """Meta name -> HF name for every expected tensor; missing or unknown ones are errors."""
+    by_meta: dict[str, str] = {}
+    for hf_name, path in files.items():
+        meta = hf_to_meta_name(hf_name)
+        if meta is None and not _IGNORED.search(hf_name):
+            raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
+                                  f"(not part of a {spec.arch} model)")
+        if meta == "output.weight" and spec.tie_embeddings:
+            continue  # a tied model may still store lm_head: a copy of the embedding
+        if meta is not None:
+            by_meta[meta] = hf_name
+    missing = sorted(set(expected) - set(by_meta))
+    if missing:
+        folder = next(iter(files.values())).parent
+        raise InfermeterError(f"{folder}: missing tensor {meta_to_hf_name(missing[0])}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(by_meta) - set(expected))
+    if extra:
+        hf_name = by_meta[extra[0]]
+        raise InfermeterError(f"{files[hf_name]}: unexpected tensor {hf_name} "
+                              "(config.json describes a different model?)")
+    return by_meta
+
+
+def read_hf_tensors(folder: Path, spec: ModelSpec,
+                    expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (Meta name, CPU tensor in Meta layout) for every name in `expected`."""
+    files = weight_files(folder)
+    by_meta = _match_names(files, spec, expected)
+    handles: dict[Path, Any] = {}
+    for name, shape in expected.items():
+        hf_name = by_meta[name]
+        path = files[hf_name]
+        if path not in handles:
+            handles[path] = _open(path)
+        try:
+            found = list(handles[path].get_slice(hf_name).get_shape())  # header only, no data
+        except SafetensorError:
+            raise InfermeterError(f"{path}: has no tensor {hf_name} "
+                                  f"(listed there by {INDEX_FILE})") from None
+        if found != list(shape):
+            raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
+                                  f"config.json implies {list(shape)}")
+        tensor = handles[path].get_tensor(hf_name)
+        heads = _rope_heads(name, spec)
+        yield name, tensor if heads is None else unpermute(tensor, heads)
+
+
+# ---- writer ----------------------------------------------------------------------------------
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
+    """A config.json that transformers and spec_from_hf_config read back as `spec`."""
+    cfg: dict[str, object] = {
+        "architectures": [_ARCHITECTURES[spec.arch]], "model_type": spec.arch,
+        "hidden_size": spec.dim, "intermediate_size": spec.ffn_dim,
+        "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads,
+        "head_dim": spec.head_dim, "num_hidden_layers": spec.n_layers,
+        "vocab_size": spec.vocab_size, "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_seq_len,
+        "tie_word_embeddings": spec.tie_embeddings, "hidden_act": "silu", "torch_dtype": dtype,
+    }
+    scaling = spec.rope_scaling
+    if scaling is not None:
+        cfg["rope_scaling"] = {
+            "rope_type": scaling.kind, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position}
+    # Only Qwen2 has q/k/v bias without an o_proj bias (Llama's attention_bias adds both).
+    if spec.qkv_bias != (spec.arch == "qwen2"):
+        raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
+                              f"qkv_bias={spec.qkv_bias}")
+    if spec.sliding_window_layers:
+        windows = set(spec.sliding_window_layers)
+        cfg["sliding_window"] = spec.sliding_window
+        cfg["use_sliding_window"] = True
+        cfg["layer_types"] = ["sliding_attention" if i in windows else "full_attention"
+                              for i in range(spec.n_layers)]
+    return cfg
+
+
+def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
+                       n_shards: int = 1) -> list[Path]:
+    """Write config.json and safetensors (with an index when n_shards > 1) in HF layout.
+
+    `state` is Meta-named (Transformer.state_dict()); q/k rows are permuted back to HF's order.
+    Tied models drop lm_head, as save_pretrained does.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name == "output.weight" and spec.tie_embeddings:
+            continue
+        heads = _rope_heads(name, spec)
+        tensor = tensor.detach().cpu()
+        tensors[meta_to_hf_name(name)] = (tensor if heads is None
+                                          else permute(tensor, heads)).contiguous()
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
+    if n_shards == 1:
+        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return [folder / SINGLE_FILE]
+    names = list(tensors)
+    chunks = [names[i::n_shards] for i in range(n_shards)]
+    weight_map, paths = {}, []
+    for i, chunk in enumerate(chunks):
+        path = folder / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in chunk}, str(path), metadata={"format": "pt"})
+        weight_map.update({n: path.name for n in chunk})
+        paths.append(path)
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return paths

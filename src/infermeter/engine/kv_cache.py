@@ -1,0 +1,86 @@
+"""One layer's static KV cache: allocated once, written in place, never resized.
+
+Layout: K and V are each [B, n_kv_heads, S_layer, head_dim] in the cache dtype (heads before
+tokens, as scaled_dot_product_attention wants them, so attention reads the cache without a copy).
+These two tensors per layer are the whole cache: `Transformer.cache_tensors()` hands exactly them
+to the copy benchmark, and their bytes equal `kvsize.kv_cache_bytes`.
+
+S_layer is max_seq_len for a full-attention layer and min(max_seq_len, window) for a
+sliding-window layer (kvsize caps windowed layers at the window, and the bytes must match). When
+the window is shorter than max_seq_len the layer is a ring buffer: position p lives in slot
+p % window.
+
+Every slot also remembers which absolute position it holds (`slot_pos`, int64 [S_layer], -1 when
+empty). It is bookkeeping, not cache payload, so it is not in `cache_tensors()`. The attention mask
+is derived from these positions, which makes full and ring layers one code path and keeps
+everything tensor-only (no .item(), no host sync): key j is visible to query t when
+    0 <= slot_pos[j] <= pos[t]   and   pos[t] - slot_pos[j] < window   (if windowed)
+(a query sees `window` tokens including itself, as Mistral and transformers define it).
+
+Positions must be < max_seq_len and increase within a call; the caller (generate.py) checks that,
+because checking here would need a host sync every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerKVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 window: int | None, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.window = window
+        self.size = max_seq_len if window is None else min(max_seq_len, window)
+        # A ring buffer only when the window is shorter than the longest sequence.
+        self.is_ring = window is not None and window < max_seq_len
+        shape = (batch_size, n_kv_heads, self.size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("slot_pos", torch.full((self.size,), -1, dtype=torch.int64,
+                                                    device=device), persistent=False)
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+        self.slot_pos.fill_(-1)
+
+    def _visible(self, key_pos: Tensor, query_pos: Tensor) -> Tensor:
+        """Bool [T, S]: query t may attend to key s (causal, inside the window, not empty)."""
+        q, k = query_pos[:, None], key_pos[None, :]
+        mask = (k >= 0) & (k <= q)
+        if self.window is not None:
+            mask = mask & (q - k < self.window)
+        return mask
+
+    def _write(self, k: Tensor, v: Tensor, input_pos: Tensor) -> None:
+        """Store k, v [B, H_kv, T, D] at their slots; a ring keeps only the last `size` tokens."""
+        if k.shape[2] > self.size:  # static shapes: a Python branch on sizes, not on values
+            k, v, input_pos = k[:, :, -self.size:], v[:, :, -self.size:], input_pos[-self.size:]
+        slots = input_pos % self.size if self.is_ring else input_pos
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        self.slot_pos.index_copy_(0, slots, input_pos)
+
+    def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write this step's k, v [B, H_kv, T, D]; return (keys, values, mask) to attend over.
+
+        keys/values: [B, H_kv, S, D] in k's dtype; mask: bool [T, S].
+        Full layers and decode (T == 1) write first and attend over the cache. A ring layer with a
+        chunk of T > 1 tokens could overwrite slots that earlier queries of the same chunk still
+        need, so it attends over cat(old cache, new k/v) and writes afterwards.
+        """
+        if not self.is_ring or k.shape[2] == 1:
+            self._write(k, v, input_pos)
+            mask = self._visible(self.slot_pos, input_pos)
+            return self.k.to(k.dtype), self.v.to(v.dtype), mask
+        # Old entries at or after this chunk's first position are stale (a re-run without reset).
+        old_pos = torch.where(self.slot_pos < input_pos[0], self.slot_pos, -1)
+        keys = torch.cat((self.k.to(k.dtype), k), dim=2)
+        values = torch.cat((self.v.to(v.dtype), v), dim=2)
+        mask = self._visible(torch.cat((old_pos, input_pos)), input_pos)
+        self._write(k, v, input_pos)
+        return keys, values, mask

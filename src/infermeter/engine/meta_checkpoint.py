@@ -1,0 +1,193 @@
+"""Meta's checkpoint format: params.json + consolidated.00.pth ... consolidated.NN.pth.
+
+Each shard holds one model-parallel rank's slice of every weight (fairscale layers in Meta's
+llama/model.py):
+  ColumnParallelLinear (wq, wk, wv and their biases, w1, w3, output): split along dim 0 (outputs)
+  RowParallelLinear    (wo, w2):                                       split along dim 1 (inputs)
+  ParallelEmbedding    (tok_embeddings):                               split along dim 1 (features)
+  RMSNorm weights: replicated in every shard; `rope.freqs` (old checkpoints): ignored.
+Loaded on one process, the slices are concatenated back along that dimension. `shard_for_rank`
+is the inverse, used by the writer here and meant for tensor-parallel loading (parallel.py): a
+rank takes its slice of the merged tensor (KV-head replication for tp > n_kv_heads is its job).
+
+Checkpoints are untrusted: shards are read with torch.load(weights_only=True, mmap=True) only, so
+no pickle code runs and a shard's bytes are paged in lazily, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infermeter.errors import InfermeterError
+from infermeter.spec_loaders import meta_ffn_dim
+from infermeter.specs import ModelSpec
+
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+IGNORED_KEYS = ("rope.freqs",)
+_DIM0 = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.",
+         "feed_forward.w3.", "output.")
+_DIM1 = ("attention.wo.", "feed_forward.w2.", "tok_embeddings.")
+
+
+def split_dim(name: str) -> int | None:
+    """Model-parallel dimension of a Meta tensor name; None when replicated (norms)."""
+    key = "." + name
+    if any("." + p in key for p in _DIM0):
+        return 0
+    if any("." + p in key for p in _DIM1):
+        return 1
+    return None
+
+
+def shard_for_rank(tensor: Tensor, name: str, rank: int, world: int) -> Tensor:
+    """Rank `rank`'s slice of a full tensor, split as Meta's fairscale layers split it."""
+    dim = split_dim(name)
+    if dim is None or world == 1:
+        return tensor
+    return tensor.chunk(world, dim=dim)[rank]
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    """consolidated.00.pth ... in rank order; a gap in the numbering is an error."""
+    found = {}
+    for path in folder.glob("consolidated.*.pth"):
+        match = _SHARD_RE.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    if not found:
+        raise InfermeterError(f"{folder}: no consolidated.NN.pth shards next to params.json")
+    missing = [i for i in range(max(found) + 1) if i not in found]
+    if missing:
+        width = len(next(iter(found.values())).name.split(".")[1])
+        names = ", ".join(f"consolidated.{i:0{width}d}.pth" for i in missing)
+        raise InfermeterError(f"{folder}: missing shard {names} "
+                              f"(found {len(found)} shards numbered up to {max(found)})")
+    return [found[i] for i in range(len(found))]
+
+
+def load_pth(path: Path) -> dict[str, Any]:
+    """A .pth file through the safe unpickler only; anything else is refused with one line."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InfermeterError(
+            f"{path}: refused: this file needs arbitrary code execution to unpickle "
+            f"(torch.load weights_only=True said: {first[:160]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise InfermeterError(f"{path}: cannot read as a PyTorch checkpoint "
+                              f"({str(err).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise InfermeterError(f"{path}: expected a flat dict of tensor names to tensors")
+    return state
+
+
+def check_shard_count(spec: ModelSpec, n_shards: int, folder: Path) -> None:
+    """Every split dimension must divide evenly into the shards."""
+    sizes = {"attention heads": spec.n_heads, "KV heads": spec.n_kv_heads,
+             "FFN size": spec.ffn_dim, "model dim": spec.dim, "vocabulary": spec.vocab_size}
+    bad = [f"{n} {what}" for what, n in sizes.items() if n % n_shards]
+    if bad:
+        raise InfermeterError(f"{folder}: {n_shards} shards do not divide the model's "
+                              f"{', '.join(bad)} (params.json)")
+
+
+def read_meta_tensors(folder: Path, spec: ModelSpec,
+                      expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, full CPU tensor) for every name in `expected`, merging the shards.
+
+    The merged tensor is the only host copy made (none with one shard: it stays mmap-backed);
+    the caller converts it and drops it before the next one is built.
+    """
+    paths = shard_paths(folder)
+    check_shard_count(spec, len(paths), folder)
+    shards = [load_pth(p) for p in paths]
+    _check_names(shards, paths, expected)
+    world = len(paths)
+    for name, full_shape in expected.items():
+        dim = split_dim(name)
+        want = list(full_shape)
+        if dim is not None:
+            want[dim] //= world
+        parts = [state[name] for state in shards]
+        for path, part in zip(paths, parts):
+            if list(part.shape) != want:
+                raise InfermeterError(
+                    f"{path}: tensor {name} has shape {list(part.shape)}, but params.json "
+                    f"implies {want} per shard ({world} shard(s), full {list(full_shape)})")
+        yield name, parts[0] if dim is None or world == 1 else torch.cat(parts, dim=dim)
+
+
+def _check_names(shards: list[dict[str, Tensor]], paths: list[Path],
+                 expected: dict[str, torch.Size]) -> None:
+    for path, state in zip(paths, shards):
+        names = set(state) - set(IGNORED_KEYS)
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
+        if missing:
+            raise InfermeterError(f"{path}: missing tensor {missing[0]}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if extra:
+            raise InfermeterError(f"{path}: unexpected tensor {extra[0]} (params.json describes "
+                                  "a different model?)")
+
+
+# ---- writer ----------------------------------------------------------------------------------
+def _ffn_fields(spec: ModelSpec) -> dict[str, Any]:
+    """multiple_of / ffn_dim_multiplier that make Meta's formula give exactly spec.ffn_dim."""
+    for multiple_of in (1024, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if meta_ffn_dim(spec.dim, multiple_of, None) == spec.ffn_dim:
+            return {"multiple_of": multiple_of, "ffn_dim_multiplier": None}
+    # Any size: a multiplier that lands just at or below ffn_dim, then round up to ffn_dim.
+    hidden = int(2 * (4 * spec.dim) / 3)
+    return {"multiple_of": spec.ffn_dim, "ffn_dim_multiplier": spec.ffn_dim / hidden}
+
+
+def meta_params(spec: ModelSpec) -> dict[str, Any]:
+    """params.json for a spec Meta's format can express (plain or llama3 RoPE, no bias/window)."""
+    scaling = spec.rope_scaling
+    if spec.qkv_bias or spec.sliding_window_layers or (
+            scaling is not None and (scaling.kind, scaling.low_freq_factor,
+                                     scaling.high_freq_factor, scaling.original_max_position)
+            != ("llama3", 1.0, 4.0, 8192)):
+        raise InfermeterError(f"model {spec.name}: Meta's params.json cannot express qkv bias, "
+                              "sliding windows or this RoPE scaling; save it in HF format")
+    params: dict[str, Any] = {
+        "dim": spec.dim, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+        "n_kv_heads": spec.n_kv_heads, "vocab_size": spec.vocab_size, **_ffn_fields(spec),
+        "norm_eps": spec.norm_eps, "rope_theta": spec.rope_theta, "max_seq_len": spec.max_seq_len,
+    }
+    if spec.head_dim * spec.n_heads != spec.dim:
+        params["head_dim"] = spec.head_dim
+    if scaling is not None:
+        params.update(use_scaled_rope=True, rope_scaling_factor=scaling.factor)
+    return params
+
+
+def save_meta_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
+                         n_shards: int = 1) -> list[Path]:
+    """Write params.json and n_shards consolidated.NN.pth files, split as Meta splits them.
+
+    `state` is a Meta-named state dict (Transformer.state_dict()); tied embeddings are written
+    as two tensors, as Meta's Llama 3.2 checkpoints do (params.json has no tie flag).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    check_shard_count(spec, n_shards, folder)
+    (folder / "params.json").write_text(json.dumps(meta_params(spec), indent=2) + "\n")
+    paths = []
+    for rank in range(n_shards):
+        # clone(): torch.save of a view would write the whole underlying storage.
+        shard = {name: shard_for_rank(t, name, rank, n_shards).detach().cpu().clone()
+                 for name, t in state.items()}
+        path = folder / f"consolidated.{rank:02d}.pth"
+        torch.save(shard, path)
+        paths.append(path)
+    return paths

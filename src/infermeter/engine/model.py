@@ -1,0 +1,231 @@
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5) with a static KV cache.
+
+Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without renaming:
+  tok_embeddings.weight, norm.weight, output.weight,
+  layers.{i}.attention.{wq,wk,wv,wo}.weight (+ wq/wk/wv .bias when spec.qkv_bias, Qwen2),
+  layers.{i}.feed_forward.{w1,w2,w3}.weight   (SwiGLU: w2(silu(w1 x) * w3 x)),
+  layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight.
+With tied embeddings `output.weight` *is* `tok_embeddings.weight` (one Parameter, two names);
+`tie_weights()` restores the sharing after `load_state_dict(assign=True)` replaced Parameters.
+
+Decisions:
+- RoPE uses Meta's interleaved pairs (rope.py); cos/sin tables are float32 buffers built by
+  `setup_cache` for positions < max_seq_len (not in __init__, so a model built on the meta
+  device gets real tables, and a 128k-context spec does not pay for tables it never uses).
+- GQA/MQA without copying K/V: the G query heads that share a KV head are folded into the query
+  length, q [B, H, T, D] -> [B, H_kv, G*T, D], so one SDPA call reads each cached KV head once
+  (no repeat_interleave of the cache every decode step, no dependence on `enable_gqa`, works on
+  torch 2.11 and 2.13 and with every SDPA backend that takes a mask). The price is a bool mask
+  of [G*T, S] per layer: negligible for decode, G*T*S bytes for a T-token prefill (prefill
+  very long prompts in chunks to bound it; chunked prefill is exact, see kv_cache.py).
+- The KV cache dtype defaults to the parameter dtype; fp32/fp16/bf16 are supported. When it
+  differs from the activations, K/V are converted on read (costs a cast per step). fp8/int8 KV
+  raise InfermeterError (not supported by the engine yet).
+- RMSNorm normalises in float32 and casts back before the weight, as Meta and HF do.
+- forward() always returns float32 logits for all T positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infermeter.engine.kv_cache import LayerKVCache
+from infermeter.engine.random_weights import init_random_weights
+from infermeter.engine.rope import apply_rope, check_rope, rope_tables
+from infermeter.errors import InfermeterError
+from infermeter.specs import ModelSpec, check_engine_arch
+from infermeter.units import canonical_dtype
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'fp16' / 'bfloat16' / torch.float32 -> torch dtype; fp8 and int8 are refused clearly."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise InfermeterError(f"dtype {dtype} is not supported by the engine yet "
+                                  "(use float32, float16 or bfloat16)")
+        return dtype
+    name = canonical_dtype(dtype)
+    if name not in _TORCH_DTYPES:
+        raise InfermeterError(f"dtype {name} is not supported by the engine yet "
+                              "(use float32, float16 or bfloat16)")
+    return _TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> 'float16', the spelling kvsize and Results use."""
+    return _DTYPE_NAMES[torch_dtype(dtype)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        self.wq = nn.Linear(spec.dim, q_dim, bias=spec.qkv_bias)
+        self.wk = nn.Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
+        self.wv = nn.Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
+        self.wo = nn.Linear(q_dim, spec.dim, bias=False)
+        self.window = spec.layer_window(layer)
+        self.kv_cache: LayerKVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim]."""
+        if self.kv_cache is None:
+            raise InfermeterError("call setup_cache() before running the model")
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+        keys, values, mask = self.kv_cache.update(k, v, input_pos)  # [B, H_kv, S, D], [T, S]
+        # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
+        groups = self.n_heads // self.n_kv_heads
+        q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
+        mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
+        return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.attention = Attention(spec, layer)
+        self.feed_forward = FeedForward(spec.dim, spec.ffn_dim)
+        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        check_engine_arch(spec)
+        check_rope(spec)
+        self.spec = spec
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        self.tie_weights()
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, make output.weight the very Parameter of tok_embeddings."""
+        if self.spec.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    # ---- static KV cache -----------------------------------------------------------------
+    def setup_cache(self, max_batch_size: int, max_seq_len: int,
+                    dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Allocate every layer's K/V once, plus the RoPE tables for positions < max_seq_len."""
+        if max_batch_size <= 0 or max_seq_len <= 0:
+            raise InfermeterError(f"cache needs a positive batch and length, got "
+                                  f"{max_batch_size} x {max_seq_len}")
+        weight = self.tok_embeddings.weight
+        cache_dtype = weight.dtype if dtype is None else torch_dtype(dtype)
+        device = weight.device if device is None else torch.device(device)
+        if device.type == "meta":
+            raise InfermeterError("the model is still on the meta device; load weights first")
+        spec = self.spec
+        for i, layer in enumerate(self.layers):
+            layer.attention.kv_cache = None  # free the old cache before allocating the new one
+            layer.attention.kv_cache = LayerKVCache(
+                max_batch_size, max_seq_len, spec.n_kv_heads, spec.head_dim,
+                spec.layer_window(i), cache_dtype, device)
+        cos, sin = rope_tables(spec, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def _caches(self) -> list[LayerKVCache]:
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        if any(c is None for c in caches):
+            raise InfermeterError("call setup_cache() before using the KV cache")
+        return caches  # type: ignore[return-value]
+
+    def cache_tensors(self) -> list[Tensor]:
+        """[layer0.k, layer0.v, layer1.k, ...]: the allocated tensors themselves, not copies."""
+        return [t for cache in self._caches() for t in (cache.k, cache.v)]
+
+    def cache_bytes(self) -> int:
+        """Equals kvsize.kv_cache_bytes(spec, max_batch_size, max_seq_len, cache dtype)."""
+        return sum(t.nbytes for t in self.cache_tensors())
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self._caches()[0].k.dtype
+
+    def reset_cache(self) -> None:
+        for cache in self._caches():
+            cache.reset()
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """tokens [B, T] int64, input_pos [T] int64 -> logits [B, T, vocab] float32.
+
+        Writes the K/V of these positions into the cache. No host syncs or value-dependent
+        branches, so T == 1 decode compiles with fullgraph=True and static shapes.
+        """
+        if self.max_seq_len == 0:
+            raise InfermeterError("call setup_cache() before running the model")
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos)
+        return self.output(self.norm(h)).float()
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
+                dtype: torch.dtype | str = torch.float32, on_meta: bool = False,
+                seed: int = 0) -> Transformer:
+    """A Transformer for `spec`, without a KV cache (call setup_cache).
+
+    on_meta=True: parameters on the meta device (no memory), for a loader to fill with
+    load_state_dict(assign=True). Otherwise: allocated on `device` in `dtype` once (no float32
+    detour) and filled with seeded random weights (random_weights.py).
+    Parameters never require grad: this is an inference engine.
+    """
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model = model.to(dtype=torch_dtype(dtype)).requires_grad_(False)
+    if on_meta:
+        return model
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty keeps the sharing, but be explicit
+    init_random_weights(model, seed=seed)
+    return model

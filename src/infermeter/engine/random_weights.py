@@ -1,0 +1,39 @@
+"""Seeded random weights for any spec, scaled so activations stay finite.
+
+GPT-2 / nanoGPT style: every matrix ~ N(0, 0.02), and the two projections that write into the
+residual stream (attention.wo, feed_forward.w2) ~ N(0, 0.02 / sqrt(2 * n_layers)), so the residual
+grows like sqrt(depth) at most and an 80-layer model stays finite in fp16. Norm weights are 1;
+qkv biases are drawn too (N(0, 0.02)) so checkpoint round trips exercise them.
+
+Tensors are filled in place, in their own dtype and on their own device, with one generator on
+that device: no float32 copy of the model is ever made. Same seed + same device type + same dtype
+gives the same weights; CPU and CUDA generators differ, so weights differ across device types.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from infermeter.engine.model import Transformer
+
+INIT_STD = 0.02
+
+
+@torch.no_grad()
+def init_random_weights(model: Transformer, seed: int = 0) -> None:
+    device = model.tok_embeddings.weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    out_std = INIT_STD / math.sqrt(2 * model.spec.n_layers)
+    # named_parameters() yields a tied Parameter once (under tok_embeddings), in a fixed order.
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            param.normal_(0.0, out_std, generator=gen)
+        else:
+            param.normal_(0.0, INIT_STD, generator=gen)

@@ -1,0 +1,173 @@
+"""The engine's transformer: cached decode == full forward, cache bytes == kvsize, names, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infermeter import kvsize
+from infermeter.engine.model import Transformer, build_model
+from infermeter.errors import InfermeterError
+from infermeter.presets import PRESETS
+from infermeter.specs import RopeScaling
+
+DEBUG = PRESETS["debug"]  # 2 layers, dim 64, 4 query heads sharing 2 KV heads, vocab 256
+SPECS = {
+    "gqa": DEBUG,
+    "mqa": DEBUG.with_updates(n_kv_heads=1),
+    "qkv-bias": DEBUG.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True),
+    "llama3-rope": DEBUG.with_updates(rope_theta=500000.0,
+                                      rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)),
+    "linear-rope": DEBUG.with_updates(rope_scaling=RopeScaling("linear", 4.0)),
+    # Layer 1 slides over 5 tokens, layer 0 attends to everything: one ring, one full cache.
+    "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
+}
+SEQ = 20
+
+
+def _model(spec, batch: int = 2, max_seq_len: int = 32, kv_dtype=None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    model.setup_cache(batch, max_seq_len, dtype=kv_dtype)
+    return model
+
+
+def _tokens(batch: int = 2, length: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, DEBUG.vocab_size, (batch, length),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _run_chunks(model: Transformer, tokens: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    model.reset_cache()
+    outs, start = [], 0
+    for size in sizes:
+        outs.append(model(tokens[:, start:start + size], torch.arange(start, start + size)))
+        start += size
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@torch.inference_mode()
+def test_cached_decode_equals_full_forward(name: str) -> None:
+    model = _model(SPECS[name])
+    tokens = _tokens()
+    full = _run_chunks(model, tokens, [SEQ])
+    assert full.shape == (2, SEQ, DEBUG.vocab_size) and full.dtype == torch.float32
+    stepwise = _run_chunks(model, tokens, [1] * SEQ)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)
+    # Prefill chunks that wrap the 5-slot ring (7 > 5), then decode, then another chunk.
+    mixed = _run_chunks(model, tokens, [7, 1, 1, 3, 8])
+    torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_window_changes_the_result() -> None:
+    """Guard against a window that is silently ignored: beyond it, the logits must differ."""
+    windowed = _model(SPECS["window"])
+    plain = _model(SPECS["window"].with_updates(sliding_window=None, sliding_window_layers=()))
+    tokens = _tokens()
+    a = windowed(tokens, torch.arange(SEQ))
+    b = plain(tokens, torch.arange(SEQ))
+    torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-5, rtol=0)  # inside the window
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("name", "batch", "seq_len", "kv_dtype"), [
+    ("gqa", 1, 32, None),
+    ("gqa", 3, 17, torch.float16),
+    ("mqa", 2, 8, torch.bfloat16),
+    ("window", 2, 32, None),       # ring: layer 1 holds 5 tokens
+    ("window", 2, 4, "fp16"),      # window longer than the cache: holds 4
+    ("qkv-bias", 4, 64, "bf16"),
+])
+def test_cache_bytes_match_kvsize(name: str, batch: int, seq_len: int, kv_dtype) -> None:
+    spec = SPECS[name]
+    model = _model(spec, batch, seq_len, kv_dtype)
+    expected_dtype = {None: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                      "fp16": "float16", "bf16": "bfloat16"}[kv_dtype]
+    assert model.cache_bytes() == kvsize.kv_cache_bytes(spec, batch, seq_len, expected_dtype)
+    tensors = model.cache_tensors()
+    assert len(tensors) == 2 * spec.n_layers
+    # The real allocated tensors, in [layer0.k, layer0.v, layer1.k, ...] order.
+    assert tensors[0] is model.layers[0].attention.kv_cache.k
+    assert tensors[3] is model.layers[1].attention.kv_cache.v
+    assert tensors[0].shape[:2] == (batch, spec.n_kv_heads)
+    assert tensors[0].dtype == model.cache_dtype
+
+
+@torch.inference_mode()
+def test_half_precision_kv_cache_with_fp32_model() -> None:
+    model = _model(DEBUG, kv_dtype=torch.bfloat16)
+    tokens = _tokens()
+    full = _run_chunks(model, tokens, [SEQ])
+    stepwise = _run_chunks(model, tokens, [1] * SEQ)
+    torch.testing.assert_close(stepwise, full, atol=2e-2, rtol=0)  # bf16 K/V rounding only
+    assert model.cache_tensors()[0].abs().sum() > 0  # K really went into the bf16 cache
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8", torch.float8_e4m3fn])
+def test_fp8_and_int8_kv_are_refused_clearly(kv_dtype) -> None:
+    model = build_model(DEBUG)
+    with pytest.raises(InfermeterError, match="not supported by the engine yet"):
+        model.setup_cache(1, 8, dtype=kv_dtype)
+
+
+def test_reset_cache_and_cache_required() -> None:
+    model = build_model(DEBUG)
+    with pytest.raises(InfermeterError, match="setup_cache"):
+        model(_tokens(1, 2), torch.arange(2))
+    model.setup_cache(1, 8)
+    with torch.inference_mode():
+        model(_tokens(1, 3), torch.arange(3))
+    assert all(t.abs().sum() > 0 for t in model.cache_tensors())
+    model.reset_cache()
+    assert all(t.abs().sum() == 0 for t in model.cache_tensors())
+
+
+def test_meta_parameter_names_and_tied_embeddings() -> None:
+    model = build_model(SPECS["qkv-bias"], on_meta=True)
+    names = set(model.state_dict())
+    layer = {f"layers.0.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+    layer |= {f"layers.0.attention.{w}.bias" for w in ("wq", "wk", "wv")}
+    layer |= {f"layers.0.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+    layer |= {"layers.0.attention_norm.weight", "layers.0.ffn_norm.weight"}
+    top = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    assert names == top | layer | {n.replace("layers.0.", "layers.1.") for n in layer}
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.tok_embeddings.weight.device.type == "meta"
+    assert "layers.0.attention.wo.bias" not in names
+
+
+def test_unsupported_architecture_and_rope_are_clear_errors() -> None:
+    with pytest.raises(InfermeterError, match="can be sized but not run"):
+        Transformer(PRESETS["gemma-2-9b"])
+    yarn = DEBUG.with_updates(rope_scaling=RopeScaling("yarn", 4.0))
+    with pytest.raises(InfermeterError, match="yarn"):
+        build_model(yarn)
+
+
+@torch.inference_mode()
+def test_random_weights_seeded_and_finite_in_fp16_deep_model() -> None:
+    deep = DEBUG.with_updates(n_layers=48)
+    a, b = build_model(deep, dtype=torch.float16), build_model(deep, dtype=torch.float16)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    assert a.layers[0].attention.wq.weight.dtype == torch.float16
+    a.setup_cache(2, 16)
+    logits = a(_tokens(2, 16), torch.arange(16))
+    assert torch.isfinite(logits).all() and logits.abs().max() < 100
+
+
+@torch.inference_mode()
+def test_decode_step_traces_without_graph_breaks() -> None:
+    """fullgraph=True fails on .item(), host syncs or value-dependent Python branches.
+
+    backend="eager" checks the tracing (what fullgraph promises) without inductor's C++ build,
+    which keeps the test fast; inductor and CUDA graphs run in the GPU benchmarks.
+    """
+    model = _model(SPECS["window"], batch=1, max_seq_len=12)
+    step = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
+    tokens = _tokens(1, 12)
+    outs = [step(tokens[:, i:i + 1], torch.tensor([i])) for i in range(12)]
+    full = _run_chunks(model, tokens, [12])
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
