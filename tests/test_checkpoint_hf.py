@@ -51,7 +51,8 @@ def test_permutation_matches_transformers_and_inverts() -> None:
 
 def test_name_map() -> None:
     assert hf_to_meta_name("model.layers.7.self_attn.q_proj.bias") == "layers.7.attention.wq.bias"
-    assert hf_to_meta_name("model.layers.0.mlp.gate_proj.weight") == "layers.0.feed_forward.w1.weight"
+    gate = hf_to_meta_name("model.layers.0.mlp.gate_proj.weight")
+    assert gate == "layers.0.feed_forward.w1.weight"
     assert hf_to_meta_name("model.layers.0.post_attention_layernorm.weight") == \
         "layers.0.ffn_norm.weight"
     assert hf_to_meta_name("lm_head.weight") == "output.weight"

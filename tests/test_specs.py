@@ -108,7 +108,8 @@ def test_meta_params_without_vocab_anywhere(tmp_path):
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({"model_type": "gpt2", "n_embd": 768}), "unsupported model_type 'gpt2'"),
     (json.dumps({"model_type": "llama"}), "missing field 'hidden_size'"),
-    (json.dumps(dict(published.LLAMA_31_8B, num_hidden_layers=0)), "n_layers must be a positive integer"),
+    (json.dumps(dict(published.LLAMA_31_8B, num_hidden_layers=0)),
+     "n_layers must be a positive integer"),
     (json.dumps(dict(published.LLAMA_31_8B, num_key_value_heads=5)), "not a multiple"),
     (json.dumps(dict(published.LLAMA_31_8B, hidden_size="4096")), "must be an integer"),
     (json.dumps({"foo": 1}), "neither an HF config.json"),
@@ -154,3 +155,19 @@ def test_engine_refuses_sizing_only_architectures():
 def test_to_dict_is_json_ready():
     data = PRESETS["deepseek-v3"].to_dict()
     assert json.loads(json.dumps(data))["rope_scaling"]["extra"]["mscale"] == 1.0
+
+
+class _Evil:
+    """A pickle that would need code execution to load."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_meta_vocab_probe_refuses_unsafe_shards(tmp_path):
+    torch = pytest.importorskip("torch")
+    write_json(tmp_path / "params.json", published.META_LLAMA2_13B)
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "x": _Evil()},
+               tmp_path / "consolidated.00.pth")
+    with pytest.raises(InfermeterError, match="arbitrary code execution"):
+        resolve_model(str(tmp_path))

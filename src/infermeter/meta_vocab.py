@@ -34,13 +34,12 @@ def _shard_vocab(folder: Path) -> int | None:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         return None
-    import torch
+    from infermeter.engine.meta_checkpoint import load_pth
 
-    try:
-        state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # an unreadable shard is reported by the checkpoint loader, not here
-        return None
-    weight = state.get("tok_embeddings.weight") if isinstance(state, dict) else None
+    # The safe loader: a shard that needs pickle code execution is refused here with its own
+    # clear message, rather than showing up as "cannot tell the vocabulary size".
+    state = load_pth(shards[0])
+    weight = state.get("tok_embeddings.weight")
     # ParallelEmbedding splits the embedding along dim 1, so dim 0 is always the full vocab.
     return int(weight.shape[0]) if weight is not None else None
 

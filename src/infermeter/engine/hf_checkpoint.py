@@ -3,7 +3,8 @@
 Names map one to one onto Meta's (`hf_to_meta_name`). One real difference: HF applies RoPE with
 `rotate_half`, pairing feature i with i + head_dim/2, while Meta pairs 2i with 2i+1. Meta->HF
 conversion (transformers' convert_llama_weights_to_hf.py) permutes the rows of wq and wk per head:
-    permute(w) = w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads*head_dim, dim)
+    permute(w) = w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2)
+                  .reshape(n_heads * head_dim, dim)
 `unpermute` is its inverse, applied to q/k weights *and* biases (Qwen2). Models trained natively in
 HF layout (Qwen2, Mistral) need the same treatment: attention scores only see q.k, and permuting
 q's and k's features the same way maps rotate_half RoPE exactly onto interleaved RoPE.
@@ -44,7 +45,10 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def hf_to_meta_name(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None if unknown."""
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'.
+
+    None for a name that has no Meta counterpart.
+    """
     if name in _TOP:
         return _TOP[name]
     match = _LAYER_RE.match(name)
