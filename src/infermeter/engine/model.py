@@ -101,7 +101,7 @@ class Attention(nn.Module):
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
         mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
+        out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
         return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 

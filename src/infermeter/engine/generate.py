@@ -1,0 +1,321 @@
+"""Prefill + decode loop over a static-KV-cache Transformer, eager or compiled.
+
+    gen = Generator(model)                        # owns the model's KV cache
+    out = gen.generate([[1, 2, 3], [4, 5, 6]], GenerationConfig(max_new_tokens=32))
+    out.output_token_ids                          # one list per prompt, stop id excluded
+
+The loop, in gpt-fast's shape:
+- prefill: the whole prompt [B, T] in one eager forward at positions 0..T-1, then sample the
+  first new token. Eager on purpose: T changes from call to call (a compiled prefill would need
+  dynamic shapes or a recompile per length) and a long prefill is compute-bound, so compiling
+  it buys little.
+- decode: one token per sequence per step, [B, 1] at position input_pos. With compile=True this
+  step is torch.compile(fullgraph=True, dynamic=False): static shapes, input_pos a device
+  tensor; on CUDA it is replayed as a CUDA graph, built from eager's own kernels by default
+  (identical tokens) or from inductor's fused kernels (COMPILE_BACKENDS below).
+  fullgraph=True is also the guarantee that the step has no host sync (an .item() or .tolist()
+  would be a graph break, and a graph break is an error).
+- sampling (sampling.py) runs on the device with counter-based noise: no RNG state, no
+  torch.multinomial; eager and compiled draw the same numbers.
+- stop ids: a device-side `done` mask [B] is updated inside the step; the host looks at it only
+  every `stop_check_interval` steps (one sync), so a decode step never waits for the GPU. With
+  no stop ids the loop never syncs before the end.
+  Tokens sampled after a sequence's first stop id are computed but dropped from the output.
+
+Timing lives in bench/, not here. For it: prefill() and decode_step() are separate public calls,
+generate() calls an optional hook at "start" (before prefill), "prefill" (first token sampled)
+and after every "decode" step (a CUDA event recorded in the hook times each part without a
+sync), and warmup() runs the compile / CUDA-graph capture for a shape beforehand.
+
+Lengths: prompt length T + max_new_tokens must fit in the cache, else InfermeterError (it is not
+silently capped: a benchmark must generate exactly what it asked for). Prompts of one batch must
+have equal length (no left padding: positions are shared by the whole batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.model import Transformer, torch_dtype
+from infermeter.engine.sampling import sample
+from infermeter.errors import InfermeterError
+
+# generate() calls hook(event, step): ("start", 0), ("prefill", 0), then ("decode", 1), ...
+StepHook = Callable[[str, int], None]
+
+# The compiled decode step, built by torch.compile(fullgraph=True, dynamic=False) either way:
+# - "inductor" (the default; on CUDA with triton.cudagraphs, what mode="reduce-overhead" does):
+#   fused Triton kernels replayed as one CUDA graph. On an H200, random Llama-2-7B fp16, 256
+#   tokens took 1.3 s against eager's 11.4 s (results/engine-check-nvidia-h200-inductor.json).
+# - "cudagraphs": eager's own aten kernels captured as a CUDA graph, no fusion. Kept for
+#   comparison: functionalisation turns the in-place cache writes into copies, so it is slow
+#   (4.1 s for the same 256 tokens), and it is not bitwise eager either (cuBLAS may pick other
+#   kernels under stream capture).
+# Neither gives token-identical fp16 greedy output over 256 steps on random weights: the first
+# difference came at step 43 and 124 (inductor, two runs) and 149 (cudagraphs). Random weights
+# give near-flat logits whose top-2 gaps fall below fp16 rounding; see README, "Engine".
+COMPILE_BACKENDS = ("inductor", "cudagraphs")
+
+# Without an explicit cache length the cache is sized to prompt + new tokens, rounded up to this
+# many tokens, so nearby lengths share one cache (and one compiled graph).
+CACHE_ROUND = 256
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    greedy: bool = True  # argmax; temperature and top_p are used only when False
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0: sample from the whole vocabulary
+    stop_ids: frozenset[int] = field(default_factory=frozenset)  # e.g. the tokenizer's EOS ids
+    seed: int = 0
+    compile: bool = False
+    stop_check_interval: int = 16  # decode steps between host checks of the `done` mask
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", frozenset(int(i) for i in self.stop_ids))
+        if self.max_new_tokens < 1:
+            raise InfermeterError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise InfermeterError(f"temperature must be > 0 when sampling, got "
+                                  f"{self.temperature} (use greedy decoding for temperature 0)")
+        if not 0 < self.top_p <= 1:
+            raise InfermeterError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stop_check_interval < 1:
+            raise InfermeterError("stop_check_interval must be at least 1")
+
+
+@dataclass
+class GenerationOutput:
+    output_token_ids: list[list[int]]  # per sequence, cut before its first stop id
+    finished: list[bool]  # per sequence: True if a stop id ended it, False if max_new_tokens did
+    prompt_len: int  # T, the same for every sequence
+    num_decode_steps: int  # decode steps actually run (the first token comes from prefill)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.batch_size * self.prompt_len
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(ids) for ids in self.output_token_ids)
+
+
+@dataclass
+class DecodeState:
+    """What one decode step needs; all tensors live on the model's device."""
+
+    token: Tensor  # int64 [B]: the last sampled token, the next step's input
+    input_pos: Tensor  # int64 [1]: the position `token` is written at
+    done: Tensor  # bool [B]: the sequence has sampled a stop id
+    seed: Tensor  # int64 []: sampling seed (a tensor, so a new seed does not recompile)
+    stop_ids: Tensor  # int64 [S], S >= 1 (a -1 sentinel when there are none: no empty shapes)
+    next_pos: int  # host mirror of input_pos, to bounds-check without reading the device
+
+
+def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tensor,
+                stop_ids: Tensor, seed: Tensor, *, greedy: bool, temperature: float,
+                top_p: float) -> tuple[Tensor, Tensor]:
+    """One decode step: token [B] at input_pos [1] -> (next token [B], done [B]). No syncs."""
+    logits = model(token[:, None], input_pos)  # [B, 1, V] float32; writes K/V at input_pos
+    next_token = sample(logits[:, -1], greedy=greedy, temperature=temperature, top_p=top_p,
+                        seed=seed, pos=input_pos + 1)
+    done = done | (next_token[:, None] == stop_ids[None, :]).any(dim=-1)
+    return next_token, done
+
+
+def _no_hook(event: str, step: int) -> None:
+    pass
+
+
+class Generator:
+    """Owns a Transformer and its KV cache; runs prefill and decode, eager or compiled.
+
+    max_seq_len: a fixed cache length (what a benchmark wants: decode cost depends on it).
+    None: each generate() sizes the cache to prompt + max_new_tokens rounded up to CACHE_ROUND
+    tokens, within the model's max_seq_len. The cache is reallocated only when its shape changes.
+    kv_dtype: the cache dtype (None: the model's parameter dtype); see Transformer.setup_cache.
+    compile_backend: how the compiled decode step is built (see COMPILE_BACKENDS).
+    """
+
+    def __init__(self, model: Transformer, max_seq_len: int | None = None,
+                 kv_dtype: torch.dtype | str | None = None,
+                 compile_backend: str | None = None) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.device = model.tok_embeddings.weight.device
+        if max_seq_len is not None and not 0 < max_seq_len <= self.spec.max_seq_len:
+            raise InfermeterError(f"cache length {max_seq_len} must be in 1.."
+                                  f"{self.spec.max_seq_len} (model {self.spec.name})")
+        self.max_seq_len = max_seq_len
+        self.kv_dtype = kv_dtype
+        self.compile_backend = compile_backend or "inductor"
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise InfermeterError(f"unknown compile backend {self.compile_backend!r} "
+                                  f"(use {' or '.join(COMPILE_BACKENDS)})")
+        if self.compile_backend == "cudagraphs" and self.device.type != "cuda":
+            raise InfermeterError("the cudagraphs compile backend needs a CUDA device")
+        self._compiled_step: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+    # ---- setup ---------------------------------------------------------------------------
+    def prepare(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Check that the lengths fit; make the cache [batch_size, length] and empty."""
+        need = prompt_len + max_new_tokens
+        limit = self.max_seq_len or self.spec.max_seq_len
+        if need > limit:
+            what = "the KV cache" if self.max_seq_len else f"model {self.spec.name}'s context"
+            raise InfermeterError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens "
+                                  f"= {need} tokens does not fit in {what} of {limit} tokens")
+        length = self.max_seq_len or min(-(-need // CACHE_ROUND) * CACHE_ROUND, limit)
+        model = self.model
+        dtype = model.tok_embeddings.weight.dtype if self.kv_dtype is None else torch_dtype(
+            self.kv_dtype)
+        same = (model.max_batch_size, model.max_seq_len) == (batch_size, length)
+        if same and model.cache_dtype == dtype:
+            model.reset_cache()  # stale entries would be masked anyway; zeros are clearer
+        else:
+            model.setup_cache(batch_size, length, dtype=dtype, device=self.device)
+
+    def _compile_step(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        if self._compiled_step is None:
+            if self.compile_backend == "cudagraphs":
+                self._compiled_step = torch.compile(_decode_one, backend="cudagraphs",
+                                                    fullgraph=True, dynamic=False)
+                return self._compiled_step
+            # emulate_precision_casts makes inductor round to the activation dtype between
+            # fused ops where eager rounds; reduction order and FMA contraction still differ.
+            options = {"emulate_precision_casts": True,
+                       "triton.cudagraphs": self.device.type == "cuda"}
+            self._compiled_step = torch.compile(_decode_one, options=options, fullgraph=True,
+                                                dynamic=False)
+        return self._compiled_step
+
+    # ---- the two phases --------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor, config: GenerationConfig) -> DecodeState:
+        """Run the prompt tokens [B, T] (cache prepared, empty); sample the first new token."""
+        batch_size, prompt_len = tokens.shape
+        if batch_size != self.model.max_batch_size or prompt_len > self.model.max_seq_len:
+            raise InfermeterError(f"prompt batch {batch_size} x {prompt_len} tokens does not fit "
+                                  f"the KV cache ({self.model.max_batch_size} x "
+                                  f"{self.model.max_seq_len}); call prepare() first")
+        # Small state tensors by fill kernels and an async copy: torch.tensor(..., device=cuda)
+        # would be a synchronizing cudaMemcpy in the middle of the timed region.
+        int64 = {"dtype": torch.int64, "device": self.device}
+        seed = torch.full((), config.seed & 0xFFFFFFFF, **int64)
+        input_pos = torch.full((1,), prompt_len, **int64)
+        stop_ids = torch.tensor(sorted(config.stop_ids) or [-1], dtype=torch.int64)
+        # (From pageable memory the copy stages the bytes before returning: no lifetime issue.)
+        stop_ids = stop_ids.to(self.device, non_blocking=True)  # [S]
+        positions = torch.arange(prompt_len, **int64)  # [T]
+        logits = self.model(tokens, positions)  # [B, T, V] float32
+        first = sample(logits[:, -1], greedy=config.greedy, temperature=config.temperature,
+                       top_p=config.top_p, seed=seed, pos=input_pos)
+        done = (first[:, None] == stop_ids[None, :]).any(dim=-1)
+        return DecodeState(first, input_pos, done, seed, stop_ids, prompt_len)
+
+    @torch.no_grad()
+    def decode_step(self, state: DecodeState, config: GenerationConfig) -> Tensor:
+        """Feed state.token, sample the next one [B] (returned, also kept in state). No sync."""
+        if state.next_pos >= self.model.max_seq_len:
+            raise InfermeterError(f"decode position {state.next_pos} is past the KV cache of "
+                                  f"{self.model.max_seq_len} tokens")
+        step = _decode_one
+        if config.compile:
+            step = self._compile_step()
+            if self.device.type == "cuda":
+                # A new CUDA-graph iteration: earlier outputs may be overwritten from here on.
+                torch.compiler.cudagraph_mark_step_begin()
+        token, done = step(self.model, state.token, state.input_pos, state.done,
+                           state.stop_ids, state.seed, greedy=config.greedy,
+                           temperature=config.temperature, top_p=config.top_p)
+        if config.compile:
+            # CUDA-graph outputs live in a buffer the next replay overwrites: keep copies.
+            token, done = token.clone(), done.clone()
+        state.token, state.done = token, done
+        state.input_pos += 1  # in place on the device: no sync, same tensor every step
+        state.next_pos += 1
+        return token
+
+    # ---- the loop ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]] | Tensor, config: GenerationConfig,
+                 hook: StepHook | None = None) -> GenerationOutput:
+        """Generate up to config.max_new_tokens tokens after each prompt (equal lengths)."""
+        tokens = self.prompt_tensor(prompt_ids)  # [B, T]
+        batch_size, prompt_len = tokens.shape
+        self.prepare(batch_size, prompt_len, config.max_new_tokens)
+        hook = hook or _no_hook
+        hook("start", 0)
+        state = self.prefill(tokens, config)
+        hook("prefill", 0)
+        generated = [state.token]  # max_new_tokens tensors of [B], read back once at the end
+        steps = 0
+        while len(generated) < config.max_new_tokens:
+            check = config.stop_ids and steps and steps % config.stop_check_interval == 0
+            if check and self._all_done(state.done):
+                break
+            generated.append(self.decode_step(state, config))
+            steps += 1
+            hook("decode", steps)
+        rows = torch.stack(generated, dim=1).tolist()  # the one big sync: [B, n] to the host
+        outputs, finished = [], []
+        for row in rows:
+            cut = next((i for i, t in enumerate(row) if t in config.stop_ids), None)
+            outputs.append(row if cut is None else row[:cut])
+            finished.append(cut is not None)
+        return GenerationOutput(outputs, finished, prompt_len, steps)
+
+    @torch.no_grad()
+    def warmup(self, batch_size: int, prompt_len: int, config: GenerationConfig,
+               decode_steps: int = 3) -> None:
+        """Compile and capture (CUDA graphs: warm-up, record, replay = 3 steps) for this shape.
+
+        Uses the cache a generate() with the same batch, prompt length and config will use, so
+        that call neither reallocates the cache nor recompiles.
+        """
+        self.prepare(batch_size, prompt_len, config.max_new_tokens)
+        tokens = torch.zeros(batch_size, prompt_len, dtype=torch.int64, device=self.device)
+        state = self.prefill(tokens, config)
+        for _ in range(min(decode_steps, config.max_new_tokens - 1)):
+            self.decode_step(state, config)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.model.reset_cache()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _all_done(self, done: Tensor) -> bool:
+        """The loop's only host sync before the end: have all sequences hit a stop id?"""
+        return bool(done.all())
+
+    def prompt_tensor(self, prompt_ids: Sequence[Sequence[int]] | Tensor) -> Tensor:
+        """Validate prompts (non-empty, equal length, ids in the vocabulary) -> int64 [B, T]."""
+        if isinstance(prompt_ids, Tensor):
+            tokens = prompt_ids.to(device=self.device, dtype=torch.int64)
+            if tokens.dim() != 2:
+                raise InfermeterError(f"prompt tensor must be [batch, length], got "
+                                      f"{tuple(tokens.shape)}")
+        else:
+            if len(prompt_ids) == 0:
+                raise InfermeterError("no prompts: need at least one sequence of one token")
+            lengths = {len(p) for p in prompt_ids}
+            if len(lengths) > 1:
+                raise InfermeterError(f"prompts of one batch must have equal length (no "
+                                      f"padding support), got lengths {sorted(lengths)}")
+            tokens = torch.tensor([list(p) for p in prompt_ids], dtype=torch.int64,
+                                  device=self.device).reshape(len(prompt_ids), -1)
+        if tokens.numel() == 0:
+            raise InfermeterError("empty prompt: need at least one sequence of one token")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.spec.vocab_size:
+            raise InfermeterError(f"prompt token id {low if low < 0 else high} is outside the "
+                                  f"vocabulary of {self.spec.vocab_size}")
+        return tokens

@@ -1,0 +1,280 @@
+"""Generation: eager against a no-cache reference, compiled against eager, stops, sampling.
+
+CPU float32 on the debug preset with seeded random weights. The inductor compile (the slow part)
+happens once, in the module-scoped `compiled` fixture. GPU tests (CUDA graphs, fp16/bf16, no
+host sync under torch.cuda.set_sync_debug_mode) are marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infermeter.engine.generate import GenerationConfig, Generator, _decode_one
+from infermeter.engine.model import build_model
+from infermeter.engine.sampling import sample, uniform_noise
+from infermeter.errors import InfermeterError
+from infermeter.presets import PRESETS
+
+SPEC = PRESETS["debug"]
+# Batch 2, T = 7; chosen so that neither greedy continuation repeats one token (stop tests).
+PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 4, 3, 2, 1, 0, 128]]
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(SPEC, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def greedy_ids(model) -> list[list[int]]:
+    out = Generator(model).generate(PROMPTS, GenerationConfig(max_new_tokens=N_NEW))
+    return out.output_token_ids
+
+
+@pytest.fixture(scope="module")
+def compiled(model) -> Generator:
+    """One Generator whose compiled decode step is reused by every test that needs it."""
+    return Generator(model)
+
+
+@torch.no_grad()
+def reference_greedy(model, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """Recompute the whole sequence every step (no K/V reuse) and take the last argmax."""
+    seqs = torch.tensor(prompts)
+    for _ in range(n_new):
+        model.reset_cache()  # forward writes the cache; every position is rewritten anyway
+        logits = model(seqs, torch.arange(seqs.shape[1]))
+        seqs = torch.cat([seqs, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seqs[:, len(prompts[0]):].tolist()
+
+
+def test_greedy_matches_no_cache_reference(model, greedy_ids):
+    gen = Generator(model)
+    # The reference needs a cache as long as the full sequence; prepare() sizes it.
+    gen.prepare(len(PROMPTS), len(PROMPTS[0]), N_NEW)
+    assert greedy_ids == reference_greedy(model, PROMPTS, N_NEW)
+    assert all(len(ids) == N_NEW for ids in greedy_ids)
+
+
+def test_output_counts_and_hook_events(model):
+    events = []
+    out = Generator(model).generate(PROMPTS, GenerationConfig(max_new_tokens=5),
+                                    hook=lambda event, step: events.append((event, step)))
+    assert out.prompt_len == 7 and out.batch_size == 2 and out.num_prefill_tokens == 14
+    assert out.num_decode_steps == 4 and out.num_new_tokens == 10
+    assert out.finished == [False, False]
+    assert events == [("start", 0), ("prefill", 0)] + [("decode", i) for i in range(1, 5)]
+
+
+def test_compiled_greedy_matches_eager(model, compiled, greedy_ids):
+    # Real inductor on CPU, fullgraph=True: a graph break (an .item(), a .tolist()) would raise.
+    out = compiled.generate(PROMPTS, GenerationConfig(max_new_tokens=N_NEW, compile=True))
+    assert out.output_token_ids == greedy_ids
+    again = compiled.generate(PROMPTS, GenerationConfig(max_new_tokens=N_NEW, compile=True))
+    assert again.output_token_ids == greedy_ids  # cache reset between calls
+
+
+def test_compiled_sampling_matches_eager(model, compiled):
+    # Counter-based noise: eager and compiled draw the same numbers, so the same tokens.
+    config = GenerationConfig(max_new_tokens=8, greedy=False, temperature=0.7, top_p=0.9, seed=5)
+    eager = Generator(model).generate(PROMPTS, config).output_token_ids
+    from dataclasses import replace
+    assert compiled.generate(PROMPTS, replace(config, compile=True)).output_token_ids == eager
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decode_step_has_no_graph_break(model, greedy):
+    """fullgraph=True fails on any graph break, and a host sync (.item()) is one."""
+    gen = Generator(model)
+    gen.prepare(2, 4, 4)
+    state = gen.prefill(torch.zeros(2, 4, dtype=torch.int64), GenerationConfig())
+    step = torch.compile(_decode_one, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        token, done = step(model, state.token, state.input_pos, state.done, state.stop_ids,
+                           state.seed, greedy=greedy, temperature=0.8, top_p=0.9)
+    assert token.shape == (2,) and token.dtype == torch.int64 and done.dtype == torch.bool
+
+
+def _stop_choice(row: list[int], other: list[int]) -> int:
+    """An index k >= 2 whose token first appears at k in `row` and never in `other`."""
+    for k in range(2, len(row)):
+        if row[k] not in row[:k] and row[k] not in other:
+            return k
+    pytest.fail(f"no usable stop token in {row}: pick other PROMPTS")
+
+
+def test_stop_id_cuts_one_sequence_only(model, greedy_ids):
+    k = _stop_choice(greedy_ids[0], greedy_ids[1])
+    config = GenerationConfig(max_new_tokens=N_NEW, stop_ids={greedy_ids[0][k]})
+    out = Generator(model).generate(PROMPTS, config)
+    assert out.output_token_ids[0] == greedy_ids[0][:k]  # the stop id itself is excluded
+    assert out.output_token_ids[1] == greedy_ids[1]  # the other sequence runs on
+    assert out.finished == [True, False]
+    assert out.num_decode_steps == N_NEW - 1
+
+
+def test_all_stopped_ends_loop_at_next_check(model, greedy_ids):
+    k0 = _stop_choice(greedy_ids[0], [])
+    k1 = _stop_choice(greedy_ids[1], [])
+    config = GenerationConfig(max_new_tokens=N_NEW, stop_check_interval=2,
+                              stop_ids={greedy_ids[0][k0], greedy_ids[1][k1]})
+    out = Generator(model).generate(PROMPTS, config)
+    assert out.finished == [True, True]
+    assert out.output_token_ids[0] == greedy_ids[0][:k0]
+    assert out.output_token_ids[1] == greedy_ids[1][:k1]
+    # Token i (0-based) comes from decode step i; the host notices at the next even step.
+    last = max(k0, k1)
+    assert out.num_decode_steps == last + last % 2
+
+
+def test_host_checks_only_every_interval(model, monkeypatch):
+    gen = Generator(model)
+    calls = []
+    monkeypatch.setattr(gen, "_all_done", lambda done: calls.append(1) or False)
+    gen.generate(PROMPTS, GenerationConfig(max_new_tokens=40, stop_check_interval=16))
+    assert calls == []  # no stop ids: no check at all until the final read-back
+    gen.generate(PROMPTS, GenerationConfig(max_new_tokens=40, stop_check_interval=16,
+                                           stop_ids={SPEC.vocab_size + 1}))
+    assert len(calls) == 2  # before decode steps 17 and 33 of 39
+
+
+def test_sampling_is_seeded(model, greedy_ids):
+    gen = Generator(model)
+    config = GenerationConfig(max_new_tokens=N_NEW, greedy=False, temperature=1.5, seed=1)
+    first = gen.generate(PROMPTS, config).output_token_ids
+    assert gen.generate(PROMPTS, config).output_token_ids == first
+    other = GenerationConfig(max_new_tokens=N_NEW, greedy=False, temperature=1.5, seed=2)
+    assert gen.generate(PROMPTS, other).output_token_ids != first
+    tiny_p = GenerationConfig(max_new_tokens=N_NEW, greedy=False, top_p=1e-6, seed=3)
+    assert gen.generate(PROMPTS, tiny_p).output_token_ids == greedy_ids
+
+
+def test_sample_distribution_and_top_p_support():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4).contiguous()  # 20000 rows = 20000 independent draws
+    seed, pos = torch.tensor(11), torch.tensor([3])
+
+    def freq(**kw) -> torch.Tensor:
+        drawn = sample(logits, greedy=False, seed=seed, pos=pos, **kw)
+        return torch.bincount(drawn, minlength=4) / len(drawn)
+
+    torch.testing.assert_close(freq(temperature=1.0, top_p=1.0), probs, atol=0.015, rtol=0)
+    hot = torch.softmax(probs.log() / 2.0, dim=-1)
+    torch.testing.assert_close(freq(temperature=2.0, top_p=1.0), hot, atol=0.015, rtol=0)
+    # top_p = 0.7 keeps {0, 1} (mass before token 2 is 0.8): renormalised 0.625 / 0.375.
+    nucleus = freq(temperature=1.0, top_p=0.7)
+    assert nucleus[2] == 0 and nucleus[3] == 0
+    torch.testing.assert_close(nucleus[:2], torch.tensor([0.625, 0.375]), atol=0.015, rtol=0)
+    greedy = sample(logits, greedy=True, temperature=1.0, top_p=1.0, seed=seed, pos=pos)
+    assert (greedy == 0).all()
+
+
+def test_uniform_noise_is_uniform_and_keyed():
+    ids = torch.arange(1000)
+    u = uniform_noise(torch.tensor(0), torch.tensor([5]), ids, 50)  # [50, 1000]
+    assert u.shape == (50, 1000) and u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    # Row b's stream does not depend on the batch size; position and seed change it.
+    assert torch.equal(uniform_noise(torch.tensor(0), torch.tensor([5]), ids, 3), u[:3])
+    assert not torch.equal(uniform_noise(torch.tensor(0), torch.tensor([6]), ids, 50), u)
+    assert not torch.equal(uniform_noise(torch.tensor(1), torch.tensor([5]), ids, 50), u)
+
+
+def test_prompt_too_long_for_the_cache(model):
+    with pytest.raises(InfermeterError, match="does not fit in the KV cache of 32 tokens"):
+        Generator(model, max_seq_len=32).generate([[1] * 20], GenerationConfig(max_new_tokens=13))
+    with pytest.raises(InfermeterError, match="context of 256 tokens"):
+        Generator(model).generate([[1] * 250], GenerationConfig(max_new_tokens=7))
+    with pytest.raises(InfermeterError, match="cache length"):
+        Generator(model, max_seq_len=SPEC.max_seq_len + 1)
+
+
+def test_exact_fit_uses_the_last_cache_slot(model):
+    gen = Generator(model, max_seq_len=16)
+    out = gen.generate([[1] * 10, [2] * 10], GenerationConfig(max_new_tokens=6))
+    assert [len(ids) for ids in out.output_token_ids] == [6, 6]
+    assert model.max_seq_len == 16
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([[1, 2, 3], [1, 2]], "equal length"),
+    ([], "no prompts"),
+    ([[]], "empty prompt"),
+    ([[1, SPEC.vocab_size]], "outside the vocabulary"),
+    ([[-1, 2]], "outside the vocabulary"),
+])
+def test_bad_prompts(model, prompts, match):
+    with pytest.raises(InfermeterError, match=match):
+        Generator(model).generate(prompts, GenerationConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_new_tokens": 0},
+    {"greedy": False, "temperature": 0.0},
+    {"top_p": 0.0},
+    {"top_p": 1.5},
+    {"stop_check_interval": 0},
+])
+def test_bad_configs(kwargs):
+    with pytest.raises(InfermeterError):
+        GenerationConfig(**kwargs)
+
+
+def test_kv_dtype_is_used_for_the_cache():
+    model = build_model(SPEC, device="cpu", dtype=torch.float32)
+    out = Generator(model, kv_dtype="bf16").generate(PROMPTS, GenerationConfig(max_new_tokens=3))
+    assert model.cache_dtype == torch.bfloat16 and out.num_new_tokens == 6
+
+
+def test_warmup_keeps_the_cache_for_generate(model):
+    gen = Generator(model, max_seq_len=64)
+    config = GenerationConfig(max_new_tokens=8)
+    gen.warmup(2, 7, config)
+    before = [t.data_ptr() for t in model.cache_tensors()]
+    gen.generate(PROMPTS, config)
+    assert [t.data_ptr() for t in model.cache_tensors()] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_decode_matches_eager_without_syncs(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = build_model(SPEC, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        # Random weights give near-flat logits (top-2 gaps ~1e-3, below fp16 rounding); a
+        # sharper head makes greedy decisions robust to eager-vs-inductor rounding differences.
+        model.output.weight.mul_(50)
+    gen = Generator(model, max_seq_len=64)
+    config = GenerationConfig(max_new_tokens=24)
+    eager = gen.generate(PROMPTS, config).output_token_ids
+    compiled = GenerationConfig(max_new_tokens=24, compile=True)
+    gen.warmup(2, 7, compiled)
+    assert gen.generate(PROMPTS, compiled).output_token_ids == eager
+    sampled = GenerationConfig(max_new_tokens=24, greedy=False, top_p=0.9, seed=3, compile=True)
+    gen.warmup(2, 7, sampled)
+    # Any device->host sync inside prefill or the decode steps raises under "error".
+    gen.prepare(2, 7, 24)
+    tokens = torch.tensor(PROMPTS, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        state = gen.prefill(tokens, sampled)
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()  # prefill checked on its own: a failure names the phase
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(16):
+            gen.decode_step(state, sampled)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_compile_backend_is_checked(model):
+    with pytest.raises(InfermeterError, match="unknown compile backend 'tvm'"):
+        Generator(model, compile_backend="tvm")
+    with pytest.raises(InfermeterError, match="needs a CUDA device"):
+        Generator(model, compile_backend="cudagraphs")
+    assert Generator(model).compile_backend == "inductor"
