@@ -7,8 +7,7 @@ import pytest
 
 from infermeter.env import capture_env, nvml_facts
 from infermeter.errors import InfermeterError
-from infermeter.results import (REQUIRED_FIELDS, Result, append_jsonl, read_results,
-                                write_json)
+from infermeter.results import REQUIRED_FIELDS, Result, append_jsonl, read_results, write_json
 
 ENV_FIELDS = ("device_name", "device_count", "driver", "cuda", "torch", "pcie_gen",
               "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version")

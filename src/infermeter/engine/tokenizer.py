@@ -244,7 +244,7 @@ class HFTokenizer(Tokenizer):
         path = Path(path)
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 (tokenizers raises bare Exception on bad files)
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise InfermeterError(f"{path}: not a tokenizer.json ({e})") from None
         if hasattr(self._tok, "encode_special_tokens"):  # tokenizers >= 0.15: specials as text
             self._tok.encode_special_tokens = True
