@@ -1,0 +1,78 @@
+"""`infermeter copy` end to end through a real subprocess: without a GPU (sizes only), the
+host-memcpy run (--device cpu), and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from infermeter import kvsize
+from infermeter.presets import PRESETS
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "infermeter", "copy", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cli_without_gpu_prints_sizes_and_exits_0():
+    out = run_cli()
+    assert out.returncode == 0, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in out.stderr
+    assert "268,435,456" in out.stdout and "2,048" in out.stdout and "128.0 KiB" in out.stdout
+    assert "69 cases would be timed" in out.stdout
+    out = run_cli("--json")
+    assert out.returncode == 0 and out.stdout == ""
+
+
+def test_cli_device_cpu_writes_a_copy_result(tmp_path):
+    path = tmp_path / "copy.jsonl"
+    out = run_cli("--device", "cpu", "--model", "llama-3.2-1b", "--seq-len", "16",
+                  "--batch-size", "2", "--block-tokens", "4", "--repeats", "3", "--json",
+                  "--output", str(path))
+    assert out.returncode == 0, out.stderr
+    (result,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert json.loads(path.read_text()) == result
+    assert result["schema"] == 1 and result["kind"] == "copy"
+    assert result["config"]["device"] == "cpu" and result["config"]["batch_size"] == 2
+    m = result["metrics"]
+    assert m["kv_cache_bytes"] == kvsize.kv_cache_bytes(PRESETS["llama-3.2-1b"], 2, 16, "bf16")
+    cases = m["cases"]
+    assert {c["layout"] for c in cases} == {"engine", "contiguous", "paged"}
+    assert {c["host_memory"] for c in cases} == {"seed", "pageable"}
+    for c in cases:
+        for key in ("layout", "host_memory", "direction", "method", "bytes", "moving_time_ms",
+                    "gbps", "link_pct", "block_tokens", "stats"):
+            assert key in c
+        assert c["bytes"] == m["kv_cache_bytes"] and c["verified"] is True
+        assert len(result["samples"][next(iter(result["samples"]))]) == 3
+    for key in ("link_peak_gbps", "numa_node", "offload_ms", "reload_ms", "diagnosis",
+                "skipped", "targets"):
+        assert key in m
+    assert m["offload_ms"] > 0 and any("pinned memory needs CUDA" in s["reason"]
+                                       for s in m["skipped"])
+
+
+def test_cli_device_cpu_table():
+    out = run_cli("--device", "cpu", "--model", "debug", "--seq-len", "8", "--repeats", "2",
+                  "--layout", "engine", "--direction", "d2h")
+    assert out.returncode == 0, out.stderr
+    assert "GB/s" in out.stdout and "engine" in out.stdout and "per-tensor" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--layout", "ring"), "invalid choice"),
+    (("--kv-dtype", "fp12"), "unknown dtype"),
+    (("--block-tokens", "0"), "must be a positive integer"),
+    (("--host", "gpu"), "invalid choice"),
+    (("--model", "no-such-model"), "no-such-model"),
+    (("--device", "cpu", "--warmup", "-1"), "--warmup"),
+])
+def test_cli_bad_input_is_one_error_line(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("infermeter")
