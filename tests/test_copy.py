@@ -260,3 +260,24 @@ def test_diagnosis_slow_link_and_fallback():
     assert "the link ran at Gen4 x16 during the copy, below its Gen5 x16 maximum" in text
     assert "outside the GPU's NUMA node 0" in text
     assert any("asked for pinned memory but ran on pageable memory" in w for w in warnings)
+
+
+def test_engine_layout_is_allocated_by_the_engine_cache(monkeypatch):
+    from infermeter.bench import copy_methods
+    from infermeter.engine import kv_cache
+
+    made = []
+    real = kv_cache.LayerKVCache
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(kv_cache, "LayerKVCache", Counting)
+    spec = PRESETS["debug"]
+    plan = plan_layout(spec, 2, 40, "fp32", "engine", None)
+    layout = copy_methods.DeviceLayout(plan, torch.device("cpu"), torch.float32)
+    assert len(made) == spec.n_layers
+    assert layout.tensors[0] is made[0].k and layout.tensors[1] is made[0].v
+    assert [tuple(t.shape) for t in layout.tensors] == list(plan.buffers)

@@ -56,6 +56,25 @@ def as_words(t: torch.Tensor, word: int) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8).view(WORD_DTYPES[word])
 
 
+def engine_cache_tensors(plan: LayoutPlan, device: torch.device,
+                         dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """The engine layout allocated by the engine's own cache class, [layer0.k, layer0.v, ...].
+
+    Each [B, H, S, D] pair comes from engine/kv_cache.LayerKVCache with S already capped at the
+    layer's window, so the benchmark moves exactly the tensors a running engine holds. None for
+    MLA shapes, which the engine does not run (the planned shapes are used then).
+    """
+    if any(len(shape) != 4 for shape in plan.buffers):
+        return None
+    from infermeter.engine.kv_cache import LayerKVCache
+
+    tensors = []
+    for batch, heads, tokens, head_dim in plan.buffers[::2]:
+        cache = LayerKVCache(batch, tokens, heads, head_dim, None, dtype, device)
+        tensors += [cache.k, cache.v]
+    return tensors
+
+
 class DeviceLayout:
     """A layout plan's buffers allocated on `device` (in the KV dtype), viewed as words.
 
@@ -65,7 +84,9 @@ class DeviceLayout:
 
     def __init__(self, plan: LayoutPlan, device: torch.device, dtype: torch.dtype) -> None:
         self.plan, self.device, self.word = plan, device, plan.word_bytes()
-        self.tensors = [torch.empty(shape, dtype=dtype, device=device) for shape in plan.buffers]
+        engine = engine_cache_tensors(plan, device, dtype) if plan.layout == "engine" else None
+        self.tensors = engine or [torch.empty(shape, dtype=dtype, device=device)
+                                  for shape in plan.buffers]
         self.words = [as_words(t, self.word) for t in self.tensors]
         tables = []
         for table in plan.tables:  # seeded on the CPU so every device gets the same tables
