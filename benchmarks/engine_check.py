@@ -1,0 +1,191 @@
+"""Engine check on a real GPU (the engine issue's device part), written as one Result.
+
+1. Llama-2-7B with random fp16 weights on one GPU: greedy decoding of 256 tokens, eager and
+   compiled (torch.compile + CUDA graphs); the two token lists must be identical.
+2. Loading a 7B-sized HF checkpoint written here: load time against the time to read the same
+   bytes from disk (target < 2x), and peak host memory against the checkpoint size (< 1.2x).
+   The page cache is dropped before each timed read when the kernel lets us (root), so both
+   read from disk; if it cannot be dropped both read from the page cache, and the Result says so.
+
+Usage: python benchmarks/engine_check.py [--model llama-2-7b] [--tokens 256] [--out DIR]
+Writes results/engine-check-<device>.json (and a copy to $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from infermeter.engine.checkpoint import load_weights, save_checkpoint
+from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.env import capture_env
+from infermeter.results import Result, write_json
+
+PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889]
+
+
+def drop_page_cache() -> bool:
+    """Flush dirty pages and drop the page cache so the next read comes from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_bytes_time(files: list[Path]) -> float:
+    """Seconds to read every byte of `files` sequentially in 64 MiB chunks."""
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def timed_generate(generator: Generator, prompt: list[int], config: GenerationConfig):
+    """generate() with a wall clock around it (synchronized): output ids and seconds."""
+    sync = torch.cuda.synchronize if generator.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    ids = generator.generate([prompt], config).output_token_ids[0]
+    sync()
+    return ids, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def logit_gap_at(generator: Generator, prompt: list[int], eager: list[int],
+                 compiled: list[int], step: int) -> dict:
+    """At the first differing step: how far apart were the two picks in eager's own logits?
+
+    A gap far below the logits' spread means a near-tie that rounding decided, not a bug.
+    """
+    seq = prompt + eager[:step]
+    generator.prepare(1, len(seq), 1)
+    tokens = torch.tensor([seq], device=generator.device)
+    positions = torch.arange(len(seq), device=generator.device)
+    logits = generator.model(tokens, positions)[0, -1].float()
+    top2 = logits.topk(2).values
+    return {"mismatch_logit_gap": float(logits[eager[step]] - logits[compiled[step]]),
+            "mismatch_top2_gap": float(top2[0] - top2[1]), "logit_std": float(logits.std())}
+
+
+def greedy_check(model, tokens: int, backend: str | None) -> dict:
+    """Eager and compiled greedy decoding of the same prompt; where (if) they first differ.
+
+    The wall times (prefill included, after warm-up) are a rough guide, not the generation
+    benchmark, which times prefill and every decode step apart with CUDA events.
+    """
+    length = min(512, model.spec.max_seq_len)
+    generator = Generator(model, max_seq_len=length, compile_backend=backend)
+    eager_cfg = GenerationConfig(max_new_tokens=tokens, compile=False)
+    compiled_cfg = GenerationConfig(max_new_tokens=tokens, compile=True)
+    prompt = [p % model.spec.vocab_size for p in PROMPT]
+    generator.warmup(1, len(prompt), eager_cfg)
+    eager, eager_s = timed_generate(generator, prompt, eager_cfg)
+    t0 = time.perf_counter()
+    generator.warmup(1, len(prompt), compiled_cfg)
+    warmup_s = time.perf_counter() - t0
+    compiled, compiled_s = timed_generate(generator, prompt, compiled_cfg)
+    mismatch = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), None)
+    gap = {} if mismatch is None else logit_gap_at(generator, prompt, eager, compiled, mismatch)
+    return {**gap, "eager": eager, "compiled": compiled, "identical": eager == compiled,
+            "first_mismatch": mismatch, "compile_warmup_s": warmup_s,
+            "compile_backend": generator.compile_backend, "eager_wall_s": eager_s,
+            "compiled_wall_s": compiled_s}
+
+
+LOAD_PROBE = r"""
+import json, resource, sys, time, torch
+import torch
+
+from infermeter.engine.checkpoint import load_weights
+if sys.argv[2] == "cuda": torch.cuda.init(); torch.zeros(1, device="cuda")
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"): return int(line.split()[1]) * 1024
+before = rss()
+t0 = time.perf_counter()
+model = load_weights(sys.argv[1], sys.argv[2], sys.argv[3])
+if sys.argv[2] == "cuda": torch.cuda.synchronize()
+elapsed = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"load_s": elapsed, "rss_before": before, "peak_rss": peak,
+                  "peak_over_baseline": peak - before}))
+"""
+
+
+def load_check(model, folder: Path, devices: tuple[str, ...], dtype: str) -> dict:
+    t0 = time.perf_counter()
+    files = save_checkpoint(model, folder, "hf", n_shards=3)
+    write_s = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in files)
+    dropped = drop_page_cache()
+    read_s = read_bytes_time(files)
+    out = {"checkpoint_bytes": size, "write_s": write_s, "disk_read_s": read_s,
+           "page_cache_dropped": dropped}
+    for device in devices:
+        drop_page_cache()
+        probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(folder), device, dtype],
+                               capture_output=True, text=True, check=True)
+        facts = json.loads(probe.stdout.strip().splitlines()[-1])
+        out[f"load_{device}_s"] = facts["load_s"]
+        out[f"load_{device}_over_read"] = facts["load_s"] / read_s
+        out[f"peak_host_{device}_bytes"] = facts["peak_over_baseline"]
+        out[f"peak_host_{device}_over_size"] = facts["peak_over_baseline"] / size
+    return out
+
+
+def write(result: Result, slug: str) -> None:
+    for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
+        write_json(Path(folder) / f"engine-check-{slug}.json", result)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--backend", choices=("cudagraphs", "inductor"),
+                        help="compile backend (default: the Generator's)")
+    args = parser.parse_args()
+    env = capture_env()
+    model = load_weights(f"random:{args.model}", args.device, args.dtype, seed=0)
+    check = greedy_check(model, args.tokens, args.backend)
+    keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
+            "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std")
+    metrics = {key: check[key] for key in keys if key in check}
+    metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens)
+    print(json.dumps(metrics), flush=True)
+    warnings = [] if check["identical"] else [
+        f"eager and compiled greedy tokens differ from step {check['first_mismatch']}"]
+    config = {"benchmark": "engine_check", "device": args.device, "dtype": args.dtype,
+              "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
+    slug = env["device_name"].lower().replace(" ", "-") + f"-{check['compile_backend']}"
+    result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
+                    output_token_ids=[check["eager"], check["compiled"]])
+    write(result, slug)  # the greedy check is saved even if the load check runs out of time
+    if not args.skip_load:
+        devices = ("cuda", "cpu") if args.device == "cuda" else ("cpu",)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("CKPT_TMP", "/tmp")) as tmp:
+            metrics.update(load_check(model, Path(tmp), devices, args.dtype))
+        if not metrics["page_cache_dropped"]:
+            warnings.append("page cache could not be dropped: reads came from memory")
+        write(result, slug)
+    print(json.dumps(metrics, indent=1))
+    return 0 if check["identical"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
