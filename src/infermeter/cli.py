@@ -39,17 +39,22 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
                         help="append the Results to this JSONL file (written atomically)")
 
 
+def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """The cache a command sizes or moves: model, batch sizes, sequence lengths, KV dtype."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="preset name or path to config.json / params.json / a checkpoint "
+                        f"folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1])
+    parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
+    parser.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: "
+                        "the model's dtype)")
+
+
 def _kv_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kv", help="KV-cache size, weight size and what fits in GPU memory",
                        description="Analytic KV-cache and weight sizes; a list of batch sizes "
                        "or sequence lengths gives a sweep.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset name or path to config.json / params.json / a checkpoint folder "
-                   f"(default {DEFAULT_MODEL})")
-    p.add_argument("--batch-size", type=positive_int, nargs="+", default=[1])
-    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
-    p.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: the "
-                   "model's dtype)")
+    _add_cache_flags(p)
     p.add_argument("--dtype", help="weight dtype (default: the model's published dtype)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
     p.add_argument("--gpu-memory", help="GPU memory to fit into, e.g. 80GiB (default: the "
@@ -98,13 +103,7 @@ def _copy_parser(sub: argparse._SubParsersAction) -> None:
                        description="Time moving a model's KV cache between GPU and host memory "
                        "on its real layouts, verify the bytes, and say why it is slow. "
                        "List-valued flags make a sweep.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset name or path to config.json / params.json / a checkpoint folder "
-                   f"(default {DEFAULT_MODEL})")
-    p.add_argument("--batch-size", type=positive_int, nargs="+", default=[1])
-    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
-    p.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: the "
-                   "model's dtype)")
+    _add_cache_flags(p)
     p.add_argument("--layout", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                    help="engine: per-layer K and V tensors; contiguous: one buffer; paged: "
                    "blocks of --block-tokens tokens (default: all)")
