@@ -62,6 +62,9 @@ def _kv_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserve", default="10%",
                    help="memory kept for activations and the CUDA context: a percent of GPU "
                    "memory or a size (default 10%%)")
+    p.add_argument("--check-engine", action="store_true",
+                   help="also report the bytes the engine's cache code allocates (built on "
+                   "PyTorch's meta device: no memory used; tp 1)")
     _add_output_flags(p)
     p.set_defaults(handler=_run_kv)
 
@@ -83,7 +86,8 @@ def _run_kv(args: argparse.Namespace) -> int:
     request = KvRequest(spec, tuple(args.batch_size), tuple(args.seq_len),
                         kv_dtype=args.kv_dtype or spec.torch_dtype,
                         dtype=args.dtype or spec.torch_dtype, tp=args.tp,
-                        gpu_memory=gpu_memory, gpu_memory_source=source, reserve=args.reserve)
+                        gpu_memory=gpu_memory, gpu_memory_source=source, reserve=args.reserve,
+                        check_engine=args.check_engine)
     results = kv_results(request, env)
     if args.output:
         append_jsonl(args.output, results)

@@ -28,6 +28,7 @@ class KvRequest:
     gpu_memory: int | None = None
     gpu_memory_source: str | None = None  # "--gpu-memory" or the GPU's name (from NVML)
     reserve: str = "10%"
+    check_engine: bool = False  # also size the cache with the engine's own allocation code
 
     def __post_init__(self) -> None:
         for name in ("batch_sizes", "seq_lens"):
@@ -92,6 +93,18 @@ def _warnings(req: KvRequest, seq_len: int, metrics: dict[str, Any]) -> list[str
     return notes
 
 
+def _engine_check(req: KvRequest, batch: int, seq_len: int, metrics: dict[str, Any]) -> list[str]:
+    """Add `kv_cache_bytes_allocated` (the engine's allocation, tp=1); a warning if it differs."""
+    from infermeter.engine.cache_check import allocated_cache_bytes
+
+    allocated = allocated_cache_bytes(req.spec, batch, seq_len, req.kv_dtype)
+    metrics["kv_cache_bytes_allocated"] = allocated
+    if allocated != metrics["kv_cache_bytes"]:
+        return [f"the engine allocates {allocated:,} bytes, not the computed "
+                f"{metrics['kv_cache_bytes']:,}"]
+    return []
+
+
 def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
     spec = req.spec
     weights = {
@@ -114,8 +127,11 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
                 **weights,
             }
             metrics.update(_fit_metrics(req, batch, seq_len, metrics["kv_cache_bytes_per_rank"]))
+            notes = _warnings(req, seq_len, metrics)
+            if req.check_engine:
+                notes += _engine_check(req, batch, seq_len, metrics)
             results.append(Result("kv", spec.to_dict(), _config(req, batch, seq_len), env,
-                                  metrics, warnings=_warnings(req, seq_len, metrics)))
+                                  metrics, warnings=notes))
     return results
 
 
@@ -139,6 +155,8 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
             f"{format_bytes(first['activation_reserve_bytes'])} ({req.reserve}) = KV budget "
             f"{format_bytes(max(first['kv_budget_bytes'], 0))}")
     header = ["batch", "seq_len", "KV/token", "KV cache", "bytes"]
+    if req.check_engine:
+        header.append("engine allocates")
     if req.tp > 1:
         header += ["per rank", "bytes/rank"]
     if req.gpu_memory is not None:
@@ -148,6 +166,8 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
         m, c = result.metrics, result.config
         row = [c["batch_size"], c["seq_len"], format_bytes(m["kv_bytes_per_token"]),
                format_bytes(m["kv_cache_bytes"]), f"{m['kv_cache_bytes']:,}"]
+        if req.check_engine:
+            row.append(f"{m['kv_cache_bytes_allocated']:,}")
         if req.tp > 1:
             row += [format_bytes(m["kv_cache_bytes_per_rank"]), f"{m['kv_cache_bytes_per_rank']:,}"]
         if req.gpu_memory is not None:
