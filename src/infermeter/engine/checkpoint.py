@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,9 +27,13 @@ from torch import Tensor
 from infermeter.engine.hf_checkpoint import read_hf_tensors, save_hf_checkpoint
 from infermeter.engine.meta_checkpoint import read_meta_tensors, save_meta_checkpoint
 from infermeter.engine.model import Transformer, build_model, torch_dtype
+from infermeter.engine.random_weights import init_random_weights
 from infermeter.errors import InfermeterError
 from infermeter.spec_loaders import resolve_model, spec_from_hf_config, spec_from_path
 from infermeter.specs import ModelSpec, check_engine_arch
+
+if TYPE_CHECKING:
+    from infermeter.engine.parallel import TensorParallel
 
 RANDOM_PREFIX = "random:"
 
@@ -88,31 +93,46 @@ def spec_for(source: str | Path | ModelSpec) -> tuple[ModelSpec, Path | None, st
 
 
 def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | str = torch.float32, seed: int = 0) -> Transformer:
-    """A Transformer with weights from `source` and no KV cache yet."""
+                 dtype: torch.dtype | str = torch.float32, seed: int = 0,
+                 tp: TensorParallel | None = None) -> Transformer:
+    """A Transformer with weights from `source` and no KV cache yet.
+
+    tp (parallel.init_distributed's answer): the model is this rank's shard, built on the meta
+    device, sharded there (parallel.shard_model), then filled with the rank's slices only.
+    """
     spec, folder, fmt = spec_for(source)
     check_engine_arch(spec)
     target = torch_dtype(dtype)
-    if folder is None:
+    if folder is None and tp is None:
         return build_model(spec, device, target, seed=seed)
     model = build_model(spec, device, target, on_meta=True)
-    shapes = expected_shapes(model)
+    shapes = expected_shapes(model)  # full shapes, before sharding
+    shard = None
+    if tp is not None:
+        from infermeter.engine.parallel import shard_model
+
+        shard = shard_model(model, tp.rank, tp.world, tp.group)
+    if folder is None:  # random weights: each rank keeps its slices of the tp 1 model
+        model = model.to_empty(device=device)
+        model.tie_weights()
+        init_random_weights(model, seed=seed, shard=shard)
+        return model
     if fmt == "hf":
-        tensors = read_hf_tensors(folder, spec, shapes)
+        tensors = read_hf_tensors(folder, spec, shapes, shard)
     else:
-        tensors = read_meta_tensors(folder, spec, shapes)
+        tensors = read_meta_tensors(folder, spec, shapes, shard)
     return assign_tensors(model, tensors, device, target)
 
 
 def load_model(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
                dtype: torch.dtype | str = torch.float32, max_batch_size: int = 1,
                max_seq_len: int | None = None, kv_dtype: torch.dtype | str | None = None,
-               seed: int = 0) -> Transformer:
+               seed: int = 0, tp: TensorParallel | None = None) -> Transformer:
     """Load (or randomly initialise) a model and allocate its static KV cache.
 
     max_seq_len None means the spec's max_seq_len; kv_dtype None means the weights' dtype.
     """
-    model = load_weights(source, device, dtype, seed)
+    model = load_weights(source, device, dtype, seed, tp)
     length = model.spec.max_seq_len if max_seq_len is None else max_seq_len
     model.setup_cache(max_batch_size, length, dtype=kv_dtype, device=device)
     return model

@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,6 +30,9 @@ from torch import Tensor
 from infermeter.errors import InfermeterError
 from infermeter.spec_loaders import read_json
 from infermeter.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from infermeter.engine.parallel import ShardPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -149,9 +152,14 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
     return by_meta
 
 
-def read_hf_tensors(folder: Path, spec: ModelSpec,
-                    expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
-    """Yield (Meta name, CPU tensor in Meta layout) for every name in `expected`."""
+def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
+                    shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (Meta name, CPU tensor in Meta layout) for every name in `expected` (full shapes).
+
+    shard (tensor parallel): only the rank's slice of each tensor is read (get_slice reads just
+    those bytes). The q/k permutation is within each head and a rank's slice is whole heads, so
+    unpermuting the slice's heads gives exactly the slice of the unpermuted tensor.
+    """
     files = weight_files(folder)
     by_meta = _match_names(files, spec, expected)
     handles: dict[Path, Any] = {}
@@ -168,9 +176,16 @@ def read_hf_tensors(folder: Path, spec: ModelSpec,
         if found != list(shape):
             raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
                                   f"config.json implies {list(shape)}")
-        tensor = handles[path].get_tensor(hf_name)
-        heads = _rope_heads(name, spec)
-        yield name, tensor if heads is None else unpermute(tensor, heads)
+        piece = shard.slice_of(name) if shard is not None else None
+        if piece is None:
+            tensor = handles[path].get_tensor(hf_name)
+        else:
+            index = [slice(None)] * piece.dim + [slice(piece.start, piece.start + piece.length)]
+            tensor = handles[path].get_slice(hf_name)[tuple(index)]
+        if _rope_heads(name, spec) is None:
+            yield name, tensor
+        else:  # whole heads: rows // head_dim of them (all of wq / wk, or the rank's)
+            yield name, unpermute(tensor, tensor.shape[0] // spec.head_dim)
 
 
 # ---- writer ----------------------------------------------------------------------------------

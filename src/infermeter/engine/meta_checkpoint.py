@@ -7,8 +7,8 @@ llama/model.py):
   ParallelEmbedding    (tok_embeddings):                               split along dim 1 (features)
   RMSNorm weights: replicated in every shard; `rope.freqs` (old checkpoints): ignored.
 Loaded on one process, the slices are concatenated back along that dimension. `shard_for_rank`
-is the inverse, used by the writer here and meant for tensor-parallel loading (parallel.py): a
-rank takes its slice of the merged tensor (KV-head replication for tp > n_kv_heads is its job).
+is the inverse, used by the writer. Tensor-parallel loading (parallel.ShardPlan, which splits
+along the same dimensions) reads each rank's slice straight from the files that hold it.
 
 Checkpoints are untrusted: shards are read with torch.load(weights_only=True, mmap=True) only, so
 no pickle code runs and a shard's bytes are paged in lazily, one tensor at a time.
@@ -21,7 +21,7 @@ import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ from torch import Tensor
 from infermeter.errors import InfermeterError
 from infermeter.spec_loaders import meta_ffn_dim
 from infermeter.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from infermeter.engine.parallel import ShardPlan
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = ("rope.freqs",)
@@ -100,30 +103,63 @@ def check_shard_count(spec: ModelSpec, n_shards: int, folder: Path) -> None:
                               f"{', '.join(bad)} (params.json)")
 
 
-def read_meta_tensors(folder: Path, spec: ModelSpec,
-                      expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, full CPU tensor) for every name in `expected`, merging the shards.
+def read_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
+                      shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, CPU tensor) for every name in `expected` (full shapes).
 
-    The merged tensor is the only host copy made (none with one shard: it stays mmap-backed);
-    the caller converts it and drops it before the next one is built.
+    shard None: the full tensor, the files merged along split_dim. The merge is the only host
+    copy made (none with one file: it stays mmap-backed); the caller converts it and drops it
+    before the next one is built.
+    shard (tensor parallel): this rank's slice only, read from the files that hold it. With as
+    many files as ranks, rank r opens consolidated.r.pth alone and yields its tensors as they
+    are (mmap-backed, no merge): parallel.ShardPlan splits every tensor as Meta's files do.
+    Other counts re-shard: each file's overlap with the rank's slice, concatenated.
     """
     paths = shard_paths(folder)
     check_shard_count(spec, len(paths), folder)
-    shards = [load_pth(p) for p in paths]
-    _check_names(shards, paths, expected)
-    world = len(paths)
+    opened: dict[int, dict[str, Tensor]] = {}
+
+    def state(index: int) -> dict[str, Tensor]:  # a file is opened only when a slice needs it
+        if index not in opened:
+            opened[index] = load_pth(paths[index])
+            _check_names([opened[index]], [paths[index]], expected)
+        return opened[index]
+
+    n_files = len(paths)
+    # Replicated tensors (norms) come from a file this rank reads anyway.
+    home = [0] if shard is None else [shard.rank * n_files // shard.world]
     for name, full_shape in expected.items():
         dim = split_dim(name)
+        if dim is None:
+            for index in range(n_files) if shard is None else home:
+                _check_part(paths[index], name, state(index)[name], list(full_shape), full_shape,
+                            n_files)
+            yield name, state(home[0])[name]
+            continue
+        piece = shard.slice_of(name) if shard is not None else None
+        if piece is not None and piece.dim != dim:
+            raise InfermeterError(f"internal: {name} is split along dim {piece.dim} by the "
+                                  f"tensor-parallel plan but along {dim} in Meta's files")
+        start, length = (0, full_shape[dim]) if piece is None else (piece.start, piece.length)
         want = list(full_shape)
-        if dim is not None:
-            want[dim] //= world
-        parts = [state[name] for state in shards]
-        for path, part in zip(paths, parts):
-            if list(part.shape) != want:
-                raise InfermeterError(
-                    f"{path}: tensor {name} has shape {list(part.shape)}, but params.json "
-                    f"implies {want} per shard ({world} shard(s), full {list(full_shape)})")
-        yield name, parts[0] if dim is None or world == 1 else torch.cat(parts, dim=dim)
+        want[dim] //= n_files
+        per_file = want[dim]
+        parts = []
+        for index in range(start // per_file, (start + length - 1) // per_file + 1):
+            part = state(index)[name]
+            _check_part(paths[index], name, part, want, full_shape, n_files)
+            lo = max(start - index * per_file, 0)
+            hi = min(start + length - index * per_file, per_file)
+            parts.append(part if (lo, hi) == (0, per_file) else part.narrow(dim, lo, hi - lo))
+        yield name, parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _check_part(path: Path, name: str, part: Tensor, want: list[int], full_shape: torch.Size,
+                n_files: int) -> None:
+    if list(part.shape) != want:
+        raise InfermeterError(
+            f"{path}: tensor {name} has shape {list(part.shape)}, but params.json "
+            f"implies {want} per shard ({n_files} shard(s), full {list(full_shape)})")
 
 
 def _check_names(shards: list[dict[str, Tensor]], paths: list[Path],

@@ -23,6 +23,10 @@ Decisions:
   raise InfermeterError (not supported by the engine yet).
 - RMSNorm normalises in float32 and casts back before the weight, as Meta and HF do.
 - forward() always returns float32 logits for all T positions.
+- Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
+  each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
+  hooks. So everything here reads head counts from the Attention modules (the cache included),
+  never from the spec, and never knows a rank.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.shard_plan: object | None = None  # set by parallel.shard_model, never read here
 
     def tie_weights(self) -> None:
         """With tied embeddings, make output.weight the very Parameter of tok_embeddings."""
@@ -164,8 +169,8 @@ class Transformer(nn.Module):
         spec = self.spec
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
-            layer.attention.kv_cache = LayerKVCache(
-                max_batch_size, max_seq_len, spec.n_kv_heads, spec.head_dim,
+            layer.attention.kv_cache = LayerKVCache(  # this rank's KV heads under tp
+                max_batch_size, max_seq_len, layer.attention.n_kv_heads, spec.head_dim,
                 spec.layer_window(i), cache_dtype, device)
         cos, sin = rope_tables(spec, max_seq_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim/2]
@@ -183,7 +188,7 @@ class Transformer(nn.Module):
         return [t for cache in self._caches() for t in (cache.k, cache.v)]
 
     def cache_bytes(self) -> int:
-        """Equals kvsize.kv_cache_bytes(spec, max_batch_size, max_seq_len, cache dtype)."""
+        """Equals kvsize.kv_cache_bytes(spec, max_batch_size, max_seq_len, cache dtype, tp)."""
         return sum(t.nbytes for t in self.cache_tensors())
 
     @property

@@ -8,6 +8,10 @@ qkv biases are drawn too (N(0, 0.02)) so checkpoint round trips exercise them.
 Tensors are filled in place, in their own dtype and on their own device, with one generator on
 that device: no float32 copy of the model is ever made. Same seed + same device type + same dtype
 gives the same weights; CPU and CUDA generators differ, so weights differ across device types.
+
+Tensor parallel (`shard`, a parallel.ShardPlan): every rank draws each *full* tensor from the same
+generator stream, in the same order, into a temporary buffer and keeps its slice, so any tp gives
+exactly the tp 1 model's weights. Memory: the rank's shard plus one full tensor at a time.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import torch
 
 if TYPE_CHECKING:
     from infermeter.engine.model import Transformer
+    from infermeter.engine.parallel import ShardPlan
 
 INIT_STD = 0.02
 
 
 @torch.no_grad()
-def init_random_weights(model: Transformer, seed: int = 0) -> None:
+def init_random_weights(model: Transformer, seed: int = 0, shard: ShardPlan | None = None) -> None:
     device = model.tok_embeddings.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -33,7 +38,13 @@ def init_random_weights(model: Transformer, seed: int = 0) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
-        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-            param.normal_(0.0, out_std, generator=gen)
-        else:
-            param.normal_(0.0, INIT_STD, generator=gen)
+            continue
+        std = out_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) \
+            else INIT_STD
+        if shard is None or shard.slice_of(name) is None:
+            param.normal_(0.0, std, generator=gen)
+            continue
+        full = torch.empty(shard.full_shape(name, param.shape), dtype=param.dtype, device=device)
+        full.normal_(0.0, std, generator=gen)  # the same numbers tp 1 draws for this tensor
+        param.copy_(shard.narrow(name, full))
+        del full

@@ -1,0 +1,109 @@
+"""The summary of benchmarks/tp_sweep.py: decode scaling, collective share, concurrent copy, runs.
+
+Reads results/tp-<device>.jsonl (generate and copy Results), -comm.json and -runs.json; missing
+parts are said to be missing. Targets are issue 6's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from infermeter.textable import render_table
+
+GOALS = {"decode_13b": 1.7, "copy_together": 1.8}
+
+
+def _load(folder: Path, slug: str) -> tuple[list[dict], dict | None, list[dict] | None]:
+    path = folder / f"{slug}.jsonl"
+    results = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() \
+        else []
+    comm, runs = folder / f"{slug}-comm.json", folder / f"{slug}-runs.json"
+    return (results, json.loads(comm.read_text()) if comm.exists() else None,
+            json.loads(runs.read_text()) if runs.exists() else None)
+
+
+def _p50(stats: Any) -> float | None:
+    return stats.get("p50", stats.get("median")) if isinstance(stats, dict) else stats
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def decode_section(results: list[dict], comm: dict | None) -> list[str]:
+    rows, speed, tpot = [], {}, {}
+    for r in results:
+        if r["kind"] != "generate" or not str(r["config"].get("tp_sweep", "")).startswith("dec"):
+            continue
+        m, tp, model = r["metrics"], r["config"].get("tp", 1), r["model"]["name"]
+        speed[(model, tp)], tpot[(model, tp)] = m.get("decode_tok_per_s"), _p50(m.get("tpot_ms"))
+        ranks = [_f(p.get("decode_tok_per_s")) for p in m.get("per_rank", [])]
+        rows.append([model, tp, _f(speed[(model, tp)]), _f(tpot[(model, tp)], ".2f"),
+                     _f(m.get("ttft_ms"), ".1f"), " / ".join(ranks) or "-",
+                     _f(m.get("mbu_pct")), "; ".join(r.get("warnings", []))[:60]])
+    if not rows:
+        return ["decode: not run (parts decode-7b, decode-13b)"]
+    lines = ["decode, batch 1, bf16, compiled (tok/s of the slowest rank):",
+             render_table(["model", "tp", "decode tok/s", "TPOT p50 ms", "TTFT ms",
+                           "per rank tok/s", "MBU %", "warnings"], rows)]
+    for model in sorted({key[0] for key in speed}):
+        one, two = speed.get((model, 1)), speed.get((model, 2))
+        if one and two:
+            goal = f" (target >= {GOALS['decode_13b']}x)" if "13b" in model else ""
+            lines.append(f"{model}: tp 2 / tp 1 decode = {two / one:.2f}x{goal}")
+    if comm:
+        per_step = comm.get("graph_ms_per_step") or comm.get("eager_ms_per_step")
+        step = tpot.get((comm["model"], 2))
+        share = f", {100 * per_step / step:.0f}% of its TPOT" if per_step and step else ""
+        lines.append(f"collectives of one {comm['model']} tp 2 decode step "
+                     f"({comm['all_reduces_per_step']} all-reduces + 2 all-gathers): "
+                     f"{_f(comm.get('graph_ms_per_step'), '.3f')} ms in a CUDA graph, "
+                     f"{_f(comm.get('eager_ms_per_step'), '.3f')} ms eager{share}")
+    return lines
+
+
+def copy_section(results: list[dict]) -> list[str]:
+    copies = [r for r in results if r["kind"] == "copy" and r["config"].get("tp_sweep") == "copy"]
+    if not copies:
+        return ["copy: not run (part copy)"]
+    gbps: dict[tuple, dict[str, float]] = {}
+    links = {}
+    for r in copies:
+        phase, rank = r["config"]["phase"], r["config"]["rank"]
+        links[rank] = r["metrics"].get("link_description", "?") + (
+            f", bus {r['metrics']['link'].get('bus_id')}, NUMA {r['metrics'].get('numa_node')}")
+        for case in r["metrics"]["cases"]:
+            key = (case["layout"], case["direction"], case["method"])
+            gbps.setdefault(key, {})[f"{phase}/{rank}"] = case["gbps"]
+    rows = []
+    for key, by in gbps.items():
+        alone = by.get("alone-0/0")
+        together = [v for k, v in by.items() if k.startswith("together/")]
+        total = sum(together) if together else None
+        rows.append([*key, _f(alone), _f(by.get("alone-1/1")),
+                     " + ".join(_f(v) for v in together) or "-", _f(total),
+                     _f(total / alone, ".2f") if alone and total else "-"])
+    host = copies[0]["config"]["host_memory"][0]
+    return [f"KV shard copies, {host} host memory, GB/s (target: together >= "
+            f"{GOALS['copy_together']}x one rank alone, or a shared link named):",
+            render_table(["layout", "dir", "method", "rank 0 alone", "rank 1 alone",
+                          "together", "total", "total / alone"], rows),
+            *[f"rank {rank}: {text}" for rank, text in sorted(links.items())]]
+
+
+def runs_section(runs: list[dict] | None) -> list[str]:
+    if runs is None:
+        return ["runs: not run (part runs)"]
+    ok = [r for r in runs if r["exit_code"] == 0 and r["result_written"]]
+    walls = [r["wall_s"] for r in runs]
+    return [f"start to exit, `infermeter generate --tp 2` x {len(runs)}: {len(ok)} clean "
+            f"(exit 0, Result written), wall {min(walls):.0f}-{max(walls):.0f} s, hung: "
+            f"{sum(r['exit_code'] is None for r in runs)}"]
+
+
+def summarize(folder: Path, slug: str) -> str:
+    results, comm, runs = _load(folder, slug)
+    return "\n\n".join("\n".join(section) for section in (
+        decode_section(results, comm), copy_section(results), runs_section(runs)))

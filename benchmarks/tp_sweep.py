@@ -1,0 +1,269 @@
+"""Tensor parallelism on one two-GPU host: writes results/tp-<device>.jsonl (+ summary).
+
+    python benchmarks/tp_sweep.py --parts decode-7b decode-13b comm copy runs
+    python benchmarks/tp_sweep.py --summary-only
+
+Parts (each under the device tool's 10-minute limit; re-running a part replaces its Results):
+  decode-7b, decode-13b  Llama-2-7B / 13B, random bf16 weights, batch 1, an 80-token prompt and
+        256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
+        (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
+        Target (issue 6): 13B tp 2 >= 1.7x tp 1.
+  comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
+        runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
+        all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step.
+  copy  every rank moves its own KV shard (Llama-2-13B, batch 1 x 4096 tokens bf16: 1.6 GiB per
+        rank) between its GPU and pinned host memory, first each rank alone, then all at once
+        (they may share host links); total GB/s together against one rank alone. Target: >= 1.8x,
+        or a shared link named (each GPU's PCIe bus and NUMA node are in the Results).
+  runs  ten `infermeter generate --tp 2` runs in a row (Llama-2-7B, 8 tokens; 2 compiled, then
+        8 eager to stay within 10 minutes), each start to exit under a timeout: every one must
+        exit 0, none may hang.
+When $OUT is set, the JSONL files and the summary are copied there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("decode-7b", "decode-13b", "comm", "copy", "runs")
+RUN_TIMEOUT_S = 300
+# What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
+SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
+         "runs": ("compiled",) * 2 + ("eager",) * 8,  # compiles cost ~1 min a run
+         "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b", "runs_model": "llama-2-7b",
+         "copy_model": "llama-2-13b", "copy_hosts": "pinned",
+         "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
+                         "--repeats", "5", "--warmup", "1")}
+SMOKE = {"device": "cpu", "mode": "eager", "dtype": "fp32", "runs": ("eager",) * 2, "seq_len": 64,
+         "decode-7b": "debug", "decode-13b": "debug", "runs_model": "debug",
+         "copy_model": "debug", "copy_hosts": "pageable",
+         "decode_args": ("--prompt-len", "8", "--max-new-tokens", "16", "--max-seq-len", "32",
+                         "--repeats", "2", "--warmup", "0", "--no-roofline")}
+
+
+def _slug() -> str:
+    from infermeter.env import capture_env
+
+    return re.sub(r"[^a-z0-9]+", "-", str(capture_env()["device_name"]).lower()).strip("-")
+
+
+def _child_env() -> dict[str, str]:
+    from infermeter.launch import CHILD_ENV
+
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    return {"OMP_NUM_THREADS": threads, **os.environ, **CHILD_ENV,
+            "PYTHONPATH": str(ROOT / "src")}
+
+
+def _replace_part(path: Path, part: str, lines: list[str]) -> None:
+    """Keep the file's lines of other parts, put this part's new lines after them (atomic)."""
+    old = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in old if json.loads(line).get("config", {}).get("tp_sweep") != part]
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text("".join(f"{line}\n" for line in kept + lines))
+    os.replace(tmp, path)
+
+
+# ---- decode: the user's command at tp 1 and tp 2 -------------------------------------------------
+def generate_cmd(model: str, tp: int, out: Path, *extra: str, mode: str = "") -> list[str]:
+    return [sys.executable, "-m", "infermeter", "generate", "--model", model, "--dtype",
+            SETUP["dtype"], "--device", SETUP["device"], "--mode", mode or SETUP["mode"],
+            "--tp", str(tp), "--json", "--output", str(out), *extra]
+
+
+def part_decode(model: str, jsonl: Path, part: str) -> None:
+    lines = []
+    for tp in (1, 2):
+        out = jsonl.with_name(f".{part}-tp{tp}.jsonl")
+        out.unlink(missing_ok=True)
+        cmd = generate_cmd(model, tp, out, *SETUP["decode_args"])
+        start = time.monotonic()
+        run = subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT,
+                             stdout=subprocess.DEVNULL)  # the Results go to --output
+        print(f"{model} tp {tp}: exit {run.returncode} in {time.monotonic() - start:.0f} s",
+              file=sys.stderr, flush=True)
+        for line in out.read_text().splitlines() if out.exists() else []:
+            result = json.loads(line)
+            result["config"]["tp_sweep"] = part
+            lines.append(json.dumps(result))
+        out.unlink(missing_ok=True)
+    _replace_part(jsonl, part, lines)
+
+
+# ---- runs: start to exit, ten times --------------------------------------------------------------
+def part_runs(path: Path) -> None:
+    rows = []
+    for i, mode in enumerate(SETUP["runs"]):
+        out = path.with_name(f".runs-{i}.jsonl")
+        cmd = generate_cmd(SETUP["runs_model"], 2, out, "--max-new-tokens", "8", "--repeats", "1",
+                           "--warmup", "0", "--no-roofline", mode=mode)
+        start = time.monotonic()
+        try:
+            run = subprocess.run(cmd, env=_child_env(), timeout=RUN_TIMEOUT_S, cwd=ROOT,
+                                 capture_output=True, text=True)
+            code, tail = run.returncode, run.stderr[-2000:]
+        except subprocess.TimeoutExpired as err:
+            code, tail = None, f"timed out after {RUN_TIMEOUT_S} s: {str(err.stderr)[-2000:]}"
+        rows.append({"run": i, "mode": mode, "exit_code": code,
+                     "wall_s": round(time.monotonic() - start, 2),
+                     "result_written": out.exists(), "stderr_tail": tail})
+        out.unlink(missing_ok=True)
+        print(f"run {i}: exit {code} in {rows[-1]['wall_s']} s", file=sys.stderr, flush=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+# ---- workers under torchrun (comm, copy) ---------------------------------------------------------
+def run_workers(worker: str, out: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(out),
+           "--model", SETUP["copy_model"], "--device", SETUP["device"],
+           "--seq-len", str(SETUP["seq_len"]), "--copy-hosts", SETUP["copy_hosts"], *extra]
+    subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT, check=True)
+
+
+def worker_comm(out: Path, model: str) -> None:
+    """Time one decode step's collectives (bf16, batch 1) inside a CUDA graph, as compiled."""
+    import torch
+
+    from infermeter.engine.parallel import all_gather_last, all_reduce, init_distributed, teardown
+    from infermeter.presets import PRESETS
+
+    spec, tp = PRESETS[model], init_distributed("cuda")
+    x = torch.randn(1, 1, spec.dim, dtype=torch.bfloat16, device=tp.device)
+    emb = torch.randn(1, 1, spec.dim // tp.world, dtype=torch.bfloat16, device=tp.device)
+    logits = torch.randn(1, 1, spec.vocab_size // tp.world, dtype=torch.bfloat16,
+                         device=tp.device)
+
+    def step() -> None:  # one decode step's collectives, in the order the model runs them
+        outs = [all_gather_last(emb, tp.group, tp.world)]
+        outs += [all_reduce(x, tp.group) for _ in range(2 * spec.n_layers)]
+        outs.append(all_gather_last(logits, tp.group, tp.world))
+        for out in outs:  # funcol results are waited for where they are used: use them
+            torch.add(out, 0)
+
+    timings: dict[str, object] = {}
+    for how in ("eager", "graph"):
+        try:
+            fn = step
+            if how == "graph":  # as the compiled decode step replays them: no launch overhead
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                fn = graph.replay
+            for _ in range(5):
+                fn()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            timings[f"{how}_ms_per_step"] = start.elapsed_time(end) / 50
+        except Exception as err:  # a capture NCCL refuses: keep the eager number, say why
+            timings[f"{how}_error"] = f"{type(err).__name__}: {err}"[:300]
+    if tp.rank == 0:
+        out.write_text(json.dumps({"model": model, "tp": tp.world, **timings,
+                                   "all_reduces_per_step": 2 * spec.n_layers}) + "\n")
+    teardown()
+
+
+def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) -> None:
+    """Each rank's KV shard copied alone (one rank after the other), then all ranks at once."""
+    import torch.distributed as dist
+
+    from infermeter.bench.copy import CopyRequest, run_copy
+    from infermeter.engine.parallel import ShardPlan, gather_objects, init_distributed, teardown
+    from infermeter.presets import PRESETS
+
+    spec, tp = PRESETS[model], init_distributed(device)
+    plan = ShardPlan(spec, tp.rank, tp.world)
+    # The rank's cache has exactly the shape of a model with its heads: kvsize's per-rank bytes.
+    shard = spec.with_updates(name=f"{model}-tp{tp.world}-rank{tp.rank}",
+                              n_heads=plan.heads[1], n_kv_heads=plan.kv_heads[1])
+    request = CopyRequest(shard, (1,), (seq_len,), "bf16", layouts=("engine", "contiguous"),
+                          hosts=(hosts,), directions=("d2h", "h2d"),
+                          methods=("per-tensor", "staged"), repeats=10, warmup=2,
+                          device=device)
+    mine = []
+    for phase, active in [(f"alone-{r}", {r}) for r in range(tp.world)] + [
+            ("together", set(range(tp.world)))]:
+        dist.barrier()  # everyone starts a phase together
+        if tp.rank in active:
+            for result in run_copy(request):
+                result.config.update(tp_sweep="copy", phase=phase, rank=tp.rank, tp=tp.world)
+                mine.append(result.to_json())
+        dist.barrier()
+    everything = gather_objects(mine)
+    if tp.rank == 0:
+        out.write_text("".join(f"{line}\n" for lines in everything for line in lines))
+    teardown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--results", default=str(ROOT / "results"))
+    parser.add_argument("--worker", choices=("comm", "copy"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the debug model on CPU (eager, gloo): checks the script only")
+    parser.add_argument("--model", default="llama-2-13b", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, default=4096, help=argparse.SUPPRESS)
+    parser.add_argument("--copy-hosts", default="pinned", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "comm":
+        worker_comm(Path(args.worker_out), args.model)
+        return 0
+    if args.worker == "copy":
+        worker_copy(Path(args.worker_out), args.model, args.seq_len, args.device,
+                    args.copy_hosts)
+        return 0
+    if args.smoke:
+        SETUP.update(SMOKE)
+    from tp_summary import summarize  # benchmarks/tp_summary.py, beside this file
+
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = f"tp-{_slug()}"
+    jsonl = folder / f"{slug}.jsonl"
+    for part in [] if args.summary_only else args.parts:
+        start = time.monotonic()
+        if part.startswith("decode-"):
+            part_decode(SETUP[part], jsonl, part)
+        elif part == "comm":
+            if args.smoke:
+                continue  # CUDA events and graphs only
+            run_workers("comm", folder / f"{slug}-comm.json")
+        elif part == "copy":
+            tmp = folder / f".{slug}-copy.jsonl"
+            run_workers("copy", tmp)
+            _replace_part(jsonl, "copy", tmp.read_text().splitlines())
+            tmp.unlink()
+        elif part == "runs":
+            part_runs(folder / f"{slug}-runs.json")
+        print(f"part {part}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    text = summarize(folder, slug)
+    print(text)
+    (folder / f"{slug}-summary.txt").write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        for path in folder.glob(f"{slug}*"):
+            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

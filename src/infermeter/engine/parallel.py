@@ -1,0 +1,385 @@
+"""Tensor parallelism under torchrun: the process group, and each rank's shard of the model.
+
+The only file that knows ranks. The model code reads its head counts and weight shapes from its
+own modules, never from a rank; the loaders narrow tensors with the ShardPlan handed to them.
+
+Layout (Megatron-LM / Meta's fairscale layers; gpt-fast's tp.py), rank r of tp ranks:
+  wq, wk, wv (+ biases), w1, w3   column-parallel: output rows split, no communication
+  wo, w2                          row-parallel: input columns split, partial sums all-reduced
+  tok_embeddings [V, dim]         features split (Meta's ParallelEmbedding): [V, dim/tp];
+                                  the lookup [B, T, dim/tp] is all-gathered to [B, T, dim]
+  output [V, dim], untied         vocabulary split: [V/tp, dim]; logits [B, T, V/tp] all-gathered
+  output tied to the embedding    the embedding's shard [V, dim/tp] times the rank's features of
+                                  h; the partial logits [B, T, V] are all-reduced
+  norms, RoPE tables              replicated
+Embedding and output are split rather than replicated (gpt-fast replicates them) because that is
+exactly how Meta's checkpoints are split, so a checkpoint with tp shards loads one file per rank
+with no merge; it is also what kvsize.weight_bytes_per_rank counts, and Llama-2-13B's output
+matrix (164M parameters) is then not read by both ranks every decode step.
+
+Heads: rank r computes query heads [r*H/tp, (r+1)*H/tp). GQA groups are contiguous (query head
+h reads KV head h // (H/H_kv)), so the rank needs KV heads [r*H_kv/tp, (r+1)*H_kv/tp) when tp
+divides H_kv, and the single KV head r*H_kv // tp when tp > H_kv (tp/H_kv ranks hold a copy).
+Every rank holds ceil(H_kv/tp) KV heads: its cache is kvsize.kv_cache_bytes(..., tp) exactly.
+
+Communication per decode step: two all-reduces of [B, 1, dim] per layer, one all-gather of the
+embedding and one of the logits. The collectives are torch.distributed._functional_collectives
+calls inside forward hooks, so a torch.compile(fullgraph=True) decode step captures them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+
+from infermeter.engine.model import Transformer
+from infermeter.errors import InfermeterError
+from infermeter.kvsize import check_tp, kv_heads_per_rank
+from infermeter.specs import ModelSpec
+
+# Seconds a collective may wait (a rank stuck longer ends the run), and teardown's bounded wait.
+COLLECTIVE_TIMEOUT_S = 600.0
+TEARDOWN_TIMEOUT_S = 60.0
+_teardown_timed_out = False
+
+
+# ---- the shard plan: which slice of every tensor a rank holds --------------------------------
+class Slice(NamedTuple):
+    dim: int  # the dimension of the full tensor that is split
+    start: int
+    length: int
+    full: int  # the full tensor's size along `dim`
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rank `rank` of `world`'s slice of every tensor of `spec` (Meta names)."""
+
+    spec: ModelSpec
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        spec, world = self.spec, self.world
+        check_tp(spec, world)
+        if not 0 <= self.rank < world:
+            raise InfermeterError(f"rank {self.rank} is outside 0..{world - 1}")
+        sizes = {"model dim": spec.dim, "FFN size": spec.ffn_dim}
+        if not spec.tie_embeddings:
+            sizes["vocabulary"] = spec.vocab_size
+        bad = [f"{n} {what}" for what, n in sizes.items() if n % world]
+        if bad:
+            raise InfermeterError(f"tp={world} does not divide {spec.name}'s {', '.join(bad)}")
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(first query head, number of query heads) of this rank."""
+        count = self.spec.n_heads // self.world
+        return self.rank * count, count
+
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        """(first KV head, number of KV heads): the KV heads this rank's query heads read."""
+        return self.rank * self.spec.n_kv_heads // self.world, kv_heads_per_rank(
+            self.spec, self.world)
+
+    def slice_of(self, name: str) -> Slice | None:
+        """The rank's slice of tensor `name` in full-tensor coordinates; None: replicated."""
+        if self.world == 1:
+            return None
+        spec, hd, r = self.spec, self.spec.head_dim, self.rank
+        module = name.rsplit(".", 2)[-2]  # 'layers.3.attention.wq.weight' -> 'wq'
+        q0, nq = self.heads
+        k0, nk = self.kv_heads
+        d, f, v = spec.dim // self.world, spec.ffn_dim // self.world, spec.vocab_size // self.world
+        table = {
+            "wq": (0, q0 * hd, nq * hd, spec.n_heads * hd),
+            "wk": (0, k0 * hd, nk * hd, spec.n_kv_heads * hd),
+            "wv": (0, k0 * hd, nk * hd, spec.n_kv_heads * hd),
+            "wo": (1, q0 * hd, nq * hd, spec.n_heads * hd),
+            "w1": (0, r * f, f, spec.ffn_dim),
+            "w3": (0, r * f, f, spec.ffn_dim),
+            "w2": (1, r * f, f, spec.ffn_dim),
+            "tok_embeddings": (1, r * d, d, spec.dim),
+            "output": (1, r * d, d, spec.dim) if spec.tie_embeddings
+            else (0, r * v, v, spec.vocab_size),
+        }
+        return Slice(*table[module]) if module in table else None
+
+    def narrow(self, name: str, tensor: Tensor) -> Tensor:
+        """The rank's slice of the full tensor `name` (a view; replicated tensors as they are)."""
+        piece = self.slice_of(name)
+        if piece is None:
+            return tensor
+        if tensor.shape[piece.dim] != piece.full:
+            raise InfermeterError(f"tensor {name} has {tensor.shape[piece.dim]} rows along dim "
+                                  f"{piece.dim}, the model needs {piece.full}")
+        return tensor.narrow(piece.dim, piece.start, piece.length)
+
+    def full_shape(self, name: str, local: torch.Size | tuple[int, ...]) -> torch.Size:
+        """The full tensor's shape, from this rank's shape of it."""
+        shape = list(local)
+        piece = self.slice_of(name)
+        if piece is not None:
+            shape[piece.dim] = piece.full
+        return torch.Size(shape)
+
+
+# ---- collectives (traceable by torch.compile) --------------------------------------------------
+def _group_or_fail(group: Any) -> Any:
+    if group is None:
+        raise InfermeterError("a tensor-parallel model ran without a process group "
+                              "(start it with torchrun, or call init_distributed first)")
+    return group
+
+
+def all_reduce(x: Tensor, group: Any) -> Tensor:
+    return funcol.all_reduce(x, "sum", _group_or_fail(group))
+
+
+def all_gather_last(x: Tensor, group: Any, world: int) -> Tensor:
+    """[..., n] on each rank -> [..., world * n], rank order along the last dim."""
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    stacked = gather(x.contiguous(), 0, _group_or_fail(group))  # [world * x.shape[0], ...]
+    stacked = stacked.view(world, *x.shape)
+    return stacked.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
+
+
+def _reduce_hook(group: Any) -> Any:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return all_reduce(output, group)
+    return hook
+
+
+def _gather_hook(group: Any, world: int) -> Any:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return all_gather_last(output, group, world)
+    return hook
+
+
+def _feature_slice_hook(start: int, length: int) -> Any:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (inputs[0].narrow(-1, start, length),)  # h [B, T, dim] -> [B, T, dim/tp]
+    return hook
+
+
+# ---- sharding a model --------------------------------------------------------------------------
+@torch.no_grad()
+def shard_model(model: Transformer, rank: int, world: int, group: Any = None) -> ShardPlan:
+    """Make `model` rank `rank`'s shard, in place: narrowed weights, head counts, collectives.
+
+    Works on a meta-device model (the loaders then assign the rank's tensors) and on a loaded
+    one (its full weights are sliced and freed). `group` defaults to the initialised WORLD
+    group; without one the model can be loaded and inspected but not run.
+    """
+    plan = ShardPlan(model.spec, rank, world)
+    if getattr(model, "shard_plan", None) is not None:
+        raise InfermeterError("this model is already sharded")
+    model.shard_plan = plan
+    if world == 1:
+        return plan
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            local = plan.narrow(f"{module_name}.{name}", param)
+            if local is not param:
+                # clone(): a narrowed view would keep the full tensor's storage alive.
+                local = local if local.device.type == "meta" else local.clone()
+                setattr(module, name, nn.Parameter(local, requires_grad=False))
+    model.tie_weights()
+    _, n_heads = plan.heads
+    _, n_kv_heads = plan.kv_heads
+    for layer in model.layers:
+        layer.attention.n_heads, layer.attention.n_kv_heads = n_heads, n_kv_heads
+        layer.attention.wo.register_forward_hook(_reduce_hook(group))
+        layer.feed_forward.w2.register_forward_hook(_reduce_hook(group))
+    model.tok_embeddings.register_forward_hook(_gather_hook(group, world))
+    if model.spec.tie_embeddings:
+        piece = plan.slice_of("output.weight")
+        model.output.register_forward_pre_hook(_feature_slice_hook(piece.start, piece.length))
+        model.output.register_forward_hook(_reduce_hook(group))
+    else:
+        model.output.register_forward_hook(_gather_hook(group, world))
+    if model.max_seq_len:  # a cache allocated before sharding has every KV head: rebuild it
+        model.setup_cache(model.max_batch_size, model.max_seq_len, model.cache_dtype)
+    return plan
+
+
+# ---- the process group -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in the tensor-parallel group."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    group: Any = None  # the ProcessGroup; None: not initialised (load and inspect only)
+
+
+def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    None when this process runs alone. NCCL for cuda (the rank's GPU is LOCAL_RANK), gloo for
+    cpu. tp (the --tp flag) must equal the number of processes; None means "all of them".
+    Calling it again returns the same group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it; 1 alone
+    if world == 1:
+        if tp and tp > 1:
+            raise InfermeterError(f"--tp {tp} needs {tp} processes: let infermeter start them "
+                                  f"(`infermeter generate --tp {tp} ...`) or run "
+                                  f"`torchrun --nproc_per_node {tp} -m infermeter ...`")
+        return None
+    if tp is not None and tp != world:
+        raise InfermeterError(f"--tp {tp}, but torchrun started {world} processes")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InfermeterError(f"local rank {local_rank} has no GPU: this host shows "
+                                  f"{torch.cuda.device_count()} CUDA device(s)")
+        where = torch.device("cuda", local_rank)
+        torch.cuda.set_device(where)  # before NCCL init: its communicator binds to this GPU
+    else:
+        where = torch.device("cpu")
+    if not dist.is_initialized():
+        options: dict[str, Any] = {"timeout": timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
+        if where.type == "cuda":
+            options["device_id"] = where  # eager NCCL init; barrier() knows its device
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", **options)
+    return TensorParallel(rank, world, local_rank, where, dist.group.WORLD)
+
+
+def teardown(timeout_s: float | None = None, barrier: bool = True) -> bool:
+    """Barrier, then destroy the process group, waiting at most timeout_s (default
+    TEARDOWN_TIMEOUT_S); True if it finished.
+
+    Both run in a daemon thread: a peer that died or an NCCL shutdown that hangs (seen for over
+    seven minutes on 2xH200) cannot keep this process alive. On a timeout it says so on stderr
+    and moves on; `teardown_timed_out()` then tells the entry point to exit without waiting for
+    the stuck thread (python -m infermeter does, with os._exit).
+    """
+    global _teardown_timed_out
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    failure: list[BaseException] = []
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else None
+
+    def work() -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)  # the current device is per thread
+            if barrier:
+                dist.barrier()
+            dist.destroy_process_group()
+        except BaseException as err:  # reported below: never raise in a thread
+            failure.append(err)
+
+    thread = threading.Thread(target=work, name="infermeter-teardown", daemon=True)
+    thread.start()
+    timeout_s = TEARDOWN_TIMEOUT_S if timeout_s is None else timeout_s
+    thread.join(timeout_s)
+    if thread.is_alive():
+        _teardown_timed_out = True
+        print(f"infermeter: warning: process-group teardown did not finish in {timeout_s:g} s; "
+              "exiting without it", file=sys.stderr, flush=True)
+        return False
+    if failure:
+        print(f"infermeter: warning: process-group teardown failed: {failure[0]}",
+              file=sys.stderr, flush=True)
+    return not failure
+
+
+def teardown_timed_out() -> bool:
+    return _teardown_timed_out
+
+
+def rank_spec(spec: ModelSpec, world: int) -> ModelSpec:
+    """A spec whose KV cache is exactly one rank's shard (its query and KV heads), to measure that
+    shard alone (the copy benchmark). Every rank's shard has this shape; an MLA latent is held
+    whole by every rank."""
+    if world == 1 or spec.is_mla:
+        return spec
+    return spec.with_updates(n_heads=spec.n_heads // world,
+                             n_kv_heads=kv_heads_per_rank(spec, world))
+
+
+# ---- gathering every rank's numbers ------------------------------------------------------------
+def gather_objects(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] when alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def slowest(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's metrics with every time taken from the slowest rank and every rate from the
+    lowest: `_ms`/`_s` numbers -> max, `tok_per_s`/`_gbps` numbers -> min, a Stats dict (with a
+    median or p50) of times -> the dict of the rank with the largest median. Other values are
+    rank 0's. Ranks run in step (every layer ends in an all-reduce), so these differ little;
+    the slowest is what a user of the whole group gets."""
+    out = dict(per_rank[0])
+    for key, value in per_rank[0].items():
+        values = [m.get(key) for m in per_rank]
+        if isinstance(value, bool):
+            continue
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if key.endswith(("tok_per_s", "_gbps")):  # before "_s": tok_per_s ends in it
+                out[key] = min(values)
+            elif key.endswith(("_ms", "_s")):
+                out[key] = max(values)
+        elif all(isinstance(v, dict) and _middle(v) is not None for v in values):
+            out[key] = max(values, key=_middle)
+    return out
+
+
+def _middle(stats: dict[str, Any]) -> float | None:
+    value = stats.get("median", stats.get("p50"))
+    return value if isinstance(value, (int, float)) else None
+
+
+def gather_result(result: Any, tp: TensorParallel | None) -> Any:
+    """Collective: every rank's metrics into rank 0's Result (a results.Result).
+
+    metrics become the slowest rank's (`slowest`) with `per_rank` listing each rank's own; the
+    config records tp; a rank whose tokens differ from rank 0's is named in warnings (greedy
+    ranks see the same gathered logits, so they must agree).
+    """
+    result.config["tp"] = 1 if tp is None else tp.world
+    if tp is None:
+        return result
+    per_rank = gather_objects({"metrics": result.metrics, "tokens": result.output_token_ids})
+    metrics = [entry["metrics"] for entry in per_rank]
+    result.metrics = {**slowest(metrics), "per_rank": metrics}
+    differ = [rank for rank, entry in enumerate(per_rank)
+              if entry["tokens"] != per_rank[0]["tokens"]]
+    if differ:
+        result.warnings.append(f"ranks {differ} generated other tokens than rank 0")
+    return result
+
+
+def gather_results(results: list[Any], tp: TensorParallel) -> list[Any]:
+    """Collective: every rank's Results (results.Result), rank by rank, each with config.rank and
+    config.tp; the same list on every rank."""
+    from infermeter.results import Result
+
+    per_rank = gather_objects([result.to_dict() for result in results])
+    out = []
+    for rank, dicts in enumerate(per_rank):
+        for data in dicts:
+            result = Result.from_dict(data)
+            result.config.update(rank=rank, tp=tp.world)
+            out.append(result)
+    return out

@@ -1,0 +1,93 @@
+"""`infermeter generate --dry-run`: what each tensor-parallel rank would hold, allocating nothing.
+
+Pure Python (kvsize's arithmetic): it runs on a laptop for a machine it has never seen, e.g.
+Llama-2-70B at tp 4 and 8 on 80 GB and 141 GB cards. Every rank of a tensor-parallel run holds the
+same amounts (parallel.py splits every matrix evenly and replicates KV heads when tp > KV heads):
+  weights  = kvsize.weight_bytes_per_rank(spec, dtype, tp)
+  KV cache = kvsize.kv_cache_bytes(spec, batch, cache length, kv dtype, tp)  (what the engine
+             allocates, byte for byte)
+  prefill  = the largest prefill activations: the logits [B, T, V] in the model dtype and in
+             float32, whole on every rank (parallel.py all-gathers them), and the FFN's three
+             [B, T, ffn/tp] tensors
+  headroom = GPU memory - all of the above: what is left for the CUDA context, NCCL's buffers,
+             compiled graphs and allocator slack (a few GiB).
+The cache length is --max-seq-len, else what the Generator would pick: prompt + new tokens
+rounded up to 256 (text prompts are not tokenized here: their length counts as 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from infermeter import kvsize
+from infermeter.specs import ModelSpec
+from infermeter.textable import render_table
+from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
+
+CACHE_ROUND = 256  # the Generator's rounding of an automatic cache length (engine/generate.py)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    model: str
+    tp: int
+    query_heads_per_rank: int
+    kv_heads_per_rank: int
+    batch_size: int
+    prompt_len: int
+    cache_len: int
+    dtype: str
+    kv_dtype: str
+    weight_bytes_per_rank: int
+    kv_cache_bytes_per_rank: int
+    prefill_activation_bytes_per_rank: int
+    gpu_memory_bytes: int | None
+    headroom_bytes: int | None  # negative: does not fit
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": "plan", **asdict(self)}
+
+
+def cache_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int,
+                 max_seq_len: int | None) -> int:
+    if max_seq_len:
+        return max_seq_len
+    need = prompt_len + max_new_tokens
+    return min(-(-need // CACHE_ROUND) * CACHE_ROUND, spec.max_seq_len)
+
+
+def rank_plan(spec: ModelSpec, tp: int, batch_size: int, prompt_len: int, cache_len: int,
+              dtype: str, kv_dtype: str, gpu_memory: int | None) -> RankPlan:
+    dtype, kv_dtype = canonical_dtype(dtype), canonical_dtype(kv_dtype)
+    weights = kvsize.weight_bytes_per_rank(spec, dtype, tp)
+    cache = kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp)
+    tokens = batch_size * prompt_len
+    prefill = (tokens * spec.vocab_size * (dtype_bytes(dtype) + 4)
+               + 3 * tokens * (spec.ffn_dim // tp) * dtype_bytes(dtype))
+    headroom = None if gpu_memory is None else gpu_memory - weights - cache - prefill
+    return RankPlan(spec.name, tp, spec.n_heads // tp, kvsize.kv_heads_per_rank(spec, tp),
+                    batch_size, prompt_len, cache_len, dtype, kv_dtype, weights, cache, prefill,
+                    gpu_memory, headroom)
+
+
+def render_rank_plan(plan: RankPlan) -> str:
+    def size(n: int | None) -> str:
+        return "-" if n is None else f"{n:,} ({format_bytes(n)})"
+
+    if plan.headroom_bytes is None:
+        verdict = "give --gpu-memory (e.g. 80GiB) to see the headroom"
+    elif plan.headroom_bytes < 0:
+        verdict = f"does NOT fit: {format_bytes(-plan.headroom_bytes)} short on every rank"
+    else:
+        verdict = "fits (the CUDA context and NCCL's buffers come out of the headroom)"
+    rows = [["query heads / KV heads", f"{plan.query_heads_per_rank} / {plan.kv_heads_per_rank}"],
+            ["weights", size(plan.weight_bytes_per_rank)],
+            [f"KV cache ({plan.batch_size} x {plan.cache_len} tokens, {plan.kv_dtype})",
+             size(plan.kv_cache_bytes_per_rank)],
+            [f"prefill activations ({plan.batch_size} x {plan.prompt_len} tokens)",
+             size(plan.prefill_activation_bytes_per_rank)],
+            ["GPU memory", size(plan.gpu_memory_bytes)],
+            ["headroom", size(plan.headroom_bytes)]]
+    title = (f"{plan.model}, {plan.dtype} weights, tp {plan.tp}: each of the {plan.tp} ranks "
+             "holds (nothing allocated)")
+    return f"{title}\n{render_table(['per rank', 'bytes'], rows)}\n{verdict}"

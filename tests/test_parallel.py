@@ -1,0 +1,335 @@
+"""Tensor parallelism on CPU: gloo ranks spawned by the tests, checked against tp 1.
+
+Multi-process tests run the real code path (torchrun's environment, init_distributed, sharded
+loading, collectives in forward hooks) with 2 and 4 gloo ranks; every one has a timeout, so a
+hang fails a test instead of blocking CI. Loading is also checked in one process, rank by rank,
+where it needs no process group.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infermeter import kvsize
+from infermeter.cli import main as cli_main
+from infermeter.engine import hf_checkpoint, meta_checkpoint
+from infermeter.engine.checkpoint import load_model, load_weights, save_checkpoint
+from infermeter.engine.parallel import (
+    ShardPlan,
+    TensorParallel,
+    init_distributed,
+    shard_model,
+    slowest,
+)
+from infermeter.errors import InfermeterError
+from infermeter.presets import PRESETS
+from tests.tp_workers import compare_with_tp1, run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+DEBUG = PRESETS["debug"]  # 2 layers, dim 64, 4 query heads / 2 KV heads of 16, ffn 176, vocab 256
+SPECS = {
+    "mha": DEBUG.with_updates(n_kv_heads=4),
+    "gqa": DEBUG,
+    "mqa": DEBUG.with_updates(n_kv_heads=1),  # tp 2 > 1 KV head: replicated on both ranks
+    "tied-bias": DEBUG.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True),
+    "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
+}
+WIDE = DEBUG.with_updates(name="wide", n_heads=8, n_kv_heads=2, head_dim=8)  # tp 4 > 2 KV heads
+
+
+def ranks(world: int) -> list[TensorParallel]:
+    """Each rank's place without a process group: enough to load and inspect, not to run."""
+    return [TensorParallel(rank, world, rank, CPU) for rank in range(world)]
+
+
+def assert_slices_of(full, shard, plan: ShardPlan) -> None:
+    full_state = full.state_dict()
+    for name, tensor in shard.state_dict().items():
+        assert torch.equal(tensor, plan.narrow(name, full_state[name])), name
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_heads,n_kv,tp", [(4, 4, 2), (4, 2, 2), (4, 1, 2), (8, 2, 4),
+                                             (8, 2, 8), (8, 8, 4), (32, 8, 8), (64, 8, 8)])
+def test_every_query_head_finds_its_kv_head(n_heads: int, n_kv: int, tp: int) -> None:
+    spec = DEBUG.with_updates(n_heads=n_heads, n_kv_heads=n_kv, head_dim=8)
+    group = n_heads // n_kv
+    for rank in range(tp):
+        plan = ShardPlan(spec, rank, tp)
+        (q0, nq), (k0, nk) = plan.heads, plan.kv_heads
+        assert nq == n_heads // tp and nk == kvsize.kv_heads_per_rank(spec, tp)
+        for head in range(q0, q0 + nq):
+            # The model folds local query head i onto local KV head i // (nq / nk).
+            assert k0 + (head - q0) // (nq // nk) == head // group
+
+
+def test_plan_refuses_what_does_not_split() -> None:
+    with pytest.raises(InfermeterError, match="tp=3 does not divide"):
+        ShardPlan(DEBUG, 0, 3)
+    with pytest.raises(InfermeterError, match="vocabulary"):
+        ShardPlan(DEBUG.with_updates(vocab_size=251), 0, 2)
+    ShardPlan(DEBUG.with_updates(vocab_size=251, tie_embeddings=True), 1, 2)  # split by features
+    with pytest.raises(InfermeterError, match="torchrun"):
+        init_distributed("cpu", tp=2)  # not under torchrun
+
+
+def test_tp_must_match_the_processes_torchrun_started(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(InfermeterError, match="--tp 4, but torchrun started 2"):
+        init_distributed("cpu", tp=4)
+
+
+# ---- loading each rank's shard (one process, no process group) --------------------------------
+@pytest.mark.parametrize("name,world", [("gqa", 2), ("mqa", 2), ("tied-bias", 2), ("gqa", 4),
+                                        ("window", 4)])
+def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
+    spec = SPECS[name]
+    full = load_weights(spec, seed=3)
+    for tp in ranks(world):
+        shard = load_weights(spec, seed=3, tp=tp)
+        assert_slices_of(full, shard, shard.shard_plan)
+        assert shard.layers[0].attention.n_heads == spec.n_heads // world
+        if spec.tie_embeddings:
+            assert shard.output.weight is shard.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("name,world", [(n, 2) for n in SPECS] + [("gqa", 4), ("mqa", 4)])
+def test_cache_and_weights_per_rank_equal_kvsize(name: str, world: int) -> None:
+    spec = SPECS[name]
+    for tp in ranks(world):
+        model = load_model(spec, max_batch_size=3, max_seq_len=11, tp=tp)
+        assert model.cache_bytes() == kvsize.kv_cache_bytes(spec, 3, 11, "float32", world)
+        if not spec.qkv_bias:  # kvsize does not count replicated biases
+            weights = sum(t.nbytes for t in model.parameters())
+            assert weights == kvsize.weight_bytes_per_rank(spec, "float32", world)
+
+
+def test_sharding_a_loaded_model_rebuilds_its_cache() -> None:
+    model = load_model(DEBUG, max_batch_size=2, max_seq_len=8)
+    shard_model(model, 1, 2)
+    assert model.cache_bytes() == kvsize.kv_cache_bytes(DEBUG, 2, 8, "float32", 2)
+    with pytest.raises(InfermeterError, match="already sharded"):
+        shard_model(model, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def meta_folders(tmp_path_factory) -> dict[str, Path]:
+    wide4 = DEBUG.with_updates(name="wide4", n_heads=8, n_kv_heads=4, head_dim=8)
+    out = {}
+    for key, spec, n in (("gqa-1", DEBUG, 1), ("gqa-2", DEBUG, 2), ("wide-2", WIDE, 2),
+                         ("wide4-4", wide4, 4)):
+        out[key] = tmp_path_factory.mktemp(key)
+        save_checkpoint(load_weights(spec, seed=5), out[key], "meta", n_shards=n)
+    return out
+
+
+def _record_meta_opens(monkeypatch) -> dict[str, dict]:
+    opened: dict[str, dict] = {}
+    real = meta_checkpoint.load_pth
+
+    def recording(path):
+        opened[Path(path).name] = real(path)
+        return opened[Path(path).name]
+    monkeypatch.setattr(meta_checkpoint, "load_pth", recording)
+    return opened
+
+
+def test_meta_with_one_shard_per_rank_loads_its_file_only(meta_folders, monkeypatch) -> None:
+    folder = meta_folders["gqa-2"]
+    for tp in ranks(2):
+        opened = _record_meta_opens(monkeypatch)
+        shard = load_weights(folder, tp=tp)
+        assert list(opened) == [f"consolidated.{tp.rank:02d}.pth"]
+        state = opened[f"consolidated.{tp.rank:02d}.pth"]
+        for name, tensor in shard.state_dict().items():
+            # Not merged, not even copied: the parameter is the file's own (mmap'd) tensor.
+            assert tensor.untyped_storage().data_ptr() == state[name].untyped_storage(
+                ).data_ptr(), name
+
+
+@pytest.mark.parametrize("key,world,files", [
+    ("gqa-1", 2, [["00"], ["00"]]),                    # one file, two ranks
+    ("wide-2", 4, [["00"], ["00"], ["01"], ["01"]]),   # two files, four ranks (KV replicated)
+    ("wide4-4", 2, [["00", "01"], ["02", "03"]]),      # four files, two ranks
+])
+def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files) -> None:
+    full = load_weights(meta_folders[key])
+    for tp, names in zip(ranks(world), files):
+        opened = _record_meta_opens(monkeypatch)
+        shard = load_weights(meta_folders[key], tp=tp)
+        assert sorted(opened) == [f"consolidated.{n}.pth" for n in names]
+        assert_slices_of(full, shard, shard.shard_plan)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias"])
+def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> None:
+    spec = SPECS[name]
+    save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)
+    full = load_weights(tmp_path)
+    whole_reads: list[str] = []
+    real_open = hf_checkpoint._open
+
+    class Recording:  # safe_open, noting every tensor read whole
+        def __init__(self, path):
+            self.handle = real_open(path)
+
+        def get_tensor(self, hf_name):
+            whole_reads.append(hf_name)
+            return self.handle.get_tensor(hf_name)
+
+        def __getattr__(self, attr):
+            return getattr(self.handle, attr)
+    monkeypatch.setattr(hf_checkpoint, "_open", Recording)
+    for tp in ranks(2):
+        whole_reads.clear()
+        shard = load_weights(tmp_path, tp=tp)
+        assert_slices_of(full, shard, shard.shard_plan)
+        assert whole_reads and all(n.endswith("norm.weight") for n in whole_reads), whole_reads
+
+
+# ---- gloo ranks -------------------------------------------------------------------------------
+def _check_ranks(results: list[dict], world: int) -> None:
+    for rank, per_source in enumerate(results):
+        for name, got in per_source.items():
+            where = f"rank {rank}/{world}, {name}"
+            assert got["diff"] < 1e-5, where
+            assert got["tokens_equal"], where
+            assert got["cache_bytes"] == got["kvsize_bytes"], where
+            assert got.get("compiled_equal", True), where
+
+
+def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
+    save_checkpoint(load_weights(SPECS["tied-bias"], seed=6), tmp_path, "hf", n_shards=2)
+    sources = {**SPECS, "meta-2-files": str(meta_folders["gqa-2"]), "hf-qwen2": str(tmp_path)}
+    results = run_ranks(compare_with_tp1, 2, sources, ("gqa", "tied-bias"))
+    _check_ranks(results, 2)
+    assert set(results[0]) == set(sources)
+
+
+def test_four_ranks_replicate_kv_heads_and_match_tp1(meta_folders) -> None:
+    sources = {"wide": WIDE, "wide-meta-2-files": str(meta_folders["wide-2"])}
+    _check_ranks(run_ranks(compare_with_tp1, 4, sources), 4)
+
+
+# ---- the command line: --tp starts torchrun; failures and teardown ------------------------------
+def _generate(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infermeter", "generate", "--model", "debug",
+                           "--device", "cpu", "--max-new-tokens", "10", "--json", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_generate_tp2_equals_tp1_and_only_rank0_writes(tmp_path, capsys) -> None:
+    output = tmp_path / "r.jsonl"
+    start = time.monotonic()
+    run = _generate("--tp", "2", "--output", str(output))
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - start < 60  # started, ran and tore down: no hang
+    assert cli_main(["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens",
+                     "10", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1 and len(output.read_text().splitlines()) == 1
+    result = json.loads(lines[0])
+    assert result["output_token_ids"] == alone["output_token_ids"]
+    assert result["config"]["tp"] == 2 and alone["config"]["tp"] == 1
+    assert len(result["metrics"]["per_rank"]) == 2
+    assert not any("generated other tokens" in w for w in result["warnings"])
+    assert "torch.distributed" not in run.stderr  # torchrun's agent logs stay off the terminal
+
+
+def test_copy_tp2_moves_each_ranks_shard_at_once() -> None:
+    args = ["--device", "cpu", "--model", "llama-2-7b", "--seq-len", "64", "--layout", "engine",
+            "--host", "pageable", "--direction", "d2h", "--method", "per-tensor", "--repeats",
+            "2", "--warmup", "0", "--json", "--tp", "2"]
+    run = subprocess.run([sys.executable, "-m", "infermeter", "copy", *args],
+                         capture_output=True, text=True, timeout=90, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    per_rank = kvsize.kv_cache_bytes(PRESETS["llama-2-7b"], 1, 64, "float16", 2)
+    assert [(r["config"]["rank"], r["config"]["tp"]) for r in results] == [(0, 2), (1, 2)]
+    assert all(r["metrics"]["cases"][0]["bytes"] == per_rank for r in results)
+
+
+def _launch(mode: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    code = ("from infermeter.launch import launch; "
+            f"raise SystemExit(launch(2, [{mode!r}], module='tests.tp_entry'))")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO)
+    return run, time.monotonic() - start
+
+
+def test_a_failing_rank_ends_all_ranks_with_its_error_once() -> None:
+    run, seconds = _launch("fail")
+    assert run.returncode == 2 and seconds < 30
+    assert run.stderr.count("rank one broke on purpose") == 1, run.stderr
+    assert "infermeter: error: rank 1: rank one broke on purpose" in run.stderr
+    assert "Traceback" not in run.stderr and "rank 0 done" not in run.stdout
+    run, seconds = _launch("bug")
+    assert run.returncode == 1 and seconds < 30
+    assert run.stderr.count("RuntimeError: an unexpected bug on rank one") == 1, run.stderr
+
+
+def test_a_hanging_teardown_is_abandoned_and_the_run_still_exits() -> None:
+    run, seconds = _launch("hang")
+    assert run.returncode == 0, run.stderr
+    assert "hang: rank 0 done" in run.stdout and seconds < 30
+    assert "teardown did not finish in 1 s" in run.stderr
+
+
+# ---- two GPUs (NCCL): run with `pytest -m gpu tests/test_parallel.py` on a 2-GPU host -------
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
+    """float32 greedy tokens of the debug model: NCCL ranks (eager, or compiled with the
+    collectives inside inductor's CUDA graph) against one GPU, eager."""
+    def tokens(*extra: str) -> list:
+        run = subprocess.run([sys.executable, "-m", "infermeter", "generate", "--model", "debug",
+                              "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "24",
+                              "--repeats", "1", "--warmup", "0", "--no-roofline", "--json",
+                              *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert run.returncode == 0, run.stderr
+        return [json.loads(line)["output_token_ids"] for line in run.stdout.splitlines()]
+    assert tokens("--tp", "2", "--mode", mode) == tokens("--mode", "eager")
+
+
+# ---- small pieces -----------------------------------------------------------------------------
+def test_slowest_rank_rules() -> None:
+    ranks_metrics = [{"ttft_ms": 5.0, "decode_tok_per_s": 100.0, "tpot_ms": {"p50": 2.0},
+                      "ttft_stats": {"median": 5.0}, "total_tokens": 8, "ok": True},
+                     {"ttft_ms": 7.0, "decode_tok_per_s": 90.0, "tpot_ms": {"p50": 3.0},
+                      "ttft_stats": {"median": 4.0}, "total_tokens": 8, "ok": False}]
+    merged = slowest(ranks_metrics)
+    assert merged == {"ttft_ms": 7.0, "decode_tok_per_s": 90.0, "tpot_ms": {"p50": 3.0},
+                      "ttft_stats": {"median": 5.0}, "total_tokens": 8, "ok": True}
+
+
+def test_dry_run_prints_the_per_rank_plan(capsys) -> None:
+    spec = PRESETS["llama-2-70b"]
+    args = ["generate", "--model", "llama-2-70b", "--dry-run", "--gpu-memory", "80GiB",
+            "--batch-size", "16", "--max-seq-len", "4096"]
+    for tp in (4, 8):
+        assert cli_main([*args, "--tp", str(tp), "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        weights = kvsize.weight_bytes_per_rank(spec, "bfloat16", tp)
+        cache = kvsize.kv_cache_bytes(spec, 16, 4096, "bfloat16", tp)
+        assert (plan["weight_bytes_per_rank"], plan["kv_cache_bytes_per_rank"]) == (weights,
+                                                                                    cache)
+        prefill = plan["prefill_activation_bytes_per_rank"]
+        assert prefill == 16 * 6 * (spec.vocab_size * 6 + 3 * spec.ffn_dim // tp * 2)
+        assert plan["headroom_bytes"] == 80 * 2**30 - weights - cache - prefill
+    assert cli_main([*args, "--tp", "1"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out

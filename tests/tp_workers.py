@@ -1,0 +1,111 @@
+"""Helpers for test_parallel.py: run a function on N gloo ranks, and what each rank checks.
+
+`run_ranks(fn, world, *args)` starts `world` processes (torch.multiprocessing, spawn), sets the
+environment torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store
+held by the test process), joins them through
+parallel.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
+the test with its traceback; ranks still running after `timeout` are killed and the test fails,
+so a hang can never block CI. Worker functions live here (not in the test file) because spawned
+processes import them by module name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from infermeter import kvsize
+from infermeter.engine.checkpoint import load_model
+from infermeter.engine.generate import GenerationConfig, Generator, _decode_one
+from infermeter.engine.parallel import TensorParallel, init_distributed, teardown
+
+BATCH, CACHE, PROMPT, DECODE = 2, 24, 9, 4
+
+
+def _entry(rank: int, fn: Any, world: int, port: int, out: str, args: tuple) -> None:
+    # As torchrun does: the store is the launcher's (here the test's), every rank a client.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+    torch.set_num_threads(1)  # 2 CPU cores shared by up to 4 ranks
+    tp = init_distributed("cpu")
+    try:
+        torch.save(fn(tp, *args), Path(out) / f"rank-{rank}.pt")
+    finally:
+        assert teardown(timeout_s=30), "teardown did not finish"
+
+
+def run_ranks(fn: Any, world: int, *args: Any, timeout: float = 80.0) -> list[Any]:
+    # The test holds the rendezvous store on a port the OS picked: no port can be taken twice.
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    with tempfile.TemporaryDirectory() as out:
+        context = mp.start_processes(_entry, args=(fn, world, store.port, out, args),
+                                     nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{world} ranks still running after {timeout} s")
+        return [torch.load(Path(out) / f"rank-{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---- what the ranks check ------------------------------------------------------------------------
+def _forward_steps(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Prefill PROMPT tokens, then DECODE single-token steps: logits [B, PROMPT + DECODE, V]."""
+    model.reset_cache()
+    outs = [model(tokens[:, :PROMPT], torch.arange(PROMPT))]
+    for pos in range(PROMPT, PROMPT + DECODE):
+        outs.append(model(tokens[:, pos:pos + 1], torch.tensor([pos])))
+    return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
+                     compiled: tuple[str, ...] = (), seed: int = 1) -> dict[str, dict[str, Any]]:
+    """Per source: max |logits tp - logits tp 1|, cache bytes vs kvsize, greedy tokens equal,
+    and for the sources named in `compiled`, the decode step under torch.compile(fullgraph=True,
+    backend="aot_eager": dynamo and AOT tracing without inductor's slow C++ build).
+
+    The tp 1 reference runs on every rank, unsharded, from the same source and seed.
+    """
+    out = {}
+    for name, source in sources.items():
+        full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed)
+        shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed, tp=tp)
+        spec = full.spec
+        tokens = torch.randint(0, spec.vocab_size, (BATCH, PROMPT + DECODE),
+                               generator=torch.Generator().manual_seed(0))
+        diff = (_forward_steps(full, tokens) - _forward_steps(shard, tokens)).abs().max().item()
+        config = GenerationConfig(max_new_tokens=12)
+        prompts = tokens[:, :PROMPT].tolist()
+        want = Generator(full, CACHE).generate(prompts, config).output_token_ids
+        got = Generator(shard, CACHE).generate(prompts, config).output_token_ids
+        shard.setup_cache(BATCH, CACHE)  # the generator resized it; size it as kvsize is asked
+        out[name] = {"diff": diff, "tokens_equal": want == got,
+                     "cache_bytes": shard.cache_bytes(),
+                     "kvsize_bytes": kvsize.kv_cache_bytes(spec, BATCH, CACHE, "float32",
+                                                           tp.world)}
+        if name in compiled:
+            out[name]["compiled_equal"] = _compiled_step_equal(full, shard, "aot_eager")
+    return out
+
+
+def _compiled_step_equal(full: Any, shard: Any, backend: str) -> bool:
+    """The sharded decode step under torch.compile(fullgraph=True): collectives captured."""
+    step = torch.compile(_decode_one, backend=backend, fullgraph=True, dynamic=False)
+    args = (torch.tensor([5, 7]), torch.tensor([0]), torch.zeros(2, dtype=torch.bool),
+            torch.tensor([-1]), torch.tensor(0))
+    options = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
+    tokens = []
+    for model, fn in ((full, _decode_one), (shard, step)):
+        model.setup_cache(2, 8)
+        tokens.append(fn(model, *args, **options)[0])
+    return torch.equal(tokens[0], tokens[1])
