@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
+from infermeter.cli import main
 from infermeter.engine.checkpoint import load_weights, save_checkpoint
 from infermeter.engine.generate import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.presets import PRESETS
+from infermeter.results import REQUIRED_FIELDS
 from tests.test_tokenizer import _corpus
 
 SPEC = PRESETS["debug"].with_updates(vocab_size=320)  # room for the test tokenizer's 320 ids
@@ -71,7 +73,10 @@ def test_chat_dialogs_and_text_output(meta_checkpoint, tmp_path):
               "--chat-format", "llama2", "--max-new-tokens", "4", "--until-eos")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
+    # The two outputs first (exactly two), then the timing table of the one case.
+    assert lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
+    assert not lines[2].startswith("[") and lines[3].split()[:2] == ["batch", "prompt"]
+    assert lines[5].split()[:2] == ["2", "mixed"] and lines[5].split()[3] == "eager"
 
 
 def test_sampling_is_seeded():
@@ -88,6 +93,49 @@ def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     eager = json.loads(run(*args, "--mode", "eager").stdout)
     compiled = json.loads(run(*args, "--mode", "compiled").stdout)
     assert compiled["output_token_ids"] == eager["output_token_ids"]
+
+
+# The generate Result's metrics that other tools read (DESIGN.md, the issue): all present.
+SCHEMA_METRICS = ("ttft_ms", "ttft_stats", "tpot_ms", "decode_tok_per_s", "prefill_tok_per_s",
+                  "total_tokens", "generation_time_s", "token_generation_speed", "warmup_s",
+                  "mbu_pct", "mfu_pct", "decode_gbps", "bytes_per_decode_step",
+                  "hbm_gbps_measured", "matmul_tflops_measured", "peak_allocated_bytes",
+                  "peak_reserved_bytes", "process_gpu_memory_bytes")
+
+
+def test_json_results_have_the_schema_fields():
+    out = run("--model", "debug", "--device", "cpu", "--batch-size", "1", "2", "--prompt-len",
+              "8", "--max-new-tokens", "4", "--repeats", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2  # one Result per case
+    for line, batch in zip(lines, (1, 2)):
+        result = json.loads(line)
+        assert set(REQUIRED_FIELDS) <= set(result) and result["kind"] == "generate"
+        metrics = result["metrics"]
+        assert set(SCHEMA_METRICS) <= set(metrics)
+        assert set(metrics["tpot_ms"]) == {"p50", "p10", "p90", "p99", "mean", "cov", "n"}
+        assert metrics["tpot_ms"]["n"] == 3 * 2 and len(result["samples"]["tpot_ms"]) == 6
+        for name in ("ttft_ms", "decode_tok_per_s", "prefill_tok_per_s", "token_generation_speed",
+                     "mbu_pct", "mfu_pct", "decode_gbps", "hbm_gbps_measured",
+                     "matmul_tflops_measured"):  # the CPU runs the roofline too
+            assert metrics[name] > 0, name
+        assert metrics["total_tokens"] == batch * 4 and metrics["ttft_stats"]["n"] == 2
+        assert result["config"]["batch_size"] == batch and result["config"]["prompt_len"] == 8
+        assert [len(ids) for ids in result["output_token_ids"]] == [4] * batch
+
+
+def test_modes_side_by_side_in_one_table(capsys):
+    pytest.importorskip("transformers")
+    code = main(["generate", "--model", "debug", "--device", "cpu", "--mode", "eager", "hf",
+                 "--prompt-len", "8", "--max-new-tokens", "4", "--repeats", "2",
+                 "--no-roofline"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("batch"))
+    assert "TPOT p50 ms" in lines[header] and "MBU %" in lines[header]
+    rows = [line.split() for line in lines[header + 2:header + 4]]
+    assert [row[3] for row in rows] == ["eager", "hf"] and all(row[0] == "1" for row in rows)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -107,6 +155,18 @@ def test_bad_input(args, message, tmp_path):
     assert message in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--context", "300"), "does not fit"),  # debug's context is 256 tokens
+    (("--prompt-ids", "1,2", "--batch-size", "2"), "make random prompts"),
+])
+def test_bad_timing_flags_in_process(args, message, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", "debug", "--device", "cpu", *args, "--output",
+                 str(output)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not output.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

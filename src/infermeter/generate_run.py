@@ -1,20 +1,30 @@
-"""`infermeter generate`: a checkpoint (or random weights) + prompts -> generated tokens -> Result.
+"""`infermeter generate`: a checkpoint (or random weights) + prompts -> timed generation -> Results.
 
-This is the correctness view of the engine: what it generates, not how fast (the timed version
-is bench/generation.py). Prompts come as text (encoded with the checkpoint's tokenizer), as
-chat dialogs (Llama-2-chat / Llama-3 formats, as Meta's example_chat_completion.py), or as raw
-token ids. Prompts of different lengths run as separate batches, one per length, because the
-engine's batch shares positions (no padding).
+The command times by default (bench/generation.py): warm-up apart, then repeated runs with TTFT,
+TPOT, decode tokens/s, MBU / MFU against peaks measured in the same run, memory; one `generate`
+Result per case (prompt set x mode), each with its output token ids, so the command stays the
+correctness view of the engine too.
+
+Prompts come as text (encoded with the checkpoint's tokenizer), as chat dialogs (Llama-2-chat /
+Llama-3 formats, as Meta's example_chat_completion.py) or as raw token ids: all of them run as one
+case, prompts of different lengths as separate batches (the engine's batch shares positions, no
+padding). Without prompts: random ids of each --prompt-len / --context for each --batch-size, or,
+when no length is given, --batch-size copies of a fixed 6-token prompt.
+Everything a user can get wrong (lengths, memory, flags) is checked before any weight is loaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infermeter.errors import InfermeterError
 from infermeter.results import Result
+
+if TYPE_CHECKING:
+    from infermeter.bench.generation import Progress
 
 DEFAULT_PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916]  # a fixed prompt for tokenizer-less runs
 
@@ -22,23 +32,32 @@ DEFAULT_PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916]  # a fixed prompt for to
 @dataclass(frozen=True)
 class GenerateRequest:
     source: str  # checkpoint folder or "random:<model>"
-    tokenizer_path: str | None
-    prompts: tuple[str, ...]
-    prompt_ids: tuple[str, ...]
-    dialogs_path: str | None
-    chat_format: str
-    max_new_tokens: int
-    greedy: bool
-    temperature: float
-    top_p: float
-    seed: int
-    until_eos: bool
-    device: str
-    dtype: str | None
-    kv_dtype: str | None
-    mode: str  # "eager" | "compiled"
-    max_seq_len: int | None
-    max_batch_size: int | None
+    tokenizer_path: str | None = None
+    prompts: tuple[str, ...] = ()
+    prompt_ids: tuple[str, ...] = ()
+    dialogs_path: str | None = None
+    chat_format: str = "auto"
+    max_new_tokens: int = 64
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    until_eos: bool = False
+    device: str = "cpu"
+    dtype: str | None = None
+    kv_dtype: str | None = None
+    modes: tuple[str, ...] = ("eager",)  # bench/generation_cases.MODES; a list compares them
+    max_seq_len: int | None = None  # a fixed KV-cache length for every case
+    max_batch_size: int | None = None
+    tp: int | None = None  # tensor-parallel ranks (engine/parallel.py); None: as torchrun started
+    batch_sizes: tuple[int, ...] | None = None  # None: 1 (or the user's prompts)
+    prompt_lens: tuple[int, ...] = ()
+    contexts: tuple[int, ...] = ()
+    repeats: int = 5
+    warmup: int = 1
+    roofline: bool = True
+    compile_backend: str | None = None
+    max_positions: int | None = None  # random weights only: raise the model's context
 
 
 def default_device() -> str:
@@ -63,6 +82,7 @@ def find_tokenizer(request: GenerateRequest) -> Any:
 
 
 def build_prompts(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """The user's prompts as ids ([] when none were given)."""
     from infermeter.engine.chat import encode_dialog, load_dialogs, parse_prompt_ids
 
     prompts = [parse_prompt_ids(text, vocab_size) for text in request.prompt_ids]
@@ -74,60 +94,135 @@ def build_prompts(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> 
     if request.dialogs_path:
         prompts += [encode_dialog(tokenizer, dialog, request.chat_format)
                     for dialog in load_dialogs(request.dialogs_path)]
-    return prompts or [[i % vocab_size for i in DEFAULT_PROMPT_IDS]]
+    return prompts
 
 
-def _batches(prompts: list[list[int]], max_batch: int) -> list[list[int]]:
-    """Indices of prompts grouped by length, each group split to at most max_batch."""
-    by_length: dict[int, list[int]] = {}
-    for index, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(index)
-    groups = []
-    for indices in by_length.values():
-        groups += [indices[i:i + max_batch] for i in range(0, len(indices), max_batch)]
-    return groups
+def _spec(request: GenerateRequest) -> tuple[Any, Any]:
+    """(spec, what load_weights loads): the source, or the spec itself when max_positions
+    raises a random model's context (its RoPE tables then cover the longer cache)."""
+    from infermeter.engine.checkpoint import spec_for
+    from infermeter.specs import check_engine_arch
+
+    spec, folder, _ = spec_for(request.source)
+    check_engine_arch(spec)
+    if not request.max_positions:
+        return spec, request.source
+    if folder is not None:
+        raise InfermeterError("max_positions applies to random weights only")
+    spec = spec.with_updates(max_seq_len=request.max_positions)
+    return spec, spec
 
 
-def run_generate(request: GenerateRequest, env: dict[str, Any]) -> tuple[Result, list[str]]:
-    """Load, generate every prompt, and return the Result plus the decoded texts (or '')."""
+def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> list[Any]:
+    from infermeter.bench.generation_cases import PromptSet, prompt_sets
+
+    user = build_prompts(request, tokenizer, vocab_size)
+    if user and (request.batch_sizes or request.prompt_lens or request.contexts):
+        raise InfermeterError("--batch-size, --prompt-len and --context make random prompts; "
+                              "with --prompt, --prompt-ids or --dialogs the batch is those "
+                              "prompts (use --max-batch-size to split them)")
+    if user:
+        return [PromptSet(tuple(tuple(p) for p in user), "user")]
+    fixed = tuple(i % vocab_size for i in DEFAULT_PROMPT_IDS)
+    return prompt_sets(request.batch_sizes or (1,), request.prompt_lens, request.contexts,
+                       vocab_size, request.seed, fixed)
+
+
+def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
+    from infermeter.bench.generation_modes import RunSettings
+
+    if request.repeats < 1 or request.warmup < 0:
+        raise InfermeterError("--repeats must be at least 1 and --warmup not negative")
+    stop_ids = frozenset(tokenizer.stop_ids) if (request.until_eos and tokenizer) else frozenset()
+    settings = RunSettings(
+        max_new_tokens=request.max_new_tokens, greedy=request.greedy,
+        temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+        stop_ids=stop_ids, repeats=request.repeats, warmup=request.warmup,
+        kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
+        roofline=request.roofline, tp=tp.world if tp else 1)
+    settings.generation_config(compile=False)  # validates temperature / top_p now
+    return settings
+
+
+def _check_hf(cases: list[Any], tp: Any) -> None:
+    """The hf modes need transformers and one GPU: say so before anything is loaded or timed."""
+    if not any(case.mode.startswith("hf") for case in cases):
+        return
+    from infermeter.bench.generation_hf import transformers_version
+
+    if transformers_version() is None:
+        raise InfermeterError("the hf mode needs transformers (pip install transformers)")
+    if tp:
+        raise InfermeterError("the hf mode runs on one GPU (no --tp)")
+
+
+def _base_config(request: GenerateRequest, device: Any, dtype: str, kv_dtype: str,
+                 spec: Any) -> dict[str, Any]:
+    return {"source": request.source, "device": str(device), "dtype": dtype,
+            "kv_dtype": kv_dtype, "max_new_tokens": request.max_new_tokens,
+            "greedy": request.greedy, "temperature": request.temperature,
+            "top_p": request.top_p, "seed": request.seed, "until_eos": request.until_eos,
+            "repeats": request.repeats, "warmup": request.warmup,
+            "max_batch_size": request.max_batch_size, "max_positions": spec.max_seq_len,
+            "weights": "random" if request.source.startswith("random:") else "checkpoint"}
+
+
+def _device(name: str) -> Any:
     import torch
 
-    from infermeter.engine.checkpoint import load_weights
-    from infermeter.engine.generate import GenerationConfig, Generator
-    from infermeter.engine.model import dtype_name
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
 
-    device = request.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible")
-    dtype = request.dtype or ("float32" if device == "cpu" else "bfloat16")
-    model = load_weights(request.source, device, dtype, seed=request.seed)
+
+def run_generate(request: GenerateRequest, env: dict[str, Any],
+                 progress: Progress | None = None,
+                 on_result: Callable[[Result], None] | None = None
+                 ) -> tuple[list[Result], list[str]]:
+    """Check, load, time every case; the Results (rank 0's, gathered, under tensor parallelism)
+    and the decoded texts of the first case's outputs ('' each without a tokenizer)."""
+    from infermeter.bench import memory
+    from infermeter.bench.generation import run_generation
+    from infermeter.bench.generation_cases import plan_cases
+    from infermeter.bench.roofline import measure_roofline
+    from infermeter.engine.checkpoint import load_weights
+    from infermeter.engine.model import dtype_name, torch_dtype
+
+    device = _device(request.device)
+    dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
+                                                     else "bfloat16")))
+    kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype
+    spec, weights = _spec(request)
     tokenizer = find_tokenizer(request)
-    prompts = build_prompts(request, tokenizer, model.spec.vocab_size)
-    max_batch = request.max_batch_size or len(prompts)
-    stop_ids = frozenset(tokenizer.stop_ids) if (request.until_eos and tokenizer) else frozenset()
-    config = GenerationConfig(max_new_tokens=request.max_new_tokens, greedy=request.greedy,
-                              temperature=request.temperature, top_p=request.top_p,
-                              stop_ids=stop_ids, seed=request.seed,
-                              compile=request.mode == "compiled")
-    generator = Generator(model, request.max_seq_len, kv_dtype=request.kv_dtype)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    for group in _batches(prompts, max_batch):
-        out = generator.generate([prompts[i] for i in group], config)
-        for i, ids, done in zip(group, out.output_token_ids, out.finished):
-            outputs[i], finished[i] = ids, done
-    texts = [tokenizer.decode(ids) if tokenizer else "" for ids in outputs]
-    warnings = []
+    cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
+                       request.max_new_tokens, request.max_seq_len, request.max_batch_size)
+    # ---- tensor parallelism (engine/parallel.py): tp is None unless torchrun started us ----
+    from infermeter.engine.parallel import gather_result, init_distributed
+
+    tp = init_distributed(request.device, request.tp)
+    device = tp.device if tp else device
+    # ---- end tensor parallelism ----
+    _check_hf(cases, tp)
+    settings = _settings(request, tokenizer, tp)
+    memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp)
+    peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
+    model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
+    notes = []
     if request.until_eos and tokenizer is None:
-        warnings.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
-    config_out = {"source": request.source, "device": device, "dtype": dtype_name(
-        model.tok_embeddings.weight.dtype), "kv_dtype": request.kv_dtype or dtype,
-        "mode": request.mode, "max_new_tokens": request.max_new_tokens,
-        "greedy": request.greedy, "temperature": request.temperature, "top_p": request.top_p,
-        "seed": request.seed, "until_eos": request.until_eos, "batch_size": len(prompts),
-        "prompt_lengths": [len(p) for p in prompts]}
-    metrics = {"prompt_tokens": sum(len(p) for p in prompts),
-               "total_tokens": sum(len(o) for o in outputs), "finished": finished}
-    result = Result("generate", model.spec.to_dict(), config_out, env, metrics,
-                    warnings=warnings, output_token_ids=outputs)
-    return result, texts
+        notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
+    results: list[Result] = []
+
+    def finish(result: Result) -> None:
+        result.warnings[:0] = notes
+        result = gather_result(result, tp)  # tensor parallel: every rank's metrics, the slowest
+        results.append(result)
+        if on_result:
+            on_result(result)
+
+    run_generation(model, cases, settings, env, _base_config(request, device, dtype, kv_dtype,
+                                                             spec), peaks, progress, finish)
+    first = next((r.output_token_ids for r in results if r.output_token_ids), [])
+    texts = [tokenizer.decode(ids) if tokenizer else "" for ids in first]
+    return results, texts

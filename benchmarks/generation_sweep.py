@@ -1,0 +1,192 @@
+"""The standard `infermeter generate` set on one GPU: writes results/generate-<device>.jsonl.
+
+    python benchmarks/generation_sweep.py [--parts seed prefill context] [--results DIR]
+    python benchmarks/generation_sweep.py --summary-only
+
+Parts (Llama-2-7B, random fp16 weights; one Result per case, appended as soon as it is done, so a
+command that runs out of time keeps every finished case; re-running a part replaces its Results):
+  seed     batch 1 and 32, an 80-token prompt + 432 new tokens in a 512-token cache (the reference
+           scripts' 432 tokens and cache): compiled (5 timed runs after 1 untimed) and eager (2
+           timed runs after the warm-up: a run takes 10-15 s there)
+  hf       the same prompts in transformers' generate with its static cache (2 timed runs)
+  prefill  batch 1, a 2048-token prompt, 16 new tokens, eager (the engine's prefill is eager in
+           every mode, so no compile is needed): TTFT and MFU
+  context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
+           exactly context + 64 tokens (64 new tokens). The random model's positions are raised
+           to 8256 (Llama-2's 4096 would refuse 8k; the cost of a step does not depend on it).
+Then prints one table of every case in the file, TPOT against context, and, last, the issue's
+targets with the ratios measured here. When $OUT is set, the JSONL and the summary go there too.
+Rough budget on an H100: seed 4 min, hf 2-4 min, prefill 1 min, context 4 min (a compile is
+about a minute): run the parts as separate commands where one command may take 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from infermeter.env import capture_env
+from infermeter.errors import InfermeterError
+from infermeter.generate_run import GenerateRequest, run_generate
+from infermeter.results import Result, append_jsonl, read_results
+from infermeter.textable import render_table
+
+MODEL, DTYPE = "llama-2-7b", "fp16"
+CONTEXTS, CONTEXT_STEPS = (512, 2048, 8192), 64
+PARTS = ("seed", "hf", "prefill", "context")
+GOALS = {"mbu_pct": 85.0, "vs_hf": 10.0, "batch32": 20.0, "mfu_pct": 50.0, "warmup_s": 90.0}
+
+
+def part_requests(part: str) -> list[GenerateRequest]:
+    base = {"source": f"random:{MODEL}", "device": "cuda", "dtype": DTYPE}
+    seed = {**base, "batch_sizes": (1, 32), "prompt_lens": (80,), "max_new_tokens": 432,
+            "max_seq_len": 512}
+    if part == "seed":
+        return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1),
+                GenerateRequest(**seed, modes=("eager",), repeats=2, warmup=0)]
+    if part == "hf":
+        return [GenerateRequest(**seed, modes=("hf",), repeats=2, warmup=0)]
+    if part == "prefill":
+        return [GenerateRequest(**base, prompt_lens=(2048,), max_new_tokens=16, modes=("eager",),
+                                repeats=5, warmup=1)]
+    if part == "context":
+        return [GenerateRequest(**base, contexts=(c,), max_new_tokens=CONTEXT_STEPS,
+                                max_seq_len=c + CONTEXT_STEPS, max_positions=max(CONTEXTS)
+                                + CONTEXT_STEPS, modes=("compiled",), repeats=5, warmup=1)
+                for c in CONTEXTS]
+    raise SystemExit(f"unknown part {part!r}")
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(results: list[Result]) -> str:
+    rows = []
+    for r in results:
+        m, c = r.metrics, r.config
+        span = m.get("decode_context_range")
+        rows.append([c.get("run", "-"), c["batch_size"], c["prompt_len"],
+                     f"{span[0]}-{span[1]}" if span else "-", c["mode"], _f(m["ttft_ms"], ".2f"),
+                     _f((m["tpot_ms"] or {}).get("p50"), ".3f"), _f(m["decode_tok_per_s"]),
+                     _f(m["token_generation_speed"]), _f(m["mbu_pct"]), _f(m["mfu_pct"]),
+                     _f(m["warmup_s"]), "oom" if m.get("oom") else len(r.warnings)])
+    return render_table(["run", "batch", "prompt", "KV tokens", "mode", "TTFT ms", "TPOT ms",
+                         "decode tok/s", "tok/s (seed)", "MBU %", "MFU %", "warm-up s",
+                         "warnings"], rows)
+
+
+def find(results: list[Result], run: str, mode: str, batch: int = 1) -> Result | None:
+    hits = [r for r in results if r.config.get("run") == run and r.config["mode"] == mode
+            and r.config["batch_size"] == batch and not r.metrics.get("oom")]
+    return hits[-1] if hits else None
+
+
+def _ratio(a: Result | None, b: Result | None) -> float | None:
+    if a is None or b is None or not b.metrics["decode_tok_per_s"]:
+        return None
+    return a.metrics["decode_tok_per_s"] / b.metrics["decode_tok_per_s"]
+
+
+def targets(results: list[Result]) -> str:
+    """The issue's targets, each with the figure measured here (ratios within this file)."""
+    b1, b32 = find(results, "seed", "compiled"), find(results, "seed", "compiled", 32)
+    hf, prefill = find(results, "hf", "hf"), find(results, "prefill", "eager")
+    hf_how = "compiled by transformers" if hf and hf.config.get("hf_compiled") else "eager"
+    rows = [
+        ("batch 1 decode MBU (512-token cache)", b1 and b1.metrics["mbu_pct"], "%",
+         GOALS["mbu_pct"], ">="),
+        (f"batch 1 decode vs hf ({hf_how})", _ratio(b1, hf), "x", GOALS["vs_hf"], ">="),
+        ("batch 32 vs batch 1 decode tok/s", _ratio(b32, b1), "x", GOALS["batch32"], ">="),
+        ("prefill 2048 tokens MFU", prefill and prefill.metrics["mfu_pct"], "%", GOALS["mfu_pct"],
+         ">="),
+        ("compile + capture warm-up (batch 1)", b1 and b1.metrics["warmup_s"], "s",
+         GOALS["warmup_s"], "<"),
+    ]
+    lines = ["targets (issue 5), measured in this file:"]
+    for name, value, unit, goal, op in rows:
+        met = value is not None and (value >= goal if op == ">=" else value < goal)
+        verdict = "-" if value is None else ("met" if met else "MISSED")
+        lines.append(f"  {name}: {_f(value)} {unit} (target {op} {goal:g} {unit}) {verdict}")
+    if b1:
+        lines.append(f"  batch 1 compiled: {b1.metrics['decode_tok_per_s']:.1f} tok/s of a "
+                     f"{_f(b1.metrics['decode_tok_per_s_roofline'])} tok/s HBM bound "
+                     f"({b1.metrics['hbm_gbps_measured']:.0f} GB/s measured)")
+    return "\n".join(lines)
+
+
+def context_lines(results: list[Result]) -> str:
+    rows = [r for r in results if r.config.get("run") == "context" and not r.metrics.get("oom")]
+    return "\n".join(f"TPOT after {r.config['context']} tokens of KV: "
+                     f"{r.metrics['tpot_ms']['p50']:.3f} ms, MBU {_f(r.metrics['mbu_pct'])}%"
+                     for r in rows)
+
+
+def keep_other_runs(path: Path, part: str) -> None:
+    """Drop an earlier run of `part` from the file, so the part's new Results replace it."""
+    if path.exists():
+        kept = [r for r in read_results(path) if r.config.get("run") != part]
+        tmp = path.with_name(f".{path.name}.new")
+        tmp.unlink(missing_ok=True)
+        if kept:
+            append_jsonl(tmp, kept)
+            os.replace(tmp, path)
+        else:
+            path.unlink()
+
+
+def run_part(part: str, path: Path, env: dict) -> None:
+    keep_other_runs(path, part)
+
+    def save(result: Result) -> None:
+        result.config["run"] = part
+        append_jsonl(path, [result])
+        m = result.metrics
+        print(f"  {part}: batch {result.config['batch_size']} {result.config['mode']}: "
+              f"decode {_f(m['decode_tok_per_s'])} tok/s, MBU {_f(m['mbu_pct'])}%, "
+              f"MFU {_f(m['mfu_pct'])}%, warm-up {_f(m['warmup_s'])} s", flush=True)
+
+    for request in part_requests(part):
+        run_generate(request, env, on_result=save)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    env = capture_env()
+    slug = re.sub(r"[^a-z0-9]+", "-", str(env["device_name"]).lower()).strip("-")
+    path = Path(args.results) / f"generate-{slug}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for part in [] if args.summary_only else args.parts:
+        print(f"[{time.perf_counter() - start:6.1f} s] {part}", file=sys.stderr, flush=True)
+        try:
+            run_part(part, path, env)
+        except InfermeterError as err:  # one part's user-level failure does not stop the rest
+            print(f"{part}: error: {err}", file=sys.stderr)
+    if not path.exists():
+        print(f"no results in {path}", file=sys.stderr)
+        return 1
+    results = read_results(path)
+    text = "\n\n".join(filter(None, [table(results), context_lines(results), targets(results)]))
+    print(text)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(out) / path.name)
+        (Path(out) / f"generate-{slug}-summary.txt").write_text(text + "\n")
+    (path.parent / f"generate-{slug}-summary.txt").write_text(text + "\n")
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""Generation speed: TTFT, TPOT, decode tokens/s and how close they are to the hardware's limit.
+
+    cases = plan_cases(spec, prompt_sets(...), modes, max_new_tokens)   # generation_cases.py
+    results = run_generation(model, cases, RunSettings(...), env, base_config, roofline)
+
+For every case (prompt set x mode; one `generate` Result each):
+1. warm-up, timed apart (`warmup_s`): compile + CUDA-graph capture for the compiled mode (the
+   Generator's warmup() per shape), a short run for eager, a first generate for hf; then
+   `settings.warmup` untimed full runs (`warmup_runs_s`: allocator growth, cuBLAS heuristics);
+2. `settings.repeats` timed runs; in each, a StepRecorder hook marks start, first token and every
+   decode step (CUDA events on a GPU, read after the run: no sync per step);
+3. metrics (generation_timing.summarize): TTFT, TPOT p50/p10/p90/p99, decode tok/s (prefill
+   excluded), prefill tok/s, the seed's total tokens / generation time / tok/s;
+4. roofline (roofline.py): bytes per decode step -> decode GB/s -> MBU against the HBM bandwidth
+   measured in this run; prefill FLOPs -> MFU against the measured matmul FLOP/s; a figure above
+   the roofline is flagged as a measurement error;
+5. memory (memory.py): torch peak allocated / reserved since the case began, NVML's figure for
+   this process. A case that runs out of memory becomes a Result with `oom: true` and no speed
+   numbers, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from infermeter.bench import memory
+from infermeter.bench import roofline as rl
+from infermeter.bench.generation_cases import Case
+from infermeter.bench.generation_modes import RunSettings, make_runner
+from infermeter.bench.generation_timing import RunTiming, StepRecorder, make_clock, summarize
+from infermeter.bench.timing import Stats
+from infermeter.engine.model import Transformer, dtype_name
+from infermeter.results import Result
+from infermeter.specs import ModelSpec
+
+# Every metric a generate Result carries (None where it does not apply, e.g. out of memory).
+METRIC_NAMES = (
+    "ttft_ms", "ttft_stats", "tpot_ms", "decode_tok_per_s", "prefill_tok_per_s", "total_tokens",
+    "generation_time_s", "token_generation_speed", "decode_steps", "decode_time_ms", "warmup_s",
+    "warmup_runs_s", "bytes_per_decode_step", "bytes_per_decode_step_static_cache",
+    "decode_context_mean", "decode_context_range", "decode_gbps", "mbu_pct",
+    "decode_tok_per_s_roofline", "prefill_flops", "prefill_tflops", "mfu_pct",
+    "hbm_gbps_measured", "matmul_tflops_measured", "peak_allocated_bytes", "peak_reserved_bytes",
+    "process_gpu_memory_bytes", "gpu_memory_used_bytes", "prompt_tokens", "finished", "oom")
+
+
+class Progress(Protocol):
+    """What run_generation reports to (generation_report.ProgressBar, or a test's recorder)."""
+
+    def start(self, total: int) -> None: ...  # units: per case, the warm-up and each repeat
+
+    def advance(self, label: str) -> None: ...
+
+
+class _Silent:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, label: str) -> None:
+        pass
+
+
+@dataclass
+class CaseRun:
+    repeats: list[list[RunTiming]]  # per repeat, one RunTiming per prompt group
+    outputs: list[list[list[int]]]  # per repeat, the output ids in prompt order
+    finished: list[bool]
+    warmup_s: float
+    warmup_runs_s: float
+    describe: dict[str, Any]
+    memory: dict[str, Any]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _no_hook(event: str, step: int) -> None:
+    pass
+
+
+def time_case(model: Transformer, case: Case, settings: RunSettings,
+              progress: Progress) -> CaseRun:
+    device = model.tok_embeddings.weight.device
+    # A case starts with no KV cache (the engine's is allocated again for its shape; hf makes
+    # its own), so the peaks below are this case's: weights + its cache + its activations.
+    memory.release_cache(model)
+    memory.reset_peaks(device)
+    runner = make_runner(model, case, settings)
+    prompts = case.prompt_set.prompts
+    groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
+              for g in case.groups]  # one [b, T] per group, made before anything is timed
+    start = time.perf_counter()
+    runner.warmup({tuple(t.shape) for t in groups})
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(settings.warmup):
+        for tokens in groups:
+            runner.run(tokens, _no_hook)
+    _sync(device)
+    warmup_runs_s = time.perf_counter() - start
+    progress.advance(f"{case.label}: warm-up")
+    repeats, outputs, finished = [], [], [False] * len(prompts)
+    for index in range(settings.repeats):
+        runs, ids = [], [[] for _ in prompts]
+        for tokens, group in zip(groups, case.groups):
+            recorder = StepRecorder(make_clock(device, settings.max_new_tokens + 1))
+            out = runner.run(tokens, recorder)
+            runs.append(recorder.timing(*tokens.shape, new_tokens=out.num_new_tokens))
+            for i, row, done in zip(group, out.output_token_ids, out.finished):
+                ids[i], finished[i] = row, done
+        repeats.append(runs)
+        outputs.append(ids)
+        progress.advance(f"{case.label}: run {index + 1}/{settings.repeats}")
+    return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
+                   memory.memory_metrics(device))
+
+
+def _decode_bytes(spec: ModelSpec, case: Case, runs: list[RunTiming], dtype: str, kv_dtype: str,
+                  tp: int) -> dict[str, Any]:
+    """Bytes per decode step averaged over every step of every run (each step reads the KV of
+    its own context), the same for a read of the whole static cache, and the contexts."""
+    steps = sum(r.decode_steps for r in runs)
+    if not steps:
+        return {"bytes_per_decode_step": None, "bytes_per_decode_step_static_cache": None,
+                "decode_context_mean": None, "decode_context_range": None}
+    need = static = context = 0.0
+    for r in runs:
+        if not r.decode_steps:
+            continue
+        contexts = range(r.prompt_len + 1, r.prompt_len + r.decode_steps + 1)  # KV tokens read
+        need += r.decode_steps * rl.mean_decode_step_bytes(spec, r.batch_size, contexts, dtype,
+                                                           kv_dtype, tp)
+        # hf sizes its static cache to prompt + new tokens; the engine to the case's cache_len
+        cache = r.prompt_len + r.decode_steps + 1 if case.mode.startswith("hf") else case.cache_len
+        static += r.decode_steps * rl.decode_step_bytes(spec, r.batch_size, cache, dtype,
+                                                        kv_dtype, tp)
+        context += sum(contexts)
+    ranges = [(r.prompt_len + 1, r.prompt_len + r.decode_steps) for r in runs if r.decode_steps]
+    return {"bytes_per_decode_step": need / steps,
+            "bytes_per_decode_step_static_cache": static / steps,
+            "decode_context_mean": context / steps,
+            "decode_context_range": [min(a for a, _ in ranges), max(b for _, b in ranges)]}
+
+
+def roofline_metrics(model: Transformer, case: Case, run: CaseRun, tpot_p50: float | None,
+                     peaks: rl.Roofline | None, kv_dtype: str, tp: int = 1) -> dict[str, Any]:
+    """Decode bytes -> GB/s -> MBU; prefill FLOPs -> FLOP/s -> MFU (against this run's peaks)."""
+    spec, dtype = model.spec, dtype_name(model.tok_embeddings.weight.dtype)
+    runs = run.repeats[0]  # every repeat runs the same shapes
+    out = _decode_bytes(spec, case, runs, dtype, kv_dtype, tp)
+    hbm = peaks.hbm_gbps if peaks else None
+    step_bytes = out["bytes_per_decode_step"]
+    gbps = rl.achieved_gbps(step_bytes, tpot_p50) if step_bytes else None
+    flops = sum(rl.prefill_flops(spec, r.batch_size, r.prompt_len, tp) for r in runs)
+    ttft = Stats.of([sum(r.ttft_ms for r in rep) for rep in run.repeats]).median  # all groups
+    tflops = flops / (ttft * 1e-3) / 1e12 if ttft > 0 else None
+    bound = None
+    if hbm and step_bytes and len(runs) == 1:  # tokens/s if every step ran at HBM speed
+        bound = runs[0].batch_size * hbm * 1e9 / step_bytes
+    out.update(decode_gbps=gbps, mbu_pct=rl.pct(gbps, hbm), decode_tok_per_s_roofline=bound,
+               prefill_flops=flops, prefill_tflops=tflops,
+               mfu_pct=rl.pct(tflops, peaks.matmul_tflops if peaks else None))
+    out.update(peaks.metrics() if peaks else {"hbm_gbps_measured": None,
+                                               "matmul_tflops_measured": None})
+    return out
+
+
+# ---- Results ---------------------------------------------------------------------------------
+def case_config(case: Case, base: dict[str, Any]) -> dict[str, Any]:
+    p = case.prompt_set
+    return {**base, "mode": case.mode, "batch_size": p.batch_size, "prompt_len": p.prompt_len,
+            "prompt_lengths": p.lengths, "context": p.context, "cache_len": case.cache_len,
+            "prompt_source": p.source, "prompt_groups": len(case.groups)}
+
+
+def agreement(first_mode: str, first: list[list[int]], ids: list[list[int]]) -> dict[str, Any]:
+    """Where this mode's tokens first differ from the first mode's on the same prompts."""
+    mismatch = None
+    for a, b in zip(first, ids):
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is None and len(a) != len(b):
+            step = min(len(a), len(b))
+        if step is not None:
+            mismatch = step if mismatch is None else min(mismatch, step)
+    return {"mode": first_mode, "identical": mismatch is None, "first_mismatch": mismatch}
+
+
+def case_result(model: Transformer, case: Case, run: CaseRun, settings: RunSettings,
+                peaks: rl.Roofline | None, env: dict[str, Any],
+                base: dict[str, Any]) -> Result:
+    metrics, samples, warnings = summarize(run.repeats)
+    kv_dtype = base.get("kv_dtype") or dtype_name(model.tok_embeddings.weight.dtype)
+    tpot_p50 = metrics["tpot_ms"]["p50"] if metrics["tpot_ms"] else None
+    metrics.update(roofline_metrics(model, case, run, tpot_p50, peaks, kv_dtype, settings.tp))
+    metrics.update(run.memory, warmup_s=run.warmup_s, warmup_runs_s=run.warmup_runs_s,
+                   prompt_tokens=sum(case.prompt_set.lengths), finished=run.finished, oom=False)
+    warnings += rl.roofline_warnings(metrics["mbu_pct"], metrics["mfu_pct"])
+    if any(ids != run.outputs[0] for ids in run.outputs[1:]):
+        warnings.append("output tokens differ between repeats (nondeterministic kernels?)")
+    if peaks:
+        samples.update({f"roofline_{k}": v for k, v in peaks.samples.items()})
+        warnings += peaks.warnings
+    return Result("generate", model.spec.to_dict(), {**case_config(case, base), **run.describe},
+                  env, metrics, samples=samples, warnings=warnings,
+                  output_token_ids=run.outputs[0])
+
+
+def oom_result(model: Transformer, case: Case, err: BaseException, peaks: rl.Roofline | None,
+               env: dict[str, Any], base: dict[str, Any]) -> Result:
+    """A case that ran out of memory: recorded, with no speed numbers."""
+    device = model.tok_embeddings.weight.device
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
+    metrics.update(memory.memory_metrics(device), oom=True,
+                   prompt_tokens=sum(case.prompt_set.lengths))
+    if peaks:
+        metrics.update(peaks.metrics())
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return Result("generate", model.spec.to_dict(), case_config(case, base), env, metrics,
+                  warnings=[f"out of memory: {first_line}"])
+
+
+def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
+                   env: dict[str, Any], base: dict[str, Any], peaks: rl.Roofline | None = None,
+                   progress: Progress | None = None,
+                   on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Time every case in order; one Result each (also handed to on_result as it is made)."""
+    progress = progress or _Silent()
+    progress.start(len(cases) * (settings.repeats + 1))
+    device = model.tok_embeddings.weight.device
+    first: dict[int, tuple[str, list[list[int]]]] = {}  # prompt set -> first mode's tokens
+    results = []
+    for case in cases:
+        try:
+            run = time_case(model, case, settings, progress)
+        except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
+            if not memory.is_oom(err):
+                raise
+            memory.release_cache(model)
+            result = oom_result(model, case, err, peaks, env, base)
+        else:
+            result = case_result(model, case, run, settings, peaks, env, base)
+            key = id(case.prompt_set)
+            if key in first:
+                same = agreement(*first[key], run.outputs[0])
+                result.metrics["tokens_vs_first_mode"] = same
+                if not same["identical"] and settings.greedy:
+                    result.warnings.append(f"greedy tokens differ from the {same['mode']} "
+                                           f"mode's from step {same['first_mismatch']}")
+            else:
+                first[key] = (case.mode, run.outputs[0])
+        memory.collect(device)  # the case's runner (and an error's frames) are gone by now
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results

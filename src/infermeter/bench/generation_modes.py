@@ -1,0 +1,75 @@
+"""Runners of one case's mode behind one interface: warmup(shapes) once, then run(tokens, hook)
+per timed run, returning the engine's GenerationOutput. compiled and eager run the engine's
+Generator; hf and hf-eager run transformers (generation_hf.py) on the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infermeter.bench.generation_cases import Case
+from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
+from infermeter.engine.model import Transformer
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How every case of a benchmark runs (the flags that are not a sweep)."""
+
+    max_new_tokens: int = 64
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset[int] = field(default_factory=frozenset)  # --until-eos: the EOS ids
+    repeats: int = 5
+    warmup: int = 1  # untimed full runs after the compile / capture warm-up
+    kv_dtype: str | None = None  # None: the weights' dtype
+    compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
+    roofline: bool = True
+    tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
+
+    def generation_config(self, compile: bool) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, greedy=self.greedy,
+                                temperature=self.temperature, top_p=self.top_p,
+                                stop_ids=self.stop_ids, seed=self.seed, compile=compile)
+
+
+class EngineRunner:
+    """The engine's Generator with a cache of the case's length, eager or compiled."""
+
+    def __init__(self, model: Transformer, case: Case, settings: RunSettings) -> None:
+        self.config = settings.generation_config(compile=case.mode == "compiled")
+        self.generator = Generator(model, case.cache_len, kv_dtype=settings.kv_dtype,
+                                   compile_backend=settings.compile_backend)
+
+    def describe(self) -> dict[str, Any]:
+        compiled = self.config.compile
+        return {"compile_backend": self.generator.compile_backend if compiled else None}
+
+    def warmup(self, shapes: set[tuple[int, int]]) -> None:
+        """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
+        for batch, length in sorted(shapes):
+            self.generator.warmup(batch, length, self.config)
+
+    def run(self, tokens: Tensor, hook: Callable[[str, int], None]) -> GenerationOutput:
+        return self.generator.generate(tokens, self.config, hook=hook)
+
+
+def make_runner(model: Transformer, case: Case, settings: RunSettings) -> Any:
+    if case.mode != "eager":
+        # dynamo keeps compiled variants per code object and, past its recompile limit (8),
+        # silently runs eager: a sweep of shapes must start each compiled case afresh (hf too:
+        # transformers compiles Module.__call__, one code object for every model).
+        torch._dynamo.reset()
+    if case.mode in ("compiled", "eager"):
+        return EngineRunner(model, case, settings)
+    from infermeter.bench.generation_hf import HFRunner
+
+    return HFRunner(model, settings.generation_config(compile=False),
+                    compile=case.mode == "hf")

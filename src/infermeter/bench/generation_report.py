@@ -1,0 +1,103 @@
+"""What `infermeter generate` prints: the outputs, one table row per case, the warnings, and a
+progress bar on stderr while it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from infermeter.textable import render_table
+from infermeter.units import format_bytes
+
+HEADER = ["batch", "prompt", "KV tokens", "mode", "TTFT ms", "TPOT p50 ms", "TPOT p90 ms",
+          "decode tok/s", "tok/s (seed)", "MBU %", "MFU %", "warnings"]
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def case_row(result: Any) -> list[str]:
+    m, cfg = result.metrics, result.config
+    prompt = cfg["prompt_len"] if cfg["prompt_len"] is not None else "mixed"
+    span = m.get("decode_context_range")
+    kv = f"{span[0]}-{span[1]}" if span else "-"
+    if cfg.get("context"):
+        prompt = f"{prompt} (context)"
+    tpot = m.get("tpot_ms") or {}
+    return [str(cfg["batch_size"]), str(prompt), kv, cfg["mode"], _num(m.get("ttft_ms"), ".2f"),
+            _num(tpot.get("p50"), ".3f"), _num(tpot.get("p90"), ".3f"),
+            _num(m.get("decode_tok_per_s"), ",.1f"), _num(m.get("token_generation_speed"), ",.1f"),
+            _num(m.get("mbu_pct"), ".1f"), _num(m.get("mfu_pct"), ".1f"),
+            "out of memory" if m.get("oom") else str(len(result.warnings) or "")]
+
+
+def headline(results: Sequence[Any]) -> str:
+    first = results[0]
+    m, cfg = first.metrics, first.config
+    tp = f" x {cfg['tp']} (tensor parallel)" if (cfg.get("tp") or 1) > 1 else ""
+    line = (f"{first.model['name']} ({cfg.get('weights', 'random')} weights, {cfg['dtype']}, KV "
+            f"{cfg['kv_dtype']}) on {first.env.get('device_name')}{tp}, {cfg['repeats']} timed "
+            f"runs per case after {cfg['warmup']} untimed")
+    if m.get("hbm_gbps_measured"):
+        line += (f"; measured here: {m['hbm_gbps_measured']:,.0f} GB/s memory copy "
+                 f"({format_bytes(m['roofline_copy_bytes'])}), "
+                 f"{m['matmul_tflops_measured']:,.3g} TFLOP/s matmul "
+                 f"({m['roofline_matmul_dtype']} {m['roofline_matmul_n']}^3)")
+    return line
+
+
+def render_generate(results: Sequence[Any]) -> str:
+    """Headline, the table, then every warning named by its row."""
+    if not results:
+        return "no cases were run"
+    lines = [headline(results), render_table(HEADER, [case_row(r) for r in results])]
+    for index, result in enumerate(results, start=1):
+        cfg = result.config
+        where = f"row {index} (batch {cfg['batch_size']}, {cfg['mode']})"
+        lines += [f"warning: {where}: {note}" for note in result.warnings]
+    lines.append("TTFT: prefill to first token; TPOT: one decode step; decode tok/s: batch x "
+                 "steps / decode time (prefill excluded); tok/s (seed): all new tokens / whole "
+                 "run; MBU / MFU: against the peaks measured above (README, `generate`)")
+    return "\n".join(lines)
+
+
+def render_outputs(result: Any, texts: Sequence[str]) -> str:
+    """The first case's outputs, one line per sequence (text, or ids without a tokenizer)."""
+    ids = result.output_token_ids or []
+    return "\n".join(f"[{i}] {text!r}" if text else f"[{i}] ids {row}"
+                     for i, (row, text) in enumerate(zip(ids, list(texts) or [""] * len(ids))))
+
+
+class ProgressBar:
+    """A rich progress bar on stderr; run_generation calls start(total), then advance(label)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.task = bar, None
+
+    def start(self, total: int) -> None:
+        self.task = self.bar.add_task("", total=total)
+
+    def advance(self, label: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, advance=1, description=label)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[ProgressBar | None]:
+    """The bar when enabled, rich is installed and stderr is a terminal; else None."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    except ImportError:
+        yield None
+        return
+    columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        yield ProgressBar(bar)

@@ -1,0 +1,172 @@
+"""Memory of a generation run: will a case fit (asked before anything is allocated), what it
+used (torch peaks and NVML's per-process figure), and what running out of memory looks like.
+
+The fit check adds what is certain to be allocated: the weights (kvsize.weight_bytes_per_rank),
+the KV cache of the case (kvsize.kv_cache_bytes at its cache length) and the prefill's largest
+activations (logits for every prompt position in the model dtype and in float32, and the FFN's
+three [B, T, ffn] tensors). The hf mode adds its copies of wq and wk (HF orders their rows for
+rotate_half RoPE, so they cannot share our tensors); its static cache replaces ours, which is
+released first. Free memory is torch.cuda.mem_get_info on a GPU and MemAvailable on the host.
+Anything else (CUDA-graph pools, allocator slack, attention workspaces) is not estimated: a case
+that still runs out of memory is caught and recorded as such (is_oom).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Any
+
+from infermeter import kvsize
+from infermeter.errors import InfermeterError
+from infermeter.specs import ModelSpec
+from infermeter.units import dtype_bytes, format_bytes
+
+
+def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
+                             dtype: str) -> int:
+    tokens = batch_size * prompt_len
+    logits = tokens * spec.vocab_size * (dtype_bytes(dtype) + 4)  # [B, T, V] and its .float()
+    ffn = 3 * tokens * spec.ffn_dim * dtype_bytes(dtype)  # w1 x, w3 x, their product
+    return logits + ffn
+
+
+def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
+    """The permuted wq and wk (weights and biases) the hf mode holds beside the engine's."""
+    rows = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
+    per_layer = rows * (spec.dim + (1 if spec.qkv_bias else 0))
+    return spec.n_layers * per_layer * dtype_bytes(dtype)
+
+
+def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
+                kv_dtype: str, mode: str, tp: int = 1) -> dict[str, int]:
+    """What a case needs, by part (bytes, per rank under tensor parallelism)."""
+    parts = {"weights": kvsize.weight_bytes_per_rank(spec, dtype, tp),
+             "KV cache": kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
+             "prefill activations": prefill_activation_bytes(spec, batch_size, prompt_len,
+                                                             dtype) // tp}
+    if mode.startswith("hf"):
+        parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
+    return parts
+
+
+def host_available() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def free_memory(device: Any) -> tuple[int | None, str]:
+    """(free bytes, where) for a torch device: the GPU's free memory or the host's available."""
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), "free on the GPU"
+    return host_available(), "available in host memory"
+
+
+def check_fit(what: str, parts: dict[str, int], free: int | None, where: str) -> None:
+    """Raise, with every number, when the parts add up to more than `free`."""
+    need = sum(parts.values())
+    if free is None or need <= free:
+        return
+    terms = " + ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+    raise InfermeterError(f"{what} does not fit: {terms} = {format_bytes(need)} > "
+                          f"{format_bytes(free)} {where}; use a smaller --batch-size, "
+                          "--prompt-len, --context or --max-seq-len")
+
+
+# ---- what a run used -------------------------------------------------------------------------
+def reset_peaks(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def process_gpu_memory(device: Any) -> int | None:
+    """This process's memory on the GPU as NVML sees it (CUDA context included), or None when
+    NVML is missing or does not list our pid (a container's own pid namespace)."""
+    from infermeter.bench.link import _handle, _nvml, torch_bus_id
+
+    pynvml = _nvml()
+    if pynvml is None:
+        return None
+    try:
+        handle = _handle(pynvml, torch_bus_id(device.index or 0), device.index or 0)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        return None
+    except pynvml.NVMLError:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def memory_metrics(device: Any) -> dict[str, int | None]:
+    """Peaks since reset_peaks (torch allocator), NVML's process figure, device-wide use."""
+    out: dict[str, int | None] = {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
+                                  "process_gpu_memory_bytes": None, "gpu_memory_used_bytes": None}
+    if device.type != "cuda":
+        return out
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    out.update(peak_allocated_bytes=int(torch.cuda.max_memory_allocated(device)),
+               peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
+               process_gpu_memory_bytes=process_gpu_memory(device),
+               gpu_memory_used_bytes=int(total - free))
+    return out
+
+
+# ---- running out -----------------------------------------------------------------------------
+def is_oom(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
+
+
+def release_cache(model: Any) -> None:
+    """Free the engine's KV cache (the next Generator.prepare() allocates a new one)."""
+    for layer in model.layers:
+        layer.attention.kv_cache = None
+    model.max_batch_size = model.max_seq_len = 0  # prepare() then sees no cache to reuse
+
+
+def collect(device: Any) -> None:
+    """Give a finished case's memory back (also after an out-of-memory error): its compiled
+    graphs (dynamo's caches hold them and their CUDA-graph pools), its runner, its cache."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
+                    tp: int = 1) -> None:
+    """Before any allocation: every case's weights + cache + activations against free memory."""
+    free, where = free_memory(device)
+    for case in cases:
+        p = case.prompt_set
+        parts = case_memory(spec, max(len(g) for g in case.groups), max(p.lengths),
+                            case.cache_len, dtype, kv_dtype, case.mode, tp)
+        check_fit(f"{spec.name} at {case.label} with a {case.cache_len}-token cache", parts,
+                  free, where)

@@ -1,0 +1,99 @@
+"""Roofline arithmetic against hand-computed values, and the CPU run of the peak measurements.
+
+Hand computations (the published shapes, presets.py):
+  Llama-2-7B: 6,738,415,616 parameters; embedding table 32,000 x 4,096 = 131,072,000 (untied);
+  norms (2 x 32 + 1) x 4,096 = 266,240; KV per token 2 x 32 layers x 32 heads x 128 x 2 bytes
+  = 524,288 bytes (fp16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infermeter.bench import roofline as rl
+from infermeter.presets import PRESETS
+
+LLAMA2 = PRESETS["llama-2-7b"]
+
+
+def test_decode_bytes_llama2_7b_batch1_512():
+    # Weights: all but the embedding table, plus the one row gathered: 6,607,347,712 params.
+    assert rl.decode_weight_params(LLAMA2, 1) == 6_738_415_616 - 131_072_000 + 4_096
+    assert rl.decode_weight_bytes(LLAMA2, "fp16", 1) == 13_214_695_424
+    assert rl.decode_kv_bytes(LLAMA2, 1, 512, "fp16") == 512 * 524_288 == 268_435_456
+    assert rl.decode_step_bytes(LLAMA2, 1, 512, "fp16", "fp16") == 13_483_130_880
+
+
+def test_decode_bytes_gqa_llama31_8b():
+    spec = PRESETS["llama-3.1-8b"]  # 8 KV heads of 32: 2 x 32 x 8 x 128 x 2 = 131,072 B/token
+    assert rl.decode_kv_bytes(spec, 4, 4096, "bf16") == 4 * 4096 * 131_072 == 2_147_483_648
+    # 8,030,261,248 - 128,256 x 4,096 (525,336,576) + 4 rows of 4,096, in bf16.
+    assert rl.decode_weight_bytes(spec, "bf16", 4) == 2 * 7_504_941_056
+
+
+def test_tied_embeddings_are_read_whole():
+    spec = PRESETS["llama-3.2-1b"]  # the output head reads the shared table every step
+    assert rl.decode_weight_params(spec, 1) == 1_235_814_400
+
+
+def test_kv_read_is_capped_by_the_sliding_window():
+    mistral = PRESETS["mistral-7b"]  # window 4096 on every layer, 8 KV heads: 131,072 B/token
+    assert rl.decode_kv_bytes(mistral, 1, 8192, "fp16") == 4096 * 131_072
+    assert rl.decode_kv_bytes(mistral, 1, 1000, "fp16") == 1000 * 131_072
+    # One windowed layer of two: layer 0 reads 32 tokens, layer 1 all 100; fp32, 2 KV heads of
+    # 16: 2 x 2 x 16 x 4 = 256 bytes per token and layer.
+    spec = PRESETS["debug"].with_updates(sliding_window=32, sliding_window_layers=(0,))
+    assert rl.decode_kv_bytes(spec, 1, 100, "fp32") == (32 + 100) * 256
+    assert rl.mean_decode_step_bytes(spec, 1, [10, 20], "fp32", "fp32") == \
+        rl.decode_weight_bytes(spec, "fp32", 1) + 15 * 2 * 256
+
+
+def test_moe_reads_active_experts_at_batch1_and_more_with_the_batch():
+    spec = PRESETS["mixtral-8x7b"]
+    # Active parameters: per layer attention 41,943,040 + 2 experts 352,321,536 + router 32,768
+    # + norms 8,192 = 394,305,536; x 32 + embeddings 262,144,000 + final norm = 12,879,925,248.
+    assert rl.decode_weight_params(spec, 1) == 12_879_925_248 - 131_072_000 + 4_096
+    # Two tokens use 8 x (1 - (6/8)^2) = 3.5 experts on average: 1.5 more per layer.
+    assert rl.expected_experts(spec, 2) == pytest.approx(3.5)
+    extra = 1.5 * 3 * 4096 * 14336 * 32 + 4096
+    assert rl.decode_weight_params(spec, 2) == pytest.approx(12_748_857_344 + extra)
+    # A large batch touches every expert.
+    assert rl.decode_weight_params(spec, 1024) == pytest.approx(
+        46_702_792_704 - 131_072_000 + 1024 * 4096)
+
+
+def test_prefill_flops_llama2_7b_2048():
+    assert rl.matmul_params(LLAMA2) == 6_738_415_616 - 266_240 - 131_072_000
+    dense = 2 * 6_607_077_376 * 2048
+    # QK^T and PV: 2 x (128 + 128) FLOPs per visible pair, 32 heads, 32 layers, 2048 x 2049 / 2.
+    attention = 2 * 256 * 32 * 32 * (2048 * 2049 // 2)
+    assert rl.attention_flops(LLAMA2, 1, 2048) == attention == 1_100_048_498_688
+    assert rl.prefill_flops(LLAMA2, 1, 2048) == dense + attention == 28_162_637_430_784
+    assert rl.prefill_flops(LLAMA2, 3, 2048) == 3 * (dense + attention)
+
+
+def test_causal_pairs_with_and_without_a_window():
+    assert rl.causal_pairs(4) == 1 + 2 + 3 + 4
+    assert rl.causal_pairs(4, window=2) == 1 + 2 + 2 + 2
+    assert rl.causal_pairs(4, window=8) == 10
+
+
+def test_utilisation_and_the_plausibility_flag():
+    gbps = rl.achieved_gbps(13_483_130_880, 5.0)  # bytes per step at a 5 ms TPOT
+    assert gbps == pytest.approx(2696.626176)
+    assert rl.pct(gbps, 3000.0) == pytest.approx(89.88754, rel=1e-6)
+    assert rl.pct(None, 3000.0) is None and rl.pct(1.0, None) is None
+    assert rl.roofline_warnings(89.9, 55.0) == []
+    notes = rl.roofline_warnings(130.0, 101.0)
+    assert len(notes) == 2 and all("measurement error" in n for n in notes)
+
+
+def test_measure_roofline_on_the_cpu():
+    peaks = rl.measure_roofline(torch.device("cpu"), repeats=3, copy_bytes=1 << 20, matmul_n=64)
+    assert peaks.hbm_gbps > 0 and peaks.matmul_tflops > 0
+    assert len(peaks.samples["hbm_copy_ms"]) == len(peaks.samples["matmul_ms"]) == 3
+    metrics = peaks.metrics()
+    assert metrics["roofline_copy_bytes"] == 1 << 20 and metrics["roofline_matmul_dtype"] == \
+        "float32"
+    assert any("only 3 samples" in w for w in peaks.warnings)
