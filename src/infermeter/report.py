@@ -1,0 +1,175 @@
+"""`infermeter report`: many Results -> tables (terminal, markdown, CSV, HTML) and PNG plots.
+
+Reads Results only, never a live model (DESIGN.md). The parts:
+
+  report_load    files, folders and JSONL -> Records; bad files skipped with a warning
+  report_select  columns (device x model x tp) and their representative Results and cases
+  report_derive  reload-vs-recompute break-even, plausibility checks
+  report_tables  the tables and notes as plain strings
+  report_render  terminal / markdown / CSV;  report_html  the HTML page;  report_plots  PNGs
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from infermeter.errors import InfermeterError
+from infermeter.report_derive import column_warnings
+from infermeter.report_load import Record, load_records, require_records
+from infermeter.report_seed import seed_column
+from infermeter.report_select import Column, column_key, group_columns
+from infermeter.report_tables import (
+    EXTENDED_CAPTION,
+    EXTENDED_ROWS,
+    REFERENCE_CAPTION,
+    REFERENCE_ROWS,
+    Report,
+    Table,
+    breakeven_table,
+    column_sources,
+    extended_cells,
+    reference_cells,
+    unused_notes,
+)
+
+FORMATS = ("terminal", "markdown", "csv", "html")
+_SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".html": "html",
+                   ".htm": "html"}
+PLOTS_NEED = "plots need matplotlib: pip install 'infermeter[report]'"
+
+
+def choose_format(fmt: str | None, output: str | None) -> str:
+    """--format if given, else from --output's suffix (.md, .csv, .html), else terminal."""
+    if fmt:
+        return fmt
+    return _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "terminal") if output else "terminal"
+
+
+def build_report(paths: Sequence[str], with_seed: bool = False,
+                 warn: Callable[[str], None] | None = None) -> Report:
+    """The report; `warn` gets one line per skipped input (naming it and why), before the
+    error that no Results at all were found, so the user sees why."""
+    loaded = load_records(paths)
+    for line in loaded.skipped if warn else []:
+        warn(line)
+    require_records(list(paths), loaded)
+    columns, kvs = group_columns(loaded.records)
+    if with_seed:
+        columns.insert(0, seed_column())
+    return assemble(columns, loaded.records, kvs)
+
+
+def _warning_ref(warnings: list[str], first: int) -> str:
+    if not warnings:
+        return "none"
+    if len(warnings) == 1:
+        return f"1 (note {first})"
+    return f"{len(warnings)} (notes {first}-{first + len(warnings) - 1})"
+
+
+def assemble(columns: list[Column], records: list[Record], kvs: list[Record]) -> Report:
+    notes = [column_sources(c) for c in columns]
+    refs = []
+    for column in columns:
+        warnings = column_warnings(column) if column.seed is None else []
+        refs.append(_warning_ref(warnings, len(notes) + 1))
+        notes += [f"{column.key.label}: {w}" for w in warnings]
+    notes += [f"{r.source}: {note}" for r in sorted(records, key=lambda r: r.source)
+              for note in r.notes]
+    notes += unused_notes(columns)
+    named = {(c.key.model, c.key.tp) for c in columns}
+    notes += [f"{r.source}: kv Result of {r.model.get('name')} (analytic), no measured column "
+              "of that model and tp to size" for r in kvs
+              if (column_key(r).model, column_key(r).tp) not in named]
+    labels = [c.key.label for c in columns]
+    reference = Table("reference", "Reference table", REFERENCE_CAPTION, ["Device"] + labels,
+                      _rows(REFERENCE_ROWS, [reference_cells(c) for c in columns]))
+    extended = Table("extended", "Extended table", EXTENDED_CAPTION, ["Device"] + labels,
+                     _rows(EXTENDED_ROWS, [extended_cells(c, ref)
+                                           for c, ref in zip(columns, refs)]))
+    tables = [reference, extended]
+    if (derived := breakeven_table(columns)) is not None:
+        tables.append(derived)
+    else:
+        notes.append("Reload vs recompute: no column has both a copy Result and a batch-1 "
+                     "generate Result with TTFT, so no break-even was derived")
+    return Report(tables, notes, columns)
+
+
+def _rows(labels: Sequence[str], cells: list[list[str]]) -> list[list[str]]:
+    return [[label] + [column[i] for column in cells] for i, label in enumerate(labels)]
+
+
+def _plots_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def html_page(report: Report) -> str:
+    from infermeter.report_html import render_html
+    from infermeter.report_plots import make_plots
+
+    if not _plots_available():
+        return render_html(report, [], PLOTS_NEED)
+    return render_html(report, make_plots(report.columns))
+
+
+def render(report: Report, fmt: str, width: int = 160) -> str:
+    from infermeter import report_render
+
+    if fmt == "markdown":
+        return report_render.render_markdown(report)
+    if fmt == "csv":
+        return report_render.render_csv(report)
+    if fmt == "html":
+        return html_page(report)
+    if fmt == "terminal":
+        return report_render.render_terminal(report, width)
+    raise InfermeterError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename: never a half-written file."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InfermeterError(f"{path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise InfermeterError(f"{path}: cannot write there ({err.strerror})") from None
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is meant to be read and shared
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InfermeterError(f"{path}: cannot write it ({err.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plots(report: Report, folder: str) -> list[Path]:
+    """Every plot as a PNG file in `folder` (created if missing), each written atomically."""
+    from infermeter.report_plots import make_plots
+
+    if not _plots_available():
+        raise InfermeterError(PLOTS_NEED)
+    target = Path(folder)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InfermeterError(f"{folder}: cannot create the plots folder ({err})") from None
+    written = []
+    for plot in make_plots(report.columns):
+        atomic_write(target / plot.name, plot.png)
+        written.append(target / plot.name)
+    return written

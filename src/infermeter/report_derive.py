@@ -1,0 +1,163 @@
+"""Numbers the report derives from Results: reload-vs-recompute break-even, plausibility checks.
+
+Break-even. When a sequence's KV cache has been offloaded to host memory and the sequence comes
+back, its cache can be reloaded over the link or recomputed by a prefill of its tokens. For a
+context of n tokens on one device x model x tp:
+
+- reload(n) = n x KV bytes per token / the measured host-to-device GB/s of the column's
+  representative pinned copy (report_select). A copy of a few MiB reaches less than the large
+  copy measured, so short contexts reload somewhat slower than this.
+- prefill(n) = piecewise linear through (0, 0) and the measured batch-1 (prompt length, TTFT)
+  points (median per prompt length); beyond the longest measured prompt, linear at that
+  prompt's prefill throughput. Attention's cost grows with n^2, so a long prefill is slower than
+  this line: the model understates recompute at long contexts, never reload's advantage.
+
+Reloading "wins from" the shortest context of the grid 512, 1k, ..., 32k tokens from which reload
+is faster at that and every longer grid context.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from infermeter.report_load import Record
+from infermeter.report_select import (
+    Column,
+    CopyPick,
+    batch_size,
+    has_timing,
+    num,
+    pick_copy,
+    tpot,
+)
+
+CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+NOISY_COV = 0.05  # DESIGN.md: flag results whose coefficient of variation is above 5%
+FEW_COPY_SAMPLES = 5
+FEW_TPOT_SAMPLES = 10
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    reload_gbps: float
+    kv_bytes_per_token: float
+    prefill_points: tuple[tuple[float, float], ...]  # (prompt tokens, TTFT ms), sorted
+    rows: tuple[tuple[int, float, float], ...]  # (context, reload ms, prefill ms)
+    wins_from: int | None  # None: recompute is faster at the longest grid context
+
+
+def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
+    """Batch-1 (prompt tokens, prefill ms), the median TTFT per prompt length."""
+    by_len: dict[float, list[float]] = {}
+    for record in records:
+        tokens = num(record.config.get("prompt_len"))
+        if batch_size(record) != 1 or not tokens:
+            continue
+        ms = num(record.metrics.get("ttft_ms"))
+        rate = num(record.metrics.get("prefill_tok_per_s"))
+        if ms is None and rate:
+            ms = tokens / rate * 1e3
+        if ms and ms > 0:
+            by_len.setdefault(tokens, []).append(ms)
+    return tuple((n, statistics.median(v)) for n, v in sorted(by_len.items()))
+
+
+def prefill_ms(points: tuple[tuple[float, float], ...], n: float) -> float:
+    previous = (0.0, 0.0)
+    for tokens, ms in points:
+        if n <= tokens:
+            (t0, m0), span = previous, tokens - previous[0]
+            return m0 + (ms - m0) * (n - t0) / span
+        previous = (tokens, ms)
+    tokens, ms = points[-1]
+    return ms * n / tokens  # beyond the longest prompt: its throughput, linear in tokens
+
+
+def break_even(column: Column) -> BreakEven | None:
+    pick = pick_copy(column)
+    points = prefill_points(column.generates)
+    if not pick or not pick.h2d or not points or not pick.kv_bytes or not pick.tokens:
+        return None
+    gbps, per_token = num(pick.h2d["gbps"]), pick.kv_bytes / pick.tokens
+    rows = tuple((n, n * per_token / (gbps * 1e9) * 1e3, prefill_ms(points, n))
+                 for n in CONTEXTS)
+    wins_from = None
+    for n, reload, prefill in reversed(rows):
+        if reload >= prefill:
+            break
+        wins_from = n
+    return BreakEven(gbps, per_token, points, rows, wins_from)
+
+
+def _copy_checks(pick: CopyPick) -> list[str]:
+    out = []
+    for direction, case in (("h2d", pick.h2d), ("d2h", pick.d2h)):
+        if not case:
+            continue
+        name = f"copy {direction} {case.get('layout')} {case.get('method')}"
+        pct, stats = num(case.get("link_pct")), case.get("stats") or {}
+        if pct is not None and pct > 100:
+            out.append(f"{name}: {pct:.0f}% of the link peak, more than the link carries")
+        if case.get("host_pinned") is False:
+            out.append(f"{name}: asked for pinned host memory, got pageable")
+        cov, n = num(stats.get("cov")), num(stats.get("n"))
+        if cov is not None and cov > NOISY_COV:
+            out.append(f"{name}: noisy, cov {cov:.1%} > {NOISY_COV:.0%}")
+        if n is not None and n < FEW_COPY_SAMPLES:
+            out.append(f"{name}: only {n:.0f} samples")
+    return out
+
+
+def _generate_checks(record: Record) -> list[str]:
+    """Checks a generate Result may not have made itself (older or other writers)."""
+    m, out, own = record.metrics, [], " ".join(record.warnings)
+    for name, label in (("mbu_pct", "MBU"), ("mfu_pct", "MFU")):
+        pct = num(m.get(name))
+        if pct is not None and pct > 100 and label not in own:
+            out.append(f"{label} {pct:.0f}% > 100%, above the measured roofline")
+    step, hbm, rate = (num(m.get(k)) for k in ("bytes_per_decode_step", "hbm_gbps_measured",
+                                                "decode_tok_per_s"))
+    batch = batch_size(record) or 1
+    if step and hbm and rate and rate > batch * hbm * 1e9 / step * 1.001:
+        out.append(f"{rate:,.0f} decode tok/s is above the HBM roofline "
+                   f"({batch * hbm * 1e9 / step:,.0f} tok/s at {hbm:,.0f} GB/s)")
+    # Per-step TPOT spread is not checked: steps differ by design (the context grows); the
+    # Result's writer checks the per-run decode time instead.
+    stats = m.get("tpot_ms") if isinstance(m.get("tpot_ms"), dict) else {}
+    n = num(stats.get("n"))
+    if n is not None and n < FEW_TPOT_SAMPLES:
+        out.append(f"TPOT from only {n:.0f} decode steps")
+    if tpot(record, "p50") is None and num(m.get("decode_tok_per_s")) is None:
+        out.append("no decode timing in this Result")
+    return out
+
+
+def _setting(record: Record) -> str:
+    cfg = record.config
+    if record.kind == "copy":
+        return f"copy {cfg.get('batch_size', '?')}×{cfg.get('seq_len', '?')}"
+    parts = [f"{label} {cfg[key]}" for key, label in (("batch_size", "batch"),
+             ("context", "context"), ("prompt_len", "prompt")) if cfg.get(key) is not None]
+    if cfg.get("context") is not None and cfg.get("prompt_len") == cfg.get("context"):
+        parts.pop()  # a --context set: its prompt is the context
+    parts += [str(cfg["mode"])] if cfg.get("mode") else []
+    return f"generate {', '.join(parts)}".strip()
+
+
+def column_warnings(column: Column) -> list[str]:
+    """Every Result's own warnings and the report's plausibility checks, each once.
+
+    The checks cover every timed generate Result of the column (a broken run anywhere in a sweep
+    is worth seeing) and the copy cases the tables show.
+    """
+    out: list[str] = []
+    for record in column.copies:
+        out += [f"{_setting(record)}: {w}" for w in record.warnings]
+    if (pick := pick_copy(column)) is not None:
+        out += [f"{_setting(pick.record)}: {w}" for w in _copy_checks(pick)]
+    for record in column.generates:
+        if has_timing(record):
+            checks = list(record.warnings) + _generate_checks(record)
+            out += [f"{_setting(record)}: {w}" for w in checks]
+    return list(dict.fromkeys(out))

@@ -1,0 +1,197 @@
+"""Which Results make a report column, and which of their cases stand for it.
+
+A column is one device x model x tensor-parallel degree. Several Results usually feed one column
+(a copy sweep, generate runs at several batch sizes and contexts), so the reference table needs
+one representative of each kind, chosen by fixed rules (written in the table caption):
+
+- moving: the copy Result nearest the seed setting (batch 1, then the sequence length nearest
+  512), and in it the pinned-host case of the engine layout (per-layer K and V tensors, what an
+  engine really holds and what the seed moved) with the fastest method, per direction; if the
+  Result has no engine layout, the contiguous layout, then paged;
+- tokens: a generate Result at batch 1, fixed length (not --until-eos), compiled mode first,
+  then eager, then anything else, with the context nearest 512 tokens.
+
+Ties are broken by the Result's source (file and line), so the same files always give the same
+table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermeter.report_load import Record
+
+SEED_CONTEXT = 512
+LAYOUT_ORDER = ("engine", "contiguous", "paged")
+MODE_ORDER = ("compiled", "eager")
+
+
+def num(value: Any) -> float | None:
+    """A finite number or None: booleans, strings, NaN and missing values are all 'not measured'."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def dig(data: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+@dataclass(frozen=True, order=True)
+class ColumnKey:
+    device: str
+    model: str
+    tp: int
+
+    @property
+    def label(self) -> str:
+        device = f"{self.tp}× {self.device}" if self.tp > 1 else self.device
+        return f"{device} · {self.model}" + (f" (tp {self.tp})" if self.tp > 1 else "")
+
+
+@dataclass
+class Column:
+    key: ColumnKey
+    copies: list[Record] = field(default_factory=list)
+    generates: list[Record] = field(default_factory=list)
+    kvs: list[Record] = field(default_factory=list)
+    seed: dict[str, Any] | None = None  # the published seed numbers (see report_seed)
+
+
+def column_key(record: Record) -> ColumnKey:
+    device = record.env.get("device_name") or record.config.get("device") or "unknown device"
+    tp = record.config.get("tp")
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else 1
+    return ColumnKey(str(device), str(record.model.get("name") or "unknown model"), tp)
+
+
+def group_columns(records: list[Record]) -> tuple[list[Column], list[Record]]:
+    """Columns (sorted by device, model, tp) and the kv Results, which belong to no device.
+
+    kv Results are analytic (computed, not measured), so they name no GPU; they only fill the
+    KV-cache size of a column of the same model and tp that has no copy Result.
+    """
+    columns: dict[ColumnKey, Column] = {}
+    kvs = []
+    # by source, so that the order the paths were given in changes nothing in the report
+    for record in sorted(records, key=lambda r: r.source):
+        if record.kind == "kv":
+            kvs.append(record)
+            continue
+        key = column_key(record)
+        column = columns.setdefault(key, Column(key))
+        (column.copies if record.kind == "copy" else column.generates).append(record)
+    for column in columns.values():
+        column.kvs = [r for r in kvs if (column_key(r).model, column_key(r).tp)
+                      == (column.key.model, column.key.tp)]
+    return [columns[key] for key in sorted(columns)], kvs
+
+
+def _context_distance(tokens: Any) -> float:
+    value = num(tokens)
+    return abs(math.log2(value / SEED_CONTEXT)) if value and value > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class CopyPick:
+    record: Record
+    h2d: dict[str, Any] | None
+    d2h: dict[str, Any] | None
+
+    @property
+    def kv_bytes(self) -> float | None:
+        return num(self.record.metrics.get("kv_cache_bytes"))
+
+    @property
+    def tokens(self) -> float | None:
+        batch, seq = num(self.record.config.get("batch_size")), num(
+            self.record.config.get("seq_len"))
+        return batch * seq if batch and seq else None
+
+
+def _cases(record: Record) -> list[dict[str, Any]]:
+    cases = record.metrics.get("cases")
+    return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
+
+
+def best_case(record: Record, direction: str) -> dict[str, Any] | None:
+    """The fastest pinned case of the first layout (engine, contiguous, paged) that has one."""
+    for layout in LAYOUT_ORDER:
+        cases = [c for c in _cases(record) if c.get("layout") == layout
+                 and c.get("host_memory") == "pinned" and c.get("direction") == direction
+                 and num(c.get("gbps")) and num(c.get("moving_time_ms"))]
+        if cases:
+            return max(cases, key=lambda c: (num(c["gbps"]), str(c.get("method"))))
+    return None
+
+
+def pick_copy(column: Column) -> CopyPick | None:
+    def rank(record: Record) -> tuple:
+        batch = num(record.config.get("batch_size"))
+        return (batch != 1, _context_distance(record.config.get("seq_len")),
+                -len(_cases(record)), record.source)
+
+    usable = [r for r in column.copies if best_case(r, "h2d") or best_case(r, "d2h")]
+    if not usable:
+        return None
+    record = min(usable, key=rank)
+    return CopyPick(record, best_case(record, "h2d"), best_case(record, "d2h"))
+
+
+def has_timing(record: Record) -> bool:
+    m = record.metrics
+    return any(num(m.get(k)) is not None for k in (
+        "generation_time_s", "token_generation_speed", "decode_tok_per_s", "ttft_ms")) or \
+        tpot(record, "p50") is not None
+
+
+def tpot(record: Record, which: str) -> float | None:
+    """TPOT percentile in ms; an older Result that stored one number is read as its p50."""
+    value = record.metrics.get("tpot_ms")
+    if isinstance(value, dict):
+        return num(value.get(which))
+    return num(value) if which == "p50" else None
+
+
+def context(record: Record) -> float | None:
+    """The KV tokens a run decodes against: --context if it was a context set, else the mean
+    context of its decode steps, else its prompt length (a copy: its seq_len)."""
+    cfg, m = record.config, record.metrics
+    for value in (cfg.get("context"), m.get("decode_context_mean"), cfg.get("prompt_len"),
+                  cfg.get("seq_len")):
+        if num(value):
+            return num(value)
+    return None
+
+
+def batch_size(record: Record) -> float | None:
+    return num(record.config.get("batch_size"))
+
+
+def mode_rank(record: Record) -> int:
+    mode = record.config.get("mode")
+    return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
+
+
+def pick_generate(column: Column) -> Record | None:
+    def rank(record: Record) -> tuple:
+        return (batch_size(record) != 1, bool(record.config.get("until_eos")), mode_rank(record),
+                _context_distance(context(record)), record.source)
+
+    timed = [r for r in column.generates if has_timing(r)]
+    return min(timed, key=rank) if timed else None
+
+
+def pick_kv(column: Column) -> Record | None:
+    def rank(record: Record) -> tuple:
+        return (batch_size(record) != 1, _context_distance(record.config.get("seq_len")),
+                record.source)
+
+    usable = [r for r in column.kvs if num(r.metrics.get("kv_cache_bytes"))]
+    return min(usable, key=rank) if usable else None

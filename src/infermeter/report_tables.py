@@ -1,0 +1,235 @@
+"""The report's tables as plain data (title, caption, header, rows of strings) and its notes.
+
+Renderers (report_render, report_html) only lay these out, so every format shows the same cells.
+Columns are sorted by device, model and tp, rows are fixed, and no cell holds a time of day, so the
+same Results always give the same tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermeter import report_format as fmt
+from infermeter import report_seed
+from infermeter.report_derive import CONTEXTS, BreakEven, break_even
+from infermeter.report_load import Record
+from infermeter.report_select import (
+    Column,
+    CopyPick,
+    batch_size,
+    context,
+    has_timing,
+    num,
+    pick_copy,
+    pick_generate,
+    pick_kv,
+    tpot,
+)
+
+REFERENCE_ROWS = ("KV Cache Size", "Moving Time (htod, dtoh)", "Moving Bandwidth",
+                  "Total Tokens", "Token Generation Time", "Token Generation Speed")
+
+REFERENCE_CAPTION = (
+    "One column per device × model × tp. Moving: of the column's copy Results the one nearest "
+    "batch 1 × 512 tokens, and in it the pinned-host case of the engine layout (per-layer K and V "
+    "tensors, as the engine holds them and the seed moved them) with the fastest method, each "
+    "direction (the contiguous layout, then paged, where a Result has no engine layout); time to "
+    "move the whole cache one way, htod then dtoh. Tokens: a batch-1, fixed-length generate "
+    "Result (compiled mode first, then eager; context nearest 512); Token Generation Speed = "
+    "total tokens / generation time, prefill included, as the seed computed it. MiB = 2^20 bytes, "
+    "GB/s = 1e9 bytes/s; '-' = not measured for that column.")
+
+EXTENDED_CAPTION = (
+    "The same columns and representative Results as the reference table. Link %: the moving "
+    "bandwidth against the link's peak per direction. TTFT: prefill of the prompt to the first "
+    "token; TPOT: one decode step (median / p90); decode speed excludes prefill; MBU / MFU: "
+    "against the HBM bandwidth and matmul FLOP/s measured in the same run. Warnings: the "
+    "Results' own and the report's plausibility checks, listed in the notes.")
+
+BREAKEVEN_CAPTION = (
+    "Reload a sequence's KV cache from pinned host memory, or recompute it with a prefill? "
+    "Reload = tokens × KV bytes per token / the column's measured htod GB/s. Prefill = piecewise "
+    "linear through the measured batch-1 (prompt length, TTFT) points and (0, 0), linear at the "
+    "longest prompt's prefill throughput beyond it; attention makes real long prefills slower "
+    "than this line, so recompute is if anything understated. Only columns with both copy and "
+    "generate Results.")
+
+
+@dataclass
+class Table:
+    key: str
+    title: str
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Report:
+    tables: list[Table]
+    notes: list[str]
+    columns: list[Column] = field(default_factory=list)
+
+
+def _case_label(case: dict[str, Any] | None) -> str:
+    if not case:
+        return fmt.MISSING
+    layout = case.get("layout")
+    if layout == "paged":
+        layout = f"paged/{case.get('block_tokens')}"
+    return f"{layout} {case.get('method')}"
+
+
+def _kv_cell(column: Column, pick: CopyPick | None) -> str:
+    if pick and pick.kv_bytes:
+        cfg = pick.record.config
+        return f"{fmt.size(pick.kv_bytes)} ({cfg.get('batch_size')}×{cfg.get('seq_len')})"
+    kv = pick_kv(column)
+    if kv:
+        cfg = kv.config
+        return (f"{fmt.size(num(kv.metrics['kv_cache_bytes']))} ({cfg.get('batch_size')}×"
+                f"{cfg.get('seq_len')}, analytic)")
+    gen = pick_generate(column)
+    return fmt.size(num(gen.metrics.get("kv_cache_bytes"))) if gen else fmt.MISSING
+
+
+def reference_cells(column: Column) -> list[str]:
+    if column.seed is not None:
+        return report_seed.reference_cells()
+    pick, gen = pick_copy(column), pick_generate(column)
+    h2d, d2h = (pick.h2d, pick.d2h) if pick else (None, None)
+
+    def case(c: dict[str, Any] | None, name: str) -> float | None:
+        return num(c.get(name)) if c else None
+
+    m = gen.metrics if gen else {}
+    return [_kv_cell(column, pick),
+            fmt.pair(fmt.ms(case(h2d, "moving_time_ms")), fmt.ms(case(d2h, "moving_time_ms"))),
+            fmt.pair(fmt.gbps(case(h2d, "gbps")), fmt.gbps(case(d2h, "gbps"))),
+            fmt.count(num(m.get("total_tokens"))), fmt.seconds(num(m.get("generation_time_s"))),
+            fmt.tok_s(num(m.get("token_generation_speed")))]
+
+
+def _generate_setting(gen: Record | None) -> str:
+    if not gen:
+        return fmt.MISSING
+    cfg = gen.config
+    parts = [str(cfg[k]) for k in ("mode", "dtype") if cfg.get(k)]
+    parts += [f"{label} {cfg[k]}" for k, label in (("batch_size", "batch"), ("prompt_len",
+              "prompt"), ("context", "context")) if cfg.get(k) is not None]
+    return ", ".join(parts) or fmt.MISSING
+
+
+def _best_batch(column: Column) -> str:
+    rated = [(num(r.metrics.get("decode_tok_per_s")), batch_size(r) or 0, r.source)
+             for r in column.generates if num(r.metrics.get("decode_tok_per_s"))]
+    if not rated:
+        return fmt.MISSING
+    rate, batch, _ = max(rated, key=lambda t: (t[0], -t[1], t[2]))
+    return f"{fmt.tok_s(rate)} (batch {batch:.0f})"
+
+
+def _breakeven_cell(result: BreakEven | None) -> str:
+    if result is None:
+        return fmt.MISSING
+    if result.wins_from is None:
+        return f"recompute faster up to {result.rows[-1][0]:,} tokens"
+    ratios = [prefill / reload for n, reload, prefill in result.rows if n >= result.wins_from]
+    low, high = f"{min(ratios):.1f}", f"{max(ratios):.1f}"
+    span = low if low == high else f"{low}-{high}"
+    if result.wins_from == CONTEXTS[0]:
+        return f"every context {CONTEXTS[0]:,}-{CONTEXTS[-1]:,} tokens (reload {span}× faster)"
+    return f"{result.wins_from:,} tokens (reload {span}× faster from there)"
+
+
+def extended_cells(column: Column, warning_ref: str) -> list[str]:
+    if column.seed is not None:
+        return [fmt.MISSING] * (len(EXTENDED_ROWS) - 1) + [warning_ref]
+    pick, gen = pick_copy(column), pick_generate(column)
+    link = pick.record.metrics if pick else {}
+    m = gen.metrics if gen else {}
+    h2d, d2h = (pick.h2d, pick.d2h) if pick else (None, None)
+    p50, p90 = (tpot(gen, "p50"), tpot(gen, "p90")) if gen else (None, None)
+    return [
+        str(link.get("link_description") or fmt.gbps(num(link.get("link_peak_gbps")))),
+        fmt.pair(fmt.pct(num((h2d or {}).get("link_pct"))),
+                 fmt.pct(num((d2h or {}).get("link_pct")))),
+        fmt.pair(_case_label(h2d), _case_label(d2h)),
+        _generate_setting(gen),
+        fmt.ms(num(m.get("ttft_ms"))),
+        f"{fmt.ms(p50)} / {fmt.ms(p90)}" if p50 is not None else fmt.MISSING,
+        fmt.tok_s(num(m.get("decode_tok_per_s"))),
+        _best_batch(column),
+        fmt.tok_s(num(m.get("prefill_tok_per_s"))),
+        fmt.pct(num(m.get("mbu_pct"))), fmt.pct(num(m.get("mfu_pct"))),
+        fmt.gbps(num(m.get("hbm_gbps_measured"))),
+        _breakeven_cell(break_even(column)),
+        warning_ref]
+
+
+EXTENDED_ROWS = ("Link", "Link % (htod, dtoh)", "Moving case (htod, dtoh)", "Generate setting",
+                 "TTFT", "TPOT p50 / p90", "Decode speed", "Decode speed, best batch",
+                 "Prefill speed", "MBU", "MFU", "HBM bandwidth measured", "Reload wins from",
+                 "Warnings")
+
+
+def _transpose(columns: list[Column], cells: list[list[str]], labels: tuple[str, ...]) \
+        -> list[list[str]]:
+    return [[label] + [col[i] for col in cells] for i, label in enumerate(labels)]
+
+
+def breakeven_table(columns: list[Column]) -> Table | None:
+    derived = [(c, b) for c in columns if c.seed is None and (b := break_even(c))]
+    if not derived:
+        return None
+    rows = [["KV per token, htod"] + [f"{fmt.size(b.kv_bytes_per_token)} at "
+                                      f"{fmt.gbps(b.reload_gbps)}" for _, b in derived]]
+    rows.append(["Prefill points (tokens: TTFT)"] + [", ".join(
+        f"{n:,.0f}: {fmt.ms(t)}" for n, t in b.prefill_points) for _, b in derived])
+    for i, n in enumerate(CONTEXTS):  # every BreakEven's rows follow CONTEXTS
+        cells = []
+        for _, b in derived:
+            _, reload, prefill = b.rows[i]
+            winner = "reload" if reload < prefill else "recompute"
+            cells.append(f"{fmt.ms(reload)} vs {fmt.ms(prefill)}: {winner}")
+        rows.append([f"{n:,} tokens (reload vs prefill)"] + cells)
+    return Table("breakeven", "Reload vs recompute", BREAKEVEN_CAPTION,
+                 ["Context"] + [c.key.label for c, _ in derived], rows)
+
+
+def column_sources(column: Column) -> str:
+    if column.seed is not None:
+        return f"{column.key.label}: {column.seed['source']}"
+    pick, gen = pick_copy(column), pick_generate(column)
+    parts = []
+    if pick:
+        parts.append(f"moving from {pick.record.source}")
+    if gen:
+        parts.append(f"tokens from {gen.source} (context {fmt.count(context(gen))})")
+    return f"{column.key.label}: " + ("; ".join(parts) or "no usable copy or timed generate Result")
+
+
+def unused_notes(columns: list[Column]) -> list[str]:
+    out = []
+    for column in columns:
+        for record in column.generates:
+            if has_timing(record):
+                continue
+            what = record.config.get("benchmark")
+            why = (" (out of memory)" if record.metrics.get("oom") is True
+                   else f" (benchmark {what})" if what else "")
+            out.append(f"{record.source}: a generate Result without timing metrics{why}, "
+                       "not in the tables")
+    return out
+
+
+def reference_numbers(column: Column) -> dict[str, float | None]:
+    """The headline figures as numbers (for the bar chart), None where not measured."""
+    if column.seed is not None:
+        return report_seed.headline_numbers()
+    pick, gen = pick_copy(column), pick_generate(column)
+    m = gen.metrics if gen else {}
+    return {"h2d_gbps": num(pick.h2d.get("gbps")) if pick and pick.h2d else None,
+            "tok_per_s": num(m.get("token_generation_speed")),
+            "tpot_ms": tpot(gen, "p50") if gen else None, "ttft_ms": num(m.get("ttft_ms"))}

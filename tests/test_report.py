@@ -1,0 +1,231 @@
+"""`infermeter report`: tables, break-even, plots and bad input, from the fixture Results.
+
+The fixtures (tests/fixtures/report/) are hand-written Results with plausible numbers, not
+measurements: copy Results of an H100 and an H200, generate Results of both (a batch and context
+sweep on the H100, a tp-2 run, one implausible run above the HBM roofline), a kv Result, one of an
+older schema and one with fields missing. tests/fixtures/report-bad/ holds files that are not
+Results at all.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infermeter import report_render
+from infermeter.errors import InfermeterError
+from infermeter.report import build_report, render, write_plots
+from infermeter.report_derive import CONTEXTS, break_even, prefill_ms
+from infermeter.report_load import Record
+from infermeter.report_select import Column, ColumnKey
+from infermeter.report_tables import REFERENCE_ROWS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOOD, BAD = FIXTURES / "report", FIXTURES / "report-bad"
+H100 = "NVIDIA H100 80GB HBM3 · llama-2-7b"
+H200 = "NVIDIA H200 · llama-2-7b"
+
+
+def table(report, key):
+    (found,) = [t for t in report.tables if t.key == key]
+    return found
+
+
+def cells(tab, column):
+    index = tab.header.index(column)
+    return {row[0]: row[index] for row in tab.rows}
+
+
+@pytest.fixture(scope="module")
+def report():
+    return build_report([str(GOOD)])
+
+
+def test_reference_table_rows_columns_and_units(report):
+    ref = table(report, "reference")
+    assert ref.header == ["Device", "NVIDIA A100-SXM4-80GB · llama-2-7b",
+                          "2× NVIDIA H100 80GB HBM3 · llama-2-13b (tp 2)", H100, H200,
+                          "unknown device · unknown model"]
+    assert [row[0] for row in ref.rows] == list(REFERENCE_ROWS)
+    h100 = cells(ref, H100)
+    assert h100["KV Cache Size"] == "256.0 MiB (1×512)"
+    # engine layout, pinned, fastest method (staged 53.5 GB/s beats per-tensor 52.0)
+    assert h100["Moving Bandwidth"] == "53.5 GB/s, 53.5 GB/s"
+    assert h100["Moving Time (htod, dtoh)"] == "5.02 ms, 5.02 ms"
+    # batch 1, compiled, context 512: 256 tokens in 14 ms + 255 x 5.9 ms
+    assert h100["Total Tokens"] == "256"
+    assert h100["Token Generation Time"] == "1.52 s"
+    assert h100["Token Generation Speed"] == "169 tok/s"
+    assert "engine layout" in ref.caption and "batch 1" in ref.caption
+
+
+def test_extended_table_picks_and_warnings(report):
+    ext = cells(table(report, "extended"), H100)
+    assert ext["Generate setting"] == "compiled, float16, batch 1, prompt 128, context 512"
+    assert ext["TPOT p50 / p90"] == "5.90 ms / 6.02 ms"
+    assert ext["Decode speed, best batch"] == "1,524 tok/s (batch 32)"
+    assert ext["Link % (htod, dtoh)"] == "84.9%, 84.9%"
+    assert ext["Moving case (htod, dtoh)"] == "engine staged, engine staged"
+    assert ext["MBU"] == "77.7%"
+    h200 = cells(table(report, "extended"), H200)
+    assert h200["Warnings"].startswith("3 (notes")
+    assert any("above the HBM roofline" in n and n.startswith(H200) for n in report.notes)
+    assert any("noisy, cov 9.0%" in n for n in report.notes)
+
+
+def test_old_schema_and_missing_fields_render_with_a_note(report):
+    old = cells(table(report, "reference"), "NVIDIA A100-SXM4-80GB · llama-2-7b")
+    assert old["Total Tokens"] == "432" and old["Token Generation Speed"] == "-"
+    assert old["KV Cache Size"] == "256.0 MiB (1×512, analytic)"  # from the kv Result
+    assert cells(table(report, "extended"), "NVIDIA A100-SXM4-80GB · llama-2-7b")[
+        "TPOT p50 / p90"] == "24.5 ms / -"  # an old Result's single TPOT number is its p50
+    unknown = cells(table(report, "extended"), "unknown device · unknown model")
+    assert unknown["TTFT"] == "30.0 ms"
+    assert any("old-schema.json: schema 0" in n for n in report.notes)
+    assert any("missing-fields.json: fields missing: model, env" in n for n in report.notes)
+
+
+def test_breakeven_from_measured_points(report):
+    be = cells(table(report, "breakeven"), H100)
+    # reload: 512 x 512 KiB / 53.5 GB/s; prefill: between (128, 14.5 ms) and (1024, 68 ms)
+    assert be["512 tokens (reload vs prefill)"] == "5.02 ms vs 37.4 ms: reload"
+    # beyond the longest prompt (4096 in 310 ms): linear at its throughput
+    assert be["32,768 tokens (reload vs prefill)"] == "321 ms vs 2,480 ms: reload"
+    assert table(report, "breakeven").header == ["Context", H100, H200]
+    assert cells(table(report, "extended"), H100)["Reload wins from"].startswith(
+        "every context 512-32,768 tokens")
+
+
+def test_prefill_model_is_piecewise_linear():
+    points = ((100.0, 10.0), (1000.0, 200.0))
+    assert prefill_ms(points, 50) == pytest.approx(5.0)  # from (0, 0)
+    assert prefill_ms(points, 550) == pytest.approx(105.0)  # interpolated
+    assert prefill_ms(points, 4000) == pytest.approx(800.0)  # 1000 tok in 200 ms, linear
+
+
+def _record(kind, metrics, config, source):
+    return Record(kind, {"name": "m"}, config, {"device_name": "gpu"}, metrics, (), source)
+
+
+def test_breakeven_crossing_where_reload_starts_to_win():
+    # 1 MB per token at 1 GB/s = 1 ms per token to reload; prefill costs 0.5 ms per token up to
+    # 1024 tokens and 2 ms per token after: the lines cross at 1536, so reload wins from 2048
+    case = {"layout": "engine", "host_memory": "pinned", "direction": "h2d", "method": "staged",
+            "gbps": 1.0, "moving_time_ms": 1.0}
+    copy = _record("copy", {"cases": [case], "kv_cache_bytes": 1e6 * 512},
+                   {"batch_size": 1, "seq_len": 512}, "c")
+    gens = [_record("generate", {"ttft_ms": ms}, {"batch_size": 1, "prompt_len": n}, f"g{n}")
+            for n, ms in ((1024, 512.0), (4096, 6656.0))]
+    result = break_even(Column(ColumnKey("gpu", "m", 1), copies=[copy], generates=gens))
+    winners = {n: reload < prefill for n, reload, prefill in result.rows}
+    assert [winners[n] for n in CONTEXTS] == [False, False, True, True, True, True, True]
+    assert result.wins_from == 2048
+
+
+def test_markdown_and_csv_are_byte_identical_whatever_the_path_order():
+    one = build_report([str(GOOD / "generate-h100.jsonl"), str(GOOD)])
+    two = build_report([str(GOOD), str(GOOD / "generate-h100.jsonl")])
+    for fmt in ("markdown", "csv"):
+        assert render(one, fmt) == render(two, fmt) == render(build_report([str(GOOD)]), fmt)
+    text = render(one, "markdown")
+    assert "| Device | NVIDIA A100" in text and "2026" not in text  # no timestamps
+
+
+def test_csv_holds_every_table_and_the_notes(report):
+    lines = render(report, "csv").splitlines()
+    assert lines[0].startswith("reference,Device,NVIDIA A100-SXM4-80GB · llama-2-7b,")
+    assert any(line.startswith("extended,TTFT,") for line in lines)
+    assert any(line.startswith("breakeven,Context,") for line in lines)
+    assert lines[-1].startswith("notes,")
+
+
+def test_bad_inputs_are_skipped_with_a_warning_naming_each(report):
+    warnings = []
+    mixed = build_report([str(GOOD), str(BAD), str(FIXTURES / "nowhere.json")],
+                         warn=warnings.append)
+    named = " ".join(warnings)
+    for name in ("binary.json", "broken.jsonl:1", "not-a-result.json", "numbers.json",
+                 "unknown-kind.json", "nowhere.json"):
+        assert name in named
+    assert len(warnings) == 7  # numbers.json (a list of no objects) is one warning, not three
+    assert render(mixed, "markdown") == render(report, "markdown")
+
+
+def test_no_results_is_an_error(tmp_path):
+    with pytest.raises(InfermeterError, match="no infermeter Results"):
+        build_report([str(BAD)])
+    with pytest.raises(InfermeterError, match="0 file"):
+        build_report([str(tmp_path)])
+
+
+def test_seed_column(report):
+    seeded = build_report([str(GOOD)], with_seed=True)
+    ref = table(seeded, "reference")
+    assert ref.header[1] == "RTX 3090 (seed scripts) · llama-2-7b-chat"
+    seed = cells(ref, ref.header[1])
+    assert seed["Moving Bandwidth"] == "12.8 GB/s each way (seed: 12.2 GiB/s)"
+    assert seed["Token Generation Speed"] == "47.0 tok/s"
+    assert "typed in, not measured" in seeded.notes[0]
+
+
+def test_plots_are_pngs_and_written_atomically(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = write_plots(report, str(tmp_path / "plots"))
+    names = sorted(p.name for p in written)
+    assert names == ["copy-nvidia-h100-80gb-hbm3-llama-2-7b.png", "copy-nvidia-h200-llama-2-7b.png",
+                     "decode-batch.png", "headline.png", "tpot-context.png"]
+    for path in written:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == names  # no temp files left
+
+
+def test_terminal_uses_rich_or_falls_back_to_plain(report, monkeypatch):
+    text = render(report, "terminal", width=200)
+    assert "Reference table" in text and "Moving Bandwidth" in text and "Notes:" in text
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
+    plain = report_render.render_terminal(report)
+    assert "== Reference table ==" in plain and "53.5 GB/s, 53.5 GB/s" in plain
+
+
+def test_html_is_self_contained(report, monkeypatch):
+    pytest.importorskip("matplotlib")
+    page = render(report, "html")
+    assert page.count("<img ") == 5 and page.count('src="data:image/png;base64,') == 5
+    assert "http://" not in page and "https://" not in page
+    monkeypatch.setattr("infermeter.report._plots_available", lambda: False)
+    bare = render(report, "html")
+    assert "<img " not in bare and "plots need matplotlib" in bare
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "infermeter", "report", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_no_results_is_one_line_and_exit_2(tmp_path):
+    out = run_cli(str(tmp_path))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"infermeter: error: no infermeter Results in {tmp_path} (0 file(s) read, 0 skipped)"]
+    bad = run_cli(str(BAD))
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("infermeter: error:")
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_writes_the_format_its_output_names(tmp_path):
+    out = run_cli(str(GOOD), str(BAD), "--output", str(tmp_path / "r.md"))
+    assert out.returncode == 0, out.stderr
+    assert "warning: skipped" in out.stderr and "not-a-result.json" in out.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert text.startswith("# infermeter report") and "| Moving Bandwidth |" in text
+    csv = run_cli(str(GOOD), "--format", "csv")
+    assert csv.returncode == 0 and csv.stdout.startswith("reference,Device,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]  # no temp file left
+
+
+def test_importing_the_report_loads_no_plotting():
+    code = ("import sys, infermeter.report, infermeter.report_plots, infermeter.cli; "
+            "assert 'matplotlib' not in sys.modules and 'rich' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
