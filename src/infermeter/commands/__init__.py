@@ -1,0 +1,1 @@
+"""One module per subcommand: its argparse parser and the function that runs it."""

@@ -1,0 +1,42 @@
+"""What the subcommands share: a one-line-error parser, int checks, the common flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from infermeter.presets import DEFAULT_MODEL
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not usage text plus an error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print each Result as one JSON line instead of a table")
+    parser.add_argument("--output", metavar="PATH",
+                        help="append the Results to this JSONL file (written atomically)")
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """The cache a command sizes or moves: model, batch sizes, sequence lengths, KV dtype."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="preset name or path to config.json / params.json / a checkpoint "
+                        f"folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1])
+    parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
+    parser.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: "
+                        "the model's dtype)")

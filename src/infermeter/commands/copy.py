@@ -1,0 +1,97 @@
+"""`infermeter copy`: KV-cache moving speed between GPU and host memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infermeter.commands.common import add_cache_flags, add_output_flags, positive_int
+
+
+def add_copy_parser(sub: argparse._SubParsersAction) -> None:
+    from infermeter.bench.copy_cases import DIRECTIONS, HOSTS, LAYOUTS, METHODS
+
+    p = sub.add_parser("copy", help="KV-cache moving speed between GPU and host memory",
+                       description="Time moving a model's KV cache between GPU and host memory "
+                       "on its real layouts, verify the bytes, and say why it is slow. "
+                       "List-valued flags make a sweep.")
+    add_cache_flags(p)
+    p.add_argument("--layout", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                   help="engine: per-layer K and V tensors; contiguous: one buffer; paged: "
+                   "blocks of --block-tokens tokens (default: all)")
+    p.add_argument("--host", nargs="+", choices=HOSTS, default=list(HOSTS),
+                   help="seed: .cpu()/.cuda() with allocation; pageable or pinned: "
+                   "preallocated (default: all)")
+    p.add_argument("--direction", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS),
+                   help="d2h, h2d, or both at once (default: all)")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="per-tensor copies, staged (gather + chunked DMA), streams "
+                   "(round-robin over 4 streams), mapped (kernel into mapped pinned memory)")
+    p.add_argument("--block-tokens", type=positive_int, nargs="+", default=[16],
+                   help="tokens per paged block (default 16)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed samples per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before the samples")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a host-memcpy run of the whole pipeline, no GPU needed")
+    p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks: starts torchrun; "
+                   "each rank moves its own KV shard, all at the same time")
+    add_output_flags(p)
+    p.set_defaults(handler=_run_copy)
+
+
+def _run_copy(args: argparse.Namespace) -> int:
+    from infermeter.bench.copy import (
+        CopyRequest,
+        gpu_available,
+        n_cases,
+        n_runnable,
+        plan_rows,
+        run_copy,
+    )
+    from infermeter.bench.copy_report import progress_bar, render_copy, render_plan
+    from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
+    from infermeter.results import append_jsonl
+    from infermeter.spec_loaders import resolve_model
+
+    def unique(values: list) -> tuple:  # repeated flag values once, in the order given
+        return tuple(dict.fromkeys(values))
+
+    spec = resolve_model(args.model)
+    # ---- tensor parallelism (launch.py, engine/parallel.py): each rank copies its KV shard
+    if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
+        return code
+    tp = None
+    if under_torchrun():
+        from infermeter.engine.parallel import gather_results, init_distributed, rank_spec
+
+        tp = init_distributed(args.device, args.tp)
+        spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
+    # ---- end tensor parallelism
+    request = CopyRequest(spec, unique(args.batch_size), unique(args.seq_len),
+                          kv_dtype=args.kv_dtype or spec.torch_dtype, layouts=unique(args.layout),
+                          hosts=unique(args.host), directions=unique(args.direction),
+                          methods=unique(args.method), block_tokens=unique(args.block_tokens),
+                          repeats=args.repeats, warmup=args.warmup, device=args.device)
+    if args.device == "cuda" and not gpu_available():
+        print("infermeter copy: no CUDA GPU found, nothing measured (--device cpu runs a "
+              "host-memcpy version); it would move:", file=sys.stderr)
+        if not args.json:
+            print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
+        return 0
+    if tp:
+        import torch.distributed as dist
+
+        dist.barrier()  # the ranks start together: they share the host's links and memory
+    with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
+        results = run_copy(request, progress)
+    if tp:
+        results = gather_results(results, tp)  # every rank's Results, on rank 0
+        if not is_rank_zero():
+            return 0
+    if args.output:
+        append_jsonl(args.output, results)
+    if args.json:
+        print("\n".join(result.to_json() for result in results))
+    else:
+        print("\n\n".join(render_copy(result) for result in results))
+    return 0

@@ -1,0 +1,147 @@
+"""`infermeter generate`: the engine's outputs and their timing; `--dry-run` per-rank plans."""
+
+from __future__ import annotations
+
+import argparse
+
+from infermeter.commands.common import add_output_flags, positive_int
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generation speed: TTFT, TPOT, tokens/s, MBU / MFU",
+                       description="Load a checkpoint (Meta or HF) or random weights of a preset, "
+                       "generate, and time it: warm-up apart, then --repeats runs; prints the "
+                       "outputs and a table, or with --json one Result per case. List-valued "
+                       "flags make a sweep.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", "--ckpt-dir", "--ckpt_dir", dest="checkpoint",
+                        metavar="DIR", help="Meta (params.json + consolidated.NN.pth) or HF "
+                        "(config.json + *.safetensors) checkpoint folder")
+    source.add_argument("--model", help="preset name or config path: random weights, seeded")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path",
+                   help="tokenizer.model / tokenizer.json (default: beside the checkpoint)")
+    prompt = p.add_argument_group("prompts (repeat a flag for a batch; default: fixed ids)")
+    prompt.add_argument("--prompt", action="append", default=[], help="prompt text")
+    prompt.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                        help="raw token ids, e.g. 1,2,3")
+    prompt.add_argument("--dialogs", metavar="FILE", help="JSON list of chat dialogs")
+    prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"), default="auto")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--greedy", action="store_true", default=True,
+                   help="argmax decoding (the default)")
+    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+    p.add_argument("--until-eos", action="store_true",
+                   help="stop a sequence at the tokenizer's stop ids (default: fixed length)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--dtype", help="weights/activations: fp32, fp16, bf16 (default: fp32 on "
+                   "cpu, bf16 on cuda)")
+    p.add_argument("--kv-dtype", help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--mode", nargs="+", choices=("compiled", "eager", "hf", "hf-eager"),
+                   help="compiled: torch.compile'd decode step (CUDA graphs on GPU); eager: plain "
+                   "PyTorch; hf: transformers' generate with a static cache on the same weights "
+                   "(hf-eager: with its compilation off); several = side by side. Default: "
+                   "compiled on cuda, eager on cpu")
+    bench = p.add_argument_group("timing (without prompts: random ids; lists make a sweep)")
+    bench.add_argument("--batch-size", type=positive_int, nargs="+",
+                       help="sequences per batch (default 1)")
+    bench.add_argument("--prompt-len", type=positive_int, nargs="+", default=[],
+                       help="random prompts of this many tokens (TTFT, MFU)")
+    bench.add_argument("--context", type=positive_int, nargs="+", default=[],
+                       help="decode after a prompt of this many tokens: TPOT at that much KV")
+    bench.add_argument("--repeats", type=positive_int, default=5,
+                       help="timed runs per case (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed full runs per case after "
+                       "the compile / capture warm-up (default 1)")
+    bench.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                       help="measure HBM bandwidth and matmul FLOP/s first, for MBU / MFU")
+    bench.add_argument("--compile-backend", choices=("inductor", "cudagraphs"),
+                       help="how the compiled mode builds its decode step (default inductor)")
+    p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive_int,
+                   help="KV-cache length (default: prompt + new tokens, rounded up)")
+    p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",
+                   type=positive_int, help="largest batch run at once (default: all prompts)")
+    # Tensor parallelism: launch.py starts torchrun, engine/parallel.py shards the model.
+    p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks on this host: starts "
+                   "torchrun with this many (default 1; under torchrun: all its ranks)")
+    p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
+                   "(weights, KV cache, headroom) and exit, allocating nothing")
+    p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "
+                   "(default: the local GPU's, read through NVML)")
+    add_output_flags(p)
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from infermeter.bench.generation_report import progress_bar, render_generate, render_outputs
+    from infermeter.env import capture_env
+    from infermeter.generate_run import GenerateRequest, default_device, run_generate
+    from infermeter.launch import is_rank_zero, relaunch_if_needed
+    from infermeter.results import append_jsonl
+
+    # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
+    if args.dry_run:
+        return _print_rank_plan(args)
+    if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
+        return code
+    # ---- end tensor parallelism
+    device = args.device or default_device()
+    sampling = args.temperature is not None and args.temperature > 0
+    request = GenerateRequest(
+        source=args.checkpoint or f"random:{args.model}", tokenizer_path=args.tokenizer_path,
+        prompts=tuple(args.prompt), prompt_ids=tuple(args.prompt_ids),
+        dialogs_path=args.dialogs, chat_format=args.chat_format,
+        max_new_tokens=args.max_new_tokens, greedy=not sampling,
+        temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed,
+        until_eos=args.until_eos, device=device, dtype=args.dtype, kv_dtype=args.kv_dtype,
+        modes=tuple(args.mode or ["compiled" if device == "cuda" else "eager"]),
+        max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,
+        batch_sizes=tuple(args.batch_size) if args.batch_size else None,
+        prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
+        repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
+        compile_backend=args.compile_backend)
+    with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
+        results, texts = run_generate(request, capture_env(), progress=bar)
+    if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes
+        return 0
+    if args.output:
+        append_jsonl(args.output, results)
+    if args.json:
+        print("\n".join(result.to_json() for result in results))
+        return 0
+    shown = next((r for r in results if r.output_token_ids), None)
+    if shown and shown.config["prompt_source"] != "random":  # the user's (or the fixed) prompts
+        print(render_outputs(shown, texts))
+    print(render_generate(results))
+    return 0
+
+
+def _print_rank_plan(args: argparse.Namespace) -> int:
+    """generate --dry-run: each tensor-parallel rank's weights, KV cache and headroom."""
+    import json
+
+    from infermeter.env import nvml_facts
+    from infermeter.generate_run import DEFAULT_PROMPT_IDS
+    from infermeter.rankplan import cache_length, rank_plan, render_rank_plan
+    from infermeter.spec_loaders import resolve_model
+    from infermeter.units import parse_size
+
+    if args.checkpoint:
+        from infermeter.engine.checkpoint import spec_for
+
+        spec = spec_for(args.checkpoint)[0]
+    else:
+        spec = resolve_model(args.model)
+    lengths = [len(ids.split(",")) for ids in args.prompt_ids] + args.prompt_len + args.context
+    prompt_len = max(lengths or [len(DEFAULT_PROMPT_IDS)])
+    length = cache_length(spec, prompt_len, args.max_new_tokens, args.max_seq_len)
+    batch = max(args.batch_size or [len(args.prompt) + len(args.prompt_ids) or 1])
+    batch = min(batch, args.max_batch_size or batch)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    memory = parse_size(args.gpu_memory) if args.gpu_memory else nvml_facts().get(
+        "gpu_memory_bytes")
+    plan = rank_plan(spec, args.tp or 1, batch, prompt_len, length, dtype,
+                     args.kv_dtype or dtype, memory)
+    print(json.dumps(plan.to_dict()) if args.json else render_rank_plan(plan))
+    return 0

@@ -1,0 +1,88 @@
+"""`infermeter kv` and `infermeter presets`: analytic sizes; no torch needed."""
+
+from __future__ import annotations
+
+import argparse
+
+from infermeter.commands.common import add_cache_flags, add_output_flags, positive_int
+
+
+def add_kv_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kv", help="KV-cache size, weight size and what fits in GPU memory",
+                       description="Analytic KV-cache and weight sizes; a list of batch sizes "
+                       "or sequence lengths gives a sweep.")
+    add_cache_flags(p)
+    p.add_argument("--dtype", help="weight dtype (default: the model's published dtype)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--gpu-memory", help="GPU memory to fit into, e.g. 80GiB (default: the "
+                   "local GPU's, read through NVML, if there is one)")
+    p.add_argument("--reserve", default="10%",
+                   help="memory kept for activations and the CUDA context: a percent of GPU "
+                   "memory or a size (default 10%%)")
+    p.add_argument("--check-engine", action="store_true",
+                   help="also report the bytes the engine's cache code allocates (built on "
+                   "PyTorch's meta device: no memory used; tp 1)")
+    add_output_flags(p)
+    p.set_defaults(handler=_run_kv)
+
+
+def _run_kv(args: argparse.Namespace) -> int:
+    from infermeter.env import capture_env, nvml_facts
+    from infermeter.kvreport import KvRequest, kv_results, render_kv
+    from infermeter.results import append_jsonl
+    from infermeter.spec_loaders import resolve_model
+    from infermeter.units import parse_size
+
+    spec = resolve_model(args.model)
+    env = capture_env()
+    gpu_memory, source = None, None
+    if args.gpu_memory:
+        gpu_memory, source = parse_size(args.gpu_memory), "--gpu-memory"
+    elif "gpu_memory_bytes" in (local := nvml_facts()):
+        gpu_memory, source = local["gpu_memory_bytes"], f"{env['device_name']} via NVML"
+    request = KvRequest(spec, tuple(args.batch_size), tuple(args.seq_len),
+                        kv_dtype=args.kv_dtype or spec.torch_dtype,
+                        dtype=args.dtype or spec.torch_dtype, tp=args.tp,
+                        gpu_memory=gpu_memory, gpu_memory_source=source, reserve=args.reserve,
+                        check_engine=args.check_engine)
+    results = kv_results(request, env)
+    if args.output:
+        append_jsonl(args.output, results)
+    if args.json:
+        print("\n".join(result.to_json() for result in results))
+    else:
+        print(render_kv(request, results))
+        if gpu_memory is None:
+            print("(give --gpu-memory, e.g. 80GiB, to see the largest batch and context that fit)")
+    return 0
+
+
+def add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the built-in model presets")
+    p.add_argument("--json", action="store_true", help="print the presets as JSON")
+    p.set_defaults(handler=_run_presets)
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from infermeter.kvsize import kv_bytes_per_token, param_count
+    from infermeter.presets import PRESETS, PUBLISHED_PARAMS
+    from infermeter.textable import render_table
+    from infermeter.units import format_bytes, format_count
+
+    if args.json:
+        print(json.dumps({name: spec.to_dict() for name, spec in PRESETS.items()}, indent=2))
+        return 0
+    rows = []
+    for name, spec in PRESETS.items():
+        published = PUBLISHED_PARAMS.get(name)
+        if isinstance(published, tuple):
+            published = published[0]
+        rows.append([name, spec.arch, spec.n_layers, spec.dim, f"{spec.n_heads}/{spec.n_kv_heads}",
+                     spec.head_dim, format_count(param_count(spec)),
+                     format_count(published) if published else "-",
+                     format_bytes(kv_bytes_per_token(spec, spec.torch_dtype)), spec.torch_dtype])
+    print(render_table(["preset", "arch", "layers", "dim", "heads/kv", "head_dim", "params",
+                        "published", "KV/token", "dtype"], rows))
+    return 0

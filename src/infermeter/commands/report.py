@@ -1,0 +1,47 @@
+"""`infermeter report`: tables and plots from Results of many machines and models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    from infermeter.report import FORMATS
+
+    p = sub.add_parser("report", help="tables and plots from Results of many machines and models",
+                       description="Join Results (files, folders searched for *.json and "
+                       "*.jsonl, JSONL) into the reference table, an extended table, the "
+                       "reload-vs-recompute break-even and, in HTML, plots. Inputs that are "
+                       "not Results are skipped with a warning.")
+    p.add_argument("paths", nargs="+", metavar="RESULT",
+                   help="Result files (.json, .jsonl) or folders holding them")
+    p.add_argument("--format", choices=FORMATS,
+                   help="default: from --output's suffix (.md, .csv, .html), else terminal")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the report to FILE (atomically) instead of printing it")
+    p.add_argument("--plots", metavar="DIR", help="also write every plot as a PNG file in DIR")
+    p.add_argument("--with-seed", action="store_true",
+                   help="add the seed scripts' published RTX 3090 column for comparison")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import shutil
+
+    from infermeter.report import atomic_write, build_report, choose_format, render, write_plots
+
+    def warn(line: str) -> None:
+        print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
+
+    report = build_report(args.paths, with_seed=args.with_seed, warn=warn)
+    fmt = choose_format(args.format, args.output)
+    text = render(report, fmt, width=shutil.get_terminal_size((160, 40)).columns)
+    if args.output:
+        atomic_write(args.output, text.encode("utf-8"))
+        print(f"infermeter report: wrote {args.output} ({fmt})", file=sys.stderr)
+    else:
+        print(text, end="")
+    for path in write_plots(report, args.plots) if args.plots else []:
+        print(f"infermeter report: wrote {path}", file=sys.stderr)
+    return 0
