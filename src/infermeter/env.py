@@ -26,6 +26,18 @@ def host_cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def host_available() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _torch_facts() -> dict[str, Any]:
     try:
         import torch

@@ -36,6 +36,7 @@ from infermeter.bench.copy_cases import (
 )
 from infermeter.bench.copy_chunks import LARGEST_CHUNK
 from infermeter.bench.copy_diagnosis import best, diagnose, targets
+from infermeter.env import host_available
 from infermeter.errors import InfermeterError
 from infermeter.results import Result
 from infermeter.specs import ModelSpec
@@ -105,18 +106,6 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _host_available() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def check_memory(req: CopyRequest, plans: dict[Any, LayoutPlan], device: Any) -> None:
     """Refuse, before allocating anything, a cache that cannot fit twice (source and
     destination sides) in free GPU memory or in available host memory."""
@@ -139,7 +128,7 @@ def check_memory(req: CopyRequest, plans: dict[Any, LayoutPlan], device: Any) ->
                 f"--seq-len, or one --direction")
     else:
         need_host += need_dev
-    host = _host_available()
+    host = host_available()
     if host is not None and need_host > host:
         raise InfermeterError(
             f"{what} needs {format_bytes(need_host)} of host memory, but only "

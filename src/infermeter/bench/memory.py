@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from infermeter import kvsize
+from infermeter.env import host_available
 from infermeter.errors import InfermeterError
 from infermeter.specs import ModelSpec
 from infermeter.units import dtype_bytes, format_bytes
@@ -48,18 +49,6 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     if mode.startswith("hf"):
         parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
     return parts
-
-
-def host_available() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def free_memory(device: Any) -> tuple[int | None, str]:
