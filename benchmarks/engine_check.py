@@ -92,6 +92,11 @@ def greedy_check(model, tokens: int, backend: str | None) -> dict:
     prompt = [p % model.spec.vocab_size for p in PROMPT]
     generator.warmup(1, len(prompt), eager_cfg)
     eager, eager_s = timed_generate(generator, prompt, eager_cfg)
+    # Eager against itself in the same process: if this differs, the GPU run is not
+    # deterministic (e.g. split-K GEMMs reducing with atomics) and no compiled path can match.
+    eager_again, _ = timed_generate(generator, prompt, eager_cfg)
+    repeat_mismatch = next((i for i, (a, b) in enumerate(zip(eager, eager_again)) if a != b),
+                           None)
     t0 = time.perf_counter()
     generator.warmup(1, len(prompt), compiled_cfg)
     warmup_s = time.perf_counter() - t0
@@ -101,7 +106,7 @@ def greedy_check(model, tokens: int, backend: str | None) -> dict:
     return {**gap, "eager": eager, "compiled": compiled, "identical": eager == compiled,
             "first_mismatch": mismatch, "compile_warmup_s": warmup_s,
             "compile_backend": generator.compile_backend, "eager_wall_s": eager_s,
-            "compiled_wall_s": compiled_s}
+            "compiled_wall_s": compiled_s, "eager_repeat_first_mismatch": repeat_mismatch}
 
 
 LOAD_PROBE = r"""
@@ -159,18 +164,26 @@ def main() -> int:
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--backend", choices=("cudagraphs", "inductor"),
                         help="compile backend (default: the Generator's)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms + a fixed cuBLAS workspace: "
+                        "three H200 runs of eager greedy decoding parted at steps 124 and 149")
     args = parser.parse_args()
+    if args.deterministic:  # before the first cuBLAS call, which reads the variable
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where an op has none
     env = capture_env()
     model = load_weights(f"random:{args.model}", args.device, args.dtype, seed=0)
     check = greedy_check(model, args.tokens, args.backend)
     keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
-            "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std")
+            "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std",
+            "eager_repeat_first_mismatch")
     metrics = {key: check[key] for key in keys if key in check}
     metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens)
     print(json.dumps(metrics), flush=True)
     warnings = [] if check["identical"] else [
         f"eager and compiled greedy tokens differ from step {check['first_mismatch']}"]
     config = {"benchmark": "engine_check", "device": args.device, "dtype": args.dtype,
+              "deterministic": args.deterministic,
               "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
     slug = env["device_name"].lower().replace(" ", "-") + f"-{check['compile_backend']}"
     result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
