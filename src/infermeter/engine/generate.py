@@ -55,9 +55,10 @@ StepHook = Callable[[str, int], None]
 #   comparison: functionalisation turns the in-place cache writes into copies, so it is slow
 #   (4.1 s for the same 256 tokens), and it is not bitwise eager either (cuBLAS may pick other
 #   kernels under stream capture).
-# Neither gives token-identical fp16 greedy output over 256 steps on random weights: the first
-# difference came at step 43 and 124 (inductor, two runs) and 149 (cudagraphs). Random weights
-# give near-flat logits whose top-2 gaps fall below fp16 rounding; see README, "Engine".
+# Neither gave token-identical fp16 greedy output over 256 steps on random weights (first
+# difference at step 43 and 124 with inductor, 149 with cudagraphs), but neither did eager
+# against eager in another process (124, 149): near-flat random logits whose top-2 gaps fall
+# below rounding, and a GPU run that is not bitwise reproducible; see README, "Engine".
 COMPILE_BACKENDS = ("inductor", "cudagraphs")
 
 # Without an explicit cache length the cache is sized to prompt + new tokens, rounded up to this
