@@ -183,7 +183,8 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     import torch.distributed as dist
 
     from infermeter.bench.copy import CopyRequest, run_copy
-    from infermeter.engine.parallel import ShardPlan, gather_objects, init_distributed, teardown
+    from infermeter.engine.parallel import ShardPlan, init_distributed, teardown
+    from infermeter.engine.parallel_results import gather_objects
     from infermeter.presets import PRESETS
 
     spec, tp = PRESETS[model], init_distributed(device)

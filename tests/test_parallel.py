@@ -26,8 +26,8 @@ from infermeter.engine.parallel import (
     TensorParallel,
     init_distributed,
     shard_model,
-    slowest,
 )
+from infermeter.engine.parallel_results import slowest
 from infermeter.errors import InfermeterError
 from infermeter.presets import PRESETS
 from tests.tp_workers import compare_with_tp1, run_ranks

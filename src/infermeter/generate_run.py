@@ -199,7 +199,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
     # ---- tensor parallelism (engine/parallel.py): tp is None unless torchrun started us ----
-    from infermeter.engine.parallel import gather_result, init_distributed
+    from infermeter.engine.parallel import init_distributed
+    from infermeter.engine.parallel_results import gather_result
 
     tp = init_distributed(request.device, request.tp)
     device = tp.device if tp else device

@@ -62,7 +62,8 @@ def _run_copy(args: argparse.Namespace) -> int:
         return code
     tp = None
     if under_torchrun():
-        from infermeter.engine.parallel import gather_results, init_distributed, rank_spec
+        from infermeter.engine.parallel import init_distributed, rank_spec
+        from infermeter.engine.parallel_results import gather_results
 
         tp = init_distributed(args.device, args.tp)
         spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
