@@ -54,7 +54,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(InfermeterError, match="cannot write it .disk full"):
         append_jsonl(path, [make(n=2)])
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
@@ -115,3 +115,12 @@ def test_nvml_absent_or_failing_gives_empty(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pynvml)
     assert nvml_facts() == {}
+
+
+def test_result_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        append_jsonl(tmp_path / "out.jsonl", [make()])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o644

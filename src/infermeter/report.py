@@ -11,8 +11,6 @@ Reads Results only, never a live model (DESIGN.md). The parts:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from infermeter.report_tables import (
     reference_cells,
     unused_notes,
 )
+from infermeter.results import atomic_write
 
 FORMATS = ("terminal", "markdown", "csv", "html")
 _SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".html": "html",
@@ -130,31 +129,6 @@ def render(report: Report, fmt: str, width: int = 160) -> str:
     if fmt == "terminal":
         return report_render.render_terminal(report, width)
     raise InfermeterError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename: never a half-written file."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise InfermeterError(f"{path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as err:
-        raise InfermeterError(f"{path}: cannot write there ({err.strerror})") from None
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is meant to be read and shared
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InfermeterError(f"{path}: cannot write it ({err.strerror})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_plots(report: Report, folder: str) -> list[Path]:

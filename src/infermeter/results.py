@@ -67,19 +67,32 @@ class Result:
                    output_token_ids=data.get("output_token_ids"))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file + rename in the same folder."""
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename: never a half-written file.
+
+    A folder that is missing or not writable, or a full disk, is the user's to fix: one
+    InfermeterError line, and the temp file is gone.
+    """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         raise InfermeterError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise InfermeterError(f"{path}: cannot write there ({err.strerror or err})") from None
+    umask = os.umask(0)  # mkstemp makes 0600 files; ours get the usual 0666 minus the umask
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InfermeterError(f"{path}: cannot write it ({err.strerror or err})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -87,7 +100,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_json(path: Path, result: Result) -> None:
     """One Result as a pretty JSON file (replacing any file there)."""
-    _atomic_write(Path(path), json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, text.encode())
 
 
 def append_jsonl(path: Path, results: list[Result]) -> None:
@@ -102,7 +116,7 @@ def append_jsonl(path: Path, results: list[Result]) -> None:
         if old and not old.endswith("\n"):
             old += "\n"
     new = "".join(result.to_json() + "\n" for result in results)
-    _atomic_write(path, old + new)
+    atomic_write(path, (old + new).encode())
 
 
 def read_results(path: Path) -> list[Result]:

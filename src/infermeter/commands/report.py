@@ -29,7 +29,8 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     import shutil
 
-    from infermeter.report import atomic_write, build_report, choose_format, render, write_plots
+    from infermeter.report import build_report, choose_format, render, write_plots
+    from infermeter.results import atomic_write
 
     def warn(line: str) -> None:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
