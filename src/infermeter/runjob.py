@@ -1,0 +1,158 @@
+"""`infermeter run`: the main job's setting and its three stages (kv, copy, generate).
+
+The setting is fixed before anything is measured, so the first output line can say exactly what
+will run. Each stage returns its Results; the command (commands/run.py) appends them to the
+results file after each stage and makes the report from whatever exists at the end.
+
+Defaults:
+- with a CUDA GPU, the reference setting (the seed's table): llama-2-7b, random fp16 weights,
+  batch 1, a 512-token cache; copy moves it on the engine, contiguous and paged-16 layouts from
+  pinned memory (per-tensor and staged, the fastest methods in the README's sweep) and the seed's
+  way; generate runs the compiled mode, fixed length, 80 prompt + 432 new tokens = 512.
+- without one, the `debug` preset on the CPU: the same pipeline, a 64-token cache, eager, few
+  repeats. Its numbers check the pipeline, they say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from infermeter.results import Result
+from infermeter.specs import ModelSpec
+
+SEED_NEW_TOKENS = 432  # the seed generated 432 tokens into a 512-token cache
+REFERENCE = {"model": "llama-2-7b", "batch": 1, "seq_len": 512, "dtype": "float16"}
+CPU_DEFAULT = {"model": "debug", "batch": 1, "seq_len": 64, "dtype": "float32"}
+# copy: the layouts an engine and a server hold; per-tensor and staged are the fastest pinned
+# methods measured (README); "seed" is the seed's own .cpu()/.cuda() per tensor, for comparison.
+COPY_LAYOUTS = ("engine", "contiguous", "paged")
+COPY_METHODS = ("per-tensor", "staged")
+COPY_DIRECTIONS = ("d2h", "h2d")
+COPY_BLOCK_TOKENS = (16,)
+
+
+@dataclass(frozen=True)
+class RunSetting:
+    spec: ModelSpec
+    model: str  # what --model named (a preset or a path), or the checkpoint folder
+    checkpoint: str | None
+    batch: int
+    seq_len: int
+    dtype: str
+    device: str  # "cuda" or "cpu"
+    reference: bool  # exactly the seed's setting on a GPU
+
+    @property
+    def new_tokens(self) -> int:
+        """432 new tokens as the seed did once the cache holds them with a prompt beside;
+        shorter caches keep the seed's ratio 432/512 (a 64-token cache: 10 + 54)."""
+        if self.seq_len >= 512:
+            return SEED_NEW_TOKENS
+        return max(1, self.seq_len * SEED_NEW_TOKENS // 512)
+
+    @property
+    def prompt_len(self) -> int:
+        return max(1, self.seq_len - self.new_tokens)  # prompt + new tokens fill the cache
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def describe(self) -> str:
+        weights = "checkpoint" if self.checkpoint else "random"
+        return (f"{self.spec.name} ({weights} {self.dtype} weights), batch {self.batch}, "
+                f"{self.seq_len}-token cache ({self.prompt_len} prompt + {self.new_tokens} new "
+                f"tokens)")
+
+
+def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
+                 seq_len: int | None, dtype: str | None, gpu: bool) -> RunSetting:
+    """The setting from the flags; what is not given comes from the reference (GPU) or the
+    debug preset (CPU). Raises InfermeterError for an unknown model or a bad checkpoint."""
+    from infermeter.units import canonical_dtype
+
+    base = REFERENCE if gpu else CPU_DEFAULT
+    if checkpoint:
+        from infermeter.engine.checkpoint import spec_for
+
+        spec = spec_for(checkpoint)[0]  # kv sizes the user's model from its config
+    else:
+        from infermeter.spec_loaders import resolve_model
+
+        spec = resolve_model(model or base["model"])
+    default_dtype = base["dtype"] if not checkpoint and not model else spec.torch_dtype
+    if not gpu:
+        default_dtype = "float32"  # half-precision matmuls on a CPU are slow or missing
+    setting = RunSetting(spec=spec, model=checkpoint or model or base["model"],
+                         checkpoint=checkpoint, batch=batch or base["batch"],
+                         seq_len=seq_len or base["seq_len"],
+                         dtype=canonical_dtype(dtype or default_dtype),
+                         device="cuda" if gpu else "cpu", reference=False)
+    is_reference = gpu and not checkpoint and (setting.spec.name, setting.batch,
+                                               setting.seq_len, setting.dtype) == (
+        REFERENCE["model"], REFERENCE["batch"], REFERENCE["seq_len"], REFERENCE["dtype"])
+    return RunSetting(**{**setting.__dict__, "reference": is_reference})
+
+
+def kv_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    """Analytic KV and weight bytes, checked against the engine's allocation (meta device)."""
+    from infermeter.env import nvml_facts
+    from infermeter.kvreport import KvRequest, kv_results
+
+    memory = nvml_facts().get("gpu_memory_bytes") if setting.on_gpu else None
+    request = KvRequest(setting.spec, (setting.batch,), (setting.seq_len,),
+                        kv_dtype=setting.dtype, dtype=setting.dtype, gpu_memory=memory,
+                        gpu_memory_source=env.get("device_name") if memory else None,
+                        check_engine=True)
+    return kv_results(request, env)
+
+
+def copy_request(setting: RunSetting) -> Any:
+    from infermeter.bench.copy import CopyRequest
+
+    # pinned memory needs CUDA; on the CPU the preallocated pageable buffer stands in for it
+    hosts = ("seed", "pinned") if setting.on_gpu else ("seed", "pageable")
+    return CopyRequest(setting.spec, (setting.batch,), (setting.seq_len,),
+                       kv_dtype=setting.dtype, layouts=COPY_LAYOUTS, hosts=hosts,
+                       directions=COPY_DIRECTIONS, methods=COPY_METHODS,
+                       block_tokens=COPY_BLOCK_TOKENS, repeats=10 if setting.on_gpu else 3,
+                       warmup=2 if setting.on_gpu else 1, device=setting.device)
+
+
+def copy_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    from infermeter.bench.copy import n_cases, run_copy
+    from infermeter.bench.copy_report import progress_bar
+
+    request = copy_request(setting)
+    with progress_bar(n_cases(request), enabled=True) as progress:
+        return run_copy(request, progress, env=env)
+
+
+def generate_request(setting: RunSetting) -> Any:
+    from infermeter.generate_run import GenerateRequest
+
+    source = setting.checkpoint or f"random:{setting.model}"
+    return GenerateRequest(
+        source=source, max_new_tokens=setting.new_tokens, device=setting.device,
+        dtype=setting.dtype, modes=("compiled",) if setting.on_gpu else ("eager",),
+        max_seq_len=setting.seq_len, batch_sizes=(setting.batch,),
+        prompt_lens=(setting.prompt_len,), repeats=3 if setting.on_gpu else 2,
+        warmup=1 if setting.on_gpu else 0, roofline=setting.on_gpu)  # MBU needs a GPU's HBM
+
+
+def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    from infermeter.bench.generation_report import progress_bar
+    from infermeter.generate_run import run_generate
+
+    with progress_bar(enabled=True) as bar:
+        return run_generate(generate_request(setting), env, progress=bar)[0]
+
+
+Stage = tuple[str, str, Callable[[RunSetting, dict[str, Any]], list[Result]]]
+STAGES: tuple[Stage, ...] = (
+    ("kv", "sizing the KV cache", kv_stage),
+    ("copy", "timing KV-cache moves between device and host memory", copy_stage),
+    ("generate", "timing generation", generate_stage),
+)

@@ -1,0 +1,136 @@
+"""`infermeter run` on the CPU: the debug preset end to end (kv, copy, generate, report), the
+reference setting's plan, Ctrl-C keeping finished stages, and failing stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from infermeter import runjob
+from infermeter.cli import main
+from infermeter.report_tables import REFERENCE_ROWS
+from infermeter.results import REQUIRED_FIELDS
+
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU default, even on a GPU machine
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "infermeter", "run", *args], cwd=cwd,
+                          env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def leftovers(folder):
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """In-process runs take the CPU default wherever the tests run."""
+    monkeypatch.setattr("infermeter.bench.copy.gpu_available", lambda: False)
+
+
+def test_default_run_on_cpu_writes_results_and_report(tmp_path):
+    done = run_cli(cwd=tmp_path)  # no --out: ./infermeter-results/<UTC timestamp>
+    assert done.returncode == 0, done.stdout
+    first = done.stdout.splitlines()[0]
+    assert "CPU" in first and "debug" in first
+    (folder,) = (tmp_path / "infermeter-results").iterdir()
+    results = read_jsonl(folder / "results.jsonl")
+    assert [r["kind"] for r in results] == ["kv", "copy", "generate"]
+    for result in results:
+        assert set(REQUIRED_FIELDS) <= set(result)
+    assert results[0]["metrics"]["kv_cache_bytes_allocated"] == \
+        results[0]["metrics"]["kv_cache_bytes"]
+    generate = results[2]
+    assert generate["metrics"]["total_tokens"] == 54  # 10 prompt + 54 new = the 64-token cache
+    assert generate["config"]["mode"] == "eager"
+    assert results[1]["config"]["device"] == "cpu"
+    markdown = (folder / "report.md").read_text()
+    assert all(row in markdown for row in REFERENCE_ROWS)
+    assert (folder / "report.html").read_text().rstrip().endswith("</html>")
+    assert "Reference table" in done.stdout and not leftovers(folder)
+
+
+def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, capsys):
+    out = tmp_path / "a" / "b"
+    assert main(["run", "--out", str(out)]) == 0
+    assert (out / "results.jsonl").is_file() and (out / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["run", "--out", str(out)]) == 2  # a second run there would mix two runs
+    assert "already holds results.jsonl" in capsys.readouterr().err
+
+
+def _interrupting(name):
+    """The stage list with stage `name` replaced by a real Ctrl-C (SIGINT to this process)."""
+    def interrupt(setting, env):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not interrupt")
+
+    return tuple((n, what, interrupt if n == name else stage)
+                 for n, what, stage in runjob.STAGES)
+
+
+def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch, capsys):
+    monkeypatch.setattr(runjob, "STAGES", _interrupting("generate"))
+    assert main(["run", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: generate did not run; kept kv, copy" in err
+    assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
+    markdown = (tmp_path / "report.md").read_text()  # made from what finished, complete
+    assert all(row in markdown for row in REFERENCE_ROWS)
+    assert not leftovers(tmp_path)
+
+
+def test_ctrl_c_in_the_first_stage_leaves_no_files(tmp_path, cpu_only, monkeypatch, capsys):
+    monkeypatch.setattr(runjob, "STAGES", _interrupting("kv"))
+    assert main(["run", "--out", str(tmp_path)]) == 130
+    assert "kv, copy, generate did not run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path):
+    done = run_cli("--seq-len", "1000", "--out", str(tmp_path))  # debug holds 256 positions
+    assert done.returncode == 2
+    errors = [line for line in done.stdout.splitlines() if "error" in line]
+    assert len(errors) == 1 and "generate stage failed" in errors[0], done.stdout
+    assert "Traceback" not in done.stdout
+    assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
+    assert (tmp_path / "report.md").is_file() and not leftovers(tmp_path)
+
+
+def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("--checkpoint", str(tmp_path / "nonexistent"), "--out", str(out))
+    assert done.returncode == 2
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("infermeter: error:")
+    assert not out.exists()
+
+
+def test_reference_setting_plan():
+    setting = runjob.plan_setting(None, None, None, None, None, gpu=True)
+    assert setting.reference and setting.spec.name == "llama-2-7b"
+    assert (setting.batch, setting.seq_len, setting.dtype) == (1, 512, "float16")
+    assert (setting.prompt_len, setting.new_tokens) == (80, 432)  # the seed's 432 in 512
+    gen = runjob.generate_request(setting)
+    assert gen.modes == ("compiled",) and gen.max_seq_len == 512 and gen.prompt_lens == (80,)
+    assert gen.source == "random:llama-2-7b" and not gen.until_eos
+    copy = runjob.copy_request(setting)
+    assert copy.hosts == ("seed", "pinned") and copy.device == "cuda"
+    assert copy.layouts == ("engine", "contiguous", "paged") and copy.block_tokens == (16,)
+
+
+def test_overrides_leave_the_reference_setting():
+    setting = runjob.plan_setting("llama-3.1-8b", None, 8, 4096, "bf16", gpu=True)
+    assert not setting.reference
+    assert (setting.batch, setting.seq_len, setting.dtype) == (8, 4096, "bfloat16")
+    assert (setting.prompt_len, setting.new_tokens) == (4096 - 432, 432)
+    cpu = runjob.plan_setting(None, None, None, None, None, gpu=False)
+    assert (cpu.spec.name, cpu.device, cpu.seq_len, cpu.reference) == ("debug", "cpu", 64, False)
