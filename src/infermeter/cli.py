@@ -16,6 +16,8 @@ from infermeter.commands.copy import add_copy_parser
 from infermeter.commands.generate import add_generate_parser
 from infermeter.commands.kv import add_kv_parser, add_presets_parser
 from infermeter.commands.report import add_report_parser
+from infermeter.commands.run import add_run_parser
+from infermeter.commands.trace import add_trace_parser
 from infermeter.errors import InfermeterError
 
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_presets_parser(sub)
     add_report_parser(sub)
+    add_run_parser(sub)
+    add_trace_parser(sub)
     return parser
 
 

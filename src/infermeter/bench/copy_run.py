@@ -23,6 +23,7 @@ from infermeter.bench.copy_chunks import plan_chunks, split_evenly
 from infermeter.bench.copy_host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
 from infermeter.bench.copy_verify import verify_layout, verify_pieces
 from infermeter.bench.link import LinkInfo, current_link_of
+from infermeter.bench.nvtx import traced
 
 
 @dataclass
@@ -200,9 +201,11 @@ class CopyRunner:
         if reason:
             self._skip(case, reason)
         elif case.host_memory == "seed":
-            self._run_seed(case, buf)
+            with traced(f"copy {case.label}"):  # nsys / --trace: the case's copies by name
+                self._run_seed(case, buf)
         else:
-            self._run_movers(case, buf)
+            with traced(f"copy {case.label}"):
+                self._run_movers(case, buf)
         self.progress(case.label)
 
     def _mapped_views(self, raws: dict[str, Any]) -> dict[str, torch.Tensor | None]:

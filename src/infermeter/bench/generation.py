@@ -33,7 +33,9 @@ from infermeter.bench import roofline as rl
 from infermeter.bench.generation_cases import Case
 from infermeter.bench.generation_modes import RunSettings, make_runner
 from infermeter.bench.generation_timing import RunTiming, StepRecorder, make_clock, summarize
+from infermeter.bench.nvtx import nvtx_range
 from infermeter.bench.timing import Stats
+from infermeter.bench.trace_capture import trace_path
 from infermeter.engine.model import Transformer, dtype_name
 from infermeter.results import Result
 from infermeter.specs import ModelSpec
@@ -74,6 +76,7 @@ class CaseRun:
     warmup_runs_s: float
     describe: dict[str, Any]
     memory: dict[str, Any]
+    breakdown: dict[str, Any] | None = None  # --trace: where one decode step's time goes
 
 
 def _sync(device: torch.device) -> None:
@@ -86,7 +89,7 @@ def _no_hook(event: str, step: int) -> None:
 
 
 def time_case(model: Transformer, case: Case, settings: RunSettings,
-              progress: Progress) -> CaseRun:
+              progress: Progress, trace_path: Any = None) -> CaseRun:
     device = model.tok_embeddings.weight.device
     # A case starts with no KV cache (the engine's is allocated again for its shape; hf makes
     # its own), so the peaks below are this case's: weights + its cache + its activations.
@@ -97,7 +100,8 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
     start = time.perf_counter()
-    runner.warmup({tuple(t.shape) for t in groups})
+    with nvtx_range(f"warm-up {case.label}"):
+        runner.warmup({tuple(t.shape) for t in groups})
     _sync(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -119,8 +123,21 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
         repeats.append(runs)
         outputs.append(ids)
         progress.advance(f"{case.label}: run {index + 1}/{settings.repeats}")
+    memory_now = memory.memory_metrics(device)  # the trace below must not count in the peaks
+    traced = _trace(runner, groups[0], case, trace_path) if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
-                   memory.memory_metrics(device))
+                   memory_now, traced)
+
+
+def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any) -> dict[str, Any]:
+    """--trace: after the timed runs, a profiler trace of a few decode steps (trace_capture)."""
+    from infermeter.bench.generation_modes import EngineRunner
+    from infermeter.bench.trace_capture import capture_decode
+
+    if not isinstance(runner, EngineRunner):
+        return {"skipped": f"the {case.mode} mode is not traced (engine modes only)"}
+    found = capture_decode(runner, tokens, path, case.mode)
+    return found or {"skipped": "too few new tokens for a traced decode step"}
 
 
 def _decode_bytes(spec: ModelSpec, case: Case, runs: list[RunTiming], dtype: str, kv_dtype: str,
@@ -208,6 +225,10 @@ def case_result(model: Transformer, case: Case, run: CaseRun, settings: RunSetti
     if peaks:
         samples.update({f"roofline_{k}": v for k, v in peaks.samples.items()})
         warnings += peaks.warnings
+    if run.breakdown is not None:
+        metrics["breakdown"] = run.breakdown
+        if "skipped" in run.breakdown:
+            warnings.append(f"--trace: {run.breakdown['skipped']}")
     return Result("generate", model.spec.to_dict(), {**case_config(case, base), **run.describe},
                   env, metrics, samples=samples, warnings=warnings,
                   output_token_ids=run.outputs[0])
@@ -237,9 +258,12 @@ def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
     device = model.tok_embeddings.weight.device
     first: dict[int, tuple[str, list[list[int]]]] = {}  # prompt set -> first mode's tokens
     results = []
-    for case in cases:
+    for index, case in enumerate(cases):
+        # --trace only: an untraced run calls time_case exactly as before
+        traced = {"trace_path": trace_path(settings.trace_dir, index, len(cases))} \
+            if settings.trace_dir else {}
         try:
-            run = time_case(model, case, settings, progress)
+            run = time_case(model, case, settings, progress, **traced)
         except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
             if not memory.is_oom(err):
                 raise

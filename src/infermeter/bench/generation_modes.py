@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from infermeter.bench.generation_cases import Case
+from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
 from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
 from infermeter.engine.model import Transformer
 
@@ -33,6 +34,7 @@ class RunSettings:
     compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
+    trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
 
     def generation_config(self, compile: bool) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, greedy=self.greedy,
@@ -55,10 +57,42 @@ class EngineRunner:
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
         for batch, length in sorted(shapes):
-            self.generator.warmup(batch, length, self.config)
+            with nvtx_range(f"warmup {batch}x{length}"):
+                self.generator.warmup(batch, length, self.config)
 
     def run(self, tokens: Tensor, hook: Callable[[str, int], None]) -> GenerationOutput:
-        return self.generator.generate(tokens, self.config, hook=hook)
+        if not cuda_ready():  # NVTX ranges are for nsys on a GPU; the CPU path stays bare
+            return self.generator.generate(tokens, self.config, hook=hook)
+        ranges = StepRanges(hook, self.config.max_new_tokens)
+        try:
+            return self.generator.generate(tokens, self.config, hook=ranges)
+        finally:
+            ranges.close()
+
+
+class StepRanges:
+    """A generate() hook around another: NVTX ranges "prefill", "decode 1", "decode 2", ...
+    The engine calls the hook after each phase, so a phase's range opens at the previous call."""
+
+    def __init__(self, hook: Callable[[str, int], None], max_new_tokens: int) -> None:
+        self.hook, self.last_step, self.open = hook, max_new_tokens - 1, False
+
+    def __call__(self, event: str, step: int) -> None:
+        self.hook(event, step)  # the timing mark first: the range calls stay outside it
+        self.close()
+        if event == "start":
+            self._push("prefill")
+        elif step < self.last_step:  # after the last decode step no step follows
+            self._push(f"decode {step + 1}")
+
+    def _push(self, name: str) -> None:
+        range_push(name)
+        self.open = True
+
+    def close(self) -> None:
+        if self.open:
+            range_pop()
+            self.open = False
 
 
 def make_runner(model: Transformer, case: Case, settings: RunSettings) -> Any:

@@ -35,6 +35,9 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
                    help="cpu: a host-memcpy run of the whole pipeline, no GPU needed")
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks: starts torchrun; "
                    "each rank moves its own KV shard, all at the same time")
+    p.add_argument("--trace", metavar="DIR", help="record the run with torch.profiler: a "
+                   "Chrome/Perfetto trace per rank in DIR and each copy's size, time and GB/s "
+                   "(also in the Result); profiling slows the run, so time without it")
     add_output_flags(p)
     p.set_defaults(handler=_run_copy)
 
@@ -84,7 +87,8 @@ def _run_copy(args: argparse.Namespace) -> int:
 
         dist.barrier()  # the ranks start together: they share the host's links and memory
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
-        results = run_copy(request, progress)
+        results = _traced_copy(request, progress, args.trace) if args.trace else \
+            run_copy(request, progress)
     if tp:
         results = gather_results(results, tp)  # every rank's Results, on rank 0
         if not is_rank_zero():
@@ -95,4 +99,28 @@ def _run_copy(args: argparse.Namespace) -> int:
         print("\n".join(result.to_json() for result in results))
     else:
         print("\n\n".join(render_copy(result) for result in results))
+        _print_copies(results)
     return 0
+
+
+def _traced_copy(request: object, progress: object, folder: str) -> list:
+    """--trace: the whole run under the profiler; the copies it saw go into every Result."""
+    from infermeter.bench.breakdown import summarize_trace
+    from infermeter.bench.copy import run_copy
+    from infermeter.bench.trace_capture import profile_to, trace_path
+
+    path = trace_path(folder)
+    with profile_to(path, {"kind": "copy"}):
+        results = run_copy(request, progress)
+    found = summarize_trace(path)
+    for result in results:
+        result.metrics["breakdown"] = {**found, "trace": str(path)}
+    return results
+
+
+def _print_copies(results: list) -> None:
+    from infermeter.bench.breakdown import render_breakdown
+
+    found = results[0].metrics.get("breakdown") if results else None
+    if found:
+        print(f"\n--trace {found['trace']}:\n{render_breakdown(found)}")

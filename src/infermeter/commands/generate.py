@@ -69,6 +69,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    "(weights, KV cache, headroom) and exit, allocating nothing")
     p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "
                    "(default: the local GPU's, read through NVML)")
+    p.add_argument("--trace", metavar="DIR", help="after the timed runs, record a few decode "
+                   "steps with torch.profiler: a Chrome/Perfetto trace per rank in DIR and a "
+                   "table of where one step's time goes (also in the Result)")
     add_output_flags(p)
     p.set_defaults(handler=_run_generate)
 
@@ -100,7 +103,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         batch_sizes=tuple(args.batch_size) if args.batch_size else None,
         prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
         repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
-        compile_backend=args.compile_backend)
+        compile_backend=args.compile_backend, trace_dir=args.trace)
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes
@@ -114,7 +117,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     if shown and shown.config["prompt_source"] != "random":  # the user's (or the fixed) prompts
         print(render_outputs(shown, texts))
     print(render_generate(results))
+    _print_breakdowns(results)
     return 0
+
+
+def _print_breakdowns(results: list) -> None:
+    """--trace: each case's decode-step table, after the timing table."""
+    from infermeter.bench.breakdown import render_breakdown
+
+    for result in results:
+        found = result.metrics.get("breakdown")
+        if found and "skipped" not in found:
+            print(f"\n{result.config.get('mode')} {result.config.get('batch_size')}x"
+                  f"{result.config.get('prompt_len')}: {render_breakdown(found)}")
 
 
 def _print_rank_plan(args: argparse.Namespace) -> int:

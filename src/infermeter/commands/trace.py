@@ -1,0 +1,26 @@
+"""`infermeter trace FILE`: where one decode step's time goes, from an existing trace."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_trace_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="summarise a --trace file: where a decode step's time goes",
+                       description="Read a Chrome/Perfetto JSON trace (from --trace, or any "
+                       "torch.profiler export) and print one decode step's time by category "
+                       "(matmuls per projection, attention, norms and rotary, sampling, "
+                       "all-reduce, idle gaps) or, for a copy trace, each copy's size and GB/s.")
+    p.add_argument("file", metavar="FILE", help="trace JSON (e.g. trace-rank0.json)")
+    p.add_argument("--json", action="store_true", help="print the breakdown as one JSON object")
+    p.set_defaults(handler=_run_trace)
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    import json
+
+    from infermeter.bench.breakdown import render_breakdown, summarize_trace
+
+    found = summarize_trace(args.file)  # a bad file: InfermeterError -> one line, exit 2
+    print(json.dumps(found) if args.json else render_breakdown(found))
+    return 0

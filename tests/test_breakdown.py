@@ -1,0 +1,182 @@
+"""Traces and the decode-step breakdown (issue 8), on the CPU: a synthetic GPU trace with known
+kernels, gaps and copies (exact shares and GB/s), a real torch.profiler trace of the debug model
+through `generate --trace`, `copy --trace`, `infermeter trace`, NVTX as no-ops, bad files."""
+
+import json
+
+import pytest
+import torch
+
+from infermeter.bench import breakdown as bd
+from infermeter.bench import nvtx
+from infermeter.bench.generation_modes import StepRanges
+from infermeter.cli import main
+from infermeter.engine.model import build_model
+from infermeter.presets import PRESETS
+
+# (label range start, dur, label) on the host thread, and per kernel: (launch ts, name,
+# kernel start, kernel dur). Step: kernels 1000..1100 us, busy 87 us, 4 gaps of 2+3+3+5 us.
+RANGES = [(0, 100, "decode_step"), (1, 80, "model"), (2, 5, "qkv"), (10, 10, "attention"),
+          (25, 5, "o"), (31, 3, "norm"), (35, 5, "gate_up"), (41, 4, "down"),
+          (50, 5, "lm_head"), (300, 50, "copy pinned d2h")]
+KERNELS = [(3, "sm90_gemv_kernel", 1000, 10), (11, "flash_fwd_kernel", 1012, 8),
+           (12, "elementwise_kernel<MulFunctor<float>>", 1020, 2),
+           (26, "gemv2T_kernel", 1025, 5), (27, "ncclDevKernel_AllReduce_Sum_f16", 1030, 10),
+           (32, "rms_norm_kernel", 1040, 2), (36, "gemv_gate_up", 1045, 20),
+           (42, "gemv_down", 1065, 10), (51, "gemv_lm_head", 1080, 10),
+           (90, "argmax_kernel", 1090, 10)]
+COPIES = [(301, 2000, 100), (310, 2200, 100), (320, 2400, 300)]  # 1e6 bytes each
+
+
+def synthetic_trace() -> dict:
+    events = [{"ph": "X", "cat": "user_annotation", "name": f"im/{label}", "ts": ts, "dur": dur,
+               "pid": 1, "tid": 1} for ts, dur, label in RANGES]
+    launches = [(at, name, start, dur, "kernel", {}) for at, name, start, dur in KERNELS]
+    launches += [(at, "Memcpy DtoH (Device -> Pinned)", start, dur, "gpu_memcpy",
+                  {"bytes": 1_000_000}) for at, start, dur in COPIES]
+    for corr, (at, name, start, dur, cat, args) in enumerate(launches):
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": at,
+                       "dur": 0.5, "pid": 1, "tid": 1, "args": {"correlation": corr}})
+        events.append({"ph": "X", "cat": cat, "name": name, "ts": start, "dur": dur, "pid": 0,
+                       "tid": 7, "args": {"correlation": corr, **args}})
+    return {"traceEvents": events,
+            "infermeter": {"weight_bytes": {"qkv": 1_000_000, "gate_up": 4_000_000}}}
+
+
+def test_synthetic_gpu_trace_gives_exact_shares_gaps_and_gbps():
+    found = bd.breakdown(synthetic_trace())
+    assert found["source"] == "gpu kernels" and found["steps_traced"] == 1
+    assert found["step_ms"] == pytest.approx(0.1) and found["idle_ms"] == pytest.approx(0.013)
+    shares = {row["name"]: row["share_pct"] for row in found["categories"]}
+    assert shares == pytest.approx({
+        "matmul qkv": 10, "matmul o": 5, "matmul gate_up": 20, "matmul down": 10,
+        "matmul lm_head": 10, "attention": 8, "norms & rotary": 4, "sampling": 10,
+        "all-reduce": 10, "gaps (idle)": 13})
+    gbps = {row["name"]: row["gbps"] for row in found["categories"]}
+    assert gbps["matmul qkv"] == pytest.approx(100) and gbps["matmul gate_up"] == pytest.approx(200)
+    assert gbps["matmul o"] is None  # no weight bytes in the trace for it
+    (copy,) = found["copies"]  # three 1 MB copies of one case, median 100 us -> 10 GB/s
+    assert (copy["case"], copy["bytes"], copy["count"]) == ("pinned d2h", 1_000_000, 3)
+    assert copy["median_ms"] == pytest.approx(0.1) and copy["gbps"] == pytest.approx(10)
+    assert "matmul gate_up" in bd.render_breakdown(found)
+
+
+def test_unlabelled_trace_is_one_window_classified_by_kernel_name():
+    trace = synthetic_trace()
+    trace["traceEvents"] = [e for e in trace["traceEvents"] if e["cat"] != "user_annotation"]
+    found = bd.breakdown(trace)
+    assert found["window"] == "whole trace" and found["steps_traced"] == 0
+    names = {row["name"] for row in found["categories"]}
+    assert {"matmul (unattributed)", "attention", "all-reduce", "sampling"} <= names
+    assert "Copies:" in bd.render_breakdown(found)
+
+
+def test_compiled_step_without_layer_ranges_goes_by_kernel_name():
+    """Compiled mode: only the im/decode_step range; "outside the model" must not mean sampling."""
+    trace = synthetic_trace()
+    trace["traceEvents"] = [e for e in trace["traceEvents"] if e["cat"] != "user_annotation"
+                            or e["name"] == "im/decode_step"]
+    found = bd.breakdown(trace)
+    assert found["steps_traced"] == 1
+    shares = {row["name"]: row["share_pct"] for row in found["categories"]}
+    assert shares["sampling"] == pytest.approx(10)  # the argmax kernel only
+    assert shares["matmul (unattributed)"] == pytest.approx(55)  # the 5 gemv kernels
+
+
+@pytest.fixture(scope="module")
+def generate_trace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trace")
+    out = folder / "results.jsonl"
+    code = main(["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "10",
+                 "--repeats", "1", "--warmup", "0", "--no-roofline", "--trace", str(folder),
+                 "--output", str(out), "--json"])
+    assert code == 0
+    return folder, json.loads(out.read_text().splitlines()[0])
+
+
+def test_generate_trace_writes_a_loadable_trace_and_a_breakdown(generate_trace):
+    folder, result = generate_trace
+    trace = json.loads((folder / "trace-rank0.json").read_text())  # loadable Chrome JSON
+    assert trace["traceEvents"] and trace["infermeter"]["model"] == "debug"
+    found = result["metrics"]["breakdown"]
+    assert found["source"].startswith("cpu ops") and found["steps_traced"] == 5
+    names = {row["name"] for row in found["categories"]}
+    assert {f"matmul {p}" for p in bd.PROJECTIONS} <= names
+    assert {"attention", "norms & rotary", "sampling"} <= names
+    assert sum(row["share_pct"] for row in found["categories"]) == pytest.approx(100, rel=0.02)
+    qkv = next(row for row in found["categories"] if row["name"] == "matmul qkv")
+    spec = PRESETS["debug"]  # wq + wk + wv of every layer, float32
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    assert qkv["weight_bytes"] == spec.n_layers * spec.dim * (q + 2 * kv) * 4
+    assert qkv["gbps"] > 0
+
+
+def test_trace_command_summarises_the_file(generate_trace, capsys):
+    folder, _ = generate_trace
+    assert main(["trace", str(folder / "trace-rank0.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps_traced"] == 5
+    assert main(["trace", str(folder / "trace-rank0.json")]) == 0
+    assert "Where one decode step goes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"schema": 1}', "[1, 2", ""])
+def test_corrupt_trace_is_one_clear_error(tmp_path, capsys, text):
+    bad = tmp_path / "trace-rank0.json"
+    bad.write_text(text)
+    assert main(["trace", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infermeter: error:") and len(err.splitlines()) == 1
+    assert main(["trace", str(tmp_path / "missing.json")]) == 2
+
+
+def test_copy_trace_lists_each_case_copies(tmp_path):
+    out = tmp_path / "copy.jsonl"
+    assert main(["copy", "--model", "debug", "--device", "cpu", "--batch-size", "1",
+                 "--seq-len", "64", "--layout", "contiguous", "--host", "pageable",
+                 "--direction", "d2h", "--method", "per-tensor", "--repeats", "2",
+                 "--warmup", "0", "--trace", str(tmp_path), "--output", str(out),
+                 "--json"]) == 0
+    assert (tmp_path / "trace-rank0.json").is_file()
+    copies = json.loads(out.read_text())["metrics"]["breakdown"]["copies"]
+    case = [c for c in copies if c["case"] == "contiguous pageable d2h per-tensor"]
+    assert case and case[0]["bytes"] == PRESETS["debug"].n_layers * 2 * 64 * 2 * 16 * 4
+
+
+def test_nvtx_is_a_no_op_without_cuda(monkeypatch):
+    def boom(*args):
+        raise AssertionError("NVTX called without CUDA")
+
+    monkeypatch.setattr(nvtx, "_CUDA", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", boom)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", boom)
+    with nvtx.nvtx_range("x"), nvtx.traced("y"):
+        nvtx.range_push("z")
+        nvtx.range_pop()
+    model = build_model(PRESETS["debug"])
+    model.setup_cache(1, 8)
+    tokens, pos = torch.tensor([[1, 2]]), torch.arange(2)
+    handles = nvtx.install_layer_ranges(model)
+    assert handles
+    with_hooks = model(tokens, pos)
+    nvtx.remove_ranges(handles)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    model.reset_cache()
+    assert torch.equal(with_hooks, model(tokens, pos))
+
+
+def test_step_ranges_name_each_phase_and_balance(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nvtx, "_CUDA", True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
+    import infermeter.bench.generation_modes as gm
+
+    monkeypatch.setattr(gm, "range_push", nvtx.range_push)
+    seen = []
+    ranges = StepRanges(lambda event, step: seen.append(event), max_new_tokens=3)
+    for event, step in (("start", 0), ("prefill", 0), ("decode", 1), ("decode", 2)):
+        ranges(event, step)
+    ranges.close()
+    assert seen == ["start", "prefill", "decode", "decode"]
+    assert calls == ["prefill", "pop", "decode 1", "pop", "decode 2", "pop"]
