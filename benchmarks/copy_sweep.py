@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from infermeter.bench.copy import CopyRequest, run_copy
 from infermeter.bench.copy_diagnosis import GOALS, diagnose, targets
-from infermeter.env import capture_env
+from infermeter.env import capture_env, device_slug
 from infermeter.presets import PRESETS
-from infermeter.results import Result, append_jsonl
+from infermeter.results import Result, atomic_write
 from infermeter.textable import render_table
 
 BATCHED = ("staged", "mapped")  # one copy per block of 131,072 takes ~1 s a sample
@@ -122,7 +121,7 @@ def main() -> int:
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
     args = parser.parse_args()
     env = capture_env()
-    slug = re.sub(r"[^a-z0-9]+", "-", str(env["device_name"]).lower()).strip("-")
+    slug = device_slug(env)
     done: list[tuple[str, Result]] = []
     t0 = time.perf_counter()
     for name, request in sweep(args.quick):
@@ -139,10 +138,8 @@ def main() -> int:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"copy-{slug}.jsonl"
-        tmp = folder / f".copy-{slug}.jsonl.new"
-        tmp.unlink(missing_ok=True)
-        append_jsonl(tmp, [result for _, result in done])
-        os.replace(tmp, path)  # this run replaces the device's previous results
+        lines = "".join(result.to_json() + "\n" for _, result in done)
+        atomic_write(path, lines.encode())  # this run replaces the device's previous results
         (folder / f"copy-{slug}-summary.txt").write_text(text + "\n")
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from infermeter.engine.checkpoint import load_weights, save_checkpoint
 from infermeter.engine.generate import GenerationConfig, Generator
-from infermeter.env import capture_env
+from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889]
@@ -185,7 +185,7 @@ def main() -> int:
     config = {"benchmark": "engine_check", "device": args.device, "dtype": args.dtype,
               "deterministic": args.deterministic,
               "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
-    slug = env["device_name"].lower().replace(" ", "-") + f"-{check['compile_backend']}"
+    slug = f"{device_slug(env)}-{check['compile_backend']}"
     result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
                     output_token_ids=[check["eager"], check["compiled"]])
     write(result, slug)  # the greedy check is saved even if the load check runs out of time

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from infermeter.env import capture_env
+from infermeter.env import capture_env, device_slug
 from infermeter.errors import InfermeterError
 from infermeter.generate_run import GenerateRequest, run_generate
 from infermeter.results import Result, append_jsonl, read_results
@@ -162,7 +161,7 @@ def main() -> int:
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
     env = capture_env()
-    slug = re.sub(r"[^a-z0-9]+", "-", str(env["device_name"]).lower()).strip("-")
+    slug = device_slug(env)
     path = Path(args.results) / f"generate-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

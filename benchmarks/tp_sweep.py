@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -51,9 +50,9 @@ SMOKE = {"device": "cpu", "mode": "eager", "dtype": "fp32", "runs": ("eager",) *
 
 
 def _slug() -> str:
-    from infermeter.env import capture_env
+    from infermeter.env import capture_env, device_slug
 
-    return re.sub(r"[^a-z0-9]+", "-", str(capture_env()["device_name"]).lower()).strip("-")
+    return device_slug(capture_env())
 
 
 def _child_env() -> dict[str, str]:
@@ -68,9 +67,9 @@ def _replace_part(path: Path, part: str, lines: list[str]) -> None:
     """Keep the file's lines of other parts, put this part's new lines after them (atomic)."""
     old = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in old if json.loads(line).get("config", {}).get("tp_sweep") != part]
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.write_text("".join(f"{line}\n" for line in kept + lines))
-    os.replace(tmp, path)
+    from infermeter.results import atomic_write
+
+    atomic_write(path, "".join(f"{line}\n" for line in kept + lines).encode())
 
 
 # ---- decode: the user's command at tp 1 and tp 2 -------------------------------------------------

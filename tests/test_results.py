@@ -124,3 +124,10 @@ def test_result_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_device_slug_names_result_files():
+    from infermeter.env import device_slug
+
+    assert device_slug({"device_name": "NVIDIA H200"}) == "nvidia-h200"
+    assert device_slug({"device_name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"

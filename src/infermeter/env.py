@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 import socket
 from typing import Any
 
@@ -88,6 +89,11 @@ def nvml_facts(index: int = 0) -> dict[str, Any]:
 
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    """A Result file's device part: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", str(env["device_name"]).lower()).strip("-")
 
 
 def capture_env() -> dict[str, Any]:
