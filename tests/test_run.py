@@ -68,6 +68,21 @@ def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, capsys):
     assert "already holds results.jsonl" in capsys.readouterr().err
 
 
+def test_trace_writes_a_copy_and_a_generate_trace_and_the_breakdown(tmp_path, cpu_only,
+                                                                    capsys):
+    out, traces = tmp_path / "out", tmp_path / "traces"
+    assert main(["run", "--out", str(out), "--trace", str(traces)]) == 0
+    for kind in ("copy", "generate"):
+        trace = json.loads((traces / kind / "trace-rank0.json").read_text())
+        assert trace["traceEvents"], kind  # a loadable Chrome trace with events in it
+    results = read_jsonl(out / "results.jsonl")
+    copy, generate = results[1]["metrics"], results[2]["metrics"]
+    assert copy["breakdown"]["trace"].endswith("copy/trace-rank0.json")
+    step = generate["breakdown"]
+    assert step["steps_traced"] >= 1 and step["step_ms"] > 0
+    assert {c["name"] for c in step["categories"]} >= {"matmul qkv", "matmul lm_head"}
+
+
 def _interrupting(name):
     """The stage list with stage `name` replaced by a real Ctrl-C (SIGINT to this process)."""
     def interrupt(setting, env):

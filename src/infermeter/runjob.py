@@ -43,6 +43,7 @@ class RunSetting:
     dtype: str
     device: str  # "cuda" or "cpu"
     reference: bool  # exactly the seed's setting on a GPU
+    trace_dir: str | None = None  # --trace: profiler traces in <dir>/copy and <dir>/generate
 
     @property
     def new_tokens(self) -> int:
@@ -127,6 +128,10 @@ def copy_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
 
     request = copy_request(setting)
     with progress_bar(n_cases(request), enabled=True) as progress:
+        if setting.trace_dir:
+            from infermeter.bench.trace_capture import traced_copy
+
+            return traced_copy(request, progress, f"{setting.trace_dir}/copy", env=env)
         return run_copy(request, progress, env=env)
 
 
@@ -139,7 +144,8 @@ def generate_request(setting: RunSetting) -> Any:
         dtype=setting.dtype, modes=("compiled",) if setting.on_gpu else ("eager",),
         max_seq_len=setting.seq_len, batch_sizes=(setting.batch,),
         prompt_lens=(setting.prompt_len,), repeats=3 if setting.on_gpu else 2,
-        warmup=1 if setting.on_gpu else 0, roofline=setting.on_gpu)  # MBU needs a GPU's HBM
+        warmup=1 if setting.on_gpu else 0, roofline=setting.on_gpu,  # MBU needs a GPU's HBM
+        trace_dir=f"{setting.trace_dir}/generate" if setting.trace_dir else None)
 
 
 def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:

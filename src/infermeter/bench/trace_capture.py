@@ -103,3 +103,18 @@ def capture_decode(runner: Any, tokens: Any, path: Path, mode: str) -> dict[str,
     finally:
         nvtx.remove_ranges(handles)
     return summarize_trace(path)
+
+
+def traced_copy(request: Any, progress: Any, folder: str | Path, env: Any = None) -> list:
+    """copy --trace: the whole copy run under the profiler; the copies it saw (each DMA's size,
+    time and GB/s) go into every Result's metrics["breakdown"]."""
+    from infermeter.bench.breakdown import summarize_trace
+    from infermeter.bench.copy import run_copy
+
+    path = trace_path(folder)
+    with profile_to(path, {"kind": "copy"}):
+        results = run_copy(request, progress, env=env)
+    found = summarize_trace(path)
+    for result in results:
+        result.metrics["breakdown"] = {**found, "trace": str(path)}
+    return results

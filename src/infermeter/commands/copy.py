@@ -52,6 +52,7 @@ def _run_copy(args: argparse.Namespace) -> int:
         run_copy,
     )
     from infermeter.bench.copy_report import progress_bar, render_copy, render_plan
+    from infermeter.bench.trace_capture import traced_copy
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
     from infermeter.results import append_jsonl
     from infermeter.spec_loaders import resolve_model
@@ -87,7 +88,7 @@ def _run_copy(args: argparse.Namespace) -> int:
 
         dist.barrier()  # the ranks start together: they share the host's links and memory
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
-        results = _traced_copy(request, progress, args.trace) if args.trace else \
+        results = traced_copy(request, progress, args.trace) if args.trace else \
             run_copy(request, progress)
     if tp:
         results = gather_results(results, tp)  # every rank's Results, on rank 0
@@ -101,21 +102,6 @@ def _run_copy(args: argparse.Namespace) -> int:
         print("\n\n".join(render_copy(result) for result in results))
         _print_copies(results)
     return 0
-
-
-def _traced_copy(request: object, progress: object, folder: str) -> list:
-    """--trace: the whole run under the profiler; the copies it saw go into every Result."""
-    from infermeter.bench.breakdown import summarize_trace
-    from infermeter.bench.copy import run_copy
-    from infermeter.bench.trace_capture import profile_to, trace_path
-
-    path = trace_path(folder)
-    with profile_to(path, {"kind": "copy"}):
-        results = run_copy(request, progress)
-    found = summarize_trace(path)
-    for result in results:
-        result.metrics["breakdown"] = {**found, "trace": str(path)}
-    return results
 
 
 def _print_copies(results: list) -> None:

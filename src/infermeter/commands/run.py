@@ -42,6 +42,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "a checkpoint's own dtype; fp32 on the CPU)")
     p.add_argument("--out", metavar="DIR", help="results folder (default "
                    "./infermeter-results/<UTC timestamp>)")
+    p.add_argument("--trace", metavar="DIR", help="also record torch.profiler traces (after "
+                   "the timed runs, so no number changes): DIR/copy and DIR/generate, and the "
+                   "decode-step breakdown in the generate Result")
     p.set_defaults(handler=_run)
 
 
@@ -148,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         raise InfermeterError("infermeter run measures one GPU: start it without torchrun")
     setting = plan_setting(args.model, args.checkpoint, args.batch_size, args.seq_len,
                            args.dtype, gpu=gpu_available())
+    if args.trace:
+        import dataclasses
+
+        setting = dataclasses.replace(setting, trace_dir=args.trace)
     folder = _out_folder(args.out)
     env = capture_env()
     print(_banner(setting, env, folder), flush=True)
