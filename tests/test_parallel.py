@@ -202,6 +202,7 @@ def _check_ranks(results: list[dict], world: int) -> None:
         for name, got in per_source.items():
             where = f"rank {rank}/{world}, {name}"
             assert got["diff"] < 1e-5, where
+            assert got["fused_diff"] < 1e-5, where
             assert got["tokens_equal"], where
             assert got["cache_bytes"] == got["kvsize_bytes"], where
             assert got.get("compiled_equal", True), where

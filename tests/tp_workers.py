@@ -88,8 +88,10 @@ def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
         prompts = tokens[:, :PROMPT].tolist()
         want = Generator(full, CACHE).generate(prompts, config).output_token_ids
         got = Generator(shard, CACHE).generate(prompts, config).output_token_ids
+        # Generator fused both models' projections (fusion.py): fused tp 2 still equals tp 1.
+        fused_diff = (_forward_steps(full, tokens) - _forward_steps(shard, tokens)).abs().max()
         shard.setup_cache(BATCH, CACHE)  # the generator resized it; size it as kvsize is asked
-        out[name] = {"diff": diff, "tokens_equal": want == got,
+        out[name] = {"diff": diff, "fused_diff": fused_diff.item(), "tokens_equal": want == got,
                      "cache_bytes": shard.cache_bytes(),
                      "kvsize_bytes": kvsize.kv_cache_bytes(spec, BATCH, CACHE, "float32",
                                                            tp.world)}

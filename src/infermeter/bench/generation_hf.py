@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.fusion import meta_state_dict
 from infermeter.engine.generate import GenerationConfig, GenerationOutput
 from infermeter.engine.hf_checkpoint import hf_config, meta_to_hf_name, permute
 from infermeter.engine.model import Transformer, dtype_name
@@ -40,7 +41,7 @@ def transformers_version() -> str | None:
 
 def _hf_state(model: Transformer) -> dict[str, Tensor]:
     spec, state = model.spec, {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in meta_state_dict(model).items():
         heads = (spec.n_heads if ".attention.wq." in name
                  else spec.n_kv_heads if ".attention.wk." in name else None)
         state[meta_to_hf_name(name)] = tensor if heads is None else permute(tensor, heads)

@@ -23,7 +23,8 @@ _CUDA: bool | None = None  # is CUDA available: asked once
 _PROFILING = False  # a trace_capture is recording: also emit record_function ranges
 
 # Module attribute name -> breakdown label (engine/model.py's Meta names).
-MODULE_LABELS = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wo": "o", "w1": "gate_up",
+MODULE_LABELS = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wqkv": "qkv", "w13": "gate_up",
+                 "wo": "o", "w1": "gate_up",
                  "w3": "gate_up", "w2": "down", "output": "lm_head", "attention_norm": "norm",
                  "ffn_norm": "norm", "norm": "norm", "attention": "attention",
                  "tok_embeddings": "embedding"}

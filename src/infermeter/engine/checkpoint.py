@@ -141,7 +141,11 @@ def load_model(source: str | Path | ModelSpec, device: torch.device | str = "cpu
 def save_checkpoint(model: Transformer, folder: Path, fmt: str = "hf",
                     n_shards: int = 1) -> list[Path]:
     """Write `model`'s weights as an HF ("hf") or Meta ("meta") checkpoint with n_shards files."""
-    state = model.state_dict()
+    from infermeter.engine.fusion import meta_state_dict
+
+    # A fused model's wq/wk/wv (w1/w3) are row views of one matrix: files want their own.
+    state = {name: t.clone() if t._is_view() else t
+             for name, t in meta_state_dict(model).items()}
     if fmt == "hf":
         return save_hf_checkpoint(state, model.spec, Path(folder), n_shards)
     if fmt == "meta":

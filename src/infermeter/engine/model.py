@@ -23,6 +23,10 @@ Decisions:
   raise InfermeterError (not supported by the engine yet).
 - RMSNorm normalises in float32 and casts back before the weight, as Meta and HF do.
 - forward() always returns float32 logits for all T positions.
+- Fused projections at run time (fusion.py, what Generator does by default): wq/wk/wv become one
+  `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
+  of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
+  before fusion, and `fusion.meta_state_dict` gives a fused model's weights back by those names.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
@@ -88,15 +92,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, spec.dim, bias=False)
         self.window = spec.layer_window(layer)
         self.kv_cache: LayerKVCache | None = None
+        self.wqkv: nn.Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
+        self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
         """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim]."""
         if self.kv_cache is None:
             raise InfermeterError("call setup_cache() before running the model")
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         keys, values, mask = self.kv_cache.update(k, v, input_pos)  # [B, H_kv, S, D], [T, S]
@@ -115,8 +125,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w13: nn.Linear | None = None  # fusion.py: [gate rows; up rows], once fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -1,0 +1,122 @@
+"""Which compile settings make the engine's decode step fastest? (the generation-speed issue)
+
+    python benchmarks/decode_tuning.py [--model llama-2-7b] [--variants fused ...]
+
+Variants: the Generator's defaults ("fused": projections fused, inductor with its coordinate
+descent tuning of Triton kernels) against what they replaced. For each variant: random fp16
+weights, batch 1, an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs
+on), then 3 timed runs of 128 decode steps (CUDA events around each run; the median per-step
+time is reported) and the weight bytes read per step / TPOT as GB/s. The last variant is also
+profiled for 5 steps and its 25 most expensive kernels are listed by name, so the step's cost
+can be read kernel by kernel. Writes results/decode-tuning-<device>.json (and $OUT/ when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from infermeter.engine.checkpoint import load_weights
+from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.env import capture_env, device_slug
+from infermeter.results import Result, write_json
+
+# name: (fuse projections?, extra inductor options). Unfused variants run first: fusing is in
+# place and irreversible.
+VARIANTS = {
+    "unfused-before": (False, {"coordinate_descent_tuning": False}),  # session 1's settings
+    "unfused": (False, {}),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}),
+    "fused": (True, {}),  # the Generator's defaults
+}
+PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
+
+
+def time_decode(generator: Generator, config: GenerationConfig) -> list[float]:
+    """Milliseconds per decode step, one figure per run of STEPS steps."""
+    tokens = torch.randint(0, generator.spec.vocab_size, (1, PROMPT_LEN), device="cuda")
+    per_step = []
+    for _ in range(RUNS):
+        generator.prepare(1, PROMPT_LEN, STEPS + 1)
+        state = generator.prefill(tokens, config)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(STEPS):
+            generator.decode_step(state, config)
+        end.record()
+        torch.cuda.synchronize()
+        per_step.append(start.elapsed_time(end) / STEPS)
+    return per_step
+
+
+def top_kernels(generator: Generator, config: GenerationConfig, n: int = 25) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.randint(0, generator.spec.vocab_size, (1, PROMPT_LEN), device="cuda")
+    generator.prepare(1, PROMPT_LEN, 16)
+    state = generator.prefill(tokens, config)
+    for _ in range(2):
+        generator.decode_step(state, config)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            generator.decode_step(state, config)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": event.key[:120], "us_per_step": total / 5,
+                         "calls_per_step": event.count / 5})
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:n]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--variants", nargs="+", default=["unfused-before",
+                                                           "fused-no-coord-descent", "fused"],
+                        choices=list(VARIANTS))
+    args = parser.parse_args()
+    torch._inductor.config.triton.unique_kernel_names = True  # names say which ops fused
+    env = capture_env()
+    model = load_weights(f"random:{args.model}", "cuda", "float16", seed=0)
+    weight_bytes = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes
+    config = GenerationConfig(max_new_tokens=STEPS + 1, compile=True)
+    out = {"weight_bytes_per_step": weight_bytes, "variants": {}}
+    names = sorted(args.variants, key=lambda n: VARIANTS[n][0])  # unfused first
+    for i, name in enumerate(names):
+        fuse, options = VARIANTS[name]
+        generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
+        t0 = time.perf_counter()
+        generator.warmup(1, PROMPT_LEN, config)
+        warmup_s = time.perf_counter() - t0
+        runs = time_decode(generator, config)
+        tpot = statistics.median(runs)
+        row = {"options": options, "fused": fuse, "warmup_s": warmup_s,
+               "tpot_ms_runs": runs,
+               "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,
+               "weight_gbps": weight_bytes / tpot / 1e6}
+        if i == len(names) - 1:  # the defaults' kernels
+            row["top_kernels"] = top_kernels(generator, config)
+        out["variants"][name] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+        for k in row.get("top_kernels", []):
+            print(f"  {k['us_per_step']:9.1f} us x{k['calls_per_step']:5.0f}  {k['kernel']}")
+        torch._dynamo.reset()  # the next variant compiles afresh
+    config_out = {"benchmark": "decode_tuning", "batch_size": 1, "prompt_len": PROMPT_LEN,
+                  "max_seq_len": CACHE, "decode_steps": STEPS, "runs": RUNS, "dtype": "float16",
+                  "weights": "random"}
+    result = Result("generate", model.spec.to_dict(), config_out, env, out)
+    for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
+        write_json(Path(folder) / f"decode-tuning-{device_slug(env)}.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
