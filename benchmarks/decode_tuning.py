@@ -2,8 +2,9 @@
 
     python benchmarks/decode_tuning.py [--model llama-2-7b] [--variants fused ...]
 
-Variants: the Generator's defaults ("fused": projections fused, inductor with its coordinate
-descent tuning of Triton kernels) against what they replaced. For each variant: random fp16
+Variants: the engine's defaults ("fused": projections fused, inductor with its coordinate
+descent tuning of Triton kernels, decode attention as two matrix products) against what they
+replaced. For each variant: random fp16
 weights, batch 1, an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs
 on), then 3 timed runs of 128 decode steps (CUDA events around each run; the median per-step
 time is reported) and the weight bytes read per step / TPOT as GB/s. The last variant is also
@@ -27,13 +28,14 @@ from infermeter.engine.generate import GenerationConfig, Generator
 from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
-# name: (fuse projections?, extra inductor options). Unfused variants run first: fusing is in
-# place and irreversible.
+# name: (fuse projections?, extra inductor options, decode attention). Unfused variants run
+# first: fusing is in place and irreversible.
 VARIANTS = {
-    "unfused-before": (False, {"coordinate_descent_tuning": False}),  # session 1's settings
-    "unfused": (False, {}),
-    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}),
-    "fused": (True, {}),  # the Generator's defaults
+    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa"),  # session 1's
+    "unfused": (False, {}, "math"),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math"),
+    "fused-sdpa": (True, {}, "sdpa"),
+    "fused": (True, {}, "math"),  # the Generator's and the model's defaults
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -79,8 +81,8 @@ def top_kernels(generator: Generator, config: GenerationConfig, n: int = 25) -> 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama-2-7b")
-    parser.add_argument("--variants", nargs="+", default=["unfused-before",
-                                                           "fused-no-coord-descent", "fused"],
+    parser.add_argument("--variants", nargs="+", default=["unfused-before", "fused-sdpa",
+                                                           "fused"],
                         choices=list(VARIANTS))
     args = parser.parse_args()
     torch._inductor.config.triton.unique_kernel_names = True  # names say which ops fused
@@ -91,14 +93,17 @@ def main() -> int:
     out = {"weight_bytes_per_step": weight_bytes, "variants": {}}
     names = sorted(args.variants, key=lambda n: VARIANTS[n][0])  # unfused first
     for i, name in enumerate(names):
-        fuse, options = VARIANTS[name]
+        fuse, options, attention = VARIANTS[name]
+        for layer in model.layers:
+            layer.attention.decode_attention = attention
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
         t0 = time.perf_counter()
         generator.warmup(1, PROMPT_LEN, config)
         warmup_s = time.perf_counter() - t0
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)
-        row = {"options": options, "fused": fuse, "warmup_s": warmup_s,
+        row = {"options": options, "fused": fuse, "decode_attention": attention,
+               "warmup_s": warmup_s,
                "tpot_ms_runs": runs,
                "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,
                "weight_gbps": weight_bytes / tpot / 1e6}

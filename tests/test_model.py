@@ -171,3 +171,17 @@ def test_decode_step_traces_without_graph_breaks() -> None:
     outs = [step(tokens[:, i:i + 1], torch.tensor([i])) for i in range(12)]
     full = _run_chunks(model, tokens, [12])
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "window"])
+@torch.inference_mode()
+def test_math_decode_attention_equals_sdpa(name: str) -> None:
+    """The two ways a one-token step attends (model.DECODE_ATTENTION) give the same logits."""
+    tokens = _tokens(length=SEQ)
+    results = []
+    for kind in ("sdpa", "math"):
+        model = _model(SPECS[name])
+        for layer in model.layers:
+            layer.attention.decode_attention = kind
+        results.append(_run_chunks(model, tokens, [8] + [1] * (SEQ - 8)))
+    assert (results[0] - results[1]).abs().max() < 1e-5
