@@ -15,9 +15,10 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         rank) between its GPU and pinned host memory, first each rank alone, then all at once
         (they may share host links); total GB/s together against one rank alone. Target: >= 1.8x,
         or a shared link named (each GPU's PCIe bus and NUMA node are in the Results).
-  runs  ten `infermeter generate --tp 2` runs in a row (Llama-2-7B, 8 tokens; 2 compiled, then
-        8 eager to stay within 10 minutes), each start to exit under a timeout: every one must
-        exit 0, none may hang.
+  runs  ten `infermeter generate --tp 2` runs in a row (Llama-3.2-1B, 8 tokens; 1 compiled,
+        then 9 eager to stay within the device budget), each start to exit under a timeout:
+        every one must exit 0, none may hang.
+On a host with more GPUs, CUDA_VISIBLE_DEVICES=0,1 keeps every part on two of them.
 When $OUT is set, the JSONL files and the summary are copied there.
 """
 
@@ -37,8 +38,8 @@ PARTS = ("decode-7b", "decode-13b", "comm", "copy", "runs")
 RUN_TIMEOUT_S = 300
 # What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
 SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
-         "runs": ("compiled",) * 2 + ("eager",) * 8,  # compiles cost ~1 min a run
-         "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b", "runs_model": "llama-2-7b",
+         "runs": ("compiled",) + ("eager",) * 9,  # a cold compile costs ~1 min a run
+         "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b", "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
                          "--repeats", "5", "--warmup", "1")}
