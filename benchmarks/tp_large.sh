@@ -3,12 +3,13 @@
 #   kv: sizes per rank; copy: every rank moves its KV shard at once (batch 1 x 4096 tokens);
 #   generate: random bf16 weights, batch 1 and 16, 512- and 4096-token caches, eager mode
 #   (a cold compile of an 80-layer model costs minutes per shape, more than this run's budget).
-# Writes results/tp-large-<device>.jsonl. Usage: bash benchmarks/tp_large.sh [MODEL...]
+# Writes results/tp-large-<device>.jsonl (or $RESULTS/...).
+# Usage: [CACHES="512"] [RESULTS=DIR] bash benchmarks/tp_large.sh [MODEL...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 slug=$(python3 -c 'from infermeter.env import capture_env, device_slug; print(device_slug(capture_env()))')
-out=results/tp-large-$slug.jsonl
+out=${RESULTS:-results}/tp-large-$slug.jsonl
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 models=("${@:-llama-2-70b}")
 for tp in 4 8; do
@@ -18,7 +19,7 @@ for tp in 4 8; do
       --seq-len 512 4096 --json --output "$out" > /dev/null
     timeout 300 python3 -m infermeter copy --model "$model" --tp $tp --kv-dtype bf16 \
       --batch-size 1 --seq-len 4096 --host pinned --json --output "$out" > /dev/null
-    for cache in 512 4096; do
+    for cache in ${CACHES:-512 4096}; do
       timeout 300 python3 -m infermeter generate --model "$model" --tp $tp --dtype bf16 \
         --mode eager --batch-size 1 16 --context $((cache - 32)) --max-new-tokens 32 \
         --max-seq-len $cache --repeats 2 --warmup 1 --json --output "$out" > /dev/null
@@ -26,4 +27,3 @@ for tp in 4 8; do
     done
   done
 done
-[[ -n "${OUT:-}" ]] && cp "$out" "$OUT/" || true
