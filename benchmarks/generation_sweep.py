@@ -159,9 +159,11 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--slug", help="summarise results/generate-SLUG.jsonl (default: this "
+                        "machine's device), e.g. nvidia-h100-80gb-hbm3 on a machine without it")
     args = parser.parse_args()
     env = capture_env()
-    slug = device_slug(env)
+    slug = args.slug or device_slug(env)
     path = Path(args.results) / f"generate-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -180,3 +180,33 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     ranges.close()
     assert seen == ["start", "prefill", "decode", "decode"]
     assert calls == ["prefill", "pop", "decode 1", "pop", "decode 2", "pop"]
+
+
+@pytest.mark.parametrize(("name", "category"), [
+    # kernel names seen in the H100 trace of Llama-2-7B's compiled decode step
+    ("triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_17", "matmul (unattributed)"),
+    ("triton_red_fused_bmm_mm_t_transpose_view_9", "matmul (unattributed)"),
+    ("triton_red_fused__softmax__to_copy_bitwise_and_bitwise_not_bmm_exp_ge_le_masked_fill_mul_"
+     "sub_unsqueeze_view_7", "attention"),
+    ("triton_poi_fused__to_copy__unsafe_view_add_index_index_copy_mm_mul_select_split_with_sizes"
+     "_stack_sub_transpose_unsqueeze", "attention"),  # pointwise: the KV write, not a matmul
+    ("triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_12", "norms & rotary"),
+    ("triton_poi_fused__unsafe_view_mul_silu_6", "other (residual, activation, embedding)"),
+    ("triton_red_fused_argmax_5", "sampling"),
+    ("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "matmul (unattributed)"),  # cuBLAS
+    ("nvjet_sm90_hsh_128x8_64x12_4x1_v_bz_TNT", "matmul (unattributed)"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>", "matmul (unattributed)"),
+])
+def test_inductor_and_library_kernel_names(name, category):
+    assert bd._by_name(name) == category
+
+
+def test_compiled_matmuls_get_the_whole_steps_weight_bytes():
+    """No projection ranges (compiled): the unattributed matmul time reads every weight."""
+    trace = synthetic_trace()
+    trace["traceEvents"] = [e for e in trace["traceEvents"] if e["cat"] != "user_annotation"
+                            or e["name"] == "im/decode_step"]
+    found = bd.breakdown(trace)
+    (row,) = [r for r in found["categories"] if r["name"] == "matmul (unattributed)"]
+    assert row["weight_bytes"] == 5_000_000
+    assert row["gbps"] == pytest.approx(5_000_000 / (row["time_ms"] * 1e-3) / 1e9)

@@ -45,7 +45,8 @@ CATEGORIES = tuple(f"matmul {p}" for p in PROJECTIONS) + (
     "memcpy / memset", "other (residual, activation, embedding)", "gaps (idle)")
 _ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::", re.I)
 _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm", re.I)
-_MATMUL = re.compile(r"gemm|gemv|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$|splitk", re.I)
+_MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
+                     r"|splitk", re.I)
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)
 _NORM = re.compile(r"norm|rsqrt", re.I)
 _SAMPLING = re.compile(r"argmax|topk|sort|multinomial|cumsum|gumbel", re.I)
@@ -114,8 +115,32 @@ def _category(name: str, label: str | None, cat: str) -> str:
     return _by_name(name)
 
 
+def _inductor_category(name: str) -> str | None:
+    """An inductor Triton kernel: its name lists the ops it fused, e.g.
+    triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_17 (an RMSNorm fused into a
+    matrix-vector product). A reduction that holds an `mm` reads a weight matrix: the matmul
+    is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention."""
+    match = re.match(r"triton_(red|per|poi)_fused_(.*?)(_\d+)?$", name)
+    if match is None:
+        return None
+    ops = set(match.group(2).split("_"))
+    if match.group(1) != "poi" and ops & {"mm", "addmm"}:
+        return "matmul (unattributed)"
+    if ops & {"bmm", "softmax", "sdpa"} or "index_copy" in match.group(2) or \
+            "scaled_dot_product" in match.group(2):
+        return "attention"
+    if ops & {"mean", "rsqrt"}:
+        return "norms & rotary"
+    if ops & {"argmax", "topk", "sort", "cumsum"}:
+        return "sampling"
+    return "other (residual, activation, embedding)"
+
+
 def _by_name(name: str) -> str:
     """No label (compiled graphs, foreign traces): the kernel's name is all there is."""
+    fused = _inductor_category(name)
+    if fused is not None:
+        return fused
     for pattern, category in ((_ATTENTION, "attention"), (_MATMUL, "matmul (unattributed)"),
                               (_NORM, "norms & rotary"), (_SAMPLING, "sampling")):
         if pattern.search(name):
@@ -193,6 +218,9 @@ def _step_table(items: list[dict[str, Any]], weights: dict[str, float]) -> dict[
             continue
         projection = name[len("matmul "):] if name.startswith("matmul ") else None
         weight = weights.get(projection) if projection else None
+        if projection == "(unattributed)" and not any(
+                times.get(f"matmul {p}") for p in PROJECTIONS):
+            weight = sum(weights.values()) or None  # compiled: every projection's bytes
         gbps = weight / (us * 1e-6) / 1e9 if weight else None
         rows.append({"name": name, "time_ms": us / 1e3,
                      "share_pct": 100 * us / span_us if span_us else None,
