@@ -118,7 +118,7 @@ def part_runs(path: Path) -> None:
                      "result_written": out.exists(), "stderr_tail": tail})
         out.unlink(missing_ok=True)
         print(f"run {i}: exit {code} in {rows[-1]['wall_s']} s", file=sys.stderr, flush=True)
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+        path.write_text(json.dumps(rows, indent=2) + "\n")  # after each: a cut run keeps these
 
 
 # ---- workers under torchrun (comm, copy) ---------------------------------------------------------
@@ -151,6 +151,7 @@ def worker_comm(out: Path, model: str) -> None:
             torch.add(out, 0)
 
     timings: dict[str, object] = {}
+    graph = None
     for how in ("eager", "graph"):
         try:
             fn = step
@@ -175,6 +176,10 @@ def worker_comm(out: Path, model: str) -> None:
     if tp.rank == 0:
         out.write_text(json.dumps({"model": model, "tp": tp.world, **timings,
                                    "all_reduces_per_step": 2 * spec.n_layers}) + "\n")
+    # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
+    # aborted (SIGABRT) in teardown, after writing these timings, when it was left alive.
+    del graph
+    torch.cuda.synchronize()
     teardown()
 
 
@@ -190,8 +195,8 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     spec, tp = PRESETS[model], init_distributed(device)
     plan = ShardPlan(spec, tp.rank, tp.world)
     # The rank's cache has exactly the shape of a model with its heads: kvsize's per-rank bytes.
-    shard = spec.with_updates(name=f"{model}-tp{tp.world}-rank{tp.rank}",
-                              n_heads=plan.heads[1], n_kv_heads=plan.kv_heads[1])
+    # Same name as the model: the report makes one column of a device x model x tp.
+    shard = spec.with_updates(n_heads=plan.heads[1], n_kv_heads=plan.kv_heads[1])
     request = CopyRequest(shard, (1,), (seq_len,), "bf16", layouts=("engine", "contiguous"),
                           hosts=(hosts,), directions=("d2h", "h2d"),
                           methods=("per-tensor", "staged"), repeats=10, warmup=2,
@@ -209,6 +214,21 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     if tp.rank == 0:
         out.write_text("".join(f"{line}\n" for lines in everything for line in lines))
     teardown()
+
+
+def run_part(part: str, smoke: bool, folder: Path, slug: str, jsonl: Path) -> None:
+    if part.startswith("decode-"):
+        part_decode(SETUP[part], jsonl, part)
+    elif part == "comm":
+        if not smoke:  # CUDA events and graphs only
+            run_workers("comm", folder / f"{slug}-comm.json")
+    elif part == "copy":
+        tmp = folder / f".{slug}-copy.jsonl"
+        run_workers("copy", tmp)
+        _replace_part(jsonl, "copy", tmp.read_text().splitlines())
+        tmp.unlink()
+    elif part == "runs":
+        part_runs(folder / f"{slug}-runs.json")
 
 
 def main() -> int:
@@ -242,19 +262,10 @@ def main() -> int:
     jsonl = folder / f"{slug}.jsonl"
     for part in [] if args.summary_only else args.parts:
         start = time.monotonic()
-        if part.startswith("decode-"):
-            part_decode(SETUP[part], jsonl, part)
-        elif part == "comm":
-            if args.smoke:
-                continue  # CUDA events and graphs only
-            run_workers("comm", folder / f"{slug}-comm.json")
-        elif part == "copy":
-            tmp = folder / f".{slug}-copy.jsonl"
-            run_workers("copy", tmp)
-            _replace_part(jsonl, "copy", tmp.read_text().splitlines())
-            tmp.unlink()
-        elif part == "runs":
-            part_runs(folder / f"{slug}-runs.json")
+        try:
+            run_part(part, args.smoke, folder, slug, jsonl)
+        except (subprocess.SubprocessError, OSError) as err:  # the other parts still run
+            print(f"part {part} failed: {err}", file=sys.stderr, flush=True)
         print(f"part {part}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     text = summarize(folder, slug)
     print(text)

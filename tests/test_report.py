@@ -229,3 +229,21 @@ def test_importing_the_report_loads_no_plotting():
     code = ("import sys, infermeter.report, infermeter.report_plots, infermeter.cli; "
             "assert 'matplotlib' not in sys.modules and 'rich' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
+    """A 64-token run at context 512 and the seed's 432 tokens in a 512 cache: the seed's wins."""
+    from infermeter.report_load import Record
+    from infermeter.report_select import Column, ColumnKey, pick_generate
+
+    def record(line, **config):
+        base = {"batch_size": 1, "mode": "compiled", "prompt_len": 80}
+        metrics = {"decode_tok_per_s": 100.0, "tpot_ms": {"p50": 10.0}, "ttft_ms": 20.0,
+                   "total_tokens": config.get("max_new_tokens"), "token_generation_time_s": 1.0}
+        return Record(kind="generate", model={"name": "m"}, config={**base, **config},
+                      env={}, metrics=metrics, warnings=(), source=f"f.jsonl:{line}")
+
+    context_run = record(1, context=512, max_new_tokens=64, cache_len=576)
+    seed_run = record(2, max_new_tokens=432, cache_len=512)
+    column = Column(ColumnKey("gpu", "m", 1), generates=[context_run, seed_run])
+    assert pick_generate(column) is seed_run

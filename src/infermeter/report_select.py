@@ -9,7 +9,8 @@ one representative of each kind, chosen by fixed rules (written in the table cap
   engine really holds and what the seed moved) with the fastest method, per direction; if the
   Result has no engine layout, the contiguous layout, then paged;
 - tokens: a generate Result at batch 1, fixed length (not --until-eos), compiled mode first,
-  then eager, then anything else, with the context nearest 512 tokens.
+  then eager, then anything else; of those the seed's shape: the cache nearest 512 tokens, then
+  the number of new tokens nearest the seed's 432, then the context nearest 512 tokens.
 
 Ties are broken by the Result's source (file and line), so the same files always give the same
 table.
@@ -24,6 +25,7 @@ from typing import Any
 from infermeter.report_load import Record
 
 SEED_CONTEXT = 512
+SEED_NEW_TOKENS = 432
 LAYOUT_ORDER = ("engine", "contiguous", "paged")
 MODE_ORDER = ("compiled", "eager")
 
@@ -181,7 +183,11 @@ def mode_rank(record: Record) -> int:
 
 def pick_generate(column: Column) -> Record | None:
     def rank(record: Record) -> tuple:
-        return (batch_size(record) != 1, bool(record.config.get("until_eos")), mode_rank(record),
+        cfg = record.config
+        new_tokens = num(cfg.get("max_new_tokens"))
+        return (batch_size(record) != 1, bool(cfg.get("until_eos")), mode_rank(record),
+                _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
+                abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
                 _context_distance(context(record)), record.source)
 
     timed = [r for r in column.generates if has_timing(r)]

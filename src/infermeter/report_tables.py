@@ -36,7 +36,8 @@ REFERENCE_CAPTION = (
     "tensors, as the engine holds them and the seed moved them) with the fastest method, each "
     "direction (the contiguous layout, then paged, where a Result has no engine layout); time to "
     "move the whole cache one way, htod then dtoh. Tokens: a batch-1, fixed-length generate "
-    "Result (compiled mode first, then eager; context nearest 512); Token Generation Speed = "
+    "Result (compiled mode first, then eager; the seed's shape first: cache nearest 512 tokens, "
+    "new tokens nearest 432, context nearest 512); Token Generation Speed = "
     "total tokens / generation time, prefill included, as the seed computed it. MiB = 2^20 bytes, "
     "GB/s = 1e9 bytes/s; '-' = not measured for that column.")
 
