@@ -247,3 +247,27 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     seed_run = record(2, max_new_tokens=432, cache_len=512)
     column = Column(ColumnKey("gpu", "m", 1), generates=[context_run, seed_run])
     assert pick_generate(column) is seed_run
+
+
+def test_breakdown_plot_stacks_each_traced_column(tmp_path):
+    """A generate Result with a --trace breakdown gets a stacked bar; none without one."""
+    pytest.importorskip("matplotlib")
+    from infermeter.report_plots import plot_breakdown
+
+    def record(categories):
+        metrics = {"decode_tok_per_s": 100.0, "breakdown": {"step_ms": 5.0,
+                                                            "categories": categories}}
+        return Record(kind="generate", model={"name": "m"}, env={}, warnings=(),
+                      config={"batch_size": 1, "mode": "compiled"}, metrics=metrics,
+                      source="f.jsonl:1")
+
+    traced = record([{"name": "matmul (unattributed)", "time_ms": 4.5},
+                     {"name": "attention", "time_ms": 0.4}, {"name": "gaps (idle)",
+                                                             "time_ms": 0.1}])
+    plain = Record(kind="generate", model={"name": "m"}, env={}, warnings=(),
+                   config={"batch_size": 1}, metrics={"decode_tok_per_s": 1.0}, source="g:1")
+    with_trace = Column(ColumnKey("gpu", "m", 1), generates=[plain, traced])
+    without = Column(ColumnKey("gpu2", "m", 1), generates=[plain])
+    plot = plot_breakdown([with_trace, without])
+    assert plot.name == "decode-step-breakdown.png" and plot.png.startswith(b"\x89PNG")
+    assert plot_breakdown([without]) is None

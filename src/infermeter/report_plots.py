@@ -10,7 +10,8 @@ the same matplotlib version give the same bytes.
 - tpot: TPOT p50 (p10-p90 bars) against context, with the bandwidth bound
   bytes_per_decode_step / hbm_gbps_measured as a dashed line of the same colour;
 - batch: decode tok/s against batch size;
-- headline: one bar chart across the columns for the reference figures.
+- headline: one bar chart across the columns for the reference figures;
+- breakdown: where one decode step's time goes (`--trace`), a stacked bar per column.
 """
 
 from __future__ import annotations
@@ -234,7 +235,52 @@ def plot_headline(columns: list[Column]) -> Plot:
     return Plot("headline.png", title, _png(fig))
 
 
+def _traced(column: Column) -> Record | None:
+    """The column's generate Result with a decode-step breakdown (--trace): batch 1 and the
+    compiled mode first, then by source (the same files always give the same plot)."""
+    found = [r for r in column.generates
+             if isinstance(r.metrics.get("breakdown"), dict)
+             and r.metrics["breakdown"].get("categories")]
+    return min(found, key=lambda r: (batch_size(r) != 1, r.config.get("mode") != "compiled",
+                                     r.source), default=None)
+
+
+def plot_breakdown(columns: list[Column]) -> Plot | None:
+    """One horizontal bar per column with a traced step: its categories' ms, stacked in the
+    breakdown's own order (bench/breakdown.py CATEGORIES), idle gaps last."""
+    from infermeter.bench.breakdown import CATEGORIES
+
+    bars = [(c, r) for c in columns if (r := _traced(c)) is not None]
+    if not bars:
+        return None
+    fig = _figure(11, 1.2 + 0.7 * len(bars))
+    ax = fig.subplots()
+    labels = [f"{c.key.label}\n{r.config.get('mode', '?')}, batch {count(batch_size(r))}"
+              for c, r in bars]
+    for category in CATEGORIES:
+        widths = []
+        for _, record in bars:
+            rows = {row.get("name"): num(row.get("time_ms")) or 0.0
+                    for row in record.metrics["breakdown"]["categories"]}
+            widths.append(rows.get(category, 0.0))
+        if any(widths):
+            lefts = [sum(num(row.get("time_ms")) or 0.0
+                         for row in record.metrics["breakdown"]["categories"]
+                         if row.get("name") in CATEGORIES[:CATEGORIES.index(category)])
+                     for _, record in bars]
+            ax.barh(range(len(bars)), widths, left=lefts, label=category)
+    ax.set_yticks(range(len(bars)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms in one decode step (the median traced step)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    title = "Where one decode step's GPU time goes (--trace)"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return Plot("decode-step-breakdown.png", title, _png(fig))
+
+
 def make_plots(columns: list[Column]) -> list[Plot]:
     plots = [plot_copy(c) for c in columns]
-    plots += [plot_tpot(columns), plot_batch(columns), plot_headline(columns)]
+    plots += [plot_tpot(columns), plot_batch(columns), plot_headline(columns),
+              plot_breakdown(columns)]
     return [p for p in plots if p is not None]
