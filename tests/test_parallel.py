@@ -334,3 +334,15 @@ def test_dry_run_prints_the_per_rank_plan(capsys) -> None:
         assert plan["headroom_bytes"] == 80 * 2**30 - weights - cache - prefill
     assert cli_main([*args, "--tp", "1"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_the_harness_retries_one_abort_and_no_more(tmp_path) -> None:
+    """run_ranks' single retry (see its docstring) is for one SIGABRT; a second one fails."""
+    import torch.multiprocessing as mp
+
+    from tests.tp_workers import abort_always, abort_once
+
+    marker = tmp_path / "aborted-once"
+    assert run_ranks(abort_once, 2, str(marker)) == [0, 1] and marker.exists()
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        run_ranks(abort_always, 2)

@@ -43,6 +43,19 @@ def _entry(rank: int, fn: Any, world: int, port: int, out: str, args: tuple) -> 
 
 
 def run_ranks(fn: Any, world: int, *args: Any, timeout: float = 80.0) -> list[Any]:
+    """Every rank's fn(tp, *args). One retry, only for a rank killed by SIGABRT from C++
+    ("terminate called without an active exception"): seen once in about 16 runs of the
+    two-rank test on a 2-core machine, inside gloo, never with a Python error. A rank that
+    raises, a wrong result, or a second abort still fails the test."""
+    try:
+        return _run_ranks_once(fn, world, *args, timeout=timeout)
+    except mp.ProcessExitedException as err:
+        if err.signal_name != "SIGABRT":
+            raise
+        return _run_ranks_once(fn, world, *args, timeout=timeout)
+
+
+def _run_ranks_once(fn: Any, world: int, *args: Any, timeout: float) -> list[Any]:
     # The test holds the rendezvous store on a port the OS picked: no port can be taken twice.
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory() as out:
@@ -111,3 +124,17 @@ def _compiled_step_equal(full: Any, shard: Any, backend: str) -> bool:
         model.setup_cache(2, 8)
         tokens.append(fn(model, *args, **options)[0])
     return torch.equal(tokens[0], tokens[1])
+
+
+def abort_once(tp: TensorParallel, marker: str) -> int:
+    """Rank 1 aborts (SIGABRT, as a C++ terminate does) the first time only."""
+    if tp.rank == 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os.abort()
+    return tp.rank
+
+
+def abort_always(tp: TensorParallel) -> int:
+    if tp.rank == 1:
+        os.abort()
+    return tp.rank
