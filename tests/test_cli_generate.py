@@ -93,6 +93,10 @@ def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     eager = json.loads(run(*args, "--mode", "eager").stdout)
     compiled = json.loads(run(*args, "--mode", "compiled").stdout)
     assert compiled["output_token_ids"] == eager["output_token_ids"]
+    assert compiled["config"]["compile_prefill"] is False
+    both = json.loads(run(*args, "--mode", "compiled", "--compile-prefill").stdout)
+    assert both["output_token_ids"] == eager["output_token_ids"]
+    assert both["config"]["compile_prefill"] is True
 
 
 # The generate Result's metrics that other tools read (DESIGN.md, the issue): all present.

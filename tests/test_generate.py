@@ -278,3 +278,36 @@ def test_compile_backend_is_checked(model):
     with pytest.raises(InfermeterError, match="needs a CUDA device"):
         Generator(model, compile_backend="cudagraphs")
     assert Generator(model).compile_backend == "inductor"
+
+
+def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_length():
+    """--compile-prefill: the prefill's layers go through one compiled function; every layer
+    and both prompt lengths share one graph, and logits and first tokens equal eager's."""
+    from torch._dynamo.utils import counters
+
+    from infermeter.engine.generate import _block_step
+
+    spec = PRESETS["debug"].with_updates(n_layers=3)
+    plain, other = build_model(spec, seed=2), build_model(spec, seed=2)
+    eager, compiled = Generator(plain, 48), Generator(other, 48, compile_prefill=True)
+    # aot_eager: dynamo and AOT tracing without inductor's C++ build on the CPU
+    compiled._compiled_block = torch.compile(_block_step, dynamic=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (7, 12):
+        tokens = torch.randint(0, spec.vocab_size, (2, length),
+                               generator=torch.Generator().manual_seed(length))
+        for generator in (eager, compiled):
+            generator.prepare(2, length, 6)
+        config = GenerationConfig(max_new_tokens=6, compile=True)  # prefill only: no decode
+        want, got = eager.prefill(tokens, GenerationConfig(max_new_tokens=6)), \
+            compiled.prefill(tokens, config)
+        assert torch.equal(want.token, got.token)
+        compiled.prepare(2, length, 6)
+        positions = torch.arange(length)
+        with torch.no_grad():
+            plain.reset_cache()
+            diff = plain(tokens, positions) - other(tokens, positions,
+                                                    block_fn=compiled._block_fn())
+        assert diff.abs().max() < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1  # 3 layers x 2 lengths: one graph

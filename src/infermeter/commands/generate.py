@@ -58,6 +58,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        help="measure HBM bandwidth and matmul FLOP/s first, for MBU / MFU")
     bench.add_argument("--compile-backend", choices=("inductor", "cudagraphs"),
                        help="how the compiled mode builds its decode step (default inductor)")
+    bench.add_argument("--compile-prefill", action="store_true",
+                       help="compiled mode: compile the prefill's layers too (one graph for "
+                       "every layer and prompt length; not yet measured on a GPU, so off)")
     p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive_int,
                    help="KV-cache length (default: prompt + new tokens, rounded up)")
     p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",
@@ -103,7 +106,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         batch_sizes=tuple(args.batch_size) if args.batch_size else None,
         prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
         repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
-        compile_backend=args.compile_backend, trace_dir=args.trace)
+        compile_backend=args.compile_backend, compile_prefill=args.compile_prefill,
+        trace_dir=args.trace)
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

@@ -133,6 +133,12 @@ def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tens
     return next_token, done
 
 
+def _block_step(layer: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
+                input_pos: Tensor) -> Tensor:
+    """One transformer layer: what the compiled prefill compiles (Generator._block_fn)."""
+    return layer(h, cos, sin, input_pos)
+
+
 def _no_hook(event: str, step: int) -> None:
     pass
 
@@ -147,12 +153,17 @@ class Generator:
     compile_backend: how the compiled decode step is built (see COMPILE_BACKENDS).
     compile_options: extra inductor options for it (benchmarks/decode_tuning.py compares some).
     fuse: fuse the model's q/k/v and gate/up projections in place first (fusion.py).
+    compile_prefill: with config.compile, also run the prefill's layers through one
+    torch.compile'd function (dynamic prompt length, no CUDA graph; _block_step). Off by
+    default until a GPU run has measured it: the eager prefill leaves RMSNorm, RoPE, SiLU and
+    the residual adds unfused, inductor fuses them.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
                  kv_dtype: torch.dtype | str | None = None,
                  compile_backend: str | None = None,
-                 compile_options: dict | None = None, fuse: bool = True) -> None:
+                 compile_options: dict | None = None, fuse: bool = True,
+                 compile_prefill: bool = False) -> None:
         if fuse:  # one wqkv and one w13 matrix per layer (fusion.py): faster, same function
             from infermeter.engine.fusion import fuse_projections
 
@@ -173,6 +184,8 @@ class Generator:
         if self.compile_backend == "cudagraphs" and self.device.type != "cuda":
             raise InfermeterError("the cudagraphs compile backend needs a CUDA device")
         self._compiled_step: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self.compile_prefill = compile_prefill
+        self._compiled_block: Callable[..., Tensor] | None = None
 
     # ---- setup ---------------------------------------------------------------------------
     def prepare(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -210,6 +223,14 @@ class Generator:
                                                 dynamic=False)
         return self._compiled_step
 
+    def _block_fn(self) -> Callable[..., Tensor]:
+        """The compiled prefill's layer function: one graph for every layer (modules are
+        inlined, their weights become inputs) and every prompt length (dynamic=True)."""
+        if self._compiled_block is None:
+            options = {"emulate_precision_casts": True, **self.compile_options}
+            self._compiled_block = torch.compile(_block_step, options=options, dynamic=True)
+        return self._compiled_block
+
     # ---- the two phases --------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, tokens: Tensor, config: GenerationConfig) -> DecodeState:
@@ -228,7 +249,9 @@ class Generator:
         # (From pageable memory the copy stages the bytes before returning: no lifetime issue.)
         stop_ids = stop_ids.to(self.device, non_blocking=True)  # [S]
         positions = torch.arange(prompt_len, **int64)  # [T]
-        logits = self.model(tokens, positions)  # [B, T, V] float32
+        compiled = config.compile and self.compile_prefill and prompt_len > 1
+        logits = self.model(tokens, positions,  # [B, T, V] float32
+                            block_fn=self._block_fn() if compiled else None)
         first = sample(logits[:, -1], greedy=config.greedy, temperature=config.temperature,
                        top_p=config.top_p, seed=seed, pos=input_pos)
         done = (first[:, None] == stop_ids[None, :]).any(dim=-1)

@@ -35,6 +35,8 @@ Decisions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -233,18 +235,23 @@ class Transformer(nn.Module):
             cache.reset()
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor,
+                block_fn: Callable[..., Tensor] | None = None) -> Tensor:
         """tokens [B, T] int64, input_pos [T] int64 -> logits [B, T, vocab] float32.
 
         Writes the K/V of these positions into the cache. No host syncs or value-dependent
         branches, so T == 1 decode compiles with fullgraph=True and static shapes.
+        block_fn(layer, h, cos, sin, input_pos), when given, runs each layer instead of
+        layer(h, ...): the Generator's compiled prefill passes one compiled function here,
+        which every layer then shares (one graph, any prompt length).
         """
         if self.max_seq_len == 0:
             raise InfermeterError("call setup_cache() before running the model")
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos)
+            h = layer(h, cos, sin, input_pos) if block_fn is None else \
+                block_fn(layer, h, cos, sin, input_pos)
         return self.output(self.norm(h)).float()
 
 
