@@ -1,7 +1,9 @@
 """Engine check on a real GPU (the engine issue's device part), written as one Result.
 
 1. Llama-2-7B with random fp16 weights on one GPU: greedy decoding of 256 tokens, eager and
-   compiled (torch.compile + CUDA graphs); the two token lists must be identical.
+   compiled (torch.compile + CUDA graphs); the two token lists must be identical. Beside it,
+   eager against itself, and a teacher-forced comparison (both paths fed eager's tokens): every
+   step where the compiled pick differs, with eager's top-2 logit gap there.
 2. Loading a 7B-sized HF checkpoint written here: load time against the time to read the same
    bytes from disk (target < 2x), and peak host memory against the checkpoint size (< 1.2x).
    The page cache is dropped before each timed read when the kernel lets us (root), so both
@@ -79,6 +81,43 @@ def logit_gap_at(generator: Generator, prompt: list[int], eager: list[int],
             "mismatch_top2_gap": float(top2[0] - top2[1]), "logit_std": float(logits.std())}
 
 
+@torch.no_grad()
+def teacher_forced(generator: Generator, prompt: list[int], eager: list[int],
+                   config: GenerationConfig) -> dict:
+    """Both paths fed eager's own tokens, step by step: does the compiled step pick eager's next
+    token wherever eager's choice is not a near-tie? Free-running outputs part for good at the
+    first flipped near-tie; this compares every step on the same input instead.
+
+    Eager's logits give each step's top-2 gap; a disagreement is "a tie" when that gap is at
+    most two fp16 steps (ulps) of the top logit. Returns the agreement and the disagreements.
+    """
+    device = generator.device
+    tokens = torch.tensor([prompt], device=device)
+    gaps, eager_picks = [], []  # eager's pick, top-2 gap and tie bound at each forced step
+    generator.prepare(1, len(prompt), len(eager))
+    logits = generator.model(tokens, torch.arange(len(prompt), device=device))[0, -1]
+    for step in range(len(eager)):
+        top2 = logits.float().topk(2).values
+        eager_picks.append(int(logits.argmax()))
+        ulp = torch.finfo(torch.float16).eps * 2.0 ** torch.floor(torch.log2(top2[0].abs()))
+        gaps.append((float(top2[0] - top2[1]), float(2 * ulp)))
+        if step + 1 < len(eager):
+            pos = torch.tensor([len(prompt) + step], device=device)
+            logits = generator.model(torch.tensor([[eager[step]]], device=device), pos)[0, -1]
+    state = generator.prefill(tokens, config)  # the compiled path: prefill, then forced steps
+    picks = [int(state.token[0])]
+    for step in range(len(eager) - 1):
+        state.token = torch.tensor([eager[step]], device=device)
+        picks.append(int(generator.decode_step(state, config)[0]))
+    differ = [{"step": i, "eager": e, "compiled": c, "eager_top2_gap": gaps[i][0],
+               "tie_bound": gaps[i][1]}
+              for i, (e, c) in enumerate(zip(eager_picks, picks)) if e != c]
+    return {"teacher_forced_agreement": 1 - len(differ) / len(eager),
+            "teacher_forced_disagreements": differ,
+            "teacher_forced_all_at_ties": all(d["eager_top2_gap"] <= d["tie_bound"]
+                                              for d in differ)}
+
+
 def greedy_check(model, tokens: int, backend: str | None) -> dict:
     """Eager and compiled greedy decoding of the same prompt; where (if) they first differ.
 
@@ -103,6 +142,7 @@ def greedy_check(model, tokens: int, backend: str | None) -> dict:
     compiled, compiled_s = timed_generate(generator, prompt, compiled_cfg)
     mismatch = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), None)
     gap = {} if mismatch is None else logit_gap_at(generator, prompt, eager, compiled, mismatch)
+    gap.update(teacher_forced(generator, prompt, eager, compiled_cfg))
     return {**gap, "eager": eager, "compiled": compiled, "identical": eager == compiled,
             "first_mismatch": mismatch, "compile_warmup_s": warmup_s,
             "compile_backend": generator.compile_backend, "eager_wall_s": eager_s,
@@ -176,7 +216,8 @@ def main() -> int:
     check = greedy_check(model, args.tokens, args.backend)
     keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
             "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std",
-            "eager_repeat_first_mismatch")
+            "eager_repeat_first_mismatch", "teacher_forced_agreement",
+            "teacher_forced_disagreements", "teacher_forced_all_at_ties")
     metrics = {key: check[key] for key in keys if key in check}
     metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens)
     print(json.dumps(metrics), flush=True)
