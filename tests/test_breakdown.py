@@ -119,6 +119,21 @@ def test_trace_command_summarises_the_file(generate_trace, capsys):
     assert "Where one decode step goes" in capsys.readouterr().out
 
 
+def test_a_gzipped_trace_reads_like_the_plain_one(tmp_path, capsys):
+    import gzip
+
+    plain = tmp_path / "trace.json"
+    plain.write_text(json.dumps(synthetic_trace()))
+    packed = tmp_path / "trace.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert bd.summarize_trace(packed)["categories"] == bd.summarize_trace(plain)["categories"]
+    truncated = tmp_path / "cut.json.gz"
+    truncated.write_bytes(packed.read_bytes()[:40])
+    assert main(["trace", str(truncated)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infermeter: error: cannot read trace") and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"schema": 1}', "[1, 2", ""])
 def test_corrupt_trace_is_one_clear_error(tmp_path, capsys, text):
     bad = tmp_path / "trace-rank0.json"

@@ -55,12 +55,18 @@ _ELEMENT_BYTES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2, "double": 8, "
 
 
 def load_trace(path: str | Path) -> dict[str, Any]:
-    """A Chrome trace JSON (object with traceEvents, or a bare event list); clear error if not."""
+    """A Chrome trace JSON (object with traceEvents, or a bare event list), plain or gzipped
+    (`.gz`, as results/ keeps them); clear error if not."""
+    import gzip
+
     try:
-        data = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic bytes, whatever the file is called
+            raw = gzip.decompress(raw)
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise InfermeterError(f"trace file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InfermeterError(f"cannot read trace {path}: {err}") from None
     if isinstance(data, list):
         data = {"traceEvents": data}
