@@ -7,6 +7,7 @@ older schema and one with fields missing. tests/fixtures/report-bad/ holds files
 Results at all.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,13 @@ def test_breakdown_plot_stacks_each_traced_column(tmp_path):
     plot = plot_breakdown([with_trace, without])
     assert plot.name == "decode-step-breakdown.png" and plot.png.startswith(b"\x89PNG")
     assert plot_breakdown([without]) is None
+
+
+def test_the_cache_size_of_a_tp_column_is_per_rank(tmp_path):
+    """Under tp each rank moves its own KV shard: the cell says "per rank"."""
+    result = json.loads((GOOD / "copy-h100.jsonl").read_text().splitlines()[0])
+    result["config"]["tp"] = 2
+    (tmp_path / "tp2.jsonl").write_text(json.dumps(result) + "\n")
+    ref = table(build_report([str(tmp_path)]), "reference")
+    (column,) = [c for c in ref.header if "(tp 2)" in c]
+    assert cells(ref, column)["KV Cache Size"] == "256.0 MiB per rank (1×512)"

@@ -85,7 +85,8 @@ def _case_label(case: dict[str, Any] | None) -> str:
 def _kv_cell(column: Column, pick: CopyPick | None) -> str:
     if pick and pick.kv_bytes:
         cfg = pick.record.config
-        return f"{fmt.size(pick.kv_bytes)} ({cfg.get('batch_size')}×{cfg.get('seq_len')})"
+        rank = " per rank" if column.key.tp > 1 else ""  # each rank moves its own KV shard
+        return f"{fmt.size(pick.kv_bytes)}{rank} ({cfg.get('batch_size')}×{cfg.get('seq_len')})"
     kv = pick_kv(column)
     if kv:
         cfg = kv.config
