@@ -3,8 +3,8 @@
 Why: at batch 1 a decode step is a string of matrix-vector products, each reading its weight
 once. A 4096 x 4096 fp16 matrix (32 MiB) leaves HBM bandwidth on the table at the start and end
 of its kernel (and cuBLAS splits it over K, adding a reduction kernel); one [12288, 4096] read
-does not. On an H100, random Llama-2-7B fp16: 6.37 -> 5.91 ms per decode step
-(results/decode-tuning-*.json). Prefill's GEMMs get larger too.
+does not. On an H100, random Llama-2-7B fp16: 6.33 -> 5.89 ms per decode step
+(results/decode-tuning-nvidia-h100-80gb-hbm3.json). Prefill's GEMMs get larger too.
 
 How: the loaders and the tensor-parallel sharding work on Meta's names (fusion comes after
 them, on this rank's shards), then `fuse_projections` concatenates each layer's rows (one

@@ -215,8 +215,9 @@ class Generator:
             # emulate_precision_casts makes inductor round to the activation dtype between
             # fused ops where eager rounds; reduction order and FMA contraction still differ.
             # coordinate_descent_tuning (as gpt-fast) tunes the Triton kernels' block sizes
-            # at compile time: on an H100, 7B fp16 decode 6.37 -> 5.91 ms per step
-            # (results/decode-tuning-*.json), for about 30 s more compile.
+            # at compile time, and turns each matrix-vector product into a Triton reduction
+            # fused with its neighbours: on an H100, fused 7B fp16 decode 5.89 -> 5.59 ms per
+            # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile.
             options = {"emulate_precision_casts": True, "coordinate_descent_tuning": True,
                        "triton.cudagraphs": self.device.type == "cuda", **self.compile_options}
             self._compiled_step = torch.compile(_decode_one, options=options, fullgraph=True,
