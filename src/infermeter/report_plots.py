@@ -257,18 +257,14 @@ def plot_breakdown(columns: list[Column]) -> Plot | None:
     ax = fig.subplots()
     labels = [f"{c.key.label}\n{r.config.get('mode', '?')}, batch {count(batch_size(r))}"
               for c, r in bars]
+    ms = [{row.get("name"): num(row.get("time_ms")) or 0.0
+           for row in record.metrics["breakdown"]["categories"]} for _, record in bars]
+    lefts = [0.0] * len(bars)  # where each bar's next segment starts
     for category in CATEGORIES:
-        widths = []
-        for _, record in bars:
-            rows = {row.get("name"): num(row.get("time_ms")) or 0.0
-                    for row in record.metrics["breakdown"]["categories"]}
-            widths.append(rows.get(category, 0.0))
+        widths = [times.get(category, 0.0) for times in ms]
         if any(widths):
-            lefts = [sum(num(row.get("time_ms")) or 0.0
-                         for row in record.metrics["breakdown"]["categories"]
-                         if row.get("name") in CATEGORIES[:CATEGORIES.index(category)])
-                     for _, record in bars]
             ax.barh(range(len(bars)), widths, left=lefts, label=category)
+            lefts = [left + width for left, width in zip(lefts, widths)]
     ax.set_yticks(range(len(bars)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms in one decode step (the median traced step)")
