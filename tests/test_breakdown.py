@@ -225,3 +225,21 @@ def test_compiled_matmuls_get_the_whole_steps_weight_bytes():
     (row,) = [r for r in found["categories"] if r["name"] == "matmul (unattributed)"]
     assert row["weight_bytes"] == 5_000_000
     assert row["gbps"] == pytest.approx(5_000_000 / (row["time_ms"] * 1e-3) / 1e9)
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "4"],
+    ["copy", "--model", "debug", "--device", "cpu", "--seq-len", "16"],
+    ["run"],
+])
+def test_a_trace_folder_that_cannot_exist_is_one_line_before_anything_runs(
+        command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("infermeter.bench.copy.gpu_available", lambda: False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if command == ["run"] else []
+    assert main([*command, *extra, "--trace", str(blocker / "traces")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infermeter: error: --trace") and len(err.splitlines()) == 1
+    assert not out.exists()  # run: no results folder, no half-written results

@@ -33,6 +33,18 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def make_trace_dir(folder: str | Path) -> Path:
+    """Create --trace's folder; a path that cannot be one is a user error (one line), found
+    before anything is measured when the commands call this first."""
+    from infermeter.errors import InfermeterError
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InfermeterError(f"--trace {folder}: cannot create the folder ({err})") from None
+    return Path(folder)
+
+
 def trace_path(folder: str | Path, case_index: int = 0, n_cases: int = 1) -> Path:
     """trace-rank0.json; with several cases trace-case2-rank0.json etc."""
     case = f"case{case_index + 1}-" if n_cases > 1 else ""
@@ -48,7 +60,7 @@ def profile_to(path: Path, meta: dict[str, Any] | None = None) -> Iterator[None]
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_trace_dir(path.parent)
     nvtx.set_profiling(True)
     try:
         with profile(activities=activities, record_shapes=True) as prof:

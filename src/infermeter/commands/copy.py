@@ -61,6 +61,10 @@ def _run_copy(args: argparse.Namespace) -> int:
         return tuple(dict.fromkeys(values))
 
     spec = resolve_model(args.model)
+    if args.trace:  # a bad folder fails now, not after the copies
+        from infermeter.bench.trace_capture import make_trace_dir
+
+        make_trace_dir(args.trace)
     # ---- tensor parallelism (launch.py, engine/parallel.py): each rank copies its KV shard
     if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
         return code

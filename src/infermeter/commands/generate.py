@@ -92,6 +92,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
         return code
     # ---- end tensor parallelism
+    if args.trace:  # a bad folder fails now, not after the timed runs
+        from infermeter.bench.trace_capture import make_trace_dir
+
+        make_trace_dir(args.trace)
     device = args.device or default_device()
     sampling = args.temperature is not None and args.temperature > 0
     request = GenerateRequest(

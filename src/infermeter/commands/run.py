@@ -151,9 +151,12 @@ def _run(args: argparse.Namespace) -> int:
         raise InfermeterError("infermeter run measures one GPU: start it without torchrun")
     setting = plan_setting(args.model, args.checkpoint, args.batch_size, args.seq_len,
                            args.dtype, gpu=gpu_available())
-    if args.trace:
+    if args.trace:  # a bad folder fails before the results folder exists
         import dataclasses
 
+        from infermeter.bench.trace_capture import make_trace_dir
+
+        make_trace_dir(args.trace)
         setting = dataclasses.replace(setting, trace_dir=args.trace)
     folder = _out_folder(args.out)
     env = capture_env()
