@@ -2,6 +2,7 @@
 
     python benchmarks/generation_sweep.py [--parts seed prefill context] [--results DIR]
     python benchmarks/generation_sweep.py --summary-only
+    python benchmarks/generation_sweep.py --merge /work/.device/N/generate-<device>.jsonl
 
 Parts (Llama-2-7B, random fp16 weights; one Result per case, appended as soon as it is done, so a
 command that runs out of time keeps every finished case; re-running a part replaces its Results):
@@ -15,6 +16,8 @@ command that runs out of time keeps every finished case; re-running a part repla
   context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
            exactly context + 64 tokens (64 new tokens). The random model's positions are raised
            to 8256 (Llama-2's 4096 would refuse 8k; the cost of a step does not depend on it).
+--merge FILE puts the parts found in FILE (a sweep's JSONL brought back from a GPU machine)
+in place of the same parts in results/, keeping the others, then prints the summary.
 Then prints one table of every case in the file, TPOT against context, and, last, the issue's
 targets with the ratios measured here. When $OUT is set, the JSONL and the summary go there too.
 Rough budget on an H100: seed 4 min, hf 2-4 min, prefill 1 min, context 4 min (a compile is
@@ -147,6 +150,16 @@ def keep_other_runs(path: Path, part: str) -> None:
             path.unlink()
 
 
+def merge_parts(source: Path, path: Path) -> list[str]:
+    """Replace, in `path`, every part that `source` has Results for by `source`'s Results."""
+    new = read_results(source)
+    parts = list(dict.fromkeys(r.config.get("run") for r in new))
+    for part in parts:
+        keep_other_runs(path, part)
+    append_jsonl(path, new)
+    return parts
+
+
 def run_part(part: str, path: Path, env: dict) -> None:
     keep_other_runs(path, part)
 
@@ -167,6 +180,8 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--merge", type=Path, metavar="JSONL",
+                        help="take the parts in this sweep file into results/ (no GPU needed)")
     parser.add_argument("--slug", help="summarise results/generate-SLUG.jsonl (default: this "
                         "machine's device), e.g. nvidia-h100-80gb-hbm3 on a machine without it")
     args = parser.parse_args()
@@ -175,7 +190,12 @@ def main() -> int:
     path = Path(args.results) / f"generate-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for part in [] if args.summary_only else args.parts:
+    if args.merge:
+        if not args.merge.is_file():
+            print(f"error: {args.merge} is not a file", file=sys.stderr)
+            return 2
+        print(f"merged parts {merge_parts(args.merge, path)} into {path}", file=sys.stderr)
+    for part in [] if args.summary_only or args.merge else args.parts:
         print(f"[{time.perf_counter() - start:6.1f} s] {part}", file=sys.stderr, flush=True)
         try:
             run_part(part, path, env)
@@ -190,7 +210,8 @@ def main() -> int:
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(out) / path.name)
+        if (Path(out) / path.name).resolve() != path.resolve():  # --results $OUT: already there
+            shutil.copy(path, Path(out) / path.name)
         (Path(out) / f"generate-{slug}-summary.txt").write_text(text + "\n")
     (path.parent / f"generate-{slug}-summary.txt").write_text(text + "\n")
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
