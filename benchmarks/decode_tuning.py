@@ -7,9 +7,10 @@ descent tuning of Triton kernels, decode attention as two matrix products) again
 replaced. For each variant: random fp16
 weights, batch 1, an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs
 on), then 3 timed runs of 128 decode steps (CUDA events around each run; the median per-step
-time is reported) and the weight bytes read per step / TPOT as GB/s. The last variant is also
+time is reported) and the weight bytes read per step / TPOT as GB/s. Each variant is also
 profiled for 5 steps and its 25 most expensive kernels are listed by name, so the step's cost
-can be read kernel by kernel. Writes results/decode-tuning-<device>.json (and $OUT/ when set).
+can be read kernel by kernel. Writes results/decode-tuning[-TAG]-<device>.json (and $OUT/ when
+set) after every variant.
 """
 
 from __future__ import annotations
@@ -28,14 +29,22 @@ from infermeter.engine.generate import GenerationConfig, Generator
 from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
-# name: (fuse projections?, extra inductor options, decode attention). Unfused variants run
-# first: fusing is in place and irreversible.
+# name: (fuse projections?, extra inductor options, decode attention, opaque SwiGLU activation
+# (model.silu_mul)). Unfused variants run first: fusing is in place and irreversible.
 VARIANTS = {
-    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa"),  # session 1's
-    "unfused": (False, {}, "math"),
-    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math"),
-    "fused-sdpa": (True, {}, "sdpa"),
-    "fused": (True, {}, "math"),  # the Generator's and the model's defaults
+    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", False),  # session 1
+    "unfused": (False, {}, "math", False),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", False),
+    "fused-sdpa": (True, {}, "sdpa", False),
+    "fused-inline-act": (True, {}, "math", False),  # the defaults until session 3
+    "fused": (True, {}, "math", True),  # the Generator's and the model's defaults
+    # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
+    # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
+    # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
+    "fused-flex": (True, {}, "flex", False),
+    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True),
+    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False),
+    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -84,6 +93,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["unfused-before", "fused-sdpa",
                                                            "fused"],
                         choices=list(VARIANTS))
+    parser.add_argument("--tag", default="", help="file name part: decode-tuning-TAG-<device>")
     args = parser.parse_args()
     torch._inductor.config.triton.unique_kernel_names = True  # names say which ops fused
     env = capture_env()
@@ -92,10 +102,15 @@ def main() -> int:
     config = GenerationConfig(max_new_tokens=STEPS + 1, compile=True)
     out = {"weight_bytes_per_step": weight_bytes, "variants": {}}
     names = sorted(args.variants, key=lambda n: VARIANTS[n][0])  # unfused first
-    for i, name in enumerate(names):
-        fuse, options, attention = VARIANTS[name]
+    config_out = {"benchmark": "decode_tuning", "batch_size": 1, "prompt_len": PROMPT_LEN,
+                  "max_seq_len": CACHE, "decode_steps": STEPS, "runs": RUNS, "dtype": "float16",
+                  "weights": "random"}
+    name_part = f"decode-tuning-{args.tag}-" if args.tag else "decode-tuning-"
+    for name in names:
+        fuse, options, attention, opaque_act = VARIANTS[name]
         for layer in model.layers:
             layer.attention.decode_attention = attention
+            layer.feed_forward.materialize_activation = opaque_act
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
         t0 = time.perf_counter()
         generator.warmup(1, PROMPT_LEN, config)
@@ -103,23 +118,21 @@ def main() -> int:
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)
         row = {"options": options, "fused": fuse, "decode_attention": attention,
+               "opaque_activation": opaque_act,
                "warmup_s": warmup_s,
                "tpot_ms_runs": runs,
                "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,
                "weight_gbps": weight_bytes / tpot / 1e6}
-        if i == len(names) - 1:  # the defaults' kernels
-            row["top_kernels"] = top_kernels(generator, config)
+        row["top_kernels"] = top_kernels(generator, config)  # every variant's, to compare
         out["variants"][name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
-        for k in row.get("top_kernels", []):
+        for k in row["top_kernels"][:12]:
             print(f"  {k['us_per_step']:9.1f} us x{k['calls_per_step']:5.0f}  {k['kernel']}")
+        # Written after every variant: a command cut short keeps the variants it finished.
+        result = Result("generate", model.spec.to_dict(), config_out, env, out)
+        for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
+            write_json(Path(folder) / f"{name_part}{device_slug(env)}.json", result)
         torch._dynamo.reset()  # the next variant compiles afresh
-    config_out = {"benchmark": "decode_tuning", "batch_size": 1, "prompt_len": PROMPT_LEN,
-                  "max_seq_len": CACHE, "decode_steps": STEPS, "runs": RUNS, "dtype": "float16",
-                  "weights": "random"}
-    result = Result("generate", model.spec.to_dict(), config_out, env, out)
-    for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
-        write_json(Path(folder) / f"decode-tuning-{device_slug(env)}.json", result)
     return 0
 
 

@@ -287,6 +287,25 @@ def test_compiled_prefill_on_cuda_gives_the_eager_tokens():
     assert gen.generate(PROMPTS, compiled).output_token_ids == eager
 
 
+@pytest.mark.gpu
+def test_flex_decode_attention_on_cuda_gives_the_eager_tokens():
+    """decode_attention="flex": inductor's flex-decoding kernel in the CUDA-graph decode step,
+    on a model with a sliding-window ring layer and GQA, gives eager's greedy tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = SPEC.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,))
+    model = build_model(spec, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        model.output.weight.mul_(50)  # see the test above: robust greedy decisions
+    for layer in model.layers:
+        layer.attention.decode_attention = "flex"
+    gen = Generator(model, max_seq_len=64)
+    eager = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24)).output_token_ids
+    compiled = GenerationConfig(max_new_tokens=24, compile=True)
+    gen.warmup(2, 7, compiled)
+    assert gen.generate(PROMPTS, compiled).output_token_ids == eager
+
+
 def test_compile_backend_is_checked(model):
     with pytest.raises(InfermeterError, match="unknown compile backend 'tvm'"):
         Generator(model, compile_backend="tvm")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from infermeter import kvsize
+from infermeter.engine import model as model_module
 from infermeter.engine.model import Transformer, build_model
 from infermeter.errors import InfermeterError
 from infermeter.presets import PRESETS
@@ -185,3 +186,100 @@ def test_math_decode_attention_equals_sdpa(name: str) -> None:
             layer.attention.decode_attention = kind
         results.append(_run_chunks(model, tokens, [8] + [1] * (SEQ - 8)))
     assert (results[0] - results[1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "window"])
+@torch.inference_mode()
+def test_flex_decode_attention_equals_math(name: str, monkeypatch) -> None:
+    """"flex" decode (flex_attention with the mask rebuilt from key positions) == "math".
+
+    The model takes the flex path only while torch.compile traces; pretending to trace runs
+    flex_attention's eager reference through the same code. The window spec's ring layer wraps
+    (20 positions in 5 slots), so the mask's window and empty-slot rules are both exercised.
+    """
+    tokens = _tokens(length=SEQ)
+    results = []
+    for kind in ("math", "flex"):
+        model = _model(SPECS[name])
+        for layer in model.layers:
+            layer.attention.decode_attention = kind
+        with monkeypatch.context() as patch:
+            patch.setattr(model_module, "compiling", lambda flex=(kind == "flex"): flex)
+            results.append(_run_chunks(model, tokens, [8] + [1] * (SEQ - 8)))
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_flex_decode_traces_in_one_graph_and_matches_math() -> None:
+    """The flex decode step compiles with fullgraph=True (aot_eager: the traced graph runs
+    without inductor's C++ build) and gives the math step's logits."""
+    spec = SPECS["window"]
+    tokens = _tokens(1, 12)
+    reference = _run_chunks(_model(spec, batch=1, max_seq_len=12), tokens, [4] + [1] * 8)
+    model = _model(spec, batch=1, max_seq_len=12)
+    for layer in model.layers:
+        layer.attention.decode_attention = "flex"
+    step = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    model.reset_cache()
+    outs = [model(tokens[:, :4], torch.arange(4))]
+    outs += [step(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 12)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), reference, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_full_layer_positions_are_constant_and_ring_positions_tracked() -> None:
+    """A full layer's slot j holds position j (no per-step write); a ring remembers its slots."""
+    model = _model(SPECS["window"], batch=1, max_seq_len=12)
+    _run_chunks(model, _tokens(1, 7), [7])
+    full, ring = (layer.attention.kv_cache for layer in model.layers)
+    assert torch.equal(full.key_pos, torch.arange(12))
+    assert ring.key_pos.tolist() == [5, 6, 2, 3, 4]  # positions 5, 6 overwrote slots 0, 1
+    model.reset_cache()
+    assert torch.equal(full.key_pos, torch.arange(12)) and ring.key_pos.tolist() == [-1] * 5
+
+
+@torch.inference_mode()
+def test_a_rerun_without_reset_ignores_the_longer_stale_sequence() -> None:
+    """Slots beyond the new positions still hold the previous run's K/V; they are masked."""
+    model = _model(SPECS["window"], batch=1, max_seq_len=16)
+    fresh = _run_chunks(model, _tokens(1, 6), [3, 1, 1, 1])
+    model(_tokens(1, 16).flip(1), torch.arange(16))  # fill every slot with another sequence
+    tokens, outs = _tokens(1, 6), []
+    for start, size in ((0, 3), (3, 1), (4, 1), (5, 1)):
+        outs.append(model(tokens[:, start:start + size], torch.arange(start, start + size)))
+    torch.testing.assert_close(torch.cat(outs, dim=1), fresh, atol=1e-5, rtol=0)
+
+
+def test_silu_mul_op_passes_opcheck_on_chunk_views() -> None:
+    """The opaque SwiGLU activation: registered correctly (fake = real shapes and strides,
+    works under torch.compile's checks) and equal to the eager expression."""
+    from infermeter.engine.model import silu_mul
+
+    h13 = torch.randn(3, 1, 2 * 24)
+    gate, up = h13.chunk(2, dim=-1)  # what FeedForward passes: views into the fused output
+    torch.library.opcheck(silu_mul, (gate, up))
+    assert torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+
+
+@torch.inference_mode()
+def test_compiled_step_routes_the_activation_through_the_opaque_op() -> None:
+    """While compiling, FeedForward calls infermeter::silu_mul (one node in the graph); eager
+    never does. Logits equal either way."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _model(DEBUG, batch=1, max_seq_len=8)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    counter = CompileCounterWithBackend(keep)
+    step = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    tokens = _tokens(1, 4)
+    compiled = _run_chunks(model, tokens, [3])  # eager prefill
+    compiled = torch.cat((compiled, step(tokens[:, 3:4], torch.tensor([3]))), dim=1)
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert targets.count("infermeter.silu_mul.default") == DEBUG.n_layers
+    eager = _run_chunks(model, tokens, [3, 1])
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)

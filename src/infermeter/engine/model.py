@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
 
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.random_weights import init_random_weights
@@ -83,11 +84,14 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-# How a one-token decode step attends over the cache: "math" (decode_attention below) or "sdpa".
+# How a one-token decode step attends over the cache: "math" (decode_attention below), "sdpa",
+# or "flex" (flex_decode_attention below, used only while torch.compile traces the step).
 # SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
-# matrix products, inductor turns each into a reduction spread over heads x cache positions.
+# matrix products, inductor turns each into a reduction spread over heads x cache positions
+# (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
 DECODE_ATTENTION = "math"
+ATTENTION_KINDS = ("math", "sdpa", "flex")
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -96,6 +100,34 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> T
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,Hkv,G,S]
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+
+
+def compiling() -> bool:
+    """True while torch.compile traces the model (a function of ours, so tests can patch it)."""
+    return torch.compiler.is_compiling()
+
+
+def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,
+                          query_pos: Tensor, window: int | None) -> Tensor:
+    """The same attention as decode_attention, as one flex_attention call.
+
+    q [B, H_kv, G, D], keys/values [B, H_kv, S, D], key_pos int64 [S] (the absolute position
+    each cache slot holds, -1 when empty), query_pos int64 [1] -> [B, H_kv, G, D].
+    Compiled, inductor emits its split-KV decoding kernel (the cache read spread over
+    heads x blocks of positions, one kernel plus a small combine) with the mask computed inside
+    it from key_pos; outside torch.compile flex_attention is a slow reference, so the model
+    uses this only while compiling (Attention.forward).
+    """
+    pos = query_pos[0]
+
+    def visible(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        held = key_pos[kv_idx]  # the same rule as LayerKVCache._visible
+        seen = (held >= 0) & (held <= pos)
+        if window is not None:
+            seen = seen & (pos - held < window)
+        return torch.where(seen, score, float("-inf"))
+
+    return flex_attention(q, keys, values, score_mod=visible)
 
 
 class Attention(nn.Module):
@@ -132,12 +164,38 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
         mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
-        if seqlen == 1 and self.decode_attention == "math":
+        if seqlen == 1 and self.decode_attention == "flex" and compiling():
+            out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
+                                        self.kv_cache.window)
+        elif seqlen == 1 and self.decode_attention in ("math", "flex"):
             out = decode_attention(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
         return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
+
+
+@torch.library.custom_op("infermeter::silu_mul", mutates_args=())
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's activation, silu(gate) * up, as an op torch.compile cannot see into.
+
+    Why: inductor turns a one-token matrix-vector product into a Triton reduction and inlines
+    the pointwise ops that feed it, so w2's kernel recomputed silu(gate) * up (and re-read both
+    11008-long halves) in every thread block. The H100 traces show w2 as the slowest matrix per
+    byte (37-72 us for 90 MB, depending on which block sizes the tuner happened to pick, against
+    ~31 us for wqkv's 96 MB). Opaque, the activation is computed once into a buffer that w2's
+    kernel reads like any input. Same numerics as eager: this *is* the eager code.
+    """
+    return F.silu(gate) * up
+
+
+@silu_mul.register_fake
+def _(gate: Tensor, up: Tensor) -> Tensor:
+    return gate.new_empty(gate.shape)  # elementwise on a chunk view: a contiguous result
+
+
+# Whether a compiled step computes SwiGLU's activation through the opaque silu_mul (see there).
+MATERIALIZE_ACTIVATION = True
 
 
 class FeedForward(nn.Module):
@@ -147,12 +205,16 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w13: nn.Linear | None = None  # fusion.py: [gate rows; up rows], once fused
+        self.materialize_activation = MATERIALIZE_ACTIVATION
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        if self.materialize_activation and compiling():
+            return self.w2(silu_mul(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
