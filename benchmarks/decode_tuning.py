@@ -30,21 +30,24 @@ from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
 # name: (fuse projections?, extra inductor options, decode attention, opaque SwiGLU activation
-# (model.silu_mul)). Unfused variants run first: fusing is in place and irreversible.
+# (model.silu_mul), materialized attention norm (model.materialize)). Unfused variants run first:
+# fusing is in place and irreversible.
 VARIANTS = {
-    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", False),  # session 1
-    "unfused": (False, {}, "math", False),
-    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", False),
-    "fused-sdpa": (True, {}, "sdpa", False),
-    "fused-inline-act": (True, {}, "math", False),  # the defaults until session 3
-    "fused": (True, {}, "math", True),  # the Generator's and the model's defaults
+    # session 1's defaults:
+    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", False, False),
+    "unfused": (False, {}, "math", False, False),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", False, False),
+    "fused-sdpa": (True, {}, "sdpa", False, False),
+    "fused-inline-act": (True, {}, "math", False, False),  # the defaults until session 3
+    "fused-opaque-act": (True, {}, "math", True, False),  # session 3's first step
+    "fused": (True, {}, "math", True, True),  # the Generator's and the model's defaults
     # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
     # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
     # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
-    "fused-flex": (True, {}, "flex", False),
-    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True),
-    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False),
-    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True),
+    "fused-flex": (True, {}, "flex", False, False),
+    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True, True),
+    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False, False),
+    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True, True),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -107,10 +110,11 @@ def main() -> int:
                   "weights": "random"}
     name_part = f"decode-tuning-{args.tag}-" if args.tag else "decode-tuning-"
     for name in names:
-        fuse, options, attention, opaque_act = VARIANTS[name]
+        fuse, options, attention, opaque_act, opaque_norm = VARIANTS[name]
         for layer in model.layers:
             layer.attention.decode_attention = attention
             layer.feed_forward.materialize_activation = opaque_act
+            layer.materialize_norm = opaque_norm
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
         t0 = time.perf_counter()
         generator.warmup(1, PROMPT_LEN, config)
@@ -118,7 +122,7 @@ def main() -> int:
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)
         row = {"options": options, "fused": fuse, "decode_attention": attention,
-               "opaque_activation": opaque_act,
+               "opaque_activation": opaque_act, "materialized_norm": opaque_norm,
                "warmup_s": warmup_s,
                "tpot_ms_runs": runs,
                "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,

@@ -273,7 +273,9 @@ def main() -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         for path in folder.glob(f"{slug}*"):
-            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+            target = Path(os.environ["OUT"]) / path.name
+            if target.resolve() != path.resolve():  # --results $OUT: already there
+                shutil.copy(path, target)
     return 0
 
 

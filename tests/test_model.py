@@ -261,25 +261,32 @@ def test_silu_mul_op_passes_opcheck_on_chunk_views() -> None:
     assert torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @torch.inference_mode()
-def test_compiled_step_routes_the_activation_through_the_opaque_op() -> None:
-    """While compiling, FeedForward calls infermeter::silu_mul (one node in the graph); eager
-    never does. Logits equal either way."""
-    from torch._dynamo.testing import CompileCounterWithBackend
+def test_compiled_step_routes_activation_and_norm_through_opaque_ops(batch: int) -> None:
+    """While compiling, FeedForward calls infermeter::silu_mul (one graph node per layer), and a
+    one-row step (batch 1) also materializes each attention norm; eager calls neither.
+    Logits equal either way."""
+    from infermeter.engine.model import materialize
 
-    model = _model(DEBUG, batch=1, max_seq_len=8)
     graphs = []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    counter = CompileCounterWithBackend(keep)
-    step = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
-    tokens = _tokens(1, 4)
+    model = _model(DEBUG, batch=batch, max_seq_len=8)
+    step = torch.compile(model, fullgraph=True, dynamic=False, backend=keep)
+    tokens = _tokens(batch, 4)
     compiled = _run_chunks(model, tokens, [3])  # eager prefill
     compiled = torch.cat((compiled, step(tokens[:, 3:4], torch.tensor([3]))), dim=1)
     targets = [str(node.target) for node in graphs[0].graph.nodes]
     assert targets.count("infermeter.silu_mul.default") == DEBUG.n_layers
+    assert targets.count("infermeter.materialize.default") == (DEBUG.n_layers if batch == 1
+                                                               else 0)
     eager = _run_chunks(model, tokens, [3, 1])
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    x = torch.randn(1, 1, 8)
+    torch.library.opcheck(materialize, (x,))
+    copy = materialize(x)
+    assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()

@@ -217,6 +217,28 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+@torch.library.custom_op("infermeter::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy of x that torch.compile cannot see through: x is computed into a buffer first.
+
+    Used on the attention norm's output in a one-token compiled step. Otherwise inductor inlines
+    the norm into the wqkv matrix-vector kernel, and every one of its thread blocks re-reads x
+    and re-derives the norm (some layers even recompute the mean of squares per block): wqkv ran
+    at ~2.56 TB/s in the H100 traces while w13, fed the same way, ran at ~3.1 TB/s. The copy is
+    one 8 KB kernel (~1.5 us); whether it pays is measured in benchmarks/decode_tuning.py.
+    """
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+# Whether a compiled one-token step materializes the attention norm's output (see there).
+MATERIALIZE_NORM = True
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
@@ -224,9 +246,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(spec.dim, spec.ffn_dim)
         self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.materialize_norm = MATERIALIZE_NORM
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        normed = self.attention_norm(x)
+        # Only a single row (batch 1, one token) becomes a matrix-vector reduction in inductor;
+        # larger products go to cuBLAS, which reads a materialized input anyway.
+        if self.materialize_norm and x.shape[0] * x.shape[1] == 1 and compiling():
+            normed = materialize(normed)
+        h = x + self.attention(normed, cos, sin, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
