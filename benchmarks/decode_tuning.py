@@ -39,15 +39,15 @@ VARIANTS = {
     "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", False, False),
     "fused-sdpa": (True, {}, "sdpa", False, False),
     "fused-inline-act": (True, {}, "math", False, False),  # the defaults until session 3
-    "fused-opaque-act": (True, {}, "math", True, False),  # session 3's first step
-    "fused": (True, {}, "math", True, True),  # the Generator's and the model's defaults
+    "fused": (True, {}, "math", True, False),  # the Generator's and the model's defaults
+    "fused-materialized-norm": (True, {}, "math", True, True),  # measured slower, off
     # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
     # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
     # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
     "fused-flex": (True, {}, "flex", False, False),
-    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True, True),
+    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True, False),
     "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False, False),
-    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True, True),
+    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True, False),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 

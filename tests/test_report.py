@@ -147,9 +147,12 @@ def test_bad_inputs_are_skipped_with_a_warning_naming_each(report):
                          warn=warnings.append)
     named = " ".join(warnings)
     for name in ("binary.json", "broken.jsonl:1", "not-a-result.json", "numbers.json",
-                 "unknown-kind.json", "nowhere.json"):
+                 "unknown-kind.json", "nowhere.json", "script-log.json"):
         assert name in named
-    assert len(warnings) == 7  # numbers.json (a list of no objects) is one warning, not three
+    # numbers.json (a list of no objects) and script-log.json (a list of objects, none a
+    # Result: a benchmark's own log) are one warning each, not one per item
+    assert len(warnings) == 8
+    assert "script-log.json: not infermeter Results (a list of 3 items" in named
     assert render(mixed, "markdown") == render(report, "markdown")
 
 

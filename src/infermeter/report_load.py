@@ -82,8 +82,18 @@ def _load_file(path: Path, loaded: Loaded) -> None:
             _add(data, str(path), loaded)
             return
         suffix = len(items) > 1
-        for index, item in enumerate(items, start=1):
-            _add(item, f"{path}[{index}]" if suffix else str(path), loaded)
+        records = [to_record(item, f"{path}[{index}]" if suffix else str(path))
+                   for index, item in enumerate(items, start=1)]
+        if suffix and all(isinstance(r, str) for r in records):  # e.g. a script's own log
+            loaded.skipped.append(f"{path}: not infermeter Results (a list of {len(items)} "
+                                  f"items, none a Result)")
+            return
+        for index, record in enumerate(records, start=1):
+            if isinstance(record, str):
+                loaded.skipped.append(f"{path}[{index}]: {record}" if suffix else
+                                      f"{path}: {record}")
+            else:
+                loaded.records.append(record)
         return
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:

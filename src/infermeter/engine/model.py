@@ -225,7 +225,9 @@ def materialize(x: Tensor) -> Tensor:
     the norm into the wqkv matrix-vector kernel, and every one of its thread blocks re-reads x
     and re-derives the norm (some layers even recompute the mean of squares per block): wqkv ran
     at ~2.56 TB/s in the H100 traces while w13, fed the same way, ran at ~3.1 TB/s. The copy is
-    one 8 KB kernel (~1.5 us); whether it pays is measured in benchmarks/decode_tuning.py.
+    one 8 KB kernel (~1.5 us). Measured, it does not pay: 5.54 -> 5.65 ms a Llama-2-7B step on
+    an H100 in one run (results/decode-tuning-norm-*.json), so it is off by default
+    (MATERIALIZE_NORM) and kept as a decode_tuning variant.
     """
     return x.clone()
 
@@ -236,7 +238,7 @@ def _(x: Tensor) -> Tensor:
 
 
 # Whether a compiled one-token step materializes the attention norm's output (see there).
-MATERIALIZE_NORM = True
+MATERIALIZE_NORM = False
 
 
 class TransformerBlock(nn.Module):
