@@ -9,7 +9,8 @@
    The page cache is dropped before each timed read when the kernel lets us (root), so both
    read from disk; if it cannot be dropped both read from the page cache, and the Result says so.
 
-Usage: python benchmarks/engine_check.py [--model llama-2-7b] [--tokens 256] [--out DIR]
+Usage: python benchmarks/engine_check.py [--model llama-2-7b] [--tokens 256] [--deterministic]
+       [--logit-std 4]   (a trained-like spread of the next-token logits; see sharpen_head)
 Writes results/engine-check-<device>.json (and a copy to $OUT when set).
 """
 
@@ -118,6 +119,28 @@ def teacher_forced(generator: Generator, prompt: list[int], eager: list[int],
                                               for d in differ)}
 
 
+@torch.inference_mode()
+def sharpen_head(model, target_std: float) -> float:
+    """Scale the output head so the prompt's last logits have standard deviation `target_std`.
+
+    Random weights give nearly flat next-token logits (std ~1.3 over 32k tokens for Llama-2-7B,
+    top-2 gaps of one fp16 ulp), so greedy decoding there is a coin toss at fp16 resolution
+    and any rounding difference changes the text. A trained model's logits are spread much
+    wider; this gives the random model such a spread (the rest of the network is untouched)
+    and returns the factor applied. The Result records both.
+    """
+    prompt = torch.tensor([[p % model.spec.vocab_size for p in PROMPT]],
+                          device=model.output.weight.device)
+    model.setup_cache(1, prompt.shape[1])
+    logits = model(prompt, torch.arange(prompt.shape[1], device=prompt.device))[0, -1]
+    scale = target_std / logits.float().std().item()
+    if model.output.weight is model.tok_embeddings.weight:  # tied: scale a copy of the head
+        model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone(),
+                                                 requires_grad=False)
+    model.output.weight.mul_(scale)
+    return scale
+
+
 def greedy_check(model, tokens: int, backend: str | None) -> dict:
     """Eager and compiled greedy decoding of the same prompt; where (if) they first differ.
 
@@ -207,12 +230,17 @@ def main() -> int:
     parser.add_argument("--deterministic", action="store_true",
                         help="torch.use_deterministic_algorithms + a fixed cuBLAS workspace: "
                         "three H200 runs of eager greedy decoding parted at steps 124 and 149")
+    parser.add_argument("--logit-std", type=float, metavar="STD",
+                        help="scale the random model's output head so the prompt's logits have "
+                        "this spread (trained models' are far wider than random weights' ~1.3); "
+                        "the Result's file name then ends in -peaked")
     args = parser.parse_args()
     if args.deterministic:  # before the first cuBLAS call, which reads the variable
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where an op has none
     env = capture_env()
     model = load_weights(f"random:{args.model}", args.device, args.dtype, seed=0)
+    head_scale = sharpen_head(model, args.logit_std) if args.logit_std else None
     check = greedy_check(model, args.tokens, args.backend)
     keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
             "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std",
@@ -224,9 +252,10 @@ def main() -> int:
     warnings = [] if check["identical"] else [
         f"eager and compiled greedy tokens differ from step {check['first_mismatch']}"]
     config = {"benchmark": "engine_check", "device": args.device, "dtype": args.dtype,
-              "deterministic": args.deterministic,
+              "deterministic": args.deterministic, "logit_std_target": args.logit_std,
+              "output_head_scale": head_scale,
               "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
-    slug = f"{device_slug(env)}-{check['compile_backend']}"
+    slug = f"{device_slug(env)}-{check['compile_backend']}" + ("-peaked" if head_scale else "")
     result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
                     output_token_ids=[check["eager"], check["compiled"]])
     write(result, slug)  # the greedy check is saved even if the load check runs out of time
