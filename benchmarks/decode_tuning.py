@@ -48,6 +48,8 @@ VARIANTS = {
     "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True, False),
     "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False, False),
     "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True, False),
+    # decode_kernel.py's split-KV Triton kernel (one launch a layer, stops at the position)
+    "fused-triton": (True, {}, "triton", True, False),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 

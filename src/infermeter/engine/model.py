@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from infermeter.engine.decode_kernel import kernel_usable, split_count, split_kv_decode
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
@@ -85,13 +86,14 @@ class RMSNorm(nn.Module):
 
 
 # How a one-token decode step attends over the cache: "math" (decode_attention below), "sdpa",
-# or "flex" (flex_decode_attention below, used only while torch.compile traces the step).
+# "flex" (flex_decode_attention below) or "triton" (decode_kernel.py's split-KV kernel); the last
+# two only while torch.compile traces the step (else "math").
 # SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
 # matrix products, inductor turns each into a reduction spread over heads x cache positions
 # (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
 DECODE_ATTENTION = "math"
-ATTENTION_KINDS = ("math", "sdpa", "flex")
+ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -167,7 +169,13 @@ class Attention(nn.Module):
         if seqlen == 1 and self.decode_attention == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
                                         self.kv_cache.window)
-        elif seqlen == 1 and self.decode_attention in ("math", "flex"):
+        elif seqlen == 1 and self.decode_attention == "triton" and compiling() \
+                and kernel_usable(q):
+            cache = self.kv_cache
+            splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
+            out = split_kv_decode(q, keys, values, cache.key_pos, input_pos, cache.window or 0,
+                                  cache.is_ring, splits)
+        elif seqlen == 1 and self.decode_attention in ("math", "flex", "triton"):
             out = decode_attention(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

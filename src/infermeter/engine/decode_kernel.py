@@ -1,0 +1,137 @@
+"""A split-KV decode attention kernel (Triton), for a one-token step over the static cache.
+
+Why: in the compiled Llama-2-7B step on an H100 the "math" decode attention is four small
+inductor kernels a layer (~12 us against ~3 us of cache bytes), and at batch 32 it reads all
+512 slots of every sequence's cache whatever the position. This kernel is one launch per layer
+plus a combine that inductor fuses into one more:
+
+  grid (B * H_kv, n_splits): each program takes one KV head of one sequence and one contiguous
+  chunk of cache slots, and runs the online softmax (flash-decoding) over its chunk for the
+  G query heads sharing that KV head: partial output acc [G, D], running max m [G], sum l [G].
+  A full-attention layer's slot j holds position j (kv_cache.py), so a program stops at the
+  current position: slots beyond it are never read. A ring (sliding-window) layer reads all of
+  its slots and masks by the positions they hold, the same rule as LayerKVCache._visible.
+  The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0).
+
+Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
+dtype first), so results agree with it to rounding, not bitwise. Off by default
+(model.DECODE_ATTENTION); benchmarks/decode_tuning.py measures it ("fused-triton").
+
+Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: the model never picks this kernel there
+    triton = None
+
+BLOCK_N = 64  # cache slots per inner iteration
+
+
+def kernel_usable(q: Tensor) -> bool:
+    """Triton is installed, q lives where Triton runs (CUDA, or anywhere under
+    TRITON_INTERPRET=1) and the head size suits tl.arange (a power of two, at least 16)."""
+    head_dim = q.shape[-1]
+    where = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and where and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def split_count(programs: int, slots: int, device: torch.device) -> int:
+    """How many chunks to cut each head's cache into: enough programs for ~4 per SM (the
+    loads of 4 resident programs keep an SM's memory pipe busy), never chunks under BLOCK_N."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 132
+    wanted = math.ceil(4 * sms / programs)
+    return max(1, min(wanted, math.ceil(slots / BLOCK_N)))
+
+
+if triton is not None:
+    @triton.jit
+    def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
+                         stride_qb, stride_qh, stride_qg,
+                         stride_kb, stride_kh, stride_ks,
+                         stride_vb, stride_vh, stride_vs,
+                         n_kv_heads, groups, slots, chunk, n_splits, scale, window,
+                         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                         IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // n_kv_heads
+        h = bh % n_kv_heads
+        pos = tl.load(POS)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
+                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
+        start = split * chunk
+        end = tl.minimum(start + chunk, slots)
+        if not IS_RING:  # slot j holds position j: nothing after the current one is visible
+            end = tl.minimum(end, pos + 1)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        for n0 in range(start, end, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            inside = n < end
+            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
+                        other=0.0)  # [BLOCK, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK]
+            held = tl.load(KEY_POS + n, mask=inside, other=-1)
+            seen = inside & (held >= 0) & (held <= pos)
+            if HAS_WINDOW:
+                seen = seen & (pos - held < window)
+            s = tl.where(seen[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
+                        other=0.0)  # [BLOCK, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        row = bh * n_splits + split  # ACC [B*H_kv, n_splits, G, D], M/L [B*H_kv, n_splits, G]
+        keep = g < groups
+        tl.store(ACC + (row * groups + g[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(M + row * groups + g, m_i, mask=keep)
+        tl.store(L + row * groups + g, l_i, mask=keep)
+
+
+@torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
+def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+    """q [B, H_kv, G, D] (one token's G query heads per KV head), k_cache/v_cache
+    [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none.
+    Returns [B, H_kv, G, D] in q's dtype."""
+    bsz, n_kv_heads, groups, head_dim = q.shape
+    slots = k_cache.shape[2]
+    chunk = math.ceil(slots / n_splits)
+    rows = bsz * n_kv_heads
+    acc = torch.empty(rows, n_splits, groups, head_dim, device=q.device, dtype=torch.float32)
+    m = torch.empty(rows, n_splits, groups, device=q.device, dtype=torch.float32)
+    l_sum = torch.empty_like(m)
+    torch.library.wrap_triton(_split_kv_kernel)[(rows, n_splits)](
+        q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        n_kv_heads, groups, slots, chunk, n_splits, head_dim ** -0.5, window,
+        G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim, BLOCK=BLOCK_N,
+        IS_RING=is_ring, HAS_WINDOW=window > 0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    # Combine the splits: weights exp(m_s - max m), 0 for an empty split (m_s = -inf).
+    weight = torch.exp(m - m.amax(dim=1, keepdim=True))  # [rows, n_splits, G]
+    out = (acc * weight[..., None]).sum(dim=1) / (l_sum * weight).sum(dim=1)[..., None]
+    return out.to(q.dtype).view(bsz, n_kv_heads, groups, head_dim)

@@ -1,0 +1,99 @@
+"""Checks of the split-KV decode kernel, run by tests/test_decode_kernel.py in a subprocess with
+TRITON_INTERPRET=1 (Triton executes the kernel on the CPU; the variable must be set before
+Triton is imported, hence the separate process). Exits non-zero with the failing check's
+message; prints "ok" at the end."""
+
+from __future__ import annotations
+
+import torch
+
+from infermeter.engine import model as model_module
+from infermeter.engine.decode_kernel import BLOCK_N, kernel_usable, split_kv_decode
+from infermeter.engine.model import build_model, decode_attention
+from infermeter.presets import PRESETS
+
+
+def reference(q, k, v, key_pos, pos, window):
+    visible = (key_pos >= 0) & (key_pos <= pos)
+    if window > 0:
+        visible &= pos - key_pos < window
+    return decode_attention(q, k, v, visible[None, :].expand(q.shape[2], -1))
+
+
+def check_against_math() -> None:
+    """MHA, GQA and MQA shapes, batch 2, first / middle / last position, 1 to 8 splits
+    (some splits empty), with and without a window, full and ring slot layouts."""
+    gen = torch.Generator().manual_seed(0)
+    slots = 2 * BLOCK_N + 5  # not a multiple of the block: a ragged last block
+    for n_kv_heads, groups in ((4, 1), (2, 4), (1, 8)):
+        q = torch.randn(2, n_kv_heads, groups, 16, generator=gen)
+        k, v = (torch.randn(2, n_kv_heads, slots, 16, generator=gen) for _ in range(2))
+        for pos in (0, 70, slots - 1):
+            for is_ring, window in ((False, 0), (False, 9), (True, 0), (True, 9)):
+                if is_ring:  # slots hold scattered positions, some never written (-1)
+                    key_pos = torch.randperm(slots, generator=gen) - 3
+                    key_pos[key_pos == pos] = -1
+                    key_pos[pos % slots] = pos  # the current token is always in the cache
+                else:
+                    key_pos = torch.arange(slots)
+                want = reference(q, k, v, key_pos, pos, window)
+                for splits in (1, 3, 8):
+                    got = split_kv_decode(q, k, v, key_pos, torch.tensor([pos]), window,
+                                          is_ring, splits)
+                    err = (got - want).abs().max().item()
+                    assert got.shape == want.shape and err < 1e-5, \
+                        f"kv_heads {n_kv_heads} groups {groups} pos {pos} ring {is_ring} " \
+                        f"window {window} splits {splits}: max error {err}"
+
+
+def check_full_layer_never_reads_past_the_position() -> None:
+    """A full layer stops at the current position: NaN in every later slot changes nothing."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 4, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 100, 16, generator=gen) for _ in range(2))
+    want = reference(q, k, v, torch.arange(100), 40, 0)
+    k[:, :, 41:], v[:, :, 41:] = float("nan"), float("nan")
+    for splits in (1, 4, 7):
+        got = split_kv_decode(q, k, v, torch.arange(100), torch.tensor([40]), 0, False, splits)
+        assert torch.isfinite(got).all(), f"splits {splits}: a slot after the position was read"
+        assert (got - want).abs().max() < 1e-5, f"splits {splits}: wrong values"
+
+
+def check_model_decode() -> None:
+    """The model's one-token steps with decode_attention="triton" (while 'compiling') give the
+    math path's logits: a GQA model, and one with a wrapping sliding-window ring layer."""
+    model_module.compiling = lambda: True  # the kernel is picked only while tracing
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return split_kv_decode(*args)
+
+    model_module.split_kv_decode = counted
+    debug = PRESETS["debug"]
+    for spec in (debug, debug.with_updates(arch="mistral", sliding_window=5,
+                                           sliding_window_layers=(1,))):
+        tokens = torch.randint(0, spec.vocab_size, (2, 14), generator=torch.Generator()
+                               .manual_seed(2))
+        logits = {}
+        for kind in ("math", "triton"):
+            model = build_model(spec, seed=3)
+            model.setup_cache(2, 16)
+            for layer in model.layers:
+                layer.attention.decode_attention = kind
+            with torch.inference_mode():
+                outs = [model(tokens[:, :4], torch.arange(4))]
+                outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 14)]
+            logits[kind] = torch.cat(outs, dim=1)
+        assert len(calls) == 10 * spec.n_layers, f"the kernel ran {len(calls)} times"
+        calls.clear()
+        err = (logits["triton"] - logits["math"]).abs().max().item()
+        assert err < 1e-5, f"{spec.arch}: model logits differ by {err}"
+        assert kernel_usable(torch.empty(1, 1, 1, 16))
+
+
+if __name__ == "__main__":
+    check_against_math()
+    check_full_layer_never_reads_past_the_position()
+    check_model_decode()
+    print("ok")
