@@ -30,8 +30,8 @@ from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
 # name: (fuse projections?, extra inductor options, decode attention, opaque SwiGLU activation
-# (model.silu_mul), materialized attention norm (model.materialize)). Unfused variants run first:
-# fusing is in place and irreversible.
+# (opaque_ops.silu_mul), materialized attention norm (opaque_ops.materialize)). Unfused variants
+# run first: fusing is in place and irreversible.
 VARIANTS = {
     # session 1's defaults:
     "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", False, False),

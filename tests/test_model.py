@@ -177,7 +177,7 @@ def test_decode_step_traces_without_graph_breaks() -> None:
 @pytest.mark.parametrize("name", ["gqa", "mqa", "window"])
 @torch.inference_mode()
 def test_math_decode_attention_equals_sdpa(name: str) -> None:
-    """The two ways a one-token step attends (model.DECODE_ATTENTION) give the same logits."""
+    """The two ways a one-token step attends (attention.py) give the same logits."""
     tokens = _tokens(length=SEQ)
     results = []
     for kind in ("sdpa", "math"):

@@ -15,7 +15,7 @@ plus a combine that inductor fuses into one more:
 
 Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
 dtype first), so results agree with it to rounding, not bitwise. Off by default
-(model.DECODE_ATTENTION); benchmarks/decode_tuning.py measures it ("fused-triton").
+(attention.DECODE_ATTENTION); benchmarks/decode_tuning.py measures it ("fused-triton").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """

@@ -27,6 +27,9 @@ Decisions:
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
   before fusion, and `fusion.meta_state_dict` gives a fused model's weights back by those names.
+- A one-token step attends as its layer's `decode_attention` says (attention.py: "math" by
+  default; decode_kernel.py's Triton kernel as "triton"); while compiling, SwiGLU's activation
+  goes through an op inductor cannot inline (opaque_ops.py, measured faster on an H100).
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
@@ -40,10 +43,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
 
+from infermeter.engine.attention import DECODE_ATTENTION, decode_attention, flex_decode_attention
 from infermeter.engine.decode_kernel import kernel_usable, split_count, split_kv_decode
 from infermeter.engine.kv_cache import LayerKVCache
+from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
 from infermeter.errors import InfermeterError
@@ -83,53 +87,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-# How a one-token decode step attends over the cache: "math" (decode_attention below), "sdpa",
-# "flex" (flex_decode_attention below) or "triton" (decode_kernel.py's split-KV kernel); the last
-# two only while torch.compile traces the step (else "math").
-# SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
-# Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
-# matrix products, inductor turns each into a reduction spread over heads x cache positions
-# (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
-DECODE_ATTENTION = "math"
-ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
-
-
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Attention as Meta's reference computes it: q [B, H_kv, G, D] (G query heads per KV head,
-    one token), keys/values [B, H_kv, S, D], mask bool [G, S] -> [B, H_kv, G, D]."""
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,Hkv,G,S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-
-
-def compiling() -> bool:
-    """True while torch.compile traces the model (a function of ours, so tests can patch it)."""
-    return torch.compiler.is_compiling()
-
-
-def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,
-                          query_pos: Tensor, window: int | None) -> Tensor:
-    """The same attention as decode_attention, as one flex_attention call.
-
-    q [B, H_kv, G, D], keys/values [B, H_kv, S, D], key_pos int64 [S] (the absolute position
-    each cache slot holds, -1 when empty), query_pos int64 [1] -> [B, H_kv, G, D].
-    Compiled, inductor emits its split-KV decoding kernel (the cache read spread over
-    heads x blocks of positions, one kernel plus a small combine) with the mask computed inside
-    it from key_pos; outside torch.compile flex_attention is a slow reference, so the model
-    uses this only while compiling (Attention.forward).
-    """
-    pos = query_pos[0]
-
-    def visible(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        held = key_pos[kv_idx]  # the same rule as LayerKVCache._visible
-        seen = (held >= 0) & (held <= pos)
-        if window is not None:
-            seen = seen & (pos - held < window)
-        return torch.where(seen, score, float("-inf"))
-
-    return flex_attention(q, keys, values, score_mod=visible)
 
 
 class Attention(nn.Module):
@@ -183,25 +140,6 @@ class Attention(nn.Module):
         return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
-@torch.library.custom_op("infermeter::silu_mul", mutates_args=())
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """SwiGLU's activation, silu(gate) * up, as an op torch.compile cannot see into.
-
-    Why: inductor turns a one-token matrix-vector product into a Triton reduction and inlines
-    the pointwise ops that feed it, so w2's kernel recomputed silu(gate) * up (and re-read both
-    11008-long halves) in every thread block. The H100 traces show w2 as the slowest matrix per
-    byte (37-72 us for 90 MB, depending on which block sizes the tuner happened to pick, against
-    ~31 us for wqkv's 96 MB). Opaque, the activation is computed once into a buffer that w2's
-    kernel reads like any input. Same numerics as eager: this *is* the eager code.
-    """
-    return F.silu(gate) * up
-
-
-@silu_mul.register_fake
-def _(gate: Tensor, up: Tensor) -> Tensor:
-    return gate.new_empty(gate.shape)  # elementwise on a chunk view: a contiguous result
-
-
 # Whether a compiled step computes SwiGLU's activation through the opaque silu_mul (see there).
 MATERIALIZE_ACTIVATION = True
 
@@ -223,26 +161,6 @@ class FeedForward(nn.Module):
         if self.materialize_activation and compiling():
             return self.w2(silu_mul(gate, up))
         return self.w2(F.silu(gate) * up)
-
-
-@torch.library.custom_op("infermeter::materialize", mutates_args=())
-def materialize(x: Tensor) -> Tensor:
-    """A copy of x that torch.compile cannot see through: x is computed into a buffer first.
-
-    Used on the attention norm's output in a one-token compiled step. Otherwise inductor inlines
-    the norm into the wqkv matrix-vector kernel, and every one of its thread blocks re-reads x
-    and re-derives the norm (some layers even recompute the mean of squares per block): wqkv ran
-    at ~2.56 TB/s in the H100 traces while w13, fed the same way, ran at ~3.1 TB/s. The copy is
-    one 8 KB kernel (~1.5 us). Measured, it does not pay: 5.54 -> 5.65 ms a Llama-2-7B step on
-    an H100 in one run (results/decode-tuning-norm-*.json), so it is off by default
-    (MATERIALIZE_NORM) and kept as a decode_tuning variant.
-    """
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
 
 
 # Whether a compiled one-token step materializes the attention norm's output (see there).

@@ -1,0 +1,53 @@
+"""How a one-token decode step attends over the static cache: the choices Attention offers.
+
+Attention.forward (model.py) picks one per layer from its `decode_attention` attribute; "flex"
+and "triton" only while torch.compile traces the step (outside it, flex_attention is a slow
+reference and the Triton kernel may have no device to run on), falling back to "math".
+Prefill (more than one token) always uses scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+# The default: "math" (decode_attention below), "sdpa", "flex" (flex_decode_attention below) or
+# "triton" (decode_kernel.py's split-KV kernel).
+# SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
+# Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
+# matrix products, inductor turns each into a reduction spread over heads x cache positions
+# (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
+DECODE_ATTENTION = "math"
+ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention as Meta's reference computes it: q [B, H_kv, G, D] (G query heads per KV head,
+    one token), keys/values [B, H_kv, S, D], mask bool [G, S] -> [B, H_kv, G, D]."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,Hkv,G,S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+
+
+def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,
+                          query_pos: Tensor, window: int | None) -> Tensor:
+    """The same attention as decode_attention, as one flex_attention call.
+
+    q [B, H_kv, G, D], keys/values [B, H_kv, S, D], key_pos int64 [S] (the absolute position
+    each cache slot holds, -1 when empty), query_pos int64 [1] -> [B, H_kv, G, D].
+    Compiled, inductor emits its split-KV decoding kernel (the cache read spread over
+    heads x blocks of positions, one kernel plus a small combine) with the mask computed inside
+    it from key_pos; outside torch.compile flex_attention is a slow reference, so the model
+    uses this only while compiling (Attention.forward).
+    """
+    pos = query_pos[0]
+
+    def visible(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        held = key_pos[kv_idx]  # the same rule as LayerKVCache._visible
+        seen = (held >= 0) & (held <= pos)
+        if window is not None:
+            seen = seen & (pos - held < window)
+        return torch.where(seen, score, float("-inf"))
+
+    return flex_attention(q, keys, values, score_mod=visible)
