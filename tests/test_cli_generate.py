@@ -99,6 +99,25 @@ def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     assert both["config"]["compile_prefill"] is True
 
 
+def test_decode_attention_choice_is_applied_and_recorded():
+    """--decode-attention sets every layer's choice and the Result says which; on the CPU the
+    compiled "triton" choice falls back to the math attention, so the tokens stay eager's."""
+    from infermeter.commands.generate import DECODE_ATTENTION_KINDS
+    from infermeter.engine.attention import ATTENTION_KINDS
+
+    assert DECODE_ATTENTION_KINDS == ATTENTION_KINDS
+    args = ("--model", "debug", "--device", "cpu", "--max-new-tokens", "6", "--json")
+    eager = json.loads(run(*args, "--mode", "eager").stdout)
+    assert eager["config"]["decode_attention"] == "math"  # the default
+    for kind in ("sdpa", "triton"):
+        out = json.loads(run(*args, "--mode", "eager", "--decode-attention", kind).stdout)
+        assert out["config"]["decode_attention"] == kind
+        assert out["output_token_ids"] == eager["output_token_ids"]
+    bad = run(*args, "--decode-attention", "paged")
+    assert bad.returncode == 2 and "invalid choice: 'paged'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 # The generate Result's metrics that other tools read (DESIGN.md, the issue): all present.
 SCHEMA_METRICS = ("ttft_ms", "ttft_stats", "tpot_ms", "decode_tok_per_s", "prefill_tok_per_s",
                   "total_tokens", "generation_time_s", "token_generation_speed", "warmup_s",

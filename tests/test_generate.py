@@ -308,6 +308,16 @@ def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention
     assert gen.generate(PROMPTS, compiled).output_token_ids == eager
 
 
+def test_decode_attention_is_checked_and_set_on_every_layer():
+    model = build_model(SPEC, device="cpu", dtype=torch.float32)
+    with pytest.raises(InfermeterError, match="unknown decode attention 'paged'"):
+        Generator(model, decode_attention="paged")
+    assert Generator(model).decode_attention == "math"
+    gen = Generator(model, decode_attention="triton")
+    assert gen.decode_attention == "triton"
+    assert {layer.attention.decode_attention for layer in model.layers} == {"triton"}
+
+
 def test_compile_backend_is_checked(model):
     with pytest.raises(InfermeterError, match="unknown compile backend 'tvm'"):
         Generator(model, compile_backend="tvm")

@@ -58,6 +58,7 @@ class GenerateRequest:
     roofline: bool = True
     compile_backend: str | None = None
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
+    decode_attention: str | None = None  # how a one-token step attends (attention.py)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 
@@ -141,7 +142,8 @@ def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
         temperature=request.temperature, top_p=request.top_p, seed=request.seed,
         stop_ids=stop_ids, repeats=request.repeats, warmup=request.warmup,
         kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
-        compile_prefill=request.compile_prefill, roofline=request.roofline,
+        compile_prefill=request.compile_prefill, decode_attention=request.decode_attention,
+        roofline=request.roofline,
         tp=tp.world if tp else 1, trace_dir=request.trace_dir)
     settings.generation_config(compile=False)  # validates temperature / top_p now
     return settings

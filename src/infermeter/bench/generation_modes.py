@@ -33,6 +33,7 @@ class RunSettings:
     kv_dtype: str | None = None  # None: the weights' dtype
     compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
+    decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
     trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
@@ -50,12 +51,14 @@ class EngineRunner:
         self.config = settings.generation_config(compile=case.mode == "compiled")
         self.generator = Generator(model, case.cache_len, kv_dtype=settings.kv_dtype,
                                    compile_backend=settings.compile_backend,
-                                   compile_prefill=settings.compile_prefill)
+                                   compile_prefill=settings.compile_prefill,
+                                   decode_attention=settings.decode_attention)
 
     def describe(self) -> dict[str, Any]:
         compiled = self.config.compile
         return {"compile_backend": self.generator.compile_backend if compiled else None,
-                "compile_prefill": compiled and self.generator.compile_prefill}
+                "compile_prefill": compiled and self.generator.compile_prefill,
+                "decode_attention": self.generator.decode_attention}
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
