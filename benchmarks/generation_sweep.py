@@ -13,6 +13,7 @@ command that runs out of time keeps every finished case; re-running a part repla
            it runs by default (recent versions compile it) and with its compilation off
   prefill  batch 1, a 2048-token prompt, 16 new tokens: TTFT and MFU of the eager prefill, and
            of the compiled mode with --compile-prefill (the prefill's layers compiled too)
+  kernel   the seed part's compiled cases with --decode-attention triton (decode_kernel.py)
   context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
            exactly context + 64 tokens (64 new tokens). The random model's positions are raised
            to 8256 (Llama-2's 4096 would refuse 8k; the cost of a step does not depend on it).
@@ -41,7 +42,7 @@ from infermeter.textable import render_table
 
 MODEL, DTYPE = "llama-2-7b", "fp16"
 CONTEXTS, CONTEXT_STEPS = (512, 2048, 8192), 64
-PARTS = ("seed", "hf", "prefill", "context")
+PARTS = ("seed", "hf", "prefill", "context", "kernel")
 GOALS = {"mbu_pct": 85.0, "vs_hf": 10.0, "batch32": 20.0, "mfu_pct": 50.0, "warmup_s": 90.0}
 
 
@@ -52,6 +53,9 @@ def part_requests(part: str) -> list[GenerateRequest]:
     if part == "seed":
         return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1),
                 GenerateRequest(**seed, modes=("eager",), repeats=2, warmup=0)]
+    if part == "kernel":  # the seed's compiled cases with the Triton split-KV decode attention
+        return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1,
+                                decode_attention="triton")]
     if part == "hf":  # transformers' generate as it runs by default (it may compile), and eager
         return [GenerateRequest(**seed, modes=("hf", "hf-eager"), repeats=2, warmup=0)]
     if part == "prefill":
@@ -118,6 +122,12 @@ def targets(results: list[Result]) -> str:
         ("compile + capture warm-up (batch 1)", b1 and b1.metrics["warmup_s"], "s",
          GOALS["warmup_s"], "<"),
     ]
+    k1, k32 = find(results, "kernel", "compiled"), find(results, "kernel", "compiled", 32)
+    if k1:  # the same targets with --decode-attention triton (the kernel part)
+        rows[1:1] = [("batch 1 decode MBU, --decode-attention triton", k1.metrics["mbu_pct"],
+                      "%", GOALS["mbu_pct"], ">=")]
+        rows.append(("batch 32 vs batch 1, --decode-attention triton", _ratio(k32, k1), "x",
+                     GOALS["batch32"], ">="))
     lines = ["targets (issue 5), measured in this file:"]
     for name, value, unit, goal, op in rows:
         met = value is not None and (value >= goal if op == ">=" else value < goal)

@@ -41,3 +41,25 @@ def test_merge_into_a_missing_file_creates_it(tmp_path):
     append_jsonl(brought, [result("hf", "x")])
     assert sweep.merge_parts(brought, committed) == ["hf"]
     assert tags(committed) == [("hf", "x")]
+
+
+def generate_result(part: str, batch: int, tok_s: float, mbu: float) -> Result:
+    metrics = {"mbu_pct": mbu, "decode_tok_per_s": tok_s, "warmup_s": 80.0, "mfu_pct": None,
+               "decode_tok_per_s_roofline": 220.0, "hbm_gbps_measured": 2960.0}
+    return Result("generate", {"name": "llama-2-7b"},
+                  {"run": part, "mode": "compiled", "batch_size": batch}, {}, metrics)
+
+
+def test_targets_list_the_kernel_part_beside_the_default():
+    """The kernel part (--decode-attention triton) gets its own MBU and batch-32 lines; its
+    ratio is taken within the part, never against the default's batch 1."""
+    sweep = load_sweep()
+    results = [generate_result("seed", 1, 186.0, 84.2), generate_result("seed", 32, 3650.0, 70),
+               generate_result("kernel", 1, 190.0, 86.0),
+               generate_result("kernel", 32, 4180.0, 80.0)]
+    text = sweep.targets(results)
+    assert "batch 1 decode MBU (512-token cache): 84.2 % (target >= 85 %) MISSED" in text
+    assert "batch 1 decode MBU, --decode-attention triton: 86.0 % (target >= 85 %) met" in text
+    assert "batch 32 vs batch 1 decode tok/s: 19.6 x (target >= 20 x) MISSED" in text
+    assert "batch 32 vs batch 1, --decode-attention triton: 22.0 x (target >= 20 x) met" in text
+    assert "triton" not in sweep.targets(results[:2])  # no kernel part: no kernel lines
