@@ -46,6 +46,19 @@ def check_against_math() -> None:
                         f"window {window} splits {splits}: max error {err}"
 
 
+def check_half_precision() -> None:
+    """float16 inputs (the GPU's case): fp16 out, within fp16 rounding of a float32 reference.
+    (bfloat16 cannot be checked here: the interpreter's tl.dot mishandles it; the gpu test runs
+    the kernel in bfloat16 too.)"""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=gen) for n in (4, 130, 130))
+    key_pos = torch.arange(130)
+    want = reference(q, k, v, key_pos, 90, 0)
+    got = split_kv_decode(q.half(), k.half(), v.half(), key_pos, torch.tensor([90]), 0, False, 3)
+    err = (got.float() - want).abs().max().item()
+    assert got.dtype == torch.float16 and err < 2e-3, f"float16: max error {err}"
+
+
 def check_full_layer_never_reads_past_the_position() -> None:
     """A full layer stops at the current position: NaN in every later slot changes nothing."""
     gen = torch.Generator().manual_seed(1)
@@ -94,6 +107,7 @@ def check_model_decode() -> None:
 
 if __name__ == "__main__":
     check_against_math()
+    check_half_precision()
     check_full_layer_never_reads_past_the_position()
     check_model_decode()
     print("ok")

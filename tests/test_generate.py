@@ -288,15 +288,16 @@ def test_compiled_prefill_on_cuda_gives_the_eager_tokens():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["flex", "triton"])
-def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention):
+def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention, dtype):
     """decode_attention="flex" (inductor's flex-decoding kernel) and "triton" (decode_kernel.py's
     split-KV kernel) in the CUDA-graph decode step, on a model with a sliding-window ring layer
     and GQA, give eager's greedy tokens."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     spec = SPEC.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,))
-    model = build_model(spec, device="cuda", dtype=torch.float16)
+    model = build_model(spec, device="cuda", dtype=dtype)
     with torch.no_grad():
         model.output.weight.mul_(50)  # see the test above: robust greedy decisions
     for layer in model.layers:
