@@ -29,27 +29,30 @@ from infermeter.engine.generate import GenerationConfig, Generator
 from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
-# name: (fuse projections?, extra inductor options, decode attention, opaque SwiGLU activation
-# (opaque_ops.silu_mul), materialized attention norm (opaque_ops.materialize)). Unfused variants
-# run first: fusing is in place and irreversible.
+# name: (fuse projections?, extra inductor options, decode attention, SwiGLU activation kernel
+# (model.ACTIVATION_KERNELS), materialized attention norm (opaque_ops.materialize)). Unfused
+# variants run first: fusing is in place and irreversible.
 VARIANTS = {
     # session 1's defaults:
-    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", False, False),
-    "unfused": (False, {}, "math", False, False),
-    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", False, False),
-    "fused-sdpa": (True, {}, "sdpa", False, False),
-    "fused-inline-act": (True, {}, "math", False, False),  # the defaults until session 3
-    "fused": (True, {}, "math", True, False),  # the Generator's and the model's defaults
-    "fused-materialized-norm": (True, {}, "math", True, True),  # measured slower, off
+    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", "inline", False),
+    "unfused": (False, {}, "math", "inline", False),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", "inline", False),
+    "fused-sdpa": (True, {}, "sdpa", "inline", False),
+    "fused-inline-act": (True, {}, "math", "inline", False),  # the defaults until session 3
+    "fused": (True, {}, "math", "aten", False),  # the Generator's and the model's defaults
+    "fused-materialized-norm": (True, {}, "math", "aten", True),  # measured slower, off
     # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
     # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
     # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
-    "fused-flex": (True, {}, "flex", False, False),
-    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", True, False),
-    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", False, False),
-    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", True, False),
+    "fused-flex": (True, {}, "flex", "inline", False),
+    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", "aten", False),
+    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", "inline", False),
+    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", "aten", False),
     # decode_kernel.py's split-KV Triton kernel (one launch a layer, stops at the position)
-    "fused-triton": (True, {}, "triton", True, False),
+    "fused-triton": (True, {}, "triton", "aten", False),
+    # swiglu_kernel.py: the activation in one Triton kernel instead of two eager ones
+    "fused-triton-act": (True, {}, "math", "triton", False),
+    "fused-all-triton": (True, {}, "triton", "triton", False),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -115,7 +118,7 @@ def main() -> int:
         fuse, options, attention, opaque_act, opaque_norm = VARIANTS[name]
         for layer in model.layers:
             layer.attention.decode_attention = attention
-            layer.feed_forward.materialize_activation = opaque_act
+            layer.feed_forward.activation_kernel = opaque_act
             layer.materialize_norm = opaque_norm
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
         t0 = time.perf_counter()
@@ -124,7 +127,7 @@ def main() -> int:
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)
         row = {"options": options, "fused": fuse, "decode_attention": attention,
-               "opaque_activation": opaque_act, "materialized_norm": opaque_norm,
+               "activation_kernel": opaque_act, "materialized_norm": opaque_norm,
                "warmup_s": warmup_s,
                "tpot_ms_runs": runs,
                "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,

@@ -6,10 +6,12 @@ message; prints "ok" at the end."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from infermeter.engine import model as model_module
 from infermeter.engine.decode_kernel import BLOCK_N, kernel_usable, split_kv_decode
 from infermeter.engine.model import build_model, decode_attention
+from infermeter.engine.swiglu_kernel import silu_mul_triton
 from infermeter.presets import PRESETS
 
 
@@ -72,6 +74,21 @@ def check_full_layer_never_reads_past_the_position() -> None:
         assert (got - want).abs().max() < 1e-5, f"splits {splits}: wrong values"
 
 
+def check_swiglu_kernel() -> None:
+    """silu_mul_triton on the two halves of a fused w13 output (strided views, a width that is
+    not a multiple of the block): equal to eager's silu(gate) * up, to rounding."""
+    from infermeter.engine.swiglu_kernel import silu_mul_triton
+
+    h13 = torch.randn(3, 1, 2 * 2500, generator=torch.Generator().manual_seed(5)) * 4
+    for dtype, ulp in ((torch.float32, 2.0 ** -23), (torch.float16, 2.0 ** -10)):
+        gate, up = h13.to(dtype).chunk(2, dim=-1)
+        got, want = silu_mul_triton(gate, up), F.silu(gate) * up
+        assert got.dtype == dtype and got.shape == want.shape, f"swiglu {dtype}: wrong output"
+        # within 2 units in the last place of each value (Triton's exp is not CUDA's expf)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp,
+                                   msg=lambda m, d=dtype: f"swiglu {d}: {m}")
+
+
 def check_model_decode() -> None:
     """The model's one-token steps with decode_attention="triton" (while 'compiling') give the
     math path's logits: a GQA model, and one with a wrapping sliding-window ring layer."""
@@ -83,6 +100,13 @@ def check_model_decode() -> None:
         return split_kv_decode(*args)
 
     model_module.split_kv_decode = counted
+    activations = []
+
+    def counted_act(gate, up):
+        activations.append(gate.shape)
+        return silu_mul_triton(gate, up)
+
+    model_module.silu_mul_triton = counted_act
     debug = PRESETS["debug"]
     for spec in (debug, debug.with_updates(arch="mistral", sliding_window=5,
                                            sliding_window_layers=(1,))):
@@ -94,12 +118,16 @@ def check_model_decode() -> None:
             model.setup_cache(2, 16)
             for layer in model.layers:
                 layer.attention.decode_attention = kind
+                layer.feed_forward.activation_kernel = "triton" if kind == "triton" else "aten"
             with torch.inference_mode():
                 outs = [model(tokens[:, :4], torch.arange(4))]
                 outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 14)]
             logits[kind] = torch.cat(outs, dim=1)
         assert len(calls) == 10 * spec.n_layers, f"the kernel ran {len(calls)} times"
+        # the activation kernel also runs in the 4-token prefill while "compiling" is forced
+        assert len(activations) == 11 * spec.n_layers, f"swiglu ran {len(activations)} times"
         calls.clear()
+        activations.clear()
         err = (logits["triton"] - logits["math"]).abs().max().item()
         assert err < 1e-5, f"{spec.arch}: model logits differ by {err}"
         assert kernel_usable(torch.empty(1, 1, 1, 16))
@@ -108,6 +136,7 @@ def check_model_decode() -> None:
 if __name__ == "__main__":
     check_against_math()
     check_half_precision()
+    check_swiglu_kernel()
     check_full_layer_never_reads_past_the_position()
     check_model_decode()
     print("ok")

@@ -2,7 +2,8 @@
 
 The kernel itself runs under Triton's CPU interpreter in a subprocess (tests/decode_kernel_worker
 .py: against the math attention for MHA/GQA/MQA, windows, ring layouts, 1-8 splits; a full layer
-never reads past the position; the model's steps equal math's). Triton comes with the test
+never reads past the position; swiglu_kernel.py's activation against eager's; the model's steps
+with both kernels equal math's). Triton comes with the test
 extras on Linux x86-64; elsewhere that test skips. On a GPU the compiled path is a `gpu` test.
 """
 
@@ -53,20 +54,30 @@ def test_kernel_is_used_only_where_triton_runs(monkeypatch):
 
 
 @torch.inference_mode()
-def test_without_triton_the_triton_choice_falls_back_to_math(monkeypatch):
-    """On a CPU without the interpreter a "triton" model still compiles (fullgraph) and gives the
+def test_without_triton_the_triton_choices_fall_back(monkeypatch):
+    """On a CPU without the interpreter, a model asking for the Triton attention and activation
+    still compiles (fullgraph) to the math attention and the opaque eager activation, with the
     math path's logits."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
-    logits = {}
+    logits, graphs = {}, []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     for kind in ("math", "triton"):
         model = build_model(PRESETS["debug"], seed=1)
         model.setup_cache(1, 8)
         for layer in model.layers:
             layer.attention.decode_attention = kind
-        step = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
+            layer.feed_forward.activation_kernel = "triton" if kind == "triton" else "aten"
+        step = torch.compile(model, fullgraph=True, dynamic=False, backend=keep)
         outs = [model(tokens[:, :4], torch.arange(4))]
         outs += [step(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 8)]
         logits[kind] = torch.cat(outs, dim=1)
         torch._dynamo.reset()
+    targets = [str(node.target) for node in graphs[-1].graph.nodes]
+    assert targets.count("infermeter.silu_mul.default") == PRESETS["debug"].n_layers
+    assert not any("triton" in target or "split_kv" in target for target in targets)
     torch.testing.assert_close(logits["triton"], logits["math"], atol=1e-6, rtol=0)

@@ -292,8 +292,8 @@ def test_compiled_prefill_on_cuda_gives_the_eager_tokens():
 @pytest.mark.parametrize("attention", ["flex", "triton"])
 def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention, dtype):
     """decode_attention="flex" (inductor's flex-decoding kernel) and "triton" (decode_kernel.py's
-    split-KV kernel) in the CUDA-graph decode step, on a model with a sliding-window ring layer
-    and GQA, give eager's greedy tokens."""
+    split-KV kernel, with swiglu_kernel.py's activation) in the CUDA-graph decode step, on a
+    model with a sliding-window ring layer and GQA, give eager's greedy tokens."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     spec = SPEC.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,))
@@ -302,6 +302,8 @@ def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention
         model.output.weight.mul_(50)  # see the test above: robust greedy decisions
     for layer in model.layers:
         layer.attention.decode_attention = attention
+        if attention == "triton":  # swiglu_kernel.py too: every Triton kernel of the step
+            layer.feed_forward.activation_kernel = "triton"
     gen = Generator(model, max_seq_len=64)
     eager = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24)).output_token_ids
     compiled = GenerationConfig(max_new_tokens=24, compile=True)

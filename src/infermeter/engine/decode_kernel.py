@@ -37,12 +37,17 @@ except ImportError:  # the CPU-only install: the model never picks this kernel t
 BLOCK_N = 64  # cache slots per inner iteration
 
 
+def triton_runs_on(x: Tensor) -> bool:
+    """Triton is installed and x lives where it runs: CUDA, or anywhere under
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, what the tests use)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def kernel_usable(q: Tensor) -> bool:
-    """Triton is installed, q lives where Triton runs (CUDA, or anywhere under
-    TRITON_INTERPRET=1) and the head size suits tl.arange (a power of two, at least 16)."""
+    """This kernel can run for q: Triton runs there and the head size suits tl.arange (a power
+    of two, at least 16)."""
     head_dim = q.shape[-1]
-    where = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and where and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return triton_runs_on(q) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def split_count(programs: int, slots: int, device: torch.device) -> int:

@@ -4,7 +4,8 @@ Inductor inlines pointwise work into the reductions that consume it. For a one-t
 matrix-vector product is such a reduction, so whatever feeds it is recomputed by every thread
 block. An op registered here is a boundary: its input is computed once into a buffer, and the
 op runs the eager code (same numerics as eager). Whether each pays is measured on a GPU
-(benchmarks/decode_tuning.py); model.py's MATERIALIZE_* switches say which are on.
+(benchmarks/decode_tuning.py); model.py's ACTIVATION_KERNEL and MATERIALIZE_NORM say
+which are on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""SwiGLU's activation, silu(gate) * up, as one Triton kernel (infermeter::silu_mul_triton).
+
+Why: a compiled one-token step must not let inductor inline this activation into w2's
+matrix-vector kernel (opaque_ops.silu_mul says why). The opaque eager op costs two launches
+(silu, then the product), ~1.3 us each in a CUDA graph, 64 a Llama-2-7B step; this kernel is
+one. As a torch.library.triton_op inductor places the kernel in its graph as is: its inputs are
+computed into buffers first, exactly the boundary wanted.
+
+Numerics follow eager's roundings: silu in float32, rounded to the activation dtype, then the
+product in float32, rounded again (Triton's exp may differ from CUDA's expf in the last float32
+bit, which the roundings to fp16/bf16 almost always absorb).
+Off by default (model.ACTIVATION_KERNEL = "aten") until a GPU run has measured it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.decode_kernel import triton, triton_runs_on
+
+BLOCK = 1024  # columns a program handles
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _silu_mul_kernel(GATE, UP, OUT, n_cols, stride_gate, stride_up, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        up = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0)
+        gate = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        out = (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+        tl.store(OUT + row * n_cols + cols, out, mask=inside)
+
+
+@torch.library.triton_op("infermeter::silu_mul_triton", mutates_args=())
+def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
+    """gate, up [..., H] with unit column stride (FeedForward passes the two halves of w13's
+    output) -> silu(gate) * up, contiguous [..., H] in their dtype."""
+    hidden = gate.shape[-1]
+    gate_rows, up_rows = gate.reshape(-1, hidden), up.reshape(-1, hidden)  # views when possible
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    grid = (gate_rows.shape[0], triton.cdiv(hidden, BLOCK))
+    torch.library.wrap_triton(_silu_mul_kernel)[grid](
+        gate_rows, up_rows, out, hidden, gate_rows.stride(0), up_rows.stride(0), BLOCK=BLOCK)
+    return out
+
+
+def swiglu_kernel_usable(gate: Tensor) -> bool:
+    return triton_runs_on(gate) and gate.stride(-1) == 1
