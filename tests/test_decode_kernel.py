@@ -81,3 +81,42 @@ def test_without_triton_the_triton_choices_fall_back(monkeypatch):
     assert targets.count("infermeter.silu_mul.default") == PRESETS["debug"].n_layers
     assert not any("triton" in target or "split_kv" in target for target in targets)
     torch.testing.assert_close(logits["triton"], logits["math"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_kernels_compile_for_an_h100_without_one(dtype):
+    """Triton compiles both kernels to sm_90 machine code here, with no GPU (ptxas ships with
+    Triton): the GPU path's type and shape rules (loop bounds, tl.dot sizes) hold, for the
+    full and ring layouts, 64- and 128-wide heads, in float16 and bfloat16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from infermeter.engine.decode_kernel import _split_kv_kernel
+    from infermeter.engine.swiglu_kernel import BLOCK, _silu_mul_kernel
+
+    hopper = GPUTarget("cuda", 90, 32)
+
+    def compiled(fn, pointers: dict, scalars: dict, constants: dict):
+        signature = {**pointers, **scalars, **dict.fromkeys(constants, "constexpr")}
+        where = {(list(signature).index(name),): value for name, value in constants.items()}
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where),
+                              target=hopper)
+
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "KEY_POS": "*i64",
+                "POS": "*i64", "ACC": "*fp32", "M": "*fp32", "L": "*fp32"}
+    scalars = dict.fromkeys(("stride_qb", "stride_qh", "stride_qg", "stride_kb", "stride_kh",
+                             "stride_ks", "stride_vb", "stride_vh", "stride_vs", "n_kv_heads",
+                             "groups", "slots", "chunk", "n_splits"), "i32")
+    scalars.update(scale="fp32", window="i32")
+    for head_dim, ring in ((128, False), (64, True)):
+        kernel = compiled(_split_kv_kernel, pointers, scalars,
+                          {"G_PAD": 16, "D": head_dim, "BLOCK": BLOCK_N, "IS_RING": ring,
+                           "HAS_WINDOW": ring, "PRECISION": "tf32"})
+        assert kernel.asm["cubin"]
+    swiglu = compiled(_silu_mul_kernel, {"GATE": f"*{dtype}", "UP": f"*{dtype}",
+                                         "OUT": f"*{dtype}"},
+                      dict.fromkeys(("n_cols", "stride_gate", "stride_up"), "i32"),
+                      {"BLOCK": BLOCK})
+    assert swiglu.asm["cubin"]

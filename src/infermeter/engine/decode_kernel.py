@@ -73,7 +73,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // n_kv_heads
         h = bh % n_kv_heads
-        pos = tl.load(POS)
+        pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
