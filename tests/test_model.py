@@ -174,17 +174,19 @@ def test_decode_step_traces_without_graph_breaks() -> None:
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
 
 
+def _stepwise_logits(name: str, kind: str) -> torch.Tensor:
+    """An 8-token prefill then one-token steps to SEQ, every layer attending as `kind`."""
+    model = _model(SPECS[name])
+    for layer in model.layers:
+        layer.attention.decode_attention = kind
+    return _run_chunks(model, _tokens(length=SEQ), [8] + [1] * (SEQ - 8))
+
+
 @pytest.mark.parametrize("name", ["gqa", "mqa", "window"])
 @torch.inference_mode()
 def test_math_decode_attention_equals_sdpa(name: str) -> None:
     """The two ways a one-token step attends (attention.py) give the same logits."""
-    tokens = _tokens(length=SEQ)
-    results = []
-    for kind in ("sdpa", "math"):
-        model = _model(SPECS[name])
-        for layer in model.layers:
-            layer.attention.decode_attention = kind
-        results.append(_run_chunks(model, tokens, [8] + [1] * (SEQ - 8)))
+    results = [_stepwise_logits(name, kind) for kind in ("sdpa", "math")]
     assert (results[0] - results[1]).abs().max() < 1e-5
 
 
@@ -197,16 +199,11 @@ def test_flex_decode_attention_equals_math(name: str, monkeypatch) -> None:
     flex_attention's eager reference through the same code. The window spec's ring layer wraps
     (20 positions in 5 slots), so the mask's window and empty-slot rules are both exercised.
     """
-    tokens = _tokens(length=SEQ)
-    results = []
-    for kind in ("math", "flex"):
-        model = _model(SPECS[name])
-        for layer in model.layers:
-            layer.attention.decode_attention = kind
-        with monkeypatch.context() as patch:
-            patch.setattr(model_module, "compiling", lambda flex=(kind == "flex"): flex)
-            results.append(_run_chunks(model, tokens, [8] + [1] * (SEQ - 8)))
-    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
+    math = _stepwise_logits(name, "math")
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "compiling", lambda: True)
+        flex = _stepwise_logits(name, "flex")
+    torch.testing.assert_close(flex, math, atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()

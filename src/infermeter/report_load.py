@@ -82,18 +82,15 @@ def _load_file(path: Path, loaded: Loaded) -> None:
             _add(data, str(path), loaded)
             return
         suffix = len(items) > 1
-        records = [to_record(item, f"{path}[{index}]" if suffix else str(path))
-                   for index, item in enumerate(items, start=1)]
+        wheres = [f"{path}[{index}]" if suffix else str(path)
+                  for index in range(1, len(items) + 1)]
+        records = [to_record(item, where) for item, where in zip(items, wheres)]
         if suffix and all(isinstance(r, str) for r in records):  # e.g. a script's own log
             loaded.skipped.append(f"{path}: not infermeter Results (a list of {len(items)} "
                                   f"items, none a Result)")
             return
-        for index, record in enumerate(records, start=1):
-            if isinstance(record, str):
-                loaded.skipped.append(f"{path}[{index}]: {record}" if suffix else
-                                      f"{path}: {record}")
-            else:
-                loaded.records.append(record)
+        for record, where in zip(records, wheres):
+            _keep(record, where, loaded)
         return
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
@@ -109,7 +106,11 @@ def _load_file(path: Path, loaded: Loaded) -> None:
 
 
 def _add(item: Any, where: str, loaded: Loaded) -> None:
-    record = to_record(item, where)
+    _keep(to_record(item, where), where, loaded)
+
+
+def _keep(record: Record | str, where: str, loaded: Loaded) -> None:
+    """A Record joins the report; a reason (to_record's string) becomes a skip warning."""
     if isinstance(record, str):
         loaded.skipped.append(f"{where}: {record}")
     else:
