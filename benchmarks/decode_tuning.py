@@ -122,7 +122,13 @@ def main() -> int:
             layer.materialize_norm = opaque_norm
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
         t0 = time.perf_counter()
-        generator.warmup(1, PROMPT_LEN, config)
+        try:
+            generator.warmup(1, PROMPT_LEN, config)
+        except Exception as error:  # noqa: BLE001 - one variant failing must not end the rest
+            out["variants"][name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            print(f"{name}: FAILED {out['variants'][name]['error'][:300]}", flush=True)
+            torch._dynamo.reset()
+            continue
         warmup_s = time.perf_counter() - t0
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)

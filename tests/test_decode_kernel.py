@@ -83,40 +83,68 @@ def test_without_triton_the_triton_choices_fall_back(monkeypatch):
     torch.testing.assert_close(logits["triton"], logits["math"], atol=1e-6, rtol=0)
 
 
+TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+                torch.int64: "*i64", torch.int32: "*i32"}
+
+
+def recorded_launches(monkeypatch, call) -> list:
+    """Run call() with torch.library.wrap_triton replaced by a recorder: the (kernel, args,
+    constexpr kwargs) each op really launches with, on CPU tensors, nothing executed."""
+    launches = []
+
+    def wrap(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        return Grid()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap)
+    call()
+    return launches
+
+
+def inductor_signature(kernel, args: tuple, constants: dict) -> dict:
+    """The signature inductor gives a user kernel's launch: a tensor is a pointer to its dtype,
+    an int i32, and a Python float fp64 (what it does; a float runtime argument made the split-
+    KV kernel's scores float64 on the first H100 run)."""
+    names = [p.name for p in kernel.params]
+    def typed(value):
+        if isinstance(value, torch.Tensor):
+            return TRITON_TYPES[value.dtype]
+        return "fp64" if isinstance(value, float) else "i32"
+    signature = {name: typed(value) for name, value in zip(names, args, strict=False)}
+    return {**signature, **dict.fromkeys(constants, "constexpr")}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_kernels_compile_for_an_h100_without_one(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     """Triton compiles both kernels to sm_90 machine code here, with no GPU (ptxas ships with
-    Triton): the GPU path's type and shape rules (loop bounds, tl.dot sizes) hold, for the
-    full and ring layouts, 64- and 128-wide heads, in float16 and bfloat16."""
+    Triton), launched exactly as the ops launch them and typed as inductor types them: the GPU
+    path's type and shape rules (loop bounds, tl.dot sizes, no float64) hold, for full and ring
+    layouts, 64- and 128-wide heads and MHA/GQA, in float16 and bfloat16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from infermeter.engine.decode_kernel import _split_kv_kernel
-    from infermeter.engine.swiglu_kernel import BLOCK, _silu_mul_kernel
+    from infermeter.engine.decode_kernel import split_kv_decode
+    from infermeter.engine.swiglu_kernel import silu_mul_triton
 
-    hopper = GPUTarget("cuda", 90, 32)
+    def attention(head_dim: int, groups: int, ring: bool):
+        q = torch.zeros(2, 4, groups, head_dim, dtype=dtype)
+        cache = torch.zeros(2, 4, 256, head_dim, dtype=dtype)
+        pos = torch.arange(256)
+        return lambda: split_kv_decode(q, cache, cache, pos, pos[:1], 64 if ring else 0,
+                                       ring, 3)
 
-    def compiled(fn, pointers: dict, scalars: dict, constants: dict):
-        signature = {**pointers, **scalars, **dict.fromkeys(constants, "constexpr")}
+    gate = torch.zeros(3, 1000, dtype=dtype)
+    calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
+             lambda: silu_mul_triton(gate, gate)]
+    for call in calls:
+        (kernel, args, constants), = recorded_launches(monkeypatch, call)
+        signature = inductor_signature(kernel, args, constants)
+        assert list(signature) == [p.name for p in kernel.params]  # every argument typed
         where = {(list(signature).index(name),): value for name, value in constants.items()}
-        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where),
-                              target=hopper)
-
-    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "KEY_POS": "*i64",
-                "POS": "*i64", "ACC": "*fp32", "M": "*fp32", "L": "*fp32"}
-    scalars = dict.fromkeys(("stride_qb", "stride_qh", "stride_qg", "stride_kb", "stride_kh",
-                             "stride_ks", "stride_vb", "stride_vh", "stride_vs", "n_kv_heads",
-                             "groups", "slots", "chunk", "n_splits"), "i32")
-    scalars.update(scale="fp32", window="i32")
-    for head_dim, ring in ((128, False), (64, True)):
-        kernel = compiled(_split_kv_kernel, pointers, scalars,
-                          {"G_PAD": 16, "D": head_dim, "BLOCK": BLOCK_N, "IS_RING": ring,
-                           "HAS_WINDOW": ring, "PRECISION": "tf32"})
-        assert kernel.asm["cubin"]
-    swiglu = compiled(_silu_mul_kernel, {"GATE": f"*{dtype}", "UP": f"*{dtype}",
-                                         "OUT": f"*{dtype}"},
-                      dict.fromkeys(("n_cols", "stride_gate", "stride_up"), "i32"),
-                      {"BLOCK": BLOCK})
-    assert swiglu.asm["cubin"]
+        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                                target=GPUTarget("cuda", 90, 32))
+        assert binary.asm["cubin"]

@@ -65,9 +65,9 @@ if triton is not None:
                          stride_qb, stride_qh, stride_qg,
                          stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs,
-                         n_kv_heads, groups, slots, chunk, n_splits, scale, window,
-                         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                         IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         n_kv_heads, groups, slots, chunk, n_splits, window,
+                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -92,7 +92,7 @@ if triton is not None:
             inside = n < end
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
             held = tl.load(KEY_POS + n, mask=inside, other=-1)
             seen = inside & (held >= 0) & (held <= pos)
             if HAS_WINDOW:
@@ -132,8 +132,11 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        n_kv_heads, groups, slots, chunk, n_splits, head_dim ** -0.5, window,
-        G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim, BLOCK=BLOCK_N,
+        n_kv_heads, groups, slots, chunk, n_splits, window,
+        # A constant, not a runtime float: inductor types a Python float argument as fp64,
+        # which made the scores, and the loop-carried max, float64 (the first H100 run).
+        SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
+        BLOCK=BLOCK_N,
         IS_RING=is_ring, HAS_WINDOW=window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     # Combine the splits: weights exp(m_s - max m), 0 for an empty split (m_s = -inf).
