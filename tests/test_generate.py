@@ -315,10 +315,31 @@ def test_decode_attention_is_checked_and_set_on_every_layer():
     model = build_model(SPEC, device="cpu", dtype=torch.float32)
     with pytest.raises(InfermeterError, match="unknown decode attention 'paged'"):
         Generator(model, decode_attention="paged")
-    assert Generator(model).decode_attention == "math"
-    gen = Generator(model, decode_attention="triton")
-    assert gen.decode_attention == "triton"
-    assert {layer.attention.decode_attention for layer in model.layers} == {"triton"}
+    assert Generator(model).decode_attention == "triton"  # attention.DECODE_ATTENTION
+    gen = Generator(model, decode_attention="flex")
+    assert gen.decode_attention == "flex"
+    assert {layer.attention.decode_attention for layer in model.layers} == {"flex"}
+
+
+def test_decode_attention_used_says_what_really_runs(monkeypatch):
+    """The Result records what ran: flex/triton only compiled, triton only where Triton runs
+    (the CPU without its interpreter runs math) and only for power-of-two head sizes."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model(SPEC, device="cpu", dtype=torch.float32)
+    triton = Generator(model, decode_attention="triton")
+    assert (triton.decode_attention_used(False), triton.decode_attention_used(True)) == \
+        ("math", "math")
+    flex = Generator(model, decode_attention="flex")
+    assert (flex.decode_attention_used(False), flex.decode_attention_used(True)) == \
+        ("math", "flex")
+    sdpa = Generator(model, decode_attention="sdpa")
+    assert (sdpa.decode_attention_used(False), sdpa.decode_attention_used(True)) == \
+        ("sdpa", "sdpa")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the kernel can run
+    assert triton.decode_attention_used(True) == "triton"
+    odd = build_model(SPEC.with_updates(head_dim=24, n_heads=4, n_kv_heads=2, dim=96))
+    assert Generator(odd, decode_attention="triton").decode_attention_used(True) == "math"
 
 
 def test_compile_backend_is_checked(model):

@@ -58,7 +58,7 @@ class EngineRunner:
         compiled = self.config.compile
         return {"compile_backend": self.generator.compile_backend if compiled else None,
                 "compile_prefill": compiled and self.generator.compile_prefill,
-                "decode_attention": self.generator.decode_attention}
+                "decode_attention": self.generator.decode_attention_used(compiled)}
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""

@@ -12,13 +12,19 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
-# The default: "math" (decode_attention below), "sdpa", "flex" (flex_decode_attention below) or
-# "triton" (decode_kernel.py's split-KV kernel).
+# The default: "triton" (decode_kernel.py's split-KV kernel) in the compiled step wherever
+# Triton runs, "math" (decode_attention below) everywhere else; "sdpa" and "flex"
+# (flex_decode_attention below) are the measured alternatives.
 # SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
 # matrix products, inductor turns each into a reduction spread over heads x cache positions
 # (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
-DECODE_ATTENTION = "math"
+# The Triton kernel is one launch + a fused combine and stops at the current position: on one
+# H100 (results/generate-nvidia-h100-80gb-hbm3.jsonl, parts seed and kernel, one run) batch 32
+# with 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21; batch 1 was
+# within the compile-to-compile spread (5.74 vs 5.62 ms there, 5.44 vs 5.46 ms in
+# decode-tuning-triton-*.json).
+DECODE_ATTENTION = "triton"
 ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
 
 

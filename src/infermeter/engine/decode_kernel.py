@@ -14,8 +14,9 @@ plus a combine that inductor fuses into one more:
   The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0).
 
 Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
-dtype first), so results agree with it to rounding, not bitwise. Off by default
-(attention.DECODE_ATTENTION); benchmarks/decode_tuning.py measures it ("fused-triton").
+dtype first), so results agree with it to rounding, not bitwise. The default in the compiled step wherever Triton
+runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py measures it
+("fused-triton").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
@@ -46,8 +47,11 @@ def triton_runs_on(x: Tensor) -> bool:
 def kernel_usable(q: Tensor) -> bool:
     """This kernel can run for q: Triton runs there and the head size suits tl.arange (a power
     of two, at least 16)."""
-    head_dim = q.shape[-1]
-    return triton_runs_on(q) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return triton_runs_on(q) and head_size_fits(q.shape[-1])
+
+
+def head_size_fits(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def split_count(programs: int, slots: int, device: torch.device) -> int:

@@ -159,7 +159,9 @@ class Generator:
     H100, 71.7% MFU against 46.7% for a 2048-token Llama-2-7B prefill. Off by default: it adds
     ~25 s to the first compile and pays only for long prompts.
     decode_attention: how every layer attends in a one-token step (attention.ATTENTION_KINDS;
-    None keeps the model's setting, attention.DECODE_ATTENTION unless changed).
+    None keeps the model's setting, attention.DECODE_ATTENTION unless changed). "flex" and
+    "triton" apply to the compiled step only, "triton" only where Triton runs;
+    decode_attention_used() says what a mode really runs.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
@@ -199,6 +201,21 @@ class Generator:
         self.decode_attention = model.layers[0].attention.decode_attention if model.layers \
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
+
+    def decode_attention_used(self, compiled: bool) -> str | None:
+        """The attention a one-token step really runs (Attention.forward's rule): "flex" and
+        "triton" only in the compiled step, "triton" only where the kernel can run (CUDA or
+        Triton's interpreter, a power-of-two head size); "math" in their place otherwise."""
+        from infermeter.engine.decode_kernel import head_size_fits, triton_runs_on
+
+        kind = self.decode_attention
+        if kind in ("flex", "triton") and not compiled:
+            return "math"
+        probe = self.model.tok_embeddings.weight
+        if kind == "triton" and not (triton_runs_on(probe)
+                                     and head_size_fits(self.spec.head_dim)):
+            return "math"
+        return kind
 
     # ---- setup ---------------------------------------------------------------------------
     def prepare(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> None:
