@@ -114,9 +114,42 @@ def teacher_forced(generator: Generator, prompt: list[int], eager: list[int],
                "tie_bound": gaps[i][1]}
               for i, (e, c) in enumerate(zip(eager_picks, picks)) if e != c]
     return {"teacher_forced_agreement": 1 - len(differ) / len(eager),
-            "teacher_forced_disagreements": differ,
+            "teacher_forced_disagreements": differ, "_eager_picks": eager_picks,
+            "_compiled_picks": picks,
             "teacher_forced_all_at_ties": all(d["eager_top2_gap"] <= d["tie_bound"]
                                               for d in differ)}
+
+
+@torch.no_grad()
+def float32_arbiter(generator: Generator, prompt: list[int], eager: list[int],
+                    forced: dict) -> dict:
+    """Who is right where eager and compiled disagree? A float32 copy of the same (fused)
+    weights reads prompt + eager's tokens in one forward (TF32 off) and gives each step's
+    float32 pick: the rounding-free answer both fp16 paths approximate. Adds its pick to every
+    teacher-forced disagreement, and how often eager and compiled agree with it overall."""
+    import copy
+
+    model, device = generator.model, generator.device
+    reference = copy.deepcopy(model).float()  # fp16 values, exactly, in float32
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seq = prompt + eager[:-1]  # step i's logits come after prompt + eager[:i]
+        reference.setup_cache(1, len(seq))
+        logits = reference(torch.tensor([seq], device=device),
+                           torch.arange(len(seq), device=device))[0, len(prompt) - 1:]
+        truth = logits.argmax(dim=-1).tolist()  # [len(eager)] float32 picks
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        del reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for item in forced["teacher_forced_disagreements"]:
+        item["float32"] = truth[item["step"]]
+    eager_picks, compiled_picks = forced.pop("_eager_picks"), forced.pop("_compiled_picks")
+    return {"float32_agrees_eager": sum(a == b for a, b in zip(truth, eager_picks)) / len(truth),
+            "float32_agrees_compiled": sum(a == b for a, b in zip(truth, compiled_picks))
+            / len(truth)}
 
 
 @torch.inference_mode()
@@ -141,14 +174,15 @@ def sharpen_head(model, target_std: float) -> float:
     return scale
 
 
-def greedy_check(model, tokens: int, backend: str | None) -> dict:
+def greedy_check(model, tokens: int, backend: str | None, attention: str | None) -> dict:
     """Eager and compiled greedy decoding of the same prompt; where (if) they first differ.
 
     The wall times (prefill included, after warm-up) are a rough guide, not the generation
     benchmark, which times prefill and every decode step apart with CUDA events.
     """
     length = min(512, model.spec.max_seq_len)
-    generator = Generator(model, max_seq_len=length, compile_backend=backend)
+    generator = Generator(model, max_seq_len=length, compile_backend=backend,
+                          decode_attention=attention)
     eager_cfg = GenerationConfig(max_new_tokens=tokens, compile=False)
     compiled_cfg = GenerationConfig(max_new_tokens=tokens, compile=True)
     prompt = [p % model.spec.vocab_size for p in PROMPT]
@@ -166,10 +200,12 @@ def greedy_check(model, tokens: int, backend: str | None) -> dict:
     mismatch = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), None)
     gap = {} if mismatch is None else logit_gap_at(generator, prompt, eager, compiled, mismatch)
     gap.update(teacher_forced(generator, prompt, eager, compiled_cfg))
+    gap.update(float32_arbiter(generator, prompt, eager, gap))
     return {**gap, "eager": eager, "compiled": compiled, "identical": eager == compiled,
             "first_mismatch": mismatch, "compile_warmup_s": warmup_s,
             "compile_backend": generator.compile_backend, "eager_wall_s": eager_s,
-            "compiled_wall_s": compiled_s, "eager_repeat_first_mismatch": repeat_mismatch}
+            "compiled_wall_s": compiled_s, "eager_repeat_first_mismatch": repeat_mismatch,
+            "decode_attention": generator.decode_attention_used(True)}
 
 
 LOAD_PROBE = r"""
@@ -234,6 +270,9 @@ def main() -> int:
                         help="scale the random model's output head so the prompt's logits have "
                         "this spread (trained models' are far wider than random weights' ~1.3); "
                         "the Result's file name then ends in -peaked")
+    parser.add_argument("--decode-attention", choices=("math", "sdpa", "flex", "triton"),
+                        help="the compiled step's attention (default: the engine's); the file "
+                        "name then ends in -ATTENTION")
     args = parser.parse_args()
     if args.deterministic:  # before the first cuBLAS call, which reads the variable
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -241,11 +280,12 @@ def main() -> int:
     env = capture_env()
     model = load_weights(f"random:{args.model}", args.device, args.dtype, seed=0)
     head_scale = sharpen_head(model, args.logit_std) if args.logit_std else None
-    check = greedy_check(model, args.tokens, args.backend)
+    check = greedy_check(model, args.tokens, args.backend, args.decode_attention)
     keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
             "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std",
             "eager_repeat_first_mismatch", "teacher_forced_agreement",
-            "teacher_forced_disagreements", "teacher_forced_all_at_ties")
+            "teacher_forced_disagreements", "teacher_forced_all_at_ties",
+            "float32_agrees_eager", "float32_agrees_compiled", "decode_attention")
     metrics = {key: check[key] for key in keys if key in check}
     metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens)
     print(json.dumps(metrics), flush=True)
@@ -255,7 +295,8 @@ def main() -> int:
               "deterministic": args.deterministic, "logit_std_target": args.logit_std,
               "output_head_scale": head_scale,
               "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
-    slug = f"{device_slug(env)}-{check['compile_backend']}" + ("-peaked" if head_scale else "")
+    slug = f"{device_slug(env)}-{check['compile_backend']}" + ("-peaked" if head_scale else "") \
+        + (f"-{args.decode_attention}" if args.decode_attention else "")
     result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
                     output_token_ids=[check["eager"], check["compiled"]])
     write(result, slug)  # the greedy check is saved even if the load check runs out of time

@@ -14,9 +14,9 @@ plus a combine that inductor fuses into one more:
   The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0).
 
 Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
-dtype first), so results agree with it to rounding, not bitwise. The default in the compiled step wherever Triton
-runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py measures it
-("fused-triton").
+dtype first), so results agree with it to rounding, not bitwise. The default in the compiled
+step wherever Triton runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py
+measures it ("fused-triton").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
