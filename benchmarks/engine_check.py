@@ -205,7 +205,7 @@ def greedy_check(model, tokens: int, backend: str | None, attention: str | None)
             "first_mismatch": mismatch, "compile_warmup_s": warmup_s,
             "compile_backend": generator.compile_backend, "eager_wall_s": eager_s,
             "compiled_wall_s": compiled_s, "eager_repeat_first_mismatch": repeat_mismatch,
-            "decode_attention": generator.decode_attention_used(True)}
+            "decode_attention": generator.decode_attention_used(True, 1)}
 
 
 LOAD_PROBE = r"""
@@ -270,7 +270,7 @@ def main() -> int:
                         help="scale the random model's output head so the prompt's logits have "
                         "this spread (trained models' are far wider than random weights' ~1.3); "
                         "the Result's file name then ends in -peaked")
-    parser.add_argument("--decode-attention", choices=("math", "sdpa", "flex", "triton"),
+    parser.add_argument("--decode-attention", choices=("auto", "math", "sdpa", "flex", "triton"),
                         help="the compiled step's attention (default: the engine's); the file "
                         "name then ends in -ATTENTION")
     args = parser.parse_args()

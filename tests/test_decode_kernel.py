@@ -54,6 +54,34 @@ def test_kernel_is_used_only_where_triton_runs(monkeypatch):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("batch", [1, 7, 8, 16])
+def test_auto_attention_calls_the_kernel_from_batch_8_on(monkeypatch, batch):
+    """The default "auto" in a compiled one-token step (compiling() patched true, the kernel
+    usable): the split-KV kernel for batches of 8 or more, the math attention below."""
+    from infermeter.engine import model as model_module
+
+    calls = []
+
+    def kernel(q, keys, values, *rest):  # the kernel's contract, computed the math way
+        calls.append(q.shape[0])
+        groups = q.shape[2]
+        visible = torch.arange(keys.shape[2]) <= rest[1][0]
+        return model_module.decode_attention(q, keys, values, visible.expand(groups, -1))
+
+    monkeypatch.setattr(model_module, "compiling", lambda: True)
+    monkeypatch.setattr(model_module, "kernel_usable", lambda q: True)
+    monkeypatch.setattr(model_module, "split_kv_decode", kernel)
+    model = build_model(PRESETS["debug"], seed=1)
+    assert {layer.attention.decode_attention for layer in model.layers} == {"auto"}
+    model.setup_cache(batch, 8)
+    tokens = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(0))
+    model(tokens[:, :4], torch.arange(4))  # prefill: SDPA, never the kernel
+    assert calls == []
+    model(tokens[:, 4:], torch.tensor([4]))
+    assert calls == ([batch] * PRESETS["debug"].n_layers if batch >= 8 else [])
+
+
+@torch.inference_mode()
 def test_without_triton_the_triton_choices_fall_back(monkeypatch):
     """On a CPU without the interpreter, a model asking for the Triton attention and activation
     still compiles (fullgraph) to the math attention and the opaque eager activation, with the

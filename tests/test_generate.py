@@ -315,31 +315,43 @@ def test_decode_attention_is_checked_and_set_on_every_layer():
     model = build_model(SPEC, device="cpu", dtype=torch.float32)
     with pytest.raises(InfermeterError, match="unknown decode attention 'paged'"):
         Generator(model, decode_attention="paged")
-    assert Generator(model).decode_attention == "triton"  # attention.DECODE_ATTENTION
+    assert Generator(model).decode_attention == "auto"  # attention.DECODE_ATTENTION
     gen = Generator(model, decode_attention="flex")
     assert gen.decode_attention == "flex"
     assert {layer.attention.decode_attention for layer in model.layers} == {"flex"}
 
 
+def test_auto_attention_picks_by_batch_size():
+    from infermeter.engine.attention import AUTO_TRITON_MIN_BATCH, resolve_attention
+
+    assert resolve_attention("auto", 1) == "math"
+    assert resolve_attention("auto", AUTO_TRITON_MIN_BATCH - 1) == "math"
+    assert resolve_attention("auto", AUTO_TRITON_MIN_BATCH) == "triton"
+    assert resolve_attention("auto", 64) == "triton"
+    assert [resolve_attention(kind, 64) for kind in ("math", "sdpa", "flex", "triton")] == \
+        ["math", "sdpa", "flex", "triton"]  # a kind asked for is kept at any batch
+
+
 def test_decode_attention_used_says_what_really_runs(monkeypatch):
-    """The Result records what ran: flex/triton only compiled, triton only where Triton runs
-    (the CPU without its interpreter runs math) and only for power-of-two head sizes."""
+    """The Result records what ran: auto by batch size, flex/triton only compiled, triton only
+    where Triton runs (the CPU without its interpreter runs math) and only for power-of-two
+    head sizes."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = build_model(SPEC, device="cpu", dtype=torch.float32)
-    triton = Generator(model, decode_attention="triton")
-    assert (triton.decode_attention_used(False), triton.decode_attention_used(True)) == \
-        ("math", "math")
-    flex = Generator(model, decode_attention="flex")
-    assert (flex.decode_attention_used(False), flex.decode_attention_used(True)) == \
-        ("math", "flex")
-    sdpa = Generator(model, decode_attention="sdpa")
-    assert (sdpa.decode_attention_used(False), sdpa.decode_attention_used(True)) == \
-        ("sdpa", "sdpa")
+
+    def used(kind: str, compiled: bool, batch: int = 1, of=model) -> str:
+        return Generator(of, decode_attention=kind).decode_attention_used(compiled, batch)
+
+    assert (used("triton", False), used("triton", True, 32)) == ("math", "math")
+    assert (used("flex", False), used("flex", True)) == ("math", "flex")
+    assert (used("sdpa", False), used("sdpa", True)) == ("sdpa", "sdpa")
+    assert (used("auto", True, 1), used("auto", True, 32)) == ("math", "math")  # no Triton
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the kernel can run
-    assert triton.decode_attention_used(True) == "triton"
+    assert (used("triton", True), used("triton", False)) == ("triton", "math")
+    assert (used("auto", True, 1), used("auto", True, 32)) == ("math", "triton")
     odd = build_model(SPEC.with_updates(head_dim=24, n_heads=4, n_kv_heads=2, dim=96))
-    assert Generator(odd, decode_attention="triton").decode_attention_used(True) == "math"
+    assert used("triton", True, of=odd) == "math"
 
 
 def test_compile_backend_is_checked(model):

@@ -53,15 +53,19 @@ class EngineRunner:
                                    compile_backend=settings.compile_backend,
                                    compile_prefill=settings.compile_prefill,
                                    decode_attention=settings.decode_attention)
+        self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
 
     def describe(self) -> dict[str, Any]:
         compiled = self.config.compile
+        used = dict.fromkeys(self.generator.decode_attention_used(compiled, batch)
+                             for batch in self.batch_sizes)  # one kind unless batches differ
         return {"compile_backend": self.generator.compile_backend if compiled else None,
                 "compile_prefill": compiled and self.generator.compile_prefill,
-                "decode_attention": self.generator.decode_attention_used(compiled)}
+                "decode_attention": "/".join(map(str, used)) or None}
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
+        self.batch_sizes = sorted({batch for batch, _ in shapes})
         for batch, length in sorted(shapes):
             with nvtx_range(f"warmup {batch}x{length}"):
                 self.generator.warmup(batch, length, self.config)

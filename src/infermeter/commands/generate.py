@@ -8,7 +8,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
-DECODE_ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
+DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,9 +67,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        "every layer and prompt length; 72%% MFU against 47%% eager for 2048 "
                        "tokens on an H100, ~25 s more first compile)")
     bench.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
-                       help="how a one-token step attends over the cache (default triton: the "
-                       "split-KV kernel; math: two matrix products; flex and triton apply to "
-                       "the compiled mode only, triton where Triton runs, else math)")
+                       help="how a one-token step attends over the cache (default auto: the "
+                       "triton split-KV kernel for batches of 8 or more, math below; math: two "
+                       "matrix products; flex and triton apply to the compiled mode only, "
+                       "triton where Triton runs (CUDA), else math)")
     p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive_int,
                    help="KV-cache length (default: prompt + new tokens, rounded up)")
     p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",

@@ -1,6 +1,7 @@
 """How a one-token decode step attends over the static cache: the choices Attention offers.
 
-Attention.forward (model.py) picks one per layer from its `decode_attention` attribute; "flex"
+Attention.forward (model.py) picks one per layer from its `decode_attention` attribute ("auto"
+resolved by batch size, resolve_attention); "flex"
 and "triton" only while torch.compile traces the step (outside it, flex_attention is a slow
 reference and the Triton kernel may have no device to run on), falling back to "math".
 Prefill (more than one token) always uses scaled_dot_product_attention.
@@ -12,20 +13,32 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
-# The default: "triton" (decode_kernel.py's split-KV kernel) in the compiled step wherever
-# Triton runs, "math" (decode_attention below) everywhere else; "sdpa" and "flex"
+# The default, "auto": the compiled step of a batch of AUTO_TRITON_MIN_BATCH or more sequences
+# attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs, a smaller batch
+# (and every eager step) with "math" (decode_attention below); "sdpa" and "flex"
 # (flex_decode_attention below) are the measured alternatives.
 # SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
 # matrix products, inductor turns each into a reduction spread over heads x cache positions
 # (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
-# The Triton kernel is one launch + a fused combine and stops at the current position: on one
-# H100 (results/generate-nvidia-h100-80gb-hbm3.jsonl, parts seed and kernel, one run) batch 32
-# with 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21; batch 1 was
-# within the compile-to-compile spread (5.74 vs 5.62 ms there, 5.44 vs 5.46 ms in
-# decode-tuning-triton-*.json).
-DECODE_ATTENTION = "triton"
-ATTENTION_KINDS = ("math", "sdpa", "flex", "triton")
+# The Triton kernel is one launch + a combine and stops at the current position: on one H100
+# (results/generate-nvidia-h100-80gb-hbm3.jsonl, parts seed and kernel, one run) batch 32 with
+# 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21. At batch 1 it
+# lost in 3 of 4 same-run pairs (results/attention-ab-*.jsonl, decode-tuning-triton-*.json):
+# 7B fp16 5.74 vs 5.62 ms and 5.44 vs 5.46; bf16 7B 5.58 vs 5.47, 13B 10.74 vs 10.17, 13B at
+# tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch + combine) that saving the unread
+# slots repays only with many sequences (math's extra reads grow ~0.04 ms a step per sequence
+# there). Batches 2-31 are not measured yet: 8 is the estimate between the two ends.
+AUTO_TRITON_MIN_BATCH = 8
+DECODE_ATTENTION = "auto"
+ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
+
+
+def resolve_attention(kind: str, batch_size: int) -> str:
+    """The kind a step of batch_size sequences uses: "auto" picks by batch (see above)."""
+    if kind != "auto":
+        return kind
+    return "triton" if batch_size >= AUTO_TRITON_MIN_BATCH else "math"
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:

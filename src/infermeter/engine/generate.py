@@ -202,13 +202,17 @@ class Generator:
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
 
-    def decode_attention_used(self, compiled: bool) -> str | None:
-        """The attention a one-token step really runs (Attention.forward's rule): "flex" and
-        "triton" only in the compiled step, "triton" only where the kernel can run (CUDA or
-        Triton's interpreter, a power-of-two head size); "math" in their place otherwise."""
+    def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
+        """The attention a one-token step of batch_size sequences really runs (Attention.forward's
+        rule): "auto" by batch size (attention.resolve_attention); "flex" and "triton" only in
+        the compiled step, "triton" only where the kernel can run (CUDA or Triton's
+        interpreter, a power-of-two head size); "math" in their place otherwise."""
+        from infermeter.engine.attention import resolve_attention
         from infermeter.engine.decode_kernel import head_size_fits, triton_runs_on
 
-        kind = self.decode_attention
+        if self.decode_attention is None:
+            return None
+        kind = resolve_attention(self.decode_attention, batch_size)
         if kind in ("flex", "triton") and not compiled:
             return "math"
         probe = self.model.tok_embeddings.weight

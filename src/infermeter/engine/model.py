@@ -27,8 +27,9 @@ Decisions:
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
   before fusion, and `fusion.meta_state_dict` gives a fused model's weights back by those names.
-- A one-token step attends as its layer's `decode_attention` says (attention.py: "math" by
-  default; decode_kernel.py's Triton kernel as "triton"); while compiling, SwiGLU's activation
+- A one-token step attends as its layer's `decode_attention` says (attention.py: "auto" by
+  default, decode_kernel.py's Triton kernel for compiled batches of 8 or more and "math"
+  below); while compiling, SwiGLU's activation
   goes through an op inductor cannot inline (opaque_ops.py, measured faster on an H100).
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
@@ -44,7 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infermeter.engine.attention import DECODE_ATTENTION, decode_attention, flex_decode_attention
+from infermeter.engine.attention import (
+    DECODE_ATTENTION,
+    decode_attention,
+    flex_decode_attention,
+    resolve_attention,
+)
 from infermeter.engine.decode_kernel import kernel_usable, split_count, split_kv_decode
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
@@ -124,16 +130,17 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
         mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
-        if seqlen == 1 and self.decode_attention == "flex" and compiling():
+        kind = resolve_attention(self.decode_attention, bsz)  # "auto" picks by batch size
+        if seqlen == 1 and kind == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
                                         self.kv_cache.window)
-        elif seqlen == 1 and self.decode_attention == "triton" and compiling() \
+        elif seqlen == 1 and kind == "triton" and compiling() \
                 and kernel_usable(q):
             cache = self.kv_cache
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
             out = split_kv_decode(q, keys, values, cache.key_pos, input_pos, cache.window or 0,
                                   cache.is_ring, splits)
-        elif seqlen == 1 and self.decode_attention in ("math", "flex", "triton"):
+        elif seqlen == 1 and kind in ("math", "flex", "triton"):
             out = decode_attention(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
