@@ -128,6 +128,9 @@ def targets(results: list[Result]) -> str:
                       "%", GOALS["mbu_pct"], ">=")]
         rows.append(("batch 32 vs batch 1, --decode-attention triton", _ratio(k32, k1), "x",
                      GOALS["batch32"], ">="))
+        if b1 and b1.config.get("decode_attention") == "math":  # what the default auto picks
+            rows.append(("batch 32 vs batch 1, auto's picks (triton at 32, math at 1)",
+                         _ratio(k32, b1), "x", GOALS["batch32"], ">="))
     lines = ["targets (issue 5), measured in this file:"]
     for name, value, unit, goal, op in rows:
         met = value is not None and (value >= goal if op == ">=" else value < goal)
@@ -170,6 +173,12 @@ def merge_parts(source: Path, path: Path) -> list[str]:
     return parts
 
 
+def merged_slug(source: Path) -> str | None:
+    """The device a sweep file was measured on (its first Result's), for --merge's target."""
+    results = read_results(source)
+    return device_slug(results[0].env) if results else None
+
+
 def run_part(part: str, path: Path, env: dict) -> None:
     keep_other_runs(path, part)
 
@@ -196,14 +205,15 @@ def main() -> int:
                         "machine's device), e.g. nvidia-h100-80gb-hbm3 on a machine without it")
     args = parser.parse_args()
     env = capture_env()
-    slug = args.slug or device_slug(env)
+    if args.merge and not args.merge.is_file():
+        print(f"error: {args.merge} is not a file", file=sys.stderr)
+        return 2
+    # --merge files into the file of the device that measured them, not this machine's
+    slug = args.slug or (args.merge and merged_slug(args.merge)) or device_slug(env)
     path = Path(args.results) / f"generate-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.merge:
-        if not args.merge.is_file():
-            print(f"error: {args.merge} is not a file", file=sys.stderr)
-            return 2
         print(f"merged parts {merge_parts(args.merge, path)} into {path}", file=sys.stderr)
     for part in [] if args.summary_only or args.merge else args.parts:
         print(f"[{time.perf_counter() - start:6.1f} s] {part}", file=sys.stderr, flush=True)

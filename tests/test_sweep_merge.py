@@ -63,3 +63,30 @@ def test_targets_list_the_kernel_part_beside_the_default():
     assert "batch 32 vs batch 1 decode tok/s: 19.6 x (target >= 20 x) MISSED" in text
     assert "batch 32 vs batch 1, --decode-attention triton: 22.0 x (target >= 20 x) met" in text
     assert "triton" not in sweep.targets(results[:2])  # no kernel part: no kernel lines
+
+
+def test_targets_give_autos_picks_when_the_seed_ran_math():
+    """Seed rows measured with the math attention beside the kernel part: the default "auto"
+    (math at batch 1, triton at 32) gets its batch-32 line from the two, in the same file."""
+    sweep = load_sweep()
+    results = [generate_result("seed", 1, 178.0, 79.8), generate_result("seed", 32, 3472.5, 66),
+               generate_result("kernel", 1, 174.2, 78.0),
+               generate_result("kernel", 32, 4169.6, 79.4)]
+    assert "auto's picks" not in sweep.targets(results)  # the seed's attention not recorded
+    for r in results[:2]:
+        r.config["decode_attention"] = "math"
+    assert ("batch 32 vs batch 1, auto's picks (triton at 32, math at 1): 23.4 x "
+            "(target >= 20 x) met") in sweep.targets(results)
+
+
+def test_merge_goes_to_the_measuring_devices_file(tmp_path):
+    """--merge on a CPU machine files a GPU's sweep under the GPU's name, not 'cpu'."""
+    sweep = load_sweep()
+    brought = tmp_path / "brought.jsonl"
+    measured = result("seed", "x")
+    measured.env = {"device_name": "NVIDIA H100 80GB HBM3"}
+    append_jsonl(brought, [measured])
+    assert sweep.merged_slug(brought) == "nvidia-h100-80gb-hbm3"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert sweep.merged_slug(empty) is None
