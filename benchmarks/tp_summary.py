@@ -19,9 +19,22 @@ def _load(folder: Path, slug: str) -> tuple[list[dict], dict | None, list[dict] 
     path = folder / f"{slug}.jsonl"
     results = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() \
         else []
-    comm, runs = folder / f"{slug}-comm.json", folder / f"{slug}-runs.json"
-    return (results, json.loads(comm.read_text()) if comm.exists() else None,
-            json.loads(runs.read_text()) if runs.exists() else None)
+    return (results, _payload(folder / f"{slug}-comm.json"),
+            _payload(folder / f"{slug}-runs.json"))
+
+
+def _payload(path: Path) -> Any:
+    """The comm figures (a dict) or the runs (a list): from a Result, as tp_sweep.py writes them
+    since session 4, or the bare JSON that earlier sweeps wrote."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and {"kind", "config", "metrics"} <= data.keys():
+        metrics = data["metrics"]
+        if data["config"].get("benchmark") == "tp_runs":
+            return metrics["runs"]
+        return {**metrics, "model": data["config"]["model"], "tp": data["config"]["tp"]}
+    return data
 
 
 def _p50(stats: Any) -> float | None:
@@ -43,11 +56,10 @@ def decode_section(results: list[dict], comm: dict | None) -> list[str]:
         rows.append([model, tp, _f(speed[(model, tp)]), _f(tpot[(model, tp)], ".2f"),
                      _f(m.get("ttft_ms"), ".1f"), " / ".join(ranks) or "-",
                      _f(m.get("mbu_pct")), "; ".join(r.get("warnings", []))[:60]])
-    if not rows:
-        return ["decode: not run (parts decode-7b, decode-13b)"]
     lines = ["decode, batch 1, bf16, compiled (tok/s of the slowest rank):",
              render_table(["model", "tp", "decode tok/s", "TPOT p50 ms", "TTFT ms",
-                           "per rank tok/s", "MBU %", "warnings"], rows)]
+                           "per rank tok/s", "MBU %", "warnings"], rows)] if rows else \
+        ["decode: not run (parts decode-7b, decode-13b)"]  # the comm line may still follow
     for model in sorted({key[0] for key in speed}):
         one, two = speed.get((model, 1)), speed.get((model, 2))
         if one and two:

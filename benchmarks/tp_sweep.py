@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("decode-7b", "decode-13b", "comm", "copy", "runs")
@@ -100,7 +101,23 @@ def part_decode(model: str, jsonl: Path, part: str) -> None:
 
 
 # ---- runs: start to exit, ten times --------------------------------------------------------------
+def runs_result(rows: list[dict]) -> Any:
+    """The runs part as a Result: which machine, which command, every run's exit."""
+    from infermeter.env import capture_env
+    from infermeter.presets import PRESETS
+    from infermeter.results import Result
+
+    clean = sum(r["exit_code"] == 0 and r["result_written"] for r in rows)
+    config = {"benchmark": "tp_runs", "tp": 2, "model": SETUP["runs_model"],
+              "modes": list(SETUP["runs"]), "max_new_tokens": 8}
+    return Result("generate", PRESETS[SETUP["runs_model"]].to_dict(), config, capture_env(),
+                  {"runs": rows, "clean_runs": clean, "hung_runs":
+                   sum(r["exit_code"] is None for r in rows)})
+
+
 def part_runs(path: Path) -> None:
+    from infermeter.results import write_json
+
     rows = []
     for i, mode in enumerate(SETUP["runs"]):
         out = path.with_name(f".runs-{i}.jsonl")
@@ -118,7 +135,7 @@ def part_runs(path: Path) -> None:
                      "result_written": out.exists(), "stderr_tail": tail})
         out.unlink(missing_ok=True)
         print(f"run {i}: exit {code} in {rows[-1]['wall_s']} s", file=sys.stderr, flush=True)
-        path.write_text(json.dumps(rows, indent=2) + "\n")  # after each: a cut run keeps these
+        write_json(path, runs_result(rows))  # after each: a cut run keeps these
 
 
 # ---- workers under torchrun (comm, copy) ---------------------------------------------------------
@@ -174,8 +191,13 @@ def worker_comm(out: Path, model: str) -> None:
         except Exception as err:  # a capture NCCL refuses: keep the eager number, say why
             timings[f"{how}_error"] = f"{type(err).__name__}: {err}"[:300]
     if tp.rank == 0:
-        out.write_text(json.dumps({"model": model, "tp": tp.world, **timings,
-                                   "all_reduces_per_step": 2 * spec.n_layers}) + "\n")
+        from infermeter.env import capture_env
+        from infermeter.results import Result, write_json
+
+        config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
+                  "batch_size": 1, "steps_timed": 50}
+        write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
+                               {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
     # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
     # aborted (SIGABRT) in teardown, after writing these timings, when it was left alive.
     del graph

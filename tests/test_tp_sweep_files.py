@@ -1,0 +1,64 @@
+"""benchmarks/tp_sweep.py's comm and runs files: Results naming the machine (session 4 on), and
+the summary reads them as it reads the bare JSON that earlier sweeps committed."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from infermeter.results import Result, read_results, write_json
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROWS = [{"run": i, "mode": "eager", "exit_code": 0, "wall_s": 15.0 + i, "result_written": True,
+         "stderr_tail": ""} for i in range(9)]
+ROWS.append({"run": 9, "mode": "eager", "exit_code": None, "wall_s": 300.0,
+             "result_written": False, "stderr_tail": "timed out"})
+COMM = {"eager_ms_per_step": 12.98, "graph_ms_per_step": 0.81, "all_reduces_per_step": 80}
+
+
+def load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # tp_sweep imports tp_summary beside it
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary_lines(folder: Path) -> list[str]:
+    text = load("tp_summary").summarize(folder, "tp-gpu")
+    return [line for line in text.splitlines() if "collectives" in line or "start to exit" in line]
+
+
+EXPECTED = ["collectives of one llama-2-13b tp 2 decode step (80 all-reduces + 2 all-gathers): "
+            "0.810 ms in a CUDA graph, 12.980 ms eager",
+            "start to exit, `infermeter generate --tp 2` x 10: 9 clean (exit 0, Result written), "
+            "wall 15-300 s, hung: 1"]
+
+
+def test_summary_reads_the_bare_files_of_earlier_sweeps(tmp_path):
+    (tmp_path / "tp-gpu-comm.json").write_text(json.dumps({"model": "llama-2-13b", "tp": 2,
+                                                            **COMM}))
+    (tmp_path / "tp-gpu-runs.json").write_text(json.dumps(ROWS))
+    assert summary_lines(tmp_path) == EXPECTED
+
+
+def test_runs_and_comm_are_results_that_name_the_machine(tmp_path):
+    sweep = load("tp_sweep")
+    runs = sweep.runs_result(ROWS)
+    assert runs.config["benchmark"] == "tp_runs" and runs.env["hostname"]
+    assert (runs.metrics["clean_runs"], runs.metrics["hung_runs"]) == (9, 1)
+    write_json(tmp_path / "tp-gpu-runs.json", runs)
+    comm = Result("generate", {"name": "llama-2-13b"},
+                  {"benchmark": "tp_comm", "model": "llama-2-13b", "tp": 2}, runs.env, COMM)
+    write_json(tmp_path / "tp-gpu-comm.json", comm)
+    assert [r.config["benchmark"] for r in read_results(tmp_path / "tp-gpu-runs.json")] == \
+        ["tp_runs"]  # a valid Result file, which `infermeter report` lists as untimed
+    assert summary_lines(tmp_path) == EXPECTED
+
+
+@pytest.mark.parametrize("name", ["tp_sweep", "tp_summary"])
+def test_scripts_import(name):
+    assert load(name)
