@@ -2,6 +2,7 @@
 
     python benchmarks/tp_sweep.py --parts decode-7b decode-13b comm copy runs
     python benchmarks/tp_sweep.py --summary-only
+    NCCL_PROTO=LL python benchmarks/tp_sweep.py --parts comm --tag nccl-ll   # a variant's files
 
 Parts (each under the device tool's 10-minute limit; re-running a part replaces its Results):
   decode-7b, decode-13b  Llama-2-7B / 13B, random bf16 weights, batch 1, an 80-token prompt and
@@ -195,7 +196,9 @@ def worker_comm(out: Path, model: str) -> None:
         from infermeter.results import Result, write_json
 
         config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
-                  "batch_size": 1, "steps_timed": 50}
+                  "batch_size": 1, "steps_timed": 50,  # NCCL_* settings tried (e.g. PROTO):
+                  "nccl_env": {k: v for k, v in sorted(os.environ.items())
+                               if k.startswith("NCCL_")}}
         write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
                                {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
     # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
@@ -257,6 +260,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--tag", help="file name part, tp-TAG-<device>*: a variant (e.g. an "
+                        "NCCL_PROTO setting for the comm part) beside the standard files")
     parser.add_argument("--results", default=str(ROOT / "results"))
     parser.add_argument("--worker", choices=("comm", "copy"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -280,7 +285,7 @@ def main() -> int:
 
     folder = Path(args.results)
     folder.mkdir(parents=True, exist_ok=True)
-    slug = f"tp-{_slug()}"
+    slug = f"tp-{args.tag}-{_slug()}" if args.tag else f"tp-{_slug()}"
     jsonl = folder / f"{slug}.jsonl"
     for part in [] if args.summary_only else args.parts:
         start = time.monotonic()
