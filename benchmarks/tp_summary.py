@@ -73,6 +73,11 @@ def decode_section(results: list[dict], comm: dict | None) -> list[str]:
                      f"({comm['all_reduces_per_step']} all-reduces + 2 all-gathers): "
                      f"{_f(comm.get('graph_ms_per_step'), '.3f')} ms in a CUDA graph, "
                      f"{_f(comm.get('eager_ms_per_step'), '.3f')} ms eager{share}")
+        if "one_shot_graph_ms_per_step" in comm or "one_shot_graph_error" in comm:
+            error = comm.get("one_shot_graph_error")
+            lines.append("  with symmetric-memory one-shot all-reduces: "
+                         f"{_f(comm.get('one_shot_graph_ms_per_step'), '.3f')} ms in a CUDA "
+                         "graph" + (f" ({error})" if error else ""))
     return lines
 
 

@@ -11,7 +11,8 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         Target (issue 6): 13B tp 2 >= 1.7x tp 1.
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
-        all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step.
+        all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
+        with symmetric-memory one-shot all-reduces (--tp-all-reduce one-shot) in their place.
   copy  every rank moves its own KV shard (Llama-2-13B, batch 1 x 4096 tokens bf16: 1.6 GiB per
         rank) between its GPU and pinned host memory, first each rank alone, then all at once
         (they may share host links); total GB/s together against one rank alone. Target: >= 1.8x,
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,17 +170,38 @@ def worker_comm(out: Path, model: str) -> None:
         for out in outs:  # funcol results are waited for where they are used: use them
             torch.add(out, 0)
 
+    def one_shot() -> Callable[[], None]:
+        """The same step with symmetric-memory one-shot all-reduces (--tp-all-reduce one-shot:
+        what inductor lowers the compiled step's all-reduces to); the all-gathers stay NCCL's."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        name = tp.group.group_name
+        symm_mem.enable_symm_mem_for_group(name)
+        buffer = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)
+        symm_mem.rendezvous(buffer, name)
+        buffer.copy_(x)
+
+        def run() -> None:
+            outs = [all_gather_last(emb, tp.group, tp.world)]
+            outs += [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", name)
+                     for _ in range(2 * spec.n_layers)]
+            outs.append(all_gather_last(logits, tp.group, tp.world))
+            for out in outs:
+                torch.add(out, 0)
+        return run
+
     timings: dict[str, object] = {}
-    graph = None
-    for how in ("eager", "graph"):
+    graphs = []
+    for how in ("eager", "graph", "one_shot_graph"):
         try:
-            fn = step
-            if how == "graph":  # as the compiled decode step replays them: no launch overhead
+            fn = one_shot() if how == "one_shot_graph" else step
+            if how != "eager":  # as the compiled decode step replays them: no launch overhead
+                fn()  # once outside the capture (symmetric memory's first use sets it up)
                 torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                fn = graph.replay
+                graphs.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graphs[-1]):
+                    fn()
+                fn = graphs[-1].replay
             for _ in range(5):
                 fn()
             start = torch.cuda.Event(enable_timing=True)
@@ -203,7 +226,7 @@ def worker_comm(out: Path, model: str) -> None:
                                {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
     # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
     # aborted (SIGABRT) in teardown, after writing these timings, when it was left alive.
-    del graph
+    del graphs
     torch.cuda.synchronize()
     teardown()
 

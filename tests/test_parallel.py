@@ -293,10 +293,11 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 
 @pytest.mark.gpu
 @two_gpus
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "compiled-one-shot"])
 def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
     """float32 greedy tokens of the debug model: NCCL ranks (eager, or compiled with the
-    collectives inside inductor's CUDA graph) against one GPU, eager."""
+    collectives inside inductor's CUDA graph, NCCL's or symmetric-memory one-shot all-reduces)
+    against one GPU, eager."""
     def tokens(*extra: str) -> list:
         run = subprocess.run([sys.executable, "-m", "infermeter", "generate", "--model", "debug",
                               "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "24",
@@ -304,10 +305,39 @@ def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
                               *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert run.returncode == 0, run.stderr
         return [json.loads(line)["output_token_ids"] for line in run.stdout.splitlines()]
-    assert tokens("--tp", "2", "--mode", mode) == tokens("--mode", "eager")
+    how = ["--mode", "compiled", "--tp-all-reduce", "one-shot"] if mode == "compiled-one-shot" \
+        else ["--mode", mode]
+    assert tokens("--tp", "2", *how) == tokens("--mode", "eager")
 
 
 # ---- small pieces -----------------------------------------------------------------------------
+def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
+    """--tp-all-reduce one-shot: CUDA ranks only, tp >= 2, inductor only; each refusal is one
+    clear line before any weights load."""
+    from infermeter.commands.generate import ALL_REDUCE_KINDS
+    from infermeter.engine.parallel import ALL_REDUCE_KINDS as ENGINE_KINDS
+    from infermeter.engine.parallel import one_shot_compile_options
+    from infermeter.generate_run import GenerateRequest, _all_reduce_options
+
+    assert ALL_REDUCE_KINDS == ENGINE_KINDS
+    cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(InfermeterError, match="needs CUDA GPUs"):
+        one_shot_compile_options(cpu_ranks)
+    one_shot = GenerateRequest(source="random:debug", tp_all_reduce="one-shot")
+    assert _all_reduce_options(GenerateRequest(source="random:debug"), None) == {}
+    with pytest.raises(InfermeterError, match="needs --tp 2 or more"):
+        _all_reduce_options(one_shot, None)
+    cudagraphs = GenerateRequest(source="random:debug", tp_all_reduce="one-shot",
+                                 compile_backend="cudagraphs")
+    with pytest.raises(InfermeterError, match="needs the inductor compile backend"):
+        _all_reduce_options(cudagraphs, cpu_ranks)
+    code = cli_main(["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
+                     "--tp-all-reduce", "one-shot"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "infermeter: error: --tp-all-reduce one-shot needs --tp 2 or more"]
+
+
 def test_slowest_rank_rules() -> None:
     ranks_metrics = [{"ttft_ms": 5.0, "decode_tok_per_s": 100.0, "tpot_ms": {"p50": 2.0},
                       "ttft_stats": {"median": 5.0}, "total_tokens": 8, "ok": True},

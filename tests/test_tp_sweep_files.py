@@ -45,6 +45,18 @@ def test_summary_reads_the_bare_files_of_earlier_sweeps(tmp_path):
     assert summary_lines(tmp_path) == EXPECTED
 
 
+def test_summary_gives_the_one_shot_all_reduce_beside_nccl(tmp_path):
+    comm = {"model": "llama-2-13b", "tp": 2, **COMM, "one_shot_graph_ms_per_step": 0.3}
+    (tmp_path / "tp-gpu-comm.json").write_text(json.dumps(comm))
+    text = load("tp_summary").summarize(tmp_path, "tp-gpu")
+    assert "  with symmetric-memory one-shot all-reduces: 0.300 ms in a CUDA graph" in text
+    comm = {"model": "llama-2-13b", "tp": 2, **COMM, "one_shot_graph_error": "RuntimeError: x"}
+    (tmp_path / "tp-gpu-comm.json").write_text(json.dumps(comm))
+    text = load("tp_summary").summarize(tmp_path, "tp-gpu")
+    assert "  with symmetric-memory one-shot all-reduces: - ms in a CUDA graph (RuntimeError: x)" \
+        in text
+
+
 def test_runs_and_comm_are_results_that_name_the_machine(tmp_path):
     sweep = load("tp_sweep")
     runs = sweep.runs_result(ROWS)

@@ -59,6 +59,7 @@ class GenerateRequest:
     compile_backend: str | None = None
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
+    tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (compiled mode, tp > 1)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 
@@ -131,6 +132,20 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
                        vocab_size, request.seed, fixed)
 
 
+def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
+    """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels)."""
+    if request.tp_all_reduce == "nccl":
+        return {}
+    if not tp:
+        raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs --tp 2 or more")
+    if request.compile_backend == "cudagraphs":
+        raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
+                              "it needs the inductor compile backend")
+    from infermeter.engine.parallel import one_shot_compile_options
+
+    return one_shot_compile_options(tp)
+
+
 def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
     from infermeter.bench.generation_modes import RunSettings
 
@@ -143,6 +158,7 @@ def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
         stop_ids=stop_ids, repeats=request.repeats, warmup=request.warmup,
         kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
         compile_prefill=request.compile_prefill, decode_attention=request.decode_attention,
+        tp_all_reduce=request.tp_all_reduce, compile_options=_all_reduce_options(request, tp),
         roofline=request.roofline,
         tp=tp.world if tp else 1, trace_dir=request.trace_dir)
     settings.generation_config(compile=False)  # validates temperature / top_p now

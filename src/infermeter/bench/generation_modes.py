@@ -34,6 +34,8 @@ class RunSettings:
     compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
+    tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS: how the compiled step all-reduces
+    compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
     trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
@@ -52,7 +54,11 @@ class EngineRunner:
         self.generator = Generator(model, case.cache_len, kv_dtype=settings.kv_dtype,
                                    compile_backend=settings.compile_backend,
                                    compile_prefill=settings.compile_prefill,
-                                   decode_attention=settings.decode_attention)
+                                   decode_attention=settings.decode_attention,
+                                   compile_options=settings.compile_options)
+        # one-shot all-reduces are inductor's lowering: only the compiled step has them
+        self.all_reduce = None if settings.tp == 1 else \
+            settings.tp_all_reduce if self.config.compile else "nccl"
         self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
 
     def describe(self) -> dict[str, Any]:
@@ -61,7 +67,8 @@ class EngineRunner:
                              for batch in self.batch_sizes)  # one kind unless batches differ
         return {"compile_backend": self.generator.compile_backend if compiled else None,
                 "compile_prefill": compiled and self.generator.compile_prefill,
-                "decode_attention": "/".join(map(str, used)) or None}
+                "decode_attention": "/".join(map(str, used)) or None,
+                "tp_all_reduce": self.all_reduce}
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""

@@ -9,6 +9,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
+ALL_REDUCE_KINDS = ("nccl", "one-shot")  # engine/parallel.py's, likewise
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +79,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     # Tensor parallelism: launch.py starts torchrun, engine/parallel.py shards the model.
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks on this host: starts "
                    "torchrun with this many (default 1; under torchrun: all its ranks)")
+    p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="nccl",
+                   help="the compiled step's all-reduces: NCCL (default) or inductor's "
+                   "symmetric-memory one-shot kernels (CUDA, tp >= 2; not measured yet)")
     p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
                    "(weights, KV cache, headroom) and exit, allocating nothing")
     p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "
@@ -121,7 +125,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
         repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
         compile_backend=args.compile_backend, compile_prefill=args.compile_prefill,
-        decode_attention=args.decode_attention, trace_dir=args.trace)
+        decode_attention=args.decode_attention, tp_all_reduce=args.tp_all_reduce,
+        trace_dir=args.trace)
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes
