@@ -251,6 +251,17 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     seed_run = record(2, max_new_tokens=432, cache_len=512)
     column = Column(ColumnKey("gpu", "m", 1), generates=[context_run, seed_run])
     assert pick_generate(column) is seed_run
+    # The same shape run with the default's attention at batch 1 (math, "auto"'s pick) and as
+    # a comparison (the sweep's kernel part, triton at batch 1): the default's represents it,
+    # in either order and whatever the file lines; a Result without the field counts as default.
+    shape = {"max_new_tokens": 432, "cache_len": 512}
+    kernel_part, default = (record(11, decode_attention="triton", **shape),
+                            record(7, decode_attention="math", **shape))
+    for runs in ([kernel_part, default], [default, kernel_part]):
+        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=runs)) is default
+    older = record(12, **shape)
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1),
+                                generates=[kernel_part, older])) is older
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

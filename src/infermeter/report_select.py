@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from infermeter.engine.attention_choice import resolve_attention
 from infermeter.report_load import Record
 
 SEED_CONTEXT = 512
@@ -181,11 +182,22 @@ def mode_rank(record: Record) -> int:
     return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
 
 
+def off_default_attention(record: Record) -> bool:
+    """The Result ran another decode attention than the default ("auto") picks at its batch:
+    a comparison run (e.g. the kernel part of the generation sweep), not the representative.
+    Results from before the setting was recorded count as the default."""
+    kind = record.config.get("decode_attention")
+    if not kind or record.config.get("mode") != "compiled":
+        return False
+    return kind != resolve_attention("auto", batch_size(record) or 1)
+
+
 def pick_generate(column: Column) -> Record | None:
     def rank(record: Record) -> tuple:
         cfg = record.config
         new_tokens = num(cfg.get("max_new_tokens"))
         return (batch_size(record) != 1, bool(cfg.get("until_eos")), mode_rank(record),
+                off_default_attention(record),
                 _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
                 _context_distance(context(record)), record.source)

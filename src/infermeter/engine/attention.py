@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
+from infermeter.engine.attention_choice import AUTO_TRITON_MIN_BATCH, resolve_attention
+
+__all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.py, the tests
 # The default, "auto": the compiled step of a batch of AUTO_TRITON_MIN_BATCH or more sequences
 # attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs, a smaller batch
 # (and every eager step) with "math" (decode_attention below); "sdpa" and "flex"
@@ -28,17 +31,10 @@ from torch.nn.attention.flex_attention import flex_attention
 # 7B fp16 5.74 vs 5.62 ms and 5.44 vs 5.46; bf16 7B 5.58 vs 5.47, 13B 10.74 vs 10.17, 13B at
 # tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch + combine) that saving the unread
 # slots repays only with many sequences (math's extra reads grow ~0.04 ms a step per sequence
-# there). Batches 2-31 are not measured yet: 8 is the estimate between the two ends.
-AUTO_TRITON_MIN_BATCH = 8
+# there). Batches 2-31 are not measured yet: 8 (attention_choice.AUTO_TRITON_MIN_BATCH) is the
+# estimate between the two ends.
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
-
-
-def resolve_attention(kind: str, batch_size: int) -> str:
-    """The kind a step of batch_size sequences uses: "auto" picks by batch (see above)."""
-    if kind != "auto":
-        return kind
-    return "triton" if batch_size >= AUTO_TRITON_MIN_BATCH else "math"
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
