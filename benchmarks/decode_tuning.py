@@ -26,33 +26,41 @@ import torch
 
 from infermeter.engine.checkpoint import load_weights
 from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.engine.linear import set_matvec_kernel
 from infermeter.env import capture_env, device_slug
 from infermeter.results import Result, write_json
 
 # name: (fuse projections?, extra inductor options, decode attention, SwiGLU activation kernel
-# (model.ACTIVATION_KERNELS), materialized attention norm (opaque_ops.materialize)). Unfused
+# (model.ACTIVATION_KERNELS), materialized attention norm (opaque_ops.materialize), one-row
+# products (linear.MATVEC_KERNELS)). Unfused
 # variants run first: fusing is in place and irreversible.
 VARIANTS = {
     # session 1's defaults:
-    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", "inline", False),
-    "unfused": (False, {}, "math", "inline", False),
-    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", "inline", False),
-    "fused-sdpa": (True, {}, "sdpa", "inline", False),
-    "fused-inline-act": (True, {}, "math", "inline", False),  # the defaults until session 3
-    "fused": (True, {}, "math", "aten", False),  # the Generator's and the model's defaults
-    "fused-materialized-norm": (True, {}, "math", "aten", True),  # measured slower, off
+    "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", "inline", False,
+                       "inductor"),
+    "unfused": (False, {}, "math", "inline", False, "inductor"),
+    "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", "inline",
+                               False, "inductor"),
+    "fused-sdpa": (True, {}, "sdpa", "inline", False, "inductor"),
+    "fused-inline-act": (True, {}, "math", "inline", False, "inductor"),  # defaults to session 3
+    "fused": (True, {}, "math", "aten", False, "inductor"),  # the defaults (batch 1: auto = math)
+    "fused-materialized-norm": (True, {}, "math", "aten", True, "inductor"),  # measured slower, off
     # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
     # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
     # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
-    "fused-flex": (True, {}, "flex", "inline", False),
-    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", "aten", False),
-    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", "inline", False),
-    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", "aten", False),
+    "fused-flex": (True, {}, "flex", "inline", False, "inductor"),
+    "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", "aten", False, "inductor"),
+    "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", "inline", False,
+                            "inductor"),
+    "fused-radius2": (True, {"coordinate_descent_search_radius": 2}, "math", "aten", False,
+                      "inductor"),
     # decode_kernel.py's split-KV Triton kernel (one launch a layer, stops at the position)
-    "fused-triton": (True, {}, "triton", "aten", False),
+    "fused-triton": (True, {}, "triton", "aten", False, "inductor"),
     # swiglu_kernel.py: the activation in one Triton kernel instead of two eager ones
-    "fused-triton-act": (True, {}, "math", "triton", False),
-    "fused-all-triton": (True, {}, "triton", "triton", False),
+    "fused-triton-act": (True, {}, "math", "triton", False, "inductor"),
+    "fused-all-triton": (True, {}, "triton", "triton", False, "inductor"),
+    # Session 4: gemv_kernel.py's fixed-tiling GEMV for every one-row product (linear.py)
+    "fused-gemv": (True, {}, "math", "aten", False, "triton"),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -115,12 +123,13 @@ def main() -> int:
                   "weights": "random"}
     name_part = f"decode-tuning-{args.tag}-" if args.tag else "decode-tuning-"
     for name in names:
-        fuse, options, attention, opaque_act, opaque_norm = VARIANTS[name]
+        fuse, options, attention, opaque_act, opaque_norm, matvec = VARIANTS[name]
         for layer in model.layers:
             layer.attention.decode_attention = attention
             layer.feed_forward.activation_kernel = opaque_act
             layer.materialize_norm = opaque_norm
         generator = Generator(model, max_seq_len=CACHE, compile_options=options, fuse=fuse)
+        set_matvec_kernel(model, matvec)  # after fusing: the fused matrices are new modules
         t0 = time.perf_counter()
         try:
             generator.warmup(1, PROMPT_LEN, config)
@@ -134,6 +143,7 @@ def main() -> int:
         tpot = statistics.median(runs)
         row = {"options": options, "fused": fuse, "decode_attention": attention,
                "activation_kernel": opaque_act, "materialized_norm": opaque_norm,
+               "matvec_kernel": matvec,
                "warmup_s": warmup_s,
                "tpot_ms_runs": runs,
                "tpot_ms": tpot, "decode_tok_per_s": 1e3 / tpot,

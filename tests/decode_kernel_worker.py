@@ -89,6 +89,59 @@ def check_swiglu_kernel() -> None:
                                    msg=lambda m, d=dtype: f"swiglu {d}: {m}")
 
 
+def check_gemv_kernel() -> None:
+    """gemv against float32 products rounded once: ragged shapes (rows not a multiple of
+    BLOCK_N, columns not of BLOCK_K), a row-strided weight (a fused matrix's view), float32 and
+    float16."""
+    from infermeter.engine.gemv_kernel import gemv
+
+    gen = torch.Generator().manual_seed(7)
+    for n_rows, n_cols in ((37, 1100), (64, 512), (3, 5)):
+        x = torch.randn(1, n_cols, generator=gen)
+        w = torch.randn(n_rows + 4, n_cols, generator=gen)[2:n_rows + 2]  # rows of a bigger one
+        for dtype, ulp in ((torch.float32, 2.0 ** -23), (torch.float16, 2.0 ** -10)):
+            xd, wd = x.to(dtype), w.to(dtype)
+            want = (xd.float() @ wd.float().T).to(dtype)
+            got = gemv(xd, wd)
+            assert got.dtype == dtype and got.shape == (1, n_rows), f"gemv {dtype}: shape"
+            scale = (xd.float().abs() @ wd.float().abs().T).max().item()  # error bound's size
+            torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp,
+                                       atol=8 * 2.0 ** -23 * scale + 2 * ulp,
+                                       msg=lambda m, d=dtype: f"gemv {d}: {m}")
+
+
+def check_model_gemv() -> None:
+    """The model's batch-1 steps with every Linear on the GEMV kernel (while 'compiling') give
+    F.linear's logits; the prefill's many-row products stay F.linear."""
+    from infermeter.engine import linear as linear_module
+    from infermeter.engine.gemv_kernel import gemv
+    from infermeter.engine.linear import set_matvec_kernel
+
+    linear_module.compiling = lambda: True
+    calls = []
+
+    def counted(x, weight):
+        calls.append(tuple(weight.shape))
+        return gemv(x, weight)
+
+    linear_module.gemv = counted
+    spec = PRESETS["debug"]
+    tokens = torch.randint(0, spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for kind in ("inductor", "triton"):
+        model = build_model(spec, seed=5)
+        set_matvec_kernel(model, kind)
+        model.setup_cache(1, 12)
+        with torch.inference_mode():
+            outs = [model(tokens[:, :4], torch.arange(4))]
+            outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 9)]
+        logits[kind] = torch.cat(outs, dim=1)
+    per_step = 7 * spec.n_layers + 1  # q, k, v, o, gate, down, up a layer, and the output head
+    assert len(calls) == 5 * per_step, f"gemv ran {len(calls)} times, not {5 * per_step}"
+    err = (logits["triton"] - logits["inductor"]).abs().max().item()
+    assert err < 1e-5, f"gemv model logits differ by {err}"
+
+
 def check_model_decode() -> None:
     """The model's one-token steps with decode_attention="triton" (while 'compiling') give the
     math path's logits: a GQA model, and one with a wrapping sliding-window ring layer."""
@@ -139,4 +192,6 @@ if __name__ == "__main__":
     check_swiglu_kernel()
     check_full_layer_never_reads_past_the_position()
     check_model_decode()
+    check_gemv_kernel()
+    check_model_gemv()
     print("ok")

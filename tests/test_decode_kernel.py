@@ -1,9 +1,10 @@
-"""The split-KV decode attention kernel (engine/decode_kernel.py).
+"""The Triton kernels: split-KV decode attention, SwiGLU activation, GEMV (engine/*_kernel.py).
 
 The kernel itself runs under Triton's CPU interpreter in a subprocess (tests/decode_kernel_worker
 .py: against the math attention for MHA/GQA/MQA, windows, ring layouts, 1-8 splits; a full layer
 never reads past the position; swiglu_kernel.py's activation against eager's; the model's steps
-with both kernels equal math's). Triton comes with the test
+with both kernels equal math's; gemv_kernel.py's GEMV against float32 products, and the model's
+batch-1 steps with every Linear on it against F.linear's). Triton comes with the test
 extras on Linux x86-64; elsewhere that test skips. On a GPU the compiled path is a `gpu` test.
 """
 
@@ -147,7 +148,7 @@ def inductor_signature(kernel, args: tuple, constants: dict) -> dict:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
-    """Triton compiles both kernels to sm_90 machine code here, with no GPU (ptxas ships with
+    """Triton compiles the kernels to sm_90 machine code here, with no GPU (ptxas ships with
     Triton), launched exactly as the ops launch them and typed as inductor types them: the GPU
     path's type and shape rules (loop bounds, tl.dot sizes, no float64) hold, for full and ring
     layouts, 64- and 128-wide heads and MHA/GQA, in float16 and bfloat16."""
@@ -156,6 +157,7 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     from triton.compiler import ASTSource
 
     from infermeter.engine.decode_kernel import split_kv_decode
+    from infermeter.engine.gemv_kernel import gemv
     from infermeter.engine.swiglu_kernel import silu_mul_triton
 
     def attention(head_dim: int, groups: int, ring: bool):
@@ -166,8 +168,9 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
                                        ring, 3)
 
     gate = torch.zeros(3, 1000, dtype=dtype)
+    row, weight = torch.zeros(1, 1100, dtype=dtype), torch.zeros(37, 1100, dtype=dtype)
     calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
-             lambda: silu_mul_triton(gate, gate)]
+             lambda: silu_mul_triton(gate, gate), lambda: gemv(row, weight)]
     for call in calls:
         (kernel, args, constants), = recorded_launches(monkeypatch, call)
         signature = inductor_signature(kernel, args, constants)
@@ -176,3 +179,46 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
                                 target=GPUTarget("cuda", 90, 32))
         assert binary.asm["cubin"]
+
+
+def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkeypatch):
+    """engine/linear.py: the GEMV kernel for a one-row product while compiling, with
+    matvec_kernel "triton" and a usable kernel; F.linear otherwise. The module's forward hooks
+    (tensor parallelism's collectives) run around either."""
+    from infermeter.engine import linear as linear_module
+    from infermeter.engine.linear import Linear, set_matvec_kernel
+
+    calls = []
+
+    def fake_gemv(x, weight):  # the kernel's contract, computed by torch
+        calls.append(tuple(x.shape))
+        return x @ weight.T
+
+    monkeypatch.setattr(linear_module, "gemv", fake_gemv)
+    layer = Linear(6, 4, bias=True)
+    hooked = []
+    layer.register_forward_hook(lambda module, inputs, out: hooked.append(out.shape))
+    row, rows = torch.randn(1, 1, 6), torch.randn(1, 3, 6)
+    want_row, want_rows = layer(row), layer(rows)  # default "inductor": F.linear
+    layer.matvec_kernel = "triton"
+    monkeypatch.setattr(linear_module, "compiling", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert torch.equal(layer(row), want_row) and calls == []  # CPU, no interpreter: F.linear
+    monkeypatch.setattr(linear_module, "gemv_usable", lambda x, w: x.numel() == x.shape[-1])
+    torch.testing.assert_close(layer(row), want_row)  # the kernel's path, bias added after
+    assert calls == [(1, 6)]
+    assert torch.equal(layer(rows), want_rows) and calls == [(1, 6)]  # 3 rows: F.linear
+    monkeypatch.setattr(linear_module, "compiling", lambda: False)
+    assert torch.equal(layer(row), want_row) and calls == [(1, 6)]  # eager: F.linear
+    assert len(hooked) == 6  # every call ran the hook, kernel or not
+
+    model = build_model(PRESETS["debug"], seed=1)
+    set_matvec_kernel(model, "triton")
+    assert {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)} == {"triton"}
+    from infermeter.engine.fusion import fuse_projections
+
+    fuse_projections(model)  # the fused wqkv / w13 keep the choice
+    assert model.layers[0].attention.wqkv.matvec_kernel == "triton"
+    assert model.layers[0].feed_forward.w13.matvec_kernel == "triton"
+    with pytest.raises(ValueError, match="unknown matrix-vector kernel 'cublas'"):
+        set_matvec_kernel(model, "cublas")

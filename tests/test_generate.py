@@ -311,6 +311,26 @@ def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention
     assert gen.generate(PROMPTS, compiled).output_token_ids == eager
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_gemv_kernel_on_cuda_gives_the_eager_tokens(dtype):
+    """Every Linear's one-row products on gemv_kernel.py's GEMV in the CUDA-graph decode step
+    (batch 1): eager's greedy tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from infermeter.engine.linear import set_matvec_kernel
+
+    model = build_model(SPEC, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        model.output.weight.mul_(50)  # see the first GPU test: robust greedy decisions
+    gen = Generator(model, max_seq_len=64)
+    set_matvec_kernel(model, "triton")
+    eager = gen.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=24)).output_token_ids
+    compiled = GenerationConfig(max_new_tokens=24, compile=True)
+    gen.warmup(1, 7, compiled)
+    assert gen.generate(PROMPTS[:1], compiled).output_token_ids == eager
+
+
 def test_decode_attention_is_checked_and_set_on_every_layer():
     model = build_model(SPEC, device="cpu", dtype=torch.float32)
     with pytest.raises(InfermeterError, match="unknown decode attention 'paged'"):

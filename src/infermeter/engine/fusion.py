@@ -18,14 +18,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from infermeter.engine.linear import Linear
 from infermeter.engine.model import Transformer
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose rows are the parts' rows, in order (weights and biases concatenated)."""
+def _fused_linear(parts: list[nn.Linear]) -> Linear:
+    """One Linear whose rows are the parts' rows, in order (weights and biases concatenated);
+    it computes one-row products as the first part did (linear.Linear.matvec_kernel)."""
     weight = torch.cat([p.weight for p in parts])
     has_bias = parts[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.matvec_kernel = getattr(parts[0], "matvec_kernel", fused.matvec_kernel)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)

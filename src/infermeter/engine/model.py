@@ -53,6 +53,7 @@ from infermeter.engine.attention import (
 )
 from infermeter.engine.decode_kernel import kernel_usable, split_count, split_kv_decode
 from infermeter.engine.kv_cache import LayerKVCache
+from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
@@ -101,13 +102,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-        self.wq = nn.Linear(spec.dim, q_dim, bias=spec.qkv_bias)
-        self.wk = nn.Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
-        self.wv = nn.Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
-        self.wo = nn.Linear(q_dim, spec.dim, bias=False)
+        self.wq = Linear(spec.dim, q_dim, bias=spec.qkv_bias)
+        self.wk = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
+        self.wv = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
+        self.wo = Linear(q_dim, spec.dim, bias=False)
         self.window = spec.layer_window(layer)
         self.kv_cache: LayerKVCache | None = None
-        self.wqkv: nn.Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
+        self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
         self.decode_attention = DECODE_ATTENTION
 
@@ -159,10 +160,10 @@ ACTIVATION_KERNELS = ("inline", "aten", "triton")
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w13: nn.Linear | None = None  # fusion.py: [gate rows; up rows], once fused
+        self.w1 = Linear(dim, hidden, bias=False)  # gate
+        self.w2 = Linear(hidden, dim, bias=False)  # down
+        self.w3 = Linear(dim, hidden, bias=False)  # up
+        self.w13: Linear | None = None  # fusion.py: [gate rows; up rows], once fused
         self.activation_kernel = ACTIVATION_KERNEL
 
     def forward(self, x: Tensor) -> Tensor:
@@ -209,7 +210,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        self.output = Linear(spec.dim, spec.vocab_size, bias=False)
         self.tie_weights()
         self.max_batch_size = 0
         self.max_seq_len = 0

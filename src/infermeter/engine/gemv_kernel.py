@@ -1,0 +1,66 @@
+"""A matrix-vector product (GEMV) in Triton for one-row linears: out [1, N] = x [1, K] @ W[N, K]^T.
+
+Why: at batch 1 a decode step is a chain of matrix-vector products that read 13 GB of Llama-2-7B
+weights. Inductor turns each (with coordinate-descent tuning) into a Triton reduction whose
+block sizes its tuner picks anew at every compile: the committed H100 runs read the weights at
+2.4-2.6 TB/s and the same code's step varied by ~5% from compile to compile (5.36-5.62 ms).
+This kernel has fixed, simple tiling, meant to stream the weights at the HBM's read rate:
+
+  grid (ceil(N / BLOCK_N),): each program owns BLOCK_N output rows and walks K in BLOCK_K
+  columns, loading a [BLOCK_N, BLOCK_K] tile of W once (evict-first: weights are read once per
+  step, they must not push the activations out of L2) and the matching slice of x, keeping a
+  float32 [BLOCK_N, BLOCK_K] partial product; one row sum at the end, rounded to x's dtype.
+
+As a torch.library.triton_op inductor keeps it whole in the compiled CUDA-graph step; the RMSNorm
+before it and the residual add after it then fuse into inductor's neighbouring kernels instead
+of into the reduction. Numerics: float32 products and sums (as cuBLAS accumulates), one rounding.
+Off by default (linear.MATVEC_KERNEL = "inductor"): written without a GPU, to be measured by
+benchmarks/decode_tuning.py ("fused-gemv") first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.decode_kernel import triton, triton_runs_on
+
+BLOCK_N = 8  # output rows a program owns: >= 512 programs (4 per H100 SM) for N >= 4096
+BLOCK_K = 512  # columns per step: an 8 KiB fp16 weight tile
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(X, W, OUT, n_rows, n_cols, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)  # [BLOCK_N, BLOCK_K]
+            acc += w * x[None, :]
+        out = tl.sum(acc, 1)  # [BLOCK_N]
+        tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+@torch.library.triton_op("infermeter::gemv", mutates_args=())
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x [1, K] (unit stride), weight [N, K] (unit column stride) -> [1, N] in x's dtype."""
+    n_rows, n_cols = weight.shape
+    out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_rows, BLOCK_N),)
+    torch.library.wrap_triton(_gemv_kernel)[grid](
+        x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def gemv_usable(x: Tensor, weight: Tensor) -> bool:
+    """One row, Triton runs where x lives, and both are laid out as the kernel reads them."""
+    return (x.numel() == x.shape[-1] and triton_runs_on(x) and x.stride(-1) == 1
+            and weight.stride(-1) == 1 and x.dtype == weight.dtype)
