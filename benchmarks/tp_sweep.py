@@ -9,6 +9,8 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
         (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
         Target (issue 6): 13B tp 2 >= 1.7x tp 1.
+  decode-13b-one-shot  13B at tp 2 only, with --tp-all-reduce one-shot (symmetric-memory
+        all-reduces); compared with decode-13b's tp 1.
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
@@ -38,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode-7b", "decode-13b", "comm", "copy", "runs")
+PARTS = ("decode-7b", "decode-13b", "decode-13b-one-shot", "comm", "copy", "runs")
 RUN_TIMEOUT_S = 300
 # What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
 SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "runs": ("compiled",) + ("eager",) * 9,  # a cold compile costs ~1 min a run
-         "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b", "runs_model": "llama-3.2-1b",
+         "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b",
+         "decode-13b-one-shot": "llama-2-13b", "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
                          "--repeats", "5", "--warmup", "1")}
@@ -85,11 +88,15 @@ def generate_cmd(model: str, tp: int, out: Path, *extra: str, mode: str = "") ->
 
 
 def part_decode(model: str, jsonl: Path, part: str) -> None:
+    """tp 1 and tp 2; a "-one-shot" part runs tp 2 only, with --tp-all-reduce one-shot (its
+    ratio is taken against the plain part's tp 1)."""
     lines = []
-    for tp in (1, 2):
+    one_shot = part.endswith("-one-shot")
+    for tp in (2,) if one_shot else (1, 2):
         out = jsonl.with_name(f".{part}-tp{tp}.jsonl")
         out.unlink(missing_ok=True)
-        cmd = generate_cmd(model, tp, out, *SETUP["decode_args"])
+        extra = ("--tp-all-reduce", "one-shot") if one_shot else ()
+        cmd = generate_cmd(model, tp, out, *SETUP["decode_args"], *extra)
         start = time.monotonic()
         run = subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT,
                              stdout=subprocess.DEVNULL)  # the Results go to --output

@@ -3,6 +3,7 @@ the summary reads them as it reads the bare JSON that earlier sweeps committed."
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,3 +75,37 @@ def test_runs_and_comm_are_results_that_name_the_machine(tmp_path):
 @pytest.mark.parametrize("name", ["tp_sweep", "tp_summary"])
 def test_scripts_import(name):
     assert load(name)
+
+
+def test_summary_compares_each_tp2_variant_with_tp1(tmp_path):
+    """decode-13b (tp 1, tp 2 with NCCL) and decode-13b-one-shot (tp 2, one-shot all-reduces):
+    one ratio line each against the same tp 1, the target named on both."""
+    def decode(tp: int, tok_s: float, all_reduce: str | None) -> str:
+        config = {"tp_sweep": "decode-13b", "tp": tp, "tp_all_reduce": all_reduce}
+        return json.dumps({"kind": "generate", "model": {"name": "llama-2-13b"},
+                           "config": config, "metrics": {"decode_tok_per_s": tok_s,
+                                                         "tpot_ms": {"p50": 1e3 / tok_s}}})
+    lines = [decode(1, 100.0, None), decode(2, 160.0, "nccl"), decode(2, 180.0, "one-shot")]
+    (tmp_path / "tp-gpu.jsonl").write_text("\n".join(lines) + "\n")
+    text = load("tp_summary").summarize(tmp_path, "tp-gpu")
+    assert "llama-2-13b: tp 2 / tp 1 decode = 1.60x (target >= 1.7x)" in text
+    assert ("llama-2-13b: tp 2 (one-shot all-reduces) / tp 1 decode = 1.80x (target >= 1.7x)"
+            in text)
+
+
+def test_one_shot_part_runs_tp2_only_with_the_flag(tmp_path, monkeypatch):
+    sweep = load("tp_sweep")
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    sweep.part_decode("llama-2-13b", tmp_path / "tp.jsonl", "decode-13b-one-shot")
+    (cmd,) = commands
+    assert cmd[cmd.index("--tp") + 1] == "2"
+    assert cmd[cmd.index("--tp-all-reduce") + 1] == "one-shot"
+    sweep.part_decode("llama-2-13b", tmp_path / "tp.jsonl", "decode-13b")
+    assert [c[c.index("--tp") + 1] for c in commands[1:]] == ["1", "2"]
+    assert not any("--tp-all-reduce" in c for c in commands[1:])
