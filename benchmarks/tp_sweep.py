@@ -1,7 +1,7 @@
 """Tensor parallelism on one two-GPU host: writes results/tp-<device>.jsonl (+ summary).
 
     python benchmarks/tp_sweep.py --parts decode-7b decode-13b comm copy runs
-    python benchmarks/tp_sweep.py --summary-only
+    python benchmarks/tp_sweep.py --summary-only --slug nvidia-h100-80gb-hbm3
     NCCL_PROTO=LL python benchmarks/tp_sweep.py --parts comm --tag nccl-ll   # a variant's files
 
 Parts (each under the device tool's 10-minute limit; re-running a part replaces its Results):
@@ -293,6 +293,8 @@ def main() -> int:
     parser.add_argument("--tag", help="file name part, tp-TAG-<device>*: a variant (e.g. an "
                         "NCCL_PROTO setting for the comm part) beside the standard files")
     parser.add_argument("--results", default=str(ROOT / "results"))
+    parser.add_argument("--slug", help="the device part of the file names (default: this "
+                        "machine's), e.g. nvidia-h100-80gb-hbm3 for --summary-only on a CPU")
     parser.add_argument("--worker", choices=("comm", "copy"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true",
@@ -315,7 +317,8 @@ def main() -> int:
 
     folder = Path(args.results)
     folder.mkdir(parents=True, exist_ok=True)
-    slug = f"tp-{args.tag}-{_slug()}" if args.tag else f"tp-{_slug()}"
+    device = args.slug or _slug()
+    slug = f"tp-{args.tag}-{device}" if args.tag else f"tp-{device}"
     jsonl = folder / f"{slug}.jsonl"
     for part in [] if args.summary_only else args.parts:
         start = time.monotonic()
