@@ -14,6 +14,7 @@ command that runs out of time keeps every finished case; re-running a part repla
   prefill  batch 1, a 2048-token prompt, 16 new tokens: TTFT and MFU of the eager prefill, and
            of the compiled mode with --compile-prefill (the prefill's layers compiled too)
   kernel   the seed part's compiled cases with --decode-attention triton (decode_kernel.py)
+  gemv     the seed part's batch-1 compiled case with --matvec-kernel triton (gemv_kernel.py)
   context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
            exactly context + 64 tokens (64 new tokens). The random model's positions are raised
            to 8256 (Llama-2's 4096 would refuse 8k; the cost of a step does not depend on it).
@@ -42,7 +43,7 @@ from infermeter.textable import render_table
 
 MODEL, DTYPE = "llama-2-7b", "fp16"
 CONTEXTS, CONTEXT_STEPS = (512, 2048, 8192), 64
-PARTS = ("seed", "hf", "prefill", "context", "kernel")
+PARTS = ("seed", "hf", "prefill", "context", "kernel", "gemv")
 GOALS = {"mbu_pct": 85.0, "vs_hf": 10.0, "batch32": 20.0, "mfu_pct": 50.0, "warmup_s": 90.0}
 
 
@@ -56,6 +57,9 @@ def part_requests(part: str) -> list[GenerateRequest]:
     if part == "kernel":  # the seed's compiled cases with the Triton split-KV decode attention
         return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1,
                                 decode_attention="triton")]
+    if part == "gemv":  # the seed's batch-1 compiled case with the Triton GEMV (gemv_kernel.py)
+        return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
+                                repeats=5, warmup=1, matvec_kernel="triton")]
     if part == "hf":  # transformers' generate as it runs by default (it may compile), and eager
         return [GenerateRequest(**seed, modes=("hf", "hf-eager"), repeats=2, warmup=0)]
     if part == "prefill":
@@ -131,6 +135,10 @@ def targets(results: list[Result]) -> str:
         if b1 and b1.config.get("decode_attention") == "math":  # what the default auto picks
             rows.append(("batch 32 vs batch 1, auto's picks (triton at 32, math at 1)",
                          _ratio(k32, b1), "x", GOALS["batch32"], ">="))
+    gemv = find(results, "gemv", "compiled")
+    if gemv:  # the batch-1 MBU with the Triton GEMV (the gemv part)
+        rows.insert(1, ("batch 1 decode MBU, --matvec-kernel triton", gemv.metrics["mbu_pct"],
+                        "%", GOALS["mbu_pct"], ">="))
     lines = ["targets (issue 5), measured in this file:"]
     for name, value, unit, goal, op in rows:
         met = value is not None and (value >= goal if op == ">=" else value < goal)

@@ -113,9 +113,12 @@ def test_decode_attention_choice_is_applied_and_recorded():
     sdpa = json.loads(run(*args, "--mode", "eager", "--decode-attention", "sdpa").stdout)
     assert sdpa["config"]["decode_attention"] == "sdpa"
     assert sdpa["output_token_ids"] == eager["output_token_ids"]
-    # The default, triton, on a CPU without Triton's interpreter: the math attention ran.
-    compiled = json.loads(run(*args, "--mode", "compiled").stdout)
+    # The default (auto), and the Triton GEMV asked for, on a CPU without Triton's interpreter:
+    # the math attention and inductor's products ran, and the Result says so.
+    compiled = json.loads(run(*args, "--mode", "compiled", "--matvec-kernel", "triton").stdout)
     assert compiled["config"]["decode_attention"] == "math"
+    assert (compiled["config"]["matvec_kernel"], eager["config"]["matvec_kernel"]) == \
+        ("inductor", None)
     assert compiled["output_token_ids"] == eager["output_token_ids"]
     bad = run(*args, "--decode-attention", "paged")
     assert bad.returncode == 2 and "invalid choice: 'paged'" in bad.stderr

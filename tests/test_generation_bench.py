@@ -285,3 +285,33 @@ def test_gpu_modes_timed_with_cuda_events():
         assert m["warmup_s"] > 0 and m["hbm_gbps_measured"] > 100
     compiled, eager, _ = results
     assert compiled.metrics["decode_tok_per_s"] > eager.metrics["decode_tok_per_s"]
+
+
+def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran(monkeypatch):
+    """--matvec-kernel triton: every Linear of the model (the fused ones too) is set; the
+    Result records "triton" only for a compiled batch-1 case where Triton runs, "inductor"
+    for other compiled cases, nothing in eager mode."""
+    from infermeter.bench import generation_modes
+    from infermeter.bench.generation_modes import EngineRunner, RunSettings
+    from infermeter.commands.generate import MATVEC_KERNELS
+    from infermeter.engine.linear import MATVEC_KERNELS as ENGINE_KINDS
+    from infermeter.engine.linear import Linear
+
+    assert MATVEC_KERNELS == ENGINE_KINDS
+    model = load_weights("random:debug", "cpu", "float32")
+    sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
+    compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
+                       for mode in ("compiled", "eager"))
+    settings = RunSettings(matvec_kernel="triton")
+    runner = EngineRunner(model, compiled[0], settings)
+    kinds = {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)}
+    assert kinds == {"triton"} and model.layers[0].attention.wqkv is not None  # fused too
+    monkeypatch.setattr(generation_modes, "triton_runs_on", lambda x: True)
+    runner.batch_sizes = [1]
+    assert runner.describe()["matvec_kernel"] == "triton"
+    runner.batch_sizes = [2]  # two rows: F.linear, as inductor compiles it
+    assert runner.describe()["matvec_kernel"] == "inductor"
+    monkeypatch.setattr(generation_modes, "triton_runs_on", lambda x: False)
+    runner.batch_sizes = [1]
+    assert runner.describe()["matvec_kernel"] == "inductor"  # no Triton here: fell back
+    assert EngineRunner(model, eager[0], settings).describe()["matvec_kernel"] is None

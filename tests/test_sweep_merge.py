@@ -90,3 +90,14 @@ def test_merge_goes_to_the_measuring_devices_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert sweep.merged_slug(empty) is None
+
+
+def test_gemv_part_is_batch_1_with_the_triton_gemv_and_has_its_mbu_line():
+    sweep = load_sweep()
+    (request,) = sweep.part_requests("gemv")
+    assert (request.batch_sizes, request.modes, request.matvec_kernel) == \
+        ((1,), ("compiled",), "triton")
+    results = [generate_result("seed", 1, 178.0, 79.8), generate_result("gemv", 1, 190.0, 85.3)]
+    text = sweep.targets(results)
+    assert "batch 1 decode MBU, --matvec-kernel triton: 85.3 % (target >= 85 %) met" in text
+    assert "matvec" not in sweep.targets(results[:1])

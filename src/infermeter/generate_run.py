@@ -60,6 +60,7 @@ class GenerateRequest:
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
     tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (compiled mode, tp > 1)
+    matvec_kernel: str = "inductor"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 
@@ -159,6 +160,7 @@ def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
         kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
         compile_prefill=request.compile_prefill, decode_attention=request.decode_attention,
         tp_all_reduce=request.tp_all_reduce, compile_options=_all_reduce_options(request, tp),
+        matvec_kernel=request.matvec_kernel,
         roofline=request.roofline,
         tp=tp.world if tp else 1, trace_dir=request.trace_dir)
     settings.generation_config(compile=False)  # validates temperature / top_p now

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from infermeter.bench.generation_cases import Case
 from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
+from infermeter.engine.decode_kernel import triton_runs_on
 from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
+from infermeter.engine.linear import set_matvec_kernel
 from infermeter.engine.model import Transformer
 
 
@@ -35,6 +37,7 @@ class RunSettings:
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
     tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS: how the compiled step all-reduces
+    matvec_kernel: str = "inductor"  # linear.MATVEC_KERNELS: the compiled step's one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
@@ -56,6 +59,8 @@ class EngineRunner:
                                    compile_prefill=settings.compile_prefill,
                                    decode_attention=settings.decode_attention,
                                    compile_options=settings.compile_options)
+        set_matvec_kernel(model, settings.matvec_kernel)  # after the Generator fused w13/wqkv
+        self.matvec_kernel = settings.matvec_kernel
         # one-shot all-reduces are inductor's lowering: only the compiled step has them
         self.all_reduce = None if settings.tp == 1 else \
             settings.tp_all_reduce if self.config.compile else "nccl"
@@ -68,7 +73,17 @@ class EngineRunner:
         return {"compile_backend": self.generator.compile_backend if compiled else None,
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
-                "tp_all_reduce": self.all_reduce}
+                "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used()}
+
+    def _matvec_used(self) -> str | None:
+        """The compiled step's one-row products: "triton" only at batch 1 where Triton runs
+        (linear.Linear's rule), else inductor's; None in eager mode (F.linear)."""
+        if not self.config.compile:
+            return None
+        weight = self.generator.model.output.weight
+        gemv = (self.matvec_kernel == "triton" and 1 in self.batch_sizes
+                and triton_runs_on(weight))
+        return "triton" if gemv else "inductor"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""

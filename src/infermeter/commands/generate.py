@@ -10,6 +10,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("nccl", "one-shot")  # engine/parallel.py's, likewise
+MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +68,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        help="compiled mode: compile the prefill's layers too (one graph for "
                        "every layer and prompt length; 72%% MFU against 47%% eager for 2048 "
                        "tokens on an H100, ~25 s more first compile)")
+    bench.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="inductor",
+                       help="the compiled batch-1 step's matrix-vector products: inductor's "
+                       "tuned reductions (default) or the Triton GEMV kernel (not yet "
+                       "measured)")
     bench.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
                        help="how a one-token step attends over the cache (default auto: the "
                        "triton split-KV kernel for batches of 8 or more, math below; math: two "
@@ -126,6 +131,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
         compile_backend=args.compile_backend, compile_prefill=args.compile_prefill,
         decode_attention=args.decode_attention, tp_all_reduce=args.tp_all_reduce,
+        matvec_kernel=args.matvec_kernel,
         trace_dir=args.trace)
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
