@@ -1,9 +1,9 @@
 """How a one-token decode step attends over the static cache: the choices Attention offers.
 
 Attention.forward (model.py) picks one per layer from its `decode_attention` attribute ("auto"
-resolved by batch size, resolve_attention); "flex"
-and "triton" only while torch.compile traces the step (outside it, flex_attention is a slow
-reference and the Triton kernel may have no device to run on), falling back to "math".
+resolved by batch size, resolve_attention); "flex" and "triton" only while torch.compile traces
+the step (outside it, flex_attention is a slow reference and the Triton kernel may have no
+device to run on), falling back to "math".
 Prefill (more than one token) always uses scaled_dot_product_attention.
 """
 
@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from infermeter.engine.attention_choice import AUTO_TRITON_MIN_BATCH, resolve_attention
 
 __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.py, the tests
+
 # The default, "auto": the compiled step of a batch of AUTO_TRITON_MIN_BATCH or more sequences
 # attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs, a smaller batch
 # (and every eager step) with "math" (decode_attention below); "sdpa" and "flex"
@@ -27,8 +28,8 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # The Triton kernel is one launch + a combine and stops at the current position: on one H100
 # (results/generate-nvidia-h100-80gb-hbm3.jsonl, parts seed and kernel, one run) batch 32 with
 # 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21. At batch 1 it
-# lost in 3 of 4 same-run pairs (results/attention-ab-*.jsonl, decode-tuning-triton-*.json):
-# 7B fp16 5.74 vs 5.62 ms and 5.44 vs 5.46; bf16 7B 5.58 vs 5.47, 13B 10.74 vs 10.17, 13B at
+# lost in 4 of 5 same-machine pairs (results/attention-ab-*.jsonl, decode-tuning-triton-*.json,
+# the sweep): 7B fp16 5.74 vs 5.62 ms (won 5.44 vs 5.46 in another run); bf16 7B 5.58 vs 5.47, 13B 10.74 vs 10.17, 13B at
 # tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch + combine) that saving the unread
 # slots repays only with many sequences (math's extra reads grow ~0.04 ms a step per sequence
 # there). Batches 2-31 are not measured yet: 8 (attention_choice.AUTO_TRITON_MIN_BATCH) is the
