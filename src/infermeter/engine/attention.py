@@ -30,10 +30,10 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21. At batch 1 it
 # lost in 4 of 5 same-machine pairs (results/attention-ab-*.jsonl, decode-tuning-triton-*.json,
 # the sweep): 7B fp16 5.74 vs 5.62 ms (won 5.44 vs 5.46 in another run); bf16 7B 5.58 vs
-# 5.47, 13B 10.74 vs 10.17, 13B at tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch + combine) that saving the unread
-# slots repays only with many sequences (math's extra reads grow ~0.04 ms a step per sequence
-# there). Batches 2-31 are not measured yet: 8 (attention_choice.AUTO_TRITON_MIN_BATCH) is the
-# estimate between the two ends.
+# 5.47, 13B 10.74 vs 10.17, 13B at tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch +
+# combine) that saving the unread slots repays only with many sequences (math's extra reads
+# grow ~0.04 ms a step per sequence there). Batches 2-31 are not measured yet: 8
+# (attention_choice.AUTO_TRITON_MIN_BATCH) is the estimate between the two ends.
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 
