@@ -296,3 +296,21 @@ def test_the_cache_size_of_a_tp_column_is_per_rank(tmp_path):
     ref = table(build_report([str(tmp_path)]), "reference")
     (column,) = [c for c in ref.header if "(tp 2)" in c]
     assert cells(ref, column)["KV Cache Size"] == "256.0 MiB per rank (1×512)"
+
+
+def test_generate_setting_names_the_kernels_that_ran():
+    from infermeter.report_load import Record
+    from infermeter.report_tables import _generate_setting
+
+    def setting(**extra):
+        config = {"mode": "compiled", "dtype": "float16", "batch_size": 1, "prompt_len": 80,
+                  **extra}
+        return _generate_setting(Record(kind="generate", model={"name": "m"}, config=config,
+                                        env={}, metrics={}, warnings=(), source="f:1"))
+
+    assert setting() == "compiled, float16, batch 1, prompt 80"  # older Results
+    assert setting(decode_attention="math", matvec_kernel="inductor", tp_all_reduce=None) == \
+        "compiled, float16, batch 1, prompt 80, math attention"
+    assert setting(decode_attention="triton", matvec_kernel="triton",
+                   tp_all_reduce="one-shot") == ("compiled, float16, batch 1, prompt 80, triton "
+                                                 "attention, Triton GEMV, one-shot all-reduce")
