@@ -237,22 +237,32 @@ def test_warmup_keeps_the_cache_for_generate(model):
     assert [t.data_ptr() for t in model.cache_tensors()] == before
 
 
+def peaked_cuda_model(spec, dtype):
+    """The GPU tests' model: random weights on CUDA with the output head scaled 50x. Random
+    weights give near-flat logits (top-2 gaps ~1e-3, below fp16 rounding); a sharper head makes
+    greedy decisions robust to eager-vs-inductor rounding differences."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = build_model(spec, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        model.output.weight.mul_(50)
+    return model
+
+
+def assert_compiled_gives_eager_tokens(gen: Generator, prompts: list[list[int]]) -> None:
+    """24 greedy tokens of `prompts`, eager, then compiled after its warm-up: the same."""
+    eager = gen.generate(prompts, GenerationConfig(max_new_tokens=24)).output_token_ids
+    compiled = GenerationConfig(max_new_tokens=24, compile=True)
+    gen.warmup(len(prompts), len(prompts[0]), compiled)
+    assert gen.generate(prompts, compiled).output_token_ids == eager
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_graph_decode_matches_eager_without_syncs(dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model = build_model(SPEC, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        # Random weights give near-flat logits (top-2 gaps ~1e-3, below fp16 rounding); a
-        # sharper head makes greedy decisions robust to eager-vs-inductor rounding differences.
-        model.output.weight.mul_(50)
+    model = peaked_cuda_model(SPEC, dtype)
     gen = Generator(model, max_seq_len=64)
-    config = GenerationConfig(max_new_tokens=24)
-    eager = gen.generate(PROMPTS, config).output_token_ids
-    compiled = GenerationConfig(max_new_tokens=24, compile=True)
-    gen.warmup(2, 7, compiled)
-    assert gen.generate(PROMPTS, compiled).output_token_ids == eager
+    assert_compiled_gives_eager_tokens(gen, PROMPTS)
     sampled = GenerationConfig(max_new_tokens=24, greedy=False, top_p=0.9, seed=3, compile=True)
     gen.warmup(2, 7, sampled)
     # Any device->host sync inside prefill or the decode steps raises under "error".
@@ -275,16 +285,9 @@ def test_cuda_graph_decode_matches_eager_without_syncs(dtype):
 @pytest.mark.gpu
 def test_compiled_prefill_on_cuda_gives_the_eager_tokens():
     """--compile-prefill with inductor on a GPU: same greedy tokens as eager (peaked head)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model = build_model(SPEC, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        model.output.weight.mul_(50)  # see the test above: robust greedy decisions
-    gen = Generator(model, max_seq_len=64, compile_prefill=True)
-    eager = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24)).output_token_ids
-    compiled = GenerationConfig(max_new_tokens=24, compile=True)
-    gen.warmup(2, 7, compiled)
-    assert gen.generate(PROMPTS, compiled).output_token_ids == eager
+    model = peaked_cuda_model(SPEC, torch.float16)
+    assert_compiled_gives_eager_tokens(Generator(model, max_seq_len=64, compile_prefill=True),
+                                       PROMPTS)
 
 
 @pytest.mark.gpu
@@ -294,21 +297,13 @@ def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention
     """decode_attention="flex" (inductor's flex-decoding kernel) and "triton" (decode_kernel.py's
     split-KV kernel, with swiglu_kernel.py's activation) in the CUDA-graph decode step, on a
     model with a sliding-window ring layer and GQA, give eager's greedy tokens."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     spec = SPEC.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,))
-    model = build_model(spec, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        model.output.weight.mul_(50)  # see the test above: robust greedy decisions
+    model = peaked_cuda_model(spec, dtype)
     for layer in model.layers:
         layer.attention.decode_attention = attention
         if attention == "triton":  # swiglu_kernel.py too: every Triton kernel of the step
             layer.feed_forward.activation_kernel = "triton"
-    gen = Generator(model, max_seq_len=64)
-    eager = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24)).output_token_ids
-    compiled = GenerationConfig(max_new_tokens=24, compile=True)
-    gen.warmup(2, 7, compiled)
-    assert gen.generate(PROMPTS, compiled).output_token_ids == eager
+    assert_compiled_gives_eager_tokens(Generator(model, max_seq_len=64), PROMPTS)
 
 
 @pytest.mark.gpu
@@ -316,19 +311,12 @@ def test_compiled_decode_attention_kinds_on_cuda_give_the_eager_tokens(attention
 def test_compiled_gemv_kernel_on_cuda_gives_the_eager_tokens(dtype):
     """Every Linear's one-row products on gemv_kernel.py's GEMV in the CUDA-graph decode step
     (batch 1): eager's greedy tokens."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     from infermeter.engine.linear import set_matvec_kernel
 
-    model = build_model(SPEC, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        model.output.weight.mul_(50)  # see the first GPU test: robust greedy decisions
+    model = peaked_cuda_model(SPEC, dtype)
     gen = Generator(model, max_seq_len=64)
-    set_matvec_kernel(model, "triton")
-    eager = gen.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=24)).output_token_ids
-    compiled = GenerationConfig(max_new_tokens=24, compile=True)
-    gen.warmup(1, 7, compiled)
-    assert gen.generate(PROMPTS[:1], compiled).output_token_ids == eager
+    set_matvec_kernel(model, "triton")  # after the Generator fused wqkv / w13
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
 
 
 def test_decode_attention_is_checked_and_set_on_every_layer():
