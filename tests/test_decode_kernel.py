@@ -132,6 +132,10 @@ def recorded_launches(monkeypatch, call) -> list:
     return launches
 
 
+# Launch keywords that are compile options, not kernel arguments (inductor moves them to a Config)
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 def inductor_signature(kernel, args: tuple, constants: dict) -> dict:
     """The signature inductor gives a user kernel's launch: a tensor is a pointer to its dtype,
     an int i32, and a Python float fp64 (what it does; a float runtime argument made the split-
@@ -172,13 +176,15 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
              lambda: silu_mul_triton(gate, gate), lambda: gemv(row, weight)]
     for call in calls:
-        (kernel, args, constants), = recorded_launches(monkeypatch, call)
-        signature = inductor_signature(kernel, args, constants)
+        (kernel, args, kwargs), = recorded_launches(monkeypatch, call)
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}  # not arguments
+        signature = inductor_signature(kernel, args, kwargs)
         assert list(signature) == [p.name for p in kernel.params]  # every argument typed
-        where = {(list(signature).index(name),): value for name, value in constants.items()}
+        where = {(list(signature).index(name),): value for name, value in kwargs.items()}
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                                target=GPUTarget("cuda", 90, 32))
+                                target=GPUTarget("cuda", 90, 32), options=options)
         assert binary.asm["cubin"]
+        assert binary.metadata.num_warps == options.get("num_warps", 4)
 
 
 def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkeypatch):

@@ -14,8 +14,8 @@ This kernel has fixed, simple tiling, meant to stream the weights at the HBM's r
 As a torch.library.triton_op inductor keeps it whole in the compiled CUDA-graph step; the RMSNorm
 before it and the residual add after it then fuse into inductor's neighbouring kernels instead
 of into the reduction. Numerics: float32 products and sums (as cuBLAS accumulates), one rounding.
-Off by default (linear.MATVEC_KERNEL = "inductor"): written without a GPU, to be measured by
-benchmarks/decode_tuning.py ("fused-gemv") first.
+Off by default (linear.MATVEC_KERNEL = "inductor"): benchmarks/decode_tuning.py ("fused-gemv")
+measures it against inductor in the whole step.
 """
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ from torch import Tensor
 
 from infermeter.engine.decode_kernel import triton, triton_runs_on
 
-BLOCK_N = 8  # output rows a program owns: >= 512 programs (4 per H100 SM) for N >= 4096
-BLOCK_K = 512  # columns per step: an 8 KiB fp16 weight tile
+# Tiles chosen by benchmarks/gemv_tiles.py on an H100 (results/gemv-tiles-*-nvidia-h100-*.json):
+# over Llama-2-7B's five product shapes, 2 rows x 4096 columns with 16 warps streamed the step's
+# 13.2 GB at 2.70 TB/s (the copy reaches 3.0), the first guess (8 x 512, 4 warps) at ~2.45.
+# With K = 4096 a program reads its two 8 KiB rows in one go; K = 11008 takes three steps.
+BLOCK_N = 2  # output rows a program owns: 2048+ programs for N >= 4096
+BLOCK_K = 4096  # columns per step
+NUM_WARPS = 16  # 512 threads: 16 elements (one 16-byte fp16 load pair) each per row
+NUM_STAGES = 4
 
 if triton is not None:
     import triton.language as tl
@@ -56,7 +62,8 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n_rows, BLOCK_N),)
     torch.library.wrap_triton(_gemv_kernel)[grid](
-        x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
 
 

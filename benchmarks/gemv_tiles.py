@@ -1,0 +1,157 @@
+"""Which tiles make gemv_kernel.py's GEMV stream Llama-2-7B's weights fastest? (issue 5)
+
+    python benchmarks/gemv_tiles.py [--dtype fp16] [--grid full|wide|quick]
+
+For each one-row product of a Llama-2-7B decode step (fused wqkv, wo, fused w13, w2, output)
+the kernel is timed at every (BLOCK_N, BLOCK_K, num_warps, num_stages) of a small grid, next to
+torch's F.linear (cuBLAS), F.linear compiled by inductor as the engine's step does, and the
+device-to-device copy bandwidth of the same run. Each timing
+cycles through enough copies of the weight (>= 256 MB) that L2 (50 MB on an H100) never holds
+it; triton.testing.do_bench's median. The step-weighted total (each shape x its calls per step)
+says which single tiling is best for the whole step. Writes results/gemv-tiles-<grid>-<device>.json
+(and $OUT/ when set) and prints the best tiles per shape and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from infermeter.engine.gemv_kernel import _gemv_kernel
+from infermeter.env import capture_env, device_slug
+from infermeter.presets import PRESETS
+from infermeter.results import Result, write_json
+
+SPEC = PRESETS["llama-2-7b"]
+_DIM, _KV = SPEC.dim, SPEC.n_kv_heads * SPEC.head_dim
+# (name, N, K, calls per step) for Llama-2-7B with fused projections
+SHAPES = (("wqkv", _DIM + 2 * _KV, _DIM, SPEC.n_layers), ("wo", _DIM, _DIM, SPEC.n_layers),
+          ("w13", 2 * SPEC.ffn_dim, _DIM, SPEC.n_layers), ("w2", _DIM, SPEC.ffn_dim, SPEC.n_layers),
+          ("output", SPEC.vocab_size, _DIM, 1))
+GRID = {"BLOCK_N": (2, 4, 8, 16), "BLOCK_K": (256, 512, 1024), "num_warps": (4, 8),
+        "num_stages": (1, 2, 3, 4)}
+# Session 5's first H100 run put the best at the grid's edge (2, 1024, 4, 4): beyond it.
+WIDE = {"BLOCK_N": (1, 2, 4), "BLOCK_K": (1024, 2048, 4096), "num_warps": (4, 8, 16),
+        "num_stages": (1, 2, 4)}
+QUICK = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512), "num_warps": (4, 8),
+         "num_stages": (2, 3)}
+ROTATE_BYTES = 256 * 2**20
+
+
+def copies_of(n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x [1, K] and enough distinct random W [N, K] to outrun L2 when cycled."""
+    count = max(2, -(-ROTATE_BYTES // (n * k * dtype.itemsize)))
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    return x, [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
+
+
+def time_per_call(fn, count: int) -> float:
+    """Median milliseconds of one call, fn making `count` calls (one per weight copy)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") / count
+
+
+def run_kernel(x, w, out, tiles):
+    n, k = w.shape
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
+    _gemv_kernel[grid](x, w, out, n, k, w.stride(0), BLOCK_N=tiles["BLOCK_N"],
+                       BLOCK_K=tiles["BLOCK_K"], num_warps=tiles["num_warps"],
+                       num_stages=tiles["num_stages"])
+
+
+def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict) -> dict:
+    """cuBLAS and every tiling of the grid on W [n, k]: ms, GB/s and error against F.linear."""
+    x, weights = copies_of(n, k, dtype)
+    out = torch.empty(1, n, device="cuda", dtype=dtype)
+    nbytes = n * k * dtype.itemsize
+    reference = F.linear(x, weights[0]).float()
+    cublas = time_per_call(lambda: [F.linear(x, w) for w in weights], len(weights))
+    # what the engine's default compiled step does with it: inductor's reduction, tuned anew
+    torch._dynamo.reset()
+    compiled = torch.compile(F.linear, dynamic=False,
+                             options={"coordinate_descent_tuning": True})
+    compiled(x, weights[0])
+    inductor = time_per_call(lambda: [compiled(x, w) for w in weights], len(weights))
+    rows = []
+    for values in itertools.product(*grid.values()):
+        tiles = dict(zip(grid, values, strict=True))
+        try:
+            out.fill_(float("nan"))  # every element must be written
+            run_kernel(x, weights[0], out, tiles)
+            error = float((out.float() - reference).norm() / reference.norm())
+            ms = time_per_call(lambda t=tiles: [run_kernel(x, w, out, t) for w in weights],
+                               len(weights))
+        except Exception as failure:  # noqa: BLE001 - e.g. out of shared memory: skip it
+            rows.append({**tiles, "error": f"{type(failure).__name__}: {failure}"[:200]})
+            continue
+        rows.append({**tiles, "ms": ms, "gbps": nbytes / ms / 1e6, "rel_error": error})
+    return {"n": n, "k": k, "calls_per_step": calls, "bytes": nbytes, "cublas_ms": cublas,
+            "cublas_gbps": nbytes / cublas / 1e6, "inductor_ms": inductor,
+            "inductor_gbps": nbytes / inductor / 1e6, "tiles": rows}
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy, bytes read + written per second (the roofline's HBM figure)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200,
+                                 return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    parser.add_argument("--grid", choices=("full", "wide", "quick"), default="full",
+                        help="full: 96 tilings; wide: 81 with fewer rows and longer columns; "
+                             "quick: 24")
+    args = parser.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    grid = {"full": GRID, "wide": WIDE, "quick": QUICK}[args.grid]
+    env = capture_env()
+    hbm = copy_gbps()
+    print(f"device-to-device copy: {hbm:.0f} GB/s", flush=True)
+    shapes = {name: time_shape(n, k, calls, dtype, grid) for name, n, k, calls in SHAPES}
+    totals: dict[tuple, float] = {}  # tiles -> the step's products' ms, for tiles timed on all
+    for shape in shapes.values():
+        for row in shape["tiles"]:
+            if "ms" in row:
+                key = tuple(row[g] for g in grid)
+                totals[key] = totals.get(key, 0.0) + row["ms"] * shape["calls_per_step"]
+    for name, shape in shapes.items():
+        best = min((r for r in shape["tiles"] if "ms" in r), key=lambda r: r["ms"])
+        print(f"{name:6s} {shape['n']:6d}x{shape['k']:<6d} cuBLAS {shape['cublas_gbps']:6.0f} "
+              f"GB/s, inductor {shape['inductor_gbps']:6.0f} GB/s; best {best['gbps']:6.0f} "
+              f"GB/s at {[best[g] for g in grid]} "
+              f"(error {best['rel_error']:.1e})", flush=True)
+    complete = {key: ms for key, ms in totals.items()
+                if all(any("ms" in r and tuple(r[g] for g in grid) == key for r in s["tiles"])
+                       for s in shapes.values())}
+    ranked = sorted(complete.items(), key=lambda item: item[1])
+    step_bytes = sum(s["bytes"] * s["calls_per_step"] for s in shapes.values())
+    cublas_step = sum(s["cublas_ms"] * s["calls_per_step"] for s in shapes.values())
+    inductor_step = sum(s["inductor_ms"] * s["calls_per_step"] for s in shapes.values())
+    print(f"step's products: cuBLAS {cublas_step:.3f} ms, inductor {inductor_step:.3f} ms; "
+          f"copy-bandwidth floor {step_bytes / hbm / 1e6:.3f} ms")
+    for key, ms in ranked[:8]:
+        print(f"  {dict(zip(grid, key, strict=True))}: {ms:.3f} ms "
+              f"({step_bytes / ms / 1e6:.0f} GB/s)")
+    metrics = {"copy_gbps": hbm, "step_bytes": step_bytes, "cublas_step_ms": cublas_step,
+               "inductor_step_ms": inductor_step,
+               "best_step": [{"tiles": dict(zip(grid, key, strict=True)), "step_ms": ms}
+                             for key, ms in ranked[:20]], "shapes": shapes}
+    config = {"benchmark": "gemv_tiles", "dtype": args.dtype, "grid": grid,
+              "model": "llama-2-7b"}
+    result = Result("generate", SPEC.to_dict(), config, env, metrics)
+    for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
+        write_json(Path(folder) / f"gemv-tiles-{args.grid}-{device_slug(env)}.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
