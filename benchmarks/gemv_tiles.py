@@ -1,15 +1,15 @@
-"""Which tiles make gemv_kernel.py's GEMV stream Llama-2-7B's weights fastest? (issue 5)
+"""Which tiles make gemv_kernel.py's GEMV stream a model's weights fastest? (issue 5)
 
-    python benchmarks/gemv_tiles.py [--dtype fp16] [--grid full|wide|quick]
+    python benchmarks/gemv_tiles.py [--model llama-2-7b] [--tp 1] [--dtype fp16] [--grid wide]
 
-For each one-row product of a Llama-2-7B decode step (fused wqkv, wo, fused w13, w2, output)
-the kernel is timed at every (BLOCK_N, BLOCK_K, num_warps, num_stages) of a small grid, next to
-torch's F.linear (cuBLAS), F.linear compiled by inductor as the engine's step does, and the
-device-to-device copy bandwidth of the same run. Each timing
-cycles through enough copies of the weight (>= 256 MB) that L2 (50 MB on an H100) never holds
-it; triton.testing.do_bench's median. The step-weighted total (each shape x its calls per step)
-says which single tiling is best for the whole step. Writes results/gemv-tiles-<grid>-<device>.json
-(and $OUT/ when set) and prints the best tiles per shape and overall.
+For each one-row product of a decode step (one rank's at --tp; fused wqkv, wo, fused w13, w2,
+output) the kernel is timed at every (BLOCK_N, BLOCK_K, num_warps, num_stages) of a small grid,
+next to torch's F.linear (cuBLAS), F.linear compiled by inductor as the engine's step does, and
+the device-to-device copy bandwidth of the same run. Each timing cycles through enough copies of
+the weight (>= 256 MB) that L2 (50 MB on an H100) never holds it; triton.testing.do_bench's
+median. The step-weighted total (each shape x its calls per step) says which single tiling is
+best for the whole step. Writes results/gemv-tiles-[<model>-][tp<N>-]<grid>-<device>.json (and
+$OUT/ when set) and prints the best tiles per shape and overall.
 """
 
 from __future__ import annotations
@@ -28,16 +28,21 @@ from infermeter.env import capture_env, device_slug
 from infermeter.presets import PRESETS
 from infermeter.results import Result, write_json
 
-SPEC = PRESETS["llama-2-7b"]
-_DIM, _KV = SPEC.dim, SPEC.n_kv_heads * SPEC.head_dim
-# (name, N, K, calls per step) for Llama-2-7B with fused projections
-SHAPES = (("wqkv", _DIM + 2 * _KV, _DIM, SPEC.n_layers), ("wo", _DIM, _DIM, SPEC.n_layers),
-          ("w13", 2 * SPEC.ffn_dim, _DIM, SPEC.n_layers), ("w2", _DIM, SPEC.ffn_dim, SPEC.n_layers),
-          ("output", SPEC.vocab_size, _DIM, 1))
+
+def step_shapes(spec, tp: int) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, N, K, calls per step) of one rank's one-row products, projections fused, at
+    tensor-parallel degree tp (parallel.py: column-parallel wqkv / w13 split N, row-parallel
+    wo / w2 split K, the untied output split by vocabulary)."""
+    dim, kv, layers = spec.dim, spec.n_kv_heads * spec.head_dim, spec.n_layers
+    q = spec.n_heads * spec.head_dim
+    return (("wqkv", (q + 2 * kv) // tp, dim, layers), ("wo", dim, q // tp, layers),
+            ("w13", 2 * spec.ffn_dim // tp, dim, layers), ("w2", dim, spec.ffn_dim // tp, layers),
+            ("output", spec.vocab_size // tp, dim, 1))
+
 GRID = {"BLOCK_N": (2, 4, 8, 16), "BLOCK_K": (256, 512, 1024), "num_warps": (4, 8),
         "num_stages": (1, 2, 3, 4)}
 # Session 5's first H100 run put the best at the grid's edge (2, 1024, 4, 4): beyond it.
-WIDE = {"BLOCK_N": (1, 2, 4), "BLOCK_K": (1024, 2048, 4096), "num_warps": (4, 8, 16),
+WIDE = {"BLOCK_N": (1, 2, 4, 8), "BLOCK_K": (1024, 2048, 4096), "num_warps": (4, 8, 16),
         "num_stages": (1, 2, 4)}
 QUICK = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512), "num_warps": (4, 8),
          "num_stages": (2, 3)}
@@ -106,9 +111,11 @@ def copy_gbps() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-2-7b", choices=list(PRESETS))
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shards at this degree")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     parser.add_argument("--grid", choices=("full", "wide", "quick"), default="full",
-                        help="full: 96 tilings; wide: 81 with fewer rows and longer columns; "
+                        help="full: 96 tilings; wide: 108 with fewer rows and longer columns; "
                              "quick: 24")
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -116,7 +123,9 @@ def main() -> int:
     env = capture_env()
     hbm = copy_gbps()
     print(f"device-to-device copy: {hbm:.0f} GB/s", flush=True)
-    shapes = {name: time_shape(n, k, calls, dtype, grid) for name, n, k, calls in SHAPES}
+    spec = PRESETS[args.model]
+    shapes = {name: time_shape(n, k, calls, dtype, grid)
+              for name, n, k, calls in step_shapes(spec, args.tp)}
     totals: dict[tuple, float] = {}  # tiles -> the step's products' ms, for tiles timed on all
     for shape in shapes.values():
         for row in shape["tiles"]:
@@ -145,11 +154,13 @@ def main() -> int:
                "inductor_step_ms": inductor_step,
                "best_step": [{"tiles": dict(zip(grid, key, strict=True)), "step_ms": ms}
                              for key, ms in ranked[:20]], "shapes": shapes}
-    config = {"benchmark": "gemv_tiles", "dtype": args.dtype, "grid": grid,
-              "model": "llama-2-7b"}
-    result = Result("generate", SPEC.to_dict(), config, env, metrics)
+    config = {"benchmark": "gemv_tiles", "dtype": args.dtype, "grid": grid, "tp": args.tp}
+    result = Result("generate", spec.to_dict(), config, env, metrics)
+    name = "" if (args.model, args.tp) == ("llama-2-7b", 1) else \
+        f"{args.model}-" + (f"tp{args.tp}-" if args.tp > 1 else "")
     for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
-        write_json(Path(folder) / f"gemv-tiles-{args.grid}-{device_slug(env)}.json", result)
+        write_json(Path(folder) / f"gemv-tiles-{name}{args.grid}-{device_slug(env)}.json",
+                   result)
     return 0
 
 

@@ -32,8 +32,9 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # the sweep): 7B fp16 5.74 vs 5.62 ms (won 5.44 vs 5.46 in another run); bf16 7B 5.58 vs
 # 5.47, 13B 10.74 vs 10.17, 13B at tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch +
 # combine) that saving the unread slots repays only with many sequences (math's extra reads
-# grow ~0.04 ms a step per sequence there). Batches 2-31 are not measured yet: 8
-# (attention_choice.AUTO_TRITON_MIN_BATCH) is the estimate between the two ends.
+# grow ~0.04 ms a step per sequence there). Batch 4 already gains (7B bf16, one H100, session 5:
+# 6.20 vs 6.52 ms, attention-ab-*.jsonl), so attention_choice.AUTO_TRITON_MIN_BATCH is 4;
+# batches 2-3 are not measured.
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 

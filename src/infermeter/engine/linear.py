@@ -14,9 +14,12 @@ from torch import Tensor, nn
 from infermeter.engine.gemv_kernel import gemv, gemv_usable
 from infermeter.engine.opaque_ops import compiling
 
-# "inductor" (the default: inductor's coordinate-descent-tuned reduction, fused with the norm
-# before it) or "triton" (gemv_kernel.py; not yet measured on a GPU).
-MATVEC_KERNEL = "inductor"
+# "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
+# "inductor" (inductor's coordinate-descent-tuned reduction, fused with the norm before it).
+# Same H100, same run (results/decode-tuning-gemv2-*.json): Llama-2-7B fp16 batch-1 step 5.55
+# ms with the GEMV, 5.65 with inductor's; and inductor's kernels for one shape ran at 1.0-2.9
+# TB/s from one compile to the next (results/gemv-tiles-*.json), the GEMV's tiles are fixed.
+MATVEC_KERNEL = "triton"
 MATVEC_KERNELS = ("inductor", "triton")
 
 

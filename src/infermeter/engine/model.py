@@ -28,7 +28,7 @@ Decisions:
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
   before fusion, and `fusion.meta_state_dict` gives a fused model's weights back by those names.
 - A one-token step attends as its layer's `decode_attention` says (attention.py: "auto" by
-  default, decode_kernel.py's Triton kernel for compiled batches of 8 or more and "math"
+  default, decode_kernel.py's Triton kernel for compiled batches of 4 or more and "math"
   below); while compiling, SwiGLU's activation
   goes through an op inductor cannot inline (opaque_ops.py, measured faster on an H100).
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
