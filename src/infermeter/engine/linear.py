@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from infermeter.engine.gemv_kernel import gemv, gemv_usable
 from infermeter.engine.opaque_ops import compiling
 
-# "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
-# "inductor" (inductor's coordinate-descent-tuned reduction, fused with the norm before it).
-# Same H100, same run (results/decode-tuning-gemv2-*.json): Llama-2-7B fp16 batch-1 step 5.55
-# ms with the GEMV, 5.65 with inductor's; and inductor's kernels for one shape ran at 1.0-2.9
-# TB/s from one compile to the next (results/gemv-tiles-*.json), the GEMV's tiles are fixed.
-MATVEC_KERNEL = "triton"
+# "inductor" (the default: inductor's coordinate-descent-tuned reduction, fused with the norm
+# before it) or "triton" (gemv_kernel.py, at one row in a compiled step where Triton runs).
+# Measured on H100s, each pair in one run (results/decode-tuning-gemv*-*.json): Llama-2-7B fp16
+# batch-1 step 5.55 ms with the GEMV (tiles tuned on 7B's shapes) against 5.65 with inductor's;
+# Llama-2-13B 10.99 against 10.08 - 13B's K = 5120 wants 2048-column tiles
+# (gemv-tiles-llama-2-13b-*.json). One fixed tiling loses where inductor tunes per shape, so
+# inductor stays the default until the GEMV picks its tiles per shape (and is re-measured).
+MATVEC_KERNEL = "inductor"
 MATVEC_KERNELS = ("inductor", "triton")
 
 
