@@ -320,6 +320,11 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     from infermeter.generate_run import GenerateRequest, _all_reduce_options
 
     assert ALL_REDUCE_KINDS == ENGINE_KINDS
+    from torch._inductor import config as inductor_config
+
+    from infermeter.engine.parallel import ONE_SHOT_INDUCTOR_OPTIONS
+    with inductor_config.patch(ONE_SHOT_INDUCTOR_OPTIONS):  # real options of this torch
+        assert inductor_config.triton.cudagraph_trees is False
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
     with pytest.raises(InfermeterError, match="needs CUDA GPUs"):
         one_shot_compile_options(cpu_ranks)

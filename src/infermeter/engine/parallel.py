@@ -236,17 +236,28 @@ class TensorParallel:
 ALL_REDUCE_KINDS = ("nccl", "one-shot")
 
 
+# Inductor options for --tp-all-reduce one-shot. "_collective.auto_select" lowers the compiled
+# step's all-reduces of at most 128 KiB to symmetric-memory one-shot kernels. CUDA-graph trees
+# are turned off: on torch 2.11 (2xH100, session 5) the first compiled step failed with
+# "Detected 10 tensor(s) in the cudagraph pool not tracked as outputs" - the symmetric-memory
+# rendezvous allocates its small per-buffer metadata through the caching allocator, and under
+# graph trees that lands in the graph's private pool during the recording warm-up (pytorch PR
+# 175450 moves it to cudaMalloc). Without trees inductor warms up in the ordinary allocator,
+# then captures one CUDA graph per compiled shape, with the same fixed addresses.
+ONE_SHOT_INDUCTOR_OPTIONS = {"_collective.auto_select": True, "triton.cudagraph_trees": False}
+
+
 def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
     """Enable symmetric memory for the group and return the inductor options under which the
-    compiled step's all-reduces of at most 128 KiB become one-shot kernels (eager steps keep
-    NCCL). Needs CUDA GPUs."""
+    compiled step's small all-reduces become one-shot kernels (eager steps keep NCCL). Needs
+    CUDA GPUs."""
     if tp.device.type != "cuda":
         raise InfermeterError("--tp-all-reduce one-shot needs CUDA GPUs (symmetric memory); "
                               "this run's ranks are on the CPU")
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
     enable_symm_mem_for_group(tp.group.group_name)
-    return {"_collective.auto_select": True}
+    return dict(ONE_SHOT_INDUCTOR_OPTIONS)
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:
