@@ -199,7 +199,24 @@ def worker_comm(out: Path, model: str) -> None:
 
     timings: dict[str, object] = {}
     graphs = []
+
+    def write() -> None:
+        """Rank 0 writes what is timed so far: a variant that kills the process (session 5's
+        first 2xH100 run lost the whole part that way) leaves the ones before it."""
+        if tp.rank != 0:
+            return
+        from infermeter.env import capture_env
+        from infermeter.results import Result, write_json
+
+        config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
+                  "batch_size": 1, "steps_timed": 50,  # NCCL_* settings tried (e.g. PROTO):
+                  "nccl_env": {k: v for k, v in sorted(os.environ.items())
+                               if k.startswith("NCCL_")}}
+        write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
+                               {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
+
     for how in ("eager", "graph", "one_shot_graph"):
+        print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
         try:
             fn = one_shot() if how == "one_shot_graph" else step
             if how != "eager":  # as the compiled decode step replays them: no launch overhead
@@ -221,16 +238,7 @@ def worker_comm(out: Path, model: str) -> None:
             timings[f"{how}_ms_per_step"] = start.elapsed_time(end) / 50
         except Exception as err:  # a capture NCCL refuses: keep the eager number, say why
             timings[f"{how}_error"] = f"{type(err).__name__}: {err}"[:300]
-    if tp.rank == 0:
-        from infermeter.env import capture_env
-        from infermeter.results import Result, write_json
-
-        config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
-                  "batch_size": 1, "steps_timed": 50,  # NCCL_* settings tried (e.g. PROTO):
-                  "nccl_env": {k: v for k, v in sorted(os.environ.items())
-                               if k.startswith("NCCL_")}}
-        write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
-                               {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
+        write()
     # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
     # aborted (SIGABRT) in teardown, after writing these timings, when it was left alive.
     del graphs
