@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from infermeter.engine.gemv_kernel import _gemv_kernel
+from infermeter.engine.gemv_kernel import NUM_STAGES, _gemv_kernel, tiles_for
 from infermeter.env import capture_env, device_slug
 from infermeter.presets import PRESETS
 from infermeter.results import Result, write_json
@@ -100,6 +100,20 @@ def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict) -> di
             "inductor_gbps": nbytes / inductor / 1e6, "tiles": rows}
 
 
+def engine_step_ms(shapes: dict) -> float | None:
+    """The step's products with the tiles gemv_kernel.tiles_for picks per shape, where the grid
+    timed them (None where it did not)."""
+    total = 0.0
+    for shape in shapes.values():
+        want = (*tiles_for(shape["k"]), NUM_STAGES)
+        rows = [r for r in shape["tiles"] if "ms" in r and
+                (r["BLOCK_N"], r["BLOCK_K"], r["num_warps"], r["num_stages"]) == want]
+        if not rows:
+            return None
+        total += rows[0]["ms"] * shape["calls_per_step"]
+    return total
+
+
 def copy_gbps() -> float:
     """Device-to-device copy, bytes read + written per second (the roofline's HBM figure)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -147,10 +161,15 @@ def main() -> int:
     inductor_step = sum(s["inductor_ms"] * s["calls_per_step"] for s in shapes.values())
     print(f"step's products: cuBLAS {cublas_step:.3f} ms, inductor {inductor_step:.3f} ms; "
           f"copy-bandwidth floor {step_bytes / hbm / 1e6:.3f} ms")
+    engine = engine_step_ms(shapes)
+    if engine is not None:
+        print(f"  the kernel's own per-shape tiles (gemv_kernel.tiles_for): {engine:.3f} ms "
+              f"({step_bytes / engine / 1e6:.0f} GB/s)")
     for key, ms in ranked[:8]:
         print(f"  {dict(zip(grid, key, strict=True))}: {ms:.3f} ms "
               f"({step_bytes / ms / 1e6:.0f} GB/s)")
     metrics = {"copy_gbps": hbm, "step_bytes": step_bytes, "cublas_step_ms": cublas_step,
+               "tiles_for_step_ms": engine,
                "inductor_step_ms": inductor_step,
                "best_step": [{"tiles": dict(zip(grid, key, strict=True)), "step_ms": ms}
                              for key, ms in ranked[:20]], "shapes": shapes}

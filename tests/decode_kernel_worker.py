@@ -90,13 +90,15 @@ def check_swiglu_kernel() -> None:
 
 
 def check_gemv_kernel() -> None:
-    """gemv against float32 products rounded once: ragged shapes (rows not a multiple of
-    BLOCK_N, columns not of BLOCK_K, columns over 2 BLOCK_K: three column steps), a row-strided
-    weight (a fused matrix's view), float32 and float16."""
-    from infermeter.engine.gemv_kernel import BLOCK_K, gemv
+    """gemv against float32 products rounded once, in each tiling tiles_for picks: ragged shapes
+    (rows not a multiple of BLOCK_N, columns not of BLOCK_K, three column steps of 4096 with
+    the last one partial), a row-strided weight (a fused matrix's view), float32 and float16."""
+    from infermeter.engine.gemv_kernel import gemv, tiles_for
 
     gen = torch.Generator().manual_seed(7)
-    for n_rows, n_cols in ((37, 1100), (5, 2 * BLOCK_K + 808), (64, 512), (3, 5)):
+    shapes = ((37, 1100), (5, 9000), (3, 4096), (64, 512), (3, 5))
+    assert {tiles_for(k) for _, k in shapes} == {(1, 2048, 8), (1, 4096, 16), (2, 4096, 16)}
+    for n_rows, n_cols in shapes:
         x = torch.randn(1, n_cols, generator=gen)
         w = torch.randn(n_rows + 4, n_cols, generator=gen)[2:n_rows + 2]  # rows of a bigger one
         for dtype, ulp in ((torch.float32, 2.0 ** -23), (torch.float16, 2.0 ** -10)):

@@ -173,9 +173,12 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
                                        ring, 3)
 
     gate = torch.zeros(3, 1000, dtype=dtype)
-    row, weight = torch.zeros(1, 1100, dtype=dtype), torch.zeros(37, 1100, dtype=dtype)
+    def matvec(n_cols: int):  # each of gemv_kernel.tiles_for's tilings
+        row, weight = torch.zeros(1, n_cols, dtype=dtype), torch.zeros(37, n_cols, dtype=dtype)
+        return lambda: gemv(row, weight)
+
     calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
-             lambda: silu_mul_triton(gate, gate), lambda: gemv(row, weight)]
+             lambda: silu_mul_triton(gate, gate), matvec(1100), matvec(4096), matvec(11008)]
     for call in calls:
         (kernel, args, kwargs), = recorded_launches(monkeypatch, call)
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}  # not arguments
