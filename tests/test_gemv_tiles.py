@@ -1,0 +1,75 @@
+"""benchmarks/gemv_tiles.py: the product shapes it times are the engine's, and the per-shape
+tiling it reports for gemv_kernel.tiles_for is read from the grid it timed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")  # the script imports triton.testing (do_bench)
+
+from infermeter.engine.fusion import fuse_projections  # noqa: E402
+from infermeter.engine.gemv_kernel import NUM_STAGES, tiles_for  # noqa: E402
+from infermeter.engine.linear import Linear  # noqa: E402
+from infermeter.engine.model import build_model  # noqa: E402
+from infermeter.presets import PRESETS  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gemv_tiles.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gemv_tiles", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-gqa"])
+def test_step_shapes_are_the_fused_models_linears(name):
+    """Every Linear of a fused model, with its count, is one (N, K, calls) of step_shapes;
+    at tp 2 each shape holds half the weights (column- or row-parallel)."""
+    script = load_script()
+    spec = PRESETS["debug"] if name == "debug" else \
+        PRESETS["debug"].with_updates(n_kv_heads=PRESETS["debug"].n_heads // 2)
+    model = build_model(spec, device="cpu")
+    fuse_projections(model)
+    counted: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) or module is model.output:
+            shape = tuple(module.weight.shape)
+            counted[shape] = counted.get(shape, 0) + 1
+    shapes = script.step_shapes(spec, 1)
+    want: dict[tuple[int, int], int] = {}
+    for _, n, k, calls in shapes:
+        want[(n, k)] = want.get((n, k), 0) + calls
+    assert want == counted
+    half = script.step_shapes(spec, 2)
+    assert [n * k for _, n, k, _ in half] == [n * k // 2 for _, n, k, _ in shapes]
+
+
+def test_engine_step_sums_the_tiles_tiles_for_picks_and_needs_every_shape():
+    script = load_script()
+
+    def row(k, tiles, ms):
+        return {"BLOCK_N": tiles[0], "BLOCK_K": tiles[1], "num_warps": tiles[2],
+                "num_stages": tiles[3], "ms": ms}
+
+    def shape(k, calls, other_ms):
+        mine = (*tiles_for(k), NUM_STAGES)
+        other = (4, 512, 4, 3)
+        return {"k": k, "calls_per_step": calls,
+                "tiles": [row(k, other, other_ms), row(k, mine, 1.0 + k / 1e4)]}
+
+    shapes = {"a": shape(4096, 32, 0.1), "b": shape(5120, 2, 0.2), "c": shape(11008, 1, 0.3)}
+    assert script.engine_step_ms(shapes) == pytest.approx(
+        32 * 1.4096 + 2 * 1.512 + 1 * 2.1008)  # the rule's rows, never the faster other ones
+    shapes["b"]["tiles"].pop()  # the grid did not time the rule's tiles for one shape
+    assert script.engine_step_ms(shapes) is None
+
+
+def test_tiles_for_follows_the_measured_table():
+    """7B's K = 4096: 2 x 4096 (16 warps); 11008 / 13824: 1 x 4096; 13B's 5120: 1 x 2048."""
+    assert tiles_for(4096) == (2, 4096, 16)
+    assert tiles_for(8192) == (2, 4096, 16)
+    assert tiles_for(11008) == tiles_for(13824) == (1, 4096, 16)
+    assert tiles_for(5120) == tiles_for(2560) == (1, 2048, 8)
