@@ -262,6 +262,24 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     older = record(12, **shape)
     assert pick_generate(Column(ColumnKey("gpu", "m", 1),
                                 generates=[kernel_part, older])) is older
+    # The opt-in Triton GEMV (the sweep's gemv part) and one-shot all-reduces likewise.
+    gemv_part = record(3, decode_attention="math", matvec_kernel="triton", **shape)
+    one_shot = record(4, decode_attention="math", matvec_kernel="inductor",
+                      tp_all_reduce="one-shot", **shape)
+    for runs in ([gemv_part, one_shot, default], [default, one_shot, gemv_part]):
+        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=runs)) is default
+
+
+def test_report_knows_the_engines_default_kernels():
+    """report_select's torch-free copies of the engine's defaults are the engine's."""
+    from infermeter.engine.linear import MATVEC_KERNEL
+    from infermeter.engine.parallel import ALL_REDUCE_KINDS
+    from infermeter.generate_run import GenerateRequest
+    from infermeter.report_select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
+
+    request = GenerateRequest(source="random:debug")
+    assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.matvec_kernel
+    assert DEFAULT_TP_ALL_REDUCE == ALL_REDUCE_KINDS[0] == request.tp_all_reduce
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

@@ -182,14 +182,25 @@ def mode_rank(record: Record) -> int:
     return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
 
 
-def off_default_attention(record: Record) -> bool:
-    """The Result ran another decode attention than the default ("auto") picks at its batch:
-    a comparison run (e.g. the kernel part of the generation sweep), not the representative.
-    Results from before the setting was recorded count as the default."""
-    kind = record.config.get("decode_attention")
-    if not kind or record.config.get("mode") != "compiled":
+# The engine's defaults for the compiled step's other kernels (engine/linear.py MATVEC_KERNEL,
+# engine/parallel.py's first ALL_REDUCE_KINDS; a test keeps these equal, the report stays
+# torch-free).
+DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "inductor", "nccl"
+
+
+def off_default_kernels(record: Record) -> bool:
+    """The Result ran another decode attention than the default ("auto") picks at its batch,
+    the opt-in Triton GEMV or one-shot all-reduces: a comparison run (e.g. the generation
+    sweep's kernel or gemv part), not the representative. Results from before a setting was
+    recorded count as the default."""
+    cfg = record.config
+    if cfg.get("mode") != "compiled":
         return False
-    return kind != resolve_attention("auto", batch_size(record) or 1)
+    kind = cfg.get("decode_attention")
+    attention_off = bool(kind) and kind != resolve_attention("auto", batch_size(record) or 1)
+    matvec = cfg.get("matvec_kernel") or DEFAULT_MATVEC_KERNEL
+    all_reduce = cfg.get("tp_all_reduce") or DEFAULT_TP_ALL_REDUCE
+    return attention_off or matvec != DEFAULT_MATVEC_KERNEL or all_reduce != DEFAULT_TP_ALL_REDUCE
 
 
 def pick_generate(column: Column) -> Record | None:
@@ -197,7 +208,7 @@ def pick_generate(column: Column) -> Record | None:
         cfg = record.config
         new_tokens = num(cfg.get("max_new_tokens"))
         return (batch_size(record) != 1, bool(cfg.get("until_eos")), mode_rank(record),
-                off_default_attention(record),
+                off_default_kernels(record),
                 _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
                 _context_distance(context(record)), record.source)
