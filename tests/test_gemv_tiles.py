@@ -1,9 +1,6 @@
 """benchmarks/gemv_tiles.py: the product shapes it times are the engine's, and the per-shape
 tiling it reports for gemv_kernel.tiles_for is read from the grid it timed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")  # the script imports triton.testing (do_bench)
@@ -13,15 +10,11 @@ from infermeter.engine.gemv_kernel import NUM_STAGES, tiles_for  # noqa: E402
 from infermeter.engine.linear import Linear  # noqa: E402
 from infermeter.engine.model import build_model  # noqa: E402
 from infermeter.presets import PRESETS  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gemv_tiles.py"
+from tests.benchmark_scripts import load_benchmark  # noqa: E402
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gemv_tiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gemv_tiles")
 
 
 @pytest.mark.parametrize("name", ["debug", "debug-gqa"])

@@ -1,18 +1,13 @@
 """benchmarks/generation_sweep.py --merge: a GPU machine's parts replace the same parts only."""
 
-import importlib.util
 from pathlib import Path
 
 from infermeter.results import Result, append_jsonl, read_results
-
-SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_sweep.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("generation_sweep", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generation_sweep")
 
 
 def result(part: str, tag: str) -> Result:

@@ -1,31 +1,20 @@
 """benchmarks/tp_sweep.py's comm and runs files: Results naming the machine (session 4 on), and
 the summary reads them as it reads the bare JSON that earlier sweeps committed."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from infermeter.results import Result, read_results, write_json
+from tests.benchmark_scripts import load_benchmark as load
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ROWS = [{"run": i, "mode": "eager", "exit_code": 0, "wall_s": 15.0 + i, "result_written": True,
          "stderr_tail": ""} for i in range(9)]
 ROWS.append({"run": 9, "mode": "eager", "exit_code": None, "wall_s": 300.0,
              "result_written": False, "stderr_tail": "timed out"})
 COMM = {"eager_ms_per_step": 12.98, "graph_ms_per_step": 0.81, "all_reduces_per_step": 80}
-
-
-def load(name: str):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # tp_sweep imports tp_summary beside it
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def summary_lines(folder: Path) -> list[str]:
