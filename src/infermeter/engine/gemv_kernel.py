@@ -15,8 +15,9 @@ As a torch.library.triton_op inductor keeps it whole in the compiled CUDA-graph 
 before it and the residual add after it then fuse into inductor's neighbouring kernels instead
 of into the reduction. Numerics: float32 products and sums (as cuBLAS accumulates), one rounding.
 Opt-in (linear.MATVEC_KERNEL is "inductor"): benchmarks/decode_tuning.py ("fused-gemv" against
-"fused") measured it 2% faster than inductor's reductions for Llama-2-7B and 9% slower for 13B,
-whose K = 5120 these 7B-tuned tiles fit badly (see linear.py).
+"fused") measured it 2% faster than inductor's reductions for Llama-2-7B and 9% slower for 13B
+with the 7B-tuned tiles at every shape, which 13B's K = 5120 fits badly; tiles_for now picks
+by K, and that 13B step is not measured yet (see linear.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ computed into buffers first, exactly the boundary wanted.
 Numerics follow eager's roundings: silu in float32, rounded to the activation dtype, then the
 product in float32, rounded again (Triton's exp may differ from CUDA's expf in the last float32
 bit, which the roundings to fp16/bf16 almost always absorb).
-Off by default (model.ACTIVATION_KERNEL = "aten") until a GPU run has measured it.
+Off (model.ACTIVATION_KERNEL = "aten"): on an H100 the Llama-2-7B step took 5.68 ms with it
+against 5.46 with the opaque op (results/decode-tuning-triton-*.json, "fused-triton-act").
 """
 
 from __future__ import annotations
