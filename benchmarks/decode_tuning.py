@@ -2,14 +2,15 @@
 
     python benchmarks/decode_tuning.py [--model llama-2-7b] [--variants fused ...]
 
-Variants: the engine's defaults ("fused": projections fused, inductor with its coordinate
-descent tuning of Triton kernels, decode attention as two matrix products) against what they
-replaced. For each variant: random fp16
-weights, batch 1, an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs
-on), then 3 timed runs of 128 decode steps (CUDA events around each run; the median per-step
-time is reported) and the weight bytes read per step / TPOT as GB/s. Each variant is also
-profiled for 5 steps and its 25 most expensive kernels are listed by name, so the step's cost
-can be read kernel by kernel. Writes results/decode-tuning[-TAG]-<device>.json (and $OUT/ when
+Variants: the engine's defaults ("fused-gemv-all-triton": projections fused, the Triton GEMV,
+split-KV attention and SwiGLU kernels, inductor with coordinate-descent tuning for the rest)
+against what they replaced ("fused": inductor's reductions and the math attention, the defaults
+until session 5) and the alternatives tried. For each variant: random fp16 weights, batch 1,
+an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs on), then 3 timed
+runs of 128 decode steps (CUDA events around each run; the median per-step time is reported)
+and the weight bytes read per step / TPOT as GB/s. Each variant is also profiled for 5 steps
+and its 25 most expensive kernels are listed by name, so the step's cost can be read kernel by
+kernel. Writes results/decode-tuning[-TAG]-<device>.json (and $OUT/ when
 set) after every variant.
 """
 
@@ -43,7 +44,7 @@ VARIANTS = {
                                False, "inductor"),
     "fused-sdpa": (True, {}, "sdpa", "inline", False, "inductor"),
     "fused-inline-act": (True, {}, "math", "inline", False, "inductor"),  # defaults to session 3
-    "fused": (True, {}, "math", "aten", False, "inductor"),  # the defaults (batch 1: auto = math)
+    "fused": (True, {}, "math", "aten", False, "inductor"),  # the defaults until session 5
     "fused-materialized-norm": (True, {}, "math", "aten", True, "inductor"),  # measured slower, off
     # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
     # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
@@ -61,6 +62,10 @@ VARIANTS = {
     "fused-all-triton": (True, {}, "triton", "triton", False, "inductor"),
     # Session 4: gemv_kernel.py's fixed-tiling GEMV for every one-row product (linear.py)
     "fused-gemv": (True, {}, "math", "aten", False, "triton"),
+    # Session 6: the split-KV kernel's combine as a Triton kernel too (decode_kernel.py), beside
+    # the GEMV (whose opaque wo left the math attention's PV product unfused: ~20 us a layer)
+    "fused-gemv-triton": (True, {}, "triton", "aten", False, "triton"),
+    "fused-gemv-all-triton": (True, {}, "triton", "triton", False, "triton"),  # the defaults
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 

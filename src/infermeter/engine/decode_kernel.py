@@ -3,7 +3,7 @@
 Why: in the compiled Llama-2-7B step on an H100 the "math" decode attention is four small
 inductor kernels a layer (~12 us against ~3 us of cache bytes), and at batch 32 it reads all
 512 slots of every sequence's cache whatever the position. This kernel is one launch per layer
-plus a combine that inductor fuses into one more:
+plus one of a combine kernel:
 
   grid (B * H_kv, n_splits): each program takes one KV head of one sequence and one contiguous
   chunk of cache slots, and runs the online softmax (flash-decoding) over its chunk for the
@@ -12,6 +12,10 @@ plus a combine that inductor fuses into one more:
   current position: slots beyond it are never read. A ring (sliding-window) layer reads all of
   its slots and masks by the positions they hold, the same rule as LayerKVCache._visible.
   The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0).
+  It is a second Triton kernel (grid B * H_kv * G, one query head each), not torch code: the
+  torch combine gave inductor pointwise work it can inline into the next matrix-vector
+  reduction (wo), where every thread block would redo it (suspected, not traced, as the cause
+  of the kernel's fixed batch-1 loss; see attention.py), and it costs two launches at least.
 
 Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
 dtype first), so results agree with it to rounding, not bitwise. The default in the compiled
@@ -117,6 +121,23 @@ if triton is not None:
         tl.store(M + row * groups + g, m_i, mask=keep)
         tl.store(L + row * groups + g, l_i, mask=keep)
 
+    @triton.jit
+    def _combine_kernel(ACC, M, L, OUT, groups, n_splits,
+                        S_PAD: tl.constexpr, D: tl.constexpr):
+        # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
+        row = tl.program_id(0) // groups
+        g = tl.program_id(0) % groups
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D)
+        used = s < n_splits
+        at = (row * n_splits + s) * groups + g  # [S_PAD] offsets into M, L (ACC's rows)
+        m = tl.load(M + at, mask=used, other=float("-inf"))
+        l_sum = tl.load(L + at, mask=used, other=0.0)
+        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        weight = tl.exp(m - tl.max(m, 0))  # [S_PAD]; an empty split (m = -inf) weighs 0
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_sum * weight, 0)  # [D]
+        tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
+
 
 @torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
 def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
@@ -143,7 +164,8 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
         BLOCK=BLOCK_N,
         IS_RING=is_ring, HAS_WINDOW=window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    # Combine the splits: weights exp(m_s - max m), 0 for an empty split (m_s = -inf).
-    weight = torch.exp(m - m.amax(dim=1, keepdim=True))  # [rows, n_splits, G]
-    out = (acc * weight[..., None]).sum(dim=1) / (l_sum * weight).sum(dim=1)[..., None]
-    return out.to(q.dtype).view(bsz, n_kv_heads, groups, head_dim)
+    out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
+    torch.library.wrap_triton(_combine_kernel)[(rows * groups,)](
+        acc, m, l_sum, out, groups, n_splits,
+        S_PAD=triton.next_power_of_2(n_splits), D=head_dim)
+    return out
