@@ -47,6 +47,21 @@ from infermeter.errors import InfermeterError
 # generate() calls hook(event, step): ("start", 0), ("prefill", 0), then ("decode", 1), ...
 StepHook = Callable[[str, int], None]
 
+# Dynamo keeps the graphs of one Python function together and, past its recompile_limit (8),
+# fails a fullgraph compile: every (batch size, cache length, dtype, model, attention) is one
+# graph of _decode_one, so a run of nine batch sizes in one process, or the GPU test suite, hit
+# it (2×dtype×kind tests on an H100, session 6). The graphs are wanted, not accidental.
+STEP_GRAPH_LIMIT = 256
+
+
+def allow_step_graphs() -> None:
+    """Let dynamo keep up to STEP_GRAPH_LIMIT graphs of the decode step (never lowers it)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, STEP_GRAPH_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                             STEP_GRAPH_LIMIT)
+
+
 # The compiled decode step, built by torch.compile(fullgraph=True, dynamic=False) either way:
 # - "inductor" (the default; on CUDA with triton.cudagraphs, what mode="reduce-overhead" does):
 #   fused Triton kernels replayed as one CUDA graph. On an H200, random Llama-2-7B fp16, 256
@@ -242,6 +257,7 @@ class Generator:
 
     def _compile_step(self) -> Callable[..., tuple[Tensor, Tensor]]:
         if self._compiled_step is None:
+            allow_step_graphs()
             if self.compile_backend == "cudagraphs":
                 self._compiled_step = torch.compile(_decode_one, backend="cudagraphs",
                                                     fullgraph=True, dynamic=False)
