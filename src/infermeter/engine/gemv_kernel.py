@@ -14,10 +14,9 @@ This kernel has fixed, simple tiling, meant to stream the weights at the HBM's r
 As a torch.library.triton_op inductor keeps it whole in the compiled CUDA-graph step; the RMSNorm
 before it and the residual add after it then fuse into inductor's neighbouring kernels instead
 of into the reduction. Numerics: float32 products and sums (as cuBLAS accumulates), one rounding.
-Opt-in (linear.MATVEC_KERNEL is "inductor"): benchmarks/decode_tuning.py ("fused-gemv" against
-"fused") measured it 2% faster than inductor's reductions for Llama-2-7B and 9% slower for 13B
-with the 7B-tuned tiles at every shape, which 13B's K = 5120 fits badly; tiles_for now picks
-by K, and that 13B step is not measured yet (see linear.py).
+The default (linear.MATVEC_KERNEL): with tiles_for's tiles and the Triton attention and
+activation kernels, a batch-1 step took 5.11 ms for Llama-2-7B and 9.51 for 13B on an H100,
+against 5.68 and 10.43 with inductor's reductions (one run each, see linear.py).
 """
 
 from __future__ import annotations
@@ -31,10 +30,15 @@ from infermeter.engine.decode_kernel import triton, triton_runs_on
 # tiles-*-nvidia-h100-*.json: each product shape of Llama-2-7B and 13B alone, ~100 tilings):
 #   K a multiple of 4096 (7B's 4096)      2 rows x 4096 columns, 16 warps: 2.3-2.9 TB/s
 #   K over 8192 (7B's 11008, 13B's 13824)  1 row x 4096 columns, 16 warps (the last step ragged)
+#   under 4096 (13B's wo at tp 2: 2560)    2 rows x 2048 columns, 8 warps: 14.7 us against 23.3
+#                                          with 1 x 2048 (a second, quarter-used step); bf16,
+#                                          gemv-tiles-llama-2-13b-tp2-wide-*.json, session 6
 #   otherwise (13B's 5120)                 1 row x 2048 columns, 8 warps: 4096 would leave 3/8 of
 #                                          the second step's lanes idle; 2.4-2.9 TB/s
 # The copy reaches 3.0 TB/s there. In the whole 7B step these tiles beat inductor's reductions
-# (5.55 vs 5.65 ms); 13B's step was measured only with the 4096-column tiles (10.99 vs 10.08).
+# (5.55 vs 5.65 ms); 13B's with these tiles 9.51 vs 10.43 (with the other Triton kernels). The
+# under-4096 rule came after the last step measurements: in the tp 2 sweep it takes 13B's products
+# from 5.54 to ~5.19 ms a step (per-shape timings x calls); not yet measured in the tp 2 step.
 NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 
 
@@ -44,6 +48,8 @@ def tiles_for(n_cols: int) -> tuple[int, int, int]:
         return 2, 4096, 16
     if n_cols > 8192:
         return 1, 4096, 16
+    if n_cols < 4096:
+        return 2, 2048, 8
     return 1, 2048, 8
 
 
