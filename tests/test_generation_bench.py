@@ -302,7 +302,9 @@ def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran
     sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
     compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
                        for mode in ("compiled", "eager"))
-    assert RunSettings().matvec_kernel == "inductor"  # the default, as the CLI's
+    assert RunSettings().matvec_kernel == "triton"  # the default, as the CLI's
+    EngineRunner(model, compiled[0], RunSettings(matvec_kernel="inductor"))
+    assert {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)} == {"inductor"}
     settings = RunSettings(matvec_kernel="triton")
     runner = EngineRunner(model, compiled[0], settings)
     kinds = {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)}

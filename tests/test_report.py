@@ -238,7 +238,7 @@ def test_importing_the_report_loads_no_plotting():
 def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     """A 64-token run at context 512 and the seed's 432 tokens in a 512 cache: the seed's wins."""
     from infermeter.report_load import Record
-    from infermeter.report_select import Column, ColumnKey, pick_generate
+    from infermeter.report_select import Column, ColumnKey, off_default_kernels, pick_generate
 
     def record(line, **config):
         base = {"batch_size": 1, "mode": "compiled", "prompt_len": 80}
@@ -251,23 +251,24 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     seed_run = record(2, max_new_tokens=432, cache_len=512)
     column = Column(ColumnKey("gpu", "m", 1), generates=[context_run, seed_run])
     assert pick_generate(column) is seed_run
-    # The same shape run with the default's attention at batch 1 (math, "auto"'s pick) and as
-    # a comparison (the sweep's kernel part, triton at batch 1): the default's represents it,
-    # in either order and whatever the file lines; a Result without the field counts as default.
+    # The same shape run with the default kernels (at batch 1: the Triton attention, "auto"'s
+    # pick, and the Triton GEMV) and as comparisons (the sweep's kernel part: inductor's
+    # products; its gemv part: the math attention; one-shot all-reduces; a Result from before
+    # the settings were recorded, which ran inductor's products): the default's represents the
+    # column, in any order and whatever the file lines.
     shape = {"max_new_tokens": 432, "cache_len": 512}
-    kernel_part, default = (record(11, decode_attention="triton", **shape),
-                            record(7, decode_attention="math", **shape))
-    for runs in ([kernel_part, default], [default, kernel_part]):
-        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=runs)) is default
-    older = record(12, **shape)
-    assert pick_generate(Column(ColumnKey("gpu", "m", 1),
-                                generates=[kernel_part, older])) is older
-    # The opt-in Triton GEMV (the sweep's gemv part) and one-shot all-reduces likewise.
+    default = record(7, decode_attention="triton", matvec_kernel="triton", **shape)
+    kernel_part = record(11, decode_attention="triton", matvec_kernel="inductor", **shape)
     gemv_part = record(3, decode_attention="math", matvec_kernel="triton", **shape)
-    one_shot = record(4, decode_attention="math", matvec_kernel="inductor",
+    one_shot = record(4, decode_attention="triton", matvec_kernel="triton",
                       tp_all_reduce="one-shot", **shape)
-    for runs in ([gemv_part, one_shot, default], [default, one_shot, gemv_part]):
-        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=runs)) is default
+    older = record(12, **shape)
+    runs = [kernel_part, gemv_part, one_shot, older, default]
+    for order in (runs, runs[::-1]):
+        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=order)) is default
+    for other in runs[:-1]:
+        assert off_default_kernels(other), other.source
+    assert not off_default_kernels(default)
 
 
 def test_report_knows_the_engines_default_kernels():

@@ -46,32 +46,27 @@ def generate_result(part: str, batch: int, tok_s: float, mbu: float) -> Result:
 
 
 def test_targets_list_the_kernel_part_beside_the_default():
-    """The kernel part (--decode-attention triton) gets its own MBU and batch-32 lines; its
-    ratio is taken within the part, never against the default's batch 1."""
+    """The kernel part gets its own MBU and batch-32 lines, labelled by the kernels its Results
+    ran; its ratio is taken within the part, never against the default's batch 1."""
     sweep = load_sweep()
     results = [generate_result("seed", 1, 186.0, 84.2), generate_result("seed", 32, 3650.0, 70),
                generate_result("kernel", 1, 190.0, 86.0),
                generate_result("kernel", 32, 4180.0, 80.0)]
+    results[2].config.update(matvec_kernel="inductor", decode_attention="triton")
     text = sweep.targets(results)
     assert "batch 1 decode MBU (512-token cache): 84.2 % (target >= 85 %) MISSED" in text
-    assert "batch 1 decode MBU, --decode-attention triton: 86.0 % (target >= 85 %) met" in text
+    assert ("batch 1 decode MBU, part kernel (products inductor, attention triton): 86.0 % "
+            "(target >= 85 %) met") in text
     assert "batch 32 vs batch 1 decode tok/s: 19.6 x (target >= 20 x) MISSED" in text
-    assert "batch 32 vs batch 1, --decode-attention triton: 22.0 x (target >= 20 x) met" in text
-    assert "triton" not in sweep.targets(results[:2])  # no kernel part: no kernel lines
+    assert ("batch 32 vs batch 1, part kernel (products inductor, attention triton): 22.0 x "
+            "(target >= 20 x) met") in text
+    assert "part kernel" not in sweep.targets(results[:2])  # no kernel part: no kernel lines
 
 
-def test_targets_give_autos_picks_when_the_seed_ran_math():
-    """Seed rows measured with the math attention beside the kernel part: the default "auto"
-    (math at batch 1, triton at 32) gets its batch-32 line from the two, in the same file."""
+def test_a_comparison_part_from_before_the_settings_were_recorded_ran_inductors_products():
     sweep = load_sweep()
-    results = [generate_result("seed", 1, 178.0, 79.8), generate_result("seed", 32, 3472.5, 66),
-               generate_result("kernel", 1, 174.2, 78.0),
-               generate_result("kernel", 32, 4169.6, 79.4)]
-    assert "auto's picks" not in sweep.targets(results)  # the seed's attention not recorded
-    for r in results[:2]:
-        r.config["decode_attention"] = "math"
-    assert ("batch 32 vs batch 1, auto's picks (triton at 32, math at 1): 23.4 x "
-            "(target >= 20 x) met") in sweep.targets(results)
+    old = generate_result("kernel", 1, 174.2, 78.0)  # no matvec_kernel, no decode_attention
+    assert sweep.kernels(old) == "products inductor, attention -"
 
 
 def test_merge_goes_to_the_measuring_devices_file(tmp_path):
@@ -93,6 +88,8 @@ def test_gemv_part_is_batch_1_with_the_triton_gemv_and_has_its_mbu_line():
     assert (request.batch_sizes, request.modes, request.matvec_kernel) == \
         ((1,), ("compiled",), "triton")
     results = [generate_result("seed", 1, 178.0, 79.8), generate_result("gemv", 1, 190.0, 85.3)]
+    results[1].config.update(matvec_kernel="triton", decode_attention="math")
     text = sweep.targets(results)
-    assert "batch 1 decode MBU, --matvec-kernel triton: 85.3 % (target >= 85 %) met" in text
-    assert "matvec" not in sweep.targets(results[:1])
+    assert ("batch 1 decode MBU, part gemv (products triton, attention math): 85.3 % "
+            "(target >= 85 %) met") in text
+    assert "part gemv" not in sweep.targets(results[:1])

@@ -60,7 +60,7 @@ class GenerateRequest:
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
     tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (compiled mode, tp > 1)
-    matvec_kernel: str = "inductor"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
+    matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 

@@ -185,20 +185,21 @@ def mode_rank(record: Record) -> int:
 # The engine's defaults for the compiled step's other kernels (engine/linear.py MATVEC_KERNEL,
 # engine/parallel.py's first ALL_REDUCE_KINDS; a test keeps these equal, the report stays
 # torch-free).
-DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "inductor", "nccl"
+DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "nccl"
 
 
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
-    the opt-in Triton GEMV or one-shot all-reduces: a comparison run (e.g. the generation
-    sweep's kernel or gemv part), not the representative. Results from before a setting was
-    recorded count as the default."""
+    inductor's matrix-vector products (the GEMV is the default) or one-shot all-reduces: a
+    comparison run (e.g. the generation
+    sweep's kernel or gemv part), not the representative. A Result from before a setting was
+    recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
     cfg = record.config
     if cfg.get("mode") != "compiled":
         return False
     kind = cfg.get("decode_attention")
     attention_off = bool(kind) and kind != resolve_attention("auto", batch_size(record) or 1)
-    matvec = cfg.get("matvec_kernel") or DEFAULT_MATVEC_KERNEL
+    matvec = cfg.get("matvec_kernel") or "inductor"  # unrecorded: it ran before the GEMV existed
     all_reduce = cfg.get("tp_all_reduce") or DEFAULT_TP_ALL_REDUCE
     return attention_off or matvec != DEFAULT_MATVEC_KERNEL or all_reduce != DEFAULT_TP_ALL_REDUCE
 

@@ -18,8 +18,8 @@ from infermeter.engine.attention_choice import AUTO_TRITON_MIN_BATCH, resolve_at
 __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.py, the tests
 
 # The default, "auto": the compiled step of a batch of AUTO_TRITON_MIN_BATCH or more sequences
-# attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs, a smaller batch
-# (and every eager step) with "math" (decode_attention below); "sdpa" and "flex"
+# (now any batch) attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs,
+# every other step (eager, or no Triton) with "math" (decode_attention below); "sdpa" and "flex"
 # (flex_decode_attention below) are the measured alternatives.
 # SDPA with a mask dispatches to cuDNN on an H100, one thread block per head: 32 blocks for
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
@@ -33,8 +33,13 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # 5.47, 13B 10.74 vs 10.17, 13B at tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch +
 # combine) that saving the unread slots repays only with many sequences (math's extra reads
 # grow ~0.04 ms a step per sequence there). Batch 4 already gains (7B bf16, one H100, session 5:
-# 6.20 vs 6.52 ms, attention-ab-*.jsonl), so attention_choice.AUTO_TRITON_MIN_BATCH is 4;
-# batches 2-3 are not measured.
+# 6.20 vs 6.52 ms, attention-ab-*.jsonl), so attention_choice.AUTO_TRITON_MIN_BATCH was 4.
+# Session 6 made the kernel's combine a Triton kernel too (it had been torch code, which inductor
+# could inline into wo's matrix-vector reduction) and the GEMV the default, whose opaque wo left
+# the math attention's PV product in its own kernel (~20 us a layer): batch 1, one H100, one run
+# (decode-tuning-combine-*.json): 7B fp16 5.13 ms with the kernel vs 5.42 with math, both on
+# the GEMV; so AUTO_TRITON_MIN_BATCH is 1. With inductor's reductions (--matvec-kernel
+# inductor) the new combine is not measured at batch 1.
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 

@@ -5,7 +5,7 @@ The measurements behind the rule are in attention.py, next to the kinds themselv
 
 from __future__ import annotations
 
-AUTO_TRITON_MIN_BATCH = 4  # see attention.py: batch 1 lost with the kernel, batches 4 and 32 gained
+AUTO_TRITON_MIN_BATCH = 1  # see attention.py: since its combine is a Triton kernel, batch 1 gains
 
 
 def resolve_attention(kind: str, batch_size: int) -> str:

@@ -14,14 +14,14 @@ from torch import Tensor, nn
 from infermeter.engine.gemv_kernel import gemv, gemv_usable
 from infermeter.engine.opaque_ops import compiling
 
-# "inductor" (the default: inductor's coordinate-descent-tuned reduction, fused with the norm
-# before it) or "triton" (gemv_kernel.py, at one row in a compiled step where Triton runs).
-# Measured on H100s, each pair in one run (results/decode-tuning-gemv*-*.json): Llama-2-7B fp16
-# batch-1 step 5.55 ms with the GEMV (tiles tuned on 7B's shapes) against 5.65 with inductor's;
-# Llama-2-13B 10.99 against 10.08 with the 7B tiles at every shape; 13B's K = 5120 wants
-# 2048-column tiles (gemv-tiles-llama-2-13b-*.json), which gemv_kernel.tiles_for now picks, but
-# that 13B step is not measured yet: inductor stays the default until it is.
-MATVEC_KERNEL = "inductor"
+# "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
+# "inductor" (inductor's coordinate-descent-tuned reduction, fused with the norm before it).
+# Measured on H100s, each set in one run, batch 1 fp16 (results/decode-tuning-*.json):
+#   session 5  7B 5.55 ms GEMV vs 5.65 inductor; 13B 10.99 vs 10.08 with 7B's tiles everywhere
+#   session 6  with tiles_for and the Triton attention + activation kernels (the defaults now):
+#              7B 5.11 ms vs 5.68 (inductor, math attention), 13B 9.51 vs 10.43
+#              (decode-tuning-combine-*.json: "fused-gemv-all-triton" against "fused")
+MATVEC_KERNEL = "triton"
 MATVEC_KERNELS = ("inductor", "triton")
 
 

@@ -28,9 +28,9 @@ Decisions:
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
   before fusion, and `fusion.meta_state_dict` gives a fused model's weights back by those names.
 - A one-token step attends as its layer's `decode_attention` says (attention.py: "auto" by
-  default, decode_kernel.py's Triton kernel for compiled batches of 4 or more and "math"
-  below); while compiling, SwiGLU's activation
-  goes through an op inductor cannot inline (opaque_ops.py, measured faster on an H100).
+  default: decode_kernel.py's Triton kernel in a compiled step where Triton runs, else "math");
+  while compiling, SwiGLU's activation runs in swiglu_kernel.py's Triton kernel (or an op
+  inductor cannot inline, opaque_ops.py), and one-row products in gemv_kernel.py's GEMV.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
@@ -149,12 +149,14 @@ class Attention(nn.Module):
         return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
-# How a compiled step computes SwiGLU's activation: "aten" (opaque_ops.silu_mul, two eager
-# kernels, measured faster than "inline" on an H100), "triton" (swiglu_kernel.py, one kernel;
-# measured slower than "aten" on an H100, 5.68 vs 5.46 ms a 7B step, decode-tuning-triton-*.json;
-# falls back to "aten" where Triton cannot run) or "inline" (inductor fuses it
-# into w2's kernel). Eager always computes it inline.
-ACTIVATION_KERNEL = "aten"
+# How a compiled step computes SwiGLU's activation: "triton" (the default: swiglu_kernel.py, one
+# kernel; falls back to "aten" where Triton cannot run), "aten" (opaque_ops.silu_mul, two eager
+# kernels, measured faster than "inline" on an H100) or "inline" (inductor fuses it into w2's
+# kernel). Eager always computes it inline. With inductor's matrix-vector reductions "triton"
+# lost (5.68 vs 5.46 ms a 7B step, decode-tuning-triton-*.json); beside the GEMV and the Triton
+# attention (the defaults since session 6) it won: 7B 5.11 vs 5.13 ms, 13B 9.51 vs 9.61
+# (decode-tuning-combine-*.json, "fused-gemv-all-triton" against "fused-gemv-triton").
+ACTIVATION_KERNEL = "triton"
 ACTIVATION_KERNELS = ("inline", "aten", "triton")
 
 
