@@ -273,14 +273,17 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
 
 def test_report_knows_the_engines_default_kernels():
     """report_select's torch-free copies of the engine's defaults are the engine's."""
+    from infermeter.cli import build_parser
     from infermeter.engine.linear import MATVEC_KERNEL
     from infermeter.engine.parallel import ALL_REDUCE_KINDS
     from infermeter.generate_run import GenerateRequest
     from infermeter.report_select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
 
     request = GenerateRequest(source="random:debug")
-    assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.matvec_kernel
-    assert DEFAULT_TP_ALL_REDUCE == ALL_REDUCE_KINDS[0] == request.tp_all_reduce
+    cli = build_parser().parse_args(["generate", "--model", "debug"])  # the CLI's defaults
+    assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.matvec_kernel == cli.matvec_kernel
+    assert DEFAULT_TP_ALL_REDUCE == ALL_REDUCE_KINDS[0] == request.tp_all_reduce == \
+        cli.tp_all_reduce
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

@@ -16,7 +16,7 @@ from infermeter.bench.generation_cases import Case
 from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
 from infermeter.engine.decode_kernel import triton_runs_on
 from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
-from infermeter.engine.linear import set_matvec_kernel
+from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel
 from infermeter.engine.model import Transformer
 
 
@@ -37,7 +37,7 @@ class RunSettings:
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
     tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS: how the compiled step all-reduces
-    matvec_kernel: str = "triton"  # linear.MATVEC_KERNELS: the compiled step's one-row products
+    matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)

@@ -86,7 +86,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    "torchrun with this many (default 1; under torchrun: all its ranks)")
     p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="nccl",
                    help="the compiled step's all-reduces: NCCL (default) or inductor's "
-                   "symmetric-memory one-shot kernels (CUDA, tp >= 2; not measured yet)")
+                   "symmetric-memory one-shot kernels (CUDA, tp >= 2; 13B tp 2 on an H100 "
+                   "host: 6.24 vs 6.51 ms a step, one run)")
     p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
                    "(weights, KV cache, headroom) and exit, allocating nothing")
     p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "

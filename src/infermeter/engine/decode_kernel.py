@@ -3,7 +3,7 @@
 Why: in the compiled Llama-2-7B step on an H100 the "math" decode attention is four small
 inductor kernels a layer (~12 us against ~3 us of cache bytes), and at batch 32 it reads all
 512 slots of every sequence's cache whatever the position. This kernel is one launch per layer
-plus one of a combine kernel:
+plus one launch of a combine kernel:
 
   grid (B * H_kv, n_splits): each program takes one KV head of one sequence and one contiguous
   chunk of cache slots, and runs the online softmax (flash-decoding) over its chunk for the

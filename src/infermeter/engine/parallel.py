@@ -232,7 +232,9 @@ class TensorParallel:
 # peers' buffers directly over NVLink and sums; one kernel, no NCCL protocol). One token's
 # [B, 1, dim] activations are 8-16 KiB: NCCL spent ~10 us on each of 13B's 80 a step (0.81 ms,
 # 12% of the tp 2 step on an H100 host). No NVLink multicast is needed (that is two-shot /
-# multimem). Off by default until measured.
+# multimem). Measured once (2xH100, session 6, results/tp-nvidia-h100-80gb-hbm3.jsonl): 13B tp 2
+# 6.24 ms a step against NCCL's 6.51; off by default while that is one run and the comm part's
+# one-shot replay crashed there.
 ALL_REDUCE_KINDS = ("nccl", "one-shot")
 
 
