@@ -76,6 +76,13 @@ def decode_section(results: list[dict], comm: dict | None) -> list[str]:
                      f"({comm['all_reduces_per_step']} all-reduces + 2 all-gathers): "
                      f"{_f(comm.get('graph_ms_per_step'), '.3f')} ms in a CUDA graph, "
                      f"{_f(comm.get('eager_ms_per_step'), '.3f')} ms eager{share}")
+        if "triton_graph_ms_per_step" in comm or "triton_graph_error" in comm:
+            error = comm.get("triton_graph_error")
+            same = {True: ", sums equal NCCL's", False: ", sums DIFFER from NCCL's"}.get(
+                comm.get("triton_equals_nccl"), "")
+            lines.append("  with the peer kernel's all-reduces (triton): "
+                         f"{_f(comm.get('triton_graph_ms_per_step'), '.3f')} ms in a CUDA "
+                         "graph" + same + (f" ({error})" if error else ""))
         if "one_shot_graph_ms_per_step" in comm or "one_shot_graph_error" in comm:
             error = comm.get("one_shot_graph_error")
             lines.append("  with symmetric-memory one-shot all-reduces: "

@@ -9,12 +9,14 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
         (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
         Target (issue 6): 13B tp 2 >= 1.7x tp 1.
-  decode-13b-one-shot  13B at tp 2 only, with --tp-all-reduce one-shot (symmetric-memory
-        all-reduces); compared with decode-13b's tp 1.
+  decode-13b-one-shot, decode-13b-triton  13B at tp 2 only, with --tp-all-reduce one-shot
+        (inductor's symmetric-memory kernels) or triton (engine/peer_all_reduce.py); compared
+        with decode-13b's tp 1.
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
-        with symmetric-memory one-shot all-reduces (--tp-all-reduce one-shot) in their place.
+        with symmetric-memory one-shot all-reduces (--tp-all-reduce one-shot) and with the
+        peer kernel (--tp-all-reduce triton, its sums checked against NCCL's) in their place.
   copy  every rank moves its own KV shard (Llama-2-13B, batch 1 x 4096 tokens bf16: 1.6 GiB per
         rank) between its GPU and pinned host memory, first each rank alone, then all at once
         (they may share host links); total GB/s together against one rank alone. Target: >= 1.8x,
@@ -40,13 +42,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode-7b", "decode-13b", "decode-13b-one-shot", "comm", "copy", "runs")
+PARTS = ("decode-7b", "decode-13b", "decode-13b-one-shot", "decode-13b-triton", "comm", "copy",
+         "runs")
+ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton"}  # part suffix -> --tp-all-reduce
 RUN_TIMEOUT_S = 300
 # What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
 SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "runs": ("compiled",) + ("eager",) * 9,  # a cold compile costs ~1 min a run
          "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b",
-         "decode-13b-one-shot": "llama-2-13b", "runs_model": "llama-3.2-1b",
+         "decode-13b-one-shot": "llama-2-13b", "decode-13b-triton": "llama-2-13b",
+         "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
                          "--repeats", "5", "--warmup", "1")}
@@ -87,15 +92,19 @@ def generate_cmd(model: str, tp: int, out: Path, *extra: str, mode: str = "") ->
             "--tp", str(tp), "--json", "--output", str(out), *extra]
 
 
-def part_decode(model: str, jsonl: Path, part: str) -> None:
-    """tp 1 and tp 2; a "-one-shot" part runs tp 2 only, with --tp-all-reduce one-shot (its
-    ratio is taken against the plain part's tp 1)."""
+def part_decode(model: str, jsonl: Path, part: str, trace: Path | None = None) -> None:
+    """tp 1 and tp 2; a "-one-shot" or "-triton" part runs tp 2 only, with that --tp-all-reduce
+    (its ratio is taken against the plain part's tp 1). trace: a folder for each tp 2 run's
+    profiler traces (--trace; the step's breakdown goes in the Result too)."""
     lines = []
-    one_shot = part.endswith("-one-shot")
-    for tp in (2,) if one_shot else (1, 2):
+    all_reduce = next((kind for suffix, kind in ALL_REDUCE_PARTS.items()
+                       if part.endswith(suffix)), None)
+    for tp in (2,) if all_reduce else (1, 2):
         out = jsonl.with_name(f".{part}-tp{tp}.jsonl")
         out.unlink(missing_ok=True)
-        extra = ("--tp-all-reduce", "one-shot") if one_shot else ()
+        extra = ("--tp-all-reduce", all_reduce) if all_reduce else ()
+        if trace and tp > 1:
+            extra += ("--trace", str(trace / part))
         cmd = generate_cmd(model, tp, out, *SETUP["decode_args"], *extra)
         start = time.monotonic()
         run = subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT,
@@ -197,6 +206,25 @@ def worker_comm(out: Path, model: str) -> None:
                 torch.add(out, 0)
         return run
 
+    def peer() -> Callable[[], None]:
+        """The same step with the peer kernel's all-reduces (--tp-all-reduce triton), one call
+        site per all-reduce as in the model; first checks one sum against NCCL's."""
+        from infermeter.engine.peer_all_reduce import PeerAllReduce
+
+        sites = 2 * spec.n_layers
+        kernel = PeerAllReduce.for_group(tp.group, tp.device, sites)
+        mine = torch.randn(x.shape, dtype=x.dtype, device=x.device,
+                           generator=torch.Generator(x.device).manual_seed(tp.rank))
+        timings["triton_equals_nccl"] = torch.equal(kernel(mine, 0), all_reduce(mine, tp.group))
+
+        def run() -> None:
+            outs = [all_gather_last(emb, tp.group, tp.world)]
+            outs += [kernel(x, site) for site in range(sites)]
+            outs.append(all_gather_last(logits, tp.group, tp.world))
+            for out in outs:
+                torch.add(out, 0)
+        return run
+
     timings: dict[str, object] = {}
     graphs = []
 
@@ -215,10 +243,12 @@ def worker_comm(out: Path, model: str) -> None:
         write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
                                {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
 
-    for how in ("eager", "graph", "one_shot_graph"):
+    variants = {"eager": lambda: step, "graph": lambda: step, "triton_graph": peer,
+                "one_shot_graph": one_shot}  # one-shot last: its replay crashed (session 6)
+    for how, make in variants.items():
         print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
         try:
-            fn = one_shot() if how == "one_shot_graph" else step
+            fn = make()
             if how != "eager":  # as the compiled decode step replays them: no launch overhead
                 fn()  # once outside the capture (symmetric memory's first use sets it up)
                 torch.cuda.synchronize()
@@ -280,8 +310,8 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
 
 
 def run_part(part: str, smoke: bool, folder: Path, slug: str, jsonl: Path) -> None:
-    if part.startswith("decode-"):
-        part_decode(SETUP[part], jsonl, part)
+    if part.startswith("decode-"):  # tp 2 traced: where a step goes (not copied to $OUT)
+        part_decode(SETUP[part], jsonl, part, None if smoke else folder / ".traces")
     elif part == "comm":
         if not smoke:  # CUDA events and graphs only
             run_workers("comm", folder / f"{slug}-comm.json")

@@ -293,11 +293,12 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 
 @pytest.mark.gpu
 @two_gpus
-@pytest.mark.parametrize("mode", ["eager", "compiled", "compiled-one-shot"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "compiled-one-shot", "eager-triton",
+                                  "compiled-triton"])
 def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
     """float32 greedy tokens of the debug model: NCCL ranks (eager, or compiled with the
-    collectives inside inductor's CUDA graph, NCCL's or symmetric-memory one-shot all-reduces)
-    against one GPU, eager."""
+    collectives inside inductor's CUDA graph, NCCL's or symmetric-memory one-shot all-reduces,
+    or the peer kernel's in both modes) against one GPU, eager."""
     def tokens(*extra: str) -> list:
         run = subprocess.run([sys.executable, "-m", "infermeter", "generate", "--model", "debug",
                               "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "24",
@@ -305,8 +306,8 @@ def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
                               *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert run.returncode == 0, run.stderr
         return [json.loads(line)["output_token_ids"] for line in run.stdout.splitlines()]
-    how = ["--mode", "compiled", "--tp-all-reduce", "one-shot"] if mode == "compiled-one-shot" \
-        else ["--mode", mode]
+    base, _, all_reduce = mode.partition("-")
+    how = ["--mode", base] + (["--tp-all-reduce", all_reduce] if all_reduce else [])
     assert tokens("--tp", "2", *how) == tokens("--mode", "eager")
 
 

@@ -40,6 +40,12 @@ def test_summary_gives_the_one_shot_all_reduce_beside_nccl(tmp_path):
     (tmp_path / "tp-gpu-comm.json").write_text(json.dumps(comm))
     text = load("tp_summary").summarize(tmp_path, "tp-gpu")
     assert "  with symmetric-memory one-shot all-reduces: 0.300 ms in a CUDA graph" in text
+    comm = {"model": "llama-2-13b", "tp": 2, **COMM, "triton_graph_ms_per_step": 0.25,
+            "triton_equals_nccl": True}
+    (tmp_path / "tp-gpu-comm.json").write_text(json.dumps(comm))
+    text = load("tp_summary").summarize(tmp_path, "tp-gpu")
+    assert ("  with the peer kernel's all-reduces (triton): 0.250 ms in a CUDA graph, sums "
+            "equal NCCL's") in text
     comm = {"model": "llama-2-13b", "tp": 2, **COMM, "one_shot_graph_error": "RuntimeError: x"}
     (tmp_path / "tp-gpu-comm.json").write_text(json.dumps(comm))
     text = load("tp_summary").summarize(tmp_path, "tp-gpu")
@@ -95,6 +101,11 @@ def test_one_shot_part_runs_tp2_only_with_the_flag(tmp_path, monkeypatch):
     (cmd,) = commands
     assert cmd[cmd.index("--tp") + 1] == "2"
     assert cmd[cmd.index("--tp-all-reduce") + 1] == "one-shot"
-    sweep.part_decode("llama-2-13b", tmp_path / "tp.jsonl", "decode-13b")
-    assert [c[c.index("--tp") + 1] for c in commands[1:]] == ["1", "2"]
-    assert not any("--tp-all-reduce" in c for c in commands[1:])
+    sweep.part_decode("llama-2-13b", tmp_path / "tp.jsonl", "decode-13b-triton")
+    assert commands[1][commands[1].index("--tp-all-reduce") + 1] == "triton"
+    sweep.part_decode("llama-2-13b", tmp_path / "tp.jsonl", "decode-13b", tmp_path / "t")
+    assert [c[c.index("--tp") + 1] for c in commands[2:]] == ["1", "2"]
+    assert not any("--tp-all-reduce" in c for c in commands[2:])
+    # only the tp 2 run is traced, into a folder of its part
+    assert "--trace" not in commands[2]
+    assert commands[3][commands[3].index("--trace") + 1] == str(tmp_path / "t" / "decode-13b")

@@ -138,3 +138,77 @@ def abort_always(tp: TensorParallel) -> int:
     if tp.rank == 1:
         os.abort()
     return tp.rank
+
+
+# ---- the peer all-reduce kernel (engine/peer_all_reduce.py) under TRITON_INTERPRET=1 ----------
+PEER_CASES = [(0, 5, torch.float32), (1, 2500, torch.bfloat16), (2, 1024, torch.float16),
+              (0, 3000, torch.float32), (1, 7, torch.bfloat16)]  # (site, numel, dtype)
+
+
+def peer_inputs(site: int, numel: int, dtype: torch.dtype, world: int) -> list[torch.Tensor]:
+    return [torch.randn(numel, generator=torch.Generator().manual_seed(100 * site + r + numel))
+            .to(dtype) for r in range(world)]
+
+
+def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
+    """Every case's result against the float32 sum in rank order, and the flags left set."""
+    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
+
+    peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
+    equal = []
+    for site, numel, dtype in PEER_CASES:  # sites reused, slices of 1-3 programs, ragged ends
+        xs = peer_inputs(site, numel, dtype, tp.world)
+        exact = sum((x.float() for x in xs), torch.zeros(numel))  # float32, in rank order
+        # Rounded to the dtype as a GPU does (to nearest even), or, for bfloat16, by truncation
+        # (how Triton's CPU interpreter converts float32 to bfloat16).
+        truncated = (exact.view(torch.int32) & -65536).view(torch.float32)
+        rounded = exact.to(dtype), truncated.to(dtype) if dtype == torch.bfloat16 else None
+        got = peer(xs[tp.rank], site)
+        ok = got == rounded[0] if rounded[1] is None else (got == rounded[0]) | (got == rounded[1])
+        equal.append(got.dtype == dtype and bool(ok.all()))
+    flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
+    return {"equal": equal, "flags_set": flags.count_nonzero().item()}
+
+
+class _CountingPeer:
+    """A registered PeerAllReduce that counts the calls the model makes through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, site)
+
+
+@torch.no_grad()
+def peer_model_matches_tp1(tp: TensorParallel, source: Any,
+                           buffers: list[torch.Tensor]) -> dict[str, Any]:
+    """A tp model whose all-reduces are the peer kernel: logits and greedy tokens against tp 1,
+    eagerly and in a fullgraph-compiled decode step (aot_eager), and how many all-reduces went
+    through the kernel."""
+    from infermeter.engine import peer_all_reduce
+    from infermeter.engine.linear import set_matvec_kernel
+    from infermeter.engine.parallel import use_peer_all_reduce
+
+    full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
+    shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
+    use_peer_all_reduce(shard, tp, buffers)
+    index = shard.tp_collectives.peer_index
+    counter = peer_all_reduce._INSTANCES[index] = _CountingPeer(peer_all_reduce._INSTANCES[index])
+    tokens = torch.randint(0, full.spec.vocab_size, (BATCH, PROMPT + DECODE),
+                           generator=torch.Generator().manual_seed(0))
+    diff = (_forward_steps(full, tokens) - _forward_steps(shard, tokens)).abs().max().item()
+    calls = counter.calls
+    prompts = tokens[:, :PROMPT].tolist()
+    config = GenerationConfig(max_new_tokens=6)
+    want = Generator(full, CACHE).generate(prompts, config).output_token_ids
+    got = Generator(shard, CACHE).generate(prompts, config).output_token_ids
+    for model in (full, shard):  # our Triton kernels are not traceable when interpreted
+        set_matvec_kernel(model, "inductor")
+        for layer in model.layers:
+            layer.attention.decode_attention = "math"
+            layer.feed_forward.activation_kernel = "inline"
+    return {"diff": diff, "calls": calls, "tokens_equal": want == got,
+            "compiled_equal": _compiled_step_equal(full, shard, "aot_eager"),
+            "n_layers": full.spec.n_layers}

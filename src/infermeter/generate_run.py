@@ -59,7 +59,7 @@ class GenerateRequest:
     compile_backend: str | None = None
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
-    tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (compiled mode, tp > 1)
+    tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
@@ -139,6 +139,11 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
         return {}
     if not tp:
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs --tp 2 or more")
+    if request.tp_all_reduce == "triton":  # a kernel of ours, set on the model once loaded
+        if tp.device.type != "cuda":
+            raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs (symmetric memory); "
+                                  "this run's ranks are on the CPU")
+        return {}
     if request.compile_backend == "cudagraphs":
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
                               "it needs the inductor compile backend")
@@ -233,6 +238,10 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
+    if tp and request.tp_all_reduce == "triton":
+        from infermeter.engine.parallel import use_peer_all_reduce
+
+        use_peer_all_reduce(model, tp)
     notes = []
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")

@@ -190,7 +190,7 @@ DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "nccl"
 
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
-    inductor's matrix-vector products (the GEMV is the default) or one-shot all-reduces: a
+    inductor's matrix-vector products (the GEMV is the default) or other all-reduces: a
     comparison run (e.g. the generation sweep's kernel or gemv part), not the representative.
     A Result from before a setting was recorded ran what existed then: inductor's reductions
     and NCCL's all-reduces."""

@@ -61,9 +61,11 @@ class EngineRunner:
                                    compile_options=settings.compile_options)
         set_matvec_kernel(model, settings.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = settings.matvec_kernel
-        # one-shot all-reduces are inductor's lowering: only the compiled step has them
+        # one-shot all-reduces are inductor's lowering: only the compiled step has them;
+        # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
         self.all_reduce = None if settings.tp == 1 else \
-            settings.tp_all_reduce if self.config.compile else "nccl"
+            settings.tp_all_reduce if self.config.compile or settings.tp_all_reduce == "triton" \
+            else "nccl"
         self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
 
     def describe(self) -> dict[str, Any]:

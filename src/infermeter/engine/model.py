@@ -218,6 +218,7 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.shard_plan: object | None = None  # set by parallel.shard_model, never read here
+        self.tp_collectives: object | None = None  # likewise (parallel.Collectives)
 
     def tie_weights(self) -> None:
         """With tied embeddings, make output.weight the very Parameter of tok_embeddings."""

@@ -154,9 +154,26 @@ def all_gather_last(x: Tensor, group: Any, world: int) -> Tensor:
     return stacked.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
 
 
-def _reduce_hook(group: Any) -> Any:
+class Collectives:
+    """A sharded model's all-reduces: NCCL's (funcol), or, once use_peer_all_reduce has set
+    `peer`, peer_all_reduce.py's kernel for every tensor that fits its slot (the decode step's;
+    prefill's [B, T, dim] stays NCCL's). `site` names the call site: the peer kernel gives each
+    its own buffer region (see peer_all_reduce.py for why)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.peer: Any = None  # a peer_all_reduce.PeerAllReduce
+        self.peer_index = -1  # its index in peer_all_reduce's registry (the op's argument)
+
+    def all_reduce(self, x: Tensor, site: int | None) -> Tensor:
+        if site is not None and self.peer is not None and self.peer.takes(x):
+            return torch.ops.infermeter.peer_all_reduce(x, self.peer_index, site)
+        return all_reduce(x, self.group)
+
+
+def _reduce_hook(collectives: Collectives, site: int | None) -> Any:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return all_reduce(output, group)
+        return collectives.all_reduce(output, site)
     return hook
 
 
@@ -199,15 +216,16 @@ def shard_model(model: Transformer, rank: int, world: int, group: Any = None) ->
     model.tie_weights()
     _, n_heads = plan.heads
     _, n_kv_heads = plan.kv_heads
-    for layer in model.layers:
+    collectives = model.tp_collectives = Collectives(group)
+    for index, layer in enumerate(model.layers):  # sites 2i (wo) and 2i + 1 (w2)
         layer.attention.n_heads, layer.attention.n_kv_heads = n_heads, n_kv_heads
-        layer.attention.wo.register_forward_hook(_reduce_hook(group))
-        layer.feed_forward.w2.register_forward_hook(_reduce_hook(group))
+        layer.attention.wo.register_forward_hook(_reduce_hook(collectives, 2 * index))
+        layer.feed_forward.w2.register_forward_hook(_reduce_hook(collectives, 2 * index + 1))
     model.tok_embeddings.register_forward_hook(_gather_hook(group, world))
     if model.spec.tie_embeddings:
         piece = plan.slice_of("output.weight")
         model.output.register_forward_pre_hook(_feature_slice_hook(piece.start, piece.length))
-        model.output.register_forward_hook(_reduce_hook(group))
+        model.output.register_forward_hook(_reduce_hook(collectives, None))  # [B, T, V]: NCCL
     else:
         model.output.register_forward_hook(_gather_hook(group, world))
     if model.max_seq_len:  # a cache allocated before sharding has every KV head: rebuild it
@@ -235,7 +253,9 @@ class TensorParallel:
 # multimem). Measured once (2xH100, session 6, results/tp-nvidia-h100-80gb-hbm3.jsonl): 13B tp 2
 # 6.24 ms a step against NCCL's 6.51; off by default while that is one run and the comm part's
 # one-shot replay crashed there.
-ALL_REDUCE_KINDS = ("nccl", "one-shot")
+# "triton": peer_all_reduce.py's kernel (every rank stores its slice straight into its peers'
+# symmetric buffers, one handshake, one kernel), in every step, eager or compiled.
+ALL_REDUCE_KINDS = ("nccl", "one-shot", "triton")
 
 
 # Inductor options for --tp-all-reduce one-shot. "_collective.auto_select" lowers the compiled
@@ -260,6 +280,28 @@ def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
 
     enable_symm_mem_for_group(tp.group.group_name)
     return dict(ONE_SHOT_INDUCTOR_OPTIONS)
+
+
+def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
+                        buffers: list[Tensor] | None = None) -> None:
+    """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernel (a
+    collective: every rank calls it). buffers: every rank's buffer as this process sees it
+    (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
+    memory, which needs CUDA GPUs that can reach each other."""
+    from infermeter.engine import peer_all_reduce
+    from infermeter.engine.decode_kernel import triton_runs_on
+
+    collectives = getattr(model, "tp_collectives", None)
+    if not isinstance(collectives, Collectives):
+        raise InfermeterError("--tp-all-reduce triton needs a tensor-parallel model (--tp 2+)")
+    probe = model.norm.weight
+    if (buffers is None and tp.device.type != "cuda") or not triton_runs_on(probe):
+        raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs and Triton (symmetric "
+                              f"memory); this run's ranks are on {tp.device.type}")
+    n_sites = 2 * len(model.layers)
+    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
+        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
+    collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:

@@ -1,0 +1,130 @@
+"""engine/peer_all_reduce.py: the one-kernel all-reduce (--tp-all-reduce triton).
+
+The kernel's protocol (remote stores, release/acquire flags, owner-reset) runs for real in two
+spawned processes under Triton's CPU interpreter, whose atomics act on shared memory: the ranks'
+"symmetric" buffers are shared CPU tensors. The sm_90 build is checked with Triton's compiler
+(no GPU needed), including that the flags really are system-scope release/acquire atomics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from infermeter.cli import main as cli_main
+from infermeter.engine.parallel import TensorParallel, use_peer_all_reduce
+from infermeter.engine.peer_all_reduce import (
+    BLOCK,
+    MAX_PROGRAMS,
+    SLOT_BYTES,
+    PeerAllReduce,
+    buffer_bytes,
+    flag_area_bytes,
+)
+from infermeter.errors import InfermeterError
+from infermeter.generate_run import GenerateRequest, _all_reduce_options
+from infermeter.presets import PRESETS
+from tests.tp_workers import PEER_CASES, peer_model_matches_tp1, peer_sums, run_ranks
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="needs triton")
+
+
+def shared_buffers(n_sites: int, world: int) -> list[torch.Tensor]:
+    return [torch.zeros(buffer_bytes(n_sites, world), dtype=torch.uint8).share_memory_()
+            for _ in range(world)]
+
+
+def test_buffer_layout_leaves_room_for_every_program() -> None:
+    # Data starts after the flags, 256-byte aligned; a slot takes SLOT_BYTES of any dtype, and
+    # the most programs a slot needs (2-byte elements) each have a flag.
+    assert flag_area_bytes(80) % 256 == 0 and flag_area_bytes(80) >= 80 * MAX_PROGRAMS * 4
+    assert buffer_bytes(80, 2) == flag_area_bytes(80) + 80 * 2 * SLOT_BYTES
+    assert MAX_PROGRAMS * BLOCK * 2 == SLOT_BYTES
+    peer = PeerAllReduce(0, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
+    assert peer.takes(torch.zeros(SLOT_BYTES // 2, dtype=torch.bfloat16))
+    assert not peer.takes(torch.zeros(SLOT_BYTES // 2 + 1, dtype=torch.bfloat16))
+    assert not peer.takes(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="site 2 outside"):
+        peer(torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="needs"):
+        PeerAllReduce(0, [torch.zeros(16, dtype=torch.uint8)] * 2, 2)
+
+
+@needs_triton
+def test_two_ranks_sum_through_each_others_buffers(monkeypatch) -> None:
+    """Five all-reduces over three sites (one reused), 5 to 3000 elements (1-3 programs,
+    ragged), fp32/bf16/fp16: each equals the float32 sum in rank order, on both ranks, and every
+    flag is back at 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
+    results = run_ranks(peer_sums, 2, shared_buffers(3, 2), timeout=120)
+    for result in results:
+        assert result == {"equal": [True] * len(PEER_CASES), "flags_set": 0}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["gqa", "tied"])
+def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name) -> None:
+    """The debug model (and a tied-embedding Qwen2 one, whose logits all-reduce stays NCCL's)
+    at tp 2 with every wo/w2 all-reduce through the kernel: logits equal tp 1's within 1e-5
+    (float32), greedy tokens equal, and a fullgraph-compiled decode step too."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spec = PRESETS["debug"]
+    if name == "tied":
+        spec = spec.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
+    n_sites = 2 * spec.n_layers
+    results = run_ranks(peer_model_matches_tp1, 2, spec, shared_buffers(n_sites, 2),
+                        timeout=240)
+    for result in results:
+        assert result["diff"] < 1e-5
+        assert result["tokens_equal"] and result["compiled_equal"]
+        # the prefill and 4 decode steps, wo and w2 of every layer
+        assert result["calls"] == 5 * 2 * result["n_layers"]
+
+
+def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
+    """CPU ranks (no symmetric memory) and tp 1 get one clear line before any weights load;
+    an unsharded model cannot take it."""
+    cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
+    request = GenerateRequest(source="random:debug", tp_all_reduce="triton")
+    with pytest.raises(InfermeterError, match="needs CUDA GPUs"):
+        _all_reduce_options(request, cpu_ranks)
+    with pytest.raises(InfermeterError, match="needs --tp 2 or more"):
+        _all_reduce_options(request, None)
+    from infermeter.engine.checkpoint import load_model
+
+    with pytest.raises(InfermeterError, match="needs a tensor-parallel model"):
+        use_peer_all_reduce(load_model("random:debug"), cpu_ranks)
+    code = cli_main(["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
+                     "--tp-all-reduce", "triton"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "infermeter: error: --tp-all-reduce triton needs --tp 2 or more"]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype) -> None:
+    """sm_90 machine code from the launch the op makes (nothing runs); its PTX signals with a
+    release and waits with an acquire, both at system scope (the peer is another GPU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_decode_kernel import LAUNCH_OPTIONS, inductor_signature, recorded_launches
+
+    peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
+    x = torch.zeros(1, 1, 5120, dtype=dtype)
+    [(kernel, args, kwargs)] = recorded_launches(monkeypatch, lambda: peer(x, 1))
+    options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+    signature = inductor_signature(kernel, args, kwargs)
+    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = binary.asm["ptx"]
+    assert binary.asm["cubin"]
+    assert re.search(r"(red|atom)\.global\.(sys\.release|release\.sys)\.add", ptx)  # signal
+    assert re.search(r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas", ptx)  # wait + reset
+    assert "bar.sync" in ptx  # the program's stores before its signal
