@@ -9,9 +9,9 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
         (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
         Target (issue 6): 13B tp 2 >= 1.7x tp 1.
-  decode-13b-one-shot, decode-13b-triton  13B at tp 2 only, with --tp-all-reduce one-shot
-        (inductor's symmetric-memory kernels) or triton (engine/peer_all_reduce.py); compared
-        with decode-13b's tp 1.
+  decode-13b-one-shot, decode-13b-triton, decode-13b-triton-unfused  13B at tp 2 only, with
+        --tp-all-reduce one-shot (inductor's symmetric-memory kernels), triton or triton-unfused
+        (engine/peer_all_reduce.py); compared with decode-13b's tp 1.
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
@@ -42,15 +42,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode-7b", "decode-13b", "decode-13b-one-shot", "decode-13b-triton", "comm", "copy",
-         "runs")
-ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton"}  # part suffix -> --tp-all-reduce
+PARTS = ("decode-7b", "decode-13b", "decode-13b-one-shot", "decode-13b-triton",
+         "decode-13b-triton-unfused", "comm", "copy", "runs")
+# part suffix -> --tp-all-reduce
+ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton",
+                    "-triton-unfused": "triton-unfused"}
 RUN_TIMEOUT_S = 300
 # What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
 SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "runs": ("compiled",) + ("eager",) * 9,  # a cold compile costs ~1 min a run
          "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b",
          "decode-13b-one-shot": "llama-2-13b", "decode-13b-triton": "llama-2-13b",
+         "decode-13b-triton-unfused": "llama-2-13b",
          "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
@@ -166,8 +169,14 @@ def run_workers(worker: str, out: Path, *extra: str) -> None:
     subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT, check=True)
 
 
-def worker_comm(out: Path, model: str) -> None:
-    """Time one decode step's collectives (bf16, batch 1) inside a CUDA graph, as compiled."""
+# The comm part's variants, each in its own torchrun (a variant that crashes, as one-shot's replay
+# did in session 6 and the peer kernel's once in session 7, leaves the others' figures).
+COMM_VARIANTS = ("eager", "graph", "triton_graph", "one_shot_graph")
+
+
+def worker_comm(out: Path, model: str, variant: str) -> None:
+    """Time one decode step's collectives (bf16, batch 1) inside a CUDA graph, as compiled;
+    the variant's figures are added to those already in `out`."""
     import torch
 
     from infermeter.engine.parallel import all_gather_last, all_reduce, init_distributed, teardown
@@ -236,16 +245,18 @@ def worker_comm(out: Path, model: str) -> None:
         from infermeter.env import capture_env
         from infermeter.results import Result, write_json
 
+        previous = json.loads(out.read_text())["metrics"] if out.exists() else {}
         config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
                   "batch_size": 1, "steps_timed": 50,  # NCCL_* settings tried (e.g. PROTO):
                   "nccl_env": {k: v for k, v in sorted(os.environ.items())
                                if k.startswith("NCCL_")}}
         write_json(out, Result("generate", spec.to_dict(), config, capture_env(),
-                               {**timings, "all_reduces_per_step": 2 * spec.n_layers}))
+                               {**previous, **timings,
+                                "all_reduces_per_step": 2 * spec.n_layers}))
 
     variants = {"eager": lambda: step, "graph": lambda: step, "triton_graph": peer,
-                "one_shot_graph": one_shot}  # one-shot last: its replay crashed (session 6)
-    for how, make in variants.items():
+                "one_shot_graph": one_shot}
+    for how, make in [(variant, variants[variant])]:
         print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
         try:
             fn = make()
@@ -309,12 +320,28 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     teardown()
 
 
+def _note_comm_failure(out: Path, variant: str, code: int) -> None:
+    print(f"comm {variant}: the workers exited {code}", file=sys.stderr, flush=True)
+    if out.exists():
+        from infermeter.results import atomic_write
+
+        data = json.loads(out.read_text())
+        data["metrics"][f"{variant}_error"] = f"the worker processes exited {code}"
+        atomic_write(out, (json.dumps(data, indent=2) + "\n").encode())
+
+
 def run_part(part: str, smoke: bool, folder: Path, slug: str, jsonl: Path) -> None:
     if part.startswith("decode-"):  # tp 2 traced: where a step goes (not copied to $OUT)
         part_decode(SETUP[part], jsonl, part, None if smoke else folder / ".traces")
     elif part == "comm":
         if not smoke:  # CUDA events and graphs only
-            run_workers("comm", folder / f"{slug}-comm.json")
+            out = folder / f"{slug}-comm.json"
+            out.unlink(missing_ok=True)
+            for variant in COMM_VARIANTS:
+                try:
+                    run_workers("comm", out, "--variant", variant)
+                except subprocess.CalledProcessError as err:
+                    _note_comm_failure(out, variant, err.returncode)
     elif part == "copy":
         tmp = folder / f".{slug}-copy.jsonl"
         run_workers("copy", tmp)
@@ -335,6 +362,7 @@ def main() -> int:
                         "machine's), e.g. nvidia-h100-80gb-hbm3 for --summary-only on a CPU")
     parser.add_argument("--worker", choices=("comm", "copy"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=COMM_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true",
                         help="the debug model on CPU (eager, gloo): checks the script only")
     parser.add_argument("--model", default="llama-2-13b", help=argparse.SUPPRESS)
@@ -343,7 +371,7 @@ def main() -> int:
     parser.add_argument("--copy-hosts", default="pinned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "comm":
-        worker_comm(Path(args.worker_out), args.model)
+        worker_comm(Path(args.worker_out), args.model, args.variant)
         return 0
     if args.worker == "copy":
         worker_copy(Path(args.worker_out), args.model, args.seq_len, args.device,

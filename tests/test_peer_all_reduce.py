@@ -57,26 +57,28 @@ def test_buffer_layout_leaves_room_for_every_program() -> None:
 @needs_triton
 def test_two_ranks_sum_through_each_others_buffers(monkeypatch) -> None:
     """Five all-reduces over three sites (one reused), 5 to 3000 elements (1-3 programs,
-    ragged), fp32/bf16/fp16: each equals the float32 sum in rank order, on both ranks, and every
-    flag is back at 0."""
+    ragged), fp32/bf16/fp16: each equals the float32 sum in rank order, on both ranks; then the
+    fused all-reduce + residual add + RMSNorm (1-5 rows) against torch; every flag is back at
+    0."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
     results = run_ranks(peer_sums, 2, shared_buffers(3, 2), timeout=120)
     for result in results:
-        assert result == {"equal": [True] * len(PEER_CASES), "flags_set": 0}
+        assert result == {"equal": [True] * (len(PEER_CASES) + 3), "flags_set": 0}
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["gqa", "tied"])
-def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name) -> None:
+@pytest.mark.parametrize("name,fuse_norm", [("gqa", True), ("gqa", False), ("tied", True)])
+def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name, fuse_norm) -> None:
     """The debug model (and a tied-embedding Qwen2 one, whose logits all-reduce stays NCCL's)
-    at tp 2 with every wo/w2 all-reduce through the kernel: logits equal tp 1's within 1e-5
-    (float32), greedy tokens equal, and a fullgraph-compiled decode step too."""
+    at tp 2 with every wo/w2 all-reduce through a kernel (with the residual add and the norm
+    after it, or alone): logits equal tp 1's within 1e-5 (float32), greedy tokens equal, and a
+    fullgraph-compiled decode step too."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = PRESETS["debug"]
     if name == "tied":
         spec = spec.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
     n_sites = 2 * spec.n_layers
-    results = run_ranks(peer_model_matches_tp1, 2, spec, shared_buffers(n_sites, 2),
+    results = run_ranks(peer_model_matches_tp1, 2, spec, shared_buffers(n_sites, 2), fuse_norm,
                         timeout=240)
     for result in results:
         assert result["diff"] < 1e-5
@@ -94,6 +96,11 @@ def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
         _all_reduce_options(request, cpu_ranks)
     with pytest.raises(InfermeterError, match="needs --tp 2 or more"):
         _all_reduce_options(request, None)
+    cuda_ranks = TensorParallel(0, 2, 0, torch.device("cuda", 0))
+    fused_prefill = GenerateRequest(source="random:debug", tp_all_reduce="triton",
+                                    compile_prefill=True)
+    with pytest.raises(InfermeterError, match="use --tp-all-reduce triton-unfused with it"):
+        _all_reduce_options(fused_prefill, cuda_ranks)
     from infermeter.engine.checkpoint import load_model
 
     with pytest.raises(InfermeterError, match="needs a tensor-parallel model"):
@@ -117,14 +124,36 @@ def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype)
 
     peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
     x = torch.zeros(1, 1, 5120, dtype=dtype)
-    [(kernel, args, kwargs)] = recorded_launches(monkeypatch, lambda: peer(x, 1))
-    options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-    signature = inductor_signature(kernel, args, kwargs)
-    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = binary.asm["ptx"]
-    assert binary.asm["cubin"]
-    assert re.search(r"(red|atom)\.global\.(sys\.release|release\.sys)\.add", ptx)  # signal
-    assert re.search(r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas", ptx)  # wait + reset
-    assert "bar.sync" in ptx  # the program's stores before its signal
+    weight = torch.ones(5120, dtype=dtype)
+    launches = recorded_launches(monkeypatch, lambda: (peer(x, 1),
+                                                       peer.add_norm(x, x, weight, 1e-5, 0)))
+    assert len(launches) == 2
+    for kernel, args, kwargs in launches:
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        signature = inductor_signature(kernel, args, kwargs)
+        where = {(list(signature).index(name),): value for name, value in kwargs.items()}
+        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = binary.asm["ptx"]
+        assert binary.asm["cubin"]
+        assert re.search(r"(red|atom)\.global\.(sys\.release|release\.sys)\.add", ptx)
+        assert re.search(r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas", ptx)  # wait
+        assert "bar.sync" in ptx  # the program's stores before its signal
+
+
+def test_the_prenormed_forward_is_the_same_model() -> None:
+    """model.add_norm set to the plain add-then-norm: the layers run forward_prenormed (each
+    residual add with the norm after it, across layer boundaries) and the logits are the plain
+    forward's, bit for bit; a compiled prefill's per-layer block_fn is refused."""
+    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.model import add_then_norm
+
+    model = load_model("random:debug", max_batch_size=2, max_seq_len=16, seed=3)
+    tokens = torch.randint(0, model.spec.vocab_size, (2, 7),
+                           generator=torch.Generator().manual_seed(0))
+    plain = model(tokens, torch.arange(7))
+    model.reset_cache()
+    model.add_norm = add_then_norm
+    assert torch.equal(model(tokens, torch.arange(7)), plain)
+    with pytest.raises(InfermeterError, match="compiled prefill"):
+        model(tokens, torch.arange(7), block_fn=lambda *args: args[1])

@@ -166,6 +166,22 @@ def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]
         got = peer(xs[tp.rank], site)
         ok = got == rounded[0] if rounded[1] is None else (got == rounded[0]) | (got == rounded[1])
         equal.append(got.dtype == dtype and bool(ok.all()))
+    for site, numel, dtype in PEER_CASES[:3]:  # the same sums, plus the add and the norm
+        rows, dim = max(1, numel // 500), 500 if numel >= 500 else numel
+        deltas = [x[:rows * dim].view(rows, dim) for x in peer_inputs(site, numel, dtype,
+                                                                      tp.world)]
+        residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
+        weight = torch.linspace(0.5, 1.5, dim).to(dtype)
+        h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
+        total = sum((d.float() for d in deltas), torch.zeros(rows, dim)).to(dtype)
+        want_h = residual + total
+        hf = want_h.float()
+        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
+        # float32 exactly but for rsqrt's last bits; float16 within its roundings; bfloat16
+        # within three of the interpreter's truncations (2^-7 each: h, normed, times weight)
+        tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}[dtype]
+        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
+                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
     flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
     return {"equal": equal, "flags_set": flags.count_nonzero().item()}
 
@@ -180,20 +196,24 @@ class _CountingPeer:
         self.calls += 1
         return self.inner(x, site)
 
+    def add_norm(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        return self.inner.add_norm(*args)
+
 
 @torch.no_grad()
-def peer_model_matches_tp1(tp: TensorParallel, source: Any,
-                           buffers: list[torch.Tensor]) -> dict[str, Any]:
-    """A tp model whose all-reduces are the peer kernel: logits and greedy tokens against tp 1,
-    eagerly and in a fullgraph-compiled decode step (aot_eager), and how many all-reduces went
-    through the kernel."""
+def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.Tensor],
+                           fuse_norm: bool) -> dict[str, Any]:
+    """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
+    them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
+    decode step (aot_eager), and how many all-reduces went through a kernel."""
     from infermeter.engine import peer_all_reduce
     from infermeter.engine.linear import set_matvec_kernel
     from infermeter.engine.parallel import use_peer_all_reduce
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
-    use_peer_all_reduce(shard, tp, buffers)
+    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm)
     index = shard.tp_collectives.peer_index
     counter = peer_all_reduce._INSTANCES[index] = _CountingPeer(peer_all_reduce._INSTANCES[index])
     tokens = torch.randint(0, full.spec.vocab_size, (BATCH, PROMPT + DECODE),

@@ -139,10 +139,14 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
         return {}
     if not tp:
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs --tp 2 or more")
-    if request.tp_all_reduce == "triton":  # a kernel of ours, set on the model once loaded
+    if request.tp_all_reduce.startswith("triton"):  # our kernels, set on the loaded model
         if tp.device.type != "cuda":
-            raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs (symmetric memory); "
-                                  "this run's ranks are on the CPU")
+            raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs CUDA GPUs "
+                                  "(symmetric memory); this run's ranks are on the CPU")
+        if request.tp_all_reduce == "triton" and request.compile_prefill:
+            raise InfermeterError("--tp-all-reduce triton fuses each all-reduce with the next "
+                                  "layer's norm, which --compile-prefill's one-layer graph "
+                                  "cannot hold: use --tp-all-reduce triton-unfused with it")
         return {}
     if request.compile_backend == "cudagraphs":
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
@@ -238,10 +242,10 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
-    if tp and request.tp_all_reduce == "triton":
+    if tp and request.tp_all_reduce.startswith("triton"):
         from infermeter.engine.parallel import use_peer_all_reduce
 
-        use_peer_all_reduce(model, tp)
+        use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce == "triton")
     notes = []
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")

@@ -124,7 +124,7 @@ def _generate_setting(gen: Record | None) -> str:
     parts += [f"{cfg['decode_attention']} attention"] if cfg.get("decode_attention") else []
     parts += ["Triton GEMV"] if cfg.get("matvec_kernel") == "triton" else []
     all_reduce = cfg.get("tp_all_reduce")
-    parts += [f"{all_reduce} all-reduce"] if all_reduce in ("one-shot", "triton") else []
+    parts += [f"{all_reduce} all-reduce"] if all_reduce not in (None, "nccl") else []
     return ", ".join(parts) or fmt.MISSING
 
 

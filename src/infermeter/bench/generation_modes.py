@@ -64,7 +64,7 @@ class EngineRunner:
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
         self.all_reduce = None if settings.tp == 1 else \
-            settings.tp_all_reduce if self.config.compile or settings.tp_all_reduce == "triton" \
+            settings.tp_all_reduce if self.config.compile or "triton" in settings.tp_all_reduce \
             else "nccl"
         self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
 

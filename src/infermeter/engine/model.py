@@ -181,6 +181,17 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+# (residual, delta, norm) -> (h, norm(h)) with h = residual + delta: the default is
+# add_then_norm; tensor parallelism swaps in one that all-reduces delta on the way
+# (parallel.use_peer_all_reduce: one kernel for the all-reduce, the add and the norm).
+AddNorm = Callable[[Tensor, Tensor, RMSNorm], tuple[Tensor, Tensor]]
+
+
+def add_then_norm(residual: Tensor, delta: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+    h = residual + delta
+    return h, norm(h)
+
+
 # Whether a compiled one-token step materializes the attention norm's output (see there).
 MATERIALIZE_NORM = False
 
@@ -203,6 +214,14 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(normed, cos, sin, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_prenormed(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
+                          input_pos: Tensor, next_norm: RMSNorm,
+                          add_norm: AddNorm) -> tuple[Tensor, Tensor]:
+        """The same layer where each residual add comes with the norm after it: x [B, T, dim]
+        the residual stream, normed its attention_norm(x) -> (out, next_norm(out))."""
+        h, normed = add_norm(x, self.attention(normed, cos, sin, input_pos), self.ffn_norm)
+        return add_norm(h, self.feed_forward(normed), next_norm)
+
 
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
@@ -219,6 +238,8 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.shard_plan: object | None = None  # set by parallel.shard_model, never read here
         self.tp_collectives: object | None = None  # likewise (parallel.Collectives)
+        # Set (by parallel.use_peer_all_reduce), the layers run forward_prenormed with it.
+        self.add_norm: AddNorm | None = None
 
     def tie_weights(self) -> None:
         """With tied embeddings, make output.weight the very Parameter of tok_embeddings."""
@@ -286,10 +307,29 @@ class Transformer(nn.Module):
             raise InfermeterError("call setup_cache() before running the model")
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
+        if self.add_norm is not None:
+            return self._forward_prenormed(h, cos, sin, input_pos, block_fn)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos) if block_fn is None else \
                 block_fn(layer, h, cos, sin, input_pos)
         return self.output(self.norm(h)).float()
+
+
+    def _forward_prenormed(self, h: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                           block_fn: Callable[..., Tensor] | None) -> Tensor:
+        """forward with add_norm: every residual add is done together with the next norm (the
+        next layer's attention norm, or the final one)."""
+        if block_fn is not None:
+            raise InfermeterError("a compiled prefill (block_fn) cannot run a model whose adds "
+                                  "are fused with its norms (add_norm)")
+        assert self.add_norm is not None
+        normed = self.layers[0].attention_norm(h)
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) \
+                else self.norm
+            h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
+                                                self.add_norm)
+        return self.output(normed).float()
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from infermeter.engine.model import Transformer
+from infermeter.engine.model import Transformer, add_then_norm
 from infermeter.errors import InfermeterError
 from infermeter.kvsize import check_tp, kv_heads_per_rank
 from infermeter.specs import ModelSpec
@@ -158,17 +158,31 @@ class Collectives:
     """A sharded model's all-reduces: NCCL's (funcol), or, once use_peer_all_reduce has set
     `peer`, peer_all_reduce.py's kernel for every tensor that fits its slot (the decode step's;
     prefill's [B, T, dim] stays NCCL's). `site` names the call site: the peer kernel gives each
-    its own buffer region (see peer_all_reduce.py for why)."""
+    its own buffer region (see peer_all_reduce.py for why).
+
+    fused: wo's and w2's outputs leave their hooks unreduced and add_norm (the model's add_norm)
+    reduces them together with the residual add and the norm that follows."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.peer: Any = None  # a peer_all_reduce.PeerAllReduce
         self.peer_index = -1  # its index in peer_all_reduce's registry (the op's argument)
+        self.fused = False
 
     def all_reduce(self, x: Tensor, site: int | None) -> Tensor:
+        if site is not None and self.fused:
+            return x  # add_norm reduces it
         if site is not None and self.peer is not None and self.peer.takes(x):
             return torch.ops.infermeter.peer_all_reduce(x, self.peer_index, site)
         return all_reduce(x, self.group)
+
+    def add_norm(self, residual: Tensor, delta: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        """model.AddNorm for a model whose wo/w2 outputs arrive unreduced (fused): h = residual
+        + all-reduce(delta) and norm(h), in one kernel where it fits, else NCCL then the two."""
+        if self.peer.takes_rows(delta, residual):
+            return torch.ops.infermeter.peer_all_reduce_add_norm(
+                delta, residual, norm.weight, norm.eps, self.peer_index, norm.all_reduce_site)
+        return add_then_norm(residual, all_reduce(delta, self.group), norm)
 
 
 def _reduce_hook(collectives: Collectives, site: int | None) -> Any:
@@ -254,8 +268,10 @@ class TensorParallel:
 # 6.24 ms a step against NCCL's 6.51; off by default while that is one run and the comm part's
 # one-shot replay crashed there.
 # "triton": peer_all_reduce.py's kernel (every rank stores its slice straight into its peers'
-# symmetric buffers, one handshake, one kernel), in every step, eager or compiled.
-ALL_REDUCE_KINDS = ("nccl", "one-shot", "triton")
+# symmetric buffers, one handshake), which also does the residual add and the RMSNorm after
+# the all-reduce; "triton-unfused": the same all-reduce alone (the add and norm stay
+# inductor's kernel). Both in every step, eager or compiled.
+ALL_REDUCE_KINDS = ("nccl", "one-shot", "triton", "triton-unfused")
 
 
 # Inductor options for --tp-all-reduce one-shot. "_collective.auto_select" lowers the compiled
@@ -283,10 +299,12 @@ def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
 
 
 def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
-                        buffers: list[Tensor] | None = None) -> None:
-    """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernel (a
-    collective: every rank calls it). buffers: every rank's buffer as this process sees it
-    (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
+                        buffers: list[Tensor] | None = None, fuse_norm: bool = True) -> None:
+    """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
+    collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
+    the RMSNorm after it (model.add_norm; one kernel where there were two); else the plain
+    all-reduce kernel in wo's and w2's hooks. buffers: every rank's buffer as this process sees
+    it (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
     memory, which needs CUDA GPUs that can reach each other."""
     from infermeter.engine import peer_all_reduce
     from infermeter.engine.decode_kernel import triton_runs_on
@@ -302,6 +320,14 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
         else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
+    if fuse_norm:  # the norm after site 2i (layer i's wo) is its ffn_norm, the one after
+        # site 2i + 1 (its w2) the next layer's attention_norm, or the final norm
+        following = [layer.attention_norm for layer in model.layers[1:]] + [model.norm]
+        for i, layer in enumerate(model.layers):
+            layer.ffn_norm.all_reduce_site = 2 * i
+            following[i].all_reduce_site = 2 * i + 1
+        collectives.fused = True
+        model.add_norm = collectives.add_norm
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:

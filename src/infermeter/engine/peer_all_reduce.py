@@ -96,6 +96,46 @@ if triton is not None:
                            volatile=True).to(tl.float32)
         tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _peer_add_norm_kernel(D, R, NORM_W, H, OUT, DATA_PTRS, FLAG_PTRS, dim, rank,
+                              site_offset, slot_elems, flag_offset, EPS: tl.constexpr,
+                              WORLD: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per row of D [rows, dim] (this rank's partial sums, e.g. wo's output):
+        # the all-reduce as above, then h = R + sum (the residual stream, rounded to its
+        # dtype as the model's add is) into H, and RMSNorm(h) * NORM_W into OUT, exactly as
+        # model.RMSNorm computes it (float32 mean of squares, rounded, times the weight).
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        offs = row * dim + cols
+        d = tl.load(D + offs, mask=mask)
+        for r in tl.static_range(WORLD):
+            data = _address(DATA_PTRS + r, D.dtype.element_ty)
+            tl.store(data + site_offset + rank * slot_elems + offs, d, mask=mask)
+        tl.debug_barrier()
+        for r in tl.static_range(WORLD):
+            if r != rank:
+                flags = tl.load(FLAG_PTRS + r).to(tl.pointer_type(tl.int32))
+                tl.atomic_add(flags + flag_offset + row, 1, sem="release", scope="sys")
+        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + flag_offset + row
+        seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
+        while seen != WORLD - 1:
+            seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
+        data = _address(DATA_PTRS + rank, D.dtype.element_ty)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for r in tl.static_range(WORLD):
+            acc += tl.load(data + site_offset + r * slot_elems + offs, mask=mask,
+                           volatile=True).to(tl.float32)
+        total = acc.to(D.dtype.element_ty).to(tl.float32)  # the all-reduce's result
+        residual = tl.load(R + offs, mask=mask).to(tl.float32)
+        h = (residual + total).to(H.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+        hf = h.to(tl.float32)
+        mean_square = tl.sum(hf * hf, axis=0) / dim
+        normed = (hf * tl.rsqrt(mean_square + EPS)).to(H.dtype.element_ty).to(tl.float32)
+        weight = tl.load(NORM_W + cols, mask=mask).to(tl.float32)
+        tl.store(OUT + offs, (normed * weight).to(OUT.dtype.element_ty), mask=mask)
+
 
 class PeerAllReduce:
     """One rank's view of the group's buffers: `buffers[r]` is rank r's buffer (uint8, all the
@@ -154,6 +194,35 @@ class PeerAllReduce:
         return out
 
 
+    def takes_rows(self, delta: Tensor, residual: Tensor) -> bool:
+        """Whether add_norm can take this all-reduce: it fits a slot, one flag per row."""
+        rows = delta.numel() // delta.shape[-1]
+        return (self.takes(delta) and rows <= MAX_PROGRAMS and residual.shape == delta.shape
+                and residual.dtype == delta.dtype)
+
+    def add_norm(self, delta: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 site: int) -> tuple[Tensor, Tensor]:
+        """(h, norm(h)) with h = residual + (delta summed over the ranks): the all-reduce, the
+        residual add and the RMSNorm that follows it in one kernel. delta, residual [..., dim];
+        weight [dim]."""
+        if not 0 <= site < self.n_sites:
+            raise ValueError(f"site {site} outside 0..{self.n_sites - 1}")
+        if not self.takes_rows(delta, residual):
+            raise ValueError(f"{tuple(delta.shape)} {delta.dtype} does not fit a slot")
+        delta, residual = delta.contiguous(), residual.contiguous()
+        dim = delta.shape[-1]
+        h = torch.empty_like(delta)
+        out = torch.empty(delta.shape, device=delta.device,
+                          dtype=torch.promote_types(delta.dtype, weight.dtype))
+        slot_elems = SLOT_BYTES // delta.element_size()
+        block = triton.next_power_of_2(dim)
+        torch.library.wrap_triton(_peer_add_norm_kernel)[(delta.numel() // dim,)](
+            delta, residual, weight, h, out, self.data_ptrs, self.flag_ptrs, dim, self.rank,
+            site * self.world * slot_elems, slot_elems, site * MAX_PROGRAMS, EPS=eps,
+            WORLD=self.world, BLOCK=block, num_warps=max(4, min(16, block // 512)))
+        return h, out
+
+
 # The instances of this process, by index: an op's arguments must be tensors and numbers, and a
 # captured CUDA graph keeps using an instance's buffers, so none is ever dropped.
 _INSTANCES: list[PeerAllReduce] = []
@@ -174,3 +243,18 @@ def peer_all_reduce(x: Tensor, instance: int, site: int) -> Tensor:
 @peer_all_reduce.register_fake
 def _(x: Tensor, instance: int, site: int) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("infermeter::peer_all_reduce_add_norm", mutates_args=())
+def peer_all_reduce_add_norm(delta: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                             instance: int, site: int) -> tuple[Tensor, Tensor]:
+    """(h, RMSNorm(h) * weight), h = residual + delta summed over the ranks (see add_norm)."""
+    return _INSTANCES[instance].add_norm(delta, residual, weight, eps, site)
+
+
+@peer_all_reduce_add_norm.register_fake
+def _(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int,
+      site: int) -> tuple[Tensor, Tensor]:
+    out_dtype = torch.promote_types(delta.dtype, weight.dtype)
+    return (torch.empty_like(delta, memory_format=torch.contiguous_format),
+            torch.empty(delta.shape, dtype=out_dtype, device=delta.device))
