@@ -178,8 +178,8 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
         return lambda: gemv(row, weight)
 
     calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
-             lambda: silu_mul_triton(gate, gate), matvec(1100), matvec(4096), matvec(5120),
-             matvec(11008)]
+             lambda: silu_mul_triton(gate, gate), matvec(1100), matvec(2560), matvec(4096),
+             matvec(5120), matvec(6912), matvec(11008)]
     launches = [launch for call in calls for launch in recorded_launches(monkeypatch, call)]
     assert len(launches) == len(calls) + 3  # the attention calls launch a combine kernel too
     for kernel, args, kwargs in launches:
