@@ -275,15 +275,15 @@ def test_report_knows_the_engines_default_kernels():
     """report_select's torch-free copies of the engine's defaults are the engine's."""
     from infermeter.cli import build_parser
     from infermeter.engine.linear import MATVEC_KERNEL
-    from infermeter.engine.parallel import ALL_REDUCE_KINDS
+    from infermeter.engine.parallel import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
     from infermeter.generate_run import GenerateRequest
     from infermeter.report_select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
 
     request = GenerateRequest(source="random:debug")
     cli = build_parser().parse_args(["generate", "--model", "debug"])  # the CLI's defaults
     assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.matvec_kernel == cli.matvec_kernel
-    assert DEFAULT_TP_ALL_REDUCE == ALL_REDUCE_KINDS[0] == request.tp_all_reduce == \
-        cli.tp_all_reduce
+    assert ALL_REDUCE_KINDS[0] == request.tp_all_reduce == cli.tp_all_reduce == "auto"
+    assert DEFAULT_TP_ALL_REDUCE == AUTO_ALL_REDUCE  # what auto picks on one host's GPUs
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

@@ -16,6 +16,7 @@ Everything a user can get wrong (lengths, memory, flags) is checked before any w
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,7 @@ class GenerateRequest:
     compile_backend: str | None = None
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
-    tp_all_reduce: str = "nccl"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
+    tp_all_reduce: str = "auto"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
@@ -131,6 +132,21 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
     fixed = tuple(i % vocab_size for i in DEFAULT_PROMPT_IDS)
     return prompt_sets(request.batch_sizes or (1,), request.prompt_lens, request.contexts,
                        vocab_size, request.seed, fixed)
+
+
+def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
+    """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
+    GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
+    graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU)."""
+    if request.tp_all_reduce != "auto":
+        return request.tp_all_reduce
+    if not tp:
+        return "nccl"
+    from infermeter.engine.parallel import peer_all_reduce_usable
+
+    if not peer_all_reduce_usable(tp):
+        return "nccl"
+    return "triton-unfused" if request.compile_prefill else "triton"
 
 
 def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
@@ -236,6 +252,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
 
     tp = init_distributed(request.device, request.tp)
     device = tp.device if tp else device
+    request = dataclasses.replace(request, tp_all_reduce=resolve_all_reduce(request, tp))
     # ---- end tensor parallelism ----
     _check_hf(cases, tp)
     settings = _settings(request, tokenizer, tp)

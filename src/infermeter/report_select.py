@@ -183,15 +183,16 @@ def mode_rank(record: Record) -> int:
 
 
 # The engine's defaults for the compiled step's other kernels (engine/linear.py MATVEC_KERNEL,
-# engine/parallel.py's first ALL_REDUCE_KINDS; a test keeps these equal, the report stays
+# engine/parallel.py's AUTO_ALL_REDUCE; a test keeps these equal, the report stays
 # torch-free).
-DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "nccl"
+DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 
 
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
-    inductor's matrix-vector products (the GEMV is the default) or other all-reduces: a
-    comparison run (e.g. the generation sweep's kernel or gemv part), not the representative.
+    inductor's matrix-vector products (the GEMV is the default) or other all-reduces than
+    auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused): a comparison run (e.g. the
+    generation sweep's kernel or gemv part), not the representative.
     A Result from before a setting was recorded ran what existed then: inductor's reductions
     and NCCL's all-reduces."""
     cfg = record.config
@@ -200,7 +201,9 @@ def off_default_kernels(record: Record) -> bool:
     kind = cfg.get("decode_attention")
     attention_off = bool(kind) and kind != resolve_attention("auto", batch_size(record) or 1)
     matvec = cfg.get("matvec_kernel") or "inductor"  # unrecorded: it ran before the GEMV existed
-    all_reduce = cfg.get("tp_all_reduce") or DEFAULT_TP_ALL_REDUCE
+    # unrecorded: one GPU (no all-reduce), or tensor parallelism from before the setting (NCCL)
+    unrecorded = "nccl" if (num(cfg.get("tp")) or 1) > 1 else DEFAULT_TP_ALL_REDUCE
+    all_reduce = cfg.get("tp_all_reduce") or unrecorded
     return attention_off or matvec != DEFAULT_MATVEC_KERNEL or all_reduce != DEFAULT_TP_ALL_REDUCE
 
 

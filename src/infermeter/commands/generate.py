@@ -9,7 +9,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
-ALL_REDUCE_KINDS = ("nccl", "one-shot", "triton", "triton-unfused")  # parallel.py's, likewise
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # parallel.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 
@@ -84,8 +84,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     # Tensor parallelism: launch.py starts torchrun, engine/parallel.py shards the model.
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks on this host: starts "
                    "torchrun with this many (default 1; under torchrun: all its ranks)")
-    p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="nccl",
-                   help="the decode step's all-reduces: NCCL (default); inductor's "
+    p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="auto",
+                   help="the decode step's all-reduces: auto (default: triton on the GPUs of "
+                   "one host that reach each other, else NCCL); NCCL; inductor's "
                    "symmetric-memory one-shot kernels (compiled step; 13B tp 2 on an H100 "
                    "host: 6.24 vs 6.51 ms a step, one run); or infermeter's Triton kernel "
                    "(peers store into each other's symmetric memory, one handshake, with the "

@@ -29,18 +29,20 @@ from infermeter.engine.decode_kernel import triton, triton_runs_on
 # Tiles by the weight's column count K, from benchmarks/gemv_tiles.py on an H100 (results/gemv-
 # tiles-*-nvidia-h100-*.json: each product shape of Llama-2-7B and 13B alone, ~100 tilings):
 #   K a multiple of 4096 (7B's 4096)      2 rows x 4096 columns, 16 warps: 2.3-2.9 TB/s
-#   K over 8192 (7B's 11008, 13B's 13824)  1 row x 4096 columns, 16 warps (the last step ragged);
-#   or over 4096 and not a multiple of      likewise: 13B's w2 at tp 2 (6912) 28.5 us against 29.2
-#   1024 (tp 2's w2: 6912, 5504)            with 1 x 2048 (bf16, session 6's tp 2 sweep)
+#   K over 8192 (7B's 11008, 13B's 13824)  1 row x 4096 columns, 16 warps (the last step ragged)
 #   under 4096 (tp 2's wo: 13B 2560, 7B     4 rows x K rounded up to a power of two (at least
 #   2048)                                   1024), 8 warps: 13B's 14.3 us against 14.7 with
 #                                           2 x 2048 and 23.3 with 1 x 2048 (bf16, gemv-tiles-
 #                                           llama-2-13b-tp2-wide-*.json)
-#   otherwise (13B's 5120)                 1 row x 2048 columns, 8 warps: 4096 would leave 3/8 of
-#                                          the second step's lanes idle; 2.4-2.9 TB/s
+#   otherwise (13B's 5120, tp 2's 6912)    1 row x 2048 columns, 8 warps: 4096 would leave 3/8 of
+#                                          5120's second step idle; 2.4-2.9 TB/s. For 13B's w2 at
+#                                          tp 2 (6912) 1 x 4096 timed faster alone (28.5 vs 29.2
+#                                          us) but slower in the tp 2 step (26.9 vs 26.0 us a call,
+#                                          session 7's traces), so it stays here.
 # The copy reaches 3.0 TB/s there. In the whole 7B step these tiles beat inductor's reductions
 # (5.55 vs 5.65 ms); 13B's with these tiles 9.51 vs 10.43 (with the other Triton kernels). The
-# tp 2 rules (session 7) are per-shape timings; the tp 2 step with them is in results/tp-*.jsonl.
+# under-4096 rule (session 7): 13B's wo at tp 2 took 12.05 us a call in the tp 2 step's trace
+# against 12.39 with 2 x 2048 (two runs on one 2 x H100 host; results/tp-*.jsonl has the steps).
 NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 
 
@@ -48,7 +50,7 @@ def tiles_for(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_cols columns (the table above)."""
     if n_cols % 4096 == 0:
         return 2, 4096, 16
-    if n_cols > 8192 or (n_cols > 4096 and n_cols % 1024):
+    if n_cols > 8192:
         return 1, 4096, 16
     if n_cols < 4096:
         return 4, max(1024, 1 << (n_cols - 1).bit_length()), 8
