@@ -15,8 +15,8 @@ Everything a user can get wrong (lengths, memory, flags) is checked before any w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
