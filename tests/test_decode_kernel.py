@@ -222,6 +222,7 @@ def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkey
     layer.matvec_kernel = "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert torch.equal(layer(row), want_row) and calls == []  # CPU, no interpreter: F.linear
+    monkeypatch.setattr(linear_module, "triton_runs_on", lambda x: True)  # as on a GPU
     monkeypatch.setattr(linear_module, "gemv_usable", lambda x, w: x.numel() == x.shape[-1])
     torch.testing.assert_close(layer(row), want_row)  # the kernel's path, bias added after
     assert calls == [(1, 6)]

@@ -291,7 +291,6 @@ def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran
     """--matvec-kernel triton: every Linear of the model (the fused ones too) is set; the
     Result records "triton" only for a compiled batch-1 case where Triton runs, "inductor"
     for other compiled cases, nothing in eager mode."""
-    from infermeter.bench import generation_modes
     from infermeter.bench.generation_modes import EngineRunner, RunSettings
     from infermeter.commands.generate import MATVEC_KERNELS
     from infermeter.engine.linear import MATVEC_KERNELS as ENGINE_KINDS
@@ -309,12 +308,14 @@ def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran
     runner = EngineRunner(model, compiled[0], settings)
     kinds = {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)}
     assert kinds == {"triton"} and model.layers[0].attention.wqkv is not None  # fused too
-    monkeypatch.setattr(generation_modes, "triton_runs_on", lambda x: True)
+    from infermeter.engine import linear as linear_module  # takes_gemv, the shared rule
+
+    monkeypatch.setattr(linear_module, "triton_runs_on", lambda x: True)
     runner.batch_sizes = [1]
     assert runner.describe()["matvec_kernel"] == "triton"
     runner.batch_sizes = [2]  # two rows: F.linear, as inductor compiles it
     assert runner.describe()["matvec_kernel"] == "inductor"
-    monkeypatch.setattr(generation_modes, "triton_runs_on", lambda x: False)
+    monkeypatch.setattr(linear_module, "triton_runs_on", lambda x: False)
     runner.batch_sizes = [1]
     assert runner.describe()["matvec_kernel"] == "inductor"  # no Triton here: fell back
     assert EngineRunner(model, eager[0], settings).describe()["matvec_kernel"] is None

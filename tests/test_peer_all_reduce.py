@@ -157,3 +157,26 @@ def test_the_prenormed_forward_is_the_same_model() -> None:
     assert torch.equal(model(tokens, torch.arange(7)), plain)
     with pytest.raises(InfermeterError, match="compiled prefill"):
         model(tokens, torch.arange(7), block_fn=lambda *args: args[1])
+
+
+def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) -> None:
+    """--tp-all-reduce auto: triton (fused) where peer_all_reduce_usable says so, triton-unfused
+    with --compile-prefill, NCCL otherwise and at tp 1; an explicit kind is kept. CPU ranks are
+    never usable (no collective needed to say so without a group)."""
+    from infermeter.engine import parallel
+    from infermeter.generate_run import resolve_all_reduce
+
+    cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
+    assert parallel.peer_all_reduce_usable(cpu_ranks) is False
+    gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))
+    auto = GenerateRequest(source="random:debug")
+    assert auto.tp_all_reduce == "auto"
+    monkeypatch.setattr(parallel, "peer_all_reduce_usable", lambda tp: True)
+    assert resolve_all_reduce(auto, gpus) == "triton"
+    prefill = GenerateRequest(source="random:debug", compile_prefill=True)
+    assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
+    assert resolve_all_reduce(GenerateRequest(source="random:debug", tp_all_reduce="nccl"),
+                              gpus) == "nccl"
+    assert resolve_all_reduce(auto, None) == "nccl"
+    monkeypatch.setattr(parallel, "peer_all_reduce_usable", lambda tp: False)
+    assert resolve_all_reduce(auto, gpus) == "nccl"

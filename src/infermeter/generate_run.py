@@ -150,8 +150,9 @@ def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
 
 
 def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
-    """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels)."""
-    if request.tp_all_reduce == "nccl":
+    """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels). run_generate
+    resolves auto first; unresolved (one process) it can only mean NCCL."""
+    if request.tp_all_reduce == "nccl" or (request.tp_all_reduce == "auto" and not tp):
         return {}
     if not tp:
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs --tp 2 or more")

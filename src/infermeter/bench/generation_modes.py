@@ -14,9 +14,8 @@ from torch import Tensor
 
 from infermeter.bench.generation_cases import Case
 from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
-from infermeter.engine.decode_kernel import triton_runs_on
 from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
-from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel
+from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel, takes_gemv
 from infermeter.engine.model import Transformer
 
 
@@ -78,13 +77,12 @@ class EngineRunner:
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used()}
 
     def _matvec_used(self) -> str | None:
-        """The compiled step's one-row products: "triton" only at batch 1 where Triton runs
-        (linear.Linear's rule), else inductor's; None in eager mode (F.linear)."""
+        """The compiled step's one-row products: "triton" where a case's batch of 1 takes the
+        GEMV (linear.takes_gemv, Linear's own rule), else inductor's; None in eager mode."""
         if not self.config.compile:
             return None
         weight = self.generator.model.output.weight
-        gemv = (self.matvec_kernel == "triton" and 1 in self.batch_sizes
-                and triton_runs_on(weight))
+        gemv = any(takes_gemv(self.matvec_kernel, batch, weight) for batch in self.batch_sizes)
         return "triton" if gemv else "inductor"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:

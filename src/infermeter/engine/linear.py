@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infermeter.engine.decode_kernel import triton_runs_on
 from infermeter.engine.gemv_kernel import gemv, gemv_usable
 from infermeter.engine.opaque_ops import compiling
 
@@ -25,13 +26,23 @@ MATVEC_KERNEL = "triton"
 MATVEC_KERNELS = ("inductor", "triton")
 
 
+def takes_gemv(kind: str, rows: int, weight: Tensor) -> bool:
+    """Whether a compiled step's product of `rows` rows with `weight` goes to the GEMV: kind
+    "triton", one row, Triton runs where the weight is. Linear.forward's rule (it also checks
+    the input's layout, which the engine's own tensors meet); the generation runner records
+    what ran with it."""
+    return kind == "triton" and rows == 1 and triton_runs_on(weight)
+
+
 class Linear(nn.Linear):
     matvec_kernel = MATVEC_KERNEL  # set per instance (or on every Linear of a model) to change
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]; a single row x [1(, 1), in] in a compiled step with
         matvec_kernel "triton" (where Triton runs) takes the GEMV kernel."""
-        if self.matvec_kernel == "triton" and compiling() and gemv_usable(x, self.weight):
+        rows = x.numel() // x.shape[-1]
+        if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight) \
+                and gemv_usable(x, self.weight):
             out = gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
