@@ -43,8 +43,12 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 CATEGORIES = tuple(f"matmul {p}" for p in PROJECTIONS) + (
     "matmul (unattributed)", "attention", "norms & rotary", "sampling", "all-reduce",
     "memcpy / memset", "other (residual, activation, embedding)", "gaps (idle)")
-_ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::", re.I)
-_ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm", re.I)
+# NCCL's kernels, c10d's ops, and peer_all_reduce.py's (whose fused kernel also does the residual
+# add and the norm after the all-reduce: counted here, as the all-reduce is most of its time)
+_ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::|_peer_", re.I)
+# the last two: decode_kernel.py's split-KV attention and its combine
+_ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split_kv"
+                        r"|_combine_kernel", re.I)
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
                      r"|splitk", re.I)
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)
@@ -144,6 +148,8 @@ def _inductor_category(name: str) -> str | None:
 
 def _by_name(name: str) -> str:
     """No label (compiled graphs, foreign traces): the kernel's name is all there is."""
+    if _ALLREDUCE.search(name):
+        return "all-reduce"
     fused = _inductor_category(name)
     if fused is not None:
         return fused
