@@ -9,8 +9,9 @@ same amounts (parallel.py splits every matrix evenly and replicates KV heads whe
   prefill  = the largest prefill activations: the logits [B, T, V] in the model dtype and in
              float32, whole on every rank (parallel.py all-gathers them), and the FFN's three
              [B, T, ffn/tp] tensors
-  headroom = GPU memory - all of the above: what is left for the CUDA context, NCCL's buffers,
-             compiled graphs and allocator slack (a few GiB).
+  headroom = GPU memory - all of the above: what is left for the CUDA context, the all-reduce
+             buffers (NCCL's; the Triton all-reduce's symmetric memory, 2 x layers x tp x
+             256 KiB: 40 MiB for 13B at tp 2), compiled graphs and allocator slack (a few GiB).
 The cache length is --max-seq-len, else what the Generator would pick: prompt + new tokens
 rounded up to 256 (text prompts are not tokenized here: their length counts as 0).
 """
@@ -79,7 +80,7 @@ def render_rank_plan(plan: RankPlan) -> str:
     elif plan.headroom_bytes < 0:
         verdict = f"does NOT fit: {format_bytes(-plan.headroom_bytes)} short on every rank"
     else:
-        verdict = "fits (the CUDA context and NCCL's buffers come out of the headroom)"
+        verdict = "fits (the CUDA context and the all-reduce buffers come out of the headroom)"
     rows = [["query heads / KV heads", f"{plan.query_heads_per_rank} / {plan.kv_heads_per_rank}"],
             ["weights", size(plan.weight_bytes_per_rank)],
             [f"KV cache ({plan.batch_size} x {plan.cache_len} tokens, {plan.kv_dtype})",
