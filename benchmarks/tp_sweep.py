@@ -255,31 +255,31 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
                                 "all_reduces_per_step": 2 * spec.n_layers}))
 
     variants = {"eager": lambda: step, "graph": lambda: step, "triton_graph": peer,
-                "one_shot_graph": one_shot}
-    for how, make in [(variant, variants[variant])]:
-        print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
-        try:
-            fn = make()
-            if how != "eager":  # as the compiled decode step replays them: no launch overhead
-                fn()  # once outside the capture (symmetric memory's first use sets it up)
-                torch.cuda.synchronize()
-                graphs.append(torch.cuda.CUDAGraph())
-                with torch.cuda.graph(graphs[-1]):
-                    fn()
-                fn = graphs[-1].replay
-            for _ in range(5):
-                fn()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                fn()
-            end.record()
+                "one_shot_graph": one_shot}  # COMM_VARIANTS, one per process
+    how, make = variant, variants[variant]
+    print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
+    try:
+        fn = make()
+        if how != "eager":  # as the compiled decode step replays them: no launch overhead
+            fn()  # once outside the capture (symmetric memory's first use sets it up)
             torch.cuda.synchronize()
-            timings[f"{how}_ms_per_step"] = start.elapsed_time(end) / 50
-        except Exception as err:  # a capture NCCL refuses: keep the eager number, say why
-            timings[f"{how}_error"] = f"{type(err).__name__}: {err}"[:300]
-        write()
+            graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graphs[-1]):
+                fn()
+            fn = graphs[-1].replay
+        for _ in range(5):
+            fn()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        timings[f"{how}_ms_per_step"] = start.elapsed_time(end) / 50
+    except Exception as err:  # a capture NCCL refuses: keep the eager number, say why
+        timings[f"{how}_error"] = f"{type(err).__name__}: {err}"[:300]
+    write()
     # A graph holding NCCL kernels must go before its communicator: on an H100 host both ranks
     # aborted (SIGABRT) in teardown, after writing these timings, when it was left alive.
     del graphs

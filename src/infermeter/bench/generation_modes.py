@@ -35,7 +35,7 @@ class RunSettings:
     compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
-    tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS: how the compiled step all-reduces
+    tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS, auto already resolved (generate_run)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
     roofline: bool = True

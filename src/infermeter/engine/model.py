@@ -308,27 +308,25 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         if self.add_norm is not None:
-            return self._forward_prenormed(h, cos, sin, input_pos, block_fn)
+            if block_fn is not None:
+                raise InfermeterError("a compiled prefill (block_fn) cannot run a model whose "
+                                      "adds are fused with its norms (add_norm)")
+            return self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos) if block_fn is None else \
                 block_fn(layer, h, cos, sin, input_pos)
         return self.output(self.norm(h)).float()
 
-
     def _forward_prenormed(self, h: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                           block_fn: Callable[..., Tensor] | None) -> Tensor:
+                           add_norm: AddNorm) -> Tensor:
         """forward with add_norm: every residual add is done together with the next norm (the
         next layer's attention norm, or the final one)."""
-        if block_fn is not None:
-            raise InfermeterError("a compiled prefill (block_fn) cannot run a model whose adds "
-                                  "are fused with its norms (add_norm)")
-        assert self.add_norm is not None
         normed = self.layers[0].attention_norm(h)
         for i, layer in enumerate(self.layers):
             following = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) \
                 else self.norm
             h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
-                                                self.add_norm)
+                                                add_norm)
         return self.output(normed).float()
 
 

@@ -67,33 +67,43 @@ if triton is not None:
         return tl.multiple_of(tl.load(table).to(tl.pointer_type(dtype)), 256)
 
     @triton.jit
-    def _peer_all_reduce_kernel(X, OUT, DATA_PTRS, FLAG_PTRS, numel, rank, site_offset,
-                                slot_elems, flag_offset, WORLD: tl.constexpr,
-                                BLOCK: tl.constexpr):
-        # DATA_PTRS / FLAG_PTRS [WORLD] int64: every rank's data area and flag area, as
-        # addresses this process can use. site_offset: elements from a data area's start to
-        # this site's slot 0; flag_offset: the site's first flag.
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = tl.load(X + offs, mask=mask)
+    def _exchange_and_sum(x, offs, mask, flag, DATA_PTRS, FLAG_PTRS, rank, site_offset,
+                          slot_elems, flag_offset, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+        """Steps 1-4 of the module docstring for one program: x [BLOCK] (this rank's values at
+        offs) -> the float32 sum over the ranks. DATA_PTRS / FLAG_PTRS [WORLD] int64: every
+        rank's data area and flag area, as addresses this process can use; site_offset: elements
+        from a data area's start to this site's slot 0; flag: the program's flag in the site,
+        which starts at flag_offset."""
         for r in tl.static_range(WORLD):  # 1. my slice into slot `rank` of every rank
-            data = _address(DATA_PTRS + r, X.dtype.element_ty)
+            data = _address(DATA_PTRS + r, x.dtype)
             tl.store(data + site_offset + rank * slot_elems + offs, x, mask=mask)
         tl.debug_barrier()  # all of this program's stores come before its signals
         for r in tl.static_range(WORLD):  # 2. tell every peer
             if r != rank:
                 flags = tl.load(FLAG_PTRS + r).to(tl.pointer_type(tl.int32))
-                tl.atomic_add(flags + flag_offset + pid, 1, sem="release", scope="sys")
-        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + flag_offset + pid
+                tl.atomic_add(flags + flag_offset + flag, 1, sem="release", scope="sys")
+        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + flag_offset + flag
         seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
         while seen != WORLD - 1:  # 3. every peer's slice is here; the flag is reset
             seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
-        data = _address(DATA_PTRS + rank, X.dtype.element_ty)
+        data = _address(DATA_PTRS + rank, x.dtype)
         acc = tl.zeros([BLOCK], tl.float32)
         for r in tl.static_range(WORLD):  # 4. the sum, in rank order
             acc += tl.load(data + site_offset + r * slot_elems + offs, mask=mask,
                            volatile=True).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _peer_all_reduce_kernel(X, OUT, DATA_PTRS, FLAG_PTRS, numel, rank, site_offset,
+                                slot_elems, flag_offset, WORLD: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        # Program p sums elements [p * BLOCK, (p + 1) * BLOCK) of X through flag p of the site.
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(X + offs, mask=mask)
+        acc = _exchange_and_sum(x, offs, mask, pid, DATA_PTRS, FLAG_PTRS, rank, site_offset,
+                                slot_elems, flag_offset, WORLD, BLOCK)
         tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -109,23 +119,8 @@ if triton is not None:
         mask = cols < dim
         offs = row * dim + cols
         d = tl.load(D + offs, mask=mask)
-        for r in tl.static_range(WORLD):
-            data = _address(DATA_PTRS + r, D.dtype.element_ty)
-            tl.store(data + site_offset + rank * slot_elems + offs, d, mask=mask)
-        tl.debug_barrier()
-        for r in tl.static_range(WORLD):
-            if r != rank:
-                flags = tl.load(FLAG_PTRS + r).to(tl.pointer_type(tl.int32))
-                tl.atomic_add(flags + flag_offset + row, 1, sem="release", scope="sys")
-        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + flag_offset + row
-        seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
-        while seen != WORLD - 1:
-            seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
-        data = _address(DATA_PTRS + rank, D.dtype.element_ty)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for r in tl.static_range(WORLD):
-            acc += tl.load(data + site_offset + r * slot_elems + offs, mask=mask,
-                           volatile=True).to(tl.float32)
+        acc = _exchange_and_sum(d, offs, mask, row, DATA_PTRS, FLAG_PTRS, rank, site_offset,
+                                slot_elems, flag_offset, WORLD, BLOCK)
         total = acc.to(D.dtype.element_ty).to(tl.float32)  # the all-reduce's result
         residual = tl.load(R + offs, mask=mask).to(tl.float32)
         h = (residual + total).to(H.dtype.element_ty)
@@ -164,7 +159,8 @@ class PeerAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         symm_mem.enable_symm_mem_for_group(group.group_name)
-        world, size = dist.get_world_size(group), buffer_bytes(n_sites, dist.get_world_size(group))
+        world = dist.get_world_size(group)
+        size = buffer_bytes(n_sites, world)
         mine = symm_mem.empty(size, dtype=torch.uint8, device=device)
         mine.zero_()  # flags start at 0
         handle = symm_mem.rendezvous(mine, group.group_name)
@@ -174,25 +170,29 @@ class PeerAllReduce:
         dist.barrier(group)  # no peer signals before every flag area is zeroed
         return cls(handle.rank, buffers, n_sites)
 
+    def _site(self, site: int, element_size: int) -> tuple[int, int, int]:
+        """(site_offset, slot_elems, flag_offset): where call site `site` lives in the buffers,
+        for elements of element_size bytes."""
+        if not 0 <= site < self.n_sites:
+            raise ValueError(f"site {site} outside 0..{self.n_sites - 1}")
+        slot_elems = SLOT_BYTES // element_size
+        return site * self.world * slot_elems, slot_elems, site * MAX_PROGRAMS
+
     def takes(self, x: Tensor) -> bool:
         """Whether x fits a slot (else the caller uses NCCL)."""
         return x.dtype in DTYPES and x.numel() * x.element_size() <= SLOT_BYTES
 
     def __call__(self, x: Tensor, site: int) -> Tensor:
-        if not 0 <= site < self.n_sites:
-            raise ValueError(f"site {site} outside 0..{self.n_sites - 1}")
+        where = self._site(site, x.element_size())
         if not self.takes(x):
             raise ValueError(f"{tuple(x.shape)} {x.dtype} does not fit a {SLOT_BYTES}-byte slot")
         x = x.contiguous()
         out = torch.empty_like(x)
-        slot_elems = SLOT_BYTES // x.element_size()
         grid = (triton.cdiv(x.numel(), BLOCK),)
         torch.library.wrap_triton(_peer_all_reduce_kernel)[grid](
-            x, out, self.data_ptrs, self.flag_ptrs, x.numel(), self.rank,
-            site * self.world * slot_elems, slot_elems, site * MAX_PROGRAMS,
+            x, out, self.data_ptrs, self.flag_ptrs, x.numel(), self.rank, *where,
             WORLD=self.world, BLOCK=BLOCK, num_warps=4)
         return out
-
 
     def takes_rows(self, delta: Tensor, residual: Tensor) -> bool:
         """Whether add_norm can take this all-reduce: it fits a slot, one flag per row."""
@@ -205,8 +205,7 @@ class PeerAllReduce:
         """(h, norm(h)) with h = residual + (delta summed over the ranks): the all-reduce, the
         residual add and the RMSNorm that follows it in one kernel. delta, residual [..., dim];
         weight [dim]."""
-        if not 0 <= site < self.n_sites:
-            raise ValueError(f"site {site} outside 0..{self.n_sites - 1}")
+        where = self._site(site, delta.element_size())
         if not self.takes_rows(delta, residual):
             raise ValueError(f"{tuple(delta.shape)} {delta.dtype} does not fit a slot")
         delta, residual = delta.contiguous(), residual.contiguous()
@@ -214,12 +213,11 @@ class PeerAllReduce:
         h = torch.empty_like(delta)
         out = torch.empty(delta.shape, device=delta.device,
                           dtype=torch.promote_types(delta.dtype, weight.dtype))
-        slot_elems = SLOT_BYTES // delta.element_size()
         block = triton.next_power_of_2(dim)
         torch.library.wrap_triton(_peer_add_norm_kernel)[(delta.numel() // dim,)](
             delta, residual, weight, h, out, self.data_ptrs, self.flag_ptrs, dim, self.rank,
-            site * self.world * slot_elems, slot_elems, site * MAX_PROGRAMS, EPS=eps,
-            WORLD=self.world, BLOCK=block, num_warps=max(4, min(16, block // 512)))
+            *where, EPS=eps, WORLD=self.world, BLOCK=block,
+            num_warps=max(4, min(16, block // 512)))
         return h, out
 
 
