@@ -109,3 +109,19 @@ def test_one_shot_part_runs_tp2_only_with_the_flag(tmp_path, monkeypatch):
     # only the tp 2 run is traced, into a folder of its part
     assert "--trace" not in commands[2]
     assert commands[3][commands[3].index("--trace") + 1] == str(tmp_path / "t" / "decode-13b")
+
+
+def test_trace_kernels_lists_each_kernel_and_grid_per_step():
+    """benchmarks/trace_kernels.py: kernels of the same name but another grid (the GEMV per
+    weight shape) are rows of their own; calls and time are per traced step, most time first;
+    host events are not kernels."""
+    def kernel(name: str, grid: list, dur: float) -> dict:
+        return {"cat": "kernel", "ph": "X", "name": name, "dur": dur, "args": {"grid": grid}}
+    events = [kernel("_gemv_kernel", [1280, 1, 1], 12.0)] * 4 + \
+        [kernel("_gemv_kernel", [5120, 1, 1], 26.0)] * 2 + \
+        [kernel("_peer_add_norm_kernel", [1, 1, 1], 5.5)] * 8 + \
+        [{"cat": "cpu_op", "ph": "X", "name": "aten::mm", "dur": 99.0}]
+    rows = load("trace_kernels").kernel_table({"traceEvents": events}, steps=2)
+    assert rows == [("_gemv_kernel", "[5120, 1, 1]", 1.0, 26.0),
+                    ("_gemv_kernel", "[1280, 1, 1]", 2.0, 24.0),
+                    ("_peer_add_norm_kernel", "[1, 1, 1]", 4.0, 22.0)]
