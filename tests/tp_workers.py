@@ -232,3 +232,95 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
     return {"diff": diff, "calls": calls, "tokens_equal": want == got,
             "compiled_equal": _compiled_step_equal(full, shard, "aot_eager"),
             "n_layers": full.spec.n_layers}
+
+
+# ---- the pushing GEMV (engine/peer_gemv.py) under TRITON_INTERPRET=1 --------------------------
+# (site, N, K, dtype): gemv_kernel's three tilings (K < 4096: 4 rows a program, N ragged; K a
+# multiple of 4096: 2 rows; otherwise 1 row of 2048 columns, K ragged), sites reused
+PUSH_CASES = [(0, 301, 200, torch.float32), (1, 130, 4096, torch.float16),
+              (0, 96, 5000, torch.bfloat16), (2, 257, 1000, torch.float32)]
+PUSH_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}
+
+
+def _push_inputs(n: int, k: int, dtype: torch.dtype, world: int, site: int) -> list[Any]:
+    """Every rank's x [1, K] and W shard [N, K], the residual [1, 1, N] and the norm weight."""
+    gen = torch.Generator().manual_seed(1000 * site + n + k)
+    xs = [torch.randn(1, k, generator=gen).to(dtype) for _ in range(world)]
+    weights = [(torch.randn(n, k, generator=gen) / k**0.5).to(dtype) for _ in range(world)]
+    residual = torch.randn(1, 1, n, generator=gen).to(dtype)
+    return [xs, weights, residual, torch.linspace(0.5, 1.5, n).to(dtype)]
+
+
+def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
+    """Each case: this rank's gemv_push partial against F.linear, then wait_add_norm against
+    torch's add and norm of the sum of every rank's partial; then one plain fused add_norm on a
+    site the pushes used (the counter is that site's first flag). Returns the comparisons, the
+    outputs (to compare across ranks) and the flags left set."""
+    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
+    from infermeter.engine.peer_gemv import gemv_push, push_programs, wait_add_norm
+
+    peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
+    equal, outputs = [], []
+    for site, n, k, dtype in PUSH_CASES:
+        xs, weights, residual, norm_weight = _push_inputs(n, k, dtype, tp.world, site)
+        tol = PUSH_TOLERANCE[dtype]
+        partials = [(x.float() @ w.float().T).to(dtype) for x, w in zip(xs, weights)]
+        mine = gemv_push(peer, xs[tp.rank], weights[tp.rank], site)
+        equal.append(mine.shape == (1, n) and mine.dtype == dtype
+                     and torch.allclose(mine.float(), partials[tp.rank].float(), rtol=tol,
+                                        atol=tol))
+        h, normed = wait_add_norm(peer, mine.view(1, 1, n), residual, norm_weight, 1e-5, site,
+                                  push_programs(weights[tp.rank]))
+        total = sum((p.float() for p in partials), torch.zeros(1, n)).to(dtype)
+        want_h = residual + total
+        hf = want_h.float()
+        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) \
+            * norm_weight
+        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
+                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
+        outputs.append((h, normed))
+    delta = torch.full((1, 1, 301), float(tp.rank + 1))
+    h, _ = peer.add_norm(delta, torch.zeros(1, 1, 301), torch.ones(301), 1e-5, 0)
+    equal.append(bool((h == sum(range(1, tp.world + 1))).all()))
+    flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
+    return {"equal": equal, "outputs": outputs, "flags_set": flags.count_nonzero().item()}
+
+
+@torch.no_grad()
+def peer_push_model_matches_tp1(tp: TensorParallel, source: Any,
+                                buffers: list[torch.Tensor]) -> dict[str, Any]:
+    """Batch 1, a tp model with --tp-all-reduce triton-push's kernels against tp 1: an eager
+    prefill, then DECODE fullgraph-compiled steps (aot_eager) in which wo and w2 push (the
+    other products, the attention and SwiGLU in torch: our other Triton kernels cannot be
+    traced when interpreted). Max |logits difference| and how many pushes the steps made."""
+    from infermeter.engine import peer_gemv
+    from infermeter.engine.linear import set_matvec_kernel
+    from infermeter.engine.parallel import use_peer_all_reduce
+
+    full = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1)
+    shard = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1, tp=tp)
+    use_peer_all_reduce(shard, tp, buffers, push=True)
+    for model in (full, shard):
+        set_matvec_kernel(model, "inductor")
+        for layer in model.layers:
+            layer.attention.decode_attention = "math"
+            layer.feed_forward.activation_kernel = "inline"
+    for layer in shard.layers:  # the products that push take the GEMV's place
+        layer.attention.wo.matvec_kernel = layer.feed_forward.w2.matvec_kernel = "triton"
+    pushes = []
+    real_push = peer_gemv.gemv_push
+    peer_gemv.gemv_push = lambda *args: pushes.append(args[-1]) or real_push(*args)
+    tokens = torch.randint(0, full.spec.vocab_size, (1, PROMPT + DECODE),
+                           generator=torch.Generator().manual_seed(0))
+    step = torch.compile(lambda m, t, p: m(t, p), backend="aot_eager", fullgraph=True,
+                         dynamic=False)
+    for model in (full, shard):
+        model.reset_cache()
+    prefill = [m(tokens[:, :PROMPT], torch.arange(PROMPT)) for m in (full, shard)]
+    diff = (prefill[0] - prefill[1]).abs().max().item()
+    for pos in range(PROMPT, PROMPT + DECODE):
+        token, where = tokens[:, pos:pos + 1], torch.tensor([pos])
+        want, got = full(token, where), step(shard, token, where)
+        diff = max(diff, (want - got).abs().max().item())
+    peer_gemv.gemv_push = real_push
+    return {"diff": diff, "pushes": len(pushes), "n_layers": full.spec.n_layers}

@@ -134,6 +134,10 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
                        vocab_size, request.seed, fixed)
 
 
+# --tp-all-reduce kinds whose kernel also does the residual add and the norm after it
+FUSED_ALL_REDUCES = ("triton", "triton-push")
+
+
 def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
     """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
@@ -160,8 +164,9 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
         if tp.device.type != "cuda":
             raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs CUDA GPUs "
                                   "(symmetric memory); this run's ranks are on the CPU")
-        if request.tp_all_reduce == "triton" and request.compile_prefill:
-            raise InfermeterError("--tp-all-reduce triton fuses each all-reduce with the next "
+        if request.tp_all_reduce in FUSED_ALL_REDUCES and request.compile_prefill:
+            raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} fuses each "
+                                  "all-reduce with the next "
                                   "layer's norm, which --compile-prefill's one-layer graph "
                                   "cannot hold: use --tp-all-reduce triton-unfused with it")
         return {}
@@ -263,7 +268,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     if tp and request.tp_all_reduce.startswith("triton"):
         from infermeter.engine.parallel import use_peer_all_reduce
 
-        use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce == "triton")
+        use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,
+                            push=request.tp_all_reduce == "triton-push")
     notes = []
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")

@@ -61,10 +61,10 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(X, W, OUT, n_rows, n_cols, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_rows
+    def row_dots(X, W, rows, row_ok, n_cols, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """float32 [BLOCK_N]: x . W[row] for the program's rows (the tiling above); shared with
+        peer_gemv.py's GEMV, which then pushes them to the peers."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -74,7 +74,14 @@ if triton is not None:
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)  # [BLOCK_N, BLOCK_K]
             acc += w * x[None, :]
-        out = tl.sum(acc, 1)  # [BLOCK_N]
+        return tl.sum(acc, 1)
+
+    @triton.jit
+    def _gemv_kernel(X, W, OUT, n_rows, n_cols, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        out = row_dots(X, W, rows, row_ok, n_cols, stride_w, BLOCK_N, BLOCK_K)
         tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
 
 

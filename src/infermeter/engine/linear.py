@@ -8,6 +8,8 @@ and checkpoints keep nn.Linear's parameter names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,11 +38,23 @@ def takes_gemv(kind: str, rows: int, weight: Tensor) -> bool:
 
 class Linear(nn.Linear):
     matvec_kernel = MATVEC_KERNEL  # set per instance (or on every Linear of a model) to change
+    # Set by parallel.use_peer_all_reduce on wo and w2 (--tp-all-reduce triton-push): the one-
+    # row products that would take the GEMV call it instead, (x [1, in], weight) -> [1, out]
+    # (peer_gemv.py's GEMV, which also pushes its partial sums to the peers).
+    row_product: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def pushes(self, rows: int) -> bool:
+        """Whether a product of `rows` rows goes to row_product: the question the all-reduce
+        after it asks too, so that it waits for a push exactly when one happens."""
+        return self.row_product is not None and compiling() \
+            and takes_gemv(self.matvec_kernel, rows, self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]; a single row x [1(, 1), in] in a compiled step with
-        matvec_kernel "triton" (where Triton runs) takes the GEMV kernel."""
+        matvec_kernel "triton" (where Triton runs) takes the GEMV kernel (or row_product)."""
         rows = x.numel() // x.shape[-1]
+        if self.pushes(rows):  # no bias: use_peer_all_reduce sets it on bias-free layers only
+            return self.row_product(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
         if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight) \
                 and gemv_usable(x, self.weight):
             out = gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)

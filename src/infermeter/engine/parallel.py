@@ -29,6 +29,7 @@ calls inside forward hooks, so a torch.compile(fullgraph=True) decode step captu
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -41,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
+from infermeter.engine.linear import Linear
 from infermeter.engine.model import Transformer, add_then_norm
 from infermeter.errors import InfermeterError
 from infermeter.kvsize import check_tp, kv_heads_per_rank
@@ -161,13 +163,16 @@ class Collectives:
     its own buffer region (see peer_all_reduce.py for why).
 
     fused: wo's and w2's outputs leave their hooks unreduced and add_norm (the model's add_norm)
-    reduces them together with the residual add and the norm that follows."""
+    reduces them together with the residual add and the norm that follows. pushers (push mode,
+    set by use_peer_all_reduce): site -> (its wo / w2, the programs of its pushing GEMV); where
+    that layer pushed its partial sums (Linear.pushes), add_norm only waits for them."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.peer: Any = None  # a peer_all_reduce.PeerAllReduce
         self.peer_index = -1  # its index in peer_all_reduce's registry (the op's argument)
         self.fused = False
+        self.pushers: dict[int, tuple[Linear, int]] = {}
 
     def all_reduce(self, x: Tensor, site: int | None) -> Tensor:
         if site is not None and self.fused:
@@ -179,9 +184,14 @@ class Collectives:
     def add_norm(self, residual: Tensor, delta: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
         """model.AddNorm for a model whose wo/w2 outputs arrive unreduced (fused): h = residual
         + all-reduce(delta) and norm(h), in one kernel where it fits, else NCCL then the two."""
+        site = norm.all_reduce_site
+        pusher, programs = self.pushers.get(site, (None, 0))
+        if pusher is not None and pusher.pushes(delta.numel() // delta.shape[-1]):
+            return torch.ops.infermeter.peer_wait_add_norm(
+                delta, residual, norm.weight, norm.eps, self.peer_index, site, programs)
         if self.peer.takes_rows(delta, residual):
             return torch.ops.infermeter.peer_all_reduce_add_norm(
-                delta, residual, norm.weight, norm.eps, self.peer_index, norm.all_reduce_site)
+                delta, residual, norm.weight, norm.eps, self.peer_index, site)
         return add_then_norm(residual, all_reduce(delta, self.group), norm)
 
 
@@ -273,7 +283,7 @@ class TensorParallel:
 # inductor's kernel). Both in every step, eager or compiled.
 # "auto" (the default): "triton" where peer_all_reduce_usable says every rank can run it (13B tp 2
 # on 2 x H100: 5.72 ms a step against NCCL's 6.57, one run, session 7), else "nccl".
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused", "triton-push")
 AUTO_ALL_REDUCE = "triton"  # what auto picks on the GPUs of one host (report_select's default)
 
 
@@ -320,13 +330,16 @@ def peer_all_reduce_usable(tp: TensorParallel) -> bool:
 
 
 def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
-                        buffers: list[Tensor] | None = None, fuse_norm: bool = True) -> None:
+                        buffers: list[Tensor] | None = None, fuse_norm: bool = True,
+                        push: bool = False) -> None:
     """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
     collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
     the RMSNorm after it (model.add_norm; one kernel where there were two); else the plain
     all-reduce kernel in wo's and w2's hooks. buffers: every rank's buffer as this process sees
     it (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
-    memory, which needs CUDA GPUs that can reach each other."""
+    memory, which needs CUDA GPUs that can reach each other. push (with fuse_norm): wo's and
+    w2's one-row GEMVs store their partial sums into the peers themselves (peer_gemv.py) and
+    the kernel after them only waits, sums, adds and norms."""
     from infermeter.engine import peer_all_reduce
     from infermeter.engine.decode_kernel import triton_runs_on
 
@@ -349,6 +362,19 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
             following[i].all_reduce_site = 2 * i + 1
         collectives.fused = True
         model.add_norm = collectives.add_norm
+    if push:
+        if not fuse_norm:
+            raise ValueError("the pushing GEMV needs the fused add and norm after it")
+        from infermeter.engine import peer_gemv
+
+        for i, layer in enumerate(model.layers):
+            for site, linear in ((2 * i, layer.attention.wo), (2 * i + 1, layer.feed_forward.w2)):
+                if linear.bias is not None:  # row-parallel biases are added after the sum
+                    raise InfermeterError("--tp-all-reduce triton-push: wo / w2 have a bias")
+                linear.row_product = functools.partial(
+                    torch.ops.infermeter.peer_gemv_push, instance=collectives.peer_index,
+                    site=site)
+                collectives.pushers[site] = (linear, peer_gemv.push_programs(linear.weight))
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:

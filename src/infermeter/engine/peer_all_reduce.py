@@ -111,9 +111,7 @@ if triton is not None:
                               site_offset, slot_elems, flag_offset, EPS: tl.constexpr,
                               WORLD: tl.constexpr, BLOCK: tl.constexpr):
         # One program per row of D [rows, dim] (this rank's partial sums, e.g. wo's output):
-        # the all-reduce as above, then h = R + sum (the residual stream, rounded to its
-        # dtype as the model's add is) into H, and RMSNorm(h) * NORM_W into OUT, exactly as
-        # model.RMSNorm computes it (float32 mean of squares, rounded, times the weight).
+        # the all-reduce as above, then the residual add and the norm (add_norm_store).
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
@@ -121,7 +119,15 @@ if triton is not None:
         d = tl.load(D + offs, mask=mask)
         acc = _exchange_and_sum(d, offs, mask, row, DATA_PTRS, FLAG_PTRS, rank, site_offset,
                                 slot_elems, flag_offset, WORLD, BLOCK)
-        total = acc.to(D.dtype.element_ty).to(tl.float32)  # the all-reduce's result
+        add_norm_store(acc, R, NORM_W, H, OUT, offs, cols, mask, dim, EPS)
+
+    @triton.jit
+    def add_norm_store(acc, R, NORM_W, H, OUT, offs, cols, mask, dim, EPS: tl.constexpr):
+        """The all-reduce's float32 sum acc [BLOCK] of one row (elements offs) -> h = R + sum
+        (the residual stream, rounded to its dtype as the model's add is) into H, and
+        RMSNorm(h) * NORM_W into OUT, exactly as model.RMSNorm computes it (float32 mean of
+        squares, rounded, times the weight)."""
+        total = acc.to(H.dtype.element_ty).to(tl.float32)  # the all-reduce's result, rounded
         residual = tl.load(R + offs, mask=mask).to(tl.float32)
         h = (residual + total).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
@@ -170,7 +176,7 @@ class PeerAllReduce:
         dist.barrier(group)  # no peer signals before every flag area is zeroed
         return cls(handle.rank, buffers, n_sites)
 
-    def _site(self, site: int, element_size: int) -> tuple[int, int, int]:
+    def site_layout(self, site: int, element_size: int) -> tuple[int, int, int]:
         """(site_offset, slot_elems, flag_offset): where call site `site` lives in the buffers,
         for elements of element_size bytes."""
         if not 0 <= site < self.n_sites:
@@ -183,7 +189,7 @@ class PeerAllReduce:
         return x.dtype in DTYPES and x.numel() * x.element_size() <= SLOT_BYTES
 
     def __call__(self, x: Tensor, site: int) -> Tensor:
-        where = self._site(site, x.element_size())
+        where = self.site_layout(site, x.element_size())
         if not self.takes(x):
             raise ValueError(f"{tuple(x.shape)} {x.dtype} does not fit a {SLOT_BYTES}-byte slot")
         x = x.contiguous()
@@ -205,7 +211,7 @@ class PeerAllReduce:
         """(h, norm(h)) with h = residual + (delta summed over the ranks): the all-reduce, the
         residual add and the RMSNorm that follows it in one kernel. delta, residual [..., dim];
         weight [dim]."""
-        where = self._site(site, delta.element_size())
+        where = self.site_layout(site, delta.element_size())
         if not self.takes_rows(delta, residual):
             raise ValueError(f"{tuple(delta.shape)} {delta.dtype} does not fit a slot")
         delta, residual = delta.contiguous(), residual.contiguous()
