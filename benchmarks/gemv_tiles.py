@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from infermeter.engine.gemv_kernel import NUM_STAGES, _gemv_kernel, tiles_for
+from infermeter.engine.gemv_kernel import NUM_STAGES, _gemv_kernel, gpu_name, tiles_for
 from infermeter.env import capture_env, device_slug
 from infermeter.presets import PRESETS
 from infermeter.results import Result, write_json
@@ -100,12 +100,12 @@ def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict) -> di
             "inductor_gbps": nbytes / inductor / 1e6, "tiles": rows}
 
 
-def engine_step_ms(shapes: dict) -> float | None:
-    """The step's products with the tiles gemv_kernel.tiles_for picks per shape, where the grid
-    timed them (None where it did not)."""
+def engine_step_ms(shapes: dict, gpu: str = "") -> float | None:
+    """The step's products with the tiles gemv_kernel.tiles_for picks per shape on GPU `gpu`
+    (a device name), where the grid timed them (None where it did not)."""
     total = 0.0
     for shape in shapes.values():
-        want = (*tiles_for(shape["k"]), NUM_STAGES)
+        want = (*tiles_for(shape["k"], gpu), NUM_STAGES)
         rows = [r for r in shape["tiles"] if "ms" in r and
                 (r["BLOCK_N"], r["BLOCK_K"], r["num_warps"], r["num_stages"]) == want]
         if not rows:
@@ -161,7 +161,7 @@ def main() -> int:
     inductor_step = sum(s["inductor_ms"] * s["calls_per_step"] for s in shapes.values())
     print(f"step's products: cuBLAS {cublas_step:.3f} ms, inductor {inductor_step:.3f} ms; "
           f"copy-bandwidth floor {step_bytes / hbm / 1e6:.3f} ms")
-    engine = engine_step_ms(shapes)
+    engine = engine_step_ms(shapes, gpu_name(torch.device("cuda")))
     if engine is not None:
         print(f"  the kernel's own per-shape tiles (gemv_kernel.tiles_for): {engine:.3f} ms "
               f"({step_bytes / engine / 1e6:.0f} GB/s)")

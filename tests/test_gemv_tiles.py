@@ -70,3 +70,28 @@ def test_tiles_for_follows_the_measured_table():
     assert tiles_for(2560) == (4, 4096, 8)
     assert tiles_for(2048) == tiles_for(1100) == (4, 2048, 8)
     assert tiles_for(64) == tiles_for(1000) == (4, 1024, 8)
+
+
+def test_an_h200_takes_its_own_measured_tiles_and_other_gpus_the_table():
+    """DEVICE_TILES: on an H200 K = 4096 and K over 8192 take 2 x 4096 with 4 warps (its own
+    gemv_tiles run); the shapes it did not time keep the table's; an H100 or the CPU (the
+    interpreter) the table's throughout. The step sum follows the GPU it is asked for."""
+    h200 = "NVIDIA H200"
+    assert tiles_for(4096, h200) == tiles_for(11008, h200) == (2, 4096, 4)
+    assert tiles_for(5120, h200) == tiles_for(5120) == (1, 2048, 8)
+    assert tiles_for(2560, h200) == tiles_for(2560) == (4, 4096, 8)
+    assert tiles_for(4096, "NVIDIA H100 80GB HBM3") == tiles_for(4096, "") == (2, 4096, 16)
+    script = load_script()
+    rows = [{"BLOCK_N": 2, "BLOCK_K": 4096, "num_warps": w, "num_stages": NUM_STAGES, "ms": ms}
+            for w, ms in ((4, 1.0), (16, 2.0))]
+    shapes = {"w": {"k": 4096, "calls_per_step": 3, "tiles": rows}}
+    assert script.engine_step_ms(shapes, h200) == 3.0
+    assert script.engine_step_ms(shapes) == 6.0
+
+
+def test_gpu_name_is_empty_off_cuda():
+    import torch
+
+    from infermeter.engine.gemv_kernel import gpu_name
+
+    assert gpu_name(torch.device("cpu")) == ""

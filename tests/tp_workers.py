@@ -254,10 +254,10 @@ def _push_inputs(n: int, k: int, dtype: torch.dtype, world: int, site: int) -> l
 def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
     """Each case: this rank's gemv_push partial against F.linear, then wait_add_norm against
     torch's add and norm of the sum of every rank's partial; then one plain fused add_norm on a
-    site the pushes used (the counter is that site's first flag). Returns the comparisons, the
+    site the pushes used (both kernels use the site's first flag). Returns the comparisons, the
     outputs (to compare across ranks) and the flags left set."""
     from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
-    from infermeter.engine.peer_gemv import gemv_push, push_programs, wait_add_norm
+    from infermeter.engine.peer_gemv import gemv_push, wait_add_norm
 
     peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
     equal, outputs = [], []
@@ -269,8 +269,7 @@ def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str,
         equal.append(mine.shape == (1, n) and mine.dtype == dtype
                      and torch.allclose(mine.float(), partials[tp.rank].float(), rtol=tol,
                                         atol=tol))
-        h, normed = wait_add_norm(peer, mine.view(1, 1, n), residual, norm_weight, 1e-5, site,
-                                  push_programs(weights[tp.rank]))
+        h, normed = wait_add_norm(peer, mine.view(1, 1, n), residual, norm_weight, 1e-5, site)
         total = sum((p.float() for p in partials), torch.zeros(1, n)).to(dtype)
         want_h = residual + total
         hf = want_h.float()

@@ -21,6 +21,8 @@ against 5.68 and 10.43 with inductor's reductions (one run each, see linear.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -45,16 +47,34 @@ from infermeter.engine.decode_kernel import triton, triton_runs_on
 # against 12.39 with 2 x 2048 (two runs on one 2 x H100 host; results/tp-*.jsonl has the steps).
 NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 
+# Where a GPU's own timings (benchmarks/gemv_tiles.py run there) beat the table above, by
+# torch.cuda.get_device_name and the table's rule. H200 (HBM3e; results/gemv-tiles-wide-nvidia-
+# h200.json, 7B fp16): 2 rows x 4096 columns with 4 warps stream wqkv / wo / w13 / w2 / output
+# at 3705 / 2853 / 3904 / 3382 / 4058 GB/s against 3370 / 2648 / 3604 / 3193 / 3733 with the
+# table's 16 warps (the step's products 3.64 vs 3.94 ms); on an H100 those 4 warps are 1-2%
+# slower than the table (gemv-tiles-wide-nvidia-h100-*.json), so the table stays the default.
+# Not measured on an H200: K = 5120 (13B) and K < 4096 (tp 2's wo), which keep the table's.
+DEVICE_TILES = {"NVIDIA H200": {"multiple of 4096": (2, 4096, 4), "over 8192": (2, 4096, 4)}}
 
-def tiles_for(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_cols columns (the table above)."""
+
+def tiles_for(n_cols: int, gpu: str = "") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_cols columns on GPU `gpu` (a device
+    name; the table above, with DEVICE_TILES' changes for that GPU)."""
     if n_cols % 4096 == 0:
-        return 2, 4096, 16
-    if n_cols > 8192:
-        return 1, 4096, 16
-    if n_cols < 4096:
-        return 4, max(1024, 1 << (n_cols - 1).bit_length()), 8
-    return 1, 2048, 8
+        rule, tiles = "multiple of 4096", (2, 4096, 16)
+    elif n_cols > 8192:
+        rule, tiles = "over 8192", (1, 4096, 16)
+    elif n_cols < 4096:
+        rule, tiles = "under 4096", (4, max(1024, 1 << (n_cols - 1).bit_length()), 8)
+    else:
+        rule, tiles = "otherwise", (1, 2048, 8)
+    return DEVICE_TILES.get(gpu, {}).get(rule, tiles)
+
+
+@functools.cache
+def gpu_name(device: torch.device) -> str:
+    """The name tiles_for keys on: the CUDA device's ("NVIDIA H200"), "" elsewhere."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
 if triton is not None:
@@ -89,7 +109,7 @@ if triton is not None:
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [1, K] (unit stride), weight [N, K] (unit column stride) -> [1, N] in x's dtype."""
     n_rows, n_cols = weight.shape
-    block_n, block_k, warps = tiles_for(n_cols)
+    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n_rows, block_n),)
     torch.library.wrap_triton(_gemv_kernel)[grid](

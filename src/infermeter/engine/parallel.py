@@ -164,15 +164,15 @@ class Collectives:
 
     fused: wo's and w2's outputs leave their hooks unreduced and add_norm (the model's add_norm)
     reduces them together with the residual add and the norm that follows. pushers (push mode,
-    set by use_peer_all_reduce): site -> (its wo / w2, the programs of its pushing GEMV); where
-    that layer pushed its partial sums (Linear.pushes), add_norm only waits for them."""
+    set by use_peer_all_reduce): site -> its wo / w2; where that layer pushed its partial sums
+    (Linear.pushes), add_norm only announces, waits for and sums them."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.peer: Any = None  # a peer_all_reduce.PeerAllReduce
         self.peer_index = -1  # its index in peer_all_reduce's registry (the op's argument)
         self.fused = False
-        self.pushers: dict[int, tuple[Linear, int]] = {}
+        self.pushers: dict[int, Linear] = {}
 
     def all_reduce(self, x: Tensor, site: int | None) -> Tensor:
         if site is not None and self.fused:
@@ -185,10 +185,10 @@ class Collectives:
         """model.AddNorm for a model whose wo/w2 outputs arrive unreduced (fused): h = residual
         + all-reduce(delta) and norm(h), in one kernel where it fits, else NCCL then the two."""
         site = norm.all_reduce_site
-        pusher, programs = self.pushers.get(site, (None, 0))
+        pusher = self.pushers.get(site)
         if pusher is not None and pusher.pushes(delta.numel() // delta.shape[-1]):
             return torch.ops.infermeter.peer_wait_add_norm(
-                delta, residual, norm.weight, norm.eps, self.peer_index, site, programs)
+                delta, residual, norm.weight, norm.eps, self.peer_index, site)
         if self.peer.takes_rows(delta, residual):
             return torch.ops.infermeter.peer_all_reduce_add_norm(
                 delta, residual, norm.weight, norm.eps, self.peer_index, site)
@@ -365,7 +365,7 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if push:
         if not fuse_norm:
             raise ValueError("the pushing GEMV needs the fused add and norm after it")
-        from infermeter.engine import peer_gemv
+        from infermeter.engine import peer_gemv  # noqa: F401 - registers its ops
 
         for i, layer in enumerate(model.layers):
             for site, linear in ((2 * i, layer.attention.wo), (2 * i + 1, layer.feed_forward.w2)):
@@ -374,7 +374,7 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
                 linear.row_product = functools.partial(
                     torch.ops.infermeter.peer_gemv_push, instance=collectives.peer_index,
                     site=site)
-                collectives.pushers[site] = (linear, peer_gemv.push_programs(linear.weight))
+                collectives.pushers[site] = linear
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:

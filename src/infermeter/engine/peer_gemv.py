@@ -2,29 +2,34 @@
 
 Why: at tensor parallelism 2 each of a decode step's 80 all-reduces (Llama-2-13B) follows a
 row-parallel GEMV (wo, w2) that produced this rank's partial sums. peer_all_reduce.py's fused
-kernel starts when the GEMV has ended and then spends most of its ~5.7 us on the round trip
+kernel starts when the GEMV has ended and then spends most of its ~5.3 us on the round trip
 over NVLink: its stores into the peer's memory, the release, the peer's flag. Here the GEMV
 itself stores each program's rows into every peer's slot as soon as they are computed, while
-its other programs are still streaming weights, and counts them on the peer; the kernel after
-it only has to wait for the count, sum, add and norm:
+its other programs are still streaming weights; the kernel after it only signals, waits, sums,
+adds and norms:
 
   _gemv_push_kernel      grid (ceil(N / BLOCK_N),), gemv_kernel.py's tiles: program p computes
                          rows [p * BLOCK_N, (p + 1) * BLOCK_N) of x @ W^T (row_dots), rounds
                          them to x's dtype, stores them into OUT (this rank's partial) and into
-                         slot `rank` of the site on every peer, then (after a barrier: its
-                         stores first) adds 1 to the site's counter on every peer (release,
-                         system scope).
+                         slot `rank` of the site on every peer. No signal: a release per
+                         program (system scope, so it waits for its NVLink stores to land)
+                         made 13B's tp 2 w2 GEMV 33 us instead of 21 on 2 x H200 (session 8).
   _peer_wait_add_norm_kernel
-                         one program (one row: batch-1 decode): waits until its own counter
-                         reads (world - 1) x the GEMV's programs and resets it to 0 (one
-                         compare-and-swap, acquire), sums the world partials in rank order (its
-                         own from OUT, the peers' from its slots) in float32, then the residual
-                         add and the RMSNorm as peer_all_reduce.add_norm_store does.
+                         one program (one row: batch-1 decode): bumps the site's flag on every
+                         peer (release, system scope), waits until its own flag reads world - 1
+                         and resets it (one compare-and-swap, acquire), sums the world partials
+                         in rank order (its own from OUT, the peers' from its slots) in float32,
+                         then the residual add and the RMSNorm (peer_all_reduce.add_norm_store).
 
-The buffers, sites and the one-handshake argument are peer_all_reduce.py's: the counter is the
-site's first flag, which that module's kernels also leave at 0, so a site can be used either
-way from one step to the next (eager steps and prefill go the other way). The sum has the same
-order and roundings as peer_all_reduce_add_norm's, so both give the same bits.
+Why the signal may come from the next kernel: a kernel's memory operations, the GEMV's stores
+into the peers included, are complete before the next kernel of the stream starts, and a
+release is cumulative (it orders everything that happened before it, the previous kernel's
+stores included); the peer's acquire of the flag then makes them visible to it. The same
+pattern as writing a symmetric buffer with any kernel and then calling symmetric memory's
+barrier. The buffers, sites, flags and the one-handshake argument are peer_all_reduce.py's
+(this is its protocol with step 1 moved into the GEMV), so a site can be used either way from
+one step to the next (eager steps and prefill go the other way), and the sum has the same order
+and roundings as peer_all_reduce_add_norm's.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.decode_kernel import triton
-from infermeter.engine.gemv_kernel import NUM_STAGES, tiles_for
+from infermeter.engine.gemv_kernel import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.peer_all_reduce import _INSTANCES, SLOT_BYTES, PeerAllReduce
 
 if triton is not None:
@@ -44,7 +49,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_push_kernel(X, W, OUT, DATA_PTRS, FLAG_PTRS, n_rows, n_cols, stride_w, rank,
-                          site_offset, slot_elems, counter, WORLD: tl.constexpr,
+                          site_offset, slot_elems, WORLD: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
@@ -55,23 +60,21 @@ if triton is not None:
             if r != rank:
                 data = _address(DATA_PTRS + r, out.dtype)
                 tl.store(data + site_offset + rank * slot_elems + rows, out, mask=row_ok)
-        tl.debug_barrier()  # all of this program's stores come before its counts
-        for r in tl.static_range(WORLD):
-            if r != rank:
-                flags = tl.load(FLAG_PTRS + r).to(tl.pointer_type(tl.int32))
-                tl.atomic_add(flags + counter, 1, sem="release", scope="sys")
 
     @triton.jit
     def _peer_wait_add_norm_kernel(D, R, NORM_W, H, OUT, DATA_PTRS, FLAG_PTRS, dim, rank,
-                                   site_offset, slot_elems, counter, expected,
-                                   EPS: tl.constexpr, WORLD: tl.constexpr,
-                                   BLOCK: tl.constexpr):
+                                   site_offset, slot_elems, flag, EPS: tl.constexpr,
+                                   WORLD: tl.constexpr, BLOCK: tl.constexpr):
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
-        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + counter
-        seen = tl.atomic_cas(mine, expected, 0, sem="acquire", scope="sys")
-        while seen != expected:  # every peer program's rows are here; the count is reset
-            seen = tl.atomic_cas(mine, expected, 0, sem="acquire", scope="sys")
+        for r in tl.static_range(WORLD):  # my GEMV's stores have landed: tell every peer
+            if r != rank:
+                flags = tl.load(FLAG_PTRS + r).to(tl.pointer_type(tl.int32))
+                tl.atomic_add(flags + flag, 1, sem="release", scope="sys")
+        mine = tl.load(FLAG_PTRS + rank).to(tl.pointer_type(tl.int32)) + flag
+        seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
+        while seen != WORLD - 1:  # every peer's partial is here; the flag is reset
+            seen = tl.atomic_cas(mine, WORLD - 1, 0, sem="acquire", scope="sys")
         data = _address(DATA_PTRS + rank, D.dtype.element_ty)
         acc = tl.zeros([BLOCK], tl.float32)
         for r in tl.static_range(WORLD):  # the sum, in rank order
@@ -84,43 +87,38 @@ if triton is not None:
         add_norm_store(acc, R, NORM_W, H, OUT, cols, cols, mask, dim, EPS)
 
 
-def push_programs(weight: Tensor) -> int:
-    """Programs of the pushing GEMV for weight [N, K]: each adds 1 to every peer's counter."""
-    block_n, _, _ = tiles_for(weight.shape[1])
-    return -(-weight.shape[0] // block_n)
-
-
 def gemv_push(peer: PeerAllReduce, x: Tensor, weight: Tensor, site: int) -> Tensor:
     """x [1, K] @ weight[N, K]^T -> this rank's partial sums [1, N] (x's dtype), also stored
-    into slot peer.rank of `site` on every peer, which wait_add_norm then sums."""
+    into slot peer.rank of `site` on every peer, which wait_add_norm (the next kernel on this
+    stream) announces to them and sums."""
     n_rows, n_cols = weight.shape
     if x.dtype != weight.dtype or x.numel() != n_cols:
         raise ValueError(f"gemv_push takes one row of {n_cols} {weight.dtype}, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    site_offset, slot_elems, counter = peer.site_layout(site, x.element_size())
+    site_offset, slot_elems, _ = peer.site_layout(site, x.element_size())
     if n_rows * x.element_size() > SLOT_BYTES:
         raise ValueError(f"{n_rows} outputs do not fit a slot")
     x, weight = x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tiles_for(n_cols)
-    torch.library.wrap_triton(_gemv_push_kernel)[(push_programs(weight),)](
+    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    torch.library.wrap_triton(_gemv_push_kernel)[(triton.cdiv(n_rows, block_n),)](
         x, weight, out, peer.data_ptrs, peer.flag_ptrs, n_rows, n_cols, weight.stride(0),
-        peer.rank, site_offset, slot_elems, counter, WORLD=peer.world, BLOCK_N=block_n,
+        peer.rank, site_offset, slot_elems, WORLD=peer.world, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 
 def wait_add_norm(peer: PeerAllReduce, partial: Tensor, residual: Tensor, weight: Tensor,
-                  eps: float, site: int, programs: int) -> tuple[Tensor, Tensor]:
-    """(h, RMSNorm(h) * weight), h = residual + the sum over the ranks of the partials that
-    `programs` programs of each peer's gemv_push stored at `site`; partial is this rank's
-    (gemv_push's output). partial, residual [..., dim] hold one row."""
+                  eps: float, site: int) -> tuple[Tensor, Tensor]:
+    """(h, RMSNorm(h) * weight), h = residual + the sum over the ranks of the partials their
+    gemv_push stored at `site`; partial is this rank's (gemv_push's output, the kernel just
+    before on this stream). partial, residual [..., dim] hold one row."""
     dim = partial.shape[-1]
     if partial.numel() != dim or residual.shape != partial.shape \
             or residual.dtype != partial.dtype:
         raise ValueError(f"wait_add_norm takes one row: {tuple(partial.shape)} "
                          f"{partial.dtype}, residual {tuple(residual.shape)} {residual.dtype}")
-    site_offset, slot_elems, counter = peer.site_layout(site, partial.element_size())
+    site_offset, slot_elems, flag = peer.site_layout(site, partial.element_size())
     partial, residual = partial.contiguous(), residual.contiguous()
     h = torch.empty_like(partial)
     out = torch.empty(partial.shape, device=partial.device,
@@ -128,7 +126,7 @@ def wait_add_norm(peer: PeerAllReduce, partial: Tensor, residual: Tensor, weight
     block = triton.next_power_of_2(dim)
     torch.library.wrap_triton(_peer_wait_add_norm_kernel)[(1,)](
         partial, residual, weight, h, out, peer.data_ptrs, peer.flag_ptrs, dim, peer.rank,
-        site_offset, slot_elems, counter, (peer.world - 1) * programs, EPS=eps,
+        site_offset, slot_elems, flag, EPS=eps,
         WORLD=peer.world, BLOCK=block, num_warps=max(4, min(16, block // 512)))
     return h, out
 
@@ -148,14 +146,14 @@ def _(x: Tensor, weight: Tensor, instance: int, site: int) -> Tensor:
 
 @torch.library.custom_op("infermeter::peer_wait_add_norm", mutates_args=())
 def peer_wait_add_norm(partial: Tensor, residual: Tensor, weight: Tensor, eps: float,
-                       instance: int, site: int, programs: int) -> tuple[Tensor, Tensor]:
+                       instance: int, site: int) -> tuple[Tensor, Tensor]:
     """wait_add_norm through registered instance `instance`."""
-    return wait_add_norm(_INSTANCES[instance], partial, residual, weight, eps, site, programs)
+    return wait_add_norm(_INSTANCES[instance], partial, residual, weight, eps, site)
 
 
 @peer_wait_add_norm.register_fake
-def _(partial: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int, site: int,
-      programs: int) -> tuple[Tensor, Tensor]:
+def _(partial: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int,
+      site: int) -> tuple[Tensor, Tensor]:
     out_dtype = torch.promote_types(partial.dtype, weight.dtype)
     return (torch.empty_like(partial, memory_format=torch.contiguous_format),
             torch.empty(partial.shape, dtype=out_dtype, device=partial.device))
