@@ -73,12 +73,12 @@ def test_tiles_for_follows_the_measured_table():
 
 
 def test_an_h200_takes_its_own_measured_tiles_and_other_gpus_the_table():
-    """DEVICE_TILES: on an H200 K = 4096 and K over 8192 take 2 x 4096 with 4 warps (its own
-    gemv_tiles run); the shapes it did not time keep the table's; an H100 or the CPU (the
-    interpreter) the table's throughout. The step sum follows the GPU it is asked for."""
+    """DEVICE_TILES: on an H200 K = 4096 and K over 8192 take 2 x 4096 with 4 warps, 13B's
+    5120 and 6912 2 x 1024 with 4 (its own gemv_tiles runs); K under 4096 keeps the table's; an
+    H100 or the CPU (the interpreter) the table's throughout. The step sum follows the GPU it is asked for."""
     h200 = "NVIDIA H200"
     assert tiles_for(4096, h200) == tiles_for(11008, h200) == (2, 4096, 4)
-    assert tiles_for(5120, h200) == tiles_for(5120) == (1, 2048, 8)
+    assert tiles_for(5120, h200) == tiles_for(6912, h200) == (2, 1024, 4)
     assert tiles_for(2560, h200) == tiles_for(2560) == (4, 4096, 8)
     assert tiles_for(4096, "NVIDIA H100 80GB HBM3") == tiles_for(4096, "") == (2, 4096, 16)
     script = load_script()

@@ -53,8 +53,12 @@ NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 # at 3705 / 2853 / 3904 / 3382 / 4058 GB/s against 3370 / 2648 / 3604 / 3193 / 3733 with the
 # table's 16 warps (the step's products 3.64 vs 3.94 ms); on an H100 those 4 warps are 1-2%
 # slower than the table (gemv-tiles-wide-nvidia-h100-*.json), so the table stays the default.
-# Not measured on an H200: K = 5120 (13B) and K < 4096 (tp 2's wo), which keep the table's.
-DEVICE_TILES = {"NVIDIA H200": {"multiple of 4096": (2, 4096, 4), "over 8192": (2, 4096, 4)}}
+# 13B's K = 5120 and tp 2's 6912 ("otherwise") on an H200 (gemv-tiles-llama-2-13b-tp2-wide-
+# nvidia-h200.json): 2 x 1024 with 4 warps, wqkv / w13 / w2 / output 3337 / 3567 / 3217 / 3647
+# GB/s against the table's 1 x 2048 x 8 warps' 3141 / 3436 / 3047 / 3504 (on an H100 2-3%
+# slower). K < 4096 (tp 2's wo, ~11 us) keeps the table's: alone it is timed launch-bound there.
+DEVICE_TILES = {"NVIDIA H200": {"multiple of 4096": (2, 4096, 4), "over 8192": (2, 4096, 4),
+                                "otherwise": (2, 1024, 4)}}
 
 
 def tiles_for(n_cols: int, gpu: str = "") -> tuple[int, int, int]:
