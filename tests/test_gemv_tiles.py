@@ -75,7 +75,8 @@ def test_tiles_for_follows_the_measured_table():
 def test_an_h200_takes_its_own_measured_tiles_and_other_gpus_the_table():
     """DEVICE_TILES: on an H200 K = 4096 and K over 8192 take 2 x 4096 with 4 warps, 13B's
     5120 and 6912 2 x 1024 with 4 (its own gemv_tiles runs); K under 4096 keeps the table's; an
-    H100 or the CPU (the interpreter) the table's throughout. The step sum follows the GPU it is asked for."""
+    H100 or the CPU (the interpreter) the table's throughout. The step sum follows the GPU it
+    is asked for."""
     h200 = "NVIDIA H200"
     assert tiles_for(4096, h200) == tiles_for(11008, h200) == (2, 4096, 4)
     assert tiles_for(5120, h200) == tiles_for(6912, h200) == (2, 1024, 4)

@@ -7,6 +7,7 @@ older schema and one with fields missing. tests/fixtures/report-bad/ holds files
 Results at all.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -269,6 +270,17 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     for other in runs[:-1]:
         assert off_default_kernels(other), other.source
     assert not off_default_kernels(default)
+    # The same case measured again later (e.g. the sweep's seed1 part after a kernel change):
+    # the newest timestamp represents the column, whatever the file lines; no timestamp is last.
+    def stamped(line: int, stamp: str | None) -> Record:
+        run = record(line, decode_attention="triton", matvec_kernel="triton", **shape)
+        return dataclasses.replace(run, env={"timestamp": stamp} if stamp else {})
+
+    earlier = stamped(1, "2026-11-26T21:29:26+00:00")
+    later = stamped(9, "2026-11-26T22:05:00+00:00")
+    unstamped = stamped(0, None)
+    for order in ([earlier, later, unstamped], [unstamped, later, earlier]):
+        assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=order)) is later
 
 
 def test_report_knows_the_engines_default_kernels():

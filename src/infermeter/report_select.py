@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from infermeter.engine.attention_choice import resolve_attention
@@ -207,6 +208,15 @@ def off_default_kernels(record: Record) -> bool:
     return attention_off or matvec != DEFAULT_MATVEC_KERNEL or all_reduce != DEFAULT_TP_ALL_REDUCE
 
 
+def _newest_first(record: Record) -> float:
+    """A sort key putting the latest env.timestamp first among otherwise equal Results (a case
+    re-measured with later code); one without a readable timestamp comes last."""
+    try:
+        return -datetime.fromisoformat(str(record.env.get("timestamp"))).timestamp()
+    except ValueError:
+        return math.inf
+
+
 def pick_generate(column: Column) -> Record | None:
     def rank(record: Record) -> tuple:
         cfg = record.config
@@ -215,7 +225,7 @@ def pick_generate(column: Column) -> Record | None:
                 off_default_kernels(record),
                 _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
-                _context_distance(context(record)), record.source)
+                _context_distance(context(record)), _newest_first(record), record.source)
 
     timed = [r for r in column.generates if has_timing(r)]
     return min(timed, key=rank) if timed else None
