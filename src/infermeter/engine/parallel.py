@@ -281,6 +281,9 @@ class TensorParallel:
 # symmetric buffers, one handshake), which also does the residual add and the RMSNorm after
 # the all-reduce; "triton-unfused": the same all-reduce alone (the add and norm stay
 # inductor's kernel). Both in every step, eager or compiled.
+# "triton-push" (peer_gemv.py): wo's / w2's compiled one-row GEMVs store their partial sums into
+# the peers themselves and the kernel after them only signals, waits, sums, adds and norms; no
+# gain measured (2 x H200, session 8: 4.41 ms a step against triton's 4.38), kept as an option.
 # "auto" (the default): "triton" where peer_all_reduce_usable says every rank can run it (13B tp 2
 # on 2 x H100: 5.72 ms a step against NCCL's 6.57, one run, session 7), else "nccl".
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused", "triton-push")
