@@ -111,33 +111,43 @@ def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
         "infermeter: error: --tp-all-reduce triton needs --tp 2 or more"]
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype) -> None:
-    """sm_90 machine code from the launch the op makes (nothing runs); its PTX signals with a
-    release and waits with an acquire, both at system scope (the peer is another GPU)."""
+def sm90_ptx(monkeypatch, launch) -> list[tuple[str, str]]:
+    """(kernel name, PTX) of every Triton launch `launch()` makes, each built for an H100
+    (sm_90) with Triton's compiler as the launch asked: nothing runs, no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from tests.test_decode_kernel import LAUNCH_OPTIONS, inductor_signature, recorded_launches
 
-    peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
-    x = torch.zeros(1, 1, 5120, dtype=dtype)
-    weight = torch.ones(5120, dtype=dtype)
-    launches = recorded_launches(monkeypatch, lambda: (peer(x, 1),
-                                                       peer.add_norm(x, x, weight, 1e-5, 0)))
-    assert len(launches) == 2
-    for kernel, args, kwargs in launches:
+    built = []
+    for kernel, args, kwargs in recorded_launches(monkeypatch, launch):
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
         signature = inductor_signature(kernel, args, kwargs)
         where = {(list(signature).index(name),): value for name, value in kwargs.items()}
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
                                 target=GPUTarget("cuda", 90, 32), options=options)
-        ptx = binary.asm["ptx"]
         assert binary.asm["cubin"]
-        assert re.search(r"(red|atom)\.global\.(sys\.release|release\.sys)\.add", ptx)
-        assert re.search(r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas", ptx)  # wait
+        built.append((kernel.fn.__name__, binary.asm["ptx"]))
+    return built
+
+
+RELEASE_ADD_SYS = r"(red|atom)\.global\.(sys\.release|release\.sys)\.add"  # a signal
+ACQUIRE_CAS_SYS = r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas"  # a wait
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype) -> None:
+    """sm_90 machine code from the launch the op makes (nothing runs); its PTX signals with a
+    release and waits with an acquire, both at system scope (the peer is another GPU)."""
+    peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
+    x = torch.zeros(1, 1, 5120, dtype=dtype)
+    weight = torch.ones(5120, dtype=dtype)
+    built = sm90_ptx(monkeypatch, lambda: (peer(x, 1), peer.add_norm(x, x, weight, 1e-5, 0)))
+    assert [name for name, _ in built] == ["_peer_all_reduce_kernel", "_peer_add_norm_kernel"]
+    for _, ptx in built:
+        assert re.search(RELEASE_ADD_SYS, ptx) and re.search(ACQUIRE_CAS_SYS, ptx)
         assert "bar.sync" in ptx  # the program's stores before its signal
 
 

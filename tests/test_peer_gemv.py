@@ -22,7 +22,12 @@ from infermeter.engine.peer_gemv import gemv_push, wait_add_norm
 from infermeter.errors import InfermeterError
 from infermeter.generate_run import GenerateRequest, _all_reduce_options
 from infermeter.presets import PRESETS
-from tests.test_peer_all_reduce import shared_buffers
+from tests.test_peer_all_reduce import (
+    ACQUIRE_CAS_SYS,
+    RELEASE_ADD_SYS,
+    shared_buffers,
+    sm90_ptx,
+)
 from tests.tp_workers import (
     DECODE,
     PUSH_CASES,
@@ -132,32 +137,18 @@ def test_push_kernels_compile_for_an_h100_with_system_scope_flags(monkeypatch, d
     wo and w2 shapes: the GEMV has no atomics at all (a release per program stalled it), the
     kernel after it signals with a system-scope release and waits with a system-scope
     acquiring compare-and-swap."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from tests.test_decode_kernel import LAUNCH_OPTIONS, inductor_signature, recorded_launches
-
     peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
     row = torch.zeros(1, 1, 5120, dtype=dtype)
-    launches = recorded_launches(monkeypatch, lambda: (
+    built = sm90_ptx(monkeypatch, lambda: (
         gemv_push(peer, torch.zeros(1, 2560, dtype=dtype), torch.zeros(5120, 2560, dtype=dtype),
                   0),
         gemv_push(peer, torch.zeros(1, 6912, dtype=dtype), torch.zeros(5120, 6912, dtype=dtype),
                   1),
         wait_add_norm(peer, row, row, torch.ones(5120, dtype=dtype), 1e-5, 1)))
-    assert [kernel.fn.__name__ for kernel, _, _ in launches] == \
+    assert [name for name, _ in built] == \
         ["_gemv_push_kernel"] * 2 + ["_peer_wait_add_norm_kernel"]
-    for kernel, args, kwargs in launches:
-        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-        signature = inductor_signature(kernel, args, kwargs)
-        where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                                target=GPUTarget("cuda", 90, 32), options=options)
-        ptx = binary.asm["ptx"]
-        assert binary.asm["cubin"]
-        if "push" in kernel.fn.__name__:
+    for name, ptx in built:
+        if name == "_gemv_push_kernel":
             assert not re.search(r"\b(red|atom)\.", ptx) and "fence" not in ptx
         else:
-            assert re.search(r"(red|atom)\.global\.(sys\.release|release\.sys)\.add", ptx)
-            assert re.search(r"atom\.global\.(acquire\.sys|sys\.acquire)\.cas", ptx)
+            assert re.search(RELEASE_ADD_SYS, ptx) and re.search(ACQUIRE_CAS_SYS, ptx)

@@ -216,9 +216,7 @@ class PeerAllReduce:
             raise ValueError(f"{tuple(delta.shape)} {delta.dtype} does not fit a slot")
         delta, residual = delta.contiguous(), residual.contiguous()
         dim = delta.shape[-1]
-        h = torch.empty_like(delta)
-        out = torch.empty(delta.shape, device=delta.device,
-                          dtype=torch.promote_types(delta.dtype, weight.dtype))
+        h, out = add_norm_outputs(delta, weight)
         block = triton.next_power_of_2(dim)
         torch.library.wrap_triton(_peer_add_norm_kernel)[(delta.numel() // dim,)](
             delta, residual, weight, h, out, self.data_ptrs, self.flag_ptrs, dim, self.rank,
@@ -256,9 +254,15 @@ def peer_all_reduce_add_norm(delta: Tensor, residual: Tensor, weight: Tensor, ep
     return _INSTANCES[instance].add_norm(delta, residual, weight, eps, site)
 
 
-@peer_all_reduce_add_norm.register_fake
-def _(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int,
-      site: int) -> tuple[Tensor, Tensor]:
+def add_norm_outputs(delta: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty (h, norm(h)) as the add-and-norm kernels return them: h like delta (contiguous),
+    the norm in delta's and the weight's promoted dtype (as model.RMSNorm's product)."""
     out_dtype = torch.promote_types(delta.dtype, weight.dtype)
     return (torch.empty_like(delta, memory_format=torch.contiguous_format),
             torch.empty(delta.shape, dtype=out_dtype, device=delta.device))
+
+
+@peer_all_reduce_add_norm.register_fake
+def _(delta: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int,
+      site: int) -> tuple[Tensor, Tensor]:
+    return add_norm_outputs(delta, weight)

@@ -39,7 +39,12 @@ from torch import Tensor
 
 from infermeter.engine.decode_kernel import triton
 from infermeter.engine.gemv_kernel import NUM_STAGES, gpu_name, tiles_for
-from infermeter.engine.peer_all_reduce import _INSTANCES, SLOT_BYTES, PeerAllReduce
+from infermeter.engine.peer_all_reduce import (
+    _INSTANCES,
+    SLOT_BYTES,
+    PeerAllReduce,
+    add_norm_outputs,
+)
 
 if triton is not None:
     import triton.language as tl
@@ -120,9 +125,7 @@ def wait_add_norm(peer: PeerAllReduce, partial: Tensor, residual: Tensor, weight
                          f"{partial.dtype}, residual {tuple(residual.shape)} {residual.dtype}")
     site_offset, slot_elems, flag = peer.site_layout(site, partial.element_size())
     partial, residual = partial.contiguous(), residual.contiguous()
-    h = torch.empty_like(partial)
-    out = torch.empty(partial.shape, device=partial.device,
-                      dtype=torch.promote_types(partial.dtype, weight.dtype))
+    h, out = add_norm_outputs(partial, weight)
     block = triton.next_power_of_2(dim)
     torch.library.wrap_triton(_peer_wait_add_norm_kernel)[(1,)](
         partial, residual, weight, h, out, peer.data_ptrs, peer.flag_ptrs, dim, peer.rank,
@@ -154,6 +157,4 @@ def peer_wait_add_norm(partial: Tensor, residual: Tensor, weight: Tensor, eps: f
 @peer_wait_add_norm.register_fake
 def _(partial: Tensor, residual: Tensor, weight: Tensor, eps: float, instance: int,
       site: int) -> tuple[Tensor, Tensor]:
-    out_dtype = torch.promote_types(partial.dtype, weight.dtype)
-    return (torch.empty_like(partial, memory_format=torch.contiguous_format),
-            torch.empty(partial.shape, dtype=out_dtype, device=partial.device))
+    return add_norm_outputs(partial, weight)
