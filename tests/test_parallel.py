@@ -368,9 +368,19 @@ def test_dry_run_prints_the_per_rank_plan(capsys) -> None:
                                                                                     cache)
         prefill = plan["prefill_activation_bytes_per_rank"]
         assert prefill == 16 * 6 * (spec.vocab_size * 6 + 3 * spec.ffn_dim // tp * 2)
-        assert plan["headroom_bytes"] == 80 * 2**30 - weights - cache - prefill
+        # auto's Triton all-reduce: flags, then 2 sites a layer x tp slots of 256 KiB
+        peer = plan["all_reduce_buffer_bytes_per_rank"]
+        assert peer == 2 * 80 * tp * 256 * 1024 + 2 * 80 * 128 * 4
+        assert plan["headroom_bytes"] == 80 * 2**30 - weights - cache - prefill - peer
+    assert cli_main([*args, "--tp", "4", "--tp-all-reduce", "nccl", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["all_reduce_buffer_bytes_per_rank"] == 0
+    assert cli_main(["generate", "--model", "llama-2-13b", "--dry-run", "--gpu-memory", "80GiB",
+                     "--tp", "2"]) == 0
+    assert "all-reduce buffer (Triton kernels' symmetric memory)  41,984,000 (40.0 MiB)" \
+        in capsys.readouterr().out
     assert cli_main([*args, "--tp", "1"]) == 0
-    assert "does NOT fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "symmetric memory)  0 (0 B)" in out
 
 
 def test_the_harness_retries_one_abort_and_no_more(tmp_path) -> None:

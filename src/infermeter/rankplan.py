@@ -9,9 +9,11 @@ same amounts (parallel.py splits every matrix evenly and replicates KV heads whe
   prefill  = the largest prefill activations: the logits [B, T, V] in the model dtype and in
              float32, whole on every rank (parallel.py all-gathers them), and the FFN's three
              [B, T, ffn/tp] tensors
-  headroom = GPU memory - all of the above: what is left for the CUDA context, the all-reduce
-             buffers (NCCL's; the Triton all-reduce's symmetric memory, 2 x layers x tp x
-             256 KiB: 40 MiB for 13B at tp 2), compiled graphs and allocator slack (a few GiB).
+  all-reduce buffer = the Triton all-reduce's symmetric memory (engine/peer_buffers.py: 2 x
+             layers x tp x 256 KiB + flags, 40 MiB for 13B at tp 2), at tp >= 2 with
+             --tp-all-reduce auto (what it picks on one host's GPUs) or triton*; 0 otherwise
+  headroom = GPU memory - all of the above: what is left for the CUDA context, NCCL's buffers,
+             compiled graphs and allocator slack (a few GiB).
 The cache length is --max-seq-len, else what the Generator would pick: prompt + new tokens
 rounded up to 256 (text prompts are not tokenized here: their length counts as 0).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from infermeter import kvsize
+from infermeter.engine.peer_buffers import model_buffer_bytes
 from infermeter.specs import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
@@ -42,6 +45,7 @@ class RankPlan:
     weight_bytes_per_rank: int
     kv_cache_bytes_per_rank: int
     prefill_activation_bytes_per_rank: int
+    all_reduce_buffer_bytes_per_rank: int
     gpu_memory_bytes: int | None
     headroom_bytes: int | None  # negative: does not fit
 
@@ -57,18 +61,26 @@ def cache_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int,
     return min(-(-need // CACHE_ROUND) * CACHE_ROUND, spec.max_seq_len)
 
 
+def uses_peer_buffer(tp: int, all_reduce: str) -> bool:
+    """Whether a run allocates the Triton all-reduce's buffer: tp >= 2 with a triton kind, or
+    auto (which picks it on the GPUs of one host, where --tp starts its ranks)."""
+    return tp > 1 and (all_reduce == "auto" or all_reduce.startswith("triton"))
+
+
 def rank_plan(spec: ModelSpec, tp: int, batch_size: int, prompt_len: int, cache_len: int,
-              dtype: str, kv_dtype: str, gpu_memory: int | None) -> RankPlan:
+              dtype: str, kv_dtype: str, gpu_memory: int | None,
+              all_reduce: str = "auto") -> RankPlan:
     dtype, kv_dtype = canonical_dtype(dtype), canonical_dtype(kv_dtype)
     weights = kvsize.weight_bytes_per_rank(spec, dtype, tp)
     cache = kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp)
     tokens = batch_size * prompt_len
     prefill = (tokens * spec.vocab_size * (dtype_bytes(dtype) + 4)
                + 3 * tokens * (spec.ffn_dim // tp) * dtype_bytes(dtype))
-    headroom = None if gpu_memory is None else gpu_memory - weights - cache - prefill
+    peer = model_buffer_bytes(spec.n_layers, tp) if uses_peer_buffer(tp, all_reduce) else 0
+    headroom = None if gpu_memory is None else gpu_memory - weights - cache - prefill - peer
     return RankPlan(spec.name, tp, spec.n_heads // tp, kvsize.kv_heads_per_rank(spec, tp),
                     batch_size, prompt_len, cache_len, dtype, kv_dtype, weights, cache, prefill,
-                    gpu_memory, headroom)
+                    peer, gpu_memory, headroom)
 
 
 def render_rank_plan(plan: RankPlan) -> str:
@@ -80,13 +92,15 @@ def render_rank_plan(plan: RankPlan) -> str:
     elif plan.headroom_bytes < 0:
         verdict = f"does NOT fit: {format_bytes(-plan.headroom_bytes)} short on every rank"
     else:
-        verdict = "fits (the CUDA context and the all-reduce buffers come out of the headroom)"
+        verdict = "fits (the CUDA context and NCCL's buffers come out of the headroom)"
     rows = [["query heads / KV heads", f"{plan.query_heads_per_rank} / {plan.kv_heads_per_rank}"],
             ["weights", size(plan.weight_bytes_per_rank)],
             [f"KV cache ({plan.batch_size} x {plan.cache_len} tokens, {plan.kv_dtype})",
              size(plan.kv_cache_bytes_per_rank)],
             [f"prefill activations ({plan.batch_size} x {plan.prompt_len} tokens)",
              size(plan.prefill_activation_bytes_per_rank)],
+            ["all-reduce buffer (Triton kernels' symmetric memory)",
+             size(plan.all_reduce_buffer_bytes_per_rank)],
             ["GPU memory", size(plan.gpu_memory_bytes)],
             ["headroom", size(plan.headroom_bytes)]]
     title = (f"{plan.model}, {plan.dtype} weights, tp {plan.tp}: each of the {plan.tp} ranks "

@@ -195,6 +195,6 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
     memory = parse_size(args.gpu_memory) if args.gpu_memory else nvml_facts().get(
         "gpu_memory_bytes")
     plan = rank_plan(spec, args.tp or 1, batch, prompt_len, length, dtype,
-                     args.kv_dtype or dtype, memory)
+                     args.kv_dtype or dtype, memory, args.tp_all_reduce)
     print(json.dumps(plan.to_dict()) if args.json else render_rank_plan(plan))
     return 0

@@ -39,21 +39,16 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.decode_kernel import triton
+from infermeter.engine.peer_buffers import (  # noqa: F401 - the layout, re-exported
+    BLOCK,
+    FLAG_BYTES,
+    MAX_PROGRAMS,
+    SLOT_BYTES,
+    buffer_bytes,
+    flag_area_bytes,
+)
 
-SLOT_BYTES = 256 * 1024  # the largest all-reduce taken: batch 32 of a 4096-wide bf16 model
-BLOCK = 1024  # elements a program moves: 5120-wide activations -> 5 programs
-MAX_PROGRAMS = SLOT_BYTES // (2 * BLOCK)  # flags per site (2-byte elements need the most)
-FLAG_BYTES = 4  # int32
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def buffer_bytes(n_sites: int, world: int) -> int:
-    """Bytes of each rank's buffer: the flags, then n_sites x world slots."""
-    return flag_area_bytes(n_sites) + n_sites * world * SLOT_BYTES
-
-
-def flag_area_bytes(n_sites: int) -> int:
-    return -(-n_sites * MAX_PROGRAMS * FLAG_BYTES // 256) * 256  # data starts 256-byte aligned
 
 
 if triton is not None:
