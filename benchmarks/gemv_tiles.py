@@ -1,6 +1,7 @@
 """Which tiles make gemv_kernel.py's GEMV stream a model's weights fastest? (issue 5)
 
     python benchmarks/gemv_tiles.py [--model llama-2-7b] [--tp 1] [--dtype fp16] [--grid wide]
+                                    [--timing graph]
 
 For each one-row product of a decode step (one rank's at --tp; fused wqkv, wo, fused w13, w2,
 output) the kernel is timed at every (BLOCK_N, BLOCK_K, num_warps, num_stages) of a small grid,
@@ -8,8 +9,11 @@ next to torch's F.linear (cuBLAS), F.linear compiled by inductor as the engine's
 the device-to-device copy bandwidth of the same run. Each timing cycles through enough copies of
 the weight (>= 256 MB) that L2 (50 MB on an H100) never holds it; triton.testing.do_bench's
 median. The step-weighted total (each shape x its calls per step) says which single tiling is
-best for the whole step. Writes results/gemv-tiles-[<model>-][tp<N>-]<grid>-<device>.json (and
-$OUT/ when set) and prints the best tiles per shape and overall.
+best for the whole step. Writes results/gemv-tiles-[<model>-][tp<N>-]<grid>[-graph]-<device>.json
+(and $OUT/ when set) and prints the best tiles per shape and overall.
+--timing graph replays the calls from a CUDA graph (the engine's step does); the committed runs up
+to session 8 launched each call from Python, which times kernels under ~20 us launch-bound: their
+tp 2 wo rows (~11 us in the step's traces) read 14-25 us there.
 """
 
 from __future__ import annotations
@@ -56,8 +60,18 @@ def copies_of(n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[to
     return x, [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
 
 
-def time_per_call(fn, count: int) -> float:
-    """Median milliseconds of one call, fn making `count` calls (one per weight copy)."""
+def time_per_call(fn, count: int, graph: bool = False) -> float:
+    """Median milliseconds of one call, fn making `count` calls (one per weight copy). graph:
+    fn's launches are captured once into a CUDA graph and the graph is replayed, as the
+    engine's compiled step runs its kernels; launched from Python instead, a kernel under ~20 us
+    (tp 2's wo) is timed launch-bound (Triton's launcher costs about that much per call)."""
+    if graph:
+        fn()  # compiles and warms up (cuBLAS workspaces, inductor) outside the capture
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        fn = captured.replay
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") / count
 
 
@@ -69,19 +83,21 @@ def run_kernel(x, w, out, tiles):
                        num_stages=tiles["num_stages"])
 
 
-def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict) -> dict:
+def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict,
+               graph: bool = False) -> dict:
     """cuBLAS and every tiling of the grid on W [n, k]: ms, GB/s and error against F.linear."""
     x, weights = copies_of(n, k, dtype)
     out = torch.empty(1, n, device="cuda", dtype=dtype)
     nbytes = n * k * dtype.itemsize
     reference = F.linear(x, weights[0]).float()
-    cublas = time_per_call(lambda: [F.linear(x, w) for w in weights], len(weights))
+    cublas = time_per_call(lambda: [F.linear(x, w) for w in weights], len(weights), graph)
     # what the engine's default compiled step does with it: inductor's reduction, tuned anew
     torch._dynamo.reset()
     compiled = torch.compile(F.linear, dynamic=False,
                              options={"coordinate_descent_tuning": True})
     compiled(x, weights[0])
-    inductor = time_per_call(lambda: [compiled(x, w) for w in weights], len(weights))
+    inductor = time_per_call(lambda: [compiled(x, w) for w in weights], len(weights),
+                             graph)
     rows = []
     for values in itertools.product(*grid.values()):
         tiles = dict(zip(grid, values, strict=True))
@@ -90,7 +106,7 @@ def time_shape(n: int, k: int, calls: int, dtype: torch.dtype, grid: dict) -> di
             run_kernel(x, weights[0], out, tiles)
             error = float((out.float() - reference).norm() / reference.norm())
             ms = time_per_call(lambda t=tiles: [run_kernel(x, w, out, t) for w in weights],
-                               len(weights))
+                               len(weights), graph)
         except Exception as failure:  # noqa: BLE001 - e.g. out of shared memory: skip it
             rows.append({**tiles, "error": f"{type(failure).__name__}: {failure}"[:200]})
             continue
@@ -131,6 +147,10 @@ def main() -> int:
     parser.add_argument("--grid", choices=("full", "wide", "quick"), default="full",
                         help="full: 96 tilings; wide: 108 with fewer rows and longer columns; "
                              "quick: 24")
+    parser.add_argument("--timing", choices=("launch", "graph"), default="launch",
+                        help="launch: each call launched from Python (how the committed runs "
+                             "timed); graph: the calls replayed from a CUDA graph, as in the "
+                             "engine's step (honest for kernels under ~20 us)")
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     grid = {"full": GRID, "wide": WIDE, "quick": QUICK}[args.grid]
@@ -138,7 +158,7 @@ def main() -> int:
     hbm = copy_gbps()
     print(f"device-to-device copy: {hbm:.0f} GB/s", flush=True)
     spec = PRESETS[args.model]
-    shapes = {name: time_shape(n, k, calls, dtype, grid)
+    shapes = {name: time_shape(n, k, calls, dtype, grid, args.timing == "graph")
               for name, n, k, calls in step_shapes(spec, args.tp)}
     totals: dict[tuple, float] = {}  # tiles -> the step's products' ms, for tiles timed on all
     for shape in shapes.values():
@@ -173,12 +193,14 @@ def main() -> int:
                "inductor_step_ms": inductor_step,
                "best_step": [{"tiles": dict(zip(grid, key, strict=True)), "step_ms": ms}
                              for key, ms in ranked[:20]], "shapes": shapes}
-    config = {"benchmark": "gemv_tiles", "dtype": args.dtype, "grid": grid, "tp": args.tp}
+    config = {"benchmark": "gemv_tiles", "dtype": args.dtype, "grid": grid, "tp": args.tp,
+              "timing": args.timing}
     result = Result("generate", spec.to_dict(), config, env, metrics)
     name = "" if (args.model, args.tp) == ("llama-2-7b", 1) else \
         f"{args.model}-" + (f"tp{args.tp}-" if args.tp > 1 else "")
     for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
-        write_json(Path(folder) / f"gemv-tiles-{name}{args.grid}-{device_slug(env)}.json",
+        timing = "-graph" if args.timing == "graph" else ""
+        write_json(Path(folder) / f"gemv-tiles-{name}{args.grid}{timing}-{device_slug(env)}.json",
                    result)
     return 0
 

@@ -96,3 +96,40 @@ def test_gpu_name_is_empty_off_cuda():
     from infermeter.engine.gemv_kernel import gpu_name
 
     assert gpu_name(torch.device("cpu")) == ""
+
+
+def test_graph_timing_replays_what_it_captured(monkeypatch):
+    """--timing graph: fn runs once outside the capture (compiles, warms up), once inside it,
+    and do_bench then times only the graph's replays, divided by the calls fn makes."""
+    script = load_script()
+    calls, timed = [], []
+
+    class FakeGraph:
+        def replay(self):
+            calls.append("replay")
+
+    class Capture:
+        def __init__(self, graph):
+            calls.append("capture")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            calls.append("captured")
+
+    monkeypatch.setattr(script.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(script.torch.cuda, "graph", Capture)
+    monkeypatch.setattr(script.torch.cuda, "synchronize", lambda: None)
+
+    def do_bench(fn, **options):
+        timed.append(options["return_mode"])
+        fn()
+        return 8.0
+
+    monkeypatch.setattr(script.triton.testing, "do_bench", do_bench)
+    ms = script.time_per_call(lambda: calls.append("fn"), 4, graph=True)
+    assert ms == 2.0 and timed == ["median"]
+    assert calls == ["fn", "capture", "fn", "captured", "replay"]
+    calls.clear()
+    assert script.time_per_call(lambda: calls.append("fn"), 2) == 4.0 and calls == ["fn"]
