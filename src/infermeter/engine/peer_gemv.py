@@ -30,6 +30,11 @@ barrier. The buffers, sites, flags and the one-handshake argument are peer_all_r
 (this is its protocol with step 1 moved into the GEMV), so a site can be used either way from
 one step to the next (eager steps and prefill go the other way), and the sum has the same order
 and roundings as peer_all_reduce_add_norm's.
+
+Measured (13B bf16 tp 2, 2 x H200, session 8, one run): 4.41 ms a step against --tp-all-reduce
+triton's 4.38. The waiting kernel took 4.6 us instead of the fused all-reduce's 5.5, but wo's and
+w2's GEMVs 0.7 and 2.1 us longer (their ends wait for the NVLink stores): an option, not the
+default.
 """
 
 from __future__ import annotations
