@@ -145,6 +145,18 @@ def test_check_fit_names_every_part():
     memory.check_fit("fine", {"weights": 10}, 10, "free")  # exactly fits: no error
 
 
+def test_the_triton_all_reduce_buffer_counts_where_it_is_allocated():
+    """At tp 2 the Triton kinds hold 40 MiB of symmetric memory a rank (13B: 80 sites x 2 slots
+    of 256 KiB, and the flags); NCCL, one-shot and one GPU hold none."""
+    spec = PRESETS["llama-2-13b"]
+    for kind in ("triton", "triton-unfused", "triton-push", "auto"):
+        parts = memory.case_memory(spec, 1, 80, 512, "bf16", "bf16", "compiled", 2, kind)
+        assert parts["all-reduce buffer"] == 80 * 2 * 256 * 1024 + 80 * 128 * 4
+    for tp, kind in ((2, "nccl"), (2, "one-shot"), (1, "triton")):
+        parts = memory.case_memory(spec, 1, 80, 512, "bf16", "bf16", "compiled", tp, kind)
+        assert "all-reduce buffer" not in parts
+
+
 def test_a_cache_that_cannot_fit_fails_before_any_allocation(monkeypatch):
     """A GPU with 8 GiB free (mocked): llama-2-7b fp16 does not fit; nothing is loaded."""
     import infermeter.engine.checkpoint as checkpoint

@@ -262,7 +262,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     # ---- end tensor parallelism ----
     _check_hf(cases, tp)
     settings = _settings(request, tokenizer, tp)
-    memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp)
+    memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp,
+                           request.tp_all_reduce)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
     if tp and request.tp_all_reduce.startswith("triton"):

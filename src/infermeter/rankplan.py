@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from infermeter import kvsize
-from infermeter.engine.peer_buffers import model_buffer_bytes
+from infermeter.engine.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.specs import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
@@ -59,12 +59,6 @@ def cache_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int,
         return max_seq_len
     need = prompt_len + max_new_tokens
     return min(-(-need // CACHE_ROUND) * CACHE_ROUND, spec.max_seq_len)
-
-
-def uses_peer_buffer(tp: int, all_reduce: str) -> bool:
-    """Whether a run allocates the Triton all-reduce's buffer: tp >= 2 with a triton kind, or
-    auto (which picks it on the GPUs of one host, where --tp starts its ranks)."""
-    return tp > 1 and (all_reduce == "auto" or all_reduce.startswith("triton"))
 
 
 def rank_plan(spec: ModelSpec, tp: int, batch_size: int, prompt_len: int, cache_len: int,

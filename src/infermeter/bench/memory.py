@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from infermeter import kvsize
+from infermeter.engine.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.env import host_available
 from infermeter.errors import InfermeterError
 from infermeter.specs import ModelSpec
@@ -40,14 +41,17 @@ def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
 
 
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
-                kv_dtype: str, mode: str, tp: int = 1) -> dict[str, int]:
-    """What a case needs, by part (bytes, per rank under tensor parallelism)."""
+                kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl") -> dict[str, int]:
+    """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
+    --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer)."""
     parts = {"weights": kvsize.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": prefill_activation_bytes(spec, batch_size, prompt_len,
                                                              dtype) // tp}
     if mode.startswith("hf"):
         parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
+    if uses_peer_buffer(tp, all_reduce):
+        parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
     return parts
 
 
@@ -150,12 +154,13 @@ def collect(device: Any) -> None:
 
 
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
-                    tp: int = 1) -> None:
-    """Before any allocation: every case's weights + cache + activations against free memory."""
+                    tp: int = 1, all_reduce: str = "nccl") -> None:
+    """Before any allocation: every case's weights + cache + activations (+ the Triton
+    all-reduce's buffer) against free memory."""
     free, where = free_memory(device)
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, max(len(g) for g in case.groups), max(p.lengths),
-                            case.cache_len, dtype, kv_dtype, case.mode, tp)
+                            case.cache_len, dtype, kv_dtype, case.mode, tp, all_reduce)
         check_fit(f"{spec.name} at {case.label} with a {case.cache_len}-token cache", parts,
                   free, where)

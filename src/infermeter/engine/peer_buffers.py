@@ -27,3 +27,9 @@ def flag_area_bytes(n_sites: int) -> int:
 def model_buffer_bytes(n_layers: int, world: int) -> int:
     """One rank's buffer for a model of n_layers layers at tensor-parallel degree `world`."""
     return buffer_bytes(2 * n_layers, world)
+
+
+def uses_peer_buffer(tp: int, all_reduce: str) -> bool:
+    """Whether a run allocates this buffer: tp >= 2 with a triton kind, or auto (which picks it
+    on the GPUs of one host, where --tp starts its ranks)."""
+    return tp > 1 and (all_reduce == "auto" or all_reduce.startswith("triton"))
