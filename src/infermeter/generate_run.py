@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infermeter.engine.peer_buffers import uses_peer_buffer
 from infermeter.errors import InfermeterError
 from infermeter.results import Result
 
@@ -266,7 +267,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
                            request.tp_all_reduce)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
-    if tp and request.tp_all_reduce.startswith("triton"):
+    if tp and uses_peer_buffer(tp.world, request.tp_all_reduce):  # what check_cases_fit counted
         from infermeter.engine.parallel import use_peer_all_reduce
 
         use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,

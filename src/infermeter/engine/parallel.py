@@ -195,6 +195,18 @@ class Collectives:
         return add_then_norm(residual, all_reduce(delta, self.group), norm)
 
 
+def row_parallel_sites(model: Transformer) -> list[tuple[int, Linear, nn.Module]]:
+    """(site, layer, norm after it) for every row-parallel layer, in forward order: layer i's
+    wo is site 2i (its ffn_norm follows), its w2 site 2i + 1 (the next layer's attention_norm
+    follows, or the final norm). The one numbering of the all-reduce call sites."""
+    following = [layer.attention_norm for layer in model.layers[1:]] + [model.norm]
+    sites = []
+    for i, layer in enumerate(model.layers):
+        sites.append((2 * i, layer.attention.wo, layer.ffn_norm))
+        sites.append((2 * i + 1, layer.feed_forward.w2, following[i]))
+    return sites
+
+
 def _reduce_hook(collectives: Collectives, site: int | None) -> Any:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         return collectives.all_reduce(output, site)
@@ -241,10 +253,10 @@ def shard_model(model: Transformer, rank: int, world: int, group: Any = None) ->
     _, n_heads = plan.heads
     _, n_kv_heads = plan.kv_heads
     collectives = model.tp_collectives = Collectives(group)
-    for index, layer in enumerate(model.layers):  # sites 2i (wo) and 2i + 1 (w2)
+    for layer in model.layers:
         layer.attention.n_heads, layer.attention.n_kv_heads = n_heads, n_kv_heads
-        layer.attention.wo.register_forward_hook(_reduce_hook(collectives, 2 * index))
-        layer.feed_forward.w2.register_forward_hook(_reduce_hook(collectives, 2 * index + 1))
+    for site, linear, _ in row_parallel_sites(model):  # wo and w2
+        linear.register_forward_hook(_reduce_hook(collectives, site))
     model.tok_embeddings.register_forward_hook(_gather_hook(group, world))
     if model.spec.tie_embeddings:
         piece = plan.slice_of("output.weight")
@@ -357,12 +369,9 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
         else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
-    if fuse_norm:  # the norm after site 2i (layer i's wo) is its ffn_norm, the one after
-        # site 2i + 1 (its w2) the next layer's attention_norm, or the final norm
-        following = [layer.attention_norm for layer in model.layers[1:]] + [model.norm]
-        for i, layer in enumerate(model.layers):
-            layer.ffn_norm.all_reduce_site = 2 * i
-            following[i].all_reduce_site = 2 * i + 1
+    if fuse_norm:  # each norm learns the site whose all-reduce comes with it
+        for site, _, norm in row_parallel_sites(model):
+            norm.all_reduce_site = site
         collectives.fused = True
         model.add_norm = collectives.add_norm
     if push:
@@ -370,14 +379,12 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
             raise ValueError("the pushing GEMV needs the fused add and norm after it")
         from infermeter.engine import peer_gemv  # noqa: F401 - registers its ops
 
-        for i, layer in enumerate(model.layers):
-            for site, linear in ((2 * i, layer.attention.wo), (2 * i + 1, layer.feed_forward.w2)):
-                if linear.bias is not None:  # row-parallel biases are added after the sum
-                    raise InfermeterError("--tp-all-reduce triton-push: wo / w2 have a bias")
-                linear.row_product = functools.partial(
-                    torch.ops.infermeter.peer_gemv_push, instance=collectives.peer_index,
-                    site=site)
-                collectives.pushers[site] = linear
+        for site, linear, _ in row_parallel_sites(model):
+            if linear.bias is not None:  # row-parallel biases are added after the sum
+                raise InfermeterError("--tp-all-reduce triton-push: wo / w2 have a bias")
+            linear.row_product = functools.partial(
+                torch.ops.infermeter.peer_gemv_push, instance=collectives.peer_index, site=site)
+            collectives.pushers[site] = linear
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:
