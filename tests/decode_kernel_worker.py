@@ -115,34 +115,44 @@ def check_gemv_kernel() -> None:
 
 def check_model_gemv() -> None:
     """The model's batch-1 steps with every Linear on the GEMV kernel (while 'compiling') give
-    F.linear's logits; the prefill's many-row products stay F.linear."""
+    F.linear's logits, through the plain op and through its PDL twin (pdl.launching: the
+    custom op gemv_pdl; PDL itself is compiled in on a GPU only); the prefill's many-row
+    products stay F.linear."""
+    from infermeter.engine import gemv_kernel as gemv_module
     from infermeter.engine import linear as linear_module
-    from infermeter.engine.gemv_kernel import gemv
+    from infermeter.engine import pdl
+    from infermeter.engine.gemv_kernel import gemv, gemv_pdl, matvec
     from infermeter.engine.linear import set_matvec_kernel
 
     linear_module.compiling = lambda: True
     calls = []
+    real_ops = {"gemv": gemv, "gemv_pdl": gemv_pdl}
 
     def counted(x, weight):
         calls.append(tuple(weight.shape))
-        return gemv(x, weight)
+        return matvec(x, weight)
 
-    linear_module.gemv = counted
+    linear_module.matvec = counted
     spec = PRESETS["debug"]
     tokens = torch.randint(0, spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
     logits = {}
-    for kind in ("inductor", "triton"):
+    ops_seen = []
+    for name, op in real_ops.items():  # which of the two ops matvec calls
+        setattr(gemv_module, name, lambda *a, _op=op, _n=name: ops_seen.append(_n) or _op(*a))
+    for kind in ("inductor", "triton", "triton-pdl"):
         model = build_model(spec, seed=5)
-        set_matvec_kernel(model, kind)
+        set_matvec_kernel(model, kind.removesuffix("-pdl"))
         model.setup_cache(1, 12)
-        with torch.inference_mode():
+        with torch.inference_mode(), pdl.launching(kind.endswith("-pdl")):
             outs = [model(tokens[:, :4], torch.arange(4))]
             outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 9)]
         logits[kind] = torch.cat(outs, dim=1)
     per_step = 7 * spec.n_layers + 1  # q, k, v, o, gate, down, up a layer, and the output head
-    assert len(calls) == 5 * per_step, f"gemv ran {len(calls)} times, not {5 * per_step}"
+    assert len(calls) == 2 * 5 * per_step, f"gemv ran {len(calls)} times, not {10 * per_step}"
+    assert ops_seen == ["gemv"] * 5 * per_step + ["gemv_pdl"] * 5 * per_step, ops_seen
     err = (logits["triton"] - logits["inductor"]).abs().max().item()
     assert err < 1e-5, f"gemv model logits differ by {err}"
+    assert torch.equal(logits["triton-pdl"], logits["triton"])
 
 
 def check_model_decode() -> None:
@@ -155,14 +165,14 @@ def check_model_decode() -> None:
         calls.append(args[0].shape)
         return split_kv_decode(*args)
 
-    model_module.split_kv_decode = counted
+    model_module.decode_attention_kernel = counted
     activations = []
 
     def counted_act(gate, up):
         activations.append(gate.shape)
         return silu_mul_triton(gate, up)
 
-    model_module.silu_mul_triton = counted_act
+    model_module.silu_mul_kernel = counted_act
     debug = PRESETS["debug"]
     for spec in (debug, debug.with_updates(arch="mistral", sliding_window=5,
                                            sliding_window_layers=(1,))):

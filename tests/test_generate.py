@@ -423,3 +423,32 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_lengt
                                                     block_fn=compiled._block_fn())
         assert diff.abs().max() < 1e-5
     assert counters["stats"]["unique_graphs"] == 1  # 3 layers x 2 lengths: one graph
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pdl_step_on_cuda_gives_the_same_tokens_as_without(dtype):
+    """--pdl (engine/pdl.py): the CUDA-graph step with every kernel launched early (inductor's,
+    the GEMV, the split-KV attention and combine, the activation) gives, bit for bit, the
+    greedy tokens of the same step without PDL. Random weights (flat logits: any value read
+    before its producer finished would change a token) and batch 1 (every Triton kernel)."""
+    from infermeter.engine.linear import set_matvec_kernel
+    from infermeter.engine.pdl import supported
+
+    if not torch.cuda.is_available() or not supported(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a torch with inductor PDL")
+    model = build_model(SPEC, device="cuda", dtype=dtype)
+    config = GenerationConfig(max_new_tokens=40, compile=True)
+    tokens = {}
+    for pdl in (False, True):
+        gen = Generator(model, max_seq_len=64, pdl=pdl)
+        set_matvec_kernel(model, "triton")  # after the Generator fused wqkv / w13
+        gen.warmup(1, len(PROMPTS[0]), config)
+        tokens[pdl] = gen.generate(PROMPTS[:1], config).output_token_ids
+    assert tokens[True] == tokens[False]
+
+
+def test_pdl_refused_where_it_cannot_run(model):
+    """Generator(pdl=True) on the CPU: one clear error naming what PDL needs."""
+    with pytest.raises(InfermeterError, match="compute capability 9.0"):
+        Generator(model, pdl=True)

@@ -63,6 +63,7 @@ class GenerateRequest:
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
     tp_all_reduce: str = "auto"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
+    pdl: bool = False  # compiled mode: kernels with programmatic dependent launch (engine/pdl.py)
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 
@@ -192,7 +193,7 @@ def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
         kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
         compile_prefill=request.compile_prefill, decode_attention=request.decode_attention,
         tp_all_reduce=request.tp_all_reduce, compile_options=_all_reduce_options(request, tp),
-        matvec_kernel=request.matvec_kernel,
+        matvec_kernel=request.matvec_kernel, pdl=request.pdl,
         roofline=request.roofline,
         tp=tp.world if tp else 1, trace_dir=request.trace_dir)
     settings.generation_config(compile=False)  # validates temperature / top_p now

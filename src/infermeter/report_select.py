@@ -187,12 +187,14 @@ def mode_rank(record: Record) -> int:
 # engine/parallel.py's AUTO_ALL_REDUCE; a test keeps these equal, the report stays
 # torch-free).
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
+DEFAULT_PDL = False  # generate --pdl (engine/pdl.py); unrecorded: it ran without
 
 
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
-    inductor's matrix-vector products (the GEMV is the default) or other all-reduces than
-    auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused): a comparison run (e.g. the
+    inductor's matrix-vector products (the GEMV is the default), other all-reduces than
+    auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused) or another --pdl than the
+    default: a comparison run (e.g. the
     generation sweep's kernel or gemv part), not the representative.
     A Result from before a setting was recorded ran what existed then: inductor's reductions
     and NCCL's all-reduces."""
@@ -205,7 +207,8 @@ def off_default_kernels(record: Record) -> bool:
     # unrecorded: one GPU (no all-reduce), or tensor parallelism from before the setting (NCCL)
     unrecorded = "nccl" if (num(cfg.get("tp")) or 1) > 1 else DEFAULT_TP_ALL_REDUCE
     all_reduce = cfg.get("tp_all_reduce") or unrecorded
-    return attention_off or matvec != DEFAULT_MATVEC_KERNEL or all_reduce != DEFAULT_TP_ALL_REDUCE
+    return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
+            or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL)
 
 
 def _newest_first(record: Record) -> float:

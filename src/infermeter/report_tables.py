@@ -123,6 +123,7 @@ def _generate_setting(gen: Record | None) -> str:
     # the kernels the Result says ran (recorded since session 4)
     parts += [f"{cfg['decode_attention']} attention"] if cfg.get("decode_attention") else []
     parts += ["Triton GEMV"] if cfg.get("matvec_kernel") == "triton" else []
+    parts += ["PDL"] if cfg.get("pdl") else []
     all_reduce = cfg.get("tp_all_reduce")
     parts += [f"{all_reduce} all-reduce"] if all_reduce not in (None, "nccl") else []
     return ", ".join(parts) or fmt.MISSING

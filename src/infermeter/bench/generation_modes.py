@@ -38,6 +38,7 @@ class RunSettings:
     tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS, auto already resolved (generate_run)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
+    pdl: bool = False  # the compiled step's kernels with programmatic dependent launch (pdl.py)
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
     trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
@@ -57,7 +58,8 @@ class EngineRunner:
                                    compile_backend=settings.compile_backend,
                                    compile_prefill=settings.compile_prefill,
                                    decode_attention=settings.decode_attention,
-                                   compile_options=settings.compile_options)
+                                   compile_options=settings.compile_options,
+                                   pdl=settings.pdl and self.config.compile)
         set_matvec_kernel(model, settings.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = settings.matvec_kernel
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
@@ -74,7 +76,8 @@ class EngineRunner:
         return {"compile_backend": self.generator.compile_backend if compiled else None,
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
-                "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used()}
+                "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
+                "pdl": self.generator.pdl}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the

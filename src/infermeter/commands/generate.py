@@ -73,6 +73,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        help="the compiled batch-1 step's matrix-vector products: the Triton "
                        "GEMV kernel where Triton runs (default) or inductor's tuned reductions "
                        "(H100, whole step: 7B 5.1 vs 5.7 ms, 13B 9.5 vs 10.4)")
+    bench.add_argument("--pdl", action="store_true",
+                       help="compiled mode: launch the decode step's kernels with programmatic "
+                       "dependent launch (Hopper or later): each may start while the one "
+                       "before it finishes; a GEMV streams its first weights meanwhile")
     bench.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
                        help="how a one-token step attends over the cache (default auto: the "
                        "triton split-KV kernel where Triton runs (CUDA), else math; math: two "
@@ -140,7 +144,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
         compile_backend=args.compile_backend, compile_prefill=args.compile_prefill,
         decode_attention=args.decode_attention, tp_all_reduce=args.tp_all_reduce,
-        matvec_kernel=args.matvec_kernel,
+        matvec_kernel=args.matvec_kernel, pdl=args.pdl,
         trace_dir=args.trace)
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)

@@ -39,6 +39,9 @@ try:
 except ImportError:  # the CPU-only install: the model never picks this kernel there
     triton = None
 
+from infermeter.engine import pdl  # noqa: E402 - after `triton`, which pdl.py imports
+from infermeter.engine.pdl import launch  # noqa: E402
+
 BLOCK_N = 64  # cache slots per inner iteration
 
 
@@ -76,7 +79,10 @@ if triton is not None:
                          n_kv_heads, groups, slots, chunk, n_splits, window,
                          SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # q and this step's cache entry are the previous kernel's outputs (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // n_kv_heads
@@ -123,7 +129,10 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(ACC, M, L, OUT, groups, n_splits,
-                        S_PAD: tl.constexpr, D: tl.constexpr):
+                        S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # the splits are the previous kernel's outputs (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
         row = tl.program_id(0) // groups
         g = tl.program_id(0) % groups
@@ -139,12 +148,9 @@ if triton is not None:
         tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
 
 
-@torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
-def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
-    """q [B, H_kv, G, D] (one token's G query heads per KV head), k_cache/v_cache
-    [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none.
-    Returns [B, H_kv, G, D] in q's dtype."""
+def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                     pdl: bool) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -152,20 +158,52 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     acc = torch.empty(rows, n_splits, groups, head_dim, device=q.device, dtype=torch.float32)
     m = torch.empty(rows, n_splits, groups, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    torch.library.wrap_triton(_split_kv_kernel)[(rows, n_splits)](
-        q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        n_kv_heads, groups, slots, chunk, n_splits, window,
-        # A constant, not a runtime float: inductor types a Python float argument as fp64,
-        # which made the scores, and the loop-carried max, float64 (the first H100 run).
-        SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
-        BLOCK=BLOCK_N,
-        IS_RING=is_ring, HAS_WINDOW=window > 0,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    launch(_split_kv_kernel, (rows, n_splits), pdl,
+           q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum,
+           q.stride(0), q.stride(1), q.stride(2),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           n_kv_heads, groups, slots, chunk, n_splits, window,
+           # A constant, not a runtime float: inductor types a Python float argument as fp64,
+           # which made the scores, and the loop-carried max, float64 (the first H100 run).
+           SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
+           BLOCK=BLOCK_N,
+           IS_RING=is_ring, HAS_WINDOW=window > 0,
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
-    torch.library.wrap_triton(_combine_kernel)[(rows * groups,)](
-        acc, m, l_sum, out, groups, n_splits,
-        S_PAD=triton.next_power_of_2(n_splits), D=head_dim)
+    launch(_combine_kernel, (rows * groups,), pdl,
+           acc, m, l_sum, out, groups, n_splits,
+           S_PAD=triton.next_power_of_2(n_splits), D=head_dim)
     return out
+
+
+@torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
+def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+    """q [B, H_kv, G, D] (one token's G query heads per KV head), k_cache/v_cache
+    [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none.
+    Returns [B, H_kv, G, D] in q's dtype."""
+    return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                            n_splits, pdl=False)
+
+
+@torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
+def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
+    return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                            n_splits, pdl=True)
+
+
+@split_kv_decode_pdl.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
+      window: int, is_ring: bool, n_splits: int) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                            query_pos: Tensor, window: int, is_ring: bool,
+                            n_splits: int) -> Tensor:
+    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
+    op = split_kv_decode_pdl if pdl.enabled() else split_kv_decode
+    return op(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits)

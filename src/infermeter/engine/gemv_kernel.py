@@ -26,7 +26,9 @@ import functools
 import torch
 from torch import Tensor
 
+from infermeter.engine import pdl
 from infermeter.engine.decode_kernel import triton, triton_runs_on
+from infermeter.engine.pdl import launch
 
 # Tiles by the weight's column count K, from benchmarks/gemv_tiles.py on an H100 (results/gemv-
 # tiles-*-nvidia-h100-*.json: each product shape of Llama-2-7B and 13B alone, ~100 tilings):
@@ -86,11 +88,25 @@ if triton is not None:
 
     @triton.jit
     def row_dots(X, W, rows, row_ok, n_cols, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         """float32 [BLOCK_N]: x . W[row] for the program's rows (the tiling above); shared with
-        peer_gemv.py's GEMV, which then pushes them to the peers."""
+        peer_gemv.py's GEMV, which then pushes them to the peers. PDL (pdl.py): the first
+        weight tile is loaded before waiting for the kernel that wrote x (no kernel writes
+        weights), so the weight stream starts while that kernel finishes."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, n_cols, BLOCK_K):
+        start = 0
+        if PDL:  # (names of their own: the loop's would be loop-carried, of other types)
+            first = tl.arange(0, BLOCK_K)
+            first_ok = first < n_cols
+            w_first = tl.load(W + rows[:, None] * stride_w + first[None, :],
+                              mask=row_ok[:, None] & first_ok[None, :], other=0.0,
+                              eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+            tl.extra.cuda.gdc_launch_dependents()
+            x_first = tl.load(X + first, mask=first_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            acc += w_first.to(tl.float32) * x_first[None, :]
+            start = BLOCK_K
+        for k0 in range(start, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
             x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
@@ -102,24 +118,43 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, OUT, n_rows, n_cols, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        out = row_dots(X, W, rows, row_ok, n_cols, stride_w, BLOCK_N, BLOCK_K)
+        out = row_dots(X, W, rows, row_ok, n_cols, stride_w, BLOCK_N, BLOCK_K, PDL)
         tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+def _gemv(x: Tensor, weight: Tensor, pdl: bool) -> Tensor:
+    n_rows, n_cols = weight.shape
+    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    launch(_gemv_kernel, (triton.cdiv(n_rows, block_n),), pdl,
+           x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=NUM_STAGES)
+    return out
 
 
 @torch.library.triton_op("infermeter::gemv", mutates_args=())
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [1, K] (unit stride), weight [N, K] (unit column stride) -> [1, N] in x's dtype."""
-    n_rows, n_cols = weight.shape
-    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
-    out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n_rows, block_n),)
-    torch.library.wrap_triton(_gemv_kernel)[grid](
-        x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=NUM_STAGES)
-    return out
+    return _gemv(x, weight, pdl=False)
+
+
+@torch.library.custom_op("infermeter::gemv_pdl", mutates_args=())
+def gemv_pdl(x: Tensor, weight: Tensor) -> Tensor:
+    """gemv, launched with programmatic dependent launch (pdl.py)."""
+    return _gemv(x, weight, pdl=True)
+
+
+@gemv_pdl.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(1, weight.shape[0])
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """The GEMV as the compiled step calls it: with PDL when pdl.enabled()."""
+    return (gemv_pdl if pdl.enabled() else gemv)(x, weight)
 
 
 def gemv_usable(x: Tensor, weight: Tensor) -> bool:

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from infermeter.engine.model import Transformer, torch_dtype
+from infermeter.engine.pdl import inductor_options, launching, supported
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 
@@ -177,13 +179,16 @@ class Generator:
     None keeps the model's setting, attention.DECODE_ATTENTION unless changed). "flex" and
     "triton" apply to the compiled step only, "triton" only where Triton runs;
     decode_attention_used() says what a mode really runs.
+    pdl: the compiled step's kernels (inductor's and the Triton ones) launched with
+    programmatic dependent launch (pdl.py); only where pdl.supported says it can run.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
                  kv_dtype: torch.dtype | str | None = None,
                  compile_backend: str | None = None,
                  compile_options: dict | None = None, fuse: bool = True,
-                 compile_prefill: bool = False, decode_attention: str | None = None) -> None:
+                 compile_prefill: bool = False, decode_attention: str | None = None,
+                 pdl: bool = False) -> None:
         if decode_attention is not None:
             from infermeter.engine.attention import ATTENTION_KINDS
 
@@ -216,6 +221,14 @@ class Generator:
         self.decode_attention = model.layers[0].attention.decode_attention if model.layers \
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
+        if pdl and not supported(self.device):
+            raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
+                                  "compute capability 9.0 or later (Hopper), Triton and a "
+                                  "torch whose inductor has triton.enable_pdl; this run has "
+                                  f"{self.device}")
+        if pdl and self.compile_backend != "inductor":
+            raise InfermeterError("--pdl needs the inductor compile backend")
+        self.pdl = pdl
 
     def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's
@@ -269,9 +282,16 @@ class Generator:
             # fused with its neighbours: on an H100, fused 7B fp16 decode 5.89 -> 5.59 ms per
             # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile.
             options = {"emulate_precision_casts": True, "coordinate_descent_tuning": True,
-                       "triton.cudagraphs": self.device.type == "cuda", **self.compile_options}
-            self._compiled_step = torch.compile(_decode_one, options=options, fullgraph=True,
-                                                dynamic=False)
+                       "triton.cudagraphs": self.device.type == "cuda",
+                       **inductor_options(self.pdl), **self.compile_options}
+            compiled = torch.compile(_decode_one, options=options, fullgraph=True,
+                                     dynamic=False)
+
+            def step(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+                with launching(self.pdl):  # the ops the trace picks (and dynamo guards on)
+                    return compiled(*args, **kwargs)
+
+            self._compiled_step = step
         return self._compiled_step
 
     def _block_fn(self) -> Callable[..., Tensor]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infermeter.engine.decode_kernel import triton_runs_on
-from infermeter.engine.gemv_kernel import gemv, gemv_usable
+from infermeter.engine.gemv_kernel import gemv_usable, matvec
 from infermeter.engine.opaque_ops import compiling
 
 # "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
@@ -57,7 +57,7 @@ class Linear(nn.Linear):
             return self.row_product(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
         if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight) \
                 and gemv_usable(x, self.weight):
-            out = gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
+            out = matvec(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 

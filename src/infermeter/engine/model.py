@@ -51,13 +51,13 @@ from infermeter.engine.attention import (
     flex_decode_attention,
     resolve_attention,
 )
-from infermeter.engine.decode_kernel import kernel_usable, split_count, split_kv_decode
+from infermeter.engine.decode_kernel import decode_attention_kernel, kernel_usable, split_count
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
-from infermeter.engine.swiglu_kernel import silu_mul_triton, swiglu_kernel_usable
+from infermeter.engine.swiglu_kernel import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.errors import InfermeterError
 from infermeter.specs import ModelSpec, check_engine_arch
 from infermeter.units import canonical_dtype
@@ -139,8 +139,8 @@ class Attention(nn.Module):
                 and kernel_usable(q):
             cache = self.kv_cache
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
-            out = split_kv_decode(q, keys, values, cache.key_pos, input_pos, cache.window or 0,
-                                  cache.is_ring, splits)
+            out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
+                                          cache.window or 0, cache.is_ring, splits)
         elif seqlen == 1 and kind in ("math", "flex", "triton"):
             out = decode_attention(q, keys, values, mask)
         else:
@@ -176,7 +176,7 @@ class FeedForward(nn.Module):
             gate, up = self.w1(x), self.w3(x)
         if self.activation_kernel != "inline" and compiling():
             if self.activation_kernel == "triton" and swiglu_kernel_usable(gate):
-                return self.w2(silu_mul_triton(gate, up))
+                return self.w2(silu_mul_kernel(gate, up))
             return self.w2(silu_mul(gate, up))
         return self.w2(F.silu(gate) * up)
 

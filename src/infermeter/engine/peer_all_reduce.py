@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine import pdl
 from infermeter.engine.decode_kernel import triton
+from infermeter.engine.pdl import launch
 from infermeter.engine.peer_buffers import (  # noqa: F401 - the layout, re-exported
     BLOCK,
     FLAG_BYTES,
@@ -91,8 +93,11 @@ if triton is not None:
     @triton.jit
     def _peer_all_reduce_kernel(X, OUT, DATA_PTRS, FLAG_PTRS, numel, rank, site_offset,
                                 slot_elems, flag_offset, WORLD: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         # Program p sums elements [p * BLOCK, (p + 1) * BLOCK) of X through flag p of the site.
+        if PDL:  # X is the previous kernel's output; the next kernel may start (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -104,9 +109,15 @@ if triton is not None:
     @triton.jit
     def _peer_add_norm_kernel(D, R, NORM_W, H, OUT, DATA_PTRS, FLAG_PTRS, dim, rank,
                               site_offset, slot_elems, flag_offset, EPS: tl.constexpr,
-                              WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                              WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr = False):
         # One program per row of D [rows, dim] (this rank's partial sums, e.g. wo's output):
         # the all-reduce as above, then the residual add and the norm (add_norm_store).
+        # PDL: D is the previous kernel's output; the next kernel (a GEMV) may start and
+        # stream its first weight tiles while this one waits for the peers (pdl.py).
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
@@ -190,9 +201,9 @@ class PeerAllReduce:
         x = x.contiguous()
         out = torch.empty_like(x)
         grid = (triton.cdiv(x.numel(), BLOCK),)
-        torch.library.wrap_triton(_peer_all_reduce_kernel)[grid](
-            x, out, self.data_ptrs, self.flag_ptrs, x.numel(), self.rank, *where,
-            WORLD=self.world, BLOCK=BLOCK, num_warps=4)
+        launch(_peer_all_reduce_kernel, grid, pdl.enabled(),
+               x, out, self.data_ptrs, self.flag_ptrs, x.numel(), self.rank, *where,
+               WORLD=self.world, BLOCK=BLOCK, num_warps=4)
         return out
 
     def takes_rows(self, delta: Tensor, residual: Tensor) -> bool:
@@ -213,10 +224,10 @@ class PeerAllReduce:
         dim = delta.shape[-1]
         h, out = add_norm_outputs(delta, weight)
         block = triton.next_power_of_2(dim)
-        torch.library.wrap_triton(_peer_add_norm_kernel)[(delta.numel() // dim,)](
-            delta, residual, weight, h, out, self.data_ptrs, self.flag_ptrs, dim, self.rank,
-            *where, EPS=eps, WORLD=self.world, BLOCK=block,
-            num_warps=max(4, min(16, block // 512)))
+        launch(_peer_add_norm_kernel, (delta.numel() // dim,), pdl.enabled(),
+               delta, residual, weight, h, out, self.data_ptrs, self.flag_ptrs, dim, self.rank,
+               *where, EPS=eps, WORLD=self.world, BLOCK=block,
+               num_warps=max(4, min(16, block // 512)))
         return h, out
 
 

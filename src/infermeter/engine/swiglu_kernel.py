@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from infermeter.engine import pdl
 from infermeter.engine.decode_kernel import triton, triton_runs_on
+from infermeter.engine.pdl import launch
 
 BLOCK = 1024  # columns a program handles
 
@@ -27,7 +29,11 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _silu_mul_kernel(GATE, UP, OUT, n_cols, stride_gate, stride_up, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GATE, UP, OUT, n_cols, stride_gate, stride_up, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        if PDL:  # gate and up are the previous kernel's (w13's) output (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < n_cols
@@ -38,17 +44,36 @@ if triton is not None:
         tl.store(OUT + row * n_cols + cols, out, mask=inside)
 
 
+def _silu_mul(gate: Tensor, up: Tensor, pdl: bool) -> Tensor:
+    hidden = gate.shape[-1]
+    gate_rows, up_rows = gate.reshape(-1, hidden), up.reshape(-1, hidden)  # views when possible
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    launch(_silu_mul_kernel, (gate_rows.shape[0], triton.cdiv(hidden, BLOCK)), pdl,
+           gate_rows, up_rows, out, hidden, gate_rows.stride(0), up_rows.stride(0), BLOCK=BLOCK)
+    return out
+
+
 @torch.library.triton_op("infermeter::silu_mul_triton", mutates_args=())
 def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up [..., H] with unit column stride (FeedForward passes the two halves of w13's
     output) -> silu(gate) * up, contiguous [..., H] in their dtype."""
-    hidden = gate.shape[-1]
-    gate_rows, up_rows = gate.reshape(-1, hidden), up.reshape(-1, hidden)  # views when possible
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    grid = (gate_rows.shape[0], triton.cdiv(hidden, BLOCK))
-    torch.library.wrap_triton(_silu_mul_kernel)[grid](
-        gate_rows, up_rows, out, hidden, gate_rows.stride(0), up_rows.stride(0), BLOCK=BLOCK)
-    return out
+    return _silu_mul(gate, up, pdl=False)
+
+
+@torch.library.custom_op("infermeter::silu_mul_pdl", mutates_args=())
+def silu_mul_pdl(gate: Tensor, up: Tensor) -> Tensor:
+    """silu_mul_triton, launched with programmatic dependent launch (pdl.py)."""
+    return _silu_mul(gate, up, pdl=True)
+
+
+@silu_mul_pdl.register_fake
+def _(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+def silu_mul_kernel(gate: Tensor, up: Tensor) -> Tensor:
+    """The activation kernel as the compiled step calls it: with PDL when pdl.enabled()."""
+    return (silu_mul_pdl if pdl.enabled() else silu_mul_triton)(gate, up)
 
 
 def swiglu_kernel_usable(gate: Tensor) -> bool:

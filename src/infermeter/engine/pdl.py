@@ -1,0 +1,102 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the compiled decode step's kernels.
+
+Why: a batch-1 decode step is ~10 kernels a layer in one CUDA graph, each waiting for the one
+before it to finish before its thread blocks are even scheduled. Most of them are small (rotary
+and cache write, attention, combine, activation, the tensor-parallel all-reduce: 1-5 us each),
+and each GEMV reads its weight only after it starts. With PDL a kernel may start while the one
+before it is still running: its blocks are scheduled once every block of the previous kernel
+has called `griddepcontrol.launch_dependents`, and they block in `griddepcontrol.wait` only
+where they read what that kernel wrote. A GEMV loads its first weight tile before the wait (no
+kernel writes weights), so the weight stream starts while the norm or the all-reduce before it
+still runs.
+
+The rule that keeps it correct, in every kernel here and in inductor's (its triton.enable_pdl
+codegen): a kernel calls launch_dependents only after its own wait. So when a kernel starts,
+every kernel before its predecessor has finished, and only reads of the predecessor's outputs
+need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always.
+
+How it is launched: the Triton kernels take a PDL constexpr (the wait and the trigger are
+compiled in only then) and the launch attribute `launch_pdl`. Inductor does not pass launch
+attributes to the user-defined kernels of a torch.library.triton_op, so each kernel also has a
+torch.library.custom_op twin that launches it directly (opaque to inductor; a CUDA graph captures
+its launch, attribute included). `enabled()` says which the model calls; set_pdl switches it
+for the compiled steps traced afterwards (generation_modes.py, from --pdl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_ENABLED = False
+
+
+def set_pdl(on: bool) -> None:
+    """Whether compiled steps traced from now on launch their kernels with PDL."""
+    global _ENABLED
+    _ENABLED = on
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def launching(on: bool) -> Iterator[None]:
+    """set_pdl(on) for the block, then back: a compiled step is called (and traced) inside
+    it, so its trace picks the PDL ops exactly when its Generator asked for PDL."""
+    before = _ENABLED
+    set_pdl(on)
+    try:
+        yield
+    finally:
+        set_pdl(before)
+
+
+def inductor_has_pdl() -> bool:
+    """This torch's inductor can emit PDL for its own kernels (config.triton.enable_pdl)."""
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.triton, "enable_pdl")
+
+
+def supported(device: torch.device) -> bool:
+    """PDL can run here: a CUDA GPU of compute capability 9.0 or later, Triton's grid
+    dependency control, and inductor's PDL codegen."""
+    from infermeter.engine.decode_kernel import triton
+
+    if triton is None or device.type != "cuda" or not inductor_has_pdl():
+        return False
+    from triton.language.extra import cuda as triton_cuda
+
+    return hasattr(triton_cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def inductor_options(on: bool) -> dict[str, Any]:
+    """The torch.compile options that make inductor's own kernels use PDL too."""
+    return {"triton.enable_pdl": True} if on else {}
+
+
+def on_gpu(tensor: Tensor) -> bool:
+    return tensor.is_cuda
+
+
+def direct(kernel: Any) -> Any:
+    """The kernel as a custom op's body launches it (a function, so tests can record)."""
+    return kernel
+
+
+def launch(kernel: Any, grid: tuple, pdl: bool, *args: Any, **kwargs: Any) -> None:
+    """Launch a Triton kernel from an op's body: without PDL through wrap_triton (a triton_op
+    inductor traces into, or eager), with PDL directly with the launch attribute (a custom_op's
+    body). The kernel takes a PDL constexpr; under Triton's CPU interpreter (the tests) PDL is
+    never compiled in: the interpreter has no grid dependency control."""
+    tensor = next(a for a in args if isinstance(a, Tensor))
+    if pdl and on_gpu(tensor):
+        direct(kernel)[grid](*args, PDL=True, launch_pdl=True, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, PDL=False, **kwargs)

@@ -1,0 +1,150 @@
+"""engine/pdl.py: programmatic dependent launch of the decode step's Triton kernels.
+
+The GPU test (test_generate.py, gpu) checks that PDL changes no token; here, with no GPU: every
+PDL launch the ops make compiles for an H100 with the launch attribute, and its machine code
+keeps the one rule PDL's correctness rests on (pdl.py): nothing the previous kernel wrote is
+read before `griddepcontrol.wait`, and the next kernel is let go only after it. The GEMV alone
+reads something (its weights) before the wait.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from infermeter.engine import pdl
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="needs triton")
+
+
+def pdl_launches(monkeypatch, call) -> list:
+    """(kernel, args, kwargs) of every launch call() makes on the PDL path, as if on a GPU
+    (pdl.on_gpu patched true), recorded instead of run."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)
+    monkeypatch.setattr(pdl, "direct", Recorder)
+    call()
+    return launches
+
+
+def sm90_lines(kernel, args, kwargs) -> tuple[object, list[str]]:
+    """Build one recorded launch for sm_90 as Triton would at that launch: (metadata, PTX
+    lines)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_decode_kernel import inductor_signature
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl")
+               if k in kwargs}
+    signature = inductor_signature(kernel, args, kwargs)
+    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    return binary.metadata, binary.asm["ptx"].splitlines()
+
+
+def first(lines: list[str], pattern: str, after: int = -1) -> int:
+    """Index of the first line after `after` containing pattern (len(lines) if none)."""
+    return next((i for i, line in enumerate(lines) if i > after and pattern in line), len(lines))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
+    from infermeter.engine.decode_kernel import _split_kv_decode
+    from infermeter.engine.gemv_kernel import _gemv
+    from infermeter.engine.swiglu_kernel import _silu_mul
+
+    q = torch.zeros(1, 4, 2, 64, dtype=dtype)
+    cache = torch.zeros(1, 4, 256, 64, dtype=dtype)
+    pos = torch.arange(256)
+    gate = torch.zeros(1, 1, 1000, dtype=dtype)
+    calls = {"attention": lambda: _split_kv_decode(q, cache, cache, pos, pos[:1], 0, False, 3,
+                                                    pdl=True),
+             "activation": lambda: _silu_mul(gate, gate, pdl=True)}
+    for n_cols in (2560, 4096, 5120, 11008):  # every tiling rule of tiles_for
+        row, weight = torch.zeros(1, n_cols, dtype=dtype), torch.zeros(40, n_cols, dtype=dtype)
+        calls[f"gemv {n_cols}"] = lambda r=row, w=weight: _gemv(r, w, pdl=True)
+    for name, call in calls.items():
+        launches = pdl_launches(monkeypatch, call)
+        assert len(launches) == (2 if name == "attention" else 1)  # split-KV + combine
+        for kernel, args, kwargs in launches:
+            assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
+            metadata, lines = sm90_lines(kernel, args, kwargs)
+            assert metadata.launch_pdl, name
+            wait = first(lines, "griddepcontrol.wait")
+            release = first(lines, "griddepcontrol.launch_dependents")
+            assert wait < release < len(lines), f"{name}: release before wait, or none"
+            early_loads = [line for line in lines[:wait] if "ld.global" in line]
+            if name.startswith("gemv"):  # the first weight tile, and nothing else
+                assert early_loads and all("evict_first" in line for line in early_loads), name
+                assert first(lines, "ld.global", wait) < len(lines)  # x, after the wait
+            else:
+                assert early_loads == [], f"{name} reads before the wait"
+
+
+@needs_triton
+def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
+    """The tensor-parallel all-reduce kernels, launched while pdl.enabled(): wait, then let the
+    next kernel (a GEMV, which streams weights meanwhile) go, before any signal or read."""
+    from infermeter.engine.peer_all_reduce import PeerAllReduce, buffer_bytes
+
+    peer = PeerAllReduce(0, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2)
+    x = torch.zeros(1, 1, 5120, dtype=torch.bfloat16)
+    weight = torch.ones(5120, dtype=torch.bfloat16)
+    with pdl.launching(True):
+        launches = pdl_launches(monkeypatch, lambda: (peer(x, 0),
+                                                      peer.add_norm(x, x, weight, 1e-5, 1)))
+    assert len(launches) == 2
+    for kernel, args, kwargs in launches:
+        _, lines = sm90_lines(kernel, args, kwargs)
+        wait = first(lines, "griddepcontrol.wait")
+        assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines)
+        assert first(lines, "ld.global") > wait and first(lines, "atom.") > wait
+        assert first(lines, "red.") > wait and first(lines, "st.global") > wait
+
+
+def test_without_pdl_the_ops_launch_as_before(monkeypatch):
+    """pdl=False (the default): through wrap_triton, with the PDL constexpr off and no launch
+    attribute, whatever the device."""
+    from tests.test_decode_kernel import recorded_launches
+
+    from infermeter.engine.gemv_kernel import _gemv
+
+    monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)
+    launches = recorded_launches(monkeypatch, lambda: _gemv(
+        torch.zeros(1, 64), torch.zeros(8, 64), pdl=False))
+    assert [(kw["PDL"], "launch_pdl" in kw) for _, _, kw in launches] == [(False, False)]
+
+
+def test_launching_sets_and_restores():
+    assert not pdl.enabled()
+    with pdl.launching(True):
+        assert pdl.enabled()
+        with pdl.launching(False):
+            assert not pdl.enabled()
+        assert pdl.enabled()
+    assert not pdl.enabled()
+    with pytest.raises(RuntimeError), pdl.launching(True):
+        raise RuntimeError
+    assert not pdl.enabled()
+
+
+def test_inductor_options_and_support_on_this_machine():
+    assert pdl.inductor_options(True) == {"triton.enable_pdl": True}
+    assert pdl.inductor_options(False) == {}
+    assert not pdl.supported(torch.device("cpu"))  # no GPU: never
