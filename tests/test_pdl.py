@@ -121,9 +121,8 @@ def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
 def test_without_pdl_the_ops_launch_as_before(monkeypatch):
     """pdl=False (the default): through wrap_triton, with the PDL constexpr off and no launch
     attribute, whatever the device."""
-    from tests.test_decode_kernel import recorded_launches
-
     from infermeter.engine.gemv_kernel import _gemv
+    from tests.test_decode_kernel import recorded_launches
 
     monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)
     launches = recorded_launches(monkeypatch, lambda: _gemv(
