@@ -10,8 +10,9 @@ command that runs out of time keeps every finished case; re-running a part repla
            scripts' 432 tokens and cache): compiled (5 timed runs after 1 untimed) and eager (2
            timed runs after the warm-up: a run takes 10-15 s there)
   seed1    the seed part's batch-1 compiled case alone (its run label stays seed1)
-  seed1-pdl  the same with --pdl (programmatic dependent launch, engine/pdl.py): run it with
-           seed1 in one command to compare on one machine
+  seed1-pdl, seed1-no-pdl  the same with --pdl / --no-pdl (programmatic dependent launch,
+           engine/pdl.py; seed1 takes the default: on where it can run): run two in one command
+           to compare on one machine
   hf       the same prompts in transformers' generate with its static cache (2 timed runs), as
            it runs by default (recent versions compile it) and with its compilation off
   prefill  batch 1, a 2048-token prompt, 16 new tokens: TTFT and MFU of the eager prefill, and
@@ -48,7 +49,7 @@ from infermeter.textable import render_table
 
 MODEL, DTYPE = "llama-2-7b", "fp16"
 CONTEXTS, CONTEXT_STEPS = (512, 2048, 8192), 64
-PARTS = ("seed", "seed1", "seed1-pdl", "hf", "prefill", "context", "kernel", "gemv")
+PARTS = ("seed", "seed1", "seed1-pdl", "seed1-no-pdl", "hf", "prefill", "context", "kernel", "gemv")
 GOALS = {"mbu_pct": 85.0, "vs_hf": 10.0, "batch32": 20.0, "mfu_pct": 50.0, "warmup_s": 90.0}
 
 
@@ -62,9 +63,9 @@ def part_requests(part: str) -> list[GenerateRequest]:
     if part == "seed1":  # the seed's batch-1 compiled case alone (a quick re-measure)
         return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1)]
-    if part == "seed1-pdl":
+    if part in ("seed1-pdl", "seed1-no-pdl"):
         return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
-                                repeats=5, warmup=1, pdl=True)]
+                                repeats=5, warmup=1, pdl=part == "seed1-pdl")]
     if part == "kernel":  # the seed's compiled cases with the Triton split-KV decode attention
         return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1,
                                 decode_attention="triton")]
@@ -155,10 +156,11 @@ def targets(results: list[Result]) -> str:
     if seed1:  # the seed's batch-1 case run again alone, with the code of its own run
         rows.insert(1, ("batch 1 decode MBU, part seed1 (re-measured alone)",
                         seed1.metrics["mbu_pct"], "%", GOALS["mbu_pct"], ">="))
-    seed1_pdl = find(results, "seed1-pdl", "compiled")
-    if seed1_pdl:
-        rows.insert(1, (f"batch 1 decode MBU, part seed1-pdl ({kernels(seed1_pdl)})",
-                        seed1_pdl.metrics["mbu_pct"], "%", GOALS["mbu_pct"], ">="))
+    for part in ("seed1-no-pdl", "seed1-pdl"):
+        found = find(results, part, "compiled")
+        if found:
+            rows.insert(1, (f"batch 1 decode MBU, part {part} ({kernels(found)})",
+                            found.metrics["mbu_pct"], "%", GOALS["mbu_pct"], ">="))
     gemv = find(results, "gemv", "compiled")
     if gemv:
         rows.insert(1, (f"batch 1 decode MBU, part gemv ({kernels(gemv)})",

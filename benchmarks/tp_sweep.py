@@ -13,7 +13,8 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         13B at tp 2 only, with --tp-all-reduce one-shot (inductor's symmetric-memory kernels),
         triton or triton-unfused (engine/peer_all_reduce.py) or triton-push (peer_gemv.py);
         compared with decode-13b's tp 1.
-  decode-13b-pdl  decode-13b (tp 1 and tp 2, default all-reduce) with --pdl (engine/pdl.py)
+  decode-13b-pdl, decode-13b-no-pdl  decode-13b (tp 1 and tp 2, default all-reduce) with --pdl
+        or --no-pdl (engine/pdl.py; decode-13b takes the default: on where it can run)
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
@@ -44,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode-7b", "decode-13b", "decode-13b-pdl", "decode-13b-one-shot", "decode-13b-triton",
-         "decode-13b-triton-unfused", "decode-13b-triton-push", "comm", "copy", "runs")
+PARTS = ("decode-7b", "decode-13b", "decode-13b-pdl", "decode-13b-no-pdl", "decode-13b-one-shot",
+         "decode-13b-triton", "decode-13b-triton-unfused", "decode-13b-triton-push", "comm", "copy",
+         "runs")
 # part suffix -> --tp-all-reduce
 ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton",
                     "-triton-unfused": "triton-unfused", "-triton-push": "triton-push"}
@@ -56,7 +58,8 @@ SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b",
          "decode-13b-one-shot": "llama-2-13b", "decode-13b-triton": "llama-2-13b",
          "decode-13b-triton-unfused": "llama-2-13b", "decode-13b-triton-push": "llama-2-13b",
-         "decode-13b-pdl": "llama-2-13b", "runs_model": "llama-3.2-1b",
+         "decode-13b-pdl": "llama-2-13b", "decode-13b-no-pdl": "llama-2-13b",
+         "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
                          "--repeats", "5", "--warmup", "1")}
@@ -108,7 +111,8 @@ def part_decode(model: str, jsonl: Path, part: str, trace: Path | None = None) -
         out = jsonl.with_name(f".{part}-tp{tp}.jsonl")
         out.unlink(missing_ok=True)
         extra = ("--tp-all-reduce", all_reduce) if all_reduce else ()
-        extra += ("--pdl",) if part.endswith("-pdl") else ()
+        extra += ("--no-pdl",) if part.endswith("-no-pdl") else \
+            ("--pdl",) if part.endswith("-pdl") else ()
         if trace and tp > 1:
             extra += ("--trace", str(trace / part))
         cmd = generate_cmd(model, tp, out, *SETUP["decode_args"], *extra)

@@ -192,6 +192,7 @@ def test_bad_input(args, message, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--context", "300"), "does not fit"),  # debug's context is 256 tokens
     (("--prompt-ids", "1,2", "--batch-size", "2"), "make random prompts"),
+    (("--mode", "compiled", "--pdl"), "compute capability 9.0"),  # no GPU here: no PDL
 ])
 def test_bad_timing_flags_in_process(args, message, tmp_path, capsys):
     output = tmp_path / "out.jsonl"

@@ -147,3 +147,13 @@ def test_inductor_options_and_support_on_this_machine():
     assert pdl.inductor_options(True) == {"triton.enable_pdl": True}
     assert pdl.inductor_options(False) == {}
     assert not pdl.supported(torch.device("cpu"))  # no GPU: never
+
+
+def test_resolve_takes_the_flag_else_where_it_runs(monkeypatch):
+    """--pdl / --no-pdl as given; by default on exactly where it can run with inductor."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert pdl.resolve(True, cpu, None) and not pdl.resolve(False, gpu, None)
+    assert not pdl.resolve(None, cpu, None)  # nowhere to run
+    monkeypatch.setattr(pdl, "supported", lambda device: device.type == "cuda")
+    assert pdl.resolve(None, gpu, None) and pdl.resolve(None, gpu, "inductor")
+    assert not pdl.resolve(None, gpu, "cudagraphs")  # no inductor kernels to launch so

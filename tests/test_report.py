@@ -255,16 +255,18 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     # The same shape run with the default kernels (at batch 1: the Triton attention, "auto"'s
     # pick, and the Triton GEMV) and as comparisons (the sweep's kernel part: inductor's
     # products; its gemv part: the math attention; one-shot all-reduces; a Result from before
-    # the settings were recorded, which ran inductor's products): the default's represents the
-    # column, in any order and whatever the file lines.
+    # the settings were recorded, which ran inductor's products; one without PDL, on by default
+    # where it runs): the default's represents the column, in any order and whatever the file
+    # lines.
     shape = {"max_new_tokens": 432, "cache_len": 512}
-    default = record(7, decode_attention="triton", matvec_kernel="triton", **shape)
+    default = record(7, decode_attention="triton", matvec_kernel="triton", pdl=True, **shape)
     kernel_part = record(11, decode_attention="triton", matvec_kernel="inductor", **shape)
     gemv_part = record(3, decode_attention="math", matvec_kernel="triton", **shape)
     one_shot = record(4, decode_attention="triton", matvec_kernel="triton",
                       tp_all_reduce="one-shot", **shape)
     older = record(12, **shape)
-    runs = [kernel_part, gemv_part, one_shot, older, default]
+    no_pdl = record(13, decode_attention="triton", matvec_kernel="triton", pdl=False, **shape)
+    runs = [kernel_part, gemv_part, one_shot, older, no_pdl, default]
     for order in (runs, runs[::-1]):
         assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=order)) is default
     for other in runs[:-1]:
@@ -273,7 +275,7 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     # The same case measured again later (e.g. the sweep's seed1 part after a kernel change):
     # the newest timestamp represents the column, whatever the file lines; no timestamp is last.
     def stamped(line: int, stamp: str | None) -> Record:
-        run = record(line, decode_attention="triton", matvec_kernel="triton", **shape)
+        run = record(line, decode_attention="triton", matvec_kernel="triton", pdl=True, **shape)
         return dataclasses.replace(run, env={"timestamp": stamp} if stamp else {})
 
     earlier = stamped(1, "2026-11-26T21:29:26+00:00")

@@ -63,7 +63,8 @@ class GenerateRequest:
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
     tp_all_reduce: str = "auto"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
-    pdl: bool = False  # compiled mode: kernels with programmatic dependent launch (engine/pdl.py)
+    pdl: bool | None = None  # compiled mode: programmatic dependent launch (engine/pdl.py);
+    # None: where it can run
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 

@@ -187,7 +187,7 @@ def mode_rank(record: Record) -> int:
 # engine/parallel.py's AUTO_ALL_REDUCE; a test keeps these equal, the report stays
 # torch-free).
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
-DEFAULT_PDL = False  # generate --pdl (engine/pdl.py); unrecorded: it ran without
+DEFAULT_PDL = True  # generate --pdl, on where it can run (engine/pdl.py); unrecorded: without
 
 
 def off_default_kernels(record: Record) -> bool:

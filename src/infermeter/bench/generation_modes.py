@@ -17,6 +17,7 @@ from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
 from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
 from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel, takes_gemv
 from infermeter.engine.model import Transformer
+from infermeter.engine.pdl import resolve as resolve_pdl
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class RunSettings:
     tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS, auto already resolved (generate_run)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
-    pdl: bool = False  # the compiled step's kernels with programmatic dependent launch (pdl.py)
+    pdl: bool | None = None  # the compiled step's kernels with programmatic dependent launch
+    # (engine/pdl.py); None: wherever it can run (pdl.resolve)
     roofline: bool = True
     tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
     trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
@@ -59,7 +61,9 @@ class EngineRunner:
                                    compile_prefill=settings.compile_prefill,
                                    decode_attention=settings.decode_attention,
                                    compile_options=settings.compile_options,
-                                   pdl=settings.pdl and self.config.compile)
+                                   pdl=self.config.compile and resolve_pdl(
+                                       settings.pdl, model.tok_embeddings.weight.device,
+                                       settings.compile_backend))
         set_matvec_kernel(model, settings.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = settings.matvec_kernel
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;

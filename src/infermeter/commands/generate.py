@@ -73,10 +73,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        help="the compiled batch-1 step's matrix-vector products: the Triton "
                        "GEMV kernel where Triton runs (default) or inductor's tuned reductions "
                        "(H100, whole step: 7B 5.1 vs 5.7 ms, 13B 9.5 vs 10.4)")
-    bench.add_argument("--pdl", action="store_true",
+    bench.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                        help="compiled mode: launch the decode step's kernels with programmatic "
-                       "dependent launch (Hopper or later): each may start while the one "
-                       "before it finishes; a GEMV streams its first weights meanwhile")
+                       "dependent launch: each may start while the one before it finishes, a "
+                       "GEMV streaming its first weights meanwhile (default: on where it can "
+                       "run: Hopper or later, inductor backend; H200 7B batch 1: 3.67 vs 3.88 "
+                       "ms a step)")
     bench.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
                        help="how a one-token step attends over the cache (default auto: the "
                        "triton split-KV kernel where Triton runs (CUDA), else math; math: two "
