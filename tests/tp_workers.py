@@ -186,6 +186,37 @@ def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]
     return {"equal": equal, "flags_set": flags.count_nonzero().item()}
 
 
+LL_CASES = [(0, 1, 5120, torch.bfloat16), (1, 3, 500, torch.float16), (0, 2, 96, torch.float32),
+            (1, 1, 5120, torch.bfloat16), (0, 1, 5120, torch.bfloat16)]  # (site, rows, dim)
+
+
+def peer_ll_sums(tp: TensorParallel, buffers: list[torch.Tensor],
+                 cases: list[tuple] = LL_CASES) -> dict[str, Any]:
+    """peer_ll.py's fused all-reduce + add + norm, sites reused (each call a new epoch):
+    against torch as peer_sums checks the flag kernel's, the outputs themselves (to compare
+    the ranks), and each site's call count left in the flag area."""
+    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
+
+    peer = PeerAllReduce(tp.rank, buffers, n_sites=2, ll=True)
+    equal, outputs = [], []
+    for call, (site, rows, dim, dtype) in enumerate(cases):
+        deltas = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(10 * call + r))
+                  .to(dtype) for r in range(tp.world)]
+        residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
+        weight = torch.linspace(0.5, 1.5, dim).to(dtype)
+        h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
+        total = sum((d.float() for d in deltas), torch.zeros(rows, dim)).to(dtype)
+        want_h = residual + total
+        hf = want_h.float()
+        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
+        tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}[dtype]
+        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
+                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
+        outputs.append((h, normed, want_h, want))
+    counts = buffers[tp.rank][:flag_area_bytes(2)].view(torch.int32)
+    return {"equal": equal, "outputs": outputs, "counts": counts.clone()}
+
+
 class _CountingPeer:
     """A registered PeerAllReduce that counts the calls the model makes through it."""
 
@@ -203,7 +234,7 @@ class _CountingPeer:
 
 @torch.no_grad()
 def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.Tensor],
-                           fuse_norm: bool) -> dict[str, Any]:
+                           fuse_norm: bool, ll: bool = False) -> dict[str, Any]:
     """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
     them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
     decode step (aot_eager), and how many all-reduces went through a kernel."""
@@ -213,7 +244,7 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
-    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm)
+    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm, ll=ll)
     index = shard.tp_collectives.peer_index
     counter = peer_all_reduce._INSTANCES[index] = _CountingPeer(peer_all_reduce._INSTANCES[index])
     tokens = torch.randint(0, full.spec.vocab_size, (BATCH, PROMPT + DECODE),
@@ -277,7 +308,7 @@ def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str,
             * norm_weight
         equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
                      and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
-        outputs.append((h, normed))
+        outputs.append((h, normed, want_h, want))
     delta = torch.full((1, 1, 301), float(tp.rank + 1))
     h, _ = peer.add_norm(delta, torch.zeros(1, 1, 301), torch.ones(301), 1e-5, 0)
     equal.append(bool((h == sum(range(1, tp.world + 1))).all()))

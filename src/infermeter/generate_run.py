@@ -138,7 +138,7 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
 
 
 # --tp-all-reduce kinds whose kernel also does the residual add and the norm after it
-FUSED_ALL_REDUCES = ("triton", "triton-push")
+FUSED_ALL_REDUCES = ("triton", "triton-push", "triton-ll")
 
 
 def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
@@ -273,7 +273,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
         from infermeter.engine.parallel import use_peer_all_reduce
 
         use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,
-                            push=request.tp_all_reduce == "triton-push")
+                            push=request.tp_all_reduce == "triton-push",
+                            ll=request.tp_all_reduce == "triton-ll")
     notes = []
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")

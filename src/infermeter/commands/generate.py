@@ -101,7 +101,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    "without them; every step; triton-push: the compiled step's wo / w2 GEMVs "
                    "store their partial sums into the peers as they go and the kernel after "
                    "them only signals, waits, sums, adds and norms: 4.41 vs triton's 4.38 ms "
-                   "on 2 x H200, one run). CUDA, tp >= 2")
+                   "on 2 x H200, one run); triton-ll: the fused kernel with data and flag in "
+                   "one 8-byte word, no fence (NCCL's LL protocol). CUDA, tp >= 2")
     p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
                    "(weights, KV cache, headroom) and exit, allocating nothing")
     p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "

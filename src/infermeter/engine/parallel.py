@@ -296,9 +296,12 @@ class TensorParallel:
 # "triton-push" (peer_gemv.py): wo's / w2's compiled one-row GEMVs store their partial sums into
 # the peers themselves and the kernel after them only signals, waits, sums, adds and norms; no
 # gain measured (2 x H200, session 8: 4.41 ms a step against triton's 4.38), kept as an option.
+# "triton-ll" (peer_ll.py): the fused kernel with NCCL's low-latency protocol, data and flag in
+# one 8-byte word: no fence, no separate flag; the fused add and norm only.
 # "auto" (the default): "triton" where peer_all_reduce_usable says every rank can run it (13B tp 2
 # on 2 x H100: 5.72 ms a step against NCCL's 6.57, one run, session 7), else "nccl".
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused", "triton-push")
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused", "triton-push",
+                    "triton-ll")
 AUTO_ALL_REDUCE = "triton"  # what auto picks on the GPUs of one host (report_select's default)
 
 
@@ -346,7 +349,7 @@ def peer_all_reduce_usable(tp: TensorParallel) -> bool:
 
 def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
                         buffers: list[Tensor] | None = None, fuse_norm: bool = True,
-                        push: bool = False) -> None:
+                        push: bool = False, ll: bool = False) -> None:
     """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
     collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
     the RMSNorm after it (model.add_norm; one kernel where there were two); else the plain
@@ -354,7 +357,8 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     it (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
     memory, which needs CUDA GPUs that can reach each other. push (with fuse_norm): wo's and
     w2's one-row GEMVs store their partial sums into the peers themselves (peer_gemv.py) and
-    the kernel after them only waits, sums, adds and norms."""
+    the kernel after them only waits, sums, adds and norms. ll (with fuse_norm): the fused
+    kernel exchanges data and flags in the same words (peer_ll.py)."""
     from infermeter.engine import peer_all_reduce
     from infermeter.engine.decode_kernel import triton_runs_on
 
@@ -365,9 +369,11 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if (buffers is None and tp.device.type != "cuda") or not triton_runs_on(probe):
         raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs and Triton (symmetric "
                               f"memory); this run's ranks are on {tp.device.type}")
+    if ll and (push or not fuse_norm):
+        raise ValueError("the LL exchange is the fused add-and-norm kernel's alone")
     n_sites = 2 * len(model.layers)
-    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
-        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
+    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites, ll) if buffers is not None \
+        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites, ll)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
     if fuse_norm:  # each norm learns the site whose all-reduce comes with it
         for site, _, norm in row_parallel_sites(model):
