@@ -10,7 +10,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused",
-                    "triton-push")  # parallel.py's
+                    "triton-push", "triton-ll")  # parallel.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 
