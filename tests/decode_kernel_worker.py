@@ -92,25 +92,29 @@ def check_swiglu_kernel() -> None:
 def check_gemv_kernel() -> None:
     """gemv against float32 products rounded once, in each tiling tiles_for picks: ragged shapes
     (rows not a multiple of BLOCK_N, columns not of BLOCK_K, three column steps of 4096 with
-    the last one partial), a row-strided weight (a fused matrix's view), float32 and float16."""
-    from infermeter.engine.gemv_kernel import gemv, tiles_for
+    the last one partial), a row-strided weight (a fused matrix's view), float32 and float16;
+    and as the PDL launch runs it (pdl=True: the first FIRST_K columns in one wider tile
+    loaded first; no PDL wait under the interpreter), e.g. 9000 columns as 8192 + a ragged
+    808."""
+    from infermeter.engine.gemv_kernel import _gemv, first_columns, gemv, tiles_for
 
     gen = torch.Generator().manual_seed(7)
     shapes = ((37, 1100), (9, 5000), (5, 9000), (3, 4096), (64, 512), (3, 5), (7, 2560))
     assert {tiles_for(k) for _, k in shapes} == {(4, 2048, 8), (1, 4096, 16), (2, 4096, 16),
                                                  (4, 1024, 8), (1, 2048, 8), (4, 4096, 8)}
+    assert {first_columns(k, *tiles_for(k)[:2]) for _, k in shapes} == {1024, 2048, 4096, 8192}
     for n_rows, n_cols in shapes:
         x = torch.randn(1, n_cols, generator=gen)
         w = torch.randn(n_rows + 4, n_cols, generator=gen)[2:n_rows + 2]  # rows of a bigger one
         for dtype, ulp in ((torch.float32, 2.0 ** -23), (torch.float16, 2.0 ** -10)):
             xd, wd = x.to(dtype), w.to(dtype)
             want = (xd.float() @ wd.float().T).to(dtype)
-            got = gemv(xd, wd)
-            assert got.dtype == dtype and got.shape == (1, n_rows), f"gemv {dtype}: shape"
             scale = (xd.float().abs() @ wd.float().abs().T).max().item()  # error bound's size
-            torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp,
-                                       atol=8 * 2.0 ** -23 * scale + 2 * ulp,
-                                       msg=lambda m, d=dtype: f"gemv {d}: {m}")
+            for how, got in (("gemv", gemv(xd, wd)), ("pdl", _gemv(xd, wd, pdl=True))):
+                assert got.dtype == dtype and got.shape == (1, n_rows), f"{how} {dtype}: shape"
+                torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp,
+                                           atol=8 * 2.0 ** -23 * scale + 2 * ulp,
+                                           msg=lambda m, d=dtype, h=how: f"{h} {d}: {m}")
 
 
 def check_model_gemv() -> None:

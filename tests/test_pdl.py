@@ -157,3 +157,25 @@ def test_resolve_takes_the_flag_else_where_it_runs(monkeypatch):
     monkeypatch.setattr(pdl, "supported", lambda device: device.type == "cuda")
     assert pdl.resolve(None, gpu, None) and pdl.resolve(None, gpu, "inductor")
     assert not pdl.resolve(None, gpu, "cudagraphs")  # no inductor kernels to launch so
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pdl_gemv_on_cuda_matches_the_float32_product(dtype):
+    """The PDL launch of the GEMV on a GPU (griddepcontrol compiled in, FIRST_K columns loaded
+    before the wait) for Llama-2-13B's shapes at tp 1 and 2: each within rounding of the
+    float32 product, as the plain launch is."""
+    from infermeter.engine.gemv_kernel import _gemv
+
+    if not torch.cuda.is_available() or not pdl.supported(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a torch with inductor PDL")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n_rows, n_cols in ((7680, 5120), (5120, 6912), (5120, 13824), (5120, 2560)):
+        x = torch.randn(1, n_cols, device="cuda", generator=gen).to(dtype)
+        w = torch.randn(n_rows, n_cols, device="cuda", generator=gen).to(dtype)
+        want = x.float() @ w.float().T
+        scale = (x.float().abs() @ w.float().abs().T).max().item()
+        for pdl_on in (False, True):
+            got = _gemv(x, w, pdl=pdl_on).float()
+            err = (got - want).abs().max().item()
+            assert err <= 2 ** -7 * scale, (n_cols, pdl_on, err)  # one 16-bit rounding

@@ -88,24 +88,31 @@ if triton is not None:
 
     @triton.jit
     def row_dots(X, W, rows, row_ok, n_cols, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                 FIRST_K: tl.constexpr = 0):
         """float32 [BLOCK_N]: x . W[row] for the program's rows (the tiling above); shared with
-        peer_gemv.py's GEMV, which then pushes them to the peers. PDL (pdl.py): the first
-        weight tile is loaded before waiting for the kernel that wrote x (no kernel writes
-        weights), so the weight stream starts while that kernel finishes."""
+        peer_gemv.py's GEMV, which then pushes them to the peers.
+        FIRST_K > 0 (the PDL launch, pdl.py): the first FIRST_K columns of the rows are loaded
+        first, in one [BLOCK_N, FIRST_K] tile, before waiting (PDL) for the kernel that wrote x
+        (no kernel writes weights): while that kernel finishes, e.g. a tensor-parallel
+        all-reduce waiting ~5 us for its peer, the resident programs stream up to 16 KiB of
+        weights each. Their product is summed apart from the rest's (a different summation
+        order from FIRST_K = 0 where K > FIRST_K: float32 roundings, not bits)."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         start = 0
-        if PDL:  # (names of their own: the loop's would be loop-carried, of other types)
-            first = tl.arange(0, BLOCK_K)
+        first_sum = tl.zeros([BLOCK_N], tl.float32)
+        if FIRST_K > 0:  # (names of their own: the loop's would be loop-carried, of other types)
+            first = tl.arange(0, FIRST_K)
             first_ok = first < n_cols
             w_first = tl.load(W + rows[:, None] * stride_w + first[None, :],
                               mask=row_ok[:, None] & first_ok[None, :], other=0.0,
-                              eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
-            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-            tl.extra.cuda.gdc_launch_dependents()
-            x_first = tl.load(X + first, mask=first_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-            acc += w_first.to(tl.float32) * x_first[None, :]
-            start = BLOCK_K
+                              eviction_policy="evict_first")  # [BLOCK_N, FIRST_K]
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+                tl.extra.cuda.gdc_launch_dependents()
+            x_first = tl.load(X + first, mask=first_ok, other=0.0).to(tl.float32)  # [FIRST_K]
+            first_sum = tl.sum(w_first.to(tl.float32) * x_first[None, :], 1)
+            start = FIRST_K
         for k0 in range(start, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
@@ -114,24 +121,36 @@ if triton is not None:
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)  # [BLOCK_N, BLOCK_K]
             acc += w * x[None, :]
-        return tl.sum(acc, 1)
+        return tl.sum(acc, 1) + first_sum
 
     @triton.jit
     def _gemv_kernel(X, W, OUT, n_rows, n_cols, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                     FIRST_K: tl.constexpr = 0):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        out = row_dots(X, W, rows, row_ok, n_cols, stride_w, BLOCK_N, BLOCK_K, PDL)
+        out = row_dots(X, W, rows, row_ok, n_cols, stride_w, BLOCK_N, BLOCK_K, PDL, FIRST_K)
         tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+PREFETCH_ELEMENTS = 8192  # weights a program loads before its PDL wait (16 KiB of 16-bit)
+
+
+def first_columns(n_cols: int, block_n: int, block_k: int) -> int:
+    """FIRST_K of a PDL launch: the columns loaded before the wait, up to PREFETCH_ELEMENTS a
+    program (a power of two, never under one BLOCK_K tile, never past K's)."""
+    wanted = min(triton.next_power_of_2(n_cols), PREFETCH_ELEMENTS // block_n)
+    return max(block_k, wanted)
 
 
 def _gemv(x: Tensor, weight: Tensor, pdl: bool) -> Tensor:
     n_rows, n_cols = weight.shape
     block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    first_k = first_columns(n_cols, block_n, block_k) if pdl else 0
     launch(_gemv_kernel, (triton.cdiv(n_rows, block_n),), pdl,
            x, weight, out, n_rows, n_cols, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=warps, num_stages=NUM_STAGES)
+           FIRST_K=first_k, num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 
