@@ -96,8 +96,14 @@ if triton is not None:
         first, in one [BLOCK_N, FIRST_K] tile, before waiting (PDL) for the kernel that wrote x
         (no kernel writes weights): while that kernel finishes, e.g. a tensor-parallel
         all-reduce waiting ~5 us for its peer, the resident programs stream up to 16 KiB of
-        weights each. Their product is summed apart from the rest's (a different summation
-        order from FIRST_K = 0 where K > FIRST_K: float32 roundings, not bits)."""
+        weights each. A first tile wider than BLOCK_K is summed apart from the rest (a
+        different summation order from FIRST_K = 0: float32 roundings, not bits); one of
+        BLOCK_K columns goes into the accumulator as the loop's first step would. Why both:
+        on 2 x H100 (session 9) tp 2's wo (K = 2560, tiles 4 x 4096) took 19.2 us a call with
+        the separate sum against 12.0 before PDL (its live, unused accumulator: suspected, not
+        proven), while the same tile summed into the accumulator took 9.9 us on 2 x H200
+        (11.4 without PDL, one run); the wide first tiles of K = 5120 / 6912 (1 x 8192) were
+        1.2-1.8 us a call faster there than session 7's steps without PDL."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         start = 0
         first_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -111,7 +117,10 @@ if triton is not None:
                 tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
                 tl.extra.cuda.gdc_launch_dependents()
             x_first = tl.load(X + first, mask=first_ok, other=0.0).to(tl.float32)  # [FIRST_K]
-            first_sum = tl.sum(w_first.to(tl.float32) * x_first[None, :], 1)
+            if FIRST_K == BLOCK_K:  # one ordinary tile: into acc, as the loop would
+                acc += w_first.to(tl.float32) * x_first[None, :]
+            else:
+                first_sum = tl.sum(w_first.to(tl.float32) * x_first[None, :], 1)
             start = FIRST_K
         for k0 in range(start, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
