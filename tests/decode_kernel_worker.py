@@ -24,7 +24,12 @@ def reference(q, k, v, key_pos, pos, window):
 
 def check_against_math() -> None:
     """MHA, GQA and MQA shapes, batch 2, first / middle / last position, 1 to 8 splits
-    (some splits empty), with and without a window, full and ring slot layouts."""
+    (some splits empty), with and without a window, full and ring slot layouts; each also with
+    the first tile read before the PDL wait (decode_kernel.PREFETCH_CACHE, the PDL launch;
+    no wait under the interpreter): bit for bit the same."""
+    from infermeter.engine import decode_kernel
+    from infermeter.engine.decode_kernel import _split_kv_decode
+
     gen = torch.Generator().manual_seed(0)
     slots = 2 * BLOCK_N + 5  # not a multiple of the block: a ragged last block
     for n_kv_heads, groups in ((4, 1), (2, 4), (1, 8)):
@@ -43,9 +48,14 @@ def check_against_math() -> None:
                     got = split_kv_decode(q, k, v, key_pos, torch.tensor([pos]), window,
                                           is_ring, splits)
                     err = (got - want).abs().max().item()
-                    assert got.shape == want.shape and err < 1e-5, \
-                        f"kv_heads {n_kv_heads} groups {groups} pos {pos} ring {is_ring} " \
-                        f"window {window} splits {splits}: max error {err}"
+                    case = f"kv_heads {n_kv_heads} groups {groups} pos {pos} ring {is_ring} " \
+                        f"window {window} splits {splits}"
+                    assert got.shape == want.shape and err < 1e-5, f"{case}: max error {err}"
+                    decode_kernel.PREFETCH_CACHE = True
+                    early = _split_kv_decode(q, k, v, key_pos, torch.tensor([pos]), window,
+                                             is_ring, splits, pdl=True)
+                    decode_kernel.PREFETCH_CACHE = False
+                    assert torch.equal(early, got), f"{case}: the prefetching kernel differs"
 
 
 def check_half_precision() -> None:

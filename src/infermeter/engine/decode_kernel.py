@@ -43,6 +43,10 @@ from infermeter.engine import pdl  # noqa: E402 - after `triton`, which pdl.py i
 from infermeter.engine.pdl import launch  # noqa: E402
 
 BLOCK_N = 64  # cache slots per inner iteration
+# With PDL (pdl.py): read the program's first tile of K, V and key positions before waiting for
+# the kernel before (which writes q and this step's slot only), then re-read that one slot.
+# Off until measured on a GPU (session 9 had no device time left; tested on CPUs).
+PREFETCH_CACHE = False
 
 
 def triton_runs_on(x: Tensor) -> bool:
@@ -72,6 +76,21 @@ def split_count(programs: int, slots: int, device: torch.device) -> int:
 
 if triton is not None:
     @triton.jit
+    def _softmax_step(q, k, held, inside, pos, window, m_i, SCALE: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+        """One tile of the online softmax: q [G_PAD, D], k [BLOCK, D] (the tile's keys), held
+        [BLOCK] (the positions they hold), inside [BLOCK] (slots of this chunk), m_i [G_PAD]
+        (the running max) -> p [G_PAD, BLOCK], the old sums' scale alpha [G_PAD], the new max."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
+        seen = inside & (held >= 0) & (held <= pos)
+        if HAS_WINDOW:
+            seen = seen & (pos - held < window)
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
+        return tl.exp(s - m_safe[:, None]), tl.exp(m_i - m_safe), m_new
+
+    @triton.jit
     def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
                          stride_qb, stride_qh, stride_qg,
                          stride_kb, stride_kh, stride_ks,
@@ -79,8 +98,9 @@ if triton is not None:
                          n_kv_heads, groups, slots, chunk, n_splits, window,
                          SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # q and this step's cache entry are the previous kernel's outputs (pdl.py)
+                         PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+                         PREFETCH: tl.constexpr = False):
+        if PDL and not PREFETCH:  # q and this step's slot are the previous kernel's outputs
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
@@ -90,32 +110,53 @@ if triton is not None:
         pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
-                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         start = split * chunk
         end = tl.minimum(start + chunk, slots)
         if not IS_RING:  # slot j holds position j: nothing after the current one is visible
             end = tl.minimum(end, pos + 1)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        if PREFETCH:  # the first tile before the wait (names of their own: not loop-carried);
+            # POS is written outside the CUDA graph, so it is safe to read before it too
+            n_first = start + tl.arange(0, BLOCK)
+            first_in = n_first < end
+            k_first = tl.load(k_base + n_first[:, None] * stride_ks + d[None, :],
+                              mask=first_in[:, None], other=0.0)  # [BLOCK, D]
+            v_first = tl.load(v_base + n_first[:, None] * stride_vs + d[None, :],
+                              mask=first_in[:, None], other=0.0)  # [BLOCK, D]
+            held_first = tl.load(KEY_POS + n_first, mask=first_in, other=-1)
+            if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
+                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        for n0 in range(start, end, BLOCK):
+        loop_start = start
+        if PREFETCH:  # this step's slot was written just now: take it fresh
+            now = pos % slots if IS_RING else pos
+            fresh = n_first == now  # [BLOCK]
+            k_now = tl.load(k_base + now * stride_ks + d)  # [D]
+            v_now = tl.load(v_base + now * stride_vs + d)
+            held_now = tl.load(KEY_POS + now)
+            k_first = tl.where(fresh[:, None], k_now[None, :], k_first)
+            v_first = tl.where(fresh[:, None], v_now[None, :], v_first)
+            held_first = tl.where(fresh, held_now, held_first)
+            p, alpha, m_i = _softmax_step(q, k_first, held_first, first_in, pos, window, m_i,
+                                          SCALE, HAS_WINDOW, PRECISION)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_first.dtype), v_first,
+                                                input_precision=PRECISION)
+            loop_start = start + BLOCK  # (an empty split's masked tile left m, l, acc as they were)
+        for n0 in range(loop_start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             inside = n < end
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
             held = tl.load(KEY_POS + n, mask=inside, other=-1)
-            seen = inside & (held >= 0) & (held <= pos)
-            if HAS_WINDOW:
-                seen = seen & (pos - held < window)
-            s = tl.where(seen[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
+            p, alpha, m_new = _softmax_step(q, k, held, inside, pos, window, m_i,
+                                            SCALE, HAS_WINDOW, PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
@@ -169,7 +210,8 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
            BLOCK=BLOCK_N,
            IS_RING=is_ring, HAS_WINDOW=window > 0,
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+           PREFETCH=pdl and PREFETCH_CACHE)
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, groups, n_splits,
