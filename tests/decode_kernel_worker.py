@@ -27,7 +27,6 @@ def check_against_math() -> None:
     (some splits empty), with and without a window, full and ring slot layouts; each also with
     the first tile read before the PDL wait (decode_kernel.PREFETCH_CACHE, the PDL launch;
     no wait under the interpreter): bit for bit the same."""
-    from infermeter.engine import decode_kernel
     from infermeter.engine.decode_kernel import _split_kv_decode
 
     gen = torch.Generator().manual_seed(0)
@@ -51,10 +50,8 @@ def check_against_math() -> None:
                     case = f"kv_heads {n_kv_heads} groups {groups} pos {pos} ring {is_ring} " \
                         f"window {window} splits {splits}"
                     assert got.shape == want.shape and err < 1e-5, f"{case}: max error {err}"
-                    decode_kernel.PREFETCH_CACHE = True
                     early = _split_kv_decode(q, k, v, key_pos, torch.tensor([pos]), window,
-                                             is_ring, splits, pdl=True)
-                    decode_kernel.PREFETCH_CACHE = False
+                                             is_ring, splits, pdl=True, prefetch=True)
                     assert torch.equal(early, got), f"{case}: the prefetching kernel differs"
 
 

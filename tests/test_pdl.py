@@ -102,15 +102,13 @@ def test_prefetching_attention_reads_the_cache_early_and_q_after(monkeypatch):
     """decode_kernel.PREFETCH_CACHE (off by default, not yet measured): the split-KV kernel's
     PDL launch reads its first tile of K, V and positions before the wait, and q (the previous
     kernel's output) and this step's slot after it."""
-    from infermeter.engine import decode_kernel
     from infermeter.engine.decode_kernel import _split_kv_decode
 
-    monkeypatch.setattr(decode_kernel, "PREFETCH_CACHE", True)
     q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
     cache = torch.zeros(1, 4, 256, 64, dtype=torch.bfloat16)
     pos = torch.arange(256)
     launches = pdl_launches(monkeypatch, lambda: _split_kv_decode(
-        q, cache, cache, pos, pos[:1], 0, False, 3, pdl=True))
+        q, cache, cache, pos, pos[:1], 0, False, 3, pdl=True, prefetch=True))
     kernel, args, kwargs = launches[0]
     assert kwargs["PREFETCH"] is True and launches[1][2].get("PREFETCH") is None
     _, lines = sm90_lines(kernel, args, kwargs)

@@ -45,8 +45,11 @@ from infermeter.engine.pdl import launch  # noqa: E402
 BLOCK_N = 64  # cache slots per inner iteration
 # With PDL (pdl.py): read the program's first tile of K, V and key positions before waiting for
 # the kernel before (which writes q and this step's slot only), then re-read that one slot.
-# Off until measured on a GPU (session 9 had no device time left; tested on CPUs).
-PREFETCH_CACHE = False
+# Off until measured on a GPU (session 9 had no device time left; tested on CPUs); the sweeps'
+# "-prefetch" parts turn it on for their runs with INFERMETER_ATTENTION_PREFETCH=1, and the
+# Result's config says whether it ran (attention_prefetch).
+PREFETCH_ENV = "INFERMETER_ATTENTION_PREFETCH"
+PREFETCH_CACHE = os.environ.get(PREFETCH_ENV) == "1"
 
 
 def triton_runs_on(x: Tensor) -> bool:
@@ -191,7 +194,7 @@ if triton is not None:
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     pdl: bool) -> Tensor:
+                     pdl: bool, prefetch: bool = False) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -211,7 +214,7 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            BLOCK=BLOCK_N,
            IS_RING=is_ring, HAS_WINDOW=window > 0,
            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-           PREFETCH=pdl and PREFETCH_CACHE)
+           PREFETCH=pdl and prefetch)
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, groups, n_splits,
@@ -231,15 +234,18 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
 
 @torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
-    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
+                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                        prefetch: bool) -> Tensor:
+    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
+    prefetch: the first cache tile read before the wait (PREFETCH_CACHE, an argument so that
+    the trace, and dynamo's guards, see it)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, pdl=True)
+                            n_splits, pdl=True, prefetch=prefetch)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int) -> Tensor:
+      window: int, is_ring: bool, n_splits: int, prefetch: bool) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -247,5 +253,7 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
-    op = split_kv_decode_pdl if pdl.enabled() else split_kv_decode
-    return op(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits)
+    if pdl.enabled():
+        return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                                   n_splits, PREFETCH_CACHE)
+    return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits)
