@@ -9,15 +9,11 @@ reads something (its weights) before the wait.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from infermeter.engine import pdl
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="needs triton")
+from tests.test_peer_all_reduce import needs_triton
 
 
 def pdl_launches(monkeypatch, call) -> list:

@@ -85,8 +85,7 @@ def test_two_ranks_exchange_data_and_flags_in_one_word(monkeypatch) -> None:
     results = run_ranks(peer_ll_sums, 2, shared_buffers(2, 2), timeout=120)
     for result in results:
         assert result["equal"] == [True] * len(LL_CASES)
-    for (h0, n0, *_), (h1, n1, *_) in zip(results[0]["outputs"], results[1]["outputs"],
-                                          strict=True):
+    for (h0, n0), (h1, n1) in zip(results[0]["outputs"], results[1]["outputs"], strict=True):
         assert torch.equal(h0, h1) and torch.equal(n0, n1)
     want = torch.zeros(2 * MAX_PROGRAMS, dtype=torch.int32)
     for site, rows, _, _ in LL_CASES:

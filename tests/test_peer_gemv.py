@@ -8,7 +8,6 @@ build is checked with Triton's compiler (no GPU needed).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
@@ -25,6 +24,7 @@ from infermeter.presets import PRESETS
 from tests.test_peer_all_reduce import (
     ACQUIRE_CAS_SYS,
     RELEASE_ADD_SYS,
+    needs_triton,
     shared_buffers,
     sm90_ptx,
 )
@@ -35,9 +35,6 @@ from tests.tp_workers import (
     peer_push_sums,
     run_ranks,
 )
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="needs triton")
 
 
 @needs_triton

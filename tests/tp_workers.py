@@ -141,6 +141,25 @@ def abort_always(tp: TensorParallel) -> int:
 
 
 # ---- the peer all-reduce kernel (engine/peer_all_reduce.py) under TRITON_INTERPRET=1 ----------
+# float32 exactly but for rsqrt's last bits; float16 within its roundings; bfloat16 within three
+# of the interpreter's truncations (2^-7 each: h, normed, times weight)
+ADD_NORM_TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}
+
+
+def add_norm_matches(h: torch.Tensor, normed: torch.Tensor, partials: list[torch.Tensor],
+                     residual: torch.Tensor, weight: torch.Tensor, tol: float) -> bool:
+    """Whether a fused all-reduce + add + norm kernel's (h, normed) are, within tol, residual +
+    the float32 sum of every rank's partial (rounded to the dtype) and its RMSNorm (eps 1e-5)
+    times weight, as torch computes them."""
+    dtype = residual.dtype
+    total = sum((p.float() for p in partials), torch.zeros(partials[0].shape)).to(dtype)
+    want_h = residual + total
+    hf = want_h.float()
+    want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
+    return (torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
+            and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
+
+
 PEER_CASES = [(0, 5, torch.float32), (1, 2500, torch.bfloat16), (2, 1024, torch.float16),
               (0, 3000, torch.float32), (1, 7, torch.bfloat16)]  # (site, numel, dtype)
 
@@ -173,15 +192,8 @@ def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]
         residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
         weight = torch.linspace(0.5, 1.5, dim).to(dtype)
         h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
-        total = sum((d.float() for d in deltas), torch.zeros(rows, dim)).to(dtype)
-        want_h = residual + total
-        hf = want_h.float()
-        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
-        # float32 exactly but for rsqrt's last bits; float16 within its roundings; bfloat16
-        # within three of the interpreter's truncations (2^-7 each: h, normed, times weight)
-        tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}[dtype]
-        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
-                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
+        equal.append(add_norm_matches(h, normed, deltas, residual, weight,
+                                      ADD_NORM_TOLERANCE[dtype]))
     flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
     return {"equal": equal, "flags_set": flags.count_nonzero().item()}
 
@@ -205,14 +217,9 @@ def peer_ll_sums(tp: TensorParallel, buffers: list[torch.Tensor],
         residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
         weight = torch.linspace(0.5, 1.5, dim).to(dtype)
         h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
-        total = sum((d.float() for d in deltas), torch.zeros(rows, dim)).to(dtype)
-        want_h = residual + total
-        hf = want_h.float()
-        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
-        tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}[dtype]
-        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
-                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
-        outputs.append((h, normed, want_h, want))
+        equal.append(add_norm_matches(h, normed, deltas, residual, weight,
+                                      ADD_NORM_TOLERANCE[dtype]))
+        outputs.append((h, normed))
     counts = buffers[tp.rank][:flag_area_bytes(2)].view(torch.int32)
     return {"equal": equal, "outputs": outputs, "counts": counts.clone()}
 
@@ -301,13 +308,7 @@ def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str,
                      and torch.allclose(mine.float(), partials[tp.rank].float(), rtol=tol,
                                         atol=tol))
         h, normed = wait_add_norm(peer, mine.view(1, 1, n), residual, norm_weight, 1e-5, site)
-        total = sum((p.float() for p in partials), torch.zeros(1, n)).to(dtype)
-        want_h = residual + total
-        hf = want_h.float()
-        want = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) \
-            * norm_weight
-        equal.append(torch.allclose(h.float(), want_h.float(), rtol=tol, atol=tol)
-                     and torch.allclose(normed.float(), want.float(), rtol=tol, atol=tol))
+        equal.append(add_norm_matches(h, normed, partials, residual, norm_weight, tol))
         outputs.append((h, normed))
     delta = torch.full((1, 1, 301), float(tp.rank + 1))
     h, _ = peer.add_norm(delta, torch.zeros(1, 1, 301), torch.ones(301), 1e-5, 0)
