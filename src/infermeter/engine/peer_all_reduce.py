@@ -133,14 +133,25 @@ if triton is not None:
         (the residual stream, rounded to its dtype as the model's add is) into H, and
         RMSNorm(h) * NORM_W into OUT, exactly as model.RMSNorm computes it (float32 mean of
         squares, rounded, times the weight)."""
-        total = acc.to(H.dtype.element_ty).to(tl.float32)  # the all-reduce's result, rounded
-        residual = tl.load(R + offs, mask=mask).to(tl.float32)
+        hf = add_residual(acc, R, H, offs, mask)
+        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / dim + EPS)
+        store_normed(hf, inv_rms, NORM_W, H, OUT, cols, offs, mask)
+
+    @triton.jit
+    def add_residual(acc, R, H, offs, mask):
+        """h = R + (the all-reduce's float32 sum rounded to h's dtype), stored; as float32.
+        (peer_ll.py calls it, and store_normed, for each half of its words' values.)"""
+        total = acc.to(H.dtype.element_ty).to(tl.float32)
+        residual = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         h = (residual + total).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        mean_square = tl.sum(hf * hf, axis=0) / dim
-        normed = (hf * tl.rsqrt(mean_square + EPS)).to(H.dtype.element_ty).to(tl.float32)
-        weight = tl.load(NORM_W + cols, mask=mask).to(tl.float32)
+        return h.to(tl.float32)
+
+    @triton.jit
+    def store_normed(hf, inv_rms, NORM_W, H, OUT, cols, offs, mask):
+        """OUT = (h * inv_rms, rounded to h's dtype) * the norm weight at columns cols."""
+        normed = (hf * inv_rms).to(H.dtype.element_ty).to(tl.float32)
+        weight = tl.load(NORM_W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + offs, (normed * weight).to(OUT.dtype.element_ty), mask=mask)
 
 

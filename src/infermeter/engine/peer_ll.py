@@ -55,7 +55,7 @@ def ll_fits(rows: int, dim: int, dtype: torch.dtype) -> bool:
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.peer_all_reduce import _address
+    from infermeter.engine.peer_all_reduce import _address, add_residual, store_normed
 
     @triton.jit
     def _bits(x, PACK: tl.constexpr):
@@ -73,21 +73,6 @@ if triton is not None:
         else:
             bits = (words & 0xFFFFFFFF).to(tl.uint32)
         return bits.to(dtype, bitcast=True).to(tl.float32)
-
-    @triton.jit
-    def _add_residual(acc, R, H, offs, mask):
-        """h = R + (the all-reduce's float32 sum rounded to h's dtype), stored; as float32."""
-        total = acc.to(H.dtype.element_ty).to(tl.float32)
-        residual = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-        h = (residual + total).to(H.dtype.element_ty)
-        tl.store(H + offs, h, mask=mask)
-        return h.to(tl.float32)
-
-    @triton.jit
-    def _store_normed(hf, inv_rms, NORM_W, H, OUT, cols, offs, mask):
-        normed = (hf * inv_rms).to(H.dtype.element_ty).to(tl.float32)
-        weight = tl.load(NORM_W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + offs, (normed * weight).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ll_add_norm_kernel(D, R, NORM_W, H, OUT, DATA_PTRS, FLAG_PTRS, dim, rank,
@@ -135,16 +120,16 @@ if triton is not None:
             acc_hi += got_hi
         tl.store(counter, epoch)
         offs = row * dim + first
-        h_lo = _add_residual(acc_lo, R, H, offs, mask)
+        h_lo = add_residual(acc_lo, R, H, offs, mask)
         square_sum = tl.sum(h_lo * h_lo, axis=0)
         h_hi = h_lo
         if PACK == 2:
-            h_hi = _add_residual(acc_hi, R, H, offs + 1, mask)
+            h_hi = add_residual(acc_hi, R, H, offs + 1, mask)
             square_sum += tl.sum(h_hi * h_hi, axis=0)
         inv_rms = tl.rsqrt(square_sum / dim + EPS)
-        _store_normed(h_lo, inv_rms, NORM_W, H, OUT, first, offs, mask)
+        store_normed(h_lo, inv_rms, NORM_W, H, OUT, first, offs, mask)
         if PACK == 2:
-            _store_normed(h_hi, inv_rms, NORM_W, H, OUT, first + 1, offs + 1, mask)
+            store_normed(h_hi, inv_rms, NORM_W, H, OUT, first + 1, offs + 1, mask)
 
 
 def ll_add_norm(peer: object, delta: Tensor, residual: Tensor, weight: Tensor, eps: float,
