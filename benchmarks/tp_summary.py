@@ -45,34 +45,43 @@ def _f(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _paired_tp1(speed: dict, part: str, model: str, pdl: bool) -> float | None:
+    """The tp 1 a tp 2 row is compared with: its own part's (same run, same setting), else the
+    plain part's (decode-13b for decode-13b-triton, which runs tp 2 only), with the same PDL."""
+    own = speed.get((part, model, 1, "-", pdl))
+    return own if own else speed.get(("-".join(part.split("-")[:2]), model, 1, "-", pdl))
+
+
 def decode_section(results: list[dict], comm: dict | None) -> list[str]:
-    rows, speed, tpot = [], {}, {}  # keyed (model, tp, all-reduce kind, PDL)
+    rows, speed, tpot = [], {}, {}  # keyed (sweep part, model, tp, all-reduce kind, PDL)
     for r in results:
-        if r["kind"] != "generate" or not str(r["config"].get("tp_sweep", "")).startswith("dec"):
+        part = str(r["config"].get("tp_sweep", ""))
+        if r["kind"] != "generate" or not part.startswith("dec"):
             continue
         m, tp, model = r["metrics"], r["config"].get("tp", 1), r["model"]["name"]
         reduce = (r["config"].get("tp_all_reduce") or "nccl") if tp > 1 else "-"
         pdl = bool(r["config"].get("pdl"))
-        key = (model, tp, reduce, pdl)
+        key = (part, model, tp, reduce, pdl)
         speed[key], tpot[key] = m.get("decode_tok_per_s"), _p50(m.get("tpot_ms"))
         ranks = [_f(p.get("decode_tok_per_s")) for p in m.get("per_rank", [])]
-        rows.append([model, tp, reduce, "on" if pdl else "-", _f(speed[key]), _f(tpot[key], ".2f"),
-                     _f(m.get("ttft_ms"), ".1f"), " / ".join(ranks) or "-",
+        rows.append([part, tp, reduce, "on" if pdl else "-", _f(speed[key]),
+                     _f(tpot[key], ".2f"), _f(m.get("ttft_ms"), ".1f"), " / ".join(ranks) or "-",
                      _f(m.get("mbu_pct")), "; ".join(r.get("warnings", []))[:60]])
     lines = ["decode, batch 1, bf16, compiled (tok/s of the slowest rank):",
-             render_table(["model", "tp", "all-reduce", "PDL", "decode tok/s", "TPOT p50 ms",
+             render_table(["part", "tp", "all-reduce", "PDL", "decode tok/s", "TPOT p50 ms",
                            "TTFT ms", "per rank tok/s", "MBU %", "warnings"], rows)] if rows else \
         ["decode: not run (parts decode-7b, decode-13b)"]  # the comm line may still follow
-    for model, tp, reduce, pdl in sorted(key for key in speed if key[1] > 1):
-        one, many = speed.get((model, 1, "-", pdl)), speed[(model, tp, reduce, pdl)]
-        if one and many:  # tp 1 and tp 2 alike with or without PDL
+    for part, model, tp, reduce, pdl in (key for key in speed if key[2] > 1):  # file order
+        one, many = _paired_tp1(speed, part, model, pdl), speed[(part, model, tp, reduce, pdl)]
+        if one and many:
             goal = f" (target >= {GOALS['decode_13b']}x)" if "13b" in model and tp == 2 else ""
             how = f" ({reduce} all-reduces{', PDL' if pdl else ''})" if reduce != "nccl" \
                 else (" (PDL)" if pdl else "")
-            lines.append(f"{model}: tp {tp}{how} / tp 1 decode = {many / one:.2f}x{goal}")
+            lines.append(f"{model} [{part}]: tp {tp}{how} / tp 1 decode = {many / one:.2f}x{goal}")
     if comm:
         per_step = comm.get("graph_ms_per_step") or comm.get("eager_ms_per_step")
-        step = tpot.get((comm["model"], 2, "nccl", False))
+        step = next((t for (_, model, tp, reduce, pdl), t in tpot.items()
+                     if (model, tp, reduce, pdl) == (comm["model"], 2, "nccl", False)), None)
         share = f", {100 * per_step / step:.0f}% of its TPOT" if per_step and step else ""
         lines.append(f"collectives of one {comm['model']} tp 2 decode step "
                      f"({comm['all_reduces_per_step']} all-reduces + 2 all-gathers): "

@@ -73,19 +73,27 @@ def test_scripts_import(name):
 
 
 def test_summary_compares_each_tp2_variant_with_tp1(tmp_path):
-    """decode-13b (tp 1, tp 2 with NCCL) and decode-13b-one-shot (tp 2, one-shot all-reduces):
-    one ratio line each against the same tp 1, the target named on both."""
-    def decode(tp: int, tok_s: float, all_reduce: str | None) -> str:
-        config = {"tp_sweep": "decode-13b", "tp": tp, "tp_all_reduce": all_reduce}
+    """decode-13b (tp 1, tp 2 with NCCL) and decode-13b-one-shot (tp 2 only, one-shot
+    all-reduces): one ratio line each against decode-13b's tp 1, the target named on both.
+    decode-13b-prefetch runs its own tp 1 and tp 2: its ratio is within the part, never its tp 2
+    against the other part's tp 1 (session 10's summary paired them across parts)."""
+    def decode(part: str, tp: int, tok_s: float, all_reduce: str | None) -> str:
+        config = {"tp_sweep": part, "tp": tp, "tp_all_reduce": all_reduce}
         return json.dumps({"kind": "generate", "model": {"name": "llama-2-13b"},
                            "config": config, "metrics": {"decode_tok_per_s": tok_s,
                                                          "tpot_ms": {"p50": 1e3 / tok_s}}})
-    lines = [decode(1, 100.0, None), decode(2, 160.0, "nccl"), decode(2, 180.0, "one-shot")]
+    lines = [decode("decode-13b", 1, 100.0, None), decode("decode-13b", 2, 160.0, "nccl"),
+             decode("decode-13b-one-shot", 2, 180.0, "one-shot"),
+             decode("decode-13b-prefetch", 1, 90.0, None),
+             decode("decode-13b-prefetch", 2, 162.0, "nccl")]
     (tmp_path / "tp-gpu.jsonl").write_text("\n".join(lines) + "\n")
     text = load("tp_summary").summarize(tmp_path, "tp-gpu")
-    assert "llama-2-13b: tp 2 / tp 1 decode = 1.60x (target >= 1.7x)" in text
-    assert ("llama-2-13b: tp 2 (one-shot all-reduces) / tp 1 decode = 1.80x (target >= 1.7x)"
-            in text)
+    ratios = [line for line in text.splitlines() if " / tp 1 decode = " in line]
+    assert ratios == [
+        "llama-2-13b [decode-13b]: tp 2 / tp 1 decode = 1.60x (target >= 1.7x)",
+        "llama-2-13b [decode-13b-one-shot]: tp 2 (one-shot all-reduces) / tp 1 decode = 1.80x "
+        "(target >= 1.7x)",
+        "llama-2-13b [decode-13b-prefetch]: tp 2 / tp 1 decode = 1.80x (target >= 1.7x)"]
 
 
 def test_one_shot_part_runs_tp2_only_with_the_flag(tmp_path, monkeypatch):
