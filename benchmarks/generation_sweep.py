@@ -13,7 +13,6 @@ command that runs out of time keeps every finished case; re-running a part repla
   seed1-pdl, seed1-no-pdl  the same with --pdl / --no-pdl (programmatic dependent launch,
            engine/pdl.py; seed1 takes the default: on where it can run): run two in one command
            to compare on one machine
-  seed1-prefetch  seed1 with the attention's cache prefetch (decode_kernel.PREFETCH_CACHE)
   hf       the same prompts in transformers' generate with its static cache (2 timed runs), as
            it runs by default (recent versions compile it) and with its compilation off
   prefill  batch 1, a 2048-token prompt, 16 new tokens: TTFT and MFU of the eager prefill, and
@@ -50,7 +49,7 @@ from infermeter.textable import render_table
 
 MODEL, DTYPE = "llama-2-7b", "fp16"
 CONTEXTS, CONTEXT_STEPS = (512, 2048, 8192), 64
-PARTS = ("seed", "seed1", "seed1-pdl", "seed1-no-pdl", "seed1-prefetch", "hf", "prefill",
+PARTS = ("seed", "seed1", "seed1-pdl", "seed1-no-pdl", "hf", "prefill",
          "context", "kernel", "gemv")
 GOALS = {"mbu_pct": 85.0, "vs_hf": 10.0, "batch32": 20.0, "mfu_pct": 50.0, "warmup_s": 90.0}
 
@@ -65,8 +64,6 @@ def part_requests(part: str) -> list[GenerateRequest]:
     if part == "seed1":  # the seed's batch-1 compiled case alone (a quick re-measure)
         return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1)]
-    if part == "seed1-prefetch":  # run_part turns the option on for it
-        return part_requests("seed1")
     if part in ("seed1-pdl", "seed1-no-pdl"):
         return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1, pdl=part == "seed1-pdl")]
@@ -160,7 +157,7 @@ def targets(results: list[Result]) -> str:
     if seed1:  # the seed's batch-1 case run again alone, with the code of its own run
         rows.insert(1, ("batch 1 decode MBU, part seed1 (re-measured alone)",
                         seed1.metrics["mbu_pct"], "%", GOALS["mbu_pct"], ">="))
-    for part in ("seed1-prefetch", "seed1-no-pdl", "seed1-pdl"):
+    for part in ("seed1-no-pdl", "seed1-pdl"):
         found = find(results, part, "compiled")
         if found:
             rows.insert(1, (f"batch 1 decode MBU, part {part} ({kernels(found)})",
@@ -228,15 +225,8 @@ def run_part(part: str, path: Path, env: dict) -> None:
               f"decode {_f(m['decode_tok_per_s'])} tok/s, MBU {_f(m['mbu_pct'])}%, "
               f"MFU {_f(m['mfu_pct'])}%, warm-up {_f(m['warmup_s'])} s", flush=True)
 
-    from infermeter.engine import decode_kernel
-
-    before = decode_kernel.PREFETCH_CACHE
-    decode_kernel.PREFETCH_CACHE = before or part.endswith("-prefetch")
-    try:
-        for request in part_requests(part):
-            run_generate(request, env, on_result=save)
-    finally:
-        decode_kernel.PREFETCH_CACHE = before
+    for request in part_requests(part):
+        run_generate(request, env, on_result=save)
 
 
 def main() -> int:

@@ -17,8 +17,6 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         compared with decode-13b's tp 1.
   decode-13b-pdl, decode-13b-no-pdl  decode-13b (tp 1 and tp 2, default all-reduce) with --pdl
         or --no-pdl (engine/pdl.py; decode-13b takes the default: on where it can run)
-  decode-13b-prefetch  decode-13b with the split-KV attention reading its first cache tile
-        before the PDL wait (decode_kernel.PREFETCH_CACHE, by INFERMETER_ATTENTION_PREFETCH=1)
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
@@ -51,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("decode-7b", "decode-13b", "decode-13b-pdl", "decode-13b-no-pdl", "decode-13b-one-shot",
          "decode-13b-triton", "decode-13b-triton-unfused", "decode-13b-triton-push",
-         "decode-13b-triton-ll", "decode-13b-prefetch", "comm", "copy", "runs")
+         "decode-13b-triton-ll", "comm", "copy", "runs")
 # part suffix -> --tp-all-reduce
 ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton",
                     "-triton-unfused": "triton-unfused", "-triton-push": "triton-push",
@@ -64,7 +62,7 @@ SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "decode-13b-one-shot": "llama-2-13b", "decode-13b-triton": "llama-2-13b",
          "decode-13b-triton-unfused": "llama-2-13b", "decode-13b-triton-push": "llama-2-13b",
          "decode-13b-pdl": "llama-2-13b", "decode-13b-no-pdl": "llama-2-13b",
-         "decode-13b-triton-ll": "llama-2-13b", "decode-13b-prefetch": "llama-2-13b",
+         "decode-13b-triton-ll": "llama-2-13b",
          "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",
@@ -123,12 +121,7 @@ def part_decode(model: str, jsonl: Path, part: str, trace: Path | None = None) -
             extra += ("--trace", str(trace / part))
         cmd = generate_cmd(model, tp, out, *SETUP["decode_args"], *extra)
         start = time.monotonic()
-        env = _child_env()
-        if part.endswith("-prefetch"):
-            from infermeter.engine.decode_kernel import PREFETCH_ENV
-
-            env[PREFETCH_ENV] = "1"
-        run = subprocess.run(cmd, env=env, timeout=540, cwd=ROOT,
+        run = subprocess.run(cmd, env=_child_env(), timeout=540, cwd=ROOT,
                              stdout=subprocess.DEVNULL)  # the Results go to --output
         print(f"{model} tp {tp}: exit {run.returncode} in {time.monotonic() - start:.0f} s",
               file=sys.stderr, flush=True)

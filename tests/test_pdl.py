@@ -94,27 +94,6 @@ def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
 
 
 @needs_triton
-def test_prefetching_attention_reads_the_cache_early_and_q_after(monkeypatch):
-    """decode_kernel.PREFETCH_CACHE (off by default, not yet measured): the split-KV kernel's
-    PDL launch reads its first tile of K, V and positions before the wait, and q (the previous
-    kernel's output) and this step's slot after it."""
-    from infermeter.engine.decode_kernel import _split_kv_decode
-
-    q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
-    cache = torch.zeros(1, 4, 256, 64, dtype=torch.bfloat16)
-    pos = torch.arange(256)
-    launches = pdl_launches(monkeypatch, lambda: _split_kv_decode(
-        q, cache, cache, pos, pos[:1], 0, False, 3, pdl=True, prefetch=True))
-    kernel, args, kwargs = launches[0]
-    assert kwargs["PREFETCH"] is True and launches[1][2].get("PREFETCH") is None
-    _, lines = sm90_lines(kernel, args, kwargs)
-    wait = first(lines, "griddepcontrol.wait")
-    early = [line for line in lines[:wait] if "ld.global" in line]
-    late = [line for line in lines[wait:] if "ld.global" in line]
-    assert len(early) >= 3 and late  # K, V, positions (and the position) before; q and more after
-
-
-@needs_triton
 def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
     """The tensor-parallel all-reduce kernels (flags; LL), launched while pdl.enabled(): wait,
     then let the next kernel (a GEMV, which streams weights meanwhile) go, before any signal,

@@ -81,17 +81,7 @@ class EngineRunner:
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
-                "pdl": self.generator.pdl,
-                **({"attention_prefetch": True} if self._prefetches() else {})}
-
-    def _prefetches(self) -> bool:
-        """Whether the compiled step's split-KV attention reads its first cache tile before
-        its PDL wait (decode_kernel.PREFETCH_CACHE; recorded only when it does)."""
-        from infermeter.engine import decode_kernel
-
-        return bool(self.generator.pdl and decode_kernel.PREFETCH_CACHE and any(
-            self.generator.decode_attention_used(True, batch) == "triton"
-            for batch in self.batch_sizes))
+                "pdl": self.generator.pdl}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the

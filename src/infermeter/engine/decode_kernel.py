@@ -43,13 +43,6 @@ from infermeter.engine import pdl  # noqa: E402 - after `triton`, which pdl.py i
 from infermeter.engine.pdl import launch  # noqa: E402
 
 BLOCK_N = 64  # cache slots per inner iteration
-# With PDL (pdl.py): read the program's first tile of K, V and key positions before waiting for
-# the kernel before (which writes q and this step's slot only), then re-read that one slot.
-# Off until measured on a GPU (session 9 had no device time left; tested on CPUs); the sweeps'
-# "-prefetch" parts turn it on for their runs with INFERMETER_ATTENTION_PREFETCH=1, and the
-# Result's config says whether it ran (attention_prefetch).
-PREFETCH_ENV = "INFERMETER_ATTENTION_PREFETCH"
-PREFETCH_CACHE = os.environ.get(PREFETCH_ENV) == "1"
 
 
 def triton_runs_on(x: Tensor) -> bool:
@@ -101,9 +94,8 @@ if triton is not None:
                          n_kv_heads, groups, slots, chunk, n_splits, window,
                          SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False):
-        if PDL and not PREFETCH:  # q and this step's slot are the previous kernel's outputs
+                         PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
@@ -119,40 +111,12 @@ if triton is not None:
             end = tl.minimum(end, pos + 1)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        if PREFETCH:  # the first tile before the wait (names of their own: not loop-carried);
-            # POS is written outside the CUDA graph, so it is safe to read before it too
-            n_first = start + tl.arange(0, BLOCK)
-            first_in = n_first < end
-            k_first = tl.load(k_base + n_first[:, None] * stride_ks + d[None, :],
-                              mask=first_in[:, None], other=0.0)  # [BLOCK, D]
-            v_first = tl.load(v_base + n_first[:, None] * stride_vs + d[None, :],
-                              mask=first_in[:, None], other=0.0)  # [BLOCK, D]
-            held_first = tl.load(KEY_POS + n_first, mask=first_in, other=-1)
-            if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
         q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
                     mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        loop_start = start
-        if PREFETCH:  # this step's slot was written just now: take it fresh
-            now = pos % slots if IS_RING else pos
-            fresh = n_first == now  # [BLOCK]
-            k_now = tl.load(k_base + now * stride_ks + d)  # [D]
-            v_now = tl.load(v_base + now * stride_vs + d)
-            held_now = tl.load(KEY_POS + now)
-            k_first = tl.where(fresh[:, None], k_now[None, :], k_first)
-            v_first = tl.where(fresh[:, None], v_now[None, :], v_first)
-            held_first = tl.where(fresh, held_now, held_first)
-            p, alpha, m_i = _softmax_step(q, k_first, held_first, first_in, pos, window, m_i,
-                                          SCALE, HAS_WINDOW, PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_first.dtype), v_first,
-                                                input_precision=PRECISION)
-            loop_start = start + BLOCK  # (an empty split's masked tile left m, l, acc as they were)
-        for n0 in range(loop_start, end, BLOCK):
+        for n0 in range(start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             inside = n < end
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
@@ -194,7 +158,7 @@ if triton is not None:
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     pdl: bool, prefetch: bool = False) -> Tensor:
+                     pdl: bool) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -213,8 +177,7 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
            BLOCK=BLOCK_N,
            IS_RING=is_ring, HAS_WINDOW=window > 0,
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-           PREFETCH=pdl and prefetch)
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, groups, n_splits,
@@ -234,18 +197,15 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
 
 @torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                        prefetch: bool) -> Tensor:
-    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
-    prefetch: the first cache tile read before the wait (PREFETCH_CACHE, an argument so that
-    the trace, and dynamo's guards, see it)."""
+                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, pdl=True, prefetch=prefetch)
+                            n_splits, pdl=True)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int, prefetch: bool) -> Tensor:
+      window: int, is_ring: bool, n_splits: int) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -255,5 +215,5 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
     if pdl.enabled():
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, PREFETCH_CACHE)
+                                   n_splits)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits)
