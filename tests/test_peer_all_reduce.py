@@ -21,6 +21,7 @@ from infermeter.engine.peer_all_reduce import (
     MAX_PROGRAMS,
     SLOT_BYTES,
     PeerAllReduce,
+    PeerBufferUnavailable,
     buffer_bytes,
     flag_area_bytes,
 )
@@ -30,6 +31,8 @@ from infermeter.presets import PRESETS
 from tests.tp_workers import (
     LL_CASES,
     PEER_CASES,
+    generate_when_peer_buffers_fail,
+    peer_buffer_agreement,
     peer_ll_sums,
     peer_model_matches_tp1,
     peer_sums,
@@ -238,3 +241,81 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     assert resolve_all_reduce(auto, None) == "nccl"
     monkeypatch.setattr(parallel, "peer_all_reduce_usable", lambda tp: False)
     assert resolve_all_reduce(auto, gpus) == "nccl"
+
+
+# ---- symmetric memory that cannot be had (for_group's agreement; generate's fallback) --------
+ERROR_LINE = "RuntimeError: CUDA driver error: operation not supported"
+
+
+def test_every_rank_raises_the_same_error_when_one_cannot_get_its_buffer() -> None:
+    """for_group on two gloo ranks with stand-ins for symmetric memory (tp_workers): success
+    on both returns each rank's peer; a failed allocation or rendezvous on one rank (or an
+    allocation on both) makes both ranks raise PeerBufferUnavailable at once, with the same
+    one-line message naming the failing rank(s), the step and the first line of the first
+    one's error, and no buffer kept. Four calls in a row on one group: a rank that went on
+    alone would leave the next call's collectives unmatched (a hang, or the timeout)."""
+    cases = [{}, {1: "empty"}, {0: "rendezvous"}, {0: "empty", 1: "empty"}, {}]
+    ranks = run_ranks(peer_buffer_agreement, 2, cases, timeout=60)
+    allocating = f"allocating {buffer_bytes(2, 2) / 2**20:.1f} MiB"  # n_sites 2, 2 ranks
+    for rank, results in enumerate(ranks):
+        for ok in (results[0], results[-1]):
+            assert ok["rank"] == rank and ok["buffers"] == 2
+        for result in results[1:-1]:
+            assert result["error"] == "PeerBufferUnavailable" and not result["buffer_kept"]
+        assert [r["message"] for r in results[1:-1]] == [
+            f"symmetric memory unavailable on rank 1 ({allocating}): {ERROR_LINE} (empty)",
+            "symmetric memory unavailable on rank 0 (mapping the peers' buffers): "
+            f"{ERROR_LINE} (rendezvous)",
+            f"symmetric memory unavailable on ranks 0, 1 ({allocating}): {ERROR_LINE} (empty)"]
+        assert all(r["seconds"] < 10 for r in results)
+
+
+def test_auto_falls_back_to_nccl_where_the_peer_buffers_fail(capsys) -> None:
+    """generate --tp 2 on gloo ranks where auto picks triton and rank 1's rendezvous fails:
+    with auto the run goes on with NCCL (the tokens of one process), its Result saying "nccl"
+    and why; with an explicit triton it ends with exit 2 and one error line per rank (the
+    same message on both: the launcher prints it once), no traceback."""
+    import json
+
+    ranks = run_ranks(generate_when_peer_buffers_fail, 2, ["auto", "triton"], timeout=120)
+    why = ("symmetric memory unavailable on rank 1 (mapping the peers' buffers): "
+           f"{ERROR_LINE} (rendezvous)")
+    for rank, (auto, _) in enumerate(ranks):
+        assert auto["code"] == 0 and "Traceback" not in auto["stderr"], auto["stderr"]
+        assert bool(auto["stdout"]) == (rank == 0)  # only rank 0 prints
+    result = json.loads(ranks[0][0]["stdout"])
+    assert result["config"]["tp"] == 2 and result["config"]["tp_all_reduce"] == "nccl"
+    assert f"--tp-all-reduce auto fell back to NCCL: {why}" in result["warnings"]
+    assert cli_main(["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens",
+                     "4", "--repeats", "1", "--warmup", "0", "--no-roofline", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert result["output_token_ids"] == alone["output_token_ids"]
+    for rank, (_, explicit) in enumerate(ranks):
+        assert explicit["code"] == 2 and explicit["stdout"] == ""
+        assert explicit["stderr"].splitlines() == [f"infermeter: error: rank {rank}: {why}"]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", [{}, {"fuse_norm": False}, {"push": True}, {"ll": True}])
+def test_a_failed_peer_buffer_leaves_the_model_as_it_was(monkeypatch, kind) -> None:
+    """use_peer_all_reduce whose for_group raises PeerBufferUnavailable (as on every rank when
+    one cannot get its buffer): the sharded model keeps its NCCL all-reduces, nothing of the
+    peer kernels set (what lets auto go on with NCCL)."""
+    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.parallel import row_parallel_sites
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # use_peer_all_reduce's Triton check passes
+
+    def unavailable(cls, *args, **kwargs):
+        raise PeerBufferUnavailable("symmetric memory unavailable on rank 1 (...): ...")
+
+    monkeypatch.setattr(PeerAllReduce, "for_group", classmethod(unavailable))
+    model = load_model("random:debug", tp=TensorParallel(0, 2, 0, torch.device("cpu")))
+    gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))  # only its type is looked at
+    with pytest.raises(PeerBufferUnavailable):
+        use_peer_all_reduce(model, gpus, **kind)
+    collectives = model.tp_collectives
+    assert collectives.peer is None and collectives.peer_index == -1
+    assert not collectives.fused and not collectives.pushers and model.add_norm is None
+    for _, linear, norm in row_parallel_sites(model):
+        assert linear.row_product is None and not hasattr(norm, "all_reduce_site")

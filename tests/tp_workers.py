@@ -355,3 +355,102 @@ def peer_push_model_matches_tp1(tp: TensorParallel, source: Any,
         diff = max(diff, (want - got).abs().max().item())
     peer_gemv.gemv_push = real_push
     return {"diff": diff, "pushes": len(pushes), "n_layers": full.spec.n_layers}
+
+
+# ---- symmetric memory that fails: PeerAllReduce.for_group's agreement, generate's fallback ----
+class _FakeHandle:
+    """What symm_mem.rendezvous returns, for CPU ranks: every peer's buffer a fresh zero tensor
+    (nothing is exchanged; only the ranks' agreement is under test)."""
+
+    def __init__(self, rank: int, buffer: torch.Tensor) -> None:
+        self.rank, self.buffer = rank, buffer
+
+    def get_buffer(self, rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+
+def fake_symmetric_memory(tp: TensorParallel, fails: dict[int, str]) -> list[Any]:
+    """Put CPU stand-ins for torch symmetric memory's calls in this (spawned, throwaway)
+    process; the step fails[rank] ("empty" or "rendezvous") raises on that rank, as a driver
+    without CUDA IPC does, with a multi-line message. Returns the list in which each buffer
+    handed out leaves a weak reference (to see that a failed for_group drops it)."""
+    import weakref
+
+    import torch.distributed._symmetric_memory as symm_mem
+
+    handed_out: list[Any] = []
+
+    def fail_at(step: str) -> None:
+        if fails.get(tp.rank) == step:
+            raise RuntimeError(f"CUDA driver error: operation not supported ({step})\n"
+                               "more details on a second line")
+
+    def empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        fail_at("empty")
+        buffer = torch.empty(size, dtype=dtype, device=device)
+        handed_out.append(weakref.ref(buffer))
+        return buffer
+
+    def rendezvous(buffer: torch.Tensor, group_name: str) -> _FakeHandle:
+        fail_at("rendezvous")
+        return _FakeHandle(tp.rank, buffer)
+
+    symm_mem.enable_symm_mem_for_group = lambda group_name: None
+    symm_mem.empty, symm_mem.rendezvous = empty, rendezvous
+    return handed_out
+
+
+def peer_buffer_agreement(tp: TensorParallel,
+                          cases: list[dict[int, str]]) -> list[dict[str, Any]]:
+    """PeerAllReduce.for_group once per case (rank -> the step that fails there) on the same
+    group, in order: what came back (the peer's rank and buffer count, or the error's class
+    and message), the seconds it took, and whether the error left this rank's buffer alive."""
+    from infermeter.engine.peer_all_reduce import PeerAllReduce, PeerBufferUnavailable
+
+    out = []
+    for fails in cases:
+        handed_out = fake_symmetric_memory(tp, fails)
+        start = time.monotonic()
+        try:
+            peer = PeerAllReduce.for_group(tp.group, tp.device, n_sites=2)
+            got = {"rank": peer.rank, "buffers": len(peer.buffers)}
+        except PeerBufferUnavailable as err:  # checked while its traceback is alive
+            got = {"error": type(err).__name__, "message": str(err),
+                   "buffer_kept": any(ref() is not None for ref in handed_out)}
+        out.append({**got, "seconds": time.monotonic() - start})
+    return out
+
+
+def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> list[dict]:
+    """`infermeter generate --tp 2 --tp-all-reduce KIND` for each kind, on ranks that look like
+    GPUs that reach each other (auto picks triton) and whose symmetric memory fails on rank 1 at
+    the rendezvous: the exit code, stdout and stderr of each run."""
+    import contextlib
+    import io
+
+    from infermeter import generate_run
+    from infermeter.cli import main
+    from infermeter.engine import parallel
+    from infermeter.engine.peer_all_reduce import PeerAllReduce
+
+    fake_symmetric_memory(tp, {1: "rendezvous"})
+    parallel.peer_all_reduce_usable = lambda tp: True
+    real_options = generate_run._all_reduce_options  # refuses triton kinds on CPU ranks
+
+    def options(request: Any, tp: Any) -> dict:
+        return {} if request.tp_all_reduce.startswith("triton") else real_options(request, tp)
+
+    generate_run._all_reduce_options = options
+    # use_peer_all_reduce refuses CPU ranks before it reaches for_group; what it does on a
+    # failure (nothing to the model) is test_peer_all_reduce's single-process test
+    parallel.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
+        tp.group, tp.device, 2 * len(model.layers))
+    runs = []
+    for kind in kinds:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["generate", "--model", "debug", "--device", "cpu", "--tp", "2",
+                         "--tp-all-reduce", kind, "--max-new-tokens", "4", "--repeats", "1",
+                         "--warmup", "0", "--no-roofline", "--json"])
+        runs.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+    return runs

@@ -144,7 +144,8 @@ FUSED_ALL_REDUCES = ("triton", "triton-push", "triton-ll")
 def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
     """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
-    graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU)."""
+    graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU), and where the
+    kernels' symmetric-memory buffers then cannot be had (run_generate falls back)."""
     if request.tp_all_reduce != "auto":
         return request.tp_all_reduce
     if not tp:
@@ -261,6 +262,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
 
     tp = init_distributed(request.device, request.tp)
     device = tp.device if tp else device
+    asked = request.tp_all_reduce
     request = dataclasses.replace(request, tp_all_reduce=resolve_all_reduce(request, tp))
     # ---- end tensor parallelism ----
     _check_hf(cases, tp)
@@ -269,13 +271,24 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
                            request.tp_all_reduce)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
+    notes = []
     if tp and uses_peer_buffer(tp.world, request.tp_all_reduce):  # what check_cases_fit counted
         from infermeter.engine.parallel import use_peer_all_reduce
+        from infermeter.engine.peer_all_reduce import PeerBufferUnavailable
 
-        use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,
-                            push=request.tp_all_reduce == "triton-push",
-                            ll=request.tp_all_reduce == "triton-ll")
-    notes = []
+        try:
+            use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,
+                                push=request.tp_all_reduce == "triton-push",
+                                ll=request.tp_all_reduce == "triton-ll")
+        except PeerBufferUnavailable as err:
+            if asked != "auto":  # the user's explicit choice: one error line (cli.py)
+                raise
+            # auto only guessed that the buffers would come: every rank got this error
+            # (for_group agrees on it) and the model still has its NCCL all-reduces, so
+            # every rank goes on with NCCL, recorded as such (settings -> Result config).
+            notes.append(f"--tp-all-reduce auto fell back to NCCL: {err}")
+            request = dataclasses.replace(request, tp_all_reduce="nccl")
+            settings = _settings(request, tokenizer, tp)
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
     results: list[Result] = []

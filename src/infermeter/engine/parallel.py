@@ -372,6 +372,8 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if ll and (push or not fuse_norm):
         raise ValueError("the LL exchange is the fused add-and-norm kernel's alone")
     n_sites = 2 * len(model.layers)
+    # The buffers before any change to the model: if they cannot be had (PeerBufferUnavailable)
+    # the model keeps its NCCL all-reduces, and --tp-all-reduce auto runs on with them.
     peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites, ll) if buffers is not None \
         else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites, ll)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)

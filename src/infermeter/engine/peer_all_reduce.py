@@ -49,8 +49,46 @@ from infermeter.engine.peer_buffers import (  # noqa: F401 - the layout, re-expo
     buffer_bytes,
     flag_area_bytes,
 )
+from infermeter.errors import InfermeterError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ERROR_BYTES = 256  # of a rank's error text that the ranks' agreement carries (agree)
+
+
+class PeerBufferUnavailable(InfermeterError):
+    """Some rank could not allocate or map its symmetric-memory buffer (a driver or container
+    without CUDA IPC / virtual memory management, or a full GPU). Every rank of the group raises
+    it, with the same message: --tp-all-reduce auto then falls back to NCCL (generate_run.py);
+    an explicit triton kind ends the run with it as one error line."""
+
+
+def agree(group: Any, error: str | None, table: Tensor, stage: str) -> str | None:
+    """A collective: None on every rank of `group` if no rank failed `stage`, else the same
+    one-line message on every rank, naming the failing ranks and the first one's error text.
+    error: this rank's error (None: it succeeded); table: [world, ERROR_BYTES] uint8 on the
+    group's device, allocated before the work that may fail (a full GPU must still agree).
+
+    Why: a rank that raised alone would leave its peers waiting in the next collective (the
+    rendezvous, a barrier) until the timeout. One all-reduce (MAX) of the table, row r rank r's
+    error text as bytes (zeros: no error), tells every rank whether any failed and what it said;
+    one message on every rank is what lets the launcher print it once (launch.py merges
+    identical errors)."""
+    import torch.distributed as dist
+
+    table.zero_()
+    if error is not None:
+        text = next((line for line in error.strip().splitlines() if line.strip()), "")
+        raw = (text or "unknown error").encode()[:ERROR_BYTES]
+        table[dist.get_rank(group), :len(raw)] = torch.frombuffer(bytearray(raw),
+                                                                  dtype=torch.uint8)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+    rows = table.cpu()
+    failed = [rank for rank, row in enumerate(rows) if row.any()]
+    if not failed:
+        return None
+    first = bytes(rows[failed[0]].tolist()).rstrip(b"\0").decode(errors="replace")
+    who = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
+    return f"symmetric memory unavailable on {who} ({stage}): {first}"
 
 
 if triton is not None:
@@ -179,19 +217,42 @@ class PeerAllReduce:
     def for_group(cls, group: Any, device: torch.device, n_sites: int,
                   ll: bool = False) -> PeerAllReduce:
         """Allocate this rank's buffer in torch symmetric memory and map every peer's (a
-        collective: every rank of `group` calls it)."""
+        collective: every rank of `group` calls it). If any rank cannot, every rank raises the
+        same PeerBufferUnavailable (agree), its own buffer dropped.
+
+        Failures caught: the allocation's (agreed before the rendezvous, so that no rank enters
+        it alone) and the rendezvous' (agreed after it: mapping a peer's memory, where missing
+        IPC support shows, comes after the ranks have exchanged their handles). A rank failing
+        inside the rendezvous before that exchange still leaves its peers there until the
+        store's timeout (parallel.COLLECTIVE_TIMEOUT_S): torch gives no way to bound it."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        symm_mem.enable_symm_mem_for_group(group.group_name)
         world = dist.get_world_size(group)
         size = buffer_bytes(n_sites, world)
-        mine = symm_mem.empty(size, dtype=torch.uint8, device=device)
-        mine.zero_()  # flags start at 0
-        handle = symm_mem.rendezvous(mine, group.group_name)
-        buffers = [mine if r == handle.rank else handle.get_buffer(r, (size,), torch.uint8)
-                   for r in range(world)]
-        torch.cuda.synchronize(device)
+        table = torch.zeros(world, ERROR_BYTES, dtype=torch.uint8, device=device)
+        mine = handle = buffers = error = None
+        try:
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+            mine = symm_mem.empty(size, dtype=torch.uint8, device=device)
+            mine.zero_()  # flags start at 0
+        except Exception as err:  # whatever it is, the peers must hear of it (agree)
+            error = f"{type(err).__name__}: {err}"
+        failure = agree(group, error, table, f"allocating {size / 2**20:.1f} MiB")
+        if failure is None:
+            try:
+                handle = symm_mem.rendezvous(mine, group.group_name)
+                buffers = [mine if r == handle.rank else
+                           handle.get_buffer(r, (size,), torch.uint8) for r in range(world)]
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+            failure = agree(group, error, table, "mapping the peers' buffers")
+        if failure is not None:
+            # Dropped now, not when the exception is: its traceback holds this frame.
+            mine = handle = buffers = None
+            raise PeerBufferUnavailable(failure)
+        if device.type == "cuda":  # (the tests run this on CPU ranks, with fake buffers)
+            torch.cuda.synchronize(device)
         dist.barrier(group)  # no peer signals before every flag area is zeroed
         return cls(handle.rank, buffers, n_sites, ll)
 
