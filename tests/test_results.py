@@ -103,6 +103,29 @@ def test_env_capture_without_gpu():
     assert env["host_cpu"] and env["timestamp"].endswith("+00:00")
 
 
+def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path):
+    """env's source_revision: HEAD of the checkout the code runs from, "+dirty" once a tracked
+    file differs from it (an untracked file does not count), None outside any checkout."""
+    import subprocess
+
+    from infermeter.env import source_revision
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, text=True,
+                              capture_output=True).stdout.strip()
+
+    assert source_revision(tmp_path) is None  # not a checkout (tmp_path is outside the repo)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert source_revision(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert source_revision(tmp_path) == head + "+dirty"
+
+
 def test_nvml_absent_or_failing_gives_empty(monkeypatch):
     import builtins
 

@@ -10,6 +10,8 @@ import datetime
 import platform
 import re
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from infermeter import __version__
@@ -25,6 +27,25 @@ def host_cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def source_revision(where: Path = Path(__file__).resolve().parent) -> str | None:
+    """The git commit of the code that ran, "+dirty" when tracked files differ from it; None
+    outside a git checkout (an installed wheel) or without git. Why: the version number does not
+    move between commits, and a Result is only reproducible with the code that made it."""
+    def git(*args: str) -> str | None:
+        try:
+            run = subprocess.run(["git", "-C", str(where), *args], capture_output=True,
+                                 text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if changed else "")
 
 
 def host_available() -> int | None:
@@ -103,6 +124,7 @@ def capture_env() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "infermeter_version": __version__, "python": platform.python_version(),
+        "source_revision": source_revision(),
     }
     env.update(_torch_facts())
     if env["device_count"]:
