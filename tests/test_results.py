@@ -103,9 +103,11 @@ def test_env_capture_without_gpu():
     assert env["host_cpu"] and env["timestamp"].endswith("+00:00")
 
 
-def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path):
+def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
     """env's source_revision: HEAD of the checkout the code runs from, "+dirty" once a tracked
-    file differs from it (an untracked file does not count), None outside any checkout."""
+    file differs from it (an untracked file does not count), None outside any checkout; the
+    environment's value where one is given."""
+    monkeypatch.delenv("INFERMETER_SOURCE_REVISION", raising=False)
     import subprocess
 
     from infermeter.env import source_revision
@@ -124,6 +126,8 @@ def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path):
     assert source_revision(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert source_revision(tmp_path) == head + "+dirty"
+    monkeypatch.setenv("INFERMETER_SOURCE_REVISION", "abc123")  # a copy without .git
+    assert source_revision(tmp_path) == "abc123"
 
 
 def test_nvml_absent_or_failing_gives_empty(monkeypatch):

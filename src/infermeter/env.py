@@ -7,6 +7,7 @@ its field None. NVML gives the driver and the PCIe link (the copy benchmark's pe
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import re
 import socket
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from infermeter import __version__
+
+REVISION_ENV = "INFERMETER_SOURCE_REVISION"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def host_cpu_name() -> str:
@@ -29,10 +33,15 @@ def host_cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def source_revision(where: Path = Path(__file__).resolve().parent) -> str | None:
+def source_revision(where: Path = PACKAGE_DIR) -> str | None:
     """The git commit of the code that ran, "+dirty" when tracked files differ from it; None
     outside a git checkout (an installed wheel) or without git. Why: the version number does not
-    move between commits, and a Result is only reproducible with the code that made it."""
+    move between commits, and a Result is only reproducible with the code that made it.
+    $INFERMETER_SOURCE_REVISION, when set, is taken as given: for a copy of a checkout without
+    its .git (the benchmarks' GPU machines), whose commit the sender knows."""
+    given = os.environ.get(REVISION_ENV)
+    if given:
+        return given
     def git(*args: str) -> str | None:
         try:
             run = subprocess.run(["git", "-C", str(where), *args], capture_output=True,
