@@ -84,6 +84,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ranks_in_step(device: torch.device) -> None:
+    """Under tensor parallelism (a process group of 2+ ranks), wait until every rank is here.
+    Called before the warm-up and before each timed run, so that every rank starts its clock
+    together: the collectives inside a run would align the ranks anyway, but a late rank's lag
+    would then be counted in the others' TTFT as time spent waiting in their first all-reduce."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        _sync(device)
+
+
 def _no_hook(event: str, step: int) -> None:
     pass
 
@@ -99,6 +111,7 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
     prompts = case.prompt_set.prompts
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
+    ranks_in_step(device)
     start = time.perf_counter()
     with nvtx_range(f"warm-up {case.label}"):
         runner.warmup({tuple(t.shape) for t in groups})
@@ -116,6 +129,7 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
         runs, ids = [], [[] for _ in prompts]
         for tokens, group in zip(groups, case.groups):
             recorder = StepRecorder(make_clock(device, settings.max_new_tokens + 1))
+            ranks_in_step(device)
             out = runner.run(tokens, recorder)
             runs.append(recorder.timing(*tokens.shape, new_tokens=out.num_new_tokens))
             for i, row, done in zip(group, out.output_token_ids, out.finished):

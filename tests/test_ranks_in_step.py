@@ -1,0 +1,70 @@
+"""Tensor-parallel timing: every rank starts the warm-up and each timed run together
+(generation.ranks_in_step), so no rank's TTFT counts another rank's lag."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from infermeter.bench import generation
+from infermeter.bench.generation_cases import plan_cases, prompt_sets
+from infermeter.engine.checkpoint import load_weights
+from infermeter.presets import PRESETS
+from tests.tp_workers import run_ranks
+
+LAG_S = 0.3  # how late rank 1 comes to the barrier
+
+
+def _barrier_times(tp) -> float:
+    """Rank 1 arrives LAG_S late; both leave together: rank 0's wait is about LAG_S."""
+    if tp.rank == 1:
+        time.sleep(LAG_S)
+    start = time.monotonic()
+    generation.ranks_in_step(torch.device("cpu"))
+    return time.monotonic() - start
+
+
+def test_ranks_in_step_waits_for_every_rank():
+    waited = run_ranks(_barrier_times, 2)
+    assert waited[0] > 0.8 * LAG_S  # rank 0 waited for the late rank
+    assert waited[1] < 0.8 * LAG_S  # the late rank found rank 0 there
+
+
+def test_ranks_in_step_alone_is_a_no_op():
+    start = time.monotonic()
+    generation.ranks_in_step(torch.device("cpu"))
+    assert time.monotonic() - start < 0.1
+
+
+def test_every_run_starts_after_the_ranks_meet(monkeypatch):
+    """time_case: the ranks meet before the warm-up and before each timed run (not only once),
+    and nothing is timed between the meeting and the run it precedes."""
+    events = []
+    monkeypatch.setattr(generation, "ranks_in_step", lambda device: events.append("meet"))
+    real_make_runner = generation.make_runner
+
+    def logging_runner(*args, **kwargs):
+        runner = real_make_runner(*args, **kwargs)
+        real_run, real_warmup = runner.run, runner.warmup
+
+        def run(tokens, hook):
+            events.append("run")
+            return real_run(tokens, hook)
+
+        def warmup(shapes):
+            events.append("warm-up")
+            return real_warmup(shapes)
+
+        runner.run, runner.warmup = run, warmup
+        return runner
+
+    monkeypatch.setattr(generation, "make_runner", logging_runner)
+    spec = PRESETS["debug"]
+    model = load_weights("random:debug", "cpu", "float32")
+    sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
+    (case,) = plan_cases(spec, sets, ("eager",), 4)
+    settings = generation.RunSettings(max_new_tokens=4, repeats=3, warmup=1)
+    generation.time_case(model, case, settings, generation._Silent())
+    # warm-up, one untimed run (--warmup 1), then three timed runs each after a meeting
+    assert events == ["meet", "warm-up", "run", "meet", "run", "meet", "run", "meet", "run"]
