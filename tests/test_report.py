@@ -350,3 +350,24 @@ def test_generate_setting_names_the_kernels_that_ran():
     assert setting(decode_attention="triton", matvec_kernel="triton",
                    tp_all_reduce="one-shot") == ("compiled, float16, batch 1, prompt 80, triton "
                                                  "attention, Triton GEMV, one-shot all-reduce")
+
+
+def test_a_machine_with_only_untimed_results_gets_notes_not_a_column(tmp_path):
+    """tp_sweep's start-to-exit log is a generate Result without timing (config.benchmark
+    "tp_runs"), as is an out-of-memory case: alone on their machine and model they make no column
+    of dashes in the tables, and the notes still say why each is left out."""
+    result = json.loads((GOOD / "copy-h100.jsonl").read_text().splitlines()[0])
+    untimed = {"kind": "generate", "model": {"name": "llama-3.2-1b"}, "env": result["env"],
+               "warnings": [], "schema": result.get("schema", 1)}
+    runs = {**untimed, "config": {"benchmark": "tp_runs", "tp": 2}, "metrics": {"runs": []}}
+    oom = {**untimed, "model": {"name": "llama-2-70b"}, "config": {"batch_size": 64},
+           "metrics": {"oom": True, "ttft_ms": None}}
+    (tmp_path / "copy.jsonl").write_text(json.dumps(result) + "\n")
+    (tmp_path / "runs.jsonl").write_text(json.dumps(runs) + "\n" + json.dumps(oom) + "\n")
+    built = build_report([str(tmp_path)])
+    header = table(built, "reference").header
+    assert len(header) == 2 and "llama-2-7b" in header[1]  # the copy's column only
+    assert any("runs.jsonl:1: a generate Result without timing metrics (benchmark tp_runs)"
+               in note for note in built.notes)
+    assert any("runs.jsonl:2: a generate Result without timing metrics (out of memory)"
+               in note for note in built.notes)

@@ -18,7 +18,7 @@ from infermeter.errors import InfermeterError
 from infermeter.report_derive import column_warnings
 from infermeter.report_load import Record, load_records, require_records
 from infermeter.report_seed import seed_column
-from infermeter.report_select import Column, column_key, group_columns
+from infermeter.report_select import Column, column_key, group_columns, has_timing
 from infermeter.report_tables import (
     EXTENDED_CAPTION,
     EXTENDED_ROWS,
@@ -56,9 +56,13 @@ def build_report(paths: Sequence[str], with_seed: bool = False,
         warn(line)
     require_records(list(paths), loaded)
     columns, kvs = group_columns(loaded.records)
+    # A machine and model with nothing to show (only untimed generate Results: a sweep's
+    # start-to-exit log, an out-of-memory case) gets no column of dashes, only its notes.
+    empty = [c for c in columns if not c.copies and not any(map(has_timing, c.generates))]
+    columns = [c for c in columns if c not in empty]
     if with_seed:
         columns.insert(0, seed_column())
-    return assemble(columns, loaded.records, kvs)
+    return assemble(columns, loaded.records, kvs, empty)
 
 
 def _warning_ref(warnings: list[str], first: int) -> str:
@@ -69,7 +73,8 @@ def _warning_ref(warnings: list[str], first: int) -> str:
     return f"{len(warnings)} (notes {first}-{first + len(warnings) - 1})"
 
 
-def assemble(columns: list[Column], records: list[Record], kvs: list[Record]) -> Report:
+def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
+             empty: Sequence[Column] = ()) -> Report:
     notes = [column_sources(c) for c in columns]
     refs = []
     for column in columns:
@@ -78,7 +83,7 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record]) ->
         notes += [f"{column.key.label}: {w}" for w in warnings]
     notes += [f"{r.source}: {note}" for r in sorted(records, key=lambda r: r.source)
               for note in r.notes]
-    notes += unused_notes(columns)
+    notes += unused_notes([*columns, *empty])
     named = {(c.key.model, c.key.tp) for c in columns}
     notes += [f"{r.source}: kv Result of {r.model.get('name')} (analytic), no measured column "
               "of that model and tp to size" for r in kvs
