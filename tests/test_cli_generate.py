@@ -206,3 +206,70 @@ def test_bad_timing_flags_in_process(args, message, tmp_path, capsys):
 def test_cuda_without_a_gpu():
     out = run("--model", "debug", "--device", "cuda")
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
+
+
+def _eos_choice(row: list[int], other: list[int], last: int) -> int:
+    """An index k in [3, last) whose token first appears at k in `row` and never in `other`."""
+    for k in range(3, last):
+        if row[k] not in row[:k] and row[k] not in other:
+            return k
+    pytest.fail(f"no usable EOS token in {row}: pick other prompts")
+
+
+def test_until_eos_stops_at_the_tokenizers_eos_and_is_off_by_default(tmp_path, capsys):
+    """--until-eos cuts a sequence at the tokenizer's own EOS id; without it a run is fixed
+    length even though the tokenizer knows that id. Random `debug` weights and --prompt-ids
+    make greedy's tokens known in advance; the tokenizer is then trained with its EOS at a token
+    greedy emits at step k (no monkeypatching: the real stop ids reach the engine)."""
+    spm = pytest.importorskip("sentencepiece")
+    from infermeter.engine.tokenizer import load_tokenizer
+
+    n_new, prompts = 24, [[1, 2, 3, 4], [5, 6, 7, 8]]
+    model = load_weights("random:debug", "cpu", "float32", seed=0)  # the CLI's --seed 0 weights
+    config = GenerationConfig(max_new_tokens=n_new)
+    both = Generator(model).generate(prompts, config).output_token_ids
+    alone = Generator(model).generate(prompts[:1], config).output_token_ids[0]
+    interval = config.stop_check_interval  # the host sees "all done" at this step
+    k = _eos_choice(both[0], both[1], interval)
+    assert alone[:k + 1] == both[0][:k + 1]
+    eos = both[0][k]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=320, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        num_threads=1, minloglevel=2, eos_id=eos)
+    tokenizer = tmp_path / "tokenizer.model"
+    assert load_tokenizer(tokenizer).stop_ids == {eos}
+
+    def generate(*prompt_ids, until_eos):
+        args = ["generate", "--model", "debug", "--device", "cpu", "--tokenizer-path",
+                str(tokenizer), "--max-new-tokens", str(n_new), "--repeats", "1", "--warmup",
+                "0", "--no-roofline", "--json"]
+        args += [flag for ids in prompt_ids for flag in ("--prompt-ids", ",".join(map(str, ids)))]
+        assert main(args + (["--until-eos"] if until_eos else [])) == 0
+        (line,) = capsys.readouterr().out.strip().splitlines()
+        result = json.loads(line)
+        assert result["config"]["until_eos"] is until_eos
+        return result["output_token_ids"], result["metrics"], result["samples"]
+
+    # Default: EOS is an ordinary token; both sequences run the full length.
+    ids, m, _ = generate(*prompts, until_eos=False)
+    assert ids == both and ids[0][k] == eos and [len(row) for row in ids] == [n_new, n_new]
+    assert m["finished"] == [False, False] and m["total_tokens"] == 2 * n_new
+    assert m["decode_steps"] == n_new - 1
+
+    # --until-eos: the first sequence ends before its EOS (k tokens kept, the stop id excluded),
+    # the other runs on, so the batch still runs every step; only kept tokens are counted.
+    ids, m, _ = generate(*prompts, until_eos=True)
+    assert ids == [both[0][:k], both[1]] and m["finished"] == [True, False]
+    assert m["total_tokens"] == k + n_new and m["decode_steps"] == n_new - 1
+    assert m["token_generation_speed"] == pytest.approx(m["total_tokens"] /
+                                                        m["generation_time_s"])
+
+    # One sequence: once it has stopped the loop ends at the next host check, and the timing
+    # counts the steps that ran (not max_new_tokens - 1) and the k tokens kept.
+    ids, m, samples = generate(prompts[0], until_eos=True)
+    assert ids == [alone[:k]] and m["finished"] == [True]
+    assert m["total_tokens"] == k and m["decode_steps"] == interval
+    assert m["tpot_ms"]["n"] == interval and len(samples["tpot_ms"]) == interval
+    assert m["decode_context_range"] == [len(prompts[0]) + 1, len(prompts[0]) + interval]
+    assert m["token_generation_speed"] == pytest.approx(k / m["generation_time_s"])

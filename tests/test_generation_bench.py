@@ -195,6 +195,7 @@ def test_bookkeeping_end_to_end_on_debug():
                                        result.samples["generation_ms"]):
             assert whole == pytest.approx(ttft + decode) and decode < whole
         assert m["decode_tok_per_s"] > 0 and m["token_generation_speed"] > 0
+        assert m["warmup_s"] > 0 and m["warmup_runs_s"] >= 0  # --warmup 0: no untimed runs
         assert m["decode_context_range"] == [prompt + 1, prompt + 5]
         assert m["bytes_per_decode_step"] > rl.decode_weight_bytes(DEBUG, "fp32", batch)
         assert m["prefill_flops"] == rl.prefill_flops(DEBUG, batch, prompt)
@@ -279,6 +280,37 @@ def test_progress_reports_every_run():
     run_generate(request(batch_sizes=(1,), prompt_lens=(4,), modes=("eager",)), ENV,
                  progress=bar)
     assert bar.total == len(bar.labels) == 1 + 3 and "warm-up" in bar.labels[0]
+
+
+def test_warmup_is_timed_apart_from_the_untimed_and_the_timed_runs(monkeypatch):
+    """warmup_s is the mode's warm-up alone (a short run in eager mode; compile and capture in
+    compiled mode): a slow warm-up shows in it in full, and in no timed run (TTFT + decode
+    steps); the untimed full runs (--warmup) count in warmup_runs_s, not in warmup_s."""
+    import time
+
+    from infermeter.bench.generation_modes import EngineRunner
+
+    slow_warmup, slow_untimed = 1.0, 2.5  # seconds of sleep added to each
+    real_warmup, real_run = EngineRunner.warmup, EngineRunner.run
+
+    def warmup(self, shapes):
+        time.sleep(slow_warmup)
+        real_warmup(self, shapes)
+
+    def run(self, tokens, hook):
+        if hook is generation._no_hook:  # an untimed run (time_case's --warmup loop)
+            time.sleep(slow_untimed)
+        return real_run(self, tokens, hook)
+
+    monkeypatch.setattr(EngineRunner, "warmup", warmup)
+    monkeypatch.setattr(EngineRunner, "run", run)
+    (result,), _ = run_generate(request(batch_sizes=(1,), prompt_lens=(8,), warmup=1), ENV)
+    m, timed_ms = result.metrics, result.samples["generation_ms"]
+    assert slow_warmup <= m["warmup_s"] < slow_untimed
+    assert m["warmup_runs_s"] >= slow_untimed
+    assert len(timed_ms) == 3 and max(timed_ms) < slow_warmup * 1e3  # each: TTFT + decode
+    assert m["decode_time_ms"] < slow_warmup * 1e3 and m["generation_time_s"] < slow_warmup
+    assert m["ttft_ms"] < slow_warmup * 1e3 and m["decode_tok_per_s"] > 5 / slow_warmup
 
 
 # ---- GPU --------------------------------------------------------------------------------------

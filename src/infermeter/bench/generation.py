@@ -133,7 +133,9 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
             out = runner.run(tokens, recorder)
             runs.append(recorder.timing(*tokens.shape, new_tokens=out.num_new_tokens))
             for i, row, done in zip(group, out.output_token_ids, out.finished):
-                ids[i], finished[i] = row, done
+                ids[i] = row
+                if index == 0:  # with the outputs the Result keeps: the first run's
+                    finished[i] = done
         repeats.append(runs)
         outputs.append(ids)
         progress.advance(f"{case.label}: run {index + 1}/{settings.repeats}")
