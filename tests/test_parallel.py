@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -247,17 +248,142 @@ def test_generate_tp2_equals_tp1_and_only_rank0_writes(tmp_path, capsys) -> None
     assert "torch.distributed" not in run.stderr  # torchrun's agent logs stay off the terminal
 
 
-def test_copy_tp2_moves_each_ranks_shard_at_once() -> None:
+def test_copy_tp2_moves_each_ranks_shard_at_once(tmp_path) -> None:
+    output = tmp_path / "copy.jsonl"
     args = ["--device", "cpu", "--model", "llama-2-7b", "--seq-len", "64", "--layout", "engine",
             "--host", "pageable", "--direction", "d2h", "--method", "per-tensor", "--repeats",
-            "2", "--warmup", "0", "--json", "--tp", "2"]
+            "2", "--warmup", "0", "--json", "--tp", "2", "--output", str(output)]
     run = subprocess.run([sys.executable, "-m", "infermeter", "copy", *args],
                          capture_output=True, text=True, timeout=90, cwd=REPO)
     assert run.returncode == 0, run.stderr
-    results = [json.loads(line) for line in run.stdout.splitlines()]
-    per_rank = kvsize.kv_cache_bytes(PRESETS["llama-2-7b"], 1, 64, "float16", 2)
-    assert [(r["config"]["rank"], r["config"]["tp"]) for r in results] == [(0, 2), (1, 2)]
-    assert all(r["metrics"]["cases"][0]["bytes"] == per_rank for r in results)
+    (result,) = [json.loads(line) for line in run.stdout.splitlines()]  # one Result, rank 0's
+    assert [json.loads(line) for line in output.read_text().splitlines()] == [result]
+    shard = kvsize.kv_cache_bytes(PRESETS["llama-2-7b"], 1, 64, "float16", 2)
+    assert result["config"]["tp"] == 2 and "rank" not in result["config"]
+    m = result["metrics"]
+    assert m["kv_cache_bytes"] == shard and len(m["per_rank"]) == 2
+    (case,) = m["cases"]
+    ranks = case["per_rank"]
+    assert [r["rank"] for r in ranks] == [0, 1] and case["ranks"] == 2
+    assert all(r["bytes"] == r["bytes_moved"] == shard for r in ranks)
+    assert [r["gbps"] for r in ranks] == [p["cases"][0]["gbps"] for p in m["per_rank"]]
+    slowest_ms = max(r["moving_time_ms"] for r in ranks)
+    assert case["moving_time_ms"] == slowest_ms
+    assert case["gbps"] == min(r["gbps"] for r in ranks)
+    assert case["total_bytes_moved"] == 2 * shard
+    assert case["total_gbps"] == pytest.approx(2 * shard / slowest_ms / 1e6, rel=1e-12)
+    label = "engine pageable d2h per-tensor"
+    assert len(result["samples"][label]) == 2
+
+
+def test_copy_tp2_ranks_start_every_case_together(tmp_path) -> None:
+    """Under --tp every rank waits for the others before each case it times (one barrier per
+    case, none more), so a late rank holds the other back; only rank 0 prints and writes, and
+    its table shows each rank's GB/s and the total."""
+    output = tmp_path / "copy.jsonl"
+    args = ["--device", "cpu", "--model", "debug", "--seq-len", "16", "--layout", "engine",
+            "contiguous", "--host", "seed", "pageable", "--direction", "d2h", "--method",
+            "per-tensor", "staged", "--repeats", "2", "--warmup", "0", "--tp", "2",
+            "--output", str(output)]
+    from tests.tp_workers import copy_in_step
+
+    late = 0.1
+    runs = run_ranks(copy_in_step, 2, args, 1, late)
+    assert [r["code"] for r in runs] == [0, 0], [r["stderr"] for r in runs]
+    (result,) = [json.loads(line) for line in output.read_text().splitlines()]
+    labels = [f"{c['layout']}{'/' + str(c['block_tokens']) if c['block_tokens'] else ''} "
+              f"{c['host_memory']} {c['direction']} {c['method']}"
+              for c in result["metrics"]["cases"]]
+    assert len(labels) == 6 and len(result["metrics"]["skipped"]) == 2  # seed: per-tensor only
+    for run in runs:
+        kinds = [(e[0], e[1] if e[0] == "case" else None) for e in run["events"]]
+        assert kinds == [pair for label in labels for pair in (("barrier", None),
+                                                               ("case", label))]
+    # Each case starts on rank 0 only after rank 1, late, has reached the barrier too.
+    entered_1 = [e[1] for e in runs[1]["events"] if e[0] == "barrier"]
+    started_0 = [e[2] for e in runs[0]["events"] if e[0] == "case"]
+    assert all(start >= entered for start, entered in zip(started_0, entered_1, strict=True))
+    assert runs[1]["stdout"] == "" and runs[1]["stderr"] == ""
+    table = runs[0]["stdout"]
+    assert "GB/s per rank" in table and "total GB/s" in table and "tp 2:" in table
+    for case in result["metrics"]["cases"]:
+        per_rank = " / ".join(f"{r['gbps']:.1f}" for r in case["per_rank"])
+        assert f"{per_rank} " in table and f"{case['total_gbps']:.1f}" in table
+
+
+def _copy_result(nbytes: int, ms: float, warnings: list[str]) -> Any:
+    """A rank's copy Result whose only case moved nbytes in ms."""
+    from infermeter.bench.copy_diagnosis import targets
+    from infermeter.results import Result
+
+    case = {"layout": "contiguous", "block_tokens": None, "host_memory": "pinned",
+            "direction": "d2h", "method": "staged", "pieces": 1, "bytes": nbytes,
+            "bytes_moved": nbytes, "moving_time_ms": ms, "gbps": nbytes / ms / 1e6,
+            "link_pct": 100 * nbytes / ms / 1e6 / 63.0,
+            "stats": {"median": ms, "p10": ms, "p90": ms, "cov": 0.0, "n": 2},
+            "host_pinned": True, "verified": True}
+    link = {"peak_gbps": 63.0, "numa_node": 0, "host_numa_nodes": 1}
+    metrics = {"cases": [case], "skipped": [], "kv_cache_bytes": nbytes, "link_peak_gbps": 63.0,
+               "link": link, "link_description": "PCIe Gen5 x16", "numa_node": 0,
+               "host_numa_nodes": 1, "offload_ms": 1.0, "reload_ms": None,
+               "targets": targets([case]), "diagnosis": []}
+    config = {"batch_size": 1, "seq_len": 64, "kv_dtype": "float16", "tp": 1, "device": "cuda",
+              "rank": 0}
+    return Result("copy", {"name": "debug"}, config, {"device_name": "gpu"}, metrics,
+                  samples={"contiguous pinned d2h staged": [ms, ms]}, warnings=warnings)
+
+
+def test_merge_ranks_total_is_every_ranks_bytes_over_the_slowest_time() -> None:
+    from infermeter.bench.copy import CopyRequest, merge_ranks
+    from infermeter.bench.copy_report import render_copy
+    from infermeter.results import Result
+
+    request = CopyRequest(DEBUG, seq_lens=(64,), kv_dtype="float16")
+    shard = 1_000_000_000
+    per_rank = [[_copy_result(shard, 40.0, ["shared", "only rank 0"])],
+                [_copy_result(shard, 50.0, ["shared"])]]
+    (merged,) = merge_ranks(request, per_rank)
+    Result.from_dict(json.loads(merged.to_json()))  # valid JSON (no NaN), a valid Result
+    assert merged.config["tp"] == 2 and "rank" not in merged.config
+    (case,) = merged.metrics["cases"]
+    assert case["per_rank"] == [
+        {"rank": r, "bytes": shard, "bytes_moved": shard, "moving_time_ms": ms,
+         "gbps": shard / ms / 1e6, "link_pct": pytest.approx(100 * shard / ms / 1e6 / 63.0)}
+        for r, ms in ((0, 40.0), (1, 50.0))]
+    assert case["total_bytes_moved"] == 2 * shard
+    assert case["total_gbps"] == pytest.approx(40.0)  # 2 GB in the slowest rank's 50 ms
+    assert case["total_gbps"] < sum(r["gbps"] for r in case["per_rank"])  # 25 + 20 = 45
+    assert (case["slowest_rank"], case["ranks"], case["moving_time_ms"], case["gbps"]) == (
+        1, 2, 50.0, pytest.approx(20.0))
+    assert merged.samples == {"contiguous pinned d2h staged": [50.0, 50.0]}  # the slowest's
+    assert merged.warnings == ["shared", "rank 0: only rank 0"]
+    assert len(merged.metrics["per_rank"]) == 2
+    assert merged.metrics["per_rank"][1]["cases"][0]["moving_time_ms"] == 50.0
+    assert merged.metrics["offload_ms"] == pytest.approx(
+        kvsize.kv_cache_bytes(DEBUG, 1, 64, "float16") / (20.0 * 1e6))  # the slowest's GB/s
+    text = render_copy(merged)
+    assert "25.0 / 20.0" in text and "40.0" in text and "bytes a rank" in text
+    assert "link rank 1: PCIe Gen5 x16" in text
+    # A case one rank could not run counts the ranks that did, and says so.
+    per_rank[1][0].metrics["cases"] = []
+    (merged,) = merge_ranks(request, per_rank)
+    (case,) = merged.metrics["cases"]
+    assert case["ranks"] == 1 and case["total_gbps"] == pytest.approx(25.0)
+    assert any("ran on rank 0 only" in w for w in merged.warnings)
+
+
+def test_kv_under_torchrun_prints_on_rank_0_only(capsys) -> None:
+    """cli.main answers kv (host-only) on rank 0 alone: under two torchrun ranks the table is
+    printed once, as by one process."""
+    args = ["kv", "--model", "debug", "--batch-size", "1", "2"]
+    assert cli_main(args) == 0
+    alone = capsys.readouterr().out
+    code = ("from infermeter.launch import launch; "
+            f"raise SystemExit(launch(2, {args!r}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert alone.count("debug: 2 layers") == 1 and run.stdout == alone
 
 
 def _launch(mode: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
@@ -343,6 +469,29 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines() == [
         "infermeter: error: --tp-all-reduce one-shot needs --tp 2 or more"]
+
+
+def test_enable_symm_mem_silences_only_its_deprecation(monkeypatch) -> None:
+    """torch 2.11+ warns that enable_symm_mem_for_group is deprecated, once per rank on every
+    generate --tp run; the call stays (torch still takes it) with that warning silenced."""
+    import warnings
+
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from infermeter.engine.peer_all_reduce import enable_symm_mem
+
+    calls = []
+
+    def deprecated(group_name: str) -> None:  # as torch's, plus a warning that must get out
+        calls.append(group_name)
+        warnings.warn("`enable_symm_mem_for_group` is deprecated. There is no need to call "
+                      "this function anymore.", FutureWarning, stacklevel=2)
+        warnings.warn("something else", FutureWarning, stacklevel=2)
+    monkeypatch.setattr(symm_mem, "enable_symm_mem_for_group", deprecated)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        enable_symm_mem("0")
+    assert calls == ["0"] and [str(w.message) for w in seen] == ["something else"]
 
 
 def test_slowest_rank_rules() -> None:

@@ -454,3 +454,47 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
                          "--warmup", "0", "--no-roofline", "--json"])
         runs.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
     return runs
+
+
+# ---- `infermeter copy --tp 2`: the ranks in step, case by case ---------------------------------
+def copy_in_step(tp: TensorParallel, args: list[str], late_rank: int,
+                 late_s: float) -> dict[str, Any]:
+    """`infermeter copy ARGS` through cli.main on this rank, with every dist.barrier and the
+    start of every timed case recorded in order (("barrier", entered, left) and ("case", label,
+    started), monotonic seconds: one clock for every process of the host). Rank `late_rank`
+    sleeps late_s before each barrier, so a rank that did not wait for it would start a case
+    first. Returns those events, the exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from infermeter.bench.copy_run import CopyRunner
+    from infermeter.cli import main
+
+    events: list[tuple] = []
+    real_barrier = dist.barrier
+
+    def barrier(*args: Any, **kwargs: Any) -> Any:
+        if tp.rank == late_rank:
+            time.sleep(late_s)
+        entered = time.monotonic()
+        out = real_barrier(*args, **kwargs)
+        events.append(("barrier", entered, time.monotonic()))
+        return out
+
+    def recording(real: Any) -> Any:
+        def run(self: Any, case: Any, buf: Any) -> Any:
+            events.append(("case", case.label, time.monotonic()))
+            return real(self, case, buf)
+        return run
+
+    dist.barrier = barrier
+    CopyRunner._run_seed = recording(CopyRunner._run_seed)
+    CopyRunner._run_movers = recording(CopyRunner._run_movers)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["copy", *args])
+    finally:
+        dist.barrier = real_barrier  # teardown's own barrier
+    return {"code": code, "events": events, "stdout": stdout.getvalue(),
+            "stderr": stderr.getvalue()}

@@ -4,7 +4,10 @@ Public API:
     CopyRequest(spec, batch_sizes, seq_lens, kv_dtype, layouts, hosts, directions, methods,
                 block_tokens, repeats, warmup, device)
     plan_rows(request)        -> what would be moved (no torch needed): one row per layout
-    run_copy(request, progress=None, env=None) -> one `copy` Result per (batch, seq_len)
+    run_copy(request, progress=None, env=None, before_case=None)
+                              -> one `copy` Result per (batch, seq_len)
+    merge_ranks(request, per_rank) -> tensor parallelism: every rank's Results as one Result per
+                              (batch, seq_len), each case per rank and in total
     gpu_available()           -> whether torch sees a CUDA GPU
 
 The pieces: copy_cases (layouts, cases), copy_chunks (chunk planning), copy_methods (movers),
@@ -166,8 +169,12 @@ def _result(req: CopyRequest, batch: int, seq_len: int, run: Any, link: Any,
 
 
 def run_copy(req: CopyRequest, progress: Callable[[str], None] | None = None,
-             env: dict[str, Any] | None = None) -> list[Result]:
-    """Measure every case of `req`, one Result per (batch, seq_len)."""
+             env: dict[str, Any] | None = None,
+             before_case: Callable[[str], None] | None = None) -> list[Result]:
+    """Measure every case of `req`, one Result per (batch, seq_len). `progress(label)` is called
+    after each case; `before_case(label)` before each case that can run, once its buffers are
+    allocated (under tensor parallelism a barrier, so every rank moves that case's shard at the
+    same time)."""
     import torch
 
     from infermeter.bench.copy_run import CopyRunner
@@ -187,10 +194,89 @@ def run_copy(req: CopyRequest, progress: Callable[[str], None] | None = None,
     for batch, seq_len in itertools.product(req.batch_sizes, req.seq_lens):
         plans = req.plans(batch, seq_len)
         check_memory(req, plans, device)
-        runner = CopyRunner(device, req.kv_dtype, req.repeats, req.warmup, link, progress)
+        runner = CopyRunner(device, req.kv_dtype, req.repeats, req.warmup, link, progress,
+                            before_case)
         run = runner.run(req.cases(), plans)
         results.append(_result(req, batch, seq_len, run, link, env))
     return results
+
+
+# ---- tensor parallelism: every rank's Results in one --------------------------------------------
+CASE_KEY = ("layout", "block_tokens", "host_memory", "direction", "method")
+RANK_FIELDS = ("bytes", "bytes_moved", "moving_time_ms", "gbps", "link_pct")
+
+
+def merge_ranks(req: CopyRequest, per_rank: list[list[Result]]) -> list[Result]:
+    """Every rank's copy Results as one Result per (batch, seq_len), in the shape of generate's
+    gather_result (the slowest rank's figures as the metrics, every rank's own in `per_rank`).
+
+    per_rank[r] is rank r's list, one Result per (batch, seq_len) in the same order on every
+    rank (each rank ran the same request on its own KV shard, the ranks starting every case
+    together). The merged Result has config.tp = the number of ranks and:
+    - each row of metrics.cases: the slowest rank's row (largest moving_time_ms: its time,
+      stats, gbps and link_pct; bytes are one rank's shard) plus
+        per_rank           [{rank, bytes, bytes_moved, moving_time_ms, gbps, link_pct}, ...]
+        ranks, slowest_rank  how many ranks ran the case, and which was slowest
+        total_bytes_moved  every rank's bytes_moved summed
+        total_gbps         total_bytes_moved / the slowest rank's moving_time_ms (GB = 1e9 B):
+                           what the group moves per second when every rank moves its shard at
+                           once; at most the sum of the ranks' gbps (equal when every rank
+                           takes the same time)
+      samples[label] are the slowest rank's samples of that case;
+    - targets, diagnosis and offload_ms/reload_ms recomputed from those rows, link_peak_gbps
+      the lowest rank's, link and the rest rank 0's; metrics.per_rank = each rank's own metrics;
+    - warnings: every rank's, prefixed with the ranks that gave it unless all did.
+    """
+    return [_merge_one(req, list(results)) for results in zip(*per_rank, strict=True)]
+
+
+def _merge_one(req: CopyRequest, results: list[Result]) -> Result:
+    world, first = len(results), results[0]
+    rows: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for rank, result in enumerate(results):
+        for row in result.metrics["cases"]:
+            rows.setdefault(tuple(row[k] for k in CASE_KEY), {})[rank] = row
+    cases, samples, notes = [], {}, []
+    for key, by_rank in rows.items():
+        slow = max(by_rank, key=lambda rank: by_rank[rank]["moving_time_ms"])
+        moved = sum(row["bytes_moved"] for row in by_rank.values())
+        time_ms = by_rank[slow]["moving_time_ms"]
+        cases.append({**by_rank[slow], "ranks": len(by_rank), "slowest_rank": slow,
+                      "per_rank": [{"rank": rank, **{k: row.get(k) for k in RANK_FIELDS}}
+                                   for rank, row in sorted(by_rank.items())],
+                      "total_bytes_moved": moved,
+                      "total_gbps": moved / time_ms / 1e6 if time_ms > 0 else None})
+        label = Case(*key).label
+        if label in results[slow].samples:
+            samples[label] = results[slow].samples[label]
+        if len(by_rank) < world:
+            notes.append(f"{label}: ran on rank {', '.join(map(str, sorted(by_rank)))} only "
+                         f"(skipped on the others); its total counts those")
+    skipped: dict[tuple, list[int]] = {}
+    for rank, result in enumerate(results):
+        for entry in result.metrics["skipped"]:
+            skipped.setdefault(tuple(entry[k] for k in (*CASE_KEY, "reason")), []).append(rank)
+    metrics = {k: v for k, v in first.metrics.items() if k not in ("offload_method",
+                                                                   "reload_method")}
+    peaks = [r.metrics.get("link_peak_gbps") for r in results]
+    lines, _ = diagnose(cases, first.metrics["link"])  # its warnings: already each rank's own
+    metrics.update(
+        cases=cases,
+        skipped=[{**dict(zip((*CASE_KEY, "reason"), key)),
+                  **({"on_ranks": ranks} if len(ranks) < world else {})}
+                 for key, ranks in skipped.items()],
+        link_peak_gbps=min((p for p in peaks if p is not None), default=None),
+        **_offload(req, first.config["seq_len"], cases), targets=targets(cases),
+        diagnosis=lines, per_rank=[r.metrics for r in results])
+    given: dict[str, list[int]] = {}
+    for rank, result in enumerate(results):
+        for warning in dict.fromkeys(result.warnings):
+            given.setdefault(warning, []).append(rank)
+    warnings = [w if len(ranks) == world else f"rank {', '.join(map(str, ranks))}: {w}"
+                for w, ranks in given.items()] + notes
+    config = {k: v for k, v in first.config.items() if k != "rank"} | {"tp": world}
+    return Result("copy", first.model, config, first.env, metrics, samples=samples,
+                  warnings=warnings)
 
 
 def n_cases(req: CopyRequest) -> int:
@@ -219,6 +305,7 @@ __all__ = [
     "METHODS",
     "CopyRequest",
     "gpu_available",
+    "merge_ranks",
     "n_cases",
     "plan_rows",
     "run_copy",

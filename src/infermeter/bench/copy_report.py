@@ -17,27 +17,57 @@ def _layout(case: dict[str, Any]) -> str:
 
 
 def render_cases(metrics: dict[str, Any]) -> str:
+    """One row per case; under tensor parallelism (rows with `per_rank`, bench.copy.merge_ranks)
+    bytes are one rank's shard, time, p10-p90, GB/s and % link the slowest rank's, then every
+    rank's GB/s and the total."""
+    ranks = any("per_rank" in c for c in metrics["cases"])
     header = ["layout", "host", "dir", "method", "pieces", "bytes", "time ms", "p10-p90 ms",
               "GB/s", "% link"]
+    if ranks:
+        header[5:] = ["bytes a rank", "slowest ms", "p10-p90 ms", "slowest GB/s", "% link",
+                      "GB/s per rank", "total GB/s"]
     rows = []
     for c in metrics["cases"]:
         stats = c["stats"]
         pct = f"{c['link_pct']:.0f}%" if c.get("link_pct") is not None else "-"
-        rows.append([_layout(c), c["host_memory"], c["direction"], c["method"],
-                     f"{c['pieces']:,}", format_bytes(c["bytes"]),
-                     f"{c['moving_time_ms']:.2f}", f"{stats['p10']:.2f}-{stats['p90']:.2f}",
-                     f"{c['gbps']:.1f}", pct])
+        row = [_layout(c), c["host_memory"], c["direction"], c["method"],
+               f"{c['pieces']:,}", format_bytes(c["bytes"]),
+               f"{c['moving_time_ms']:.2f}", f"{stats['p10']:.2f}-{stats['p90']:.2f}",
+               f"{c['gbps']:.1f}", pct]
+        if ranks:
+            total = c.get("total_gbps")
+            row += [" / ".join(f"{r['gbps']:.1f}" for r in c.get("per_rank", [])) or "-",
+                    "-" if total is None else f"{total:.1f}"]
+        rows.append(row)
     return render_table(header, rows)
+
+
+def _rank_lines(result: Any) -> list[str]:
+    """Under tensor parallelism: what the columns mean, and each rank's link."""
+    per_rank = result.metrics.get("per_rank")
+    if not per_rank:
+        return []
+    lines = [f"tp {len(per_rank)}: every rank moves its own KV shard, all ranks starting each "
+             "case together; slowest = the rank that took longest; total GB/s = every rank's "
+             "bytes / the slowest rank's time"]
+    if result.config["device"] != "cpu":
+        lines += [f"link rank {rank}: {m.get('link_description')}; GPU NUMA node "
+                  f"{'n/a' if m.get('numa_node') is None else m['numa_node']}"
+                  for rank, m in enumerate(per_rank)]
+    return lines
 
 
 def render_copy(result: Any) -> str:
     """The terminal view of one copy Result: header, table, link, derived times, diagnosis."""
     m, cfg, model = result.metrics, result.config, result.model
     link = m["link"]
+    shard = " a rank" if m.get("per_rank") else ""
     lines = [(f"{model['name']}: batch {cfg['batch_size']} x {cfg['seq_len']} tokens, KV "
-             f"{cfg['kv_dtype']} = {m['kv_cache_bytes']:,} bytes "
+             f"{cfg['kv_dtype']} = {m['kv_cache_bytes']:,} bytes{shard} "
              f"({format_bytes(m['kv_cache_bytes'])}) on {result.env.get('device_name')}; "
-             f"GB = 1e9 bytes, time = the whole cache one way (both: both ways at once)")]
+             f"GB = 1e9 bytes, time = {'the shard' if shard else 'the whole cache'} one way "
+             f"(both: both ways at once)")]
+    lines += _rank_lines(result)
     if m["cases"]:
         lines.append(render_cases(m))
     if m["skipped"]:

@@ -48,11 +48,17 @@ class RunOutput:
 
 
 class CopyRunner:
+    """Runs cases; `progress(label)` is called after each case (skipped ones too), and
+    `before_case(label)` before each case that could run, its buffers ready, before any of its
+    copies (under tensor parallelism a barrier: every rank starts the case together)."""
+
     def __init__(self, device: torch.device, kv_dtype: str, repeats: int, warmup: int,
-                 link: LinkInfo, progress: Callable[[str], None] | None = None) -> None:
+                 link: LinkInfo, progress: Callable[[str], None] | None = None,
+                 before_case: Callable[[str], None] | None = None) -> None:
         self.device, self.dtype = device, cm.torch_dtype(kv_dtype)
         self.repeats, self.warmup, self.link = repeats, warmup, link
         self.progress = progress or (lambda label: None)
+        self.before_case = before_case or (lambda label: None)
         self.spin = Spin(device) if device.type == "cuda" else None
         self.out = RunOutput()
         self._seed = 0
@@ -192,6 +198,8 @@ class CopyRunner:
             self.link.gen_current, self.link.width_current = gen, width
 
     def run_case(self, case: Case, buf: Buffers) -> None:
+        # Before the mapped check: a rank without mapped memory still meets its peers here.
+        self.before_case(case.label)
         reason = None
         if case.method == "mapped":
             needed = [buf.mapped_out if d == "d2h" else buf.mapped_in

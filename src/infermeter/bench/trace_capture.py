@@ -117,15 +117,16 @@ def capture_decode(runner: Any, tokens: Any, path: Path, mode: str) -> dict[str,
     return summarize_trace(path)
 
 
-def traced_copy(request: Any, progress: Any, folder: str | Path, env: Any = None) -> list:
+def traced_copy(request: Any, progress: Any, folder: str | Path, env: Any = None,
+                before_case: Any = None) -> list:
     """copy --trace: the whole copy run under the profiler; the copies it saw (each DMA's size,
-    time and GB/s) go into every Result's metrics["breakdown"]."""
+    time and GB/s) go into every Result's metrics["breakdown"]. `before_case`: as run_copy's."""
     from infermeter.bench.breakdown import summarize_trace
     from infermeter.bench.copy import run_copy
 
     path = trace_path(folder)
     with profile_to(path, {"kind": "copy"}):
-        results = run_copy(request, progress, env=env)
+        results = run_copy(request, progress, env=env, before_case=before_case)
     found = summarize_trace(path)
     for result in results:
         result.metrics["breakdown"] = {**found, "trace": str(path)}

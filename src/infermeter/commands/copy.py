@@ -34,7 +34,8 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a host-memcpy run of the whole pipeline, no GPU needed")
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks: starts torchrun; "
-                   "each rank moves its own KV shard, all at the same time")
+                   "each rank moves its own KV shard, all ranks starting each case together; "
+                   "reported per rank and in total")
     p.add_argument("--trace", metavar="DIR", help="record the run with torch.profiler: a "
                    "Chrome/Perfetto trace per rank in DIR and each copy's size, time and GB/s "
                    "(also in the Result); profiling slows the run, so time without it")
@@ -46,6 +47,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     from infermeter.bench.copy import (
         CopyRequest,
         gpu_available,
+        merge_ranks,
         n_cases,
         n_runnable,
         plan_rows,
@@ -71,7 +73,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     tp = None
     if under_torchrun():
         from infermeter.engine.parallel import init_distributed, rank_spec
-        from infermeter.engine.parallel_results import gather_results
+        from infermeter.engine.parallel_results import gather_rank_results
 
         tp = init_distributed(args.device, args.tp)
         spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
@@ -87,17 +89,15 @@ def _run_copy(args: argparse.Namespace) -> int:
         if not args.json:
             print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
         return 0
-    if tp:
-        import torch.distributed as dist
-
-        dist.barrier()  # the ranks start together: they share the host's links and memory
+    before_case = _ranks_in_step if tp else None
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
-        results = traced_copy(request, progress, args.trace) if args.trace else \
-            run_copy(request, progress)
+        results = traced_copy(request, progress, args.trace, before_case=before_case) \
+            if args.trace else run_copy(request, progress, before_case=before_case)
     if tp:
-        results = gather_results(results, tp)  # every rank's Results, on rank 0
+        per_rank = gather_rank_results(results)  # collective: every rank takes part
         if not is_rank_zero():
             return 0
+        results = merge_ranks(request, per_rank)  # per rank and in total, per case
     if args.output:
         append_jsonl(args.output, results)
     if args.json:
@@ -106,6 +106,15 @@ def _run_copy(args: argparse.Namespace) -> int:
         print("\n\n".join(render_copy(result) for result in results))
         _print_copies(results)
     return 0
+
+
+def _ranks_in_step(label: str) -> None:
+    """Under tensor parallelism, before each case: every rank waits for the others, so all of
+    them move that case's shard at the same time (they share the host's links and memory, and
+    a total over ranks means something only for copies that overlap)."""
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _print_copies(results: list) -> None:

@@ -323,9 +323,9 @@ def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
     if tp.device.type != "cuda":
         raise InfermeterError("--tp-all-reduce one-shot needs CUDA GPUs (symmetric memory); "
                               "this run's ranks are on the CPU")
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    from infermeter.engine.peer_all_reduce import enable_symm_mem
 
-    enable_symm_mem_for_group(tp.group.group_name)
+    enable_symm_mem(tp.group.group_name)  # torch's call, its deprecation warning silenced
     return dict(ONE_SHOT_INDUCTOR_OPTIONS)
 
 

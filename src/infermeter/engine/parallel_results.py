@@ -68,16 +68,10 @@ def gather_result(result: Any, tp: TensorParallel | None) -> Any:
     return result
 
 
-def gather_results(results: list[Any], tp: TensorParallel) -> list[Any]:
-    """Collective: every rank's Results (results.Result), rank by rank, each with config.rank and
-    config.tp; the same list on every rank."""
+def gather_rank_results(results: list[Any]) -> list[list[Any]]:
+    """Collective: every rank's Results (results.Result), rank by rank ([rank 0's list, rank 1's
+    list, ...]), on every rank. What a command makes of them is its own (copy: merge_ranks)."""
     from infermeter.results import Result
 
     per_rank = gather_objects([result.to_dict() for result in results])
-    out = []
-    for rank, dicts in enumerate(per_rank):
-        for data in dicts:
-            result = Result.from_dict(data)
-            result.config.update(rank=rank, tp=tp.world)
-            out.append(result)
-    return out
+    return [[Result.from_dict(data) for data in dicts] for dicts in per_rank]

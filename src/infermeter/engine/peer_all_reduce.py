@@ -33,6 +33,7 @@ in two processes).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,6 +54,21 @@ from infermeter.errors import InfermeterError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ERROR_BYTES = 256  # of a rank's error text that the ranks' agreement carries (agree)
+
+
+def enable_symm_mem(group_name: str) -> None:
+    """torch's enable_symm_mem_for_group(group_name), without its FutureWarning.
+
+    torch 2.11 deprecated the call ("no need to call this function anymore"), printing the
+    warning once per rank on every `generate --tp` run, yet 2.11 and 2.13 still accept it and it
+    is what registers the group's store for symmetric memory (inductor's one-shot all-reduce
+    checks that registration), so it stays; only that one warning is silenced, nothing else."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=".*enable_symm_mem_for_group.*")
+        symm_mem.enable_symm_mem_for_group(group_name)
 
 
 class PeerBufferUnavailable(InfermeterError):
@@ -233,7 +249,7 @@ class PeerAllReduce:
         table = torch.zeros(world, ERROR_BYTES, dtype=torch.uint8, device=device)
         mine = handle = buffers = error = None
         try:
-            symm_mem.enable_symm_mem_for_group(group.group_name)
+            enable_symm_mem(group.group_name)
             mine = symm_mem.empty(size, dtype=torch.uint8, device=device)
             mine.zero_()  # flags start at 0
         except Exception as err:  # whatever it is, the peers must hear of it (agree)
