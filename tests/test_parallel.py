@@ -9,6 +9,7 @@ where it needs no process group.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -246,6 +247,30 @@ def test_generate_tp2_equals_tp1_and_only_rank0_writes(tmp_path, capsys) -> None
     assert len(result["metrics"]["per_rank"]) == 2
     assert not any("generated other tokens" in w for w in result["warnings"])
     assert "torch.distributed" not in run.stderr  # torchrun's agent logs stay off the terminal
+
+
+def test_torchrun_by_hand_with_a_c10d_rendezvous(tmp_path) -> None:
+    """What a run across hosts does (README: --nnodes / --rdzv-*), on one host: torchrun
+    started by the user with a c10d rendezvous instead of --standalone, no --tp flag; the ranks
+    take their world from torchrun's environment, only rank 0 prints and writes, tp = 2."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "r.jsonl"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "infermeter-test"]
+    run = subprocess.run([*torchrun, "-m", "infermeter", "generate", "--model", "debug",
+                          "--device", "cpu", "--max-new-tokens", "6", "--json", "--output",
+                          str(output)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    (line,) = run.stdout.strip().splitlines()  # rank 0's Result only
+    assert output.read_text().splitlines() == [line]
+    result = json.loads(line)
+    assert result["config"]["tp"] == 2 and len(result["metrics"]["per_rank"]) == 2
 
 
 def test_copy_tp2_moves_each_ranks_shard_at_once(tmp_path) -> None:
