@@ -359,7 +359,8 @@ def _copy_result(nbytes: int, ms: float, warnings: list[str]) -> Any:
 
 
 def test_merge_ranks_total_is_every_ranks_bytes_over_the_slowest_time() -> None:
-    from infermeter.bench.copy import CopyRequest, merge_ranks
+    from infermeter.bench.copy import CopyRequest
+    from infermeter.bench.copy_ranks import merge_ranks
     from infermeter.bench.copy_report import render_copy
     from infermeter.results import Result
 

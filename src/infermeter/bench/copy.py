@@ -6,14 +6,13 @@ Public API:
     plan_rows(request)        -> what would be moved (no torch needed): one row per layout
     run_copy(request, progress=None, env=None, before_case=None)
                               -> one `copy` Result per (batch, seq_len)
-    merge_ranks(request, per_rank) -> tensor parallelism: every rank's Results as one Result per
-                              (batch, seq_len), each case per rank and in total
     gpu_available()           -> whether torch sees a CUDA GPU
 
 The pieces: copy_cases (layouts, cases), copy_chunks (chunk planning), copy_methods (movers),
 copy_host (host buffers, mapping), copy_bench (timing), copy_verify, copy_run (allocation and
-the case loop), link (NVML peak, NUMA), copy_diagnosis, copy_report. Metric definitions are in
-DESIGN.md and the README's `infermeter copy` section.
+the case loop), link (NVML peak, NUMA), copy_diagnosis, copy_report; copy_ranks (tensor
+parallelism: every rank's Results as one, each case per rank and in total). Metric definitions
+are in DESIGN.md and the README's `infermeter copy` section.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ def check_memory(req: CopyRequest, plans: dict[Any, LayoutPlan], device: Any) ->
             f"{format_bytes(host)} is available; use a smaller --batch-size or --seq-len")
 
 
-def _offload(req: CopyRequest, seq_len: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
+def offload_figures(req: CopyRequest, seq_len: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Time to move one sequence of seq_len tokens out and back, at the best pinned
     engine-layout GB/s of this run (an estimate: a smaller copy runs a little slower)."""
     nbytes = kvsize.kv_cache_bytes(req.spec, 1, seq_len, req.kv_dtype)
@@ -161,7 +160,7 @@ def _result(req: CopyRequest, batch: int, seq_len: int, run: Any, link: Any,
                "kv_cache_bytes": kvsize.kv_cache_bytes(req.spec, batch, seq_len, req.kv_dtype),
                "link_peak_gbps": link.peak_gbps, "link": link.to_dict(),
                "link_description": link.describe(), "numa_node": link.numa_node,
-               "host_numa_nodes": link.host_numa_nodes, **_offload(req, seq_len, run.cases),
+               "host_numa_nodes": link.host_numa_nodes, **offload_figures(req, seq_len, run.cases),
                "targets": targets(run.cases), "diagnosis": lines}
     warnings = list(dict.fromkeys(run.warnings + notes + link.notes))
     return Result("copy", req.spec.to_dict(), req.config(batch, seq_len), env, metrics,
@@ -201,84 +200,6 @@ def run_copy(req: CopyRequest, progress: Callable[[str], None] | None = None,
     return results
 
 
-# ---- tensor parallelism: every rank's Results in one --------------------------------------------
-CASE_KEY = ("layout", "block_tokens", "host_memory", "direction", "method")
-RANK_FIELDS = ("bytes", "bytes_moved", "moving_time_ms", "gbps", "link_pct")
-
-
-def merge_ranks(req: CopyRequest, per_rank: list[list[Result]]) -> list[Result]:
-    """Every rank's copy Results as one Result per (batch, seq_len), in the shape of generate's
-    gather_result (the slowest rank's figures as the metrics, every rank's own in `per_rank`).
-
-    per_rank[r] is rank r's list, one Result per (batch, seq_len) in the same order on every
-    rank (each rank ran the same request on its own KV shard, the ranks starting every case
-    together). The merged Result has config.tp = the number of ranks and:
-    - each row of metrics.cases: the slowest rank's row (largest moving_time_ms: its time,
-      stats, gbps and link_pct; bytes are one rank's shard) plus
-        per_rank           [{rank, bytes, bytes_moved, moving_time_ms, gbps, link_pct}, ...]
-        ranks, slowest_rank  how many ranks ran the case, and which was slowest
-        total_bytes_moved  every rank's bytes_moved summed
-        total_gbps         total_bytes_moved / the slowest rank's moving_time_ms (GB = 1e9 B):
-                           what the group moves per second when every rank moves its shard at
-                           once; at most the sum of the ranks' gbps (equal when every rank
-                           takes the same time)
-      samples[label] are the slowest rank's samples of that case;
-    - targets, diagnosis and offload_ms/reload_ms recomputed from those rows, link_peak_gbps
-      the lowest rank's, link and the rest rank 0's; metrics.per_rank = each rank's own metrics;
-    - warnings: every rank's, prefixed with the ranks that gave it unless all did.
-    """
-    return [_merge_one(req, list(results)) for results in zip(*per_rank, strict=True)]
-
-
-def _merge_one(req: CopyRequest, results: list[Result]) -> Result:
-    world, first = len(results), results[0]
-    rows: dict[tuple, dict[int, dict[str, Any]]] = {}
-    for rank, result in enumerate(results):
-        for row in result.metrics["cases"]:
-            rows.setdefault(tuple(row[k] for k in CASE_KEY), {})[rank] = row
-    cases, samples, notes = [], {}, []
-    for key, by_rank in rows.items():
-        slow = max(by_rank, key=lambda rank: by_rank[rank]["moving_time_ms"])
-        moved = sum(row["bytes_moved"] for row in by_rank.values())
-        time_ms = by_rank[slow]["moving_time_ms"]
-        cases.append({**by_rank[slow], "ranks": len(by_rank), "slowest_rank": slow,
-                      "per_rank": [{"rank": rank, **{k: row.get(k) for k in RANK_FIELDS}}
-                                   for rank, row in sorted(by_rank.items())],
-                      "total_bytes_moved": moved,
-                      "total_gbps": moved / time_ms / 1e6 if time_ms > 0 else None})
-        label = Case(*key).label
-        if label in results[slow].samples:
-            samples[label] = results[slow].samples[label]
-        if len(by_rank) < world:
-            notes.append(f"{label}: ran on rank {', '.join(map(str, sorted(by_rank)))} only "
-                         f"(skipped on the others); its total counts those")
-    skipped: dict[tuple, list[int]] = {}
-    for rank, result in enumerate(results):
-        for entry in result.metrics["skipped"]:
-            skipped.setdefault(tuple(entry[k] for k in (*CASE_KEY, "reason")), []).append(rank)
-    metrics = {k: v for k, v in first.metrics.items() if k not in ("offload_method",
-                                                                   "reload_method")}
-    peaks = [r.metrics.get("link_peak_gbps") for r in results]
-    lines, _ = diagnose(cases, first.metrics["link"])  # its warnings: already each rank's own
-    metrics.update(
-        cases=cases,
-        skipped=[{**dict(zip((*CASE_KEY, "reason"), key)),
-                  **({"on_ranks": ranks} if len(ranks) < world else {})}
-                 for key, ranks in skipped.items()],
-        link_peak_gbps=min((p for p in peaks if p is not None), default=None),
-        **_offload(req, first.config["seq_len"], cases), targets=targets(cases),
-        diagnosis=lines, per_rank=[r.metrics for r in results])
-    given: dict[str, list[int]] = {}
-    for rank, result in enumerate(results):
-        for warning in dict.fromkeys(result.warnings):
-            given.setdefault(warning, []).append(rank)
-    warnings = [w if len(ranks) == world else f"rank {', '.join(map(str, ranks))}: {w}"
-                for w, ranks in given.items()] + notes
-    config = {k: v for k, v in first.config.items() if k != "rank"} | {"tp": world}
-    return Result("copy", first.model, config, first.env, metrics, samples=samples,
-                  warnings=warnings)
-
-
 def n_cases(req: CopyRequest) -> int:
     """Every (batch, seq_len, layout, host, direction, method) combination, skipped ones too."""
     variants = len(layout_variants(req.layouts, req.block_tokens))
@@ -305,7 +226,6 @@ __all__ = [
     "METHODS",
     "CopyRequest",
     "gpu_available",
-    "merge_ranks",
     "n_cases",
     "plan_rows",
     "run_copy",

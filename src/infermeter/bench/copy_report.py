@@ -17,9 +17,9 @@ def _layout(case: dict[str, Any]) -> str:
 
 
 def render_cases(metrics: dict[str, Any]) -> str:
-    """One row per case; under tensor parallelism (rows with `per_rank`, bench.copy.merge_ranks)
-    bytes are one rank's shard, time, p10-p90, GB/s and % link the slowest rank's, then every
-    rank's GB/s and the total."""
+    """One row per case; under tensor parallelism (rows with `per_rank`, from
+    bench.copy_ranks.merge_ranks) bytes are one rank's shard, time, p10-p90, GB/s and % link the
+    slowest rank's, then every rank's GB/s and the total."""
     ranks = any("per_rank" in c for c in metrics["cases"])
     header = ["layout", "host", "dir", "method", "pieces", "bytes", "time ms", "p10-p90 ms",
               "GB/s", "% link"]

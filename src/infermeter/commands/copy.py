@@ -47,7 +47,6 @@ def _run_copy(args: argparse.Namespace) -> int:
     from infermeter.bench.copy import (
         CopyRequest,
         gpu_available,
-        merge_ranks,
         n_cases,
         n_runnable,
         plan_rows,
@@ -72,6 +71,7 @@ def _run_copy(args: argparse.Namespace) -> int:
         return code
     tp = None
     if under_torchrun():
+        from infermeter.bench.copy_ranks import merge_ranks
         from infermeter.engine.parallel import init_distributed, rank_spec
         from infermeter.engine.parallel_results import gather_rank_results
 
