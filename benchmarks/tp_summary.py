@@ -48,8 +48,10 @@ def _f(value: float | None, fmt: str = ".1f") -> str:
 def _paired_tp1(speed: dict, part: str, model: str, pdl: bool) -> float | None:
     """The tp 1 a tp 2 row is compared with: its own part's (same run, same setting), else the
     plain part's (decode-13b for decode-13b-triton, which runs tp 2 only), with the same PDL."""
-    own = speed.get((part, model, 1, "-", pdl))
-    return own if own else speed.get(("-".join(part.split("-")[:2]), model, 1, "-", pdl))
+    own = (part, model, 1, "-", pdl)
+    if own in speed:  # even a failed tp 1 (None): never another run's in its place
+        return speed[own]
+    return speed.get(("-".join(part.split("-")[:2]), model, 1, "-", pdl))
 
 
 def decode_section(results: list[dict], comm: dict | None) -> list[str]:

@@ -68,3 +68,27 @@ def test_every_run_starts_after_the_ranks_meet(monkeypatch):
     generation.time_case(model, case, settings, generation._Silent())
     # warm-up, one untimed run (--warmup 1), then three timed runs each after a meeting
     assert events == ["meet", "warm-up", "run", "meet", "run", "meet", "run", "meet", "run"]
+
+
+def test_an_out_of_memory_case_under_tp_ends_the_run(monkeypatch):
+    """Alone, an OOM case is recorded and the sweep goes on; under tensor parallelism the rank's
+    peers are inside that case's collectives, so it ends the run with one error line instead of
+    moving on alone (and leaving them waiting for the NCCL watchdog)."""
+    import pytest
+
+    from infermeter.errors import InfermeterError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
+
+    monkeypatch.setattr(generation, "time_case", out_of_memory)
+    spec = PRESETS["debug"]
+    model = load_weights("random:debug", "cpu", "float32")
+    sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
+    cases = plan_cases(spec, sets, ("eager",), 4)
+    settings = generation.RunSettings(max_new_tokens=4, repeats=1, warmup=0)
+    (alone,) = generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
+    assert alone.metrics["oom"] is True
+    monkeypatch.setattr(generation, "_ranks", lambda: 2)
+    with pytest.raises(InfermeterError, match="out of memory in case .* under tensor parallel"):
+        generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})

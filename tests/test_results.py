@@ -104,9 +104,10 @@ def test_env_capture_without_gpu():
 
 
 def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
-    """env's source_revision: HEAD of the checkout the code runs from, "+dirty" once a tracked
-    file differs from it (an untracked file does not count), None outside any checkout; the
-    environment's value where one is given."""
+    """env's source_revision: HEAD of the checkout the package runs from, "+dirty" once one of
+    the package's tracked files differs from it (untracked files and tracked files outside the
+    package, such as results, do not count), None outside any checkout or where the package is
+    not tracked; the environment's value where one is given."""
     monkeypatch.delenv("INFERMETER_SOURCE_REVISION", raising=False)
     import subprocess
 
@@ -116,18 +117,23 @@ def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path, monkeypat
         return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, text=True,
                               capture_output=True).stdout.strip()
 
-    assert source_revision(tmp_path) is None  # not a checkout (tmp_path is outside the repo)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    assert source_revision(package) is None  # not a checkout (tmp_path is outside the repo)
     git("init", "-q")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", "code.py")
+    (package / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    assert source_revision(package) is None  # a checkout, but the package is not tracked in it
+    git("add", "pkg/__init__.py", "results.jsonl")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     head = git("rev-parse", "HEAD")
-    (tmp_path / "notes.txt").write_text("untracked\n")
-    assert source_revision(tmp_path) == head
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert source_revision(tmp_path) == head + "+dirty"
+    (package / "notes.txt").write_text("untracked\n")
+    (tmp_path / "results.jsonl").write_text("{}\n{}\n")  # a sweep appending: not the code
+    assert source_revision(package) == head
+    (package / "__init__.py").write_text("x = 2\n")
+    assert source_revision(package) == head + "+dirty"
     monkeypatch.setenv("INFERMETER_SOURCE_REVISION", "abc123")  # a copy without .git
-    assert source_revision(tmp_path) == "abc123"
+    assert source_revision(package) == "abc123"
 
 
 def test_nvml_absent_or_failing_gives_empty(monkeypatch):

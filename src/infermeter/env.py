@@ -34,9 +34,10 @@ def host_cpu_name() -> str:
 
 
 def source_revision(where: Path = PACKAGE_DIR) -> str | None:
-    """The git commit of the code that ran, "+dirty" when tracked files differ from it; None
-    outside a git checkout (an installed wheel) or without git. Why: the version number does not
-    move between commits, and a Result is only reproducible with the code that made it.
+    """The git commit of the code that ran, "+dirty" when its tracked files (in `where`, the
+    package) differ from it; None outside a git checkout (an installed wheel) or without git.
+    Why: the version number does not move between commits, and a Result is only reproducible
+    with the code that made it.
     $INFERMETER_SOURCE_REVISION, when set, is taken as given: for a copy of a checkout without
     its .git (the benchmarks' GPU machines), whose commit the sender knows."""
     given = os.environ.get(REVISION_ENV)
@@ -50,11 +51,16 @@ def source_revision(where: Path = PACKAGE_DIR) -> str | None:
             return None
         return run.stdout.strip() if run.returncode == 0 else None
 
+    # The package's own files must be tracked there: a wheel installed into an ignored folder of
+    # some other checkout is not that checkout's code.
+    if git("ls-files", "--error-unmatch", "--", "__init__.py") is None:
+        return None
     commit = git("rev-parse", "HEAD")
     if not commit:
         return None
-    changed = git("status", "--porcelain", "--untracked-files=no")
-    return commit + ("+dirty" if changed else "")
+    # Only this folder's changes count: the sweeps append to tracked results/ files as they go.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + ("+unknown" if changed is None else "+dirty" if changed else "")
 
 
 def host_available() -> int | None:

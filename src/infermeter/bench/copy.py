@@ -18,6 +18,7 @@ are in DESIGN.md and the README's `infermeter copy` section.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -130,10 +131,13 @@ def check_memory(req: CopyRequest, plans: dict[Any, LayoutPlan], device: Any) ->
                 f"--seq-len, or one --direction")
     else:
         need_host += need_dev
+    # Under tensor parallelism every rank of this host allocates its host side at once.
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     host = host_available()
-    if host is not None and need_host > host:
+    if host is not None and ranks_here * need_host > host:
+        each = f" for each of this host's {ranks_here} ranks" if ranks_here > 1 else ""
         raise InfermeterError(
-            f"{what} needs {format_bytes(need_host)} of host memory, but only "
+            f"{what} needs {format_bytes(need_host)} of host memory{each}, but only "
             f"{format_bytes(host)} is available; use a smaller --batch-size or --seq-len")
 
 

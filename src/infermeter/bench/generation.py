@@ -37,6 +37,7 @@ from infermeter.bench.nvtx import nvtx_range
 from infermeter.bench.timing import Stats
 from infermeter.bench.trace_capture import trace_path
 from infermeter.engine.model import Transformer, dtype_name
+from infermeter.errors import InfermeterError
 from infermeter.results import Result
 from infermeter.specs import ModelSpec
 
@@ -84,6 +85,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _ranks() -> int:
+    """Processes in this run's group: 1 alone, the tp degree under torchrun."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def ranks_in_step(device: torch.device) -> None:
     """Under tensor parallelism (a process group of 2+ ranks), wait until every rank is here.
     Called before the warm-up and before each timed run, so that every rank starts its clock
@@ -91,7 +99,7 @@ def ranks_in_step(device: torch.device) -> None:
     would then be counted in the others' TTFT as time spent waiting in their first all-reduce."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _ranks() > 1:
         dist.barrier()
         _sync(device)
 
@@ -283,6 +291,10 @@ def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
         except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
             if not memory.is_oom(err):
                 raise
+            if _ranks() > 1:  # its peers are inside the case's collectives: it cannot skip alone
+                raise InfermeterError(f"out of memory in case {case.label} under tensor "
+                                      f"parallelism (the run stops: a rank cannot skip a case "
+                                      f"its peers run): {str(err).splitlines()[0]}") from err
             memory.release_cache(model)
             result = oom_result(model, case, err, peaks, env, base)
         else:
