@@ -72,21 +72,6 @@ def split_count(programs: int, slots: int, device: torch.device) -> int:
 
 if triton is not None:
     @triton.jit
-    def _softmax_step(q, k, held, inside, pos, window, m_i, SCALE: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-        """One tile of the online softmax: q [G_PAD, D], k [BLOCK, D] (the tile's keys), held
-        [BLOCK] (the positions they hold), inside [BLOCK] (slots of this chunk), m_i [G_PAD]
-        (the running max) -> p [G_PAD, BLOCK], the old sums' scale alpha [G_PAD], the new max."""
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
-        seen = inside & (held >= 0) & (held <= pos)
-        if HAS_WINDOW:
-            seen = seen & (pos - held < window)
-        s = tl.where(seen[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
-        return tl.exp(s - m_safe[:, None]), tl.exp(m_i - m_safe), m_new
-
-    @triton.jit
     def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
                          stride_qb, stride_qh, stride_qg,
                          stride_kb, stride_kh, stride_ks,
@@ -105,25 +90,32 @@ if triton is not None:
         pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
+                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         start = split * chunk
         end = tl.minimum(start + chunk, slots)
         if not IS_RING:  # slot j holds position j: nothing after the current one is visible
             end = tl.minimum(end, pos + 1)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
-                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
         for n0 in range(start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             inside = n < end
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
             held = tl.load(KEY_POS + n, mask=inside, other=-1)
-            p, alpha, m_new = _softmax_step(q, k, held, inside, pos, window, m_i,
-                                            SCALE, HAS_WINDOW, PRECISION)
+            seen = inside & (held >= 0) & (held <= pos)
+            if HAS_WINDOW:
+                seen = seen & (pos - held < window)
+            s = tl.where(seen[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
