@@ -1,5 +1,6 @@
 """Tensor-parallel timing: every rank starts the warm-up and each timed run together
-(generation.ranks_in_step), so no rank's TTFT counts another rank's lag."""
+(parallel.ranks_meet, called by generation.time_case), so no rank's TTFT counts another rank's
+lag."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from infermeter.bench import generation
 from infermeter.bench.generation_cases import plan_cases, prompt_sets
 from infermeter.engine.checkpoint import load_weights
+from infermeter.engine.parallel import ranks_meet
 from infermeter.presets import PRESETS
 from tests.tp_workers import run_ranks
 
@@ -21,7 +23,7 @@ def _barrier_times(tp) -> float:
     if tp.rank == 1:
         time.sleep(LAG_S)
     start = time.monotonic()
-    generation.ranks_in_step(torch.device("cpu"))
+    ranks_meet(torch.device("cpu"))
     return time.monotonic() - start
 
 
@@ -33,7 +35,7 @@ def test_ranks_in_step_waits_for_every_rank():
 
 def test_ranks_in_step_alone_is_a_no_op():
     start = time.monotonic()
-    generation.ranks_in_step(torch.device("cpu"))
+    ranks_meet(torch.device("cpu"))
     assert time.monotonic() - start < 0.1
 
 
@@ -41,7 +43,7 @@ def test_every_run_starts_after_the_ranks_meet(monkeypatch):
     """time_case: the ranks meet before the warm-up and before each timed run (not only once),
     and nothing is timed between the meeting and the run it precedes."""
     events = []
-    monkeypatch.setattr(generation, "ranks_in_step", lambda device: events.append("meet"))
+    monkeypatch.setattr(generation, "ranks_meet", lambda device: events.append("meet"))
     real_make_runner = generation.make_runner
 
     def logging_runner(*args, **kwargs):
@@ -89,6 +91,6 @@ def test_an_out_of_memory_case_under_tp_ends_the_run(monkeypatch):
     settings = generation.RunSettings(max_new_tokens=4, repeats=1, warmup=0)
     (alone,) = generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
     assert alone.metrics["oom"] is True
-    monkeypatch.setattr(generation, "_ranks", lambda: 2)
+    monkeypatch.setattr(generation, "group_size", lambda: 2)
     with pytest.raises(InfermeterError, match="out of memory in case .* under tensor parallel"):
         generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})

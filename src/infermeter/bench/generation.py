@@ -37,6 +37,7 @@ from infermeter.bench.nvtx import nvtx_range
 from infermeter.bench.timing import Stats
 from infermeter.bench.trace_capture import trace_path
 from infermeter.engine.model import Transformer, dtype_name
+from infermeter.engine.parallel import group_size, ranks_meet
 from infermeter.errors import InfermeterError
 from infermeter.results import Result
 from infermeter.specs import ModelSpec
@@ -85,25 +86,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ranks() -> int:
-    """Processes in this run's group: 1 alone, the tp degree under torchrun."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def ranks_in_step(device: torch.device) -> None:
-    """Under tensor parallelism (a process group of 2+ ranks), wait until every rank is here.
-    Called before the warm-up and before each timed run, so that every rank starts its clock
-    together: the collectives inside a run would align the ranks anyway, but a late rank's lag
-    would then be counted in the others' TTFT as time spent waiting in their first all-reduce."""
-    import torch.distributed as dist
-
-    if _ranks() > 1:
-        dist.barrier()
-        _sync(device)
-
-
 def _no_hook(event: str, step: int) -> None:
     pass
 
@@ -119,7 +101,7 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
     prompts = case.prompt_set.prompts
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
-    ranks_in_step(device)
+    ranks_meet(device)
     start = time.perf_counter()
     with nvtx_range(f"warm-up {case.label}"):
         runner.warmup({tuple(t.shape) for t in groups})
@@ -137,7 +119,7 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
         runs, ids = [], [[] for _ in prompts]
         for tokens, group in zip(groups, case.groups):
             recorder = StepRecorder(make_clock(device, settings.max_new_tokens + 1))
-            ranks_in_step(device)
+            ranks_meet(device)
             out = runner.run(tokens, recorder)
             runs.append(recorder.timing(*tokens.shape, new_tokens=out.num_new_tokens))
             for i, row, done in zip(group, out.output_token_ids, out.finished):
@@ -291,7 +273,7 @@ def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
         except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
             if not memory.is_oom(err):
                 raise
-            if _ranks() > 1:  # its peers are inside the case's collectives: it cannot skip alone
+            if group_size() > 1:  # its peers are inside this case: a rank cannot skip it alone
                 raise InfermeterError(f"out of memory in case {case.label} under tensor "
                                       f"parallelism (the run stops: a rank cannot skip a case "
                                       f"its peers run): {str(err).splitlines()[0]}") from err

@@ -72,7 +72,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     tp = None
     if under_torchrun():
         from infermeter.bench.copy_ranks import merge_ranks
-        from infermeter.engine.parallel import init_distributed, rank_spec
+        from infermeter.engine.parallel import init_distributed, rank_spec, ranks_meet
         from infermeter.engine.parallel_results import gather_rank_results
 
         tp = init_distributed(args.device, args.tp)
@@ -89,7 +89,9 @@ def _run_copy(args: argparse.Namespace) -> int:
         if not args.json:
             print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
         return 0
-    before_case = _ranks_in_step if tp else None
+    # every rank starts each case together (they share the host's links and memory; a total
+    # over ranks means something only for copies that overlap)
+    before_case = (lambda label: ranks_meet()) if tp else None
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
         results = traced_copy(request, progress, args.trace, before_case=before_case) \
             if args.trace else run_copy(request, progress, before_case=before_case)
@@ -106,15 +108,6 @@ def _run_copy(args: argparse.Namespace) -> int:
         print("\n\n".join(render_copy(result) for result in results))
         _print_copies(results)
     return 0
-
-
-def _ranks_in_step(label: str) -> None:
-    """Under tensor parallelism, before each case: every rank waits for the others, so all of
-    them move that case's shard at the same time (they share the host's links and memory, and
-    a total over ranks means something only for copies that overlap)."""
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 def _print_copies(results: list) -> None:

@@ -472,6 +472,23 @@ def teardown_timed_out() -> bool:
     return _teardown_timed_out
 
 
+def group_size() -> int:
+    """Processes in this run's group: 1 alone, the tp degree under torchrun."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def ranks_meet(device: torch.device | None = None) -> None:
+    """Under tensor parallelism (a group of 2+ ranks), wait until every rank is here; with a
+    CUDA device, until its queued work is done too. What a measurement calls before each thing
+    it times, so that every rank starts it together: generate's warm-up and timed runs (the
+    collectives inside a run would align the ranks anyway, but a late rank's lag would count in
+    the others' TTFT) and each copy case (the ranks share the host's links). Alone: nothing."""
+    if group_size() > 1:
+        dist.barrier()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 def rank_spec(spec: ModelSpec, world: int) -> ModelSpec:
     """A spec whose KV cache is exactly one rank's shard (its query and KV heads), to measure that
     shard alone (the copy benchmark). Every rank's shard has this shape; an MLA latent is held
