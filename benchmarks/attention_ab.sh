@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=src NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TP=${TP:-1}
 RESULTS=${RESULTS:-results}
-slug=$(python -c "from infermeter.env import capture_env, device_slug; print(device_slug(capture_env()))")
+slug=$(python -c "from infermeter.measure.env import capture_env, device_slug; print(device_slug(capture_env()))")
 if [ "$TP" = 1 ]; then
   models=${MODELS:-llama-2-13b llama-2-7b}; name="attention-ab-$slug"
   extra=(--repeats 3 --no-roofline)

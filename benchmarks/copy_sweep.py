@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from infermeter.bench.copy import CopyRequest, run_copy
-from infermeter.bench.copy_diagnosis import GOALS, diagnose, targets
-from infermeter.env import capture_env, device_slug
-from infermeter.presets import PRESETS
-from infermeter.results import Result, atomic_write
+from infermeter.copy.diagnosis import GOALS, diagnose, targets
+from infermeter.copy.job import CopyRequest, run_copy
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, atomic_write
+from infermeter.spec.presets import PRESETS
 from infermeter.textable import render_table
 
 BATCHED = ("staged", "mapped")  # one copy per block of 131,072 takes ~1 s a sample

@@ -5,7 +5,7 @@
 Variants: the engine's defaults ("fused-gemv-all-triton": projections fused, the Triton GEMV,
 split-KV attention and SwiGLU kernels, inductor with coordinate-descent tuning for the rest)
 against what they replaced ("fused": inductor's reductions and the math attention, the defaults
-until session 5) and the alternatives tried. For each variant: random fp16 weights, batch 1,
+until commit 43e7a3c) and the alternatives tried. For each variant: random fp16 weights, batch 1,
 an 80-token prompt in a 512-token cache, the decode step compiled (CUDA graphs on), then 3 timed
 runs of 128 decode steps (CUDA events around each run; the median per-step time is reported)
 and the weight bytes read per step / TPOT as GB/s. Each variant is also profiled for 5 steps
@@ -25,30 +25,30 @@ from pathlib import Path
 
 import torch
 
-from infermeter.engine.checkpoint import load_weights
-from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.linear import set_matvec_kernel
-from infermeter.env import capture_env, device_slug
-from infermeter.results import Result, write_json
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, write_json
 
 # name: (fuse projections?, extra inductor options, decode attention, SwiGLU activation kernel
 # (model.ACTIVATION_KERNELS), materialized attention norm (opaque_ops.materialize), one-row
 # products (linear.MATVEC_KERNELS)). Unfused
 # variants run first: fusing is in place and irreversible.
 VARIANTS = {
-    # session 1's defaults:
+    # the first defaults (commit 4b52de7 and before):
     "unfused-before": (False, {"coordinate_descent_tuning": False}, "sdpa", "inline", False,
                        "inductor"),
     "unfused": (False, {}, "math", "inline", False, "inductor"),
     "fused-no-coord-descent": (True, {"coordinate_descent_tuning": False}, "math", "inline",
                                False, "inductor"),
     "fused-sdpa": (True, {}, "sdpa", "inline", False, "inductor"),
-    "fused-inline-act": (True, {}, "math", "inline", False, "inductor"),  # defaults to session 3
-    "fused": (True, {}, "math", "aten", False, "inductor"),  # the defaults until session 5
+    "fused-inline-act": (True, {}, "math", "inline", False, "inductor"),  # default to d5edab0
+    "fused": (True, {}, "math", "aten", False, "inductor"),  # the defaults until commit 43e7a3c
     "fused-materialized-norm": (True, {}, "math", "aten", True, "inductor"),  # measured slower, off
-    # Session 3: inductor's flex-decoding kernel for attention (one split-KV kernel + combine,
-    # KV write unchanged) and wider searches for the matrix-vector kernels' block sizes (the
-    # trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
+    # Tried 2026-11-26: inductor's flex-decoding kernel for attention (one split-KV kernel +
+    # combine, KV write unchanged) and wider searches for the matrix-vector kernels' block
+    # sizes (the trace showed two w2 kernel variants, 37 and 60 us, for the same 90 MB of weights).
     "fused-flex": (True, {}, "flex", "inline", False, "inductor"),
     "fused-autotune": (True, {"max_autotune_pointwise": True}, "math", "aten", False, "inductor"),
     "fused-flex-autotune": (True, {"max_autotune_pointwise": True}, "flex", "inline", False,
@@ -60,10 +60,10 @@ VARIANTS = {
     # swiglu_kernel.py: the activation in one Triton kernel instead of two eager ones
     "fused-triton-act": (True, {}, "math", "triton", False, "inductor"),
     "fused-all-triton": (True, {}, "triton", "triton", False, "inductor"),
-    # Session 4: gemv_kernel.py's fixed-tiling GEMV for every one-row product (linear.py)
+    # Commit b5833b9: gemv_kernel.py's fixed-tiling GEMV for every one-row product (linear.py)
     "fused-gemv": (True, {}, "math", "aten", False, "triton"),
-    # Session 6: the split-KV kernel's combine as a Triton kernel too (decode_kernel.py), beside
-    # the GEMV (whose opaque wo left the math attention's PV product unfused: ~20 us a layer)
+    # Commit 7eaced5: the split-KV kernel's combine as a Triton kernel too (decode_kernel.py),
+    # beside the GEMV (whose opaque wo left the math attention's PV product unfused: ~20 us a layer)
     "fused-gemv-triton": (True, {}, "triton", "aten", False, "triton"),
     "fused-gemv-all-triton": (True, {}, "triton", "triton", False, "triton"),  # the defaults
 }

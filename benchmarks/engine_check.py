@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from infermeter.engine.checkpoint import load_weights, save_checkpoint
-from infermeter.engine.generate import GenerationConfig, Generator
-from infermeter.env import capture_env, device_slug
-from infermeter.results import Result, write_json
+from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
+from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, write_json
 
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889]
 
@@ -212,7 +212,7 @@ LOAD_PROBE = r"""
 import json, resource, sys, time, torch
 import torch
 
-from infermeter.engine.checkpoint import load_weights
+from infermeter.engine.checkpoint.load import load_weights
 if sys.argv[2] == "cuda": torch.cuda.init(); torch.zeros(1, device="cuda")
 def rss():
     for line in open("/proc/self/status"):

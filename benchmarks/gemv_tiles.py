@@ -12,8 +12,8 @@ median. The step-weighted total (each shape x its calls per step) says which sin
 best for the whole step. Writes results/gemv-tiles-[<model>-][tp<N>-]<grid>[-graph]-<device>.json
 (and $OUT/ when set) and prints the best tiles per shape and overall.
 --timing graph replays the calls from a CUDA graph (the engine's step does); the committed runs up
-to session 8 launched each call from Python, which times kernels under ~20 us launch-bound: their
-tp 2 wo rows (~11 us in the step's traces) read 14-25 us there.
+to commit aa590fd launched each call from Python, which times kernels under ~20 us
+launch-bound: their tp 2 wo rows (~11 us in the step's traces) read 14-25 us there.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from infermeter.engine.gemv_kernel import NUM_STAGES, _gemv_kernel, gpu_name, tiles_for
-from infermeter.env import capture_env, device_slug
-from infermeter.presets import PRESETS
-from infermeter.results import Result, write_json
+from infermeter.engine.kernels.gemv import NUM_STAGES, _gemv_kernel, gpu_name, tiles_for
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, write_json
+from infermeter.spec.presets import PRESETS
 
 
 def step_shapes(spec, tp: int) -> tuple[tuple[str, int, int, int], ...]:
@@ -45,7 +45,7 @@ def step_shapes(spec, tp: int) -> tuple[tuple[str, int, int, int], ...]:
 
 GRID = {"BLOCK_N": (2, 4, 8, 16), "BLOCK_K": (256, 512, 1024), "num_warps": (4, 8),
         "num_stages": (1, 2, 3, 4)}
-# Session 5's first H100 run put the best at the grid's edge (2, 1024, 4, 4): beyond it.
+# The first H100 run (commit 7bf3699) put the best at the grid's edge (2, 1024, 4, 4): beyond it.
 WIDE = {"BLOCK_N": (1, 2, 4, 8), "BLOCK_K": (1024, 2048, 4096), "num_warps": (4, 8, 16),
         "num_stages": (1, 2, 4)}
 QUICK = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512), "num_warps": (4, 8),

@@ -11,15 +11,15 @@ command that runs out of time keeps every finished case; re-running a part repla
            timed runs after the warm-up: a run takes 10-15 s there)
   seed1    the seed part's batch-1 compiled case alone (its run label stays seed1)
   seed1-pdl, seed1-no-pdl  the same with --pdl / --no-pdl (programmatic dependent launch,
-           engine/pdl.py; seed1 takes the default: on where it can run): run two in one command
-           to compare on one machine
+           engine/kernels/pdl.py; seed1 takes the default: on where it can run): run two in one
+           command to compare on one machine
   hf       the same prompts in transformers' generate with its static cache (2 timed runs), as
            it runs by default (recent versions compile it) and with its compilation off
   prefill  batch 1, a 2048-token prompt, 16 new tokens: TTFT and MFU of the eager prefill, and
            of the compiled mode with --compile-prefill (the prefill's layers compiled too)
   kernel   the seed part's compiled cases with --decode-attention triton (decode_kernel.py), and
   gemv     its batch-1 compiled case with --matvec-kernel triton (gemv_kernel.py): comparisons
-           made (sessions 4, 5) when these were not the defaults; the summary labels their rows
+           made (2026-11-26) when these were not the defaults; the summary labels their rows
            by what they ran (the Results' matvec_kernel and decode_attention)
   context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
            exactly context + 64 tokens (64 new tokens). The random model's positions are raised
@@ -41,10 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from infermeter.env import capture_env, device_slug
 from infermeter.errors import InfermeterError
-from infermeter.generate_run import GenerateRequest, run_generate
-from infermeter.results import Result, append_jsonl, read_results
+from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, append_jsonl, read_results
 from infermeter.textable import render_table
 
 MODEL, DTYPE = "llama-2-7b", "fp16"

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-slug=$(python3 -c 'from infermeter.env import capture_env, device_slug; print(device_slug(capture_env()))')
+slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; print(device_slug(capture_env()))')
 run=results/run-$slug traces=/tmp/infermeter-traces check=results/trace-check-$slug.jsonl
 rm -rf "$run" "$traces" "$check"
 python3 -m infermeter run --out "$run" --trace "$traces"

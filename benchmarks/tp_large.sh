@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-slug=$(python3 -c 'from infermeter.env import capture_env, device_slug; print(device_slug(capture_env()))')
+slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; print(device_slug(capture_env()))')
 out=${RESULTS:-results}/tp-large-$slug.jsonl
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 models=("${@:-llama-2-70b}")  # issue 9 also names llama-3.1-70b: pass both when time allows

@@ -25,7 +25,7 @@ def _load(folder: Path, slug: str) -> tuple[list[dict], dict | None, list[dict] 
 
 def _payload(path: Path) -> Any:
     """The comm figures (a dict) or the runs (a list): from a Result, as tp_sweep.py writes them
-    since session 4, or the bare JSON that earlier sweeps wrote."""
+    since commit e3d41bd, or the bare JSON that earlier sweeps wrote."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())

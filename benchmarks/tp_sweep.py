@@ -12,11 +12,11 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
   decode-13b-one-shot, decode-13b-triton, decode-13b-triton-unfused, decode-13b-triton-push,
   decode-13b-triton-ll
         13B at tp 2 only, with --tp-all-reduce one-shot (inductor's symmetric-memory kernels),
-        triton or triton-unfused (engine/peer_all_reduce.py), triton-push (peer_gemv.py) or
+        triton or triton-unfused (engine/parallel/peer_all_reduce.py), triton-push (peer_gemv.py) or
         triton-ll (peer_ll.py);
         compared with decode-13b's tp 1.
   decode-13b-pdl, decode-13b-no-pdl  decode-13b (tp 1 and tp 2, default all-reduce) with --pdl
-        or --no-pdl (engine/pdl.py; decode-13b takes the default: on where it can run)
+        or --no-pdl (engine/kernels/pdl.py; decode-13b takes the default: on where it can run)
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
         runs them: 2 all-reduces of [1, 1, dim] per layer, the embedding's and the logits'
         all-gathers; with decode-13b's TPOT this gives the all-reduce share of a step. Also
@@ -75,7 +75,7 @@ SMOKE = {"device": "cpu", "mode": "eager", "dtype": "fp32", "runs": ("eager",) *
 
 
 def _slug() -> str:
-    from infermeter.env import capture_env, device_slug
+    from infermeter.measure.env import capture_env, device_slug
 
     return device_slug(capture_env())
 
@@ -92,7 +92,7 @@ def _replace_part(path: Path, part: str, lines: list[str]) -> None:
     """Keep the file's lines of other parts, put this part's new lines after them (atomic)."""
     old = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in old if json.loads(line).get("config", {}).get("tp_sweep") != part]
-    from infermeter.results import atomic_write
+    from infermeter.measure.result import atomic_write
 
     atomic_write(path, "".join(f"{line}\n" for line in kept + lines).encode())
 
@@ -136,9 +136,9 @@ def part_decode(model: str, jsonl: Path, part: str, trace: Path | None = None) -
 # ---- runs: start to exit, ten times --------------------------------------------------------------
 def runs_result(rows: list[dict]) -> Any:
     """The runs part as a Result: which machine, which command, every run's exit."""
-    from infermeter.env import capture_env
-    from infermeter.presets import PRESETS
-    from infermeter.results import Result
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.result import Result
+    from infermeter.spec.presets import PRESETS
 
     clean = sum(r["exit_code"] == 0 and r["result_written"] for r in rows)
     config = {"benchmark": "tp_runs", "tp": 2, "model": SETUP["runs_model"],
@@ -149,7 +149,7 @@ def runs_result(rows: list[dict]) -> Any:
 
 
 def part_runs(path: Path) -> None:
-    from infermeter.results import write_json
+    from infermeter.measure.result import write_json
 
     rows = []
     for i, mode in enumerate(SETUP["runs"]):
@@ -181,7 +181,8 @@ def run_workers(worker: str, out: Path, *extra: str) -> None:
 
 
 # The comm part's variants, each in its own torchrun (a variant that crashes, as one-shot's replay
-# did in session 6 and the peer kernel's once in session 7, leaves the others' figures).
+# did on 2026-11-26 (commit db6ce97) and the peer kernel's once (commit d64dbfa), leaves the
+# others' figures).
 COMM_VARIANTS = ("eager", "graph", "triton_graph", "one_shot_graph")
 
 
@@ -190,8 +191,13 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     the variant's figures are added to those already in `out`."""
     import torch
 
-    from infermeter.engine.parallel import all_gather_last, all_reduce, init_distributed, teardown
-    from infermeter.presets import PRESETS
+    from infermeter.engine.parallel.sharding import (
+        all_gather_last,
+        all_reduce,
+        init_distributed,
+        teardown,
+    )
+    from infermeter.spec.presets import PRESETS
 
     spec, tp = PRESETS[model], init_distributed("cuda")
     x = torch.randn(1, 1, spec.dim, dtype=torch.bfloat16, device=tp.device)
@@ -229,7 +235,7 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     def peer() -> Callable[[], None]:
         """The same step with the peer kernel's all-reduces (--tp-all-reduce triton), one call
         site per all-reduce as in the model; first checks one sum against NCCL's."""
-        from infermeter.engine.peer_all_reduce import PeerAllReduce
+        from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce
 
         sites = 2 * spec.n_layers
         kernel = PeerAllReduce.for_group(tp.group, tp.device, sites)
@@ -249,12 +255,12 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     graphs = []
 
     def write() -> None:
-        """Rank 0 writes what is timed so far: a variant that kills the process (session 5's
-        first 2xH100 run lost the whole part that way) leaves the ones before it."""
+        """Rank 0 writes what is timed so far: a variant that kills the process (the 2xH100
+        run before commit 0c7c257 lost the whole part that way) leaves the ones before it."""
         if tp.rank != 0:
             return
-        from infermeter.env import capture_env
-        from infermeter.results import Result, write_json
+        from infermeter.measure.env import capture_env
+        from infermeter.measure.result import Result, write_json
 
         previous = json.loads(out.read_text())["metrics"] if out.exists() else {}
         config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
@@ -302,10 +308,10 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     """Each rank's KV shard copied alone (one rank after the other), then all ranks at once."""
     import torch.distributed as dist
 
-    from infermeter.bench.copy import CopyRequest, run_copy
-    from infermeter.engine.parallel import ShardPlan, init_distributed, teardown
-    from infermeter.engine.parallel_results import gather_objects
-    from infermeter.presets import PRESETS
+    from infermeter.copy.job import CopyRequest, run_copy
+    from infermeter.engine.parallel.sharding import ShardPlan, init_distributed, teardown
+    from infermeter.measure.ranks import gather_objects
+    from infermeter.spec.presets import PRESETS
 
     spec, tp = PRESETS[model], init_distributed(device)
     plan = ShardPlan(spec, tp.rank, tp.world)
@@ -334,7 +340,7 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
 def _note_comm_failure(out: Path, variant: str, code: int) -> None:
     print(f"comm {variant}: the workers exited {code}", file=sys.stderr, flush=True)
     if out.exists():
-        from infermeter.results import atomic_write
+        from infermeter.measure.result import atomic_write
 
         data = json.loads(out.read_text())
         data["metrics"][f"{variant}_error"] = f"the worker processes exited {code}"

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from infermeter.bench.breakdown import load_trace  # noqa: E402
 from infermeter.errors import InfermeterError  # noqa: E402
+from infermeter.measure.breakdown import load_trace  # noqa: E402
 
 
 def kernel_table(trace: dict, steps: int) -> list[tuple[str, str, float, float]]:

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from infermeter.engine import model as model_module
-from infermeter.engine.decode_kernel import BLOCK_N, kernel_usable, split_kv_decode
+from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_kv_decode
+from infermeter.engine.kernels.swiglu import silu_mul_triton
 from infermeter.engine.model import build_model, decode_attention
-from infermeter.engine.swiglu_kernel import silu_mul_triton
-from infermeter.presets import PRESETS
+from infermeter.spec.presets import PRESETS
 
 
 def reference(q, k, v, key_pos, pos, window):
@@ -77,7 +77,7 @@ def check_full_layer_never_reads_past_the_position() -> None:
 def check_swiglu_kernel() -> None:
     """silu_mul_triton on the two halves of a fused w13 output (strided views, a width that is
     not a multiple of the block): equal to eager's silu(gate) * up, to rounding."""
-    from infermeter.engine.swiglu_kernel import silu_mul_triton
+    from infermeter.engine.kernels.swiglu import silu_mul_triton
 
     h13 = torch.randn(3, 1, 2 * 2500, generator=torch.Generator().manual_seed(5)) * 4
     for dtype, ulp in ((torch.float32, 2.0 ** -23), (torch.float16, 2.0 ** -10)):
@@ -96,7 +96,7 @@ def check_gemv_kernel() -> None:
     and as the PDL launch runs it (pdl=True: the first FIRST_K columns in one wider tile
     loaded first; no PDL wait under the interpreter), e.g. 9000 columns as 8192 + a ragged
     808."""
-    from infermeter.engine.gemv_kernel import _gemv, first_columns, gemv, tiles_for
+    from infermeter.engine.kernels.gemv import _gemv, first_columns, gemv, tiles_for
 
     gen = torch.Generator().manual_seed(7)
     shapes = ((37, 1100), (9, 5000), (5, 9000), (3, 4096), (64, 512), (3, 5), (7, 2560))
@@ -122,10 +122,10 @@ def check_model_gemv() -> None:
     F.linear's logits, through the plain op and through its PDL twin (pdl.launching: the
     custom op gemv_pdl; PDL itself is compiled in on a GPU only); the prefill's many-row
     products stay F.linear."""
-    from infermeter.engine import gemv_kernel as gemv_module
     from infermeter.engine import linear as linear_module
-    from infermeter.engine import pdl
-    from infermeter.engine.gemv_kernel import gemv, gemv_pdl, matvec
+    from infermeter.engine.kernels import gemv as gemv_module
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.kernels.gemv import gemv, gemv_pdl, matvec
     from infermeter.engine.linear import set_matvec_kernel
 
     linear_module.compiling = lambda: True

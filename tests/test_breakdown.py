@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from infermeter.bench import breakdown as bd
-from infermeter.bench import nvtx
-from infermeter.bench.generation_modes import StepRanges
 from infermeter.cli import main
 from infermeter.engine.model import build_model
-from infermeter.presets import PRESETS
+from infermeter.generate.modes import StepRanges
+from infermeter.measure import breakdown as bd
+from infermeter.measure import nvtx
+from infermeter.spec.presets import PRESETS
 
 # (label range start, dur, label) on the host thread, and per kernel: (launch ts, name,
 # kernel start, kernel dur). Step: kernels 1000..1100 us, busy 87 us, 4 gaps of 2+3+3+5 us.
@@ -185,7 +185,7 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     monkeypatch.setattr(nvtx, "_CUDA", True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
-    import infermeter.bench.generation_modes as gm
+    import infermeter.generate.modes as gm
 
     monkeypatch.setattr(gm, "range_push", nvtx.range_push)
     seen = []
@@ -242,7 +242,7 @@ def test_compiled_matmuls_get_the_whole_steps_weight_bytes():
 ])
 def test_a_trace_folder_that_cannot_exist_is_one_line_before_anything_runs(
         command, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("infermeter.bench.copy.gpu_available", lambda: False)
+    monkeypatch.setattr("infermeter.copy.job.gpu_available", lambda: False)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = tmp_path / "out"

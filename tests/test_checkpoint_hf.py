@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from infermeter.engine.checkpoint import load_model, load_weights, save_checkpoint
-from infermeter.engine.hf_checkpoint import INDEX_FILE, hf_to_meta_name, permute, unpermute
+from infermeter.engine.checkpoint.hf import INDEX_FILE, hf_to_meta_name, permute, unpermute
+from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
-from infermeter.specs import RopeScaling
+from infermeter.spec.model import RopeScaling
+from infermeter.spec.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 SPECS = {

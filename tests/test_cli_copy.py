@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from infermeter import kvsize
-from infermeter.presets import PRESETS
+from infermeter.spec import sizes
+from infermeter.spec.presets import PRESETS
 
 
 def run_cli(*args):
@@ -39,7 +39,7 @@ def test_cli_device_cpu_writes_a_copy_result(tmp_path):
     assert result["schema"] == 1 and result["kind"] == "copy"
     assert result["config"]["device"] == "cpu" and result["config"]["batch_size"] == 2
     m = result["metrics"]
-    assert m["kv_cache_bytes"] == kvsize.kv_cache_bytes(PRESETS["llama-3.2-1b"], 2, 16, "bf16")
+    assert m["kv_cache_bytes"] == sizes.kv_cache_bytes(PRESETS["llama-3.2-1b"], 2, 16, "bf16")
     cases = m["cases"]
     assert {c["layout"] for c in cases} == {"engine", "contiguous", "paged"}
     assert {c["host_memory"] for c in cases} == {"seed", "pageable"}

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint import load_weights, save_checkpoint
-from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
+from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
-from infermeter.presets import PRESETS
-from infermeter.results import REQUIRED_FIELDS
+from infermeter.measure.result import REQUIRED_FIELDS
+from infermeter.spec.presets import PRESETS
 from tests.test_tokenizer import _corpus
 
 SPEC = PRESETS["debug"].with_updates(vocab_size=320)  # room for the test tokenizer's 320 ids
@@ -222,7 +222,7 @@ def test_until_eos_stops_at_the_tokenizers_eos_and_is_off_by_default(tmp_path, c
     make greedy's tokens known in advance; the tokenizer is then trained with its EOS at a token
     greedy emits at step k (no monkeypatching: the real stop ids reach the engine)."""
     spm = pytest.importorskip("sentencepiece")
-    from infermeter.engine.tokenizer import load_tokenizer
+    from infermeter.engine.text.tokenizer import load_tokenizer
 
     n_new, prompts = 24, [[1, 2, 3, 4], [5, 6, 7, 8]]
     model = load_weights("random:debug", "cpu", "float32", seed=0)  # the CLI's --seed 0 weights

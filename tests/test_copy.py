@@ -4,22 +4,22 @@ verification (the command line is in test_cli_copy.py)."""
 import pytest
 import torch
 
-from infermeter import kvsize
-from infermeter.bench import copy_methods as cm
-from infermeter.bench.copy_bench import Timing, case_metrics
-from infermeter.bench.copy_cases import (
+from infermeter.copy import methods as cm
+from infermeter.copy.cases import (
     Case,
     engine_shapes,
     enumerate_cases,
     plan_layout,
     skip_reason,
 )
-from infermeter.bench.copy_chunks import chunk_targets, plan_chunks, split_evenly
-from infermeter.bench.copy_diagnosis import diagnose, targets
-from infermeter.bench.copy_verify import CopyMismatch, verify_layout
-from infermeter.bench.link import numa_node_of, pcie_peak_gbps, process_on_node, sysfs_bus_id
+from infermeter.copy.chunks import chunk_targets, plan_chunks, split_evenly
+from infermeter.copy.diagnosis import diagnose, targets
+from infermeter.copy.timing import Timing, case_metrics
+from infermeter.copy.verify import CopyMismatch, verify_layout
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
+from infermeter.measure.link import numa_node_of, pcie_peak_gbps, process_on_node, sysfs_bus_id
+from infermeter.spec import sizes
+from infermeter.spec.presets import PRESETS
 
 MiB = 2**20
 CPU = torch.device("cpu")
@@ -32,7 +32,7 @@ MODELS = ["llama-2-7b", "llama-3.1-8b", "mistral-7b", "gemma-2-9b", "phi-3-mini"
 @pytest.mark.parametrize("batch,seq_len", [(1, 512), (3, 5000), (2, 37)])
 def test_every_layout_moves_exactly_the_sized_bytes(model, batch, seq_len):
     spec = PRESETS[model]
-    expected = kvsize.kv_cache_bytes(spec, batch, seq_len, "bf16")
+    expected = sizes.kv_cache_bytes(spec, batch, seq_len, "bf16")
     for layout, block in [("engine", None), ("contiguous", None), ("paged", 1), ("paged", 16),
                           ("paged", 7), ("paged", 256)]:
         plan = plan_layout(spec, batch, seq_len, "bf16", layout, block)
@@ -263,7 +263,7 @@ def test_diagnosis_slow_link_and_fallback():
 
 
 def test_engine_layout_is_allocated_by_the_engine_cache(monkeypatch):
-    from infermeter.bench import copy_methods
+    from infermeter.copy import methods
     from infermeter.engine import kv_cache
 
     made = []
@@ -277,7 +277,7 @@ def test_engine_layout_is_allocated_by_the_engine_cache(monkeypatch):
     monkeypatch.setattr(kv_cache, "LayerKVCache", Counting)
     spec = PRESETS["debug"]
     plan = plan_layout(spec, 2, 40, "fp32", "engine", None)
-    layout = copy_methods.DeviceLayout(plan, torch.device("cpu"), torch.float32)
+    layout = methods.DeviceLayout(plan, torch.device("cpu"), torch.float32)
     assert len(made) == spec.n_layers
     assert layout.tensors[0] is made[0].k and layout.tensors[1] is made[0].v
     assert [tuple(t.shape) for t in layout.tensors] == list(plan.buffers)

@@ -12,13 +12,13 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from infermeter.bench import copy_methods as cm  # noqa: E402
-from infermeter.bench.copy import CopyRequest, run_copy  # noqa: E402
-from infermeter.bench.copy_cases import METHODS, plan_layout  # noqa: E402
-from infermeter.bench.copy_chunks import plan_chunks  # noqa: E402
-from infermeter.bench.copy_host import alloc_host, mapped_view  # noqa: E402
-from infermeter.bench.copy_verify import CopyMismatch, verify_layout  # noqa: E402
-from infermeter.presets import PRESETS  # noqa: E402
+from infermeter.copy import methods as cm  # noqa: E402
+from infermeter.copy.cases import METHODS, plan_layout  # noqa: E402
+from infermeter.copy.chunks import plan_chunks  # noqa: E402
+from infermeter.copy.host import alloc_host, mapped_view  # noqa: E402
+from infermeter.copy.job import CopyRequest, run_copy  # noqa: E402
+from infermeter.copy.verify import CopyMismatch, verify_layout  # noqa: E402
+from infermeter.spec.presets import PRESETS  # noqa: E402
 
 
 def _request(model, batch, seq_len, blocks, **kw):

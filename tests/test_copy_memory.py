@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from infermeter.bench import copy as copy_bench
-from infermeter.bench.copy import CopyRequest
+from infermeter.copy import job as copy_bench
+from infermeter.copy.job import CopyRequest
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
+from infermeter.spec.presets import PRESETS
 
 
 def test_host_memory_counts_every_rank_of_the_host(monkeypatch):

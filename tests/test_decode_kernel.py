@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from infermeter.engine.decode_kernel import BLOCK_N, kernel_usable, split_count
+from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_count
 from infermeter.engine.model import build_model
-from infermeter.presets import PRESETS
+from infermeter.spec.presets import PRESETS
 
 WORKER = Path(__file__).with_name("decode_kernel_worker.py")
 
@@ -162,9 +162,9 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from infermeter.engine.decode_kernel import split_kv_decode
-    from infermeter.engine.gemv_kernel import gemv
-    from infermeter.engine.swiglu_kernel import silu_mul_triton
+    from infermeter.engine.kernels.decode_attention import split_kv_decode
+    from infermeter.engine.kernels.gemv import gemv
+    from infermeter.engine.kernels.swiglu import silu_mul_triton
 
     def attention(head_dim: int, groups: int, ring: bool):
         q = torch.zeros(2, 4, groups, head_dim, dtype=dtype)

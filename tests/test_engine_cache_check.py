@@ -2,10 +2,10 @@
 
 import pytest
 
-from infermeter.engine.cache_check import allocated_cache_bytes
 from infermeter.errors import InfermeterError
-from infermeter.kvsize import kv_cache_bytes
-from infermeter.presets import PRESETS
+from infermeter.kv.cache_check import allocated_cache_bytes
+from infermeter.spec.presets import PRESETS
+from infermeter.spec.sizes import kv_cache_bytes
 
 
 @pytest.mark.parametrize("name, batch, seq_len, kv_dtype", [

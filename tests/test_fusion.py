@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.bench.trace_capture import weight_bytes
-from infermeter.engine.checkpoint import load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
 from infermeter.engine.fusion import fuse_projections, is_fused, meta_state_dict
-from infermeter.engine.generate import GenerationConfig, Generator
+from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
-from infermeter.presets import PRESETS
+from infermeter.measure.trace import weight_bytes
+from infermeter.spec.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 SPECS = {"gqa": DEBUG, "qkv-bias-tied": DEBUG.with_updates(arch="qwen2", qkv_bias=True,

@@ -6,10 +6,10 @@ import pytest
 pytest.importorskip("triton")  # the script imports triton.testing (do_bench)
 
 from infermeter.engine.fusion import fuse_projections  # noqa: E402
-from infermeter.engine.gemv_kernel import NUM_STAGES, tiles_for  # noqa: E402
+from infermeter.engine.kernels.gemv import NUM_STAGES, tiles_for  # noqa: E402
 from infermeter.engine.linear import Linear  # noqa: E402
 from infermeter.engine.model import build_model  # noqa: E402
-from infermeter.presets import PRESETS  # noqa: E402
+from infermeter.spec.presets import PRESETS  # noqa: E402
 from tests.benchmark_scripts import load_benchmark  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def test_an_h200_takes_its_own_measured_tiles_and_other_gpus_the_table():
 def test_gpu_name_is_empty_off_cuda():
     import torch
 
-    from infermeter.engine.gemv_kernel import gpu_name
+    from infermeter.engine.kernels.gemv import gpu_name
 
     assert gpu_name(torch.device("cpu")) == ""
 

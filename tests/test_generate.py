@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.engine.generate import GenerationConfig, Generator, _decode_one
+from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
 from infermeter.engine.model import build_model
 from infermeter.engine.sampling import sample, uniform_noise
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
+from infermeter.spec.presets import PRESETS
 
 SPEC = PRESETS["debug"]
 # Batch 2, T = 7; chosen so that neither greedy continuation repeats one token (stop tests).
@@ -324,7 +324,7 @@ def test_one_process_compiles_more_step_graphs_than_dynamos_default(model, monke
     fullgraph compile past its recompile_limit (8) unless the Generator raises it: ten batch
     sizes in one process (a sweep, the GPU test suite) must compile. The eager backend stands in
     for inductor (same dynamo guards and limits, no code generation)."""
-    import infermeter.engine.generate as generate_module
+    import infermeter.engine.generator as generate_module
 
     real_compile = torch.compile
     monkeypatch.setattr(generate_module.torch, "compile", lambda fn, **kw: real_compile(
@@ -397,7 +397,7 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_lengt
     and both prompt lengths share one graph, and logits and first tokens equal eager's."""
     from torch._dynamo.utils import counters
 
-    from infermeter.engine.generate import _block_step
+    from infermeter.engine.generator import _block_step
 
     spec = PRESETS["debug"].with_updates(n_layers=3)
     plain, other = build_model(spec, seed=2), build_model(spec, seed=2)
@@ -428,12 +428,12 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_lengt
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pdl_step_on_cuda_gives_the_same_tokens_as_without(dtype):
-    """--pdl (engine/pdl.py): the CUDA-graph step with every kernel launched early (inductor's,
+    """--pdl (kernels/pdl.py): the CUDA-graph step with every kernel launched early (inductor's,
     the GEMV, the split-KV attention and combine, the activation) gives, bit for bit, the
     greedy tokens of the same step without PDL. Random weights (flat logits: any value read
     before its producer finished would change a token) and batch 1 (every Triton kernel)."""
+    from infermeter.engine.kernels.pdl import supported
     from infermeter.engine.linear import set_matvec_kernel
-    from infermeter.engine.pdl import supported
 
     if not torch.cuda.is_available() or not supported(torch.device("cuda")):
         pytest.skip("needs a Hopper GPU and a torch with inductor PDL")

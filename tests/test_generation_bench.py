@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.bench import generation, memory
-from infermeter.bench import roofline as rl
-from infermeter.bench.generation_cases import PromptSet, plan_cases, prompt_sets, random_prompts
-from infermeter.bench.generation_timing import HostClock, RunTiming, StepRecorder, summarize
-from infermeter.engine.checkpoint import load_weights
+from infermeter.engine.checkpoint.load import load_weights
 from infermeter.errors import InfermeterError
-from infermeter.generate_run import GenerateRequest, run_generate
-from infermeter.presets import PRESETS
+from infermeter.generate import loop, memory
+from infermeter.generate.cases import PromptSet, plan_cases, prompt_sets, random_prompts
+from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.timing import HostClock, RunTiming, StepRecorder, summarize
+from infermeter.measure import roofline as rl
+from infermeter.spec.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 ENV = {"device_name": "cpu"}
@@ -52,7 +52,7 @@ def test_step_recorder_refuses_a_wrong_sequence():
 
 def test_cuda_clock_records_events_and_syncs_once(monkeypatch):
     """CudaClock with fake events: made ahead, recorded on the stream, one sync at the end."""
-    from infermeter.bench.generation_timing import CudaClock
+    from infermeter.generate.timing import CudaClock
 
     log = []
 
@@ -159,7 +159,7 @@ def test_the_triton_all_reduce_buffer_counts_where_it_is_allocated():
 
 def test_a_cache_that_cannot_fit_fails_before_any_allocation(monkeypatch):
     """A GPU with 8 GiB free (mocked): llama-2-7b fp16 does not fit; nothing is loaded."""
-    import infermeter.engine.checkpoint as checkpoint
+    import infermeter.engine.checkpoint.load as checkpoint
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -200,7 +200,7 @@ def test_bookkeeping_end_to_end_on_debug():
         assert m["bytes_per_decode_step"] > rl.decode_weight_bytes(DEBUG, "fp32", batch)
         assert m["prefill_flops"] == rl.prefill_flops(DEBUG, batch, prompt)
         assert m["mbu_pct"] is None and m["hbm_gbps_measured"] is None  # --no-roofline
-        assert set(generation.METRIC_NAMES) <= set(m)
+        assert set(loop.METRIC_NAMES) <= set(m)
     assert results[1].config["context"] == 100 and results[0].config["context"] is None
 
 
@@ -208,11 +208,11 @@ def test_roofline_numbers_and_the_plausibility_flag():
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), DEBUG.vocab_size, 0, ())
     cases = plan_cases(DEBUG, sets, ("eager",), 4)
-    settings = generation.RunSettings(max_new_tokens=4, repeats=2, warmup=0)
+    settings = loop.RunSettings(max_new_tokens=4, repeats=2, warmup=0)
     honest = rl.Roofline("cpu", hbm_gbps=1e6, matmul_tflops=1e6)  # peaks nothing can reach
     impossible = rl.Roofline("cpu", hbm_gbps=1e-9, matmul_tflops=1e-15)
-    (ok,) = generation.run_generation(model, cases, settings, ENV, {}, honest)
-    (bad,) = generation.run_generation(model, cases, settings, ENV, {}, impossible)
+    (ok,) = loop.run_generation(model, cases, settings, ENV, {}, honest)
+    (bad,) = loop.run_generation(model, cases, settings, ENV, {}, impossible)
     assert 0 < ok.metrics["mbu_pct"] < 100 and 0 < ok.metrics["mfu_pct"] < 100
     assert not any("measurement error" in w for w in ok.warnings)
     assert bad.metrics["mbu_pct"] > 100 and bad.metrics["mfu_pct"] > 100
@@ -220,14 +220,14 @@ def test_roofline_numbers_and_the_plausibility_flag():
 
 
 def test_an_out_of_memory_case_is_recorded_and_the_sweep_goes_on(monkeypatch):
-    real = generation.time_case
+    real = loop.time_case
 
     def fake(model, case, settings, progress):
         if case.prompt_set.batch_size == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
         return real(model, case, settings, progress)
 
-    monkeypatch.setattr(generation, "time_case", fake)
+    monkeypatch.setattr(loop, "time_case", fake)
     results, _ = run_generate(request(batch_sizes=(2, 1), prompt_lens=(8,)), ENV)
     oom, fine = results
     assert oom.metrics["oom"] is True and oom.metrics["ttft_ms"] is None
@@ -255,9 +255,9 @@ def test_hf_mode_gives_the_eager_greedy_tokens():
 ], ids=["tied", "qwen2-bias", "mistral-window"])
 def test_hf_runner_matches_the_engine_on_other_shapes(changes):
     pytest.importorskip("transformers")
-    from infermeter.bench.generation_hf import HFRunner
-    from infermeter.engine.generate import GenerationConfig, Generator
+    from infermeter.engine.generator import GenerationConfig, Generator
     from infermeter.engine.model import build_model
+    from infermeter.generate.hf import HFRunner
 
     model = build_model(DEBUG.with_updates(**changes), seed=3)
     prompt = torch.randint(0, DEBUG.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -288,7 +288,7 @@ def test_warmup_is_timed_apart_from_the_untimed_and_the_timed_runs(monkeypatch):
     steps); the untimed full runs (--warmup) count in warmup_runs_s, not in warmup_s."""
     import time
 
-    from infermeter.bench.generation_modes import EngineRunner
+    from infermeter.generate.modes import EngineRunner
 
     slow_warmup, slow_untimed = 1.0, 2.5  # seconds of sleep added to each
     real_warmup, real_run = EngineRunner.warmup, EngineRunner.run
@@ -298,7 +298,7 @@ def test_warmup_is_timed_apart_from_the_untimed_and_the_timed_runs(monkeypatch):
         real_warmup(self, shapes)
 
     def run(self, tokens, hook):
-        if hook is generation._no_hook:  # an untimed run (time_case's --warmup loop)
+        if hook is loop._no_hook:  # an untimed run (time_case's --warmup loop)
             time.sleep(slow_untimed)
         return real_run(self, tokens, hook)
 
@@ -335,10 +335,10 @@ def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran
     """--matvec-kernel triton: every Linear of the model (the fused ones too) is set; the
     Result records "triton" only for a compiled batch-1 case where Triton runs, "inductor"
     for other compiled cases, nothing in eager mode."""
-    from infermeter.bench.generation_modes import EngineRunner, RunSettings
     from infermeter.commands.generate import MATVEC_KERNELS
     from infermeter.engine.linear import MATVEC_KERNELS as ENGINE_KINDS
     from infermeter.engine.linear import Linear
+    from infermeter.generate.modes import EngineRunner, RunSettings
 
     assert MATVEC_KERNELS == ENGINE_KINDS
     model = load_weights("random:debug", "cpu", "float32")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.engine.checkpoint import load_model
+from infermeter.engine.checkpoint.load import load_model
 
 transformers = pytest.importorskip("transformers")
 

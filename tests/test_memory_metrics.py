@@ -1,4 +1,4 @@
-"""What a generate run reports about memory (bench/memory.py), without a GPU: NVML's figure for
+"""What a generate run reports about memory (generate/memory.py), without a GPU: NVML's figure for
 this process from a fake pynvml, its failure paths, and the torch peaks with torch.cuda's
 functions replaced."""
 
@@ -11,7 +11,8 @@ import types
 import pytest
 import torch
 
-from infermeter.bench import link, memory
+from infermeter.generate import memory
+from infermeter.measure import link
 
 MiB = 1 << 20
 BUS_IDS = {0: "00000000:18:00.0", 1: "00000000:2a:00.0"}

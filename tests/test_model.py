@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter import kvsize
 from infermeter.engine import model as model_module
 from infermeter.engine.model import Transformer, build_model
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
-from infermeter.specs import RopeScaling
+from infermeter.spec import sizes
+from infermeter.spec.model import RopeScaling
+from infermeter.spec.presets import PRESETS
 
 DEBUG = PRESETS["debug"]  # 2 layers, dim 64, 4 query heads sharing 2 KV heads, vocab 256
 SPECS = {
@@ -86,7 +86,7 @@ def test_cache_bytes_match_kvsize(name: str, batch: int, seq_len: int, kv_dtype)
     model = _model(spec, batch, seq_len, kv_dtype)
     expected_dtype = {None: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                       "fp16": "float16", "bf16": "bfloat16"}[kv_dtype]
-    assert model.cache_bytes() == kvsize.kv_cache_bytes(spec, batch, seq_len, expected_dtype)
+    assert model.cache_bytes() == sizes.kv_cache_bytes(spec, batch, seq_len, expected_dtype)
     tensors = model.cache_tensors()
     assert len(tensors) == 2 * spec.n_layers
     # The real allocated tensors, in [layer0.k, layer0.v, layer1.k, ...] order.

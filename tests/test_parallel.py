@@ -19,19 +19,19 @@ from typing import Any
 import pytest
 import torch
 
-from infermeter import kvsize
 from infermeter.cli import main as cli_main
-from infermeter.engine import hf_checkpoint, meta_checkpoint
-from infermeter.engine.checkpoint import load_model, load_weights, save_checkpoint
-from infermeter.engine.parallel import (
+from infermeter.engine.checkpoint import hf, meta
+from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.parallel.sharding import (
     ShardPlan,
     TensorParallel,
     init_distributed,
     shard_model,
 )
-from infermeter.engine.parallel_results import slowest
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
+from infermeter.measure.ranks import slowest
+from infermeter.spec import sizes
+from infermeter.spec.presets import PRESETS
 from tests.tp_workers import compare_with_tp1, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_every_query_head_finds_its_kv_head(n_heads: int, n_kv: int, tp: int) ->
     for rank in range(tp):
         plan = ShardPlan(spec, rank, tp)
         (q0, nq), (k0, nk) = plan.heads, plan.kv_heads
-        assert nq == n_heads // tp and nk == kvsize.kv_heads_per_rank(spec, tp)
+        assert nq == n_heads // tp and nk == sizes.kv_heads_per_rank(spec, tp)
         for head in range(q0, q0 + nq):
             # The model folds local query head i onto local KV head i // (nq / nk).
             assert k0 + (head - q0) // (nq // nk) == head // group
@@ -109,16 +109,16 @@ def test_cache_and_weights_per_rank_equal_kvsize(name: str, world: int) -> None:
     spec = SPECS[name]
     for tp in ranks(world):
         model = load_model(spec, max_batch_size=3, max_seq_len=11, tp=tp)
-        assert model.cache_bytes() == kvsize.kv_cache_bytes(spec, 3, 11, "float32", world)
+        assert model.cache_bytes() == sizes.kv_cache_bytes(spec, 3, 11, "float32", world)
         if not spec.qkv_bias:  # kvsize does not count replicated biases
             weights = sum(t.nbytes for t in model.parameters())
-            assert weights == kvsize.weight_bytes_per_rank(spec, "float32", world)
+            assert weights == sizes.weight_bytes_per_rank(spec, "float32", world)
 
 
 def test_sharding_a_loaded_model_rebuilds_its_cache() -> None:
     model = load_model(DEBUG, max_batch_size=2, max_seq_len=8)
     shard_model(model, 1, 2)
-    assert model.cache_bytes() == kvsize.kv_cache_bytes(DEBUG, 2, 8, "float32", 2)
+    assert model.cache_bytes() == sizes.kv_cache_bytes(DEBUG, 2, 8, "float32", 2)
     with pytest.raises(InfermeterError, match="already sharded"):
         shard_model(model, 1, 2)
 
@@ -136,12 +136,12 @@ def meta_folders(tmp_path_factory) -> dict[str, Path]:
 
 def _record_meta_opens(monkeypatch) -> dict[str, dict]:
     opened: dict[str, dict] = {}
-    real = meta_checkpoint.load_pth
+    real = meta.load_pth
 
     def recording(path):
         opened[Path(path).name] = real(path)
         return opened[Path(path).name]
-    monkeypatch.setattr(meta_checkpoint, "load_pth", recording)
+    monkeypatch.setattr(meta, "load_pth", recording)
     return opened
 
 
@@ -178,7 +178,7 @@ def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> No
     save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)
     full = load_weights(tmp_path)
     whole_reads: list[str] = []
-    real_open = hf_checkpoint._open
+    real_open = hf._open
 
     class Recording:  # safe_open, noting every tensor read whole
         def __init__(self, path):
@@ -190,7 +190,7 @@ def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> No
 
         def __getattr__(self, attr):
             return getattr(self.handle, attr)
-    monkeypatch.setattr(hf_checkpoint, "_open", Recording)
+    monkeypatch.setattr(hf, "_open", Recording)
     for tp in ranks(2):
         whole_reads.clear()
         shard = load_weights(tmp_path, tp=tp)
@@ -283,7 +283,7 @@ def test_copy_tp2_moves_each_ranks_shard_at_once(tmp_path) -> None:
     assert run.returncode == 0, run.stderr
     (result,) = [json.loads(line) for line in run.stdout.splitlines()]  # one Result, rank 0's
     assert [json.loads(line) for line in output.read_text().splitlines()] == [result]
-    shard = kvsize.kv_cache_bytes(PRESETS["llama-2-7b"], 1, 64, "float16", 2)
+    shard = sizes.kv_cache_bytes(PRESETS["llama-2-7b"], 1, 64, "float16", 2)
     assert result["config"]["tp"] == 2 and "rank" not in result["config"]
     m = result["metrics"]
     assert m["kv_cache_bytes"] == shard and len(m["per_rank"]) == 2
@@ -338,8 +338,8 @@ def test_copy_tp2_ranks_start_every_case_together(tmp_path) -> None:
 
 def _copy_result(nbytes: int, ms: float, warnings: list[str]) -> Any:
     """A rank's copy Result whose only case moved nbytes in ms."""
-    from infermeter.bench.copy_diagnosis import targets
-    from infermeter.results import Result
+    from infermeter.copy.diagnosis import targets
+    from infermeter.measure.result import Result
 
     case = {"layout": "contiguous", "block_tokens": None, "host_memory": "pinned",
             "direction": "d2h", "method": "staged", "pieces": 1, "bytes": nbytes,
@@ -359,10 +359,10 @@ def _copy_result(nbytes: int, ms: float, warnings: list[str]) -> Any:
 
 
 def test_merge_ranks_total_is_every_ranks_bytes_over_the_slowest_time() -> None:
-    from infermeter.bench.copy import CopyRequest
-    from infermeter.bench.copy_ranks import merge_ranks
-    from infermeter.bench.copy_report import render_copy
-    from infermeter.results import Result
+    from infermeter.copy.job import CopyRequest
+    from infermeter.copy.ranks import merge_ranks
+    from infermeter.copy.table import render_copy
+    from infermeter.measure.result import Result
 
     request = CopyRequest(DEBUG, seq_lens=(64,), kv_dtype="float16")
     shard = 1_000_000_000
@@ -386,7 +386,7 @@ def test_merge_ranks_total_is_every_ranks_bytes_over_the_slowest_time() -> None:
     assert len(merged.metrics["per_rank"]) == 2
     assert merged.metrics["per_rank"][1]["cases"][0]["moving_time_ms"] == 50.0
     assert merged.metrics["offload_ms"] == pytest.approx(
-        kvsize.kv_cache_bytes(DEBUG, 1, 64, "float16") / (20.0 * 1e6))  # the slowest's GB/s
+        sizes.kv_cache_bytes(DEBUG, 1, 64, "float16") / (20.0 * 1e6))  # the slowest's GB/s
     text = render_copy(merged)
     assert "25.0 / 20.0" in text and "40.0" in text and "bytes a rank" in text
     assert "link rank 1: PCIe Gen5 x16" in text
@@ -469,14 +469,14 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     """--tp-all-reduce one-shot: CUDA ranks only, tp >= 2, inductor only; each refusal is one
     clear line before any weights load."""
     from infermeter.commands.generate import ALL_REDUCE_KINDS
-    from infermeter.engine.parallel import ALL_REDUCE_KINDS as ENGINE_KINDS
-    from infermeter.engine.parallel import one_shot_compile_options
-    from infermeter.generate_run import GenerateRequest, _all_reduce_options
+    from infermeter.engine.parallel.sharding import ALL_REDUCE_KINDS as ENGINE_KINDS
+    from infermeter.engine.parallel.sharding import one_shot_compile_options
+    from infermeter.generate.job import GenerateRequest, _all_reduce_options
 
     assert ALL_REDUCE_KINDS == ENGINE_KINDS
     from torch._inductor import config as inductor_config
 
-    from infermeter.engine.parallel import ONE_SHOT_INDUCTOR_OPTIONS
+    from infermeter.engine.parallel.sharding import ONE_SHOT_INDUCTOR_OPTIONS
     with inductor_config.patch(ONE_SHOT_INDUCTOR_OPTIONS):  # real options of this torch
         assert inductor_config.triton.cudagraph_trees is False
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
@@ -504,7 +504,7 @@ def test_enable_symm_mem_silences_only_its_deprecation(monkeypatch) -> None:
 
     import torch.distributed._symmetric_memory as symm_mem
 
-    from infermeter.engine.peer_all_reduce import enable_symm_mem
+    from infermeter.engine.parallel.peer_all_reduce import enable_symm_mem
 
     calls = []
 
@@ -537,8 +537,8 @@ def test_dry_run_prints_the_per_rank_plan(capsys) -> None:
     for tp in (4, 8):
         assert cli_main([*args, "--tp", str(tp), "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
-        weights = kvsize.weight_bytes_per_rank(spec, "bfloat16", tp)
-        cache = kvsize.kv_cache_bytes(spec, 16, 4096, "bfloat16", tp)
+        weights = sizes.weight_bytes_per_rank(spec, "bfloat16", tp)
+        cache = sizes.kv_cache_bytes(spec, 16, 4096, "bfloat16", tp)
         assert (plan["weight_bytes_per_rank"], plan["kv_cache_bytes_per_rank"]) == (weights,
                                                                                     cache)
         prefill = plan["prefill_activation_bytes_per_rank"]

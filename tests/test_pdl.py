@@ -1,4 +1,4 @@
-"""engine/pdl.py: programmatic dependent launch of the decode step's Triton kernels.
+"""engine/kernels/pdl.py: programmatic dependent launch of the decode step's Triton kernels.
 
 The GPU test (test_generate.py, gpu) checks that PDL changes no token; here, with no GPU: every
 PDL launch the ops make compiles for an H100 with the launch attribute, and its machine code
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.engine import pdl
+from infermeter.engine.kernels import pdl
 from tests.test_peer_all_reduce import needs_triton
 
 
@@ -61,9 +61,9 @@ def first(lines: list[str], pattern: str, after: int = -1) -> int:
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
-    from infermeter.engine.decode_kernel import _split_kv_decode
-    from infermeter.engine.gemv_kernel import _gemv
-    from infermeter.engine.swiglu_kernel import _silu_mul
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+    from infermeter.engine.kernels.gemv import _gemv
+    from infermeter.engine.kernels.swiglu import _silu_mul
 
     q = torch.zeros(1, 4, 2, 64, dtype=dtype)
     cache = torch.zeros(1, 4, 256, 64, dtype=dtype)
@@ -98,7 +98,7 @@ def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
     """The tensor-parallel all-reduce kernels (flags; LL), launched while pdl.enabled(): wait,
     then let the next kernel (a GEMV, which streams weights meanwhile) go, before any signal,
     store or read."""
-    from infermeter.engine.peer_all_reduce import PeerAllReduce, buffer_bytes
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, buffer_bytes
 
     buffers = [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2
     peer, ll_peer = PeerAllReduce(0, buffers, 2), PeerAllReduce(0, buffers, 2, ll=True)
@@ -121,7 +121,7 @@ def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
 def test_without_pdl_the_ops_launch_as_before(monkeypatch):
     """pdl=False (the default): through wrap_triton, with the PDL constexpr off and no launch
     attribute, whatever the device."""
-    from infermeter.engine.gemv_kernel import _gemv
+    from infermeter.engine.kernels.gemv import _gemv
     from tests.test_decode_kernel import recorded_launches
 
     monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)
@@ -165,7 +165,7 @@ def test_pdl_gemv_on_cuda_matches_the_float32_product(dtype):
     """The PDL launch of the GEMV on a GPU (griddepcontrol compiled in, FIRST_K columns loaded
     before the wait) for Llama-2-13B's shapes at tp 1 and 2: each within rounding of the
     float32 product, as the plain launch is."""
-    from infermeter.engine.gemv_kernel import _gemv
+    from infermeter.engine.kernels.gemv import _gemv
 
     if not torch.cuda.is_available() or not pdl.supported(torch.device("cuda")):
         pytest.skip("needs a Hopper GPU and a torch with inductor PDL")

@@ -1,4 +1,4 @@
-"""engine/peer_all_reduce.py: the one-kernel all-reduce (--tp-all-reduce triton).
+"""engine/parallel/peer_all_reduce.py: the one-kernel all-reduce (--tp-all-reduce triton).
 
 The kernel's protocol (remote stores, release/acquire flags, owner-reset) runs for real in two
 spawned processes under Triton's CPU interpreter, whose atomics act on shared memory: the ranks'
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from infermeter.cli import main as cli_main
-from infermeter.engine.parallel import TensorParallel, use_peer_all_reduce
-from infermeter.engine.peer_all_reduce import (
+from infermeter.engine.parallel.peer_all_reduce import (
     BLOCK,
     MAX_PROGRAMS,
     SLOT_BYTES,
@@ -25,9 +24,10 @@ from infermeter.engine.peer_all_reduce import (
     buffer_bytes,
     flag_area_bytes,
 )
+from infermeter.engine.parallel.sharding import TensorParallel, use_peer_all_reduce
 from infermeter.errors import InfermeterError
-from infermeter.generate_run import GenerateRequest, _all_reduce_options
-from infermeter.presets import PRESETS
+from infermeter.generate.job import GenerateRequest, _all_reduce_options
+from infermeter.spec.presets import PRESETS
 from tests.tp_workers import (
     LL_CASES,
     PEER_CASES,
@@ -82,7 +82,7 @@ def test_two_ranks_exchange_data_and_flags_in_one_word(monkeypatch) -> None:
     sites, reused three times (each call a new epoch, no reset), 1-3 rows, bf16 / fp16 (two
     values a word) and fp32 (one): against torch, the two ranks bit-identical, and each site's
     row counters left at the number of calls through it."""
-    from infermeter.engine.peer_buffers import MAX_PROGRAMS
+    from infermeter.spec.peer_buffers import MAX_PROGRAMS
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     results = run_ranks(peer_ll_sums, 2, shared_buffers(2, 2), timeout=120)
@@ -134,7 +134,7 @@ def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
                                     compile_prefill=True)
     with pytest.raises(InfermeterError, match="use --tp-all-reduce triton-unfused with it"):
         _all_reduce_options(fused_prefill, cuda_ranks)
-    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.checkpoint.load import load_model
 
     with pytest.raises(InfermeterError, match="needs a tensor-parallel model"):
         use_peer_all_reduce(load_model("random:debug"), cpu_ranks)
@@ -206,7 +206,7 @@ def test_the_prenormed_forward_is_the_same_model() -> None:
     """model.add_norm set to the plain add-then-norm: the layers run forward_prenormed (each
     residual add with the norm after it, across layer boundaries) and the logits are the plain
     forward's, bit for bit; a compiled prefill's per-layer block_fn is refused."""
-    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.checkpoint.load import load_model
     from infermeter.engine.model import add_then_norm
 
     model = load_model("random:debug", max_batch_size=2, max_seq_len=16, seed=3)
@@ -224,22 +224,22 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     """--tp-all-reduce auto: triton (fused) where peer_all_reduce_usable says so, triton-unfused
     with --compile-prefill, NCCL otherwise and at tp 1; an explicit kind is kept. CPU ranks are
     never usable (no collective needed to say so without a group)."""
-    from infermeter.engine import parallel
-    from infermeter.generate_run import resolve_all_reduce
+    from infermeter.engine.parallel import sharding
+    from infermeter.generate.job import resolve_all_reduce
 
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
-    assert parallel.peer_all_reduce_usable(cpu_ranks) is False
+    assert sharding.peer_all_reduce_usable(cpu_ranks) is False
     gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))
     auto = GenerateRequest(source="random:debug")
     assert auto.tp_all_reduce == "auto"
-    monkeypatch.setattr(parallel, "peer_all_reduce_usable", lambda tp: True)
+    monkeypatch.setattr(sharding, "peer_all_reduce_usable", lambda tp: True)
     assert resolve_all_reduce(auto, gpus) == "triton"
     prefill = GenerateRequest(source="random:debug", compile_prefill=True)
     assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
     assert resolve_all_reduce(GenerateRequest(source="random:debug", tp_all_reduce="nccl"),
                               gpus) == "nccl"
     assert resolve_all_reduce(auto, None) == "nccl"
-    monkeypatch.setattr(parallel, "peer_all_reduce_usable", lambda tp: False)
+    monkeypatch.setattr(sharding, "peer_all_reduce_usable", lambda tp: False)
     assert resolve_all_reduce(auto, gpus) == "nccl"
 
 
@@ -301,8 +301,8 @@ def test_a_failed_peer_buffer_leaves_the_model_as_it_was(monkeypatch, kind) -> N
     """use_peer_all_reduce whose for_group raises PeerBufferUnavailable (as on every rank when
     one cannot get its buffer): the sharded model keeps its NCCL all-reduces, nothing of the
     peer kernels set (what lets auto go on with NCCL)."""
-    from infermeter.engine.checkpoint import load_model
-    from infermeter.engine.parallel import row_parallel_sites
+    from infermeter.engine.checkpoint.load import load_model
+    from infermeter.engine.parallel.sharding import row_parallel_sites
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # use_peer_all_reduce's Triton check passes
 

@@ -1,4 +1,4 @@
-"""engine/peer_gemv.py: the GEMV that pushes its partial sums to the peers and the kernel that
+"""parallel/peer_gemv.py: the GEMV that pushes its partial sums to the peers and the kernel that
 waits for them, sums, adds and norms (--tp-all-reduce triton-push).
 
 As in test_peer_all_reduce.py, the protocol runs for real in two spawned processes under
@@ -15,12 +15,12 @@ import torch
 
 from infermeter.engine import linear as linear_module
 from infermeter.engine.linear import Linear
-from infermeter.engine.parallel import TensorParallel, use_peer_all_reduce
-from infermeter.engine.peer_all_reduce import PeerAllReduce, buffer_bytes
-from infermeter.engine.peer_gemv import gemv_push, wait_add_norm
+from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, buffer_bytes
+from infermeter.engine.parallel.peer_gemv import gemv_push, wait_add_norm
+from infermeter.engine.parallel.sharding import TensorParallel, use_peer_all_reduce
 from infermeter.errors import InfermeterError
-from infermeter.generate_run import GenerateRequest, _all_reduce_options
-from infermeter.presets import PRESETS
+from infermeter.generate.job import GenerateRequest, _all_reduce_options
+from infermeter.spec.presets import PRESETS
 from tests.test_peer_all_reduce import (
     ACQUIRE_CAS_SYS,
     RELEASE_ADD_SYS,
@@ -96,7 +96,7 @@ def test_bad_calls_are_refused() -> None:
         gemv_push(peer, torch.zeros(1, 8), torch.zeros(4, 8), 2)
     with pytest.raises(ValueError, match="takes one row"):
         wait_add_norm(peer, torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(4), 1e-5, 0)
-    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.checkpoint.load import load_model
 
     model = load_model("random:debug")
     model.tp_collectives = None
@@ -117,7 +117,7 @@ def test_push_needs_the_fused_norm(monkeypatch) -> None:
 
 
 def _push_without_norm(tp: TensorParallel, buffers: list[torch.Tensor]) -> str:
-    from infermeter.engine.checkpoint import load_model
+    from infermeter.engine.checkpoint.load import load_model
 
     shard = load_model("random:debug", seed=1, tp=tp)
     try:

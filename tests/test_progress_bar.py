@@ -1,4 +1,4 @@
-"""`infermeter generate`'s progress bar (bench/generation_report.py): drawn by rich on a terminal's
+"""`infermeter generate`'s progress bar (generate/table.py): drawn by rich on a terminal's
 stderr, one step per warm-up and per timed run; off with --json, off when stderr is not a
 terminal, and a plain install without rich runs the same command with no bar."""
 
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from infermeter.bench.generation_report import ProgressBar, progress_bar
 from infermeter.cli import main
-from infermeter.generate_run import GenerateRequest, run_generate
+from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.table import ProgressBar, progress_bar
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ARGS = ["generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "3",

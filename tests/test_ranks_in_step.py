@@ -1,5 +1,5 @@
 """Tensor-parallel timing: every rank starts the warm-up and each timed run together
-(parallel.ranks_meet, called by generation.time_case), so no rank's TTFT counts another rank's
+(parallel.ranks_meet, called by loop.time_case), so no rank's TTFT counts another rank's
 lag."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import time
 
 import torch
 
-from infermeter.bench import generation
-from infermeter.bench.generation_cases import plan_cases, prompt_sets
-from infermeter.engine.checkpoint import load_weights
-from infermeter.engine.parallel import ranks_meet
-from infermeter.presets import PRESETS
+from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.parallel.sharding import ranks_meet
+from infermeter.generate import loop
+from infermeter.generate.cases import plan_cases, prompt_sets
+from infermeter.spec.presets import PRESETS
 from tests.tp_workers import run_ranks
 
 LAG_S = 0.3  # how late rank 1 comes to the barrier
@@ -43,8 +43,8 @@ def test_every_run_starts_after_the_ranks_meet(monkeypatch):
     """time_case: the ranks meet before the warm-up and before each timed run (not only once),
     and nothing is timed between the meeting and the run it precedes."""
     events = []
-    monkeypatch.setattr(generation, "ranks_meet", lambda device: events.append("meet"))
-    real_make_runner = generation.make_runner
+    monkeypatch.setattr(loop, "ranks_meet", lambda device: events.append("meet"))
+    real_make_runner = loop.make_runner
 
     def logging_runner(*args, **kwargs):
         runner = real_make_runner(*args, **kwargs)
@@ -61,13 +61,13 @@ def test_every_run_starts_after_the_ranks_meet(monkeypatch):
         runner.run, runner.warmup = run, warmup
         return runner
 
-    monkeypatch.setattr(generation, "make_runner", logging_runner)
+    monkeypatch.setattr(loop, "make_runner", logging_runner)
     spec = PRESETS["debug"]
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
     (case,) = plan_cases(spec, sets, ("eager",), 4)
-    settings = generation.RunSettings(max_new_tokens=4, repeats=3, warmup=1)
-    generation.time_case(model, case, settings, generation._Silent())
+    settings = loop.RunSettings(max_new_tokens=4, repeats=3, warmup=1)
+    loop.time_case(model, case, settings, loop._Silent())
     # warm-up, one untimed run (--warmup 1), then three timed runs each after a meeting
     assert events == ["meet", "warm-up", "run", "meet", "run", "meet", "run", "meet", "run"]
 
@@ -83,14 +83,14 @@ def test_an_out_of_memory_case_under_tp_ends_the_run(monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
 
-    monkeypatch.setattr(generation, "time_case", out_of_memory)
+    monkeypatch.setattr(loop, "time_case", out_of_memory)
     spec = PRESETS["debug"]
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
     cases = plan_cases(spec, sets, ("eager",), 4)
-    settings = generation.RunSettings(max_new_tokens=4, repeats=1, warmup=0)
-    (alone,) = generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
+    settings = loop.RunSettings(max_new_tokens=4, repeats=1, warmup=0)
+    (alone,) = loop.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
     assert alone.metrics["oom"] is True
-    monkeypatch.setattr(generation, "group_size", lambda: 2)
+    monkeypatch.setattr(loop, "group_size", lambda: 2)
     with pytest.raises(InfermeterError, match="out of memory in case .* under tensor parallel"):
-        generation.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
+        loop.run_generation(model, cases, settings, {"device_name": "cpu"}, {})

@@ -3,7 +3,7 @@ prints from the committed Results: a new Result that changes a column must come 
 
 from pathlib import Path
 
-from infermeter.report import build_report, render
+from infermeter.report.build import build_report, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

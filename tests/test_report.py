@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from infermeter import report_render
 from infermeter.errors import InfermeterError
-from infermeter.report import build_report, render, write_plots
-from infermeter.report_derive import CONTEXTS, break_even, prefill_ms
-from infermeter.report_load import Record
-from infermeter.report_select import Column, ColumnKey
-from infermeter.report_tables import REFERENCE_ROWS
+from infermeter.report import render as text_render
+from infermeter.report.build import build_report, render, write_plots
+from infermeter.report.derive import CONTEXTS, break_even, prefill_ms
+from infermeter.report.load import Record
+from infermeter.report.select import Column, ColumnKey
+from infermeter.report.tables import REFERENCE_ROWS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOOD, BAD = FIXTURES / "report", FIXTURES / "report-bad"
@@ -190,7 +190,7 @@ def test_terminal_uses_rich_or_falls_back_to_plain(report, monkeypatch):
     text = render(report, "terminal", width=200)
     assert "Reference table" in text and "Moving Bandwidth" in text and "Notes:" in text
     monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
-    plain = report_render.render_terminal(report)
+    plain = text_render.render_terminal(report)
     assert "== Reference table ==" in plain and "53.5 GB/s, 53.5 GB/s" in plain
 
 
@@ -199,7 +199,7 @@ def test_html_is_self_contained(report, monkeypatch):
     page = render(report, "html")
     assert page.count("<img ") == 5 and page.count('src="data:image/png;base64,') == 5
     assert "http://" not in page and "https://" not in page
-    monkeypatch.setattr("infermeter.report._plots_available", lambda: False)
+    monkeypatch.setattr("infermeter.report.build._plots_available", lambda: False)
     bare = render(report, "html")
     assert "<img " not in bare and "plots need matplotlib" in bare
 
@@ -231,15 +231,15 @@ def test_cli_writes_the_format_its_output_names(tmp_path):
 
 
 def test_importing_the_report_loads_no_plotting():
-    code = ("import sys, infermeter.report, infermeter.report_plots, infermeter.cli; "
+    code = ("import sys, infermeter.report.build, infermeter.report.plots, infermeter.cli; "
             "assert 'matplotlib' not in sys.modules and 'rich' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     """A 64-token run at context 512 and the seed's 432 tokens in a 512 cache: the seed's wins."""
-    from infermeter.report_load import Record
-    from infermeter.report_select import Column, ColumnKey, off_default_kernels, pick_generate
+    from infermeter.report.load import Record
+    from infermeter.report.select import Column, ColumnKey, off_default_kernels, pick_generate
 
     def record(line, **config):
         base = {"batch_size": 1, "mode": "compiled", "prompt_len": 80}
@@ -289,9 +289,9 @@ def test_report_knows_the_engines_default_kernels():
     """report_select's torch-free copies of the engine's defaults are the engine's."""
     from infermeter.cli import build_parser
     from infermeter.engine.linear import MATVEC_KERNEL
-    from infermeter.engine.parallel import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
-    from infermeter.generate_run import GenerateRequest
-    from infermeter.report_select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
+    from infermeter.engine.parallel.sharding import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
+    from infermeter.generate.job import GenerateRequest
+    from infermeter.report.select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
 
     request = GenerateRequest(source="random:debug")
     cli = build_parser().parse_args(["generate", "--model", "debug"])  # the CLI's defaults
@@ -303,7 +303,7 @@ def test_report_knows_the_engines_default_kernels():
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):
     """A generate Result with a --trace breakdown gets a stacked bar; none without one."""
     pytest.importorskip("matplotlib")
-    from infermeter.report_plots import plot_breakdown
+    from infermeter.report.plots import plot_breakdown
 
     def record(categories):
         metrics = {"decode_tok_per_s": 100.0, "breakdown": {"step_ms": 5.0,
@@ -335,8 +335,8 @@ def test_the_cache_size_of_a_tp_column_is_per_rank(tmp_path):
 
 
 def test_generate_setting_names_the_kernels_that_ran():
-    from infermeter.report_load import Record
-    from infermeter.report_tables import _generate_setting
+    from infermeter.report.load import Record
+    from infermeter.report.tables import _generate_setting
 
     def setting(**extra):
         config = {"mode": "compiled", "dtype": "float16", "batch_size": 1, "prompt_len": 80,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infermeter.report import build_report, render
+from infermeter.report.build import build_report, render
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")

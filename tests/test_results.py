@@ -5,9 +5,15 @@ import os
 
 import pytest
 
-from infermeter.env import capture_env, nvml_facts
 from infermeter.errors import InfermeterError
-from infermeter.results import REQUIRED_FIELDS, Result, append_jsonl, read_results, write_json
+from infermeter.measure.env import capture_env, nvml_facts
+from infermeter.measure.result import (
+    REQUIRED_FIELDS,
+    Result,
+    append_jsonl,
+    read_results,
+    write_json,
+)
 
 ENV_FIELDS = ("device_name", "device_count", "driver", "cuda", "torch", "pcie_gen",
               "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version")
@@ -111,7 +117,7 @@ def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path, monkeypat
     monkeypatch.delenv("INFERMETER_SOURCE_REVISION", raising=False)
     import subprocess
 
-    from infermeter.env import source_revision
+    from infermeter.measure.env import source_revision
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, text=True,
@@ -160,7 +166,7 @@ def test_result_files_get_the_usual_permissions(tmp_path):
 
 
 def test_device_slug_names_result_files():
-    from infermeter.env import device_slug
+    from infermeter.measure.env import device_slug
 
     assert device_slug({"device_name": "NVIDIA H200"}) == "nvidia-h200"
     assert device_slug({"device_name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"

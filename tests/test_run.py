@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from infermeter import runjob
 from infermeter.cli import main
-from infermeter.report_tables import REFERENCE_ROWS
-from infermeter.results import REQUIRED_FIELDS
+from infermeter.measure.result import REQUIRED_FIELDS
+from infermeter.report.tables import REFERENCE_ROWS
+from infermeter.run import stages
 
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU default, even on a GPU machine
 
@@ -34,7 +34,7 @@ def leftovers(folder):
 @pytest.fixture
 def cpu_only(monkeypatch):
     """In-process runs take the CPU default wherever the tests run."""
-    monkeypatch.setattr("infermeter.bench.copy.gpu_available", lambda: False)
+    monkeypatch.setattr("infermeter.copy.job.gpu_available", lambda: False)
 
 
 def test_default_run_on_cpu_writes_results_and_report(tmp_path):
@@ -90,11 +90,11 @@ def _interrupting(name):
         raise AssertionError("SIGINT did not interrupt")
 
     return tuple((n, what, interrupt if n == name else stage)
-                 for n, what, stage in runjob.STAGES)
+                 for n, what, stage in stages.STAGES)
 
 
 def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch, capsys):
-    monkeypatch.setattr(runjob, "STAGES", _interrupting("generate"))
+    monkeypatch.setattr(stages, "STAGES", _interrupting("generate"))
     assert main(["run", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "interrupted: generate did not run; kept kv, copy" in err
@@ -105,7 +105,7 @@ def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch
 
 
 def test_ctrl_c_in_the_first_stage_leaves_no_files(tmp_path, cpu_only, monkeypatch, capsys):
-    monkeypatch.setattr(runjob, "STAGES", _interrupting("kv"))
+    monkeypatch.setattr(stages, "STAGES", _interrupting("kv"))
     assert main(["run", "--out", str(tmp_path)]) == 130
     assert "kv, copy, generate did not run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -130,22 +130,22 @@ def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_reference_setting_plan():
-    setting = runjob.plan_setting(None, None, None, None, None, gpu=True)
+    setting = stages.plan_setting(None, None, None, None, None, gpu=True)
     assert setting.reference and setting.spec.name == "llama-2-7b"
     assert (setting.batch, setting.seq_len, setting.dtype) == (1, 512, "float16")
     assert (setting.prompt_len, setting.new_tokens) == (80, 432)  # the seed's 432 in 512
-    gen = runjob.generate_request(setting)
+    gen = stages.generate_request(setting)
     assert gen.modes == ("compiled",) and gen.max_seq_len == 512 and gen.prompt_lens == (80,)
     assert gen.source == "random:llama-2-7b" and not gen.until_eos
-    copy = runjob.copy_request(setting)
+    copy = stages.copy_request(setting)
     assert copy.hosts == ("seed", "pinned") and copy.device == "cuda"
     assert copy.layouts == ("engine", "contiguous", "paged") and copy.block_tokens == (16,)
 
 
 def test_overrides_leave_the_reference_setting():
-    setting = runjob.plan_setting("llama-3.1-8b", None, 8, 4096, "bf16", gpu=True)
+    setting = stages.plan_setting("llama-3.1-8b", None, 8, 4096, "bf16", gpu=True)
     assert not setting.reference
     assert (setting.batch, setting.seq_len, setting.dtype) == (8, 4096, "bfloat16")
     assert (setting.prompt_len, setting.new_tokens) == (4096 - 432, 432)
-    cpu = runjob.plan_setting(None, None, None, None, None, gpu=False)
+    cpu = stages.plan_setting(None, None, None, None, None, gpu=False)
     assert (cpu.spec.name, cpu.device, cpu.seq_len, cpu.reference) == ("debug", "cpu", 64, False)

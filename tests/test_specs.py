@@ -6,9 +6,9 @@ import json
 import pytest
 
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
-from infermeter.spec_loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
-from infermeter.specs import ModelSpec, check_engine_arch
+from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
+from infermeter.spec.model import ModelSpec, check_engine_arch
+from infermeter.spec.presets import PRESETS
 from tests import published_configs as published
 
 

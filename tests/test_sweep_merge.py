@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from infermeter.results import Result, append_jsonl, read_results
+from infermeter.measure.result import Result, append_jsonl, read_results
 from tests.benchmark_scripts import load_benchmark
 
 

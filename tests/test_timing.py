@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from infermeter.bench.timing import Stats, percentile, time_host
+from infermeter.measure.timing import Stats, percentile, time_host
 
 
 def test_percentiles_match_numpy_linear():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infermeter.engine.chat import (
+from infermeter.engine.text.chat import (
     encode_dialog,
     encode_llama2_dialog,
     encode_llama3_dialog,
@@ -18,7 +18,7 @@ from infermeter.engine.chat import (
     parse_prompt_ids,
     resolve_chat_format,
 )
-from infermeter.engine.tokenizer import (
+from infermeter.engine.text.tokenizer import (
     LLAMA3_PAT_STR,
     LLAMA3_SPECIAL_TOKENS,
     HFTokenizer,

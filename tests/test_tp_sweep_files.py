@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from infermeter.results import Result, read_results, write_json
+from infermeter.measure.result import Result, read_results, write_json
 from tests.benchmark_scripts import load_benchmark as load
 
 ROWS = [{"run": i, "mode": "eager", "exit_code": 0, "wall_s": 15.0 + i, "result_written": True,

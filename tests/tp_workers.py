@@ -3,7 +3,7 @@
 `run_ranks(fn, world, *args)` starts `world` processes (torch.multiprocessing, spawn), sets the
 environment torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store
 held by the test process), joins them through
-parallel.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
+sharding.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
 the test with its traceback; ranks still running after `timeout` are killed and the test fails,
 so a hang can never block CI. Worker functions live here (not in the test file) because spawned
 processes import them by module name.
@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from infermeter import kvsize
-from infermeter.engine.checkpoint import load_model
-from infermeter.engine.generate import GenerationConfig, Generator, _decode_one
-from infermeter.engine.parallel import TensorParallel, init_distributed, teardown
+from infermeter.engine.checkpoint.load import load_model
+from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
+from infermeter.engine.parallel.sharding import TensorParallel, init_distributed, teardown
+from infermeter.spec import sizes
 
 BATCH, CACHE, PROMPT, DECODE = 2, 24, 9, 4
 
@@ -106,7 +106,7 @@ def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
         shard.setup_cache(BATCH, CACHE)  # the generator resized it; size it as kvsize is asked
         out[name] = {"diff": diff, "fused_diff": fused_diff.item(), "tokens_equal": want == got,
                      "cache_bytes": shard.cache_bytes(),
-                     "kvsize_bytes": kvsize.kv_cache_bytes(spec, BATCH, CACHE, "float32",
+                     "kvsize_bytes": sizes.kv_cache_bytes(spec, BATCH, CACHE, "float32",
                                                            tp.world)}
         if name in compiled:
             out[name]["compiled_equal"] = _compiled_step_equal(full, shard, "aot_eager")
@@ -140,7 +140,7 @@ def abort_always(tp: TensorParallel) -> int:
     return tp.rank
 
 
-# ---- the peer all-reduce kernel (engine/peer_all_reduce.py) under TRITON_INTERPRET=1 ----------
+# ---- the peer all-reduce kernel (engine/parallel/peer_all_reduce.py) under TRITON_INTERPRET=1
 # float32 exactly but for rsqrt's last bits; float16 within its roundings; bfloat16 within three
 # of the interpreter's truncations (2^-7 each: h, normed, times weight)
 ADD_NORM_TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}
@@ -171,7 +171,7 @@ def peer_inputs(site: int, numel: int, dtype: torch.dtype, world: int) -> list[t
 
 def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
     """Every case's result against the float32 sum in rank order, and the flags left set."""
-    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
 
     peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
     equal = []
@@ -207,7 +207,7 @@ def peer_ll_sums(tp: TensorParallel, buffers: list[torch.Tensor],
     """peer_ll.py's fused all-reduce + add + norm, sites reused (each call a new epoch):
     against torch as peer_sums checks the flag kernel's, the outputs themselves (to compare
     the ranks), and each site's call count left in the flag area."""
-    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
 
     peer = PeerAllReduce(tp.rank, buffers, n_sites=2, ll=True)
     equal, outputs = [], []
@@ -245,9 +245,9 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
     """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
     them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
     decode step (aot_eager), and how many all-reduces went through a kernel."""
-    from infermeter.engine import peer_all_reduce
     from infermeter.engine.linear import set_matvec_kernel
-    from infermeter.engine.parallel import use_peer_all_reduce
+    from infermeter.engine.parallel import peer_all_reduce
+    from infermeter.engine.parallel.sharding import use_peer_all_reduce
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
@@ -272,7 +272,7 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
             "n_layers": full.spec.n_layers}
 
 
-# ---- the pushing GEMV (engine/peer_gemv.py) under TRITON_INTERPRET=1 --------------------------
+# ---- the pushing GEMV (engine/parallel/peer_gemv.py) under TRITON_INTERPRET=1
 # (site, N, K, dtype): gemv_kernel's three tilings (K < 4096: 4 rows a program, N ragged; K a
 # multiple of 4096: 2 rows; otherwise 1 row of 2048 columns, K ragged), sites reused
 PUSH_CASES = [(0, 301, 200, torch.float32), (1, 130, 4096, torch.float16),
@@ -294,8 +294,8 @@ def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str,
     torch's add and norm of the sum of every rank's partial; then one plain fused add_norm on a
     site the pushes used (both kernels use the site's first flag). Returns the comparisons, the
     outputs (to compare across ranks) and the flags left set."""
-    from infermeter.engine.peer_all_reduce import PeerAllReduce, flag_area_bytes
-    from infermeter.engine.peer_gemv import gemv_push, wait_add_norm
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
+    from infermeter.engine.parallel.peer_gemv import gemv_push, wait_add_norm
 
     peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
     equal, outputs = [], []
@@ -324,9 +324,9 @@ def peer_push_model_matches_tp1(tp: TensorParallel, source: Any,
     prefill, then DECODE fullgraph-compiled steps (aot_eager) in which wo and w2 push (the
     other products, the attention and SwiGLU in torch: our other Triton kernels cannot be
     traced when interpreted). Max |logits difference| and how many pushes the steps made."""
-    from infermeter.engine import peer_gemv
     from infermeter.engine.linear import set_matvec_kernel
-    from infermeter.engine.parallel import use_peer_all_reduce
+    from infermeter.engine.parallel import peer_gemv
+    from infermeter.engine.parallel.sharding import use_peer_all_reduce
 
     full = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1, tp=tp)
@@ -405,7 +405,7 @@ def peer_buffer_agreement(tp: TensorParallel,
     """PeerAllReduce.for_group once per case (rank -> the step that fails there) on the same
     group, in order: what came back (the peer's rank and buffer count, or the error's class
     and message), the seconds it took, and whether the error left this rank's buffer alive."""
-    from infermeter.engine.peer_all_reduce import PeerAllReduce, PeerBufferUnavailable
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, PeerBufferUnavailable
 
     out = []
     for fails in cases:
@@ -428,22 +428,22 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
     import contextlib
     import io
 
-    from infermeter import generate_run
     from infermeter.cli import main
-    from infermeter.engine import parallel
-    from infermeter.engine.peer_all_reduce import PeerAllReduce
+    from infermeter.engine.parallel import sharding
+    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce
+    from infermeter.generate import job
 
     fake_symmetric_memory(tp, {1: "rendezvous"})
-    parallel.peer_all_reduce_usable = lambda tp: True
-    real_options = generate_run._all_reduce_options  # refuses triton kinds on CPU ranks
+    sharding.peer_all_reduce_usable = lambda tp: True
+    real_options = job._all_reduce_options  # refuses triton kinds on CPU ranks
 
     def options(request: Any, tp: Any) -> dict:
         return {} if request.tp_all_reduce.startswith("triton") else real_options(request, tp)
 
-    generate_run._all_reduce_options = options
+    job._all_reduce_options = options
     # use_peer_all_reduce refuses CPU ranks before it reaches for_group; what it does on a
     # failure (nothing to the model) is test_peer_all_reduce's single-process test
-    parallel.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
+    sharding.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
         tp.group, tp.device, 2 * len(model.layers))
     runs = []
     for kind in kinds:
@@ -467,8 +467,8 @@ def copy_in_step(tp: TensorParallel, args: list[str], late_rank: int,
     import contextlib
     import io
 
-    from infermeter.bench.copy_run import CopyRunner
     from infermeter.cli import main
+    from infermeter.copy.harness import CopyRunner
 
     events: list[tuple] = []
     real_barrier = dist.barrier

@@ -83,7 +83,7 @@ def run_entry(main: Callable[[], int]) -> int:
         if not _write_error("traceback", traceback.format_exc()):
             raise
         code = 1
-    parallel = sys.modules.get("infermeter.engine.parallel")
+    parallel = sys.modules.get("infermeter.engine.parallel.sharding")
     if parallel is None or not under_torchrun():
         return code
     if code == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from infermeter.presets import DEFAULT_MODEL
+from infermeter.spec.presets import DEFAULT_MODEL
 
 
 class Parser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ from infermeter.commands.common import add_cache_flags, add_output_flags, positi
 
 
 def add_copy_parser(sub: argparse._SubParsersAction) -> None:
-    from infermeter.bench.copy_cases import DIRECTIONS, HOSTS, LAYOUTS, METHODS
+    from infermeter.copy.cases import DIRECTIONS, HOSTS, LAYOUTS, METHODS
 
     p = sub.add_parser("copy", help="KV-cache moving speed between GPU and host memory",
                        description="Time moving a model's KV cache between GPU and host memory "
@@ -44,7 +44,7 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_copy(args: argparse.Namespace) -> int:
-    from infermeter.bench.copy import (
+    from infermeter.copy.job import (
         CopyRequest,
         gpu_available,
         n_cases,
@@ -52,28 +52,28 @@ def _run_copy(args: argparse.Namespace) -> int:
         plan_rows,
         run_copy,
     )
-    from infermeter.bench.copy_report import progress_bar, render_copy, render_plan
-    from infermeter.bench.trace_capture import traced_copy
+    from infermeter.copy.table import progress_bar, render_copy, render_plan
+    from infermeter.copy.trace import traced_copy
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
-    from infermeter.results import append_jsonl
-    from infermeter.spec_loaders import resolve_model
+    from infermeter.measure.result import append_jsonl
+    from infermeter.spec.loaders import resolve_model
 
     def unique(values: list) -> tuple:  # repeated flag values once, in the order given
         return tuple(dict.fromkeys(values))
 
     spec = resolve_model(args.model)
     if args.trace:  # a bad folder fails now, not after the copies
-        from infermeter.bench.trace_capture import make_trace_dir
+        from infermeter.measure.trace import make_trace_dir
 
         make_trace_dir(args.trace)
-    # ---- tensor parallelism (launch.py, engine/parallel.py): each rank copies its KV shard
+    # ---- tensor parallelism (launch.py, engine/parallel/): each rank copies its KV shard
     if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
         return code
     tp = None
     if under_torchrun():
-        from infermeter.bench.copy_ranks import merge_ranks
-        from infermeter.engine.parallel import init_distributed, rank_spec, ranks_meet
-        from infermeter.engine.parallel_results import gather_rank_results
+        from infermeter.copy.ranks import merge_ranks
+        from infermeter.engine.parallel.sharding import init_distributed, rank_spec, ranks_meet
+        from infermeter.measure.ranks import gather_rank_results
 
         tp = init_distributed(args.device, args.tp)
         spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
@@ -111,7 +111,7 @@ def _run_copy(args: argparse.Namespace) -> int:
 
 
 def _print_copies(results: list) -> None:
-    from infermeter.bench.breakdown import render_breakdown
+    from infermeter.measure.breakdown import render_breakdown
 
     found = results[0].metrics.get("breakdown") if results else None
     if found:

@@ -88,7 +88,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache length (default: prompt + new tokens, rounded up)")
     p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",
                    type=positive_int, help="largest batch run at once (default: all prompts)")
-    # Tensor parallelism: launch.py starts torchrun, engine/parallel.py shards the model.
+    # Tensor parallelism: launch.py starts torchrun, engine/parallel/sharding.py shards the model.
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks on this host: starts "
                    "torchrun with this many (default 1; under torchrun: all its ranks)")
     p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="auto",
@@ -115,11 +115,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from infermeter.bench.generation_report import progress_bar, render_generate, render_outputs
-    from infermeter.env import capture_env
-    from infermeter.generate_run import GenerateRequest, default_device, run_generate
+    from infermeter.generate.job import GenerateRequest, default_device, run_generate
+    from infermeter.generate.table import progress_bar, render_generate, render_outputs
     from infermeter.launch import is_rank_zero, relaunch_if_needed
-    from infermeter.results import append_jsonl
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.result import append_jsonl
 
     # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
     if args.dry_run:
@@ -128,7 +128,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         return code
     # ---- end tensor parallelism
     if args.trace:  # a bad folder fails now, not after the timed runs
-        from infermeter.bench.trace_capture import make_trace_dir
+        from infermeter.measure.trace import make_trace_dir
 
         make_trace_dir(args.trace)
     device = args.device or default_device()
@@ -168,7 +168,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _print_breakdowns(results: list) -> None:
     """--trace: each case's decode-step table, after the timing table."""
-    from infermeter.bench.breakdown import render_breakdown
+    from infermeter.measure.breakdown import render_breakdown
 
     for result in results:
         found = result.metrics.get("breakdown")
@@ -181,14 +181,14 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
     """generate --dry-run: each tensor-parallel rank's weights, KV cache and headroom."""
     import json
 
-    from infermeter.env import nvml_facts
-    from infermeter.generate_run import DEFAULT_PROMPT_IDS
-    from infermeter.rankplan import cache_length, rank_plan, render_rank_plan
-    from infermeter.spec_loaders import resolve_model
+    from infermeter.generate.job import DEFAULT_PROMPT_IDS
+    from infermeter.measure.env import nvml_facts
+    from infermeter.spec.loaders import resolve_model
+    from infermeter.spec.rank_plan import cache_length, rank_plan, render_rank_plan
     from infermeter.units import parse_size
 
     if args.checkpoint:
-        from infermeter.engine.checkpoint import spec_for
+        from infermeter.engine.checkpoint.load import spec_for
 
         spec = spec_for(args.checkpoint)[0]
     else:

@@ -7,7 +7,7 @@ import sys
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
-    from infermeter.report import FORMATS
+    from infermeter.report.build import FORMATS
 
     p = sub.add_parser("report", help="tables and plots from Results of many machines and models",
                        description="Join Results (files, folders searched for *.json and "
@@ -29,8 +29,8 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     import shutil
 
-    from infermeter.report import build_report, choose_format, render, write_plots
-    from infermeter.results import atomic_write
+    from infermeter.measure.result import atomic_write
+    from infermeter.report.build import build_report, choose_format, render, write_plots
 
     def warn(line: str) -> None:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)

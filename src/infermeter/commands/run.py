@@ -85,8 +85,8 @@ def _banner(setting, env: dict, folder: Path) -> str:
 
 
 def _run_stages(setting, env: dict, results_path: Path, progress: Progress) -> None:
-    from infermeter.results import append_jsonl
-    from infermeter.runjob import STAGES
+    from infermeter.measure.result import append_jsonl
+    from infermeter.run.stages import STAGES
 
     for number, (name, what, stage) in enumerate(STAGES, start=1):
         _note(f"[{number}/{len(STAGES)}] {name}: {what} ...")
@@ -109,9 +109,9 @@ def _write_report(folder: Path, results_path: Path) -> None:
     import importlib.util
     import shutil
 
-    from infermeter.report import build_report, render, write_plots
-    from infermeter.report_tables import Report
-    from infermeter.results import atomic_write
+    from infermeter.measure.result import atomic_write
+    from infermeter.report.build import build_report, render, write_plots
+    from infermeter.report.tables import Report
 
     report = build_report([str(results_path)])
     for name, fmt in (("report.md", "markdown"), ("report.html", "html")):
@@ -128,7 +128,7 @@ def _write_report(folder: Path, results_path: Path) -> None:
 
 
 def _exit_code(progress: Progress) -> int:
-    from infermeter.runjob import STAGES
+    from infermeter.run.stages import STAGES
 
     missing = [name for name, _, _ in STAGES if name not in progress.done + progress.failed]
     if progress.interrupted:
@@ -142,10 +142,10 @@ def _exit_code(progress: Progress) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from infermeter.bench.copy import gpu_available
-    from infermeter.env import capture_env
+    from infermeter.copy.job import gpu_available
     from infermeter.launch import under_torchrun
-    from infermeter.runjob import plan_setting
+    from infermeter.measure.env import capture_env
+    from infermeter.run.stages import plan_setting
 
     if under_torchrun():  # the job times one GPU; tensor parallelism is `copy/generate --tp`
         raise InfermeterError("infermeter run measures one GPU: start it without torchrun")
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.trace:  # a bad folder fails before the results folder exists
         import dataclasses
 
-        from infermeter.bench.trace_capture import make_trace_dir
+        from infermeter.measure.trace import make_trace_dir
 
         make_trace_dir(args.trace)
         setting = dataclasses.replace(setting, trace_dir=args.trace)

@@ -19,7 +19,7 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:
 def _run_trace(args: argparse.Namespace) -> int:
     import json
 
-    from infermeter.bench.breakdown import render_breakdown, summarize_trace
+    from infermeter.measure.breakdown import render_breakdown, summarize_trace
 
     found = summarize_trace(args.file)  # a bad file: InfermeterError -> one line, exit 2
     print(json.dumps(found) if args.json else render_breakdown(found))

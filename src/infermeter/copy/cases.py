@@ -20,7 +20,7 @@ Layouts (per layer, B = batch, S = tokens the layer caches, H = KV heads, D = he
   so the bytes moved equal `kv_cache_bytes` exactly. A piece (one copy in the per-block method) is
   one block of K or of V: 16 tokens of Llama-2-7B fp16 = 16 x 32 x 128 x 2 B = 128 KiB.
 
-Bytes per layout always equal `kvsize.kv_cache_bytes(spec, batch, seq_len, kv_dtype)` (tp = 1).
+Bytes per layout always equal `sizes.kv_cache_bytes(spec, batch, seq_len, kv_dtype)` (tp = 1).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from infermeter import kvsize
 from infermeter.errors import InfermeterError
-from infermeter.specs import ModelSpec
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
 from infermeter.units import dtype_bytes
 
 LAYOUTS = ("engine", "contiguous", "paged")
@@ -87,7 +87,7 @@ class LayoutPlan:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes moved: the cache, equal to kvsize.kv_cache_bytes."""
+        """Bytes moved: the cache, equal to sizes.kv_cache_bytes."""
         return sum(seg.nbytes for seg in self.segments)
 
     @property
@@ -124,7 +124,7 @@ def engine_shapes(spec: ModelSpec, batch_size: int, seq_len: int) -> list[tuple[
     of `Transformer.cache_tensors()`: [layer0.k, layer0.v, layer1.k, ...]."""
     shapes = []
     for layer in range(spec.n_layers):
-        tokens = kvsize.cached_tokens(spec, layer, seq_len)
+        tokens = sizes.cached_tokens(spec, layer, seq_len)
         if spec.is_mla:
             shapes += [(batch_size, tokens, spec.kv_lora_rank),
                        (batch_size, tokens, spec.qk_rope_head_dim)]
@@ -141,7 +141,7 @@ def _engine(spec: ModelSpec, batch: int, seq_len: int, elem: int) -> LayoutPlan:
 
 
 def _contiguous(spec: ModelSpec, batch: int, seq_len: int, kv_dtype: str) -> LayoutPlan:
-    total = kvsize.kv_cache_bytes(spec, batch, seq_len, kv_dtype)
+    total = sizes.kv_cache_bytes(spec, batch, seq_len, kv_dtype)
     elem = dtype_bytes(kv_dtype)
     return LayoutPlan("contiguous", None, elem, ((total // elem,),),
                       (Segment(0, 0, total, total, 1),))
@@ -151,7 +151,7 @@ def _paged(spec: ModelSpec, batch: int, seq_len: int, elem: int, block: int) -> 
     comps = _components(spec)
     buffers, segments, tables = [], [], []
     for layer in range(spec.n_layers):
-        tokens = kvsize.cached_tokens(spec, layer, seq_len)
+        tokens = sizes.cached_tokens(spec, layer, seq_len)
         per_seq = math.ceil(tokens / block)
         last_tokens = tokens - (per_seq - 1) * block  # 1..block tokens in the last block
         table = BlockTable(batch, per_seq, BLOCK_TABLE_SEED + layer)

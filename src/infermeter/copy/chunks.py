@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from infermeter.bench.copy_cases import LayoutPlan
+from infermeter.copy.cases import LayoutPlan
 
 MiB = 2**20
 SMALLEST_CHUNK = 2 * MiB

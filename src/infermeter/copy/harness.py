@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from infermeter.bench import copy_methods as cm
-from infermeter.bench.copy_bench import Spin, case_metrics, run_once, time_movers, time_seed
-from infermeter.bench.copy_cases import Case, LayoutPlan, skip_reason
-from infermeter.bench.copy_chunks import plan_chunks, split_evenly
-from infermeter.bench.copy_host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
-from infermeter.bench.copy_verify import verify_layout, verify_pieces
-from infermeter.bench.link import LinkInfo, current_link_of
-from infermeter.bench.nvtx import traced
+from infermeter.copy import methods as cm
+from infermeter.copy.cases import Case, LayoutPlan, skip_reason
+from infermeter.copy.chunks import plan_chunks, split_evenly
+from infermeter.copy.host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
+from infermeter.copy.timing import Spin, case_metrics, run_once, time_movers, time_seed
+from infermeter.copy.verify import verify_layout, verify_pieces
+from infermeter.measure.link import LinkInfo, current_link_of
+from infermeter.measure.nvtx import traced
 
 
 @dataclass

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from infermeter.bench.copy_methods import WORD_DTYPES
+from infermeter.copy.methods import WORD_DTYPES
 
 _TYPESTR = {torch.int64: "<i8", torch.int32: "<i4", torch.int16: "<i2", torch.uint8: "|u1"}
 _CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: pinned (page-locked) host memory

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from infermeter import kvsize
-from infermeter.bench.copy_cases import (
+from infermeter.copy.cases import (
     DIRECTIONS,
     HOSTS,
     LAYOUTS,
@@ -37,12 +36,13 @@ from infermeter.bench.copy_cases import (
     plan_layout,
     skip_reason,
 )
-from infermeter.bench.copy_chunks import LARGEST_CHUNK
-from infermeter.bench.copy_diagnosis import best, diagnose, targets
-from infermeter.env import host_available
+from infermeter.copy.chunks import LARGEST_CHUNK
+from infermeter.copy.diagnosis import best, diagnose, targets
 from infermeter.errors import InfermeterError
-from infermeter.results import Result
-from infermeter.specs import ModelSpec
+from infermeter.measure.env import host_available
+from infermeter.measure.result import Result
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
 from infermeter.units import canonical_dtype, format_bytes
 
 
@@ -144,7 +144,7 @@ def check_memory(req: CopyRequest, plans: dict[Any, LayoutPlan], device: Any) ->
 def offload_figures(req: CopyRequest, seq_len: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Time to move one sequence of seq_len tokens out and back, at the best pinned
     engine-layout GB/s of this run (an estimate: a smaller copy runs a little slower)."""
-    nbytes = kvsize.kv_cache_bytes(req.spec, 1, seq_len, req.kv_dtype)
+    nbytes = sizes.kv_cache_bytes(req.spec, 1, seq_len, req.kv_dtype)
     out: dict[str, Any] = {"offload_tokens": seq_len, "offload_bytes": nbytes,
                            "offload_ms": None, "reload_ms": None}
     for key, direction in (("offload_ms", "d2h"), ("reload_ms", "h2d")):
@@ -161,7 +161,7 @@ def _result(req: CopyRequest, batch: int, seq_len: int, run: Any, link: Any,
             env: dict[str, Any]) -> Result:
     lines, notes = diagnose(run.cases, link.to_dict())
     metrics = {"cases": run.cases, "skipped": run.skipped,
-               "kv_cache_bytes": kvsize.kv_cache_bytes(req.spec, batch, seq_len, req.kv_dtype),
+               "kv_cache_bytes": sizes.kv_cache_bytes(req.spec, batch, seq_len, req.kv_dtype),
                "link_peak_gbps": link.peak_gbps, "link": link.to_dict(),
                "link_description": link.describe(), "numa_node": link.numa_node,
                "host_numa_nodes": link.host_numa_nodes, **offload_figures(req, seq_len, run.cases),
@@ -180,9 +180,9 @@ def run_copy(req: CopyRequest, progress: Callable[[str], None] | None = None,
     same time)."""
     import torch
 
-    from infermeter.bench.copy_run import CopyRunner
-    from infermeter.bench.link import LinkInfo, link_info, torch_bus_id
-    from infermeter.env import capture_env
+    from infermeter.copy.harness import CopyRunner
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.link import LinkInfo, link_info, torch_bus_id
 
     if req.device == "cuda" and not torch.cuda.is_available():
         raise InfermeterError("no CUDA GPU found (use --device cpu for a host-memcpy run)")

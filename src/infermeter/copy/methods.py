@@ -32,8 +32,8 @@ import contextlib
 
 import torch
 
-from infermeter.bench.copy_cases import LayoutPlan, Segment
-from infermeter.bench.copy_chunks import Chunk, Op
+from infermeter.copy.cases import LayoutPlan, Segment
+from infermeter.copy.chunks import Chunk, Op
 from infermeter.units import canonical_dtype
 
 WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}

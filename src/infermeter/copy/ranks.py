@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from infermeter.bench.copy import CopyRequest, offload_figures
-from infermeter.bench.copy_cases import Case
-from infermeter.bench.copy_diagnosis import diagnose, targets
-from infermeter.results import Result
+from infermeter.copy.cases import Case
+from infermeter.copy.diagnosis import diagnose, targets
+from infermeter.copy.job import CopyRequest, offload_figures
+from infermeter.measure.result import Result
 
 CASE_KEY = ("layout", "block_tokens", "host_memory", "direction", "method")
 RANK_FIELDS = ("bytes", "bytes_moved", "moving_time_ms", "gbps", "link_pct")

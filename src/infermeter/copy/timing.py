@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from infermeter.bench.timing import Stats, time_host
+from infermeter.measure.timing import Stats, time_host
 
 HOLD_FACTOR, HOLD_MARGIN_MS, HOLD_MAX_MS = 1.5, 0.2, 5000.0
 

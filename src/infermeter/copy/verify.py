@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from infermeter.bench.copy_chunks import Chunk, plan_chunks
-from infermeter.bench.copy_methods import DeviceLayout
+from infermeter.copy.chunks import Chunk, plan_chunks
+from infermeter.copy.methods import DeviceLayout
 from infermeter.errors import InfermeterError
 
 COMPARE_CHUNK = 64 * 2**20

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, torch_dtype
-from infermeter.engine.pdl import inductor_options, launching, supported
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 
@@ -236,7 +236,8 @@ class Generator:
         the compiled step, "triton" only where the kernel can run (CUDA or Triton's
         interpreter, a power-of-two head size); "math" in their place otherwise."""
         from infermeter.engine.attention import resolve_attention
-        from infermeter.engine.decode_kernel import head_size_fits, triton_runs_on
+        from infermeter.engine.kernels.decode_attention import head_size_fits
+        from infermeter.engine.kernels.triton_support import triton_runs_on
 
         if self.decode_attention is None:
             return None

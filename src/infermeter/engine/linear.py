@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infermeter.engine.decode_kernel import triton_runs_on
-from infermeter.engine.gemv_kernel import gemv_usable, matvec
+from infermeter.engine.kernels.gemv import gemv_usable, matvec
+from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.opaque_ops import compiling
 
 # "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or

@@ -51,15 +51,19 @@ from infermeter.engine.attention import (
     flex_decode_attention,
     resolve_attention,
 )
-from infermeter.engine.decode_kernel import decode_attention_kernel, kernel_usable, split_count
+from infermeter.engine.kernels.decode_attention import (
+    decode_attention_kernel,
+    kernel_usable,
+    split_count,
+)
+from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
-from infermeter.engine.swiglu_kernel import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.errors import InfermeterError
-from infermeter.specs import ModelSpec, check_engine_arch
+from infermeter.spec.model import ModelSpec, check_engine_arch
 from infermeter.units import canonical_dtype
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

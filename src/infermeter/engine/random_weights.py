@@ -17,19 +17,18 @@ exactly the tp 1 model's weights. Memory: the rank's shard plus one full tensor 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from infermeter.engine.model import Transformer
-    from infermeter.engine.parallel import ShardPlan
+from torch import nn
 
 INIT_STD = 0.02
 
 
 @torch.no_grad()
-def init_random_weights(model: Transformer, seed: int = 0, shard: ShardPlan | None = None) -> None:
+def init_random_weights(model: nn.Module, seed: int = 0, shard: Any = None) -> None:
+    """Fill a Transformer's parameters; `shard` a parallel.ShardPlan or None (typed loosely:
+    the model and the sharding plan both import this module)."""
     device = model.tok_embeddings.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)

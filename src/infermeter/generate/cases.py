@@ -20,9 +20,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from infermeter.engine.generate import CACHE_ROUND  # nearby lengths share a cache and graph
+from infermeter.engine.generator import CACHE_ROUND  # nearby lengths share a cache and graph
 from infermeter.errors import InfermeterError
-from infermeter.specs import ModelSpec
+from infermeter.spec.model import ModelSpec
 
 MODES = ("compiled", "eager", "hf", "hf-eager")
 

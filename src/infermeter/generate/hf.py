@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.checkpoint.hf import hf_config, meta_to_hf_name, permute
 from infermeter.engine.fusion import meta_state_dict
-from infermeter.engine.generate import GenerationConfig, GenerationOutput
-from infermeter.engine.hf_checkpoint import hf_config, meta_to_hf_name, permute
+from infermeter.engine.generator import GenerationConfig, GenerationOutput
 from infermeter.engine.model import Transformer, dtype_name
 from infermeter.errors import InfermeterError
 

@@ -1,6 +1,6 @@
 """`infermeter generate`: a checkpoint (or random weights) + prompts -> timed generation -> Results.
 
-The command times by default (bench/generation.py): warm-up apart, then repeated runs with TTFT,
+The command times by default (generate/loop.py): warm-up apart, then repeated runs with TTFT,
 TPOT, decode tokens/s, MBU / MFU against peaks measured in the same run, memory; one `generate`
 Result per case (prompt set x mode), each with its output token ids, so the command stays the
 correctness view of the engine too.
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infermeter.engine.peer_buffers import uses_peer_buffer
 from infermeter.errors import InfermeterError
-from infermeter.results import Result
+from infermeter.measure.result import Result
+from infermeter.spec.peer_buffers import uses_peer_buffer
 
 if TYPE_CHECKING:
-    from infermeter.bench.generation import Progress
+    from infermeter.generate.loop import Progress
 
 DEFAULT_PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916]  # a fixed prompt for tokenizer-less runs
 
@@ -51,7 +51,7 @@ class GenerateRequest:
     modes: tuple[str, ...] = ("eager",)  # bench/generation_cases.MODES; a list compares them
     max_seq_len: int | None = None  # a fixed KV-cache length for every case
     max_batch_size: int | None = None
-    tp: int | None = None  # tensor-parallel ranks (engine/parallel.py); None: as torchrun started
+    tp: int | None = None  # tensor-parallel ranks; None: as torchrun started
     batch_sizes: tuple[int, ...] | None = None  # None: 1 (or the user's prompts)
     prompt_lens: tuple[int, ...] = ()
     contexts: tuple[int, ...] = ()
@@ -61,9 +61,9 @@ class GenerateRequest:
     compile_backend: str | None = None
     compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
     decode_attention: str | None = None  # how a one-token step attends (attention.py)
-    tp_all_reduce: str = "auto"  # engine/parallel.py ALL_REDUCE_KINDS (tp > 1)
+    tp_all_reduce: str = "auto"  # engine/parallel/sharding.py ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
-    pdl: bool | None = None  # compiled mode: programmatic dependent launch (engine/pdl.py);
+    pdl: bool | None = None  # compiled mode: programmatic dependent launch (engine/kernels/pdl.py);
     # None: where it can run
     max_positions: int | None = None  # random weights only: raise the model's context
     trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
@@ -77,7 +77,7 @@ def default_device() -> str:
 
 def find_tokenizer(request: GenerateRequest) -> Any:
     """The tokenizer named by --tokenizer-path, else the one beside the checkpoint, else None."""
-    from infermeter.engine.tokenizer import load_tokenizer
+    from infermeter.engine.text.tokenizer import load_tokenizer
 
     if request.tokenizer_path:
         return load_tokenizer(request.tokenizer_path)
@@ -92,7 +92,7 @@ def find_tokenizer(request: GenerateRequest) -> Any:
 
 def build_prompts(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> list[list[int]]:
     """The user's prompts as ids ([] when none were given)."""
-    from infermeter.engine.chat import encode_dialog, load_dialogs, parse_prompt_ids
+    from infermeter.engine.text.chat import encode_dialog, load_dialogs, parse_prompt_ids
 
     prompts = [parse_prompt_ids(text, vocab_size) for text in request.prompt_ids]
     needs_tokenizer = request.prompts or request.dialogs_path
@@ -109,8 +109,8 @@ def build_prompts(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> 
 def _spec(request: GenerateRequest) -> tuple[Any, Any]:
     """(spec, what load_weights loads): the source, or the spec itself when max_positions
     raises a random model's context (its RoPE tables then cover the longer cache)."""
-    from infermeter.engine.checkpoint import spec_for
-    from infermeter.specs import check_engine_arch
+    from infermeter.engine.checkpoint.load import spec_for
+    from infermeter.spec.model import check_engine_arch
 
     spec, folder, _ = spec_for(request.source)
     check_engine_arch(spec)
@@ -123,7 +123,7 @@ def _spec(request: GenerateRequest) -> tuple[Any, Any]:
 
 
 def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> list[Any]:
-    from infermeter.bench.generation_cases import PromptSet, prompt_sets
+    from infermeter.generate.cases import PromptSet, prompt_sets
 
     user = build_prompts(request, tokenizer, vocab_size)
     if user and (request.batch_sizes or request.prompt_lens or request.contexts):
@@ -150,7 +150,7 @@ def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
         return request.tp_all_reduce
     if not tp:
         return "nccl"
-    from infermeter.engine.parallel import peer_all_reduce_usable
+    from infermeter.engine.parallel.sharding import peer_all_reduce_usable
 
     if not peer_all_reduce_usable(tp):
         return "nccl"
@@ -177,13 +177,13 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
     if request.compile_backend == "cudagraphs":
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
                               "it needs the inductor compile backend")
-    from infermeter.engine.parallel import one_shot_compile_options
+    from infermeter.engine.parallel.sharding import one_shot_compile_options
 
     return one_shot_compile_options(tp)
 
 
 def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
-    from infermeter.bench.generation_modes import RunSettings
+    from infermeter.generate.modes import RunSettings
 
     if request.repeats < 1 or request.warmup < 0:
         raise InfermeterError("--repeats must be at least 1 and --warmup not negative")
@@ -206,7 +206,7 @@ def _check_hf(cases: list[Any], tp: Any) -> None:
     """The hf modes need transformers and one GPU: say so before anything is loaded or timed."""
     if not any(case.mode.startswith("hf") for case in cases):
         return
-    from infermeter.bench.generation_hf import transformers_version
+    from infermeter.generate.hf import transformers_version
 
     if transformers_version() is None:
         raise InfermeterError("the hf mode needs transformers (pip install transformers)")
@@ -241,12 +241,12 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
                  ) -> tuple[list[Result], list[str]]:
     """Check, load, time every case; the Results (rank 0's, gathered, under tensor parallelism)
     and the decoded texts of the first case's outputs ('' each without a tokenizer)."""
-    from infermeter.bench import memory
-    from infermeter.bench.generation import run_generation
-    from infermeter.bench.generation_cases import plan_cases
-    from infermeter.bench.roofline import measure_roofline
-    from infermeter.engine.checkpoint import load_weights
+    from infermeter.engine.checkpoint.load import load_weights
     from infermeter.engine.model import dtype_name, torch_dtype
+    from infermeter.generate import memory
+    from infermeter.generate.cases import plan_cases
+    from infermeter.generate.loop import run_generation
+    from infermeter.measure.roofline import measure_roofline
 
     device = _device(request.device)
     dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
@@ -256,9 +256,9 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     tokenizer = find_tokenizer(request)
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
-    # ---- tensor parallelism (engine/parallel.py): tp is None unless torchrun started us ----
-    from infermeter.engine.parallel import init_distributed
-    from infermeter.engine.parallel_results import gather_result
+    # ---- tensor parallelism (engine/parallel/): tp is None unless torchrun started us ----
+    from infermeter.engine.parallel.sharding import init_distributed
+    from infermeter.measure.ranks import gather_result
 
     tp = init_distributed(request.device, request.tp)
     device = tp.device if tp else device
@@ -273,8 +273,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
     notes = []
     if tp and uses_peer_buffer(tp.world, request.tp_all_reduce):  # what check_cases_fit counted
-        from infermeter.engine.parallel import use_peer_all_reduce
-        from infermeter.engine.peer_all_reduce import PeerBufferUnavailable
+        from infermeter.engine.parallel.peer_all_reduce import PeerBufferUnavailable
+        from infermeter.engine.parallel.sharding import use_peer_all_reduce
 
         try:
             use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,

@@ -28,19 +28,19 @@ from typing import Any, Protocol
 
 import torch
 
-from infermeter.bench import memory
-from infermeter.bench import roofline as rl
-from infermeter.bench.generation_cases import Case
-from infermeter.bench.generation_modes import RunSettings, make_runner
-from infermeter.bench.generation_timing import RunTiming, StepRecorder, make_clock, summarize
-from infermeter.bench.nvtx import nvtx_range
-from infermeter.bench.timing import Stats
-from infermeter.bench.trace_capture import trace_path
 from infermeter.engine.model import Transformer, dtype_name
-from infermeter.engine.parallel import group_size, ranks_meet
+from infermeter.engine.parallel.sharding import group_size, ranks_meet
 from infermeter.errors import InfermeterError
-from infermeter.results import Result
-from infermeter.specs import ModelSpec
+from infermeter.generate import memory
+from infermeter.generate.cases import Case
+from infermeter.generate.modes import RunSettings, make_runner
+from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
+from infermeter.measure import roofline as rl
+from infermeter.measure.nvtx import nvtx_range
+from infermeter.measure.result import Result
+from infermeter.measure.timing import Stats
+from infermeter.measure.trace import trace_path
+from infermeter.spec.model import ModelSpec
 
 # Every metric a generate Result carries (None where it does not apply, e.g. out of memory).
 METRIC_NAMES = (
@@ -137,8 +137,8 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
 
 def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any) -> dict[str, Any]:
     """--trace: after the timed runs, a profiler trace of a few decode steps (trace_capture)."""
-    from infermeter.bench.generation_modes import EngineRunner
-    from infermeter.bench.trace_capture import capture_decode
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.measure.trace import capture_decode
 
     if not isinstance(runner, EngineRunner):
         return {"skipped": f"the {case.mode} mode is not traced (engine modes only)"}

@@ -1,8 +1,8 @@
 """Memory of a generation run: will a case fit (asked before anything is allocated), what it
 used (torch peaks and NVML's per-process figure), and what running out of memory looks like.
 
-The fit check adds what is certain to be allocated: the weights (kvsize.weight_bytes_per_rank),
-the KV cache of the case (kvsize.kv_cache_bytes at its cache length) and the prefill's largest
+The fit check adds what is certain to be allocated: the weights (sizes.weight_bytes_per_rank),
+the KV cache of the case (sizes.kv_cache_bytes at its cache length) and the prefill's largest
 activations (logits for every prompt position in the model dtype and in float32, and the FFN's
 three [B, T, ffn] tensors). The hf mode adds its copies of wq and wk (HF orders their rows for
 rotate_half RoPE, so they cannot share our tensors); its static cache replaces ours, which is
@@ -17,11 +17,11 @@ import gc
 import os
 from typing import Any
 
-from infermeter import kvsize
-from infermeter.engine.peer_buffers import model_buffer_bytes, uses_peer_buffer
-from infermeter.env import host_available
 from infermeter.errors import InfermeterError
-from infermeter.specs import ModelSpec
+from infermeter.measure.env import host_available
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
+from infermeter.spec.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.units import dtype_bytes, format_bytes
 
 
@@ -44,8 +44,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl") -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer)."""
-    parts = {"weights": kvsize.weight_bytes_per_rank(spec, dtype, tp),
-             "KV cache": kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
+    parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
+             "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": prefill_activation_bytes(spec, batch_size, prompt_len,
                                                              dtype) // tp}
     if mode.startswith("hf"):
@@ -87,7 +87,7 @@ def reset_peaks(device: Any) -> None:
 def process_gpu_memory(device: Any) -> int | None:
     """This process's memory on the GPU as NVML sees it (CUDA context included), or None when
     NVML is missing or does not list our pid (a container's own pid namespace)."""
-    from infermeter.bench.link import _handle, _nvml, torch_bus_id
+    from infermeter.measure.link import _handle, _nvml, torch_bus_id
 
     pynvml = _nvml()
     if pynvml is None:

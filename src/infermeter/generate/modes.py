@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infermeter.bench.generation_cases import Case
-from infermeter.bench.nvtx import cuda_ready, nvtx_range, range_pop, range_push
-from infermeter.engine.generate import GenerationConfig, GenerationOutput, Generator
+from infermeter.engine.generator import GenerationConfig, GenerationOutput, Generator
+from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel, takes_gemv
 from infermeter.engine.model import Transformer
-from infermeter.engine.pdl import resolve as resolve_pdl
+from infermeter.generate.cases import Case
+from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,16 @@ class RunSettings:
     repeats: int = 5
     warmup: int = 1  # untimed full runs after the compile / capture warm-up
     kv_dtype: str | None = None  # None: the weights' dtype
-    compile_backend: str | None = None  # engine/generate.py COMPILE_BACKENDS; None: inductor
+    compile_backend: str | None = None  # engine/generator.py COMPILE_BACKENDS; None: inductor
     compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
     tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS, auto already resolved (generate_run)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
     pdl: bool | None = None  # the compiled step's kernels with programmatic dependent launch
-    # (engine/pdl.py); None: wherever it can run (pdl.resolve)
+    # (engine/kernels/pdl.py); None: wherever it can run (pdl.resolve)
     roofline: bool = True
-    tp: int = 1  # tensor-parallel degree (engine/parallel.py sets it; 1 here)
+    tp: int = 1  # tensor-parallel degree (engine/parallel/sharding.py sets it; 1 here)
     trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
 
     def generation_config(self, compile: bool) -> GenerationConfig:
@@ -142,7 +142,7 @@ def make_runner(model: Transformer, case: Case, settings: RunSettings) -> Any:
         torch._dynamo.reset()
     if case.mode in ("compiled", "eager"):
         return EngineRunner(model, case, settings)
-    from infermeter.bench.generation_hf import HFRunner
+    from infermeter.generate.hf import HFRunner
 
     return HFRunner(model, settings.generation_config(compile=False),
                     compile=case.mode == "hf")

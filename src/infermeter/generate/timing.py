@@ -1,7 +1,7 @@
 """Timing one generation run from inside the loop, and summarising many runs.
 
 The Generator calls a hook at "start" (before prefill), "prefill" (first token sampled) and after
-every "decode" step (engine/generate.py); the hf mode calls the same hook from a logits processor.
+every "decode" step (engine/generator.py); the hf mode calls the same hook from a logits processor.
 StepRecorder is that hook: it takes one mark per call and nothing else.
 - CudaClock: a mark is a CUDA event recorded on the current stream. Events are created before the
   run, recording one does not wait for the GPU, and they are read once after the run (the loop's
@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermeter.bench.timing import Stats
 from infermeter.errors import InfermeterError
+from infermeter.measure.timing import Stats
 
 SLOW_STEP_RATIO = 2.0  # a TPOT p99 this many times the p50 means stalls (GC, recompiles, clocks)
 

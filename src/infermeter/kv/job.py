@@ -1,6 +1,6 @@
 """`infermeter kv`: turn a sizing request into Results (one per batch x seq_len case) and a table.
 
-The arithmetic lives in kvsize.py; this file decides what a user sees: which numbers go into the
+The arithmetic lives in spec/sizes.py; this file decides what a user sees: which numbers go into the
 Result, which warnings, and how the terminal table reads.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from infermeter import kvsize
 from infermeter.errors import InfermeterError
-from infermeter.results import Result
-from infermeter.specs import ModelSpec
+from infermeter.measure.result import Result
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
 
@@ -36,7 +36,7 @@ class KvRequest:
                 if value <= 0:
                     raise InfermeterError(f"--{name[:-1].replace('_', '-')} must be positive, "
                                           f"got {value}")
-        kvsize.check_tp(self.spec, self.tp)
+        sizes.check_tp(self.spec, self.tp)
         canonical_dtype(self.kv_dtype)
         canonical_dtype(self.dtype)
 
@@ -63,16 +63,16 @@ def _config(req: KvRequest, batch: int, seq_len: int) -> dict[str, Any]:
 def _fit_metrics(req: KvRequest, batch: int, seq_len: int, per_rank: int) -> dict[str, Any]:
     if req.gpu_memory is None:
         return {}
-    fit = kvsize.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes())
+    fit = sizes.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes())
     budget = fit.kv_budget_bytes
-    per_token = kvsize.kv_bytes_per_token(req.spec, req.kv_dtype, req.tp)
+    per_token = sizes.kv_bytes_per_token(req.spec, req.kv_dtype, req.tp)
     return {
         "gpu_memory_bytes": req.gpu_memory,
         "activation_reserve_bytes": fit.reserve_bytes,
         "kv_budget_bytes": budget,
         "fits": budget >= per_rank,
-        "max_batch_size": kvsize.max_batch(req.spec, seq_len, req.kv_dtype, req.tp, budget),
-        "max_seq_len": kvsize.max_seq_len(req.spec, batch, req.kv_dtype, req.tp, budget),
+        "max_batch_size": sizes.max_batch(req.spec, seq_len, req.kv_dtype, req.tp, budget),
+        "max_seq_len": sizes.max_seq_len(req.spec, batch, req.kv_dtype, req.tp, budget),
         "max_cached_tokens": max(budget, 0) // per_token,
     }
 
@@ -95,7 +95,7 @@ def _warnings(req: KvRequest, seq_len: int, metrics: dict[str, Any]) -> list[str
 
 def _engine_check(req: KvRequest, batch: int, seq_len: int, metrics: dict[str, Any]) -> list[str]:
     """Add `kv_cache_bytes_allocated` (the engine's allocation, tp=1); a warning if it differs."""
-    from infermeter.engine.cache_check import allocated_cache_bytes
+    from infermeter.kv.cache_check import allocated_cache_bytes
 
     allocated = allocated_cache_bytes(req.spec, batch, seq_len, req.kv_dtype)
     metrics["kv_cache_bytes_allocated"] = allocated
@@ -108,22 +108,22 @@ def _engine_check(req: KvRequest, batch: int, seq_len: int, metrics: dict[str, A
 def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
     spec = req.spec
     weights = {
-        "param_count": kvsize.param_count(spec),
-        "param_count_active": kvsize.param_count(spec, active=True),
-        "weight_bytes": kvsize.weight_bytes(spec, req.dtype),
-        "weight_bytes_active": kvsize.weight_bytes(spec, req.dtype, active=True),
-        "weight_bytes_per_rank": kvsize.weight_bytes_per_rank(spec, req.dtype, req.tp),
+        "param_count": sizes.param_count(spec),
+        "param_count_active": sizes.param_count(spec, active=True),
+        "weight_bytes": sizes.weight_bytes(spec, req.dtype),
+        "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True),
+        "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp),
     }
     results = []
     for batch in req.batch_sizes:
         for seq_len in req.seq_lens:
             metrics: dict[str, Any] = {
-                "kv_bytes_per_token": kvsize.kv_bytes_per_token(spec, req.kv_dtype),
+                "kv_bytes_per_token": sizes.kv_bytes_per_token(spec, req.kv_dtype),
                 "kv_bytes_per_token_per_rank":
-                    kvsize.kv_bytes_per_token(spec, req.kv_dtype, req.tp),
-                "kv_cache_bytes": kvsize.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype),
+                    sizes.kv_bytes_per_token(spec, req.kv_dtype, req.tp),
+                "kv_cache_bytes": sizes.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype),
                 "kv_cache_bytes_per_rank":
-                    kvsize.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype, req.tp),
+                    sizes.kv_cache_bytes(spec, batch, seq_len, req.kv_dtype, req.tp),
                 **weights,
             }
             metrics.update(_fit_metrics(req, batch, seq_len, metrics["kv_cache_bytes_per_rank"]))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from infermeter.engine.parallel import TensorParallel
+from infermeter.engine.parallel.sharding import TensorParallel
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -71,7 +71,7 @@ def gather_result(result: Any, tp: TensorParallel | None) -> Any:
 def gather_rank_results(results: list[Any]) -> list[list[Any]]:
     """Collective: every rank's Results (results.Result), rank by rank ([rank 0's list, rank 1's
     list, ...]), on every rank. What a command makes of them is its own (copy: merge_ranks)."""
-    from infermeter.results import Result
+    from infermeter.measure.result import Result
 
     per_rank = gather_objects([result.to_dict() for result in results])
     return [[Result.from_dict(data) for data in dicts] for dicts in per_rank]

@@ -10,7 +10,7 @@ Arithmetic (pure Python on kvsize; no torch):
       the batch grows. (Counting the whole embedding table would overstate Llama-2-7B's bytes by
       1% and Llama-3-8B's by 7%.)
     KV read: per layer and batch row, K and V of the tokens that layer attends to at that
-      context, sliding-window layers at most `window`: kvsize.kv_cache_bytes(spec, B, context).
+      context, sliding-window layers at most `window`: sizes.kv_cache_bytes(spec, B, context).
       New K/V writes (one token) are left out.
   prefill FLOPs = 2 x matmul params x B x T + attention
     matmul params: the parameters that multiply activations (attention and FFN projections,
@@ -20,8 +20,8 @@ Arithmetic (pure Python on kvsize; no torch):
       (query, key) pair; a causal prefill of T tokens has T(T+1)/2 pairs, a window W caps each
       query at W keys.
   MBU = (bytes per step / TPOT) / measured HBM bytes/s; MFU = (FLOPs / TTFT) / measured FLOP/s.
-  tensor parallel (a hook for engine/parallel.py): per-rank bytes are the tp=1 bytes scaled like
-  kvsize.weight_bytes_per_rank and kv_cache_bytes(tp=...), compared with one GPU's bandwidth.
+  tensor parallel (engine/parallel/sharding.py): per-rank bytes are the tp=1 bytes scaled like
+  sizes.weight_bytes_per_rank and kv_cache_bytes(tp=...), compared with one GPU's bandwidth.
 
 Measured peaks (measure_roofline):
   HBM: a device-to-device copy of 1 GiB (less when memory is short), counted as bytes read plus
@@ -37,9 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermeter import kvsize
-from infermeter.bench.timing import Stats, time_cuda, time_host
-from infermeter.specs import ModelSpec
+from infermeter.measure.timing import Stats, time_cuda, time_host
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
 from infermeter.units import dtype_bytes
 
 GPU_COPY_BYTES = 1 << 30
@@ -57,7 +57,7 @@ def expected_experts(spec: ModelSpec, batch_size: int) -> float:
 
 def decode_weight_params(spec: ModelSpec, batch_size: int) -> float:
     """Parameters one decode step of B tokens reads (a float: the MoE term is an expectation)."""
-    params: float = kvsize.param_count(spec, active=True)
+    params: float = sizes.param_count(spec, active=True)
     if spec.is_moe:
         moe_layers = spec.n_layers - spec.n_dense_layers
         expert = 3 * spec.dim * spec.moe_ffn_dim
@@ -72,14 +72,14 @@ def decode_weight_params(spec: ModelSpec, batch_size: int) -> float:
 def decode_weight_bytes(spec: ModelSpec, dtype: str, batch_size: int, tp: int = 1) -> int:
     total = decode_weight_params(spec, batch_size) * dtype_bytes(dtype)
     if tp > 1:  # the share one rank holds, as kvsize splits matrices and replicates norms
-        total *= kvsize.weight_bytes_per_rank(spec, dtype, tp) / kvsize.weight_bytes(spec, dtype)
+        total *= sizes.weight_bytes_per_rank(spec, dtype, tp) / sizes.weight_bytes(spec, dtype)
     return round(total)
 
 
 def decode_kv_bytes(spec: ModelSpec, batch_size: int, context: int, kv_dtype: str,
                     tp: int = 1) -> int:
     """K and V one decode step reads with `context` tokens in the cache (window-capped)."""
-    return kvsize.kv_cache_bytes(spec, batch_size, context, kv_dtype, tp)
+    return sizes.kv_cache_bytes(spec, batch_size, context, kv_dtype, tp)
 
 
 def decode_step_bytes(spec: ModelSpec, batch_size: int, context: int, dtype: str,
@@ -102,7 +102,7 @@ def matmul_params(spec: ModelSpec) -> int:
     """Parameters that multiply activations for one token (active experts for MoE)."""
     norms = (spec.norms_per_layer * spec.n_layers + 1) * spec.dim
     embedding = 0 if spec.tie_embeddings else spec.vocab_size * spec.dim  # a lookup, no FLOPs
-    return kvsize.param_count(spec, active=True) - norms - embedding
+    return sizes.param_count(spec, active=True) - norms - embedding
 
 
 def causal_pairs(n_tokens: int, window: int | None = None) -> int:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from infermeter.bench import nvtx
+from infermeter.measure import nvtx
 
 TRACE_STEPS = 5  # decode steps recorded: enough for a median, small enough for Perfetto
 SETTLE_STEPS = 2  # untraced steps after prefill, before the capture starts
@@ -91,7 +91,7 @@ def weight_bytes(model: Any) -> dict[str, int]:
 def capture_decode(runner: Any, tokens: Any, path: Path, mode: str) -> dict[str, Any] | None:
     """Trace a few decode steps of the engine runner on `tokens` [B, T]; the breakdown, or None
     when there are too few new tokens for a step to trace."""
-    from infermeter.bench.breakdown import summarize_trace
+    from infermeter.measure.breakdown import summarize_trace
 
     generator, config = runner.generator, runner.config
     steps = min(TRACE_STEPS, config.max_new_tokens - 1 - SETTLE_STEPS)
@@ -115,19 +115,3 @@ def capture_decode(runner: Any, tokens: Any, path: Path, mode: str) -> dict[str,
     finally:
         nvtx.remove_ranges(handles)
     return summarize_trace(path)
-
-
-def traced_copy(request: Any, progress: Any, folder: str | Path, env: Any = None,
-                before_case: Any = None) -> list:
-    """copy --trace: the whole copy run under the profiler; the copies it saw (each DMA's size,
-    time and GB/s) go into every Result's metrics["breakdown"]. `before_case`: as run_copy's."""
-    from infermeter.bench.breakdown import summarize_trace
-    from infermeter.bench.copy import run_copy
-
-    path = trace_path(folder)
-    with profile_to(path, {"kind": "copy"}):
-        results = run_copy(request, progress, env=env, before_case=before_case)
-    found = summarize_trace(path)
-    for result in results:
-        result.metrics["breakdown"] = {**found, "trace": str(path)}
-    return results

@@ -9,8 +9,8 @@ which is what the column shows, with the seed's own figure beside it.
 
 from __future__ import annotations
 
-from infermeter import report_format as fmt
-from infermeter.report_select import Column, ColumnKey
+from infermeter.report import format as fmt
+from infermeter.report.select import Column, ColumnKey
 
 KV_BYTES = 256 * 2**20  # 32 layers x [1, 512, 32, 128] fp16, K and V
 MOVE_MS = 21.0  # each way

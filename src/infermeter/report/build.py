@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from infermeter.errors import InfermeterError
-from infermeter.report_derive import column_warnings
-from infermeter.report_load import Record, load_records, require_records
-from infermeter.report_seed import seed_column
-from infermeter.report_select import Column, column_key, group_columns, has_timing
-from infermeter.report_tables import (
+from infermeter.measure.result import atomic_write
+from infermeter.report.baseline import seed_column
+from infermeter.report.derive import column_warnings
+from infermeter.report.load import Record, load_records, require_records
+from infermeter.report.select import Column, column_key, group_columns, has_timing
+from infermeter.report.tables import (
     EXTENDED_CAPTION,
     EXTENDED_ROWS,
     REFERENCE_CAPTION,
@@ -32,7 +33,6 @@ from infermeter.report_tables import (
     reference_cells,
     unused_notes,
 )
-from infermeter.results import atomic_write
 
 FORMATS = ("terminal", "markdown", "csv", "html")
 _SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".html": "html",
@@ -114,8 +114,8 @@ def _plots_available() -> bool:
 
 
 def html_page(report: Report) -> str:
-    from infermeter.report_html import render_html
-    from infermeter.report_plots import make_plots
+    from infermeter.report.html import render_html
+    from infermeter.report.plots import make_plots
 
     if not _plots_available():
         return render_html(report, [], PLOTS_NEED)
@@ -123,22 +123,22 @@ def html_page(report: Report) -> str:
 
 
 def render(report: Report, fmt: str, width: int = 160) -> str:
-    from infermeter import report_render
+    from infermeter.report import render as text
 
     if fmt == "markdown":
-        return report_render.render_markdown(report)
+        return text.render_markdown(report)
     if fmt == "csv":
-        return report_render.render_csv(report)
+        return text.render_csv(report)
     if fmt == "html":
         return html_page(report)
     if fmt == "terminal":
-        return report_render.render_terminal(report, width)
+        return text.render_terminal(report, width)
     raise InfermeterError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
 def write_plots(report: Report, folder: str) -> list[Path]:
     """Every plot as a PNG file in `folder` (created if missing), each written atomically."""
-    from infermeter.report_plots import make_plots
+    from infermeter.report.plots import make_plots
 
     if not _plots_available():
         raise InfermeterError(PLOTS_NEED)

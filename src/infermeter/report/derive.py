@@ -21,8 +21,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from infermeter.report_load import Record
-from infermeter.report_select import (
+from infermeter.report.load import Record
+from infermeter.report.select import (
     Column,
     CopyPick,
     batch_size,

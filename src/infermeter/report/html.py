@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import html
 
-from infermeter.report_plots import Plot
-from infermeter.report_render import TITLE, summary_line
-from infermeter.report_tables import Report, Table
+from infermeter.report.plots import Plot
+from infermeter.report.render import TITLE, summary_line
+from infermeter.report.tables import Report, Table
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

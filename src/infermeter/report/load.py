@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
-from infermeter.results import KINDS, REQUIRED_FIELDS, SCHEMA_VERSION
+from infermeter.measure.result import KINDS, REQUIRED_FIELDS, SCHEMA_VERSION
 
 SUFFIXES = (".json", ".jsonl")
 

@@ -22,10 +22,10 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from infermeter.report_format import count
-from infermeter.report_load import Record
-from infermeter.report_select import Column, batch_size, context, num, pick_copy, tpot
-from infermeter.report_tables import reference_numbers
+from infermeter.report.format import count
+from infermeter.report.load import Record
+from infermeter.report.select import Column, batch_size, context, num, pick_copy, tpot
+from infermeter.report.tables import reference_numbers
 
 
 @dataclass(frozen=True)
@@ -247,8 +247,8 @@ def _traced(column: Column) -> Record | None:
 
 def plot_breakdown(columns: list[Column]) -> Plot | None:
     """One horizontal bar per column with a traced step: its categories' ms, stacked in the
-    breakdown's own order (bench/breakdown.py CATEGORIES), idle gaps last."""
-    from infermeter.bench.breakdown import CATEGORIES
+    breakdown's own order (measure/breakdown.py CATEGORIES), idle gaps last."""
+    from infermeter.measure.breakdown import CATEGORIES
 
     bars = [(c, r) for c in columns if (r := _traced(c)) is not None]
     if not bars:

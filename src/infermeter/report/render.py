@@ -11,7 +11,7 @@ import csv
 import io
 import textwrap
 
-from infermeter.report_tables import Report, Table
+from infermeter.report.tables import Report, Table
 from infermeter.textable import render_table
 
 TITLE = "infermeter report"

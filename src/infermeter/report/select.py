@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from infermeter.engine.attention_choice import resolve_attention
-from infermeter.report_load import Record
+from infermeter.report.load import Record
 
 SEED_CONTEXT = 512
 SEED_NEW_TOKENS = 432
@@ -184,10 +184,10 @@ def mode_rank(record: Record) -> int:
 
 
 # The engine's defaults for the compiled step's other kernels (engine/linear.py MATVEC_KERNEL,
-# engine/parallel.py's AUTO_ALL_REDUCE; a test keeps these equal, the report stays
+# engine/parallel/sharding.py's AUTO_ALL_REDUCE; a test keeps these equal, the report stays
 # torch-free).
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
-DEFAULT_PDL = True  # generate --pdl, on where it can run (engine/pdl.py); unrecorded: without
+DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 
 
 def off_default_kernels(record: Record) -> bool:

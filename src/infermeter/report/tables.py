@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermeter import report_format as fmt
-from infermeter import report_seed
-from infermeter.report_derive import CONTEXTS, BreakEven, break_even
-from infermeter.report_load import Record
-from infermeter.report_select import (
+from infermeter.report import baseline
+from infermeter.report import format as fmt
+from infermeter.report.derive import CONTEXTS, BreakEven, break_even
+from infermeter.report.load import Record
+from infermeter.report.select import (
     Column,
     CopyPick,
     batch_size,
@@ -98,7 +98,7 @@ def _kv_cell(column: Column, pick: CopyPick | None) -> str:
 
 def reference_cells(column: Column) -> list[str]:
     if column.seed is not None:
-        return report_seed.reference_cells()
+        return baseline.reference_cells()
     pick, gen = pick_copy(column), pick_generate(column)
     h2d, d2h = (pick.h2d, pick.d2h) if pick else (None, None)
 
@@ -235,7 +235,7 @@ def unused_notes(columns: list[Column]) -> list[str]:
 def reference_numbers(column: Column) -> dict[str, float | None]:
     """The headline figures as numbers (for the bar chart), None where not measured."""
     if column.seed is not None:
-        return report_seed.headline_numbers()
+        return baseline.headline_numbers()
     pick, gen = pick_copy(column), pick_generate(column)
     m = gen.metrics if gen else {}
     return {"h2d_gbps": num(pick.h2d.get("gbps")) if pick and pick.h2d else None,

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from infermeter.results import Result
-from infermeter.specs import ModelSpec
+from infermeter.measure.result import Result
+from infermeter.spec.model import ModelSpec
 
 SEED_NEW_TOKENS = 432  # the seed generated 432 tokens into a 512-token cache
 REFERENCE = {"model": "llama-2-7b", "batch": 1, "seq_len": 512, "dtype": "float16"}
@@ -76,11 +76,11 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
 
     base = REFERENCE if gpu else CPU_DEFAULT
     if checkpoint:
-        from infermeter.engine.checkpoint import spec_for
+        from infermeter.engine.checkpoint.load import spec_for
 
         spec = spec_for(checkpoint)[0]  # kv sizes the user's model from its config
     else:
-        from infermeter.spec_loaders import resolve_model
+        from infermeter.spec.loaders import resolve_model
 
         spec = resolve_model(model or base["model"])
     default_dtype = base["dtype"] if not checkpoint and not model else spec.torch_dtype
@@ -99,8 +99,8 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
 
 def kv_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
     """Analytic KV and weight bytes, checked against the engine's allocation (meta device)."""
-    from infermeter.env import nvml_facts
-    from infermeter.kvreport import KvRequest, kv_results
+    from infermeter.kv.job import KvRequest, kv_results
+    from infermeter.measure.env import nvml_facts
 
     memory = nvml_facts().get("gpu_memory_bytes") if setting.on_gpu else None
     request = KvRequest(setting.spec, (setting.batch,), (setting.seq_len,),
@@ -111,7 +111,7 @@ def kv_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
 
 
 def copy_request(setting: RunSetting) -> Any:
-    from infermeter.bench.copy import CopyRequest
+    from infermeter.copy.job import CopyRequest
 
     # pinned memory needs CUDA; on the CPU the preallocated pageable buffer stands in for it
     hosts = ("seed", "pinned") if setting.on_gpu else ("seed", "pageable")
@@ -123,20 +123,20 @@ def copy_request(setting: RunSetting) -> Any:
 
 
 def copy_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
-    from infermeter.bench.copy import n_cases, run_copy
-    from infermeter.bench.copy_report import progress_bar
+    from infermeter.copy.job import n_cases, run_copy
+    from infermeter.copy.table import progress_bar
 
     request = copy_request(setting)
     with progress_bar(n_cases(request), enabled=True) as progress:
         if setting.trace_dir:
-            from infermeter.bench.trace_capture import traced_copy
+            from infermeter.copy.trace import traced_copy
 
             return traced_copy(request, progress, f"{setting.trace_dir}/copy", env=env)
         return run_copy(request, progress, env=env)
 
 
 def generate_request(setting: RunSetting) -> Any:
-    from infermeter.generate_run import GenerateRequest
+    from infermeter.generate.job import GenerateRequest
 
     source = setting.checkpoint or f"random:{setting.model}"
     return GenerateRequest(
@@ -149,8 +149,8 @@ def generate_request(setting: RunSetting) -> Any:
 
 
 def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
-    from infermeter.bench.generation_report import progress_bar
-    from infermeter.generate_run import run_generate
+    from infermeter.generate.job import run_generate
+    from infermeter.generate.table import progress_bar
 
     with progress_bar(enabled=True) as bar:
         return run_generate(generate_request(setting), env, progress=bar)[0]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
-from infermeter.presets import PRESETS
-from infermeter.specs import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
+from infermeter.spec.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
+from infermeter.spec.presets import PRESETS
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def spec_from_path(path: Path) -> ModelSpec:
         if (path / "config.json").is_file():
             return spec_from_hf_config(path / "config.json")
         if (path / "params.json").is_file():
-            from infermeter.meta_vocab import meta_vocab_size
+            from infermeter.spec.meta_vocab import meta_vocab_size
 
             params = path / "params.json"
             return spec_from_meta_params(params, meta_vocab_size(path, read_json(params)))

@@ -7,7 +7,7 @@ authors published, within 1%.
 
 from __future__ import annotations
 
-from infermeter.specs import ModelSpec, RopeScaling, all_layers
+from infermeter.spec.model import ModelSpec, RopeScaling, all_layers
 
 # Llama 3.1 / 3.2 long-context RoPE scaling (config.json "rope_scaling", rope_type "llama3").
 _LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)

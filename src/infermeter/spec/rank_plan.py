@@ -3,13 +3,13 @@
 Pure Python (kvsize's arithmetic): it runs on a laptop for a machine it has never seen, e.g.
 Llama-2-70B at tp 4 and 8 on 80 GB and 141 GB cards. Every rank of a tensor-parallel run holds the
 same amounts (parallel.py splits every matrix evenly and replicates KV heads when tp > KV heads):
-  weights  = kvsize.weight_bytes_per_rank(spec, dtype, tp)
-  KV cache = kvsize.kv_cache_bytes(spec, batch, cache length, kv dtype, tp)  (what the engine
+  weights  = sizes.weight_bytes_per_rank(spec, dtype, tp)
+  KV cache = sizes.kv_cache_bytes(spec, batch, cache length, kv dtype, tp)  (what the engine
              allocates, byte for byte)
   prefill  = the largest prefill activations: the logits [B, T, V] in the model dtype and in
              float32, whole on every rank (parallel.py all-gathers them), and the FFN's three
              [B, T, ffn/tp] tensors
-  all-reduce buffer = the Triton all-reduce's symmetric memory (engine/peer_buffers.py: 2 x
+  all-reduce buffer = the Triton all-reduce's symmetric memory (spec/peer_buffers.py: 2 x
              layers x tp x 256 KiB + flags, 40 MiB for 13B at tp 2), at tp >= 2 with
              --tp-all-reduce auto (what it picks on one host's GPUs) or triton*; 0 otherwise
   headroom = GPU memory - all of the above: what is left for the CUDA context, NCCL's buffers,
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from infermeter import kvsize
-from infermeter.engine.peer_buffers import model_buffer_bytes, uses_peer_buffer
-from infermeter.specs import ModelSpec
+from infermeter.spec import sizes
+from infermeter.spec.model import ModelSpec
+from infermeter.spec.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
 
-CACHE_ROUND = 256  # the Generator's rounding of an automatic cache length (engine/generate.py)
+CACHE_ROUND = 256  # the Generator's rounding of an automatic cache length (engine/generator.py)
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,14 @@ def rank_plan(spec: ModelSpec, tp: int, batch_size: int, prompt_len: int, cache_
               dtype: str, kv_dtype: str, gpu_memory: int | None,
               all_reduce: str = "auto") -> RankPlan:
     dtype, kv_dtype = canonical_dtype(dtype), canonical_dtype(kv_dtype)
-    weights = kvsize.weight_bytes_per_rank(spec, dtype, tp)
-    cache = kvsize.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp)
+    weights = sizes.weight_bytes_per_rank(spec, dtype, tp)
+    cache = sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp)
     tokens = batch_size * prompt_len
     prefill = (tokens * spec.vocab_size * (dtype_bytes(dtype) + 4)
                + 3 * tokens * (spec.ffn_dim // tp) * dtype_bytes(dtype))
     peer = model_buffer_bytes(spec.n_layers, tp) if uses_peer_buffer(tp, all_reduce) else 0
     headroom = None if gpu_memory is None else gpu_memory - weights - cache - prefill - peer
-    return RankPlan(spec.name, tp, spec.n_heads // tp, kvsize.kv_heads_per_rank(spec, tp),
+    return RankPlan(spec.name, tp, spec.n_heads // tp, sizes.kv_heads_per_rank(spec, tp),
                     batch_size, prompt_len, cache_len, dtype, kv_dtype, weights, cache, prefill,
                     peer, gpu_memory, headroom)
 

@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from infermeter.errors import InfermeterError
-from infermeter.spec_loaders import read_json
-from infermeter.specs import ModelSpec
+from infermeter.spec.loaders import read_json
+from infermeter.spec.model import ModelSpec
 
 if TYPE_CHECKING:
-    from infermeter.engine.parallel import ShardPlan
+    from infermeter.engine.parallel.sharding import ShardPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

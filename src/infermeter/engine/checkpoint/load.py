@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from infermeter.engine.hf_checkpoint import read_hf_tensors, save_hf_checkpoint
-from infermeter.engine.meta_checkpoint import read_meta_tensors, save_meta_checkpoint
+from infermeter.engine.checkpoint.hf import read_hf_tensors, save_hf_checkpoint
+from infermeter.engine.checkpoint.meta import read_meta_tensors, save_meta_checkpoint
 from infermeter.engine.model import Transformer, build_model, torch_dtype
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.errors import InfermeterError
-from infermeter.spec_loaders import resolve_model, spec_from_hf_config, spec_from_path
-from infermeter.specs import ModelSpec, check_engine_arch
+from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_path
+from infermeter.spec.model import ModelSpec, check_engine_arch
 
 if TYPE_CHECKING:
-    from infermeter.engine.parallel import TensorParallel
+    from infermeter.engine.parallel.sharding import TensorParallel
 
 RANDOM_PREFIX = "random:"
 
@@ -109,7 +109,7 @@ def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "c
     shapes = expected_shapes(model)  # full shapes, before sharding
     shard = None
     if tp is not None:
-        from infermeter.engine.parallel import shard_model
+        from infermeter.engine.parallel.sharding import shard_model
 
         shard = shard_model(model, tp.rank, tp.world, tp.group)
     if folder is None:  # random weights: each rank keeps its slices of the tp 1 model

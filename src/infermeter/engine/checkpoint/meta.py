@@ -17,7 +17,6 @@ no pickle code runs and a shard's bytes are paged in lazily, one tensor at a tim
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +26,12 @@ import torch
 from torch import Tensor
 
 from infermeter.errors import InfermeterError
-from infermeter.spec_loaders import meta_ffn_dim
-from infermeter.specs import ModelSpec
+from infermeter.spec.loaders import meta_ffn_dim
+from infermeter.spec.model import ModelSpec
+from infermeter.spec.pth import load_pth
 
 if TYPE_CHECKING:
-    from infermeter.engine.parallel import ShardPlan
+    from infermeter.engine.parallel.sharding import ShardPlan
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = ("rope.freqs",)
@@ -74,23 +74,6 @@ def shard_paths(folder: Path) -> list[Path]:
         raise InfermeterError(f"{folder}: missing shard {names} "
                               f"(found {len(found)} shards numbered up to {max(found)})")
     return [found[i] for i in range(len(found))]
-
-
-def load_pth(path: Path) -> dict[str, Any]:
-    """A .pth file through the safe unpickler only; anything else is refused with one line."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InfermeterError(
-            f"{path}: refused: this file needs arbitrary code execution to unpickle "
-            f"(torch.load weights_only=True said: {first[:160]})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise InfermeterError(f"{path}: cannot read as a PyTorch checkpoint "
-                              f"({str(err).splitlines()[0][:160]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InfermeterError(f"{path}: expected a flat dict of tensor names to tensors")
-    return state
 
 
 def check_shard_count(spec: ModelSpec, n_shards: int, folder: Path) -> None:

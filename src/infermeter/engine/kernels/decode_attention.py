@@ -28,27 +28,15 @@ Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the test
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU-only install: the model never picks this kernel there
-    triton = None
-
-from infermeter.engine import pdl  # noqa: E402 - after `triton`, which pdl.py imports
-from infermeter.engine.pdl import launch  # noqa: E402
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
-
-
-def triton_runs_on(x: Tensor) -> bool:
-    """Triton is installed and x lives where it runs: CUDA, or anywhere under
-    TRITON_INTERPRET=1 (Triton's CPU interpreter, what the tests use)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def kernel_usable(q: Tensor) -> bool:

@@ -26,9 +26,9 @@ import functools
 import torch
 from torch import Tensor
 
-from infermeter.engine import pdl
-from infermeter.engine.decode_kernel import triton, triton_runs_on
-from infermeter.engine.pdl import launch
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 # Tiles by the weight's column count K, from benchmarks/gemv_tiles.py on an H100 (results/gemv-
 # tiles-*-nvidia-h100-*.json: each product shape of Llama-2-7B and 13B alone, ~100 tilings):

@@ -67,7 +67,7 @@ def inductor_has_pdl() -> bool:
 def supported(device: torch.device) -> bool:
     """PDL can run here: a CUDA GPU of compute capability 9.0 or later, Triton's grid
     dependency control, and inductor's PDL codegen."""
-    from infermeter.engine.decode_kernel import triton
+    from infermeter.engine.kernels.triton_support import triton
 
     if triton is None or device.type != "cuda" or not inductor_has_pdl():
         return False

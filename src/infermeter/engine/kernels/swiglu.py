@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from infermeter.engine import pdl
-from infermeter.engine.decode_kernel import triton, triton_runs_on
-from infermeter.engine.pdl import launch
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 BLOCK = 1024  # columns a program handles
 

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infermeter.engine import pdl
-from infermeter.engine.decode_kernel import triton
-from infermeter.engine.pdl import launch
-from infermeter.engine.peer_buffers import (  # noqa: F401 - the layout, re-exported
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton
+from infermeter.errors import InfermeterError
+from infermeter.spec.peer_buffers import (  # noqa: F401 - the layout, re-exported
     BLOCK,
     FLAG_BYTES,
     MAX_PROGRAMS,
@@ -50,7 +51,6 @@ from infermeter.engine.peer_buffers import (  # noqa: F401 - the layout, re-expo
     buffer_bytes,
     flag_area_bytes,
 )
-from infermeter.errors import InfermeterError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ERROR_BYTES = 256  # of a rank's error text that the ranks' agreement carries (agree)
@@ -74,7 +74,7 @@ def enable_symm_mem(group_name: str) -> None:
 class PeerBufferUnavailable(InfermeterError):
     """Some rank could not allocate or map its symmetric-memory buffer (a driver or container
     without CUDA IPC / virtual memory management, or a full GPU). Every rank of the group raises
-    it, with the same message: --tp-all-reduce auto then falls back to NCCL (generate_run.py);
+    it, with the same message: --tp-all-reduce auto then falls back to NCCL (generate/job.py);
     an explicit triton kind ends the run with it as one error line."""
 
 
@@ -302,7 +302,7 @@ class PeerAllReduce:
         """Whether add_norm can take this all-reduce: it fits a slot, one flag per row."""
         rows = delta.numel() // delta.shape[-1]
         if self.ll:
-            from infermeter.engine.peer_ll import ll_fits
+            from infermeter.engine.parallel.peer_ll import ll_fits
 
             fits = delta.dtype in DTYPES and ll_fits(rows, delta.shape[-1], delta.dtype)
         else:
@@ -315,7 +315,7 @@ class PeerAllReduce:
         residual add and the RMSNorm that follows it in one kernel. delta, residual [..., dim];
         weight [dim]."""
         if self.ll:
-            from infermeter.engine.peer_ll import ll_add_norm
+            from infermeter.engine.parallel.peer_ll import ll_add_norm
 
             return ll_add_norm(self, delta, residual, weight, eps, site)
         where = self.site_layout(site, delta.element_size())

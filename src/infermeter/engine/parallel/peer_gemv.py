@@ -42,9 +42,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from infermeter.engine.decode_kernel import triton
-from infermeter.engine.gemv_kernel import NUM_STAGES, gpu_name, tiles_for
-from infermeter.engine.peer_all_reduce import (
+from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
+from infermeter.engine.kernels.triton_support import triton
+from infermeter.engine.parallel.peer_all_reduce import (
     _INSTANCES,
     SLOT_BYTES,
     PeerAllReduce,
@@ -54,8 +54,8 @@ from infermeter.engine.peer_all_reduce import (
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.gemv_kernel import row_dots
-    from infermeter.engine.peer_all_reduce import _address, add_norm_store
+    from infermeter.engine.kernels.gemv import row_dots
+    from infermeter.engine.parallel.peer_all_reduce import _address, add_norm_store
 
     @triton.jit
     def _gemv_push_kernel(X, W, OUT, DATA_PTRS, FLAG_PTRS, n_rows, n_cols, stride_w, rank,

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from infermeter.engine import pdl
-from infermeter.engine.decode_kernel import triton
-from infermeter.engine.pdl import launch
-from infermeter.engine.peer_buffers import MAX_PROGRAMS, SLOT_BYTES
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton
+from infermeter.spec.peer_buffers import MAX_PROGRAMS, SLOT_BYTES
 
 WORD_BYTES = 8
 
@@ -55,7 +55,7 @@ def ll_fits(rows: int, dim: int, dtype: torch.dtype) -> bool:
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.peer_all_reduce import _address, add_residual, store_normed
+    from infermeter.engine.parallel.peer_all_reduce import _address, add_residual, store_normed
 
     @triton.jit
     def _bits(x, PACK: tl.constexpr):
@@ -137,7 +137,7 @@ def ll_add_norm(peer: object, delta: Tensor, residual: Tensor, weight: Tensor, e
     """(h, RMSNorm(h) * weight), h = residual + delta summed over the ranks, by the LL
     exchange through `peer`'s buffers (a peer_all_reduce.PeerAllReduce made with ll=True).
     delta, residual [..., dim]; weight [dim]."""
-    from infermeter.engine.peer_all_reduce import add_norm_outputs
+    from infermeter.engine.parallel.peer_all_reduce import add_norm_outputs
 
     delta, residual = delta.contiguous(), residual.contiguous()
     dim = delta.shape[-1]

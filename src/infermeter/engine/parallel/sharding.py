@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from infermeter.engine.linear import Linear
 from infermeter.engine.model import Transformer, add_then_norm
 from infermeter.errors import InfermeterError
-from infermeter.kvsize import check_tp, kv_heads_per_rank
-from infermeter.specs import ModelSpec
+from infermeter.spec.model import ModelSpec
+from infermeter.spec.sizes import check_tp, kv_heads_per_rank
 
 # Seconds a collective may wait (a rank stuck longer ends the run), and teardown's bounded wait.
 COLLECTIVE_TIMEOUT_S = 600.0
@@ -323,7 +323,7 @@ def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
     if tp.device.type != "cuda":
         raise InfermeterError("--tp-all-reduce one-shot needs CUDA GPUs (symmetric memory); "
                               "this run's ranks are on the CPU")
-    from infermeter.engine.peer_all_reduce import enable_symm_mem
+    from infermeter.engine.parallel.peer_all_reduce import enable_symm_mem
 
     enable_symm_mem(tp.group.group_name)  # torch's call, its deprecation warning silenced
     return dict(ONE_SHOT_INDUCTOR_OPTIONS)
@@ -334,7 +334,7 @@ def peer_all_reduce_usable(tp: TensorParallel) -> bool:
     (symmetric memory does not span hosts), Triton installed, and GPUs that reach each other
     (NVLink or PCIe peer access). The ranks agree through one all-reduce: ranks that chose
     differently would wait on each other forever."""
-    from infermeter.engine.decode_kernel import triton
+    from infermeter.engine.kernels.triton_support import triton
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(tp.world)))
     usable = (tp.device.type == "cuda" and triton is not None and local_world == tp.world
@@ -359,8 +359,8 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     w2's one-row GEMVs store their partial sums into the peers themselves (peer_gemv.py) and
     the kernel after them only waits, sums, adds and norms. ll (with fuse_norm): the fused
     kernel exchanges data and flags in the same words (peer_ll.py)."""
-    from infermeter.engine import peer_all_reduce
-    from infermeter.engine.decode_kernel import triton_runs_on
+    from infermeter.engine.kernels.triton_support import triton_runs_on
+    from infermeter.engine.parallel import peer_all_reduce
 
     collectives = getattr(model, "tp_collectives", None)
     if not isinstance(collectives, Collectives):
@@ -385,7 +385,7 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if push:
         if not fuse_norm:
             raise ValueError("the pushing GEMV needs the fused add and norm after it")
-        from infermeter.engine import peer_gemv  # noqa: F401 - registers its ops
+        from infermeter.engine.parallel import peer_gemv  # noqa: F401 - registers its ops
 
         for site, linear, _ in row_parallel_sites(model):
             if linear.bias is not None:  # row-parallel biases are added after the sum

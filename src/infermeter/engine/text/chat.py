@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from infermeter.engine.tokenizer import Tokenizer
+from infermeter.engine.text.tokenizer import Tokenizer
 from infermeter.errors import InfermeterError
 
 Message = dict[str, str]
