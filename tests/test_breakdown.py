@@ -211,7 +211,7 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     ("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "matmul (unattributed)"),  # cuBLAS
     ("nvjet_sm90_hsh_128x8_64x12_4x1_v_bz_TNT", "matmul (unattributed)"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>", "matmul (unattributed)"),
-    # tensor parallelism (2xH100 traces, session 7): NCCL's and ours, the fused one included
+    # tensor parallelism (2xH100 traces): NCCL's and ours, the fused one included
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "all-reduce"),
     ("_peer_all_reduce_kernel", "all-reduce"),
     ("_peer_add_norm_kernel", "all-reduce"),  # all-reduce + residual add + RMSNorm in one

@@ -1,4 +1,4 @@
-"""benchmarks/tp_sweep.py's comm and runs files: Results naming the machine (session 4 on), and
+"""benchmarks/tp_sweep.py's comm and runs files: Results naming the machine (the newer files), and
 the summary reads them as it reads the bare JSON that earlier sweeps committed."""
 
 import json
@@ -76,7 +76,7 @@ def test_summary_compares_each_tp2_variant_with_tp1(tmp_path):
     """decode-13b (tp 1, tp 2 with NCCL) and decode-13b-one-shot (tp 2 only, one-shot
     all-reduces): one ratio line each against decode-13b's tp 1, the target named on both.
     decode-13b-prefetch runs its own tp 1 and tp 2: its ratio is within the part, never its tp 2
-    against the other part's tp 1 (session 10's summary paired them across parts)."""
+    against the other part's tp 1 (an earlier summary paired them across parts)."""
     def decode(part: str, tp: int, tok_s: float, all_reduce: str | None) -> str:
         config = {"tp_sweep": part, "tp": tp, "tp_all_reduce": all_reduce}
         return json.dumps({"kind": "generate", "model": {"name": "llama-2-13b"},

@@ -83,12 +83,14 @@ def run_entry(main: Callable[[], int]) -> int:
         if not _write_error("traceback", traceback.format_exc()):
             raise
         code = 1
-    parallel = sys.modules.get("infermeter.engine.parallel.sharding")
-    if parallel is None or not under_torchrun():
+    if not under_torchrun():
         return code
+    # A rank ends its process group itself (teardown is a no-op where none was started)
+    from infermeter.engine.parallel.sharding import teardown, teardown_timed_out
+
     if code == 0:
-        parallel.teardown()
-    if code != 0 or parallel.teardown_timed_out():
+        teardown()
+    if code != 0 or teardown_timed_out():
         # A failed rank's peers are being stopped, and a stuck teardown thread would keep the
         # interpreter from exiting: leave now, output flushed.
         sys.stdout.flush()

@@ -1,7 +1,7 @@
 """Parsing and printing of the units users type: dtypes, byte sizes, percentages.
 
 Pure Python (no torch import) so that sizing works without a GPU stack.
-Bandwidth uses GB = 1e9 bytes; capacities print as MiB/GiB (2**30), see DESIGN.md.
+Bandwidth uses GB = 1e9 bytes; capacities print as MiB/GiB (2**30), see docs/design.md.
 """
 
 from __future__ import annotations

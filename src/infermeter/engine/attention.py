@@ -25,21 +25,10 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # Llama-2-7B's 32 heads on 132 SMs, ~10 us per layer for a 512-token cache. Written as two
 # matrix products, inductor turns each into a reduction spread over heads x cache positions
 # (4 kernels, ~12.7 us a layer in the committed H100 trace, the PV product fused into wo).
-# The Triton kernel is one launch + a combine and stops at the current position: on one H100
-# (results/generate-nvidia-h100-80gb-hbm3.jsonl, parts seed and kernel, one run) batch 32 with
-# 432 new tokens in a 512-token cache took 7.67 ms a step against math's 9.21. At batch 1 it
-# lost in 4 of 5 same-machine pairs (results/attention-ab-*.jsonl, decode-tuning-triton-*.json,
-# the sweep): 7B fp16 5.74 vs 5.62 ms (won 5.44 vs 5.46 in another run); bf16 7B 5.58 vs
-# 5.47, 13B 10.74 vs 10.17, 13B at tp 2 7.28 vs 6.63 ms: a fixed ~0.1-0.6 ms a step (launch +
-# combine) that saving the unread slots repays only with many sequences (math's extra reads
-# grow ~0.04 ms a step per sequence there). Batch 4 already gains (7B bf16, one H100, session 5:
-# 6.20 vs 6.52 ms, attention-ab-*.jsonl), so attention_choice.AUTO_TRITON_MIN_BATCH was 4.
-# Session 6 made the kernel's combine a Triton kernel too (it had been torch code, which inductor
-# could inline into wo's matrix-vector reduction) and the GEMV the default, whose opaque wo left
-# the math attention's PV product in its own kernel (~20 us a layer): batch 1, one H100, one run
-# (decode-tuning-combine-*.json): 7B fp16 5.13 ms with the kernel vs 5.42 with math, both on
-# the GEMV; so AUTO_TRITON_MIN_BATCH is 1. With inductor's reductions (--matvec-kernel
-# inductor) the new combine is not measured at batch 1.
+# The Triton kernel is one launch + a combine and stops at the current position, so it never
+# reads the unused cache slots; beside the GEMV it is faster from batch 1 up on the GPUs
+# measured, so "auto" picks it wherever it runs (AUTO_TRITON_MIN_BATCH). The figures, by date
+# and device: docs/engine.md, "Decode attention".
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 

@@ -52,7 +52,7 @@ StepHook = Callable[[str, int], None]
 # Dynamo keeps the graphs of one Python function together and, past its recompile_limit (8),
 # fails a fullgraph compile: every (batch size, cache length, dtype, model, attention) is one
 # graph of _decode_one, so a run of nine batch sizes in one process, or the GPU test suite, hit
-# it (2×dtype×kind tests on an H100, session 6). The graphs are wanted, not accidental.
+# it (the GPU tests' dtype x kind matrix does). The graphs are wanted, not accidental.
 STEP_GRAPH_LIMIT = 256
 
 
@@ -75,7 +75,7 @@ def allow_step_graphs() -> None:
 # Neither gave token-identical fp16 greedy output over 256 steps on random weights (first
 # difference at step 43 and 124 with inductor, 149 with cudagraphs), but neither did eager
 # against eager in another process (124, 149): near-flat random logits whose top-2 gaps fall
-# below rounding, and a GPU run that is not bitwise reproducible; see README, "Engine".
+# below rounding, and a GPU run that is not bitwise reproducible; see docs/engine.md.
 COMPILE_BACKENDS = ("inductor", "cudagraphs")
 
 # Without an explicit cache length the cache is sized to prompt + new tokens, rounded up to this

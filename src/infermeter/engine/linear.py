@@ -19,11 +19,8 @@ from infermeter.engine.opaque_ops import compiling
 
 # "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
 # "inductor" (inductor's coordinate-descent-tuned reduction, fused with the norm before it).
-# Measured on H100s, each set in one run, batch 1 fp16 (results/decode-tuning-*.json):
-#   session 5  7B 5.55 ms GEMV vs 5.65 inductor; 13B 10.99 vs 10.08 with 7B's tiles everywhere
-#   session 6  with tiles_for and the Triton attention + activation kernels (the defaults now):
-#              7B 5.11 ms vs 5.68 (inductor, math attention), 13B 9.51 vs 10.43
-#              (decode-tuning-combine-*.json: "fused-gemv-all-triton" against "fused")
+# The GEMV with its per-shape tiles streams the weights faster than inductor's reduction at one
+# row (docs/engine.md, "GEMV", has the figures by date and device).
 MATVEC_KERNEL = "triton"
 MATVEC_KERNELS = ("inductor", "triton")
 

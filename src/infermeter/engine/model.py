@@ -156,10 +156,8 @@ class Attention(nn.Module):
 # How a compiled step computes SwiGLU's activation: "triton" (the default: swiglu_kernel.py, one
 # kernel; falls back to "aten" where Triton cannot run), "aten" (opaque_ops.silu_mul, two eager
 # kernels, measured faster than "inline" on an H100) or "inline" (inductor fuses it into w2's
-# kernel). Eager always computes it inline. With inductor's matrix-vector reductions "triton"
-# lost (5.68 vs 5.46 ms a 7B step, decode-tuning-triton-*.json); beside the GEMV and the Triton
-# attention (the defaults since session 6) it won: 7B 5.11 vs 5.13 ms, 13B 9.51 vs 9.61
-# (decode-tuning-combine-*.json, "fused-gemv-all-triton" against "fused-gemv-triton").
+# kernel). Eager always computes it inline. Beside the GEMV and the Triton attention (the
+# defaults) "triton" is the fastest (docs/engine.md, "SwiGLU").
 ACTIVATION_KERNEL = "triton"
 ACTIVATION_KERNELS = ("inline", "aten", "triton")
 

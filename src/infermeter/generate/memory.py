@@ -87,13 +87,13 @@ def reset_peaks(device: Any) -> None:
 def process_gpu_memory(device: Any) -> int | None:
     """This process's memory on the GPU as NVML sees it (CUDA context included), or None when
     NVML is missing or does not list our pid (a container's own pid namespace)."""
-    from infermeter.measure.link import _handle, _nvml, torch_bus_id
+    from infermeter.measure.link import device_handle, open_nvml, torch_bus_id
 
-    pynvml = _nvml()
+    pynvml = open_nvml()
     if pynvml is None:
         return None
     try:
-        handle = _handle(pynvml, torch_bus_id(device.index or 0), device.index or 0)
+        handle = device_handle(pynvml, torch_bus_id(device.index or 0), device.index or 0)
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                 return int(proc.usedGpuMemory)

@@ -60,7 +60,7 @@ def render_generate(results: Sequence[Any]) -> str:
         lines += [f"warning: {where}: {note}" for note in result.warnings]
     lines.append("TTFT: prefill to first token; TPOT: one decode step; decode tok/s: batch x "
                  "steps / decode time (prefill excluded); tok/s (seed): all new tokens / whole "
-                 "run; MBU / MFU: against the peaks measured above (README, `generate`)")
+                 "run; MBU / MFU: against the peaks measured above (docs/usage.md, `generate`)")
     return "\n".join(lines)
 
 

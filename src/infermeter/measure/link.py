@@ -137,7 +137,7 @@ def _query(pynvml: Any, handle: Any, name: str) -> Any:
         return None
 
 
-def _handle(pynvml: Any, bus_id: str | None, index: int) -> Any:
+def device_handle(pynvml: Any, bus_id: str | None, index: int) -> Any:
     if bus_id:
         with contextlib.suppress(pynvml.NVMLError):
             return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
@@ -147,13 +147,13 @@ def _handle(pynvml: Any, bus_id: str | None, index: int) -> Any:
 def link_info(bus_id: str | None = None, index: int = 0) -> LinkInfo:
     """What NVML and sysfs say about GPU `bus_id` (or NVML index `index`); never raises."""
     info = LinkInfo(bus_id=bus_id, host_numa_nodes=host_numa_nodes())
-    pynvml = _nvml()
+    pynvml = open_nvml()
     if pynvml is None:
         info.notes.append("NVML unavailable (pip install nvidia-ml-py): no link peak")
         _fill_numa(info)
         return info
     try:
-        handle = _handle(pynvml, bus_id, index)
+        handle = device_handle(pynvml, bus_id, index)
         pci = _query(pynvml, handle, "nvmlDeviceGetPciInfo")
         if pci is not None:
             raw = pci.busId
@@ -191,11 +191,11 @@ def current_link(pynvml: Any, handle: Any) -> tuple[int | None, int | None]:
 
 def current_link_of(bus_id: str | None, index: int = 0) -> tuple[int | None, int | None]:
     """Current PCIe generation and width now (call it while a copy runs), or (None, None)."""
-    pynvml = _nvml()
+    pynvml = open_nvml()
     if pynvml is None:
         return None, None
     try:
-        return current_link(pynvml, _handle(pynvml, bus_id, index))
+        return current_link(pynvml, device_handle(pynvml, bus_id, index))
     except pynvml.NVMLError:
         return None, None
     finally:
@@ -214,7 +214,7 @@ def torch_bus_id(device_index: int) -> str | None:
         return None
 
 
-def _nvml() -> Any:
+def open_nvml() -> Any:
     """The initialised pynvml module, or None (not installed, no driver, no GPU)."""
     try:
         import pynvml

@@ -1,6 +1,6 @@
 """The Result schema (v1) and its JSON / JSONL reading and writing.
 
-A Result is what every measuring command produces (DESIGN.md, "Result schema"):
+A Result is what every measuring command produces (docs/design.md, "Result schema"):
   {"schema": 1, "kind": "kv" | "copy" | "generate", "model": {...}, "config": {...},
    "env": {...}, "metrics": {...}, "samples": {...}, "warnings": [...]}
 plus `output_token_ids` for generate Results.

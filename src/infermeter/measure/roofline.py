@@ -1,5 +1,5 @@
 """Roofline: what the hardware allows, measured on the same GPU in the same run, and how close a
-generation run comes to it (MBU for decode, MFU for prefill; DESIGN.md, "Metric definitions").
+generation run comes to it (MBU for decode, MFU for prefill; docs/design.md, "Metric definitions").
 
 Arithmetic (pure Python on kvsize; no torch):
   bytes one decode step must read = weights read + KV read

@@ -1,6 +1,6 @@
 """Timing and statistics shared by every benchmark.
 
-Rules (DESIGN.md, "Measuring"): warm up first and report warm-up apart; time GPU work with CUDA
+Rules (docs/design.md, "Measuring"): warm up first and report warm-up apart; time GPU work with CUDA
 events and synchronize once per sample; keep the raw samples; report median, p10, p90 and the
 coefficient of variation, and flag a spread over 5%.
 

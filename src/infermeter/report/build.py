@@ -1,6 +1,6 @@
 """`infermeter report`: many Results -> tables (terminal, markdown, CSV, HTML) and PNG plots.
 
-Reads Results only, never a live model (DESIGN.md). The parts:
+Reads Results only, never a live model (docs/design.md). The parts:
 
   report_load    files, folders and JSONL -> Records; bad files skipped with a warning
   report_select  columns (device x model x tp) and their representative Results and cases

@@ -33,7 +33,7 @@ from infermeter.report.select import (
 )
 
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
-NOISY_COV = 0.05  # DESIGN.md: flag results whose coefficient of variation is above 5%
+NOISY_COV = 0.05  # docs/design.md: flag results whose coefficient of variation is above 5%
 FEW_COPY_SAMPLES = 5
 FEW_TPOT_SAMPLES = 10
 

@@ -120,7 +120,7 @@ def _generate_setting(gen: Record | None) -> str:
     parts = [str(cfg[k]) for k in ("mode", "dtype") if cfg.get(k)]
     parts += [f"{label} {cfg[k]}" for k, label in (("batch_size", "batch"), ("prompt_len",
               "prompt"), ("context", "context")) if cfg.get(k) is not None]
-    # the kernels the Result says ran (recorded since session 4)
+    # the kernels the Result says ran (older Results may not say)
     parts += [f"{cfg['decode_attention']} attention"] if cfg.get("decode_attention") else []
     parts += ["Triton GEMV"] if cfg.get("matvec_kernel") == "triton" else []
     parts += ["PDL"] if cfg.get("pdl") else []

@@ -3,7 +3,7 @@
 Pure Python (no torch): these numbers must be available on a laptop with no GPU stack, and the
 engine's allocated cache is checked against them byte for byte.
 
-Definitions (DESIGN.md):
+Definitions (docs/design.md):
   kv_bytes_per_token = 2 (K and V) x n_layers x n_kv_heads x head_dim x bytes(kv dtype)
   MLA (DeepSeek-V2/V3): n_layers x (kv_lora_rank + qk_rope_head_dim) x bytes  (one latent, no x2)
   a sliding-window layer holds at most `window` tokens per sequence.

