@@ -1,8 +1,8 @@
 """The seed's published numbers, for `infermeter report --with-seed`.
 
 The project started from profiling scripts around Meta's reference Llama code; their table for
-Llama-2-7b-chat on an RTX 3090 is what infermeter replaces (docs/design.md). Those numbers were typed
-from that table, not measured by infermeter, and the column says so. The seed's "12.2 GB/s" is
+Llama-2-7b-chat on an RTX 3090 is what infermeter replaces (docs/design.md). Those numbers were
+typed from that table, not measured by infermeter, and the column says so. The seed's "12.2 GB/s" is
 256 MiB / 21 ms in GiB/s (2^30); in infermeter's GB/s (1e9 bytes) the same copy is 12.8 GB/s,
 which is what the column shows, with the seed's own figure beside it.
 """

@@ -1,8 +1,8 @@
 """Cell formatting for report tables: fixed rules, so the same numbers always print the same.
 
-Units follow the seed table and docs/design.md: capacities in MiB/GiB (2^20 / 2^30; the seed's "256 MB"
-is 256 MiB), times in ms or s, bandwidth in GB/s with GB = 1e9 bytes, rates in tok/s. A value
-that was not measured prints as "-".
+Units follow the seed table and docs/design.md: capacities in MiB/GiB (2^20 / 2^30; the seed's
+"256 MB" is 256 MiB), times in ms or s, bandwidth in GB/s with GB = 1e9 bytes, rates in tok/s. A
+value that was not measured prints as "-".
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ SEED_NEW_TOKENS = 432  # the seed generated 432 tokens into a 512-token cache
 REFERENCE = {"model": "llama-2-7b", "batch": 1, "seq_len": 512, "dtype": "float16"}
 CPU_DEFAULT = {"model": "debug", "batch": 1, "seq_len": 64, "dtype": "float32"}
 # copy: the layouts an engine and a server hold; per-tensor and staged are the fastest pinned
-# methods measured (docs/usage.md); "seed" is the seed's own .cpu()/.cuda() per tensor, for comparison.
+# methods measured (docs/usage.md); "seed" is the seed's own .cpu()/.cuda() per tensor, for
+# comparison.
 COPY_LAYOUTS = ("engine", "contiguous", "paged")
 COPY_METHODS = ("per-tensor", "staged")
 COPY_DIRECTIONS = ("d2h", "h2d")
