@@ -9,8 +9,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused",
-                    "triton-push", "triton-ll")  # parallel.py's
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # parallel.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 
@@ -98,11 +97,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    "host: 6.24 vs 6.51 ms a step, one run); or infermeter's Triton kernel "
                    "(peers store into each other's symmetric memory, one handshake, with the "
                    "residual add and RMSNorm after it in the same kernel; triton-unfused: "
-                   "without them; every step; triton-push: the compiled step's wo / w2 GEMVs "
-                   "store their partial sums into the peers as they go and the kernel after "
-                   "them only signals, waits, sums, adds and norms: 4.41 vs triton's 4.38 ms "
-                   "on 2 x H200, one run); triton-ll: the fused kernel with data and flag in "
-                   "one 8-byte word, no fence (NCCL's LL protocol). CUDA, tp >= 2")
+                   "without them; every step). CUDA, tp >= 2")
     p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
                    "(weights, KV cache, headroom) and exit, allocating nothing")
     p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "
@@ -184,7 +179,8 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
     from infermeter.generate.job import DEFAULT_PROMPT_IDS
     from infermeter.measure.env import nvml_facts
     from infermeter.spec.loaders import resolve_model
-    from infermeter.spec.rank_plan import cache_length, rank_plan, render_rank_plan
+    from infermeter.spec.rank_plan import rank_plan, render_rank_plan
+    from infermeter.spec.sizes import cache_length
     from infermeter.units import parse_size
 
     if args.checkpoint:

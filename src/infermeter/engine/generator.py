@@ -45,6 +45,7 @@ from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, torch_dtype
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
+from infermeter.spec.sizes import cache_length
 
 # generate() calls hook(event, step): ("start", 0), ("prefill", 0), then ("decode", 1), ...
 StepHook = Callable[[str, int], None]
@@ -77,10 +78,6 @@ def allow_step_graphs() -> None:
 # against eager in another process (124, 149): near-flat random logits whose top-2 gaps fall
 # below rounding, and a GPU run that is not bitwise reproducible; see docs/engine.md.
 COMPILE_BACKENDS = ("inductor", "cudagraphs")
-
-# Without an explicit cache length the cache is sized to prompt + new tokens, rounded up to this
-# many tokens, so nearby lengths share one cache (and one compiled graph).
-CACHE_ROUND = 256
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ class Generator:
     """Owns a Transformer and its KV cache; runs prefill and decode, eager or compiled.
 
     max_seq_len: a fixed cache length (what a benchmark wants: decode cost depends on it).
-    None: each generate() sizes the cache to prompt + max_new_tokens rounded up to CACHE_ROUND
+    None: each generate() sizes the cache to prompt + max_new_tokens rounded up to sizes.CACHE_ROUND
     tokens, within the model's max_seq_len. The cache is reallocated only when its shape changes.
     kv_dtype: the cache dtype (None: the model's parameter dtype); see Transformer.setup_cache.
     compile_backend: how the compiled decode step is built (see COMPILE_BACKENDS).
@@ -253,13 +250,7 @@ class Generator:
     # ---- setup ---------------------------------------------------------------------------
     def prepare(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> None:
         """Check that the lengths fit; make the cache [batch_size, length] and empty."""
-        need = prompt_len + max_new_tokens
-        limit = self.max_seq_len or self.spec.max_seq_len
-        if need > limit:
-            what = "the KV cache" if self.max_seq_len else f"model {self.spec.name}'s context"
-            raise InfermeterError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens "
-                                  f"= {need} tokens does not fit in {what} of {limit} tokens")
-        length = self.max_seq_len or min(-(-need // CACHE_ROUND) * CACHE_ROUND, limit)
+        length = cache_length(self.spec, prompt_len, max_new_tokens, self.max_seq_len)
         model = self.model
         dtype = model.tok_embeddings.weight.dtype if self.kv_dtype is None else torch_dtype(
             self.kv_dtype)

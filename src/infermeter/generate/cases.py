@@ -18,18 +18,40 @@ Each case runs in one mode:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
-from infermeter.engine.generator import CACHE_ROUND  # nearby lengths share a cache and graph
 from infermeter.errors import InfermeterError
 from infermeter.spec.model import ModelSpec
+from infermeter.spec.sizes import cache_length
 
 MODES = ("compiled", "eager", "hf", "hf-eager")
 
 
+class Rows(Sequence[tuple[int, ...]]):
+    """`batch` rows of `length` ids, made by `make` on the first read of a row: planning and the
+    fit check read only the two sizes, so a huge --batch-size or --prompt-len is refused before
+    its prompts take any memory."""
+
+    def __init__(self, batch: int, length: int,
+                 make: Callable[[], tuple[tuple[int, ...], ...]]) -> None:
+        self.batch, self.length, self._make = batch, length, make
+
+    @cached_property
+    def _rows(self) -> tuple[tuple[int, ...], ...]:
+        return self._make()
+
+    def __len__(self) -> int:
+        return self.batch
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]  # int or slice, as a tuple's
+        return self._rows[index]
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    prompts: tuple[tuple[int, ...], ...]
+    prompts: Sequence[Sequence[int]]  # [B][T]; Rows for random and fixed sets
     source: str  # "random" | "fixed" | "user"
     context: int | None = None  # a --context set: prompts of this length, decode timed after
 
@@ -39,13 +61,28 @@ class PromptSet:
 
     @property
     def lengths(self) -> list[int]:
+        """Every prompt's length (reads every row: after the fit check only)."""
         return [len(p) for p in self.prompts]
+
+    @property
+    def length_range(self) -> tuple[int, int]:
+        """(shortest, longest) prompt, from the sizes alone for Rows."""
+        if isinstance(self.prompts, Rows):
+            return self.prompts.length, self.prompts.length
+        lengths = self.lengths
+        return min(lengths, default=0), max(lengths, default=0)
+
+    @property
+    def prompt_tokens(self) -> int:
+        if isinstance(self.prompts, Rows):
+            return self.prompts.batch * self.prompts.length
+        return sum(self.lengths)
 
     @property
     def prompt_len(self) -> int | None:
         """The common prompt length, or None for a user set of mixed lengths."""
-        lengths = set(self.lengths)
-        return lengths.pop() if len(lengths) == 1 else None
+        shortest, longest = self.length_range
+        return longest if shortest == longest else None
 
 
 @dataclass(frozen=True)
@@ -53,7 +90,25 @@ class Case:
     prompt_set: PromptSet
     mode: str
     cache_len: int  # the engine's KV-cache length (tokens) for every run of the case
-    groups: tuple[tuple[int, ...], ...]  # prompt indices run together (equal length, <= max batch)
+    max_batch: int | None = field(default=None)  # largest group run at once (None: all)
+
+    @cached_property
+    def groups(self) -> tuple[Sequence[int], ...]:
+        """Prompt indices run together (equal length, <= max_batch)."""
+        p = self.prompt_set
+        if isinstance(p.prompts, Rows):  # one length: ranges, no list of B indices
+            step = self.max_batch or p.batch_size
+            return tuple(range(i, min(i + step, p.batch_size))
+                         for i in range(0, p.batch_size, step))
+        return _groups(p.lengths, self.max_batch)
+
+    @property
+    def largest_group(self) -> int:
+        """The largest batch run at once, from the sizes alone for Rows."""
+        p = self.prompt_set
+        if isinstance(p.prompts, Rows):
+            return min(p.batch_size, self.max_batch or p.batch_size)
+        return max(len(g) for g in self.groups)
 
     @property
     def label(self) -> str:
@@ -76,29 +131,17 @@ def prompt_sets(batch_sizes: tuple[int, ...], prompt_lens: tuple[int, ...],
                 fixed: tuple[int, ...]) -> list[PromptSet]:
     """Random sets for every (batch, prompt length) and (batch, context); `fixed` (B copies)
     when no length is asked for."""
+    def rows(batch: int, length: int) -> Rows:
+        return Rows(batch, length, lambda: random_prompts(batch, length, vocab_size, seed))
+
     sets = []
     for batch in batch_sizes:
-        for length in prompt_lens:
-            sets.append(PromptSet(random_prompts(batch, length, vocab_size, seed), "random"))
-        for context in contexts:
-            sets.append(PromptSet(random_prompts(batch, context, vocab_size, seed), "random",
-                                  context))
+        sets += [PromptSet(rows(batch, length), "random") for length in prompt_lens]
+        sets += [PromptSet(rows(batch, context), "random", context) for context in contexts]
         if not prompt_lens and not contexts:
-            sets.append(PromptSet((tuple(fixed),) * batch, "fixed"))
+            sets.append(PromptSet(Rows(batch, len(fixed), lambda b=batch: (tuple(fixed),) * b),
+                                  "fixed"))
     return sets
-
-
-def cache_length(spec: ModelSpec, prompt_len: int, new_tokens: int, fixed: int | None) -> int:
-    """The cache for prompt + new tokens: `fixed` if given, else rounded up to CACHE_ROUND."""
-    need, limit = prompt_len + new_tokens, fixed or spec.max_seq_len
-    if need > limit:
-        what = "the KV cache (--max-seq-len)" if fixed else f"model {spec.name}'s context"
-        raise InfermeterError(f"prompt of {prompt_len} tokens + {new_tokens} new tokens = {need} "
-                              f"tokens does not fit in {what} of {limit} tokens")
-    if fixed and fixed > spec.max_seq_len:
-        raise InfermeterError(f"cache length {fixed} is longer than model {spec.name}'s context "
-                              f"of {spec.max_seq_len} tokens")
-    return fixed or min(-(-need // CACHE_ROUND) * CACHE_ROUND, limit)
 
 
 def _groups(lengths: list[int], max_batch: int | None) -> tuple[tuple[int, ...], ...]:
@@ -121,9 +164,9 @@ def plan_cases(spec: ModelSpec, sets: list[PromptSet], modes: tuple[str, ...],
                               f"(use {', '.join(MODES)})")
     cases = []
     for prompt_set in sets:
-        if not prompt_set.prompts or min(prompt_set.lengths) == 0:
+        shortest, longest = prompt_set.length_range
+        if not prompt_set.batch_size or shortest == 0:
             raise InfermeterError("empty prompt: need at least one sequence of one token")
-        cache = cache_length(spec, max(prompt_set.lengths), max_new_tokens, max_seq_len)
-        groups = _groups(prompt_set.lengths, max_batch)
-        cases += [Case(prompt_set, mode, cache, groups) for mode in dict.fromkeys(modes)]
+        cache = cache_length(spec, longest, max_new_tokens, max_seq_len)
+        cases += [Case(prompt_set, mode, cache, max_batch) for mode in dict.fromkeys(modes)]
     return cases

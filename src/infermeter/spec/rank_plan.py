@@ -28,8 +28,6 @@ from infermeter.spec.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
 
-CACHE_ROUND = 256  # the Generator's rounding of an automatic cache length (engine/generator.py)
-
 
 @dataclass(frozen=True)
 class RankPlan:
@@ -51,14 +49,6 @@ class RankPlan:
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": "plan", **asdict(self)}
-
-
-def cache_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int,
-                 max_seq_len: int | None) -> int:
-    if max_seq_len:
-        return max_seq_len
-    need = prompt_len + max_new_tokens
-    return min(-(-need // CACHE_ROUND) * CACHE_ROUND, spec.max_seq_len)
 
 
 def rank_plan(spec: ModelSpec, tp: int, batch_size: int, prompt_len: int, cache_len: int,
