@@ -28,7 +28,7 @@ __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.p
 # The Triton kernel is one launch + a combine and stops at the current position, so it never
 # reads the unused cache slots; beside the GEMV it is faster from batch 1 up on the GPUs
 # measured, so "auto" picks it wherever it runs (AUTO_TRITON_MIN_BATCH). The figures, by date
-# and device: docs/engine.md, "Decode attention".
+# and device: docs/engine.md, "Kernels".
 DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 

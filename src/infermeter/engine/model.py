@@ -157,7 +157,7 @@ class Attention(nn.Module):
 # kernel; falls back to "aten" where Triton cannot run), "aten" (opaque_ops.silu_mul, two eager
 # kernels, measured faster than "inline" on an H100) or "inline" (inductor fuses it into w2's
 # kernel). Eager always computes it inline. Beside the GEMV and the Triton attention (the
-# defaults) "triton" is the fastest (docs/engine.md, "SwiGLU").
+# defaults) "triton" is the fastest (docs/engine.md, "Kernels").
 ACTIVATION_KERNEL = "triton"
 ACTIVATION_KERNELS = ("inline", "aten", "triton")
 

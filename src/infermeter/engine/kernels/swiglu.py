@@ -10,7 +10,7 @@ Numerics follow eager's roundings: silu in float32, rounded to the activation dt
 product in float32, rounded again (Triton's exp may differ from CUDA's expf in the last float32
 bit, which the roundings to fp16/bf16 almost always absorb).
 The default (model.ACTIVATION_KERNEL): beside the GEMV and the Triton attention it is faster
-than leaving the activation to inductor (docs/engine.md, "SwiGLU").
+than leaving the activation to inductor (docs/engine.md, "Kernels").
 """
 
 from __future__ import annotations
