@@ -9,12 +9,10 @@ Parts (each under the device tool's 10-minute limit; re-running a part replaces 
         256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
         (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
         Target (issue 6): 13B tp 2 >= 1.7x tp 1.
-  decode-13b-one-shot, decode-13b-triton, decode-13b-triton-unfused, decode-13b-triton-push,
-  decode-13b-triton-ll
+  decode-13b-one-shot, decode-13b-triton, decode-13b-triton-unfused
         13B at tp 2 only, with --tp-all-reduce one-shot (inductor's symmetric-memory kernels),
-        triton or triton-unfused (engine/parallel/peer_all_reduce.py), triton-push (peer_gemv.py) or
-        triton-ll (peer_ll.py);
-        compared with decode-13b's tp 1.
+        triton or triton-unfused (engine/parallel/peer_all_reduce.py); compared with
+        decode-13b's tp 1.
   decode-13b-pdl, decode-13b-no-pdl  decode-13b (tp 1 and tp 2, default all-reduce) with --pdl
         or --no-pdl (engine/kernels/pdl.py; decode-13b takes the default: on where it can run)
   comm  the collectives of one tp 2 decode step, replayed in a CUDA graph as the compiled step
@@ -48,21 +46,18 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("decode-7b", "decode-13b", "decode-13b-pdl", "decode-13b-no-pdl", "decode-13b-one-shot",
-         "decode-13b-triton", "decode-13b-triton-unfused", "decode-13b-triton-push",
-         "decode-13b-triton-ll", "comm", "copy", "runs")
+         "decode-13b-triton", "decode-13b-triton-unfused", "comm", "copy", "runs")
 # part suffix -> --tp-all-reduce
 ALL_REDUCE_PARTS = {"-one-shot": "one-shot", "-triton": "triton",
-                    "-triton-unfused": "triton-unfused", "-triton-push": "triton-push",
-                    "-triton-ll": "triton-ll"}
+                    "-triton-unfused": "triton-unfused"}
 RUN_TIMEOUT_S = 300
 # What the parts run; --smoke swaps in the debug model on CPU to check the plumbing anywhere.
 SETUP = {"device": "cuda", "mode": "compiled", "dtype": "bf16", "seq_len": 4096,
          "runs": ("compiled",) + ("eager",) * 9,  # a cold compile costs ~1 min a run
          "decode-7b": "llama-2-7b", "decode-13b": "llama-2-13b",
          "decode-13b-one-shot": "llama-2-13b", "decode-13b-triton": "llama-2-13b",
-         "decode-13b-triton-unfused": "llama-2-13b", "decode-13b-triton-push": "llama-2-13b",
+         "decode-13b-triton-unfused": "llama-2-13b",
          "decode-13b-pdl": "llama-2-13b", "decode-13b-no-pdl": "llama-2-13b",
-         "decode-13b-triton-ll": "llama-2-13b",
          "runs_model": "llama-3.2-1b",
          "copy_model": "llama-2-13b", "copy_hosts": "pinned",
          "decode_args": ("--prompt-len", "80", "--max-new-tokens", "256", "--max-seq-len", "512",

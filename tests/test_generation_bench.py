@@ -149,7 +149,7 @@ def test_the_triton_all_reduce_buffer_counts_where_it_is_allocated():
     """At tp 2 the Triton kinds hold 40 MiB of symmetric memory a rank (13B: 80 sites x 2 slots
     of 256 KiB, and the flags); NCCL, one-shot and one GPU hold none."""
     spec = PRESETS["llama-2-13b"]
-    for kind in ("triton", "triton-unfused", "triton-push", "auto"):
+    for kind in ("triton", "triton-unfused", "auto"):
         parts = memory.case_memory(spec, 1, 80, 512, "bf16", "bf16", "compiled", 2, kind)
         assert parts["all-reduce buffer"] == 80 * 2 * 256 * 1024 + 80 * 128 * 4
     for tp, kind in ((2, "nccl"), (2, "one-shot"), (1, "triton")):

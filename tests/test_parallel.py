@@ -446,8 +446,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @pytest.mark.gpu
 @two_gpus
 @pytest.mark.parametrize("mode", ["eager", "compiled", "compiled-one-shot", "eager-triton",
-                                  "compiled-triton", "compiled-triton-unfused",
-                                  "compiled-triton-push", "compiled-triton-ll", "eager-triton-ll"])
+                                  "compiled-triton", "compiled-triton-unfused"])
 def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
     """float32 greedy tokens of the debug model: NCCL ranks (eager, or compiled with the
     collectives inside inductor's CUDA graph, NCCL's or symmetric-memory one-shot all-reduces,

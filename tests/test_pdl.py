@@ -95,21 +95,20 @@ def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
 
 @needs_triton
 def test_peer_all_reduce_kernels_wait_first_under_pdl(monkeypatch):
-    """The tensor-parallel all-reduce kernels (flags; LL), launched while pdl.enabled(): wait,
+    """The tensor-parallel all-reduce kernels, launched while pdl.enabled(): wait,
     then let the next kernel (a GEMV, which streams weights meanwhile) go, before any signal,
     store or read."""
     from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, buffer_bytes
 
     buffers = [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2
-    peer, ll_peer = PeerAllReduce(0, buffers, 2), PeerAllReduce(0, buffers, 2, ll=True)
+    peer = PeerAllReduce(0, buffers, 2)
     x = torch.zeros(1, 1, 5120, dtype=torch.bfloat16)
     weight = torch.ones(5120, dtype=torch.bfloat16)
     with pdl.launching(True):
         launches = pdl_launches(monkeypatch, lambda: (
-            peer(x, 0), peer.add_norm(x, x, weight, 1e-5, 1),
-            ll_peer.add_norm(x, x, weight, 1e-5, 1)))
+            peer(x, 0), peer.add_norm(x, x, weight, 1e-5, 1)))
     assert [kernel.fn.__name__ for kernel, _, _ in launches] == [
-        "_peer_all_reduce_kernel", "_peer_add_norm_kernel", "_ll_add_norm_kernel"]
+        "_peer_all_reduce_kernel", "_peer_add_norm_kernel"]
     for kernel, args, kwargs in launches:
         _, lines = sm90_lines(kernel, args, kwargs)
         wait = first(lines, "griddepcontrol.wait")

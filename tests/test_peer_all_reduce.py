@@ -29,11 +29,9 @@ from infermeter.errors import InfermeterError
 from infermeter.generate.job import GenerateRequest, _all_reduce_options
 from infermeter.spec.presets import PRESETS
 from tests.tp_workers import (
-    LL_CASES,
     PEER_CASES,
     generate_when_peer_buffers_fail,
     peer_buffer_agreement,
-    peer_ll_sums,
     peer_model_matches_tp1,
     peer_sums,
     run_ranks,
@@ -77,42 +75,19 @@ def test_two_ranks_sum_through_each_others_buffers(monkeypatch) -> None:
 
 
 @needs_triton
-def test_two_ranks_exchange_data_and_flags_in_one_word(monkeypatch) -> None:
-    """peer_ll.py (--tp-all-reduce triton-ll): five fused all-reduce + add + norm calls over two
-    sites, reused three times (each call a new epoch, no reset), 1-3 rows, bf16 / fp16 (two
-    values a word) and fp32 (one): against torch, the two ranks bit-identical, and each site's
-    row counters left at the number of calls through it."""
-    from infermeter.spec.peer_buffers import MAX_PROGRAMS
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    results = run_ranks(peer_ll_sums, 2, shared_buffers(2, 2), timeout=120)
-    for result in results:
-        assert result["equal"] == [True] * len(LL_CASES)
-    for (h0, n0), (h1, n1) in zip(results[0]["outputs"], results[1]["outputs"], strict=True):
-        assert torch.equal(h0, h1) and torch.equal(n0, n1)
-    want = torch.zeros(2 * MAX_PROGRAMS, dtype=torch.int32)
-    for site, rows, _, _ in LL_CASES:
-        want[site * MAX_PROGRAMS: site * MAX_PROGRAMS + rows] += 1
-    for result in results:
-        assert torch.equal(result["counts"][:2 * MAX_PROGRAMS], want)
-
-
-@needs_triton
-@pytest.mark.parametrize("name,fuse_norm,ll", [("gqa", True, False), ("gqa", False, False),
-                                               ("tied", True, False), ("gqa", True, True)])
-def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name, fuse_norm, ll) -> None:
+@pytest.mark.parametrize("name,fuse_norm", [("gqa", True), ("gqa", False), ("tied", True)])
+def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name, fuse_norm) -> None:
     """The debug model (and a tied-embedding Qwen2 one, whose logits all-reduce stays NCCL's)
     at tp 2 with every wo/w2 all-reduce through a kernel (with the residual add and the norm
-    after it, or alone; or the fused one exchanging data and flags in one word, ll): logits
-    equal tp 1's within 1e-5 (float32), greedy tokens equal, and a fullgraph-compiled decode
-    step too."""
+    after it, or alone): logits equal tp 1's within 1e-5 (float32), greedy tokens equal, and a
+    fullgraph-compiled decode step too."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = PRESETS["debug"]
     if name == "tied":
         spec = spec.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
     n_sites = 2 * spec.n_layers
     results = run_ranks(peer_model_matches_tp1, 2, spec, shared_buffers(n_sites, 2), fuse_norm,
-                        ll, timeout=240)
+                        timeout=240)
     for result in results:
         assert result["diff"] < 1e-5
         assert result["tokens_equal"] and result["compiled_equal"]
@@ -182,24 +157,6 @@ def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype)
     for _, ptx in built:
         assert re.search(RELEASE_ADD_SYS, ptx) and re.search(ACQUIRE_CAS_SYS, ptx)
         assert "bar.sync" in ptx  # the program's stores before its signal
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_ll_kernel_compiles_for_an_h100_without_fences_or_atomics(monkeypatch, dtype) -> None:
-    """The LL kernel's sm_90 PTX (peer_ll.py): 8-byte stores carry the data (vectors of 64-bit
-    words to the peer), the wait is plain volatile loads, and there is no fence, no
-    membar and no atomic at all: what it saves against the flag kernel."""
-    peer = PeerAllReduce(1, [torch.zeros(buffer_bytes(2, 2), dtype=torch.uint8)] * 2, 2,
-                         ll=True)
-    x = torch.zeros(1, 1, 5120, dtype=dtype)
-    weight = torch.ones(5120, dtype=dtype)
-    built = sm90_ptx(monkeypatch, lambda: peer.add_norm(x, x, weight, 1e-5, 0))
-    assert [name for name, _ in built] == ["_ll_add_norm_kernel"]
-    ptx = built[0][1]
-    assert re.search(r"st\.global(\.v[24])?\.b64", ptx)  # the words, to the peer
-    assert re.search(r"ld\.volatile\.global(\.v[24])?\.b64", ptx)  # polled
-    assert not re.search(r"\b(fence|membar|atom|red)\.", ptx)
 
 
 def test_the_prenormed_forward_is_the_same_model() -> None:
@@ -296,7 +253,7 @@ def test_auto_falls_back_to_nccl_where_the_peer_buffers_fail(capsys) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", [{}, {"fuse_norm": False}, {"push": True}, {"ll": True}])
+@pytest.mark.parametrize("kind", [{}, {"fuse_norm": False}])
 def test_a_failed_peer_buffer_leaves_the_model_as_it_was(monkeypatch, kind) -> None:
     """use_peer_all_reduce whose for_group raises PeerBufferUnavailable (as on every rank when
     one cannot get its buffer): the sharded model keeps its NCCL all-reduces, nothing of the
@@ -316,6 +273,6 @@ def test_a_failed_peer_buffer_leaves_the_model_as_it_was(monkeypatch, kind) -> N
         use_peer_all_reduce(model, gpus, **kind)
     collectives = model.tp_collectives
     assert collectives.peer is None and collectives.peer_index == -1
-    assert not collectives.fused and not collectives.pushers and model.add_norm is None
-    for _, linear, norm in row_parallel_sites(model):
-        assert linear.row_product is None and not hasattr(norm, "all_reduce_site")
+    assert not collectives.fused and model.add_norm is None
+    for _, _, norm in row_parallel_sites(model):
+        assert not hasattr(norm, "all_reduce_site")

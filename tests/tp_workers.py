@@ -198,32 +198,6 @@ def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]
     return {"equal": equal, "flags_set": flags.count_nonzero().item()}
 
 
-LL_CASES = [(0, 1, 5120, torch.bfloat16), (1, 3, 500, torch.float16), (0, 2, 96, torch.float32),
-            (1, 1, 5120, torch.bfloat16), (0, 1, 5120, torch.bfloat16)]  # (site, rows, dim)
-
-
-def peer_ll_sums(tp: TensorParallel, buffers: list[torch.Tensor],
-                 cases: list[tuple] = LL_CASES) -> dict[str, Any]:
-    """peer_ll.py's fused all-reduce + add + norm, sites reused (each call a new epoch):
-    against torch as peer_sums checks the flag kernel's, the outputs themselves (to compare
-    the ranks), and each site's call count left in the flag area."""
-    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
-
-    peer = PeerAllReduce(tp.rank, buffers, n_sites=2, ll=True)
-    equal, outputs = [], []
-    for call, (site, rows, dim, dtype) in enumerate(cases):
-        deltas = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(10 * call + r))
-                  .to(dtype) for r in range(tp.world)]
-        residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
-        weight = torch.linspace(0.5, 1.5, dim).to(dtype)
-        h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
-        equal.append(add_norm_matches(h, normed, deltas, residual, weight,
-                                      ADD_NORM_TOLERANCE[dtype]))
-        outputs.append((h, normed))
-    counts = buffers[tp.rank][:flag_area_bytes(2)].view(torch.int32)
-    return {"equal": equal, "outputs": outputs, "counts": counts.clone()}
-
-
 class _CountingPeer:
     """A registered PeerAllReduce that counts the calls the model makes through it."""
 
@@ -241,7 +215,7 @@ class _CountingPeer:
 
 @torch.no_grad()
 def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.Tensor],
-                           fuse_norm: bool, ll: bool = False) -> dict[str, Any]:
+                           fuse_norm: bool) -> dict[str, Any]:
     """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
     them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
     decode step (aot_eager), and how many all-reduces went through a kernel."""
@@ -251,7 +225,7 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
-    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm, ll=ll)
+    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm)
     index = shard.tp_collectives.peer_index
     counter = peer_all_reduce._INSTANCES[index] = _CountingPeer(peer_all_reduce._INSTANCES[index])
     tokens = torch.randint(0, full.spec.vocab_size, (BATCH, PROMPT + DECODE),
@@ -270,91 +244,6 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
     return {"diff": diff, "calls": calls, "tokens_equal": want == got,
             "compiled_equal": _compiled_step_equal(full, shard, "aot_eager"),
             "n_layers": full.spec.n_layers}
-
-
-# ---- the pushing GEMV (engine/parallel/peer_gemv.py) under TRITON_INTERPRET=1
-# (site, N, K, dtype): gemv_kernel's three tilings (K < 4096: 4 rows a program, N ragged; K a
-# multiple of 4096: 2 rows; otherwise 1 row of 2048 columns, K ragged), sites reused
-PUSH_CASES = [(0, 301, 200, torch.float32), (1, 130, 4096, torch.float16),
-              (0, 96, 5000, torch.bfloat16), (2, 257, 1000, torch.float32)]
-PUSH_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3 * 2**-7}
-
-
-def _push_inputs(n: int, k: int, dtype: torch.dtype, world: int, site: int) -> list[Any]:
-    """Every rank's x [1, K] and W shard [N, K], the residual [1, 1, N] and the norm weight."""
-    gen = torch.Generator().manual_seed(1000 * site + n + k)
-    xs = [torch.randn(1, k, generator=gen).to(dtype) for _ in range(world)]
-    weights = [(torch.randn(n, k, generator=gen) / k**0.5).to(dtype) for _ in range(world)]
-    residual = torch.randn(1, 1, n, generator=gen).to(dtype)
-    return [xs, weights, residual, torch.linspace(0.5, 1.5, n).to(dtype)]
-
-
-def peer_push_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
-    """Each case: this rank's gemv_push partial against F.linear, then wait_add_norm against
-    torch's add and norm of the sum of every rank's partial; then one plain fused add_norm on a
-    site the pushes used (both kernels use the site's first flag). Returns the comparisons, the
-    outputs (to compare across ranks) and the flags left set."""
-    from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
-    from infermeter.engine.parallel.peer_gemv import gemv_push, wait_add_norm
-
-    peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
-    equal, outputs = [], []
-    for site, n, k, dtype in PUSH_CASES:
-        xs, weights, residual, norm_weight = _push_inputs(n, k, dtype, tp.world, site)
-        tol = PUSH_TOLERANCE[dtype]
-        partials = [(x.float() @ w.float().T).to(dtype) for x, w in zip(xs, weights)]
-        mine = gemv_push(peer, xs[tp.rank], weights[tp.rank], site)
-        equal.append(mine.shape == (1, n) and mine.dtype == dtype
-                     and torch.allclose(mine.float(), partials[tp.rank].float(), rtol=tol,
-                                        atol=tol))
-        h, normed = wait_add_norm(peer, mine.view(1, 1, n), residual, norm_weight, 1e-5, site)
-        equal.append(add_norm_matches(h, normed, partials, residual, norm_weight, tol))
-        outputs.append((h, normed))
-    delta = torch.full((1, 1, 301), float(tp.rank + 1))
-    h, _ = peer.add_norm(delta, torch.zeros(1, 1, 301), torch.ones(301), 1e-5, 0)
-    equal.append(bool((h == sum(range(1, tp.world + 1))).all()))
-    flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
-    return {"equal": equal, "outputs": outputs, "flags_set": flags.count_nonzero().item()}
-
-
-@torch.no_grad()
-def peer_push_model_matches_tp1(tp: TensorParallel, source: Any,
-                                buffers: list[torch.Tensor]) -> dict[str, Any]:
-    """Batch 1, a tp model with --tp-all-reduce triton-push's kernels against tp 1: an eager
-    prefill, then DECODE fullgraph-compiled steps (aot_eager) in which wo and w2 push (the
-    other products, the attention and SwiGLU in torch: our other Triton kernels cannot be
-    traced when interpreted). Max |logits difference| and how many pushes the steps made."""
-    from infermeter.engine.linear import set_matvec_kernel
-    from infermeter.engine.parallel import peer_gemv
-    from infermeter.engine.parallel.sharding import use_peer_all_reduce
-
-    full = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1)
-    shard = load_model(source, max_batch_size=1, max_seq_len=CACHE, seed=1, tp=tp)
-    use_peer_all_reduce(shard, tp, buffers, push=True)
-    for model in (full, shard):
-        set_matvec_kernel(model, "inductor")
-        for layer in model.layers:
-            layer.attention.decode_attention = "math"
-            layer.feed_forward.activation_kernel = "inline"
-    for layer in shard.layers:  # the products that push take the GEMV's place
-        layer.attention.wo.matvec_kernel = layer.feed_forward.w2.matvec_kernel = "triton"
-    pushes = []
-    real_push = peer_gemv.gemv_push
-    peer_gemv.gemv_push = lambda *args: pushes.append(args[-1]) or real_push(*args)
-    tokens = torch.randint(0, full.spec.vocab_size, (1, PROMPT + DECODE),
-                           generator=torch.Generator().manual_seed(0))
-    step = torch.compile(lambda m, t, p: m(t, p), backend="aot_eager", fullgraph=True,
-                         dynamic=False)
-    for model in (full, shard):
-        model.reset_cache()
-    prefill = [m(tokens[:, :PROMPT], torch.arange(PROMPT)) for m in (full, shard)]
-    diff = (prefill[0] - prefill[1]).abs().max().item()
-    for pos in range(PROMPT, PROMPT + DECODE):
-        token, where = tokens[:, pos:pos + 1], torch.tensor([pos])
-        want, got = full(token, where), step(shard, token, where)
-        diff = max(diff, (want - got).abs().max().item())
-    peer_gemv.gemv_push = real_push
-    return {"diff": diff, "pushes": len(pushes), "n_layers": full.spec.n_layers}
 
 
 # ---- symmetric memory that fails: PeerAllReduce.for_group's agreement, generate's fallback ----

@@ -137,10 +137,6 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
                        vocab_size, request.seed, fixed)
 
 
-# --tp-all-reduce kinds whose kernel also does the residual add and the norm after it
-FUSED_ALL_REDUCES = ("triton", "triton-push", "triton-ll")
-
-
 def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
     """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
@@ -168,7 +164,7 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
         if tp.device.type != "cuda":
             raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs CUDA GPUs "
                                   "(symmetric memory); this run's ranks are on the CPU")
-        if request.tp_all_reduce in FUSED_ALL_REDUCES and request.compile_prefill:
+        if request.tp_all_reduce == "triton" and request.compile_prefill:  # fused with norms
             raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} fuses each "
                                   "all-reduce with the next "
                                   "layer's norm, which --compile-prefill's one-layer graph "
@@ -268,7 +264,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     _check_hf(cases, tp)
     settings = _settings(request, tokenizer, tp)
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp,
-                           request.tp_all_reduce)
+                           request.tp_all_reduce, request.max_new_tokens * request.repeats)
     peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
     notes = []
@@ -277,9 +273,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
         from infermeter.engine.parallel.sharding import use_peer_all_reduce
 
         try:
-            use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce in FUSED_ALL_REDUCES,
-                                push=request.tp_all_reduce == "triton-push",
-                                ll=request.tp_all_reduce == "triton-ll")
+            use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce == "triton")
         except PeerBufferUnavailable as err:
             if asked != "auto":  # the user's explicit choice: one error line (cli.py)
                 raise

@@ -193,8 +193,7 @@ if triton is not None:
 
     @triton.jit
     def add_residual(acc, R, H, offs, mask):
-        """h = R + (the all-reduce's float32 sum rounded to h's dtype), stored; as float32.
-        (peer_ll.py calls it, and store_normed, for each half of its words' values.)"""
+        """h = R + (the all-reduce's float32 sum rounded to h's dtype), stored; as float32."""
         total = acc.to(H.dtype.element_ty).to(tl.float32)
         residual = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         h = (residual + total).to(H.dtype.element_ty)
@@ -212,16 +211,15 @@ if triton is not None:
 class PeerAllReduce:
     """One rank's view of the group's buffers: `buffers[r]` is rank r's buffer (uint8, all the
     same size), as this process addresses it. Build it with for_group (CUDA) or from shared CPU
-    tensors (tests). ll: add_norm exchanges data and flags in the same words (peer_ll.py; the
-    flag area then holds each site's call count, so one instance never mixes the two)."""
+    tensors (tests)."""
 
-    def __init__(self, rank: int, buffers: list[Tensor], n_sites: int, ll: bool = False) -> None:
+    def __init__(self, rank: int, buffers: list[Tensor], n_sites: int) -> None:
         world = len(buffers)
         if any(b.is_cuda and b.data_ptr() % 256 for b in buffers):
             raise ValueError("the kernel assumes 256-byte aligned buffers")
         if any(b.numel() < buffer_bytes(n_sites, world) for b in buffers):
             raise ValueError(f"each buffer needs {buffer_bytes(n_sites, world)} bytes")
-        self.rank, self.world, self.n_sites, self.ll = rank, world, n_sites, ll
+        self.rank, self.world, self.n_sites = rank, world, n_sites
         self.buffers = buffers  # kept: the kernels address them
         device = buffers[rank].device
         flags = [b.data_ptr() for b in buffers]
@@ -230,8 +228,7 @@ class PeerAllReduce:
         self.data_ptrs = torch.tensor(data, dtype=torch.int64, device=device)
 
     @classmethod
-    def for_group(cls, group: Any, device: torch.device, n_sites: int,
-                  ll: bool = False) -> PeerAllReduce:
+    def for_group(cls, group: Any, device: torch.device, n_sites: int) -> PeerAllReduce:
         """Allocate this rank's buffer in torch symmetric memory and map every peer's (a
         collective: every rank of `group` calls it). If any rank cannot, every rank raises the
         same PeerBufferUnavailable (agree), its own buffer dropped.
@@ -270,7 +267,7 @@ class PeerAllReduce:
         if device.type == "cuda":  # (the tests run this on CPU ranks, with fake buffers)
             torch.cuda.synchronize(device)
         dist.barrier(group)  # no peer signals before every flag area is zeroed
-        return cls(handle.rank, buffers, n_sites, ll)
+        return cls(handle.rank, buffers, n_sites)
 
     def site_layout(self, site: int, element_size: int) -> tuple[int, int, int]:
         """(site_offset, slot_elems, flag_offset): where call site `site` lives in the buffers,
@@ -286,8 +283,6 @@ class PeerAllReduce:
 
     def __call__(self, x: Tensor, site: int) -> Tensor:
         where = self.site_layout(site, x.element_size())
-        if self.ll:
-            raise ValueError("an LL instance does the fused add_norm only")
         if not self.takes(x):
             raise ValueError(f"{tuple(x.shape)} {x.dtype} does not fit a {SLOT_BYTES}-byte slot")
         x = x.contiguous()
@@ -301,12 +296,7 @@ class PeerAllReduce:
     def takes_rows(self, delta: Tensor, residual: Tensor) -> bool:
         """Whether add_norm can take this all-reduce: it fits a slot, one flag per row."""
         rows = delta.numel() // delta.shape[-1]
-        if self.ll:
-            from infermeter.engine.parallel.peer_ll import ll_fits
-
-            fits = delta.dtype in DTYPES and ll_fits(rows, delta.shape[-1], delta.dtype)
-        else:
-            fits = self.takes(delta) and rows <= MAX_PROGRAMS
+        fits = self.takes(delta) and rows <= MAX_PROGRAMS
         return fits and residual.shape == delta.shape and residual.dtype == delta.dtype
 
     def add_norm(self, delta: Tensor, residual: Tensor, weight: Tensor, eps: float,
@@ -314,10 +304,6 @@ class PeerAllReduce:
         """(h, norm(h)) with h = residual + (delta summed over the ranks): the all-reduce, the
         residual add and the RMSNorm that follows it in one kernel. delta, residual [..., dim];
         weight [dim]."""
-        if self.ll:
-            from infermeter.engine.parallel.peer_ll import ll_add_norm
-
-            return ll_add_norm(self, delta, residual, weight, eps, site)
         where = self.site_layout(site, delta.element_size())
         if not self.takes_rows(delta, residual):
             raise ValueError(f"{tuple(delta.shape)} {delta.dtype} does not fit a slot")

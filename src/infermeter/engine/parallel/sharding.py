@@ -29,7 +29,6 @@ calls inside forward hooks, so a torch.compile(fullgraph=True) decode step captu
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -163,16 +162,13 @@ class Collectives:
     its own buffer region (see peer_all_reduce.py for why).
 
     fused: wo's and w2's outputs leave their hooks unreduced and add_norm (the model's add_norm)
-    reduces them together with the residual add and the norm that follows. pushers (push mode,
-    set by use_peer_all_reduce): site -> its wo / w2; where that layer pushed its partial sums
-    (Linear.pushes), add_norm only announces, waits for and sums them."""
+    reduces them together with the residual add and the norm that follows."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.peer: Any = None  # a peer_all_reduce.PeerAllReduce
         self.peer_index = -1  # its index in peer_all_reduce's registry (the op's argument)
         self.fused = False
-        self.pushers: dict[int, Linear] = {}
 
     def all_reduce(self, x: Tensor, site: int | None) -> Tensor:
         if site is not None and self.fused:
@@ -185,10 +181,6 @@ class Collectives:
         """model.AddNorm for a model whose wo/w2 outputs arrive unreduced (fused): h = residual
         + all-reduce(delta) and norm(h), in one kernel where it fits, else NCCL then the two."""
         site = norm.all_reduce_site
-        pusher = self.pushers.get(site)
-        if pusher is not None and pusher.pushes(delta.numel() // delta.shape[-1]):
-            return torch.ops.infermeter.peer_wait_add_norm(
-                delta, residual, norm.weight, norm.eps, self.peer_index, site)
         if self.peer.takes_rows(delta, residual):
             return torch.ops.infermeter.peer_all_reduce_add_norm(
                 delta, residual, norm.weight, norm.eps, self.peer_index, site)
@@ -281,33 +273,25 @@ class TensorParallel:
     group: Any = None  # the ProcessGroup; None: not initialised (load and inspect only)
 
 
-# How the compiled step's all-reduces run: NCCL's kernels, or ("one-shot") inductor's lowering
-# of each small all-reduce to torch's symmetric-memory one-shot kernel (every rank reads its
-# peers' buffers directly over NVLink and sums; one kernel, no NCCL protocol). One token's
-# [B, 1, dim] activations are 8-16 KiB: NCCL spent ~10 us on each of 13B's 80 a step (0.81 ms,
-# 12% of the tp 2 step on an H100 host). No NVLink multicast is needed (that is two-shot /
-# multimem). Measured once (2xH100, session 6, results/tp-nvidia-h100-80gb-hbm3.jsonl): 13B tp 2
-# 6.24 ms a step against NCCL's 6.51; off by default while that is one run and the comm part's
-# one-shot replay crashed there.
+# How the step's all-reduces run (--tp-all-reduce). One token's [B, 1, dim] activations are
+# 8-16 KiB, so each all-reduce costs latency, not bandwidth. "nccl": NCCL's kernels.
+# "one-shot": inductor lowers the compiled step's small all-reduces to torch's symmetric-memory
+# one-shot kernel (every rank reads its peers' buffers over NVLink and sums; one kernel, no NCCL
+# protocol, no NVLink multicast); slower than "triton", kept as an A/B baseline.
 # "triton": peer_all_reduce.py's kernel (every rank stores its slice straight into its peers'
 # symmetric buffers, one handshake), which also does the residual add and the RMSNorm after
 # the all-reduce; "triton-unfused": the same all-reduce alone (the add and norm stay
-# inductor's kernel). Both in every step, eager or compiled.
-# "triton-push" (peer_gemv.py): wo's / w2's compiled one-row GEMVs store their partial sums into
-# the peers themselves and the kernel after them only signals, waits, sums, adds and norms; no
-# gain measured (2 x H200, session 8: 4.41 ms a step against triton's 4.38), kept as an option.
-# "triton-ll" (peer_ll.py): the fused kernel with NCCL's low-latency protocol, data and flag in
-# one 8-byte word: no fence, no separate flag; the fused add and norm only.
-# "auto" (the default): "triton" where peer_all_reduce_usable says every rank can run it (13B tp 2
-# on 2 x H100: 5.72 ms a step against NCCL's 6.57, one run, session 7), else "nccl".
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused", "triton-push",
-                    "triton-ll")
+# inductor's kernel; what --compile-prefill's one-layer graph can hold). Both in every step,
+# eager or compiled. "auto" (the default): "triton" where peer_all_reduce_usable says every rank
+# can run it, else "nccl". The measurements behind these choices: docs/engine.md, "The fused
+# all-reduce" and "Tried and lost".
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")
 AUTO_ALL_REDUCE = "triton"  # what auto picks on the GPUs of one host (report_select's default)
 
 
 # Inductor options for --tp-all-reduce one-shot. "_collective.auto_select" lowers the compiled
 # step's all-reduces of at most 128 KiB to symmetric-memory one-shot kernels. CUDA-graph trees
-# are turned off: on torch 2.11 (2xH100, session 5) the first compiled step failed with
+# are turned off: on torch 2.11 (2 x H100) the first compiled step failed with
 # "Detected 10 tensor(s) in the cudagraph pool not tracked as outputs" - the symmetric-memory
 # rendezvous allocates its small per-buffer metadata through the caching allocator, and under
 # graph trees that lands in the graph's private pool during the recording warm-up (pytorch PR
@@ -348,17 +332,13 @@ def peer_all_reduce_usable(tp: TensorParallel) -> bool:
 
 
 def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
-                        buffers: list[Tensor] | None = None, fuse_norm: bool = True,
-                        push: bool = False, ll: bool = False) -> None:
+                        buffers: list[Tensor] | None = None, fuse_norm: bool = True) -> None:
     """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
     collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
     the RMSNorm after it (model.add_norm; one kernel where there were two); else the plain
     all-reduce kernel in wo's and w2's hooks. buffers: every rank's buffer as this process sees
     it (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
-    memory, which needs CUDA GPUs that can reach each other. push (with fuse_norm): wo's and
-    w2's one-row GEMVs store their partial sums into the peers themselves (peer_gemv.py) and
-    the kernel after them only waits, sums, adds and norms. ll (with fuse_norm): the fused
-    kernel exchanges data and flags in the same words (peer_ll.py)."""
+    memory, which needs CUDA GPUs that can reach each other."""
     from infermeter.engine.kernels.triton_support import triton_runs_on
     from infermeter.engine.parallel import peer_all_reduce
 
@@ -369,30 +349,17 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if (buffers is None and tp.device.type != "cuda") or not triton_runs_on(probe):
         raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs and Triton (symmetric "
                               f"memory); this run's ranks are on {tp.device.type}")
-    if ll and (push or not fuse_norm):
-        raise ValueError("the LL exchange is the fused add-and-norm kernel's alone")
     n_sites = 2 * len(model.layers)
     # The buffers before any change to the model: if they cannot be had (PeerBufferUnavailable)
     # the model keeps its NCCL all-reduces, and --tp-all-reduce auto runs on with them.
-    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites, ll) if buffers is not None \
-        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites, ll)
+    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
+        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
     if fuse_norm:  # each norm learns the site whose all-reduce comes with it
         for site, _, norm in row_parallel_sites(model):
             norm.all_reduce_site = site
         collectives.fused = True
         model.add_norm = collectives.add_norm
-    if push:
-        if not fuse_norm:
-            raise ValueError("the pushing GEMV needs the fused add and norm after it")
-        from infermeter.engine.parallel import peer_gemv  # noqa: F401 - registers its ops
-
-        for site, linear, _ in row_parallel_sites(model):
-            if linear.bias is not None:  # row-parallel biases are added after the sum
-                raise InfermeterError("--tp-all-reduce triton-push: wo / w2 have a bias")
-            linear.row_product = functools.partial(
-                torch.ops.infermeter.peer_gemv_push, instance=collectives.peer_index, site=site)
-            collectives.pushers[site] = linear
 
 
 def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:
