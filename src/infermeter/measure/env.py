@@ -92,33 +92,25 @@ def _torch_facts() -> dict[str, Any]:
 
 def nvml_facts(index: int = 0) -> dict[str, Any]:
     """Driver, PCIe generation/width and total memory of GPU `index`, or {} without NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no GPU: NVML raises its own error types
-        return {}
+    from infermeter.measure.nvml import opened_nvml
+
     facts: dict[str, Any] = {}
-    try:
-        facts["driver"] = _decode(pynvml.nvmlSystemGetDriverVersion())
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        facts["gpu_memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-        for key, call in (("pcie_gen", "nvmlDeviceGetMaxPcieLinkGeneration"),
-                          ("pcie_width", "nvmlDeviceGetMaxPcieLinkWidth"),
-                          ("pcie_gen_current", "nvmlDeviceGetCurrPcieLinkGeneration"),
-                          ("pcie_width_current", "nvmlDeviceGetCurrPcieLinkWidth")):
-            try:
-                facts[key] = int(getattr(pynvml, call)(handle))
-            except Exception:  # not every GPU/driver answers every query
-                facts[key] = None
-    except Exception:
-        pass
-    finally:
+    with opened_nvml() as pynvml:
+        if pynvml is None:
+            return facts
         try:
-            pynvml.nvmlShutdown()
-        except Exception:
+            facts["driver"] = _decode(pynvml.nvmlSystemGetDriverVersion())
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            facts["gpu_memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            for key, call in (("pcie_gen", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                              ("pcie_width", "nvmlDeviceGetMaxPcieLinkWidth"),
+                              ("pcie_gen_current", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                              ("pcie_width_current", "nvmlDeviceGetCurrPcieLinkWidth")):
+                try:
+                    facts[key] = int(getattr(pynvml, call)(handle))
+                except Exception:  # not every GPU/driver answers every query
+                    facts[key] = None
+        except Exception:  # NVML present but the device query failed: what was read so far
             pass
     return facts
 

@@ -24,11 +24,12 @@ The node is read from /sys/bus/pci/devices/<domain:bus:device.function>/numa_nod
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from infermeter.measure.nvml import device_handle, opened_nvml
 
 PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 C2C_LINK_COUNT, C2C_LINK_STATUS, C2C_LINK_MAX_BW = 170, 171, 172  # NVML field ids
@@ -137,21 +138,19 @@ def _query(pynvml: Any, handle: Any, name: str) -> Any:
         return None
 
 
-def device_handle(pynvml: Any, bus_id: str | None, index: int) -> Any:
-    if bus_id:
-        with contextlib.suppress(pynvml.NVMLError):
-            return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
-
-
 def link_info(bus_id: str | None = None, index: int = 0) -> LinkInfo:
     """What NVML and sysfs say about GPU `bus_id` (or NVML index `index`); never raises."""
     info = LinkInfo(bus_id=bus_id, host_numa_nodes=host_numa_nodes())
-    pynvml = open_nvml()
-    if pynvml is None:
-        info.notes.append("NVML unavailable (pip install nvidia-ml-py): no link peak")
-        _fill_numa(info)
-        return info
+    with opened_nvml() as pynvml:
+        if pynvml is None:
+            info.notes.append("NVML unavailable (pip install nvidia-ml-py): no link peak")
+        else:
+            _read_link(pynvml, info, bus_id, index)
+    _fill_numa(info)
+    return info
+
+
+def _read_link(pynvml: Any, info: LinkInfo, bus_id: str | None, index: int) -> None:
     try:
         handle = device_handle(pynvml, bus_id, index)
         pci = _query(pynvml, handle, "nvmlDeviceGetPciInfo")
@@ -171,11 +170,6 @@ def link_info(bus_id: str | None = None, index: int = 0) -> LinkInfo:
             info.kind, info.peak_gbps = "pcie", pcie_peak_gbps(info.gen, info.width)
     except pynvml.NVMLError as err:  # NVML present but the device query failed
         info.notes.append(f"NVML query failed: {err}")
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
-    _fill_numa(info)
-    return info
 
 
 def _fill_numa(info: LinkInfo) -> None:
@@ -191,16 +185,13 @@ def current_link(pynvml: Any, handle: Any) -> tuple[int | None, int | None]:
 
 def current_link_of(bus_id: str | None, index: int = 0) -> tuple[int | None, int | None]:
     """Current PCIe generation and width now (call it while a copy runs), or (None, None)."""
-    pynvml = open_nvml()
-    if pynvml is None:
-        return None, None
-    try:
-        return current_link(pynvml, device_handle(pynvml, bus_id, index))
-    except pynvml.NVMLError:
-        return None, None
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+    with opened_nvml() as pynvml:
+        if pynvml is None:
+            return None, None
+        try:
+            return current_link(pynvml, device_handle(pynvml, bus_id, index))
+        except pynvml.NVMLError:
+            return None, None
 
 
 def torch_bus_id(device_index: int) -> str | None:
@@ -212,16 +203,3 @@ def torch_bus_id(device_index: int) -> str | None:
         return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
     except (ImportError, RuntimeError, AssertionError, AttributeError):
         return None
-
-
-def open_nvml() -> Any:
-    """The initialised pynvml module, or None (not installed, no driver, no GPU)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    return pynvml
