@@ -22,6 +22,7 @@ from infermeter.copy.chunks import plan_chunks, split_evenly
 from infermeter.copy.host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
 from infermeter.copy.timing import Spin, case_metrics, run_once, time_movers, time_seed
 from infermeter.copy.verify import verify_layout, verify_pieces
+from infermeter.engine.dtypes import torch_dtype
 from infermeter.measure.link import LinkInfo, current_link_of
 from infermeter.measure.nvtx import traced
 
@@ -55,7 +56,7 @@ class CopyRunner:
     def __init__(self, device: torch.device, kv_dtype: str, repeats: int, warmup: int,
                  link: LinkInfo, progress: Callable[[str], None] | None = None,
                  before_case: Callable[[str], None] | None = None) -> None:
-        self.device, self.dtype = device, cm.torch_dtype(kv_dtype)
+        self.device, self.dtype = device, torch_dtype(kv_dtype, stored=True)
         self.repeats, self.warmup, self.link = repeats, warmup, link
         self.progress = progress or (lambda label: None)
         self.before_case = before_case or (lambda label: None)

@@ -34,19 +34,11 @@ import torch
 
 from infermeter.copy.cases import LayoutPlan, Segment
 from infermeter.copy.chunks import Chunk, Op
-from infermeter.units import canonical_dtype
 
 WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 N_STREAMS = 4
 N_STAGING = 3
 DMA_STREAMS = 2
-
-
-def torch_dtype(kv_dtype: str) -> torch.dtype:
-    name = canonical_dtype(kv_dtype)
-    if name == "float8":
-        return torch.float8_e4m3fn
-    return getattr(torch, name)
 
 
 def as_words(t: torch.Tensor, word: int) -> torch.Tensor:

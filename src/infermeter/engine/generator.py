@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
-from infermeter.engine.model import Transformer, torch_dtype
+from infermeter.engine.model import Transformer
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 from infermeter.spec.sizes import cache_length

@@ -51,6 +51,7 @@ from infermeter.engine.attention import (
     flex_decode_attention,
     resolve_attention,
 )
+from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.decode_attention import (
     decode_attention_kernel,
     kernel_usable,
@@ -64,29 +65,6 @@ from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
 from infermeter.errors import InfermeterError
 from infermeter.spec.model import ModelSpec, check_engine_arch
-from infermeter.units import canonical_dtype
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'fp16' / 'bfloat16' / torch.float32 -> torch dtype; fp8 and int8 are refused clearly."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPE_NAMES:
-            raise InfermeterError(f"dtype {dtype} is not supported by the engine yet "
-                                  "(use float32, float16 or bfloat16)")
-        return dtype
-    name = canonical_dtype(dtype)
-    if name not in _TORCH_DTYPES:
-        raise InfermeterError(f"dtype {name} is not supported by the engine yet "
-                              "(use float32, float16 or bfloat16)")
-    return _TORCH_DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float16 -> 'float16', the spelling kvsize and Results use."""
-    return _DTYPE_NAMES[torch_dtype(dtype)]
 
 
 class RMSNorm(nn.Module):

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.checkpoint.hf import hf_config, meta_to_hf_name, permute
+from infermeter.engine.dtypes import dtype_name
 from infermeter.engine.fusion import meta_state_dict
 from infermeter.engine.generator import GenerationConfig, GenerationOutput
-from infermeter.engine.model import Transformer, dtype_name
+from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kv_cache import LayerKVCache
-from infermeter.engine.model import torch_dtype
 from infermeter.spec.model import ModelSpec, check_engine_arch
 
 

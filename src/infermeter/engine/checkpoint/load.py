@@ -26,7 +26,8 @@ from torch import Tensor
 
 from infermeter.engine.checkpoint.hf import read_hf_tensors, save_hf_checkpoint
 from infermeter.engine.checkpoint.meta import read_meta_tensors, save_meta_checkpoint
-from infermeter.engine.model import Transformer, build_model, torch_dtype
+from infermeter.engine.dtypes import torch_dtype
+from infermeter.engine.model import Transformer, build_model
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.errors import InfermeterError
 from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_path
