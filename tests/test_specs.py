@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_meta_params_without_vocab_anywhere(tmp_path):
     (json.dumps({"model_type": "gpt2", "n_embd": 768}), "unsupported model_type 'gpt2'"),
     (json.dumps({"model_type": "llama"}), "missing field 'hidden_size'"),
     (json.dumps(dict(published.LLAMA_31_8B, num_hidden_layers=0)),
-     "n_layers must be a positive integer"),
+     "field 'num_hidden_layers' must be a positive integer"),
     (json.dumps(dict(published.LLAMA_31_8B, num_key_value_heads=5)), "not a multiple"),
     (json.dumps(dict(published.LLAMA_31_8B, hidden_size="4096")), "must be an integer"),
     (json.dumps({"foo": 1}), "neither an HF config.json"),
@@ -119,6 +120,67 @@ def test_bad_config_files(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(InfermeterError, match=message):
         resolve_model(str(path))
+
+
+def _llama(**changes):
+    return {**published.LLAMA_31_8B, **changes}
+
+
+@pytest.mark.parametrize("config, message", [
+    (_llama(num_attention_heads=0), "field 'num_attention_heads' must be a positive integer"),
+    (_llama(num_attention_heads=30), "'hidden_size' 4096 is not a multiple of "
+     "'num_attention_heads' 30 and there is no 'head_dim'"),
+    (_llama(num_key_value_heads=-8), "field 'num_key_value_heads' must be a positive integer"),
+    (_llama(intermediate_size=0), "field 'intermediate_size' must be a positive integer"),
+    (_llama(num_hidden_layers=10**30), "more layers than any model has"),
+    (_llama(rms_norm_eps="small"), "field 'rms_norm_eps' must be a positive number"),
+    (_llama(rms_norm_eps=float("nan")), "field 'rms_norm_eps' must be a positive number"),
+    (_llama(rope_theta=0), "field 'rope_theta' must be a positive number"),
+    (_llama(rope_scaling="yes"), "field 'rope_scaling' must be a JSON object"),
+    (_llama(rope_scaling={"rope_type": "linear", "factor": "x"}),
+     "field 'rope_scaling.factor' must be a positive number"),
+    (_llama(tie_word_embeddings="no"), "field 'tie_word_embeddings' must be true or false"),
+    (_llama(torch_dtype="float64"), "field 'torch_dtype' is 'float64'"),
+    (_llama(layer_types="full_attention"), "field 'layer_types' must be a list of strings"),
+    (_llama(layer_types=["full_attention"] * 3), "'layer_types' has 3 entries for 32 layers"),
+    (_llama(layer_types=["sliding_attention"] * 32), "'sliding_window' is missing"),
+    (dict(published.MISTRAL_7B, sliding_window="4096"),
+     "field 'sliding_window' must be an integer"),
+    (dict(published.MIXTRAL_8X7B, num_local_experts=0),
+     "field 'num_local_experts' must be a positive integer"),
+    (dict(published.MIXTRAL_8X7B, num_experts_per_tok=9), "more than the model's 8 experts"),
+    (dict(published.DEEPSEEK_V3, q_lora_rank=-1), "field 'q_lora_rank' must be an integer >= 0"),
+])
+def test_every_field_a_config_loader_reads_is_checked(tmp_path, config, message):
+    """A wrong value is one error naming the file and the field, never a traceback or a
+    silently floored head size."""
+    path = write_json(tmp_path / "config.json", config)
+    with pytest.raises(InfermeterError, match=re.escape(message)) as err:
+        resolve_model(str(path))
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_heads": 0}, "field 'n_heads' must be a positive integer"),
+    ({"n_heads": 30, "n_kv_heads": 6}, "'dim' 4096 is not a multiple of 'n_heads' 30"),
+    ({"multiple_of": 0}, "field 'multiple_of' must be a positive integer"),
+    ({"ffn_dim_multiplier": "big"}, "field 'ffn_dim_multiplier' must be a positive number"),
+    ({"norm_eps": -1e-5}, "field 'norm_eps' must be a positive number"),
+    ({"use_scaled_rope": "yes"}, "field 'use_scaled_rope' must be true or false"),
+    ({"vocab_size": "32000"}, "field 'vocab_size' must be an integer"),
+])
+def test_every_field_the_meta_loader_reads_is_checked(tmp_path, changes, message):
+    path = write_json(tmp_path / "params.json", {**published.META_LLAMA3_8B, **changes})
+    with pytest.raises(InfermeterError, match=re.escape(message)) as err:
+        resolve_model(str(path))
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_a_head_size_that_does_not_divide_needs_head_dim(tmp_path):
+    path = write_json(tmp_path / "config.json", _llama(num_attention_heads=32 - 2, head_dim=128,
+                                                       num_key_value_heads=6))
+    spec = resolve_model(str(path))
+    assert (spec.n_heads, spec.head_dim) == (30, 128)
 
 
 def test_unknown_names_and_paths():

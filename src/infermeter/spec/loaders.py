@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
 from infermeter.spec.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
 from infermeter.spec.presets import PRESETS
+from infermeter.units import canonical_dtype
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -21,8 +23,10 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InfermeterError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise InfermeterError(f"{path}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise InfermeterError(f"{path}: not UTF-8 text, so not a JSON file ({err})") from None
     except OSError as err:
         raise InfermeterError(f"{path}: cannot read ({err.strerror})") from None
     if not isinstance(data, dict):
@@ -30,19 +34,103 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _need(cfg: dict[str, Any], key: str, path: Path) -> Any:
-    if cfg.get(key) is None:
-        raise InfermeterError(f"{path}: missing field {key!r}")
-    return cfg[key]
+_REQUIRED = object()  # a field without a default: missing is an error
+# More layers than any model has; a larger count is a typo (and sizing walks every layer).
+MAX_LAYERS = 10_000
 
 
-def _int(cfg: dict[str, Any], key: str, path: Path, default: Any = None) -> int:
-    value = cfg.get(key, default)
-    if value is None:
-        value = _need(cfg, key, path)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InfermeterError(f"{path}: field {key!r} must be an integer, got {value!r}")
+def _field(cfg: dict[str, Any], key: str, path: Path, default: Any, prefix: str) -> Any:
+    value = cfg.get(key)
+    if value is None:  # absent or null: the default, if the field has one
+        if default is _REQUIRED:
+            raise InfermeterError(f"{path}: missing field '{prefix}{key}'")
+        return default
     return value
+
+
+def _int(cfg: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED,
+         minimum: int = 1, prefix: str = "") -> int:
+    """An integer field, at least `minimum` (1: a positive count or size)."""
+    value = _field(cfg, key, path, default, prefix)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InfermeterError(f"{path}: field '{prefix}{key}' must be an integer, got {value!r}")
+    if value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InfermeterError(f"{path}: field '{prefix}{key}' must be {what}, got {value}")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED,
+           prefix: str = "") -> float:
+    """A positive, finite number (norm epsilons, RoPE bases and factors)."""
+    value = _field(cfg, key, path, default, prefix)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise InfermeterError(f"{path}: field '{prefix}{key}' must be a positive number, "
+                              f"got {value!r}")
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], key: str, path: Path, default: bool = False) -> bool:
+    value = _field(cfg, key, path, default, "")
+    if not isinstance(value, bool):
+        raise InfermeterError(f"{path}: field '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _object(cfg: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = _field(cfg, key, path, {}, "")
+    if not isinstance(value, dict):
+        raise InfermeterError(f"{path}: field '{key}' must be a JSON object, got {value!r}")
+    return value
+
+
+def _layers(cfg: dict[str, Any], key: str, path: Path) -> int:
+    n_layers = _int(cfg, key, path)
+    if n_layers > MAX_LAYERS:
+        raise InfermeterError(f"{path}: field '{key}' is {n_layers:,}, more layers than any "
+                              f"model has (at most {MAX_LAYERS:,})")
+    return n_layers
+
+
+def _head_dim(cfg: dict[str, Any], path: Path, dim: int, n_heads: int, dim_key: str,
+              heads_key: str) -> int:
+    """head_dim as given, else dim / heads, which must then divide exactly."""
+    if cfg.get("head_dim") is not None:
+        return _int(cfg, "head_dim", path)
+    if dim % n_heads:
+        raise InfermeterError(f"{path}: field '{dim_key}' {dim} is not a multiple of "
+                              f"'{heads_key}' {n_heads} and there is no 'head_dim' field: the "
+                              "head size is unknown; add the model's head_dim")
+    return dim // n_heads
+
+
+def _kv_heads(cfg: dict[str, Any], path: Path, key: str, n_heads: int, heads_key: str) -> int:
+    n_kv_heads = _int(cfg, key, path, default=n_heads)
+    if n_heads % n_kv_heads:
+        raise InfermeterError(f"{path}: field '{heads_key}' {n_heads} is not a multiple of "
+                              f"'{key}' {n_kv_heads}")
+    return n_kv_heads
+
+
+def _dtype(cfg: dict[str, Any], path: Path) -> str:
+    key = "torch_dtype" if cfg.get("torch_dtype") is not None else "dtype"
+    value = _field(cfg, key, path, "bfloat16", "")
+    if isinstance(value, str):
+        try:
+            return canonical_dtype(value)
+        except InfermeterError:
+            pass
+    raise InfermeterError(f"{path}: field '{key}' is {value!r}; infermeter sizes fp32, fp16, "
+                          "bf16, fp8 and int8")
+
+
+def _spec(path: Path, **fields: Any) -> ModelSpec:
+    """The ModelSpec; a check it makes across fields fails naming the file."""
+    try:
+        return ModelSpec(**fields)
+    except InfermeterError as err:
+        raise InfermeterError(f"{path}: {err}") from None
 
 
 # ---- Meta params.json ------------------------------------------------------------------------
@@ -62,82 +150,116 @@ def spec_from_meta_params(path: Path, vocab_size: int | None = None) -> ModelSpe
     """
     cfg = read_json(path)
     dim, n_heads = _int(cfg, "dim", path), _int(cfg, "n_heads", path)
-    vocab = vocab_size if vocab_size is not None else cfg.get("vocab_size", -1)
-    if not isinstance(vocab, int) or vocab <= 0:
+    listed = _field(cfg, "vocab_size", path, -1, "")
+    if not isinstance(listed, int) or isinstance(listed, bool):
+        raise InfermeterError(f"{path}: field 'vocab_size' must be an integer, got {listed!r}")
+    vocab = vocab_size if vocab_size is not None else listed
+    if vocab <= 0:
         raise InfermeterError(f"{path}: vocab_size is {vocab!r}; cannot tell the vocabulary size "
                               "(no tokenizer.model or checkpoint shard next to it)")
-    rope_theta = float(cfg.get("rope_theta", 10000.0))
+    rope_theta = _float(cfg, "rope_theta", path, default=10000.0)
     scaling = None
-    if cfg.get("use_scaled_rope"):
-        factor = float(cfg.get("rope_scaling_factor") or 8.0)
+    if _bool(cfg, "use_scaled_rope", path):
+        factor = _float(cfg, "rope_scaling_factor", path, default=8.0)
         scaling = RopeScaling("llama3", factor, 1.0, 4.0, 8192)
     default_max = 131072 if scaling else (8192 if rope_theta >= 500000 else 4096)
-    return ModelSpec(
-        name=path.parent.name or "meta-checkpoint", arch="llama",
-        n_layers=_int(cfg, "n_layers", path), dim=dim, n_heads=n_heads,
-        n_kv_heads=_int(cfg, "n_kv_heads", path, default=n_heads),
-        head_dim=_int(cfg, "head_dim", path, default=dim // n_heads),
+    multiplier = cfg.get("ffn_dim_multiplier")
+    return _spec(
+        path, name=path.parent.name or "meta-checkpoint", arch="llama",
+        n_layers=_layers(cfg, "n_layers", path), dim=dim, n_heads=n_heads,
+        n_kv_heads=_kv_heads(cfg, path, "n_kv_heads", n_heads, "n_heads"),
+        head_dim=_head_dim(cfg, path, dim, n_heads, "dim", "n_heads"),
         ffn_dim=meta_ffn_dim(dim, _int(cfg, "multiple_of", path, default=256),
-                             cfg.get("ffn_dim_multiplier")),
-        vocab_size=vocab, norm_eps=float(cfg.get("norm_eps", 1e-5)), rope_theta=rope_theta,
-        rope_scaling=scaling, max_seq_len=_int(cfg, "max_seq_len", path, default=default_max),
-        source=str(path),
+                             None if multiplier is None
+                             else _float(cfg, "ffn_dim_multiplier", path)),
+        vocab_size=vocab, norm_eps=_float(cfg, "norm_eps", path, default=1e-5),
+        rope_theta=rope_theta, rope_scaling=scaling,
+        max_seq_len=_int(cfg, "max_seq_len", path, default=default_max), source=str(path),
     )
 
 
 # ---- HF config.json --------------------------------------------------------------------------
-def _hf_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _hf_rope(cfg: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     """rope_theta and rope_scaling, from transformers 4.x fields or 5.x `rope_parameters`."""
-    params = cfg.get("rope_parameters") or {}
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    raw = cfg.get("rope_scaling") or params
+    params = _object(cfg, "rope_parameters", path)
+    if cfg.get("rope_theta") is not None:
+        theta = _float(cfg, "rope_theta", path)
+    else:
+        theta = _float(params, "rope_theta", path, default=10000.0, prefix="rope_parameters.")
+    key = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
+    raw = _object(cfg, key, path)
     kind = raw.get("rope_type") or raw.get("type") or "default"
-    if kind == "default" or not raw.get("factor"):
+    if not isinstance(kind, str):
+        raise InfermeterError(f"{path}: field '{key}.rope_type' must be a string, got {kind!r}")
+    if kind == "default" or raw.get("factor") is None:
         return theta, None
     known = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position_embeddings", "rope_theta"}
     extra = tuple(sorted((k, v) for k, v in raw.items() if k not in known))
+    where = f"{key}."
     return theta, RopeScaling(
-        kind, float(raw["factor"]), float(raw.get("low_freq_factor", 1.0)),
-        float(raw.get("high_freq_factor", 4.0)),
-        int(raw.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))),
+        kind, _float(raw, "factor", path, prefix=where),
+        _float(raw, "low_freq_factor", path, default=1.0, prefix=where),
+        _float(raw, "high_freq_factor", path, default=4.0, prefix=where),
+        _int(raw, "original_max_position_embeddings", path, prefix=where,
+             default=_int(cfg, "max_position_embeddings", path, default=8192)),
         extra)
 
 
-def _hf_window_layers(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int, ...]:
-    """Which layers use the sliding window, following transformers' rules per model type."""
-    if cfg.get("layer_types"):
-        return tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
-    if not cfg.get("sliding_window"):
-        return ()
-    if model_type == "qwen2":  # only when enabled, and only from max_window_layers on
-        if not cfg.get("use_sliding_window"):
-            return ()
-        return tuple(range(int(cfg.get("max_window_layers", 0)), n_layers))
-    if model_type == "gemma2":  # layers 0, 2, 4, ... slide
-        return tuple(range(0, n_layers, 2))
-    if model_type in ("mistral", "mixtral", "phi3"):
-        return all_layers(n_layers)
-    return ()
+def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
+               path: Path) -> tuple[int | None, tuple[int, ...]]:
+    """The window length and the layers that use it, following transformers' rules per model
+    type; (None, ()) without a window."""
+    window = None if cfg.get("sliding_window") is None else _int(cfg, "sliding_window", path)
+    types = _field(cfg, "layer_types", path, None, "")
+    if types:
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise InfermeterError(f"{path}: field 'layer_types' must be a list of strings, got "
+                                  f"{types!r}")
+        if len(types) != n_layers:
+            raise InfermeterError(f"{path}: field 'layer_types' has {len(types)} entries for "
+                                  f"{n_layers} layers")
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif window is None:
+        layers = ()
+    elif model_type == "qwen2":  # only when enabled, and only from max_window_layers on
+        start = _int(cfg, "max_window_layers", path, default=0, minimum=0)
+        layers = tuple(range(start, n_layers)) if _bool(cfg, "use_sliding_window", path) else ()
+    elif model_type == "gemma2":  # layers 0, 2, 4, ... slide
+        layers = tuple(range(0, n_layers, 2))
+    elif model_type in ("mistral", "mixtral", "phi3"):
+        layers = all_layers(n_layers)
+    else:
+        layers = ()
+    if layers and window is None:
+        raise InfermeterError(f"{path}: field 'layer_types' names sliding_attention layers but "
+                              "'sliding_window' is missing")
+    return (window, layers) if layers else (None, ())
 
 
 def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, Any]:
     if model_type == "mixtral":
-        return {"n_experts": _int(cfg, "num_local_experts", path),
-                "n_active_experts": _int(cfg, "num_experts_per_tok", path),
-                "moe_ffn_dim": _int(cfg, "intermediate_size", path)}
-    if model_type == "deepseek_v3":
-        return {"n_experts": _int(cfg, "n_routed_experts", path),
-                "n_active_experts": _int(cfg, "num_experts_per_tok", path),
-                "n_shared_experts": _int(cfg, "n_shared_experts", path, default=0),
-                "moe_ffn_dim": _int(cfg, "moe_intermediate_size", path),
-                "n_dense_layers": _int(cfg, "first_k_dense_replace", path, default=0),
-                "q_lora_rank": cfg.get("q_lora_rank") or 0,
-                "kv_lora_rank": _int(cfg, "kv_lora_rank", path),
-                "qk_nope_head_dim": _int(cfg, "qk_nope_head_dim", path),
-                "qk_rope_head_dim": _int(cfg, "qk_rope_head_dim", path),
-                "v_head_dim": _int(cfg, "v_head_dim", path)}
-    return {}
+        fields = {"n_experts": _int(cfg, "num_local_experts", path),
+                  "n_active_experts": _int(cfg, "num_experts_per_tok", path),
+                  "moe_ffn_dim": _int(cfg, "intermediate_size", path)}
+    elif model_type == "deepseek_v3":
+        fields = {"n_experts": _int(cfg, "n_routed_experts", path),
+                  "n_active_experts": _int(cfg, "num_experts_per_tok", path),
+                  "n_shared_experts": _int(cfg, "n_shared_experts", path, default=0, minimum=0),
+                  "moe_ffn_dim": _int(cfg, "moe_intermediate_size", path),
+                  "n_dense_layers": _int(cfg, "first_k_dense_replace", path, default=0,
+                                         minimum=0),
+                  "q_lora_rank": _int(cfg, "q_lora_rank", path, default=0, minimum=0),
+                  "kv_lora_rank": _int(cfg, "kv_lora_rank", path),
+                  "qk_nope_head_dim": _int(cfg, "qk_nope_head_dim", path),
+                  "qk_rope_head_dim": _int(cfg, "qk_rope_head_dim", path),
+                  "v_head_dim": _int(cfg, "v_head_dim", path)}
+    else:
+        return {}
+    if fields["n_active_experts"] > fields["n_experts"]:
+        raise InfermeterError(f"{path}: field 'num_experts_per_tok' {fields['n_active_experts']} "
+                              f"is more than the model's {fields['n_experts']} experts")
+    return fields
 
 
 def spec_from_hf_config(path: Path) -> ModelSpec:
@@ -147,28 +269,27 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         raise InfermeterError(f"{path}: unsupported model_type {model_type!r} "
                               f"(supported: {', '.join(SIZING_ARCHS)})")
     dim, n_heads = _int(cfg, "hidden_size", path), _int(cfg, "num_attention_heads", path)
-    n_layers = _int(cfg, "num_hidden_layers", path)
+    n_layers = _layers(cfg, "num_hidden_layers", path)
     if model_type == "deepseek_v3":
         head_dim = _int(cfg, "qk_nope_head_dim", path) + _int(cfg, "qk_rope_head_dim", path)
     else:
-        head_dim = _int(cfg, "head_dim", path, default=dim // n_heads)
-    windows = _hf_window_layers(cfg, model_type, n_layers)
-    theta, scaling = _hf_rope(cfg)
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-    return ModelSpec(
-        name=path.parent.name if path.name == "config.json" else path.stem,
+        head_dim = _head_dim(cfg, path, dim, n_heads, "hidden_size", "num_attention_heads")
+    window, window_layers = _hf_window(cfg, model_type, n_layers, path)
+    theta, scaling = _hf_rope(cfg, path)
+    return _spec(
+        path, name=path.parent.name if path.name == "config.json" else path.stem,
         arch=model_type, n_layers=n_layers, dim=dim, n_heads=n_heads,
-        n_kv_heads=_int(cfg, "num_key_value_heads", path, default=n_heads),
+        n_kv_heads=_kv_heads(cfg, path, "num_key_value_heads", n_heads, "num_attention_heads"),
         head_dim=head_dim, ffn_dim=_int(cfg, "intermediate_size", path),
         vocab_size=_int(cfg, "vocab_size", path),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=_float(cfg, "rms_norm_eps", path, default=1e-6), rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=_int(cfg, "max_position_embeddings", path, default=4096),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "gemma2")),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        sliding_window=cfg.get("sliding_window") if windows else None,
-        sliding_window_layers=windows,
+        tie_embeddings=_bool(cfg, "tie_word_embeddings", path, default=model_type == "gemma2"),
+        qkv_bias=model_type == "qwen2" or _bool(cfg, "attention_bias", path),
+        sliding_window=window, sliding_window_layers=window_layers,
         norms_per_layer=4 if model_type == "gemma2" else 2,
-        torch_dtype=str(dtype), source=str(path),
+        torch_dtype=_dtype(cfg, path), source=str(path),
         **_hf_moe_mla(cfg, model_type, path),
     )
 
