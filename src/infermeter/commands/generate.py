@@ -13,99 +13,112 @@ ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # p
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 
+ADVANCED_GROUP = "advanced: engine variants for A/B benchmarks (defaults are the fastest measured)"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """A wider option column, so that `--batch-size N [N ...]` keeps its text on its line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=26)
+
+
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generation speed: TTFT, TPOT, tokens/s, MBU / MFU",
-                       description="Load a checkpoint (Meta or HF) or random weights of a preset, "
-                       "generate, and time it: warm-up apart, then --repeats runs; prints the "
-                       "outputs and a table, or with --json one Result per case. List-valued "
-                       "flags make a sweep.")
+                       usage="%(prog)s (--checkpoint DIR | --model MODEL) [options]",
+                       formatter_class=_HelpFormatter,
+                       description="Load a checkpoint (Meta or HF) or a preset's random weights, "
+                       "generate and time it (--repeats runs after a warm-up); print the outputs "
+                       "and a table, or with --json one Result per case.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", "--ckpt-dir", "--ckpt_dir", dest="checkpoint",
                         metavar="DIR", help="Meta (params.json + consolidated.NN.pth) or HF "
                         "(config.json + *.safetensors) checkpoint folder")
     source.add_argument("--model", help="preset name or config path: random weights, seeded")
-    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path",
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", metavar="PATH",
                    help="tokenizer.model / tokenizer.json (default: beside the checkpoint)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--dtype", help="weights and activations: fp32, fp16 or bf16 (default: bf16 "
+                   "on cuda, fp32 on cpu)")
+    p.add_argument("--kv-dtype", metavar="DTYPE", help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--mode", nargs="+", choices=("compiled", "eager", "hf", "hf-eager"),
+                   metavar="MODE", help="compiled, eager, hf (transformers' generate) or "
+                   "hf-eager; several run side by side (default: compiled on cuda, eager on "
+                   "cpu)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed for random weights and sampling (default 0)")
+    # Tensor parallelism: launch.py starts torchrun, engine/parallel/sharding.py shards the model.
+    p.add_argument("--tp", type=positive_int, metavar="N", help="tensor-parallel ranks on this "
+                   "host, started through torchrun (default 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each rank's memory plan and exit, allocating nothing")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="one GPU's memory for --dry-run, e.g. "
+                   "80GiB (default: the local GPU's)")
+    p.add_argument("--trace", metavar="DIR", help="after the timed runs, record a few decode "
+                   "steps with torch.profiler: a trace per rank in DIR and where a step's time "
+                   "goes (also in the Result)")
+    add_output_flags(p)
     prompt = p.add_argument_group("prompts (repeat a flag for a batch; default: fixed ids)")
-    prompt.add_argument("--prompt", action="append", default=[], help="prompt text")
+    prompt.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="prompt text")
     prompt.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                         help="raw token ids, e.g. 1,2,3")
     prompt.add_argument("--dialogs", metavar="FILE", help="JSON list of chat dialogs")
-    prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"), default="auto")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--greedy", action="store_true", default=True,
-                   help="argmax decoding (the default)")
-    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    p.add_argument("--until-eos", action="store_true",
-                   help="stop a sequence at the tokenizer's stop ids (default: fixed length)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", help="weights/activations: fp32, fp16, bf16 (default: fp32 on "
-                   "cpu, bf16 on cuda)")
-    p.add_argument("--kv-dtype", help="KV-cache dtype (default: --dtype)")
-    p.add_argument("--mode", nargs="+", choices=("compiled", "eager", "hf", "hf-eager"),
-                   help="compiled: torch.compile'd decode step (CUDA graphs on GPU); eager: plain "
-                   "PyTorch; hf: transformers' generate with a static cache on the same weights "
-                   "(hf-eager: with its compilation off); several = side by side. Default: "
-                   "compiled on cuda, eager on cpu")
+    prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"), default="auto",
+                        metavar="FORMAT", help="auto, llama2 or llama3 (default auto)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                     help="tokens generated per sequence (default 64)")
+    gen.add_argument("--greedy", action="store_true", default=True,
+                     help="argmax decoding (the default)")
+    gen.add_argument("--temperature", type=float, metavar="T",
+                     help="sample with this temperature (> 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                     help="nucleus sampling threshold (default 1.0)")
+    gen.add_argument("--until-eos", action="store_true",
+                     help="stop a sequence at the tokenizer's stop ids (default: fixed length)")
+    gen.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive_int,
+                     metavar="N", help="KV-cache length (default: prompt + new tokens, rounded "
+                     "up)")
+    gen.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",
+                     type=positive_int, metavar="N",
+                     help="largest batch run at once (default: all prompts)")
     bench = p.add_argument_group("timing (without prompts: random ids; lists make a sweep)")
-    bench.add_argument("--batch-size", type=positive_int, nargs="+",
+    bench.add_argument("--batch-size", type=positive_int, nargs="+", metavar="N",
                        help="sequences per batch (default 1)")
-    bench.add_argument("--prompt-len", type=positive_int, nargs="+", default=[],
+    bench.add_argument("--prompt-len", type=positive_int, nargs="+", default=[], metavar="N",
                        help="random prompts of this many tokens (TTFT, MFU)")
-    bench.add_argument("--context", type=positive_int, nargs="+", default=[],
+    bench.add_argument("--context", type=positive_int, nargs="+", default=[], metavar="N",
                        help="decode after a prompt of this many tokens: TPOT at that much KV")
-    bench.add_argument("--repeats", type=positive_int, default=5,
+    bench.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                        help="timed runs per case (default 5)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed full runs per case after "
-                       "the compile / capture warm-up (default 1)")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per "
+                       "case after the compile / capture warm-up (default 1)")
     bench.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
-                       help="measure HBM bandwidth and matmul FLOP/s first, for MBU / MFU")
-    bench.add_argument("--compile-backend", choices=("inductor", "cudagraphs"),
-                       help="how the compiled mode builds its decode step (default inductor)")
-    bench.add_argument("--compile-prefill", action="store_true",
-                       help="compiled mode: compile the prefill's layers too (one graph for "
-                       "every layer and prompt length; 72%% MFU against 47%% eager for 2048 "
-                       "tokens on an H100, ~25 s more first compile)")
-    bench.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="triton",
-                       help="the compiled batch-1 step's matrix-vector products: the Triton "
-                       "GEMV kernel where Triton runs (default) or inductor's tuned reductions "
-                       "(H100, whole step: 7B 5.1 vs 5.7 ms, 13B 9.5 vs 10.4)")
-    bench.add_argument("--pdl", action=argparse.BooleanOptionalAction,
-                       help="compiled mode: launch the decode step's kernels with programmatic "
-                       "dependent launch: each may start while the one before it finishes, a "
-                       "GEMV streaming its first weights meanwhile (default: on where it can "
-                       "run: Hopper or later, inductor backend; H200 7B batch 1: 3.67 vs 3.88 "
-                       "ms a step)")
-    bench.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
-                       help="how a one-token step attends over the cache (default auto: the "
-                       "triton split-KV kernel where Triton runs (CUDA), else math; math: two "
-                       "matrix products; flex and triton apply to the compiled mode only, "
-                       "triton where Triton runs (CUDA), else math)")
-    p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive_int,
-                   help="KV-cache length (default: prompt + new tokens, rounded up)")
-    p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size",
-                   type=positive_int, help="largest batch run at once (default: all prompts)")
-    # Tensor parallelism: launch.py starts torchrun, engine/parallel/sharding.py shards the model.
-    p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks on this host: starts "
-                   "torchrun with this many (default 1; under torchrun: all its ranks)")
-    p.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="auto",
-                   help="the decode step's all-reduces: auto (default: triton on the GPUs of "
-                   "one host that reach each other, else NCCL); NCCL; inductor's "
-                   "symmetric-memory one-shot kernels (compiled step; 13B tp 2 on an H100 "
-                   "host: 6.24 vs 6.51 ms a step, one run); or infermeter's Triton kernel "
-                   "(peers store into each other's symmetric memory, one handshake, with the "
-                   "residual add and RMSNorm after it in the same kernel; triton-unfused: "
-                   "without them; every step). CUDA, tp >= 2")
-    p.add_argument("--dry-run", action="store_true", help="print each rank's memory plan "
-                   "(weights, KV cache, headroom) and exit, allocating nothing")
-    p.add_argument("--gpu-memory", help="memory of one GPU for --dry-run, e.g. 80GiB "
-                   "(default: the local GPU's, read through NVML)")
-    p.add_argument("--trace", metavar="DIR", help="after the timed runs, record a few decode "
-                   "steps with torch.profiler: a Chrome/Perfetto trace per rank in DIR and a "
-                   "table of where one step's time goes (also in the Result)")
-    add_output_flags(p)
+                       help="measure HBM bandwidth and matmul FLOP/s first for MBU / MFU "
+                       "(default on)")
+    # Implementation variants of the same computation, for A/B benchmarks: kept last.
+    variant = p.add_argument_group(ADVANCED_GROUP)
+    variant.add_argument("--compile-backend", choices=("inductor", "cudagraphs"),
+                         help="how the compiled mode builds its decode step (default inductor)")
+    variant.add_argument("--compile-prefill", action="store_true",
+                         help="compiled mode: compile the prefill's layers too, one graph for "
+                         "every layer and prompt length (default off: a longer first compile)")
+    variant.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="triton",
+                         help="the compiled batch-1 step's matrix-vector products: Triton's "
+                         "GEMV where Triton runs, or inductor's (default triton)")
+    variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
+                         help="compiled mode: let each kernel start while the one before it ends "
+                         "(default: on for Hopper or later with the inductor backend)")
+    variant.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
+                         help="a one-token step's attention over the cache (default auto: "
+                         "triton's split-KV kernel where Triton runs, else math; flex and "
+                         "triton: compiled mode only)")
+    variant.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="auto",
+                         help="the decode step's all-reduces at tp >= 2 on CUDA (default auto: "
+                         "triton where the GPUs reach each other, else nccl); triton fuses the "
+                         "residual add and norm, triton-unfused does not; one-shot: inductor's "
+                         "symmetric-memory kernels")
     p.set_defaults(handler=_run_generate)
 
 

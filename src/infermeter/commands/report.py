@@ -22,7 +22,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the report to FILE (atomically) instead of printing it")
     p.add_argument("--plots", metavar="DIR", help="also write every plot as a PNG file in DIR")
     p.add_argument("--with-seed", action="store_true",
-                   help="add the seed scripts' published RTX 3090 column for comparison")
+                   help="add the seed scripts' published figures as a column for comparison")
     p.set_defaults(handler=_run_report)
 
 
