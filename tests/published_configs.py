@@ -72,6 +72,8 @@ DEEPSEEK_V3 = {
 # Meta's params.json files (llama-models / llama repos).
 META_LLAMA2_13B = {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40,
                    "norm_eps": 1e-05, "vocab_size": -1}
+META_LLAMA2_70B = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
+                   "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
 META_LLAMA3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
                   "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
                   "norm_eps": 1e-05, "rope_theta": 500000.0}

@@ -82,6 +82,30 @@ def test_model_from_a_config_folder(tmp_path):
     assert result["metrics"]["weight_bytes_active"] < result["metrics"]["weight_bytes"]
 
 
+def test_meta_70b_params_json_alone_sizes_the_cache(tmp_path):
+    """Meta's 70B params.json says vocab_size -1 and no tokenizer sits beside it: the cache is
+    sized (it does not depend on the vocabulary), the weights are unknown, with a warning."""
+    folder = tmp_path / "Llama-2-70b"
+    folder.mkdir()
+    params = folder / "params.json"
+    params.write_text(json.dumps(published.META_LLAMA2_70B))
+    out = run("kv", "--model", str(params), "--seq-len", "4096", "--json")
+    assert out.returncode == 0, out.stderr
+    (result,) = json_lines(out.stdout)
+    per_token = 2 * 80 * 8 * 128 * 2  # K and V, 80 layers, 8 KV heads of 128, bf16
+    assert result["metrics"]["kv_bytes_per_token"] == per_token
+    assert result["metrics"]["kv_cache_bytes"] == 4096 * per_token
+    assert result["model"]["vocab_size"] is None
+    for key in ("param_count", "weight_bytes", "weight_bytes_per_rank"):
+        assert result["metrics"][key] is None
+    assert any("vocabulary size is unknown" in w for w in result["warnings"])
+    table = run("kv", "--model", str(params), "--gpu-memory", "80GiB")
+    assert table.returncode == 0, table.stderr
+    assert "weights unknown" in table.stdout and "320.0 KiB" in table.stdout
+    assert "warning: the vocabulary size is unknown" in table.stdout
+    assert "warning: no KV budget" in table.stdout
+
+
 def test_presets_lists_every_preset():
     out = run("presets")
     assert out.returncode == 0

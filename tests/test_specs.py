@@ -10,6 +10,7 @@ from infermeter.errors import InfermeterError
 from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
 from infermeter.spec.model import ModelSpec, check_engine_arch
 from infermeter.spec.presets import PRESETS
+from infermeter.spec.sizes import kv_bytes_per_token, param_count
 from tests import published_configs as published
 
 
@@ -99,9 +100,28 @@ def test_meta_llama2_vocab_comes_from_the_tokenizer_or_shard(tmp_path):
 
 
 def test_meta_params_without_vocab_anywhere(tmp_path):
+    """The KV cache is sized without the vocabulary; the weights and the engine need it."""
     write_json(tmp_path / "params.json", published.META_LLAMA2_13B)
-    with pytest.raises(InfermeterError, match="vocab_size"):
-        resolve_model(str(tmp_path))
+    for source in (tmp_path, tmp_path / "params.json"):  # the folder or the file
+        spec = resolve_model(str(source))
+        assert spec.vocab_size is None and spec.n_kv_heads == 40
+        assert kv_bytes_per_token(spec, "fp16") == kv_bytes_per_token(PRESETS["llama-2-13b"],
+                                                                       "fp16")
+        with pytest.raises(InfermeterError, match="vocabulary size is unknown"):
+            param_count(spec)
+        with pytest.raises(InfermeterError, match="vocabulary size is unknown"):
+            check_engine_arch(spec)
+
+
+def test_meta_params_json_finds_the_tokenizer_one_folder_up(tmp_path):
+    """Meta's downloads keep tokenizer.model beside the model folders; --model .../params.json
+    looks there as the folder case does (a tiktoken file: one line a token + 256 specials)."""
+    folder = tmp_path / "Llama-2-70b"
+    folder.mkdir()
+    params = write_json(folder / "params.json", published.META_LLAMA2_70B)
+    (tmp_path / "tokenizer.model").write_text("".join(f"dG9r{i} {i}\n" for i in range(1000)))
+    spec = resolve_model(str(params))
+    assert spec.vocab_size == 1256 and spec.ffn_dim == 28672 and spec.name == "Llama-2-70b"
 
 
 @pytest.mark.parametrize("content, message", [

@@ -16,7 +16,7 @@ from infermeter.spec.model import ModelSpec, check_engine_arch
 
 def allocated_cache_bytes(spec: ModelSpec, batch_size: int, seq_len: int, kv_dtype: str) -> int:
     """Sum of K and V nbytes over the layers, as setup_cache(batch_size, seq_len) builds them."""
-    check_engine_arch(spec)
+    check_engine_arch(spec, vocab=False)
     dtype = torch_dtype(kv_dtype)
     total = 0
     for layer in range(spec.n_layers):

@@ -16,6 +16,9 @@ from infermeter.spec.model import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
 
+WEIGHT_METRICS = ("param_count", "param_count_active", "weight_bytes", "weight_bytes_active",
+                  "weight_bytes_per_rank")
+
 
 @dataclass(frozen=True)
 class KvRequest:
@@ -60,8 +63,12 @@ def _config(req: KvRequest, batch: int, seq_len: int) -> dict[str, Any]:
             "gpu_memory_source": req.gpu_memory_source, "activation_reserve": req.reserve}
 
 
+def _weights_known(req: KvRequest) -> bool:
+    return req.spec.vocab_size is not None
+
+
 def _fit_metrics(req: KvRequest, batch: int, seq_len: int, per_rank: int) -> dict[str, Any]:
-    if req.gpu_memory is None:
+    if req.gpu_memory is None or not _weights_known(req):  # the budget is memory - weights
         return {}
     fit = sizes.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes())
     budget = fit.kv_budget_bytes
@@ -79,6 +86,12 @@ def _fit_metrics(req: KvRequest, batch: int, seq_len: int, per_rank: int) -> dic
 
 def _warnings(req: KvRequest, seq_len: int, metrics: dict[str, Any]) -> list[str]:
     notes = []
+    if not _weights_known(req):
+        notes.append(f"the vocabulary size is unknown ({req.spec.source} does not say it and no "
+                     "tokenizer.model or checkpoint shard was found beside it or one folder up): "
+                     "weight bytes unknown; the KV cache does not depend on the vocabulary")
+        if req.gpu_memory is not None:
+            notes.append("no KV budget: it is the GPU memory less the weights, which are unknown")
     if seq_len > req.spec.max_seq_len:
         notes.append(f"seq_len {seq_len} exceeds {req.spec.name}'s "
                      f"{req.spec.max_seq_len} positions")
@@ -107,13 +120,15 @@ def _engine_check(req: KvRequest, batch: int, seq_len: int, metrics: dict[str, A
 
 def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
     spec = req.spec
-    weights = {
-        "param_count": sizes.param_count(spec),
-        "param_count_active": sizes.param_count(spec, active=True),
-        "weight_bytes": sizes.weight_bytes(spec, req.dtype),
-        "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True),
-        "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp),
-    }
+    weights: dict[str, Any] = dict.fromkeys(WEIGHT_METRICS)  # null: unknown vocabulary size
+    if _weights_known(req):
+        weights = {
+            "param_count": sizes.param_count(spec),
+            "param_count_active": sizes.param_count(spec, active=True),
+            "weight_bytes": sizes.weight_bytes(spec, req.dtype),
+            "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True),
+            "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp),
+        }
     results = []
     for batch in req.batch_sizes:
         for seq_len in req.seq_lens:
@@ -138,9 +153,13 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
 def render_kv(req: KvRequest, results: list[Result]) -> str:
     """The terminal view: a header on the model and budget, then one row per case."""
     spec, first = req.spec, results[0].metrics
-    weights = f"weights {format_bytes(first['weight_bytes'])} ({format_count(first['param_count'])}"
-    weights += f" params, {canonical_dtype(req.dtype)})"
-    if spec.is_moe:
+    fit = req.gpu_memory is not None and _weights_known(req)
+    if not _weights_known(req):
+        weights = "weights unknown (vocabulary size unknown)"
+    else:
+        weights = (f"weights {format_bytes(first['weight_bytes'])} "
+                   f"({format_count(first['param_count'])} params, {canonical_dtype(req.dtype)})")
+    if spec.is_moe and _weights_known(req):
         weights += f", active {format_bytes(first['weight_bytes_active'])}"
     if spec.is_mla:
         shape = f"MLA latent {spec.kv_lora_rank} + rope key {spec.qk_rope_head_dim}"
@@ -148,7 +167,7 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
         shape = f"{spec.n_kv_heads} KV heads x {spec.head_dim} head_dim"
     lines = [f"{spec.name}: {spec.n_layers} layers, {shape}, KV {canonical_dtype(req.kv_dtype)}, "
              f"tp={req.tp}; " + weights]
-    if req.gpu_memory is not None:
+    if fit:
         lines.append(
             f"GPU memory {format_bytes(req.gpu_memory)} ({req.gpu_memory_source}) - weights "
             f"{format_bytes(first['weight_bytes_per_rank'])} per rank - reserve "
@@ -159,7 +178,7 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
         header.append("engine allocates")
     if req.tp > 1:
         header += ["per rank", "bytes/rank"]
-    if req.gpu_memory is not None:
+    if fit:
         header += ["fits", "max batch@seq", "max seq@batch"]
     rows = []
     for result in results:
@@ -170,7 +189,7 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
             row.append(f"{m['kv_cache_bytes_allocated']:,}")
         if req.tp > 1:
             row += [format_bytes(m["kv_cache_bytes_per_rank"]), f"{m['kv_cache_bytes_per_rank']:,}"]
-        if req.gpu_memory is not None:
+        if fit:
             longest = m["max_seq_len"]
             capped = longest == spec.max_seq_len
             row += ["yes" if m["fits"] else "NO", m["max_batch_size"],

@@ -146,17 +146,15 @@ def spec_from_meta_params(path: Path, vocab_size: int | None = None) -> ModelSpe
     """params.json of a Meta checkpoint (Llama 2 / 3 / 3.1 / 3.2).
 
     Llama 2's params.json says vocab_size -1 (the reference code took it from the tokenizer); the
-    caller passes the real size (from the checkpoint or tokenizer) as `vocab_size`.
+    caller passes the real size (from the checkpoint or tokenizer) as `vocab_size`. Where neither
+    tells, the spec's vocab_size is None: the KV cache can still be sized, the weights cannot.
     """
     cfg = read_json(path)
     dim, n_heads = _int(cfg, "dim", path), _int(cfg, "n_heads", path)
     listed = _field(cfg, "vocab_size", path, -1, "")
     if not isinstance(listed, int) or isinstance(listed, bool):
         raise InfermeterError(f"{path}: field 'vocab_size' must be an integer, got {listed!r}")
-    vocab = vocab_size if vocab_size is not None else listed
-    if vocab <= 0:
-        raise InfermeterError(f"{path}: vocab_size is {vocab!r}; cannot tell the vocabulary size "
-                              "(no tokenizer.model or checkpoint shard next to it)")
+    vocab = vocab_size if vocab_size is not None else (listed if listed > 0 else None)
     rope_theta = _float(cfg, "rope_theta", path, default=10000.0)
     scaling = None
     if _bool(cfg, "use_scaled_rope", path):
@@ -295,16 +293,21 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
 
 
 # ---- --model ---------------------------------------------------------------------------------
+def _meta_checkpoint(params: Path) -> ModelSpec:
+    """A params.json with the vocabulary size from beside it where it says -1: the tokenizer in
+    its folder or one up (Meta's downloads), or the first shard."""
+    from infermeter.spec.meta_vocab import meta_vocab_size
+
+    return spec_from_meta_params(params, meta_vocab_size(params.parent, read_json(params)))
+
+
 def spec_from_path(path: Path) -> ModelSpec:
     """A folder with config.json (HF) or params.json (Meta), or either JSON file itself."""
     if path.is_dir():
         if (path / "config.json").is_file():
             return spec_from_hf_config(path / "config.json")
         if (path / "params.json").is_file():
-            from infermeter.spec.meta_vocab import meta_vocab_size
-
-            params = path / "params.json"
-            return spec_from_meta_params(params, meta_vocab_size(path, read_json(params)))
+            return _meta_checkpoint(path / "params.json")
         raise InfermeterError(f"{path}: no config.json or params.json in this folder")
     if not path.exists():
         raise InfermeterError(f"{path}: no such file or directory")
@@ -312,7 +315,7 @@ def spec_from_path(path: Path) -> ModelSpec:
     if "model_type" in cfg:
         return spec_from_hf_config(path)
     if "dim" in cfg and "n_layers" in cfg:
-        return spec_from_meta_params(path)
+        return _meta_checkpoint(path)
     raise InfermeterError(f"{path}: neither an HF config.json (model_type) nor a Meta "
                           "params.json (dim, n_layers)")
 

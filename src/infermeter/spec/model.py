@@ -51,7 +51,9 @@ class ModelSpec:
     n_kv_heads: int
     head_dim: int
     ffn_dim: int
-    vocab_size: int
+    # None: unknown (a Meta params.json says -1 and no tokenizer or shard tells): the KV cache
+    # can be sized, the weights cannot, and the engine cannot build the model.
+    vocab_size: int | None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
@@ -83,6 +85,8 @@ class ModelSpec:
         for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                      "vocab_size", "max_seq_len"):
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InfermeterError(f"model {self.name}: {name} must be a positive integer, "
                                       f"got {value!r}")
@@ -130,10 +134,15 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(n_layers))
 
 
-def check_engine_arch(spec: ModelSpec) -> None:
-    """The engine runs Llama 2/3, Mistral and Qwen2; say so clearly for anything else."""
+def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
+    """The engine runs Llama 2/3, Mistral and Qwen2; say so clearly for anything else.
+    vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:
         raise InfermeterError(
             f"model {spec.name}: architecture {spec.arch!r} can be sized but not run by the "
             f"engine (it runs: {', '.join(ENGINE_ARCHS)})"
         )
+    if vocab and spec.vocab_size is None:
+        raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
+                              "does not say it): put the checkpoint's tokenizer.model beside it "
+                              "or one folder up")

@@ -105,6 +105,9 @@ def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
 
 def param_count(spec: ModelSpec, active: bool = False) -> int:
     """Parameters of the model; `active=True` counts only the experts one token uses (MoE)."""
+    if spec.vocab_size is None:
+        raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
+                              "does not say it), so are its weight bytes")
     per_layer_norms = spec.norms_per_layer * spec.dim
     layers = sum(_attention_params(spec) + _ffn_params(spec, i, active) + per_layer_norms
                  for i in range(spec.n_layers))
