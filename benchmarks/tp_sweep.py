@@ -186,12 +186,8 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     the variant's figures are added to those already in `out`."""
     import torch
 
-    from infermeter.engine.parallel.sharding import (
-        all_gather_last,
-        all_reduce,
-        init_distributed,
-        teardown,
-    )
+    from infermeter.engine.parallel.group import init_distributed, teardown
+    from infermeter.engine.parallel.sharding import all_gather_last, all_reduce
     from infermeter.spec.presets import PRESETS
 
     spec, tp = PRESETS[model], init_distributed("cuda")
@@ -304,7 +300,8 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     import torch.distributed as dist
 
     from infermeter.copy.job import CopyRequest, run_copy
-    from infermeter.engine.parallel.sharding import ShardPlan, init_distributed, teardown
+    from infermeter.engine.parallel.group import init_distributed, teardown
+    from infermeter.engine.parallel.sharding import ShardPlan
     from infermeter.measure.ranks import gather_objects
     from infermeter.spec.presets import PRESETS
 

@@ -22,12 +22,8 @@ import torch
 from infermeter.cli import main as cli_main
 from infermeter.engine.checkpoint import hf, meta
 from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
-from infermeter.engine.parallel.sharding import (
-    ShardPlan,
-    TensorParallel,
-    init_distributed,
-    shard_model,
-)
+from infermeter.engine.parallel.group import TensorParallel, init_distributed
+from infermeter.engine.parallel.sharding import ShardPlan, shard_model
 from infermeter.errors import InfermeterError
 from infermeter.measure.ranks import slowest
 from infermeter.spec import sizes
@@ -468,14 +464,14 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     """--tp-all-reduce one-shot: CUDA ranks only, tp >= 2, inductor only; each refusal is one
     clear line before any weights load."""
     from infermeter.commands.generate import ALL_REDUCE_KINDS
-    from infermeter.engine.parallel.sharding import ALL_REDUCE_KINDS as ENGINE_KINDS
-    from infermeter.engine.parallel.sharding import one_shot_compile_options
+    from infermeter.engine.parallel.all_reduce import ALL_REDUCE_KINDS as ENGINE_KINDS
+    from infermeter.engine.parallel.all_reduce import one_shot_compile_options
     from infermeter.generate.job import GenerateRequest, _all_reduce_options
 
     assert ALL_REDUCE_KINDS == ENGINE_KINDS
     from torch._inductor import config as inductor_config
 
-    from infermeter.engine.parallel.sharding import ONE_SHOT_INDUCTOR_OPTIONS
+    from infermeter.engine.parallel.all_reduce import ONE_SHOT_INDUCTOR_OPTIONS
     with inductor_config.patch(ONE_SHOT_INDUCTOR_OPTIONS):  # real options of this torch
         assert inductor_config.triton.cudagraph_trees is False
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from infermeter.cli import main as cli_main
+from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
+from infermeter.engine.parallel.group import TensorParallel
 from infermeter.engine.parallel.peer_all_reduce import (
     BLOCK,
     MAX_PROGRAMS,
@@ -24,7 +26,6 @@ from infermeter.engine.parallel.peer_all_reduce import (
     buffer_bytes,
     flag_area_bytes,
 )
-from infermeter.engine.parallel.sharding import TensorParallel, use_peer_all_reduce
 from infermeter.errors import InfermeterError
 from infermeter.generate.job import GenerateRequest, _all_reduce_options
 from infermeter.spec.presets import PRESETS
@@ -181,22 +182,22 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     """--tp-all-reduce auto: triton (fused) where peer_all_reduce_usable says so, triton-unfused
     with --compile-prefill, NCCL otherwise and at tp 1; an explicit kind is kept. CPU ranks are
     never usable (no collective needed to say so without a group)."""
-    from infermeter.engine.parallel import sharding
+    from infermeter.engine.parallel import all_reduce
     from infermeter.generate.job import resolve_all_reduce
 
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
-    assert sharding.peer_all_reduce_usable(cpu_ranks) is False
+    assert all_reduce.peer_all_reduce_usable(cpu_ranks) is False
     gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))
     auto = GenerateRequest(source="random:debug")
     assert auto.tp_all_reduce == "auto"
-    monkeypatch.setattr(sharding, "peer_all_reduce_usable", lambda tp: True)
+    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: True)
     assert resolve_all_reduce(auto, gpus) == "triton"
     prefill = GenerateRequest(source="random:debug", compile_prefill=True)
     assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
     assert resolve_all_reduce(GenerateRequest(source="random:debug", tp_all_reduce="nccl"),
                               gpus) == "nccl"
     assert resolve_all_reduce(auto, None) == "nccl"
-    monkeypatch.setattr(sharding, "peer_all_reduce_usable", lambda tp: False)
+    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: False)
     assert resolve_all_reduce(auto, gpus) == "nccl"
 
 

@@ -9,9 +9,9 @@ import time
 import torch
 
 from infermeter.engine.checkpoint.load import load_weights
-from infermeter.engine.parallel.sharding import ranks_meet
 from infermeter.generate import loop
 from infermeter.generate.cases import plan_cases, prompt_sets
+from infermeter.measure.ranks import ranks_meet
 from infermeter.spec.presets import PRESETS
 from tests.tp_workers import run_ranks
 

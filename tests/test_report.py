@@ -289,7 +289,7 @@ def test_report_knows_the_engines_default_kernels():
     """report_select's torch-free copies of the engine's defaults are the engine's."""
     from infermeter.cli import build_parser
     from infermeter.engine.linear import MATVEC_KERNEL
-    from infermeter.engine.parallel.sharding import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
+    from infermeter.engine.parallel.all_reduce import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
     from infermeter.generate.job import GenerateRequest
     from infermeter.report.select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
 

@@ -13,20 +13,20 @@ import threading
 
 import torch.distributed as dist
 
-from infermeter.engine.parallel import sharding
+from infermeter.engine.parallel import group
 from infermeter.errors import InfermeterError
 from infermeter.launch import run_entry
 
 
 def main() -> int:
     mode = sys.argv[1]
-    tp = sharding.init_distributed("cpu")
+    tp = group.init_distributed("cpu")
     if mode == "fail" and tp.rank == 1:
         raise InfermeterError("rank one broke on purpose")
     if mode == "bug" and tp.rank == 1:
         raise RuntimeError("an unexpected bug on rank one")
     if mode == "hang":
-        sharding.TEARDOWN_TIMEOUT_S = 1.0
+        group.TEARDOWN_TIMEOUT_S = 1.0
         dist.destroy_process_group = lambda *args, **kwargs: threading.Event().wait()
     dist.barrier()  # with a failed peer, rank 0 blocks (or breaks) here until it is stopped
     if tp.rank == 0:

@@ -3,7 +3,7 @@
 `run_ranks(fn, world, *args)` starts `world` processes (torch.multiprocessing, spawn), sets the
 environment torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store
 held by the test process), joins them through
-sharding.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
+group.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
 the test with its traceback; ranks still running after `timeout` are killed and the test fails,
 so a hang can never block CI. Worker functions live here (not in the test file) because spawned
 processes import them by module name.
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from infermeter.engine.checkpoint.load import load_model
 from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
-from infermeter.engine.parallel.sharding import TensorParallel, init_distributed, teardown
+from infermeter.engine.parallel.group import TensorParallel, init_distributed, teardown
 from infermeter.spec import sizes
 
 BATCH, CACHE, PROMPT, DECODE = 2, 24, 9, 4
@@ -221,7 +221,7 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
     decode step (aot_eager), and how many all-reduces went through a kernel."""
     from infermeter.engine.linear import set_matvec_kernel
     from infermeter.engine.parallel import peer_all_reduce
-    from infermeter.engine.parallel.sharding import use_peer_all_reduce
+    from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
     shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
@@ -318,12 +318,12 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
     import io
 
     from infermeter.cli import main
-    from infermeter.engine.parallel import sharding
+    from infermeter.engine.parallel import all_reduce
     from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce
     from infermeter.generate import job
 
     fake_symmetric_memory(tp, {1: "rendezvous"})
-    sharding.peer_all_reduce_usable = lambda tp: True
+    all_reduce.peer_all_reduce_usable = lambda tp: True
     real_options = job._all_reduce_options  # refuses triton kinds on CPU ranks
 
     def options(request: Any, tp: Any) -> dict:
@@ -332,7 +332,7 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
     job._all_reduce_options = options
     # use_peer_all_reduce refuses CPU ranks before it reaches for_group; what it does on a
     # failure (nothing to the model) is test_peer_all_reduce's single-process test
-    sharding.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
+    all_reduce.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
         tp.group, tp.device, 2 * len(model.layers))
     runs = []
     for kind in kinds:

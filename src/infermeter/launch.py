@@ -86,7 +86,7 @@ def run_entry(main: Callable[[], int]) -> int:
     if not under_torchrun():
         return code
     # A rank ends its process group itself (teardown is a no-op where none was started)
-    from infermeter.engine.parallel.sharding import teardown, teardown_timed_out
+    from infermeter.engine.parallel.group import teardown, teardown_timed_out
 
     if code == 0:
         teardown()

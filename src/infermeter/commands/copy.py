@@ -72,8 +72,9 @@ def _run_copy(args: argparse.Namespace) -> int:
     tp = None
     if under_torchrun():
         from infermeter.copy.ranks import merge_ranks
-        from infermeter.engine.parallel.sharding import init_distributed, rank_spec, ranks_meet
-        from infermeter.measure.ranks import gather_rank_results
+        from infermeter.engine.parallel.group import init_distributed
+        from infermeter.engine.parallel.sharding import rank_spec
+        from infermeter.measure.ranks import gather_rank_results, ranks_meet
 
         tp = init_distributed(args.device, args.tp)
         spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache

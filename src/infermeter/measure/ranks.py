@@ -1,4 +1,6 @@
-"""Every rank's numbers in one Result: gathered on all ranks, the slowest rank's as the metrics.
+"""The ranks of a tensor-parallel run, as measurements see them: starting every timed thing
+together, and every rank's numbers in one Result (gathered on all ranks, the slowest rank's as
+the metrics).
 
 Ranks run in step (each layer ends in an all-reduce), so their timings differ little; a user of
 the whole group gets the slowest, and `metrics.per_rank` keeps each rank's own.
@@ -8,9 +10,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from infermeter.engine.parallel.sharding import TensorParallel
+from infermeter.engine.parallel.group import TensorParallel
+
+
+def group_size() -> int:
+    """Processes in this run's group: 1 alone, the tp degree under torchrun."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def ranks_meet(device: torch.device | None = None) -> None:
+    """Under tensor parallelism (a group of 2+ ranks), wait until every rank is here; with a
+    CUDA device, until its queued work is done too. What a measurement calls before each thing
+    it times, so that every rank starts it together: generate's warm-up and timed runs (the
+    collectives inside a run would align the ranks anyway, but a late rank's lag would count in
+    the others' TTFT) and each copy case (the ranks share the host's links). Alone: nothing."""
+    if group_size() > 1:
+        dist.barrier()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def gather_objects(obj: Any) -> list[Any]:

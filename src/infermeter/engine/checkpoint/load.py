@@ -34,7 +34,7 @@ from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_fro
 from infermeter.spec.model import ModelSpec, check_engine_arch
 
 if TYPE_CHECKING:
-    from infermeter.engine.parallel.sharding import TensorParallel
+    from infermeter.engine.parallel.group import TensorParallel
 
 RANDOM_PREFIX = "random:"
 

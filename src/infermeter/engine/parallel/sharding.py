@@ -1,7 +1,7 @@
-"""Tensor parallelism under torchrun: the process group, and each rank's shard of the model.
-
-The only file that knows ranks. The model code reads its head counts and weight shapes from its
-own modules, never from a rank; the loaders narrow tensors with the ShardPlan handed to them.
+"""Tensor parallelism: each rank's shard of the model (the shard plan, the split layers' hooks and
+the collectives inside them). The process group is group.py's; the all-reduce kinds
+all_reduce.py's. The model code reads its head counts and weight shapes from its own modules,
+never from a rank; the loaders narrow tensors with the ShardPlan handed to them.
 
 Layout (Megatron-LM / Meta's fairscale layers; gpt-fast's tp.py), rank r of tp ranks:
   wq, wk, wv (+ biases), w1, w3   column-parallel: output rows split, no communication
@@ -29,11 +29,7 @@ calls inside forward hooks, so a torch.compile(fullgraph=True) decode step captu
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
@@ -46,11 +42,6 @@ from infermeter.engine.model import Transformer, add_then_norm
 from infermeter.errors import InfermeterError
 from infermeter.spec.model import ModelSpec
 from infermeter.spec.sizes import check_tp, kv_heads_per_rank
-
-# Seconds a collective may wait (a rank stuck longer ends the run), and teardown's bounded wait.
-COLLECTIVE_TIMEOUT_S = 600.0
-TEARDOWN_TIMEOUT_S = 60.0
-_teardown_timed_out = False
 
 
 # ---- the shard plan: which slice of every tensor a rank holds --------------------------------
@@ -259,201 +250,6 @@ def shard_model(model: Transformer, rank: int, world: int, group: Any = None) ->
     if model.max_seq_len:  # a cache allocated before sharding has every KV head: rebuild it
         model.setup_cache(model.max_batch_size, model.max_seq_len, model.cache_dtype)
     return plan
-
-
-# ---- the process group -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorParallel:
-    """This process's place in the tensor-parallel group."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    group: Any = None  # the ProcessGroup; None: not initialised (load and inspect only)
-
-
-# How the step's all-reduces run (--tp-all-reduce). One token's [B, 1, dim] activations are
-# 8-16 KiB, so each all-reduce costs latency, not bandwidth. "nccl": NCCL's kernels.
-# "one-shot": inductor lowers the compiled step's small all-reduces to torch's symmetric-memory
-# one-shot kernel (every rank reads its peers' buffers over NVLink and sums; one kernel, no NCCL
-# protocol, no NVLink multicast); slower than "triton", kept as an A/B baseline.
-# "triton": peer_all_reduce.py's kernel (every rank stores its slice straight into its peers'
-# symmetric buffers, one handshake), which also does the residual add and the RMSNorm after
-# the all-reduce; "triton-unfused": the same all-reduce alone (the add and norm stay
-# inductor's kernel; what --compile-prefill's one-layer graph can hold). Both in every step,
-# eager or compiled. "auto" (the default): "triton" where peer_all_reduce_usable says every rank
-# can run it, else "nccl". The measurements behind these choices: docs/engine.md, "The fused
-# all-reduce" and "Tried and lost".
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")
-AUTO_ALL_REDUCE = "triton"  # what auto picks on the GPUs of one host (report_select's default)
-
-
-# Inductor options for --tp-all-reduce one-shot. "_collective.auto_select" lowers the compiled
-# step's all-reduces of at most 128 KiB to symmetric-memory one-shot kernels. CUDA-graph trees
-# are turned off: on torch 2.11 (2 x H100) the first compiled step failed with
-# "Detected 10 tensor(s) in the cudagraph pool not tracked as outputs" - the symmetric-memory
-# rendezvous allocates its small per-buffer metadata through the caching allocator, and under
-# graph trees that lands in the graph's private pool during the recording warm-up (pytorch PR
-# 175450 moves it to cudaMalloc). Without trees inductor warms up in the ordinary allocator,
-# then captures one CUDA graph per compiled shape, with the same fixed addresses.
-ONE_SHOT_INDUCTOR_OPTIONS = {"_collective.auto_select": True, "triton.cudagraph_trees": False}
-
-
-def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
-    """Enable symmetric memory for the group and return the inductor options under which the
-    compiled step's small all-reduces become one-shot kernels (eager steps keep NCCL). Needs
-    CUDA GPUs."""
-    if tp.device.type != "cuda":
-        raise InfermeterError("--tp-all-reduce one-shot needs CUDA GPUs (symmetric memory); "
-                              "this run's ranks are on the CPU")
-    from infermeter.engine.parallel.peer_all_reduce import enable_symm_mem
-
-    enable_symm_mem(tp.group.group_name)  # torch's call, its deprecation warning silenced
-    return dict(ONE_SHOT_INDUCTOR_OPTIONS)
-
-
-def peer_all_reduce_usable(tp: TensorParallel) -> bool:
-    """Whether every rank can run peer_all_reduce.py's kernels: CUDA ranks, all on this host
-    (symmetric memory does not span hosts), Triton installed, and GPUs that reach each other
-    (NVLink or PCIe peer access). The ranks agree through one all-reduce: ranks that chose
-    differently would wait on each other forever."""
-    from infermeter.engine.kernels.triton_support import triton
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(tp.world)))
-    usable = (tp.device.type == "cuda" and triton is not None and local_world == tp.world
-              and all(torch.cuda.can_device_access_peer(tp.local_rank, other)
-                      for other in range(tp.world) if other != tp.local_rank))
-    if tp.group is not None:
-        flag = torch.tensor([int(usable)], device=tp.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
-        usable = bool(flag.item())
-    return usable
-
-
-def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
-                        buffers: list[Tensor] | None = None, fuse_norm: bool = True) -> None:
-    """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
-    collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
-    the RMSNorm after it (model.add_norm; one kernel where there were two); else the plain
-    all-reduce kernel in wo's and w2's hooks. buffers: every rank's buffer as this process sees
-    it (shared CPU tensors, for the tests); by default they are allocated in torch symmetric
-    memory, which needs CUDA GPUs that can reach each other."""
-    from infermeter.engine.kernels.triton_support import triton_runs_on
-    from infermeter.engine.parallel import peer_all_reduce
-
-    collectives = getattr(model, "tp_collectives", None)
-    if not isinstance(collectives, Collectives):
-        raise InfermeterError("--tp-all-reduce triton needs a tensor-parallel model (--tp 2+)")
-    probe = model.norm.weight
-    if (buffers is None and tp.device.type != "cuda") or not triton_runs_on(probe):
-        raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs and Triton (symmetric "
-                              f"memory); this run's ranks are on {tp.device.type}")
-    n_sites = 2 * len(model.layers)
-    # The buffers before any change to the model: if they cannot be had (PeerBufferUnavailable)
-    # the model keeps its NCCL all-reduces, and --tp-all-reduce auto runs on with them.
-    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
-        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
-    collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
-    if fuse_norm:  # each norm learns the site whose all-reduce comes with it
-        for site, _, norm in row_parallel_sites(model):
-            norm.all_reduce_site = site
-        collectives.fused = True
-        model.add_norm = collectives.add_norm
-
-
-def init_distributed(device: str = "cuda", tp: int | None = None) -> TensorParallel | None:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
-
-    None when this process runs alone. NCCL for cuda (the rank's GPU is LOCAL_RANK), gloo for
-    cpu. tp (the --tp flag) must equal the number of processes; None means "all of them".
-    Calling it again returns the same group.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it; 1 alone
-    if world == 1:
-        if tp and tp > 1:
-            raise InfermeterError(f"--tp {tp} needs {tp} processes: let infermeter start them "
-                                  f"(`infermeter generate --tp {tp} ...`) or run "
-                                  f"`torchrun --nproc_per_node {tp} -m infermeter ...`")
-        return None
-    if tp is not None and tp != world:
-        raise InfermeterError(f"--tp {tp}, but torchrun started {world} processes")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise InfermeterError(f"local rank {local_rank} has no GPU: this host shows "
-                                  f"{torch.cuda.device_count()} CUDA device(s)")
-        where = torch.device("cuda", local_rank)
-        torch.cuda.set_device(where)  # before NCCL init: its communicator binds to this GPU
-    else:
-        where = torch.device("cpu")
-    if not dist.is_initialized():
-        options: dict[str, Any] = {"timeout": timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
-        if where.type == "cuda":
-            options["device_id"] = where  # eager NCCL init; barrier() knows its device
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", **options)
-    return TensorParallel(rank, world, local_rank, where, dist.group.WORLD)
-
-
-def teardown(timeout_s: float | None = None, barrier: bool = True) -> bool:
-    """Barrier, then destroy the process group, waiting at most timeout_s (default
-    TEARDOWN_TIMEOUT_S); True if it finished.
-
-    Both run in a daemon thread: a peer that died or an NCCL shutdown that hangs (seen for over
-    seven minutes on 2xH200) cannot keep this process alive. On a timeout it says so on stderr
-    and moves on; `teardown_timed_out()` then tells the entry point to exit without waiting for
-    the stuck thread (python -m infermeter does, with os._exit).
-    """
-    global _teardown_timed_out
-    if not (dist.is_available() and dist.is_initialized()):
-        return True
-    failure: list[BaseException] = []
-    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else None
-
-    def work() -> None:
-        try:
-            if device is not None:
-                torch.cuda.set_device(device)  # the current device is per thread
-            if barrier:
-                dist.barrier()
-            dist.destroy_process_group()
-        except BaseException as err:  # reported below: never raise in a thread
-            failure.append(err)
-
-    thread = threading.Thread(target=work, name="infermeter-teardown", daemon=True)
-    thread.start()
-    timeout_s = TEARDOWN_TIMEOUT_S if timeout_s is None else timeout_s
-    thread.join(timeout_s)
-    if thread.is_alive():
-        _teardown_timed_out = True
-        print(f"infermeter: warning: process-group teardown did not finish in {timeout_s:g} s; "
-              "exiting without it", file=sys.stderr, flush=True)
-        return False
-    if failure:
-        print(f"infermeter: warning: process-group teardown failed: {failure[0]}",
-              file=sys.stderr, flush=True)
-    return not failure
-
-
-def teardown_timed_out() -> bool:
-    return _teardown_timed_out
-
-
-def group_size() -> int:
-    """Processes in this run's group: 1 alone, the tp degree under torchrun."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def ranks_meet(device: torch.device | None = None) -> None:
-    """Under tensor parallelism (a group of 2+ ranks), wait until every rank is here; with a
-    CUDA device, until its queued work is done too. What a measurement calls before each thing
-    it times, so that every rank starts it together: generate's warm-up and timed runs (the
-    collectives inside a run would align the ranks anyway, but a late rank's lag would count in
-    the others' TTFT) and each copy case (the ranks share the host's links). Alone: nothing."""
-    if group_size() > 1:
-        dist.barrier()
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
 
 
 def rank_spec(spec: ModelSpec, world: int) -> ModelSpec:
