@@ -67,6 +67,8 @@ DEEPSEEK_V3 = {
                      "type": "yarn"},
     "rope_theta": 10000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
     "topk_group": 4, "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
 }
 
 # Meta's params.json files (llama-models / llama repos).

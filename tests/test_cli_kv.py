@@ -106,6 +106,35 @@ def test_meta_70b_params_json_alone_sizes_the_cache(tmp_path):
     assert "warning: no KV budget" in table.stdout
 
 
+def test_weights_default_to_their_published_dtype():
+    """DeepSeek-V3 is published in FP8 (computing and caching in bf16); --dtype still rules."""
+    (fp8,) = json_lines(run("kv", "--model", "deepseek-v3", "--json").stdout)
+    assert fp8["config"]["dtype"] == "float8" and fp8["config"]["kv_dtype"] == "bfloat16"
+    assert fp8["metrics"]["weight_bytes"] == fp8["metrics"]["param_count"]  # one byte each
+    assert 620 * 2**30 < fp8["metrics"]["weight_bytes"] < 630 * 2**30
+    assert fp8["metrics"]["kv_bytes_per_token"] == 61 * (512 + 64) * 2
+    (bf16,) = json_lines(run("kv", "--model", "deepseek-v3", "--dtype", "bf16", "--json").stdout)
+    assert bf16["metrics"]["weight_bytes"] == 2 * fp8["metrics"]["weight_bytes"]
+    (llama,) = json_lines(run("kv", "--model", "llama-3-8b", "--json").stdout)
+    assert llama["config"]["dtype"] == "bfloat16"
+
+
+def test_a_sliding_window_is_said_where_it_caps_the_cache():
+    out = run("kv", "--model", "mistral-7b", "--seq-len", "32768")
+    assert out.returncode == 0, out.stderr
+    assert "128.0 KiB" in out.stdout and "512.0 MiB" in out.stdout  # 4096 tokens, not 32768
+    assert ("sliding window 4096 tokens on every layer: the cache holds at most 4096 tokens a "
+            "sequence") in out.stdout
+    gemma = run("kv", "--model", "gemma-2-9b").stdout
+    assert "sliding window 4096 tokens on 21 of 42 layers" in gemma
+    assert "sliding window" not in run("kv", "--model", "llama-3-8b").stdout
+    presets = {line.split()[0]: line for line in run("presets").stdout.splitlines()[2:]}
+    assert presets["mistral-7b"].endswith("4096 tokens, every layer")
+    assert presets["gemma-2-9b"].endswith("4096 tokens, 21 of 42 layers")
+    assert presets["llama-3-8b"].endswith(" -")
+    assert "624.9 GiB  float8" in presets["deepseek-v3"]
+
+
 def test_presets_lists_every_preset():
     out = run("presets")
     assert out.returncode == 0

@@ -12,7 +12,8 @@ def add_kv_parser(sub: argparse._SubParsersAction) -> None:
                        description="Analytic KV-cache and weight sizes; a list of batch sizes "
                        "or sequence lengths gives a sweep.")
     add_cache_flags(p)
-    p.add_argument("--dtype", help="weight dtype (default: the model's published dtype)")
+    p.add_argument("--dtype", help="weight dtype (default: the dtype the model's weights are "
+                   "published in, e.g. fp8 for deepseek-v3; see `infermeter presets`)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
     p.add_argument("--gpu-memory", help="GPU memory to fit into, e.g. 80GiB (default: the "
                    "local GPU's, read through NVML, if there is one)")
@@ -42,7 +43,7 @@ def _run_kv(args: argparse.Namespace) -> int:
         gpu_memory, source = local["gpu_memory_bytes"], f"{env['device_name']} via NVML"
     request = KvRequest(spec, tuple(args.batch_size), tuple(args.seq_len),
                         kv_dtype=args.kv_dtype or spec.torch_dtype,
-                        dtype=args.dtype or spec.torch_dtype, tp=args.tp,
+                        dtype=args.dtype or spec.published_dtype, tp=args.tp,
                         gpu_memory=gpu_memory, gpu_memory_source=source, reserve=args.reserve,
                         check_engine=args.check_engine)
     results = kv_results(request, env)
@@ -67,7 +68,7 @@ def _run_presets(args: argparse.Namespace) -> int:
     import json
 
     from infermeter.spec.presets import PRESETS, PUBLISHED_PARAMS
-    from infermeter.spec.sizes import kv_bytes_per_token, param_count
+    from infermeter.spec.sizes import kv_bytes_per_token, param_count, weight_bytes
     from infermeter.textable import render_table
     from infermeter.units import format_bytes, format_count
 
@@ -82,7 +83,12 @@ def _run_presets(args: argparse.Namespace) -> int:
         rows.append([name, spec.arch, spec.n_layers, spec.dim, f"{spec.n_heads}/{spec.n_kv_heads}",
                      spec.head_dim, format_count(param_count(spec)),
                      format_count(published) if published else "-",
-                     format_bytes(kv_bytes_per_token(spec, spec.torch_dtype)), spec.torch_dtype])
+                     format_bytes(weight_bytes(spec, spec.published_dtype)), spec.published_dtype,
+                     format_bytes(kv_bytes_per_token(spec, spec.torch_dtype)), spec.torch_dtype,
+                     spec.window_summary() or "-"])
     print(render_table(["preset", "arch", "layers", "dim", "heads/kv", "head_dim", "params",
-                        "published", "KV/token", "dtype"], rows))
+                        "published", "weights", "weight dtype", "KV/token", "KV dtype",
+                        "sliding window"], rows))
+    print("weights in the dtype they are published in (kv's default); a sliding window caps "
+          "what those layers cache at that many tokens a sequence")
     return 0

@@ -150,6 +150,19 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
     return results
 
 
+def window_line(spec: ModelSpec) -> str | None:
+    """Why KV/token x tokens is more than the cache: a sliding window caps what layers hold."""
+    if not spec.sliding_window_layers:
+        return None
+    window = spec.sliding_window
+    if len(spec.sliding_window_layers) == spec.n_layers:
+        return (f"sliding window {window} tokens on every layer: the cache holds at most "
+                f"{window} tokens a sequence")
+    return (f"sliding window {window} tokens on {len(spec.sliding_window_layers)} of "
+            f"{spec.n_layers} layers: those hold at most {window} tokens a sequence, the others "
+            "every token")
+
+
 def render_kv(req: KvRequest, results: list[Result]) -> str:
     """The terminal view: a header on the model and budget, then one row per case."""
     spec, first = req.spec, results[0].metrics
@@ -167,6 +180,8 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
         shape = f"{spec.n_kv_heads} KV heads x {spec.head_dim} head_dim"
     lines = [f"{spec.name}: {spec.n_layers} layers, {shape}, KV {canonical_dtype(req.kv_dtype)}, "
              f"tp={req.tp}; " + weights]
+    if (window := window_line(spec)) is not None:
+        lines.append(window)
     if fit:
         lines.append(
             f"GPU memory {format_bytes(req.gpu_memory)} ({req.gpu_memory_source}) - weights "

@@ -125,6 +125,14 @@ def _dtype(cfg: dict[str, Any], path: Path) -> str:
                           "bf16, fp8 and int8")
 
 
+def _weight_dtype(cfg: dict[str, Any], path: Path, dtype: str) -> str | None:
+    """The published files' dtype where quantization_config says they differ from torch_dtype
+    (DeepSeek-V3: quant_method fp8); None otherwise."""
+    quant = _object(cfg, "quantization_config", path)
+    method = quant.get("quant_method")
+    return "float8" if method == "fp8" and dtype != "float8" else None
+
+
 def _spec(path: Path, **fields: Any) -> ModelSpec:
     """The ModelSpec; a check it makes across fields fails naming the file."""
     try:
@@ -274,6 +282,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         head_dim = _head_dim(cfg, path, dim, n_heads, "hidden_size", "num_attention_heads")
     window, window_layers = _hf_window(cfg, model_type, n_layers, path)
     theta, scaling = _hf_rope(cfg, path)
+    dtype = _dtype(cfg, path)
     return _spec(
         path, name=path.parent.name if path.name == "config.json" else path.stem,
         arch=model_type, n_layers=n_layers, dim=dim, n_heads=n_heads,
@@ -287,7 +296,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         qkv_bias=model_type == "qwen2" or _bool(cfg, "attention_bias", path),
         sliding_window=window, sliding_window_layers=window_layers,
         norms_per_layer=4 if model_type == "gemma2" else 2,
-        torch_dtype=_dtype(cfg, path), source=str(path),
+        torch_dtype=dtype, weight_dtype=_weight_dtype(cfg, path, dtype), source=str(path),
         **_hf_moe_mla(cfg, model_type, path),
     )
 

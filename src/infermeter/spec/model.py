@@ -78,7 +78,10 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     norms_per_layer: int = 2  # Gemma-2 has 4 (pre/post attention and FFN)
-    torch_dtype: str = "bfloat16"  # the dtype the published weights are stored in
+    torch_dtype: str = "bfloat16"  # config.json's torch_dtype: what the model computes and
+    # caches in (the KV cache's default dtype)
+    weight_dtype: str | None = None  # what its published weight files hold, where that is not
+    # torch_dtype (DeepSeek-V3: FP8 with bf16 compute)
     source: str = field(default="preset", compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,19 @@ class ModelSpec:
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    @property
+    def published_dtype(self) -> str:
+        """The weights' dtype as published: `kv`'s default weight dtype."""
+        return self.weight_dtype or self.torch_dtype
+
+    def window_summary(self) -> str | None:
+        """'4096 tokens, every layer' or '4096 tokens, 21 of 42 layers'; None: no window."""
+        if not self.sliding_window_layers:
+            return None
+        n = len(self.sliding_window_layers)
+        layers = "every layer" if n == self.n_layers else f"{n} of {self.n_layers} layers"
+        return f"{self.sliding_window} tokens, {layers}"
 
     def layer_window(self, layer: int) -> int | None:
         """Tokens layer `layer` attends to (and caches), or None for full attention."""

@@ -3,6 +3,12 @@
 Every number is copied from the model's published config.json (Hugging Face hub) or Meta's
 params.json; tests/test_presets.py checks each preset's parameter count against the size its
 authors published, within 1%.
+
+Weight dtypes: `kv` sizes a preset's weights in the dtype they are published in (torch_dtype, or
+weight_dtype where the files hold another): Llama 2 in fp16, the torch_dtype of Meta's -hf
+repositories and the seed's setting (Meta's own consolidated.*.pth hold bf16; same size);
+DeepSeek-V3 in FP8 (its files: e4m3 with a float32 scale per 128 x 128 block, computing in bf16,
+so its KV cache stays bf16); the others in bf16 as their config.json says.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ _PRESET_LIST = [
               sliding_window_layers=all_layers(32)),
     # deepseek-ai/DeepSeek-V3: MLA (latent 512 + rope key 64), 256 routed experts (8 active)
     # + 1 shared, first 3 layers dense. The multi-token-prediction layer is not counted.
+    # Published in FP8 (quantization_config quant_method fp8), computing in bf16.
     ModelSpec("deepseek-v3", "deepseek_v3", 61, 7168, 128, 128, 192, 18432, 129280,
               norm_eps=1e-6, rope_theta=10000.0, max_seq_len=163840,
               rope_scaling=RopeScaling("yarn", 40.0, original_max_position=4096,
@@ -76,7 +83,7 @@ _PRESET_LIST = [
                                               ("mscale", 1.0), ("mscale_all_dim", 1.0))),
               n_experts=256, n_active_experts=8, n_shared_experts=1, moe_ffn_dim=2048,
               n_dense_layers=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-              qk_rope_head_dim=64, v_head_dim=128),
+              qk_rope_head_dim=64, v_head_dim=128, weight_dtype="float8"),
     # A tiny Llama for CPU tests and demos: GQA (4 query heads share 2 KV heads), runs in ms.
     ModelSpec("debug", "llama", 2, 64, 4, 2, 16, 176, 256, norm_eps=1e-5, rope_theta=10000.0,
               max_seq_len=256, torch_dtype="float32"),
