@@ -6,6 +6,7 @@ never picks a Triton kernel), so that no kernel module needs another one just fo
 
 from __future__ import annotations
 
+import logging
 import os
 
 from torch import Tensor
@@ -15,6 +16,16 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU-only install
     triton = tl = None
+
+
+def _not_triton_missing(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Triton not available")
+
+
+if triton is None:
+    # torch.library.triton_op looks for Triton kernels in each op's body and, without Triton,
+    # warns once an op (three on every run); no Triton kernel runs here, so drop only that line.
+    logging.getLogger("torch._library.triton").addFilter(_not_triton_missing)
 
 
 def triton_runs_on(x: Tensor) -> bool:
