@@ -9,7 +9,7 @@ from infermeter.commands.common import add_output_flags, positive_int
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
-ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # parallel.py's
+ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # all_reduce.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 
 

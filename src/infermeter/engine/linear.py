@@ -8,8 +8,6 @@ and checkpoints keep nn.Linear's parameter names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,7 +18,7 @@ from infermeter.engine.opaque_ops import compiling
 # "triton" (the default: gemv_kernel.py, at one row in a compiled step where Triton runs) or
 # "inductor" (inductor's coordinate-descent-tuned reduction, fused with the norm before it).
 # The GEMV with its per-shape tiles streams the weights faster than inductor's reduction at one
-# row (docs/engine.md, "GEMV", has the figures by date and device).
+# row (docs/engine.md, "Kernels", has the figures by date and device).
 MATVEC_KERNEL = "triton"
 MATVEC_KERNELS = ("inductor", "triton")
 
@@ -35,23 +33,11 @@ def takes_gemv(kind: str, rows: int, weight: Tensor) -> bool:
 
 class Linear(nn.Linear):
     matvec_kernel = MATVEC_KERNEL  # set per instance (or on every Linear of a model) to change
-    # Set by parallel.use_peer_all_reduce on wo and w2 (--tp-all-reduce triton-push): the one-
-    # row products that would take the GEMV call it instead, (x [1, in], weight) -> [1, out]
-    # (peer_gemv.py's GEMV, which also pushes its partial sums to the peers).
-    row_product: Callable[[Tensor, Tensor], Tensor] | None = None
-
-    def pushes(self, rows: int) -> bool:
-        """Whether a product of `rows` rows goes to row_product: the question the all-reduce
-        after it asks too, so that it waits for a push exactly when one happens."""
-        return self.row_product is not None and compiling() \
-            and takes_gemv(self.matvec_kernel, rows, self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]; a single row x [1(, 1), in] in a compiled step with
-        matvec_kernel "triton" (where Triton runs) takes the GEMV kernel (or row_product)."""
+        matvec_kernel "triton" (where Triton runs) takes the GEMV kernel."""
         rows = x.numel() // x.shape[-1]
-        if self.pushes(rows):  # no bias: use_peer_all_reduce sets it on bias-free layers only
-            return self.row_product(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
         if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight) \
                 and gemv_usable(x, self.weight):
             out = matvec(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)

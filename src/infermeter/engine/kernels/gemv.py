@@ -45,7 +45,7 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 #                                          stays here.
 # The copy reaches 3.0 TB/s there. In the whole 7B step these tiles beat inductor's reductions
 # (5.55 vs 5.65 ms); 13B's with these tiles 9.51 vs 10.43 (with the other Triton kernels). The
-# under-4096 rule comes from 13B's wo at tp 2 in the tp 2 step's trace (docs/engine.md, "GEMV").
+# under-4096 rule comes from 13B's wo at tp 2 in the tp 2 step's trace (docs/engine.md).
 NUM_STAGES = 2  # 1, 2 and 4 timed within 0.4% of each other
 
 # Where a GPU's own timings (benchmarks/gemv_tiles.py run there) beat the table above, by
@@ -89,8 +89,7 @@ if triton is not None:
     def row_dots(X, W, rows, row_ok, n_cols, stride_w,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
                  FIRST_K: tl.constexpr = 0):
-        """float32 [BLOCK_N]: x . W[row] for the program's rows (the tiling above); shared with
-        peer_gemv.py's GEMV, which then pushes them to the peers.
+        """float32 [BLOCK_N]: x . W[row] for the program's rows (the tiling above).
         FIRST_K > 0 (the PDL launch, pdl.py): the first FIRST_K columns of the rows are loaded
         first, in one [BLOCK_N, FIRST_K] tile, before waiting (PDL) for the kernel that wrote x
         (no kernel writes weights): while that kernel finishes, e.g. a tensor-parallel
@@ -100,7 +99,7 @@ if triton is not None:
         BLOCK_K columns goes into the accumulator as the loop's first step would. Why both: a
         first tile as wide as BLOCK_K summed apart kept a live, unused accumulator and was
         much slower for tp 2's wo; summed into the accumulator it is faster than without PDL,
-        and so are the wide first tiles (docs/engine.md, "PDL")."""
+        and so are the wide first tiles (docs/engine.md, "Programmatic dependent launch")."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         start = 0
         if FIRST_K > 0:  # (names of their own: the loop's would be loop-carried, of other types)
