@@ -230,6 +230,36 @@ def test_cli_writes_the_format_its_output_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]  # no temp file left
 
 
+def test_cli_output_suffix_names_a_known_format_or_is_an_error(tmp_path):
+    """r.xyz once got the terminal format; a suffix that names no format is now one error line
+    (nothing written), .txt is the terminal text, and --format overrides any suffix."""
+    for name, what in (("r.xyz", "the suffix '.xyz'"), ("report", "a name without a suffix")):
+        out = run_cli(str(GOOD), "--output", str(tmp_path / name))
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"infermeter: error: --output {tmp_path / name}: cannot tell the report format from "
+            f"{what}; name the file .md, .csv, .html or .txt (terminal text), or give --format"]
+    assert list(tmp_path.iterdir()) == []
+    text = run_cli(str(GOOD), "--output", str(tmp_path / "r.txt"))
+    assert text.returncode == 0 and "(terminal)" in text.stderr
+    assert "Reference table" in (tmp_path / "r.txt").read_text()
+    forced = run_cli(str(GOOD), "--output", str(tmp_path / "r.xyz"), "--format", "csv")
+    assert forced.returncode == 0
+    assert (tmp_path / "r.xyz").read_text().startswith("reference,Device,")
+
+
+def test_cli_bad_plots_folder_fails_before_the_report(tmp_path):
+    import importlib.util
+
+    taken = tmp_path / "plots"
+    taken.write_text("a file")
+    out = run_cli(str(GOOD), "--plots", str(taken))
+    assert out.returncode == 2 and out.stdout == ""  # no report printed before the error
+    why = f"--plots {taken}: a file, not a folder" if importlib.util.find_spec("matplotlib") \
+        else "plots need matplotlib"
+    assert len(out.stderr.splitlines()) == 1 and why in out.stderr
+
+
 def test_importing_the_report_loads_no_plotting():
     code = ("import sys, infermeter.report.build, infermeter.report.plots, infermeter.cli; "
             "assert 'matplotlib' not in sys.modules and 'rich' not in sys.modules")

@@ -17,7 +17,8 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="RESULT",
                    help="Result files (.json, .jsonl) or folders holding them")
     p.add_argument("--format", choices=FORMATS,
-                   help="default: from --output's suffix (.md, .csv, .html), else terminal")
+                   help="default: from --output's suffix (.md, .csv, .html, .txt: terminal; "
+                   "another suffix is an error), else terminal")
     p.add_argument("--output", metavar="FILE",
                    help="write the report to FILE (atomically) instead of printing it")
     p.add_argument("--plots", metavar="DIR", help="also write every plot as a PNG file in DIR")
@@ -30,13 +31,21 @@ def _run_report(args: argparse.Namespace) -> int:
     import shutil
 
     from infermeter.measure.result import atomic_write
-    from infermeter.report.build import build_report, choose_format, render, write_plots
+    from infermeter.report.build import (
+        build_report,
+        check_plots_folder,
+        choose_format,
+        render,
+        write_plots,
+    )
 
     def warn(line: str) -> None:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
 
+    fmt = choose_format(args.format, args.output)  # bad flags fail before any reading
+    if args.plots:
+        check_plots_folder(args.plots)
     report = build_report(args.paths, with_seed=args.with_seed, warn=warn)
-    fmt = choose_format(args.format, args.output)
     text = render(report, fmt, width=shutil.get_terminal_size((160, 40)).columns)
     if args.output:
         atomic_write(args.output, text.encode("utf-8"))

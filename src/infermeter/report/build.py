@@ -36,15 +36,33 @@ from infermeter.report.tables import (
 
 FORMATS = ("terminal", "markdown", "csv", "html")
 _SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".html": "html",
-                   ".htm": "html"}
+                   ".htm": "html", ".txt": "terminal"}
 PLOTS_NEED = "plots need matplotlib: pip install 'infermeter[report]'"
 
 
 def choose_format(fmt: str | None, output: str | None) -> str:
-    """--format if given, else from --output's suffix (.md, .csv, .html), else terminal."""
+    """--format if given; else from --output's suffix (.md, .csv, .html, .txt: terminal text),
+    where any other suffix is an error rather than a guess; else (printing) terminal."""
     if fmt:
         return fmt
-    return _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "terminal") if output else "terminal"
+    if not output:
+        return "terminal"
+    suffix = Path(output).suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise InfermeterError(
+            f"--output {output}: cannot tell the report format from "
+            f"{f'the suffix {suffix!r}' if suffix else 'a name without a suffix'}; name the file "
+            ".md, .csv, .html or .txt (terminal text), or give --format")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def check_plots_folder(folder: str) -> None:
+    """--plots can be written (matplotlib installed, not an existing file): asked before the
+    report is made, so a bad --plots prints no report first."""
+    if not _plots_available():
+        raise InfermeterError(PLOTS_NEED)
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise InfermeterError(f"--plots {folder}: a file, not a folder")
 
 
 def build_report(paths: Sequence[str], with_seed: bool = False,
