@@ -28,6 +28,17 @@ def test_cli_without_gpu_prints_sizes_and_exits_0():
     assert out.returncode == 0 and out.stdout == ""
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cli_device_cuda_named_without_a_gpu_is_an_error(tmp_path):
+    """Asked for by name, a missing GPU is an error (exit 2, one line), as in generate; only
+    the default device falls back to showing what would move."""
+    out = run_cli("--device", "cuda", "--output", str(tmp_path / "copy.jsonl"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["infermeter: error: --device cuda asked for, but no CUDA "
+                                       "GPU is visible (--device cpu runs a host-memcpy version)"]
+    assert not (tmp_path / "copy.jsonl").exists()
+
+
 def test_cli_device_cpu_writes_a_copy_result(tmp_path):
     path = tmp_path / "copy.jsonl"
     out = run_cli("--device", "cpu", "--model", "llama-3.2-1b", "--seq-len", "16",

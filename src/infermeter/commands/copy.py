@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from infermeter.commands.common import add_cache_flags, add_output_flags, positive_int
+from infermeter.errors import InfermeterError
 
 
 def add_copy_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,9 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens per paged block (default 16)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed samples per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before the samples")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: a host-memcpy run of the whole pipeline, no GPU needed")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="default cuda (without a GPU: what it would move, nothing measured); "
+                   "cpu: a host-memcpy run of the whole pipeline, no GPU needed")
     p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks: starts torchrun; "
                    "each rank moves its own KV shard, all ranks starting each case together; "
                    "reported per rank and in total")
@@ -62,6 +64,10 @@ def _run_copy(args: argparse.Namespace) -> int:
         return tuple(dict.fromkeys(values))
 
     spec = resolve_model(args.model)
+    device = args.device or "cuda"
+    if args.device == "cuda" and not gpu_available():  # named, so an error, as in generate
+        raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible (--device cpu "
+                              "runs a host-memcpy version)")
     if args.trace:  # a bad folder fails now, not after the copies
         from infermeter.measure.trace import make_trace_dir
 
@@ -76,15 +82,15 @@ def _run_copy(args: argparse.Namespace) -> int:
         from infermeter.engine.parallel.sharding import rank_spec
         from infermeter.measure.ranks import gather_rank_results, ranks_meet
 
-        tp = init_distributed(args.device, args.tp)
+        tp = init_distributed(device, args.tp)
         spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
     # ---- end tensor parallelism
     request = CopyRequest(spec, unique(args.batch_size), unique(args.seq_len),
                           kv_dtype=args.kv_dtype or spec.torch_dtype, layouts=unique(args.layout),
                           hosts=unique(args.host), directions=unique(args.direction),
                           methods=unique(args.method), block_tokens=unique(args.block_tokens),
-                          repeats=args.repeats, warmup=args.warmup, device=args.device)
-    if args.device == "cuda" and not gpu_available():
+                          repeats=args.repeats, warmup=args.warmup, device=device)
+    if device == "cuda" and not gpu_available():
         print("infermeter copy: no CUDA GPU found, nothing measured (--device cpu runs a "
               "host-memcpy version); it would move:", file=sys.stderr)
         if not args.json:
