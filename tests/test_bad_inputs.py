@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import published_configs as published
 
 
@@ -27,3 +29,20 @@ def test_a_config_with_zero_heads_is_one_line_naming_file_and_field(tmp_path):
     out = run("kv", "--model", str(path), "--output", str(tmp_path / "kv.jsonl"))
     assert_one_error_line(out, f"{path}: field 'num_attention_heads' must be a positive integer")
     assert out.stdout == "" and not (tmp_path / "kv.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    # ran greedy and recorded temperature -1.0 with greedy true
+    (("--temperature", "-1"), "argument --temperature: '-1' must be >= 0 (0: greedy decoding)"),
+    # sampled, then failed writing the Result's JSON with a traceback
+    (("--temperature", "nan"), "argument --temperature: 'nan' is not a finite number"),
+    (("--temperature", "inf"), "argument --temperature: 'inf' is not a finite number"),
+    (("--temperature", "0.7", "--top-p", "1.5"), "argument --top-p: '1.5' must be in (0, 1]"),
+    (("--temperature", "0.7", "--top-p", "0"), "argument --top-p: '0' must be in (0, 1]"),
+    # ran greedy, ignoring the nucleus threshold it recorded
+    (("--top-p", "0.9"), "--top-p 0.9 applies to sampling: give --temperature > 0 too"),
+])
+def test_generate_refuses_sampling_settings_that_mean_nothing(args, message):
+    out = run("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2", *args)
+    assert_one_error_line(out, message)
+    assert out.stdout == ""

@@ -178,7 +178,7 @@ def test_modes_side_by_side_in_one_table(capsys):
     (("--model", "debug", "--device", "cpu", "--prompt-ids", "1,x"), "prompt"),
     (("--model", "gemma-2-9b", "--device", "cpu"), "can be sized but not run"),
     (("--model", "debug", "--device", "cpu", "--dtype", "int8"), "not supported by the engine"),
-    (("--model", "debug", "--device", "cpu", "--temperature", "0.5", "--top-p", "2"), "top_p"),
+    (("--model", "debug", "--device", "cpu", "--temperature", "0.5", "--top-p", "2"), "--top-p"),
     (("--device", "cpu"), "one of the arguments --checkpoint"),
 ])
 def test_bad_input(args, message, tmp_path):

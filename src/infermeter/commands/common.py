@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from infermeter.spec.presets import DEFAULT_MODEL
 
@@ -21,6 +22,31 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def temperature_arg(text: str) -> float:
+    """--temperature: 0 decodes greedily, as without the flag; below 0 means nothing."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0 (0: greedy decoding)")
+    return value
+
+
+def top_p_arg(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
     return value
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from infermeter.commands.common import add_output_flags, positive_int
+from infermeter.commands.common import add_output_flags, positive_int, temperature_arg, top_p_arg
 
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
@@ -71,9 +71,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="tokens generated per sequence (default 64)")
     gen.add_argument("--greedy", action="store_true", default=True,
                      help="argmax decoding (the default)")
-    gen.add_argument("--temperature", type=float, metavar="T",
+    gen.add_argument("--temperature", type=temperature_arg, metavar="T",
                      help="sample with this temperature (> 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    gen.add_argument("--top-p", type=top_p_arg, default=1.0, metavar="P",
                      help="nucleus sampling threshold (default 1.0)")
     gen.add_argument("--until-eos", action="store_true",
                      help="stop a sequence at the tokenizer's stop ids (default: fixed length)")
@@ -129,6 +129,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     from infermeter.measure.env import capture_env
     from infermeter.measure.result import append_jsonl
 
+    if args.top_p != 1.0 and not (args.temperature or 0) > 0:  # greedy would ignore it
+        from infermeter.errors import InfermeterError
+
+        raise InfermeterError(f"--top-p {args.top_p} applies to sampling: give --temperature > 0 "
+                              "too (without it decoding is greedy)")
     # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
     if args.dry_run:
         return _print_rank_plan(args)
