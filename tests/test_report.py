@@ -401,3 +401,44 @@ def test_a_machine_with_only_untimed_results_gets_notes_not_a_column(tmp_path):
                in note for note in built.notes)
     assert any("runs.jsonl:2: a generate Result without timing metrics (out of memory)"
                in note for note in built.notes)
+
+
+def test_a_cpu_column_shows_its_host_memory_copy_and_says_why_no_break_even():
+    """A CPU run has no pinned case: the reference table showed '-' for moving although the
+    copy stage ran, and the note said the column lacked a copy and a batch-1 TTFT it had."""
+    from infermeter.report.build import assemble
+    from infermeter.report.select import pick_copy
+
+    def case(host, direction, gbps):
+        return {"layout": "engine", "host_memory": host, "direction": direction,
+                "method": "per-tensor", "gbps": gbps, "moving_time_ms": 0.004,
+                "host_pinned": False}
+
+    cpu_cases = [case(h, d, g) for h, g in (("seed", 9.0), ("pageable", 7.0))
+                 for d in ("h2d", "d2h")]
+    copy = _record("copy", {"cases": cpu_cases, "kv_cache_bytes": 32768},
+                   {"batch_size": 1, "seq_len": 64}, "r.jsonl:2")
+    gen = _record("generate", {"ttft_ms": 0.8, "total_tokens": 54, "generation_time_s": 0.03},
+                  {"batch_size": 1, "prompt_len": 10, "mode": "eager"}, "r.jsonl:3")
+    column = Column(ColumnKey("cpu", "debug", 1), copies=[copy], generates=[gen])
+    pick = pick_copy(column)
+    assert pick.host == "pageable" and pick.h2d["gbps"] == 7.0  # pageable before the seed's
+    report = assemble([column], [copy, gen], [])
+    ref = cells(table(report, "reference"), "cpu · debug")
+    assert ref["Moving Time (htod, dtoh)"] == "0.004 ms, 0.004 ms (pageable host memory)"
+    assert ref["Moving Bandwidth"] == "7.0 GB/s, 7.0 GB/s (pageable host memory)"
+    ext = cells(table(report, "extended"), "cpu · debug")
+    assert ext["Moving case (htod, dtoh)"] == ("engine per-tensor (pageable host), "
+                                               "engine per-tensor (pageable host)")
+    assert report.notes[-1] == (
+        "Reload vs recompute: no break-even was derived; cpu · debug: its copies are from "
+        "pageable host memory only (a CPU run has no pinned memory) and reload is figured from "
+        "pinned memory")
+    assert not any("asked for pinned" in note for note in report.notes)
+    # A pinned case, however slow, still represents a GPU column and gives the break-even.
+    gpu_copy = dataclasses.replace(copy, metrics={**copy.metrics, "cases": [
+        *cpu_cases, case("pinned", "h2d", 1.0), case("pinned", "d2h", 1.0)]})
+    gpu = Column(ColumnKey("cpu", "debug", 1), copies=[gpu_copy], generates=[gen])
+    assert pick_copy(gpu).host == "pinned" and break_even(gpu) is not None
+    gpu_ref = cells(table(assemble([gpu], [gpu_copy, gen], []), "reference"), "cpu · debug")
+    assert gpu_ref["Moving Bandwidth"] == "1.0 GB/s, 1.0 GB/s"

@@ -55,6 +55,13 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path):
     assert results[1]["config"]["device"] == "cpu"
     markdown = (folder / "report.md").read_text()
     assert all(row in markdown for row in REFERENCE_ROWS)
+    # the copy stage's host-memory figures, named so (a CPU has no pinned case), and why no
+    # break-even, where the note had said the column lacked what it had
+    moving = next(line for line in done.stdout.splitlines() if "Moving Bandwidth" in line)
+    assert "GB/s" in moving and "(pageable" in moving, done.stdout
+    assert "| Moving Time (htod, dtoh) | -" not in markdown
+    assert "its copies are from pageable host memory only" in markdown
+    assert "no column has both" not in markdown
     assert (folder / "report.html").read_text().rstrip().endswith("</html>")
     assert "Reference table" in done.stdout and not leftovers(folder)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import atomic_write
 from infermeter.report.baseline import seed_column
-from infermeter.report.derive import column_warnings
+from infermeter.report.derive import break_even_missing, column_warnings
 from infermeter.report.load import Record, load_records, require_records
 from infermeter.report.select import Column, column_key, group_columns, has_timing
 from infermeter.report.tables import (
@@ -116,8 +116,10 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
     if (derived := breakeven_table(columns)) is not None:
         tables.append(derived)
     else:
-        notes.append("Reload vs recompute: no column has both a copy Result and a batch-1 "
-                     "generate Result with TTFT, so no break-even was derived")
+        why = [f"{c.key.label}: {reason}" for c in columns
+               if c.seed is None and (reason := break_even_missing(c))]
+        notes.append("Reload vs recompute: no break-even was derived; "
+                     + ("; ".join(why) or "no measured column"))
     return Report(tables, notes, columns)
 
 

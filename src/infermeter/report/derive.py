@@ -74,10 +74,28 @@ def prefill_ms(points: tuple[tuple[float, float], ...], n: float) -> float:
     return ms * n / tokens  # beyond the longest prompt: its throughput, linear in tokens
 
 
-def break_even(column: Column) -> BreakEven | None:
+def break_even_missing(column: Column) -> str | None:
+    """Why the column has no break-even, in a few words; None where it has one."""
     pick = pick_copy(column)
-    points = prefill_points(column.generates)
-    if not pick or not pick.h2d or not points or not pick.kv_bytes or not pick.tokens:
+    if not column.copies:
+        return "no copy Result"
+    if pick is None:
+        return "no timed copy case"
+    if pick.host != "pinned":
+        return (f"its copies are from {pick.host} host memory only (a CPU run has no pinned "
+                "memory) and reload is figured from pinned memory")
+    if not pick.h2d:
+        return "no host-to-device copy case"
+    if not pick.kv_bytes or not pick.tokens:
+        return "its copy Result does not say the cache size"
+    if not prefill_points(column.generates):
+        return "no batch-1 generate Result with a prompt length and TTFT"
+    return None
+
+
+def break_even(column: Column) -> BreakEven | None:
+    pick, points = pick_copy(column), prefill_points(column.generates)
+    if pick is None or pick.h2d is None or break_even_missing(column) is not None:
         return None
     gbps, per_token = num(pick.h2d["gbps"]), pick.kv_bytes / pick.tokens
     rows = tuple((n, n * per_token / (gbps * 1e9) * 1e3, prefill_ms(points, n))
@@ -99,7 +117,7 @@ def _copy_checks(pick: CopyPick) -> list[str]:
         pct, stats = num(case.get("link_pct")), case.get("stats") or {}
         if pct is not None and pct > 100:
             out.append(f"{name}: {pct:.0f}% of the link peak, more than the link carries")
-        if case.get("host_pinned") is False:
+        if case.get("host_memory") == "pinned" and case.get("host_pinned") is False:
             out.append(f"{name}: asked for pinned host memory, got pageable")
         cov, n = num(stats.get("cov")), num(stats.get("n"))
         if cov is not None and cov > NOISY_COV:

@@ -15,6 +15,8 @@ MISSING = "-"
 def ms(value: float | None) -> str:
     if value is None:
         return MISSING
+    if 0 < value < 0.01:  # a tiny CPU copy: two significant digits, not "0.00 ms"
+        return f"{value:.2g} ms"
     if value < 10:
         return f"{value:.2f} ms"
     return f"{value:.1f} ms" if value < 100 else f"{value:,.0f} ms"

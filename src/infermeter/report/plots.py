@@ -119,7 +119,7 @@ def _draw_blocks(ax: Any, cases: list[dict[str, Any]], peak: float | None) -> No
 
 def plot_copy(column: Column) -> Plot | None:
     pick = pick_copy(column)
-    if not pick:
+    if not pick or pick.host != "pinned":  # its axes are pinned host memory's
         return None
     same = [r for r in column.copies if num(r.metrics.get("kv_cache_bytes")) == pick.kv_bytes]
     cases, peak = _one_way(same), num(pick.record.metrics.get("link_peak_gbps"))

@@ -7,7 +7,9 @@ one representative of each kind, chosen by fixed rules (written in the table cap
 - moving: the copy Result nearest the seed setting (batch 1, then the sequence length nearest
   512), and in it the pinned-host case of the engine layout (per-layer K and V tensors, what an
   engine really holds and what the seed moved) with the fastest method, per direction; if the
-  Result has no engine layout, the contiguous layout, then paged;
+  Result has no engine layout, the contiguous layout, then paged. A column with no pinned case
+  at all (a CPU run: pinned memory needs CUDA) takes its pageable case, then the seed's, and
+  says which;
 - tokens: a generate Result at batch 1, fixed length (not --until-eos), compiled mode first,
   then eager, then anything else; of those the seed's shape: the cache nearest 512 tokens, then
   the number of new tokens nearest the seed's 432, then the context nearest 512 tokens.
@@ -29,6 +31,7 @@ from infermeter.report.load import Record
 SEED_CONTEXT = 512
 SEED_NEW_TOKENS = 432
 LAYOUT_ORDER = ("engine", "contiguous", "paged")
+HOST_ORDER = ("pinned", "pageable", "seed")  # pinned first; the others where a run had none
 MODE_ORDER = ("compiled", "eager")
 
 
@@ -107,6 +110,7 @@ class CopyPick:
     record: Record
     h2d: dict[str, Any] | None
     d2h: dict[str, Any] | None
+    host: str = "pinned"  # the host memory of both cases (HOST_ORDER)
 
     @property
     def kv_bytes(self) -> float | None:
@@ -124,11 +128,11 @@ def _cases(record: Record) -> list[dict[str, Any]]:
     return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
 
 
-def best_case(record: Record, direction: str) -> dict[str, Any] | None:
-    """The fastest pinned case of the first layout (engine, contiguous, paged) that has one."""
+def best_case(record: Record, direction: str, host: str = "pinned") -> dict[str, Any] | None:
+    """The fastest `host` case of the first layout (engine, contiguous, paged) that has one."""
     for layout in LAYOUT_ORDER:
         cases = [c for c in _cases(record) if c.get("layout") == layout
-                 and c.get("host_memory") == "pinned" and c.get("direction") == direction
+                 and c.get("host_memory") == host and c.get("direction") == direction
                  and num(c.get("gbps")) and num(c.get("moving_time_ms"))]
         if cases:
             return max(cases, key=lambda c: (num(c["gbps"]), str(c.get("method"))))
@@ -141,11 +145,14 @@ def pick_copy(column: Column) -> CopyPick | None:
         return (batch != 1, _context_distance(record.config.get("seq_len")),
                 -len(_cases(record)), record.source)
 
-    usable = [r for r in column.copies if best_case(r, "h2d") or best_case(r, "d2h")]
-    if not usable:
-        return None
-    record = min(usable, key=rank)
-    return CopyPick(record, best_case(record, "h2d"), best_case(record, "d2h"))
+    for host in HOST_ORDER:
+        usable = [r for r in column.copies
+                  if best_case(r, "h2d", host) or best_case(r, "d2h", host)]
+        if usable:
+            record = min(usable, key=rank)
+            return CopyPick(record, best_case(record, "h2d", host),
+                            best_case(record, "d2h", host), host)
+    return None
 
 
 def has_timing(record: Record) -> bool:

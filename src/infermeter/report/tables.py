@@ -35,9 +35,11 @@ REFERENCE_CAPTION = (
     "batch 1 × 512 tokens, and in it the pinned-host case of the engine layout (per-layer K and V "
     "tensors, as the engine holds them and the seed moved them) with the fastest method, each "
     "direction (the contiguous layout, then paged, where a Result has no engine layout); time to "
-    "move the whole cache one way, htod then dtoh. Tokens: a batch-1, fixed-length generate "
-    "Result (compiled mode first, then eager; the seed's shape first: cache nearest 512 tokens, "
-    "new tokens nearest 432, context nearest 512); Token Generation Speed = "
+    "move the whole cache one way, htod then dtoh. A column without any pinned case (a CPU run) "
+    "shows its pageable case, then the seed's, with the host memory named in the cell. Tokens: "
+    "a batch-1, fixed-length generate Result (compiled mode first, then eager; the seed's shape "
+    "first: cache nearest 512 tokens, new tokens nearest 432, context nearest 512); Token "
+    "Generation Speed = "
     "total tokens / generation time, prefill included, as the seed computed it. MiB = 2^20 bytes, "
     "GB/s = 1e9 bytes/s; '-' = not measured for that column.")
 
@@ -79,7 +81,15 @@ def _case_label(case: dict[str, Any] | None) -> str:
     layout = case.get("layout")
     if layout == "paged":
         layout = f"paged/{case.get('block_tokens')}"
-    return f"{layout} {case.get('method')}"
+    host = case.get("host_memory")
+    return f"{layout} {case.get('method')}" + (f" ({host} host)" if host != "pinned" else "")
+
+
+def _host_label(cell: str, pick: CopyPick | None) -> str:
+    """A moving figure from other than pinned host memory says so (a CPU run has no pinned)."""
+    if pick is None or pick.host == "pinned" or cell == fmt.MISSING:
+        return cell
+    return f"{cell} ({pick.host} host memory)"
 
 
 def _kv_cell(column: Column, pick: CopyPick | None) -> str:
@@ -107,8 +117,9 @@ def reference_cells(column: Column) -> list[str]:
 
     m = gen.metrics if gen else {}
     return [_kv_cell(column, pick),
-            fmt.pair(fmt.ms(case(h2d, "moving_time_ms")), fmt.ms(case(d2h, "moving_time_ms"))),
-            fmt.pair(fmt.gbps(case(h2d, "gbps")), fmt.gbps(case(d2h, "gbps"))),
+            _host_label(fmt.pair(fmt.ms(case(h2d, "moving_time_ms")),
+                                 fmt.ms(case(d2h, "moving_time_ms"))), pick),
+            _host_label(fmt.pair(fmt.gbps(case(h2d, "gbps")), fmt.gbps(case(d2h, "gbps"))), pick),
             fmt.count(num(m.get("total_tokens"))), fmt.seconds(num(m.get("generation_time_s"))),
             fmt.tok_s(num(m.get("token_generation_speed")))]
 
@@ -238,6 +249,7 @@ def reference_numbers(column: Column) -> dict[str, float | None]:
         return baseline.headline_numbers()
     pick, gen = pick_copy(column), pick_generate(column)
     m = gen.metrics if gen else {}
-    return {"h2d_gbps": num(pick.h2d.get("gbps")) if pick and pick.h2d else None,
+    pinned = pick if pick and pick.host == "pinned" else None  # the chart's bars are pinned
+    return {"h2d_gbps": num(pinned.h2d.get("gbps")) if pinned and pinned.h2d else None,
             "tok_per_s": num(m.get("token_generation_speed")),
             "tpot_ms": tpot(gen, "p50") if gen else None, "ttft_ms": num(m.get("ttft_ms"))}
