@@ -442,3 +442,15 @@ def test_a_cpu_column_shows_its_host_memory_copy_and_says_why_no_break_even():
     assert pick_copy(gpu).host == "pinned" and break_even(gpu) is not None
     gpu_ref = cells(table(assemble([gpu], [gpu_copy, gen], []), "reference"), "cpu · debug")
     assert gpu_ref["Moving Bandwidth"] == "1.0 GB/s, 1.0 GB/s"
+
+
+def test_a_line_that_is_not_utf8_skips_that_line_only(tmp_path):
+    """One broken line (a log line in another encoding, a torn write) skipped the whole file."""
+    from infermeter.report.load import load_records
+
+    good = (GOOD / "generate-h100.jsonl").read_bytes().splitlines()[0]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(good + b"\n\xff\xfe caf\xe9\n" + good + b"\n")
+    loaded = load_records([path])
+    assert [r.source for r in loaded.records] == [f"{path}:1", f"{path}:3"]
+    assert loaded.skipped == [f"{path}:2: not UTF-8 text"]

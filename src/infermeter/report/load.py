@@ -68,13 +68,13 @@ def load_records(paths: Iterable[str | Path]) -> Loaded:
 
 def _load_file(path: Path, loaded: Loaded) -> None:
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        raw = path.read_bytes()
+    except OSError as err:
         loaded.skipped.append(f"{path}: cannot read ({type(err).__name__}: {err})")
         return
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
         data = None  # not one JSON document: read it as JSONL, line by line
     if data is not None:
         items = data if isinstance(data, list) else [data]
@@ -92,13 +92,18 @@ def _load_file(path: Path, loaded: Loaded) -> None:
         for record, where in zip(records, wheres):
             _keep(record, where, loaded)
         return
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    # bytes, line by line: one line that is not UTF-8 (a log line, a truncated write) is skipped
+    # alone, not the whole file with it
+    lines = [(n, line) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
     if not lines:
         loaded.skipped.append(f"{path}: empty")
         return
     for number, line in lines:
         try:
-            item = json.loads(line)
+            item = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            loaded.skipped.append(f"{path}:{number}: not UTF-8 text")
+            continue
         except json.JSONDecodeError as err:
             loaded.skipped.append(f"{path}:{number}: not JSON ({err.msg})")
             continue
