@@ -134,7 +134,12 @@ def test_a_gzipped_trace_reads_like_the_plain_one(tmp_path, capsys):
     assert err.startswith("infermeter: error: cannot read trace") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"schema": 1}', "[1, 2", ""])
+@pytest.mark.parametrize("text", [
+    "{not json", '{"schema": 1}', "[1, 2", "",
+    # JSON with no event a summary can use: once "no kernels ... found" and exit 0
+    "[]", "[1, 2, 3]", '{"traceEvents": [1, "x"]}',
+    '{"traceEvents": [{"ph": "X", "name": "gemv", "cat": "kernel", "ts": "abc", "dur": 5}]}',
+])
 def test_corrupt_trace_is_one_clear_error(tmp_path, capsys, text):
     bad = tmp_path / "trace-rank0.json"
     bad.write_text(text)

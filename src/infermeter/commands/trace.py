@@ -22,5 +22,10 @@ def _run_trace(args: argparse.Namespace) -> int:
     from infermeter.measure.breakdown import render_breakdown, summarize_trace
 
     found = summarize_trace(args.file)  # a bad file: InfermeterError -> one line, exit 2
+    if not found.get("categories") and not found.get("copies"):
+        from infermeter.errors import InfermeterError
+
+        raise InfermeterError(f"{args.file}: no kernels, ops or copies in this trace (no complete "
+                              "'X' events with numeric ts and dur): not a profile of a run")
     print(json.dumps(found) if args.json else render_breakdown(found))
     return 0
