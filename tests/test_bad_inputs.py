@@ -46,3 +46,23 @@ def test_generate_refuses_sampling_settings_that_mean_nothing(args, message):
     out = run("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2", *args)
     assert_one_error_line(out, message)
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("command, runner", [
+    (["copy", "--device", "cpu"], "infermeter.copy.job.run_copy"),
+    (["generate", "--device", "cpu"], "infermeter.generate.job.run_generate"),
+])
+def test_an_output_that_cannot_be_written_fails_before_measuring(tmp_path, monkeypatch, capsys,
+                                                                  command, runner):
+    """The output folder was checked only when the Results were written, after the timing."""
+    from infermeter.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before checking --output")
+
+    monkeypatch.setattr(runner, measured)
+    for output, message in ((tmp_path / "missing" / "r.jsonl", "does not exist"),
+                            (tmp_path, "a folder; --output names a JSONL file")):
+        assert main([*command, "--model", "debug", "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and str(output) in err[0]

@@ -57,13 +57,15 @@ def _run_copy(args: argparse.Namespace) -> int:
     from infermeter.copy.table import progress_bar, render_copy, render_plan
     from infermeter.copy.trace import traced_copy
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
-    from infermeter.measure.result import append_jsonl
+    from infermeter.measure.result import append_jsonl, check_output
     from infermeter.spec.loaders import resolve_model
 
     def unique(values: list) -> tuple:  # repeated flag values once, in the order given
         return tuple(dict.fromkeys(values))
 
     spec = resolve_model(args.model)
+    if args.output:
+        check_output(args.output)
     device = args.device or "cuda"
     if args.device == "cuda" and not gpu_available():  # named, so an error, as in generate
         raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible (--device cpu "

@@ -127,8 +127,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     from infermeter.generate.table import progress_bar, render_generate, render_outputs
     from infermeter.launch import is_rank_zero, relaunch_if_needed
     from infermeter.measure.env import capture_env
-    from infermeter.measure.result import append_jsonl
+    from infermeter.measure.result import append_jsonl, check_output
 
+    if args.output:
+        check_output(args.output)
     if args.top_p != 1.0 and not (args.temperature or 0) > 0:  # greedy would ignore it
         from infermeter.errors import InfermeterError
 

@@ -104,6 +104,16 @@ def write_json(path: Path, result: Result) -> None:
     atomic_write(path, text.encode())
 
 
+def check_output(path: str | Path) -> None:
+    """--output can take Results (its folder exists, it is no folder itself): asked before a
+    measurement, so a typo does not cost the minutes of timing that come first."""
+    path = Path(path)
+    if path.is_dir():
+        raise InfermeterError(f"{path}: a folder; --output names a JSONL file")
+    if not path.parent.is_dir():
+        raise InfermeterError(f"{path}: folder {path.parent} does not exist")
+
+
 def append_jsonl(path: Path, results: list[Result]) -> None:
     """Append Results as lines to a JSONL file, rewriting it atomically."""
     path = Path(path)
