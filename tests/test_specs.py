@@ -211,6 +211,9 @@ def test_unknown_names_and_paths():
     with pytest.raises(InfermeterError, match="see `infermeter presets`"):
         resolve_model("zzzzzz")
     assert resolve_model("  Llama-2-7B ") is PRESETS["llama-2-7b"]
+    for empty in ("", "  "):  # was read as the current folder: "no config.json ... in ."
+        with pytest.raises(InfermeterError, match="--model is empty"):
+            resolve_model(empty)
 
 
 def test_folder_without_config(tmp_path):

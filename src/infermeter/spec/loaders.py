@@ -332,6 +332,9 @@ def spec_from_path(path: Path) -> ModelSpec:
 def resolve_model(text: str) -> ModelSpec:
     """`--model`: a preset name (case-insensitive) or a path."""
     key = text.strip().lower()
+    if not key:  # Path("") is the current folder: say what is wrong instead
+        raise InfermeterError("--model is empty: give a preset name (see `infermeter presets`), "
+                              "a config.json / params.json or a checkpoint folder")
     if key in PRESETS:
         return PRESETS[key]
     path = Path(text).expanduser()
