@@ -171,6 +171,100 @@ def test_verification_catches_one_corrupted_byte():
         verify_layout(layout, host, "corrupted")
 
 
+# ---- the runner: every row carries the check that ran ------------------------------------------
+def _run_cpu_cases(**changes):
+    from infermeter.copy.harness import CopyRunner
+    from infermeter.copy.job import CopyRequest
+    from infermeter.measure.link import LinkInfo
+
+    base = {"spec": PRESETS["debug"], "batch_sizes": (2,), "seq_lens": (11,),
+            "kv_dtype": "fp32", "layouts": ("engine", "contiguous", "paged"),
+            "hosts": ("seed", "pageable"), "directions": ("d2h", "h2d", "both"),
+            "methods": ("per-tensor", "staged"), "block_tokens": (4,), "repeats": 2,
+            "warmup": 0, "device": "cpu"}
+    req = CopyRequest(**{**base, **changes})
+    runner = CopyRunner(CPU, req.kv_dtype, req.repeats, req.warmup, LinkInfo())
+    return runner, req
+
+
+def test_every_row_names_the_check_that_compared_its_bytes(monkeypatch):
+    from infermeter.copy import harness
+
+    calls = {"verify_layout": [], "verify_pieces": []}
+
+    def spy(name):
+        real = getattr(harness, name)
+
+        def call(*args):
+            calls[name].append(args[-1])  # the case's label
+            return real(*args)
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(harness, name, spy(name))
+    runner, req = _run_cpu_cases()
+    out = runner.run(req.cases(), req.plans(2, 11))
+    total = sizes.kv_cache_bytes(PRESETS["debug"], 2, 11, "fp32")
+    # per layout: pageable 3 directions x 2 methods; seed per-tensor, one direction at a time
+    assert len(out.cases) == 3 * (3 * 2 + 2)
+    for row in out.cases:
+        check = "pieces" if row["host_memory"] == "seed" else "bytes"
+        assert row["verified"] == {"check": check, "bytes": row["bytes_moved"]}, row
+        assert row["bytes_moved"] == total * (2 if row["direction"] == "both" else 1)
+    # the checks ran: once per seed case, once per direction of every other case
+    seed = [r for r in out.cases if r["host_memory"] == "seed"]
+    ways = sum(2 if r["direction"] == "both" else 1 for r in out.cases if r not in seed)
+    assert len(calls["verify_pieces"]) == len(seed) and len(calls["verify_layout"]) == ways
+
+
+class _Corrupting:
+    """A mover that copies, then flips one bit of the destination's middle byte."""
+
+    def __init__(self, inner, destination):
+        self.inner, self.destination, self.streams = inner, destination, inner.streams
+
+    def enqueue(self, start):
+        self.inner.enqueue(start)
+        flat = self.destination.reshape(-1).view(torch.uint8)
+        flat[flat.numel() // 2] ^= 0x01
+
+
+@pytest.mark.parametrize("direction", ["d2h", "h2d", "both"])
+def test_a_mover_that_corrupts_one_byte_is_an_error_not_a_figure(monkeypatch, direction):
+    from infermeter.copy.harness import CopyRunner
+
+    real = CopyRunner._mover
+
+    def corrupting(self, method, way, buf):
+        inner = real(self, method, way, buf)
+        target = buf.host_out if way == "d2h" else buf.dst.tensors[0]  # contiguous: one tensor
+        return _Corrupting(inner, target) if way == direction or direction == "both" and \
+            way == "h2d" else inner
+
+    monkeypatch.setattr(CopyRunner, "_mover", corrupting)
+    runner, req = _run_cpu_cases(layouts=("contiguous",), hosts=("pageable",),
+                                 directions=(direction,), methods=("staged",))
+    with pytest.raises(CopyMismatch, match="copy verification failed for contiguous pageable"):
+        runner.run(req.cases(), req.plans(2, 11))
+    assert runner.out.cases == []  # no row, no GB/s
+
+
+def test_a_corrupted_copy_ends_the_command_with_one_error_line(monkeypatch, tmp_path, capsys):
+    from infermeter.cli import main
+    from infermeter.copy.harness import CopyRunner
+
+    real = CopyRunner._mover
+    monkeypatch.setattr(CopyRunner, "_mover", lambda self, method, way, buf: _Corrupting(
+        real(self, method, way, buf), buf.host_out))
+    out = tmp_path / "copy.jsonl"
+    code = main(["copy", "--device", "cpu", "--model", "debug", "--seq-len", "8",
+                 "--layout", "contiguous", "--host", "pageable", "--direction", "d2h",
+                 "--method", "staged", "--repeats", "2", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("infermeter: error: copy verification failed")
+
+
 # ---- statistics, link peak, NUMA --------------------------------------------------------------
 def test_case_metrics_from_samples():
     timing = Timing([5.0, 5.0, 4.0, 6.0, 5.0], 1.0, "cuda-events+hold")

@@ -38,7 +38,7 @@ def test_every_case_moves_the_right_bytes(model, batch, seq_len, blocks):
     # Every case either ran and was verified (a mismatch raises) or says why it was skipped.
     n_variants = 2 + len(blocks)
     assert len(cases) + len(skipped) == n_variants * 3 * 3 * len(METHODS)
-    assert all(c["verified"] for c in cases)
+    assert all(c["verified"]["bytes"] == c["bytes_moved"] for c in cases)
     ran = {(c["host_memory"], c["method"]) for c in cases}
     for method in ("per-tensor", "staged", "streams"):
         assert ("pinned", method) in ran and ("pageable", method) in ran

@@ -5,7 +5,11 @@ device layouts once per (host kind, layout). Device-to-host reads layout A into 
 "out"; host-to-device writes host buffer "in" into layout B; "both" runs the two at once, which is
 why a sweep with "both" (or with d2h and h2d) holds two copies of the cache on each side.
 Before each case's verification run the source gets a new random pattern, so a destination that
-still holds the bytes of an earlier run cannot pass for a correct copy.
+still holds the bytes of an earlier run cannot pass for a correct copy. A case's row says which
+check ran and how many bytes it compared: "verified": {"check": "bytes", "bytes": N} (movers: the
+layout's bytes against the host buffer, verify.verify_layout) or {"check": "pieces", ...} (the
+seed way: each tensor against its source), N = bytes_moved; a mismatch, or a check that covered
+fewer bytes than were moved, raises CopyMismatch (one error line) and the case gets no row.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from infermeter.copy.cases import Case, LayoutPlan, skip_reason
 from infermeter.copy.chunks import plan_chunks, split_evenly
 from infermeter.copy.host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
 from infermeter.copy.timing import Spin, case_metrics, run_once, time_movers, time_seed
-from infermeter.copy.verify import verify_layout, verify_pieces
+from infermeter.copy.verify import CopyMismatch, verify_layout, verify_pieces
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.measure.link import LinkInfo, current_link_of
 from infermeter.measure.nvtx import traced
@@ -121,12 +125,20 @@ class CopyRunner:
         return cm.Mapped(layout, mapped, whole, direction)
 
     # ---- one case --------------------------------------------------------------------------
+    @staticmethod
+    def _verified(case: Case, check: str, compared: int, moved: int) -> dict[str, Any]:
+        """The row's record of the check that ran; every moved byte must have been compared."""
+        if compared != moved:
+            raise CopyMismatch(f"copy verification failed for {case.label}: the {check} check "
+                               f"compared {compared:,} of the {moved:,} bytes moved")
+        return {"check": check, "bytes": compared}
+
     def _record(self, case: Case, buf: Buffers, metrics: dict[str, Any],
-                samples: list[float], pinned: bool | None) -> None:
+                samples: list[float], pinned: bool | None, verified: dict[str, Any]) -> None:
         row = {"layout": case.layout, "block_tokens": case.block_tokens,
                "host_memory": case.host_memory, "direction": case.direction,
                "method": case.method, "pieces": buf.plan.n_pieces, **metrics,
-               "host_pinned": pinned, "verified": True}
+               "host_pinned": pinned, "verified": verified}
         self.out.cases.append(row)
         self.out.samples[case.label] = samples
         for note in metrics.get("notes", []):
@@ -158,9 +170,10 @@ class CopyRunner:
             fill_host_random(buf.host_in, self._next_seed(), self.device)
             sent = pieces = seed_host_pieces(buf.host_in, sizes)
         fn()
-        verify_pieces(sent, result[0], case.label)
+        compared = verify_pieces(sent, result[0], case.label)
+        verified = self._verified(case, "pieces", compared, buf.plan.total_bytes)
         metrics = case_metrics(buf.plan.total_bytes, 1, timing, self.link.peak_gbps)
-        self._record(case, buf, metrics, timing.samples_ms, False)
+        self._record(case, buf, metrics, timing.samples_ms, False, verified)
 
     def _run_movers(self, case: Case, buf: Buffers) -> None:
         directions = ("d2h", "h2d") if case.direction == "both" else (case.direction,)
@@ -174,14 +187,17 @@ class CopyRunner:
         if "h2d" in directions:
             fill_host_random(buf.host_in, self._next_seed(), self.device)
         run_once(movers, spin, timing.hold_ms)
+        compared = 0
         if "d2h" in directions:
-            verify_layout(buf.src, buf.host_out, f"{case.label} (d2h)")
+            compared += verify_layout(buf.src, buf.host_out, f"{case.label} (d2h)")
         if "h2d" in directions:
-            verify_layout(buf.dst, buf.host_in, f"{case.label} (h2d)")
+            compared += verify_layout(buf.dst, buf.host_in, f"{case.label} (h2d)")
+        verified = self._verified(case, "bytes", compared,
+                                  buf.plan.total_bytes * len(directions))
         metrics = case_metrics(buf.plan.total_bytes, len(directions), timing,
                                self.link.peak_gbps)
         host = buf.host_out if buf.host_out is not None else buf.host_in
-        self._record(case, buf, metrics, timing.samples_ms, bool(host.is_pinned()))
+        self._record(case, buf, metrics, timing.samples_ms, bool(host.is_pinned()), verified)
 
     def _probe_link(self, movers: list[Any]) -> None:
         """Read the PCIe link's current generation/width while a copy is on the wire (an idle

@@ -33,12 +33,14 @@ def _where(layout: DeviceLayout, chunk: Chunk, host_byte: int) -> str:
     return "an unknown piece"
 
 
-def verify_layout(layout: DeviceLayout, host: torch.Tensor, what: str) -> None:
-    """Raise CopyMismatch unless the layout's bytes, in host order, equal `host` (words)."""
+def verify_layout(layout: DeviceLayout, host: torch.Tensor, what: str) -> int:
+    """Raise CopyMismatch unless the layout's bytes, in host order, equal `host` (words); the
+    number of bytes compared."""
     word, device = layout.word, layout.device
     chunks = plan_chunks(layout.plan, COMPARE_CHUNK, COMPARE_CHUNK)
     size = max(chunk.nbytes for chunk in chunks) // word
     expected = torch.empty(size, dtype=host.dtype, device=device)
+    compared = 0
     for chunk in chunks:
         n, start = chunk.nbytes // word, chunk.host_offset // word
         ref = expected[:n]
@@ -47,6 +49,7 @@ def verify_layout(layout: DeviceLayout, host: torch.Tensor, what: str) -> None:
             layout.gather(op, ref[at: at + op.nbytes // word])
         got = host[start: start + n].to(device)
         if torch.equal(ref, got):
+            compared += n * word
             continue
         diff = ref != got
         first = int(diff.nonzero()[0, 0])
@@ -55,10 +58,12 @@ def verify_layout(layout: DeviceLayout, host: torch.Tensor, what: str) -> None:
             f"copy verification failed for {what}: {int(diff.sum()):,} of {n:,} {word}-byte "
             f"words differ in the part at host byte {chunk.host_offset:,}; the first at host "
             f"byte {host_byte:,}, {_where(layout, chunk, host_byte)}")
+    return compared
 
 
-def verify_pieces(sent: list[torch.Tensor], arrived: list[torch.Tensor], what: str) -> None:
-    """The seed way: each arrived tensor (a fresh .cpu()/.cuda() result) equals its source."""
+def verify_pieces(sent: list[torch.Tensor], arrived: list[torch.Tensor], what: str) -> int:
+    """The seed way: each arrived tensor (a fresh .cpu()/.cuda() result) equals its source; the
+    number of bytes compared."""
     if len(sent) != len(arrived):
         raise CopyMismatch(f"copy verification failed for {what}: {len(arrived)} tensors "
                            f"arrived for {len(sent)} sent")
@@ -66,3 +71,4 @@ def verify_pieces(sent: list[torch.Tensor], arrived: list[torch.Tensor], what: s
         if src.shape != dst.shape or not torch.equal(src, dst.to(src.device)):
             raise CopyMismatch(f"copy verification failed for {what}: tensor {index} of "
                                f"{len(sent)} differs from its source")
+    return sum(src.numel() * src.element_size() for src in sent)
