@@ -97,3 +97,46 @@ def test_measure_roofline_on_the_cpu():
     assert metrics["roofline_copy_bytes"] == 1 << 20 and metrics["roofline_matmul_dtype"] == \
         "float32"
     assert any("only 3 samples" in w for w in peaks.warnings)
+
+
+def test_measured_peaks_from_a_fake_clock(monkeypatch):
+    """Every timed call takes 2^-9 s on the fake clock: the copy of 1 MiB moves 2 MiB (read +
+    write) in 1.953125 ms = 2^30 / 1e9 GB/s; the 64^3 matmul does 2 x 64^3 = 2^19 FLOPs in it."""
+    from infermeter.measure import timing
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(rl, "time_host", lambda fn, repeats, warmup: timing.time_host(
+        fn, repeats, warmup, clock=lambda: next(ticks) / 512))
+    peaks = rl.measure_roofline(torch.device("cpu"), repeats=3, copy_bytes=1 << 20, matmul_n=64)
+    assert peaks.samples["hbm_copy_ms"] == [1.953125] * 3
+    assert peaks.hbm_gbps == pytest.approx(2**30 / 1e9, rel=1e-12)
+    assert peaks.matmul_tflops == pytest.approx(2**28 / 1e12, rel=1e-12)
+
+
+def test_mbu_and_mfu_of_a_run_exactly():
+    """Llama-2-7B fp16, batch 1, a 2048-token prompt, one decode step at context 2049:
+    13,214,695,424 weight bytes + 2049 x 524,288 KV bytes = 14,288,961,536 bytes in a 4 ms TPOT
+    = 3572.240384 GB/s, half the 7144.480768 GB/s peak (MBU 50%, 500 tokens/s at the roofline);
+    28,162,637,430,784 prefill FLOPs in a 1000 ms median TTFT = 28.16 TFLOP/s, a quarter of the
+    peak (MFU 25%)."""
+    from types import SimpleNamespace
+
+    from infermeter.generate.cases import Case, PromptSet
+    from infermeter.generate.loop import CaseRun, roofline_metrics
+    from infermeter.generate.timing import RunTiming
+
+    model = SimpleNamespace(spec=LLAMA2, tok_embeddings=SimpleNamespace(
+        weight=torch.empty(0, dtype=torch.float16)))
+    case = Case(PromptSet(((1,) * 2048,), "user"), "eager", 4096)
+    repeats = [[RunTiming(1, 2048, ttft, [4.0], new_tokens=2)] for ttft in (1200.0, 1000.0, 800.0)]
+    run = CaseRun(repeats, [], [], 0.0, 0.0, {}, {})
+    peaks = rl.Roofline("cuda:0", hbm_gbps=2 * 3572.240384, matmul_tflops=4 * 28.162637430784)
+    m = roofline_metrics(model, case, run, 4.0, peaks, "float16")
+    assert m["bytes_per_decode_step"] == 14_288_961_536
+    assert m["decode_gbps"] == pytest.approx(3572.240384, rel=1e-12)
+    assert m["mbu_pct"] == pytest.approx(50.0, rel=1e-12)
+    assert m["decode_tok_per_s_roofline"] == pytest.approx(500.0, rel=1e-12)
+    assert m["prefill_flops"] == 28_162_637_430_784
+    assert m["prefill_tflops"] == pytest.approx(28.162637430784, rel=1e-12)
+    assert m["mfu_pct"] == pytest.approx(25.0, rel=1e-12)
+    assert m["hbm_gbps_measured"] == 2 * 3572.240384
