@@ -104,6 +104,7 @@ def test_meta_70b_params_json_alone_sizes_the_cache(tmp_path):
     assert "weights unknown" in table.stdout and "320.0 KiB" in table.stdout
     assert "warning: the vocabulary size is unknown" in table.stdout
     assert "warning: no KV budget" in table.stdout
+    assert "give --gpu-memory" not in run("kv", "--model", str(params)).stdout  # no use here
 
 
 def test_weights_default_to_their_published_dtype():

@@ -53,7 +53,7 @@ def _run_kv(args: argparse.Namespace) -> int:
         print("\n".join(result.to_json() for result in results))
     else:
         print(render_kv(request, results))
-        if gpu_memory is None:
+        if gpu_memory is None and spec.vocab_size is not None:  # the budget needs the weights
             print("(give --gpu-memory, e.g. 80GiB, to see the largest batch and context that fit)")
     return 0
 
