@@ -146,7 +146,7 @@ def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
         return request.tp_all_reduce
     if not tp:
         return "nccl"
-    from infermeter.engine.parallel.sharding import peer_all_reduce_usable
+    from infermeter.engine.parallel.all_reduce import peer_all_reduce_usable
 
     if not peer_all_reduce_usable(tp):
         return "nccl"
@@ -173,7 +173,7 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
     if request.compile_backend == "cudagraphs":
         raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
                               "it needs the inductor compile backend")
-    from infermeter.engine.parallel.sharding import one_shot_compile_options
+    from infermeter.engine.parallel.all_reduce import one_shot_compile_options
 
     return one_shot_compile_options(tp)
 
@@ -238,7 +238,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     """Check, load, time every case; the Results (rank 0's, gathered, under tensor parallelism)
     and the decoded texts of the first case's outputs ('' each without a tokenizer)."""
     from infermeter.engine.checkpoint.load import load_weights
-    from infermeter.engine.model import dtype_name, torch_dtype
+    from infermeter.engine.dtypes import dtype_name, torch_dtype
     from infermeter.generate import memory
     from infermeter.generate.cases import plan_cases
     from infermeter.generate.loop import run_generation
@@ -253,7 +253,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
     # ---- tensor parallelism (engine/parallel/): tp is None unless torchrun started us ----
-    from infermeter.engine.parallel.sharding import init_distributed
+    from infermeter.engine.parallel.group import init_distributed
     from infermeter.measure.ranks import gather_result
 
     tp = init_distributed(request.device, request.tp)
@@ -269,8 +269,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
     notes = []
     if tp and uses_peer_buffer(tp.world, request.tp_all_reduce):  # what check_cases_fit counted
+        from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
         from infermeter.engine.parallel.peer_all_reduce import PeerBufferUnavailable
-        from infermeter.engine.parallel.sharding import use_peer_all_reduce
 
         try:
             use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce == "triton")

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
-from infermeter.engine.model import Transformer, dtype_name
-from infermeter.engine.parallel.sharding import group_size, ranks_meet
+from infermeter.engine.dtypes import dtype_name
+from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.generate import memory
 from infermeter.generate.cases import Case
@@ -37,6 +37,7 @@ from infermeter.generate.modes import RunSettings, make_runner
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
 from infermeter.measure.nvtx import nvtx_range
+from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.measure.trace import trace_path
@@ -224,7 +225,7 @@ def case_result(model: Transformer, case: Case, run: CaseRun, settings: RunSetti
     tpot_p50 = metrics["tpot_ms"]["p50"] if metrics["tpot_ms"] else None
     metrics.update(roofline_metrics(model, case, run, tpot_p50, peaks, kv_dtype, settings.tp))
     metrics.update(run.memory, warmup_s=run.warmup_s, warmup_runs_s=run.warmup_runs_s,
-                   prompt_tokens=sum(case.prompt_set.lengths), finished=run.finished, oom=False)
+                   prompt_tokens=case.prompt_set.prompt_tokens, finished=run.finished, oom=False)
     warnings += rl.roofline_warnings(metrics["mbu_pct"], metrics["mfu_pct"])
     if any(ids != run.outputs[0] for ids in run.outputs[1:]):
         warnings.append("output tokens differ between repeats (nondeterministic kernels?)")
@@ -246,7 +247,7 @@ def oom_result(model: Transformer, case: Case, err: BaseException, peaks: rl.Roo
     device = model.tok_embeddings.weight.device
     metrics: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
     metrics.update(memory.memory_metrics(device), oom=True,
-                   prompt_tokens=sum(case.prompt_set.lengths))
+                   prompt_tokens=case.prompt_set.prompt_tokens)
     if peaks:
         metrics.update(peaks.metrics())
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -4,9 +4,12 @@ used (torch peaks and NVML's per-process figure), and what running out of memory
 The fit check adds what is certain to be allocated: the weights (sizes.weight_bytes_per_rank),
 the KV cache of the case (sizes.kv_cache_bytes at its cache length) and the prefill's largest
 activations (logits for every prompt position in the model dtype and in float32, and the FFN's
-three [B, T, ffn] tensors). The hf mode adds its copies of wq and wk (HF orders their rows for
-rotate_half RoPE, so they cannot share our tensors); its static cache replaces ours, which is
-released first. Free memory is torch.cuda.mem_get_info on a GPU and MemAvailable on the host.
+three [B, T, ffn] tensors), every prompt as an int64 tensor, and, in host memory, the prompt and
+output ids the run keeps in Python lists (8 bytes an id at least). It reads sizes only, so a huge
+batch is refused before its prompts exist (cases.Rows). The hf mode adds its copies of wq and
+wk (HF orders their rows for rotate_half RoPE, so they cannot share our tensors); its static
+cache replaces ours, which is released first. Free memory is torch.cuda.mem_get_info on a GPU
+and MemAvailable on the host.
 Anything else (CUDA-graph pools, allocator slack, attention workspaces) is not estimated: a case
 that still runs out of memory is caught and recorded as such (is_oom).
 """
@@ -87,24 +90,20 @@ def reset_peaks(device: Any) -> None:
 def process_gpu_memory(device: Any) -> int | None:
     """This process's memory on the GPU as NVML sees it (CUDA context included), or None when
     NVML is missing or does not list our pid (a container's own pid namespace)."""
-    from infermeter.measure.link import device_handle, open_nvml, torch_bus_id
+    from infermeter.measure.link import torch_bus_id
+    from infermeter.measure.nvml import device_handle, opened_nvml
 
-    pynvml = open_nvml()
-    if pynvml is None:
-        return None
-    try:
-        handle = device_handle(pynvml, torch_bus_id(device.index or 0), device.index or 0)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
-                return int(proc.usedGpuMemory)
-        return None
-    except pynvml.NVMLError:
-        return None
-    finally:
+    with opened_nvml() as pynvml:
+        if pynvml is None:
+            return None
         try:
-            pynvml.nvmlShutdown()
+            handle = device_handle(pynvml, torch_bus_id(device.index or 0), device.index or 0)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory)
+            return None
         except pynvml.NVMLError:
-            pass
+            return None
 
 
 def memory_metrics(device: Any) -> dict[str, int | None]:
@@ -153,14 +152,30 @@ def collect(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
+# A Python list holds a pointer (8 bytes) per id, the id's int object besides (ids above 256):
+# 8 bytes a token is the least the prompts and the kept outputs take in host memory.
+HOST_BYTES_PER_ID = 8
+
+
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
-                    tp: int = 1, all_reduce: str = "nccl") -> None:
-    """Before any allocation: every case's weights + cache + activations (+ the Triton
-    all-reduce's buffer) against free memory."""
+                    tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0) -> None:
+    """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
+    weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
+    tensors against free device memory, and its token ids in host lists (the prompts and
+    outputs_per_row = repeats x new tokens ids a row) against host memory (on the CPU, one sum
+    against the one memory)."""
     free, where = free_memory(device)
+    host_free = host_available() if device.type != "cpu" else None
     for case in cases:
         p = case.prompt_set
-        parts = case_memory(spec, max(len(g) for g in case.groups), max(p.lengths),
-                            case.cache_len, dtype, kv_dtype, case.mode, tp, all_reduce)
-        check_fit(f"{spec.name} at {case.label} with a {case.cache_len}-token cache", parts,
-                  free, where)
+        parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
+                            kv_dtype, case.mode, tp, all_reduce)
+        parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
+        host = {"token ids in host lists": HOST_BYTES_PER_ID * (
+            p.prompt_tokens + p.batch_size * outputs_per_row)}
+        what = f"{spec.name} at {case.label} with a {case.cache_len}-token cache"
+        if device.type == "cpu":
+            check_fit(what, {**parts, **host}, free, where)
+        else:
+            check_fit(what, parts, free, where)
+            check_fit(what, host, host_free, "available in host memory")
