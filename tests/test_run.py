@@ -90,6 +90,15 @@ def test_trace_writes_a_copy_and_a_generate_trace_and_the_breakdown(tmp_path, cp
     assert {c["name"] for c in step["categories"]} >= {"matmul qkv", "matmul lm_head"}
 
 
+@pytest.fixture
+def sigint_ignored():
+    """SIGINT ignored when the command starts, as in a job a shell started with `&` (or under
+    nohup ... &): the CLI must take Ctrl-C back itself."""
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
 def _interrupting(name):
     """The stage list with stage `name` replaced by a real Ctrl-C (SIGINT to this process)."""
     def interrupt(setting, env):
@@ -100,7 +109,8 @@ def _interrupting(name):
                  for n, what, stage in stages.STAGES)
 
 
-def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch, capsys):
+def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch, capsys,
+                                                 sigint_ignored):
     monkeypatch.setattr(stages, "STAGES", _interrupting("generate"))
     assert main(["run", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
@@ -111,11 +121,44 @@ def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch
     assert not leftovers(tmp_path)
 
 
-def test_ctrl_c_in_the_first_stage_leaves_no_files(tmp_path, cpu_only, monkeypatch, capsys):
+def test_ctrl_c_in_the_first_stage_leaves_no_files(tmp_path, cpu_only, monkeypatch, capsys,
+                                                   sigint_ignored):
     monkeypatch.setattr(stages, "STAGES", _interrupting("kv"))
     assert main(["run", "--out", str(tmp_path)]) == 130
     assert "kv, copy, generate did not run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# A child that inherits an ignored SIGINT; its generate stage sends itself SIGINT and exits 99
+# if that did not interrupt it.
+CHILD_INTERRUPTED_IN_GENERATE = """
+import os, signal, sys
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "the child must start with SIG_IGN"
+from infermeter.cli import main
+from infermeter.run import stages
+
+def interrupt(setting, env):
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(99)
+
+stages.STAGES = tuple((n, what, interrupt if n == "generate" else stage)
+                      for n, what, stage in stages.STAGES)
+sys.exit(main(["run", "--out", sys.argv[1]]))
+"""
+
+
+def test_ctrl_c_reaches_a_run_started_with_sigint_ignored(tmp_path):
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    done = subprocess.run([sys.executable, "-c", CHILD_INTERRUPTED_IN_GENERATE, str(tmp_path)],
+                          env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300, preexec_fn=ignore_sigint)
+    assert done.returncode == 130, done.stdout
+    assert "interrupted: generate did not run; kept kv, copy" in done.stdout
+    assert "Traceback" not in done.stdout
+    assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
+    assert not leftovers(tmp_path)
 
 
 def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path):

@@ -7,7 +7,9 @@ tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from infermeter import __version__
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A shell starts a background job (`nohup infermeter run &`) with SIGINT ignored, and Python
+    # keeps an ignored SIGINT as it found it: Ctrl-C / kill -INT would then do nothing. Take it
+    # back, so an interrupt always ends a command the clean way (KeyboardInterrupt below).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--tp N` re-runs per rank
