@@ -284,33 +284,44 @@ def test_progress_reports_every_run():
 
 def test_warmup_is_timed_apart_from_the_untimed_and_the_timed_runs(monkeypatch):
     """warmup_s is the mode's warm-up alone (a short run in eager mode; compile and capture in
-    compiled mode): a slow warm-up shows in it in full, and in no timed run (TTFT + decode
-    steps); the untimed full runs (--warmup) count in warmup_runs_s, not in warmup_s."""
-    import time
+    compiled mode), the untimed full runs (--warmup) count in warmup_runs_s, and neither leaks
+    into a timed run (TTFT + decode steps). One fake clock drives every reading: the warm-up
+    takes 7 s on it, an untimed run 100 s, and each mark of a timed run 2^-10 s after the last."""
+    from types import SimpleNamespace
 
     from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.timing import HostClock
 
-    slow_warmup, slow_untimed = 1.0, 2.5  # seconds of sleep added to each
+    clock = SimpleNamespace(now=0.0)
+    tick = 2.0**-10  # seconds: exact in binary, so every difference below is exact
     real_warmup, real_run = EngineRunner.warmup, EngineRunner.run
 
     def warmup(self, shapes):
-        time.sleep(slow_warmup)
         real_warmup(self, shapes)
+        clock.now += 7.0
 
     def run(self, tokens, hook):
         if hook is loop._no_hook:  # an untimed run (time_case's --warmup loop)
-            time.sleep(slow_untimed)
-        return real_run(self, tokens, hook)
+            out = real_run(self, tokens, hook)
+            clock.now += 100.0
+            return out
 
+        def ticking(event, step):
+            clock.now += tick
+            hook(event, step)
+        return real_run(self, tokens, ticking)
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(loop, "make_clock", lambda device, n: HostClock(lambda: clock.now))
     monkeypatch.setattr(EngineRunner, "warmup", warmup)
     monkeypatch.setattr(EngineRunner, "run", run)
-    (result,), _ = run_generate(request(batch_sizes=(1,), prompt_lens=(8,), warmup=1), ENV)
-    m, timed_ms = result.metrics, result.samples["generation_ms"]
-    assert slow_warmup <= m["warmup_s"] < slow_untimed
-    assert m["warmup_runs_s"] >= slow_untimed
-    assert len(timed_ms) == 3 and max(timed_ms) < slow_warmup * 1e3  # each: TTFT + decode
-    assert m["decode_time_ms"] < slow_warmup * 1e3 and m["generation_time_s"] < slow_warmup
-    assert m["ttft_ms"] < slow_warmup * 1e3 and m["decode_tok_per_s"] > 5 / slow_warmup
+    (result,), _ = run_generate(request(batch_sizes=(1,), prompt_lens=(8,), warmup=2), ENV)
+    m, ms = result.metrics, tick * 1e3
+    assert m["warmup_s"] == 7.0 and m["warmup_runs_s"] == 2 * 100.0
+    assert result.samples["ttft_ms"] == [ms] * 3  # start -> prefill: one tick
+    assert result.samples["tpot_ms"] == [ms] * 5 * 3  # 6 new tokens: 5 decode steps a run
+    assert result.samples["generation_ms"] == [6 * ms] * 3
+    assert m["decode_time_ms"] == 5 * ms and m["ttft_ms"] == ms
 
 
 # ---- GPU --------------------------------------------------------------------------------------
