@@ -218,7 +218,16 @@ def _base_config(request: GenerateRequest, device: Any, dtype: str, kv_dtype: st
             "top_p": request.top_p, "seed": request.seed, "until_eos": request.until_eos,
             "repeats": request.repeats, "warmup": request.warmup,
             "max_batch_size": request.max_batch_size, "max_positions": spec.max_seq_len,
-            "weights": "random" if request.source.startswith("random:") else "checkpoint"}
+            "weights": "random" if request.source.startswith("random:") else "checkpoint",
+            "weight_format": _weight_format(request, spec)}
+
+
+def _weight_format(request: GenerateRequest, spec: Any) -> str | None:
+    """A GGUF checkpoint's quant type as stored ("gguf Q4_1"); None for other weights."""
+    from infermeter.spec.gguf_meta import facts_for
+
+    facts = None if request.source.startswith("random:") else facts_for(spec)
+    return facts.weight_format if facts else None
 
 
 def _device(name: str) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result
 from infermeter.spec import sizes
+from infermeter.spec.gguf_meta import facts_for
 from infermeter.spec.model import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
@@ -129,6 +130,9 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
             "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True),
             "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp),
         }
+    facts = facts_for(spec)  # a GGUF file: its quant type and the weights' bytes as stored
+    if facts is not None:
+        weights["weight_bytes_file"] = facts.weight_bytes
     results = []
     for batch in req.batch_sizes:
         for seq_len in req.seq_lens:
@@ -145,8 +149,9 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
             notes = _warnings(req, seq_len, metrics)
             if req.check_engine:
                 notes += _engine_check(req, batch, seq_len, metrics)
-            results.append(Result("kv", spec.to_dict(), _config(req, batch, seq_len), env,
-                                  metrics, warnings=notes))
+            config = {**_config(req, batch, seq_len),
+                      "weight_format": facts.weight_format if facts else None}
+            results.append(Result("kv", spec.to_dict(), config, env, metrics, warnings=notes))
     return results
 
 
@@ -174,6 +179,9 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
                    f"({format_count(first['param_count'])} params, {canonical_dtype(req.dtype)})")
     if spec.is_moe and _weights_known(req):
         weights += f", active {format_bytes(first['weight_bytes_active'])}"
+    if "weight_bytes_file" in first:
+        weights += (f"; {format_bytes(first['weight_bytes_file'])} in the file "
+                    f"({results[0].config['weight_format']})")
     if spec.is_mla:
         shape = f"MLA latent {spec.kv_lora_rank} + rope key {spec.qk_rope_head_dim}"
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
+from infermeter.spec.gguf_meta import is_gguf, spec_from_gguf
 from infermeter.spec.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
 from infermeter.spec.presets import PRESETS
 from infermeter.units import canonical_dtype
@@ -338,6 +339,8 @@ def resolve_model(text: str) -> ModelSpec:
     if key in PRESETS:
         return PRESETS[key]
     path = Path(text).expanduser()
+    if key.endswith(".gguf") or is_gguf(path):  # llama.cpp's one-file format
+        return spec_from_gguf(path)
     if path.exists() or "/" in text or text.endswith(".json"):
         return spec_from_path(path)
     close = difflib.get_close_matches(key, list(PRESETS), n=4, cutoff=0.5)

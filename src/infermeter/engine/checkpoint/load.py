@@ -4,7 +4,8 @@ source is one of
   - a ModelSpec, or "random:<anything --model accepts>" (a preset, a config.json/params.json or a
     folder): seeded random weights (random_weights.py);
   - a folder with config.json + *.safetensors: HF format (hf_checkpoint.py);
-  - a folder with params.json + consolidated.NN.pth: Meta format (meta_checkpoint.py).
+  - a folder with params.json + consolidated.NN.pth: Meta format (meta_checkpoint.py);
+  - a .gguf file (llama.cpp): shape from its metadata, weights dequantized (checkpoint/gguf.py).
 A folder with a config but no weights is an error that points at "random:" instead of silently
 measuring random weights.
 
@@ -24,12 +25,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from infermeter.engine.checkpoint.gguf import read_gguf_tensors
 from infermeter.engine.checkpoint.hf import read_hf_tensors, save_hf_checkpoint
 from infermeter.engine.checkpoint.meta import read_meta_tensors, save_meta_checkpoint
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.model import Transformer, build_model
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.errors import InfermeterError
+from infermeter.spec.gguf_meta import is_gguf, spec_from_gguf
 from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_path
 from infermeter.spec.model import ModelSpec, check_engine_arch
 
@@ -40,7 +43,9 @@ RANDOM_PREFIX = "random:"
 
 
 def detect_format(folder: Path) -> str:
-    """'hf' or 'meta' for a checkpoint folder; an error for anything else."""
+    """'hf' or 'meta' for a checkpoint folder, 'gguf' for a GGUF file; else an error."""
+    if is_gguf(folder):
+        return "gguf"
     if not folder.is_dir():
         raise InfermeterError(f"{folder}: not a checkpoint folder (for random weights of a "
                               f"preset or config use {RANDOM_PREFIX}NAME)")
@@ -80,7 +85,7 @@ def assign_tensors(model: Transformer, tensors: Iterable[tuple[str, Tensor]],
 
 
 def spec_for(source: str | Path | ModelSpec) -> tuple[ModelSpec, Path | None, str]:
-    """(spec, checkpoint folder, "hf" | "meta" | "random") for a source."""
+    """(spec, checkpoint folder (or GGUF file), "hf" | "meta" | "gguf" | "random") for a source."""
     if isinstance(source, ModelSpec):
         return source, None, "random"
     text = str(source)
@@ -90,6 +95,8 @@ def spec_for(source: str | Path | ModelSpec) -> tuple[ModelSpec, Path | None, st
     fmt = detect_format(folder)
     if fmt == "hf":
         return spec_from_hf_config(folder / "config.json"), folder, fmt
+    if fmt == "gguf":
+        return spec_from_gguf(folder), folder, fmt
     return spec_from_path(folder), folder, fmt
 
 
@@ -120,6 +127,8 @@ def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "c
         return model
     if fmt == "hf":
         tensors = read_hf_tensors(folder, spec, shapes, shard)
+    elif fmt == "gguf":
+        tensors = read_gguf_tensors(folder, spec, shapes, shard)
     else:
         tensors = read_meta_tensors(folder, spec, shapes, shard)
     return assign_tensors(model, tensors, device, target)

@@ -1,0 +1,145 @@
+"""GGUF weights (llama.cpp): each tensor dequantized with the `gguf` package, then in Meta layout.
+
+Names: llama.cpp's `blk.N.attn_q.weight` is Meta's `layers.N.attention.wq.weight`, and so on
+(`gguf_to_meta_name`); no `output.weight` means the output is tied to the embedding.
+
+Rows of wq / wk: llama.cpp's converter permutes a Llama's q_proj / k_proj from HF's rotate_half
+order back to Meta's interleaved pairs (its RoPE "norm" type), which is the engine's layout: they
+load as they are. Qwen2 runs llama.cpp's "neox" RoPE, which is rotate_half: its q/k rows (and
+biases) are in HF's order and get hf.unpermute, as an HF checkpoint does.
+
+Memory: one tensor at a time, dequantized on the host in float32 ([rows, cols], the file's
+quantized blocks never leave the memory map), then converted by load.assign_tensors to the run
+dtype and device before the next one is read. Every tensor's quant type is checked before the
+first one is read, so a file the reader cannot dequantize fails before any work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from infermeter.engine.checkpoint.hf import unpermute
+from infermeter.errors import InfermeterError
+from infermeter.spec.gguf_meta import ROPE_FREQS, import_gguf, open_gguf, tensor_shapes
+from infermeter.spec.model import ModelSpec
+
+if TYPE_CHECKING:
+    from infermeter.engine.parallel.sharding import ShardPlan
+
+_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+        "output.weight": "output.weight"}
+_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+          "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
+          "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+          "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_LAYER_BACK = {meta: gguf for gguf, meta in _LAYER.items()}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# Architectures whose q/k rows llama.cpp keeps in HF's rotate_half order (its neox RoPE).
+_HF_ROW_ORDER = ("qwen2",)
+
+
+def gguf_to_meta_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'; None for other names."""
+    if name in _TOP:
+        return _TOP[name]
+    match = _LAYER_RE.match(name)
+    if match and match.group(2) in _LAYER:
+        return f"layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def meta_to_gguf_name(name: str) -> str:
+    for gguf_name, meta in _TOP.items():
+        if name == meta:
+            return gguf_name
+    layer, rest = name.removeprefix("layers.").split(".", 1)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_LAYER_BACK[module]}.{kind}"
+
+
+def _match_names(path: Path, reader: Any, spec: ModelSpec,
+                 expected: dict[str, torch.Size]) -> dict[str, Any]:
+    """Meta name -> the reader's tensor for every expected tensor; missing or unknown: errors."""
+    by_meta: dict[str, Any] = {}
+    for tensor in reader.tensors:
+        meta = gguf_to_meta_name(tensor.name)
+        if meta is None and tensor.name != ROPE_FREQS:  # rope_freqs: read into the spec
+            raise InfermeterError(f"{path}: unexpected tensor {tensor.name} "
+                                  f"(not part of a {spec.arch} model)")
+        if meta is not None:
+            by_meta[meta] = tensor
+    missing = sorted(set(expected) - set(by_meta))
+    if missing:
+        raise InfermeterError(f"{path}: missing tensor {meta_to_gguf_name(missing[0])}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(by_meta) - set(expected))
+    if extra:
+        raise InfermeterError(f"{path}: unexpected tensor {by_meta[extra[0]].name} "
+                              "(the metadata describes a different model?)")
+    return by_meta
+
+
+def dequantize(tensor: Any) -> np.ndarray:
+    """One reader tensor as float32 [rows, cols] (or [n]), whatever its quant type."""
+    gguf = import_gguf()
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise InfermeterError(f"tensor {tensor.name} is {tensor.tensor_type.name}, which the "
+                              "gguf package cannot dequantize (pip install -U gguf may)") from None
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    values = np.asarray(values, dtype=np.float32).reshape(shape)
+    # F32 tensors come back as views of the read-only memory map: torch wants its own memory
+    return values if values.flags.writeable else values.copy()
+
+
+def _check_types(path: Path, tensors: list[Any]) -> None:
+    """Dequantize one row of each quant type the file uses: a type gguf cannot read fails here,
+    before any weight is loaded."""
+    seen: set[int] = set()
+    for tensor in tensors:
+        if tensor.tensor_type in seen:
+            continue
+        seen.add(tensor.tensor_type)
+        gguf = import_gguf()
+        row = tensor.data.reshape(-1, tensor.data.shape[-1])[:1]
+        try:
+            gguf.quants.dequantize(row, tensor.tensor_type)
+        except NotImplementedError:
+            raise InfermeterError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
+                                  "which the gguf package cannot dequantize "
+                                  "(pip install -U gguf may)") from None
+
+
+def read_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Size],
+                      shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (Meta name, float32 CPU tensor in Meta layout) for every name in `expected`.
+
+    shard (tensor parallel): the whole tensor is dequantized (blocks run along a row), then the
+    rank keeps its slice (a copy, so the full tensor's memory goes with it).
+    """
+    reader = open_gguf(path)
+    by_meta = _match_names(path, reader, spec, expected)
+    _check_types(path, [by_meta[name] for name in expected])
+    shapes = tensor_shapes(reader)
+    for name, shape in expected.items():
+        tensor = by_meta[name]
+        if shapes[tensor.name] != tuple(shape):
+            raise InfermeterError(f"{path}: tensor {tensor.name} has shape "
+                                  f"{list(shapes[tensor.name])}, the metadata implies "
+                                  f"{list(shape)}")
+        out = torch.from_numpy(dequantize(tensor))
+        heads = (spec.n_heads if ".attention.wq." in name
+                 else spec.n_kv_heads if ".attention.wk." in name else None)
+        if heads is not None and spec.arch in _HF_ROW_ORDER:
+            out = unpermute(out, heads)
+        if shard is not None and shard.slice_of(name) is not None:
+            out = shard.narrow(name, out).clone()
+        yield name, out

@@ -1,0 +1,271 @@
+"""GGUF files (llama.cpp, ollama, LM Studio): the model's shape and file facts from the metadata.
+
+A GGUF file is one binary: a key/value header (llama.cpp's names: `llama.block_count`,
+`tokenizer.ggml.tokens`, ...), tensor descriptions, then the tensors, mostly quantized in blocks.
+It is read with the `gguf` package (llama.cpp's own reader, GGUFReader), which memory-maps the file:
+reading the shape touches the header only. `gguf` is imported on first use, so the rest of the CLI
+runs without it.
+
+Architectures: llama.cpp writes Llama and Mistral models as "llama" and Qwen2 as "qwen2"; the
+engine runs both. Anything else is one error line naming the architecture.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infermeter.errors import InfermeterError
+from infermeter.spec.model import ModelSpec, RopeScaling
+
+GGUF_MAGIC = b"GGUF"
+SUFFIX = ".gguf"
+# general.architecture -> ModelSpec.arch
+ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+# Tensors a GGUF may carry that are not weights of the model: llama.cpp's precomputed Llama 3.1
+# RoPE divisors (read into the spec's rope_scaling below).
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def import_gguf() -> Any:
+    """The `gguf` module, or one clear error line when it is not installed."""
+    try:
+        return importlib.import_module("gguf")
+    except ImportError:
+        raise InfermeterError("reading GGUF files needs the gguf package: pip install gguf "
+                              "(or pip install 'infermeter[gguf]')") from None
+
+
+def is_gguf(path: Path) -> bool:
+    """A file named *.gguf, or any file that starts with GGUF's magic."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int) -> Any:
+    gguf = import_gguf()
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise InfermeterError(f"{path}: not a GGUF file (starts with {head!r}, not b'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as err:
+        if "GGMLQuantizationType" in str(err):  # the enum lookup of a tensor's type id
+            raise InfermeterError(
+                f"{path}: a tensor has a quant type unknown to gguf {_version(gguf)} "
+                f"({err}); a newer gguf may read it (pip install -U gguf)") from None
+        raise InfermeterError(f"{path}: truncated or damaged GGUF file ({err})") from None
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
+        raise InfermeterError(f"{path}: truncated or damaged GGUF file ({err})") from None
+
+
+def _version(gguf: Any) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:  # imported from a plain folder on PYTHONPATH
+        return "(unknown version)"
+
+
+def open_gguf(path: Path | str) -> Any:
+    """A GGUFReader for `path` (cached per path, modification time and size); errors are clear
+    lines: no such file, wrong magic, truncated, unknown quant type."""
+    path = Path(path).expanduser()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise InfermeterError(f"{path}: no such file") from None
+    except OSError as err:
+        raise InfermeterError(f"{path}: cannot read ({err.strerror})") from None
+    if not path.is_file():
+        raise InfermeterError(f"{path}: not a file")
+    reader = _reader(str(path), stat.st_mtime_ns, stat.st_size)
+    ends = [t.data_offset + t.n_bytes for t in reader.tensors]
+    if ends and max(ends) > stat.st_size:
+        raise InfermeterError(f"{path}: truncated GGUF file ({stat.st_size:,} bytes, its "
+                              f"tensors end at byte {max(ends):,})")
+    return reader
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value as Python (str, int, float, bool or list), or `default` if absent."""
+    found = reader.fields.get(key)
+    return default if found is None else found.contents()
+
+
+def _need(reader: Any, key: str, path: Path) -> Any:
+    value = field(reader, key)
+    if value is None:
+        raise InfermeterError(f"{path}: GGUF metadata has no {key!r}")
+    return value
+
+
+def _int(reader: Any, key: str, path: Path, default: int | None = None) -> int:
+    value = field(reader, key, default)
+    if value is None:
+        value = _need(reader, key, path)
+    if isinstance(value, list):  # per-layer counts: the engine needs one value for all layers
+        if not value or len(set(value)) != 1:
+            raise InfermeterError(f"{path}: {key} differs between layers ({value[:8]}...); "
+                                  "the engine needs one value for every layer")
+        value = value[0]
+    return int(value)
+
+
+def _float(value: float) -> float:
+    """GGUF stores float32: 1e-5 comes back as 9.99999974e-06; keep the decimal it was written
+    as (the shortest that rounds to the same float32)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
+def architecture(reader: Any, path: Path) -> str:
+    arch = _need(reader, "general.architecture", path)
+    if arch not in ARCHS:
+        raise InfermeterError(f"{path}: GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(ARCHS)}; Mistral files say 'llama')")
+    return str(arch)
+
+
+def tensor_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> shape in PyTorch's order (GGUF lists the fastest dimension first)."""
+    return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+
+
+def _llama3_divisors(theta: float, head_dim: int, scaling: RopeScaling) -> list[float]:
+    """What llama.cpp's converter stores in rope_freqs for Llama 3.1 scaling: for each frequency,
+    original inv_freq / scaled inv_freq (engine/rope.py's formula, in plain Python)."""
+    import math
+
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old = scaling.original_max_position
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _rope_scaling(reader: Any, arch: str, path: Path, theta: float,
+                  head_dim: int) -> RopeScaling | None:
+    """rope.scaling.* keys (linear, yarn), or Llama 3.1's divisors in the rope_freqs tensor."""
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    factor = field(reader, f"{arch}.rope.scaling.factor")
+    original = field(reader, f"{arch}.rope.scaling.original_context_length")
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        import numpy as np
+
+        gguf = import_gguf()
+        divisors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        guess = RopeScaling("llama3", float(divisors.max()), 1.0, 4.0, int(original or 8192))
+        if len(divisors) != head_dim // 2 or not np.allclose(
+                divisors, _llama3_divisors(theta, head_dim, guess), rtol=1e-4):
+            raise InfermeterError(f"{path}: {ROPE_FREQS} holds RoPE factors other than Llama "
+                                  "3.1's (factor, 1, 4, 8192); the engine cannot run them")
+        return guess
+    if kind in (None, "none") or not factor:
+        return None
+    return RopeScaling(str(kind), _float(factor),
+                       original_max_position=int(original or field(
+                           reader, f"{arch}.context_length", 4096)))
+
+
+def spec_from_gguf(path: Path | str) -> ModelSpec:
+    """The model's shape from a GGUF file's metadata and tensor shapes (no tensor data read).
+
+    torch_dtype is bfloat16: a GGUF's quantized weights run dequantized, in bf16 unless
+    --dtype says otherwise (gguf_facts gives the bytes as stored).
+    """
+    path = Path(path).expanduser()
+    reader = open_gguf(path)
+    arch = architecture(reader, path)
+    shapes = tensor_shapes(reader)
+    embedding = shapes.get("token_embd.weight")
+    if embedding is None:
+        raise InfermeterError(f"{path}: missing tensor token_embd.weight")
+    dim, n_heads = _int(reader, f"{arch}.embedding_length", path), _int(
+        reader, f"{arch}.attention.head_count", path)
+    head_dim = _int(reader, f"{arch}.attention.key_length", path, default=dim // n_heads)
+    rotary = _int(reader, f"{arch}.rope.dimension_count", path, default=head_dim)
+    if rotary != head_dim:
+        raise InfermeterError(f"{path}: RoPE on {rotary} of {head_dim} head features; the "
+                              "engine rotates whole heads")
+    theta = _float(field(reader, f"{arch}.rope.freq_base", 10000.0))
+    return ModelSpec(
+        name=path.stem, arch=ARCHS[arch],
+        n_layers=_int(reader, f"{arch}.block_count", path), dim=dim, n_heads=n_heads,
+        n_kv_heads=_int(reader, f"{arch}.attention.head_count_kv", path, default=n_heads),
+        head_dim=head_dim, ffn_dim=_int(reader, f"{arch}.feed_forward_length", path),
+        vocab_size=embedding[0],
+        norm_eps=_float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta, rope_scaling=_rope_scaling(reader, arch, path, theta, head_dim),
+        max_seq_len=_int(reader, f"{arch}.context_length", path, default=4096),
+        tie_embeddings="output.weight" not in shapes,
+        qkv_bias="blk.0.attn_q.bias" in shapes,
+        torch_dtype="bfloat16", source=str(path),
+    )
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    """What the file holds, beside the shape: its quant type and the tensors' bytes as stored."""
+
+    quant_type: str  # e.g. "Q4_1", "Q4_K_M", "F16": general.file_type, else the most bytes' type
+    weight_bytes: int  # every model tensor as stored in the file (quantized blocks)
+
+    @property
+    def weight_format(self) -> str:
+        return f"gguf {self.quant_type}"
+
+
+# gguf.LlamaFileType's names (llama.cpp's LLAMA_FTYPE_*) carry these before the quant's name.
+_FILE_TYPE_PREFIXES = ("ALL_", "MOSTLY_")
+
+
+def gguf_facts(path: Path | str) -> GGUFFacts:
+    path = Path(path).expanduser()
+    reader = open_gguf(path)
+    gguf = import_gguf()
+    model_tensors = [t for t in reader.tensors if t.name != ROPE_FREQS]
+    file_type = field(reader, "general.file_type")
+    name = None
+    if file_type is not None:
+        try:
+            name = gguf.LlamaFileType(int(file_type)).name
+        except ValueError:
+            name = None
+    if name is None or name == "GUESSED":
+        by_type: dict[str, int] = {}
+        for t in model_tensors:
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        name = max(by_type, key=by_type.__getitem__) if by_type else "unknown"
+    for prefix in _FILE_TYPE_PREFIXES:
+        name = name.removeprefix(prefix)
+    return GGUFFacts(name, sum(int(t.n_bytes) for t in model_tensors))
+
+
+def facts_for(spec: ModelSpec) -> GGUFFacts | None:
+    """The GGUF facts of a spec read from a GGUF file (its source), else None."""
+    source = Path(spec.source)
+    return gguf_facts(source) if is_gguf(source) else None

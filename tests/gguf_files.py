@@ -1,0 +1,98 @@
+"""GGUF files written by the tests with the gguf package's own writer (llama.cpp's layout): an
+engine model's weights as F32 / F16 / Q8_0 tensors, the shape as llama.cpp's metadata keys, and
+optionally a vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infermeter.engine.checkpoint.gguf import meta_to_gguf_name
+from infermeter.engine.checkpoint.hf import permute
+from infermeter.engine.fusion import meta_state_dict
+
+gguf = pytest.importorskip("gguf")
+
+QUANTS = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
+          "Q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+              "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def as_stored(weight: torch.Tensor, quant: str) -> torch.Tensor:
+    """What a tensor reads back as after being written in `quant` (1-D tensors stay F32)."""
+    if weight.dim() == 1 or quant == "F32":
+        return weight
+    if quant == "F16":
+        return weight.half().float()
+    qtype = QUANTS[quant]
+    blocks = gguf.quants.quantize(weight.numpy(), qtype)
+    return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy()).reshape(weight.shape)
+
+
+@torch.no_grad()
+def round_to(model: torch.nn.Module, quant: str) -> None:
+    """Replace the model's weights by what `quant` stores, so a safetensors copy of the model
+    and its GGUF hold the same numbers."""
+    for name, tensor in model.state_dict().items():
+        if tensor.dim() == 2 and not (name == "output.weight" and model.spec.tie_embeddings):
+            tensor.copy_(as_stored(tensor, quant))
+
+
+def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
+               arch: str | None = None, drop: tuple[str, ...] = (),
+               raw: dict[str, tuple[np.ndarray, int]] | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
+    """`model`'s weights as a llama.cpp GGUF. drop: GGUF tensor names left out; raw: GGUF name ->
+    (bytes [rows, bytes per row], ggml type id) written instead of the weight; extra: more F32
+    tensors (rope_freqs.weight)."""
+    spec = model.spec
+    arch = arch or spec.arch
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.max_seq_len)
+    writer.add_embedding_length(spec.dim)
+    writer.add_block_count(spec.n_layers)
+    writer.add_feed_forward_length(spec.ffn_dim)
+    writer.add_head_count(spec.n_heads)
+    writer.add_head_count_kv(spec.n_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_layer_norm_rms_eps(spec.norm_eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_file_type(FILE_TYPES[quant])
+    for name, tensor in meta_state_dict(model).items():
+        if name == "output.weight" and spec.tie_embeddings:
+            continue
+        gguf_name = meta_to_gguf_name(name)
+        if gguf_name in drop:
+            continue
+        if raw and gguf_name in raw:
+            data, type_id = raw[gguf_name]
+            writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType(type_id))
+            continue
+        tensor = tensor.detach().float().contiguous()
+        heads = (spec.n_heads if ".attention.wq." in name
+                 else spec.n_kv_heads if ".attention.wk." in name else None)
+        if heads is not None and spec.arch == "qwen2":  # llama.cpp keeps Qwen2's HF row order
+            tensor = permute(tensor, heads)
+        array = tensor.numpy()
+        if array.ndim == 1 or quant == "F32":
+            writer.add_tensor(gguf_name, array.astype(np.float32))
+        elif quant == "F16":
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, QUANTS[quant]),
+                              raw_dtype=QUANTS[quant])
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,219 @@
+"""GGUF checkpoints (llama.cpp) written here with the gguf package's writer: random small Llama and
+Qwen2 models in F32 / F16 / Q8_0 load to the same weights and greedy tokens as the same weights in
+safetensors; kv reads the shape and both sizes; bad files are one error line."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from infermeter.cli import main
+from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
+from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.model import build_model
+from infermeter.errors import InfermeterError
+from infermeter.spec.gguf_meta import spec_from_gguf
+from infermeter.spec.model import RopeScaling
+from infermeter.spec.presets import PRESETS
+from tests.gguf_files import gguf, round_to, write_gguf
+
+# ffn 128: Q8_0 packs blocks of 32 values along every row
+LLAMA = PRESETS["debug"].with_updates(ffn_dim=128)
+SPECS = {
+    "llama": LLAMA,
+    "llama-tied": LLAMA.with_updates(tie_embeddings=True),
+    "qwen2": LLAMA.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
+}
+PROMPT = [[5, 17, 42, 99, 3, 250]]
+
+
+def _source(name: str, quant: str):
+    model = build_model(SPECS[name], seed=1)
+    if SPECS[name].qkv_bias:  # non-trivial biases, so their row order matters
+        with torch.no_grad():
+            for layer in model.layers:
+                for bias in (layer.attention.wq.bias, layer.attention.wk.bias):
+                    bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    round_to(model, quant)
+    return model
+
+
+def _greedy(model) -> list[list[int]]:
+    return Generator(model, max_seq_len=32).generate(
+        PROMPT, GenerationConfig(max_new_tokens=12)).output_token_ids
+
+
+@pytest.mark.parametrize(("name", "quant"), [("llama", "F32"), ("llama", "Q8_0"),
+                                             ("llama-tied", "F16"), ("qwen2", "F16"),
+                                             ("qwen2", "Q8_0")])
+def test_gguf_loads_as_the_same_weights_in_safetensors(name, quant, tmp_path) -> None:
+    source = _source(name, quant)
+    save_checkpoint(source, tmp_path / "hf", "hf")
+    path = write_gguf(source, tmp_path / f"{name}.gguf", quant)
+    from_gguf, from_hf = load_weights(path), load_weights(tmp_path / "hf")
+    assert from_gguf.spec.with_updates(name="x", torch_dtype="x") == \
+        from_hf.spec.with_updates(name="x", torch_dtype="x")
+    assert from_gguf.spec.name == name and from_gguf.spec.torch_dtype == "bfloat16"
+    gguf_state, hf_state = from_gguf.state_dict(), from_hf.state_dict()
+    assert gguf_state.keys() == hf_state.keys()
+    for key in gguf_state:
+        assert torch.equal(gguf_state[key], hf_state[key]), key
+    if SPECS[name].tie_embeddings:
+        assert from_gguf.output.weight is from_gguf.tok_embeddings.weight
+    assert _greedy(from_gguf) == _greedy(from_hf)
+
+
+@torch.inference_mode()
+def test_qwen2_gguf_reads_as_transformers_reads_it(tmp_path) -> None:
+    """transformers' own GGUF loader on our Qwen2 file gives the engine's logits: the q/k row
+    order (llama.cpp keeps Qwen2's HF order) and the biases are read the same way."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers loads GGUF files through it
+    source = _source("qwen2", "F32")
+    write_gguf(source, tmp_path / "q.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    ours = load_weights(tmp_path / "q.gguf")
+    ours.setup_cache(1, 16)
+    tokens = torch.tensor(PROMPT)
+    logits = ours(tokens, torch.arange(tokens.shape[1]))
+    assert (hf(tokens).logits - logits).abs().max() < 1e-4
+
+
+def test_llama31_rope_factors_read_back(tmp_path) -> None:
+    """llama.cpp stores Llama 3.1's RoPE scaling as a rope_freqs tensor of divisors."""
+    from infermeter.engine.rope import inv_frequencies
+
+    scaled = LLAMA.with_updates(rope_theta=500000.0,
+                                rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    plain = inv_frequencies(scaled.with_updates(rope_scaling=None))
+    divisors = (plain / inv_frequencies(scaled)).numpy().astype(np.float32)
+    model = build_model(scaled)
+    path = write_gguf(model, tmp_path / "l31.gguf", extra={"rope_freqs.weight": divisors})
+    spec = spec_from_gguf(path)
+    assert spec.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert spec.rope_theta == 500000.0
+    path = write_gguf(model, tmp_path / "odd.gguf",
+                      extra={"rope_freqs.weight": divisors[::-1].copy()})
+    with pytest.raises(InfermeterError, match="RoPE factors other than Llama 3.1's"):
+        spec_from_gguf(path)
+
+
+def _stored_bytes(path) -> int:
+    """Every tensor's bytes as the format defines them: F32 4 a value, F16 2, Q8_0 34 a 32."""
+    reader = gguf.GGUFReader(path)
+    sizes = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34)}
+    total = 0
+    for tensor in reader.tensors:
+        block, size = sizes[tensor.tensor_type.name]
+        total += math.prod(int(d) for d in tensor.shape) // block * size
+    return total
+
+
+def test_kv_reports_the_file_and_the_run_bytes(tmp_path, capsys) -> None:
+    path = write_gguf(_source("llama", "Q8_0"), tmp_path / "m.gguf", "Q8_0")
+    assert main(["kv", "--model", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    spec = SPECS["llama"]
+    assert result["metrics"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # K+V, layers, heads
+    assert result["config"]["weight_format"] == "gguf Q8_0"
+    assert result["metrics"]["weight_bytes_file"] == _stored_bytes(path)
+    params = sum(p.numel() for p in build_model(spec).parameters())
+    assert result["metrics"]["weight_bytes"] == 2 * params  # as run: bf16
+    assert main(["kv", "--model", str(path)]) == 0
+    assert "in the file (gguf Q8_0)" in capsys.readouterr().out
+
+
+def test_generate_result_names_the_quant_type(tmp_path, capsys) -> None:
+    path = write_gguf(_source("llama", "Q8_0"), tmp_path / "m.gguf", "Q8_0")
+    assert main(["generate", "--checkpoint", str(path), "--prompt-ids", "1,2,3", "--device",
+                 "cpu", "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0",
+                 "--no-roofline", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["config"]["weight_format"] == "gguf Q8_0"
+    assert result["config"]["weights"] == "checkpoint"
+
+
+# ---- bad files: one error line ----------------------------------------------------------------
+@pytest.fixture
+def good(tmp_path):
+    return write_gguf(_source("llama", "F32"), tmp_path / "good.gguf")
+
+
+def _patch_type(path, tensor_index: int, type_id: int) -> None:
+    """Overwrite one tensor's ggml type id in the file's tensor descriptions."""
+    field = gguf.GGUFReader(path).tensors[tensor_index].field
+    at = field.offset + sum(int(part.nbytes) for part in field.parts[:4])  # name, dims, type
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = struct.pack("<I", type_id)
+    path.write_bytes(bytes(data))
+
+
+def _cli_error(args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("infermeter: error: ")
+    return err
+
+
+def test_wrong_magic(good, capsys) -> None:
+    good.write_bytes(b"GGML" + good.read_bytes()[4:])
+    with pytest.raises(InfermeterError, match="not a GGUF file"):
+        load_weights(good)
+    assert "not a GGUF file" in _cli_error(["kv", "--model", str(good)], capsys)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.001])  # in the tensors' data; in the metadata
+def test_truncated_file(good, keep, capsys) -> None:
+    data = good.read_bytes()
+    good.write_bytes(data[:max(int(len(data) * keep), 100)])
+    with pytest.raises(InfermeterError, match="truncated"):
+        load_weights(good)
+    assert "truncated" in _cli_error(["generate", "--checkpoint", str(good), "--device", "cpu",
+                                      "--prompt-ids", "1,2"], capsys)
+
+
+def test_unknown_quant_type(good) -> None:
+    _patch_type(good, 0, 99)
+    with pytest.raises(InfermeterError, match="quant type unknown to gguf"):
+        load_weights(good)
+
+
+def test_quant_type_the_reader_cannot_dequantize(tmp_path) -> None:
+    """Q8_1 is a known type (llama.cpp's intermediate) that gguf has no dequantizer for: the
+    error comes before any weight is read."""
+    spec = SPECS["llama"]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+    raw = np.zeros((spec.ffn_dim, spec.dim // block * size), dtype=np.uint8)
+    path = write_gguf(_source("llama", "F32"), tmp_path / "q81.gguf",
+                      raw={"blk.1.ffn_up.weight": (raw, gguf.GGMLQuantizationType.Q8_1)})
+    with pytest.raises(InfermeterError, match="blk.1.ffn_up.weight is Q8_1, which the gguf "
+                                              "package cannot dequantize"):
+        load_weights(path)
+
+
+def test_missing_tensor(tmp_path) -> None:
+    path = write_gguf(_source("llama", "F32"), tmp_path / "m.gguf", drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(InfermeterError, match="missing tensor blk.1.ffn_up.weight"):
+        load_weights(path)
+
+
+def test_unsupported_architecture(tmp_path, capsys) -> None:
+    path = write_gguf(_source("llama", "F32"), tmp_path / "m.gguf", arch="gemma2")
+    message = "GGUF architecture 'gemma2' is not supported"
+    with pytest.raises(InfermeterError, match=message):
+        load_weights(path)
+    assert message in _cli_error(["kv", "--model", str(path)], capsys)
+
+
+def test_without_the_gguf_package(good, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    good.write_bytes(good.read_bytes() + b"\0")  # a new size: not the cached reader
+    with pytest.raises(InfermeterError, match="pip install gguf"):
+        spec_from_gguf(good)
