@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 from infermeter.errors import InfermeterError
-from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.job import run_generate
+from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, append_jsonl, read_results
 from infermeter.textable import render_table
@@ -59,29 +60,29 @@ def part_requests(part: str) -> list[GenerateRequest]:
     seed = {**base, "batch_sizes": (1, 32), "prompt_lens": (80,), "max_new_tokens": 432,
             "max_seq_len": 512}
     if part == "seed":
-        return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1),
-                GenerateRequest(**seed, modes=("eager",), repeats=2, warmup=0)]
+        return [build_request(**seed, modes=("compiled",), repeats=5, warmup=1),
+                build_request(**seed, modes=("eager",), repeats=2, warmup=0)]
     if part == "seed1":  # the seed's batch-1 compiled case alone (a quick re-measure)
-        return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
+        return [build_request(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1)]
     if part in ("seed1-pdl", "seed1-no-pdl"):
-        return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
+        return [build_request(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1, pdl=part == "seed1-pdl")]
     if part == "kernel":  # the seed's compiled cases with the Triton split-KV decode attention
-        return [GenerateRequest(**seed, modes=("compiled",), repeats=5, warmup=1,
+        return [build_request(**seed, modes=("compiled",), repeats=5, warmup=1,
                                 decode_attention="triton")]
     if part == "gemv":  # the seed's batch-1 compiled case with the Triton GEMV (gemv_kernel.py)
-        return [GenerateRequest(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
+        return [build_request(**{**seed, "batch_sizes": (1,)}, modes=("compiled",),
                                 repeats=5, warmup=1, matvec_kernel="triton")]
     if part == "hf":  # transformers' generate as it runs by default (it may compile), and eager
-        return [GenerateRequest(**seed, modes=("hf", "hf-eager"), repeats=2, warmup=0)]
+        return [build_request(**seed, modes=("hf", "hf-eager"), repeats=2, warmup=0)]
     if part == "prefill":
         prefill = {**base, "prompt_lens": (2048,), "max_new_tokens": 16, "repeats": 5,
                    "warmup": 1}
-        return [GenerateRequest(**prefill, modes=("eager",)),
-                GenerateRequest(**prefill, modes=("compiled",), compile_prefill=True)]
+        return [build_request(**prefill, modes=("eager",)),
+                build_request(**prefill, modes=("compiled",), compile_prefill=True)]
     if part == "context":
-        return [GenerateRequest(**base, contexts=(c,), max_new_tokens=CONTEXT_STEPS,
+        return [build_request(**base, contexts=(c,), max_new_tokens=CONTEXT_STEPS,
                                 max_seq_len=c + CONTEXT_STEPS, max_positions=max(CONTEXTS)
                                 + CONTEXT_STEPS, modes=("compiled",), repeats=5, warmup=1)
                 for c in CONTEXTS]

@@ -15,7 +15,8 @@ from infermeter.errors import InfermeterError
 from infermeter.generate import cases as cases_module
 from infermeter.generate import memory
 from infermeter.generate.cases import plan_cases, prompt_sets
-from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.job import run_generate
+from infermeter.generate.request import build_request
 from infermeter.spec.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
@@ -93,7 +94,7 @@ def test_generate_refuses_before_any_prompt_or_weight_exists(monkeypatch):
     monkeypatch.setattr(checkpoint, "load_weights", _no_prompts)
     monkeypatch.setattr(roofline, "measure_roofline", _no_prompts)
     for changes in ({}, {"prompt_lens": (8,)}, {"contexts": (100,)}, {"max_batch_size": 1}):
-        request = GenerateRequest(source="random:debug", device="cpu", roofline=True,
+        request = build_request(source="random:debug", device="cpu", roofline=True,
                                   batch_sizes=(BILLION,), **changes)
         with pytest.raises(InfermeterError, match="does not fit"):
             run_generate(request, {})

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.generator import GenerationConfig
 from infermeter.errors import InfermeterError
 from infermeter.generate import loop, memory
 from infermeter.generate.cases import PromptSet, plan_cases, prompt_sets, random_prompts
-from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.job import run_generate
+from infermeter.generate.request import EngineChoices, GenerateRequest, Timing, build_request
 from infermeter.generate.timing import HostClock, RunTiming, StepRecorder, summarize
 from infermeter.measure import roofline as rl
 from infermeter.spec.presets import PRESETS
@@ -26,7 +28,7 @@ ENV = {"device_name": "cpu"}
 def request(**changes) -> GenerateRequest:
     base = {"source": "random:debug", "device": "cpu", "max_new_tokens": 6, "repeats": 3,
             "warmup": 0, "roofline": False}
-    return GenerateRequest(**{**base, **changes})
+    return build_request(**{**base, **changes})
 
 
 # ---- timing and statistics with synthetic clocks -------------------------------------------
@@ -208,7 +210,8 @@ def test_roofline_numbers_and_the_plausibility_flag():
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), DEBUG.vocab_size, 0, ())
     cases = plan_cases(DEBUG, sets, ("eager",), 4)
-    settings = loop.RunSettings(max_new_tokens=4, repeats=2, warmup=0)
+    settings = GenerateRequest("random:debug", sampling=GenerationConfig(max_new_tokens=4),
+                               timing=Timing(repeats=2, warmup=0))
     honest = rl.Roofline("cpu", hbm_gbps=1e6, matmul_tflops=1e6)  # peaks nothing can reach
     impossible = rl.Roofline("cpu", hbm_gbps=1e-9, matmul_tflops=1e-15)
     (ok,) = loop.run_generation(model, cases, settings, ENV, {}, honest)
@@ -329,7 +332,7 @@ def test_warmup_is_timed_apart_from_the_untimed_and_the_timed_runs(monkeypatch):
 def test_gpu_modes_timed_with_cuda_events():
     """Compiled, eager and hf on a small llama on the GPU: events give sane, plausible numbers."""
     spec = "random:" + "llama-3.2-1b"
-    results, _ = run_generate(GenerateRequest(
+    results, _ = run_generate(build_request(
         source=spec, device="cuda", dtype="bf16", batch_sizes=(1,), prompt_lens=(128,),
         max_new_tokens=32, repeats=3, modes=("compiled", "eager", "hf")), {"device_name": "gpu"})
     for result in results:
@@ -349,17 +352,18 @@ def test_matvec_kernel_setting_reaches_every_linear_and_the_result_says_what_ran
     from infermeter.commands.generate import MATVEC_KERNELS
     from infermeter.engine.linear import MATVEC_KERNELS as ENGINE_KINDS
     from infermeter.engine.linear import Linear
-    from infermeter.generate.modes import EngineRunner, RunSettings
+    from infermeter.generate.modes import EngineRunner
 
     assert MATVEC_KERNELS == ENGINE_KINDS
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
     compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
                        for mode in ("compiled", "eager"))
-    assert RunSettings().matvec_kernel == "triton"  # the default, as the CLI's
-    EngineRunner(model, compiled[0], RunSettings(matvec_kernel="inductor"))
+    assert EngineChoices().matvec_kernel == "triton"  # the default, as the CLI's
+    EngineRunner(model, compiled[0], GenerateRequest("random:debug",
+                                                     engine=EngineChoices(matvec_kernel="inductor")))
     assert {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)} == {"inductor"}
-    settings = RunSettings(matvec_kernel="triton")
+    settings = GenerateRequest("random:debug", engine=EngineChoices(matvec_kernel="triton"))
     runner = EngineRunner(model, compiled[0], settings)
     kinds = {m.matvec_kernel for m in model.modules() if isinstance(m, Linear)}
     assert kinds == {"triton"} and model.layers[0].attention.wqkv is not None  # fused too

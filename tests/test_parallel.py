@@ -466,7 +466,8 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     from infermeter.commands.generate import ALL_REDUCE_KINDS
     from infermeter.engine.parallel.all_reduce import ALL_REDUCE_KINDS as ENGINE_KINDS
     from infermeter.engine.parallel.all_reduce import one_shot_compile_options
-    from infermeter.generate.job import GenerateRequest, _all_reduce_options
+    from infermeter.generate.job import _all_reduce_options
+    from infermeter.generate.request import build_request
 
     assert ALL_REDUCE_KINDS == ENGINE_KINDS
     from torch._inductor import config as inductor_config
@@ -477,11 +478,11 @@ def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
     with pytest.raises(InfermeterError, match="needs CUDA GPUs"):
         one_shot_compile_options(cpu_ranks)
-    one_shot = GenerateRequest(source="random:debug", tp_all_reduce="one-shot")
-    assert _all_reduce_options(GenerateRequest(source="random:debug"), None) == {}
+    one_shot = build_request(source="random:debug", tp_all_reduce="one-shot")
+    assert _all_reduce_options(build_request(source="random:debug"), None) == {}
     with pytest.raises(InfermeterError, match="needs --tp 2 or more"):
         _all_reduce_options(one_shot, None)
-    cudagraphs = GenerateRequest(source="random:debug", tp_all_reduce="one-shot",
+    cudagraphs = build_request(source="random:debug", tp_all_reduce="one-shot",
                                  compile_backend="cudagraphs")
     with pytest.raises(InfermeterError, match="needs the inductor compile backend"):
         _all_reduce_options(cudagraphs, cpu_ranks)

@@ -27,7 +27,8 @@ from infermeter.engine.parallel.peer_all_reduce import (
     flag_area_bytes,
 )
 from infermeter.errors import InfermeterError
-from infermeter.generate.job import GenerateRequest, _all_reduce_options
+from infermeter.generate.job import _all_reduce_options
+from infermeter.generate.request import build_request
 from infermeter.spec.presets import PRESETS
 from tests.tp_workers import (
     PEER_CASES,
@@ -100,13 +101,13 @@ def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     """CPU ranks (no symmetric memory) and tp 1 get one clear line before any weights load;
     an unsharded model cannot take it."""
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
-    request = GenerateRequest(source="random:debug", tp_all_reduce="triton")
+    request = build_request(source="random:debug", tp_all_reduce="triton")
     with pytest.raises(InfermeterError, match="needs CUDA GPUs"):
         _all_reduce_options(request, cpu_ranks)
     with pytest.raises(InfermeterError, match="needs --tp 2 or more"):
         _all_reduce_options(request, None)
     cuda_ranks = TensorParallel(0, 2, 0, torch.device("cuda", 0))
-    fused_prefill = GenerateRequest(source="random:debug", tp_all_reduce="triton",
+    fused_prefill = build_request(source="random:debug", tp_all_reduce="triton",
                                     compile_prefill=True)
     with pytest.raises(InfermeterError, match="use --tp-all-reduce triton-unfused with it"):
         _all_reduce_options(fused_prefill, cuda_ranks)
@@ -188,13 +189,13 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     cpu_ranks = TensorParallel(0, 2, 0, torch.device("cpu"))
     assert all_reduce.peer_all_reduce_usable(cpu_ranks) is False
     gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))
-    auto = GenerateRequest(source="random:debug")
-    assert auto.tp_all_reduce == "auto"
+    auto = build_request(source="random:debug")
+    assert auto.engine.tp_all_reduce == "auto"
     monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: True)
     assert resolve_all_reduce(auto, gpus) == "triton"
-    prefill = GenerateRequest(source="random:debug", compile_prefill=True)
+    prefill = build_request(source="random:debug", compile_prefill=True)
     assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
-    assert resolve_all_reduce(GenerateRequest(source="random:debug", tp_all_reduce="nccl"),
+    assert resolve_all_reduce(build_request(source="random:debug", tp_all_reduce="nccl"),
                               gpus) == "nccl"
     assert resolve_all_reduce(auto, None) == "nccl"
     monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: False)

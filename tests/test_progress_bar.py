@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from infermeter.cli import main
-from infermeter.generate.job import GenerateRequest, run_generate
+from infermeter.generate.job import run_generate
+from infermeter.generate.request import build_request
 from infermeter.generate.table import ProgressBar, progress_bar
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -42,7 +43,7 @@ def use_terminal(monkeypatch) -> Terminal:
 def test_the_bar_draws_on_a_terminal_and_advances_once_per_run(monkeypatch):
     pytest.importorskip("rich")
     terminal = use_terminal(monkeypatch)
-    request = GenerateRequest(source="random:debug", device="cpu", max_new_tokens=3, repeats=3,
+    request = build_request(source="random:debug", device="cpu", max_new_tokens=3, repeats=3,
                               warmup=0, roofline=False, batch_sizes=(1, 2), prompt_lens=(4,))
     with progress_bar(enabled=True) as bar:
         assert isinstance(bar, ProgressBar)

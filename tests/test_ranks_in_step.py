@@ -9,8 +9,10 @@ import time
 import torch
 
 from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.generator import GenerationConfig
 from infermeter.generate import loop
 from infermeter.generate.cases import plan_cases, prompt_sets
+from infermeter.generate.request import GenerateRequest, Timing
 from infermeter.measure.ranks import ranks_meet
 from infermeter.spec.presets import PRESETS
 from tests.tp_workers import run_ranks
@@ -66,8 +68,9 @@ def test_every_run_starts_after_the_ranks_meet(monkeypatch):
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
     (case,) = plan_cases(spec, sets, ("eager",), 4)
-    settings = loop.RunSettings(max_new_tokens=4, repeats=3, warmup=1)
-    loop.time_case(model, case, settings, loop._Silent())
+    request = GenerateRequest("random:debug", sampling=GenerationConfig(max_new_tokens=4),
+                              timing=Timing(repeats=3, warmup=1))
+    loop.time_case(model, case, request, loop._Silent())
     # warm-up, one untimed run (--warmup 1), then three timed runs each after a meeting
     assert events == ["meet", "warm-up", "run", "meet", "run", "meet", "run", "meet", "run"]
 
@@ -88,9 +91,10 @@ def test_an_out_of_memory_case_under_tp_ends_the_run(monkeypatch):
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (8,), (), spec.vocab_size, 0, ())
     cases = plan_cases(spec, sets, ("eager",), 4)
-    settings = loop.RunSettings(max_new_tokens=4, repeats=1, warmup=0)
-    (alone,) = loop.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
+    request = GenerateRequest("random:debug", sampling=GenerationConfig(max_new_tokens=4),
+                              timing=Timing(repeats=1, warmup=0))
+    (alone,) = loop.run_generation(model, cases, request, {"device_name": "cpu"}, {})
     assert alone.metrics["oom"] is True
     monkeypatch.setattr(loop, "group_size", lambda: 2)
     with pytest.raises(InfermeterError, match="out of memory in case .* under tensor parallel"):
-        loop.run_generation(model, cases, settings, {"device_name": "cpu"}, {})
+        loop.run_generation(model, cases, request, {"device_name": "cpu"}, {})

@@ -320,13 +320,14 @@ def test_report_knows_the_engines_default_kernels():
     from infermeter.cli import build_parser
     from infermeter.engine.linear import MATVEC_KERNEL
     from infermeter.engine.parallel.all_reduce import ALL_REDUCE_KINDS, AUTO_ALL_REDUCE
-    from infermeter.generate.job import GenerateRequest
+    from infermeter.generate.request import GenerateRequest
     from infermeter.report.select import DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE
 
     request = GenerateRequest(source="random:debug")
     cli = build_parser().parse_args(["generate", "--model", "debug"])  # the CLI's defaults
-    assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.matvec_kernel == cli.matvec_kernel
-    assert ALL_REDUCE_KINDS[0] == request.tp_all_reduce == cli.tp_all_reduce == "auto"
+    assert DEFAULT_MATVEC_KERNEL == MATVEC_KERNEL == request.engine.matvec_kernel \
+        == cli.matvec_kernel
+    assert ALL_REDUCE_KINDS[0] == request.engine.tp_all_reduce == cli.tp_all_reduce == "auto"
     assert DEFAULT_TP_ALL_REDUCE == AUTO_ALL_REDUCE  # what auto picks on one host's GPUs
 
 

@@ -85,7 +85,7 @@ def test_merge_goes_to_the_measuring_devices_file(tmp_path):
 def test_gemv_part_is_batch_1_with_the_triton_gemv_and_has_its_mbu_line():
     sweep = load_sweep()
     (request,) = sweep.part_requests("gemv")
-    assert (request.batch_sizes, request.modes, request.matvec_kernel) == \
+    assert (request.batch_sizes, request.modes, request.engine.matvec_kernel) == \
         ((1,), ("compiled",), "triton")
     results = [generate_result("seed", 1, 178.0, 79.8), generate_result("gemv", 1, 190.0, 85.3)]
     results[1].config.update(matvec_kernel="triton", decode_attention="math")

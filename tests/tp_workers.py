@@ -327,7 +327,9 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
     real_options = job._all_reduce_options  # refuses triton kinds on CPU ranks
 
     def options(request: Any, tp: Any) -> dict:
-        return {} if request.tp_all_reduce.startswith("triton") else real_options(request, tp)
+        if request.engine.tp_all_reduce.startswith("triton"):
+            return {}
+        return real_options(request, tp)
 
     job._all_reduce_options = options
     # use_peer_all_reduce refuses CPU ranks before it reaches for_group; what it does on a

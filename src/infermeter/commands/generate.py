@@ -123,7 +123,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from infermeter.generate.job import GenerateRequest, default_device, run_generate
+    from infermeter.engine.generator import GenerationConfig
+    from infermeter.generate.job import default_device, run_generate
+    from infermeter.generate.request import EngineChoices, GenerateRequest, Timing
     from infermeter.generate.table import progress_bar, render_generate, render_outputs
     from infermeter.launch import is_rank_zero, relaunch_if_needed
     from infermeter.measure.env import capture_env
@@ -151,19 +153,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     request = GenerateRequest(
         source=args.checkpoint or f"random:{args.model}", tokenizer_path=args.tokenizer_path,
         prompts=tuple(args.prompt), prompt_ids=tuple(args.prompt_ids),
-        dialogs_path=args.dialogs, chat_format=args.chat_format,
-        max_new_tokens=args.max_new_tokens, greedy=not sampling,
-        temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed,
-        until_eos=args.until_eos, device=device, dtype=args.dtype, kv_dtype=args.kv_dtype,
+        dialogs_path=args.dialogs, chat_format=args.chat_format, until_eos=args.until_eos,
+        sampling=GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=not sampling,
+                                  temperature=args.temperature or 1.0, top_p=args.top_p,
+                                  seed=args.seed),
+        device=device, dtype=args.dtype, kv_dtype=args.kv_dtype,
         modes=tuple(args.mode or ["compiled" if device == "cuda" else "eager"]),
         max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,
         batch_sizes=tuple(args.batch_size) if args.batch_size else None,
         prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
-        repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
-        compile_backend=args.compile_backend, compile_prefill=args.compile_prefill,
-        decode_attention=args.decode_attention, tp_all_reduce=args.tp_all_reduce,
-        matvec_kernel=args.matvec_kernel, pdl=args.pdl,
-        trace_dir=args.trace)
+        timing=Timing(repeats=args.repeats, warmup=args.warmup, roofline=args.roofline,
+                      trace_dir=args.trace),
+        engine=EngineChoices(compile_backend=args.compile_backend,
+                             compile_prefill=args.compile_prefill,
+                             decode_attention=args.decode_attention,
+                             tp_all_reduce=args.tp_all_reduce, matvec_kernel=args.matvec_kernel,
+                             pdl=args.pdl))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

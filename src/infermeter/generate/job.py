@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from infermeter.errors import InfermeterError
+from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
 from infermeter.spec.peer_buffers import uses_peer_buffer
 
@@ -29,44 +30,6 @@ if TYPE_CHECKING:
     from infermeter.generate.loop import Progress
 
 DEFAULT_PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916]  # a fixed prompt for tokenizer-less runs
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    source: str  # checkpoint folder or "random:<model>"
-    tokenizer_path: str | None = None
-    prompts: tuple[str, ...] = ()
-    prompt_ids: tuple[str, ...] = ()
-    dialogs_path: str | None = None
-    chat_format: str = "auto"
-    max_new_tokens: int = 64
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    until_eos: bool = False
-    device: str = "cpu"
-    dtype: str | None = None
-    kv_dtype: str | None = None
-    modes: tuple[str, ...] = ("eager",)  # bench/generation_cases.MODES; a list compares them
-    max_seq_len: int | None = None  # a fixed KV-cache length for every case
-    max_batch_size: int | None = None
-    tp: int | None = None  # tensor-parallel ranks; None: as torchrun started
-    batch_sizes: tuple[int, ...] | None = None  # None: 1 (or the user's prompts)
-    prompt_lens: tuple[int, ...] = ()
-    contexts: tuple[int, ...] = ()
-    repeats: int = 5
-    warmup: int = 1
-    roofline: bool = True
-    compile_backend: str | None = None
-    compile_prefill: bool = False  # compiled mode: compile the prefill's layers too
-    decode_attention: str | None = None  # how a one-token step attends (attention.py)
-    tp_all_reduce: str = "auto"  # engine/parallel/sharding.py ALL_REDUCE_KINDS (tp > 1)
-    matvec_kernel: str = "triton"  # engine/linear.py MATVEC_KERNELS (compiled mode, batch 1)
-    pdl: bool | None = None  # compiled mode: programmatic dependent launch (engine/kernels/pdl.py);
-    # None: where it can run
-    max_positions: int | None = None  # random weights only: raise the model's context
-    trace_dir: str | None = None  # --trace: profiler traces + decode-step breakdown per case
 
 
 def default_device() -> str:
@@ -84,6 +47,10 @@ def find_tokenizer(request: GenerateRequest) -> Any:
     if request.source.startswith("random:"):
         return None
     folder = Path(request.source).expanduser()
+    if folder.is_file():  # a GGUF file: the vocabulary it carries, if any
+        from infermeter.engine.text.tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(folder)
     for candidate in (folder, folder.parent):  # Meta downloads keep tokenizer.model one up
         if any((candidate / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             return load_tokenizer(candidate)
@@ -134,7 +101,7 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
         return [PromptSet(tuple(tuple(p) for p in user), "user")]
     fixed = tuple(i % vocab_size for i in DEFAULT_PROMPT_IDS)
     return prompt_sets(request.batch_sizes or (1,), request.prompt_lens, request.contexts,
-                       vocab_size, request.seed, fixed)
+                       vocab_size, request.sampling.seed, fixed)
 
 
 def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
@@ -142,60 +109,58 @@ def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
     graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU), and where the
     kernels' symmetric-memory buffers then cannot be had (run_generate falls back)."""
-    if request.tp_all_reduce != "auto":
-        return request.tp_all_reduce
+    if request.engine.tp_all_reduce != "auto":
+        return request.engine.tp_all_reduce
     if not tp:
         return "nccl"
     from infermeter.engine.parallel.all_reduce import peer_all_reduce_usable
 
     if not peer_all_reduce_usable(tp):
         return "nccl"
-    return "triton-unfused" if request.compile_prefill else "triton"
+    return "triton-unfused" if request.engine.compile_prefill else "triton"
 
 
 def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
+    kind = request.engine.tp_all_reduce
     """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels). run_generate
     resolves auto first; unresolved (one process) it can only mean NCCL."""
-    if request.tp_all_reduce == "nccl" or (request.tp_all_reduce == "auto" and not tp):
+    if kind == "nccl" or (kind == "auto" and not tp):
         return {}
     if not tp:
-        raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs --tp 2 or more")
-    if request.tp_all_reduce.startswith("triton"):  # our kernels, set on the loaded model
+        raise InfermeterError(f"--tp-all-reduce {kind} needs --tp 2 or more")
+    if kind.startswith("triton"):  # our kernels, set on the loaded model
         if tp.device.type != "cuda":
-            raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} needs CUDA GPUs "
+            raise InfermeterError(f"--tp-all-reduce {kind} needs CUDA GPUs "
                                   "(symmetric memory); this run's ranks are on the CPU")
-        if request.tp_all_reduce == "triton" and request.compile_prefill:  # fused with norms
-            raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} fuses each "
+        if kind == "triton" and request.engine.compile_prefill:  # fused with norms
+            raise InfermeterError(f"--tp-all-reduce {kind} fuses each "
                                   "all-reduce with the next "
                                   "layer's norm, which --compile-prefill's one-layer graph "
                                   "cannot hold: use --tp-all-reduce triton-unfused with it")
         return {}
-    if request.compile_backend == "cudagraphs":
-        raise InfermeterError(f"--tp-all-reduce {request.tp_all_reduce} is inductor's lowering: "
+    if request.engine.compile_backend == "cudagraphs":
+        raise InfermeterError(f"--tp-all-reduce {kind} is inductor's lowering: "
                               "it needs the inductor compile backend")
     from infermeter.engine.parallel.all_reduce import one_shot_compile_options
 
     return one_shot_compile_options(tp)
 
 
-def _settings(request: GenerateRequest, tokenizer: Any, tp: Any) -> Any:
-    from infermeter.generate.modes import RunSettings
-
-    if request.repeats < 1 or request.warmup < 0:
+def _check_timing(request: GenerateRequest) -> None:
+    if request.timing.repeats < 1 or request.timing.warmup < 0:
         raise InfermeterError("--repeats must be at least 1 and --warmup not negative")
+
+
+def _resolved(request: GenerateRequest, tp: Any, all_reduce: str,
+              tokenizer: Any) -> GenerateRequest:
+    """The request with what this run resolved put back in: the tensor-parallel size, the
+    all-reduce kind (auto picked) and the inductor options it needs, --until-eos's stop ids."""
     stop_ids = frozenset(tokenizer.stop_ids) if (request.until_eos and tokenizer) else frozenset()
-    settings = RunSettings(
-        max_new_tokens=request.max_new_tokens, greedy=request.greedy,
-        temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-        stop_ids=stop_ids, repeats=request.repeats, warmup=request.warmup,
-        kv_dtype=request.kv_dtype, compile_backend=request.compile_backend,
-        compile_prefill=request.compile_prefill, decode_attention=request.decode_attention,
-        tp_all_reduce=request.tp_all_reduce, compile_options=_all_reduce_options(request, tp),
-        matvec_kernel=request.matvec_kernel, pdl=request.pdl,
-        roofline=request.roofline,
-        tp=tp.world if tp else 1, trace_dir=request.trace_dir)
-    settings.generation_config(compile=False)  # validates temperature / top_p now
-    return settings
+    engine = dataclasses.replace(request.engine, tp_all_reduce=all_reduce)
+    engine = dataclasses.replace(engine, compile_options=MappingProxyType(
+        _all_reduce_options(dataclasses.replace(request, engine=engine), tp)))
+    return dataclasses.replace(request, tp=tp.world if tp else 1, engine=engine,
+                               sampling=dataclasses.replace(request.sampling, stop_ids=stop_ids))
 
 
 def _check_hf(cases: list[Any], tp: Any) -> None:
@@ -212,11 +177,13 @@ def _check_hf(cases: list[Any], tp: Any) -> None:
 
 def _base_config(request: GenerateRequest, device: Any, dtype: str, kv_dtype: str,
                  spec: Any) -> dict[str, Any]:
+    """The Result's config fields that every case shares (the schema: docs/design.md)."""
+    sampling = request.sampling
     return {"source": request.source, "device": str(device), "dtype": dtype,
-            "kv_dtype": kv_dtype, "max_new_tokens": request.max_new_tokens,
-            "greedy": request.greedy, "temperature": request.temperature,
-            "top_p": request.top_p, "seed": request.seed, "until_eos": request.until_eos,
-            "repeats": request.repeats, "warmup": request.warmup,
+            "kv_dtype": kv_dtype, "max_new_tokens": sampling.max_new_tokens,
+            "greedy": sampling.greedy, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "seed": sampling.seed, "until_eos": request.until_eos,
+            "repeats": request.timing.repeats, "warmup": request.timing.warmup,
             "max_batch_size": request.max_batch_size, "max_positions": spec.max_seq_len,
             "weights": "random" if request.source.startswith("random:") else "checkpoint",
             "weight_format": _weight_format(request, spec)}
@@ -261,37 +228,37 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     tokenizer = find_tokenizer(request)
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
+    _check_timing(request)
     # ---- tensor parallelism (engine/parallel/): tp is None unless torchrun started us ----
     from infermeter.engine.parallel.group import init_distributed
     from infermeter.measure.ranks import gather_result
 
     tp = init_distributed(request.device, request.tp)
     device = tp.device if tp else device
-    asked = request.tp_all_reduce
-    request = dataclasses.replace(request, tp_all_reduce=resolve_all_reduce(request, tp))
+    asked = request.engine.tp_all_reduce
+    request = _resolved(request, tp, resolve_all_reduce(request, tp), tokenizer)
     # ---- end tensor parallelism ----
     _check_hf(cases, tp)
-    settings = _settings(request, tokenizer, tp)
-    memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, settings.tp,
-                           request.tp_all_reduce, request.max_new_tokens * request.repeats)
-    peaks = measure_roofline(device) if request.roofline else None  # before the weights: room
-    model = load_weights(weights, device, dtype, seed=request.seed, tp=tp)
+    memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, request.tp,
+                           request.engine.tp_all_reduce,
+                           request.max_new_tokens * request.timing.repeats)
+    peaks = measure_roofline(device) if request.timing.roofline else None  # before the weights
+    model = load_weights(weights, device, dtype, seed=request.sampling.seed, tp=tp)
     notes = []
-    if tp and uses_peer_buffer(tp.world, request.tp_all_reduce):  # what check_cases_fit counted
+    if tp and uses_peer_buffer(request.tp, request.engine.tp_all_reduce):  # counted above
         from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
         from infermeter.engine.parallel.peer_all_reduce import PeerBufferUnavailable
 
         try:
-            use_peer_all_reduce(model, tp, fuse_norm=request.tp_all_reduce == "triton")
+            use_peer_all_reduce(model, tp, fuse_norm=request.engine.tp_all_reduce == "triton")
         except PeerBufferUnavailable as err:
             if asked != "auto":  # the user's explicit choice: one error line (cli.py)
                 raise
             # auto only guessed that the buffers would come: every rank got this error
             # (for_group agrees on it) and the model still has its NCCL all-reduces, so
-            # every rank goes on with NCCL, recorded as such (settings -> Result config).
+            # every rank goes on with NCCL, recorded as such (request -> Result config).
             notes.append(f"--tp-all-reduce auto fell back to NCCL: {err}")
-            request = dataclasses.replace(request, tp_all_reduce="nccl")
-            settings = _settings(request, tokenizer, tp)
+            request = _resolved(request, tp, "nccl", tokenizer)
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
     results: list[Result] = []
@@ -303,8 +270,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
         if on_result:
             on_result(result)
 
-    run_generation(model, cases, settings, env, _base_config(request, device, dtype, kv_dtype,
-                                                             spec), peaks, progress, finish)
+    run_generation(model, cases, request, env, _base_config(request, device, dtype, kv_dtype,
+                                                            spec), peaks, progress, finish)
     first = next((r.output_token_ids for r in results if r.output_token_ids), [])
     texts = [tokenizer.decode(ids) if tokenizer else "" for ids in first]
     return results, texts

@@ -1,14 +1,15 @@
 """Generation speed: TTFT, TPOT, decode tokens/s and how close they are to the hardware's limit.
 
     cases = plan_cases(spec, prompt_sets(...), modes, max_new_tokens)   # generation_cases.py
-    results = run_generation(model, cases, RunSettings(...), env, base_config, roofline)
+    results = run_generation(model, cases, request, env, base_config, roofline)
 
 For every case (prompt set x mode; one `generate` Result each):
 1. warm-up, timed apart (`warmup_s`): compile + CUDA-graph capture for the compiled mode (the
    Generator's warmup() per shape), a short run for eager, a first generate for hf; then
-   `settings.warmup` untimed full runs (`warmup_runs_s`: allocator growth, cuBLAS heuristics);
-2. `settings.repeats` timed runs; in each, a StepRecorder hook marks start, first token and every
-   decode step (CUDA events on a GPU, read after the run: no sync per step);
+   `request.timing.warmup` untimed full runs (`warmup_runs_s`: allocator growth, cuBLAS
+   heuristics);
+2. `request.timing.repeats` timed runs; in each, a StepRecorder hook marks start, first token
+   and every decode step (CUDA events on a GPU, read after the run: no sync per step);
 3. metrics (generation_timing.summarize): TTFT, TPOT p50/p10/p90/p99, decode tok/s (prefill
    excluded), prefill tok/s, the seed's total tokens / generation time / tok/s;
 4. roofline (roofline.py): bytes per decode step -> decode GB/s -> MBU against the HBM bandwidth
@@ -33,7 +34,8 @@ from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.generate import memory
 from infermeter.generate.cases import Case
-from infermeter.generate.modes import RunSettings, make_runner
+from infermeter.generate.modes import make_runner
+from infermeter.generate.request import GenerateRequest
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
 from infermeter.measure.nvtx import nvtx_range
@@ -91,14 +93,14 @@ def _no_hook(event: str, step: int) -> None:
     pass
 
 
-def time_case(model: Transformer, case: Case, settings: RunSettings,
+def time_case(model: Transformer, case: Case, request: GenerateRequest,
               progress: Progress, trace_path: Any = None) -> CaseRun:
     device = model.tok_embeddings.weight.device
     # A case starts with no KV cache (the engine's is allocated again for its shape; hf makes
     # its own), so the peaks below are this case's: weights + its cache + its activations.
     memory.release_cache(model)
     memory.reset_peaks(device)
-    runner = make_runner(model, case, settings)
+    runner = make_runner(model, case, request)
     prompts = case.prompt_set.prompts
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
@@ -109,17 +111,17 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
     _sync(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(settings.warmup):
+    for _ in range(request.timing.warmup):
         for tokens in groups:
             runner.run(tokens, _no_hook)
     _sync(device)
     warmup_runs_s = time.perf_counter() - start
     progress.advance(f"{case.label}: warm-up")
     repeats, outputs, finished = [], [], [False] * len(prompts)
-    for index in range(settings.repeats):
+    for index in range(request.timing.repeats):
         runs, ids = [], [[] for _ in prompts]
         for tokens, group in zip(groups, case.groups):
-            recorder = StepRecorder(make_clock(device, settings.max_new_tokens + 1))
+            recorder = StepRecorder(make_clock(device, request.max_new_tokens + 1))
             ranks_meet(device)
             out = runner.run(tokens, recorder)
             runs.append(recorder.timing(*tokens.shape, new_tokens=out.num_new_tokens))
@@ -129,7 +131,7 @@ def time_case(model: Transformer, case: Case, settings: RunSettings,
                     finished[i] = done
         repeats.append(runs)
         outputs.append(ids)
-        progress.advance(f"{case.label}: run {index + 1}/{settings.repeats}")
+        progress.advance(f"{case.label}: run {index + 1}/{request.timing.repeats}")
     memory_now = memory.memory_metrics(device)  # the trace below must not count in the peaks
     traced = _trace(runner, groups[0], case, trace_path) if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
@@ -217,13 +219,13 @@ def agreement(first_mode: str, first: list[list[int]], ids: list[list[int]]) -> 
     return {"mode": first_mode, "identical": mismatch is None, "first_mismatch": mismatch}
 
 
-def case_result(model: Transformer, case: Case, run: CaseRun, settings: RunSettings,
+def case_result(model: Transformer, case: Case, run: CaseRun, request: GenerateRequest,
                 peaks: rl.Roofline | None, env: dict[str, Any],
                 base: dict[str, Any]) -> Result:
     metrics, samples, warnings = summarize(run.repeats)
     kv_dtype = base.get("kv_dtype") or dtype_name(model.tok_embeddings.weight.dtype)
     tpot_p50 = metrics["tpot_ms"]["p50"] if metrics["tpot_ms"] else None
-    metrics.update(roofline_metrics(model, case, run, tpot_p50, peaks, kv_dtype, settings.tp))
+    metrics.update(roofline_metrics(model, case, run, tpot_p50, peaks, kv_dtype, request.tp or 1))
     metrics.update(run.memory, warmup_s=run.warmup_s, warmup_runs_s=run.warmup_runs_s,
                    prompt_tokens=case.prompt_set.prompt_tokens, finished=run.finished, oom=False)
     warnings += rl.roofline_warnings(metrics["mbu_pct"], metrics["mfu_pct"])
@@ -255,22 +257,22 @@ def oom_result(model: Transformer, case: Case, err: BaseException, peaks: rl.Roo
                   warnings=[f"out of memory: {first_line}"])
 
 
-def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
+def run_generation(model: Transformer, cases: list[Case], request: GenerateRequest,
                    env: dict[str, Any], base: dict[str, Any], peaks: rl.Roofline | None = None,
                    progress: Progress | None = None,
                    on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Time every case in order; one Result each (also handed to on_result as it is made)."""
     progress = progress or _Silent()
-    progress.start(len(cases) * (settings.repeats + 1))
+    progress.start(len(cases) * (request.timing.repeats + 1))
     device = model.tok_embeddings.weight.device
     first: dict[int, tuple[str, list[list[int]]]] = {}  # prompt set -> first mode's tokens
     results = []
     for index, case in enumerate(cases):
         # --trace only: an untraced run calls time_case exactly as before
-        traced = {"trace_path": trace_path(settings.trace_dir, index, len(cases))} \
-            if settings.trace_dir else {}
+        traced = {"trace_path": trace_path(request.timing.trace_dir, index, len(cases))} \
+            if request.timing.trace_dir else {}
         try:
-            run = time_case(model, case, settings, progress, **traced)
+            run = time_case(model, case, request, progress, **traced)
         except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
             if not memory.is_oom(err):
                 raise
@@ -281,12 +283,12 @@ def run_generation(model: Transformer, cases: list[Case], settings: RunSettings,
             memory.release_cache(model)
             result = oom_result(model, case, err, peaks, env, base)
         else:
-            result = case_result(model, case, run, settings, peaks, env, base)
+            result = case_result(model, case, run, request, peaks, env, base)
             key = id(case.prompt_set)
             if key in first:
                 same = agreement(*first[key], run.outputs[0])
                 result.metrics["tokens_vs_first_mode"] = same
-                if not same["identical"] and settings.greedy:
+                if not same["identical"] and request.sampling.greedy:
                     result.warnings.append(f"greedy tokens differ from the {same['mode']} "
                                            f"mode's from step {same['first_mismatch']}")
             else:

@@ -6,70 +6,41 @@ Generator; hf and hf-eager run transformers (generation_hf.py) on the same weigh
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from infermeter.engine.generator import GenerationConfig, GenerationOutput, Generator
+from infermeter.engine.generator import GenerationOutput, Generator
 from infermeter.engine.kernels.pdl import resolve as resolve_pdl
-from infermeter.engine.linear import MATVEC_KERNEL, set_matvec_kernel, takes_gemv
+from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import Transformer
 from infermeter.generate.cases import Case
+from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How every case of a benchmark runs (the flags that are not a sweep)."""
-
-    max_new_tokens: int = 64
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_ids: frozenset[int] = field(default_factory=frozenset)  # --until-eos: the EOS ids
-    repeats: int = 5
-    warmup: int = 1  # untimed full runs after the compile / capture warm-up
-    kv_dtype: str | None = None  # None: the weights' dtype
-    compile_backend: str | None = None  # engine/generator.py COMPILE_BACKENDS; None: inductor
-    compile_prefill: bool = False  # compiled mode: the prefill's layers compiled too
-    decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
-    tp_all_reduce: str = "nccl"  # parallel.ALL_REDUCE_KINDS, auto already resolved (generate_run)
-    matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
-    compile_options: dict[str, Any] = field(default_factory=dict)  # extra inductor options
-    pdl: bool | None = None  # the compiled step's kernels with programmatic dependent launch
-    # (engine/kernels/pdl.py); None: wherever it can run (pdl.resolve)
-    roofline: bool = True
-    tp: int = 1  # tensor-parallel degree (engine/parallel/sharding.py sets it; 1 here)
-    trace_dir: str | None = None  # --trace: a profiler trace per case after the timed runs
-
-    def generation_config(self, compile: bool) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, greedy=self.greedy,
-                                temperature=self.temperature, top_p=self.top_p,
-                                stop_ids=self.stop_ids, seed=self.seed, compile=compile)
 
 
 class EngineRunner:
     """The engine's Generator with a cache of the case's length, eager or compiled."""
 
-    def __init__(self, model: Transformer, case: Case, settings: RunSettings) -> None:
-        self.config = settings.generation_config(compile=case.mode == "compiled")
-        self.generator = Generator(model, case.cache_len, kv_dtype=settings.kv_dtype,
-                                   compile_backend=settings.compile_backend,
-                                   compile_prefill=settings.compile_prefill,
-                                   decode_attention=settings.decode_attention,
-                                   compile_options=settings.compile_options,
+    def __init__(self, model: Transformer, case: Case, request: GenerateRequest) -> None:
+        engine = request.engine
+        self.config = replace(request.sampling, compile=case.mode == "compiled")
+        self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
+                                   compile_backend=engine.compile_backend,
+                                   compile_prefill=engine.compile_prefill,
+                                   decode_attention=engine.decode_attention,
+                                   compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
-                                       settings.pdl, model.tok_embeddings.weight.device,
-                                       settings.compile_backend))
-        set_matvec_kernel(model, settings.matvec_kernel)  # after the Generator fused w13/wqkv
-        self.matvec_kernel = settings.matvec_kernel
+                                       engine.pdl, model.tok_embeddings.weight.device,
+                                       engine.compile_backend))
+        set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
+        self.matvec_kernel = engine.matvec_kernel
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
-        self.all_reduce = None if settings.tp == 1 else \
-            settings.tp_all_reduce if self.config.compile or "triton" in settings.tp_all_reduce \
+        self.all_reduce = None if (request.tp or 1) == 1 else \
+            engine.tp_all_reduce if self.config.compile or "triton" in engine.tp_all_reduce \
             else "nccl"
         self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
 
@@ -134,15 +105,14 @@ class StepRanges:
             self.open = False
 
 
-def make_runner(model: Transformer, case: Case, settings: RunSettings) -> Any:
+def make_runner(model: Transformer, case: Case, request: GenerateRequest) -> Any:
     if case.mode != "eager":
         # dynamo keeps compiled variants per code object and, past its recompile limit (8),
         # silently runs eager: a sweep of shapes must start each compiled case afresh (hf too:
         # transformers compiles Module.__call__, one code object for every model).
         torch._dynamo.reset()
     if case.mode in ("compiled", "eager"):
-        return EngineRunner(model, case, settings)
+        return EngineRunner(model, case, request)
     from infermeter.generate.hf import HFRunner
 
-    return HFRunner(model, settings.generation_config(compile=False),
-                    compile=case.mode == "hf")
+    return HFRunner(model, request.sampling, compile=case.mode == "hf")

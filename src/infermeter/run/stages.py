@@ -137,10 +137,10 @@ def copy_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
 
 
 def generate_request(setting: RunSetting) -> Any:
-    from infermeter.generate.job import GenerateRequest
+    from infermeter.generate.request import build_request
 
     source = setting.checkpoint or f"random:{setting.model}"
-    return GenerateRequest(
+    return build_request(
         source=source, max_new_tokens=setting.new_tokens, device=setting.device,
         dtype=setting.dtype, modes=("compiled",) if setting.on_gpu else ("eager",),
         max_seq_len=setting.seq_len, batch_sizes=(setting.batch,),
