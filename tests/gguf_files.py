@@ -96,3 +96,31 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_vocab_gguf(path: Path, kind: str, tokens: list[str], types: list[int], *,
+                     scores: list[float] | None = None, merges: list[str] | None = None,
+                     pre: str | None = None, bos: int | None = None, eos: int | None = None,
+                     unk: int | None = None, add_bos: bool | None = None,
+                     template: str | None = None) -> Path:
+    """A GGUF holding only a vocabulary (tokenizer.ggml.*) and optionally a chat template."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(kind)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    for add, value in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos),
+                       (writer.add_unk_token_id, unk), (writer.add_add_bos_token, add_bos),
+                       (writer.add_chat_template, template)):
+        if value is not None:
+            add(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

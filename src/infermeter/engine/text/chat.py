@@ -1,4 +1,5 @@
-"""Chat formats and prompt inputs: dialogs -> prompt ids as Meta's reference code built them.
+"""Chat formats and prompt inputs: dialogs -> prompt ids, with the checkpoint's own chat template
+(template.py) where its tokenizer ships one, else as Meta's reference code built them.
 
 A dialog is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`.
 Llama 2 follows `Llama.chat_completion` (llama/generation.py), Llama 3 follows `ChatFormat`
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from infermeter.engine.text.template import render_chat
 from infermeter.engine.text.tokenizer import Tokenizer
 from infermeter.errors import InfermeterError
 
@@ -99,10 +101,30 @@ def encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return ids + header("assistant")
 
 
+def encode_template_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """The tokenizer's chat template rendered (with the assistant's turn opened) and tokenized
+    with its control tokens whole, as transformers' apply_chat_template does. A message holding
+    a control token's text is refused: one rendered string cannot keep it plain text."""
+    _check_dialog(dialog)
+    controls = tokenizer.special_tokens
+    for i, msg in enumerate(dialog):
+        found = next((t for t in controls if t and t in msg["content"]), None)
+        if found is not None:
+            raise InfermeterError(f"chat template: message {i} contains the control token "
+                                  f"{found!r}, which the template would read as one")
+    if tokenizer.chat_template is None:
+        raise InfermeterError("this tokenizer ships no chat template")
+    text = render_chat(tokenizer.chat_template, dialog, tokenizer.template_tokens())
+    return tokenizer.encode_with_specials(text)
+
+
 def resolve_chat_format(tokenizer: Tokenizer, chat_format: str = "auto") -> str:
-    """ "auto" -> "llama3" if the vocab has Llama 3's header tokens, else "llama2"."""
+    """ "auto" -> "template" if the tokenizer ships a chat template, else "llama3" if the vocab
+    has Llama 3's header tokens, else "llama2"."""
     if chat_format not in CHAT_FORMATS:
         raise InfermeterError(f"unknown chat format {chat_format!r}; choose from {CHAT_FORMATS}")
+    if chat_format == "auto" and tokenizer.chat_template:
+        return "template"
     if chat_format == "auto":
         has_headers = tokenizer.special_id("<|start_header_id|>") is not None
         return "llama3" if has_headers else "llama2"
@@ -111,7 +133,10 @@ def resolve_chat_format(tokenizer: Tokenizer, chat_format: str = "auto") -> str:
 
 def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, chat_format: str = "auto") -> list[int]:
     """Prompt ids for one dialog in the given chat format ("llama2", "llama3" or "auto")."""
-    if resolve_chat_format(tokenizer, chat_format) == "llama3":
+    resolved = resolve_chat_format(tokenizer, chat_format)
+    if resolved == "template":
+        return encode_template_dialog(tokenizer, dialog)
+    if resolved == "llama3":
         return encode_llama3_dialog(tokenizer, dialog)
     return encode_llama2_dialog(tokenizer, dialog)
 

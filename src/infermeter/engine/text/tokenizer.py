@@ -1,6 +1,7 @@
-"""Tokenizers: sentencepiece (Llama 2), tiktoken-format BPE (Llama 3), HF tokenizer.json.
+"""Tokenizers: sentencepiece (Llama 2), tiktoken-format BPE (Llama 3), HF tokenizer.json, and the
+vocabulary inside a GGUF file (engine/text/gguf_vocab.py builds it).
 
-All three share one small interface (`Tokenizer`) so the engine and benchmarks never care which
+All of them share one small interface (`Tokenizer`) so the engine and benchmarks never care which
 one a model uses. `encode` treats its text as plain text: a prompt that contains "<|eot_id|>" or
 "</s>" gets the tokens of those characters, never the control id (as Meta's reference code does).
 Control ids are placed on purpose by the chat formats through `special_id`.
@@ -71,6 +72,9 @@ class Tokenizer:
         self._stop_ids = frozenset(stop_ids)
         self._special_tokens = dict(special_tokens)
 
+    # The Jinja chat template the tokenizer's files ship, or None (engine/text/template.py).
+    chat_template: str | None = None
+
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
@@ -105,6 +109,34 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Control token text -> id (a copy)."""
+        return dict(self._special_tokens)
+
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template reads ({"bos_token": "<s>", ...}), those it has."""
+        names = {i: text for text, i in self._special_tokens.items()}
+        pairs = (("bos_token", self.bos_id), ("eos_token", self.eos_id))
+        return {key: names[i] for key, i in pairs if i in names}
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of a text whose control tokens stand for themselves (a rendered chat template)."""
+        raise InfermeterError(f"{type(self).__name__} cannot read control tokens inside a text, "
+                              "which the model's chat template needs")
+
+    def _add_template_stops(self) -> None:
+        """Stop at the control token the chat template writes after an assistant's answer too
+        (ChatML's <|im_end|>, Llama 3's <|eot_id|>)."""
+        if not self.chat_template:
+            return
+        from infermeter.engine.text.template import text_after_answer
+
+        after = (text_after_answer(self.chat_template, self.template_tokens()) or "").lstrip()
+        ends = [t for t in self._special_tokens if t and after.startswith(t)]
+        if ends:
+            self._stop_ids |= {self._special_tokens[max(ends, key=len)]}
 
 
 def _import(module: str) -> Any:
@@ -214,6 +246,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._model.decode(list(ids))
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        return list(self._model.encode(text, allowed_special="all"))
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a side file, or {} if absent; bad JSON is the user's to fix."""
@@ -252,6 +287,8 @@ class HFTokenizer(Tokenizer):
         bos, eos, stop = self._find_bos_eos(path.parent)
         stop |= {special[t] for t in _END_OF_TURN_TOKENS if t in special}
         super().__init__(self._tok.get_vocab_size(with_added_tokens=True), bos, eos, stop, special)
+        self.chat_template = _chat_template(path.parent)
+        self._add_template_stops()
 
     def _find_bos_eos(self, folder: Path) -> tuple[int | None, int | None, set[int]]:
         """BOS/EOS ids from tokenizer_config.json, special_tokens_map.json, config files, names."""
@@ -283,6 +320,70 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        return encode_parsing_specials(self._tok, text)
+
+
+def encode_parsing_specials(tok: Any, text: str) -> list[int]:
+    """A `tokenizers` Tokenizer's ids for text, its added tokens matched whole (as transformers
+    tokenizes a rendered chat template); the tokenizer's text-only setting is kept."""
+    plain = getattr(tok, "encode_special_tokens", False)
+    tok.encode_special_tokens = False
+    try:
+        return list(tok.encode(text, add_special_tokens=False).ids)
+    finally:
+        tok.encode_special_tokens = plain
+
+
+def _chat_template(folder: Path) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
+    named templates: "default")."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InfermeterError(f"{jinja_file}: unreadable ({e})") from None
+    found = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(found, list):
+        named = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}
+        found = named.get("default", next(iter(named.values()), None))
+    return found if isinstance(found, str) and found.strip() else None
+
+
+class GGUFTokenizer(Tokenizer):
+    """The vocabulary a GGUF file carries (tokenizer.ggml.*), built by gguf_vocab.py the way
+    llama.cpp reads it, with the file's chat template. A prompt's BOS follows the file's
+    add_bos_token (SmolLM2: none)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from infermeter.engine.text.gguf_vocab import read_gguf_vocab
+
+        vocab = read_gguf_vocab(Path(path))
+        self._tok, self._add_bos, self._encode_error = (vocab.backend, vocab.add_bos,
+                                                        vocab.encode_error)
+        stop = set(vocab.stop_ids) | {vocab.special[t] for t in _END_OF_TURN_TOKENS
+                                      if t in vocab.special}
+        super().__init__(vocab.size, vocab.bos_id, vocab.eos_id, stop, vocab.special)
+        self.chat_template = vocab.chat_template
+        self._add_template_stops()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return super().encode(text, bos=bos and self._add_bos, eos=eos)
+
+    def _encode(self, text: str) -> list[int]:
+        if self._encode_error:
+            raise InfermeterError(self._encode_error)
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        if self._encode_error:
+            raise InfermeterError(self._encode_error)
+        return encode_parsing_specials(self._tok, text)
+
 
 def _is_tiktoken_file(path: Path) -> bool:
     """A tiktoken BPE file starts with a `base64 rank` text line; a protobuf never does."""
@@ -292,12 +393,17 @@ def _is_tiktoken_file(path: Path) -> bool:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer in `path`: a tokenizer.json / tokenizer.model file or their folder.
+    """Load the tokenizer in `path`: a tokenizer.json / tokenizer.model file or their folder, or
+    a GGUF file's vocabulary.
 
     A folder's tokenizer.json wins (HF); else tokenizer.model (also Meta's HF `original/`),
     read as tiktoken if its first line is `base64 rank`, else as sentencepiece.
     """
+    from infermeter.spec.gguf_meta import is_gguf
+
     path = Path(path)
+    if is_gguf(path):
+        return GGUFTokenizer(path)
     if path.is_dir():
         candidates = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
         found = next((path / c for c in candidates if (path / c).is_file()), None)
@@ -313,3 +419,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except OSError as e:
         raise InfermeterError(f"{path}: cannot read tokenizer ({e.strerror})") from None
     return TiktokenTokenizer(path) if is_tiktoken else SentencePieceTokenizer(path)
+
+
+def gguf_tokenizer(path: str | Path) -> Tokenizer | None:
+    """A GGUF file's tokenizer, or None when the file carries no vocabulary."""
+    from infermeter.engine.text.gguf_vocab import has_vocab
+
+    return GGUFTokenizer(path) if has_vocab(Path(path)) else None
