@@ -190,16 +190,17 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     from infermeter.engine.parallel.sharding import all_gather_last, all_reduce
     from infermeter.spec.presets import PRESETS
 
-    spec, tp = PRESETS[model], init_distributed("cuda")
-    x = torch.randn(1, 1, spec.dim, dtype=torch.bfloat16, device=tp.device)
-    emb = torch.randn(1, 1, spec.dim // tp.world, dtype=torch.bfloat16, device=tp.device)
-    logits = torch.randn(1, 1, spec.vocab_size // tp.world, dtype=torch.bfloat16,
-                         device=tp.device)
+    spec, parallel = PRESETS[model], init_distributed("cuda")
+    x = torch.randn(1, 1, spec.dim, dtype=torch.bfloat16, device=parallel.device)
+    emb = torch.randn(1, 1, spec.dim // parallel.world, dtype=torch.bfloat16,
+                      device=parallel.device)
+    logits = torch.randn(1, 1, spec.vocab_size // parallel.world, dtype=torch.bfloat16,
+                         device=parallel.device)
 
     def step() -> None:  # one decode step's collectives, in the order the model runs them
-        outs = [all_gather_last(emb, tp.group, tp.world)]
-        outs += [all_reduce(x, tp.group) for _ in range(2 * spec.n_layers)]
-        outs.append(all_gather_last(logits, tp.group, tp.world))
+        outs = [all_gather_last(emb, parallel.group, parallel.world)]
+        outs += [all_reduce(x, parallel.group) for _ in range(2 * spec.n_layers)]
+        outs.append(all_gather_last(logits, parallel.group, parallel.world))
         for out in outs:  # funcol results are waited for where they are used: use them
             torch.add(out, 0)
 
@@ -208,17 +209,17 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
         what inductor lowers the compiled step's all-reduces to); the all-gathers stay NCCL's."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        name = tp.group.group_name
+        name = parallel.group.group_name
         symm_mem.enable_symm_mem_for_group(name)
         buffer = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)
         symm_mem.rendezvous(buffer, name)
         buffer.copy_(x)
 
         def run() -> None:
-            outs = [all_gather_last(emb, tp.group, tp.world)]
+            outs = [all_gather_last(emb, parallel.group, parallel.world)]
             outs += [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", name)
                      for _ in range(2 * spec.n_layers)]
-            outs.append(all_gather_last(logits, tp.group, tp.world))
+            outs.append(all_gather_last(logits, parallel.group, parallel.world))
             for out in outs:
                 torch.add(out, 0)
         return run
@@ -229,15 +230,16 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
         from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce
 
         sites = 2 * spec.n_layers
-        kernel = PeerAllReduce.for_group(tp.group, tp.device, sites)
+        kernel = PeerAllReduce.for_group(parallel.group, parallel.device, sites)
         mine = torch.randn(x.shape, dtype=x.dtype, device=x.device,
-                           generator=torch.Generator(x.device).manual_seed(tp.rank))
-        timings["triton_equals_nccl"] = torch.equal(kernel(mine, 0), all_reduce(mine, tp.group))
+                           generator=torch.Generator(x.device).manual_seed(parallel.rank))
+        timings["triton_equals_nccl"] = torch.equal(kernel(mine, 0),
+                                                    all_reduce(mine, parallel.group))
 
         def run() -> None:
-            outs = [all_gather_last(emb, tp.group, tp.world)]
+            outs = [all_gather_last(emb, parallel.group, parallel.world)]
             outs += [kernel(x, site) for site in range(sites)]
-            outs.append(all_gather_last(logits, tp.group, tp.world))
+            outs.append(all_gather_last(logits, parallel.group, parallel.world))
             for out in outs:
                 torch.add(out, 0)
         return run
@@ -248,13 +250,13 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     def write() -> None:
         """Rank 0 writes what is timed so far: a variant that kills the process (the 2xH100
         run before commit 0c7c257 lost the whole part that way) leaves the ones before it."""
-        if tp.rank != 0:
+        if parallel.rank != 0:
             return
         from infermeter.measure.env import capture_env
         from infermeter.measure.result import Result, write_json
 
         previous = json.loads(out.read_text())["metrics"] if out.exists() else {}
-        config = {"benchmark": "tp_comm", "model": model, "tp": tp.world, "dtype": "bfloat16",
+        config = {"benchmark": "tp_comm", "model": model, "tp": parallel.world, "dtype": "bfloat16",
                   "batch_size": 1, "steps_timed": 50,  # NCCL_* settings tried (e.g. PROTO):
                   "nccl_env": {k: v for k, v in sorted(os.environ.items())
                                if k.startswith("NCCL_")}}
@@ -265,7 +267,7 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
     variants = {"eager": lambda: step, "graph": lambda: step, "triton_graph": peer,
                 "one_shot_graph": one_shot}  # COMM_VARIANTS, one per process
     how, make = variant, variants[variant]
-    print(f"rank {tp.rank}: comm {how}", file=sys.stderr, flush=True)
+    print(f"rank {parallel.rank}: comm {how}", file=sys.stderr, flush=True)
     try:
         fn = make()
         if how != "eager":  # as the compiled decode step replays them: no launch overhead
@@ -305,8 +307,8 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     from infermeter.measure.ranks import gather_objects
     from infermeter.spec.presets import PRESETS
 
-    spec, tp = PRESETS[model], init_distributed(device)
-    plan = ShardPlan(spec, tp.rank, tp.world)
+    spec, parallel = PRESETS[model], init_distributed(device)
+    plan = ShardPlan(spec, parallel.rank, parallel.world)
     # The rank's cache has exactly the shape of a model with its heads: kvsize's per-rank bytes.
     # Same name as the model: the report makes one column of a device x model x tp.
     shard = spec.with_updates(n_heads=plan.heads[1], n_kv_heads=plan.kv_heads[1])
@@ -315,16 +317,17 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
                           methods=("per-tensor", "staged"), repeats=10, warmup=2,
                           device=device)
     mine = []
-    for phase, active in [(f"alone-{r}", {r}) for r in range(tp.world)] + [
-            ("together", set(range(tp.world)))]:
+    for phase, active in [(f"alone-{r}", {r}) for r in range(parallel.world)] + [
+            ("together", set(range(parallel.world)))]:
         dist.barrier()  # everyone starts a phase together
-        if tp.rank in active:
+        if parallel.rank in active:
             for result in run_copy(request):
-                result.config.update(tp_sweep="copy", phase=phase, rank=tp.rank, tp=tp.world)
+                result.config.update(tp_sweep="copy", phase=phase, rank=parallel.rank,
+                                     tp=parallel.world)
                 mine.append(result.to_json())
         dist.barrier()
     everything = gather_objects(mine)
-    if tp.rank == 0:
+    if parallel.rank == 0:
         out.write_text("".join(f"{line}\n" for lines in everything for line in lines))
     teardown()
 

@@ -92,8 +92,8 @@ def test_tp_must_match_the_processes_torchrun_started(monkeypatch) -> None:
 def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
     spec = SPECS[name]
     full = load_weights(spec, seed=3)
-    for tp in ranks(world):
-        shard = load_weights(spec, seed=3, tp=tp)
+    for parallel in ranks(world):
+        shard = load_weights(spec, seed=3, parallel=parallel)
         assert_slices_of(full, shard, shard.shard_plan)
         assert shard.layers[0].attention.n_heads == spec.n_heads // world
         if spec.tie_embeddings:
@@ -103,8 +103,8 @@ def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
 @pytest.mark.parametrize("name,world", [(n, 2) for n in SPECS] + [("gqa", 4), ("mqa", 4)])
 def test_cache_and_weights_per_rank_equal_kvsize(name: str, world: int) -> None:
     spec = SPECS[name]
-    for tp in ranks(world):
-        model = load_model(spec, max_batch_size=3, max_seq_len=11, tp=tp)
+    for parallel in ranks(world):
+        model = load_model(spec, max_batch_size=3, max_seq_len=11, parallel=parallel)
         assert model.cache_bytes() == sizes.kv_cache_bytes(spec, 3, 11, "float32", world)
         if not spec.qkv_bias:  # kvsize does not count replicated biases
             weights = sum(t.nbytes for t in model.parameters())
@@ -143,11 +143,11 @@ def _record_meta_opens(monkeypatch) -> dict[str, dict]:
 
 def test_meta_with_one_shard_per_rank_loads_its_file_only(meta_folders, monkeypatch) -> None:
     folder = meta_folders["gqa-2"]
-    for tp in ranks(2):
+    for parallel in ranks(2):
         opened = _record_meta_opens(monkeypatch)
-        shard = load_weights(folder, tp=tp)
-        assert list(opened) == [f"consolidated.{tp.rank:02d}.pth"]
-        state = opened[f"consolidated.{tp.rank:02d}.pth"]
+        shard = load_weights(folder, parallel=parallel)
+        assert list(opened) == [f"consolidated.{parallel.rank:02d}.pth"]
+        state = opened[f"consolidated.{parallel.rank:02d}.pth"]
         for name, tensor in shard.state_dict().items():
             # Not merged, not even copied: the parameter is the file's own (mmap'd) tensor.
             assert tensor.untyped_storage().data_ptr() == state[name].untyped_storage(
@@ -161,9 +161,9 @@ def test_meta_with_one_shard_per_rank_loads_its_file_only(meta_folders, monkeypa
 ])
 def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files) -> None:
     full = load_weights(meta_folders[key])
-    for tp, names in zip(ranks(world), files):
+    for parallel, names in zip(ranks(world), files):
         opened = _record_meta_opens(monkeypatch)
-        shard = load_weights(meta_folders[key], tp=tp)
+        shard = load_weights(meta_folders[key], parallel=parallel)
         assert sorted(opened) == [f"consolidated.{n}.pth" for n in names]
         assert_slices_of(full, shard, shard.shard_plan)
 
@@ -187,9 +187,9 @@ def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> No
         def __getattr__(self, attr):
             return getattr(self.handle, attr)
     monkeypatch.setattr(hf, "_open", Recording)
-    for tp in ranks(2):
+    for parallel in ranks(2):
         whole_reads.clear()
-        shard = load_weights(tmp_path, tp=tp)
+        shard = load_weights(tmp_path, parallel=parallel)
         assert_slices_of(full, shard, shard.shard_plan)
         assert whole_reads and all(n.endswith("norm.weight") for n in whole_reads), whole_reads
 

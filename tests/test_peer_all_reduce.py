@@ -191,14 +191,14 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))
     auto = build_request(source="random:debug")
     assert auto.engine.tp_all_reduce == "auto"
-    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: True)
+    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda parallel: True)
     assert resolve_all_reduce(auto, gpus) == "triton"
     prefill = build_request(source="random:debug", compile_prefill=True)
     assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
     assert resolve_all_reduce(build_request(source="random:debug", tp_all_reduce="nccl"),
                               gpus) == "nccl"
     assert resolve_all_reduce(auto, None) == "nccl"
-    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda tp: False)
+    monkeypatch.setattr(all_reduce, "peer_all_reduce_usable", lambda parallel: False)
     assert resolve_all_reduce(auto, gpus) == "nccl"
 
 
@@ -269,7 +269,7 @@ def test_a_failed_peer_buffer_leaves_the_model_as_it_was(monkeypatch, kind) -> N
         raise PeerBufferUnavailable("symmetric memory unavailable on rank 1 (...): ...")
 
     monkeypatch.setattr(PeerAllReduce, "for_group", classmethod(unavailable))
-    model = load_model("random:debug", tp=TensorParallel(0, 2, 0, torch.device("cpu")))
+    model = load_model("random:debug", parallel=TensorParallel(0, 2, 0, torch.device("cpu")))
     gpus = TensorParallel(0, 2, 0, torch.device("cuda", 0))  # only its type is looked at
     with pytest.raises(PeerBufferUnavailable):
         use_peer_all_reduce(model, gpus, **kind)

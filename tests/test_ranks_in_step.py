@@ -20,9 +20,9 @@ from tests.tp_workers import run_ranks
 LAG_S = 0.3  # how late rank 1 comes to the barrier
 
 
-def _barrier_times(tp) -> float:
+def _barrier_times(parallel) -> float:
     """Rank 1 arrives LAG_S late; both leave together: rank 0's wait is about LAG_S."""
-    if tp.rank == 1:
+    if parallel.rank == 1:
         time.sleep(LAG_S)
     start = time.monotonic()
     ranks_meet(torch.device("cpu"))

@@ -20,16 +20,16 @@ from infermeter.launch import run_entry
 
 def main() -> int:
     mode = sys.argv[1]
-    tp = group.init_distributed("cpu")
-    if mode == "fail" and tp.rank == 1:
+    parallel = group.init_distributed("cpu")
+    if mode == "fail" and parallel.rank == 1:
         raise InfermeterError("rank one broke on purpose")
-    if mode == "bug" and tp.rank == 1:
+    if mode == "bug" and parallel.rank == 1:
         raise RuntimeError("an unexpected bug on rank one")
     if mode == "hang":
         group.TEARDOWN_TIMEOUT_S = 1.0
         dist.destroy_process_group = lambda *args, **kwargs: threading.Event().wait()
     dist.barrier()  # with a failed peer, rank 0 blocks (or breaks) here until it is stopped
-    if tp.rank == 0:
+    if parallel.rank == 0:
         print(f"{mode}: rank 0 done", flush=True)
     return 0
 

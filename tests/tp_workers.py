@@ -3,7 +3,7 @@
 `run_ranks(fn, world, *args)` starts `world` processes (torch.multiprocessing, spawn), sets the
 environment torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store
 held by the test process), joins them through
-group.init_distributed("cpu") and returns every rank's fn(tp, *args). A rank that raises fails
+group.init_distributed("cpu") and returns every rank's fn(parallel, *args). A rank that raises fails
 the test with its traceback; ranks still running after `timeout` are killed and the test fails,
 so a hang can never block CI. Worker functions live here (not in the test file) because spawned
 processes import them by module name.
@@ -35,15 +35,15 @@ def _entry(rank: int, fn: Any, world: int, port: int, out: str, args: tuple) -> 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)  # 2 CPU cores shared by up to 4 ranks
-    tp = init_distributed("cpu")
+    parallel = init_distributed("cpu")
     try:
-        torch.save(fn(tp, *args), Path(out) / f"rank-{rank}.pt")
+        torch.save(fn(parallel, *args), Path(out) / f"rank-{rank}.pt")
     finally:
         assert teardown(timeout_s=30), "teardown did not finish"
 
 
 def run_ranks(fn: Any, world: int, *args: Any, timeout: float = 80.0) -> list[Any]:
-    """Every rank's fn(tp, *args). One retry, only for a rank killed by SIGABRT from C++
+    """Every rank's fn(parallel, *args). One retry, only for a rank killed by SIGABRT from C++
     ("terminate called without an active exception"): seen once in about 16 runs of the
     two-rank test on a 2-core machine, inside gloo, never with a Python error. A rank that
     raises, a wrong result, or a second abort still fails the test."""
@@ -81,7 +81,7 @@ def _forward_steps(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
+def compare_with_tp1(parallel: TensorParallel, sources: dict[str, Any],
                      compiled: tuple[str, ...] = (), seed: int = 1) -> dict[str, dict[str, Any]]:
     """Per source: max |logits tp - logits tp 1|, cache bytes vs kvsize, greedy tokens equal,
     and for the sources named in `compiled`, the decode step under torch.compile(fullgraph=True,
@@ -92,7 +92,8 @@ def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
     out = {}
     for name, source in sources.items():
         full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed)
-        shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed, tp=tp)
+        shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed,
+                           parallel=parallel)
         spec = full.spec
         tokens = torch.randint(0, spec.vocab_size, (BATCH, PROMPT + DECODE),
                                generator=torch.Generator().manual_seed(0))
@@ -107,7 +108,7 @@ def compare_with_tp1(tp: TensorParallel, sources: dict[str, Any],
         out[name] = {"diff": diff, "fused_diff": fused_diff.item(), "tokens_equal": want == got,
                      "cache_bytes": shard.cache_bytes(),
                      "kvsize_bytes": sizes.kv_cache_bytes(spec, BATCH, CACHE, "float32",
-                                                           tp.world)}
+                                                           parallel.world)}
         if name in compiled:
             out[name]["compiled_equal"] = _compiled_step_equal(full, shard, "aot_eager")
     return out
@@ -126,18 +127,18 @@ def _compiled_step_equal(full: Any, shard: Any, backend: str) -> bool:
     return torch.equal(tokens[0], tokens[1])
 
 
-def abort_once(tp: TensorParallel, marker: str) -> int:
+def abort_once(parallel: TensorParallel, marker: str) -> int:
     """Rank 1 aborts (SIGABRT, as a C++ terminate does) the first time only."""
-    if tp.rank == 1 and not Path(marker).exists():
+    if parallel.rank == 1 and not Path(marker).exists():
         Path(marker).touch()
         os.abort()
-    return tp.rank
+    return parallel.rank
 
 
-def abort_always(tp: TensorParallel) -> int:
-    if tp.rank == 1:
+def abort_always(parallel: TensorParallel) -> int:
+    if parallel.rank == 1:
         os.abort()
-    return tp.rank
+    return parallel.rank
 
 
 # ---- the peer all-reduce kernel (engine/parallel/peer_all_reduce.py) under TRITON_INTERPRET=1
@@ -169,32 +170,32 @@ def peer_inputs(site: int, numel: int, dtype: torch.dtype, world: int) -> list[t
             .to(dtype) for r in range(world)]
 
 
-def peer_sums(tp: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
+def peer_sums(parallel: TensorParallel, buffers: list[torch.Tensor]) -> dict[str, Any]:
     """Every case's result against the float32 sum in rank order, and the flags left set."""
     from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce, flag_area_bytes
 
-    peer = PeerAllReduce(tp.rank, buffers, n_sites=3)
+    peer = PeerAllReduce(parallel.rank, buffers, n_sites=3)
     equal = []
     for site, numel, dtype in PEER_CASES:  # sites reused, slices of 1-3 programs, ragged ends
-        xs = peer_inputs(site, numel, dtype, tp.world)
+        xs = peer_inputs(site, numel, dtype, parallel.world)
         exact = sum((x.float() for x in xs), torch.zeros(numel))  # float32, in rank order
         # Rounded to the dtype as a GPU does (to nearest even), or, for bfloat16, by truncation
         # (how Triton's CPU interpreter converts float32 to bfloat16).
         truncated = (exact.view(torch.int32) & -65536).view(torch.float32)
         rounded = exact.to(dtype), truncated.to(dtype) if dtype == torch.bfloat16 else None
-        got = peer(xs[tp.rank], site)
+        got = peer(xs[parallel.rank], site)
         ok = got == rounded[0] if rounded[1] is None else (got == rounded[0]) | (got == rounded[1])
         equal.append(got.dtype == dtype and bool(ok.all()))
     for site, numel, dtype in PEER_CASES[:3]:  # the same sums, plus the add and the norm
         rows, dim = max(1, numel // 500), 500 if numel >= 500 else numel
         deltas = [x[:rows * dim].view(rows, dim) for x in peer_inputs(site, numel, dtype,
-                                                                      tp.world)]
+                                                                      parallel.world)]
         residual = torch.linspace(-2, 2, rows * dim).view(rows, dim).to(dtype)
         weight = torch.linspace(0.5, 1.5, dim).to(dtype)
-        h, normed = peer.add_norm(deltas[tp.rank], residual, weight, 1e-5, site)
+        h, normed = peer.add_norm(deltas[parallel.rank], residual, weight, 1e-5, site)
         equal.append(add_norm_matches(h, normed, deltas, residual, weight,
                                       ADD_NORM_TOLERANCE[dtype]))
-    flags = buffers[tp.rank][:flag_area_bytes(3)].view(torch.int32)
+    flags = buffers[parallel.rank][:flag_area_bytes(3)].view(torch.int32)
     return {"equal": equal, "flags_set": flags.count_nonzero().item()}
 
 
@@ -214,7 +215,7 @@ class _CountingPeer:
 
 
 @torch.no_grad()
-def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.Tensor],
+def peer_model_matches_tp1(parallel: TensorParallel, source: Any, buffers: list[torch.Tensor],
                            fuse_norm: bool) -> dict[str, Any]:
     """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
     them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
@@ -224,8 +225,8 @@ def peer_model_matches_tp1(tp: TensorParallel, source: Any, buffers: list[torch.
     from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
 
     full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1)
-    shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, tp=tp)
-    use_peer_all_reduce(shard, tp, buffers, fuse_norm=fuse_norm)
+    shard = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=1, parallel=parallel)
+    use_peer_all_reduce(shard, parallel, buffers, fuse_norm=fuse_norm)
     index = shard.tp_collectives.peer_index
     counter = peer_all_reduce._INSTANCES[index] = _CountingPeer(peer_all_reduce._INSTANCES[index])
     tokens = torch.randint(0, full.spec.vocab_size, (BATCH, PROMPT + DECODE),
@@ -258,7 +259,7 @@ class _FakeHandle:
         return torch.zeros(shape, dtype=dtype)
 
 
-def fake_symmetric_memory(tp: TensorParallel, fails: dict[int, str]) -> list[Any]:
+def fake_symmetric_memory(parallel: TensorParallel, fails: dict[int, str]) -> list[Any]:
     """Put CPU stand-ins for torch symmetric memory's calls in this (spawned, throwaway)
     process; the step fails[rank] ("empty" or "rendezvous") raises on that rank, as a driver
     without CUDA IPC does, with a multi-line message. Returns the list in which each buffer
@@ -270,7 +271,7 @@ def fake_symmetric_memory(tp: TensorParallel, fails: dict[int, str]) -> list[Any
     handed_out: list[Any] = []
 
     def fail_at(step: str) -> None:
-        if fails.get(tp.rank) == step:
+        if fails.get(parallel.rank) == step:
             raise RuntimeError(f"CUDA driver error: operation not supported ({step})\n"
                                "more details on a second line")
 
@@ -282,14 +283,14 @@ def fake_symmetric_memory(tp: TensorParallel, fails: dict[int, str]) -> list[Any
 
     def rendezvous(buffer: torch.Tensor, group_name: str) -> _FakeHandle:
         fail_at("rendezvous")
-        return _FakeHandle(tp.rank, buffer)
+        return _FakeHandle(parallel.rank, buffer)
 
     symm_mem.enable_symm_mem_for_group = lambda group_name: None
     symm_mem.empty, symm_mem.rendezvous = empty, rendezvous
     return handed_out
 
 
-def peer_buffer_agreement(tp: TensorParallel,
+def peer_buffer_agreement(parallel: TensorParallel,
                           cases: list[dict[int, str]]) -> list[dict[str, Any]]:
     """PeerAllReduce.for_group once per case (rank -> the step that fails there) on the same
     group, in order: what came back (the peer's rank and buffer count, or the error's class
@@ -298,10 +299,10 @@ def peer_buffer_agreement(tp: TensorParallel,
 
     out = []
     for fails in cases:
-        handed_out = fake_symmetric_memory(tp, fails)
+        handed_out = fake_symmetric_memory(parallel, fails)
         start = time.monotonic()
         try:
-            peer = PeerAllReduce.for_group(tp.group, tp.device, n_sites=2)
+            peer = PeerAllReduce.for_group(parallel.group, parallel.device, n_sites=2)
             got = {"rank": peer.rank, "buffers": len(peer.buffers)}
         except PeerBufferUnavailable as err:  # checked while its traceback is alive
             got = {"error": type(err).__name__, "message": str(err),
@@ -310,7 +311,7 @@ def peer_buffer_agreement(tp: TensorParallel,
     return out
 
 
-def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> list[dict]:
+def generate_when_peer_buffers_fail(parallel: TensorParallel, kinds: list[str]) -> list[dict]:
     """`infermeter generate --tp 2 --tp-all-reduce KIND` for each kind, on ranks that look like
     GPUs that reach each other (auto picks triton) and whose symmetric memory fails on rank 1 at
     the rendezvous: the exit code, stdout and stderr of each run."""
@@ -322,20 +323,20 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
     from infermeter.engine.parallel.peer_all_reduce import PeerAllReduce
     from infermeter.generate import job
 
-    fake_symmetric_memory(tp, {1: "rendezvous"})
-    all_reduce.peer_all_reduce_usable = lambda tp: True
+    fake_symmetric_memory(parallel, {1: "rendezvous"})
+    all_reduce.peer_all_reduce_usable = lambda parallel: True
     real_options = job._all_reduce_options  # refuses triton kinds on CPU ranks
 
-    def options(request: Any, tp: Any) -> dict:
+    def options(request: Any, parallel: Any) -> dict:
         if request.engine.tp_all_reduce.startswith("triton"):
             return {}
-        return real_options(request, tp)
+        return real_options(request, parallel)
 
     job._all_reduce_options = options
     # use_peer_all_reduce refuses CPU ranks before it reaches for_group; what it does on a
     # failure (nothing to the model) is test_peer_all_reduce's single-process test
-    all_reduce.use_peer_all_reduce = lambda model, tp, **kwargs: PeerAllReduce.for_group(
-        tp.group, tp.device, 2 * len(model.layers))
+    all_reduce.use_peer_all_reduce = lambda model, parallel, **kwargs: PeerAllReduce.for_group(
+        parallel.group, parallel.device, 2 * len(model.layers))
     runs = []
     for kind in kinds:
         stdout, stderr = io.StringIO(), io.StringIO()
@@ -348,7 +349,7 @@ def generate_when_peer_buffers_fail(tp: TensorParallel, kinds: list[str]) -> lis
 
 
 # ---- `infermeter copy --tp 2`: the ranks in step, case by case ---------------------------------
-def copy_in_step(tp: TensorParallel, args: list[str], late_rank: int,
+def copy_in_step(parallel: TensorParallel, args: list[str], late_rank: int,
                  late_s: float) -> dict[str, Any]:
     """`infermeter copy ARGS` through cli.main on this rank, with every dist.barrier and the
     start of every timed case recorded in order (("barrier", entered, left) and ("case", label,
@@ -365,7 +366,7 @@ def copy_in_step(tp: TensorParallel, args: list[str], late_rank: int,
     real_barrier = dist.barrier
 
     def barrier(*args: Any, **kwargs: Any) -> Any:
-        if tp.rank == late_rank:
+        if parallel.rank == late_rank:
             time.sleep(late_s)
         entered = time.monotonic()
         out = real_barrier(*args, **kwargs)

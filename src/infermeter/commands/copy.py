@@ -77,15 +77,15 @@ def _run_copy(args: argparse.Namespace) -> int:
     # ---- tensor parallelism (launch.py, engine/parallel/): each rank copies its KV shard
     if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
         return code
-    tp = None
+    parallel = None
     if under_torchrun():
         from infermeter.copy.ranks import merge_ranks
         from infermeter.engine.parallel.group import init_distributed
         from infermeter.engine.parallel.sharding import rank_spec
         from infermeter.measure.ranks import gather_rank_results, ranks_meet
 
-        tp = init_distributed(device, args.tp)
-        spec = rank_spec(spec, tp.world)  # the rank's KV heads: its shard of the cache
+        parallel = init_distributed(device, args.tp)
+        spec = rank_spec(spec, parallel.world)  # the rank's KV heads: its shard of the cache
     # ---- end tensor parallelism
     request = CopyRequest(spec, unique(args.batch_size), unique(args.seq_len),
                           kv_dtype=args.kv_dtype or spec.torch_dtype, layouts=unique(args.layout),
@@ -100,11 +100,11 @@ def _run_copy(args: argparse.Namespace) -> int:
         return 0
     # every rank starts each case together (they share the host's links and memory; a total
     # over ranks means something only for copies that overlap)
-    before_case = (lambda label: ranks_meet()) if tp else None
+    before_case = (lambda label: ranks_meet()) if parallel else None
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
         results = traced_copy(request, progress, args.trace, before_case=before_case) \
             if args.trace else run_copy(request, progress, before_case=before_case)
-    if tp:
+    if parallel:
         per_rank = gather_rank_results(results)  # collective: every rank takes part
         if not is_rank_zero():
             return 0

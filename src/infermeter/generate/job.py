@@ -104,32 +104,32 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
                        vocab_size, request.sampling.seed, fixed)
 
 
-def resolve_all_reduce(request: GenerateRequest, tp: Any) -> str:
+def resolve_all_reduce(request: GenerateRequest, parallel: Any) -> str:
     """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
     graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU), and where the
     kernels' symmetric-memory buffers then cannot be had (run_generate falls back)."""
     if request.engine.tp_all_reduce != "auto":
         return request.engine.tp_all_reduce
-    if not tp:
+    if not parallel:
         return "nccl"
     from infermeter.engine.parallel.all_reduce import peer_all_reduce_usable
 
-    if not peer_all_reduce_usable(tp):
+    if not peer_all_reduce_usable(parallel):
         return "nccl"
     return "triton-unfused" if request.engine.compile_prefill else "triton"
 
 
-def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
+def _all_reduce_options(request: GenerateRequest, parallel: Any) -> dict[str, Any]:
     kind = request.engine.tp_all_reduce
     """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels). run_generate
     resolves auto first; unresolved (one process) it can only mean NCCL."""
-    if kind == "nccl" or (kind == "auto" and not tp):
+    if kind == "nccl" or (kind == "auto" and not parallel):
         return {}
-    if not tp:
+    if not parallel:
         raise InfermeterError(f"--tp-all-reduce {kind} needs --tp 2 or more")
     if kind.startswith("triton"):  # our kernels, set on the loaded model
-        if tp.device.type != "cuda":
+        if parallel.device.type != "cuda":
             raise InfermeterError(f"--tp-all-reduce {kind} needs CUDA GPUs "
                                   "(symmetric memory); this run's ranks are on the CPU")
         if kind == "triton" and request.engine.compile_prefill:  # fused with norms
@@ -143,7 +143,7 @@ def _all_reduce_options(request: GenerateRequest, tp: Any) -> dict[str, Any]:
                               "it needs the inductor compile backend")
     from infermeter.engine.parallel.all_reduce import one_shot_compile_options
 
-    return one_shot_compile_options(tp)
+    return one_shot_compile_options(parallel)
 
 
 def _check_timing(request: GenerateRequest) -> None:
@@ -151,19 +151,19 @@ def _check_timing(request: GenerateRequest) -> None:
         raise InfermeterError("--repeats must be at least 1 and --warmup not negative")
 
 
-def _resolved(request: GenerateRequest, tp: Any, all_reduce: str,
+def _resolved(request: GenerateRequest, parallel: Any, all_reduce: str,
               tokenizer: Any) -> GenerateRequest:
     """The request with what this run resolved put back in: the tensor-parallel size, the
     all-reduce kind (auto picked) and the inductor options it needs, --until-eos's stop ids."""
     stop_ids = frozenset(tokenizer.stop_ids) if (request.until_eos and tokenizer) else frozenset()
     engine = dataclasses.replace(request.engine, tp_all_reduce=all_reduce)
     engine = dataclasses.replace(engine, compile_options=MappingProxyType(
-        _all_reduce_options(dataclasses.replace(request, engine=engine), tp)))
-    return dataclasses.replace(request, tp=tp.world if tp else 1, engine=engine,
+        _all_reduce_options(dataclasses.replace(request, engine=engine), parallel)))
+    return dataclasses.replace(request, tp=parallel.world if parallel else 1, engine=engine,
                                sampling=dataclasses.replace(request.sampling, stop_ids=stop_ids))
 
 
-def _check_hf(cases: list[Any], tp: Any) -> None:
+def _check_hf(cases: list[Any], parallel: Any) -> None:
     """The hf modes need transformers and one GPU: say so before anything is loaded or timed."""
     if not any(case.mode.startswith("hf") for case in cases):
         return
@@ -171,7 +171,7 @@ def _check_hf(cases: list[Any], tp: Any) -> None:
 
     if transformers_version() is None:
         raise InfermeterError("the hf mode needs transformers (pip install transformers)")
-    if tp:
+    if parallel:
         raise InfermeterError("the hf mode runs on one GPU (no --tp)")
 
 
@@ -233,24 +233,24 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     from infermeter.engine.parallel.group import init_distributed
     from infermeter.measure.ranks import gather_result
 
-    tp = init_distributed(request.device, request.tp)
-    device = tp.device if tp else device
+    parallel = init_distributed(request.device, request.tp)
+    device = parallel.device if parallel else device
     asked = request.engine.tp_all_reduce
-    request = _resolved(request, tp, resolve_all_reduce(request, tp), tokenizer)
+    request = _resolved(request, parallel, resolve_all_reduce(request, parallel), tokenizer)
     # ---- end tensor parallelism ----
-    _check_hf(cases, tp)
+    _check_hf(cases, parallel)
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, request.tp,
                            request.engine.tp_all_reduce,
                            request.max_new_tokens * request.timing.repeats)
     peaks = measure_roofline(device) if request.timing.roofline else None  # before the weights
-    model = load_weights(weights, device, dtype, seed=request.sampling.seed, tp=tp)
+    model = load_weights(weights, device, dtype, seed=request.sampling.seed, parallel=parallel)
     notes = []
-    if tp and uses_peer_buffer(request.tp, request.engine.tp_all_reduce):  # counted above
+    if parallel and uses_peer_buffer(request.tp, request.engine.tp_all_reduce):  # counted above
         from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
         from infermeter.engine.parallel.peer_all_reduce import PeerBufferUnavailable
 
         try:
-            use_peer_all_reduce(model, tp, fuse_norm=request.engine.tp_all_reduce == "triton")
+            use_peer_all_reduce(model, parallel, fuse_norm=request.engine.tp_all_reduce == "triton")
         except PeerBufferUnavailable as err:
             if asked != "auto":  # the user's explicit choice: one error line (cli.py)
                 raise
@@ -258,14 +258,14 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
             # (for_group agrees on it) and the model still has its NCCL all-reduces, so
             # every rank goes on with NCCL, recorded as such (request -> Result config).
             notes.append(f"--tp-all-reduce auto fell back to NCCL: {err}")
-            request = _resolved(request, tp, "nccl", tokenizer)
+            request = _resolved(request, parallel, "nccl", tokenizer)
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
     results: list[Result] = []
 
     def finish(result: Result) -> None:
         result.warnings[:0] = notes
-        result = gather_result(result, tp)  # tensor parallel: every rank's metrics, the slowest
+        result = gather_result(result, parallel)  # every rank's metrics, the slowest's
         results.append(result)
         if on_result:
             on_result(result)

@@ -68,15 +68,15 @@ def _middle(stats: dict[str, Any]) -> float | None:
     return value if isinstance(value, (int, float)) else None
 
 
-def gather_result(result: Any, tp: TensorParallel | None) -> Any:
+def gather_result(result: Any, parallel: TensorParallel | None) -> Any:
     """Collective: every rank's metrics into rank 0's Result (a results.Result).
 
     metrics become the slowest rank's (`slowest`) with `per_rank` listing each rank's own; the
-    config records tp; a rank whose tokens differ from rank 0's is named in warnings (greedy
+    config records parallel; a rank whose tokens differ from rank 0's is named in warnings (greedy
     ranks see the same gathered logits, so they must agree).
     """
-    result.config["tp"] = 1 if tp is None else tp.world
-    if tp is None:
+    result.config["tp"] = 1 if parallel is None else parallel.world
+    if parallel is None:
         return result
     per_rank = gather_objects({"metrics": result.metrics, "tokens": result.output_token_ids})
     metrics = [entry["metrics"] for entry in per_rank]

@@ -102,24 +102,24 @@ def spec_for(source: str | Path | ModelSpec) -> tuple[ModelSpec, Path | None, st
 
 def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str = torch.float32, seed: int = 0,
-                 tp: TensorParallel | None = None) -> Transformer:
+                 parallel: TensorParallel | None = None) -> Transformer:
     """A Transformer with weights from `source` and no KV cache yet.
 
-    tp (parallel.init_distributed's answer): the model is this rank's shard, built on the meta
+    parallel (parallel.init_distributed's answer): the model is this rank's shard, built on the meta
     device, sharded there (parallel.shard_model), then filled with the rank's slices only.
     """
     spec, folder, fmt = spec_for(source)
     check_engine_arch(spec)
     target = torch_dtype(dtype)
-    if folder is None and tp is None:
+    if folder is None and parallel is None:
         return build_model(spec, device, target, seed=seed)
     model = build_model(spec, device, target, on_meta=True)
     shapes = expected_shapes(model)  # full shapes, before sharding
     shard = None
-    if tp is not None:
+    if parallel is not None:
         from infermeter.engine.parallel.sharding import shard_model
 
-        shard = shard_model(model, tp.rank, tp.world, tp.group)
+        shard = shard_model(model, parallel.rank, parallel.world, parallel.group)
     if folder is None:  # random weights: each rank keeps its slices of the tp 1 model
         model = model.to_empty(device=device)
         model.tie_weights()
@@ -137,12 +137,12 @@ def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "c
 def load_model(source: str | Path | ModelSpec, device: torch.device | str = "cpu",
                dtype: torch.dtype | str = torch.float32, max_batch_size: int = 1,
                max_seq_len: int | None = None, kv_dtype: torch.dtype | str | None = None,
-               seed: int = 0, tp: TensorParallel | None = None) -> Transformer:
+               seed: int = 0, parallel: TensorParallel | None = None) -> Transformer:
     """Load (or randomly initialise) a model and allocate its static KV cache.
 
     max_seq_len None means the spec's max_seq_len; kv_dtype None means the weights' dtype.
     """
-    model = load_weights(source, device, dtype, seed, tp)
+    model = load_weights(source, device, dtype, seed, parallel)
     length = model.spec.max_seq_len if max_seq_len is None else max_seq_len
     model.setup_cache(max_batch_size, length, dtype=kv_dtype, device=device)
     return model

@@ -43,38 +43,39 @@ AUTO_ALL_REDUCE = "triton"  # what auto picks on the GPUs of one host (report_se
 ONE_SHOT_INDUCTOR_OPTIONS = {"_collective.auto_select": True, "triton.cudagraph_trees": False}
 
 
-def one_shot_compile_options(tp: TensorParallel) -> dict[str, Any]:
+def one_shot_compile_options(parallel: TensorParallel) -> dict[str, Any]:
     """Enable symmetric memory for the group and return the inductor options under which the
     compiled step's small all-reduces become one-shot kernels (eager steps keep NCCL). Needs
     CUDA GPUs."""
-    if tp.device.type != "cuda":
+    if parallel.device.type != "cuda":
         raise InfermeterError("--tp-all-reduce one-shot needs CUDA GPUs (symmetric memory); "
                               "this run's ranks are on the CPU")
     from infermeter.engine.parallel.peer_all_reduce import enable_symm_mem
 
-    enable_symm_mem(tp.group.group_name)  # torch's call, its deprecation warning silenced
+    enable_symm_mem(parallel.group.group_name)  # torch's call, its deprecation warning silenced
     return dict(ONE_SHOT_INDUCTOR_OPTIONS)
 
 
-def peer_all_reduce_usable(tp: TensorParallel) -> bool:
+def peer_all_reduce_usable(parallel: TensorParallel) -> bool:
     """Whether every rank can run peer_all_reduce.py's kernels: CUDA ranks, all on this host
     (symmetric memory does not span hosts), Triton installed, and GPUs that reach each other
     (NVLink or PCIe peer access). The ranks agree through one all-reduce: ranks that chose
     differently would wait on each other forever."""
     from infermeter.engine.kernels.triton_support import triton
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(tp.world)))
-    usable = (tp.device.type == "cuda" and triton is not None and local_world == tp.world
-              and all(torch.cuda.can_device_access_peer(tp.local_rank, other)
-                      for other in range(tp.world) if other != tp.local_rank))
-    if tp.group is not None:
-        flag = torch.tensor([int(usable)], device=tp.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(parallel.world)))
+    usable = (parallel.device.type == "cuda" and triton is not None
+              and local_world == parallel.world
+              and all(torch.cuda.can_device_access_peer(parallel.local_rank, other)
+                      for other in range(parallel.world) if other != parallel.local_rank))
+    if parallel.group is not None:
+        flag = torch.tensor([int(usable)], device=parallel.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=parallel.group)
         usable = bool(flag.item())
     return usable
 
 
-def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
+def use_peer_all_reduce(model: Transformer, parallel: TensorParallel,
                         buffers: list[Tensor] | None = None, fuse_norm: bool = True) -> None:
     """Switch a sharded model's decode-sized all-reduces to peer_all_reduce.py's kernels (a
     collective: every rank calls it). fuse_norm: each all-reduce also does the residual add and
@@ -89,14 +90,14 @@ def use_peer_all_reduce(model: Transformer, tp: TensorParallel,
     if not isinstance(collectives, Collectives):
         raise InfermeterError("--tp-all-reduce triton needs a tensor-parallel model (--tp 2+)")
     probe = model.norm.weight
-    if (buffers is None and tp.device.type != "cuda") or not triton_runs_on(probe):
+    if (buffers is None and parallel.device.type != "cuda") or not triton_runs_on(probe):
         raise InfermeterError("--tp-all-reduce triton needs CUDA GPUs and Triton (symmetric "
-                              f"memory); this run's ranks are on {tp.device.type}")
+                              f"memory); this run's ranks are on {parallel.device.type}")
     n_sites = 2 * len(model.layers)
     # The buffers before any change to the model: if they cannot be had (PeerBufferUnavailable)
     # the model keeps its NCCL all-reduces, and --tp-all-reduce auto runs on with them.
-    peer = peer_all_reduce.PeerAllReduce(tp.rank, buffers, n_sites) if buffers is not None \
-        else peer_all_reduce.PeerAllReduce.for_group(tp.group, tp.device, n_sites)
+    peer = peer_all_reduce.PeerAllReduce(parallel.rank, buffers, n_sites) if buffers is not None \
+        else peer_all_reduce.PeerAllReduce.for_group(parallel.group, parallel.device, n_sites)
     collectives.peer, collectives.peer_index = peer, peer_all_reduce.register(peer)
     if fuse_norm:  # each norm learns the site whose all-reduce comes with it
         for site, _, norm in row_parallel_sites(model):

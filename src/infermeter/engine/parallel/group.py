@@ -1,7 +1,8 @@
 """The tensor-parallel process group under torchrun: joining it, this rank's place in it, and
 ending it without ever hanging (a dead peer or a stuck NCCL shutdown cannot keep a rank alive).
 
-`tp` is always the group's size (an int); a TensorParallel is one rank's view of the group.
+`tp` is always the group's size (an int); a TensorParallel, named `parallel` where it is held,
+is one rank's view of the group (its rank, the size as `world`, its device, the process group).
 """
 
 from __future__ import annotations
