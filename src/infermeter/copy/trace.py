@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from infermeter.copy.job import run_copy
+from infermeter.copy import job
 from infermeter.measure.breakdown import summarize_trace
 from infermeter.measure.trace import profile_to, trace_path
 
@@ -16,7 +16,7 @@ def traced_copy(request: Any, progress: Any, folder: str | Path, env: Any = None
     time and GB/s) go into every Result's metrics["breakdown"]. `before_case`: as run_copy's."""
     path = trace_path(folder)
     with profile_to(path, {"kind": "copy"}):
-        results = run_copy(request, progress, env=env, before_case=before_case)
+        results = job.run_copy(request, progress, env=env, before_case=before_case)
     found = summarize_trace(path)
     for result in results:
         result.metrics["breakdown"] = {**found, "trace": str(path)}
