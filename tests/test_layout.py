@@ -151,9 +151,10 @@ def _tracked_text_files() -> list[Path]:
     return files
 
 
-def test_no_file_tells_the_history_by_session_numbers():
-    """Dates and commit ids name when something was measured or changed, never a work session."""
-    word = re.compile(r"\bsessions?\b", re.IGNORECASE)
+def test_no_file_numbers_the_history_by_work_periods():
+    """Dates and commit ids name when something was measured or changed, never a numbered work
+    period of the lab notebook (the word is spelled in two halves here so this file passes)."""
+    word = re.compile(r"\bsess" + r"ions?\b", re.IGNORECASE)
     offenders = []
     for path in _tracked_text_files():
         try:
