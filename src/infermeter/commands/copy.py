@@ -46,16 +46,9 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_copy(args: argparse.Namespace) -> int:
-    from infermeter.copy.job import (
-        CopyRequest,
-        gpu_available,
-        n_cases,
-        n_runnable,
-        plan_rows,
-        run_copy,
-    )
+    from infermeter.copy.group import copy_on_ranks, join_group
+    from infermeter.copy.job import CopyRequest, gpu_available, n_cases, n_runnable, plan_rows
     from infermeter.copy.table import progress_bar, render_copy, render_plan
-    from infermeter.copy.trace import traced_copy
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
     from infermeter.measure.result import append_jsonl, check_output
     from infermeter.spec.loaders import resolve_model
@@ -79,13 +72,7 @@ def _run_copy(args: argparse.Namespace) -> int:
         return code
     parallel = None
     if under_torchrun():
-        from infermeter.copy.ranks import merge_ranks
-        from infermeter.engine.parallel.group import init_distributed
-        from infermeter.engine.parallel.sharding import rank_spec
-        from infermeter.measure.ranks import gather_rank_results, ranks_meet
-
-        parallel = init_distributed(device, args.tp)
-        spec = rank_spec(spec, parallel.world)  # the rank's KV heads: its shard of the cache
+        spec, parallel = join_group(spec, device, args.tp)
     # ---- end tensor parallelism
     request = CopyRequest(spec, unique(args.batch_size), unique(args.seq_len),
                           kv_dtype=args.kv_dtype or spec.torch_dtype, layouts=unique(args.layout),
@@ -98,17 +85,10 @@ def _run_copy(args: argparse.Namespace) -> int:
         if not args.json:
             print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
         return 0
-    # every rank starts each case together (they share the host's links and memory; a total
-    # over ranks means something only for copies that overlap)
-    before_case = (lambda label: ranks_meet()) if parallel else None
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
-        results = traced_copy(request, progress, args.trace, before_case=before_case) \
-            if args.trace else run_copy(request, progress, before_case=before_case)
-    if parallel:
-        per_rank = gather_rank_results(results)  # collective: every rank takes part
-        if not is_rank_zero():
-            return 0
-        results = merge_ranks(request, per_rank)  # per rank and in total, per case
+        results = copy_on_ranks(request, progress, args.trace, parallel)
+    if results is None:  # tensor parallel: only rank 0 prints and writes
+        return 0
     if args.output:
         append_jsonl(args.output, results)
     if args.json:

@@ -1,7 +1,7 @@
 """Tensor parallelism: every rank's copy Results as one Result per (batch, seq_len).
 
 Each rank ran the same request on its own KV shard, the ranks meeting at a barrier before every
-case (commands/copy.py), so a case's copies overlapped on all ranks. The merged Result has the
+case (copy/group.py), so a case's copies overlapped on all ranks. The merged Result has the
 shape of generate's gather_result: the slowest rank's figures as the metrics, every rank's own
 in `per_rank`, and config.tp = the number of ranks.
 
