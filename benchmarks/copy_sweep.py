@@ -138,8 +138,9 @@ def main() -> int:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"copy-{slug}.jsonl"
+        old = path.read_text() if path.exists() else ""
         lines = "".join(result.to_json() + "\n" for _, result in done)
-        atomic_write(path, lines.encode())  # this run replaces the device's previous results
+        atomic_write(path, (old + lines).encode())  # appended: earlier runs' Results stay
         (folder / f"copy-{slug}-summary.txt").write_text(text + "\n")
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -5,7 +5,8 @@
     python benchmarks/generation_sweep.py --merge /work/.device/N/generate-<device>.jsonl
 
 Parts (Llama-2-7B, random fp16 weights; one Result per case, appended as soon as it is done, so a
-command that runs out of time keeps every finished case; re-running a part replaces its Results):
+command that runs out of time keeps every finished case; a part run again is appended, its
+earlier Results stay, and the summary reads each part's latest run):
   seed     batch 1 and 32, an 80-token prompt + 432 new tokens in a 512-token cache (the reference
            scripts' 432 tokens and cache): compiled (5 timed runs after 1 untimed) and eager (2
            timed runs after the warm-up: a run takes 10-15 s there)
@@ -24,8 +25,8 @@ command that runs out of time keeps every finished case; re-running a part repla
   context  batch 1, TPOT after 512, 2048 and 8192 tokens of KV, compiled, each in a cache of
            exactly context + 64 tokens (64 new tokens). The random model's positions are raised
            to 8256 (Llama-2's 4096 would refuse 8k; the cost of a step does not depend on it).
---merge FILE puts the parts found in FILE (a sweep's JSONL brought back from a GPU machine)
-in place of the same parts in results/, keeping the others, then prints the summary.
+--merge FILE appends the Results found in FILE (a sweep's JSONL brought back from a GPU
+machine) to the file in results/, then prints the summary.
 Then prints one table of every case in the file, TPOT against context, and, last, the issue's
 targets with the ratios measured here. When $OUT is set, the JSONL and the summary go there too.
 Rough budget on an H100: seed 4 min, hf 2-4 min, prefill 1 min, context 4 min (a compile is
@@ -182,27 +183,25 @@ def context_lines(results: list[Result]) -> str:
                      for r in rows)
 
 
-def keep_other_runs(path: Path, part: str) -> None:
-    """Drop an earlier run of `part` from the file, so the part's new Results replace it."""
-    if path.exists():
-        kept = [r for r in read_results(path) if r.config.get("run") != part]
-        tmp = path.with_name(f".{path.name}.new")
-        tmp.unlink(missing_ok=True)
-        if kept:
-            append_jsonl(tmp, kept)
-            os.replace(tmp, path)
-        else:
-            path.unlink()
+def latest_runs(results: list[Result]) -> list[Result]:
+    """Each part's Results from its latest run only (the file keeps every run: a figure the docs
+    cite never disappears from it). A run is the Results of one sweep command, which share the
+    env timestamp captured when it started."""
+    last: dict[str, str] = {}
+    for r in results:
+        part, when = str(r.config.get("run")), str(r.env.get("timestamp", ""))
+        last[part] = max(last.get(part, ""), when)
+    return [r for r in results
+            if str(r.env.get("timestamp", "")) == last[str(r.config.get("run"))]]
 
 
 def merge_parts(source: Path, path: Path) -> list[str]:
-    """Replace, in `path`, every part that `source` has Results for by `source`'s Results."""
+    """Append to `path` the Results `source` brings that it does not hold yet (a file merged
+    twice adds nothing); earlier runs of the same parts stay. Returns the parts brought."""
     new = read_results(source)
-    parts = list(dict.fromkeys(r.config.get("run") for r in new))
-    for part in parts:
-        keep_other_runs(path, part)
-    append_jsonl(path, new)
-    return parts
+    held = {r.to_json() for r in read_results(path)} if path.exists() else set()
+    append_jsonl(path, [r for r in new if r.to_json() not in held])
+    return list(dict.fromkeys(r.config.get("run") for r in new))
 
 
 def merged_slug(source: Path) -> str | None:
@@ -212,8 +211,6 @@ def merged_slug(source: Path) -> str | None:
 
 
 def run_part(part: str, path: Path, env: dict) -> None:
-    keep_other_runs(path, part)
-
     def save(result: Result) -> None:
         result.config["run"] = part
         append_jsonl(path, [result])
@@ -256,7 +253,7 @@ def main() -> int:
     if not path.exists():
         print(f"no results in {path}", file=sys.stderr)
         return 1
-    results = read_results(path)
+    results = latest_runs(read_results(path))
     text = "\n\n".join(filter(None, [table(results), context_lines(results), targets(results)]))
     print(text)
     out = os.environ.get("OUT")

@@ -4,7 +4,8 @@
     python benchmarks/tp_sweep.py --summary-only --slug nvidia-h100-80gb-hbm3
     NCCL_PROTO=LL python benchmarks/tp_sweep.py --parts comm --tag nccl-ll   # a variant's files
 
-Parts (each under the device tool's 10-minute limit; re-running a part replaces its Results):
+Parts (each under the device tool's 10-minute limit; a part run again is appended after the
+earlier Results, which stay):
   decode-7b, decode-13b  Llama-2-7B / 13B, random bf16 weights, batch 1, an 80-token prompt and
         256 new tokens in a 512-token cache, compiled: `infermeter generate --tp 1` and `--tp 2`
         (the user's own command, torchrun started by it). Decode tok/s is the slowest rank's.
@@ -83,13 +84,13 @@ def _child_env() -> dict[str, str]:
             "PYTHONPATH": str(ROOT / "src")}
 
 
-def _replace_part(path: Path, part: str, lines: list[str]) -> None:
-    """Keep the file's lines of other parts, put this part's new lines after them (atomic)."""
+def append_part(path: Path, lines: list[str]) -> None:
+    """Add a part's new lines after every line the file holds (atomic): an earlier run's Results
+    stay, so a figure the docs cite never disappears; the summary reads the latest."""
     old = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in old if json.loads(line).get("config", {}).get("tp_sweep") != part]
     from infermeter.measure.result import atomic_write
 
-    atomic_write(path, "".join(f"{line}\n" for line in kept + lines).encode())
+    atomic_write(path, "".join(f"{line}\n" for line in old + lines).encode())
 
 
 # ---- decode: the user's command at tp 1 and tp 2 -------------------------------------------------
@@ -125,7 +126,7 @@ def part_decode(model: str, jsonl: Path, part: str, trace: Path | None = None) -
             result["config"]["tp_sweep"] = part
             lines.append(json.dumps(result))
         out.unlink(missing_ok=True)
-    _replace_part(jsonl, part, lines)
+    append_part(jsonl, lines)
 
 
 # ---- runs: start to exit, ten times --------------------------------------------------------------
@@ -357,7 +358,7 @@ def run_part(part: str, smoke: bool, folder: Path, slug: str, jsonl: Path) -> No
     elif part == "copy":
         tmp = folder / f".{slug}-copy.jsonl"
         run_workers("copy", tmp)
-        _replace_part(jsonl, "copy", tmp.read_text().splitlines())
+        append_part(jsonl, tmp.read_text().splitlines())
         tmp.unlink()
     elif part == "runs":
         part_runs(folder / f"{slug}-runs.json")

@@ -1,5 +1,7 @@
-"""benchmarks/generation_sweep.py --merge: a GPU machine's parts replace the same parts only."""
+"""The sweeps never drop a Result (the docs cite them): --merge and a part run again append, and
+the summary reads each part's latest run."""
 
+import json
 from pathlib import Path
 
 from infermeter.measure.result import Result, append_jsonl, read_results
@@ -10,23 +12,31 @@ def load_sweep():
     return load_benchmark("generation_sweep")
 
 
-def result(part: str, tag: str) -> Result:
-    return Result("generate", {"name": "debug"}, {"run": part, "tag": tag}, {}, {})
+def result(part: str, tag: str, when: str = "2026-11-26T00:00:00") -> Result:
+    return Result("generate", {"name": "debug"}, {"run": part, "tag": tag}, {"timestamp": when},
+                  {})
 
 
 def tags(path: Path) -> list[tuple[str, str]]:
     return [(r.config["run"], r.config["tag"]) for r in read_results(path)]
 
 
-def test_merge_replaces_the_parts_it_brings_and_keeps_the_rest(tmp_path):
+def test_merge_appends_what_it_brings_and_keeps_every_earlier_result(tmp_path):
     sweep = load_sweep()
     committed, brought = tmp_path / "committed.jsonl", tmp_path / "brought.jsonl"
     append_jsonl(committed, [result("seed", "old"), result("prefill", "old-a"),
                              result("prefill", "old-b"), result("context", "old")])
-    append_jsonl(brought, [result("prefill", "new-a"), result("prefill", "new-b")])
+    later = "2026-12-04T00:00:00"
+    append_jsonl(brought, [result("prefill", "new-a", later), result("prefill", "new-b", later)])
     assert sweep.merge_parts(brought, committed) == ["prefill"]
-    assert tags(committed) == [("seed", "old"), ("context", "old"), ("prefill", "new-a"),
-                               ("prefill", "new-b")]
+    assert tags(committed) == [("seed", "old"), ("prefill", "old-a"), ("prefill", "old-b"),
+                               ("context", "old"), ("prefill", "new-a"), ("prefill", "new-b")]
+    assert sweep.merge_parts(brought, committed) == ["prefill"]  # a second merge adds nothing
+    assert len(tags(committed)) == 6
+    # the summary reads each part's latest run: prefill's new pair, the others' only run
+    latest = sweep.latest_runs(read_results(committed))
+    assert [(r.config["run"], r.config["tag"]) for r in latest] == [
+        ("seed", "old"), ("context", "old"), ("prefill", "new-a"), ("prefill", "new-b")]
 
 
 def test_merge_into_a_missing_file_creates_it(tmp_path):
@@ -36,6 +46,16 @@ def test_merge_into_a_missing_file_creates_it(tmp_path):
     append_jsonl(brought, [result("hf", "x")])
     assert sweep.merge_parts(brought, committed) == ["hf"]
     assert tags(committed) == [("hf", "x")]
+
+
+def test_the_tp_sweep_appends_a_part_run_again(tmp_path):
+    sweep = load_benchmark("tp_sweep")
+    path = tmp_path / "tp.jsonl"
+    first = [json.dumps({"config": {"tp_sweep": "decode-13b", "n": i}}) for i in range(2)]
+    sweep.append_part(path, first)
+    again = [json.dumps({"config": {"tp_sweep": "decode-13b", "n": 9}})]
+    sweep.append_part(path, again)
+    assert path.read_text().splitlines() == first + again
 
 
 def generate_result(part: str, batch: int, tok_s: float, mbu: float) -> Result:
