@@ -1,6 +1,7 @@
 """`infermeter generate` end to end: random presets, a Meta checkpoint with its tokenizer, chat
 dialogs, the seed's flag spellings, and bad input (one line, non-zero exit)."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,14 +15,30 @@ from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.measure.result import REQUIRED_FIELDS
 from infermeter.spec.presets import PRESETS
+from tests.cli_in_process import run_cli
 from tests.test_tokenizer import _corpus
 
 SPEC = PRESETS["debug"].with_updates(vocab_size=320)  # room for the test tokenizer's 320 ids
 
 
 def run(*args):
+    """`infermeter generate ARGS` in this process (tests/cli_in_process.py)."""
+    return run_cli("generate", *args)
+
+
+def run_process(*args):
+    """The same through `python -m infermeter`: the one check that the entry point generates."""
     return subprocess.run([sys.executable, "-m", "infermeter", "generate", *args],
                           capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def generate_json(*args) -> dict:
+    """One run's Result, shared by the tests that ask for the same run (each compiled run costs
+    a torch.compile); callers only read it."""
+    out = run(*args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +55,8 @@ def meta_checkpoint(tmp_path_factory):
 
 
 def test_random_preset_json_matches_the_engine():
-    out = run("--model", "debug", "--device", "cpu", "--max-new-tokens", "8",
-              "--prompt-ids", "1,2,3,4", "--json")
+    out = run_process("--model", "debug", "--device", "cpu", "--max-new-tokens", "8",
+                      "--prompt-ids", "1,2,3,4", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["kind"] == "generate" and result["schema"] == 1
@@ -90,11 +107,11 @@ def test_sampling_is_seeded():
 
 def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     args = ("--model", "debug", "--device", "cpu", "--max-new-tokens", "6", "--json")
-    eager = json.loads(run(*args, "--mode", "eager").stdout)
-    compiled = json.loads(run(*args, "--mode", "compiled").stdout)
+    eager = generate_json(*args, "--mode", "eager")
+    compiled = generate_json(*args, "--mode", "compiled")
     assert compiled["output_token_ids"] == eager["output_token_ids"]
     assert compiled["config"]["compile_prefill"] is False
-    both = json.loads(run(*args, "--mode", "compiled", "--compile-prefill").stdout)
+    both = generate_json(*args, "--mode", "compiled", "--compile-prefill")
     assert both["output_token_ids"] == eager["output_token_ids"]
     assert both["config"]["compile_prefill"] is True
 
@@ -108,26 +125,26 @@ def test_decode_attention_choice_is_applied_and_recorded():
 
     assert DECODE_ATTENTION_KINDS == ATTENTION_KINDS
     args = ("--model", "debug", "--device", "cpu", "--max-new-tokens", "6", "--json")
-    eager = json.loads(run(*args, "--mode", "eager").stdout)
+    eager = generate_json(*args, "--mode", "eager")
     assert eager["config"]["decode_attention"] == "math"  # eager runs triton's fallback
-    sdpa = json.loads(run(*args, "--mode", "eager", "--decode-attention", "sdpa").stdout)
+    sdpa = generate_json(*args, "--mode", "eager", "--decode-attention", "sdpa")
     assert sdpa["config"]["decode_attention"] == "sdpa"
     assert sdpa["output_token_ids"] == eager["output_token_ids"]
     # The default attention (auto), and the Triton GEMV asked for, on a CPU without Triton's
     # interpreter: the math attention and inductor's products ran, and the Result says so.
-    compiled = json.loads(run(*args, "--mode", "compiled", "--matvec-kernel", "triton").stdout)
+    compiled = generate_json(*args, "--mode", "compiled", "--matvec-kernel", "triton")
     assert compiled["config"]["decode_attention"] == "math"
     assert (compiled["config"]["matvec_kernel"], eager["config"]["matvec_kernel"]) == \
         ("inductor", None)
     assert compiled["output_token_ids"] == eager["output_token_ids"]
-    default = json.loads(run(*args, "--mode", "compiled").stdout)
+    default = generate_json(*args, "--mode", "compiled")
     assert default["config"]["matvec_kernel"] == "inductor"
     bad = run(*args, "--decode-attention", "paged")
     assert bad.returncode == 2 and "invalid choice: 'paged'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
-# The generate Result's metrics that other tools read (DESIGN.md, the issue): all present.
+# The generate Result's metrics that other tools read (docs/design.md, the issue): all present.
 SCHEMA_METRICS = ("ttft_ms", "ttft_stats", "tpot_ms", "decode_tok_per_s", "prefill_tok_per_s",
                   "total_tokens", "generation_time_s", "token_generation_speed", "warmup_s",
                   "mbu_pct", "mfu_pct", "decode_gbps", "bytes_per_decode_step",
