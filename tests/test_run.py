@@ -13,14 +13,16 @@ from infermeter.cli import main
 from infermeter.measure.result import REQUIRED_FIELDS
 from infermeter.report.tables import REFERENCE_ROWS
 from infermeter.run import stages
+from tests.cli_in_process import run_cli as in_process
 
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU default, even on a GPU machine
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "infermeter", "run", *args], cwd=cwd,
-                          env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300)
+    """`infermeter run ARGS` in this process, stderr into stdout (tests/cli_in_process.py);
+    callers take the cpu_only fixture too (CUDA_VISIBLE_DEVICES cannot hide a GPU that torch
+    has already seen)."""
+    return in_process("run", *args, cwd=cwd, env={"CUDA_VISIBLE_DEVICES": ""}, merge_stderr=True)
 
 
 def read_jsonl(path):
@@ -37,7 +39,7 @@ def cpu_only(monkeypatch):
     monkeypatch.setattr("infermeter.copy.job.gpu_available", lambda: False)
 
 
-def test_default_run_on_cpu_writes_results_and_report(tmp_path):
+def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     done = run_cli(cwd=tmp_path)  # no --out: ./infermeter-results/<UTC timestamp>
     assert done.returncode == 0, done.stdout
     first = done.stdout.splitlines()[0]
@@ -136,6 +138,7 @@ import os, signal, sys
 assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "the child must start with SIG_IGN"
 from infermeter.cli import main
 from infermeter.run import stages
+from tests.cli_in_process import run_cli as in_process
 
 def interrupt(setting, env):
     os.kill(os.getpid(), signal.SIGINT)
@@ -161,7 +164,7 @@ def test_ctrl_c_reaches_a_run_started_with_sigint_ignored(tmp_path):
     assert not leftovers(tmp_path)
 
 
-def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path):
+def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path, cpu_only):
     done = run_cli("--seq-len", "1000", "--out", str(tmp_path))  # debug holds 256 positions
     assert done.returncode == 2
     errors = [line for line in done.stdout.splitlines() if "error" in line]
@@ -171,7 +174,7 @@ def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path):
     assert (tmp_path / "report.md").is_file() and not leftovers(tmp_path)
 
 
-def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, cpu_only):
     out = tmp_path / "out"
     done = run_cli("--checkpoint", str(tmp_path / "nonexistent"), "--out", str(out))
     assert done.returncode == 2
