@@ -1,4 +1,5 @@
-"""`infermeter kv` and `infermeter presets` end to end, through a real subprocess."""
+"""`infermeter kv` and `infermeter presets` end to end: main(argv) in this process with its
+output captured (tests/cli_in_process.py), and `python -m infermeter` once, in a subprocess."""
 
 import json
 import subprocess
@@ -7,11 +8,11 @@ import sys
 import pytest
 
 from tests import published_configs as published
+from tests.cli_in_process import run_cli
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "infermeter", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return run_cli(*args, cwd=cwd)
 
 
 def json_lines(stdout):
@@ -145,7 +146,8 @@ def test_presets_lists_every_preset():
 
 
 def test_python_dash_m_and_version():
-    out = run("--version")
+    out = subprocess.run([sys.executable, "-m", "infermeter", "--version"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("infermeter ")
 
 
