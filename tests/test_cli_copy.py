@@ -1,20 +1,19 @@
-"""`infermeter copy` end to end through a real subprocess: without a GPU (sizes only), the
-host-memcpy run (--device cpu), and bad input."""
+"""`infermeter copy` end to end (main(argv) in this process with its output captured,
+tests/cli_in_process.py): without a GPU (sizes only), the host-memcpy run (--device cpu), and
+bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from infermeter.spec import sizes
 from infermeter.spec.presets import PRESETS
+from tests.cli_in_process import run_cli as in_process
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "infermeter", "copy", *args],
-                          capture_output=True, text=True, timeout=300)
+    return in_process("copy", *args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
