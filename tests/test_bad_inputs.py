@@ -2,17 +2,16 @@
 nothing written. Each case here once ended otherwise (a traceback, exit 0, a wrong file)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests import published_configs as published
+from tests.cli_in_process import run_cli
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "infermeter", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    """The CLI in this process, answering as `python -m infermeter` (tests/cli_in_process.py)."""
+    return run_cli(*args, cwd=cwd)
 
 
 def assert_one_error_line(out, message):
