@@ -98,8 +98,8 @@ def test_the_chat_answer_is_printed(smollm2, tmp_path, capsys) -> None:
     dialogs = tmp_path / "chat.json"
     dialogs.write_text(json.dumps([QUESTION]))
     assert main(["generate", "--checkpoint", str(path), "--dialogs", str(dialogs),
-                 "--until-eos", "--max-new-tokens", "24", "--device", "cpu", "--repeats", "1",
-                 "--warmup", "0", "--no-roofline"]) == 0
+                 "--until-eos", "--max-new-tokens", "24", "--max-seq-len", "64", "--device",
+                 "cpu", "--repeats", "1", "--warmup", "0", "--no-roofline"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("[0] '") and "Paris" in first, first
     assert "<|im_end|>" not in first  # stopped at the template's end of turn
