@@ -30,7 +30,7 @@ from infermeter.copy.diagnosis import GOALS, diagnose, targets
 from infermeter.copy.job import CopyRequest, run_copy
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, atomic_write
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 from infermeter.textable import render_table
 
 BATCHED = ("staged", "mapped")  # one copy per block of 131,072 takes ~1 s a sample

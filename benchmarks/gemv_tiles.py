@@ -30,7 +30,7 @@ import triton.testing
 from infermeter.engine.kernels.gemv import NUM_STAGES, _gemv_kernel, gpu_name, tiles_for
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, write_json
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 
 def step_shapes(spec, tp: int) -> tuple[tuple[str, int, int, int], ...]:

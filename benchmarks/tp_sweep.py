@@ -134,7 +134,7 @@ def runs_result(rows: list[dict]) -> Any:
     """The runs part as a Result: which machine, which command, every run's exit."""
     from infermeter.measure.env import capture_env
     from infermeter.measure.result import Result
-    from infermeter.spec.presets import PRESETS
+    from infermeter.specs.presets import PRESETS
 
     clean = sum(r["exit_code"] == 0 and r["result_written"] for r in rows)
     config = {"benchmark": "tp_runs", "tp": 2, "model": SETUP["runs_model"],
@@ -189,7 +189,7 @@ def worker_comm(out: Path, model: str, variant: str) -> None:
 
     from infermeter.engine.parallel.group import init_distributed, teardown
     from infermeter.engine.parallel.sharding import all_gather_last, all_reduce
-    from infermeter.spec.presets import PRESETS
+    from infermeter.specs.presets import PRESETS
 
     spec, parallel = PRESETS[model], init_distributed("cuda")
     x = torch.randn(1, 1, spec.dim, dtype=torch.bfloat16, device=parallel.device)
@@ -306,7 +306,7 @@ def worker_copy(out: Path, model: str, seq_len: int, device: str, hosts: str) ->
     from infermeter.engine.parallel.group import init_distributed, teardown
     from infermeter.engine.parallel.sharding import ShardPlan
     from infermeter.measure.ranks import gather_objects
-    from infermeter.spec.presets import PRESETS
+    from infermeter.specs.presets import PRESETS
 
     spec, parallel = PRESETS[model], init_distributed(device)
     plan = ShardPlan(spec, parallel.rank, parallel.world)

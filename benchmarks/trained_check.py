@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from infermeter.measure.env import capture_env, device_slug
-from infermeter.spec.gguf_meta import import_gguf
+from infermeter.specs.gguf_meta import import_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from infermeter.engine import model as model_module
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_kv_decode
 from infermeter.engine.kernels.swiglu import silu_mul_triton
 from infermeter.engine.model import build_model, decode_attention
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 
 def reference(q, k, v, key_pos, pos, window):

@@ -12,7 +12,7 @@ from infermeter.engine.model import build_model
 from infermeter.generate.modes import StepRanges
 from infermeter.measure import breakdown as bd
 from infermeter.measure import nvtx
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 # (label range start, dur, label) on the host thread, and per kernel: (launch ts, name,
 # kernel start, kernel dur). Step: kernels 1000..1100 us, busy 87 us, 4 gaps of 2+3+3+5 us.

@@ -13,8 +13,8 @@ from infermeter.engine.checkpoint.hf import INDEX_FILE, hf_to_meta_name, permute
 from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import RopeScaling
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.model import RopeScaling
+from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 SPECS = {

@@ -12,7 +12,7 @@ from infermeter.engine.checkpoint.load import load_model, load_weights, save_che
 from infermeter.engine.checkpoint.meta import load_pth, shard_for_rank, split_dim
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 # GQA with 4 query heads and 2 KV heads, so a 2-shard checkpoint splits the KV heads too.
 SPEC = PRESETS["debug"].with_updates(name="meta-test")

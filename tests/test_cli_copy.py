@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from infermeter.spec import sizes
-from infermeter.spec.presets import PRESETS
+from infermeter.specs import sizes
+from infermeter.specs.presets import PRESETS
 from tests.cli_in_process import run_cli as in_process
 
 

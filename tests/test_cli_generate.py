@@ -14,7 +14,7 @@ from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.measure.result import REQUIRED_FIELDS
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 from tests.cli_in_process import run_cli
 from tests.test_tokenizer import _corpus
 

@@ -18,8 +18,8 @@ from infermeter.copy.timing import Timing, case_metrics
 from infermeter.copy.verify import CopyMismatch, verify_layout
 from infermeter.errors import InfermeterError
 from infermeter.measure.link import numa_node_of, pcie_peak_gbps, process_on_node, sysfs_bus_id
-from infermeter.spec import sizes
-from infermeter.spec.presets import PRESETS
+from infermeter.specs import sizes
+from infermeter.specs.presets import PRESETS
 
 MiB = 2**20
 CPU = torch.device("cpu")

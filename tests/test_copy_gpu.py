@@ -18,7 +18,7 @@ from infermeter.copy.chunks import plan_chunks  # noqa: E402
 from infermeter.copy.host import alloc_host, mapped_view  # noqa: E402
 from infermeter.copy.job import CopyRequest, run_copy  # noqa: E402
 from infermeter.copy.verify import CopyMismatch, verify_layout  # noqa: E402
-from infermeter.spec.presets import PRESETS  # noqa: E402
+from infermeter.specs.presets import PRESETS  # noqa: E402
 
 
 def _request(model, batch, seq_len, blocks, **kw):

@@ -7,7 +7,7 @@ import torch
 from infermeter.copy import job as copy_bench
 from infermeter.copy.job import CopyRequest
 from infermeter.errors import InfermeterError
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 
 def test_host_memory_counts_every_rank_of_the_host(monkeypatch):

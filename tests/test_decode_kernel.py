@@ -21,7 +21,7 @@ import torch
 
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_count
 from infermeter.engine.model import build_model
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 WORKER = Path(__file__).with_name("decode_kernel_worker.py")
 

@@ -4,8 +4,8 @@ import pytest
 
 from infermeter.errors import InfermeterError
 from infermeter.kv.cache_check import allocated_cache_bytes
-from infermeter.spec.presets import PRESETS
-from infermeter.spec.sizes import kv_cache_bytes
+from infermeter.specs.presets import PRESETS
+from infermeter.specs.sizes import kv_cache_bytes
 
 
 @pytest.mark.parametrize("name, batch, seq_len, kv_dtype", [

@@ -17,7 +17,7 @@ from infermeter.generate import memory
 from infermeter.generate.cases import plan_cases, prompt_sets
 from infermeter.generate.job import run_generate
 from infermeter.generate.request import build_request
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 BILLION = 10**9

@@ -10,7 +10,7 @@ from infermeter.engine.fusion import fuse_projections, is_fused, meta_state_dict
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.measure.trace import weight_bytes
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 SPECS = {"gqa": DEBUG, "qkv-bias-tied": DEBUG.with_updates(arch="qwen2", qkv_bias=True,

@@ -9,7 +9,7 @@ from infermeter.engine.fusion import fuse_projections  # noqa: E402
 from infermeter.engine.kernels.gemv import NUM_STAGES, tiles_for  # noqa: E402
 from infermeter.engine.linear import Linear  # noqa: E402
 from infermeter.engine.model import build_model  # noqa: E402
-from infermeter.spec.presets import PRESETS  # noqa: E402
+from infermeter.specs.presets import PRESETS  # noqa: E402
 from tests.benchmark_scripts import load_benchmark  # noqa: E402
 
 

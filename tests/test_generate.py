@@ -14,7 +14,7 @@ from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
 from infermeter.engine.model import build_model
 from infermeter.engine.sampling import sample, uniform_noise
 from infermeter.errors import InfermeterError
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 SPEC = PRESETS["debug"]
 # Batch 2, T = 7; chosen so that neither greedy continuation repeats one token (stop tests).

@@ -19,7 +19,7 @@ from infermeter.generate.job import run_generate
 from infermeter.generate.request import EngineChoices, GenerateRequest, Timing, build_request
 from infermeter.generate.timing import HostClock, RunTiming, StepRecorder, summarize
 from infermeter.measure import roofline as rl
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 ENV = {"device_name": "cpu"}

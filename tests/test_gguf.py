@@ -18,9 +18,9 @@ from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
-from infermeter.spec.gguf_meta import spec_from_gguf
-from infermeter.spec.model import RopeScaling
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.gguf_meta import spec_from_gguf
+from infermeter.specs.model import RopeScaling
+from infermeter.specs.presets import PRESETS
 from tests.gguf_files import gguf, round_to, write_gguf
 
 # ffn 128: Q8_0 packs blocks of 32 values along every row

@@ -3,8 +3,8 @@
 import pytest
 
 from infermeter.errors import InfermeterError
-from infermeter.spec import sizes
-from infermeter.spec.presets import PRESETS
+from infermeter.specs import sizes
+from infermeter.specs.presets import PRESETS
 
 MiB = 2**20
 
@@ -153,7 +153,7 @@ def test_kvsize_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, infermeter.spec.sizes, infermeter.spec.loaders, infermeter.kv.job; "
+    code = ("import sys, infermeter.specs.sizes, infermeter.specs.loaders, infermeter.kv.job; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -8,9 +8,9 @@ import torch
 from infermeter.engine import model as model_module
 from infermeter.engine.model import Transformer, build_model
 from infermeter.errors import InfermeterError
-from infermeter.spec import sizes
-from infermeter.spec.model import RopeScaling
-from infermeter.spec.presets import PRESETS
+from infermeter.specs import sizes
+from infermeter.specs.model import RopeScaling
+from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]  # 2 layers, dim 64, 4 query heads sharing 2 KV heads, vocab 256
 SPECS = {

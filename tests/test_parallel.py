@@ -26,8 +26,8 @@ from infermeter.engine.parallel.group import TensorParallel, init_distributed
 from infermeter.engine.parallel.sharding import ShardPlan, shard_model
 from infermeter.errors import InfermeterError
 from infermeter.measure.ranks import slowest
-from infermeter.spec import sizes
-from infermeter.spec.presets import PRESETS
+from infermeter.specs import sizes
+from infermeter.specs.presets import PRESETS
 from tests.tp_workers import compare_with_tp1, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from infermeter.engine.parallel.peer_all_reduce import (
 from infermeter.errors import InfermeterError
 from infermeter.generate.job import _all_reduce_options
 from infermeter.generate.request import build_request
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 from tests.tp_workers import (
     PEER_CASES,
     generate_when_peer_buffers_fail,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from infermeter.spec.presets import PRESETS, PUBLISHED_PARAMS
-from infermeter.spec.sizes import param_count
+from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
+from infermeter.specs.sizes import param_count
 
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
             "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b",

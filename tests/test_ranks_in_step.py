@@ -14,7 +14,7 @@ from infermeter.generate import loop
 from infermeter.generate.cases import plan_cases, prompt_sets
 from infermeter.generate.request import GenerateRequest, Timing
 from infermeter.measure.ranks import ranks_meet
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 from tests.tp_workers import run_ranks
 
 LAG_S = 0.3  # how late rank 1 comes to the barrier

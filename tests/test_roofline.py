@@ -1,6 +1,6 @@
 """Roofline arithmetic against hand-computed values, and the CPU run of the peak measurements.
 
-Hand computations (the published shapes, spec/presets.py):
+Hand computations (the published shapes, specs/presets.py):
   Llama-2-7B: 6,738,415,616 parameters; embedding table 32,000 x 4,096 = 131,072,000 (untied);
   norms (2 x 32 + 1) x 4,096 = 266,240; KV per token 2 x 32 layers x 32 heads x 128 x 2 bytes
   = 524,288 bytes (fp16).
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from infermeter.measure import roofline as rl
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.presets import PRESETS
 
 LLAMA2 = PRESETS["llama-2-7b"]
 

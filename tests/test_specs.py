@@ -7,10 +7,10 @@ import re
 import pytest
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
-from infermeter.spec.model import ModelSpec, check_engine_arch
-from infermeter.spec.presets import PRESETS
-from infermeter.spec.sizes import kv_bytes_per_token, param_count
+from infermeter.specs.loaders import resolve_model, spec_from_hf_config, spec_from_meta_params
+from infermeter.specs.model import ModelSpec, check_engine_arch
+from infermeter.specs.presets import PRESETS
+from infermeter.specs.sizes import kv_bytes_per_token, param_count
 from tests import published_configs as published
 
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from infermeter.engine.checkpoint.load import load_model
 from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
 from infermeter.engine.parallel.group import TensorParallel, init_distributed, teardown
-from infermeter.spec import sizes
+from infermeter.specs import sizes
 
 BATCH, CACHE, PROMPT, DECODE = 2, 24, 9, 4
 

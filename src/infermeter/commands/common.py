@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from infermeter.spec.presets import DEFAULT_MODEL
+from infermeter.specs.presets import DEFAULT_MODEL
 
 
 class Parser(argparse.ArgumentParser):

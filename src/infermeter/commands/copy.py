@@ -51,7 +51,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     from infermeter.copy.table import progress_bar, render_copy, render_plan
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
     from infermeter.measure.result import append_jsonl, check_output
-    from infermeter.spec.loaders import resolve_model
+    from infermeter.specs.loaders import resolve_model
 
     def unique(values: list) -> tuple:  # repeated flag values once, in the order given
         return tuple(dict.fromkeys(values))

@@ -203,9 +203,9 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
 
     from infermeter.generate.job import DEFAULT_PROMPT_IDS
     from infermeter.measure.env import nvml_facts
-    from infermeter.spec.loaders import resolve_model
-    from infermeter.spec.rank_plan import rank_plan, render_rank_plan
-    from infermeter.spec.sizes import cache_length
+    from infermeter.specs.loaders import resolve_model
+    from infermeter.specs.rank_plan import rank_plan, render_rank_plan
+    from infermeter.specs.sizes import cache_length
     from infermeter.units import parse_size
 
     if args.checkpoint:

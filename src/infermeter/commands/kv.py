@@ -31,7 +31,7 @@ def _run_kv(args: argparse.Namespace) -> int:
     from infermeter.kv.job import KvRequest, kv_results, render_kv
     from infermeter.measure.env import capture_env, nvml_facts
     from infermeter.measure.result import append_jsonl
-    from infermeter.spec.loaders import resolve_model
+    from infermeter.specs.loaders import resolve_model
     from infermeter.units import parse_size
 
     spec = resolve_model(args.model)
@@ -67,8 +67,8 @@ def add_presets_parser(sub: argparse._SubParsersAction) -> None:
 def _run_presets(args: argparse.Namespace) -> int:
     import json
 
-    from infermeter.spec.presets import PRESETS, PUBLISHED_PARAMS
-    from infermeter.spec.sizes import kv_bytes_per_token, param_count, weight_bytes
+    from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
+    from infermeter.specs.sizes import kv_bytes_per_token, param_count, weight_bytes
     from infermeter.textable import render_table
     from infermeter.units import format_bytes, format_count
 

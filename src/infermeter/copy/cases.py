@@ -29,8 +29,8 @@ import math
 from dataclasses import dataclass
 
 from infermeter.errors import InfermeterError
-from infermeter.spec import sizes
-from infermeter.spec.model import ModelSpec
+from infermeter.specs import sizes
+from infermeter.specs.model import ModelSpec
 from infermeter.units import dtype_bytes
 
 LAYOUTS = ("engine", "contiguous", "paged")

@@ -10,7 +10,7 @@ from typing import Any
 from infermeter.copy.job import CopyRequest, run_copy
 from infermeter.copy.trace import traced_copy
 from infermeter.measure.result import Result
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.model import ModelSpec
 
 
 def join_group(spec: ModelSpec, device: str, tp: int | None) -> tuple[ModelSpec, Any]:

@@ -41,8 +41,8 @@ from infermeter.copy.diagnosis import best, diagnose, targets
 from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
 from infermeter.measure.result import Result
-from infermeter.spec import sizes
-from infermeter.spec.model import ModelSpec
+from infermeter.specs import sizes
+from infermeter.specs.model import ModelSpec
 from infermeter.units import canonical_dtype, format_bytes
 
 

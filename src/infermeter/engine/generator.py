@@ -46,7 +46,7 @@ from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
-from infermeter.spec.sizes import cache_length
+from infermeter.specs.sizes import cache_length
 
 # generate() calls hook(event, step): ("start", 0), ("prefill", 0), then ("decode", 1), ...
 StepHook = Callable[[str, int], None]

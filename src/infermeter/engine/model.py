@@ -64,7 +64,7 @@ from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec, check_engine_arch
+from infermeter.specs.model import ModelSpec, check_engine_arch
 
 
 class RMSNorm(nn.Module):

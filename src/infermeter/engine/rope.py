@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec, RopeScaling
+from infermeter.specs.model import ModelSpec, RopeScaling
 
 
 def _llama3_scaling(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec
-from infermeter.spec.sizes import cache_length
+from infermeter.specs.model import ModelSpec
+from infermeter.specs.sizes import cache_length
 
 MODES = ("compiled", "eager", "hf", "hf-eager")
 

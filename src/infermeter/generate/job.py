@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
-from infermeter.spec.peer_buffers import uses_peer_buffer
+from infermeter.specs.peer_buffers import uses_peer_buffer
 
 if TYPE_CHECKING:
     from infermeter.generate.loop import Progress
@@ -77,7 +77,7 @@ def _spec(request: GenerateRequest) -> tuple[Any, Any]:
     """(spec, what load_weights loads): the source, or the spec itself when max_positions
     raises a random model's context (its RoPE tables then cover the longer cache)."""
     from infermeter.engine.checkpoint.load import spec_for
-    from infermeter.spec.model import check_engine_arch
+    from infermeter.specs.model import check_engine_arch
 
     spec, folder, _ = spec_for(request.source)
     check_engine_arch(spec)
@@ -191,7 +191,7 @@ def _base_config(request: GenerateRequest, device: Any, dtype: str, kv_dtype: st
 
 def _weight_format(request: GenerateRequest, spec: Any) -> str | None:
     """A GGUF checkpoint's quant type as stored ("gguf Q4_1"); None for other weights."""
-    from infermeter.spec.gguf_meta import facts_for
+    from infermeter.specs.gguf_meta import facts_for
 
     facts = None if request.source.startswith("random:") else facts_for(spec)
     return facts.weight_format if facts else None

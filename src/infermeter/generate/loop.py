@@ -43,7 +43,7 @@ from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.measure.trace import trace_path
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.model import ModelSpec
 
 # Every metric a generate Result carries (None where it does not apply, e.g. out of memory).
 METRIC_NAMES = (

@@ -22,9 +22,9 @@ from typing import Any
 
 from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
-from infermeter.spec import sizes
-from infermeter.spec.model import ModelSpec
-from infermeter.spec.peer_buffers import model_buffer_bytes, uses_peer_buffer
+from infermeter.specs import sizes
+from infermeter.specs.model import ModelSpec
+from infermeter.specs.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.units import dtype_bytes, format_bytes
 
 

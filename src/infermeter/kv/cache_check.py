@@ -11,7 +11,7 @@ import torch
 
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kv_cache import LayerKVCache
-from infermeter.spec.model import ModelSpec, check_engine_arch
+from infermeter.specs.model import ModelSpec, check_engine_arch
 
 
 def allocated_cache_bytes(spec: ModelSpec, batch_size: int, seq_len: int, kv_dtype: str) -> int:

@@ -1,7 +1,7 @@
 """`infermeter kv`: turn a sizing request into Results (one per batch x seq_len case) and a table.
 
-The arithmetic lives in spec/sizes.py; this file decides what a user sees: which numbers go into the
-Result, which warnings, and how the terminal table reads.
+The arithmetic lives in specs/sizes.py; this file decides what a user sees: which numbers go into
+the Result, which warnings, and how the terminal table reads.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result
-from infermeter.spec import sizes
-from infermeter.spec.gguf_meta import facts_for
-from infermeter.spec.model import ModelSpec
+from infermeter.specs import sizes
+from infermeter.specs.gguf_meta import facts_for
+from infermeter.specs.model import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
 

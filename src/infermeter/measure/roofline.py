@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infermeter.measure.timing import Stats, time_cuda, time_host
-from infermeter.spec import sizes
-from infermeter.spec.model import ModelSpec
+from infermeter.specs import sizes
+from infermeter.specs.model import ModelSpec
 from infermeter.units import dtype_bytes
 
 GPU_COPY_BYTES = 1 << 30

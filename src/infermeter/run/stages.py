@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infermeter.measure.result import Result
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.model import ModelSpec
 
 SEED_NEW_TOKENS = 432  # the seed generated 432 tokens into a 512-token cache
 REFERENCE = {"model": "llama-2-7b", "batch": 1, "seq_len": 512, "dtype": "float16"}
@@ -81,7 +81,7 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
 
         spec = spec_for(checkpoint)[0]  # kv sizes the user's model from its config
     else:
-        from infermeter.spec.loaders import resolve_model
+        from infermeter.specs.loaders import resolve_model
 
         spec = resolve_model(model or base["model"])
     default_dtype = base["dtype"] if not checkpoint and not model else spec.torch_dtype

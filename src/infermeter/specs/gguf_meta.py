@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec, RopeScaling
+from infermeter.specs.model import ModelSpec, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
 SUFFIX = ".gguf"

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.gguf_meta import is_gguf, spec_from_gguf
-from infermeter.spec.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
-from infermeter.spec.presets import PRESETS
+from infermeter.specs.gguf_meta import is_gguf, spec_from_gguf
+from infermeter.specs.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
+from infermeter.specs.presets import PRESETS
 from infermeter.units import canonical_dtype
 
 
@@ -306,7 +306,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
 def _meta_checkpoint(params: Path) -> ModelSpec:
     """A params.json with the vocabulary size from beside it where it says -1: the tokenizer in
     its folder or one up (Meta's downloads), or the first shard."""
-    from infermeter.spec.meta_vocab import meta_vocab_size
+    from infermeter.specs.meta_vocab import meta_vocab_size
 
     return spec_from_meta_params(params, meta_vocab_size(params.parent, read_json(params)))
 

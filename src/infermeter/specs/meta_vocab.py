@@ -34,7 +34,7 @@ def _shard_vocab(folder: Path) -> int | None:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         return None
-    from infermeter.spec.pth import load_pth
+    from infermeter.specs.pth import load_pth
 
     # The safe loader: a shard that needs pickle code execution is refused here with its own
     # clear message, rather than showing up as "cannot tell the vocabulary size".

@@ -1,7 +1,7 @@
 """ModelSpec: everything sizing and the engine need to know about a model's shape.
 
-A spec comes from a preset (`spec/presets.py`), a Meta `params.json` or a Hugging Face `config.json`
-(`spec/loaders.py`); `resolve_model` takes whatever the user typed after `--model`.
+A spec comes from a preset (`specs/presets.py`), a Meta `params.json` or a Hugging Face
+`config.json` (`specs/loaders.py`); `resolve_model` takes whatever the user typed after `--model`.
 Pure Python: no torch import, so `infermeter kv` runs anywhere.
 """
 

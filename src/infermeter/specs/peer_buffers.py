@@ -1,5 +1,5 @@
 """The layout of the Triton all-reduce's per-rank buffer (peer_all_reduce.py), torch-free, so that
-`generate --dry-run` (spec/rank_plan.py) can count it without importing torch.
+`generate --dry-run` (specs/rank_plan.py) can count it without importing torch.
 
   [flag area: n_sites x MAX_PROGRAMS int32 flags, rounded up to 256 bytes]
   [site 0: slot for rank 0, rank 1, ...][site 1: ...] ...   each slot SLOT_BYTES

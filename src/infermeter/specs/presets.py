@@ -13,7 +13,7 @@ so its KV cache stays bf16); the others in bf16 as their config.json says.
 
 from __future__ import annotations
 
-from infermeter.spec.model import ModelSpec, RopeScaling, all_layers
+from infermeter.specs.model import ModelSpec, RopeScaling, all_layers
 
 # Llama 3.1 / 3.2 long-context RoPE scaling (config.json "rope_scaling", rope_type "llama3").
 _LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)

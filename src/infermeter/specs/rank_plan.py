@@ -9,7 +9,7 @@ same amounts (parallel.py splits every matrix evenly and replicates KV heads whe
   prefill  = the largest prefill activations: the logits [B, T, V] in the model dtype and in
              float32, whole on every rank (parallel.py all-gathers them), and the FFN's three
              [B, T, ffn/tp] tensors
-  all-reduce buffer = the Triton all-reduce's symmetric memory (spec/peer_buffers.py: 2 x
+  all-reduce buffer = the Triton all-reduce's symmetric memory (specs/peer_buffers.py: 2 x
              layers x tp x 256 KiB + flags, 40 MiB for 13B at tp 2), at tp >= 2 with
              --tp-all-reduce auto (what it picks on one host's GPUs) or triton*; 0 otherwise
   headroom = GPU memory - all of the above: what is left for the CUDA context, NCCL's buffers,
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from infermeter.spec import sizes
-from infermeter.spec.model import ModelSpec
-from infermeter.spec.peer_buffers import model_buffer_bytes, uses_peer_buffer
+from infermeter.specs import sizes
+from infermeter.specs.model import ModelSpec
+from infermeter.specs.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes
 

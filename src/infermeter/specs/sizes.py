@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.model import ModelSpec
 from infermeter.units import dtype_bytes
 
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from infermeter.engine.checkpoint.hf import unpermute
 from infermeter.errors import InfermeterError
-from infermeter.spec.gguf_meta import ROPE_FREQS, import_gguf, open_gguf, tensor_shapes
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.gguf_meta import ROPE_FREQS, import_gguf, open_gguf, tensor_shapes
+from infermeter.specs.model import ModelSpec
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan

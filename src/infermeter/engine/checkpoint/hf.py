@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.loaders import read_json
-from infermeter.spec.model import ModelSpec
+from infermeter.specs.loaders import read_json
+from infermeter.specs.model import ModelSpec
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan

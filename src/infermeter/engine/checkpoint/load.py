@@ -32,9 +32,9 @@ from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.model import Transformer, build_model
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.errors import InfermeterError
-from infermeter.spec.gguf_meta import is_gguf, spec_from_gguf
-from infermeter.spec.loaders import resolve_model, spec_from_hf_config, spec_from_path
-from infermeter.spec.model import ModelSpec, check_engine_arch
+from infermeter.specs.gguf_meta import is_gguf, spec_from_gguf
+from infermeter.specs.loaders import resolve_model, spec_from_hf_config, spec_from_path
+from infermeter.specs.model import ModelSpec, check_engine_arch
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.group import TensorParallel

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.loaders import meta_ffn_dim
-from infermeter.spec.model import ModelSpec
-from infermeter.spec.pth import load_pth
+from infermeter.specs.loaders import meta_ffn_dim
+from infermeter.specs.model import ModelSpec
+from infermeter.specs.pth import load_pth
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan

@@ -43,7 +43,7 @@ from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import triton
 from infermeter.errors import InfermeterError
-from infermeter.spec.peer_buffers import (  # noqa: F401 - the layout, re-exported
+from infermeter.specs.peer_buffers import (  # noqa: F401 - the layout, re-exported
     BLOCK,
     FLAG_BYTES,
     MAX_PROGRAMS,

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from infermeter.engine.linear import Linear
 from infermeter.engine.model import Transformer, add_then_norm
 from infermeter.errors import InfermeterError
-from infermeter.spec.model import ModelSpec
-from infermeter.spec.sizes import check_tp, kv_heads_per_rank
+from infermeter.specs.model import ModelSpec
+from infermeter.specs.sizes import check_tp, kv_heads_per_rank
 
 
 # ---- the shard plan: which slice of every tensor a rank holds --------------------------------

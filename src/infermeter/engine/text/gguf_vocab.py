@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
-from infermeter.spec.gguf_meta import field as meta_field
-from infermeter.spec.gguf_meta import open_gguf
+from infermeter.specs.gguf_meta import field as meta_field
+from infermeter.specs.gguf_meta import open_gguf
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types
 

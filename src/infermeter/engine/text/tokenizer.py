@@ -399,7 +399,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     A folder's tokenizer.json wins (HF); else tokenizer.model (also Meta's HF `original/`),
     read as tiktoken if its first line is `base64 rank`, else as sentencepiece.
     """
-    from infermeter.spec.gguf_meta import is_gguf
+    from infermeter.specs.gguf_meta import is_gguf
 
     path = Path(path)
     if is_gguf(path):
