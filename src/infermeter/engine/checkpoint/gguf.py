@@ -16,7 +16,6 @@ first one is read, so a file the reader cannot dequantize fails before any work.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.checkpoint.hf import unpermute
+from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.gguf_meta import ROPE_FREQS, import_gguf, open_gguf, tensor_shapes
 from infermeter.specs.model import ModelSpec
@@ -33,35 +33,25 @@ from infermeter.specs.model import ModelSpec
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan
 
-_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-        "output.weight": "output.weight"}
-_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-          "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
-          "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-          "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
-_LAYER_BACK = {meta: gguf for gguf, meta in _LAYER.items()}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+NAMES = NameMap(
+    top={"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+         "output.weight": "output.weight"},
+    layer={"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+           "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
+           "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+           "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"},
+    prefix="blk.")
 # Architectures whose q/k rows llama.cpp keeps in HF's rotate_half order (its neox RoPE).
 _HF_ROW_ORDER = ("qwen2",)
 
 
 def gguf_to_meta_name(name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'; None for other names."""
-    if name in _TOP:
-        return _TOP[name]
-    match = _LAYER_RE.match(name)
-    if match and match.group(2) in _LAYER:
-        return f"layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
-    return None
+    return NAMES.to_meta(name)
 
 
 def meta_to_gguf_name(name: str) -> str:
-    for gguf_name, meta in _TOP.items():
-        if name == meta:
-            return gguf_name
-    layer, rest = name.removeprefix("layers.").split(".", 1)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_LAYER_BACK[module]}.{kind}"
+    return NAMES.from_meta(name)
 
 
 def _match_names(path: Path, reader: Any, spec: ModelSpec,

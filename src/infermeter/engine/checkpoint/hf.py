@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.loaders import read_json
 from infermeter.specs.model import ModelSpec
@@ -37,37 +38,25 @@ if TYPE_CHECKING:
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight"}
-_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-          "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-          "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-          "post_attention_layernorm": "ffn_norm"}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+NAMES = NameMap(
+    top={"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+         "lm_head.weight": "output.weight"},
+    layer={"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+           "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+           "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+           "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+           "post_attention_layernorm": "ffn_norm"},
+    prefix="model.layers.")
 
 
 def hf_to_meta_name(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'.
-
-    None for a name that has no Meta counterpart.
-    """
-    if name in _TOP:
-        return _TOP[name]
-    match = _LAYER_RE.match(name)
-    if match and match.group(2) in _LAYER:
-        return f"layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
-    return None
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None for a
+    name that has no Meta counterpart."""
+    return NAMES.to_meta(name)
 
 
 def meta_to_hf_name(name: str) -> str:
-    for hf, meta in _TOP.items():
-        if name == meta:
-            return hf
-    layer, rest = name.removeprefix("layers.").split(".", 1)
-    module, kind = rest.rsplit(".", 1)
-    hf_module = {v: k for k, v in _LAYER.items()}[module]
-    return f"model.layers.{layer}.{hf_module}.{kind}"
+    return NAMES.from_meta(name)
 
 
 def _rope_heads(meta_name: str, spec: ModelSpec) -> int | None:
