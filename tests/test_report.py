@@ -90,13 +90,28 @@ def test_old_schema_and_missing_fields_render_with_a_note(report):
 
 def test_breakeven_from_measured_points(report):
     be = cells(table(report, "breakeven"), H100)
-    # reload: 512 x 512 KiB / 53.5 GB/s; prefill: between (128, 14.5 ms) and (1024, 68 ms)
-    assert be["512 tokens (reload vs prefill)"] == "5.02 ms vs 37.4 ms: reload"
+    # reload: 512 x 512 KiB / 53.5 GB/s; prefill: between (128, 14 ms) and (1024, 68 ms), the
+    # compiled run's 14 ms at 128 tokens being faster than the eager one's 15
+    assert be["512 tokens (reload vs prefill)"] == (
+        "5.02 ms vs 37.1 ms: reload (interpolated: linear between the 128-token and 1,024-token "
+        "measurements)")
+    assert be["128 tokens (reload vs prefill)"] == "1.25 ms vs 14.0 ms: reload (measured)"
     # beyond the longest prompt (4096 in 310 ms): linear at its throughput
-    assert be["32,768 tokens (reload vs prefill)"] == "321 ms vs 2,480 ms: reload"
+    assert be["32,768 tokens (reload vs prefill)"] == (
+        "321 ms vs 2,480 ms: reload (extrapolated: linear in tokens from the 4,096-token "
+        "measurement)")
+    # the H200 measured no 4096-token prompt: its row there is extrapolated from 1024
+    assert cells(table(report, "breakeven"), H200)["4,096 tokens (reload vs prefill)"].endswith(
+        "(extrapolated: linear in tokens from the 1,024-token measurement)")
     assert table(report, "breakeven").header == ["Context", H100, H200]
     assert cells(table(report, "extended"), H100)["Reload wins from"].startswith(
-        "every context 512-32,768 tokens")
+        "every context 128-32,768 tokens")
+
+
+def build_report_from_columns(columns):
+    from infermeter.report.tables import Report, breakeven_table
+
+    return Report([breakeven_table(columns)], [], columns)
 
 
 def test_prefill_model_is_piecewise_linear():
@@ -120,9 +135,52 @@ def test_breakeven_crossing_where_reload_starts_to_win():
     gens = [_record("generate", {"ttft_ms": ms}, {"batch_size": 1, "prompt_len": n}, f"g{n}")
             for n, ms in ((1024, 512.0), (4096, 6656.0))]
     result = break_even(Column(ColumnKey("gpu", "m", 1), copies=[copy], generates=gens))
-    winners = {n: reload < prefill for n, reload, prefill in result.rows}
+    winners = {row.context: row.winner == "reload" for row in result.rows}
     assert [winners[n] for n in CONTEXTS] == [False, False, True, True, True, True, True]
     assert result.wins_from == 2048
+
+
+def _synthetic_column(points, ms_per_token=1.0):
+    """A column reloading at `ms_per_token` (1 MB per token at 1 GB/s: 1 ms) with batch-1
+    generate Results of (prompt tokens, TTFT ms) `points`."""
+    case = {"layout": "engine", "host_memory": "pinned", "direction": "h2d", "method": "staged",
+            "gbps": 1.0 / ms_per_token, "moving_time_ms": 1.0}
+    copy = _record("copy", {"cases": [case], "kv_cache_bytes": 1e6 * 512},
+                   {"batch_size": 1, "seq_len": 512}, "c")
+    gens = [_record("generate", {"ttft_ms": ms}, {"batch_size": 1, "prompt_len": n,
+                                                  "mode": "compiled"}, f"g{n}")
+            for n, ms in points]
+    return Column(ColumnKey("gpu", "m", 1), copies=[copy], generates=gens)
+
+
+def test_breakeven_rows_use_the_measured_prefills_and_say_what_is_estimated():
+    # reload 1 ms per token; prefill 0.5 ms per token up to 512, then 2 ms per token at 2048
+    column = _synthetic_column(((80, 40.0), (512, 256.0), (2048, 4096.0)))
+    rows = {row.context: row for row in break_even(column).rows}
+    assert sorted(rows) == [80, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+    assert [n for n, row in rows.items() if row.measured] == [80, 512, 2048]
+    assert (rows[80].prefill_ms, rows[512].prefill_ms, rows[2048].prefill_ms) == (40, 256, 4096)
+    assert rows[1024].how == ("interpolated: linear between the 512-token and 2,048-token "
+                              "measurements")
+    assert rows[1024].prefill_ms == pytest.approx(256 + (4096 - 256) * 512 / 1536)
+    assert rows[8192].how == "extrapolated: linear in tokens from the 2,048-token measurement"
+    assert rows[8192].prefill_ms == pytest.approx(4 * 4096)
+    winners = {n: row.winner for n, row in rows.items()}
+    assert winners == {80: "recompute", 512: "recompute", 1024: "reload", 2048: "reload",
+                       4096: "reload", 8192: "reload", 16384: "reload", 32768: "reload"}
+    assert break_even(column).wins_from == 1024
+    tab = table(build_report_from_columns([column]), "breakeven")
+    assert cells(tab, "gpu · m")["80 tokens (reload vs prefill)"] == (
+        "80.0 ms vs 40.0 ms: recompute (measured)")
+
+
+def test_breakeven_with_one_measured_prompt_extrapolates_every_other_row():
+    rows = break_even(_synthetic_column(((80, 8.0),))).rows
+    assert [row.context for row in rows if row.measured] == [80]
+    assert all(row.how == "extrapolated: linear in tokens from the 80-token measurement"
+               for row in rows if row.context != 80)
+    # 0.1 ms per token to prefill, 1 ms to reload: recompute everywhere
+    assert {row.winner for row in rows} == {"recompute"}
 
 
 def test_markdown_and_csv_are_byte_identical_whatever_the_path_order():

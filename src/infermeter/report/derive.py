@@ -7,13 +7,15 @@ context of n tokens on one device x model x tp:
 - reload(n) = n x KV bytes per token / the measured host-to-device GB/s of the column's
   representative pinned copy (report_select). A copy of a few MiB reaches less than the large
   copy measured, so short contexts reload somewhat slower than this.
-- prefill(n) = piecewise linear through (0, 0) and the measured batch-1 (prompt length, TTFT)
-  points (median per prompt length); beyond the longest measured prompt, linear at that
-  prompt's prefill throughput. Attention's cost grows with n^2, so a long prefill is slower than
-  this line: the model understates recompute at long contexts, never reload's advantage.
+- prefill(n) = the measured batch-1 TTFT at prompt length n (prefill of the prompt to the first
+  token: the work a recompute repeats; the median of the fastest mode measured at that length)
+  where a generate Result has that prompt length; between measured lengths linear between the
+  two nearest, below the shortest linear through (0, 0), beyond the longest linear at that
+  prompt's prefill throughput. Each row says which. Attention's cost grows with n^2, so a long
+  prefill is slower than an extrapolated line: it understates recompute, never reload's advantage.
 
-Reloading "wins from" the shortest context of the grid 512, 1k, ..., 32k tokens from which reload
-is faster at that and every longer grid context.
+The rows are the grid 512, 1k, ..., 32k tokens and every measured prompt length. Reloading "wins
+from" the shortest row from which reload is faster at that and every longer row.
 """
 
 from __future__ import annotations
@@ -39,17 +41,34 @@ FEW_TPOT_SAMPLES = 10
 
 
 @dataclass(frozen=True)
+class BreakEvenRow:
+    context: int
+    reload_ms: float
+    prefill_ms: float
+    how: str  # "measured", or how the prefill time was interpolated or extrapolated
+
+    @property
+    def measured(self) -> bool:
+        return self.how == "measured"
+
+    @property
+    def winner(self) -> str:
+        return "reload" if self.reload_ms < self.prefill_ms else "recompute"
+
+
+@dataclass(frozen=True)
 class BreakEven:
     reload_gbps: float
     kv_bytes_per_token: float
     prefill_points: tuple[tuple[float, float], ...]  # (prompt tokens, TTFT ms), sorted
-    rows: tuple[tuple[int, float, float], ...]  # (context, reload ms, prefill ms)
-    wins_from: int | None  # None: recompute is faster at the longest grid context
+    rows: tuple[BreakEvenRow, ...]  # by context
+    wins_from: int | None  # None: recompute is faster at the longest row
 
 
 def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
-    """Batch-1 (prompt tokens, prefill ms), the median TTFT per prompt length."""
-    by_len: dict[float, list[float]] = {}
+    """Batch-1 (prompt tokens, prefill ms): per prompt length the median TTFT of each mode, and of
+    those the fastest (a recompute runs the fastest prefill the engine has)."""
+    by_len: dict[float, dict[str, list[float]]] = {}
     for record in records:
         tokens = num(record.config.get("prompt_len"))
         if batch_size(record) != 1 or not tokens:
@@ -59,19 +78,37 @@ def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
         if ms is None and rate:
             ms = tokens / rate * 1e3
         if ms and ms > 0:
-            by_len.setdefault(tokens, []).append(ms)
-    return tuple((n, statistics.median(v)) for n, v in sorted(by_len.items()))
+            mode = str(record.config.get("mode"))
+            by_len.setdefault(tokens, {}).setdefault(mode, []).append(ms)
+    return tuple((n, min(statistics.median(v) for v in modes.values()))
+                 for n, modes in sorted(by_len.items()))
+
+
+def _tokens(n: float) -> str:
+    return f"{n:,.0f}-token"
+
+
+def prefill_estimate(points: tuple[tuple[float, float], ...], n: float) -> tuple[float, str]:
+    """(prefill ms at n tokens, "measured" or how it was estimated from the measured points)."""
+    previous: tuple[float, float] | None = None
+    for tokens, ms in points:
+        if n == tokens:
+            return ms, "measured"
+        if n < tokens:
+            if previous is None:
+                return ms * n / tokens, (f"extrapolated: linear in tokens from the "
+                                         f"{_tokens(tokens)} measurement")
+            (t0, m0), span = previous, tokens - previous[0]
+            return m0 + (ms - m0) * (n - t0) / span, (
+                f"interpolated: linear between the {_tokens(t0)} and {_tokens(tokens)} "
+                "measurements")
+        previous = (tokens, ms)
+    tokens, ms = points[-1]
+    return ms * n / tokens, f"extrapolated: linear in tokens from the {_tokens(tokens)} measurement"
 
 
 def prefill_ms(points: tuple[tuple[float, float], ...], n: float) -> float:
-    previous = (0.0, 0.0)
-    for tokens, ms in points:
-        if n <= tokens:
-            (t0, m0), span = previous, tokens - previous[0]
-            return m0 + (ms - m0) * (n - t0) / span
-        previous = (tokens, ms)
-    tokens, ms = points[-1]
-    return ms * n / tokens  # beyond the longest prompt: its throughput, linear in tokens
+    return prefill_estimate(points, n)[0]
 
 
 def break_even_missing(column: Column) -> str | None:
@@ -93,18 +130,26 @@ def break_even_missing(column: Column) -> str | None:
     return None
 
 
-def break_even(column: Column) -> BreakEven | None:
+def break_even_contexts(columns: list[Column]) -> tuple[int, ...]:
+    """The grid and every batch-1 prompt length measured in any of the columns."""
+    measured = {int(n) for c in columns for n, _ in prefill_points(c.generates) if n == int(n)}
+    return tuple(sorted(set(CONTEXTS) | measured))
+
+
+def break_even(column: Column, contexts: tuple[int, ...] | None = None) -> BreakEven | None:
+    """The column's reload and prefill times at `contexts` (default: the grid and the column's
+    own measured prompt lengths)."""
     pick, points = pick_copy(column), prefill_points(column.generates)
     if pick is None or pick.h2d is None or break_even_missing(column) is not None:
         return None
     gbps, per_token = num(pick.h2d["gbps"]), pick.kv_bytes / pick.tokens
-    rows = tuple((n, n * per_token / (gbps * 1e9) * 1e3, prefill_ms(points, n))
-                 for n in CONTEXTS)
+    rows = tuple(BreakEvenRow(n, n * per_token / (gbps * 1e9) * 1e3, *prefill_estimate(points, n))
+                 for n in (contexts or break_even_contexts([column])))
     wins_from = None
-    for n, reload, prefill in reversed(rows):
-        if reload >= prefill:
+    for row in reversed(rows):
+        if row.winner != "reload":
             break
-        wins_from = n
+        wins_from = row.context
     return BreakEven(gbps, per_token, points, rows, wins_from)
 
 

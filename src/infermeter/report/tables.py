@@ -12,7 +12,7 @@ from typing import Any
 
 from infermeter.report import baseline
 from infermeter.report import format as fmt
-from infermeter.report.derive import CONTEXTS, BreakEven, break_even
+from infermeter.report.derive import BreakEven, break_even, break_even_contexts
 from infermeter.report.load import Record
 from infermeter.report.select import (
     Column,
@@ -52,11 +52,15 @@ EXTENDED_CAPTION = (
 
 BREAKEVEN_CAPTION = (
     "Reload a sequence's KV cache from pinned host memory, or recompute it with a prefill? "
-    "Reload = tokens × KV bytes per token / the column's measured htod GB/s. Prefill = piecewise "
-    "linear through the measured batch-1 (prompt length, TTFT) points and (0, 0), linear at the "
-    "longest prompt's prefill throughput beyond it; attention makes real long prefills slower "
-    "than this line, so recompute is if anything understated. Only columns with both copy and "
-    "generate Results.")
+    "Reload = tokens × KV bytes per token / the column's measured htod GB/s (the copy Result's "
+    "engine layout, per-layer K and V). Prefill = the measured batch-1 TTFT (prefill of the "
+    "prompt to the first token; the fastest mode's median) at that prompt length, each cell says "
+    "'measured'; rows are the grid 512-32,768 tokens and every measured prompt length. Where a "
+    "column has no Result of that length the cell says how the time was estimated: interpolated "
+    "linearly between the two nearest measured lengths, or extrapolated linearly in tokens from "
+    "the nearest one (its prefill throughput). Attention makes real long prefills slower than "
+    "that line, so an extrapolated recompute is if anything understated. Only columns with both "
+    "copy and generate Results.")
 
 
 @dataclass
@@ -153,12 +157,13 @@ def _breakeven_cell(result: BreakEven | None) -> str:
     if result is None:
         return fmt.MISSING
     if result.wins_from is None:
-        return f"recompute faster up to {result.rows[-1][0]:,} tokens"
-    ratios = [prefill / reload for n, reload, prefill in result.rows if n >= result.wins_from]
+        return f"recompute faster up to {result.rows[-1].context:,} tokens"
+    ratios = [r.prefill_ms / r.reload_ms for r in result.rows if r.context >= result.wins_from]
     low, high = f"{min(ratios):.1f}", f"{max(ratios):.1f}"
     span = low if low == high else f"{low}-{high}"
-    if result.wins_from == CONTEXTS[0]:
-        return f"every context {CONTEXTS[0]:,}-{CONTEXTS[-1]:,} tokens (reload {span}× faster)"
+    first, last = result.rows[0].context, result.rows[-1].context
+    if result.wins_from == first:
+        return f"every context {first:,}-{last:,} tokens (reload {span}× faster)"
     return f"{result.wins_from:,} tokens (reload {span}× faster from there)"
 
 
@@ -199,19 +204,21 @@ def _transpose(columns: list[Column], cells: list[list[str]], labels: tuple[str,
 
 
 def breakeven_table(columns: list[Column]) -> Table | None:
-    derived = [(c, b) for c in columns if c.seed is None and (b := break_even(c))]
+    usable = [c for c in columns if c.seed is None and break_even(c)]
+    contexts = break_even_contexts(usable)
+    derived = [(c, b) for c in usable if (b := break_even(c, contexts))]
     if not derived:
         return None
     rows = [["KV per token, htod"] + [f"{fmt.size(b.kv_bytes_per_token)} at "
                                       f"{fmt.gbps(b.reload_gbps)}" for _, b in derived]]
     rows.append(["Prefill points (tokens: TTFT)"] + [", ".join(
         f"{n:,.0f}: {fmt.ms(t)}" for n, t in b.prefill_points) for _, b in derived])
-    for i, n in enumerate(CONTEXTS):  # every BreakEven's rows follow CONTEXTS
+    for i, n in enumerate(contexts):  # every BreakEven's rows follow `contexts`
         cells = []
         for _, b in derived:
-            _, reload, prefill = b.rows[i]
-            winner = "reload" if reload < prefill else "recompute"
-            cells.append(f"{fmt.ms(reload)} vs {fmt.ms(prefill)}: {winner}")
+            row = b.rows[i]
+            cells.append(f"{fmt.ms(row.reload_ms)} vs {fmt.ms(row.prefill_ms)}: {row.winner} "
+                         f"({row.how})")
         rows.append([f"{n:,} tokens (reload vs prefill)"] + cells)
     return Table("breakeven", "Reload vs recompute", BREAKEVEN_CAPTION,
                  ["Context"] + [c.key.label for c, _ in derived], rows)
