@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from infermeter.copy.job import CopyRequest, run_copy
+from infermeter.copy import job
+from infermeter.copy.job import CopyRequest
 from infermeter.copy.trace import traced_copy
 from infermeter.measure.result import Result
 from infermeter.specs.model import ModelSpec
@@ -32,7 +33,7 @@ def copy_on_ranks(request: CopyRequest, progress: Any, trace_dir: str | None,
 
     before_case = (lambda label: ranks_meet()) if parallel else None
     results = traced_copy(request, progress, trace_dir, before_case=before_case) if trace_dir \
-        else run_copy(request, progress, before_case=before_case)
+        else job.run_copy(request, progress, before_case=before_case)
     if not parallel:
         return results
     per_rank = gather_rank_results(results)  # collective: every rank takes part
