@@ -513,3 +513,25 @@ def test_a_line_that_is_not_utf8_skips_that_line_only(tmp_path):
     loaded = load_records([path])
     assert [r.source for r in loaded.records] == [f"{path}:1", f"{path}:3"]
     assert loaded.skipped == [f"{path}:2: not UTF-8 text"]
+
+
+def test_prefill_ladder_results_feed_the_breakeven_not_the_reference_column():
+    """`infermeter run`'s ladder Results (one new token: TTFT only) are prefill points; the
+    tokens rows keep the reference run, and the missing decode timing is not a warning."""
+    from infermeter.report.derive import column_warnings
+    from infermeter.report.select import pick_generate
+
+    column = _synthetic_column(((80, 8.0),))
+    reference = column.generates[0]
+    # eager, where the ladder is compiled: compiled ranks first for any other Result
+    reference.config.update(max_new_tokens=432, cache_len=512, mode="eager")
+    reference.metrics.update(tpot_ms={"p50": 1.0, "n": 431})
+    ladder = _record("generate", {"ttft_ms": 40.0}, {
+        "batch_size": 1, "prompt_len": 512, "mode": "compiled", "max_new_tokens": 1,
+        "cache_len": 768, "prefill_ladder": True}, "ladder")
+    column.generates.append(ladder)
+    assert pick_generate(column) is reference
+    assert [row.context for row in break_even(column).rows if row.measured] == [80, 512]
+    assert not [w for w in column_warnings(column) if "no decode timing" in w]
+    del ladder.config["prefill_ladder"]  # an ordinary prefill-only Result is still flagged
+    assert [w for w in column_warnings(column) if "no decode timing" in w]

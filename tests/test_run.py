@@ -46,7 +46,14 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert "CPU" in first and "debug" in first
     (folder,) = (tmp_path / "infermeter-results").iterdir()
     results = read_jsonl(folder / "results.jsonl")
-    assert [r["kind"] for r in results] == ["kv", "copy", "generate"]
+    # the reference generate Result, then the prefill ladder's (debug: 128 and its 255-token
+    # context less the one new token)
+    assert [r["kind"] for r in results] == ["kv", "copy"] + ["generate"] * 3
+    ladder = results[3:]
+    assert [r["config"]["prompt_len"] for r in ladder] == [128, 255]
+    assert all(r["config"]["prefill_ladder"] and r["config"]["max_new_tokens"] == 1
+               and r["metrics"]["ttft_ms"] > 0 for r in ladder)
+    assert "prefill_ladder" not in results[2]["config"]
     for result in results:
         assert set(REQUIRED_FIELDS) <= set(result)
     assert results[0]["metrics"]["kv_cache_bytes_allocated"] == \
@@ -180,6 +187,60 @@ def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, cpu_only):
     assert done.returncode == 2
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("infermeter: error:")
     assert not out.exists()
+
+
+GIB = 2**30
+
+
+def test_prefill_ladder_on_a_gpu_runs_to_the_longest_prompt_that_fits():
+    from infermeter.specs.loaders import resolve_model
+
+    spec = resolve_model("llama-2-7b")  # 4,096 positions; 12.6 GiB of fp16 weights
+    # ample memory: the rungs below its context, then the context less the one new token
+    assert stages.prefill_ladder(spec, "float16", 80, 141 * GIB, on_gpu=True) == (512, 2048, 4095)
+    # 16 GiB: the memory, not the context, ends the ladder, between rungs
+    longest = stages.longest_prompt(spec, "float16", 16 * GIB)
+    assert 2048 < longest < 4095
+    assert stages.prefill_ladder(spec, "float16", 80, 16 * GIB, True) == (512, 2048, longest)
+    # too little for the weights: no ladder at all
+    assert stages.prefill_ladder(spec, "float16", 80, 10 * GIB, True) == ()
+    # a longer reference prompt drops the rungs it already measures
+    assert stages.prefill_ladder(spec, "float16", 2048, 141 * GIB, True) == (4095,)
+
+
+def test_prefill_ladder_stops_at_the_reports_longest_context():
+    from infermeter.specs.loaders import resolve_model
+
+    spec = resolve_model("llama-3.1-8b")  # 131,072 positions
+    assert stages.prefill_ladder(spec, "bfloat16", 80, 141 * GIB, True) == (
+        512, 2048, 8192, stages.LADDER_LONGEST)
+    assert stages.prefill_ladder(spec, "bfloat16", 80, None, True)[-1] == stages.LADDER_LONGEST
+
+
+def test_longest_prompt_fits_the_memory_it_was_given():
+    from infermeter.generate.memory import case_memory
+    from infermeter.specs.loaders import resolve_model
+    from infermeter.specs.sizes import cache_length
+
+    spec = resolve_model("llama-3.1-8b")
+    free = 40 * GIB
+    n = stages.longest_prompt(spec, "bfloat16", free)
+
+    def need(tokens):
+        cache = cache_length(spec, tokens, 1, None)
+        return sum(case_memory(spec, 1, tokens, cache, "bfloat16", "bfloat16", "eager").values())
+
+    assert need(n) <= free * stages.LADDER_MEMORY_SHARE < need(n + 1)
+
+
+def test_prefill_ladder_on_the_cpu_is_short():
+    from infermeter.specs.loaders import resolve_model
+
+    debug = resolve_model("debug")  # 256 positions
+    assert stages.prefill_ladder(debug, "float32", 10, 64 * GIB, on_gpu=False) == (128, 255)
+    big = resolve_model("llama-2-7b")  # a big --model on the CPU stays at a few hundred tokens
+    assert stages.prefill_ladder(big, "float32", 80, 64 * GIB, on_gpu=False) == (
+        128, stages.CPU_LADDER_LONGEST)
 
 
 def test_reference_setting_plan():

@@ -29,7 +29,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                        "and write results.jsonl, report.md, report.html (and plots) into --out. "
                        "Default: the reference setting (llama-2-7b, random fp16 weights, batch "
                        "1, 512-token cache: 80 prompt + 432 new tokens) on the first GPU; "
-                       "without a GPU, the debug preset on the CPU.")
+                       "without a GPU, the debug preset on the CPU. Generate also times "
+                       "prefill alone (batch 1) at longer prompts (512, 2048, 8192 and the "
+                       "longest that fits; on the CPU 128 and up to 256 tokens) for the "
+                       "report's reload-vs-recompute table.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="preset name or config path: random weights "
                         "(default llama-2-7b; debug without a GPU)")

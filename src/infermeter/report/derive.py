@@ -191,7 +191,9 @@ def _generate_checks(record: Record) -> list[str]:
     n = num(stats.get("n"))
     if n is not None and n < FEW_TPOT_SAMPLES:
         out.append(f"TPOT from only {n:.0f} decode steps")
-    if tpot(record, "p50") is None and num(m.get("decode_tok_per_s")) is None:
+    prefill_only = bool(record.config.get("prefill_ladder"))  # `infermeter run` times TTFT only
+    if tpot(record, "p50") is None and num(m.get("decode_tok_per_s")) is None \
+            and not prefill_only:
         out.append("no decode timing in this Result")
     return out
 

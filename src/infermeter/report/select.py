@@ -10,9 +10,10 @@ one representative of each kind, chosen by fixed rules (written in the table cap
   Result has no engine layout, the contiguous layout, then paged. A column with no pinned case
   at all (a CPU run: pinned memory needs CUDA) takes its pageable case, then the seed's, and
   says which;
-- tokens: a generate Result at batch 1, fixed length (not --until-eos), compiled mode first,
-  then eager, then anything else; of those the seed's shape: the cache nearest 512 tokens, then
-  the number of new tokens nearest the seed's 432, then the context nearest 512 tokens.
+- tokens: a generate Result at batch 1, fixed length (not --until-eos), not one of `infermeter
+  run`'s prefill-ladder Results (one new token each), compiled mode first, then eager, then
+  anything else; of those the seed's shape: the cache nearest 512 tokens, then the number of new
+  tokens nearest the seed's 432, then the context nearest 512 tokens.
 
 Ties are broken by the Result's source (file and line), so the same files always give the same
 table.
@@ -231,7 +232,8 @@ def pick_generate(column: Column) -> Record | None:
     def rank(record: Record) -> tuple:
         cfg = record.config
         new_tokens = num(cfg.get("max_new_tokens"))
-        return (batch_size(record) != 1, bool(cfg.get("until_eos")), mode_rank(record),
+        return (batch_size(record) != 1, bool(cfg.get("until_eos")),
+                bool(cfg.get("prefill_ladder")), mode_rank(record),
                 off_default_kernels(record),
                 _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,

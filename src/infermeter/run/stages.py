@@ -11,6 +11,10 @@ Defaults:
   way; generate runs the compiled mode, fixed length, 80 prompt + 432 new tokens = 512.
 - without one, the `debug` preset on the CPU: the same pipeline, a 64-token cache, eager, few
   repeats. Its numbers check the pipeline, they say nothing about a GPU.
+
+The generate stage also times prefill alone (batch 1, one new token: TTFT) on a ladder of longer
+prompts, each a Result marked `prefill_ladder`, so the report's reload-vs-recompute table has
+measured prefill times where it needs them (prefill_ladder() says which lengths).
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ COPY_LAYOUTS = ("engine", "contiguous", "paged")
 COPY_METHODS = ("per-tensor", "staged")
 COPY_DIRECTIONS = ("d2h", "h2d")
 COPY_BLOCK_TOKENS = (16,)
+# The prefill ladder: prompt lengths timed beside the reference prompt, plus the longest that fits
+# the model's context and the device's memory. On the CPU a short one (the debug preset's whole
+# 256-token context is milliseconds), so the run stays quick whatever --model is given.
+LADDER_PROMPTS = (512, 2048, 8192)
+LADDER_LONGEST = 32768  # the report's longest reload-vs-recompute context: none longer is needed
+CPU_LADDER_PROMPTS = (128,)
+CPU_LADDER_LONGEST = 256
+LADDER_NEW_TOKENS = 1  # the first token ends the prefill: TTFT is what the ladder times
+LADDER_MEMORY_SHARE = 0.9  # of the free memory: headroom for what case_memory does not count
 
 
 @dataclass(frozen=True)
@@ -149,12 +162,87 @@ def generate_request(setting: RunSetting) -> Any:
         trace_dir=f"{setting.trace_dir}/generate" if setting.trace_dir else None)
 
 
+def longest_prompt(spec: ModelSpec, dtype: str, free_bytes: int | None,
+                   new_tokens: int = LADDER_NEW_TOKENS) -> int:
+    """The longest batch-1 prompt whose case (weights, its cache, prefill activations: generate's
+    own estimate, generate/memory.py) fits LADDER_MEMORY_SHARE of free_bytes and whose prompt +
+    new tokens fit the model's context; 0 if none does. free_bytes None: the context only."""
+    from infermeter.generate.memory import case_memory
+    from infermeter.specs.sizes import cache_length
+
+    def fits(n: int) -> bool:
+        if free_bytes is None:
+            return True
+        cache = cache_length(spec, n, new_tokens, None)
+        need = sum(case_memory(spec, 1, n, cache, dtype, dtype, "eager").values())
+        return need <= free_bytes * LADDER_MEMORY_SHARE
+
+    low, high = 0, spec.max_seq_len - new_tokens  # fits(low) holds, by convention for 0
+    while low < high:  # the memory need grows with n: the last n that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def prefill_ladder(spec: ModelSpec, dtype: str, reference_prompt: int, free_bytes: int | None,
+                   on_gpu: bool) -> tuple[int, ...]:
+    """The prompt lengths to time prefill at, beside the reference prompt: the ladder's rungs
+    longer than it (LADDER_PROMPTS; CPU_LADDER_PROMPTS on the CPU) and the longest prompt that
+    fits (longest_prompt, at most LADDER_LONGEST tokens; CPU_LADDER_LONGEST on the CPU),
+    ascending."""
+    longest = min(longest_prompt(spec, dtype, free_bytes), LADDER_LONGEST)
+    rungs = LADDER_PROMPTS
+    if not on_gpu:
+        rungs, longest = CPU_LADDER_PROMPTS, min(longest, CPU_LADDER_LONGEST)
+    return tuple(sorted({n for n in (*rungs, longest) if reference_prompt < n <= longest}))
+
+
+def ladder_request(setting: RunSetting, prompts: tuple[int, ...]) -> Any:
+    """Batch 1, one new token, one automatic cache per prompt. Eager: the compiled mode's prefill
+    is this same eager forward (engine/generator.py), and eager compiles no decode step that the
+    ladder would not time."""
+    from infermeter.generate.request import build_request
+
+    return build_request(
+        source=setting.checkpoint or f"random:{setting.model}", max_new_tokens=LADDER_NEW_TOKENS,
+        device=setting.device, dtype=setting.dtype, modes=("eager",), batch_sizes=(1,),
+        prompt_lens=prompts, repeats=3 if setting.on_gpu else 1, warmup=1 if setting.on_gpu
+        else 0, roofline=setting.on_gpu)
+
+
+def _free_bytes(setting: RunSetting) -> int | None:
+    """Free memory on the device the ladder runs on, after the reference case gave its back."""
+    import torch
+
+    from infermeter.generate.memory import collect, free_memory
+
+    device = torch.device(setting.device)
+    if setting.on_gpu:  # the reference model's blocks, still in torch's caching allocator
+        collect(device)
+    return free_memory(device)[0]
+
+
 def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    from infermeter.errors import InfermeterError
     from infermeter.generate.job import run_generate
     from infermeter.generate.table import progress_bar
 
     with progress_bar(enabled=True) as bar:
-        return run_generate(generate_request(setting), env, progress=bar)[0]
+        results = run_generate(generate_request(setting), env, progress=bar)[0]
+    prompts = prefill_ladder(setting.spec, setting.dtype, setting.prompt_len,
+                             _free_bytes(setting), setting.on_gpu)
+    if not prompts:
+        return results
+    try:
+        with progress_bar(enabled=True) as bar:
+            ladder = run_generate(ladder_request(setting, prompts), env, progress=bar)[0]
+    except InfermeterError as err:  # the reference Results stand; the report says what is missing
+        for result in results:
+            result.warnings.append(f"prefill ladder {list(prompts)} not measured: {err}")
+        return results
+    for result in ladder:
+        result.config["prefill_ladder"] = True  # not a representative of the column (report)
+    return results + ladder
 
 
 Stage = tuple[str, str, Callable[[RunSetting, dict[str, Any]], list[Result]]]
