@@ -14,7 +14,8 @@ from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
 SPECS = {"gqa": DEBUG, "qkv-bias-tied": DEBUG.with_updates(arch="qwen2", qkv_bias=True,
-                                                          tie_embeddings=True)}
+                                                          tie_embeddings=True),
+         "qk-norm": DEBUG.with_updates(arch="qwen3", qk_norm=True, head_dim=32)}
 
 
 def _logits(model, tokens):
@@ -48,7 +49,8 @@ def test_fused_modules_replace_the_originals(pair):
     assert "layers.0.attention.wqkv.weight" in names and "layers.0.feed_forward.w13.weight" in names
     assert not any(part in name for name in names
                    for part in (".wq.", ".wk.", ".wv.", ".w1.", ".w3."))
-    q, kv = DEBUG.n_heads * DEBUG.head_dim, DEBUG.n_kv_heads * DEBUG.head_dim
+    spec = fused.spec
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     assert fused.layers[0].attention.wqkv.weight.shape == (q + 2 * kv, DEBUG.dim)
     assert fused.layers[0].feed_forward.w13.weight.shape == (2 * DEBUG.ffn_dim, DEBUG.dim)
     fuse_projections(fused)  # idempotent
@@ -68,8 +70,9 @@ def test_meta_state_dict_gives_back_every_weight_by_its_meta_name(pair):
 @torch.no_grad()
 def test_a_fused_model_saves_a_checkpoint_that_loads_to_the_same_model(pair, fmt, tmp_path):
     plain, fused = pair
-    if fmt == "meta" and plain.spec.qkv_bias:
-        pytest.skip("Meta's params.json has no qkv bias (refused with its own clear error)")
+    if fmt == "meta" and (plain.spec.qkv_bias or plain.spec.qk_norm):
+        pytest.skip("Meta's params.json has no qkv bias or q/k norms (refused with its own "
+                    "clear error)")
     save_checkpoint(fused, tmp_path, fmt, n_shards=2)
     loaded = load_weights(str(tmp_path), "cpu", "float32")
     tokens = torch.randint(0, DEBUG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))

@@ -22,6 +22,7 @@ SPECS = {
     "linear-rope": DEBUG.with_updates(rope_scaling=RopeScaling("linear", 4.0)),
     # Layer 1 slides over 5 tokens, layer 0 attends to everything: one ring, one full cache.
     "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
+    "qwen3": DEBUG.with_updates(arch="qwen3", qk_norm=True, head_dim=32),  # q/k norms
 }
 SEQ = 20
 

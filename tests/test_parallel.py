@@ -39,6 +39,8 @@ SPECS = {
     "mqa": DEBUG.with_updates(n_kv_heads=1),  # tp 2 > 1 KV head: replicated on both ranks
     "tied-bias": DEBUG.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True),
     "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
+    # q/k norms per head (replicated on every rank), head_dim 32 != dim 64 / 4 heads.
+    "qwen3": DEBUG.with_updates(arch="qwen3", qk_norm=True, head_dim=32, norm_eps=1e-6),
 }
 WIDE = DEBUG.with_updates(name="wide", n_heads=8, n_kv_heads=2, head_dim=8)  # tp 4 > 2 KV heads
 
@@ -168,7 +170,7 @@ def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files
         assert_slices_of(full, shard, shard.shard_plan)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias"])
+@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3"])
 def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> None:
     spec = SPECS[name]
     save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)
@@ -207,9 +209,18 @@ def _check_ranks(results: list[dict], world: int) -> None:
 
 
 def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
-    save_checkpoint(load_weights(SPECS["tied-bias"], seed=6), tmp_path, "hf", n_shards=2)
-    sources = {**SPECS, "meta-2-files": str(meta_folders["gqa-2"]), "hf-qwen2": str(tmp_path)}
-    results = run_ranks(compare_with_tp1, 2, sources, ("gqa", "tied-bias"))
+    save_checkpoint(load_weights(SPECS["tied-bias"], seed=6), tmp_path / "qwen2", "hf",
+                    n_shards=2)
+    qwen3 = load_weights(SPECS["qwen3"], seed=6)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # norms apart from 1: each rank must apply the whole q/k norm
+        for name, param in qwen3.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.2, generator=gen)
+    save_checkpoint(qwen3, tmp_path / "qwen3", "hf")
+    sources = {**SPECS, "meta-2-files": str(meta_folders["gqa-2"]),
+               "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3")}
+    results = run_ranks(compare_with_tp1, 2, sources, ("gqa", "tied-bias", "hf-qwen3"))
     _check_ranks(results, 2)
     assert set(results[0]) == set(sources)
 

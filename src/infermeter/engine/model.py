@@ -1,10 +1,11 @@
-"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5) with a static KV cache.
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) with a static KV cache.
 
 Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without renaming:
   tok_embeddings.weight, norm.weight, output.weight,
   layers.{i}.attention.{wq,wk,wv,wo}.weight (+ wq/wk/wv .bias when spec.qkv_bias, Qwen2),
   layers.{i}.feed_forward.{w1,w2,w3}.weight   (SwiGLU: w2(silu(w1 x) * w3 x)),
-  layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight.
+  layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight,
+  layers.{i}.attention.{q_norm,k_norm}.weight  (Qwen3, spec.qk_norm: [head_dim] each).
 With tied embeddings `output.weight` *is* `tok_embeddings.weight` (one Parameter, two names);
 `tie_weights()` restores the sharing after `load_state_dict(assign=True)` replaced Parameters.
 
@@ -22,6 +23,9 @@ Decisions:
   differs from the activations, K/V are converted on read (costs a cast per step). fp8/int8 KV
   raise InfermeterError (not supported by the engine yet).
 - RMSNorm normalises in float32 and casts back before the weight, as Meta and HF do.
+- Qwen3's q/k norms act on each head's features after the projections are split (so fused
+  wqkv and tensor parallelism leave them alone: they are per head, replicated on every rank)
+  and before RoPE, as transformers' Qwen3Attention does.
 - forward() always returns float32 logits for all T positions.
 - Fused projections at run time (fusion.py, what Generator does by default): wq/wk/wv become one
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
@@ -88,6 +92,9 @@ class Attention(nn.Module):
         self.wk = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
         self.wv = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
         self.wo = Linear(q_dim, spec.dim, bias=False)
+        # One weight per head feature, shared by all heads: RMSNorm over q's / k's head_dim.
+        self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
         self.window = spec.layer_window(layer)
         self.kv_cache: LayerKVCache | None = None
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
@@ -106,6 +113,8 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, per head and token
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         keys, values, mask = self.kv_cache.update(k, v, input_pos)  # [B, H_kv, S, D], [T, S]

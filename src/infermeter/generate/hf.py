@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infermeter.engine.checkpoint.hf import hf_config, meta_to_hf_name, permute
+from infermeter.engine.checkpoint.hf import hf_config, meta_to_hf_name, permute, rope_heads
 from infermeter.engine.dtypes import dtype_name
 from infermeter.engine.fusion import meta_state_dict
 from infermeter.engine.generator import GenerationConfig, GenerationOutput
@@ -43,8 +43,7 @@ def transformers_version() -> str | None:
 def _hf_state(model: Transformer) -> dict[str, Tensor]:
     spec, state = model.spec, {}
     for name, tensor in meta_state_dict(model).items():
-        heads = (spec.n_heads if ".attention.wq." in name
-                 else spec.n_kv_heads if ".attention.wk." in name else None)
+        heads = rope_heads(name, spec)
         state[meta_to_hf_name(name)] = tensor if heads is None else permute(tensor, heads)
     return state
 

@@ -229,7 +229,7 @@ def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
         layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     elif window is None:
         layers = ()
-    elif model_type == "qwen2":  # only when enabled, and only from max_window_layers on
+    elif model_type in ("qwen2", "qwen3"):  # only when enabled, from max_window_layers on
         start = _int(cfg, "max_window_layers", path, default=0, minimum=0)
         layers = tuple(range(start, n_layers)) if _bool(cfg, "use_sliding_window", path) else ()
     elif model_type == "gemma2":  # layers 0, 2, 4, ... slide
@@ -295,6 +295,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         max_seq_len=_int(cfg, "max_position_embeddings", path, default=4096),
         tie_embeddings=_bool(cfg, "tie_word_embeddings", path, default=model_type == "gemma2"),
         qkv_bias=model_type == "qwen2" or _bool(cfg, "attention_bias", path),
+        qk_norm=model_type == "qwen3",
         sliding_window=window, sliding_window_layers=window_layers,
         norms_per_layer=4 if model_type == "gemma2" else 2,
         torch_dtype=dtype, weight_dtype=_weight_dtype(cfg, path, dtype), source=str(path),

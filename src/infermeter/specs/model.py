@@ -14,9 +14,10 @@ from typing import Any
 from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
-ENGINE_ARCHS = ("llama", "mistral", "qwen2")
+ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
-SIZING_ARCHS = ("llama", "mistral", "qwen2", "mixtral", "gemma2", "phi3", "deepseek_v3")
+SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "phi3",
+                "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ModelSpec:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    # RMSNorm over each head's head_dim features of q and of k, before RoPE (Qwen3): one weight
+    # of head_dim per layer for q and one for k, shared by all heads.
+    qk_norm: bool = False
     # Sliding-window attention: window length in tokens and the layers that use it.
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] = ()
@@ -151,7 +155,7 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
-    """The engine runs Llama 2/3, Mistral and Qwen2; say so clearly for anything else.
+    """The engine runs Llama 2/3, Mistral, Qwen2 and Qwen3; say so clearly for anything else.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:
         raise InfermeterError(

@@ -39,6 +39,12 @@ def _qwen25(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, ffn: in
                      qkv_bias=True)
 
 
+def _qwen3(name: str, n_layers: int, dim: int, n_heads: int, ffn: int,
+           tie: bool = False) -> ModelSpec:
+    return ModelSpec(name, "qwen3", n_layers, dim, n_heads, 8, 128, ffn, 151936, norm_eps=1e-6,
+                     rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=tie, qk_norm=True)
+
+
 _PRESET_LIST = [
     # meta-llama/Llama-2-{7b,13b,70b}-hf
     _llama2("llama-2-7b", 32, 4096, 32, 32, 11008),
@@ -64,6 +70,11 @@ _PRESET_LIST = [
     _qwen25("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 1e-6, tie=True),
     _qwen25("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 1e-6),
     _qwen25("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064, 1e-5),
+    # Qwen/Qwen3-{0.6B,8B,32B}: q/k norms, head_dim 128 whatever the width (0.6B: 16 x 128 =
+    # 2048 query features from 1024), no qkv bias; use_sliding_window is false.
+    _qwen3("qwen3-0.6b", 28, 1024, 16, 3072, tie=True),
+    _qwen3("qwen3-8b", 36, 4096, 32, 12288),
+    _qwen3("qwen3-32b", 64, 5120, 64, 25600),
     # google/gemma-2-9b: head_dim 256 (not 3584/16), a 4096 window on every other layer
     # (layers 0, 2, 4, ... as transformers' Gemma2 does), tied embeddings, 4 norms per layer.
     ModelSpec("gemma-2-9b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256000, norm_eps=1e-6,
@@ -109,6 +120,9 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "qwen2.5-0.5b": 0.494e9,
     "qwen2.5-7b": 7.61e9,
     "qwen2.5-72b": 72.7e9,
+    "qwen3-0.6b": 0.6e9,
+    "qwen3-8b": 8.2e9,
+    "qwen3-32b": 32.8e9,
     "gemma-2-9b": 9.24e9,
     "phi-3-mini": 3.82e9,
     "deepseek-v3": (671e9, 37e9),

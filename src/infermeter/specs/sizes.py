@@ -103,12 +103,17 @@ def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
     return experts + router
 
 
+def _layer_norm_params(spec: ModelSpec) -> int:
+    """One layer's norm weights: norms_per_layer of dim, + q and k norms of head_dim (Qwen3)."""
+    return spec.norms_per_layer * spec.dim + (2 * spec.head_dim if spec.qk_norm else 0)
+
+
 def param_count(spec: ModelSpec, active: bool = False) -> int:
     """Parameters of the model; `active=True` counts only the experts one token uses (MoE)."""
     if spec.vocab_size is None:
         raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
                               "does not say it), so are its weight bytes")
-    per_layer_norms = spec.norms_per_layer * spec.dim
+    per_layer_norms = _layer_norm_params(spec)
     layers = sum(_attention_params(spec) + _ffn_params(spec, i, active) + per_layer_norms
                  for i in range(spec.n_layers))
     embeddings = spec.vocab_size * spec.dim * (1 if spec.tie_embeddings else 2)
@@ -128,7 +133,7 @@ def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
     check_tp(spec, tp)
     if tp == 1:
         return weight_bytes(spec, dtype)
-    norms = (spec.norms_per_layer * spec.n_layers + 1) * spec.dim
+    norms = _layer_norm_params(spec) * spec.n_layers + spec.dim
     total = param_count(spec) - norms
     extra_kv = 0
     if not spec.is_mla and tp > spec.n_kv_heads:

@@ -5,9 +5,10 @@ Names map one to one onto Meta's (`hf_to_meta_name`). One real difference: HF ap
 conversion (transformers' convert_llama_weights_to_hf.py) permutes the rows of wq and wk per head:
     permute(w) = w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2)
                   .reshape(n_heads * head_dim, dim)
-`unpermute` is its inverse, applied to q/k weights *and* biases (Qwen2). Models trained natively in
-HF layout (Qwen2, Mistral) need the same treatment: attention scores only see q.k, and permuting
-q's and k's features the same way maps rotate_half RoPE exactly onto interleaved RoPE.
+`unpermute` is its inverse, applied to q/k weights *and* biases (Qwen2) and to the per-head
+q/k norm weights (Qwen3). Models trained natively in HF layout (Qwen2, Qwen3, Mistral) need
+the same treatment: attention scores only see q.k, and permuting q's and k's features the same
+way maps rotate_half RoPE exactly onto interleaved RoPE.
 
 Only safetensors are read (safe_open memory-maps the file and never unpickles); a folder with
 just pytorch_model.bin is refused with a clear message. No code from the folder is ever run
@@ -45,7 +46,8 @@ NAMES = NameMap(
            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
            "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-           "post_attention_layernorm": "ffn_norm"},
+           "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attention.q_norm",
+           "self_attn.k_norm": "attention.k_norm"},
     prefix="model.layers.")
 
 
@@ -59,12 +61,16 @@ def meta_to_hf_name(name: str) -> str:
     return NAMES.from_meta(name)
 
 
-def _rope_heads(meta_name: str, spec: ModelSpec) -> int | None:
-    """Heads whose rows HF permuted (wq: n_heads, wk: n_kv_heads), None for other tensors."""
+def rope_heads(meta_name: str, spec: ModelSpec) -> int | None:
+    """Heads whose rows HF permuted (wq: n_heads, wk: n_kv_heads), None for other tensors.
+    Qwen3's q_norm / k_norm weights [head_dim] scale one head's features in HF's order, so
+    they are permuted as one head."""
     if ".attention.wq." in meta_name:
         return spec.n_heads
     if ".attention.wk." in meta_name:
         return spec.n_kv_heads
+    if meta_name.endswith((".attention.q_norm.weight", ".attention.k_norm.weight")):
+        return 1
     return None
 
 
@@ -171,15 +177,15 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
         else:
             index = [slice(None)] * piece.dim + [slice(piece.start, piece.start + piece.length)]
             tensor = handles[path].get_slice(hf_name)[tuple(index)]
-        if _rope_heads(name, spec) is None:
+        if rope_heads(name, spec) is None:
             yield name, tensor
-        else:  # whole heads: rows // head_dim of them (all of wq / wk, or the rank's)
+        else:  # whole heads: rows // head_dim (all of wq / wk, the rank's, a q/k norm's one)
             yield name, unpermute(tensor, tensor.shape[0] // spec.head_dim)
 
 
 # ---- writer ----------------------------------------------------------------------------------
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
@@ -204,6 +210,9 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
     if spec.qkv_bias != (spec.arch == "qwen2"):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qkv_bias={spec.qkv_bias}")
+    if spec.qk_norm != (spec.arch == "qwen3"):  # the model type alone says whether q/k norms
+        raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
+                              f"qk_norm={spec.qk_norm}")
     if spec.sliding_window_layers:
         windows = set(spec.sliding_window_layers)
         cfg["sliding_window"] = spec.sliding_window
@@ -225,7 +234,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
     for name, tensor in state.items():
         if name == "output.weight" and spec.tie_embeddings:
             continue
-        heads = _rope_heads(name, spec)
+        heads = rope_heads(name, spec)
         tensor = tensor.detach().cpu()
         tensors[meta_to_hf_name(name)] = (tensor if heads is None
                                           else permute(tensor, heads)).contiguous()
