@@ -8,7 +8,9 @@ The loop, in gpt-fast's shape:
 - prefill: the whole prompt [B, T] in one eager forward at positions 0..T-1, then sample the
   first new token. Eager on purpose: T changes from call to call (a compiled prefill would need
   dynamic shapes or a recompile per length) and a long prefill is compute-bound, so compiling
-  it buys little.
+  it buys little. With prefill_chunk=C, a prompt longer than C runs as forwards of C tokens at
+  positions c..c+C-1, each attending over the cache the earlier chunks filled: activations and
+  logits of C tokens at a time, never of the whole prompt.
 - decode: one token per sequence per step, [B, 1] at position input_pos. With compile=True this
   step is torch.compile(fullgraph=True, dynamic=False): static shapes, input_pos a device
   tensor; on CUDA it is replayed as a CUDA graph, built from eager's own kernels by default
@@ -179,6 +181,8 @@ class Generator:
     decode_attention_used() says what a mode really runs.
     pdl: the compiled step's kernels (inductor's and the Triton ones) launched with
     programmatic dependent launch (pdl.py); only where pdl.supported says it can run.
+    prefill_chunk: the longest forward a prefill runs, in tokens; a longer prompt is prefilled
+    chunk by chunk into the KV cache (None, the default: the whole prompt in one forward).
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
@@ -186,7 +190,10 @@ class Generator:
                  compile_backend: str | None = None,
                  compile_options: dict | None = None, fuse: bool = True,
                  compile_prefill: bool = False, decode_attention: str | None = None,
-                 pdl: bool = False) -> None:
+                 pdl: bool = False, prefill_chunk: int | None = None) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         if decode_attention is not None:
             from infermeter.engine.attention import ATTENTION_KINDS
 
@@ -312,10 +319,14 @@ class Generator:
         stop_ids = torch.tensor(sorted(config.stop_ids) or [-1], dtype=torch.int64)
         # (From pageable memory the copy stages the bytes before returning: no lifetime issue.)
         stop_ids = stop_ids.to(self.device, non_blocking=True)  # [S]
-        positions = torch.arange(prompt_len, **int64)  # [T]
-        compiled = config.compile and self.compile_prefill and prompt_len > 1
-        logits = self.model(tokens, positions,  # [B, T, V] float32
-                            block_fn=self._block_fn() if compiled else None)
+        chunk = min(self.prefill_chunk or prompt_len, prompt_len)
+        compiled = config.compile and self.compile_prefill and chunk > 1
+        block_fn = self._block_fn() if compiled else None
+        for start in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
+            end = min(start + chunk, prompt_len)
+            positions = torch.arange(start, end, **int64)  # [C]
+            logits = self.model(tokens[:, start:end], positions,  # [B, C, V] float32
+                                block_fn=block_fn)
         first = sample(logits[:, -1], greedy=config.greedy, temperature=config.temperature,
                        top_p=config.top_p, seed=seed, pos=input_pos)
         done = (first[:, None] == stop_ids[None, :]).any(dim=-1)
