@@ -23,6 +23,11 @@ SPECS = {
     # Layer 1 slides over 5 tokens, layer 0 attends to everything: one ring, one full cache.
     "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
     "qwen3": DEBUG.with_updates(arch="qwen3", qk_norm=True, head_dim=32),  # q/k norms
+    # Gemma 3: layer 0 slides over 5 tokens with its own RoPE base, layer 1 is global.
+    "gemma3": DEBUG.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32,
+                                 tie_embeddings=True, sliding_window=5, sliding_window_layers=(0,),
+                                 norms_per_layer=4, rope_local_theta=10000.0,
+                                 query_pre_attn_scalar=24.0, final_logit_softcap=30.0),
 }
 SEQ = 20
 

@@ -41,6 +41,12 @@ SPECS = {
     "window": DEBUG.with_updates(arch="mistral", sliding_window=5, sliding_window_layers=(1,)),
     # q/k norms per head (replicated on every rank), head_dim 32 != dim 64 / 4 heads.
     "qwen3": DEBUG.with_updates(arch="qwen3", qk_norm=True, head_dim=32, norm_eps=1e-6),
+    # Gemma 3: layer 0 slides (local RoPE base), layer 1 is global; 4 norms a layer, q/k norms,
+    # tied embeddings, q rescaled (24 != head_dim 32), soft-capped logits.
+    "gemma3": DEBUG.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32, norm_eps=1e-6,
+                                 tie_embeddings=True, sliding_window=5, sliding_window_layers=(0,),
+                                 norms_per_layer=4, rope_local_theta=10000.0,
+                                 query_pre_attn_scalar=24.0, final_logit_softcap=30.0),
 }
 WIDE = DEBUG.with_updates(name="wide", n_heads=8, n_kv_heads=2, head_dim=8)  # tp 4 > 2 KV heads
 
@@ -170,7 +176,7 @@ def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files
         assert_slices_of(full, shard, shard.shard_plan)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3"])
+@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3", "gemma3"])
 def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> None:
     spec = SPECS[name]
     save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)
@@ -211,16 +217,19 @@ def _check_ranks(results: list[dict], world: int) -> None:
 def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
     save_checkpoint(load_weights(SPECS["tied-bias"], seed=6), tmp_path / "qwen2", "hf",
                     n_shards=2)
-    qwen3 = load_weights(SPECS["qwen3"], seed=6)
     gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # norms apart from 1: each rank must apply the whole q/k norm
-        for name, param in qwen3.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1.0, 0.2, generator=gen)
-    save_checkpoint(qwen3, tmp_path / "qwen3", "hf")
+    for name in ("qwen3", "gemma3"):
+        model = load_weights(SPECS[name], seed=6)
+        with torch.no_grad():  # norms apart from 1: each rank must apply the whole q/k norm
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("norm.weight"):
+                    param.normal_(1.0, 0.2, generator=gen)
+        save_checkpoint(model, tmp_path / name, "hf")
     sources = {**SPECS, "meta-2-files": str(meta_folders["gqa-2"]),
-               "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3")}
-    results = run_ranks(compare_with_tp1, 2, sources, ("gqa", "tied-bias", "hf-qwen3"))
+               "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3"),
+               "hf-gemma3": str(tmp_path / "gemma3")}
+    results = run_ranks(compare_with_tp1, 2, sources,
+                        ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3"))
     _check_ranks(results, 2)
     assert set(results[0]) == set(sources)
 

@@ -1,11 +1,14 @@
-"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) with a static KV cache.
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 3's text model)
+with a static KV cache.
 
 Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without renaming:
   tok_embeddings.weight, norm.weight, output.weight,
   layers.{i}.attention.{wq,wk,wv,wo}.weight (+ wq/wk/wv .bias when spec.qkv_bias, Qwen2),
   layers.{i}.feed_forward.{w1,w2,w3}.weight   (SwiGLU: w2(silu(w1 x) * w3 x)),
   layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight,
-  layers.{i}.attention.{q_norm,k_norm}.weight  (Qwen3, spec.qk_norm: [head_dim] each).
+  layers.{i}.attention.{q_norm,k_norm}.weight  (Qwen3, Gemma 3, spec.qk_norm: [head_dim] each),
+  layers.{i}.{attention_post_norm,ffn_post_norm}.weight  (Gemma 3: norms of attention's and
+  the FFN's outputs; ffn_norm is then its pre_feedforward_layernorm).
 With tied embeddings `output.weight` *is* `tok_embeddings.weight` (one Parameter, two names);
 `tie_weights()` restores the sharing after `load_state_dict(assign=True)` replaced Parameters.
 
@@ -26,7 +29,14 @@ Decisions:
 - Qwen3's q/k norms act on each head's features after the projections are split (so fused
   wqkv and tensor parallelism leave them alone: they are per head, replicated on every rank)
   and before RoPE, as transformers' Qwen3Attention does.
-- forward() always returns float32 logits for all T positions.
+- forward() always returns float32 logits for all T positions (Gemma's soft-capping, where the
+  spec has it, applied in float32).
+- Gemma 3 (GEMMA_ARCHS): norms apply (1 + w) in float32; sliding-window layers read
+  RoPE tables of rope_local_theta, global ones rope_theta with its scaling (setup_cache builds
+  both); query_pre_attn_scalar is a rescale of q after RoPE, so every attention path (SDPA, math,
+  flex, the Triton kernel) keeps its head_dim ** -0.5; GeGLU's gelu is left to inductor (the
+  activation kernels are SiLU's); the peer all-reduce fused with add and norm (add_norm) is
+  refused, since Gemma's post-norms sit between the all-reduce and the residual add.
 - Fused projections at run time (fusion.py, what Generator does by default): wq/wk/wv become one
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
@@ -83,6 +93,25 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is stored as w - 1 and applied as (1 + w), in float32 before
+    the cast back (transformers' Gemma3RMSNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+# Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
+# before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
+GEMMA_ARCHS = ("gemma3_text",)
+
+
+def norm_class(spec: ModelSpec) -> type[RMSNorm]:
+    return GemmaRMSNorm if spec.arch in GEMMA_ARCHS else RMSNorm
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
@@ -93,9 +122,17 @@ class Attention(nn.Module):
         self.wv = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
         self.wo = Linear(q_dim, spec.dim, bias=False)
         # One weight per head feature, shared by all heads: RMSNorm over q's / k's head_dim.
-        self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        norm = norm_class(spec)
+        self.q_norm = norm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = norm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        # Every attention path scales scores by head_dim ** -0.5; where the model wants
+        # query_pre_attn_scalar ** -0.5 (Gemma 3 27B: 168, not 128) q is rescaled to match.
+        scalar = spec.query_pre_attn_scalar
+        self.q_scale = None if scalar is None or scalar == spec.head_dim \
+            else (spec.head_dim / scalar) ** 0.5
         self.window = spec.layer_window(layer)
+        # Gemma 3: sliding-window layers take the local RoPE tables (Transformer.forward).
+        self.local_rope = spec.rope_local_theta is not None and self.window is not None
         self.kv_cache: LayerKVCache | None = None
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
@@ -116,6 +153,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, per head and token
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         keys, values, mask = self.kv_cache.update(k, v, input_pos)  # [B, H_kv, S, D], [T, S]
         # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
@@ -150,8 +189,9 @@ ACTIVATION_KERNELS = ("inline", "aten", "triton")
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, gelu: bool = False) -> None:
         super().__init__()
+        self.gelu = gelu  # GeGLU with tanh gelu (Gemma) instead of SwiGLU
         self.w1 = Linear(dim, hidden, bias=False)  # gate
         self.w2 = Linear(hidden, dim, bias=False)  # down
         self.w3 = Linear(dim, hidden, bias=False)  # up
@@ -163,6 +203,8 @@ class FeedForward(nn.Module):
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
+        if self.gelu:  # the activation kernels are SiLU's; inductor fuses this one
+            return self.w2(F.gelu(gate, approximate="tanh") * up)
         if self.activation_kernel != "inline" and compiling():
             if self.activation_kernel == "triton" and swiglu_kernel_usable(gate):
                 return self.w2(silu_mul_kernel(gate, up))
@@ -188,10 +230,15 @@ MATERIALIZE_NORM = False
 class TransformerBlock(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
+        gemma = spec.arch in GEMMA_ARCHS
+        norm = norm_class(spec)
         self.attention = Attention(spec, layer)
-        self.feed_forward = FeedForward(spec.dim, spec.ffn_dim)
-        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.feed_forward = FeedForward(spec.dim, spec.ffn_dim, gelu=gemma)
+        self.attention_norm = norm(spec.dim, spec.norm_eps)
+        self.ffn_norm = norm(spec.dim, spec.norm_eps)
+        # Gemma: norms of attention's and the FFN's outputs, before each residual add.
+        self.attention_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
+        self.ffn_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
         self.materialize_norm = MATERIALIZE_NORM
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
@@ -200,7 +247,11 @@ class TransformerBlock(nn.Module):
         # larger products go to cuBLAS, which reads a materialized input anyway.
         if self.materialize_norm and x.shape[0] * x.shape[1] == 1 and compiling():
             normed = materialize(normed)
-        h = x + self.attention(normed, cos, sin, input_pos)
+        attended = self.attention(normed, cos, sin, input_pos)
+        if self.attention_post_norm is not None and self.ffn_post_norm is not None:
+            h = x + self.attention_post_norm(attended)
+            return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
+        h = x + attended
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward_prenormed(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
@@ -220,7 +271,11 @@ class Transformer(nn.Module):
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.norm = norm_class(spec)(spec.dim, spec.norm_eps)
+        # Gemma multiplies the embeddings by sqrt(dim) rounded to the model dtype, as HF does
+        # (bf16: sqrt(3840) = 61.97 becomes 62.0); setup_cache rounds it to the weights' dtype.
+        self.embed_scale: float | None = None
+        self.post_norms = spec.arch in GEMMA_ARCHS
         self.output = Linear(spec.dim, spec.vocab_size, bias=False)
         self.tie_weights()
         self.max_batch_size = 0
@@ -257,6 +312,13 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(spec, max_seq_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim/2]
         self.register_buffer("rope_sin", sin, persistent=False)
+        if spec.arch in GEMMA_ARCHS:
+            self.embed_scale = torch.tensor(spec.dim ** 0.5, dtype=weight.dtype).item()
+        if spec.rope_local_theta is not None:  # the sliding layers' own base, unscaled
+            local = spec.with_updates(rope_theta=spec.rope_local_theta, rope_scaling=None)
+            cos, sin = rope_tables(local, max_seq_len, device)
+            self.register_buffer("rope_cos_local", cos, persistent=False)
+            self.register_buffer("rope_sin_local", sin, persistent=False)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     def _caches(self) -> list[LayerKVCache]:
@@ -295,16 +357,31 @@ class Transformer(nn.Module):
         if self.max_seq_len == 0:
             raise InfermeterError("call setup_cache() before running the model")
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
+        local = (self.rope_cos_local[input_pos], self.rope_sin_local[input_pos]) \
+            if self.spec.rope_local_theta is not None else (cos, sin)
         h = self.tok_embeddings(tokens)  # [B, T, dim]
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         if self.add_norm is not None:
             if block_fn is not None:
                 raise InfermeterError("a compiled prefill (block_fn) cannot run a model whose "
                                       "adds are fused with its norms (add_norm)")
+            if self.post_norms:
+                raise InfermeterError(f"model {self.spec.name}: its norms after attention and "
+                                      "FFN come before the residual add, so the all-reduce "
+                                      "cannot be fused with add and norm (use NCCL's)")
             return self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos) if block_fn is None else \
-                block_fn(layer, h, cos, sin, input_pos)
-        return self.output(self.norm(h)).float()
+            c, s = local if layer.attention.local_rope else (cos, sin)
+            h = layer(h, c, s, input_pos) if block_fn is None else \
+                block_fn(layer, h, c, s, input_pos)
+        return self._logits(self.norm(h))
+
+    def _logits(self, normed: Tensor) -> Tensor:
+        """[B, T, dim] final-normed -> [B, T, vocab] float32, soft-capped where the model is."""
+        logits = self.output(normed).float()
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _forward_prenormed(self, h: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                            add_norm: AddNorm) -> Tensor:
@@ -316,7 +393,7 @@ class Transformer(nn.Module):
                 else self.norm
             h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
                                                 add_norm)
-        return self.output(normed).float()
+        return self._logits(normed)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

@@ -44,7 +44,7 @@ def _hf_state(model: Transformer) -> dict[str, Tensor]:
     spec, state = model.spec, {}
     for name, tensor in meta_state_dict(model).items():
         heads = rope_heads(name, spec)
-        state[meta_to_hf_name(name)] = tensor if heads is None else permute(tensor, heads)
+        state[meta_to_hf_name(name, spec)] = tensor if heads is None else permute(tensor, heads)
     return state
 
 
@@ -81,6 +81,10 @@ def _rebuild_meta_buffers(hf: Any, device: torch.device) -> None:
             with torch.device(device):
                 fresh = type(module)(config=hf.config)
             setattr(hf.get_submodule(parent_name) if parent_name else hf, attr, fresh)
+        scale = getattr(module, "embed_scale", None)  # Gemma's embedding: sqrt(dim), a buffer
+        if isinstance(scale, Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.register_buffer("embed_scale", torch.tensor(module.scalar_embed_scale,
+                                                               device=device), persistent=False)
     left = [name for name, b in hf.named_buffers() if b.is_meta]
     if left:
         raise InfermeterError(f"hf mode: could not build buffers {left[:3]} of the HF model "

@@ -234,6 +234,9 @@ def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
         layers = tuple(range(start, n_layers)) if _bool(cfg, "use_sliding_window", path) else ()
     elif model_type == "gemma2":  # layers 0, 2, 4, ... slide
         layers = tuple(range(0, n_layers, 2))
+    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is global
+        pattern = _int(cfg, "sliding_window_pattern", path, default=6)
+        layers = tuple(i for i in range(n_layers) if (i + 1) % pattern)
     elif model_type in ("mistral", "mixtral", "phi3"):
         layers = all_layers(n_layers)
     else:
@@ -269,6 +272,27 @@ def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, A
     return fields
 
 
+def _gemma3_rope(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Gemma 3's two RoPE settings: transformers 5.x nests them in rope_parameters by layer type
+    (full_attention, sliding_attention); 4.x has rope_theta and rope_scaling for the global
+    layers and rope_local_base_freq for the sliding ones."""
+    params = _object(cfg, "rope_parameters", path)
+    if isinstance(params.get("full_attention"), dict):
+        theta, scaling = _hf_rope({"rope_parameters": params["full_attention"],
+                                   "max_position_embeddings": cfg.get("max_position_embeddings")},
+                                  path)
+        local = _object(params, "sliding_attention", path)
+        if local.get("factor") is not None and local.get("rope_type", "default") != "default":
+            raise InfermeterError(f"{path}: field 'rope_parameters.sliding_attention' scales "
+                                  "RoPE; the engine scales only the global layers' RoPE")
+        local_theta = _float(local, "rope_theta", path, default=10000.0,
+                             prefix="rope_parameters.sliding_attention.")
+    else:
+        theta, scaling = _hf_rope(cfg, path)
+        local_theta = _float(cfg, "rope_local_base_freq", path, default=10000.0)
+    return {"rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta}
+
+
 def spec_from_hf_config(path: Path) -> ModelSpec:
     cfg = read_json(path)
     model_type = cfg.get("model_type")
@@ -282,7 +306,14 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
     else:
         head_dim = _head_dim(cfg, path, dim, n_heads, "hidden_size", "num_attention_heads")
     window, window_layers = _hf_window(cfg, model_type, n_layers, path)
-    theta, scaling = _hf_rope(cfg, path)
+    if model_type == "gemma3_text":
+        rope = _gemma3_rope(cfg, path)
+        gemma = {"query_pre_attn_scalar": _float(cfg, "query_pre_attn_scalar", path),
+                 "final_logit_softcap": None if cfg.get("final_logit_softcapping") is None
+                 else _float(cfg, "final_logit_softcapping", path)}
+    else:
+        theta, scaling = _hf_rope(cfg, path)
+        rope, gemma = {"rope_theta": theta, "rope_scaling": scaling}, {}
     dtype = _dtype(cfg, path)
     return _spec(
         path, name=path.parent.name if path.name == "config.json" else path.stem,
@@ -290,14 +321,14 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         n_kv_heads=_kv_heads(cfg, path, "num_key_value_heads", n_heads, "num_attention_heads"),
         head_dim=head_dim, ffn_dim=_int(cfg, "intermediate_size", path),
         vocab_size=_int(cfg, "vocab_size", path),
-        norm_eps=_float(cfg, "rms_norm_eps", path, default=1e-6), rope_theta=theta,
-        rope_scaling=scaling,
+        norm_eps=_float(cfg, "rms_norm_eps", path, default=1e-6), **rope,
         max_seq_len=_int(cfg, "max_position_embeddings", path, default=4096),
-        tie_embeddings=_bool(cfg, "tie_word_embeddings", path, default=model_type == "gemma2"),
+        tie_embeddings=_bool(cfg, "tie_word_embeddings", path,
+                             default=model_type in ("gemma2", "gemma3_text")),
         qkv_bias=model_type == "qwen2" or _bool(cfg, "attention_bias", path),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
         sliding_window=window, sliding_window_layers=window_layers,
-        norms_per_layer=4 if model_type == "gemma2" else 2,
+        norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2, **gemma,
         torch_dtype=dtype, weight_dtype=_weight_dtype(cfg, path, dtype), source=str(path),
         **_hf_moe_mla(cfg, model_type, path),
     )

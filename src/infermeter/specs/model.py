@@ -14,9 +14,9 @@ from typing import Any
 from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
-ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
-SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "phi3",
+SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "gemma3_text", "phi3",
                 "deepseek_v3")
 
 
@@ -64,6 +64,13 @@ class ModelSpec:
     # RMSNorm over each head's head_dim features of q and of k, before RoPE (Qwen3): one weight
     # of head_dim per layer for q and one for k, shared by all heads.
     qk_norm: bool = False
+    # Gemma 3: the RoPE base of the sliding-window layers (unscaled; rope_theta and
+    # rope_scaling are the global layers'), None: every layer uses rope_theta.
+    rope_local_theta: float | None = None
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma) instead of
+    # head_dim ** -0.5 where set; logits become cap * tanh(logits / cap) where a cap is set.
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcap: float | None = None
     # Sliding-window attention: window length in tokens and the layers that use it.
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] = ()
@@ -155,7 +162,8 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
-    """The engine runs Llama 2/3, Mistral, Qwen2 and Qwen3; say so clearly for anything else.
+    """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3's text model);
+    say so clearly for anything else.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:
         raise InfermeterError(

@@ -45,6 +45,21 @@ def _qwen3(name: str, n_layers: int, dim: int, n_heads: int, ffn: int,
                      rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=tie, qk_norm=True)
 
 
+def _gemma3(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int,
+            vocab: int, window: int, long_context: bool, query_scalar: float) -> ModelSpec:
+    """Gemma 3's text model: layers 5, 11, 17, ... global (RoPE base 1M, linear x8 from 4B up),
+    the others a sliding window (RoPE base 10k); q/k norms, 4 norms a layer, tied embeddings."""
+    return ModelSpec(name, "gemma3_text", n_layers, dim, n_heads, n_kv, head_dim, ffn, vocab,
+                     norm_eps=1e-6, rope_theta=1000000.0,
+                     rope_scaling=RopeScaling("linear", 8.0, original_max_position=131072)
+                     if long_context else None,
+                     max_seq_len=131072 if long_context else 32768, tie_embeddings=True,
+                     qk_norm=True, sliding_window=window,
+                     sliding_window_layers=tuple(i for i in range(n_layers) if (i + 1) % 6),
+                     norms_per_layer=4, rope_local_theta=10000.0,
+                     query_pre_attn_scalar=query_scalar)
+
+
 _PRESET_LIST = [
     # meta-llama/Llama-2-{7b,13b,70b}-hf
     _llama2("llama-2-7b", 32, 4096, 32, 32, 11008),
@@ -80,6 +95,12 @@ _PRESET_LIST = [
     ModelSpec("gemma-2-9b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256000, norm_eps=1e-6,
               rope_theta=10000.0, max_seq_len=8192, tie_embeddings=True, sliding_window=4096,
               sliding_window_layers=tuple(range(0, 42, 2)), norms_per_layer=4),
+    # google/gemma-3-1b-pt and the text_config of google/gemma-3-{4b,12b,27b}-pt (their vision
+    # tower is not counted). 27B scales queries by 168 = 5376 / 32, not head_dim 128.
+    _gemma3("gemma-3-1b", 26, 1152, 4, 1, 256, 6912, 262144, 512, False, 256.0),
+    _gemma3("gemma-3-4b", 34, 2560, 8, 4, 256, 10240, 262208, 1024, True, 256.0),
+    _gemma3("gemma-3-12b", 48, 3840, 16, 8, 256, 15360, 262208, 1024, True, 256.0),
+    _gemma3("gemma-3-27b", 62, 5376, 32, 16, 128, 21504, 262208, 1024, True, 168.0),
     # microsoft/Phi-3-mini-4k-instruct: its config.json sets sliding_window 2047 on all layers.
     ModelSpec("phi-3-mini", "phi3", 32, 3072, 32, 32, 96, 8192, 32064, norm_eps=1e-5,
               rope_theta=10000.0, max_seq_len=4096, sliding_window=2047,
@@ -124,6 +145,11 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "qwen3-8b": 8.2e9,
     "qwen3-32b": 32.8e9,
     "gemma-2-9b": 9.24e9,
+    # Gemma 3 technical report, table 1: embedding + non-embedding parameters (text only).
+    "gemma-3-1b": 302e6 + 698e6,
+    "gemma-3-4b": 675e6 + 3209e6,
+    "gemma-3-12b": 1012e6 + 10759e6,
+    "gemma-3-27b": 1416e6 + 25600e6,
     "phi-3-mini": 3.82e9,
     "deepseek-v3": (671e9, 37e9),
 }

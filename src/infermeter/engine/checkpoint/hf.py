@@ -51,14 +51,29 @@ NAMES = NameMap(
     prefix="model.layers.")
 
 
-def hf_to_meta_name(name: str) -> str | None:
+# Gemma's four norms a layer: its post_attention_layernorm is the norm of attention's output
+# (Llama's is the FFN's input norm, here pre_feedforward_layernorm).
+GEMMA_NAMES = NameMap(
+    top=NAMES.top,
+    layer={**NAMES.layer, "post_attention_layernorm": "attention_post_norm",
+           "pre_feedforward_layernorm": "ffn_norm",
+           "post_feedforward_layernorm": "ffn_post_norm"},
+    prefix=NAMES.prefix)
+_GEMMA_ARCHS = ("gemma3_text",)
+
+
+def _names(spec: ModelSpec | None) -> NameMap:
+    return GEMMA_NAMES if spec is not None and spec.arch in _GEMMA_ARCHS else NAMES
+
+
+def hf_to_meta_name(name: str, spec: ModelSpec | None = None) -> str | None:
     """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None for a
-    name that has no Meta counterpart."""
-    return NAMES.to_meta(name)
+    name that has no Meta counterpart. spec: whose names (Gemma's differ; None: Llama's)."""
+    return _names(spec).to_meta(name)
 
 
-def meta_to_hf_name(name: str) -> str:
-    return NAMES.from_meta(name)
+def meta_to_hf_name(name: str, spec: ModelSpec | None = None) -> str:
+    return _names(spec).from_meta(name)
 
 
 def rope_heads(meta_name: str, spec: ModelSpec) -> int | None:
@@ -126,7 +141,7 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
     """Meta name -> HF name for every expected tensor; missing or unknown ones are errors."""
     by_meta: dict[str, str] = {}
     for hf_name, path in files.items():
-        meta = hf_to_meta_name(hf_name)
+        meta = hf_to_meta_name(hf_name, spec)
         if meta is None and not _IGNORED.search(hf_name):
             raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
                                   f"(not part of a {spec.arch} model)")
@@ -137,7 +152,7 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
     missing = sorted(set(expected) - set(by_meta))
     if missing:
         folder = next(iter(files.values())).parent
-        raise InfermeterError(f"{folder}: missing tensor {meta_to_hf_name(missing[0])}"
+        raise InfermeterError(f"{folder}: missing tensor {meta_to_hf_name(missing[0], spec)}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = sorted(set(by_meta) - set(expected))
     if extra:
@@ -185,7 +200,14 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
 
 # ---- writer ----------------------------------------------------------------------------------
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def _whole(value: float | None) -> float | int | None:
+    """An integral float as an int: transformers' Gemma3TextConfig types query_pre_attn_scalar
+    as int and refuses 168.0."""
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
@@ -210,7 +232,18 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
     if spec.qkv_bias != (spec.arch == "qwen2"):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qkv_bias={spec.qkv_bias}")
-    if spec.qk_norm != (spec.arch == "qwen3"):  # the model type alone says whether q/k norms
+    gemma = spec.arch in _GEMMA_ARCHS
+    if gemma:  # transformers 4.x's fields, which 5.x reads too
+        cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                   rope_local_base_freq=spec.rope_local_theta,
+                   query_pre_attn_scalar=_whole(spec.query_pre_attn_scalar),
+                   final_logit_softcapping=spec.final_logit_softcap,
+                   attn_logit_softcapping=None)
+    elif (spec.rope_local_theta, spec.query_pre_attn_scalar, spec.final_logit_softcap) != \
+            (None, None, None):
+        raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express a "
+                              "local RoPE base, query_pre_attn_scalar or logit soft-capping")
+    if spec.qk_norm != (spec.arch in ("qwen3", *_GEMMA_ARCHS)):  # the model type says it
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qk_norm={spec.qk_norm}")
     if spec.sliding_window_layers:
@@ -236,7 +269,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
             continue
         heads = rope_heads(name, spec)
         tensor = tensor.detach().cpu()
-        tensors[meta_to_hf_name(name)] = (tensor if heads is None
+        tensors[meta_to_hf_name(name, spec)] = (tensor if heads is None
                                           else permute(tensor, heads)).contiguous()
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
