@@ -26,7 +26,8 @@ _PROFILING = False  # a trace_capture is recording: also emit record_function ra
 MODULE_LABELS = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wqkv": "qkv", "w13": "gate_up",
                  "wo": "o", "w1": "gate_up",
                  "w3": "gate_up", "w2": "down", "output": "lm_head", "attention_norm": "norm",
-                 "ffn_norm": "norm", "norm": "norm", "attention": "attention",
+                 "ffn_norm": "norm", "norm": "norm", "attention_post_norm": "norm",
+                 "ffn_post_norm": "norm", "attention": "attention",
                  "tok_embeddings": "embedding"}
 PREFIX = "im/"  # every infermeter range name starts with this (breakdown.py looks for it)
 
