@@ -1,7 +1,7 @@
 """The Result schema (v1) and its JSON / JSONL reading and writing.
 
 A Result is what every measuring command produces (docs/design.md, "Result schema"):
-  {"schema": 1, "kind": "kv" | "copy" | "generate", "model": {...}, "config": {...},
+  {"schema": 1, "kind": "kv" | "copy" | "generate" | "offload", "model": {...}, "config": {...},
    "env": {...}, "metrics": {...}, "samples": {...}, "warnings": [...]}
 plus `output_token_ids` for generate Results.
 
@@ -22,7 +22,7 @@ from typing import Any
 from infermeter.errors import InfermeterError
 
 SCHEMA_VERSION = 1
-KINDS = ("kv", "copy", "generate")
+KINDS = ("kv", "copy", "generate", "offload")
 REQUIRED_FIELDS = ("schema", "kind", "model", "config", "env", "metrics", "samples", "warnings")
 
 

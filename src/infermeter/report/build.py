@@ -19,7 +19,13 @@ from infermeter.measure.result import atomic_write
 from infermeter.report.baseline import seed_column
 from infermeter.report.derive import break_even_missing, column_warnings
 from infermeter.report.load import Record, load_records, require_records
-from infermeter.report.select import Column, column_key, group_columns, has_timing
+from infermeter.report.select import (
+    COLUMN_KINDS,
+    Column,
+    column_key,
+    group_columns,
+    has_timing,
+)
 from infermeter.report.tables import (
     EXTENDED_CAPTION,
     EXTENDED_ROWS,
@@ -102,6 +108,9 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
     notes += [f"{r.source}: {note}" for r in sorted(records, key=lambda r: r.source)
               for note in r.notes]
     notes += unused_notes([*columns, *empty])
+    notes += [f"{r.source}: {r.kind} Result of {r.model.get('name')}, not in these tables "
+              f"(`infermeter {r.kind}` prints its own)" for r in records
+              if r.kind not in (*COLUMN_KINDS, "kv")]
     named = {(c.key.model, c.key.tp) for c in columns}
     notes += [f"{r.source}: kv Result of {r.model.get('name')} (analytic), no measured column "
               "of that model and tp to size" for r in kvs

@@ -72,6 +72,10 @@ class Column:
     seed: dict[str, Any] | None = None  # the published seed numbers (see report_seed)
 
 
+# The kinds a device column is made of; kv Results size a column, others have no table here.
+COLUMN_KINDS = ("copy", "generate")
+
+
 def column_key(record: Record) -> ColumnKey:
     device = record.env.get("device_name") or record.config.get("device") or "unknown device"
     tp = record.config.get("tp")
@@ -91,6 +95,8 @@ def group_columns(records: list[Record]) -> tuple[list[Column], list[Record]]:
     for record in sorted(records, key=lambda r: r.source):
         if record.kind == "kv":
             kvs.append(record)
+            continue
+        if record.kind not in COLUMN_KINDS:  # no table of the report shows it (assemble notes it)
             continue
         key = column_key(record)
         column = columns.setdefault(key, Column(key))
