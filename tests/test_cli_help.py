@@ -10,7 +10,8 @@ import pytest
 
 from infermeter.cli import main
 
-COMMANDS = ([], ["kv"], ["copy"], ["generate"], ["presets"], ["report"], ["run"], ["trace"])
+COMMANDS = ([], ["kv"], ["copy"], ["generate"], ["offload"], ["presets"], ["report"], ["run"],
+            ["trace"])
 
 # A number, then a unit of time, rate, throughput or speed-up: "5.1 ms", "~25 s", "72%",
 # "1.7x", "2 x H100", "108 GB/s", "200 tok/s". argparse may wrap between number and unit.

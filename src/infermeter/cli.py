@@ -17,6 +17,7 @@ from infermeter.commands.common import Parser
 from infermeter.commands.copy import add_copy_parser
 from infermeter.commands.generate import add_generate_parser
 from infermeter.commands.kv import add_kv_parser, add_presets_parser
+from infermeter.commands.offload import add_offload_parser
 from infermeter.commands.report import add_report_parser
 from infermeter.commands.run import add_run_parser
 from infermeter.commands.trace import add_trace_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_parser(sub)
     add_copy_parser(sub)
     add_generate_parser(sub)
+    add_offload_parser(sub)
     add_presets_parser(sub)
     add_report_parser(sub)
     add_run_parser(sub)

@@ -1,0 +1,79 @@
+"""`infermeter offload`: reload a prefix's KV cache from host memory or recompute it."""
+
+from __future__ import annotations
+
+import argparse
+
+from infermeter.commands.common import add_output_flags, positive_int
+
+
+def add_offload_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("offload", help="TTFT with a prefix's KV cache in host memory: reloaded "
+                       "(serial or layer by layer) against recomputed",
+                       usage="%(prog)s (--checkpoint DIR | --model MODEL) --prefix-len N [N ...] "
+                       "[options]",
+                       description="For each prefix and suffix length: the TTFT of a request "
+                       "whose prefix KV cache sits in host memory (pinned on a GPU), (a) reloaded "
+                       "then prefilled, (b) reloaded layer by layer while the suffix's forward "
+                       "runs, (c) recomputed by a prefill of prefix + suffix; the greedy tokens "
+                       "of the three ways compared, and the prefix length from which reloading "
+                       "wins, per suffix length.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="Meta or HF checkpoint folder, or a "
+                        "GGUF file")
+    source.add_argument("--model", help="preset name or config path: random weights, seeded")
+    p.add_argument("--prefix-len", type=positive_int, nargs="+", required=True, metavar="N",
+                   help="tokens whose KV cache sits in host memory")
+    p.add_argument("--suffix-len", type=positive_int, nargs="+", default=[128], metavar="N",
+                   help="new tokens prefilled after the prefix (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                   help="sequences per request (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--dtype", help="weights and activations: fp32, fp16 or bf16 (default: bf16 "
+                   "on cuda, fp32 on cpu)")
+    p.add_argument("--kv-dtype", metavar="DTYPE", help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--new-tokens", type=positive_int, default=4, metavar="N",
+                   help="greedy tokens generated once, untimed, to check that the three ways "
+                   "agree (default 4)")
+    p.add_argument("--prefill-chunk", type=positive_int, metavar="N",
+                   help="the longest forward a prefill runs, in tokens (default: one forward)")
+    p.add_argument("--max-seq-len", type=positive_int, metavar="N",
+                   help="KV-cache length for every case (default: prefix + suffix + new tokens, "
+                   "rounded up)")
+    p.add_argument("--lookahead", type=positive_int, metavar="N",
+                   help="layer-wise reload: layers' copies issued ahead of the layer computing "
+                   "(default: all of them when the forward starts)")
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="N",
+                   help="timed runs per case and way (default 5)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed runs before them (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed for random weights and token ids (default 0)")
+    add_output_flags(p)
+    p.set_defaults(handler=_run_offload)
+
+
+def _run_offload(args: argparse.Namespace) -> int:
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.result import append_jsonl, check_output
+    from infermeter.offload.job import run_offload
+    from infermeter.offload.request import OffloadRequest
+    from infermeter.offload.table import render_offload
+
+    if args.output:
+        check_output(args.output)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    request = OffloadRequest(
+        source=args.checkpoint or f"random:{args.model}", prefix_lens=tuple(args.prefix_len),
+        suffix_lens=tuple(args.suffix_len), batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
+        prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
+        repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    result = run_offload(request, capture_env())
+    if args.output:
+        append_jsonl(args.output, [result])
+    print(result.to_json() if args.json else render_offload(result))
+    return 0

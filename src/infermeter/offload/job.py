@@ -1,0 +1,224 @@
+"""`infermeter offload`: TTFT of a request whose prefix KV cache sits in host memory, reloaded
+(serial or layer by layer under the suffix's forward) against recomputed, and the break-even.
+
+Per case (prefix P, suffix S, batch B), on one model and the engine's own cache:
+- the prefix's KV is made once by a prefill of P tokens and copied to host (HostPrefix: pinned
+  on a GPU, a second CPU buffer on the CPU);
+- untimed check: each way runs once from a zeroed cache and generates `new_tokens` greedy
+  tokens; the three must agree (recorded; a disagreement is a warning, not an error: fp16 ties
+  can flip an argmax);
+- timed, warm-up apart (CUDA events on a GPU, the host clock on the CPU): reload alone, suffix
+  prefill alone (the cache already holding the prefix), (a) serial reload + suffix prefill,
+  (b) layer-wise reload overlapped with the suffix prefill, (c) a prefill of P + S tokens with
+  the Generator. TTFT ends when the first token is sampled.
+Everything the user can get wrong (lengths, memory) is checked before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infermeter.errors import InfermeterError
+from infermeter.measure.env import host_available
+from infermeter.measure.result import Result
+from infermeter.measure.timing import Stats
+from infermeter.offload.breakeven import break_even
+from infermeter.offload.request import WAYS, OffloadRequest
+from infermeter.units import format_bytes
+
+# Timed items per case: the three ways and the two parts of (a) alone.
+TIMED = ("reload", "suffix_prefill", *WAYS)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
+    """The case's cache length; one error line when prefix + suffix + checked tokens do not fit
+    the model's context or the fixed --max-seq-len."""
+    from infermeter.specs.sizes import cache_length
+
+    need = prefix + suffix + request.new_tokens
+    limit = request.max_seq_len or spec.max_seq_len
+    if need > limit:
+        what = f"the KV cache of {limit} tokens (--max-seq-len)" if request.max_seq_len else \
+            f"model {spec.name}'s context of {limit} tokens"
+        raise InfermeterError(f"prefix {prefix} + suffix {suffix} + {request.new_tokens} checked "
+                              f"tokens = {need} tokens does not fit in {what}")
+    return cache_length(spec, prefix + suffix, request.new_tokens, request.max_seq_len)
+
+
+def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+              kv_dtype: str) -> None:
+    """Sizes only, before any allocation: weights + the largest case's cache + its logits on the
+    device, the longest prefix's host copy in host memory (one sum on the CPU)."""
+    import torch
+
+    from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
+
+    longest = max(request.prefix_lens) + max(request.suffix_lens)
+    cache_len = cache_len_for(spec, request, max(request.prefix_lens), max(request.suffix_lens))
+    forward = min(request.prefill_chunk or longest, longest)
+    device_parts = {"weights": weight_bytes(spec, dtype),
+                    "KV cache": kv_cache_bytes(spec, request.batch_size, cache_len, kv_dtype),
+                    "logits": 4 * request.batch_size * forward * spec.vocab_size}
+    host_parts = {"prefix KV in host memory": kv_cache_bytes(
+        spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        checks = [(device_parts, int(free), "free on the GPU"),
+                  (host_parts, host_available(), "available in host memory")]
+    else:
+        checks = [({**device_parts, **host_parts}, host_available(), "available in host memory")]
+    for parts, free, where in checks:
+        need = sum(parts.values())
+        if free is not None and need > free:
+            terms = " + ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+            raise InfermeterError(f"{spec.name} at batch {request.batch_size}, prefix "
+                                  f"{max(request.prefix_lens)}, suffix {max(request.suffix_lens)} "
+                                  f"does not fit: {terms} = {format_bytes(need)} > "
+                                  f"{format_bytes(free)} {where}; use a smaller --batch-size, "
+                                  "--prefix-len or --suffix-len")
+
+
+def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
+    """Check, load, measure every (suffix, prefix) case; one `offload` Result."""
+    from infermeter.engine.checkpoint.load import load_weights, spec_for
+    from infermeter.engine.dtypes import dtype_name, torch_dtype
+    from infermeter.engine.generator import Generator
+    from infermeter.specs.model import check_engine_arch
+
+    device = _device(request.device)
+    dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
+                                                     else "bfloat16")))
+    kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype
+    spec = spec_for(request.source)[0]
+    check_engine_arch(spec)
+    for suffix in request.suffix_lens:
+        for prefix in request.prefix_lens:
+            cache_len_for(spec, request, prefix, suffix)
+    check_fit(spec, request, device, dtype, kv_dtype)
+    model = load_weights(request.source, device, dtype, seed=request.seed)
+    generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
+                          prefill_chunk=request.prefill_chunk)
+    cases, samples, warnings = [], {}, []
+    for suffix in request.suffix_lens:
+        for prefix in request.prefix_lens:
+            case, raw, notes = measure_case(generator, request, prefix, suffix)
+            cases.append(case)
+            samples[f"prefix{prefix}_suffix{suffix}"] = raw
+            warnings += notes
+    if device.type == "cpu":
+        warnings.append("on the CPU every copy is synchronous: the layer-wise reload runs the "
+                        "same schedule as on a GPU but cannot overlap")
+    config = {"source": request.source, "device": str(device), "dtype": dtype,
+              "kv_dtype": kv_dtype, "batch_size": request.batch_size,
+              "prefix_lens": list(request.prefix_lens), "suffix_lens": list(request.suffix_lens),
+              "new_tokens": request.new_tokens, "prefill_chunk": request.prefill_chunk,
+              "max_seq_len": request.max_seq_len, "lookahead": request.lookahead,
+              "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
+              "host_memory": "pinned" if device.type == "cuda" else "cpu",
+              "timer": "cuda events" if device.type == "cuda" else "host clock",
+              "weights": "random" if request.source.startswith("random:") else "checkpoint"}
+    metrics = {"cases": cases, "break_even": break_evens(cases, request.suffix_lens),
+               "same_tokens": all(case["same_tokens"] for case in cases)}
+    return Result("offload", spec.to_dict(), config, env, metrics, samples, warnings)
+
+
+def break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...]) -> list[dict]:
+    """Per suffix length and reload way: the prefix length from which it beats recompute."""
+    out = []
+    for suffix in suffix_lens:
+        rows = [c for c in cases if c["suffix_len"] == suffix]
+        for way in ("serial", "layerwise"):
+            found = break_even([(c["prefix_len"], c["ttft_ms"][way], c["ttft_ms"]["recompute"])
+                                for c in rows])
+            out.append({"suffix_len": suffix, "way": way, **found.to_dict()})
+    return out
+
+
+def measure_case(generator: Any, request: OffloadRequest, prefix: int,
+                 suffix: int) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
+    """One (prefix, suffix) case: (its metrics, raw samples in ms per timed item, warnings)."""
+    import torch
+
+    from infermeter.engine.generator import DecodeState, GenerationConfig
+    from infermeter.measure.timing import time_cuda, time_host
+    from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
+
+    model, device = generator.model, generator.device
+    batch, chunk = request.batch_size, request.prefill_chunk
+    config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed)
+    generator.prepare(batch, prefix + suffix, request.new_tokens)
+    rng = torch.Generator().manual_seed(request.seed + 7919 * prefix + suffix)
+    tokens = torch.randint(model.spec.vocab_size, (batch, prefix + suffix), generator=rng)
+    tokens = tokens.to(device)  # [B, P + S]
+    head, tail = tokens[:, :prefix], tokens[:, prefix:]
+    with torch.no_grad():
+        prefill_at(model, head, 0, chunk)
+        host = HostPrefix(model, prefix)
+    layerwise = LayerwiseReload(model, host, request.lookahead)
+
+    def serial() -> Any:
+        host.reload(model)
+        return prefill_at(model, tail, prefix, chunk)
+
+    def overlapped() -> Any:
+        with layerwise:
+            layerwise.start()
+            return prefill_at(model, tail, prefix, chunk)
+
+    def recompute() -> Any:
+        return generator.prefill(tokens, config).token
+
+    runs = {"reload": lambda: host.reload(model),
+            "suffix_prefill": lambda: prefill_at(model, tail, prefix, chunk),
+            "serial": serial, "layerwise": overlapped, "recompute": recompute}
+
+    # ---- untimed check: each way from a zeroed cache, then greedy decode
+    outputs: dict[str, list[list[int]]] = {}
+    for way, first in (("serial", serial), ("layerwise", overlapped), ("recompute", recompute)):
+        model.reset_cache()
+        state = DecodeState(first(), torch.full((1,), prefix + suffix, dtype=torch.int64,
+                                                device=device),
+                            torch.zeros(batch, dtype=torch.bool, device=device),
+                            torch.full((), request.seed, dtype=torch.int64, device=device),
+                            torch.tensor([-1], dtype=torch.int64, device=device), prefix + suffix)
+        generated = [state.token]
+        for _ in range(request.new_tokens - 1):
+            generated.append(generator.decode_step(state, config))
+        outputs[way] = torch.stack(generated, dim=1).tolist()  # [B, new_tokens]
+    differ = [way for way in WAYS if outputs[way] != outputs["recompute"]]
+    notes = [f"prefix {prefix}, suffix {suffix}: greedy tokens of {', '.join(differ)} differ "
+             "from recompute's"] if differ else []
+
+    # ---- timed
+    timer = time_cuda if device.type == "cuda" else time_host
+    raw, stats, warmup_ms = {}, {}, {}
+    with torch.no_grad():
+        generator.prepare(batch, prefix + suffix, request.new_tokens)
+        host.reload(model)  # suffix_prefill alone expects the prefix in the cache
+        for name in TIMED:
+            raw[name], warmup_ms[name] = timer(runs[name], request.repeats, request.warmup)
+            stats[name] = Stats.of(raw[name])
+            notes += stats[name].warnings(f"prefix {prefix}, suffix {suffix}, {name}")
+    median = {name: stats[name].median for name in TIMED}
+    bound = max(median["reload"], median["suffix_prefill"])
+    case = {"prefix_len": prefix, "suffix_len": suffix,
+            "cache_len": model.max_seq_len, "reload_bytes": host.nbytes,
+            "reload_gbps": host.nbytes / median["reload"] / 1e6 if median["reload"] else None,
+            "ttft_ms": {way: median[way] for way in WAYS},
+            "reload_ms": median["reload"], "suffix_prefill_ms": median["suffix_prefill"],
+            "layerwise_over_bound": median["layerwise"] / bound if bound else None,
+            "fastest": min(WAYS, key=lambda way: median[way]),
+            "stats": {name: stats[name].to_dict() for name in TIMED},
+            "warmup_ms": warmup_ms, "same_tokens": not differ,
+            "output_token_ids": outputs["recompute"]}
+    return case, raw, notes

@@ -1,0 +1,48 @@
+"""What `infermeter offload` is asked to do: one frozen object from the command line to the
+timed loop, checked once (lists not empty, lengths positive) so that scripts calling the job
+get the same one-line errors as the command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infermeter.errors import InfermeterError
+
+WAYS = ("serial", "layerwise", "recompute")  # (a) reload then prefill, (b) overlapped, (c)
+
+
+@dataclass(frozen=True)
+class OffloadRequest:
+    source: str  # checkpoint folder or file, or "random:<model>"
+    prefix_lens: tuple[int, ...]  # tokens whose KV sits in host memory
+    suffix_lens: tuple[int, ...]  # new tokens prefilled after it
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
+    kv_dtype: str | None = None  # None: the weights' dtype
+    new_tokens: int = 4  # greedy tokens generated, untimed, to check the three ways agree
+    prefill_chunk: int | None = None  # the longest forward a prefill runs (Generator's)
+    max_seq_len: int | None = None  # a fixed KV-cache length for every case
+    lookahead: int | None = None  # layer-wise: copies issued ahead (None: all at once)
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_lens", "suffix_lens"):
+            values = getattr(self, name)
+            flag = "--" + name[:-1].replace("_", "-")
+            if not values:
+                raise InfermeterError(f"{flag}: give at least one length")
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise InfermeterError(f"{flag}: lengths must be positive integers, got "
+                                      f"{list(values)}")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        checks = {"--batch-size": self.batch_size, "--new-tokens": self.new_tokens,
+                  "--repeats": self.repeats, "--prefill-chunk": self.prefill_chunk or 1,
+                  "--max-seq-len": self.max_seq_len or 1, "--lookahead": self.lookahead or 1}
+        for flag, value in checks.items():
+            if value < 1:
+                raise InfermeterError(f"{flag} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise InfermeterError(f"--warmup must not be negative, got {self.warmup}")

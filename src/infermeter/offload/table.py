@@ -1,0 +1,58 @@
+"""The terminal view of an `offload` Result: one row per (suffix, prefix) case, then the
+break-even prefix length per suffix length and reload way."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from infermeter.measure.result import Result
+from infermeter.textable import render_table
+from infermeter.units import format_bytes
+
+HEADER = ["suffix", "prefix", "KV", "reload", "suffix fwd", "(a) serial", "(b) layer",
+          "(c) recompute", "fastest", "(b)/bound", "same tokens"]
+# Stats.warnings' two lines: counted in the table's view, listed whole in the Result.
+TIMING_NOTE = re.compile(r": (noisy, cov |only \d+ samples$)")
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def describe_break_even(row: dict[str, Any]) -> str:
+    if row["status"] == "measured":
+        return f"reload wins from a prefix of ~{row['prefix_len']:.0f} tokens"
+    if row["status"] == "below":
+        return f"reload wins at every measured prefix ({row['shortest']}..{row['longest']})"
+    return f"recompute is as fast or faster at every measured prefix up to {row['longest']}"
+
+
+def render_offload(result: Result) -> str:
+    metrics = result.metrics
+    rows = []
+    for case in metrics["cases"]:
+        ttft = case["ttft_ms"]
+        ratio = case["layerwise_over_bound"]
+        rows.append([case["suffix_len"], case["prefix_len"], format_bytes(case["reload_bytes"]),
+                     _ms(case["reload_ms"]), _ms(case["suffix_prefill_ms"]),
+                     _ms(ttft["serial"]), _ms(ttft["layerwise"]), _ms(ttft["recompute"]),
+                     case["fastest"], "-" if ratio is None else f"{ratio:.2f}",
+                     "yes" if case["same_tokens"] else "NO"])
+    config = result.config
+    lines = [f"{result.model.get('name')} on {config['device']}, batch {config['batch_size']}, "
+             f"{config['dtype']} weights, {config['kv_dtype']} KV, prefix KV in "
+             f"{config['host_memory']} host memory; medians of {config['repeats']} runs in ms "
+             f"({config['timer']}), TTFT for (a), (b), (c)",
+             render_table(HEADER, rows),
+             "reload, suffix fwd: each alone; bound: the larger of the two, what a perfect "
+             "overlap reaches"]
+    for row in metrics["break_even"]:
+        way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
+        lines.append(f"suffix {row['suffix_len']}, {way}: {describe_break_even(row)}")
+    timing = [note for note in result.warnings if TIMING_NOTE.search(note)]
+    lines += [f"warning: {note}" for note in result.warnings if note not in timing]
+    if timing:
+        lines.append(f"warning: {len(timing)} timings noisy or with few samples (--json lists "
+                     "them)")
+    return "\n".join(lines)

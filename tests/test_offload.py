@@ -1,0 +1,238 @@
+"""`infermeter offload` on the CPU: a prefix's KV cache kept in a second CPU buffer, reloaded
+whole (serial) or layer by layer under the suffix's forward, against a prefill of prefix +
+suffix. Same greedy tokens all three ways (GQA and a ring layer), the layer-wise schedule's
+order from recorded events, the break-even arithmetic on synthetic numbers, one error line for
+what cannot fit or is not a length. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cli_in_process import run_cli
+from infermeter.engine.generator import Generator
+from infermeter.engine.model import build_model
+from infermeter.errors import InfermeterError
+from infermeter.measure.result import Result, read_results
+from infermeter.offload.breakeven import break_even
+from infermeter.offload.job import break_evens, measure_case
+from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
+from infermeter.offload.request import OffloadRequest
+from infermeter.offload.table import render_offload
+from infermeter.specs.presets import PRESETS
+
+DEBUG = PRESETS["debug"]
+SPECS = {"gqa": DEBUG,
+         # a 12-token window on layer 0: the prefix outgrows it, so that layer is a ring
+         "window": DEBUG.with_updates(name="debug-window", sliding_window=12,
+                                      sliding_window_layers=(0,))}
+PREFIX, SUFFIX = 20, 7
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def generator(request):
+    return Generator(build_model(SPECS[request.param], device="cpu", seed=3), prefill_chunk=None)
+
+
+def _tokens(batch: int = 2) -> torch.Tensor:
+    return torch.randint(DEBUG.vocab_size, (batch, PREFIX + SUFFIX),
+                         generator=torch.Generator().manual_seed(5))
+
+
+# ---- the three ways agree ------------------------------------------------------------------
+def test_same_greedy_tokens_all_three_ways(generator):
+    request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=5,
+                             repeats=1, warmup=0)
+    case, raw, notes = measure_case(generator, request, PREFIX, SUFFIX)
+    assert case["same_tokens"]
+    assert [note for note in notes if "differ" in note] == []
+    assert len(case["output_token_ids"]) == 2 and len(case["output_token_ids"][0]) == 5
+    assert set(raw) == {"reload", "suffix_prefill", "serial", "layerwise", "recompute"}
+    assert all(len(samples) == 1 for samples in raw.values())
+    assert case["reload_bytes"] > 0
+
+
+@pytest.mark.parametrize("way", ["serial", "layerwise"])
+def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
+    """The suffix's last logits after a reload into a zeroed cache equal recompute's; without
+    the reload they do not (so the check can fail)."""
+    model, tokens = generator.model, _tokens()
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    prefill_at(model, tokens[:, :PREFIX], 0)  # the prefix's cache, as a request left it
+    host = HostPrefix(model, PREFIX)
+    model.reset_cache()
+    whole = model(tokens, torch.arange(PREFIX + SUFFIX))[:, -1]  # [B, V]
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, out: seen.append(out[:, -1]))
+    try:
+        model.reset_cache()
+        prefill_at(model, tokens[:, PREFIX:], PREFIX)  # nothing reloaded
+        model.reset_cache()
+        if way == "serial":
+            host.reload(model)
+            prefill_at(model, tokens[:, PREFIX:], PREFIX)
+        else:
+            with LayerwiseReload(model, host) as reload:
+                reload.start()
+                prefill_at(model, tokens[:, PREFIX:], PREFIX)
+    finally:
+        handle.remove()
+    empty, reloaded = seen
+    assert not torch.allclose(empty, whole, atol=1e-3)
+    torch.testing.assert_close(reloaded, whole, atol=1e-4, rtol=1e-4)
+
+
+# ---- the layer-wise schedule ---------------------------------------------------------------
+def _schedule(model, lookahead):
+    """The events of one layer-wise reload + forward; ("attention", i) when layer i's attention
+    first touches its cache (LayerKVCache.update, wrapped on the instance)."""
+    trace: list[tuple[str, int]] = []
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    for i, cache in enumerate(caches):
+        def update(*args, i=i, original=cache.update):
+            trace.append(("attention", i))
+            return original(*args)
+        cache.update = update
+    host = HostPrefix(model, PREFIX)
+    try:
+        with LayerwiseReload(model, host, lookahead=lookahead, trace=trace) as reload:
+            reload.start()
+            prefill_at(model, _tokens()[:, PREFIX:], PREFIX)
+    finally:
+        for cache in caches:
+            del cache.update
+    return trace
+
+
+@pytest.mark.parametrize("lookahead", [None, 1])
+def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookahead):
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    trace = _schedule(model, lookahead)
+    n = len(model.layers)
+    assert sorted(trace) == sorted([(what, i) for i in range(n)
+                                    for what in ("copy", "wait", "attention")])
+    for i in range(n):
+        assert trace.index(("copy", i)) < trace.index(("wait", i)) < trace.index(("attention", i))
+        if i + 1 < n:  # the next layer's copy is in flight while this layer computes
+            assert trace.index(("copy", i + 1)) < trace.index(("attention", i))
+    copies = [i for what, i in trace if what == "copy"]
+    assert copies == list(range(n))
+    if lookahead is None:  # every copy issued before the first layer computes
+        assert trace[:n] == [("copy", i) for i in range(n)]
+    else:
+        assert trace[:2] == [("copy", 0), ("copy", 1)]
+
+
+def test_hooks_leave_with_the_reload_and_a_forward_without_start_is_refused(generator):
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    reload = LayerwiseReload(model, HostPrefix(model, PREFIX))
+    with reload, pytest.raises(InfermeterError, match="start"):
+        prefill_at(model, _tokens()[:, PREFIX:], PREFIX)
+    assert all(not layer.attention._forward_pre_hooks for layer in model.layers)
+
+
+# ---- break-even arithmetic -----------------------------------------------------------------
+def _points(reload, recompute, lengths=(100, 200, 300, 400)):
+    return [(p, reload(p), recompute(p)) for p in lengths]
+
+
+def test_break_even_interpolates_between_the_measured_lengths():
+    found = break_even(_points(lambda p: 10 + 0.01 * p, lambda p: 0.05 * p))
+    assert found.status == "measured"
+    assert found.prefix_len == pytest.approx(250.0)
+    # any order in, the same answer
+    assert break_even(_points(lambda p: 10 + 0.01 * p, lambda p: 0.05 * p)[::-1]) == found
+
+
+def test_break_even_outside_the_range_is_not_extrapolated():
+    below = break_even(_points(lambda p: 1.0, lambda p: 0.05 * p))
+    above = break_even(_points(lambda p: 100.0, lambda p: 0.05 * p))
+    assert (below.status, below.prefix_len, below.shortest) == ("below", None, 100)
+    assert (above.status, above.prefix_len, above.longest) == ("above", None, 400)
+    assert break_even([(64, 1.0, 1.0)]).status == "above"  # a tie is no win
+
+
+def test_break_even_takes_the_last_crossing():
+    # reload wins at 100, loses at 200, wins from there: the crossing between 200 and 300
+    gains = {100: 1.0, 200: -3.0, 300: 1.0, 400: 5.0}
+    found = break_even([(p, 10.0, 10.0 + g) for p, g in gains.items()])
+    assert found.prefix_len == pytest.approx(275.0)
+
+
+def test_break_evens_per_suffix_and_way():
+    cases = [{"prefix_len": p, "suffix_len": s,
+              "ttft_ms": {"serial": 10 + 0.01 * p, "layerwise": 5 + 0.01 * p,
+                          "recompute": 0.05 * p}}
+             for s in (8, 32) for p in (100, 200, 300, 400)]
+    rows = break_evens(cases, (8, 32))
+    assert [(r["suffix_len"], r["way"], r["prefix_len"]) for r in rows] == [
+        (8, "serial", pytest.approx(250.0)), (8, "layerwise", pytest.approx(125.0)),
+        (32, "serial", pytest.approx(250.0)), (32, "layerwise", pytest.approx(125.0))]
+
+
+# ---- bad input: one line, exit 2 -----------------------------------------------------------
+@pytest.mark.parametrize("args, says", [
+    (["--prefix-len", "300"], "context of 256 tokens"),
+    (["--prefix-len", "60", "--max-seq-len", "64"], "KV cache of 64 tokens"),
+    (["--prefix-len"], "expected at least one argument"),
+    (["--prefix-len", "0"], "must be a positive integer"),
+    (["--prefix-len", "8", "--suffix-len", "0"], "must be a positive integer"),
+    (["--prefix-len", "8", "--suffix-len"], "expected at least one argument"),
+    (["--prefix-len", "8", "--batch-size", "0"], "must be a positive integer"),
+])
+def test_bad_input_is_one_error_line(args, says):
+    done = run_cli("offload", "--model", "debug", "--suffix-len", "8", *args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and says in lines[0], done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("prefix_lens", (), "at least one length"), ("suffix_lens", (4, 0), "positive"),
+    ("prefix_lens", (8, -1), "positive")])
+def test_the_request_refuses_empty_or_non_positive_lengths(field, value, says):
+    lengths = {"prefix_lens": (8,), "suffix_lens": (4,), field: value}
+    with pytest.raises(InfermeterError, match=says):
+        OffloadRequest("random:debug", **lengths)
+
+
+# ---- the command end to end ----------------------------------------------------------------
+def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
+    out = tmp_path / "offload.jsonl"
+    common = ("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "24", "8",
+              "--suffix-len", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
+              "--prefill-chunk", "16")
+    done = run_cli(*common, "--json", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    printed = Result.from_dict(json.loads(done.stdout))
+    [written] = read_results(out)
+    assert printed.to_dict() == written.to_dict()
+    assert written.kind == "offload" and written.metrics["same_tokens"] is True
+    assert [c["prefix_len"] for c in written.metrics["cases"]] == [8, 24]
+    assert {r["way"] for r in written.metrics["break_even"]} == {"serial", "layerwise"}
+    assert written.config["host_memory"] == "cpu" and written.config["prefill_chunk"] == 16
+    table = render_offload(written)
+    assert "(b) layer" in table and "suffix 4, (a) serial:" in table
+    shown = run_cli(*common)
+    assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
+
+
+def test_report_notes_an_offload_result_and_still_renders(tmp_path):
+    from infermeter.report.build import build_report, render
+
+    request = OffloadRequest("random:debug", (8,), (4,), repeats=1, warmup=0, new_tokens=2)
+    cases = [{"prefix_len": 8, "suffix_len": 4, "ttft_ms": {"serial": 1.0, "layerwise": 1.0,
+                                                            "recompute": 2.0}}]
+    result = Result("offload", DEBUG.to_dict(), {"device": "cpu"}, {}, {
+        "cases": cases, "break_even": break_evens(cases, request.suffix_lens)})
+    path = tmp_path / "offload.jsonl"
+    path.write_text(result.to_json() + "\n")
+    report = build_report([str(path)])
+    assert any("offload Result of debug, not in these tables" in note for note in report.notes)
+    assert report.columns == []
+    assert "Reference table" in render(report, "markdown")
