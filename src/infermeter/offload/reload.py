@@ -61,8 +61,8 @@ class HostPrefix:
         self.layers: list[LayerKV] = []
         for cache in caches:
             n = min(prefix_len, cache.size)
-            k, v = (torch.empty_like(t[:, :, :n], device="cpu", pin_memory=pin)
-                    for t in (cache.k, cache.v))
+            shape = (*cache.k.shape[:2], n, cache.k.shape[3])  # [B, H_kv, n, D], contiguous
+            k, v = (torch.empty(shape, dtype=cache.k.dtype, pin_memory=pin) for _ in range(2))
             k.copy_(cache.k[:, :, :n])
             v.copy_(cache.v[:, :, :n])
             key_pos = cache.key_pos.to("cpu").clone() if cache.is_ring else None
@@ -74,7 +74,9 @@ class HostPrefix:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
     def copy_layer(self, model: Transformer, index: int) -> None:
-        """Layer `index`'s K/V into the cache on the current stream (async from pinned memory)."""
+        """Layer `index`'s K/V into the cache on the current stream (async from pinned memory).
+        Unless n fills the layer, the cache's [B, H_kv, :n] is strided: torch lands the bytes in
+        a contiguous device buffer first, then a copy kernel spreads them (the engine's layout)."""
         cache = _caches(model)[index]
         layer = self.layers[index]
         n = layer.k.shape[2]
