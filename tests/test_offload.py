@@ -183,6 +183,7 @@ def test_break_evens_per_suffix_and_way():
     (["--prefix-len", "8", "--suffix-len", "0"], "must be a positive integer"),
     (["--prefix-len", "8", "--suffix-len"], "expected at least one argument"),
     (["--prefix-len", "8", "--batch-size", "0"], "must be a positive integer"),
+    (["--prefix-len", "200", "--batch-size", "1000000000"], "does not fit"),  # sized, not made
 ])
 def test_bad_input_is_one_error_line(args, says):
     done = run_cli("offload", "--model", "debug", "--suffix-len", "8", *args)
