@@ -195,6 +195,11 @@ def test_auto_takes_the_triton_kernels_only_where_every_rank_can(monkeypatch) ->
     assert resolve_all_reduce(auto, gpus) == "triton"
     prefill = build_request(source="random:debug", compile_prefill=True)
     assert resolve_all_reduce(prefill, gpus) == "triton-unfused"
+    # a model that norms after attention and the FFN (Gemma) cannot fuse the add and norm
+    from infermeter.specs.presets import PRESETS
+
+    assert resolve_all_reduce(auto, gpus, PRESETS["gemma-3-1b"]) == "triton-unfused"
+    assert resolve_all_reduce(auto, gpus, PRESETS["llama-2-7b"]) == "triton"
     assert resolve_all_reduce(build_request(source="random:debug", tp_all_reduce="nccl"),
                               gpus) == "nccl"
     assert resolve_all_reduce(auto, None) == "nccl"

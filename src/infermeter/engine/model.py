@@ -78,7 +78,7 @@ from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
 from infermeter.errors import InfermeterError
-from infermeter.specs.model import ModelSpec, check_engine_arch
+from infermeter.specs.model import GEMMA_ARCHS, ModelSpec, check_engine_arch
 
 
 class RMSNorm(nn.Module):
@@ -103,9 +103,6 @@ class GemmaRMSNorm(RMSNorm):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-# Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
-# before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
-GEMMA_ARCHS = ("gemma3_text",)
 
 
 def norm_class(spec: ModelSpec) -> type[RMSNorm]:

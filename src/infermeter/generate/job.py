@@ -104,11 +104,12 @@ def _prompt_sets(request: GenerateRequest, tokenizer: Any, vocab_size: int) -> l
                        vocab_size, request.sampling.seed, fixed)
 
 
-def resolve_all_reduce(request: GenerateRequest, parallel: Any) -> str:
+def resolve_all_reduce(request: GenerateRequest, parallel: Any, spec: Any = None) -> str:
     """--tp-all-reduce auto: the Triton kernels where every rank can run them (one host's
     GPUs that reach each other), fused with the norms unless --compile-prefill (whose one-layer
-    graph cannot hold that); NCCL otherwise (CPU ranks, several hosts, one GPU), and where the
-    kernels' symmetric-memory buffers then cannot be had (run_generate falls back)."""
+    graph cannot hold that) or the model norms after attention and the FFN too (Gemma); NCCL
+    otherwise (CPU ranks, several hosts, one GPU), and where the kernels' symmetric-memory
+    buffers then cannot be had (run_generate falls back)."""
     if request.engine.tp_all_reduce != "auto":
         return request.engine.tp_all_reduce
     if not parallel:
@@ -117,13 +118,14 @@ def resolve_all_reduce(request: GenerateRequest, parallel: Any) -> str:
 
     if not peer_all_reduce_usable(parallel):
         return "nccl"
-    return "triton-unfused" if request.engine.compile_prefill else "triton"
+    post_norms = spec is not None and spec.post_norms
+    return "triton-unfused" if request.engine.compile_prefill or post_norms else "triton"
 
 
 def _all_reduce_options(request: GenerateRequest, parallel: Any) -> dict[str, Any]:
-    kind = request.engine.tp_all_reduce
     """The inductor options --tp-all-reduce asks for (none for NCCL's own kernels). run_generate
     resolves auto first; unresolved (one process) it can only mean NCCL."""
+    kind = request.engine.tp_all_reduce
     if kind == "nccl" or (kind == "auto" and not parallel):
         return {}
     if not parallel:
@@ -236,7 +238,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     parallel = init_distributed(request.device, request.tp)
     device = parallel.device if parallel else device
     asked = request.engine.tp_all_reduce
-    request = _resolved(request, parallel, resolve_all_reduce(request, parallel), tokenizer)
+    request = _resolved(request, parallel, resolve_all_reduce(request, parallel, spec), tokenizer)
     # ---- end tensor parallelism ----
     _check_hf(cases, parallel)
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, request.tp,

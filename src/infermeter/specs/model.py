@@ -15,6 +15,9 @@ from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
 ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
+# before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
+GEMMA_ARCHS = ("gemma3_text",)
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
 SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "gemma3_text", "phi3",
                 "deepseek_v3")
@@ -118,6 +121,12 @@ class ModelSpec:
             raise InfermeterError(f"model {self.name}: active experts must be in 1..n_experts")
 
     # ---- derived facts -------------------------------------------------------------------
+    @property
+    def post_norms(self) -> bool:
+        """Norms after attention and the FFN too (Gemma): the residual add follows a norm, so
+        an all-reduce cannot be fused with the add and the next layer's norm."""
+        return self.arch in GEMMA_ARCHS
+
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0

@@ -31,7 +31,7 @@ from torch import Tensor
 from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.loaders import read_json
-from infermeter.specs.model import ModelSpec
+from infermeter.specs.model import GEMMA_ARCHS, ModelSpec
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan
@@ -59,11 +59,10 @@ GEMMA_NAMES = NameMap(
            "pre_feedforward_layernorm": "ffn_norm",
            "post_feedforward_layernorm": "ffn_post_norm"},
     prefix=NAMES.prefix)
-_GEMMA_ARCHS = ("gemma3_text",)
 
 
 def _names(spec: ModelSpec | None) -> NameMap:
-    return GEMMA_NAMES if spec is not None and spec.arch in _GEMMA_ARCHS else NAMES
+    return GEMMA_NAMES if spec is not None and spec.arch in GEMMA_ARCHS else NAMES
 
 
 def hf_to_meta_name(name: str, spec: ModelSpec | None = None) -> str | None:
@@ -232,7 +231,7 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
     if spec.qkv_bias != (spec.arch == "qwen2"):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qkv_bias={spec.qkv_bias}")
-    gemma = spec.arch in _GEMMA_ARCHS
+    gemma = spec.arch in GEMMA_ARCHS
     if gemma:  # transformers 4.x's fields, which 5.x reads too
         cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
                    rope_local_base_freq=spec.rope_local_theta,
@@ -243,7 +242,7 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
             (None, None, None):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express a "
                               "local RoPE base, query_pre_attn_scalar or logit soft-capping")
-    if spec.qk_norm != (spec.arch in ("qwen3", *_GEMMA_ARCHS)):  # the model type says it
+    if spec.qk_norm != (spec.arch in ("qwen3", *GEMMA_ARCHS)):  # the model type says it
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qk_norm={spec.qk_norm}")
     if spec.sliding_window_layers:
