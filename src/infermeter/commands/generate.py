@@ -32,8 +32,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        "and a table, or with --json one Result per case.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", "--ckpt-dir", "--ckpt_dir", dest="checkpoint",
-                        metavar="DIR", help="Meta (params.json + consolidated.NN.pth) or HF "
-                        "(config.json + *.safetensors) checkpoint folder")
+                        metavar="PATH", help="Meta (params.json + consolidated.NN.pth) or HF "
+                        "(config.json + *.safetensors) checkpoint folder, or a GGUF file")
     source.add_argument("--model", help="preset name or config path: random weights, seeded")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", metavar="PATH",
                    help="tokenizer.model / tokenizer.json (default: beside the checkpoint)")
@@ -65,14 +65,15 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         help="raw token ids, e.g. 1,2,3")
     prompt.add_argument("--dialogs", metavar="FILE", help="JSON list of chat dialogs")
     prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"), default="auto",
-                        metavar="FORMAT", help="auto, llama2 or llama3 (default auto)")
+                        metavar="FORMAT", help="auto (the checkpoint's own chat template, else "
+                        "Llama 3's or Llama 2's format by the vocabulary), llama2 or llama3")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                      help="tokens generated per sequence (default 64)")
     gen.add_argument("--greedy", action="store_true", default=True,
                      help="argmax decoding (the default)")
     gen.add_argument("--temperature", type=temperature_arg, metavar="T",
-                     help="sample with this temperature (> 0)")
+                     help="sample with this temperature (0: greedy)")
     gen.add_argument("--top-p", type=top_p_arg, default=1.0, metavar="P",
                      help="nucleus sampling threshold (default 1.0)")
     gen.add_argument("--until-eos", action="store_true",
