@@ -25,7 +25,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generation speed: TTFT, TPOT, tokens/s, MBU / MFU",
-                       usage="%(prog)s (--checkpoint DIR | --model MODEL) [options]",
+                       usage="%(prog)s (--checkpoint PATH | --model MODEL) [options]",
                        formatter_class=_HelpFormatter,
                        description="Load a checkpoint (Meta or HF) or a preset's random weights, "
                        "generate and time it (--repeats runs after a warm-up); print the outputs "
