@@ -7,6 +7,7 @@ what cannot fit or is not a length. No speed is asserted."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from infermeter.offload.job import break_evens, measure_case
 from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.table import render_offload
+from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
 from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
@@ -184,6 +186,8 @@ def test_break_evens_per_suffix_and_way():
     (["--prefix-len", "8", "--suffix-len"], "expected at least one argument"),
     (["--prefix-len", "8", "--batch-size", "0"], "must be a positive integer"),
     (["--prefix-len", "200", "--batch-size", "1000000000"], "does not fit"),  # sized, not made
+    (["--prefix-len", "8", "--traffic", "d2h", "--context", "250"], "decode under copy traffic"),
+    (["--prefix-len", "8", "--traffic", "sideways"], "invalid choice"),
 ])
 def test_bad_input_is_one_error_line(args, says):
     done = run_cli("offload", "--model", "debug", "--suffix-len", "8", *args)
@@ -195,11 +199,45 @@ def test_bad_input_is_one_error_line(args, says):
 
 @pytest.mark.parametrize("field, value, says", [
     ("prefix_lens", (), "at least one length"), ("suffix_lens", (4, 0), "positive"),
-    ("prefix_lens", (8, -1), "positive")])
+    ("prefix_lens", (8, -1), "positive"), ("traffic", ("up",), "unknown direction"),
+    ("decode_steps", 0, "at least 1")])
 def test_the_request_refuses_empty_or_non_positive_lengths(field, value, says):
     lengths = {"prefix_lens": (8,), "suffix_lens": (4,), field: value}
     with pytest.raises(InfermeterError, match=says):
         OffloadRequest("random:debug", **lengths)
+
+
+# ---- decode under copy traffic -------------------------------------------------------------
+def test_background_copies_move_the_bytes_and_stop():
+    traffic = CopyTraffic(torch.device("cpu"), chunk_bytes=1 << 16)
+    device_chunk, host_chunk = traffic.buffers["h2d"]
+    host_chunk.copy_(torch.arange(1 << 16, dtype=torch.int64).to(torch.uint8))
+    traffic.copy_once("h2d")
+    assert torch.equal(device_chunk, host_chunk)
+    device_chunk, host_chunk = traffic.buffers["d2h"]
+    device_chunk.fill_(7)
+    traffic.copy_once("d2h")
+    assert torch.equal(host_chunk, device_chunk)
+    with traffic.run_threads("both") as threads:
+        while min(threads.moved.values()) == 0:
+            time.sleep(0.001)
+    assert not any(thread.is_alive() for thread in threads.threads)
+    assert set(threads.moved) == {"d2h", "h2d"} and threads.gbps > 0
+
+
+def test_decode_under_traffic_keeps_the_tokens(generator):
+    from infermeter.engine.generator import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=5)
+    generator.prepare(2, 16, 5)
+    state = generator.prefill(_tokens()[:, :16], config)
+    entries, samples, notes = decode_under_traffic(
+        generator, state, config, steps=4, directions=("d2h", "both"), repeats=2, warmup=1,
+        traffic=CopyTraffic(torch.device("cpu"), chunk_bytes=1 << 16))
+    assert [e["direction"] for e in entries] == ["d2h", "both"]
+    assert all(e["same_tokens"] and e["method"] == "cpu thread" for e in entries)
+    assert set(samples) == {"alone", "d2h", "both"}
+    assert all(len(windows) == 2 for windows in samples.values())
 
 
 # ---- the command end to end ----------------------------------------------------------------
@@ -208,7 +246,8 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     common = ("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "24", "8",
               "--suffix-len", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
               "--prefill-chunk", "16")
-    done = run_cli(*common, "--json", "--output", str(out))
+    done = run_cli(*common, "--traffic", "both", "--decode-steps", "3", "--json", "--output",
+                   str(out))
     assert done.returncode == 0, done.stderr
     printed = Result.from_dict(json.loads(done.stdout))
     [written] = read_results(out)
@@ -217,8 +256,12 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert [c["prefix_len"] for c in written.metrics["cases"]] == [8, 24]
     assert {r["way"] for r in written.metrics["break_even"]} == {"serial", "layerwise"}
     assert written.config["host_memory"] == "cpu" and written.config["prefill_chunk"] == 16
+    [traffic] = written.metrics["traffic"]
+    assert (traffic["direction"], traffic["context"], traffic["same_tokens"]) == ("both", 24, True)
+    assert written.config["traffic"] == ["both"] and written.config["decode_steps"] == 3
     table = render_offload(written)
     assert "(b) layer" in table and "suffix 4, (a) serial:" in table
+    assert "decode under copy traffic" in table
     shown = run_cli(*common)
     assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
 

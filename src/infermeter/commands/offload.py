@@ -49,6 +49,15 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                    help="untimed runs before them (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed for random weights and token ids (default 0)")
+    traffic = p.add_argument_group("decode under copy traffic (off unless --traffic is given)")
+    traffic.add_argument("--traffic", nargs="+", choices=("d2h", "h2d", "both"),
+                         metavar="DIRECTION", help="also time decode while background copies "
+                         "run this way: d2h, h2d or both")
+    traffic.add_argument("--context", type=positive_int, metavar="N",
+                         help="tokens in the cache when that decode starts (default: the "
+                         "longest --prefix-len)")
+    traffic.add_argument("--decode-steps", type=positive_int, default=32, metavar="N",
+                         help="decode steps a timed window (default 32)")
     add_output_flags(p)
     p.set_defaults(handler=_run_offload)
 
@@ -71,7 +80,8 @@ def _run_offload(args: argparse.Namespace) -> int:
         suffix_lens=tuple(args.suffix_len), batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
         prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
-        repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+        repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        traffic=tuple(args.traffic or ()), context=args.context, decode_steps=args.decode_steps)
     result = run_offload(request, capture_env())
     if args.output:
         append_jsonl(args.output, [result])

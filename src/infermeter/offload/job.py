@@ -55,6 +55,19 @@ def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) 
     return cache_length(spec, prefix + suffix, request.new_tokens, request.max_seq_len)
 
 
+def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
+    """The cache length the decode-under-traffic windows need: context + the window's steps."""
+    from infermeter.specs.sizes import cache_length
+
+    context, steps = request.traffic_context, request.decode_steps + 1
+    limit = request.max_seq_len or spec.max_seq_len
+    if context + steps > limit:
+        raise InfermeterError(f"decode under copy traffic: context {context} + "
+                              f"{request.decode_steps} decode steps + 1 does not fit in "
+                              f"{limit} tokens")
+    return cache_length(spec, context, steps, request.max_seq_len)
+
+
 def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
               kv_dtype: str) -> None:
     """Sizes only, before any allocation: weights + the largest case's cache + its logits on the
@@ -77,6 +90,16 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                   (host_parts, host_available(), "available in host memory")]
     else:
         checks = [({**device_parts, **host_parts}, host_available(), "available in host memory")]
+    if request.traffic:
+        from infermeter.offload.traffic import CHUNK_BYTES
+
+        chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        traffic_cache = kv_cache_bytes(spec, request.batch_size, traffic_len_for(spec, request),
+                                       kv_dtype)
+        if traffic_cache > device_parts["KV cache"]:  # one cache at a time: the larger counts
+            device_parts["KV cache"] = traffic_cache
+        checks[0][0]["copy traffic buffers"] = 2 * chunk
+        checks[-1][0]["copy traffic host buffers"] = 2 * chunk
     for parts, free, where in checks:
         need = sum(parts.values())
         if free is not None and need > free:
@@ -104,6 +127,8 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     for suffix in request.suffix_lens:
         for prefix in request.prefix_lens:
             cache_len_for(spec, request, prefix, suffix)
+    if request.traffic:
+        traffic_len_for(spec, request)
     check_fit(spec, request, device, dtype, kv_dtype)
     model = load_weights(request.source, device, dtype, seed=request.seed)
     generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
@@ -115,6 +140,10 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
             cases.append(case)
             samples[f"prefix{prefix}_suffix{suffix}"] = raw
             warnings += notes
+    traffic = []
+    if request.traffic:
+        traffic, samples["traffic"], notes = measure_traffic(generator, request)
+        warnings += notes
     if device.type == "cpu":
         warnings.append("on the CPU every copy is synchronous: the layer-wise reload runs the "
                         "same schedule as on a GPU but cannot overlap")
@@ -126,9 +155,14 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
               "timer": "cuda events" if device.type == "cuda" else "host clock",
-              "weights": "random" if request.source.startswith("random:") else "checkpoint"}
+              "weights": "random" if request.source.startswith("random:") else "checkpoint",
+              "traffic": list(request.traffic),
+              "context": request.traffic_context if request.traffic else None,
+              "decode_steps": request.decode_steps if request.traffic else None}
     metrics = {"cases": cases, "break_even": break_evens(cases, request.suffix_lens),
                "same_tokens": all(case["same_tokens"] for case in cases)}
+    if request.traffic:
+        metrics["traffic"] = traffic
     return Result("offload", spec.to_dict(), config, env, metrics, samples, warnings)
 
 
@@ -222,3 +256,32 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
             "warmup_ms": warmup_ms, "same_tokens": not differ,
             "output_token_ids": outputs["recompute"]}
     return case, raw, notes
+
+
+def measure_traffic(generator: Any, request: OffloadRequest
+                    ) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[str]]:
+    """Decode TPOT of a batch at `context` tokens alone and under each --traffic direction
+    (compiled decode on a GPU, eager on the CPU, as `generate` runs by default)."""
+    import torch
+
+    from infermeter.engine.generator import GenerationConfig
+    from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
+
+    model, device = generator.model, generator.device
+    context, steps = request.traffic_context, request.decode_steps
+    config = GenerationConfig(max_new_tokens=steps + 1, greedy=True, seed=request.seed,
+                              compile=device.type == "cuda")
+    generator.prepare(request.batch_size, context, steps + 1)
+    rng = torch.Generator().manual_seed(request.seed + 104729)
+    tokens = torch.randint(model.spec.vocab_size, (request.batch_size, context), generator=rng)
+    with torch.no_grad():
+        state = generator.prefill(tokens.to(device), config)
+        entries, samples, notes = decode_under_traffic(
+            generator, state, config, steps, request.traffic, request.repeats, request.warmup,
+            CopyTraffic(device))
+    for entry in entries:
+        entry.update(context=context, batch_size=request.batch_size)
+        if not entry["same_tokens"]:
+            notes.append(f"decode under {entry['direction']} copies: tokens differ from the "
+                         "decode alone")
+    return entries, samples, notes

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from infermeter.errors import InfermeterError
 
 WAYS = ("serial", "layerwise", "recompute")  # (a) reload then prefill, (b) overlapped, (c)
+TRAFFIC_DIRECTIONS = ("d2h", "h2d", "both")  # traffic.DIRECTIONS, without importing torch
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class OffloadRequest:
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
+    # decode under copy traffic (traffic.py): none unless directions are given
+    traffic: tuple[str, ...] = ()  # "d2h", "h2d", "both"
+    context: int | None = None  # tokens in the cache when the decode starts (None: longest prefix)
+    decode_steps: int = 32  # decode steps a timed window
 
     def __post_init__(self) -> None:
         for name in ("prefix_lens", "suffix_lens"):
@@ -41,8 +46,18 @@ class OffloadRequest:
         checks = {"--batch-size": self.batch_size, "--new-tokens": self.new_tokens,
                   "--repeats": self.repeats, "--prefill-chunk": self.prefill_chunk or 1,
                   "--max-seq-len": self.max_seq_len or 1, "--lookahead": self.lookahead or 1}
+        checks.update({"--context": self.context or 1, "--decode-steps": self.decode_steps})
         for flag, value in checks.items():
             if value < 1:
                 raise InfermeterError(f"{flag} must be at least 1, got {value}")
         if self.warmup < 0:
             raise InfermeterError(f"--warmup must not be negative, got {self.warmup}")
+        unknown = [d for d in self.traffic if d not in TRAFFIC_DIRECTIONS]
+        if unknown:
+            raise InfermeterError(f"--traffic: unknown direction {unknown[0]!r} (use "
+                                  f"{', '.join(TRAFFIC_DIRECTIONS)})")
+        object.__setattr__(self, "traffic", tuple(dict.fromkeys(self.traffic)))
+
+    @property
+    def traffic_context(self) -> int:
+        return self.context or max(self.prefix_lens)

@@ -50,9 +50,23 @@ def render_offload(result: Result) -> str:
     for row in metrics["break_even"]:
         way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
         lines.append(f"suffix {row['suffix_len']}, {way}: {describe_break_even(row)}")
+    if metrics.get("traffic"):
+        lines += ["", render_traffic(metrics["traffic"], config)]
     timing = [note for note in result.warnings if TIMING_NOTE.search(note)]
     lines += [f"warning: {note}" for note in result.warnings if note not in timing]
     if timing:
         lines.append(f"warning: {len(timing)} timings noisy or with few samples (--json lists "
                      "them)")
     return "\n".join(lines)
+
+
+def render_traffic(entries: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    rows = [[e["direction"], e["method"], _ms(e["tpot_alone_ms"]), _ms(e["tpot_ms"]),
+             f"{e['slowdown_pct']:+.1f}%", f"{e['copy_alone_gbps']:.1f}", f"{e['copy_gbps']:.1f}",
+             "yes" if e["same_tokens"] else "NO"] for e in entries]
+    head = (f"decode under copy traffic: batch {config['batch_size']} at {config['context']} "
+            f"tokens, TPOT medians over windows of {config['decode_steps']} steps (ms), copies "
+            "in GB/s")
+    return "\n".join([head, render_table(["copies", "method", "TPOT alone", "TPOT", "slowdown",
+                                           "copies alone", "copies meanwhile", "same tokens"],
+                                          rows)])

@@ -1,0 +1,199 @@
+"""Decode under copy traffic: the TPOT of a running batch while background copies move bytes
+between device and host memory at full speed, one way (d2h offload, h2d reload) or both, and the
+copy bandwidth reached at the same time.
+
+On a GPU the copies are DMA (copy_ of a pinned host buffer on a side stream per direction):
+enough chunks are queued before the decode window starts to outlast it (sized from the copies'
+own speed measured alone), CUDA events time the window and each direction's copies. On the CPU a
+thread per direction copies in a loop while the decode runs (torch releases the GIL inside a
+copy), timed by the host clock: it shows the same pipeline, not a GPU's numbers.
+
+An SM copy kernel (a GPU kernel writing mapped host memory) is not measured here yet.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import torch
+
+from infermeter.errors import InfermeterError
+from infermeter.measure.timing import Stats
+
+DIRECTIONS = ("d2h", "h2d", "both")
+CHUNK_BYTES = {"cuda": 64 << 20, "cpu": 8 << 20}  # one copy of background traffic
+ALONE_CHUNKS = 8  # copies timed alone, to size the queue that outlasts a decode window
+QUEUE_MARGIN = 1.5  # queued copy time / the decode window alone
+
+
+def _ways(direction: str) -> tuple[str, ...]:
+    if direction not in DIRECTIONS:
+        raise InfermeterError(f"unknown copy direction {direction!r} (use "
+                              f"{', '.join(DIRECTIONS)})")
+    return ("d2h", "h2d") if direction == "both" else (direction,)
+
+
+class CopyTraffic:
+    """Per direction one device chunk and one host chunk (pinned on a GPU) to copy between."""
+
+    def __init__(self, device: torch.device, chunk_bytes: int | None = None) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES["cuda" if self.cuda else "cpu"]
+        self.buffers = {way: (torch.empty(self.chunk_bytes, dtype=torch.uint8, device=device),
+                              torch.empty(self.chunk_bytes, dtype=torch.uint8,
+                                          pin_memory=self.cuda))
+                        for way in ("d2h", "h2d")}
+        self.streams = {way: torch.cuda.Stream(device) for way in self.buffers} \
+            if self.cuda else {}
+
+    def copy_once(self, way: str) -> None:
+        device_chunk, host_chunk = self.buffers[way]
+        if way == "d2h":
+            host_chunk.copy_(device_chunk, non_blocking=self.cuda)
+        else:
+            device_chunk.copy_(host_chunk, non_blocking=self.cuda)
+
+    # ---- GPU: a queue of copies on side streams, timed by events
+    def enqueue(self, direction: str, chunks: int) -> list[tuple[Any, Any, int]]:
+        """Queue `chunks` copies per way after the current stream's work: (start, end, bytes)."""
+        out = []
+        for way in _ways(direction):
+            stream = self.streams[way]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                for _ in range(chunks):
+                    self.copy_once(way)
+                end.record(stream)
+            out.append((start, end, chunks * self.chunk_bytes))
+        return out
+
+    # ---- CPU: a thread per way, copying until told to stop
+    def run_threads(self, direction: str) -> _Threads:
+        return _Threads(self, _ways(direction))
+
+
+class _Threads:
+    def __init__(self, traffic: CopyTraffic, ways: tuple[str, ...]) -> None:
+        self.traffic, self.stop_flag = traffic, threading.Event()
+        self.moved = dict.fromkeys(ways, 0)
+        self.threads = [threading.Thread(target=self._loop, args=(way,), daemon=True)
+                        for way in ways]
+        self.started = self.ended = 0.0
+
+    def _loop(self, way: str) -> None:
+        while not self.stop_flag.is_set():
+            self.traffic.copy_once(way)
+            self.moved[way] += self.traffic.chunk_bytes
+
+    def __enter__(self) -> _Threads:
+        self.started = time.perf_counter()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for thread in self.threads:
+            thread.join()
+        self.ended = time.perf_counter()
+
+    @property
+    def gbps(self) -> float:
+        seconds = self.ended - self.started
+        return sum(self.moved.values()) / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def copy_alone_gbps(traffic: CopyTraffic, direction: str, seconds: float = 0.05) -> float:
+    """The copies' speed with nothing else running (GB/s, both ways summed for "both")."""
+    if traffic.cuda:
+        torch.cuda.synchronize(traffic.device)
+        marks = traffic.enqueue(direction, ALONE_CHUNKS)
+        torch.cuda.synchronize(traffic.device)
+        return sum(size / start.elapsed_time(end) / 1e6 for start, end, size in marks)
+    with traffic.run_threads(direction) as threads:
+        time.sleep(seconds)
+    return threads.gbps
+
+
+def decode_under_traffic(generator: Any, state: Any, config: Any, steps: int,
+                         directions: tuple[str, ...], repeats: int, warmup: int,
+                         traffic: CopyTraffic) -> tuple[list[dict[str, Any]], dict, list[str]]:
+    """TPOT of `steps` decode steps from `state` (its position rewound before every window, so
+    the cache needs steps + 1 slots past it) alone and under each direction's traffic.
+
+    Every window starts from the same token and position, so its tokens must equal the windows'
+    alone (`same_tokens`: the copies did not touch the cache).
+    Returns (one entry per direction, raw TPOT samples in ms per "alone" / direction, warnings).
+    """
+    cuda = traffic.cuda
+    device = generator.device
+    start_pos, first, done = state.next_pos, state.token.clone(), state.done.clone()
+    outputs: list[list[list[int]]] = []  # per window, the tokens [B, steps] it generated
+
+    def window() -> float:
+        """One window of decode steps from the same state, in ms (the copies already going)."""
+        state.input_pos.fill_(start_pos)
+        state.next_pos, state.token, state.done = start_pos, first.clone(), done.clone()
+        tokens = []
+        if cuda:
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record()
+            for _ in range(steps):
+                tokens.append(generator.decode_step(state, config))
+            end.record()
+            end.synchronize()
+            took = begin.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tokens.append(generator.decode_step(state, config))
+            took = (time.perf_counter() - t0) * 1e3
+        outputs.append(torch.stack(tokens, dim=1).tolist())
+        return took
+
+    for _ in range(max(warmup, 1 if cuda else 0)):  # a compiled step compiles and captures here
+        window()
+    alone = [window() for _ in range(repeats)]
+    reference = outputs[-1]
+    alone_ms = Stats.of(alone).median
+    samples: dict[str, list[float]] = {"alone": [s / steps for s in alone]}
+    entries, notes = [], []
+    for direction in directions:
+        solo = copy_alone_gbps(traffic, direction)
+        windows, rates = [], []
+        outputs.clear()
+        for index in range(warmup + repeats):
+            if cuda:
+                chunk_ms = traffic.chunk_bytes / (solo / len(_ways(direction))) / 1e6
+                chunks = max(2, math.ceil(QUEUE_MARGIN * alone_ms / chunk_ms))
+                torch.cuda.synchronize(device)
+                marks = traffic.enqueue(direction, chunks)
+                took = window()
+                torch.cuda.synchronize(device)
+                rate = sum(size / s.elapsed_time(e) / 1e6 for s, e, size in marks)
+                if any(s.elapsed_time(e) < took for s, e, _ in marks):
+                    notes.append(f"{direction}: the copies ended before the decode window did")
+            else:
+                with traffic.run_threads(direction) as threads:
+                    took = window()
+                rate = threads.gbps
+            if index >= warmup:
+                windows.append(took / steps)
+                rates.append(rate)
+        stats = Stats.of(windows)
+        tpot_alone = Stats.of(samples["alone"]).median
+        samples[direction] = windows
+        entries.append({"direction": direction, "method": "dma" if cuda else "cpu thread",
+                        "tpot_ms": stats.median, "tpot_stats": stats.to_dict(),
+                        "tpot_alone_ms": tpot_alone,
+                        "slowdown_pct": (stats.median / tpot_alone - 1) * 100,
+                        "copy_gbps": Stats.of(rates).median, "copy_alone_gbps": solo,
+                        "same_tokens": all(out == reference for out in outputs)})
+        notes += stats.warnings(f"decode under {direction} copies")
+    return entries, samples, sorted(set(notes), key=notes.index)
