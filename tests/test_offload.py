@@ -21,6 +21,7 @@ from infermeter.offload.breakeven import break_even
 from infermeter.offload.job import break_evens, measure_case
 from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
 from infermeter.offload.request import OffloadRequest
+from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.table import render_offload
 from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
 from infermeter.specs.presets import PRESETS
@@ -246,8 +247,8 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     common = ("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "24", "8",
               "--suffix-len", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
               "--prefill-chunk", "16")
-    done = run_cli(*common, "--traffic", "both", "--decode-steps", "3", "--json", "--output",
-                   str(out))
+    done = run_cli(*common, "--traffic", "both", "--offloaded-decode", "--decode-steps", "3",
+                   "--json", "--output", str(out))
     assert done.returncode == 0, done.stderr
     printed = Result.from_dict(json.loads(done.stdout))
     [written] = read_results(out)
@@ -262,6 +263,9 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     table = render_offload(written)
     assert "(b) layer" in table and "suffix 4, (a) serial:" in table
     assert "decode under copy traffic" in table
+    streamed = written.metrics["offloaded_decode"]
+    assert streamed["same_tokens"] is True and streamed["bytes_per_step"] > 0
+    assert "offloaded decode" in table
     shown = run_cli(*common)
     assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
 
@@ -280,3 +284,50 @@ def test_report_notes_an_offload_result_and_still_renders(tmp_path):
     assert any("offload Result of debug, not in these tables" in note for note in report.notes)
     assert report.columns == []
     assert "Reference table" in render(report, "markdown")
+
+
+# ---- offloaded decode ----------------------------------------------------------------------
+def test_streamed_decode_gives_the_tokens_of_the_cache_on_the_device_and_leaves_no_cache():
+    from infermeter.engine.generator import GenerationConfig
+    from infermeter.offload.windows import DecodeWindows
+
+    gen = Generator(build_model(DEBUG.with_updates(n_layers=5), device="cpu", seed=4))
+    config = GenerationConfig(max_new_tokens=7)
+    gen.prepare(2, 16, 7)
+    state = gen.prefill(_tokens()[:, :16], config)
+    windows = DecodeWindows(gen, state, config, steps=6)
+    logits: list[torch.Tensor] = []  # every step's [B, V]: tokens alone may hide a wrong key
+    handle = gen.model.register_forward_hook(lambda m, a, out: logits.append(out[:, -1]))
+    windows.run()
+    trace: list[tuple[str, int]] = []
+    try:
+        with StreamedDecode(gen.model, context=16, trace=trace) as streamed:
+            # the other layers' caches are gone: the layers share two buffers
+            assert gen.model.layers[0].attention.kv_cache is \
+                gen.model.layers[4].attention.kv_cache
+            windows.run(streamed.step_at)
+            assert streamed.bytes_per_step == 5 * 2 * (2 * 2 * 16 * 16 * 4)  # layers, K/V, bytes
+    finally:
+        handle.remove()
+    on_device, streamed_tokens = windows.outputs
+    assert streamed_tokens == on_device
+    torch.testing.assert_close(torch.stack(logits[6:]), torch.stack(logits[:6]))
+    assert all(layer.attention.kv_cache is None for layer in gen.model.layers)
+    assert gen.generate(_tokens()[:, :16], config).output_token_ids[0][1:] == on_device[0]
+    # one step's schedule: layer i streamed in before it waits and attends; the buffer it used
+    # refilled (layer i + 2) only after it attended; the next layer's copy already issued
+    step = trace[:trace.index(("attended", 4)) + 1]
+    for i in range(5):
+        assert step.index(("copy", i)) < step.index(("wait", i)) < step.index(("attended", i))
+        if i + 2 < 5:
+            assert step.index(("attended", i)) < step.index(("copy", i + 2))
+        if i + 1 < 5:
+            assert step.index(("copy", i + 1)) < step.index(("attended", i))
+    assert len(trace) == 6 * len(step)
+
+
+def test_streamed_decode_refuses_a_sliding_window_model():
+    gen = Generator(build_model(SPECS["window"], device="cpu", seed=4))
+    gen.prepare(1, 16, 2)
+    with pytest.raises(InfermeterError, match="sliding-window"):
+        StreamedDecode(gen.model, context=16)

@@ -49,10 +49,14 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                    help="untimed runs before them (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed for random weights and token ids (default 0)")
-    traffic = p.add_argument_group("decode under copy traffic (off unless --traffic is given)")
+    traffic = p.add_argument_group("decode under copy traffic (--traffic) and offloaded "
+                                   "(--offloaded-decode)")
     traffic.add_argument("--traffic", nargs="+", choices=("d2h", "h2d", "both"),
                          metavar="DIRECTION", help="also time decode while background copies "
                          "run this way: d2h, h2d or both")
+    traffic.add_argument("--offloaded-decode", action="store_true",
+                         help="also decode with the KV cache in host memory, every layer's "
+                         "streamed in ahead of its attention each step (double-buffered)")
     traffic.add_argument("--context", type=positive_int, metavar="N",
                          help="tokens in the cache when that decode starts (default: the "
                          "longest --prefix-len)")
@@ -81,7 +85,8 @@ def _run_offload(args: argparse.Namespace) -> int:
         dtype=args.dtype, kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
         prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-        traffic=tuple(args.traffic or ()), context=args.context, decode_steps=args.decode_steps)
+        traffic=tuple(args.traffic or ()), context=args.context, decode_steps=args.decode_steps,
+        offloaded_decode=args.offloaded_decode)
     result = run_offload(request, capture_env())
     if args.output:
         append_jsonl(args.output, [result])

@@ -90,7 +90,7 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                   (host_parts, host_available(), "available in host memory")]
     else:
         checks = [({**device_parts, **host_parts}, host_available(), "available in host memory")]
-    if request.traffic:
+    if request.traffic or request.offloaded_decode:
         from infermeter.offload.traffic import CHUNK_BYTES
 
         chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
@@ -100,6 +100,9 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
             device_parts["KV cache"] = traffic_cache
         checks[0][0]["copy traffic buffers"] = 2 * chunk
         checks[-1][0]["copy traffic host buffers"] = 2 * chunk
+        if request.offloaded_decode:  # the prompt's KV in host memory, while the cache is too
+            checks[-1][0]["offloaded KV in host memory"] = kv_cache_bytes(
+                spec, request.batch_size, request.traffic_context, kv_dtype)
     for parts, free, where in checks:
         need = sum(parts.values())
         if free is not None and need > free:
@@ -127,7 +130,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     for suffix in request.suffix_lens:
         for prefix in request.prefix_lens:
             cache_len_for(spec, request, prefix, suffix)
-    if request.traffic:
+    if request.traffic or request.offloaded_decode:
         traffic_len_for(spec, request)
     check_fit(spec, request, device, dtype, kv_dtype)
     model = load_weights(request.source, device, dtype, seed=request.seed)
@@ -144,9 +147,14 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     if request.traffic:
         traffic, samples["traffic"], notes = measure_traffic(generator, request)
         warnings += notes
+    if request.offloaded_decode:
+        streamed, samples["offloaded_decode"], notes = measure_offloaded_decode(generator,
+                                                                                request)
+        warnings += notes
     if device.type == "cpu":
         warnings.append("on the CPU every copy is synchronous: the layer-wise reload runs the "
                         "same schedule as on a GPU but cannot overlap")
+    decodes = bool(request.traffic) or request.offloaded_decode
     config = {"source": request.source, "device": str(device), "dtype": dtype,
               "kv_dtype": kv_dtype, "batch_size": request.batch_size,
               "prefix_lens": list(request.prefix_lens), "suffix_lens": list(request.suffix_lens),
@@ -157,12 +165,15 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",
               "traffic": list(request.traffic),
-              "context": request.traffic_context if request.traffic else None,
-              "decode_steps": request.decode_steps if request.traffic else None}
+              "offloaded_decode": request.offloaded_decode,
+              "context": request.traffic_context if decodes else None,
+              "decode_steps": request.decode_steps if decodes else None}
     metrics = {"cases": cases, "break_even": break_evens(cases, request.suffix_lens),
                "same_tokens": all(case["same_tokens"] for case in cases)}
     if request.traffic:
         metrics["traffic"] = traffic
+    if request.offloaded_decode:
+        metrics["offloaded_decode"] = streamed
     return Result("offload", spec.to_dict(), config, env, metrics, samples, warnings)
 
 
@@ -285,3 +296,58 @@ def measure_traffic(generator: Any, request: OffloadRequest
             notes.append(f"decode under {entry['direction']} copies: tokens differ from the "
                          "decode alone")
     return entries, samples, notes
+
+
+def measure_offloaded_decode(generator: Any, request: OffloadRequest
+                             ) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
+    """Decode with the prompt's KV cache in host memory, streamed in layer by layer every step
+    (streamed.py), against the same eager decode with the cache on the device, and against the
+    link's bound: batch x h2d GB/s (measured alone, same run) / bytes streamed a step."""
+    import torch
+
+    from infermeter.engine.generator import GenerationConfig
+    from infermeter.offload.streamed import StreamedDecode
+    from infermeter.offload.traffic import CopyTraffic, copy_alone_gbps
+    from infermeter.offload.windows import DecodeWindows
+
+    model, device = generator.model, generator.device
+    context, steps = request.traffic_context, request.decode_steps
+    # eager both ways: the streaming hooks wait on events between layers, which a compiled,
+    # CUDA-graph-replayed step could not do
+    config = GenerationConfig(max_new_tokens=steps + 1, greedy=True, seed=request.seed)
+    generator.prepare(request.batch_size, context, steps + 1)
+    rng = torch.Generator().manual_seed(request.seed + 1299709)
+    tokens = torch.randint(model.spec.vocab_size, (request.batch_size, context), generator=rng)
+    samples: dict[str, list[float]] = {}
+    with torch.no_grad():
+        state = generator.prefill(tokens.to(device), config)
+        windows = DecodeWindows(generator, state, config, steps)
+        for _ in range(request.warmup):
+            windows.run()
+        samples["on_device"] = [windows.run() / steps for _ in range(request.repeats)]
+        reference = windows.outputs[-1]
+        windows.outputs.clear()
+        with StreamedDecode(model, context) as streamed:
+            for _ in range(request.warmup):
+                windows.run(streamed.step_at)
+            samples["streamed"] = [windows.run(streamed.step_at) / steps
+                                   for _ in range(request.repeats)]
+            per_step = streamed.bytes_per_step
+        same = all(out == reference for out in windows.outputs)
+        link = copy_alone_gbps(CopyTraffic(device), "h2d")
+    stats = {name: Stats.of(values) for name, values in samples.items()}
+    tpot, on_device = stats["streamed"].median, stats["on_device"].median
+    bound = request.batch_size * link * 1e9 / per_step if per_step else None
+    tok_per_s = request.batch_size * 1e3 / tpot
+    notes = [*stats["streamed"].warnings("offloaded decode"),
+             *stats["on_device"].warnings("decode on the device")]
+    if not same:
+        notes.append("offloaded decode: tokens differ from the decode with the cache on the "
+                     "device")
+    metrics = {"context": context, "batch_size": request.batch_size, "decode_steps": steps,
+               "tpot_ms": tpot, "tpot_stats": stats["streamed"].to_dict(),
+               "tok_per_s": tok_per_s, "on_device_tpot_ms": on_device,
+               "on_device_tok_per_s": request.batch_size * 1e3 / on_device,
+               "bytes_per_step": per_step, "link_gbps": link, "bound_tok_per_s": bound,
+               "pct_of_bound": 100 * tok_per_s / bound if bound else None, "same_tokens": same}
+    return metrics, samples, notes

@@ -32,6 +32,7 @@ class OffloadRequest:
     traffic: tuple[str, ...] = ()  # "d2h", "h2d", "both"
     context: int | None = None  # tokens in the cache when the decode starts (None: longest prefix)
     decode_steps: int = 32  # decode steps a timed window
+    offloaded_decode: bool = False  # also decode with the KV cache streamed from host memory
 
     def __post_init__(self) -> None:
         for name in ("prefix_lens", "suffix_lens"):

@@ -52,6 +52,8 @@ def render_offload(result: Result) -> str:
         lines.append(f"suffix {row['suffix_len']}, {way}: {describe_break_even(row)}")
     if metrics.get("traffic"):
         lines += ["", render_traffic(metrics["traffic"], config)]
+    if metrics.get("offloaded_decode"):
+        lines += ["", render_offloaded(metrics["offloaded_decode"])]
     timing = [note for note in result.warnings if TIMING_NOTE.search(note)]
     lines += [f"warning: {note}" for note in result.warnings if note not in timing]
     if timing:
@@ -69,4 +71,18 @@ def render_traffic(entries: list[dict[str, Any]], config: dict[str, Any]) -> str
             "in GB/s")
     return "\n".join([head, render_table(["copies", "method", "TPOT alone", "TPOT", "slowdown",
                                            "copies alone", "copies meanwhile", "same tokens"],
+                                          rows)])
+
+
+def render_offloaded(entry: dict[str, Any]) -> str:
+    bound = entry["bound_tok_per_s"]
+    rows = [["KV on the device", _ms(entry["on_device_tpot_ms"]),
+             f"{entry['on_device_tok_per_s']:.1f}", "-"],
+            ["KV streamed from host", _ms(entry["tpot_ms"]), f"{entry['tok_per_s']:.1f}",
+             "-" if bound is None else f"{entry['pct_of_bound']:.0f}% of {bound:.1f}"]]
+    head = (f"offloaded decode: batch {entry['batch_size']} at {entry['context']} tokens, "
+            f"{format_bytes(entry['bytes_per_step'])} streamed a step at "
+            f"{entry['link_gbps']:.1f} GB/s host-to-device (measured alone); eager both ways; "
+            f"same tokens: {'yes' if entry['same_tokens'] else 'NO'}")
+    return "\n".join([head, render_table(["decode", "TPOT ms", "tokens/s", "link bound"],
                                           rows)])

@@ -22,6 +22,7 @@ import torch
 
 from infermeter.errors import InfermeterError
 from infermeter.measure.timing import Stats
+from infermeter.offload.windows import DecodeWindows
 
 DIRECTIONS = ("d2h", "h2d", "both")
 CHUNK_BYTES = {"cuda": 64 << 20, "cpu": 8 << 20}  # one copy of background traffic
@@ -133,29 +134,8 @@ def decode_under_traffic(generator: Any, state: Any, config: Any, steps: int,
     """
     cuda = traffic.cuda
     device = generator.device
-    start_pos, first, done = state.next_pos, state.token.clone(), state.done.clone()
-    outputs: list[list[list[int]]] = []  # per window, the tokens [B, steps] it generated
-
-    def window() -> float:
-        """One window of decode steps from the same state, in ms (the copies already going)."""
-        state.input_pos.fill_(start_pos)
-        state.next_pos, state.token, state.done = start_pos, first.clone(), done.clone()
-        tokens = []
-        if cuda:
-            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            begin.record()
-            for _ in range(steps):
-                tokens.append(generator.decode_step(state, config))
-            end.record()
-            end.synchronize()
-            took = begin.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                tokens.append(generator.decode_step(state, config))
-            took = (time.perf_counter() - t0) * 1e3
-        outputs.append(torch.stack(tokens, dim=1).tolist())
-        return took
+    windows_of = DecodeWindows(generator, state, config, steps)
+    window, outputs = windows_of.run, windows_of.outputs
 
     for _ in range(max(warmup, 1 if cuda else 0)):  # a compiled step compiles and captures here
         window()
