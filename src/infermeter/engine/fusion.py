@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from infermeter.engine.linear import Linear
-from infermeter.engine.model import Transformer
+from infermeter.engine.model import FeedForward, Transformer
 
 
 def _fused_linear(parts: list[nn.Linear]) -> Linear:
@@ -45,7 +45,7 @@ def fuse_projections(model: Transformer) -> None:
             attention.qkv_split = [p.weight.shape[0] for p in parts]
             attention.wqkv = _fused_linear(parts)
             del attention.wq, attention.wk, attention.wv
-        if ffn.w13 is None:
+        if isinstance(ffn, FeedForward) and ffn.w13 is None:  # MoE experts stay stacked
             ffn.w13 = _fused_linear([ffn.w1, ffn.w3])
             del ffn.w1, ffn.w3
 

@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 3's text model)
-with a static KV cache.
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 3's text model,
+Mixtral and Qwen3-MoE) with a static KV cache.
 
 Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without renaming:
   tok_embeddings.weight, norm.weight, output.weight,
@@ -9,6 +9,8 @@ Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without 
   layers.{i}.attention.{q_norm,k_norm}.weight  (Qwen3, Gemma 3, spec.qk_norm: [head_dim] each),
   layers.{i}.{attention_post_norm,ffn_post_norm}.weight  (Gemma 3: norms of attention's and
   the FFN's outputs; ffn_norm is then its pre_feedforward_layernorm).
+  layers.{i}.feed_forward.{gate,w1,w2,w3}.weight  (an MoE layer, moe.py: router [E, dim] and
+  the experts stacked, [E, ffn, dim] / [E, dim, ffn]).
 With tied embeddings `output.weight` *is* `tok_embeddings.weight` (one Parameter, two names);
 `tie_weights()` restores the sharing after `load_state_dict(assign=True)` replaced Parameters.
 
@@ -74,6 +76,7 @@ from infermeter.engine.kernels.decode_attention import (
 from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
+from infermeter.engine.moe import MoEFeedForward
 from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
@@ -230,7 +233,10 @@ class TransformerBlock(nn.Module):
         gemma = spec.arch in GEMMA_ARCHS
         norm = norm_class(spec)
         self.attention = Attention(spec, layer)
-        self.feed_forward = FeedForward(spec.dim, spec.ffn_dim, gelu=gemma)
+        self.feed_forward: FeedForward | MoEFeedForward = MoEFeedForward(
+            spec.dim, spec.moe_ffn_dim, spec.n_experts, spec.n_active_experts,
+            spec.norm_topk_prob) if spec.is_moe_layer(layer) else \
+            FeedForward(spec.dim, spec.ffn_dim, gelu=gemma)
         self.attention_norm = norm(spec.dim, spec.norm_eps)
         self.ffn_norm = norm(spec.dim, spec.norm_eps)
         # Gemma: norms of attention's and the FFN's outputs, before each residual add.

@@ -59,7 +59,7 @@ def decode_weight_params(spec: ModelSpec, batch_size: int) -> float:
     """Parameters one decode step of B tokens reads (a float: the MoE term is an expectation)."""
     params: float = sizes.param_count(spec, active=True)
     if spec.is_moe:
-        moe_layers = spec.n_layers - spec.n_dense_layers
+        moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
         expert = 3 * spec.dim * spec.moe_ffn_dim
         extra = expected_experts(spec, batch_size) - spec.n_active_experts
         params += moe_layers * expert * extra

@@ -229,7 +229,7 @@ def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
         layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     elif window is None:
         layers = ()
-    elif model_type in ("qwen2", "qwen3"):  # only when enabled, from max_window_layers on
+    elif model_type in ("qwen2", "qwen3", "qwen3_moe"):  # when enabled, from max_window_layers on
         start = _int(cfg, "max_window_layers", path, default=0, minimum=0)
         layers = tuple(range(start, n_layers)) if _bool(cfg, "use_sliding_window", path) else ()
     elif model_type == "gemma2":  # layers 0, 2, 4, ... slide
@@ -252,6 +252,21 @@ def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, A
         fields = {"n_experts": _int(cfg, "num_local_experts", path),
                   "n_active_experts": _int(cfg, "num_experts_per_tok", path),
                   "moe_ffn_dim": _int(cfg, "intermediate_size", path)}
+    elif model_type == "qwen3_moe":
+        experts_key = "num_experts" if "num_experts" in cfg else "num_local_experts"  # 5.x
+        n_layers = _layers(cfg, "num_hidden_layers", path)
+        step = _int(cfg, "decoder_sparse_step", path, default=1)
+        only = _field(cfg, "mlp_only_layers", path, [], "") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise InfermeterError(f"{path}: field 'mlp_only_layers' must be a list of layer "
+                                  f"numbers, got {only!r}")
+        fields = {"n_experts": _int(cfg, experts_key, path),
+                  "n_active_experts": _int(cfg, "num_experts_per_tok", path),
+                  "moe_ffn_dim": _int(cfg, "moe_intermediate_size", path),
+                  "norm_topk_prob": _bool(cfg, "norm_topk_prob", path),
+                  # transformers' rule: experts where not mlp_only and (i + 1) % step == 0
+                  "moe_dense_layers": tuple(i for i in range(n_layers)
+                                            if i in only or (i + 1) % step)}
     elif model_type == "deepseek_v3":
         fields = {"n_experts": _int(cfg, "n_routed_experts", path),
                   "n_active_experts": _int(cfg, "num_experts_per_tok", path),
@@ -326,7 +341,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         tie_embeddings=_bool(cfg, "tie_word_embeddings", path,
                              default=model_type in ("gemma2", "gemma3_text")),
         qkv_bias=model_type == "qwen2" or _bool(cfg, "attention_bias", path),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         sliding_window=window, sliding_window_layers=window_layers,
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2, **gemma,
         torch_dtype=dtype, weight_dtype=_weight_dtype(cfg, path, dtype), source=str(path),

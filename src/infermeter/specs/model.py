@@ -14,13 +14,13 @@ from typing import Any
 from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
-ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen3_moe")
 # Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
 # before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
 GEMMA_ARCHS = ("gemma3_text",)
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
-SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "gemma3_text", "phi3",
-                "deepseek_v3")
+SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2",
+                "gemma3_text", "phi3", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,11 @@ class ModelSpec:
     n_shared_experts: int = 0
     moe_ffn_dim: int = 0
     n_dense_layers: int = 0
+    # Further layers with a dense FFN of ffn_dim (Qwen3-MoE's mlp_only_layers and the layers
+    # decoder_sparse_step skips); renormalise the k routing weights to sum 1 (Mixtral always,
+    # Qwen3-MoE where norm_topk_prob).
+    moe_dense_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = True
     # Multi-head latent attention (DeepSeek-V2/V3): the cache holds one compressed latent of
     # kv_lora_rank plus the shared rotary key of qk_rope_head_dim per token and layer.
     q_lora_rank: int = 0
@@ -131,6 +136,10 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer`'s FFN is routed experts (else a dense FFN of ffn_dim)."""
+        return self.is_moe and layer >= self.n_dense_layers and layer not in self.moe_dense_layers
+
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
@@ -163,6 +172,7 @@ class ModelSpec:
             scaling["extra"] = dict(self.rope_scaling.extra)
             out["rope_scaling"] = scaling
         out["sliding_window_layers"] = list(self.sliding_window_layers)
+        out["moe_dense_layers"] = list(self.moe_dense_layers)
         return out
 
 
@@ -171,7 +181,8 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
-    """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3's text model);
+    """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3's text model,
+    Mixtral, Qwen3-MoE);
     say so clearly for anything else.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:

@@ -90,6 +90,11 @@ _PRESET_LIST = [
     _qwen3("qwen3-0.6b", 28, 1024, 16, 3072, tie=True),
     _qwen3("qwen3-8b", 36, 4096, 32, 12288),
     _qwen3("qwen3-32b", 64, 5120, 64, 25600),
+    # Qwen/Qwen3-30B-A3B: Qwen3's attention (q/k norms, 4 KV heads) and 128 experts of 768 in
+    # every layer, 8 per token with their weights renormalised (norm_topk_prob true).
+    ModelSpec("qwen3-30b-a3b", "qwen3_moe", 48, 2048, 32, 4, 128, 6144, 151936, norm_eps=1e-6,
+              rope_theta=1000000.0, max_seq_len=40960, qk_norm=True, n_experts=128,
+              n_active_experts=8, moe_ffn_dim=768, norm_topk_prob=True),
     # google/gemma-2-9b: head_dim 256 (not 3584/16), a 4096 window on every other layer
     # (layers 0, 2, 4, ... as transformers' Gemma2 does), tied embeddings, 4 norms per layer.
     ModelSpec("gemma-2-9b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256000, norm_eps=1e-6,
@@ -144,6 +149,7 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "qwen3-0.6b": 0.6e9,
     "qwen3-8b": 8.2e9,
     "qwen3-32b": 32.8e9,
+    "qwen3-30b-a3b": (30.5e9, 3.3e9),
     "gemma-2-9b": 9.24e9,
     # Gemma 3 technical report, table 1: embedding + non-embedding parameters (text only).
     "gemma-3-1b": 302e6 + 698e6,

@@ -95,7 +95,7 @@ def _attention_params(spec: ModelSpec) -> int:
 
 def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
     """SwiGLU: three dim x ffn matrices per (expert) FFN, plus the MoE router."""
-    if not spec.is_moe or layer < spec.n_dense_layers:
+    if not spec.is_moe_layer(layer):
         return 3 * spec.dim * spec.ffn_dim
     routed = spec.n_active_experts if active else spec.n_experts
     experts = (routed + spec.n_shared_experts) * 3 * spec.dim * spec.moe_ffn_dim

@@ -61,8 +61,50 @@ GEMMA_NAMES = NameMap(
     prefix=NAMES.prefix)
 
 
+# MoE layers: the router under its model's block name; the experts, one tensor per expert and
+# projection in the files, are stacked into one [E, ...] tensor per projection (moe.py).
+MOE_NAMES = {
+    "mixtral": NameMap(top=NAMES.top, layer={**NAMES.layer,
+                                             "block_sparse_moe.gate": "feed_forward.gate"},
+                       prefix=NAMES.prefix),
+    "qwen3_moe": NameMap(top=NAMES.top, layer={**NAMES.layer, "mlp.gate": "feed_forward.gate"},
+                         prefix=NAMES.prefix),
+}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3",
+                "down_proj": "w2"}
+_EXPERT_BLOCK = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w2": "w2", "w3": "w3"}),
+                 "qwen3_moe": ("mlp", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})}
+
+
 def _names(spec: ModelSpec | None) -> NameMap:
+    if spec is not None and spec.arch in MOE_NAMES:
+        return MOE_NAMES[spec.arch]
     return GEMMA_NAMES if spec is not None and spec.arch in GEMMA_ARCHS else NAMES
+
+
+def expert_to_meta(name: str, spec: ModelSpec) -> tuple[str, int] | None:
+    """'model.layers.3.mlp.experts.5.up_proj.weight' -> ('layers.3.feed_forward.w3.weight', 5):
+    the stacked tensor and the expert's index in it; None for other names."""
+    match = _EXPERT.match(name)
+    if match is None or spec.arch not in _EXPERT_BLOCK or \
+            match.group(2) != _EXPERT_BLOCK[spec.arch][0]:
+        return None
+    layer, expert, part = match.group(1), int(match.group(3)), _EXPERT_PART[match.group(4)]
+    return f"layers.{layer}.feed_forward.{part}.weight", expert
+
+
+def expert_hf_name(meta_name: str, expert: int, spec: ModelSpec) -> str:
+    """The file's name of expert `expert`'s slice of a stacked tensor (expert_to_meta's inverse)."""
+    layer, rest = meta_name.removeprefix("layers.").split(".", 1)
+    block, parts = _EXPERT_BLOCK[spec.arch]
+    part = parts[rest.split(".")[1]]  # 'feed_forward.w1.weight' -> 'w1'
+    return f"model.layers.{layer}.{block}.experts.{expert}.{part}.weight"
+
+
+def _stacked(name: str, shape: torch.Size, spec: ModelSpec) -> bool:
+    return spec.is_moe and len(shape) == 3 and ".feed_forward.w" in name
 
 
 def hf_to_meta_name(name: str, spec: ModelSpec | None = None) -> str | None:
@@ -136,10 +178,16 @@ def _open(path: Path) -> Any:  # safetensors' safe_open handle (a private type)
 
 
 def _match_names(files: dict[str, Path], spec: ModelSpec,
-                 expected: dict[str, torch.Size]) -> dict[str, str]:
-    """Meta name -> HF name for every expected tensor; missing or unknown ones are errors."""
+                 expected: dict[str, torch.Size]) -> dict[str, list[str]]:
+    """Meta name -> HF names for every expected tensor (one, or a stacked tensor's E experts in
+    order); missing or unknown ones are errors."""
     by_meta: dict[str, str] = {}
+    experts: dict[str, dict[int, str]] = {}
     for hf_name, path in files.items():
+        expert = expert_to_meta(hf_name, spec)
+        if expert is not None:
+            experts.setdefault(expert[0], {})[expert[1]] = hf_name
+            continue
         meta = hf_to_meta_name(hf_name, spec)
         if meta is None and not _IGNORED.search(hf_name):
             raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
@@ -148,17 +196,31 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
             continue  # a tied model may still store lm_head: a copy of the embedding
         if meta is not None:
             by_meta[meta] = hf_name
-    missing = sorted(set(expected) - set(by_meta))
-    if missing:
+    names: dict[str, list[str]] = {meta: [hf] for meta, hf in by_meta.items()}
+    absent: list[str] = []
+    for meta, shape in expected.items():
+        if not _stacked(meta, shape, spec):
+            if meta not in by_meta:
+                absent.append(meta_to_hf_name(meta, spec))
+            continue
+        found = experts.pop(meta, {})
+        absent += [expert_hf_name(meta, e, spec) for e in range(shape[0]) if e not in found]
+        names[meta] = [found[e] for e in range(shape[0]) if e in found]
+        if len(found) > shape[0]:
+            hf_name = found[max(found)]
+            raise InfermeterError(f"{files[hf_name]}: unexpected tensor {hf_name} (config.json "
+                                  f"says {shape[0]} experts)")
+    if absent:
         folder = next(iter(files.values())).parent
-        raise InfermeterError(f"{folder}: missing tensor {meta_to_hf_name(missing[0], spec)}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = sorted(set(by_meta) - set(expected))
+        raise InfermeterError(f"{folder}: missing tensor {absent[0]}"
+                              + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+    extra = sorted(set(by_meta) - set(expected)) + sorted(experts)
     if extra:
-        hf_name = by_meta[extra[0]]
+        hf_name = names[extra[0]][0] if extra[0] in names else \
+            next(iter(experts[extra[0]].values()))
         raise InfermeterError(f"{files[hf_name]}: unexpected tensor {hf_name} "
                               "(config.json describes a different model?)")
-    return by_meta
+    return names
 
 
 def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
@@ -173,34 +235,44 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     by_meta = _match_names(files, spec, expected)
     handles: dict[Path, Any] = {}
     for name, shape in expected.items():
-        hf_name = by_meta[name]
-        path = files[hf_name]
-        if path not in handles:
-            handles[path] = _open(path)
-        try:
-            found = list(handles[path].get_slice(hf_name).get_shape())  # header only, no data
-        except SafetensorError:
-            raise InfermeterError(f"{path}: has no tensor {hf_name} "
-                                  f"(listed there by {INDEX_FILE})") from None
-        if found != list(shape):
-            raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
-                                  f"config.json implies {list(shape)}")
+        if _stacked(name, shape, spec):  # E expert files -> one [E, out, in] tensor
+            yield name, torch.stack([_read(files, hf_name, shape[1:], handles, None)
+                                     for hf_name in by_meta[name]])
+            continue
+        hf_name = by_meta[name][0]
         piece = shard.slice_of(name) if shard is not None else None
-        if piece is None:
-            tensor = handles[path].get_tensor(hf_name)
-        else:
-            index = [slice(None)] * piece.dim + [slice(piece.start, piece.start + piece.length)]
-            tensor = handles[path].get_slice(hf_name)[tuple(index)]
+        tensor = _read(files, hf_name, shape, handles, piece)
         if rope_heads(name, spec) is None:
             yield name, tensor
         else:  # whole heads: rows // head_dim (all of wq / wk, the rank's, a q/k norm's one)
             yield name, unpermute(tensor, tensor.shape[0] // spec.head_dim)
 
 
+def _read(files: dict[str, Path], hf_name: str, shape: torch.Size, handles: dict[Path, Any],
+          piece: Any) -> Tensor:
+    """One tensor (or the `piece`, a sharding Slice, of it), its shape checked first."""
+    path = files[hf_name]
+    if path not in handles:
+        handles[path] = _open(path)
+    try:
+        found = list(handles[path].get_slice(hf_name).get_shape())  # header only, no data
+    except SafetensorError:
+        raise InfermeterError(f"{path}: has no tensor {hf_name} "
+                              f"(listed there by {INDEX_FILE})") from None
+    if found != list(shape):
+        raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
+                              f"config.json implies {list(shape)}")
+    if piece is None:
+        return handles[path].get_tensor(hf_name)
+    index = [slice(None)] * piece.dim + [slice(piece.start, piece.start + piece.length)]
+    return handles[path].get_slice(hf_name)[tuple(index)]
+
+
 # ---- writer ----------------------------------------------------------------------------------
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}
+                  "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _whole(value: float | None) -> float | int | None:
@@ -242,9 +314,10 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
             (None, None, None):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express a "
                               "local RoPE base, query_pre_attn_scalar or logit soft-capping")
-    if spec.qk_norm != (spec.arch in ("qwen3", *GEMMA_ARCHS)):  # the model type says it
+    if spec.qk_norm != (spec.arch in ("qwen3", "qwen3_moe", *GEMMA_ARCHS)):  # the type says it
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qk_norm={spec.qk_norm}")
+    cfg.update(_moe_config(spec))
     if spec.sliding_window_layers:
         windows = set(spec.sliding_window_layers)
         cfg["sliding_window"] = spec.sliding_window
@@ -252,6 +325,28 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
         cfg["layer_types"] = ["sliding_attention" if i in windows else "full_attention"
                               for i in range(spec.n_layers)]
     return cfg
+
+
+def _moe_config(spec: ModelSpec) -> dict[str, object]:
+    """The expert fields of a Mixtral or Qwen3-MoE config.json; refuses what the type cannot say."""
+    if spec.arch not in _EXPERT_BLOCK:
+        if spec.is_moe:
+            raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
+                                  "experts")
+        return {}
+    if not spec.is_moe or spec.n_shared_experts or spec.n_dense_layers:
+        raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config needs routed "
+                              "experts only (no shared experts, no leading dense layers)")
+    cfg: dict[str, object] = {"num_experts_per_tok": spec.n_active_experts}
+    if spec.arch == "mixtral":
+        if spec.moe_dense_layers or not spec.norm_topk_prob or spec.moe_ffn_dim != spec.ffn_dim:
+            raise InfermeterError(f"model {spec.name}: an HF mixtral config has experts in "
+                                  "every layer, of intermediate_size, renormalised")
+        cfg["num_local_experts"] = spec.n_experts
+        return cfg
+    return {**cfg, "num_experts": spec.n_experts, "moe_intermediate_size": spec.moe_ffn_dim,
+            "norm_topk_prob": spec.norm_topk_prob, "decoder_sparse_step": 1,
+            "mlp_only_layers": list(spec.moe_dense_layers)}
 
 
 def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
@@ -268,6 +363,10 @@ def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
             continue
         heads = rope_heads(name, spec)
         tensor = tensor.detach().cpu()
+        if _stacked(name, tensor.shape, spec):  # one tensor per expert, as HF stores them
+            for expert, piece in enumerate(tensor):
+                tensors[expert_hf_name(name, expert, spec)] = piece.contiguous()
+            continue
         tensors[meta_to_hf_name(name, spec)] = (tensor if heads is None
                                           else permute(tensor, heads)).contiguous()
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")

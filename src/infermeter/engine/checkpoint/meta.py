@@ -173,6 +173,9 @@ def _ffn_fields(spec: ModelSpec) -> dict[str, Any]:
 def meta_params(spec: ModelSpec) -> dict[str, Any]:
     """params.json for a spec Meta's format can express (plain or llama3 RoPE, no bias/window)."""
     scaling = spec.rope_scaling
+    if spec.is_moe:
+        raise InfermeterError(f"model {spec.name}: Meta's params.json cannot express experts "
+                              f"({spec.arch}); save it in HF format")
     if spec.qk_norm:
         raise InfermeterError(f"model {spec.name}: Meta's params.json cannot express q/k norms "
                               f"({spec.arch}); save it in HF format")

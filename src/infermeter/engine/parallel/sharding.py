@@ -65,6 +65,9 @@ class ShardPlan:
         check_tp(spec, world)
         if not 0 <= self.rank < world:
             raise InfermeterError(f"rank {self.rank} is outside 0..{world - 1}")
+        if spec.is_moe and world > 1:
+            raise InfermeterError(f"model {spec.name}: tensor parallelism does not split "
+                                  "mixture-of-experts layers yet; run it with tp 1")
         sizes = {"model dim": spec.dim, "FFN size": spec.ffn_dim}
         if not spec.tie_embeddings:
             sizes["vocabulary"] = spec.vocab_size

@@ -1,0 +1,110 @@
+"""Mixture-of-experts FFN (Mixtral, Qwen3-MoE): a router and E SwiGLU experts stored stacked.
+
+Parameters (Meta-style names under the layer's feed_forward):
+  gate.weight  [E, dim]        the router (replicated under tensor parallelism)
+  w1.weight    [E, ffn, dim]   every expert's gate projection, stacked
+  w3.weight    [E, ffn, dim]   every expert's up projection
+  w2.weight    [E, dim, ffn]   every expert's down projection
+Routing (transformers' MixtralTopKRouter and Qwen3MoeTopKRouter): softmax over all E router
+logits in float32, the top k, renormalised over the k where spec.norm_topk_prob (Mixtral
+always), cast back to the activations' dtype.
+
+Two ways to run the experts, the same numbers:
+- gathered (few tokens: decode): index the stacked weights by the [N, k] routing ids and run one
+  batched product, so a step reads only the chosen experts' rows (N*k of them) and nothing
+  depends on the routing's values (static shapes, compiles with fullgraph=True);
+- grouped (prefill): sort the N*k (token, expert) pairs by expert, run each touched expert once
+  on its tokens, scatter back weighted (index_add_); the loop over touched experts syncs with
+  the host, which a long prefill amortises.
+`last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
+`touched_experts` turns it into the set a step read, for the roofline's byte count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infermeter.engine.linear import Linear
+
+# At most this many tokens go the gathered way: N*k expert matrices are copied out by the
+# indexing, which at batch 1 is k experts, and at prefill would be N*k (the grouped way reads
+# each touched expert once).
+GATHER_MAX_TOKENS = 8
+
+
+class StackedExperts(nn.Module):
+    """One weight [E, out, in] holding E experts' matrices of one projection."""
+
+    def __init__(self, n_experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int,
+                 renormalize: bool) -> None:
+        super().__init__()
+        self.n_experts, self.top_k, self.renormalize = n_experts, top_k, renormalize
+        self.gate = Linear(dim, n_experts, bias=False)
+        self.w1 = StackedExperts(n_experts, hidden, dim)
+        self.w3 = StackedExperts(n_experts, hidden, dim)
+        self.w2 = StackedExperts(n_experts, dim, hidden)
+        self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
+        self.gather_max_tokens = GATHER_MAX_TOKENS
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, dim]
+        weights, ids = self.route(flat)
+        self.last_experts = ids
+        if flat.shape[0] <= self.gather_max_tokens:
+            out = self.gathered(flat, weights, ids)
+        else:
+            out = self.grouped(flat, weights, ids)
+        return out.reshape(shape)
+
+    def gathered(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products."""
+        xs = x[:, None, :, None]  # [N, 1, dim, 1]
+        gate = (self.w1.weight[ids] @ xs).squeeze(-1)  # [N, k, ffn]
+        up = (self.w3.weight[ids] @ xs).squeeze(-1)
+        act = (F.silu(gate) * up).unsqueeze(-1)  # [N, k, ffn, 1]
+        down = (self.w2.weight[ids] @ act).squeeze(-1)  # [N, k, dim]
+        return (down * weights.unsqueeze(-1)).sum(dim=1)
+
+    def grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """Tokens sorted by expert; each touched expert runs once on its rows."""
+        flat_ids = ids.reshape(-1)  # [N*k]: pair p is token p // k's (p % k)-th choice
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        tokens = order // self.top_k
+        pair_weights = weights.reshape(-1)[order].unsqueeze(-1)  # [N*k, 1]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = tokens[start:start + count]
+            h = x[rows]  # [count, dim]
+            act = F.silu(h @ self.w1.weight[expert].T) * (h @ self.w3.weight[expert].T)
+            out.index_add_(0, rows, (act @ self.w2.weight[expert].T)
+                           * pair_weights[start:start + count])
+            start += count
+        return out
+
+
+def touched_experts(module: MoEFeedForward) -> Tensor:
+    """The distinct expert ids the module's last forward used (sorted, on its device)."""
+    if module.last_experts is None:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.unique(module.last_experts)

@@ -1,0 +1,205 @@
+"""Mixture-of-experts in the engine: Mixtral and Qwen3-MoE (engine/moe.py).
+
+Parity cases build a tiny random MixtralForCausalLM / Qwen3MoeForCausalLM (float32, eager
+attention), save it with save_pretrained and load the folder with the engine. The router is drawn
+wide (std 1) so that tokens really spread over the experts, and norm weights around 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.model import build_model
+from infermeter.engine.moe import MoEFeedForward, touched_experts
+from infermeter.engine.parallel.sharding import ShardPlan
+from infermeter.errors import InfermeterError
+from infermeter.specs.loaders import spec_from_hf_config
+from infermeter.specs.model import check_engine_arch
+from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
+from infermeter.specs.sizes import param_count
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "num_hidden_layers": 3, "vocab_size": VOCAB, "max_position_embeddings": 256,
+          "initializer_range": 0.1, "rope_theta": 1000000.0, "num_experts_per_tok": 2,
+          "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+MIXTRAL = {**COMMON, "intermediate_size": 96, "num_local_experts": 4}
+# Layer 1 dense (mlp_only_layers), head_dim 32 apart from 64 / 4, 8 experts of 48.
+QWEN3_MOE = {**COMMON, "intermediate_size": 96, "moe_intermediate_size": 48, "num_experts": 8,
+             "head_dim": 32, "mlp_only_layers": [1]}
+SPEC = PRESETS["debug"].with_updates(name="tiny-qwen3-moe", arch="qwen3_moe", head_dim=32,
+                                     qk_norm=True, norm_eps=1e-6, n_experts=8,
+                                     n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True)
+
+
+def _hf_model(folder, kind: str, norm_topk_prob: bool = True):
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(**MIXTRAL)
+        cls = transformers.MixtralForCausalLM
+    else:
+        config = transformers.Qwen3MoeConfig(**QWEN3_MOE, norm_topk_prob=norm_topk_prob)
+        cls = transformers.Qwen3MoeForCausalLM
+    model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+            elif name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] < 16:
+                param.normal_(0.0, 1.0)  # the router: spread tokens over experts
+    model.save_pretrained(folder)
+    return model
+
+
+def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    model.reset_cache()
+    length = prompt.shape[1]
+    logits = model(prompt, torch.arange(length))
+    tokens = [logits[:, -1].argmax(-1)]
+    for i in range(steps - 1):
+        tokens.append(model(tokens[-1][:, None], torch.tensor([length + i]))[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+@pytest.mark.parametrize("kind,norm_topk", [("mixtral", True), ("qwen3_moe", True),
+                                            ("qwen3_moe", False)])
+@torch.inference_mode()
+def test_logits_and_greedy_tokens_equal_transformers(kind: str, norm_topk: bool,
+                                                     tmp_path) -> None:
+    hf = _hf_model(tmp_path, kind, norm_topk)
+    model = load_model(tmp_path, max_batch_size=2, max_seq_len=64)
+    spec = model.spec
+    assert (spec.arch, spec.norm_topk_prob) == (kind, norm_topk)
+    moe = [isinstance(layer.feed_forward, MoEFeedForward) for layer in model.layers]
+    assert moe == ([True] * 3 if kind == "mixtral" else [True, False, True])
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    reference = hf(tokens).logits
+    ours = model(tokens, torch.arange(40))
+    assert (ours - reference).abs().max().item() < 1e-4
+    for length in (1, 5, 17):
+        prompt = tokens[:, :length]
+        expected = hf.generate(prompt, max_new_tokens=10, do_sample=False,
+                               min_new_tokens=10)[:, length:]
+        assert torch.equal(_greedy(model, prompt, 10), expected), length
+
+
+def _loop_over_experts(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """Reference: every expert on every token, weighted by the routing (zero where unrouted)."""
+    weights, ids = moe.route(x)
+    out = torch.zeros_like(x)
+    for e in range(moe.n_experts):
+        h = F.silu(x @ moe.w1.weight[e].T) * (x @ moe.w3.weight[e].T) @ moe.w2.weight[e].T
+        routed = (weights * (ids == e)).sum(-1, keepdim=True)  # [N, 1]
+        out += routed * h
+    return out
+
+
+@torch.inference_mode()
+def test_gathered_equals_grouped_equals_a_loop_over_experts() -> None:
+    model = build_model(SPEC, seed=3)
+    moe = model.layers[0].feed_forward
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)
+    for n in (1, 3, 8, 29):
+        x = torch.randn(n, SPEC.dim, generator=torch.Generator().manual_seed(n))
+        weights, ids = moe.route(x)
+        reference = _loop_over_experts(moe, x)
+        gathered, grouped = moe.gathered(x, weights, ids), moe.grouped(x, weights, ids)
+        assert (gathered - reference).abs().max().item() < 1e-5, n
+        assert (grouped - reference).abs().max().item() < 1e-5, n
+        # forward picks one of the two by size, and records the routing it used
+        assert torch.allclose(moe(x[None])[0], reference, atol=1e-5)
+        assert torch.equal(touched_experts(moe), torch.unique(ids))
+    assert touched_experts(moe).numel() > 2  # 29 tokens spread beyond one token's experts
+
+
+def test_compiled_decode_step_gives_eager_tokens() -> None:
+    model = build_model(SPEC, seed=2)
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
+    eager = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=5))
+    compiled = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=5,
+                                                                   compile=True))
+    assert compiled.output_token_ids == eager.output_token_ids
+
+
+def test_writer_round_trip_and_transformers_reads_it(tmp_path) -> None:
+    spec = SPEC.with_updates(moe_dense_layers=(1,))
+    source = build_model(spec, seed=4)
+    save_checkpoint(source, tmp_path, "hf")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert config["mlp_only_layers"] == [1] and config["num_experts"] == 8
+    loaded = load_weights(tmp_path)
+    assert loaded.spec == spec.with_updates(name=tmp_path.name)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        source.setup_cache(1, 16)
+        assert (source(tokens, torch.arange(12)) - hf(tokens).logits).abs().max().item() < 1e-4
+    with pytest.raises(InfermeterError, match="experts"):
+        save_checkpoint(source, tmp_path / "meta", "meta")
+
+
+def test_a_missing_expert_is_one_line(tmp_path) -> None:
+    _hf_model(tmp_path, "mixtral")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_local_experts"] = 5  # the files hold 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InfermeterError, match=r"missing tensor model\.layers\.0\.block_sparse_"
+                                              r"moe\.experts\.4\.w1\.weight \(and 8 more\)"):
+        load_weights(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_total_and_active_parameters_match_published(name: str) -> None:
+    total, active = PUBLISHED_PARAMS[name]
+    assert param_count(PRESETS[name]) == pytest.approx(total, rel=0.01)
+    assert param_count(PRESETS[name], active=True) == pytest.approx(active, rel=0.02)
+
+
+def test_published_config_gives_the_preset(tmp_path) -> None:
+    # Qwen/Qwen3-30B-A3B's config.json, the fields that shape the model.
+    published = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+        "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(published))
+    assert spec_from_hf_config(path).with_updates(name="qwen3-30b-a3b") == \
+        PRESETS["qwen3-30b-a3b"]
+    published["decoder_sparse_step"] = 2  # experts in layers 1, 3, 5, ...
+    path.write_text(json.dumps(published))
+    assert spec_from_hf_config(path).moe_dense_layers == tuple(range(0, 48, 2))
+
+
+def test_tensor_parallel_moe_is_refused_in_one_line() -> None:
+    with pytest.raises(InfermeterError) as err:
+        ShardPlan(PRESETS["mixtral-8x7b"], 0, 2)
+    assert "\n" not in str(err.value) and "tp 1" in str(err.value)
+
+
+def test_a_config_the_engine_cannot_run_is_one_line() -> None:
+    for name in ("mixtral-8x7b", "qwen3-30b-a3b"):
+        check_engine_arch(PRESETS[name])
+    with pytest.raises(InfermeterError) as err:
+        check_engine_arch(PRESETS["deepseek-v3"])
+    assert "\n" not in str(err.value) and "'deepseek_v3'" in str(err.value)
+    assert "qwen3_moe" in str(err.value)
