@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from cli_in_process import run_cli
 from infermeter.engine.generator import Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
@@ -25,6 +24,7 @@ from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.table import render_offload
 from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
 from infermeter.specs.presets import PRESETS
+from tests.cli_in_process import run_cli
 
 DEBUG = PRESETS["debug"]
 SPECS = {"gqa": DEBUG,

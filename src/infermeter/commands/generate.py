@@ -124,8 +124,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from infermeter.engine.devices import default_device
     from infermeter.engine.generator import GenerationConfig
-    from infermeter.generate.job import default_device, run_generate
+    from infermeter.generate.job import run_generate
     from infermeter.generate.request import EngineChoices, GenerateRequest, Timing
     from infermeter.generate.table import progress_bar, render_generate, render_outputs
     from infermeter.launch import is_rank_zero, relaunch_if_needed

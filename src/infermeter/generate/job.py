@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from infermeter.engine.devices import torch_device
 from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
@@ -30,12 +31,6 @@ if TYPE_CHECKING:
     from infermeter.generate.loop import Progress
 
 DEFAULT_PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916]  # a fixed prompt for tokenizer-less runs
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def find_tokenizer(request: GenerateRequest) -> Any:
@@ -199,16 +194,6 @@ def _weight_format(request: GenerateRequest, spec: Any) -> str | None:
     return facts.weight_format if facts else None
 
 
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
 def run_generate(request: GenerateRequest, env: dict[str, Any],
                  progress: Progress | None = None,
                  on_result: Callable[[Result], None] | None = None
@@ -222,7 +207,7 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     from infermeter.generate.loop import run_generation
     from infermeter.measure.roofline import measure_roofline
 
-    device = _device(request.device)
+    device = torch_device(request.device)
     dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
                                                      else "bfloat16")))
     kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype

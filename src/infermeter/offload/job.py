@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from infermeter.engine.devices import torch_device
 from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
 from infermeter.measure.result import Result
@@ -28,16 +29,6 @@ from infermeter.units import format_bytes
 
 # Timed items per case: the three ways and the two parts of (a) alone.
 TIMED = ("reload", "suffix_prefill", *WAYS)
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
@@ -121,7 +112,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     from infermeter.engine.generator import Generator
     from infermeter.specs.model import check_engine_arch
 
-    device = _device(request.device)
+    device = torch_device(request.device)
     dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
                                                      else "bfloat16")))
     kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype
