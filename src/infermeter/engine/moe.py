@@ -9,13 +9,17 @@ Routing (transformers' MixtralTopKRouter and Qwen3MoeTopKRouter): softmax over a
 logits in float32, the top k, renormalised over the k where spec.norm_topk_prob (Mixtral
 always), cast back to the activations' dtype.
 
-Two ways to run the experts, the same numbers:
-- gathered (few tokens: decode): index the stacked weights by the [N, k] routing ids and run one
-  batched product, so a step reads only the chosen experts' rows (N*k of them) and nothing
-  depends on the routing's values (static shapes, compiles with fullgraph=True);
-- grouped (prefill): sort the N*k (token, expert) pairs by expert, run each touched expert once
-  on its tokens, scatter back weighted (index_add_); the loop over touched experts syncs with
-  the host, which a long prefill amortises.
+Three ways to run the experts, the same numbers:
+- gathered (N*k <= E: batch-1 decode and small batches): index the stacked weights by the
+  [N, k] routing ids and run one batched product, so a step reads only the chosen experts'
+  matrices (N*k of them, at most E) and nothing depends on the routing's values (static shapes,
+  compiles with fullgraph=True);
+- grouped (more tokens, eager: prefill): sort the N*k (token, expert) pairs by expert, run each
+  touched expert once on its tokens, scatter back weighted (index_add_); the loop over touched
+  experts syncs with the host, which a long prefill amortises;
+- every expert (a compiled decode step of more tokens, fullgraph: no host sync): each expert on
+  every token, weighted by the [N, E] routing weights (zero where unrouted); reads every
+  expert once, as a batch whose union is near E does anyway.
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
 """
@@ -27,11 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infermeter.engine.linear import Linear
-
-# At most this many tokens go the gathered way: N*k expert matrices are copied out by the
-# indexing, which at batch 1 is k experts, and at prefill would be N*k (the grouped way reads
-# each touched expert once).
-GATHER_MAX_TOKENS = 8
+from infermeter.engine.opaque_ops import compiling
 
 
 class StackedExperts(nn.Module):
@@ -52,7 +52,6 @@ class MoEFeedForward(nn.Module):
         self.w3 = StackedExperts(n_experts, hidden, dim)
         self.w2 = StackedExperts(n_experts, dim, hidden)
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
-        self.gather_max_tokens = GATHER_MAX_TOKENS
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64)."""
@@ -67,8 +66,10 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, dim]
         weights, ids = self.route(flat)
         self.last_experts = ids
-        if flat.shape[0] <= self.gather_max_tokens:
+        if flat.shape[0] * self.top_k <= self.n_experts:
             out = self.gathered(flat, weights, ids)
+        elif compiling() and shape[-2] == 1:  # a compiled decode step: no host sync
+            out = self.every_expert(flat, weights, ids)
         else:
             out = self.grouped(flat, weights, ids)
         return out.reshape(shape)
@@ -81,6 +82,15 @@ class MoEFeedForward(nn.Module):
         act = (F.silu(gate) * up).unsqueeze(-1)  # [N, k, ffn, 1]
         down = (self.w2.weight[ids] @ act).squeeze(-1)  # [N, k, dim]
         return (down * weights.unsqueeze(-1)).sum(dim=1)
+
+    def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """Each expert on every token: [N, E, ffn] activations, weighted by [N, E] routing."""
+        routing = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+        routing = routing.scatter(1, ids, weights)  # [N, E]
+        gate = torch.einsum("nd,efd->nef", x, self.w1.weight)
+        up = torch.einsum("nd,efd->nef", x, self.w3.weight)
+        act = F.silu(gate) * up * routing.unsqueeze(-1)
+        return torch.einsum("nef,edf->nd", act, self.w2.weight)
 
     def grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Tokens sorted by expert; each touched expert runs once on its rows."""
