@@ -31,6 +31,7 @@ import torch
 
 from infermeter.engine.dtypes import dtype_name
 from infermeter.engine.model import Transformer
+from infermeter.engine.moe import MoEFeedForward, touched_experts
 from infermeter.errors import InfermeterError
 from infermeter.generate import memory
 from infermeter.generate.cases import Case
@@ -51,7 +52,8 @@ METRIC_NAMES = (
     "generation_time_s", "token_generation_speed", "decode_steps", "decode_time_ms", "warmup_s",
     "warmup_runs_s", "bytes_per_decode_step", "bytes_per_decode_step_static_cache",
     "decode_context_mean", "decode_context_range", "decode_gbps", "mbu_pct",
-    "decode_tok_per_s_roofline", "prefill_flops", "prefill_tflops", "mfu_pct",
+    "decode_tok_per_s_roofline", "moe_experts_per_step", "moe_experts_uniform",
+    "prefill_flops", "prefill_tflops", "mfu_pct",
     "hbm_gbps_measured", "matmul_tflops_measured", "peak_allocated_bytes", "peak_reserved_bytes",
     "process_gpu_memory_bytes", "gpu_memory_used_bytes", "prompt_tokens", "finished", "oom")
 
@@ -82,6 +84,9 @@ class CaseRun:
     describe: dict[str, Any]
     memory: dict[str, Any]
     breakdown: dict[str, Any] | None = None  # --trace: where one decode step's time goes
+    # MoE: per prompt group, the distinct experts a decode step touched per MoE layer (mean
+    # over the steps of a counting run after the timed ones; _count_experts)
+    experts: list[float | None] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -133,9 +138,38 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
         outputs.append(ids)
         progress.advance(f"{case.label}: run {index + 1}/{request.timing.repeats}")
     memory_now = memory.memory_metrics(device)  # the trace below must not count in the peaks
+    experts = _count_experts(model, runner, groups) if model.spec.is_moe else None
     traced = _trace(runner, groups[0], case, trace_path) if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
-                   memory_now, traced)
+                   memory_now, traced, experts)
+
+
+class ExpertCounter:
+    """A generate() hook: after each decode step, the distinct experts each MoE layer routed
+    that step's tokens to (moe.touched_experts: a host sync per step, so never in a timed run)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.layers = [layer.feed_forward for layer in model.layers
+                       if isinstance(layer.feed_forward, MoEFeedForward)]
+        self.per_step: list[float] = []  # mean over the MoE layers, one entry per decode step
+
+    def __call__(self, event: str, step: int) -> None:
+        if event == "decode" and self.layers:
+            touched = sum(touched_experts(moe).numel() for moe in self.layers)
+            self.per_step.append(touched / len(self.layers))
+
+
+def _count_experts(model: Transformer, runner: Any,
+                   groups: list[torch.Tensor]) -> list[float | None]:
+    """Per prompt group, one more run (untimed) counting the experts each decode step touched,
+    averaged over its steps; greedy decoding (or the seeded sampler) routes it as the timed runs
+    were routed. None where nothing was counted (no decode step, or a runner not the engine's)."""
+    out: list[float | None] = []
+    for tokens in groups:
+        counter = ExpertCounter(model)
+        runner.run(tokens, counter)
+        out.append(sum(counter.per_step) / len(counter.per_step) if counter.per_step else None)
+    return out
 
 
 def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any) -> dict[str, Any]:
@@ -150,30 +184,41 @@ def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any) -> dict[str
 
 
 def _decode_bytes(spec: ModelSpec, case: Case, runs: list[RunTiming], dtype: str, kv_dtype: str,
-                  tp: int) -> dict[str, Any]:
+                  tp: int, experts: list[float | None] | None = None) -> dict[str, Any]:
     """Bytes per decode step averaged over every step of every run (each step reads the KV of
-    its own context), the same for a read of the whole static cache, and the contexts."""
+    its own context), the same for a read of the whole static cache, and the contexts.
+    experts (MoE, per run): the experts a step touched per MoE layer, as counted; None: the
+    uniform-routing expectation stands in."""
     steps = sum(r.decode_steps for r in runs)
     if not steps:
         return {"bytes_per_decode_step": None, "bytes_per_decode_step_static_cache": None,
-                "decode_context_mean": None, "decode_context_range": None}
-    need = static = context = 0.0
-    for r in runs:
+                "decode_context_mean": None, "decode_context_range": None,
+                "moe_experts_per_step": None, "moe_experts_uniform": None}
+    need = static = context = counted = uniform = 0.0
+    for i, r in enumerate(runs):
         if not r.decode_steps:
             continue
+        touched = experts[i] if experts else None
         contexts = range(r.prompt_len + 1, r.prompt_len + r.decode_steps + 1)  # KV tokens read
         need += r.decode_steps * rl.mean_decode_step_bytes(spec, r.batch_size, contexts, dtype,
-                                                           kv_dtype, tp)
+                                                           kv_dtype, tp, touched)
         # hf sizes its static cache to prompt + new tokens; the engine to the case's cache_len
         cache = r.prompt_len + r.decode_steps + 1 if case.mode.startswith("hf") else case.cache_len
         static += r.decode_steps * rl.decode_step_bytes(spec, r.batch_size, cache, dtype,
-                                                        kv_dtype, tp)
+                                                        kv_dtype, tp, touched)
         context += sum(contexts)
+        if spec.is_moe:
+            uniform += r.decode_steps * rl.expected_experts(spec, r.batch_size)
+            counted += r.decode_steps * (rl.expected_experts(spec, r.batch_size)
+                                         if touched is None else touched)
     ranges = [(r.prompt_len + 1, r.prompt_len + r.decode_steps) for r in runs if r.decode_steps]
+    measured = spec.is_moe and bool(experts) and all(e is not None for e in experts)
     return {"bytes_per_decode_step": need / steps,
             "bytes_per_decode_step_static_cache": static / steps,
             "decode_context_mean": context / steps,
-            "decode_context_range": [min(a for a, _ in ranges), max(b for _, b in ranges)]}
+            "decode_context_range": [min(a for a, _ in ranges), max(b for _, b in ranges)],
+            "moe_experts_per_step": counted / steps if measured else None,
+            "moe_experts_uniform": uniform / steps if spec.is_moe else None}
 
 
 def roofline_metrics(model: Transformer, case: Case, run: CaseRun, tpot_p50: float | None,
@@ -181,7 +226,7 @@ def roofline_metrics(model: Transformer, case: Case, run: CaseRun, tpot_p50: flo
     """Decode bytes -> GB/s -> MBU; prefill FLOPs -> FLOP/s -> MFU (against this run's peaks)."""
     spec, dtype = model.spec, dtype_name(model.tok_embeddings.weight.dtype)
     runs = run.repeats[0]  # every repeat runs the same shapes
-    out = _decode_bytes(spec, case, runs, dtype, kv_dtype, tp)
+    out = _decode_bytes(spec, case, runs, dtype, kv_dtype, tp, run.experts)
     hbm = peaks.hbm_gbps if peaks else None
     step_bytes = out["bytes_per_decode_step"]
     gbps = rl.achieved_gbps(step_bytes, tpot_p50) if step_bytes else None

@@ -55,22 +55,28 @@ def expected_experts(spec: ModelSpec, batch_size: int) -> float:
     return e * (1.0 - (1.0 - k / e) ** batch_size)
 
 
-def decode_weight_params(spec: ModelSpec, batch_size: int) -> float:
-    """Parameters one decode step of B tokens reads (a float: the MoE term is an expectation)."""
+def decode_weight_params(spec: ModelSpec, batch_size: int,
+                         experts: float | None = None) -> float:
+    """Parameters one decode step of B tokens reads (a float: the MoE term is a mean).
+
+    experts (MoE): the distinct routed experts a step touched per MoE layer, as counted in the
+    steps (generate's count, averaged over steps and layers); None: the uniform-routing
+    expectation, expected_experts."""
     params: float = sizes.param_count(spec, active=True)
     if spec.is_moe:
         moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
         expert = 3 * spec.dim * spec.moe_ffn_dim
-        extra = expected_experts(spec, batch_size) - spec.n_active_experts
-        params += moe_layers * expert * extra
+        touched = expected_experts(spec, batch_size) if experts is None else experts
+        params += moe_layers * expert * (touched - spec.n_active_experts)
     if not spec.tie_embeddings:  # the lookup gathers B rows of the table, not all of it
         table = spec.vocab_size * spec.dim
         params += min(batch_size * spec.dim, table) - table
     return params
 
 
-def decode_weight_bytes(spec: ModelSpec, dtype: str, batch_size: int, tp: int = 1) -> int:
-    total = decode_weight_params(spec, batch_size) * dtype_bytes(dtype)
+def decode_weight_bytes(spec: ModelSpec, dtype: str, batch_size: int, tp: int = 1,
+                        experts: float | None = None) -> int:
+    total = decode_weight_params(spec, batch_size, experts) * dtype_bytes(dtype)
     if tp > 1:  # the share one rank holds, as kvsize splits matrices and replicates norms
         total *= sizes.weight_bytes_per_rank(spec, dtype, tp) / sizes.weight_bytes(spec, dtype)
     return round(total)
@@ -83,16 +89,17 @@ def decode_kv_bytes(spec: ModelSpec, batch_size: int, context: int, kv_dtype: st
 
 
 def decode_step_bytes(spec: ModelSpec, batch_size: int, context: int, dtype: str,
-                      kv_dtype: str, tp: int = 1) -> int:
-    return (decode_weight_bytes(spec, dtype, batch_size, tp)
+                      kv_dtype: str, tp: int = 1, experts: float | None = None) -> int:
+    return (decode_weight_bytes(spec, dtype, batch_size, tp, experts)
             + decode_kv_bytes(spec, batch_size, context, kv_dtype, tp))
 
 
 def mean_decode_step_bytes(spec: ModelSpec, batch_size: int, contexts: Iterable[int],
-                           dtype: str, kv_dtype: str, tp: int = 1) -> float:
+                           dtype: str, kv_dtype: str, tp: int = 1,
+                           experts: float | None = None) -> float:
     """Average over decode steps whose contexts (KV tokens read) are `contexts`."""
     contexts = list(contexts)
-    weights = decode_weight_bytes(spec, dtype, batch_size, tp)
+    weights = decode_weight_bytes(spec, dtype, batch_size, tp, experts)
     kv = sum(decode_kv_bytes(spec, batch_size, c, kv_dtype, tp) for c in contexts)
     return weights + kv / len(contexts)
 
