@@ -196,10 +196,15 @@ def test_published_config_gives_the_preset(tmp_path) -> None:
     assert spec_from_hf_config(path).moe_dense_layers == tuple(range(0, 48, 2))
 
 
-def test_tensor_parallel_moe_is_refused_in_one_line() -> None:
+def test_tensor_parallel_splits_every_experts_ffn() -> None:
+    """(tp 2 equals tp 1 on gloo: test_parallel.py's "moe" source.)"""
+    plan = ShardPlan(SPEC, 1, 2)
+    assert plan.slice_of("layers.0.feed_forward.w1.weight") == (1, 24, 24, 48)
+    assert plan.slice_of("layers.0.feed_forward.w2.weight") == (2, 24, 24, 48)
+    assert plan.slice_of("layers.0.feed_forward.gate.weight") is None  # the router: replicated
     with pytest.raises(InfermeterError) as err:
-        ShardPlan(PRESETS["mixtral-8x7b"], 0, 2)
-    assert "\n" not in str(err.value) and "tp 1" in str(err.value)
+        ShardPlan(SPEC.with_updates(moe_ffn_dim=50), 0, 4)
+    assert "\n" not in str(err.value) and "expert FFN size" in str(err.value)
 
 
 def test_a_config_the_engine_cannot_run_is_one_line() -> None:

@@ -47,6 +47,8 @@ SPECS = {
                                  tie_embeddings=True, sliding_window=5, sliding_window_layers=(0,),
                                  norms_per_layer=4, rope_local_theta=10000.0,
                                  query_pre_attn_scalar=24.0, final_logit_softcap=30.0),
+    # Mixtral: 4 experts of 176 a layer, 2 per token; each rank holds every expert's half.
+    "moe": DEBUG.with_updates(arch="mixtral", n_experts=4, n_active_experts=2, moe_ffn_dim=176),
 }
 WIDE = DEBUG.with_updates(name="wide", n_heads=8, n_kv_heads=2, head_dim=8)  # tp 4 > 2 KV heads
 
@@ -96,7 +98,7 @@ def test_tp_must_match_the_processes_torchrun_started(monkeypatch) -> None:
 
 # ---- loading each rank's shard (one process, no process group) --------------------------------
 @pytest.mark.parametrize("name,world", [("gqa", 2), ("mqa", 2), ("tied-bias", 2), ("gqa", 4),
-                                        ("window", 4)])
+                                        ("window", 4), ("moe", 2)])
 def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
     spec = SPECS[name]
     full = load_weights(spec, seed=3)
@@ -176,7 +178,7 @@ def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files
         assert_slices_of(full, shard, shard.shard_plan)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3", "gemma3", "moe"])
 def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> None:
     spec = SPECS[name]
     save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)
@@ -199,7 +201,9 @@ def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> No
         whole_reads.clear()
         shard = load_weights(tmp_path, parallel=parallel)
         assert_slices_of(full, shard, shard.shard_plan)
-        assert whole_reads and all(n.endswith("norm.weight") for n in whole_reads), whole_reads
+        # norms and MoE routers are replicated; everything else (experts too) is sliced
+        assert whole_reads and all(n.endswith(("norm.weight", ".gate.weight"))
+                                   for n in whole_reads), whole_reads
 
 
 # ---- gloo ranks -------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
                "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3"),
                "hf-gemma3": str(tmp_path / "gemma3")}
     results = run_ranks(compare_with_tp1, 2, sources,
-                        ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3"))
+                        ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3", "moe"))
     _check_ranks(results, 2)
     assert set(results[0]) == set(sources)
 

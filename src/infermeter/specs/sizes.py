@@ -125,7 +125,7 @@ def weight_bytes(spec: ModelSpec, dtype: str, active: bool = False) -> int:
 
 
 def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
-    """Weights one rank holds: matrices split tp ways, norms replicated.
+    """Weights one rank holds: matrices split tp ways, norms and MoE routers replicated.
 
     KV projections are replicated with their heads when tp > n_kv_heads, so a rank holds
     ceil(n_kv_heads / tp) heads' worth of wk and wv.
@@ -134,12 +134,14 @@ def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
     if tp == 1:
         return weight_bytes(spec, dtype)
     norms = _layer_norm_params(spec) * spec.n_layers + spec.dim
-    total = param_count(spec) - norms
+    # MoE routers [E, dim] are replicated too (every rank routes its tokens alike)
+    routers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers)) * spec.dim * spec.n_experts
+    total = param_count(spec) - norms - routers
     extra_kv = 0
     if not spec.is_mla and tp > spec.n_kv_heads:
         kv_params = 2 * spec.dim * spec.n_kv_heads * spec.head_dim
         extra_kv = spec.n_layers * kv_params * (tp // spec.n_kv_heads - 1) // tp
-    return (math.ceil(total / tp) + extra_kv + norms) * dtype_bytes(dtype)
+    return (math.ceil(total / tp) + extra_kv + norms + routers) * dtype_bytes(dtype)
 
 
 # ---- what fits -------------------------------------------------------------------------------

@@ -236,7 +236,9 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     handles: dict[Path, Any] = {}
     for name, shape in expected.items():
         if _stacked(name, shape, spec):  # E expert files -> one [E, out, in] tensor
-            yield name, torch.stack([_read(files, hf_name, shape[1:], handles, None)
+            piece = shard.slice_of(name) if shard is not None else None
+            part = None if piece is None else piece._replace(dim=piece.dim - 1)  # one expert's
+            yield name, torch.stack([_read(files, hf_name, shape[1:], handles, part)
                                      for hf_name in by_meta[name]])
             continue
         hf_name = by_meta[name][0]

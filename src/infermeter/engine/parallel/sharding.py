@@ -12,6 +12,9 @@ Layout (Megatron-LM / Meta's fairscale layers; gpt-fast's tp.py), rank r of tp r
   output tied to the embedding    the embedding's shard [V, dim/tp] times the rank's features of
                                   h; the partial logits [B, T, V] are all-reduced
   norms, RoPE tables              replicated
+  MoE: experts' w1, w3 [E, ffn, dim] rows split (dim 1), w2 [E, dim, ffn] columns (dim 2): every
+  rank holds every expert's slice, like a dense FFN; the router is replicated, so every rank
+  routes alike, and the MoE block's output is all-reduced as w2's is
 Embedding and output are split rather than replicated (gpt-fast replicates them) because that is
 exactly how Meta's checkpoints are split, so a checkpoint with tp shards loads one file per rank
 with no merge; it is also what kvsize.weight_bytes_per_rank counts, and Llama-2-13B's output
@@ -37,8 +40,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from infermeter.engine.linear import Linear
-from infermeter.engine.model import Transformer, add_then_norm
+from infermeter.engine.model import FeedForward, Transformer, add_then_norm
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import ModelSpec
 from infermeter.specs.sizes import check_tp, kv_heads_per_rank
@@ -65,10 +67,9 @@ class ShardPlan:
         check_tp(spec, world)
         if not 0 <= self.rank < world:
             raise InfermeterError(f"rank {self.rank} is outside 0..{world - 1}")
-        if spec.is_moe and world > 1:
-            raise InfermeterError(f"model {spec.name}: tensor parallelism does not split "
-                                  "mixture-of-experts layers yet; run it with tp 1")
         sizes = {"model dim": spec.dim, "FFN size": spec.ffn_dim}
+        if spec.is_moe:
+            sizes["expert FFN size"] = spec.moe_ffn_dim
         if not spec.tie_embeddings:
             sizes["vocabulary"] = spec.vocab_size
         bad = [f"{n} {what}" for what, n in sizes.items() if n % world]
@@ -108,7 +109,16 @@ class ShardPlan:
             "output": (1, r * d, d, spec.dim) if spec.tie_embeddings
             else (0, r * v, v, spec.vocab_size),
         }
+        if module in ("w1", "w3", "w2") and self._experts(name):  # [E, ffn, dim] / [E, dim, ffn]
+            fe = spec.moe_ffn_dim // self.world
+            return Slice(2 if module == "w2" else 1, r * fe, fe, spec.moe_ffn_dim)
         return Slice(*table[module]) if module in table else None
+
+    def _experts(self, name: str) -> bool:
+        """Whether `name` is an MoE layer's stacked experts ('layers.3.feed_forward.w1.weight')."""
+        parts = name.split(".")
+        return len(parts) > 3 and parts[0] == "layers" and parts[2] == "feed_forward" and \
+            self.spec.is_moe_layer(int(parts[1]))
 
     def narrow(self, name: str, tensor: Tensor) -> Tensor:
         """The rank's slice of the full tensor `name` (a view; replicated tensors as they are)."""
@@ -181,15 +191,18 @@ class Collectives:
         return add_then_norm(residual, all_reduce(delta, self.group), norm)
 
 
-def row_parallel_sites(model: Transformer) -> list[tuple[int, Linear, nn.Module]]:
+def row_parallel_sites(model: Transformer) -> list[tuple[int, nn.Module, nn.Module]]:
     """(site, layer, norm after it) for every row-parallel layer, in forward order: layer i's
     wo is site 2i (its ffn_norm follows), its w2 site 2i + 1 (the next layer's attention_norm
-    follows, or the final norm). The one numbering of the all-reduce call sites."""
+    follows, or the final norm); an MoE layer's whole block is its site 2i + 1 (its experts'
+    w2 partial sums, already weighted, leave the block unreduced). The one numbering of the
+    all-reduce call sites."""
     following = [layer.attention_norm for layer in model.layers[1:]] + [model.norm]
     sites = []
     for i, layer in enumerate(model.layers):
+        ffn = layer.feed_forward
         sites.append((2 * i, layer.attention.wo, layer.ffn_norm))
-        sites.append((2 * i + 1, layer.feed_forward.w2, following[i]))
+        sites.append((2 * i + 1, ffn.w2 if isinstance(ffn, FeedForward) else ffn, following[i]))
     return sites
 
 
