@@ -19,6 +19,7 @@ from infermeter.engine.model import build_model
 from infermeter.engine.moe import MoEFeedForward, touched_experts
 from infermeter.engine.parallel.sharding import ShardPlan
 from infermeter.errors import InfermeterError
+from infermeter.generate.memory import case_memory
 from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
@@ -205,6 +206,17 @@ def test_tensor_parallel_splits_every_experts_ffn() -> None:
     with pytest.raises(InfermeterError) as err:
         ShardPlan(SPEC.with_updates(moe_ffn_dim=50), 0, 4)
     assert "\n" not in str(err.value) and "expert FFN size" in str(err.value)
+
+
+def test_the_fit_check_counts_the_gathered_experts() -> None:
+    mixtral = PRESETS["mixtral-8x7b"]  # 2 of 8 experts, each 3 x 4096 x 14336
+    parts = case_memory(mixtral, 1, 16, 256, "bfloat16", "bfloat16", "compiled")
+    assert parts["gathered expert weights"] == 2 * 3 * 4096 * 14336 * 2
+    assert case_memory(mixtral, 4, 16, 256, "bfloat16", "bfloat16", "compiled", tp=2)[
+        "gathered expert weights"] == 8 * 3 * 4096 * 14336  # 8 experts, half on each rank
+    # 5 x 2 pairs > 8 experts: a step runs every expert (compiled) or groups (eager)
+    assert "gathered expert weights" not in case_memory(mixtral, 5, 16, 256, "bfloat16",
+                                                        "bfloat16", "compiled")
 
 
 def test_a_config_the_engine_cannot_run_is_one_line() -> None:

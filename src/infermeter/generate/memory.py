@@ -5,11 +5,12 @@ The fit check adds what is certain to be allocated: the weights (sizes.weight_by
 the KV cache of the case (sizes.kv_cache_bytes at its cache length) and the prefill's largest
 activations (logits for every prompt position in the model dtype and in float32, and the FFN's
 three [B, T, ffn] tensors), every prompt as an int64 tensor, and, in host memory, the prompt and
-output ids the run keeps in Python lists (8 bytes an id at least). It reads sizes only, so a huge
-batch is refused before its prompts exist (cases.Rows). The hf mode adds its copies of wq and
-wk (HF orders their rows for rotate_half RoPE, so they cannot share our tensors); its static
-cache replaces ours, which is released first. Free memory is torch.cuda.mem_get_info on a GPU
-and MemAvailable on the host.
+output ids the run keeps in Python lists (8 bytes an id at least), and for an MoE model decoding
+B x k <= E routed pairs a step, the experts' weights the gathered way copies out (one layer's).
+It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
+mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
+share our tensors); its static cache replaces ours, which is released first. Free memory is
+torch.cuda.mem_get_info on a GPU and MemAvailable on the host.
 Anything else (CUDA-graph pools, allocator slack, attention workspaces) is not estimated: a case
 that still runs out of memory is caught and recorded as such (is_oom).
 """
@@ -36,6 +37,13 @@ def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
     return logits + ffn
 
 
+def gathered_expert_bytes(spec: ModelSpec, batch_size: int, dtype: str) -> int:
+    """An MoE decode step of B tokens with B x k <= E experts (engine/moe.py's gathered way)
+    copies out each token's k experts' w1, w3 and w2 (one layer at a time)."""
+    return batch_size * spec.n_active_experts * 3 * spec.dim * spec.moe_ffn_dim * \
+        dtype_bytes(dtype)
+
+
 def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
     """The permuted wq and wk (weights and biases) the hf mode holds beside the engine's."""
     rows = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
@@ -53,6 +61,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
                                                              dtype) // tp}
     if mode.startswith("hf"):
         parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
+    if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts:
+        parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
     if uses_peer_buffer(tp, all_reduce):
         parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
     return parts
