@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infermeter.cli import main
 from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
@@ -20,6 +21,7 @@ from infermeter.engine.moe import MoEFeedForward, touched_experts
 from infermeter.engine.parallel.sharding import ShardPlan
 from infermeter.errors import InfermeterError
 from infermeter.generate.memory import case_memory
+from infermeter.measure.trace import weight_bytes as trace_weight_bytes
 from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
@@ -206,6 +208,28 @@ def test_tensor_parallel_splits_every_experts_ffn() -> None:
     with pytest.raises(InfermeterError) as err:
         ShardPlan(SPEC.with_updates(moe_ffn_dim=50), 0, 4)
     assert "\n" not in str(err.value) and "expert FFN size" in str(err.value)
+
+
+def test_trace_weight_bytes_leave_the_stacked_experts_out() -> None:
+    """--trace's per-projection GB/s divides a projection's bytes by its time: an MoE layer's
+    experts are not read whole, nor timed in the gate_up / down ranges."""
+    spec = SPEC.with_updates(moe_dense_layers=(1,))
+    dense = build_model(spec, seed=0).layers[1].feed_forward
+    assert trace_weight_bytes(build_model(spec, seed=0))["gate_up"] == \
+        dense.w1.weight.nbytes + dense.w3.weight.nbytes
+
+
+def test_trace_puts_the_moe_blocks_time_in_its_own_category(tmp_path) -> None:
+    save_checkpoint(build_model(SPEC.with_updates(moe_dense_layers=(1,)), seed=0),
+                    tmp_path / "model", "hf")
+    out = tmp_path / "results.jsonl"
+    assert main(["generate", "--model", str(tmp_path / "model"), "--device", "cpu",
+                 "--max-new-tokens", "10", "--repeats", "1", "--warmup", "0", "--no-roofline",
+                 "--trace", str(tmp_path / "trace"), "--output", str(out), "--json"]) == 0
+    rows = {row["name"]: row for row in
+            json.loads(out.read_text().splitlines()[0])["metrics"]["breakdown"]["categories"]}
+    assert rows["MoE experts"]["time_ms"] > 0 and rows["MoE experts"]["gbps"] is None
+    assert rows["matmul gate_up"]["time_ms"] > 0  # layer 1's dense FFN keeps its ranges
 
 
 def test_the_fit_check_counts_the_gathered_experts() -> None:

@@ -43,6 +43,8 @@ class StackedExperts(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
+    trace_label = "experts"  # --trace's range around the whole block (router, experts)
+
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int,
                  renormalize: bool) -> None:
         super().__init__()

@@ -11,7 +11,8 @@ Method (docs/usage.md, "Where the time goes"):
    and every figure is CPU op time, labelled so.
 3. Category: the innermost `im/<label>` range around the launch (GPU) or the op (CPU). nvtx.py
    puts those ranges around each projection module in eager mode (qkv = wq+wk+wv, o = wo,
-   gate_up = w1+w3, down = w2, lm_head = output), the norms, attention and the model; work in the
+   gate_up = w1+w3, down = w2, lm_head = output; an MoE block whole: "MoE experts", its router,
+   its experts' products and activation, no GB/s), the norms, attention and the model; work in the
    step outside the model is sampling. Inside attention, elementwise work (mul, cat, neg...) is
    rotary. Without labels (compiled mode: one fused graph; foreign traces) the kernel name decides
    (gemm -> matmul, flash / sdpa -> attention, nccl -> all-reduce, ...). All-reduce is always
@@ -41,7 +42,7 @@ STEP = PREFIX + "decode_step"
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 CATEGORIES = tuple(f"matmul {p}" for p in PROJECTIONS) + (
-    "matmul (unattributed)", "attention", "norms & rotary", "sampling", "all-reduce",
+    "matmul (unattributed)", "MoE experts", "attention", "norms & rotary", "sampling", "all-reduce",
     "memcpy / memset", "other (residual, activation, embedding)", "gaps (idle)")
 # NCCL's kernels, c10d's ops, and peer_all_reduce.py's (whose fused kernel also does the residual
 # add and the norm after the all-reduce: counted here, as the all-reduce is most of its time)
@@ -113,6 +114,8 @@ def _category(name: str, label: str | None, cat: str) -> str:
         return "memcpy / memset"
     if label in PROJECTIONS:
         return f"matmul {label}"
+    if label == "experts":  # an MoE block: router, expert products and their activation
+        return "MoE experts"
     if label == "norm":
         return "norms & rotary"
     if label == "attention":

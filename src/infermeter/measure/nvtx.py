@@ -88,7 +88,8 @@ def install_layer_ranges(model: Any) -> list[Any]:
     Eager mode only: never call it on a model about to run compiled."""
     handles = []
     for name, module in model.named_modules():
-        label = MODULE_LABELS.get(name.rsplit(".", 1)[-1])
+        # a module may name its own range (the MoE block: its experts are not called modules)
+        label = getattr(module, "trace_label", None) or MODULE_LABELS.get(name.rsplit(".", 1)[-1])
         if name == "":
             label = "model"
         if label is None:

@@ -83,7 +83,10 @@ def weight_bytes(model: Any) -> dict[str, int]:
     for name, module in model.named_modules():
         label = nvtx.MODULE_LABELS.get(name.rsplit(".", 1)[-1])
         weight = getattr(module, "weight", None)
-        if label in ("qkv", "o", "gate_up", "down", "lm_head") and weight is not None:
+        # an MoE layer's stacked experts [E, ...]: not read whole by a step (the routing picks),
+        # and not inside a labelled range, so their time is "matmul (unattributed)"
+        if label in ("qkv", "o", "gate_up", "down", "lm_head") and weight is not None \
+                and weight.dim() == 2:
             out[label] = out.get(label, 0) + weight.nbytes
     return out
 
