@@ -23,6 +23,7 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import RopeScaling
 from infermeter.specs.presets import PRESETS
 from infermeter.specs.sizes import kv_cache_bytes, param_count
+from tests.hf_reference import greedy_through_cache, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,28 +46,16 @@ SPEC = PRESETS["debug"].with_updates(
     final_logit_softcap=30.0)
 
 
+def _spread_gemma_norms(name: str, param: torch.nn.Parameter) -> None:
+    if "norm" in name:  # stored as w, applied as 1 + w: drawn around 0, not left at it
+        param.normal_(0.0, 0.1)
+
+
 def _hf_gemma3(folder, softcap: float | None):
-    torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(**CONFIG, final_logit_softcapping=softcap)
-    model = transformers.Gemma3ForCausalLM._from_config(
-        config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0, 0.1)
-    model.save_pretrained(folder)
-    return model
+    return tiny_hf_model(folder, config, transformers.Gemma3ForCausalLM, _spread_gemma_norms)
 
 
-def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Prefill the prompt in one call, then decode one token at a time through the cache."""
-    model.reset_cache()
-    length = prompt.shape[1]
-    logits = model(prompt, torch.arange(length))
-    tokens = [logits[:, -1].argmax(-1)]
-    for i in range(steps - 1):
-        tokens.append(model(tokens[-1][:, None], torch.tensor([length + i]))[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)
 
 
 def _spread_norms(model, gen: torch.Generator) -> None:
@@ -97,7 +86,7 @@ def test_logits_and_greedy_tokens_equal_transformers(softcap, tmp_path) -> None:
         prompt = tokens[:, :length]
         expected = hf.generate(prompt, max_new_tokens=12, do_sample=False,
                                min_new_tokens=12)[:, length:]
-        assert torch.equal(_greedy(model, prompt, 12), expected), length
+        assert torch.equal(greedy_through_cache(model, prompt, 12), expected), length
 
 
 def test_compiled_decode_step_gives_eager_tokens() -> None:

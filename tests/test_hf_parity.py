@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from infermeter.engine.checkpoint.load import load_model
+from tests.hf_reference import greedy_through_cache, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,32 +35,19 @@ CASES = {
 }
 
 
+def _spread(name: str, param: torch.nn.Parameter) -> None:
+    if "norm" in name:
+        param.normal_(1.0, 0.1)
+    elif name.endswith("bias"):
+        param.normal_(0.0, 0.1)
+
+
 def _hf_model(case: str, tmp_path):
     config_cls, model_cls, extra = CASES[case]
-    torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**COMMON, **extra})
-    model = getattr(transformers, model_cls)._from_config(
-        config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    model.save_pretrained(tmp_path)
-    return model
+    return tiny_hf_model(tmp_path, config, getattr(transformers, model_cls), _spread)
 
 
-def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Prefill the prompt in one call, then decode one token at a time through the cache."""
-    model.reset_cache()
-    length = prompt.shape[1]
-    logits = model(prompt, torch.arange(length))
-    tokens = [logits[:, -1].argmax(-1)]
-    for i in range(steps - 1):
-        pos = torch.tensor([length + i])
-        tokens.append(model(tokens[-1][:, None], pos)[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -84,4 +72,4 @@ def test_logits_and_greedy_match_transformers(case: str, tmp_path) -> None:
     prompt, steps = tokens[:, :10], 20  # 10 + 20 > window 6: the ring buffer wraps
     expected = hf.generate(prompt, max_new_tokens=steps, do_sample=False,
                            min_new_tokens=steps)[:, prompt.shape[1]:]
-    assert torch.equal(_greedy(model, prompt, steps), expected)
+    assert torch.equal(greedy_through_cache(model, prompt, steps), expected)

@@ -26,6 +26,7 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
 from infermeter.specs.sizes import param_count
+from tests.hf_reference import greedy_through_cache, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,33 +44,21 @@ SPEC = PRESETS["debug"].with_updates(name="tiny-qwen3-moe", arch="qwen3_moe", he
                                      n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True)
 
 
+def _spread(name: str, param: torch.nn.Parameter) -> None:
+    if "norm" in name:
+        param.normal_(1.0, 0.1)
+    elif name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] < 16:
+        param.normal_(0.0, 1.0)  # the router: spread tokens over experts
+
+
 def _hf_model(folder, kind: str, norm_topk_prob: bool = True):
-    torch.manual_seed(0)
     if kind == "mixtral":
-        config = transformers.MixtralConfig(**MIXTRAL)
-        cls = transformers.MixtralForCausalLM
-    else:
-        config = transformers.Qwen3MoeConfig(**QWEN3_MOE, norm_topk_prob=norm_topk_prob)
-        cls = transformers.Qwen3MoeForCausalLM
-    model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-            elif name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] < 16:
-                param.normal_(0.0, 1.0)  # the router: spread tokens over experts
-    model.save_pretrained(folder)
-    return model
+        return tiny_hf_model(folder, transformers.MixtralConfig(**MIXTRAL),
+                             transformers.MixtralForCausalLM, _spread)
+    config = transformers.Qwen3MoeConfig(**QWEN3_MOE, norm_topk_prob=norm_topk_prob)
+    return tiny_hf_model(folder, config, transformers.Qwen3MoeForCausalLM, _spread)
 
 
-def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    model.reset_cache()
-    length = prompt.shape[1]
-    logits = model(prompt, torch.arange(length))
-    tokens = [logits[:, -1].argmax(-1)]
-    for i in range(steps - 1):
-        tokens.append(model(tokens[-1][:, None], torch.tensor([length + i]))[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)
 
 
 @pytest.mark.parametrize("kind,norm_topk", [("mixtral", True), ("qwen3_moe", True),
@@ -91,7 +80,7 @@ def test_logits_and_greedy_tokens_equal_transformers(kind: str, norm_topk: bool,
         prompt = tokens[:, :length]
         expected = hf.generate(prompt, max_new_tokens=10, do_sample=False,
                                min_new_tokens=10)[:, length:]
-        assert torch.equal(_greedy(model, prompt, 10), expected), length
+        assert torch.equal(greedy_through_cache(model, prompt, 10), expected), length
 
 
 def _loop_over_experts(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:

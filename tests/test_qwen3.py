@@ -21,6 +21,7 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS
 from infermeter.specs.sizes import param_count
+from tests.hf_reference import greedy_through_cache, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,28 +36,16 @@ SPEC = PRESETS["debug"].with_updates(name="tiny-qwen3", arch="qwen3", head_dim=3
                                      norm_eps=1e-6, rope_theta=1000000.0)
 
 
+def _spread_norms(name: str, param: torch.nn.Parameter) -> None:
+    if "norm" in name:  # away from 1: a norm used in the wrong place shows in the logits
+        param.normal_(1.0, 0.1)
+
+
 def _hf_qwen3(folder, tie: bool = False):
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(**CONFIG, tie_word_embeddings=tie)
-    model = transformers.Qwen3ForCausalLM._from_config(
-        config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
-    model.save_pretrained(folder)
-    return model
+    return tiny_hf_model(folder, transformers.Qwen3Config(**CONFIG, tie_word_embeddings=tie),
+                         transformers.Qwen3ForCausalLM, _spread_norms)
 
 
-def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Prefill the prompt in one call, then decode one token at a time through the cache."""
-    model.reset_cache()
-    length = prompt.shape[1]
-    logits = model(prompt, torch.arange(length))
-    tokens = [logits[:, -1].argmax(-1)]
-    for i in range(steps - 1):
-        tokens.append(model(tokens[-1][:, None], torch.tensor([length + i]))[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -76,7 +65,7 @@ def test_logits_and_greedy_tokens_equal_transformers(tie: bool, tmp_path) -> Non
         prompt = tokens[:, :length]
         expected = hf.generate(prompt, max_new_tokens=12, do_sample=False,
                                min_new_tokens=12)[:, length:]
-        assert torch.equal(_greedy(model, prompt, 12), expected), length
+        assert torch.equal(greedy_through_cache(model, prompt, 12), expected), length
 
 
 def test_compiled_decode_step_gives_eager_tokens() -> None:

@@ -1,0 +1,38 @@
+"""What the engine's parity tests against transformers share: a tiny random transformers model
+written as a checkpoint, and greedy decoding through the engine's KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def tiny_hf_model(folder: Path, config: Any, model_class: Any,
+                  spread: Callable[[str, torch.nn.Parameter], None] | None = None) -> Any:
+    """transformers' `model_class` for `config`, float32 eager attention, seed 0; `spread` may
+    redraw parameters by name (norm weights away from their identity, routers, biases) so a
+    wrong use of them shows; saved to `folder` and returned."""
+    torch.manual_seed(0)
+    model = model_class._from_config(config, attn_implementation="eager",
+                                     dtype=torch.float32).eval()
+    if spread is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                spread(name, param)
+    model.save_pretrained(folder)
+    return model
+
+
+def greedy_through_cache(model: Any, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Prefill the prompt [B, T] in one call, then decode one token at a time through the cache:
+    the greedy tokens [B, steps]."""
+    model.reset_cache()
+    length = prompt.shape[1]
+    logits = model(prompt, torch.arange(length))
+    tokens = [logits[:, -1].argmax(-1)]
+    for i in range(steps - 1):
+        tokens.append(model(tokens[-1][:, None], torch.tensor([length + i]))[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
