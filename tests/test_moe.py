@@ -26,7 +26,7 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS, PUBLISHED_PARAMS
 from infermeter.specs.sizes import param_count
-from tests.hf_reference import greedy_through_cache, tiny_hf_model
+from tests.hf_reference import assert_matches_transformers, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,15 +72,7 @@ def test_logits_and_greedy_tokens_equal_transformers(kind: str, norm_topk: bool,
     assert (spec.arch, spec.norm_topk_prob) == (kind, norm_topk)
     moe = [isinstance(layer.feed_forward, MoEFeedForward) for layer in model.layers]
     assert moe == ([True] * 3 if kind == "mixtral" else [True, False, True])
-    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
-    reference = hf(tokens).logits
-    ours = model(tokens, torch.arange(40))
-    assert (ours - reference).abs().max().item() < 1e-4
-    for length in (1, 5, 17):
-        prompt = tokens[:, :length]
-        expected = hf.generate(prompt, max_new_tokens=10, do_sample=False,
-                               min_new_tokens=10)[:, length:]
-        assert torch.equal(greedy_through_cache(model, prompt, 10), expected), length
+    assert_matches_transformers(model, hf, VOCAB, 10)
 
 
 def _loop_over_experts(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:

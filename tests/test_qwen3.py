@@ -21,7 +21,7 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS
 from infermeter.specs.sizes import param_count
-from tests.hf_reference import greedy_through_cache, tiny_hf_model
+from tests.hf_reference import assert_matches_transformers, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,15 +57,7 @@ def test_logits_and_greedy_tokens_equal_transformers(tie: bool, tmp_path) -> Non
     assert (spec.arch, spec.qk_norm, spec.head_dim, spec.tie_embeddings) == \
         ("qwen3", True, 32, tie)
     assert model.layers[0].attention.q_norm.weight.shape == (32,)
-    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
-    reference = hf(tokens).logits
-    ours = model(tokens, torch.arange(40))
-    assert (ours - reference).abs().max().item() < 1e-4
-    for length in (1, 5, 17):
-        prompt = tokens[:, :length]
-        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False,
-                               min_new_tokens=12)[:, length:]
-        assert torch.equal(greedy_through_cache(model, prompt, 12), expected), length
+    assert_matches_transformers(model, hf, VOCAB, 12)
 
 
 def test_compiled_decode_step_gives_eager_tokens() -> None:
