@@ -105,6 +105,26 @@ def test_sampling_is_seeded():
     assert first["config"]["greedy"] is False
 
 
+def test_a_chunked_prefill_gives_the_same_tokens_and_is_recorded():
+    """--prefill-chunk runs a 10-token prompt as forwards of 4, 4 and 2 tokens: the same greedy
+    tokens as one forward, the chunk in the Result, and a fit check that counts one chunk's
+    activations rather than the whole prompt's."""
+    from infermeter.generate.memory import case_memory
+    from infermeter.specs.presets import PRESETS
+
+    args = ("--model", "debug", "--device", "cpu", "--prompt-len", "10", "--max-new-tokens", "5",
+            "--repeats", "1", "--warmup", "0", "--no-roofline", "--json")
+    whole = generate_json(*args)
+    chunked = generate_json(*args, "--prefill-chunk", "4")
+    assert chunked["output_token_ids"] == whole["output_token_ids"]
+    assert (chunked["config"]["prefill_chunk"], whole["config"]["prefill_chunk"]) == (4, None)
+    spec = PRESETS["llama-2-7b"]
+    one = case_memory(spec, 1, 8192, 8192, "bf16", "bf16", "compiled")
+    chunk = case_memory(spec, 1, 8192, 8192, "bf16", "bf16", "compiled", prefill_chunk=512)
+    assert chunk["prefill activations"] * 16 == one["prefill activations"]
+    assert run(*args, "--prefill-chunk", "0").returncode == 2
+
+
 def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     args = ("--model", "debug", "--device", "cpu", "--max-new-tokens", "6", "--json")
     eager = generate_json(*args, "--mode", "eager")

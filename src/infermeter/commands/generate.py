@@ -108,6 +108,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="triton",
                          help="the compiled batch-1 step's matrix-vector products: Triton's "
                          "GEMV where Triton runs, or inductor's (default triton)")
+    variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
+                         help="prefill a longer prompt N tokens a forward (default: one forward)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")
@@ -170,7 +172,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                              compile_prefill=args.compile_prefill,
                              decode_attention=args.decode_attention,
                              tp_all_reduce=args.tp_all_reduce, matvec_kernel=args.matvec_kernel,
-                             pdl=args.pdl))
+                             pdl=args.pdl, prefill_chunk=args.prefill_chunk))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

@@ -52,12 +52,15 @@ def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
 
 
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
-                kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl") -> dict[str, int]:
+                kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
+                prefill_chunk: int | None = None) -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
-    --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer)."""
+    --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
+    the longest prefill forward, which bounds the prefill's activations)."""
+    forward = min(prefill_chunk or prompt_len, prompt_len)
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
-             "prefill activations": prefill_activation_bytes(spec, batch_size, prompt_len,
+             "prefill activations": prefill_activation_bytes(spec, batch_size, forward,
                                                              dtype) // tp}
     if mode.startswith("hf"):
         parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
@@ -168,7 +171,8 @@ HOST_BYTES_PER_ID = 8
 
 
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
-                    tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0) -> None:
+                    tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
+                    prefill_chunk: int | None = None) -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
@@ -179,7 +183,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
-                            kv_dtype, case.mode, tp, all_reduce)
+                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk)
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}

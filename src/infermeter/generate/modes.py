@@ -30,6 +30,7 @@ class EngineRunner:
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
+                                   prefill_chunk=engine.prefill_chunk,
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -52,7 +53,7 @@ class EngineRunner:
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
-                "pdl": self.generator.pdl}
+                "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the

@@ -41,6 +41,7 @@ class EngineChoices:
     tp_all_reduce: str = "auto"  # parallel/all_reduce.ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     pdl: bool | None = None  # programmatic dependent launch; None: wherever it can run
+    prefill_chunk: int | None = None  # the longest prefill forward, in tokens; None: one
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
