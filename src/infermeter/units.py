@@ -30,6 +30,12 @@ _DTYPE_ALIASES = {
 }
 
 
+def default_run_dtype(device_type: str) -> str:
+    """What the engine computes in when no --dtype is given: float32 on the CPU, bfloat16 on a
+    GPU (torch-free, so --dry-run can say it too)."""
+    return "float32" if device_type == "cpu" else "bfloat16"
+
+
 def canonical_dtype(name: str) -> str:
     """Map any accepted spelling ('fp16', 'half', 'torch.float16') to its canonical name."""
     key = str(name).strip().lower().removeprefix("torch.")

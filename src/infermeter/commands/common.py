@@ -66,3 +66,20 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
     parser.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: "
                         "the model's dtype)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """The model a command loads into the engine: --checkpoint (and its aliases) or --model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", *aliases, dest="checkpoint", metavar="PATH",
+                        help="Meta (params.json + consolidated.NN.pth) or HF (config.json + "
+                        "*.safetensors) checkpoint folder, or a GGUF file")
+    source.add_argument("--model", help="preset name or config path: random weights, seeded")
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the engine runs and in which dtypes (engine/dtypes.run_dtypes takes them)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", help="weights and activations: fp32, fp16 or bf16 (default: "
+                        "bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--kv-dtype", metavar="DTYPE", help="KV-cache dtype (default: --dtype)")

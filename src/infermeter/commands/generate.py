@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from infermeter.commands.common import add_output_flags, positive_int, temperature_arg, top_p_arg
+from infermeter.commands.common import (
+    add_device_flags,
+    add_model_flags,
+    add_output_flags,
+    positive_int,
+    temperature_arg,
+    top_p_arg,
+)
 
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
@@ -30,17 +37,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Load a checkpoint (Meta or HF) or a preset's random weights, "
                        "generate and time it (--repeats runs after a warm-up); print the outputs "
                        "and a table, or with --json one Result per case.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", "--ckpt-dir", "--ckpt_dir", dest="checkpoint",
-                        metavar="PATH", help="Meta (params.json + consolidated.NN.pth) or HF "
-                        "(config.json + *.safetensors) checkpoint folder, or a GGUF file")
-    source.add_argument("--model", help="preset name or config path: random weights, seeded")
+    add_model_flags(p, "--ckpt-dir", "--ckpt_dir")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", metavar="PATH",
                    help="tokenizer.model / tokenizer.json (default: beside the checkpoint)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", help="weights and activations: fp32, fp16 or bf16 (default: bf16 "
-                   "on cuda, fp32 on cpu)")
-    p.add_argument("--kv-dtype", metavar="DTYPE", help="KV-cache dtype (default: --dtype)")
+    add_device_flags(p)
     p.add_argument("--mode", nargs="+", choices=("compiled", "eager", "hf", "hf-eager"),
                    metavar="MODE", help="compiled, eager, hf (transformers' generate) or "
                    "hf-eager; several run side by side (default: compiled on cuda, eager on "
@@ -210,7 +210,7 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
     from infermeter.specs.loaders import resolve_model
     from infermeter.specs.rank_plan import rank_plan, render_rank_plan
     from infermeter.specs.sizes import cache_length
-    from infermeter.units import parse_size
+    from infermeter.units import default_run_dtype, parse_size
 
     if args.checkpoint:
         from infermeter.engine.checkpoint.load import spec_for
@@ -223,7 +223,7 @@ def _print_rank_plan(args: argparse.Namespace) -> int:
     length = cache_length(spec, prompt_len, args.max_new_tokens, args.max_seq_len)
     batch = max(args.batch_size or [len(args.prompt) + len(args.prompt_ids) or 1])
     batch = min(batch, args.max_batch_size or batch)
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype = args.dtype or default_run_dtype(args.device or "cuda")
     memory = parse_size(args.gpu_memory) if args.gpu_memory else nvml_facts().get(
         "gpu_memory_bytes")
     plan = rank_plan(spec, args.tp or 1, batch, prompt_len, length, dtype,

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from infermeter.commands.common import add_output_flags, positive_int
+from infermeter.commands.common import (
+    add_device_flags,
+    add_model_flags,
+    add_output_flags,
+    positive_int,
+)
 
 
 def add_offload_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("offload", help="TTFT with a prefix's KV cache in host memory: reloaded "
                        "(serial or layer by layer) against recomputed",
-                       usage="%(prog)s (--checkpoint DIR | --model MODEL) --prefix-len N [N ...] "
+                       usage="%(prog)s (--checkpoint PATH | --model MODEL) --prefix-len N [N ...] "
                        "[options]",
                        description="For each prefix and suffix length: the TTFT of a request "
                        "whose prefix KV cache sits in host memory (pinned on a GPU), (a) reloaded "
@@ -18,20 +23,14 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                        "runs, (c) recomputed by a prefill of prefix + suffix; the greedy tokens "
                        "of the three ways compared, and the prefix length from which reloading "
                        "wins, per suffix length.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="Meta or HF checkpoint folder, or a "
-                        "GGUF file")
-    source.add_argument("--model", help="preset name or config path: random weights, seeded")
+    add_model_flags(p)
     p.add_argument("--prefix-len", type=positive_int, nargs="+", required=True, metavar="N",
                    help="tokens whose KV cache sits in host memory")
     p.add_argument("--suffix-len", type=positive_int, nargs="+", default=[128], metavar="N",
                    help="new tokens prefilled after the prefix (default 128)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="sequences per request (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", help="weights and activations: fp32, fp16 or bf16 (default: bf16 "
-                   "on cuda, fp32 on cpu)")
-    p.add_argument("--kv-dtype", metavar="DTYPE", help="KV-cache dtype (default: --dtype)")
+    add_device_flags(p)
     p.add_argument("--new-tokens", type=positive_int, default=4, metavar="N",
                    help="greedy tokens generated once, untimed, to check that the three ways "
                    "agree (default 4)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from infermeter.errors import InfermeterError
-from infermeter.units import canonical_dtype
+from infermeter.units import canonical_dtype, default_run_dtype
 
 # What the engine computes in; a KV cache that is only stored and moved may also be float8.
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,3 +28,11 @@ def torch_dtype(dtype: str | torch.dtype, stored: bool = False) -> torch.dtype:
 def dtype_name(dtype: torch.dtype | str) -> str:
     """torch.float16 -> 'float16', the spelling sizes.py and Results use."""
     return _DTYPE_NAMES[torch_dtype(dtype, stored=True)]
+
+
+def run_dtypes(device: torch.device, dtype: str | None,
+               kv_dtype: str | None) -> tuple[str, str]:
+    """(weights' dtype, KV cache's dtype) of a run, as Results spell them: the asked ones, else
+    the device's default for the weights and the weights' for the cache."""
+    weights = dtype_name(torch_dtype(dtype or default_run_dtype(device.type)))
+    return weights, dtype_name(torch_dtype(kv_dtype)) if kv_dtype else weights

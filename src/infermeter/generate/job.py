@@ -201,16 +201,14 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     """Check, load, time every case; the Results (rank 0's, gathered, under tensor parallelism)
     and the decoded texts of the first case's outputs ('' each without a tokenizer)."""
     from infermeter.engine.checkpoint.load import load_weights
-    from infermeter.engine.dtypes import dtype_name, torch_dtype
+    from infermeter.engine.dtypes import run_dtypes
     from infermeter.generate import memory
     from infermeter.generate.cases import plan_cases
     from infermeter.generate.loop import run_generation
     from infermeter.measure.roofline import measure_roofline
 
     device = torch_device(request.device)
-    dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
-                                                     else "bfloat16")))
-    kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype
+    dtype, kv_dtype = run_dtypes(device, request.dtype, request.kv_dtype)
     spec, weights = _spec(request)
     tokenizer = find_tokenizer(request)
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,

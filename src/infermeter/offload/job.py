@@ -108,14 +108,12 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
 def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     """Check, load, measure every (suffix, prefix) case; one `offload` Result."""
     from infermeter.engine.checkpoint.load import load_weights, spec_for
-    from infermeter.engine.dtypes import dtype_name, torch_dtype
+    from infermeter.engine.dtypes import run_dtypes
     from infermeter.engine.generator import Generator
     from infermeter.specs.model import check_engine_arch
 
     device = torch_device(request.device)
-    dtype = dtype_name(torch_dtype(request.dtype or ("float32" if device.type == "cpu"
-                                                     else "bfloat16")))
-    kv_dtype = dtype_name(torch_dtype(request.kv_dtype)) if request.kv_dtype else dtype
+    dtype, kv_dtype = run_dtypes(device, request.dtype, request.kv_dtype)
     spec = spec_for(request.source)[0]
     check_engine_arch(spec)
     for suffix in request.suffix_lens:
