@@ -51,3 +51,26 @@ def assert_matches_transformers(model: Any, hf: Any, vocab: int, steps: int,
         expected = hf.generate(prompt, max_new_tokens=steps, do_sample=False,
                                min_new_tokens=steps)[:, length:]
         assert torch.equal(greedy_through_cache(model, prompt, steps), expected), length
+
+
+def assert_written_checkpoint_round_trips(source: Any, folder: Path, spec: Any, vocab: int,
+                                          n_tokens: int, cache_len: int) -> tuple[Any, Any]:
+    """The engine's checkpoint written to `folder` loads back as `spec` with every tensor equal,
+    and transformers reads it: its logits over n_tokens random tokens [1, n_tokens] within 1e-4
+    of the engine's. Returns (tokens, the engine's logits)."""
+    import transformers
+
+    from infermeter.engine.checkpoint.load import load_weights
+
+    loaded = load_weights(folder)
+    assert loaded.spec == spec.with_updates(name=folder.name)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    tokens = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        source.setup_cache(1, cache_len)
+        ours = source(tokens, torch.arange(n_tokens))
+        assert (ours - hf(tokens).logits).abs().max().item() < 1e-4
+    return tokens, ours

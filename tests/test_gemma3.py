@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import load_model, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
@@ -23,7 +23,11 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import RopeScaling
 from infermeter.specs.presets import PRESETS
 from infermeter.specs.sizes import kv_cache_bytes, param_count
-from tests.hf_reference import greedy_through_cache, tiny_hf_model
+from tests.hf_reference import (
+    assert_written_checkpoint_round_trips,
+    greedy_through_cache,
+    tiny_hf_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,16 +112,7 @@ def test_writer_round_trip_and_transformers_reads_it(tmp_path) -> None:
     save_checkpoint(source, tmp_path, "hf")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"]
-    loaded = load_weights(tmp_path)
-    assert loaded.spec == SPEC.with_updates(name=tmp_path.name)
-    for name, tensor in source.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    tokens = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
-    source.setup_cache(1, 32)
-    ours = source(tokens, torch.arange(20))
-    assert (ours - hf(tokens).logits).abs().max().item() < 1e-4
+    tokens, ours = assert_written_checkpoint_round_trips(source, tmp_path, SPEC, VOCAB, 20, 32)
     # generate's hf mode builds the same model from the engine's weights
     assert (ours - build_hf_model(source)(tokens).logits).abs().max().item() < 1e-4
 

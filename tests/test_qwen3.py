@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import load_model, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
@@ -21,7 +21,11 @@ from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.model import check_engine_arch
 from infermeter.specs.presets import PRESETS
 from infermeter.specs.sizes import param_count
-from tests.hf_reference import assert_matches_transformers, tiny_hf_model
+from tests.hf_reference import (
+    assert_matches_transformers,
+    assert_written_checkpoint_round_trips,
+    tiny_hf_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,17 +85,7 @@ def test_writer_round_trip_keeps_the_norms_and_transformers_reads_it(tmp_path) -
     save_checkpoint(source, tmp_path, "hf")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 32
-    loaded = load_weights(tmp_path)
-    assert loaded.spec == SPEC.with_updates(name=tmp_path.name)
-    for name, tensor in source.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        source.setup_cache(1, 16)
-        ours = source(tokens, torch.arange(12))
-        assert (ours - hf(tokens).logits).abs().max().item() < 1e-4
+    assert_written_checkpoint_round_trips(source, tmp_path, SPEC, VOCAB, 12, 16)
     with pytest.raises(InfermeterError, match="q/k norms"):
         save_checkpoint(source, tmp_path / "meta", "meta")
 
