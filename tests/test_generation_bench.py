@@ -19,6 +19,7 @@ from infermeter.generate.job import run_generate
 from infermeter.generate.request import EngineChoices, GenerateRequest, Timing, build_request
 from infermeter.generate.timing import HostClock, RunTiming, StepRecorder, summarize
 from infermeter.measure import roofline as rl
+from infermeter.measure.fit import check_fit
 from infermeter.specs.presets import PRESETS
 
 DEBUG = PRESETS["debug"]
@@ -140,11 +141,11 @@ def test_check_fit_names_every_part():
     parts = memory.case_memory(PRESETS["llama-2-7b"], 32, 512, 4096, "fp16", "fp16", "eager")
     assert parts["KV cache"] == 32 * 4096 * 524_288  # 64 GiB
     with pytest.raises(InfermeterError) as err:
-        memory.check_fit("llama-2-7b", parts, 40 * 2**30, "free on the GPU")
+        check_fit("llama-2-7b", parts, 40 * 2**30, "free on the GPU", memory.ADVICE)
     text = str(err.value)
     assert "does not fit" in text and "weights 12.6 GiB" in text and "KV cache 64.0 GiB" in text
     assert "40.0 GiB free on the GPU" in text
-    memory.check_fit("fine", {"weights": 10}, 10, "free")  # exactly fits: no error
+    check_fit("fine", {"weights": 10}, 10, "free", memory.ADVICE)  # exactly fits: no error
 
 
 def test_the_triton_all_reduce_buffer_counts_where_it_is_allocated():

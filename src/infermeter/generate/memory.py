@@ -21,12 +21,14 @@ import gc
 import os
 from typing import Any
 
-from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
+from infermeter.measure.fit import check_fit, free_memory
 from infermeter.specs import sizes
 from infermeter.specs.model import ModelSpec
 from infermeter.specs.peer_buffers import model_buffer_bytes, uses_peer_buffer
-from infermeter.units import dtype_bytes, format_bytes
+from infermeter.units import dtype_bytes
+
+ADVICE = "use a smaller --batch-size, --prompt-len, --context or --max-seq-len"
 
 
 def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
@@ -69,27 +71,6 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     if uses_peer_buffer(tp, all_reduce):
         parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
     return parts
-
-
-def free_memory(device: Any) -> tuple[int | None, str]:
-    """(free bytes, where) for a torch device: the GPU's free memory or the host's available."""
-    if device.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), "free on the GPU"
-    return host_available(), "available in host memory"
-
-
-def check_fit(what: str, parts: dict[str, int], free: int | None, where: str) -> None:
-    """Raise, with every number, when the parts add up to more than `free`."""
-    need = sum(parts.values())
-    if free is None or need <= free:
-        return
-    terms = " + ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
-    raise InfermeterError(f"{what} does not fit: {terms} = {format_bytes(need)} > "
-                          f"{format_bytes(free)} {where}; use a smaller --batch-size, "
-                          "--prompt-len, --context or --max-seq-len")
 
 
 # ---- what a run used -------------------------------------------------------------------------
@@ -189,7 +170,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
             p.prompt_tokens + p.batch_size * outputs_per_row)}
         what = f"{spec.name} at {case.label} with a {case.cache_len}-token cache"
         if device.type == "cpu":
-            check_fit(what, {**parts, **host}, free, where)
+            check_fit(what, {**parts, **host}, free, where, ADVICE)
         else:
-            check_fit(what, parts, free, where)
-            check_fit(what, host, host_free, "available in host memory")
+            check_fit(what, parts, free, where, ADVICE)
+            check_fit(what, host, host_free, "available in host memory", ADVICE)

@@ -21,11 +21,11 @@ from typing import Any
 from infermeter.engine.devices import torch_device
 from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
+from infermeter.measure.fit import check_fit, free_memory
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.offload.breakeven import break_even
 from infermeter.offload.request import WAYS, OffloadRequest
-from infermeter.units import format_bytes
 
 # Timed items per case: the three ways and the two parts of (a) alone.
 TIMED = ("reload", "suffix_prefill", *WAYS)
@@ -59,12 +59,10 @@ def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
     return cache_length(spec, context, steps, request.max_seq_len)
 
 
-def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
-              kv_dtype: str) -> None:
+def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                    kv_dtype: str) -> None:
     """Sizes only, before any allocation: weights + the largest case's cache + its logits on the
     device, the longest prefix's host copy in host memory (one sum on the CPU)."""
-    import torch
-
     from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
 
     longest = max(request.prefix_lens) + max(request.suffix_lens)
@@ -76,11 +74,10 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        checks = [(device_parts, int(free), "free on the GPU"),
+        checks = [(device_parts, *free_memory(device)),
                   (host_parts, host_available(), "available in host memory")]
     else:
-        checks = [({**device_parts, **host_parts}, host_available(), "available in host memory")]
+        checks = [({**device_parts, **host_parts}, *free_memory(device))]
     if request.traffic or request.offloaded_decode:
         from infermeter.offload.traffic import CHUNK_BYTES
 
@@ -94,15 +91,11 @@ def check_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
         if request.offloaded_decode:  # the prompt's KV in host memory, while the cache is too
             checks[-1][0]["offloaded KV in host memory"] = kv_cache_bytes(
                 spec, request.batch_size, request.traffic_context, kv_dtype)
+    what = (f"{spec.name} at batch {request.batch_size}, prefix {max(request.prefix_lens)}, "
+            f"suffix {max(request.suffix_lens)}")
     for parts, free, where in checks:
-        need = sum(parts.values())
-        if free is not None and need > free:
-            terms = " + ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
-            raise InfermeterError(f"{spec.name} at batch {request.batch_size}, prefix "
-                                  f"{max(request.prefix_lens)}, suffix {max(request.suffix_lens)} "
-                                  f"does not fit: {terms} = {format_bytes(need)} > "
-                                  f"{format_bytes(free)} {where}; use a smaller --batch-size, "
-                                  "--prefix-len or --suffix-len")
+        check_fit(what, parts, free, where,
+                  "use a smaller --batch-size, --prefix-len or --suffix-len")
 
 
 def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
@@ -121,7 +114,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
             cache_len_for(spec, request, prefix, suffix)
     if request.traffic or request.offloaded_decode:
         traffic_len_for(spec, request)
-    check_fit(spec, request, device, dtype, kv_dtype)
+    check_sizes_fit(spec, request, device, dtype, kv_dtype)
     model = load_weights(request.source, device, dtype, seed=request.seed)
     generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
                           prefill_chunk=request.prefill_chunk)

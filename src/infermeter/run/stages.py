@@ -214,7 +214,8 @@ def _free_bytes(setting: RunSetting) -> int | None:
     """Free memory on the device the ladder runs on, after the reference case gave its back."""
     import torch
 
-    from infermeter.generate.memory import collect, free_memory
+    from infermeter.generate.memory import collect
+    from infermeter.measure.fit import free_memory
 
     device = torch.device(setting.device)
     if setting.on_gpu:  # the reference model's blocks, still in torch's caching allocator
