@@ -19,13 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from infermeter.engine.devices import torch_device
-from infermeter.errors import InfermeterError
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.offload.breakeven import break_even
 from infermeter.offload.request import WAYS, OffloadRequest
+from infermeter.specs.sizes import cache_length
 
 # Timed items per case: the three ways and the two parts of (a) alone.
 TIMED = ("reload", "suffix_prefill", *WAYS)
@@ -34,29 +34,16 @@ TIMED = ("reload", "suffix_prefill", *WAYS)
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
     """The case's cache length; one error line when prefix + suffix + checked tokens do not fit
     the model's context or the fixed --max-seq-len."""
-    from infermeter.specs.sizes import cache_length
-
-    need = prefix + suffix + request.new_tokens
-    limit = request.max_seq_len or spec.max_seq_len
-    if need > limit:
-        what = f"the KV cache of {limit} tokens (--max-seq-len)" if request.max_seq_len else \
-            f"model {spec.name}'s context of {limit} tokens"
-        raise InfermeterError(f"prefix {prefix} + suffix {suffix} + {request.new_tokens} checked "
-                              f"tokens = {need} tokens does not fit in {what}")
-    return cache_length(spec, prefix + suffix, request.new_tokens, request.max_seq_len)
+    return cache_length(spec, prefix + suffix, request.new_tokens, request.max_seq_len,
+                        f"prefix {prefix} + suffix {suffix} + {request.new_tokens} checked tokens")
 
 
 def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
     """The cache length the decode-under-traffic windows need: context + the window's steps."""
-    from infermeter.specs.sizes import cache_length
-
     context, steps = request.traffic_context, request.decode_steps + 1
-    limit = request.max_seq_len or spec.max_seq_len
-    if context + steps > limit:
-        raise InfermeterError(f"decode under copy traffic: context {context} + "
-                              f"{request.decode_steps} decode steps + 1 does not fit in "
-                              f"{limit} tokens")
-    return cache_length(spec, context, steps, request.max_seq_len)
+    return cache_length(spec, context, steps, request.max_seq_len,
+                        f"decode under copy traffic: context {context} + "
+                        f"{request.decode_steps} decode steps + 1")
 
 
 def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,

@@ -187,16 +187,18 @@ def max_seq_len(spec: ModelSpec, batch_size: int, kv_dtype: str, tp: int, budget
 CACHE_ROUND = 256  # an automatic cache length's multiple: nearby lengths share a cache and graph
 
 
-def cache_length(spec: ModelSpec, prompt_len: int, new_tokens: int, fixed: int | None) -> int:
+def cache_length(spec: ModelSpec, prompt_len: int, new_tokens: int, fixed: int | None,
+                 asked: str | None = None) -> int:
     """The KV cache, in tokens a sequence, for prompt + new tokens: `fixed` if given, else the
     need rounded up to CACHE_ROUND (capped at the model's context). What the Generator
-    allocates, what generate's cases and the dry run size; one line of error if it cannot fit."""
+    allocates, what generate's cases, the dry run and offload size; one line of error if it
+    cannot fit, saying what was asked in the caller's words (`asked`) or as prompt + new."""
     need, limit = prompt_len + new_tokens, fixed or spec.max_seq_len
     if need > limit:
         what = f"the KV cache of {limit} tokens" if fixed else \
             f"model {spec.name}'s context of {limit} tokens"
-        raise InfermeterError(f"prompt of {prompt_len} tokens + {new_tokens} new tokens = {need} "
-                              f"tokens does not fit in {what}")
+        asked = asked or f"prompt of {prompt_len} tokens + {new_tokens} new tokens"
+        raise InfermeterError(f"{asked} = {need} tokens does not fit in {what}")
     if fixed and fixed > spec.max_seq_len:
         raise InfermeterError(f"cache length {fixed} is longer than model {spec.name}'s context "
                               f"of {spec.max_seq_len} tokens")
