@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 
-from infermeter.engine.generator import Generator
+from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result, read_results
 from infermeter.offload.breakeven import break_even
 from infermeter.offload.job import break_evens, measure_case
-from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
+from infermeter.offload.reload import HostPrefix, LayerwiseReload
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.table import render_offload
@@ -37,6 +37,9 @@ PREFIX, SUFFIX = 20, 7
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def generator(request):
     return Generator(build_model(SPECS[request.param], device="cpu", seed=3), prefill_chunk=None)
+
+
+ONE = GenerationConfig(max_new_tokens=1)  # a prefill's settings: greedy, no stop ids
 
 
 def _tokens(batch: int = 2) -> torch.Tensor:
@@ -63,7 +66,7 @@ def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
     the reload they do not (so the check can fail)."""
     model, tokens = generator.model, _tokens()
     generator.prepare(2, PREFIX + SUFFIX, 1)
-    prefill_at(model, tokens[:, :PREFIX], 0)  # the prefix's cache, as a request left it
+    generator.prefill(tokens[:, :PREFIX], ONE)  # the prefix's cache, as a request left it
     host = HostPrefix(model, PREFIX)
     model.reset_cache()
     whole = model(tokens, torch.arange(PREFIX + SUFFIX))[:, -1]  # [B, V]
@@ -71,15 +74,15 @@ def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
     handle = model.register_forward_hook(lambda m, a, out: seen.append(out[:, -1]))
     try:
         model.reset_cache()
-        prefill_at(model, tokens[:, PREFIX:], PREFIX)  # nothing reloaded
+        generator.prefill(tokens[:, PREFIX:], ONE, start=PREFIX)  # nothing reloaded
         model.reset_cache()
         if way == "serial":
             host.reload(model)
-            prefill_at(model, tokens[:, PREFIX:], PREFIX)
+            generator.prefill(tokens[:, PREFIX:], ONE, start=PREFIX)
         else:
             with LayerwiseReload(model, host) as reload:
                 reload.start()
-                prefill_at(model, tokens[:, PREFIX:], PREFIX)
+                generator.prefill(tokens[:, PREFIX:], ONE, start=PREFIX)
     finally:
         handle.remove()
     empty, reloaded = seen
@@ -88,9 +91,10 @@ def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
 
 
 # ---- the layer-wise schedule ---------------------------------------------------------------
-def _schedule(model, lookahead):
+def _schedule(generator, lookahead):
     """The events of one layer-wise reload + forward; ("attention", i) when layer i's attention
     first touches its cache (LayerKVCache.update, wrapped on the instance)."""
+    model = generator.model
     trace: list[tuple[str, int]] = []
     caches = [layer.attention.kv_cache for layer in model.layers]
     for i, cache in enumerate(caches):
@@ -102,7 +106,7 @@ def _schedule(model, lookahead):
     try:
         with LayerwiseReload(model, host, lookahead=lookahead, trace=trace) as reload:
             reload.start()
-            prefill_at(model, _tokens()[:, PREFIX:], PREFIX)
+            generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
     finally:
         for cache in caches:
             del cache.update
@@ -113,7 +117,7 @@ def _schedule(model, lookahead):
 def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookahead):
     model = generator.model
     generator.prepare(2, PREFIX + SUFFIX, 1)
-    trace = _schedule(model, lookahead)
+    trace = _schedule(generator, lookahead)
     n = len(model.layers)
     assert sorted(trace) == sorted([(what, i) for i in range(n)
                                     for what in ("copy", "wait", "attention")])
@@ -134,7 +138,7 @@ def test_hooks_leave_with_the_reload_and_a_forward_without_start_is_refused(gene
     generator.prepare(2, PREFIX + SUFFIX, 1)
     reload = LayerwiseReload(model, HostPrefix(model, PREFIX))
     with reload, pytest.raises(InfermeterError, match="start"):
-        prefill_at(model, _tokens()[:, PREFIX:], PREFIX)
+        generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
     assert all(not layer.attention._forward_pre_hooks for layer in model.layers)
 
 

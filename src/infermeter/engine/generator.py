@@ -304,33 +304,37 @@ class Generator:
 
     # ---- the two phases --------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, tokens: Tensor, config: GenerationConfig) -> DecodeState:
-        """Run the prompt tokens [B, T] (cache prepared, empty); sample the first new token."""
+    def prefill(self, tokens: Tensor, config: GenerationConfig, start: int = 0) -> DecodeState:
+        """Run the prompt tokens [B, T] at positions start..start+T-1 (cache prepared, holding
+        the first `start` positions: none for a new request, a reloaded prefix for offload);
+        sample the first new token."""
         batch_size, prompt_len = tokens.shape
-        if batch_size != self.model.max_batch_size or prompt_len > self.model.max_seq_len:
-            raise InfermeterError(f"prompt batch {batch_size} x {prompt_len} tokens does not fit "
-                                  f"the KV cache ({self.model.max_batch_size} x "
+        end_pos = start + prompt_len
+        if batch_size != self.model.max_batch_size or end_pos > self.model.max_seq_len:
+            after = f" after {start} cached" if start else ""
+            raise InfermeterError(f"prompt batch {batch_size} x {prompt_len} tokens{after} does "
+                                  f"not fit the KV cache ({self.model.max_batch_size} x "
                                   f"{self.model.max_seq_len}); call prepare() first")
         # Small state tensors by fill kernels and an async copy: torch.tensor(..., device=cuda)
         # would be a synchronizing cudaMemcpy in the middle of the timed region.
         int64 = {"dtype": torch.int64, "device": self.device}
         seed = torch.full((), config.seed & 0xFFFFFFFF, **int64)
-        input_pos = torch.full((1,), prompt_len, **int64)
+        input_pos = torch.full((1,), end_pos, **int64)
         stop_ids = torch.tensor(sorted(config.stop_ids) or [-1], dtype=torch.int64)
         # (From pageable memory the copy stages the bytes before returning: no lifetime issue.)
         stop_ids = stop_ids.to(self.device, non_blocking=True)  # [S]
         chunk = min(self.prefill_chunk or prompt_len, prompt_len)
         compiled = config.compile and self.compile_prefill and chunk > 1
         block_fn = self._block_fn() if compiled else None
-        for start in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
-            end = min(start + chunk, prompt_len)
-            positions = torch.arange(start, end, **int64)  # [C]
-            logits = self.model(tokens[:, start:end], positions,  # [B, C, V] float32
+        for offset in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
+            end = min(offset + chunk, prompt_len)
+            positions = torch.arange(start + offset, start + end, **int64)  # [C]
+            logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
                                 block_fn=block_fn)
         first = sample(logits[:, -1], greedy=config.greedy, temperature=config.temperature,
                        top_p=config.top_p, seed=seed, pos=input_pos)
         done = (first[:, None] == stop_ids[None, :]).any(dim=-1)
-        return DecodeState(first, input_pos, done, seed, stop_ids, prompt_len)
+        return DecodeState(first, input_pos, done, seed, stop_ids, end_pos)
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, config: GenerationConfig) -> Tensor:

@@ -163,12 +163,12 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
     """One (prefix, suffix) case: (its metrics, raw samples in ms per timed item, warnings)."""
     import torch
 
-    from infermeter.engine.generator import DecodeState, GenerationConfig
+    from infermeter.engine.generator import GenerationConfig
     from infermeter.measure.timing import time_cuda, time_host
-    from infermeter.offload.reload import HostPrefix, LayerwiseReload, prefill_at
+    from infermeter.offload.reload import HostPrefix, LayerwiseReload
 
     model, device = generator.model, generator.device
-    batch, chunk = request.batch_size, request.prefill_chunk
+    batch = request.batch_size
     config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed)
     generator.prepare(batch, prefix + suffix, request.new_tokens)
     rng = torch.Generator().manual_seed(request.seed + 7919 * prefix + suffix)
@@ -176,35 +176,31 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
     tokens = tokens.to(device)  # [B, P + S]
     head, tail = tokens[:, :prefix], tokens[:, prefix:]
     with torch.no_grad():
-        prefill_at(model, head, 0, chunk)
+        generator.prefill(head, config)
         host = HostPrefix(model, prefix)
     layerwise = LayerwiseReload(model, host, request.lookahead)
 
     def serial() -> Any:
         host.reload(model)
-        return prefill_at(model, tail, prefix, chunk)
+        return generator.prefill(tail, config, start=prefix)
 
     def overlapped() -> Any:
         with layerwise:
             layerwise.start()
-            return prefill_at(model, tail, prefix, chunk)
+            return generator.prefill(tail, config, start=prefix)
 
     def recompute() -> Any:
-        return generator.prefill(tokens, config).token
+        return generator.prefill(tokens, config)
 
     runs = {"reload": lambda: host.reload(model),
-            "suffix_prefill": lambda: prefill_at(model, tail, prefix, chunk),
+            "suffix_prefill": lambda: generator.prefill(tail, config, start=prefix),
             "serial": serial, "layerwise": overlapped, "recompute": recompute}
 
     # ---- untimed check: each way from a zeroed cache, then greedy decode
     outputs: dict[str, list[list[int]]] = {}
     for way, first in (("serial", serial), ("layerwise", overlapped), ("recompute", recompute)):
         model.reset_cache()
-        state = DecodeState(first(), torch.full((1,), prefix + suffix, dtype=torch.int64,
-                                                device=device),
-                            torch.zeros(batch, dtype=torch.bool, device=device),
-                            torch.full((), request.seed, dtype=torch.int64, device=device),
-                            torch.tensor([-1], dtype=torch.int64, device=device), prefix + suffix)
+        state = first()
         generated = [state.token]
         for _ in range(request.new_tokens - 1):
             generated.append(generator.decode_step(state, config))

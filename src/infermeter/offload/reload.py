@@ -26,7 +26,6 @@ from torch import Tensor
 
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
-from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 
 # A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i's attention made to
@@ -162,26 +161,3 @@ class LayerwiseReload:
             if self.trace is not None:
                 self.trace.append(("wait", index))
         return wait_for_layer
-
-
-@torch.no_grad()
-def prefill_at(model: Transformer, tokens: Tensor, start: int,
-               chunk: int | None = None) -> Tensor:
-    """Forward tokens [B, T] at positions start..start+T-1 against the cache (which holds the
-    first `start` positions), `chunk` tokens a forward; the greedy next token [B]."""
-    length = tokens.shape[1]
-    if length < 1:
-        raise InfermeterError("a prefill needs at least one token")
-    if start + length > model.max_seq_len:
-        raise InfermeterError(f"{start} cached + {length} new tokens do not fit the KV cache of "
-                              f"{model.max_seq_len} tokens")
-    device = tokens.device
-    step = min(chunk or length, length)
-    logits = torch.empty(0)
-    for offset in range(0, length, step):
-        end = min(offset + step, length)
-        positions = torch.arange(start + offset, start + end, dtype=torch.int64, device=device)
-        logits = model(tokens[:, offset:end], positions)  # [B, C, V] float32
-    seed = torch.zeros((), dtype=torch.int64, device=device)
-    pos = torch.full((1,), start + length, dtype=torch.int64, device=device)
-    return sample(logits[:, -1], greedy=True, temperature=1.0, top_p=1.0, seed=seed, pos=pos)
