@@ -43,7 +43,7 @@ from infermeter.measure.nvtx import nvtx_range
 from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
-from infermeter.measure.trace import trace_path
+from infermeter.measure.trace import trace_path, traced_contexts
 from infermeter.specs.model import ModelSpec
 
 # Every metric a generate Result carries (None where it does not apply, e.g. out of memory).
@@ -99,7 +99,8 @@ def _no_hook(event: str, step: int) -> None:
 
 
 def time_case(model: Transformer, case: Case, request: GenerateRequest,
-              progress: Progress, trace_path: Any = None) -> CaseRun:
+              progress: Progress, trace_path: Any = None,
+              hbm_gbps: float | None = None) -> CaseRun:
     device = model.tok_embeddings.weight.device
     # A case starts with no KV cache (the engine's is allocated again for its shape; hf makes
     # its own), so the peaks below are this case's: weights + its cache + its activations.
@@ -139,7 +140,9 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
         progress.advance(f"{case.label}: run {index + 1}/{request.timing.repeats}")
     memory_now = memory.memory_metrics(device)  # the trace below must not count in the peaks
     experts = _count_experts(model, runner, groups) if model.spec.is_moe else None
-    traced = _trace(runner, groups[0], case, trace_path) if trace_path else None
+    traced = _trace(runner, groups[0], case, trace_path,
+                    _trace_bound(model, groups[0], request, hbm_gbps, experts)) \
+        if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
                    memory_now, traced, experts)
 
@@ -172,14 +175,29 @@ def _count_experts(model: Transformer, runner: Any,
     return out
 
 
-def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any) -> dict[str, Any]:
+def _trace_bound(model: Transformer, tokens: torch.Tensor, request: GenerateRequest,
+                 hbm_gbps: float | None, experts: list[float | None] | None) -> dict[str, float]:
+    """The traced steps' bytes (as the roofline counts them) and the run's measured bandwidth,
+    for the trace's bytes-bound step time; empty without a measured bandwidth."""
+    contexts = traced_contexts(int(tokens.shape[1]), request.max_new_tokens)
+    if not hbm_gbps or not contexts:
+        return {}
+    weights = dtype_name(model.tok_embeddings.weight.dtype)
+    kv_dtype = dtype_name(request.kv_dtype) if request.kv_dtype else weights
+    nbytes = rl.mean_decode_step_bytes(model.spec, int(tokens.shape[0]), contexts, weights,
+                                       kv_dtype, request.tp or 1, experts[0] if experts else None)
+    return {"hbm_gbps": hbm_gbps, "bytes_per_step": nbytes}
+
+
+def _trace(runner: Any, tokens: torch.Tensor, case: Case, path: Any,
+           bound: dict[str, float]) -> dict[str, Any]:
     """--trace: after the timed runs, a profiler trace of a few decode steps (trace_capture)."""
     from infermeter.generate.modes import EngineRunner
     from infermeter.measure.trace import capture_decode
 
     if not isinstance(runner, EngineRunner):
         return {"skipped": f"the {case.mode} mode is not traced (engine modes only)"}
-    found = capture_decode(runner, tokens, path, case.mode)
+    found = capture_decode(runner, tokens, path, case.mode, bound)
     return found or {"skipped": "too few new tokens for a traced decode step"}
 
 
@@ -314,7 +332,8 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
     results = []
     for index, case in enumerate(cases):
         # --trace only: an untraced run calls time_case exactly as before
-        traced = {"trace_path": trace_path(request.timing.trace_dir, index, len(cases))} \
+        traced = {"trace_path": trace_path(request.timing.trace_dir, index, len(cases)),
+                  "hbm_gbps": peaks.hbm_gbps if peaks else None} \
             if request.timing.trace_dir else {}
         try:
             run = time_case(model, case, request, progress, **traced)

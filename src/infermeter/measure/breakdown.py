@@ -25,20 +25,25 @@ Method (docs/usage.md, "Where the time goes"):
 6. Copies: every memcpy (GPU) or leaf aten::copy_ (CPU) with its bytes, grouped by the enclosing
    `im/copy ...` range and size: count, bytes, total and median time, and GB/s = bytes / median
    time (GB = 1e9 bytes; the median, so one page-faulting first copy does not rule the figure).
+7. Bubbles (GPU traces, gaps.py): the same step's kernels against the idle time between them,
+   per step and per `im/layer N` range (placed by launch, as in 2), against the step's bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
+from infermeter.measure.gaps import render_gaps, step_gaps
 
 PREFIX = "im/"  # nvtx.PREFIX: the ranges infermeter opens
 STEP = PREFIX + "decode_step"
+_LAYER = re.compile(r"layer \d+")  # nvtx.py's per-block ranges: im/layer 0, im/layer 1, ...
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 CATEGORIES = tuple(f"matmul {p}" for p in PROJECTIONS) + (
@@ -81,11 +86,12 @@ def load_trace(path: str | Path) -> dict[str, Any]:
 
 
 def _spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
-    """Complete ('X') events with numeric ts / dur; anything else is skipped."""
+    """Complete ('X') events with finite numeric ts and dur >= 0; anything else is skipped."""
     out = []
     for e in trace["traceEvents"]:
         if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("ts"), (int, float)) \
-                and isinstance(e.get("dur"), (int, float)):
+                and isinstance(e.get("dur"), (int, float)) and math.isfinite(e["ts"]) \
+                and math.isfinite(e["dur"]) and e["dur"] >= 0:
             out.append(e if isinstance(e.get("args", {}), dict) else {**e, "args": {}})
     return out
 
@@ -193,7 +199,10 @@ def _work_items(spans: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
                     if e.get("cat") in ("cuda_runtime", "cuda_driver")}
         items = [{"start": e["ts"], "end": e["ts"] + e["dur"], "time": e["dur"],
                   "name": str(e.get("name", "")), "cat": e["cat"], "args": e.get("args", {}),
-                  "at": launches.get(e.get("args", {}).get("correlation"))} for e in device]
+                  "at": launches.get(e.get("args", {}).get("correlation")),
+                  "device": e.get("pid"),
+                  "stream": str(e.get("args", {}).get("stream", e.get("tid")))}
+                 for e in device]
         return items, "gpu"
     items = [{"start": e["ts"], "end": e["ts"] + e["dur"], "time": own,
               "name": str(e.get("name", "")), "cat": "cpu_op", "at": e["ts"],
@@ -251,6 +260,8 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     spans = _spans(trace)
     items, source = _work_items(spans)
     ranges = _ranges(spans)
+    layers = [r for r in ranges if _LAYER.fullmatch(r[2])]  # not categories: their own figures
+    ranges = [r for r in ranges if not _LAYER.fullmatch(r[2])]
     steps = sorted((r for r in ranges if r[2] == "outside"), key=lambda r: r[0])
     if not any(r[2] == "model" for r in ranges):  # compiled: no layer ranges, so "outside the
         ranges = [r for r in ranges if r[2] != "outside"]  # model" says nothing: go by name
@@ -259,6 +270,9 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
                          [(a, b, str(k)) for k, (a, b, _) in enumerate(steps)])
     for item, label in zip(items, labels):
         item["category"] = _category(item["name"], label, item["cat"])
+    in_layer = _innermost([i["at"] if i["at"] is not None else -1.0 for i in items], layers)
+    for item, layer in zip(items, in_layer):
+        item["layer"] = int(layer.split()[1]) if layer else None
     meta = trace.get("infermeter") if isinstance(trace.get("infermeter"), dict) else {}
     out: dict[str, Any] = {
         "source": "gpu kernels" if source == "gpu" else "cpu ops (CPU op time, not GPU time)",
@@ -274,8 +288,12 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     pick = min(range(len(tables)),
                key=lambda k: abs(spans_ms[k] - statistics.median_low(spans_ms)))
     window = "decode step (median of the traced steps)" if steps else "whole trace"
+    # bubbles against kernels: a GPU figure only (CPU ops nest; their union is the span), of
+    # decode steps or of a foreign trace, not of a copy run (its gaps are the case loop's)
+    gaps = step_gaps(list(per_step.values()), pick, meta) \
+        if source == "gpu" and (steps or not out["copies"]) else None
     return {**out, "window": window, "step_ms_all": spans_ms, **tables[pick],
-            "model": meta.get("model"), "mode": meta.get("mode")}
+            "model": meta.get("model"), "mode": meta.get("mode"), "step_gaps": gaps}
 
 
 def _copy_bytes(item: dict[str, Any]) -> int | None:
@@ -343,6 +361,8 @@ def render_breakdown(result: dict[str, Any], max_copy_rows: int = 20) -> str:
                  _num(r["gbps"])) for r in result["categories"]]
         parts.append(head + "\n" + render_table(
             ("category", "time ms", "share %", "weights MiB", "GB/s"), rows))
+        if result.get("step_gaps"):
+            parts.append(render_gaps(result["step_gaps"]))
     if copied and not steps:
         rows = [(c["case"], c["name"][:40], c["bytes"], c["count"], _num(c["median_ms"]),
                  _num(c["gbps"])) for c in result["copies"][:max_copy_rows]]

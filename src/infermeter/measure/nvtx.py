@@ -7,14 +7,16 @@ torch.profiler (--trace), both off unless someone is listening.
   a ~100 ns library call, against decode steps of milliseconds.
 - traced(): also a torch.profiler record_function range, only while a --trace capture runs
   (trace_capture.py sets it); otherwise the same as nvtx_range.
-- install_layer_ranges(model): forward pre/post hooks naming every layer and projection, for the
-  eager path only. Installed only when asked (--trace) and removed after: hooks on a module
-  add Python work to every call, and dynamo would trace them into the compiled step. The
-  labels are the vocabulary breakdown.py classifies by.
+- install_layer_ranges(model): forward pre/post hooks naming every layer (`im/layer 3`: the
+  block's forward; the tp path whose adds are fused with the norms calls no block forward, so it
+  has none) and projection, for the eager path only. Installed only when asked (--trace) and
+  removed after: hooks on a module add Python work to every call, and dynamo would trace them
+  into the compiled step. The labels are the vocabulary breakdown.py classifies by.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +32,7 @@ MODULE_LABELS = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wqkv": "qkv", "w13": "g
                  "ffn_post_norm": "norm", "attention": "attention",
                  "tok_embeddings": "embedding"}
 PREFIX = "im/"  # every infermeter range name starts with this (breakdown.py looks for it)
+_BLOCK = re.compile(r"layers\.\d+")  # engine/model.py's Transformer.layers[i]
 
 
 def cuda_ready() -> bool:
@@ -92,6 +95,8 @@ def install_layer_ranges(model: Any) -> list[Any]:
         label = getattr(module, "trace_label", None) or MODULE_LABELS.get(name.rsplit(".", 1)[-1])
         if name == "":
             label = "model"
+        elif _BLOCK.fullmatch(name):  # a whole block: breakdown's per-layer gap figures
+            label = f"layer {name.rsplit('.', 1)[-1]}"
         if label is None:
             continue
         stack: list[Any] = []  # this module's open record_function ranges (re-entrancy safe)

@@ -8,8 +8,9 @@ them), so tracing never changes a measured number.
   ranges name every projection; in compiled mode they are not installed (the hooks would be
   traced into the graph) and breakdown.py falls back to kernel names.
 - copy: the whole run under the profiler, each case inside an `im/copy <case>` range.
-The trace file gets an "infermeter" key (model, mode, weight bytes per projection per step) so
-`infermeter trace FILE` can compute matmul GB/s later without the model.
+The trace file gets an "infermeter" key (model, mode, weight bytes per projection per step; with
+the roofline, the run's measured HBM GB/s and the traced steps' bytes) so `infermeter trace FILE`
+can compute matmul GB/s and the bytes-bound step time later without the model.
 """
 
 from __future__ import annotations
@@ -91,20 +92,32 @@ def weight_bytes(model: Any) -> dict[str, int]:
     return out
 
 
-def capture_decode(runner: Any, tokens: Any, path: Path, mode: str) -> dict[str, Any] | None:
+def traced_contexts(prompt_len: int, max_new_tokens: int) -> range:
+    """The KV tokens each traced decode step reads (the first decode step after a prompt of T
+    reads T + 1, as the roofline counts); empty when no step is traced."""
+    steps = max(0, min(TRACE_STEPS, max_new_tokens - 1 - SETTLE_STEPS))
+    first = prompt_len + SETTLE_STEPS + 1
+    return range(first, first + steps)
+
+
+def capture_decode(runner: Any, tokens: Any, path: Path, mode: str,
+                   bound: dict[str, float] | None = None) -> dict[str, Any] | None:
     """Trace a few decode steps of the engine runner on `tokens` [B, T]; the breakdown, or None
-    when there are too few new tokens for a step to trace."""
+    when there are too few new tokens for a step to trace. bound: {"hbm_gbps", "bytes_per_step"}
+    (the run's measured bandwidth, the traced steps' mean bytes), kept in the trace's metadata
+    for the bytes-bound step time (gaps.py)."""
     from infermeter.measure.breakdown import summarize_trace
 
     generator, config = runner.generator, runner.config
-    steps = min(TRACE_STEPS, config.max_new_tokens - 1 - SETTLE_STEPS)
+    steps = len(traced_contexts(int(tokens.shape[1]), config.max_new_tokens))
     if steps < 1:
         return None
     model = generator.model
     generator.prepare(*tokens.shape, config.max_new_tokens)
     handles = nvtx.install_layer_ranges(model) if mode == "eager" else []
     meta = {"model": model.spec.name, "mode": mode, "batch_size": int(tokens.shape[0]),
-            "prompt_len": int(tokens.shape[1]), "weight_bytes": weight_bytes(model)}
+            "prompt_len": int(tokens.shape[1]), "weight_bytes": weight_bytes(model),
+            **(bound or {})}
     try:
         state = generator.prefill(tokens, config)
         for _ in range(SETTLE_STEPS):

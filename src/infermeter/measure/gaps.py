@@ -1,0 +1,151 @@
+"""How far a decode step is from its bytes: time in kernels against the bubbles between them,
+per step and per layer, from a GPU trace (breakdown.py places the work items; docs/design.md,
+"Metric definitions", has the same definitions).
+
+- Kernels: a step's device work items (kernels, memcpys, memsets) on every stream of the traced
+  GPU, each placed in the step, and in a layer, by its launch: the CUDA runtime call with the
+  same correlation id lies inside the CPU-side `im/decode_step` / `im/layer N` range. Kineto's
+  GPU-side copies of those ranges are not used: they are the same ranges, drawn where the
+  launched kernels ran.
+- span: first kernel start -> last kernel end. busy: the union of the kernel intervals (kernels
+  of two streams that overlap count once). gaps (bubbles) = span - busy: the idle intervals,
+  when no stream of the GPU runs anything (launch overhead, host stalls, syncs).
+- A layer's span is its kernels' first start -> last end; its gaps are the step's idle intervals
+  inside that span, its busy time the rest. An idle interval inside no layer's span is "outside
+  the layers" (between two layers, or around them: embedding, final norm, head, sampling).
+- bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
+  HBM bandwidth measured in the same run, both from the trace's "infermeter" metadata; a trace
+  without either has no bytes-bound figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+TOP_GAPS = 5  # the largest idle intervals listed with the kernels either side
+
+
+def _busy_intervals(items: list[dict[str, Any]]) -> list[tuple[float, float, Any, Any]]:
+    """The union of the items' [start, end) as disjoint intervals in time order, each with its
+    first item and the item that ends it (the kernels either side of the idle time around it)."""
+    out: list[tuple[float, float, Any, Any]] = []
+    for item in sorted(items, key=lambda i: (i["start"], i["end"])):
+        if out and item["start"] <= out[-1][1]:
+            start, end, first, last = out[-1]
+            if item["end"] > end:
+                out[-1] = (start, item["end"], first, item)
+        else:
+            out.append((item["start"], item["end"], item, item))
+    return out
+
+
+def _idle(busy: list[tuple[float, float, Any, Any]]) -> list[tuple[float, float, Any, Any]]:
+    """(start, end, kernel before, kernel after) of each idle interval between busy ones."""
+    return [(a[1], b[0], a[3], b[2]) for a, b in zip(busy, busy[1:])]
+
+
+def _figures(items: list[dict[str, Any]]) -> dict[str, Any]:
+    busy = _busy_intervals(items)
+    span_us = busy[-1][1] - busy[0][0]
+    busy_us = sum(end - start for start, end, _, _ in busy)
+    return {"span_ms": span_us / 1e3, "busy_ms": busy_us / 1e3,
+            "gaps_ms": (span_us - busy_us) / 1e3, "kernels": len(items)}
+
+
+def _layer_rows(items: list[dict[str, Any]], idle: list[tuple[float, float, Any, Any]]
+                ) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any]]:
+    """Per layer (by index): kernels, span, busy, gaps; the rest outside the layers; and for
+    each idle interval the layer it lies in (None: outside)."""
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        if item.get("layer") is not None:
+            by_layer.setdefault(item["layer"], []).append(item)
+    spans = {k: (min(i["start"] for i in group), max(i["end"] for i in group))
+             for k, group in by_layer.items()}
+    # an idle interval lies wholly inside or outside a layer's span (spans end at kernel edges)
+    where = [next((k for k, (a, b) in sorted(spans.items()) if a <= start and end <= b), None)
+             for start, end, _, _ in idle]
+    rows = []
+    for k in sorted(by_layer):
+        gaps = [end - start for (start, end, _, _), w in zip(idle, where) if w == k]
+        span_us = spans[k][1] - spans[k][0]
+        rows.append({"layer": k, "kernels": len(by_layer[k]), "span_ms": span_us / 1e3,
+                     "busy_ms": (span_us - sum(gaps)) / 1e3, "gaps_ms": sum(gaps) / 1e3,
+                     "gap_count": len(gaps)})
+    outside = [end - start for (start, end, _, _), w in zip(idle, where) if w is None]
+    rest = {"kernels": sum(1 for i in items if i.get("layer") is None),
+            "gaps_ms": sum(outside) / 1e3, "gap_count": len(outside)}
+    return rows, rest, where
+
+
+def _bytes_bound(meta: dict[str, Any]) -> dict[str, Any]:
+    nbytes, gbps = meta.get("bytes_per_step"), meta.get("hbm_gbps")
+    if not (isinstance(nbytes, (int, float)) and isinstance(gbps, (int, float))
+            and nbytes > 0 and gbps > 0):
+        return {"bytes_per_step": None, "hbm_gbps": None, "bytes_bound_ms": None}
+    return {"bytes_per_step": nbytes, "hbm_gbps": gbps, "bytes_bound_ms": nbytes / gbps / 1e6}
+
+
+def step_gaps(steps: list[list[dict[str, Any]]], pick: int,
+              meta: dict[str, Any]) -> dict[str, Any]:
+    """The gap figures of step `pick` (the median step breakdown.py shows), every step's
+    totals, and the bytes-bound time. Items: start/end in us, name, stream, layer (int or None)."""
+    items = steps[pick]
+    busy = _busy_intervals(items)
+    idle = _idle(busy)
+    layers, outside, where = _layer_rows(items, idle)
+    gap_us = [end - start for start, end, _, _ in idle]
+    ranked = sorted(range(len(idle)), key=lambda k: -gap_us[k])[:TOP_GAPS]
+    largest = [{"gap_us": gap_us[k], "before": idle[k][2]["name"], "after": idle[k][3]["name"],
+                "layer": where[k]} for k in ranked]
+    figures = _figures(items)
+    each = [_figures(group) for group in steps]
+    return {**figures,
+            "gaps_pct": 100 * figures["gaps_ms"] / figures["span_ms"] if figures["span_ms"]
+            else None,
+            "streams": len({(str(i.get("device")), i.get("stream")) for i in items}),
+            "gap_count": len(idle),
+            "mean_gap_us": sum(gap_us) / len(gap_us) if gap_us else None,
+            "largest_gaps": largest,
+            "layers": layers, "outside_layers": outside if layers else None,
+            "median_of_steps": {key: statistics.median(f[key] for f in each)
+                                for key in ("span_ms", "busy_ms", "gaps_ms", "kernels")},
+            "steps": each, **_bytes_bound(meta)}
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
+    """One line for the step (kernels + gaps against its bytes), its largest gaps, and a table
+    per layer when the trace has layer ranges."""
+    from infermeter.textable import render_table
+
+    bound = gaps.get("bytes_bound_ms")
+    head = (f"Step {_num(gaps['span_ms'])} ms = kernels {_num(gaps['busy_ms'])} + gaps "
+            f"{_num(gaps['gaps_ms'])} ms ({_num(gaps['gaps_pct'])}%)"
+            + (f"; bytes alone {_num(bound)} ms ({_num(gaps['bytes_per_step'] / 2**20)} MiB at "
+               f"{_num(gaps['hbm_gbps'])} GB/s)" if bound is not None else
+               "; bytes alone: unknown (no measured bandwidth in the trace)"))
+    lines = [head, f"{gaps['kernels']} kernels on {gaps['streams']} stream(s), "
+                   f"{gaps['gap_count']} gaps, mean gap {_num(gaps['mean_gap_us'])} us"]
+    for g in gaps["largest_gaps"]:
+        where = "" if g["layer"] is None else f" (layer {g['layer']})"
+        lines.append(f"  gap {_num(g['gap_us'])} us{where}: {g['before'][:48]} -> "
+                     f"{g['after'][:48]}")
+    layers = gaps.get("layers") or []
+    if not layers:
+        lines.append("Per layer: no layer ranges in this trace (a compiled step or a trace from "
+                     "elsewhere; --mode eager traces them)")
+        return "\n".join(lines)
+    rows = [(f"layer {r['layer']}", r["kernels"], f"{r['span_ms']:.4f}", f"{r['busy_ms']:.4f}",
+             f"{r['gaps_ms']:.4f}", _num(100 * r["gaps_ms"] / r["span_ms"] if r["span_ms"]
+                                         else None)) for r in layers[:max_layer_rows]]
+    rest = gaps["outside_layers"]
+    rows.append(("outside the layers", rest["kernels"], "-", "-", f"{rest['gaps_ms']:.4f}", "-"))
+    more = len(layers) - max_layer_rows
+    table = render_table(("layer", "kernels", "span ms", "busy ms", "gaps ms", "gaps %"), rows)
+    return "\n".join(lines) + "\nPer layer:\n" + table + (
+        f"\n... {more} more layers (--json lists every one)" if more > 0 else "")

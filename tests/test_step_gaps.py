@@ -1,0 +1,211 @@
+"""Bubbles in a decode step (measure/gaps.py, through breakdown.py): synthetic GPU traces with
+known kernels and gaps (three steps with two layers each, two overlapping streams, no layer
+ranges), exact busy / gap / kernel-count figures, the bytes-bound time, the rendering, the
+trace command, the per-layer ranges the eager capture opens."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from infermeter.cli import main
+from infermeter.engine.model import build_model
+from infermeter.generate import loop
+from infermeter.generate.request import build_request
+from infermeter.measure import breakdown as bd
+from infermeter.measure import nvtx, roofline
+from infermeter.measure.trace import traced_contexts
+from infermeter.specs.presets import PRESETS
+
+# One step, times in us relative to its start. Host: (range start, dur, label); GPU, per kernel:
+# (launch at, name, start, dur). Layer 0 runs 6..40 with gaps 3 + 1, layer 1 runs 45..75 with
+# a gap of 4 (l1_a and l1_b touch: no gap); outside the layers: 2 before layer 0, 5 between the
+# layers, `tail` before the argmax. busy 65 us, 8 kernels.
+STEP_RANGES = [(0, 100, "decode_step"), (1, 90, "model"), (10, 30, "layer 0"),
+               (40, 30, "layer 1")]
+STEP_KERNELS = [(5, "embedding_kernel", 0, 4), (11, "l0_a", 6, 10), (12, "l0_b", 19, 10),
+                (13, "l0_c", 30, 10), (41, "l1_a", 45, 10), (42, "l1_b", 55, 10),
+                (43, "l1_c", 69, 6)]
+TAILS = (0, 10, 50)  # the gap before each step's argmax: spans 80, 90 (the median), 130
+
+
+def _event(cat, name, ts, dur, pid=1, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+            "args": args}
+
+
+def _kernel(events, corr, at, name, start, dur, stream=7):
+    events.append(_event("cuda_runtime", "cudaLaunchKernel", at, 0.5, correlation=corr))
+    events.append(_event("kernel", name, start, dur, pid=0, tid=stream, correlation=corr,
+                         stream=stream))
+
+
+def layered_trace(meta=None, layers=True):
+    """Three decode steps on one stream; the middle one (span 90 us) is the median."""
+    events: list[dict] = []
+    for k, tail in enumerate(TAILS):
+        host, gpu = 200 * k, 10_000 + 500 * k
+        events += [_event("user_annotation", f"im/{label}", host + ts, dur)
+                   for ts, dur, label in STEP_RANGES if layers or "layer" not in label]
+        kernels = [*STEP_KERNELS, (80, "argmax_kernel", 75 + tail, 5)]
+        for j, (at, name, start, dur) in enumerate(kernels):
+            _kernel(events, 100 * k + j, host + at, name, gpu + start, dur)
+    return {"traceEvents": events, "infermeter": meta or {}}
+
+
+def test_busy_gaps_and_kernels_per_step_and_layer_are_exact():
+    gaps = bd.breakdown(layered_trace())["step_gaps"]
+    assert gaps["span_ms"] == pytest.approx(0.090) and gaps["busy_ms"] == pytest.approx(0.065)
+    assert gaps["gaps_ms"] == pytest.approx(0.025) and gaps["gaps_pct"] == pytest.approx(25 / 0.9)
+    assert (gaps["kernels"], gaps["streams"], gaps["gap_count"]) == (8, 1, 6)
+    assert gaps["mean_gap_us"] == pytest.approx(25 / 6)
+    layers = [(r["layer"], r["kernels"], r["span_ms"], r["busy_ms"], r["gaps_ms"], r["gap_count"])
+              for r in gaps["layers"]]
+    assert layers == [pytest.approx((0, 3, 0.034, 0.030, 0.004, 2)),
+                      pytest.approx((1, 3, 0.030, 0.026, 0.004, 1))]
+    assert gaps["outside_layers"] == pytest.approx({"kernels": 2, "gaps_ms": 0.017, "gap_count": 3})
+    largest = [(g["gap_us"], g["before"], g["after"], g["layer"]) for g in gaps["largest_gaps"]]
+    assert largest == [(10, "l1_c", "argmax_kernel", None), (5, "l0_c", "l1_a", None),
+                       (4, "l1_b", "l1_c", 1), (3, "l0_a", "l0_b", 0),
+                       (2, "embedding_kernel", "l0_a", None)]
+    # every step's totals, and their medians: the tail gap is all that differs
+    assert [s["gaps_ms"] for s in gaps["steps"]] == pytest.approx([0.015, 0.025, 0.065])
+    assert gaps["median_of_steps"] == pytest.approx(
+        {"span_ms": 0.090, "busy_ms": 0.065, "gaps_ms": 0.025, "kernels": 8})
+    assert gaps["bytes_bound_ms"] is None  # no bandwidth in the trace
+
+
+def test_layer_ranges_do_not_change_the_categories():
+    """im/layer N ranges are outer ranges: a kernel's category is still its innermost label (a
+    norm kernel launched in the model outside any module range stays "other")."""
+    traces = [layered_trace(), layered_trace(layers=False)]
+    for trace in traces:
+        for e in trace["traceEvents"]:
+            e["name"] = "rms_norm_kernel" if e["name"] == "l0_a" else e["name"]
+    with_layers, without = (bd.breakdown(trace) for trace in traces)
+    assert not any(r["name"] == "norms & rotary" for r in with_layers["categories"])
+    assert with_layers["categories"] == without["categories"]
+    assert without["step_gaps"]["layers"] == [] and without["step_gaps"]["outside_layers"] is None
+    assert without["step_gaps"]["busy_ms"] == with_layers["step_gaps"]["busy_ms"]
+
+
+def test_overlapping_kernels_on_two_streams_count_once():
+    # stream 7: a 0-10, b 20-30; stream 8: c 8-14 (overlaps a), d 40-45.
+    # busy = [0,14] + [20,30] + [40,45] = 29 us of 31 us of kernels; gaps 6 + 10.
+    events = [_event("user_annotation", "im/decode_step", 0, 50)]
+    for corr, (name, start, dur, stream) in enumerate(
+            [("a", 0, 10, 7), ("b", 20, 10, 7), ("c", 8, 6, 8), ("d", 40, 5, 8)]):
+        _kernel(events, corr, 1 + corr, name, 1000 + start, dur, stream)
+    gaps = bd.breakdown({"traceEvents": events})["step_gaps"]
+    assert (gaps["span_ms"], gaps["busy_ms"], gaps["gaps_ms"]) == pytest.approx((0.045, 0.029,
+                                                                                0.016))
+    assert (gaps["kernels"], gaps["streams"], gaps["gap_count"]) == (4, 2, 2)
+    largest = [(g["gap_us"], g["before"], g["after"]) for g in gaps["largest_gaps"]]
+    assert largest == [(10, "b", "d"), (6, "c", "b")]
+
+
+def test_bytes_bound_needs_both_bytes_and_bandwidth():
+    meta = {"bytes_per_step": 50_000_000, "hbm_gbps": 1000.0}  # 50 MB at 1000 GB/s: 0.05 ms
+    assert bd.breakdown(layered_trace(meta))["step_gaps"]["bytes_bound_ms"] == pytest.approx(0.05)
+    for partial in ({"bytes_per_step": 50_000_000}, {"hbm_gbps": 1000.0},
+                    {"bytes_per_step": "50 MB", "hbm_gbps": 1000.0}):
+        assert bd.breakdown(layered_trace(partial))["step_gaps"]["bytes_bound_ms"] is None
+
+
+def test_rendering_shows_step_layers_and_largest_gaps():
+    text = bd.render_breakdown(bd.breakdown(layered_trace({"bytes_per_step": 50_000_000,
+                                                           "hbm_gbps": 1000.0})))
+    lines = text.splitlines()
+    assert "Step 0.09 ms = kernels 0.065 + gaps 0.025 ms (27.8%); bytes alone 0.05 ms " \
+           "(47.7 MiB at 1e+03 GB/s)" in lines
+    assert "8 kernels on 1 stream(s), 6 gaps, mean gap 4.17 us" in lines
+    assert "  gap 4 us (layer 1): l1_b -> l1_c" in lines
+    assert [line.split() for line in lines if line.startswith(("layer 0", "outside the"))] == [
+        ["layer", "0", "3", "0.0340", "0.0300", "0.0040", "11.8"],
+        ["outside", "the", "layers", "2", "-", "-", "0.0170", "-"]]
+    unknown = bd.render_breakdown(bd.breakdown(layered_trace(layers=False)))
+    assert "bytes alone: unknown (no measured bandwidth in the trace)" in unknown
+    assert "Per layer: no layer ranges in this trace" in unknown
+    short = bd.render_gaps(bd.breakdown(layered_trace())["step_gaps"], max_layer_rows=1)
+    assert "layer 1 " not in short and "... 1 more layers (--json lists every one)" in short
+
+
+def test_trace_command_prints_and_stores_the_gaps(tmp_path, capsys):
+    path = tmp_path / "trace-rank0.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(layered_trace()).encode()))
+    assert main(["trace", str(path), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["step_gaps"]
+    assert stored["kernels"] == 8 and len(stored["layers"]) == 2
+    assert main(["trace", str(path)]) == 0
+    assert "Step 0.09 ms = kernels 0.065 + gaps 0.025 ms" in capsys.readouterr().out
+
+
+def test_odd_kernel_fields_are_skipped_or_read_not_a_traceback(capsys, tmp_path):
+    """A foreign trace: a stream given as a list, a negative and a non-finite duration."""
+    events = [_event("user_annotation", "im/decode_step", 0, 50)]
+    for corr, (start, dur) in enumerate([(0, 10), (15, 5), (30, -3), (40, float("nan"))]):
+        _kernel(events, corr, 1 + corr, f"k{corr}", 1000 + start, dur)
+    events[2]["args"]["stream"] = [7]
+    gaps = bd.breakdown({"traceEvents": events})["step_gaps"]
+    assert (gaps["span_ms"], gaps["busy_ms"], gaps["kernels"]) == pytest.approx((0.02, 0.015, 2))
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"traceEvents": events}))  # NaN as JSON's NaN, as Python reads it
+    assert main(["trace", str(path)]) == 0
+    assert "Step 0.02 ms = kernels 0.015 + gaps 0.005 ms" in capsys.readouterr().out
+
+
+def test_a_copy_trace_has_no_step_gaps():
+    events = [_event("user_annotation", "im/copy pinned d2h", 0, 50)]
+    for corr, start in enumerate((0, 20)):
+        events.append(_event("cuda_runtime", "cudaMemcpyAsync", 1 + corr, 0.5, correlation=corr))
+        events.append(_event("gpu_memcpy", "Memcpy DtoH", 1000 + start, 10, pid=0, tid=7,
+                             correlation=corr, bytes=1_000_000))
+    found = bd.breakdown({"traceEvents": events})
+    assert len(found["copies"]) == 1 and found["step_gaps"] is None
+
+
+@pytest.mark.parametrize("text", ['{"traceEvents": {"ph": "X"}}', "\x00\x01binary"])
+def test_a_bad_trace_is_one_error_line(tmp_path, capsys, text):
+    bad = tmp_path / "trace.json"
+    bad.write_text(text)
+    assert main(["trace", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infermeter: error:") and len(err.splitlines()) == 1
+
+
+def test_eager_capture_opens_one_range_per_layer_and_cpu_traces_have_no_gaps():
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = PRESETS["debug"]
+    model = build_model(spec)
+    model.setup_cache(1, 8)
+    handles = nvtx.install_layer_ranges(model)
+    nvtx.set_profiling(True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, nvtx.traced("decode_step"):
+            model(torch.tensor([[1, 2]]), torch.arange(2))
+    finally:
+        nvtx.set_profiling(False)
+        nvtx.remove_ranges(handles)
+    names = [e.name for e in prof.events()]
+    assert [n for n in names if n.startswith("im/layer")] == [
+        f"im/layer {i}" for i in range(spec.n_layers)]
+    found = bd.breakdown({"traceEvents": [
+        {"ph": "X", "cat": "cpu_op" if not e.name.startswith("im/") else "user_annotation",
+         "name": e.name, "ts": e.time_range.start, "dur": e.time_range.elapsed_us(),
+         "pid": 1, "tid": 1} for e in prof.events()]})
+    assert found["source"].startswith("cpu ops") and found["step_gaps"] is None
+
+
+def test_the_trace_gets_the_traced_steps_bytes_and_the_runs_bandwidth():
+    spec = PRESETS["debug"]
+    model = build_model(spec)
+    tokens = torch.ones(2, 4, dtype=torch.int64)
+    request = build_request("debug", max_new_tokens=10)
+    # prefill of 4, two untraced steps, then 5 traced steps reading 7..11 KV tokens
+    assert traced_contexts(4, 10) == range(7, 12) and not traced_contexts(4, 3)
+    bound = loop._trace_bound(model, tokens, request, 500.0, None)
+    assert bound == {"hbm_gbps": 500.0, "bytes_per_step": roofline.mean_decode_step_bytes(
+        spec, 2, range(7, 12), "float32", "float32", 1)}
+    assert loop._trace_bound(model, tokens, request, None, None) == {}
