@@ -118,7 +118,7 @@ def test_rendering_shows_step_layers_and_largest_gaps():
                                                            "hbm_gbps": 1000.0})))
     lines = text.splitlines()
     assert "Step 0.09 ms = kernels 0.065 + gaps 0.025 ms (27.8%); bytes alone 0.05 ms " \
-           "(47.7 MiB at 1e+03 GB/s)" in lines
+           "(47.7 MiB at 1,000 GB/s)" in lines
     assert "8 kernels on 1 stream(s), 6 gaps, mean gap 4.17 us" in lines
     assert "  gap 4 us (layer 1): l1_b -> l1_c" in lines
     assert [line.split() for line in lines if line.startswith(("layer 0", "outside the"))] == [

@@ -126,8 +126,8 @@ def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
     bound = gaps.get("bytes_bound_ms")
     head = (f"Step {_num(gaps['span_ms'])} ms = kernels {_num(gaps['busy_ms'])} + gaps "
             f"{_num(gaps['gaps_ms'])} ms ({_num(gaps['gaps_pct'])}%)"
-            + (f"; bytes alone {_num(bound)} ms ({_num(gaps['bytes_per_step'] / 2**20)} MiB at "
-               f"{_num(gaps['hbm_gbps'])} GB/s)" if bound is not None else
+            + (f"; bytes alone {_num(bound)} ms ({gaps['bytes_per_step'] / 2**20:,.1f} MiB at "
+               f"{gaps['hbm_gbps']:,.0f} GB/s)" if bound is not None else
                "; bytes alone: unknown (no measured bandwidth in the trace)"))
     lines = [head, f"{gaps['kernels']} kernels on {gaps['streams']} stream(s), "
                    f"{gaps['gap_count']} gaps, mean gap {_num(gaps['mean_gap_us'])} us"]
