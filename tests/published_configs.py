@@ -71,6 +71,60 @@ DEEPSEEK_V3 = {
                             "weight_block_size": [128, 128]},
 }
 
+# openai/gpt-oss-20b; gpt-oss-120b's differs in its layer count (and layer_types) and experts.
+# Neither says torch_dtype: bf16 is the default.
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
+    "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+    "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "num_attention_heads": 64, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                                                       "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"],
+                            "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                     "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+    "swiglu_limit": 7.0, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
+}
+GPT_OSS_120B = {**GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128,
+                "layer_types": ["sliding_attention", "full_attention"] * 18}
+
+# meta-llama/Llama-4-Scout-17B-16E: the language model nested in text_config, a vision
+# encoder beside it (trimmed here to a few fields: no loader reads it).
+LLAMA4_SCOUT = {
+    "architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+    "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
+    "text_config": {
+        "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0,
+        "attn_scale": 0.1, "attn_temperature_tuning": 4, "bos_token_id": 200000,
+        "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192,
+        "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 262144, "model_type": "llama4_text",
+        "moe_layers": list(range(48)), "no_rope_layers": [1, 1, 1, 0] * 12,
+        "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48,
+        "num_key_value_heads": 8, "num_local_experts": 16, "output_router_logits": False,
+        "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": True,
+        "vocab_size": 202048,
+    },
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vision_config": {"hidden_size": 1408, "intermediate_size": 5632,
+                      "model_type": "llama4_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 34, "vision_output_dim": 4096},
+}
+
 # Meta's params.json files (llama-models / llama repos).
 META_LLAMA2_13B = {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40,
                    "norm_eps": 1e-05, "vocab_size": -1}

@@ -6,7 +6,9 @@ Bandwidth uses GB = 1e9 bytes; capacities print as MiB/GiB (2**30), see docs/des
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 from infermeter.errors import InfermeterError
 
@@ -20,6 +22,12 @@ DTYPE_BYTES = {
     "int8": 1,
 }
 
+# Weight-only block formats: bytes a weight, its block's shared scale included. MXFP4 (OCP
+# microscaling; gpt-oss's experts): 32 4-bit values share one 8-bit power-of-two scale, so 32
+# weights take 16 + 1 bytes, 4.25 bits a weight. Weights only: no tensor, KV cache or
+# activation holds it, so dtype_bytes refuses it.
+BLOCK_DTYPE_BYTES = {"mxfp4": Fraction(17, 32)}
+
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
     "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
@@ -27,6 +35,7 @@ _DTYPE_ALIASES = {
     "float8": "float8", "fp8": "float8", "float8_e4m3fn": "float8", "float8_e5m2": "float8",
     "e4m3": "float8", "e5m2": "float8",
     "int8": "int8", "i8": "int8",
+    "mxfp4": "mxfp4",
 }
 
 
@@ -41,13 +50,32 @@ def canonical_dtype(name: str) -> str:
     key = str(name).strip().lower().removeprefix("torch.")
     if key not in _DTYPE_ALIASES:
         raise InfermeterError(
-            f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp8, int8"
+            f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp8, int8 (weights: also mxfp4)"
         )
     return _DTYPE_ALIASES[key]
 
 
 def dtype_bytes(name: str) -> int:
-    return DTYPE_BYTES[canonical_dtype(name)]
+    """Bytes of one element: what a KV cache, an activation or a torch tensor holds."""
+    canonical = canonical_dtype(name)
+    if canonical in BLOCK_DTYPE_BYTES:
+        raise InfermeterError(f"{canonical} is a weight storage format (4-bit values sharing "
+                              "a scale per block of 32), not a dtype a KV cache or a tensor "
+                              "can hold; use it for weights (--dtype) only")
+    return DTYPE_BYTES[canonical]
+
+
+def weight_dtype_bytes(name: str) -> Fraction:
+    """Bytes one weight takes stored as `name`: 2 for bf16, 17/32 for mxfp4."""
+    canonical = canonical_dtype(name)
+    if canonical in BLOCK_DTYPE_BYTES:
+        return BLOCK_DTYPE_BYTES[canonical]
+    return Fraction(DTYPE_BYTES[canonical])
+
+
+def weight_bytes_of(params: int, name: str) -> int:
+    """Bytes `params` weights take stored as `name`, rounded up to a whole byte."""
+    return math.ceil(params * weight_dtype_bytes(name))
 
 
 _SIZE_UNITS = {

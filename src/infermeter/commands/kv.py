@@ -14,6 +14,9 @@ def add_kv_parser(sub: argparse._SubParsersAction) -> None:
     add_cache_flags(p)
     p.add_argument("--dtype", help="weight dtype (default: the dtype the model's weights are "
                    "published in, e.g. fp8 for deepseek-v3; see `infermeter presets`)")
+    p.add_argument("--expert-dtype", help="dtype of the MoE experts' weight matrices, e.g. "
+                   "mxfp4 (default: as published, gpt-oss's mxfp4, where no --dtype is given; "
+                   "else --dtype's)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
     p.add_argument("--gpu-memory", help="GPU memory to fit into, e.g. 80GiB (default: the "
                    "local GPU's, read through NVML, if there is one)")
@@ -44,6 +47,8 @@ def _run_kv(args: argparse.Namespace) -> int:
     request = KvRequest(spec, tuple(args.batch_size), tuple(args.seq_len),
                         kv_dtype=args.kv_dtype or spec.torch_dtype,
                         dtype=args.dtype or spec.published_dtype, tp=args.tp,
+                        expert_dtype=args.expert_dtype or (None if args.dtype
+                                                           else spec.expert_weight_dtype),
                         gpu_memory=gpu_memory, gpu_memory_source=source, reserve=args.reserve,
                         check_engine=args.check_engine)
     results = kv_results(request, env)
@@ -83,7 +88,10 @@ def _run_presets(args: argparse.Namespace) -> int:
         rows.append([name, spec.arch, spec.n_layers, spec.dim, f"{spec.n_heads}/{spec.n_kv_heads}",
                      spec.head_dim, format_count(param_count(spec)),
                      format_count(published) if published else "-",
-                     format_bytes(weight_bytes(spec, spec.published_dtype)), spec.published_dtype,
+                     format_bytes(weight_bytes(spec, spec.published_dtype,
+                                               expert_dtype=spec.expert_weight_dtype)),
+                     spec.published_dtype + (f" + {spec.expert_weight_dtype} experts"
+                                             if spec.expert_weight_dtype else ""),
                      format_bytes(kv_bytes_per_token(spec, spec.torch_dtype)), spec.torch_dtype,
                      spec.window_summary() or "-"])
     print(render_table(["preset", "arch", "layers", "dim", "heads/kv", "head_dim", "params",

@@ -15,7 +15,7 @@ from infermeter.specs import sizes
 from infermeter.specs.gguf_meta import facts_for
 from infermeter.specs.model import ModelSpec
 from infermeter.textable import render_table
-from infermeter.units import canonical_dtype, format_bytes, format_count, parse_size
+from infermeter.units import canonical_dtype, dtype_bytes, format_bytes, format_count, parse_size
 
 WEIGHT_METRICS = ("param_count", "param_count_active", "weight_bytes", "weight_bytes_active",
                   "weight_bytes_per_rank")
@@ -29,6 +29,8 @@ class KvRequest:
     kv_dtype: str
     dtype: str  # weights
     tp: int = 1
+    expert_dtype: str | None = None  # the experts' weight matrices, where not `dtype` (gpt-oss
+    # as published: mxfp4)
     gpu_memory: int | None = None
     gpu_memory_source: str | None = None  # "--gpu-memory" or the GPU's name (from NVML)
     reserve: str = "10%"
@@ -41,8 +43,10 @@ class KvRequest:
                     raise InfermeterError(f"--{name[:-1].replace('_', '-')} must be positive, "
                                           f"got {value}")
         sizes.check_tp(self.spec, self.tp)
-        canonical_dtype(self.kv_dtype)
+        dtype_bytes(self.kv_dtype)  # an element dtype: a KV cache cannot be mxfp4
         canonical_dtype(self.dtype)
+        if self.expert_dtype is not None:
+            canonical_dtype(self.expert_dtype)
 
     def reserve_bytes(self) -> int:
         """Activation reserve: a percent of GPU memory ('10%') or a size ('4GiB')."""
@@ -60,7 +64,9 @@ class KvRequest:
 
 def _config(req: KvRequest, batch: int, seq_len: int) -> dict[str, Any]:
     return {"batch_size": batch, "seq_len": seq_len, "kv_dtype": canonical_dtype(req.kv_dtype),
-            "dtype": canonical_dtype(req.dtype), "tp": req.tp, "gpu_memory": req.gpu_memory,
+            "dtype": canonical_dtype(req.dtype),
+            "expert_dtype": req.expert_dtype and canonical_dtype(req.expert_dtype),
+            "tp": req.tp, "gpu_memory": req.gpu_memory,
             "gpu_memory_source": req.gpu_memory_source, "activation_reserve": req.reserve}
 
 
@@ -71,7 +77,8 @@ def _weights_known(req: KvRequest) -> bool:
 def _fit_metrics(req: KvRequest, batch: int, seq_len: int, per_rank: int) -> dict[str, Any]:
     if req.gpu_memory is None or not _weights_known(req):  # the budget is memory - weights
         return {}
-    fit = sizes.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes())
+    fit = sizes.kv_budget(req.spec, req.dtype, req.tp, req.gpu_memory, req.reserve_bytes(),
+                          req.expert_dtype)
     budget = fit.kv_budget_bytes
     per_token = sizes.kv_bytes_per_token(req.spec, req.kv_dtype, req.tp)
     return {
@@ -126,9 +133,11 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
         weights = {
             "param_count": sizes.param_count(spec),
             "param_count_active": sizes.param_count(spec, active=True),
-            "weight_bytes": sizes.weight_bytes(spec, req.dtype),
-            "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True),
-            "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp),
+            "weight_bytes": sizes.weight_bytes(spec, req.dtype, expert_dtype=req.expert_dtype),
+            "weight_bytes_active": sizes.weight_bytes(spec, req.dtype, active=True,
+                                                      expert_dtype=req.expert_dtype),
+            "weight_bytes_per_rank": sizes.weight_bytes_per_rank(spec, req.dtype, req.tp,
+                                                                 req.expert_dtype),
         }
     facts = facts_for(spec)  # a GGUF file: its quant type and the weights' bytes as stored
     if facts is not None:
@@ -156,10 +165,17 @@ def kv_results(req: KvRequest, env: dict[str, Any]) -> list[Result]:
 
 
 def window_line(spec: ModelSpec) -> str | None:
-    """Why KV/token x tokens is more than the cache: a sliding window caps what layers hold."""
+    """Why KV/token x tokens is more than the cache: a sliding window (or Llama 4's attention
+    chunk) caps what layers hold."""
     if not spec.sliding_window_layers:
         return None
     window = spec.sliding_window
+    if spec.window_kind == "chunked":
+        n = len(spec.sliding_window_layers)
+        where, rest = ("every layer", "") if n == spec.n_layers else \
+            (f"{n} of {spec.n_layers} layers", ", the others every token")
+        return (f"chunked attention on {where}: a token attends within its {window}-token "
+                f"chunk, so those hold at most {window} tokens a sequence{rest}")
     if len(spec.sliding_window_layers) == spec.n_layers:
         return (f"sliding window {window} tokens on every layer: the cache holds at most "
                 f"{window} tokens a sequence")
@@ -175,8 +191,10 @@ def render_kv(req: KvRequest, results: list[Result]) -> str:
     if not _weights_known(req):
         weights = "weights unknown (vocabulary size unknown)"
     else:
+        experts = f", experts {canonical_dtype(req.expert_dtype)}" if req.expert_dtype else ""
         weights = (f"weights {format_bytes(first['weight_bytes'])} "
-                   f"({format_count(first['param_count'])} params, {canonical_dtype(req.dtype)})")
+                   f"({format_count(first['param_count'])} params, {canonical_dtype(req.dtype)}"
+                   f"{experts})")
     if spec.is_moe and _weights_known(req):
         weights += f", active {format_bytes(first['weight_bytes_active'])}"
     if "weight_bytes_file" in first:

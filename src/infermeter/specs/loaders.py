@@ -216,7 +216,9 @@ def _hf_rope(cfg: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None
 def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
                path: Path) -> tuple[int | None, tuple[int, ...]]:
     """The window length and the layers that use it, following transformers' rules per model
-    type; (None, ()) without a window."""
+    type; (None, ()) without a window. Llama 4: its attention chunk and chunked layers."""
+    if model_type == "llama4_text":
+        return _llama4_chunks(cfg, n_layers, path)
     window = None if cfg.get("sliding_window") is None else _int(cfg, "sliding_window", path)
     types = _field(cfg, "layer_types", path, None, "")
     if types:
@@ -232,7 +234,7 @@ def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
     elif model_type in ("qwen2", "qwen3", "qwen3_moe"):  # when enabled, from max_window_layers on
         start = _int(cfg, "max_window_layers", path, default=0, minimum=0)
         layers = tuple(range(start, n_layers)) if _bool(cfg, "use_sliding_window", path) else ()
-    elif model_type == "gemma2":  # layers 0, 2, 4, ... slide
+    elif model_type in ("gemma2", "gpt_oss"):  # layers 0, 2, 4, ... slide
         layers = tuple(range(0, n_layers, 2))
     elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is global
         pattern = _int(cfg, "sliding_window_pattern", path, default=6)
@@ -245,6 +247,32 @@ def _hf_window(cfg: dict[str, Any], model_type: str, n_layers: int,
         raise InfermeterError(f"{path}: field 'layer_types' names sliding_attention layers but "
                               "'sliding_window' is missing")
     return (window, layers) if layers else (None, ())
+
+
+def _llama4_chunks(cfg: dict[str, Any], n_layers: int,
+                   path: Path) -> tuple[int | None, tuple[int, ...]]:
+    """Llama 4: the RoPE layers attend within attention_chunk_size-token chunks, the NoPE ones
+    (no_rope_layers 0; by default every no_rope_layer_interval-th) to every token, as
+    transformers' Llama4TextConfig rules; layer_types, where given, wins."""
+    if cfg.get("attention_chunk_size") is None:
+        return None, ()
+    chunk = _int(cfg, "attention_chunk_size", path)
+    types = _field(cfg, "layer_types", path, None, "")
+    if types:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise InfermeterError(f"{path}: field 'layer_types' must list one type a layer "
+                                  f"({n_layers}), got {types!r}")
+        layers = tuple(i for i, t in enumerate(types) if t == "chunked_attention")
+    elif rope := _field(cfg, "no_rope_layers", path, None, ""):
+        if not isinstance(rope, list) or len(rope) != n_layers \
+                or not all(type(flag) is int and flag in (0, 1) for flag in rope):
+            raise InfermeterError(f"{path}: field 'no_rope_layers' must hold one 0 or 1 a layer "
+                                  f"({n_layers}), got {rope!r}")
+        layers = tuple(i for i, flag in enumerate(rope) if flag)
+    else:
+        interval = _int(cfg, "no_rope_layer_interval", path, default=4)
+        layers = tuple(i for i in range(n_layers) if (i + 1) % interval)
+    return (chunk, layers) if layers else (None, ())
 
 
 def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, Any]:
@@ -267,6 +295,22 @@ def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, A
                   # transformers' rule: experts where not mlp_only and (i + 1) % step == 0
                   "moe_dense_layers": tuple(i for i in range(n_layers)
                                             if i in only or (i + 1) % step)}
+    elif model_type == "gpt_oss":
+        fields = {"n_experts": _int(cfg, "num_local_experts", path),
+                  "n_active_experts": _int(cfg, "num_experts_per_tok", path),
+                  "moe_ffn_dim": _int(cfg, "intermediate_size", path), "moe_bias": True}
+    elif model_type == "llama4_text":
+        n_layers = _layers(cfg, "num_hidden_layers", path)
+        step = _int(cfg, "interleave_moe_layer_step", path, default=1)
+        moe = _field(cfg, "moe_layers", path, list(range(step - 1, n_layers, step)), "")
+        if not isinstance(moe, list) or not all(isinstance(i, int) for i in moe):
+            raise InfermeterError(f"{path}: field 'moe_layers' must be a list of layer numbers, "
+                                  f"got {moe!r}")
+        fields = {"n_experts": _int(cfg, "num_local_experts", path),
+                  "n_active_experts": _int(cfg, "num_experts_per_tok", path),
+                  "n_shared_experts": 1, "moe_ffn_dim": _int(cfg, "intermediate_size", path),
+                  "norm_topk_prob": False,  # sigmoid scores of the top k, as they are
+                  "moe_dense_layers": tuple(i for i in range(n_layers) if i not in moe)}
     elif model_type == "deepseek_v3":
         fields = {"n_experts": _int(cfg, "n_routed_experts", path),
                   "n_active_experts": _int(cfg, "num_experts_per_tok", path),
@@ -308,8 +352,34 @@ def _gemma3_rope(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta}
 
 
+def _llama4_text(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Llama 4's config.json (model_type llama4) nests the language model in text_config, which
+    is what is sized (the vision encoder beside it is not); tie_word_embeddings and the dtype
+    may be said at the top level only."""
+    text = _object(cfg, "text_config", path)
+    if not text:
+        raise InfermeterError(f"{path}: model_type 'llama4' without a 'text_config' object")
+    top = {key: cfg[key] for key in ("tie_word_embeddings", "torch_dtype", "dtype",
+                                     "quantization_config")
+           if cfg.get(key) is not None and text.get(key) is None}
+    return {**text, **top, "model_type": "llama4_text"}
+
+
+def _gpt_oss_llama4(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, Any]:
+    """What only gpt-oss and Llama 4 set: an o_proj bias (attention_bias covers it), gpt-oss's
+    sinks and mxfp4 experts, Llama 4's chunked attention."""
+    if model_type not in ("gpt_oss", "llama4_text"):
+        return {}
+    quant = _object(cfg, "quantization_config", path)
+    return {"o_bias": _bool(cfg, "attention_bias", path), "attn_sinks": model_type == "gpt_oss",
+            "expert_weight_dtype": "mxfp4" if quant.get("quant_method") == "mxfp4" else None,
+            "window_kind": "chunked" if model_type == "llama4_text" else "sliding"}
+
+
 def spec_from_hf_config(path: Path) -> ModelSpec:
     cfg = read_json(path)
+    if cfg.get("model_type") == "llama4":
+        cfg = _llama4_text(cfg, path)
     model_type = cfg.get("model_type")
     if model_type not in SIZING_ARCHS:
         raise InfermeterError(f"{path}: unsupported model_type {model_type!r} "
@@ -334,7 +404,8 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         path, name=path.parent.name if path.name == "config.json" else path.stem,
         arch=model_type, n_layers=n_layers, dim=dim, n_heads=n_heads,
         n_kv_heads=_kv_heads(cfg, path, "num_key_value_heads", n_heads, "num_attention_heads"),
-        head_dim=head_dim, ffn_dim=_int(cfg, "intermediate_size", path),
+        head_dim=head_dim, ffn_dim=_int(cfg, "intermediate_size_mlp" if model_type ==
+                                        "llama4_text" else "intermediate_size", path),
         vocab_size=_int(cfg, "vocab_size", path),
         norm_eps=_float(cfg, "rms_norm_eps", path, default=1e-6), **rope,
         max_seq_len=_int(cfg, "max_position_embeddings", path, default=4096),
@@ -345,7 +416,7 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
         sliding_window=window, sliding_window_layers=window_layers,
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2, **gemma,
         torch_dtype=dtype, weight_dtype=_weight_dtype(cfg, path, dtype), source=str(path),
-        **_hf_moe_mla(cfg, model_type, path),
+        **_hf_moe_mla(cfg, model_type, path), **_gpt_oss_llama4(cfg, model_type, path),
     )
 
 

@@ -20,7 +20,11 @@ ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", 
 GEMMA_ARCHS = ("gemma3_text",)
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
 SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2",
-                "gemma3_text", "phi3", "deepseek_v3")
+                "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "llama4_text")
+# What the windowed layers do: "sliding", a token attends to the `window` tokens before it;
+# "chunked" (Llama 4), to the tokens of its own `window`-token chunk. Either way such a layer
+# caches at most `window` tokens a sequence, which is all sizing needs.
+WINDOW_KINDS = ("sliding", "chunked")
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,16 @@ class ModelSpec:
     # head_dim ** -0.5 where set; logits become cap * tanh(logits / cap) where a cap is set.
     query_pre_attn_scalar: float | None = None
     final_logit_softcap: float | None = None
-    # Sliding-window attention: window length in tokens and the layers that use it.
+    # Sliding-window attention: window length in tokens and the layers that use it;
+    # window_kind "chunked": the window is Llama 4's attention chunk (WINDOW_KINDS).
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] = ()
+    window_kind: str = "sliding"
+    # gpt-oss: a bias on the attention output projection too (qkv_bias covers q, k and v), one
+    # learned sink logit per query head and layer, and biases on the router and the experts.
+    o_bias: bool = False
+    attn_sinks: bool = False
+    moe_bias: bool = False
     # Mixture of experts: routed experts, routed experts used per token, always-on shared
     # experts, the FFN size of one expert, and leading layers that stay dense (DeepSeek-V3: 3).
     n_experts: int = 0
@@ -101,6 +112,9 @@ class ModelSpec:
     # caches in (the KV cache's default dtype)
     weight_dtype: str | None = None  # what its published weight files hold, where that is not
     # torch_dtype (DeepSeek-V3: FP8 with bf16 compute)
+    expert_weight_dtype: str | None = None  # what the published files hold for the experts'
+    # weight matrices (routed and shared; not the router, nor biases), where that is not the
+    # published dtype of the rest (gpt-oss: mxfp4 experts, all else bf16)
     source: str = field(default="preset", compare=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +136,9 @@ class ModelSpec:
             raise InfermeterError(f"model {self.name}: sliding-window layers {bad} out of range")
         if self.sliding_window_layers and self.sliding_window is None:
             raise InfermeterError(f"model {self.name}: sliding-window layers without a window")
+        if self.window_kind not in WINDOW_KINDS:
+            raise InfermeterError(f"model {self.name}: window_kind must be one of "
+                                  f"{', '.join(WINDOW_KINDS)}, got {self.window_kind!r}")
         if self.n_experts and not 0 < self.n_active_experts <= self.n_experts:
             raise InfermeterError(f"model {self.name}: active experts must be in 1..n_experts")
 
@@ -150,15 +167,18 @@ class ModelSpec:
         return self.weight_dtype or self.torch_dtype
 
     def window_summary(self) -> str | None:
-        """'4096 tokens, every layer' or '4096 tokens, 21 of 42 layers'; None: no window."""
+        """'4096 tokens, every layer', '4096 tokens, 21 of 42 layers' or, chunked, 'chunks of
+        8192 tokens, 36 of 48 layers'; None: no window."""
         if not self.sliding_window_layers:
             return None
         n = len(self.sliding_window_layers)
         layers = "every layer" if n == self.n_layers else f"{n} of {self.n_layers} layers"
-        return f"{self.sliding_window} tokens, {layers}"
+        chunks = "chunks of " if self.window_kind == "chunked" else ""
+        return f"{chunks}{self.sliding_window} tokens, {layers}"
 
     def layer_window(self, layer: int) -> int | None:
-        """Tokens layer `layer` attends to (and caches), or None for full attention."""
+        """The most tokens layer `layer` attends to (and caches): its sliding window or its
+        attention chunk; None for full attention."""
         return self.sliding_window if layer in self.sliding_window_layers else None
 
     def with_updates(self, **changes: Any) -> ModelSpec:

@@ -8,7 +8,8 @@ Weight dtypes: `kv` sizes a preset's weights in the dtype they are published in 
 weight_dtype where the files hold another): Llama 2 in fp16, the torch_dtype of Meta's -hf
 repositories and the seed's setting (Meta's own consolidated.*.pth hold bf16; same size);
 DeepSeek-V3 in FP8 (its files: e4m3 with a float32 scale per 128 x 128 block, computing in bf16,
-so its KV cache stays bf16); the others in bf16 as their config.json says.
+so its KV cache stays bf16); gpt-oss in bf16 with its experts' matrices in mxfp4
+(expert_weight_dtype: 4.25 bits a weight); the others in bf16 as their config.json says.
 """
 
 from __future__ import annotations
@@ -58,6 +59,20 @@ def _gemma3(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, head_di
                      sliding_window_layers=tuple(i for i in range(n_layers) if (i + 1) % 6),
                      norms_per_layer=4, rope_local_theta=10000.0,
                      query_pre_attn_scalar=query_scalar)
+
+
+def _gpt_oss(name: str, n_layers: int, n_experts: int) -> ModelSpec:
+    """gpt-oss: 64 query heads of 64 over a 2880-wide residual, 8 KV heads, 4 of n_experts
+    experts of 2880 a token, YaRN RoPE x32 from 4096 positions, untied embeddings."""
+    return ModelSpec(name, "gpt_oss", n_layers, 2880, 64, 8, 64, 2880, 201088, norm_eps=1e-5,
+                     rope_theta=150000.0,
+                     rope_scaling=RopeScaling("yarn", 32.0, original_max_position=4096,
+                                              extra=(("beta_fast", 32.0), ("beta_slow", 1.0),
+                                                     ("truncate", False))),
+                     max_seq_len=131072, qkv_bias=True, o_bias=True, attn_sinks=True,
+                     sliding_window=128, sliding_window_layers=tuple(range(0, n_layers, 2)),
+                     n_experts=n_experts, n_active_experts=4, moe_ffn_dim=2880, moe_bias=True,
+                     expert_weight_dtype="mxfp4")
 
 
 _PRESET_LIST = [
@@ -121,6 +136,24 @@ _PRESET_LIST = [
               n_experts=256, n_active_experts=8, n_shared_experts=1, moe_ffn_dim=2048,
               n_dense_layers=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
               qk_rope_head_dim=64, v_head_dim=128, weight_dtype="float8"),
+    # openai/gpt-oss-{20b,120b}, sizing only: a 128-token window on layers 0, 2, 4, ...
+    # (layer_types), biases on q/k/v/o, the router and the experts, a sink per head; published
+    # with the experts' matrices in mxfp4 (quantization_config), all else bf16.
+    _gpt_oss("gpt-oss-20b", 24, 32),
+    _gpt_oss("gpt-oss-120b", 36, 128),
+    # The text_config of meta-llama/Llama-4-Scout-17B-16E (its vision encoder is not counted),
+    # sizing only: 16 experts of 8192 (1 a token) + 1 shared in every layer
+    # (interleave_moe_layer_step 1, so intermediate_size_mlp 16384 is used by none); the RoPE
+    # layers attend within 8192-token chunks, every 4th layer (3, 7, ..., 47: no_rope_layers)
+    # is a global NoPE layer; its q/k norms have no weights; router scores are sigmoids, not
+    # renormalised. max_position_embeddings is the base model's (the -Instruct one says 10M).
+    ModelSpec("llama-4-scout", "llama4_text", 48, 5120, 40, 8, 128, 16384, 202048,
+              norm_eps=1e-5, rope_theta=500000.0,
+              rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), max_seq_len=262144,
+              sliding_window=8192, window_kind="chunked",
+              sliding_window_layers=tuple(i for i in range(48) if (i + 1) % 4),
+              n_experts=16, n_active_experts=1, n_shared_experts=1, moe_ffn_dim=8192,
+              norm_topk_prob=False),
     # A tiny Llama for CPU tests and demos: GQA (4 query heads share 2 KV heads), runs in ms.
     ModelSpec("debug", "llama", 2, 64, 4, 2, 16, 176, 256, norm_eps=1e-5, rope_theta=10000.0,
               max_seq_len=256, torch_dtype="float32"),
@@ -158,6 +191,16 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "gemma-3-27b": 1416e6 + 25600e6,
     "phi-3-mini": 3.82e9,
     "deepseek-v3": (671e9, 37e9),
+    # gpt-oss model card (OpenAI, 2025), table 1. Its active counts leave out the input
+    # embedding (a lookup), which param_count(active=True) includes.
+    "gpt-oss-20b": (20.91e9, 3.61e9),
+    "gpt-oss-120b": (116.83e9, 5.13e9),
+    # Llama 4 Scout's text model: the language_model.* tensors of Meta's checkpoint, that is its
+    # 108,641,793,536 parameters (the Hub's safetensors count; the card's "109B total" rounds
+    # it) less 871,932,416 in vision_model.* and multi_modal_projector.* (from the published
+    # vision_config: 34 ViT layers of 1408, the adapter and the projector). Active: the card's
+    # "17B activated", two digits.
+    "llama-4-scout": (108_641_793_536 - 871_932_416, 17e9),
 }
 
 DEFAULT_MODEL = "llama-2-7b"

@@ -6,7 +6,8 @@ engine's allocated cache is checked against them byte for byte.
 Definitions (docs/design.md):
   kv_bytes_per_token = 2 (K and V) x n_layers x n_kv_heads x head_dim x bytes(kv dtype)
   MLA (DeepSeek-V2/V3): n_layers x (kv_lora_rank + qk_rope_head_dim) x bytes  (one latent, no x2)
-  a sliding-window layer holds at most `window` tokens per sequence.
+  a sliding-window layer holds at most `window` tokens per sequence, and so does a chunked
+  layer (Llama 4) of `window`-token chunks: a token attends to at most its whole chunk.
   Tensor parallel: each rank holds ceil(n_kv_heads / tp) heads, so heads are replicated when
   tp > n_kv_heads; the MLA latent is shared by all heads and so is held whole by every rank.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import ModelSpec
-from infermeter.units import dtype_bytes
+from infermeter.units import dtype_bytes, weight_bytes_of
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:
@@ -89,18 +90,40 @@ def _attention_params(spec: ModelSpec) -> int:
     q_out = spec.n_heads * spec.head_dim
     kv_out = spec.n_kv_heads * spec.head_dim
     weights = d * q_out + 2 * d * kv_out + q_out * d
-    bias = q_out + 2 * kv_out if spec.qkv_bias else 0
-    return weights + bias
+    bias = (q_out + 2 * kv_out if spec.qkv_bias else 0) + (d if spec.o_bias else 0)
+    sinks = spec.n_heads if spec.attn_sinks else 0  # one logit per query head [n_heads]
+    return weights + bias + sinks
+
+
+def _expert_matrix_params(spec: ModelSpec, layer: int, active: bool) -> int:
+    """The weight matrices of layer `layer`'s experts, routed (all, or the k a token uses)
+    and shared: three dim x moe_ffn each (gpt-oss's gate_up [dim, 2 ffn] is two of them)."""
+    if not spec.is_moe_layer(layer):
+        return 0
+    routed = spec.n_active_experts if active else spec.n_experts
+    return (routed + spec.n_shared_experts) * 3 * spec.dim * spec.moe_ffn_dim
+
+
+def _router_params(spec: ModelSpec) -> int:
+    """One MoE layer's router: [n_experts, dim], + a bias of n_experts (gpt-oss)."""
+    return spec.n_experts * (spec.dim + (1 if spec.moe_bias else 0))
 
 
 def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
-    """SwiGLU: three dim x ffn matrices per (expert) FFN, plus the MoE router."""
+    """SwiGLU: three dim x ffn matrices per (expert) FFN, plus the MoE router; gpt-oss adds
+    each expert's biases (gate and up: 2 x moe_ffn, down: dim)."""
     if not spec.is_moe_layer(layer):
         return 3 * spec.dim * spec.ffn_dim
     routed = spec.n_active_experts if active else spec.n_experts
-    experts = (routed + spec.n_shared_experts) * 3 * spec.dim * spec.moe_ffn_dim
-    router = spec.dim * spec.n_experts
-    return experts + router
+    biases = (routed + spec.n_shared_experts) * (2 * spec.moe_ffn_dim + spec.dim) \
+        if spec.moe_bias else 0
+    return _expert_matrix_params(spec, layer, active) + biases + _router_params(spec)
+
+
+def expert_matrix_params(spec: ModelSpec, active: bool = False) -> int:
+    """Parameters in the experts' weight matrices over all layers (what
+    ModelSpec.expert_weight_dtype applies to); 0 for a dense model."""
+    return sum(_expert_matrix_params(spec, i, active) for i in range(spec.n_layers))
 
 
 def _layer_norm_params(spec: ModelSpec) -> int:
@@ -120,28 +143,42 @@ def param_count(spec: ModelSpec, active: bool = False) -> int:
     return layers + embeddings + spec.dim  # + final norm
 
 
-def weight_bytes(spec: ModelSpec, dtype: str, active: bool = False) -> int:
-    return param_count(spec, active) * dtype_bytes(dtype)
+def weight_bytes(spec: ModelSpec, dtype: str, active: bool = False,
+                 expert_dtype: str | None = None) -> int:
+    """Weights in `dtype`; with `expert_dtype`, the experts' weight matrices in that instead
+    (gpt-oss as published: bf16 with mxfp4 experts)."""
+    if expert_dtype is None:
+        return weight_bytes_of(param_count(spec, active), dtype)
+    experts = expert_matrix_params(spec, active)
+    return (weight_bytes_of(param_count(spec, active) - experts, dtype)
+            + weight_bytes_of(experts, expert_dtype))
 
 
-def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
+def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1,
+                          expert_dtype: str | None = None) -> int:
     """Weights one rank holds: matrices split tp ways, norms and MoE routers replicated.
 
     KV projections are replicated with their heads when tp > n_kv_heads, so a rank holds
-    ceil(n_kv_heads / tp) heads' worth of wk and wv.
+    ceil(n_kv_heads / tp) heads' worth of wk and wv. With `expert_dtype`, the experts' matrices
+    (split tp ways like the rest) are in that dtype.
     """
     check_tp(spec, tp)
     if tp == 1:
-        return weight_bytes(spec, dtype)
+        return weight_bytes(spec, dtype, expert_dtype=expert_dtype)
     norms = _layer_norm_params(spec) * spec.n_layers + spec.dim
     # MoE routers [E, dim] are replicated too (every rank routes its tokens alike)
-    routers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers)) * spec.dim * spec.n_experts
+    routers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers)) * _router_params(spec)
     total = param_count(spec) - norms - routers
     extra_kv = 0
     if not spec.is_mla and tp > spec.n_kv_heads:
         kv_params = 2 * spec.dim * spec.n_kv_heads * spec.head_dim
         extra_kv = spec.n_layers * kv_params * (tp // spec.n_kv_heads - 1) // tp
-    return (math.ceil(total / tp) + extra_kv + norms + routers) * dtype_bytes(dtype)
+    replicated = extra_kv + norms + routers
+    if expert_dtype is None:
+        return weight_bytes_of(math.ceil(total / tp) + replicated, dtype)
+    experts = expert_matrix_params(spec)
+    return (weight_bytes_of(math.ceil((total - experts) / tp) + replicated, dtype)
+            + weight_bytes_of(math.ceil(experts / tp), expert_dtype))
 
 
 # ---- what fits -------------------------------------------------------------------------------
@@ -155,8 +192,9 @@ class Fit:
     kv_budget_bytes: int  # may be negative: the weights alone do not fit
 
 
-def kv_budget(spec: ModelSpec, dtype: str, tp: int, gpu_memory: int, reserve: int) -> Fit:
-    weights = weight_bytes_per_rank(spec, dtype, tp)
+def kv_budget(spec: ModelSpec, dtype: str, tp: int, gpu_memory: int, reserve: int,
+              expert_dtype: str | None = None) -> Fit:
+    weights = weight_bytes_per_rank(spec, dtype, tp, expert_dtype)
     return Fit(gpu_memory, weights, reserve, gpu_memory - weights - reserve)
 
 
