@@ -1,5 +1,5 @@
-"""`infermeter run` on the CPU: the debug preset end to end (kv, copy, generate, report), the
-reference setting's plan, Ctrl-C keeping finished stages, and failing stages."""
+"""`infermeter run` on the CPU: the debug preset end to end (kv, copy, generate, offload,
+report), the reference setting's plan, Ctrl-C keeping finished stages, and failing stages."""
 
 import json
 import os
@@ -47,9 +47,9 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     (folder,) = (tmp_path / "infermeter-results").iterdir()
     results = read_jsonl(folder / "results.jsonl")
     # the reference generate Result, then the prefill ladder's (debug: 128 and its 255-token
-    # context less the one new token)
-    assert [r["kind"] for r in results] == ["kv", "copy"] + ["generate"] * 3
-    ladder = results[3:]
+    # context less the one new token), then the offload stage's
+    assert [r["kind"] for r in results] == ["kv", "copy"] + ["generate"] * 3 + ["offload"]
+    ladder = results[3:5]
     assert [r["config"]["prompt_len"] for r in ladder] == [128, 255]
     assert all(r["config"]["prefill_ladder"] and r["config"]["max_new_tokens"] == 1
                and r["metrics"]["ttft_ms"] > 0 for r in ladder)
@@ -73,9 +73,26 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert "no column has both" not in markdown
     assert (folder / "report.html").read_text().rstrip().endswith("</html>")
     assert "Reference table" in done.stdout and not leftovers(folder)
+    # offload: suffixes = the prompt and the cache, prefixes = 64 and (not 64 x 4) the 188 that
+    # fit with the longest suffix and 4 checked tokens in debug's 256 positions
+    offload = results[5]
+    assert (offload["config"]["prefix_lens"], offload["config"]["suffix_lens"]) == (
+        [64, 188], [10, 64])
+    cases = offload["metrics"]["cases"]
+    assert [(c["suffix_len"], c["prefix_len"]) for c in cases] == [
+        (s, p) for s in (10, 64) for p in (64, 188)]
+    assert all(min(c["ttft_ms"].values()) > 0 for c in cases) and offload["metrics"]["same_tokens"]
+    assert "## Reload vs recompute, measured (TTFT)" in markdown
+    assert (folder / "plots" / "offload-cpu-debug-batch-1.png").is_file()
 
 
-def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, capsys):
+@pytest.fixture
+def without_offload(monkeypatch):
+    """The stages less offload, for tests about something else (the default run covers it)."""
+    monkeypatch.setattr(stages, "STAGES", tuple(s for s in stages.STAGES if s[0] != "offload"))
+
+
+def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, without_offload, capsys):
     out = tmp_path / "a" / "b"
     assert main(["run", "--out", str(out)]) == 0
     assert (out / "results.jsonl").is_file() and (out / "report.md").is_file()
@@ -85,7 +102,7 @@ def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, capsys):
 
 
 def test_trace_writes_a_copy_and_a_generate_trace_and_the_breakdown(tmp_path, cpu_only,
-                                                                    capsys):
+                                                                    without_offload, capsys):
     out, traces = tmp_path / "out", tmp_path / "traces"
     assert main(["run", "--out", str(out), "--trace", str(traces)]) == 0
     for kind in ("copy", "generate"):
@@ -123,7 +140,7 @@ def test_ctrl_c_after_copy_keeps_finished_stages(tmp_path, cpu_only, monkeypatch
     monkeypatch.setattr(stages, "STAGES", _interrupting("generate"))
     assert main(["run", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
-    assert "interrupted: generate did not run; kept kv, copy" in err
+    assert "interrupted: generate, offload did not run; kept kv, copy" in err
     assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
     markdown = (tmp_path / "report.md").read_text()  # made from what finished, complete
     assert all(row in markdown for row in REFERENCE_ROWS)
@@ -134,7 +151,7 @@ def test_ctrl_c_in_the_first_stage_leaves_no_files(tmp_path, cpu_only, monkeypat
                                                    sigint_ignored):
     monkeypatch.setattr(stages, "STAGES", _interrupting("kv"))
     assert main(["run", "--out", str(tmp_path)]) == 130
-    assert "kv, copy, generate did not run" in capsys.readouterr().err
+    assert "kv, copy, generate, offload did not run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -165,7 +182,7 @@ def test_ctrl_c_reaches_a_run_started_with_sigint_ignored(tmp_path):
                           env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300, preexec_fn=ignore_sigint)
     assert done.returncode == 130, done.stdout
-    assert "interrupted: generate did not run; kept kv, copy" in done.stdout
+    assert "interrupted: generate, offload did not run; kept kv, copy" in done.stdout
     assert "Traceback" not in done.stdout
     assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
     assert not leftovers(tmp_path)
@@ -175,7 +192,9 @@ def test_a_failing_stage_is_one_line_and_the_others_still_run(tmp_path, cpu_only
     done = run_cli("--seq-len", "1000", "--out", str(tmp_path))  # debug holds 256 positions
     assert done.returncode == 2
     errors = [line for line in done.stdout.splitlines() if "error" in line]
-    assert len(errors) == 1 and "generate stage failed" in errors[0], done.stdout
+    assert len(errors) == 2, done.stdout  # one line each: generate's, offload's
+    assert "generate stage failed" in errors[0] and "offload stage failed: no " \
+        "reload-vs-recompute case fits" in errors[1]
     assert "Traceback" not in done.stdout
     assert [r["kind"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["kv", "copy"]
     assert (tmp_path / "report.md").is_file() and not leftovers(tmp_path)
@@ -263,3 +282,23 @@ def test_overrides_leave_the_reference_setting():
     assert (setting.prompt_len, setting.new_tokens) == (4096 - 432, 432)
     cpu = stages.plan_setting(None, None, None, None, None, gpu=False)
     assert (cpu.spec.name, cpu.device, cpu.seq_len, cpu.reference) == ("debug", "cpu", 64, False)
+
+
+def test_offload_stage_lengths_come_from_the_setting():
+    from infermeter.errors import InfermeterError
+    from infermeter.specs.loaders import resolve_model
+
+    reference = stages.plan_setting(None, None, None, None, None, gpu=True)
+    request = stages.offload_request(reference, 141 * GIB)
+    # llama-2-7b's 4,096 positions: the 8,192 rung becomes 4,096 - 512 - 4 checked tokens
+    assert (request.prefix_lens, request.suffix_lens) == ((512, 2048, 3580), (80, 512))
+    assert (request.source, request.batch_size, request.device, request.dtype) == (
+        "random:llama-2-7b", 1, "cuda", "float16")
+    long = resolve_model("llama-3.1-8b")
+    assert stages.offload_lengths(long, "bfloat16", 512, 80, 141 * GIB, True) == (
+        (512, 2048, 8192), (80, 512))
+    # too little memory for the weights: not one case, one error line
+    with pytest.raises(InfermeterError, match="no reload-vs-recompute case fits"):
+        stages.offload_lengths(long, "bfloat16", 512, 80, 10 * GIB, True)
+    debug = resolve_model("debug")
+    assert stages.offload_lengths(debug, "float32", 64, 10, None, False) == ((64, 188), (10, 64))

@@ -1,5 +1,6 @@
-"""`infermeter run`: the main job. Sizes the KV cache, times moving it and generating, for one
-setting, then prints the reference table and writes Results and report into one folder.
+"""`infermeter run`: the main job. Sizes the KV cache, times moving it, generating, and reloading
+it against recomputing it, for one setting, then prints the reference table and writes Results
+and report into one folder.
 
 Files in the folder (--out): results.jsonl (appended after each stage, atomically), report.md,
 report.html and plots/*.png (with matplotlib). Ctrl-C keeps the finished stages and makes the
@@ -32,7 +33,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                        "without a GPU, the debug preset on the CPU. Generate also times "
                        "prefill alone (batch 1) at longer prompts (512, 2048, 8192 and the "
                        "longest that fits; on the CPU 128 and up to 256 tokens) for the "
-                       "report's reload-vs-recompute table.")
+                       "report's reload-vs-recompute table. Offload then times a prefix's KV "
+                       "cache reloaded from host memory against recomputed (as `infermeter "
+                       "offload`: suffixes of the prompt's and the cache's length, prefixes of "
+                       "1, 4 and 16 cache lengths, the longest capped at what fits; 1 and 4 on "
+                       "the CPU).")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="preset name or config path: random weights "
                         "(default llama-2-7b; debug without a GPU)")

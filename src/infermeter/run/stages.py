@@ -1,4 +1,4 @@
-"""`infermeter run`: the main job's setting and its three stages (kv, copy, generate).
+"""`infermeter run`: the main job's setting and its four stages (kv, copy, generate, offload).
 
 The setting is fixed before anything is measured, so the first output line can say exactly what
 will run. Each stage returns its Results; the command (commands/run.py) appends them to the
@@ -15,6 +15,10 @@ Defaults:
 The generate stage also times prefill alone (batch 1, one new token: TTFT) on a ladder of longer
 prompts, each a Result marked `prefill_ladder`, so the report's reload-vs-recompute table has
 measured prefill times where it needs them (prefill_ladder() says which lengths).
+
+The offload stage times one bounded `infermeter offload` case: a prefix's KV cache in host memory
+reloaded (serial, layer by layer) against recomputed, at prefix and suffix lengths taken from the
+setting (offload_lengths() says which).
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ CPU_LADDER_PROMPTS = (128,)
 CPU_LADDER_LONGEST = 256
 LADDER_NEW_TOKENS = 1  # the first token ends the prefill: TTFT is what the ladder times
 LADDER_MEMORY_SHARE = 0.9  # of the free memory: headroom for what case_memory does not count
+# offload: one bounded reload-vs-recompute case (`infermeter offload`) sized from the setting.
+# Suffixes (the request's new tokens): the run's prompt and its whole cache; prefixes (the KV in
+# host memory): the cache length times these, capped where prefix + suffix stop fitting.
+OFFLOAD_PREFIX_FACTORS = (1, 4, 16)  # the reference's 512-token cache: 512, 2048, 8192
+CPU_OFFLOAD_PREFIX_FACTORS = (1, 4)  # the CPU default's 64: 64, and 188 (debug's context)
+OFFLOAD_NEW_TOKENS = 4  # greedy tokens checked to agree across the three ways (offload's default)
 
 
 @dataclass(frozen=True)
@@ -246,9 +256,59 @@ def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
     return results + ladder
 
 
+def offload_lengths(spec: ModelSpec, dtype: str, seq_len: int, prompt_len: int,
+                    free_bytes: int | None, on_gpu: bool) -> tuple[tuple[int, ...],
+                                                                    tuple[int, ...]]:
+    """(prefix lengths, suffix lengths) of the offload stage. Prefix + suffix is at most the
+    longest batch-1 prompt that fits (longest_prompt: the model's context and, as for the
+    ladder, a share of free memory; CPU_LADDER_LONGEST on the CPU); a suffix that leaves no room
+    for a prefix is dropped, and none left is one InfermeterError."""
+    from infermeter.errors import InfermeterError
+
+    total = longest_prompt(spec, dtype, free_bytes, OFFLOAD_NEW_TOKENS)
+    factors = OFFLOAD_PREFIX_FACTORS
+    if not on_gpu:
+        total, factors = min(total, CPU_LADDER_LONGEST), CPU_OFFLOAD_PREFIX_FACTORS
+    suffixes = tuple(n for n in sorted({prompt_len, seq_len}) if n < total)
+    if not suffixes:
+        if total == 0:  # longest_prompt's convention: not even one token fits the memory
+            raise InfermeterError(f"no reload-vs-recompute case fits: {spec.name}'s weights "
+                                  "and a one-token prefill do not fit the free memory")
+        limits = f"{spec.name}'s context of {spec.max_seq_len}" + (
+            " and free memory" if free_bytes is not None else "") + (
+            "" if on_gpu else f", at most {CPU_LADDER_LONGEST} on the CPU")
+        raise InfermeterError(f"no reload-vs-recompute case fits: prefix + suffix may take "
+                              f"{total} tokens ({limits}, less {OFFLOAD_NEW_TOKENS} checked "
+                              f"tokens), no room for a prefix before a suffix of {prompt_len}; "
+                              "use a smaller --seq-len")
+    room = total - suffixes[-1]
+    return tuple(sorted({min(f * seq_len, room) for f in factors})), suffixes
+
+
+def offload_request(setting: RunSetting, free_bytes: int | None) -> Any:
+    from infermeter.offload.request import OffloadRequest
+
+    prefixes, suffixes = offload_lengths(setting.spec, setting.dtype, setting.seq_len,
+                                         setting.prompt_len, free_bytes, setting.on_gpu)
+    return OffloadRequest(source=setting.checkpoint or f"random:{setting.model}",
+                          prefix_lens=prefixes, suffix_lens=suffixes, batch_size=setting.batch,
+                          device=setting.device, dtype=setting.dtype,
+                          new_tokens=OFFLOAD_NEW_TOKENS, repeats=5 if setting.on_gpu else 2,
+                          warmup=1 if setting.on_gpu else 0)  # the CPU checks the pipeline
+
+
+def offload_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    """TTFT with a prefix's KV cache in host memory: reloaded (serial, layer by layer) against
+    recomputed, and the break-even, per suffix length (offload/job.py)."""
+    from infermeter.offload.job import run_offload
+
+    return [run_offload(offload_request(setting, _free_bytes(setting)), env)]
+
+
 Stage = tuple[str, str, Callable[[RunSetting, dict[str, Any]], list[Result]]]
 STAGES: tuple[Stage, ...] = (
     ("kv", "sizing the KV cache", kv_stage),
     ("copy", "timing KV-cache moves between device and host memory", copy_stage),
     ("generate", "timing generation", generate_stage),
+    ("offload", "timing a prefix's KV cache reloaded against recomputed", offload_stage),
 )
