@@ -97,6 +97,6 @@ def _run_presets(args: argparse.Namespace) -> int:
     print(render_table(["preset", "arch", "layers", "dim", "heads/kv", "head_dim", "params",
                         "published", "weights", "weight dtype", "KV/token", "KV dtype",
                         "sliding window"], rows))
-    print("weights in the dtype they are published in (kv's default); a sliding window caps "
-          "what those layers cache at that many tokens a sequence")
+    print("weights in the dtype they are published in (kv's default); a sliding window (or "
+          "an attention chunk) caps what those layers cache at that many tokens a sequence")
     return 0
