@@ -6,6 +6,7 @@ Reads Results only, never a live model (docs/design.md). The parts:
   report_select  columns (device x model x tp) and their representative Results and cases
   report_derive  reload-vs-recompute break-even, plausibility checks
   report_tables  the tables and notes as plain strings
+  report_offload the offload Results' tables; report_offload_plot  their TTFT-vs-prefix plots
   report_render  terminal / markdown / CSV;  report_html  the HTML page;  report_plots  PNGs
 """
 
@@ -19,6 +20,7 @@ from infermeter.measure.result import atomic_write
 from infermeter.report.baseline import seed_column
 from infermeter.report.derive import break_even_missing, column_warnings
 from infermeter.report.load import Record, load_records, require_records
+from infermeter.report.offload import offload_notes, offload_tables
 from infermeter.report.select import (
     COLUMN_KINDS,
     Column,
@@ -110,7 +112,8 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
     notes += unused_notes([*columns, *empty])
     notes += [f"{r.source}: {r.kind} Result of {r.model.get('name')}, not in these tables "
               f"(`infermeter {r.kind}` prints its own)" for r in records
-              if r.kind not in (*COLUMN_KINDS, "kv")]
+              if r.kind not in (*COLUMN_KINDS, "kv", "offload")]
+    notes += offload_notes(records)
     named = {(c.key.model, c.key.tp) for c in columns}
     notes += [f"{r.source}: kv Result of {r.model.get('name')} (analytic), no measured column "
               "of that model and tp to size" for r in kvs
@@ -129,7 +132,8 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
                if c.seed is None and (reason := break_even_missing(c))]
         notes.append("Reload vs recompute: no break-even was derived; "
                      + ("; ".join(why) or "no measured column"))
-    return Report(tables, notes, columns)
+    tables += offload_tables(records)
+    return Report(tables, notes, columns, [r for r in records if r.kind == "offload"])
 
 
 def _rows(labels: Sequence[str], cells: list[list[str]]) -> list[list[str]]:
@@ -142,13 +146,20 @@ def _plots_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def all_plots(report: Report) -> list:
+    """The columns' plots, then one per offload Result (report_plots, report_offload_plot)."""
+    from infermeter.report.offload_plot import offload_plots
+    from infermeter.report.plots import make_plots
+
+    return make_plots(report.columns) + offload_plots(report.offloads)
+
+
 def html_page(report: Report) -> str:
     from infermeter.report.html import render_html
-    from infermeter.report.plots import make_plots
 
     if not _plots_available():
         return render_html(report, [], PLOTS_NEED)
-    return render_html(report, make_plots(report.columns))
+    return render_html(report, all_plots(report))
 
 
 def render(report: Report, fmt: str, width: int = 160) -> str:
@@ -167,8 +178,6 @@ def render(report: Report, fmt: str, width: int = 160) -> str:
 
 def write_plots(report: Report, folder: str) -> list[Path]:
     """Every plot as a PNG file in `folder` (created if missing), each written atomically."""
-    from infermeter.report.plots import make_plots
-
     if not _plots_available():
         raise InfermeterError(PLOTS_NEED)
     target = Path(folder)
@@ -177,7 +186,7 @@ def write_plots(report: Report, folder: str) -> list[Path]:
     except OSError as err:
         raise InfermeterError(f"{folder}: cannot create the plots folder ({err})") from None
     written = []
-    for plot in make_plots(report.columns):
+    for plot in all_plots(report):
         atomic_write(target / plot.name, plot.png)
         written.append(target / plot.name)
     return written

@@ -35,7 +35,7 @@ class Plot:
     png: bytes
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -44,7 +44,7 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buffer = io.BytesIO()
     # bbox_inches="tight" keeps legends placed outside the axes inside the image
     fig.savefig(buffer, format="png", metadata={"Software": None}, bbox_inches="tight")
@@ -125,7 +125,7 @@ def plot_copy(column: Column) -> Plot | None:
     cases, peak = _one_way(same), num(pick.record.metrics.get("link_peak_gbps"))
     n_labels = len({_case_label(c) for c in cases})
     height = max(3.5, 1.8 + 0.28 * n_labels)
-    fig = _figure(12, height)
+    fig = new_figure(12, height)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     _draw_cases(left, cases, peak)
     _draw_blocks(right, cases, peak)
@@ -135,7 +135,7 @@ def plot_copy(column: Column) -> Plot | None:
     # the bar legend goes under the figure: the bars fill the axes up to the link peak
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    return Plot(f"copy-{slug(column.key.label)}.png", title, _png(fig))
+    return Plot(f"copy-{slug(column.key.label)}.png", title, png_bytes(fig))
 
 
 def _series(columns: list[Column], x_of: Any, group_of: Any, y_of: Any) -> dict:
@@ -162,7 +162,7 @@ def plot_tpot(columns: list[Column]) -> Plot | None:
                      f"{r.config.get('mode', '?')}", lambda r: tpot(r, "p50"))
     if not series:
         return None
-    fig = _figure(11, 5.5)
+    fig = new_figure(11, 5.5)
     ax = fig.subplots()
     for index, ((label, group), points) in enumerate(series.items()):
         xs, color = sorted(points), f"C{index % 10}"
@@ -185,7 +185,7 @@ def plot_tpot(columns: list[Column]) -> Plot | None:
     title = "TPOT against context, with the HBM bandwidth bound"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return Plot("tpot-context.png", title, _png(fig))
+    return Plot("tpot-context.png", title, png_bytes(fig))
 
 
 def plot_batch(columns: list[Column]) -> Plot | None:
@@ -194,7 +194,7 @@ def plot_batch(columns: list[Column]) -> Plot | None:
                      lambda r: num(r.metrics.get("decode_tok_per_s")))
     if not series:
         return None
-    fig = _figure(11, 5.5)
+    fig = new_figure(11, 5.5)
     ax = fig.subplots()
     for (label, group), points in series.items():
         xs = sorted(points)
@@ -208,7 +208,7 @@ def plot_batch(columns: list[Column]) -> Plot | None:
     title = "Decode throughput against batch size"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return Plot("decode-batch.png", title, _png(fig))
+    return Plot("decode-batch.png", title, png_bytes(fig))
 
 
 HEADLINES = (("h2d_gbps", "Moving bandwidth, htod (GB/s)"),
@@ -220,7 +220,7 @@ def plot_headline(columns: list[Column]) -> Plot:
     numbers = [reference_numbers(c) for c in columns]
     labels = ["\n".join(textwrap.fill(part, 18) for part in c.key.label.split(" · "))
               for c in columns]
-    fig = _figure(max(8, 2.2 * len(columns)), 7)
+    fig = new_figure(max(8, 2.2 * len(columns)), 7)
     for ax, (key, name) in zip(fig.subplots(2, 2).flat, HEADLINES):
         values = [n.get(key) for n in numbers]
         ax.bar(range(len(labels)), [v or 0 for v in values])
@@ -232,7 +232,7 @@ def plot_headline(columns: list[Column]) -> Plot:
     title = "Headline figures across devices ('-': not measured)"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return Plot("headline.png", title, _png(fig))
+    return Plot("headline.png", title, png_bytes(fig))
 
 
 def _traced(column: Column) -> Record | None:
@@ -253,7 +253,7 @@ def plot_breakdown(columns: list[Column]) -> Plot | None:
     bars = [(c, r) for c in columns if (r := _traced(c)) is not None]
     if not bars:
         return None
-    fig = _figure(11, 1.2 + 0.7 * len(bars))
+    fig = new_figure(11, 1.2 + 0.7 * len(bars))
     ax = fig.subplots()
     labels = [f"{c.key.label}\n{r.config.get('mode', '?')}, batch {count(batch_size(r))}"
               for c, r in bars]
@@ -272,7 +272,7 @@ def plot_breakdown(columns: list[Column]) -> Plot | None:
     title = "Where one decode step's GPU time goes (--trace)"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return Plot("decode-step-breakdown.png", title, _png(fig))
+    return Plot("decode-step-breakdown.png", title, png_bytes(fig))
 
 
 def make_plots(columns: list[Column]) -> list[Plot]:

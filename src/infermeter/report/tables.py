@@ -77,6 +77,7 @@ class Report:
     tables: list[Table]
     notes: list[str]
     columns: list[Column] = field(default_factory=list)
+    offloads: list[Record] = field(default_factory=list)  # the offload tables' and plots' Results
 
 
 def _case_label(case: dict[str, Any] | None) -> str:
