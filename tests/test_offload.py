@@ -274,7 +274,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
 
 
-def test_report_notes_an_offload_result_and_still_renders(tmp_path):
+def test_report_shows_an_offload_result_and_still_renders(tmp_path):
     from infermeter.report.build import build_report, render
 
     request = OffloadRequest("random:debug", (8,), (4,), repeats=1, warmup=0, new_tokens=2)
@@ -285,9 +285,11 @@ def test_report_notes_an_offload_result_and_still_renders(tmp_path):
     path = tmp_path / "offload.jsonl"
     path.write_text(result.to_json() + "\n")
     report = build_report([str(path)])
-    assert any("offload Result of debug, not in these tables" in note for note in report.notes)
+    assert f"{path}: offload Result, 'cpu · debug' in the offload tables" in report.notes
     assert report.columns == []
-    assert "Reference table" in render(report, "markdown")
+    markdown = render(report, "markdown")
+    assert "Reference table" in markdown
+    assert "| cpu · debug | 4 | 8 | 1.00 ms | 1.00 ms | 2.00 ms | - | - | - |" in markdown
 
 
 # ---- offloaded decode ----------------------------------------------------------------------

@@ -59,7 +59,7 @@ def offload_labels(records: Sequence[Record]) -> list[tuple[str, Record]]:
     labelled, seen = [], {}
     for record in sorted((r for r in records if r.kind == "offload"), key=lambda r: r.source):
         batch = record.config.get("batch_size")
-        label = f"{column_key(record).label}, batch {batch}"
+        label = column_key(record).label + (f", batch {batch}" if batch is not None else "")
         seen[label] = seen.get(label, 0) + 1
         labelled.append((label if seen[label] == 1 else f"{label} #{seen[label]}", record))
     return labelled
