@@ -120,7 +120,7 @@ def folder(tmp_path):
 
 
 @pytest.mark.parametrize(("model_type", "message"), [
-    ("gemma2", "architecture 'gemma2' can be sized but not run"),
+    ("phi3", "architecture 'phi3' can be sized but not run"),
     ("made_up_lm", "unsupported model_type 'made_up_lm'"),
 ])
 def test_unsupported_architecture(folder, model_type: str, message: str) -> None:

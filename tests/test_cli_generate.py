@@ -213,7 +213,7 @@ def test_modes_side_by_side_in_one_table(capsys):
       "--max-new-tokens", "10"), "does not fit"),
     (("--model", "debug", "--device", "cpu", "--prompt", "hi"), "need a tokenizer"),
     (("--model", "debug", "--device", "cpu", "--prompt-ids", "1,x"), "prompt"),
-    (("--model", "gemma-2-9b", "--device", "cpu"), "can be sized but not run"),
+    (("--model", "phi-3-mini", "--device", "cpu"), "can be sized but not run"),
     (("--model", "debug", "--device", "cpu", "--dtype", "int8"), "not supported by the engine"),
     (("--model", "debug", "--device", "cpu", "--temperature", "0.5", "--top-p", "2"), "--top-p"),
     (("--device", "cpu"), "one of the arguments --checkpoint"),

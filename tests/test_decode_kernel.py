@@ -157,7 +157,8 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     """Triton compiles the kernels to sm_90 machine code here, with no GPU (ptxas ships with
     Triton), launched exactly as the ops launch them and typed as inductor types them: the GPU
     path's type and shape rules (loop bounds, tl.dot sizes, no float64) hold, for full and ring
-    layouts, 64- and 128-wide heads and MHA/GQA, in float16 and bfloat16."""
+    layouts, 64- and 128-wide heads, MHA/GQA and a soft cap (Gemma 2), in float16 and
+    bfloat16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -166,12 +167,12 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     from infermeter.engine.kernels.gemv import gemv
     from infermeter.engine.kernels.swiglu import silu_mul_triton
 
-    def attention(head_dim: int, groups: int, ring: bool):
+    def attention(head_dim: int, groups: int, ring: bool, softcap: float = 0.0):
         q = torch.zeros(2, 4, groups, head_dim, dtype=dtype)
         cache = torch.zeros(2, 4, 256, head_dim, dtype=dtype)
         pos = torch.arange(256)
         return lambda: split_kv_decode(q, cache, cache, pos, pos[:1], 64 if ring else 0,
-                                       ring, 3)
+                                       ring, 3, softcap)
 
     gate = torch.zeros(3, 1000, dtype=dtype)
     def matvec(n_cols: int):  # each of gemv_kernel.tiles_for's tilings
@@ -179,10 +180,10 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
         return lambda: gemv(row, weight)
 
     calls = [attention(128, 1, False), attention(64, 4, True), attention(128, 8, False),
-             lambda: silu_mul_triton(gate, gate), matvec(1100), matvec(2560), matvec(4096),
-             matvec(5120), matvec(6912), matvec(11008)]
+             attention(256, 2, True, 50.0), lambda: silu_mul_triton(gate, gate), matvec(1100),
+             matvec(2560), matvec(4096), matvec(5120), matvec(6912), matvec(11008)]
     launches = [launch for call in calls for launch in recorded_launches(monkeypatch, call)]
-    assert len(launches) == len(calls) + 3  # the attention calls launch a combine kernel too
+    assert len(launches) == len(calls) + 4  # the attention calls launch a combine kernel too
     for kernel, args, kwargs in launches:
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}  # not arguments
         signature = inductor_signature(kernel, args, kwargs)

@@ -147,7 +147,7 @@ def test_meta_parameter_names_and_tied_embeddings() -> None:
 
 def test_unsupported_architecture_and_rope_are_clear_errors() -> None:
     with pytest.raises(InfermeterError, match="can be sized but not run"):
-        Transformer(PRESETS["gemma-2-9b"])
+        Transformer(PRESETS["phi-3-mini"])
     yarn = DEBUG.with_updates(rope_scaling=RopeScaling("yarn", 4.0))
     with pytest.raises(InfermeterError, match="yarn"):
         build_model(yarn)

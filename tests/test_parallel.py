@@ -47,6 +47,12 @@ SPECS = {
                                  tie_embeddings=True, sliding_window=5, sliding_window_layers=(0,),
                                  norms_per_layer=4, rope_local_theta=10000.0,
                                  query_pre_attn_scalar=24.0, final_logit_softcap=30.0),
+    # Gemma 2: layer 0 slides, layer 1 is global, one RoPE base, no q/k norms; attention scores
+    # capped (each rank caps its own heads' scores).
+    "gemma2": DEBUG.with_updates(arch="gemma2", head_dim=32, norm_eps=1e-6, tie_embeddings=True,
+                                 sliding_window=5, sliding_window_layers=(0,), norms_per_layer=4,
+                                 query_pre_attn_scalar=24.0, final_logit_softcap=30.0,
+                                 attn_logit_softcap=0.05),
     # Mixtral: 4 experts of 176 a layer, 2 per token; each rank holds every expert's half.
     "moe": DEBUG.with_updates(arch="mixtral", n_experts=4, n_active_experts=2, moe_ffn_dim=176),
 }
@@ -178,7 +184,7 @@ def test_meta_reshards_other_counts(meta_folders, monkeypatch, key, world, files
         assert_slices_of(full, shard, shard.shard_plan)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3", "gemma3", "moe"])
+@pytest.mark.parametrize("name", ["gqa", "mqa", "tied-bias", "qwen3", "gemma3", "gemma2", "moe"])
 def test_hf_ranks_read_only_their_slices(name: str, tmp_path, monkeypatch) -> None:
     spec = SPECS[name]
     save_checkpoint(load_weights(spec, seed=4), tmp_path, "hf", n_shards=2)

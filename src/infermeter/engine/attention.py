@@ -4,7 +4,9 @@ Attention.forward (model.py) picks one per layer from its `decode_attention` att
 resolved by batch size, resolve_attention); "flex" and "triton" only while torch.compile traces
 the step (outside it, flex_attention is a slow reference and the Triton kernel may have no
 device to run on), falling back to "math".
-Prefill (more than one token) always uses scaled_dot_product_attention.
+Prefill (more than one token) uses scaled_dot_product_attention, except in a model that
+soft-caps its attention logits (Gemma 2), which SDPA cannot do: there prefill, and a decode step
+asked for "sdpa", run decode_attention's matrix products (it takes any query length).
 """
 
 from __future__ import annotations
@@ -33,16 +35,22 @@ DECODE_ATTENTION = "auto"
 ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                     softcap: float | None = None) -> Tensor:
     """Attention as Meta's reference computes it: q [B, H_kv, G, D] (G query heads per KV head,
-    one token), keys/values [B, H_kv, S, D], mask bool [G, S] -> [B, H_kv, G, D]."""
+    one token; or G*T rows of a T-token prefill), keys/values [B, H_kv, S, D], mask bool [G, S]
+    -> [B, H_kv, G, D]. softcap: scores become softcap * tanh(scores / softcap) before the mask
+    (Gemma 2), in float32."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,Hkv,G,S]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
 
 
 def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,
-                          query_pos: Tensor, window: int | None) -> Tensor:
+                          query_pos: Tensor, window: int | None,
+                          softcap: float | None = None) -> Tensor:
     """The same attention as decode_attention, as one flex_attention call.
 
     q [B, H_kv, G, D], keys/values [B, H_kv, S, D], key_pos int64 [S] (the absolute position
@@ -59,6 +67,8 @@ def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tens
         seen = (held >= 0) & (held <= pos)
         if window is not None:
             seen = seen & (pos - held < window)
+        if softcap is not None:  # score is already scaled by head_dim ** -0.5
+            score = torch.tanh(score / softcap) * softcap
         return torch.where(seen, score, float("-inf"))
 
     return flex_attention(q, keys, values, score_mod=visible)

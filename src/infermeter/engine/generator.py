@@ -239,7 +239,8 @@ class Generator:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's
         rule): "auto" by batch size (attention.resolve_attention); "flex" and "triton" only in
         the compiled step, "triton" only where the kernel can run (CUDA or Triton's
-        interpreter, a power-of-two head size); "math" in their place otherwise."""
+        interpreter, a power-of-two head size); "math" in their place otherwise, and in place
+        of "sdpa" for a model that soft-caps attention logits (SDPA cannot)."""
         from infermeter.engine.attention import resolve_attention
         from infermeter.engine.kernels.decode_attention import head_size_fits
         from infermeter.engine.kernels.triton_support import triton_runs_on
@@ -247,7 +248,8 @@ class Generator:
         if self.decode_attention is None:
             return None
         kind = resolve_attention(self.decode_attention, batch_size)
-        if kind in ("flex", "triton") and not compiled:
+        if kind in ("flex", "triton") and not compiled or \
+                kind == "sdpa" and self.spec.attn_logit_softcap is not None:
             return "math"
         probe = self.model.tok_embeddings.weight
         if kind == "triton" and not (triton_runs_on(probe)

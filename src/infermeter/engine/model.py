@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 3's text model,
-Mixtral and Qwen3-MoE) with a static KV cache.
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3's text
+model, Mixtral and Qwen3-MoE) with a static KV cache.
 
 Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without renaming:
   tok_embeddings.weight, norm.weight, output.weight,
@@ -33,12 +33,15 @@ Decisions:
   and before RoPE, as transformers' Qwen3Attention does.
 - forward() always returns float32 logits for all T positions (Gemma's soft-capping, where the
   spec has it, applied in float32).
-- Gemma 3 (GEMMA_ARCHS): norms apply (1 + w) in float32; sliding-window layers read
+- Gemma 2 and 3 (GEMMA_ARCHS): norms apply (1 + w) in float32; sliding-window layers read
   RoPE tables of rope_local_theta, global ones rope_theta with its scaling (setup_cache builds
   both); query_pre_attn_scalar is a rescale of q after RoPE, so every attention path (SDPA, math,
   flex, the Triton kernel) keeps its head_dim ** -0.5; GeGLU's gelu is left to inductor (the
   activation kernels are SiLU's); the peer all-reduce fused with add and norm (add_norm) is
-  refused, since Gemma's post-norms sit between the all-reduce and the residual add.
+  refused, since Gemma's post-norms sit between the all-reduce and the residual add. Gemma 3
+  alone has q/k norms and a local RoPE base; Gemma 2 soft-caps attention logits (every path:
+  the math products, flex's score_mod, the Triton kernel; prefill leaves SDPA for the math
+  products, which can cap).
 - Fused projections at run time (fusion.py, what Generator does by default): wq/wk/wv become one
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
@@ -133,6 +136,9 @@ class Attention(nn.Module):
         self.window = spec.layer_window(layer)
         # Gemma 3: sliding-window layers take the local RoPE tables (Transformer.forward).
         self.local_rope = spec.rope_local_theta is not None and self.window is not None
+        # Gemma 2's attention-logit soft cap: every path applies it to the scaled scores;
+        # SDPA cannot, so a capped model never takes it (forward).
+        self.softcap = spec.attn_logit_softcap
         self.kv_cache: LayerKVCache | None = None
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
@@ -164,15 +170,17 @@ class Attention(nn.Module):
         kind = resolve_attention(self.decode_attention, bsz)  # "auto" picks by batch size
         if seqlen == 1 and kind == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
-                                        self.kv_cache.window)
+                                        self.kv_cache.window, self.softcap)
         elif seqlen == 1 and kind == "triton" and compiling() \
                 and kernel_usable(q):
             cache = self.kv_cache
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
             out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
-                                          cache.window or 0, cache.is_ring, splits)
-        elif seqlen == 1 and kind in ("math", "flex", "triton"):
-            out = decode_attention(q, keys, values, mask)
+                                          cache.window or 0, cache.is_ring, splits,
+                                          self.softcap or 0.0)
+        elif seqlen == 1 and kind in ("math", "flex", "triton") or self.softcap is not None:
+            # a capped model's prefill and "sdpa" steps too: [B, H_kv, G*T, S] float32 scores
+            out = decode_attention(q, keys, values, mask, self.softcap)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)

@@ -49,7 +49,8 @@ def _hf_state(model: Transformer) -> dict[str, Tensor]:
 
 
 def build_hf_model(model: Transformer) -> Any:
-    """An HF CausalLM (eval, sdpa attention) sharing `model`'s weights and device."""
+    """An HF CausalLM (eval, sdpa attention; eager for Gemma 2, whose soft-capped attention
+    transformers refuses to run through SDPA) sharing `model`'s weights and device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec, weight = model.spec, model.tok_embeddings.weight
@@ -67,7 +68,8 @@ def build_hf_model(model: Transformer) -> Any:
     config = AutoConfig.for_model(arch, **cfg, bos_token_id=None, eos_token_id=None,
                                   pad_token_id=None)
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager" if arch == "gemma2" else "sdpa")
     hf.load_state_dict(_hf_state(model), strict=True, assign=True)
     if spec.tie_embeddings:
         hf.tie_weights()

@@ -352,6 +352,16 @@ def _gemma3_rope(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta}
 
 
+def _gemma_scales(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Gemma's query scalar and its two soft caps (a null cap: none; Gemma 2 sets both)."""
+    def cap(key: str) -> float | None:
+        return None if cfg.get(key) is None else _float(cfg, key, path)
+
+    return {"query_pre_attn_scalar": _float(cfg, "query_pre_attn_scalar", path),
+            "final_logit_softcap": cap("final_logit_softcapping"),
+            "attn_logit_softcap": cap("attn_logit_softcapping")}
+
+
 def _llama4_text(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     """Llama 4's config.json (model_type llama4) nests the language model in text_config, which
     is what is sized (the vision encoder beside it is not); tie_word_embeddings and the dtype
@@ -393,12 +403,10 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
     window, window_layers = _hf_window(cfg, model_type, n_layers, path)
     if model_type == "gemma3_text":
         rope = _gemma3_rope(cfg, path)
-        gemma = {"query_pre_attn_scalar": _float(cfg, "query_pre_attn_scalar", path),
-                 "final_logit_softcap": None if cfg.get("final_logit_softcapping") is None
-                 else _float(cfg, "final_logit_softcapping", path)}
     else:
         theta, scaling = _hf_rope(cfg, path)
-        rope, gemma = {"rope_theta": theta, "rope_scaling": scaling}, {}
+        rope = {"rope_theta": theta, "rope_scaling": scaling}
+    gemma = _gemma_scales(cfg, path) if model_type in ("gemma2", "gemma3_text") else {}
     dtype = _dtype(cfg, path)
     return _spec(
         path, name=path.parent.name if path.name == "config.json" else path.stem,

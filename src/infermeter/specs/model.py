@@ -14,10 +14,11 @@ from typing import Any
 from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
-ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen3_moe")
+ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral",
+                "qwen3_moe")
 # Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
 # before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
-GEMMA_ARCHS = ("gemma3_text",)
+GEMMA_ARCHS = ("gemma2", "gemma3_text")
 # Architectures whose shapes we understand well enough to size (KV bytes, weight bytes).
 SIZING_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2",
                 "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "llama4_text")
@@ -78,6 +79,9 @@ class ModelSpec:
     # head_dim ** -0.5 where set; logits become cap * tanh(logits / cap) where a cap is set.
     query_pre_attn_scalar: float | None = None
     final_logit_softcap: float | None = None
+    # Gemma 2: attention scores (after the scale, before mask and softmax) become
+    # cap * tanh(scores / cap) where set.
+    attn_logit_softcap: float | None = None
     # Sliding-window attention: window length in tokens and the layers that use it;
     # window_kind "chunked": the window is Llama 4's attention chunk (WINDOW_KINDS).
     sliding_window: int | None = None
@@ -201,8 +205,8 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
-    """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3's text model,
-    Mixtral, Qwen3-MoE);
+    """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3's text
+    model, Mixtral, Qwen3-MoE);
     say so clearly for anything else.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:

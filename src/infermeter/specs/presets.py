@@ -46,6 +46,19 @@ def _qwen3(name: str, n_layers: int, dim: int, n_heads: int, ffn: int,
                      rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=tie, qk_norm=True)
 
 
+def _gemma2(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int,
+            query_scalar: float) -> ModelSpec:
+    """Gemma 2: a 4096 window on every other layer (layers 0, 2, 4, ... as transformers' Gemma2
+    does), one RoPE base, attention logits capped at 50 and final logits at 30, tied
+    embeddings, 4 norms a layer, no q/k norms. Their config.json says float32; the weights
+    ship as bf16."""
+    return ModelSpec(name, "gemma2", n_layers, dim, n_heads, n_kv, head_dim, ffn, 256000,
+                     norm_eps=1e-6, rope_theta=10000.0, max_seq_len=8192, tie_embeddings=True,
+                     sliding_window=4096, sliding_window_layers=tuple(range(0, n_layers, 2)),
+                     norms_per_layer=4, query_pre_attn_scalar=query_scalar,
+                     final_logit_softcap=30.0, attn_logit_softcap=50.0)
+
+
 def _gemma3(name: str, n_layers: int, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int,
             vocab: int, window: int, long_context: bool, query_scalar: float) -> ModelSpec:
     """Gemma 3's text model: layers 5, 11, 17, ... global (RoPE base 1M, linear x8 from 4B up),
@@ -110,11 +123,11 @@ _PRESET_LIST = [
     ModelSpec("qwen3-30b-a3b", "qwen3_moe", 48, 2048, 32, 4, 128, 6144, 151936, norm_eps=1e-6,
               rope_theta=1000000.0, max_seq_len=40960, qk_norm=True, n_experts=128,
               n_active_experts=8, moe_ffn_dim=768, norm_topk_prob=True),
-    # google/gemma-2-9b: head_dim 256 (not 3584/16), a 4096 window on every other layer
-    # (layers 0, 2, 4, ... as transformers' Gemma2 does), tied embeddings, 4 norms per layer.
-    ModelSpec("gemma-2-9b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256000, norm_eps=1e-6,
-              rope_theta=10000.0, max_seq_len=8192, tie_embeddings=True, sliding_window=4096,
-              sliding_window_layers=tuple(range(0, 42, 2)), norms_per_layer=4),
+    # google/gemma-2-{2b,9b,27b}: head_dim 256 (not 3584/16) or 128 (27B), which scales
+    # queries by 144 = 4608 / 32; the others by 256.
+    _gemma2("gemma-2-2b", 26, 2304, 8, 4, 256, 9216, 256.0),
+    _gemma2("gemma-2-9b", 42, 3584, 16, 8, 256, 14336, 256.0),
+    _gemma2("gemma-2-27b", 46, 4608, 32, 16, 128, 36864, 144.0),
     # google/gemma-3-1b-pt and the text_config of google/gemma-3-{4b,12b,27b}-pt (their vision
     # tower is not counted). 27B scales queries by 168 = 5376 / 32, not head_dim 128.
     _gemma3("gemma-3-1b", 26, 1152, 4, 1, 256, 6912, 262144, 512, False, 256.0),
@@ -183,7 +196,10 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "qwen3-8b": 8.2e9,
     "qwen3-32b": 32.8e9,
     "qwen3-30b-a3b": (30.5e9, 3.3e9),
+    # Gemma 2 report (Gemma Team, 2024), table 1: embedding + non-embedding parameters.
+    "gemma-2-2b": 2.61e9,
     "gemma-2-9b": 9.24e9,
+    "gemma-2-27b": 27.2e9,
     # Gemma 3 technical report, table 1: embedding + non-embedding parameters (text only).
     "gemma-3-1b": 302e6 + 698e6,
     "gemma-3-4b": 675e6 + 3209e6,

@@ -273,8 +273,8 @@ def _read(files: dict[str, Path], hf_name: str, shape: torch.Size, handles: dict
 # ---- writer ----------------------------------------------------------------------------------
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _whole(value: float | None) -> float | int | None:
@@ -308,15 +308,17 @@ def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
     gemma = spec.arch in GEMMA_ARCHS
     if gemma:  # transformers 4.x's fields, which 5.x reads too
         cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-                   rope_local_base_freq=spec.rope_local_theta,
                    query_pre_attn_scalar=_whole(spec.query_pre_attn_scalar),
                    final_logit_softcapping=spec.final_logit_softcap,
-                   attn_logit_softcapping=None)
-    elif (spec.rope_local_theta, spec.query_pre_attn_scalar, spec.final_logit_softcap) != \
-            (None, None, None):
+                   attn_logit_softcapping=spec.attn_logit_softcap)
+        if spec.arch == "gemma3_text":
+            cfg["rope_local_base_freq"] = spec.rope_local_theta
+    if (spec.arch != "gemma3_text" and spec.rope_local_theta is not None) or (not gemma and (
+            spec.query_pre_attn_scalar, spec.final_logit_softcap, spec.attn_logit_softcap) !=
+            (None, None, None)):
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express a "
                               "local RoPE base, query_pre_attn_scalar or logit soft-capping")
-    if spec.qk_norm != (spec.arch in ("qwen3", "qwen3_moe", *GEMMA_ARCHS)):  # the type says it
+    if spec.qk_norm != (spec.arch in ("qwen3", "qwen3_moe", "gemma3_text")):  # the type says it
         raise InfermeterError(f"model {spec.name}: an HF {spec.arch} config cannot express "
                               f"qk_norm={spec.qk_norm}")
     cfg.update(_moe_config(spec))

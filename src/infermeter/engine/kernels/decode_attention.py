@@ -67,7 +67,8 @@ if triton is not None:
                          n_kv_heads, groups, slots, chunk, n_splits, window,
                          SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                         PDL: tl.constexpr = False):
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -95,6 +96,8 @@ if triton is not None:
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
+            if SOFTCAP > 0:  # Gemma 2: cap * tanh(s / cap), tanh(x) = 2 sigmoid(2x) - 1
+                s = SOFTCAP * (2.0 * tl.sigmoid(s * (2.0 / SOFTCAP)) - 1.0)
             held = tl.load(KEY_POS + n, mask=inside, other=-1)
             seen = inside & (held >= 0) & (held <= pos)
             if HAS_WINDOW:
@@ -138,7 +141,7 @@ if triton is not None:
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     pdl: bool) -> Tensor:
+                     softcap: float, pdl: bool) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -157,7 +160,7 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
            BLOCK=BLOCK_N,
            IS_RING=is_ring, HAS_WINDOW=window > 0,
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap))
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, groups, n_splits,
@@ -167,33 +170,37 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
 
 @torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
 def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                    softcap: float = 0.0) -> Tensor:
     """q [B, H_kv, G, D] (one token's G query heads per KV head), k_cache/v_cache
-    [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none.
+    [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none;
+    softcap > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2), 0 none.
     Returns [B, H_kv, G, D] in q's dtype."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, pdl=False)
+                            n_splits, softcap, pdl=False)
 
 
 @torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int) -> Tensor:
+                        query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                        softcap: float = 0.0) -> Tensor:
     """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, pdl=True)
+                            n_splits, softcap, pdl=True)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int) -> Tensor:
+      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
-                            n_splits: int) -> Tensor:
+                            n_splits: int, softcap: float = 0.0) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
     if pdl.enabled():
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits)
-    return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits)
+                                   n_splits, softcap)
+    return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
+                           softcap)
