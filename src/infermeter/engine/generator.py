@@ -11,6 +11,11 @@ The loop, in gpt-fast's shape:
   it buys little. With prefill_chunk=C, a prompt longer than C runs as forwards of C tokens at
   positions c..c+C-1, each attending over the cache the earlier chunks filled: activations and
   logits of C tokens at a time, never of the whole prompt.
+  With bucketed_prefill (generate's default in compiled mode) and config.compile, each forward
+  runs through one torch.compile'd function of the whole model (fullgraph, static shapes: a
+  CUDA graph on a GPU) at a bucket length, the prompt padded up to it (prefill_buckets.py: the
+  buckets, and why the pads change nothing), so a few graphs serve every prompt length; long
+  prompts run as compiled chunks (full chunks at C, the last part at its bucket).
 - decode: one token per sequence per step, [B, 1] at position input_pos. With compile=True this
   step is torch.compile(fullgraph=True, dynamic=False): static shapes, input_pos a device
   tensor; on CUDA it is replayed as a CUDA graph, built from eager's own kernels by default
@@ -46,6 +51,7 @@ from torch import Tensor
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer
+from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 from infermeter.specs.sizes import cache_length
@@ -150,6 +156,14 @@ def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tens
     return next_token, done
 
 
+def _prefill_forward(model: Transformer, tokens: Tensor, positions: Tensor,
+                     last: Tensor) -> Tensor:
+    """One bucketed prefill forward: tokens [B, L] at positions [L] (writes their K/V) -> the
+    logits [B, V] float32 of row last [1], the forward's last real token (a tensor: one graph
+    serves every prompt length padded to L)."""
+    return model(tokens, positions).index_select(1, last)[:, 0]
+
+
 def _block_step(layer: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
                 input_pos: Tensor) -> Tensor:
     """One transformer layer: what the compiled prefill compiles (Generator._block_fn)."""
@@ -183,6 +197,10 @@ class Generator:
     programmatic dependent launch (pdl.py); only where pdl.supported says it can run.
     prefill_chunk: the longest forward a prefill runs, in tokens; a longer prompt is prefilled
     chunk by chunk into the KV cache (None, the default: the whole prompt in one forward).
+    bucketed_prefill: with config.compile, prefill through _prefill_forward compiled at bucket
+    lengths (prefill_buckets.py) instead of eager forwards at the prompt's own length (and
+    instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
+    by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
@@ -190,7 +208,8 @@ class Generator:
                  compile_backend: str | None = None,
                  compile_options: dict | None = None, fuse: bool = True,
                  compile_prefill: bool = False, decode_attention: str | None = None,
-                 pdl: bool = False, prefill_chunk: int | None = None) -> None:
+                 pdl: bool = False, prefill_chunk: int | None = None,
+                 bucketed_prefill: bool = False) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -226,6 +245,8 @@ class Generator:
         self.decode_attention = model.layers[0].attention.decode_attention if model.layers \
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
+        self.bucketed_prefill = bucketed_prefill and not self.spec.is_moe
+        self._compiled_prefill: Callable[..., Tensor] | None = None
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
                                   "compute capability 9.0 or later (Hopper), Triton and a "
@@ -304,6 +325,53 @@ class Generator:
             self._compiled_block = torch.compile(_block_step, options=options, dynamic=True)
         return self._compiled_block
 
+    def _prefill_fn(self) -> Callable[..., Tensor]:
+        """The bucketed prefill's compiled forward: one graph per bucket length (dynamic=False;
+        inductor's CUDA graph on a GPU, as the decode step; the decode step's backend)."""
+        if self._compiled_prefill is None:
+            allow_step_graphs()
+            if self.compile_backend == "cudagraphs":
+                self._compiled_prefill = torch.compile(_prefill_forward, backend="cudagraphs",
+                                                       fullgraph=True, dynamic=False)
+            else:
+                options = {"emulate_precision_casts": True,
+                           "triton.cudagraphs": self.device.type == "cuda",
+                           **self.compile_options}
+                self._compiled_prefill = torch.compile(_prefill_forward, options=options,
+                                                       fullgraph=True, dynamic=False)
+        return self._compiled_prefill
+
+    def prefill_lengths(self, prompt_len: int, compiled: bool, start: int = 0) -> list[int]:
+        """The length of each forward a prefill of prompt_len tokens runs (after prepare())."""
+        if compiled and self.bucketed_prefill:
+            room = self.model.max_seq_len - start
+            return [length for _, length in prefill_forwards(prompt_len, self.prefill_chunk,
+                                                             room)]
+        chunk = min(self.prefill_chunk or prompt_len, prompt_len)
+        return [min(chunk, prompt_len - offset) for offset in range(0, prompt_len, chunk)]
+
+    def _bucketed(self, tokens: Tensor, start: int) -> Tensor:
+        """Prefill tokens [B, T] at start.. through the compiled forward at bucket lengths; the
+        last real token's logits [B, V]. Pads: copies of the last token, all at position
+        start + T (prefill_buckets.py says why they change nothing)."""
+        batch, prompt_len = tokens.shape
+        int64 = {"dtype": torch.int64, "device": self.device}
+        forward, offset = self._prefill_fn(), 0
+        for real, length in prefill_forwards(prompt_len, self.prefill_chunk,
+                                             self.model.max_seq_len - start):
+            piece = tokens[:, offset:offset + real]  # [B, real]
+            positions = torch.arange(start + offset, start + offset + real, **int64)
+            if length > real:  # the last forward only
+                piece = torch.cat((piece, piece[:, -1:].expand(batch, length - real)), dim=1)
+                positions = torch.cat((positions, torch.full((length - real,),
+                                                             start + prompt_len, **int64)))
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph iteration
+            logits = forward(self.model, piece, positions,
+                             torch.full((1,), real - 1, **int64))  # [B, V]
+            offset += real
+        return logits
+
     # ---- the two phases --------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, tokens: Tensor, config: GenerationConfig, start: int = 0) -> DecodeState:
@@ -325,18 +393,28 @@ class Generator:
         stop_ids = torch.tensor(sorted(config.stop_ids) or [-1], dtype=torch.int64)
         # (From pageable memory the copy stages the bytes before returning: no lifetime issue.)
         stop_ids = stop_ids.to(self.device, non_blocking=True)  # [S]
-        chunk = min(self.prefill_chunk or prompt_len, prompt_len)
-        compiled = config.compile and self.compile_prefill and chunk > 1
-        block_fn = self._block_fn() if compiled else None
-        for offset in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
-            end = min(offset + chunk, prompt_len)
-            positions = torch.arange(start + offset, start + end, **int64)  # [C]
-            logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
-                                block_fn=block_fn)
-        first = sample(logits[:, -1], greedy=config.greedy, temperature=config.temperature,
+        if config.compile and self.bucketed_prefill:
+            last = self._bucketed(tokens, start)  # [B, V] float32
+        else:
+            last = self._exact(tokens, start, config.compile)
+        first = sample(last, greedy=config.greedy, temperature=config.temperature,
                        top_p=config.top_p, seed=seed, pos=input_pos)
         done = (first[:, None] == stop_ids[None, :]).any(dim=-1)
         return DecodeState(first, input_pos, done, seed, stop_ids, end_pos)
+
+    def _exact(self, tokens: Tensor, start: int, compile: bool) -> Tensor:
+        """Prefill tokens [B, T] at start.. in forwards of the prompt's own length (chunks of
+        prefill_chunk), eager or through compile_prefill's layer graph; the last row's logits."""
+        prompt_len = tokens.shape[1]
+        chunk = min(self.prefill_chunk or prompt_len, prompt_len)
+        block_fn = self._block_fn() if compile and self.compile_prefill and chunk > 1 else None
+        for offset in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
+            end = min(offset + chunk, prompt_len)
+            positions = torch.arange(start + offset, start + end, dtype=torch.int64,
+                                     device=self.device)  # [C]
+            logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
+                                block_fn=block_fn)
+        return logits[:, -1]
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, config: GenerationConfig) -> Tensor:
@@ -400,6 +478,11 @@ class Generator:
         """
         self.prepare(batch_size, prompt_len, config.max_new_tokens)
         tokens = torch.zeros(batch_size, prompt_len, dtype=torch.int64, device=self.device)
+        # A bucketed prefill's CUDA graphs are recorded at their second run, replayed from the
+        # third (cudagraph trees): all three here, so that no timed prefill records.
+        graphs = config.compile and self.bucketed_prefill and self.device.type == "cuda"
+        for _ in range(2 if graphs else 0):
+            self.prefill(tokens, config)
         state = self.prefill(tokens, config)
         for _ in range(min(decode_steps, config.max_new_tokens - 1)):
             self.decode_step(state, config)

@@ -68,12 +68,31 @@ class LayerKVCache(nn.Module):
     def _write(self, k: Tensor, v: Tensor, input_pos: Tensor) -> None:
         """Store k, v [B, H_kv, T, D] at their slots; a ring keeps only the last `size` tokens."""
         if k.shape[2] > self.size:  # static shapes: a Python branch on sizes, not on values
-            k, v, input_pos = k[:, :, -self.size:], v[:, :, -self.size:], input_pos[-self.size:]
+            self._write_last(k, v, input_pos)
+            return
         slots = input_pos % self.size if self.is_ring else input_pos
         self.k.index_copy_(2, slots, k.to(self.k.dtype))
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
         if self.is_ring:
             self.key_pos.index_copy_(0, slots, input_pos)
+
+    def _write_last(self, k: Tensor, v: Tensor, input_pos: Tensor) -> None:
+        """A chunk of T > size tokens into a ring: each slot s takes the chunk's latest position
+        p_s = last - (last - s) % size, where last is the chunk's highest position, or keeps what
+        it holds when p_s comes before the chunk. The chunk's positions are first, first + 1, ...
+        and then, for a bucketed prefill's pads, copies of the one position after the prompt
+        (prefill_buckets.py): p_s - first is then p_s's index in the chunk, and a pad's slot
+        is the first decode step's own."""
+        first, last = input_pos[0], input_pos.max()
+        slots = torch.arange(self.size, dtype=input_pos.dtype, device=input_pos.device)
+        held = last - torch.remainder(last - slots, self.size)  # [size] positions to hold
+        index = held - first
+        new = index >= 0  # [size]
+        index = index.clamp(min=0)
+        for cache, fresh in ((self.k, k), (self.v, v)):  # [B, H_kv, size, D]
+            picked = fresh.index_select(2, index).to(cache.dtype)
+            cache.copy_(torch.where(new[None, None, :, None], picked, cache))
+        self.key_pos.copy_(torch.where(new, held, self.key_pos))
 
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write this step's k, v [B, H_kv, T, D]; return (keys, values, mask) to attend over.

@@ -1,0 +1,47 @@
+"""The lengths a bucketed prefill runs at (Generator(bucketed_prefill=True), the compiled mode's
+default): a prompt's forwards padded up to a few static lengths, so that a handful of compiled
+graphs (CUDA graphs on a GPU) serve every prompt length. Torch-free: the fit check reads it too.
+
+Buckets: powers of two from 16 to 512, then multiples of 512, never longer than the chunk (the
+chunk length is a bucket of its own). Up to 512 tokens a prefill reads its weights more than it
+computes, so doubling the tokens costs little; past it the step of 512 keeps the padded work
+under 512 tokens a forward (under half of any prompt that long, and a shrinking share as it
+grows). A prompt of P tokens with prefill_chunk C runs full chunks of C, then its last part
+padded to its bucket (at most C).
+
+Pads go last, all at one position: the first one after the prompt (start + P). There the cache
+slot is the one the first decode step writes before it reads it, so the pads' K/V overwrite
+nothing a later token reads (a full-attention layer's slot start + P; a ring layer's slot
+(start + P) % window, which holds start + P - window: outside the window of every later query).
+Real queries never see the pads (causal mask: they sit after every real token). So a forward is
+padded only while start + P is still inside the cache; otherwise it runs at its own length.
+"""
+
+from __future__ import annotations
+
+PREFILL_KINDS = ("bucketed", "exact")  # generate --prefill; exact: each forward at its length
+SMALLEST_BUCKET = 16
+POWER_OF_TWO_LIMIT = 512  # buckets double up to here, then grow by this step
+
+
+def bucket_length(tokens: int, chunk: int | None = None) -> int:
+    """The static forward length that serves `tokens` real tokens (tokens <= chunk if given)."""
+    if tokens < 1:
+        raise ValueError(f"a forward needs at least one token, got {tokens}")
+    if tokens <= POWER_OF_TWO_LIMIT:
+        length = max(SMALLEST_BUCKET, 1 << (tokens - 1).bit_length())
+    else:
+        length = -(-tokens // POWER_OF_TWO_LIMIT) * POWER_OF_TWO_LIMIT
+    return length if chunk is None else max(tokens, min(length, chunk))
+
+
+def prefill_forwards(prompt_len: int, chunk: int | None, room: int) -> list[tuple[int, int]]:
+    """(real tokens, forward length) of each forward of a bucketed prefill of prompt_len tokens;
+    room: the cache positions from the prompt's first one to the cache's end (max_seq_len -
+    start). Only the last forward is padded, and only when a position is left after the prompt
+    for its pads (room > prompt_len)."""
+    step = min(chunk or prompt_len, prompt_len)
+    real = [min(step, prompt_len - offset) for offset in range(0, prompt_len, step)]
+    out = [(n, n) for n in real[:-1]]
+    last = bucket_length(real[-1], chunk) if room > prompt_len else real[-1]
+    return out + [(real[-1], last)]

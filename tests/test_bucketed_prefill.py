@@ -1,0 +1,169 @@
+"""Bucketed prefill (Generator(bucketed_prefill=True), generate's default in compiled mode): each
+prefill forward padded up to a bucket length must give what one unpadded eager forward gives:
+the same logits at every real position (float32), the same K/V wherever a later token reads
+them (full layers and ring layers, whose padded writes could wrap onto held positions), and the
+same greedy tokens after. GQA, MHA, and two sliding windows (one shorter than the buckets, one
+longer than some), prompt lengths on both sides of every bucket edge used, whole and chunked.
+CPU: the compiled forward is replaced by the same function uncompiled (the padding is what is
+under test); one test traces it with torch.compile (aot_eager) to count its graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
+from infermeter.engine.model import build_model
+from infermeter.engine.prefill_buckets import bucket_length, prefill_forwards
+from infermeter.errors import InfermeterError
+from infermeter.specs.presets import PRESETS
+
+DEBUG = PRESETS["debug"].with_updates(n_layers=2)  # 4 query heads share 2 KV heads: GQA
+SPECS = {
+    "gqa": DEBUG,
+    "mha": DEBUG.with_updates(name="debug-mha", n_kv_heads=DEBUG.n_heads),
+    # a ring layer beside a full one: shorter than every bucket, and longer than 16 and 32
+    "window12": DEBUG.with_updates(name="debug-w12", sliding_window=12, sliding_window_layers=(0,)),
+    "window40": DEBUG.with_updates(name="debug-w40", sliding_window=40, sliding_window_layers=(0,)),
+}
+# both sides of buckets 16, 32 and 64 (65 pads to 128, past the 96-token cache: every pad
+# shares one position, so a forward may be longer than the cache)
+LENGTHS = (1, 16, 17, 32, 33, 64, 65)
+CHUNK = 24  # chunked: full chunks of 24, the last part at 16 or 24 (capped at the chunk)
+CHUNKED_LENGTHS = (24, 25, 40, 41)
+CACHE = 96
+N_NEW = 6
+EAGER = GenerationConfig(max_new_tokens=N_NEW)
+COMPILED = GenerationConfig(max_new_tokens=N_NEW, compile=True)
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def model(request):
+    return build_model(SPECS[request.param], device="cpu", dtype=torch.float32, seed=1)
+
+
+def prompt(length: int) -> torch.Tensor:
+    """Batch 2 of `length` seeded random ids [2, T]."""
+    return torch.randint(0, DEBUG.vocab_size, (2, length),
+                         generator=torch.Generator().manual_seed(length))
+
+
+def bucketed(model, chunk=None) -> Generator:
+    gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=True)
+    gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    return gen
+
+
+def run(gen: Generator, tokens: torch.Tensor, config: GenerationConfig):
+    """Prefill (config decides the path), then N_NEW - 1 eager decode steps: (logits of every
+    real prompt position [B, T, V], the caches after the prefill, the greedy tokens)."""
+    outputs: list[torch.Tensor] = []
+    handle = gen.model.register_forward_hook(lambda m, a, out: outputs.append(out))
+    gen.prepare(*tokens.shape, N_NEW)
+    try:
+        state = gen.prefill(tokens, config)
+    finally:
+        handle.remove()
+    lengths = gen.prefill_lengths(tokens.shape[1], config.compile)
+    assert [o.shape[1] for o in outputs] == lengths  # the forwards ran at these lengths
+    real = [n for n, _ in prefill_forwards(tokens.shape[1], gen.prefill_chunk, CACHE)] \
+        if config.compile else lengths
+    logits = torch.cat([o[:, :n] for o, n in zip(outputs, real)], dim=1)
+    caches = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in gen.model._caches()]
+    ids = [state.token.tolist()] + [gen.decode_step(state, EAGER).tolist()
+                                    for _ in range(N_NEW - 1)]
+    return logits, caches, ids
+
+
+def assert_same_where_read(model, want, got, prompt_len: int) -> None:
+    """K/V of every slot a later token reads: a full layer's positions < T, a ring layer's
+    positions the first decode step's window still covers (> T - window)."""
+    for layer, (k0, v0, pos0), (k1, v1, pos1) in zip(model.layers, want, got):
+        window = layer.attention.kv_cache.window
+        read = (pos0 >= 0) & (pos0 < prompt_len)
+        if window is not None:
+            read &= pos0 > prompt_len - window
+        assert torch.equal(pos0[read], pos1[read])
+        torch.testing.assert_close(k1[:, :, read], k0[:, :, read], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1[:, :, read], v0[:, :, read], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk,length", [(None, n) for n in LENGTHS]
+                         + [(CHUNK, n) for n in CHUNKED_LENGTHS])
+def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chunk, length):
+    tokens = prompt(length)
+    want_logits, want_cache, want_ids = run(Generator(model, max_seq_len=CACHE), tokens, EAGER)
+    gen = bucketed(model, chunk)
+    logits, cache, ids = run(gen, tokens, COMPILED)
+    assert gen.prefill_lengths(length, True)[-1] == bucket_length(
+        length - (length - 1) // (chunk or length) * (chunk or length), chunk)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert_same_where_read(model, want_cache, cache, length)
+    assert ids == want_ids
+
+
+def test_bucket_lengths_and_forwards():
+    assert [bucket_length(n) for n in (1, 15, 16, 17, 100, 512, 513, 1500)] == \
+        [16, 16, 16, 32, 128, 512, 1024, 1536]
+    assert bucket_length(300, chunk=384) == 384 and bucket_length(17, chunk=20) == 20
+    assert prefill_forwards(2100, 1024, 4096) == [(1024, 1024), (1024, 1024), (52, 64)]
+    assert prefill_forwards(80, None, 512) == [(80, 128)]
+    # no position left after the prompt for the pads (a prefill that fills the cache)
+    assert prefill_forwards(80, None, 80) == [(80, 80)]
+
+
+def test_the_pads_stay_inside_the_cache():
+    """A prompt that leaves one free slot pads into it; one that fills the cache runs exact
+    (prefill(start=) after cached positions counts the room from start)."""
+    gen = bucketed(build_model(SPECS["window12"], device="cpu", dtype=torch.float32, seed=1))
+    gen.prepare(2, 19, 1)  # cache 256 (rounded): room for the pads
+    assert gen.prefill_lengths(19, True) == [32]
+    assert gen.prefill_lengths(19, True, start=256 - 19) == [19]
+    assert gen.prefill_lengths(19, False) == [19]
+
+
+def test_compiled_bucketed_prefill_is_one_graph_per_bucket():
+    """torch.compile (aot_eager: dynamo's fullgraph trace without inductor's C++ build) of the
+    bucketed forward: lengths 5 and 9 share bucket 16's graph, 17 takes bucket 32's; the first
+    tokens equal the eager prefill's."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(SPECS["window12"], device="cpu", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
+    gen._compiled_prefill = torch.compile(_prefill_forward, backend="aot_eager", fullgraph=True,
+                                          dynamic=False)
+    eager = Generator(model, max_seq_len=CACHE)
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (5, 9, 17):
+        tokens = prompt(length)
+        eager.prepare(2, length, N_NEW)
+        want = eager.prefill(tokens, EAGER).token
+        gen.prepare(2, length, N_NEW)
+        assert torch.equal(gen.prefill(tokens, COMPILED).token, want)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_moe_and_eager_prefill_exactly():
+    """An MoE model's prefill has data-dependent shapes: bucketed is not used; eager mode never
+    pads."""
+    moe = PRESETS["debug"].with_updates(name="debug-moe", n_experts=4, n_active_experts=2,
+                                        moe_ffn_dim=32)
+    gen = Generator(build_model(moe, device="cpu", dtype=torch.float32), bucketed_prefill=True)
+    assert not gen.bucketed_prefill
+    gen = bucketed(build_model(DEBUG, device="cpu", dtype=torch.float32))
+    gen.prepare(1, 5, 2)
+    assert (gen.prefill_lengths(5, False), gen.prefill_lengths(5, True)) == ([5], [16])
+
+
+def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
+    gen = bucketed(build_model(DEBUG, device="cpu", dtype=torch.float32))
+    with pytest.raises(InfermeterError, match="does not fit in the KV cache of 96 tokens") as err:
+        gen.generate([[1] * 100], COMPILED)
+    assert "\n" not in str(err.value)
+    long = Generator(build_model(DEBUG, device="cpu", dtype=torch.float32),
+                     bucketed_prefill=True)
+    with pytest.raises(InfermeterError, match="context of 256 tokens") as err:
+        long.generate([[1] * 300], COMPILED)
+    assert "\n" not in str(err.value)
