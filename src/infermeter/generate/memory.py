@@ -64,6 +64,11 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": prefill_activation_bytes(spec, batch_size, forward,
                                                              dtype) // tp}
+    if spec.attn_logit_softcap is not None and not mode.startswith("hf"):
+        # SDPA cannot soft-cap (Gemma 2): a layer's prefill holds its float32 scores
+        # [B, heads, T, cache] and their softmax (engine/attention.py)
+        heads = -(-spec.n_heads // tp)
+        parts["capped attention scores"] = 2 * batch_size * heads * forward * cache_len * 4
     if mode.startswith("hf"):
         parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts:
