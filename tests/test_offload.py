@@ -7,6 +7,7 @@ what cannot fit or is not a length. No speed is asserted."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -17,8 +18,10 @@ from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result, read_results
 from infermeter.offload.breakeven import break_even
-from infermeter.offload.job import break_evens, measure_case
-from infermeter.offload.reload import HostPrefix, LayerwiseReload
+from infermeter.offload.case import measure_case
+from infermeter.offload.job import break_evens, paged_break_evens
+from infermeter.offload.paged import PagedHostPrefix
+from infermeter.offload.reload import HostPrefix, LayerwiseReload, layer_caches
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.table import render_offload
@@ -181,6 +184,57 @@ def test_break_evens_per_suffix_and_way():
         (32, "serial", pytest.approx(250.0)), (32, "layerwise", pytest.approx(125.0))]
 
 
+def test_paged_break_evens_per_suffix_block_and_way():
+    # recompute 1, 2, 4 ms at 8, 16, 32 tokens; blocks of 16: serial 3 ms (gains -2, -1, +1:
+    # the crossing half way from 16 to 32), layer-wise 5 (recompute always); blocks of 256 0.5
+    paged = {16: {"serial": 3.0, "layerwise": 5.0}, 256: {"serial": 0.5, "layerwise": 0.5}}
+    cases = [{"prefix_len": p, "suffix_len": 4, "ttft_ms": {"recompute": r},
+              "paged": [{"block_size": b, "ttft_ms": t} for b, t in paged.items()]}
+             for p, r in ((8, 1.0), (16, 2.0), (32, 4.0))]
+    rows = paged_break_evens(cases, (4,), (16, 256))
+    assert [(r["block_size"], r["way"], r["status"], r["prefix_len"]) for r in rows] == [
+        (16, "serial", "measured", pytest.approx(24.0)), (16, "layerwise", "above", None),
+        (256, "serial", "below", None), (256, "layerwise", "below", None)]
+
+
+# ---- the paged layout ----------------------------------------------------------------------
+@pytest.mark.parametrize("block", [7, 16, 64])
+def test_a_paged_reload_puts_back_what_a_whole_reload_does(generator, block):
+    """Block by block from a scattered pool (the last block partly filled, a ring layer's slots
+    too), the cache ends as a whole reload leaves it, bytes and all."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    generator.prefill(_tokens()[:, :PREFIX], ONE)
+    host, paged = HostPrefix(model, PREFIX), PagedHostPrefix(model, PREFIX, block, seed=1)
+    model.reset_cache()
+    host.reload(model)
+    whole = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in layer_caches(model)]
+    assert whole[0][0].abs().sum() > 0  # a filled cache is compared
+    model.reset_cache()
+    paged.reload(model)
+    for (k, v, key_pos), cache in zip(whole, layer_caches(model)):
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+        assert torch.equal(cache.key_pos, key_pos)
+    assert paged.nbytes == host.nbytes
+    slots = [min(PREFIX, cache.size) for cache in layer_caches(model)]
+    assert paged.copies == sum(2 * 2 * math.ceil(n / block) for n in slots)  # B = 2, K and V
+    if block == 7:  # the pool's slots are a permutation, not the sequences' order
+        pool = [slot for *_, slot in paged.layers[-1].blocks]
+        assert sorted(pool) == list(range(len(pool))) and pool != sorted(pool)
+
+
+def test_same_greedy_tokens_from_the_paged_copy(generator):
+    request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=4,
+                             repeats=1, warmup=0, block_sizes=(16, 7, 16))
+    assert request.block_sizes == (7, 16)
+    case, raw, notes = measure_case(generator, request, PREFIX, SUFFIX)
+    assert [entry["block_size"] for entry in case["paged"]] == [7, 16]
+    assert all(entry["same_tokens"] for entry in case["paged"]) and case["same_tokens"]
+    assert [note for note in notes if "differ" in note] == []
+    assert {"paged7_reload", "paged7_serial", "paged7_layerwise"} <= set(raw)
+    assert case["paged"][0]["reload_bytes"] == case["reload_bytes"]
+
+
 # ---- bad input: one line, exit 2 -----------------------------------------------------------
 @pytest.mark.parametrize("args, says", [
     (["--prefix-len", "300"], "context of 256 tokens"),
@@ -193,6 +247,7 @@ def test_break_evens_per_suffix_and_way():
     (["--prefix-len", "200", "--batch-size", "1000000000"], "does not fit"),  # sized, not made
     (["--prefix-len", "8", "--traffic", "d2h", "--context", "250"], "decode under copy traffic"),
     (["--prefix-len", "8", "--traffic", "sideways"], "invalid choice"),
+    (["--prefix-len", "8", "--block-size", "0"], "must be a positive integer"),
 ])
 def test_bad_input_is_one_error_line(args, says):
     done = run_cli("offload", "--model", "debug", "--suffix-len", "8", *args)
@@ -205,7 +260,7 @@ def test_bad_input_is_one_error_line(args, says):
 @pytest.mark.parametrize("field, value, says", [
     ("prefix_lens", (), "at least one length"), ("suffix_lens", (4, 0), "positive"),
     ("prefix_lens", (8, -1), "positive"), ("traffic", ("up",), "unknown direction"),
-    ("decode_steps", 0, "at least 1")])
+    ("decode_steps", 0, "at least 1"), ("block_sizes", (16, 0), "--block-size")])
 def test_the_request_refuses_empty_or_non_positive_lengths(field, value, says):
     lengths = {"prefix_lens": (8,), "suffix_lens": (4,), field: value}
     with pytest.raises(InfermeterError, match=says):
@@ -252,7 +307,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
               "--suffix-len", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
               "--prefill-chunk", "16")
     done = run_cli(*common, "--traffic", "both", "--offloaded-decode", "--decode-steps", "3",
-                   "--json", "--output", str(out))
+                   "--block-size", "16", "--json", "--output", str(out))
     assert done.returncode == 0, done.stderr
     printed = Result.from_dict(json.loads(done.stdout))
     [written] = read_results(out)
@@ -270,6 +325,10 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     streamed = written.metrics["offloaded_decode"]
     assert streamed["same_tokens"] is True and streamed["bytes_per_step"] > 0
     assert "offloaded decode" in table
+    assert written.config["block_sizes"] == [16]
+    assert [(r["block_size"], r["way"]) for r in written.metrics["paged_break_even"]] == [
+        (16, "serial"), (16, "layerwise")]
+    assert "suffix 4, blocks of 16, (a) serial:" in table
     shown = run_cli(*common)
     assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
 

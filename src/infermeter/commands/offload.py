@@ -42,6 +42,10 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lookahead", type=positive_int, metavar="N",
                    help="layer-wise reload: layers' copies issued ahead of the layer computing "
                    "(default: all of them when the forward starts)")
+    p.add_argument("--block-size", type=positive_int, nargs="+", metavar="N",
+                   help="also reload the prefix from a paged host copy, in blocks of N tokens "
+                   "scattered through a pool, block by block (e.g. 16 256); a break-even per "
+                   "block size")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                    help="timed runs per case and way (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
@@ -83,6 +87,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         suffix_lens=tuple(args.suffix_len), batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
         prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
+        block_sizes=tuple(args.block_size or ()),
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         traffic=tuple(args.traffic or ()), context=args.context, decode_steps=args.decode_steps,
         offloaded_decode=args.offloaded_decode)

@@ -3,14 +3,16 @@
 
 Per case (prefix P, suffix S, batch B), on one model and the engine's own cache:
 - the prefix's KV is made once by a prefill of P tokens and copied to host (HostPrefix: pinned
-  on a GPU, a second CPU buffer on the CPU);
+  on a GPU, a second CPU buffer on the CPU), and with --block-size once more per block size in
+  fixed-size blocks scattered through a pool (paged.py), reloaded block by block;
 - untimed check: each way runs once from a zeroed cache and generates `new_tokens` greedy
   tokens; the three must agree (recorded; a disagreement is a warning, not an error: fp16 ties
   can flip an argmax);
 - timed, warm-up apart (CUDA events on a GPU, the host clock on the CPU): reload alone, suffix
   prefill alone (the cache already holding the prefix), (a) serial reload + suffix prefill,
   (b) layer-wise reload overlapped with the suffix prefill, (c) a prefill of P + S tokens with
-  the Generator. TTFT ends when the first token is sampled.
+  the Generator; per block size the paged reload alone, (a) and (b) from it. TTFT ends when
+  the first token is sampled. One case is case.py's measure_case.
 Everything the user can get wrong (lengths, memory) is checked before the weights are loaded.
 """
 
@@ -24,11 +26,9 @@ from infermeter.measure.fit import check_fit, free_memory
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.offload.breakeven import break_even
-from infermeter.offload.request import WAYS, OffloadRequest
+from infermeter.offload.case import measure_case
+from infermeter.offload.request import OffloadRequest
 from infermeter.specs.sizes import cache_length
-
-# Timed items per case: the three ways and the two parts of (a) alone.
-TIMED = ("reload", "suffix_prefill", *WAYS)
 
 
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
@@ -60,6 +60,10 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     "logits": 4 * request.batch_size * forward * spec.vocab_size}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
+    for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
+        blocks = -(-max(request.prefix_lens) // size)
+        host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
+            spec, request.batch_size, blocks * size, kv_dtype)
     if device.type == "cuda":
         checks = [(device_parts, *free_memory(device)),
                   (host_parts, host_available(), "available in host memory")]
@@ -129,6 +133,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "prefix_lens": list(request.prefix_lens), "suffix_lens": list(request.suffix_lens),
               "new_tokens": request.new_tokens, "prefill_chunk": request.prefill_chunk,
               "max_seq_len": request.max_seq_len, "lookahead": request.lookahead,
+              "block_sizes": list(request.block_sizes),
               "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
               "timer": "cuda events" if device.type == "cuda" else "host clock",
@@ -138,7 +143,11 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "context": request.traffic_context if decodes else None,
               "decode_steps": request.decode_steps if decodes else None}
     metrics = {"cases": cases, "break_even": break_evens(cases, request.suffix_lens),
-               "same_tokens": all(case["same_tokens"] for case in cases)}
+               "same_tokens": all(case["same_tokens"] and all(
+                   paged["same_tokens"] for paged in case.get("paged", ())) for case in cases)}
+    if request.block_sizes:
+        metrics["paged_break_even"] = paged_break_evens(cases, request.suffix_lens,
+                                                        request.block_sizes)
     if request.traffic:
         metrics["traffic"] = traffic
     if request.offloaded_decode:
@@ -158,80 +167,21 @@ def break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...]) -> li
     return out
 
 
-def measure_case(generator: Any, request: OffloadRequest, prefix: int,
-                 suffix: int) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
-    """One (prefix, suffix) case: (its metrics, raw samples in ms per timed item, warnings)."""
-    import torch
-
-    from infermeter.engine.generator import GenerationConfig
-    from infermeter.measure.timing import time_cuda, time_host
-    from infermeter.offload.reload import HostPrefix, LayerwiseReload
-
-    model, device = generator.model, generator.device
-    batch = request.batch_size
-    config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed)
-    generator.prepare(batch, prefix + suffix, request.new_tokens)
-    rng = torch.Generator().manual_seed(request.seed + 7919 * prefix + suffix)
-    tokens = torch.randint(model.spec.vocab_size, (batch, prefix + suffix), generator=rng)
-    tokens = tokens.to(device)  # [B, P + S]
-    head, tail = tokens[:, :prefix], tokens[:, prefix:]
-    with torch.no_grad():
-        generator.prefill(head, config)
-        host = HostPrefix(model, prefix)
-    layerwise = LayerwiseReload(model, host, request.lookahead)
-
-    def serial() -> Any:
-        host.reload(model)
-        return generator.prefill(tail, config, start=prefix)
-
-    def overlapped() -> Any:
-        with layerwise:
-            layerwise.start()
-            return generator.prefill(tail, config, start=prefix)
-
-    def recompute() -> Any:
-        return generator.prefill(tokens, config)
-
-    runs = {"reload": lambda: host.reload(model),
-            "suffix_prefill": lambda: generator.prefill(tail, config, start=prefix),
-            "serial": serial, "layerwise": overlapped, "recompute": recompute}
-
-    # ---- untimed check: each way from a zeroed cache, then greedy decode
-    outputs: dict[str, list[list[int]]] = {}
-    for way, first in (("serial", serial), ("layerwise", overlapped), ("recompute", recompute)):
-        model.reset_cache()
-        state = first()
-        generated = [state.token]
-        for _ in range(request.new_tokens - 1):
-            generated.append(generator.decode_step(state, config))
-        outputs[way] = torch.stack(generated, dim=1).tolist()  # [B, new_tokens]
-    differ = [way for way in WAYS if outputs[way] != outputs["recompute"]]
-    notes = [f"prefix {prefix}, suffix {suffix}: greedy tokens of {', '.join(differ)} differ "
-             "from recompute's"] if differ else []
-
-    # ---- timed
-    timer = time_cuda if device.type == "cuda" else time_host
-    raw, stats, warmup_ms = {}, {}, {}
-    with torch.no_grad():
-        generator.prepare(batch, prefix + suffix, request.new_tokens)
-        host.reload(model)  # suffix_prefill alone expects the prefix in the cache
-        for name in TIMED:
-            raw[name], warmup_ms[name] = timer(runs[name], request.repeats, request.warmup)
-            stats[name] = Stats.of(raw[name])
-            notes += stats[name].warnings(f"prefix {prefix}, suffix {suffix}, {name}")
-    median = {name: stats[name].median for name in TIMED}
-    bound = max(median["reload"], median["suffix_prefill"])
-    case = {"prefix_len": prefix, "suffix_len": suffix,
-            "cache_len": model.max_seq_len, "reload_bytes": host.nbytes,
-            "reload_gbps": host.nbytes / median["reload"] / 1e6 if median["reload"] else None,
-            "ttft_ms": {way: median[way] for way in WAYS},
-            "reload_ms": median["reload"], "suffix_prefill_ms": median["suffix_prefill"],
-            "layerwise_over_bound": median["layerwise"] / bound if bound else None,
-            "fastest": min(WAYS, key=lambda way: median[way]),
-            "stats": {name: stats[name].to_dict() for name in TIMED},
-            "warmup_ms": warmup_ms, "same_tokens": not differ,
-            "output_token_ids": outputs["recompute"]}
-    return case, raw, notes
+def paged_break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...],
+                      block_sizes: tuple[int, ...]) -> list[dict]:
+    """Per suffix length, block size and reload way: the prefix length from which reloading
+    the paged host copy beats recompute."""
+    out = []
+    for suffix in suffix_lens:
+        rows = [c for c in cases if c["suffix_len"] == suffix]
+        for size in block_sizes:
+            paged = [(c, next(e for e in c["paged"] if e["block_size"] == size)) for c in rows]
+            for way in ("serial", "layerwise"):
+                found = break_even([(c["prefix_len"], e["ttft_ms"][way],
+                                     c["ttft_ms"]["recompute"]) for c, e in paged])
+                out.append({"suffix_len": suffix, "block_size": size, "way": way,
+                            **found.to_dict()})
+    return out
 
 
 def measure_traffic(generator: Any, request: OffloadRequest

@@ -33,7 +33,7 @@ from infermeter.errors import InfermeterError
 Trace = list[tuple[str, int]]
 
 
-def _caches(model: Transformer) -> list[LayerKVCache]:
+def layer_caches(model: Transformer) -> list[LayerKVCache]:
     caches = [layer.attention.kv_cache for layer in model.layers]
     if any(cache is None for cache in caches):
         raise InfermeterError("call setup_cache() before keeping a prefix's KV cache")
@@ -51,7 +51,7 @@ class HostPrefix:
     """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host."""
 
     def __init__(self, model: Transformer, prefix_len: int) -> None:
-        caches = _caches(model)
+        caches = layer_caches(model)
         if not 0 < prefix_len <= model.max_seq_len:
             raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
                                   f"{model.max_seq_len} tokens")
@@ -76,7 +76,7 @@ class HostPrefix:
         """Layer `index`'s K/V into the cache on the current stream (async from pinned memory).
         Unless n fills the layer, the cache's [B, H_kv, :n] is strided: torch lands the bytes in
         a contiguous device buffer first, then a copy kernel spreads them (the engine's layout)."""
-        cache = _caches(model)[index]
+        cache = layer_caches(model)[index]
         layer = self.layers[index]
         n = layer.k.shape[2]
         cache.k[:, :, :n].copy_(layer.k, non_blocking=True)

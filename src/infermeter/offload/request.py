@@ -25,6 +25,7 @@ class OffloadRequest:
     prefill_chunk: int | None = None  # the longest forward a prefill runs (Generator's)
     max_seq_len: int | None = None  # a fixed KV-cache length for every case
     lookahead: int | None = None  # layer-wise: copies issued ahead (None: all at once)
+    block_sizes: tuple[int, ...] = ()  # also reload from a paged host copy, blocks of N tokens
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
@@ -58,6 +59,10 @@ class OffloadRequest:
             raise InfermeterError(f"--traffic: unknown direction {unknown[0]!r} (use "
                                   f"{', '.join(TRAFFIC_DIRECTIONS)})")
         object.__setattr__(self, "traffic", tuple(dict.fromkeys(self.traffic)))
+        if any(not isinstance(n, int) or n < 1 for n in self.block_sizes):
+            raise InfermeterError(f"--block-size: sizes must be positive integers, got "
+                                  f"{list(self.block_sizes)}")
+        object.__setattr__(self, "block_sizes", tuple(sorted(set(self.block_sizes))))
 
     @property
     def traffic_context(self) -> int:

@@ -50,6 +50,8 @@ def render_offload(result: Result) -> str:
     for row in metrics["break_even"]:
         way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
         lines.append(f"suffix {row['suffix_len']}, {way}: {describe_break_even(row)}")
+    if metrics.get("paged_break_even"):
+        lines += ["", render_paged(metrics)]
     if metrics.get("traffic"):
         lines += ["", render_traffic(metrics["traffic"], config)]
     if metrics.get("offloaded_decode"):
@@ -86,3 +88,27 @@ def render_offloaded(entry: dict[str, Any]) -> str:
             f"same tokens: {'yes' if entry['same_tokens'] else 'NO'}")
     return "\n".join([head, render_table(["decode", "TPOT ms", "tokens/s", "link bound"],
                                           rows)])
+
+
+def render_paged(metrics: dict[str, Any]) -> str:
+    """The paged reloads: per block size, suffix and prefix, beside the same case's recompute."""
+    rows = []
+    for case in metrics["cases"]:
+        for entry in case.get("paged", ()):
+            ratio = entry["layerwise_over_bound"]
+            rows.append([entry["block_size"], case["suffix_len"], case["prefix_len"],
+                         entry["copies"], _ms(entry["reload_ms"]),
+                         _ms(entry["ttft_ms"]["serial"]), _ms(entry["ttft_ms"]["layerwise"]),
+                         _ms(case["ttft_ms"]["recompute"]),
+                         "-" if ratio is None else f"{ratio:.2f}",
+                         "yes" if entry["same_tokens"] else "NO"])
+    rows.sort(key=lambda row: row[:3])
+    lines = ["paged host copy: the prefix in blocks scattered through a pool, reloaded block by "
+             "block (copies: one per block of K or V), medians in ms",
+             render_table(["block", "suffix", "prefix", "copies", "reload", "(a) serial",
+                           "(b) layer", "(c) recompute", "(b)/bound", "same tokens"], rows)]
+    for row in metrics["paged_break_even"]:
+        way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
+        lines.append(f"suffix {row['suffix_len']}, blocks of {row['block_size']}, {way}: "
+                     f"{describe_break_even(row)}")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""One (prefix, suffix) case of `infermeter offload`: the prefix's KV cache made by a prefill and
+kept in host memory (whole, and paged per --block-size), then the TTFT of each way timed after
+an untimed check that every way generates recompute's greedy tokens (job.py has the order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from infermeter.measure.timing import Stats
+from infermeter.offload.request import WAYS, OffloadRequest
+
+# Timed items per case: the three ways and the two parts of (a) alone.
+TIMED = ("reload", "suffix_prefill", *WAYS)
+
+
+def reload_ways(generator: Any, host: Any, tail: Any, prefix: int, config: Any,
+                lookahead: int | None) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(a) serial and (b) layer-wise reload of `host` (HostPrefix or PagedHostPrefix), each
+    followed by the suffix `tail` [B, S] prefilled at positions prefix..; each returns the
+    Generator's DecodeState."""
+    from infermeter.offload.reload import LayerwiseReload
+
+    model = generator.model
+    layerwise = LayerwiseReload(model, host, lookahead)
+
+    def serial() -> Any:
+        host.reload(model)
+        return generator.prefill(tail, config, start=prefix)
+
+    def overlapped() -> Any:
+        with layerwise:
+            layerwise.start()
+            return generator.prefill(tail, config, start=prefix)
+
+    return serial, overlapped
+
+
+def greedy_tokens(generator: Any, first: Callable[[], Any], config: Any,
+                  new_tokens: int) -> list[list[int]]:
+    """From a zeroed cache: `first` (a way to the first token), then greedy decode; [B, new]."""
+    import torch
+
+    generator.model.reset_cache()
+    state = first()
+    generated = [state.token]
+    for _ in range(new_tokens - 1):
+        generated.append(generator.decode_step(state, config))
+    return torch.stack(generated, dim=1).tolist()
+
+
+def measure_case(generator: Any, request: OffloadRequest, prefix: int,
+                 suffix: int) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
+    """One (prefix, suffix) case: (its metrics, raw samples in ms per timed item, warnings).
+    With request.block_sizes, the same reloads from a paged host copy per block size too
+    (timed items `paged<N>_reload`, `paged<N>_serial`, `paged<N>_layerwise`)."""
+    import torch
+
+    from infermeter.engine.generator import GenerationConfig
+    from infermeter.measure.timing import time_cuda, time_host
+    from infermeter.offload.paged import PagedHostPrefix
+    from infermeter.offload.reload import HostPrefix
+
+    model, device = generator.model, generator.device
+    batch = request.batch_size
+    config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed)
+    generator.prepare(batch, prefix + suffix, request.new_tokens)
+    rng = torch.Generator().manual_seed(request.seed + 7919 * prefix + suffix)
+    tokens = torch.randint(model.spec.vocab_size, (batch, prefix + suffix), generator=rng)
+    tokens = tokens.to(device)  # [B, P + S]
+    head, tail = tokens[:, :prefix], tokens[:, prefix:]
+    with torch.no_grad():
+        generator.prefill(head, config)
+        host = HostPrefix(model, prefix)
+        pages = {size: PagedHostPrefix(model, prefix, size, request.seed)
+                 for size in request.block_sizes}
+    serial, overlapped = reload_ways(generator, host, tail, prefix, config, request.lookahead)
+    ways = {"serial": serial, "layerwise": overlapped,
+            "recompute": lambda: generator.prefill(tokens, config)}
+    runs = {"reload": lambda: host.reload(model),
+            "suffix_prefill": lambda: generator.prefill(tail, config, start=prefix), **ways}
+    for size, paged in pages.items():
+        paged_serial, paged_layerwise = reload_ways(generator, paged, tail, prefix, config,
+                                                    request.lookahead)
+        ways.update({f"paged{size}_serial": paged_serial,
+                     f"paged{size}_layerwise": paged_layerwise})
+        runs.update({f"paged{size}_reload": lambda paged=paged: paged.reload(model),
+                     f"paged{size}_serial": paged_serial,
+                     f"paged{size}_layerwise": paged_layerwise})
+
+    # ---- untimed check: each way from a zeroed cache, then greedy decode
+    outputs = {way: greedy_tokens(generator, first, config, request.new_tokens)
+               for way, first in ways.items()}
+    differ = [way for way in outputs if outputs[way] != outputs["recompute"]]
+    notes = [f"prefix {prefix}, suffix {suffix}: greedy tokens of {', '.join(differ)} differ "
+             "from recompute's"] if differ else []
+
+    # ---- timed
+    timer = time_cuda if device.type == "cuda" else time_host
+    raw, stats, warmup_ms = {}, {}, {}
+    with torch.no_grad():
+        generator.prepare(batch, prefix + suffix, request.new_tokens)
+        host.reload(model)  # suffix_prefill alone expects the prefix in the cache
+        for name in runs:
+            raw[name], warmup_ms[name] = timer(runs[name], request.repeats, request.warmup)
+            stats[name] = Stats.of(raw[name])
+            notes += stats[name].warnings(f"prefix {prefix}, suffix {suffix}, {name}")
+    median = {name: stats[name].median for name in runs}
+    bound = max(median["reload"], median["suffix_prefill"])
+    case = {"prefix_len": prefix, "suffix_len": suffix,
+            "cache_len": model.max_seq_len, "reload_bytes": host.nbytes,
+            "reload_gbps": host.nbytes / median["reload"] / 1e6 if median["reload"] else None,
+            "ttft_ms": {way: median[way] for way in WAYS},
+            "reload_ms": median["reload"], "suffix_prefill_ms": median["suffix_prefill"],
+            "layerwise_over_bound": median["layerwise"] / bound if bound else None,
+            "fastest": min(WAYS, key=lambda way: median[way]),
+            "stats": {name: stats[name].to_dict() for name in TIMED},
+            "warmup_ms": warmup_ms, "same_tokens": not set(differ) & set(WAYS),
+            "output_token_ids": outputs["recompute"]}
+    if pages:
+        case["paged"] = [paged_entry(size, paged, median, stats, not any(
+            way.startswith(f"paged{size}_") for way in differ)) for size, paged in pages.items()]
+    return case, raw, notes
+
+
+def paged_entry(size: int, paged: Any, median: dict[str, float], stats: dict[str, Stats],
+                same: bool) -> dict[str, Any]:
+    """One block size's figures in a case: the paged reload alone, (a) and (b) from it."""
+    names = {part: f"paged{size}_{part}" for part in ("reload", "serial", "layerwise")}
+    reload = median[names["reload"]]
+    bound = max(reload, median["suffix_prefill"])
+    return {"block_size": size, "copies": paged.copies, "reload_bytes": paged.nbytes,
+            "reload_ms": reload, "reload_gbps": paged.nbytes / reload / 1e6 if reload else None,
+            "ttft_ms": {way: median[names[way]] for way in ("serial", "layerwise")},
+            "layerwise_over_bound": median[names["layerwise"]] / bound if bound else None,
+            "same_tokens": same,
+            "stats": {part: stats[name].to_dict() for part, name in names.items()}}
