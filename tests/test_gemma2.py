@@ -222,3 +222,22 @@ def test_fit_check_counts_the_capped_prefill_scores() -> None:
     assert chunked["capped attention scores"] == 2 * 8 * 512 * 8192 * 4
     assert "capped attention scores" not in case_memory(PRESETS["gemma-3-1b"], 1, 8192, 8192,
                                                         "bf16", "bf16", "eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attention", ["flex", "triton"])
+def test_compiled_capped_attention_on_cuda_gives_the_eager_tokens(attention, dtype) -> None:
+    """The CUDA-graph decode step with inductor's flex-decoding kernel (score_mod caps) or the
+    split-KV kernel (SOFTCAP constexpr), scores past the cap (wq, wk x 8): eager's greedy tokens.
+    No final cap here: it would flatten the peaked head that keeps greedy choices off ties."""
+    from tests.test_generate import assert_compiled_gives_eager_tokens, peaked_cuda_model
+
+    model = peaked_cuda_model(SPEC.with_updates(final_logit_softcap=None), dtype)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(8)
+            layer.attention.wk.weight.mul_(8)
+            layer.attention.decode_attention = attention
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7]]  # past the window
+    assert_compiled_gives_eager_tokens(Generator(model, max_seq_len=64), prompts)
