@@ -157,6 +157,21 @@ def test_moe_and_eager_prefill_exactly():
     assert (gen.prefill_lengths(5, False), gen.prefill_lengths(5, True)) == ([5], [16])
 
 
+def test_the_fit_check_counts_the_padded_forward():
+    """generate's fit check sizes the prefill's activations at the bucket the prompt runs at."""
+    from infermeter.generate.memory import case_memory, prefill_activation_bytes
+
+    spec = PRESETS["llama-2-7b"]
+    def acts(**kw):
+        return case_memory(spec, 1, 600, 1024, "fp16", "fp16", "compiled", **kw)[
+            "prefill activations"]
+
+    assert acts(prefill="bucketed") == prefill_activation_bytes(spec, 1, 1024, "fp16")
+    assert acts(prefill="exact") == prefill_activation_bytes(spec, 1, 600, "fp16")
+    assert acts(prefill="bucketed", prefill_chunk=256) == \
+        prefill_activation_bytes(spec, 1, 256, "fp16")  # 256, 256, then 88 padded to 128
+
+
 def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
     gen = bucketed(build_model(DEBUG, device="cpu", dtype=torch.float32))
     with pytest.raises(InfermeterError, match="does not fit in the KV cache of 96 tokens") as err:
@@ -167,3 +182,23 @@ def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
     with pytest.raises(InfermeterError, match="context of 256 tokens") as err:
         long.generate([[1] * 300], COMPILED)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+def test_bucketed_prefill_on_cuda_matches_the_exact_one():
+    """Inductor's graphs replayed as CUDA graphs (recorded in warmup()): the last real token's
+    logits equal the exact eager prefill's (float32), and the greedy tokens of a whole compiled
+    generate equal eager's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = build_model(SPECS["window12"], device="cuda", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
+    for length in (5, 17, 33):
+        tokens = prompt(length).cuda()
+        gen.warmup(2, length, COMPILED)
+        gen.prepare(2, length, N_NEW)
+        padded = gen._bucketed(tokens, 0).clone()  # [B, V]
+        gen.prepare(2, length, N_NEW)
+        torch.testing.assert_close(padded, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
+        want = gen.generate(tokens, EAGER).output_token_ids
+        assert gen.generate(tokens, COMPILED).output_token_ids == want

@@ -18,6 +18,7 @@ from infermeter.commands.common import (
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # all_reduce.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
+PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
 
 
 ADVANCED_GROUP = "advanced: engine variants for A/B benchmarks (defaults are the fastest measured)"
@@ -103,13 +104,15 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--compile-backend", choices=("inductor", "cudagraphs"),
                          help="how the compiled mode builds its decode step (default inductor)")
     variant.add_argument("--compile-prefill", action="store_true",
-                         help="compiled mode: compile the prefill's layers too, one graph for "
-                         "every layer and prompt length (default off: a longer first compile)")
+                         help="with --prefill exact (implied): one compiled graph for its layers")
     variant.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="triton",
                          help="the compiled batch-1 step's matrix-vector products: Triton's "
                          "GEMV where Triton runs, or inductor's (default triton)")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                          help="prefill a longer prompt N tokens a forward (default: one forward)")
+    variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
+                         help="compiled mode: bucketed (padded, few graphs) or exact (default "
+                         "bucketed)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")
@@ -172,7 +175,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                              compile_prefill=args.compile_prefill,
                              decode_attention=args.decode_attention,
                              tp_all_reduce=args.tp_all_reduce, matvec_kernel=args.matvec_kernel,
-                             pdl=args.pdl, prefill_chunk=args.prefill_chunk))
+                             pdl=args.pdl, prefill_chunk=args.prefill_chunk,
+                             prefill=args.prefill))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

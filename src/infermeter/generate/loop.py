@@ -53,7 +53,7 @@ METRIC_NAMES = (
     "warmup_runs_s", "bytes_per_decode_step", "bytes_per_decode_step_static_cache",
     "decode_context_mean", "decode_context_range", "decode_gbps", "mbu_pct",
     "decode_tok_per_s_roofline", "moe_experts_per_step", "moe_experts_uniform",
-    "prefill_flops", "prefill_tflops", "mfu_pct",
+    "prefill_flops", "prefill_tflops", "mfu_pct", *rl.TTFT_METRICS,
     "hbm_gbps_measured", "matmul_tflops_measured", "peak_allocated_bytes", "peak_reserved_bytes",
     "process_gpu_memory_bytes", "gpu_memory_used_bytes", "prompt_tokens", "finished", "oom")
 
@@ -257,6 +257,8 @@ def roofline_metrics(model: Transformer, case: Case, run: CaseRun, tpot_p50: flo
     out.update(decode_gbps=gbps, mbu_pct=rl.pct(gbps, hbm), decode_tok_per_s_roofline=bound,
                prefill_flops=flops, prefill_tflops=tflops,
                mfu_pct=rl.pct(tflops, peaks.matmul_tflops if peaks else None))
+    out.update(rl.ttft_roofline(spec, [(r.batch_size, r.prompt_len) for r in runs], ttft, dtype,
+                                kv_dtype, hbm, peaks.matmul_tflops if peaks else None, tp))
     out.update(peaks.metrics() if peaks else {"hbm_gbps_measured": None,
                                                "matmul_tflops_measured": None})
     return out

@@ -21,6 +21,7 @@ import gc
 import os
 from typing import Any
 
+from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.specs import sizes
@@ -55,11 +56,14 @@ def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
 
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
-                prefill_chunk: int | None = None) -> dict[str, int]:
+                prefill_chunk: int | None = None, prefill: str = "exact") -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
-    the longest prefill forward, which bounds the prefill's activations)."""
+    the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
+    mode's, whose "bucketed" forwards are padded to their buckets)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
+    if mode == "compiled" and prefill == "bucketed" and not spec.is_moe:
+        forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": prefill_activation_bytes(spec, batch_size, forward,
@@ -158,7 +162,7 @@ HOST_BYTES_PER_ID = 8
 
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
                     tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
-                    prefill_chunk: int | None = None) -> None:
+                    prefill_chunk: int | None = None, prefill: str = "exact") -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
@@ -169,7 +173,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
-                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk)
+                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk, prefill)
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}

@@ -31,6 +31,7 @@ class EngineRunner:
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
                                    prefill_chunk=engine.prefill_chunk,
+                                   bucketed_prefill=engine.prefill_kind == "bucketed",
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -44,6 +45,7 @@ class EngineRunner:
             engine.tp_all_reduce if self.config.compile or "triton" in engine.tp_all_reduce \
             else "nccl"
         self.batch_sizes: list[int] = []  # warmup() learns them: the attention depends on it
+        self.prompt_lens: list[int] = []  # likewise: the prefill's forward lengths
 
     def describe(self) -> dict[str, Any]:
         compiled = self.config.compile
@@ -53,7 +55,18 @@ class EngineRunner:
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
-                "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk}
+                "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
+                **self._prefill_used()}
+
+    def _prefill_used(self) -> dict[str, Any]:
+        """prefill: "bucketed" where the compiled mode padded to static graphs, else "exact";
+        prefill_forward_lens: the forward lengths the case's prefills ran (one graph each when
+        bucketed), after warmup() prepared the cache."""
+        gen, compiled = self.generator, self.config.compile
+        lens = sorted({n for length in self.prompt_lens
+                       for n in gen.prefill_lengths(length, compiled)})
+        return {"prefill": "bucketed" if compiled and gen.bucketed_prefill else "exact",
+                "prefill_forward_lens": lens}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the
@@ -67,6 +80,7 @@ class EngineRunner:
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
         self.batch_sizes = sorted({batch for batch, _ in shapes})
+        self.prompt_lens = sorted({length for _, length in shapes})
         for batch, length in sorted(shapes):
             with nvtx_range(f"warmup {batch}x{length}"):
                 self.generator.warmup(batch, length, self.config)

@@ -17,6 +17,8 @@ from typing import Any
 
 from infermeter.engine.generator import GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
+from infermeter.engine.prefill_buckets import PREFILL_KINDS
+from infermeter.errors import InfermeterError
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -42,8 +44,26 @@ class EngineChoices:
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     pdl: bool | None = None  # programmatic dependent launch; None: wherever it can run
     prefill_chunk: int | None = None  # the longest prefill forward, in tokens; None: one
+    # compiled mode's prefill (engine/prefill_buckets.PREFILL_KINDS): "bucketed" (static graphs
+    # at bucket lengths, the prompt padded) or "exact" (forwards at the prompt's own length:
+    # eager, or compile_prefill's layer graph); None: bucketed unless compile_prefill
+    prefill: str | None = None
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if self.prefill is not None and self.prefill not in PREFILL_KINDS:
+            raise InfermeterError(f"unknown prefill {self.prefill!r} "
+                                  f"(use {' or '.join(PREFILL_KINDS)})")
+        if self.prefill == "bucketed" and self.compile_prefill:
+            raise InfermeterError("--compile-prefill compiles the exact-length prefill's layers: "
+                                  "use it with --prefill exact (bucketed compiles the whole "
+                                  "forward already)")
+
+    @property
+    def prefill_kind(self) -> str:
+        """The compiled mode's prefill: the choice, or bucketed unless compile_prefill."""
+        return self.prefill or ("exact" if self.compile_prefill else "bucketed")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from typing import Any
 from infermeter.textable import render_table
 from infermeter.units import format_bytes
 
-HEADER = ["batch", "prompt", "KV tokens", "mode", "TTFT ms", "TPOT p50 ms", "TPOT p90 ms",
-          "decode tok/s", "tok/s (seed)", "MBU %", "MFU %", "warnings"]
+HEADER = ["batch", "prompt", "KV tokens", "mode", "TTFT ms", "TTFT floor ms", "TPOT p50 ms",
+          "TPOT p90 ms", "decode tok/s", "tok/s (seed)", "MBU %", "prefill MBU %", "MFU %",
+          "warnings"]
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -27,10 +28,14 @@ def case_row(result: Any) -> list[str]:
     if cfg.get("context"):
         prompt = f"{prompt} (context)"
     tpot = m.get("tpot_ms") or {}
+    floor = _num(m.get("ttft_floor_ms"), ".2f")
+    if m.get("prefill_bound"):  # which roofline sets it: judge by prefill MBU, or by MFU
+        floor += f" ({m['prefill_bound']})"
     return [str(cfg["batch_size"]), str(prompt), kv, cfg["mode"], _num(m.get("ttft_ms"), ".2f"),
-            _num(tpot.get("p50"), ".3f"), _num(tpot.get("p90"), ".3f"),
+            floor, _num(tpot.get("p50"), ".3f"), _num(tpot.get("p90"), ".3f"),
             _num(m.get("decode_tok_per_s"), ",.1f"), _num(m.get("token_generation_speed"), ",.1f"),
-            _num(m.get("mbu_pct"), ".1f"), _num(m.get("mfu_pct"), ".1f"),
+            _num(m.get("mbu_pct"), ".1f"), _num(m.get("prefill_mbu_pct"), ".1f"),
+            _num(m.get("mfu_pct"), ".1f"),
             "out of memory" if m.get("oom") else str(len(result.warnings) or "")]
 
 
@@ -58,10 +63,22 @@ def render_generate(results: Sequence[Any]) -> str:
         cfg = result.config
         where = f"row {index} (batch {cfg['batch_size']}, {cfg['mode']})"
         lines += [f"warning: {where}: {note}" for note in result.warnings]
-    lines.append("TTFT: prefill to first token; TPOT: one decode step; decode tok/s: batch x "
-                 "steps / decode time (prefill excluded); tok/s (seed): all new tokens / whole "
-                 "run; MBU / MFU: against the peaks measured above (docs/usage.md, `generate`)")
+    lines += crossover_lines(results)
+    lines.append("TTFT: prefill to first token (sampled); TTFT floor: the larger of the prefill's "
+                 "bytes (weights once, K/V written) at the HBM bandwidth and its FLOPs at the "
+                 "matmul peak; TPOT: one decode step; decode tok/s: batch x steps / decode time "
+                 "(prefill excluded); tok/s (seed): all new tokens / whole run; MBU (decode), "
+                 "prefill MBU, MFU (prefill): against the peaks measured above (docs/usage.md, "
+                 "`generate`)")
     return "\n".join(lines)
+
+
+def crossover_lines(results: Sequence[Any]) -> list[str]:
+    """Per batch size, the prompt length where the prefill turns compute-bound on these peaks."""
+    found = {r.config["batch_size"]: r.metrics.get("prefill_crossover_len") for r in results}
+    return [f"prefill of batch {batch} turns compute-bound at {length:,} prompt tokens on the "
+            "peaks measured here (shorter prompts: judge by prefill MBU; longer: by MFU)"
+            for batch, length in found.items() if length]
 
 
 def render_outputs(result: Any, texts: Sequence[str]) -> str:

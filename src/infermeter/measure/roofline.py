@@ -20,6 +20,10 @@ Arithmetic (pure Python on kvsize; no torch):
       (query, key) pair; a causal prefill of T tokens has T(T+1)/2 pairs, a window W caps each
       query at W keys.
   MBU = (bytes per step / TPOT) / measured HBM bytes/s; MFU = (FLOPs / TTFT) / measured FLOP/s.
+  prefill bytes = the weights read once (as a decode step of B x T tokens reads them) + the K/V
+    written; TTFT floor = max(bytes / HBM bandwidth, FLOPs / matmul peak); a short prompt is
+    memory-bound (prefill MBU = bytes / TTFT / bandwidth), a long one compute-bound (MFU), and
+    the crossover is the shortest prompt where the FLOPs' time reaches the bytes'.
   tensor parallel (engine/parallel/sharding.py): per-rank bytes are the tp=1 bytes scaled like
   sizes.weight_bytes_per_rank and kv_cache_bytes(tp=...), compared with one GPU's bandwidth.
 
@@ -130,6 +134,84 @@ def prefill_flops(spec: ModelSpec, batch_size: int, prompt_len: int, tp: int = 1
     """Model FLOPs of a prefill of B x T tokens (per rank when tp > 1: work splits evenly)."""
     dense = 2 * matmul_params(spec) * batch_size * prompt_len
     return (dense + attention_flops(spec, batch_size, prompt_len)) // tp
+
+
+# ---- time to first token: the two regimes and where they cross -------------------------------
+def prefill_bytes(spec: ModelSpec, batch_size: int, prompt_len: int, dtype: str, kv_dtype: str,
+                  tp: int = 1) -> int:
+    """Bytes a prefill of B x T tokens must move at least: every weight it uses read once (as a
+    decode step of B x T tokens reads them: the embedding rows it gathers, an MoE layer's
+    experts those tokens route to under uniform routing) and the K/V it writes."""
+    return (decode_weight_bytes(spec, dtype, batch_size * prompt_len, tp)
+            + sizes.kv_cache_bytes(spec, batch_size, prompt_len, kv_dtype, tp))
+
+
+def prefill_floor_ms(spec: ModelSpec, batch_size: int, prompt_len: int, dtype: str,
+                     kv_dtype: str, hbm_gbps: float, matmul_tflops: float,
+                     tp: int = 1) -> tuple[float, float]:
+    """(memory ms, compute ms) of a prefill: its bytes at the HBM bandwidth, its FLOPs at the
+    matmul peak. The TTFT's roofline floor is the larger; the prefill is memory-bound (judge
+    it by MBU) while the first is larger, compute-bound (MFU) after."""
+    nbytes = prefill_bytes(spec, batch_size, prompt_len, dtype, kv_dtype, tp)
+    flops = prefill_flops(spec, batch_size, prompt_len, tp)
+    return nbytes / (hbm_gbps * 1e9) * 1e3, flops / (matmul_tflops * 1e12) * 1e3
+
+
+def prefill_crossover_len(spec: ModelSpec, batch_size: int, dtype: str, kv_dtype: str,
+                          hbm_gbps: float | None, matmul_tflops: float | None,
+                          tp: int = 1) -> int | None:
+    """The shortest prompt whose prefill of B prompts is compute-bound on this card (its FLOPs
+    take at least as long at the matmul peak as its bytes at the HBM bandwidth); None without
+    both peaks, or when no prompt within the model's context is. Compute grows faster than
+    bytes with the prompt (the weights are read once), so the first such length is found by
+    bisection."""
+    if not hbm_gbps or not matmul_tflops:
+        return None
+
+    def compute_bound(length: int) -> bool:
+        memory, compute = prefill_floor_ms(spec, batch_size, length, dtype, kv_dtype, hbm_gbps,
+                                           matmul_tflops, tp)
+        return compute >= memory
+
+    low, high = 1, spec.max_seq_len
+    if not compute_bound(high):
+        return None
+    while low < high:  # the first compute-bound length is in [low, high]
+        mid = (low + high) // 2
+        low, high = (low, mid) if compute_bound(mid) else (mid + 1, high)
+    return low
+
+
+TTFT_METRICS = ("prefill_bytes", "prefill_mbu_pct", "ttft_floor_ms", "ttft_over_floor",
+                "prefill_bound", "prefill_crossover_len")
+
+
+def ttft_roofline(spec: ModelSpec, shapes: list[tuple[int, int]], ttft_ms: float | None,
+                  dtype: str, kv_dtype: str, hbm_gbps: float | None,
+                  matmul_tflops: float | None, tp: int = 1) -> dict[str, Any]:
+    """A run's TTFT against its roofline (generate's TTFT_METRICS): shapes are the (B, T) of
+    its prompt groups, prefilled one after another within ttft_ms (their sum).
+    prefill_bytes: what they must move; prefill_mbu_pct: those bytes / TTFT against the HBM
+    bandwidth (the figure that judges a memory-bound prefill, as MFU judges a compute-bound
+    one); ttft_floor_ms: the sum of each group's floor, max(bytes at the bandwidth, FLOPs at
+    the matmul peak); ttft_over_floor: TTFT / floor; prefill_bound: "memory" or "compute"
+    (which term sets the floor; "mixed" when groups differ); prefill_crossover_len: the
+    shortest prompt that is compute-bound at the first group's batch."""
+    nbytes = sum(prefill_bytes(spec, b, t, dtype, kv_dtype, tp) for b, t in shapes)
+    out: dict[str, Any] = dict.fromkeys(TTFT_METRICS)
+    out["prefill_bytes"] = nbytes
+    out["prefill_mbu_pct"] = pct(achieved_gbps(nbytes, ttft_ms), hbm_gbps)
+    if not hbm_gbps or not matmul_tflops or not shapes:
+        return out
+    floors = [prefill_floor_ms(spec, b, t, dtype, kv_dtype, hbm_gbps, matmul_tflops, tp)
+              for b, t in shapes]
+    bounds = {"memory" if memory > compute else "compute" for memory, compute in floors}
+    floor = sum(max(pair) for pair in floors)
+    out.update(ttft_floor_ms=floor, ttft_over_floor=ttft_ms / floor if ttft_ms else None,
+               prefill_bound=bounds.pop() if len(bounds) == 1 else "mixed",
+               prefill_crossover_len=prefill_crossover_len(spec, shapes[0][0], dtype, kv_dtype,
+                                                           hbm_gbps, matmul_tflops, tp))
+    return out
 
 
 # ---- utilisation and plausibility ------------------------------------------------------------

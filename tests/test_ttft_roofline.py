@@ -1,0 +1,137 @@
+"""TTFT against its roofline: the prefill's two floors (its bytes at the HBM bandwidth, its FLOPs
+at the matmul peak), the crossover prompt length where it turns compute-bound, on synthetic
+cards; generate's table and Result fields; the --prefill choice; the TTFT benchmark's dry run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from infermeter.measure import roofline as rl
+from infermeter.measure.result import Result
+from infermeter.specs import sizes
+from infermeter.specs.presets import PRESETS
+from tests.benchmark_scripts import load_benchmark
+from tests.cli_in_process import run_cli
+
+LLAMA = PRESETS["llama-2-7b"]
+CARD = {"hbm_gbps": 1000.0, "matmul_tflops": 100.0}  # a synthetic card: 100 FLOP per byte
+
+
+def crossover(spec=LLAMA, batch=1, **card):
+    card = {**CARD, **card}
+    return rl.prefill_crossover_len(spec, batch, "fp16", "fp16", card["hbm_gbps"],
+                                    card["matmul_tflops"])
+
+
+def first_compute_bound(spec, batch, hbm, tflops, up_to):
+    """The same answer by a scan over every length."""
+    for length in range(1, up_to):
+        memory, compute = rl.prefill_floor_ms(spec, batch, length, "fp16", "fp16", hbm, tflops)
+        if compute >= memory:
+            return length
+    return None
+
+
+def test_crossover_on_synthetic_cards():
+    # ~2 bytes read per 2 FLOPs a token per weight: compute-bound past ~ratio / batch tokens
+    # (less a little for attention, more a little for the K/V written and the embedding rows)
+    at = crossover()
+    assert at == first_compute_bound(LLAMA, 1, 1000.0, 100.0, 400)
+    assert 95 <= at <= 105
+    assert 190 <= crossover(matmul_tflops=200.0) <= 210  # twice the FLOP/s: twice the length
+    assert 45 <= crossover(hbm_gbps=2000.0) <= 55  # twice the bandwidth: half
+    assert crossover(batch=4) == -(-at // 4) or abs(crossover(batch=4) - at / 4) <= 1
+    # an H200-like card, measured figures of the order the issue quotes: ~200 tokens
+    h200 = crossover(hbm_gbps=4173.0, matmul_tflops=800.0)
+    assert h200 == first_compute_bound(LLAMA, 1, 4173.0, 800.0, 400)
+    # no peaks: unknown; a card whose FLOP/s never catch up within the context: None
+    assert rl.prefill_crossover_len(LLAMA, 1, "fp16", "fp16", None, 100.0) is None
+    assert crossover(matmul_tflops=1e9) is None
+
+
+def test_ttft_roofline_fields():
+    short, long = (1, 80), (1, 2048)
+    memory, compute = rl.prefill_floor_ms(LLAMA, 1, 80, "fp16", "fp16", **CARD)
+    assert memory > compute  # 80 tokens: the weights' read sets the floor
+    weights = rl.decode_weight_bytes(LLAMA, "fp16", 80)
+    assert rl.prefill_bytes(LLAMA, 1, 80, "fp16", "fp16") == \
+        weights + sizes.kv_cache_bytes(LLAMA, 1, 80, "fp16")
+    out = rl.ttft_roofline(LLAMA, [short], 2 * memory, "fp16", "fp16", **CARD)
+    assert out["ttft_floor_ms"] == pytest.approx(memory)
+    assert out["ttft_over_floor"] == pytest.approx(2.0)
+    assert out["prefill_mbu_pct"] == pytest.approx(50.0)
+    assert (out["prefill_bound"], out["prefill_crossover_len"]) == ("memory", crossover())
+    assert rl.ttft_roofline(LLAMA, [long], 100.0, "fp16", "fp16", **CARD)["prefill_bound"] == \
+        "compute"
+    both = rl.ttft_roofline(LLAMA, [short, long], 100.0, "fp16", "fp16", **CARD)
+    assert both["prefill_bound"] == "mixed"
+    assert both["ttft_floor_ms"] == pytest.approx(
+        memory + max(rl.prefill_floor_ms(LLAMA, 1, 2048, "fp16", "fp16", **CARD)))
+    unmeasured = rl.ttft_roofline(LLAMA, [short], 5.0, "fp16", "fp16", None, None)
+    assert unmeasured["ttft_floor_ms"] is None and unmeasured["prefill_bytes"] > 0
+
+
+def result(prompt: int, bound: str, crossover_len: int) -> Result:
+    config = {"batch_size": 1, "prompt_len": prompt, "context": None, "mode": "compiled",
+              "weights": "random", "dtype": "fp16", "kv_dtype": "fp16", "repeats": 5,
+              "warmup": 1}
+    metrics = {"ttft_ms": 9.0, "ttft_floor_ms": 3.25, "prefill_bound": bound,
+               "prefill_mbu_pct": 36.1, "mfu_pct": 12.0, "prefill_crossover_len": crossover_len}
+    return Result("generate", {"name": "llama-2-7b"}, config, {"device_name": "gpu"}, metrics)
+
+
+def test_the_generate_table_shows_the_floor_its_bound_and_the_crossover():
+    from infermeter.generate.table import HEADER, render_generate
+
+    text = render_generate([result(80, "memory", 203)])
+    row = next(line for line in text.splitlines() if line.split()[:2] == ["1", "80"])
+    cells = row.split()
+    assert "TTFT floor ms" in text and "prefill MBU %" in text and len(HEADER) == 14
+    assert cells[5:7] == ["3.25", "(memory)"] and "36.1" in cells
+    assert "prefill of batch 1 turns compute-bound at 203 prompt tokens" in text
+
+
+def test_prefill_choice_is_checked_and_recorded():
+    args = ("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--no-roofline")
+    both = run_cli(*args, "--prefill", "bucketed", "--compile-prefill")
+    assert both.returncode != 0 and both.stderr.count("\n") == 1
+    assert both.stderr.startswith("infermeter: error: --compile-prefill")
+    assert run_cli(*args, "--prefill", "padded").returncode == 2
+    import json
+
+    eager = run_cli(*args, "--mode", "eager", "--prefill", "bucketed", "--json")
+    assert eager.returncode == 0, eager.stderr
+    config = json.loads(eager.stdout)["config"]
+    assert (config["prefill"], config["prefill_forward_lens"]) == ("exact", [6])  # never pads
+
+
+def test_request_prefill_kind():
+    from infermeter.errors import InfermeterError
+    from infermeter.generate.request import EngineChoices
+
+    assert EngineChoices().prefill_kind == "bucketed"
+    assert EngineChoices(compile_prefill=True).prefill_kind == "exact"
+    with pytest.raises(InfermeterError, match="unknown prefill 'padded'"):
+        EngineChoices(prefill="padded")
+
+
+def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
+    sweep = load_benchmark("ttft_sweep")
+    assert sweep.main(["--dry-run"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert len(planned) == 4 + 1 + 1  # the A/B's four runs, the TTFT ladder, the long prompt
+    assert [line.split(": ")[1] for line in planned[:4]] == [
+        "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4"]
+
+    def ab(kind: str, i: int, tpot: float) -> Result:
+        return Result("generate", {"name": "llama-2-7b"},
+                      {"run": f"ab-{kind}-{i}", "mode": "compiled", "prompt_len": 80},
+                      {"timestamp": "t"}, {"tpot_ms": {"p50": tpot}})
+
+    results = [ab("bucketed", 1, 3.70), ab("exact", 2, 3.68), ab("bucketed", 3, 3.71),
+               ab("exact", 4, 3.66)]
+    assert sweep.tpot_gap_pct(results) == pytest.approx(100 * (3.705 / 3.67 - 1))
+    assert "decode TPOT, bucketed over exact prefill: 0.95 % (target <= 1 %) met" in \
+        sweep.targets(results)
