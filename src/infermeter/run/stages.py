@@ -208,9 +208,10 @@ def prefill_ladder(spec: ModelSpec, dtype: str, reference_prompt: int, free_byte
 
 
 def ladder_request(setting: RunSetting, prompts: tuple[int, ...]) -> Any:
-    """Batch 1, one new token, one automatic cache per prompt. Eager: the compiled mode's prefill
-    is this same eager forward (engine/generator.py), and eager compiles no decode step that the
-    ladder would not time."""
+    """Batch 1, one new token, one automatic cache per prompt. Eager: the exact eager prefill
+    (generate --prefill exact's), compiling nothing; the compiled mode's default, bucketed
+    prefill (engine/prefill_buckets.py) would compile a graph per rung, and is timed by
+    benchmarks/ttft_sweep.py instead."""
     from infermeter.generate.request import build_request
 
     return build_request(
