@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infermeter.measure.result import Result, append_jsonl
-from infermeter.offload.job import break_evens
+from infermeter.offload.job import break_evens, paged_break_evens
 from infermeter.report.build import build_report, render, write_plots
 from infermeter.report.offload_plot import offload_plots
 
@@ -44,8 +44,13 @@ def offload_result(traffic=True):
                           "reload_ms": 0.5, "suffix_prefill_ms": 1.0,
                           "layerwise_over_bound": layerwise, "same_tokens": True,
                           "fastest": min(("serial", serial), ("layerwise", layerwise),
-                                         ("recompute", recompute), key=lambda t: t[1])[0]})
+                                         ("recompute", recompute), key=lambda t: t[1])[0],
+                          # blocks of 16: 1 ms more than the whole copy, serial and layer-wise
+                          "paged": [{"block_size": 16, "copies": prefix // 4, "reload_ms": 1.5,
+                                     "ttft_ms": {"serial": serial + 1, "layerwise": layerwise + 1},
+                                     "same_tokens": prefix != 256}]})
     metrics = {"cases": cases, "break_even": break_evens(cases, tuple(TTFT)),
+               "paged_break_even": paged_break_evens(cases, tuple(TTFT), (16,)),
                "same_tokens": True}
     if traffic:
         metrics.update(traffic=TRAFFIC, offloaded_decode=STREAMED)
@@ -72,10 +77,20 @@ def test_the_tables_hold_the_results_numbers(tmp_path):
     assert len(ttft.rows) == 9
     assert ttft.rows[1] == [LABEL, "16", "128", "2.00 ms", "1.50 ms", "1.50 ms", "layerwise",
                             "1.50", "yes"]
-    breakeven = {row[1]: row[2:] for row in table(report, "offload-breakeven").rows}
-    assert breakeven["16"] == ["~171 tokens", "~128 tokens"]
-    assert breakeven["64"][0].startswith("below 64 (reload wins")
-    assert breakeven["256"][1].startswith("above 256 (recompute")
+    breakeven = {tuple(row[1:3]): row[3:] for row in table(report, "offload-breakeven").rows}
+    assert breakeven["16", "whole"] == ["~171 tokens", "~128 tokens"]
+    assert breakeven["64", "whole"][0].startswith("below 64 (reload wins")
+    assert breakeven["256", "whole"][1].startswith("above 256 (recompute")
+    # blocks of 16, 1 ms slower: serial gains -2, -1.5, 0 (no win: above), layer-wise -1.5,
+    # -1, +0.5: from 128 + 128 * 1 / 1.5
+    assert breakeven["16", "blocks of 16"][0].startswith("above 256")
+    assert breakeven["16", "blocks of 16"][1] == f"~{128 + 128 / 1.5:.0f} tokens"
+    assert [row[2] for row in table(report, "offload-breakeven").rows] == [
+        "whole", "blocks of 16"] * 3
+    paged = table(report, "offload-paged").rows
+    assert len(paged) == 9
+    assert paged[2] == [LABEL, "16", "16", "256", "64", "1.50 ms", "3.00 ms", "2.50 ms",
+                        "3.00 ms", "NO"]
     traffic = table(report, "offload-traffic").rows
     assert traffic[0] == [LABEL, "batch 8 at 4,096 tokens", "d2h", "dma", "10.0 ms", "10.4 ms",
                           "+4.0%", "45.0 GB/s", "40.5 GB/s", "yes"]
@@ -89,7 +104,7 @@ def test_the_tables_hold_the_results_numbers(tmp_path):
     assert not any("not in these tables" in n for n in report.notes)
     markdown = render(report, "markdown")
     assert "## Reload vs recompute, measured break-even" in markdown
-    assert "| gpu-x · m, batch 1 | 16 | ~171 tokens | ~128 tokens |" in markdown
+    assert "| gpu-x · m, batch 1 | 16 | whole | ~171 tokens | ~128 tokens |" in markdown
 
 
 def test_the_plot_marks_the_crossover_at_the_break_even(tmp_path):
@@ -114,6 +129,10 @@ def test_the_plot_marks_the_crossover_at_the_break_even(tmp_path):
     # the three ways' lines: TTFT against prefix length
     serial = next(line for line in panels[0].lines if line.get_label() == "(a) serial")
     assert list(serial.get_xdata()) == list(PREFIXES)
+    assert list(serial.get_ydata()) == [ways[0] for ways in TTFT[16]]
+    paged = next(line for line in panels[0].lines
+                 if line.get_label() == "(a) serial, blocks of 16")
+    assert list(paged.get_ydata()) == [ways[0] + 1 for ways in TTFT[16]]
 
 
 def test_the_plot_file_is_a_valid_png(tmp_path):
@@ -142,7 +161,7 @@ def test_an_offload_result_with_parts_missing_still_renders(tmp_path):
                      {"cases": [{"prefix_len": 64}, "junk"], "break_even": None}, {}, [])
     report = report_of(tmp_path, bare, partial)
     assert [t.key for t in report.tables if t.key.startswith("offload")] == [
-        "offload", "offload-breakeven"]  # no traffic, no offloaded decode: no such tables
+        "offload", "offload-breakeven", "offload-paged"]  # no traffic, no streamed decode
     assert {row[0] for row in table(report, "offload").rows} == {LABEL}  # #2 has no case
     for fmt in ("markdown", "csv", "terminal"):
         assert render(report, fmt)

@@ -3,15 +3,16 @@ measured, one row per case, from the Results alone.
 
 - offload: TTFT of (a) serial reload + suffix prefill, (b) layer-wise reload under the suffix's
   forward, (c) recompute, per Result, suffix and prefix length;
-- offload-breakeven: the measured break-even prefix length per Result, suffix and reload way
-  (the Result's own `metrics.break_even`: interpolated between measured prefix lengths, never
-  extrapolated);
+- offload-breakeven: the measured break-even prefix length per Result, suffix, host copy (whole,
+  or paged per block size) and reload way (the Result's own `metrics.break_even` and
+  `metrics.paged_break_even`: interpolated between measured prefix lengths, never extrapolated);
+- offload-paged: TTFT of (a) and (b) from a paged host copy per block size (--block-size);
 - offload-traffic: decode TPOT under background copies, the slowdown and the copies' GB/s, per
   direction and method (Results made with --traffic);
 - offload-decode: the offloaded decode's tok/s against the device decode and the link's bound
   (Results made with --offloaded-decode).
 
-A table with nothing to show is left out; no offload Result leaves out all four.
+A table with nothing to show is left out; no offload Result leaves out all five.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ BREAKEVEN_CAPTION = (
     "interpolated between the two measured prefix lengths where the gain last turns positive; "
     "outside the measured lengths nothing is extrapolated (below: reload wins at every "
     "measured prefix; above: recompute is as fast or faster at every one).")
+PAGED_CAPTION = (
+    "The same requests with the prefix's KV kept as a paged server keeps it (`--block-size`): "
+    "blocks of `block` tokens scattered through a host pool, reloaded one copy per block of K "
+    "or V (`copies` a reload), (a) serially or (b) layer by layer under the suffix's forward; "
+    "(c) is the case's recompute. Medians; same tokens: recompute's greedy tokens.")
 TRAFFIC_CAPTION = (
     "Decode of a running batch alone and while background copies move bytes at full speed "
     "(d2h: offloading, h2d: reloading, both), by the method named (dma: copy engines; cpu "
@@ -137,21 +143,55 @@ def describe(row: dict[str, Any] | None) -> str:
     return fmt.MISSING
 
 
+def _host_copy(row: dict[str, Any]) -> str:
+    size = num(row.get("block_size"))
+    return "whole" if size is None else f"blocks of {size:,.0f}"
+
+
 def breakeven_table(labelled: list[tuple[str, Record]]) -> Table | None:
+    """Per Result, suffix and host copy (the whole prefix, then each paged block size): the
+    break-even of each reload way."""
     rows = []
     for label, record in labelled:
-        by_suffix: dict[float, dict[str, dict[str, Any]]] = {}
-        for row in break_evens(record):
+        paged = [r for r in record.metrics.get("paged_break_even") or [] if isinstance(r, dict)]
+        grouped: dict[tuple[float, float], dict[str, dict[str, Any]]] = {}
+        for row in break_evens(record) + paged:
             if (suffix := num(row.get("suffix_len"))) is not None:
-                by_suffix.setdefault(suffix, {})[str(row.get("way"))] = row
-        for suffix in sorted(by_suffix):
-            rows.append([label, fmt.count(suffix), describe(by_suffix[suffix].get("serial")),
-                         describe(by_suffix[suffix].get("layerwise"))])
+                key = (suffix, num(row.get("block_size")) or 0)  # 0: the whole copy, first
+                grouped.setdefault(key, {})[str(row.get("way"))] = row
+        for key in sorted(grouped):
+            ways = grouped[key]
+            rows.append([label, fmt.count(key[0]), _host_copy(next(iter(ways.values()))),
+                         describe(ways.get("serial")), describe(ways.get("layerwise"))])
     if not rows:
         return None
     return Table("offload-breakeven", "Reload vs recompute, measured break-even",
-                 BREAKEVEN_CAPTION, ["Result", "Suffix", "(a) serial reload wins from",
+                 BREAKEVEN_CAPTION, ["Result", "Suffix", "Host copy",
+                                     "(a) serial reload wins from",
                                      "(b) layer-wise reload wins from"], rows)
+
+
+def paged_table(labelled: list[tuple[str, Record]]) -> Table | None:
+    """The reloads from a paged host copy (--block-size), beside the same case's recompute."""
+    rows = []
+    for label, record in labelled:
+        for case in cases(record):
+            for entry in case.get("paged") or []:
+                if not isinstance(entry, dict) or num(entry.get("block_size")) is None:
+                    continue
+                times = entry.get("ttft_ms") if isinstance(entry.get("ttft_ms"), dict) else {}
+                rows.append((num(entry["block_size"]), [
+                    label, fmt.count(num(entry["block_size"])),
+                    fmt.count(num(case["suffix_len"])), fmt.count(num(case["prefix_len"])),
+                    fmt.count(num(entry.get("copies"))), fmt.ms(num(entry.get("reload_ms"))),
+                    fmt.ms(num(times.get("serial"))), fmt.ms(num(times.get("layerwise"))),
+                    fmt.ms(ttft(case, "recompute")), _yes(entry.get("same_tokens"))]))
+    if not rows:
+        return None
+    ordered = [row for _, row in sorted(rows, key=lambda r: (r[1][0], r[0]))]  # stable in case
+    return Table("offload-paged", "Reload vs recompute, paged host copy (TTFT)", PAGED_CAPTION,
+                 ["Result", "Block", "Suffix", "Prefix", "Copies", "Reload", "(a) serial",
+                  "(b) layer-wise", "(c) recompute", "Same tokens"], ordered)
 
 
 def _decode(entry: dict[str, Any]) -> str:
@@ -199,8 +239,8 @@ def decode_table(labelled: list[tuple[str, Record]]) -> Table | None:
 def offload_tables(records: Sequence[Record]) -> list[Table]:
     """The offload tables that have rows; [] without offload Results."""
     labelled = offload_labels(records)
-    tables = [make(labelled) for make in (ttft_table, breakeven_table, traffic_table,
-                                          decode_table)]
+    tables = [make(labelled) for make in (ttft_table, breakeven_table, paged_table,
+                                          traffic_table, decode_table)]
     return [t for t in tables if t is not None]
 
 

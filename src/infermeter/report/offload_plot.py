@@ -1,5 +1,6 @@
 """The offload plot: TTFT against prefix length for the three ways, one panel per suffix length,
 one PNG per offload Result, with the measured break-even marked (report_plots' figure helpers).
+Reloads from a paged host copy (--block-size) are dashed lines, one colour per block size.
 
 Each reload way's crossover is a dotted vertical line in that way's colour at the Result's own
 break-even prefix length (metrics.break_even, status "measured"); where the crossing lies
@@ -23,6 +24,14 @@ UNMARKED = {"below": "reload wins at every measured prefix",
             "above": "recompute as fast or faster at every measured prefix"}
 
 
+def _paged_ttft(case: dict[str, Any], size: float, way: str) -> float | None:
+    for entry in case.get("paged") or []:
+        if isinstance(entry, dict) and num(entry.get("block_size")) == size \
+                and isinstance(entry.get("ttft_ms"), dict):
+            return num(entry["ttft_ms"].get(way))
+    return None
+
+
 def _panel(ax: Any, record: Record, suffix: float, rows: list[dict[str, Any]]) -> None:
     xs = [num(c["prefix_len"]) for c in rows]
     for way, name in WAYS:
@@ -30,6 +39,15 @@ def _panel(ax: Any, record: Record, suffix: float, rows: list[dict[str, Any]]) -
         points = [(x, y) for x, c in zip(xs, rows) if (y := ttft(c, way)) is not None]
         if points:
             ax.plot(*zip(*points), color=color, marker=marker, label=name)
+    sizes = sorted({num(e.get("block_size")) for c in rows for e in c.get("paged") or []
+                    if isinstance(e, dict) and num(e.get("block_size")) is not None})
+    for index, size in enumerate(sizes):  # paged host copies: dashed, a colour per block size
+        for way, name in WAYS[:2]:
+            points = [(x, y) for x, c in zip(xs, rows) if (y := _paged_ttft(c, size, way))]
+            if points:
+                ax.plot(*zip(*points), color=f"C{3 + index}", marker=STYLES[way][1],
+                        linestyle="--" if way == "serial" else "-.", markersize=4,
+                        label=f"{name}, blocks of {size:,.0f}")
     unmarked = []
     for way, name in WAYS[:2]:  # the reload ways, each against recompute
         x = crossover(record, suffix, way)
@@ -42,11 +60,14 @@ def _panel(ax: Any, record: Record, suffix: float, rows: list[dict[str, Any]]) -
         ax.text(0.02, 0.98, "\n".join(unmarked), transform=ax.transAxes, va="top", fontsize=7)
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:  # a geometric ladder of prefix lengths
         ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+    ax.set_xticks(xs, [f"{x:,.0f}" for x in xs], fontsize=7)  # the measured prefix lengths
     ax.set_ylim(bottom=0)
     ax.set_title(f"suffix {suffix:,.0f} tokens", fontsize=9)
     ax.set_xlabel("prefix length (tokens in host memory)")
     ax.set_ylabel("TTFT, ms (median)")
-    ax.legend(fontsize=7, loc="lower right")
+    # under the axes: the lines and the words in the corner keep the plot area
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
 
 
 def title(label: str) -> str:
@@ -62,7 +83,7 @@ def offload_figure(label: str, record: Record) -> Any | None:
         return None
     ncols = min(len(suffixes), PANELS_PER_ROW)
     nrows = math.ceil(len(suffixes) / ncols)
-    fig = new_figure(4.5 * ncols + 0.5, 3.8 * nrows + 0.6)
+    fig = new_figure(4.5 * ncols + 0.5, 4.8 * nrows + 0.6)
     axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax, suffix in zip(axes, suffixes):
         _panel(ax, record, suffix, [c for c in found if num(c["suffix_len"]) == suffix])
