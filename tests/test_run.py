@@ -82,6 +82,9 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert [(c["suffix_len"], c["prefix_len"]) for c in cases] == [
         (s, p) for s in (10, 64) for p in (64, 188)]
     assert all(min(c["ttft_ms"].values()) > 0 for c in cases) and offload["metrics"]["same_tokens"]
+    # and from a paged host copy in the copy stage's 16-token blocks
+    assert {(r["block_size"], r["way"]) for r in offload["metrics"]["paged_break_even"]} == {
+        (16, "serial"), (16, "layerwise")}
     assert "## Reload vs recompute, measured (TTFT)" in markdown
     assert (folder / "plots" / "offload-cpu-debug-batch-1.png").is_file()
 
@@ -294,6 +297,7 @@ def test_offload_stage_lengths_come_from_the_setting():
     assert (request.prefix_lens, request.suffix_lens) == ((512, 2048, 3580), (80, 512))
     assert (request.source, request.batch_size, request.device, request.dtype) == (
         "random:llama-2-7b", 1, "cuda", "float16")
+    assert request.block_sizes == stages.COPY_BLOCK_TOKENS == (16,)
     long = resolve_model("llama-3.1-8b")
     assert stages.offload_lengths(long, "bfloat16", 512, 80, 141 * GIB, True) == (
         (512, 2048, 8192), (80, 512))

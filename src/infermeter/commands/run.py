@@ -37,7 +37,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                        "cache reloaded from host memory against recomputed (as `infermeter "
                        "offload`: suffixes of the prompt's and the cache's length, prefixes of "
                        "1, 4 and 16 cache lengths, the longest capped at what fits; 1 and 4 on "
-                       "the CPU).")
+                       "the CPU; also from a paged host copy in 16-token blocks).")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="preset name or config path: random weights "
                         "(default llama-2-7b; debug without a GPU)")

@@ -294,6 +294,7 @@ def offload_request(setting: RunSetting, free_bytes: int | None) -> Any:
     return OffloadRequest(source=setting.checkpoint or f"random:{setting.model}",
                           prefix_lens=prefixes, suffix_lens=suffixes, batch_size=setting.batch,
                           device=setting.device, dtype=setting.dtype,
+                          block_sizes=COPY_BLOCK_TOKENS,  # the copy stage's paged layout too
                           new_tokens=OFFLOAD_NEW_TOKENS, repeats=5 if setting.on_gpu else 2,
                           warmup=1 if setting.on_gpu else 0)  # the CPU checks the pipeline
 
