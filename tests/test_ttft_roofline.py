@@ -135,3 +135,23 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     assert sweep.tpot_gap_pct(results) == pytest.approx(100 * (3.705 / 3.67 - 1))
     assert "decode TPOT, bucketed over exact prefill: 0.95 % (target <= 1 %) met" in \
         sweep.targets(results)
+
+
+def test_the_reports_extended_table_shows_the_ttft_roofline():
+    from infermeter.report.build import assemble
+    from infermeter.report.load import Record
+    from infermeter.report.select import Column, ColumnKey
+
+    metrics = {"ttft_ms": 9.0, "ttft_floor_ms": 3.25, "prefill_bound": "memory",
+               "prefill_mbu_pct": 36.1, "mfu_pct": 12.0, "prefill_crossover_len": 203,
+               "total_tokens": 54, "generation_time_s": 0.3}
+    gen = Record("generate", {"name": "m"}, {"batch_size": 1, "prompt_len": 80,
+                                             "mode": "compiled"}, {"device_name": "gpu"},
+                 metrics, (), "r.jsonl:1")
+    report = assemble([Column(ColumnKey("gpu", "m", 1), generates=[gen])], [gen], [])
+    (extended,) = [t for t in report.tables if t.key == "extended"]
+    column = extended.header.index("gpu · m")
+    cells = {row[0]: row[column] for row in extended.rows}
+    assert cells["TTFT floor"] == "3.25 ms (memory)"
+    assert cells["Prefill MBU"] == "36.1%" and cells["MFU"] == "12.0%"
+    assert cells["Prefill compute-bound from"] == "203 tokens (batch 1)"

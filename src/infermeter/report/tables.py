@@ -46,8 +46,12 @@ REFERENCE_CAPTION = (
 EXTENDED_CAPTION = (
     "The same columns and representative Results as the reference table. Link %: the moving "
     "bandwidth against the link's peak per direction. TTFT: prefill of the prompt to the first "
-    "token; TPOT: one decode step (median / p90); decode speed excludes prefill; MBU / MFU: "
-    "against the HBM bandwidth and matmul FLOP/s measured in the same run. Warnings: the "
+    "token; TTFT floor: the larger of the prefill's bytes (weights once, K/V written) at the "
+    "measured HBM bandwidth and its FLOPs at the measured matmul peak, with the one that sets it; "
+    "TPOT: one decode step (median / p90); decode speed excludes prefill; MBU (decode), prefill "
+    "MBU, MFU (prefill): against the HBM bandwidth and matmul FLOP/s measured in the same run; "
+    "prefill compute-bound from: the shortest prompt whose FLOPs outlast its bytes there. "
+    "Warnings: the "
     "Results' own and the report's plausibility checks, listed in the notes.")
 
 BREAKEVEN_CAPTION = (
@@ -182,21 +186,36 @@ def extended_cells(column: Column, warning_ref: str) -> list[str]:
                  fmt.pct(num((d2h or {}).get("link_pct")))),
         fmt.pair(_case_label(h2d), _case_label(d2h)),
         _generate_setting(gen),
-        fmt.ms(num(m.get("ttft_ms"))),
+        fmt.ms(num(m.get("ttft_ms"))), _ttft_floor(m),
         f"{fmt.ms(p50)} / {fmt.ms(p90)}" if p50 is not None else fmt.MISSING,
         fmt.tok_s(num(m.get("decode_tok_per_s"))),
         _best_batch(column),
         fmt.tok_s(num(m.get("prefill_tok_per_s"))),
-        fmt.pct(num(m.get("mbu_pct"))), fmt.pct(num(m.get("mfu_pct"))),
+        fmt.pct(num(m.get("mbu_pct"))), fmt.pct(num(m.get("prefill_mbu_pct"))),
+        fmt.pct(num(m.get("mfu_pct"))), _crossover(gen),
         fmt.gbps(num(m.get("hbm_gbps_measured"))),
         _breakeven_cell(break_even(column)),
         warning_ref]
 
 
 EXTENDED_ROWS = ("Link", "Link % (htod, dtoh)", "Moving case (htod, dtoh)", "Generate setting",
-                 "TTFT", "TPOT p50 / p90", "Decode speed", "Decode speed, best batch",
-                 "Prefill speed", "MBU", "MFU", "HBM bandwidth measured", "Reload wins from",
+                 "TTFT", "TTFT floor", "TPOT p50 / p90", "Decode speed",
+                 "Decode speed, best batch", "Prefill speed", "MBU", "Prefill MBU", "MFU",
+                 "Prefill compute-bound from", "HBM bandwidth measured", "Reload wins from",
                  "Warnings")
+
+
+def _ttft_floor(m: dict) -> str:
+    """The TTFT's roofline floor and the regime that sets it: '3.21 ms (memory)'."""
+    floor, bound = num(m.get("ttft_floor_ms")), m.get("prefill_bound")
+    return fmt.ms(floor) + (f" ({bound})" if floor is not None and bound else "")
+
+
+def _crossover(gen: Any) -> str:
+    """The prompt length where the Result's prefill turns compute-bound, at its batch."""
+    length = num(gen.metrics.get("prefill_crossover_len")) if gen else None
+    return fmt.MISSING if length is None else \
+        f"{length:,.0f} tokens (batch {batch_size(gen) or 1:.0f})"
 
 
 def _transpose(columns: list[Column], cells: list[list[str]], labels: tuple[str, ...]) \
