@@ -76,6 +76,12 @@ from infermeter.engine.kernels.decode_attention import (
     kernel_usable,
     split_count,
 )
+from infermeter.engine.kernels.fused_step import (
+    fused_step_usable,
+    matvec_add,
+    norm_matvec,
+    norm_matvec_swiglu,
+)
 from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
@@ -144,12 +150,21 @@ class Attention(nn.Module):
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
         self.decode_attention = DECODE_ATTENTION
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
-        """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+        """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim].
+        The fused batch-1 step (TransformerBlock.forward) passes x un-normed with its norm and
+        the residual: the norm runs in wqkv's kernel, the add in wo's (fused_step.py)."""
         if self.kv_cache is None:
             raise InfermeterError("call setup_cache() before running the model")
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
+        if norm is not None and self.wqkv is not None:
+            qkv = norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight, norm.eps,
+                              isinstance(norm, GemmaRMSNorm)).view(bsz, seqlen, -1)
+            if self.wqkv.bias is not None:  # Qwen2's: added after the rounding, as Linear does
+                qkv = qkv + self.wqkv.bias
+            q, k, v = qkv.split(self.qkv_split, dim=-1)
+        elif self.wqkv is not None:
             q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -184,7 +199,11 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
-        return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
+        out = out.reshape(bsz, seqlen, self.n_heads * self.head_dim)
+        if residual is not None:  # the fused step: residual + wo(out) in one kernel
+            return matvec_add(out.reshape(1, -1), self.wo.weight,
+                              residual.reshape(1, -1)).view_as(residual)
+        return self.wo(out)
 
 
 # How a compiled step computes SwiGLU's activation: "triton" (the default: swiglu_kernel.py, one
@@ -206,7 +225,14 @@ class FeedForward(nn.Module):
         self.w13: Linear | None = None  # fusion.py: [gate rows; up rows], once fused
         self.activation_kernel = ACTIVATION_KERNEL
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: RMSNorm | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step passes x un-normed with its norm
+        and the residual: norm + w13 + SwiGLU in one kernel, w2 + the add in another."""
+        if norm is not None and residual is not None and self.w13 is not None:
+            act = norm_matvec_swiglu(x.reshape(1, -1), norm.weight, self.w13.weight, norm.eps,
+                                     isinstance(norm, GemmaRMSNorm))
+            return matvec_add(act, self.w2.weight, residual.reshape(1, -1)).view_as(residual)
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
@@ -234,6 +260,13 @@ def add_then_norm(residual: Tensor, delta: Tensor, norm: RMSNorm) -> tuple[Tenso
 # Whether a compiled one-token step materializes the attention norm's output (see there).
 MATERIALIZE_NORM = False
 
+# How a compiled batch-1 step runs a layer: "split" (the default: norms, products, activation
+# and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv, wo + add,
+# norm + w13 + SwiGLU, w2 + add: 4 kernels for 8). Prefill and batch > 1 are always split. The
+# default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
+STEP_KERNEL = "split"
+STEP_KERNELS = ("split", "fused")
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
@@ -251,8 +284,24 @@ class TransformerBlock(nn.Module):
         self.attention_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
         self.ffn_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
         self.materialize_norm = MATERIALIZE_NORM
+        self.step_kernels = STEP_KERNEL
+
+    def fuses_step(self) -> bool:
+        """Whether this layer can run the fused step: fused projections, a SwiGLU FFN (not MoE,
+        not Gemma's GeGLU and post-norms) and no hooks on its products (tensor parallelism's
+        collectives must come between a product and its residual add)."""
+        attention, ffn = self.attention, self.feed_forward
+        if attention.wqkv is None or not isinstance(ffn, FeedForward) or ffn.w13 is None \
+                or ffn.gelu or self.attention_post_norm is not None:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks
+                       for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling() \
+                and self.fuses_step() and fused_step_usable(x, *self.fused_step_params()):
+            h = self.attention(x, cos, sin, input_pos, norm=self.attention_norm, residual=x)
+            return self.feed_forward(h, norm=self.ffn_norm, residual=h)
         normed = self.attention_norm(x)
         # Only a single row (batch 1, one token) becomes a matrix-vector reduction in inductor;
         # larger products go to cuBLAS, which reads a materialized input anyway.
@@ -264,6 +313,13 @@ class TransformerBlock(nn.Module):
             return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def fused_step_params(self) -> list[Tensor]:
+        """The weights the fused step's kernels read (fuses_step() first)."""
+        attention, ffn = self.attention, self.feed_forward
+        assert attention.wqkv is not None and isinstance(ffn, FeedForward) and ffn.w13 is not None
+        return [self.attention_norm.weight, attention.wqkv.weight, attention.wo.weight,
+                self.ffn_norm.weight, ffn.w13.weight, ffn.w2.weight]
 
     def forward_prenormed(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
                           input_pos: Tensor, next_norm: RMSNorm,
@@ -405,6 +461,19 @@ class Transformer(nn.Module):
             h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
                                                 add_norm)
         return self._logits(normed)
+
+
+def set_step_kernels(model: Transformer, kind: str) -> None:
+    """Every layer of `model` runs its compiled batch-1 step as `kind` (STEP_KERNELS)."""
+    if kind not in STEP_KERNELS:
+        raise ValueError(f"unknown step kernels {kind!r} (use {STEP_KERNELS})")
+    for layer in model.layers:
+        layer.step_kernels = kind
+
+
+def fused_step_layers(model: Transformer) -> int:
+    """How many layers a compiled batch-1 step runs fused (asked for, and fuses_step())."""
+    return sum(layer.step_kernels == "fused" and layer.fuses_step() for layer in model.layers)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from infermeter.engine.generator import GenerationOutput, Generator
 from infermeter.engine.kernels.pdl import resolve as resolve_pdl
+from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
-from infermeter.engine.model import Transformer
+from infermeter.engine.model import Transformer, fused_step_layers, set_step_kernels
 from infermeter.generate.cases import Case
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
@@ -39,6 +40,7 @@ class EngineRunner:
                                        engine.compile_backend))
         set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = engine.matvec_kernel
+        set_step_kernels(model, engine.step_kernels)
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
         self.all_reduce = None if (request.tp or 1) == 1 else \
@@ -55,6 +57,7 @@ class EngineRunner:
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
+                "step_kernels": self._step_kernels_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 **self._prefill_used()}
 
@@ -76,6 +79,18 @@ class EngineRunner:
         weight = self.generator.model.output.weight
         gemv = any(takes_gemv(self.matvec_kernel, batch, weight) for batch in self.batch_sizes)
         return "triton" if gemv else "inductor"
+
+    def _step_kernels_used(self) -> str | None:
+        """The compiled batch-1 step's layers: "fused" where every layer took fused_step.py's
+        kernels (a batch of 1, Triton runs, model.TransformerBlock.fuses_step), "partly fused"
+        where some did (e.g. MoE layers among dense ones), else "split"; None in eager mode."""
+        if not self.config.compile:
+            return None
+        model = self.generator.model
+        fused = fused_step_layers(model) if 1 in self.batch_sizes and triton_runs_on(
+            model.output.weight) else 0
+        return "split" if fused == 0 else "fused" if fused == len(model.layers) \
+            else "partly fused"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""

@@ -1,0 +1,162 @@
+"""Split against fused decode-step kernels (--step-kernels, engine/kernels/fused_step.py), per
+model size, on one GPU: the measurement the default waits for (issue 27).
+
+    python benchmarks/step_kernels_ab.py [--models llama-3.2-1b ...] [--rounds 2]
+    python benchmarks/step_kernels_ab.py --summary-only
+
+Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
+failure leaves the others), which times "split" then "fused", --rounds times over (ABAB...: drift
+shows as a difference between rounds), each through `infermeter generate`'s own loop: random
+weights in the model's usual dtype (MODELS), batch 1, compiled, an 80-token prompt and 432 new
+tokens in a 512-token cache (generation_sweep.py's seed case), REPEATS timed runs after one
+untimed, the HBM bandwidth measured in the same run for MBU. Every Result is appended to
+results/step-kernels-<device>.jsonl as soon as it is done (config.ab: the kernels asked for and
+the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
+(results/step-kernels-<device>-summary.txt) gives, for each model's latest run and each kind:
+TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
+steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart.
+Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
+the large models one per command where a command may take 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infermeter.errors import InfermeterError
+from infermeter.generate.job import run_generate
+from infermeter.generate.request import GenerateRequest, build_request
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, append_jsonl, read_results
+from infermeter.textable import render_table
+
+MODELS = {"llama-3.2-1b": "bf16", "qwen2.5-0.5b": "bf16", "llama-2-7b": "fp16",
+          "llama-3.1-8b": "bf16"}
+KINDS = ("split", "fused")  # engine/model.STEP_KERNELS, the default first
+PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
+
+
+def ab_request(model: str, kind: str, **overrides) -> GenerateRequest:
+    """One case of the A/B: `model`'s random weights at batch 1, compiled, with `kind` kernels.
+    overrides (device, dtype, modes, max_new_tokens, repeats, roofline) are for the CPU check."""
+    options = {"device": "cuda", "dtype": MODELS.get(model), "modes": ("compiled",),
+               "batch_sizes": (1,), "prompt_lens": (PROMPT_LEN,),
+               "max_new_tokens": NEW_TOKENS, "max_seq_len": CACHE, "repeats": REPEATS,
+               "warmup": 1, **overrides}
+    return build_request(f"random:{model}", step_kernels=kind, **options)
+
+
+def run_model(model: str, rounds: int, path: Path, env: dict, **overrides) -> None:
+    """Split then fused, `rounds` times, each Result appended to `path` once done."""
+    for round_ in range(rounds):
+        for kind in KINDS:
+            def save(result: Result, kind: str = kind, round_: int = round_) -> None:
+                result.config["ab"] = {"kernels": kind, "round": round_}
+                append_jsonl(path, [result])
+                m = result.metrics
+                print(f"  {model} {kind} (ran {result.config.get('step_kernels')}), round "
+                      f"{round_}: TPOT p50 {_f((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, "
+                      f"MBU {_f(m.get('mbu_pct'))}%", flush=True)
+
+            try:
+                run_generate(ab_request(model, kind, **overrides), env, on_result=save)
+            except InfermeterError as err:  # e.g. a model that does not fit: the rest go on
+                print(f"{model} {kind}: error: {err}", file=sys.stderr)
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def run_tpots(result: Result) -> list[float]:
+    """ms a decode step in each timed run: the run's decode time over its steps (batch 1)."""
+    steps = result.metrics.get("decode_steps") or 0
+    return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
+
+
+def latest_runs(results: list[Result]) -> list[Result]:
+    """Each model's Results from its latest process only (they share the env timestamp)."""
+    last: dict[str, str] = {}
+    for r in results:
+        last[r.model["name"]] = max(last.get(r.model["name"], ""), str(r.env.get("timestamp")))
+    return [r for r in results if str(r.env.get("timestamp")) == last[r.model["name"]]]
+
+
+def summary(results: list[Result]) -> str:
+    """The table of each model's latest A/B, then fused / split per model."""
+    rows, lines = [], []
+    by_model: dict[str, dict[str, list[float]]] = {}
+    for r in latest_runs([r for r in results if "ab" in r.config]):
+        m, kind, name = r.metrics, r.config["ab"]["kernels"], r.model["name"]
+        runs = run_tpots(r)
+        by_model.setdefault(name, {}).setdefault(kind, []).extend(runs)
+        rows.append([name, r.config.get("dtype", "-"), kind, r.config.get("step_kernels") or "-",
+                     r.config["ab"]["round"], _f((m.get("tpot_ms") or {}).get("p50"), ".4f"),
+                     _f(statistics.median(runs), ".4f") if runs else "-",
+                     f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
+                     _f(m.get("mbu_pct")), _f(m.get("decode_tok_per_s")),
+                     _f(m.get("warmup_s")), len(r.warnings)])
+    for name, kinds in by_model.items():
+        split, fused = kinds.get("split"), kinds.get("fused")
+        if not split or not fused:
+            lines.append(f"{name}: fused / split: - (a side has no timed runs)")
+            continue
+        ratio = statistics.median(fused) / statistics.median(split)
+        apart = max(fused) < min(split) or max(split) < min(fused)
+        lines.append(f"{name}: fused / split TPOT {ratio:.3f} (per-run medians, {len(split)} "
+                     f"and {len(fused)} runs; ranges {'apart' if apart else 'overlap'})")
+    table = render_table(["model", "dtype", "kernels", "ran", "round", "TPOT p50 ms",
+                          "run TPOT median", "run TPOT range", "MBU %", "decode tok/s",
+                          "warm-up s", "warnings"], rows)
+    return "\n\n".join([table, "\n".join(lines)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=1, help="split, fused, repeated (ABAB)")
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--slug", help="summarise results/step-kernels-SLUG.jsonl (default: "
+                        "this machine's device)")
+    parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child
+    args = parser.parse_args()
+    env = capture_env()
+    slug = args.slug or device_slug(env)
+    path = Path(args.results) / f"step-kernels-{slug}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        run_model(args.one, args.rounds, path, env)
+        return 0
+    start = time.perf_counter()
+    for model in [] if args.summary_only else args.models:
+        print(f"[{time.perf_counter() - start:6.1f} s] {model}", file=sys.stderr, flush=True)
+        child = subprocess.run([sys.executable, __file__, "--one", model, "--rounds",
+                                str(args.rounds), "--results", args.results, "--slug", slug])
+        if child.returncode:
+            print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
+    if not path.exists():
+        print(f"no results in {path}", file=sys.stderr)
+        return 1
+    text = summary(read_results(path))
+    print(text)
+    (path.parent / f"step-kernels-{slug}-summary.txt").write_text(text + "\n")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if (Path(out) / path.name).resolve() != path.resolve():
+            shutil.copy(path, Path(out) / path.name)
+        (Path(out) / f"step-kernels-{slug}-summary.txt").write_text(text + "\n")
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

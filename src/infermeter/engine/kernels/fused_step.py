@@ -1,0 +1,231 @@
+"""The batch-1 decode step in fewer kernels: a layer's RMSNorms, SwiGLU and residual adds folded
+into its matrix-vector products (the "fused" step, model.STEP_KERNELS).
+
+Why: a small model's batch-1 step is hundreds of short kernels, and the gaps between them cost
+as much as its weight bytes (issue 27: Llama-3.2-1B at 65.6% MBU on an H200, 7-8B at 87-90%).
+The split step runs, a layer: norm, wqkv GEMV, (RoPE, cache write, attention), wo GEMV, add +
+norm, w13 GEMV, activation, w2 GEMV, add. The fused one runs, a layer: norm + wqkv, (the same
+attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were 8.
+
+One kernel, four constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
+a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
+  HAS_NORM      x is RMS-normed on the way in. Every program first sums x's squares over K
+                itself (x is a few thousand values, read from L2, cheap against its weight rows;
+                no extra kernel, no grid-wide sync), then normalises each x tile it multiplies.
+  GEMMA         the norm applies (1 + w) in float32, as GemmaRMSNorm does.
+  SWIGLU        the weight is w13 [2H, K]: a program computes gate rows r and up rows H + r from
+                the same x tiles and writes silu(gate) * up [1, H].
+  HAS_RESIDUAL  out = residual + x @ W^T (wo's and w2's products and the add after them).
+
+Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
+- the normed x is rounded as eager's RMSNorm rounds it, not kept in float32 into the product:
+  x * rsqrt(mean(x^2) + eps) rounded to the activation dtype, times its weight in that dtype,
+  rounded again (GemmaRMSNorm: times (1 + w) in float32, rounded once). The split compiled step
+  does not quite: inductor fuses the norm and, with its emulate_precision_casts off, rounds
+  x * rsqrt(...) * w once (as its CPU backend does, tried on a bf16 row: a fifth of the
+  values one unit off eager's). Only the sum of squares runs in another order than torch's
+  mean (float32 both).
+- products and sums in float32, each product rounded to the dtype once (as gemv.py); gate and
+  up rounded, silu in float32 rounded, its product with up rounded (swiglu.py's and eager's
+  points); the residual add is of the rounded product, rounded again (eager adds two dtype
+  tensors; so does the split step).
+So fused and eager part only where a float32 sum order decides a rounding (the norm's sum of
+squares; the products' order against cuBLAS's); fused and split also where inductor's single
+norm rounding differs from eager's two. Random weights make such ties flip greedy tokens now
+and then (docs/engine.md, "Correctness of the fast paths").
+
+PDL (pdl.py): a program loads its first [BLOCK_N, BLOCK_K] weight tile (both for SWIGLU)
+before waiting for the kernel that wrote x; unlike gemv.py's up-to-16-KiB first tile this one
+is an ordinary tile going into the accumulator as the loop's first step would, so PDL changes
+no bit here. Whether any of this is faster, and for which model sizes, is for a GPU to say
+(benchmarks/step_kernels_ab.py); until then the default stays "split".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton, triton_runs_on
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _inv_rms(X, n_cols, EPS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """float32 rsqrt(mean(x^2) + eps) over x's n_cols values (RMSNorm's scale)."""
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            squares += x * x
+        return tl.rsqrt(tl.sum(squares, axis=0) / n_cols + EPS)
+
+    @triton.jit
+    def _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM: tl.constexpr,
+                    GEMMA: tl.constexpr):
+        """float32 [BLOCK_K]: x's columns `cols`, normed and rounded as eager's RMSNorm rounds
+        them (module docstring) when HAS_NORM."""
+        x = tl.load(X + cols, mask=col_ok, other=0.0)
+        if HAS_NORM:
+            w = tl.load(NORM_W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            normed = x.to(tl.float32) * inv_rms
+            if GEMMA:  # (normed * (1 + w)).type_as(x)
+                tile = (normed * (1.0 + w)).to(x.dtype).to(tl.float32)
+            else:  # normed.type_as(x) * w, a product of two dtype tensors
+                tile = (normed.to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
+        else:
+            tile = x.to(tl.float32)
+        return tile
+
+    @triton.jit
+    def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
+                           EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
+                           SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr = False):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_out
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < n_cols
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        w_at = W + rows[:, None] * stride_w + cols[None, :]
+        # The first weight tile (gate's and up's with SWIGLU) before anything another kernel
+        # wrote: no kernel writes weights.
+        w = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+        if SWIGLU:
+            w_up = tl.load(w_at + up_row * stride_w, mask=tile_ok, other=0.0,
+                           eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x (and the residual) are earlier kernels' outputs
+            tl.extra.cuda.gdc_launch_dependents()
+        inv_rms = 1.0
+        if HAS_NORM:
+            inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
+        x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM, GEMMA)
+        acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
+        if SWIGLU:
+            acc_up = w_up.to(tl.float32) * x[None, :]
+        for k0 in range(BLOCK_K, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM, GEMMA)
+            w_at = W + rows[:, None] * stride_w + cols[None, :]
+            w = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x[None, :]
+            if SWIGLU:
+                w_up = tl.load(w_at + up_row * stride_w, mask=tile_ok, other=0.0,
+                               eviction_policy="evict_first")
+                acc_up += w_up.to(tl.float32) * x[None, :]
+        dtype = OUT.dtype.element_ty
+        out = tl.sum(acc, 1)
+        if SWIGLU:  # eager's roundings: gate and up, silu, their product (swiglu.py)
+            gate = out.to(dtype).to(tl.float32)
+            up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            out = silu * up
+        if HAS_RESIDUAL:  # residual + the product rounded, as two dtype tensors add
+            residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
+            out = residual + out.to(dtype).to(tl.float32)
+        tl.store(OUT + rows, out.to(dtype), mask=row_ok)
+
+
+def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
+                eps: float, gemma: bool, swiglu: bool, pdl: bool) -> Tensor:
+    """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]) in x's dtype."""
+    n_rows, n_cols = weight.shape
+    n_out = n_rows // 2 if swiglu else n_rows
+    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
+           x, x if norm_weight is None else norm_weight, weight,
+           x if residual is None else residual, out, n_out, n_cols, weight.stride(0), n_out,
+           EPS=eps, HAS_NORM=norm_weight is not None, GEMMA=gemma, SWIGLU=swiglu,
+           HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=NUM_STAGES)
+    return out
+
+
+# Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
+# and a custom_op twin launched with PDL (pdl.py says why both). Inputs: x, residual [1, K] /
+# [1, N] contiguous rows; norm_weight [K]; weight [N, K] with unit column stride (a fused
+# matrix's rows are fine); all of x's dtype.
+
+@torch.library.triton_op("infermeter::norm_gemv", mutates_args=())
+def norm_gemv(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    """(rmsnorm(x) * norm_weight) @ weight^T -> [1, N]: the norm before wqkv and its product."""
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=False)
+
+
+@torch.library.custom_op("infermeter::norm_gemv_pdl", mutates_args=())
+def norm_gemv_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+                  gemma: bool) -> Tensor:
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=True)
+
+
+@norm_gemv_pdl.register_fake
+def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    return x.new_empty(1, weight.shape[0])
+
+
+@torch.library.triton_op("infermeter::gemv_swiglu", mutates_args=())
+def gemv_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
+                gemma: bool) -> Tensor:
+    """silu(gate) * up [1, H] for w13 = weight [2H, K] (gate rows, then up rows), of x RMS-
+    normed first when norm_weight is given: the norm before w13, w13 and the activation."""
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=False)
+
+
+@torch.library.custom_op("infermeter::gemv_swiglu_pdl", mutates_args=())
+def gemv_swiglu_pdl(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
+                    gemma: bool) -> Tensor:
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=True)
+
+
+@gemv_swiglu_pdl.register_fake
+def _(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    return x.new_empty(1, weight.shape[0] // 2)
+
+
+@torch.library.triton_op("infermeter::gemv_add", mutates_args=())
+def gemv_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    """residual + x @ weight^T -> [1, N]: wo or w2 and the residual add after it."""
+    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=False)
+
+
+@torch.library.custom_op("infermeter::gemv_add_pdl", mutates_args=())
+def gemv_add_pdl(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=True)
+
+
+@gemv_add_pdl.register_fake
+def _(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    return x.new_empty(1, weight.shape[0])
+
+
+# As the compiled step calls them: with PDL when pdl.enabled().
+
+def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+                gemma: bool) -> Tensor:
+    return (norm_gemv_pdl if pdl.enabled() else norm_gemv)(x, norm_weight, weight, eps, gemma)
+
+
+def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
+                       gemma: bool) -> Tensor:
+    return (gemv_swiglu_pdl if pdl.enabled() else gemv_swiglu)(x, norm_weight, weight, eps,
+                                                                 gemma)
+
+
+def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    return (gemv_add_pdl if pdl.enabled() else gemv_add)(x, weight, residual)
+
+
+def fused_step_usable(x: Tensor, *params: Tensor) -> bool:
+    """One contiguous row where Triton runs, and every weight in its dtype with unit column
+    stride (what the kernel reads)."""
+    return (x.numel() == x.shape[-1] and triton_runs_on(x) and x.is_contiguous()
+            and all(p.stride(-1) == 1 and p.dtype == x.dtype for p in params))

@@ -1,0 +1,310 @@
+"""Checks of the fused step's kernels (engine/kernels/fused_step.py), run by
+tests/test_fused_step.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
+before Triton is imported). Exits non-zero with the failing check's message; prints "ok".
+
+References are the unfused chain with eager's rounding points: RMSNorm (or GemmaRMSNorm) as the
+model computes it, a float32 product rounded once, silu(gate) * up as F.silu and a dtype product
+round, residual + the rounded product. One caveat for bfloat16: Triton's interpreter rounds
+float32 -> bfloat16 toward zero (a GPU rounds to nearest even), so the bfloat16 references
+round the way this interpreter does (`rounder`); float16 and float32 round as torch does."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from infermeter.engine import linear as linear_module
+from infermeter.engine import model as model_module
+from infermeter.engine.kernels.fused_step import (
+    _fused_gemv,
+    gemv_add,
+    gemv_swiglu,
+    norm_gemv,
+)
+from infermeter.engine.model import GemmaRMSNorm, RMSNorm
+from infermeter.engine.opaque_ops import compiling
+
+EPS = 1e-5
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+# (rows N, columns K): ragged rows against BLOCK_N, one ragged column tile (tiles_for's 1024 and
+# 2048 columns), three column tiles of 2048 with the last one partial (5000)
+SHAPES = ((37, 64), (6, 1100), (3, 5000))
+
+
+def interpreter_truncates_bf16() -> bool:
+    """Whether this Triton's interpreter rounds float32 -> bfloat16 toward zero."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, OUT):
+        tl.store(OUT, tl.load(X).to(tl.bfloat16))
+
+    x = torch.tensor([1.0 + 2.0 ** -8 + 2.0 ** -10])  # nearest bfloat16: 1 + 2^-7
+    out = torch.empty(1, dtype=torch.bfloat16)
+    cast[(1,)](x, out)
+    return out.item() == 1.0
+
+
+TRUNCATES = interpreter_truncates_bf16()
+
+
+def rounder(dtype: torch.dtype):
+    """float32 -> dtype -> float32 as the kernel's roundings run here."""
+    if dtype == torch.bfloat16 and TRUNCATES:
+        return lambda t: (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return lambda t: t.to(dtype).float()
+
+
+def reference_norm(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
+    """float32 [1, K]: RMSNorm's output with its roundings (module docstring of fused_step)."""
+    rnd = rounder(x.dtype)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    if gemma:
+        return rnd(normed * (1.0 + weight.float()))
+    return rnd(rnd(normed) * weight.float())
+
+
+def eager_norm(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
+    norm = (GemmaRMSNorm if gemma else RMSNorm)(x.shape[-1], EPS).to(x.dtype)
+    norm.weight.data.copy_(weight)
+    return norm(x)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, scale: float, flip: float, what: str) -> None:
+    """Within 2 units in the last place of each value, plus float32 sum-order error (8 ulp of
+    float32 over the sum of absolute terms, `scale`) and `flip` (a normed input rounded one
+    unit the other way: the sum of squares runs in another order than torch's mean)."""
+    ulp = ULP[got.dtype]
+    torch.testing.assert_close(got.float(), want, rtol=2 * ulp,
+                               atol=8 * 2.0 ** -23 * scale + 2 * ulp + flip,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def operands(gen, n_rows: int, n_cols: int, dtype: torch.dtype):
+    """x [1, K], a norm weight [K] near 1, a weight [N, K] that is rows of a bigger matrix (a
+    fused projection's view), a residual [1, N]."""
+    x = (torch.randn(1, n_cols, generator=gen) * 3).to(dtype)
+    norm_w = (1 + 0.2 * torch.randn(n_cols, generator=gen)).to(dtype)
+    w = torch.randn(n_rows + 3, n_cols, generator=gen).to(dtype)[1:n_rows + 1]
+    residual = torch.randn(1, n_rows, generator=gen).to(dtype)
+    return x, norm_w, w, residual
+
+
+def check_norm_gemv() -> None:
+    gen = torch.Generator().manual_seed(11)
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        for (n_rows, n_cols), gemma in zip(SHAPES, (False, True, False), strict=True):
+            x, norm_w, w, _ = operands(gen, n_rows, n_cols, dtype)
+            normed = reference_norm(x, norm_w, gemma)
+            if dtype != torch.bfloat16:  # the reference is eager's norm, to the bit
+                assert torch.equal(normed, eager_norm(x, norm_w, gemma).float()), "norm ref"
+            terms = normed.abs() * w.float().abs()  # [N, K]
+            want = rnd(normed @ w.float().T)
+            for pdl in (False, True):  # the PDL launch's arithmetic (no wait here)
+                got = norm_gemv(x, norm_w, w, EPS, gemma) if not pdl else \
+                    _fused_gemv(x, w, norm_w, None, EPS, gemma, False, pdl=True)
+                assert got.dtype == dtype and got.shape == (1, n_rows), f"norm_gemv {dtype}"
+                close(got, want, terms.sum(1).max().item(), ULP[dtype] * terms.max().item(),
+                      f"norm_gemv {dtype} {n_rows}x{n_cols} gemma {gemma} pdl {pdl}")
+
+
+def check_gemv_swiglu() -> None:
+    gen = torch.Generator().manual_seed(12)
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        for (hidden, n_cols), normed_in in zip(SHAPES, (True, False, True), strict=True):
+            x, norm_w, w13, _ = operands(gen, 2 * hidden, n_cols, dtype)
+            w13 = w13 / 4  # gate values where silu bends
+            inputs = reference_norm(x, norm_w, False) if normed_in else x.float()
+            gate, up = rnd(inputs @ w13.float().T).chunk(2, dim=-1)
+            silu = rnd(gate / (1 + torch.exp(-gate)))
+            want = rnd(silu * up)
+            if dtype != torch.bfloat16:  # eager's activation (to the bit in float16; in
+                # float32 silu's own formula may move the last bit)
+                eager = (F.silu(gate.to(dtype)) * up.to(dtype)).float()
+                torch.testing.assert_close(want, eager, rtol=2 * ULP[dtype], atol=0)
+            got = gemv_swiglu(x, norm_w if normed_in else None, w13, EPS, False)
+            assert got.dtype == dtype and got.shape == (1, hidden), f"gemv_swiglu {dtype}"
+            terms = inputs.abs() * w13.float().abs()
+            # gate's and up's errors pass through silu and the product: scaled by |up| and
+            # silu's slope (under 1.1), so twice the product bound
+            scale = 2 * terms.sum(1).max().item() * up.abs().max().item()
+            close(got, want, scale, 4 * ULP[dtype] * up.abs().max().item() * terms.max().item()
+                  + 2 * ULP[dtype] * want.abs().max().item(),
+                  f"gemv_swiglu {dtype} {hidden}x{n_cols} norm {normed_in}")
+
+
+def check_gemv_add() -> None:
+    gen = torch.Generator().manual_seed(13)
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        for n_rows, n_cols in SHAPES:
+            x, _, w, residual = operands(gen, n_rows, n_cols, dtype)
+            want = rnd(residual.float() + rnd(x.float() @ w.float().T))
+            got = gemv_add(x, w, residual)
+            assert got.dtype == dtype and got.shape == (1, n_rows), f"gemv_add {dtype}"
+            close(got, want, (x.float().abs() @ w.float().abs().T).max().item(), 0.0,
+                  f"gemv_add {dtype} {n_rows}x{n_cols}")
+
+
+def check_model_step() -> None:
+    """The debug model's batch-1 steps with step_kernels "fused" (while 'compiling', every
+    kernel run by the interpreter) against "split" (the GEMV and SwiGLU kernels; the math
+    attention in both): the same greedy tokens, and logits within sum-order error; a decode
+    step runs the fused ops 4 times a layer and the GEMV only for the output head; the 4-token
+    prefill stays split. Llama (GQA) in float32, Qwen2 (q/k/v biases) in float16."""
+    from infermeter.engine.fusion import fuse_projections
+    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels import gemv as gemv_module
+    from infermeter.engine.kernels.gemv import matvec
+    from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
+    from infermeter.specs.presets import PRESETS
+
+    model_module.compiling = linear_module.compiling = lambda: True
+    # 128 x 64 tiles for every product, split and fused: the interpreter's cost is per program
+    # (w2's 176 columns still take three tiles, the last one ragged)
+    gemv_module.tiles_for = fused_step.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
+    calls: list[str] = []
+
+    def counted(name, real):
+        return lambda *args: calls.append(name) or real(*args)
+
+    linear_module.matvec = counted("gemv", matvec)
+    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add"):
+        setattr(model_module, name, counted(name, getattr(fused_step, name)))
+    debug = PRESETS["debug"]
+    specs = {"llama": debug, "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True)}
+    steps, prompt = 3, 4
+    for (arch, spec), dtype in zip(specs.items(), (torch.float32, torch.float16), strict=True):
+        logits, tokens = {}, {}
+        for kind in ("split", "fused"):
+            model = build_model(spec, seed=3, dtype=dtype)
+            fuse_projections(model)
+            set_step_kernels(model, kind)
+            for layer in model.layers:  # the attention is not what differs: the quick one
+                layer.attention.decode_attention = "math"
+            assert fused_step_layers(model) == (spec.n_layers if kind == "fused" else 0)
+            model.setup_cache(1, 16)
+            ids = torch.randint(0, spec.vocab_size, (1, prompt),
+                                generator=torch.Generator().manual_seed(2))
+            outs = []
+            with torch.inference_mode():
+                out = model(ids, torch.arange(prompt))
+                calls.clear()
+                for i in range(prompt, prompt + steps):  # greedy decoding
+                    outs.append(out[:, -1:])
+                    ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
+                    out = model(ids[:, -1:], torch.tensor([i]))
+            logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
+            fused = ["norm_matvec", "matvec_add", "norm_matvec_swiglu", "matvec_add"]
+            want = (["gemv"] * 4 * spec.n_layers if kind == "split" else fused * spec.n_layers) \
+                + ["gemv"]  # the output head
+            assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
+        assert torch.equal(tokens["fused"], tokens["split"]), f"{arch}: tokens differ"
+        err = (logits["fused"] - logits["split"]).abs().max().item()
+        bound = 1e-4 if dtype == torch.float32 else 2e-2
+        assert err < bound, f"{arch} {dtype}: logits differ by {err}"
+
+
+def check_rounding_points() -> None:
+    """Each rounding point to the bit: weight rows that pick one or two of x's columns make the
+    products exact in float32 in any order, and x of quarter-integers makes the sum of squares
+    exact too, so the kernels must equal the references exactly (float32's silu within 2 ulp:
+    Triton's exp is not torch's)."""
+    gen = torch.Generator().manual_seed(14)
+    n_cols, n_rows = 1100, 24
+    pick = torch.randint(0, n_cols, (2, 2 * n_rows), generator=gen)
+    one = torch.zeros(2 * n_rows, n_cols).scatter_(1, pick[:1].T, 1.0)  # one column a row
+    two = one.scatter(1, pick[1:].T, 1.0)  # two columns a row (one where they coincide)
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        x = (torch.randint(-12, 13, (1, n_cols), generator=gen) / 4).to(dtype)
+        norm_w = (1 + 0.3 * torch.randn(n_cols, generator=gen)).to(dtype)
+        residual = torch.randn(1, n_rows, generator=gen).to(dtype)
+        for gemma in (False, True):
+            want = reference_norm(x, norm_w, gemma) @ one[:n_rows].T  # the normed x, picked
+            got = norm_gemv(x, norm_w, one[:n_rows].to(dtype), EPS, gemma).float()
+            assert torch.equal(got, want), f"norm rounding {dtype} gemma {gemma}"
+        gate, up = (reference_norm(x, norm_w, False) @ one.T).chunk(2, dim=-1)
+        want = rnd(rnd(gate / (1 + torch.exp(-gate))) * up)
+        got = gemv_swiglu(x, norm_w, one.to(dtype), EPS, False).float()
+        torch.testing.assert_close(got, want, rtol=2 * ULP[dtype] if dtype == torch.float32
+                                   else 0, atol=0, msg=lambda m, d=dtype: f"swiglu {d}: {m}")
+        x = torch.randn(1, n_cols, generator=gen).to(dtype)  # sums of two need a rounding
+        want = rnd(residual.float() + rnd(x.float() @ two[:n_rows].T))
+        got = gemv_add(x, two[:n_rows].to(dtype), residual).float()
+        assert torch.equal(got, want), f"add rounding {dtype}"
+
+
+def check_compiled_trace() -> None:
+    """torch.compile (fullgraph) traces the fused step whole: each layer is the four ops (their
+    PDL twins, opaque custom ops with fake kernels: the interpreter cannot run under dynamo's
+    fake tensors), the only RMSNorm left in the graph is the final one, and the traced step's
+    logits are the uncompiled fused step's."""
+    from infermeter.engine.fusion import fuse_projections
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.model import build_model, set_step_kernels
+    from infermeter.specs.presets import PRESETS
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    spec = PRESETS["debug"]
+    model = build_model(spec, seed=1)
+    fuse_projections(model)
+    set_step_kernels(model, "fused")
+    for layer in model.layers:
+        layer.attention.decode_attention = "math"
+    model.setup_cache(1, 8)
+    tokens = torch.randint(0, spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), pdl.launching(True):
+        model(tokens[:, :4], torch.arange(4))
+        step = torch.compile(model, fullgraph=True, dynamic=False, backend=keep)
+        traced = step(tokens[:, 4:], torch.tensor([4]))
+        model.reset_cache()  # the same step again, uncompiled, after the same prefill
+        model(tokens[:, :4], torch.arange(4))
+        model_module.compiling = linear_module.compiling = lambda: True
+        plain = model(tokens[:, 4:], torch.tensor([4]))
+        model_module.compiling = linear_module.compiling = compiling
+    targets = [str(node.target) for node in graphs[-1].graph.nodes]
+    ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
+    assert ours == ["norm_gemv_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"] \
+        * spec.n_layers + ["gemv_pdl"], ours
+    assert sum("rsqrt" in t for t in targets) == 1, "a layer's norm left in the graph"
+    assert torch.equal(traced, plain), "traced and uncompiled fused steps differ"
+    torch._dynamo.reset()
+
+
+def check_layers_it_cannot_fuse_stay_split() -> None:
+    """Gemma (post-norms, GeGLU) and a layer with a forward hook on wo (as tensor parallelism
+    adds its all-reduce) keep the split step."""
+    from infermeter.engine.fusion import fuse_projections
+    from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
+    from infermeter.specs.presets import PRESETS
+
+    gemma = build_model(PRESETS["debug"].with_updates(arch="gemma3_text", qk_norm=True))
+    fuse_projections(gemma)
+    set_step_kernels(gemma, "fused")
+    assert fused_step_layers(gemma) == 0, "gemma fused"
+    model = build_model(PRESETS["debug"])
+    fuse_projections(model)
+    set_step_kernels(model, "fused")
+    model.layers[1].attention.wo.register_forward_hook(lambda *args: None)
+    assert fused_step_layers(model) == PRESETS["debug"].n_layers - 1, "a hooked layer fused"
+
+
+if __name__ == "__main__":
+    check_norm_gemv()
+    check_gemv_swiglu()
+    check_gemv_add()
+    check_rounding_points()
+    check_layers_it_cannot_fuse_stay_split()
+    check_compiled_trace()
+    check_model_step()
+    print("ok")

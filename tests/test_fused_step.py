@@ -1,0 +1,160 @@
+"""The fused batch-1 step (engine/kernels/fused_step.py, --step-kernels fused).
+
+Under Triton's CPU interpreter in a subprocess (tests/fused_step_worker.py): each kernel against
+the unfused chain with eager's roundings (several K and N with ragged tails; float32, float16,
+bfloat16), and the debug model's greedy steps fused against split. Here: the PDL launches' PTX
+keeps pdl.py's rule, eager steps never take the fused path, and the choice reaches every layer
+and the Result. No GPU: which is faster is benchmarks/step_kernels_ab.py's to say.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infermeter.engine.fusion import fuse_projections
+from infermeter.engine.model import STEP_KERNELS, build_model, set_step_kernels
+from infermeter.specs.presets import PRESETS
+from tests.test_peer_all_reduce import needs_triton
+
+WORKER = Path(__file__).with_name("fused_step_worker.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_fused_kernels_under_the_triton_interpreter():
+    root = WORKER.parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), str(root),
+                                                       os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@needs_triton
+def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
+    """Each fused op launched with PDL, compiled for sm_90: the wait comes before the release,
+    and before the wait only weights are loaded (evict-first: the first tile); x, the norm
+    weight and the residual after it."""
+    from infermeter.engine.kernels.fused_step import _fused_gemv
+    from tests.test_pdl import first, pdl_launches, sm90_lines
+
+    dtype = torch.bfloat16
+    x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
+    weight, residual = torch.zeros(40, 2560, dtype=dtype), torch.zeros(1, 40, dtype=dtype)
+    calls = {"norm + product": (norm_w, None, False), "norm + w13 + swiglu": (norm_w, None, True),
+             "product + add": (None, residual, False)}
+    for name, (norm, res, swiglu) in calls.items():
+        launches = pdl_launches(monkeypatch, lambda n=norm, r=res, s=swiglu: _fused_gemv(
+            x, weight, n, r, 1e-5, False, s, pdl=True))
+        assert len(launches) == 1
+        kernel, args, kwargs = launches[0]
+        assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
+        metadata, lines = sm90_lines(kernel, args, kwargs)
+        assert metadata.launch_pdl, name
+        wait = first(lines, "griddepcontrol.wait")
+        assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines), name
+        early = [line for line in lines[:wait] if "ld.global" in line]
+        assert early and all("evict_first" in line for line in early), name
+        assert first(lines, "ld.global", wait) < len(lines), name  # x, after the wait
+
+
+@torch.inference_mode()
+def test_eager_steps_and_prefill_never_take_the_fused_path(monkeypatch):
+    """Outside a compiled step (eager) a model asked for "fused" runs today's code, even where
+    Triton could run: the same logits as "split", and no fused op is called."""
+    from infermeter.engine import model as model_module
+    from infermeter.engine.kernels import fused_step
+
+    monkeypatch.setattr(fused_step, "triton_runs_on", lambda x: True)
+
+    def refuse(*args):
+        raise AssertionError("a fused op ran outside a compiled step")
+
+    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add"):
+        monkeypatch.setattr(model_module, name, refuse)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kind in STEP_KERNELS:
+        model = build_model(PRESETS["debug"], seed=1)
+        fuse_projections(model)
+        set_step_kernels(model, kind)
+        model.setup_cache(1, 8)
+        outs = [model(tokens[:, :4], torch.arange(4))]
+        outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in (4, 5)]
+        logits[kind] = torch.cat(outs, dim=1)
+    assert torch.equal(logits["fused"], logits["split"])
+    with pytest.raises(ValueError, match="unknown step kernels"):
+        set_step_kernels(model, "megakernel")
+
+
+def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(monkeypatch):
+    """--step-kernels: the CLI's choices are the engine's, "split" by default (until a GPU
+    measures otherwise); the runner sets every layer; the Result records "fused" only for a
+    compiled batch-1 case where Triton runs, "split" otherwise, nothing in eager mode."""
+    from infermeter.cli import build_parser
+    from infermeter.commands.generate import STEP_KERNELS as CLI_KINDS
+    from infermeter.engine.checkpoint.load import load_weights
+    from infermeter.generate import modes as modes_module
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    assert CLI_KINDS == STEP_KERNELS
+    assert EngineChoices().step_kernels == "split"
+    assert build_parser().parse_args(["generate", "--model", "debug"]).step_kernels == "split"
+    model = load_weights("random:debug", "cpu", "float32")
+    sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
+    compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
+                       for mode in ("compiled", "eager"))
+    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="fused"))
+    runner = EngineRunner(model, compiled[0], request)
+    assert {layer.step_kernels for layer in model.layers} == {"fused"}
+    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
+    runner.batch_sizes = [1]
+    assert runner.describe()["step_kernels"] == "fused"
+    model.layers[0].attention.wo.register_forward_hook(lambda *args: None)  # as tp's all-reduce
+    assert runner.describe()["step_kernels"] == "partly fused"
+    runner.batch_sizes = [2]
+    assert runner.describe()["step_kernels"] == "split"
+    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: False)
+    runner.batch_sizes = [1]
+    assert runner.describe()["step_kernels"] == "split"  # no Triton here
+    assert EngineRunner(model, eager[0], request).describe()["step_kernels"] is None
+    EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
+    assert {layer.step_kernels for layer in model.layers} == {"split"}
+
+
+def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
+    """benchmarks/step_kernels_ab.py's CPU check: its cases are each model's batch-1 compiled
+    case with one kind of kernels; run here eagerly on the debug model, split then fused append a
+    Result each, labelled with the kernels asked for, and the summary has a row for each and
+    fused / split from the per-run TPOTs."""
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.result import read_results
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    assert tuple(script.KINDS) == STEP_KERNELS
+    for model, dtype in script.MODELS.items():
+        request = script.ab_request(model, "fused")
+        assert (request.source, request.dtype, request.modes, request.batch_sizes) == \
+            (f"random:{model}", dtype, ("compiled",), (1,))
+        assert request.engine.step_kernels == "fused" and request.timing.roofline
+    path = tmp_path / "ab.jsonl"
+    script.run_model("debug", 1, path, capture_env(), device="cpu", modes=("eager",),
+                     prompt_lens=(4,), max_new_tokens=5, max_seq_len=16, repeats=2,
+                     roofline=False)
+    results = read_results(path)
+    assert [r.config["ab"] for r in results] == [{"kernels": k, "round": 0} for k in STEP_KERNELS]
+    assert all(len(script.run_tpots(r)) == 2 for r in results)
+    text = script.summary(results)
+    rows = [line.split() for line in text.splitlines() if line.startswith("debug ")]
+    assert [row[2] for row in rows] == list(STEP_KERNELS), text  # the kernels column
+    assert "debug: fused / split TPOT" in text, text
