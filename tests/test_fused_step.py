@@ -158,3 +158,35 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
     rows = [line.split() for line in text.splitlines() if line.startswith("debug ")]
     assert [row[2] for row in rows] == list(STEP_KERNELS), text  # the kernels column
     assert "debug: fused / split TPOT" in text, text
+
+
+def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
+    """A compiled Result whose step ran fused is an A/B run while split is the default: a column
+    is represented by the split one, and the setting names the fused step."""
+    from infermeter.engine.model import STEP_KERNEL
+    from infermeter.report.load import Record
+    from infermeter.report.select import (
+        DEFAULT_STEP_KERNELS,
+        Column,
+        ColumnKey,
+        off_default_kernels,
+        pick_generate,
+    )
+    from infermeter.report.tables import _generate_setting
+
+    assert DEFAULT_STEP_KERNELS == STEP_KERNEL
+
+    def record(line, **config):
+        config = {"batch_size": 1, "mode": "compiled", "prompt_len": 80, "max_new_tokens": 432,
+                  "cache_len": 512, "decode_attention": "triton", "matvec_kernel": "triton",
+                  "pdl": True, **config}
+        return Record(kind="generate", model={"name": "m"}, config=config, env={},
+                      metrics={"decode_tok_per_s": 100.0}, warnings=(), source=f"f:{line}")
+
+    split, fused, older = record(1, step_kernels="split"), record(2, step_kernels="fused"), \
+        record(3)
+    assert off_default_kernels(fused) and not off_default_kernels(split)
+    assert not off_default_kernels(older)  # from before the setting: split
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[fused, split])) is split
+    assert "fused step" in _generate_setting(fused)
+    assert "step" not in _generate_setting(split)

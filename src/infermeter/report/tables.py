@@ -143,6 +143,8 @@ def _generate_setting(gen: Record | None) -> str:
     # the kernels the Result says ran (older Results may not say)
     parts += [f"{cfg['decode_attention']} attention"] if cfg.get("decode_attention") else []
     parts += ["Triton GEMV"] if cfg.get("matvec_kernel") == "triton" else []
+    parts += [f"{cfg['step_kernels']} step"] if cfg.get("step_kernels") not in (None, "split") \
+        else []
     parts += ["PDL"] if cfg.get("pdl") else []
     all_reduce = cfg.get("tp_all_reduce")
     parts += [f"{all_reduce} all-reduce"] if all_reduce not in (None, "nccl") else []
