@@ -131,9 +131,13 @@ def test_compiled_mode_on_cpu_gives_the_eager_tokens():
     compiled = generate_json(*args, "--mode", "compiled")
     assert compiled["output_token_ids"] == eager["output_token_ids"]
     assert compiled["config"]["compile_prefill"] is False
+    # the compiled mode's default prefill: the 6-token prompt padded to the 16-token bucket
+    assert (compiled["config"]["prefill"], compiled["config"]["prefill_forward_lens"]) == \
+        ("bucketed", [16])
     both = generate_json(*args, "--mode", "compiled", "--compile-prefill")
     assert both["output_token_ids"] == eager["output_token_ids"]
     assert both["config"]["compile_prefill"] is True
+    assert (both["config"]["prefill"], both["config"]["prefill_forward_lens"]) == ("exact", [6])
 
 
 def test_decode_attention_choice_is_applied_and_recorded():
