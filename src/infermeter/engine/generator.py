@@ -6,9 +6,9 @@
 
 The loop, in gpt-fast's shape:
 - prefill: the whole prompt [B, T] in one eager forward at positions 0..T-1, then sample the
-  first new token. Eager on purpose: T changes from call to call (a compiled prefill would need
-  dynamic shapes or a recompile per length) and a long prefill is compute-bound, so compiling
-  it buys little. With prefill_chunk=C, a prompt longer than C runs as forwards of C tokens at
+  first new token (the Generator's default: T changes from call to call, and a graph per length
+  would recompile for every prompt; bucketed_prefill below pads to a few lengths instead, since
+  a short prompt's eager prefill is mostly kernel launches). With prefill_chunk=C, a prompt longer than C runs as forwards of C tokens at
   positions c..c+C-1, each attending over the cache the earlier chunks filled: activations and
   logits of C tokens at a time, never of the whole prompt.
   With bucketed_prefill (generate's default in compiled mode) and config.compile, each forward
