@@ -1,7 +1,7 @@
 """Split against fused decode-step kernels (--step-kernels, engine/kernels/fused_step.py), per
 model size, on one GPU: the measurement the default waits for (issue 27).
 
-    python benchmarks/step_kernels_ab.py [--models llama-3.2-1b ...] [--rounds 2]
+    python benchmarks/step_kernels_ab.py [--models llama-3.2-1b ...] [--rounds 2] [--trace DIR]
     python benchmarks/step_kernels_ab.py --summary-only
 
 Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
@@ -15,6 +15,10 @@ the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 (results/step-kernels-<device>-summary.txt) gives, for each model's latest run and each kind:
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
 steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart.
+With --trace DIR each case also records a few profiled decode steps after its timed runs
+(DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
+kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels
+the fused step removed, and what that did to the gaps.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -35,6 +39,7 @@ from infermeter.generate.job import run_generate
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, append_jsonl, read_results
+from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
 
 MODELS = {"llama-3.2-1b": "bf16", "qwen2.5-0.5b": "bf16", "llama-2-7b": "fp16",
@@ -53,10 +58,15 @@ def ab_request(model: str, kind: str, **overrides) -> GenerateRequest:
     return build_request(f"random:{model}", step_kernels=kind, **options)
 
 
-def run_model(model: str, rounds: int, path: Path, env: dict, **overrides) -> None:
-    """Split then fused, `rounds` times, each Result appended to `path` once done."""
+def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
+              **overrides) -> None:
+    """Split then fused, `rounds` times, each Result appended to `path` once done; with
+    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
     for round_ in range(rounds):
         for kind in KINDS:
+            if trace:
+                overrides["trace_dir"] = str(make_trace_dir(Path(trace) /
+                                                            f"{model}-{kind}-{round_}"))
             def save(result: Result, kind: str = kind, round_: int = round_) -> None:
                 result.config["ab"] = {"kernels": kind, "round": round_}
                 append_jsonl(path, [result])
@@ -81,6 +91,13 @@ def run_tpots(result: Result) -> list[float]:
     return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
 
 
+def step_figures(result: Result) -> tuple[str, str]:
+    """The traced median step's kernel count and gaps (ms), or "-" without a GPU trace."""
+    gaps = (result.metrics.get("breakdown") or {}).get("step_gaps") or {}
+    median = gaps.get("median_of_steps") or {}
+    return (_f(median.get("kernels"), ".0f"), _f(median.get("gaps_ms"), ".4f"))
+
+
 def latest_runs(results: list[Result]) -> list[Result]:
     """Each model's Results from its latest process only (they share the env timestamp)."""
     last: dict[str, str] = {}
@@ -102,7 +119,7 @@ def summary(results: list[Result]) -> str:
                      _f(statistics.median(runs), ".4f") if runs else "-",
                      f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
                      _f(m.get("mbu_pct")), _f(m.get("decode_tok_per_s")),
-                     _f(m.get("warmup_s")), len(r.warnings)])
+                     _f(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         split, fused = kinds.get("split"), kinds.get("fused")
         if not split or not fused:
@@ -114,7 +131,7 @@ def summary(results: list[Result]) -> str:
                      f"and {len(fused)} runs; ranges {'apart' if apart else 'overlap'})")
     table = render_table(["model", "dtype", "kernels", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "decode tok/s",
-                          "warm-up s", "warnings"], rows)
+                          "warm-up s", "kernels/step", "gaps ms/step", "warnings"], rows)
     return "\n\n".join([table, "\n".join(lines)])
 
 
@@ -126,6 +143,8 @@ def main() -> int:
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--slug", help="summarise results/step-kernels-SLUG.jsonl (default: "
                         "this machine's device)")
+    parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
+                        "case into DIR (kernels and gaps per step in the summary)")
     parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     env = capture_env()
@@ -133,13 +152,15 @@ def main() -> int:
     path = Path(args.results) / f"step-kernels-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.one:
-        run_model(args.one, args.rounds, path, env)
+        run_model(args.one, args.rounds, path, env, trace=args.trace)
         return 0
     start = time.perf_counter()
     for model in [] if args.summary_only else args.models:
         print(f"[{time.perf_counter() - start:6.1f} s] {model}", file=sys.stderr, flush=True)
+        traced = ["--trace", args.trace] if args.trace else []
         child = subprocess.run([sys.executable, __file__, "--one", model, "--rounds",
-                                str(args.rounds), "--results", args.results, "--slug", slug])
+                                str(args.rounds), "--results", args.results, "--slug", slug,
+                                *traced])
         if child.returncode:
             print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
     if not path.exists():

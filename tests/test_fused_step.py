@@ -148,16 +148,23 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
             (f"random:{model}", dtype, ("compiled",), (1,))
         assert request.engine.step_kernels == "fused" and request.timing.roofline
     path = tmp_path / "ab.jsonl"
-    script.run_model("debug", 1, path, capture_env(), device="cpu", modes=("eager",),
-                     prompt_lens=(4,), max_new_tokens=5, max_seq_len=16, repeats=2,
-                     roofline=False)
+    script.run_model("debug", 1, path, capture_env(), trace=str(tmp_path / "traces"),
+                     device="cpu", modes=("eager",), prompt_lens=(4,), max_new_tokens=5,
+                     max_seq_len=16, repeats=2, roofline=False)
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["debug-fused-0",
+                                                                       "debug-split-0"]
     results = read_results(path)
     assert [r.config["ab"] for r in results] == [{"kernels": k, "round": 0} for k in STEP_KERNELS]
     assert all(len(script.run_tpots(r)) == 2 for r in results)
     text = script.summary(results)
     rows = [line.split() for line in text.splitlines() if line.startswith("debug ")]
     assert [row[2] for row in rows] == list(STEP_KERNELS), text  # the kernels column
-    assert "debug: fused / split TPOT" in text, text
+    assert "debug: fused / split TPOT" in text and "kernels/step" in text, text
+    results[1].metrics["breakdown"] = {"step_gaps": {"median_of_steps": {"kernels": 123,
+                                                                         "gaps_ms": 0.25}}}
+    fused_row = next(line for line in script.summary(results).splitlines()
+                     if line.startswith("debug ") and " fused " in line)
+    assert "123" in fused_row.split() and "0.2500" in fused_row.split(), fused_row
 
 
 def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
