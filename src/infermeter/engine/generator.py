@@ -8,9 +8,10 @@ The loop, in gpt-fast's shape:
 - prefill: the whole prompt [B, T] in one eager forward at positions 0..T-1, then sample the
   first new token (the Generator's default: T changes from call to call, and a graph per length
   would recompile for every prompt; bucketed_prefill below pads to a few lengths instead, since
-  a short prompt's eager prefill is mostly kernel launches). With prefill_chunk=C, a prompt longer than C runs as forwards of C tokens at
-  positions c..c+C-1, each attending over the cache the earlier chunks filled: activations and
-  logits of C tokens at a time, never of the whole prompt.
+  a short prompt's eager prefill is mostly kernel launches). With prefill_chunk=C, a prompt
+  longer than C runs as forwards of C tokens at positions c..c+C-1, each attending over the
+  cache the earlier chunks filled: activations and logits of C tokens at a time, never of the
+  whole prompt.
   With bucketed_prefill (generate's default in compiled mode) and config.compile, each forward
   runs through one torch.compile'd function of the whole model (fullgraph, static shapes: a
   CUDA graph on a GPU) at a bucket length, the prompt padded up to it (prefill_buckets.py: the
