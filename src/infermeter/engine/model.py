@@ -262,7 +262,7 @@ MATERIALIZE_NORM = False
 
 # How a compiled batch-1 step runs a layer: "split" (the default: norms, products, activation
 # and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv, wo + add,
-# norm + w13 + SwiGLU, w2 + add: 4 kernels for 8). Prefill and batch > 1 are always split. The
+# norm + w13 + SwiGLU, w2 + add: 4 kernels for 7). Prefill and batch > 1 are always split. The
 # default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
 STEP_KERNEL = "split"
 STEP_KERNELS = ("split", "fused")

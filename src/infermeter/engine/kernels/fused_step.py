@@ -3,9 +3,10 @@ into its matrix-vector products (the "fused" step, model.STEP_KERNELS).
 
 Why: a small model's batch-1 step is hundreds of short kernels, and the gaps between them cost
 as much as its weight bytes (issue 27: Llama-3.2-1B at 65.6% MBU on an H200, 7-8B at 87-90%).
-The split step runs, a layer: norm, wqkv GEMV, (RoPE, cache write, attention), wo GEMV, add +
-norm, w13 GEMV, activation, w2 GEMV, add. The fused one runs, a layer: norm + wqkv, (the same
-attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were 8.
+The split step runs, a layer: (the previous layer's) add + norm, wqkv GEMV, (RoPE and cache
+write, attention), wo GEMV, add + norm, w13 GEMV, activation, w2 GEMV (inductor fuses each add
+with the norm after it). The fused one runs, a layer: norm + wqkv, (the same attention kernels),
+wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were 7.
 
 One kernel, four constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
 a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
