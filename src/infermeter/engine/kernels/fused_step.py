@@ -15,7 +15,8 @@ a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
                 no extra kernel, no grid-wide sync), then normalises each x tile it multiplies.
   GEMMA         the norm applies (1 + w) in float32, as GemmaRMSNorm does.
   SWIGLU        the weight is w13 [2H, K]: a program computes gate rows r and up rows H + r from
-                the same x tiles and writes silu(gate) * up [1, H].
+                the same x tiles and writes silu(gate) * up [1, H] (BLOCK_N / 2 of each, so its
+                registers hold what the GEMV's program would).
   HAS_RESIDUAL  out = residual + x @ W^T (wo's and w2's products and the add after them).
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
@@ -141,6 +142,8 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
     n_rows, n_cols = weight.shape
     n_out = n_rows // 2 if swiglu else n_rows
     block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    if swiglu:  # gate and up rows: a program holds as many weight rows as the GEMV's would
+        block_n = max(1, block_n // 2)
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
