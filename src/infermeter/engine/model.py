@@ -50,6 +50,9 @@ Decisions:
   default: decode_kernel.py's Triton kernel in a compiled step where Triton runs, else "math");
   while compiling, SwiGLU's activation runs in swiglu_kernel.py's Triton kernel (or an op
   inductor cannot inline, opaque_ops.py), and one-row products in gemv_kernel.py's GEMV.
+- A layer's step_kernels "fused" (set_step_kernels, opt-in until a GPU measures it) runs a
+  compiled batch-1 step's layer as kernels/fused_step.py's four kernels (norms, SwiGLU and
+  residual adds inside the products), where fuses_step() allows; every other step is unchanged.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
