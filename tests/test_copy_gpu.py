@@ -15,9 +15,10 @@ pytestmark = [pytest.mark.gpu,
 from infermeter.copy import methods as cm  # noqa: E402
 from infermeter.copy.cases import METHODS, plan_layout  # noqa: E402
 from infermeter.copy.chunks import plan_chunks  # noqa: E402
-from infermeter.copy.host import alloc_host, mapped_view  # noqa: E402
+from infermeter.copy.host import alloc_host  # noqa: E402
 from infermeter.copy.job import CopyRequest, run_copy  # noqa: E402
 from infermeter.copy.verify import CopyMismatch, verify_layout  # noqa: E402
+from infermeter.measure.mapped_host import mapped_view  # noqa: E402
 from infermeter.specs.presets import PRESETS  # noqa: E402
 
 

@@ -23,11 +23,12 @@ import torch
 from infermeter.copy import methods as cm
 from infermeter.copy.cases import Case, LayoutPlan, skip_reason
 from infermeter.copy.chunks import plan_chunks, split_evenly
-from infermeter.copy.host import alloc_host, fill_host_random, mapped_view, seed_host_pieces
+from infermeter.copy.host import alloc_host, fill_host_random, seed_host_pieces
 from infermeter.copy.timing import Spin, case_metrics, run_once, time_movers, time_seed
 from infermeter.copy.verify import CopyMismatch, verify_layout, verify_pieces
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.measure.link import LinkInfo, current_link_of
+from infermeter.measure.mapped_host import mapped_view
 from infermeter.measure.nvtx import traced
 
 

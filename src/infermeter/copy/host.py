@@ -1,27 +1,18 @@
-"""Host memory for the copy benchmark: flat pageable or pinned buffers, and their device mapping.
+"""Host memory for the copy benchmark: flat pageable or pinned buffers.
 
 Pinned buffers come from PyTorch's pinned allocator (`pin_memory=True`, cudaHostAlloc); when that
 fails the buffer falls back to pageable memory and the case says so in a warning, since pageable
 memory moves several times slower and would make the numbers mean something else.
 
-`mapped_view` gives a CUDA tensor that aliases a pinned buffer (its UVA device mapping), for the
-copy kernels of the "mapped" method. The device pointer is asked from the CUDA runtime
-(cudaPointerGetAttributes) through CuPy if installed, else through ctypes from the libcudart that
-PyTorch already loaded; the tensor is made with `torch.as_tensor` on an object that exposes
-`__cuda_array_interface__`. A short write-and-read-back probe checks the alias before use.
+The "mapped" method's device view of a pinned buffer is measure/mapped_host.py's `mapped_view`
+(shared with `offload --traffic-method mapped`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import torch
 
 from infermeter.copy.methods import WORD_DTYPES
-
-_TYPESTR = {torch.int64: "<i8", torch.int32: "<i4", torch.int16: "<i2", torch.uint8: "|u1"}
-_CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: pinned (page-locked) host memory
 
 
 def alloc_host(nbytes: int, word: int, pinned: bool) -> tuple[torch.Tensor, list[str]]:
@@ -51,86 +42,6 @@ def fill_host_random(host: torch.Tensor, seed: int, device: torch.device) -> Non
         part = raw[start: start + step]
         part.copy_(torch.randint(0, 256, part.shape, dtype=torch.uint8, device=device,
                                  generator=gen))
-
-
-class _CudaArray:
-    """The minimal object `torch.as_tensor` turns into a CUDA tensor without copying."""
-
-    def __init__(self, ptr: int, n: int, dtype: torch.dtype, owner: torch.Tensor) -> None:
-        self.owner = owner  # keeps the pinned buffer alive as long as the view
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": _TYPESTR[dtype],
-                                         "data": (ptr, False), "version": 2}
-
-
-class _PointerAttributes(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
-
-
-def _loaded_cudart() -> ctypes.CDLL | None:
-    """The libcudart this process already loaded (PyTorch's), found through /proc/self/maps."""
-    try:
-        with open("/proc/self/maps") as handle:
-            paths = {line.split()[-1] for line in handle if "libcudart.so" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith("libcudart.so") and os.path.exists(path):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                continue
-    return None
-
-
-def device_pointer(host_ptr: int) -> tuple[int | None, str]:
-    """The device address of pinned host memory, or (None, why not)."""
-    try:
-        import cupy  # type: ignore[import-not-found]
-    except ImportError:
-        cupy = None
-    if cupy is not None:
-        try:
-            attrs = cupy.cuda.runtime.pointerGetAttributes(host_ptr)
-            if int(attrs.type) == _CUDA_MEMORY_TYPE_HOST and attrs.devicePointer:
-                return int(attrs.devicePointer), "cupy"
-            return None, f"CUDA reports memory type {int(attrs.type)}, not pinned host memory"
-        except (cupy.cuda.runtime.CUDARuntimeError, AttributeError, RuntimeError) as err:
-            reason = f"cupy: {err}"
-    else:
-        reason = "cupy not installed"
-    lib = _loaded_cudart()
-    if lib is None:
-        return None, f"{reason}; no libcudart loaded in this process"
-    attrs = _PointerAttributes()
-    status = lib.cudaPointerGetAttributes(ctypes.byref(attrs), ctypes.c_void_p(host_ptr))
-    if status != 0 or attrs.type != _CUDA_MEMORY_TYPE_HOST or not attrs.devicePointer:
-        return None, f"{reason}; cudaPointerGetAttributes gave status {status}, type {attrs.type}"
-    return int(attrs.devicePointer), "ctypes"
-
-
-def mapped_view(host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, str]:
-    """A CUDA tensor aliasing pinned `host` (same dtype and length), or (None, why not)."""
-    if device.type != "cuda" or not host.is_pinned():
-        return None, "needs pinned host memory and a CUDA device"
-    ptr, how = device_pointer(host.data_ptr())
-    if ptr is None:
-        return None, how
-    try:
-        view = torch.as_tensor(_CudaArray(ptr, host.numel(), host.dtype, host), device=device)
-    except (RuntimeError, TypeError, ValueError) as err:  # PyTorch refused the pointer
-        return None, f"torch.as_tensor refused the mapped pointer: {err}"
-    if view.device.type != "cuda" or view.data_ptr() != ptr:
-        return None, "torch did not alias the mapped pointer"
-    # Probe: a kernel (fill_) and a device-to-device memcpy (copy_ of contiguous tensors, which
-    # torch issues as cudaMemcpyAsync) write through the mapping; the host must see both.
-    probe = host[:8].clone()
-    view[:4].fill_(90)
-    view[4:8].copy_(torch.full((4,), 91, dtype=view.dtype, device=device))
-    torch.cuda.synchronize(device)
-    ok = bool((host[:4] == 90).all()) and bool((host[4:8] == 91).all())
-    host[:8].copy_(probe)
-    return (view, how) if ok else (None, "a write through the mapping did not arrive")
 
 
 def seed_host_pieces(host: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
