@@ -57,6 +57,10 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
     traffic.add_argument("--traffic", nargs="+", choices=("d2h", "h2d", "both"),
                          metavar="DIRECTION", help="also time decode while background copies "
                          "run this way: d2h, h2d or both")
+    traffic.add_argument("--traffic-method", nargs="+", choices=("dma", "mapped"),
+                         metavar="METHOD", help="how those copies run: dma (copy engines), "
+                         "mapped (an SM kernel on pinned host memory mapped into the GPU, as "
+                         "copy's mapped method; GPU only); default both on a GPU, dma on the CPU")
     traffic.add_argument("--offloaded-decode", action="store_true",
                          help="also decode with the KV cache in host memory, every layer's "
                          "streamed in ahead of its attention each step (double-buffered)")
@@ -89,7 +93,8 @@ def _run_offload(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
         block_sizes=tuple(args.block_size or ()),
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-        traffic=tuple(args.traffic or ()), context=args.context, decode_steps=args.decode_steps,
+        traffic=tuple(args.traffic or ()), traffic_methods=tuple(args.traffic_method or ()),
+        context=args.context, decode_steps=args.decode_steps,
         offloaded_decode=args.offloaded_decode)
     result = run_offload(request, capture_env())
     if args.output:

@@ -106,10 +106,11 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     if request.traffic or request.offloaded_decode:
         traffic_len_for(spec, request)
     check_sizes_fit(spec, request, device, dtype, kv_dtype)
+    methods, warnings = traffic_methods_for(request, device)
     model = load_weights(request.source, device, dtype, seed=request.seed)
     generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
                           prefill_chunk=request.prefill_chunk)
-    cases, samples, warnings = [], {}, []
+    cases, samples = [], {}
     for suffix in request.suffix_lens:
         for prefix in request.prefix_lens:
             case, raw, notes = measure_case(generator, request, prefix, suffix)
@@ -118,7 +119,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
             warnings += notes
     traffic = []
     if request.traffic:
-        traffic, samples["traffic"], notes = measure_traffic(generator, request)
+        traffic, samples["traffic"], notes = measure_traffic(generator, request, methods)
         warnings += notes
     if request.offloaded_decode:
         streamed, samples["offloaded_decode"], notes = measure_offloaded_decode(generator,
@@ -138,7 +139,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",
-              "traffic": list(request.traffic),
+              "traffic": list(request.traffic), "traffic_methods": list(methods),
               "offloaded_decode": request.offloaded_decode,
               "context": request.traffic_context if decodes else None,
               "decode_steps": request.decode_steps if decodes else None}
@@ -184,10 +185,32 @@ def paged_break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...],
     return out
 
 
-def measure_traffic(generator: Any, request: OffloadRequest
+def traffic_methods_for(request: OffloadRequest, device: Any) -> tuple[tuple[str, ...],
+                                                                       list[str]]:
+    """The --traffic copies' methods, and a warning for a default one left out (the mapped SM
+    kernel without a GPU or a mapping); an explicit one that cannot run is one error line,
+    before the weights load. Default: dma and mapped on a GPU, dma on the CPU."""
+    from infermeter.errors import InfermeterError
+    from infermeter.offload.traffic import mapped_refusal
+
+    if not request.traffic:
+        return (), []
+    asked = request.traffic_methods
+    why = mapped_refusal(device) if "mapped" in (asked or ("mapped",)) else None
+    if asked and why:
+        raise InfermeterError(f"--traffic-method mapped: {why}; use --traffic-method dma")
+    if asked:
+        return asked, []
+    if why:
+        return ("dma",), [f"decode under copy traffic: the mapped method (SM copy kernel) was "
+                          f"not measured: {why}"]
+    return ("dma", "mapped"), []
+
+
+def measure_traffic(generator: Any, request: OffloadRequest, methods: tuple[str, ...] = ("dma",)
                     ) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[str]]:
-    """Decode TPOT of a batch at `context` tokens alone and under each --traffic direction
-    (compiled decode on a GPU, eager on the CPU, as `generate` runs by default)."""
+    """Decode TPOT of a batch at `context` tokens alone and under each --traffic direction, by
+    each method (compiled decode on a GPU, eager on the CPU, as `generate` runs by default)."""
     import torch
 
     from infermeter.engine.generator import GenerationConfig
@@ -204,12 +227,12 @@ def measure_traffic(generator: Any, request: OffloadRequest
         state = generator.prefill(tokens.to(device), config)
         entries, samples, notes = decode_under_traffic(
             generator, state, config, steps, request.traffic, request.repeats, request.warmup,
-            CopyTraffic(device))
+            CopyTraffic(device, mapped="mapped" in methods), methods)
     for entry in entries:
         entry.update(context=context, batch_size=request.batch_size)
         if not entry["same_tokens"]:
-            notes.append(f"decode under {entry['direction']} copies: tokens differ from the "
-                         "decode alone")
+            notes.append(f"decode under {entry['direction']} copies ({entry['method']}): tokens "
+                         "differ from the decode alone")
     return entries, samples, notes
 
 

@@ -10,6 +10,7 @@ from infermeter.errors import InfermeterError
 
 WAYS = ("serial", "layerwise", "recompute")  # (a) reload then prefill, (b) overlapped, (c)
 TRAFFIC_DIRECTIONS = ("d2h", "h2d", "both")  # traffic.DIRECTIONS, without importing torch
+TRAFFIC_METHODS = ("dma", "mapped")  # traffic.METHODS: copy engines, an SM kernel
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class OffloadRequest:
     seed: int = 0
     # decode under copy traffic (traffic.py): none unless directions are given
     traffic: tuple[str, ...] = ()  # "d2h", "h2d", "both"
+    traffic_methods: tuple[str, ...] = ()  # "dma", "mapped"; () both on a GPU, dma on the CPU
     context: int | None = None  # tokens in the cache when the decode starts (None: longest prefix)
     decode_steps: int = 32  # decode steps a timed window
     offloaded_decode: bool = False  # also decode with the KV cache streamed from host memory
@@ -59,6 +61,15 @@ class OffloadRequest:
             raise InfermeterError(f"--traffic: unknown direction {unknown[0]!r} (use "
                                   f"{', '.join(TRAFFIC_DIRECTIONS)})")
         object.__setattr__(self, "traffic", tuple(dict.fromkeys(self.traffic)))
+        unknown = [m for m in self.traffic_methods if m not in TRAFFIC_METHODS]
+        if unknown:
+            raise InfermeterError(f"--traffic-method: unknown method {unknown[0]!r} (use "
+                                  f"{', '.join(TRAFFIC_METHODS)})")
+        if self.traffic_methods and not self.traffic:
+            raise InfermeterError("--traffic-method: give --traffic DIRECTION too (the methods "
+                                  "are those of the decode-under-traffic copies)")
+        object.__setattr__(self, "traffic_methods", tuple(
+            m for m in TRAFFIC_METHODS if m in self.traffic_methods))
         if any(not isinstance(n, int) or n < 1 for n in self.block_sizes):
             raise InfermeterError(f"--block-size: sizes must be positive integers, got "
                                   f"{list(self.block_sizes)}")

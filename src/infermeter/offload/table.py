@@ -70,7 +70,7 @@ def render_traffic(entries: list[dict[str, Any]], config: dict[str, Any]) -> str
              "yes" if e["same_tokens"] else "NO"] for e in entries]
     head = (f"decode under copy traffic: batch {config['batch_size']} at {config['context']} "
             f"tokens, TPOT medians over windows of {config['decode_steps']} steps (ms), copies "
-            "in GB/s")
+            "in GB/s (dma: copy engines; mapped: an SM copy kernel on mapped pinned memory)")
     return "\n".join([head, render_table(["copies", "method", "TPOT alone", "TPOT", "slowdown",
                                            "copies alone", "copies meanwhile", "same tokens"],
                                           rows)])

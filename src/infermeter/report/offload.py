@@ -48,10 +48,11 @@ PAGED_CAPTION = (
     "(c) is the case's recompute. Medians; same tokens: recompute's greedy tokens.")
 TRAFFIC_CAPTION = (
     "Decode of a running batch alone and while background copies move bytes at full speed "
-    "(d2h: offloading, h2d: reloading, both), by the method named (dma: copy engines; cpu "
-    "thread: the CPU pipeline, no GPU figure). TPOT medians per window; copy GB/s (1e9 "
-    "bytes/s) alone and meanwhile. Same tokens: the decode under copies kept the tokens of the "
-    "decode alone.")
+    "(d2h: offloading, h2d: reloading, both), by the method named (dma: copy engines; mapped: "
+    "an SM copy kernel reading or writing pinned host memory mapped into the GPU, competing "
+    "with the decode for SMs too; cpu thread: the CPU pipeline, no GPU figure). TPOT medians "
+    "per window; copy GB/s (1e9 bytes/s) alone and meanwhile. Same tokens: the decode under "
+    "copies kept the tokens of the decode alone.")
 DECODE_CAPTION = (
     "Offloaded decode: the KV cache in host memory, every layer's K/V streamed in ahead of its "
     "attention each step (double-buffered), against the same eager decode with the cache on "
