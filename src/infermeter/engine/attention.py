@@ -6,12 +6,16 @@ the step (outside it, flex_attention is a slow reference and the Triton kernel m
 device to run on), falling back to "math".
 Prefill (more than one token) uses scaled_dot_product_attention, except in a model that
 soft-caps its attention logits (Gemma 2), which SDPA cannot do: there prefill, and a decode step
-asked for "sdpa", run decode_attention's matrix products (it takes any query length).
+asked for "sdpa", run decode_attention's matrix products (it takes any query length). A prefill
+forward from position 0 attends to its own K/V, causal with no mask (causal_prefill_attention:
+the flash kernel on CUDA); one from a known later start over the cache's first start + T slots
+with a mask (Attention.forward says when each applies).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -46,6 +50,17 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+
+
+def causal_prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """A forward that sees no earlier position (its prompt starts at 0) attending to its own
+    tokens: q [B, H, T, D], keys/values [B, H_kv, T, D] -> [B, H, T, D]. is_causal and no mask,
+    so SDPA takes its flash kernel on CUDA (fp16/bf16; flash takes no mask), which reads K/V in
+    tiles and never holds a [T, T] score matrix; enable_gqa lets query head h read KV head
+    h // (H / H_kv), as the folded path does, without copying K/V (flash accepts it, the
+    memory-efficient kernel does not)."""
+    return F.scaled_dot_product_attention(q, keys, values, is_causal=True,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
 
 
 def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
-from infermeter.engine.model import Transformer
+from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
@@ -368,8 +368,11 @@ class Generator:
                                                              start + prompt_len, **int64)))
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph iteration
-            logits = forward(self.model, piece, positions,
-                             torch.full((1,), real - 1, **int64))  # [B, V]
+            # Two graphs a length at most: from 0 (causal on its own K/V), and later chunks
+            # over the whole cache with a mask (a graph per start would compile per chunk).
+            with prefill_from(self.model, 0 if start + offset == 0 else None):
+                logits = forward(self.model, piece, positions,
+                                 torch.full((1,), real - 1, **int64))  # [B, V]
             offset += real
         return logits
 
@@ -413,8 +416,12 @@ class Generator:
             end = min(offset + chunk, prompt_len)
             positions = torch.arange(start + offset, start + end, dtype=torch.int64,
                                      device=self.device)  # [C]
-            logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
-                                block_fn=block_fn)
+            # Eager forwards attend to the slots before their end; the layer graph, like the
+            # bucketed one, knows only a start of 0 (else a graph per chunk).
+            known = start + offset if block_fn is None or start + offset == 0 else None
+            with prefill_from(self.model, known):
+                logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
+                                    block_fn=block_fn)
         return logits[:, -1]
 
     @torch.no_grad()

@@ -94,6 +94,25 @@ class LayerKVCache(nn.Module):
             cache.copy_(torch.where(new[None, None, :, None], picked, cache))
         self.key_pos.copy_(torch.where(new, held, self.key_pos))
 
+    def write_own(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a forward's k, v [B, H_kv, T, D] and return them as the cache holds them (in its
+        dtype, back in k's): what a forward that sees no earlier position attends over."""
+        self._write(k, v, input_pos)
+        return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
+
+    def update_from(self, k: Tensor, v: Tensor, input_pos: Tensor,
+                    start: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """update() for a forward whose first position is `start` (a Python int): the same write,
+        with keys/values [B, H_kv, start + T, D] and mask [T, start + T] cut to the slots before
+        its end (a full layer's slot j holds position j: every later slot is masked for every
+        query). None for a ring layer, or a forward that runs past the cache's last slot."""
+        end = start + k.shape[2]
+        if self.is_ring or end > self.size:
+            return None
+        self._write(k, v, input_pos)
+        mask = self._visible(self.key_pos[:end], input_pos)
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype), mask
+
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write this step's k, v [B, H_kv, T, D]; return (keys, values, mask) to attend over.
 

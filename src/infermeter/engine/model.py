@@ -23,7 +23,10 @@ Decisions:
   (no repeat_interleave of the cache every decode step, no dependence on `enable_gqa`, works on
   torch 2.11 and 2.13 and with every SDPA backend that takes a mask). The price is a bool mask
   of [G*T, S] per layer: negligible for decode, G*T*S bytes for a T-token prefill (prefill
-  very long prompts in chunks to bound it; chunked prefill is exact, see kv_cache.py).
+  very long prompts in chunks to bound it; chunked prefill is exact, see kv_cache.py). A
+  prefill forward whose start its caller gives (prefill_from) needs less: from position 0 no
+  mask at all (its own K/V, causal, enable_gqa: the flash kernel on CUDA), from a later start
+  the mask and cache cut to its first start + T slots.
 - The KV cache dtype defaults to the parameter dtype; fp32/fp16/bf16 are supported. When it
   differs from the activations, K/V are converted on read (costs a cast per step). fp8/int8 KV
   raise InfermeterError (not supported by the engine yet).
@@ -61,7 +64,8 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +73,7 @@ from torch import Tensor, nn
 
 from infermeter.engine.attention import (
     DECODE_ATTENTION,
+    causal_prefill_attention,
     decode_attention,
     flex_decode_attention,
     resolve_attention,
@@ -152,6 +157,9 @@ class Attention(nn.Module):
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
         self.decode_attention = DECODE_ATTENTION
+        # The first position of a multi-token forward when its caller knows it (prefill_from):
+        # None attends over the whole cache with a mask, whatever the positions are.
+        self.prefill_start: int | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
@@ -180,7 +188,21 @@ class Attention(nn.Module):
         if self.q_scale is not None:
             q = q * self.q_scale
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
-        keys, values, mask = self.kv_cache.update(k, v, input_pos)  # [B, H_kv, S, D], [T, S]
+        # A decode step never reads prefill_start (no guard on it in the compiled step).
+        start = self.prefill_start if seqlen > 1 else None
+        cache = self.kv_cache
+        if start == 0 and self.softcap is None and (cache.window is None
+                                                    or seqlen <= cache.window):
+            # From position 0 (pads, if any, all after the prompt): its own K/V, causal, no
+            # mask, so the flash kernel on CUDA; within a window no query reaches its edge.
+            out = causal_prefill_attention(q, *cache.write_own(k, v, input_pos))  # [B,H,T,D]
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        # From a known start: the cache's first start + T slots and a [T, start + T] mask, the
+        # causal diagonal at the lower right (SDPA's is_causal aligns it upper left); the fold
+        # below keeps heads equal, so a mask reaches CUDA's memory-efficient kernel (flash
+        # takes none). Else (ring layers, start unknown) the whole cache: [B, H_kv, S, D], [T, S].
+        span = cache.update_from(k, v, input_pos, start) if start is not None else None
+        keys, values, mask = span or cache.update(k, v, input_pos)
         # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
@@ -464,6 +486,20 @@ class Transformer(nn.Module):
             h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
                                                 add_norm)
         return self._logits(normed)
+
+
+@contextmanager
+def prefill_from(model: Transformer, start: int | None) -> Iterator[None]:
+    """Within it, each layer's multi-token forward starts at position `start` (a Python int:
+    every distinct value is its own compiled graph) and attends only to what it can see; None,
+    as outside it: over the whole cache with a mask (one graph whatever the start)."""
+    for layer in model.layers:
+        layer.attention.prefill_start = start
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            layer.attention.prefill_start = None
 
 
 def set_step_kernels(model: Transformer, kind: str) -> None:
