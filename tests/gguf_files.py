@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from infermeter.engine.checkpoint.gguf import meta_to_gguf_name
-from infermeter.engine.checkpoint.hf import permute
+from infermeter.engine.checkpoint.hf import permute, rope_heads
 from infermeter.engine.fusion import meta_state_dict
+from infermeter.specs.gguf_meta import GGUF_ARCH
+from infermeter.specs.model import GEMMA_ARCHS
 
 gguf = pytest.importorskip("gguf")
 
@@ -36,10 +38,14 @@ def as_stored(weight: torch.Tensor, quant: str) -> torch.Tensor:
 @torch.no_grad()
 def round_to(model: torch.nn.Module, quant: str) -> None:
     """Replace the model's weights by what `quant` stores, so a safetensors copy of the model
-    and its GGUF hold the same numbers."""
+    and its GGUF hold the same numbers. Gemma's norms (stored as 1 + w) go to multiples of
+    2 ** -12, which 1 + w and back keep exactly in float32."""
+    gemma = model.spec.arch in GEMMA_ARCHS
     for name, tensor in model.state_dict().items():
-        if tensor.dim() == 2 and not (name == "output.weight" and model.spec.tie_embeddings):
+        if tensor.dim() >= 2 and not (name == "output.weight" and model.spec.tie_embeddings):
             tensor.copy_(as_stored(tensor, quant))
+        elif gemma and name.endswith("norm.weight"):
+            tensor.copy_(torch.round(tensor * 4096) / 4096)
 
 
 def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
@@ -50,7 +56,7 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
     (bytes [rows, bytes per row], ggml type id) written instead of the weight; extra: more F32
     tensors (rope_freqs.weight)."""
     spec = model.spec
-    arch = arch or spec.arch
+    arch = arch or GGUF_ARCH[spec.arch]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(spec.name)
     writer.add_context_length(spec.max_seq_len)
@@ -66,10 +72,23 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_file_type(FILE_TYPES[quant])
+    if spec.sliding_window_layers:  # as llama.cpp's converter writes Gemma's
+        writer.add_sliding_window(spec.sliding_window)
+    for add, value in ((writer.add_attn_logit_softcapping, spec.attn_logit_softcap),
+                       (writer.add_final_logit_softcapping, spec.final_logit_softcap)):
+        if value is not None:
+            add(value)
+    if spec.rope_local_theta not in (None, 10000.0):  # llama.cpp's fixed Gemma 3 local base
+        writer.add_rope_freq_base_swa(spec.rope_local_theta)
+    if spec.is_moe:
+        writer.add_expert_count(spec.n_experts)
+        writer.add_expert_used_count(spec.n_active_experts)
+        if spec.arch == "qwen3_moe":  # Mixtral's experts are feed_forward_length wide
+            writer.add_expert_feed_forward_length(spec.moe_ffn_dim)
     for name, tensor in meta_state_dict(model).items():
         if name == "output.weight" and spec.tie_embeddings:
             continue
-        gguf_name = meta_to_gguf_name(name)
+        gguf_name = meta_to_gguf_name(name, tensor.dim() == 3)
         if gguf_name in drop:
             continue
         if raw and gguf_name in raw:
@@ -77,10 +96,11 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
             writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType(type_id))
             continue
         tensor = tensor.detach().float().contiguous()
-        heads = (spec.n_heads if ".attention.wq." in name
-                 else spec.n_kv_heads if ".attention.wk." in name else None)
-        if heads is not None and spec.arch == "qwen2":  # llama.cpp keeps Qwen2's HF row order
-            tensor = permute(tensor, heads)
+        heads = rope_heads(name, spec)
+        if heads is not None and spec.arch not in ("llama", "mistral", "mixtral"):
+            tensor = permute(tensor, heads)  # llama.cpp's neox RoPE keeps HF's row order
+        if spec.arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+            tensor = tensor + 1  # llama.cpp's converter stores Gemma's norms as 1 + w
         array = tensor.numpy()
         if array.ndim == 1 or quant == "F32":
             writer.add_tensor(gguf_name, array.astype(np.float32))

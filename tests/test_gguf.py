@@ -205,8 +205,8 @@ def test_missing_tensor(tmp_path) -> None:
 
 
 def test_unsupported_architecture(tmp_path, capsys) -> None:
-    path = write_gguf(_source("llama", "F32"), tmp_path / "m.gguf", arch="gemma2")
-    message = "GGUF architecture 'gemma2' is not supported"
+    path = write_gguf(_source("llama", "F32"), tmp_path / "m.gguf", arch="phi3")
+    message = "GGUF architecture 'phi3' is not supported"
     with pytest.raises(InfermeterError, match=message):
         load_weights(path)
     assert message in _cli_error(["kv", "--model", str(path)], capsys)

@@ -6,8 +6,14 @@ It is read with the `gguf` package (llama.cpp's own reader, GGUFReader), which m
 reading the shape touches the header only. `gguf` is imported on first use, so the rest of the CLI
 runs without it.
 
-Architectures: llama.cpp writes Llama and Mistral models as "llama" and Qwen2 as "qwen2"; the
-engine runs both. Anything else is one error line naming the architecture.
+Architectures (general.architecture -> the engine's): "llama" (Llama, Mistral; Mixtral when
+expert_count > 0), "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3" (the text model). Anything
+else is one error line naming the architecture. What llama.cpp does not write it fixes in code,
+and so does this reader: Gemma 2 slides on layers 0, 2, 4, ... (4096 tokens unless said),
+Gemma 3 on five layers of six with a local RoPE base of 10,000 (attention.sliding_window_pattern
+and rope.freq_base_swa win where a file has them), Gemma's query scale is head_dim ** -0.5 but
+(dim / heads) ** -0.5 for the 27B models (46 and 62 layers), and MoE routing renormalises the
+top k (expert_weights_norm, where written, says otherwise).
 """
 
 from __future__ import annotations
@@ -23,8 +29,19 @@ from infermeter.specs.model import ModelSpec, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
 SUFFIX = ".gguf"
-# general.architecture -> ModelSpec.arch
-ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+# general.architecture -> ModelSpec.arch ("llama" with experts is Mixtral: see _arch)
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+         "gemma2": "gemma2", "gemma3": "gemma3_text"}
+# ModelSpec.arch -> the file's general.architecture (the writer's side of ARCHS)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
+             "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2",
+             "gemma3_text": "gemma3"}
+# llama.cpp's fixed Gemma facts: every n-th layer global (set_swa_pattern), Gemma 2's window
+# when the file does not say it, Gemma 3's local RoPE base, the 27B models' layer counts.
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA2_WINDOW = 4096
+_GEMMA3_LOCAL_THETA = 10000.0
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Tensors a GGUF may carry that are not weights of the model: llama.cpp's precomputed Llama 3.1
 # RoPE divisors (read into the spec's rope_scaling below).
 ROPE_FREQS = "rope_freqs.weight"
@@ -212,19 +229,86 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
         raise InfermeterError(f"{path}: RoPE on {rotary} of {head_dim} head features; the "
                               "engine rotates whole heads")
     theta = _float(field(reader, f"{arch}.rope.freq_base", 10000.0))
-    return ModelSpec(
-        name=path.stem, arch=ARCHS[arch],
-        n_layers=_int(reader, f"{arch}.block_count", path), dim=dim, n_heads=n_heads,
+    n_layers = _int(reader, f"{arch}.block_count", path)
+    gemma = arch in _GEMMA_PATTERN
+    fields = dict(
+        name=path.stem, arch=_arch(reader, arch, path),
+        n_layers=n_layers, dim=dim, n_heads=n_heads,
         n_kv_heads=_int(reader, f"{arch}.attention.head_count_kv", path, default=n_heads),
         head_dim=head_dim, ffn_dim=_int(reader, f"{arch}.feed_forward_length", path),
         vocab_size=embedding[0],
-        norm_eps=_float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=_float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon",
+                              1e-6 if gemma else 1e-5)),
         rope_theta=theta, rope_scaling=_rope_scaling(reader, arch, path, theta, head_dim),
         max_seq_len=_int(reader, f"{arch}.context_length", path, default=4096),
         tie_embeddings="output.weight" not in shapes,
         qkv_bias="blk.0.attn_q.bias" in shapes,
+        qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),  # per-head q/k norms, as HF's types
         torch_dtype="bfloat16", source=str(path),
-    )
+        **(_gemma(reader, arch, path, n_layers, dim, n_heads, head_dim) if gemma else {}),
+        **_experts(reader, arch, path, shapes))
+    try:
+        return ModelSpec(**fields)
+    except InfermeterError as err:
+        raise InfermeterError(f"{path}: {err}") from None
+
+
+def _arch(reader: Any, arch: str, path: Path) -> str:
+    if arch == "llama" and _int(reader, "llama.expert_count", path, default=0):
+        return "mixtral"
+    return ARCHS[arch]
+
+
+def _gemma(reader: Any, arch: str, path: Path, n_layers: int, dim: int, n_heads: int,
+           head_dim: int) -> dict[str, Any]:
+    """Gemma 2 / 3: window layers, soft caps, the query scale, the local RoPE base."""
+    if arch == "gemma2":
+        window = _int(reader, f"{arch}.attention.sliding_window", path, default=_GEMMA2_WINDOW)
+    else:
+        window = _int(reader, f"{arch}.attention.sliding_window", path)
+    pattern = field(reader, f"{arch}.attention.sliding_window_pattern", _GEMMA_PATTERN[arch])
+    if isinstance(pattern, list):  # one flag a layer: true where it slides
+        if len(pattern) != n_layers:
+            raise InfermeterError(f"{path}: {arch}.attention.sliding_window_pattern has "
+                                  f"{len(pattern)} entries for {n_layers} layers")
+        layers = tuple(i for i, slides in enumerate(pattern) if slides)
+    else:  # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
+        n = int(pattern)
+        layers = tuple(i for i in range(n_layers) if n and i % n < n - 1)
+
+    def cap(key: str) -> float | None:
+        value = field(reader, f"{arch}.{key}")
+        return _float(value) if value else None
+
+    scalar = dim // n_heads if n_layers == _GEMMA_27B_LAYERS[arch] else head_dim
+    local = field(reader, f"{arch}.rope.freq_base_swa")
+    return {"sliding_window": window if layers else None, "sliding_window_layers": layers,
+            "norms_per_layer": 4, "query_pre_attn_scalar": float(scalar),
+            "attn_logit_softcap": cap("attn_logit_softcapping"),
+            "final_logit_softcap": cap("final_logit_softcapping"),
+            "rope_local_theta": None if arch == "gemma2" else
+            _float(local) if local is not None else _GEMMA3_LOCAL_THETA}
+
+
+def _experts(reader: Any, arch: str, path: Path,
+             shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Mixtral ("llama" with experts) and Qwen3-MoE: experts in every layer (as llama.cpp
+    builds them), stacked [E, ...] per projection."""
+    n_experts = _int(reader, f"{arch}.expert_count", path, default=0)
+    if not n_experts:
+        return {}
+    if arch not in ("llama", "qwen3moe"):
+        raise InfermeterError(f"{path}: experts in a GGUF {arch!r} model; the engine runs "
+                              "experts of llama (Mixtral) and qwen3moe files")
+    gate = next((s for name, s in shapes.items() if name.endswith(".ffn_gate_exps.weight")),
+                None)
+    default = gate[1] if gate is not None else _int(reader, f"{arch}.feed_forward_length", path)
+    norm = field(reader, f"{arch}.expert_weights_norm", True)
+    return {"n_experts": n_experts,
+            "n_active_experts": _int(reader, f"{arch}.expert_used_count", path),
+            "moe_ffn_dim": _int(reader, f"{arch}.expert_feed_forward_length", path,
+                                default=default),
+            "norm_topk_prob": bool(norm)}
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,16 @@
 Names: llama.cpp's `blk.N.attn_q.weight` is Meta's `layers.N.attention.wq.weight`, and so on
 (`gguf_to_meta_name`); no `output.weight` means the output is tied to the embedding.
 
-Rows of wq / wk: llama.cpp's converter permutes a Llama's q_proj / k_proj from HF's rotate_half
-order back to Meta's interleaved pairs (its RoPE "norm" type), which is the engine's layout: they
-load as they are. Qwen2 runs llama.cpp's "neox" RoPE, which is rotate_half: its q/k rows (and
-biases) are in HF's order and get hf.unpermute, as an HF checkpoint does.
+Rows of wq / wk: llama.cpp's converter permutes a Llama's (and Mixtral's) q_proj / k_proj from
+HF's rotate_half order back to Meta's interleaved pairs (its RoPE "norm" type), which is the
+engine's layout: they load as they are. Qwen2, Qwen3, Qwen3-MoE and Gemma run llama.cpp's "neox"
+RoPE, which is rotate_half: their q/k rows (and biases, and the q/k norms' features) are in HF's
+order and get hf.unpermute, as an HF checkpoint does.
+
+Gemma's norms: llama.cpp's converter stores 1 + w (its RMSNorm multiplies by the weight as it
+is), the engine's Gemma norms hold w and apply 1 + w (as HF): 1 is taken off on load.
+Experts: ffn_gate_exps / ffn_up_exps [E, ffn, dim] and ffn_down_exps [E, dim, ffn] are already
+the engine's stacked tensors; ffn_gate_inp [E, dim] is the router.
 
 Memory: one tensor at a time, dequantized on the host in float32 ([rows, cols], the file's
 quantized blocks never leave the memory map), then converted by load.assign_tensors to the run
@@ -24,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from infermeter.engine.checkpoint.hf import unpermute
+from infermeter.engine.checkpoint.hf import rope_heads, unpermute
 from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.gguf_meta import ROPE_FREQS, import_gguf, open_gguf, tensor_shapes
-from infermeter.specs.model import ModelSpec
+from infermeter.specs.model import GEMMA_ARCHS, ModelSpec
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan
@@ -39,40 +45,50 @@ NAMES = NameMap(
     layer={"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
            "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
            "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-           "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"},
+           "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+           "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
+           # Gemma: the norms of attention's and the FFN's outputs (ffn_norm is its pre-FFN norm)
+           "post_attention_norm": "attention_post_norm", "post_ffw_norm": "ffn_post_norm"},
+    prefix="blk.")
+# An MoE layer's FFN: the router and the stacked experts ([E, out, in], the engine's layout).
+EXPERT_NAMES = NameMap(
+    top={}, layer={"ffn_gate_inp": "feed_forward.gate", "ffn_gate_exps": "feed_forward.w1",
+                   "ffn_down_exps": "feed_forward.w2", "ffn_up_exps": "feed_forward.w3"},
     prefix="blk.")
 # Architectures whose q/k rows llama.cpp keeps in HF's rotate_half order (its neox RoPE).
-_HF_ROW_ORDER = ("qwen2",)
+_HF_ROW_ORDER = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text")
 
 
 def gguf_to_meta_name(name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'; None for other names."""
-    return NAMES.to_meta(name)
+    return EXPERT_NAMES.to_meta(name) or NAMES.to_meta(name)
 
 
-def meta_to_gguf_name(name: str) -> str:
-    return NAMES.from_meta(name)
+def meta_to_gguf_name(name: str, stacked: bool = False) -> str:
+    """The file's name of a Meta tensor; stacked: an MoE layer's [E, ...] experts or router."""
+    if name.endswith(".feed_forward.gate.weight"):
+        stacked = True
+    return (EXPERT_NAMES if stacked else NAMES).from_meta(name)
 
 
 def _match_names(path: Path, reader: Any, spec: ModelSpec,
                  expected: dict[str, torch.Size]) -> dict[str, Any]:
     """Meta name -> the reader's tensor for every expected tensor; missing or unknown: errors."""
+    wanted = {meta_to_gguf_name(name, len(shape) == 3): name for name, shape in expected.items()}
     by_meta: dict[str, Any] = {}
     for tensor in reader.tensors:
-        meta = gguf_to_meta_name(tensor.name)
-        if meta is None and tensor.name != ROPE_FREQS:  # rope_freqs: read into the spec
-            raise InfermeterError(f"{path}: unexpected tensor {tensor.name} "
-                                  f"(not part of a {spec.arch} model)")
-        if meta is not None:
-            by_meta[meta] = tensor
-    missing = sorted(set(expected) - set(by_meta))
+        if tensor.name == ROPE_FREQS:  # read into the spec
+            continue
+        if tensor.name not in wanted:
+            known = gguf_to_meta_name(tensor.name) is not None
+            raise InfermeterError(f"{path}: unexpected tensor {tensor.name} " + (
+                "(the metadata describes a different model?)" if known
+                else f"(not part of a {spec.arch} model)"))
+        by_meta[wanted[tensor.name]] = tensor
+    missing = [gguf for gguf, meta in wanted.items() if meta not in by_meta]
     if missing:
-        raise InfermeterError(f"{path}: missing tensor {meta_to_gguf_name(missing[0])}"
+        raise InfermeterError(f"{path}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = sorted(set(by_meta) - set(expected))
-    if extra:
-        raise InfermeterError(f"{path}: unexpected tensor {by_meta[extra[0]].name} "
-                              "(the metadata describes a different model?)")
     return by_meta
 
 
@@ -126,10 +142,11 @@ def read_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Siz
                                   f"{list(shapes[tensor.name])}, the metadata implies "
                                   f"{list(shape)}")
         out = torch.from_numpy(dequantize(tensor))
-        heads = (spec.n_heads if ".attention.wq." in name
-                 else spec.n_kv_heads if ".attention.wk." in name else None)
+        heads = rope_heads(name, spec)
         if heads is not None and spec.arch in _HF_ROW_ORDER:
             out = unpermute(out, heads)
+        if spec.arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+            out -= 1.0  # stored as 1 + w
         if shard is not None and shard.slice_of(name) is not None:
             out = shard.narrow(name, out).clone()
         yield name, out
