@@ -6,6 +6,7 @@ Reads Results only, never a live model (docs/design.md). The parts:
   report_select  columns (device x model x tp) and their representative Results and cases
   report_derive  reload-vs-recompute break-even, plausibility checks
   report_tables  the tables and notes as plain strings
+  report_step_gaps  the decode step's kernels and gaps (--trace on a GPU)
   report_offload the offload Results' tables; report_offload_plot  their TTFT-vs-prefix plots
   report_render  terminal / markdown / CSV;  report_html  the HTML page;  report_plots  PNGs
 """
@@ -28,6 +29,7 @@ from infermeter.report.select import (
     group_columns,
     has_timing,
 )
+from infermeter.report.step_gaps import step_gaps_notes, step_gaps_table
 from infermeter.report.tables import (
     EXTENDED_CAPTION,
     EXTENDED_ROWS,
@@ -114,6 +116,7 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
               f"(`infermeter {r.kind}` prints its own)" for r in records
               if r.kind not in (*COLUMN_KINDS, "kv", "offload")]
     notes += offload_notes(records)
+    notes += step_gaps_notes(columns)
     named = {(c.key.model, c.key.tp) for c in columns}
     notes += [f"{r.source}: kv Result of {r.model.get('name')} (analytic), no measured column "
               "of that model and tp to size" for r in kvs
@@ -125,6 +128,8 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
                      _rows(EXTENDED_ROWS, [extended_cells(c, ref)
                                            for c, ref in zip(columns, refs)]))
     tables = [reference, extended]
+    if (gaps := step_gaps_table(columns)) is not None:
+        tables.append(gaps)
     if (derived := breakeven_table(columns)) is not None:
         tables.append(derived)
     else:

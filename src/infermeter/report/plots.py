@@ -24,7 +24,7 @@ from typing import Any
 
 from infermeter.report.format import count
 from infermeter.report.load import Record
-from infermeter.report.select import Column, batch_size, context, num, pick_copy, tpot
+from infermeter.report.select import Column, batch_size, context, num, pick_copy, pick_traced, tpot
 from infermeter.report.tables import reference_numbers
 
 
@@ -235,22 +235,12 @@ def plot_headline(columns: list[Column]) -> Plot:
     return Plot("headline.png", title, png_bytes(fig))
 
 
-def _traced(column: Column) -> Record | None:
-    """The column's generate Result with a decode-step breakdown (--trace): batch 1 and the
-    compiled mode first, then by source (the same files always give the same plot)."""
-    found = [r for r in column.generates
-             if isinstance(r.metrics.get("breakdown"), dict)
-             and r.metrics["breakdown"].get("categories")]
-    return min(found, key=lambda r: (batch_size(r) != 1, r.config.get("mode") != "compiled",
-                                     r.source), default=None)
-
-
 def plot_breakdown(columns: list[Column]) -> Plot | None:
     """One horizontal bar per column with a traced step: its categories' ms, stacked in the
     breakdown's own order (measure/breakdown.py CATEGORIES), idle gaps last."""
     from infermeter.measure.breakdown import CATEGORIES
 
-    bars = [(c, r) for c in columns if (r := _traced(c)) is not None]
+    bars = [(c, r) for c in columns if (r := pick_traced(c)) is not None]
     if not bars:
         return None
     fig = new_figure(11, 1.2 + 0.7 * len(bars))

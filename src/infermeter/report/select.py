@@ -251,6 +251,17 @@ def pick_generate(column: Column) -> Record | None:
     return min(timed, key=rank) if timed else None
 
 
+def pick_traced(column: Column, part: str = "categories") -> Record | None:
+    """The column's generate Result whose decode-step breakdown (--trace) holds `part`
+    (categories; step_gaps: GPU traces only): batch 1 and the compiled mode first, then by
+    source (the same files always give the same pick)."""
+    found = [r for r in column.generates
+             if isinstance(r.metrics.get("breakdown"), dict)
+             and r.metrics["breakdown"].get(part)]
+    return min(found, key=lambda r: (batch_size(r) != 1, r.config.get("mode") != "compiled",
+                                     r.source), default=None)
+
+
 def pick_kv(column: Column) -> Record | None:
     def rank(record: Record) -> tuple:
         return (batch_size(record) != 1, _context_distance(record.config.get("seq_len")),
