@@ -109,7 +109,7 @@ def _decode(generator, traffic, methods):
     generator.prepare(1, 12, 4)
     tokens = torch.randint(PRESETS["debug"].vocab_size, (1, 12),
                            generator=torch.Generator().manual_seed(2))
-    state = generator.prefill(tokens, config)
+    state = generator.prefill(tokens.to(generator.device), config)
     return tr.decode_under_traffic(generator, state, config, steps=3, directions=("d2h", "both"),
                                    repeats=1, warmup=0, traffic=traffic, methods=methods)
 

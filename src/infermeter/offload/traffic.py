@@ -34,6 +34,8 @@ MAPPED_ROW_BYTES = 64 << 10  # one row of the mapped method's gather ([rows, 819
 CHUNK_BYTES = {"cuda": 64 << 20, "cpu": 8 << 20}  # one copy of background traffic
 ALONE_CHUNKS = 8  # copies timed alone, to size the queue that outlasts a decode window
 QUEUE_MARGIN = 1.5  # queued copy time / the decode window alone
+NEEDS_CUDA = "the mapped method (an SM copy kernel over mapped pinned host memory) needs a " \
+    "CUDA device"
 
 
 def _ways(direction: str) -> tuple[str, ...]:
@@ -41,10 +43,6 @@ def _ways(direction: str) -> tuple[str, ...]:
         raise InfermeterError(f"unknown copy direction {direction!r} (use "
                               f"{', '.join(DIRECTIONS)})")
     return ("d2h", "h2d") if direction == "both" else (direction,)
-
-
-NEEDS_CUDA = "the mapped method (an SM copy kernel over mapped pinned host memory) needs a " \
-    "CUDA device"
 
 
 def mapped_refusal(device: torch.device) -> str | None:
