@@ -25,6 +25,7 @@ from infermeter.engine.devices import torch_device
 from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
+from infermeter.specs.loaders import text_model_note
 from infermeter.specs.peer_buffers import uses_peer_buffer
 
 if TYPE_CHECKING:
@@ -247,6 +248,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
             request = _resolved(request, parallel, "nccl", tokenizer)
     if request.until_eos and tokenizer is None:
         notes.append("--until-eos without a tokenizer: no stop ids known, ran fixed length")
+    if (text_only := text_model_note(spec)) is not None:  # Gemma 3 from 4B: no vision tower
+        notes.append(text_only)
     results: list[Result] = []
 
     def finish(result: Result) -> None:

@@ -13,6 +13,7 @@ from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result
 from infermeter.specs import sizes
 from infermeter.specs.gguf_meta import facts_for
+from infermeter.specs.loaders import text_model_note
 from infermeter.specs.model import ModelSpec
 from infermeter.textable import render_table
 from infermeter.units import canonical_dtype, dtype_bytes, format_bytes, format_count, parse_size
@@ -100,6 +101,8 @@ def _warnings(req: KvRequest, seq_len: int, metrics: dict[str, Any]) -> list[str
                      "weight bytes unknown; the KV cache does not depend on the vocabulary")
         if req.gpu_memory is not None:
             notes.append("no KV budget: it is the GPU memory less the weights, which are unknown")
+    if (text_only := text_model_note(req.spec)) is not None:
+        notes.append(text_only)
     if seq_len > req.spec.max_seq_len:
         notes.append(f"seq_len {seq_len} exceeds {req.spec.name}'s "
                      f"{req.spec.max_seq_len} positions")

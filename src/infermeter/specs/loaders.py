@@ -375,6 +375,45 @@ def _llama4_text(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     return {**text, **top, "model_type": "llama4_text"}
 
 
+# Gemma3TextConfig's defaults for the fields a published Gemma3ForConditionalGeneration
+# config.json leaves out of its text_config (google/gemma-3-4b-it's says only the width, the FFN,
+# the layers, the RoPE scaling and the window).
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0}
+
+
+def _gemma3_text(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Gemma 3 from 4B up (model_type gemma3, Gemma3ForConditionalGeneration) nests the language
+    model in text_config, with Gemma3TextConfig's defaults for what it leaves out; that is what
+    is sized and run (the vision tower and projector beside it are not)."""
+    text = _object(cfg, "text_config", path)
+    if not text:
+        raise InfermeterError(f"{path}: model_type 'gemma3' without a 'text_config' object")
+    top = {key: cfg[key] for key in ("tie_word_embeddings", "torch_dtype", "dtype")
+           if cfg.get(key) is not None and text.get(key) is None}
+    defaults = {key: value for key, value in _GEMMA3_TEXT_DEFAULTS.items() if key not in text}
+    return {**defaults, **text, **top, "model_type": "gemma3_text"}
+
+
+def text_model_note(spec: ModelSpec) -> str | None:
+    """For a spec read from a multimodal config.json (one with a vision_config: Gemma 3 from 4B,
+    Llama 4), the line that says only its text model is sized and run; else None."""
+    path = Path(spec.source)
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        vision = json.loads(path.read_text()).get("vision_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(vision, dict):
+        return None
+    return ("text model only: the vision tower and its projector (config.json's vision_config) "
+            "are neither counted in the weights nor loaded")
+
+
 def _gpt_oss_llama4(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, Any]:
     """What only gpt-oss and Llama 4 set: an o_proj bias (attention_bias covers it), gpt-oss's
     sinks and mxfp4 experts, Llama 4's chunked attention."""
@@ -390,6 +429,8 @@ def spec_from_hf_config(path: Path) -> ModelSpec:
     cfg = read_json(path)
     if cfg.get("model_type") == "llama4":
         cfg = _llama4_text(cfg, path)
+    elif cfg.get("model_type") == "gemma3":
+        cfg = _gemma3_text(cfg, path)
     model_type = cfg.get("model_type")
     if model_type not in SIZING_ARCHS:
         raise InfermeterError(f"{path}: unsupported model_type {model_type!r} "

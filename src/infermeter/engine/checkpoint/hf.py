@@ -103,6 +103,26 @@ def expert_hf_name(meta_name: str, expert: int, spec: ModelSpec) -> str:
     return f"model.layers.{layer}.{block}.experts.{expert}.{part}.weight"
 
 
+# A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model under a
+# prefix (as published, and as save_pretrained writes it: language_model.model.*; as transformers
+# names it inside the model: model.language_model.*) beside vision weights the engine skips.
+_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
+
+
+def text_model_name(name: str) -> str | None:
+    """A checkpoint name as a text-only model's ('language_model.model.norm.weight' ->
+    'model.norm.weight'); None for a vision tower's or projector's tensor."""
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    for prefix, plain in _TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            return plain + name.removeprefix(prefix)
+    return name
+
+
 def _stacked(name: str, shape: torch.Size, spec: ModelSpec) -> bool:
     return spec.is_moe and len(shape) == 3 and ".feed_forward.w" in name
 
@@ -184,11 +204,14 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
     by_meta: dict[str, str] = {}
     experts: dict[str, dict[int, str]] = {}
     for hf_name, path in files.items():
-        expert = expert_to_meta(hf_name, spec)
+        text_name = text_model_name(hf_name)
+        if text_name is None:  # a multimodal checkpoint's vision weights: not run
+            continue
+        expert = expert_to_meta(text_name, spec)
         if expert is not None:
             experts.setdefault(expert[0], {})[expert[1]] = hf_name
             continue
-        meta = hf_to_meta_name(hf_name, spec)
+        meta = hf_to_meta_name(text_name, spec)
         if meta is None and not _IGNORED.search(hf_name):
             raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
                                   f"(not part of a {spec.arch} model)")
