@@ -155,6 +155,35 @@ def test_methods_agree_and_round_trip(block):
     verify_layout(back, outs[0], "cpu h2d")
 
 
+@pytest.mark.parametrize("layout_kind", ["contiguous", "engine", "paged"])
+def test_mapped_copies_every_row_by_index_even_where_rows_are_contiguous(layout_kind,
+                                                                          monkeypatch):
+    # The mapped method must stay a kernel: a plain copy_ between a GPU tensor and mapped host
+    # memory is a cudaMemcpyAsync that the driver may run on a copy engine (DMA).
+    plan = plan_layout(PRESETS["debug"], 2, 11, "fp32", layout_kind,
+                       5 if layout_kind == "paged" else None)
+    layout = cm.DeviceLayout(plan, CPU, torch.float32)
+    layout.fill_random(5)
+    calls = {"copy_": 0}
+    real_copy = torch.Tensor.copy_
+
+    def counted(self, *args, **kwargs):
+        calls["copy_"] += 1
+        return real_copy(self, *args, **kwargs)
+
+    host = torch.zeros(plan.total_bytes // layout.word, dtype=cm.WORD_DTYPES[layout.word])
+    whole = plan_chunks(plan, plan.total_bytes, plan.total_bytes)
+    back = cm.DeviceLayout(plan, CPU, torch.float32)
+    movers = [cm.Mapped(layout, host, whole, "d2h"), cm.Mapped(back, host, whole, "h2d")]
+    monkeypatch.setattr(torch.Tensor, "copy_", counted)
+    for mover in movers:
+        mover.enqueue(None)
+    monkeypatch.undo()
+    assert calls["copy_"] == 0
+    verify_layout(layout, host, "mapped d2h")
+    verify_layout(back, host, "mapped h2d")
+
+
 def test_paged_pieces_follow_the_block_table():
     plan, layout = _layout(5)
     rows = layout.slot_list(0)  # layer 0, K, full blocks: a permutation's first columns

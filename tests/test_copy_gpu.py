@@ -65,6 +65,27 @@ def test_mapped_view_aliases_pinned_memory():
     assert torch.equal(host, torch.arange(host.numel(), dtype=host.dtype))
 
 
+@pytest.mark.parametrize("layout_kind", ["contiguous", "engine"])
+def test_mapped_method_runs_kernels_not_memcpy(layout_kind):
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = plan_layout(PRESETS["llama-2-7b"], 1, 64, "fp16", layout_kind)
+    layout = cm.DeviceLayout(plan, torch.device("cuda"), torch.float16)
+    layout.fill_random(3)
+    host, _ = alloc_host(plan.total_bytes, plan.word_bytes(), pinned=True)
+    view, how = mapped_view(host, torch.device("cuda"))
+    if view is None:
+        pytest.skip(f"no device mapping here: {how}")
+    mover = cm.Mapped(layout, view, plan_chunks(plan, plan.total_bytes, plan.total_bytes),
+                      "d2h")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mover.enqueue(None)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert names and not [n for n in names if "Memcpy" in n or "memcpy" in n]
+    verify_layout(layout, host, "mapped d2h")
+
+
 def test_verification_catches_one_corrupted_byte_on_the_gpu():
     plan = plan_layout(PRESETS["llama-2-7b"], 1, 16, "fp16", "paged", 16)
     layout = cm.DeviceLayout(plan, torch.device("cuda"), torch.float16)

@@ -129,19 +129,23 @@ class DeviceLayout:
             return view[op.row_start:op.row_end], None
         return view, rows[op.row_start:op.row_end]
 
-    def gather(self, op: Op, out: torch.Tensor) -> None:
-        """Layout -> `out` (a contiguous word tensor of op.nbytes): a copy or an index_select."""
+    def gather(self, op: Op, out: torch.Tensor, whole: torch.Tensor | None = None) -> None:
+        """Layout -> `out` (a contiguous word tensor of op.nbytes): a copy or an index_select.
+        whole: arange(op's rows) on the device, to copy contiguous rows by a kernel too (mapped
+        host memory: a plain copy_ is a cudaMemcpyAsync, which may run on a copy engine)."""
         view, rows = self.op_rows(op)
         out = out.view(op.row_end - op.row_start, -1)
+        rows = whole if rows is None else rows
         if rows is None:
             out.copy_(view)
         else:
             torch.index_select(view, 0, rows, out=out)
 
-    def scatter(self, op: Op, src: torch.Tensor) -> None:
-        """`src` (contiguous words) -> layout: the inverse of `gather`."""
+    def scatter(self, op: Op, src: torch.Tensor, whole: torch.Tensor | None = None) -> None:
+        """`src` (contiguous words) -> layout: the inverse of `gather` (whole: as there)."""
         view, rows = self.op_rows(op)
         src = src.view(op.row_end - op.row_start, -1)
+        rows = whole if rows is None else rows
         if rows is None:
             view.copy_(src)
         else:
@@ -246,25 +250,29 @@ class Staged:
 
 class Mapped:
     """Gather kernels that write into (d2h) or scatter kernels that read from (h2d) pinned host
-    memory through its device mapping: one kernel per segment op, one stream, no DMA."""
+    memory through its device mapping: one kernel per segment op, one stream, no DMA. Contiguous
+    rows are indexed too (an arange per op, made before timing): a plain copy_ there would be a
+    cudaMemcpyAsync, which the driver may hand to a copy engine, i.e. DMA again."""
 
     def __init__(self, layout: DeviceLayout, mapped_host: torch.Tensor, chunks: list[Chunk],
                  direction: str) -> None:
         self.layout, self.host, self.direction = layout, mapped_host, direction
         self.ops = [op for chunk in chunks for op in chunk.ops]
         self.streams = _new_streams(layout.device, 1)
+        self.whole = [torch.arange(op.row_end - op.row_start, device=layout.device)
+                      for op in self.ops]
 
     def enqueue(self, start: torch.cuda.Event | None) -> None:
         stream, word = self.streams[0], self.layout.word
         if start is not None and stream is not None:
             stream.wait_event(start)
         with _stream_context(stream):
-            for op in self.ops:
+            for op, whole in zip(self.ops, self.whole):
                 part = self.host[op.host_offset // word:][: op.nbytes // word]
                 if self.direction == "d2h":
-                    self.layout.gather(op, part)
+                    self.layout.gather(op, part, whole)
                 else:
-                    self.layout.scatter(op, part)
+                    self.layout.scatter(op, part, whole)
 
 
 def piece_pairs(layout: DeviceLayout, host: torch.Tensor, direction: str
