@@ -360,7 +360,10 @@ class Generator:
         forward, offset = self._prefill_fn(), 0
         for real, length in prefill_forwards(prompt_len, self.prefill_chunk,
                                              self.model.max_seq_len - start):
-            piece = tokens[:, offset:offset + real]  # [B, real]
+            # [B, real] with its own strides: a chunk's view keeps the prompt's row stride (even
+            # at batch 1, where contiguous() keeps it), and the graph guards on strides: else
+            # every prompt length would compile its chunks again
+            piece = tokens[:, offset:offset + real].clone(memory_format=torch.contiguous_format)
             positions = torch.arange(start + offset, start + offset + real, **int64)
             if length > real:  # the last forward only
                 piece = torch.cat((piece, piece[:, -1:].expand(batch, length - real)), dim=1)

@@ -100,13 +100,20 @@ def _no_hook(event: str, step: int) -> None:
 
 def time_case(model: Transformer, case: Case, request: GenerateRequest,
               progress: Progress, trace_path: Any = None,
-              hbm_gbps: float | None = None) -> CaseRun:
+              hbm_gbps: float | None = None,
+              runners: dict[tuple[str, int], Any] | None = None) -> CaseRun:
+    """runners (Timing.share_compiled): the runner an earlier case of this mode and cache length
+    made, reused with its cache and compiled graphs; a new one is kept there."""
     device = model.tok_embeddings.weight.device
-    # A case starts with no KV cache (the engine's is allocated again for its shape; hf makes
-    # its own), so the peaks below are this case's: weights + its cache + its activations.
-    memory.release_cache(model)
+    runner = runners.get((case.mode, case.cache_len)) if runners is not None else None
+    if runner is None:
+        # A case starts with no KV cache (the engine's is allocated again for its shape; hf
+        # makes its own), so the peaks below are this case's: weights + cache + activations.
+        memory.release_cache(model)
+        runner = make_runner(model, case, request)
+        if runners is not None:
+            runners[(case.mode, case.cache_len)] = runner
     memory.reset_peaks(device)
-    runner = make_runner(model, case, request)
     prompts = case.prompt_set.prompts
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
@@ -331,6 +338,7 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
     progress.start(len(cases) * (request.timing.repeats + 1))
     device = model.tok_embeddings.weight.device
     first: dict[int, tuple[str, list[list[int]]]] = {}  # prompt set -> first mode's tokens
+    runners: dict[tuple[str, int], Any] | None = {} if request.timing.share_compiled else None
     results = []
     for index, case in enumerate(cases):
         # --trace only: an untraced run calls time_case exactly as before
@@ -338,7 +346,8 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
                   "hbm_gbps": peaks.hbm_gbps if peaks else None} \
             if request.timing.trace_dir else {}
         try:
-            run = time_case(model, case, request, progress, **traced)
+            shared = {"runners": runners} if runners is not None else {}  # likewise
+            run = time_case(model, case, request, progress, **traced, **shared)
         except Exception as err:  # an OOM is recorded and the sweep goes on; the rest raise
             if not memory.is_oom(err):
                 raise
@@ -346,6 +355,8 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
                 raise InfermeterError(f"out of memory in case {case.label} under tensor "
                                       f"parallelism (the run stops: a rank cannot skip a case "
                                       f"its peers run): {str(err).splitlines()[0]}") from err
+            if runners:
+                runners.clear()  # the next case starts afresh, its compiled graphs too
             memory.release_cache(model)
             result = oom_result(model, case, err, peaks, env, base)
         else:
@@ -359,8 +370,12 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
                                            f"mode's from step {same['first_mismatch']}")
             else:
                 first[key] = (case.mode, run.outputs[0])
-        memory.collect(device)  # the case's runner (and an error's frames) are gone by now
+        if not runners:  # a shared runner keeps its graphs for the next case
+            memory.collect(device)  # the case's runner (and an error's frames) are gone by now
         results.append(result)
         if on_result:
             on_result(result)
+    if runners:
+        runners.clear()
+        memory.collect(device)
     return results

@@ -13,8 +13,9 @@ Defaults:
   repeats. Its numbers check the pipeline, they say nothing about a GPU.
 
 The generate stage also times prefill alone (batch 1, one new token: TTFT) on a ladder of longer
-prompts, each a Result marked `prefill_ladder`, so the report's reload-vs-recompute table has
-measured prefill times where it needs them (prefill_ladder() says which lengths).
+prompts, in the run's mode (compiled on a GPU: the compiled prefill a recompute would run), each a
+Result marked `prefill_ladder`, so the report's reload-vs-recompute table has measured prefill
+times where it needs them (prefill_ladder() says which lengths, ladder_request() how).
 
 The offload stage times one bounded `infermeter offload` case: a prefix's KV cache in host memory
 reloaded (serial, layer by layer) against recomputed, at prefix and suffix lengths taken from the
@@ -48,6 +49,10 @@ LADDER_LONGEST = 32768  # the report's longest reload-vs-recompute context: none
 CPU_LADDER_PROMPTS = (128,)
 CPU_LADDER_LONGEST = 256
 LADDER_NEW_TOKENS = 1  # the first token ends the prefill: TTFT is what the ladder times
+# The compiled ladder's longest forward: shorter prompts run padded to their bucket, longer ones
+# as compiled chunks of it (generate --prefill-chunk), so a 32,768-token prompt holds a chunk's
+# activations and the whole ladder compiles a few graphs (benchmarks/ttft_sweep.py's chunk too).
+LADDER_CHUNK = 2048
 LADDER_MEMORY_SHARE = 0.9  # of the free memory: headroom for what case_memory does not count
 # offload: one bounded reload-vs-recompute case (`infermeter offload`) sized from the setting.
 # Suffixes (the request's new tokens): the run's prompt and its whole cache; prefixes (the KV in
@@ -68,6 +73,7 @@ class RunSetting:
     device: str  # "cuda" or "cpu"
     reference: bool  # exactly the seed's setting on a GPU
     trace_dir: str | None = None  # --trace: profiler traces in <dir>/copy and <dir>/generate
+    generate_mode: str | None = None  # None: compiled on a GPU, eager on the CPU
 
     @property
     def new_tokens(self) -> int:
@@ -84,6 +90,11 @@ class RunSetting:
     @property
     def on_gpu(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def mode(self) -> str:
+        """generate's mode for the reference case and the prefill ladder alike."""
+        return self.generate_mode or ("compiled" if self.on_gpu else "eager")
 
     def describe(self) -> str:
         weights = "checkpoint" if self.checkpoint else "random"
@@ -165,8 +176,8 @@ def generate_request(setting: RunSetting) -> Any:
     source = setting.checkpoint or f"random:{setting.model}"
     return build_request(
         source=source, max_new_tokens=setting.new_tokens, device=setting.device,
-        dtype=setting.dtype, modes=("compiled",) if setting.on_gpu else ("eager",),
-        max_seq_len=setting.seq_len, batch_sizes=(setting.batch,),
+        dtype=setting.dtype, modes=(setting.mode,), max_seq_len=setting.seq_len,
+        batch_sizes=(setting.batch,),
         prompt_lens=(setting.prompt_len,), repeats=3 if setting.on_gpu else 2,
         warmup=1 if setting.on_gpu else 0, roofline=setting.on_gpu,  # MBU needs a GPU's HBM
         trace_dir=f"{setting.trace_dir}/generate" if setting.trace_dir else None)
@@ -208,15 +219,21 @@ def prefill_ladder(spec: ModelSpec, dtype: str, reference_prompt: int, free_byte
 
 
 def ladder_request(setting: RunSetting, prompts: tuple[int, ...]) -> Any:
-    """Batch 1, one new token, one automatic cache per prompt. Eager: the exact eager prefill
-    (generate --prefill exact's), compiling nothing; the compiled mode's default, bucketed
-    prefill (engine/prefill_buckets.py) would compile a graph per rung, and is timed by
-    benchmarks/ttft_sweep.py instead."""
+    """Batch 1, one new token, in the run's mode, every rung in one cache (the longest's).
+    Compiled: the compiled mode's default bucketed prefill (engine/prefill_buckets.py) in
+    forwards of at most LADDER_CHUNK tokens, and one Generator for the whole ladder
+    (Timing.share_compiled): each bucket or chunk length is compiled once, in the warm-up of the
+    first rung that runs it (its warmup_s, apart from the timed runs), never again. Eager: eager
+    forwards at the prompt's own length, as the run's eager reference case."""
     from infermeter.generate.request import build_request
+    from infermeter.specs.sizes import cache_length
 
+    compiled = setting.mode == "compiled"
     return build_request(
         source=setting.checkpoint or f"random:{setting.model}", max_new_tokens=LADDER_NEW_TOKENS,
-        device=setting.device, dtype=setting.dtype, modes=("eager",), batch_sizes=(1,),
+        device=setting.device, dtype=setting.dtype, modes=(setting.mode,), batch_sizes=(1,),
+        max_seq_len=cache_length(setting.spec, max(prompts), LADDER_NEW_TOKENS, None),
+        prefill_chunk=LADDER_CHUNK if compiled else None, share_compiled=compiled,
         prompt_lens=prompts, repeats=3 if setting.on_gpu else 1, warmup=1 if setting.on_gpu
         else 0, roofline=setting.on_gpu)
 
