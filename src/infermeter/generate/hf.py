@@ -3,7 +3,11 @@
 The HF model is built on the meta device from the config our HF writer produces
 (engine/hf_checkpoint.hf_config) and filled with the engine's tensors (load_state_dict with
 assign=True): every tensor is shared except wq and wk, whose rows HF orders for rotate_half RoPE
-(hf_checkpoint.permute), so the two models hold the same weights without a second copy.
+(hf_checkpoint.permute), so the two models hold the same weights without a second copy. MoE
+layers: transformers 5 holds each layer's experts as gate_up_proj [E, 2 ffn, dim] (gate rows,
+then up rows) and down_proj [E, dim, ffn]: down_proj is the engine's stacked w2, gate_up_proj a
+concatenated copy of w1 and w3 (counted by the fit check); where a transformers holds one module
+an expert, each gets views of the engine's stacked tensors.
 The rotary tables are buffers the state dict does not carry; they are rebuilt on the device.
 
 Timing: a logits processor calls the same hook the Generator calls. transformers runs logits
@@ -24,7 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infermeter.engine.checkpoint.hf import hf_config, meta_to_hf_name, permute, rope_heads
+from infermeter.engine.checkpoint.hf import (
+    expert_hf_name,
+    hf_config,
+    meta_to_hf_name,
+    permute,
+    rope_heads,
+)
 from infermeter.engine.dtypes import dtype_name
 from infermeter.engine.fusion import meta_state_dict
 from infermeter.engine.generator import GenerationConfig, GenerationOutput
@@ -40,11 +50,31 @@ def transformers_version() -> str | None:
     return transformers.__version__
 
 
-def _hf_state(model: Transformer) -> dict[str, Tensor]:
+def _hf_state(model: Transformer, hf_keys: set[str]) -> dict[str, Tensor]:
+    """The engine's tensors under the names (and in the layouts) of the HF model whose state
+    dict has `hf_keys`."""
     spec, state = model.spec, {}
+    experts: dict[str, dict[str, Tensor]] = {}  # layer prefix -> {"w1": [E, ffn, dim], ...}
     for name, tensor in meta_state_dict(model).items():
+        if tensor.dim() == 3 and ".feed_forward.w" in name:  # an MoE layer's stacked experts
+            layer, part = name.removesuffix(".weight").rsplit(".feed_forward.", 1)
+            experts.setdefault(layer, {})[part] = tensor
+            continue
+        key = meta_to_hf_name(name, spec)
+        if name.endswith(".feed_forward.gate.weight") and key not in hf_keys:
+            key = key.replace(".block_sparse_moe.", ".mlp.")  # transformers 5's Mixtral router
         heads = rope_heads(name, spec)
-        state[meta_to_hf_name(name, spec)] = tensor if heads is None else permute(tensor, heads)
+        state[key] = tensor if heads is None else permute(tensor, heads)
+    for layer, parts in experts.items():
+        fused = f"model.{layer}.mlp.experts.gate_up_proj"
+        if fused in hf_keys:
+            state[fused] = torch.cat([parts["w1"], parts["w3"]], dim=1)
+            state[f"model.{layer}.mlp.experts.down_proj"] = parts["w2"]
+            continue
+        for part, stacked in parts.items():  # one module an expert (transformers 4)
+            for expert, weight in enumerate(stacked):
+                state[expert_hf_name(f"{layer}.feed_forward.{part}.weight", expert, spec)] = \
+                    weight
     return state
 
 
@@ -54,9 +84,6 @@ def build_hf_model(model: Transformer) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec, weight = model.spec, model.tok_embeddings.weight
-    if spec.is_moe:  # transformers 5.x holds experts fused ([E, 2 * ffn, dim]): not mapped yet
-        raise InfermeterError(f"hf mode: model {spec.name}'s experts ({spec.arch}) are not "
-                              "handed to transformers yet; use the engine mode")
     cfg = hf_config(spec, dtype_name(weight.dtype))
     arch = cfg.pop("model_type")
     for key in ("architectures", "torch_dtype"):
@@ -70,7 +97,7 @@ def build_hf_model(model: Transformer) -> Any:
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(
             config, attn_implementation="eager" if arch == "gemma2" else "sdpa")
-    hf.load_state_dict(_hf_state(model), strict=True, assign=True)
+    hf.load_state_dict(_hf_state(model, set(hf.state_dict())), strict=True, assign=True)
     if spec.tie_embeddings:
         hf.tie_weights()
     _rebuild_meta_buffers(hf, weight.device)

@@ -9,7 +9,8 @@ output ids the run keeps in Python lists (8 bytes an id at least), and for an Mo
 B x k <= E routed pairs a step, the experts' weights the gathered way copies out (one layer's).
 It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
 mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
-share our tensors); its static cache replaces ours, which is released first. Free memory is
+share our tensors) and of an MoE layer's gate and up experts (one tensor in transformers 5); its
+static cache replaces ours, which is released first. Free memory is
 torch.cuda.mem_get_info on a GPU and MemAvailable on the host.
 Anything else (CUDA-graph pools, allocator slack, attention workspaces) is not estimated: a case
 that still runs out of memory is caught and recorded as such (is_oom).
@@ -48,10 +49,13 @@ def gathered_expert_bytes(spec: ModelSpec, batch_size: int, dtype: str) -> int:
 
 
 def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
-    """The permuted wq and wk (weights and biases) the hf mode holds beside the engine's."""
+    """The permuted wq and wk (weights and biases) the hf mode holds beside the engine's, and an
+    MoE layer's experts' w1 and w3 concatenated into transformers 5's gate_up_proj."""
     rows = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
     per_layer = rows * (spec.dim + (1 if spec.qkv_bias else 0))
-    return spec.n_layers * per_layer * dtype_bytes(dtype)
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
+    gate_up = moe_layers * spec.n_experts * 2 * spec.moe_ffn_dim * spec.dim
+    return (spec.n_layers * per_layer + gate_up) * dtype_bytes(dtype)
 
 
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
@@ -74,7 +78,7 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         heads = -(-spec.n_heads // tp)
         parts["capped attention scores"] = 2 * batch_size * heads * forward * cache_len * 4
     if mode.startswith("hf"):
-        parts["hf q/k weight copies"] = hf_extra_bytes(spec, dtype) // tp
+        parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
     if uses_peer_buffer(tp, all_reduce):
