@@ -211,13 +211,17 @@ def test_trace_ranges_count_all_four_norms_a_layer(monkeypatch) -> None:
 
 
 def test_fit_check_counts_the_capped_prefill_scores() -> None:
-    """A Gemma 2 prefill holds float32 scores and their softmax, [B, heads, T, cache] each (SDPA
-    cannot cap); a prefill chunk bounds T, tensor parallelism the heads."""
+    """A Gemma 2 prefill holds float32 scores and their softmax, [B, heads, T, keys] each (SDPA
+    cannot cap): a ring layer's keys are its 4096-token window and the T new ones, a full
+    layer's the slots before the forward's end; a prefill chunk bounds T, tensor parallelism
+    the heads."""
     from infermeter.generate.memory import case_memory
 
     spec = PRESETS["gemma-2-9b"]
     whole = case_memory(spec, 1, 8192, 8192, "bf16", "bf16", "eager")
-    assert whole["capped attention scores"] == 2 * 16 * 8192 * 8192 * 4
+    assert whole["capped attention scores"] == 2 * 16 * 8192 * (4096 + 8192) * 4
+    short = case_memory(spec, 1, 2048, 8192, "bf16", "bf16", "eager")
+    assert short["capped attention scores"] == 2 * 16 * 2048 * (4096 + 2048) * 4
     chunked = case_memory(spec, 1, 8192, 8192, "bf16", "bf16", "eager", tp=2, prefill_chunk=512)
     assert chunked["capped attention scores"] == 2 * 8 * 512 * 8192 * 4
     assert "capped attention scores" not in case_memory(PRESETS["gemma-3-1b"], 1, 8192, 8192,

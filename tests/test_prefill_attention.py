@@ -186,3 +186,31 @@ def test_a_long_whole_prompt_prefills_through_the_flash_kernel():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises where flash cannot run
             state = gen.prefill(tokens, CONFIG)
         assert 0 <= int(state.token[0]) < spec.vocab_size
+
+
+@pytest.mark.parametrize("mode,prefill,chunk,length", [
+    ("eager", "exact", None, 40), ("eager", "exact", CHUNK, 41), ("eager", "exact", None, 1),
+    ("compiled", "bucketed", None, 17), ("compiled", "bucketed", CHUNK, 41),
+    ("compiled", "bucketed", None, 90)])  # 90 pads to 128, past the cache: the whole cache
+def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill, chunk, length,
+                                                                  monkeypatch):
+    from infermeter.generate.memory import capped_score_elements
+
+    spec = SPECS["capped"]
+    model = build_model(spec, seed=3)
+    groups = spec.n_heads // spec.n_kv_heads
+    held = []
+    scores = model_module.decode_attention
+
+    def counted(q, keys, values, mask, softcap=None):
+        held.append(q.shape[2] // groups * keys.shape[2])  # T x keys, a sequence and head
+        return scores(q, keys, values, mask, softcap)
+
+    monkeypatch.setattr(model_module, "decode_attention", counted)
+    bucketed = prefill == "bucketed"
+    gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
+    gen._compiled_prefill = _prefill_forward
+    gen.prepare(1, length, 1)
+    gen.prefill(torch.zeros(1, length, dtype=torch.int64),
+                GenerationConfig(max_new_tokens=1, compile=bucketed))
+    assert max(held) == capped_score_elements(spec, length, CACHE, mode, chunk, prefill)

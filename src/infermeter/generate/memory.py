@@ -58,6 +58,32 @@ def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
     return (spec.n_layers * per_layer + gate_up) * dtype_bytes(dtype)
 
 
+def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode: str,
+                          prefill_chunk: int | None = None, prefill: str = "exact") -> int:
+    """The largest T x keys of a capped model's prefill forwards (per sequence and head), as
+    engine/model.py's Attention attends: a full layer over the cache's first start + T slots
+    where the forward's start is known (every eager forward; a compiled one only from position
+    0: a later compiled chunk, or a one-token forward, reads the whole cache), a ring layer
+    (window W shorter than the cache) over its W slots and the T new tokens."""
+    if mode == "compiled" and prefill == "bucketed" and not spec.is_moe:
+        forwards = prefill_forwards(prompt_len, prefill_chunk, cache_len)
+    else:
+        step = min(prefill_chunk or prompt_len, prompt_len)
+        forwards = [(n, n) for n in (min(step, prompt_len - offset)
+                                     for offset in range(0, prompt_len, step))]
+    windows = [w for i in range(spec.n_layers)
+               if (w := spec.layer_window(i)) is not None and w < cache_len]
+    full = len(windows) < spec.n_layers
+    most, start = 0, 0
+    for real, length in forwards:
+        cut = (mode == "eager" or start == 0) and length > 1 and start + length <= cache_len
+        keys = ([start + length if cut else cache_len] if full else []) + \
+            ([max(windows) + length] if windows else [])
+        most = max(most, length * max(keys))
+        start += real
+    return most
+
+
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
                 prefill_chunk: int | None = None, prefill: str = "exact") -> dict[str, int]:
@@ -74,9 +100,10 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
                                                              dtype) // tp}
     if spec.attn_logit_softcap is not None and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2): a layer's prefill holds its float32 scores
-        # [B, heads, T, cache] and their softmax (engine/attention.py)
+        # [B, heads, T, keys] and their softmax (engine/attention.py)
         heads = -(-spec.n_heads // tp)
-        parts["capped attention scores"] = 2 * batch_size * heads * forward * cache_len * 4
+        scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk, prefill)
+        parts["capped attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
         parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts:
