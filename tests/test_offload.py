@@ -96,15 +96,21 @@ def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
 # ---- the layer-wise schedule ---------------------------------------------------------------
 def _schedule(generator, lookahead):
     """The events of one layer-wise reload + forward; ("attention", i) when layer i's attention
-    first touches its cache (LayerKVCache.update, wrapped on the instance)."""
+    first touches its cache (each of LayerKVCache's entry points, wrapped on the instance: a
+    forward from a later start calls update_from, a ring layer then update)."""
     model = generator.model
     trace: list[tuple[str, int]] = []
     caches = [layer.attention.kv_cache for layer in model.layers]
+    entries = ("update", "update_from", "write_own")
     for i, cache in enumerate(caches):
-        def update(*args, i=i, original=cache.update):
-            trace.append(("attention", i))
-            return original(*args)
-        cache.update = update
+        for name in entries:
+            original = getattr(cache, name)
+
+            def touch(*args, i=i, original=original):
+                if ("attention", i) not in trace:
+                    trace.append(("attention", i))
+                return original(*args)
+            setattr(cache, name, touch)
     host = HostPrefix(model, PREFIX)
     try:
         with LayerwiseReload(model, host, lookahead=lookahead, trace=trace) as reload:
@@ -112,7 +118,8 @@ def _schedule(generator, lookahead):
             generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
     finally:
         for cache in caches:
-            del cache.update
+            for name in entries:
+                delattr(cache, name)
     return trace
 
 
