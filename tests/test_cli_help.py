@@ -22,7 +22,8 @@ DEVICES = re.compile(r"\b(?:[ABHL]\d{2,3}|GH200|RTX|GTX|MI\d{3}\w*)\b")
 REMARKS = ("one run", " vs ", " vs. ")
 # What only picks an implementation of the same computation (generate's advanced group).
 ENGINE_VARIANTS = ("--compile-backend", "--compile-prefill", "--matvec-kernel", "--pdl",
-                   "--decode-attention", "--tp-all-reduce", "--prefill-chunk", "--step-kernels")
+                   "--decode-attention", "--tp-all-reduce", "--prefill-chunk", "--step-kernels",
+                   "--moe-kernel")
 GENERATE_HELP_MAX_LINES = 75  # at 100 columns
 
 

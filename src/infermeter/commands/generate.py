@@ -19,6 +19,7 @@ DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # all_reduce.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 STEP_KERNELS = ("split", "fused")  # engine/model.py's, likewise
+MOE_KERNELS = ("torch", "triton")  # engine/moe.py's, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
 
 
@@ -107,10 +108,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--compile-prefill", action="store_true",
                          help="with --prefill exact (implied): one compiled graph for its layers")
     variant.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="triton",
-                         help="compiled batch-1 products: Triton's GEMV or inductor's "
-                         "(default triton)")
+                         metavar="KIND", help="compiled batch-1 products: Triton's GEMV or "
+                         "inductor's (default triton)")
     variant.add_argument("--step-kernels", choices=STEP_KERNELS, default="split", metavar="KIND",
                          help="compiled batch-1 layers: split or fused into GEMVs (default split)")
+    variant.add_argument("--moe-kernel", choices=MOE_KERNELS, default="torch", metavar="KIND",
+                         help="gathered MoE experts: torch indexing or Triton by id "
+                         "(default torch)")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                          help="prefill a longer prompt N tokens a forward (default: one forward)")
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
@@ -179,6 +183,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                              decode_attention=args.decode_attention,
                              tp_all_reduce=args.tp_all_reduce, matvec_kernel=args.matvec_kernel,
                              step_kernels=args.step_kernels,
+                             moe_kernel=args.moe_kernel,
                              pdl=args.pdl, prefill_chunk=args.prefill_chunk,
                              prefill=args.prefill))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:

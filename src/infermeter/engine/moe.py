@@ -20,6 +20,10 @@ Three ways to run the experts, the same numbers:
 - every expert (a compiled decode step of more tokens, fullgraph: no host sync): each expert on
   every token, weighted by the [N, E] routing weights (zero where unrouted); reads every
   expert once, as a batch whose union is near E does anyway.
+The gathered path has a second implementation (moe_kernel "triton", MOE_KERNELS):
+kernels/expert_gemv.py's two kernels read the chosen experts' rows straight from the stacked
+weights by id (no gathered copy), with the same rounding points; it runs wherever Triton does,
+eager and compiled, and stays opt-in until a GPU measures it (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
 """
@@ -30,8 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infermeter.engine.kernels.expert_gemv import experts_kernel_usable, gathered_experts
+from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
+
+# How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
+# products) or "triton" (kernels/expert_gemv.py, by expert id). The default waits for a GPU's
+# A/B (benchmarks/moe_kernel_ab.py).
+MOE_KERNEL = "torch"
+MOE_KERNELS = ("torch", "triton")
 
 
 class StackedExperts(nn.Module):
@@ -54,6 +66,7 @@ class MoEFeedForward(nn.Module):
         self.w3 = StackedExperts(n_experts, hidden, dim)
         self.w2 = StackedExperts(n_experts, dim, hidden)
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
+        self.moe_kernel = MOE_KERNEL
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64)."""
@@ -77,7 +90,11 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
     def gathered(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products."""
+        """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
+        with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
+        experts = (self.w1.weight, self.w3.weight, self.w2.weight)
+        if self.moe_kernel == "triton" and experts_kernel_usable(x, *experts):
+            return gathered_experts(x, weights, ids, *experts)
         xs = x[:, None, :, None]  # [N, 1, dim, 1]
         gate = (self.w1.weight[ids] @ xs).squeeze(-1)  # [N, k, ffn]
         up = (self.w3.weight[ids] @ xs).squeeze(-1)
@@ -113,6 +130,24 @@ class MoEFeedForward(nn.Module):
                            * pair_weights[start:start + count])
             start += count
         return out
+
+
+def set_moe_kernel(model: nn.Module, kind: str) -> None:
+    """Every MoE block of `model` runs its gathered experts with `kind` (MOE_KERNELS)."""
+    if kind not in MOE_KERNELS:
+        raise ValueError(f"unknown MoE kernel {kind!r} (use {MOE_KERNELS})")
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.moe_kernel = kind
+
+
+def takes_expert_kernel(module: MoEFeedForward, batch: int) -> bool:
+    """Whether a decode step of `batch` one-token sequences runs `module`'s experts through
+    the Triton kernels: asked for, the gathered path (batch * k <= E), Triton runs where the
+    weights are. forward's rule, without the input's layout (the engine's rows meet it); the
+    generation runner records what ran with it."""
+    return module.moe_kernel == "triton" and batch * module.top_k <= module.n_experts \
+        and triton_runs_on(module.w1.weight)
 
 
 def touched_experts(module: MoEFeedForward) -> Tensor:

@@ -17,6 +17,7 @@ from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import Transformer, fused_step_layers, set_step_kernels
+from infermeter.engine.moe import MoEFeedForward, set_moe_kernel, takes_expert_kernel
 from infermeter.generate.cases import Case
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
@@ -41,6 +42,7 @@ class EngineRunner:
         set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = engine.matvec_kernel
         set_step_kernels(model, engine.step_kernels)
+        set_moe_kernel(model, engine.moe_kernel)
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
         self.all_reduce = None if (request.tp or 1) == 1 else \
@@ -58,6 +60,7 @@ class EngineRunner:
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
                 "step_kernels": self._step_kernels_used(),
+                "moe_kernel": self._moe_kernel_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 **self._prefill_used()}
 
@@ -91,6 +94,17 @@ class EngineRunner:
             model.output.weight) else 0
         return "split" if fused == 0 else "fused" if fused == len(model.layers) \
             else "partly fused"
+
+    def _moe_kernel_used(self) -> str | None:
+        """The decode steps' gathered experts: "triton" where a case's batch takes
+        kernels/expert_gemv.py's kernels (moe.takes_expert_kernel, the block's own rule; eager
+        and compiled alike), else "torch"; None for a model without MoE layers."""
+        blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
+        if not blocks:
+            return None
+        kernel = any(takes_expert_kernel(block, batch) for block in blocks
+                     for batch in self.batch_sizes)
+        return "triton" if kernel else "torch"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""

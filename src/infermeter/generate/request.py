@@ -18,6 +18,7 @@ from typing import Any
 from infermeter.engine.generator import GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
 from infermeter.engine.model import STEP_KERNEL
+from infermeter.engine.moe import MOE_KERNEL
 from infermeter.engine.prefill_buckets import PREFILL_KINDS
 from infermeter.errors import InfermeterError
 
@@ -48,6 +49,7 @@ class EngineChoices:
     tp_all_reduce: str = "auto"  # parallel/all_reduce.ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
     step_kernels: str = STEP_KERNEL  # model.STEP_KERNELS: the compiled batch-1 step's layers
+    moe_kernel: str = MOE_KERNEL  # moe.MOE_KERNELS: the gathered experts' products
     pdl: bool | None = None  # programmatic dependent launch; None: wherever it can run
     prefill_chunk: int | None = None  # the longest prefill forward, in tokens; None: one
     # compiled mode's prefill (engine/prefill_buckets.PREFILL_KINDS): "bucketed" (static graphs

@@ -1,0 +1,180 @@
+"""Torch against Triton gathered experts (--moe-kernel, engine/kernels/expert_gemv.py) in MoE
+decode, on one GPU: the measurement the default waits for (issue 25).
+
+    python benchmarks/moe_kernel_ab.py [--models qwen3-30b-a3b mixtral-8x7b] [--rounds 2]
+    python benchmarks/moe_kernel_ab.py --summary-only
+
+Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
+failure leaves the others), which times "torch" then "triton", --rounds times over (ABAB...:
+drift shows as a difference between rounds), each kind one `infermeter generate` request over
+BATCHES (its own loop, random bf16 weights loaded once a request and freed before the next:
+Mixtral-8x7B's 93 GB fit one H200 once): compiled, an 80-token prompt and 432 new tokens in a
+512-token cache (generation_sweep.py's seed case), REPEATS timed runs after one untimed, the HBM
+bandwidth measured in the same run for MBU. Both batches take the gathered path (batch x k <= E:
+Qwen3-30B-A3B 4 x 8 of 128, Mixtral 4 x 2 of 8), and MBU is on the active weights: the experts each
+decode step's routing touched, counted after the timed runs (docs/design.md, "MoE bytes per
+decode step"). Every Result is appended to results/moe-kernel-<device>.jsonl as soon as it is done
+(config.ab: the kernel asked for and the round; config.moe_kernel: what ran), and $OUT gets a
+copy. The summary (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run,
+batch and kernel: TPOT p50 over every step, the median and range of the per-run TPOTs (a run's
+decode time over its steps), MBU, the experts a layer's step read, decode tok/s and the warm-up;
+then triton / torch per model and batch, and whether the per-run ranges are apart.
+Each compiled case compiles afresh: run one model per command where a command may take 10
+minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infermeter.engine.devices import torch_device
+from infermeter.errors import InfermeterError
+from infermeter.generate.job import run_generate
+from infermeter.generate.memory import collect
+from infermeter.generate.request import GenerateRequest, build_request
+from infermeter.measure.env import capture_env, device_slug
+from infermeter.measure.result import Result, append_jsonl, read_results
+from infermeter.textable import render_table
+
+MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
+KINDS = ("torch", "triton")  # engine/moe.MOE_KERNELS, the default first
+BATCHES = (1, 4)
+PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
+
+
+def ab_request(model: str, kind: str, source: str | None = None,
+               **overrides) -> GenerateRequest:
+    """One request of the A/B: `model`'s random weights (or `source`) at each of BATCHES,
+    compiled, with `kind` experts. overrides (device, dtype, modes, max_new_tokens, repeats,
+    roofline) are for the CPU check."""
+    options = {"device": "cuda", "dtype": MODELS.get(model), "modes": ("compiled",),
+               "batch_sizes": BATCHES, "prompt_lens": (PROMPT_LEN,),
+               "max_new_tokens": NEW_TOKENS, "max_seq_len": CACHE, "repeats": REPEATS,
+               "warmup": 1, **overrides}
+    return build_request(source or f"random:{model}", moe_kernel=kind, **options)
+
+
+def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None = None,
+              **overrides) -> None:
+    """Torch then triton, `rounds` times, each Result (a batch's) appended to `path` once
+    done."""
+    for round_ in range(rounds):
+        for kind in KINDS:
+            def save(result: Result, kind: str = kind, round_: int = round_) -> None:
+                result.config["ab"] = {"kernel": kind, "round": round_}
+                append_jsonl(path, [result])
+                m = result.metrics
+                print(f"  {model} batch {result.config.get('batch_size')} {kind} (ran "
+                      f"{result.config.get('moe_kernel')}), round {round_}: TPOT p50 "
+                      f"{_f((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, MBU "
+                      f"{_f(m.get('mbu_pct'))}%", flush=True)
+
+            request = ab_request(model, kind, source, **overrides)
+            try:
+                run_generate(request, env, on_result=save)
+            except InfermeterError as err:  # e.g. a model that does not fit: the rest go on
+                print(f"{model} {kind}: error: {err}", file=sys.stderr)
+            # the allocator's cache would hold the weights just freed, and the next request's
+            # fit check counts only free memory (Mixtral's 93 GB do not fit twice)
+            collect(torch_device(request.device))
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def run_tpots(result: Result) -> list[float]:
+    """ms a decode step in each timed run: the run's decode time over its steps."""
+    steps = result.metrics.get("decode_steps") or 0
+    return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
+
+
+def latest_runs(results: list[Result]) -> list[Result]:
+    """Each model's Results from its latest process only (they share the env timestamp)."""
+    last: dict[str, str] = {}
+    for r in results:
+        last[r.model["name"]] = max(last.get(r.model["name"], ""), str(r.env.get("timestamp")))
+    return [r for r in results if str(r.env.get("timestamp")) == last[r.model["name"]]]
+
+
+def summary(results: list[Result]) -> str:
+    """The table of each model's latest A/B, then triton / torch per model and batch."""
+    rows, lines = [], []
+    by_case: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in latest_runs([r for r in results if "ab" in r.config]):
+        m, kind, name = r.metrics, r.config["ab"]["kernel"], r.model["name"]
+        batch = r.config.get("batch_size")
+        runs = run_tpots(r)
+        by_case.setdefault((name, batch), {}).setdefault(kind, []).extend(runs)
+        rows.append([name, r.config.get("dtype", "-"), batch, kind,
+                     r.config.get("moe_kernel") or "-", r.config["ab"]["round"],
+                     _f((m.get("tpot_ms") or {}).get("p50"), ".4f"),
+                     _f(statistics.median(runs), ".4f") if runs else "-",
+                     f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
+                     _f(m.get("mbu_pct")), _f(m.get("moe_experts_per_step")),
+                     _f(m.get("decode_tok_per_s")), _f(m.get("warmup_s")), len(r.warnings)])
+    for (name, batch), kinds in by_case.items():
+        torch_runs, triton_runs = kinds.get("torch"), kinds.get("triton")
+        if not torch_runs or not triton_runs:
+            lines.append(f"{name} batch {batch}: triton / torch: - (a side has no timed runs)")
+            continue
+        ratio = statistics.median(triton_runs) / statistics.median(torch_runs)
+        apart = max(triton_runs) < min(torch_runs) or max(torch_runs) < min(triton_runs)
+        lines.append(f"{name} batch {batch}: triton / torch TPOT {ratio:.3f} (per-run medians, "
+                     f"{len(torch_runs)} and {len(triton_runs)} runs; ranges "
+                     f"{'apart' if apart else 'overlap'})")
+    table = render_table(["model", "dtype", "batch", "kernel", "ran", "round", "TPOT p50 ms",
+                          "run TPOT median", "run TPOT range", "MBU %", "experts/layer",
+                          "decode tok/s", "warm-up s", "warnings"], rows)
+    return "\n\n".join([table, "\n".join(lines)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=2, help="torch, triton, repeated (ABAB)")
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--slug", help="summarise results/moe-kernel-SLUG.jsonl (default: this "
+                        "machine's device)")
+    parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child
+    args = parser.parse_args()
+    env = capture_env()
+    slug = args.slug or device_slug(env)
+    path = Path(args.results) / f"moe-kernel-{slug}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        run_model(args.one, args.rounds, path, env)
+        return 0
+    start = time.perf_counter()
+    for model in [] if args.summary_only else args.models:
+        print(f"[{time.perf_counter() - start:6.1f} s] {model}", file=sys.stderr, flush=True)
+        child = subprocess.run([sys.executable, __file__, "--one", model, "--rounds",
+                                str(args.rounds), "--results", args.results, "--slug", slug])
+        if child.returncode:
+            print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
+    if not path.exists():
+        print(f"no results in {path}", file=sys.stderr)
+        return 1
+    text = summary(read_results(path))
+    print(text)
+    (path.parent / f"moe-kernel-{slug}-summary.txt").write_text(text + "\n")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if (Path(out) / path.name).resolve() != path.resolve():
+            shutil.copy(path, Path(out) / path.name)
+        (Path(out) / f"moe-kernel-{slug}-summary.txt").write_text(text + "\n")
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

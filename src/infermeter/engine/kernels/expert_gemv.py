@@ -1,0 +1,188 @@
+"""The gathered experts' products straight from the stacked weights (moe.MOE_KERNELS "triton").
+
+Why: a batch-1 MoE decode step reads only its k chosen experts (Qwen3-30B-A3B: 8 of 128 small
+experts a layer), so the step is as fast as those experts' rows are streamed. MoEFeedForward's
+torch path indexes the stacked weights [E, ffn, dim] by the routing ids: eagerly that copies the
+chosen experts' matrices (read, write, read again), and compiled it leaves inductor to fuse the
+gather into the product or not. These two kernels read each chosen expert's rows where they lie,
+once, by its id, with gemv.py's tiling (tiles_for's tiles, evict-first weight loads, a float32
+[BLOCK_N, BLOCK_K] partial product, one row sum at the end):
+
+  experts_swiglu  grid (row blocks of ffn, N*k slots): slot s is token s // k's (s % k)-th
+                  choice; a program reads the slot's expert id, then BLOCK_N / 2 gate rows of w1
+                  and as many up rows of w3 (so it holds the GEMV's number of weight rows) against
+                  the token's x, and writes silu(gate) * up [N, k, ffn].
+  experts_down    grid (row blocks of dim, N tokens): a program runs the token's k experts in
+                  routing order, each a w2 product over its slot's activation, and sums them
+                  weighted by the routing into out [N, dim]. The combine lives in the kernel,
+                  not in torch, because one program owning a token's rows can keep the eager
+                  path's order and roundings exactly with no atomics (a grid over slots would
+                  need float32 atomics: an order that changes from run to run).
+
+Numerics are the eager gathered path's rounding points: gate and up products in float32, each
+rounded to the dtype once; silu in float32, rounded; its product with up rounded (swiglu.py's
+points); each expert's down product rounded, times its routing weight (in the dtype) rounded,
+and the k of them summed in float32 in routing order, rounded once (`(down * weights).sum(1)`).
+So the two paths part only where a float32 sum order decides a rounding (the products' order
+against the batched matmul's). The compiled torch path is one rounding further from eager:
+inductor fuses the routing product into the sum and, with emulate_precision_casts off, does not
+round it first.
+
+Tensor parallelism (experts split by rows): a rank's w1 / w3 hold [E, ffn / tp, dim] and its w2
+[E, dim, ffn / tp] (possibly a column slice: any row stride, unit column stride); the kernels
+run on the shard as on a whole model, and the MoE block's all-reduce follows as before.
+PDL (pdl.py): nothing either kernel reads is independent of the kernel before it (the expert
+ids come from the router's top-k, and the rows to read from them), so the PDL twins wait first
+and gain only the launch overlap. Whether any of this beats the torch path is for a GPU to say
+(benchmarks/moe_kernel_ab.py); until then the default stays "torch".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import triton, triton_runs_on
+
+if triton is not None:
+    import triton.language as tl
+
+    from infermeter.engine.kernels.gemv import row_dots
+
+    @triton.jit
+    def _experts_swiglu_kernel(X, IDS, W1, W3, OUT, n_rows, n_cols, top_k, stride_x,
+                               stride_e1, stride_r1, stride_e3, stride_r3,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PDL: tl.constexpr = False):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.program_id(1)
+        row_ok = rows < n_rows
+        if PDL:  # x and the ids are the previous kernels' outputs, and the rows follow the ids
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        expert = tl.load(IDS + slot).to(tl.int64)
+        x_row = X + (slot // top_k).to(tl.int64) * stride_x
+        gate_at = W1 + expert * stride_e1 + rows[:, None] * stride_r1
+        up_at = W3 + expert * stride_e3 + rows[:, None] * stride_r3
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            gate = tl.load(gate_at + cols[None, :], mask=tile_ok, other=0.0,
+                           eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+            up = tl.load(up_at + cols[None, :], mask=tile_ok, other=0.0,
+                         eviction_policy="evict_first")
+            acc_gate += gate.to(tl.float32) * x
+            acc_up += up.to(tl.float32) * x
+        dtype = OUT.dtype.element_ty
+        gate = tl.sum(acc_gate, 1).to(dtype).to(tl.float32)
+        up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(OUT + slot.to(tl.int64) * n_rows + rows, (silu * up).to(dtype), mask=row_ok)
+
+    @triton.jit
+    def _experts_down_kernel(ACT, IDS, ROUTE, W2, OUT, n_rows, n_cols, top_k, stride_e,
+                             stride_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        token = tl.program_id(1).to(tl.int64)
+        row_ok = rows < n_rows
+        if PDL:  # the activations, ids and routing weights are earlier kernels' outputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        dtype = OUT.dtype.element_ty
+        out = tl.zeros([BLOCK_N], tl.float32)
+        for j in range(0, top_k):  # routing order, as eager's sum over the k
+            slot = token * top_k + j
+            expert = tl.load(IDS + slot).to(tl.int64)
+            down = row_dots(ACT + slot * n_cols, W2 + expert * stride_e, rows, row_ok, n_cols,
+                            stride_r, BLOCK_N, BLOCK_K)
+            route = tl.load(ROUTE + slot).to(tl.float32)
+            out += (down.to(dtype).to(tl.float32) * route).to(dtype).to(tl.float32)
+        tl.store(OUT + token * n_rows + rows, out.to(dtype), mask=row_ok)
+
+
+def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool) -> Tensor:
+    n_tokens, top_k = ids.shape
+    hidden, dim = w1.shape[1], w1.shape[2]
+    block_n, block_k, warps = tiles_for(dim, gpu_name(w1.device))
+    block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
+    out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
+    launch(_experts_swiglu_kernel, (triton.cdiv(hidden, block_n), n_tokens * top_k), pdl,
+           x, ids.contiguous(), w1, w3, out, hidden, dim, top_k, x.stride(0), w1.stride(0),
+           w1.stride(1), w3.stride(0), w3.stride(1), BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=NUM_STAGES)
+    return out
+
+
+def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool) -> Tensor:
+    n_tokens, top_k = ids.shape
+    dim, hidden = w2.shape[1], w2.shape[2]
+    block_n, block_k, warps = tiles_for(hidden, gpu_name(w2.device))
+    out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
+    launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
+           act.contiguous(), ids.contiguous(), weights.contiguous(), w2, out, dim, hidden, top_k,
+           w2.stride(0), w2.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+           num_stages=NUM_STAGES)
+    return out
+
+
+# Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
+# and a custom_op twin launched with PDL (pdl.py says why both). ids [N, k] are the routing's
+# expert ids (int64), weights [N, k] its weights in x's dtype; the stacked weights have unit
+# column stride and x's dtype.
+
+@torch.library.triton_op("infermeter::experts_swiglu", mutates_args=())
+def experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    """x [N, dim] (unit column stride), w1 / w3 [E, ffn, dim] -> silu(x @ w1[id]^T) *
+    (x @ w3[id]^T) [N, k, ffn] for each token's k expert ids."""
+    return _experts_swiglu(x, ids, w1, w3, pdl=False)
+
+
+@torch.library.custom_op("infermeter::experts_swiglu_pdl", mutates_args=())
+def experts_swiglu_pdl(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    return _experts_swiglu(x, ids, w1, w3, pdl=True)
+
+
+@experts_swiglu_pdl.register_fake
+def _(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    return x.new_empty(ids.shape[0], ids.shape[1], w1.shape[1])
+
+
+@torch.library.triton_op("infermeter::experts_down", mutates_args=())
+def experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
+    """act [N, k, ffn], w2 [E, dim, ffn] -> sum over the k of weights * (act @ w2[id]^T):
+    [N, dim]."""
+    return _experts_down(act, ids, weights, w2, pdl=False)
+
+
+@torch.library.custom_op("infermeter::experts_down_pdl", mutates_args=())
+def experts_down_pdl(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
+    return _experts_down(act, ids, weights, w2, pdl=True)
+
+
+@experts_down_pdl.register_fake
+def _(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
+    return act.new_empty(ids.shape[0], w2.shape[1])
+
+
+def gathered_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor,
+                     w2: Tensor) -> Tensor:
+    """MoEFeedForward.gathered's output [N, dim] through the two kernels, as a compiled step
+    calls them: with PDL when pdl.enabled()."""
+    on = pdl.enabled()
+    act = (experts_swiglu_pdl if on else experts_swiglu)(x, ids, w1, w3)
+    return (experts_down_pdl if on else experts_down)(act, ids, weights, w2)
+
+
+def experts_kernel_usable(x: Tensor, *weights: Tensor) -> bool:
+    """Triton runs where x lives, x's rows and the stacked weights have unit column stride, and
+    all share x's dtype (what the kernels read)."""
+    return triton_runs_on(x) and x.stride(-1) == 1 and all(
+        w.stride(-1) == 1 and w.dtype == x.dtype for w in weights)

@@ -1,0 +1,272 @@
+"""Checks of the gathered-expert kernels (engine/kernels/expert_gemv.py), run by
+tests/test_expert_gemv.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
+before Triton is imported). Exits non-zero with the failing check's message; prints "ok".
+
+References are MoEFeedForward's torch gathered path and a float32 chain with its rounding points
+(gate and up rounded, silu rounded, their product rounded; each expert's down product rounded,
+times its routing weight rounded, the k summed in float32 in routing order, rounded). As in
+fused_step_worker.py, Triton's interpreter rounds float32 -> bfloat16 toward zero, so bfloat16
+references round that way (`rounder`)."""
+
+from __future__ import annotations
+
+import torch
+
+from infermeter.engine import moe as moe_module
+from infermeter.engine.kernels import expert_gemv
+from infermeter.engine.kernels.expert_gemv import (
+    _experts_down,
+    _experts_swiglu,
+    experts_down,
+    experts_swiglu,
+)
+from infermeter.engine.moe import MoEFeedForward
+from tests.fused_step_worker import ULP, close, rounder
+
+# (E, k, N tokens, ffn, dim, tiles): tiles_for's own tiles, or (BLOCK_N, BLOCK_K, warps) small
+# enough that tiny shapes take several column tiles and ragged row blocks (the interpreter's
+# cost is per program); N*k = E; BLOCK_N 1 (a gate/up program's half of it rounds up to 1)
+CASES = ((8, 2, 1, 24, 64, None), (8, 2, 4, 19, 40, (8, 16, 4)), (6, 3, 2, 9, 20, (1, 16, 4)),
+         (4, 1, 3, 33, 40, (4, 64, 4)))
+TILES_FOR = expert_gemv.tiles_for
+
+
+def routing(gen, n_tokens: int, n_experts: int, top_k: int, dtype: torch.dtype):
+    """ids [N, k]: distinct within a token, experts shared across tokens (the first token's
+    first choice is every token's, in another position for odd tokens); weights [N, k]."""
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])
+    for n in range(1, n_tokens):
+        row = ids[n].tolist()
+        if ids[0, 0].item() not in row:
+            row[n % top_k] = ids[0, 0].item()
+        ids[n] = torch.tensor(row)
+    weights = torch.softmax(torch.randn(n_tokens, top_k, generator=gen), -1).to(dtype)
+    return ids, weights
+
+
+def experts(gen, n_experts: int, hidden: int, dim: int, dtype: torch.dtype, scale: float = 1.0):
+    """x-sized random stacks: w1, w3 [E, ffn, dim], w2 [E, dim, ffn], drawn so activations
+    land where silu bends."""
+    def draw(*shape):
+        return (torch.randn(*shape, generator=gen) * scale / shape[-1] ** 0.5).to(dtype)
+
+    return draw(n_experts, hidden, dim), draw(n_experts, hidden, dim), draw(n_experts, dim, hidden)
+
+
+def reference(x, ids, weights, w1, w3, w2):
+    """float32 (act [N, k, ffn], out [N, dim]) with the kernels' rounding points."""
+    rnd = rounder(x.dtype)
+    xf = x.float()
+    gate = rnd(torch.einsum("nd,nkfd->nkf", xf, w1.float()[ids]))
+    up = rnd(torch.einsum("nd,nkfd->nkf", xf, w3.float()[ids]))
+    act = rnd(rnd(gate / (1 + torch.exp(-gate))) * up)
+    down = rnd(torch.einsum("nkf,nkdf->nkd", act, w2.float()[ids]))
+    terms = rnd(down * weights.float()[..., None])
+    out = torch.zeros_like(terms[:, 0])
+    for j in range(ids.shape[1]):  # routing order
+        out = out + terms[:, j]
+    return act, rnd(out), gate, up
+
+
+def module_with(w1, w3, w2, top_k: int) -> MoEFeedForward:
+    n_experts, hidden, dim = w1.shape
+    moe = MoEFeedForward(dim, hidden, n_experts, top_k, True).to(w1.dtype)
+    for param, value in zip((moe.w1.weight, moe.w3.weight, moe.w2.weight), (w1, w3, w2),
+                            strict=True):
+        param.data = value
+    return moe
+
+
+def check_kernels() -> None:
+    """Each kernel against the float32 chain with its rounding points, every dtype (the module's
+    torch path is the reference of the checks below); the PDL launch's arithmetic is the
+    same."""
+    gen = torch.Generator().manual_seed(21)
+    for dtype in ULP:
+        for n_experts, top_k, n_tokens, hidden, dim, tiles in CASES:
+            what = f"{dtype} E{n_experts} k{top_k} N{n_tokens} {hidden}x{dim} tiles {tiles}"
+            expert_gemv.tiles_for = TILES_FOR if tiles is None else \
+                lambda n_cols, gpu="", t=tiles: t
+            x = (torch.randn(n_tokens, dim, generator=gen) * 2).to(dtype)
+            ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
+            w1, w3, w2 = experts(gen, n_experts, hidden, dim, dtype, 2.0)
+            want_act, want, gate, up = reference(x, ids, weights, w1, w3, w2)
+            act = experts_swiglu(x, ids, w1, w3)
+            assert act.dtype == dtype and act.shape == (n_tokens, top_k, hidden), what
+            if dtype == torch.float16:  # the PDL launch's arithmetic (no wait here)
+                assert torch.equal(act, _experts_swiglu(x, ids, w1, w3, pdl=True)), what
+            # gate's and up's sum-order errors pass through silu (slope under 1.1) and the
+            # product, and either may round one unit the other way
+            sums = (x.float().abs() @ w1.float().abs().flatten(0, 1).T).max().item()
+            gate_max, up_max = gate.abs().max().item(), up.abs().max().item()
+            close(act, want_act, 2 * sums * max(up_max, gate_max),
+                  2 * ULP[dtype] * (gate_max * up_max + want_act.abs().max().item()),
+                  f"swiglu {what}")
+            out = experts_down(want_act.to(dtype), ids, weights, w2)
+            assert out.dtype == dtype and out.shape == (n_tokens, dim), what
+            if dtype == torch.float16:
+                assert torch.equal(out, _experts_down(want_act.to(dtype), ids, weights, w2,
+                                                      pdl=True)), what
+            sums = (want_act.abs().amax() * w2.float().abs().sum(-1)).max().item() * top_k
+            close(out, want, sums, 2 * top_k * ULP[dtype] * want.abs().max().item(),
+                  f"down {what}")
+    expert_gemv.tiles_for = TILES_FOR
+
+
+def check_rounding_points() -> None:
+    """Every rounding point to the bit: each weight row picks one input column, so every
+    product is exact in any order, and the kernels must equal the module's torch path exactly
+    (float32 and float16; bfloat16 the truncating reference). Routing weights that are not
+    powers of two make the rounding of each weighted term count."""
+    gen = torch.Generator().manual_seed(22)
+    n_experts, top_k, n_tokens, hidden, dim = 8, 4, 2, 24, 40
+
+    def picks(n: int, rows: int, cols: int) -> torch.Tensor:
+        pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
+        signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
+        return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
+
+    for dtype in ULP:
+        x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
+        w1, w3, w2 = (picks(n_experts, hidden, dim).to(dtype), picks(n_experts, hidden, dim)
+                      .to(dtype), picks(n_experts, dim, hidden).to(dtype))
+        ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
+        moe = module_with(w1, w3, w2, top_k)
+        want = moe.gathered(x, weights, ids) if dtype != torch.bfloat16 else \
+            reference(x, ids, weights, w1, w3, w2)[1].to(dtype)
+        moe.moe_kernel = "triton"
+        got = moe.gathered(x, weights, ids)
+        if dtype == torch.float32:  # silu's exp (Triton's is not torch's in the last bit)
+            # and the k terms' float32 sum (no rounding to a narrower dtype hides its order)
+            torch.testing.assert_close(got, want, rtol=0,
+                                       atol=4 * ULP[dtype] * want.abs().max().item())
+        else:
+            assert torch.equal(got, want), f"rounding points {dtype}: " \
+                f"{(got.float() - want.float()).abs().max().item()}"
+
+
+def check_tensor_parallel_shards() -> None:
+    """Each of two ranks' shards (w1 / w3 rows, w2 columns: a strided view) runs the kernels as
+    the torch path does on it, and the two partial outputs sum to the whole block's."""
+    from infermeter.engine.model import build_model
+    from infermeter.engine.parallel.sharding import ShardPlan
+    from infermeter.specs.presets import PRESETS
+
+    spec = PRESETS["debug"].with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
+                                         moe_ffn_dim=176)
+    whole = build_model(spec, seed=5).layers[0].feed_forward
+    torch.nn.init.normal_(whole.gate.weight, std=1.0)
+    x = torch.randn(2, spec.dim, generator=torch.Generator().manual_seed(6))
+    weights, ids = whole.route(x)
+    full = whole.gathered(x, weights, ids)
+    parts = []
+    for rank in range(2):
+        plan = ShardPlan(spec, rank, 2)
+        shard = [plan.narrow(f"layers.0.feed_forward.{n}.weight", getattr(whole, n).weight)
+                 for n in ("w1", "w3", "w2")]
+        assert not shard[2].is_contiguous()  # the kernel reads the column slice where it lies
+        moe = module_with(*shard, spec.n_active_experts)
+        torch_out = moe.gathered(x, weights, ids)
+        moe.moe_kernel = "triton"
+        parts.append(moe.gathered(x, weights, ids))
+        assert (parts[-1] - torch_out).abs().max().item() < 1e-5, f"rank {rank}"
+    assert (parts[0] + parts[1] - full).abs().max().item() < 1e-5, "shards' sum"
+
+
+def check_model_greedy() -> None:
+    """A tiny random Qwen3-MoE (float32; a dense layer between two MoE ones) and Mixtral
+    (float32 at batch 1 and 2: 2 x 2 pairs = its 4 experts, still gathered) through the model's
+    forward: prefill, then greedy one-token steps, the Triton choice against torch: the same
+    tokens, logits within sum-order error, and every MoE layer's decode step ran the kernels."""
+    from infermeter.engine.model import build_model
+    from infermeter.specs.presets import PRESETS
+
+    # a few big tiles: the interpreter's cost is per program (ragged tails remain)
+    expert_gemv.tiles_for = lambda n_cols, gpu="": (32, 64, 4)
+    calls = []
+    real = moe_module.gathered_experts
+    moe_module.gathered_experts = lambda *args: calls.append(args[0].shape[0]) or real(*args)
+    debug = PRESETS["debug"]
+    specs = {"qwen3_moe": (debug.with_updates(arch="qwen3_moe", n_layers=3, head_dim=32,
+                                              qk_norm=True, n_experts=8, n_active_experts=2,
+                                              moe_ffn_dim=48, norm_topk_prob=True,
+                                              moe_dense_layers=(1,)), (1,)),
+             "mixtral": (debug.with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
+                                            moe_ffn_dim=176), (1, 2))}
+    steps, prompt = 3, 5
+    for arch, (spec, batches) in specs.items():
+        moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
+        for batch in batches:
+            logits, tokens = {}, {}
+            for kind in moe_module.MOE_KERNELS:
+                model = build_model(spec, seed=7)
+                gen = torch.Generator().manual_seed(7)
+                for layer in model.layers:  # a wide router: tokens spread over the experts
+                    if isinstance(layer.feed_forward, MoEFeedForward):
+                        torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0,
+                                              generator=gen)
+                moe_module.set_moe_kernel(model, kind)
+                model.setup_cache(batch, 16)
+                ids = torch.randint(0, spec.vocab_size, (batch, prompt),
+                                    generator=torch.Generator().manual_seed(8))
+                outs = []
+                with torch.inference_mode():
+                    out = model(ids, torch.arange(prompt))
+                    calls.clear()
+                    for i in range(prompt, prompt + steps):
+                        outs.append(out[:, -1:])
+                        ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
+                        out = model(ids[:, -1:], torch.tensor([i]))
+                logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
+                want = [batch] * moe_layers * steps if kind == "triton" else []
+                assert calls == want, f"{arch} batch {batch} {kind}: kernels ran {calls}"
+            assert torch.equal(tokens["triton"], tokens["torch"]), f"{arch} {batch}: tokens"
+            err = (logits["triton"] - logits["torch"]).abs().max().item()
+            assert err < 1e-4, f"{arch} batch {batch}: logits differ by {err}"
+    moe_module.gathered_experts = real
+
+
+def check_compiled_trace() -> None:
+    """torch.compile (fullgraph) traces a batch-1 MoE block with the Triton choice into the two
+    ops (their PDL twins, opaque custom ops with fake kernels: the interpreter cannot run under
+    dynamo's fake tensors), no gather of the stacked weights left in the graph, and the traced
+    block's output is the uncompiled one's."""
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.model import build_model
+    from infermeter.specs.presets import PRESETS
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    spec = PRESETS["debug"].with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
+                                         moe_ffn_dim=176)
+    moe = build_model(spec, seed=9).layers[0].feed_forward
+    moe.moe_kernel = "triton"
+    x = torch.randn(1, 1, spec.dim, generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode(), pdl.launching(True):
+        traced = torch.compile(moe, fullgraph=True, dynamic=False, backend=keep)(x)
+        plain = moe(x)
+    targets = [str(node.target) for node in graphs[-1].graph.nodes]
+    ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
+    assert ours == ["gemv_pdl", "experts_swiglu_pdl", "experts_down_pdl"], ours  # the router's
+    stacked = {node for node in graphs[-1].graph.nodes
+               if any(f"{w}_parameters_weight" in node.name for w in ("w1", "w2", "w3"))}
+    readers = {str(user.target).split(".")[-2] for node in stacked for user in node.users}
+    assert len(stacked) == 3 and readers == {"experts_swiglu_pdl", "experts_down_pdl"}, readers
+    assert torch.equal(traced, plain), "traced and uncompiled blocks differ"
+    torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    for check in (check_kernels, check_rounding_points, check_tensor_parallel_shards,
+                  check_compiled_trace, check_model_greedy):
+        start = time.perf_counter()
+        check()
+        print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print("ok")

@@ -1,0 +1,173 @@
+"""The gathered-expert kernels (engine/kernels/expert_gemv.py, --moe-kernel triton).
+
+Under Triton's CPU interpreter in a subprocess (tests/expert_gemv_worker.py): each kernel against
+the torch gathered path's rounding points (several E, k and token counts, ragged tiles, experts
+shared across tokens; float32, float16, bfloat16), a tensor-parallel rank's shards, the compiled
+trace, and greedy tokens of tiny Qwen3-MoE and Mixtral models, Triton against torch. Here: the
+PDL launches' PTX keeps pdl.py's rule, the choice reaches every MoE block and the Result, and the
+A/B script's CPU check. No GPU: which is faster is benchmarks/moe_kernel_ab.py's to say.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infermeter.engine.moe import MOE_KERNELS, MoEFeedForward, set_moe_kernel
+from infermeter.specs.presets import PRESETS
+from tests.test_peer_all_reduce import needs_triton
+
+WORKER = Path(__file__).with_name("expert_gemv_worker.py")
+MIXTRAL = PRESETS["debug"].with_updates(name="tiny-mixtral", arch="mixtral", n_experts=4,
+                                        n_active_experts=2, moe_ffn_dim=176)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_expert_kernels_under_the_triton_interpreter():
+    root = WORKER.parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), str(root),
+                                                       os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@needs_triton
+def test_pdl_launches_wait_before_reading_anything(monkeypatch):
+    """Both ops launched with PDL, compiled for sm_90 (so they build for a GPU at all): the wait
+    comes before the release and before every global load (the ids say which rows to read)."""
+    from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
+    from tests.test_pdl import first, pdl_launches, sm90_lines
+
+    dtype = torch.bfloat16
+    x, ids = torch.zeros(2, 2048, dtype=dtype), torch.zeros(2, 8, dtype=torch.int64)
+    w13, w2 = torch.zeros(128, 768, 2048, dtype=dtype), torch.zeros(128, 2048, 768, dtype=dtype)
+    act, weights = torch.zeros(2, 8, 768, dtype=dtype), torch.zeros(2, 8, dtype=dtype)
+    calls = {"swiglu": lambda: _experts_swiglu(x, ids, w13, w13, pdl=True),
+             "down": lambda: _experts_down(act, ids, weights, w2, pdl=True)}
+    for name, call in calls.items():
+        launches = pdl_launches(monkeypatch, call)
+        assert len(launches) == 1
+        kernel, args, kwargs = launches[0]
+        assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
+        metadata, lines = sm90_lines(kernel, args, kwargs)
+        assert metadata.launch_pdl, name
+        wait = first(lines, "griddepcontrol.wait")
+        assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines), name
+        assert first(lines, "ld.global") > wait, name
+        assert any("evict_first" in line for line in lines if "ld.global" in line), name
+
+
+@torch.inference_mode()
+def test_without_triton_where_the_model_runs_the_choice_changes_nothing():
+    """On the CPU without the interpreter Triton cannot run: a model asked for "triton" runs
+    the torch path, the same logits; an unknown kind is refused."""
+    from infermeter.engine.model import build_model
+
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kind in MOE_KERNELS:
+        model = build_model(MIXTRAL, seed=1)
+        set_moe_kernel(model, kind)
+        assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == {kind}
+        model.setup_cache(1, 8)
+        outs = [model(tokens[:, :4], torch.arange(4))]
+        outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in (4, 5)]
+        logits[kind] = torch.cat(outs, dim=1)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert torch.equal(logits["triton"], logits["torch"])
+    with pytest.raises(ValueError, match="unknown MoE kernel"):
+        set_moe_kernel(model, "cutlass")
+
+
+def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monkeypatch):
+    """--moe-kernel: the CLI's choices are the engine's, "torch" by default (until a GPU
+    measures otherwise); the runner sets every MoE block; the Result records "triton" where a
+    case's batch takes the gathered path (batch x k <= E) and Triton runs, eager or compiled,
+    "torch" otherwise, and nothing for a model without experts."""
+    from infermeter.cli import build_parser
+    from infermeter.commands.generate import MOE_KERNELS as CLI_KINDS
+    from infermeter.engine import moe as moe_module
+    from infermeter.engine.checkpoint.load import load_weights
+    from infermeter.engine.model import build_model
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    assert CLI_KINDS == MOE_KERNELS
+    assert EngineChoices().moe_kernel == "torch"
+    assert build_parser().parse_args(["generate", "--model", "debug"]).moe_kernel == "torch"
+    assert build_parser().parse_args(["generate", "--model", "debug", "--moe-kernel",
+                                      "triton"]).moe_kernel == "triton"
+    model = build_model(MIXTRAL, seed=0)
+    sets = prompt_sets((1,), (4,), (), MIXTRAL.vocab_size, 0, ())
+    request = GenerateRequest("random:tiny", engine=EngineChoices(moe_kernel="triton"))
+    for mode in ("compiled", "eager"):
+        (case,) = plan_cases(MIXTRAL, sets, (mode,), 4, None, None)
+        runner = EngineRunner(model, case, request)
+        assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == \
+            {"triton"}
+        monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
+        runner.batch_sizes = [1, 2]  # 2 x 2 pairs: the 4 experts, still gathered
+        assert runner.describe()["moe_kernel"] == "triton", mode
+        runner.batch_sizes = [3]  # 6 pairs > 4 experts: every expert or grouped
+        assert runner.describe()["moe_kernel"] == "torch", mode
+        monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: False)
+        runner.batch_sizes = [1]
+        assert runner.describe()["moe_kernel"] == "torch", mode  # no Triton here
+    (case,) = plan_cases(MIXTRAL, sets, ("compiled",), 4, None, None)
+    EngineRunner(model, case, GenerateRequest("random:tiny"))
+    assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == {"torch"}
+    dense = load_weights("random:debug", "cpu", "float32")
+    (case,) = plan_cases(PRESETS["debug"], sets, ("compiled",), 4, None, None)
+    assert EngineRunner(dense, case, request).describe()["moe_kernel"] is None
+
+
+def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_path):
+    """benchmarks/moe_kernel_ab.py's CPU check: a request per kind is each MoE model's compiled
+    decode at batch 1 and 4 (both gathered: 4 x k <= E); run here eagerly on a tiny random
+    Mixtral of 8 experts, torch then triton append a Result per batch, labelled with the kernel
+    asked for, and the summary has a row for each and triton / torch per batch."""
+    from infermeter.engine.checkpoint.load import save_checkpoint
+    from infermeter.engine.model import build_model
+    from infermeter.measure.env import capture_env
+    from infermeter.measure.result import read_results
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("moe_kernel_ab")
+    assert tuple(script.KINDS) == MOE_KERNELS
+    for model, dtype in script.MODELS.items():
+        spec = PRESETS[model]
+        assert all(batch * spec.n_active_experts <= spec.n_experts for batch in script.BATCHES)
+        request = script.ab_request(model, "triton")
+        assert (request.source, request.dtype, request.modes, request.batch_sizes) == \
+            (f"random:{model}", dtype, ("compiled",), script.BATCHES)
+        assert request.engine.moe_kernel == "triton" and request.timing.roofline
+    tiny = MIXTRAL.with_updates(n_experts=8)  # batch 4 gathered too, as in the real models
+    save_checkpoint(build_model(tiny, seed=0), tmp_path / "tiny", "hf")
+    path = tmp_path / "ab.jsonl"
+    script.run_model("mixtral-8x7b", 1, path, capture_env(), source=str(tmp_path / "tiny"),
+                     device="cpu", dtype="float32", modes=("eager",), prompt_lens=(4,),
+                     max_new_tokens=3, max_seq_len=8, repeats=2, warmup=0, roofline=False)
+    results = read_results(path)
+    assert [(r.config["ab"]["kernel"], r.config["batch_size"]) for r in results] == \
+        [(kind, batch) for kind in MOE_KERNELS for batch in script.BATCHES]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert {r.config["moe_kernel"] for r in results} == {"torch"}  # no Triton here
+    assert all(len(script.run_tpots(r)) == 2 for r in results)
+    assert all(r.metrics["moe_experts_per_step"] for r in results)
+    text = script.summary(results)
+    name = results[0].model["name"]
+    rows = [line.split() for line in text.splitlines()
+            if line.startswith(f"{name} ") and "triton / torch" not in line]
+    assert [(row[2], row[3]) for row in rows] == [(str(b), k) for k in MOE_KERNELS
+                                                  for b in script.BATCHES], text
+    for batch in script.BATCHES:
+        assert f"{name} batch {batch}: triton / torch TPOT" in text, text
