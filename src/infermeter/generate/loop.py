@@ -5,7 +5,8 @@
 
 For every case (prompt set x mode; one `generate` Result each):
 1. warm-up, timed apart (`warmup_s`): compile + CUDA-graph capture for the compiled mode (the
-   Generator's warmup() per shape), a short run for eager, a first generate for hf; then
+   Generator's warmup() per shape; with Timing.share_compiled only what no earlier case of the
+   same cache compiled), a short run for eager, a first generate for hf; then
    `request.timing.warmup` untimed full runs (`warmup_runs_s`: allocator growth, cuBLAS
    heuristics);
 2. `request.timing.repeats` timed runs; in each, a StepRecorder hook marks start, first token
