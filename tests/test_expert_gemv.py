@@ -171,3 +171,37 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
                                                   for b in script.BATCHES], text
     for batch in script.BATCHES:
         assert f"{name} batch {batch}: triton / torch TPOT" in text, text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_expert_kernels_on_cuda_match_the_torch_path(name):
+    """On a GPU, one layer's experts of the real model at its shapes (bf16, random weights),
+    batch 1 and 4, plain and PDL launches: the Triton path within rounding of the torch
+    gathered path (both against the float32 products' scale)."""
+    from infermeter.engine.kernels import pdl
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    spec = PRESETS[name]
+    dim, hidden, n_experts, top_k = spec.dim, spec.moe_ffn_dim, spec.n_experts, \
+        spec.n_active_experts
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    moe = MoEFeedForward(dim, hidden, n_experts, top_k, True).to("cuda", torch.bfloat16)
+    for param in moe.parameters():
+        param.data = (torch.randn(param.shape, device="cuda", generator=gen)
+                      / param.shape[-1] ** 0.5).to(torch.bfloat16)
+    with torch.inference_mode():
+        for batch in (1, 4):
+            x = torch.randn(batch, dim, device="cuda", generator=gen).to(torch.bfloat16)
+            weights, ids = moe.route(x)
+            moe.moe_kernel = "torch"
+            want = moe.gathered(x, weights, ids).float()
+            moe.moe_kernel = "triton"
+            for pdl_on in (False, True):
+                if pdl_on and not pdl.supported(x.device):
+                    continue
+                with pdl.launching(pdl_on):
+                    got = moe.gathered(x, weights, ids).float()
+                err = (got - want).abs().max().item()
+                assert err <= 4 * 2 ** -8 * want.abs().max().item(), (batch, pdl_on, err)
