@@ -203,14 +203,15 @@ def mode_rank(record: Record) -> int:
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 DEFAULT_STEP_KERNELS = "split"  # generate --step-kernels (engine/model.py); unrecorded: split
+DEFAULT_MOE_KERNEL = "torch"  # generate --moe-kernel (engine/moe.py); unrecorded: torch
 
 
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
     inductor's matrix-vector products (the GEMV is the default), other all-reduces than
     auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused), another --pdl than the
-    default or a fused step (--step-kernels): a comparison run (e.g. the
-    generation sweep's kernel or gemv part), not the representative.
+    default, a fused step (--step-kernels) or Triton's gathered experts (--moe-kernel): a
+    comparison run (e.g. the generation sweep's kernel or gemv part), not the representative.
     A Result from before a setting was recorded ran what existed then: inductor's reductions
     and NCCL's all-reduces."""
     cfg = record.config
@@ -224,7 +225,8 @@ def off_default_kernels(record: Record) -> bool:
     all_reduce = cfg.get("tp_all_reduce") or unrecorded
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
-            or (cfg.get("step_kernels") or DEFAULT_STEP_KERNELS) != DEFAULT_STEP_KERNELS)
+            or (cfg.get("step_kernels") or DEFAULT_STEP_KERNELS) != DEFAULT_STEP_KERNELS
+            or (cfg.get("moe_kernel") or DEFAULT_MOE_KERNEL) != DEFAULT_MOE_KERNEL)
 
 
 def _newest_first(record: Record) -> float:
