@@ -69,7 +69,7 @@ def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
     cache = torch.zeros(1, 4, 256, 64, dtype=dtype)
     pos = torch.arange(256)
     gate = torch.zeros(1, 1, 1000, dtype=dtype)
-    calls = {"attention": lambda: _split_kv_decode(q, cache, cache, pos, pos[:1], 0, False, 3,
+    calls = {"attention": lambda: _split_kv_decode(q, cache, cache, pos, pos[:1], 0, False, 3, 0.0,
                                                     pdl=True),
              "activation": lambda: _silu_mul(gate, gate, pdl=True)}
     for n_cols in (2560, 4096, 5120, 11008):  # every tiling rule of tiles_for
