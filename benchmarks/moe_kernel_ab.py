@@ -4,21 +4,22 @@ decode, on one GPU: the measurement the default waits for (issue 25).
     python benchmarks/moe_kernel_ab.py [--models qwen3-30b-a3b mixtral-8x7b] [--rounds 2]
     python benchmarks/moe_kernel_ab.py --summary-only
 
-Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
-failure leaves the others), which times "torch" then "triton", --rounds times over (ABAB...:
-drift shows as a difference between rounds), each kind one `infermeter generate` request over
-BATCHES (its own loop, random bf16 weights loaded once a request and freed before the next:
-Mixtral-8x7B's 93 GB fit one H200 once): compiled, an 80-token prompt and 432 new tokens in a
-512-token cache (generation_sweep.py's seed case), REPEATS timed runs after one untimed, the HBM
-bandwidth measured in the same run for MBU. Both batches take the gathered path (batch x k <= E:
-Qwen3-30B-A3B 4 x 8 of 128, Mixtral 4 x 2 of 8), and MBU is on the active weights: the experts each
-decode step's routing touched, counted after the timed runs (docs/design.md, "MoE bytes per
-decode step"). Every Result is appended to results/moe-kernel-<device>.jsonl as soon as it is done
-(config.ab: the kernel asked for and the round; config.moe_kernel: what ran), and $OUT gets a
-copy. The summary (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run,
-batch and kernel: TPOT p50 over every step, the median and range of the per-run TPOTs (a run's
-decode time over its steps), MBU, the experts a layer's step read, decode tok/s and the warm-up;
-then triton / torch per model and batch, and whether the per-run ranges are apart.
+Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's failure
+leaves the others), which times "torch" then "triton", --rounds times over (ABAB...: drift shows as
+a difference between rounds), each kind one `infermeter generate` request over BATCHES (its own
+loop, random bf16 weights loaded once a request and freed before the next: Mixtral-8x7B's 93 GB fit
+one H200 once): compiled, an 80-token prompt and 432 new tokens in a 512-token cache
+(generation_sweep.py's seed case), REPEATS timed runs after one untimed, the HBM bandwidth measured
+in the same run for MBU. Both batches take the gathered path (batch x k <= E: Qwen3-30B-A3B 4 x 8 of
+128, Mixtral 4 x 2 of 8), and MBU is on the active weights: the experts each decode step's routing
+touched, counted after the timed runs (docs/design.md, "MoE bytes per decode step"); at batch 4 the
+torch path reads an expert once per token that chose it, the Triton kernels once. Every Result is
+appended to results/moe-kernel-<device>.jsonl as soon as it is done (config.ab: the kernel asked for
+and the round; config.moe_kernel: what ran), and $OUT gets a copy. The summary
+(results/moe-kernel-<device>-summary.txt) gives, for each model's latest run, batch and kernel: TPOT
+p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its steps),
+MBU, the experts a layer's step read, decode tok/s and the warm-up; then triton / torch per model
+and batch, and whether the per-run ranges are apart.
 Each compiled case compiles afresh: run one model per command where a command may take 10
 minutes.
 """

@@ -6,17 +6,23 @@ References are MoEFeedForward's torch gathered path and a float32 chain with its
 (gate and up rounded, silu rounded, their product rounded; each expert's down product rounded,
 times its routing weight rounded, the k summed in float32 in routing order, rounded). As in
 fused_step_worker.py, Triton's interpreter rounds float32 -> bfloat16 toward zero, so bfloat16
-references round that way (`rounder`)."""
+references round that way (`rounder`), except the final sum of several tokens' terms, which
+torch rounds."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+import triton
+import triton.language as tl
 
 from infermeter.engine import moe as moe_module
 from infermeter.engine.kernels import expert_gemv
 from infermeter.engine.kernels.expert_gemv import (
     _experts_down,
     _experts_swiglu,
+    _sharing_tokens,
     experts_down,
     experts_swiglu,
 )
@@ -26,7 +32,7 @@ from tests.fused_step_worker import ULP, close, rounder
 # (E, k, N tokens, ffn, dim, tiles): tiles_for's own tiles, or (BLOCK_N, BLOCK_K, warps) small
 # enough that tiny shapes take several column tiles and ragged row blocks (the interpreter's
 # cost is per program); N*k = E; BLOCK_N 1 (a gate/up program's half of it rounds up to 1)
-CASES = ((8, 2, 1, 24, 64, None), (8, 2, 4, 19, 40, (8, 16, 4)), (6, 3, 2, 9, 20, (1, 16, 4)),
+CASES = ((8, 2, 1, 24, 64, None), (8, 2, 4, 19, 40, (8, 16, 4)), (6, 3, 2, 9, 12, (1, 16, 4)),
          (4, 1, 3, 33, 40, (4, 64, 4)))
 TILES_FOR = expert_gemv.tiles_for
 
@@ -65,7 +71,8 @@ def reference(x, ids, weights, w1, w3, w2):
     out = torch.zeros_like(terms[:, 0])
     for j in range(ids.shape[1]):  # routing order
         out = out + terms[:, j]
-    return act, rnd(out), gate, up
+    # one token: summed in the down kernel; more: by torch, which rounds to nearest here too
+    return act, rnd(out) if ids.shape[0] == 1 else out.to(x.dtype).float(), gate, up
 
 
 def module_with(w1, w3, w2, top_k: int) -> MoEFeedForward:
@@ -78,11 +85,11 @@ def module_with(w1, w3, w2, top_k: int) -> MoEFeedForward:
 
 
 def check_kernels() -> None:
-    """Each kernel against the float32 chain with its rounding points, every dtype (the module's
-    torch path is the reference of the checks below); the PDL launch's arithmetic is the
-    same."""
+    """Each kernel against the float32 chain with its rounding points, in the 16-bit dtypes
+    (float32 and the module's torch path are the checks below'); the PDL launch's arithmetic
+    is the same."""
     gen = torch.Generator().manual_seed(21)
-    for dtype in ULP:
+    for dtype in (torch.float16, torch.bfloat16):  # float32: the checks below
         for n_experts, top_k, n_tokens, hidden, dim, tiles in CASES:
             what = f"{dtype} E{n_experts} k{top_k} N{n_tokens} {hidden}x{dim} tiles {tiles}"
             expert_gemv.tiles_for = TILES_FOR if tiles is None else \
@@ -119,14 +126,14 @@ def check_rounding_points() -> None:
     (float32 and float16; bfloat16 the truncating reference). Routing weights that are not
     powers of two make the rounding of each weighted term count."""
     gen = torch.Generator().manual_seed(22)
-    n_experts, top_k, n_tokens, hidden, dim = 8, 4, 2, 24, 40
+    n_experts, top_k, hidden, dim = 8, 4, 12, 24
 
     def picks(n: int, rows: int, cols: int) -> torch.Tensor:
         pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
         signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
         return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
 
-    for dtype in ULP:
+    for dtype, n_tokens in itertools.product(ULP, (1, 2)):  # one token; two sharing experts
         x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
         w1, w3, w2 = (picks(n_experts, hidden, dim).to(dtype), picks(n_experts, hidden, dim)
                       .to(dtype), picks(n_experts, dim, hidden).to(dtype))
@@ -141,8 +148,34 @@ def check_rounding_points() -> None:
             torch.testing.assert_close(got, want, rtol=0,
                                        atol=4 * ULP[dtype] * want.abs().max().item())
         else:
-            assert torch.equal(got, want), f"rounding points {dtype}: " \
+            assert torch.equal(got, want), f"rounding points {dtype} N{n_tokens}: " \
                 f"{(got.float() - want.float()).abs().max().item()}"
+
+
+def check_each_expert_has_one_reader() -> None:
+    """_sharing_tokens, which decides the programs that read an expert: for each slot, whether
+    it is its expert's first slot, and the slot where each token chose that expert (-1: not
+    chosen); so each distinct expert is read by one program per row block, for all its
+    tokens."""
+    @triton.jit
+    def probe(IDS, OWNER, WHERE, n_tokens, top_k, TOKENS: tl.constexpr, TOPK: tl.constexpr):
+        slot = tl.program_id(0)
+        owner, where = _sharing_tokens(IDS, slot, tl.load(IDS + slot), n_tokens, top_k,
+                                       TOKENS, TOPK)
+        tl.store(OWNER + slot, owner.to(tl.int32))
+        tl.store(WHERE + slot * TOKENS + tl.arange(0, TOKENS), where)
+
+    ids = torch.tensor([[3, 1, 6], [1, 3, 0], [5, 2, 4]])  # 1 and 3 shared, in other places
+    n_tokens, top_k = ids.shape
+    owner = torch.empty(n_tokens * top_k, dtype=torch.int32)
+    where = torch.empty(n_tokens * top_k, 4, dtype=torch.int64)
+    probe[(n_tokens * top_k,)](ids, owner, where, n_tokens, top_k, TOKENS=4, TOPK=4)
+    assert owner.tolist() == [1, 1, 1, 0, 0, 1, 1, 1, 1], owner.tolist()
+    flat = ids.flatten().tolist()
+    for slot, expert in enumerate(flat):
+        want = [row.index(expert) + n * top_k if expert in row else -1
+                for n, row in enumerate(ids.tolist())] + [-1]  # the 4th token: padding
+        assert where[slot].tolist() == want, (slot, where[slot].tolist(), want)
 
 
 def check_tensor_parallel_shards() -> None:
@@ -154,6 +187,7 @@ def check_tensor_parallel_shards() -> None:
 
     spec = PRESETS["debug"].with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
                                          moe_ffn_dim=176)
+    expert_gemv.tiles_for = lambda n_cols, gpu="": (16, 32, 4)  # few programs, ragged tails
     whole = build_model(spec, seed=5).layers[0].feed_forward
     torch.nn.init.normal_(whole.gate.weight, std=1.0)
     x = torch.randn(2, spec.dim, generator=torch.Generator().manual_seed(6))
@@ -171,6 +205,7 @@ def check_tensor_parallel_shards() -> None:
         parts.append(moe.gathered(x, weights, ids))
         assert (parts[-1] - torch_out).abs().max().item() < 1e-5, f"rank {rank}"
     assert (parts[0] + parts[1] - full).abs().max().item() < 1e-5, "shards' sum"
+    expert_gemv.tiles_for = TILES_FOR
 
 
 def check_model_greedy() -> None:
@@ -264,8 +299,8 @@ if __name__ == "__main__":
     import sys
     import time
 
-    for check in (check_kernels, check_rounding_points, check_tensor_parallel_shards,
-                  check_compiled_trace, check_model_greedy):
+    for check in (check_kernels, check_rounding_points, check_each_expert_has_one_reader,
+                  check_tensor_parallel_shards, check_compiled_trace, check_model_greedy):
         start = time.perf_counter()
         check()
         print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)

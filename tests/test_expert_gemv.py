@@ -41,17 +41,22 @@ def test_expert_kernels_under_the_triton_interpreter():
 
 @needs_triton
 def test_pdl_launches_wait_before_reading_anything(monkeypatch):
-    """Both ops launched with PDL, compiled for sm_90 (so they build for a GPU at all): the wait
-    comes before the release and before every global load (the ids say which rows to read)."""
+    """Every kernel launched with PDL at Qwen3-30B-A3B's shapes, compiled for sm_90 (so they
+    build for a GPU at all): gate/up at 1 and 2 tokens, down with its weighted sum (1 token)
+    and down's per-expert terms (2 tokens sharing experts). The wait comes before the release
+    and before every global load (the ids say which rows to read)."""
     from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
     from tests.test_pdl import first, pdl_launches, sm90_lines
 
     dtype = torch.bfloat16
-    x, ids = torch.zeros(2, 2048, dtype=dtype), torch.zeros(2, 8, dtype=torch.int64)
     w13, w2 = torch.zeros(128, 768, 2048, dtype=dtype), torch.zeros(128, 2048, 768, dtype=dtype)
-    act, weights = torch.zeros(2, 8, 768, dtype=dtype), torch.zeros(2, 8, dtype=dtype)
-    calls = {"swiglu": lambda: _experts_swiglu(x, ids, w13, w13, pdl=True),
-             "down": lambda: _experts_down(act, ids, weights, w2, pdl=True)}
+    calls = {}
+    for n in (1, 2):
+        x, ids = torch.zeros(n, 2048, dtype=dtype), torch.zeros(n, 8, dtype=torch.int64)
+        act, weights = torch.zeros(n, 8, 768, dtype=dtype), torch.zeros(n, 8, dtype=dtype)
+        calls[f"swiglu {n}"] = lambda x=x, ids=ids: _experts_swiglu(x, ids, w13, w13, pdl=True)
+        calls[f"down {n}"] = lambda a=act, ids=ids, w=weights: _experts_down(a, ids, w, w2,
+                                                                              pdl=True)
     for name, call in calls.items():
         launches = pdl_launches(monkeypatch, call)
         assert len(launches) == 1

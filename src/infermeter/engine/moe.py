@@ -21,9 +21,10 @@ Three ways to run the experts, the same numbers:
   every token, weighted by the [N, E] routing weights (zero where unrouted); reads every
   expert once, as a batch whose union is near E does anyway.
 The gathered path has a second implementation (moe_kernel "triton", MOE_KERNELS):
-kernels/expert_gemv.py's two kernels read the chosen experts' rows straight from the stacked
-weights by id (no gathered copy), with the same rounding points; it runs wherever Triton does,
-eager and compiled, and stays opt-in until a GPU measures it (benchmarks/moe_kernel_ab.py).
+kernels/expert_gemv.py's kernels read the chosen experts' rows straight from the stacked
+weights by id (no gathered copy; an expert several tokens chose, once), with the same rounding
+points; it runs wherever Triton does, eager and compiled, and stays opt-in until a GPU measures
+it (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
 """

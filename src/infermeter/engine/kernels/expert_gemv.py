@@ -4,29 +4,37 @@ Why: a batch-1 MoE decode step reads only its k chosen experts (Qwen3-30B-A3B: 8
 experts a layer), so the step is as fast as those experts' rows are streamed. MoEFeedForward's
 torch path indexes the stacked weights [E, ffn, dim] by the routing ids: eagerly that copies the
 chosen experts' matrices (read, write, read again), and compiled it leaves inductor to fuse the
-gather into the product or not. These two kernels read each chosen expert's rows where they lie,
-once, by its id, with gemv.py's tiling (tiles_for's tiles, evict-first weight loads, a float32
-[BLOCK_N, BLOCK_K] partial product, one row sum at the end):
+gather into the product or not; either way an expert two tokens chose is read twice. These
+kernels read each distinct chosen expert's rows where they lie, once a step, by its id, with
+gemv.py's tiling (tiles_for's tiles, evict-first weight loads, float32 partial products, one row
+sum at the end):
 
   experts_swiglu  grid (row blocks of ffn, N*k slots): slot s is token s // k's (s % k)-th
-                  choice; a program reads the slot's expert id, then BLOCK_N / 2 gate rows of w1
-                  and as many up rows of w3 (so it holds the GEMV's number of weight rows) against
-                  the token's x, and writes silu(gate) * up [N, k, ffn].
-  experts_down    grid (row blocks of dim, N tokens): a program runs the token's k experts in
-                  routing order, each a w2 product over its slot's activation, and sums them
-                  weighted by the routing into out [N, dim]. The combine lives in the kernel,
-                  not in torch, because one program owning a token's rows can keep the eager
-                  path's order and roundings exactly with no atomics (a grid over slots would
-                  need float32 atomics: an order that changes from run to run).
+                  choice. A program reads the slot's expert id and whether the slot is that
+                  expert's first (_sharing_tokens; the others do nothing), then BLOCK_N / 2
+                  gate rows of w1 and as many up rows of w3 (so it holds the GEMV's number of
+                  weight rows) against the x of every token that chose the expert, and writes
+                  silu(gate) * up into each such token's slot of [N, k, ffn].
+  experts_down    one token (batch 1): grid (row blocks of dim, 1); the program runs the token's
+                  k experts in routing order, each a w2 product over its slot's activation, and
+                  sums them weighted by the routing into out [1, dim] (one program owning the
+                  token's rows keeps eager's order with no atomics, and no extra kernel).
+                  Several tokens: grid (row blocks of dim, N*k slots), an expert's first slot
+                  multiplies its w2 rows by every choosing token's activation and writes each
+                  weighted term into [N, k, dim]; torch sums the k terms (a small kernel: summing
+                  in the weight kernel would need float32 atomics, whose order changes from run
+                  to run).
+With TOKENS tokens a program keeps TOKENS float32 partial products a weight tile, so its tiles
+are BLOCK_K / TOKENS columns wide (as many registers as the GEMV's).
 
 Numerics are the eager gathered path's rounding points: gate and up products in float32, each
 rounded to the dtype once; silu in float32, rounded; its product with up rounded (swiglu.py's
 points); each expert's down product rounded, times its routing weight (in the dtype) rounded,
-and the k of them summed in float32 in routing order, rounded once (`(down * weights).sum(1)`).
-So the two paths part only where a float32 sum order decides a rounding (the products' order
-against the batched matmul's). The compiled torch path is one rounding further from eager:
-inductor fuses the routing product into the sum and, with emulate_precision_casts off, does not
-round it first.
+and the k of them summed in float32 in routing order, rounded once (`(down * weights).sum(1)`;
+several tokens: by that same torch sum). So the two paths part only where a float32 sum order
+decides a rounding (the products' order against the batched matmul's). The compiled torch path
+is one rounding further from eager: inductor fuses the routing product into the sum and, with
+emulate_precision_casts off, does not round it first.
 
 Tensor parallelism (experts split by rows): a rank's w1 / w3 hold [E, ffn / tp, dim] and its w2
 [E, dim, ffn / tp] (possibly a column slice: any row stride, unit column stride); the kernels
@@ -53,8 +61,24 @@ if triton is not None:
     from infermeter.engine.kernels.gemv import row_dots
 
     @triton.jit
-    def _experts_swiglu_kernel(X, IDS, W1, W3, OUT, n_rows, n_cols, top_k, stride_x,
+    def _sharing_tokens(IDS, slot, expert, n_tokens, top_k, TOKENS: tl.constexpr,
+                        TOPK: tl.constexpr):
+        """For the expert of `slot`: whether `slot` is the first slot that chose it (its
+        program reads the expert for every token), and per token [TOKENS] the slot where that
+        token chose it (-1: not chosen)."""
+        tokens = tl.arange(0, TOKENS)
+        choices = tl.arange(0, TOPK)
+        ok = (tokens < n_tokens)[:, None] & (choices < top_k)[None, :]
+        slots = tokens[:, None] * top_k + choices[None, :]  # [TOKENS, TOPK]
+        hit = ok & (tl.load(IDS + slots, mask=ok, other=-1) == expert)
+        where = tl.max(tl.where(hit, slots, -1), 1)  # [TOKENS]
+        first = tl.min(tl.min(tl.where(hit, slots, TOKENS * TOPK), 1), 0)
+        return first == slot, where
+
+    @triton.jit
+    def _experts_swiglu_kernel(X, IDS, W1, W3, OUT, n_rows, n_cols, n_tokens, top_k, stride_x,
                                stride_e1, stride_r1, stride_e3, stride_r3,
+                               TOKENS: tl.constexpr, TOPK: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,28 +87,33 @@ if triton is not None:
         if PDL:  # x and the ids are the previous kernels' outputs, and the rows follow the ids
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        expert = tl.load(IDS + slot).to(tl.int64)
-        x_row = X + (slot // top_k).to(tl.int64) * stride_x
-        gate_at = W1 + expert * stride_e1 + rows[:, None] * stride_r1
-        up_at = W3 + expert * stride_e3 + rows[:, None] * stride_r3
-        acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, n_cols, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < n_cols
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            gate = tl.load(gate_at + cols[None, :], mask=tile_ok, other=0.0,
-                           eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
-            up = tl.load(up_at + cols[None, :], mask=tile_ok, other=0.0,
-                         eviction_policy="evict_first")
-            acc_gate += gate.to(tl.float32) * x
-            acc_up += up.to(tl.float32) * x
-        dtype = OUT.dtype.element_ty
-        gate = tl.sum(acc_gate, 1).to(dtype).to(tl.float32)
-        up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        tl.store(OUT + slot.to(tl.int64) * n_rows + rows, (silu * up).to(dtype), mask=row_ok)
+        expert = tl.load(IDS + slot)
+        owner, where = _sharing_tokens(IDS, slot, expert, n_tokens, top_k, TOKENS, TOPK)
+        if owner:  # the expert's first slot: its rows once, for every token that chose it
+            chose = where >= 0  # [TOKENS]
+            x_rows = X + tl.arange(0, TOKENS).to(tl.int64)[:, None] * stride_x
+            gate_at = W1 + expert * stride_e1 + rows[:, None] * stride_r1
+            up_at = W3 + expert * stride_e3 + rows[:, None] * stride_r3
+            acc_gate = tl.zeros([TOKENS, BLOCK_N, BLOCK_K], tl.float32)
+            acc_up = tl.zeros([TOKENS, BLOCK_N, BLOCK_K], tl.float32)
+            for k0 in range(0, n_cols, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < n_cols
+                tile_ok = row_ok[:, None] & col_ok[None, :]
+                x = tl.load(x_rows + cols[None, :], mask=chose[:, None] & col_ok[None, :],
+                            other=0.0).to(tl.float32)[:, None, :]  # [TOKENS, 1, BLOCK_K]
+                gate = tl.load(gate_at + cols[None, :], mask=tile_ok, other=0.0,
+                               eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+                up = tl.load(up_at + cols[None, :], mask=tile_ok, other=0.0,
+                             eviction_policy="evict_first")
+                acc_gate += gate.to(tl.float32)[None, :, :] * x
+                acc_up += up.to(tl.float32)[None, :, :] * x
+            dtype = OUT.dtype.element_ty
+            gate = tl.sum(acc_gate, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
+            up = tl.sum(acc_up, 2).to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            tl.store(OUT + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
+                     (silu * up).to(dtype), mask=chose[:, None] & row_ok[None, :])
 
     @triton.jit
     def _experts_down_kernel(ACT, IDS, ROUTE, W2, OUT, n_rows, n_cols, top_k, stride_e,
@@ -107,30 +136,81 @@ if triton is not None:
             out += (down.to(dtype).to(tl.float32) * route).to(dtype).to(tl.float32)
         tl.store(OUT + token * n_rows + rows, out.to(dtype), mask=row_ok)
 
+    @triton.jit
+    def _experts_down_terms_kernel(ACT, IDS, ROUTE, W2, TERMS, n_rows, n_cols, n_tokens, top_k,
+                                   stride_e, stride_r, TOKENS: tl.constexpr, TOPK: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   PDL: tl.constexpr = False):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.program_id(1)
+        row_ok = rows < n_rows
+        if PDL:  # the activations, ids and routing weights are earlier kernels' outputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        expert = tl.load(IDS + slot)
+        owner, where = _sharing_tokens(IDS, slot, expert, n_tokens, top_k, TOKENS, TOPK)
+        if owner:  # the expert's first slot: its rows once, for every token that chose it
+            chose = where >= 0
+            act_rows = ACT + where.to(tl.int64)[:, None] * n_cols  # [TOKENS, 1]
+            w_at = W2 + expert * stride_e + rows[:, None] * stride_r
+            acc = tl.zeros([TOKENS, BLOCK_N, BLOCK_K], tl.float32)
+            for k0 in range(0, n_cols, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < n_cols
+                act = tl.load(act_rows + cols[None, :], mask=chose[:, None] & col_ok[None, :],
+                              other=0.0).to(tl.float32)[:, None, :]  # [TOKENS, 1, BLOCK_K]
+                w = tl.load(w_at + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                            other=0.0, eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+                acc += w.to(tl.float32)[None, :, :] * act
+            dtype = TERMS.dtype.element_ty
+            down = tl.sum(acc, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
+            route = tl.load(ROUTE + where, mask=chose, other=0.0).to(tl.float32)
+            tl.store(TERMS + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
+                     (down * route[:, None]).to(dtype), mask=chose[:, None] & row_ok[None, :])
+
+
+def _token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, int]:
+    """tiles_for's tiles for a program that multiplies its weight tile by n_tokens rows: as
+    many float32 partial products as the GEMV's (BLOCK_K / TOKENS columns, at least 16)."""
+    block_n, block_k, warps = tiles
+    return block_n, max(16, block_k // triton.next_power_of_2(n_tokens)), warps
+
 
 def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool) -> Tensor:
     n_tokens, top_k = ids.shape
     hidden, dim = w1.shape[1], w1.shape[2]
-    block_n, block_k, warps = tiles_for(dim, gpu_name(w1.device))
+    block_n, block_k, warps = _token_tiles(tiles_for(dim, gpu_name(w1.device)), n_tokens)
     block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
     out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     launch(_experts_swiglu_kernel, (triton.cdiv(hidden, block_n), n_tokens * top_k), pdl,
-           x, ids.contiguous(), w1, w3, out, hidden, dim, top_k, x.stride(0), w1.stride(0),
-           w1.stride(1), w3.stride(0), w3.stride(1), BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=warps, num_stages=NUM_STAGES)
+           x, ids.contiguous(), w1, w3, out, hidden, dim, n_tokens, top_k, x.stride(0),
+           w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1),
+           TOKENS=triton.next_power_of_2(n_tokens), TOPK=triton.next_power_of_2(top_k),
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 
 def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool) -> Tensor:
     n_tokens, top_k = ids.shape
     dim, hidden = w2.shape[1], w2.shape[2]
-    block_n, block_k, warps = tiles_for(hidden, gpu_name(w2.device))
-    out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
-    launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
-           act.contiguous(), ids.contiguous(), weights.contiguous(), w2, out, dim, hidden, top_k,
-           w2.stride(0), w2.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-           num_stages=NUM_STAGES)
-    return out
+    act, ids, weights = act.contiguous(), ids.contiguous(), weights.contiguous()
+    if n_tokens == 1:  # k distinct experts: the weighted sum in the kernel
+        block_n, block_k, warps = tiles_for(hidden, gpu_name(w2.device))
+        out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
+        launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
+               act, ids, weights, w2, out, dim, hidden, top_k, w2.stride(0), w2.stride(1),
+               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
+        return out
+    # Tokens share experts: each expert's program writes every choosing token's weighted term,
+    # and torch sums the k terms (float32, rounded once) as the eager path does.
+    block_n, block_k, warps = _token_tiles(tiles_for(hidden, gpu_name(w2.device)), n_tokens)
+    terms = torch.empty(n_tokens, top_k, dim, dtype=act.dtype, device=act.device)
+    launch(_experts_down_terms_kernel, (triton.cdiv(dim, block_n), n_tokens * top_k), pdl,
+           act, ids, weights, w2, terms, dim, hidden, n_tokens, top_k, w2.stride(0),
+           w2.stride(1), TOKENS=triton.next_power_of_2(n_tokens),
+           TOPK=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=NUM_STAGES)
+    return terms.sum(dim=1)
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
