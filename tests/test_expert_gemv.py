@@ -240,3 +240,25 @@ def test_the_report_takes_a_triton_experts_result_for_a_comparison():
     assert not off_default_kernels(older) and not off_default_kernels(record(4, moe_kernel=None))
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[triton_run, torch_run])) \
         is torch_run
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_the_expert_ops_on_cuda():
+    """On a GPU, a tiny Mixtral MoE block (8 experts) with the Triton choice compiled by inductor
+    (fullgraph) at 1 and 3 tokens (the down kernel's weighted sum; then its per-expert terms and
+    the torch sum inside the op): the eager block's output within bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from infermeter.engine.model import build_model
+
+    spec = MIXTRAL.with_updates(n_experts=8)
+    moe = build_model(spec, device="cuda", dtype=torch.bfloat16, seed=0).layers[0].feed_forward
+    moe.moe_kernel = "triton"
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with torch.inference_mode():
+        for n_tokens in (1, 3):
+            x = torch.randn(n_tokens, 1, spec.dim, device="cuda", generator=gen).to(torch.bfloat16)
+            want = moe(x).float()
+            got = torch.compile(moe, fullgraph=True, dynamic=False)(x).float()
+            assert (got - want).abs().max().item() <= 4 * 2 ** -8 * want.abs().max().item()
+            torch._dynamo.reset()
