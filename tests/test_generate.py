@@ -398,6 +398,7 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_lengt
     from torch._dynamo.utils import counters
 
     from infermeter.engine.generator import _block_step
+    from infermeter.engine.model import prefill_from
 
     spec = PRESETS["debug"].with_updates(n_layers=3)
     plain, other = build_model(spec, seed=2), build_model(spec, seed=2)
@@ -417,8 +418,8 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer_and_lengt
         assert torch.equal(want.token, got.token)
         compiled.prepare(2, length, 6)
         positions = torch.arange(length)
-        with torch.no_grad():
-            plain.reset_cache()
+        with torch.no_grad(), prefill_from(plain, 0), prefill_from(other, 0):
+            plain.reset_cache()  # a prompt from position 0, as Generator.prefill runs it
             diff = plain(tokens, positions) - other(tokens, positions,
                                                     block_fn=compiled._block_fn())
         assert diff.abs().max() < 1e-5
