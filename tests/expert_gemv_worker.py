@@ -89,8 +89,10 @@ def check_kernels() -> None:
     (float32 and the module's torch path are the checks below'); the PDL launch's arithmetic
     is the same."""
     gen = torch.Generator().manual_seed(21)
-    for dtype in (torch.float16, torch.bfloat16):  # float32: the checks below
-        for n_experts, top_k, n_tokens, hidden, dim, tiles in CASES:
+    # each case in one 16-bit dtype, the two dtypes in turn (float32: the checks below; both
+    # dtypes' rounding points to the bit: check_rounding_points)
+    for case, (n_experts, top_k, n_tokens, hidden, dim, tiles) in enumerate(CASES):
+        for dtype in ((torch.float16, torch.bfloat16)[case % 2],):
             what = f"{dtype} E{n_experts} k{top_k} N{n_tokens} {hidden}x{dim} tiles {tiles}"
             expert_gemv.tiles_for = TILES_FOR if tiles is None else \
                 lambda n_cols, gpu="", t=tiles: t
