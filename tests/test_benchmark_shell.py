@@ -1,0 +1,49 @@
+"""The shell scripts a GPU run of the open targets starts from: the offload targets' command lines
+parse with today's flags (a renamed flag would otherwise surface only on the device), and the
+parts script refuses an unknown part with its usage."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from infermeter.cli import build_parser
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _command_lines(script: Path) -> list[list[str]]:
+    """`python3 -m infermeter ...` lines (continuations joined), "${name[@]}" arrays expanded,
+    other shell variables (file paths there) given a placeholder."""
+    text = re.sub(r"\\\n\s*", " ", script.read_text())
+    arrays = {name: body for name, body in re.findall(r"^\s*(\w+)=\((.*?)\)\s*$", text, re.M)}
+    lines = []
+    for line in text.splitlines():
+        if "-m infermeter " not in line or line.lstrip().startswith("#"):
+            continue
+        line = line.split("-m infermeter ", 1)[1].split(">", 1)[0].split("||", 1)[0]
+        line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays[m.group(1)], line)
+        line = re.sub(r'"?\$\{?\w+\}?"?(/[\w./-]*)?', "x", line)
+        lines.append(shlex.split(line))
+    return lines
+
+
+def test_the_offload_targets_parse_and_cover_the_issue_s_three_measurements():
+    lines = _command_lines(BENCHMARKS / "offload_targets.sh")
+    parser = build_parser()
+    for argv in lines:
+        args = parser.parse_args(argv)  # a bad flag exits 2 (SystemExit fails the test)
+        assert args.output == "x" and args.dtype == "bf16"
+    assert len(lines) == 3
+    flags = {flag for argv in lines for flag in argv if flag.startswith("--")}
+    assert {"--block-size", "--traffic", "--traffic-method", "--offloaded-decode"} <= flags
+    assert all(argv[0] == "offload" and "llama-3.1-8b" in argv for argv in lines)
+
+
+def test_the_parts_script_refuses_an_unknown_part():
+    run = subprocess.run(["bash", str(BENCHMARKS / "open_targets.sh"), "nope"],
+                         capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+    assert run.returncode == 2 and "usage:" in run.stderr
