@@ -20,7 +20,9 @@ from infermeter.engine.kernels.fused_step import (
     gemv_add,
     gemv_swiglu,
     norm_gemv,
+    norm_qkv_rope,
 )
+from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import GemmaRMSNorm, RMSNorm
 from infermeter.engine.opaque_ops import compiling
 
@@ -155,7 +157,8 @@ def check_model_step() -> None:
     kernel run by the interpreter) against "split" (the GEMV and SwiGLU kernels; the math
     attention in both): the same greedy tokens, and logits within sum-order error; a decode
     step runs the fused ops 4 times a layer and the GEMV only for the output head; the 4-token
-    prefill stays split. Llama (GQA) in float32, Qwen2 (q/k/v biases) in float16."""
+    prefill stays split; and eager's module forwards give the same tokens. Llama (GQA, a ring
+    layer) in float32, Qwen2 (q/k/v biases) in float16."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -173,17 +176,22 @@ def check_model_step() -> None:
         return lambda *args: calls.append(name) or real(*args)
 
     linear_module.matvec = counted("gemv", matvec)
-    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add"):
+    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache"):
         setattr(model_module, name, counted(name, getattr(fused_step, name)))
     debug = PRESETS["debug"]
-    specs = {"llama": debug, "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True)}
+    # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
+    specs = {"llama": debug.with_updates(sliding_window=3, sliding_window_layers=(1,)),
+             "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True)}
     steps, prompt = 3, 4
     for (arch, spec), dtype in zip(specs.items(), (torch.float32, torch.float16), strict=True):
         logits, tokens = {}, {}
-        for kind in ("split", "fused"):
+        for kind in ("eager", "split", "fused"):
+            # eager: the module forwards with no kernel at all (compiling() False)
+            model_module.compiling = linear_module.compiling = \
+                compiling if kind == "eager" else (lambda: True)
             model = build_model(spec, seed=3, dtype=dtype)
             fuse_projections(model)
-            set_step_kernels(model, kind)
+            set_step_kernels(model, "split" if kind == "eager" else kind)
             for layer in model.layers:  # the attention is not what differs: the quick one
                 layer.attention.decode_attention = "math"
             assert fused_step_layers(model) == (spec.n_layers if kind == "fused" else 0)
@@ -199,11 +207,13 @@ def check_model_step() -> None:
                     ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
                     out = model(ids[:, -1:], torch.tensor([i]))
             logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
-            fused = ["norm_matvec", "matvec_add", "norm_matvec_swiglu", "matvec_add"]
-            want = (["gemv"] * 4 * spec.n_layers if kind == "split" else fused * spec.n_layers) \
-                + ["gemv"]  # the output head
+            fused = ["norm_qkv_rope_cache", "matvec_add", "norm_matvec_swiglu", "matvec_add"]
+            want = {"eager": [], "split": ["gemv"] * (4 * spec.n_layers + 1),
+                    "fused": fused * spec.n_layers + ["gemv"]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
+        model_module.compiling = linear_module.compiling = lambda: True
         assert torch.equal(tokens["fused"], tokens["split"]), f"{arch}: tokens differ"
+        assert torch.equal(tokens["fused"], tokens["eager"]), f"{arch}: tokens differ from eager"
         err = (logits["fused"] - logits["split"]).abs().max().item()
         bound = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < bound, f"{arch} {dtype}: logits differ by {err}"
@@ -239,11 +249,79 @@ def check_rounding_points() -> None:
         assert torch.equal(got, want), f"add rounding {dtype}"
 
 
+def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    """float32 [heads, D]: rope.apply_rope's float32 arithmetic on t [heads, D] (dtype values
+    in float32), rounded as the kernel rounds here."""
+    pairs = t.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return rounder(dtype)(torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1)
+                          .flatten(-2))
+
+
+def check_norm_qkv_rope() -> None:
+    """norm + wqkv + RoPE + cache write against the unfused chain, to the bit: weight rows
+    that pick one of x's columns and x of quarter-integers make the product exact in any order
+    (as check_rounding_points), so each rounding point shows. GQA (ragged rows: 16 programs),
+    MHA with Qwen2's bias over three column tiles (4100: the GEMV's 2 rows a program), and a
+    ring layer (slot = position % 4, key_pos written) with Gemma's norm; positions 0, the last
+    slot, middle ones and past the ring's window; every other slot of the cache as it was."""
+    from infermeter.engine.rope import apply_rope
+
+    gen = torch.Generator().manual_seed(15)
+    head_dim, max_len = 8, 6
+    # heads, kv heads, columns, bias, window, Gemma's norm, positions
+    cases = ((4, 2, 72, False, None, False, (0, max_len - 1)),
+             (2, 2, 4100, True, None, False, (2,)),
+             (4, 1, 72, False, 4, True, (3, 9)))
+    angles = 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)  # [D / 2]
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        for n_heads, n_kv, n_cols, has_bias, window, gemma, positions in cases:
+            n_q, n_kv_rows = n_heads * head_dim, n_kv * head_dim
+            n_rows = n_q + 2 * n_kv_rows
+            x = (torch.randint(-12, 13, (1, n_cols), generator=gen) / 4).to(dtype)
+            norm_w = (1 + 0.3 * torch.randn(n_cols, generator=gen)).to(dtype)
+            pick = torch.randint(0, n_cols, (n_rows, 1), generator=gen)
+            w = torch.zeros(n_rows, n_cols).scatter_(1, pick, 1.0)
+            bias = torch.randn(n_rows, generator=gen).to(dtype) if has_bias else None
+            qkv = reference_norm(x, norm_w, gemma) @ w.T  # [1, n_rows], exact
+            if bias is not None:  # added to the rounded product, rounded
+                qkv = rnd(qkv + bias.float())
+            q, k, v = (t.view(-1, head_dim) for t in qkv.split([n_q, n_kv_rows, n_kv_rows], -1))
+            caches = [LayerKVCache(1, 12 if window else max_len, n_kv, head_dim, window, dtype,
+                                   "cpu") for _ in range(2)]
+            start = torch.randn(caches[0].k.shape, generator=gen)
+            for cache in caches:  # the same earlier contents in both
+                cache.k.copy_(start)
+                cache.v.copy_(-start)
+            for pos in positions:
+                cos, sin = torch.cos(pos * angles)[None], torch.sin(pos * angles)[None]
+                input_pos = torch.tensor([pos])
+                want_q = rope_reference(q, cos, sin, dtype)  # [heads, D]
+                want_k = rope_reference(k, cos, sin, dtype)
+                if dtype != torch.bfloat16:  # the reference is eager's RoPE, to the bit
+                    eager = apply_rope(q.to(dtype)[None, None], cos, sin)
+                    assert torch.equal(want_q, eager.float().view_as(want_q)), "rope ref"
+                ref, got = caches
+                # the eager write of [1, H_kv, 1, D]
+                ref.update(want_k.to(dtype)[None, :, None], v.to(dtype)[None, :, None], input_pos)
+                out = norm_qkv_rope(x, norm_w, w.to(dtype), bias, cos, sin, input_pos, got.k,
+                                    got.v, got.key_pos, n_q, EPS, gemma, got.is_ring)
+                what = f"norm_qkv_rope {dtype} {n_heads}/{n_kv} heads {n_cols} ring " \
+                       f"{got.is_ring} position {pos}"
+                assert out.dtype == dtype and out.shape == (1, n_q), what
+                assert torch.equal(out.float().view_as(want_q), want_q), f"{what}: q"
+                assert torch.equal(got.k, ref.k), f"{what}: k cache"
+                assert torch.equal(got.v, ref.v), f"{what}: v cache"
+                assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
+
+
 def check_compiled_trace() -> None:
-    """torch.compile (fullgraph) traces the fused step whole: each layer is the four ops (their
-    PDL twins, opaque custom ops with fake kernels: the interpreter cannot run under dynamo's
-    fake tensors), the only RMSNorm left in the graph is the final one, and the traced step's
-    logits are the uncompiled fused step's."""
+    """torch.compile (fullgraph) traces the fused step whole: each layer is the four ops, the
+    first with RoPE and the cache write (their PDL twins, opaque custom ops with fake kernels:
+    the interpreter cannot run under dynamo's fake tensors), the only RMSNorm left in the graph
+    is the final one, no RoPE or cache write is, and the traced step's logits are the
+    uncompiled fused step's."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import pdl
     from infermeter.engine.model import build_model, set_step_kernels
@@ -274,9 +352,11 @@ def check_compiled_trace() -> None:
         model_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    assert ours == ["norm_gemv_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"] \
+    assert ours == ["norm_qkv_rope_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"] \
         * spec.n_layers + ["gemv_pdl"], ours
     assert sum("rsqrt" in t for t in targets) == 1, "a layer's norm left in the graph"
+    # RoPE (apply_rope's stack of the rotated pairs) and the cache write run in the kernel
+    assert not any("stack" in t or "index_copy" in t for t in targets), "RoPE or a cache write"
     assert torch.equal(traced, plain), "traced and uncompiled fused steps differ"
     torch._dynamo.reset()
 
@@ -304,6 +384,7 @@ if __name__ == "__main__":
     check_gemv_swiglu()
     check_gemv_add()
     check_rounding_points()
+    check_norm_qkv_rope()
     check_layers_it_cannot_fuse_stay_split()
     check_compiled_trace()
     check_model_step()

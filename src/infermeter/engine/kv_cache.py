@@ -113,6 +113,11 @@ class LayerKVCache(nn.Module):
         mask = self._visible(self.key_pos[:end], input_pos)
         return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype), mask
 
+    def written(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """update()'s (keys, values, mask) for a one-token step whose k, v (and a ring's key_pos)
+        a kernel wrote itself (kernels/fused_step.py's norm + wqkv + RoPE + cache write)."""
+        return self.k.to(dtype), self.v.to(dtype), self._visible(self.key_pos, input_pos)
+
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write this step's k, v [B, H_kv, T, D]; return (keys, values, mask) to attend over.
 

@@ -89,6 +89,7 @@ from infermeter.engine.kernels.fused_step import (
     matvec_add,
     norm_matvec,
     norm_matvec_swiglu,
+    norm_qkv_rope_cache,
 )
 from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.engine.kv_cache import LayerKVCache
@@ -161,6 +162,15 @@ class Attention(nn.Module):
         # None attends over the whole cache with a mask, whatever the positions are.
         self.prefill_start: int | None = None
 
+    def fuses_rope_and_cache(self, x: Tensor) -> bool:
+        """Whether the fused step's wqkv kernel can also rope q and k and write the cache: fused
+        wqkv (and bias) and cache in x's dtype, no q/k norms (Qwen3's and Gemma 3's per-head
+        norms come between the product and RoPE: those layers rope and write in torch)."""
+        cache, wqkv = self.kv_cache, self.wqkv
+        return wqkv is not None and self.q_norm is None and cache is not None \
+            and cache.k.dtype == x.dtype and cache.k.shape[0] == 1 \
+            and cache.k.stride(-1) == 1 and (wqkv.bias is None or wqkv.bias.dtype == x.dtype)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
         """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim].
@@ -169,6 +179,17 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise InfermeterError("call setup_cache() before running the model")
         bsz, seqlen, _ = x.shape
+        if norm is not None and self.fuses_rope_and_cache(x):
+            # one kernel: the norm, wqkv, RoPE on q and k, k and v into the cache at input_pos
+            cache = self.kv_cache
+            q = norm_qkv_rope_cache(
+                x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
+                input_pos, cache.k, cache.v, cache.key_pos, self.qkv_split[0], norm.eps,
+                isinstance(norm, GemmaRMSNorm), cache.is_ring)
+            if self.q_scale is not None:
+                q = q * self.q_scale
+            q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]
+            return self._attend(q, *cache.written(input_pos, q.dtype), input_pos, residual)
         if norm is not None and self.wqkv is not None:
             qkv = norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight, norm.eps,
                               isinstance(norm, GemmaRMSNorm)).view(bsz, seqlen, -1)
@@ -203,6 +224,13 @@ class Attention(nn.Module):
         # takes none). Else (ring layers, start unknown) the whole cache: [B, H_kv, S, D], [T, S].
         span = cache.update_from(k, v, input_pos, start) if start is not None else None
         keys, values, mask = span or cache.update(k, v, input_pos)
+        return self._attend(q, keys, values, mask, input_pos, residual)
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                input_pos: Tensor, residual: Tensor | None) -> Tensor:
+        """q [B, H, T, D] over keys/values [B, H_kv, S, D] with mask [T, S], then wo (and the
+        fused step's residual add) -> [B, T, dim]."""
+        bsz, _, seqlen, _ = q.shape
         # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)

@@ -135,6 +135,83 @@ if triton is not None:
             out = residual + out.to(dtype).to(tl.float32)
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
 
+    @triton.jit
+    def _norm_qkv_rope_kernel(X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+                              KEY_POS, n_q, n_kv, n_cols, stride_w, stride_ch, stride_cs,
+                              cache_size, EPS: tl.constexpr, GEMMA: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        """norm + wqkv + RoPE + cache write: a program's BLOCK_N rows are BLOCK_N / 2 adjacent
+        pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a head's
+        features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles them).
+        Two accumulators, even rows and odd rows (SWIGLU's gate and up), hold both members of
+        each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot."""
+        pairs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
+        n_out = n_q + 2 * n_kv
+        row_ok = rows < n_out
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < n_cols
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        w_at = W + rows[:, None] * stride_w + cols[None, :]
+        # The first weight tiles before anything another kernel wrote (x, the cache, the
+        # position): no kernel writes weights.
+        w_even = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+        w_odd = tl.load(w_at + stride_w, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
+        x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
+        acc_even = w_even.to(tl.float32) * x[None, :]  # [BLOCK_N / 2, BLOCK_K]
+        acc_odd = w_odd.to(tl.float32) * x[None, :]
+        for k0 in range(BLOCK_K, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
+            w_at = W + rows[:, None] * stride_w + cols[None, :]
+            w_even = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+            w_odd = tl.load(w_at + stride_w, mask=tile_ok, other=0.0,
+                            eviction_policy="evict_first")
+            acc_even += w_even.to(tl.float32) * x[None, :]
+            acc_odd += w_odd.to(tl.float32) * x[None, :]
+        dtype = Q_OUT.dtype.element_ty
+        # eager's roundings: the product (Linear), then the bias added in the dtype (Qwen2)
+        a = tl.sum(acc_even, 1).to(dtype).to(tl.float32)
+        b = tl.sum(acc_odd, 1).to(dtype).to(tl.float32)
+        if HAS_BIAS:
+            a = (a + tl.load(BIAS + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+            b = (b + tl.load(BIAS + rows + 1, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        # apply_rope in float32 (q and k rows; v keeps a, b): (a + ib)(cos + i sin), the pair's
+        # angle at its feature index i = (row % HEAD_DIM) / 2, the same for q's and k's heads
+        is_v = rows >= n_q + n_kv
+        angle = (rows % HEAD_DIM) // 2
+        cos = tl.load(COS + angle, mask=row_ok, other=1.0)
+        sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
+        even = tl.where(is_v, a, a * cos - b * sin).to(dtype)
+        odd = tl.where(is_v, b, a * sin + b * cos).to(dtype)
+        is_q = rows < n_q
+        tl.store(Q_OUT + rows, even, mask=row_ok & is_q)
+        tl.store(Q_OUT + rows + 1, odd, mask=row_ok & is_q)
+        # k and v into the cache [1, H_kv, S, HEAD_DIM] (unit feature stride) at the step's slot
+        pos = tl.load(POS)
+        slot = pos % cache_size if IS_RING else pos
+        kv_row = tl.where(is_v, rows - n_q - n_kv, rows - n_q)  # head * HEAD_DIM + feature
+        at = (kv_row // HEAD_DIM) * stride_ch + slot * stride_cs + kv_row % HEAD_DIM
+        is_k = row_ok & ~is_q & ~is_v
+        is_v = row_ok & is_v
+        cache_dtype = K_CACHE.dtype.element_ty
+        tl.store(K_CACHE + at, even.to(cache_dtype), mask=is_k)
+        tl.store(K_CACHE + at + 1, odd.to(cache_dtype), mask=is_k)
+        tl.store(V_CACHE + at, even.to(cache_dtype), mask=is_v)
+        tl.store(V_CACHE + at + 1, odd.to(cache_dtype), mask=is_v)
+        if IS_RING:  # the slot's position, for the attention's mask (kv_cache.py)
+            if tl.program_id(0) == 0:
+                tl.store(KEY_POS + slot, pos)
+
 
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
                 eps: float, gemma: bool, swiglu: bool, pdl: bool) -> Tensor:
@@ -152,6 +229,27 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
            num_warps=warps, num_stages=NUM_STAGES)
     return out
+
+
+def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
+                   cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
+                   is_ring: bool, pdl: bool) -> Tensor:
+    """x [1, K], wqkv weight [n_q + 2 n_kv, K], cos/sin [1, D / 2] float32 at the step's
+    position input_pos [1]; k_cache/v_cache [1, H_kv, S, D] (key_pos [S], written for a ring)
+    -> the roped q [1, n_q], k and v written at the slot."""
+    n_rows, n_cols = weight.shape
+    head_dim = k_cache.shape[-1]
+    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    block_n = max(2, block_n)  # whole pairs: the GEMV's rows, or one pair where it takes one
+    q = torch.empty(1, n_q, dtype=x.dtype, device=x.device)
+    launch(_norm_qkv_rope_kernel, (triton.cdiv(n_rows, block_n),), pdl,
+           x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
+           k_cache, v_cache, key_pos, n_q, (n_rows - n_q) // 2, n_cols, weight.stride(0),
+           k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps, GEMMA=gemma,
+           HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim, BLOCK_N=block_n,
+           BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
+    return q
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
@@ -211,6 +309,36 @@ def _(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     return x.new_empty(1, weight.shape[0])
 
 
+_CACHE_ARGS = ("k_cache", "v_cache", "key_pos")
+
+
+@torch.library.triton_op("infermeter::norm_qkv_rope", mutates_args=_CACHE_ARGS)
+def norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
+                  cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                  v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
+                  is_ring: bool) -> Tensor:
+    """The norm before wqkv, wqkv (and its bias), RoPE on q and k, and the cache write of k and
+    v at input_pos (slot input_pos % S for a ring, key_pos too) -> the roped q [1, n_q]."""
+    return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
+                          key_pos, n_q, eps, gemma, is_ring, pdl=False)
+
+
+@torch.library.custom_op("infermeter::norm_qkv_rope_pdl", mutates_args=_CACHE_ARGS)
+def norm_qkv_rope_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
+                      cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                      v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
+                      is_ring: bool) -> Tensor:
+    return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
+                          key_pos, n_q, eps, gemma, is_ring, pdl=True)
+
+
+@norm_qkv_rope_pdl.register_fake
+def _(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, cos: Tensor,
+      sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+      n_q: int, eps: float, gemma: bool, is_ring: bool) -> Tensor:
+    return x.new_empty(1, n_q)
+
+
 # As the compiled step calls them: with PDL when pdl.enabled().
 
 def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
@@ -222,6 +350,15 @@ def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, ep
                        gemma: bool) -> Tensor:
     return (gemv_swiglu_pdl if pdl.enabled() else gemv_swiglu)(x, norm_weight, weight, eps,
                                                                  gemma)
+
+
+def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
+                        cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                        v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
+                        is_ring: bool) -> Tensor:
+    op = norm_qkv_rope_pdl if pdl.enabled() else norm_qkv_rope
+    return op(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache, key_pos,
+              n_q, eps, gemma, is_ring)
 
 
 def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
