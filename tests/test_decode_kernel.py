@@ -11,9 +11,6 @@ extras on Linux x86-64; elsewhere that test skips. On a GPU the compiled path is
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,18 +19,14 @@ import torch
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_count
 from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
+from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("decode_kernel_worker.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernel_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parents[1] / "src"),
-                                                       os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_interpreter(WORKER)
 
 
 def test_split_count_fills_the_gpu_without_chunks_under_a_block():

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import torch
 from infermeter.engine.moe import MOE_KERNELS, MoEFeedForward, set_moe_kernel
 from infermeter.specs.presets import PRESETS
 from tests.test_peer_all_reduce import needs_triton
+from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("expert_gemv_worker.py")
 MIXTRAL = PRESETS["debug"].with_updates(name="tiny-mixtral", arch="mixtral", n_experts=4,
@@ -30,13 +29,7 @@ MIXTRAL = PRESETS["debug"].with_updates(name="tiny-mixtral", arch="mixtral", n_e
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_expert_kernels_under_the_triton_interpreter():
-    root = WORKER.parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), str(root),
-                                                       os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_interpreter(WORKER)
 
 
 @needs_triton

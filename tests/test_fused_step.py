@@ -10,9 +10,6 @@ and the Result. No GPU: which is faster is benchmarks/step_kernels_ab.py's to sa
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,19 +19,14 @@ from infermeter.engine.fusion import fuse_projections
 from infermeter.engine.model import STEP_KERNELS, build_model, set_step_kernels
 from infermeter.specs.presets import PRESETS
 from tests.test_peer_all_reduce import needs_triton
+from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("fused_step_worker.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_fused_kernels_under_the_triton_interpreter():
-    root = WORKER.parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), str(root),
-                                                       os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_interpreter(WORKER)
 
 
 @needs_triton

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +34,7 @@ from tests.hf_reference import (
     assert_written_checkpoint_round_trips,
     tiny_hf_model,
 )
+from tests.triton_interpreter import run_under_interpreter
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,13 +136,7 @@ def test_compiled_decode_step_gives_eager_tokens() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernel_caps_under_the_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parents[1] / "src"),
-                                                       str(WORKER.parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_interpreter(WORKER)
 
 
 @torch.inference_mode()
