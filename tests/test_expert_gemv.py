@@ -39,7 +39,7 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     and down's per-expert terms (2 tokens sharing experts). The wait comes before the release
     and before every global load (the ids say which rows to read)."""
     from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
-    from tests.test_pdl import first, pdl_launches, sm90_lines
+    from tests.test_pdl import first, pdl_launches, pdl_ptx
 
     dtype = torch.bfloat16
     w13, w2 = torch.zeros(128, 768, 2048, dtype=dtype), torch.zeros(128, 2048, 768, dtype=dtype)
@@ -51,14 +51,8 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
         calls[f"down {n}"] = lambda a=act, ids=ids, w=weights: _experts_down(a, ids, w, w2,
                                                                               pdl=True)
     for name, call in calls.items():
-        launches = pdl_launches(monkeypatch, call)
-        assert len(launches) == 1
-        kernel, args, kwargs = launches[0]
-        assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
-        metadata, lines = sm90_lines(kernel, args, kwargs)
-        assert metadata.launch_pdl, name
-        wait = first(lines, "griddepcontrol.wait")
-        assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines), name
+        (launch,) = pdl_launches(monkeypatch, call)
+        lines, wait = pdl_ptx(launch, name)
         assert first(lines, "ld.global") > wait, name
         assert any("evict_first" in line for line in lines if "ld.global" in line), name
 

@@ -35,7 +35,7 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
     and before the wait only weights are loaded (evict-first: the first tile); x, the norm
     weight and the residual after it."""
     from infermeter.engine.kernels.fused_step import _fused_gemv
-    from tests.test_pdl import first, pdl_launches, sm90_lines
+    from tests.test_pdl import first, pdl_launches, pdl_ptx
 
     dtype = torch.bfloat16
     x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
@@ -46,12 +46,7 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
         launches = pdl_launches(monkeypatch, lambda n=norm, r=res, s=swiglu: _fused_gemv(
             x, weight, n, r, 1e-5, False, s, pdl=True))
         assert len(launches) == 1
-        kernel, args, kwargs = launches[0]
-        assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
-        metadata, lines = sm90_lines(kernel, args, kwargs)
-        assert metadata.launch_pdl, name
-        wait = first(lines, "griddepcontrol.wait")
-        assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines), name
+        lines, wait = pdl_ptx(launches[0], name)
         early = [line for line in lines[:wait] if "ld.global" in line]
         assert early and all("evict_first" in line for line in early), name
         assert first(lines, "ld.global", wait) < len(lines), name  # x, after the wait

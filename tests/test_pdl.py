@@ -58,6 +58,20 @@ def first(lines: list[str], pattern: str, after: int = -1) -> int:
     return next((i for i, line in enumerate(lines) if i > after and pattern in line), len(lines))
 
 
+def pdl_ptx(launch, name: str) -> tuple[list[str], int]:
+    """One recorded PDL launch (kernel, args, kwargs) built for sm_90: its PTX lines and the index
+    of its wait, checked to carry the launch attribute and to wait before it releases the next
+    kernel (pdl.py's rule); what it may read before the wait is the caller's to check."""
+    kernel, args, kwargs = launch
+    assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True, name
+    metadata, lines = sm90_lines(kernel, args, kwargs)
+    assert metadata.launch_pdl, name
+    wait = first(lines, "griddepcontrol.wait")
+    assert wait < first(lines, "griddepcontrol.launch_dependents") < len(lines), \
+        f"{name}: release before wait, or none"
+    return lines, wait
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
@@ -78,13 +92,8 @@ def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
     for name, call in calls.items():
         launches = pdl_launches(monkeypatch, call)
         assert len(launches) == (2 if name == "attention" else 1)  # split-KV + combine
-        for kernel, args, kwargs in launches:
-            assert kwargs["PDL"] is True and kwargs["launch_pdl"] is True
-            metadata, lines = sm90_lines(kernel, args, kwargs)
-            assert metadata.launch_pdl, name
-            wait = first(lines, "griddepcontrol.wait")
-            release = first(lines, "griddepcontrol.launch_dependents")
-            assert wait < release < len(lines), f"{name}: release before wait, or none"
+        for launch in launches:
+            lines, wait = pdl_ptx(launch, name)
             early_loads = [line for line in lines[:wait] if "ld.global" in line]
             if name.startswith("gemv"):  # the first weight tile, and nothing else
                 assert early_loads and all("evict_first" in line for line in early_loads), name
