@@ -203,7 +203,6 @@ def test_the_report_takes_a_triton_experts_result_for_a_comparison():
     """A compiled Result whose gathered experts ran Triton's kernels is an A/B run while torch
     is the default: a column is represented by the torch one (unrecorded: torch)."""
     from infermeter.engine.moe import MOE_KERNEL
-    from infermeter.report.load import Record
     from infermeter.report.select import (
         DEFAULT_MOE_KERNEL,
         Column,
@@ -211,20 +210,14 @@ def test_the_report_takes_a_triton_experts_result_for_a_comparison():
         off_default_kernels,
         pick_generate,
     )
+    from tests.report_records import seed_record
 
     assert DEFAULT_MOE_KERNEL == MOE_KERNEL
-
-    def record(line, **config):
-        config = {"batch_size": 1, "mode": "compiled", "prompt_len": 80, "max_new_tokens": 432,
-                  "cache_len": 512, "decode_attention": "triton", "matvec_kernel": "triton",
-                  "pdl": True, **config}
-        return Record(kind="generate", model={"name": "m"}, config=config, env={},
-                      metrics={"decode_tok_per_s": 100.0}, warnings=(), source=f"f:{line}")
-
-    torch_run, triton_run, older = record(1, moe_kernel="torch"), \
-        record(2, moe_kernel="triton"), record(3)
+    torch_run, triton_run = seed_record(1, moe_kernel="torch"), seed_record(2, moe_kernel="triton")
+    older = seed_record(3)
     assert off_default_kernels(triton_run) and not off_default_kernels(torch_run)
-    assert not off_default_kernels(older) and not off_default_kernels(record(4, moe_kernel=None))
+    assert not off_default_kernels(older)
+    assert not off_default_kernels(seed_record(4, moe_kernel=None))
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[triton_run, torch_run])) \
         is torch_run
 

@@ -158,7 +158,6 @@ def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
     """A compiled Result whose step ran fused is an A/B run while split is the default: a column
     is represented by the split one, and the setting names the fused step."""
     from infermeter.engine.model import STEP_KERNEL
-    from infermeter.report.load import Record
     from infermeter.report.select import (
         DEFAULT_STEP_KERNELS,
         Column,
@@ -167,18 +166,11 @@ def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
         pick_generate,
     )
     from infermeter.report.tables import _generate_setting
+    from tests.report_records import seed_record
 
     assert DEFAULT_STEP_KERNELS == STEP_KERNEL
-
-    def record(line, **config):
-        config = {"batch_size": 1, "mode": "compiled", "prompt_len": 80, "max_new_tokens": 432,
-                  "cache_len": 512, "decode_attention": "triton", "matvec_kernel": "triton",
-                  "pdl": True, **config}
-        return Record(kind="generate", model={"name": "m"}, config=config, env={},
-                      metrics={"decode_tok_per_s": 100.0}, warnings=(), source=f"f:{line}")
-
-    split, fused, older = record(1, step_kernels="split"), record(2, step_kernels="fused"), \
-        record(3)
+    split, fused = seed_record(1, step_kernels="split"), seed_record(2, step_kernels="fused")
+    older = seed_record(3)
     assert off_default_kernels(fused) and not off_default_kernels(split)
     assert not off_default_kernels(older)  # from before the setting: split
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[fused, split])) is split
