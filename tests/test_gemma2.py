@@ -34,6 +34,7 @@ from tests.hf_reference import (
     assert_written_checkpoint_round_trips,
     tiny_hf_model,
 )
+from tests.trace_ranges import pushed_ranges
 from tests.triton_interpreter import run_under_interpreter
 
 transformers = pytest.importorskip("transformers")
@@ -188,17 +189,7 @@ def test_every_other_layer_caches_only_its_window() -> None:
 @torch.inference_mode()
 def test_trace_ranges_count_all_four_norms_a_layer(monkeypatch) -> None:
     """--trace labels the post-norms as norms, not as time outside every layer."""
-    from infermeter.measure import nvtx
-
-    pushed: list[str] = []
-    monkeypatch.setattr(nvtx, "range_push", pushed.append)
-    monkeypatch.setattr(nvtx, "range_pop", lambda: None)
-    model = build_model(SPEC)
-    model.setup_cache(1, 8)
-    handles = nvtx.install_layer_ranges(model)
-    model(torch.tensor([[1, 2]]), torch.arange(2))
-    for handle in handles:
-        handle.remove()
+    pushed = pushed_ranges(build_model(SPEC), monkeypatch)
     assert pushed.count("norm") == 4 * SPEC.n_layers + 1
 
 
