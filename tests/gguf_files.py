@@ -12,7 +12,9 @@ import torch
 
 from infermeter.engine.checkpoint.gguf import meta_to_gguf_name
 from infermeter.engine.checkpoint.hf import permute, rope_heads
+from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
 from infermeter.engine.fusion import meta_state_dict
+from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.specs.gguf_meta import GGUF_ARCH
 from infermeter.specs.model import GEMMA_ARCHS
 
@@ -116,6 +118,42 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def assert_loads_as_safetensors(source: torch.nn.Module, path: Path, quant: str,
+                                prompt: list[list[int]], new_tokens: int) -> torch.nn.Module:
+    """`source` written as a GGUF at `path` in `quant` and as a safetensors checkpoint beside it
+    (hf/): both load to the same spec (but its name and dtype), the same tensors and the same
+    greedy tokens after `prompt`. Returns the model loaded from the GGUF."""
+    save_checkpoint(source, path.parent / "hf", "hf")
+    write_gguf(source, path, quant)
+    from_gguf, from_hf = load_weights(path), load_weights(path.parent / "hf")
+    assert from_gguf.spec.with_updates(name="x", torch_dtype="x") == \
+        from_hf.spec.with_updates(name="x", torch_dtype="x")
+    gguf_state, hf_state = from_gguf.state_dict(), from_hf.state_dict()
+    assert gguf_state.keys() == hf_state.keys()
+    for key in gguf_state:
+        assert torch.equal(gguf_state[key], hf_state[key]), key
+    greedy = [Generator(model, max_seq_len=32).generate(
+        prompt, GenerationConfig(max_new_tokens=new_tokens)).output_token_ids
+        for model in (from_gguf, from_hf)]
+    assert greedy[0] == greedy[1], greedy
+    return from_gguf
+
+
+@torch.inference_mode()
+def assert_transformers_reads_gguf(path: Path, prompt: list[list[int]]) -> None:
+    """transformers' own GGUF loader on `path` gives the engine's logits over `prompt` [1, T]
+    (within 1e-4); skips without transformers or accelerate (its GGUF loading needs it)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ours = load_weights(path)
+    ours.setup_cache(1, 16)
+    tokens = torch.tensor(prompt)
+    logits = ours(tokens, torch.arange(tokens.shape[1]))
+    assert (hf(tokens).logits - logits).abs().max() < 1e-4
 
 
 def write_vocab_gguf(path: Path, kind: str, tokens: list[str], types: list[int], *,

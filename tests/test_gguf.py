@@ -14,14 +14,19 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
-from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.checkpoint.load import load_weights
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs.gguf_meta import spec_from_gguf
 from infermeter.specs.model import RopeScaling
 from infermeter.specs.presets import PRESETS
-from tests.gguf_files import gguf, round_to, write_gguf
+from tests.gguf_files import (
+    assert_loads_as_safetensors,
+    assert_transformers_reads_gguf,
+    gguf,
+    round_to,
+    write_gguf,
+)
 
 # ffn 128: Q8_0 packs blocks of 32 values along every row
 LLAMA = PRESETS["debug"].with_updates(ffn_dim=128)
@@ -44,46 +49,23 @@ def _source(name: str, quant: str):
     return model
 
 
-def _greedy(model) -> list[list[int]]:
-    return Generator(model, max_seq_len=32).generate(
-        PROMPT, GenerationConfig(max_new_tokens=12)).output_token_ids
-
-
 @pytest.mark.parametrize(("name", "quant"), [("llama", "F32"), ("llama", "Q8_0"),
                                              ("llama-tied", "F16"), ("qwen2", "F16"),
                                              ("qwen2", "Q8_0")])
 def test_gguf_loads_as_the_same_weights_in_safetensors(name, quant, tmp_path) -> None:
-    source = _source(name, quant)
-    save_checkpoint(source, tmp_path / "hf", "hf")
-    path = write_gguf(source, tmp_path / f"{name}.gguf", quant)
-    from_gguf, from_hf = load_weights(path), load_weights(tmp_path / "hf")
-    assert from_gguf.spec.with_updates(name="x", torch_dtype="x") == \
-        from_hf.spec.with_updates(name="x", torch_dtype="x")
+    from_gguf = assert_loads_as_safetensors(_source(name, quant), tmp_path / f"{name}.gguf",
+                                            quant, PROMPT, 12)
     assert from_gguf.spec.name == name and from_gguf.spec.torch_dtype == "bfloat16"
-    gguf_state, hf_state = from_gguf.state_dict(), from_hf.state_dict()
-    assert gguf_state.keys() == hf_state.keys()
-    for key in gguf_state:
-        assert torch.equal(gguf_state[key], hf_state[key]), key
     if SPECS[name].tie_embeddings:
         assert from_gguf.output.weight is from_gguf.tok_embeddings.weight
-    assert _greedy(from_gguf) == _greedy(from_hf)
 
 
 @torch.inference_mode()
 def test_qwen2_gguf_reads_as_transformers_reads_it(tmp_path) -> None:
     """transformers' own GGUF loader on our Qwen2 file gives the engine's logits: the q/k row
     order (llama.cpp keeps Qwen2's HF order) and the biases are read the same way."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")  # transformers loads GGUF files through it
-    source = _source("qwen2", "F32")
-    write_gguf(source, tmp_path / "q.gguf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
-    ours = load_weights(tmp_path / "q.gguf")
-    ours.setup_cache(1, 16)
-    tokens = torch.tensor(PROMPT)
-    logits = ours(tokens, torch.arange(tokens.shape[1]))
-    assert (hf(tokens).logits - logits).abs().max() < 1e-4
+    assert_transformers_reads_gguf(write_gguf(_source("qwen2", "F32"), tmp_path / "q.gguf"),
+                                   PROMPT)
 
 
 def test_llama31_rope_factors_read_back(tmp_path) -> None:

@@ -13,14 +13,19 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
-from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.checkpoint.load import load_weights
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs import sizes
 from infermeter.specs.gguf_meta import spec_from_gguf
 from infermeter.specs.presets import PRESETS
-from tests.gguf_files import gguf, round_to, write_gguf
+from tests.gguf_files import (
+    assert_loads_as_safetensors,
+    assert_transformers_reads_gguf,
+    gguf,
+    round_to,
+    write_gguf,
+)
 
 # ffn 128, head_dim 32, dim 64: every row a whole number of Q8_0's 32-value blocks
 BASE = PRESETS["debug"].with_updates(ffn_dim=128, head_dim=32, norm_eps=1e-6)
@@ -61,25 +66,11 @@ def _source(name: str, quant: str = "F32", **changes):
     return model
 
 
-def _greedy(model) -> list[list[int]]:
-    return Generator(model, max_seq_len=32).generate(
-        PROMPT, GenerationConfig(max_new_tokens=10)).output_token_ids
-
-
 @pytest.mark.parametrize("quant", ["F32", "Q8_0"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_gguf_loads_as_the_same_weights_in_safetensors(name, quant, tmp_path) -> None:
-    source = _source(name, quant)
-    save_checkpoint(source, tmp_path / "hf", "hf")
-    path = write_gguf(source, tmp_path / f"{name}.gguf", quant)
-    from_gguf, from_hf = load_weights(path), load_weights(tmp_path / "hf")
-    assert from_gguf.spec.with_updates(name="x", torch_dtype="x") == \
-        from_hf.spec.with_updates(name="x", torch_dtype="x")
-    gguf_state, hf_state = from_gguf.state_dict(), from_hf.state_dict()
-    assert gguf_state.keys() == hf_state.keys()
-    for key in gguf_state:
-        assert torch.equal(gguf_state[key], hf_state[key]), key
-    assert _greedy(from_gguf) == _greedy(from_hf)
+    assert_loads_as_safetensors(_source(name, quant), tmp_path / f"{name}.gguf", quant, PROMPT,
+                                10)
 
 
 # transformers' GGUF configs leave some fields at their config classes' defaults: Qwen3's
@@ -95,16 +86,8 @@ FOR_TRANSFORMERS = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"moe_ffn_dim": 768
 def test_gguf_reads_as_transformers_reads_it(name, tmp_path) -> None:
     """transformers' own GGUF loader gives the engine's logits: llama.cpp's HF row order of q, k
     and the q/k norms, its stacked experts, Gemma's norms stored as 1 + w."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    write_gguf(_source(name, **FOR_TRANSFORMERS[name]), tmp_path / "m.gguf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
-    ours = load_weights(tmp_path / "m.gguf")
-    ours.setup_cache(1, 16)
-    tokens = torch.tensor(PROMPT)
-    logits = ours(tokens, torch.arange(tokens.shape[1]))
-    assert (hf(tokens).logits - logits).abs().max() < 1e-4
+    assert_transformers_reads_gguf(
+        write_gguf(_source(name, **FOR_TRANSFORMERS[name]), tmp_path / "m.gguf"), PROMPT)
 
 
 def test_gemma_metadata_follows_llama_cpp(tmp_path) -> None:
