@@ -139,6 +139,8 @@ def test_a_gzipped_trace_reads_like_the_plain_one(tmp_path, capsys):
     # JSON with no event a summary can use: once "no kernels ... found" and exit 0
     "[]", "[1, 2, 3]", '{"traceEvents": [1, "x"]}',
     '{"traceEvents": [{"ph": "X", "name": "gemv", "cat": "kernel", "ts": "abc", "dur": 5}]}',
+    # traceEvents not a list; bytes that are not text
+    '{"traceEvents": {"ph": "X"}}', "\x00\x01binary",
 ])
 def test_corrupt_trace_is_one_clear_error(tmp_path, capsys, text):
     bad = tmp_path / "trace-rank0.json"
