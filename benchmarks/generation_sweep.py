@@ -36,13 +36,12 @@ about a minute): run the parts as separate commands where one command may take 1
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from infermeter.errors import InfermeterError
+from sweep_common import fmt, latest_of_each, run_parts, write_summary
+
 from infermeter.generate.job import run_generate
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
@@ -90,20 +89,16 @@ def part_requests(part: str) -> list[GenerateRequest]:
     raise SystemExit(f"unknown part {part!r}")
 
 
-def _f(value: float | None, fmt: str = ".1f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def table(results: list[Result]) -> str:
     rows = []
     for r in results:
         m, c = r.metrics, r.config
         span = m.get("decode_context_range")
         rows.append([c.get("run", "-"), c["batch_size"], c["prompt_len"],
-                     f"{span[0]}-{span[1]}" if span else "-", c["mode"], _f(m["ttft_ms"], ".2f"),
-                     _f((m["tpot_ms"] or {}).get("p50"), ".3f"), _f(m["decode_tok_per_s"]),
-                     _f(m["token_generation_speed"]), _f(m["mbu_pct"]), _f(m["mfu_pct"]),
-                     _f(m["warmup_s"]), "oom" if m.get("oom") else len(r.warnings)])
+                     f"{span[0]}-{span[1]}" if span else "-", c["mode"], fmt(m["ttft_ms"], ".2f"),
+                     fmt((m["tpot_ms"] or {}).get("p50"), ".3f"), fmt(m["decode_tok_per_s"]),
+                     fmt(m["token_generation_speed"]), fmt(m["mbu_pct"]), fmt(m["mfu_pct"]),
+                     fmt(m["warmup_s"]), "oom" if m.get("oom") else len(r.warnings)])
     return render_table(["run", "batch", "prompt", "KV tokens", "mode", "TTFT ms", "TPOT ms",
                          "decode tok/s", "tok/s (seed)", "MBU %", "MFU %", "warm-up s",
                          "warnings"], rows)
@@ -168,10 +163,10 @@ def targets(results: list[Result]) -> str:
     for name, value, unit, goal, op in rows:
         met = value is not None and (value >= goal if op == ">=" else value < goal)
         verdict = "-" if value is None else ("met" if met else "MISSED")
-        lines.append(f"  {name}: {_f(value)} {unit} (target {op} {goal:g} {unit}) {verdict}")
+        lines.append(f"  {name}: {fmt(value)} {unit} (target {op} {goal:g} {unit}) {verdict}")
     if b1:
         lines.append(f"  batch 1 compiled: {b1.metrics['decode_tok_per_s']:.1f} tok/s of a "
-                     f"{_f(b1.metrics['decode_tok_per_s_roofline'])} tok/s HBM bound "
+                     f"{fmt(b1.metrics['decode_tok_per_s_roofline'])} tok/s HBM bound "
                      f"({b1.metrics['hbm_gbps_measured']:.0f} GB/s measured)")
     return "\n".join(lines)
 
@@ -179,20 +174,19 @@ def targets(results: list[Result]) -> str:
 def context_lines(results: list[Result]) -> str:
     rows = [r for r in results if r.config.get("run") == "context" and not r.metrics.get("oom")]
     return "\n".join(f"TPOT after {r.config['context']} tokens of KV: "
-                     f"{r.metrics['tpot_ms']['p50']:.3f} ms, MBU {_f(r.metrics['mbu_pct'])}%"
+                     f"{r.metrics['tpot_ms']['p50']:.3f} ms, MBU {fmt(r.metrics['mbu_pct'])}%"
                      for r in rows)
 
 
 def latest_runs(results: list[Result]) -> list[Result]:
-    """Each part's Results from its latest run only (the file keeps every run: a figure the docs
-    cite never disappears from it). A run is the Results of one sweep command, which share the
-    env timestamp captured when it started."""
-    last: dict[str, str] = {}
-    for r in results:
-        part, when = str(r.config.get("run")), str(r.env.get("timestamp", ""))
-        last[part] = max(last.get(part, ""), when)
-    return [r for r in results
-            if str(r.env.get("timestamp", "")) == last[str(r.config.get("run"))]]
+    """Each part's Results from its latest run only (a part run again keeps its earlier ones)."""
+    return latest_of_each(results, lambda r: str(r.config.get("run")))
+
+
+def summary(results: list[Result]) -> str:
+    """One table of every case of each part's latest run, TPOT against context, the targets."""
+    results = latest_runs(results)
+    return "\n\n".join(filter(None, [table(results), context_lines(results), targets(results)]))
 
 
 def merge_parts(source: Path, path: Path) -> list[str]:
@@ -216,8 +210,8 @@ def run_part(part: str, path: Path, env: dict) -> None:
         append_jsonl(path, [result])
         m = result.metrics
         print(f"  {part}: batch {result.config['batch_size']} {result.config['mode']}: "
-              f"decode {_f(m['decode_tok_per_s'])} tok/s, MBU {_f(m['mbu_pct'])}%, "
-              f"MFU {_f(m['mfu_pct'])}%, warm-up {_f(m['warmup_s'])} s", flush=True)
+              f"decode {fmt(m['decode_tok_per_s'])} tok/s, MBU {fmt(m['mbu_pct'])}%, "
+              f"MFU {fmt(m['mfu_pct'])}%, warm-up {fmt(m['warmup_s'])} s", flush=True)
 
     for request in part_requests(part):
         run_generate(request, env, on_result=save)
@@ -244,27 +238,8 @@ def main() -> int:
     start = time.perf_counter()
     if args.merge:
         print(f"merged parts {merge_parts(args.merge, path)} into {path}", file=sys.stderr)
-    for part in [] if args.summary_only or args.merge else args.parts:
-        print(f"[{time.perf_counter() - start:6.1f} s] {part}", file=sys.stderr, flush=True)
-        try:
-            run_part(part, path, env)
-        except InfermeterError as err:  # one part's user-level failure does not stop the rest
-            print(f"{part}: error: {err}", file=sys.stderr)
-    if not path.exists():
-        print(f"no results in {path}", file=sys.stderr)
-        return 1
-    results = latest_runs(read_results(path))
-    text = "\n\n".join(filter(None, [table(results), context_lines(results), targets(results)]))
-    print(text)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if (Path(out) / path.name).resolve() != path.resolve():  # --results $OUT: already there
-            shutil.copy(path, Path(out) / path.name)
-        (Path(out) / f"generate-{slug}-summary.txt").write_text(text + "\n")
-    (path.parent / f"generate-{slug}-summary.txt").write_text(text + "\n")
-    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
+    run_parts([] if args.summary_only or args.merge else args.parts, run_part, path, env, start)
+    return write_summary(path, summary, start)
 
 
 if __name__ == "__main__":

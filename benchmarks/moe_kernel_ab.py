@@ -27,13 +27,12 @@ minutes.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sweep_common import ab_line, fmt, latest_of_each, run_in_processes, run_tpots, write_summary
 
 from infermeter.engine.devices import torch_device
 from infermeter.errors import InfermeterError
@@ -41,7 +40,7 @@ from infermeter.generate.job import run_generate
 from infermeter.generate.memory import collect
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
-from infermeter.measure.result import Result, append_jsonl, read_results
+from infermeter.measure.result import Result, append_jsonl
 from infermeter.textable import render_table
 
 MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
@@ -74,8 +73,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None
                 m = result.metrics
                 print(f"  {model} batch {result.config.get('batch_size')} {kind} (ran "
                       f"{result.config.get('moe_kernel')}), round {round_}: TPOT p50 "
-                      f"{_f((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, MBU "
-                      f"{_f(m.get('mbu_pct'))}%", flush=True)
+                      f"{fmt((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, MBU "
+                      f"{fmt(m.get('mbu_pct'))}%", flush=True)
 
             request = ab_request(model, kind, source, **overrides)
             try:
@@ -87,50 +86,24 @@ def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None
             collect(torch_device(request.device))
 
 
-def _f(value: float | None, fmt: str = ".1f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def run_tpots(result: Result) -> list[float]:
-    """ms a decode step in each timed run: the run's decode time over its steps."""
-    steps = result.metrics.get("decode_steps") or 0
-    return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
-
-
-def latest_runs(results: list[Result]) -> list[Result]:
-    """Each model's Results from its latest process only (they share the env timestamp)."""
-    last: dict[str, str] = {}
-    for r in results:
-        last[r.model["name"]] = max(last.get(r.model["name"], ""), str(r.env.get("timestamp")))
-    return [r for r in results if str(r.env.get("timestamp")) == last[r.model["name"]]]
-
-
 def summary(results: list[Result]) -> str:
     """The table of each model's latest A/B, then triton / torch per model and batch."""
     rows, lines = [], []
     by_case: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for r in latest_runs([r for r in results if "ab" in r.config]):
+    for r in latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"]):
         m, kind, name = r.metrics, r.config["ab"]["kernel"], r.model["name"]
         batch = r.config.get("batch_size")
         runs = run_tpots(r)
         by_case.setdefault((name, batch), {}).setdefault(kind, []).extend(runs)
         rows.append([name, r.config.get("dtype", "-"), batch, kind,
                      r.config.get("moe_kernel") or "-", r.config["ab"]["round"],
-                     _f((m.get("tpot_ms") or {}).get("p50"), ".4f"),
-                     _f(statistics.median(runs), ".4f") if runs else "-",
+                     fmt((m.get("tpot_ms") or {}).get("p50"), ".4f"),
+                     fmt(statistics.median(runs), ".4f") if runs else "-",
                      f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
-                     _f(m.get("mbu_pct")), _f(m.get("moe_experts_per_step")),
-                     _f(m.get("decode_tok_per_s")), _f(m.get("warmup_s")), len(r.warnings)])
+                     fmt(m.get("mbu_pct")), fmt(m.get("moe_experts_per_step")),
+                     fmt(m.get("decode_tok_per_s")), fmt(m.get("warmup_s")), len(r.warnings)])
     for (name, batch), kinds in by_case.items():
-        torch_runs, triton_runs = kinds.get("torch"), kinds.get("triton")
-        if not torch_runs or not triton_runs:
-            lines.append(f"{name} batch {batch}: triton / torch: - (a side has no timed runs)")
-            continue
-        ratio = statistics.median(triton_runs) / statistics.median(torch_runs)
-        apart = max(triton_runs) < min(torch_runs) or max(torch_runs) < min(triton_runs)
-        lines.append(f"{name} batch {batch}: triton / torch TPOT {ratio:.3f} (per-run medians, "
-                     f"{len(torch_runs)} and {len(triton_runs)} runs; ranges "
-                     f"{'apart' if apart else 'overlap'})")
+        lines.append(ab_line(f"{name} batch {batch}", kinds, "torch", "triton"))
     table = render_table(["model", "dtype", "batch", "kernel", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "experts/layer",
                           "decode tok/s", "warm-up s", "warnings"], rows)
@@ -155,26 +128,10 @@ def main() -> int:
         run_model(args.one, args.rounds, path, env)
         return 0
     start = time.perf_counter()
-    for model in [] if args.summary_only else args.models:
-        print(f"[{time.perf_counter() - start:6.1f} s] {model}", file=sys.stderr, flush=True)
-        child = subprocess.run([sys.executable, __file__, "--one", model, "--rounds",
-                                str(args.rounds), "--results", args.results, "--slug", slug])
-        if child.returncode:
-            print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
-    if not path.exists():
-        print(f"no results in {path}", file=sys.stderr)
-        return 1
-    text = summary(read_results(path))
-    print(text)
-    (path.parent / f"moe-kernel-{slug}-summary.txt").write_text(text + "\n")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if (Path(out) / path.name).resolve() != path.resolve():
-            shutil.copy(path, Path(out) / path.name)
-        (Path(out) / f"moe-kernel-{slug}-summary.txt").write_text(text + "\n")
-    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
+    run_in_processes(__file__, [] if args.summary_only else args.models,
+                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug],
+                     start)
+    return write_summary(path, summary, start)
 
 
 if __name__ == "__main__":

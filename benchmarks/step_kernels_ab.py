@@ -26,19 +26,18 @@ the large models one per command where a command may take 10 minutes.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sweep_common import ab_line, fmt, latest_of_each, run_in_processes, run_tpots, write_summary
 
 from infermeter.errors import InfermeterError
 from infermeter.generate.job import run_generate
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
-from infermeter.measure.result import Result, append_jsonl, read_results
+from infermeter.measure.result import Result, append_jsonl
 from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
 
@@ -72,8 +71,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 append_jsonl(path, [result])
                 m = result.metrics
                 print(f"  {model} {kind} (ran {result.config.get('step_kernels')}), round "
-                      f"{round_}: TPOT p50 {_f((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, "
-                      f"MBU {_f(m.get('mbu_pct'))}%", flush=True)
+                      f"{round_}: TPOT p50 {fmt((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, "
+                      f"MBU {fmt(m.get('mbu_pct'))}%", flush=True)
 
             try:
                 run_generate(ab_request(model, kind, **overrides), env, on_result=save)
@@ -81,54 +80,29 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 print(f"{model} {kind}: error: {err}", file=sys.stderr)
 
 
-def _f(value: float | None, fmt: str = ".1f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def run_tpots(result: Result) -> list[float]:
-    """ms a decode step in each timed run: the run's decode time over its steps (batch 1)."""
-    steps = result.metrics.get("decode_steps") or 0
-    return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
-
-
 def step_figures(result: Result) -> tuple[str, str]:
     """The traced median step's kernel count and gaps (ms), or "-" without a GPU trace."""
     gaps = (result.metrics.get("breakdown") or {}).get("step_gaps") or {}
     median = gaps.get("median_of_steps") or {}
-    return (_f(median.get("kernels"), ".0f"), _f(median.get("gaps_ms"), ".4f"))
-
-
-def latest_runs(results: list[Result]) -> list[Result]:
-    """Each model's Results from its latest process only (they share the env timestamp)."""
-    last: dict[str, str] = {}
-    for r in results:
-        last[r.model["name"]] = max(last.get(r.model["name"], ""), str(r.env.get("timestamp")))
-    return [r for r in results if str(r.env.get("timestamp")) == last[r.model["name"]]]
+    return (fmt(median.get("kernels"), ".0f"), fmt(median.get("gaps_ms"), ".4f"))
 
 
 def summary(results: list[Result]) -> str:
     """The table of each model's latest A/B, then fused / split per model."""
     rows, lines = [], []
     by_model: dict[str, dict[str, list[float]]] = {}
-    for r in latest_runs([r for r in results if "ab" in r.config]):
+    for r in latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"]):
         m, kind, name = r.metrics, r.config["ab"]["kernels"], r.model["name"]
         runs = run_tpots(r)
         by_model.setdefault(name, {}).setdefault(kind, []).extend(runs)
         rows.append([name, r.config.get("dtype", "-"), kind, r.config.get("step_kernels") or "-",
-                     r.config["ab"]["round"], _f((m.get("tpot_ms") or {}).get("p50"), ".4f"),
-                     _f(statistics.median(runs), ".4f") if runs else "-",
+                     r.config["ab"]["round"], fmt((m.get("tpot_ms") or {}).get("p50"), ".4f"),
+                     fmt(statistics.median(runs), ".4f") if runs else "-",
                      f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
-                     _f(m.get("mbu_pct")), _f(m.get("decode_tok_per_s")),
-                     _f(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
+                     fmt(m.get("mbu_pct")), fmt(m.get("decode_tok_per_s")),
+                     fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
-        split, fused = kinds.get("split"), kinds.get("fused")
-        if not split or not fused:
-            lines.append(f"{name}: fused / split: - (a side has no timed runs)")
-            continue
-        ratio = statistics.median(fused) / statistics.median(split)
-        apart = max(fused) < min(split) or max(split) < min(fused)
-        lines.append(f"{name}: fused / split TPOT {ratio:.3f} (per-run medians, {len(split)} "
-                     f"and {len(fused)} runs; ranges {'apart' if apart else 'overlap'})")
+        lines.append(ab_line(name, kinds, "split", "fused"))
     table = render_table(["model", "dtype", "kernels", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "decode tok/s",
                           "warm-up s", "kernels/step", "gaps ms/step", "warnings"], rows)
@@ -155,28 +129,11 @@ def main() -> int:
         run_model(args.one, args.rounds, path, env, trace=args.trace)
         return 0
     start = time.perf_counter()
-    for model in [] if args.summary_only else args.models:
-        print(f"[{time.perf_counter() - start:6.1f} s] {model}", file=sys.stderr, flush=True)
-        traced = ["--trace", args.trace] if args.trace else []
-        child = subprocess.run([sys.executable, __file__, "--one", model, "--rounds",
-                                str(args.rounds), "--results", args.results, "--slug", slug,
-                                *traced])
-        if child.returncode:
-            print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
-    if not path.exists():
-        print(f"no results in {path}", file=sys.stderr)
-        return 1
-    text = summary(read_results(path))
-    print(text)
-    (path.parent / f"step-kernels-{slug}-summary.txt").write_text(text + "\n")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if (Path(out) / path.name).resolve() != path.resolve():
-            shutil.copy(path, Path(out) / path.name)
-        (Path(out) / f"step-kernels-{slug}-summary.txt").write_text(text + "\n")
-    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
+    traced = ["--trace", args.trace] if args.trace else []
+    run_in_processes(__file__, [] if args.summary_only else args.models,
+                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
+                      *traced], start)
+    return write_summary(path, summary, start)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ compiles), ttft 3 min, long 3 min: run the parts as separate commands where one 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
+
+from sweep_common import fmt, latest_of_each, run_parts, write_summary
 
 PARTS = ("ab", "ttft", "long")
 AB_ORDER = ("bucketed", "exact", "bucketed", "exact")
@@ -59,10 +58,6 @@ def part_requests(part: str) -> list[tuple[str, dict]]:
     raise SystemExit(f"unknown part {part!r}")
 
 
-def _f(value: float | None, fmt: str = ".1f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def table(results: list) -> str:
     from infermeter.textable import render_table
 
@@ -70,10 +65,10 @@ def table(results: list) -> str:
     for r in results:
         m, c = r.metrics, r.config
         rows.append([c.get("run", "-"), r.model["name"], c["prompt_len"], c["mode"],
-                     c.get("prefill") or "-", _f(m.get("ttft_ms"), ".2f"),
-                     _f(m.get("ttft_floor_ms"), ".2f"), m.get("prefill_bound") or "-",
-                     _f(m.get("prefill_mbu_pct")), _f(m.get("mfu_pct")),
-                     _f((m.get("tpot_ms") or {}).get("p50"), ".3f"), _f(m.get("warmup_s")),
+                     c.get("prefill") or "-", fmt(m.get("ttft_ms"), ".2f"),
+                     fmt(m.get("ttft_floor_ms"), ".2f"), m.get("prefill_bound") or "-",
+                     fmt(m.get("prefill_mbu_pct")), fmt(m.get("mfu_pct")),
+                     fmt((m.get("tpot_ms") or {}).get("p50"), ".3f"), fmt(m.get("warmup_s")),
                      "oom" if m.get("oom") else len(r.warnings)])
     return render_table(["run", "model", "prompt", "mode", "prefill", "TTFT ms", "floor ms",
                          "bound", "prefill MBU %", "MFU %", "TPOT p50 ms", "warm-up s",
@@ -114,20 +109,15 @@ def targets(results: list) -> str:
     for name, value, unit, goal, op in rows:
         met = value is not None and (value <= goal if op == "<=" else value >= goal)
         verdict = "-" if value is None else ("met" if met else "MISSED")
-        lines.append(f"  {name}: {_f(value, '.2f')} {unit} (target {op} {goal:g} {unit}) "
+        lines.append(f"  {name}: {fmt(value, '.2f')} {unit} (target {op} {goal:g} {unit}) "
                      f"{verdict}")
     return "\n".join(lines)
 
 
-def latest_runs(results: list) -> list:
-    """Each part's Results from its latest run only (a run: one command, one env timestamp)."""
-    def part(r) -> str:
-        return str(r.config.get("run", "")).split("-")[0]
-
-    last: dict[str, str] = {}
-    for r in results:
-        last[part(r)] = max(last.get(part(r), ""), str(r.env.get("timestamp", "")))
-    return [r for r in results if str(r.env.get("timestamp", "")) == last[part(r)]]
+def summary(results: list) -> str:
+    """The table of each part's latest run (ab-bucketed-1 is part ab's), then the targets."""
+    results = latest_of_each(results, lambda r: str(r.config.get("run", "")).split("-")[0])
+    return f"{table(results)}\n\n{targets(results)}"
 
 
 def run_part(part: str, path: Path, env: dict) -> None:
@@ -141,9 +131,9 @@ def run_part(part: str, path: Path, env: dict) -> None:
             append_jsonl(path, [result])
             m = result.metrics
             print(f"  {label}: prompt {result.config['prompt_len']} {result.config['mode']}: "
-                  f"TTFT {_f(m['ttft_ms'], '.2f')} ms (floor {_f(m['ttft_floor_ms'], '.2f')}), "
-                  f"MFU {_f(m['mfu_pct'])}%, TPOT {_f((m['tpot_ms'] or {}).get('p50'), '.3f')} "
-                  f"ms, warm-up {_f(m['warmup_s'])} s", flush=True)
+                  f"TTFT {fmt(m['ttft_ms'], '.2f')} ms (floor {fmt(m['ttft_floor_ms'], '.2f')}), "
+                  f"MFU {fmt(m['mfu_pct'])}%, TPOT {fmt((m['tpot_ms'] or {}).get('p50'), '.3f')} "
+                  f"ms, warm-up {fmt(m['warmup_s'])} s", flush=True)
 
         run_generate(build_request(**options), env, on_result=save)
 
@@ -166,36 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                 build_request(**options)  # a name no part of the request has fails here
                 print(f"{part}: {label}: {options}")
         return 0
-    from infermeter.errors import InfermeterError
     from infermeter.measure.env import capture_env, device_slug
-    from infermeter.measure.result import read_results
 
     env = capture_env()
     slug = args.slug or device_slug(env)
     path = Path(args.results) / f"ttft-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for part in [] if args.summary_only else args.parts:
-        print(f"[{time.perf_counter() - start:6.1f} s] {part}", file=sys.stderr, flush=True)
-        try:
-            run_part(part, path, env)
-        except InfermeterError as err:  # one part's user-level failure does not stop the rest
-            print(f"{part}: error: {err}", file=sys.stderr)
-    if not path.exists():
-        print(f"no results in {path}", file=sys.stderr)
-        return 1
-    results = latest_runs(read_results(path))
-    text = f"{table(results)}\n\n{targets(results)}"
-    print(text)
-    (path.parent / f"ttft-{slug}-summary.txt").write_text(text + "\n")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if (Path(out) / path.name).resolve() != path.resolve():
-            shutil.copy(path, Path(out) / path.name)
-        (Path(out) / f"ttft-{slug}-summary.txt").write_text(text + "\n")
-    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
+    run_parts([] if args.summary_only else args.parts, run_part, path, env, start)
+    return write_summary(path, summary, start)
 
 
 if __name__ == "__main__":

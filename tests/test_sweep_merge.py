@@ -113,3 +113,35 @@ def test_gemv_part_is_batch_1_with_the_triton_gemv_and_has_its_mbu_line():
     assert ("batch 1 decode MBU, part gemv (products triton, attention math): 85.3 % "
             "(target >= 85 %) met") in text
     assert "part gemv" not in sweep.targets(results[:1])
+
+
+def test_the_summary_goes_beside_the_results_and_to_out(tmp_path, monkeypatch, capsys):
+    """benchmarks/sweep_common.py, which the generate sweeps and A/B scripts share: the summary
+    is printed, written beside the JSONL as <stem>-summary.txt and, with $OUT set, copied there
+    with the JSONL (not onto itself where --results is $OUT); no Results is exit 1."""
+    common = load_benchmark("sweep_common")
+    path, out = tmp_path / "results" / "x-gpu.jsonl", tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    assert common.write_summary(path, lambda results: "none", 0.0) == 1
+    assert not out.exists()
+    path.parent.mkdir()
+    append_jsonl(path, [result("seed", "a"), result("seed", "b")])
+    assert common.write_summary(path, lambda results: f"{len(results)} results", 0.0) == 0
+    assert capsys.readouterr().out == "2 results\n"
+    for folder in (path.parent, out):
+        assert (folder / "x-gpu-summary.txt").read_text() == "2 results\n"
+    assert tags(out / "x-gpu.jsonl") == [("seed", "a"), ("seed", "b")]
+    monkeypatch.setenv("OUT", str(path.parent))
+    assert common.write_summary(path, lambda results: "again", 0.0) == 0
+    assert tags(path) == [("seed", "a"), ("seed", "b")]
+
+
+def test_an_ab_line_is_the_ratio_of_per_run_medians_and_says_whether_the_ranges_meet():
+    common = load_benchmark("sweep_common")
+    runs = {"split": [2.0, 2.2, 2.1], "fused": [1.8, 1.9]}
+    assert common.ab_line("m", runs, "split", "fused") == (
+        "m: fused / split TPOT 0.881 (per-run medians, 3 and 2 runs; ranges apart)")
+    runs["fused"].append(2.05)
+    assert common.ab_line("m", runs, "split", "fused").endswith("ranges overlap)")
+    assert common.ab_line("m", {"split": [2.0]}, "split", "fused") == \
+        "m: fused / split: - (a side has no timed runs)"

@@ -1,0 +1,98 @@
+"""What the benchmark scripts that append generate Results to results/<name>-<device>.jsonl share
+(generation_sweep.py, ttft_sweep.py, moe_kernel_ab.py, step_kernels_ab.py; each imports this
+file from beside it): running their parts or models one after another, each group's latest run,
+the A/B scripts' per-run TPOTs and verdict, and the summary written beside the Results and to
+$OUT."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from infermeter.errors import InfermeterError
+from infermeter.measure.result import Result, read_results
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """A figure for a table or a line, "-" where it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
+def progress(start: float, name: str) -> None:
+    print(f"[{time.perf_counter() - start:6.1f} s] {name}", file=sys.stderr, flush=True)
+
+
+def run_parts(parts: list[str], run_part: Callable[[str, Path, dict], None], path: Path,
+              env: dict, start: float) -> None:
+    """run_part(part, path, env) for each part in turn; one part's user-level failure
+    (InfermeterError: a model that does not fit, say) is one line, and the rest still run."""
+    for part in parts:
+        progress(start, part)
+        try:
+            run_part(part, path, env)
+        except InfermeterError as err:
+            print(f"{part}: error: {err}", file=sys.stderr)
+
+
+def run_in_processes(script: str, models: list[str], args: list[str], start: float) -> None:
+    """`script --one MODEL *args` for each model, each in a process of its own: a fresh CUDA
+    context and dynamo cache, and one model's crash leaves the others."""
+    for model in models:
+        progress(start, model)
+        child = subprocess.run([sys.executable, script, "--one", model, *args])
+        if child.returncode:
+            print(f"{model}: its process exited with {child.returncode}", file=sys.stderr)
+
+
+def latest_of_each(results: list[Result], group: Callable[[Result], str]) -> list[Result]:
+    """Each group's Results from its latest run only (the file keeps every run: a figure the
+    docs cite never disappears from it). A run is the Results of one command, which share the
+    env timestamp captured when it started."""
+    last: dict[str, str] = {}
+    for r in results:
+        last[group(r)] = max(last.get(group(r), ""), str(r.env.get("timestamp", "")))
+    return [r for r in results if str(r.env.get("timestamp", "")) == last[group(r)]]
+
+
+def run_tpots(result: Result) -> list[float]:
+    """ms a decode step in each timed run: the run's decode time over its steps."""
+    steps = result.metrics.get("decode_steps") or 0
+    return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
+
+
+def ab_line(case: str, runs: dict[str, list[float]], base: str, other: str) -> str:
+    """An A/B's verdict for one case: other / base TPOT from the medians of their per-run TPOTs
+    (`runs` by kind), and whether the two ranges of runs are apart (drift or noise overlaps)."""
+    base_runs, other_runs = runs.get(base), runs.get(other)
+    if not base_runs or not other_runs:
+        return f"{case}: {other} / {base}: - (a side has no timed runs)"
+    ratio = statistics.median(other_runs) / statistics.median(base_runs)
+    apart = max(other_runs) < min(base_runs) or max(base_runs) < min(other_runs)
+    return (f"{case}: {other} / {base} TPOT {ratio:.3f} (per-run medians, {len(base_runs)} and "
+            f"{len(other_runs)} runs; ranges {'apart' if apart else 'overlap'})")
+
+
+def write_summary(path: Path, summarise: Callable[[list[Result]], str], start: float) -> int:
+    """Print summarise(the Results in `path`) and write it beside them as <stem>-summary.txt;
+    where $OUT is set, the JSONL and the summary go there too. 1 where `path` holds nothing."""
+    if not path.exists():
+        print(f"no results in {path}", file=sys.stderr)
+        return 1
+    text = summarise(read_results(path))
+    print(text)
+    name = f"{path.stem}-summary.txt"
+    (path.parent / name).write_text(text + "\n")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if (Path(out) / path.name).resolve() != path.resolve():  # --results $OUT: already there
+            shutil.copy(path, Path(out) / path.name)
+        (Path(out) / name).write_text(text + "\n")
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
