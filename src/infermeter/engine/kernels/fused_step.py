@@ -45,6 +45,8 @@ no bit here. Whether any of this is faster, and for which model sizes, is for a 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -136,12 +138,24 @@ if triton is not None:
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
 
     @triton.jit
+    def _product(a, b, UNCONTRACTED: tl.constexpr):
+        """a * b in float32, kept out of an FMA with the add after it when UNCONTRACTED (on a
+        GPU Triton would fuse a * b + c, where eager's RoPE rounds the product first; PTX's
+        mul.rn is never fused, nor flushes subnormals. The interpreter never fuses, and runs
+        no PTX)."""
+        if UNCONTRACTED:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return a * b
+
+    @triton.jit
     def _norm_qkv_rope_kernel(X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
                               KEY_POS, n_q, n_kv, n_cols, stride_w, stride_ch, stride_cs,
                               cache_size, EPS: tl.constexpr, GEMMA: tl.constexpr,
                               HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                              BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
+                              PDL: tl.constexpr = False):
         """norm + wqkv + RoPE + cache write: a program's BLOCK_N rows are BLOCK_N / 2 adjacent
         pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a head's
         features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles them).
@@ -191,8 +205,10 @@ if triton is not None:
         angle = (rows % HEAD_DIM) // 2
         cos = tl.load(COS + angle, mask=row_ok, other=1.0)
         sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
-        even = tl.where(is_v, a, a * cos - b * sin).to(dtype)
-        odd = tl.where(is_v, b, a * sin + b * cos).to(dtype)
+        a_cos, b_sin = _product(a, cos, UNCONTRACTED), _product(b, sin, UNCONTRACTED)
+        a_sin, b_cos = _product(a, sin, UNCONTRACTED), _product(b, cos, UNCONTRACTED)
+        even = tl.where(is_v, a, a_cos - b_sin).to(dtype)
+        odd = tl.where(is_v, b, a_sin + b_cos).to(dtype)
         is_q = rows < n_q
         tl.store(Q_OUT + rows, even, mask=row_ok & is_q)
         tl.store(Q_OUT + rows + 1, odd, mask=row_ok & is_q)
@@ -248,7 +264,8 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            k_cache, v_cache, key_pos, n_q, (n_rows - n_q) // 2, n_cols, weight.stride(0),
            k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps, GEMMA=gemma,
            HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim, BLOCK_N=block_n,
-           BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
+           BLOCK_K=block_k, UNCONTRACTED=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+           num_warps=warps, num_stages=NUM_STAGES)
     return q
 
 
