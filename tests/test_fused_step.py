@@ -52,6 +52,32 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
         assert first(lines, "ld.global", wait) < len(lines), name  # x, after the wait
 
 
+@needs_triton
+def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products(monkeypatch):
+    """norm + wqkv + RoPE + cache write launched with PDL, compiled for sm_90: only weights
+    before the wait (x, the position and the cache after it); and as a CUDA x launches it
+    (UNCONTRACTED), RoPE's four float32 products are PTX mul.rn, which is never folded into an
+    FMA with the add after it (eager rounds each product)."""
+    from infermeter.engine.kernels.fused_step import _norm_qkv_rope
+    from tests.test_pdl import first, pdl_launches, pdl_ptx
+
+    dtype = torch.bfloat16
+    x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
+    cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
+    launches = pdl_launches(monkeypatch, lambda: _norm_qkv_rope(
+        x, norm_w, torch.zeros(64, 2560, dtype=dtype), None, torch.ones(1, 8),
+        torch.zeros(1, 8), torch.tensor([3]), cache, cache.clone(), key_pos, 32, 1e-5, False,
+        True, pdl=True))
+    assert len(launches) == 1
+    kernel, args, kwargs = launches[0]
+    lines, wait = pdl_ptx((kernel, args, {**kwargs, "UNCONTRACTED": True}), "norm + wqkv + rope")
+    early = [line for line in lines[:wait] if "ld.global" in line]
+    assert early and all("evict_first" in line for line in early)
+    assert first(lines, "ld.global", wait) < len(lines)
+    products = sum("mul.rn.f32" in line for line in lines)
+    assert products and products % 4 == 0, products
+
+
 @torch.inference_mode()
 def test_eager_steps_and_prefill_never_take_the_fused_path(monkeypatch):
     """Outside a compiled step (eager) a model asked for "fused" runs today's code, even where
@@ -64,7 +90,7 @@ def test_eager_steps_and_prefill_never_take_the_fused_path(monkeypatch):
     def refuse(*args):
         raise AssertionError("a fused op ran outside a compiled step")
 
-    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add"):
+    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache"):
         monkeypatch.setattr(model_module, name, refuse)
     tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     logits = {}
