@@ -55,7 +55,9 @@ Decisions:
   inductor cannot inline, opaque_ops.py), and one-row products in gemv_kernel.py's GEMV.
 - A layer's step_kernels "fused" (set_step_kernels, opt-in until a GPU measures it) runs a
   compiled batch-1 step's layer as kernels/fused_step.py's four kernels (norms, SwiGLU and
-  residual adds inside the products), where fuses_step() allows; every other step is unchanged.
+  residual adds inside the products; RoPE and the cache write in wqkv's where
+  Attention.fuses_rope_and_cache allows), where fuses_step() allows; every other step is
+  unchanged.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
@@ -314,8 +316,9 @@ def add_then_norm(residual: Tensor, delta: Tensor, norm: RMSNorm) -> tuple[Tenso
 MATERIALIZE_NORM = False
 
 # How a compiled batch-1 step runs a layer: "split" (the default: norms, products, activation
-# and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv, wo + add,
-# norm + w13 + SwiGLU, w2 + add: 4 kernels for 7). Prefill and batch > 1 are always split. The
+# and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv + RoPE + cache
+# write, wo + add, norm + w13 + SwiGLU, w2 + add: 4 kernels for 7 and RoPE's and the write's).
+# Prefill and batch > 1 are always split. The
 # default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
 STEP_KERNEL = "split"
 STEP_KERNELS = ("split", "fused")

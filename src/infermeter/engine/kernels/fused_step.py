@@ -1,12 +1,14 @@
-"""The batch-1 decode step in fewer kernels: a layer's RMSNorms, SwiGLU and residual adds folded
-into its matrix-vector products (the "fused" step, model.STEP_KERNELS).
+"""The batch-1 decode step in fewer kernels: a layer's RMSNorms, SwiGLU, residual adds, RoPE and
+K/V cache write folded into its matrix-vector products (the "fused" step, model.STEP_KERNELS).
 
 Why: a small model's batch-1 step is hundreds of short kernels, and the gaps between them cost
 as much as its weight bytes (issue 27: Llama-3.2-1B at 65.6% MBU on an H200, 7-8B at 87-90%).
 The split step runs, a layer: (the previous layer's) add + norm, wqkv GEMV, (RoPE and cache
 write, attention), wo GEMV, add + norm, w13 GEMV, activation, w2 GEMV (inductor fuses each add
-with the norm after it). The fused one runs, a layer: norm + wqkv, (the same attention kernels),
-wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were 7.
+with the norm after it). The fused one runs, a layer: norm + wqkv + RoPE + cache write, (the
+same attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were
+7 and RoPE's and the cache write's (Qwen3's per-head q/k norms sit between wqkv and RoPE: its
+layers run norm + wqkv, then torch's q/k norms, RoPE and write, as split does).
 
 One kernel, four constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
 a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
@@ -18,6 +20,10 @@ a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
                 the same x tiles and writes silu(gate) * up [1, H] (BLOCK_N / 2 of each, so its
                 registers hold what the GEMV's program would).
   HAS_RESIDUAL  out = residual + x @ W^T (wo's and w2's products and the add after them).
+And _norm_qkv_rope_kernel, the same tiling for norm + wqkv: a program's rows are adjacent pairs
+(rope.py's interleaved pairs), even and odd rows in two accumulators as SWIGLU's gate and up, so
+it rotates q's and k's pairs in registers and stores q, and k and v into the cache's slot
+(position % window and key_pos for a ring layer).
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
 - the normed x is rounded as eager's RMSNorm rounds it, not kept in float32 into the product:
@@ -30,7 +36,9 @@ Numerics: the eager path's rounding points, so that a fused step stays as near e
 - products and sums in float32, each product rounded to the dtype once (as gemv.py); gate and
   up rounded, silu in float32 rounded, its product with up rounded (swiglu.py's and eager's
   points); the residual add is of the rounded product, rounded again (eager adds two dtype
-  tensors; so does the split step).
+  tensors; so does the split step); wqkv's product rounded, Qwen2's bias added and rounded,
+  RoPE in float32 from those values, each of its four products rounded to float32 before the
+  add (PTX mul.rn on a GPU, which Triton's FP fusion cannot fold into an FMA), rounded once.
 So fused and eager part only where a float32 sum order decides a rounding (the norm's sum of
 squares; the products' order against cuBLAS's); fused and split also where inductor's single
 norm rounding differs from eager's two. Random weights make such ties flip greedy tokens now
