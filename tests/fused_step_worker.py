@@ -158,7 +158,8 @@ def check_model_step() -> None:
     attention in both): the same greedy tokens, and logits within sum-order error; a decode
     step runs the fused ops 4 times a layer and the GEMV only for the output head; the 4-token
     prefill stays split; and eager's module forwards give the same tokens. Llama (GQA, a ring
-    layer) in float32, Qwen2 (q/k/v biases) in float16."""
+    layer) in float32, Qwen2 (q/k/v biases) in float16, Qwen3 (q/k norms: RoPE and the cache
+    write stay in torch) in float32."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -181,9 +182,11 @@ def check_model_step() -> None:
     debug = PRESETS["debug"]
     # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
     specs = {"llama": debug.with_updates(sliding_window=3, sliding_window_layers=(1,)),
-             "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True)}
+             "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True),
+             "qwen3": debug.with_updates(arch="qwen3", qk_norm=True)}
     steps, prompt = 3, 4
-    for (arch, spec), dtype in zip(specs.items(), (torch.float32, torch.float16), strict=True):
+    dtypes = (torch.float32, torch.float16, torch.float32)
+    for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
             # eager: the module forwards with no kernel at all (compiling() False)
@@ -207,7 +210,9 @@ def check_model_step() -> None:
                     ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
                     out = model(ids[:, -1:], torch.tensor([i]))
             logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
-            fused = ["norm_qkv_rope_cache", "matvec_add", "norm_matvec_swiglu", "matvec_add"]
+            # Qwen3's q/k norms come between wqkv and RoPE: norm + wqkv, then torch
+            first = "norm_matvec" if spec.qk_norm else "norm_qkv_rope_cache"
+            fused = [first, "matvec_add", "norm_matvec_swiglu", "matvec_add"]
             want = {"eager": [], "split": ["gemv"] * (4 * spec.n_layers + 1),
                     "fused": fused * spec.n_layers + ["gemv"]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
