@@ -269,7 +269,8 @@ def check_norm_qkv_rope() -> None:
     (as check_rounding_points), so each rounding point shows. GQA (ragged rows: 16 programs),
     MHA with Qwen2's bias over three column tiles (4100: the GEMV's 2 rows a program), and a
     ring layer (slot = position % 4, key_pos written) with Gemma's norm; positions 0, the last
-    slot, middle ones and past the ring's window; every other slot of the cache as it was."""
+    slot, middle ones and past the ring's window; every other slot of the cache as it was (and
+    all of it after a position past a full cache's end)."""
     from infermeter.engine.rope import apply_rope
 
     gen = torch.Generator().manual_seed(15)
@@ -319,6 +320,10 @@ def check_norm_qkv_rope() -> None:
                 assert torch.equal(got.k, ref.k), f"{what}: k cache"
                 assert torch.equal(got.v, ref.v), f"{what}: v cache"
                 assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
+            if window is None and dtype == torch.float32:  # past the last slot: no write
+                norm_qkv_rope(x, norm_w, w.to(dtype), bias, cos, sin, torch.tensor([max_len]),
+                              got.k, got.v, got.key_pos, n_q, EPS, gemma, got.is_ring)
+                assert torch.equal(got.k, ref.k) and torch.equal(got.v, ref.v), "past the cache"
 
 
 def check_compiled_trace() -> None:

@@ -225,8 +225,11 @@ if triton is not None:
         slot = pos % cache_size if IS_RING else pos
         kv_row = tl.where(is_v, rows - n_q - n_kv, rows - n_q)  # head * HEAD_DIM + feature
         at = (kv_row // HEAD_DIM) * stride_ch + slot * stride_cs + kv_row % HEAD_DIM
-        is_k = row_ok & ~is_q & ~is_v
-        is_v = row_ok & is_v
+        # a position past a full layer's cache (generate.py refuses one) writes nothing there
+        slots = rows * 0 + slot  # [BLOCK_N / 2] (a scalar in a mask fails in the interpreter)
+        in_cache = (slots >= 0) & (slots < cache_size)
+        is_k = row_ok & ~is_q & ~is_v & in_cache
+        is_v = row_ok & is_v & in_cache
         cache_dtype = K_CACHE.dtype.element_ty
         tl.store(K_CACHE + at, even.to(cache_dtype), mask=is_k)
         tl.store(K_CACHE + at + 1, odd.to(cache_dtype), mask=is_k)
