@@ -63,12 +63,32 @@ class BreakEven:
     prefill_points: tuple[tuple[float, float], ...]  # (prompt tokens, TTFT ms), sorted
     rows: tuple[BreakEvenRow, ...]  # by context
     wins_from: int | None  # None: recompute is faster at the longest row
+    # (prompt tokens, prefill path) per prefill point: which engine path the times come from
+    prefill_paths: tuple[tuple[float, str], ...] = ()
 
 
-def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
-    """Batch-1 (prompt tokens, prefill ms): per prompt length the median TTFT of each mode, and of
-    those the fastest (a recompute runs the fastest prefill the engine has)."""
-    by_len: dict[float, dict[str, list[float]]] = {}
+def prefill_path(record: Record) -> str:
+    """The prefill path a generate Result says it ran: "compiled, bucketed, 2,048-token chunks",
+    "compiled, exact, eager layers", "eager"; older Results that do not record it say so."""
+    cfg = record.config
+    mode = str(cfg.get("mode"))
+    if "prefill" not in cfg:
+        return f"{mode}, prefill path not recorded"
+    parts = [mode]
+    if mode == "compiled":  # compiled mode prefills bucketed graphs, a layer graph or eager layers
+        parts.append("bucketed" if cfg["prefill"] == "bucketed" else
+                     "exact, compiled layers" if cfg.get("compile_prefill") else
+                     "exact, eager layers")
+    chunk = num(cfg.get("prefill_chunk"))
+    if chunk:
+        parts.append(f"{chunk:,.0f}-token chunks")
+    return ", ".join(parts)
+
+
+def _prefill_choices(records: list[Record]) -> list[tuple[float, float, str]]:
+    """Batch-1 (prompt tokens, prefill ms, prefill path): per prompt length the median TTFT of
+    each mode, and of those the fastest (a recompute runs the fastest prefill the engine has)."""
+    by_len: dict[float, dict[str, list[tuple[float, str]]]] = {}
     for record in records:
         tokens = num(record.config.get("prompt_len"))
         if batch_size(record) != 1 or not tokens:
@@ -79,9 +99,23 @@ def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
             ms = tokens / rate * 1e3
         if ms and ms > 0:
             mode = str(record.config.get("mode"))
-            by_len.setdefault(tokens, {}).setdefault(mode, []).append(ms)
-    return tuple((n, min(statistics.median(v) for v in modes.values()))
-                 for n, modes in sorted(by_len.items()))
+            by_len.setdefault(tokens, {}).setdefault(mode, []).append((ms, prefill_path(record)))
+    out = []
+    for n, modes in sorted(by_len.items()):
+        ms, runs = min(((statistics.median(ms for ms, _ in runs), runs)
+                        for runs in modes.values()), key=lambda t: t[0])
+        out.append((n, ms, " / ".join(sorted({path for _, path in runs}))))
+    return out
+
+
+def prefill_points(records: list[Record]) -> tuple[tuple[float, float], ...]:
+    """Batch-1 (prompt tokens, prefill ms), the fastest mode's median TTFT per prompt length."""
+    return tuple((n, ms) for n, ms, _ in _prefill_choices(records))
+
+
+def prefill_paths(records: list[Record]) -> tuple[tuple[float, str], ...]:
+    """Batch-1 (prompt tokens, the prefill path of the Results behind that prefill point)."""
+    return tuple((n, path) for n, _, path in _prefill_choices(records))
 
 
 def _tokens(n: float) -> str:
@@ -150,7 +184,7 @@ def break_even(column: Column, contexts: tuple[int, ...] | None = None) -> Break
         if row.winner != "reload":
             break
         wins_from = row.context
-    return BreakEven(gbps, per_token, points, rows, wins_from)
+    return BreakEven(gbps, per_token, points, rows, wins_from, prefill_paths(column.generates))
 
 
 def _copy_checks(pick: CopyPick) -> list[str]:

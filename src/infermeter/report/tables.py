@@ -63,7 +63,10 @@ BREAKEVEN_CAPTION = (
     "column has no Result of that length the cell says how the time was estimated: interpolated "
     "linearly between the two nearest measured lengths, or extrapolated linearly in tokens from "
     "the nearest one (its prefill throughput). Attention makes real long prefills slower than "
-    "that line, so an extrapolated recompute is if anything understated. Only columns with both "
+    "that line, so an extrapolated recompute is if anything understated. 'Prefill path' names "
+    "the path the measured points ran (mode; in compiled mode bucketed graphs or exact lengths; "
+    "chunk size) and says 'mixed paths' with the lengths of each where they differ, since a "
+    "table's points then do not all measure one engine path. Only columns with both "
     "copy and generate Results.")
 
 
@@ -225,6 +228,18 @@ def _transpose(columns: list[Column], cells: list[list[str]], labels: tuple[str,
     return [[label] + [col[i] for col in cells] for i, label in enumerate(labels)]
 
 
+def _prefill_path_cell(result: BreakEven) -> str:
+    """The path behind the measured prefill points: one path, or each path with its lengths
+    ("mixed paths: eager (80); compiled, bucketed (512, 2,048)") where they differ."""
+    by_path: dict[str, list[str]] = {}
+    for n, path in result.prefill_paths:
+        by_path.setdefault(path, []).append(f"{n:,.0f}")
+    if len(by_path) <= 1:
+        return next(iter(by_path), fmt.MISSING)
+    return "mixed paths: " + "; ".join(f"{path} ({', '.join(lengths)})"
+                                       for path, lengths in by_path.items())
+
+
 def breakeven_table(columns: list[Column]) -> Table | None:
     usable = [c for c in columns if c.seed is None and break_even(c)]
     contexts = break_even_contexts(usable)
@@ -235,6 +250,7 @@ def breakeven_table(columns: list[Column]) -> Table | None:
                                       f"{fmt.gbps(b.reload_gbps)}" for _, b in derived]]
     rows.append(["Prefill points (tokens: TTFT)"] + [", ".join(
         f"{n:,.0f}: {fmt.ms(t)}" for n, t in b.prefill_points) for _, b in derived])
+    rows.append(["Prefill path of the points"] + [_prefill_path_cell(b) for _, b in derived])
     for i, n in enumerate(contexts):  # every BreakEven's rows follow `contexts`
         cells = []
         for _, b in derived:
