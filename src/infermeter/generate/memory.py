@@ -6,7 +6,8 @@ the KV cache of the case (sizes.kv_cache_bytes at its cache length) and the pref
 activations (logits for every prompt position in the model dtype and in float32, and the FFN's
 three [B, T, ffn] tensors), every prompt as an int64 tensor, and, in host memory, the prompt and
 output ids the run keeps in Python lists (8 bytes an id at least), and for an MoE model decoding
-B x k <= E routed pairs a step, the experts' weights the gathered way copies out (one layer's).
+B x k <= E routed pairs a step through the torch kernel, the experts' weights the gathered way
+copies out (one layer's; --moe-kernel triton reads them in the stacked weights by id, no copy).
 It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
 mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
 share our tensors) and of an MoE layer's gate and up experts (one tensor in transformers 5); its
@@ -22,6 +23,7 @@ import gc
 import os
 from typing import Any
 
+from infermeter.engine.kernels.triton_support import triton_runs_on_device
 from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
@@ -86,11 +88,13 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
 
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
-                prefill_chunk: int | None = None, prefill: str = "exact") -> dict[str, int]:
+                prefill_chunk: int | None = None, prefill: str = "exact",
+                moe_kernel: str = "torch") -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
-    mode's, whose "bucketed" forwards are padded to their buckets)."""
+    mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
+    experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
     if mode == "compiled" and prefill == "bucketed" and not spec.is_moe:
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
@@ -106,7 +110,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         parts["capped attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
         parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
-    if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts:
+    copies_experts = mode.startswith("hf") or moe_kernel != "triton"  # hf ignores --moe-kernel
+    if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts and copies_experts:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
     if uses_peer_buffer(tp, all_reduce):
         parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
@@ -193,18 +198,23 @@ HOST_BYTES_PER_ID = 8
 
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
                     tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
-                    prefill_chunk: int | None = None, prefill: str = "exact") -> None:
+                    prefill_chunk: int | None = None, prefill: str = "exact",
+                    moe_kernel: str = "torch") -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
     outputs_per_row = repeats x new tokens ids a row) against host memory (on the CPU, one sum
-    against the one memory)."""
+    against the one memory). moe_kernel: --moe-kernel; "triton" runs only where Triton does
+    (moe.takes_expert_kernel), elsewhere the torch path and its copy run."""
+    if moe_kernel == "triton" and not triton_runs_on_device(device):
+        moe_kernel = "torch"
     free, where = free_memory(device)
     host_free = host_available() if device.type != "cpu" else None
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
-                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk, prefill)
+                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk, prefill,
+                            moe_kernel)
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}

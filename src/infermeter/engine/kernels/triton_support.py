@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 try:
@@ -31,4 +32,10 @@ if triton is None:
 def triton_runs_on(x: Tensor) -> bool:
     """Triton is installed and x lives where it runs: CUDA, or anywhere under
     TRITON_INTERPRET=1 (Triton's CPU interpreter, what the tests use)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton_runs_on_device(x.device)
+
+
+def triton_runs_on_device(device: torch.device) -> bool:
+    """triton_runs_on for a device, before any tensor is on it (the fit checks)."""
+    return triton is not None and (device.type == "cuda"
+                                   or os.environ.get("TRITON_INTERPRET") == "1")
