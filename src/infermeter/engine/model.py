@@ -168,10 +168,16 @@ class Attention(nn.Module):
         """Whether the fused step's wqkv kernel can also rope q and k and write the cache: fused
         wqkv (and bias) and cache in x's dtype, no q/k norms (Qwen3's and Gemma 3's per-head
         norms come between the product and RoPE: those layers rope and write in torch)."""
-        cache, wqkv = self.kv_cache, self.wqkv
-        return wqkv is not None and self.q_norm is None and cache is not None \
-            and cache.k.dtype == x.dtype and cache.k.shape[0] == 1 \
-            and cache.k.stride(-1) == 1 and (wqkv.bias is None or wqkv.bias.dtype == x.dtype)
+        cache = self.kv_cache
+        return cache is not None and self.ropes_in_wqkv(x.dtype, cache.k.dtype) \
+            and cache.k.shape[0] == 1 and cache.k.stride(-1) == 1
+
+    def ropes_in_wqkv(self, dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+        """fuses_rope_and_cache's rule before a cache exists: activations in `dtype`, a batch-1
+        cache of `cache_dtype` (Generator.prepare's, contiguous). The runner records it."""
+        wqkv = self.wqkv
+        return wqkv is not None and self.q_norm is None and cache_dtype == dtype \
+            and (wqkv.bias is None or wqkv.bias.dtype == dtype)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.generator import GenerationOutput, Generator
 from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.kernels.triton_support import triton_runs_on
@@ -59,7 +60,7 @@ class EngineRunner:
                 "compile_prefill": compiled and self.generator.compile_prefill,
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
-                "step_kernels": self._step_kernels_used(),
+                "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 **self._prefill_used()}
@@ -94,6 +95,19 @@ class EngineRunner:
             model.output.weight) else 0
         return "split" if fused == 0 else "fused" if fused == len(model.layers) \
             else "partly fused"
+
+    def _fused_rope_used(self) -> bool | None:
+        """Whether the fused step's wqkv kernel also ropes q and k and writes the cache: True
+        where every fused layer's does (Attention.ropes_in_wqkv), False where some layer's RoPE
+        and cache write stay in torch (q/k norms, a cache of another dtype); None where no layer
+        runs fused (step_kernels None or "split")."""
+        if self._step_kernels_used() in (None, "split"):
+            return None
+        model, gen = self.generator.model, self.generator
+        dtype = model.tok_embeddings.weight.dtype
+        cache_dtype = dtype if gen.kv_dtype is None else torch_dtype(gen.kv_dtype)
+        return all(layer.attention.ropes_in_wqkv(dtype, cache_dtype) for layer in model.layers
+                   if layer.step_kernels == "fused" and layer.fuses_step())
 
     def _moe_kernel_used(self) -> str | None:
         """The decode steps' gathered experts: "triton" where a case's batch takes

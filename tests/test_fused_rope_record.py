@@ -1,0 +1,36 @@
+"""The Result's config.fused_rope says whether the fused step's wqkv kernel also ropes q and k
+and writes the cache (Attention.ropes_in_wqkv), beside config.step_kernels."""
+
+from dataclasses import replace
+
+from infermeter.engine.model import build_model
+from infermeter.generate import modes as modes_module
+from infermeter.generate.cases import plan_cases, prompt_sets
+from infermeter.generate.modes import EngineRunner
+from infermeter.generate.request import EngineChoices, GenerateRequest
+from infermeter.specs.presets import PRESETS
+
+
+def _described(monkeypatch, spec, mode="compiled", kinds="fused", kv_dtype=None, batch=1):
+    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
+    sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
+    case = plan_cases(spec, sets, (mode,), 4, None, None)[0]
+    request = GenerateRequest("random:debug", kv_dtype=kv_dtype,
+                              engine=EngineChoices(step_kernels=kinds))
+    runner = EngineRunner(build_model(spec, seed=1), case, request)
+    runner.batch_sizes = [batch]
+    out = runner.describe()
+    return out["step_kernels"], out["fused_rope"]
+
+
+def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):
+    debug = PRESETS["debug"]
+    assert _described(monkeypatch, debug) == ("fused", True)
+    # q/k norms (Qwen3's) come between the product and RoPE: torch ropes and writes the cache
+    assert _described(monkeypatch, replace(debug, qk_norm=True)) == ("fused", False)
+    # a cache of another dtype than the activations: likewise
+    assert _described(monkeypatch, debug, kv_dtype="bfloat16") == ("fused", False)
+    # no fused layer, nothing to say
+    assert _described(monkeypatch, debug, kinds="split") == ("split", None)
+    assert _described(monkeypatch, debug, batch=2) == ("split", None)
+    assert _described(monkeypatch, debug, mode="eager") == (None, None)
