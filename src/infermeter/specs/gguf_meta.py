@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,9 +301,10 @@ def _experts(reader: Any, arch: str, path: Path,
     if arch not in ("llama", "qwen3moe"):
         raise InfermeterError(f"{path}: experts in a GGUF {arch!r} model; the engine runs "
                               "experts of llama (Mixtral) and qwen3moe files")
-    gate = next((s for name, s in shapes.items() if name.endswith(".ffn_gate_exps.weight")),
-                None)
-    default = gate[1] if gate is not None else _int(reader, f"{arch}.feed_forward_length", path)
+    # stacked [E, ffn, dim], or llama.cpp's older one tensor per expert [ffn, dim]
+    gate = next((s[-2:] for name, s in shapes.items()
+                 if re.search(r"\.ffn_gate(_exps|\.\d+)\.weight$", name)), None)
+    default = gate[0] if gate is not None else _int(reader, f"{arch}.feed_forward_length", path)
     norm = field(reader, f"{arch}.expert_weights_norm", True)
     return {"n_experts": n_experts,
             "n_active_experts": _int(reader, f"{arch}.expert_used_count", path),

@@ -12,7 +12,9 @@ order and get hf.unpermute, as an HF checkpoint does.
 Gemma's norms: llama.cpp's converter stores 1 + w (its RMSNorm multiplies by the weight as it
 is), the engine's Gemma norms hold w and apply 1 + w (as HF): 1 is taken off on load.
 Experts: ffn_gate_exps / ffn_up_exps [E, ffn, dim] and ffn_down_exps [E, dim, ffn] are already
-the engine's stacked tensors; ffn_gate_inp [E, dim] is the router.
+the engine's stacked tensors; ffn_gate_inp [E, dim] is the router. llama.cpp's older Mixtral
+files hold one tensor per expert (blk.N.ffn_gate.E.weight [ffn, dim], ffn_up.E likewise,
+ffn_down.E [dim, ffn]): each is dequantized and the E of them stacked in expert order.
 
 Memory: one tensor at a time, dequantized on the host in float32 ([rows, cols], the file's
 quantized blocks never leave the memory map), then converted by load.assign_tensors to the run
@@ -22,6 +24,7 @@ first one is read, so a file the reader cannot dequantize fails before any work.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,8 @@ EXPERT_NAMES = NameMap(
     top={}, layer={"ffn_gate_inp": "feed_forward.gate", "ffn_gate_exps": "feed_forward.w1",
                    "ffn_down_exps": "feed_forward.w2", "ffn_up_exps": "feed_forward.w3"},
     prefix="blk.")
+# llama.cpp's older MoE layout: one tensor per expert, named after the dense FFN's plus its id.
+_PER_EXPERT = re.compile(r"^(blk\.\d+\.ffn_(?:gate|up|down))\.(\d+)\.weight$")
 # Architectures whose q/k rows llama.cpp keeps in HF's rotate_half order (its neox RoPE).
 _HF_ROW_ORDER = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text")
 
@@ -75,9 +80,16 @@ def _match_names(path: Path, reader: Any, spec: ModelSpec,
                  expected: dict[str, torch.Size]) -> dict[str, Any]:
     """Meta name -> the reader's tensor for every expected tensor; missing or unknown: errors."""
     wanted = {meta_to_gguf_name(name, len(shape) == 3): name for name, shape in expected.items()}
-    by_meta: dict[str, Any] = {}
+    by_meta: dict[str, Any] = {}  # a stacked tensor of the older layout: its experts' list
+    experts: dict[str, dict[int, Any]] = {}  # stacked name -> expert id -> per-expert tensor
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:  # read into the spec
+            continue
+        per_expert = _PER_EXPERT.match(tensor.name)
+        stacked = per_expert and f"{per_expert[1]}_exps.weight"
+        if stacked in wanted and int(per_expert[2]) < expected[wanted[stacked]][0] \
+                and wanted[stacked] not in by_meta:
+            experts.setdefault(stacked, {})[int(per_expert[2])] = tensor
             continue
         if tensor.name not in wanted:
             known = gguf_to_meta_name(tensor.name) is not None
@@ -85,7 +97,16 @@ def _match_names(path: Path, reader: Any, spec: ModelSpec,
                 "(the metadata describes a different model?)" if known
                 else f"(not part of a {spec.arch} model)"))
         by_meta[wanted[tensor.name]] = tensor
-    missing = [gguf for gguf, meta in wanted.items() if meta not in by_meta]
+    missing = []
+    for stacked, tensors in experts.items():
+        ids = range(expected[wanted[stacked]][0])
+        if wanted[stacked] in by_meta:  # both layouts of one projection
+            raise InfermeterError(f"{path}: unexpected tensor {tensors[min(tensors)].name} "
+                                  f"(beside {stacked})")
+        base = stacked.removesuffix("_exps.weight")
+        missing += [f"{base}.{e}.weight" for e in ids if e not in tensors]
+        by_meta[wanted[stacked]] = [tensors.get(e) for e in ids]
+    missing += [gguf for gguf, meta in wanted.items() if meta not in by_meta]
     if missing:
         raise InfermeterError(f"{path}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -133,15 +154,21 @@ def read_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     """
     reader = open_gguf(path)
     by_meta = _match_names(path, reader, spec, expected)
-    _check_types(path, [by_meta[name] for name in expected])
+    _check_types(path, [t for name in expected
+                        for t in (by_meta[name] if isinstance(by_meta[name], list)
+                                  else [by_meta[name]])])
     shapes = tensor_shapes(reader)
     for name, shape in expected.items():
         tensor = by_meta[name]
-        if shapes[tensor.name] != tuple(shape):
-            raise InfermeterError(f"{path}: tensor {tensor.name} has shape "
-                                  f"{list(shapes[tensor.name])}, the metadata implies "
-                                  f"{list(shape)}")
-        out = torch.from_numpy(dequantize(tensor))
+        parts, want = (tensor, tuple(shape[1:])) if isinstance(tensor, list) \
+            else ([tensor], tuple(shape))
+        for part in parts:
+            if shapes[part.name] != want:
+                raise InfermeterError(f"{path}: tensor {part.name} has shape "
+                                      f"{list(shapes[part.name])}, the metadata implies "
+                                      f"{list(want)}")
+        out = torch.from_numpy(np.stack([dequantize(part) for part in parts])
+                               if isinstance(tensor, list) else dequantize(tensor))
         heads = rope_heads(name, spec)
         if heads is not None and spec.arch in _HF_ROW_ORDER:
             out = unpermute(out, heads)
