@@ -160,9 +160,10 @@ def write_vocab_gguf(path: Path, kind: str, tokens: list[str], types: list[int],
                      scores: list[float] | None = None, merges: list[str] | None = None,
                      pre: str | None = None, bos: int | None = None, eos: int | None = None,
                      unk: int | None = None, add_bos: bool | None = None,
-                     template: str | None = None) -> Path:
+                     template: str | None = None, arch: str = "llama", eot: int | None = None,
+                     add_eos: bool | None = None, space_prefix: bool | None = None) -> Path:
     """A GGUF holding only a vocabulary (tokenizer.ggml.*) and optionally a chat template."""
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tokenizer_model(kind)
     if pre is not None:
         writer.add_tokenizer_pre(pre)
@@ -174,7 +175,9 @@ def write_vocab_gguf(path: Path, kind: str, tokens: list[str], types: list[int],
         writer.add_token_merges(merges)
     for add, value in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos),
                        (writer.add_unk_token_id, unk), (writer.add_add_bos_token, add_bos),
-                       (writer.add_chat_template, template)):
+                       (writer.add_chat_template, template), (writer.add_eot_token_id, eot),
+                       (writer.add_add_eos_token, add_eos),
+                       (writer.add_add_space_prefix, space_prefix)):
         if value is not None:
             add(value)
     writer.write_header_to_file()
