@@ -12,10 +12,11 @@ from infermeter.engine.text.template import render_chat
 from infermeter.engine.text.tokenizer import load_tokenizer
 from infermeter.errors import InfermeterError
 from tests.gguf_files import write_vocab_gguf
-from tests.test_tokenizer import _corpus, _train_hf
+from tests.test_tokenizer import _corpus
 
 TEXTS = ["hello world", "  two leading spaces", "tabs\tand\nnew lines\n\n", "a\n\n\nb",
-         "héllo wörld ✓ 日本", "Paris France art 123 4567", " x ", "<end_of_turn> as text"]
+         "héllo wörld ✓ 日本", "Paris France art 123 4567", " x ", "<end_of_turn> as text",
+         "x 123 861,hello\n\n\nDON'T\tok. x 9"]
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo\nworld"},
           {"role": "assistant", "content": "ok ✓"}, {"role": "user", "content": "again"}]
 
@@ -96,7 +97,16 @@ def qwen3(tmp_path_factory):
     <|im_end|> in an instruct file, and no BOS is added."""
     folder = tmp_path_factory.mktemp("qwen3")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    trained = _train_hf([])
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    # Trained on whole lines, so merges cross every place the "qwen2" split cuts (digits one by
+    # one, newline runs, punctuation before a word): a wrong split gives other ids.
+    trained = tokenizers.Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    lines = _corpus(200) + [f"x {n} {n * 7},hello\n\n\nDON'T\tok." for n in range(100, 400)]
+    trained.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     trained.add_special_tokens(specials)
     trained.save(str(folder / "tokenizer.json"))
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
