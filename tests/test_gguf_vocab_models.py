@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from infermeter.engine.text.chat import encode_template_dialog
 from infermeter.engine.text.template import render_chat
 from infermeter.engine.text.tokenizer import load_tokenizer
 from infermeter.errors import InfermeterError
@@ -52,6 +53,9 @@ def _check_against_transformers(path, hf, messages_end: str) -> None:
     assert ids == hf.encode(rendered, add_special_tokens=False)
     assert ids.count(tok.special_id(messages_end)) == len(DIALOG)  # each turn's end token whole
     assert tok.decode(ids) == rendered
+    # The chat path adds no BOS of its own: Gemma's template writes the one <bos>.
+    assert encode_template_dialog(tok, DIALOG) == ids == list(hf.apply_chat_template(
+        DIALOG, tokenize=True, add_generation_prompt=True, return_dict=False))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,7 @@ def test_gemma_vocabulary_matches_transformers(gemma) -> None:
     tok = load_tokenizer(path)
     assert (tok.bos_id, tok.eos_id) == (2, 1)
     assert tok.encode("hi", bos=True)[0] == 2  # add_bos true
+    assert encode_template_dialog(tok, DIALOG)[:2] == [2, 4]  # <bos><start_of_turn>, once
     assert tok.stop_ids == {1, 5}  # <eos> and <end_of_turn>, which --until-eos stops at
     assert tok.template_tokens() == {"bos_token": "<bos>", "eos_token": "<eos>"}
 
