@@ -2,17 +2,18 @@
 llama.cpp reads it.
 
 Two kinds (tokenizer.ggml.model):
-  "llama"  SentencePiece BPE (Llama 2, Mistral): pieces spell spaces as U+2581 and carry scores;
-           the merges are every pair of pieces that makes a longer piece, the better-scored piece
-           first (sentencepiece's BPE order); bytes outside the vocabulary fall back to <0xNN>
-           pieces. add_space_prefix (default on) puts a space before the text, and after each
-           control token, as llama.cpp does.
-  "gpt2"   byte-level BPE (Llama 3, Qwen2, SmolLM2): tokens in GPT-2's byte alphabet, merges
+  "llama"  SentencePiece BPE (Llama 2, Mistral, Gemma 2/3): pieces spell spaces as U+2581 and
+           carry scores; the merges are every pair of pieces that makes a longer piece, the
+           better-scored piece first (sentencepiece's BPE order); bytes outside the vocabulary
+           fall back to <0xNN> pieces. add_space_prefix (default on) puts a space before the
+           text, and after each control token, as llama.cpp does (Gemma's files set it false).
+  "gpt2"   byte-level BPE (Llama 3, Qwen2/Qwen3, SmolLM2): tokens in GPT-2's byte alphabet, merges
            from the file, the text first split by the regexes of the pre-tokenizer that
            tokenizer.ggml.pre names (llama.cpp's table, for the names below); decoding works for
            any name, encoding with an unknown one is an error line naming it.
-Control tokens (token type 3) and user-defined ones (4) become added tokens: whole in a rendered
-chat template, plain text in a prompt (tokenizer.py's rule).
+Control tokens (token type 3) and user-defined ones (4) become added tokens: control tokens whole
+in a rendered chat template, plain text in a prompt (tokenizer.py's rule); user-defined ones
+(Qwen3's <think>) whole in both, as llama.cpp matches them.
 """
 
 from __future__ import annotations
