@@ -81,11 +81,11 @@ def gemma(tmp_path_factory):
     path = write_vocab_gguf(folder / "gemma.gguf", "llama", tokens, types, scores=scores,
                             arch="gemma3", bos=2, eos=1, unk=3, eot=5, add_bos=True,
                             add_eos=False, space_prefix=False, template=GEMMA_TEMPLATE)
-    return path, tokens
+    return path, tokens, types, scores
 
 
 def test_gemma_vocabulary_matches_transformers(gemma) -> None:
-    path, tokens = gemma
+    path, tokens = gemma[:2]
     _check_against_transformers(path, _transformers(path), "<end_of_turn>")
     tok = load_tokenizer(path)
     assert (tok.bos_id, tok.eos_id) == (2, 1)
@@ -93,6 +93,23 @@ def test_gemma_vocabulary_matches_transformers(gemma) -> None:
     assert encode_template_dialog(tok, DIALOG)[:2] == [2, 4]  # <bos><start_of_turn>, once
     assert tok.stop_ids == {1, 5}  # <eos> and <end_of_turn>, which --until-eos stops at
     assert tok.template_tokens() == {"bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def test_gemma_whitespace_runs_are_matched_whole_as_llama_cpp_does(gemma) -> None:
+    """Gemma's converter stores its whitespace-run tokens as user-defined with real spaces;
+    llama.cpp matches them in the raw text before spaces become U+2581, longest first
+    (transformers' GGUF conversion merges them as U+2581 runs instead: "  two" differs)."""
+    path, tokens, types, scores = gemma
+    runs = ["  ", "   ", "\n\n"]
+    path = write_vocab_gguf(path.with_name("runs.gguf"), "llama", tokens + runs,
+                            types + [4] * len(runs), scores=scores + [0.0] * len(runs),
+                            arch="gemma3", bos=2, eos=1, unk=3, space_prefix=False)
+    tok = load_tokenizer(path)
+    two, three, lines = (len(tokens) + i for i in range(3))
+    ids = tok.encode("a    b\n\n\n  c")
+    assert ids.count(three) == 1 and ids.count(two) == 1 and ids.count(lines) == 1
+    assert ids[ids.index(three) + 1] == tokens.index("\u2581")  # the fourth space alone
+    assert tok.decode(ids) == "a    b\n\n\n  c"
 
 
 @pytest.fixture(scope="module")
