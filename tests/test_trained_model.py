@@ -67,11 +67,27 @@ def _greedy(model, prompt: list[int], n: int, compile: bool = False) -> list[int
     return gen.generate([prompt], config).output_token_ids[0]
 
 
+def _transformers_reference(transformers, path: Path):
+    """transformers' tokenizer and float32 model from the GGUF. Its loaders parse the file's
+    metadata three times (tokenizer, config, tensors) and build gguf's name map once per tensor;
+    both are pure functions of their arguments, so one parse and one map serve every call (the
+    engine's own loader, which is under test, is not patched)."""
+    import gguf
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return ref_tok, ref
+
+
 def test_greedy_tokens_and_chat_ids_are_transformers(smollm2) -> None:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers reads GGUF files through it
     path, model, tok = smollm2
-    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ref_tok, ref = _transformers_reference(transformers, path)
     ref_ids = ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     ref_ids = list(ref_ids["input_ids"] if hasattr(ref_ids, "keys") else ref_ids)
     assert encode_dialog(tok, QUESTION) == ref_ids
@@ -79,8 +95,6 @@ def test_greedy_tokens_and_chat_ids_are_transformers(smollm2) -> None:
         ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     prompt = tok.encode(PROMPT, bos=True)
     assert prompt == ref_tok.encode(PROMPT)  # the file says add_bos_token false: no BOS
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=N_TOKENS,
                            min_new_tokens=N_TOKENS, do_sample=False)
