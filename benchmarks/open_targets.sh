@@ -7,13 +7,14 @@
 #   part step       split against fused decode kernels, 4 models (benchmarks/step_kernels_ab.py)
 #   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
 #   part moe        torch against Triton gathered experts (benchmarks/moe_kernel_ab.py)
+#   part dense      Qwen3-8B, Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25)
 #   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|trained|step|prefill|moe|offload) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|offload} [GGUF]" >&2
+  gpu-tests|trained|step|prefill|moe|dense|offload) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|dense|offload} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -41,6 +42,15 @@ case "${1:-}" in
   moe)
     python3 benchmarks/moe_kernel_ab.py --rounds 2
     keep "results/moe-kernel-$slug.jsonl" ;;
+  dense)
+    # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
+    out=results/models-$slug.jsonl
+    for model in qwen3-8b gemma-3-12b gemma-2-9b; do
+      python3 -m infermeter generate --model "$model" --dtype bf16 --batch-size 1 \
+        --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 --output "$out" \
+        || echo "$model: failed" >&2
+    done
+    keep "$out" ;;
   offload)
     bash benchmarks/offload_targets.sh ;;
 esac

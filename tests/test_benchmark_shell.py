@@ -47,3 +47,15 @@ def test_the_parts_script_refuses_an_unknown_part():
                          capture_output=True, text=True, timeout=30,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
     assert run.returncode == 2 and "usage:" in run.stderr
+
+
+def test_the_dense_part_s_generate_lines_parse_and_run_compiled_bf16_at_batch_1():
+    lines = _command_lines(BENCHMARKS / "open_targets.sh")
+    parser = build_parser()
+    assert lines, "the parts script names no infermeter command"
+    for argv in lines:
+        args = parser.parse_args(argv)
+        assert argv[0] == "generate" and args.dtype == "bf16" and args.batch_size == [1]
+    models = re.search(r"for model in ([\w.\- ]+); do", (BENCHMARKS / "open_targets.sh")
+                       .read_text()).group(1).split()
+    assert {"qwen3-8b", "gemma-3-12b"} <= set(models)
