@@ -8,13 +8,14 @@
 #   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
 #   part moe        torch against Triton gathered experts (benchmarks/moe_kernel_ab.py)
 #   part dense      Qwen3-8B, Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25)
+#   part run        the main job on its default setting (its warm-up included) -> results/run-<device>/
 #   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|trained|step|prefill|moe|dense|offload) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|dense|offload} [GGUF]" >&2
+  gpu-tests|trained|step|prefill|moe|dense|run|offload) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|dense|run|offload} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -51,6 +52,10 @@ case "${1:-}" in
         || echo "$model: failed" >&2
     done
     keep "$out" ;;
+  run)
+    rm -rf "results/run-$slug"
+    python3 -m infermeter run --out "results/run-$slug"
+    if [[ -n "${OUT:-}" ]]; then cp -r "results/run-$slug" "$OUT/"; fi ;;
   offload)
     bash benchmarks/offload_targets.sh ;;
 esac

@@ -25,7 +25,8 @@ def _command_lines(script: Path) -> list[list[str]]:
             continue
         line = line.split("-m infermeter ", 1)[1].split(">", 1)[0].split("||", 1)[0]
         line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays[m.group(1)], line)
-        line = re.sub(r'"?\$\{?\w+\}?"?(/[\w./-]*)?', "x", line)
+        line = re.sub(r'"[^"]*\$[^"]*"', "x", line)  # a quoted word holding a variable
+        line = re.sub(r'\$\{?\w+\}?(/[\w./-]*)?', "x", line)
         lines.append(shlex.split(line))
     return lines
 
@@ -50,12 +51,20 @@ def test_the_parts_script_refuses_an_unknown_part():
 
 
 def test_the_dense_part_s_generate_lines_parse_and_run_compiled_bf16_at_batch_1():
-    lines = _command_lines(BENCHMARKS / "open_targets.sh")
+    lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh")
+             if argv[0] == "generate"]
     parser = build_parser()
-    assert lines, "the parts script names no infermeter command"
+    assert lines, "the parts script names no generate command"
     for argv in lines:
         args = parser.parse_args(argv)
         assert argv[0] == "generate" and args.dtype == "bf16" and args.batch_size == [1]
     models = re.search(r"for model in ([\w.\- ]+); do", (BENCHMARKS / "open_targets.sh")
                        .read_text()).group(1).split()
     assert {"qwen3-8b", "gemma-3-12b"} <= set(models)
+
+
+def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
+    lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh") if argv[0] == "run"]
+    assert len(lines) == 1
+    args = build_parser().parse_args(lines[0])
+    assert args.out == "x" and args.model is None and args.checkpoint is None
