@@ -49,9 +49,11 @@ def prompt(length: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(length))
 
 
-def bucketed(model, chunk=None) -> Generator:
+def bucketed(model, chunk=None, chunk_attention="mask") -> Generator:
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=True)
     gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    # "flex" runs only compiled on a GPU; here flex_attention's reference runs the same tiles
+    gen.chunk_attention = chunk_attention
     return gen
 
 
@@ -89,13 +91,27 @@ def assert_same_where_read(model, want, got, prompt_len: int) -> None:
         torch.testing.assert_close(v1[:, :, read], v0[:, :, read], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk,length", [(None, n) for n in LENGTHS]
-                         + [(CHUNK, n) for n in CHUNKED_LENGTHS])
-def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chunk, length):
+@pytest.mark.parametrize("chunk,length,attention",
+                         [(None, n, "mask") for n in LENGTHS]
+                         + [(CHUNK, n, "mask") for n in CHUNKED_LENGTHS]
+                         + [(CHUNK, n, "flex") for n in (25, 41)])  # 2 and 3 chunks, padded
+def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chunk, length,
+                                                                     attention, monkeypatch):
+    """Chunked, the chunks after the first attend with each chunk attention (flex: the full
+    layers through chunk_attention.py's tiles, ring layers keep the mask)."""
+    import infermeter.engine.model as model_module
+
     tokens = prompt(length)
     want_logits, want_cache, want_ids = run(Generator(model, max_seq_len=CACHE), tokens, EAGER)
-    gen = bucketed(model, chunk)
+    gen = bucketed(model, chunk, attention)
+    calls = []
+    flex = model_module.chunk_flex_attention
+    monkeypatch.setattr(model_module, "chunk_flex_attention",
+                        lambda *a: calls.append(1) or flex(*a))
     logits, cache, ids = run(gen, tokens, COMPILED)
+    full = sum(not layer.attention.kv_cache.is_ring for layer in model.layers)
+    chunks = len(gen.prefill_lengths(length, True))
+    assert len(calls) == (full * (chunks - 1) if attention == "flex" else 0)
     assert gen.prefill_lengths(length, True)[-1] == bucket_length(
         length - (length - 1) // (chunk or length) * (chunk or length), chunk)
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)

@@ -121,9 +121,12 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     sweep = load_benchmark("ttft_sweep")
     assert sweep.main(["--dry-run"]) == 0
     planned = capsys.readouterr().out.splitlines()
-    assert len(planned) == 4 + 1 + 1  # the A/B's four runs, the TTFT ladder, the long prompt
-    assert [line.split(": ")[1] for line in planned[:4]] == [
-        "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4"]
+    # the A/B's four runs, the TTFT ladder, the long prompt with each chunk attention
+    assert len(planned) == 4 + 1 + 2
+    assert [line.split(": ")[1] for line in planned] == [
+        "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4", "ttft", "long",
+        "long-flex"]
+    assert "'chunk_attention': 'flex'" in planned[-1] and "chunk_attention" not in planned[-2]
 
     def ab(kind: str, i: int, tpot: float) -> Result:
         return Result("generate", {"name": "llama-2-7b"},
@@ -135,6 +138,17 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     assert sweep.tpot_gap_pct(results) == pytest.approx(100 * (3.705 / 3.67 - 1))
     assert "decode TPOT, bucketed over exact prefill: 0.95 % (target <= 1 %) met" in \
         sweep.targets(results)
+
+    def long(run: str, mfu: float) -> Result:
+        return Result("generate", {"name": "llama-3.1-8b"},
+                      {"run": run, "mode": "compiled", "prompt_len": 32768},
+                      {"timestamp": "t"}, {"mfu_pct": mfu})
+
+    verdicts = sweep.targets([long("long", 41.0), long("long-flex", 63.5)]).splitlines()
+    assert "32768-token chunked prefill MFU (llama-3.1-8b): 41.00 % (target >= 60 %) MISSED" \
+        in verdicts[3]
+    assert "32768-token chunked prefill MFU, flex chunks: 63.50 % (target >= 60 %) met" \
+        in verdicts[4]
 
 
 def test_the_reports_extended_table_shows_the_ttft_roofline():

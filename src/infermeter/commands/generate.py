@@ -21,6 +21,7 @@ MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 STEP_KERNELS = ("split", "fused")  # engine/model.py's, likewise
 MOE_KERNELS = ("torch", "triton")  # engine/moe.py's, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
+CHUNK_ATTENTIONS = ("mask", "flex")  # engine/chunk_attention.py's, likewise
 
 
 ADVANCED_GROUP = "advanced: engine variants for A/B benchmarks (defaults are the fastest measured)"
@@ -120,6 +121,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
+    variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="mask",
+                         metavar="KIND", help="bucketed prefill chunks after the first: the "
+                         "whole cache with a mask, or flex attention's tiles (GPU; default mask)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")
@@ -185,7 +189,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                              step_kernels=args.step_kernels,
                              moe_kernel=args.moe_kernel,
                              pdl=args.pdl, prefill_chunk=args.prefill_chunk,
-                             prefill=args.prefill))
+                             prefill=args.prefill, chunk_attention=args.chunk_attention))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

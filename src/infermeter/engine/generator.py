@@ -51,6 +51,12 @@ from torch import Tensor
 
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
+from infermeter.engine.chunk_attention import (
+    CHUNK_ATTENTION,
+    CHUNK_ATTENTIONS,
+    BlockLists,
+    block_lists,
+)
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.engine.sampling import sample
@@ -158,11 +164,12 @@ def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tens
 
 
 def _prefill_forward(model: Transformer, tokens: Tensor, positions: Tensor,
-                     last: Tensor) -> Tensor:
+                     last: Tensor, blocks: BlockLists | None = None) -> Tensor:
     """One bucketed prefill forward: tokens [B, L] at positions [L] (writes their K/V) -> the
     logits [B, V] float32 of row last [1], the forward's last real token (a tensor: one graph
-    serves every prompt length padded to L)."""
-    return model(tokens, positions).index_select(1, last)[:, 0]
+    serves every prompt length padded to L). blocks: a later chunk's tile lists for flex
+    attention (chunk_attention.py), tensors too, so one graph serves every start."""
+    return model(tokens, positions, blocks=blocks).index_select(1, last)[:, 0]
 
 
 def _block_step(layer: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
@@ -202,6 +209,9 @@ class Generator:
     lengths (prefill_buckets.py) instead of eager forwards at the prompt's own length (and
     instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
     by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
+    chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
+    (chunk_attention.CHUNK_ATTENTIONS); "flex" only where inductor compiles it on a GPU,
+    self.chunk_attention says what runs.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
@@ -210,9 +220,12 @@ class Generator:
                  compile_options: dict | None = None, fuse: bool = True,
                  compile_prefill: bool = False, decode_attention: str | None = None,
                  pdl: bool = False, prefill_chunk: int | None = None,
-                 bucketed_prefill: bool = False) -> None:
+                 bucketed_prefill: bool = False, chunk_attention: str = CHUNK_ATTENTION) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
+        if chunk_attention not in CHUNK_ATTENTIONS:
+            raise InfermeterError(f"unknown chunk attention {chunk_attention!r} "
+                                  f"(use {' or '.join(CHUNK_ATTENTIONS)})")
         self.prefill_chunk = prefill_chunk
         if decode_attention is not None:
             from infermeter.engine.attention import ATTENTION_KINDS
@@ -247,6 +260,10 @@ class Generator:
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
         self.bucketed_prefill = bucketed_prefill and not self.spec.is_moe
+        # flex needs inductor's kernel (outside it flex_attention is a slow reference): the
+        # bucketed prefill compiled by inductor on a GPU, else the mask
+        self.chunk_attention = chunk_attention if self.bucketed_prefill \
+            and self.compile_backend == "inductor" and self.device.type == "cuda" else "mask"
         self._compiled_prefill: Callable[..., Tensor] | None = None
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
@@ -373,9 +390,12 @@ class Generator:
                 torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph iteration
             # Two graphs a length at most: from 0 (causal on its own K/V), and later chunks
             # over the whole cache with a mask (a graph per start would compile per chunk).
-            with prefill_from(self.model, 0 if start + offset == 0 else None):
+            later = start + offset > 0
+            blocks = block_lists(start + offset, length, self.model.max_seq_len, self.device) \
+                if later and self.chunk_attention == "flex" else None
+            with prefill_from(self.model, None if later else 0):
                 logits = forward(self.model, piece, positions,
-                                 torch.full((1,), real - 1, **int64))  # [B, V]
+                                 torch.full((1,), real - 1, **int64), blocks)  # [B, V]
             offset += real
         return logits
 

@@ -100,6 +100,12 @@ class LayerKVCache(nn.Module):
         self._write(k, v, input_pos)
         return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
 
+    def write_full(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """A full (not ring) layer: write k, v [B, H_kv, T, D]; the whole cache as keys and
+        values [B, H_kv, S, D] in k's dtype, for an attention that masks by slot itself."""
+        self._write(k, v, input_pos)
+        return self.k.to(k.dtype), self.v.to(v.dtype)
+
     def update_from(self, k: Tensor, v: Tensor, input_pos: Tensor,
                     start: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """update() for a forward whose first position is `start` (a Python int): the same write,

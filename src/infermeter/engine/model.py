@@ -26,7 +26,9 @@ Decisions:
   very long prompts in chunks to bound it; chunked prefill is exact, see kv_cache.py). A
   prefill forward whose start its caller gives (prefill_from) needs less: from position 0 no
   mask at all (its own K/V, causal, enable_gqa: the flash kernel on CUDA), from a later start
-  the mask and cache cut to its first start + T slots.
+  the mask and cache cut to its first start + T slots. A compiled chunk from a later start
+  (one graph for every start) reads the whole cache: with a mask, or with chunk_attention.py's
+  "flex" through flex_attention's tiles, which skip the slots after the chunk.
 - The KV cache dtype defaults to the parameter dtype; fp32/fp16/bf16 are supported. When it
   differs from the activations, K/V are converted on read (costs a cast per step). fp8/int8 KV
   raise InfermeterError (not supported by the engine yet).
@@ -80,6 +82,7 @@ from infermeter.engine.attention import (
     flex_decode_attention,
     resolve_attention,
 )
+from infermeter.engine.chunk_attention import BlockLists, chunk_flex_attention
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.decode_attention import (
     decode_attention_kernel,
@@ -180,10 +183,13 @@ class Attention(nn.Module):
             and (wqkv.bias is None or wqkv.bias.dtype == dtype)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+                norm: RMSNorm | None = None, residual: Tensor | None = None,
+                blocks: BlockLists | None = None) -> Tensor:
         """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim].
         The fused batch-1 step (TransformerBlock.forward) passes x un-normed with its norm and
-        the residual: the norm runs in wqkv's kernel, the add in wo's (fused_step.py)."""
+        the residual: the norm runs in wqkv's kernel, the add in wo's (fused_step.py).
+        blocks: a later prefill chunk's tile lists (chunk_attention.py), for flex attention
+        over a full layer's cache."""
         if self.kv_cache is None:
             raise InfermeterError("call setup_cache() before running the model")
         bsz, seqlen, _ = x.shape
@@ -230,6 +236,11 @@ class Attention(nn.Module):
         # causal diagonal at the lower right (SDPA's is_causal aligns it upper left); the fold
         # below keeps heads equal, so a mask reaches CUDA's memory-efficient kernel (flash
         # takes none). Else (ring layers, start unknown) the whole cache: [B, H_kv, S, D], [T, S].
+        if blocks is not None and start is None and seqlen > 1 and not cache.is_ring:
+            # a later compiled chunk: flex attention skips the tiles no query sees
+            out = chunk_flex_attention(q, *cache.write_full(k, v, input_pos), blocks,
+                                       self.softcap)  # [B, H, T, D]
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         span = cache.update_from(k, v, input_pos, start) if start is not None else None
         keys, values, mask = span or cache.update(k, v, input_pos)
         return self._attend(q, keys, values, mask, input_pos, residual)
@@ -359,7 +370,8 @@ class TransformerBlock(nn.Module):
         return not any(m._forward_hooks or m._forward_pre_hooks
                        for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                blocks: BlockLists | None = None) -> Tensor:
         if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling() \
                 and self.fuses_step() and fused_step_usable(x, *self.fused_step_params()):
             h = self.attention(x, cos, sin, input_pos, norm=self.attention_norm, residual=x)
@@ -369,7 +381,7 @@ class TransformerBlock(nn.Module):
         # larger products go to cuBLAS, which reads a materialized input anyway.
         if self.materialize_norm and x.shape[0] * x.shape[1] == 1 and compiling():
             normed = materialize(normed)
-        attended = self.attention(normed, cos, sin, input_pos)
+        attended = self.attention(normed, cos, sin, input_pos, blocks=blocks)
         if self.attention_post_norm is not None and self.ffn_post_norm is not None:
             h = x + self.attention_post_norm(attended)
             return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
@@ -474,14 +486,16 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor,
-                block_fn: Callable[..., Tensor] | None = None) -> Tensor:
+                block_fn: Callable[..., Tensor] | None = None,
+                blocks: BlockLists | None = None) -> Tensor:
         """tokens [B, T] int64, input_pos [T] int64 -> logits [B, T, vocab] float32.
 
         Writes the K/V of these positions into the cache. No host syncs or value-dependent
         branches, so T == 1 decode compiles with fullgraph=True and static shapes.
         block_fn(layer, h, cos, sin, input_pos), when given, runs each layer instead of
         layer(h, ...): the Generator's compiled prefill passes one compiled function here,
-        which every layer then shares (one graph, any prompt length).
+        which every layer then shares (one graph, any prompt length). blocks: a later
+        compiled prefill chunk's tile lists for flex attention (chunk_attention.py).
         """
         if self.max_seq_len == 0:
             raise InfermeterError("call setup_cache() before running the model")
@@ -502,7 +516,7 @@ class Transformer(nn.Module):
             return self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
         for layer in self.layers:
             c, s = local if layer.attention.local_rope else (cos, sin)
-            h = layer(h, c, s, input_pos) if block_fn is None else \
+            h = layer(h, c, s, input_pos, blocks) if block_fn is None else \
                 block_fn(layer, h, c, s, input_pos)
         return self._logits(self.norm(h))
 

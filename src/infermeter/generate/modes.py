@@ -35,6 +35,7 @@ class EngineRunner:
                                    compile_prefill=engine.compile_prefill,
                                    prefill_chunk=engine.prefill_chunk,
                                    bucketed_prefill=engine.prefill_kind == "bucketed",
+                                   chunk_attention=engine.chunk_attention,
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -68,12 +69,17 @@ class EngineRunner:
     def _prefill_used(self) -> dict[str, Any]:
         """prefill: "bucketed" where the compiled mode padded to static graphs, else "exact";
         prefill_forward_lens: the forward lengths the case's prefills ran (one graph each when
-        bucketed), after warmup() prepared the cache."""
+        bucketed), after warmup() prepared the cache; chunk_attention: how a bucketed chunk
+        from a later start attended ("mask" or "flex"), None where no prefill had one."""
         gen, compiled = self.generator, self.config.compile
         lens = sorted({n for length in self.prompt_lens
                        for n in gen.prefill_lengths(length, compiled)})
-        return {"prefill": "bucketed" if compiled and gen.bucketed_prefill else "exact",
-                "prefill_forward_lens": lens}
+        bucketed = compiled and gen.bucketed_prefill
+        # the chunk attention only where a bucketed chunk starts after position 0
+        later = bucketed and any(len(gen.prefill_lengths(length, compiled)) > 1
+                                 for length in self.prompt_lens)
+        return {"prefill": "bucketed" if bucketed else "exact", "prefill_forward_lens": lens,
+                "chunk_attention": gen.chunk_attention if later else None}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the

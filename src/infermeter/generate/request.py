@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from infermeter.engine.chunk_attention import CHUNK_ATTENTION
 from infermeter.engine.generator import GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
 from infermeter.engine.model import STEP_KERNEL
@@ -56,6 +57,9 @@ class EngineChoices:
     # at bucket lengths, the prompt padded) or "exact" (forwards at the prompt's own length:
     # eager, or compile_prefill's layer graph); None: bucketed unless compile_prefill
     prefill: str | None = None
+    # a bucketed chunk from a later start over a full layer's cache: "mask" or "flex"
+    # (engine/chunk_attention.CHUNK_ATTENTIONS)
+    chunk_attention: str = CHUNK_ATTENTION
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 

@@ -1,0 +1,108 @@
+"""chunk_attention.py: a bucketed prefill chunk from a later start attending over a full layer's
+cache through flex attention's tiles gives what the mask over the whole cache gives (float32,
+flex_attention's reference outside torch.compile), across several 128-token tiles, a start
+that is no multiple of a tile, GQA and MHA, and Gemma 2's logit cap; the Generator runs "flex"
+only where inductor compiles it on a GPU and says so; the CLI's kinds are the engine's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from infermeter.engine.attention import decode_attention
+from infermeter.engine.chunk_attention import (
+    CHUNK_ATTENTIONS,
+    TILE,
+    block_lists,
+    chunk_flex_attention,
+)
+from infermeter.engine.generator import Generator
+from infermeter.engine.model import build_model
+from infermeter.errors import InfermeterError
+from infermeter.specs.presets import PRESETS
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def masked(q, keys, values, first, softcap=None):
+    """The mask path's attention: query i sees slots <= first + i ([B, H, T, D])."""
+    bsz, heads, length, dim = q.shape
+    groups = heads // keys.shape[1]
+    mask = torch.arange(keys.shape[2])[None, :] <= first + torch.arange(length)[:, None]
+    folded = q.reshape(bsz, keys.shape[1], groups * length, dim)
+    out = decode_attention(folded, keys, values, mask.repeat(groups, 1), softcap)
+    return out.reshape(bsz, heads, length, dim)
+
+
+@pytest.mark.parametrize("heads,kv_heads,first,length,slots,softcap", [
+    (4, 2, 300, 200, 700, None),   # GQA; tiles 2 x 6, the diagonal inside tiles
+    (4, 4, 128, 256, 512, None),   # MHA; a start and a length on tile edges
+    (4, 1, 5, 140, 300, 20.0),     # MQA, Gemma 2's cap, a start inside the first tile
+])
+def test_flex_tiles_give_the_mask_s_attention(heads, kv_heads, first, length, slots, softcap):
+    gen = torch.Generator().manual_seed(first)
+    q = torch.randn(2, heads, length, 16, generator=gen)
+    keys, values = (torch.randn(2, kv_heads, slots, 16, generator=gen) for _ in range(2))
+    lists = block_lists(first, length, slots, torch.device("cpu"))
+    kv_num, kv_index, full_num, full_index, start = lists
+    assert kv_index.shape[-2:] == (-(-length // TILE), -(-slots // TILE))
+    assert start.tolist() == [first]
+    # a tile row sees no slot after its last query's position: later tiles are skipped
+    last_tile = (first + min(length, TILE) - 1) // TILE
+    assert int(kv_num[0, 0, 0] + full_num[0, 0, 0]) == last_tile + 1
+    out = chunk_flex_attention(q, keys, values, lists, softcap)
+    torch.testing.assert_close(out, masked(q, keys, values, first, softcap),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_generator_runs_flex_only_compiled_by_inductor_on_a_gpu():
+    model = build_model(PRESETS["debug"].with_updates(n_layers=1), device="cpu",
+                        dtype=torch.float32)
+    gen = Generator(model, bucketed_prefill=True, chunk_attention="flex")
+    assert gen.chunk_attention == "mask"  # a CPU: inductor's flex kernel is for GPUs here
+    with pytest.raises(InfermeterError, match="unknown chunk attention 'tiles'") as err:
+        Generator(model, chunk_attention="tiles")
+    assert "\n" not in str(err.value)
+
+
+def test_the_cli_offers_the_engine_s_kinds_and_records_them():
+    from infermeter.cli import build_parser
+    from infermeter.commands.generate import CHUNK_ATTENTIONS as CLI_KINDS
+
+    assert CLI_KINDS == CHUNK_ATTENTIONS
+    args = build_parser().parse_args(["generate", "--model", "debug", "--chunk-attention",
+                                      "flex"])
+    assert args.chunk_attention == "flex"
+    with warnings.catch_warnings(), pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "debug", "--chunk-attention", "x"])
+
+
+@pytest.mark.gpu
+def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill():
+    """Inductor's flex kernel inside the bucketed graph (tile lists as inputs, one graph for
+    every start): the last real token's logits equal the exact eager prefill's (float32) and
+    a compiled generate's greedy tokens equal eager's, for prompts of 2 to 4 chunks beside a
+    ring layer."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from infermeter.engine.generator import GenerationConfig
+
+    spec = PRESETS["debug"].with_updates(n_layers=2, sliding_window=40,
+                                         sliding_window_layers=(0,), max_seq_len=512)
+    model = build_model(spec, device="cuda", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=512, prefill_chunk=128, bucketed_prefill=True,
+                    chunk_attention="flex")
+    assert gen.chunk_attention == "flex"
+    eager, compiled = (GenerationConfig(max_new_tokens=6, compile=c) for c in (False, True))
+    for length in (200, 300, 450):
+        tokens = torch.randint(0, spec.vocab_size, (1, length),
+                               generator=torch.Generator().manual_seed(length)).cuda()
+        gen.warmup(1, length, compiled)
+        gen.prepare(1, length, 6)
+        tiled = gen._bucketed(tokens, 0).clone()  # [B, V]
+        gen.prepare(1, length, 6)
+        torch.testing.assert_close(tiled, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
+        assert gen.generate(tokens, compiled).output_token_ids == \
+            gen.generate(tokens, eager).output_token_ids
