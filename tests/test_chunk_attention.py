@@ -106,3 +106,34 @@ def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill():
         torch.testing.assert_close(tiled, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
         assert gen.generate(tokens, compiled).output_token_ids == \
             gen.generate(tokens, eager).output_token_ids
+
+
+def test_one_traced_graph_serves_every_later_start():
+    """torch.compile's trace (aot_eager: dynamo's fullgraph trace without inductor's build) of
+    the bucketed forward with flex chunks: the tile lists are inputs, so chunks at starts 24
+    and 48 of two prompts share one graph; three graphs in all (24 from position 0, 24 and the
+    padded 16 later), and the first tokens equal the eager prefill's."""
+    from torch._dynamo.utils import counters
+
+    from infermeter.engine.generator import GenerationConfig, _prefill_forward
+
+    spec = PRESETS["debug"].with_updates(n_layers=2, sliding_window=12,
+                                         sliding_window_layers=(0,))
+    model = build_model(spec, device="cpu", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=96, prefill_chunk=24, bucketed_prefill=True)
+    gen.chunk_attention = "flex"  # as the Generator sets it on a GPU
+    gen._compiled_prefill = torch.compile(_prefill_forward, backend="aot_eager",
+                                          fullgraph=True, dynamic=False)
+    eager = Generator(model, max_seq_len=96)
+    torch._dynamo.reset()
+    counters.clear()
+    for length, forwards in ((49, [24, 24, 16]), (70, [24, 24, 24])):
+        tokens = torch.randint(0, spec.vocab_size, (2, length),
+                               generator=torch.Generator().manual_seed(length))
+        eager.prepare(2, length, 2)
+        want = eager.prefill(tokens, GenerationConfig(max_new_tokens=2)).token
+        gen.prepare(2, length, 2)
+        assert gen.prefill_lengths(length, True) == forwards
+        got = gen.prefill(tokens, GenerationConfig(max_new_tokens=2, compile=True)).token
+        assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 3
