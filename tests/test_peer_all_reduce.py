@@ -34,7 +34,7 @@ from tests.tp_workers import (
     PEER_CASES,
     generate_when_peer_buffers_fail,
     peer_buffer_agreement,
-    peer_model_matches_tp1,
+    peer_models_match_tp1,
     peer_sums,
     run_ranks,
 )
@@ -77,24 +77,26 @@ def test_two_ranks_sum_through_each_others_buffers(monkeypatch) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("name,fuse_norm", [("gqa", True), ("gqa", False), ("tied", True)])
-def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch, name, fuse_norm) -> None:
-    """The debug model (and a tied-embedding Qwen2 one, whose logits all-reduce stays NCCL's)
-    at tp 2 with every wo/w2 all-reduce through a kernel (with the residual add and the norm
-    after it, or alone): logits equal tp 1's within 1e-5 (float32), greedy tokens equal, and a
-    fullgraph-compiled decode step too."""
+def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch) -> None:
+    """The debug model (with the residual add and the norm fused into the kernel, and without)
+    and a tied-embedding Qwen2 one (fused; its logits all-reduce stays NCCL's) at tp 2 with
+    every wo/w2 all-reduce through a kernel: logits equal tp 1's within 1e-5 (float32), greedy
+    tokens equal, and a fullgraph-compiled decode step too. The three cases run in turn on one
+    pair of spawned ranks, each with its own buffers."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    spec = PRESETS["debug"]
-    if name == "tied":
-        spec = spec.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
-    n_sites = 2 * spec.n_layers
-    results = run_ranks(peer_model_matches_tp1, 2, spec, shared_buffers(n_sites, 2), fuse_norm,
-                        timeout=240)
-    for result in results:
-        assert result["diff"] < 1e-5
-        assert result["tokens_equal"] and result["compiled_equal"]
-        # the prefill and 4 decode steps, wo and w2 of every layer
-        assert result["calls"] == 5 * 2 * result["n_layers"]
+    debug = PRESETS["debug"]
+    tied = debug.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
+    cases = {"gqa-fused": (debug, True), "gqa": (debug, False), "tied-fused": (tied, True)}
+    results = run_ranks(peer_models_match_tp1, 2,
+                        [(spec, shared_buffers(2 * spec.n_layers, 2), fuse_norm)
+                         for spec, fuse_norm in cases.values()], timeout=400)
+    for per_case in results:
+        assert len(per_case) == len(cases)
+        for name, result in zip(cases, per_case):
+            assert result["diff"] < 1e-5, name
+            assert result["tokens_equal"] and result["compiled_equal"], name
+            # the prefill and 4 decode steps, wo and w2 of every layer
+            assert result["calls"] == 5 * 2 * result["n_layers"], name
 
 
 def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:

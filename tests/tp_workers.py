@@ -21,10 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from infermeter.engine.checkpoint.load import load_model
-from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
+# Only what every rank needs at start-up: each spawned rank imports this module, and the model,
+# generator and sizes (about 1 s of imports a process) are imported by the workers that use them.
 from infermeter.engine.parallel.group import TensorParallel, init_distributed, teardown
-from infermeter.specs import sizes
 
 BATCH, CACHE, PROMPT, DECODE = 2, 24, 9, 4
 
@@ -89,6 +88,10 @@ def compare_with_tp1(parallel: TensorParallel, sources: dict[str, Any],
 
     The tp 1 reference runs on every rank, unsharded, from the same source and seed.
     """
+    from infermeter.engine.checkpoint.load import load_model
+    from infermeter.engine.generator import GenerationConfig, Generator
+    from infermeter.specs import sizes
+
     out = {}
     for name, source in sources.items():
         full = load_model(source, max_batch_size=BATCH, max_seq_len=CACHE, seed=seed)
@@ -116,6 +119,8 @@ def compare_with_tp1(parallel: TensorParallel, sources: dict[str, Any],
 
 def _compiled_step_equal(full: Any, shard: Any, backend: str) -> bool:
     """The sharded decode step under torch.compile(fullgraph=True): collectives captured."""
+    from infermeter.engine.generator import _decode_one
+
     step = torch.compile(_decode_one, backend=backend, fullgraph=True, dynamic=False)
     args = (torch.tensor([5, 7]), torch.tensor([0]), torch.zeros(2, dtype=torch.bool),
             torch.tensor([-1]), torch.tensor(0))
@@ -220,6 +225,8 @@ def peer_model_matches_tp1(parallel: TensorParallel, source: Any, buffers: list[
     """A tp model whose all-reduces are the peer kernels (fused with the add and norm after
     them, or not): logits and greedy tokens against tp 1, eagerly and in a fullgraph-compiled
     decode step (aot_eager), and how many all-reduces went through a kernel."""
+    from infermeter.engine.checkpoint.load import load_model
+    from infermeter.engine.generator import GenerationConfig, Generator
     from infermeter.engine.linear import set_matvec_kernel
     from infermeter.engine.parallel import peer_all_reduce
     from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
@@ -245,6 +252,13 @@ def peer_model_matches_tp1(parallel: TensorParallel, source: Any, buffers: list[
     return {"diff": diff, "calls": calls, "tokens_equal": want == got,
             "compiled_equal": _compiled_step_equal(full, shard, "aot_eager"),
             "n_layers": full.spec.n_layers}
+
+
+def peer_models_match_tp1(parallel: TensorParallel,
+                          cases: list[tuple[Any, list[torch.Tensor], bool]]) -> list[dict]:
+    """peer_model_matches_tp1 for each (source, buffers, fuse_norm) in turn, on one pair of
+    ranks: each case its own buffers and model, the spawned ranks' start-up paid once."""
+    return [peer_model_matches_tp1(parallel, *case) for case in cases]
 
 
 # ---- symmetric memory that fails: PeerAllReduce.for_group's agreement, generate's fallback ----
