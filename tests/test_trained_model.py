@@ -111,14 +111,14 @@ def test_greedy_tokens_and_chat_ids_are_transformers(smollm2) -> None:
     assert _greedy(model, prompt, N_TOKENS) == expected
 
 
-def test_compiled_decode_gives_the_eager_tokens(smollm2) -> None:
-    _, model, tok = smollm2
+def test_compiled_decode_gives_the_eager_tokens_and_the_chat_answer_is_printed(
+        smollm2, tmp_path, capsys) -> None:
+    """Both compile the same 30-layer decode step (the CLI's default mode is compiled): in one
+    process the second compile reuses the first one's graphs instead of building them again."""
+    path, model, tok = smollm2
     prompt = encode_dialog(tok, QUESTION)
     assert _greedy(model, prompt, 8, compile=True) == _greedy(model, prompt, 8)
 
-
-def test_the_chat_answer_is_printed(smollm2_file, tmp_path, capsys) -> None:
-    path, tok = smollm2_file, load_tokenizer(smollm2_file)
     assert tok.special_id("<|im_end|>") in tok.stop_ids
     dialogs = tmp_path / "chat.json"
     dialogs.write_text(json.dumps([QUESTION]))
