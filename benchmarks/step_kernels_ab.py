@@ -41,8 +41,9 @@ from infermeter.measure.result import Result, append_jsonl
 from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
 
-MODELS = {"llama-3.2-1b": "bf16", "qwen2.5-0.5b": "bf16", "llama-2-7b": "fp16",
-          "llama-3.1-8b": "bf16"}
+# issue 27's models and dtypes: the small ones, then the 7-8B that must not lose
+MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "llama-3.2-1b": "bf16",
+          "llama-2-7b": "fp16", "llama-3.1-8b": "bf16"}
 KINDS = ("split", "fused")  # engine/model.STEP_KERNELS, the default first
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 

