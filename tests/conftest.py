@@ -1,0 +1,22 @@
+"""Test-run settings shared by every test file.
+
+Under pytest-xdist (pyproject's `-n auto`) every core already runs a worker process. torch's
+default of one intra-op thread per core then puts cores x cores threads on the machine, whose
+OpenMP threads spin while waiting for one another: on 2 cores that doubled the CPU time of the
+model tests. So each worker, and each process a test starts (CLI subprocesses, spawned ranks,
+Triton-interpreter workers, which read OMP_NUM_THREADS), gets its share of the cores. Results do
+not depend on it: the tests pass with one process per core or one process on all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
