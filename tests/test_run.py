@@ -95,19 +95,17 @@ def without_offload(monkeypatch):
     monkeypatch.setattr(stages, "STAGES", tuple(s for s in stages.STAGES if s[0] != "offload"))
 
 
-def test_out_is_respected_and_never_mixes_runs(tmp_path, cpu_only, without_offload, capsys):
-    out = tmp_path / "a" / "b"
-    assert main(["run", "--out", str(out)]) == 0
+def test_out_is_respected_never_mixes_runs_and_trace_writes_the_breakdown(
+        tmp_path, cpu_only, without_offload, capsys):
+    """--out (a folder not made yet) holds the run, and a second run there is refused; the
+    first run's --trace writes a copy and a generate trace and the breakdown (one run serves
+    both checks)."""
+    out, traces = tmp_path / "a" / "b", tmp_path / "traces"
+    assert main(["run", "--out", str(out), "--trace", str(traces)]) == 0
     assert (out / "results.jsonl").is_file() and (out / "report.md").is_file()
     capsys.readouterr()
     assert main(["run", "--out", str(out)]) == 2  # a second run there would mix two runs
     assert "already holds results.jsonl" in capsys.readouterr().err
-
-
-def test_trace_writes_a_copy_and_a_generate_trace_and_the_breakdown(tmp_path, cpu_only,
-                                                                    without_offload, capsys):
-    out, traces = tmp_path / "out", tmp_path / "traces"
-    assert main(["run", "--out", str(out), "--trace", str(traces)]) == 0
     for kind in ("copy", "generate"):
         trace = json.loads((traces / kind / "trace-rank0.json").read_text())
         assert trace["traceEvents"], kind  # a loadable Chrome trace with events in it
