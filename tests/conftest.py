@@ -2,10 +2,11 @@
 
 Under pytest-xdist (pyproject's `-n auto`) every core already runs a worker process. torch's
 default of one intra-op thread per core then puts cores x cores threads on the machine, whose
-OpenMP threads spin while waiting for one another: on 2 cores that doubled the CPU time of the
-model tests. So each worker, and each process a test starts (CLI subprocesses, spawned ranks,
-Triton-interpreter workers, which read OMP_NUM_THREADS), gets its share of the cores. Results do
-not depend on it: the tests pass with one process per core or one process on all of them.
+OpenMP threads spin while waiting for one another: on 2 cores that took two to four times the
+CPU time in the model tests. So each worker, and each process a test starts (CLI subprocesses,
+spawned ranks, Triton-interpreter workers, which read OMP_NUM_THREADS), gets its share of the
+cores. Results do not depend on it: the tests pass with one process per core or one process on
+all of them.
 """
 
 from __future__ import annotations
