@@ -122,15 +122,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
     variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="mask",
-                         metavar="KIND", help="bucketed prefill chunks after the first: the "
-                         "whole cache with a mask, or flex attention's tiles (GPU; default mask)")
+                         metavar="KIND", help="prefill chunks after the first: mask or flex "
+                         "(default mask)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")
     variant.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
                          help="a one-token step's attention over the cache (default auto: "
-                         "triton's split-KV kernel where Triton runs, else math; flex and "
-                         "triton: compiled mode only)")
+                         "triton's split-KV kernel where Triton runs, else math)")
     variant.add_argument("--tp-all-reduce", choices=ALL_REDUCE_KINDS, default="auto",
                          help="the decode step's all-reduces at tp >= 2 on CUDA (default auto: "
                          "triton where the GPUs reach each other, else nccl); triton fuses the "
