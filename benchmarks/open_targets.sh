@@ -14,6 +14,8 @@
 #   part run        the main job on its default setting (its warm-up included) -> results/run-<device>/
 #   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
+# On a machine whose copy of the tree has no .git of this commit, set INFERMETER_SOURCE_REVISION
+# to the commit sent, so that the Results name the code that ran (measure/env.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
