@@ -17,6 +17,7 @@ from infermeter.engine import linear as linear_module
 from infermeter.engine import model as model_module
 from infermeter.engine.kernels.fused_step import (
     _fused_gemv,
+    _norm_qkv_rope,
     gemv_add,
     gemv_swiglu,
     norm_gemv,
@@ -158,8 +159,9 @@ def check_model_step() -> None:
     attention in both): the same greedy tokens, and logits within sum-order error; a decode
     step runs the fused ops 4 times a layer and the GEMV only for the output head; the 4-token
     prefill stays split; and eager's module forwards give the same tokens. Llama (GQA, a ring
-    layer) in float32, Qwen2 (q/k/v biases) in float16, Qwen3 (q/k norms: RoPE and the cache
-    write stay in torch) in float32."""
+    layer) in float32, Qwen2 (q/k/v biases) in float16, Qwen3 (per-head q/k norms over a
+    head_dim of 32, in the first kernel too) in float32, and over a head_dim of 24 (no Triton
+    block: norm + wqkv, then torch's q/k norms, RoPE and cache write) in float32."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -183,9 +185,11 @@ def check_model_step() -> None:
     # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
     specs = {"llama": debug.with_updates(sliding_window=3, sliding_window_layers=(1,)),
              "qwen2": debug.with_updates(arch="qwen2", qkv_bias=True),
-             "qwen3": debug.with_updates(arch="qwen3", qk_norm=True)}
+             "qwen3": debug.with_updates(arch="qwen3", qk_norm=True, head_dim=32,
+                                         norm_eps=1e-6)}
+    specs["qwen3 head_dim 24"] = specs["qwen3"].with_updates(head_dim=24)
     steps, prompt = 3, 4
-    dtypes = (torch.float32, torch.float16, torch.float32)
+    dtypes = (torch.float32, torch.float16, torch.float32, torch.float32)
     for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
@@ -193,6 +197,10 @@ def check_model_step() -> None:
             model_module.compiling = linear_module.compiling = \
                 compiling if kind == "eager" else (lambda: True)
             model = build_model(spec, seed=3, dtype=dtype)
+            norm_gen = torch.Generator().manual_seed(5)
+            for name, param in model.named_parameters():  # q's and k's unequal, not ones
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.copy_(1 + 0.3 * torch.randn(param.shape, generator=norm_gen))
             fuse_projections(model)
             set_step_kernels(model, "split" if kind == "eager" else kind)
             for layer in model.layers:  # the attention is not what differs: the quick one
@@ -210,8 +218,7 @@ def check_model_step() -> None:
                     ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
                     out = model(ids[:, -1:], torch.tensor([i]))
             logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
-            # Qwen3's q/k norms come between wqkv and RoPE: norm + wqkv, then torch
-            first = "norm_matvec" if spec.qk_norm else "norm_qkv_rope_cache"
+            first = "norm_qkv_rope_cache" if spec.head_dim != 24 else "norm_matvec"
             fused = [first, "matvec_add", "norm_matvec_swiglu", "matvec_add"]
             want = {"eager": [], "split": ["gemv"] * (4 * spec.n_layers + 1),
                     "fused": fused * spec.n_layers + ["gemv"]}[kind]  # + the output head
@@ -326,15 +333,104 @@ def check_norm_qkv_rope() -> None:
                 assert torch.equal(got.k, ref.k) and torch.equal(got.v, ref.v), "past the cache"
 
 
+def reference_head_norm(t: torch.Tensor, weight: torch.Tensor, gemma: bool, dtype: torch.dtype,
+                        eps: float) -> torch.Tensor:
+    """float32 [heads, D]: the q/k norm (RMSNorm, or GemmaRMSNorm, over each head's D values
+    of t, dtype values in float32) with eager's roundings, rounded as the kernel rounds here."""
+    rnd = rounder(dtype)
+    normed = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return rnd(normed * (1.0 + weight.float()))
+    return rnd(rnd(normed) * weight.float())
+
+
+def check_norm_qkv_rope_qk_norm() -> None:
+    """norm + wqkv + the per-head q/k norms + RoPE + cache write (QK_NORM: Qwen3's, Gemma 3's
+    (1 + w) with Gemma's input norm) against the unfused chain, to the bit: x of +-1 with eps 0
+    makes the input norm exactly its weight's quarter-integers, weight rows that pick one of
+    x's columns (times 1/2, 1 or 2, plus a quarter-integer bias) keep each head's values and
+    their squares' sum exact in any order, so only the rounding points show, among them the
+    head's rsqrt, its normed values' and their weighted values'. Columns in one ragged tile
+    (72) and two (1100: BLOCK_K 1024 in a one-head program), GQA, MHA with a bias, and a ring
+    layer (slot = position % 4) with MQA; v's heads are written un-normed and un-roped."""
+    from infermeter.engine.rope import apply_rope
+
+    gen = torch.Generator().manual_seed(16)
+    head_dim, max_len, qk_eps = 8, 6, 1e-6
+    # heads, kv heads, columns, bias, window, Gemma's norms, positions
+    cases = ((4, 2, 72, False, None, False, (0, max_len - 1)),
+             (2, 2, 1100, True, None, False, (2,)),
+             (2, 1, 72, False, 4, True, (3, 9)))
+    angles = 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)  # [D / 2]
+    for dtype in ULP:
+        for n_heads, n_kv, n_cols, has_bias, window, gemma, positions in cases:
+            n_q, n_kv_rows = n_heads * head_dim, n_kv * head_dim
+            n_rows = n_q + 2 * n_kv_rows
+            x = (torch.randint(0, 2, (1, n_cols), generator=gen) * 2 - 1).to(dtype)
+            norm_w = (torch.randint(-8, 9, (n_cols,), generator=gen) / 4).to(dtype)
+            if gemma:  # (1 + w) of quarter-integers, never 0: the head's sum is not 0
+                norm_w = (norm_w.abs() + 0.25 - 1).to(dtype)
+            pick = torch.randint(0, n_cols, (n_rows, 1), generator=gen)
+            scale = 2.0 ** torch.randint(-1, 2, (n_rows, 1), generator=gen)
+            w = torch.zeros(n_rows, n_cols).scatter_(1, pick, scale)
+            bias = (torch.randint(-4, 5, (n_rows,), generator=gen) / 4).to(dtype) \
+                if has_bias else None
+            qkv = reference_norm_eps0(x, norm_w, gemma) @ w.T  # [1, n_rows], exact
+            if bias is not None:
+                qkv = qkv + bias.float()  # exact: quarter-integers
+            q, k, v = (t.view(-1, head_dim) for t in qkv.split([n_q, n_kv_rows, n_kv_rows], -1))
+            q_w, k_w = ((0.3 * torch.randn(head_dim, generator=gen) + (0 if gemma else 1))
+                        .to(dtype) for _ in range(2))
+            q_normed = reference_head_norm(q, q_w, gemma, dtype, qk_eps)
+            k_normed = reference_head_norm(k, k_w, gemma, dtype, qk_eps)
+            if dtype != torch.bfloat16:  # the reference is eager's q/k norm, to the bit
+                norm = (GemmaRMSNorm if gemma else RMSNorm)(head_dim, qk_eps).to(dtype)
+                norm.weight.data.copy_(q_w)
+                assert torch.equal(q_normed, norm(q.to(dtype)).float()), "q norm ref"
+            caches = [LayerKVCache(1, 12 if window else max_len, n_kv, head_dim, window, dtype,
+                                   "cpu") for _ in range(2)]
+            start = torch.randn(caches[0].k.shape, generator=gen)
+            for cache in caches:
+                cache.k.copy_(start)
+                cache.v.copy_(-start)
+            for i, pos in enumerate(positions):
+                cos, sin = torch.cos(pos * angles)[None], torch.sin(pos * angles)[None]
+                input_pos = torch.tensor([pos])
+                want_q = rope_reference(q_normed, cos, sin, dtype)  # [heads, D]
+                want_k = rope_reference(k_normed, cos, sin, dtype)
+                if dtype != torch.bfloat16:
+                    eager = apply_rope(q_normed.to(dtype)[None, None], cos, sin)
+                    assert torch.equal(want_q, eager.float().view_as(want_q)), "rope ref"
+                ref, got = caches
+                ref.update(want_k.to(dtype)[None, :, None], v.to(dtype)[None, :, None], input_pos)
+                args = (x, norm_w, w.to(dtype), bias, cos, sin, input_pos, got.k, got.v,
+                        got.key_pos, n_q, 0.0, gemma, got.is_ring, q_w, k_w, qk_eps, gemma)
+                # the op, and the PDL launch's arithmetic (no wait here)
+                out = norm_qkv_rope(*args) if i == 0 else _norm_qkv_rope(*args, pdl=True)
+                what = f"qk-norm rope {dtype} {n_heads}/{n_kv} heads {n_cols} ring " \
+                       f"{got.is_ring} position {pos}"
+                assert out.dtype == dtype and out.shape == (1, n_q), what
+                assert torch.equal(out.float().view_as(want_q), want_q), f"{what}: q"
+                assert torch.equal(got.k, ref.k), f"{what}: k cache"
+                assert torch.equal(got.v, ref.v), f"{what}: v cache"
+                assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
+
+
+def reference_norm_eps0(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
+    """float32 [1, K]: RMSNorm with eps 0 of x of +-1 (mean square 1: normed is x exactly),
+    times its weight as eager's roundings give it (quarter-integers: exact)."""
+    assert torch.equal(x.float().pow(2).mean(), torch.tensor(1.0))
+    return x.float() * (1.0 + weight.float()) if gemma else x.float() * weight.float()
+
+
 def check_compiled_trace() -> None:
     """torch.compile (fullgraph) traces the fused step whole: each layer is the four ops, the
     first with RoPE and the cache write (their PDL twins, opaque custom ops with fake kernels:
     the interpreter cannot run under dynamo's fake tensors), the only RMSNorm left in the graph
     is the final one, no RoPE or cache write is, and the traced step's logits are the
-    uncompiled fused step's."""
-    from infermeter.engine.fusion import fuse_projections
-    from infermeter.engine.kernels import pdl
-    from infermeter.engine.model import build_model, set_step_kernels
+    uncompiled fused step's: the debug model, and a Qwen3-like one (its q/k norms in the first
+    kernel too)."""
+    from infermeter.engine.model import build_model
     from infermeter.specs.presets import PRESETS
 
     graphs = []
@@ -343,8 +439,18 @@ def check_compiled_trace() -> None:
         graphs.append(gm)
         return gm.forward
 
-    spec = PRESETS["debug"]
-    model = build_model(spec, seed=1)
+    for spec in (PRESETS["debug"], PRESETS["debug"].with_updates(arch="qwen3", qk_norm=True)):
+        graphs.clear()
+        trace_step(build_model(spec, seed=1), keep, graphs)
+
+
+def trace_step(model, keep, graphs) -> None:
+    """check_compiled_trace's checks on one model (built, no cache yet)."""
+    from infermeter.engine.fusion import fuse_projections
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.model import set_step_kernels
+
+    spec = model.spec
     fuse_projections(model)
     set_step_kernels(model, "fused")
     for layer in model.layers:
@@ -363,11 +469,12 @@ def check_compiled_trace() -> None:
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
     assert ours == ["norm_qkv_rope_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"] \
-        * spec.n_layers + ["gemv_pdl"], ours
-    assert sum("rsqrt" in t for t in targets) == 1, "a layer's norm left in the graph"
+        * spec.n_layers + ["gemv_pdl"], (spec.arch, ours)
+    assert sum("rsqrt" in t for t in targets) == 1, f"{spec.arch}: a layer's norm left in"
     # RoPE (apply_rope's stack of the rotated pairs) and the cache write run in the kernel
-    assert not any("stack" in t or "index_copy" in t for t in targets), "RoPE or a cache write"
-    assert torch.equal(traced, plain), "traced and uncompiled fused steps differ"
+    assert not any("stack" in t or "index_copy" in t for t in targets), \
+        f"{spec.arch}: RoPE or a cache write"
+    assert torch.equal(traced, plain), f"{spec.arch}: traced and uncompiled fused steps differ"
     torch._dynamo.reset()
 
 
@@ -395,6 +502,7 @@ if __name__ == "__main__":
     check_gemv_add()
     check_rounding_points()
     check_norm_qkv_rope()
+    check_norm_qkv_rope_qk_norm()
     check_layers_it_cannot_fuse_stay_split()
     check_compiled_trace()
     check_model_step()

@@ -26,8 +26,10 @@ def _described(monkeypatch, spec, mode="compiled", kinds="fused", kv_dtype=None,
 def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):
     debug = PRESETS["debug"]
     assert _described(monkeypatch, debug) == ("fused", True)
-    # q/k norms (Qwen3's) come between the product and RoPE: torch ropes and writes the cache
-    assert _described(monkeypatch, replace(debug, qk_norm=True)) == ("fused", False)
+    # q/k norms (Qwen3's) are normed in the same kernel, a head a program
+    assert _described(monkeypatch, replace(debug, qk_norm=True)) == ("fused", True)
+    # ... where a head is a Triton block: head_dim a power of two, else torch ropes and writes
+    assert _described(monkeypatch, replace(debug, qk_norm=True, head_dim=24)) == ("fused", False)
     # a cache of another dtype than the activations: likewise
     assert _described(monkeypatch, debug, kv_dtype="bfloat16") == ("fused", False)
     # no fused layer, nothing to say

@@ -2,7 +2,8 @@
 
 Under Triton's CPU interpreter in a subprocess (tests/fused_step_worker.py): each kernel against
 the unfused chain with eager's roundings (several K and N with ragged tails; float32, float16,
-bfloat16), and the debug model's greedy steps fused against split. Here: the PDL launches' PTX
+bfloat16; the wqkv kernel with and without per-head q/k norms), and the debug model's and
+Qwen3-like ones' greedy steps fused against split. Here: the PDL launches' PTX
 keeps pdl.py's rule, eager steps never take the fused path, and the choice reaches every layer
 and the Result. No GPU: which is faster is benchmarks/step_kernels_ab.py's to say.
 """
@@ -54,9 +55,10 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
 
 @needs_triton
 def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products(monkeypatch):
-    """norm + wqkv + RoPE + cache write launched with PDL, compiled for sm_90: only weights
-    before the wait (x, the position and the cache after it); and as a CUDA x launches it
-    (UNCONTRACTED), RoPE's four float32 products are PTX mul.rn, which is never folded into an
+    """norm + wqkv + RoPE + cache write launched with PDL, compiled for sm_90, without and with
+    the per-head q/k norms (QK_NORM, a head a program): only weights before the wait (x, the
+    position and the cache after it); and as a CUDA x launches it (UNCONTRACTED), RoPE's four
+    float32 products (and the head norm's squares) are PTX mul.rn, which is never folded into an
     FMA with the add after it (eager rounds each product)."""
     from infermeter.engine.kernels.fused_step import _norm_qkv_rope
     from tests.test_pdl import first, pdl_launches, pdl_ptx
@@ -64,18 +66,22 @@ def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products
     dtype = torch.bfloat16
     x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
     cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
-    launches = pdl_launches(monkeypatch, lambda: _norm_qkv_rope(
-        x, norm_w, torch.zeros(64, 2560, dtype=dtype), None, torch.ones(1, 8),
-        torch.zeros(1, 8), torch.tensor([3]), cache, cache.clone(), key_pos, 32, 1e-5, False,
-        True, pdl=True))
-    assert len(launches) == 1
-    kernel, args, kwargs = launches[0]
-    lines, wait = pdl_ptx((kernel, args, {**kwargs, "UNCONTRACTED": True}), "norm + wqkv + rope")
-    early = [line for line in lines[:wait] if "ld.global" in line]
-    assert early and all("evict_first" in line for line in early)
-    assert first(lines, "ld.global", wait) < len(lines)
-    products = sum("mul.rn.f32" in line for line in lines)
-    assert products and products % 4 == 0, products
+    for qk_norm in (None, torch.ones(16, dtype=dtype)):
+        launches = pdl_launches(monkeypatch, lambda w=qk_norm: _norm_qkv_rope(
+            x, norm_w, torch.zeros(64, 2560, dtype=dtype), None, torch.ones(1, 8),
+            torch.zeros(1, 8), torch.tensor([3]), cache, cache.clone(), key_pos, 32, 1e-5, False,
+            True, w, w, 1e-6, False, pdl=True))
+        assert len(launches) == 1
+        kernel, args, kwargs = launches[0]
+        assert kwargs["QK_NORM"] == (qk_norm is not None)
+        what = f"norm + wqkv + rope, q/k norms {qk_norm is not None}"
+        lines, wait = pdl_ptx((kernel, args, {**kwargs, "UNCONTRACTED": True}), what)
+        early = [line for line in lines[:wait] if "ld.global" in line]
+        assert early and all("evict_first" in line for line in early), what
+        assert first(lines, "ld.global", wait) < len(lines), what
+        # RoPE's four a pair (and the q/k norm's two squares, rounded as torch's pow(2))
+        products = sum("mul.rn.f32" in line for line in lines)
+        assert products and products % (4 if qk_norm is None else 6) == 0, (what, products)
 
 
 @torch.inference_mode()

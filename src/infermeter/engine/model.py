@@ -57,7 +57,7 @@ Decisions:
   inductor cannot inline, opaque_ops.py), and one-row products in gemv_kernel.py's GEMV.
 - A layer's step_kernels "fused" (set_step_kernels, opt-in until a GPU measures it) runs a
   compiled batch-1 step's layer as kernels/fused_step.py's four kernels (norms, SwiGLU and
-  residual adds inside the products; RoPE and the cache write in wqkv's where
+  residual adds inside the products; q/k norms, RoPE and the cache write in wqkv's where
   Attention.fuses_rope_and_cache allows), where fuses_step() allows; every other step is
   unchanged.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
@@ -169,8 +169,8 @@ class Attention(nn.Module):
 
     def fuses_rope_and_cache(self, x: Tensor) -> bool:
         """Whether the fused step's wqkv kernel can also rope q and k and write the cache: fused
-        wqkv (and bias) and cache in x's dtype, no q/k norms (Qwen3's and Gemma 3's per-head
-        norms come between the product and RoPE: those layers rope and write in torch)."""
+        wqkv (and bias), q/k norm weights (Qwen3's, Gemma 3's, normed in the kernel) and cache
+        in x's dtype (ropes_in_wqkv), a batch-1 cache with unit feature stride."""
         cache = self.kv_cache
         return cache is not None and self.ropes_in_wqkv(x.dtype, cache.k.dtype) \
             and cache.k.shape[0] == 1 and cache.k.stride(-1) == 1
@@ -179,8 +179,18 @@ class Attention(nn.Module):
         """fuses_rope_and_cache's rule before a cache exists: activations in `dtype`, a batch-1
         cache of `cache_dtype` (Generator.prepare's, contiguous). The runner records it."""
         wqkv = self.wqkv
-        return wqkv is not None and self.q_norm is None and cache_dtype == dtype \
-            and (wqkv.bias is None or wqkv.bias.dtype == dtype)
+        return wqkv is not None and cache_dtype == dtype \
+            and (wqkv.bias is None or wqkv.bias.dtype == dtype) and self._qk_norms_fuse(dtype)
+
+    def _qk_norms_fuse(self, dtype: torch.dtype) -> bool:
+        """No q/k norms, or both of one kind and eps with weights in `dtype` and a power-of-two
+        head_dim (the kernel's program is one head: a Triton block of head_dim rows)."""
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if q_norm is None and k_norm is None:
+            return True
+        return q_norm is not None and k_norm is not None and type(q_norm) is type(k_norm) \
+            and q_norm.eps == k_norm.eps and q_norm.weight.dtype == k_norm.weight.dtype == dtype \
+            and self.head_dim & (self.head_dim - 1) == 0
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 norm: RMSNorm | None = None, residual: Tensor | None = None,
@@ -194,12 +204,16 @@ class Attention(nn.Module):
             raise InfermeterError("call setup_cache() before running the model")
         bsz, seqlen, _ = x.shape
         if norm is not None and self.fuses_rope_and_cache(x):
-            # one kernel: the norm, wqkv, RoPE on q and k, k and v into the cache at input_pos
-            cache = self.kv_cache
+            # one kernel: the norm, wqkv, the q/k norms (if any), RoPE on q and k, k and v into
+            # the cache at input_pos
+            cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
             q = norm_qkv_rope_cache(
                 x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
                 input_pos, cache.k, cache.v, cache.key_pos, self.qkv_split[0], norm.eps,
-                isinstance(norm, GemmaRMSNorm), cache.is_ring)
+                isinstance(norm, GemmaRMSNorm), cache.is_ring,
+                None if q_norm is None else q_norm.weight,
+                None if k_norm is None else k_norm.weight,
+                0.0 if q_norm is None else q_norm.eps, isinstance(q_norm, GemmaRMSNorm))
             if self.q_scale is not None:
                 q = q * self.q_scale
             q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]

@@ -104,9 +104,10 @@ class EngineRunner:
 
     def _fused_rope_used(self) -> bool | None:
         """Whether the fused step's wqkv kernel also ropes q and k and writes the cache: True
-        where every fused layer's does (Attention.ropes_in_wqkv), False where some layer's RoPE
-        and cache write stay in torch (q/k norms, a cache of another dtype); None where no layer
-        runs fused (step_kernels None or "split")."""
+        where every fused layer's does (Attention.ropes_in_wqkv; Qwen3's q/k norms too), False
+        where some layer's RoPE and cache write stay in torch (a cache of another dtype, q/k
+        norms over a head_dim that is not a power of two); None where no layer runs fused
+        (step_kernels None or "split")."""
         if self._step_kernels_used() in (None, "split"):
             return None
         model, gen = self.generator.model, self.generator

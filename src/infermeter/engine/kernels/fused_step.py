@@ -7,8 +7,8 @@ The split step runs, a layer: (the previous layer's) add + norm, wqkv GEMV, (RoP
 write, attention), wo GEMV, add + norm, w13 GEMV, activation, w2 GEMV (inductor fuses each add
 with the norm after it). The fused one runs, a layer: norm + wqkv + RoPE + cache write, (the
 same attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels where there were
-7 and RoPE's and the cache write's (Qwen3's per-head q/k norms sit between wqkv and RoPE: its
-layers run norm + wqkv, then torch's q/k norms, RoPE and write, as split does).
+7 and RoPE's and the cache write's (and, for Qwen3, its per-head q/k norms' between wqkv and
+RoPE: the first kernel norms them too).
 
 One kernel, four constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
 a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
@@ -23,7 +23,10 @@ a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
 And _norm_qkv_rope_kernel, the same tiling for norm + wqkv: a program's rows are adjacent pairs
 (rope.py's interleaved pairs), even and odd rows in two accumulators as SWIGLU's gate and up, so
 it rotates q's and k's pairs in registers and stores q, and k and v into the cache's slot
-(position % window and key_pos for a ring layer).
+(position % window and key_pos for a ring layer). With per-head q/k norms (QK_NORM: Qwen3,
+Gemma 3) a program's rows are one whole head (BLOCK_N = head_dim, BLOCK_K as many columns as
+keep the GEMV's tile size): its pairs' products give the head's RMS over head_dim before RoPE,
+with no other program's rows needed; v's heads are not normed. Off, the kernel is the one above.
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
 - the normed x is rounded as eager's RMSNorm rounds it, not kept in float32 into the product:
@@ -37,9 +40,11 @@ Numerics: the eager path's rounding points, so that a fused step stays as near e
   up rounded, silu in float32 rounded, its product with up rounded (swiglu.py's and eager's
   points); the residual add is of the rounded product, rounded again (eager adds two dtype
   tensors; so does the split step); wqkv's product rounded, Qwen2's bias added and rounded,
-  RoPE in float32 from those values, each of its four products rounded to float32 before the
+  the q/k norms as the input norm (float32 sum of squares over the head's rounded values,
+  x * rsqrt(mean + eps) rounded, times w rounded; Gemma's (1 + w) rounded once), RoPE in
+  float32 from those values, each of its four products rounded to float32 before the
   add (PTX mul.rn on a GPU, which Triton's FP fusion cannot fold into an FMA), rounded once.
-So fused and eager part only where a float32 sum order decides a rounding (the norm's sum of
+So fused and eager part only where a float32 sum order decides a rounding (the norms' sums of
 squares; the products' order against cuBLAS's); fused and split also where inductor's single
 norm rounding differs from eager's two. Random weights make such ties flip greedy tokens now
 and then (docs/engine.md, "Correctness of the fast paths").
@@ -158,17 +163,21 @@ if triton is not None:
 
     @triton.jit
     def _norm_qkv_rope_kernel(X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
-                              KEY_POS, n_q, n_kv, n_cols, stride_w, stride_ch, stride_cs,
-                              cache_size, EPS: tl.constexpr, GEMMA: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
+                              KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols, stride_w,
+                              stride_ch, stride_cs, cache_size, EPS: tl.constexpr,
+                              GEMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
-                              PDL: tl.constexpr = False):
+                              QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
+                              QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
         """norm + wqkv + RoPE + cache write: a program's BLOCK_N rows are BLOCK_N / 2 adjacent
         pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a head's
         features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles them).
         Two accumulators, even rows and odd rows (SWIGLU's gate and up), hold both members of
-        each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot."""
+        each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot.
+        QK_NORM (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]):
+        BLOCK_N == HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's
+        head is RMS-normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
         pairs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
         n_out = n_q + 2 * n_kv
@@ -207,9 +216,27 @@ if triton is not None:
             a = (a + tl.load(BIAS + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             b = (b + tl.load(BIAS + rows + 1, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             a, b = a.to(tl.float32), b.to(tl.float32)
+        is_v = rows >= n_q + n_kv
+        is_q = rows < n_q
+        if QK_NORM:  # the head's RMSNorm with eager's roundings (as _input_tile's); each
+            # square rounded as torch's pow(2) rounds it, not folded into the sum's adds
+            squares = _product(a, a, UNCONTRACTED) + _product(b, b, UNCONTRACTED)
+            head_inv_rms = tl.rsqrt(tl.sum(squares, 0) / HEAD_DIM + QK_EPS)
+            feature = rows % HEAD_DIM  # the even member's; weights [HEAD_DIM], shared by heads
+            w_a = tl.where(is_q, tl.load(Q_NORM_W + feature), tl.load(K_NORM_W + feature))
+            w_b = tl.where(is_q, tl.load(Q_NORM_W + feature + 1),
+                           tl.load(K_NORM_W + feature + 1))
+            w_a, w_b = w_a.to(tl.float32), w_b.to(tl.float32)
+            if QK_GEMMA:  # (normed * (1 + w)).type_as(x)
+                a_normed = (a * head_inv_rms * (1.0 + w_a)).to(dtype)
+                b_normed = (b * head_inv_rms * (1.0 + w_b)).to(dtype)
+            else:  # normed.type_as(x) * w, a product of two dtype tensors
+                a_normed = ((a * head_inv_rms).to(dtype).to(tl.float32) * w_a).to(dtype)
+                b_normed = ((b * head_inv_rms).to(dtype).to(tl.float32) * w_b).to(dtype)
+            a = tl.where(is_v, a, a_normed.to(tl.float32))  # v: no norm
+            b = tl.where(is_v, b, b_normed.to(tl.float32))
         # apply_rope in float32 (q and k rows; v keeps a, b): (a + ib)(cos + i sin), the pair's
         # angle at its feature index i = (row % HEAD_DIM) / 2, the same for q's and k's heads
-        is_v = rows >= n_q + n_kv
         angle = (rows % HEAD_DIM) // 2
         cos = tl.load(COS + angle, mask=row_ok, other=1.0)
         sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
@@ -217,7 +244,6 @@ if triton is not None:
         a_sin, b_cos = _product(a, sin, UNCONTRACTED), _product(b, cos, UNCONTRACTED)
         even = tl.where(is_v, a, a_cos - b_sin).to(dtype)
         odd = tl.where(is_v, b, a_sin + b_cos).to(dtype)
-        is_q = rows < n_q
         tl.store(Q_OUT + rows, even, mask=row_ok & is_q)
         tl.store(Q_OUT + rows + 1, odd, mask=row_ok & is_q)
         # k and v into the cache [1, H_kv, S, HEAD_DIM] (unit feature stride) at the step's slot
@@ -261,21 +287,32 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
 def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
                    cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
                    v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
-                   is_ring: bool, pdl: bool) -> Tensor:
+                   is_ring: bool, q_norm_weight: Tensor | None = None,
+                   k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
+                   qk_gemma: bool = False, *, pdl: bool) -> Tensor:
     """x [1, K], wqkv weight [n_q + 2 n_kv, K], cos/sin [1, D / 2] float32 at the step's
     position input_pos [1]; k_cache/v_cache [1, H_kv, S, D] (key_pos [S], written for a ring)
-    -> the roped q [1, n_q], k and v written at the slot."""
+    -> the roped q [1, n_q], k and v written at the slot. q_norm_weight/k_norm_weight [D] (both
+    or neither; D a power of two): q's and k's heads RMS-normed (eps qk_eps, Gemma's (1 + w)
+    with qk_gemma) before RoPE."""
     n_rows, n_cols = weight.shape
     head_dim = k_cache.shape[-1]
     block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
+    qk_norm = q_norm_weight is not None and k_norm_weight is not None
+    if qk_norm:  # one head a program, on a tile of as many weights as the GEMV's
+        block_k = max(16, block_n * block_k // head_dim)
+        block_n = head_dim
     block_n = max(2, block_n)  # whole pairs: the GEMV's rows, or one pair where it takes one
     q = torch.empty(1, n_q, dtype=x.dtype, device=x.device)
     launch(_norm_qkv_rope_kernel, (triton.cdiv(n_rows, block_n),), pdl,
            x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
-           k_cache, v_cache, key_pos, n_q, (n_rows - n_q) // 2, n_cols, weight.stride(0),
-           k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps, GEMMA=gemma,
-           HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim, BLOCK_N=block_n,
-           BLOCK_K=block_k, UNCONTRACTED=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+           k_cache, v_cache, key_pos, q_norm_weight if qk_norm else x,
+           k_norm_weight if qk_norm else x, n_q, (n_rows - n_q) // 2, n_cols,
+           weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps,
+           GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim,
+           BLOCK_N=block_n, BLOCK_K=block_k,
+           UNCONTRACTED=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+           QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
            num_warps=warps, num_stages=NUM_STAGES)
     return q
 
@@ -344,26 +381,35 @@ _CACHE_ARGS = ("k_cache", "v_cache", "key_pos")
 def norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
                   cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
                   v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
-                  is_ring: bool) -> Tensor:
-    """The norm before wqkv, wqkv (and its bias), RoPE on q and k, and the cache write of k and
-    v at input_pos (slot input_pos % S for a ring, key_pos too) -> the roped q [1, n_q]."""
+                  is_ring: bool, q_norm_weight: Tensor | None = None,
+                  k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
+                  qk_gemma: bool = False) -> Tensor:
+    """The norm before wqkv, wqkv (and its bias), the per-head q/k norms where their weights
+    are given (Qwen3, Gemma 3), RoPE on q and k, and the cache write of k and v at input_pos
+    (slot input_pos % S for a ring, key_pos too) -> the roped q [1, n_q]."""
     return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
-                          key_pos, n_q, eps, gemma, is_ring, pdl=False)
+                          key_pos, n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight,
+                          qk_eps, qk_gemma, pdl=False)
 
 
 @torch.library.custom_op("infermeter::norm_qkv_rope_pdl", mutates_args=_CACHE_ARGS)
 def norm_qkv_rope_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
                       cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
                       v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
-                      is_ring: bool) -> Tensor:
+                      is_ring: bool, q_norm_weight: Tensor | None = None,
+                      k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
+                      qk_gemma: bool = False) -> Tensor:
     return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
-                          key_pos, n_q, eps, gemma, is_ring, pdl=True)
+                          key_pos, n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight,
+                          qk_eps, qk_gemma, pdl=True)
 
 
 @norm_qkv_rope_pdl.register_fake
 def _(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, cos: Tensor,
       sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-      n_q: int, eps: float, gemma: bool, is_ring: bool) -> Tensor:
+      n_q: int, eps: float, gemma: bool, is_ring: bool, q_norm_weight: Tensor | None = None,
+      k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
+      qk_gemma: bool = False) -> Tensor:
     return x.new_empty(1, n_q)
 
 
@@ -383,10 +429,12 @@ def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, ep
 def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
                         cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
                         v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
-                        is_ring: bool) -> Tensor:
+                        is_ring: bool, q_norm_weight: Tensor | None = None,
+                        k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
+                        qk_gemma: bool = False) -> Tensor:
     op = norm_qkv_rope_pdl if pdl.enabled() else norm_qkv_rope
     return op(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache, key_pos,
-              n_q, eps, gemma, is_ring)
+              n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight, qk_eps, qk_gemma)
 
 
 def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
