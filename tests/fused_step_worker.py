@@ -322,11 +322,7 @@ def check_norm_qkv_rope() -> None:
                                     got.v, got.key_pos, n_q, EPS, gemma, got.is_ring)
                 what = f"norm_qkv_rope {dtype} {n_heads}/{n_kv} heads {n_cols} ring " \
                        f"{got.is_ring} position {pos}"
-                assert out.dtype == dtype and out.shape == (1, n_q), what
-                assert torch.equal(out.float().view_as(want_q), want_q), f"{what}: q"
-                assert torch.equal(got.k, ref.k), f"{what}: k cache"
-                assert torch.equal(got.v, ref.v), f"{what}: v cache"
-                assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
+                assert_q_and_cache(out, want_q, got, ref, dtype, n_q, what)
             if window is None and dtype == torch.float32:  # past the last slot: no write
                 norm_qkv_rope(x, norm_w, w.to(dtype), bias, cos, sin, torch.tensor([max_len]),
                               got.k, got.v, got.key_pos, n_q, EPS, gemma, got.is_ring)
@@ -409,12 +405,18 @@ def check_norm_qkv_rope_qk_norm() -> None:
                 out = norm_qkv_rope(*args) if i == 0 else _norm_qkv_rope(*args, pdl=True)
                 what = f"qk-norm rope {dtype} {n_heads}/{n_kv} heads {n_cols} ring " \
                        f"{got.is_ring} position {pos}"
-                assert out.dtype == dtype and out.shape == (1, n_q), what
-                assert torch.equal(out.float().view_as(want_q), want_q), f"{what}: q"
-                assert torch.equal(got.k, ref.k), f"{what}: k cache"
-                assert torch.equal(got.v, ref.v), f"{what}: v cache"
-                assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
+                assert_q_and_cache(out, want_q, got, ref, dtype, n_q, what)
 
+
+
+def assert_q_and_cache(out, want_q, got, ref, dtype, n_q: int, what: str) -> None:
+    """The wqkv kernel's q [1, n_q] is want_q to the bit, and its cache (k, v, key_pos) is the
+    eager write's."""
+    assert out.dtype == dtype and out.shape == (1, n_q), what
+    assert torch.equal(out.float().view_as(want_q), want_q), f"{what}: q"
+    assert torch.equal(got.k, ref.k), f"{what}: k cache"
+    assert torch.equal(got.v, ref.v), f"{what}: v cache"
+    assert torch.equal(got.key_pos, ref.key_pos), f"{what}: key_pos"
 
 def reference_norm_eps0(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
     """float32 [1, K]: RMSNorm with eps 0 of x of +-1 (mean square 1: normed is x exactly),
