@@ -27,20 +27,25 @@ minutes.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from sweep_common import ab_line, fmt, latest_of_each, run_in_processes, run_tpots, write_summary
+from sweep_common import (
+    ab_line,
+    fmt,
+    latest_of_each,
+    run_ab_case,
+    run_in_processes,
+    run_tpot_cells,
+    run_tpots,
+    write_summary,
+)
 
 from infermeter.engine.devices import torch_device
-from infermeter.errors import InfermeterError
-from infermeter.generate.job import run_generate
 from infermeter.generate.memory import collect
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
-from infermeter.measure.result import Result, append_jsonl
+from infermeter.measure.result import Result
 from infermeter.textable import render_table
 
 MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
@@ -67,20 +72,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None
     done."""
     for round_ in range(rounds):
         for kind in KINDS:
-            def save(result: Result, kind: str = kind, round_: int = round_) -> None:
-                result.config["ab"] = {"kernel": kind, "round": round_}
-                append_jsonl(path, [result])
-                m = result.metrics
-                print(f"  {model} batch {result.config.get('batch_size')} {kind} (ran "
-                      f"{result.config.get('moe_kernel')}), round {round_}: TPOT p50 "
-                      f"{fmt((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, MBU "
-                      f"{fmt(m.get('mbu_pct'))}%", flush=True)
-
             request = ab_request(model, kind, source, **overrides)
-            try:
-                run_generate(request, env, on_result=save)
-            except InfermeterError as err:  # e.g. a model that does not fit: the rest go on
-                print(f"{model} {kind}: error: {err}", file=sys.stderr)
+            run_ab_case(request, env, path, model, kind, round_, "kernel", "moe_kernel")
             # the allocator's cache would hold the weights just freed, and the next request's
             # fit check counts only free memory (Mixtral's 93 GB do not fit twice)
             collect(torch_device(request.device))
@@ -97,9 +90,7 @@ def summary(results: list[Result]) -> str:
         by_case.setdefault((name, batch), {}).setdefault(kind, []).extend(runs)
         rows.append([name, r.config.get("dtype", "-"), batch, kind,
                      r.config.get("moe_kernel") or "-", r.config["ab"]["round"],
-                     fmt((m.get("tpot_ms") or {}).get("p50"), ".4f"),
-                     fmt(statistics.median(runs), ".4f") if runs else "-",
-                     f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
+                     fmt((m.get("tpot_ms") or {}).get("p50"), ".4f"), *run_tpot_cells(runs),
                      fmt(m.get("mbu_pct")), fmt(m.get("moe_experts_per_step")),
                      fmt(m.get("decode_tok_per_s")), fmt(m.get("warmup_s")), len(r.warnings)])
     for (name, batch), kinds in by_case.items():

@@ -26,18 +26,23 @@ the large models one per command where a command may take 10 minutes.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from sweep_common import ab_line, fmt, latest_of_each, run_in_processes, run_tpots, write_summary
+from sweep_common import (
+    ab_line,
+    fmt,
+    latest_of_each,
+    run_ab_case,
+    run_in_processes,
+    run_tpot_cells,
+    run_tpots,
+    write_summary,
+)
 
-from infermeter.errors import InfermeterError
-from infermeter.generate.job import run_generate
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.env import capture_env, device_slug
-from infermeter.measure.result import Result, append_jsonl
+from infermeter.measure.result import Result
 from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
 
@@ -67,18 +72,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
             if trace:
                 overrides["trace_dir"] = str(make_trace_dir(Path(trace) /
                                                             f"{model}-{kind}-{round_}"))
-            def save(result: Result, kind: str = kind, round_: int = round_) -> None:
-                result.config["ab"] = {"kernels": kind, "round": round_}
-                append_jsonl(path, [result])
-                m = result.metrics
-                print(f"  {model} {kind} (ran {result.config.get('step_kernels')}), round "
-                      f"{round_}: TPOT p50 {fmt((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, "
-                      f"MBU {fmt(m.get('mbu_pct'))}%", flush=True)
-
-            try:
-                run_generate(ab_request(model, kind, **overrides), env, on_result=save)
-            except InfermeterError as err:  # e.g. a model that does not fit: the rest go on
-                print(f"{model} {kind}: error: {err}", file=sys.stderr)
+            run_ab_case(ab_request(model, kind, **overrides), env, path, model, kind, round_,
+                        "kernels", "step_kernels")
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -98,9 +93,7 @@ def summary(results: list[Result]) -> str:
         by_model.setdefault(name, {}).setdefault(kind, []).extend(runs)
         rows.append([name, r.config.get("dtype", "-"), kind, r.config.get("step_kernels") or "-",
                      r.config["ab"]["round"], fmt((m.get("tpot_ms") or {}).get("p50"), ".4f"),
-                     fmt(statistics.median(runs), ".4f") if runs else "-",
-                     f"{min(runs):.4f}-{max(runs):.4f}" if runs else "-",
-                     fmt(m.get("mbu_pct")), fmt(m.get("decode_tok_per_s")),
+                     *run_tpot_cells(runs), fmt(m.get("mbu_pct")), fmt(m.get("decode_tok_per_s")),
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))

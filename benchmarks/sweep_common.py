@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infermeter.errors import InfermeterError
-from infermeter.measure.result import Result, read_results
+from infermeter.measure.result import Result, append_jsonl, read_results
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
@@ -64,6 +64,36 @@ def run_tpots(result: Result) -> list[float]:
     """ms a decode step in each timed run: the run's decode time over its steps."""
     steps = result.metrics.get("decode_steps") or 0
     return [ms / steps for ms in result.samples.get("decode_ms", [])] if steps else []
+
+
+def run_ab_case(request: object, env: dict, path: Path, model: str, kind: str, round_: int,
+                key: str, ran: str) -> None:
+    """One request of an A/B script: each of its Results labelled config.ab = {key: kind,
+    "round": round_}, appended to `path` as soon as it is done and printed with what ran
+    (config[ran]); a request that fails (e.g. a model that does not fit) prints its error and
+    the A/B goes on."""
+    from infermeter.generate.job import run_generate
+
+    def save(result: Result) -> None:
+        result.config["ab"] = {key: kind, "round": round_}
+        append_jsonl(path, [result])
+        m = result.metrics
+        print(f"  {model} batch {result.config.get('batch_size')} {kind} (ran "
+              f"{result.config.get(ran)}), round {round_}: TPOT p50 "
+              f"{fmt((m['tpot_ms'] or {}).get('p50'), '.4f')} ms, MBU {fmt(m.get('mbu_pct'))}%",
+              flush=True)
+
+    try:
+        run_generate(request, env, on_result=save)
+    except InfermeterError as err:
+        print(f"{model} {kind}: error: {err}", file=sys.stderr)
+
+
+def run_tpot_cells(runs: list[float]) -> list[str]:
+    """A summary row's median and range of the per-run TPOTs (run_tpots), "-" without runs."""
+    if not runs:
+        return ["-", "-"]
+    return [fmt(statistics.median(runs), ".4f"), f"{min(runs):.4f}-{max(runs):.4f}"]
 
 
 def ab_line(case: str, runs: dict[str, list[float]], base: str, other: str) -> str:
