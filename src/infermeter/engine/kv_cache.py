@@ -101,8 +101,9 @@ class LayerKVCache(nn.Module):
         return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
 
     def write_full(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """A full (not ring) layer: write k, v [B, H_kv, T, D]; the whole cache as keys and
-        values [B, H_kv, S, D] in k's dtype, for an attention that masks by slot itself."""
+        """Write k, v [B, H_kv, T, D]; the whole cache as keys and values [B, H_kv, S, D] in
+        k's dtype (update()'s for a full layer or one token; chunk_attention.py's flex chunks,
+        which mask by slot themselves, take it alone)."""
         self._write(k, v, input_pos)
         return self.k.to(k.dtype), self.v.to(v.dtype)
 
@@ -133,9 +134,8 @@ class LayerKVCache(nn.Module):
         need, so it attends over cat(old cache, new k/v) and writes afterwards.
         """
         if not self.is_ring or k.shape[2] == 1:
-            self._write(k, v, input_pos)
-            mask = self._visible(self.key_pos, input_pos)
-            return self.k.to(k.dtype), self.v.to(v.dtype), mask
+            keys, values = self.write_full(k, v, input_pos)
+            return keys, values, self._visible(self.key_pos, input_pos)
         # Old entries at or after this chunk's first position are stale (a re-run without reset).
         old_pos = torch.where(self.key_pos < input_pos[0], self.key_pos, -1)
         keys = torch.cat((self.k.to(k.dtype), k), dim=2)

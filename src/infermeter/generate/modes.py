@@ -72,12 +72,11 @@ class EngineRunner:
         bucketed), after warmup() prepared the cache; chunk_attention: how a bucketed chunk
         from a later start attended ("mask" or "flex"), None where no prefill had one."""
         gen, compiled = self.generator, self.config.compile
-        lens = sorted({n for length in self.prompt_lens
-                       for n in gen.prefill_lengths(length, compiled)})
+        forwards = [gen.prefill_lengths(length, compiled) for length in self.prompt_lens]
+        lens = sorted({n for lengths in forwards for n in lengths})
         bucketed = compiled and gen.bucketed_prefill
         # the chunk attention only where a bucketed chunk starts after position 0
-        later = bucketed and any(len(gen.prefill_lengths(length, compiled)) > 1
-                                 for length in self.prompt_lens)
+        later = bucketed and any(len(lengths) > 1 for lengths in forwards)
         return {"prefill": "bucketed" if bucketed else "exact", "prefill_forward_lens": lens,
                 "chunk_attention": gen.chunk_attention if later else None}
 
