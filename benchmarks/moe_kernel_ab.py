@@ -26,11 +26,12 @@ minutes.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from sweep_common import (
+    ab_arguments,
+    ab_file,
     ab_line,
     fmt,
     latest_of_each,
@@ -44,7 +45,6 @@ from sweep_common import (
 from infermeter.engine.devices import torch_device
 from infermeter.generate.memory import collect
 from infermeter.generate.request import GenerateRequest, build_request
-from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result
 from infermeter.textable import render_table
 
@@ -102,19 +102,8 @@ def summary(results: list[Result]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=2, help="torch, triton, repeated (ABAB)")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
-    parser.add_argument("--summary-only", action="store_true")
-    parser.add_argument("--slug", help="summarise results/moe-kernel-SLUG.jsonl (default: this "
-                        "machine's device)")
-    parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child
-    args = parser.parse_args()
-    env = capture_env()
-    slug = args.slug or device_slug(env)
-    path = Path(args.results) / f"moe-kernel-{slug}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    args = ab_arguments(__doc__, list(MODELS), 2, "torch, triton", "moe-kernel").parse_args()
+    env, slug, path = ab_file(args, "moe-kernel")
     if args.one:
         run_model(args.one, args.rounds, path, env)
         return 0

@@ -25,11 +25,12 @@ the large models one per command where a command may take 10 minutes.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from sweep_common import (
+    ab_arguments,
+    ab_file,
     ab_line,
     fmt,
     latest_of_each,
@@ -41,7 +42,6 @@ from sweep_common import (
 )
 
 from infermeter.generate.request import GenerateRequest, build_request
-from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result
 from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
@@ -104,21 +104,11 @@ def summary(results: list[Result]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=1, help="split, fused, repeated (ABAB)")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
-    parser.add_argument("--summary-only", action="store_true")
-    parser.add_argument("--slug", help="summarise results/step-kernels-SLUG.jsonl (default: "
-                        "this machine's device)")
+    parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
                         "case into DIR (kernels and gaps per step in the summary)")
-    parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
-    env = capture_env()
-    slug = args.slug or device_slug(env)
-    path = Path(args.results) / f"step-kernels-{slug}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace)
         return 0
