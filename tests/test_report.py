@@ -174,6 +174,51 @@ def test_breakeven_rows_use_the_measured_prefills_and_say_what_is_estimated():
         "80.0 ms vs 40.0 ms: recompute (measured)")
 
 
+def _with_context(column, positions, name="m"):
+    """The column's Results as those of a model of `positions` positions (model.max_seq_len)."""
+    for record in (*column.copies, *column.generates):
+        record.model.update(name=name, max_seq_len=positions)
+    column.key = ColumnKey("gpu", name, 1)
+    return column
+
+
+def test_breakeven_rows_stop_at_the_models_context():
+    # llama-2-7b's 4,096 positions: no 8k-32k rows, the ladder's 4,095 measured one kept
+    column = _with_context(_synthetic_column(((80, 8.0), (4095, 800.0))), 4096)
+    result = break_even(column)
+    assert [row.context for row in result.rows] == [80, 512, 1024, 2048, 4095, 4096]
+    assert cells(table(report_of(column), "breakeven"), "gpu · m").keys() >= {
+        "4,096 tokens (reload vs prefill)"}
+    assert "8,192 tokens (reload vs prefill)" not in cells(table(report_of(column), "breakeven"),
+                                                           "gpu · m")
+    # a random model run with more positions (generate --max-positions) keeps those rows
+    column.generates[0].config["max_positions"] = 16384
+    assert break_even(column).rows[-1].context == 16384
+    # a Result that does not say its context (older files): the whole grid, as before
+    for record in (*column.copies, *column.generates):
+        record.model.pop("max_seq_len")
+        record.config.pop("max_positions", None)
+    assert break_even(column).rows[-1].context == CONTEXTS[-1]
+
+
+def test_a_shorter_context_column_says_so_past_its_own_rows():
+    short = _with_context(_synthetic_column(((80, 8.0),)), 4096, "short")
+    long = _with_context(_synthetic_column(((80, 8.0),)), 131072, "long")
+    tab = table(report_of(short, long), "breakeven")
+    assert tab.rows[-1][0] == "32,768 tokens (reload vs prefill)"
+    assert cells(tab, "gpu · short")["8,192 tokens (reload vs prefill)"] == (
+        "- (past the model's 4,096 positions)")
+    assert cells(tab, "gpu · long")["8,192 tokens (reload vs prefill)"].endswith(
+        "(extrapolated: linear in tokens from the 80-token measurement)")
+    assert cells(tab, "gpu · short")["4,096 tokens (reload vs prefill)"].startswith("4,096 ms")
+    # the extended table's verdict spans the model's own rows only
+    assert break_even(short).rows[-1].context == 4096
+
+
+def report_of(*columns):
+    return build_report_from_columns(list(columns))
+
+
 def test_breakeven_with_one_measured_prompt_extrapolates_every_other_row():
     rows = break_even(_synthetic_column(((80, 8.0),))).rows
     assert [row.context for row in rows if row.measured] == [80]

@@ -14,8 +14,10 @@ context of n tokens on one device x model x tp:
   prompt's prefill throughput. Each row says which. Attention's cost grows with n^2, so a long
   prefill is slower than an extrapolated line: it understates recompute, never reload's advantage.
 
-The rows are the grid 512, 1k, ..., 32k tokens and every measured prompt length. Reloading "wins
-from" the shortest row from which reload is faster at that and every longer row.
+The rows are the grid 512, 1k, ..., 32k tokens and every measured prompt length, up to the
+model's context (max_positions: no sequence of that model is longer, so no row past it says
+anything). Reloading "wins from" the shortest row from which reload is faster at that and every
+longer row.
 """
 
 from __future__ import annotations
@@ -164,21 +166,44 @@ def break_even_missing(column: Column) -> str | None:
     return None
 
 
+def max_positions(column: Column) -> int | None:
+    """The longest sequence the column's model holds, from its Results: a generate Result's
+    config.max_positions (what it ran with: --max-positions may raise a random model's), else
+    a Result's model.max_seq_len; the largest where they differ, None where no Result says."""
+    found = []
+    for record in (*column.generates, *column.copies, *column.kvs):
+        for value in (record.config.get("max_positions"), record.model.get("max_seq_len")):
+            n = num(value)
+            if n and n > 0:
+                found.append(int(n))
+    return max(found, default=None)
+
+
+def _within(contexts: set[int], limit: int | None) -> tuple[int, ...]:
+    return tuple(sorted(n for n in contexts if limit is None or n <= limit))
+
+
 def break_even_contexts(columns: list[Column]) -> tuple[int, ...]:
-    """The grid and every batch-1 prompt length measured in any of the columns."""
+    """The grid and every batch-1 prompt length measured in any of the columns, up to the
+    longest context of their models (a column's own rows stop at its model's: break_even)."""
     measured = {int(n) for c in columns for n, _ in prefill_points(c.generates) if n == int(n)}
-    return tuple(sorted(set(CONTEXTS) | measured))
+    limits = [max_positions(c) for c in columns]
+    limit = None if not limits or None in limits else max(limits)
+    return _within(set(CONTEXTS) | measured, limit)
 
 
 def break_even(column: Column, contexts: tuple[int, ...] | None = None) -> BreakEven | None:
     """The column's reload and prefill times at `contexts` (default: the grid and the column's
-    own measured prompt lengths)."""
+    own measured prompt lengths), those past its model's context (max_positions) left out."""
     pick, points = pick_copy(column), prefill_points(column.generates)
     if pick is None or pick.h2d is None or break_even_missing(column) is not None:
         return None
     gbps, per_token = num(pick.h2d["gbps"]), pick.kv_bytes / pick.tokens
+    wanted = _within(set(contexts or break_even_contexts([column])), max_positions(column))
+    if not wanted:
+        return None
     rows = tuple(BreakEvenRow(n, n * per_token / (gbps * 1e9) * 1e3, *prefill_estimate(points, n))
-                 for n in (contexts or break_even_contexts([column])))
+                 for n in wanted)
     wins_from = None
     for row in reversed(rows):
         if row.winner != "reload":

@@ -12,7 +12,7 @@ from typing import Any
 
 from infermeter.report import baseline
 from infermeter.report import format as fmt
-from infermeter.report.derive import BreakEven, break_even, break_even_contexts
+from infermeter.report.derive import BreakEven, break_even, break_even_contexts, max_positions
 from infermeter.report.load import Record
 from infermeter.report.select import (
     Column,
@@ -59,7 +59,9 @@ BREAKEVEN_CAPTION = (
     "Reload = tokens × KV bytes per token / the column's measured htod GB/s (the copy Result's "
     "engine layout, per-layer K and V). Prefill = the measured batch-1 TTFT (prefill of the "
     "prompt to the first token; the fastest mode's median) at that prompt length, each cell says "
-    "'measured'; rows are the grid 512-32,768 tokens and every measured prompt length. Where a "
+    "'measured'; rows are the grid 512-32,768 tokens and every measured prompt length, up to "
+    "the model's context (its max positions; a column of a shorter-context model says '-' past "
+    "its own). Where a "
     "column has no Result of that length the cell says how the time was estimated: interpolated "
     "linearly between the two nearest measured lengths, or extrapolated linearly in tokens from "
     "the nearest one (its prefill throughput). Attention makes real long prefills slower than "
@@ -251,12 +253,13 @@ def breakeven_table(columns: list[Column]) -> Table | None:
     rows.append(["Prefill points (tokens: TTFT)"] + [", ".join(
         f"{n:,.0f}: {fmt.ms(t)}" for n, t in b.prefill_points) for _, b in derived])
     rows.append(["Prefill path of the points"] + [_prefill_path_cell(b) for _, b in derived])
-    for i, n in enumerate(contexts):  # every BreakEven's rows follow `contexts`
+    for n in contexts:  # a column's rows stop at its model's context (derive.max_positions)
         cells = []
-        for _, b in derived:
-            row = b.rows[i]
-            cells.append(f"{fmt.ms(row.reload_ms)} vs {fmt.ms(row.prefill_ms)}: {row.winner} "
-                         f"({row.how})")
+        for c, b in derived:
+            row = next((r for r in b.rows if r.context == n), None)
+            cells.append(f"- (past the model's {max_positions(c):,} positions)" if row is None
+                         else f"{fmt.ms(row.reload_ms)} vs {fmt.ms(row.prefill_ms)}: "
+                         f"{row.winner} ({row.how})")
         rows.append([f"{n:,} tokens (reload vs prefill)"] + cells)
     return Table("breakeven", "Reload vs recompute", BREAKEVEN_CAPTION,
                  ["Context"] + [c.key.label for c, _ in derived], rows)
