@@ -11,6 +11,7 @@
 
 Usage: python benchmarks/engine_check.py [--model llama-2-7b] [--tokens 256] [--deterministic]
        [--logit-std 4]   (a trained-like spread of the next-token logits; see sharpen_head)
+       [--step-kernels fused]   (the compiled batch-1 step's layers, as generate --step-kernels)
 Writes results/engine-check-<device>.json (and a copy to $OUT when set).
 """
 
@@ -29,6 +30,7 @@ import torch
 
 from infermeter.engine.checkpoint.load import load_weights, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.model import STEP_KERNEL, STEP_KERNELS, fused_step_layers, set_step_kernels
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, write_json
 
@@ -273,6 +275,10 @@ def main() -> int:
     parser.add_argument("--decode-attention", choices=("auto", "math", "sdpa", "flex", "triton"),
                         help="the compiled step's attention (default: the engine's); the file "
                         "name then ends in -ATTENTION")
+    parser.add_argument("--step-kernels", choices=STEP_KERNELS, default=STEP_KERNEL,
+                        help="the compiled batch-1 step's layers, as generate --step-kernels "
+                        f"(default {STEP_KERNEL}); the file name then ends in -KIND when not "
+                        "the default")
     args = parser.parse_args()
     if args.deterministic:  # before the first cuBLAS call, which reads the variable
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -280,6 +286,7 @@ def main() -> int:
     env = capture_env()
     model = load_weights(f"random:{args.model}", args.device, args.dtype, seed=0)
     head_scale = sharpen_head(model, args.logit_std) if args.logit_std else None
+    set_step_kernels(model, args.step_kernels)  # eager ignores it: it judges the compiled step
     check = greedy_check(model, args.tokens, args.backend, args.decode_attention)
     keys = ("first_mismatch", "compile_warmup_s", "compile_backend", "eager_wall_s",
             "compiled_wall_s", "mismatch_logit_gap", "mismatch_top2_gap", "logit_std",
@@ -287,16 +294,19 @@ def main() -> int:
             "teacher_forced_disagreements", "teacher_forced_all_at_ties",
             "float32_agrees_eager", "float32_agrees_compiled", "decode_attention")
     metrics = {key: check[key] for key in keys if key in check}
-    metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens)
+    metrics.update(tokens_identical=check["identical"], new_tokens=args.tokens,
+                   fused_step_layers=fused_step_layers(model))  # asked for and able to fuse
     print(json.dumps(metrics), flush=True)
     warnings = [] if check["identical"] else [
         f"eager and compiled greedy tokens differ from step {check['first_mismatch']}"]
     config = {"benchmark": "engine_check", "device": args.device, "dtype": args.dtype,
               "deterministic": args.deterministic, "logit_std_target": args.logit_std,
+              "step_kernels": args.step_kernels,
               "output_head_scale": head_scale,
               "weights": "random", "batch_size": 1, "prompt_len": len(PROMPT), "max_seq_len": 512}
     slug = f"{device_slug(env)}-{check['compile_backend']}" + ("-peaked" if head_scale else "") \
-        + (f"-{args.decode_attention}" if args.decode_attention else "")
+        + (f"-{args.decode_attention}" if args.decode_attention else "") \
+        + (f"-{args.step_kernels}" if args.step_kernels != STEP_KERNEL else "")
     result = Result("generate", model.spec.to_dict(), config, env, metrics, warnings=warnings,
                     output_token_ids=[check["eager"], check["compiled"]])
     write(result, slug)  # the greedy check is saved even if the load check runs out of time
