@@ -219,10 +219,30 @@ def test_the_fit_check_counts_the_gathered_experts() -> None:
                                                         "bfloat16", "compiled")
 
 
-def test_a_config_the_engine_cannot_run_is_one_line() -> None:
-    for name in ("mixtral-8x7b", "qwen3-30b-a3b"):
-        check_engine_arch(PRESETS[name])
-    with pytest.raises(InfermeterError) as err:
-        check_engine_arch(PRESETS["deepseek-v3"])
-    assert "\n" not in str(err.value) and "'deepseek_v3'" in str(err.value)
-    assert "qwen3_moe" in str(err.value)
+@pytest.mark.parametrize("name, missing", [
+    ("deepseek-v3", "lacks multi-head latent attention"),
+    ("gpt-oss-20b", "lacks attention sinks, biased and clamped SwiGLU experts and MXFP4"),
+    ("llama-4-scout", "lacks chunked attention, NoPE layers, a sigmoid router"),
+    ("phi-3-mini", "lacks a loader for its fused qkv_proj and gate_up_proj weights"),
+])
+def test_a_config_the_engine_cannot_run_is_one_line_naming_what_is_missing(
+        name: str, missing: str, tmp_path, capsys) -> None:
+    for runs in ("mixtral-8x7b", "qwen3-30b-a3b"):
+        check_engine_arch(PRESETS[runs])
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", name, "--device", "cpu", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("infermeter: error: "), err
+    arch = PRESETS[name].arch
+    assert f"architecture {arch!r} can be sized but not run by the engine, which {missing}" \
+        in err[0] and "qwen3_moe" in err[0]  # what is missing, then what does run
+    assert not output.exists()
+
+
+def test_every_sizing_only_architecture_has_its_reason() -> None:
+    from infermeter.specs.model import ENGINE_ARCHS, ENGINE_MISSING, SIZING_ARCHS
+
+    assert set(ENGINE_MISSING) == set(SIZING_ARCHS) - set(ENGINE_ARCHS)
+    with pytest.raises(InfermeterError, match="'falcon' can be sized but not run by the engine, "
+                                              "which lacks a way to build this architecture"):
+        check_engine_arch(PRESETS["debug"].with_updates(arch="falcon"))

@@ -16,6 +16,15 @@ from infermeter.errors import InfermeterError
 # Architectures the engine can run; the others are for sizing only.
 ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral",
                 "qwen3_moe")
+# What the engine lacks to run each sizing-only architecture (SIZING_ARCHS not in
+# ENGINE_ARCHS): the refusal names it; an architecture missing here gets a generic line.
+ENGINE_MISSING = {
+    "phi3": "a loader for its fused qkv_proj and gate_up_proj weights",
+    "deepseek_v3": "multi-head latent attention (a compressed KV latent, a decoupled RoPE key), "
+                   "shared experts and a grouped sigmoid router",
+    "gpt_oss": "attention sinks, biased and clamped SwiGLU experts and MXFP4 expert weights",
+    "llama4_text": "chunked attention, NoPE layers, a sigmoid router and a shared expert",
+}
 # Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
 # before, GeGLU (tanh gelu), embeddings scaled by sqrt(dim).
 GEMMA_ARCHS = ("gemma2", "gemma3_text")
@@ -206,13 +215,14 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
     """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3's text
-    model, Mixtral, Qwen3-MoE);
-    say so clearly for anything else.
+    model, Mixtral, Qwen3-MoE); anything else is one line naming what the engine lacks to run
+    it (ENGINE_MISSING) and what it runs.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:
+        missing = ENGINE_MISSING.get(spec.arch, "a way to build this architecture's layers")
         raise InfermeterError(
             f"model {spec.name}: architecture {spec.arch!r} can be sized but not run by the "
-            f"engine (it runs: {', '.join(ENGINE_ARCHS)})"
+            f"engine, which lacks {missing} (it runs: {', '.join(ENGINE_ARCHS)})"
         )
     if vocab and spec.vocab_size is None:
         raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
