@@ -8,9 +8,9 @@ from infermeter.specs.sizes import param_count
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
             "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b",
             "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-72b",
-            "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b",
-            "gemma-3-1b", "gemma-3-4b",
-            "gemma-3-12b", "gemma-3-27b", "phi-3-mini", "deepseek-v3", "debug"]
+            "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "qwen3-30b-a3b", "gemma-2-2b", "gemma-2-9b",
+            "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b",
+            "phi-3-mini", "deepseek-v3", "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout", "debug"]
 
 
 def test_all_required_presets_exist():
