@@ -12,8 +12,9 @@ always), cast back to the activations' dtype.
 Three ways to run the experts, the same numbers:
 - gathered (N*k <= E: batch-1 decode and small batches): index the stacked weights by the
   [N, k] routing ids and run one batched product, so a step reads only the chosen experts'
-  matrices (N*k of them, at most E) and nothing depends on the routing's values (static shapes,
-  compiles with fullgraph=True);
+  matrices and nothing depends on the routing's values (static shapes, compiles with
+  fullgraph=True); the index is a copy [N, k, ffn, dim] (eagerly: each pair's matrices read,
+  written, read again by the product; an expert two tokens chose, copied twice);
 - grouped (more tokens, eager: prefill): sort the N*k (token, expert) pairs by expert, run each
   touched expert once on its tokens, scatter back weighted (index_add_); the loop over touched
   experts syncs with the host, which a long prefill amortises;
