@@ -54,6 +54,18 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert all(r["config"]["prefill_ladder"] and r["config"]["max_new_tokens"] == 1
                and r["metrics"]["ttft_ms"] > 0 for r in ladder)
     assert "prefill_ladder" not in results[2]["config"]
+    # the stage's whole warm-up (reference prompt + ladder) on its reference Result, apart from
+    # the timed figures, in the output and the report
+    warmup = results[2]["metrics"]
+    cases = results[2:5]
+    assert warmup["run_warmup_s"] == pytest.approx(sum(r["metrics"]["warmup_s"] for r in cases))
+    assert warmup["run_warmup_parts"] == pytest.approx({
+        "reference_s": results[2]["metrics"]["warmup_s"],
+        "prefill_ladder_s": sum(r["metrics"]["warmup_s"] for r in ladder),
+        "untimed_runs_s": sum(r["metrics"]["warmup_runs_s"] for r in cases)})
+    assert warmup["run_warmup_s"] > 0 and not any("run_warmup_s" in r["metrics"] for r in ladder)
+    line = next(s for s in done.stdout.splitlines() if "generate warm-up" in s)
+    assert f"{warmup['run_warmup_s']:.1f} s (reference prompt" in line
     for result in results:
         assert set(REQUIRED_FIELDS) <= set(result)
     assert results[0]["metrics"]["kv_cache_bytes_allocated"] == \
@@ -64,6 +76,8 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert results[1]["config"]["device"] == "cpu"
     markdown = (folder / "report.md").read_text()
     assert all(row in markdown for row in REFERENCE_ROWS)
+    assert f"| Warm-up (not timed) | {warmup['run_warmup_s']:,.2f} s, whole run (reference " \
+        "prompt" in markdown
     # the copy stage's host-memory figures, named so (a CPU has no pinned case), and why no
     # break-even, where the note had said the column lacked what it had
     moving = next(line for line in done.stdout.splitlines() if "Moving Bandwidth" in line)

@@ -86,3 +86,19 @@ def test_the_reference_prompt_runs_in_the_runs_mode():
     gpu = stages.plan_setting(None, None, None, None, None, gpu=True)
     assert gpu.mode == "compiled" and stages.ladder_request(gpu, (512, 4095)).engine \
         .prefill_chunk == stages.LADDER_CHUNK
+
+
+def test_a_failed_ladder_is_a_warning_on_the_reference_results(monkeypatch):
+    """A ladder prompt the model cannot hold (debug's 256 positions) fails as an InfermeterError
+    would on a device; the reference Results stand, each saying which ladder is missing and why,
+    and the warm-up counts the reference prompt only."""
+    setting = _setting(None)
+    monkeypatch.setattr(stages, "prefill_ladder", lambda *args: (128, 300))
+    results = stages.generate_stage(setting, {"device_name": "cpu"})
+    assert len(results) == 1 and "prefill_ladder" not in results[0].config
+    (warning,) = [w for w in results[0].warnings if "prefill ladder" in w]
+    assert warning.startswith("prefill ladder [128, 300] not measured: ")
+    assert "300" in warning.split("not measured: ", 1)[1]  # the error itself, not only the list
+    metrics = results[0].metrics
+    assert metrics["run_warmup_parts"]["prefill_ladder_s"] is None
+    assert metrics["run_warmup_s"] == metrics["warmup_s"] > 0

@@ -51,6 +51,8 @@ EXTENDED_CAPTION = (
     "TPOT: one decode step (median / p90); decode speed excludes prefill; MBU (decode), prefill "
     "MBU, MFU (prefill): against the HBM bandwidth and matmul FLOP/s measured in the same run; "
     "prefill compute-bound from: the shortest prompt whose FLOPs outlast its bytes there. "
+    "Warm-up: compile and CUDA-graph capture before the timed runs, in none of the figures "
+    "above; 'whole run' for `infermeter run` (its reference prompt and prefill ladder summed). "
     "Warnings: the "
     "Results' own and the report's plausibility checks, listed in the notes.")
 
@@ -201,6 +203,7 @@ def extended_cells(column: Column, warning_ref: str) -> list[str]:
         fmt.pct(num(m.get("mbu_pct"))), fmt.pct(num(m.get("prefill_mbu_pct"))),
         fmt.pct(num(m.get("mfu_pct"))), _crossover(gen),
         fmt.gbps(num(m.get("hbm_gbps_measured"))),
+        _warmup_cell(m),
         _breakeven_cell(break_even(column)),
         warning_ref]
 
@@ -208,8 +211,22 @@ def extended_cells(column: Column, warning_ref: str) -> list[str]:
 EXTENDED_ROWS = ("Link", "Link % (htod, dtoh)", "Moving case (htod, dtoh)", "Generate setting",
                  "TTFT", "TTFT floor", "TPOT p50 / p90", "Decode speed",
                  "Decode speed, best batch", "Prefill speed", "MBU", "Prefill MBU", "MFU",
-                 "Prefill compute-bound from", "HBM bandwidth measured", "Reload wins from",
-                 "Warnings")
+                 "Prefill compute-bound from", "HBM bandwidth measured", "Warm-up (not timed)",
+                 "Reload wins from", "Warnings")
+
+
+def _warmup_cell(m: dict) -> str:
+    """`infermeter run`'s whole generate warm-up where the Result carries it (run_warmup_s:
+    the reference prompt and the prefill ladder), else the case's own (warmup_s)."""
+    total = num(m.get("run_warmup_s"))
+    if total is None:
+        own = num(m.get("warmup_s"))
+        return fmt.MISSING if own is None else f"{fmt.seconds(own)} (this case)"
+    parts = m.get("run_warmup_parts") or {}
+    reference, ladder = num(parts.get("reference_s")), num(parts.get("prefill_ladder_s"))
+    split = [f"reference prompt {fmt.seconds(reference)}"] if reference is not None else []
+    split += [f"prefill ladder {fmt.seconds(ladder)}"] if ladder is not None else []
+    return f"{fmt.seconds(total)}, whole run" + (f" ({' + '.join(split)})" if split else "")
 
 
 def _ttft_floor(m: dict) -> str:

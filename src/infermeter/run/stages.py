@@ -251,7 +251,38 @@ def _free_bytes(setting: RunSetting) -> int | None:
     return free_memory(device)[0]
 
 
+def _warmup_sum(results: list[Result], key: str) -> float:
+    return sum(r.metrics.get(key) or 0.0 for r in results)  # an out-of-memory case has none
+
+
+def run_warmup(reference: list[Result], ladder: list[Result] | None) -> dict[str, Any]:
+    """The generate stage's warm-up, apart from its timed figures: `run_warmup_s`, the compile
+    and CUDA-graph capture (each case's warmup_s) summed over the reference prompt and the
+    prefill ladder (ladder None: it did not run or failed, so not counted), with its parts and
+    the untimed full runs after it (warmup_runs_s) beside."""
+    ladder_s = None if ladder is None else _warmup_sum(ladder, "warmup_s")
+    everything = reference + (ladder or [])
+    return {"run_warmup_s": _warmup_sum(everything, "warmup_s"),
+            "run_warmup_parts": {"reference_s": _warmup_sum(reference, "warmup_s"),
+                                 "prefill_ladder_s": ladder_s,
+                                 "untimed_runs_s": _warmup_sum(everything, "warmup_runs_s")}}
+
+
+def warmup_line(warmup: dict[str, Any]) -> str:
+    """One line for the run's output: the warm-up total and its parts."""
+    parts = warmup["run_warmup_parts"]
+    ladder = parts["prefill_ladder_s"]
+    return (f"generate warm-up (compile and CUDA-graph capture, not in any timed figure): "
+            f"{warmup['run_warmup_s']:.1f} s (reference prompt {parts['reference_s']:.1f} s, "
+            f"prefill ladder {'not measured' if ladder is None else f'{ladder:.1f} s'}); untimed "
+            f"warm-up runs {parts['untimed_runs_s']:.1f} s more")
+
+
 def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
+    """The reference case, then the prefill ladder; the reference Results carry the stage's
+    whole warm-up (run_warmup), also printed as one line on stderr."""
+    import sys
+
     from infermeter.errors import InfermeterError
     from infermeter.generate.job import run_generate
     from infermeter.generate.table import progress_bar
@@ -260,18 +291,21 @@ def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
         results = run_generate(generate_request(setting), env, progress=bar)[0]
     prompts = prefill_ladder(setting.spec, setting.dtype, setting.prompt_len,
                              _free_bytes(setting), setting.on_gpu)
-    if not prompts:
-        return results
-    try:
-        with progress_bar(enabled=True) as bar:
-            ladder = run_generate(ladder_request(setting, prompts), env, progress=bar)[0]
-    except InfermeterError as err:  # the reference Results stand; the report says what is missing
-        for result in results:
-            result.warnings.append(f"prefill ladder {list(prompts)} not measured: {err}")
-        return results
-    for result in ladder:
+    ladder: list[Result] | None = None
+    if prompts:
+        try:
+            with progress_bar(enabled=True) as bar:
+                ladder = run_generate(ladder_request(setting, prompts), env, progress=bar)[0]
+        except InfermeterError as err:  # the reference Results stand; the report says so
+            for result in results:
+                result.warnings.append(f"prefill ladder {list(prompts)} not measured: {err}")
+    for result in ladder or []:
         result.config["prefill_ladder"] = True  # not a representative of the column (report)
-    return results + ladder
+    warmup = run_warmup(results, ladder)
+    for result in results:
+        result.metrics.update(warmup)
+    print(f"infermeter run: {warmup_line(warmup)}", file=sys.stderr, flush=True)
+    return results + (ladder or [])
 
 
 def offload_lengths(spec: ModelSpec, dtype: str, seq_len: int, prompt_len: int,
