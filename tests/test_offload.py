@@ -303,8 +303,11 @@ def test_decode_under_traffic_keeps_the_tokens(generator):
         traffic=CopyTraffic(torch.device("cpu"), chunk_bytes=1 << 16))
     assert [e["direction"] for e in entries] == ["d2h", "both"]
     assert all(e["same_tokens"] and e["method"] == "cpu thread" for e in entries)
-    assert set(samples) == {"alone", "d2h", "both"}
-    assert all(len(windows) == 2 for windows in samples.values())
+    # alone, traffic, alone, traffic, alone: one more alone window than traffic windows
+    assert set(samples) == {"d2h", "d2h alone", "both", "both alone"}
+    assert all(len(samples[label]) == 2 and len(samples[f"{label} alone"]) == 3
+               for label in ("d2h", "both"))
+    assert all(e["copy_window_bytes"] > 0 and e["copy_gbps"] > 0 for e in entries)
 
 
 # ---- the command end to end ----------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_decode_runs_each_direction_by_each_method(generator, monkeypatch):
     traffic = _hand_mapped(monkeypatch, chunk_bytes=tr.MAPPED_ROW_BYTES)
     entries, samples, _ = _decode(generator, traffic, ("dma", "mapped"))
     assert [e["direction"] for e in entries] == ["d2h", "d2h", "both", "both"]
-    assert set(samples) == {"alone", "d2h", "d2h mapped", "both", "both mapped"}
+    assert set(samples) == {"d2h", "d2h mapped", "both", "both mapped", "d2h alone",
+                            "d2h mapped alone", "both alone", "both mapped alone"}
     assert all(e["same_tokens"] and e["copy_gbps"] > 0 for e in entries)
 
 
@@ -186,4 +187,5 @@ def test_gpu_decode_under_dma_and_mapped_copies():
         ("d2h", "dma"), ("d2h", "mapped"), ("both", "dma"), ("both", "mapped")]
     assert all(e["same_tokens"] and e["copy_gbps"] > 0 and e["copy_alone_gbps"] > 0
                for e in entries)
-    assert set(samples) == {"alone", "d2h", "d2h mapped", "both", "both mapped"}
+    assert set(samples) == {"d2h", "d2h mapped", "both", "both mapped", "d2h alone",
+                            "d2h mapped alone", "both alone", "both mapped alone"}

@@ -21,6 +21,9 @@ class DecodeWindows:
         self.first, self.done = state.token.clone(), state.done.clone()
         self.cuda = generator.device.type == "cuda"
         self.outputs: list[list[list[int]]] = []  # per window, its tokens [B, steps]
+        # the last window's start and end: CUDA events on a GPU, host-clock ms on the CPU (what
+        # traffic.py places the background copies' own marks against)
+        self.span: tuple[Any, Any] | None = None
 
     def run(self, before_step: Callable[[int], None] | None = None) -> float:
         """One window, in ms (CUDA events on a GPU, the host clock on the CPU);
@@ -43,7 +46,10 @@ class DecodeWindows:
             end.record()
             end.synchronize()
             took = begin.elapsed_time(end)
+            self.span = (begin, end)
         else:
-            took = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            took = (t1 - t0) * 1e3
+            self.span = (t0 * 1e3, t1 * 1e3)
         self.outputs.append(torch.stack(tokens, dim=1).tolist())
         return took
