@@ -1,9 +1,10 @@
 """Bucketed prefill (Generator(bucketed_prefill=True), generate's default in compiled mode): each
-prefill forward padded up to a bucket length must give what one unpadded eager forward gives:
-the same logits at every real position (float32), the same K/V wherever a later token reads
-them (full layers and ring layers, whose padded writes could wrap onto held positions), and the
-same greedy tokens after. GQA, MHA, and two sliding windows (one shorter than the buckets, one
-longer than some), prompt lengths on both sides of every bucket edge used, whole and chunked.
+prefill forward padded up to a bucket length must give what one unpadded eager forward of every
+row gives: the same logits at the prompt's last position, the only row a prefill projects to
+the vocabulary (float32), the same K/V wherever a later token reads them (full layers and ring
+layers, whose padded writes could wrap onto held positions), and the same greedy tokens after.
+GQA, MHA, and two sliding windows (one shorter than the buckets, one longer than some), prompt
+lengths on both sides of every bucket edge used, whole and chunked.
 CPU: the compiled forward is replaced by the same function uncompiled (the padding is what is
 under test); one test traces it with torch.compile (aot_eager) to count its graphs.
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
-from infermeter.engine.model import build_model
+from infermeter.engine.model import build_model, prefill_from
 from infermeter.engine.prefill_buckets import bucket_length, prefill_forwards
 from infermeter.errors import InfermeterError
 from infermeter.specs.presets import PRESETS
@@ -58,23 +59,39 @@ def bucketed(model, chunk=None, chunk_attention="mask") -> Generator:
 
 
 def run(gen: Generator, tokens: torch.Tensor, config: GenerationConfig):
-    """Prefill (config decides the path), then N_NEW - 1 eager decode steps: (logits of every
-    real prompt position [B, T, V], the caches after the prefill, the greedy tokens)."""
+    """Prefill (config decides the path), then N_NEW - 1 eager decode steps: (the logits the
+    first token was sampled from [B, V], the caches after the prefill, each sequence's greedy
+    tokens)."""
     outputs: list[torch.Tensor] = []
+    lengths: list[int] = []
     handle = gen.model.register_forward_hook(lambda m, a, out: outputs.append(out))
+    pre = gen.model.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     gen.prepare(*tokens.shape, N_NEW)
     try:
         state = gen.prefill(tokens, config)
     finally:
         handle.remove()
-    lengths = gen.prefill_lengths(tokens.shape[1], config.compile)
-    assert [o.shape[1] for o in outputs] == lengths  # the forwards ran at these lengths
-    real = [n for n, _ in prefill_forwards(tokens.shape[1], gen.prefill_chunk, CACHE)] \
-        if config.compile else lengths
-    logits = torch.cat([o[:, :n] for o, n in zip(outputs, real)], dim=1)
+        pre.remove()
+    assert lengths == gen.prefill_lengths(tokens.shape[1], config.compile)
+    # one row projected a bucketed forward (one graph at every length); an exact prefill's
+    # chunks before the last project none
+    rows = [1] * len(lengths) if config.compile else [0] * (len(lengths) - 1) + [1]
+    assert [o.shape[1] for o in outputs] == rows
     caches = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in gen.model._caches()]
-    ids = [state.token.tolist()] + [gen.decode_step(state, EAGER).tolist()
-                                    for _ in range(N_NEW - 1)]
+    ids = [state.token] + [gen.decode_step(state, EAGER) for _ in range(N_NEW - 1)]
+    return outputs[-1][:, 0], caches, torch.stack(ids, dim=1).tolist()
+
+
+@torch.no_grad()
+def unpadded(model, tokens: torch.Tensor):
+    """One eager forward of the whole prompt, logits for every row: (logits [B, T, V], the
+    caches after it, the greedy tokens of an eager generate)."""
+    Generator(model, max_seq_len=CACHE).prepare(*tokens.shape, N_NEW)
+    with prefill_from(model, 0):
+        logits = model(tokens, torch.arange(tokens.shape[1]))
+    caches = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in model._caches()]
+    ids = Generator(model, max_seq_len=CACHE).generate(tokens, EAGER).output_token_ids
+    assert [row[0] for row in ids] == logits[:, -1].argmax(-1).tolist()
     return logits, caches, ids
 
 
@@ -102,7 +119,7 @@ def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chun
     import infermeter.engine.model as model_module
 
     tokens = prompt(length)
-    want_logits, want_cache, want_ids = run(Generator(model, max_seq_len=CACHE), tokens, EAGER)
+    want_logits, want_cache, want_ids = unpadded(model, tokens)
     gen = bucketed(model, chunk, attention)
     calls = []
     flex = model_module.chunk_flex_attention
@@ -114,7 +131,7 @@ def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chun
     assert len(calls) == (full * (chunks - 1) if attention == "flex" else 0)
     assert gen.prefill_lengths(length, True)[-1] == bucket_length(
         length - (length - 1) // (chunk or length) * (chunk or length), chunk)
-    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, want_logits[:, -1], rtol=1e-4, atol=1e-4)
     assert_same_where_read(model, want_cache, cache, length)
     assert ids == want_ids
 

@@ -1,8 +1,9 @@
 """Chunked prefill (Generator(prefill_chunk=C)): a prompt longer than C tokens is prefilled C at a
-time into the KV cache and must give what one unchunked eager forward gives: the same logits at
-every prompt position (close, float32) and the same greedy tokens. GQA and MHA specs, a
-sliding-window spec whose window the prompt outgrows (a ring-buffer cache), and prompt lengths
-on both sides of the chunk edges. CPU, seeded random weights.
+time into the KV cache and must give what one unchunked eager forward of every row gives: the
+same logits at the prompt's last position (close, float32) and the same greedy tokens, with the
+output projection run for that one row only (chunks before the last compute no logits). GQA and
+MHA specs, a sliding-window spec whose window the prompt outgrows (a ring-buffer cache), and
+prompt lengths on both sides of the chunk edges. CPU, seeded random weights.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from infermeter.engine.generator import GenerationConfig, Generator
-from infermeter.engine.model import build_model
+from infermeter.engine.model import build_model, prefill_from
 from infermeter.errors import InfermeterError
 from infermeter.specs.presets import PRESETS
 
@@ -42,33 +43,50 @@ def prompts(length: int) -> list[list[int]]:
 
 
 class Recorder:
-    """Every forward's logits [B, C, V] during one prefill."""
+    """Every forward's logits [B, R, V] during one prefill (R: the rows it projects)."""
 
     def __init__(self, model):
         self.outputs: list[torch.Tensor] = []
         self.handle = model.register_forward_hook(lambda m, a, out: self.outputs.append(out))
 
     def prefill_logits(self, gen: Generator, tokens: list[list[int]]) -> torch.Tensor:
+        """The logits prefill() sampled from: the last forward's one row [B, V]."""
         t = gen.prompt_tensor(tokens)
         gen.prepare(*t.shape, N_NEW)
         self.outputs.clear()
         gen.prefill(t, GenerationConfig(max_new_tokens=N_NEW))
         self.handle.remove()
-        return torch.cat(self.outputs, dim=1)  # [B, T, V]
+        assert [o.shape[1] for o in self.outputs] == [0] * (len(self.outputs) - 1) + [1]
+        return self.outputs[-1][:, 0]
+
+
+@torch.no_grad()
+def full_forward(model, tokens: list[list[int]]) -> torch.Tensor:
+    """One eager forward of the whole prompt with logits for every row [B, T, V]."""
+    t = torch.tensor(tokens)
+    model.setup_cache(t.shape[0], CACHE)
+    with prefill_from(model, 0):
+        return model(t, torch.arange(t.shape[1]))
 
 
 @pytest.mark.parametrize("length", LENGTHS)
 def test_chunked_prefill_gives_the_unchunked_logits_and_tokens(model, length):
     tokens = prompts(length)
-    whole = Recorder(model).prefill_logits(Generator(model, max_seq_len=CACHE), tokens)
+    whole = full_forward(model, tokens)  # [B, T, V]
     chunked_gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK)
+    lengths: list[int] = []
+    pre = model.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     recorder = Recorder(model)
-    chunked = recorder.prefill_logits(chunked_gen, tokens)
-    assert len(recorder.outputs) == -(-length // CHUNK)  # forwards of at most CHUNK tokens
-    assert max(o.shape[1] for o in recorder.outputs) == min(length, CHUNK)
-    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    try:
+        chunked = recorder.prefill_logits(chunked_gen, tokens)
+    finally:
+        pre.remove()
+    assert len(lengths) == -(-length // CHUNK)  # forwards of at most CHUNK tokens
+    assert max(lengths) == min(length, CHUNK)
+    torch.testing.assert_close(chunked, whole[:, -1], rtol=1e-4, atol=1e-4)
     config = GenerationConfig(max_new_tokens=N_NEW)
     expected = Generator(model, max_seq_len=CACHE).generate(tokens, config).output_token_ids
+    assert [row[0] for row in expected] == whole[:, -1].argmax(-1).tolist()
     assert chunked_gen.generate(tokens, config).output_token_ids == expected
 
 
@@ -76,7 +94,7 @@ def test_a_chunk_longer_than_the_window_keeps_the_window():
     """A chunk of 20 tokens outgrows a 12-token ring: only its last 12 stay, as unchunked."""
     model = build_model(SPECS["window"], device="cpu", dtype=torch.float32, seed=1)
     tokens = prompts(3 * CHUNK + 5)
-    whole = Recorder(model).prefill_logits(Generator(model, max_seq_len=CACHE), tokens)
+    whole = full_forward(model, tokens)[:, -1]
     wide = Recorder(model).prefill_logits(Generator(model, max_seq_len=CACHE, prefill_chunk=20),
                                           tokens)
     torch.testing.assert_close(wide, whole, rtol=1e-4, atol=1e-4)

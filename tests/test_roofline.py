@@ -65,12 +65,28 @@ def test_moe_reads_active_experts_at_batch1_and_more_with_the_batch():
 
 def test_prefill_flops_llama2_7b_2048():
     assert rl.matmul_params(LLAMA2) == 6_738_415_616 - 266_240 - 131_072_000
-    dense = 2 * 6_607_077_376 * 2048
+    assert rl.head_params(LLAMA2) == 32_000 * 4096 == 131_072_000
+    # The layers' products for all 2048 tokens, the output head (32,000 x 4096) for the one row
+    # a sequence samples: counting it for every token would add 2 x 131,072,000 x 2047 FLOPs.
+    dense = 2 * ((6_607_077_376 - 131_072_000) * 2048 + 131_072_000)
     # QK^T and PV: 2 x (128 + 128) FLOPs per visible pair, 32 heads, 32 layers, 2048 x 2049 / 2.
     attention = 2 * 256 * 32 * 32 * (2048 * 2049 // 2)
     assert rl.attention_flops(LLAMA2, 1, 2048) == attention == 1_100_048_498_688
-    assert rl.prefill_flops(LLAMA2, 1, 2048) == dense + attention == 28_162_637_430_784
+    assert rl.prefill_flops(LLAMA2, 1, 2048) == dense + attention == 27_626_028_662_784
     assert rl.prefill_flops(LLAMA2, 3, 2048) == 3 * (dense + attention)
+    # one token: the whole model once, head included
+    assert rl.prefill_flops(LLAMA2, 1, 1) == 2 * 6_607_077_376 + 2 * 256 * 32 * 32
+
+
+def test_the_output_head_counts_once_per_sequence():
+    """Twice the prompt doubles the layers' product FLOPs but not the head's: T x the layers +
+    one head row, per sequence (a tied head, Llama-3.2-1B, too)."""
+    for spec in (LLAMA2, PRESETS["llama-3.2-1b"]):
+        head, body = rl.head_params(spec), rl.matmul_params(spec) - rl.head_params(spec)
+        dense = {(b, t): rl.prefill_flops(spec, b, t) - rl.attention_flops(spec, b, t)
+                 for b, t in ((1, 1000), (1, 2000))}
+        assert dense[1, 1000] == 2 * (1000 * body + head)
+        assert dense[1, 2000] - dense[1, 1000] == 2 * 1000 * body
 
 
 def test_causal_pairs_with_and_without_a_window():
@@ -117,7 +133,7 @@ def test_mbu_and_mfu_of_a_run_exactly():
     """Llama-2-7B fp16, batch 1, a 2048-token prompt, one decode step at context 2049:
     13,214,695,424 weight bytes + 2049 x 524,288 KV bytes = 14,288,961,536 bytes in a 4 ms TPOT
     = 3572.240384 GB/s, half the 7144.480768 GB/s peak (MBU 50%, 500 tokens/s at the roofline);
-    28,162,637,430,784 prefill FLOPs in a 1000 ms median TTFT = 28.16 TFLOP/s, a quarter of the
+    27,626,028,662,784 prefill FLOPs in a 1000 ms median TTFT = 27.63 TFLOP/s, a quarter of the
     peak (MFU 25%)."""
     from types import SimpleNamespace
 
@@ -130,13 +146,13 @@ def test_mbu_and_mfu_of_a_run_exactly():
     case = Case(PromptSet(((1,) * 2048,), "user"), "eager", 4096)
     repeats = [[RunTiming(1, 2048, ttft, [4.0], new_tokens=2)] for ttft in (1200.0, 1000.0, 800.0)]
     run = CaseRun(repeats, [], [], 0.0, 0.0, {}, {})
-    peaks = rl.Roofline("cuda:0", hbm_gbps=2 * 3572.240384, matmul_tflops=4 * 28.162637430784)
+    peaks = rl.Roofline("cuda:0", hbm_gbps=2 * 3572.240384, matmul_tflops=4 * 27.626028662784)
     m = roofline_metrics(model, case, run, 4.0, peaks, "float16")
     assert m["bytes_per_decode_step"] == 14_288_961_536
     assert m["decode_gbps"] == pytest.approx(3572.240384, rel=1e-12)
     assert m["mbu_pct"] == pytest.approx(50.0, rel=1e-12)
     assert m["decode_tok_per_s_roofline"] == pytest.approx(500.0, rel=1e-12)
-    assert m["prefill_flops"] == 28_162_637_430_784
-    assert m["prefill_tflops"] == pytest.approx(28.162637430784, rel=1e-12)
+    assert m["prefill_flops"] == 27_626_028_662_784
+    assert m["prefill_tflops"] == pytest.approx(27.626028662784, rel=1e-12)
     assert m["mfu_pct"] == pytest.approx(25.0, rel=1e-12)
     assert m["hbm_gbps_measured"] == 2 * 3572.240384

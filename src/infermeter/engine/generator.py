@@ -49,14 +49,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infermeter.engine.dtypes import torch_dtype
-from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.chunk_attention import (
     CHUNK_ATTENTION,
     CHUNK_ATTENTIONS,
     BlockLists,
     block_lists,
 )
+from infermeter.engine.dtypes import torch_dtype
+from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.engine.sampling import sample
@@ -166,10 +166,11 @@ def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tens
 def _prefill_forward(model: Transformer, tokens: Tensor, positions: Tensor,
                      last: Tensor, blocks: BlockLists | None = None) -> Tensor:
     """One bucketed prefill forward: tokens [B, L] at positions [L] (writes their K/V) -> the
-    logits [B, V] float32 of row last [1], the forward's last real token (a tensor: one graph
-    serves every prompt length padded to L). blocks: a later chunk's tile lists for flex
-    attention (chunk_attention.py), tensors too, so one graph serves every start."""
-    return model(tokens, positions, blocks=blocks).index_select(1, last)[:, 0]
+    logits [B, V] float32 of row last [1], the forward's last real token, the only row that gets
+    the final norm and the output projection (a tensor: one graph serves every prompt length
+    padded to L). blocks: a later chunk's tile lists for flex attention (chunk_attention.py),
+    tensors too, so one graph serves every start."""
+    return model(tokens, positions, blocks=blocks, rows=last)[:, 0]
 
 
 def _block_step(layer: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
@@ -431,20 +432,23 @@ class Generator:
 
     def _exact(self, tokens: Tensor, start: int, compile: bool) -> Tensor:
         """Prefill tokens [B, T] at start.. in forwards of the prompt's own length (chunks of
-        prefill_chunk), eager or through compile_prefill's layer graph; the last row's logits."""
+        prefill_chunk), eager or through compile_prefill's layer graph; the last row's logits
+        [B, V], the only row that gets the output projection (earlier chunks compute none)."""
         prompt_len = tokens.shape[1]
         chunk = min(self.prefill_chunk or prompt_len, prompt_len)
         block_fn = self._block_fn() if compile and self.compile_prefill and chunk > 1 else None
+        int64 = {"dtype": torch.int64, "device": self.device}
         for offset in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
             end = min(offset + chunk, prompt_len)
-            positions = torch.arange(start + offset, start + end, dtype=torch.int64,
-                                     device=self.device)  # [C]
+            positions = torch.arange(start + offset, start + end, **int64)  # [C]
+            rows = torch.full((1,), end - offset - 1, **int64) if end == prompt_len else \
+                torch.empty(0, **int64)  # the prompt's last row, or none before the last chunk
             # Eager forwards attend to the slots before their end; the layer graph, like the
             # bucketed one, knows only a start of 0 (else a graph per chunk).
             known = start + offset if block_fn is None or start + offset == 0 else None
             with prefill_from(self.model, known):
-                logits = self.model(tokens[:, offset:end], positions,  # [B, C, V] float32
-                                    block_fn=block_fn)
+                logits = self.model(tokens[:, offset:end], positions,  # [B, 1 or 0, V] float32
+                                    block_fn=block_fn, rows=rows)
         return logits[:, -1]
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ Parameter names are Meta's (llama/model.py), so a Meta checkpoint loads without 
   layers.{i}.feed_forward.{w1,w2,w3}.weight   (SwiGLU: w2(silu(w1 x) * w3 x)),
   layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight,
   layers.{i}.attention.{q_norm,k_norm}.weight  (Qwen3, Gemma 3, spec.qk_norm: [head_dim] each),
-  layers.{i}.{attention_post_norm,ffn_post_norm}.weight  (Gemma 3: norms of attention's and
-  the FFN's outputs; ffn_norm is then its pre_feedforward_layernorm).
+  layers.{i}.{attention_post_norm,ffn_post_norm}.weight  (Gemma 2 and 3: norms of attention's
+  and the FFN's outputs; ffn_norm is then their pre_feedforward_layernorm).
   layers.{i}.feed_forward.{gate,w1,w2,w3}.weight  (an MoE layer, moe.py: router [E, dim] and
   the experts stacked, [E, ffn, dim] / [E, dim, ffn]).
 With tied embeddings `output.weight` *is* `tok_embeddings.weight` (one Parameter, two names);
@@ -501,7 +501,7 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor,
                 block_fn: Callable[..., Tensor] | None = None,
-                blocks: BlockLists | None = None) -> Tensor:
+                blocks: BlockLists | None = None, rows: Tensor | None = None) -> Tensor:
         """tokens [B, T] int64, input_pos [T] int64 -> logits [B, T, vocab] float32.
 
         Writes the K/V of these positions into the cache. No host syncs or value-dependent
@@ -510,6 +510,9 @@ class Transformer(nn.Module):
         layer(h, ...): the Generator's compiled prefill passes one compiled function here,
         which every layer then shares (one graph, any prompt length). blocks: a later
         compiled prefill chunk's tile lists for flex attention (chunk_attention.py).
+        rows: int64 [R] indices into T: only those rows get the final norm and the output
+        projection -> logits [B, R, vocab] (a prefill samples one row; R = 0 computes none,
+        for a chunk before the last). A tensor, so one compiled graph serves any row.
         """
         if self.max_seq_len == 0:
             raise InfermeterError("call setup_cache() before running the model")
@@ -527,15 +530,16 @@ class Transformer(nn.Module):
                 raise InfermeterError(f"model {self.spec.name}: its norms after attention and "
                                       "FFN come before the residual add, so the all-reduce "
                                       "cannot be fused with add and norm (use NCCL's)")
-            return self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
+            normed = self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
+            return self._logits(normed if rows is None else normed.index_select(1, rows))
         for layer in self.layers:
             c, s = local if layer.attention.local_rope else (cos, sin)
             h = layer(h, c, s, input_pos, blocks) if block_fn is None else \
                 block_fn(layer, h, c, s, input_pos)
-        return self._logits(self.norm(h))
+        return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
 
     def _logits(self, normed: Tensor) -> Tensor:
-        """[B, T, dim] final-normed -> [B, T, vocab] float32, soft-capped where the model is."""
+        """[B, R, dim] final-normed -> [B, R, vocab] float32, soft-capped where the model is."""
         logits = self.output(normed).float()
         cap = self.spec.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -543,14 +547,14 @@ class Transformer(nn.Module):
     def _forward_prenormed(self, h: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                            add_norm: AddNorm) -> Tensor:
         """forward with add_norm: every residual add is done together with the next norm (the
-        next layer's attention norm, or the final one)."""
+        next layer's attention norm, or the final one) -> the final-normed rows [B, T, dim]."""
         normed = self.layers[0].attention_norm(h)
         for i, layer in enumerate(self.layers):
             following = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) \
                 else self.norm
             h, normed = layer.forward_prenormed(h, normed, cos, sin, input_pos, following,
                                                 add_norm)
-        return self._logits(normed)
+        return normed
 
 
 @contextmanager

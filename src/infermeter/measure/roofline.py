@@ -12,10 +12,11 @@ Arithmetic (pure Python on kvsize; no torch):
     KV read: per layer and batch row, K and V of the tokens that layer attends to at that
       context, sliding-window layers at most `window`: sizes.kv_cache_bytes(spec, B, context).
       New K/V writes (one token) are left out.
-  prefill FLOPs = 2 x matmul params x B x T + attention
+  prefill FLOPs = 2 x (layer matmul params x B x T + head params x B) + attention
     matmul params: the parameters that multiply activations (attention and FFN projections,
       active experts and router for MoE, the output head); not the embedding lookup or norms.
-      The engine computes logits at every prompt position, so the head counts for all T.
+      The head (output projection, vocab x dim) counts once per sequence: a prefill samples
+      only the last prompt position, and the engine projects only that row to the vocabulary.
     attention: per layer and query head, QK^T and PV cost 2 x (d_qk + d_v) FLOPs per visible
       (query, key) pair; a causal prefill of T tokens has T(T+1)/2 pairs, a window W caps each
       query at W keys.
@@ -130,9 +131,17 @@ def attention_flops(spec: ModelSpec, batch_size: int, prompt_len: int) -> int:
     return 2 * (d_qk + d_v) * spec.n_heads * batch_size * pairs
 
 
+def head_params(spec: ModelSpec) -> int:
+    """The output projection's parameters (vocab x dim), part of matmul_params."""
+    return spec.vocab_size * spec.dim
+
+
 def prefill_flops(spec: ModelSpec, batch_size: int, prompt_len: int, tp: int = 1) -> int:
-    """Model FLOPs of a prefill of B x T tokens (per rank when tp > 1: work splits evenly)."""
-    dense = 2 * matmul_params(spec) * batch_size * prompt_len
+    """Model FLOPs of a prefill of B x T tokens (per rank when tp > 1: work splits evenly): the
+    layers' products for every token, the output head for one row a sequence (the logits the
+    first token is sampled from), and attention."""
+    head = head_params(spec)
+    dense = 2 * batch_size * ((matmul_params(spec) - head) * prompt_len + head)
     return (dense + attention_flops(spec, batch_size, prompt_len)) // tp
 
 
