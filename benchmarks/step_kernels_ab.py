@@ -14,7 +14,8 @@ results/step-kernels-<device>.jsonl as soon as it is done (config.ab: the kernel
 the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 (results/step-kernels-<device>-summary.txt) gives, for each model's latest run and each kind:
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
-steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart.
+steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
+issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
 With --trace DIR each case also records a few profiled decode steps after its timed runs
 (DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
 kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels
@@ -34,6 +35,7 @@ from sweep_common import (
     ab_line,
     fmt,
     latest_of_each,
+    mbu_targets,
     run_ab_case,
     run_in_processes,
     run_tpot_cells,
@@ -50,6 +52,8 @@ from infermeter.textable import render_table
 MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "llama-3.2-1b": "bf16",
           "llama-2-7b": "fp16", "llama-3.1-8b": "bf16"}
 KINDS = ("split", "fused")  # engine/model.STEP_KERNELS, the default first
+# issue 27's targets: decode MBU at batch 1 against the same run's measured HBM bandwidth
+MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
 
@@ -84,10 +88,12 @@ def step_figures(result: Result) -> tuple[str, str]:
 
 
 def summary(results: list[Result]) -> str:
-    """The table of each model's latest A/B, then fused / split per model."""
+    """The table of each model's latest A/B, fused / split per model, then issue 27's MBU
+    targets beside each kind's median MBU over its rounds."""
     rows, lines = [], []
     by_model: dict[str, dict[str, list[float]]] = {}
-    for r in latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"]):
+    latest = latest_of_each([r for r in results if "ab" in r.config], lambda r: r.model["name"])
+    for r in latest:
         m, kind, name = r.metrics, r.config["ab"]["kernels"], r.model["name"]
         runs = run_tpots(r)
         by_model.setdefault(name, {}).setdefault(kind, []).extend(runs)
@@ -100,14 +106,19 @@ def summary(results: list[Result]) -> str:
     table = render_table(["model", "dtype", "kernels", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "decode tok/s",
                           "warm-up s", "kernels/step", "gaps ms/step", "warnings"], rows)
-    return "\n\n".join([table, "\n".join(lines)])
+    targets = mbu_targets(latest, MBU_GOALS, 27, lambda r: r.config["ab"]["kernels"])
+    return "\n\n".join([table, "\n".join(lines), targets])
 
 
-def main() -> int:
+def arguments():
     parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
                         "case into DIR (kernels and gaps per step in the summary)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = arguments().parse_args()
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace)

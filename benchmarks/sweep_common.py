@@ -25,6 +25,34 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def target_line(name: str, value: float | None, unit: str, goal: float, op: str) -> str:
+    """One issue target beside the figure measured for it: "  NAME: 65.60 % (target >= 80 %)
+    MISSED"; "-" where nothing measured it. op: ">=" or "<=" (the figure's side of the goal)."""
+    met = value is not None and (value <= goal if op == "<=" else value >= goal)
+    verdict = "-" if value is None else ("met" if met else "MISSED")
+    return f"  {name}: {fmt(value, '.2f')} {unit} (target {op} {goal:g} {unit}) {verdict}"
+
+
+def mbu_targets(results: list[Result], goals: dict[str, float], issue: int,
+                kind: Callable[[Result], str], batch: int = 1) -> str:
+    """Each model's decode-MBU target (goals: model -> MBU %) beside the median MBU of its
+    batch-`batch` Results of each kind (kind(result): the A/B's label), in model then kind
+    order of appearance; a model with a target but no Result says "-"."""
+    by_case: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        name, mbu = r.model["name"], r.metrics.get("mbu_pct")
+        if name in goals and r.config.get("batch_size") == batch and mbu is not None:
+            by_case.setdefault((name, kind(r)), []).append(mbu)
+    lines = [f"targets (issue {issue}), measured in this file:"]
+    for model, goal in goals.items():
+        kinds = [(k, v) for (name, k), v in by_case.items() if name == model]
+        for k, values in kinds or [(None, None)]:
+            label = f"{model} batch {batch} decode MBU" + (f", {k}" if k else "")
+            lines.append(target_line(label, statistics.median(values) if values else None, "%",
+                                     goal, ">="))
+    return "\n".join(lines)
+
+
 def progress(start: float, name: str) -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] {name}", file=sys.stderr, flush=True)
 

@@ -28,7 +28,7 @@ import argparse
 import time
 from pathlib import Path
 
-from sweep_common import fmt, latest_of_each, run_parts, write_summary
+from sweep_common import fmt, latest_of_each, run_parts, target_line, write_summary
 
 PARTS = ("ab", "ttft", "long")
 AB_ORDER = ("bucketed", "exact", "bucketed", "exact")
@@ -115,11 +115,7 @@ def targets(results: list) -> str:
             ("decode TPOT, bucketed over exact prefill", None if gap is None else abs(gap), "%",
              GOALS["tpot_pct"], "<=")]
     lines = ["targets (issue 24), measured in this file:"]
-    for name, value, unit, goal, op in rows:
-        met = value is not None and (value <= goal if op == "<=" else value >= goal)
-        verdict = "-" if value is None else ("met" if met else "MISSED")
-        lines.append(f"  {name}: {fmt(value, '.2f')} {unit} (target {op} {goal:g} {unit}) "
-                     f"{verdict}")
+    lines += [target_line(*row) for row in rows]
     return "\n".join(lines)
 
 
@@ -147,7 +143,7 @@ def run_part(part: str, path: Path, env: dict) -> None:
         run_generate(build_request(**options), env, on_result=save)
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
@@ -156,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="print each part's requests and exit (no GPU, nothing written)")
     parser.add_argument("--slug", help="summarise results/ttft-SLUG.jsonl (default: this "
                         "machine's device)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     if args.dry_run:
         from infermeter.generate.request import build_request
 

@@ -1,6 +1,8 @@
-"""The shell scripts a GPU run of the open targets starts from: the offload targets' command lines
-parse with today's flags (a renamed flag would otherwise surface only on the device), and the
-parts script refuses an unknown part with its usage."""
+"""The shell scripts a GPU run of the open targets starts from: every part's command lines (the
+`infermeter` ones and the benchmark scripts') parse with today's flags (a renamed flag would
+otherwise surface only on the device), the parts listed, handled and documented agree, and the
+scripts refuse an unknown part with their usage. Also the A/B scripts' summaries: each issue
+target beside the figure measured for it."""
 
 from __future__ import annotations
 
@@ -14,13 +16,31 @@ from infermeter.cli import build_parser
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _command_lines(script: Path) -> list[list[str]]:
-    """`python3 -m infermeter ...` lines (continuations joined), "${name[@]}" arrays expanded,
-    other shell variables (file paths there) given a placeholder."""
-    text = re.sub(r"\\\n\s*", " ", script.read_text())
+def _joined(script: Path) -> str:
+    return re.sub(r"\\\n\s*", " ", script.read_text())
+
+
+def _words(line: str) -> list[str]:
+    """A command's words, shell variables (file paths there) given a placeholder."""
+    line = line.split(";;", 1)[0].split("||", 1)[0]
+    line = re.sub(r'"[^"]*\$[^"]*"', "x", line)  # a quoted word holding a variable
+    return shlex.split(re.sub(r'\$\{?\w+\}?(/[\w./-]*)?', "x", line))
+
+
+def _branches(script: Path) -> dict[str, str]:
+    """The body of each `  name)` branch of the script's last case statement."""
+    body = _joined(script).rsplit('case "', 1)[1]
+    return dict(re.findall(r"^  ([\w-]+)\)\n(.*?);;", body, re.M | re.S))
+
+
+def _command_lines(script: Path, within: str | None = None) -> list[list[str]]:
+    """`python3 -m infermeter ...` lines (continuations joined) of the script, or of `within`
+    (one of its branches), "${name[@]}" arrays expanded, other shell variables (file paths
+    there) given a placeholder."""
+    text = _joined(script)
     arrays = {name: body for name, body in re.findall(r"^\s*(\w+)=\((.*?)\)\s*$", text, re.M)}
     lines = []
-    for line in text.splitlines():
+    for line in (within or text).splitlines():
         if "-m infermeter " not in line or line.lstrip().startswith("#"):
             continue
         line = line.split("-m infermeter ", 1)[1].split(">", 1)[0].split("||", 1)[0]
@@ -32,36 +52,97 @@ def _command_lines(script: Path) -> list[list[str]]:
     return lines
 
 
-def test_the_offload_targets_parse_and_cover_the_issue_s_three_measurements():
+def test_the_offload_targets_parse_one_command_a_target():
+    """reload, traffic, decode: one `infermeter offload` each, issue 26's measurements."""
+    branches = _branches(BENCHMARKS / "offload_targets.sh")
+    assert sorted(branches) == ["decode", "reload", "traffic"]
     lines = _command_lines(BENCHMARKS / "offload_targets.sh")
-    parser = build_parser()
-    for argv in lines:
-        args = parser.parse_args(argv)  # a bad flag exits 2 (SystemExit fails the test)
-        assert args.output == "x" and args.dtype == "bf16"
     assert len(lines) == 3
-    flags = {flag for argv in lines for flag in argv if flag.startswith("--")}
-    assert {"--block-size", "--traffic", "--traffic-method", "--offloaded-decode"} <= flags
-    assert all(argv[0] == "offload" and "llama-3.1-8b" in argv for argv in lines)
-
-
-def test_the_parts_script_refuses_an_unknown_part():
-    run = subprocess.run(["bash", str(BENCHMARKS / "open_targets.sh"), "nope"],
-                         capture_output=True, text=True, timeout=30,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
-    assert run.returncode == 2 and "usage:" in run.stderr
-
-
-def test_the_dense_part_s_generate_lines_parse_and_run_compiled_bf16_at_batch_1():
-    lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh")
-             if argv[0] == "generate"]
     parser = build_parser()
-    assert lines, "the parts script names no generate command"
-    for argv in lines:
-        args = parser.parse_args(argv)
-        assert argv[0] == "generate" and args.dtype == "bf16" and args.batch_size == [1]
-    models = re.search(r"for model in ([\w.\- ]+); do", (BENCHMARKS / "open_targets.sh")
-                       .read_text()).group(1).split()
-    assert {"qwen3-8b", "gemma-3-12b"} <= set(models)
+    by_target = {}
+    for target, body in branches.items():
+        (argv,) = _command_lines(BENCHMARKS / "offload_targets.sh", body)
+        by_target[target] = parser.parse_args(argv)  # a bad flag exits 2 (SystemExit fails)
+        assert argv[0] == "offload" and "llama-3.1-8b" in argv
+        assert by_target[target].output == "x" and by_target[target].dtype == "bf16"
+    reload, traffic, decode = (by_target[k] for k in ("reload", "traffic", "decode"))
+    assert (reload.prefix_len, reload.suffix_len, reload.block_size) == (
+        [8192], [128, 1024], [16, 256])
+    assert not reload.traffic and not reload.offloaded_decode
+    assert traffic.traffic == ["d2h", "h2d", "both"] and traffic.traffic_method == ["dma",
+                                                                                  "mapped"]
+    assert decode.offloaded_decode and decode.context == 32768 and not decode.traffic
+
+
+def test_the_scripts_refuse_an_unknown_part():
+    for script in ("open_targets.sh", "offload_targets.sh"):
+        run = subprocess.run(["bash", str(BENCHMARKS / script), "nope"],
+                             capture_output=True, text=True, timeout=30,
+                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+        assert run.returncode == 2 and "usage:" in run.stderr, script
+
+
+def _parts() -> list[str]:
+    """The parts open_targets.sh accepts (its first case statement's pattern)."""
+    text = (BENCHMARKS / "open_targets.sh").read_text()
+    return re.search(r'case "\$\{1:-\}" in\n  ([\w|-]+)\) ;;', text).group(1).split("|")
+
+
+def test_every_part_is_handled_listed_and_in_the_usage():
+    script = BENCHMARKS / "open_targets.sh"
+    text = script.read_text()
+    parts = _parts()
+    assert sorted(_branches(script)) == sorted(parts)
+    listed = re.findall(r"^#   part ([\w-]+) ", text, re.M)
+    assert listed == parts  # the header lists them in the order the script takes them
+    assert "{" + "|".join(parts) + "}" in text  # the usage line
+    assert {"ab", "ttft", "step-batch", "offload-reload", "offload-traffic",
+            "offload-decode"} <= set(parts) and "prefill" not in parts and "offload" not in parts
+
+
+def test_the_offload_parts_run_one_target_each():
+    branches = _branches(BENCHMARKS / "open_targets.sh")
+    for target in ("reload", "traffic", "decode"):
+        assert _words(branches[f"offload-{target}"].strip()) == [
+            "bash", "benchmarks/offload_targets.sh", target, "x"]
+
+
+def test_every_benchmark_script_line_parses_with_its_script_s_flags():
+    """`python3 benchmarks/X.py ...` in a part: X's own parser takes the line."""
+    from tests.benchmark_scripts import load_benchmark
+
+    branches = _branches(BENCHMARKS / "open_targets.sh")
+    parsed = {}
+    for part, body in branches.items():
+        for script, rest in re.findall(r"python3 benchmarks/(\w+)\.py ([^\n]*)", body):
+            module = load_benchmark(script)
+            if hasattr(module, "arguments"):
+                parsed[part] = module.arguments().parse_args(_words(rest))
+    assert parsed["ab"].parts == ["ab"] and parsed["ttft"].parts == ["ttft"]
+    assert parsed["long"].parts == ["long"]
+    step = parsed["step"]
+    assert step.rounds == 1 and step.trace == "x" and step.results == "x"
+    assert {"moe", "moe-large", "step-large"} <= set(parsed)
+
+
+def test_the_generate_parts_run_compiled_bf16_seed_cases():
+    """dense: Gemma-3-12B and Gemma-2-9B at batch 1 (Qwen3-8B is measured and committed);
+    step-batch: Llama-3.2-1B at batch 8 and 32, default kernels."""
+    branches = _branches(BENCHMARKS / "open_targets.sh")
+    parser = build_parser()
+    for part, batches in (("dense", [1]), ("step-batch", [8, 32])):
+        (line,) = re.findall(r"-m infermeter (generate [^\n]*)", branches[part])
+        args = parser.parse_args(_words(line))
+        assert args.dtype == "bf16" and args.batch_size == batches and args.output == "x"
+        assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
+        assert args.mode in (None, ["compiled"])  # compiled is generate's default on a GPU
+    models = re.search(r"for model in ([\w.\- ]+); do", branches["dense"]).group(1).split()
+    assert models == ["gemma-3-12b", "gemma-2-9b"]
+    batch = parser.parse_args(_words(re.search(r"-m infermeter (generate [^\n]*)",
+                                               branches["step-batch"]).group(1)))
+    assert batch.model == "llama-3.2-1b" and batch.mode == ["compiled"]
+    assert not any(flag in branches["step-batch"] for flag in ("--step-kernels", "--moe-kernel",
+                                                               "--decode-attention"))
 
 
 def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
@@ -87,3 +168,41 @@ def test_every_part_names_only_models_its_script_knows():
         named.setdefault(script, set()).update(models.split())
     for script in ("step_kernels_ab", "moe_kernel_ab"):
         assert named[script] == set(load_benchmark(script).MODELS), script
+
+
+def _ab_result(model: str, key: str, kind: str, round_: int, mbu: float, batch: int = 1):
+    from infermeter.measure.result import Result
+
+    return Result("generate", {"name": model}, {"ab": {key: kind, "round": round_},
+                                                "batch_size": batch, "dtype": "bf16"},
+                  {"timestamp": "t"}, {"mbu_pct": mbu, "tpot_ms": {"p50": 1.0}})
+
+
+def test_the_step_summary_judges_issue_27s_mbu_targets_from_the_results():
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    results = [_ab_result("llama-3.2-1b", "kernels", "split", 0, 60.0),
+               _ab_result("llama-3.2-1b", "kernels", "fused", 0, 82.0),
+               _ab_result("llama-3.2-1b", "kernels", "split", 1, 70.0),
+               _ab_result("smollm2-135m", "kernels", "fused", 0, 39.9)]
+    lines = script.summary(results).split("targets (issue 27), measured in this file:\n")[1]
+    assert lines.splitlines() == [
+        "  llama-3.2-1b batch 1 decode MBU, split: 65.00 % (target >= 80 %) MISSED",
+        "  llama-3.2-1b batch 1 decode MBU, fused: 82.00 % (target >= 80 %) met",
+        "  qwen2.5-0.5b batch 1 decode MBU: - % (target >= 65 %) -",
+        "  smollm2-135m batch 1 decode MBU, fused: 39.90 % (target >= 40 %) MISSED"]
+
+
+def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("moe_kernel_ab")
+    results = [_ab_result("qwen3-30b-a3b", "kernel", "torch", 0, 41.0),
+               _ab_result("qwen3-30b-a3b", "kernel", "triton", 0, 61.5),
+               _ab_result("qwen3-30b-a3b", "kernel", "triton", 0, 90.0, batch=4)]
+    text = script.summary(results)
+    assert "  qwen3-30b-a3b batch 1 decode MBU, triton: 61.50 % (target >= 60 %) met" in text
+    assert "  qwen3-30b-a3b batch 1 decode MBU, torch: 41.00 % (target >= 60 %) MISSED" in text
+    assert "  mixtral-8x7b batch 1 decode MBU: - % (target >= 75 %) -" in text
+    assert "90.00 %" not in text  # batch 4 is not the target's
