@@ -1,6 +1,7 @@
 """Traces and the decode-step breakdown (issue 8), on the CPU: a synthetic GPU trace with known
 kernels, gaps and copies (exact shares and GB/s), a real torch.profiler trace of the debug model
-through `generate --trace`, `copy --trace`, `infermeter trace`, NVTX as no-ops, bad files."""
+through `generate --trace`, `copy --trace`, `infermeter trace`, NVTX as no-ops, bad files; the
+kernel names of compiled steps (an MoE model's expert products included)."""
 
 import json
 
@@ -98,6 +99,9 @@ def test_generate_trace_writes_a_loadable_trace_and_a_breakdown(generate_trace):
     folder, result = generate_trace
     trace = json.loads((folder / "trace-rank0.json").read_text())  # loadable Chrome JSON
     assert trace["traceEvents"] and trace["infermeter"]["model"] == "debug"
+    # what splits a compiled step into layers and finds an MoE model's expert kernels
+    assert trace["infermeter"]["n_layers"] == PRESETS["debug"].n_layers
+    assert trace["infermeter"]["moe"] is False
     found = result["metrics"]["breakdown"]
     assert found["source"].startswith("cpu ops") and found["steps_traced"] == 5
     names = {row["name"] for row in found["categories"]}
@@ -226,9 +230,49 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     ("_split_kv_kernel", "attention"), ("_combine_kernel", "attention"),
     ("_gemv_kernel", "matmul (unattributed)"),
     ("_silu_mul_kernel", "other (residual, activation, embedding)"),
+    # the fused step's (fused_step.py): each reads a weight matrix
+    ("_norm_qkv_rope_kernel", "matmul (unattributed)"), ("_fused_gemv_kernel",
+                                                         "matmul (unattributed)"),
+    # expert_gemv.py's, in any trace
+    ("_experts_swiglu_kernel", "MoE experts"), ("_experts_down_terms_kernel", "MoE experts"),
 ])
 def test_inductor_and_library_kernel_names(name, category):
     assert bd._by_name(name) == category
+
+
+# a compiled MoE step's gathered experts (moe.py): the stacked rows indexed by the routing ids
+# feed the batched products, which inductor fuses into one kernel with the gather
+EXPERT_KERNELS = ("triton_red_fused_bmm_index_mul_silu_unsqueeze_view_7",
+                  "triton_red_fused_bmm_index_mul_squeeze_sum_unsqueeze_8")
+
+
+@pytest.mark.parametrize("name", EXPERT_KERNELS)
+def test_expert_products_are_moe_experts_only_in_an_moe_model(name):
+    assert bd._by_name(name, moe=True) == "MoE experts"
+    assert bd._by_name(name) == "attention"  # a dense model's bmm: attention's
+    # a cache write indexes too, here fused into attention's q . k: attention's, MoE or not
+    write = "triton_red_fused__to_copy_bmm_index_index_copy_transpose_view_4"
+    assert bd._by_name(write, moe=True) == "attention"
+    attention = "triton_red_fused__to_copy_bmm_transpose_view_5"  # q . k: no gather
+    assert bd._by_name(attention, moe=True) == "attention"
+
+
+def test_a_compiled_moe_trace_puts_the_expert_products_under_moe_experts():
+    """The trace's metadata (or its model's preset) says MoE: the expert kernels' time is the
+    experts' row, not attention's."""
+    trace = synthetic_trace()
+    trace["traceEvents"] = [e for e in trace["traceEvents"] if e["cat"] != "user_annotation"
+                            or e["name"] == "im/decode_step"]
+    for e in trace["traceEvents"]:  # gemv_gate_up (20 us) and gemv_down (10 us): the experts'
+        e["name"] = {"gemv_gate_up": EXPERT_KERNELS[0], "gemv_down": EXPERT_KERNELS[1]}.get(
+            e["name"], e["name"])
+    for meta, experts_ms in (({"moe": True}, 0.030), ({"model": "mixtral-8x7b"}, 0.030),
+                             ({"moe": False, "model": "mixtral-8x7b"}, None), ({}, None)):
+        found = bd.breakdown({**trace, "infermeter": meta})
+        times = {row["name"]: row["time_ms"] for row in found["categories"]}
+        assert times.get("MoE experts") == (None if experts_ms is None
+                                            else pytest.approx(experts_ms)), meta
+        assert times["attention"] == pytest.approx(0.008 if experts_ms else 0.038), meta
 
 
 def test_compiled_matmuls_get_the_whole_steps_weight_bytes():

@@ -84,3 +84,17 @@ def test_a_column_shows_its_traced_result_that_has_gaps(tmp_path):
     report = _report(tmp_path, _generate("gpu-c", None), _generate("gpu-c", _gaps({}), "eager"))
     rows = {row[0]: row[1] for row in _table(report).rows}
     assert rows["Traced run"] == "eager, batch 1, context 512"
+
+
+def test_layers_found_by_the_kernel_pattern_say_so(tmp_path):
+    """A compiled step's layers (no ranges: gaps.py found them by its kernel pattern)."""
+    steps = [[{**item, "layer": None} for item in _items(STEP)]] * 2
+    names = ["nqr", "attn", "nqr", "attn", "head"]
+    for step in steps:
+        for item, name in zip(step, names):
+            item["name"] = name
+    gaps = step_gaps(steps, 0, {}, n_layers=2)
+    assert gaps["layers_from"] == "kernel pattern"
+    rows = {row[0]: row[1] for row in _table(_report(tmp_path, _generate("gpu-a", gaps))).rows}
+    assert rows["Kernels per step"] == \
+        "5 on 1 stream(s); 2.0 a layer over 2 layers (layers found by the kernel pattern)"

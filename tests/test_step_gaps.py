@@ -1,7 +1,10 @@
 """Bubbles in a decode step (measure/gaps.py, through breakdown.py): synthetic GPU traces with
 known kernels and gaps (three steps with two layers each, two overlapping streams, no layer
 ranges), exact busy / gap / kernel-count figures, the bytes-bound time, the rendering, the
-trace command, the per-layer ranges the eager capture opens."""
+trace command, the per-layer ranges the eager capture opens; compiled steps without layer
+ranges split into layers by their kernel pattern (a split step whose layers' kernel names
+differ but for a few, the fused step, prologue and epilogue apart) or, where no kernel repeats
+once a layer at one spacing, one note and no per-layer figures."""
 
 import gzip
 import json
@@ -200,3 +203,95 @@ def test_the_trace_gets_the_traced_steps_bytes_and_the_runs_bandwidth():
     assert bound == {"hbm_gbps": 500.0, "bytes_per_step": roofline.mean_decode_step_bytes(
         spec, 2, range(7, 12), "float32", "float32", 1)}
     assert loop._trace_bound(model, tokens, request, None, None) == {}
+
+
+# Compiled steps: no ranges but the step's, kernels of 2 us with a 1 us gap before each.
+# A split step as inductor names it: layers' kernels differ in name (its fusions rotate) but
+# for the ones every layer has; the first of those (the cache-write pointwise) starts a layer.
+# A kernel run once a layer back to back (as a real step's hoisted writes) is no layer's start.
+SPLIT_PROLOGUE = ["Memcpy DtoD (Device -> Device)"] + ["triton_poi_fused_index_copy_0"] * 3 + [
+                  "triton_red_fused_embedding_mean_pow_1",
+                  "triton_red_fused__to_copy_add_embedding_mean_mm_mul_pow_rsqrt_2"]
+SPLIT_LAYERS = [["triton_poi_fused_index_copy_mm_split_3", "triton_red_fused_bmm_softmax_5",
+                 "triton_red_fused_add_mean_mm_rsqrt_10", f"triton_red_fused_mm_silu_{tag}"]
+                for tag in (11, 16, 11)]
+SPLIT_EPILOGUE = ["triton_red_fused_any_argmax_mm_27", "Memcpy DtoD (Device -> Device)"]
+# The fused step (fused_step.py): norm + wqkv + RoPE, split-KV attention, wo + add,
+# norm + w13 + SwiGLU, w2 + add; the embedding before, the final norm + head and argmax after.
+FUSED_LAYER = ["_norm_qkv_rope_kernel", "_split_kv_kernel", "_combine_kernel",
+               "_fused_gemv_kernel", "_fused_gemv_kernel", "_fused_gemv_kernel"]
+FUSED_STEP = (["triton_poi_fused_embedding_0"] + FUSED_LAYER * 4
+              + ["triton_red_fused_add_mean_mm_rsqrt_1", "triton_red_fused_argmax_2"])
+
+
+def compiled_trace(names, meta):
+    events = [_event("user_annotation", "im/decode_step", 0, 10 * len(names))]
+    for k, name in enumerate(names):
+        _kernel(events, k, 1 + k, name, 1000 + 3 * k, 2)
+    return {"traceEvents": events, "infermeter": meta}
+
+
+def _rows(gaps):
+    return [(r["layer"], r["kernels"], r["span_ms"], r["busy_ms"], r["gaps_ms"], r["gap_count"])
+            for r in gaps["layers"]]
+
+
+def test_a_compiled_split_step_splits_into_layers_by_its_kernel_pattern():
+    names = SPLIT_PROLOGUE + [n for layer in SPLIT_LAYERS for n in layer] + SPLIT_EPILOGUE
+    gaps = bd.breakdown(compiled_trace(names, {"n_layers": 3}))["step_gaps"]
+    assert (gaps["layers_from"], gaps["layers_note"]) == ("kernel pattern", None)
+    assert gaps["layer_first_kernel"] == "triton_poi_fused_index_copy_mm_split_3"
+    # 4 kernels a layer: span 4 * 2 + 3 gaps of 1 us
+    assert _rows(gaps) == [pytest.approx((k, 4, 0.011, 0.008, 0.003, 3)) for k in range(3)]
+    # the prologue's 6 and the epilogue's 2 kernels; gaps: 5 inside the prologue, 1 before
+    # layer 0, 2 between layers, 1 after the last, 1 inside the epilogue
+    assert gaps["outside_layers"] == pytest.approx({"kernels": 8, "gaps_ms": 0.010,
+                                                    "gap_count": 10})
+    text = bd.render_gaps(gaps)
+    assert "Per layer (no layer ranges: found by the kernel pattern, each layer from " \
+           "triton_poi_fused_index_copy_mm_split_3):" in text
+    assert "layer 2                   4   0.0110   0.0080   0.0030    27.3" in text
+
+
+def test_the_fused_step_splits_at_its_norm_qkv_rope_kernel():
+    """A model preset's layer count serves a trace without one (older traces)."""
+    trace = compiled_trace(FUSED_STEP, {"model": "debug"})
+    n_layers = PRESETS["debug"].n_layers
+    assert n_layers != 4 and bd.breakdown(trace)["step_gaps"]["layers_from"] is None
+    trace["infermeter"]["n_layers"] = 4
+    found = bd.breakdown(trace)
+    gaps = found["step_gaps"]
+    assert gaps["layer_first_kernel"] == "_norm_qkv_rope_kernel"
+    assert _rows(gaps) == [pytest.approx((k, 6, 0.017, 0.012, 0.005, 5)) for k in range(4)]
+    assert gaps["outside_layers"]["kernels"] == 3
+    # the fused kernels are products, the attention kernels attention
+    times = {r["name"]: r["time_ms"] for r in found["categories"]}
+    assert times["matmul (unattributed)"] == pytest.approx(4 * 4 * 0.002 + 0.002)
+    assert times["attention"] == pytest.approx(4 * 2 * 0.002)
+
+
+def test_without_prologue_or_epilogue_the_layers_are_the_whole_step():
+    gaps = bd.breakdown(compiled_trace(FUSED_LAYER * 3, {"n_layers": 3}))["step_gaps"]
+    assert [r["kernels"] for r in gaps["layers"]] == [6, 6, 6]
+    assert gaps["outside_layers"] == {"kernels": 0, "gaps_ms": pytest.approx(0.002),
+                                      "gap_count": 2}
+
+
+def test_a_step_that_does_not_repeat_n_layers_times_gets_one_note_and_no_layers():
+    uneven = FUSED_LAYER * 2 + ["_extra_kernel"] + FUSED_LAYER  # layer 2 one kernel later
+    for names, meta, why in [
+            (uneven, {"n_layers": 3}, "its 19 kernels do not split into 3 layers"),
+            (FUSED_LAYER * 3, {"n_layers": 4}, "its 18 kernels do not split into 4 layers"),
+            (FUSED_LAYER * 3, {}, "the trace gives no layer count")]:
+        gaps = bd.breakdown(compiled_trace(names, meta))["step_gaps"]
+        assert gaps["layers"] == [] and gaps["layers_from"] is None
+        assert why in gaps["layers_note"]
+        text = bd.render_gaps(gaps)
+        assert [line for line in text.splitlines() if line.startswith("Per layer")] == [
+            gaps["layers_note"]]
+        assert "Per layer: no layer ranges in this trace and " + why in text
+
+
+def test_layer_ranges_win_over_the_kernel_pattern():
+    gaps = bd.breakdown(layered_trace({"n_layers": 2}))["step_gaps"]
+    assert gaps["layers_from"] == "ranges" and [r["kernels"] for r in gaps["layers"]] == [3, 3]

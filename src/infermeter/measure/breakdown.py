@@ -15,8 +15,10 @@ Method (docs/usage.md, "Where the time goes"):
    its experts' products and activation, no GB/s), the norms, attention and the model; work in the
    step outside the model is sampling. Inside attention, elementwise work (mul, cat, neg...) is
    rotary. Without labels (compiled mode: one fused graph; foreign traces) the kernel name decides
-   (gemm -> matmul, flash / sdpa -> attention, nccl -> all-reduce, ...). All-reduce is always
-   recognised by name first: under tp it runs inside the o / down ranges (a forward hook).
+   (gemm -> matmul, flash / sdpa -> attention, nccl -> all-reduce, ...; in an MoE model an
+   inductor kernel that gathers rows by index into a batched product, and expert_gemv.py's
+   kernels, -> MoE experts). All-reduce is always recognised by name first: under tp it runs
+   inside the o / down ranges (a forward hook).
 4. Gaps: the step's span (first item start -> last item end) minus the union of its items is
    idle time: on a GPU, launch overhead and host stalls between kernels; on a CPU, framework
    overhead outside the leaf ops. Shares are of that span.
@@ -26,7 +28,8 @@ Method (docs/usage.md, "Where the time goes"):
    `im/copy ...` range and size: count, bytes, total and median time, and GB/s = bytes / median
    time (GB = 1e9 bytes; the median, so one page-faulting first copy does not rule the figure).
 7. Bubbles (GPU traces, gaps.py): the same step's kernels against the idle time between them,
-   per step and per `im/layer N` range (placed by launch, as in 2), against the step's bytes.
+   per step and per `im/layer N` range (placed by launch, as in 2), against the step's bytes;
+   a step without layer ranges (compiled) is split into layers by its kernel pattern.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 
 from infermeter.errors import InfermeterError
 from infermeter.measure.gaps import render_gaps, step_gaps
+from infermeter.specs.presets import PRESETS
 
 PREFIX = "im/"  # nvtx.PREFIX: the ranges infermeter opens
 STEP = PREFIX + "decode_step"
@@ -55,8 +59,11 @@ _ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::|_peer_", re.I)
 # the last two: decode_kernel.py's split-KV attention and its combine
 _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split_kv"
                         r"|_combine_kernel", re.I)
+# norm_qkv_rope: fused_step.py's norm + wqkv + RoPE kernel, a product first of all
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
-                     r"|splitk", re.I)
+                     r"|splitk|norm_qkv_rope", re.I)
+_EXPERTS = re.compile(r"_experts_(swiglu|down)", re.I)  # expert_gemv.py's kernels
+_CACHE_WRITE = re.compile(r"index_(copy|put)")
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)
 _NORM = re.compile(r"norm|rsqrt", re.I)
 _SAMPLING = re.compile(r"argmax|topk|sort|multinomial|cumsum|gumbel", re.I)
@@ -113,7 +120,7 @@ def _innermost(points: list[float], ranges: list[tuple[float, float, str]]) -> l
     return found
 
 
-def _category(name: str, label: str | None, cat: str) -> str:
+def _category(name: str, label: str | None, cat: str, moe: bool = False) -> str:
     if _ALLREDUCE.search(name):
         return "all-reduce"
     if cat in ("gpu_memcpy", "gpu_memset"):
@@ -131,18 +138,22 @@ def _category(name: str, label: str | None, cat: str) -> str:
         return "other (residual, activation, embedding)"
     if label == "outside":
         return "sampling"
-    return _by_name(name)
+    return _by_name(name, moe)
 
 
-def _inductor_category(name: str) -> str | None:
+def _inductor_category(name: str, moe: bool = False) -> str | None:
     """An inductor Triton kernel: its name lists the ops it fused, e.g.
     triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_17 (an RMSNorm fused into a
     matrix-vector product). A reduction that holds an `mm` reads a weight matrix: the matmul
-    is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention."""
+    is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention. In an MoE
+    model a batched product fed by an index (the stacked experts' rows gathered by the routing
+    ids, moe.py's gathered path), and no cache write, is the experts'."""
     match = re.match(r"triton_(red|per|poi)_fused_(.*?)(_\d+)?$", name)
     if match is None:
         return None
     ops = set(match.group(2).split("_"))
+    if moe and {"bmm", "index"} <= ops and not _CACHE_WRITE.search(match.group(2)):
+        return "MoE experts"
     if match.group(1) != "poi" and ops & {"mm", "addmm"}:
         return "matmul (unattributed)"
     if ops & {"bmm", "softmax", "sdpa"} or "index_copy" in match.group(2) or \
@@ -155,11 +166,14 @@ def _inductor_category(name: str) -> str | None:
     return "other (residual, activation, embedding)"
 
 
-def _by_name(name: str) -> str:
-    """No label (compiled graphs, foreign traces): the kernel's name is all there is."""
+def _by_name(name: str, moe: bool = False) -> str:
+    """No label (compiled graphs, foreign traces): the kernel's name is all there is (and, for
+    the expert products, whether the traced model is an MoE one)."""
     if _ALLREDUCE.search(name):
         return "all-reduce"
-    fused = _inductor_category(name)
+    if _EXPERTS.search(name):
+        return "MoE experts"
+    fused = _inductor_category(name, moe)
     if fused is not None:
         return fused
     for pattern, category in ((_ATTENTION, "attention"), (_MATMUL, "matmul (unattributed)"),
@@ -255,8 +269,23 @@ def _step_table(items: list[dict[str, Any]], weights: dict[str, float]) -> dict[
             "categories": rows}
 
 
+def _model_facts(meta: dict[str, Any]) -> tuple[int | None, bool]:
+    """(layer count, MoE or not) of the traced model: the trace's metadata (trace.py writes
+    both), else the preset of its name (older traces), else (None, False)."""
+    preset = PRESETS.get(str(meta.get("model")))
+    n_layers = meta.get("n_layers")
+    if not (isinstance(n_layers, int) and n_layers > 0):
+        n_layers = preset.n_layers if preset is not None else None
+    moe = meta.get("moe")
+    if not isinstance(moe, bool):
+        moe = preset is not None and preset.is_moe
+    return n_layers, moe
+
+
 def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     """The breakdown of one decode step (see the module docstring) and the trace's copies."""
+    meta = trace.get("infermeter") if isinstance(trace.get("infermeter"), dict) else {}
+    n_layers, moe = _model_facts(meta)
     spans = _spans(trace)
     items, source = _work_items(spans)
     ranges = _ranges(spans)
@@ -269,11 +298,10 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     step_of = _innermost([i["at"] if i["at"] is not None else -1.0 for i in items],
                          [(a, b, str(k)) for k, (a, b, _) in enumerate(steps)])
     for item, label in zip(items, labels):
-        item["category"] = _category(item["name"], label, item["cat"])
+        item["category"] = _category(item["name"], label, item["cat"], moe)
     in_layer = _innermost([i["at"] if i["at"] is not None else -1.0 for i in items], layers)
     for item, layer in zip(items, in_layer):
         item["layer"] = int(layer.split()[1]) if layer else None
-    meta = trace.get("infermeter") if isinstance(trace.get("infermeter"), dict) else {}
     out: dict[str, Any] = {
         "source": "gpu kernels" if source == "gpu" else "cpu ops (CPU op time, not GPU time)",
         "steps_traced": len(steps), "copies": copies(items, ranges, source)}
@@ -290,7 +318,7 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     window = "decode step (median of the traced steps)" if steps else "whole trace"
     # bubbles against kernels: a GPU figure only (CPU ops nest; their union is the span), of
     # decode steps or of a foreign trace, not of a copy run (its gaps are the case loop's)
-    gaps = step_gaps(list(per_step.values()), pick, meta) \
+    gaps = step_gaps(list(per_step.values()), pick, meta, n_layers) \
         if source == "gpu" and (steps or not out["copies"]) else None
     return {**out, "window": window, "step_ms_all": spans_ms, **tables[pick],
             "model": meta.get("model"), "mode": meta.get("mode"), "step_gaps": gaps}

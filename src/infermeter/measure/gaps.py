@@ -13,6 +13,16 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
 - A layer's span is its kernels' first start -> last end; its gaps are the step's idle intervals
   inside that span, its busy time the rest. An idle interval inside no layer's span is "outside
   the layers" (between two layers, or around them: embedding, final norm, head, sampling).
+- Layers without ranges (a compiled step replayed as a CUDA graph opens none inside):
+  repeat_layers finds them in the step's kernel-name sequence (device items in start order):
+  a kernel name that occurs exactly n_layers times at one fixed spacing P, with room for P
+  kernels after its last occurrence, starts each layer, and a layer is the P kernels from it
+  (of such names, the largest P, then the earliest); the kernels before the first layer
+  (embedding, cache bookkeeping) and after the last (final norm, head, sampling) are outside
+  the layers. The repeat's first kernel need not be a layer's first op: inductor fuses a
+  layer's last residual add with the next layer's norm and product, so a unit may end with the
+  next layer's first product (and the last one with the head's). No such name: no per-layer
+  figures, and a note says why, rather than a guess.
 - bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
   HBM bandwidth measured in the same run, both from the trace's "infermeter" metadata; a trace
   without either has no bytes-bound figure.
@@ -79,6 +89,32 @@ def _layer_rows(items: list[dict[str, Any]], idle: list[tuple[float, float, Any,
     return rows, rest, where
 
 
+def repeat_layers(names: list[str], n_layers: int) -> tuple[list[int | None], str] | None:
+    """Each item's layer (None: before the first layer or after the last) from the step's
+    kernel names in start order, and the name that starts each layer; None where no name occurs
+    exactly n_layers (>= 2) times at one spacing with room for a last layer (module docstring)."""
+    if n_layers < 2:
+        return None
+    where: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        where.setdefault(name, []).append(k)
+    best: tuple[int, int, str] | None = None  # (period, -first position, name)
+    for name, at in where.items():
+        if len(at) != n_layers:
+            continue
+        period = at[1] - at[0]
+        if any(b - a != period for a, b in zip(at, at[1:])) or at[-1] + period > len(names):
+            continue
+        if best is None or (period, -at[0]) > best[:2]:
+            best = (period, -at[0], name)
+    if best is None:
+        return None
+    period, first = best[0], -best[1]
+    layers = [(k - first) // period if first <= k < first + n_layers * period else None
+              for k in range(len(names))]
+    return layers, best[2]
+
+
 def _bytes_bound(meta: dict[str, Any]) -> dict[str, Any]:
     nbytes, gbps = meta.get("bytes_per_step"), meta.get("hbm_gbps")
     if not (isinstance(nbytes, (int, float)) and isinstance(gbps, (int, float))
@@ -87,11 +123,32 @@ def _bytes_bound(meta: dict[str, Any]) -> dict[str, Any]:
     return {"bytes_per_step": nbytes, "hbm_gbps": gbps, "bytes_bound_ms": nbytes / gbps / 1e6}
 
 
-def step_gaps(steps: list[list[dict[str, Any]]], pick: int,
-              meta: dict[str, Any]) -> dict[str, Any]:
+def pattern_layers(items: list[dict[str, Any]], n_layers: int | None) -> dict[str, Any]:
+    """Sets each item's layer from the kernel pattern (repeat_layers) of a step without layer
+    ranges; how they were found (layers_from, layer_first_kernel) or why not (layers_note)."""
+    ordered = sorted(items, key=lambda i: (i["start"], i["end"]))
+    found = repeat_layers([i["name"] for i in ordered], n_layers) if n_layers else None
+    if found is None:
+        why = (f"its {len(items)} kernels do not split into {n_layers} layers (no kernel occurs "
+               f"once a layer at one spacing)" if n_layers else "the trace gives no layer count")
+        return {"layers_from": None, "layer_first_kernel": None,
+                "layers_note": f"Per layer: no layer ranges in this trace and {why}: no "
+                               "per-layer figures (--mode eager traces layer ranges)"}
+    for item, layer in zip(ordered, found[0]):
+        item["layer"] = layer
+    return {"layers_from": "kernel pattern", "layer_first_kernel": found[1], "layers_note": None}
+
+
+def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any],
+              n_layers: int | None = None) -> dict[str, Any]:
     """The gap figures of step `pick` (the median step breakdown.py shows), every step's
-    totals, and the bytes-bound time. Items: start/end in us, name, stream, layer (int or None)."""
+    totals, and the bytes-bound time. Items: start/end in us, name, stream, layer (int or None;
+    all None: the layers come from the kernel pattern of a model of n_layers, if found)."""
     items = steps[pick]
+    if any(i.get("layer") is not None for i in items):
+        how = {"layers_from": "ranges", "layer_first_kernel": None, "layers_note": None}
+    else:
+        how = pattern_layers(items, n_layers)
     busy = _busy_intervals(items)
     idle = _idle(busy)
     layers, outside, where = _layer_rows(items, idle)
@@ -111,7 +168,7 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int,
             "layers": layers, "outside_layers": outside if layers else None,
             "median_of_steps": {key: statistics.median(f[key] for f in each)
                                 for key in ("span_ms", "busy_ms", "gaps_ms", "kernels")},
-            "steps": each, **_bytes_bound(meta)}
+            "steps": each, **how, **_bytes_bound(meta)}
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -137,8 +194,8 @@ def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
                      f"{g['after'][:48]}")
     layers = gaps.get("layers") or []
     if not layers:
-        lines.append("Per layer: no layer ranges in this trace (a compiled step or a trace from "
-                     "elsewhere; --mode eager traces them)")
+        lines.append(gaps.get("layers_note") or "Per layer: no layer ranges in this trace (a "
+                     "compiled step or a trace from elsewhere; --mode eager traces them)")
         return "\n".join(lines)
     rows = [(f"layer {r['layer']}", r["kernels"], f"{r['span_ms']:.4f}", f"{r['busy_ms']:.4f}",
              f"{r['gaps_ms']:.4f}", _num(100 * r["gaps_ms"] / r["span_ms"] if r["span_ms"]
@@ -147,5 +204,8 @@ def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
     rows.append(("outside the layers", rest["kernels"], "-", "-", f"{rest['gaps_ms']:.4f}", "-"))
     more = len(layers) - max_layer_rows
     table = render_table(("layer", "kernels", "span ms", "busy ms", "gaps ms", "gaps %"), rows)
-    return "\n".join(lines) + "\nPer layer:\n" + table + (
+    how = "" if gaps.get("layers_from") != "kernel pattern" else (
+        f" (no layer ranges: found by the kernel pattern, each layer from "
+        f"{str(gaps['layer_first_kernel'])[:48]})")
+    return "\n".join(lines) + f"\nPer layer{how}:\n" + table + (
         f"\n... {more} more layers (--json lists every one)" if more > 0 else "")

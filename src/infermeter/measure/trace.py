@@ -117,7 +117,9 @@ def capture_decode(runner: Any, tokens: Any, path: Path, mode: str,
     handles = nvtx.install_layer_ranges(model) if mode == "eager" else []
     meta = {"model": model.spec.name, "mode": mode, "batch_size": int(tokens.shape[0]),
             "prompt_len": int(tokens.shape[1]), "weight_bytes": weight_bytes(model),
-            **(bound or {})}
+            # what the breakdown needs to split a compiled step into layers and to find the
+            # expert products by kernel name (breakdown.py, gaps.py)
+            "n_layers": model.spec.n_layers, "moe": model.spec.is_moe, **(bound or {})}
     try:
         state = generator.prefill(tokens, config)
         for _ in range(SETTLE_STEPS):

@@ -52,6 +52,8 @@ def _kernels(g: dict[str, Any]) -> str:
     per_layer = [num(row.get("kernels")) or 0 for row in layers]
     if per_layer:
         cell += f"; {sum(per_layer) / len(per_layer):.1f} a layer over {len(per_layer)} layers"
+        if g.get("layers_from") == "kernel pattern":  # a compiled step: no layer ranges
+            cell += " (layers found by the kernel pattern)"
     return cell
 
 
