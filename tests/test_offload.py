@@ -94,12 +94,43 @@ def test_reloaded_cache_gives_the_recomputed_logits(generator, way):
 
 
 # ---- the layer-wise schedule ---------------------------------------------------------------
-def _schedule(generator, lookahead):
+class FakeClock:
+    """A CopyStream on a fake clock: copies run back to back on the copy stream, `copy_ms` each
+    (really done, so the cache ends right); the compute stream's clock moves only by the layers'
+    work (the test adds it) and by waits. Records every copy issued and each layer's mark."""
+
+    def __init__(self, copy_ms: float) -> None:
+        self.copy_ms = copy_ms
+        self.compute = 0.0  # when the compute stream's next work starts
+        self.copy_end = 0.0  # when the copy stream's last copy ends
+        self.marks: list[float] = []  # per mark: when the copies issued before it are done
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def follow_compute(self) -> None:
+        self.copy_end = max(self.copy_end, self.compute)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+        self.copies.append((dst, src))
+        self.copy_end += self.copy_ms
+
+    def mark(self) -> float:
+        self.marks.append(self.copy_end)
+        return self.copy_end
+
+    def wait(self, token: float) -> None:
+        self.compute = max(self.compute, token)
+
+
+def _schedule(generator, lookahead, clock=None, layer_ms=1.0, block_fn=None, trace=None):
     """The events of one layer-wise reload + forward; ("attention", i) when layer i's attention
     first touches its cache (each of LayerKVCache's entry points, wrapped on the instance: a
-    forward from a later start calls update_from, a ring layer then update)."""
+    forward from a later start calls update_from, a ring layer then update). With a fake clock,
+    also per layer (the clock when it attends, the layers' copies issued by then); each
+    attention then takes layer_ms of compute."""
     model = generator.model
-    trace: list[tuple[str, int]] = []
+    trace = [] if trace is None else trace
+    attended: list[tuple[float, int]] = []
     caches = [layer.attention.kv_cache for layer in model.layers]
     entries = ("update", "update_from", "write_own")
     for i, cache in enumerate(caches):
@@ -109,25 +140,33 @@ def _schedule(generator, lookahead):
             def touch(*args, i=i, original=original):
                 if ("attention", i) not in trace:
                     trace.append(("attention", i))
+                    if clock is not None:
+                        attended.append((clock.compute, len(clock.marks)))
+                        clock.compute += layer_ms
                 return original(*args)
             setattr(cache, name, touch)
     host = HostPrefix(model, PREFIX)
+    tokens = _tokens()[:, PREFIX:]
     try:
-        with LayerwiseReload(model, host, lookahead=lookahead, trace=trace) as reload:
+        with LayerwiseReload(model, host, lookahead=lookahead, trace=trace,
+                             stream=clock) as reload:
             reload.start()
-            generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
+            if block_fn is None:
+                generator.prefill(tokens, ONE, start=PREFIX)
+            else:  # the Generator's compiled prefill calls the model so
+                model(tokens, torch.arange(PREFIX, PREFIX + SUFFIX), block_fn=block_fn)
     finally:
         for cache in caches:
             for name in entries:
                 delattr(cache, name)
-    return trace
+    return trace, attended
 
 
 @pytest.mark.parametrize("lookahead", [None, 1])
 def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookahead):
     model = generator.model
     generator.prepare(2, PREFIX + SUFFIX, 1)
-    trace = _schedule(generator, lookahead)
+    trace, _ = _schedule(generator, lookahead)
     n = len(model.layers)
     assert sorted(trace) == sorted([(what, i) for i in range(n)
                                     for what in ("copy", "wait", "attention")])
@@ -143,12 +182,117 @@ def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookah
         assert trace[:2] == [("copy", 0), ("copy", 1)]
 
 
+@pytest.mark.parametrize("lookahead", [None, 1])
+@pytest.mark.parametrize("copy_ms", [0.5, 0.001])
+def test_on_a_fake_clock_each_layer_waits_for_its_copy_and_copies_run_ahead(generator,
+                                                                           lookahead, copy_ms):
+    """Copies slower than the layers (0.5 ms a piece): each layer attends exactly when its own
+    copies are done, never before. Copies faster: no layer waits, the copies hide under the
+    compute. Either way, when layer i attends, the copies of layers up to i + lookahead are
+    issued (every layer's with no lookahead)."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    clock = FakeClock(copy_ms)
+    _, attended = _schedule(generator, lookahead, clock)
+    n = len(model.layers)
+    assert len(attended) == len(clock.marks) == n
+    ahead = n if lookahead is None else lookahead
+    assert [issued for _, issued in attended] == [min(i + 1 + ahead, n) for i in range(n)]
+    # layer i starts when both the layer before it (1 ms) and its own copies are done
+    want, ready = [], 0.0
+    for mark in clock.marks:
+        want.append(max(ready, mark))
+        ready = want[-1] + 1.0
+    starts = [start for start, _ in attended]
+    assert starts == pytest.approx(want)
+    if copy_ms == 0.5:  # copy-bound: each attention starts the moment its copies end
+        assert starts == pytest.approx(clock.marks)
+    else:  # compute-bound: only layer 0 waits, the later copies hide under the compute
+        assert starts == pytest.approx([clock.marks[0] + i for i in range(n)])
+
+
+def test_the_waits_run_outside_the_forwards_block_fn(generator):
+    """The Generator's compiled prefill hands the model a block_fn (its compiled layer): the
+    reload wraps it, so each layer's wait comes before that block_fn runs the layer, in the
+    model's Python loop, and the block_fn still runs every layer."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    trace: list[tuple[str, int]] = []
+
+    def block_fn(layer, h, cos, sin, positions):  # stands for Generator._block_fn()'s
+        trace.append(("block_fn", list(model.layers).index(layer)))
+        return layer(h, cos, sin, positions)
+
+    _schedule(generator, 1, block_fn=block_fn, trace=trace)
+    n = len(model.layers)
+    for i in range(n):  # the wait, then the block_fn that runs the layer, then its attention
+        wait = trace.index(("wait", i))
+        assert trace[wait + 1:wait + 3] == [("block_fn", i), ("attention", i)]
+
+
+def _recording(pieces: list[tuple[torch.Tensor, torch.Tensor]]):
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        pieces.append((dst, src))
+        dst.copy_(src)
+    return copy
+
+
+def _all_contiguous(pieces) -> None:
+    assert pieces
+    for dst, src in pieces:
+        assert dst.is_contiguous() and src.is_contiguous(), (dst.shape, dst.stride())
+        assert dst.shape == src.shape
+
+
+@pytest.mark.parametrize("way", ["serial", "layerwise", "paged"])
+def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_cache(
+        generator, way):
+    """The cache is [B, H_kv, S, D] and longer than the prefix: its [:, :, :P] is strided, so the
+    reload copies one [P, D] piece per sequence and head (the ring layer, whose window the prefix
+    fills, one piece). After it the cache is, bit for bit, the one the prefix's prefill left."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    generator.prefill(_tokens()[:, :PREFIX], ONE)
+    recomputed = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in layer_caches(model)]
+    assert model.max_seq_len > PREFIX and recomputed[-1][0].abs().sum() > 0
+    host = PagedHostPrefix(model, PREFIX, 7) if way == "paged" else HostPrefix(model, PREFIX)
+    model.reset_cache()
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if way == "layerwise":
+        clock = FakeClock(0.0)
+        with LayerwiseReload(model, host, stream=clock) as reload:
+            reload.start()
+        pieces = clock.copies
+    else:
+        host.reload(model, copy=_recording(pieces))
+    _all_contiguous(pieces)
+    for (k, v, key_pos), cache in zip(recomputed, layer_caches(model)):
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+        assert torch.equal(cache.key_pos, key_pos)
+
+
+def test_a_ring_layers_key_pos_is_its_own_host_copy(generator):
+    """key_pos goes to host memory as a copy (pinned on a GPU), not a view of the cache's."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    generator.prefill(_tokens()[:, :PREFIX], ONE)
+    host = HostPrefix(model, PREFIX)
+    rings = [(layer, cache) for layer, cache in zip(host.layers, layer_caches(model))
+             if cache.is_ring]
+    assert all(layer.key_pos is None for layer, cache in zip(host.layers, layer_caches(model))
+               if not cache.is_ring)
+    for layer, cache in rings:
+        assert torch.equal(layer.key_pos, cache.key_pos)
+        assert layer.key_pos.data_ptr() != cache.key_pos.data_ptr()
+
+
 def test_hooks_leave_with_the_reload_and_a_forward_without_start_is_refused(generator):
     model = generator.model
     generator.prepare(2, PREFIX + SUFFIX, 1)
     reload = LayerwiseReload(model, HostPrefix(model, PREFIX))
     with reload, pytest.raises(InfermeterError, match="start"):
         generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
+    assert not model._forward_pre_hooks
     assert all(not layer.attention._forward_pre_hooks for layer in model.layers)
 
 
@@ -224,7 +368,8 @@ def test_a_paged_reload_puts_back_what_a_whole_reload_does(generator, block):
         assert torch.equal(cache.key_pos, key_pos)
     assert paged.nbytes == host.nbytes
     slots = [min(PREFIX, cache.size) for cache in layer_caches(model)]
-    assert paged.copies == sum(2 * 2 * math.ceil(n / block) for n in slots)  # B = 2, K and V
+    heads = DEBUG.n_kv_heads  # one copy per block and KV head: B = 2, K and V
+    assert paged.copies == sum(2 * 2 * heads * math.ceil(n / block) for n in slots)
     if block == 7:  # the pool's slots are a permutation, not the sequences' order
         pool = [slot for *_, slot in paged.layers[-1].blocks]
         assert sorted(pool) == list(range(len(pool))) and pool != sorted(pool)
@@ -262,6 +407,30 @@ def test_bad_input_is_one_error_line(args, says):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and says in lines[0], done.stderr
     assert done.stdout == ""
+
+
+def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkeypatch):
+    """Decode under traffic at a 32k context needs a 32k-token cache (8.6 GB for Llama-3.1-8B in
+    fp32 on the CPU), far more than the cases' 36 tokens: the CPU's one sum counts the larger
+    cache. Free memory is set between the two; the weights must never load."""
+    from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
+
+    spec = PRESETS["llama-3.1-8b"]
+    free = weight_bytes(spec, "float32") + 3 * 2**30  # room for the small cache, not the 32k one
+    assert kv_cache_bytes(spec, 1, 32768, "float32") > 3 * 2**30
+    monkeypatch.setattr("infermeter.offload.job.free_memory",
+                        lambda device: (free, "available in host memory"))
+
+    def load_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the memory check refused")
+    monkeypatch.setattr("infermeter.engine.checkpoint.load.load_weights", load_weights)
+    done = run_cli("offload", "--model", "llama-3.1-8b", "--device", "cpu", "--prefix-len", "16",
+                   "--suffix-len", "16", "--traffic", "d2h", "--context", "32768")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and "does not fit" in lines[0]
+    assert "context 32768" in lines[0] and "KV cache 8.1 GiB" in lines[0]
+    assert "--context" in lines[0] and done.stdout == ""
 
 
 @pytest.mark.parametrize("field, value, says", [
@@ -311,6 +480,20 @@ def test_decode_under_traffic_keeps_the_tokens(generator):
 
 
 # ---- the command end to end ----------------------------------------------------------------
+def test_prefills_are_compiled_layers_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    from infermeter.offload.case import prefill_kind
+
+    def gen(device, compile_prefill=True, bucketed=False):
+        return SimpleNamespace(device=torch.device(device), compile_prefill=compile_prefill,
+                               bucketed_prefill=bucketed)
+    assert prefill_kind(gen("cuda")) == "compiled layers"
+    assert prefill_kind(gen("cpu")) == "eager"
+    assert prefill_kind(gen("cuda", compile_prefill=False)) == "eager"
+    assert prefill_kind(gen("cuda", bucketed=True)) == "eager"  # no wait between its layers
+
+
 def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     out = tmp_path / "offload.jsonl"
     common = ("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "24", "8",
@@ -326,6 +509,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert [c["prefix_len"] for c in written.metrics["cases"]] == [8, 24]
     assert {r["way"] for r in written.metrics["break_even"]} == {"serial", "layerwise"}
     assert written.config["host_memory"] == "cpu" and written.config["prefill_chunk"] == 16
+    assert written.config["prefill"] == "eager"
     [traffic] = written.metrics["traffic"]
     assert (traffic["direction"], traffic["context"], traffic["same_tokens"]) == ("both", 24, True)
     assert written.config["traffic"] == ["both"] and written.config["decode_steps"] == 3
@@ -375,8 +559,9 @@ def test_streamed_decode_gives_the_tokens_of_the_cache_on_the_device_and_leaves_
     handle = gen.model.register_forward_hook(lambda m, a, out: logits.append(out[:, -1]))
     windows.run()
     trace: list[tuple[str, int]] = []
+    clock = FakeClock(0.0)  # records the copies: every one contiguous to contiguous
     try:
-        with StreamedDecode(gen.model, context=16, trace=trace) as streamed:
+        with StreamedDecode(gen.model, context=16, trace=trace, stream=clock) as streamed:
             # the other layers' caches are gone: the layers share two buffers
             assert gen.model.layers[0].attention.kv_cache is \
                 gen.model.layers[4].attention.kv_cache
@@ -386,6 +571,8 @@ def test_streamed_decode_gives_the_tokens_of_the_cache_on_the_device_and_leaves_
         handle.remove()
     on_device, streamed_tokens = windows.outputs
     assert streamed_tokens == on_device
+    _all_contiguous(clock.copies)
+    assert len(clock.marks) == 6 * 5  # a mark per layer per step
     torch.testing.assert_close(torch.stack(logits[6:]), torch.stack(logits[:6]))
     assert all(layer.attention.kv_cache is None for layer in gen.model.layers)
     assert gen.generate(_tokens()[:, :16], config).output_token_ids[0][1:] == on_device[0]
@@ -406,3 +593,64 @@ def test_streamed_decode_refuses_a_sliding_window_model():
     gen.prepare(1, 16, 2)
     with pytest.raises(InfermeterError, match="sliding-window"):
         StreamedDecode(gen.model, context=16)
+
+
+# ---- on a GPU: the copy stream, pinned memory, the compiled layers -------------------------
+def _cuda_generator(spec=DEBUG, **kwargs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return Generator(build_model(spec, device="cuda", dtype=torch.float32, seed=3), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_on_cuda_every_way_gives_recomputes_tokens_through_the_compiled_layers(spec):
+    """measure_case as the command runs it on a GPU: compiled layers for every prefill, (b) on
+    a copy stream from pinned memory, with the paged copy too; same greedy tokens all ways."""
+    from infermeter.offload.case import prefill_kind
+
+    gen = _cuda_generator(SPECS[spec], compile_prefill=True)
+    assert prefill_kind(gen) == "compiled layers"
+    request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=5,
+                             repeats=2, warmup=1, block_sizes=(7,), lookahead=1)
+    case, raw, notes = measure_case(gen, request, PREFIX, SUFFIX)
+    assert case["same_tokens"] and case["paged"][0]["same_tokens"], notes
+    assert gen._compiled_block is not None  # the layer graph ran
+    host = HostPrefix(gen.model, PREFIX)
+    assert all(layer.k.is_pinned() and (layer.key_pos is None or layer.key_pos.is_pinned())
+               for layer in host.layers)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_layerwise_reload_gives_the_recomputed_logits():
+    gen = _cuda_generator(compile_prefill=True)
+    compiled = GenerationConfig(max_new_tokens=1, compile=True)
+    tokens = _tokens().cuda()
+    gen.prepare(2, PREFIX + SUFFIX, 1)
+    gen.prefill(tokens[:, :PREFIX], compiled)
+    host = HostPrefix(gen.model, PREFIX)
+    gen.model.reset_cache()
+    want = gen.prefill(tokens, compiled).token
+    for lookahead in (None, 1):
+        gen.model.reset_cache()
+        with LayerwiseReload(gen.model, host, lookahead) as reload:
+            reload.start()
+            got = gen.prefill(tokens[:, PREFIX:], compiled, start=PREFIX).token
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_streamed_decode_gives_the_tokens_of_the_cache_on_the_device():
+    from infermeter.offload.windows import DecodeWindows
+
+    gen = _cuda_generator(DEBUG.with_updates(n_layers=5))
+    config = GenerationConfig(max_new_tokens=7)
+    gen.prepare(2, 16, 7)
+    state = gen.prefill(_tokens()[:, :16].cuda(), config)
+    windows = DecodeWindows(gen, state, config, steps=6)
+    windows.run()
+    with StreamedDecode(gen.model, context=16) as streamed:
+        assert all(k.is_pinned() for k, _ in streamed.host)
+        windows.run(streamed.step_at)
+    on_device, streamed_tokens = windows.outputs
+    assert streamed_tokens == on_device

@@ -1,6 +1,12 @@
 """One (prefix, suffix) case of `infermeter offload`: the prefix's KV cache made by a prefill and
 kept in host memory (whole, and paged per --block-size), then the TTFT of each way timed after
-an untimed check that every way generates recompute's greedy tokens (job.py has the order)."""
+an untimed check that every way generates recompute's greedy tokens (job.py has the order).
+
+Every prefill of a case runs the same way (prefill_kind): on a GPU through the Generator's
+per-layer compiled forward (compile_prefill, not bucketed: the model's Python loop over layers
+stays, so the layer-wise reload still waits between layers), eager on the CPU. The untimed check
+runs every way once first, so the layer graph compiles there (and in the timer's warm-up), never
+in a timed run; the check's decode is eager (its tokens compare the ways, it is not timed)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,14 @@ from infermeter.offload.request import WAYS, OffloadRequest
 
 # Timed items per case: the three ways and the two parts of (a) alone.
 TIMED = ("reload", "suffix_prefill", *WAYS)
+
+
+def prefill_kind(generator: Any) -> str:
+    """How a case's prefills run: "compiled layers" (a GPU and a Generator with compile_prefill,
+    not bucketed) or "eager". A one-token forward runs eager either way (the Generator's)."""
+    compiled = generator.device.type == "cuda" and generator.compile_prefill \
+        and not generator.bucketed_prefill
+    return "compiled layers" if compiled else "eager"
 
 
 def reload_ways(generator: Any, host: Any, tail: Any, prefix: int, config: Any,
@@ -38,14 +52,18 @@ def reload_ways(generator: Any, host: Any, tail: Any, prefix: int, config: Any,
 
 def greedy_tokens(generator: Any, first: Callable[[], Any], config: Any,
                   new_tokens: int) -> list[list[int]]:
-    """From a zeroed cache: `first` (a way to the first token), then greedy decode; [B, new]."""
+    """From a zeroed cache: `first` (a way to the first token), then greedy decode (eager: the
+    tokens compare the ways, no decode is timed); [B, new]."""
+    import dataclasses
+
     import torch
 
+    decode = dataclasses.replace(config, compile=False)
     generator.model.reset_cache()
     state = first()
     generated = [state.token]
     for _ in range(new_tokens - 1):
-        generated.append(generator.decode_step(state, config))
+        generated.append(generator.decode_step(state, decode))
     return torch.stack(generated, dim=1).tolist()
 
 
@@ -63,7 +81,8 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
 
     model, device = generator.model, generator.device
     batch = request.batch_size
-    config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed)
+    config = GenerationConfig(max_new_tokens=request.new_tokens, greedy=True, seed=request.seed,
+                              compile=prefill_kind(generator) == "compiled layers")
     generator.prepare(batch, prefix + suffix, request.new_tokens)
     rng = torch.Generator().manual_seed(request.seed + 7919 * prefix + suffix)
     tokens = torch.randint(model.spec.vocab_size, (batch, prefix + suffix), generator=rng)

@@ -13,6 +13,9 @@ Per case (prefix P, suffix S, batch B), on one model and the engine's own cache:
   (b) layer-wise reload overlapped with the suffix prefill, (c) a prefill of P + S tokens with
   the Generator; per block size the paged reload alone, (a) and (b) from it. TTFT ends when
   the first token is sampled. One case is case.py's measure_case.
+- every prefill runs the same way: the Generator's per-layer compiled forward on a GPU
+  (compile_prefill, the layers still called from Python, so (b) waits between them), eager on
+  the CPU; the Result's config.prefill says which.
 Everything the user can get wrong (lengths, memory) is checked before the weights are loaded.
 """
 
@@ -26,7 +29,7 @@ from infermeter.measure.fit import check_fit, free_memory
 from infermeter.measure.result import Result
 from infermeter.measure.timing import Stats
 from infermeter.offload.breakeven import break_even
-from infermeter.offload.case import measure_case
+from infermeter.offload.case import measure_case, prefill_kind
 from infermeter.offload.request import OffloadRequest
 from infermeter.specs.sizes import cache_length
 
@@ -64,11 +67,6 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
         blocks = -(-max(request.prefix_lens) // size)
         host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
             spec, request.batch_size, blocks * size, kv_dtype)
-    if device.type == "cuda":
-        checks = [(device_parts, *free_memory(device)),
-                  (host_parts, host_available(), "available in host memory")]
-    else:
-        checks = [({**device_parts, **host_parts}, *free_memory(device))]
     if request.traffic or request.offloaded_decode:
         from infermeter.offload.traffic import CHUNK_BYTES
 
@@ -77,16 +75,25 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                                        kv_dtype)
         if traffic_cache > device_parts["KV cache"]:  # one cache at a time: the larger counts
             device_parts["KV cache"] = traffic_cache
-        checks[0][0]["copy traffic buffers"] = 2 * chunk
-        checks[-1][0]["copy traffic host buffers"] = 2 * chunk
+        device_parts["copy traffic buffers"] = 2 * chunk
+        host_parts["copy traffic host buffers"] = 2 * chunk
         if request.offloaded_decode:  # the prompt's KV in host memory, while the cache is too
-            checks[-1][0]["offloaded KV in host memory"] = kv_cache_bytes(
+            host_parts["offloaded KV in host memory"] = kv_cache_bytes(
                 spec, request.batch_size, request.traffic_context, kv_dtype)
+    # the parts are complete: only now merged (on the CPU) into what each check sums
+    if device.type == "cuda":
+        checks = [(device_parts, *free_memory(device)),
+                  (host_parts, host_available(), "available in host memory")]
+    else:
+        checks = [({**device_parts, **host_parts}, *free_memory(device))]
     what = (f"{spec.name} at batch {request.batch_size}, prefix {max(request.prefix_lens)}, "
             f"suffix {max(request.suffix_lens)}")
+    levers = "--batch-size, --prefix-len or --suffix-len"
+    if request.traffic or request.offloaded_decode:
+        what += f", context {request.traffic_context}"
+        levers = "--batch-size, --prefix-len, --suffix-len or --context"
     for parts, free, where in checks:
-        check_fit(what, parts, free, where,
-                  "use a smaller --batch-size, --prefix-len or --suffix-len")
+        check_fit(what, parts, free, where, f"use a smaller {levers}")
 
 
 def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
@@ -108,8 +115,10 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     check_sizes_fit(spec, request, device, dtype, kv_dtype)
     methods, warnings = traffic_methods_for(request, device)
     model = load_weights(request.source, device, dtype, seed=request.seed)
+    # every prefill through the per-layer compiled forward on a GPU (case.py's prefill_kind)
     generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
-                          prefill_chunk=request.prefill_chunk)
+                          prefill_chunk=request.prefill_chunk,
+                          compile_prefill=device.type == "cuda", bucketed_prefill=False)
     cases, samples = [], {}
     for suffix in request.suffix_lens:
         for prefix in request.prefix_lens:
@@ -137,6 +146,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "block_sizes": list(request.block_sizes),
               "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
+              "prefill": prefill_kind(generator),
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",
               "traffic": list(request.traffic), "traffic_methods": list(methods),

@@ -6,9 +6,11 @@ memory (pinned on a GPU), n_blocks = B x ceil(n / block) with n = min(P, the lay
 Sequence b's i-th block sits at the pool slot a seeded block table gives (a random permutation,
 so one sequence's blocks are scattered through the pool as in a running server, and no two
 neighbours can be merged into one copy). A block keeps its tokens in the engine's own
-[H_kv, tokens, D] order, packed at the start of the block: the last, partly filled block's
-tokens are then one contiguous piece too. A reload is one copy per block of K and of V into the
-cache's [b, :, start:end] slots, so the copies a reload issues grow as 1 / block size.
+[H_kv, tokens, D] order, the last, partly filled block's at the start of each head's row.
+A reload copies each block head by head: the cache is [B, H_kv, S, D], so a block's slots
+[b, h, start:end] are contiguous for one head only, and every copy lands in a contiguous
+destination (a DMA, never a staging buffer and a copy kernel). The copies a reload issues
+grow as 1 / block size.
 
 It offers what reload.py's HostPrefix offers (prefix_len, nbytes, copy_layer, reload), so the
 serial way and LayerwiseReload run over it unchanged.
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import layer_caches
+from infermeter.offload.reload import Copy, copy_piece, layer_caches, pinned_like
 
 
 @dataclass
@@ -32,14 +34,7 @@ class PagedLayer:
     k: Tensor  # [n_blocks, H_kv, block, D] in host memory
     v: Tensor
     blocks: list[tuple[int, int, int, int]]  # (sequence, first slot, end slot, pool slot)
-    key_pos: Tensor | None  # [S_layer] int64, a ring layer's only
-
-
-def _packed(block: Tensor, tokens: int) -> Tensor:
-    """The first `tokens` tokens of a pool block [H_kv, block, D] as one contiguous
-    [H_kv, tokens, D] view at the start of the block's memory."""
-    heads, _, dim = block.shape
-    return block.view(-1)[:heads * tokens * dim].view(heads, tokens, dim)
+    key_pos: Tensor | None  # [S_layer] int64, a ring layer's only (pinned on a GPU too)
 
 
 class PagedHostPrefix:
@@ -55,7 +50,7 @@ class PagedHostPrefix:
             raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
                                   f"{model.max_seq_len} tokens")
         self.prefix_len, self.block_size = prefix_len, block_size
-        pin = caches[0].k.device.type == "cuda"
+        pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
         rng = torch.Generator().manual_seed(seed)
         self.layers: list[PagedLayer] = []
         for cache in caches:
@@ -68,9 +63,9 @@ class PagedHostPrefix:
             blocks = [(b, i * block_size, min(n, (i + 1) * block_size), table[b][i])
                       for b in range(batch) for i in range(per_seq)]
             for b, start, end, slot in blocks:
-                _packed(k[slot], end - start).copy_(cache.k[b, :, start:end])
-                _packed(v[slot], end - start).copy_(cache.v[b, :, start:end])
-            key_pos = cache.key_pos.to("cpu").clone() if cache.is_ring else None
+                k[slot, :, :end - start].copy_(cache.k[b, :, start:end])
+                v[slot, :, :end - start].copy_(cache.v[b, :, start:end])
+            key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             self.layers.append(PagedLayer(k, v, blocks, key_pos))
 
     @property
@@ -81,21 +76,23 @@ class PagedHostPrefix:
 
     @property
     def copies(self) -> int:
-        """Copies one reload issues (a block of K or of V each)."""
-        return sum(2 * len(layer.blocks) for layer in self.layers)
+        """Copies one reload issues (a block of K or of V, one KV head each)."""
+        return sum(2 * len(layer.blocks) * layer.k.shape[1] for layer in self.layers)
 
-    def copy_layer(self, model: Transformer, index: int) -> None:
-        """Layer `index`'s blocks into the cache on the current stream (async from pinned
-        memory), one copy per block of K and of V."""
+    def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s blocks into the cache by `copy` (default: on the current stream,
+        async from pinned memory), one copy per block and KV head of K and of V: [tokens, D],
+        contiguous on both sides."""
         cache = layer_caches(model)[index]
         layer = self.layers[index]
         for b, start, end, slot in layer.blocks:
-            cache.k[b, :, start:end].copy_(_packed(layer.k[slot], end - start), non_blocking=True)
-            cache.v[b, :, start:end].copy_(_packed(layer.v[slot], end - start), non_blocking=True)
+            for pool, device in ((layer.k, cache.k), (layer.v, cache.v)):
+                for h in range(device.shape[1]):
+                    copy(device[b, h, start:end], pool[slot, h, :end - start])
         if layer.key_pos is not None:
-            cache.key_pos.copy_(layer.key_pos, non_blocking=True)
+            copy(cache.key_pos, layer.key_pos)
 
-    def reload(self, model: Transformer) -> None:
+    def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
         """Every layer back, in order, on the current stream: the serial way."""
         for index in range(len(self.layers)):
-            self.copy_layer(model, index)
+            self.copy_layer(model, index, copy)

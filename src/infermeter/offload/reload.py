@@ -7,19 +7,29 @@ window), plus a ring layer's key_pos [S_layer] (which position each slot holds).
 host tensors are pinned, so a non_blocking copy is a DMA that does not block the host; on the
 CPU they are a second CPU buffer and every copy is synchronous.
 
+Every host-to-device copy lands in a contiguous piece of the cache (slot_pieces): the cache is
+[B, H_kv, S, D], so its first n slots [:, :, :n] are strided unless n == S, and a copy into a
+strided destination goes through a temporary device buffer and an SM copy kernel instead of one
+DMA. One copy per (sequence, KV head), [n, D] each, unless the prefix fills the layer (one copy).
+
 LayerwiseReload is the overlapped schedule: copies go out on a copy stream, each layer's
-followed by an event, and a forward pre-hook on every layer's Attention makes the compute stream
-wait on that layer's event, so layer i attends as soon as its own K/V have arrived while later
-layers' copies are still in flight. The hooks sit outside the model (the engine knows nothing
-of offloading). `lookahead` copies are issued ahead of the layer being computed (None: every
-layer's at once, when the forward starts: the copy stream never idles).
+followed by an event, and before each layer runs, the compute stream waits on that layer's
+event only, so layer i computes as soon as its own K/V have arrived while later layers' copies
+are still in flight. The wait sits in the model's Python loop over layers, outside any compiled
+code: a forward pre-hook on the model (outside the engine, which knows nothing of offloading)
+hands it a block_fn that waits, then runs the layer as the forward would have (the Generator's
+compiled layer function when the prefill is compiled, the layer itself when eager). `lookahead`
+copies are issued ahead of the layer being computed (None: every layer's at once, when the
+forward starts: the copy stream never idles). The stream and event operations go through a
+CopyStream (CUDA's, the CPU's synchronous one, or a test's fake clock).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,9 +38,99 @@ from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 
-# A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i's attention made to
-# wait for it. Tests read them to check the order.
+# A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i made to wait for
+# it. Tests read them to check the order.
 Trace = list[tuple[str, int]]
+# copy(dst, src): one host-to-device copy, both contiguous and of one shape.
+Copy = Callable[[Tensor, Tensor], None]
+
+
+def copy_piece(dst: Tensor, src: Tensor) -> None:
+    """One copy on the current stream (from pinned memory: a DMA the host does not wait for)."""
+    dst.copy_(src, non_blocking=True)
+
+
+def slot_pieces(cache: Tensor, start: int, end: int, batch: int | None = None
+                ) -> Iterator[tuple[tuple[int, ...], Tensor]]:
+    """The cache's slots start..end of cache [B, H_kv, S, D] (of sequence `batch` only, when
+    given) as contiguous pieces: (index, piece), where piece is cache[index][start:end]-shaped
+    (whole sequences at once when the slots are all S, else [end - start, D] per head)."""
+    rows = range(cache.shape[0]) if batch is None else (batch,)
+    if start == 0 and end == cache.shape[2]:  # every slot: a sequence is one block
+        if batch is None:
+            yield (), cache
+        else:
+            yield (batch,), cache[batch]
+        return
+    for b in rows:
+        for h in range(cache.shape[1]):
+            yield (b, h), cache[b, h, start:end]
+
+
+def pinned_like(t: Tensor, pin: bool) -> Tensor:
+    """A host copy of `t`, pinned when asked (a GPU run): its non_blocking copy back is a DMA."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    host.copy_(t)
+    return host
+
+
+class CopyStream(Protocol):
+    """Where LayerwiseReload and StreamedDecode put their copies, and how the compute waits."""
+
+    def follow_compute(self) -> None:
+        """Later copies start after the work queued so far on the compute stream."""
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        """Issue one copy on the copy stream."""
+
+    def mark(self) -> Any:
+        """A token for the copies issued so far (an event)."""
+
+    def wait(self, token: Any) -> None:
+        """Later compute starts after the copies `token` marks."""
+
+
+class CudaCopyStream:
+    """A side CUDA stream: copies by DMA from pinned memory, events between the streams."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def follow_compute(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            copy_piece(dst, src)
+
+    def mark(self) -> Any:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def wait(self, token: Any) -> None:
+        torch.cuda.current_stream(self.device).wait_event(token)
+
+
+class HostCopyStream:
+    """The CPU: a copy is done when it returns, nothing to wait for."""
+
+    def follow_compute(self) -> None:
+        pass
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        copy_piece(dst, src)
+
+    def mark(self) -> Any:
+        return None
+
+    def wait(self, token: Any) -> None:
+        pass
+
+
+def copy_stream_for(device: torch.device) -> CopyStream:
+    return CudaCopyStream(device) if device.type == "cuda" else HostCopyStream()
 
 
 def layer_caches(model: Transformer) -> list[LayerKVCache]:
@@ -44,7 +144,7 @@ def layer_caches(model: Transformer) -> list[LayerKVCache]:
 class LayerKV:
     k: Tensor  # [B, H_kv, n, D] in host memory
     v: Tensor
-    key_pos: Tensor | None  # [S_layer] int64, a ring layer's only
+    key_pos: Tensor | None  # [S_layer] int64, a ring layer's only (pinned on a GPU too)
 
 
 class HostPrefix:
@@ -56,15 +156,13 @@ class HostPrefix:
             raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
                                   f"{model.max_seq_len} tokens")
         self.prefix_len = prefix_len
-        pin = caches[0].k.device.type == "cuda"
+        pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
         self.layers: list[LayerKV] = []
         for cache in caches:
             n = min(prefix_len, cache.size)
-            shape = (*cache.k.shape[:2], n, cache.k.shape[3])  # [B, H_kv, n, D], contiguous
-            k, v = (torch.empty(shape, dtype=cache.k.dtype, pin_memory=pin) for _ in range(2))
-            k.copy_(cache.k[:, :, :n])
-            v.copy_(cache.v[:, :, :n])
-            key_pos = cache.key_pos.to("cpu").clone() if cache.is_ring else None
+            # [B, H_kv, n, D], contiguous: [b, h] is the [n, D] source of one piece
+            k, v = (pinned_like(t[:, :, :n], pin) for t in (cache.k, cache.v))
+            key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             self.layers.append(LayerKV(k, v, key_pos))
 
     @property
@@ -72,50 +170,55 @@ class HostPrefix:
         """Bytes one reload moves (K and V of every layer; key_pos is bookkeeping, not payload)."""
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
-    def copy_layer(self, model: Transformer, index: int) -> None:
-        """Layer `index`'s K/V into the cache on the current stream (async from pinned memory).
-        Unless n fills the layer, the cache's [B, H_kv, :n] is strided: torch lands the bytes in
-        a contiguous device buffer first, then a copy kernel spreads them (the engine's layout)."""
+    def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s K/V into the cache by `copy` (default: on the current stream, async
+        from pinned memory), one contiguous piece at a time (slot_pieces)."""
         cache = layer_caches(model)[index]
         layer = self.layers[index]
         n = layer.k.shape[2]
-        cache.k[:, :, :n].copy_(layer.k, non_blocking=True)
-        cache.v[:, :, :n].copy_(layer.v, non_blocking=True)
+        for host, device in ((layer.k, cache.k), (layer.v, cache.v)):
+            for where, piece in slot_pieces(device, 0, n):
+                copy(piece, host[where])
         if layer.key_pos is not None:
-            cache.key_pos.copy_(layer.key_pos, non_blocking=True)
+            copy(cache.key_pos, layer.key_pos)
 
-    def reload(self, model: Transformer) -> None:
+    def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
         """Every layer back, in order, on the current stream: the serial way."""
         for index in range(len(self.layers)):
-            self.copy_layer(model, index)
+            self.copy_layer(model, index, copy)
 
 
 class LayerwiseReload:
-    """Forward pre-hooks that overlap the reload with the forward (a context manager).
+    """Overlap the reload with the forward (a context manager):
 
         with LayerwiseReload(model, host) as reload:
             reload.start()        # issue the first copies (before the forward is launched)
             model(suffix, positions)
-    """
 
-    def __init__(self, model: Transformer, host: HostPrefix, lookahead: int | None = None,
-                 trace: Trace | None = None) -> None:
+    `stream`: where the copies go (default: a side CUDA stream on a GPU, synchronous copies on
+    the CPU; a test passes a fake clock's)."""
+
+    def __init__(self, model: Transformer, host: Any, lookahead: int | None = None,
+                 trace: Trace | None = None, stream: CopyStream | None = None) -> None:
         if lookahead is not None and lookahead < 1:
             raise InfermeterError(f"reload lookahead must be at least 1 layer, got {lookahead}")
+        if model.add_norm is not None:  # its forward takes no block_fn
+            raise InfermeterError("layer-wise reload: the model's adds are fused with its norms "
+                                  "(tensor parallelism), no per-layer step to wait before")
         self.model, self.host = model, host
         self.n_layers = len(model.layers)
         self.lookahead = self.n_layers if lookahead is None else lookahead
         self.trace = trace
-        device = model.tok_embeddings.weight.device
-        self.cuda = device.type == "cuda"
-        self.stream: Any = torch.cuda.Stream(device) if self.cuda else None
-        self.events: list[Any] = []
+        self.stream = stream or copy_stream_for(model.tok_embeddings.weight.device)
+        self.index = {id(layer): i for i, layer in enumerate(model.layers)}
+        self.events: list[Any] = []  # per layer: its copies' token
+        self.waited: list[bool] = []
         self.issued = 0
         self.handles: list[Any] = []
 
     def __enter__(self) -> LayerwiseReload:
-        for index, layer in enumerate(self.model.layers):
-            self.handles.append(layer.attention.register_forward_pre_hook(self._hook(index)))
+        self.handles.append(self.model.register_forward_pre_hook(self._wrap_layers,
+                                                                 with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -127,37 +230,48 @@ class LayerwiseReload:
         """A new reload: issue the first `lookahead` layers' copies. The copy stream first waits
         for the compute stream, so no copy overwrites a cache earlier work still reads."""
         self.events = [None] * self.n_layers
+        self.waited = [False] * self.n_layers
         self.issued = 0
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream())
+        self.stream.follow_compute()
         self._issue_up_to(min(self.lookahead, self.n_layers))
 
     def _issue_up_to(self, end: int) -> None:
         while self.issued < end:
             index = self.issued
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    self.host.copy_layer(self.model, index)
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
-                self.events[index] = event
-            else:  # a CPU copy is done when it returns
-                self.host.copy_layer(self.model, index)
-                self.events[index] = True
+            self.host.copy_layer(self.model, index, self.stream.copy)
+            self.events[index] = self.stream.mark()
             if self.trace is not None:
                 self.trace.append(("copy", index))
             self.issued += 1
 
-    def _hook(self, index: int) -> Callable[..., None]:
-        def wait_for_layer(module: Any, args: Any) -> None:
-            if not self.events:
-                raise InfermeterError("LayerwiseReload.start() was not called before the forward")
-            # Issue ahead first, so the copy stream has the next layers' work while this waits.
-            self._issue_up_to(min(index + 1 + self.lookahead, self.n_layers))
-            event = self.events[index]
-            if self.cuda and event is not None:
-                torch.cuda.current_stream().wait_event(event)
-                self.events[index] = None  # a later chunk's forward need not wait again
+    def before_layer(self, index: int) -> None:
+        """Before layer `index` runs: issue ahead first (the copy stream gets the next layers'
+        work while this waits), then make the compute stream wait for this layer's copies
+        (once: a later chunk's forward need not wait again)."""
+        if not self.events:
+            raise InfermeterError("LayerwiseReload.start() was not called before the forward")
+        self._issue_up_to(min(index + 1 + self.lookahead, self.n_layers))
+        if not self.waited[index]:
+            self.stream.wait(self.events[index])
+            self.waited[index] = True
             if self.trace is not None:
                 self.trace.append(("wait", index))
-        return wait_for_layer
+
+    def _wrap_layers(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The model's forward pre-hook: its block_fn (None: the eager layer call) wrapped so
+        that the forward's loop waits before each layer, outside the compiled layer."""
+        if torch.compiler.is_compiling():
+            raise InfermeterError("layer-wise reload waits between layers: it cannot run inside "
+                                  "a whole-model compiled forward (bucketed prefill)")
+        named = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        tokens, input_pos = named.pop("tokens"), named.pop("input_pos")
+        inner, blocks = named.get("block_fn"), named.get("blocks")
+
+        def run_layer(layer: Any, h: Tensor, cos: Tensor, sin: Tensor,
+                      positions: Tensor) -> Tensor:
+            self.before_layer(self.index[id(layer)])
+            if inner is not None:
+                return inner(layer, h, cos, sin, positions)
+            return layer(h, cos, sin, positions, blocks)
+
+        return (tokens, input_pos), {**named, "block_fn": run_layer}

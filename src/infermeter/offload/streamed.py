@@ -9,8 +9,10 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
   host memory, the decoded tokens' from the store. One buffer fills while the other is read.
 The prompt's K/V (positions 0..context-1) live in host memory only; the store holds the few
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
-moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. On the
-CPU the copies are synchronous: same order, no overlap.
+moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
+copy lands in a contiguous piece of the buffer (reload.slot_pieces: one per sequence and KV
+head), a DMA from pinned memory. The copies and waits go through reload.py's CopyStream: on the
+CPU the copies are synchronous (same order, no overlap), a test can pass a fake clock's.
 
 The engine allocates a cache whole (Transformer.setup_cache), so the prompt is prefilled into a
 full device cache first; streaming then keeps two layers on the device and frees the others.
@@ -26,7 +28,7 @@ import torch
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import Trace
+from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, pinned_like, slot_pieces
 
 
 class StreamedDecode:
@@ -37,7 +39,8 @@ class StreamedDecode:
             generator.decode_step(state, config)
     """
 
-    def __init__(self, model: Transformer, context: int, trace: Trace | None = None) -> None:
+    def __init__(self, model: Transformer, context: int, trace: Trace | None = None,
+                 stream: CopyStream | None = None) -> None:
         caches = [layer.attention.kv_cache for layer in model.layers]
         if any(cache is None for cache in caches):
             raise InfermeterError("prefill the prompt before streaming its KV cache")
@@ -51,11 +54,13 @@ class StreamedDecode:
                                   f"in the KV cache of {model.max_seq_len} tokens")
         self.model, self.context, self.trace = model, context, trace
         self.caches = caches
-        self.cuda = caches[0].k.device.type == "cuda"  # type: ignore[union-attr]
-        self.stream: Any = torch.cuda.Stream(caches[0].k.device) if self.cuda else None
+        device = caches[0].k.device  # type: ignore[union-attr]
+        self.pin = device.type == "cuda" and torch.cuda.is_available()
+        self.stream = stream or copy_stream_for(device)
         self.host: list[tuple[torch.Tensor, torch.Tensor]] = []  # [B, H_kv, context, D] each
         self.recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # decoded tokens, on device
-        self.events: list[Any] = []
+        self.events: list[Any] = []  # per layer: the token of its copies this step
+        self.issued: list[bool] = []
         self.handles: list[Any] = []
         self.pos = context
 
@@ -67,13 +72,9 @@ class StreamedDecode:
     def __enter__(self) -> StreamedDecode:
         context = self.context
         for cache in self.caches:  # the prompt's K/V to host memory (pinned on a GPU)
-            pair = []
-            for t in (cache.k, cache.v):  # type: ignore[union-attr]
-                shape = (*t.shape[:2], context, t.shape[3])
-                host = torch.empty(shape, dtype=t.dtype, pin_memory=self.cuda)
-                host.copy_(t[:, :, :context])
-                pair.append(host)
-            self.host.append((pair[0], pair[1]))
+            k, v = (pinned_like(t[:, :, :context], self.pin)
+                    for t in (cache.k, cache.v))  # type: ignore[union-attr]
+            self.host.append((k, v))
             room = cache.k.shape[2] - context  # type: ignore[union-attr]
             self.recent.append(tuple(  # type: ignore[arg-type]
                 torch.empty((*t.shape[:2], room, t.shape[3]), dtype=t.dtype, device=t.device)
@@ -100,42 +101,30 @@ class StreamedDecode:
         """Before a decode step that writes position `pos`: stream layers 0 and 1 in."""
         self.pos = pos
         self.events = [None] * len(self.model.layers)
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream())
+        self.issued = [False] * len(self.model.layers)
+        self.stream.follow_compute()
         for index in range(2):
             self._stream_in(index)
 
-    def _on_copy_stream(self, work: Callable[[], None]) -> Any:
-        if not self.cuda:
-            work()
-            return True
-        with torch.cuda.stream(self.stream):
-            work()
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return event
-
     def _stream_in(self, index: int) -> None:
-        buffer, (k, v), (rk, rv) = self.buffers[index % 2], self.host[index], self.recent[index]
+        buffer, host, recent = self.buffers[index % 2], self.host[index], self.recent[index]
         context, decoded = self.context, self.pos - self.context
-
-        def copy() -> None:
-            buffer.k[:, :, :context].copy_(k, non_blocking=True)
-            buffer.v[:, :, :context].copy_(v, non_blocking=True)
+        for held, kept, cache in zip(host, recent, (buffer.k, buffer.v)):
+            for where, piece in slot_pieces(cache, 0, context):  # [context, D] each
+                self.stream.copy(piece, held[where])
             if decoded:  # tokens decoded since streaming began, device to device
-                buffer.k[:, :, context:self.pos].copy_(rk[:, :, :decoded])
-                buffer.v[:, :, context:self.pos].copy_(rv[:, :, :decoded])
-
-        self.events[index] = self._on_copy_stream(copy)
+                for where, piece in slot_pieces(cache, context, self.pos):
+                    self.stream.copy(piece, kept[where][:decoded])
+        self.events[index] = self.stream.mark()
+        self.issued[index] = True
         if self.trace is not None:
             self.trace.append(("copy", index))
 
     def _before(self, index: int) -> Callable[..., None]:
         def wait(module: Any, args: Any) -> None:
-            if not self.events or self.events[index] is None:
+            if not self.issued or not self.issued[index]:
                 raise InfermeterError("StreamedDecode.step_at() was not called before the step")
-            if self.cuda:
-                torch.cuda.current_stream().wait_event(self.events[index])
+            self.stream.wait(self.events[index])
             if self.trace is not None:
                 self.trace.append(("wait", index))
         return wait
@@ -151,7 +140,6 @@ class StreamedDecode:
             if self.trace is not None:
                 self.trace.append(("attended", index))
             if index + 2 < len(self.model.layers):
-                if self.cuda:  # the buffer is read until this layer's work is done
-                    self.stream.wait_stream(torch.cuda.current_stream())
+                self.stream.follow_compute()  # the buffer is read until this layer is done
                 self._stream_in(index + 2)
         return keep_and_refill
