@@ -12,6 +12,7 @@ from infermeter.commands.common import (
     temperature_arg,
     top_p_arg,
 )
+from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
 
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
@@ -117,7 +118,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          help="gathered MoE experts: torch indexing or Triton by id "
                          "(default torch)")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
-                         help="prefill a longer prompt N tokens a forward (default: one forward)")
+                         help="prefill a longer prompt N tokens a forward (default: "
+                         f"{COMPILED_PREFILL_CHUNK} in compiled mode, one forward in the others; "
+                         "N at least the prompt's length: one forward)")
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")

@@ -22,6 +22,20 @@ from __future__ import annotations
 PREFILL_KINDS = ("bucketed", "exact")  # generate --prefill; exact: each forward at its length
 SMALLEST_BUCKET = 16
 POWER_OF_TWO_LIMIT = 512  # buckets double up to here, then grow by this step
+# The longest forward of a compiled prefill unless a chunk is asked for (generate --prefill-chunk;
+# run's prefill ladder uses it too): long enough that every product stays compute-bound, short
+# enough that a 32,768-token prompt holds one chunk's activations and a handful of graphs serve
+# every length (a bucket itself: full chunks and a last part of 1,537 tokens or more share it).
+COMPILED_PREFILL_CHUNK = 2048
+
+
+def prefill_chunk_for(mode: str, chunk: int | None) -> int | None:
+    """The longest prefill forward a case of `mode` runs: `chunk` when one is asked for, else
+    COMPILED_PREFILL_CHUNK in compiled mode and None (the whole prompt in one forward, as the
+    reference scripts' eager prefill) in the others."""
+    if chunk is not None:
+        return chunk
+    return COMPILED_PREFILL_CHUNK if mode == "compiled" else None
 
 
 def bucket_length(tokens: int, chunk: int | None = None) -> int:

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from infermeter.engine.kernels.triton_support import triton_runs_on_device
-from infermeter.engine.prefill_buckets import prefill_forwards
+from infermeter.engine.prefill_buckets import prefill_chunk_for, prefill_forwards
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.specs import sizes
@@ -205,7 +205,8 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     tensors against free device memory, and its token ids in host lists (the prompts and
     outputs_per_row = repeats x new tokens ids a row) against host memory (on the CPU, one sum
     against the one memory). moe_kernel: --moe-kernel; "triton" runs only where Triton does
-    (moe.takes_expert_kernel), elsewhere the torch path and its copy run."""
+    (moe.takes_expert_kernel), elsewhere the torch path and its copy run. prefill_chunk:
+    --prefill-chunk as given; a case runs prefill_chunk_for its mode (compiled: a default)."""
     if moe_kernel == "triton" and not triton_runs_on_device(device):
         moe_kernel = "torch"
     free, where = free_memory(device)
@@ -213,8 +214,8 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
-                            kv_dtype, case.mode, tp, all_reduce, prefill_chunk, prefill,
-                            moe_kernel)
+                            kv_dtype, case.mode, tp, all_reduce,
+                            prefill_chunk_for(case.mode, prefill_chunk), prefill, moe_kernel)
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}

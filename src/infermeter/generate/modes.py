@@ -33,7 +33,7 @@ class EngineRunner:
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
-                                   prefill_chunk=engine.prefill_chunk,
+                                   prefill_chunk=engine.chunk_for(case.mode),
                                    bucketed_prefill=engine.prefill_kind == "bucketed",
                                    chunk_attention=engine.chunk_attention,
                                    decode_attention=engine.decode_attention,

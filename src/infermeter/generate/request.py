@@ -20,7 +20,7 @@ from infermeter.engine.generator import GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
 from infermeter.engine.model import STEP_KERNEL
 from infermeter.engine.moe import MOE_KERNEL
-from infermeter.engine.prefill_buckets import PREFILL_KINDS
+from infermeter.engine.prefill_buckets import PREFILL_KINDS, prefill_chunk_for
 from infermeter.errors import InfermeterError
 
 DEFAULT_NEW_TOKENS = 64
@@ -52,7 +52,9 @@ class EngineChoices:
     step_kernels: str = STEP_KERNEL  # model.STEP_KERNELS: the compiled batch-1 step's layers
     moe_kernel: str = MOE_KERNEL  # moe.MOE_KERNELS: the gathered experts' products
     pdl: bool | None = None  # programmatic dependent launch; None: wherever it can run
-    prefill_chunk: int | None = None  # the longest prefill forward, in tokens; None: one
+    # the longest prefill forward, in tokens; None: prefill_buckets.COMPILED_PREFILL_CHUNK in
+    # compiled mode, one forward in the others (chunk_for says which a mode runs)
+    prefill_chunk: int | None = None
     # compiled mode's prefill (engine/prefill_buckets.PREFILL_KINDS): "bucketed" (static graphs
     # at bucket lengths, the prompt padded) or "exact" (forwards at the prompt's own length:
     # eager, or compile_prefill's layer graph); None: bucketed unless compile_prefill
@@ -71,6 +73,10 @@ class EngineChoices:
             raise InfermeterError("--compile-prefill compiles the exact-length prefill's layers: "
                                   "use it with --prefill exact (bucketed compiles the whole "
                                   "forward already)")
+
+    def chunk_for(self, mode: str) -> int | None:
+        """The longest prefill forward a case of `mode` runs (None: the whole prompt)."""
+        return prefill_chunk_for(mode, self.prefill_chunk)
 
     @property
     def prefill_kind(self) -> str:

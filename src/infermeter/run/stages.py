@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
 from infermeter.measure.result import Result
 from infermeter.specs.model import ModelSpec
 
@@ -52,7 +53,8 @@ LADDER_NEW_TOKENS = 1  # the first token ends the prefill: TTFT is what the ladd
 # The compiled ladder's longest forward: shorter prompts run padded to their bucket, longer ones
 # as compiled chunks of it (generate --prefill-chunk), so a 32,768-token prompt holds a chunk's
 # activations and the whole ladder compiles a few graphs (benchmarks/ttft_sweep.py's chunk too).
-LADDER_CHUNK = 2048
+# generate's compiled default, so the ladder times the prefill `generate` runs.
+LADDER_CHUNK = COMPILED_PREFILL_CHUNK
 LADDER_MEMORY_SHARE = 0.9  # of the free memory: headroom for what case_memory does not count
 # offload: one bounded reload-vs-recompute case (`infermeter offload`) sized from the setting.
 # Suffixes (the request's new tokens): the run's prompt and its whole cache; prefixes (the KV in
