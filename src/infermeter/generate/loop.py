@@ -36,7 +36,7 @@ from infermeter.engine.moe import MoEFeedForward, touched_experts
 from infermeter.errors import InfermeterError
 from infermeter.generate import memory
 from infermeter.generate.cases import Case
-from infermeter.generate.modes import make_runner
+from infermeter.generate.modes import EngineRunner, make_runner
 from infermeter.generate.request import GenerateRequest
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
@@ -174,7 +174,10 @@ def _count_experts(model: Transformer, runner: Any,
                    groups: list[torch.Tensor]) -> list[float | None]:
     """Per prompt group, one more run (untimed) counting the experts each decode step touched,
     averaged over its steps; greedy decoding (or the seeded sampler) routes it as the timed runs
-    were routed. None where nothing was counted (no decode step, or a runner not the engine's)."""
+    were routed. None where nothing was counted (no decode step, or a runner not the engine's:
+    transformers runs its own modules, and the engine's would hold an earlier case's routing)."""
+    if not isinstance(runner, EngineRunner):
+        return [None for _ in groups]
     out: list[float | None] = []
     for tokens in groups:
         counter = ExpertCounter(model)

@@ -14,13 +14,33 @@ from infermeter.units import format_bytes
 HEADER = ["batch", "prompt", "KV tokens", "mode", "TTFT ms", "TTFT floor ms", "TPOT p50 ms",
           "TPOT p90 ms", "decode tok/s", "tok/s (seed)", "MBU %", "prefill MBU %", "MFU %",
           "warnings"]
+# Shown before "warnings" when some Result is a mixture-of-experts model: the batch sweep's
+# expert union and the bytes a decode step reads with it (a dense table keeps HEADER).
+MOE_HEADER = ["experts/layer step", "uniform", "bytes/step"]
+MOE_LEGEND = ("experts/layer step: the distinct experts a decode step's tokens were routed to, "
+              "per MoE layer, counted (mean over the steps; '-' where not counted, as in the hf "
+              "mode); uniform: E(1-(1-k/E)^B), the union uniform routing would give; bytes/step: "
+              "what a decode step must read with the counted experts, which MBU divides")
 
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def case_row(result: Any) -> list[str]:
+def is_moe(result: Any) -> bool:
+    return bool(result.model.get("n_experts"))
+
+
+def moe_cells(result: Any) -> list[str]:
+    """MOE_HEADER's cells: experts counted a step, the uniform-routing union, bytes a step."""
+    m = result.metrics
+    nbytes = m.get("bytes_per_decode_step")
+    return [_num(m.get("moe_experts_per_step"), ".2f"), _num(m.get("moe_experts_uniform"), ".2f"),
+            "-" if nbytes is None else format_bytes(nbytes)]
+
+
+def case_row(result: Any, moe: bool = False) -> list[str]:
+    """One case's cells (HEADER; with moe, MOE_HEADER's before the warnings)."""
     m, cfg = result.metrics, result.config
     prompt = cfg["prompt_len"] if cfg["prompt_len"] is not None else "mixed"
     span = m.get("decode_context_range")
@@ -35,7 +55,7 @@ def case_row(result: Any) -> list[str]:
             floor, _num(tpot.get("p50"), ".3f"), _num(tpot.get("p90"), ".3f"),
             _num(m.get("decode_tok_per_s"), ",.1f"), _num(m.get("token_generation_speed"), ",.1f"),
             _num(m.get("mbu_pct"), ".1f"), _num(m.get("prefill_mbu_pct"), ".1f"),
-            _num(m.get("mfu_pct"), ".1f"),
+            _num(m.get("mfu_pct"), ".1f"), *(moe_cells(result) if moe else []),
             "out of memory" if m.get("oom") else str(len(result.warnings) or "")]
 
 
@@ -58,7 +78,9 @@ def render_generate(results: Sequence[Any]) -> str:
     """Headline, the table, then every warning named by its row."""
     if not results:
         return "no cases were run"
-    lines = [headline(results), render_table(HEADER, [case_row(r) for r in results])]
+    moe = any(is_moe(r) for r in results)
+    header = [*HEADER[:-1], *MOE_HEADER, HEADER[-1]] if moe else HEADER
+    lines = [headline(results), render_table(header, [case_row(r, moe) for r in results])]
     for index, result in enumerate(results, start=1):
         cfg = result.config
         where = f"row {index} (batch {cfg['batch_size']}, {cfg['mode']})"
@@ -70,6 +92,8 @@ def render_generate(results: Sequence[Any]) -> str:
                  "(prefill excluded); tok/s (seed): all new tokens / whole run; MBU (decode), "
                  "prefill MBU, MFU (prefill): against the peaks measured above (docs/usage.md, "
                  "`generate`)")
+    if moe:
+        lines.append(MOE_LEGEND)
     return "\n".join(lines)
 
 
