@@ -77,19 +77,29 @@ def run(gen: Generator, tokens: torch.Tensor, config: GenerationConfig):
     # chunks before the last project none
     rows = [1] * len(lengths) if config.compile else [0] * (len(lengths) - 1) + [1]
     assert [o.shape[1] for o in outputs] == rows
-    caches = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in gen.model._caches()]
+    caches = caches_of(gen.model)
     ids = [state.token] + [gen.decode_step(state, EAGER) for _ in range(N_NEW - 1)]
     return outputs[-1][:, 0], caches, torch.stack(ids, dim=1).tolist()
 
 
+def caches_of(model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in model._caches()]
+
+
 @torch.no_grad()
-def unpadded(model, tokens: torch.Tensor):
-    """One eager forward of the whole prompt, logits for every row: (logits [B, T, V], the
-    caches after it, the greedy tokens of an eager generate)."""
-    Generator(model, max_seq_len=CACHE).prepare(*tokens.shape, N_NEW)
+def one_forward(model, tokens: torch.Tensor, cache: int = CACHE):
+    """One eager forward of the whole prompt into an empty cache, logits for every row:
+    (logits [B, T, V], the caches after it)."""
+    Generator(model, max_seq_len=cache).prepare(tokens.shape[0], tokens.shape[1], 1)
     with prefill_from(model, 0):
         logits = model(tokens, torch.arange(tokens.shape[1]))
-    caches = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in model._caches()]
+    return logits, caches_of(model)
+
+
+def unpadded(model, tokens: torch.Tensor):
+    """one_forward, and the greedy tokens of an eager generate after it."""
+    Generator(model, max_seq_len=CACHE).prepare(*tokens.shape, N_NEW)
+    logits, caches = one_forward(model, tokens)
     ids = Generator(model, max_seq_len=CACHE).generate(tokens, EAGER).output_token_ids
     assert [row[0] for row in ids] == logits[:, -1].argmax(-1).tolist()
     return logits, caches, ids
@@ -134,6 +144,58 @@ def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chun
     torch.testing.assert_close(logits, want_logits[:, -1], rtol=1e-4, atol=1e-4)
     assert_same_where_read(model, want_cache, cache, length)
     assert ids == want_ids
+
+
+# one layer: the sweeps below run ~200 prefills; a full-attention layer and a ring layer
+TINY = {"full": DEBUG.with_updates(name="debug-1l", n_layers=1),
+        "window24": DEBUG.with_updates(name="debug-1l-w24", n_layers=1, sliding_window=24,
+                                       sliding_window_layers=(0,))}
+
+
+@torch.no_grad()
+def bucketed_logits(gen: Generator, tokens: torch.Tensor):
+    """A bucketed prefill of tokens [B, T] into an empty cache: (the last real token's logits
+    [B, V], the caches after it)."""
+    gen.prepare(tokens.shape[0], tokens.shape[1], 1)
+    return gen._bucketed(tokens, 0), caches_of(gen.model)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_prompt_length_across_the_bucket_edges(name):
+    """Every length from 1 to 90 (bucket edges 16, 32 and 64; 65 to 90 pad to 128), whole and in
+    chunks of 24 (the last part at 16 or 24): the last token's logits and the cache a later
+    token reads equal one unpadded eager forward's."""
+    model = build_model(TINY[name], device="cpu", dtype=torch.float32, seed=3)
+    for chunk in (None, CHUNK):
+        gen = bucketed(model, chunk)
+        for length in range(1, 91):
+            tokens = prompt(length)
+            want_logits, want_cache = one_forward(model, tokens)
+            logits, cache = bucketed_logits(gen, tokens)
+            last = length - (length - 1) // (chunk or length) * (chunk or length)
+            assert gen.prefill_lengths(length, True)[-1] == bucket_length(last, chunk)
+            torch.testing.assert_close(logits, want_logits[:, -1], rtol=1e-4, atol=1e-4)
+            assert_same_where_read(model, want_cache, cache, length)
+
+
+@pytest.mark.parametrize("length,chunk,forwards", [
+    (512, None, [512]),  # the last power-of-two bucket
+    (513, None, [1024]),  # the first multiple of 512 past it
+    (1025, 1024, [1024, 16]),  # a full chunk at the largest bucket, one token padded to 16
+])
+def test_the_largest_bucket_edges(length, chunk, forwards):
+    spec = TINY["window24"].with_updates(max_seq_len=2048)
+    model = build_model(spec, device="cpu", dtype=torch.float32, seed=3)
+    tokens = torch.randint(0, spec.vocab_size, (1, length),
+                           generator=torch.Generator().manual_seed(length))
+    want_logits, want_cache = one_forward(model, tokens, cache=1088)
+    gen = Generator(model, max_seq_len=1088, prefill_chunk=chunk, bucketed_prefill=True)
+    gen._compiled_prefill = _prefill_forward
+    gen.prepare(1, length, 1)
+    assert gen.prefill_lengths(length, True) == forwards
+    logits, cache = bucketed_logits(gen, tokens)
+    torch.testing.assert_close(logits, want_logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert_same_where_read(model, want_cache, cache, length)
 
 
 def test_bucket_lengths_and_forwards():
