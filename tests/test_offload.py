@@ -492,6 +492,8 @@ def test_prefills_are_compiled_layers_on_a_gpu_only():
     assert prefill_kind(gen("cpu")) == "eager"
     assert prefill_kind(gen("cuda", compile_prefill=False)) == "eager"
     assert prefill_kind(gen("cuda", bucketed=True)) == "eager"  # no wait between its layers
+    # the layer graph compiles in the untimed check; one untimed run a timed item by default too
+    assert OffloadRequest("random:debug", (8,), (4,)).warmup >= 1
 
 
 def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
