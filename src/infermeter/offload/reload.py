@@ -50,19 +50,15 @@ def copy_piece(dst: Tensor, src: Tensor) -> None:
     dst.copy_(src, non_blocking=True)
 
 
-def slot_pieces(cache: Tensor, start: int, end: int, batch: int | None = None
-                ) -> Iterator[tuple[tuple[int, ...], Tensor]]:
-    """The cache's slots start..end of cache [B, H_kv, S, D] (of sequence `batch` only, when
-    given) as contiguous pieces: (index, piece), where piece is cache[index][start:end]-shaped
-    (whole sequences at once when the slots are all S, else [end - start, D] per head)."""
-    rows = range(cache.shape[0]) if batch is None else (batch,)
-    if start == 0 and end == cache.shape[2]:  # every slot: a sequence is one block
-        if batch is None:
-            yield (), cache
-        else:
-            yield (batch,), cache[batch]
+def slot_pieces(cache: Tensor, start: int, end: int) -> Iterator[tuple[tuple[int, ...], Tensor]]:
+    """Slots start..end of cache [B, H_kv, S, D] as contiguous pieces (index, piece): the whole
+    cache at index () when the slots are all S, else cache[b, h, start:end] [end - start, D] at
+    index (b, h). A host copy [B, H_kv, end - start, D] of those slots gives each piece's
+    source, contiguous and of its shape, at the same index."""
+    if start == 0 and end == cache.shape[2]:  # every slot: the cache is one block
+        yield (), cache
         return
-    for b in rows:
+    for b in range(cache.shape[0]):
         for h in range(cache.shape[1]):
             yield (b, h), cache[b, h, start:end]
 
