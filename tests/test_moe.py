@@ -116,13 +116,70 @@ def test_compiled_decode_step_gives_eager_tokens() -> None:
         torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0)
     # Batch 1: the compiled step gathers its 2 experts (fullgraph); the 6-token prompt's
     # 12 routed pairs > 8 experts run grouped in the compiled prefill, through a graph break.
-    # (every_expert, a compiled step's path past E / k sequences, is checked eagerly above:
-    # compiling a second shape would double this test's 11 s.)
+    # (every_expert, a compiled step's path past E / k sequences: the batch-5 test below.)
     prompts = [[3, 1, 4, 1, 5, 9]]
     eager = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=5))
     compiled = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=5,
                                                                    compile=True))
     assert compiled.output_token_ids == eager.output_token_ids
+
+
+@torch.inference_mode()
+def test_a_batch_1_step_reads_only_its_chosen_experts() -> None:
+    """The default torch gathering, eager and compiled (fullgraph): after a batch-1 decode step
+    found its experts, every other expert's weights turn NaN; the same step again gives the
+    same finite logits (any read of an unrouted expert, even times a zero weight, is NaN)."""
+    model, gen = build_model(SPEC, seed=2), torch.Generator().manual_seed(0)
+    moes = [layer.feed_forward for layer in model.layers]
+    for moe in moes:
+        torch.nn.init.normal_(moe.gate.weight, std=1.0, generator=gen)
+    model.setup_cache(1, 16)
+    model(torch.tensor([[3, 1, 4, 1, 5, 9]]), torch.arange(6))  # the prompt's K/V, clean weights
+    token, pos = torch.tensor([[7]]), torch.tensor([6])  # rerun: rewrites the same K/V
+    eager = model(token, pos)
+    routed = [touched_experts(moe) for moe in moes]
+    compiled_step = torch.compile(model, fullgraph=True, dynamic=False)
+    compiled = compiled_step(token, pos)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert [ids.tolist() for ids in routed] == [touched_experts(moe).tolist() for moe in moes]
+    for moe, ids in zip(moes, routed):
+        unrouted = torch.ones(moe.n_experts, dtype=torch.bool)
+        unrouted[ids] = False
+        assert int(unrouted.sum()) == SPEC.n_experts - SPEC.n_active_experts
+        for stacked in (moe.w1, moe.w2, moe.w3):
+            stacked.weight[unrouted] = float("nan")
+    again, compiled_again = model(token, pos), compiled_step(token, pos)
+    assert torch.isfinite(again).all() and torch.equal(again, eager)
+    assert torch.isfinite(compiled_again).all() and torch.equal(compiled_again, compiled)
+
+
+MIXTRAL_LIKE = PRESETS["debug"].with_updates(name="tiny-mixtral", arch="mixtral", n_experts=8,
+                                             n_active_experts=2, moe_ffn_dim=96)
+
+
+@torch.inference_mode()
+def test_a_compiled_batch_5_step_gives_eager_tokens_and_expert_count() -> None:
+    """5 sequences x 2 experts > 8: the compiled decode step runs every expert weighted by the
+    routing (fullgraph, no host sync) where eager groups tokens by expert; the same greedy
+    tokens, and generate counts the same experts a step in both."""
+    from infermeter.generate import loop
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.request import GenerateRequest, Timing
+
+    model, gen = build_model(MIXTRAL_LIKE, seed=3), torch.Generator().manual_seed(1)
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
+    sets = prompt_sets((5,), (4,), (), MIXTRAL_LIKE.vocab_size, 0, ())
+    cases = plan_cases(MIXTRAL_LIKE, sets, ("eager", "compiled"), 6)
+    settings = GenerateRequest("random:tiny", sampling=GenerationConfig(max_new_tokens=6),
+                               timing=Timing(repeats=1, warmup=0))
+    eager, compiled = loop.run_generation(model, cases, settings, {"device_name": "cpu"}, {},
+                                          None)
+    assert (eager.config["mode"], compiled.config["mode"]) == ("eager", "compiled")
+    assert compiled.output_token_ids == eager.output_token_ids
+    counted = eager.metrics["moe_experts_per_step"]
+    assert 2 < counted <= 8  # 5 tokens spread past one token's experts
+    assert compiled.metrics["moe_experts_per_step"] == pytest.approx(counted)
 
 
 def test_writer_round_trip_and_transformers_reads_it(tmp_path) -> None:
