@@ -122,11 +122,35 @@ def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monk
     assert EngineRunner(dense, case, request).describe()["moe_kernel"] is None
 
 
-def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_path):
+def _decode_unions(calls: list[tuple[int, int]], n_layers: int, prompt: int,
+                   batches: tuple[int, ...]) -> list[tuple[int, float]]:
+    """From the router calls in order ((rows, distinct experts) each, n_layers a forward): per
+    run of consecutive cases (batch, the mean distinct experts a layer and decode step of that
+    case's last run, generate's counting run)."""
+    forwards = [calls[i:i + n_layers] for i in range(0, len(calls), n_layers)]
+    runs: list[tuple[int, list[float]]] = []  # (batch, per decode step: mean over layers)
+    for forward in forwards:
+        rows = forward[0][0]
+        prefill = [b for b in batches if rows == b * prompt]
+        if prefill:
+            runs.append((prefill[0], []))
+        else:
+            assert rows == runs[-1][0], (rows, runs[-1][0])  # a decode step of that batch
+            runs[-1][1].append(sum(n for _, n in forward) / n_layers)
+    counted: list[tuple[int, float]] = []
+    for i, (batch, steps) in enumerate(runs):
+        if i + 1 == len(runs) or runs[i + 1][0] != batch:  # a case's last run
+            counted.append((batch, sum(steps) / len(steps)))
+    return counted
+
+
+def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_path,
+                                                                          monkeypatch):
     """benchmarks/moe_kernel_ab.py's CPU check: a request per kind is each MoE model's compiled
     decode at batch 1 and 4 (both gathered: 4 x k <= E); run here eagerly on a tiny random
     Mixtral of 8 experts, torch then triton append a Result per batch, labelled with the kernel
-    asked for, and the summary has a row for each and triton / torch per batch."""
+    asked for, with the experts its steps touched (recomputed from the top k of every router
+    call's logits), and the summary has a row for each and triton / torch per batch."""
     from infermeter.engine.checkpoint.load import save_checkpoint
     from infermeter.engine.model import build_model
     from infermeter.measure.env import capture_env
@@ -143,10 +167,21 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
             (f"random:{model}", dtype, ("compiled",), script.BATCHES)
         assert request.engine.moe_kernel == "triton" and request.timing.roofline
     tiny = MIXTRAL.with_updates(n_experts=8)  # batch 4 gathered too, as in the real models
-    save_checkpoint(build_model(tiny, seed=0), tmp_path / "tiny", "hf")
-    path = tmp_path / "ab.jsonl"
+    source, gen = build_model(tiny, seed=0), torch.Generator().manual_seed(0)
+    for layer in source.layers:  # a wide router: tokens spread over the experts
+        torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
+    save_checkpoint(source, tmp_path / "tiny", "hf")
+    calls: list[tuple[int, int]] = []  # per router call: rows, distinct top-k experts
+    route = MoEFeedForward.route
+
+    def recording_route(self, x):
+        calls.append((x.shape[0], self.gate(x).topk(self.top_k, dim=-1).indices.unique().numel()))
+        return route(self, x)
+
+    monkeypatch.setattr(MoEFeedForward, "route", recording_route)
+    path, prompt = tmp_path / "ab.jsonl", 3  # a prefill's rows (3 B) are never a step's (B)
     script.run_model("mixtral-8x7b", 1, path, capture_env(), source=str(tmp_path / "tiny"),
-                     device="cpu", dtype="float32", modes=("eager",), prompt_lens=(4,),
+                     device="cpu", dtype="float32", modes=("eager",), prompt_lens=(prompt,),
                      max_new_tokens=3, max_seq_len=8, repeats=2, warmup=0, roofline=False)
     results = read_results(path)
     assert [(r.config["ab"]["kernel"], r.config["batch_size"]) for r in results] == \
@@ -154,7 +189,12 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert {r.config["moe_kernel"] for r in results} == {"torch"}  # no Triton here
     assert all(len(script.run_tpots(r)) == 2 for r in results)
-    assert all(r.metrics["moe_experts_per_step"] for r in results)
+    counted = _decode_unions(calls, tiny.n_layers, prompt, script.BATCHES)
+    assert [batch for batch, _ in counted] == [r.config["batch_size"] for r in results]
+    assert [r.metrics["moe_experts_per_step"] for r in results] == \
+        pytest.approx([union for _, union in counted], rel=1e-12)
+    assert [union for batch, union in counted if batch == 1] == [tiny.n_active_experts] * 2
+    assert all(union > tiny.n_active_experts for batch, union in counted if batch > 1)
     text = script.summary(results)
     name = results[0].model["name"]
     rows = [line.split() for line in text.splitlines()
