@@ -59,11 +59,20 @@ def rounder(dtype: torch.dtype):
     return lambda t: t.to(dtype).float()
 
 
+def cuda_mean(t: torch.Tensor) -> torch.Tensor:
+    """t's mean over its last dim as torch's CUDA mean computes it, the kernels' rounding: the
+    float32 sum times the float32 reciprocal of n (ATen's MeanOps); torch's CPU mean divides by
+    n instead, which parts from it by an ulp now and then (e.g. n = 1100 or 72)."""
+    n = t.shape[-1]
+    return t.sum(-1, keepdim=True) * torch.tensor(1.0 / n, dtype=torch.float32)
+
+
 def reference_norm(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
-    """float32 [1, K]: RMSNorm's output with its roundings (module docstring of fused_step)."""
+    """float32 [1, K]: RMSNorm's output with its roundings (module docstring of fused_step),
+    the mean as CUDA's (cuda_mean)."""
     rnd = rounder(x.dtype)
     xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    normed = xf * torch.rsqrt(cuda_mean(xf.pow(2)) + EPS)
     if gemma:
         return rnd(normed * (1.0 + weight.float()))
     return rnd(rnd(normed) * weight.float())
@@ -334,7 +343,7 @@ def reference_head_norm(t: torch.Tensor, weight: torch.Tensor, gemma: bool, dtyp
     """float32 [heads, D]: the q/k norm (RMSNorm, or GemmaRMSNorm, over each head's D values
     of t, dtype values in float32) with eager's roundings, rounded as the kernel rounds here."""
     rnd = rounder(dtype)
-    normed = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+    normed = t * torch.rsqrt(cuda_mean(t.pow(2)) + eps)
     if gemma:
         return rnd(normed * (1.0 + weight.float()))
     return rnd(rnd(normed) * weight.float())

@@ -30,11 +30,23 @@ def test_fused_kernels_under_the_triton_interpreter():
     run_under_interpreter(WORKER)
 
 
+APPROXIMATE_DIVISIONS = ("div.full.f32", "div.approx")
+
+
+def assert_exact_divisions(lines: list[str], divides: bool, what: str) -> None:
+    """No approximate float32 division in the PTX (Triton's `/` is div.full.f32, or div.approx
+    by a constant): the means multiply by a reciprocal rounded once and SiLU divides as torch's
+    CUDA kernels do, through div.rn (fused_step.py says why); `divides`: some div.rn is there."""
+    approximate = [line.strip() for line in lines if any(d in line for d in APPROXIMATE_DIVISIONS)]
+    assert not approximate, (what, approximate)
+    assert any("div.rn.f32" in line for line in lines) == divides, what
+
+
 @needs_triton
 def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
     """Each fused op launched with PDL, compiled for sm_90: the wait comes before the release,
     and before the wait only weights are loaded (evict-first: the first tile); x, the norm
-    weight and the residual after it."""
+    weight and the residual after it. No approximate division anywhere (the norm's mean, SiLU)."""
     from infermeter.engine.kernels.fused_step import _fused_gemv
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
@@ -47,10 +59,13 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
         launches = pdl_launches(monkeypatch, lambda n=norm, r=res, s=swiglu: _fused_gemv(
             x, weight, n, r, 1e-5, False, s, pdl=True))
         assert len(launches) == 1
-        lines, wait = pdl_ptx(launches[0], name)
+        kernel, args, kwargs = launches[0]
+        assert kwargs["LIBDEVICE"] is False  # x on the CPU: as a CUDA x launches it, below
+        lines, wait = pdl_ptx((kernel, args, {**kwargs, "LIBDEVICE": True}), name)
         early = [line for line in lines[:wait] if "ld.global" in line]
         assert early and all("evict_first" in line for line in early), name
         assert first(lines, "ld.global", wait) < len(lines), name  # x, after the wait
+        assert_exact_divisions(lines, norm is not None, name)
 
 
 @needs_triton
@@ -59,7 +74,8 @@ def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products
     the per-head q/k norms (QK_NORM, a head a program): only weights before the wait (x, the
     position and the cache after it); and as a CUDA x launches it (UNCONTRACTED), RoPE's four
     float32 products (and the head norm's squares) are PTX mul.rn, which is never folded into an
-    FMA with the add after it (eager rounds each product)."""
+    FMA with the add after it (eager rounds each product). Neither mean (the input's, the
+    heads') divides approximately."""
     from infermeter.engine.kernels.fused_step import _norm_qkv_rope
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
@@ -82,6 +98,7 @@ def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products
         # RoPE's four a pair (and the q/k norm's two squares, rounded as torch's pow(2))
         products = sum("mul.rn.f32" in line for line in lines)
         assert products and products % (4 if qk_norm is None else 6) == 0, (what, products)
+        assert_exact_divisions(lines, True, what)
 
 
 @torch.inference_mode()

@@ -30,12 +30,12 @@ with no other program's rows needed; v's heads are not normed. Off, the kernel i
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
 - the normed x is rounded as eager's RMSNorm rounds it, not kept in float32 into the product:
-  x * rsqrt(mean(x^2) + eps) rounded to the activation dtype, times its weight in that dtype,
-  rounded again (GemmaRMSNorm: times (1 + w) in float32, rounded once). The split compiled step
-  does not quite: inductor fuses the norm and, with its emulate_precision_casts off, rounds
-  x * rsqrt(...) * w once (as its CPU backend does, tried on a bf16 row: a fifth of the
-  values one unit off eager's). Only the sum of squares runs in another order than torch's
-  mean (float32 both).
+  x * rsqrt(mean(x^2) + eps) (the mean as torch's CUDA mean: sum * (1 / n)) rounded to the
+  activation dtype, times its weight in that dtype, rounded again (GemmaRMSNorm: times
+  (1 + w) in float32, rounded once). The split compiled step does not quite: inductor fuses
+  the norm and, with its emulate_precision_casts off, rounds x * rsqrt(...) * w once (as its
+  CPU backend does, tried on a bf16 row: a fifth of the values one unit off eager's). Only
+  the sum of squares runs in another order than torch's mean (float32 both).
 - products and sums in float32, each product rounded to the dtype once (as gemv.py); gate and
   up rounded, silu in float32 rounded, its product with up rounded (swiglu.py's and eager's
   points); the residual add is of the rounded product, rounded again (eager adds two dtype
@@ -70,6 +70,18 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
+    from triton.language.extra import libdevice
+
+    # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
+    # div.approx.f32, within 2 ulp of the quotient):
+    # - a mean is sum * (1 / n), the reciprocal rounded once (div.rn): torch's CUDA mean kernel
+    #   multiplies its sum by a float32 factor 1 / n (MeanOps), not a division;
+    # - SiLU is x / (1 + exp(-x)) with an IEEE division (div.rn) and libdevice's expf, as
+    #   torch's CUDA silu kernel computes it (Triton's tl.exp is ex2.approx of x * log2(e));
+    #   LIBDEVICE off (Triton's interpreter, which has no libdevice): tl.exp;
+    # - rsqrt stays tl.rsqrt, rsqrt.approx.ftz.f32: torch.rsqrt on CUDA is rsqrtf, the same
+    #   approximation (rsqrt.approx.f32); ftz differs only for subnormal inputs and outputs,
+    #   and mean(x^2) + eps >= eps is normal.
 
     @triton.jit
     def _inv_rms(X, n_cols, EPS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -79,7 +91,8 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             squares += x * x
-        return tl.rsqrt(tl.sum(squares, axis=0) / n_cols + EPS)
+        factor = tl.math.div_rn(1.0, n_cols.to(tl.float32))  # torch's CUDA mean: sum * (1/n)
+        return tl.rsqrt(tl.sum(squares, axis=0) * factor + EPS)
 
     @triton.jit
     def _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM: tl.constexpr,
@@ -103,7 +116,7 @@ if triton is not None:
                            EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
                            SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -143,7 +156,11 @@ if triton is not None:
         if SWIGLU:  # eager's roundings: gate and up, silu, their product (swiglu.py)
             gate = out.to(dtype).to(tl.float32)
             up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            if LIBDEVICE:
+                exp = libdevice.exp(-gate)
+            else:
+                exp = tl.exp(-gate)
+            silu = tl.math.div_rn(gate, 1.0 + exp).to(dtype).to(tl.float32)
             out = silu * up
         if HAS_RESIDUAL:  # residual + the product rounded, as two dtype tensors add
             residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -221,7 +238,9 @@ if triton is not None:
         if QK_NORM:  # the head's RMSNorm with eager's roundings (as _input_tile's); each
             # square rounded as torch's pow(2) rounds it, not folded into the sum's adds
             squares = _product(a, a, UNCONTRACTED) + _product(b, b, UNCONTRACTED)
-            head_inv_rms = tl.rsqrt(tl.sum(squares, 0) / HEAD_DIM + QK_EPS)
+            # torch's CUDA mean: sum * (1 / HEAD_DIM), the factor folded here (HEAD_DIM a
+            # power of two: exact)
+            head_inv_rms = tl.rsqrt(tl.sum(squares, 0) * (1.0 / HEAD_DIM) + QK_EPS)
             feature = rows % HEAD_DIM  # the even member's; weights [HEAD_DIM], shared by heads
             w_a = tl.where(is_q, tl.load(Q_NORM_W + feature), tl.load(K_NORM_W + feature))
             w_b = tl.where(is_q, tl.load(Q_NORM_W + feature + 1),
@@ -266,6 +285,12 @@ if triton is not None:
                 tl.store(KEY_POS + slot, pos)
 
 
+def compiled_for_gpu(x: Tensor) -> bool:
+    """Whether a kernel launched on x is compiled for a GPU (PTX, libdevice), not run by
+    Triton's interpreter."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
                 eps: float, gemma: bool, swiglu: bool, pdl: bool) -> Tensor:
     """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]) in x's dtype."""
@@ -280,7 +305,7 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
            x if residual is None else residual, out, n_out, n_cols, weight.stride(0), n_out,
            EPS=eps, HAS_NORM=norm_weight is not None, GEMMA=gemma, SWIGLU=swiglu,
            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=warps, num_stages=NUM_STAGES)
+           LIBDEVICE=compiled_for_gpu(x), num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 
@@ -311,7 +336,7 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps,
            GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim,
            BLOCK_N=block_n, BLOCK_K=block_k,
-           UNCONTRACTED=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+           UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
            num_warps=warps, num_stages=NUM_STAGES)
     return q
