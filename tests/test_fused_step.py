@@ -225,3 +225,38 @@ def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[fused, split])) is split
     assert "fused step" in _generate_setting(fused)
     assert "step" not in _generate_setting(split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_on_cuda_the_norm_and_silu_are_eagers_to_the_bit(dtype):
+    """On a GPU: torch's CUDA mean is the sum times the float32 1 / n (what the kernels
+    compute), and with products exact in any order (weight rows that pick one column, x of
+    quarter-integers: the sum of squares is exact too) the fused norm + product and norm +
+    w13 + SwiGLU equal eager's RMSNorm and F.silu chain to the bit (fused_step.py: div.rn, the
+    same rsqrt.approx and libdevice expf as torch's kernels)."""
+    import torch.nn.functional as F
+
+    from infermeter.engine.kernels.fused_step import gemv_swiglu, norm_gemv
+    from infermeter.engine.model import RMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n in (72, 1100, 3072):
+        x = torch.randn(64, n, device="cuda", generator=gen)
+        factor = torch.tensor(1.0 / n, device="cuda")
+        assert torch.equal(x.mean(-1), x.sum(-1) * factor), n
+    n_cols, n_rows = 1100, 24
+    for trial in range(20):
+        x = (torch.randint(-12, 13, (1, n_cols), device="cuda", generator=gen) / 4).to(dtype)
+        norm = RMSNorm(n_cols, 1e-5).to("cuda", dtype)
+        norm.weight.data.copy_(1 + 0.3 * torch.randn(n_cols, device="cuda", generator=gen))
+        pick = torch.randint(0, n_cols, (2 * n_rows, 1), device="cuda", generator=gen)
+        one = torch.zeros(2 * n_rows, n_cols, device="cuda").scatter_(1, pick, 1.0)
+        normed = norm(x).float()
+        got = norm_gemv(x, norm.weight, one[:n_rows].to(dtype), 1e-5, False)
+        assert torch.equal(got.float(), normed @ one[:n_rows].T), (dtype, trial)
+        gate, up = (normed @ one.T).to(dtype).chunk(2, dim=-1)
+        want = F.silu(gate) * up  # eager: silu rounded to the dtype, the product rounded
+        got = gemv_swiglu(x, norm.weight, one.to(dtype), 1e-5, False)
+        assert torch.equal(got, want), (dtype, trial)
