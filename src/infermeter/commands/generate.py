@@ -118,15 +118,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          help="gathered MoE experts: torch indexing or Triton by id "
                          "(default torch)")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
-                         help="prefill a longer prompt N tokens a forward (default: "
-                         f"{COMPILED_PREFILL_CHUNK} in compiled mode, one forward in the others; "
-                         "N at least the prompt's length: one forward)")
+                         help=f"tokens a prefill forward ({COMPILED_PREFILL_CHUNK} in compiled mode)")
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
     variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="mask",
-                         metavar="KIND", help="prefill chunks after the first: mask or flex "
-                         "(default mask)")
+                         metavar="KIND", help="later prefill chunks: mask or flex (default mask)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")
