@@ -237,9 +237,14 @@ def _recording(pieces: list[tuple[torch.Tensor, torch.Tensor]]):
     return copy
 
 
-def _all_contiguous(pieces) -> None:
-    assert pieces
-    for dst, src in pieces:
+def _all_contiguous(pieces, stage=()) -> None:
+    """Every copy from host memory is contiguous on both sides; a paged reload's copies out of
+    its device staging buffer (`stage`) are device-to-device, strided by design."""
+    staged = {t.untyped_storage().data_ptr() for t in stage}
+    from_host = [(dst, src) for dst, src in pieces
+                 if src.untyped_storage().data_ptr() not in staged]
+    assert from_host
+    for dst, src in from_host:
         assert dst.is_contiguous() and src.is_contiguous(), (dst.shape, dst.stride())
         assert dst.shape == src.shape
 
@@ -249,7 +254,8 @@ def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_
         generator, way):
     """The cache is [B, H_kv, S, D] and longer than the prefix: its [:, :, :P] is strided, so the
     reload copies one [P, D] piece per sequence and head (the ring layer, whose window the prefix
-    fills, one piece). After it the cache is, bit for bit, the one the prefix's prefill left."""
+    fills, one piece); a paged one whole blocks into its staging buffer. After it the cache is,
+    bit for bit, the one the prefix's prefill left."""
     model = generator.model
     generator.prepare(2, PREFIX + SUFFIX, 1)
     generator.prefill(_tokens()[:, :PREFIX], ONE)
@@ -265,7 +271,7 @@ def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_
         pieces = clock.copies
     else:
         host.reload(model, copy=_recording(pieces))
-    _all_contiguous(pieces)
+    _all_contiguous(pieces, getattr(host, "stage", ()))
     for (k, v, key_pos), cache in zip(recomputed, layer_caches(model)):
         assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
         assert torch.equal(cache.key_pos, key_pos)
@@ -368,8 +374,16 @@ def test_a_paged_reload_puts_back_what_a_whole_reload_does(generator, block):
         assert torch.equal(cache.key_pos, key_pos)
     assert paged.nbytes == host.nbytes
     slots = [min(PREFIX, cache.size) for cache in layer_caches(model)]
-    heads = DEBUG.n_kv_heads  # one copy per block and KV head: B = 2, K and V
-    assert paged.copies == sum(2 * 2 * heads * math.ceil(n / block) for n in slots)
+    # one host copy per block of K and of V, every KV head in it: B = 2
+    assert paged.copies == sum(2 * 2 * math.ceil(n / block) for n in slots)
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.reset_cache()
+    paged.reload(model, copy=_recording(pieces))
+    staged = {t.untyped_storage().data_ptr() for t in paged.stage}
+    from_host = [src for _, src in pieces if src.untyped_storage().data_ptr() not in staged]
+    blocks = [src for src in from_host if src.dim() == 3]  # key_pos copies are 1-D
+    assert len(blocks) == paged.copies
+    assert all(src.shape == (DEBUG.n_kv_heads, block, DEBUG.head_dim) for src in blocks)
     if block == 7:  # the pool's slots are a permutation, not the sequences' order
         pool = [slot for *_, slot in paged.layers[-1].blocks]
         assert sorted(pool) == list(range(len(pool))) and pool != sorted(pool)
@@ -431,6 +445,44 @@ def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkey
     assert len(lines) == 1 and "error: " in lines[0] and "does not fit" in lines[0]
     assert "context 32768" in lines[0] and "KV cache 8.1 GiB" in lines[0]
     assert "--context" in lines[0] and done.stdout == ""
+
+
+def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
+    """A paged reload stages one layer's blocks on the device (8,192 tokens of Llama-3.1-8B's
+    K and V in bf16: 32 MiB a block size): free GPU memory with room for everything but that is
+    refused, naming it; the prefill's logits are one row a sequence (4 B x vocabulary)."""
+    from infermeter.offload.job import check_sizes_fit
+    from infermeter.specs.sizes import kv_bytes_per_token_layer
+
+    spec, cuda = PRESETS["llama-3.1-8b"], torch.device("cuda")
+    seen: list[dict[str, int]] = []
+    monkeypatch.setattr("infermeter.offload.job.check_fit",
+                        lambda what, parts, *rest: seen.append(dict(parts)))
+    monkeypatch.setattr("infermeter.offload.job.free_memory", lambda d: (0, "free on the GPU"))
+    monkeypatch.setattr("infermeter.offload.job.host_available", lambda: 2**40)
+
+    def device_parts(**blocks):
+        seen.clear()
+        request = OffloadRequest("llama-3.1-8b", prefix_lens=(8192,), suffix_lens=(128,),
+                                 new_tokens=1, **blocks)
+        check_sizes_fit(spec, request, cuda, "bf16", "bf16")
+        return seen[0]  # the device's parts (the host's come second)
+
+    plain, paged = device_parts(), device_parts(block_sizes=(16, 256))
+    assert plain["logits"] == 4 * spec.vocab_size
+    staging = 8192 * kv_bytes_per_token_layer(spec, "bf16")
+    assert staging == 32 * 2**20
+    assert paged == {**plain, "paged reload staging, blocks of 16": staging,
+                     "paged reload staging, blocks of 256": staging}
+    monkeypatch.undo()
+    monkeypatch.setattr("infermeter.offload.job.host_available", lambda: 2**40)
+    room = sum(plain.values()) + staging  # one block size's staging, not two
+    monkeypatch.setattr("infermeter.offload.job.free_memory",
+                        lambda device: (room, "free on the GPU"))
+    request = OffloadRequest("llama-3.1-8b", prefix_lens=(8192,), suffix_lens=(128,),
+                             new_tokens=1, block_sizes=(16, 256))
+    with pytest.raises(InfermeterError, match="paged reload staging, blocks of 256 32.0 MiB"):
+        check_sizes_fit(spec, request, cuda, "bf16", "bf16")
 
 
 @pytest.mark.parametrize("field, value, says", [

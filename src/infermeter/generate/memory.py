@@ -3,11 +3,12 @@ used (torch peaks and NVML's per-process figure), and what running out of memory
 
 The fit check adds what is certain to be allocated: the weights (sizes.weight_bytes_per_rank),
 the KV cache of the case (sizes.kv_cache_bytes at its cache length) and the prefill's largest
-activations (logits for every prompt position in the model dtype and in float32, and the FFN's
-three [B, T, ffn] tensors), every prompt as an int64 tensor, and, in host memory, the prompt and
-output ids the run keeps in Python lists (8 bytes an id at least), and for an MoE model decoding
-B x k <= E routed pairs a step through the torch kernel, the experts' weights the gathered way
-copies out (one layer's; --moe-kernel triton reads them in the stacked weights by id, no copy).
+activations (the logits of one row a sequence, of every prompt position in the hf mode, in the
+model dtype and in float32, and the FFN's three [B, T, ffn] tensors), every prompt as an int64
+tensor, and, in host memory, the prompt and output ids the run keeps in Python lists (8 bytes an
+id at least), and for an MoE model decoding B x k <= E routed pairs a step through the torch
+kernel, the experts' weights the gathered way copies out (one layer's; --moe-kernel triton reads
+them in the stacked weights by id, no copy).
 It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
 mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
 share our tensors) and of an MoE layer's gate and up experts (one tensor in transformers 5); its
@@ -36,9 +37,12 @@ ADVICE = "use a smaller --batch-size, --prompt-len, --context or --max-seq-len"
 
 
 def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
-                             dtype: str) -> int:
+                             dtype: str, every_row: bool = False) -> int:
+    """The largest prefill forward's activations: the engine projects one row a sequence to
+    the vocabulary (Transformer.forward's rows); every_row: all T rows, as transformers may."""
     tokens = batch_size * prompt_len
-    logits = tokens * spec.vocab_size * (dtype_bytes(dtype) + 4)  # [B, T, V] and its .float()
+    rows = tokens if every_row else batch_size
+    logits = rows * spec.vocab_size * (dtype_bytes(dtype) + 4)  # [B, rows, V] and its .float()
     ffn = 3 * tokens * spec.ffn_dim * dtype_bytes(dtype)  # w1 x, w3 x, their product
     return logits + ffn
 
@@ -100,8 +104,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
-             "prefill activations": prefill_activation_bytes(spec, batch_size, forward,
-                                                             dtype) // tp}
+             "prefill activations": prefill_activation_bytes(
+                 spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
     if spec.attn_logit_softcap is not None and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2): a layer's prefill holds its float32 scores
         # [B, heads, T, keys] and their softmax (engine/attention.py)

@@ -32,6 +32,7 @@ from infermeter.offload.breakeven import break_even
 from infermeter.offload.case import measure_case, prefill_kind
 from infermeter.offload.request import OffloadRequest
 from infermeter.specs.sizes import cache_length
+from infermeter.units import dtype_bytes
 
 
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
@@ -51,22 +52,28 @@ def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
 
 def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     kv_dtype: str) -> None:
-    """Sizes only, before any allocation: weights + the largest case's cache + its logits on the
-    device, the longest prefix's host copy in host memory (one sum on the CPU)."""
-    from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
+    """Sizes only, before any allocation: weights + the largest case's cache + its activations on
+    the device, the longest prefix's host copy in host memory (one sum on the CPU)."""
+    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes, weight_bytes
 
     longest = max(request.prefix_lens) + max(request.suffix_lens)
     cache_len = cache_len_for(spec, request, max(request.prefix_lens), max(request.suffix_lens))
     forward = min(request.prefill_chunk or longest, longest)
     device_parts = {"weights": weight_bytes(spec, dtype),
                     "KV cache": kv_cache_bytes(spec, request.batch_size, cache_len, kv_dtype),
-                    "logits": 4 * request.batch_size * forward * spec.vocab_size}
+                    # one row a sequence goes to the vocabulary (Transformer.forward's rows)
+                    "logits": 4 * request.batch_size * spec.vocab_size,
+                    "prefill activations": 3 * request.batch_size * forward * spec.ffn_dim
+                    * dtype_bytes(dtype)}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
     for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
         blocks = -(-max(request.prefix_lens) // size)
         host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
             spec, request.batch_size, blocks * size, kv_dtype)
+        # its device staging buffer (paged.py): one full-attention layer's blocks, K and V
+        device_parts[f"paged reload staging, blocks of {size}"] = (
+            request.batch_size * blocks * size * kv_bytes_per_token_layer(spec, kv_dtype))
     if request.traffic or request.offloaded_decode:
         from infermeter.offload.traffic import CHUNK_BYTES
 

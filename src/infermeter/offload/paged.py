@@ -7,10 +7,14 @@ Sequence b's i-th block sits at the pool slot a seeded block table gives (a rand
 so one sequence's blocks are scattered through the pool as in a running server, and no two
 neighbours can be merged into one copy). A block keeps its tokens in the engine's own
 [H_kv, tokens, D] order, the last, partly filled block's at the start of each head's row.
-A reload copies each block head by head: the cache is [B, H_kv, S, D], so a block's slots
-[b, h, start:end] are contiguous for one head only, and every copy lands in a contiguous
-destination (a DMA, never a staging buffer and a copy kernel). The copies a reload issues
-grow as 1 / block size.
+A reload copies each block whole, K and V of every KV head in one DMA ([H_kv, block, D],
+contiguous in the pool), into a device staging buffer [B, blocks, H_kv, block, D] in the
+sequence's order, then moves the layer's slots into the cache [B, H_kv, S, D] with two
+device-to-device copies (the whole blocks through a view, then the last, partly filled one):
+the device's layout differs from a page's, as it would in any engine whose cache is not paged
+the same way. The DMAs a reload issues grow as 1 / block size; the staging holds one layer and is
+reused by the next (every copy goes on one stream, in order). A partly filled last block moves
+whole, as a paged server moves it; nbytes counts the prefix's tokens only.
 
 It offers what reload.py's HostPrefix offers (prefix_len, nbytes, copy_layer, reload), so the
 serial way and LayerwiseReload run over it unchanged.
@@ -35,6 +39,7 @@ class PagedLayer:
     v: Tensor
     blocks: list[tuple[int, int, int, int]]  # (sequence, first slot, end slot, pool slot)
     key_pos: Tensor | None  # [S_layer] int64, a ring layer's only (pinned on a GPU too)
+    slots: int  # n: the layer's slots the prefix fills
 
 
 class PagedHostPrefix:
@@ -53,6 +58,12 @@ class PagedHostPrefix:
         pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
         rng = torch.Generator().manual_seed(seed)
         self.layers: list[PagedLayer] = []
+        first = caches[0].k
+        most = max(math.ceil(min(prefix_len, cache.size) / block_size) for cache in caches)
+        # [B, blocks, H_kv, block, D] on the device, K and V: one layer's blocks in order
+        stage = (first.shape[0], most, first.shape[1], block_size, first.shape[3])
+        self.stage = tuple(torch.empty(stage, dtype=first.dtype, device=first.device)
+                           for _ in range(2))
         for cache in caches:
             batch, heads, _, dim = cache.k.shape
             n = min(prefix_len, cache.size)
@@ -66,7 +77,7 @@ class PagedHostPrefix:
                 k[slot, :, :end - start].copy_(cache.k[b, :, start:end])
                 v[slot, :, :end - start].copy_(cache.v[b, :, start:end])
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
-            self.layers.append(PagedLayer(k, v, blocks, key_pos))
+            self.layers.append(PagedLayer(k, v, blocks, key_pos, n))
 
     @property
     def nbytes(self) -> int:
@@ -76,19 +87,26 @@ class PagedHostPrefix:
 
     @property
     def copies(self) -> int:
-        """Copies one reload issues (a block of K or of V, one KV head each)."""
-        return sum(2 * len(layer.blocks) * layer.k.shape[1] for layer in self.layers)
+        """Host-to-device copies one reload issues (a block of K or of V, every KV head)."""
+        return sum(2 * len(layer.blocks) for layer in self.layers)
 
     def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
-        """Layer `index`'s blocks into the cache by `copy` (default: on the current stream,
-        async from pinned memory), one copy per block and KV head of K and of V: [tokens, D],
-        contiguous on both sides."""
+        """Layer `index` back by `copy` (default: on the current stream, async from pinned
+        memory): each block of K and of V into the staging buffer, contiguous on both sides,
+        then the staged slots into the cache, on the same stream after them."""
         cache = layer_caches(model)[index]
         layer = self.layers[index]
-        for b, start, end, slot in layer.blocks:
-            for pool, device in ((layer.k, cache.k), (layer.v, cache.v)):
-                for h in range(device.shape[1]):
-                    copy(device[b, h, start:end], pool[slot, h, :end - start])
+        block, n = self.block_size, layer.slots
+        whole = n // block  # full blocks; a partly filled one after them when n % block
+        for pool, device, stage in ((layer.k, cache.k, self.stage[0]),
+                                    (layer.v, cache.v, self.stage[1])):
+            for b, start, _, slot in layer.blocks:
+                copy(stage[b, start // block], pool[slot])  # [H_kv, block, D]
+            if whole:  # [B, H_kv, whole * block, D] seen as [B, whole, H_kv, block, D]
+                slots = device[:, :, :whole * block].unflatten(2, (whole, block))
+                copy(slots.transpose(1, 2), stage[:, :whole])
+            if n > whole * block:  # [B, H_kv, n % block, D]
+                copy(device[:, :, whole * block:n], stage[:, whole, :, :n - whole * block])
         if layer.key_pos is not None:
             copy(cache.key_pos, layer.key_pos)
 

@@ -104,7 +104,7 @@ def render_paged(metrics: dict[str, Any]) -> str:
                          "yes" if entry["same_tokens"] else "NO"])
     rows.sort(key=lambda row: row[:3])
     lines = ["paged host copy: the prefix in blocks scattered through a pool, reloaded block by "
-             "block (copies: one per block and KV head of K or V), medians in ms",
+             "block (copies: one DMA per block of K or V), medians in ms",
              render_table(["block", "suffix", "prefix", "copies", "reload", "(a) serial",
                            "(b) layer", "(c) recompute", "(b)/bound", "same tokens"], rows)]
     for row in metrics["paged_break_even"]:

@@ -43,10 +43,10 @@ BREAKEVEN_CAPTION = (
     "measured prefix; above: recompute is as fast or faster at every one).")
 PAGED_CAPTION = (
     "The same requests with the prefix's KV kept as a paged server keeps it (`--block-size`): "
-    "blocks of `block` tokens scattered through a host pool, reloaded one copy per block and "
-    "KV head of K or V (`copies` a reload), (a) serially or (b) layer by layer under the "
-    "suffix's forward; (c) is the case's recompute. Medians; same tokens: recompute's greedy "
-    "tokens.")
+    "blocks of `block` tokens scattered through a host pool, reloaded one DMA per block of "
+    "K or V (`copies` a reload, every KV head at once), (a) serially or (b) layer by layer "
+    "under the suffix's forward; (c) is the case's recompute. Medians; same tokens: "
+    "recompute's greedy tokens.")
 TRAFFIC_CAPTION = (
     "Decode of a running batch alone and while background copies move bytes at full speed "
     "(d2h: offloading, h2d: reloading, both), by the method named (dma: copy engines; mapped: "
