@@ -266,6 +266,13 @@ def test_the_fit_check_counts_the_padded_forward():
     assert acts(prefill="bucketed", prefill_chunk=256) == \
         prefill_activation_bytes(spec, 1, 256, "fp16")  # 256, 256, then 88 padded to 128
 
+    # one row a sequence reaches the vocabulary (fp16 logits and their float32 copy, 6 B a
+    # value); the hf mode's transformers forward may project every row
+    ffn = 3 * 600 * spec.ffn_dim * 2
+    assert acts(prefill="exact") == ffn + 6 * spec.vocab_size
+    hf = case_memory(spec, 1, 600, 1024, "fp16", "fp16", "hf")["prefill activations"]
+    assert hf == ffn + 6 * 600 * spec.vocab_size
+
 
 def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
     gen = bucketed(build_model(DEBUG, device="cpu", dtype=torch.float32))
