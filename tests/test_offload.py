@@ -23,7 +23,6 @@ from infermeter.offload.job import break_evens, paged_break_evens
 from infermeter.offload.paged import PagedHostPrefix
 from infermeter.offload.reload import HostPrefix, LayerwiseReload, layer_caches
 from infermeter.offload.request import OffloadRequest
-from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.table import render_offload
 from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
 from infermeter.specs.presets import PRESETS
@@ -599,56 +598,6 @@ def test_report_shows_an_offload_result_and_still_renders(tmp_path):
     assert "| cpu · debug | 4 | 8 | 1.00 ms | 1.00 ms | 2.00 ms | - | - | - |" in markdown
 
 
-# ---- offloaded decode ----------------------------------------------------------------------
-def test_streamed_decode_gives_the_tokens_of_the_cache_on_the_device_and_leaves_no_cache():
-    from infermeter.engine.generator import GenerationConfig
-    from infermeter.offload.windows import DecodeWindows
-
-    gen = Generator(build_model(DEBUG.with_updates(n_layers=5), device="cpu", seed=4))
-    config = GenerationConfig(max_new_tokens=7)
-    gen.prepare(2, 16, 7)
-    state = gen.prefill(_tokens()[:, :16], config)
-    windows = DecodeWindows(gen, state, config, steps=6)
-    logits: list[torch.Tensor] = []  # every step's [B, V]: tokens alone may hide a wrong key
-    handle = gen.model.register_forward_hook(lambda m, a, out: logits.append(out[:, -1]))
-    windows.run()
-    trace: list[tuple[str, int]] = []
-    clock = FakeClock(0.0)  # records the copies: every one contiguous to contiguous
-    try:
-        with StreamedDecode(gen.model, context=16, trace=trace, stream=clock) as streamed:
-            # the other layers' caches are gone: the layers share two buffers
-            assert gen.model.layers[0].attention.kv_cache is \
-                gen.model.layers[4].attention.kv_cache
-            windows.run(streamed.step_at)
-            assert streamed.bytes_per_step == 5 * 2 * (2 * 2 * 16 * 16 * 4)  # layers, K/V, bytes
-    finally:
-        handle.remove()
-    on_device, streamed_tokens = windows.outputs
-    assert streamed_tokens == on_device
-    _all_contiguous(clock.copies)
-    assert len(clock.marks) == 6 * 5  # a mark per layer per step
-    torch.testing.assert_close(torch.stack(logits[6:]), torch.stack(logits[:6]))
-    assert all(layer.attention.kv_cache is None for layer in gen.model.layers)
-    assert gen.generate(_tokens()[:, :16], config).output_token_ids[0][1:] == on_device[0]
-    # one step's schedule: layer i streamed in before it waits and attends; the buffer it used
-    # refilled (layer i + 2) only after it attended; the next layer's copy already issued
-    step = trace[:trace.index(("attended", 4)) + 1]
-    for i in range(5):
-        assert step.index(("copy", i)) < step.index(("wait", i)) < step.index(("attended", i))
-        if i + 2 < 5:
-            assert step.index(("attended", i)) < step.index(("copy", i + 2))
-        if i + 1 < 5:
-            assert step.index(("copy", i + 1)) < step.index(("attended", i))
-    assert len(trace) == 6 * len(step)
-
-
-def test_streamed_decode_refuses_a_sliding_window_model():
-    gen = Generator(build_model(SPECS["window"], device="cpu", seed=4))
-    gen.prepare(1, 16, 2)
-    with pytest.raises(InfermeterError, match="sliding-window"):
-        StreamedDecode(gen.model, context=16)
-
-
 # ---- on a GPU: the copy stream, pinned memory, the compiled layers -------------------------
 def _cuda_generator(spec=DEBUG, **kwargs):
     if not torch.cuda.is_available():
@@ -691,20 +640,3 @@ def test_on_cuda_the_layerwise_reload_gives_the_recomputed_logits():
             reload.start()
             got = gen.prefill(tokens[:, PREFIX:], compiled, start=PREFIX).token
         assert torch.equal(got, want)
-
-
-@pytest.mark.gpu
-def test_on_cuda_the_streamed_decode_gives_the_tokens_of_the_cache_on_the_device():
-    from infermeter.offload.windows import DecodeWindows
-
-    gen = _cuda_generator(DEBUG.with_updates(n_layers=5))
-    config = GenerationConfig(max_new_tokens=7)
-    gen.prepare(2, 16, 7)
-    state = gen.prefill(_tokens()[:, :16].cuda(), config)
-    windows = DecodeWindows(gen, state, config, steps=6)
-    windows.run()
-    with StreamedDecode(gen.model, context=16) as streamed:
-        assert all(k.is_pinned() for k, _ in streamed.host)
-        windows.run(streamed.step_at)
-    on_device, streamed_tokens = windows.outputs
-    assert streamed_tokens == on_device

@@ -448,11 +448,22 @@ class Transformer(nn.Module):
     # ---- static KV cache -----------------------------------------------------------------
     def setup_cache(self, max_batch_size: int, max_seq_len: int,
                     dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None) -> None:
-        """Allocate every layer's K/V once, plus the RoPE tables for positions < max_seq_len."""
+                    device: torch.device | str | None = None,
+                    layer_buffers: int | None = None) -> None:
+        """Allocate every layer's K/V once, plus the RoPE tables for positions < max_seq_len.
+        layer_buffers=N: only N caches, layer i's the one of layer i % N (an offloaded decode
+        streams each layer's K/V through them: offload/streamed.py); cache_tensors() then
+        names a shared cache once per layer that uses it."""
         if max_batch_size <= 0 or max_seq_len <= 0:
             raise InfermeterError(f"cache needs a positive batch and length, got "
                                   f"{max_batch_size} x {max_seq_len}")
+        shared = len(self.layers) if layer_buffers is None else layer_buffers
+        if shared < 1:
+            raise InfermeterError(f"layer_buffers must be at least 1, got {layer_buffers}")
+        if any(self.spec.layer_window(i) != self.spec.layer_window(i % shared)
+               for i in range(len(self.layers))):
+            raise InfermeterError(f"model {self.spec.name}: its layers cannot share "
+                                  f"{shared} KV caches (their attention windows differ)")
         weight = self.tok_embeddings.weight
         cache_dtype = weight.dtype if dtype is None else torch_dtype(dtype)
         device = weight.device if device is None else torch.device(device)
@@ -461,6 +472,9 @@ class Transformer(nn.Module):
         spec = self.spec
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
+            if i >= shared:
+                layer.attention.kv_cache = self.layers[i % shared].attention.kv_cache
+                continue
             layer.attention.kv_cache = LayerKVCache(  # this rank's KV heads under tp
                 max_batch_size, max_seq_len, layer.attention.n_kv_heads, spec.head_dim,
                 spec.layer_window(i), cache_dtype, device)

@@ -78,13 +78,14 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
         from infermeter.offload.traffic import CHUNK_BYTES
 
         chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-        traffic_cache = kv_cache_bytes(spec, request.batch_size, traffic_len_for(spec, request),
-                                       kv_dtype)
-        if traffic_cache > device_parts["KV cache"]:  # one cache at a time: the larger counts
-            device_parts["KV cache"] = traffic_cache
+        if request.traffic:  # the decode under traffic holds a whole cache at the context
+            traffic_cache = kv_cache_bytes(spec, request.batch_size,
+                                           traffic_len_for(spec, request), kv_dtype)
+            if traffic_cache > device_parts["KV cache"]:  # one cache at a time: the larger
+                device_parts["KV cache"] = traffic_cache
         device_parts["copy traffic buffers"] = 2 * chunk
         host_parts["copy traffic host buffers"] = 2 * chunk
-        if request.offloaded_decode:  # the prompt's KV in host memory, while the cache is too
+        if request.offloaded_decode:  # the prompt's KV in host memory
             host_parts["offloaded KV in host memory"] = kv_cache_bytes(
                 spec, request.batch_size, request.traffic_context, kv_dtype)
     # the parts are complete: only now merged (on the CPU) into what each check sums
@@ -101,6 +102,72 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
         levers = "--batch-size, --prefix-len, --suffix-len or --context"
     for parts, free, where in checks:
         check_fit(what, parts, free, where, f"use a smaller {levers}")
+    if request.offloaded_decode:  # its own phase: the cases' cache is gone by then
+        check_fit(f"offloaded decode of {spec.name} at batch {request.batch_size}, context "
+                  f"{request.traffic_context}",
+                  offloaded_fit_parts(spec, request, device, dtype, kv_dtype),
+                  *free_memory(device), "use a smaller --batch-size, --context or "
+                  "--prefill-chunk")
+
+
+def offloaded_fit_parts(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                        kv_dtype: str) -> dict[str, int]:
+    """What the device holds during the offloaded decode (the weights, its streamed parts, the
+    link probe's buffers); on the CPU, where host and device are one memory, the host cache
+    and buffers too. Never the whole cache."""
+    from infermeter.offload.traffic import CHUNK_BYTES
+    from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
+
+    chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    parts = {"weights": weight_bytes(spec, dtype),
+             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[0],
+             "copy traffic buffers": 2 * chunk}
+    if device.type != "cuda":
+        parts["offloaded KV in host memory"] = kv_cache_bytes(
+            spec, request.batch_size, request.traffic_context, kv_dtype)
+        parts["copy traffic host buffers"] = 2 * chunk
+    return parts
+
+
+def offloaded_decode_parts(spec: Any, request: OffloadRequest, dtype: str, kv_dtype: str
+                           ) -> tuple[dict[str, int], dict[str, int]]:
+    """What the offloaded decode holds on the device, by part: streamed (streamed.py: two
+    layer buffers of the whole cache length, the store of decoded tokens, the prompt's prefill
+    activations) and, for the comparison, with the whole cache on the device."""
+    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes
+    from infermeter.units import dtype_bytes
+
+    batch, context = request.batch_size, request.traffic_context
+    length = traffic_len_for(spec, request)
+    forward = min(request.prefill_chunk or context, context)
+    # eager prefill of `forward` tokens: the FFN's three [B, T, ffn] tensors, and the logits
+    # of the last row only, in the model dtype and in float32
+    activations = batch * (3 * forward * spec.ffn_dim * dtype_bytes(dtype)
+                           + spec.vocab_size * (dtype_bytes(dtype) + 4))
+    streamed = {"two KV layer buffers": 2 * batch * length * kv_bytes_per_token_layer(
+                    spec, kv_dtype),
+                "decoded-token store": kv_cache_bytes(spec, batch, length - context, kv_dtype),
+                "prefill activations": activations}
+    on_device = {"KV cache": kv_cache_bytes(spec, batch, length, kv_dtype),
+                 "prefill activations": activations}
+    return streamed, on_device
+
+
+def on_device_refusal(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                      kv_dtype: str) -> str | None:
+    """Why the offloaded decode's comparison, the decode with the whole cache on the device,
+    cannot run (its fit check's line), or None when it fits. Sizes only."""
+    from infermeter.errors import InfermeterError
+    from infermeter.specs.sizes import weight_bytes
+
+    parts = {"weights": weight_bytes(spec, dtype),
+             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[1]}
+    try:
+        check_fit(f"the whole KV cache at context {request.traffic_context}", parts,
+                  *free_memory(device), "only the offloaded decode is measured")
+    except InfermeterError as refused:
+        return str(refused)
+    return None
 
 
 def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
@@ -120,6 +187,8 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     if request.traffic or request.offloaded_decode:
         traffic_len_for(spec, request)
     check_sizes_fit(spec, request, device, dtype, kv_dtype)
+    refusal = on_device_refusal(spec, request, device, dtype, kv_dtype) \
+        if request.offloaded_decode else None
     methods, warnings = traffic_methods_for(request, device)
     model = load_weights(request.source, device, dtype, seed=request.seed)
     # every prefill through the per-layer compiled forward on a GPU (case.py's prefill_kind)
@@ -138,8 +207,8 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
         traffic, samples["traffic"], notes = measure_traffic(generator, request, methods)
         warnings += notes
     if request.offloaded_decode:
-        streamed, samples["offloaded_decode"], notes = measure_offloaded_decode(generator,
-                                                                                request)
+        streamed, samples["offloaded_decode"], notes = measure_offloaded_decode(
+            generator, request, refusal)
         warnings += notes
     if device.type == "cpu":
         warnings.append("on the CPU every copy is synchronous: the layer-wise reload runs the "
@@ -253,15 +322,20 @@ def measure_traffic(generator: Any, request: OffloadRequest, methods: tuple[str,
     return entries, samples, notes
 
 
-def measure_offloaded_decode(generator: Any, request: OffloadRequest
+def measure_offloaded_decode(generator: Any, request: OffloadRequest,
+                             refusal: str | None = None
                              ) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
     """Decode with the prompt's KV cache in host memory, streamed in layer by layer every step
-    (streamed.py), against the same eager decode with the cache on the device, and against the
-    link's bound: batch x h2d GB/s (measured alone, same run) / bytes streamed a step."""
+    (streamed.py) from a device cache of two layer buffers that the prompt's prefill wrote back
+    through (streamed_prefill.py), against the link's bound: batch x h2d GB/s (measured alone,
+    same run) / bytes streamed a step; and against the same eager decode with the whole cache on
+    the device, unless `refusal` says why that does not fit (then a warning, and no figure)."""
     import torch
 
+    from infermeter.engine.dtypes import torch_dtype
     from infermeter.engine.generator import GenerationConfig
     from infermeter.offload.streamed import StreamedDecode
+    from infermeter.offload.streamed_prefill import StreamedPrefill, drop_cache, layer_buffers
     from infermeter.offload.traffic import CopyTraffic, copy_alone_gbps
     from infermeter.offload.windows import DecodeWindows
 
@@ -270,39 +344,60 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest
     # eager both ways: the streaming hooks wait on events between layers, which a compiled,
     # CUDA-graph-replayed step could not do
     config = GenerationConfig(max_new_tokens=steps + 1, greedy=True, seed=request.seed)
-    generator.prepare(request.batch_size, context, steps + 1)
     rng = torch.Generator().manual_seed(request.seed + 1299709)
-    tokens = torch.randint(model.spec.vocab_size, (request.batch_size, context), generator=rng)
+    tokens = torch.randint(model.spec.vocab_size, (request.batch_size, context),
+                           generator=rng).to(device)
     samples: dict[str, list[float]] = {}
+    reference = None
     with torch.no_grad():
-        state = generator.prefill(tokens.to(device), config)
-        windows = DecodeWindows(generator, state, config, steps)
-        for _ in range(request.warmup):
-            windows.run()
-        samples["on_device"] = [windows.run() / steps for _ in range(request.repeats)]
-        reference = windows.outputs[-1]
-        windows.outputs.clear()
-        with StreamedDecode(model, context) as streamed:
+        if refusal is None:
+            generator.prepare(request.batch_size, context, steps + 1)
+            state = generator.prefill(tokens, config)
+            windows = DecodeWindows(generator, state, config, steps)
             for _ in range(request.warmup):
-                windows.run(streamed.step_at)
-            samples["streamed"] = [windows.run(streamed.step_at) / steps
-                                   for _ in range(request.repeats)]
-            per_step = streamed.bytes_per_step
-        same = all(out == reference for out in windows.outputs)
+                windows.run()
+            samples["on_device"] = [windows.run() / steps for _ in range(request.repeats)]
+            reference = windows.outputs[-1]
+        # Generator.prepare's cache dtype
+        cache_dtype = model.tok_embeddings.weight.dtype if generator.kv_dtype is None \
+            else torch_dtype(generator.kv_dtype)
+        drop_cache(model)  # the whole cache goes before the buffers come
+        try:
+            layer_buffers(model, request.batch_size, context, steps + 1, generator.max_seq_len,
+                          cache_dtype, device)
+            with StreamedPrefill(model, context) as prefill:
+                state = generator.prefill(tokens, config)
+            windows = DecodeWindows(generator, state, config, steps)
+            with StreamedDecode(model, prefill.host) as streamed:
+                for _ in range(request.warmup):
+                    windows.run(streamed.step_at)
+                samples["streamed"] = [windows.run(streamed.step_at) / steps
+                                       for _ in range(request.repeats)]
+                per_step = streamed.bytes_per_step
+        finally:
+            drop_cache(model)
+        streamed_out = windows.outputs
+        same = None if reference is None else all(out == reference for out in streamed_out)
         link = copy_alone_gbps(CopyTraffic(device), "h2d")
     stats = {name: Stats.of(values) for name, values in samples.items()}
-    tpot, on_device = stats["streamed"].median, stats["on_device"].median
+    tpot = stats["streamed"].median
+    on_device = stats["on_device"].median if "on_device" in stats else None
     bound = request.batch_size * link * 1e9 / per_step if per_step else None
     tok_per_s = request.batch_size * 1e3 / tpot
-    notes = [*stats["streamed"].warnings("offloaded decode"),
-             *stats["on_device"].warnings("decode on the device")]
-    if not same:
+    notes = [*stats["streamed"].warnings("offloaded decode")]
+    if refusal is None:
+        notes += stats["on_device"].warnings("decode on the device")
+    else:
+        notes.append(f"offloaded decode: no decode with the KV cache on the device to compare "
+                     f"with, it does not fit: {refusal}")
+    if same is False:
         notes.append("offloaded decode: tokens differ from the decode with the cache on the "
                      "device")
     metrics = {"context": context, "batch_size": request.batch_size, "decode_steps": steps,
                "tpot_ms": tpot, "tpot_stats": stats["streamed"].to_dict(),
                "tok_per_s": tok_per_s, "on_device_tpot_ms": on_device,
-               "on_device_tok_per_s": request.batch_size * 1e3 / on_device,
+               "on_device_tok_per_s": None if on_device is None
+               else request.batch_size * 1e3 / on_device,
                "bytes_per_step": per_step, "link_gbps": link, "bound_tok_per_s": bound,
                "pct_of_bound": 100 * tok_per_s / bound if bound else None, "same_tokens": same}
     return metrics, samples, notes

@@ -14,8 +14,17 @@ copy lands in a contiguous piece of the buffer (reload.slot_pieces: one per sequ
 head), a DMA from pinned memory. The copies and waits go through reload.py's CopyStream: on the
 CPU the copies are synchronous (same order, no overlap), a test can pass a fake clock's.
 
-The engine allocates a cache whole (Transformer.setup_cache), so the prompt is prefilled into a
-full device cache first; streaming then keeps two layers on the device and frees the others.
+The whole cache is never on the device: the model's cache is two layer buffers from the start
+(streamed_prefill.layer_buffers), and the prompt's prefill writes each layer's K/V back to host
+memory through them (streamed_prefill.StreamedPrefill), whose host cache this streams:
+
+    layer_buffers(model, batch, context, steps + 1, None, kv_dtype, device)
+    with StreamedPrefill(model, context) as prefill:
+        state = generator.prefill(tokens, config)
+    with StreamedDecode(model, prefill.host) as streamed:
+        streamed.step_at(state.next_pos)   # before each decode step
+        generator.decode_step(state, config)
+
 Full-attention layers only (a sliding-window ring keeps its own slot bookkeeping).
 """
 
@@ -28,37 +37,34 @@ import torch
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, pinned_like, slot_pieces
+from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, slot_pieces
+from infermeter.offload.streamed_prefill import drop_cache, shared_buffers
 
 
 class StreamedDecode:
-    """A context manager: inside it the model decodes with its KV cache in host memory.
+    """A context manager: inside it the model decodes with its KV cache in host memory, `host`
+    (per layer (K, V) [B, H_kv, context, D], the prompt's: StreamedPrefill.host), the model's
+    cache being two layer buffers (see the module docstring). On leaving, the buffers are
+    dropped: the next Generator.prepare() allocates a whole cache."""
 
-        with StreamedDecode(model, context=state.next_pos) as streamed:
-            streamed.step_at(state.next_pos)   # before each decode step
-            generator.decode_step(state, config)
-    """
-
-    def __init__(self, model: Transformer, context: int, trace: Trace | None = None,
-                 stream: CopyStream | None = None) -> None:
-        caches = [layer.attention.kv_cache for layer in model.layers]
-        if any(cache is None for cache in caches):
-            raise InfermeterError("prefill the prompt before streaming its KV cache")
-        if any(cache.window is not None for cache in caches):  # type: ignore[union-attr]
-            raise InfermeterError(f"offloaded decode: model {model.spec.name} has sliding-window "
-                                  "layers, which this streaming does not handle yet")
-        if len(caches) < 2:
-            raise InfermeterError("offloaded decode needs at least two layers")
+    def __init__(self, model: Transformer, host: list[tuple[torch.Tensor, torch.Tensor]],
+                 trace: Trace | None = None, stream: CopyStream | None = None) -> None:
+        self.buffers = shared_buffers(model, "offloaded decode")
+        if len(host) != len(model.layers):
+            raise InfermeterError(f"offloaded decode: a host cache of {len(host)} layers for a "
+                                  f"model of {len(model.layers)}")
+        context = host[0][0].shape[2]
         if not 0 < context < model.max_seq_len:
             raise InfermeterError(f"offloaded decode: context {context} leaves no room to decode "
                                   f"in the KV cache of {model.max_seq_len} tokens")
-        self.model, self.context, self.trace = model, context, trace
-        self.caches = caches
-        device = caches[0].k.device  # type: ignore[union-attr]
-        self.pin = device.type == "cuda" and torch.cuda.is_available()
-        self.stream = stream or copy_stream_for(device)
-        self.host: list[tuple[torch.Tensor, torch.Tensor]] = []  # [B, H_kv, context, D] each
-        self.recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # decoded tokens, on device
+        self.model, self.context, self.trace, self.host = model, context, trace, host
+        first = self.buffers[0].k  # [B, H_kv, S, D]
+        self.stream = stream or copy_stream_for(first.device)
+        room = first.shape[2] - context
+        # decoded tokens, on the device: per layer K and V [B, H_kv, room, D]
+        self.recent = [tuple(torch.empty((*first.shape[:2], room, first.shape[3]),
+                                         dtype=first.dtype, device=first.device)
+                             for _ in range(2)) for _ in model.layers]
         self.events: list[Any] = []  # per layer: the token of its copies this step
         self.issued: list[bool] = []
         self.handles: list[Any] = []
@@ -70,31 +76,15 @@ class StreamedDecode:
         return sum(k.nbytes + v.nbytes for k, v in self.host)
 
     def __enter__(self) -> StreamedDecode:
-        context = self.context
-        for cache in self.caches:  # the prompt's K/V to host memory (pinned on a GPU)
-            k, v = (pinned_like(t[:, :, :context], self.pin)
-                    for t in (cache.k, cache.v))  # type: ignore[union-attr]
-            self.host.append((k, v))
-            room = cache.k.shape[2] - context  # type: ignore[union-attr]
-            self.recent.append(tuple(  # type: ignore[arg-type]
-                torch.empty((*t.shape[:2], room, t.shape[3]), dtype=t.dtype, device=t.device)
-                for t in (cache.k, cache.v)))  # type: ignore[union-attr]
-        self.buffers = self.caches[:2]  # two layers' caches become the double buffer
         for index, layer in enumerate(self.model.layers):
-            layer.attention.kv_cache = self.buffers[index % 2]
             self.handles.append(layer.attention.register_forward_pre_hook(self._before(index)))
             self.handles.append(layer.attention.register_forward_hook(self._after(index)))
-        self.caches = []  # the other layers' device caches are freed here
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
-        # The layers share two buffers now: no cache is left to reuse, the next
-        # Generator.prepare() allocates a new one.
-        for layer in self.model.layers:
-            layer.attention.kv_cache = None
-        self.model.max_batch_size = self.model.max_seq_len = 0
+        drop_cache(self.model)
 
     # ---- the schedule ---------------------------------------------------------------------
     def step_at(self, pos: int) -> None:

@@ -76,16 +76,20 @@ def render_traffic(entries: list[dict[str, Any]], config: dict[str, Any]) -> str
                                           rows)])
 
 
+SAME = {True: "yes", False: "NO", None: "not compared"}
+
+
 def render_offloaded(entry: dict[str, Any]) -> str:
     bound = entry["bound_tok_per_s"]
+    on_device = entry["on_device_tok_per_s"]  # None: the whole cache does not fit
     rows = [["KV on the device", _ms(entry["on_device_tpot_ms"]),
-             f"{entry['on_device_tok_per_s']:.1f}", "-"],
+             "does not fit" if on_device is None else f"{on_device:.1f}", "-"],
             ["KV streamed from host", _ms(entry["tpot_ms"]), f"{entry['tok_per_s']:.1f}",
              "-" if bound is None else f"{entry['pct_of_bound']:.0f}% of {bound:.1f}"]]
     head = (f"offloaded decode: batch {entry['batch_size']} at {entry['context']} tokens, "
             f"{format_bytes(entry['bytes_per_step'])} streamed a step at "
             f"{entry['link_gbps']:.1f} GB/s host-to-device (measured alone); eager both ways; "
-            f"same tokens: {'yes' if entry['same_tokens'] else 'NO'}")
+            f"same tokens: {SAME[entry['same_tokens']]}")
     return "\n".join([head, render_table(["decode", "TPOT ms", "tokens/s", "link bound"],
                                           rows)])
 
