@@ -18,7 +18,15 @@ plus one launch of a combine kernel:
   of the kernel's fixed batch-1 loss; see attention.py), and it costs two launches at least.
 
 Numerics: scores and probabilities stay in float32 (the math path rounds q.k to the activation
-dtype first), so results agree with it to rounding, not bitwise. The default in the compiled
+dtype first), so results agree with it to rounding, not bitwise. Where the kernel computes one of
+the math path's functions it is torch's on a GPU (exact_math.py): Gemma 2's cap is tanh(s / cap) *
+cap with libdevice's tanhf and cap's float32 reciprocal (2 sigmoid(2x) - 1 lost digits to
+cancellation near 0, ~1e-5 in a score capped at 50), and the combine divides once, exactly
+(div.rn), as torch's softmax divides by its sum. The online softmax keeps Triton's exp
+(ex2.approx of x log2(e), within a few float32 ulp where a weight counts): it runs on every
+score in the loop, the 16-bit paths round the unnormalised weights to the dtype before the PV
+product anyway, and the sums run in another order than the math path's, so libdevice's expf
+would make nothing bitwise. The default in the compiled
 step wherever Triton runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py
 measures it ("fused-triton").
 
@@ -33,6 +41,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import tl, triton, triton_runs_on
 
@@ -59,6 +68,8 @@ def split_count(programs: int, slots: int, device: torch.device) -> int:
 
 
 if triton is not None:
+    from infermeter.engine.kernels.exact_math import exact_tanh
+
     @triton.jit
     def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
                          stride_qb, stride_qh, stride_qg,
@@ -68,6 +79,7 @@ if triton is not None:
                          SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
                          PDL: tl.constexpr = False):
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
@@ -96,8 +108,9 @@ if triton is not None:
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
-            if SOFTCAP > 0:  # Gemma 2: cap * tanh(s / cap), tanh(x) = 2 sigmoid(2x) - 1
-                s = SOFTCAP * (2.0 * tl.sigmoid(s * (2.0 / SOFTCAP)) - 1.0)
+            if SOFTCAP > 0:  # Gemma 2: tanh(s / cap) * cap as torch computes it on CUDA: s
+                # times cap's float32 reciprocal, libdevice's tanhf (exact_math.py)
+                s = exact_tanh(s * INV_SOFTCAP, LIBDEVICE) * SOFTCAP
             held = tl.load(KEY_POS + n, mask=inside, other=-1)
             seen = inside & (held >= 0) & (held <= pos)
             if HAS_WINDOW:
@@ -135,7 +148,8 @@ if triton is not None:
         l_sum = tl.load(L + at, mask=used, other=0.0)
         acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
         weight = tl.exp(m - tl.max(m, 0))  # [S_PAD]; an empty split (m = -inf) weighs 0
-        out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_sum * weight, 0)  # [D]
+        # [D]; divided once, rounded once (div.rn), as torch's softmax divides by its sum
+        out = tl.math.div_rn(tl.sum(acc * weight[:, None], 0), tl.sum(l_sum * weight, 0))
         tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
 
 
@@ -160,7 +174,9 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
            BLOCK=BLOCK_N,
            IS_RING=is_ring, HAS_WINDOW=window > 0,
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap))
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap),
+           INV_SOFTCAP=float32_reciprocal(softcap) if softcap > 0 else 0.0,
+           LIBDEVICE=compiled_for_gpu(q))
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, groups, n_splits,

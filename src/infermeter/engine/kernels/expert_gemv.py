@@ -28,7 +28,8 @@ With TOKENS tokens a program keeps TOKENS float32 partial products a weight tile
 are BLOCK_K / TOKENS columns wide (as many registers as the GEMV's).
 
 Numerics are the eager gathered path's rounding points: gate and up products in float32, each
-rounded to the dtype once; silu in float32, rounded; its product with up rounded (swiglu.py's
+rounded to the dtype once; silu in float32 as torch's CUDA silu computes it (exact_math.py: an
+exact division and libdevice's expf on a GPU), rounded; its product with up rounded (swiglu.py's
 points); each expert's down product rounded, times its routing weight (in the dtype) rounded,
 and the k of them summed in float32 in routing order, rounded once (`(down * weights).sum(1)`;
 several tokens: by that same torch sum). So the two paths part only where a float32 sum order
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
@@ -58,6 +60,7 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 if triton is not None:
     import triton.language as tl
 
+    from infermeter.engine.kernels.exact_math import exact_silu
     from infermeter.engine.kernels.gemv import row_dots
 
     @triton.jit
@@ -80,7 +83,7 @@ if triton is not None:
                                stride_e1, stride_r1, stride_e3, stride_r3,
                                TOKENS: tl.constexpr, TOPK: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               PDL: tl.constexpr = False):
+                               LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.program_id(1)
         row_ok = rows < n_rows
@@ -111,7 +114,7 @@ if triton is not None:
             dtype = OUT.dtype.element_ty
             gate = tl.sum(acc_gate, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
             up = tl.sum(acc_up, 2).to(dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
             tl.store(OUT + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
                      (silu * up).to(dtype), mask=chose[:, None] & row_ok[None, :])
 
@@ -186,7 +189,8 @@ def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool) -
            x, ids.contiguous(), w1, w3, out, hidden, dim, n_tokens, top_k, x.stride(0),
            w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1),
            TOKENS=triton.next_power_of_2(n_tokens), TOPK=triton.next_power_of_2(top_k),
-           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
+           BLOCK_N=block_n, BLOCK_K=block_k, LIBDEVICE=compiled_for_gpu(x), num_warps=warps,
+           num_stages=NUM_STAGES)
     return out
 
 

@@ -58,27 +58,28 @@ no bit here. Whether any of this is faster, and for which model sizes, is for a 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
-    from triton.language.extra import libdevice
+
+    from infermeter.engine.kernels.exact_math import exact_silu
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
     # div.approx.f32, within 2 ulp of the quotient):
     # - a mean is sum * (1 / n), the reciprocal rounded once (div.rn): torch's CUDA mean kernel
     #   multiplies its sum by a float32 factor 1 / n (MeanOps), not a division;
     # - SiLU is x / (1 + exp(-x)) with an IEEE division (div.rn) and libdevice's expf, as
-    #   torch's CUDA silu kernel computes it (Triton's tl.exp is ex2.approx of x * log2(e));
-    #   LIBDEVICE off (Triton's interpreter, which has no libdevice): tl.exp;
+    #   torch's CUDA silu kernel computes it (exact_math.exact_silu; Triton's tl.exp is
+    #   ex2.approx of x * log2(e)); LIBDEVICE off (Triton's interpreter, which has no
+    #   libdevice): tl.exp;
     # - rsqrt stays tl.rsqrt, rsqrt.approx.ftz.f32: torch.rsqrt on CUDA is rsqrtf, the same
     #   approximation (rsqrt.approx.f32); ftz differs only for subnormal inputs and outputs,
     #   and mean(x^2) + eps >= eps is normal.
@@ -156,11 +157,7 @@ if triton is not None:
         if SWIGLU:  # eager's roundings: gate and up, silu, their product (swiglu.py)
             gate = out.to(dtype).to(tl.float32)
             up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
-            if LIBDEVICE:
-                exp = libdevice.exp(-gate)
-            else:
-                exp = tl.exp(-gate)
-            silu = tl.math.div_rn(gate, 1.0 + exp).to(dtype).to(tl.float32)
+            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)
             out = silu * up
         if HAS_RESIDUAL:  # residual + the product rounded, as two dtype tensors add
             residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -283,12 +280,6 @@ if triton is not None:
         if IS_RING:  # the slot's position, for the attention's mask (kv_cache.py)
             if tl.program_id(0) == 0:
                 tl.store(KEY_POS + slot, pos)
-
-
-def compiled_for_gpu(x: Tensor) -> bool:
-    """Whether a kernel launched on x is compiled for a GPU (PTX, libdevice), not run by
-    Triton's interpreter."""
-    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,

@@ -6,9 +6,10 @@ matrix-vector kernel (opaque_ops.silu_mul says why). The opaque eager op costs t
 one. As a torch.library.triton_op inductor places the kernel in its graph as is: its inputs are
 computed into buffers first, exactly the boundary wanted.
 
-Numerics follow eager's roundings: silu in float32, rounded to the activation dtype, then the
-product in float32, rounded again (Triton's exp may differ from CUDA's expf in the last float32
-bit, which the roundings to fp16/bf16 almost always absorb).
+Numerics are eager's, to the bit: silu in float32 as torch's CUDA silu computes it (x / (1 +
+exp(-x)) with an IEEE division and libdevice's expf, exact_math.py), rounded to the activation
+dtype, then the product in float32, rounded again. Under Triton's interpreter (no libdevice) exp
+is tl.exp, within a few float32 ulp.
 The default (model.ACTIVATION_KERNEL): beside the GEMV and the Triton attention it is faster
 than leaving the activation to inductor (docs/engine.md, "Kernels").
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
@@ -27,9 +29,11 @@ BLOCK = 1024  # columns a program handles
 if triton is not None:
     import triton.language as tl
 
+    from infermeter.engine.kernels.exact_math import exact_silu
+
     @triton.jit
     def _silu_mul_kernel(GATE, UP, OUT, n_cols, stride_gate, stride_up, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # gate and up are the previous kernel's (w13's) output (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -38,7 +42,7 @@ if triton is not None:
         inside = cols < n_cols
         up = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0)
         gate = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        silu = exact_silu(gate, LIBDEVICE).to(up.dtype)  # F.silu's float32 maths, rounded
         out = (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         tl.store(OUT + row * n_cols + cols, out, mask=inside)
 
@@ -48,7 +52,8 @@ def _silu_mul(gate: Tensor, up: Tensor, pdl: bool) -> Tensor:
     gate_rows, up_rows = gate.reshape(-1, hidden), up.reshape(-1, hidden)  # views when possible
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     launch(_silu_mul_kernel, (gate_rows.shape[0], triton.cdiv(hidden, BLOCK)), pdl,
-           gate_rows, up_rows, out, hidden, gate_rows.stride(0), up_rows.stride(0), BLOCK=BLOCK)
+           gate_rows, up_rows, out, hidden, gate_rows.stride(0), up_rows.stride(0), BLOCK=BLOCK,
+           LIBDEVICE=compiled_for_gpu(gate))
     return out
 
 

@@ -1,0 +1,62 @@
+"""Float32 maths in Triton kernels as torch's eager CUDA kernels compute it, where a kernel
+promises eager's rounding points (fused_step.py, swiglu.py, expert_gemv.py) or eager's function
+(decode_attention.py's soft cap).
+
+Built for a GPU, Triton's `/` on float32 is div.full.f32 (div.approx.f32 by a constant), within
+2 ulp of the quotient, and tl.exp is ex2.approx of x * log2(e); torch's CUDA kernels divide
+exactly and call libdevice's expf and tanhf. So:
+- silu is x / (1 + exp(-x)) with an IEEE division (div.rn) and libdevice's expf, as torch's
+  CUDA silu kernel computes it;
+- tanh is libdevice's tanhf, as torch.tanh on CUDA;
+- a division by a Python number is a product with its float32 reciprocal, rounded once
+  (float32_reciprocal), as torch's CUDA division by a scalar computes it.
+LIBDEVICE off (Triton's CPU interpreter, which has no libdevice; compiled_for_gpu says which):
+exp is tl.exp and tanh 2 sigmoid(2x) - 1, within a few float32 ulp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.kernels.triton_support import triton
+
+
+def compiled_for_gpu(x: Tensor) -> bool:
+    """Whether a kernel launched on x is compiled for a GPU (PTX, libdevice), not run by
+    Triton's interpreter."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def float32_reciprocal(value: float) -> float:
+    """1 / value as torch's CUDA `tensor / value` multiplies by it: value rounded to float32,
+    its reciprocal rounded to float32 once (a float32 number, exact as a constexpr)."""
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return (one / torch.tensor(value, dtype=torch.float32)).item()
+
+
+if triton is not None:
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def exact_exp(x, LIBDEVICE: tl.constexpr):
+        """float32 exp(x): libdevice's expf (torch's CUDA exp), tl.exp without LIBDEVICE."""
+        if LIBDEVICE:
+            return libdevice.exp(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def exact_silu(x, LIBDEVICE: tl.constexpr):
+        """float32 x / (1 + exp(-x)), the division rounded once: torch's CUDA silu."""
+        return tl.math.div_rn(x, 1.0 + exact_exp(-x, LIBDEVICE))
+
+    @triton.jit
+    def exact_tanh(x, LIBDEVICE: tl.constexpr):
+        """float32 tanh(x): libdevice's tanhf (torch.tanh on CUDA); without LIBDEVICE
+        2 sigmoid(2x) - 1 (the interpreter has no tanh)."""
+        if LIBDEVICE:
+            return libdevice.tanh(x)
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
