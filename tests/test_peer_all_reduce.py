@@ -161,6 +161,10 @@ def test_kernel_compiles_for_an_h100_with_system_scope_flags(monkeypatch, dtype)
     for _, ptx in built:
         assert re.search(RELEASE_ADD_SYS, ptx) and re.search(ACQUIRE_CAS_SYS, ptx)
         assert "bar.sync" in ptx  # the program's stores before its signal
+    # the norm's mean as torch's CUDA mean (sum x 1/n, an exact reciprocal), no fast division
+    norm_ptx = built[1][1]
+    assert "div.rn.f32" in norm_ptx
+    assert "div.full.f32" not in norm_ptx and "div.approx" not in norm_ptx
 
 
 def test_the_prenormed_forward_is_the_same_model() -> None:

@@ -188,7 +188,10 @@ if triton is not None:
         RMSNorm(h) * NORM_W into OUT, exactly as model.RMSNorm computes it (float32 mean of
         squares, rounded, times the weight)."""
         hf = add_residual(acc, R, H, offs, mask)
-        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / dim + EPS)
+        # torch's CUDA mean: the sum times 1/n rounded to float32 once (an exact division;
+        # `/ dim` would compile to an approximate one)
+        factor = tl.math.div_rn(1.0, dim.to(tl.float32))
+        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) * factor + EPS)
         store_normed(hf, inv_rms, NORM_W, H, OUT, cols, offs, mask)
 
     @triton.jit
