@@ -2,7 +2,7 @@
 
     python benchmarks/generation_sweep.py [--parts seed prefill context] [--results DIR]
     python benchmarks/generation_sweep.py --summary-only
-    python benchmarks/generation_sweep.py --merge /work/.device/N/generate-<device>.jsonl
+    python benchmarks/generation_sweep.py --merge PATH/generate-<device>.jsonl
 
 Parts (Llama-2-7B, random fp16 weights; one Result per case, appended as soon as it is done, so a
 command that runs out of time keeps every finished case; a part run again is appended, its
