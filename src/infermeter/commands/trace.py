@@ -11,8 +11,9 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:
                        "torch.profiler export) and print one decode step's time by category "
                        "(matmuls per projection, attention, norms and rotary, sampling, "
                        "all-reduce, idle gaps), then, for a GPU trace, the step's time in "
-                       "kernels against the gaps between them, per layer where the trace has "
-                       "layer ranges (--mode eager), and its bytes-bound time; or, for a copy "
+                       "kernels against the gaps between them, per layer (from the trace's layer "
+                       "ranges, or a compiled step's repeating kernel pattern), and its "
+                       "bytes-bound time; or, for a copy "
                        "trace, each copy's size and GB/s.")
     p.add_argument("file", metavar="FILE", help="trace JSON (e.g. trace-rank0.json)")
     p.add_argument("--json", action="store_true", help="print the breakdown as one JSON object")
