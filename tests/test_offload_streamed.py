@@ -349,3 +349,39 @@ def test_on_cuda_the_offloaded_decode_from_two_buffers_gives_the_ordinary_tokens
     with StreamedDecode(gen.model, prefill.host) as streamed:
         windows.run(streamed.step_at)
     assert windows.outputs == [want_tokens]
+
+
+@pytest.mark.parametrize("copy_ms", [0.01, 3.0])
+def test_on_a_fake_clock_no_decode_copy_into_a_buffer_overlaps_an_attention_on_it(copy_ms):
+    """The host-order trace above cannot show what a GPU does: copies on the copy stream run
+    whenever that stream gets to them. On the fake clock, fast copies (0.01 ms against 1 ms of
+    attention) would refill a buffer while the layer before still attends in it, were the refill
+    not made to follow the compute stream; slow ones (3 ms) would be read before they ended,
+    were the layer not made to wait."""
+    gen = _generator(chunk=6)
+    _buffers(gen)
+    with StreamedPrefill(gen.model, CONTEXT) as prefill:
+        state = gen.prefill(_tokens(), CONFIG)
+    model, clock = gen.model, TimedClock(copy_ms)
+    caches = [model.layers[i].attention.kv_cache for i in range(2)]
+    buffers = {_storage(t): i for i, cache in enumerate(caches) for t in (cache.k, cache.v)}
+    attended: list[tuple[int, float, float]] = []  # (buffer, begin, end) on the compute clock
+    handles = []
+    for i, layer in enumerate(model.layers):
+        def attend(module, args, out, i=i):  # before StreamedDecode's own after-hook (prepend)
+            attended.append((i % 2, clock.compute, clock.compute + 1.0))
+            clock.compute += 1.0
+        handles.append(layer.attention.register_forward_hook(attend, prepend=True))
+    windows = DecodeWindows(gen, state, CONFIG, STEPS)
+    try:
+        with StreamedDecode(model, prefill.host, stream=clock) as streamed:
+            windows.run(streamed.step_at)
+    finally:
+        for handle in handles:
+            handle.remove()
+    copies = [(buffers[_storage(dst)], end - copy_ms, end)
+              for (dst, _), end in zip(clock.copies, clock.ends, strict=True)]
+    assert len(attended) == STEPS * 5 and {c[0] for c in copies} == {0, 1}
+    for buffer, begin, end in attended:
+        assert not [c for c in copies if c[0] == buffer and c[1] < end and begin < c[2]], \
+            (buffer, begin, end)
