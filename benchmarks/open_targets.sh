@@ -40,9 +40,14 @@ dest=${OUT:-results}
 mkdir -p "$dest"
 case "${1:-}" in
   gpu-tests)
-    # addopts cleared: the project's own name xdist's -n, which a bare machine may lack
-    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -q 2>&1 | tee "$dest/gpu-tests.txt" \
-      || true ;;
+    # addopts cleared: the project's own name xdist's -n, which a bare machine may lack; with
+    # xdist there, 4 workers share the GPU (the tests are small; their compiles are CPU-bound),
+    # whole files to a worker. -v: each test's outcome is in the file as it ends, so a command
+    # cut short by its time limit still says which passed.
+    workers=$(python3 -c 'import xdist; print("-n 4 --dist loadfile")' 2>/dev/null || true)
+    # shellcheck disable=SC2086
+    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $workers 2>&1 \
+      | tee "$dest/gpu-tests.txt" || true ;;
   run)
     # refused (one line) where the folder exists: a committed run is never overwritten
     python3 -m infermeter run --out "$dest/run-$slug" ;;
