@@ -6,6 +6,7 @@
 #   part gpu-tests       the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
 #   part run             the main job on its default setting (its warm-up included) -> results/run-<device>/
 #   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
+#   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
 #   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft)
 #   part step            split against fused decode kernels at 135M, 0.5B, 1B, one round, traced
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
@@ -26,8 +27,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -53,6 +54,8 @@ case "${1:-}" in
     python3 -m infermeter run --out "$dest/run-$slug" ;;
   ab)
     python3 benchmarks/ttft_sweep.py --parts ab --results "$dest" ;;
+  ab-long)
+    python3 benchmarks/ttft_sweep.py --parts ablong --results "$dest" ;;
   ttft)
     python3 benchmarks/ttft_sweep.py --parts ttft --results "$dest" ;;
   step)

@@ -121,11 +121,14 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     sweep = load_benchmark("ttft_sweep")
     assert sweep.main(["--dry-run"]) == 0
     planned = capsys.readouterr().out.splitlines()
-    # the A/B's four runs, the TTFT ladder, the long prompt with each chunk attention
-    assert len(planned) == 4 + 1 + 2
+    # each A/B's four runs (512- and 2048-token caches), the TTFT ladder, the long prompt with
+    # each chunk attention
+    assert len(planned) == 4 + 4 + 1 + 2
     assert [line.split(": ")[1] for line in planned] == [
-        "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4", "ttft", "long",
-        "long-flex"]
+        "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4", "ablong-bucketed-1",
+        "ablong-exact-2", "ablong-bucketed-3", "ablong-exact-4", "ttft", "long", "long-flex"]
+    assert "'prompt_lens': (80,)" in planned[0] and "'max_seq_len': 512" in planned[0]
+    assert "'prompt_lens': (1616,)" in planned[4] and "'max_seq_len': 2048" in planned[4]
     assert "'chunk_attention': 'flex'" in planned[-1] and "chunk_attention" not in planned[-2]
 
     def ab(kind: str, i: int, tpot: float) -> Result:
@@ -138,6 +141,15 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     assert sweep.tpot_gap_pct(results) == pytest.approx(100 * (3.705 / 3.67 - 1))
     assert "decode TPOT, bucketed over exact prefill: 0.95 % (target <= 1 %) met" in \
         sweep.targets(results)
+    assert sweep.tpot_gap_pct(results, "ablong") is None  # that part's runs only
+    longer = [Result("generate", {"name": "llama-2-7b"},
+                     {"run": f"ablong-{kind}-{i}", "mode": "compiled", "prompt_len": 1616},
+                     {"timestamp": "t"}, {"tpot_ms": {"p50": tpot}})
+              for kind, i, tpot in (("bucketed", 1, 4.40), ("exact", 2, 4.20))]
+    assert sweep.tpot_gap_pct(results + longer, "ablong") == pytest.approx(100 * (4.4 / 4.2 - 1))
+    assert sweep.tpot_gap_pct(results + longer) == pytest.approx(100 * (3.705 / 3.67 - 1))
+    assert "the same at a 2048-token context: 4.76 % (target <= 1 %) MISSED" in \
+        sweep.targets(results + longer)
 
     def long(run: str, mfu: float) -> Result:
         return Result("generate", {"name": "llama-3.1-8b"},
