@@ -20,8 +20,8 @@ appended after the earlier Results; the summary reads each part's latest run):
         flex attention's tiles instead of a mask over the whole cache.
 Then prints one table of every case and the issue's targets with the figures measured here.
 When $OUT is set, the JSONL and the summary go there too. Rough budget on an H200: ab 5 min (four
-compiles), ablong a little more, ttft 3 min, long 5 min: run the parts as separate commands where one command may take
-10 minutes.
+compiles), ablong a little more, ttft 3 min, long 5 min: run the parts as separate commands
+where one command may take 10 minutes.
 """
 
 from __future__ import annotations
