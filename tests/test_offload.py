@@ -431,7 +431,7 @@ def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkey
     spec = PRESETS["llama-3.1-8b"]
     free = weight_bytes(spec, "float32") + 3 * 2**30  # room for the small cache, not the 32k one
     assert kv_cache_bytes(spec, 1, 32768, "float32") > 3 * 2**30
-    monkeypatch.setattr("infermeter.offload.job.free_memory",
+    monkeypatch.setattr("infermeter.offload.fit.free_memory",
                         lambda device: (free, "available in host memory"))
 
     def load_weights(*args, **kwargs):
@@ -450,15 +450,15 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
     """A paged reload stages one layer's blocks on the device (8,192 tokens of Llama-3.1-8B's
     K and V in bf16: 32 MiB a block size): free GPU memory with room for everything but that is
     refused, naming it; the prefill's logits are one row a sequence (4 B x vocabulary)."""
-    from infermeter.offload.job import check_sizes_fit
+    from infermeter.offload.fit import check_sizes_fit
     from infermeter.specs.sizes import kv_bytes_per_token_layer
 
     spec, cuda = PRESETS["llama-3.1-8b"], torch.device("cuda")
     seen: list[dict[str, int]] = []
-    monkeypatch.setattr("infermeter.offload.job.check_fit",
+    monkeypatch.setattr("infermeter.offload.fit.check_fit",
                         lambda what, parts, *rest: seen.append(dict(parts)))
-    monkeypatch.setattr("infermeter.offload.job.free_memory", lambda d: (0, "free on the GPU"))
-    monkeypatch.setattr("infermeter.offload.job.host_available", lambda: 2**40)
+    monkeypatch.setattr("infermeter.offload.fit.free_memory", lambda d: (0, "free on the GPU"))
+    monkeypatch.setattr("infermeter.offload.fit.host_available", lambda: 2**40)
 
     def device_parts(**blocks):
         seen.clear()
@@ -474,9 +474,9 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
     assert paged == {**plain, "paged reload staging, blocks of 16": staging,
                      "paged reload staging, blocks of 256": staging}
     monkeypatch.undo()
-    monkeypatch.setattr("infermeter.offload.job.host_available", lambda: 2**40)
+    monkeypatch.setattr("infermeter.offload.fit.host_available", lambda: 2**40)
     room = sum(plain.values()) + staging  # one block size's staging, not two
-    monkeypatch.setattr("infermeter.offload.job.free_memory",
+    monkeypatch.setattr("infermeter.offload.fit.free_memory",
                         lambda device: (room, "free on the GPU"))
     request = OffloadRequest("llama-3.1-8b", prefix_lens=(8192,), suffix_lens=(128,),
                              new_tokens=1, block_sizes=(16, 256))

@@ -17,12 +17,8 @@ from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result
-from infermeter.offload.job import (
-    check_sizes_fit,
-    measure_offloaded_decode,
-    offloaded_fit_parts,
-    on_device_refusal,
-)
+from infermeter.offload.fit import check_sizes_fit, offloaded_fit_parts, on_device_refusal
+from infermeter.offload.job import measure_offloaded_decode
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.streamed import StreamedDecode
 from infermeter.offload.streamed_prefill import StreamedPrefill, drop_cache, layer_buffers
@@ -245,7 +241,7 @@ def test_a_cache_too_large_for_the_gpu_is_decoded_from_two_buffers(monkeypatch):
     weights in the free memory given, its two layer buffers do: the fit check accepts, the
     decode on the device is refused (a reason, for the Result's warning); with 1 byte less
     than the streamed parts, the fit check refuses in one line."""
-    from infermeter.offload.job import traffic_len_for
+    from infermeter.offload.fit import traffic_len_for
     from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes, weight_bytes
     from infermeter.units import format_bytes
 
@@ -254,9 +250,9 @@ def test_a_cache_too_large_for_the_gpu_is_decoded_from_two_buffers(monkeypatch):
     whole = weight_bytes(LLAMA, "bfloat16") + kv_cache_bytes(LLAMA, 1, 32768 + 33, "bfloat16")
     assert need < whole
     free = {"gpu": need}
-    monkeypatch.setattr("infermeter.offload.job.free_memory",
+    monkeypatch.setattr("infermeter.offload.fit.free_memory",
                         lambda device: (free["gpu"], "free on the GPU"))
-    monkeypatch.setattr("infermeter.offload.job.host_available", lambda: 1 << 40)
+    monkeypatch.setattr("infermeter.offload.fit.host_available", lambda: 1 << 40)
     check_sizes_fit(LLAMA, request, GPU, "bfloat16", "bfloat16")
     refusal = on_device_refusal(LLAMA, request, GPU, "bfloat16", "bfloat16")
     assert refusal and "KV cache 4.0 GiB" in refusal and "does not fit" in refusal
@@ -280,7 +276,7 @@ def test_an_offloaded_decode_that_does_not_fit_even_so_is_one_error_line(monkeyp
     request = _request()
     need = sum(offloaded_fit_parts(LLAMA, request, SimpleNamespace(type="cpu"), "float32",
                                    "float32").values())
-    monkeypatch.setattr("infermeter.offload.job.free_memory",
+    monkeypatch.setattr("infermeter.offload.fit.free_memory",
                         lambda device: (need - 1, "available in host memory"))
 
     def load_weights(*args, **kwargs):

@@ -1,0 +1,150 @@
+"""What `infermeter offload` will hold, checked from sizes alone before anything is allocated:
+each case's cache length against the model's context, weights + the largest case's cache and
+activations on the device and the prefixes' host copies in host memory (one sum on the CPU,
+where both are one memory), and the offloaded decode's own phase (two layer buffers, never the
+whole cache), with whether its on-device comparison fits at all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infermeter.measure.env import host_available
+from infermeter.measure.fit import check_fit, free_memory
+from infermeter.offload.request import OffloadRequest
+from infermeter.specs.sizes import cache_length
+from infermeter.units import dtype_bytes
+
+
+def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
+    """The case's cache length; one error line when prefix + suffix + checked tokens do not fit
+    the model's context or the fixed --max-seq-len."""
+    return cache_length(spec, prefix + suffix, request.new_tokens, request.max_seq_len,
+                        f"prefix {prefix} + suffix {suffix} + {request.new_tokens} checked tokens")
+
+
+def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
+    """The cache length the decode-under-traffic windows need: context + the window's steps."""
+    context, steps = request.traffic_context, request.decode_steps + 1
+    return cache_length(spec, context, steps, request.max_seq_len,
+                        f"decode under copy traffic: context {context} + "
+                        f"{request.decode_steps} decode steps + 1")
+
+
+def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                    kv_dtype: str) -> None:
+    """Sizes only, before any allocation: weights + the largest case's cache + its activations on
+    the device, the longest prefix's host copy in host memory (one sum on the CPU)."""
+    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes, weight_bytes
+
+    longest = max(request.prefix_lens) + max(request.suffix_lens)
+    cache_len = cache_len_for(spec, request, max(request.prefix_lens), max(request.suffix_lens))
+    forward = min(request.prefill_chunk or longest, longest)
+    device_parts = {"weights": weight_bytes(spec, dtype),
+                    "KV cache": kv_cache_bytes(spec, request.batch_size, cache_len, kv_dtype),
+                    # one row a sequence goes to the vocabulary (Transformer.forward's rows)
+                    "logits": 4 * request.batch_size * spec.vocab_size,
+                    "prefill activations": 3 * request.batch_size * forward * spec.ffn_dim
+                    * dtype_bytes(dtype)}
+    host_parts = {"prefix KV in host memory": kv_cache_bytes(
+        spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
+    for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
+        blocks = -(-max(request.prefix_lens) // size)
+        host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
+            spec, request.batch_size, blocks * size, kv_dtype)
+        # its device staging buffer (paged.py): one full-attention layer's blocks, K and V
+        device_parts[f"paged reload staging, blocks of {size}"] = (
+            request.batch_size * blocks * size * kv_bytes_per_token_layer(spec, kv_dtype))
+    if request.traffic or request.offloaded_decode:
+        from infermeter.offload.traffic import CHUNK_BYTES
+
+        chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        if request.traffic:  # the decode under traffic holds a whole cache at the context
+            traffic_cache = kv_cache_bytes(spec, request.batch_size,
+                                           traffic_len_for(spec, request), kv_dtype)
+            if traffic_cache > device_parts["KV cache"]:  # one cache at a time: the larger
+                device_parts["KV cache"] = traffic_cache
+        device_parts["copy traffic buffers"] = 2 * chunk
+        host_parts["copy traffic host buffers"] = 2 * chunk
+        if request.offloaded_decode:  # the prompt's KV in host memory
+            host_parts["offloaded KV in host memory"] = kv_cache_bytes(
+                spec, request.batch_size, request.traffic_context, kv_dtype)
+    # the parts are complete: only now merged (on the CPU) into what each check sums
+    if device.type == "cuda":
+        checks = [(device_parts, *free_memory(device)),
+                  (host_parts, host_available(), "available in host memory")]
+    else:
+        checks = [({**device_parts, **host_parts}, *free_memory(device))]
+    what = (f"{spec.name} at batch {request.batch_size}, prefix {max(request.prefix_lens)}, "
+            f"suffix {max(request.suffix_lens)}")
+    levers = "--batch-size, --prefix-len or --suffix-len"
+    if request.traffic or request.offloaded_decode:
+        what += f", context {request.traffic_context}"
+        levers = "--batch-size, --prefix-len, --suffix-len or --context"
+    for parts, free, where in checks:
+        check_fit(what, parts, free, where, f"use a smaller {levers}")
+    if request.offloaded_decode:  # its own phase: the cases' cache is gone by then
+        check_fit(f"offloaded decode of {spec.name} at batch {request.batch_size}, context "
+                  f"{request.traffic_context}",
+                  offloaded_fit_parts(spec, request, device, dtype, kv_dtype),
+                  *free_memory(device), "use a smaller --batch-size, --context or "
+                  "--prefill-chunk")
+
+
+def offloaded_fit_parts(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                        kv_dtype: str) -> dict[str, int]:
+    """What the device holds during the offloaded decode (the weights, its streamed parts, the
+    link probe's buffers); on the CPU, where host and device are one memory, the host cache
+    and buffers too. Never the whole cache."""
+    from infermeter.offload.traffic import CHUNK_BYTES
+    from infermeter.specs.sizes import kv_cache_bytes, weight_bytes
+
+    chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    parts = {"weights": weight_bytes(spec, dtype),
+             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[0],
+             "copy traffic buffers": 2 * chunk}
+    if device.type != "cuda":
+        parts["offloaded KV in host memory"] = kv_cache_bytes(
+            spec, request.batch_size, request.traffic_context, kv_dtype)
+        parts["copy traffic host buffers"] = 2 * chunk
+    return parts
+
+
+def offloaded_decode_parts(spec: Any, request: OffloadRequest, dtype: str, kv_dtype: str
+                           ) -> tuple[dict[str, int], dict[str, int]]:
+    """What the offloaded decode holds on the device, by part: streamed (streamed.py: two
+    layer buffers of the whole cache length, the store of decoded tokens, the prompt's prefill
+    activations) and, for the comparison, with the whole cache on the device."""
+    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes
+    from infermeter.units import dtype_bytes
+
+    batch, context = request.batch_size, request.traffic_context
+    length = traffic_len_for(spec, request)
+    forward = min(request.prefill_chunk or context, context)
+    # eager prefill of `forward` tokens: the FFN's three [B, T, ffn] tensors, and the logits
+    # of the last row only, in the model dtype and in float32
+    activations = batch * (3 * forward * spec.ffn_dim * dtype_bytes(dtype)
+                           + spec.vocab_size * (dtype_bytes(dtype) + 4))
+    streamed = {"two KV layer buffers": 2 * batch * length * kv_bytes_per_token_layer(
+                    spec, kv_dtype),
+                "decoded-token store": kv_cache_bytes(spec, batch, length - context, kv_dtype),
+                "prefill activations": activations}
+    on_device = {"KV cache": kv_cache_bytes(spec, batch, length, kv_dtype),
+                 "prefill activations": activations}
+    return streamed, on_device
+
+
+def on_device_refusal(spec: Any, request: OffloadRequest, device: Any, dtype: str,
+                      kv_dtype: str) -> str | None:
+    """Why the offloaded decode's comparison, the decode with the whole cache on the device,
+    cannot run (its fit check's line), or None when it fits. Sizes only."""
+    from infermeter.errors import InfermeterError
+    from infermeter.specs.sizes import weight_bytes
+
+    parts = {"weights": weight_bytes(spec, dtype),
+             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[1]}
+    try:
+        check_fit(f"the whole KV cache at context {request.traffic_context}", parts,
+                  *free_memory(device), "only the offloaded decode is measured")
+    except InfermeterError as refused:
+        return str(refused)
+    return None
