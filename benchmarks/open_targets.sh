@@ -8,7 +8,7 @@
 #   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
 #   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
 #   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft)
-#   part step            split against fused decode kernels at 135M, 0.5B, 1B, one round, traced
+#   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
@@ -61,7 +61,7 @@ case "${1:-}" in
   step)
     # traced: the summary's kernels/step and gaps columns come from the profiled steps
     python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
-      --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+      --results "$dest" --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
