@@ -81,9 +81,9 @@ def test_without_triton_where_the_model_runs_the_choice_changes_nothing():
 
 def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monkeypatch):
     """--moe-kernel: the CLI's choices are the engine's, "torch" by default (until a GPU
-    measures otherwise); the runner sets every MoE block; the Result records "triton" where a
-    case's batch takes the gathered path (batch x k <= E) and Triton runs, eager or compiled,
-    "torch" otherwise, and nothing for a model without experts."""
+    measures otherwise); the runner sets every MoE block; the Result records "triton" where
+    Triton runs, eager or compiled (the gathered kernels while batch x k <= E, the grouped ones
+    past that), "torch" otherwise, and nothing for a model without experts."""
     from infermeter.cli import build_parser
     from infermeter.commands.generate import MOE_KERNELS as CLI_KINDS
     from infermeter.engine import moe as moe_module
@@ -109,8 +109,8 @@ def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monk
         monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
         runner.batch_sizes = [1, 2]  # 2 x 2 pairs: the 4 experts, still gathered
         assert runner.describe()["moe_kernel"] == "triton", mode
-        runner.batch_sizes = [3]  # 6 pairs > 4 experts: every expert or grouped
-        assert runner.describe()["moe_kernel"] == "torch", mode
+        runner.batch_sizes = [3]  # 6 pairs > 4 experts: expert_gemm.py's grouped kernels
+        assert runner.describe()["moe_kernel"] == "triton", mode
         monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: False)
         runner.batch_sizes = [1]
         assert runner.describe()["moe_kernel"] == "torch", mode  # no Triton here

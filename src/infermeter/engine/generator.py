@@ -58,6 +58,7 @@ from infermeter.engine.chunk_attention import (
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, prefill_from
+from infermeter.engine.moe import prefills_without_sync
 from infermeter.engine.prefill_buckets import prefill_forwards
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
@@ -260,10 +261,10 @@ class Generator:
         self.decode_attention = model.layers[0].attention.decode_attention if model.layers \
             else None
         self._compiled_block: Callable[..., Tensor] | None = None
-        self.bucketed_prefill = bucketed_prefill and not self.spec.is_moe
+        self._bucketed_asked = bucketed_prefill  # the bucketed_prefill property decides
         # flex needs inductor's kernel (outside it flex_attention is a slow reference): the
         # bucketed prefill compiled by inductor on a GPU, else the mask
-        self.chunk_attention = chunk_attention if self.bucketed_prefill \
+        self.chunk_attention = chunk_attention if bucketed_prefill \
             and self.compile_backend == "inductor" and self.device.type == "cuda" else "mask"
         self._compiled_prefill: Callable[..., Tensor] | None = None
         if pdl and not supported(self.device):
@@ -274,6 +275,16 @@ class Generator:
         if pdl and self.compile_backend != "inductor":
             raise InfermeterError("--pdl needs the inductor compile backend")
         self.pdl = pdl
+
+    @property
+    def bucketed_prefill(self) -> bool:
+        """Whether the compiled mode prefills through the bucketed graphs: asked for, and the
+        model's MoE blocks (if any) group their tokens by expert without a host sync (moe_kernel
+        "triton" where Triton runs: kernels/expert_gemm.py; the torch grouped path's loop over
+        experts holds no static graph). Asked each prefill, since the runner sets moe_kernel
+        after building the Generator. A bucket's pads route like any token (their experts'
+        outputs are computed and discarded with the pads' rows)."""
+        return self._bucketed_asked and prefills_without_sync(self.model)
 
     def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's

@@ -21,11 +21,15 @@ Three ways to run the experts, the same numbers:
 - every expert (a compiled decode step of more tokens, fullgraph: no host sync): each expert on
   every token, weighted by the [N, E] routing weights (zero where unrouted); reads every
   expert once, as a batch whose union is near E does anyway.
-The gathered path has a second implementation (moe_kernel "triton", MOE_KERNELS):
-kernels/expert_gemv.py's kernels read the chosen experts' rows straight from the stacked
-weights by id (no gathered copy; an expert several tokens chose, once), with the same rounding
-points; it runs wherever Triton does, eager and compiled, and stays opt-in until a GPU measures
-it (benchmarks/moe_kernel_ab.py).
+With moe_kernel "triton" (MOE_KERNELS), wherever Triton runs, eager and compiled, two of them
+have a Triton implementation with the same rounding points:
+- gathered: kernels/expert_gemv.py's kernels read the chosen experts' rows straight from the
+  stacked weights by id (no gathered copy; an expert several tokens chose, once);
+- grouped and every expert (N*k > E): kernels/expert_gemm.py groups the pairs by expert with
+  static shapes (each expert's group padded to a block) and runs each block's expert on its
+  tokens: no host sync, so it compiles (fullgraph) and an MoE model can prefill through the
+  compiled bucketed graphs (prefills_without_sync, the Generator's rule).
+Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
 """
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infermeter.engine.kernels.expert_gemm import grouped_experts
 from infermeter.engine.kernels.expert_gemv import experts_kernel_usable, gathered_experts
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
@@ -85,6 +90,9 @@ class MoEFeedForward(nn.Module):
         self.last_experts = ids
         if flat.shape[0] * self.top_k <= self.n_experts:
             out = self.gathered(flat, weights, ids)
+        elif self.groups_by_kernel(flat):  # static shapes, no host sync: eager and compiled
+            out = grouped_experts(flat, weights, ids, self.w1.weight, self.w3.weight,
+                                  self.w2.weight)
         elif compiling() and shape[-2] == 1:  # a compiled decode step: no host sync
             out = self.every_expert(flat, weights, ids)
         else:
@@ -103,6 +111,12 @@ class MoEFeedForward(nn.Module):
         act = (F.silu(gate) * up).unsqueeze(-1)  # [N, k, ffn, 1]
         down = (self.w2.weight[ids] @ act).squeeze(-1)  # [N, k, dim]
         return (down * weights.unsqueeze(-1)).sum(dim=1)
+
+    def groups_by_kernel(self, x: Tensor) -> bool:
+        """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
+        grouped kernels: moe_kernel "triton" and they can run on x and the stacked weights."""
+        return self.moe_kernel == "triton" and experts_kernel_usable(
+            x, self.w1.weight, self.w3.weight, self.w2.weight)
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each expert on every token: [N, E, ffn] activations, weighted by [N, E] routing."""
@@ -145,11 +159,20 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
 
 def takes_expert_kernel(module: MoEFeedForward, batch: int) -> bool:
     """Whether a decode step of `batch` one-token sequences runs `module`'s experts through
-    the Triton kernels: asked for, the gathered path (batch * k <= E), Triton runs where the
-    weights are. forward's rule, without the input's layout (the engine's rows meet it); the
-    generation runner records what ran with it."""
-    return module.moe_kernel == "triton" and batch * module.top_k <= module.n_experts \
-        and triton_runs_on(module.w1.weight)
+    Triton kernels: asked for and Triton runs where the weights are (expert_gemv.py's gathered
+    kernels while batch * k <= E, expert_gemm.py's grouped ones past that). forward's rule,
+    without the input's layout (the engine's rows meet it); the generation runner records what
+    ran with it."""
+    return module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
+
+
+def prefills_without_sync(model: nn.Module) -> bool:
+    """Whether every MoE block of `model` runs a long forward (N * k > E) without a host sync,
+    through expert_gemm.py's grouped kernels (takes_expert_kernel's rule; the engine keeps the
+    weights in the activations' dtype): what lets an MoE model prefill through the compiled
+    bucketed graphs. True for a model without MoE blocks."""
+    return all(module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
+               for module in model.modules() if isinstance(module, MoEFeedForward))
 
 
 def touched_experts(module: MoEFeedForward) -> Tensor:

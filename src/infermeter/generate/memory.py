@@ -100,7 +100,9 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
     experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
-    if mode == "compiled" and prefill == "bucketed" and not spec.is_moe:
+    # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync)
+    if mode == "compiled" and prefill == "bucketed" and (not spec.is_moe
+                                                         or moe_kernel == "triton"):
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),

@@ -116,9 +116,10 @@ class EngineRunner:
                    if layer.step_kernels == "fused" and layer.fuses_step())
 
     def _moe_kernel_used(self) -> str | None:
-        """The decode steps' gathered experts: "triton" where a case's batch takes
-        kernels/expert_gemv.py's kernels (moe.takes_expert_kernel, the block's own rule; eager
-        and compiled alike), else "torch"; None for a model without MoE layers."""
+        """The decode steps' experts: "triton" where a case's batch takes the Triton kernels
+        (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones or
+        expert_gemm.py's grouped ones; eager and compiled alike), else "torch"; None for a
+        model without MoE layers."""
         blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
         if not blocks:
             return None
