@@ -31,7 +31,7 @@ SLOW = ("under_the_triton_interpreter", "tests/test_parallel.py", "tests/test_pe
         "tests/test_trained_model.py", "tests/test_fit_before_allocation.py")
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
+def pytest_collection_modifyitems(items) -> None:
     if _WORKERS < 2:
         return
     slow = [item for item in items if any(s in item.nodeid for s in SLOW)]
