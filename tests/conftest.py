@@ -22,20 +22,3 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-
-# The slowest tests (Triton's interpreter, spawned ranks, the trained model: 10-40 s each, a
-# few dozen seconds of the CPU suite's minutes) go first and are dealt to every worker: xdist's
-# worksteal scheduler gives each worker an even, contiguous share of the collection order and
-# steals from the ends, so slow tests left in one share, or at the end, make the run's tail.
-SLOW = ("under_the_triton_interpreter", "tests/test_parallel.py", "tests/test_peer_all_reduce.py",
-        "tests/test_trained_model.py", "tests/test_fit_before_allocation.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    if _WORKERS < 2:
-        return
-    slow = [item for item in items if any(s in item.nodeid for s in SLOW)]
-    fast = [item for item in items if not any(s in item.nodeid for s in SLOW)]
-    share = -(-len(fast) // _WORKERS)
-    items[:] = [item for w in range(_WORKERS)
-                for item in slow[w::_WORKERS] + fast[w * share:(w + 1) * share]]
