@@ -180,6 +180,31 @@ def test_the_fit_check_sizes_an_moe_prefill_at_its_bucket_with_the_triton_expert
     assert acts("triton") > acts("torch")
 
 
+def test_the_fit_check_counts_the_grouped_kernels_intermediates():
+    """With the Triton experts a prefill of T tokens holds one layer's [T x k, moe_ffn] SwiGLU
+    output and [T x k, dim] down products (Mixtral: k 2, 14,336 and 4,096 wide, bf16); the
+    torch path and a forward of B x T x k <= E pairs (the gathered kernels) hold none."""
+    from infermeter.engine.prefill_buckets import prefill_forwards
+    from infermeter.generate.memory import case_memory
+
+    spec = PRESETS["mixtral-8x7b"]
+
+    def parts(prompt, moe_kernel, tp=1, prefill="bucketed"):
+        return case_memory(spec, 1, prompt, 4096, "bfloat16", "bfloat16", "compiled", tp=tp,
+                           prefill=prefill, moe_kernel=moe_kernel)
+
+    tokens = max(n for _, n in prefill_forwards(1100, None, 4096))  # the padded forward
+    assert tokens >= 1100
+    assert parts(1100, "triton")["grouped expert activations"] == tokens * 2 * (14336 + 4096) * 2
+    assert parts(1100, "triton", tp=2)["grouped expert activations"] == \
+        tokens * 2 * (7168 + 4096) * 2  # each rank holds its rows of the experts' products
+    assert "grouped expert activations" not in parts(1100, "torch")
+    # one token unpadded: 2 pairs of 8 experts, the gathered kernels; padded to its bucket of
+    # 16, 32 pairs go through the grouped ones
+    assert "grouped expert activations" not in parts(1, "triton", prefill="exact")
+    assert parts(1, "triton")["grouped expert activations"] == 16 * 2 * (14336 + 4096) * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
 def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):

@@ -8,7 +8,8 @@ model dtype and in float32, and the FFN's three [B, T, ffn] tensors), every prom
 tensor, and, in host memory, the prompt and output ids the run keeps in Python lists (8 bytes an
 id at least), and for an MoE model decoding B x k <= E routed pairs a step through the torch
 kernel, the experts' weights the gathered way copies out (one layer's; --moe-kernel triton reads
-them in the stacked weights by id, no copy).
+them in the stacked weights by id, no copy), and with the Triton experts past E / k pairs, one
+layer's grouped intermediates ([pairs, moe_ffn] and [pairs, dim]).
 It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
 mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
 share our tensors) and of an MoE layer's gate and up experts (one tensor in transformers 5); its
@@ -119,6 +120,12 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     copies_experts = mode.startswith("hf") or moe_kernel != "triton"  # hf ignores --moe-kernel
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts and copies_experts:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
+    pairs = batch_size * forward * spec.n_active_experts  # a prefill's (token, expert) pairs
+    if spec.is_moe and not copies_experts and pairs > spec.n_experts:
+        # the grouped Triton experts (kernels/expert_gemm.py): one layer's [pairs, moe_ffn]
+        # SwiGLU output and [pairs, dim] down products (the pair ids and blocks: int64, small)
+        parts["grouped expert activations"] = pairs * (
+            -(-spec.moe_ffn_dim // tp) + spec.dim) * dtype_bytes(dtype)
     if uses_peer_buffer(tp, all_reduce):
         parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
     return parts
