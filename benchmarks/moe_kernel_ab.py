@@ -1,5 +1,5 @@
-"""Torch against Triton gathered experts (--moe-kernel, engine/kernels/expert_gemv.py) in MoE
-decode, on one GPU: the measurement the default waits for (issue 25).
+"""Torch against Triton experts (--moe-kernel: engine/kernels/expert_gemv.py gathered,
+expert_gemm.py grouped) in MoE decode, on one GPU: the measurement the default waits for (issue 25).
 
     python benchmarks/moe_kernel_ab.py [--models qwen3-30b-a3b mixtral-8x7b] [--rounds 2]
     python benchmarks/moe_kernel_ab.py --summary-only
@@ -10,10 +10,13 @@ a difference between rounds), each kind one `infermeter generate` request over B
 loop, random bf16 weights loaded once a request and freed before the next: Mixtral-8x7B's 93 GB fit
 one H200 once): compiled, an 80-token prompt and 432 new tokens in a 512-token cache
 (generation_sweep.py's seed case), REPEATS timed runs after one untimed, the HBM bandwidth measured
-in the same run for MBU. Both batches take the gathered path (batch x k <= E: Qwen3-30B-A3B 4 x 8 of
-128, Mixtral 4 x 2 of 8), and MBU is on the active weights: the experts each decode step's routing
-touched, counted after the timed runs (docs/design.md, "MoE bytes per decode step"); at batch 4 the
-torch path reads an expert once per token that chose it, the Triton kernels once. Every Result is
+in the same run for MBU. Batches 1 and 4 take the gathered path (batch x k <= E: Qwen3-30B-A3B
+4 x 8 of 128, Mixtral 4 x 2 of 8), batch 32 the grouped one (256 pairs of 128, 64 of 8: the torch
+step runs every expert on every token, the Triton one kernels/expert_gemm.py's grouped kernels, and
+its prefill stays compiled and bucketed with Triton only); MBU is on the active weights: the
+experts each decode step's routing touched, counted after the timed runs (docs/design.md, "MoE
+bytes per decode step"); at batch 4 the torch path reads an expert once per token that chose it,
+the Triton kernels once. Every Result is
 appended to results/moe-kernel-<device>.jsonl as soon as it is done (config.ab: the kernel asked for
 and the round; config.moe_kernel: what ran), and $OUT gets a copy. The summary
 (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run, batch and kernel: TPOT
@@ -54,7 +57,7 @@ MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
 KINDS = ("torch", "triton")  # engine/moe.MOE_KERNELS, the default first
 # issue 25's targets: decode MBU on the active weights at batch 1
 MBU_GOALS = {"mixtral-8x7b": 75.0, "qwen3-30b-a3b": 60.0}
-BATCHES = (1, 4)
+BATCHES = (1, 4, 32)  # gathered, gathered, grouped (batch x k past E)
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
 

@@ -12,7 +12,7 @@
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
-#   part moe             torch against Triton gathered experts, Qwen3-30B-A3B (benchmarks/moe_kernel_ab.py)
+#   part moe             torch against Triton experts at batch 1, 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload)
 #   part offload-traffic decode under copy traffic, DMA and SM kernel (offload_targets.sh traffic)

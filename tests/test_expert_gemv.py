@@ -161,12 +161,15 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
     assert tuple(script.KINDS) == MOE_KERNELS
     for model, dtype in script.MODELS.items():
         spec = PRESETS[model]
-        assert all(batch * spec.n_active_experts <= spec.n_experts for batch in script.BATCHES)
+        # every batch but the last gathered; the last grouped (its pairs outnumber the experts)
+        *gathered, grouped = script.BATCHES
+        assert all(batch * spec.n_active_experts <= spec.n_experts for batch in gathered)
+        assert grouped * spec.n_active_experts > spec.n_experts
         request = script.ab_request(model, "triton")
         assert (request.source, request.dtype, request.modes, request.batch_sizes) == \
             (f"random:{model}", dtype, ("compiled",), script.BATCHES)
         assert request.engine.moe_kernel == "triton" and request.timing.roofline
-    tiny = MIXTRAL.with_updates(n_experts=8)  # batch 4 gathered too, as in the real models
+    tiny = MIXTRAL.with_updates(n_experts=8)  # batch 4 gathered, 32 grouped, as the real models
     source, gen = build_model(tiny, seed=0), torch.Generator().manual_seed(0)
     for layer in source.layers:  # a wide router: tokens spread over the experts
         torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
