@@ -157,22 +157,21 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
             module.moe_kernel = kind
 
 
-def takes_expert_kernel(module: MoEFeedForward, batch: int) -> bool:
-    """Whether a decode step of `batch` one-token sequences runs `module`'s experts through
-    Triton kernels: asked for and Triton runs where the weights are (expert_gemv.py's gathered
-    kernels while batch * k <= E, expert_gemm.py's grouped ones past that). forward's rule,
-    without the input's layout (the engine's rows meet it); the generation runner records what
-    ran with it."""
+def takes_expert_kernel(module: MoEFeedForward) -> bool:
+    """Whether `module`'s experts run through Triton kernels, at any number of tokens: asked
+    for and Triton runs where the weights are (expert_gemv.py's gathered kernels while
+    N * k <= E, expert_gemm.py's grouped ones past that). forward's rule, without the input's
+    layout (the engine's rows meet it); the generation runner records what ran with it."""
     return module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
 
 
 def prefills_without_sync(model: nn.Module) -> bool:
     """Whether every MoE block of `model` runs a long forward (N * k > E) without a host sync,
-    through expert_gemm.py's grouped kernels (takes_expert_kernel's rule; the engine keeps the
+    through expert_gemm.py's grouped kernels (takes_expert_kernel; the engine keeps the
     weights in the activations' dtype): what lets an MoE model prefill through the compiled
     bucketed graphs. True for a model without MoE blocks."""
-    return all(module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
-               for module in model.modules() if isinstance(module, MoEFeedForward))
+    return all(takes_expert_kernel(module) for module in model.modules()
+               if isinstance(module, MoEFeedForward))
 
 
 def touched_experts(module: MoEFeedForward) -> Tensor:

@@ -123,8 +123,8 @@ class EngineRunner:
         blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
         if not blocks:
             return None
-        kernel = any(takes_expert_kernel(block, batch) for block in blocks
-                     for batch in self.batch_sizes)
+        # after warmup() learned the batches (none yet: nothing ran)
+        kernel = bool(self.batch_sizes) and any(takes_expert_kernel(block) for block in blocks)
         return "triton" if kernel else "torch"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
