@@ -38,7 +38,7 @@ import torch
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, slot_pieces
-from infermeter.offload.streamed_prefill import drop_cache, shared_buffers
+from infermeter.offload.streamed_prefill import LAYER_BUFFERS, drop_cache, shared_buffers
 
 
 class StreamedDecode:
@@ -88,16 +88,18 @@ class StreamedDecode:
 
     # ---- the schedule ---------------------------------------------------------------------
     def step_at(self, pos: int) -> None:
-        """Before a decode step that writes position `pos`: stream layers 0 and 1 in."""
+        """Before a decode step that writes position `pos`: stream the first layers in, one a
+        buffer."""
         self.pos = pos
         self.events = [None] * len(self.model.layers)
         self.issued = [False] * len(self.model.layers)
         self.stream.follow_compute()
-        for index in range(2):
+        for index in range(LAYER_BUFFERS):
             self._stream_in(index)
 
     def _stream_in(self, index: int) -> None:
-        buffer, host, recent = self.buffers[index % 2], self.host[index], self.recent[index]
+        buffer, host, recent = self.buffers[index % LAYER_BUFFERS], self.host[index], \
+            self.recent[index]
         context, decoded = self.context, self.pos - self.context
         for held, kept, cache in zip(host, recent, (buffer.k, buffer.v)):
             for where, piece in slot_pieces(cache, 0, context):  # [context, D] each
@@ -121,7 +123,7 @@ class StreamedDecode:
 
     def _after(self, index: int) -> Callable[..., None]:
         def keep_and_refill(module: Any, args: Any, output: Any) -> None:
-            buffer, (rk, rv) = self.buffers[index % 2], self.recent[index]
+            buffer, (rk, rv) = self.buffers[index % LAYER_BUFFERS], self.recent[index]
             slot = self.pos - self.context
             if slot >= rk.shape[2]:
                 raise InfermeterError(f"decode position {self.pos} is past the KV cache")
@@ -129,7 +131,7 @@ class StreamedDecode:
             rv[:, :, slot].copy_(buffer.v[:, :, self.pos])
             if self.trace is not None:
                 self.trace.append(("attended", index))
-            if index + 2 < len(self.model.layers):
+            if index + LAYER_BUFFERS < len(self.model.layers):
                 self.stream.follow_compute()  # the buffer is read until this layer is done
-                self._stream_in(index + 2)
+                self._stream_in(index + LAYER_BUFFERS)
         return keep_and_refill
