@@ -101,9 +101,19 @@ class CopyMarks:
         return sum((len(marks) - 1) * self.chunk_bytes for marks in self.ways.values())
 
     @property
+    def first_ms(self) -> float:
+        """The earliest way's start."""
+        return min(m[0] for m in self.ways.values())
+
+    @property
+    def last_ms(self) -> float:
+        """The latest way's end."""
+        return max(m[-1] for m in self.ways.values())
+
+    @property
     def span_ms(self) -> float:
         """First start to last end, over every way."""
-        return max(m[-1] for m in self.ways.values()) - min(m[0] for m in self.ways.values())
+        return self.last_ms - self.first_ms
 
     @property
     def span_gbps(self) -> float:
@@ -124,9 +134,7 @@ class CopyMarks:
                     moved += self.chunk_bytes * max(inside, 0.0) / (done - begin)
                 elif start <= done <= end:  # a chunk of no measurable time: where it ended
                     moved += self.chunk_bytes
-        first = min(m[0] for m in self.ways.values())
-        last = max(m[-1] for m in self.ways.values())
-        ran = max(min(last, end) - max(first, start), 0.0)
+        ran = max(min(self.last_ms, end) - max(self.first_ms, start), 0.0)
         return InWindow(moved, ran, started_late=any(m[0] > start for m in self.ways.values()),
                         ended_early=any(m[-1] < end for m in self.ways.values()))
 
@@ -374,7 +382,7 @@ def decode_under_traffic(generator: Any, state: Any, config: Any, steps: int,
                 moved.append(inside.bytes)
                 notes += inside.notes(f"decode under {label} copies")
             alone = [took / steps for took in alone]
-            stats, alone_stats = Stats.of(windows), Stats.of(alone)
+            stats, alone_stats, copy_stats = Stats.of(windows), Stats.of(alone), Stats.of(rates)
             slowdowns = interleaved_slowdowns(alone, windows)
             samples[label], samples[f"{label} alone"] = windows, alone
             entries.append({"direction": direction,
@@ -384,8 +392,8 @@ def decode_under_traffic(generator: Any, state: Any, config: Any, steps: int,
                             "tpot_alone_stats": alone_stats.to_dict(),
                             "slowdown_pct": Stats.of(slowdowns).median,
                             "slowdowns_pct": slowdowns,
-                            "copy_gbps": Stats.of(rates).median,
-                            "copy_stats": Stats.of(rates).to_dict(),
+                            "copy_gbps": copy_stats.median,
+                            "copy_stats": copy_stats.to_dict(),
                             "copy_window_bytes": Stats.of(moved).median,
                             "copy_alone_gbps": solo.median, "copy_alone_stats": solo.to_dict(),
                             "same_tokens": same})
