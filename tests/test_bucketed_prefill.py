@@ -254,7 +254,8 @@ def test_moe_and_eager_prefill_exactly():
 
 def test_the_fit_check_counts_the_padded_forward():
     """generate's fit check sizes the prefill's activations at the bucket the prompt runs at."""
-    from infermeter.generate.memory import case_memory, prefill_activation_bytes
+    from infermeter.generate.memory import case_memory
+    from infermeter.specs.sizes import prefill_activation_bytes
 
     spec = PRESETS["llama-2-7b"]
     def acts(**kw):

@@ -37,17 +37,6 @@ from infermeter.units import dtype_bytes
 ADVICE = "use a smaller --batch-size, --prompt-len, --context or --max-seq-len"
 
 
-def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
-                             dtype: str, every_row: bool = False) -> int:
-    """The largest prefill forward's activations: the engine projects one row a sequence to
-    the vocabulary (Transformer.forward's rows); every_row: all T rows, as transformers may."""
-    tokens = batch_size * prompt_len
-    rows = tokens if every_row else batch_size
-    logits = rows * spec.vocab_size * (dtype_bytes(dtype) + 4)  # [B, rows, V] and its .float()
-    ffn = 3 * tokens * spec.ffn_dim * dtype_bytes(dtype)  # w1 x, w3 x, their product
-    return logits + ffn
-
-
 def gathered_expert_bytes(spec: ModelSpec, batch_size: int, dtype: str) -> int:
     """An MoE decode step of B tokens with B x k <= E experts (engine/moe.py's gathered way)
     copies out each token's k experts' w1, w3 and w2 (one layer at a time)."""
@@ -107,7 +96,7 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
-             "prefill activations": prefill_activation_bytes(
+             "prefill activations": sizes.prefill_activation_bytes(
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
     if spec.attn_logit_softcap is not None and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2): a layer's prefill holds its float32 scores

@@ -114,16 +114,17 @@ def offloaded_decode_parts(spec: Any, request: OffloadRequest, dtype: str, kv_dt
     """What the offloaded decode holds on the device, by part: streamed (streamed.py: two
     layer buffers of the whole cache length, the store of decoded tokens, the prompt's prefill
     activations) and, for the comparison, with the whole cache on the device."""
-    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes
-    from infermeter.units import dtype_bytes
+    from infermeter.specs.sizes import (
+        kv_bytes_per_token_layer,
+        kv_cache_bytes,
+        prefill_activation_bytes,
+    )
 
     batch, context = request.batch_size, request.traffic_context
     length = traffic_len_for(spec, request)
     forward = min(request.prefill_chunk or context, context)
-    # eager prefill of `forward` tokens: the FFN's three [B, T, ffn] tensors, and the logits
-    # of the last row only, in the model dtype and in float32
-    activations = batch * (3 * forward * spec.ffn_dim * dtype_bytes(dtype)
-                           + spec.vocab_size * (dtype_bytes(dtype) + 4))
+    # eager prefill of `forward` tokens (the last row's logits only)
+    activations = prefill_activation_bytes(spec, batch, forward, dtype)
     streamed = {"two KV layer buffers": 2 * batch * length * kv_bytes_per_token_layer(
                     spec, kv_dtype),
                 "decoded-token store": kv_cache_bytes(spec, batch, length - context, kv_dtype),

@@ -68,6 +68,17 @@ def kv_cache_bytes(spec: ModelSpec, batch_size: int, seq_len: int, kv_dtype: str
     return batch_size * tokens * per_layer
 
 
+def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
+                             dtype: str, every_row: bool = False) -> int:
+    """The largest prefill forward's activations: the engine projects one row a sequence to
+    the vocabulary (Transformer.forward's rows); every_row: all T rows, as transformers may."""
+    tokens = batch_size * prompt_len
+    rows = tokens if every_row else batch_size
+    logits = rows * spec.vocab_size * (dtype_bytes(dtype) + 4)  # [B, rows, V] and its .float()
+    ffn = 3 * tokens * spec.ffn_dim * dtype_bytes(dtype)  # w1 x, w3 x, their product
+    return logits + ffn
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
