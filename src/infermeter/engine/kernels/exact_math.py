@@ -9,7 +9,9 @@ exactly and call libdevice's expf and tanhf. So:
   CUDA silu kernel computes it;
 - tanh is libdevice's tanhf, as torch.tanh on CUDA;
 - a division by a Python number is a product with its float32 reciprocal, rounded once
-  (float32_reciprocal), as torch's CUDA division by a scalar computes it.
+  (float32_reciprocal), as torch's CUDA division by a scalar computes it;
+- a mean is the sum times 1/n, the reciprocal divided exactly and rounded once (exact_mean),
+  as torch's CUDA mean reduces.
 LIBDEVICE off (Triton's CPU interpreter, which has no libdevice; compiled_for_gpu says which):
 exp is tl.exp and tanh 2 sigmoid(2x) - 1, within a few float32 ulp.
 """
@@ -60,3 +62,9 @@ if triton is not None:
         if LIBDEVICE:
             return libdevice.tanh(x)
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def exact_mean(total, n):
+        """float32 total / n as torch's CUDA mean: total times 1/n, the reciprocal an exact
+        division rounded once (`/ n` would compile to an approximate division)."""
+        return total * tl.math.div_rn(1.0, n.to(tl.float32))

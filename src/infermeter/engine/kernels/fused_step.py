@@ -70,7 +70,7 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_silu
+    from infermeter.engine.kernels.exact_math import exact_mean, exact_silu
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
     # div.approx.f32, within 2 ulp of the quotient):
@@ -92,8 +92,7 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             squares += x * x
-        factor = tl.math.div_rn(1.0, n_cols.to(tl.float32))  # torch's CUDA mean: sum * (1/n)
-        return tl.rsqrt(tl.sum(squares, axis=0) * factor + EPS)
+        return tl.rsqrt(exact_mean(tl.sum(squares, axis=0), n_cols) + EPS)
 
     @triton.jit
     def _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM: tl.constexpr,

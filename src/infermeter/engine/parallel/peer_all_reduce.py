@@ -110,6 +110,8 @@ def agree(group: Any, error: str | None, table: Tensor, stage: str) -> str | Non
 if triton is not None:
     import triton.language as tl
 
+    from infermeter.engine.kernels.exact_math import exact_mean
+
     @triton.jit
     def _address(table, dtype: tl.constexpr):
         """A buffer's address from a table of int64s as a pointer to dtype, 256-byte aligned
@@ -188,10 +190,7 @@ if triton is not None:
         RMSNorm(h) * NORM_W into OUT, exactly as model.RMSNorm computes it (float32 mean of
         squares, rounded, times the weight)."""
         hf = add_residual(acc, R, H, offs, mask)
-        # torch's CUDA mean: the sum times 1/n rounded to float32 once (an exact division;
-        # `/ dim` would compile to an approximate one)
-        factor = tl.math.div_rn(1.0, dim.to(tl.float32))
-        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) * factor + EPS)
+        inv_rms = tl.rsqrt(exact_mean(tl.sum(hf * hf, axis=0), dim) + EPS)  # torch's mean
         store_normed(hf, inv_rms, NORM_W, H, OUT, cols, offs, mask)
 
     @triton.jit
