@@ -16,7 +16,13 @@ from infermeter.engine import moe as moe_module
 from infermeter.engine.kernels import expert_gemm, expert_gemv, pdl
 from infermeter.engine.kernels.expert_gemm import grouped_experts
 from infermeter.engine.moe import MoEFeedForward
-from tests.expert_gemv_worker import experts, module_with, reference, routing
+from tests.expert_gemv_worker import (
+    assert_rounding_points,
+    experts,
+    module_with,
+    reference,
+    routing,
+)
 from tests.fused_step_worker import ULP, close, rounder
 
 # (E, k, renormalise, ffn, dim): Mixtral's routing (8 experts, 2 a token, renormalised) and
@@ -121,12 +127,7 @@ def check_rounding_points() -> None:
         else:
             want = moe.gathered(x, weights, ids)
         got = grouped_experts(x, weights, ids, w1, w3, w2)
-        if dtype == torch.float32:  # silu's exp (Triton's is not torch's in the last bit)
-            torch.testing.assert_close(got, want, rtol=0,
-                                       atol=4 * ULP[dtype] * want.abs().max().item())
-        else:
-            assert torch.equal(got, want), f"rounding points {dtype}: " \
-                f"{(got.float() - want.float()).abs().max().item()}"
+        assert_rounding_points(got, want, dtype, "grouped")
     expert_gemm.block_tiles = BLOCK_TILES
 
 
