@@ -118,7 +118,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          help="gathered MoE experts: torch indexing or Triton by id "
                          "(default torch)")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
-                         help=f"tokens a prefill forward ({COMPILED_PREFILL_CHUNK} in compiled mode)")
+                         help=f"tokens a prefill forward ({COMPILED_PREFILL_CHUNK} in compiled "
+                         "mode)")
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
