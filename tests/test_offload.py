@@ -449,7 +449,7 @@ def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkey
 def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
     """A paged reload stages one layer's blocks on the device (8,192 tokens of Llama-3.1-8B's
     K and V in bf16: 32 MiB a block size): free GPU memory with room for everything but that is
-    refused, naming it; the prefill's logits are one row a sequence (4 B x vocabulary)."""
+    refused, naming it; the prefill's logits are one row a sequence (bf16 and its float32 copy)."""
     from infermeter.offload.fit import check_sizes_fit
     from infermeter.specs.sizes import kv_bytes_per_token_layer
 
@@ -468,7 +468,9 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
         return seen[0]  # the device's parts (the host's come second)
 
     plain, paged = device_parts(), device_parts(block_sizes=(16, 256))
-    assert plain["logits"] == 4 * spec.vocab_size
+    # the 8,320-token forward's MLP (3 bf16 rows of ffn_dim a token) + one logits row (bf16 + fp32)
+    assert plain["prefill activations"] == (3 * 8320 * spec.ffn_dim * 2
+                                            + spec.vocab_size * (2 + 4))
     staging = 8192 * kv_bytes_per_token_layer(spec, "bf16")
     assert staging == 32 * 2**20
     assert paged == {**plain, "paged reload staging, blocks of 16": staging,

@@ -12,7 +12,6 @@ from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.offload.request import OffloadRequest
 from infermeter.specs.sizes import cache_length
-from infermeter.units import dtype_bytes
 
 
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
@@ -34,17 +33,22 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     kv_dtype: str) -> None:
     """Sizes only, before any allocation: weights + the largest case's cache + its activations on
     the device, the longest prefix's host copy in host memory (one sum on the CPU)."""
-    from infermeter.specs.sizes import kv_bytes_per_token_layer, kv_cache_bytes, weight_bytes
+    from infermeter.specs.sizes import (
+        kv_bytes_per_token_layer,
+        kv_cache_bytes,
+        prefill_activation_bytes,
+        weight_bytes,
+    )
 
     longest = max(request.prefix_lens) + max(request.suffix_lens)
     cache_len = cache_len_for(spec, request, max(request.prefix_lens), max(request.suffix_lens))
     forward = min(request.prefill_chunk or longest, longest)
     device_parts = {"weights": weight_bytes(spec, dtype),
                     "KV cache": kv_cache_bytes(spec, request.batch_size, cache_len, kv_dtype),
-                    # one row a sequence goes to the vocabulary (Transformer.forward's rows)
-                    "logits": 4 * request.batch_size * spec.vocab_size,
-                    "prefill activations": 3 * request.batch_size * forward * spec.ffn_dim
-                    * dtype_bytes(dtype)}
+                    # the largest forward's MLP intermediates and one logits row a sequence
+                    # (Transformer.forward's rows), as generate's fit check counts them
+                    "prefill activations": prefill_activation_bytes(
+                        spec, request.batch_size, forward, dtype)}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
     for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
