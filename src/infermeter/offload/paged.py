@@ -30,7 +30,14 @@ from torch import Tensor
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import Copy, copy_piece, layer_caches, pinned_like
+from infermeter.offload.reload import (
+    Copy,
+    LayerCopies,
+    check_prefix_fits,
+    copy_piece,
+    layer_caches,
+    pinned_like,
+)
 
 
 @dataclass
@@ -42,7 +49,7 @@ class PagedLayer:
     slots: int  # n: the layer's slots the prefix fills
 
 
-class PagedHostPrefix:
+class PagedHostPrefix(LayerCopies):
     """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host in
     blocks of `block_size` tokens."""
 
@@ -51,9 +58,7 @@ class PagedHostPrefix:
         caches = layer_caches(model)
         if block_size < 1:
             raise InfermeterError(f"--block-size must be at least 1 token, got {block_size}")
-        if not 0 < prefix_len <= model.max_seq_len:
-            raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
-                                  f"{model.max_seq_len} tokens")
+        check_prefix_fits(model, prefix_len)
         self.prefix_len, self.block_size = prefix_len, block_size
         pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
         rng = torch.Generator().manual_seed(seed)
@@ -109,8 +114,3 @@ class PagedHostPrefix:
                 copy(device[:, :, whole * block:n], stage[:, whole, :, :n - whole * block])
         if layer.key_pos is not None:
             copy(cache.key_pos, layer.key_pos)
-
-    def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
-        """Every layer back, in order, on the current stream: the serial way."""
-        for index in range(len(self.layers)):
-            self.copy_layer(model, index, copy)

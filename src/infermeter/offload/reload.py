@@ -143,14 +143,34 @@ class LayerKV:
     key_pos: Tensor | None  # [S_layer] int64, a ring layer's only (pinned on a GPU too)
 
 
-class HostPrefix:
+def check_prefix_fits(model: Transformer, prefix_len: int) -> None:
+    """One error line when a prefix is empty or longer than the model's cache."""
+    if not 0 < prefix_len <= model.max_seq_len:
+        raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
+                              f"{model.max_seq_len} tokens")
+
+
+class LayerCopies:
+    """A prefix's KV in host memory that goes back one layer at a time (`copy_layer`, each
+    layout its own); the serial reload and the layer-wise one (LayerwiseReload) share it."""
+
+    layers: list[Any]
+
+    def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        raise NotImplementedError
+
+    def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
+        """Every layer back, in order, on the current stream: the serial way."""
+        for index in range(len(self.layers)):
+            self.copy_layer(model, index, copy)
+
+
+class HostPrefix(LayerCopies):
     """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host."""
 
     def __init__(self, model: Transformer, prefix_len: int) -> None:
         caches = layer_caches(model)
-        if not 0 < prefix_len <= model.max_seq_len:
-            raise InfermeterError(f"prefix of {prefix_len} tokens does not fit the KV cache of "
-                                  f"{model.max_seq_len} tokens")
+        check_prefix_fits(model, prefix_len)
         self.prefix_len = prefix_len
         pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
         self.layers: list[LayerKV] = []
@@ -177,11 +197,6 @@ class HostPrefix:
                 copy(piece, host[where])
         if layer.key_pos is not None:
             copy(cache.key_pos, layer.key_pos)
-
-    def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
-        """Every layer back, in order, on the current stream: the serial way."""
-        for index in range(len(self.layers)):
-            self.copy_layer(model, index, copy)
 
 
 class LayerwiseReload:
