@@ -91,3 +91,15 @@ def test_the_kept_all_reduce_kinds() -> None:
     from infermeter.commands.generate import ALL_REDUCE_KINDS
 
     assert ALL_REDUCE_KINDS == ("auto", "nccl", "one-shot", "triton", "triton-unfused")
+
+
+def test_every_option_says_what_it_does() -> None:
+    """An option without help shows only its metavar in --help (kv's --batch-size did)."""
+    from infermeter.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.choices and a.dest == "command"]
+    bare = [f"{name} {action.option_strings[0]}"
+            for name, command in sub.choices.items() for action in command._actions
+            if action.option_strings and not action.help]
+    assert bare == []

@@ -62,8 +62,10 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="preset name or path to config.json / params.json / a checkpoint "
                         f"folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1])
-    parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[512])
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1],
+                        help="sequences per batch; several make a sweep (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[512],
+                        help="KV-cache tokens per sequence; several make a sweep (default 512)")
     parser.add_argument("--kv-dtype", help="KV dtype: fp32, fp16, bf16, fp8, int8 (default: "
                         "the model's dtype)")
 

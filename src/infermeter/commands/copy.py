@@ -27,11 +27,14 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
                    help="d2h, h2d, or both at once (default: all)")
     p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS),
                    help="per-tensor copies, staged (gather + chunked DMA), streams "
-                   "(round-robin over 4 streams), mapped (kernel into mapped pinned memory)")
+                   "(round-robin over 4 streams), mapped (kernel into mapped pinned memory) "
+                   "(default: all)")
     p.add_argument("--block-tokens", type=positive_int, nargs="+", default=[16],
                    help="tokens per paged block (default 16)")
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed samples per case")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before the samples")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed samples per case (default 10)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs before the samples (default 2)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="default cuda (without a GPU: what it would move, nothing measured); "
                    "cpu: a host-memcpy run of the whole pipeline, no GPU needed")

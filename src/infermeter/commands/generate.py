@@ -78,7 +78,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--greedy", action="store_true", default=True,
                      help="argmax decoding (the default)")
     gen.add_argument("--temperature", type=temperature_arg, metavar="T",
-                     help="sample with this temperature (0: greedy)")
+                     help="sample with this temperature (default 0: greedy)")
     gen.add_argument("--top-p", type=top_p_arg, default=1.0, metavar="P",
                      help="nucleus sampling threshold (default 1.0)")
     gen.add_argument("--until-eos", action="store_true",

@@ -17,7 +17,7 @@ def add_kv_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-dtype", help="dtype of the MoE experts' weight matrices, e.g. "
                    "mxfp4 (default: as published, gpt-oss's mxfp4, where no --dtype is given; "
                    "else --dtype's)")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--gpu-memory", help="GPU memory to fit into, e.g. 80GiB (default: the "
                    "local GPU's, read through NVML, if there is one)")
     p.add_argument("--reserve", default="10%",
@@ -64,7 +64,10 @@ def _run_kv(args: argparse.Namespace) -> int:
 
 
 def add_presets_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list the built-in model presets")
+    p = sub.add_parser("presets", help="list the built-in model presets",
+                       description="The built-in model shapes (what --model takes by name), "
+                       "their weights in the dtype they are published in, the KV cache per "
+                       "token and the sliding window where one caps the cache.")
     p.add_argument("--json", action="store_true", help="print the presets as JSON")
     p.set_defaults(handler=_run_presets)
 
