@@ -182,3 +182,19 @@ def test_bad_config_file_on_the_cli(tmp_path, content, message):
     assert out.returncode == 2 and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.jsonl").exists()  # no half-written result
+
+
+@pytest.mark.parametrize("args, message", [
+    # read only when a GPU memory was known: passed on a machine without one
+    (("--reserve", "150%"), "reserve '150%' must be within 0% and 100%"),
+    (("--reserve", "lots"), "cannot read size 'lots'"),
+    # printed "experts mxfp4" for a model without experts
+    (("--expert-dtype", "mxfp4"), "--expert-dtype applies to the experts of a MoE model; "
+     "llama-2-7b has none"),
+])
+def test_bad_sizing_flags_are_one_error_line(args, message, tmp_path):
+    out = run("kv", *args, "--output", str(tmp_path / "kv.jsonl"))
+    assert out.returncode == 2, out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], out.stderr
+    assert out.stdout == "" and not (tmp_path / "kv.jsonl").exists()

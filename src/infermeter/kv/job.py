@@ -48,6 +48,10 @@ class KvRequest:
         canonical_dtype(self.dtype)
         if self.expert_dtype is not None:
             canonical_dtype(self.expert_dtype)
+            if not self.spec.is_moe:  # else the header names experts the model does not have
+                raise InfermeterError(f"--expert-dtype applies to the experts of a MoE model; "
+                                      f"{self.spec.name} has none")
+        self.reserve_bytes()  # a bad --reserve fails without --gpu-memory too, not on a GPU only
 
     def reserve_bytes(self) -> int:
         """Activation reserve: a percent of GPU memory ('10%') or a size ('4GiB')."""
