@@ -82,6 +82,12 @@ def test_cli_device_cpu_table():
     (("--host", "gpu"), "invalid choice"),
     (("--model", "no-such-model"), "no-such-model"),
     (("--device", "cpu", "--warmup", "-1"), "--warmup"),
+    # every case skipped: exit 0 and a Result with no case in it
+    (("--device", "cpu", "--model", "debug", "--method", "mapped"),
+     "none of the cases these flags name can run on cpu (the seed way is one .cpu()/.cuda() "
+     "per tensor: per-tensor only; mapped needs CUDA; pinned memory needs CUDA): nothing to "
+     "time"),
+    (("--device", "cpu", "--model", "debug", "--host", "pinned"), "pinned memory needs CUDA"),
 ])
 def test_cli_bad_input_is_one_error_line(args, message):
     out = run_cli(*args)

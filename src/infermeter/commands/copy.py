@@ -50,7 +50,14 @@ def add_copy_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_copy(args: argparse.Namespace) -> int:
     from infermeter.copy.group import copy_on_ranks, join_group
-    from infermeter.copy.job import CopyRequest, gpu_available, n_cases, n_runnable, plan_rows
+    from infermeter.copy.job import (
+        CopyRequest,
+        gpu_available,
+        n_cases,
+        n_runnable,
+        plan_rows,
+        skip_reasons,
+    )
     from infermeter.copy.table import progress_bar, render_copy, render_plan
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
     from infermeter.measure.result import append_jsonl, check_output
@@ -88,6 +95,9 @@ def _run_copy(args: argparse.Namespace) -> int:
         if not args.json:
             print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
         return 0
+    if n_runnable(request, device) == 0:  # else exit 0 with a Result holding no case
+        raise InfermeterError(f"none of the cases these flags name can run on {device} "
+                              f"({'; '.join(skip_reasons(request, device))}): nothing to time")
     with progress_bar(n_cases(request), enabled=not args.json and is_rank_zero()) as progress:
         results = copy_on_ranks(request, progress, args.trace, parallel)
     if results is None:  # tensor parallel: only rank 0 prints and writes

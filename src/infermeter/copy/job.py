@@ -222,8 +222,21 @@ def n_runnable(req: CopyRequest, device: str = "cuda") -> int:
     return count
 
 
+def skip_reasons(req: CopyRequest, device: str) -> list[str]:
+    """Why cases are skipped on `device`, each reason once, in case order."""
+    reasons: dict[str, None] = {}
+    for batch, seq_len in itertools.product(req.batch_sizes, req.seq_lens):
+        plans = req.plans(batch, seq_len)
+        for case in req.cases():
+            reason = skip_reason(case, plans[(case.layout, case.block_tokens)].n_pieces, device)
+            if reason:
+                reasons[reason] = None
+    return list(reasons)
+
+
 __all__ = [
     "n_runnable",
+    "skip_reasons",
     "DIRECTIONS",
     "HOSTS",
     "LAYOUTS",
