@@ -361,6 +361,13 @@ def test_cli_bad_plots_folder_fails_before_the_report(tmp_path):
     why = f"--plots {taken}: a file, not a folder" if importlib.util.find_spec("matplotlib") \
         else "plots need matplotlib"
     assert len(out.stderr.splitlines()) == 1 and why in out.stderr
+    # a folder that cannot be made (under a file): the report was printed, then the error
+    under_file = taken / "plots"
+    out = run_cli(str(GOOD), "--plots", str(under_file))
+    assert out.returncode == 2 and out.stdout == ""
+    why = f"{under_file}: cannot create the plots folder" \
+        if importlib.util.find_spec("matplotlib") else "plots need matplotlib"
+    assert len(out.stderr.splitlines()) == 1 and why in out.stderr
 
 
 def test_importing_the_report_loads_no_plotting():

@@ -47,11 +47,13 @@ def _run_report(args: argparse.Namespace) -> int:
         check_plots_folder(args.plots)
     report = build_report(args.paths, with_seed=args.with_seed, warn=warn)
     text = render(report, fmt, width=shutil.get_terminal_size((160, 40)).columns)
+    # plots first: a --plots folder that cannot be made fails before the report is printed
+    plots = write_plots(report, args.plots) if args.plots else []
     if args.output:
         atomic_write(args.output, text.encode("utf-8"))
         print(f"infermeter report: wrote {args.output} ({fmt})", file=sys.stderr)
     else:
         print(text, end="")
-    for path in write_plots(report, args.plots) if args.plots else []:
+    for path in plots:
         print(f"infermeter report: wrote {path}", file=sys.stderr)
     return 0
