@@ -413,6 +413,10 @@ def test_same_greedy_tokens_from_the_paged_copy(generator):
     (["--prefix-len", "8", "--traffic", "d2h", "--context", "250"], "decode under copy traffic"),
     (["--prefix-len", "8", "--traffic", "sideways"], "invalid choice"),
     (["--prefix-len", "8", "--block-size", "0"], "must be a positive integer"),
+    # ran without any decode, ignoring them
+    (["--prefix-len", "8", "--context", "16"], "--context sets the decode of --traffic and "
+     "--offloaded-decode: give one of them too"),
+    (["--prefix-len", "8", "--decode-steps", "4"], "--decode-steps sets the decode"),
 ])
 def test_bad_input_is_one_error_line(args, says):
     done = run_cli("offload", "--model", "debug", "--suffix-len", "8", *args)

@@ -10,6 +10,7 @@ from infermeter.commands.common import (
     add_output_flags,
     positive_int,
 )
+from infermeter.errors import InfermeterError
 
 
 def add_offload_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +68,7 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
     traffic.add_argument("--context", type=positive_int, metavar="N",
                          help="tokens in the cache when that decode starts (default: the "
                          "longest --prefix-len)")
-    traffic.add_argument("--decode-steps", type=positive_int, default=32, metavar="N",
+    traffic.add_argument("--decode-steps", type=positive_int, metavar="N",
                          help="decode steps a timed window (default 32)")
     add_output_flags(p)
     p.set_defaults(handler=_run_offload)
@@ -82,6 +83,11 @@ def _run_offload(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output)
+    if not (args.traffic or args.offloaded_decode):  # else they were ignored without a word
+        for flag, value in (("--context", args.context), ("--decode-steps", args.decode_steps)):
+            if value is not None:
+                raise InfermeterError(f"{flag} sets the decode of --traffic and "
+                                      "--offloaded-decode: give one of them too")
     if args.device is None:
         import torch
 
@@ -94,7 +100,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         block_sizes=tuple(args.block_size or ()),
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         traffic=tuple(args.traffic or ()), traffic_methods=tuple(args.traffic_method or ()),
-        context=args.context, decode_steps=args.decode_steps,
+        context=args.context, decode_steps=args.decode_steps or OffloadRequest.decode_steps,
         offloaded_decode=args.offloaded_decode)
     result = run_offload(request, capture_env())
     if args.output:
