@@ -40,6 +40,9 @@ def test_a_config_with_zero_heads_is_one_line_naming_file_and_field(tmp_path):
     (("--temperature", "0.7", "--top-p", "0"), "argument --top-p: '0' must be in (0, 1]"),
     # ran greedy, ignoring the nucleus threshold it recorded
     (("--top-p", "0.9"), "--top-p 0.9 applies to sampling: give --temperature > 0 too"),
+    # ran and measured, ignoring the memory it was given
+    (("--gpu-memory", "80GiB"), "--gpu-memory 80GiB sizes the --dry-run plan: give --dry-run "
+     "too"),
 ])
 def test_generate_refuses_sampling_settings_that_mean_nothing(args, message):
     out = run("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2", *args)

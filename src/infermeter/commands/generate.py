@@ -156,6 +156,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
         raise InfermeterError(f"--top-p {args.top_p} applies to sampling: give --temperature > 0 "
                               "too (without it decoding is greedy)")
+    if args.gpu_memory and not args.dry_run:  # a run fits the GPU it finds; it was ignored
+        from infermeter.errors import InfermeterError
+
+        raise InfermeterError(f"--gpu-memory {args.gpu_memory} sizes the --dry-run plan: give "
+                              "--dry-run too")
     # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
     if args.dry_run:
         return _print_rank_plan(args)
