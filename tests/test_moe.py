@@ -278,7 +278,6 @@ def test_the_fit_check_counts_the_gathered_experts() -> None:
 
 @pytest.mark.parametrize("name, missing", [
     ("deepseek-v3", "lacks multi-head latent attention"),
-    ("gpt-oss-20b", "lacks attention sinks, biased and clamped SwiGLU experts and MXFP4"),
     ("llama-4-scout", "lacks chunked attention, NoPE layers, a sigmoid router"),
     ("phi-3-mini", "lacks a loader for its fused qkv_proj and gate_up_proj weights"),
 ])

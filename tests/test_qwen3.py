@@ -26,7 +26,7 @@ from tests.hf_reference import (
     assert_written_checkpoint_round_trips,
     tiny_hf_model,
 )
-from tests.published_configs import GPT_OSS_20B
+from tests.published_configs import LLAMA4_SCOUT
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,9 +137,9 @@ def test_a_config_the_engine_cannot_run_is_one_line(tmp_path) -> None:
         check_engine_arch(deepseek)
     assert "\n" not in str(err.value) and "'deepseek_v3'" in str(err.value)
     assert "qwen3" in str(err.value)  # the list of what does run
-    # gpt-oss is read (for sizing) but not run: its whole config gives the engine's line
-    (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_20B))
-    with pytest.raises(InfermeterError, match="'gpt_oss' can be sized but not run"):
+    # Llama 4 is read (for sizing) but not run: its whole config gives the engine's line
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA4_SCOUT))
+    with pytest.raises(InfermeterError, match="'llama4_text' can be sized but not run"):
         load_model(f"random:{tmp_path}")
     other = {**CONFIG, "model_type": "falcon_h1", "architectures": ["FalconH1ForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(other))

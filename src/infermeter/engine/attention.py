@@ -40,16 +40,22 @@ ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
-                     softcap: float | None = None) -> Tensor:
+                     softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """Attention as Meta's reference computes it: q [B, H_kv, G, D] (G query heads per KV head,
     one token; or G*T rows of a T-token prefill), keys/values [B, H_kv, S, D], mask bool [G, S]
     -> [B, H_kv, G, D]. softcap: scores become softcap * tanh(scores / softcap) before the mask
-    (Gemma 2), in float32."""
+    (Gemma 2), in float32. sinks [H_kv, G]: a logit per row that joins the softmax's
+    denominator and is then dropped (gpt-oss, as transformers' eager attention: softmax over
+    [scores, sink], the sink's column cut off)."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,Hkv,G,S]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+    sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)  # [B, H_kv, G, 1]
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(values.dtype), values)
 
 
 def causal_prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:

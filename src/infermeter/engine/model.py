@@ -143,7 +143,7 @@ class Attention(nn.Module):
         self.wq = Linear(spec.dim, q_dim, bias=spec.qkv_bias)
         self.wk = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
         self.wv = Linear(spec.dim, kv_dim, bias=spec.qkv_bias)
-        self.wo = Linear(q_dim, spec.dim, bias=False)
+        self.wo = Linear(q_dim, spec.dim, bias=spec.o_bias)  # gpt-oss's has a bias
         # One weight per head feature, shared by all heads: RMSNorm over q's / k's head_dim.
         norm = norm_class(spec)
         self.q_norm = norm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
@@ -159,6 +159,10 @@ class Attention(nn.Module):
         # Gemma 2's attention-logit soft cap: every path applies it to the scaled scores;
         # SDPA cannot, so a capped model never takes it (forward).
         self.softcap = spec.attn_logit_softcap
+        # gpt-oss: one learned logit per query head [n_heads] that joins each softmax's
+        # denominator (its value weight is zero). Only the math products take it, so a model
+        # with sinks attends there on every path (forward, _attend).
+        self.sinks = nn.Parameter(torch.empty(spec.n_heads)) if spec.attn_sinks else None
         self.kv_cache: LayerKVCache | None = None
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
         self.qkv_split: list[int] = []  # its row counts (this rank's, under tp)
@@ -240,8 +244,8 @@ class Attention(nn.Module):
         # A decode step never reads prefill_start (no guard on it in the compiled step).
         start = self.prefill_start if seqlen > 1 else None
         cache = self.kv_cache
-        if start == 0 and self.softcap is None and (cache.window is None
-                                                    or seqlen <= cache.window):
+        if start == 0 and self.softcap is None and self.sinks is None \
+                and (cache.window is None or seqlen <= cache.window):
             # From position 0 (pads, if any, all after the prompt): its own K/V, causal, no
             # mask, so the flash kernel on CUDA; within a window no query reaches its edge.
             out = causal_prefill_attention(q, *cache.write_own(k, v, input_pos))  # [B,H,T,D]
@@ -250,7 +254,8 @@ class Attention(nn.Module):
         # causal diagonal at the lower right (SDPA's is_causal aligns it upper left); the fold
         # below keeps heads equal, so a mask reaches CUDA's memory-efficient kernel (flash
         # takes none). Else (ring layers, start unknown) the whole cache: [B, H_kv, S, D], [T, S].
-        if blocks is not None and start is None and seqlen > 1 and not cache.is_ring:
+        if blocks is not None and start is None and seqlen > 1 and not cache.is_ring \
+                and self.sinks is None:
             # a later compiled chunk: flex attention skips the tiles no query sees
             out = chunk_flex_attention(q, *cache.write_full(k, v, input_pos), blocks,
                                        self.softcap)  # [B, H, T, D]
@@ -269,7 +274,11 @@ class Attention(nn.Module):
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
         mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
         kind = resolve_attention(self.decode_attention, bsz)  # "auto" picks by batch size
-        if seqlen == 1 and kind == "flex" and compiling():
+        if self.sinks is not None:  # only the math products take a sink: [H_kv, G*T] rows
+            sinks = self.sinks.view(self.n_kv_heads, groups, 1).expand(-1, -1, seqlen)
+            out = decode_attention(q, keys, values, mask, self.softcap,
+                                   sinks.reshape(self.n_kv_heads, groups * seqlen))
+        elif seqlen == 1 and kind == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
                                         self.kv_cache.window, self.softcap)
         elif seqlen == 1 and kind == "triton" and compiling() \
@@ -363,7 +372,8 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(spec, layer)
         self.feed_forward: FeedForward | MoEFeedForward = MoEFeedForward(
             spec.dim, spec.moe_ffn_dim, spec.n_experts, spec.n_active_experts,
-            spec.norm_topk_prob) if spec.is_moe_layer(layer) else \
+            spec.norm_topk_prob, spec.moe_bias, spec.swiglu_alpha, spec.swiglu_limit) \
+            if spec.is_moe_layer(layer) else \
             FeedForward(spec.dim, spec.ffn_dim, gelu=gemma)
         self.attention_norm = norm(spec.dim, spec.norm_eps)
         self.ffn_norm = norm(spec.dim, spec.norm_eps)
@@ -379,7 +389,8 @@ class TransformerBlock(nn.Module):
         collectives must come between a product and its residual add)."""
         attention, ffn = self.attention, self.feed_forward
         if attention.wqkv is None or not isinstance(ffn, FeedForward) or ffn.w13 is None \
-                or ffn.gelu or self.attention_post_norm is not None:
+                or ffn.gelu or self.attention_post_norm is not None \
+                or attention.sinks is not None or attention.wo.bias is not None:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks
                        for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))

@@ -1,13 +1,19 @@
-"""Mixture-of-experts FFN (Mixtral, Qwen3-MoE): a router and E SwiGLU experts stored stacked.
+"""Mixture-of-experts FFN (Mixtral, Qwen3-MoE, gpt-oss): a router and E SwiGLU experts stored
+stacked.
 
 Parameters (Meta-style names under the layer's feed_forward):
   gate.weight  [E, dim]        the router (replicated under tensor parallelism)
   w1.weight    [E, ffn, dim]   every expert's gate projection, stacked
   w3.weight    [E, ffn, dim]   every expert's up projection
   w2.weight    [E, dim, ffn]   every expert's down projection
+  gate.bias [E], w1.bias / w3.bias [E, ffn], w2.bias [E, dim]   gpt-oss only (spec.moe_bias)
 Routing (transformers' MixtralTopKRouter and Qwen3MoeTopKRouter): softmax over all E router
 logits in float32, the top k, renormalised over the k where spec.norm_topk_prob (Mixtral
-always), cast back to the activations' dtype.
+always), cast back to the activations' dtype. gpt-oss (GptOssTopKRouter): the top k of the
+biased logits, then a softmax over those k (float32 here).
+gpt-oss's experts (GptOssExperts): biased products and a clamped SwiGLU, gate.clamp(max=limit),
+up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the Triton expert kernels
+compute neither, so such a block runs the torch paths only (check_moe_kernel refuses "triton").
 
 Three ways to run the experts, the same numbers:
 - gathered (N*k <= E: batch-1 decode and small batches): index the stacked weights by the
@@ -45,6 +51,8 @@ from infermeter.engine.kernels.expert_gemv import experts_kernel_usable, gathere
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
+from infermeter.errors import InfermeterError
+from infermeter.specs.model import ModelSpec
 
 # How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
 # products) or "triton" (kernels/expert_gemv.py, by expert id). The default waits for a GPU's
@@ -54,29 +62,60 @@ MOE_KERNELS = ("torch", "triton")
 
 
 class StackedExperts(nn.Module):
-    """One weight [E, out, in] holding E experts' matrices of one projection."""
+    """One weight [E, out, in] holding E experts' matrices of one projection (and, with bias,
+    their biases [E, out])."""
 
-    def __init__(self, n_experts: int, out_features: int, in_features: int) -> None:
+    def __init__(self, n_experts: int, out_features: int, in_features: int,
+                 bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(n_experts, out_features)) if bias else None
+
+
+def check_moe_kernel(spec: ModelSpec, kind: str) -> None:
+    """Refuse, before any allocation, an expert kernel that cannot compute `spec`'s experts."""
+    if kind == "triton" and spec.is_moe and (spec.moe_bias or spec.swiglu_limit is not None):
+        raise InfermeterError(f"model {spec.name}: moe kernel 'triton' (--moe-kernel) cannot run "
+                              "its experts: the Triton expert kernels have no expert biases nor "
+                              "gpt-oss's clamped SwiGLU (use 'torch')")
 
 
 class MoEFeedForward(nn.Module):
     trace_label = "experts"  # --trace's range around the whole block (router, experts)
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int,
-                 renormalize: bool) -> None:
+                 renormalize: bool, bias: bool = False, swiglu_alpha: float | None = None,
+                 swiglu_limit: float | None = None) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.renormalize = n_experts, top_k, renormalize
-        self.gate = Linear(dim, n_experts, bias=False)
-        self.w1 = StackedExperts(n_experts, hidden, dim)
-        self.w3 = StackedExperts(n_experts, hidden, dim)
-        self.w2 = StackedExperts(n_experts, dim, hidden)
+        self.gate = Linear(dim, n_experts, bias=bias)
+        self.w1 = StackedExperts(n_experts, hidden, dim, bias)
+        self.w3 = StackedExperts(n_experts, hidden, dim, bias)
+        self.w2 = StackedExperts(n_experts, dim, hidden, bias)
+        # gpt-oss: the router's top k, then their softmax; the clamped SwiGLU (activation)
+        self.softmax_after_topk = bias
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
         self.moe_kernel = MOE_KERNEL
 
+    @property
+    def kernel_runs_it(self) -> bool:
+        """Whether the Triton expert kernels compute these experts (plain SwiGLU, no biases)."""
+        return self.w1.bias is None and self.swiglu_limit is None
+
+    def activation(self, gate: Tensor, up: Tensor) -> Tensor:
+        """SwiGLU, or gpt-oss's clamped one: any shape, the gate's and up's elementwise."""
+        if self.swiglu_limit is None:
+            return F.silu(gate) * up
+        limit, alpha = self.swiglu_limit, self.swiglu_alpha or 1.0
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64)."""
+        if self.softmax_after_topk:
+            logits, ids = torch.topk(self.gate(x).float(), self.top_k, dim=-1)
+            return torch.softmax(logits, dim=-1).to(x.dtype), ids
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
@@ -103,19 +142,24 @@ class MoEFeedForward(nn.Module):
         """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
         with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
         experts = (self.w1.weight, self.w3.weight, self.w2.weight)
-        if self.moe_kernel == "triton" and experts_kernel_usable(x, *experts):
+        if self.moe_kernel == "triton" and self.kernel_runs_it \
+                and experts_kernel_usable(x, *experts):
             return gathered_experts(x, weights, ids, *experts)
         xs = x[:, None, :, None]  # [N, 1, dim, 1]
         gate = (self.w1.weight[ids] @ xs).squeeze(-1)  # [N, k, ffn]
         up = (self.w3.weight[ids] @ xs).squeeze(-1)
-        act = (F.silu(gate) * up).unsqueeze(-1)  # [N, k, ffn, 1]
+        if self.w1.bias is not None:
+            gate, up = gate + self.w1.bias[ids], up + self.w3.bias[ids]
+        act = self.activation(gate, up).unsqueeze(-1)  # [N, k, ffn, 1]
         down = (self.w2.weight[ids] @ act).squeeze(-1)  # [N, k, dim]
+        if self.w2.bias is not None:
+            down = down + self.w2.bias[ids]
         return (down * weights.unsqueeze(-1)).sum(dim=1)
 
     def groups_by_kernel(self, x: Tensor) -> bool:
         """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
         grouped kernels: moe_kernel "triton" and they can run on x and the stacked weights."""
-        return self.moe_kernel == "triton" and experts_kernel_usable(
+        return self.moe_kernel == "triton" and self.kernel_runs_it and experts_kernel_usable(
             x, self.w1.weight, self.w3.weight, self.w2.weight)
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
@@ -124,8 +168,12 @@ class MoEFeedForward(nn.Module):
         routing = routing.scatter(1, ids, weights)  # [N, E]
         gate = torch.einsum("nd,efd->nef", x, self.w1.weight)
         up = torch.einsum("nd,efd->nef", x, self.w3.weight)
-        act = F.silu(gate) * up * routing.unsqueeze(-1)
-        return torch.einsum("nef,edf->nd", act, self.w2.weight)
+        if self.w1.bias is not None:
+            gate, up = gate + self.w1.bias, up + self.w3.bias
+        act = self.activation(gate, up) * routing.unsqueeze(-1)
+        out = torch.einsum("nef,edf->nd", act, self.w2.weight)
+        # each token's down biases, weighted as its experts' outputs are: [N, E] @ [E, dim]
+        return out if self.w2.bias is None else out + routing @ self.w2.bias
 
     def grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Tokens sorted by expert; each touched expert runs once on its rows."""
@@ -141,9 +189,13 @@ class MoEFeedForward(nn.Module):
                 continue
             rows = tokens[start:start + count]
             h = x[rows]  # [count, dim]
-            act = F.silu(h @ self.w1.weight[expert].T) * (h @ self.w3.weight[expert].T)
-            out.index_add_(0, rows, (act @ self.w2.weight[expert].T)
-                           * pair_weights[start:start + count])
+            gate, up = h @ self.w1.weight[expert].T, h @ self.w3.weight[expert].T
+            if self.w1.bias is not None:
+                gate, up = gate + self.w1.bias[expert], up + self.w3.bias[expert]
+            down = self.activation(gate, up) @ self.w2.weight[expert].T
+            if self.w2.bias is not None:
+                down = down + self.w2.bias[expert]
+            out.index_add_(0, rows, down * pair_weights[start:start + count])
             start += count
         return out
 
@@ -152,6 +204,9 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
     """Every MoE block of `model` runs its gathered experts with `kind` (MOE_KERNELS)."""
     if kind not in MOE_KERNELS:
         raise ValueError(f"unknown MoE kernel {kind!r} (use {MOE_KERNELS})")
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ModelSpec):
+        check_moe_kernel(spec, kind)
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
             module.moe_kernel = kind
@@ -162,7 +217,8 @@ def takes_expert_kernel(module: MoEFeedForward) -> bool:
     for and Triton runs where the weights are (expert_gemv.py's gathered kernels while
     N * k <= E, expert_gemm.py's grouped ones past that). forward's rule, without the input's
     layout (the engine's rows meet it); the generation runner records what ran with it."""
-    return module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
+    return module.moe_kernel == "triton" and module.kernel_runs_it \
+        and triton_runs_on(module.w1.weight)
 
 
 def prefills_without_sync(model: nn.Module) -> bool:

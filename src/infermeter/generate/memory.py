@@ -98,12 +98,13 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": sizes.prefill_activation_bytes(
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
-    if spec.attn_logit_softcap is not None and not mode.startswith("hf"):
-        # SDPA cannot soft-cap (Gemma 2): a layer's prefill holds its float32 scores
-        # [B, heads, T, keys] and their softmax (engine/attention.py)
+    if (spec.attn_logit_softcap is not None or spec.attn_sinks) and not mode.startswith("hf"):
+        # SDPA cannot soft-cap (Gemma 2) nor take sinks (gpt-oss): a layer's prefill holds its
+        # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py)
         heads = -(-spec.n_heads // tp)
         scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk, prefill)
-        parts["capped attention scores"] = 2 * batch_size * heads * scores * 4
+        what = "capped" if spec.attn_logit_softcap is not None else "sink"
+        parts[f"{what} attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
         parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
     copies_experts = mode.startswith("hf") or moe_kernel != "triton"  # hf ignores --moe-kernel

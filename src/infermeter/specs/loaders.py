@@ -298,7 +298,9 @@ def _hf_moe_mla(cfg: dict[str, Any], model_type: str, path: Path) -> dict[str, A
     elif model_type == "gpt_oss":
         fields = {"n_experts": _int(cfg, "num_local_experts", path),
                   "n_active_experts": _int(cfg, "num_experts_per_tok", path),
-                  "moe_ffn_dim": _int(cfg, "intermediate_size", path), "moe_bias": True}
+                  "moe_ffn_dim": _int(cfg, "intermediate_size", path), "moe_bias": True,
+                  "swiglu_alpha": _float(cfg, "swiglu_alpha", path, default=1.702),
+                  "swiglu_limit": _float(cfg, "swiglu_limit", path, default=7.0)}
     elif model_type == "llama4_text":
         n_layers = _layers(cfg, "num_hidden_layers", path)
         step = _int(cfg, "interleave_moe_layer_step", path, default=1)

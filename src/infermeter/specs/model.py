@@ -15,14 +15,13 @@ from infermeter.errors import InfermeterError
 
 # Architectures the engine can run; the others are for sizing only.
 ENGINE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral",
-                "qwen3_moe")
+                "qwen3_moe", "gpt_oss")
 # What the engine lacks to run each sizing-only architecture (SIZING_ARCHS not in
 # ENGINE_ARCHS): the refusal names it; an architecture missing here gets a generic line.
 ENGINE_MISSING = {
     "phi3": "a loader for its fused qkv_proj and gate_up_proj weights",
     "deepseek_v3": "multi-head latent attention (a compressed KV latent, a decoupled RoPE key), "
                    "shared experts and a grouped sigmoid router",
-    "gpt_oss": "attention sinks, biased and clamped SwiGLU experts and MXFP4 expert weights",
     "llama4_text": "chunked attention, NoPE layers, a sigmoid router and a shared expert",
 }
 # Architectures built Gemma's way: (1 + w) norms, norms after attention and FFN as well as
@@ -101,6 +100,10 @@ class ModelSpec:
     o_bias: bool = False
     attn_sinks: bool = False
     moe_bias: bool = False
+    # gpt-oss's experts: gate.clamp(max=limit), up.clamp(-limit, limit), then
+    # (up + 1) * gate * sigmoid(alpha * gate); None: plain SwiGLU.
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
     # Mixture of experts: routed experts, routed experts used per token, always-on shared
     # experts, the FFN size of one expert, and leading layers that stay dense (DeepSeek-V3: 3).
     n_experts: int = 0
@@ -215,8 +218,8 @@ def all_layers(n_layers: int) -> tuple[int, ...]:
 
 def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
     """The engine runs ENGINE_ARCHS (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3's text
-    model, Mixtral, Qwen3-MoE); anything else is one line naming what the engine lacks to run
-    it (ENGINE_MISSING) and what it runs.
+    model, Mixtral, Qwen3-MoE, gpt-oss); anything else is one line naming what the engine
+    lacks to run it (ENGINE_MISSING) and what it runs.
     vocab=False: only the KV cache is built (kv --check-engine), which needs no vocabulary."""
     if spec.arch not in ENGINE_ARCHS:
         missing = ENGINE_MISSING.get(spec.arch, "a way to build this architecture's layers")
@@ -228,3 +231,12 @@ def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
         raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
                               "does not say it): put the checkpoint's tokenizer.model beside it "
                               "or one folder up")
+
+
+def check_engine_tp(spec: ModelSpec, tp: int) -> None:
+    """The engine's tensor parallelism does not split gpt-oss's sinks (by head), nor add its
+    output-projection and expert down biases once after the all-reduce: tp 1 only."""
+    if tp > 1 and (spec.attn_sinks or spec.o_bias or spec.moe_bias):
+        raise InfermeterError(f"model {spec.name}: the engine runs it at tp 1 only (its tensor "
+                              "parallelism does not split attention sinks nor output-projection "
+                              f"and expert biases), got tp={tp}")

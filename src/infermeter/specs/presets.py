@@ -85,7 +85,7 @@ def _gpt_oss(name: str, n_layers: int, n_experts: int) -> ModelSpec:
                      max_seq_len=131072, qkv_bias=True, o_bias=True, attn_sinks=True,
                      sliding_window=128, sliding_window_layers=tuple(range(0, n_layers, 2)),
                      n_experts=n_experts, n_active_experts=4, moe_ffn_dim=2880, moe_bias=True,
-                     expert_weight_dtype="mxfp4")
+                     swiglu_alpha=1.702, swiglu_limit=7.0, expert_weight_dtype="mxfp4")
 
 
 _PRESET_LIST = [

@@ -31,7 +31,7 @@ from torch import Tensor
 from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.loaders import read_json
-from infermeter.specs.model import GEMMA_ARCHS, ModelSpec
+from infermeter.specs.model import GEMMA_ARCHS, ModelSpec, check_engine_tp
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan
@@ -78,7 +78,25 @@ _EXPERT_BLOCK = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w2": "w2", "w3": 
                  "qwen3_moe": ("mlp", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})}
 
 
+# gpt-oss: the router is mlp.router; each layer's experts are four stacked tensors, input-major
+# (x @ W): mlp.experts.gate_up_proj [E, dim, 2 ffn] with gate and up interleaved (gate: the
+# even columns, up: the odd ones, transformers' GptOssExperts), its bias [E, 2 ffn],
+# down_proj [E, ffn, dim] and its bias [E, dim]; the sinks are self_attn.sinks [n_heads].
+# The published files hold gate_up_proj and down_proj as MXFP4 (_blocks and _scales, see
+# _dequantize_mxfp4); a dequantized (bf16) checkpoint holds them as they are.
+GPT_OSS_NAMES = NameMap(top=NAMES.top, layer={**NAMES.layer, "mlp.router": "feed_forward.gate"},
+                        prefix=NAMES.prefix)
+_GPT_OSS_EXPERTS = {"w1.weight": ("gate_up_proj", 0), "w3.weight": ("gate_up_proj", 1),
+                    "w2.weight": ("down_proj", None), "w1.bias": ("gate_up_proj_bias", 0),
+                    "w3.bias": ("gate_up_proj_bias", 1), "w2.bias": ("down_proj_bias", None)}
+# MXFP4's 4-bit values (E2M1: sign, 2 exponent bits, 1 mantissa bit), by code
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
 def _names(spec: ModelSpec | None) -> NameMap:
+    if spec is not None and spec.arch == "gpt_oss":
+        return GPT_OSS_NAMES
     if spec is not None and spec.arch in MOE_NAMES:
         return MOE_NAMES[spec.arch]
     return GEMMA_NAMES if spec is not None and spec.arch in GEMMA_ARCHS else NAMES
@@ -255,6 +273,10 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     unpermuting the slice's heads gives exactly the slice of the unpermuted tensor.
     """
     files = weight_files(folder)
+    if spec.arch == "gpt_oss":
+        check_engine_tp(spec, 1 if shard is None else shard.world)
+        yield from _gpt_oss_tensors(files, spec, expected)
+        return
     by_meta = _match_names(files, spec, expected)
     handles: dict[Path, Any] = {}
     for name, shape in expected.items():
@@ -273,7 +295,98 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
             yield name, unpermute(tensor, tensor.shape[0] // spec.head_dim)
 
 
-def _read(files: dict[str, Path], hf_name: str, shape: torch.Size, handles: dict[Path, Any],
+def _gpt_oss_source(name: str) -> tuple[str, int | None] | None:
+    """'layers.3.feed_forward.w3.weight' -> ('model.layers.3.mlp.experts.gate_up_proj', 1): the
+    file's tensor and which interleaved half (None: all of it, transposed for a matrix); the
+    sinks -> (their name, None); None for the names GPT_OSS_NAMES maps one to one."""
+    layer, rest = name.removeprefix("layers.").split(".", 1) if name.startswith("layers.") \
+        else ("", "")
+    if rest == "attention.sinks":
+        return f"model.layers.{layer}.self_attn.sinks", None
+    part = _GPT_OSS_EXPERTS.get(rest.removeprefix("feed_forward."))
+    if not rest.startswith("feed_forward.") or part is None:
+        return None
+    return f"model.layers.{layer}.mlp.experts.{part[0]}", part[1]
+
+
+def _gpt_oss_file_shape(meta_shape: torch.Size, half: int | None) -> list[int]:
+    """The file's shape of the tensor an engine tensor of meta_shape comes from."""
+    if len(meta_shape) == 3:  # [E, out, in] <- [E, in, out] (gate_up: 2 x out, interleaved)
+        return [meta_shape[0], meta_shape[2], meta_shape[1] * (1 if half is None else 2)]
+    if len(meta_shape) == 2 and half is not None:  # [E, ffn] <- [E, 2 ffn]
+        return [meta_shape[0], 2 * meta_shape[1]]
+    return list(meta_shape)
+
+
+def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec,
+                     expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
+    """read_hf_tensors for gpt-oss: each engine tensor from its file tensor (an interleaved
+    half of gate_up, a transposed matrix, MXFP4 dequantized to bf16); a file tensor two engine
+    tensors come from is read once and kept until both are made."""
+    sources: dict[str, tuple[str, int | None]] = {}
+    for name in expected:
+        source = _gpt_oss_source(name)
+        sources[name] = source if source is not None else (meta_to_hf_name(name, spec), None)
+    wanted = {hf for hf, _ in sources.values()}
+    packed = {f"{hf}{suffix}" for hf in wanted for suffix in ("_blocks", "_scales")}
+    for hf_name, path in files.items():
+        if hf_name not in wanted and hf_name not in packed and not _IGNORED.search(hf_name):
+            raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
+                                  f"(not part of a {spec.arch} model)")
+    left = {hf: sum(source == hf for source, _ in sources.values()) for hf in wanted}
+    handles: dict[Path, Any] = {}
+    kept: dict[str, Tensor] = {}
+    for name, shape in expected.items():
+        hf_name, half = sources[name]
+        file_shape = _gpt_oss_file_shape(shape, half)
+        if hf_name in kept:
+            full = kept[hf_name]
+        elif hf_name not in files and f"{hf_name}_blocks" in files:
+            full = _dequantize_mxfp4(_read(files, f"{hf_name}_blocks", None, handles, None),
+                                     _read(files, f"{hf_name}_scales", None, handles, None))
+            if list(full.shape) != file_shape:
+                raise InfermeterError(f"{files[hf_name + '_blocks']}: MXFP4 tensor {hf_name} "
+                                      f"has shape {list(full.shape)}, config.json implies "
+                                      f"{file_shape}")
+        elif hf_name not in files:
+            raise InfermeterError(f"{next(iter(files.values())).parent}: missing tensor "
+                                  f"{hf_name}")
+        else:
+            full = _read(files, hf_name, torch.Size(file_shape), handles, None)
+        left[hf_name] -= 1
+        if left[hf_name]:
+            kept[hf_name] = full
+        else:
+            kept.pop(hf_name, None)
+        tensor = full if half is None else full[..., half::2]
+        if tensor.dim() == 3:
+            tensor = tensor.transpose(1, 2)  # x @ W's [E, in, out] -> the engine's [E, out, in]
+        tensor = tensor.contiguous()
+        heads = rope_heads(name, spec)
+        yield name, tensor if heads is None else unpermute(tensor, tensor.shape[0] // spec.head_dim)
+
+
+def _dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
+    """MXFP4 -> bf16, as transformers' convert_moe_packed_tensors: blocks uint8
+    [E, rows, G, 16] (two 4-bit codes a byte, the low nibble first), scales uint8 [E, rows, G]
+    (a power of two, biased by 127, per 32 values) -> [E, G * 32, rows] (x @ W layout). bf16
+    holds every such value exactly (a 1-bit mantissa, float32's exponent range)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 \
+            or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise InfermeterError(f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales "
+                              f"{list(scales.shape)} ({scales.dtype}) do not pair up")
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+    n_experts, rows, groups, _ = blocks.shape
+    out = torch.empty(n_experts, rows, groups * 32, dtype=torch.bfloat16)
+    for e in range(n_experts):  # one expert at a time bounds the int64 codes' memory
+        codes = torch.stack((blocks[e] & 0x0F, blocks[e] >> 4), dim=-1).long()  # [rows, G, 16, 2]
+        powers = torch.exp2(scales[e].float() - 127)[..., None]  # [rows, G, 1]
+        out[e] = (lut[codes].flatten(-2) * powers).flatten(-2)  # exact in float32 and bf16
+    return out.transpose(1, 2)  # [E, G * 32, rows]
+
+
+def _read(files: dict[str, Path], hf_name: str, shape: torch.Size | None,
+          handles: dict[Path, Any],
           piece: Any) -> Tensor:
     """One tensor (or the `piece`, a sharding Slice, of it), its shape checked first."""
     path = files[hf_name]
@@ -284,7 +397,7 @@ def _read(files: dict[str, Path], hf_name: str, shape: torch.Size, handles: dict
     except SafetensorError:
         raise InfermeterError(f"{path}: has no tensor {hf_name} "
                               f"(listed there by {INDEX_FILE})") from None
-    if found != list(shape):
+    if shape is not None and found != list(shape):
         raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
                               f"config.json implies {list(shape)}")
     if piece is None:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from infermeter.engine.model import FeedForward, Transformer, add_then_norm
 from infermeter.errors import InfermeterError
-from infermeter.specs.model import ModelSpec
+from infermeter.specs.model import ModelSpec, check_engine_tp
 from infermeter.specs.sizes import check_tp, kv_heads_per_rank
 
 
@@ -65,6 +65,7 @@ class ShardPlan:
     def __post_init__(self) -> None:
         spec, world = self.spec, self.world
         check_tp(spec, world)
+        check_engine_tp(spec, world)
         if not 0 <= self.rank < world:
             raise InfermeterError(f"rank {self.rank} is outside 0..{world - 1}")
         sizes = {"model dim": spec.dim, "FFN size": spec.ffn_dim}

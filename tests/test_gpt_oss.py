@@ -1,0 +1,236 @@
+"""gpt-oss on the engine: a tiny random checkpoint written by transformers' GptOssForCausalLM
+gives the same logits and greedy tokens (sinks, biases, YaRN, alternating sliding layers, the
+clamped SwiGLU experts); MXFP4 expert weights dequantize as transformers' do; what the engine
+cannot do for it (Triton experts, tp > 1) is one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infermeter.cli import main
+from infermeter.engine.checkpoint.load import load_model
+from infermeter.engine.generator import GenerationConfig, Generator
+from infermeter.engine.model import build_model
+from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
+from infermeter.engine.parallel.sharding import ShardPlan
+from infermeter.engine.rope import attention_factor, inv_frequencies
+from infermeter.errors import InfermeterError
+from infermeter.specs.loaders import spec_from_hf_config
+from infermeter.specs.model import ModelSpec, RopeScaling, check_engine_arch
+from infermeter.specs.presets import PRESETS
+from infermeter.specs.sizes import param_count
+from tests.hf_reference import assert_matches_transformers, tiny_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 16, "rope_theta": 150000.0}
+# 4 heads of 8 over 2 KV heads, 4 experts (2 a token) of 32, a 6-token window on layer 0
+CONFIG = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 32, "head_dim": 8,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+          "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6,
+          "max_position_embeddings": 64, "rope_parameters": YARN}
+
+
+def _spread(name: str, param: torch.nn.Parameter) -> None:
+    """Biases and sinks away from zero, norms away from one, experts large enough that the
+    clamps at +-7 bite: a wrong use of any of them shows in the logits."""
+    if "sinks" in name:
+        param.normal_(0.0, 1.0)
+    elif "bias" in name:
+        param.normal_(0.0, 0.3)
+    elif "norm" in name:
+        param.normal_(1.0, 0.2)
+    elif "experts" in name:
+        param.normal_(0.0, 0.5)
+
+
+def _small(n_layers: int = 2) -> ModelSpec:
+    """The preset's architecture at CONFIG's shapes, the even layers sliding."""
+    return PRESETS["gpt-oss-20b"].with_updates(
+        n_layers=n_layers, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=VOCAB,
+        n_experts=4, n_active_experts=2, moe_ffn_dim=32, sliding_window=6,
+        sliding_window_layers=tuple(range(0, n_layers, 2)), max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    config = transformers.GptOssConfig(**CONFIG)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    return folder, tiny_hf_model(folder, config, transformers.GptOssForCausalLM, _spread)
+
+
+@torch.inference_mode()
+def test_logits_and_greedy_tokens_equal_transformers(checkpoint) -> None:
+    """Prompts of 1, 5 and 17 tokens (past the 6-token window), 10 greedy steps; logits over
+    40 tokens within 1e-4."""
+    folder, hf = checkpoint
+    model = load_model(folder, max_batch_size=2, max_seq_len=64)
+    spec = model.spec
+    assert (spec.arch, spec.sliding_window, spec.sliding_window_layers) == ("gpt_oss", 6, (0,))
+    assert (spec.attn_sinks, spec.o_bias, spec.moe_bias, spec.qkv_bias) == (True,) * 4
+    assert (spec.swiglu_alpha, spec.swiglu_limit) == (1.702, 7.0)
+    assert sum(p.numel() for p in model.parameters()) == param_count(spec) \
+        == sum(p.numel() for p in hf.parameters())
+    assert_matches_transformers(model, hf, VOCAB, 10)
+
+
+@torch.inference_mode()
+def test_every_attention_kind_and_chunked_prefill_give_the_same_tokens() -> None:
+    """Sinks are taken by the math products only: every kind asked for runs them (and says so),
+    and a prefill in chunks of 4 past the window equals one forward."""
+    model = build_model(_small(), seed=1)
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]] * 2
+    config = GenerationConfig(max_new_tokens=8)
+    whole = Generator(model).generate(prompt, config).output_token_ids
+    assert Generator(model, prefill_chunk=4).generate(prompt, config).output_token_ids == whole
+    for kind in ("sdpa", "flex", "triton"):
+        gen = Generator(model, decode_attention=kind)
+        assert gen.decode_attention_used(compiled=True, batch_size=2) == "math"
+        assert gen.generate(prompt, config).output_token_ids == whole
+
+
+def test_compiled_decode_gives_eager_tokens() -> None:
+    """One sliding layer (a 6-token ring, the prompt past it), the sink path traced fullgraph."""
+    model = build_model(_small(n_layers=1), seed=2)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    eager = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=3))
+    compiled = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=3,
+                                                                   compile=True))
+    assert compiled.output_token_ids == eager.output_token_ids
+
+
+@pytest.mark.parametrize("rope", [
+    YARN,  # gpt-oss's: truncate False, the attention factor from factor alone
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707,
+     "rope_theta": 10000.0},  # DeepSeek's fields: mscale over mscale_all_dim, truncated
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+     "attention_factor": 1.25, "rope_theta": 1e6},  # Qwen's, an explicit attention factor
+])
+def test_yarn_equals_transformers(rope, tmp_path) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.GptOssConfig(**{**CONFIG, "rope_parameters": rope,
+                                          "max_position_embeddings": 131072})
+    config.save_pretrained(tmp_path)
+    spec = spec_from_hf_config(tmp_path / "config.json")
+    assert spec.rope_scaling is not None and spec.rope_scaling.kind == "yarn"
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    assert torch.equal(inv_frequencies(spec), inv_freq)
+    assert attention_factor(spec) == factor != 1.0
+
+
+def test_yarn_keeps_fast_rotations_and_divides_slow_ones() -> None:
+    """By hand, gpt-oss-20b's: the first frequency turns > 32 times in 4096 positions (kept),
+    the last < once (divided by 32); cos/sin are scaled by 0.1 ln 32 + 1."""
+    spec = PRESETS["gpt-oss-20b"]
+    plain = inv_frequencies(spec.with_updates(rope_scaling=None))
+    scaled = inv_frequencies(spec)
+    assert scaled[0] == plain[0] and torch.allclose(scaled[-1], plain[-1] / 32)
+    assert attention_factor(spec) == pytest.approx(0.1 * math.log(32) + 1)
+    linear = spec.with_updates(rope_scaling=RopeScaling("linear", 2.0))
+    assert attention_factor(linear) == 1.0
+
+
+def test_experts_equal_transformers_gpt_oss_experts() -> None:
+    """The router (top k, then softmax) and the biased, clamped experts on transformers'
+    weights, through the gathered, grouped and every-expert paths."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssTopKRouter
+
+    config = transformers.GptOssConfig(**CONFIG)
+    torch.manual_seed(0)
+    experts, router = GptOssExperts(config), GptOssTopKRouter(config)
+    for param in (*experts.parameters(), *router.parameters()):
+        torch.nn.init.normal_(param, std=1.0)  # gate and up well past the +-7 clamps
+    ours = MoEFeedForward(32, 32, 4, 2, True, bias=True, swiglu_alpha=1.702, swiglu_limit=7.0)
+    with torch.no_grad():
+        ours.gate.weight.copy_(router.weight)
+        ours.gate.bias.copy_(router.bias)
+        ours.w1.weight.copy_(experts.gate_up_proj[..., 0::2].transpose(1, 2))
+        ours.w3.weight.copy_(experts.gate_up_proj[..., 1::2].transpose(1, 2))
+        ours.w2.weight.copy_(experts.down_proj.transpose(1, 2))
+        ours.w1.bias.copy_(experts.gate_up_proj_bias[:, 0::2])
+        ours.w3.bias.copy_(experts.gate_up_proj_bias[:, 1::2])
+        ours.w2.bias.copy_(experts.down_proj_bias)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, scores, ids = router(x)
+        expected = experts(x, ids, scores)
+        weights, our_ids = ours.route(x)
+        assert torch.equal(our_ids, ids) and torch.allclose(weights, scores, atol=1e-6)
+        gate = x @ experts.gate_up_proj[0][:, 0::2] + experts.gate_up_proj_bias[0, 0::2]
+        assert gate.max() > 7  # the clamp is exercised
+        for path in (ours.gathered, ours.grouped, ours.every_expert):
+            assert torch.allclose(path(x, weights, our_ids), expected, atol=1e-4), path
+
+
+def test_mxfp4_experts_load_as_transformers_dequantizes_them(checkpoint, tmp_path) -> None:
+    """The published layout: gate_up_proj and down_proj as _blocks [E, rows, in/32, 16] and
+    _scales [E, rows, in/32]; the engine's experts equal transformers'
+    convert_moe_packed_tensors of them (bf16), split and transposed as the bf16 layout is."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    folder, _ = checkpoint
+    tensors = load_file(str(folder / "model.safetensors"))
+    gen = torch.Generator().manual_seed(4)
+    reference = {}
+    for proj, rows in (("gate_up_proj", 64), ("down_proj", 32)):
+        name = f"model.layers.1.mlp.experts.{proj}"
+        del tensors[name]
+        blocks = torch.randint(0, 256, (4, rows, 1, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(120, 131, (4, rows, 1), generator=gen, dtype=torch.uint8)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        reference[proj] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ffn = load_model(tmp_path, max_batch_size=1, max_seq_len=8).layers[1].feed_forward
+    gate_up = reference["gate_up_proj"].float()  # [E, dim, 2 ffn], gate and up interleaved
+    assert torch.equal(ffn.w1.weight, gate_up[..., 0::2].transpose(1, 2))
+    assert torch.equal(ffn.w3.weight, gate_up[..., 1::2].transpose(1, 2))
+    assert torch.equal(ffn.w2.weight, reference["down_proj"].float().transpose(1, 2))
+    # blocks that do not pair with their scales, or with config.json's shapes: one line
+    tensors["model.layers.1.mlp.experts.down_proj_scales"] = scales[:, :16].contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InfermeterError, match="MXFP4 blocks .* do not pair up"):
+        load_model(tmp_path, max_batch_size=1, max_seq_len=8)
+
+
+def test_mxfp4_dequantize_equals_transformers() -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from infermeter.engine.checkpoint.hf import _dequantize_mxfp4
+
+    gen = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (3, 6, 2, 16), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(100, 150, (3, 6, 2), generator=gen, dtype=torch.uint8)
+    ours = _dequantize_mxfp4(blocks, scales)
+    assert ours.shape == (3, 64, 6) and ours.dtype == torch.bfloat16
+    assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16))
+
+
+def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
+    spec = PRESETS["gpt-oss-20b"]
+    check_engine_arch(spec)  # it runs
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", "gpt-oss-20b", "--device", "cpu", "--moe-kernel",
+                 "triton", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "moe kernel 'triton'" in err[0] and "clamped SwiGLU" in err[0]
+    assert not output.exists()
+    with pytest.raises(InfermeterError, match="runs it at tp 1 only"):
+        ShardPlan(spec, 0, 2)
+    small = build_model(_small(n_layers=1))
+    with pytest.raises(InfermeterError, match="no expert biases"):
+        set_moe_kernel(small, "triton")
+
+
+def test_presets_keep_their_parameter_counts() -> None:
+    assert param_count(PRESETS["gpt-oss-20b"]) == 20_914_757_184
+    assert param_count(PRESETS["gpt-oss-120b"]) == 116_829_156_672
