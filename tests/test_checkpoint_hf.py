@@ -169,7 +169,7 @@ def test_pickle_only_and_corrupt_weights_are_refused(folder) -> None:
 def test_not_a_checkpoint(tmp_path) -> None:
     with pytest.raises(InfermeterError, match="no config.json"):
         load_weights(tmp_path)
-    with pytest.raises(InfermeterError, match="not a checkpoint folder"):
+    with pytest.raises(InfermeterError, match="nope: no such checkpoint folder or GGUF file"):
         load_weights(tmp_path / "nope")
 
 

@@ -214,7 +214,11 @@ def test_modes_side_by_side_in_one_table(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--checkpoint", "/no/such/folder"), "not a checkpoint folder"),
+    (("--checkpoint", "/no/such/folder"), "/no/such/folder: no such checkpoint folder or GGUF "
+     "file"),
+    # pointed a missing file at random:NAME, which --model does not take
+    (("--checkpoint", __file__), "not a checkpoint folder or GGUF file (random weights of a "
+     "preset or config: --model NAME"),
     (("--model", "debug", "--device", "cpu", "--prompt-ids", ",".join(["5"] * 250),
       "--max-new-tokens", "10"), "does not fit"),
     (("--model", "debug", "--device", "cpu", "--prompt", "hi"), "need a tokenizer"),

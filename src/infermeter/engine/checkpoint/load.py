@@ -46,18 +46,22 @@ def detect_format(folder: Path) -> str:
     """'hf' or 'meta' for a checkpoint folder, 'gguf' for a GGUF file; else an error."""
     if is_gguf(folder):
         return "gguf"
-    if not folder.is_dir():
-        raise InfermeterError(f"{folder}: not a checkpoint folder (for random weights of a "
-                              f"preset or config use {RANDOM_PREFIX}NAME)")
+    if not folder.exists():
+        raise InfermeterError(f"{folder}: no such checkpoint folder or GGUF file")
+    if not folder.is_dir():  # the CLI's --model NAME is the source random:NAME
+        raise InfermeterError(f"{folder}: not a checkpoint folder or GGUF file (random weights "
+                              f"of a preset or config: --model NAME, or {RANDOM_PREFIX}NAME)")
     if (folder / "config.json").is_file():
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise InfermeterError(f"{folder}: config.json but no weights; use "
-                                  f"{RANDOM_PREFIX}{folder} for random weights of this shape")
+                                  f"{RANDOM_PREFIX}{folder} (--model {folder}) for random "
+                                  "weights of this shape")
         return "hf"
     if (folder / "params.json").is_file():
         if not any(folder.glob("consolidated.*.pth")):
             raise InfermeterError(f"{folder}: params.json but no consolidated.NN.pth shards; "
-                                  f"use {RANDOM_PREFIX}{folder} for random weights")
+                                  f"use {RANDOM_PREFIX}{folder} (--model {folder}) for random "
+                                  "weights")
         return "meta"
     raise InfermeterError(f"{folder}: no config.json (HF) or params.json (Meta) in this folder")
 
