@@ -198,3 +198,10 @@ def test_bad_sizing_flags_are_one_error_line(args, message, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], out.stderr
     assert out.stdout == "" and not (tmp_path / "kv.jsonl").exists()
+
+
+def test_an_output_folder_is_the_same_error_as_the_measuring_commands(tmp_path):
+    out = run("kv", "--output", str(tmp_path))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"infermeter: error: {tmp_path}: a folder; --output names a JSONL file"]
