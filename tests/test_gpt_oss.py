@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_model
+from infermeter.engine.checkpoint.load import load_model, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
@@ -229,6 +229,12 @@ def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
     small = build_model(_small(n_layers=1))
     with pytest.raises(InfermeterError, match="no expert biases"):
         set_moe_kernel(small, "triton")
+    with pytest.raises(InfermeterError, match="writing an HF gpt_oss checkpoint is not supported"):
+        save_checkpoint(small, tmp_path / "written", "hf")
+    assert main(["generate", "--model", "gpt-oss-20b", "--device", "cpu", "--mode", "hf",
+                 "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the hf mode cannot build a gpt_oss model" in err[0], err
 
 
 def test_presets_keep_their_parameter_counts() -> None:

@@ -419,8 +419,15 @@ def _whole(value: float | None) -> float | int | None:
     return int(value) if value is not None and float(value).is_integer() else value
 
 
+def _check_writable(spec: ModelSpec) -> None:
+    if spec.arch not in _ARCHITECTURES:  # gpt-oss: its fused, interleaved experts have no writer
+        raise InfermeterError(f"model {spec.name}: writing an HF {spec.arch} checkpoint is not "
+                              f"supported (it writes: {', '.join(_ARCHITECTURES)})")
+
+
 def hf_config(spec: ModelSpec, dtype: str) -> dict[str, object]:
     """A config.json that transformers and spec_from_hf_config read back as `spec`."""
+    _check_writable(spec)
     cfg: dict[str, object] = {
         "architectures": [_ARCHITECTURES[spec.arch]], "model_type": spec.arch,
         "hidden_size": spec.dim, "intermediate_size": spec.ffn_dim,
@@ -496,6 +503,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], spec: ModelSpec, folder: Path,
     `state` is Meta-named (Transformer.state_dict()); q/k rows are permuted back to HF's order.
     Tied models drop lm_head, as save_pretrained does.
     """
+    _check_writable(spec)  # before the folder is made
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for name, tensor in state.items():
