@@ -288,6 +288,7 @@ def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
 
 
 @pytest.mark.gpu
+@torch.no_grad()  # Generator.prefill's grad mode (a dynamo guard): no second graph a length
 def test_bucketed_prefill_on_cuda_matches_the_exact_one():
     """Inductor's graphs replayed as CUDA graphs (recorded in warmup()): the last real token's
     logits equal the exact eager prefill's (float32), and the greedy tokens of a whole compiled

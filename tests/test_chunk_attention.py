@@ -80,6 +80,7 @@ def test_the_cli_offers_the_engine_s_kinds_and_records_them():
 
 
 @pytest.mark.gpu
+@torch.no_grad()  # Generator.prefill's grad mode (a dynamo guard): no second graphs
 def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill():
     """Inductor's flex kernel inside the bucketed graph (tile lists as inputs, one graph for
     every start): the last real token's logits equal the exact eager prefill's (float32) and
