@@ -43,6 +43,12 @@ def test_a_config_with_zero_heads_is_one_line_naming_file_and_field(tmp_path):
     # ran and measured, ignoring the memory it was given
     (("--gpu-memory", "80GiB"), "--gpu-memory 80GiB sizes the --dry-run plan: give --dry-run "
      "too"),
+    # sampled, though --greedy asked for argmax decoding
+    (("--greedy", "--temperature", "0.7"), "--greedy and --temperature 0.7 ask for two ways of "
+     "decoding: give one"),
+    # ran the fixed-id prompt, formatting nothing
+    (("--chat-format", "llama2"), "--chat-format llama2 formats --dialogs: give --dialogs FILE "
+     "too"),
 ])
 def test_generate_refuses_sampling_settings_that_mean_nothing(args, message):
     out = run("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2", *args)

@@ -69,13 +69,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     prompt.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                         help="raw token ids, e.g. 1,2,3")
     prompt.add_argument("--dialogs", metavar="FILE", help="JSON list of chat dialogs")
-    prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"), default="auto",
+    prompt.add_argument("--chat-format", choices=("auto", "llama2", "llama3"),
                         metavar="FORMAT", help="auto (the checkpoint's own chat template, else "
-                        "Llama 3's or Llama 2's format by the vocabulary), llama2 or llama3")
+                        "Llama 3's or Llama 2's format by the vocabulary; the default), llama2 or "
+                        "llama3")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                      help="tokens generated per sequence (default 64)")
-    gen.add_argument("--greedy", action="store_true", default=True,
+    gen.add_argument("--greedy", action="store_true",
                      help="argmax decoding (the default)")
     gen.add_argument("--temperature", type=temperature_arg, metavar="T",
                      help="sample with this temperature (default 0: greedy)")
@@ -139,6 +140,26 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_generate)
 
 
+def _check_flags_go_together(args: argparse.Namespace) -> None:
+    """A flag that means something only beside another is an error alone: a run would ignore
+    it and record what it did not do."""
+    from infermeter.errors import InfermeterError
+
+    sampling = (args.temperature or 0) > 0
+    if args.top_p != 1.0 and not sampling:  # greedy would ignore it
+        raise InfermeterError(f"--top-p {args.top_p} applies to sampling: give --temperature > 0 "
+                              "too (without it decoding is greedy)")
+    if args.greedy and sampling:
+        raise InfermeterError(f"--greedy and --temperature {args.temperature} ask for two ways "
+                              "of decoding: give one")
+    if args.chat_format and not args.dialogs:  # only dialogs are formatted
+        raise InfermeterError(f"--chat-format {args.chat_format} formats --dialogs: give "
+                              "--dialogs FILE too")
+    if args.gpu_memory and not args.dry_run:  # a run fits the GPU it finds
+        raise InfermeterError(f"--gpu-memory {args.gpu_memory} sizes the --dry-run plan: give "
+                              "--dry-run too")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from infermeter.engine.devices import default_device
     from infermeter.engine.generator import GenerationConfig
@@ -151,16 +172,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output)
-    if args.top_p != 1.0 and not (args.temperature or 0) > 0:  # greedy would ignore it
-        from infermeter.errors import InfermeterError
-
-        raise InfermeterError(f"--top-p {args.top_p} applies to sampling: give --temperature > 0 "
-                              "too (without it decoding is greedy)")
-    if args.gpu_memory and not args.dry_run:  # a run fits the GPU it finds; it was ignored
-        from infermeter.errors import InfermeterError
-
-        raise InfermeterError(f"--gpu-memory {args.gpu_memory} sizes the --dry-run plan: give "
-                              "--dry-run too")
+    _check_flags_go_together(args)
     # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
     if args.dry_run:
         return _print_rank_plan(args)
@@ -176,7 +188,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     request = GenerateRequest(
         source=args.checkpoint or f"random:{args.model}", tokenizer_path=args.tokenizer_path,
         prompts=tuple(args.prompt), prompt_ids=tuple(args.prompt_ids),
-        dialogs_path=args.dialogs, chat_format=args.chat_format, until_eos=args.until_eos,
+        dialogs_path=args.dialogs, chat_format=args.chat_format or "auto", until_eos=args.until_eos,
         sampling=GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=not sampling,
                                   temperature=args.temperature or 1.0, top_p=args.top_p,
                                   seed=args.seed),
