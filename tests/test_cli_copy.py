@@ -94,3 +94,14 @@ def test_cli_bad_input_is_one_error_line(args, message):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("infermeter")
+
+
+def test_a_tp_the_heads_refuse_fails_before_torchrun_starts(monkeypatch):
+    def relaunch(*args, **kwargs):
+        raise AssertionError("torchrun started for a --tp the model cannot split")
+
+    monkeypatch.setattr("infermeter.launch.relaunch_if_needed", relaunch)
+    out = run_cli("--device", "cpu", "--model", "debug", "--tp", "3")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "infermeter: error: tp=3 does not divide debug's 4 attention heads"]

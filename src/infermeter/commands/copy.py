@@ -78,6 +78,10 @@ def _run_copy(args: argparse.Namespace) -> int:
 
         make_trace_dir(args.trace)
     # ---- tensor parallelism (launch.py, engine/parallel/): each rank copies its KV shard
+    if args.tp:  # a --tp the heads refuse fails here, not after torchrun starts every rank
+        from infermeter.specs.sizes import check_tp
+
+        check_tp(spec, args.tp)
     if (code := relaunch_if_needed(args.tp, args.argv)) is not None:
         return code
     parallel = None
