@@ -223,6 +223,17 @@ def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, cpu_only):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_a_dtype_the_engine_does_not_run_is_one_line_and_writes_nothing(tmp_path, cpu_only,
+                                                                       dtype):
+    """It printed the banner, then every stage that runs the engine failed on its own line."""
+    out = tmp_path / "out"
+    done = run_cli("--dtype", dtype, "--out", str(out))
+    assert done.returncode == 2
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("infermeter: error: dtype ")
+    assert "is not supported by the engine yet" in done.stdout and not out.exists()
+
+
 GIB = 2**30
 
 

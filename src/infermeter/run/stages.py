@@ -128,6 +128,9 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
                          seq_len=seq_len or base["seq_len"],
                          dtype=canonical_dtype(dtype or default_dtype),
                          device="cuda" if gpu else "cpu", reference=False)
+    from infermeter.engine.dtypes import torch_dtype
+
+    torch_dtype(setting.dtype)  # the engine's three: fp8 or int8 failed in each stage instead
     is_reference = gpu and not checkpoint and (setting.spec.name, setting.batch,
                                                setting.seq_len, setting.dtype) == (
         REFERENCE["model"], REFERENCE["batch"], REFERENCE["seq_len"], REFERENCE["dtype"])
