@@ -74,3 +74,14 @@ def test_an_output_that_cannot_be_written_fails_before_measuring(tmp_path, monke
         assert main([*command, "--model", "debug", "--output", str(output)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and str(output) in err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    # said "argument --gpu-memory: expected one argument", as if the value were missing
+    (("--gpu-memory", "-5GiB"), "cannot read size '-5GiB'"),
+    (("--gpu-memory", "80GiB", "--reserve", "-1%"), "reserve '-1%' must be within 0% and 100%"),
+])
+def test_a_negative_size_is_read_as_a_value(args, message):
+    out = run("kv", *args)
+    assert_one_error_line(out, message)
+    assert out.stdout == ""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from infermeter.specs.presets import DEFAULT_MODEL
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not usage text plus an error."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A value such as "-5GiB" or "-1%" is a bad value, not a flag: argparse's own pattern
+        # takes plain negative numbers only, and said "expected one argument" for these.
+        self._negative_number_matcher = re.compile(r"^-\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
