@@ -223,6 +223,16 @@ def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, cpu_only):
     assert not out.exists()
 
 
+def test_an_out_that_is_a_file_is_named_so(tmp_path, cpu_only):
+    """It said "cannot create the results folder ([Errno 17] File exists: ...)"."""
+    taken = tmp_path / "results"
+    taken.write_text("mine")
+    done = run_cli("--out", str(taken))
+    assert done.returncode == 2 and taken.read_text() == "mine"
+    assert done.stdout.splitlines() == [
+        f"infermeter: error: {taken}: a file; --out names the results folder"]
+
+
 @pytest.mark.parametrize("dtype", ["fp8", "int8"])
 def test_a_dtype_the_engine_does_not_run_is_one_line_and_writes_nothing(tmp_path, cpu_only,
                                                                        dtype):

@@ -72,6 +72,8 @@ def _note(text: str) -> None:
 def _out_folder(out: str | None) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     folder = Path(out) if out else Path("infermeter-results") / stamp
+    if folder.exists() and not folder.is_dir():
+        raise InfermeterError(f"{folder}: a file; --out names the results folder")
     if (folder / RESULTS_NAME).exists():  # appending would mix two runs in one report
         raise InfermeterError(f"{folder} already holds {RESULTS_NAME}; choose another --out")
     try:
