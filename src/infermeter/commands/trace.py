@@ -15,7 +15,8 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:
                        "ranges, or a compiled step's repeating kernel pattern), and its "
                        "bytes-bound time; or, for a copy "
                        "trace, each copy's size and GB/s.")
-    p.add_argument("file", metavar="FILE", help="trace JSON (e.g. trace-rank0.json)")
+    p.add_argument("file", metavar="FILE",
+                   help="trace JSON, plain or gzipped (e.g. trace-rank0.json, trace.json.gz)")
     p.add_argument("--json", action="store_true", help="print the breakdown as one JSON object")
     p.set_defaults(handler=_run_trace)
 
