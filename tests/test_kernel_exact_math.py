@@ -92,6 +92,21 @@ def test_the_soft_cap_is_torchs_tanh_and_the_combine_divides_exactly(monkeypatch
         assert_exact_divisions(gpu_ptx(combine), True, f"combine, cap {cap}")
 
 
+def distinct_expert_ids(tokens: int, n_experts: int, top_k: int, generator: torch.Generator,
+                        device: str) -> torch.Tensor:
+    """Random expert ids [tokens, top_k], distinct within a token as a router's top-k gives
+    them: the gathered kernels write a token's row once per distinct expert, so a repeated id
+    would leave one of its slots unwritten."""
+    scores = torch.rand(tokens, n_experts, device=device, generator=generator)
+    return scores.topk(top_k, dim=-1).indices
+
+
+def test_the_gpu_tests_expert_ids_are_distinct_within_a_token():
+    ids = distinct_expert_ids(64, 6, 2, torch.Generator().manual_seed(0), "cpu")
+    assert ids.shape == (64, 2) and 0 <= int(ids.min()) and int(ids.max()) < 6
+    assert all(len(set(row)) == 2 for row in ids.tolist())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.inference_mode()
@@ -110,7 +125,7 @@ def test_on_cuda_the_silu_kernels_are_eagers_to_the_bit(dtype):
         pick = torch.randint(0, dim, (2, n_experts * ffn, 1), device="cuda", generator=gen)
         w1, w3 = (torch.zeros(n_experts * ffn, dim, device="cuda").scatter_(1, p, 1.0)
                   .to(dtype).view(n_experts, ffn, dim) for p in pick)
-        ids = torch.randint(0, n_experts, (tokens, 2), device="cuda", generator=gen)
+        ids = distinct_expert_ids(tokens, n_experts, 2, gen, "cuda")
         got = expert_gemv.experts_swiglu(x, ids, w1, w3)
         gate_rows = torch.einsum("nd,nkfd->nkf", x.float(), w1[ids].float()).to(dtype)
         up_rows = torch.einsum("nd,nkfd->nkf", x.float(), w3[ids].float()).to(dtype)
