@@ -322,6 +322,15 @@ def test_cli_no_results_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_cli_a_path_that_does_not_exist_is_one_error_line(tmp_path):
+    """It was a warning, then a report without that path's Results and exit 0."""
+    missing = tmp_path / "resluts"
+    out = run_cli(str(GOOD), str(missing), "--output", str(tmp_path / "r.md"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"infermeter: error: {missing}: no such file or folder"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_writes_the_format_its_output_names(tmp_path):
     out = run_cli(str(GOOD), str(BAD), "--output", str(tmp_path / "r.md"))
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from infermeter.errors import InfermeterError
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +46,10 @@ def _run_report(args: argparse.Namespace) -> int:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
 
     fmt = choose_format(args.format, args.output)  # bad flags fail before any reading
+    # a mistyped path is an error, not a warning above a report that lacks its Results
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise InfermeterError(f"{path}: no such file or folder")
     if args.plots:
         check_plots_folder(args.plots)
     report = build_report(args.paths, with_seed=args.with_seed, warn=warn)
