@@ -135,6 +135,10 @@ def check_rounding_points() -> None:
         signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
         return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
 
+    # 8 gate/up rows a program over ffn 12, 16 columns over dim 24, w2's 16 rows over dim 24:
+    # two tiles each way, the last ragged (tiles_for's own tiles give a program a row pair:
+    # dozens a launch, and the interpreter's cost is per program)
+    expert_gemv.tiles_for = lambda n_cols, gpu="": (16, 16, 4)
     for dtype, n_tokens in itertools.product(ULP, (1, 2)):  # one token; two sharing experts
         x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
         w1, w3, w2 = (picks(n_experts, hidden, dim).to(dtype), picks(n_experts, hidden, dim)
@@ -146,6 +150,7 @@ def check_rounding_points() -> None:
         moe.moe_kernel = "triton"
         got = moe.gathered(x, weights, ids)
         assert_rounding_points(got, want, dtype, f"N{n_tokens}")
+    expert_gemv.tiles_for = TILES_FOR
 
 
 def assert_rounding_points(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
@@ -291,9 +296,13 @@ def check_compiled_trace() -> None:
     moe = build_model(spec, seed=9).layers[0].feed_forward
     moe.moe_kernel = "triton"
     x = torch.randn(1, 1, spec.dim, generator=torch.Generator().manual_seed(10))
+    # the traced and the plain block run the kernels: a few big tiles (the interpreter's cost is
+    # per program; the graph does not depend on the tiles)
+    expert_gemv.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
     with torch.inference_mode(), pdl.launching(True):
         traced = torch.compile(moe, fullgraph=True, dynamic=False, backend=keep)(x)
         plain = moe(x)
+    expert_gemv.tiles_for = TILES_FOR
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
     assert ours == ["gemv_pdl", "experts_swiglu_pdl", "experts_down_pdl"], ours  # the router's
