@@ -573,7 +573,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert (traffic["direction"], traffic["context"], traffic["same_tokens"]) == ("both", 24, True)
     assert written.config["traffic"] == ["both"] and written.config["decode_steps"] == 3
     table = render_offload(written)
-    assert "(b) layer" in table and "suffix 4, (a) serial:" in table
+    assert "(b) layerwise" in table and "suffix 4, (a) serial:" in table
     assert "decode under copy traffic" in table
     streamed = written.metrics["offloaded_decode"]
     assert streamed["same_tokens"] is True and streamed["bytes_per_step"] > 0

@@ -10,7 +10,7 @@ from infermeter.measure.result import Result
 from infermeter.textable import render_table
 from infermeter.units import format_bytes
 
-HEADER = ["suffix", "prefix", "KV", "reload", "suffix fwd", "(a) serial", "(b) layer",
+HEADER = ["suffix", "prefix", "KV", "reload", "suffix fwd", "(a) serial", "(b) layerwise",
           "(c) recompute", "fastest", "(b)/bound", "same tokens"]
 # Stats.warnings' two lines: counted in the table's view, listed whole in the Result.
 TIMING_NOTE = re.compile(r": (noisy, cov |only \d+ samples$)")
@@ -48,7 +48,7 @@ def render_offload(result: Result) -> str:
              "reload, suffix fwd: each alone; bound: the larger of the two, what a perfect "
              "overlap reaches"]
     for row in metrics["break_even"]:
-        way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
+        way = "(a) serial" if row["way"] == "serial" else "(b) layerwise"
         lines.append(f"suffix {row['suffix_len']}, {way}: {describe_break_even(row)}")
     if metrics.get("paged_break_even"):
         lines += ["", render_paged(metrics)]
@@ -110,9 +110,9 @@ def render_paged(metrics: dict[str, Any]) -> str:
     lines = ["paged host copy: the prefix in blocks scattered through a pool, reloaded block by "
              "block (copies: one DMA per block of K or V), medians in ms",
              render_table(["block", "suffix", "prefix", "copies", "reload", "(a) serial",
-                           "(b) layer", "(c) recompute", "(b)/bound", "same tokens"], rows)]
+                           "(b) layerwise", "(c) recompute", "(b)/bound", "same tokens"], rows)]
     for row in metrics["paged_break_even"]:
-        way = "(a) serial" if row["way"] == "serial" else "(b) layer-wise"
+        way = "(a) serial" if row["way"] == "serial" else "(b) layerwise"
         lines.append(f"suffix {row['suffix_len']}, blocks of {row['block_size']}, {way}: "
                      f"{describe_break_even(row)}")
     return "\n".join(lines)

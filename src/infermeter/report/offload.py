@@ -26,7 +26,7 @@ from infermeter.report.load import Record
 from infermeter.report.select import column_key, num
 from infermeter.report.tables import Table
 
-WAYS = (("serial", "(a) serial"), ("layerwise", "(b) layer-wise"), ("recompute", "(c) recompute"))
+WAYS = (("serial", "(a) serial"), ("layerwise", "(b) layerwise"), ("recompute", "(c) recompute"))
 
 TTFT_CAPTION = (
     "A request whose first `prefix` tokens' KV cache sits in host memory (pinned on a GPU, a "
@@ -170,7 +170,7 @@ def breakeven_table(labelled: list[tuple[str, Record]]) -> Table | None:
     return Table("offload-breakeven", "Reload vs recompute, measured break-even",
                  BREAKEVEN_CAPTION, ["Result", "Suffix", "Host copy",
                                      "(a) serial reload wins from",
-                                     "(b) layer-wise reload wins from"], rows)
+                                     "(b) layerwise reload wins from"], rows)
 
 
 def paged_table(labelled: list[tuple[str, Record]]) -> Table | None:
@@ -193,7 +193,7 @@ def paged_table(labelled: list[tuple[str, Record]]) -> Table | None:
     ordered = [row for _, row in sorted(rows, key=lambda r: (r[1][0], r[0]))]  # stable in case
     return Table("offload-paged", "Reload vs recompute, paged host copy (TTFT)", PAGED_CAPTION,
                  ["Result", "Block", "Suffix", "Prefix", "Copies", "Reload", "(a) serial",
-                  "(b) layer-wise", "(c) recompute", "Same tokens"], ordered)
+                  "(b) layerwise", "(c) recompute", "Same tokens"], ordered)
 
 
 def _decode(entry: dict[str, Any]) -> str:
