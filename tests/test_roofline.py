@@ -113,6 +113,9 @@ def test_measure_roofline_on_the_cpu():
     assert metrics["roofline_copy_bytes"] == 1 << 20 and metrics["roofline_matmul_dtype"] == \
         "float32"
     assert any("only 3 samples" in w for w in peaks.warnings)
+    # a CPU has no HBM: its warnings name the memory copy it timed
+    assert any(w.startswith("roofline memory copy: only 3 samples") for w in peaks.warnings)
+    assert not any("HBM" in w for w in peaks.warnings)
 
 
 def test_measured_peaks_from_a_fake_clock(monkeypatch):

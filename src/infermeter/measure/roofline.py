@@ -308,6 +308,7 @@ def measure_roofline(device: Any, repeats: int = 10, copy_bytes: int | None = No
                                                                         repeats)
     if gpu:
         torch.cuda.empty_cache()
-    for key, what in (("hbm_copy_ms", "HBM copy"), ("matmul_ms", "matmul")):
+    memory = "HBM copy" if gpu else "memory copy"  # the Result's key keeps its name
+    for key, what in (("hbm_copy_ms", memory), ("matmul_ms", "matmul")):
         out.warnings += Stats.of(out.samples[key]).warnings(f"roofline {what}")
     return out
