@@ -23,15 +23,18 @@ def reference(q, k, v, key_pos, pos, window):
 
 
 def check_against_math() -> None:
-    """MHA, GQA and MQA shapes, batch 2, first / middle / last position, 1 to 8 splits
-    (some splits empty), with and without a window, full and ring slot layouts. GQA runs every
-    (position, layout, splits); MHA and MQA (the same code, other head counts) every (position,
-    layout) with one split count each, in turn, so each split count meets each layout."""
+    """MHA, GQA and MQA shapes, first / middle / last position, 1 to 8 splits (some splits
+    empty), with and without a window, full and ring slot layouts. GQA runs every (position,
+    layout, splits) at batch 1; MHA and MQA (the same code, other head counts) at batch 2 (a
+    second sequence's strides) every (position, layout) with one split count each, in turn, so
+    each split count meets each layout and position at both batch sizes (the interpreter's cost
+    is per program: B x H_kv x splits, and B x H_kv x G in the combine)."""
     gen = torch.Generator().manual_seed(0)
     slots = 2 * BLOCK_N + 5  # not a multiple of the block: a ragged last block
     for n_kv_heads, groups in ((2, 1), (2, 4), (1, 8)):
-        q = torch.randn(2, n_kv_heads, groups, 16, generator=gen)
-        k, v = (torch.randn(2, n_kv_heads, slots, 16, generator=gen) for _ in range(2))
+        batch = 1 if groups == 4 else 2
+        q = torch.randn(batch, n_kv_heads, groups, 16, generator=gen)
+        k, v = (torch.randn(batch, n_kv_heads, slots, 16, generator=gen) for _ in range(2))
         for p, pos in enumerate((0, 70, slots - 1)):
             for i, (is_ring, window) in enumerate(((False, 0), (False, 9), (True, 0), (True, 9))):
                 if is_ring:  # slots hold scattered positions, some never written (-1)
