@@ -46,10 +46,15 @@ case "${1:-}" in
     # xdist there, 4 workers share the GPU (the tests are small; their compiles are CPU-bound),
     # whole files to a worker. -v: each test's outcome is in the file as it ends, so a command
     # cut short by its time limit still says which passed.
+    # The copy-traffic tests time decode windows against a host-launched queue: they run
+    # after the others, alone, so no other worker's compile slows their launches.
     workers=$(python3 -c 'import xdist; print("-n 4 --dist loadfile")' 2>/dev/null || true)
+    alone="tests/test_traffic.py tests/test_traffic_methods.py"
     # shellcheck disable=SC2086
-    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $workers 2>&1 \
-      | tee "$dest/gpu-tests.txt" || true ;;
+    { python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $workers \
+        $(printf -- '--ignore=%s ' $alone) 2>&1
+      python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $alone 2>&1
+    } | tee "$dest/gpu-tests.txt" || true ;;
   run)
     # refused (one line) where the folder exists: a committed run is never overwritten
     python3 -m infermeter run --out "$dest/run-$slug" ;;

@@ -22,3 +22,16 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """A test marked gpu skips, saying why, where no CUDA GPU is visible (`pytest -m gpu` on a
+    CPU machine), rather than failing inside the code it means to check on a GPU."""
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
