@@ -192,9 +192,10 @@ def check_model_decode() -> None:
 
     model_module.silu_mul_kernel = counted_act
     debug = PRESETS["debug"]
+    steps = 6  # positions 4-9: the 5-slot ring wraps (slot 0 holds 5, then all five rewritten)
     for spec in (debug, debug.with_updates(arch="mistral", sliding_window=5,
                                            sliding_window_layers=(1,))):
-        tokens = torch.randint(0, spec.vocab_size, (2, 14), generator=torch.Generator()
+        tokens = torch.randint(0, spec.vocab_size, (2, 4 + steps), generator=torch.Generator()
                                .manual_seed(2))
         logits = {}
         for kind in ("math", "triton"):
@@ -205,11 +206,12 @@ def check_model_decode() -> None:
                 layer.feed_forward.activation_kernel = "triton" if kind == "triton" else "aten"
             with torch.inference_mode():
                 outs = [model(tokens[:, :4], torch.arange(4))]
-                outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 14)]
+                outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 4 + steps)]
             logits[kind] = torch.cat(outs, dim=1)
-        assert len(calls) == 10 * spec.n_layers, f"the kernel ran {len(calls)} times"
+        assert len(calls) == steps * spec.n_layers, f"the kernel ran {len(calls)} times"
         # the activation kernel also runs in the 4-token prefill while "compiling" is forced
-        assert len(activations) == 11 * spec.n_layers, f"swiglu ran {len(activations)} times"
+        assert len(activations) == (steps + 1) * spec.n_layers, \
+            f"swiglu ran {len(activations)} times"
         calls.clear()
         activations.clear()
         err = (logits["triton"] - logits["math"]).abs().max().item()
