@@ -6,7 +6,7 @@ Built for a GPU, Triton's `/` on float32 is div.full.f32 (div.approx.f32 by a co
 2 ulp of the quotient, and tl.exp is ex2.approx of x * log2(e); torch's CUDA kernels divide
 exactly and call libdevice's expf and tanhf. So:
 - silu is x / (1 + exp(-x)) with an IEEE division (div.rn) and libdevice's expf, as torch's
-  CUDA silu kernel computes it;
+  CUDA silu kernel computes it; sigmoid 1 / (1 + exp(-x)) the same way (torch's CUDA sigmoid);
 - tanh is libdevice's tanhf, as torch.tanh on CUDA;
 - a division by a Python number is a product with its float32 reciprocal, rounded once
   (float32_reciprocal), as torch's CUDA division by a scalar computes it;
@@ -54,6 +54,11 @@ if triton is not None:
     def exact_silu(x, LIBDEVICE: tl.constexpr):
         """float32 x / (1 + exp(-x)), the division rounded once: torch's CUDA silu."""
         return tl.math.div_rn(x, 1.0 + exact_exp(-x, LIBDEVICE))
+
+    @triton.jit
+    def exact_sigmoid(x, LIBDEVICE: tl.constexpr):
+        """float32 1 / (1 + exp(-x)), the division rounded once: torch's CUDA sigmoid."""
+        return tl.math.div_rn(1.0, 1.0 + exact_exp(-x, LIBDEVICE))
 
     @triton.jit
     def exact_tanh(x, LIBDEVICE: tl.constexpr):

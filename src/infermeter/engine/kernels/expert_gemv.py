@@ -60,7 +60,7 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_silu
+    from infermeter.engine.kernels.exact_math import exact_sigmoid, exact_silu
     from infermeter.engine.kernels.gemv import row_dots
 
     @triton.jit
@@ -79,10 +79,11 @@ if triton is not None:
         return first == slot, where
 
     @triton.jit
-    def _experts_swiglu_kernel(X, IDS, W1, W3, OUT, n_rows, n_cols, n_tokens, top_k, stride_x,
-                               stride_e1, stride_r1, stride_e3, stride_r3,
-                               TOKENS: tl.constexpr, TOPK: tl.constexpr,
+    def _experts_swiglu_kernel(X, IDS, W1, W3, B1, B3, OUT, n_rows, n_cols, n_tokens, top_k,
+                               stride_x, stride_e1, stride_r1, stride_e3, stride_r3, stride_b1,
+                               stride_b3, limit, alpha, TOKENS: tl.constexpr, TOPK: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               HAS_BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False,
                                LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.program_id(1)
@@ -114,14 +115,28 @@ if triton is not None:
             dtype = OUT.dtype.element_ty
             gate = tl.sum(acc_gate, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
             up = tl.sum(acc_up, 2).to(dtype).to(tl.float32)
-            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
+            if HAS_BIAS:  # the expert's biases [BLOCK_N], each sum rounded (eager's `+ bias`)
+                bias_gate = tl.load(B1 + expert * stride_b1 + rows, mask=row_ok, other=0.0)
+                bias_up = tl.load(B3 + expert * stride_b3 + rows, mask=row_ok, other=0.0)
+                gate = (gate + bias_gate.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+                up = (up + bias_up.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+            if CLAMPED:  # MoEFeedForward.activation's clamped SwiGLU, each op's rounding
+                gate = tl.minimum(gate, limit).to(dtype).to(tl.float32)
+                up = tl.minimum(tl.maximum(up, -limit), limit).to(dtype).to(tl.float32)
+                scaled = (gate * alpha).to(dtype).to(tl.float32)
+                sig = exact_sigmoid(scaled, LIBDEVICE).to(dtype).to(tl.float32)
+                glu = (gate * sig).to(dtype).to(tl.float32)
+                act = (up + 1.0).to(dtype).to(tl.float32) * glu
+            else:
+                silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
+                act = silu * up
             tl.store(OUT + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
-                     (silu * up).to(dtype), mask=chose[:, None] & row_ok[None, :])
+                     act.to(dtype), mask=chose[:, None] & row_ok[None, :])
 
     @triton.jit
-    def _experts_down_kernel(ACT, IDS, ROUTE, W2, OUT, n_rows, n_cols, top_k, stride_e,
-                             stride_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PDL: tl.constexpr = False):
+    def _experts_down_kernel(ACT, IDS, ROUTE, W2, B2, OUT, n_rows, n_cols, top_k, stride_e,
+                             stride_r, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         token = tl.program_id(1).to(tl.int64)
         row_ok = rows < n_rows
@@ -135,14 +150,19 @@ if triton is not None:
             expert = tl.load(IDS + slot).to(tl.int64)
             down = row_dots(ACT + slot * n_cols, W2 + expert * stride_e, rows, row_ok, n_cols,
                             stride_r, BLOCK_N, BLOCK_K)
+            down = down.to(dtype).to(tl.float32)
+            if HAS_BIAS:  # eager's `+ bias`, rounded
+                bias = tl.load(B2 + expert * stride_b + rows, mask=row_ok, other=0.0)
+                down = (down + bias.to(tl.float32)).to(dtype).to(tl.float32)
             route = tl.load(ROUTE + slot).to(tl.float32)
-            out += (down.to(dtype).to(tl.float32) * route).to(dtype).to(tl.float32)
+            out += (down * route).to(dtype).to(tl.float32)
         tl.store(OUT + token * n_rows + rows, out.to(dtype), mask=row_ok)
 
     @triton.jit
-    def _experts_down_terms_kernel(ACT, IDS, ROUTE, W2, TERMS, n_rows, n_cols, n_tokens, top_k,
-                                   stride_e, stride_r, TOKENS: tl.constexpr, TOPK: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _experts_down_terms_kernel(ACT, IDS, ROUTE, W2, B2, TERMS, n_rows, n_cols, n_tokens,
+                                   top_k, stride_e, stride_r, stride_b, TOKENS: tl.constexpr,
+                                   TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr = False,
                                    PDL: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.program_id(1)
@@ -167,6 +187,9 @@ if triton is not None:
                 acc += w.to(tl.float32)[None, :, :] * act
             dtype = TERMS.dtype.element_ty
             down = tl.sum(acc, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
+            if HAS_BIAS:  # eager's `+ bias`, rounded
+                bias = tl.load(B2 + expert * stride_b + rows, mask=row_ok, other=0.0)
+                down = (down + bias.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
             route = tl.load(ROUTE + where, mask=chose, other=0.0).to(tl.float32)
             tl.store(TERMS + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
                      (down * route[:, None]).to(dtype), mask=chose[:, None] & row_ok[None, :])
@@ -179,94 +202,115 @@ def _token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, 
     return block_n, max(16, block_k // triton.next_power_of_2(n_tokens)), warps
 
 
-def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool) -> Tensor:
+def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
+                    b1: Tensor | None = None, b3: Tensor | None = None,
+                    limit: float | None = None, alpha: float = 1.0) -> Tensor:
     n_tokens, top_k = ids.shape
+    has_bias = b1 is not None
+    b1, b3 = (b1, b3) if has_bias else (w1, w3)  # without biases: never read
     hidden, dim = w1.shape[1], w1.shape[2]
     block_n, block_k, warps = _token_tiles(tiles_for(dim, gpu_name(w1.device)), n_tokens)
     block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
     out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     launch(_experts_swiglu_kernel, (triton.cdiv(hidden, block_n), n_tokens * top_k), pdl,
-           x, ids.contiguous(), w1, w3, out, hidden, dim, n_tokens, top_k, x.stride(0),
-           w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1),
+           x, ids.contiguous(), w1, w3, b1, b3, out, hidden, dim, n_tokens, top_k, x.stride(0),
+           w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1), b1.stride(0), b3.stride(0),
+           0.0 if limit is None else float(limit), float(alpha),
            TOKENS=triton.next_power_of_2(n_tokens), TOPK=triton.next_power_of_2(top_k),
-           BLOCK_N=block_n, BLOCK_K=block_k, LIBDEVICE=compiled_for_gpu(x), num_warps=warps,
-           num_stages=NUM_STAGES)
+           BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=has_bias, CLAMPED=limit is not None,
+           LIBDEVICE=compiled_for_gpu(x), num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 
-def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool) -> Tensor:
+def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool,
+                  b2: Tensor | None = None) -> Tensor:
     n_tokens, top_k = ids.shape
+    has_bias = b2 is not None
+    b2 = b2 if has_bias else w2  # without a bias: never read
     dim, hidden = w2.shape[1], w2.shape[2]
     act, ids, weights = act.contiguous(), ids.contiguous(), weights.contiguous()
     if n_tokens == 1:  # k distinct experts: the weighted sum in the kernel
         block_n, block_k, warps = tiles_for(hidden, gpu_name(w2.device))
         out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
         launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
-               act, ids, weights, w2, out, dim, hidden, top_k, w2.stride(0), w2.stride(1),
-               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=NUM_STAGES)
+               act, ids, weights, w2, b2, out, dim, hidden, top_k, w2.stride(0), w2.stride(1),
+               b2.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=has_bias,
+               num_warps=warps, num_stages=NUM_STAGES)
         return out
     # Tokens share experts: each expert's program writes every choosing token's weighted term,
     # and torch sums the k terms (float32, rounded once) as the eager path does.
     block_n, block_k, warps = _token_tiles(tiles_for(hidden, gpu_name(w2.device)), n_tokens)
     terms = torch.empty(n_tokens, top_k, dim, dtype=act.dtype, device=act.device)
     launch(_experts_down_terms_kernel, (triton.cdiv(dim, block_n), n_tokens * top_k), pdl,
-           act, ids, weights, w2, terms, dim, hidden, n_tokens, top_k, w2.stride(0),
-           w2.stride(1), TOKENS=triton.next_power_of_2(n_tokens),
+           act, ids, weights, w2, b2, terms, dim, hidden, n_tokens, top_k, w2.stride(0),
+           w2.stride(1), b2.stride(0), TOKENS=triton.next_power_of_2(n_tokens),
            TOPK=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=warps, num_stages=NUM_STAGES)
+           HAS_BIAS=has_bias, num_warps=warps, num_stages=NUM_STAGES)
     return terms.sum(dim=1)
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
 # and a custom_op twin launched with PDL (pdl.py says why both). ids [N, k] are the routing's
 # expert ids (int64), weights [N, k] its weights in x's dtype; the stacked weights have unit
-# column stride and x's dtype.
+# column stride and x's dtype, as have the optional biases (gpt-oss: b1 / b3 [E, ffn], b2
+# [E, dim]). limit: gpt-oss's clamped SwiGLU (MoEFeedForward.activation, alpha its sigmoid's
+# scale); None: silu(gate) * up.
 
 @torch.library.triton_op("infermeter::experts_swiglu", mutates_args=())
-def experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
-    """x [N, dim] (unit column stride), w1 / w3 [E, ffn, dim] -> silu(x @ w1[id]^T) *
-    (x @ w3[id]^T) [N, k, ffn] for each token's k expert ids."""
-    return _experts_swiglu(x, ids, w1, w3, pdl=False)
+def experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, b1: Tensor | None = None,
+                   b3: Tensor | None = None, limit: float | None = None,
+                   alpha: float = 1.0) -> Tensor:
+    """x [N, dim] (unit column stride), w1 / w3 [E, ffn, dim] -> the activation of
+    gate = x @ w1[id]^T (+ b1[id]) and up = x @ w3[id]^T (+ b3[id]), [N, k, ffn], for each
+    token's k expert ids: silu(gate) * up, or with limit the clamped SwiGLU."""
+    return _experts_swiglu(x, ids, w1, w3, False, b1, b3, limit, alpha)
 
 
 @torch.library.custom_op("infermeter::experts_swiglu_pdl", mutates_args=())
-def experts_swiglu_pdl(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
-    return _experts_swiglu(x, ids, w1, w3, pdl=True)
+def experts_swiglu_pdl(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, b1: Tensor | None = None,
+                       b3: Tensor | None = None, limit: float | None = None,
+                       alpha: float = 1.0) -> Tensor:
+    return _experts_swiglu(x, ids, w1, w3, True, b1, b3, limit, alpha)
 
 
 @experts_swiglu_pdl.register_fake
-def _(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+def _(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, b1: Tensor | None = None,
+      b3: Tensor | None = None, limit: float | None = None, alpha: float = 1.0) -> Tensor:
     return x.new_empty(ids.shape[0], ids.shape[1], w1.shape[1])
 
 
 @torch.library.triton_op("infermeter::experts_down", mutates_args=())
-def experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
-    """act [N, k, ffn], w2 [E, dim, ffn] -> sum over the k of weights * (act @ w2[id]^T):
-    [N, dim]."""
-    return _experts_down(act, ids, weights, w2, pdl=False)
+def experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor,
+                 b2: Tensor | None = None) -> Tensor:
+    """act [N, k, ffn], w2 [E, dim, ffn] -> sum over the k of weights * (act @ w2[id]^T
+    (+ b2[id])): [N, dim]."""
+    return _experts_down(act, ids, weights, w2, False, b2)
 
 
 @torch.library.custom_op("infermeter::experts_down_pdl", mutates_args=())
-def experts_down_pdl(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
-    return _experts_down(act, ids, weights, w2, pdl=True)
+def experts_down_pdl(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor,
+                     b2: Tensor | None = None) -> Tensor:
+    return _experts_down(act, ids, weights, w2, True, b2)
 
 
 @experts_down_pdl.register_fake
-def _(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor) -> Tensor:
+def _(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, b2: Tensor | None = None) -> Tensor:
     return act.new_empty(ids.shape[0], w2.shape[1])
 
 
 def gathered_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor,
-                     w2: Tensor) -> Tensor:
+                     w2: Tensor, b1: Tensor | None = None, b3: Tensor | None = None,
+                     b2: Tensor | None = None, limit: float | None = None,
+                     alpha: float = 1.0) -> Tensor:
     """MoEFeedForward.gathered's output [N, dim] through the two kernels, as a compiled step
     calls them: with PDL when pdl.enabled()."""
     on = pdl.enabled()
-    act = (experts_swiglu_pdl if on else experts_swiglu)(x, ids, w1, w3)
-    return (experts_down_pdl if on else experts_down)(act, ids, weights, w2)
+    act = (experts_swiglu_pdl if on else experts_swiglu)(x, ids, w1, w3, b1, b3, limit, alpha)
+    return (experts_down_pdl if on else experts_down)(act, ids, weights, w2, b2)
 
 
-def experts_kernel_usable(x: Tensor, *weights: Tensor) -> bool:
-    """Triton runs where x lives, x's rows and the stacked weights have unit column stride, and
-    all share x's dtype (what the kernels read)."""
+def experts_kernel_usable(x: Tensor, *weights: Tensor | None) -> bool:
+    """Triton runs where x lives, x's rows and the stacked weights (and biases; None: absent)
+    have unit column stride, and all share x's dtype (what the kernels read)."""
     return triton_runs_on(x) and x.stride(-1) == 1 and all(
-        w.stride(-1) == 1 and w.dtype == x.dtype for w in weights)
+        w is None or (w.stride(-1) == 1 and w.dtype == x.dtype) for w in weights)
