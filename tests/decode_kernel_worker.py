@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from infermeter.engine import model as model_module
+from infermeter.engine.kernels import decode_attention as attention_kernels
+from infermeter.engine.kernels import swiglu as swiglu_kernels
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_kv_decode
 from infermeter.engine.kernels.swiglu import silu_mul_triton
 from infermeter.engine.model import build_model, decode_attention
@@ -142,7 +144,7 @@ def check_model_gemv() -> None:
         calls.append(tuple(weight.shape))
         return matvec(x, weight)
 
-    linear_module.matvec = counted
+    gemv_module.matvec = counted  # Linear imports it from there where a step takes it
     # 128 x 64 tiles for every product: the interpreter's cost is per program (check_gemv_kernel
     # covers tiles_for's own tiles; w2's 176 columns still take three tiles, the last ragged)
     real_tiles = gemv_module.tiles_for
@@ -183,14 +185,15 @@ def check_model_decode() -> None:
         calls.append(args[0].shape)
         return split_kv_decode(*args)
 
-    model_module.decode_attention_kernel = counted
+    # the model imports the kernels from their modules where a compiled step takes them
+    attention_kernels.decode_attention_kernel = counted
     activations = []
 
     def counted_act(gate, up):
         activations.append(gate.shape)
         return silu_mul_triton(gate, up)
 
-    model_module.silu_mul_kernel = counted_act
+    swiglu_kernels.silu_mul_kernel = counted_act
     debug = PRESETS["debug"]
     steps = 6  # positions 4-9: the 5-slot ring wraps (slot 0 holds 5, then all five rewritten)
     for spec in (debug, debug.with_updates(arch="mistral", sliding_window=5,

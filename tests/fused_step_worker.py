@@ -187,9 +187,10 @@ def check_model_step() -> None:
     def counted(name, real):
         return lambda *args: calls.append(name) or real(*args)
 
-    linear_module.matvec = counted("gemv", matvec)
+    # the engine imports each kernel from its module where a compiled step takes it
+    gemv_module.matvec = counted("gemv", matvec)
     for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache"):
-        setattr(model_module, name, counted(name, getattr(fused_step, name)))
+        setattr(fused_step, name, counted(name, getattr(fused_step, name)))
     debug = PRESETS["debug"]
     # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
     specs = {"llama": debug.with_updates(sliding_window=3, sliding_window_layers=(1,)),

@@ -64,8 +64,10 @@ def test_auto_attention_calls_the_kernel_at_every_batch(monkeypatch, batch):
         return model_module.decode_attention(q, keys, values, visible.expand(groups, -1))
 
     monkeypatch.setattr(model_module, "compiling", lambda: True)
-    monkeypatch.setattr(model_module, "kernel_usable", lambda q: True)
-    monkeypatch.setattr(model_module, "decode_attention_kernel", kernel)
+    monkeypatch.setattr(model_module, "decode_kernel_usable", lambda q: True)
+    # the step imports the kernel from its module when it takes it (model.py says why)
+    monkeypatch.setattr("infermeter.engine.kernels.decode_attention.decode_attention_kernel",
+                        kernel)
     model = build_model(PRESETS["debug"], seed=1)
     assert {layer.attention.decode_attention for layer in model.layers} == {"auto"}
     model.setup_cache(batch, 8)
@@ -193,6 +195,7 @@ def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkey
     matvec_kernel "triton" and a usable kernel; F.linear otherwise. The module's forward hooks
     (tensor parallelism's collectives) run around either."""
     from infermeter.engine import linear as linear_module
+    from infermeter.engine.kernels import gemv as gemv_module  # Linear imports from it
     from infermeter.engine.linear import Linear, set_matvec_kernel
 
     calls = []
@@ -201,8 +204,8 @@ def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkey
         calls.append(tuple(x.shape))
         return x @ weight.T
 
-    real_usable = linear_module.gemv_usable
-    monkeypatch.setattr(linear_module, "matvec", fake_gemv)
+    real_usable = gemv_module.gemv_usable
+    monkeypatch.setattr(gemv_module, "matvec", fake_gemv)
     layer = Linear(6, 4, bias=True)
     hooked = []
     layer.register_forward_hook(lambda module, inputs, out: hooked.append(out.shape))
@@ -210,15 +213,15 @@ def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkey
     assert layer.matvec_kernel == "triton"  # the default (linear.MATVEC_KERNEL)
     layer.matvec_kernel = "inductor"
     monkeypatch.setattr(linear_module, "compiling", lambda: True)
-    monkeypatch.setattr(linear_module, "gemv_usable", lambda x, w: True)
+    monkeypatch.setattr(gemv_module, "gemv_usable", lambda x, w: True)
     want_row, want_rows = layer(row), layer(rows)  # "inductor": F.linear even where usable
     assert calls == []
-    monkeypatch.setattr(linear_module, "gemv_usable", real_usable)
+    monkeypatch.setattr(gemv_module, "gemv_usable", real_usable)
     layer.matvec_kernel = "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert torch.equal(layer(row), want_row) and calls == []  # CPU, no interpreter: F.linear
     monkeypatch.setattr(linear_module, "triton_runs_on", lambda x: True)  # as on a GPU
-    monkeypatch.setattr(linear_module, "gemv_usable", lambda x, w: x.numel() == x.shape[-1])
+    monkeypatch.setattr(gemv_module, "gemv_usable", lambda x, w: x.numel() == x.shape[-1])
     torch.testing.assert_close(layer(row), want_row)  # the kernel's path, bias added after
     assert calls == [(1, 6)]
     assert torch.equal(layer(rows), want_rows) and calls == [(1, 6)]  # 3 rows: F.linear

@@ -294,8 +294,7 @@ class Generator:
         of "sdpa" for a model that soft-caps attention logits (SDPA cannot); "math" always for
         a model with attention sinks (gpt-oss: only the math products take them)."""
         from infermeter.engine.attention import resolve_attention
-        from infermeter.engine.kernels.decode_attention import head_size_fits
-        from infermeter.engine.kernels.triton_support import triton_runs_on
+        from infermeter.engine.kernels.triton_support import head_size_fits, triton_runs_on
 
         if self.decode_attention is None:
             return None

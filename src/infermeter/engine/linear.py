@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infermeter.engine.kernels.gemv import gemv_usable, matvec
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.opaque_ops import compiling
 
@@ -38,8 +37,12 @@ class Linear(nn.Linear):
         """x [..., in] -> [..., out]; a single row x [1(, 1), in] in a compiled step with
         matvec_kernel "triton" (where Triton runs) takes the GEMV kernel."""
         rows = x.numel() // x.shape[-1]
-        if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight) \
-                and gemv_usable(x, self.weight):
+        if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight):
+            # imported here: only a compiled step takes it (model.py says why)
+            from infermeter.engine.kernels.gemv import gemv_usable, matvec
+
+            if not gemv_usable(x, self.weight):
+                return F.linear(x, self.weight, self.bias)
             out = matvec(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)

@@ -84,19 +84,6 @@ from infermeter.engine.attention import (
 )
 from infermeter.engine.chunk_attention import BlockLists, chunk_flex_attention
 from infermeter.engine.dtypes import torch_dtype
-from infermeter.engine.kernels.decode_attention import (
-    decode_attention_kernel,
-    kernel_usable,
-    split_count,
-)
-from infermeter.engine.kernels.fused_step import (
-    fused_step_usable,
-    matvec_add,
-    norm_matvec,
-    norm_matvec_swiglu,
-    norm_qkv_rope_cache,
-)
-from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.moe import MoEFeedForward
@@ -105,6 +92,30 @@ from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import apply_rope, check_rope, rope_tables
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import GEMMA_ARCHS, ModelSpec, check_engine_arch
+
+
+# The Triton kernels run only inside a compiled step (compiling()), so their modules are
+# imported there: importing one registers its torch.library ops, which pulls in dynamo and
+# inductor (seconds), a cost an eager or sizing-only process never needs.
+def decode_kernel_usable(q: Tensor) -> bool:
+    from infermeter.engine.kernels.decode_attention import kernel_usable
+
+    return kernel_usable(q)
+
+
+def fused_step_kernels_usable(x: Tensor, params: list[Tensor]) -> bool:
+    from infermeter.engine.kernels.fused_step import fused_step_usable
+
+    return fused_step_usable(x, *params)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its own N(0, 1) fill at construction: build_model makes the model on
+    the meta device, then fills every weight itself (random_weights.py) or from a checkpoint.
+    On meta that fill would also import torch's compiler, a second of every process's start."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
@@ -210,6 +221,8 @@ class Attention(nn.Module):
         if norm is not None and self.fuses_rope_and_cache(x):
             # one kernel: the norm, wqkv, the q/k norms (if any), RoPE on q and k, k and v into
             # the cache at input_pos
+            from infermeter.engine.kernels.fused_step import norm_qkv_rope_cache
+
             cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
             q = norm_qkv_rope_cache(
                 x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
@@ -223,6 +236,8 @@ class Attention(nn.Module):
             q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]
             return self._attend(q, *cache.written(input_pos, q.dtype), input_pos, residual)
         if norm is not None and self.wqkv is not None:
+            from infermeter.engine.kernels.fused_step import norm_matvec
+
             qkv = norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight, norm.eps,
                               isinstance(norm, GemmaRMSNorm)).view(bsz, seqlen, -1)
             if self.wqkv.bias is not None:  # Qwen2's: added after the rounding, as Linear does
@@ -281,8 +296,12 @@ class Attention(nn.Module):
         elif seqlen == 1 and kind == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
                                         self.kv_cache.window, self.softcap)
-        elif seqlen == 1 and kind == "triton" and compiling() \
-                and kernel_usable(q):
+        elif seqlen == 1 and kind == "triton" and compiling() and decode_kernel_usable(q):
+            from infermeter.engine.kernels.decode_attention import (
+                decode_attention_kernel,
+                split_count,
+            )
+
             cache = self.kv_cache
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
             out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
@@ -296,6 +315,8 @@ class Attention(nn.Module):
         out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)
         out = out.reshape(bsz, seqlen, self.n_heads * self.head_dim)
         if residual is not None:  # the fused step: residual + wo(out) in one kernel
+            from infermeter.engine.kernels.fused_step import matvec_add
+
             return matvec_add(out.reshape(1, -1), self.wo.weight,
                               residual.reshape(1, -1)).view_as(residual)
         return self.wo(out)
@@ -325,6 +346,8 @@ class FeedForward(nn.Module):
         """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step passes x un-normed with its norm
         and the residual: norm + w13 + SwiGLU in one kernel, w2 + the add in another."""
         if norm is not None and residual is not None and self.w13 is not None:
+            from infermeter.engine.kernels.fused_step import matvec_add, norm_matvec_swiglu
+
             act = norm_matvec_swiglu(x.reshape(1, -1), norm.weight, self.w13.weight, norm.eps,
                                      isinstance(norm, GemmaRMSNorm))
             return matvec_add(act, self.w2.weight, residual.reshape(1, -1)).view_as(residual)
@@ -335,6 +358,8 @@ class FeedForward(nn.Module):
         if self.gelu:  # the activation kernels are SiLU's; inductor fuses this one
             return self.w2(F.gelu(gate, approximate="tanh") * up)
         if self.activation_kernel != "inline" and compiling():
+            from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
+
             if self.activation_kernel == "triton" and swiglu_kernel_usable(gate):
                 return self.w2(silu_mul_kernel(gate, up))
             return self.w2(silu_mul(gate, up))
@@ -398,7 +423,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 blocks: BlockLists | None = None) -> Tensor:
         if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling() \
-                and self.fuses_step() and fused_step_usable(x, *self.fused_step_params()):
+                and self.fuses_step() and fused_step_kernels_usable(x, self.fused_step_params()):
             h = self.attention(x, cos, sin, input_pos, norm=self.attention_norm, residual=x)
             return self.feed_forward(h, norm=self.ffn_norm, residual=h)
         normed = self.attention_norm(x)
@@ -435,7 +460,7 @@ class Transformer(nn.Module):
         check_engine_arch(spec)
         check_rope(spec)
         self.spec = spec
-        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        self.tok_embeddings = Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
         self.norm = norm_class(spec)(spec.dim, spec.norm_eps)
         # Gemma multiplies the embeddings by sqrt(dim) rounded to the model dtype, as HF does

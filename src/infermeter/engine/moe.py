@@ -42,17 +42,41 @@ Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infermeter.engine.kernels.expert_gemm import grouped_experts
-from infermeter.engine.kernels.expert_gemv import experts_kernel_usable, gathered_experts
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import ModelSpec
+
+
+# The expert kernels' modules are imported when a block takes them: importing one registers
+# its torch.library ops, which pulls in dynamo and inductor (seconds) that a process running
+# the torch experts never needs.
+def experts_kernel_usable(x: Tensor, *weights: Tensor) -> bool:
+    from infermeter.engine.kernels import expert_gemv
+
+    return expert_gemv.experts_kernel_usable(x, *weights)
+
+
+def gathered_experts(*args: Any, **kwargs: Any) -> Tensor:
+    """kernels/expert_gemv.py's gathered_experts (its arguments)."""
+    from infermeter.engine.kernels import expert_gemv
+
+    return expert_gemv.gathered_experts(*args, **kwargs)
+
+
+def grouped_experts(*args: Any, **kwargs: Any) -> Tensor:
+    """kernels/expert_gemm.py's grouped_experts (its arguments)."""
+    from infermeter.engine.kernels import expert_gemm
+
+    return expert_gemm.grouped_experts(*args, **kwargs)
+
 
 # How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
 # products) or "triton" (kernels/expert_gemv.py, by expert id). The default waits for a GPU's

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any
 
 from infermeter.engine.kernels.triton_support import triton_runs_on_device
@@ -188,7 +189,8 @@ def collect(device: Any) -> None:
     graphs (dynamo's caches hold them and their CUDA-graph pools), its runner, its cache."""
     import torch
 
-    torch._dynamo.reset()
+    if "torch._dynamo" in sys.modules:  # nothing compiled without it: importing it costs ~1 s
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

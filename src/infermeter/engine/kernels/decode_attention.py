@@ -43,7 +43,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
 from infermeter.engine.kernels.pdl import launch
-from infermeter.engine.kernels.triton_support import tl, triton, triton_runs_on
+from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
 
@@ -52,10 +52,6 @@ def kernel_usable(q: Tensor) -> bool:
     """This kernel can run for q: Triton runs there and the head size suits tl.arange (a power
     of two, at least 16)."""
     return triton_runs_on(q) and head_size_fits(q.shape[-1])
-
-
-def head_size_fits(head_dim: int) -> bool:
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def split_count(programs: int, slots: int, device: torch.device) -> int:

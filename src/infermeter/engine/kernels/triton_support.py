@@ -39,3 +39,8 @@ def triton_runs_on_device(device: torch.device) -> bool:
     """triton_runs_on for a device, before any tensor is on it (the fit checks)."""
     return triton is not None and (device.type == "cuda"
                                    or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def head_size_fits(head_dim: int) -> bool:
+    """A head of `head_dim` features is one tl.arange block: a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
