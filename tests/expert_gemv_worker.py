@@ -166,6 +166,66 @@ def assert_rounding_points(got: torch.Tensor, want: torch.Tensor, dtype: torch.d
             f"{(got.float() - want.float()).abs().max().item()}"
 
 
+def gpt_oss_reference(x, ids, weights, moe: MoEFeedForward):
+    """float32 (out [N, dim], gate and up before their clamps [N, k, ffn]) of gpt-oss's experts
+    with MoEFeedForward.gathered's rounding points: each product rounded, plus its bias
+    rounded; the clamps; gate * alpha, sigmoid (float32), gate * sigmoid, up + 1 and the
+    activation each rounded; down and its weighted term as reference()'s."""
+    rnd = rounder(x.dtype)
+    w1, w3, w2 = (getattr(moe, n).weight.float()[ids] for n in ("w1", "w3", "w2"))
+    b1, b3, b2 = (getattr(moe, n).bias.float()[ids] for n in ("w1", "w3", "w2"))
+    limit, alpha = moe.swiglu_limit, moe.swiglu_alpha
+    raw_gate = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w1)) + b1)
+    raw_up = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w3)) + b3)
+    gate, up = raw_gate.clamp(max=limit), raw_up.clamp(-limit, limit)
+    sig = rnd(1 / (1 + torch.exp(-rnd(gate * alpha))))
+    act = rnd(rnd(up + 1) * rnd(gate * sig))
+    down = rnd(rnd(torch.einsum("nkf,nkdf->nkd", act, w2)) + b2)
+    terms = rnd(down * weights.float()[..., None])
+    out = torch.zeros_like(terms[:, 0])
+    for j in range(ids.shape[1]):  # routing order
+        out = out + terms[:, j]
+    return rnd(out) if ids.shape[0] == 1 else out.to(x.dtype).float(), raw_gate, raw_up
+
+
+def check_gpt_oss_rounding_points() -> None:
+    """gpt-oss's experts (biases, the clamped SwiGLU at gpt-oss's limit and alpha) to the bit,
+    as check_rounding_points: exact products (one input column a row), so every rounding point
+    shows; float16 against the module's torch gathered path, bfloat16 against the truncating
+    reference; one token and three sharing experts (the down kernel's sum and its terms). The
+    inputs reach past the limit on both sides, so the clamps decide some elements."""
+    gen = torch.Generator().manual_seed(23)
+    n_experts, top_k, hidden, dim = 8, 2, 12, 24
+
+    def picks(n: int, rows: int, cols: int) -> torch.Tensor:
+        pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
+        signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
+        return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
+
+    expert_gemv.tiles_for = lambda n_cols, gpu="": (16, 16, 4)  # two tiles each way, ragged
+    for dtype, n_tokens in itertools.product((torch.float16, torch.bfloat16), (1, 3)):
+        moe = MoEFeedForward(dim, hidden, n_experts, top_k, True, bias=True, swiglu_alpha=1.702,
+                             swiglu_limit=7.0).to(dtype)
+        for name, rows, cols in (("w1", hidden, dim), ("w3", hidden, dim), ("w2", dim, hidden)):
+            getattr(moe, name).weight.data = picks(n_experts, rows, cols).to(dtype)
+            getattr(moe, name).bias.data = torch.randn(n_experts, rows, generator=gen).to(dtype)
+        x = (torch.randn(n_tokens, dim, generator=gen) * 8).to(dtype)
+        ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
+        want, gate, up = gpt_oss_reference(x, ids, weights, moe)
+        assert (gate > 7).any() and (up > 7).any() and (up < -7).any(), "clamps not reached"
+        if dtype == torch.float16:
+            want = moe.gathered(x, weights, ids)
+        moe.moe_kernel = "triton"
+        got = moe.gathered(x, weights, ids)
+        assert_rounding_points(got, want.to(dtype), dtype, f"gpt-oss N{n_tokens}")
+        if dtype == torch.float16:  # the PDL launches' arithmetic (no wait here)
+            act = _experts_swiglu(x, ids, moe.w1.weight, moe.w3.weight, True, moe.w1.bias,
+                                  moe.w3.bias, 7.0, 1.702)
+            assert torch.equal(_experts_down(act, ids, weights, moe.w2.weight, True,
+                                             moe.w2.bias), got), f"gpt-oss PDL N{n_tokens}"
+    expert_gemv.tiles_for = TILES_FOR
+
+
 def check_each_expert_has_one_reader() -> None:
     """_sharing_tokens, which decides the programs that read an expert: for each slot, whether
     it is its expert's first slot, and the slot where each token chose that expert (-1: not
@@ -223,10 +283,12 @@ def check_tensor_parallel_shards() -> None:
 
 
 def check_model_greedy() -> None:
-    """A tiny random Qwen3-MoE (float32; a dense layer between two MoE ones) and Mixtral
-    (float32 at batch 1 and 2: 2 x 2 pairs = its 4 experts, still gathered) through the model's
-    forward: prefill, then greedy one-token steps, the Triton choice against torch: the same
-    tokens, logits within sum-order error, and every MoE layer's decode step ran the kernels."""
+    """A tiny random Qwen3-MoE (float32; a dense layer between two MoE ones), Mixtral and
+    gpt-oss (float32 at batch 1 and 2: 2 x 2 pairs = their 4 experts, still gathered; gpt-oss's
+    biases and clamped SwiGLU, its prefill past E / k on the torch grouped path) through the
+    model's forward: prefill, then greedy one-token steps, the Triton choice against torch: the
+    same tokens, logits within sum-order error, and every MoE layer's decode step ran the
+    kernels."""
     from infermeter.engine.model import build_model
     from infermeter.specs.presets import PRESETS
 
@@ -242,7 +304,11 @@ def check_model_greedy() -> None:
                                               moe_ffn_dim=48, norm_topk_prob=True,
                                               moe_dense_layers=(1,)), (1,)),
              "mixtral": (debug.with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
-                                            moe_ffn_dim=176), (1, 2))}
+                                            moe_ffn_dim=176), (1, 2)),
+             "gpt_oss": (PRESETS["gpt-oss-20b"].with_updates(
+                 n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=96,
+                 n_experts=4, n_active_experts=2, moe_ffn_dim=32, sliding_window=6,
+                 sliding_window_layers=(0,), max_seq_len=64), (1, 2))}
     steps, prompt = 3, 5
     for arch, (spec, batches) in specs.items():
         moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
@@ -255,6 +321,11 @@ def check_model_greedy() -> None:
                     if isinstance(layer.feed_forward, MoEFeedForward):
                         torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0,
                                               generator=gen)
+                    if getattr(layer.feed_forward, "swiglu_limit", None) is not None:
+                        for n in ("w1", "w3", "w2"):  # biases that count, clamps that bite
+                            expert = getattr(layer.feed_forward, n)
+                            torch.nn.init.normal_(expert.weight, std=0.5, generator=gen)
+                            torch.nn.init.normal_(expert.bias, std=0.3, generator=gen)
                 moe_module.set_moe_kernel(model, kind)
                 model.setup_cache(batch, 16)
                 ids = torch.randint(0, spec.vocab_size, (batch, prompt),
@@ -318,7 +389,8 @@ if __name__ == "__main__":
     import sys
     import time
 
-    for check in (check_kernels, check_rounding_points, check_each_expert_has_one_reader,
+    for check in (check_kernels, check_rounding_points, check_gpt_oss_rounding_points,
+                  check_each_expert_has_one_reader,
                   check_tensor_parallel_shards, check_compiled_trace, check_model_greedy):
         start = time.perf_counter()
         check()

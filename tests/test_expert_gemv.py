@@ -36,8 +36,9 @@ def test_expert_kernels_under_the_triton_interpreter():
 def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     """Every kernel launched with PDL at Qwen3-30B-A3B's shapes, compiled for sm_90 (so they
     build for a GPU at all): gate/up at 1 and 2 tokens, down with its weighted sum (1 token)
-    and down's per-expert terms (2 tokens sharing experts). The wait comes before the release
-    and before every global load (the ids say which rows to read)."""
+    and down's per-expert terms (2 tokens sharing experts); gpt-oss's (biases, the clamped
+    SwiGLU with libdevice's expf) at its dim and ffn, 1 and 2 tokens. The wait comes before the
+    release and before every global load (the ids say which rows to read)."""
     from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
@@ -50,8 +51,20 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
         calls[f"swiglu {n}"] = lambda x=x, ids=ids: _experts_swiglu(x, ids, w13, w13, pdl=True)
         calls[f"down {n}"] = lambda a=act, ids=ids, w=weights: _experts_down(a, ids, w, w2,
                                                                               pdl=True)
+    # gpt-oss-20b's dim and ffn (4 of its 32 experts: only the launches are recorded)
+    g13, g2 = torch.empty(4, 2880, 2880, dtype=dtype), torch.empty(4, 2880, 2880, dtype=dtype)
+    b13, b2 = torch.empty(4, 2880, dtype=dtype), torch.empty(4, 2880, dtype=dtype)
+    for n in (1, 2):
+        x, ids = torch.zeros(n, 2880, dtype=dtype), torch.zeros(n, 4, dtype=torch.int64)
+        act, weights = torch.zeros(n, 4, 2880, dtype=dtype), torch.zeros(n, 4, dtype=dtype)
+        calls[f"gpt-oss swiglu {n}"] = lambda x=x, ids=ids: _experts_swiglu(
+            x, ids, g13, g13, True, b13, b13, 7.0, 1.702)
+        calls[f"gpt-oss down {n}"] = lambda a=act, ids=ids, w=weights: _experts_down(
+            a, ids, w, g2, True, b2)
     for name, call in calls.items():
         (launch,) = pdl_launches(monkeypatch, call)
+        if "LIBDEVICE" in launch[2]:  # built for a GPU: libdevice's expf, as on one
+            launch[2]["LIBDEVICE"] = True
         lines, wait = pdl_ptx(launch, name)
         assert first(lines, "ld.global") > wait, name
         assert any("evict_first" in line for line in lines if "ld.global" in line), name

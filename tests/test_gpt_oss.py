@@ -1,7 +1,8 @@
 """gpt-oss on the engine: a tiny random checkpoint written by transformers' GptOssForCausalLM
 gives the same logits and greedy tokens (sinks, biases, YaRN, alternating sliding layers, the
 clamped SwiGLU experts); MXFP4 expert weights dequantize as transformers' do; what the engine
-cannot do for it (Triton experts, tp > 1) is one line."""
+cannot do for it (tp > 1, the hf mode) is one line; --moe-kernel triton takes its gathered
+experts (the kernels' numbers: tests/expert_gemv_worker.py) and leaves the rest to torch."""
 
 from __future__ import annotations
 
@@ -229,22 +230,62 @@ def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
     spec = PRESETS["gpt-oss-20b"]
     check_engine_arch(spec)  # it runs
     output = tmp_path / "out.jsonl"
-    assert main(["generate", "--model", "gpt-oss-20b", "--device", "cpu", "--moe-kernel",
-                 "triton", "--output", str(output)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "moe kernel 'triton'" in err[0] and "clamped SwiGLU" in err[0]
-    assert not output.exists()
     with pytest.raises(InfermeterError, match="runs it at tp 1 only"):
         ShardPlan(spec, 0, 2)
     small = build_model(_small(n_layers=1))
-    with pytest.raises(InfermeterError, match="no expert biases"):
-        set_moe_kernel(small, "triton")
     with pytest.raises(InfermeterError, match="writing an HF gpt_oss checkpoint is not supported"):
         save_checkpoint(small, tmp_path / "written", "hf")
     assert main(["generate", "--model", "gpt-oss-20b", "--device", "cpu", "--mode", "hf",
                  "--output", str(output)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the hf mode cannot build a gpt_oss model" in err[0], err
+
+
+def test_triton_experts_take_its_gathered_forwards_only(monkeypatch) -> None:
+    """--moe-kernel triton: gpt-oss's experts take expert_gemv.py's gathered kernels while
+    batch x k <= E and the torch paths past that (expert_gemm.py's grouped kernels have no
+    biases nor clamp): takes_expert_kernel and the Result's moe_kernel say so per batch, the
+    compiled prefill stays exact (the torch grouped path syncs with the host: no bucketed
+    graphs), and the fit check sizes it so (no bucketed forward, no grouped Triton buffers,
+    no gathered copy of the experts)."""
+    from infermeter.engine import moe as moe_module
+    from infermeter.engine.moe import prefills_without_sync, takes_expert_kernel
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.memory import case_memory
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    spec = _small(n_layers=1)  # 4 experts, 2 a token
+    small = build_model(spec)
+    set_moe_kernel(small, "triton")
+    (block,) = [m for m in small.modules() if isinstance(m, MoEFeedForward)]
+    monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
+    assert takes_expert_kernel(block, 1) and takes_expert_kernel(block, 2)
+    assert not takes_expert_kernel(block, 3) and not takes_expert_kernel(block)
+    assert not block.grouped_kernel_runs_it and not prefills_without_sync(small)
+    assert not Generator(small, bucketed_prefill=True).bucketed_prefill
+    mixtral = build_model(PRESETS["debug"].with_updates(arch="mixtral", n_experts=4,
+                                                        n_active_experts=2, moe_ffn_dim=48))
+    set_moe_kernel(mixtral, "triton")
+    assert prefills_without_sync(mixtral)  # plain experts: the grouped kernels, no sync
+    sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
+    (case,) = plan_cases(spec, sets, ("eager",), 4, None, None)
+    runner = EngineRunner(small, case, GenerateRequest(
+        "random:tiny", engine=EngineChoices(moe_kernel="triton")))
+    for batches, kernel in (([1, 2], "triton"), ([3], "torch"), ([1, 3], "torch")):
+        runner.batch_sizes = batches
+        assert runner.describe()["moe_kernel"] == kernel, batches
+    real = PRESETS["gpt-oss-20b"]  # 32 experts, 4 a token: batch 8 gathered
+    for batch in (1, 8, 9):
+        parts = {kind: case_memory(real, batch, 512, 1024, "bfloat16", "bfloat16", "compiled",
+                                   prefill=prefill, moe_kernel=kernel)
+                 for kind, prefill, kernel in (("bucketed", "bucketed", "triton"),
+                                               ("exact", "exact", "triton"),
+                                               ("torch", "exact", "torch"))}
+        assert parts["bucketed"] == parts["exact"], batch
+        assert "grouped expert activations" not in parts["exact"]
+        assert "gathered expert weights" not in parts["exact"]
+        assert ("gathered expert weights" in parts["torch"]) == (batch <= 8)
 
 
 def test_presets_keep_their_parameter_counts() -> None:

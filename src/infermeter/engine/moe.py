@@ -12,8 +12,9 @@ logits in float32, the top k, renormalised over the k where spec.norm_topk_prob 
 always), cast back to the activations' dtype. gpt-oss (GptOssTopKRouter): the top k of the
 biased logits, then a softmax over those k (float32 here).
 gpt-oss's experts (GptOssExperts): biased products and a clamped SwiGLU, gate.clamp(max=limit),
-up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the Triton expert kernels
-compute neither, so such a block runs the torch paths only (check_moe_kernel refuses "triton").
+up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the gathered Triton kernels
+compute both, the grouped ones neither (grouped_kernels_compute), so with moe_kernel "triton"
+such a block runs Triton while N*k <= E and the torch grouped / every-expert paths past that.
 
 Three ways to run the experts, the same numbers:
 - gathered (N*k <= E: batch-1 decode and small batches): index the stacked weights by the
@@ -34,7 +35,9 @@ have a Triton implementation with the same rounding points:
 - grouped and every expert (N*k > E): kernels/expert_gemm.py groups the pairs by expert with
   static shapes (each expert's group padded to a block) and runs each block's expert on its
   tokens: no host sync, so it compiles (fullgraph) and an MoE model can prefill through the
-  compiled bucketed graphs (prefills_without_sync, the Generator's rule).
+  compiled bucketed graphs (prefills_without_sync, the Generator's rule). Plain SwiGLU experts
+  without biases only: gpt-oss's run the torch paths here, so its compiled prefill stays exact
+  (the torch grouped path's loop over experts syncs with the host).
 Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
@@ -51,7 +54,6 @@ from torch import Tensor, nn
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
-from infermeter.errors import InfermeterError
 from infermeter.specs.model import ModelSpec
 
 
@@ -96,12 +98,10 @@ class StackedExperts(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_experts, out_features)) if bias else None
 
 
-def check_moe_kernel(spec: ModelSpec, kind: str) -> None:
-    """Refuse, before any allocation, an expert kernel that cannot compute `spec`'s experts."""
-    if kind == "triton" and spec.is_moe and (spec.moe_bias or spec.swiglu_limit is not None):
-        raise InfermeterError(f"model {spec.name}: moe kernel 'triton' (--moe-kernel) cannot run "
-                              "its experts: the Triton expert kernels have no expert biases nor "
-                              "gpt-oss's clamped SwiGLU (use 'torch')")
+def grouped_kernels_compute(spec: ModelSpec) -> bool:
+    """Whether kernels/expert_gemm.py's grouped kernels compute `spec`'s experts: plain SwiGLU
+    without biases (not gpt-oss's, which the gathered kernels alone compute)."""
+    return not spec.moe_bias and spec.swiglu_limit is None
 
 
 class MoEFeedForward(nn.Module):
@@ -123,8 +123,9 @@ class MoEFeedForward(nn.Module):
         self.moe_kernel = MOE_KERNEL
 
     @property
-    def kernel_runs_it(self) -> bool:
-        """Whether the Triton expert kernels compute these experts (plain SwiGLU, no biases)."""
+    def grouped_kernel_runs_it(self) -> bool:
+        """Whether expert_gemm.py's grouped kernels compute these experts (plain SwiGLU, no
+        biases: grouped_kernels_compute); expert_gemv.py's gathered ones compute any."""
         return self.w1.bias is None and self.swiglu_limit is None
 
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
@@ -166,9 +167,10 @@ class MoEFeedForward(nn.Module):
         """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
         with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
         experts = (self.w1.weight, self.w3.weight, self.w2.weight)
-        if self.moe_kernel == "triton" and self.kernel_runs_it \
-                and experts_kernel_usable(x, *experts):
-            return gathered_experts(x, weights, ids, *experts)
+        biases = (self.w1.bias, self.w3.bias, self.w2.bias)  # gpt-oss's, else None
+        if self.moe_kernel == "triton" and experts_kernel_usable(x, *experts, *biases):
+            return gathered_experts(x, weights, ids, *experts, *biases, self.swiglu_limit,
+                                    self.swiglu_alpha or 1.0)
         xs = x[:, None, :, None]  # [N, 1, dim, 1]
         gate = (self.w1.weight[ids] @ xs).squeeze(-1)  # [N, k, ffn]
         up = (self.w3.weight[ids] @ xs).squeeze(-1)
@@ -182,8 +184,10 @@ class MoEFeedForward(nn.Module):
 
     def groups_by_kernel(self, x: Tensor) -> bool:
         """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
-        grouped kernels: moe_kernel "triton" and they can run on x and the stacked weights."""
-        return self.moe_kernel == "triton" and self.kernel_runs_it and experts_kernel_usable(
+        grouped kernels: moe_kernel "triton", they compute these experts (not gpt-oss's) and
+        they can run on x and the stacked weights."""
+        return self.moe_kernel == "triton" and self.grouped_kernel_runs_it and \
+            experts_kernel_usable(
             x, self.w1.weight, self.w3.weight, self.w2.weight)
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
@@ -228,28 +232,29 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
     """Every MoE block of `model` runs its gathered experts with `kind` (MOE_KERNELS)."""
     if kind not in MOE_KERNELS:
         raise ValueError(f"unknown MoE kernel {kind!r} (use {MOE_KERNELS})")
-    spec = getattr(model, "spec", None)
-    if isinstance(spec, ModelSpec):
-        check_moe_kernel(spec, kind)
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
             module.moe_kernel = kind
 
 
-def takes_expert_kernel(module: MoEFeedForward) -> bool:
-    """Whether `module`'s experts run through Triton kernels, at any number of tokens: asked
-    for and Triton runs where the weights are (expert_gemv.py's gathered kernels while
-    N * k <= E, expert_gemm.py's grouped ones past that). forward's rule, without the input's
-    layout (the engine's rows meet it); the generation runner records what ran with it."""
-    return module.moe_kernel == "triton" and module.kernel_runs_it \
-        and triton_runs_on(module.w1.weight)
+def takes_expert_kernel(module: MoEFeedForward, n_tokens: int | None = None) -> bool:
+    """Whether a forward of `module` on n_tokens rows runs Triton kernels: asked for, Triton
+    runs where the weights are, and expert_gemv.py's gathered kernels take it (N * k <= E: any
+    experts) or expert_gemm.py's grouped ones do (past that: not gpt-oss's experts). n_tokens
+    None: past E / k. forward's rule, without the input's layout (the engine's rows meet it);
+    the generation runner records what ran with it."""
+    if module.moe_kernel != "triton" or not triton_runs_on(module.w1.weight):
+        return False
+    gathered = n_tokens is not None and n_tokens * module.top_k <= module.n_experts
+    return gathered or module.grouped_kernel_runs_it
 
 
 def prefills_without_sync(model: nn.Module) -> bool:
     """Whether every MoE block of `model` runs a long forward (N * k > E) without a host sync,
-    through expert_gemm.py's grouped kernels (takes_expert_kernel; the engine keeps the
-    weights in the activations' dtype): what lets an MoE model prefill through the compiled
-    bucketed graphs. True for a model without MoE blocks."""
+    through expert_gemm.py's grouped kernels (takes_expert_kernel past E / k; the engine keeps
+    the weights in the activations' dtype): what lets an MoE model prefill through the
+    compiled bucketed graphs. True for a model without MoE blocks; False for gpt-oss (the
+    torch grouped path runs its long forwards)."""
     return all(takes_expert_kernel(module) for module in model.modules()
                if isinstance(module, MoEFeedForward))
 

@@ -212,7 +212,6 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     and the decoded texts of the first case's outputs ('' each without a tokenizer)."""
     from infermeter.engine.checkpoint.load import load_weights
     from infermeter.engine.dtypes import run_dtypes
-    from infermeter.engine.moe import check_moe_kernel
     from infermeter.generate import memory
     from infermeter.generate.cases import plan_cases
     from infermeter.generate.loop import run_generation
@@ -226,7 +225,6 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
     _check_timing(request)
     check_engine_tp(spec, request.tp or 1)  # gpt-oss: tp 1 only
-    check_moe_kernel(spec, request.engine.moe_kernel)  # gpt-oss: no Triton experts
     # ---- tensor parallelism (engine/parallel/): tp is None unless torchrun started us ----
     from infermeter.engine.parallel.group import init_distributed
     from infermeter.measure.ranks import gather_result

@@ -90,10 +90,13 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
     experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out)."""
+    from infermeter.engine.moe import grouped_kernels_compute  # the engine's modules on demand
+
     forward = min(prefill_chunk or prompt_len, prompt_len)
-    # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync)
-    if mode == "compiled" and prefill == "bucketed" and (not spec.is_moe
-                                                         or moe_kernel == "triton"):
+    # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
+    # not for gpt-oss's experts, whose long forwards run the torch grouped path)
+    grouped_kernels = moe_kernel == "triton" and grouped_kernels_compute(spec)
+    if mode == "compiled" and prefill == "bucketed" and (not spec.is_moe or grouped_kernels):
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
@@ -112,7 +115,7 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts and copies_experts:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
     pairs = batch_size * forward * spec.n_active_experts  # a prefill's (token, expert) pairs
-    if spec.is_moe and not copies_experts and pairs > spec.n_experts:
+    if spec.is_moe and grouped_kernels and not mode.startswith("hf") and pairs > spec.n_experts:
         # the grouped Triton experts (kernels/expert_gemm.py): one layer's [pairs, moe_ffn]
         # SwiGLU output and [pairs, dim] down products (the pair ids and blocks: int64, small)
         parts["grouped expert activations"] = pairs * (

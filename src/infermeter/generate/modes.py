@@ -116,15 +116,18 @@ class EngineRunner:
                    if layer.step_kernels == "fused" and layer.fuses_step())
 
     def _moe_kernel_used(self) -> str | None:
-        """The decode steps' experts: "triton" where a case's batch takes the Triton kernels
-        (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones or
-        expert_gemm.py's grouped ones; eager and compiled alike), else "torch"; None for a
-        model without MoE layers."""
+        """The decode steps' experts: "triton" where every batch of the case takes the Triton
+        kernels (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones
+        while batch x k <= E, expert_gemm.py's grouped ones past that, which gpt-oss's experts
+        do not take; eager and compiled alike), else "torch"; None for a model without MoE
+        layers."""
         blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
         if not blocks:
             return None
         # after warmup() learned the batches (none yet: nothing ran)
-        kernel = bool(self.batch_sizes) and any(takes_expert_kernel(block) for block in blocks)
+        kernel = bool(self.batch_sizes) and all(
+            any(takes_expert_kernel(block, batch) for block in blocks)
+            for batch in self.batch_sizes)
         return "triton" if kernel else "torch"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:

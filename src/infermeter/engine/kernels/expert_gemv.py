@@ -32,7 +32,11 @@ rounded to the dtype once; silu in float32 as torch's CUDA silu computes it (exa
 exact division and libdevice's expf on a GPU), rounded; its product with up rounded (swiglu.py's
 points); each expert's down product rounded, times its routing weight (in the dtype) rounded,
 and the k of them summed in float32 in routing order, rounded once (`(down * weights).sum(1)`;
-several tokens: by that same torch sum). So the two paths part only where a float32 sum order
+several tokens: by that same torch sum). gpt-oss's experts (HAS_BIAS, CLAMPED): gate and up
+each plus its bias, rounded; then MoEFeedForward.activation's ops, each rounded as torch rounds
+it: the clamps (exact), gate * alpha, sigmoid in float32 (1 / (1 + exp(-x)), exact_math.py's
+exact_sigmoid), gate * sigmoid, up + 1, their product; each down product plus its bias,
+rounded, before the routing weight. So the two paths part only where a float32 sum order
 decides a rounding (the products' order against the batched matmul's). The compiled torch path
 is one rounding further from eager: inductor fuses the routing product into the sum and, with
 emulate_precision_casts off, does not round it first.
