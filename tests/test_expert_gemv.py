@@ -222,11 +222,12 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
 def test_expert_kernels_on_cuda_match_the_torch_path(name):
-    """On a GPU, one layer's experts of the real model at its shapes (bf16, random weights),
-    batch 1 and 4, plain and PDL launches: the Triton path within rounding of the torch
-    gathered path (both against the float32 products' scale)."""
+    """On a GPU, one layer's experts of the real model at its shapes (bf16, random weights;
+    gpt-oss's biases and clamped SwiGLU), batch 1 and 4, plain and PDL launches: the Triton
+    path within rounding of the torch gathered path (both against the float32 products'
+    scale)."""
     from infermeter.engine.kernels import pdl
 
     if not torch.cuda.is_available():
@@ -235,7 +236,8 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
     dim, hidden, n_experts, top_k = spec.dim, spec.moe_ffn_dim, spec.n_experts, \
         spec.n_active_experts
     gen = torch.Generator(device="cuda").manual_seed(0)
-    moe = MoEFeedForward(dim, hidden, n_experts, top_k, True).to("cuda", torch.bfloat16)
+    moe = MoEFeedForward(dim, hidden, n_experts, top_k, True, spec.moe_bias, spec.swiglu_alpha,
+                         spec.swiglu_limit).to("cuda", torch.bfloat16)
     for param in moe.parameters():
         param.data = (torch.randn(param.shape, device="cuda", generator=gen)
                       / param.shape[-1] ** 0.5).to(torch.bfloat16)
