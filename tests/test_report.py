@@ -331,6 +331,17 @@ def test_cli_a_path_that_does_not_exist_is_one_error_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_an_output_it_cannot_write_is_the_only_line(tmp_path):
+    """A missing folder or a folder as --output: one error line before any input is read (it
+    came after the skipped inputs' warnings)."""
+    for output, says in ((tmp_path / "nodir" / "r.md", f"folder {tmp_path / 'nodir'} does not "
+                          "exist"), (tmp_path, "a folder; --output names the report file")):
+        out = run_cli(str(GOOD), str(BAD), "--output", str(output), "--format", "markdown")
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [f"infermeter: error: {output}: {says}"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_writes_the_format_its_output_names(tmp_path):
     out = run_cli(str(GOOD), str(BAD), "--output", str(tmp_path / "r.md"))
     assert out.returncode == 0, out.stderr

@@ -33,7 +33,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     import shutil
 
-    from infermeter.measure.result import atomic_write
+    from infermeter.measure.result import atomic_write, check_output
     from infermeter.report.build import (
         build_report,
         check_plots_folder,
@@ -46,6 +46,8 @@ def _run_report(args: argparse.Namespace) -> int:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
 
     fmt = choose_format(args.format, args.output)  # bad flags fail before any reading
+    if args.output:
+        check_output(args.output, "the report file")
     # a mistyped path is an error, not a warning above a report that lacks its Results
     for path in args.paths:
         if not os.path.exists(path):

@@ -104,12 +104,13 @@ def write_json(path: Path, result: Result) -> None:
     atomic_write(path, text.encode())
 
 
-def check_output(path: str | Path) -> None:
+def check_output(path: str | Path, names: str = "a JSONL file") -> None:
     """--output can take Results (its folder exists, it is no folder itself): asked before a
-    measurement, so a typo does not cost the minutes of timing that come first."""
+    measurement, so a typo does not cost the minutes of timing that come first. names: what
+    --output is for that command (report's: the report file)."""
     path = Path(path)
     if path.is_dir():
-        raise InfermeterError(f"{path}: a folder; --output names a JSONL file")
+        raise InfermeterError(f"{path}: a folder; --output names {names}")
     if not path.parent.is_dir():
         raise InfermeterError(f"{path}: folder {path.parent} does not exist")
 
