@@ -344,7 +344,9 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
     first: dict[int, tuple[str, list[list[int]]]] = {}  # prompt set -> first mode's tokens
     runners: dict[tuple[str, int], Any] | None = {} if request.timing.share_compiled else None
     results = []
+    compiled = False  # whether any case so far went through dynamo (its caches to drop)
     for index, case in enumerate(cases):
+        compiled = compiled or case.mode != "eager"  # make_runner's rule
         # --trace only: an untraced run calls time_case exactly as before
         traced = {"trace_path": trace_path(request.timing.trace_dir, index, len(cases)),
                   "hbm_gbps": peaks.hbm_gbps if peaks else None} \
@@ -375,11 +377,12 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
             else:
                 first[key] = (case.mode, run.outputs[0])
         if not runners:  # a shared runner keeps its graphs for the next case
-            memory.collect(device)  # the case's runner (and an error's frames) are gone by now
+            # the case's runner (and an error's frames) are gone by now
+            memory.collect(device, compiled)
         results.append(result)
         if on_result:
             on_result(result)
     if runners:
         runners.clear()
-        memory.collect(device)
+        memory.collect(device, compiled)
     return results

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from typing import Any
 
 from infermeter.engine.kernels.triton_support import triton_runs_on_device
@@ -187,12 +186,13 @@ def release_cache(model: Any) -> None:
     model.max_batch_size = model.max_seq_len = 0  # prepare() then sees no cache to reuse
 
 
-def collect(device: Any) -> None:
+def collect(device: Any, compiled: bool = True) -> None:
     """Give a finished case's memory back (also after an out-of-memory error): its compiled
-    graphs (dynamo's caches hold them and their CUDA-graph pools), its runner, its cache."""
+    graphs (dynamo's caches hold them and their CUDA-graph pools), its runner, its cache.
+    compiled=False: nothing went through dynamo, whose import alone costs about a second."""
     import torch
 
-    if "torch._dynamo" in sys.modules:  # nothing compiled without it: importing it costs ~1 s
+    if compiled:
         torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
