@@ -122,6 +122,13 @@ def check_kernels() -> None:
     expert_gemv.tiles_for = TILES_FOR
 
 
+def picks(gen: torch.Generator, n: int, rows: int, cols: int) -> torch.Tensor:
+    """[n, rows, cols] weights with one +-0.75 a row: every product is exact in any order."""
+    pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
+    signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
+    return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
+
+
 def check_rounding_points() -> None:
     """Every rounding point to the bit: each weight row picks one input column, so every
     product is exact in any order, and the kernels must equal the module's torch path exactly
@@ -130,19 +137,14 @@ def check_rounding_points() -> None:
     gen = torch.Generator().manual_seed(22)
     n_experts, top_k, hidden, dim = 8, 4, 12, 24
 
-    def picks(n: int, rows: int, cols: int) -> torch.Tensor:
-        pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
-        signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
-        return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
-
     # 8 gate/up rows a program over ffn 12, 16 columns over dim 24, w2's 16 rows over dim 24:
     # two tiles each way, the last ragged (tiles_for's own tiles give a program a row pair:
     # dozens a launch, and the interpreter's cost is per program)
     expert_gemv.tiles_for = lambda n_cols, gpu="": (16, 16, 4)
     for dtype, n_tokens in itertools.product(ULP, (1, 2)):  # one token; two sharing experts
         x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
-        w1, w3, w2 = (picks(n_experts, hidden, dim).to(dtype), picks(n_experts, hidden, dim)
-                      .to(dtype), picks(n_experts, dim, hidden).to(dtype))
+        w1, w3, w2 = (picks(gen, n_experts, rows, cols).to(dtype)
+                      for rows, cols in ((hidden, dim), (hidden, dim), (dim, hidden)))
         ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
         moe = module_with(w1, w3, w2, top_k)
         want = moe.gathered(x, weights, ids) if dtype != torch.bfloat16 else \
@@ -197,17 +199,12 @@ def check_gpt_oss_rounding_points() -> None:
     gen = torch.Generator().manual_seed(23)
     n_experts, top_k, hidden, dim = 8, 2, 12, 24
 
-    def picks(n: int, rows: int, cols: int) -> torch.Tensor:
-        pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
-        signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
-        return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
-
     expert_gemv.tiles_for = lambda n_cols, gpu="": (16, 16, 4)  # two tiles each way, ragged
     for dtype, n_tokens in itertools.product((torch.float16, torch.bfloat16), (1, 3)):
         moe = MoEFeedForward(dim, hidden, n_experts, top_k, True, bias=True, swiglu_alpha=1.702,
                              swiglu_limit=7.0).to(dtype)
         for name, rows, cols in (("w1", hidden, dim), ("w3", hidden, dim), ("w2", dim, hidden)):
-            getattr(moe, name).weight.data = picks(n_experts, rows, cols).to(dtype)
+            getattr(moe, name).weight.data = picks(gen, n_experts, rows, cols).to(dtype)
             getattr(moe, name).bias.data = torch.randn(n_experts, rows, generator=gen).to(dtype)
         x = (torch.randn(n_tokens, dim, generator=gen) * 8).to(dtype)
         ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
