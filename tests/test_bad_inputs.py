@@ -56,6 +56,16 @@ def test_generate_refuses_sampling_settings_that_mean_nothing(args, message):
     assert out.stdout == ""
 
 
+@pytest.mark.parametrize("command", [("generate", "--max-new-tokens", "2"),
+                                     ("offload", "--prefix-len", "8", "--suffix-len", "4")])
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1"])
+def test_a_seed_torch_cannot_take_is_one_line(command, seed):
+    """2^64 ended in torch's 'Overflow when unpacking long long' traceback."""
+    out = run(command[0], "--model", "debug", "--device", "cpu", *command[1:], f"--seed={seed}")
+    assert_one_error_line(out, f"argument --seed: '{seed}' must be from 0 to 2^63 - 1")
+    assert out.stdout == ""
+
+
 @pytest.mark.parametrize("command, runner", [
     (["copy", "--device", "cpu"], "infermeter.copy.job.run_copy"),
     (["generate", "--device", "cpu"], "infermeter.generate.job.run_generate"),

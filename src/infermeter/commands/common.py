@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_arg(text: str) -> int:
+    """A seed torch's generators take: 0 to 2^63 - 1 (a larger one overflowed in torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to 2^63 - 1")
+    return value
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)

@@ -9,6 +9,7 @@ from infermeter.commands.common import (
     add_model_flags,
     add_output_flags,
     positive_int,
+    seed_arg,
     temperature_arg,
     top_p_arg,
 )
@@ -50,7 +51,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="MODE", help="compiled, eager, hf (transformers' generate) or "
                    "hf-eager; several run side by side (default: compiled on cuda, eager on "
                    "cpu)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
+    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
                    help="seed for random weights and sampling (default 0)")
     # Tensor parallelism: launch.py starts torchrun, engine/parallel/sharding.py shards the model.
     p.add_argument("--tp", type=positive_int, metavar="N", help="tensor-parallel ranks on this "

@@ -9,6 +9,7 @@ from infermeter.commands.common import (
     add_model_flags,
     add_output_flags,
     positive_int,
+    seed_arg,
 )
 from infermeter.errors import InfermeterError
 
@@ -51,7 +52,7 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                    help="timed runs per case and way (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="untimed runs before them (default 1)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
+    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
                    help="seed for random weights and token ids (default 0)")
     traffic = p.add_argument_group("decode under copy traffic (--traffic) and offloaded "
                                    "(--offloaded-decode)")
