@@ -70,7 +70,8 @@ def check_half_precision() -> None:
 
 
 def check_full_layer_never_reads_past_the_position() -> None:
-    """A full layer stops at the current position: NaN in every later slot changes nothing."""
+    """A full layer stops at the current position: NaN in every later slot changes nothing
+    (with gpt-oss's sinks too, which must match the math path's)."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 4, 16, generator=gen)
     k, v = (torch.randn(1, 2, 100, 16, generator=gen) for _ in range(2))
@@ -80,6 +81,14 @@ def check_full_layer_never_reads_past_the_position() -> None:
         got = split_kv_decode(q, k, v, torch.arange(100), torch.tensor([40]), 0, False, splits)
         assert torch.isfinite(got).all(), f"splits {splits}: a slot after the position was read"
         assert (got - want).abs().max() < 1e-5, f"splits {splits}: wrong values"
+    # gpt-oss's sinks [H_kv * G], one per query head, in the combine; 7 splits leave 4 empty
+    sinks = torch.randn(8, generator=gen) * 2
+    visible = (torch.arange(100) <= 40)[None, :].expand(4, -1)
+    sunk = decode_attention(q, k.nan_to_num(), v.nan_to_num(), visible, sinks=sinks.view(2, 4))
+    got = split_kv_decode(q, k, v, torch.arange(100), torch.tensor([40]), 0, False, 7, 0.0,
+                          sinks)
+    err = (got - sunk).abs().max().item()
+    assert err < 1e-5 and (sunk - want).abs().max() > 1e-2, f"sinks: max error {err}"
 
 
 def check_swiglu_kernel() -> None:

@@ -83,17 +83,116 @@ def test_logits_and_greedy_tokens_equal_transformers(checkpoint) -> None:
 
 @torch.inference_mode()
 def test_every_attention_kind_and_chunked_prefill_give_the_same_tokens() -> None:
-    """Sinks are taken by the math products only: every kind asked for runs them (and says so),
-    and a prefill in chunks of 4 past the window equals one forward."""
+    """SDPA cannot take sinks: "sdpa" runs the math products (and says so); "flex" takes them
+    in the compiled step, "triton" too where Triton runs (here it does not). A prefill in
+    chunks of 4 past the window equals one forward."""
     model = build_model(_small(), seed=1)
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]] * 2
     config = GenerationConfig(max_new_tokens=8)
     whole = Generator(model).generate(prompt, config).output_token_ids
     assert Generator(model, prefill_chunk=4).generate(prompt, config).output_token_ids == whole
-    for kind in ("sdpa", "flex", "triton"):
+    for kind, used in (("sdpa", "math"), ("flex", "flex"), ("triton", "math")):
         gen = Generator(model, decode_attention=kind)
-        assert gen.decode_attention_used(compiled=True, batch_size=2) == "math"
+        assert gen.decode_attention_used(compiled=True, batch_size=2) == used
         assert gen.generate(prompt, config).output_token_ids == whole
+
+
+def _sink_inputs(length: int, slots: int, seed: int):
+    """q [2, 4, length, 8] over keys/values [2, 2, slots, 8] (GQA: 2 query heads a KV head),
+    sinks [4] large enough to matter."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, length, 8, generator=gen)
+    keys, values = (torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2))
+    return q, keys, values, torch.randn(4, generator=gen) * 2
+
+
+def _math_with_sinks(q, keys, values, mask, sinks):
+    """attention.decode_attention on the folded rows (model.py's _attend): [B, H, T, D]."""
+    from infermeter.engine.attention import decode_attention
+
+    bsz, heads, length, dim = q.shape
+    groups = heads // keys.shape[1]
+    rows = sinks.view(keys.shape[1], groups, 1).expand(-1, -1, length).reshape(keys.shape[1], -1)
+    out = decode_attention(q.reshape(bsz, keys.shape[1], groups * length, dim), keys, values,
+                           mask.repeat(groups, 1), sinks=rows)
+    return out.reshape(q.shape)
+
+
+def test_flex_lse_is_natural_log() -> None:
+    """flex_attention's lse, which the sink factor sigmoid(lse - sink) needs in base e."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    q, keys, values, _ = _sink_inputs(5, 5, 0)
+    _, aux = flex_attention(q, keys, values, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    scores = q @ keys.repeat_interleave(2, dim=1).transpose(-1, -2) * 8 ** -0.5
+    assert torch.allclose(aux.lse, torch.logsumexp(scores, dim=-1), atol=1e-5)
+
+
+def test_flex_with_sinks_equals_the_math_path() -> None:
+    """chunk_flex_attention with sinks against the math products: whole prompts from 0 of
+    several lengths (causal tiles, more than one 128-wide tile), and a later chunk over a
+    cache through the tile lists a compiled chunk gets, its rows all visible ones; and the
+    compiled step's flex decode."""
+    from infermeter.engine.attention import decode_attention, flex_decode_attention
+    from infermeter.engine.chunk_attention import block_lists, chunk_flex_attention
+
+    for length in (1, 7, 130):
+        q, keys, values, sinks = _sink_inputs(length, length, length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        want = _math_with_sinks(q, keys, values, causal, sinks)
+        got = chunk_flex_attention(q, keys, values, block_lists(0, length, length, q.device),
+                                   sinks=sinks)
+        assert (got - want).abs().max() < 1e-5, length
+    first, length, slots = 9, 6, 40  # the chunk's queries at 9..14 over a 40-slot cache
+    q, keys, values, sinks = _sink_inputs(length, slots, 3)
+    mask = torch.arange(slots)[None, :] <= torch.arange(first, first + length)[:, None]
+    want = _math_with_sinks(q, keys, values, mask, sinks)
+    got = chunk_flex_attention(q, keys, values, block_lists(first, length, slots, q.device),
+                               sinks=sinks)
+    assert (got - want).abs().max() < 1e-5
+    assert (want - _math_with_sinks(q, keys, values, mask, sinks - 50)).abs().max() > 1e-2
+    # the compiled step's "flex" decode: one token at 20 over a ring's scattered slots
+    key_pos = torch.randperm(slots, generator=torch.Generator().manual_seed(7)) - 10
+    visible = (key_pos >= 0) & (key_pos <= 20) & (20 - key_pos < 12)
+    q = q[:, :, :1].reshape(2, 2, 2, 8)  # folded: [B, H_kv, G, D]
+    got = flex_decode_attention(q, keys, values, key_pos, torch.tensor([20]), 12,
+                                sinks=sinks.view(2, 2))
+    want = decode_attention(q, keys, values, visible.expand(2, -1), sinks=sinks.view(2, 2))
+    assert (got - want).abs().max() < 1e-5
+
+
+@torch.inference_mode()
+def test_flex_prefill_keeps_logits_and_greedy_tokens(checkpoint) -> None:
+    """The full layer's prefill on flex (from 0, from later starts, a later chunk's tiles with
+    pads after it) gives the math path's logits within 1e-4, and the Generator's greedy tokens
+    (prompts prefilled on flex, in chunks of 5) equal transformers'."""
+    from infermeter.engine.chunk_attention import block_lists
+    from infermeter.engine.model import prefill_from
+
+    folder, hf = checkpoint
+    model = load_model(folder, max_batch_size=2, max_seq_len=64)
+    tokens = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(2, 64)
+    want = model(tokens[:, :17], torch.arange(17))  # no known start: the math products
+    with prefill_from(model, 0):
+        assert (model(tokens[:, :17], torch.arange(17)) - want).abs().max() < 1e-4
+        got = [model(tokens[:, :9], torch.arange(9))]
+    with prefill_from(model, 9):
+        got.append(model(tokens[:, 9:17], torch.arange(9, 17)))
+    assert (torch.cat(got, dim=1) - want).abs().max() < 1e-4
+    # a bucketed chunk at 9.. of 8 tokens and 2 pads (copies of the last, at position 17),
+    # after 0..8 again (the ring layer holds the last 6 positions written)
+    with prefill_from(model, 0):
+        model(tokens[:, :9], torch.arange(9))
+    piece = torch.cat((tokens[:, 9:17], tokens[:, 16:17].expand(2, 2)), dim=1)
+    positions = torch.cat((torch.arange(9, 17), torch.full((2,), 17)))
+    padded = model(piece, positions, blocks=block_lists(9, 10, 64, torch.device("cpu")))
+    assert (padded[:, :8] - want[:, 9:]).abs().max() < 1e-4
+    expected = hf.generate(tokens[:, :17], max_new_tokens=6, do_sample=False,
+                           min_new_tokens=6)[:, 17:]
+    out = Generator(model, prefill_chunk=5, fuse=False).generate(
+        tokens[:, :17].tolist(), GenerationConfig(max_new_tokens=6))
+    assert out.output_token_ids == expected.tolist()
 
 
 @torch.inference_mode()

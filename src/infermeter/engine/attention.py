@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import flex_attention as flex_module
 from torch.nn.attention.flex_attention import flex_attention
 
 from infermeter.engine.attention_choice import AUTO_TRITON_MIN_BATCH, resolve_attention
+from infermeter.engine.opaque_ops import compiling
 
 __all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.py, the tests
 
@@ -69,9 +71,46 @@ def causal_prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
+_compiled_flex = None
+
+
+def sink_flex_attention(q: Tensor, keys: Tensor, values: Tensor, sinks: Tensor | None,
+                        score_mod=None, block_mask=None, enable_gqa: bool = False) -> Tensor:
+    """flex_attention(q [B, H, L, D], keys/values [B, H_kv, S, D]) -> [B, H, L, D], with
+    gpt-oss's sinks when given (a logit per row, broadcast against [B, H, L]: [H, 1] per query
+    head, or [H_kv, G] for the folded decode): softmax over [scores, sink] without the sink's
+    column is the sinkless output times sigmoid(lse - sink), lse the row's natural-log
+    log-sum-exp of its scaled, masked scores (flex returns it in base e), computed in float32.
+    A row that sees nothing (lse = -inf) gives 0, as the math path does.
+    Inside torch.compile flex is one fused kernel; on CUDA outside it, this compiles flex on
+    its own (flex's eager form is a reference that holds every score); elsewhere (the CPU
+    tests) it runs that reference."""
+    global _compiled_flex
+    attend = flex_attention
+    if q.device.type == "cuda" and not compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        attend = _compiled_flex
+    if sinks is None:
+        return attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
+                      enable_gqa=enable_gqa)
+    # torch 2.11 and 2.13 both take return_aux (return_lse warns as deprecated); an older
+    # torch has only return_lse
+    aux_request = getattr(flex_module, "AuxRequest", None)
+    if aux_request is not None:
+        out, aux = attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
+                          enable_gqa=enable_gqa, return_aux=aux_request(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
+                          enable_gqa=enable_gqa, return_lse=True)
+    keep = torch.sigmoid(lse.float() - sinks.float())  # [B, H, L]: 1 - the sink's weight
+    return (out.float() * keep[..., None]).to(q.dtype)
+
+
 def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor,
                           query_pos: Tensor, window: int | None,
-                          softcap: float | None = None) -> Tensor:
+                          softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """The same attention as decode_attention, as one flex_attention call.
 
     q [B, H_kv, G, D], keys/values [B, H_kv, S, D], key_pos int64 [S] (the absolute position
@@ -92,4 +131,4 @@ def flex_decode_attention(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tens
             score = torch.tanh(score / softcap) * softcap
         return torch.where(seen, score, float("-inf"))
 
-    return flex_attention(q, keys, values, score_mod=visible)
+    return sink_flex_attention(q, keys, values, sinks, score_mod=visible)

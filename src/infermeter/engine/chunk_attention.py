@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from infermeter.engine.attention import sink_flex_attention
 
 CHUNK_ATTENTION = "mask"
 CHUNK_ATTENTIONS = ("mask", "flex")
@@ -54,11 +56,12 @@ def block_lists(first: int, length: int, slots: int, device: torch.device) -> Bl
 
 
 def chunk_flex_attention(q: Tensor, keys: Tensor, values: Tensor, lists: BlockLists,
-                         softcap: float | None = None) -> Tensor:
+                         softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """q [B, H, T, D] over a full layer's cache keys/values [B, H_kv, S, D] with the chunk's
     tile lists -> [B, H, T, D]. The mask is rebuilt from the lists in the graph (its mask_mod
     closes over the traced `first`, so no start is baked into the graph). softcap: Gemma 2's
-    logit cap on the scaled scores, as decode_attention applies it."""
+    logit cap on the scaled scores, as decode_attention applies it. sinks [H]: gpt-oss's
+    logit per query head (attention.sink_flex_attention)."""
     kv_num, kv_index, full_num, full_index, first = lists
 
     def visible(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
@@ -71,5 +74,6 @@ def chunk_flex_attention(q: Tensor, keys: Tensor, values: Tensor, lists: BlockLi
     if softcap is not None:
         def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
             return torch.tanh(score / softcap) * softcap
-    return flex_attention(q, keys, values, score_mod=score_mod, block_mask=mask,
-                          enable_gqa=q.shape[1] != keys.shape[1])
+    return sink_flex_attention(q, keys, values, None if sinks is None else sinks[:, None],
+                               score_mod=score_mod, block_mask=mask,
+                               enable_gqa=q.shape[1] != keys.shape[1])

@@ -291,18 +291,16 @@ class Generator:
         rule): "auto" by batch size (attention.resolve_attention); "flex" and "triton" only in
         the compiled step, "triton" only where the kernel can run (CUDA or Triton's
         interpreter, a power-of-two head size); "math" in their place otherwise, and in place
-        of "sdpa" for a model that soft-caps attention logits (SDPA cannot); "math" always for
-        a model with attention sinks (gpt-oss: only the math products take them)."""
+        of "sdpa" for a model that soft-caps attention logits or has attention sinks (gpt-oss;
+        SDPA can do neither)."""
         from infermeter.engine.attention import resolve_attention
         from infermeter.engine.kernels.triton_support import head_size_fits, triton_runs_on
 
         if self.decode_attention is None:
             return None
-        if self.spec.attn_sinks:
-            return "math"
         kind = resolve_attention(self.decode_attention, batch_size)
-        if kind in ("flex", "triton") and not compiled or \
-                kind == "sdpa" and self.spec.attn_logit_softcap is not None:
+        if kind in ("flex", "triton") and not compiled or kind == "sdpa" and (
+                self.spec.attn_logit_softcap is not None or self.spec.attn_sinks):
             return "math"
         probe = self.model.tok_embeddings.weight
         if kind == "triton" and not (triton_runs_on(probe)

@@ -82,7 +82,7 @@ from infermeter.engine.attention import (
     flex_decode_attention,
     resolve_attention,
 )
-from infermeter.engine.chunk_attention import BlockLists, chunk_flex_attention
+from infermeter.engine.chunk_attention import BlockLists, block_lists, chunk_flex_attention
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
@@ -171,8 +171,8 @@ class Attention(nn.Module):
         # SDPA cannot, so a capped model never takes it (forward).
         self.softcap = spec.attn_logit_softcap
         # gpt-oss: one learned logit per query head [n_heads] that joins each softmax's
-        # denominator (its value weight is zero). Only the math products take it, so a model
-        # with sinks attends there on every path (forward, _attend).
+        # denominator (its value weight is zero). The math products, flex (through the lse)
+        # and the Triton decode kernel take it; SDPA cannot (forward, _attend).
         self.sinks = nn.Parameter(torch.empty(spec.n_heads)) if spec.attn_sinks else None
         self.kv_cache: LayerKVCache | None = None
         self.wqkv: Linear | None = None  # fusion.py: [q + k + v rows, dim] once fused
@@ -269,11 +269,24 @@ class Attention(nn.Module):
         # causal diagonal at the lower right (SDPA's is_causal aligns it upper left); the fold
         # below keeps heads equal, so a mask reaches CUDA's memory-efficient kernel (flash
         # takes none). Else (ring layers, start unknown) the whole cache: [B, H_kv, S, D], [T, S].
-        if blocks is not None and start is None and seqlen > 1 and not cache.is_ring \
-                and self.sinks is None:
+        if blocks is not None and start is None and seqlen > 1 and not cache.is_ring:
             # a later compiled chunk: flex attention skips the tiles no query sees
             out = chunk_flex_attention(q, *cache.write_full(k, v, input_pos), blocks,
-                                       self.softcap)  # [B, H, T, D]
+                                       self.softcap, self.sinks)  # [B, H, T, D]
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        if self.sinks is not None and start is not None and seqlen > 1 \
+                and cache.window is None and start + seqlen <= cache.size:
+            # gpt-oss's full layers: flex with the lse-based sink factor instead of the math
+            # products' [B, H_kv, G*T, S] float32 scores. From 0 its own K/V, causal (pads sit
+            # after the prompt: by index they see only the prompt and pads before them); from
+            # a later start the cache's first start + T slots, slot j visible to query i when
+            # j <= start + i, as update_from's mask says.
+            if start == 0:
+                keys, values = cache.write_own(k, v, input_pos)
+            else:
+                keys, values, _ = cache.update_from(k, v, input_pos, start)
+            lists = block_lists(start, seqlen, keys.shape[2], q.device)
+            out = chunk_flex_attention(q, keys, values, lists, self.softcap, self.sinks)
             return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         span = cache.update_from(k, v, input_pos, start) if start is not None else None
         keys, values, mask = span or cache.update(k, v, input_pos)
@@ -289,13 +302,12 @@ class Attention(nn.Module):
         q = q.reshape(bsz, self.n_kv_heads, groups * seqlen, self.head_dim)
         mask = mask.repeat(groups, 1)  # row g*T + t is query t's row
         kind = resolve_attention(self.decode_attention, bsz)  # "auto" picks by batch size
-        if self.sinks is not None:  # only the math products take a sink: [H_kv, G*T] rows
-            sinks = self.sinks.view(self.n_kv_heads, groups, 1).expand(-1, -1, seqlen)
-            out = decode_attention(q, keys, values, mask, self.softcap,
-                                   sinks.reshape(self.n_kv_heads, groups * seqlen))
-        elif seqlen == 1 and kind == "flex" and compiling():
+        # gpt-oss's sinks, one per query head, as the folded rows' [H_kv, G*T]
+        sinks = None if self.sinks is None else self.sinks.view(
+            self.n_kv_heads, groups, 1).expand(-1, -1, seqlen).reshape(self.n_kv_heads, -1)
+        if seqlen == 1 and kind == "flex" and compiling():
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
-                                        self.kv_cache.window, self.softcap)
+                                        self.kv_cache.window, self.softcap, sinks)
         elif seqlen == 1 and kind == "triton" and compiling() and decode_kernel_usable(q):
             from infermeter.engine.kernels.decode_attention import (
                 decode_attention_kernel,
@@ -306,10 +318,12 @@ class Attention(nn.Module):
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
             out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
                                           cache.window or 0, cache.is_ring, splits,
-                                          self.softcap or 0.0)
-        elif seqlen == 1 and kind in ("math", "flex", "triton") or self.softcap is not None:
-            # a capped model's prefill and "sdpa" steps too: [B, H_kv, G*T, S] float32 scores
-            out = decode_attention(q, keys, values, mask, self.softcap)
+                                          self.softcap or 0.0, self.sinks)
+        elif seqlen == 1 and kind in ("math", "flex", "triton") or self.softcap is not None \
+                or sinks is not None:
+            # a capped or sink model's prefill and "sdpa" steps too (SDPA can do neither):
+            # [B, H_kv, G*T, S] float32 scores
+            out = decode_attention(q, keys, values, mask, self.softcap, sinks)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)

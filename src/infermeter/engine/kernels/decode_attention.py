@@ -11,7 +11,8 @@ plus one launch of a combine kernel:
   A full-attention layer's slot j holds position j (kv_cache.py), so a program stops at the
   current position: slots beyond it are never read. A ring (sliding-window) layer reads all of
   its slots and masks by the positions they hold, the same rule as LayerKVCache._visible.
-  The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0).
+  The combine weighs each split by exp(m_split - max m) (an empty split has m = -inf: weight 0);
+  gpt-oss's sink logit joins the max and adds exp(sink - max) to the denominator only.
   It is a second Triton kernel (grid B * H_kv * G, one query head each), not torch code: the
   torch combine gave inductor pointwise work it can inline into the next matrix-vector
   reduction (wo), where every thread block would redo it (suspected, not traced, as the cause
@@ -128,8 +129,9 @@ if triton is not None:
         tl.store(L + row * groups + g, l_i, mask=keep)
 
     @triton.jit
-    def _combine_kernel(ACC, M, L, OUT, groups, n_splits,
-                        S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+    def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
+                        S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         if PDL:  # the splits are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -143,15 +145,22 @@ if triton is not None:
         m = tl.load(M + at, mask=used, other=float("-inf"))
         l_sum = tl.load(L + at, mask=used, other=0.0)
         acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
-        weight = tl.exp(m - tl.max(m, 0))  # [S_PAD]; an empty split (m = -inf) weighs 0
+        top = tl.max(m, 0)
+        if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
+            sink = tl.load(SINKS + (row % n_kv_heads) * groups + g).to(tl.float32)
+            top = tl.maximum(top, sink)
+        weight = tl.exp(m - top)  # [S_PAD]; an empty split (m = -inf) weighs 0
+        total = tl.sum(l_sum * weight, 0)
+        if HAS_SINKS:
+            total = total + tl.exp(sink - top)
         # [D]; divided once, rounded once (div.rn), as torch's softmax divides by its sum
-        out = tl.math.div_rn(tl.sum(acc * weight[:, None], 0), tl.sum(l_sum * weight, 0))
+        out = tl.math.div_rn(tl.sum(acc * weight[:, None], 0), total)
         tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
 
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     softcap: float, pdl: bool) -> Tensor:
+                     softcap: float, pdl: bool, sinks: Tensor | None = None) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -175,44 +184,47 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
            LIBDEVICE=compiled_for_gpu(q))
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_combine_kernel, (rows * groups,), pdl,
-           acc, m, l_sum, out, groups, n_splits,
-           S_PAD=triton.next_power_of_2(n_splits), D=head_dim)
+           acc, m, l_sum, out, m if sinks is None else sinks, groups, n_splits, n_kv_heads,
+           S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None)
     return out
 
 
 @torch.library.triton_op("infermeter::split_kv_decode", mutates_args=())
 def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                    softcap: float = 0.0) -> Tensor:
+                    softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
     """q [B, H_kv, G, D] (one token's G query heads per KV head), k_cache/v_cache
     [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none;
-    softcap > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2), 0 none.
-    Returns [B, H_kv, G, D] in q's dtype."""
+    softcap > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2), 0 none;
+    sinks [H_kv * G] (gpt-oss: query head h * G + g's logit in every softmax's denominator,
+    taken in float32) or None. Returns [B, H_kv, G, D] in q's dtype."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, softcap, pdl=False)
+                            n_splits, softcap, pdl=False, sinks=sinks)
 
 
 @torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                        softcap: float = 0.0) -> Tensor:
+                        softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
     """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, softcap, pdl=True)
+                            n_splits, softcap, pdl=True, sinks=sinks)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0) -> Tensor:
+      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
+      sinks: Tensor | None = None) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
-                            n_splits: int, softcap: float = 0.0) -> Tensor:
+                            n_splits: int, softcap: float = 0.0,
+                            sinks: Tensor | None = None) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
     if pdl.enabled():
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, softcap)
+                                   n_splits, softcap, sinks)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
-                           softcap)
+                           softcap, sinks)
