@@ -191,20 +191,24 @@ def test_a_long_whole_prompt_prefills_through_the_flash_kernel():
 @pytest.mark.parametrize("mode,prefill,chunk,length", [
     ("eager", "exact", None, 40), ("eager", "exact", CHUNK, 41), ("eager", "exact", None, 1),
     ("compiled", "bucketed", None, 17), ("compiled", "bucketed", CHUNK, 41),
-    ("compiled", "bucketed", None, 90)])  # 90 pads to 128, past the cache: the whole cache
+    ("compiled", "bucketed", None, 90),  # 90 pads to 128, past the cache: the whole cache
+    # gpt-oss's sinks: its full layer on flex where the start is known (no scores held)
+    ("eager", "exact", CHUNK, -41), ("compiled", "bucketed", CHUNK, -41)])
 def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill, chunk, length,
                                                                   monkeypatch):
     from infermeter.generate.memory import capped_score_elements
 
-    spec = SPECS["capped"]
+    spec = SPECS["capped"] if length > 0 else DEBUG.with_updates(
+        name="debug-sinks", attn_sinks=True, sliding_window=4, sliding_window_layers=(0,))
+    length = abs(length)
     model = build_model(spec, seed=3)
     groups = spec.n_heads // spec.n_kv_heads
     held = []
     scores = model_module.decode_attention
 
-    def counted(q, keys, values, mask, softcap=None):
+    def counted(q, keys, values, mask, softcap=None, sinks=None):
         held.append(q.shape[2] // groups * keys.shape[2])  # T x keys, a sequence and head
-        return scores(q, keys, values, mask, softcap)
+        return scores(q, keys, values, mask, softcap, sinks)
 
     monkeypatch.setattr(model_module, "decode_attention", counted)
     bucketed = prefill == "bucketed"

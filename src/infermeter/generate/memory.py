@@ -73,9 +73,11 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
     most, start = 0, 0
     for real, length in forwards:
         cut = (mode == "eager" or start == 0) and length > 1 and start + length <= cache_len
-        keys = ([start + length if cut else cache_len] if full else []) + \
+        # a sink model's full layers attend on flex where the start is known (no scores held)
+        keys = ([start + length if cut else cache_len]
+                if full and not (spec.attn_sinks and cut) else []) + \
             ([max(windows) + length] if windows else [])
-        most = max(most, length * max(keys))
+        most = max(most, length * max(keys, default=0))
         start += real
     return most
 
@@ -103,7 +105,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
     if (spec.attn_logit_softcap is not None or spec.attn_sinks) and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2) nor take sinks (gpt-oss): a layer's prefill holds its
-        # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py)
+        # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py); gpt-oss's
+        # only where flex does not take its full layers (capped_score_elements)
         heads = -(-spec.n_heads // tp)
         scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk, prefill)
         what = "capped" if spec.attn_logit_softcap is not None else "sink"
