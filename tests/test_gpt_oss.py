@@ -390,3 +390,29 @@ def test_triton_experts_take_its_gathered_forwards_only(monkeypatch) -> None:
 def test_presets_keep_their_parameter_counts() -> None:
     assert param_count(PRESETS["gpt-oss-20b"]) == 20_914_757_184
     assert param_count(PRESETS["gpt-oss-120b"]) == 116_829_156_672
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sinks_on_cuda_flex_prefill_and_triton_decode_equal_the_math_path() -> None:
+    """On a GPU: the eager prefill's flex (compiled on its own) and the split-KV kernel with
+    sinks (bfloat16) against the math products."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from infermeter.engine.attention import decode_attention
+    from infermeter.engine.chunk_attention import block_lists, chunk_flex_attention
+    from infermeter.engine.kernels.decode_attention import split_kv_decode
+
+    q, keys, values, sinks = (t.cuda() for t in _sink_inputs(300, 300, 11))
+    q, keys, values = (t.repeat(1, 1, 1, 2) for t in (q, keys, values))  # head_dim 16
+    causal = torch.ones(300, 300, dtype=torch.bool, device="cuda").tril()
+    want = _math_with_sinks(q, keys, values, causal, sinks)
+    got = chunk_flex_attention(q, keys, values, block_lists(0, 300, 300, q.device), sinks=sinks)
+    assert (got - want).abs().max() < 1e-3
+    one = q[:, :, -1:].reshape(2, 2, 2, 16).bfloat16()  # the last row, folded
+    kb, vb = keys.bfloat16(), values.bfloat16()
+    want = decode_attention(one.float(), kb.float(), vb.float(),
+                            causal[-1:].expand(2, -1), sinks=sinks.view(2, 2))
+    got = split_kv_decode(one, kb, vb, torch.arange(300, device="cuda"),
+                          torch.tensor([299], device="cuda"), 0, False, 4, 0.0, sinks)
+    assert (got.float() - want).abs().max() < 2e-2
