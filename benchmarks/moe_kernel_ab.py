@@ -17,8 +17,8 @@ its prefill stays compiled and bucketed with Triton only); MBU is on the active 
 experts each decode step's routing touched, counted after the timed runs (docs/design.md, "MoE
 bytes per decode step"); at batch 4 the torch path reads an expert once per token that chose it,
 the Triton kernels once. gpt-oss-20b (bf16 experts, 4 of 32): Triton's gathered kernels at
-batches 1 and 4; at 32 both kinds run the torch paths (no grouped kernel takes its biases), so
-that batch is a same-code control. Every Result is
+batches 1 and 4, its grouped ones at 32 (they take its biases and clamped SwiGLU), and its
+prefill bucketed with Triton only, as the other two. Every Result is
 appended to results/moe-kernel-<device>.jsonl as soon as it is done (config.ab: the kernel asked for
 and the round; config.moe_kernel: what ran), and $OUT gets a copy. The summary
 (results/moe-kernel-<device>-summary.txt) gives, for each model's latest run, batch and kernel: TPOT

@@ -20,6 +20,7 @@ from tests.expert_gemv_worker import (
     assert_rounding_points,
     experts,
     module_with,
+    picks,
     reference,
     routing,
 )
@@ -112,16 +113,11 @@ def check_rounding_points() -> None:
     gen = torch.Generator().manual_seed(33)
     n_experts, top_k, hidden, dim, n_tokens = 8, 4, 20, 24, 9  # 36 pairs over 8 experts
 
-    def picks(n: int, rows: int, cols: int) -> torch.Tensor:
-        pick = torch.randint(0, cols, (n, rows, 1), generator=gen)
-        signs = torch.randint(0, 2, (n, rows, 1), generator=gen) * 2.0 - 1
-        return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
-
     expert_gemm.block_tiles = SMALL_TILES
     for dtype in ULP:
         x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
-        w1, w3, w2 = (picks(n_experts, hidden, dim).to(dtype), picks(n_experts, hidden, dim)
-                      .to(dtype), picks(n_experts, dim, hidden).to(dtype))
+        w1, w3, w2 = (picks(gen, n_experts, rows, cols).to(dtype)
+                      for rows, cols in ((hidden, dim), (hidden, dim), (dim, hidden)))
         ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
         moe = module_with(w1, w3, w2, top_k)
         if dtype == torch.bfloat16:  # the kernels' roundings truncate here, torch's do not
@@ -132,6 +128,65 @@ def check_rounding_points() -> None:
             want = moe.gathered(x, weights, ids)
         got = grouped_experts(x, weights, ids, w1, w3, w2)
         assert_rounding_points(got, want, dtype, "grouped")
+    expert_gemm.block_tiles = BLOCK_TILES
+
+
+def gpt_oss_experts(gen, dtype: torch.dtype, n_experts: int, top_k: int, hidden: int,
+                    dim: int) -> MoEFeedForward:
+    """gpt-oss's experts (biases, the clamped SwiGLU at gpt-oss's limit and alpha) with exact
+    products: each weight row picks one input column (+-0.75), biases of unit scale."""
+    moe = MoEFeedForward(dim, hidden, n_experts, top_k, True, bias=True, swiglu_alpha=1.702,
+                         swiglu_limit=7.0).to(dtype)
+    for name, rows, cols in (("w1", hidden, dim), ("w3", hidden, dim), ("w2", dim, hidden)):
+        getattr(moe, name).weight.data = picks(gen, n_experts, rows, cols).to(dtype)
+        getattr(moe, name).bias.data = torch.randn(n_experts, rows, generator=gen).to(dtype)
+    return moe
+
+
+def gpt_oss_down(x: torch.Tensor, ids: torch.Tensor, moe: MoEFeedForward):
+    """float32 (down [N, k, dim], gate and up before their clamps [N, k, ffn]) with the grouped
+    kernels' rounding points (rounder's: bfloat16 truncating, as the interpreter's kernels):
+    each product rounded, plus its bias rounded; the clamps, gate * alpha, sigmoid,
+    gate * sigmoid, up + 1 and the activation each rounded."""
+    rnd = rounder(x.dtype)
+    w1, w3, w2 = (getattr(moe, n).weight.float()[ids] for n in ("w1", "w3", "w2"))
+    b1, b3, b2 = (getattr(moe, n).bias.float()[ids] for n in ("w1", "w3", "w2"))
+    limit, alpha = moe.swiglu_limit, moe.swiglu_alpha
+    raw_gate = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w1)) + b1)
+    raw_up = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w3)) + b3)
+    gate, up = raw_gate.clamp(max=limit), raw_up.clamp(-limit, limit)
+    sig = rnd(1 / (1 + torch.exp(-rnd(gate * alpha))))
+    act = rnd(rnd(up + 1) * rnd(gate * sig))
+    return rnd(rnd(torch.einsum("nkf,nkdf->nkd", act, w2)) + b2), raw_gate, raw_up
+
+
+def check_gpt_oss_rounding_points() -> None:
+    """gpt-oss's experts through the grouped kernels (9 tokens x 2 of 8 experts: 18 pairs), every
+    rounding point to the bit, as check_rounding_points: exact products, so float16 must equal
+    the module's torch grouped path (its index_add_ adds a token's two weighted terms, one
+    rounding, as the float32 sum of two rounds once) and bfloat16 the truncating chain with
+    torch's routing product and sum after it; plain and PDL launches. The inputs reach past the
+    limit on both sides, so the clamps decide some elements."""
+    gen = torch.Generator().manual_seed(34)
+    n_experts, top_k, hidden, dim, n_tokens = 8, 2, 20, 24, 9
+    expert_gemm.block_tiles = SMALL_TILES
+    for dtype in (torch.float16, torch.bfloat16):
+        moe = gpt_oss_experts(gen, dtype, n_experts, top_k, hidden, dim)
+        x = (torch.randn(n_tokens, dim, generator=gen) * 8).to(dtype)
+        ids, weights = routing(gen, n_tokens, n_experts, top_k, dtype)
+        down, gate, up = gpt_oss_down(x, ids, moe)
+        assert (gate > 7).any() and (up > 7).any() and (up < -7).any(), "clamps not reached"
+        if dtype == torch.float16:
+            want = moe.grouped(x, weights, ids)
+        else:
+            want = (down.to(dtype) * weights[..., None]).sum(1)
+        moe.moe_kernel = "triton"
+        assert moe.groups_by_kernel(x)
+        got = grouped_experts(x, weights, ids, *moe.stacked(), 7.0, 1.702)
+        assert_rounding_points(got, want, dtype, "gpt-oss grouped")
+        with pdl.launching(True):  # the PDL twins' arithmetic (no wait here)
+            assert torch.equal(grouped_experts(x, weights, ids, *moe.stacked(), 7.0, 1.702),
+                               got), f"gpt-oss PDL {dtype}"
     expert_gemm.block_tiles = BLOCK_TILES
 
 
@@ -166,20 +221,30 @@ def check_compiled_trace() -> None:
 
 
 def check_bucketed_prefill_greedy() -> None:
-    """A tiny random Qwen3-MoE (float32, a dense layer between two MoE ones, 8 experts, 2 a
-    token) with moe_kernel "triton": the Generator keeps the bucketed prefill, its compiled
-    forward (fullgraph, dynamo's graph run eagerly) runs the grouped kernels on the padded
-    rows, and the greedy tokens equal an eager, exact prefill's with the torch experts."""
+    """Tiny random MoE models (float32) with moe_kernel "triton": the Generator keeps the
+    bucketed prefill, its compiled forward (fullgraph, dynamo's graph run eagerly) runs the
+    grouped kernels on the padded rows, and the greedy tokens equal an eager, exact prefill's
+    with the torch experts. A Qwen3-MoE (a dense layer between two MoE ones, 8 experts, 2 a
+    token; batch 2: its decode steps gathered) and a gpt-oss (biases, clamps that bite, sinks,
+    a sliding layer; 4 experts, 2 a token; batch 3: its decode steps grouped too, 6 pairs)."""
+    from infermeter.specs.presets import PRESETS
+
+    check_bucketed_prefill(PRESETS["debug"].with_updates(
+        arch="qwen3_moe", n_layers=3, head_dim=32, qk_norm=True, n_experts=8,
+        n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,)), 2)
+    check_bucketed_prefill(PRESETS["gpt-oss-20b"].with_updates(
+        n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=96, n_experts=4,
+        n_active_experts=2, moe_ffn_dim=32, sliding_window=6, sliding_window_layers=(0,),
+        max_seq_len=64), 3)
+
+
+def check_bucketed_prefill(spec, batch: int) -> None:
+    """check_bucketed_prefill_greedy for one model at one batch size."""
     from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
     from infermeter.engine.model import build_model
-    from infermeter.specs.presets import PRESETS
 
     expert_gemm.block_tiles = SMALL_TILES
     expert_gemv.tiles_for = lambda n_cols, gpu="": (32, 64, 4)  # the gathered decode steps'
-    spec = PRESETS["debug"].with_updates(arch="qwen3_moe", n_layers=3, head_dim=32,
-                                         qk_norm=True, n_experts=8, n_active_experts=2,
-                                         moe_ffn_dim=48, norm_topk_prob=True,
-                                         moe_dense_layers=(1,))
     models = {}
     for kind in moe_module.MOE_KERNELS:
         model = build_model(spec, seed=7)
@@ -187,9 +252,15 @@ def check_bucketed_prefill_greedy() -> None:
         for layer in model.layers:  # a wide router: tokens spread over the experts
             if isinstance(layer.feed_forward, MoEFeedForward):
                 torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
+            if getattr(layer.feed_forward, "swiglu_limit", None) is not None:
+                for n in ("w1", "w3", "w2"):  # biases that count, clamps that bite
+                    expert = getattr(layer.feed_forward, n)
+                    torch.nn.init.normal_(expert.weight, std=0.5, generator=gen)
+                    torch.nn.init.normal_(expert.bias, std=0.3, generator=gen)
         moe_module.set_moe_kernel(model, kind)
         models[kind] = model
-    n_new, batch = 4, 2
+    n_new = 4
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
     eager = GenerationConfig(max_new_tokens=n_new)
     bucketed = Generator(models["triton"], max_seq_len=64, bucketed_prefill=True)
     assert bucketed.bucketed_prefill, "the Triton experts keep the bucketed prefill"
@@ -222,8 +293,14 @@ def check_bucketed_prefill_greedy() -> None:
             if name == "bucketed":  # each MoE layer on the padded rows: batch x the bucket
                 (padded,) = bucketed.prefill_lengths(length, True)
                 assert padded > length, (length, padded)
-                assert prefill_calls == [batch * padded] * 2, prefill_calls
-        assert out["bucketed"] == out["exact"], f"prompt {length}: {out}"
+                assert prefill_calls == [batch * padded] * moe_layers, prefill_calls
+                # decode steps past E / k pairs: the grouped kernels too, eagerly
+                grouped_steps = n_new - 1 if batch * spec.n_active_experts > spec.n_experts \
+                    else 0
+                assert calls[len(prefill_calls):] == [batch] * moe_layers * grouped_steps, calls
+            else:
+                assert calls == [], calls  # the torch experts
+        assert out["bucketed"] == out["exact"], f"{spec.arch} prompt {length}: {out}"
     ours = {str(n.target).split(".")[1] for g in graphs for n in g.graph.nodes
             if str(n.target).startswith("infermeter.")}
     assert {"grouped_swiglu_pdl", "grouped_down_pdl"} <= ours, ours
@@ -237,8 +314,8 @@ if __name__ == "__main__":
     import sys
     import time
 
-    for check in (check_against_grouped, check_rounding_points, check_compiled_trace,
-                  check_bucketed_prefill_greedy):
+    for check in (check_against_grouped, check_rounding_points, check_gpt_oss_rounding_points,
+                  check_compiled_trace, check_bucketed_prefill_greedy):
         start = time.perf_counter()
         check()
         print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -282,7 +282,7 @@ def check_tensor_parallel_shards() -> None:
 def check_model_greedy() -> None:
     """A tiny random Qwen3-MoE (float32; a dense layer between two MoE ones), Mixtral and
     gpt-oss (float32 at batch 1 and 2: 2 x 2 pairs = their 4 experts, still gathered; gpt-oss's
-    biases and clamped SwiGLU, its prefill past E / k on the torch grouped path) through the
+    biases and clamped SwiGLU, its prefill past E / k on the grouped kernels) through the
     model's forward: prefill, then greedy one-token steps, the Triton choice against torch: the
     same tokens, logits within sum-order error, and every MoE layer's decode step ran the
     kernels."""

@@ -1,8 +1,8 @@
 """gpt-oss on the engine: a tiny random checkpoint written by transformers' GptOssForCausalLM
 gives the same logits and greedy tokens (sinks, biases, YaRN, alternating sliding layers, the
 clamped SwiGLU experts); MXFP4 expert weights dequantize as transformers' do; what the engine
-cannot do for it (tp > 1, the hf mode) is one line; --moe-kernel triton takes its gathered
-experts (the kernels' numbers: tests/expert_gemv_worker.py) and leaves the rest to torch."""
+cannot do for it (tp > 1, the hf mode) is one line; --moe-kernel triton takes its experts at
+every batch (the kernels' numbers: tests/expert_gemv_worker.py, tests/expert_gemm_worker.py)."""
 
 from __future__ import annotations
 
@@ -340,15 +340,16 @@ def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
     assert len(err) == 1 and "the hf mode cannot build a gpt_oss model" in err[0], err
 
 
-def test_triton_experts_take_its_gathered_forwards_only(monkeypatch) -> None:
+def test_triton_experts_take_every_forward(monkeypatch) -> None:
     """--moe-kernel triton: gpt-oss's experts take expert_gemv.py's gathered kernels while
-    batch x k <= E and the torch paths past that (expert_gemm.py's grouped kernels have no
-    biases nor clamp): takes_expert_kernel and the Result's moe_kernel say so per batch, the
-    compiled prefill stays exact (the torch grouped path syncs with the host: no bucketed
-    graphs), and the fit check sizes it so (no bucketed forward, no grouped Triton buffers,
-    no gathered copy of the experts)."""
+    batch x k <= E and expert_gemm.py's grouped ones past that (both compute its biases and
+    clamped SwiGLU; their numbers: tests/expert_gemv_worker.py, tests/expert_gemm_worker.py):
+    takes_expert_kernel and the Result's moe_kernel say so at every batch, the compiled prefill
+    is bucketed (no host sync), and the fit check sizes it so (the bucketed forward, its sink
+    scores and the grouped kernels' intermediates; no gathered copy of the experts)."""
     from infermeter.engine import moe as moe_module
     from infermeter.engine.moe import prefills_without_sync, takes_expert_kernel
+    from infermeter.engine.prefill_buckets import prefill_forwards
     from infermeter.generate.cases import plan_cases, prompt_sets
     from infermeter.generate.memory import case_memory
     from infermeter.generate.modes import EngineRunner
@@ -359,31 +360,37 @@ def test_triton_experts_take_its_gathered_forwards_only(monkeypatch) -> None:
     set_moe_kernel(small, "triton")
     (block,) = [m for m in small.modules() if isinstance(m, MoEFeedForward)]
     monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
-    assert takes_expert_kernel(block, 1) and takes_expert_kernel(block, 2)
-    assert not takes_expert_kernel(block, 3) and not takes_expert_kernel(block)
-    assert not block.grouped_kernel_runs_it and not prefills_without_sync(small)
-    assert not Generator(small, bucketed_prefill=True).bucketed_prefill
-    mixtral = build_model(PRESETS["debug"].with_updates(arch="mixtral", n_experts=4,
-                                                        n_active_experts=2, moe_ffn_dim=48))
-    set_moe_kernel(mixtral, "triton")
-    assert prefills_without_sync(mixtral)  # plain experts: the grouped kernels, no sync
+    assert takes_expert_kernel(block) and prefills_without_sync(small)
+    assert Generator(small, bucketed_prefill=True).bucketed_prefill
+    set_moe_kernel(small, "torch")
+    assert not takes_expert_kernel(block) and not prefills_without_sync(small)
+    set_moe_kernel(small, "triton")
     sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
     (case,) = plan_cases(spec, sets, ("eager",), 4, None, None)
     runner = EngineRunner(small, case, GenerateRequest(
         "random:tiny", engine=EngineChoices(moe_kernel="triton")))
-    for batches, kernel in (([1, 2], "triton"), ([3], "torch"), ([1, 3], "torch")):
+    for batches in ([1, 2], [3], [1, 3]):
         runner.batch_sizes = batches
-        assert runner.describe()["moe_kernel"] == kernel, batches
+        assert runner.describe()["moe_kernel"] == "triton", batches
     real = PRESETS["gpt-oss-20b"]  # 32 experts, 4 a token: batch 8 gathered
+    prompt = 500
+    (padded,) = [n for _, n in prefill_forwards(prompt, None, 1024)]
+    assert padded > prompt
     for batch in (1, 8, 9):
-        parts = {kind: case_memory(real, batch, 512, 1024, "bfloat16", "bfloat16", "compiled",
-                                   prefill=prefill, moe_kernel=kernel)
+        parts = {kind: case_memory(real, batch, prompt, 1024, "bfloat16", "bfloat16",
+                                   "compiled", prefill=prefill, moe_kernel=kernel)
                  for kind, prefill, kernel in (("bucketed", "bucketed", "triton"),
                                                ("exact", "exact", "triton"),
-                                               ("torch", "exact", "torch"))}
-        assert parts["bucketed"] == parts["exact"], batch
-        assert "grouped expert activations" not in parts["exact"]
-        assert "gathered expert weights" not in parts["exact"]
+                                               ("torch", "bucketed", "torch"))}
+        for kind, tokens in (("bucketed", padded), ("exact", prompt)):
+            assert parts[kind]["grouped expert activations"] == \
+                batch * tokens * 4 * (real.moe_ffn_dim + real.dim) * 2, (batch, kind)
+            assert "gathered expert weights" not in parts[kind]
+        assert parts["bucketed"]["sink attention scores"] > parts["exact"]["sink attention scores"]
+        assert parts["bucketed"]["prefill activations"] > parts["exact"]["prefill activations"]
+        # the torch experts: the exact prefill (their grouped loop syncs), no grouped buffers
+        assert {k: v for k, v in parts["torch"].items() if k != "gathered expert weights"} == \
+            {k: v for k, v in parts["exact"].items() if k != "grouped expert activations"}
         assert ("gathered expert weights" in parts["torch"]) == (batch <= 8)
 
 

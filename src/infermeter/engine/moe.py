@@ -12,9 +12,9 @@ logits in float32, the top k, renormalised over the k where spec.norm_topk_prob 
 always), cast back to the activations' dtype. gpt-oss (GptOssTopKRouter): the top k of the
 biased logits, then a softmax over those k (float32 here).
 gpt-oss's experts (GptOssExperts): biased products and a clamped SwiGLU, gate.clamp(max=limit),
-up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the gathered Triton kernels
-compute both, the grouped ones neither (grouped_kernels_compute), so with moe_kernel "triton"
-such a block runs Triton while N*k <= E and the torch grouped / every-expert paths past that.
+up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the gathered and the grouped
+Triton kernels compute both (HAS_BIAS, CLAMPED), so with moe_kernel "triton" such a block runs
+Triton at every token count, as a plain SwiGLU block does.
 
 Three ways to run the experts, the same numbers:
 - gathered (N*k <= E: batch-1 decode and small batches): index the stacked weights by the
@@ -35,9 +35,7 @@ have a Triton implementation with the same rounding points:
 - grouped and every expert (N*k > E): kernels/expert_gemm.py groups the pairs by expert with
   static shapes (each expert's group padded to a block) and runs each block's expert on its
   tokens: no host sync, so it compiles (fullgraph) and an MoE model can prefill through the
-  compiled bucketed graphs (prefills_without_sync, the Generator's rule). Plain SwiGLU experts
-  without biases only: gpt-oss's run the torch paths here, so its compiled prefill stays exact
-  (the torch grouped path's loop over experts syncs with the host).
+  compiled bucketed graphs (prefills_without_sync, the Generator's rule), gpt-oss's included.
 Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
@@ -54,13 +52,12 @@ from torch import Tensor, nn
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
-from infermeter.specs.model import ModelSpec
 
 
 # The expert kernels' modules are imported when a block takes them: importing one registers
 # its torch.library ops, which pulls in dynamo and inductor (seconds) that a process running
 # the torch experts never needs.
-def experts_kernel_usable(x: Tensor, *weights: Tensor) -> bool:
+def experts_kernel_usable(x: Tensor, *weights: Tensor | None) -> bool:
     from infermeter.engine.kernels import expert_gemv
 
     return expert_gemv.experts_kernel_usable(x, *weights)
@@ -98,12 +95,6 @@ class StackedExperts(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_experts, out_features)) if bias else None
 
 
-def grouped_kernels_compute(spec: ModelSpec) -> bool:
-    """Whether kernels/expert_gemm.py's grouped kernels compute `spec`'s experts: plain SwiGLU
-    without biases (not gpt-oss's, which the gathered kernels alone compute)."""
-    return not spec.moe_bias and spec.swiglu_limit is None
-
-
 class MoEFeedForward(nn.Module):
     trace_label = "experts"  # --trace's range around the whole block (router, experts)
 
@@ -121,12 +112,6 @@ class MoEFeedForward(nn.Module):
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
         self.moe_kernel = MOE_KERNEL
-
-    @property
-    def grouped_kernel_runs_it(self) -> bool:
-        """Whether expert_gemm.py's grouped kernels compute these experts (plain SwiGLU, no
-        biases: grouped_kernels_compute); expert_gemv.py's gathered ones compute any."""
-        return self.w1.bias is None and self.swiglu_limit is None
 
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
         """SwiGLU, or gpt-oss's clamped one: any shape, the gate's and up's elementwise."""
@@ -155,8 +140,8 @@ class MoEFeedForward(nn.Module):
         if flat.shape[0] * self.top_k <= self.n_experts:
             out = self.gathered(flat, weights, ids)
         elif self.groups_by_kernel(flat):  # static shapes, no host sync: eager and compiled
-            out = grouped_experts(flat, weights, ids, self.w1.weight, self.w3.weight,
-                                  self.w2.weight)
+            out = grouped_experts(flat, weights, ids, *self.stacked(), self.swiglu_limit,
+                                  self.swiglu_alpha or 1.0)
         elif compiling() and shape[-2] == 1:  # a compiled decode step: no host sync
             out = self.every_expert(flat, weights, ids)
         else:
@@ -166,10 +151,8 @@ class MoEFeedForward(nn.Module):
     def gathered(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
         with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
-        experts = (self.w1.weight, self.w3.weight, self.w2.weight)
-        biases = (self.w1.bias, self.w3.bias, self.w2.bias)  # gpt-oss's, else None
-        if self.moe_kernel == "triton" and experts_kernel_usable(x, *experts, *biases):
-            return gathered_experts(x, weights, ids, *experts, *biases, self.swiglu_limit,
+        if self.moe_kernel == "triton" and experts_kernel_usable(x, *self.stacked()):
+            return gathered_experts(x, weights, ids, *self.stacked(), self.swiglu_limit,
                                     self.swiglu_alpha or 1.0)
         xs = x[:, None, :, None]  # [N, 1, dim, 1]
         gate = (self.w1.weight[ids] @ xs).squeeze(-1)  # [N, k, ffn]
@@ -182,13 +165,17 @@ class MoEFeedForward(nn.Module):
             down = down + self.w2.bias[ids]
         return (down * weights.unsqueeze(-1)).sum(dim=1)
 
+    def stacked(self) -> tuple[Tensor | None, ...]:
+        """(w1, w3, w2 weights, then their biases: gpt-oss's, else None), as the expert kernels
+        take them."""
+        return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
+                self.w2.bias)
+
     def groups_by_kernel(self, x: Tensor) -> bool:
         """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
-        grouped kernels: moe_kernel "triton", they compute these experts (not gpt-oss's) and
-        they can run on x and the stacked weights."""
-        return self.moe_kernel == "triton" and self.grouped_kernel_runs_it and \
-            experts_kernel_usable(
-            x, self.w1.weight, self.w3.weight, self.w2.weight)
+        grouped kernels: moe_kernel "triton" and they can run on x and the stacked weights (and
+        biases)."""
+        return self.moe_kernel == "triton" and experts_kernel_usable(x, *self.stacked())
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each expert on every token: [N, E, ffn] activations, weighted by [N, E] routing."""
@@ -237,24 +224,20 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
             module.moe_kernel = kind
 
 
-def takes_expert_kernel(module: MoEFeedForward, n_tokens: int | None = None) -> bool:
-    """Whether a forward of `module` on n_tokens rows runs Triton kernels: asked for, Triton
-    runs where the weights are, and expert_gemv.py's gathered kernels take it (N * k <= E: any
-    experts) or expert_gemm.py's grouped ones do (past that: not gpt-oss's experts). n_tokens
-    None: past E / k. forward's rule, without the input's layout (the engine's rows meet it);
-    the generation runner records what ran with it."""
-    if module.moe_kernel != "triton" or not triton_runs_on(module.w1.weight):
-        return False
-    gathered = n_tokens is not None and n_tokens * module.top_k <= module.n_experts
-    return gathered or module.grouped_kernel_runs_it
+def takes_expert_kernel(module: MoEFeedForward) -> bool:
+    """Whether forwards of `module` run Triton kernels, at any token count: asked for and
+    Triton runs where the weights are (expert_gemv.py's gathered kernels while N * k <= E,
+    expert_gemm.py's grouped ones past that; both compute every block's experts, gpt-oss's
+    biases and clamped SwiGLU included). forward's rule, without the input's layout (the
+    engine's rows meet it); the generation runner records what ran with it."""
+    return module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
 
 
 def prefills_without_sync(model: nn.Module) -> bool:
     """Whether every MoE block of `model` runs a long forward (N * k > E) without a host sync,
-    through expert_gemm.py's grouped kernels (takes_expert_kernel past E / k; the engine keeps
-    the weights in the activations' dtype): what lets an MoE model prefill through the
-    compiled bucketed graphs. True for a model without MoE blocks; False for gpt-oss (the
-    torch grouped path runs its long forwards)."""
+    through expert_gemm.py's grouped kernels (takes_expert_kernel; the engine keeps the weights
+    in the activations' dtype): what lets an MoE model prefill through the compiled bucketed
+    graphs. True for a model without MoE blocks."""
     return all(takes_expert_kernel(module) for module in model.modules()
                if isinstance(module, MoEFeedForward))
 

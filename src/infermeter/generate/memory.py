@@ -60,8 +60,9 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
     engine/model.py's Attention attends: a full layer over the cache's first start + T slots
     where the forward's start is known (every eager forward; a compiled one only from position
     0: a later compiled chunk, or a one-token forward, reads the whole cache), a ring layer
-    (window W shorter than the cache) over its W slots and the T new tokens."""
-    if mode == "compiled" and prefill == "bucketed" and not spec.is_moe:
+    (window W shorter than the cache) over its W slots and the T new tokens. prefill: the one
+    that runs (case_memory's "exact" for an MoE model whose experts cannot bucket it)."""
+    if mode == "compiled" and prefill == "bucketed":
         forwards = prefill_forwards(prompt_len, prefill_chunk, cache_len)
     else:
         step = min(prefill_chunk or prompt_len, prompt_len)
@@ -91,13 +92,13 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
     experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out)."""
-    from infermeter.engine.moe import grouped_kernels_compute  # the engine's modules on demand
-
     forward = min(prefill_chunk or prompt_len, prompt_len)
     # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
-    # not for gpt-oss's experts, whose long forwards run the torch grouped path)
-    grouped_kernels = moe_kernel == "triton" and grouped_kernels_compute(spec)
-    if mode == "compiled" and prefill == "bucketed" and (not spec.is_moe or grouped_kernels):
+    # the torch grouped path's loop over experts asks the host)
+    grouped_kernels = moe_kernel == "triton"
+    bucketed = mode == "compiled" and prefill == "bucketed" and \
+        (not spec.is_moe or grouped_kernels)
+    if bucketed:
         forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
@@ -108,7 +109,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py); gpt-oss's
         # only where flex does not take its full layers (capped_score_elements)
         heads = -(-spec.n_heads // tp)
-        scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk, prefill)
+        scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk,
+                                       "bucketed" if bucketed else "exact")
         what = "capped" if spec.attn_logit_softcap is not None else "sink"
         parts[f"{what} attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):

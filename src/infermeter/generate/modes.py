@@ -116,18 +116,15 @@ class EngineRunner:
                    if layer.step_kernels == "fused" and layer.fuses_step())
 
     def _moe_kernel_used(self) -> str | None:
-        """The decode steps' experts: "triton" where every batch of the case takes the Triton
-        kernels (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones
-        while batch x k <= E, expert_gemm.py's grouped ones past that, which gpt-oss's experts
-        do not take; eager and compiled alike), else "torch"; None for a model without MoE
-        layers."""
+        """The decode steps' experts: "triton" where the blocks take the Triton kernels
+        (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones while
+        batch x k <= E, expert_gemm.py's grouped ones past that, every model's experts; eager
+        and compiled alike), else "torch"; None for a model without MoE layers."""
         blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
         if not blocks:
             return None
         # after warmup() learned the batches (none yet: nothing ran)
-        kernel = bool(self.batch_sizes) and all(
-            any(takes_expert_kernel(block, batch) for block in blocks)
-            for batch in self.batch_sizes)
+        kernel = bool(self.batch_sizes) and all(takes_expert_kernel(block) for block in blocks)
         return "triton" if kernel else "torch"
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:

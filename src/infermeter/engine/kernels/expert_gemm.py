@@ -15,15 +15,21 @@ only on N, k, E and the block size:
       holds every padded group whatever the routing.
   grouped_swiglu  grid (blocks, ffn tiles): a program multiplies its block's BLOCK_M token rows
       (gathered by pair id: token = pair // k) by a BLOCK_N tile of its expert's w1 and w3 rows
-      (tl.dot, float32 accumulation) and writes silu(gate) * up for each pair into act [P, ffn].
+      (tl.dot, float32 accumulation) and writes silu(gate) * up for each pair into act [P, ffn]
+      (gpt-oss: gate and up plus their biases, then its clamped SwiGLU).
   grouped_down    grid (blocks, dim tiles): act's rows of the block times its expert's w2 tile
-      -> down [P, dim], one row a pair; torch then weights each pair by its routing weight and
-      sums a token's k pairs (`(down * weights).sum(1)`, as MoEFeedForward.gathered does).
+      (gpt-oss: plus its bias) -> down [P, dim], one row a pair; torch then weights each pair by
+      its routing weight and sums a token's k pairs (`(down * weights).sum(1)`, as
+      MoEFeedForward.gathered does).
 
 Numerics are eager's rounding points (gathered's, as expert_gemv.py's): gate and up products in
 float32, each rounded to the dtype; silu in float32 (exact_math.py), rounded; times up, rounded;
 the down product rounded; times the routing weight rounded, the k summed in float32 and rounded
-once by torch. Float32 inputs multiply in IEEE float32 (no TF32), as torch's default matmul.
+once by torch. gpt-oss's experts (HAS_BIAS, CLAMPED) take expert_gemv.py's rounding points:
+gate and up each plus its bias, rounded; the clamps, gate * alpha, sigmoid (exact_sigmoid),
+gate * sigmoid, up + 1 and their product each rounded as MoEFeedForward.activation's torch ops
+round; the down product plus its bias, rounded, before the routing weight. Float32 inputs
+multiply in IEEE float32 (no TF32), as torch's default matmul.
 So against the eager paths only float32 sum orders differ (and grouped()'s index_add_, which
 rounds each of a token's k terms into the dtype in expert order, not routing order).
 
@@ -47,7 +53,7 @@ from infermeter.engine.kernels.triton_support import triton
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_silu
+    from infermeter.engine.kernels.exact_math import exact_sigmoid, exact_silu
 
     @triton.jit
     def _block_pairs(SORTED, BLOCK_EXPERT, n_pairs, top_k, BLOCK_M: tl.constexpr):
@@ -60,11 +66,13 @@ if triton is not None:
         return expert, pairs, real, pairs // top_k
 
     @triton.jit
-    def _grouped_swiglu_kernel(X, SORTED, BLOCK_EXPERT, W1, W3, OUT, n_pairs, n_experts, n_rows,
-                               n_cols, top_k, stride_x, stride_e1, stride_r1, stride_e3,
-                               stride_r3, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _grouped_swiglu_kernel(X, SORTED, BLOCK_EXPERT, W1, W3, B1, B3, OUT, n_pairs, n_experts,
+                               n_rows, n_cols, top_k, stride_x, stride_e1, stride_r1, stride_e3,
+                               stride_r3, stride_b1, stride_b3, limit, alpha,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                               UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr = False,
+                               UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+                               CLAMPED: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
                                PDL: tl.constexpr = False):
         if PDL:  # the pair ids and x are earlier kernels' outputs, and the rows follow the ids
             tl.extra.cuda.gdc_wait()
@@ -94,16 +102,30 @@ if triton is not None:
         dtype = OUT.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)  # h @ w1[e]^T, rounded
         up = acc_up.to(dtype).to(tl.float32)
-        silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
-        tl.store(OUT + pairs[:, None] * n_rows + rows[None, :], (silu * up).to(dtype),
+        if HAS_BIAS:  # the expert's biases [BLOCK_N], each sum rounded (eager's `+ bias`)
+            bias_gate = tl.load(B1 + expert * stride_b1 + rows, mask=row_ok, other=0.0)
+            bias_up = tl.load(B3 + expert * stride_b3 + rows, mask=row_ok, other=0.0)
+            gate = (gate + bias_gate.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+            up = (up + bias_up.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+        if CLAMPED:  # MoEFeedForward.activation's clamped SwiGLU, each op's rounding
+            gate = tl.minimum(gate, limit).to(dtype).to(tl.float32)
+            up = tl.minimum(tl.maximum(up, -limit), limit).to(dtype).to(tl.float32)
+            scaled = (gate * alpha).to(dtype).to(tl.float32)
+            sig = exact_sigmoid(scaled, LIBDEVICE).to(dtype).to(tl.float32)
+            glu = (gate * sig).to(dtype).to(tl.float32)
+            act = (up + 1.0).to(dtype).to(tl.float32) * glu
+        else:
+            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
+            act = silu * up
+        tl.store(OUT + pairs[:, None] * n_rows + rows[None, :], act.to(dtype),
                  mask=real[:, None] & row_ok[None, :])
 
     @triton.jit
-    def _grouped_down_kernel(ACT, SORTED, BLOCK_EXPERT, W2, OUT, n_pairs, n_experts, n_rows,
-                             n_cols, top_k, stride_e, stride_r, BLOCK_M: tl.constexpr,
+    def _grouped_down_kernel(ACT, SORTED, BLOCK_EXPERT, W2, B2, OUT, n_pairs, n_experts, n_rows,
+                             n_cols, top_k, stride_e, stride_r, stride_b, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             PDL: tl.constexpr = False):
+                             HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # the activations and pair ids are earlier kernels' outputs
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -125,7 +147,12 @@ if triton is not None:
             if UPCAST:
                 act, w = act.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(act, w, acc, input_precision=PRECISION)
-        tl.store(OUT + pairs[:, None] * n_rows + rows[None, :], acc.to(OUT.dtype.element_ty),
+        dtype = OUT.dtype.element_ty
+        down = acc.to(dtype)  # act @ w2[e]^T, rounded
+        if HAS_BIAS:  # eager's `+ bias`, rounded
+            bias = tl.load(B2 + expert * stride_b + rows, mask=row_ok, other=0.0)
+            down = (down.to(tl.float32) + bias.to(tl.float32)[None, :]).to(dtype)
+        tl.store(OUT + pairs[:, None] * n_rows + rows[None, :], down,
                  mask=real[:, None] & row_ok[None, :])
 
 
@@ -173,86 +200,109 @@ def _dot(x: Tensor) -> dict[str, object]:
 
 
 def _grouped_swiglu(x: Tensor, sorted_ids: Tensor, block_expert: Tensor, w1: Tensor, w3: Tensor,
-                    top_k: int, pdl: bool) -> Tensor:
+                    top_k: int, pdl: bool, b1: Tensor | None = None, b3: Tensor | None = None,
+                    limit: float | None = None, alpha: float = 1.0) -> Tensor:
     n_pairs, (n_experts, hidden, dim) = x.shape[0] * top_k, w1.shape
+    has_bias = b1 is not None
+    b1, b3 = (b1, b3) if has_bias else (w1, w3)  # without biases: never read
     block_m = sorted_ids.shape[0] // block_expert.shape[0]
     _, block_n, block_k, warps, stages = block_tiles(n_pairs, n_experts)
     out = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device)
     launch(_grouped_swiglu_kernel, (block_expert.shape[0], triton.cdiv(hidden, block_n)), pdl,
-           x, sorted_ids, block_expert, w1, w3, out, n_pairs, n_experts, hidden, dim, top_k,
-           x.stride(0), w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1), BLOCK_M=block_m,
-           BLOCK_N=block_n, BLOCK_K=block_k, **_dot(x),
-           LIBDEVICE=compiled_for_gpu(x), num_warps=warps, num_stages=stages)
+           x, sorted_ids, block_expert, w1, w3, b1, b3, out, n_pairs, n_experts, hidden, dim,
+           top_k, x.stride(0), w1.stride(0), w1.stride(1), w3.stride(0), w3.stride(1),
+           b1.stride(0), b3.stride(0), 0.0 if limit is None else float(limit), float(alpha),
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot(x), HAS_BIAS=has_bias,
+           CLAMPED=limit is not None, LIBDEVICE=compiled_for_gpu(x), num_warps=warps,
+           num_stages=stages)
     return out
 
 
 def _grouped_down(act: Tensor, sorted_ids: Tensor, block_expert: Tensor, w2: Tensor,
-                  top_k: int, pdl: bool) -> Tensor:
+                  top_k: int, pdl: bool, b2: Tensor | None = None) -> Tensor:
     n_pairs, (n_experts, dim, hidden) = act.shape[0], w2.shape
+    has_bias = b2 is not None
+    b2 = b2 if has_bias else w2  # without a bias: never read
     act = act.contiguous()
     block_m = sorted_ids.shape[0] // block_expert.shape[0]
     _, block_n, block_k, warps, stages = block_tiles(n_pairs, n_experts)
     out = torch.empty(n_pairs, dim, dtype=act.dtype, device=act.device)
     launch(_grouped_down_kernel, (block_expert.shape[0], triton.cdiv(dim, block_n)), pdl,
-           act, sorted_ids, block_expert, w2, out, n_pairs, n_experts, dim, hidden, top_k,
-           w2.stride(0), w2.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-           **_dot(act), num_warps=warps, num_stages=stages)
+           act, sorted_ids, block_expert, w2, b2, out, n_pairs, n_experts, dim, hidden, top_k,
+           w2.stride(0), w2.stride(1), b2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+           BLOCK_K=block_k, **_dot(act), HAS_BIAS=has_bias, num_warps=warps, num_stages=stages)
     return out
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in a compiled graph) and a
 # custom_op twin launched with PDL (pdl.py says why both). sorted_ids and block_expert are
-# align_pairs'; the stacked weights have unit column stride and x's dtype.
+# align_pairs'; the stacked weights have unit column stride and x's dtype, as have the optional
+# biases (gpt-oss: b1 / b3 [E, ffn], b2 [E, dim]). limit: gpt-oss's clamped SwiGLU
+# (MoEFeedForward.activation, alpha its sigmoid's scale); None: silu(gate) * up.
 
 @torch.library.triton_op("infermeter::grouped_swiglu", mutates_args=())
 def grouped_swiglu(x: Tensor, sorted_ids: Tensor, block_expert: Tensor, w1: Tensor, w3: Tensor,
-                   top_k: int) -> Tensor:
-    """x [N, dim] (unit column stride), w1 / w3 [E, ffn, dim] -> silu(x @ w1[e]^T) *
-    (x @ w3[e]^T) [N x k, ffn], row p for pair p (token p // k, its expert from the blocks)."""
-    return _grouped_swiglu(x, sorted_ids, block_expert, w1, w3, top_k, pdl=False)
+                   top_k: int, b1: Tensor | None = None, b3: Tensor | None = None,
+                   limit: float | None = None, alpha: float = 1.0) -> Tensor:
+    """x [N, dim] (unit column stride), w1 / w3 [E, ffn, dim] -> the activation of
+    gate = x @ w1[e]^T (+ b1[e]) and up = x @ w3[e]^T (+ b3[e]), [N x k, ffn], row p for pair p
+    (token p // k, its expert e from the blocks): silu(gate) * up, or with limit the clamped
+    SwiGLU."""
+    return _grouped_swiglu(x, sorted_ids, block_expert, w1, w3, top_k, False, b1, b3, limit,
+                           alpha)
 
 
 @torch.library.custom_op("infermeter::grouped_swiglu_pdl", mutates_args=())
 def grouped_swiglu_pdl(x: Tensor, sorted_ids: Tensor, block_expert: Tensor, w1: Tensor,
-                       w3: Tensor, top_k: int) -> Tensor:
-    return _grouped_swiglu(x, sorted_ids, block_expert, w1, w3, top_k, pdl=True)
+                       w3: Tensor, top_k: int, b1: Tensor | None = None,
+                       b3: Tensor | None = None, limit: float | None = None,
+                       alpha: float = 1.0) -> Tensor:
+    return _grouped_swiglu(x, sorted_ids, block_expert, w1, w3, top_k, True, b1, b3, limit,
+                           alpha)
 
 
 @grouped_swiglu_pdl.register_fake
 def _(x: Tensor, sorted_ids: Tensor, block_expert: Tensor, w1: Tensor, w3: Tensor,
-      top_k: int) -> Tensor:
+      top_k: int, b1: Tensor | None = None, b3: Tensor | None = None,
+      limit: float | None = None, alpha: float = 1.0) -> Tensor:
     return x.new_empty(x.shape[0] * top_k, w1.shape[1])
 
 
 @torch.library.triton_op("infermeter::grouped_down", mutates_args=())
 def grouped_down(act: Tensor, sorted_ids: Tensor, block_expert: Tensor, w2: Tensor,
-                 top_k: int) -> Tensor:
-    """act [N x k, ffn], w2 [E, dim, ffn] -> act @ w2[e]^T [N x k, dim], one row a pair."""
-    return _grouped_down(act, sorted_ids, block_expert, w2, top_k, pdl=False)
+                 top_k: int, b2: Tensor | None = None) -> Tensor:
+    """act [N x k, ffn], w2 [E, dim, ffn] -> act @ w2[e]^T (+ b2[e]) [N x k, dim], one row a
+    pair."""
+    return _grouped_down(act, sorted_ids, block_expert, w2, top_k, False, b2)
 
 
 @torch.library.custom_op("infermeter::grouped_down_pdl", mutates_args=())
 def grouped_down_pdl(act: Tensor, sorted_ids: Tensor, block_expert: Tensor, w2: Tensor,
-                     top_k: int) -> Tensor:
-    return _grouped_down(act, sorted_ids, block_expert, w2, top_k, pdl=True)
+                     top_k: int, b2: Tensor | None = None) -> Tensor:
+    return _grouped_down(act, sorted_ids, block_expert, w2, top_k, True, b2)
 
 
 @grouped_down_pdl.register_fake
-def _(act: Tensor, sorted_ids: Tensor, block_expert: Tensor, w2: Tensor, top_k: int) -> Tensor:
+def _(act: Tensor, sorted_ids: Tensor, block_expert: Tensor, w2: Tensor, top_k: int,
+      b2: Tensor | None = None) -> Tensor:
     return act.new_empty(act.shape[0], w2.shape[1])
 
 
 def grouped_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor,
-                    w2: Tensor) -> Tensor:
+                    w2: Tensor, b1: Tensor | None = None, b3: Tensor | None = None,
+                    b2: Tensor | None = None, limit: float | None = None,
+                    alpha: float = 1.0) -> Tensor:
     """MoEFeedForward's experts for x [N, dim] routed to ids [N, k] with weights [N, k] (x's
     dtype) -> [N, dim]: align, the two kernels (with PDL when pdl.enabled()), then each token's
-    k pairs weighted and summed in torch as MoEFeedForward.gathered does."""
+    k pairs weighted and summed in torch as MoEFeedForward.gathered does. b1 / b3 / b2, limit,
+    alpha: gpt-oss's biases and clamped SwiGLU (expert_gemv.gathered_experts' arguments)."""
     n_tokens, top_k = ids.shape
     n_experts = w1.shape[0]
     block_m = block_tiles(n_tokens * top_k, n_experts)[0]
     sorted_ids, block_expert = align_pairs(ids, n_experts, block_m)
     on = pdl.enabled()
     act = (grouped_swiglu_pdl if on else grouped_swiglu)(x, sorted_ids, block_expert, w1, w3,
-                                                         top_k)
-    down = (grouped_down_pdl if on else grouped_down)(act, sorted_ids, block_expert, w2, top_k)
+                                                         top_k, b1, b3, limit, alpha)
+    down = (grouped_down_pdl if on else grouped_down)(act, sorted_ids, block_expert, w2, top_k,
+                                                      b2)
     return (down.view(n_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(dim=1)
