@@ -110,9 +110,10 @@ def test_align_breaks_are_caught():
 @needs_triton
 def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     """Both grouped kernels launched with PDL at Qwen3-30B-A3B's shapes (64 tokens, 8 of 128
-    experts each) and Mixtral's bf16 widths, compiled for sm_90 (so they build for a GPU at
-    all, tl.dot included): the wait comes before the release and before every global load
-    (the pair ids say which rows to read)."""
+    experts each), Mixtral's bf16 widths and gpt-oss-20b's (biases, the clamped SwiGLU with
+    libdevice's expf), compiled for sm_90 (so they build for a GPU at all, tl.dot included):
+    the wait comes before the release and before every global load (the pair ids say which
+    rows to read)."""
     from infermeter.engine.kernels import expert_gemm
     from infermeter.engine.kernels.expert_gemm import _grouped_down, _grouped_swiglu, block_tiles
     from tests.test_pdl import first, pdl_launches, pdl_ptx
@@ -121,7 +122,8 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     dtype = torch.bfloat16
     calls = {}
     for name, n_experts, top_k, hidden, dim in (("qwen3", 128, 8, 768, 2048),
-                                                 ("mixtral", 8, 2, 14336, 4096)):
+                                                 ("mixtral", 8, 2, 14336, 4096),
+                                                 ("gpt-oss", 32, 4, 2880, 2880)):
         n_tokens = 64
         ids = torch.zeros(n_tokens, top_k, dtype=torch.int64)
         sorted_ids, blocks = align_pairs(ids, n_experts, block_tiles(n_tokens * top_k,
@@ -130,10 +132,14 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
         w2 = torch.zeros(n_experts, dim, hidden, dtype=dtype)
         x = torch.zeros(n_tokens, dim, dtype=dtype)
         act = torch.zeros(n_tokens * top_k, hidden, dtype=dtype)
-        calls[f"swiglu {name}"] = lambda x=x, s=sorted_ids, b=blocks, w=w13, k=top_k: \
-            _grouped_swiglu(x, s, b, w, w, k, pdl=True)
-        calls[f"down {name}"] = lambda a=act, s=sorted_ids, b=blocks, w=w2, k=top_k: \
-            _grouped_down(a, s, b, w, k, pdl=True)
+        gpt_oss = name == "gpt-oss"  # its biases [E, ffn] / [E, dim] and clamped SwiGLU
+        b13 = torch.zeros(n_experts, hidden, dtype=dtype) if gpt_oss else None
+        b2 = torch.zeros(n_experts, dim, dtype=dtype) if gpt_oss else None
+        limit = 7.0 if gpt_oss else None
+        calls[f"swiglu {name}"] = lambda x=x, s=sorted_ids, b=blocks, w=w13, k=top_k, c=b13, \
+            lim=limit: _grouped_swiglu(x, s, b, w, w, k, True, c, c, lim, 1.702)
+        calls[f"down {name}"] = lambda a=act, s=sorted_ids, b=blocks, w=w2, k=top_k, c=b2: \
+            _grouped_down(a, s, b, w, k, True, c)
     for name, call in calls.items():
         (launch,) = pdl_launches(monkeypatch, call)
         lines, wait = pdl_ptx(launch, name)
@@ -206,11 +212,12 @@ def test_the_fit_check_counts_the_grouped_kernels_intermediates():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
 def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):
-    """On a GPU, one layer's experts of the real model at its shapes (bf16, random weights), a
-    prefill's 1 x 300 and 4 x 64 tokens, plain and PDL launches: the Triton path within bf16
-    rounding of the torch grouped path (both against the output's scale)."""
+    """On a GPU, one layer's experts of the real model at its shapes (bf16, random weights;
+    gpt-oss's with biases and its clamped SwiGLU), a prefill's 1 x 300 and 4 x 64 tokens,
+    plain and PDL launches: the Triton path within bf16 rounding of the torch grouped path
+    (both against the output's scale)."""
     from infermeter.engine.kernels import pdl
 
     if not torch.cuda.is_available():
@@ -218,7 +225,8 @@ def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):
     spec = PRESETS[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     moe = MoEFeedForward(spec.dim, spec.moe_ffn_dim, spec.n_experts, spec.n_active_experts,
-                         True).to("cuda", torch.bfloat16)
+                         True, bias=spec.moe_bias, swiglu_alpha=spec.swiglu_alpha,
+                         swiglu_limit=spec.swiglu_limit).to("cuda", torch.bfloat16)
     for param in moe.parameters():
         param.data = (torch.randn(param.shape, device="cuda", generator=gen)
                       / param.shape[-1] ** 0.5).to(torch.bfloat16)
