@@ -3,8 +3,9 @@ tokens).
 
 Under Triton's CPU interpreter in a subprocess (tests/expert_gemm_worker.py): the kernels against
 MoEFeedForward.grouped at Mixtral's and Qwen3-MoE's routings (float32, bfloat16, float16;
-unchosen experts, one expert every token chose), the compiled (fullgraph) trace, and an MoE
-model's bucketed compiled prefill giving the eager prefill's greedy tokens. Here: the align
+unchosen experts, one expert every token chose), gpt-oss's experts (biases, clamped SwiGLU) to
+the bit, the compiled (fullgraph) trace, and tiny Qwen3-MoE and gpt-oss models' bucketed
+compiled prefills giving the eager prefill's greedy tokens. Here: the align
 step's invariants (eager and compiled), the PDL launches' PTX for sm_90, what runs where Triton
 cannot, the fit check's bucket, and the CUDA comparisons (marked gpu).
 """
