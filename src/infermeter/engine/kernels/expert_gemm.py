@@ -53,7 +53,7 @@ from infermeter.engine.kernels.triton_support import triton
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_sigmoid, exact_silu
+    from infermeter.engine.kernels.expert_activation import expert_activation
 
     @triton.jit
     def _block_pairs(SORTED, BLOCK_EXPERT, n_pairs, top_k, BLOCK_M: tl.constexpr):
@@ -100,23 +100,9 @@ if triton is not None:
             acc_gate = tl.dot(x, gate, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, up, acc_up, input_precision=PRECISION)
         dtype = OUT.dtype.element_ty
-        gate = acc_gate.to(dtype).to(tl.float32)  # h @ w1[e]^T, rounded
-        up = acc_up.to(dtype).to(tl.float32)
-        if HAS_BIAS:  # the expert's biases [BLOCK_N], each sum rounded (eager's `+ bias`)
-            bias_gate = tl.load(B1 + expert * stride_b1 + rows, mask=row_ok, other=0.0)
-            bias_up = tl.load(B3 + expert * stride_b3 + rows, mask=row_ok, other=0.0)
-            gate = (gate + bias_gate.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-            up = (up + bias_up.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-        if CLAMPED:  # MoEFeedForward.activation's clamped SwiGLU, each op's rounding
-            gate = tl.minimum(gate, limit).to(dtype).to(tl.float32)
-            up = tl.minimum(tl.maximum(up, -limit), limit).to(dtype).to(tl.float32)
-            scaled = (gate * alpha).to(dtype).to(tl.float32)
-            sig = exact_sigmoid(scaled, LIBDEVICE).to(dtype).to(tl.float32)
-            glu = (gate * sig).to(dtype).to(tl.float32)
-            act = (up + 1.0).to(dtype).to(tl.float32) * glu
-        else:
-            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
-            act = silu * up
+        # h @ w1[e]^T and h @ w3[e]^T [BLOCK_M, BLOCK_N] -> the activation
+        act = expert_activation(acc_gate, acc_up, B1, B3, expert, stride_b1, stride_b3, rows,
+                                row_ok, limit, alpha, dtype, HAS_BIAS, CLAMPED, LIBDEVICE)
         tl.store(OUT + pairs[:, None] * n_rows + rows[None, :], act.to(dtype),
                  mask=real[:, None] & row_ok[None, :])
 

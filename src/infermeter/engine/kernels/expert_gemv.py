@@ -64,7 +64,7 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_sigmoid, exact_silu
+    from infermeter.engine.kernels.expert_activation import expert_activation
     from infermeter.engine.kernels.gemv import row_dots
 
     @triton.jit
@@ -117,23 +117,10 @@ if triton is not None:
                 acc_gate += gate.to(tl.float32)[None, :, :] * x
                 acc_up += up.to(tl.float32)[None, :, :] * x
             dtype = OUT.dtype.element_ty
-            gate = tl.sum(acc_gate, 2).to(dtype).to(tl.float32)  # [TOKENS, BLOCK_N]
-            up = tl.sum(acc_up, 2).to(dtype).to(tl.float32)
-            if HAS_BIAS:  # the expert's biases [BLOCK_N], each sum rounded (eager's `+ bias`)
-                bias_gate = tl.load(B1 + expert * stride_b1 + rows, mask=row_ok, other=0.0)
-                bias_up = tl.load(B3 + expert * stride_b3 + rows, mask=row_ok, other=0.0)
-                gate = (gate + bias_gate.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-                up = (up + bias_up.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-            if CLAMPED:  # MoEFeedForward.activation's clamped SwiGLU, each op's rounding
-                gate = tl.minimum(gate, limit).to(dtype).to(tl.float32)
-                up = tl.minimum(tl.maximum(up, -limit), limit).to(dtype).to(tl.float32)
-                scaled = (gate * alpha).to(dtype).to(tl.float32)
-                sig = exact_sigmoid(scaled, LIBDEVICE).to(dtype).to(tl.float32)
-                glu = (gate * sig).to(dtype).to(tl.float32)
-                act = (up + 1.0).to(dtype).to(tl.float32) * glu
-            else:
-                silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)  # F.silu's, rounded
-                act = silu * up
+            # [TOKENS, BLOCK_N] gate and up sums -> the activation
+            act = expert_activation(tl.sum(acc_gate, 2), tl.sum(acc_up, 2), B1, B3, expert,
+                                    stride_b1, stride_b3, rows, row_ok, limit, alpha, dtype,
+                                    HAS_BIAS, CLAMPED, LIBDEVICE)
             tl.store(OUT + where.to(tl.int64)[:, None] * n_rows + rows[None, :],
                      act.to(dtype), mask=chose[:, None] & row_ok[None, :])
 
