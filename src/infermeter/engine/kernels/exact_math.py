@@ -1,6 +1,6 @@
 """Float32 maths in Triton kernels as torch's eager CUDA kernels compute it, where a kernel
-promises eager's rounding points (fused_step.py, swiglu.py, expert_activation.py) or eager's function
-(decode_attention.py's soft cap).
+promises eager's rounding points (fused_step.py, swiglu.py, expert_activation.py) or eager's
+function (decode_attention.py's soft cap).
 
 Built for a GPU, Triton's `/` on float32 is div.full.f32 (div.approx.f32 by a constant), within
 2 ulp of the quotient, and tl.exp is ex2.approx of x * log2(e); torch's CUDA kernels divide
