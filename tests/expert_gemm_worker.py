@@ -19,6 +19,7 @@ from infermeter.engine.moe import MoEFeedForward
 from tests.expert_gemv_worker import (
     assert_rounding_points,
     experts,
+    gpt_oss_down,
     module_with,
     picks,
     reference,
@@ -141,23 +142,6 @@ def gpt_oss_experts(gen, dtype: torch.dtype, n_experts: int, top_k: int, hidden:
         getattr(moe, name).weight.data = picks(gen, n_experts, rows, cols).to(dtype)
         getattr(moe, name).bias.data = torch.randn(n_experts, rows, generator=gen).to(dtype)
     return moe
-
-
-def gpt_oss_down(x: torch.Tensor, ids: torch.Tensor, moe: MoEFeedForward):
-    """float32 (down [N, k, dim], gate and up before their clamps [N, k, ffn]) with the grouped
-    kernels' rounding points (rounder's: bfloat16 truncating, as the interpreter's kernels):
-    each product rounded, plus its bias rounded; the clamps, gate * alpha, sigmoid,
-    gate * sigmoid, up + 1 and the activation each rounded."""
-    rnd = rounder(x.dtype)
-    w1, w3, w2 = (getattr(moe, n).weight.float()[ids] for n in ("w1", "w3", "w2"))
-    b1, b3, b2 = (getattr(moe, n).bias.float()[ids] for n in ("w1", "w3", "w2"))
-    limit, alpha = moe.swiglu_limit, moe.swiglu_alpha
-    raw_gate = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w1)) + b1)
-    raw_up = rnd(rnd(torch.einsum("nd,nkfd->nkf", x.float(), w3)) + b3)
-    gate, up = raw_gate.clamp(max=limit), raw_up.clamp(-limit, limit)
-    sig = rnd(1 / (1 + torch.exp(-rnd(gate * alpha))))
-    act = rnd(rnd(up + 1) * rnd(gate * sig))
-    return rnd(rnd(torch.einsum("nkf,nkdf->nkd", act, w2)) + b2), raw_gate, raw_up
 
 
 def check_gpt_oss_rounding_points() -> None:

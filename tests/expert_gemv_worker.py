@@ -168,11 +168,11 @@ def assert_rounding_points(got: torch.Tensor, want: torch.Tensor, dtype: torch.d
             f"{(got.float() - want.float()).abs().max().item()}"
 
 
-def gpt_oss_reference(x, ids, weights, moe: MoEFeedForward):
-    """float32 (out [N, dim], gate and up before their clamps [N, k, ffn]) of gpt-oss's experts
-    with MoEFeedForward.gathered's rounding points: each product rounded, plus its bias
-    rounded; the clamps; gate * alpha, sigmoid (float32), gate * sigmoid, up + 1 and the
-    activation each rounded; down and its weighted term as reference()'s."""
+def gpt_oss_down(x: torch.Tensor, ids: torch.Tensor, moe: MoEFeedForward):
+    """float32 (down [N, k, dim], gate and up before their clamps [N, k, ffn]) of gpt-oss's
+    experts with the kernels' rounding points (rounder's: bfloat16 truncating, as the
+    interpreter's kernels): each product rounded, plus its bias rounded; the clamps,
+    gate * alpha, sigmoid (float32), gate * sigmoid, up + 1 and the activation each rounded."""
     rnd = rounder(x.dtype)
     w1, w3, w2 = (getattr(moe, n).weight.float()[ids] for n in ("w1", "w3", "w2"))
     b1, b3, b2 = (getattr(moe, n).bias.float()[ids] for n in ("w1", "w3", "w2"))
@@ -182,7 +182,15 @@ def gpt_oss_reference(x, ids, weights, moe: MoEFeedForward):
     gate, up = raw_gate.clamp(max=limit), raw_up.clamp(-limit, limit)
     sig = rnd(1 / (1 + torch.exp(-rnd(gate * alpha))))
     act = rnd(rnd(up + 1) * rnd(gate * sig))
-    down = rnd(rnd(torch.einsum("nkf,nkdf->nkd", act, w2)) + b2)
+    return rnd(rnd(torch.einsum("nkf,nkdf->nkd", act, w2)) + b2), raw_gate, raw_up
+
+
+def gpt_oss_reference(x, ids, weights, moe: MoEFeedForward):
+    """float32 (out [N, dim], gate and up before their clamps) of gpt-oss's experts with
+    MoEFeedForward.gathered's rounding points: gpt_oss_down's, then each weighted term as
+    reference()'s."""
+    rnd = rounder(x.dtype)
+    down, raw_gate, raw_up = gpt_oss_down(x, ids, moe)
     terms = rnd(down * weights.float()[..., None])
     out = torch.zeros_like(terms[:, 0])
     for j in range(ids.shape[1]):  # routing order
