@@ -1,7 +1,8 @@
 """gpt-oss on the engine: a tiny random checkpoint written by transformers' GptOssForCausalLM
 gives the same logits and greedy tokens (sinks, biases, YaRN, alternating sliding layers, the
-clamped SwiGLU experts); MXFP4 expert weights dequantize as transformers' do; what the engine
-cannot do for it (tp > 1, the hf mode) is one line; --moe-kernel triton takes its experts at
+clamped SwiGLU experts); MXFP4 expert weights dequantize as transformers' do; each tensor-
+parallel rank holds its heads' sinks and the ranks add the output and down biases once; what the
+engine cannot do for it (the hf mode) is one line; --moe-kernel triton takes its experts at
 every batch (the kernels' numbers: tests/expert_gemv_worker.py, tests/expert_gemm_worker.py)."""
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_model, save_checkpoint
+from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
-from infermeter.engine.parallel.sharding import ShardPlan
+from infermeter.engine.parallel.group import TensorParallel
 from infermeter.engine.rope import attention_factor, inv_frequencies
 from infermeter.errors import InfermeterError
 from infermeter.specs.loaders import spec_from_hf_config
@@ -329,8 +330,6 @@ def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
     spec = PRESETS["gpt-oss-20b"]
     check_engine_arch(spec)  # it runs
     output = tmp_path / "out.jsonl"
-    with pytest.raises(InfermeterError, match="runs it at tp 1 only"):
-        ShardPlan(spec, 0, 2)
     small = build_model(_small(n_layers=1))
     with pytest.raises(InfermeterError, match="writing an HF gpt_oss checkpoint is not supported"):
         save_checkpoint(small, tmp_path / "written", "hf")
@@ -338,6 +337,38 @@ def test_what_the_engine_cannot_do_for_it_is_one_line(tmp_path, capsys) -> None:
                  "--output", str(output)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the hf mode cannot build a gpt_oss model" in err[0], err
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 4 ranks > 2 KV heads: each KV head on two ranks
+@torch.inference_mode()
+def test_tp_ranks_hold_their_heads_sinks_and_add_the_biases_once(checkpoint, world) -> None:
+    """Every rank's tensors are the plan's slices of tp 1's (sinks by query head, as wq's rows);
+    the row-parallel partial sums (wo, the MoE block: forward without the all-reduce hook) of
+    all ranks add up to tp 1's output, so wo's bias and the experts' down bias count once.
+    One process, no process group: the ranks are only loaded and their products summed here."""
+    folder, _ = checkpoint
+    full = load_weights(folder)
+    full_state = full.state_dict()
+    shards = [load_weights(folder, parallel=TensorParallel(r, world, r, torch.device("cpu")))
+              for r in range(world)]
+    for shard in shards:
+        q0, nq = shard.shard_plan.heads
+        for i, layer in enumerate(shard.layers):
+            assert torch.equal(layer.attention.sinks, full.layers[i].attention.sinks[q0:q0 + nq])
+        for name, tensor in shard.state_dict().items():
+            assert torch.equal(tensor, shard.shard_plan.narrow(name, full_state[name])), name
+    gen = torch.Generator().manual_seed(2)
+    head_dim = full.spec.head_dim
+    for i, layer in enumerate(full.layers):
+        heads = torch.randn(2, 3, full.spec.n_heads * head_dim, generator=gen)
+        partial = [s.layers[i].attention.wo.forward(heads.narrow(
+            -1, s.shard_plan.heads[0] * head_dim, s.shard_plan.heads[1] * head_dim))
+            for s in shards]
+        torch.testing.assert_close(sum(partial), layer.attention.wo(heads))
+        for tokens in (1, 6):  # N * k <= E: the gathered experts; past it, the grouped ones
+            h = torch.randn(1, tokens, full.spec.dim, generator=gen)
+            partial = [s.layers[i].feed_forward.forward(h) for s in shards]
+            torch.testing.assert_close(sum(partial), layer.feed_forward(h))
 
 
 def test_triton_experts_take_every_forward(monkeypatch) -> None:

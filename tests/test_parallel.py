@@ -55,6 +55,12 @@ SPECS = {
                                  attn_logit_softcap=0.05),
     # Mixtral: 4 experts of 176 a layer, 2 per token; each rank holds every expert's half.
     "moe": DEBUG.with_updates(arch="mixtral", n_experts=4, n_active_experts=2, moe_ffn_dim=176),
+    # gpt-oss: sinks split by head, q/k/v and o_proj biases, YaRN, layer 0 slides; 4 biased
+    # experts of 32, 2 a token, clamped SwiGLU; only rank 0 adds the o_proj and down biases.
+    "gpt-oss": PRESETS["gpt-oss-20b"].with_updates(
+        name="gpt-oss-tiny", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+        vocab_size=256, n_experts=4, n_active_experts=2, moe_ffn_dim=32, sliding_window=5,
+        sliding_window_layers=(0,), max_seq_len=64),
 }
 WIDE = DEBUG.with_updates(name="wide", n_heads=8, n_kv_heads=2, head_dim=8)  # tp 4 > 2 KV heads
 
@@ -104,7 +110,7 @@ def test_tp_must_match_the_processes_torchrun_started(monkeypatch) -> None:
 
 # ---- loading each rank's shard (one process, no process group) --------------------------------
 @pytest.mark.parametrize("name,world", [("gqa", 2), ("mqa", 2), ("tied-bias", 2), ("gqa", 4),
-                                        ("window", 4), ("moe", 2)])
+                                        ("window", 4), ("moe", 2), ("gpt-oss", 4)])
 def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
     spec = SPECS[name]
     full = load_weights(spec, seed=3)
@@ -235,9 +241,15 @@ def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
                 if param_name.endswith("norm.weight"):
                     param.normal_(1.0, 0.2, generator=gen)
         save_checkpoint(model, tmp_path / name, "hf")
+    # gpt-oss as transformers writes it, sinks and biases spread wide (test_gpt_oss.py's)
+    from tests.hf_reference import tiny_hf_model
+    from tests.test_gpt_oss import CONFIG, _spread, transformers
+
+    tiny_hf_model(tmp_path / "gpt-oss", transformers.GptOssConfig(**CONFIG),
+                  transformers.GptOssForCausalLM, _spread)
     sources = {**SPECS, "meta-2-files": str(meta_folders["gqa-2"]),
                "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3"),
-               "hf-gemma3": str(tmp_path / "gemma3")}
+               "hf-gemma3": str(tmp_path / "gemma3"), "hf-gpt-oss": str(tmp_path / "gpt-oss")}
     results = run_ranks(compare_with_tp1, 2, sources,
                         ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3", "moe"))
     _check_ranks(results, 2)

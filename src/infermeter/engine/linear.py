@@ -32,20 +32,24 @@ def takes_gemv(kind: str, rows: int, weight: Tensor) -> bool:
 
 class Linear(nn.Linear):
     matvec_kernel = MATVEC_KERNEL  # set per instance (or on every Linear of a model) to change
+    # False: the bias is kept (and loaded) but not added. A row-parallel layer's partial sums are
+    # all-reduced, so under tensor parallelism only rank 0 adds its bias (sharding.py).
+    adds_bias = True
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]; a single row x [1(, 1), in] in a compiled step with
         matvec_kernel "triton" (where Triton runs) takes the GEMV kernel."""
         rows = x.numel() // x.shape[-1]
+        bias = self.bias if self.adds_bias else None
         if compiling() and takes_gemv(self.matvec_kernel, rows, self.weight):
             # imported here: only a compiled step takes it (model.py says why)
             from infermeter.engine.kernels.gemv import gemv_usable, matvec
 
             if not gemv_usable(x, self.weight):
-                return F.linear(x, self.weight, self.bias)
+                return F.linear(x, self.weight, bias)
             out = matvec(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+            return out if bias is None else out + bias
+        return F.linear(x, self.weight, bias)
 
 
 def set_matvec_kernel(model: nn.Module, kind: str) -> None:

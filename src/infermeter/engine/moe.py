@@ -6,7 +6,8 @@ Parameters (Meta-style names under the layer's feed_forward):
   w1.weight    [E, ffn, dim]   every expert's gate projection, stacked
   w3.weight    [E, ffn, dim]   every expert's up projection
   w2.weight    [E, dim, ffn]   every expert's down projection
-  gate.bias [E], w1.bias / w3.bias [E, ffn], w2.bias [E, dim]   gpt-oss only (spec.moe_bias)
+  gate.bias [E], w1.bias / w3.bias [E, ffn], w2.bias [E, dim]   gpt-oss only (spec.moe_bias;
+  under tensor parallelism w1's and w3's are split with their rows, w2's added by rank 0 only)
 Routing (transformers' MixtralTopKRouter and Qwen3MoeTopKRouter): softmax over all E router
 logits in float32, the top k, renormalised over the k where spec.norm_topk_prob (Mixtral
 always), cast back to the activations' dtype. gpt-oss (GptOssTopKRouter): the top k of the
@@ -112,6 +113,15 @@ class MoEFeedForward(nn.Module):
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
         self.moe_kernel = MOE_KERNEL
+        # False: w2's bias [E, dim] is kept but not added. Under tensor parallelism the block's
+        # output is all-reduced, so only rank 0 adds it (sharding.py); w1's and w3's are split.
+        self.adds_down_bias = True
+
+    @property
+    def down_bias(self) -> Tensor | None:
+        """w2's bias [E, dim] where this block adds it (gpt-oss's; rank 0's under tp), else
+        None."""
+        return self.w2.bias if self.adds_down_bias else None
 
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
         """SwiGLU, or gpt-oss's clamped one: any shape, the gate's and up's elementwise."""
@@ -161,15 +171,15 @@ class MoEFeedForward(nn.Module):
             gate, up = gate + self.w1.bias[ids], up + self.w3.bias[ids]
         act = self.activation(gate, up).unsqueeze(-1)  # [N, k, ffn, 1]
         down = (self.w2.weight[ids] @ act).squeeze(-1)  # [N, k, dim]
-        if self.w2.bias is not None:
-            down = down + self.w2.bias[ids]
+        if self.down_bias is not None:
+            down = down + self.down_bias[ids]
         return (down * weights.unsqueeze(-1)).sum(dim=1)
 
     def stacked(self) -> tuple[Tensor | None, ...]:
         """(w1, w3, w2 weights, then their biases: gpt-oss's, else None), as the expert kernels
         take them."""
         return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
-                self.w2.bias)
+                self.down_bias)
 
     def groups_by_kernel(self, x: Tensor) -> bool:
         """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
@@ -188,7 +198,7 @@ class MoEFeedForward(nn.Module):
         act = self.activation(gate, up) * routing.unsqueeze(-1)
         out = torch.einsum("nef,edf->nd", act, self.w2.weight)
         # each token's down biases, weighted as its experts' outputs are: [N, E] @ [E, dim]
-        return out if self.w2.bias is None else out + routing @ self.w2.bias
+        return out if self.down_bias is None else out + routing @ self.down_bias
 
     def grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Tokens sorted by expert; each touched expert runs once on its rows."""
@@ -208,8 +218,8 @@ class MoEFeedForward(nn.Module):
             if self.w1.bias is not None:
                 gate, up = gate + self.w1.bias[expert], up + self.w3.bias[expert]
             down = self.activation(gate, up) @ self.w2.weight[expert].T
-            if self.w2.bias is not None:
-                down = down + self.w2.bias[expert]
+            if self.down_bias is not None:
+                down = down + self.down_bias[expert]
             out.index_add_(0, rows, down * pair_weights[start:start + count])
             start += count
         return out

@@ -26,7 +26,7 @@ from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
 from infermeter.specs.loaders import text_model_note
-from infermeter.specs.model import ENGINE_ARCHS, check_engine_tp
+from infermeter.specs.model import ENGINE_ARCHS
 from infermeter.specs.peer_buffers import uses_peer_buffer
 
 if TYPE_CHECKING:
@@ -224,7 +224,6 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     cases = plan_cases(spec, _prompt_sets(request, tokenizer, spec.vocab_size), request.modes,
                        request.max_new_tokens, request.max_seq_len, request.max_batch_size)
     _check_timing(request)
-    check_engine_tp(spec, request.tp or 1)  # gpt-oss: tp 1 only
     # ---- tensor parallelism (engine/parallel/): tp is None unless torchrun started us ----
     from infermeter.engine.parallel.group import init_distributed
     from infermeter.measure.ranks import gather_result

@@ -231,12 +231,3 @@ def check_engine_arch(spec: ModelSpec, vocab: bool = True) -> None:
         raise InfermeterError(f"model {spec.name}: the vocabulary size is unknown ({spec.source} "
                               "does not say it): put the checkpoint's tokenizer.model beside it "
                               "or one folder up")
-
-
-def check_engine_tp(spec: ModelSpec, tp: int) -> None:
-    """The engine's tensor parallelism does not split gpt-oss's sinks (by head), nor add its
-    output-projection and expert down biases once after the all-reduce: tp 1 only."""
-    if tp > 1 and (spec.attn_sinks or spec.o_bias or spec.moe_bias):
-        raise InfermeterError(f"model {spec.name}: the engine runs it at tp 1 only (its tensor "
-                              "parallelism does not split attention sinks nor output-projection "
-                              f"and expert biases), got tp={tp}")

@@ -31,7 +31,7 @@ from torch import Tensor
 from infermeter.engine.checkpoint.names import NameMap
 from infermeter.errors import InfermeterError
 from infermeter.specs.loaders import read_json
-from infermeter.specs.model import GEMMA_ARCHS, ModelSpec, check_engine_tp
+from infermeter.specs.model import GEMMA_ARCHS, ModelSpec
 
 if TYPE_CHECKING:
     from infermeter.engine.parallel.sharding import ShardPlan
@@ -274,8 +274,7 @@ def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     """
     files = weight_files(folder)
     if spec.arch == "gpt_oss":
-        check_engine_tp(spec, 1 if shard is None else shard.world)
-        yield from _gpt_oss_tensors(files, spec, expected)
+        yield from _gpt_oss_tensors(files, spec, expected, shard)
         return
     by_meta = _match_names(files, spec, expected)
     handles: dict[Path, Any] = {}
@@ -318,11 +317,13 @@ def _gpt_oss_file_shape(meta_shape: torch.Size, half: int | None) -> list[int]:
     return list(meta_shape)
 
 
-def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec,
-                     expected: dict[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
+def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec, expected: dict[str, torch.Size],
+                     shard: ShardPlan | None) -> Iterator[tuple[str, Tensor]]:
     """read_hf_tensors for gpt-oss: each engine tensor from its file tensor (an interleaved
     half of gate_up, a transposed matrix, MXFP4 dequantized to bf16); a file tensor two engine
-    tensors come from is read once and kept until both are made."""
+    tensors come from is read once and kept until both are made. shard: the rank's slice of
+    each engine tensor, cut from the whole one (MXFP4 blocks and the interleaving run along
+    the split dims, so a rank reads and dequantizes whole tensors, one or two at a time)."""
     sources: dict[str, tuple[str, int | None]] = {}
     for name in expected:
         source = _gpt_oss_source(name)
@@ -361,9 +362,12 @@ def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec,
         tensor = full if half is None else full[..., half::2]
         if tensor.dim() == 3:
             tensor = tensor.transpose(1, 2)  # x @ W's [E, in, out] -> the engine's [E, out, in]
-        tensor = tensor.contiguous()
         heads = rope_heads(name, spec)
-        yield name, tensor if heads is None else unpermute(tensor, tensor.shape[0] // spec.head_dim)
+        if heads is not None:
+            tensor = unpermute(tensor, tensor.shape[0] // spec.head_dim)
+        if shard is not None:
+            tensor = shard.narrow(name, tensor)
+        yield name, tensor.contiguous()
 
 
 def _dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:

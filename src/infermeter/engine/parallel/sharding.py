@@ -15,6 +15,12 @@ Layout (Megatron-LM / Meta's fairscale layers; gpt-fast's tp.py), rank r of tp r
   MoE: experts' w1, w3 [E, ffn, dim] rows split (dim 1), w2 [E, dim, ffn] columns (dim 2): every
   rank holds every expert's slice, like a dense FFN; the router is replicated, so every rank
   routes alike, and the MoE block's output is all-reduced as w2's is
+  gpt-oss: sinks [H] split by query head (as wq's rows); w1, w3 biases [E, ffn] split with
+  their rows; wo's bias [dim] and w2's [E, dim] replicated and added by rank 0 only
+  (Linear.adds_bias, MoEFeedForward.adds_down_bias), so the all-reduced sum holds each once
+Biases of row-parallel layers go into rank 0's partial sum rather than after the all-reduce
+because every all-reduce then carries them as it is: NCCL's, the peer kernel's, and the one
+fused with the residual add and the norm (add_norm), which has no place for a bias.
 Embedding and output are split rather than replicated (gpt-fast replicates them) because that is
 exactly how Meta's checkpoints are split, so a checkpoint with tp shards loads one file per rank
 with no merge; it is also what kvsize.weight_bytes_per_rank counts, and Llama-2-13B's output
@@ -40,9 +46,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
+from infermeter.engine.linear import Linear
 from infermeter.engine.model import FeedForward, Transformer, add_then_norm
+from infermeter.engine.moe import MoEFeedForward
 from infermeter.errors import InfermeterError
-from infermeter.specs.model import ModelSpec, check_engine_tp
+from infermeter.specs.model import ModelSpec
 from infermeter.specs.sizes import check_tp, kv_heads_per_rank
 
 
@@ -65,7 +73,6 @@ class ShardPlan:
     def __post_init__(self) -> None:
         spec, world = self.spec, self.world
         check_tp(spec, world)
-        check_engine_tp(spec, world)
         if not 0 <= self.rank < world:
             raise InfermeterError(f"rank {self.rank} is outside 0..{world - 1}")
         sizes = {"model dim": spec.dim, "FFN size": spec.ffn_dim}
@@ -110,6 +117,10 @@ class ShardPlan:
             "output": (1, r * d, d, spec.dim) if spec.tie_embeddings
             else (0, r * v, v, spec.vocab_size),
         }
+        if name.endswith(".sinks"):  # gpt-oss's [H], one per query head
+            return Slice(0, q0, nq, spec.n_heads)
+        if module in ("wo", "w2") and name.endswith(".bias"):  # [dim] / [E, dim]: rank 0 adds
+            return None
         if module in ("w1", "w3", "w2") and self._experts(name):  # [E, ffn, dim] / [E, dim, ffn]
             fe = spec.moe_ffn_dim // self.world
             return Slice(2 if module == "w2" else 1, r * fe, fe, spec.moe_ffn_dim)
@@ -257,6 +268,11 @@ def shard_model(model: Transformer, rank: int, world: int, group: Any = None) ->
         layer.attention.n_heads, layer.attention.n_kv_heads = n_heads, n_kv_heads
     for site, linear, _ in row_parallel_sites(model):  # wo and w2
         linear.register_forward_hook(_reduce_hook(collectives, site))
+        if rank != 0:  # their biases (gpt-oss's) are in rank 0's partial sum only
+            if isinstance(linear, Linear):
+                linear.adds_bias = False
+            elif isinstance(linear, MoEFeedForward):
+                linear.adds_down_bias = False
     model.tok_embeddings.register_forward_hook(_gather_hook(group, world))
     if model.spec.tie_embeddings:
         piece = plan.slice_of("output.weight")
