@@ -251,7 +251,7 @@ def test_two_ranks_match_tp1(meta_folders, tmp_path) -> None:
                "hf-qwen2": str(tmp_path / "qwen2"), "hf-qwen3": str(tmp_path / "qwen3"),
                "hf-gemma3": str(tmp_path / "gemma3"), "hf-gpt-oss": str(tmp_path / "gpt-oss")}
     results = run_ranks(compare_with_tp1, 2, sources,
-                        ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3", "moe"))
+                        ("gqa", "tied-bias", "hf-qwen3", "hf-gemma3", "moe", "gpt-oss"))
     _check_ranks(results, 2)
     assert set(results[0]) == set(sources)
 

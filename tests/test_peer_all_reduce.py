@@ -78,15 +78,19 @@ def test_two_ranks_sum_through_each_others_buffers(monkeypatch) -> None:
 
 @needs_triton
 def test_tp2_model_with_the_peer_kernel_matches_tp1(monkeypatch) -> None:
-    """The debug model (with the residual add and the norm fused into the kernel, and without)
-    and a tied-embedding Qwen2 one (fused; its logits all-reduce stays NCCL's) at tp 2 with
+    """The debug model (with the residual add and the norm fused into the kernel, and without),
+    a tied-embedding Qwen2 one (fused; its logits all-reduce stays NCCL's) and a tiny gpt-oss
+    (fused: rank 0's partial sums carry wo's and the experts' down biases) at tp 2 with
     every wo/w2 all-reduce through a kernel: logits equal tp 1's within 1e-5 (float32), greedy
-    tokens equal, and a fullgraph-compiled decode step too. The three cases run in turn on one
+    tokens equal, and a fullgraph-compiled decode step too. The cases run in turn on one
     pair of spawned ranks, each with its own buffers."""
+    from tests.test_parallel import SPECS
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     debug = PRESETS["debug"]
     tied = debug.with_updates(arch="qwen2", qkv_bias=True, tie_embeddings=True)
-    cases = {"gqa-fused": (debug, True), "gqa": (debug, False), "tied-fused": (tied, True)}
+    cases = {"gqa-fused": (debug, True), "gqa": (debug, False), "tied-fused": (tied, True),
+             "gpt-oss-fused": (SPECS["gpt-oss"], True)}
     results = run_ranks(peer_models_match_tp1, 2,
                         [(spec, shared_buffers(2 * spec.n_layers, 2), fuse_norm)
                          for spec, fuse_norm in cases.values()], timeout=400)
