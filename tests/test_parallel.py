@@ -122,15 +122,15 @@ def test_random_weights_at_tp_are_slices_of_tp1(name: str, world: int) -> None:
             assert shard.output.weight is shard.tok_embeddings.weight
 
 
-@pytest.mark.parametrize("name,world", [(n, 2) for n in SPECS] + [("gqa", 4), ("mqa", 4)])
+@pytest.mark.parametrize("name,world", [(n, 2) for n in SPECS] + [("gqa", 4), ("mqa", 4),
+                                                                  ("gpt-oss", 4)])
 def test_cache_and_weights_per_rank_equal_kvsize(name: str, world: int) -> None:
     spec = SPECS[name]
     for parallel in ranks(world):
         model = load_model(spec, max_batch_size=3, max_seq_len=11, parallel=parallel)
         assert model.cache_bytes() == sizes.kv_cache_bytes(spec, 3, 11, "float32", world)
-        if not spec.qkv_bias:  # kvsize does not count replicated biases
-            weights = sum(t.nbytes for t in model.parameters())
-            assert weights == sizes.weight_bytes_per_rank(spec, "float32", world)
+        weights = sum(t.nbytes for t in model.parameters())
+        assert weights == sizes.weight_bytes_per_rank(spec, "float32", world)
 
 
 def test_sharding_a_loaded_model_rebuilds_its_cache() -> None:

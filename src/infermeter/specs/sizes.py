@@ -170,21 +170,26 @@ def weight_bytes_per_rank(spec: ModelSpec, dtype: str, tp: int = 1,
     """Weights one rank holds: matrices split tp ways, norms and MoE routers replicated.
 
     KV projections are replicated with their heads when tp > n_kv_heads, so a rank holds
-    ceil(n_kv_heads / tp) heads' worth of wk and wv. With `expert_dtype`, the experts' matrices
-    (split tp ways like the rest) are in that dtype.
+    ceil(n_kv_heads / tp) heads' worth of wk and wv (and their biases). gpt-oss's output-
+    projection bias [dim] and experts' down bias [E, dim] are held whole by every rank (rank 0
+    adds them, parallel/sharding.py). With `expert_dtype`, the experts' matrices (split tp ways
+    like the rest) are in that dtype.
     """
     check_tp(spec, tp)
     if tp == 1:
         return weight_bytes(spec, dtype, expert_dtype=expert_dtype)
     norms = _layer_norm_params(spec) * spec.n_layers + spec.dim
     # MoE routers [E, dim] are replicated too (every rank routes its tokens alike)
-    routers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers)) * _router_params(spec)
-    total = param_count(spec) - norms - routers
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
+    routers = moe_layers * _router_params(spec)
+    whole_biases = spec.n_layers * spec.dim * spec.o_bias + \
+        moe_layers * (spec.n_experts + spec.n_shared_experts) * spec.dim * spec.moe_bias
+    total = param_count(spec) - norms - routers - whole_biases
     extra_kv = 0
     if not spec.is_mla and tp > spec.n_kv_heads:
-        kv_params = 2 * spec.dim * spec.n_kv_heads * spec.head_dim
+        kv_params = 2 * (spec.dim + spec.qkv_bias) * spec.n_kv_heads * spec.head_dim
         extra_kv = spec.n_layers * kv_params * (tp // spec.n_kv_heads - 1) // tp
-    replicated = extra_kv + norms + routers
+    replicated = extra_kv + norms + routers + whole_biases
     if expert_dtype is None:
         return weight_bytes_of(math.ceil(total / tp) + replicated, dtype)
     experts = expert_matrix_params(spec)
