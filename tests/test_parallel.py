@@ -501,6 +501,32 @@ def test_nccl_tp2_tokens_equal_tp1(mode: str) -> None:
     assert tokens("--tp", "2", *how) == tokens("--mode", "eager")
 
 
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("extra", [("--mode", "eager"), ("--mode", "compiled"),
+                                   ("--mode", "compiled", "--moe-kernel", "triton")])
+def test_nccl_tp2_gpt_oss_tokens_equal_tp1(extra: tuple[str, ...], tmp_path) -> None:
+    """A tiny transformers-written gpt-oss (test_gpt_oss.py's: sinks, biases, a sliding layer,
+    clamped experts) at tp 2 on NCCL ranks, eager and compiled (the split-KV Triton decode
+    kernel with each rank's sinks, the peer all-reduce fused with add and norm carrying rank
+    0's biases; the expert kernels too): float32 greedy tokens equal one GPU's, eager."""
+    from tests.hf_reference import tiny_hf_model
+    from tests.test_gpt_oss import CONFIG, _spread, transformers
+
+    tiny_hf_model(tmp_path, transformers.GptOssConfig(**CONFIG), transformers.GptOssForCausalLM,
+                  _spread)
+
+    def tokens(*args: str) -> list:
+        run = subprocess.run([sys.executable, "-m", "infermeter", "generate", "--model",
+                              str(tmp_path), "--device", "cuda", "--dtype", "fp32",
+                              "--max-new-tokens", "24", "--repeats", "1", "--warmup", "0",
+                              "--no-roofline", "--json", *args], capture_output=True,
+                             text=True, timeout=300, cwd=REPO)
+        assert run.returncode == 0, run.stderr
+        return [json.loads(line)["output_token_ids"] for line in run.stdout.splitlines()]
+    assert tokens("--tp", "2", *extra) == tokens("--mode", "eager")
+
+
 # ---- small pieces -----------------------------------------------------------------------------
 def test_one_shot_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
     """--tp-all-reduce one-shot: CUDA ranks only, tp >= 2, inductor only; each refusal is one
