@@ -24,6 +24,7 @@ QUANTS = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType
           "Q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+MXFP4 = gguf.GGMLQuantizationType.MXFP4  # gpt-oss's experts (gguf 0.18 and later)
 
 
 def as_stored(weight: torch.Tensor, quant: str) -> torch.Tensor:
@@ -154,6 +155,76 @@ def assert_transformers_reads_gguf(path: Path, prompt: list[list[int]]) -> None:
     tokens = torch.tensor(prompt)
     logits = ours(tokens, torch.arange(tokens.shape[1]))
     assert (hf(tokens).logits - logits).abs().max() < 1e-4
+
+
+def mxfp4_round(weight: torch.Tensor) -> torch.Tensor:
+    """What `weight` [..., in] reads back as from MXFP4 (blocks of 32 along its last dim)."""
+    blocks = gguf.quants.quantize(weight.numpy(), MXFP4)
+    return torch.from_numpy(gguf.quants.dequantize(blocks, MXFP4).copy()).reshape(weight.shape)
+
+
+def write_gpt_oss_gguf(hf: torch.nn.Module, path: Path, mxfp4: bool = False) -> Path:
+    """transformers' GptOssForCausalLM `hf` as llama.cpp's converter (GptOssModel) writes it:
+    gguf's own HF -> GGUF name map; the sinks as attn_sinks.weight; gate_up_proj [E, dim, 2 ffn]
+    (gate and up columns interleaved) split into ffn_gate_exps / ffn_up_exps [E, ffn, dim], its
+    bias likewise, down_proj transposed to [E, dim, ffn]; q/k as they are (HF's row order).
+    mxfp4: the experts' matrices as MXFP4 blocks (what the published files hold), else F32."""
+    config = hf.config
+    writer = gguf.GGUFWriter(str(path), "gpt-oss")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4
+                         else gguf.LlamaFileType.ALL_F32)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, config.num_hidden_layers)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in hf.state_dict().items():
+        tensor = tensor.detach().float()
+        if name.endswith(".sinks"):
+            tensors[names.get_name(name + ".weight", try_suffixes=(".weight",))] = tensor
+        elif name.endswith("gate_up_proj"):  # [E, dim, 2 ffn] -> gate, up [E, ffn, dim]
+            tensor = tensor.transpose(-1, -2)
+            for part, rows in (("gate_proj", tensor[:, ::2]), ("up_proj", tensor[:, 1::2])):
+                tensors[names.get_name(name.replace("gate_up_proj", part) + ".weight",
+                                       try_suffixes=(".weight",))] = rows
+        elif name.endswith("gate_up_proj_bias"):  # [E, 2 ffn] -> gate, up [E, ffn]
+            for part, rows in (("gate_proj", tensor[..., ::2]), ("up_proj", tensor[..., 1::2])):
+                tensors[names.get_name(name.replace("gate_up_proj_bias", part) + ".bias",
+                                       try_suffixes=(".bias",))] = rows
+        elif name.endswith("down_proj"):  # [E, ffn, dim] -> [E, dim, ffn]
+            tensors[names.get_name(name + ".weight", try_suffixes=(".weight",))] = \
+                tensor.transpose(-1, -2)
+        elif name.endswith("down_proj_bias"):
+            tensors[names.get_name(name.replace("_bias", ".bias"), try_suffixes=(".bias",))] \
+                = tensor
+        else:
+            tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor
+    for gguf_name, tensor in tensors.items():
+        array = np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+        if mxfp4 and gguf_name.endswith("_exps.weight"):
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, MXFP4), raw_dtype=MXFP4)
+        else:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def write_vocab_gguf(path: Path, kind: str, tokens: list[str], types: list[int], *,

@@ -3,7 +3,9 @@ writer as llama.cpp's converter lays them out: Qwen3 (q/k norms, HF row order), 
 (norms stored as 1 + w, window layers, soft caps, Gemma 3's local RoPE base), Mixtral ("llama"
 with experts) and Qwen3-MoE (stacked experts and a router). Each loads to the same weights and
 greedy tokens as the same weights in safetensors, in F32 and Q8_0; Qwen3 and Qwen3-MoE also read
-as transformers reads them; a missing expert or norm is one error line; kv sizes them."""
+as transformers reads them; a missing expert or norm is one error line; kv sizes them. gpt-oss
+(written from transformers' GptOssForCausalLM as llama.cpp's converter splits and names it, F32
+and with MXFP4 experts) gives transformers' logits and greedy tokens."""
 
 from __future__ import annotations
 
@@ -17,15 +19,20 @@ from infermeter.engine.checkpoint.load import load_weights
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs import sizes
-from infermeter.specs.gguf_meta import spec_from_gguf
+from infermeter.specs.gguf_meta import gguf_facts, spec_from_gguf
+from infermeter.specs.loaders import spec_from_hf_config
 from infermeter.specs.presets import PRESETS
 from tests.gguf_files import (
+    MXFP4,
     assert_loads_as_safetensors,
     assert_transformers_reads_gguf,
     gguf,
+    mxfp4_round,
     round_to,
     write_gguf,
+    write_gpt_oss_gguf,
 )
+from tests.hf_reference import assert_matches_transformers, tiny_hf_model
 
 # ffn 128, head_dim 32, dim 64: every row a whole number of Q8_0's 32-value blocks
 BASE = PRESETS["debug"].with_updates(ffn_dim=128, head_dim=32, norm_eps=1e-6)
@@ -142,3 +149,60 @@ def test_kv_sizes_the_file(name, tmp_path, capsys) -> None:
         assert metrics["kv_cache_bytes"] == (6 * 6 + 64) * 2 * 2 * 32 * 2
     else:
         assert metrics["weight_bytes_active"] < metrics["weight_bytes"]
+
+
+def _gpt_oss(folder, mxfp4: bool = False):
+    """tests/test_gpt_oss.py's tiny GptOssForCausalLM (sinks, biases, YaRN, a window on layer 0,
+    clamped experts), widened to 32-value MXFP4 blocks along each expert row (dim and ffn 32);
+    mxfp4: its experts' matrices rounded to what MXFP4 stores."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_gpt_oss import CONFIG, _spread
+
+    hf = tiny_hf_model(folder, transformers.GptOssConfig(**CONFIG),
+                       transformers.GptOssForCausalLM, _spread)
+    if mxfp4:  # rows of the files' [E, out, in] layout: the HF [E, in, out]'s columns
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for weight in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                    weight.copy_(mxfp4_round(weight.transpose(-1, -2)).transpose(-1, -2))
+        hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["F32", "MXFP4"])
+@torch.inference_mode()
+def test_gpt_oss_gguf_equals_transformers(mxfp4, tmp_path) -> None:
+    """The file's spec is the HF config's (window layers, sinks, biases, SwiGLU clamp, YaRN
+    betas and no truncation fixed in code); the logits over 40 tokens within 1e-4 and greedy
+    tokens after 1, 5 and 17 (past the window) equal transformers' on the same weights."""
+    from tests.test_gpt_oss import VOCAB
+
+    hf = _gpt_oss(tmp_path / "hf", mxfp4)
+    path = write_gpt_oss_gguf(hf, tmp_path / "gpt-oss.gguf", mxfp4)
+    spec = spec_from_gguf(path)
+    assert spec.with_updates(name="x", torch_dtype="x") == spec_from_hf_config(
+        tmp_path / "hf" / "config.json").with_updates(name="x", torch_dtype="x")
+    assert (spec.sliding_window_layers, spec.swiglu_limit) == ((0,), 7.0)
+    assert gguf_facts(path).quant_type == ("MXFP4_MOE" if mxfp4 else "F32")
+    model = load_weights(path)
+    model.setup_cache(2, 64)
+    assert_matches_transformers(model, hf, VOCAB, 10)
+
+
+def test_gpt_oss_mxfp4_experts_read_as_gguf_dequantizes_them(tmp_path) -> None:
+    """Each MXFP4 expert tensor loads as gguf's own dequantize of the file's blocks, and the
+    rounding kept the weights apart from the F32 ones (so MXFP4 was really read)."""
+    hf = _gpt_oss(tmp_path / "hf")
+    path = write_gpt_oss_gguf(hf, tmp_path / "m.gguf", mxfp4=True)
+    reader = gguf.GGUFReader(str(path))
+    blocks = {t.name: t for t in reader.tensors if t.tensor_type == MXFP4}
+    assert sorted(blocks) == sorted(f"blk.{i}.ffn_{p}_exps.weight"
+                                    for i in range(2) for p in ("gate", "up", "down"))
+    state = load_weights(path).state_dict()
+    experts = hf.model.layers[1].mlp.experts
+    for part, meta in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        tensor = blocks[f"blk.1.ffn_{part}_exps.weight"]
+        expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, MXFP4).copy())
+        assert torch.equal(state[f"layers.1.feed_forward.{meta}.weight"], expected), part
+    assert not torch.equal(state["layers.1.feed_forward.w2.weight"],
+                           experts.down_proj.detach().transpose(-1, -2))

@@ -7,13 +7,15 @@ reading the shape touches the header only. `gguf` is imported on first use, so t
 runs without it.
 
 Architectures (general.architecture -> the engine's): "llama" (Llama, Mistral; Mixtral when
-expert_count > 0), "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3" (the text model). Anything
-else is one error line naming the architecture. What llama.cpp does not write it fixes in code,
-and so does this reader: Gemma 2 slides on layers 0, 2, 4, ... (4096 tokens unless said),
+expert_count > 0), "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3" (the text model), "gpt-oss".
+Anything else is one error line naming the architecture. What llama.cpp does not write it fixes
+in code, and so does this reader: Gemma 2 slides on layers 0, 2, 4, ... (4096 tokens unless said),
 Gemma 3 on five layers of six with a local RoPE base of 10,000 (attention.sliding_window_pattern
 and rope.freq_base_swa win where a file has them), Gemma's query scale is head_dim ** -0.5 but
-(dim / heads) ** -0.5 for the 27B models (46 and 62 layers), and MoE routing renormalises the
-top k (expert_weights_norm, where written, says otherwise).
+(dim / heads) ** -0.5 for the 27B models (46 and 62 layers), MoE routing renormalises the
+top k (expert_weights_norm, where written, says otherwise), and gpt-oss slides on layers 0, 2,
+4, ..., its experts' SwiGLU is clamped (alpha 1.702, limit 7) and its YaRN has betas 32 and 1,
+not truncated (its biases and sinks are seen from the tensors the file holds).
 """
 
 from __future__ import annotations
@@ -32,17 +34,24 @@ GGUF_MAGIC = b"GGUF"
 SUFFIX = ".gguf"
 # general.architecture -> ModelSpec.arch ("llama" with experts is Mixtral: see _arch)
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-         "gemma2": "gemma2", "gemma3": "gemma3_text"}
+         "gemma2": "gemma2", "gemma3": "gemma3_text", "gpt-oss": "gpt_oss"}
 # ModelSpec.arch -> the file's general.architecture (the writer's side of ARCHS)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
              "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2",
-             "gemma3_text": "gemma3"}
+             "gemma3_text": "gemma3", "gpt_oss": "gpt-oss"}
 # llama.cpp's fixed Gemma facts: every n-th layer global (set_swa_pattern), Gemma 2's window
 # when the file does not say it, Gemma 3's local RoPE base, the 27B models' layer counts.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA2_WINDOW = 4096
 _GEMMA3_LOCAL_THETA = 10000.0
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# llama.cpp's fixed gpt-oss facts (its graph, not the file): every other layer slides from layer
+# 0 (set_swa_pattern(2)), the experts' SwiGLU alpha and clamp (swiglu_oai's 1.702 and 7), and
+# YaRN as gpt-oss's config.json has it: betas 32 and 1 (the yarn_beta_* keys win where written)
+# and the correction range not truncated to whole dimensions.
+_GPT_OSS_PATTERN = 2
+_GPT_OSS_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+_GPT_OSS_YARN = (("beta_fast", 32.0), ("beta_slow", 1.0), ("truncate", False))
 # Tensors a GGUF may carry that are not weights of the model: llama.cpp's precomputed Llama 3.1
 # RoPE divisors (read into the spec's rope_scaling below).
 ROPE_FREQS = "rope_freqs.weight"
@@ -204,9 +213,13 @@ def _rope_scaling(reader: Any, arch: str, path: Path, theta: float,
         return guess
     if kind in (None, "none") or not factor:
         return None
+    extra: tuple[tuple[str, Any], ...] = ()
+    if arch == "gpt-oss" and kind == "yarn":
+        extra = tuple((key, _float(field(reader, f"{arch}.rope.scaling.yarn_{key}", value))
+                       if key.startswith("beta") else value) for key, value in _GPT_OSS_YARN)
     return RopeScaling(str(kind), _float(factor),
                        original_max_position=int(original or field(
-                           reader, f"{arch}.context_length", 4096)))
+                           reader, f"{arch}.context_length", 4096)), extra=extra)
 
 
 def spec_from_gguf(path: Path | str) -> ModelSpec:
@@ -243,10 +256,11 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
         rope_theta=theta, rope_scaling=_rope_scaling(reader, arch, path, theta, head_dim),
         max_seq_len=_int(reader, f"{arch}.context_length", path, default=4096),
         tie_embeddings="output.weight" not in shapes,
-        qkv_bias="blk.0.attn_q.bias" in shapes,
+        qkv_bias="blk.0.attn_q.bias" in shapes, o_bias="blk.0.attn_output.bias" in shapes,
         qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),  # per-head q/k norms, as HF's types
         torch_dtype="bfloat16", source=str(path),
         **(_gemma(reader, arch, path, n_layers, dim, n_heads, head_dim) if gemma else {}),
+        **(_gpt_oss(reader, arch, path, n_layers, shapes) if arch == "gpt-oss" else {}),
         **_experts(reader, arch, path, shapes))
     try:
         return ModelSpec(**fields)
@@ -267,15 +281,7 @@ def _gemma(reader: Any, arch: str, path: Path, n_layers: int, dim: int, n_heads:
         window = _int(reader, f"{arch}.attention.sliding_window", path, default=_GEMMA2_WINDOW)
     else:
         window = _int(reader, f"{arch}.attention.sliding_window", path)
-    pattern = field(reader, f"{arch}.attention.sliding_window_pattern", _GEMMA_PATTERN[arch])
-    if isinstance(pattern, list):  # one flag a layer: true where it slides
-        if len(pattern) != n_layers:
-            raise InfermeterError(f"{path}: {arch}.attention.sliding_window_pattern has "
-                                  f"{len(pattern)} entries for {n_layers} layers")
-        layers = tuple(i for i, slides in enumerate(pattern) if slides)
-    else:  # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
-        n = int(pattern)
-        layers = tuple(i for i in range(n_layers) if n and i % n < n - 1)
+    layers = _window_layers(reader, arch, path, n_layers, _GEMMA_PATTERN[arch])
 
     def cap(key: str) -> float | None:
         value = field(reader, f"{arch}.{key}")
@@ -291,16 +297,39 @@ def _gemma(reader: Any, arch: str, path: Path, n_layers: int, dim: int, n_heads:
             _float(local) if local is not None else _GEMMA3_LOCAL_THETA}
 
 
+def _window_layers(reader: Any, arch: str, path: Path, n_layers: int,
+                   default: int) -> tuple[int, ...]:
+    """The layers that slide: the file's sliding_window_pattern, else llama.cpp's fixed one."""
+    pattern = field(reader, f"{arch}.attention.sliding_window_pattern", default)
+    if isinstance(pattern, list):  # one flag a layer: true where it slides
+        if len(pattern) != n_layers:
+            raise InfermeterError(f"{path}: {arch}.attention.sliding_window_pattern has "
+                                  f"{len(pattern)} entries for {n_layers} layers")
+        return tuple(i for i, slides in enumerate(pattern) if slides)
+    n = int(pattern)  # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
+    return tuple(i for i in range(n_layers) if n and i % n < n - 1)
+
+
+def _gpt_oss(reader: Any, arch: str, path: Path, n_layers: int,
+             shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """gpt-oss: its window layers, sinks, the experts' biases and clamped SwiGLU."""
+    window = _int(reader, f"{arch}.attention.sliding_window", path)
+    layers = _window_layers(reader, arch, path, n_layers, _GPT_OSS_PATTERN)
+    return {"sliding_window": window if layers else None, "sliding_window_layers": layers,
+            "attn_sinks": "blk.0.attn_sinks.weight" in shapes,
+            "moe_bias": "blk.0.ffn_gate_exps.bias" in shapes, **_GPT_OSS_SWIGLU}
+
+
 def _experts(reader: Any, arch: str, path: Path,
              shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Mixtral ("llama" with experts) and Qwen3-MoE: experts in every layer (as llama.cpp
+    """Mixtral ("llama" with experts), Qwen3-MoE and gpt-oss: experts in every layer (as llama.cpp
     builds them), stacked [E, ...] per projection."""
     n_experts = _int(reader, f"{arch}.expert_count", path, default=0)
     if not n_experts:
         return {}
-    if arch not in ("llama", "qwen3moe"):
+    if arch not in ("llama", "qwen3moe", "gpt-oss"):
         raise InfermeterError(f"{path}: experts in a GGUF {arch!r} model; the engine runs "
-                              "experts of llama (Mixtral) and qwen3moe files")
+                              "experts of llama (Mixtral), qwen3moe and gpt-oss files")
     # stacked [E, ffn, dim], or llama.cpp's older one tensor per expert [ffn, dim]
     gate = next((s[-2:] for name, s in shapes.items()
                  if re.search(r"\.ffn_gate(_exps|\.\d+)\.weight$", name)), None)

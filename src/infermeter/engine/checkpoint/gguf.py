@@ -16,6 +16,12 @@ the engine's stacked tensors; ffn_gate_inp [E, dim] is the router. llama.cpp's o
 files hold one tensor per expert (blk.N.ffn_gate.E.weight [ffn, dim], ffn_up.E likewise,
 ffn_down.E [dim, ffn]): each is dequantized and the E of them stacked in expert order.
 
+gpt-oss: llama.cpp's converter splits HF's gate_up_proj (gate and up rows interleaved) into
+ffn_gate_exps and ffn_up_exps (and their biases) and transposes the x @ W matrices, so they too
+are the engine's stacked [E, out, in] tensors and [E, out] biases; its experts are MXFP4 as
+published (dequantized by gguf's quants like any type). Its q/k keep HF's row order (neox RoPE),
+its pre-FFN norm is named post_attention_norm, and the sinks [n_heads] are attn_sinks.weight.
+
 Memory: one tensor at a time, dequantized on the host in float32 ([rows, cols], the file's
 quantized blocks never leave the memory map), then converted by load.assign_tensors to the run
 dtype and device before the next one is read. Every tensor's quant type is checked before the
@@ -60,26 +66,40 @@ EXPERT_NAMES = NameMap(
     prefix="blk.")
 # llama.cpp's older MoE layout: one tensor per expert, named after the dense FFN's plus its id.
 _PER_EXPERT = re.compile(r"^(blk\.\d+\.ffn_(?:gate|up|down))\.(\d+)\.weight$")
+# gpt-oss: llama.cpp's converter names the pre-FFN norm post_attention_norm (HF's
+# post_attention_layernorm); its sinks [n_heads] carry no .weight in the engine's name.
+GPT_OSS_NAMES = NameMap(top=NAMES.top, layer={**NAMES.layer, "post_attention_norm": "ffn_norm"},
+                        prefix=NAMES.prefix)
+_SINKS = re.compile(r"^(?:blk|layers)\.(\d+)\.(?:attn_sinks\.weight|attention\.sinks)$")
 # Architectures whose q/k rows llama.cpp keeps in HF's rotate_half order (its neox RoPE).
-_HF_ROW_ORDER = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text")
+_HF_ROW_ORDER = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "gpt_oss")
 
 
 def gguf_to_meta_name(name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'; None for other names."""
+    sinks = _SINKS.match(name)
+    if sinks:
+        return f"layers.{sinks[1]}.attention.sinks"
     return EXPERT_NAMES.to_meta(name) or NAMES.to_meta(name)
 
 
-def meta_to_gguf_name(name: str, stacked: bool = False) -> str:
-    """The file's name of a Meta tensor; stacked: an MoE layer's [E, ...] experts or router."""
-    if name.endswith(".feed_forward.gate.weight"):
+def meta_to_gguf_name(name: str, stacked: bool = False, arch: str | None = None) -> str:
+    """The file's name of a Meta tensor; stacked: an MoE layer's [E, ...] experts or router
+    (gpt-oss's FFN is experts in every layer, their biases [E, out] included)."""
+    sinks = _SINKS.match(name)
+    if sinks:
+        return f"blk.{sinks[1]}.attn_sinks.weight"
+    if ".feed_forward.gate." in name or (arch == "gpt_oss" and ".feed_forward." in name):
         stacked = True
-    return (EXPERT_NAMES if stacked else NAMES).from_meta(name)
+    return (EXPERT_NAMES if stacked else GPT_OSS_NAMES if arch == "gpt_oss"
+            else NAMES).from_meta(name)
 
 
 def _match_names(path: Path, reader: Any, spec: ModelSpec,
                  expected: dict[str, torch.Size]) -> dict[str, Any]:
     """Meta name -> the reader's tensor for every expected tensor; missing or unknown: errors."""
-    wanted = {meta_to_gguf_name(name, len(shape) == 3): name for name, shape in expected.items()}
+    wanted = {meta_to_gguf_name(name, len(shape) == 3, spec.arch): name
+              for name, shape in expected.items()}
     by_meta: dict[str, Any] = {}  # a stacked tensor of the older layout: its experts' list
     experts: dict[str, dict[int, Any]] = {}  # stacked name -> expert id -> per-expert tensor
     for tensor in reader.tensors:
