@@ -99,3 +99,64 @@ def test_unsupported_kind_and_no_vocabulary(bpe) -> None:
     path = write_vocab_gguf(folder / "bert.gguf", "bert", tokens, types)
     with pytest.raises(InfermeterError, match="GGUF tokenizer kind 'bert' is not supported"):
         load_tokenizer(path)
+
+
+# The first four the gpt-4o split cuts unlike Llama 3's (upper-case contractions, case changes
+# inside a word, letters with combining marks, punctuation before a word); then digits in
+# threes, slashes, newline and space runs, other scripts.
+GPT4O_TEXTS = ["DON'T stop, he'S HERE'LL", "CamelCaseWORDs and iPhone",
+               "nai\u0308ve e\u0301clair Ǆemal",
+               "x 123 861,hello\n\n\nDON'T\tok. x 9", "12345 6789 0", "a/b//c\n/etc/",
+               "  sp  \n \n x ", "héllo wörld ✓ 日本 ,word"]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte alphabet: printable bytes are themselves, the rest shifted past 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
+def test_gpt4o_split_and_ids_are_tiktoken_s(tmp_path, monkeypatch) -> None:
+    """gpt-oss's files name the "gpt-4o" split (o200k_base's pattern): the pieces are those of
+    `regex` with tiktoken's own pattern, and the ids tiktoken's for the same ranks."""
+    regex = pytest.importorskip("regex")
+    tiktoken = pytest.importorskip("tiktoken")
+    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from infermeter.engine.text.gguf_vocab import read_gguf_vocab
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})  # no download
+    pattern = openai_public.o200k_base()["pat_str"]
+    assert PRE_TOKENIZERS["gpt-4o"] == (pattern,)
+    # Trained on whole lines (no split), so merges cross every place a split cuts.
+    trained = tokenizers.Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    lines = [*_corpus(200), *GPT4O_TEXTS * 20, *(f"x {n} {n * 7},Hello\n\nDON'T/ok." for n in
+                                                  range(100, 300))]
+    trained.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=700, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = trained.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = [" ".join(m) if not isinstance(m, str) else m
+              for m in json.loads(trained.to_str())["model"]["merges"]]
+    path = write_vocab_gguf(tmp_path / "gpt-oss.gguf", "gpt2", tokens, [1] * len(tokens),
+                            merges=merges, pre="gpt-4o", arch="gpt-oss", add_bos=False)
+    backend = read_gguf_vocab(path).backend
+    chars = _byte_chars()
+    unbyte = {c: b for b, c in chars.items()}
+    # tiktoken's ranks: each token's bytes -> its id (merged tokens come in merge order).
+    ranks = {bytes(unbyte[c] for c in t): i for i, t in enumerate(tokens)}
+    reference = tiktoken.Encoding("tiny-o200k", pat_str=pattern, mergeable_ranks=ranks,
+                                  special_tokens={})
+    tok = load_tokenizer(path)
+    for text in GPT4O_TEXTS:
+        pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        want = regex.findall(pattern, text)
+        assert pieces == ["".join(chars[b] for b in w.encode()) for w in want], text
+        assert tok.encode(text) == reference.encode_ordinary(text), text
+        assert tok.decode(tok.encode(text)) == text
+    for text in GPT4O_TEXTS[:4]:  # the texts tell the two splits apart
+        assert regex.findall(LLAMA3_PAT_STR, text) != regex.findall(pattern, text), text

@@ -7,10 +7,11 @@ Two kinds (tokenizer.ggml.model):
            better-scored piece first (sentencepiece's BPE order); bytes outside the vocabulary
            fall back to <0xNN> pieces. add_space_prefix (default on) puts a space before the
            text, and after each control token, as llama.cpp does (Gemma's files set it false).
-  "gpt2"   byte-level BPE (Llama 3, Qwen2/Qwen3, SmolLM2): tokens in GPT-2's byte alphabet, merges
-           from the file, the text first split by the regexes of the pre-tokenizer that
-           tokenizer.ggml.pre names (llama.cpp's table, for the names below); decoding works for
-           any name, encoding with an unknown one is an error line naming it.
+  "gpt2"   byte-level BPE (Llama 3, Qwen2/Qwen3, SmolLM2, gpt-oss): tokens in GPT-2's byte
+           alphabet, merges from the file, the text first split by the regexes of the
+           pre-tokenizer that tokenizer.ggml.pre names (llama.cpp's table, for the names
+           below); decoding works for any name, encoding with an unknown one is an error line
+           naming it.
 Control tokens (token type 3) and user-defined ones (4) become added tokens: control tokens whole
 in a rendered chat template, plain text in a prompt (tokenizer.py's rule); user-defined ones
 (Qwen3's <think>) whole in both, as llama.cpp matches them.
@@ -36,6 +37,15 @@ _LLAMA3 = (  # tokenizer.LLAMA3_PAT_STR (a test keeps the two equal)
 )
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
           r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# o200k_base's pattern (tiktoken; gpt-oss): a word is an optional non-letter, then upper-case
+# letters before lower-case ones (or the other way), marks counted as letters, an optional
+# contraction of any case; digits in threes; punctuation keeps trailing newlines and slashes.
+_GPT4O = "|".join((
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"))
 # tokenizer.ggml.pre -> the regexes llama.cpp splits the text with, one after the other
 PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "gpt-2": (_GPT2,),
@@ -43,6 +53,7 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,),
     "smaug-bpe": (_LLAMA3,), "dbrx": (_LLAMA3,), "falcon3": (_LLAMA3,),
     "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,),
+    "gpt-4o": (_GPT4O,),
 }
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"}
 
