@@ -21,9 +21,12 @@ from tests.expert_gemv_worker import (
     experts,
     gpt_oss_down,
     module_with,
+    moe_model,
     picks,
     reference,
     routing,
+    tiny_gpt_oss,
+    tiny_qwen3_moe,
 )
 from tests.fused_step_worker import ULP, close, rounder
 
@@ -211,38 +214,20 @@ def check_bucketed_prefill_greedy() -> None:
     with the torch experts. A Qwen3-MoE (a dense layer between two MoE ones, 8 experts, 2 a
     token; batch 2: its decode steps gathered) and a gpt-oss (biases, clamps that bite, sinks,
     a sliding layer; 4 experts, 2 a token; batch 3: its decode steps grouped too, 6 pairs)."""
-    from infermeter.specs.presets import PRESETS
 
-    check_bucketed_prefill(PRESETS["debug"].with_updates(
-        arch="qwen3_moe", n_layers=3, head_dim=32, qk_norm=True, n_experts=8,
-        n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,)), 2)
-    check_bucketed_prefill(PRESETS["gpt-oss-20b"].with_updates(
-        n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=96, n_experts=4,
-        n_active_experts=2, moe_ffn_dim=32, sliding_window=6, sliding_window_layers=(0,),
-        max_seq_len=64), 3)
+    check_bucketed_prefill(tiny_qwen3_moe(), 2)
+    check_bucketed_prefill(tiny_gpt_oss(), 3)
 
 
 def check_bucketed_prefill(spec, batch: int) -> None:
     """check_bucketed_prefill_greedy for one model at one batch size."""
     from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
-    from infermeter.engine.model import build_model
 
     expert_gemm.block_tiles = SMALL_TILES
     expert_gemv.tiles_for = lambda n_cols, gpu="": (32, 64, 4)  # the gathered decode steps'
     models = {}
     for kind in moe_module.MOE_KERNELS:
-        model = build_model(spec, seed=7)
-        gen = torch.Generator().manual_seed(7)
-        for layer in model.layers:  # a wide router: tokens spread over the experts
-            if isinstance(layer.feed_forward, MoEFeedForward):
-                torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
-            if getattr(layer.feed_forward, "swiglu_limit", None) is not None:
-                for n in ("w1", "w3", "w2"):  # biases that count, clamps that bite
-                    expert = getattr(layer.feed_forward, n)
-                    torch.nn.init.normal_(expert.weight, std=0.5, generator=gen)
-                    torch.nn.init.normal_(expert.bias, std=0.3, generator=gen)
-        moe_module.set_moe_kernel(model, kind)
-        models[kind] = model
+        models[kind] = moe_model(spec, kind)
     n_new = 4
     moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
     eager = GenerationConfig(max_new_tokens=n_new)

@@ -129,6 +129,45 @@ def picks(gen: torch.Generator, n: int, rows: int, cols: int) -> torch.Tensor:
     return torch.zeros(n, rows, cols).scatter_(2, pick, signs * 0.75)
 
 
+def tiny_qwen3_moe():
+    """A 3-layer Qwen3-MoE (q/k norms, 8 experts of 48, 2 a token; layer 1 dense)."""
+    from infermeter.specs.presets import PRESETS
+
+    return PRESETS["debug"].with_updates(
+        arch="qwen3_moe", n_layers=3, head_dim=32, qk_norm=True, n_experts=8,
+        n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,))
+
+
+def tiny_gpt_oss():
+    """A 2-layer gpt-oss (sinks, biases, a 6-token window on layer 0; 4 experts, 2 a token)."""
+    from infermeter.specs.presets import PRESETS
+
+    return PRESETS["gpt-oss-20b"].with_updates(
+        n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=96, n_experts=4,
+        n_active_experts=2, moe_ffn_dim=32, sliding_window=6, sliding_window_layers=(0,),
+        max_seq_len=64)
+
+
+def moe_model(spec, kind: str):
+    """A random model of `spec` whose MoE blocks run `kind`'s experts: a wide router (tokens
+    spread over the experts) and, for gpt-oss, expert weights and biases large enough that the
+    biases count and the clamps bite."""
+    from infermeter.engine.model import build_model
+
+    model = build_model(spec, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    for layer in model.layers:
+        if isinstance(layer.feed_forward, MoEFeedForward):
+            torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0, generator=gen)
+        if getattr(layer.feed_forward, "swiglu_limit", None) is not None:
+            for n in ("w1", "w3", "w2"):
+                expert = getattr(layer.feed_forward, n)
+                torch.nn.init.normal_(expert.weight, std=0.5, generator=gen)
+                torch.nn.init.normal_(expert.bias, std=0.3, generator=gen)
+    moe_module.set_moe_kernel(model, kind)
+    return model
+
+
 def check_rounding_points() -> None:
     """Every rounding point to the bit: each weight row picks one input column, so every
     product is exact in any order, and the kernels must equal the module's torch path exactly
@@ -294,7 +333,6 @@ def check_model_greedy() -> None:
     model's forward: prefill, then greedy one-token steps, the Triton choice against torch: the
     same tokens, logits within sum-order error, and every MoE layer's decode step ran the
     kernels."""
-    from infermeter.engine.model import build_model
     from infermeter.specs.presets import PRESETS
 
     # a few big tiles: the interpreter's cost is per program (ragged tails remain: gate/up's
@@ -303,35 +341,18 @@ def check_model_greedy() -> None:
     calls = []
     real = moe_module.gathered_experts
     moe_module.gathered_experts = lambda *args: calls.append(args[0].shape[0]) or real(*args)
-    debug = PRESETS["debug"]
-    specs = {"qwen3_moe": (debug.with_updates(arch="qwen3_moe", n_layers=3, head_dim=32,
-                                              qk_norm=True, n_experts=8, n_active_experts=2,
-                                              moe_ffn_dim=48, norm_topk_prob=True,
-                                              moe_dense_layers=(1,)), (1,)),
-             "mixtral": (debug.with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
-                                            moe_ffn_dim=176), (1, 2)),
-             "gpt_oss": (PRESETS["gpt-oss-20b"].with_updates(
-                 n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=96,
-                 n_experts=4, n_active_experts=2, moe_ffn_dim=32, sliding_window=6,
-                 sliding_window_layers=(0,), max_seq_len=64), (1, 2))}
+    specs = {"qwen3_moe": (tiny_qwen3_moe(), (1,)),
+             "mixtral": (PRESETS["debug"].with_updates(arch="mixtral", n_experts=4,
+                                                       n_active_experts=2, moe_ffn_dim=176),
+                         (1, 2)),
+             "gpt_oss": (tiny_gpt_oss(), (1, 2))}
     steps, prompt = 3, 5
     for arch, (spec, batches) in specs.items():
         moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
         for batch in batches:
             logits, tokens = {}, {}
             for kind in moe_module.MOE_KERNELS:
-                model = build_model(spec, seed=7)
-                gen = torch.Generator().manual_seed(7)
-                for layer in model.layers:  # a wide router: tokens spread over the experts
-                    if isinstance(layer.feed_forward, MoEFeedForward):
-                        torch.nn.init.normal_(layer.feed_forward.gate.weight, std=1.0,
-                                              generator=gen)
-                    if getattr(layer.feed_forward, "swiglu_limit", None) is not None:
-                        for n in ("w1", "w3", "w2"):  # biases that count, clamps that bite
-                            expert = getattr(layer.feed_forward, n)
-                            torch.nn.init.normal_(expert.weight, std=0.5, generator=gen)
-                            torch.nn.init.normal_(expert.bias, std=0.3, generator=gen)
-                moe_module.set_moe_kernel(model, kind)
+                model = moe_model(spec, kind)
                 model.setup_cache(batch, 16)
                 ids = torch.randint(0, spec.vocab_size, (batch, prompt),
                                     generator=torch.Generator().manual_seed(8))
