@@ -168,7 +168,7 @@ def check_gpt_oss_rounding_points() -> None:
         else:
             want = (down.to(dtype) * weights[..., None]).sum(1)
         moe.moe_kernel = "triton"
-        assert moe.groups_by_kernel(x)
+        assert moe.runs_kernels(x)
         got = grouped_experts(x, weights, ids, *moe.stacked(), 7.0, 1.702)
         assert_rounding_points(got, want, dtype, "gpt-oss grouped")
         with pdl.launching(True):  # the PDL twins' arithmetic (no wait here)

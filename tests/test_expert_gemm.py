@@ -165,7 +165,7 @@ def test_where_triton_cannot_run_the_torch_paths_run_and_prefill_is_exact():
     x = torch.randn(9, MIXTRAL.dim, generator=torch.Generator().manual_seed(2))
     want = moe(x[:, None]).squeeze(1)
     set_moe_kernel(model, "triton")
-    assert not moe.groups_by_kernel(x)
+    assert not moe.runs_kernels(x)
     assert torch.equal(moe(x[:, None]).squeeze(1), want)
     assert not prefills_without_sync(model) and not gen.bucketed_prefill
     dense = build_model(PRESETS["debug"], seed=1)
@@ -237,7 +237,7 @@ def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):
             weights, ids = moe.route(x)
             want = moe.grouped(x, weights, ids).float()
             moe.moe_kernel = "triton"
-            assert moe.groups_by_kernel(x)
+            assert moe.runs_kernels(x)
             for pdl_on in (False, True):
                 if pdl_on and not pdl.supported(x.device):
                     continue

@@ -149,7 +149,7 @@ class MoEFeedForward(nn.Module):
         self.last_experts = ids
         if flat.shape[0] * self.top_k <= self.n_experts:
             out = self.gathered(flat, weights, ids)
-        elif self.groups_by_kernel(flat):  # static shapes, no host sync: eager and compiled
+        elif self.runs_kernels(flat):  # grouped: static shapes, no host sync, eager and compiled
             out = grouped_experts(flat, weights, ids, *self.stacked(), self.swiglu_limit,
                                   self.swiglu_alpha or 1.0)
         elif compiling() and shape[-2] == 1:  # a compiled decode step: no host sync
@@ -161,7 +161,7 @@ class MoEFeedForward(nn.Module):
     def gathered(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
         with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
-        if self.moe_kernel == "triton" and experts_kernel_usable(x, *self.stacked()):
+        if self.runs_kernels(x):
             return gathered_experts(x, weights, ids, *self.stacked(), self.swiglu_limit,
                                     self.swiglu_alpha or 1.0)
         xs = x[:, None, :, None]  # [N, 1, dim, 1]
@@ -181,10 +181,10 @@ class MoEFeedForward(nn.Module):
         return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
                 self.down_bias)
 
-    def groups_by_kernel(self, x: Tensor) -> bool:
-        """Whether a forward of more than E / k tokens x [N, dim] runs kernels/expert_gemm.py's
-        grouped kernels: moe_kernel "triton" and they can run on x and the stacked weights (and
-        biases)."""
+    def runs_kernels(self, x: Tensor) -> bool:
+        """Whether a forward of x [N, dim] runs the Triton expert kernels (expert_gemv.py's
+        gathered ones while N * k <= E, expert_gemm.py's grouped ones past that): moe_kernel
+        "triton" and they can run on x and the stacked weights (and biases)."""
         return self.moe_kernel == "triton" and experts_kernel_usable(x, *self.stacked())
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
