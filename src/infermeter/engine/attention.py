@@ -14,6 +14,9 @@ with a mask (Attention.forward says when each applies).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,7 +74,10 @@ def causal_prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
-_compiled_flex = None
+@functools.cache
+def _compiled_flex() -> Any:
+    """flex_attention compiled once a process, with dynamic shapes (prompt lengths vary)."""
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def sink_flex_attention(q: Tensor, keys: Tensor, values: Tensor, sinks: Tensor | None,
@@ -85,12 +91,7 @@ def sink_flex_attention(q: Tensor, keys: Tensor, values: Tensor, sinks: Tensor |
     Inside torch.compile flex is one fused kernel; on CUDA outside it, this compiles flex on
     its own (flex's eager form is a reference that holds every score); elsewhere (the CPU
     tests) it runs that reference."""
-    global _compiled_flex
-    attend = flex_attention
-    if q.device.type == "cuda" and not compiling():
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        attend = _compiled_flex
+    attend = _compiled_flex() if q.device.type == "cuda" and not compiling() else flex_attention
     if sinks is None:
         return attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
                       enable_gqa=enable_gqa)
