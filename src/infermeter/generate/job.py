@@ -26,7 +26,6 @@ from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.result import Result
 from infermeter.specs.loaders import text_model_note
-from infermeter.specs.model import ENGINE_ARCHS
 from infermeter.specs.peer_buffers import uses_peer_buffer
 
 if TYPE_CHECKING:
@@ -162,16 +161,13 @@ def _resolved(request: GenerateRequest, parallel: Any, all_reduce: str,
                                sampling=dataclasses.replace(request.sampling, stop_ids=stop_ids))
 
 
-# the hf mode writes an HF config for the engine's model (checkpoint/hf.py's hf_config): not
-# gpt-oss's (its experts' fused, interleaved layout has no writer)
-HF_MODE_ARCHS = tuple(arch for arch in ENGINE_ARCHS if arch != "gpt_oss")
-
-
 def _check_hf(cases: list[Any], parallel: Any, spec: Any = None) -> None:
     """The hf modes need transformers and one GPU: say so before anything is loaded or timed."""
     if not any(case.mode.startswith("hf") for case in cases):
         return
-    if spec is not None and spec.arch not in HF_MODE_ARCHS:
+    from infermeter.engine.checkpoint.hf import hf_writable
+
+    if spec is not None and not hf_writable(spec):
         raise InfermeterError(f"model {spec.name}: the hf mode cannot build a {spec.arch} "
                               "model from the engine's weights yet (use the engine's modes)")
     from infermeter.generate.hf import transformers_version

@@ -423,8 +423,15 @@ def _whole(value: float | None) -> float | int | None:
     return int(value) if value is not None and float(value).is_integer() else value
 
 
+def hf_writable(spec: ModelSpec) -> bool:
+    """Whether the writer (and so the hf mode, which builds transformers' model from the
+    engine's weights through hf_config) can express `spec`'s architecture. Not gpt-oss's: its
+    fused, interleaved experts have no writer."""
+    return spec.arch in _ARCHITECTURES
+
+
 def _check_writable(spec: ModelSpec) -> None:
-    if spec.arch not in _ARCHITECTURES:  # gpt-oss: its fused, interleaved experts have no writer
+    if not hf_writable(spec):
         raise InfermeterError(f"model {spec.name}: writing an HF {spec.arch} checkpoint is not "
                               f"supported (it writes: {', '.join(_ARCHITECTURES)})")
 
