@@ -21,7 +21,7 @@ from infermeter.offload.fit import check_sizes_fit, offloaded_fit_parts, on_devi
 from infermeter.offload.job import measure_offloaded_decode
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.streamed import StreamedDecode
-from infermeter.offload.streamed_prefill import StreamedPrefill, drop_cache, layer_buffers
+from infermeter.offload.streamed_prefill import StreamedPrefill, layer_buffers
 from infermeter.offload.table import render_offloaded
 from infermeter.offload.windows import DecodeWindows
 from infermeter.specs.presets import PRESETS
@@ -75,7 +75,7 @@ def test_host_cache_after_the_streamed_prefill_is_an_ordinary_prefills_bit_for_b
     gen = _generator(chunk=chunk)
     tokens = _tokens()
     want, _, _ = _ordinary(gen, tokens)
-    drop_cache(gen.model)
+    gen.model.drop_cache()
     _buffers(gen)
     assert len(_distinct_caches(gen.model)) == 2  # no layer cache beyond the two buffers
     clock = FakeClock(0.0)  # records the copies: every one contiguous to contiguous
@@ -92,7 +92,7 @@ def test_offloaded_decode_from_two_layer_buffers_gives_the_ordinary_tokens(chunk
     gen = _generator(chunk=chunk)
     tokens = _tokens()
     _, want_tokens, want_logits = _ordinary(gen, tokens)
-    drop_cache(gen.model)
+    gen.model.drop_cache()
     _buffers(gen)
     with StreamedPrefill(gen.model, CONTEXT) as prefill:
         state = gen.prefill(tokens, CONFIG)
@@ -333,7 +333,7 @@ def test_on_cuda_the_offloaded_decode_from_two_buffers_gives_the_ordinary_tokens
     gen = _generator("cuda", chunk)
     tokens = _tokens("cuda")
     want, want_tokens, _ = _ordinary(gen, tokens)
-    drop_cache(gen.model)
+    gen.model.drop_cache()
     _buffers(gen)
     with StreamedPrefill(gen.model, CONTEXT) as prefill:
         state = gen.prefill(tokens, CONFIG)

@@ -562,6 +562,14 @@ class Transformer(nn.Module):
         for cache in self._caches():
             cache.reset()
 
+    def drop_cache(self) -> None:
+        """Free the KV cache (whole, or layer buffers): the next setup_cache, or
+        Generator.prepare, allocates a new one (with the shape unchanged it would otherwise
+        keep the old one)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_len = 0
+
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor,
                 block_fn: Callable[..., Tensor] | None = None,

@@ -110,7 +110,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
     if runner is None:
         # A case starts with no KV cache (the engine's is allocated again for its shape; hf
         # makes its own), so the peaks below are this case's: weights + cache + activations.
-        memory.release_cache(model)
+        model.drop_cache()
         runner = make_runner(model, case, request)
         if runners is not None:
             runners[(case.mode, case.cache_len)] = runner
@@ -363,7 +363,7 @@ def run_generation(model: Transformer, cases: list[Case], request: GenerateReque
                                       f"its peers run): {str(err).splitlines()[0]}") from err
             if runners:
                 runners.clear()  # the next case starts afresh, its compiled graphs too
-            memory.release_cache(model)
+            model.drop_cache()
             result = oom_result(model, case, err, peaks, env, base)
         else:
             result = case_result(model, case, run, request, peaks, env, base)

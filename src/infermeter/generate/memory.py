@@ -184,13 +184,6 @@ def is_oom(err: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
-def release_cache(model: Any) -> None:
-    """Free the engine's KV cache (the next Generator.prepare() allocates a new one)."""
-    for layer in model.layers:
-        layer.attention.kv_cache = None
-    model.max_batch_size = model.max_seq_len = 0  # prepare() then sees no cache to reuse
-
-
 def collect(device: Any, compiled: bool = True) -> None:
     """Give a finished case's memory back (also after an out-of-memory error): its compiled
     graphs (dynamo's caches hold them and their CUDA-graph pools), its runner, its cache.

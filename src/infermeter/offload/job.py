@@ -203,7 +203,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
     from infermeter.engine.dtypes import torch_dtype
     from infermeter.engine.generator import GenerationConfig
     from infermeter.offload.streamed import StreamedDecode
-    from infermeter.offload.streamed_prefill import StreamedPrefill, drop_cache, layer_buffers
+    from infermeter.offload.streamed_prefill import StreamedPrefill, layer_buffers
     from infermeter.offload.traffic import CopyTraffic, copy_alone_gbps
     from infermeter.offload.windows import DecodeWindows
 
@@ -229,7 +229,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
         # Generator.prepare's cache dtype
         cache_dtype = model.tok_embeddings.weight.dtype if generator.kv_dtype is None \
             else torch_dtype(generator.kv_dtype)
-        drop_cache(model)  # the whole cache goes before the buffers come
+        model.drop_cache()  # the whole cache goes before the buffers come
         try:
             layer_buffers(model, request.batch_size, context, steps + 1, generator.max_seq_len,
                           cache_dtype, device)
@@ -243,7 +243,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                                        for _ in range(request.repeats)]
                 per_step = streamed.bytes_per_step
         finally:
-            drop_cache(model)
+            model.drop_cache()
         streamed_out = windows.outputs
         same = None if reference is None else all(out == reference for out in streamed_out)
         link = copy_alone_gbps(CopyTraffic(device), "h2d")

@@ -38,7 +38,7 @@ import torch
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, slot_pieces
-from infermeter.offload.streamed_prefill import LAYER_BUFFERS, drop_cache, shared_buffers
+from infermeter.offload.streamed_prefill import LAYER_BUFFERS, shared_buffers
 
 
 class StreamedDecode:
@@ -84,7 +84,7 @@ class StreamedDecode:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
-        drop_cache(self.model)
+        self.model.drop_cache()
 
     # ---- the schedule ---------------------------------------------------------------------
     def step_at(self, pos: int) -> None:

@@ -48,14 +48,6 @@ def layer_buffers(model: Transformer, batch_size: int, prompt_len: int, new_toke
                       layer_buffers=LAYER_BUFFERS)
 
 
-def drop_cache(model: Transformer) -> None:
-    """Drop the model's KV cache (two layer buffers or whole): the next Generator.prepare()
-    allocates a whole cache (with the shape unchanged it would otherwise keep the buffers)."""
-    for layer in model.layers:
-        layer.attention.kv_cache = None
-    model.max_batch_size = model.max_seq_len = 0
-
-
 def shared_buffers(model: Transformer, what: str) -> list[LayerKVCache]:
     """The model's two layer buffers, checked: layer i's cache is buffer i % 2."""
     caches = [layer.attention.kv_cache for layer in model.layers]
