@@ -37,6 +37,7 @@ from infermeter.offload.reload import (
     copy_piece,
     layer_caches,
     pinned_like,
+    pins_for,
 )
 
 
@@ -60,7 +61,7 @@ class PagedHostPrefix(LayerCopies):
             raise InfermeterError(f"--block-size must be at least 1 token, got {block_size}")
         check_prefix_fits(model, prefix_len)
         self.prefix_len, self.block_size = prefix_len, block_size
-        pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
+        pin = pins_for(caches[0].k.device)
         rng = torch.Generator().manual_seed(seed)
         self.layers: list[PagedLayer] = []
         first = caches[0].k

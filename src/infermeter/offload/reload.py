@@ -63,6 +63,12 @@ def slot_pieces(cache: Tensor, start: int, end: int) -> Iterator[tuple[tuple[int
             yield (b, h), cache[b, h, start:end]
 
 
+def pins_for(device: torch.device) -> bool:
+    """Whether host copies of a cache on `device` are pinned: on a GPU, so that their copies
+    to and from it are DMAs the host does not wait for."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 def pinned_like(t: Tensor, pin: bool) -> Tensor:
     """A host copy of `t`, pinned when asked (a GPU run): its non_blocking copy back is a DMA."""
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
@@ -172,7 +178,7 @@ class HostPrefix(LayerCopies):
         caches = layer_caches(model)
         check_prefix_fits(model, prefix_len)
         self.prefix_len = prefix_len
-        pin = caches[0].k.device.type == "cuda" and torch.cuda.is_available()
+        pin = pins_for(caches[0].k.device)
         self.layers: list[LayerKV] = []
         for cache in caches:
             n = min(prefix_len, cache.size)

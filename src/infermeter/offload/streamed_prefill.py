@@ -33,7 +33,13 @@ import torch
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, slot_pieces
+from infermeter.offload.reload import (
+    CopyStream,
+    Trace,
+    copy_stream_for,
+    pins_for,
+    slot_pieces,
+)
 from infermeter.specs.sizes import cache_length
 
 LAYER_BUFFERS = 2  # one buffer is read by the compute while the other is copied
@@ -84,7 +90,7 @@ class StreamedPrefill:
         self.model, self.context, self.trace = model, context, trace
         first = self.buffers[0].k  # [B, H_kv, S, D]
         self.stream = stream or copy_stream_for(first.device)
-        pin = first.device.type == "cuda" and torch.cuda.is_available()
+        pin = pins_for(first.device)
         shape = (*first.shape[:2], context, first.shape[3])
         self.host = [tuple(torch.empty(shape, dtype=first.dtype, pin_memory=pin)
                            for _ in range(2)) for _ in model.layers]  # [B, H_kv, context, D]
