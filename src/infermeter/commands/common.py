@@ -22,11 +22,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
     return value
@@ -34,10 +38,7 @@ def positive_int(text: str) -> int:
 
 def seed_arg(text: str) -> int:
     """A seed torch's generators take: 0 to 2^63 - 1 (a larger one overflowed in torch)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to 2^63 - 1")
     return value
