@@ -67,6 +67,21 @@ def test_the_generator_runs_flex_only_compiled_by_inductor_on_a_gpu():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("kind,holds_scores,runs,expected", [
+    ("auto", False, True, "mask"), ("auto", True, True, "flex"), ("mask", True, True, "mask"),
+    ("flex", False, True, "flex"), ("auto", True, False, "mask"), ("flex", False, False, "mask")])
+def test_auto_takes_flex_only_where_the_mask_would_hold_scores_and_flex_runs(
+        kind, holds_scores, runs, expected):
+    from infermeter.engine.chunk_attention import chunk_attention_for, flex_runs
+
+    assert chunk_attention_for(kind, holds_scores, runs) == expected
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert flex_runs(cuda, "inductor", True)
+    assert not flex_runs(cpu, "inductor", True)
+    assert not flex_runs(cuda, "cudagraphs", True)
+    assert not flex_runs(cuda, "inductor", False)
+
+
 def test_the_cli_offers_the_engine_s_kinds_and_records_them():
     from infermeter.cli import build_parser
     from infermeter.commands.generate import CHUNK_ATTENTIONS as CLI_KINDS

@@ -188,14 +188,18 @@ def test_a_long_whole_prompt_prefills_through_the_flash_kernel():
         assert 0 <= int(state.token[0]) < spec.vocab_size
 
 
-@pytest.mark.parametrize("mode,prefill,chunk,length", [
-    ("eager", "exact", None, 40), ("eager", "exact", CHUNK, 41), ("eager", "exact", None, 1),
-    ("compiled", "bucketed", None, 17), ("compiled", "bucketed", CHUNK, 41),
-    ("compiled", "bucketed", None, 90),  # 90 pads to 128, past the cache: the whole cache
+@pytest.mark.parametrize("mode,prefill,chunk,length,flex", [
+    ("eager", "exact", None, 40, False), ("eager", "exact", CHUNK, 41, False),
+    ("eager", "exact", None, 1, False), ("compiled", "bucketed", None, 17, False),
+    ("compiled", "bucketed", CHUNK, 41, False),
+    ("compiled", "bucketed", None, 90, False),  # 90 pads to 128, past the cache: whole cache
     # gpt-oss's sinks: its full layer on flex where the start is known (no scores held)
-    ("eager", "exact", CHUNK, -41), ("compiled", "bucketed", CHUNK, -41)])
+    ("eager", "exact", CHUNK, -41, False), ("compiled", "bucketed", CHUNK, -41, False),
+    # later compiled chunks on flex (chunk attention "flex", auto's pick for these models on a
+    # GPU): only the ring layer's scores, or the first chunk's, are held
+    ("compiled", "bucketed", CHUNK, 41, True), ("compiled", "bucketed", CHUNK, -41, True)])
 def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill, chunk, length,
-                                                                  monkeypatch):
+                                                                  flex, monkeypatch):
     from infermeter.generate.memory import capped_score_elements
 
     spec = SPECS["capped"] if length > 0 else DEBUG.with_updates(
@@ -214,7 +218,12 @@ def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill,
     bucketed = prefill == "bucketed"
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
     gen._compiled_prefill = _prefill_forward
+    if flex:  # as a GPU resolves it (flex's reference implementation runs it here)
+        gen.chunk_attention = "flex"
     gen.prepare(1, length, 1)
     gen.prefill(torch.zeros(1, length, dtype=torch.int64),
                 GenerationConfig(max_new_tokens=1, compile=bucketed))
-    assert max(held) == capped_score_elements(spec, length, CACHE, mode, chunk, prefill)
+    expected = capped_score_elements(spec, length, CACHE, mode, chunk, prefill, flex)
+    assert max(held) == expected
+    if flex:  # fewer than the mask's whole-cache scores
+        assert expected < capped_score_elements(spec, length, CACHE, mode, chunk, prefill)

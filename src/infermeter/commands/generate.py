@@ -23,7 +23,7 @@ MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 STEP_KERNELS = ("split", "fused")  # engine/model.py's, likewise
 MOE_KERNELS = ("torch", "triton")  # engine/moe.py's, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
-CHUNK_ATTENTIONS = ("mask", "flex")  # engine/chunk_attention.py's, likewise
+CHUNK_ATTENTIONS = ("auto", "mask", "flex")  # engine/chunk_attention.py's, likewise
 
 
 ADVANCED_GROUP = "advanced: engine variants for A/B benchmarks (defaults are the fastest measured)"
@@ -125,8 +125,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
-    variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="mask",
-                         metavar="KIND", help="later prefill chunks: mask or flex (default mask)")
+    variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="auto",
+                         metavar="KIND", help="later prefill chunks: mask, flex or auto (default)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
                          help="compiled mode: let each kernel start while the one before it ends "
                          "(default: on for Hopper or later with the inductor backend)")

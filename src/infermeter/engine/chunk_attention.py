@@ -20,8 +20,11 @@ which lets a pad see a few more slots than "mask" does: pads' outputs and K/V ar
 Ring (sliding-window) layers keep the mask: their cache is a window, not the prompt.
 
 Whether "flex" is faster is for a GPU to say (benchmarks/ttft_sweep.py, part long); until then
-the default stays "mask". It needs inductor (compiled on CUDA): the Generator passes tile lists
-only there; outside torch.compile flex_attention is a slow reference that the CPU tests use.
+the default ("auto") keeps the mask, except for models whose masked chunk would hold float32
+scores (gpt-oss's sinks, Gemma 2's soft cap: attention.decode_attention's [B, H_kv, G*T, S]
+a layer, 17 GB for gpt-oss-20b's 2048-token chunks over 32k slots), where flex holds none. It
+needs inductor (compiled on CUDA): the Generator passes tile lists only there; outside
+torch.compile flex_attention is a slow reference that the CPU tests use.
 """
 
 from __future__ import annotations
@@ -32,14 +35,31 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from infermeter.engine.attention import sink_flex_attention
 
-CHUNK_ATTENTION = "mask"
-CHUNK_ATTENTIONS = ("mask", "flex")
+CHUNK_ATTENTION = "auto"
+CHUNK_ATTENTIONS = ("auto", "mask", "flex")
 TILE = 128  # flex_attention's block: a tile is TILE queries x TILE key slots
 
 # (kv_num_blocks [1, 1, Qt], kv_indices [1, 1, Qt, Kt], full_kv_num_blocks, full_kv_indices),
 # int32, Qt = ceil(T / TILE), Kt = ceil(S / TILE): a BlockMask's tile lists, and the chunk's
 # first position, int64 [1]
 BlockLists = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def flex_runs(device: torch.device, compile_backend: str, bucketed: bool) -> bool:
+    """Whether a later chunk can take flex: its kernel is inductor's, compiled on a GPU, in the
+    bucketed prefill's graphs (outside them flex_attention is a reference holding every score)."""
+    return bucketed and compile_backend == "inductor" and device.type == "cuda"
+
+
+def chunk_attention_for(kind: str, holds_scores: bool, runs: bool) -> str:
+    """What later chunks run ("mask" or "flex") for the asked kind. holds_scores: the model's
+    masked chunk takes the math products' float32 scores (sinks or a soft cap), which "auto"
+    avoids with flex; runs: flex_runs."""
+    if not runs:
+        return "mask"
+    if kind == "auto":
+        return "flex" if holds_scores else "mask"
+    return kind
 
 
 def block_lists(first: int, length: int, slots: int, device: torch.device) -> BlockLists:

@@ -54,6 +54,8 @@ from infermeter.engine.chunk_attention import (
     CHUNK_ATTENTIONS,
     BlockLists,
     block_lists,
+    chunk_attention_for,
+    flex_runs,
 )
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
@@ -212,8 +214,8 @@ class Generator:
     instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
     by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
-    (chunk_attention.CHUNK_ATTENTIONS); "flex" only where inductor compiles it on a GPU,
-    self.chunk_attention says what runs.
+    (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
+    "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
     """
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None,
@@ -264,8 +266,11 @@ class Generator:
         self._bucketed_asked = bucketed_prefill  # the bucketed_prefill property decides
         # flex needs inductor's kernel (outside it flex_attention is a slow reference): the
         # bucketed prefill compiled by inductor on a GPU, else the mask
-        self.chunk_attention = chunk_attention if bucketed_prefill \
-            and self.compile_backend == "inductor" and self.device.type == "cuda" else "mask"
+        holds_scores = any(layer.attention.sinks is not None
+                           or layer.attention.softcap is not None for layer in model.layers)
+        self.chunk_attention = chunk_attention_for(
+            chunk_attention, holds_scores,
+            flex_runs(self.device, self.compile_backend, bucketed_prefill))
         self._compiled_prefill: Callable[..., Tensor] | None = None
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "

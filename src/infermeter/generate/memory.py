@@ -25,6 +25,7 @@ import gc
 import os
 from typing import Any
 
+from infermeter.engine.chunk_attention import CHUNK_ATTENTION, chunk_attention_for, flex_runs
 from infermeter.engine.kernels.triton_support import triton_runs_on_device
 from infermeter.engine.prefill_buckets import prefill_chunk_for, prefill_forwards
 from infermeter.measure.env import host_available
@@ -55,13 +56,16 @@ def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
 
 
 def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode: str,
-                          prefill_chunk: int | None = None, prefill: str = "exact") -> int:
+                          prefill_chunk: int | None = None, prefill: str = "exact",
+                          flex_chunks: bool = False) -> int:
     """The largest T x keys of a capped model's prefill forwards (per sequence and head), as
     engine/model.py's Attention attends: a full layer over the cache's first start + T slots
     where the forward's start is known (every eager forward; a compiled one only from position
     0: a later compiled chunk, or a one-token forward, reads the whole cache), a ring layer
     (window W shorter than the cache) over its W slots and the T new tokens. prefill: the one
-    that runs (case_memory's "exact" for an MoE model whose experts cannot bucket it)."""
+    that runs (case_memory's "exact" for an MoE model whose experts cannot bucket it).
+    flex_chunks: a later compiled chunk takes flex over full layers (chunk_attention.py), which
+    holds no scores."""
     if mode == "compiled" and prefill == "bucketed":
         forwards = prefill_forwards(prompt_len, prefill_chunk, cache_len)
     else:
@@ -74,9 +78,10 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
     most, start = 0, 0
     for real, length in forwards:
         cut = (mode == "eager" or start == 0) and length > 1 and start + length <= cache_len
-        # a sink model's full layers attend on flex where the start is known (no scores held)
-        keys = ([start + length if cut else cache_len]
-                if full and not (spec.attn_sinks and cut) else []) + \
+        # a sink model's full layers attend on flex where the start is known, and any capped
+        # or sink model's later compiled chunks with flex_chunks (no scores held)
+        on_flex = (spec.attn_sinks and cut) or (flex_chunks and mode == "compiled" and start > 0)
+        keys = ([start + length if cut else cache_len] if full and not on_flex else []) + \
             ([max(windows) + length] if windows else [])
         most = max(most, length * max(keys, default=0))
         start += real
@@ -86,12 +91,13 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
                 prefill_chunk: int | None = None, prefill: str = "exact",
-                moe_kernel: str = "torch") -> dict[str, int]:
+                moe_kernel: str = "torch", flex_chunks: bool = False) -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
-    experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out)."""
+    experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out;
+    flex_chunks: later compiled chunks attend through flex, capped_score_elements)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
     # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
     # the torch grouped path's loop over experts asks the host)
@@ -110,7 +116,7 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         # only where flex does not take its full layers (capped_score_elements)
         heads = -(-spec.n_heads // tp)
         scores = capped_score_elements(spec, prompt_len, cache_len, mode, prefill_chunk,
-                                       "bucketed" if bucketed else "exact")
+                                       "bucketed" if bucketed else "exact", flex_chunks)
         what = "capped" if spec.attn_logit_softcap is not None else "sink"
         parts[f"{what} attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
@@ -205,23 +211,30 @@ HOST_BYTES_PER_ID = 8
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
                     tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
                     prefill_chunk: int | None = None, prefill: str = "exact",
-                    moe_kernel: str = "torch") -> None:
+                    moe_kernel: str = "torch", chunk_attention: str = CHUNK_ATTENTION,
+                    compile_backend: str = "inductor") -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
     outputs_per_row = repeats x new tokens ids a row) against host memory (on the CPU, one sum
     against the one memory). moe_kernel: --moe-kernel; "triton" runs only where Triton does
     (moe.takes_expert_kernel), elsewhere the torch path and its copy run. prefill_chunk:
-    --prefill-chunk as given; a case runs prefill_chunk_for its mode (compiled: a default)."""
+    --prefill-chunk as given; a case runs prefill_chunk_for its mode (compiled: a default).
+    chunk_attention, compile_backend: what the Generator resolves later chunks' attention from
+    (chunk_attention.chunk_attention_for)."""
     if moe_kernel == "triton" and not triton_runs_on_device(device):
         moe_kernel = "torch"
+    flex_chunks = chunk_attention_for(
+        chunk_attention, spec.attn_sinks or spec.attn_logit_softcap is not None,
+        flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"
     free, where = free_memory(device)
     host_free = host_available() if device.type != "cpu" else None
     for case in cases:
         p = case.prompt_set
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
                             kv_dtype, case.mode, tp, all_reduce,
-                            prefill_chunk_for(case.mode, prefill_chunk), prefill, moe_kernel)
+                            prefill_chunk_for(case.mode, prefill_chunk), prefill, moe_kernel,
+                            flex_chunks)
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}
