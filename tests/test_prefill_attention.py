@@ -55,12 +55,14 @@ def _whole_cache(model, start):
     yield
 
 
-def _prefill(model, prefill: str, chunk: int | None, tokens: torch.Tensor):
+def _prefill(model, prefill: str, chunk: int | None, tokens: torch.Tensor,
+             chunk_attention: str = "mask"):
     """(logits of every real prompt position [B, T, V], each layer's (key_pos, K, V) after the
     prefill, the greedy tokens)."""
     bucketed = prefill == "bucketed"
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
     gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    gen.chunk_attention = chunk_attention  # "flex" as a GPU resolves it (its reference here)
     config = GenerationConfig(max_new_tokens=N_NEW, compile=bucketed)
     rows = []
     handle = model.register_forward_hook(lambda mod, args, out: rows.append(out))
@@ -111,6 +113,29 @@ def test_prefill_over_what_it_sees_gives_the_whole_cache_masks_results(model, pr
             torch.testing.assert_close(k[:, :, read], ref_k[:, :, read], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v[:, :, read], ref_v[:, :, read], rtol=1e-5, atol=1e-5)
         assert torch.equal(out, ref_out), where
+
+
+@pytest.mark.parametrize("name", ["capped", "sinks"])
+def test_later_chunks_on_flex_give_the_mask_s_results_with_a_cap_or_sinks(name):
+    # what --chunk-attention auto runs for Gemma 2 and gpt-oss on a GPU, against the mask
+    spec = SPECS["capped"] if name == "capped" else DEBUG.with_updates(
+        name="debug-sinks", attn_sinks=True, sliding_window=12, sliding_window_layers=(0,))
+    model = build_model(spec, device="cpu", dtype=torch.float32, seed=3)
+    if model.layers[0].attention.sinks is not None:  # nonzero sinks: they must count
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.attention.sinks, std=1.0)
+    for length in (41, 64):
+        tokens = torch.randint(0, DEBUG.vocab_size, (2, length),
+                               generator=torch.Generator().manual_seed(length))
+        logits, caches, out = _prefill(model, "bucketed", CHUNK, tokens, "flex")
+        ref_logits, ref_caches, ref_out = _prefill(model, "bucketed", CHUNK, tokens)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        for (pos, k, v), (ref_pos, ref_k, ref_v) in zip(caches, ref_caches):
+            read = _read_slots(ref_pos, length)
+            assert torch.equal(pos[read], ref_pos[read])
+            torch.testing.assert_close(k[:, :, read], ref_k[:, :, read], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[:, :, read], ref_v[:, :, read], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out, ref_out)
 
 
 def _count_paths(monkeypatch) -> dict[str, list[int]]:
