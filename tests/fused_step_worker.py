@@ -170,7 +170,9 @@ def check_model_step() -> None:
     prefill stays split; and eager's module forwards give the same tokens. Llama (GQA, a ring
     layer) in float32, Qwen2 (q/k/v biases) in float16, Qwen3 (per-head q/k norms over a
     head_dim of 32, in the first kernel too) in float32, and over a head_dim of 24 (no Triton
-    block: norm + wqkv, then torch's q/k norms, RoPE and cache write) in float32."""
+    block: norm + wqkv, then torch's q/k norms, RoPE and cache write) in float32; layers that
+    take some of the four: Gemma 3 (norm + wqkv fused, the rest split) and Qwen3-MoE (an MoE
+    layer's attention fused, its experts split; its dense layer whole), float32."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -198,8 +200,24 @@ def check_model_step() -> None:
              "qwen3": debug.with_updates(arch="qwen3", qk_norm=True, head_dim=32,
                                          norm_eps=1e-6)}
     specs["qwen3 head_dim 24"] = specs["qwen3"].with_updates(head_dim=24)
+    # layers that take some of the four: Gemma 3 its norm + wqkv (post-norms, GeGLU), an MoE
+    # layer its attention's two (the experts split; layer 1 of this one is dense: all four)
+    specs["gemma3"] = debug.with_updates(
+        arch="gemma3_text", qk_norm=True, head_dim=32, tie_embeddings=True, sliding_window=3,
+        sliding_window_layers=(0,), norms_per_layer=4, rope_local_theta=10000.0,
+        query_pre_attn_scalar=24.0, final_logit_softcap=30.0, norm_eps=1e-6)
+    specs["qwen3_moe"] = debug.with_updates(
+        arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True, n_experts=4,
+        n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,),
+        norm_eps=1e-6)
+    per_layer = {"gemma3": [["norm_qkv_rope_cache", "gemv", "gemv", "gemv"]] * 2,
+                 # the router's product runs the GEMV; the experts torch's gathered products
+                 "qwen3_moe": [["norm_qkv_rope_cache", "matvec_add", "gemv"],
+                               ["norm_qkv_rope_cache", "matvec_add", "norm_matvec_swiglu",
+                                "matvec_add"]]}
     steps, prompt = 3, 4
-    dtypes = (torch.float32, torch.float16, torch.float32, torch.float32)
+    dtypes = (torch.float32, torch.float16, torch.float32, torch.float32, torch.float32,
+              torch.float32)
     for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
@@ -215,7 +233,9 @@ def check_model_step() -> None:
             set_step_kernels(model, "split" if kind == "eager" else kind)
             for layer in model.layers:  # the attention is not what differs: the quick one
                 layer.attention.decode_attention = "math"
-            assert fused_step_layers(model) == (spec.n_layers if kind == "fused" else 0)
+            whole = 0 if kind != "fused" else 1 if arch == "qwen3_moe" else \
+                0 if arch == "gemma3" else spec.n_layers
+            assert fused_step_layers(model) == whole, f"{arch} {kind}"
             model.setup_cache(1, 16)
             ids = torch.randint(0, spec.vocab_size, (1, prompt),
                                 generator=torch.Generator().manual_seed(2))
@@ -229,9 +249,12 @@ def check_model_step() -> None:
                     out = model(ids[:, -1:], torch.tensor([i]))
             logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
             first = "norm_qkv_rope_cache" if spec.head_dim != 24 else "norm_matvec"
-            fused = [first, "matvec_add", "norm_matvec_swiglu", "matvec_add"]
-            want = {"eager": [], "split": ["gemv"] * (4 * spec.n_layers + 1),
-                    "fused": fused * spec.n_layers + ["gemv"]}[kind]  # + the output head
+            fused = per_layer.get(arch, [[first, "matvec_add", "norm_matvec_swiglu",
+                                          "matvec_add"]] * spec.n_layers)
+            split = [["gemv"] * (3 if arch == "qwen3_moe" and i == 0 else 4)
+                     for i in range(spec.n_layers)]
+            want = {"eager": [], "split": sum(split, []) + ["gemv"],
+                    "fused": sum(fused, []) + ["gemv"]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
         model_module.compiling = linear_module.compiling = lambda: True
         assert torch.equal(tokens["fused"], tokens["split"]), f"{arch}: tokens differ"

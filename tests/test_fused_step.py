@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from infermeter.engine.fusion import fuse_projections
-from infermeter.engine.model import STEP_KERNELS, build_model, set_step_kernels
+from infermeter.engine.model import (
+    FUSED_PARTS,
+    STEP_KERNELS,
+    build_model,
+    fused_step_layers,
+    fused_step_parts,
+    set_step_kernels,
+)
 from infermeter.specs.presets import PRESETS
 from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
@@ -165,6 +172,37 @@ def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(mo
     assert EngineRunner(model, eager[0], request).describe()["step_kernels"] is None
     EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
     assert {layer.step_kernels for layer in model.layers} == {"split"}
+
+
+@pytest.mark.parametrize("name,parts", [
+    ("llama-3.2-1b", FUSED_PARTS),
+    ("qwen3-0.6b", FUSED_PARTS),
+    # post-norms between each product and its add, GeGLU: only norm + wqkv
+    ("gemma-2-9b", ("attention_in",)), ("gemma-3-1b", ("attention_in",)),
+    # the experts stay split; the attention's two fuse
+    ("qwen3-30b-a3b", ("attention_in", "attention_out")),
+    ("mixtral-8x7b", ("attention_in", "attention_out")),
+    # wo's bias: only norm + wqkv (+ RoPE, cache); the sinks are the attention's, after it
+    ("gpt-oss-20b", ("attention_in",))])
+def test_each_layer_takes_the_fused_parts_its_architecture_allows(name, parts):
+    spec = PRESETS[name]
+    small = spec.with_updates(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                              ffn_dim=96, vocab_size=128,
+                              sliding_window_layers=tuple(i for i in spec.sliding_window_layers
+                                                          if i < 2),
+                              **({"n_experts": 4, "moe_ffn_dim": 32,
+                                  "n_active_experts": 2} if spec.is_moe else {}))
+    model = build_model(small, on_meta=True)
+    fuse_projections(model)
+    assert {layer.fused_parts() for layer in model.layers} == {parts}
+    set_step_kernels(model, "fused")
+    assert fused_step_parts(model) == len(parts) * small.n_layers
+    assert fused_step_layers(model) == (small.n_layers if parts == FUSED_PARTS else 0)
+    # a hook on any product (tensor parallelism's all-reduce on wo) leaves the layer split
+    model.layers[0].attention.wo.register_forward_hook(lambda *args: None)
+    assert model.layers[0].fused_parts() == ()
+    set_step_kernels(model, "split")
+    assert fused_step_parts(model) == 0
 
 
 def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):

@@ -58,8 +58,8 @@ Decisions:
 - A layer's step_kernels "fused" (set_step_kernels, opt-in until a GPU measures it) runs a
   compiled batch-1 step's layer as kernels/fused_step.py's four kernels (norms, SwiGLU and
   residual adds inside the products; q/k norms, RoPE and the cache write in wqkv's where
-  Attention.fuses_rope_and_cache allows), where fuses_step() allows; every other step is
-  unchanged.
+  Attention.fuses_rope_and_cache allows), each where fused_parts() allows it (a Gemma or MoE
+  layer takes some of the four); every other step is unchanged.
 - Tensor parallelism (parallel.py) shards a built model in place: it narrows the weights, sets
   each Attention's n_heads / n_kv_heads to the rank's share and adds the collectives as forward
   hooks. So everything here reads head counts from the Attention modules (the cache included),
@@ -357,27 +357,38 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, norm: RMSNorm | None = None,
                 residual: Tensor | None = None) -> Tensor:
-        """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step passes x un-normed with its norm
-        and the residual: norm + w13 + SwiGLU in one kernel, w2 + the add in another."""
-        if norm is not None and residual is not None and self.w13 is not None:
-            from infermeter.engine.kernels.fused_step import matvec_add, norm_matvec_swiglu
+        """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step (TransformerBlock.fused_parts)
+        may pass x un-normed with its norm (norm + w13 + SwiGLU in one kernel) and the residual
+        (w2 + the add in one kernel: the output is then residual + FFN(x))."""
+        if norm is not None and self.w13 is not None and not self.gelu:
+            from infermeter.engine.kernels.fused_step import norm_matvec_swiglu
 
             act = norm_matvec_swiglu(x.reshape(1, -1), norm.weight, self.w13.weight, norm.eps,
-                                     isinstance(norm, GemmaRMSNorm))
-            return matvec_add(act, self.w2.weight, residual.reshape(1, -1)).view_as(residual)
+                                     isinstance(norm, GemmaRMSNorm))  # [1, hidden]
+        else:
+            act = self._activation(x)  # [B, T, hidden]
+        if residual is not None:
+            from infermeter.engine.kernels.fused_step import matvec_add
+
+            return matvec_add(act.reshape(1, -1), self.w2.weight,
+                              residual.reshape(1, -1)).view_as(residual)
+        return self.w2(act.view(*x.shape[:-1], -1))
+
+    def _activation(self, x: Tensor) -> Tensor:
+        """act(gate) * up of x [B, T, dim] -> [B, T, hidden]."""
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         if self.gelu:  # the activation kernels are SiLU's; inductor fuses this one
-            return self.w2(F.gelu(gate, approximate="tanh") * up)
+            return F.gelu(gate, approximate="tanh") * up
         if self.activation_kernel != "inline" and compiling():
             from infermeter.engine.kernels.swiglu import silu_mul_kernel, swiglu_kernel_usable
 
             if self.activation_kernel == "triton" and swiglu_kernel_usable(gate):
-                return self.w2(silu_mul_kernel(gate, up))
-            return self.w2(silu_mul(gate, up))
-        return self.w2(F.silu(gate) * up)
+                return silu_mul_kernel(gate, up)
+            return silu_mul(gate, up)
+        return F.silu(gate) * up
 
 
 # (residual, delta, norm) -> (h, norm(h)) with h = residual + delta: the default is
@@ -401,6 +412,10 @@ MATERIALIZE_NORM = False
 # default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
 STEP_KERNEL = "split"
 STEP_KERNELS = ("split", "fused")
+# The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
+# norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU, w2 +
+# residual add.
+FUSED_PARTS = ("attention_in", "attention_out", "ffn_in", "ffn_out")
 
 
 class TransformerBlock(nn.Module):
@@ -422,24 +437,34 @@ class TransformerBlock(nn.Module):
         self.materialize_norm = MATERIALIZE_NORM
         self.step_kernels = STEP_KERNEL
 
-    def fuses_step(self) -> bool:
-        """Whether this layer can run the fused step: fused projections, a SwiGLU FFN (not MoE,
-        not Gemma's GeGLU and post-norms) and no hooks on its products (tensor parallelism's
-        collectives must come between a product and its residual add)."""
+    def fused_parts(self) -> tuple[str, ...]:
+        """Which of FUSED_PARTS this layer's step can take. attention_in needs wqkv fused;
+        attention_out a wo without bias (gpt-oss has one) and no post-norm between it and the
+        add (Gemma); ffn_in a dense SwiGLU FFN with w13 fused (not MoE, not Gemma's GeGLU);
+        ffn_out a dense FFN and no post-norm. A layer with hooks on any product takes none
+        (tensor parallelism's collectives must come between a product and its residual add)."""
         attention, ffn = self.attention, self.feed_forward
-        if attention.wqkv is None or not isinstance(ffn, FeedForward) or ffn.w13 is None \
-                or ffn.gelu or self.attention_post_norm is not None \
-                or attention.sinks is not None or attention.wo.bias is not None:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks
-                       for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
+        dense = isinstance(ffn, FeedForward)
+        products = [attention.wqkv, attention.wo] + ([ffn.w13, ffn.w2] if dense else [])
+        if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in products):
+            return ()
+        post = self.attention_post_norm is not None
+        takes = {"attention_in": attention.wqkv is not None,
+                 "attention_out": attention.wo.bias is None and not post,
+                 "ffn_in": dense and ffn.w13 is not None and not ffn.gelu,
+                 "ffn_out": dense and not post}
+        return tuple(part for part in FUSED_PARTS if takes[part])
+
+    def fuses_step(self) -> bool:
+        """Whether this layer runs the whole fused step (all four of FUSED_PARTS)."""
+        return len(self.fused_parts()) == len(FUSED_PARTS)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 blocks: BlockLists | None = None) -> Tensor:
-        if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling() \
-                and self.fuses_step() and fused_step_kernels_usable(x, self.fused_step_params()):
-            h = self.attention(x, cos, sin, input_pos, norm=self.attention_norm, residual=x)
-            return self.feed_forward(h, norm=self.ffn_norm, residual=h)
+        if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling():
+            parts = self.fused_parts()
+            if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
+                return self._fused_forward(x, cos, sin, input_pos, parts)
         normed = self.attention_norm(x)
         # Only a single row (batch 1, one token) becomes a matrix-vector reduction in inductor;
         # larger products go to cuBLAS, which reads a materialized input anyway.
@@ -452,12 +477,35 @@ class TransformerBlock(nn.Module):
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def fused_step_params(self) -> list[Tensor]:
-        """The weights the fused step's kernels read (fuses_step() first)."""
+    def _fused_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                       parts: tuple[str, ...]) -> Tensor:
+        """The batch-1 step x [1, 1, dim] with `parts` (fused_parts) in fused_step.py's kernels
+        and the rest as forward's split step runs it."""
+        attention_in, ffn_in = "attention_in" in parts, "ffn_in" in parts
+        out = self.attention(x if attention_in else self.attention_norm(x), cos, sin, input_pos,
+                             norm=self.attention_norm if attention_in else None,
+                             residual=x if "attention_out" in parts else None)
+        h = out if "attention_out" in parts else x + self._post(self.attention_post_norm, out)
+        if not isinstance(self.feed_forward, FeedForward):  # MoE: split
+            return h + self._post(self.ffn_post_norm, self.feed_forward(self.ffn_norm(h)))
+        out = self.feed_forward(h if ffn_in else self.ffn_norm(h),
+                                norm=self.ffn_norm if ffn_in else None,
+                                residual=h if "ffn_out" in parts else None)
+        return out if "ffn_out" in parts else h + self._post(self.ffn_post_norm, out)
+
+    @staticmethod
+    def _post(norm: RMSNorm | None, out: Tensor) -> Tensor:
+        """Gemma's post-norm of a block's output, where the layer has one."""
+        return out if norm is None else norm(out)
+
+    def fused_step_params(self, parts: tuple[str, ...]) -> list[Tensor]:
+        """The weights the fused step's kernels read for `parts` (fused_parts())."""
         attention, ffn = self.attention, self.feed_forward
-        assert attention.wqkv is not None and isinstance(ffn, FeedForward) and ffn.w13 is not None
-        return [self.attention_norm.weight, attention.wqkv.weight, attention.wo.weight,
-                self.ffn_norm.weight, ffn.w13.weight, ffn.w2.weight]
+        read = {"attention_in": lambda: [self.attention_norm.weight, attention.wqkv.weight],
+                "attention_out": lambda: [attention.wo.weight],
+                "ffn_in": lambda: [self.ffn_norm.weight, ffn.w13.weight],
+                "ffn_out": lambda: [ffn.w2.weight]}
+        return [weight for part in parts for weight in read[part]()]
 
     def forward_prenormed(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
                           input_pos: Tensor, next_norm: RMSNorm,
@@ -652,8 +700,15 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
 
 
 def fused_step_layers(model: Transformer) -> int:
-    """How many layers a compiled batch-1 step runs fused (asked for, and fuses_step())."""
+    """How many layers a compiled batch-1 step runs wholly fused (asked for, and fuses_step())."""
     return sum(layer.step_kernels == "fused" and layer.fuses_step() for layer in model.layers)
+
+
+def fused_step_parts(model: Transformer) -> int:
+    """How many of the layers' FUSED_PARTS a compiled batch-1 step runs fused (of
+    len(FUSED_PARTS) x layers)."""
+    return sum(len(layer.fused_parts()) for layer in model.layers
+               if layer.step_kernels == "fused")
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
