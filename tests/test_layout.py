@@ -184,5 +184,8 @@ def test_the_readme_is_a_front_door():
     assert "pip install -e '.[test]' && python -m pytest" in text  # the command CI runs
     # the main job on its default: `infermeter run` with no options ends a quick-start line
     assert re.search(r"infermeter run\s*(#.*)?$", text, re.MULTILINE)
-    for doc in ("docs/usage.md", "docs/design.md", "docs/engine.md", "results/README.md"):
+    user_docs = ("usage", "run", "kv", "copy", "generate", "offload", "gguf", "trace", "parallel",
+                 "report", "results")
+    for doc in (*(f"docs/{page}.md" for page in user_docs), "docs/design.md", "docs/engine.md",
+                "results/README.md"):
         assert (ROOT / doc).is_file() and doc in text, doc

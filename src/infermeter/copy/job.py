@@ -12,7 +12,7 @@ The pieces: copy_cases (layouts, cases), copy_chunks (chunk planning), copy_meth
 copy_host (host buffers, mapping), copy_bench (timing), copy_verify, copy_run (allocation and
 the case loop), link (NVML peak, NUMA), copy_diagnosis, copy_report; copy_ranks (tensor
 parallelism: every rank's Results as one, each case per rank and in total). Metric definitions
-are in docs/design.md and docs/usage.md (`infermeter copy`).
+are in docs/design.md and docs/copy.md.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def render_generate(results: Sequence[Any]) -> str:
                  "bytes (weights once, K/V written) at the HBM bandwidth and its FLOPs at the "
                  "matmul peak; TPOT: one decode step; decode tok/s: batch x steps / decode time "
                  "(prefill excluded); tok/s (seed): all new tokens / whole run; MBU (decode), "
-                 "prefill MBU, MFU (prefill): against the peaks measured above (docs/usage.md, "
-                 "`generate`)")
+                 "prefill MBU, MFU (prefill): against the peaks measured above (docs/generate.md, "
+                 "\"Timing\")")
     if moe:
         lines.append(MOE_LEGEND)
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Where one decode step's time goes, read from a Chrome/Perfetto trace (torch.profiler export).
 
-Method (docs/usage.md, "Where the time goes"):
+Method (docs/trace.md, "Where the time goes"):
 1. Steps: every `im/decode_step` range (trace_capture.py) is one decode step. The breakdown is of
    the median step by span (the steps of one capture differ by a context token only). A trace
    without such ranges (someone else's) is read as one window: the whole trace.

@@ -7,7 +7,7 @@ results file after each stage and makes the report from whatever exists at the e
 Defaults:
 - with a CUDA GPU, the reference setting (the seed's table): llama-2-7b, random fp16 weights,
   batch 1, a 512-token cache; copy moves it on the engine, contiguous and paged-16 layouts from
-  pinned memory (per-tensor and staged, the fastest methods measured, docs/usage.md) and the seed's
+  pinned memory (per-tensor and staged, the fastest methods measured, docs/copy.md) and the seed's
   way; generate runs the compiled mode, fixed length, 80 prompt + 432 new tokens = 512.
 - without one, the `debug` preset on the CPU: the same pipeline, a 64-token cache, eager, few
   repeats. Its numbers check the pipeline, they say nothing about a GPU.
@@ -36,7 +36,7 @@ SEED_NEW_TOKENS = 432  # the seed generated 432 tokens into a 512-token cache
 REFERENCE = {"model": "llama-2-7b", "batch": 1, "seq_len": 512, "dtype": "float16"}
 CPU_DEFAULT = {"model": "debug", "batch": 1, "seq_len": 64, "dtype": "float32"}
 # copy: the layouts an engine and a server hold; per-tensor and staged are the fastest pinned
-# methods measured (docs/usage.md); "seed" is the seed's own .cpu()/.cuda() per tensor, for
+# methods measured (docs/copy.md); "seed" is the seed's own .cpu()/.cuda() per tensor, for
 # comparison.
 COPY_LAYOUTS = ("engine", "contiguous", "paged")
 COPY_METHODS = ("per-tensor", "staged")
