@@ -4,7 +4,8 @@ before Triton is imported). Exits non-zero with the failing check's message; pri
 
 References are the unfused chain with eager's rounding points: RMSNorm (or GemmaRMSNorm) as the
 model computes it, a float32 product rounded once, silu(gate) * up as F.silu and a dtype product
-round, residual + the rounded product. One caveat for bfloat16: Triton's interpreter rounds
+round (gelu(gate) * up as torch's CUDA tanh-GELU computes and rounds it), residual + the rounded
+product. One caveat for bfloat16: Triton's interpreter rounds
 float32 -> bfloat16 toward zero (a GPU rounds to nearest even), so the bfloat16 references
 round the way this interpreter does (`rounder`); float16 and float32 round as torch does."""
 
@@ -26,8 +27,15 @@ from infermeter.engine.kernels.fused_step import (
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import GemmaRMSNorm, RMSNorm
 from infermeter.engine.opaque_ops import compiling
+from infermeter.specs.model import GEMMA_ARCHS
 
 EPS = 1e-5
+# torch's CUDA tanh-GELU constants as float32: kBeta = M_SQRT2 * M_2_SQRTPI * 0.5, kKappa
+GELU_BETA = torch.tensor(1.41421356237309504880 * 1.12837916709551257390 * 0.5)
+GELU_KAPPA = torch.tensor(0.044715)
+# How far the interpreter's tanh (2 sigmoid(2x) - 1: no libdevice here) may be from torch's:
+# a few float32 ulp of 1 (sigmoid's exp and division, the subtraction's rounding)
+TANH_ERROR = 2.0 ** -21
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 # (rows N, columns K): ragged rows against BLOCK_N, one ragged column tile (tiles_for's 1024 and
 # 2048 columns), three column tiles of 2048 with the last one partial (5000)
@@ -149,6 +157,52 @@ def check_gemv_swiglu() -> None:
                   f"gemv_swiglu {dtype} {hidden}x{n_cols} norm {normed_in}")
 
 
+def gelu_tanh(gate: torch.Tensor) -> torch.Tensor:
+    """float32 F.gelu(gate, approximate="tanh") in the order of torch's CUDA kernel (float32
+    opmath; each torch op here rounds once, as the kernel's products and sums do)."""
+    inner = GELU_BETA * (gate + GELU_KAPPA * (gate * gate * gate))
+    return 0.5 * gate * (1 + torch.tanh(inner))
+
+
+def gelu_bounds(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
+    """(low, high) float32 bounds of the kernel's rnd(rnd(gelu(gate)) * up) for gate, up dtype
+    values in float32: eager's rounding points, about a float32 gelu that the interpreter's tanh
+    may move by up to 0.5 |gate| TANH_ERROR (and its float32 rounding by an ulp). On a GPU the
+    tanh is torch's (the gpu tests: to the bit)."""
+    rnd = rounder(dtype)
+    gelu = gelu_tanh(gate).double()
+    ulp = torch.finfo(torch.float32).eps * gelu.abs()
+    slack = 0.5 * gate.abs().double() * TANH_ERROR + ulp
+    ends = [rnd(rnd((gelu + sign * slack).float()) * up) for sign in (-1, 1)]
+    return torch.minimum(*ends), torch.maximum(*ends)
+
+
+def check_gemv_geglu() -> None:
+    """norm + w13 + GeGLU (Gemma's FFN input: GemmaRMSNorm's (1 + w), gelu instead of silu) as
+    check_gemv_swiglu checks SwiGLU, with its tolerances (gelu's slope is under 1.2 too)."""
+    gen = torch.Generator().manual_seed(17)
+    for dtype in ULP:
+        rnd = rounder(dtype)
+        for (hidden, n_cols), normed_in in zip(SHAPES, (True, False, True), strict=True):
+            x, norm_w, w13, _ = operands(gen, 2 * hidden, n_cols, dtype)
+            w13 = w13 / 4  # gate values where gelu bends
+            norm_w = (norm_w - 1).to(dtype)  # Gemma's weights are offsets from 1
+            inputs = reference_norm(x, norm_w, True) if normed_in else x.float()
+            gate, up = rnd(inputs @ w13.float().T).chunk(2, dim=-1)
+            want = rnd(rnd(gelu_tanh(gate)) * up)
+            if dtype != torch.bfloat16:  # eager's activation (CPU: its own tanh and order)
+                eager = (F.gelu(gate.to(dtype), approximate="tanh") * up.to(dtype)).float()
+                torch.testing.assert_close(want, eager, rtol=2 * ULP[dtype],
+                                           atol=ULP[dtype] * up.abs().max().item())
+            got = gemv_swiglu(x, norm_w if normed_in else None, w13, EPS, True, True)
+            assert got.dtype == dtype and got.shape == (1, hidden), f"gemv_geglu {dtype}"
+            terms = inputs.abs() * w13.float().abs()
+            scale = 2 * terms.sum(1).max().item() * up.abs().max().item()
+            close(got, want, scale, 4 * ULP[dtype] * up.abs().max().item() * terms.max().item()
+                  + 2 * ULP[dtype] * want.abs().max().item(),
+                  f"gemv_geglu {dtype} {hidden}x{n_cols} norm {normed_in}")
+
+
 def check_gemv_add() -> None:
     gen = torch.Generator().manual_seed(13)
     for dtype in ULP:
@@ -171,8 +225,9 @@ def check_model_step() -> None:
     layer) in float32, Qwen2 (q/k/v biases) in float16, Qwen3 (per-head q/k norms over a
     head_dim of 32, in the first kernel too) in float32, and over a head_dim of 24 (no Triton
     block: norm + wqkv, then torch's q/k norms, RoPE and cache write) in float32; layers that
-    take some of the four: Gemma 3 (norm + wqkv fused, the rest split) and Qwen3-MoE (an MoE
-    layer's attention fused, its experts split; its dense layer whole), float32."""
+    take some of the four: Gemma 3 (norm + wqkv and norm + w13 + GeGLU fused, the products
+    before its post-norms split) and Qwen3-MoE (an MoE layer's attention fused, its experts
+    split; its dense layer whole), float32."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -200,8 +255,9 @@ def check_model_step() -> None:
              "qwen3": debug.with_updates(arch="qwen3", qk_norm=True, head_dim=32,
                                          norm_eps=1e-6)}
     specs["qwen3 head_dim 24"] = specs["qwen3"].with_updates(head_dim=24)
-    # layers that take some of the four: Gemma 3 its norm + wqkv (post-norms, GeGLU), an MoE
-    # layer its attention's two (the experts split; layer 1 of this one is dense: all four)
+    # layers that take some of the four: Gemma 3 its norm + wqkv and norm + w13 + GeGLU (its
+    # post-norms keep wo and w2 split), an MoE layer its attention's two (the experts split;
+    # layer 1 of this one is dense: all four)
     specs["gemma3"] = debug.with_updates(
         arch="gemma3_text", qk_norm=True, head_dim=32, tie_embeddings=True, sliding_window=3,
         sliding_window_layers=(0,), norms_per_layer=4, rope_local_theta=10000.0,
@@ -210,7 +266,7 @@ def check_model_step() -> None:
         arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True, n_experts=4,
         n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,),
         norm_eps=1e-6)
-    per_layer = {"gemma3": [["norm_qkv_rope_cache", "gemv", "gemv", "gemv"]] * 2,
+    per_layer = {"gemma3": [["norm_qkv_rope_cache", "gemv", "norm_matvec_swiglu", "gemv"]] * 2,
                  # the router's product runs the GEMV; the experts torch's gathered products
                  "qwen3_moe": [["norm_qkv_rope_cache", "matvec_add", "gemv"],
                                ["norm_qkv_rope_cache", "matvec_add", "norm_matvec_swiglu",
@@ -288,6 +344,15 @@ def check_rounding_points() -> None:
         got = gemv_swiglu(x, norm_w, one.to(dtype), EPS, False).float()
         torch.testing.assert_close(got, want, rtol=2 * ULP[dtype] if dtype == torch.float32
                                    else 0, atol=0, msg=lambda m, d=dtype: f"swiglu {d}: {m}")
+        for pdl in (False, True):  # GeGLU (Gemma's norm), and the PDL launch's arithmetic
+            gate, up = (reference_norm(x, norm_w, True) @ one.T).chunk(2, dim=-1)
+            low, high = gelu_bounds(gate, up, dtype)
+            got = gemv_swiglu(x, norm_w, one.to(dtype), EPS, True, True) if not pdl else \
+                _fused_gemv(x, one.to(dtype), norm_w, None, EPS, True, True, pdl=True,
+                            gelu=True)
+            got = got.float()
+            assert bool(((low <= got) & (got <= high)).all()), \
+                f"geglu rounding {dtype} pdl {pdl}: {got} not in [{low}, {high}]"
         x = torch.randn(1, n_cols, generator=gen).to(dtype)  # sums of two need a rounding
         want = rnd(residual.float() + rnd(x.float() @ two[:n_rows].T))
         got = gemv_add(x, two[:n_rows].to(dtype), residual).float()
@@ -464,7 +529,8 @@ def check_compiled_trace() -> None:
     the interpreter cannot run under dynamo's fake tensors), the only RMSNorm left in the graph
     is the final one, no RoPE or cache write is, and the traced step's logits are the
     uncompiled fused step's: the debug model, and a Qwen3-like one (its q/k norms in the first
-    kernel too)."""
+    kernel too); a Gemma 3-like one takes its two input kernels (GeGLU's, gelu=True) and keeps
+    the GEMV and each post-norm for wo and w2."""
     from infermeter.engine.model import build_model
     from infermeter.specs.presets import PRESETS
 
@@ -481,14 +547,23 @@ def check_compiled_trace() -> None:
     # interpreter's cost is per program; the graph does not depend on the tiles)
     real_tiles = gemv_module.tiles_for
     gemv_module.tiles_for = fused_step.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
-    for spec in (PRESETS["debug"], PRESETS["debug"].with_updates(arch="qwen3", qk_norm=True)):
+    debug = PRESETS["debug"]
+    whole = ["norm_qkv_rope_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"]
+    gemma = debug.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32,
+                               tie_embeddings=True, norms_per_layer=4, norm_eps=1e-6)
+    # (spec, a layer's ops, RMSNorms left in the graph: the final one and Gemma's post-norms)
+    for spec, layer_ops, norms in (
+            (debug, whole, 1), (debug.with_updates(arch="qwen3", qk_norm=True), whole, 1),
+            (gemma, ["norm_qkv_rope_pdl", "gemv_pdl", "gemv_swiglu_pdl", "gemv_pdl"],
+             1 + 2 * gemma.n_layers)):
         graphs.clear()
-        trace_step(build_model(spec, seed=1), keep, graphs)
+        trace_step(build_model(spec, seed=1), keep, graphs, layer_ops, norms)
     gemv_module.tiles_for = fused_step.tiles_for = real_tiles
 
 
-def trace_step(model, keep, graphs) -> None:
-    """check_compiled_trace's checks on one model (built, no cache yet)."""
+def trace_step(model, keep, graphs, layer_ops: list[str], norms: int) -> None:
+    """check_compiled_trace's checks on one model (built, no cache yet): a layer's ops in the
+    graph are layer_ops, and `norms` RMSNorms are left."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import pdl
     from infermeter.engine.model import set_step_kernels
@@ -511,9 +586,11 @@ def trace_step(model, keep, graphs) -> None:
         model_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    assert ours == ["norm_qkv_rope_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"] \
-        * spec.n_layers + ["gemv_pdl"], (spec.arch, ours)
-    assert sum("rsqrt" in t for t in targets) == 1, f"{spec.arch}: a layer's norm left in"
+    assert ours == layer_ops * spec.n_layers + ["gemv_pdl"], (spec.arch, ours)
+    gelu = [node.args[5:] == (True,) for node in graphs[-1].graph.nodes
+            if "gemv_swiglu_pdl" in str(node.target)]  # GeGLU's op: gelu=True
+    assert gelu == [spec.arch in GEMMA_ARCHS] * spec.n_layers, (spec.arch, gelu)
+    assert sum("rsqrt" in t for t in targets) == norms, f"{spec.arch}: a layer's norm left in"
     # RoPE (apply_rope's stack of the rotated pairs) and the cache write run in the kernel
     assert not any("stack" in t or "index_copy" in t for t in targets), \
         f"{spec.arch}: RoPE or a cache write"
@@ -522,8 +599,9 @@ def trace_step(model, keep, graphs) -> None:
 
 
 def check_layers_it_cannot_fuse_stay_split() -> None:
-    """Gemma (post-norms, GeGLU) and a layer with a forward hook on wo (as tensor parallelism
-    adds its all-reduce) keep the split step."""
+    """Gemma (post-norms between wo's and w2's products and their adds: only the two input
+    parts fuse) and a layer with a forward hook on wo (as tensor parallelism adds its
+    all-reduce) do not run the whole fused step."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
     from infermeter.specs.presets import PRESETS
@@ -532,6 +610,7 @@ def check_layers_it_cannot_fuse_stay_split() -> None:
     fuse_projections(gemma)
     set_step_kernels(gemma, "fused")
     assert fused_step_layers(gemma) == 0, "gemma fused"
+    assert {layer.fused_parts() for layer in gemma.layers} == {("attention_in", "ffn_in")}
     model = build_model(PRESETS["debug"])
     fuse_projections(model)
     set_step_kernels(model, "fused")
@@ -542,6 +621,7 @@ def check_layers_it_cannot_fuse_stay_split() -> None:
 if __name__ == "__main__":
     check_norm_gemv()
     check_gemv_swiglu()
+    check_gemv_geglu()
     check_gemv_add()
     check_rounding_points()
     check_norm_qkv_rope()

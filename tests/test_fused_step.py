@@ -53,18 +53,24 @@ def assert_exact_divisions(lines: list[str], divides: bool, what: str) -> None:
 def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
     """Each fused op launched with PDL, compiled for sm_90: the wait comes before the release,
     and before the wait only weights are loaded (evict-first: the first tile); x, the norm
-    weight and the residual after it. No approximate division anywhere (the norm's mean, SiLU)."""
+    weight and the residual after it. No approximate division anywhere (the norm's mean, SiLU).
+    GeGLU's gelu (Gemma's norm), as a CUDA x launches it: its six products a value are PTX
+    mul.rn (never folded into an FMA with the add after kappa * x^3, which eager rounds first)
+    and its tanh is libdevice's (tanhf's ex2.approx.ftz, not tl.exp's ex2.approx.f32)."""
     from infermeter.engine.kernels.fused_step import _fused_gemv
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
     dtype = torch.bfloat16
     x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
     weight, residual = torch.zeros(40, 2560, dtype=dtype), torch.zeros(1, 40, dtype=dtype)
-    calls = {"norm + product": (norm_w, None, False), "norm + w13 + swiglu": (norm_w, None, True),
-             "product + add": (None, residual, False)}
-    for name, (norm, res, swiglu) in calls.items():
-        launches = pdl_launches(monkeypatch, lambda n=norm, r=res, s=swiglu: _fused_gemv(
-            x, weight, n, r, 1e-5, False, s, pdl=True))
+    calls = {"norm + product": (norm_w, None, False, False),
+             "norm + w13 + swiglu": (norm_w, None, True, False),
+             "gemma norm + w13 + geglu": (norm_w, None, True, True),
+             "w13 + geglu": (None, None, True, True),
+             "product + add": (None, residual, False, False)}
+    for name, (norm, res, swiglu, gelu) in calls.items():
+        launches = pdl_launches(monkeypatch, lambda n=norm, r=res, s=swiglu, g=gelu: _fused_gemv(
+            x, weight, n, r, 1e-5, g, s, pdl=True, gelu=g))
         assert len(launches) == 1
         kernel, args, kwargs = launches[0]
         assert kwargs["LIBDEVICE"] is False  # x on the CPU: as a CUDA x launches it, below
@@ -72,7 +78,13 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
         early = [line for line in lines[:wait] if "ld.global" in line]
         assert early and all("evict_first" in line for line in early), name
         assert first(lines, "ld.global", wait) < len(lines), name  # x, after the wait
-        assert_exact_divisions(lines, norm is not None, name)
+        assert_exact_divisions(lines, norm is not None or (swiglu and not gelu), name)
+        assert kwargs["GELU"] == gelu, name
+        products = sum("mul.rn.f32" in line for line in lines)
+        assert (products > 0 and products % 6 == 0) == gelu, (name, products)
+        if gelu:
+            assert any("ex2.approx.ftz.f32" in line for line in lines), name
+            assert not any("ex2.approx.f32" in line for line in lines), name
 
 
 @needs_triton
@@ -177,8 +189,8 @@ def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(mo
 @pytest.mark.parametrize("name,parts", [
     ("llama-3.2-1b", FUSED_PARTS),
     ("qwen3-0.6b", FUSED_PARTS),
-    # post-norms between each product and its add, GeGLU: only norm + wqkv
-    ("gemma-2-9b", ("attention_in",)), ("gemma-3-1b", ("attention_in",)),
+    # post-norms between each product and its add: norm + wqkv and norm + w13 + GeGLU
+    ("gemma-2-9b", ("attention_in", "ffn_in")), ("gemma-3-1b", ("attention_in", "ffn_in")),
     # the experts stay split; the attention's two fuse
     ("qwen3-30b-a3b", ("attention_in", "attention_out")),
     ("mixtral-8x7b", ("attention_in", "attention_out")),
@@ -298,3 +310,36 @@ def test_on_cuda_the_norm_and_silu_are_eagers_to_the_bit(dtype):
         want = F.silu(gate) * up  # eager: silu rounded to the dtype, the product rounded
         got = gemv_swiglu(x, norm.weight, one.to(dtype), 1e-5, False)
         assert torch.equal(got, want), (dtype, trial)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_on_cuda_the_geglu_is_eagers_to_the_bit(dtype):
+    """On a GPU: w13 + GeGLU with weight rows that each pick one column of x (gate and up are
+    x's values, exact) equals F.gelu(gate, approximate="tanh") * up to the bit, over gates of
+    several scales and from -12 to 12 (exact_math.exact_gelu_tanh: torch's CUDA kernel's order
+    and libdevice tanhf); and after Gemma's norm, as the Gemma step runs it."""
+    import torch.nn.functional as F
+
+    from infermeter.engine.kernels.fused_step import gemv_swiglu
+    from infermeter.engine.model import GemmaRMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n_cols = 4096
+    pick = torch.cat([torch.arange(n_cols, device="cuda"),
+                      torch.randint(0, n_cols, (n_cols,), device="cuda", generator=gen)])
+    w13 = torch.zeros(2 * n_cols, n_cols, device="cuda").scatter_(1, pick[:, None], 1.0)
+    w13 = w13.to(dtype)
+    for x in [torch.randn(1, n_cols, device="cuda", generator=gen) * s for s in (0.3, 1, 3, 8)] \
+            + [torch.linspace(-12, 12, n_cols, device="cuda")[None]]:
+        x = x.to(dtype)
+        gate, up = x[:, pick[:n_cols]], x[:, pick[n_cols:]]
+        want = F.gelu(gate, approximate="tanh") * up
+        assert torch.equal(gemv_swiglu(x, None, w13, 1e-6, True, True), want), dtype
+    norm = GemmaRMSNorm(n_cols, 1e-6).to("cuda", dtype)
+    norm.weight.data.copy_(0.3 * torch.randn(n_cols, device="cuda", generator=gen))
+    x = (torch.randint(-12, 13, (1, n_cols), device="cuda", generator=gen) / 4).to(dtype)
+    gate, up = norm(x)[:, pick].chunk(2, dim=-1)  # quarter-integers: the sum of squares exact
+    got = gemv_swiglu(x, norm.weight, w13, 1e-6, True, True)
+    assert torch.equal(got, F.gelu(gate, approximate="tanh") * up), dtype

@@ -42,11 +42,11 @@ Decisions:
   RoPE tables of rope_local_theta, global ones rope_theta with its scaling (setup_cache builds
   both); query_pre_attn_scalar is a rescale of q after RoPE, so every attention path (SDPA, math,
   flex, the Triton kernel) keeps its head_dim ** -0.5; GeGLU's gelu is left to inductor (the
-  activation kernels are SiLU's); the peer all-reduce fused with add and norm (add_norm) is
-  refused, since Gemma's post-norms sit between the all-reduce and the residual add. Gemma 3
-  alone has q/k norms and a local RoPE base; Gemma 2 soft-caps attention logits (every path:
-  the math products, flex's score_mod, the Triton kernel; prefill leaves SDPA for the math
-  products, which can cap).
+  activation kernels are SiLU's; the fused step's norm + w13 kernel computes it); the peer
+  all-reduce fused with add and norm (add_norm) is refused, since Gemma's post-norms sit
+  between the all-reduce and the residual add. Gemma 3 alone has q/k norms and a local RoPE
+  base; Gemma 2 soft-caps attention logits (every path: the math products, flex's score_mod,
+  the Triton kernel; prefill leaves SDPA for the math products, which can cap).
 - Fused projections at run time (fusion.py, what Generator does by default): wq/wk/wv become one
   `wqkv` and w1/w3 one `w13`, so a decode step runs 4 matrix-vector products per layer instead
   of 7 (larger reads get nearer HBM bandwidth). Checkpoints keep Meta's names: loading happens
@@ -358,13 +358,13 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, norm: RMSNorm | None = None,
                 residual: Tensor | None = None) -> Tensor:
         """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step (TransformerBlock.fused_parts)
-        may pass x un-normed with its norm (norm + w13 + SwiGLU in one kernel) and the residual
-        (w2 + the add in one kernel: the output is then residual + FFN(x))."""
-        if norm is not None and self.w13 is not None and not self.gelu:
+        may pass x un-normed with its norm (norm + w13 + SwiGLU or GeGLU in one kernel) and the
+        residual (w2 + the add in one kernel: the output is then residual + FFN(x))."""
+        if norm is not None and self.w13 is not None:
             from infermeter.engine.kernels.fused_step import norm_matvec_swiglu
 
             act = norm_matvec_swiglu(x.reshape(1, -1), norm.weight, self.w13.weight, norm.eps,
-                                     isinstance(norm, GemmaRMSNorm))  # [1, hidden]
+                                     isinstance(norm, GemmaRMSNorm), self.gelu)  # [1, hidden]
         else:
             act = self._activation(x)  # [B, T, hidden]
         if residual is not None:
@@ -407,14 +407,15 @@ MATERIALIZE_NORM = False
 
 # How a compiled batch-1 step runs a layer: "split" (the default: norms, products, activation
 # and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv + RoPE + cache
-# write, wo + add, norm + w13 + SwiGLU, w2 + add: 4 kernels for 7 and RoPE's and the write's).
+# write, wo + add, norm + w13 + SwiGLU (or GeGLU), w2 + add: 4 kernels for 7 and RoPE's and the
+# write's).
 # Prefill and batch > 1 are always split. The
 # default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
 STEP_KERNEL = "split"
 STEP_KERNELS = ("split", "fused")
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
-# norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU, w2 +
-# residual add.
+# norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU (or
+# GeGLU), w2 + residual add.
 FUSED_PARTS = ("attention_in", "attention_out", "ffn_in", "ffn_out")
 
 
@@ -440,7 +441,7 @@ class TransformerBlock(nn.Module):
     def fused_parts(self) -> tuple[str, ...]:
         """Which of FUSED_PARTS this layer's step can take. attention_in needs wqkv fused;
         attention_out a wo without bias (gpt-oss has one) and no post-norm between it and the
-        add (Gemma); ffn_in a dense SwiGLU FFN with w13 fused (not MoE, not Gemma's GeGLU);
+        add (Gemma); ffn_in a dense FFN with w13 fused (SwiGLU, or Gemma's GeGLU; not MoE);
         ffn_out a dense FFN and no post-norm. A layer with hooks on any product takes none
         (tensor parallelism's collectives must come between a product and its residual add)."""
         attention, ffn = self.attention, self.feed_forward
@@ -451,7 +452,7 @@ class TransformerBlock(nn.Module):
         post = self.attention_post_norm is not None
         takes = {"attention_in": attention.wqkv is not None,
                  "attention_out": attention.wo.bias is None and not post,
-                 "ffn_in": dense and ffn.w13 is not None and not ffn.gelu,
+                 "ffn_in": dense and ffn.w13 is not None,
                  "ffn_out": dense and not post}
         return tuple(part for part in FUSED_PARTS if takes[part])
 

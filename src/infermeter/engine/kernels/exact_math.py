@@ -8,12 +8,17 @@ exactly and call libdevice's expf and tanhf. So:
 - silu is x / (1 + exp(-x)) with an IEEE division (div.rn) and libdevice's expf, as torch's
   CUDA silu kernel computes it; sigmoid 1 / (1 + exp(-x)) the same way (torch's CUDA sigmoid);
 - tanh is libdevice's tanhf, as torch.tanh on CUDA;
+- tanh-GELU is 0.5 x (1 + tanh(beta (x + kappa x^3))) in the order of torch's CUDA kernel
+  (ActivationGeluKernel.cu, float32 opmath, its tanhf libdevice's), each product PTX mul.rn
+  (uncontracted_product): Triton's default FP fusion would fold x + kappa * x^3 into an FMA;
 - a division by a Python number is a product with its float32 reciprocal, rounded once
   (float32_reciprocal), as torch's CUDA division by a scalar computes it;
 - a mean is the sum times 1/n, the reciprocal divided exactly and rounded once (exact_mean),
   as torch's CUDA mean reduces.
 LIBDEVICE off (Triton's CPU interpreter, which has no libdevice; compiled_for_gpu says which):
-exp is tl.exp and tanh 2 sigmoid(2x) - 1, within a few float32 ulp.
+exp is tl.exp and tanh 2 sigmoid(2x) - 1, within a few float32 ulp (of 1, for tanh: near -1
+that is many of 1 + tanh's ulp, which GELU's negative tail inherits); products plain (the
+interpreter never fuses, and runs no PTX).
 """
 
 from __future__ import annotations
@@ -67,6 +72,32 @@ if triton is not None:
         if LIBDEVICE:
             return libdevice.tanh(x)
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def uncontracted_product(a, b, UNCONTRACTED: tl.constexpr):
+        """a * b in float32, kept out of an FMA with an add after it when UNCONTRACTED (built
+        for a GPU, Triton would fuse a * b + c where eager rounds the product first; PTX's
+        mul.rn is never fused, nor flushes subnormals)."""
+        if UNCONTRACTED:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return a * b
+
+    @triton.jit
+    def exact_gelu_tanh(x, LIBDEVICE: tl.constexpr):
+        """float32 tanh-approximate GELU as torch's CUDA kernel computes it: x_cube = x * x * x,
+        inner = beta * (x + kappa * x_cube), 0.5 * x * (1 + tanh(inner)), each product rounded
+        (mul.rn with LIBDEVICE, a GPU build) and tanh exact_tanh. beta is
+        M_SQRT2 * M_2_SQRTPI * 0.5 and kappa 0.044715, both as float32 (these literals are
+        those float32 values)."""
+        beta = tl.full(x.shape, 0.7978845834732056, tl.float32)
+        kappa = tl.full(x.shape, 0.044714998453855515, tl.float32)
+        half = tl.full(x.shape, 0.5, tl.float32)
+        x_cube = uncontracted_product(uncontracted_product(x, x, LIBDEVICE), x, LIBDEVICE)
+        inner = uncontracted_product(beta, x + uncontracted_product(kappa, x_cube, LIBDEVICE),
+                                     LIBDEVICE)
+        return uncontracted_product(uncontracted_product(half, x, LIBDEVICE),
+                                    1.0 + exact_tanh(inner, LIBDEVICE), LIBDEVICE)
 
     @triton.jit
     def exact_mean(total, n):

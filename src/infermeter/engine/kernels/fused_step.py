@@ -10,7 +10,7 @@ same attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels 
 7 and RoPE's and the cache write's (and, for Qwen3, its per-head q/k norms' between wqkv and
 RoPE: the first kernel norms them too).
 
-One kernel, four constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
+One kernel, five constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
 a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
   HAS_NORM      x is RMS-normed on the way in. Every program first sums x's squares over K
                 itself (x is a few thousand values, read from L2, cheap against its weight rows;
@@ -19,6 +19,7 @@ a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
   SWIGLU        the weight is w13 [2H, K]: a program computes gate rows r and up rows H + r from
                 the same x tiles and writes silu(gate) * up [1, H] (BLOCK_N / 2 of each, so its
                 registers hold what the GEMV's program would).
+  GELU          with SWIGLU, GeGLU's tanh-approximate gelu(gate) * up instead (Gemma 2 and 3).
   HAS_RESIDUAL  out = residual + x @ W^T (wo's and w2's products and the add after them).
 And _norm_qkv_rope_kernel, the same tiling for norm + wqkv: a program's rows are adjacent pairs
 (rope.py's interleaved pairs), even and odd rows in two accumulators as SWIGLU's gate and up, so
@@ -37,13 +38,16 @@ Numerics: the eager path's rounding points, so that a fused step stays as near e
   CPU backend does, tried on a bf16 row: a fifth of the values one unit off eager's). Only
   the sum of squares runs in another order than torch's mean (float32 both).
 - products and sums in float32, each product rounded to the dtype once (as gemv.py); gate and
-  up rounded, silu in float32 rounded, its product with up rounded (swiglu.py's and eager's
-  points); the residual add is of the rounded product, rounded again (eager adds two dtype
-  tensors; so does the split step); wqkv's product rounded, Qwen2's bias added and rounded,
-  the q/k norms as the input norm (float32 sum of squares over the head's rounded values,
-  x * rsqrt(mean + eps) rounded, times w rounded; Gemma's (1 + w) rounded once), RoPE in
-  float32 from those values, each of its four products rounded to float32 before the
-  add (PTX mul.rn on a GPU, which Triton's FP fusion cannot fold into an FMA), rounded once.
+  up rounded, silu (or GELU) in float32 rounded, its product with up rounded (swiglu.py's and
+  eager's points); GELU as torch's CUDA kernel orders it, every product rounded (mul.rn on a
+  GPU, exact_math.exact_gelu_tanh: Triton would fold x + kappa * x^3 into an FMA) and tanh
+  libdevice's tanhf, torch's; the residual add is of the rounded product, rounded again
+  (eager adds two dtype tensors; so does the split step); wqkv's product rounded, Qwen2's
+  bias added and rounded, the q/k norms as the input norm (float32 sum of squares over the
+  head's rounded values, x * rsqrt(mean + eps) rounded, times w rounded; Gemma's (1 + w)
+  rounded once), RoPE in float32 from those values, each of its four products rounded to
+  float32 before the add (PTX mul.rn on a GPU, which Triton's FP fusion cannot fold into an
+  FMA), rounded once.
 So fused and eager part only where a float32 sum order decides a rounding (the norms' sums of
 squares; the products' order against cuBLAS's); fused and split also where inductor's single
 norm rounding differs from eager's two. Random weights make such ties flip greedy tokens now
@@ -70,7 +74,12 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.exact_math import exact_mean, exact_silu
+    from infermeter.engine.kernels.exact_math import (
+        exact_gelu_tanh,
+        exact_mean,
+        exact_silu,
+        uncontracted_product,
+    )
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
     # div.approx.f32, within 2 ulp of the quotient):
@@ -80,6 +89,8 @@ if triton is not None:
     #   torch's CUDA silu kernel computes it (exact_math.exact_silu; Triton's tl.exp is
     #   ex2.approx of x * log2(e)); LIBDEVICE off (Triton's interpreter, which has no
     #   libdevice): tl.exp;
+    # - tanh-GELU is torch's CUDA kernel's float32 formula in its order with libdevice's tanhf
+    #   (exact_math.exact_gelu_tanh), its products mul.rn;
     # - rsqrt stays tl.rsqrt, rsqrt.approx.ftz.f32: torch.rsqrt on CUDA is rsqrtf, the same
     #   approximation (rsqrt.approx.f32); ftz differs only for subnormal inputs and outputs,
     #   and mean(x^2) + eps >= eps is normal.
@@ -116,7 +127,8 @@ if triton is not None:
                            EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
                            SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
+                           LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False,
+                           GELU: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -153,26 +165,18 @@ if triton is not None:
                 acc_up += w_up.to(tl.float32) * x[None, :]
         dtype = OUT.dtype.element_ty
         out = tl.sum(acc, 1)
-        if SWIGLU:  # eager's roundings: gate and up, silu, their product (swiglu.py)
+        if SWIGLU:  # eager's roundings: gate and up, the activation, their product (swiglu.py)
             gate = out.to(dtype).to(tl.float32)
             up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
-            silu = exact_silu(gate, LIBDEVICE).to(dtype).to(tl.float32)
-            out = silu * up
+            if GELU:  # F.gelu(gate, approximate="tanh") * up
+                act = exact_gelu_tanh(gate, LIBDEVICE)
+            else:
+                act = exact_silu(gate, LIBDEVICE)
+            out = act.to(dtype).to(tl.float32) * up
         if HAS_RESIDUAL:  # residual + the product rounded, as two dtype tensors add
             residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
             out = residual + out.to(dtype).to(tl.float32)
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
-
-    @triton.jit
-    def _product(a, b, UNCONTRACTED: tl.constexpr):
-        """a * b in float32, kept out of an FMA with the add after it when UNCONTRACTED (on a
-        GPU Triton would fuse a * b + c, where eager's RoPE rounds the product first; PTX's
-        mul.rn is never fused, nor flushes subnormals. The interpreter never fuses, and runs
-        no PTX)."""
-        if UNCONTRACTED:
-            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        return a * b
 
     @triton.jit
     def _norm_qkv_rope_kernel(X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
@@ -233,7 +237,8 @@ if triton is not None:
         is_q = rows < n_q
         if QK_NORM:  # the head's RMSNorm with eager's roundings (as _input_tile's); each
             # square rounded as torch's pow(2) rounds it, not folded into the sum's adds
-            squares = _product(a, a, UNCONTRACTED) + _product(b, b, UNCONTRACTED)
+            squares = uncontracted_product(a, a, UNCONTRACTED) + \
+                uncontracted_product(b, b, UNCONTRACTED)
             # torch's CUDA mean: sum * (1 / HEAD_DIM), the factor folded here (HEAD_DIM a
             # power of two: exact)
             head_inv_rms = tl.rsqrt(tl.sum(squares, 0) * (1.0 / HEAD_DIM) + QK_EPS)
@@ -255,8 +260,11 @@ if triton is not None:
         angle = (rows % HEAD_DIM) // 2
         cos = tl.load(COS + angle, mask=row_ok, other=1.0)
         sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
-        a_cos, b_sin = _product(a, cos, UNCONTRACTED), _product(b, sin, UNCONTRACTED)
-        a_sin, b_cos = _product(a, sin, UNCONTRACTED), _product(b, cos, UNCONTRACTED)
+        # each product rounded before its add, as eager's (mul.rn on a GPU: never an FMA)
+        a_cos = uncontracted_product(a, cos, UNCONTRACTED)
+        b_sin = uncontracted_product(b, sin, UNCONTRACTED)
+        a_sin = uncontracted_product(a, sin, UNCONTRACTED)
+        b_cos = uncontracted_product(b, cos, UNCONTRACTED)
         even = tl.where(is_v, a, a_cos - b_sin).to(dtype)
         odd = tl.where(is_v, b, a_sin + b_cos).to(dtype)
         tl.store(Q_OUT + rows, even, mask=row_ok & is_q)
@@ -282,8 +290,9 @@ if triton is not None:
 
 
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
-                eps: float, gemma: bool, swiglu: bool, pdl: bool) -> Tensor:
-    """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]) in x's dtype."""
+                eps: float, gemma: bool, swiglu: bool, pdl: bool, gelu: bool = False) -> Tensor:
+    """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]: silu(gate) * up,
+    tanh-GELU's with gelu) in x's dtype."""
     n_rows, n_cols = weight.shape
     n_out = n_rows // 2 if swiglu else n_rows
     block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
@@ -295,7 +304,8 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
            x if residual is None else residual, out, n_out, n_cols, weight.stride(0), n_out,
            EPS=eps, HAS_NORM=norm_weight is not None, GEMMA=gemma, SWIGLU=swiglu,
            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-           LIBDEVICE=compiled_for_gpu(x), num_warps=warps, num_stages=NUM_STAGES)
+           LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu, num_warps=warps,
+           num_stages=NUM_STAGES)
     return out
 
 
@@ -356,20 +366,22 @@ def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -
 
 @torch.library.triton_op("infermeter::gemv_swiglu", mutates_args=())
 def gemv_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                gemma: bool) -> Tensor:
+                gemma: bool, gelu: bool = False) -> Tensor:
     """silu(gate) * up [1, H] for w13 = weight [2H, K] (gate rows, then up rows), of x RMS-
-    normed first when norm_weight is given: the norm before w13, w13 and the activation."""
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=False)
+    normed first when norm_weight is given: the norm before w13, w13 and the activation. gelu:
+    GeGLU's gelu(gate, approximate="tanh") * up instead (Gemma)."""
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=False, gelu=gelu)
 
 
 @torch.library.custom_op("infermeter::gemv_swiglu_pdl", mutates_args=())
 def gemv_swiglu_pdl(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                    gemma: bool) -> Tensor:
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=True)
+                    gemma: bool, gelu: bool = False) -> Tensor:
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=True, gelu=gelu)
 
 
 @gemv_swiglu_pdl.register_fake
-def _(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+def _(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float, gemma: bool,
+      gelu: bool = False) -> Tensor:
     return x.new_empty(1, weight.shape[0] // 2)
 
 
@@ -436,9 +448,10 @@ def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
 
 
 def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                       gemma: bool) -> Tensor:
+                       gemma: bool, gelu: bool = False) -> Tensor:
+    """The norm, w13 and act(gate) * up: SwiGLU, or GeGLU's tanh-GELU with gelu."""
     return (gemv_swiglu_pdl if pdl.enabled() else gemv_swiglu)(x, norm_weight, weight, eps,
-                                                                 gemma)
+                                                                 gemma, gelu)
 
 
 def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
