@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CITED = re.compile(r"results/([\w.*-]+)(?![\w.*<-])")  # not a pattern like copy-<gpu>.jsonl
+CITED = re.compile(r"results/([\w.*/-]+)(?![\w.*<-])")  # not a pattern like copy-<gpu>.jsonl
 FIGURE = re.compile(r"(?<![\w.])(\d[\d,]*\.?\d*)\s?(ms|us|µs|s|tok/s|GB/s|TB/s|TFLOP/s|%)"
                     r"(?![\w/])")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
