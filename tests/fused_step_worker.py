@@ -159,9 +159,12 @@ def check_gemv_swiglu() -> None:
 
 def gelu_tanh(gate: torch.Tensor) -> torch.Tensor:
     """float32 F.gelu(gate, approximate="tanh") in the order of torch's CUDA kernel (float32
-    opmath; each torch op here rounds once, as the kernel's products and sums do)."""
-    inner = GELU_BETA * (gate + GELU_KAPPA * (gate * gate * gate))
-    return 0.5 * gate * (1 + torch.tanh(inner))
+    opmath; each torch op here rounds once, as the kernel's products do), gate + kappa *
+    gate^3 one FMA as there (the product exact in float64, the float64 sum rounded to float32:
+    the FMA's result but at a rare double-rounding tie)."""
+    x_cube = gate * gate * gate
+    fma = (GELU_KAPPA.double() * x_cube.double() + gate.double()).float()
+    return 0.5 * gate * (1 + torch.tanh(GELU_BETA * fma))
 
 
 def gelu_bounds(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):

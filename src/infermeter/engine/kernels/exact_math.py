@@ -9,8 +9,9 @@ exactly and call libdevice's expf and tanhf. So:
   CUDA silu kernel computes it; sigmoid 1 / (1 + exp(-x)) the same way (torch's CUDA sigmoid);
 - tanh is libdevice's tanhf, as torch.tanh on CUDA;
 - tanh-GELU is 0.5 x (1 + tanh(beta (x + kappa x^3))) in the order of torch's CUDA kernel
-  (ActivationGeluKernel.cu, float32 opmath, its tanhf libdevice's), each product PTX mul.rn
-  (uncontracted_product): Triton's default FP fusion would fold x + kappa * x^3 into an FMA;
+  (ActivationGeluKernel.cu, float32 opmath, its tanhf libdevice's) as nvcc builds it: its
+  default contraction makes x + kappa * x^3 one FMA (tl.fma here, whatever Triton's FP fusion
+  setting), every other product rounded (PTX mul.rn, uncontracted_product);
 - a division by a Python number is a product with its float32 reciprocal, rounded once
   (float32_reciprocal), as torch's CUDA division by a scalar computes it;
 - a mean is the sum times 1/n, the reciprocal divided exactly and rounded once (exact_mean),
@@ -86,16 +87,16 @@ if triton is not None:
     @triton.jit
     def exact_gelu_tanh(x, LIBDEVICE: tl.constexpr):
         """float32 tanh-approximate GELU as torch's CUDA kernel computes it: x_cube = x * x * x,
-        inner = beta * (x + kappa * x_cube), 0.5 * x * (1 + tanh(inner)), each product rounded
-        (mul.rn with LIBDEVICE, a GPU build) and tanh exact_tanh. beta is
-        M_SQRT2 * M_2_SQRTPI * 0.5 and kappa 0.044715, both as float32 (these literals are
-        those float32 values)."""
+        inner = beta * (x + kappa * x_cube), 0.5 * x * (1 + tanh(inner)), x + kappa * x_cube one
+        FMA as nvcc contracts it in torch's build (rounding its product apart parts from
+        F.gelu on a few float32 values in a thousand), every other product rounded (mul.rn with
+        LIBDEVICE, a GPU build) and tanh exact_tanh. beta is M_SQRT2 * M_2_SQRTPI * 0.5 and
+        kappa 0.044715, both as float32 (these literals are those float32 values)."""
         beta = tl.full(x.shape, 0.7978845834732056, tl.float32)
         kappa = tl.full(x.shape, 0.044714998453855515, tl.float32)
         half = tl.full(x.shape, 0.5, tl.float32)
         x_cube = uncontracted_product(uncontracted_product(x, x, LIBDEVICE), x, LIBDEVICE)
-        inner = uncontracted_product(beta, x + uncontracted_product(kappa, x_cube, LIBDEVICE),
-                                     LIBDEVICE)
+        inner = uncontracted_product(beta, tl.fma(kappa, x_cube, x), LIBDEVICE)
         return uncontracted_product(uncontracted_product(half, x, LIBDEVICE),
                                     1.0 + exact_tanh(inner, LIBDEVICE), LIBDEVICE)
 

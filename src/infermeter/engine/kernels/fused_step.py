@@ -39,8 +39,8 @@ Numerics: the eager path's rounding points, so that a fused step stays as near e
   the sum of squares runs in another order than torch's mean (float32 both).
 - products and sums in float32, each product rounded to the dtype once (as gemv.py); gate and
   up rounded, silu (or GELU) in float32 rounded, its product with up rounded (swiglu.py's and
-  eager's points); GELU as torch's CUDA kernel orders it, every product rounded (mul.rn on a
-  GPU, exact_math.exact_gelu_tanh: Triton would fold x + kappa * x^3 into an FMA) and tanh
+  eager's points); GELU as torch's CUDA kernel orders and contracts it (x + kappa * x^3 one
+  FMA, every other product rounded: mul.rn on a GPU; exact_math.exact_gelu_tanh) and tanh
   libdevice's tanhf, torch's; the residual add is of the rounded product, rounded again
   (eager adds two dtype tensors; so does the split step); wqkv's product rounded, Qwen2's
   bias added and rounded, the q/k norms as the input norm (float32 sum of squares over the
@@ -90,7 +90,7 @@ if triton is not None:
     #   ex2.approx of x * log2(e)); LIBDEVICE off (Triton's interpreter, which has no
     #   libdevice): tl.exp;
     # - tanh-GELU is torch's CUDA kernel's float32 formula in its order with libdevice's tanhf
-    #   (exact_math.exact_gelu_tanh), its products mul.rn;
+    #   and its one FMA, its other products mul.rn (exact_math.exact_gelu_tanh);
     # - rsqrt stays tl.rsqrt, rsqrt.approx.ftz.f32: torch.rsqrt on CUDA is rsqrtf, the same
     #   approximation (rsqrt.approx.f32); ftz differs only for subnormal inputs and outputs,
     #   and mean(x^2) + eps >= eps is normal.
