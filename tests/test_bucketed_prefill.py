@@ -199,11 +199,15 @@ def test_the_largest_bucket_edges(length, chunk, forwards):
 
 
 def test_bucket_lengths_and_forwards():
-    assert [bucket_length(n) for n in (1, 15, 16, 17, 100, 512, 513, 1500)] == \
-        [16, 16, 16, 32, 128, 512, 1024, 1536]
+    # steps of 16 to 128, doubling to 512, steps of 512 after
+    lengths = (1, 15, 16, 17, 80, 100, 128, 129, 300, 512, 513, 1500)
+    assert [bucket_length(n) for n in lengths] == \
+        [16, 16, 16, 32, 80, 112, 128, 256, 512, 512, 1024, 1536]
+    assert all(bucket_length(n) - n < 16 for n in range(1, 129))  # under 16 pads up to 128
     assert bucket_length(300, chunk=384) == 384 and bucket_length(17, chunk=20) == 20
     assert prefill_forwards(2100, 1024, 4096) == [(1024, 1024), (1024, 1024), (52, 64)]
-    assert prefill_forwards(80, None, 512) == [(80, 128)]
+    assert prefill_forwards(81, None, 512) == [(81, 96)]
+    assert prefill_forwards(80, None, 512) == [(80, 80)]  # the reference prompt: no pads
     # no position left after the prompt for the pads (a prefill that fills the cache)
     assert prefill_forwards(80, None, 80) == [(80, 80)]
 

@@ -51,14 +51,14 @@ def _setting(mode: str | None) -> stages.RunSetting:
 
 def test_the_compiled_ladder_compiles_each_forward_length_once(graphs, tmp_path):
     setting = _setting("compiled")
-    request = stages.ladder_request(setting, (40, 128, 255))
+    request = stages.ladder_request(setting, (56, 128, 255))
     assert request.modes == ("compiled",) and request.engine.prefill_kind == "bucketed"
     results = run_generate(request, {"device_name": "cpu"})[0]
-    # 40 pads to the 64 bucket; 128 is two chunks of 64, from 0 and after it; 255 three and its
+    # 56 pads to the 64 bucket; 128 is two chunks of 64, from 0 and after it; 255 three and its
     # last 63 tokens padded to 64: two graphs for the whole ladder, both made by the first rungs
     assert graphs == [64, 64]
     configs = [r.config for r in results]
-    assert [c["prompt_len"] for c in configs] == [40, 128, 255]
+    assert [c["prompt_len"] for c in configs] == [56, 128, 255]
     assert all(c["mode"] == "compiled" and c["prefill"] == "bucketed"
                and c["prefill_chunk"] == CHUNK and c["prefill_forward_lens"] == [CHUNK]
                and c["cache_len"] == 256 for c in configs)

@@ -2,12 +2,17 @@
 default): a prompt's forwards padded up to a few static lengths, so that a handful of compiled
 graphs (CUDA graphs on a GPU) serve every prompt length. Torch-free: the fit check reads it too.
 
-Buckets: powers of two from 16 to 512, then multiples of 512, never longer than the chunk (the
-chunk length is a bucket of its own). Up to 512 tokens a prefill reads its weights more than it
-computes, so doubling the tokens costs little; past it the step of 512 keeps the padded work
-under 512 tokens a forward (under half of any prompt that long, and a shrinking share as it
-grows). A prompt of P tokens with prefill_chunk C runs full chunks of C, then its last part
-padded to its bucket (at most C).
+Buckets: multiples of 16 up to 128, powers of two from 128 to 512, then multiples of 512, never
+longer than the chunk (the chunk length is a bucket of its own). A short prompt's forward costs
+its weights read once only while its rows are few: a row of fp16/bf16 products is 1 FLOP per
+weight byte, and a Hopper card computes about 200-300 FLOP per byte it reads, so 128 rows already
+cost about as much arithmetic as the read (an 80-token prompt padded to 128 took 1.81 x the
+weights-read floor on an H200: results/ttft-nvidia-h200.jsonl, 2026-12-05). Steps of 16 keep a
+short prompt's pads under 16 rows (decided from that figure and the roofline; the 80-token
+prompt now runs at 80); from 128 to 512 doubling keeps the graphs few, and past 512 the step of
+512 keeps the padded work under 512 tokens a forward (under half of any prompt that long, and a
+shrinking share as it grows). A prompt of P tokens with prefill_chunk C runs full chunks of C,
+then its last part padded to its bucket (at most C).
 
 Pads go last, all at one position: the first one after the prompt (start + P). There the cache
 slot is the one the first decode step writes before it reads it, so the pads' K/V overwrite
@@ -20,8 +25,9 @@ padded only while start + P is still inside the cache; otherwise it runs at its 
 from __future__ import annotations
 
 PREFILL_KINDS = ("bucketed", "exact")  # generate --prefill; exact: each forward at its length
-SMALLEST_BUCKET = 16
-POWER_OF_TWO_LIMIT = 512  # buckets double up to here, then grow by this step
+SMALLEST_BUCKET = 16  # buckets grow by this step up to FINE_LIMIT
+FINE_LIMIT = 128  # then double up to POWER_OF_TWO_LIMIT
+POWER_OF_TWO_LIMIT = 512  # then grow by this step
 # The longest forward of a compiled prefill unless a chunk is asked for (generate --prefill-chunk;
 # run's prefill ladder uses it too): long enough that every product stays compute-bound, short
 # enough that a 32,768-token prompt holds one chunk's activations and a handful of graphs serve
@@ -42,8 +48,10 @@ def bucket_length(tokens: int, chunk: int | None = None) -> int:
     """The static forward length that serves `tokens` real tokens (tokens <= chunk if given)."""
     if tokens < 1:
         raise ValueError(f"a forward needs at least one token, got {tokens}")
-    if tokens <= POWER_OF_TWO_LIMIT:
-        length = max(SMALLEST_BUCKET, 1 << (tokens - 1).bit_length())
+    if tokens <= FINE_LIMIT:
+        length = -(-tokens // SMALLEST_BUCKET) * SMALLEST_BUCKET
+    elif tokens <= POWER_OF_TWO_LIMIT:
+        length = 1 << (tokens - 1).bit_length()
     else:
         length = -(-tokens // POWER_OF_TWO_LIMIT) * POWER_OF_TWO_LIMIT
     return length if chunk is None else max(tokens, min(length, chunk))
