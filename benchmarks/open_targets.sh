@@ -4,10 +4,15 @@
 # rest first, then the targets with no figure at all, the larger models last. Each part writes
 # its Results under results/, or under $OUT when it is set.
 #   part gpu-tests       the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
+#                        (on an H200 on 2026-12-05: 3.2 min with 4 workers, then 9 s alone)
 #   part run             the main job on its default setting (its warm-up included) -> results/run-<device>/
+#                        (on an H200 on 2026-12-05 its generate stage alone took 3.1 min, most of
+#                        it compiles; kv and copy 11 s; the offload stage did not fit the
+#                        4.3 minutes left: give this part a command of its own)
 #   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
 #   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
-#   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft)
+#   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft;
+#                        3.0 min on an H200 on 2026-12-05)
 #   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
