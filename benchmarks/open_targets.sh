@@ -11,6 +11,8 @@
 #                        4.3 minutes left: give this part a command of its own)
 #   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
 #   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
+#   part warmup          the compiled prefill's warm-up, one graph of symbolic length against one a bucket
+#                        (run's reference and ladder lengths; ttft_sweep.py warmup)
 #   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft;
 #                        3.0 min on an H200 on 2026-12-05)
 #   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
@@ -33,8 +35,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -67,6 +69,8 @@ case "${1:-}" in
     python3 benchmarks/ttft_sweep.py --parts ab --results "$dest" ;;
   ab-long)
     python3 benchmarks/ttft_sweep.py --parts ablong --results "$dest" ;;
+  warmup)
+    python3 benchmarks/ttft_sweep.py --parts warmup --results "$dest" ;;
   ttft)
     python3 benchmarks/ttft_sweep.py --parts ttft --results "$dest" ;;
   step)

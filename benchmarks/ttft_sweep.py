@@ -18,6 +18,12 @@ appended after the earlier Results; the summary reads each part's latest run):
         (compiled: every chunk one graph), 2 new tokens, beside eager's chunks; then compiled
         again with --chunk-attention flex (run "long-flex"): the chunks after the first through
         flex attention's tiles instead of a mask over the whole cache.
+  warmup  the warm-up A/B of the compiled prefill's graphs: Llama-2-7B fp16, batch 1, prompts of
+        80, 512, 2048 and 4000 tokens (run's reference and ladder, in a 4096-token cache) sharing
+        one compiled engine, 2 new tokens, with prefill graphs "dynamic" (one graph of symbolic
+        length) then "static" (one a bucket): each case's warm-up (the first case's includes
+        the decode step's) and TTFT. Dynamic first: a compile cache the first request leaves
+        behind could only help static, the default it must beat.
 Then prints one table of every case and the issue's targets with the figures measured here.
 When $OUT is set, the JSONL and the summary go there too. Rough budget on an H200: ab 5 min (four
 compiles), ablong a little more, ttft 3 min, long 5 min: run the parts as separate commands
@@ -34,7 +40,9 @@ from sweep_common import fmt, latest_of_each, run_parts, target_line, write_summ
 
 from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
 
-PARTS = ("ab", "ablong", "ttft", "long")
+PARTS = ("ab", "ablong", "ttft", "long", "warmup")
+WARMUP_LENS = (80, 512, 2048, 4000)  # run's reference prompt and a ladder in a 4096-token cache
+WARMUP_ORDER = ("dynamic", "static")  # engine/prefill_buckets.PREFILL_GRAPHS, the default last
 AB_ORDER = ("bucketed", "exact", "bucketed", "exact")
 AB_CACHE = {"ab": 512, "ablong": 2048}  # the A/B's cache; the prompt leaves 432 new tokens
 AB_NEW = 432
@@ -70,6 +78,12 @@ def part_requests(part: str) -> list[tuple[str, dict]]:
         # flex tiles (engine/chunk_attention.py) in the same command: their A/B
         return [("long", {**eight, "modes": ("compiled", "eager")}),
                 ("long-flex", {**eight, "modes": ("compiled",), "chunk_attention": "flex"})]
+    if part == "warmup":
+        return [(f"warmup-{kind}", {**seven, "batch_sizes": (1,), "prompt_lens": WARMUP_LENS,
+                                    "max_new_tokens": 2, "max_seq_len": 4096,
+                                    "modes": ("compiled",), "repeats": 5, "warmup": 1,
+                                    "share_compiled": True, "prefill_graphs": kind})
+                for kind in WARMUP_ORDER]
     raise SystemExit(f"unknown part {part!r}")
 
 
@@ -132,10 +146,31 @@ def targets(results: list) -> str:
     return "\n".join(lines)
 
 
+def warmup_lines(results: list) -> str:
+    """The warm-up A/B: each kind's whole warm-up (its cases' warmup_s summed: one compiled
+    engine) and its TTFT at each length, dynamic over static."""
+    lines = ["prefill graphs (part warmup): whole warm-up s, then TTFT ms at " +
+             ", ".join(str(n) for n in WARMUP_LENS) + " tokens"]
+    ttft = {}
+    for kind in WARMUP_ORDER:
+        cases = [find(results, f"warmup-{kind}", n) for n in WARMUP_LENS]
+        if not all(cases):
+            lines.append(f"  {kind}: -")
+            continue
+        ttft[kind] = [c.metrics["ttft_ms"] for c in cases]
+        warm = sum(c.metrics["warmup_s"] for c in cases)
+        lines.append(f"  {kind}: {warm:.1f} s; " + ", ".join(f"{t:.2f}" for t in ttft[kind]))
+    if len(ttft) == 2:
+        lines.append("  dynamic / static TTFT: " + ", ".join(
+            f"{d / s:.3f}" for d, s in zip(ttft["dynamic"], ttft["static"], strict=True)))
+    return "\n".join(lines)
+
+
 def summary(results: list) -> str:
-    """The table of each part's latest run (ab-bucketed-1 is part ab's), then the targets."""
+    """The table of each part's latest run (ab-bucketed-1 is part ab's), then the targets and
+    the warm-up A/B."""
     results = latest_of_each(results, lambda r: str(r.config.get("run", "")).split("-")[0])
-    return f"{table(results)}\n\n{targets(results)}"
+    return f"{table(results)}\n\n{targets(results)}\n\n{warmup_lines(results)}"
 
 
 def run_part(part: str, path: Path, env: dict) -> None:

@@ -244,6 +244,45 @@ def test_compiled_bucketed_prefill_is_one_graph_per_bucket():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
+    """prefill_graphs "dynamic": the Generator's own torch.compile call (its backend swapped for
+    aot_eager here) traces the forward once with a symbolic length, and buckets 16, 32 and 48
+    (prompts 5, 17 and 40) all run that graph; "static" compiles one a bucket. Same first tokens
+    as the eager prefill either way; an unknown kind is one error line."""
+    from torch._dynamo.utils import counters
+
+    import infermeter.engine.generator as generator_module
+
+    real = torch.compile
+    asked = []
+
+    def on_aot_eager(fn, **options):
+        asked.append(options["dynamic"])
+        options.pop("options", None)
+        return real(fn, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(generator_module.torch, "compile", on_aot_eager)
+    model = build_model(SPECS["window12"], device="cpu", dtype=torch.float32, seed=1)
+    eager = Generator(model, max_seq_len=CACHE)
+    graphs = {}
+    for kind in ("static", "dynamic"):
+        gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs=kind)
+        torch._dynamo.reset()
+        counters.clear()
+        for length in (5, 17, 40):
+            tokens = prompt(length)
+            eager.prepare(2, length, N_NEW)
+            want = eager.prefill(tokens, EAGER).token
+            gen.prepare(2, length, N_NEW)
+            assert torch.equal(gen.prefill(tokens, COMPILED).token, want), (kind, length)
+        graphs[kind] = counters["stats"]["unique_graphs"]
+    assert asked == [False, None]  # dynamic=None: the marked length symbolic, the rest static
+    assert graphs == {"static": 3, "dynamic": 1}
+    with pytest.raises(InfermeterError, match="unknown prefill graphs 'tiled'") as err:
+        Generator(model, prefill_graphs="tiled")
+    assert "\n" not in str(err.value)
+
+
 def test_moe_and_eager_prefill_exactly():
     """An MoE model's prefill has data-dependent shapes: bucketed is not used; eager mode never
     pads."""

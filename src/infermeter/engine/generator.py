@@ -61,7 +61,7 @@ from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.moe import prefills_without_sync
-from infermeter.engine.prefill_buckets import prefill_forwards
+from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 from infermeter.specs.sizes import cache_length
@@ -213,6 +213,8 @@ class Generator:
     lengths (prefill_buckets.py) instead of eager forwards at the prompt's own length (and
     instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
     by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
+    prefill_graphs: the bucketed prefill's compiled forward per bucket length ("static") or one
+    of symbolic length ("dynamic", prefill_buckets.PREFILL_GRAPHS).
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
     (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
     "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
@@ -224,9 +226,14 @@ class Generator:
                  compile_options: dict | None = None, fuse: bool = True,
                  compile_prefill: bool = False, decode_attention: str | None = None,
                  pdl: bool = False, prefill_chunk: int | None = None,
-                 bucketed_prefill: bool = False, chunk_attention: str = CHUNK_ATTENTION) -> None:
+                 bucketed_prefill: bool = False, chunk_attention: str = CHUNK_ATTENTION,
+                 prefill_graphs: str = "static") -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
+        if prefill_graphs not in PREFILL_GRAPHS:
+            raise InfermeterError(f"unknown prefill graphs {prefill_graphs!r} "
+                                  f"(use {' or '.join(PREFILL_GRAPHS)})")
+        self.prefill_graphs = prefill_graphs
         if chunk_attention not in CHUNK_ATTENTIONS:
             raise InfermeterError(f"unknown chunk attention {chunk_attention!r} "
                                   f"(use {' or '.join(CHUNK_ATTENTIONS)})")
@@ -361,19 +368,22 @@ class Generator:
         return self._compiled_block
 
     def _prefill_fn(self) -> Callable[..., Tensor]:
-        """The bucketed prefill's compiled forward: one graph per bucket length (dynamic=False;
-        inductor's CUDA graph on a GPU, as the decode step; the decode step's backend)."""
+        """The bucketed prefill's compiled forward (inductor's CUDA graph on a GPU, as the decode
+        step; the decode step's backend): one graph per bucket length (dynamic=False), or with
+        prefill_graphs "dynamic" one graph whose length _bucketed marks symbolic (dynamic=None:
+        dynamo's marks and its automatic dynamic shapes, the rest static)."""
         if self._compiled_prefill is None:
             allow_step_graphs()
+            dynamic = None if self.prefill_graphs == "dynamic" else False
             if self.compile_backend == "cudagraphs":
                 self._compiled_prefill = torch.compile(_prefill_forward, backend="cudagraphs",
-                                                       fullgraph=True, dynamic=False)
+                                                       fullgraph=True, dynamic=dynamic)
             else:
                 options = {"emulate_precision_casts": True,
                            "triton.cudagraphs": self.device.type == "cuda",
                            **self.compile_options}
                 self._compiled_prefill = torch.compile(_prefill_forward, options=options,
-                                                       fullgraph=True, dynamic=False)
+                                                       fullgraph=True, dynamic=dynamic)
         return self._compiled_prefill
 
     def prefill_lengths(self, prompt_len: int, compiled: bool, start: int = 0) -> list[int]:
@@ -403,6 +413,9 @@ class Generator:
                 piece = torch.cat((piece, piece[:, -1:].expand(batch, length - real)), dim=1)
                 positions = torch.cat((positions, torch.full((length - real,),
                                                              start + prompt_len, **int64)))
+            if self.prefill_graphs == "dynamic":  # one graph: the length symbolic from the start
+                torch._dynamo.maybe_mark_dynamic(piece, 1)
+                torch._dynamo.maybe_mark_dynamic(positions, 0)
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph iteration
             # Two graphs a length at most: from 0 (causal on its own K/V), and later chunks

@@ -36,6 +36,7 @@ class EngineRunner:
                                    prefill_chunk=engine.chunk_for(case.mode),
                                    bucketed_prefill=engine.prefill_kind == "bucketed",
                                    chunk_attention=engine.chunk_attention,
+                                   prefill_graphs=engine.prefill_graphs,
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -70,7 +71,9 @@ class EngineRunner:
         """prefill: "bucketed" where the compiled mode padded to static graphs, else "exact";
         prefill_forward_lens: the forward lengths the case's prefills ran (one graph each when
         bucketed), after warmup() prepared the cache; chunk_attention: how a bucketed chunk
-        from a later start attended ("mask" or "flex"), None where no prefill had one."""
+        from a later start attended ("mask" or "flex"), None where no prefill had one;
+        prefill_graphs: how the bucketed forwards were compiled ("static" or "dynamic"), None
+        where the prefill was exact."""
         gen, compiled = self.generator, self.config.compile
         forwards = [gen.prefill_lengths(length, compiled) for length in self.prompt_lens]
         lens = sorted({n for lengths in forwards for n in lengths})
@@ -78,7 +81,8 @@ class EngineRunner:
         # the chunk attention only where a bucketed chunk starts after position 0
         later = bucketed and any(len(lengths) > 1 for lengths in forwards)
         return {"prefill": "bucketed" if bucketed else "exact", "prefill_forward_lens": lens,
-                "chunk_attention": gen.chunk_attention if later else None}
+                "chunk_attention": gen.chunk_attention if later else None,
+                "prefill_graphs": gen.prefill_graphs if bucketed else None}
 
     def _matvec_used(self) -> str | None:
         """The compiled step's one-row products: "triton" where a case's batch of 1 takes the
