@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from infermeter.engine import model as model_module
+from infermeter.engine import self_attention as attention_module
+from infermeter.engine.attention import decode_attention
 from infermeter.engine.kernels import decode_attention as attention_kernels
 from infermeter.engine.kernels import swiglu as swiglu_kernels
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_kv_decode
 from infermeter.engine.kernels.swiglu import silu_mul_triton
-from infermeter.engine.model import build_model, decode_attention
+from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
 
 
@@ -187,7 +189,8 @@ def check_model_gemv() -> None:
 def check_model_decode() -> None:
     """The model's one-token steps with decode_attention="triton" (while 'compiling') give the
     math path's logits: a GQA model, and one with a wrapping sliding-window ring layer."""
-    model_module.compiling = lambda: True  # the kernel is picked only while tracing
+    # the kernel is picked only while tracing (self_attention.py); the layers' own checks too
+    model_module.compiling = attention_module.compiling = lambda: True
     calls = []
 
     def counted(*args):

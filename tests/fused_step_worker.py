@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from infermeter.engine import linear as linear_module
 from infermeter.engine import model as model_module
+from infermeter.engine import self_attention as attention_module
 from infermeter.engine.kernels.fused_step import (
     _fused_gemv,
     _norm_qkv_rope,
@@ -25,7 +26,7 @@ from infermeter.engine.kernels.fused_step import (
     norm_qkv_rope,
 )
 from infermeter.engine.kv_cache import LayerKVCache
-from infermeter.engine.model import GemmaRMSNorm, RMSNorm
+from infermeter.engine.norms import GemmaRMSNorm, RMSNorm
 from infermeter.engine.opaque_ops import compiling
 from infermeter.specs.model import GEMMA_ARCHS
 
@@ -238,7 +239,7 @@ def check_model_step() -> None:
     from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
     from infermeter.specs.presets import PRESETS
 
-    model_module.compiling = linear_module.compiling = lambda: True
+    model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
     # 128 x 64 tiles for every product, split and fused: the interpreter's cost is per program
     # (w2's 176 columns still take three tiles, the last one ragged)
     gemv_module.tiles_for = fused_step.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
@@ -281,7 +282,7 @@ def check_model_step() -> None:
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
             # eager: the module forwards with no kernel at all (compiling() False)
-            model_module.compiling = linear_module.compiling = \
+            model_module.compiling = attention_module.compiling = linear_module.compiling = \
                 compiling if kind == "eager" else (lambda: True)
             model = build_model(spec, seed=3, dtype=dtype)
             norm_gen = torch.Generator().manual_seed(5)
@@ -315,7 +316,7 @@ def check_model_step() -> None:
             want = {"eager": [], "split": sum(split, []) + ["gemv"],
                     "fused": sum(fused, []) + ["gemv"]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
-        model_module.compiling = linear_module.compiling = lambda: True
+        model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
         assert torch.equal(tokens["fused"], tokens["split"]), f"{arch}: tokens differ"
         assert torch.equal(tokens["fused"], tokens["eager"]), f"{arch}: tokens differ from eager"
         err = (logits["fused"] - logits["split"]).abs().max().item()
@@ -584,9 +585,9 @@ def trace_step(model, keep, graphs, layer_ops: list[str], norms: int) -> None:
         traced = step(tokens[:, 4:], torch.tensor([4]))
         model.reset_cache()  # the same step again, uncompiled, after the same prefill
         model(tokens[:, :4], torch.arange(4))
-        model_module.compiling = linear_module.compiling = lambda: True
+        model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
         plain = model(tokens[:, 4:], torch.tensor([4]))
-        model_module.compiling = linear_module.compiling = compiling
+        model_module.compiling = attention_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
     assert ours == layer_ops * spec.n_layers + ["gemv_pdl"], (spec.arch, ours)

@@ -126,14 +126,14 @@ def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chun
                                                                      attention, monkeypatch):
     """Chunked, the chunks after the first attend with each chunk attention (flex: the full
     layers through chunk_attention.py's tiles, ring layers keep the mask)."""
-    import infermeter.engine.model as model_module
+    import infermeter.engine.self_attention as attention_module
 
     tokens = prompt(length)
     want_logits, want_cache, want_ids = unpadded(model, tokens)
     gen = bucketed(model, chunk, attention)
     calls = []
-    flex = model_module.chunk_flex_attention
-    monkeypatch.setattr(model_module, "chunk_flex_attention",
+    flex = attention_module.chunk_flex_attention
+    monkeypatch.setattr(attention_module, "chunk_flex_attention",
                         lambda *a: calls.append(1) or flex(*a))
     logits, cache, ids = run(gen, tokens, COMPILED)
     full = sum(not layer.attention.kv_cache.is_ring for layer in model.layers)

@@ -54,6 +54,8 @@ def test_auto_attention_calls_the_kernel_at_every_batch(monkeypatch, batch):
     usable): the split-KV kernel at any batch size (measured on an H100: batches 1, 4 and 32
     gain since its combine is a Triton kernel)."""
     from infermeter.engine import model as model_module
+    from infermeter.engine import self_attention as attention_module
+    from infermeter.engine.attention import decode_attention
 
     calls = []
 
@@ -61,11 +63,12 @@ def test_auto_attention_calls_the_kernel_at_every_batch(monkeypatch, batch):
         calls.append(q.shape[0])
         groups = q.shape[2]
         visible = torch.arange(keys.shape[2]) <= rest[1][0]
-        return model_module.decode_attention(q, keys, values, visible.expand(groups, -1))
+        return decode_attention(q, keys, values, visible.expand(groups, -1))
 
     monkeypatch.setattr(model_module, "compiling", lambda: True)
-    monkeypatch.setattr(model_module, "decode_kernel_usable", lambda q: True)
-    # the step imports the kernel from its module when it takes it (model.py says why)
+    monkeypatch.setattr(attention_module, "compiling", lambda: True)
+    monkeypatch.setattr(attention_module, "decode_kernel_usable", lambda q: True)
+    # the step imports the kernel from its module when it takes it (self_attention.py says why)
     monkeypatch.setattr("infermeter.engine.kernels.decode_attention.decode_attention_kernel",
                         kernel)
     model = build_model(PRESETS["debug"], seed=1)

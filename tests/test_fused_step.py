@@ -289,7 +289,7 @@ def test_on_cuda_the_norm_and_silu_are_eagers_to_the_bit(dtype):
     import torch.nn.functional as F
 
     from infermeter.engine.kernels.fused_step import gemv_swiglu, norm_gemv
-    from infermeter.engine.model import RMSNorm
+    from infermeter.engine.norms import RMSNorm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in (72, 1100, 3072):
@@ -323,7 +323,7 @@ def test_on_cuda_the_geglu_is_eagers_to_the_bit(dtype):
     import torch.nn.functional as F
 
     from infermeter.engine.kernels.fused_step import gemv_swiglu
-    from infermeter.engine.model import GemmaRMSNorm
+    from infermeter.engine.norms import GemmaRMSNorm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     n_cols = 4096

@@ -108,7 +108,7 @@ def _sink_inputs(length: int, slots: int, seed: int):
 
 
 def _math_with_sinks(q, keys, values, mask, sinks):
-    """attention.decode_attention on the folded rows (model.py's _attend): [B, H, T, D]."""
+    """attention.decode_attention on the folded rows (self_attention.py's _attend): [B, H, T, D]."""
     from infermeter.engine.attention import decode_attention
 
     bsz, heads, length, dim = q.shape

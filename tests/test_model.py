@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from infermeter.engine import model as model_module
+from infermeter.engine import self_attention as attention_module
 from infermeter.engine.model import Transformer, build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs import sizes
@@ -209,6 +210,7 @@ def test_flex_decode_attention_equals_math(name: str, monkeypatch) -> None:
     math = _stepwise_logits(name, "math")
     with monkeypatch.context() as patch:
         patch.setattr(model_module, "compiling", lambda: True)
+        patch.setattr(attention_module, "compiling", lambda: True)  # the flex path's
         flex = _stepwise_logits(name, "flex")
     torch.testing.assert_close(flex, math, atol=1e-5, rtol=0)
 

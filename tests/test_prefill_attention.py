@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import infermeter.engine.generator as generator_module
-import infermeter.engine.model as model_module
+import infermeter.engine.self_attention as attention_module
 from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import build_model
@@ -141,7 +141,7 @@ def test_later_chunks_on_flex_give_the_mask_s_results_with_a_cap_or_sinks(name):
 def _count_paths(monkeypatch) -> dict[str, list[int]]:
     """Per attention path, the key length each call attended over."""
     seen: dict[str, list[int]] = {"own": [], "cut": [], "whole": []}
-    own, cut, whole = (model_module.causal_prefill_attention, LayerKVCache.update_from,
+    own, cut, whole = (attention_module.causal_prefill_attention, LayerKVCache.update_from,
                        LayerKVCache.update)
 
     def counted_own(q, keys, values):
@@ -160,7 +160,7 @@ def _count_paths(monkeypatch) -> dict[str, list[int]]:
             seen["whole"].append(span[0].shape[2])
         return span
 
-    monkeypatch.setattr(model_module, "causal_prefill_attention", counted_own)
+    monkeypatch.setattr(attention_module, "causal_prefill_attention", counted_own)
     monkeypatch.setattr(LayerKVCache, "update_from", counted_cut)
     monkeypatch.setattr(LayerKVCache, "update", counted_whole)
     return seen
@@ -233,13 +233,13 @@ def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill,
     model = build_model(spec, seed=3)
     groups = spec.n_heads // spec.n_kv_heads
     held = []
-    scores = model_module.decode_attention
+    scores = attention_module.decode_attention
 
     def counted(q, keys, values, mask, softcap=None, sinks=None):
         held.append(q.shape[2] // groups * keys.shape[2])  # T x keys, a sequence and head
         return scores(q, keys, values, mask, softcap, sinks)
 
-    monkeypatch.setattr(model_module, "decode_attention", counted)
+    monkeypatch.setattr(attention_module, "decode_attention", counted)
     bucketed = prefill == "bucketed"
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
     gen._compiled_prefill = _prefill_forward

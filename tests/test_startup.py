@@ -1,8 +1,8 @@
 """What a process that never compiles imports: an eager generate on the CPU (random weights,
 the engine's forward, the roofline, the Result) must not import torch's compiler, whose import
 (dynamo and inductor, pulled in by registering the Triton kernels' torch.library ops) costs
-about a second of every such process's start (model.py, moe.py and linear.py import the kernel
-modules only where a compiled step takes them)."""
+about a second of every such process's start (model.py, self_attention.py, moe.py and linear.py
+import the kernel modules only where a compiled step takes them)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """How a one-token decode step attends over the static cache: the choices Attention offers.
 
-Attention.forward (model.py) picks one per layer from its `decode_attention` attribute ("auto"
-resolved by batch size, resolve_attention); "flex" and "triton" only while torch.compile traces
-the step (outside it, flex_attention is a slow reference and the Triton kernel may have no
-device to run on), falling back to "math".
+Attention.forward (self_attention.py) picks one per layer from its `decode_attention`
+attribute ("auto" resolved by batch size, resolve_attention); "flex" and "triton" only while
+torch.compile traces the step (outside it, flex_attention is a slow reference and the Triton
+kernel may have no device to run on), falling back to "math".
 Prefill (more than one token) uses scaled_dot_product_attention, except in a model that
 soft-caps its attention logits (Gemma 2), which SDPA cannot do: there prefill, and a decode step
 asked for "sdpa", run decode_attention's matrix products (it takes any query length). A prefill
@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from infermeter.engine.attention_choice import AUTO_TRITON_MIN_BATCH, resolve_attention
 from infermeter.engine.opaque_ops import compiling
 
-__all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: model.py, the tests
+__all__ = ["AUTO_TRITON_MIN_BATCH", "resolve_attention"]  # re-exported: self_attention.py, tests
 
 # The default, "auto": the compiled step of a batch of AUTO_TRITON_MIN_BATCH or more sequences
 # (now any batch) attends with "triton" (decode_kernel.py's split-KV kernel) where Triton runs,

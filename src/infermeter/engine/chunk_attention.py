@@ -4,7 +4,7 @@ layer's cache: "mask" (the default) or "flex" (Generator(chunk_attention=...), g
 
 Why a choice: one compiled graph serves a chunk length at every start, so the graph cannot cut
 the cache at the chunk's end (a start of its own would be a graph of its own). "mask" attends
-over the whole cache with a [T, S] mask (model.py's Attention): every chunk of a 32k-token prompt
+over the whole cache with a [T, S] mask (self_attention.py): every chunk of a 32k-token prompt
 reads all S slots, and the folded bool mask (G*T x S: 268 M entries for Llama-3.1-8B's 2048-token
 chunks over 32k slots) is built and read again in every layer. "flex" gives flex_attention a
 block mask instead: the chunk's [T, S] in 128 x 128 tiles, each empty (skipped), full (no mask

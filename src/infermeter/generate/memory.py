@@ -59,7 +59,7 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
                           prefill_chunk: int | None = None, prefill: str = "exact",
                           flex_chunks: bool = False) -> int:
     """The largest T x keys of a capped model's prefill forwards (per sequence and head), as
-    engine/model.py's Attention attends: a full layer over the cache's first start + T slots
+    self_attention.py's Attention attends: a full layer over the cache's first start + T slots
     where the forward's start is known (every eager forward; a compiled one only from position
     0: a later compiled chunk, or a one-token forward, reads the whole cache), a ring layer
     (window W shorter than the cache) over its W slots and the T new tokens. prefill: the one
