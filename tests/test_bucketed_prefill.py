@@ -6,7 +6,8 @@ layers, whose padded writes could wrap onto held positions), and the same greedy
 GQA, MHA, and two sliding windows (one shorter than the buckets, one longer than some), prompt
 lengths on both sides of every bucket edge used, whole and chunked.
 CPU: the compiled forward is replaced by the same function uncompiled (the padding is what is
-under test); one test traces it with torch.compile (aot_eager) to count its graphs.
+under test); one test traces it with torch.compile (aot_eager) to count its graphs, static and
+dynamic.
 """
 
 from __future__ import annotations
@@ -222,33 +223,12 @@ def test_the_pads_stay_inside_the_cache():
     assert gen.prefill_lengths(19, False) == [19]
 
 
-def test_compiled_bucketed_prefill_is_one_graph_per_bucket():
-    """torch.compile (aot_eager: dynamo's fullgraph trace without inductor's C++ build) of the
-    bucketed forward: lengths 5 and 9 share bucket 16's graph, 17 takes bucket 32's; the first
-    tokens equal the eager prefill's."""
-    from torch._dynamo.utils import counters
-
-    model = build_model(SPECS["window12"], device="cpu", dtype=torch.float32, seed=1)
-    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
-    gen._compiled_prefill = torch.compile(_prefill_forward, backend="aot_eager", fullgraph=True,
-                                          dynamic=False)
-    eager = Generator(model, max_seq_len=CACHE)
-    torch._dynamo.reset()
-    counters.clear()
-    for length in (5, 9, 17):
-        tokens = prompt(length)
-        eager.prepare(2, length, N_NEW)
-        want = eager.prefill(tokens, EAGER).token
-        gen.prepare(2, length, N_NEW)
-        assert torch.equal(gen.prefill(tokens, COMPILED).token, want)
-    assert counters["stats"]["unique_graphs"] == 2
-
-
 def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
-    """prefill_graphs "dynamic": the Generator's own torch.compile call (its backend swapped for
-    aot_eager here) traces the forward once with a symbolic length, and buckets 16, 32 and 48
-    (prompts 5, 17 and 40) all run that graph; "static" compiles one a bucket. Same first tokens
-    as the eager prefill either way; an unknown kind is one error line."""
+    """torch.compile of the bucketed forward, through the Generator's own call (its backend
+    swapped for aot_eager: dynamo's fullgraph trace without inductor's C++ build): "static"
+    compiles one graph a bucket (prompts 5 and 9 share bucket 16's, 17 takes 32's, 40 48's);
+    "dynamic" traces the forward once with a symbolic length and every bucket runs that graph.
+    Same first tokens as the eager prefill either way; an unknown kind is one error line."""
     from torch._dynamo.utils import counters
 
     import infermeter.engine.generator as generator_module
@@ -269,7 +249,7 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
         gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs=kind)
         torch._dynamo.reset()
         counters.clear()
-        for length in (5, 17, 40):
+        for length in (5, 9, 17, 40):
             tokens = prompt(length)
             eager.prepare(2, length, N_NEW)
             want = eager.prefill(tokens, EAGER).token
