@@ -95,21 +95,32 @@ def test_the_cli_offers_the_engine_s_kinds_and_records_them():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "sinks", "capped"])
 @torch.no_grad()  # Generator.prefill's grad mode (a dynamo guard): no second graphs
-def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill():
+def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill(kind):
     """Inductor's flex kernel inside the bucketed graph (tile lists as inputs, one graph for
     every start): the last real token's logits equal the exact eager prefill's (float32) and
     a compiled generate's greedy tokens equal eager's, for prompts of 2 to 4 chunks beside a
-    ring layer."""
+    ring layer; asked for ("plain"), and as "auto" picks it for gpt-oss's sinks (through the
+    lse) and Gemma 2's soft cap (a score modifier)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from infermeter.engine.generator import GenerationConfig
 
     spec = PRESETS["debug"].with_updates(n_layers=2, sliding_window=40,
                                          sliding_window_layers=(0,), max_seq_len=512)
+    if kind == "sinks":
+        spec = spec.with_updates(name="debug-sinks", attn_sinks=True)
+    if kind == "capped":
+        spec = spec.with_updates(name="debug-capped", arch="gemma2", head_dim=16,
+                                 tie_embeddings=True, norms_per_layer=4,
+                                 final_logit_softcap=5.0, attn_logit_softcap=1.5)
     model = build_model(spec, device="cuda", dtype=torch.float32, seed=1)
+    if model.layers[0].attention.sinks is not None:  # nonzero sinks: they must count
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.attention.sinks, std=1.0)
     gen = Generator(model, max_seq_len=512, prefill_chunk=128, bucketed_prefill=True,
-                    chunk_attention="flex")
+                    chunk_attention="flex" if kind == "plain" else "auto")
     assert gen.chunk_attention == "flex"
     eager, compiled = (GenerationConfig(max_new_tokens=6, compile=c) for c in (False, True))
     for length in (200, 300, 450):
