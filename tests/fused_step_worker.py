@@ -132,32 +132,6 @@ def check_norm_gemv() -> None:
                       f"norm_gemv {dtype} {n_rows}x{n_cols} gemma {gemma} pdl {pdl}")
 
 
-def check_gemv_swiglu() -> None:
-    gen = torch.Generator().manual_seed(12)
-    for dtype in ULP:
-        rnd = rounder(dtype)
-        for (hidden, n_cols), normed_in in zip(SHAPES, (True, False, True), strict=True):
-            x, norm_w, w13, _ = operands(gen, 2 * hidden, n_cols, dtype)
-            w13 = w13 / 4  # gate values where silu bends
-            inputs = reference_norm(x, norm_w, False) if normed_in else x.float()
-            gate, up = rnd(inputs @ w13.float().T).chunk(2, dim=-1)
-            silu = rnd(gate / (1 + torch.exp(-gate)))
-            want = rnd(silu * up)
-            if dtype != torch.bfloat16:  # eager's activation (to the bit in float16; in
-                # float32 silu's own formula may move the last bit)
-                eager = (F.silu(gate.to(dtype)) * up.to(dtype)).float()
-                torch.testing.assert_close(want, eager, rtol=2 * ULP[dtype], atol=0)
-            got = gemv_swiglu(x, norm_w if normed_in else None, w13, EPS, False)
-            assert got.dtype == dtype and got.shape == (1, hidden), f"gemv_swiglu {dtype}"
-            terms = inputs.abs() * w13.float().abs()
-            # gate's and up's errors pass through silu and the product: scaled by |up| and
-            # silu's slope (under 1.1), so twice the product bound
-            scale = 2 * terms.sum(1).max().item() * up.abs().max().item()
-            close(got, want, scale, 4 * ULP[dtype] * up.abs().max().item() * terms.max().item()
-                  + 2 * ULP[dtype] * want.abs().max().item(),
-                  f"gemv_swiglu {dtype} {hidden}x{n_cols} norm {normed_in}")
-
-
 def gelu_tanh(gate: torch.Tensor) -> torch.Tensor:
     """float32 F.gelu(gate, approximate="tanh") in the order of torch's CUDA kernel (float32
     opmath; each torch op here rounds once, as the kernel's products do), gate + kappa *
@@ -181,30 +155,43 @@ def gelu_bounds(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
     return torch.minimum(*ends), torch.maximum(*ends)
 
 
-def check_gemv_geglu() -> None:
-    """norm + w13 + GeGLU (Gemma's FFN input: GemmaRMSNorm's (1 + w), gelu instead of silu) as
-    check_gemv_swiglu checks SwiGLU, with its tolerances (gelu's slope is under 1.2 too)."""
-    gen = torch.Generator().manual_seed(17)
-    for dtype in ULP:
-        rnd = rounder(dtype)
-        for (hidden, n_cols), normed_in in zip(SHAPES, (True, False, True), strict=True):
-            x, norm_w, w13, _ = operands(gen, 2 * hidden, n_cols, dtype)
-            w13 = w13 / 4  # gate values where gelu bends
-            norm_w = (norm_w - 1).to(dtype)  # Gemma's weights are offsets from 1
-            inputs = reference_norm(x, norm_w, True) if normed_in else x.float()
-            gate, up = rnd(inputs @ w13.float().T).chunk(2, dim=-1)
-            want = rnd(rnd(gelu_tanh(gate)) * up)
-            if dtype != torch.bfloat16:  # eager's activation (CPU: its own tanh and order)
-                eager = (F.gelu(gate.to(dtype), approximate="tanh") * up.to(dtype)).float()
-                torch.testing.assert_close(want, eager, rtol=2 * ULP[dtype],
-                                           atol=ULP[dtype] * up.abs().max().item())
-            got = gemv_swiglu(x, norm_w if normed_in else None, w13, EPS, True, True)
-            assert got.dtype == dtype and got.shape == (1, hidden), f"gemv_geglu {dtype}"
-            terms = inputs.abs() * w13.float().abs()
-            scale = 2 * terms.sum(1).max().item() * up.abs().max().item()
-            close(got, want, scale, 4 * ULP[dtype] * up.abs().max().item() * terms.max().item()
-                  + 2 * ULP[dtype] * want.abs().max().item(),
-                  f"gemv_geglu {dtype} {hidden}x{n_cols} norm {normed_in}")
+def check_gemv_glu() -> None:
+    """norm + w13 + the gated activation against eager's rounding points: SwiGLU (Llama's RMSNorm)
+    and GeGLU (Gemma's FFN input: GemmaRMSNorm's (1 + w), tanh-gelu instead of silu), with one
+    tolerance (the activations' slopes are under 1.2: gate's and up's errors pass through them
+    and the product, scaled by |up|, so twice the product bound)."""
+    for gelu, seed in ((False, 12), (True, 17)):
+        name = "gemv_geglu" if gelu else "gemv_swiglu"
+        gen = torch.Generator().manual_seed(seed)
+        for dtype in ULP:
+            rnd = rounder(dtype)
+            for (hidden, n_cols), normed_in in zip(SHAPES, (True, False, True), strict=True):
+                x, norm_w, w13, _ = operands(gen, 2 * hidden, n_cols, dtype)
+                w13 = w13 / 4  # gate values where the activation bends
+                if gelu:
+                    norm_w = (norm_w - 1).to(dtype)  # Gemma's weights are offsets from 1
+                inputs = reference_norm(x, norm_w, gelu) if normed_in else x.float()
+                gate, up = rnd(inputs @ w13.float().T).chunk(2, dim=-1)
+                if gelu:
+                    want = rnd(rnd(gelu_tanh(gate)) * up)
+                    # eager on the CPU: its own tanh and order
+                    eager_act, atol = (lambda g: F.gelu(g, approximate="tanh"),
+                                       ULP[dtype] * up.abs().max().item())
+                else:
+                    want = rnd(rnd(gate / (1 + torch.exp(-gate))) * up)
+                    # to the bit in float16; in float32 silu's own formula may move the last bit
+                    eager_act, atol = F.silu, 0
+                if dtype != torch.bfloat16:  # eager's activation
+                    eager = (eager_act(gate.to(dtype)) * up.to(dtype)).float()
+                    torch.testing.assert_close(want, eager, rtol=2 * ULP[dtype], atol=atol)
+                got = gemv_swiglu(x, norm_w if normed_in else None, w13, EPS, gelu, gelu)
+                assert got.dtype == dtype and got.shape == (1, hidden), f"{name} {dtype}"
+                terms = inputs.abs() * w13.float().abs()
+                scale = 2 * terms.sum(1).max().item() * up.abs().max().item()
+                close(got, want, scale,
+                      4 * ULP[dtype] * up.abs().max().item() * terms.max().item()
+                      + 2 * ULP[dtype] * want.abs().max().item(),
+                      f"{name} {dtype} {hidden}x{n_cols} norm {normed_in}")
 
 
 def check_gemv_add() -> None:
@@ -624,8 +611,7 @@ def check_layers_it_cannot_fuse_stay_split() -> None:
 
 if __name__ == "__main__":
     check_norm_gemv()
-    check_gemv_swiglu()
-    check_gemv_geglu()
+    check_gemv_glu()
     check_gemv_add()
     check_rounding_points()
     check_norm_qkv_rope()
