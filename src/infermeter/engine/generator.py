@@ -273,10 +273,8 @@ class Generator:
         self._bucketed_asked = bucketed_prefill  # the bucketed_prefill property decides
         # flex needs inductor's kernel (outside it flex_attention is a slow reference): the
         # bucketed prefill compiled by inductor on a GPU, else the mask
-        holds_scores = any(layer.attention.sinks is not None
-                           or layer.attention.softcap is not None for layer in model.layers)
         self.chunk_attention = chunk_attention_for(
-            chunk_attention, holds_scores,
+            chunk_attention, self.spec.sdpa_cannot_attend,
             flex_runs(self.device, self.compile_backend, bucketed_prefill))
         self._compiled_prefill: Callable[..., Tensor] | None = None
         if pdl and not supported(self.device):
@@ -311,8 +309,8 @@ class Generator:
         if self.decode_attention is None:
             return None
         kind = resolve_attention(self.decode_attention, batch_size)
-        if kind in ("flex", "triton") and not compiled or kind == "sdpa" and (
-                self.spec.attn_logit_softcap is not None or self.spec.attn_sinks):
+        if kind in ("flex", "triton") and not compiled or \
+                kind == "sdpa" and self.spec.sdpa_cannot_attend:
             return "math"
         probe = self.model.tok_embeddings.weight
         if kind == "triton" and not (triton_runs_on(probe)

@@ -110,7 +110,7 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": sizes.prefill_activation_bytes(
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
-    if (spec.attn_logit_softcap is not None or spec.attn_sinks) and not mode.startswith("hf"):
+    if spec.sdpa_cannot_attend and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2) nor take sinks (gpt-oss): a layer's prefill holds its
         # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py); gpt-oss's
         # only where flex does not take its full layers (capped_score_elements)
@@ -225,7 +225,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     if moe_kernel == "triton" and not triton_runs_on_device(device):
         moe_kernel = "torch"
     flex_chunks = chunk_attention_for(
-        chunk_attention, spec.attn_sinks or spec.attn_logit_softcap is not None,
+        chunk_attention, spec.sdpa_cannot_attend,
         flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"
     free, where = free_memory(device)
     host_free = host_available() if device.type != "cpu" else None

@@ -166,6 +166,13 @@ class ModelSpec:
         return self.arch in GEMMA_ARCHS
 
     @property
+    def sdpa_cannot_attend(self) -> bool:
+        """A soft cap on the attention logits (Gemma 2) or attention sinks (gpt-oss): SDPA can
+        take neither, so the engine attends through matrix products holding float32 scores, or
+        flex attention (engine/attention.py)."""
+        return self.attn_logit_softcap is not None or self.attn_sinks
+
+    @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
