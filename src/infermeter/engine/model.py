@@ -228,11 +228,12 @@ class TransformerBlock(nn.Module):
         if self.materialize_norm and x.shape[0] * x.shape[1] == 1 and compiling():
             normed = materialize(normed)
         attended = self.attention(normed, cos, sin, input_pos, blocks=blocks)
-        if self.attention_post_norm is not None and self.ffn_post_norm is not None:
-            h = x + self.attention_post_norm(attended)
-            return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
-        h = x + attended
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self._post(self.attention_post_norm, attended)
+        return self._split_ffn(h)
+
+    def _split_ffn(self, h: Tensor) -> Tensor:
+        """h + the FFN's output (Gemma's post-normed) as its own kernels: h [B, T, dim]."""
+        return h + self._post(self.ffn_post_norm, self.feed_forward(self.ffn_norm(h)))
 
     def _fused_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                        parts: tuple[str, ...]) -> Tensor:
@@ -244,7 +245,7 @@ class TransformerBlock(nn.Module):
                              residual=x if "attention_out" in parts else None)
         h = out if "attention_out" in parts else x + self._post(self.attention_post_norm, out)
         if not isinstance(self.feed_forward, FeedForward):  # MoE: split
-            return h + self._post(self.ffn_post_norm, self.feed_forward(self.ffn_norm(h)))
+            return self._split_ffn(h)
         out = self.feed_forward(h if ffn_in else self.ffn_norm(h),
                                 norm=self.ffn_norm if ffn_in else None,
                                 residual=h if "ffn_out" in parts else None)
