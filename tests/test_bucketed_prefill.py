@@ -15,7 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
+from infermeter.engine.generator import (
+    GenerationConfig,
+    Generator,
+    _block_step,
+    _prefill_forward,
+)
 from infermeter.engine.model import build_model, prefill_from
 from infermeter.engine.prefill_buckets import bucket_length, prefill_forwards
 from infermeter.errors import InfermeterError
@@ -51,9 +56,11 @@ def prompt(length: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(length))
 
 
-def bucketed(model, chunk=None, chunk_attention="mask") -> Generator:
-    gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=True)
+def bucketed(model, chunk=None, chunk_attention="mask", graphs="static") -> Generator:
+    gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=True,
+                    prefill_graphs=graphs)
     gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    gen._compiled_layer = _block_step  # the "layer" graphs' compiled layer, run eagerly
     # "flex" runs only compiled on a GPU; here flex_attention's reference runs the same tiles
     gen.chunk_attention = chunk_attention
     return gen
@@ -119,19 +126,24 @@ def assert_same_where_read(model, want, got, prompt_len: int) -> None:
         torch.testing.assert_close(v1[:, :, read], v0[:, :, read], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk,length,attention",
-                         [(None, n, "mask") for n in LENGTHS]
-                         + [(CHUNK, n, "mask") for n in CHUNKED_LENGTHS]
-                         + [(CHUNK, n, "flex") for n in (25, 41)])  # 2 and 3 chunks, padded
+@pytest.mark.parametrize("chunk,length,attention,graphs",
+                         [(None, n, "mask", "static") for n in LENGTHS]
+                         + [(CHUNK, n, "mask", "static") for n in CHUNKED_LENGTHS]
+                         + [(CHUNK, n, "flex", "static") for n in (25, 41)]  # 2, 3 chunks
+                         # the forward whose layers run one function, padded, in chunks
+                         + [(None, 17, "mask", "layer"), (CHUNK, 41, "mask", "layer"),
+                            (CHUNK, 41, "flex", "layer")])
 def test_bucketed_prefill_gives_the_unpadded_logits_cache_and_tokens(model, chunk, length,
-                                                                     attention, monkeypatch):
+                                                                     attention, graphs,
+                                                                     monkeypatch):
     """Chunked, the chunks after the first attend with each chunk attention (flex: the full
-    layers through chunk_attention.py's tiles, ring layers keep the mask)."""
+    layers through chunk_attention.py's tiles, ring layers keep the mask); "layer" graphs: each
+    layer through the one layer function, the tiles handed to it."""
     import infermeter.engine.self_attention as attention_module
 
     tokens = prompt(length)
     want_logits, want_cache, want_ids = unpadded(model, tokens)
-    gen = bucketed(model, chunk, attention)
+    gen = bucketed(model, chunk, attention, graphs)
     calls = []
     flex = attention_module.chunk_flex_attention
     monkeypatch.setattr(attention_module, "chunk_flex_attention",
@@ -227,8 +239,10 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
     """torch.compile of the bucketed forward, through the Generator's own call (its backend
     swapped for aot_eager: dynamo's fullgraph trace without inductor's C++ build): "static"
     compiles one graph a bucket (prompts 5 and 9 share bucket 16's, 17 takes 32's, 40 48's);
-    "dynamic" traces the forward once with a symbolic length and every bucket runs that graph.
-    Same first tokens as the eager prefill either way; an unknown kind is one error line."""
+    "dynamic" traces the forward once with a symbolic length and every bucket runs that graph;
+    "layer" compiles one layer a bucket for each kind of layer: the ring layer's, and one the
+    two full layers share (6, not 9). Same first tokens as the eager prefill every way; an
+    unknown kind is one error line."""
     from torch._dynamo.utils import counters
 
     import infermeter.engine.generator as generator_module
@@ -242,10 +256,11 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
         return real(fn, **{**options, "backend": "aot_eager"})
 
     monkeypatch.setattr(generator_module.torch, "compile", on_aot_eager)
-    model = build_model(SPECS["window12"], device="cpu", dtype=torch.float32, seed=1)
+    spec = SPECS["window12"].with_updates(n_layers=3)  # layer 0 a ring, 1 and 2 full
+    model = build_model(spec, device="cpu", dtype=torch.float32, seed=1)
     eager = Generator(model, max_seq_len=CACHE)
     graphs = {}
-    for kind in ("static", "dynamic"):
+    for kind in ("static", "dynamic", "layer"):
         gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs=kind)
         torch._dynamo.reset()
         counters.clear()
@@ -256,8 +271,9 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
             gen.prepare(2, length, N_NEW)
             assert torch.equal(gen.prefill(tokens, COMPILED).token, want), (kind, length)
         graphs[kind] = counters["stats"]["unique_graphs"]
-    assert asked == [False, None]  # dynamic=None: the marked length symbolic, the rest static
-    assert graphs == {"static": 3, "dynamic": 1}
+    # dynamic=None: the marked length symbolic, the rest static
+    assert asked == [False, None, False]
+    assert graphs == {"static": 3, "dynamic": 1, "layer": 6}
     with pytest.raises(InfermeterError, match="unknown prefill graphs 'tiled'") as err:
         Generator(model, prefill_graphs="tiled")
     assert "\n" not in str(err.value)
@@ -311,16 +327,19 @@ def test_a_prompt_longer_than_the_cache_or_context_is_one_error_line():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["static", "dynamic", "layer"])
 @torch.no_grad()  # Generator.prefill's grad mode (a dynamo guard): no second graph a length
-def test_bucketed_prefill_on_cuda_matches_the_exact_one():
-    """Inductor's graphs replayed as CUDA graphs (recorded in warmup()): the last real token's
-    logits equal the exact eager prefill's (float32), and the greedy tokens of a whole compiled
-    generate equal eager's."""
+def test_bucketed_prefill_on_cuda_matches_the_exact_one(graphs):
+    """Inductor's graphs replayed as CUDA graphs (recorded in warmup(); "layer": our recording
+    of the whole forward, recorded_forward.py): the last real token's logits equal the exact
+    eager prefill's (float32), and the greedy tokens of a whole compiled generate equal
+    eager's; 41 tokens run in chunks of 24 (a later chunk's graph)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = build_model(SPECS["window12"], device="cuda", dtype=torch.float32, seed=1)
-    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
-    for length in (5, 17, 33):
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs=graphs,
+                    prefill_chunk=CHUNK)
+    for length in (5, 17, 33, 41):
         tokens = prompt(length).cuda()
         gen.warmup(2, length, COMPILED)
         gen.prepare(2, length, N_NEW)
@@ -329,3 +348,25 @@ def test_bucketed_prefill_on_cuda_matches_the_exact_one():
         torch.testing.assert_close(padded, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
         want = gen.generate(tokens, EAGER).output_token_ids
         assert gen.generate(tokens, COMPILED).output_token_ids == want
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_recorded_layer_graphs_follow_a_new_cache():
+    """A recorded graph writes the KV cache at the addresses it was recorded with: the same
+    cache keeps the graphs (two buckets, two graphs), a cache of a new shape (prepare() for
+    another batch size) drops them and records anew, and the logits stay the exact prefill's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = build_model(SPECS["gqa"], device="cuda", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs="layer")
+    for length in (17, 5):  # buckets 32 and 16, one cache of batch 2
+        gen.prepare(2, length, 1)
+        gen._bucketed(prompt(length).cuda(), 0)
+    assert len(gen.recorded) == 2
+    tokens = prompt(17)[:1].cuda()
+    gen.prepare(1, 17, 1)  # a cache of batch 1
+    padded = gen._bucketed(tokens, 0)
+    assert (model.max_batch_size, len(gen.recorded)) == (1, 1)
+    gen.prepare(1, 17, 1)
+    torch.testing.assert_close(padded, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)

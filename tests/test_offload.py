@@ -161,6 +161,18 @@ def _schedule(generator, lookahead, clock=None, layer_ms=1.0, block_fn=None, tra
     return trace, attended
 
 
+def test_the_layerwise_reload_refuses_a_recorded_cuda_graph(generator, monkeypatch):
+    """Inside a CUDA graph's recording (the "layer" prefill graphs) a wait between layers on
+    the copy stream cannot be recorded: one error line."""
+    import infermeter.offload.reload as reload_module
+
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    monkeypatch.setattr(reload_module, "recording", lambda: True)
+    with pytest.raises(InfermeterError, match="recorded CUDA graph") as err:
+        _schedule(generator, 1)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("lookahead", [None, 1])
 def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookahead):
     model = generator.model
@@ -218,9 +230,9 @@ def test_the_waits_run_outside_the_forwards_block_fn(generator):
     generator.prepare(2, PREFIX + SUFFIX, 1)
     trace: list[tuple[str, int]] = []
 
-    def block_fn(layer, h, cos, sin, positions):  # stands for Generator._block_fn()'s
+    def block_fn(layer, h, cos, sin, positions, blocks=None):  # as Generator._block_fn()
         trace.append(("block_fn", list(model.layers).index(layer)))
-        return layer(h, cos, sin, positions)
+        return layer(h, cos, sin, positions, blocks)
 
     _schedule(generator, 1, block_fn=block_fn, trace=trace)
     n = len(model.layers)

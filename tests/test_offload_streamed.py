@@ -226,6 +226,20 @@ def test_the_streamed_prefill_refuses_a_whole_cache_and_a_compiled_prefill():
             gen.prefill(_tokens()[:, :6], CONFIG)
 
 
+def test_the_streamed_prefill_refuses_a_recorded_cuda_graph(monkeypatch):
+    """Inside a CUDA graph's recording (the "layer" prefill graphs) the per-layer waits on the
+    copy stream cannot be recorded: one error line, before any copy is issued."""
+    import infermeter.offload.streamed_prefill as streamed_module
+
+    gen = _generator()
+    _buffers(gen)
+    monkeypatch.setattr(streamed_module, "recording", lambda: True)
+    with pytest.raises(InfermeterError, match="run it eager") as err:
+        with StreamedPrefill(gen.model, CONTEXT):
+            gen.model(_tokens(), torch.arange(CONTEXT))
+    assert "\n" not in str(err.value)
+
+
 # ---- the fit check ---------------------------------------------------------------------------
 LLAMA = PRESETS["llama-3.1-8b"]
 GPU = SimpleNamespace(type="cuda")

@@ -122,17 +122,18 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     assert sweep.main(["--dry-run"]) == 0
     planned = capsys.readouterr().out.splitlines()
     # each A/B's four runs (512- and 2048-token caches), the TTFT ladder, the long prompt with
-    # each chunk attention, the warm-up A/B (dynamic prefill graphs first)
-    assert len(planned) == 4 + 4 + 1 + 2 + 2
+    # each chunk attention, the warm-up A/B (the default prefill graphs last)
+    assert len(planned) == 4 + 4 + 1 + 2 + 3
     assert [line.split(": ")[1] for line in planned] == [
         "ab-bucketed-1", "ab-exact-2", "ab-bucketed-3", "ab-exact-4", "ablong-bucketed-1",
         "ablong-exact-2", "ablong-bucketed-3", "ablong-exact-4", "ttft", "long", "long-flex",
-        "warmup-dynamic", "warmup-static"]
-    assert all("'share_compiled': True" in line for line in planned[-2:])
+        "warmup-layer", "warmup-dynamic", "warmup-static"]
+    assert all("'share_compiled': True" in line for line in planned[-3:])
+    assert "'prefill_graphs': 'layer'" in planned[-3]
     assert "'prefill_graphs': 'dynamic'" in planned[-2]
     assert "'prompt_lens': (80,)" in planned[0] and "'max_seq_len': 512" in planned[0]
     assert "'prompt_lens': (1616,)" in planned[4] and "'max_seq_len': 2048" in planned[4]
-    assert "'chunk_attention': 'flex'" in planned[-3] and "chunk_attention" not in planned[-4]
+    assert "'chunk_attention': 'flex'" in planned[-4] and "chunk_attention" not in planned[-5]
 
     def ab(kind: str, i: int, tpot: float) -> Result:
         return Result("generate", {"name": "llama-2-7b"},
@@ -168,11 +169,12 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     lines = sweep.warmup_lines([warm("static", n, 30.0, 10.0) for n in lens]
                                + [warm("dynamic", n, 20.0 if n == 80 else 2.0, 10.5)
                                   for n in lens]).splitlines()
-    assert lines[1] == "  dynamic: 26.0 s; 10.50, 10.50, 10.50, 10.50"
-    assert lines[2] == "  static: 120.0 s; 10.00, 10.00, 10.00, 10.00"
-    assert lines[3] == "  dynamic / static TTFT: 1.050, 1.050, 1.050, 1.050"
+    assert lines[1:] == ["  layer: -",  # a kind not run has no figure
+                         "  dynamic: 26.0 s; 10.50, 10.50, 10.50, 10.50",
+                         "  static: 120.0 s; 10.00, 10.00, 10.00, 10.00",
+                         "  dynamic / static TTFT: 1.050, 1.050, 1.050, 1.050"]
     assert sweep.warmup_lines([warm("static", 80, 30.0, 10.0)]).splitlines()[1:] == \
-        ["  dynamic: -", "  static: -"]  # a kind missing a length has no figure
+        ["  layer: -", "  dynamic: -", "  static: -"]  # a kind missing a length: no figure
 
     verdicts = sweep.targets([long("long", 41.0), long("long-flex", 63.5)]).splitlines()
     assert "32768-token chunked prefill MFU (llama-3.1-8b): 41.00 % (target >= 60 %) MISSED" \

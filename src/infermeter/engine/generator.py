@@ -62,6 +62,7 @@ from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.moe import prefills_without_sync
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
+from infermeter.engine.recorded_forward import RecordedForwards
 from infermeter.engine.sampling import sample
 from infermeter.errors import InfermeterError
 from infermeter.specs.sizes import cache_length
@@ -177,9 +178,10 @@ def _prefill_forward(model: Transformer, tokens: Tensor, positions: Tensor,
 
 
 def _block_step(layer: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
-                input_pos: Tensor) -> Tensor:
-    """One transformer layer: what the compiled prefill compiles (Generator._block_fn)."""
-    return layer(h, cos, sin, input_pos)
+                input_pos: Tensor, blocks: BlockLists | None = None) -> Tensor:
+    """One transformer layer: what the compiled prefill compiles (Generator._block_fn, and the
+    "layer" prefill graphs' Generator._layer_fn)."""
+    return layer(h, cos, sin, input_pos, blocks)
 
 
 def _no_hook(event: str, step: int) -> None:
@@ -213,8 +215,9 @@ class Generator:
     lengths (prefill_buckets.py) instead of eager forwards at the prompt's own length (and
     instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
     by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
-    prefill_graphs: the bucketed prefill's compiled forward per bucket length ("static") or one
-    of symbolic length ("dynamic", prefill_buckets.PREFILL_GRAPHS).
+    prefill_graphs: the bucketed prefill's compiled forward per bucket length ("static"), one
+    of symbolic length ("dynamic"), or one layer per bucket length that every layer runs, the
+    forward recorded as a CUDA graph per length ("layer"; prefill_buckets.PREFILL_GRAPHS).
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
     (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
     "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
@@ -234,6 +237,9 @@ class Generator:
             raise InfermeterError(f"unknown prefill graphs {prefill_graphs!r} "
                                   f"(use {' or '.join(PREFILL_GRAPHS)})")
         self.prefill_graphs = prefill_graphs
+        if prefill_graphs == "layer" and compile_backend == "cudagraphs":
+            raise InfermeterError("the layer prefill graphs compile with inductor, not the "
+                                  "cudagraphs compile backend")
         if chunk_attention not in CHUNK_ATTENTIONS:
             raise InfermeterError(f"unknown chunk attention {chunk_attention!r} "
                                   f"(use {' or '.join(CHUNK_ATTENTIONS)})")
@@ -277,6 +283,8 @@ class Generator:
             chunk_attention, self.spec.sdpa_cannot_attend,
             flex_runs(self.device, self.compile_backend, bucketed_prefill))
         self._compiled_prefill: Callable[..., Tensor] | None = None
+        self._compiled_layer: Callable[..., Tensor] | None = None
+        self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
                                   "compute capability 9.0 or later (Hopper), Triton and a "
@@ -384,6 +392,25 @@ class Generator:
                                                        fullgraph=True, dynamic=dynamic)
         return self._compiled_prefill
 
+    def _layer_fn(self) -> Callable[..., Tensor]:
+        """The "layer" prefill graphs' compiled layer: a graph per forward length (static
+        shapes: the "static" forward's kernels), each shared by every layer of one kind (modules
+        are inlined, their weights become inputs), without inductor's CUDA graph: the whole
+        forward is recorded as one (recorded_forward.py)."""
+        if self._compiled_layer is None:
+            allow_step_graphs()
+            options = {"emulate_precision_casts": True, **self.compile_options}
+            self._compiled_layer = torch.compile(_block_step, options=options, fullgraph=True,
+                                                 dynamic=False)
+        return self._compiled_layer
+
+    def _layer_forward(self, tokens: Tensor, positions: Tensor, last: Tensor,
+                       *blocks: Tensor) -> Tensor:
+        """_prefill_forward with each layer through _layer_fn; blocks: a BlockLists' tensors,
+        flat (none: the mask), so that every input is a tensor a recorded graph can hold."""
+        return self.model(tokens, positions, block_fn=self._layer_fn(),
+                          blocks=tuple(blocks) or None, rows=last)[:, 0]
+
     def prefill_lengths(self, prompt_len: int, compiled: bool, start: int = 0) -> list[int]:
         """The length of each forward a prefill of prompt_len tokens runs (after prepare())."""
         if compiled and self.bucketed_prefill:
@@ -399,7 +426,8 @@ class Generator:
         start + T (prefill_buckets.py says why they change nothing)."""
         batch, prompt_len = tokens.shape
         int64 = {"dtype": torch.int64, "device": self.device}
-        forward, offset = self._prefill_fn(), 0
+        self.recorded.follow(self.model.cache_version)  # a new cache: record the graphs anew
+        offset = 0
         for real, length in prefill_forwards(prompt_len, self.prefill_chunk,
                                              self.model.max_seq_len - start):
             # [B, real] with its own strides: a chunk's view keeps the prompt's row stride (even
@@ -421,9 +449,14 @@ class Generator:
             later = start + offset > 0
             blocks = block_lists(start + offset, length, self.model.max_seq_len, self.device) \
                 if later and self.chunk_attention == "flex" else None
+            last = torch.full((1,), real - 1, **int64)
             with prefill_from(self.model, None if later else 0):
-                logits = forward(self.model, piece, positions,
-                                 torch.full((1,), real - 1, **int64), blocks)  # [B, V]
+                if self.prefill_graphs == "layer":
+                    logits = self.recorded.run((batch, length, later), self._layer_forward,
+                                               (piece, positions, last, *(blocks or ())))
+                else:
+                    logits = self._prefill_fn()(self.model, piece, positions, last,
+                                                blocks)  # [B, V]
             offset += real
         return logits
 

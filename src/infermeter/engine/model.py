@@ -291,6 +291,9 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.max_batch_size = 0
         self.max_seq_len = 0
+        # bumped whenever the caches are allocated or freed: a recorded CUDA graph holds their
+        # addresses, and is stale once this changes (recorded_forward.py)
+        self.cache_version = 0
         self.shard_plan: object | None = None  # set by parallel.shard_model, never read here
         self.tp_collectives: object | None = None  # likewise (parallel.Collectives)
         # Set (by parallel.use_peer_all_reduce), the layers run forward_prenormed with it.
@@ -313,6 +316,7 @@ class Transformer(nn.Module):
         if max_batch_size <= 0 or max_seq_len <= 0:
             raise InfermeterError(f"cache needs a positive batch and length, got "
                                   f"{max_batch_size} x {max_seq_len}")
+        self.cache_version += 1
         shared = len(self.layers) if layer_buffers is None else layer_buffers
         if shared < 1:
             raise InfermeterError(f"layer_buffers must be at least 1, got {layer_buffers}")
@@ -375,6 +379,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.max_batch_size = self.max_seq_len = 0
+        self.cache_version += 1
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor,
@@ -384,8 +389,8 @@ class Transformer(nn.Module):
 
         Writes the K/V of these positions into the cache. No host syncs or value-dependent
         branches, so T == 1 decode compiles with fullgraph=True and static shapes.
-        block_fn(layer, h, cos, sin, input_pos), when given, runs each layer instead of
-        layer(h, ...): the Generator's compiled prefill passes one compiled function here,
+        block_fn(layer, h, cos, sin, input_pos, blocks), when given, runs each layer instead
+        of layer(h, ...): the Generator's compiled prefill passes one compiled function here,
         which every layer then shares (one graph, any prompt length). blocks: a later
         compiled prefill chunk's tile lists for flex attention (chunk_attention.py).
         rows: int64 [R] indices into T: only those rows get the final norm and the output
@@ -413,7 +418,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             c, s = local if layer.attention.local_rope else (cos, sin)
             h = layer(h, c, s, input_pos, blocks) if block_fn is None else \
-                block_fn(layer, h, c, s, input_pos)
+                block_fn(layer, h, c, s, input_pos, blocks)
         return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
 
     def _logits(self, normed: Tensor) -> Tensor:

@@ -72,8 +72,8 @@ class EngineRunner:
         prefill_forward_lens: the forward lengths the case's prefills ran (one graph each when
         bucketed), after warmup() prepared the cache; chunk_attention: how a bucketed chunk
         from a later start attended ("mask" or "flex"), None where no prefill had one;
-        prefill_graphs: how the bucketed forwards were compiled ("static" or "dynamic"), None
-        where the prefill was exact."""
+        prefill_graphs: how the bucketed forwards were compiled ("static", "dynamic" or
+        "layer"), None where the prefill was exact."""
         gen, compiled = self.generator, self.config.compile
         forwards = [gen.prefill_lengths(length, compiled) for length in self.prompt_lens]
         lens = sorted({n for lengths in forwards for n in lengths})

@@ -62,8 +62,9 @@ class EngineChoices:
     # a bucketed chunk from a later start over a full layer's cache: "mask" or "flex"
     # (engine/chunk_attention.CHUNK_ATTENTIONS)
     chunk_attention: str = CHUNK_ATTENTION
-    # the bucketed prefill's graphs: "static" (one a bucket length) or "dynamic" (one of
-    # symbolic length; engine/prefill_buckets.PREFILL_GRAPHS); benchmarks only, no CLI flag yet
+    # the bucketed prefill's graphs: "static" (one a bucket length), "dynamic" (one of
+    # symbolic length) or "layer" (one layer a bucket length, the forward recorded;
+    # engine/prefill_buckets.PREFILL_GRAPHS); benchmarks only, no CLI flag yet
     prefill_graphs: str = "static"
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

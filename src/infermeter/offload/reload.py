@@ -36,6 +36,7 @@ from torch import Tensor
 
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
+from infermeter.engine.recorded_forward import recording
 from infermeter.errors import InfermeterError
 
 # A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i made to wait for
@@ -277,18 +278,19 @@ class LayerwiseReload:
     def _wrap_layers(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The model's forward pre-hook: its block_fn (None: the eager layer call) wrapped so
         that the forward's loop waits before each layer, outside the compiled layer."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or recording():
             raise InfermeterError("layer-wise reload waits between layers: it cannot run inside "
-                                  "a whole-model compiled forward (bucketed prefill)")
+                                  "a compiled forward or a recorded CUDA graph (bucketed "
+                                  "prefill)")
         named = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         tokens, input_pos = named.pop("tokens"), named.pop("input_pos")
-        inner, blocks = named.get("block_fn"), named.get("blocks")
+        inner = named.get("block_fn")
 
-        def run_layer(layer: Any, h: Tensor, cos: Tensor, sin: Tensor,
-                      positions: Tensor) -> Tensor:
+        def run_layer(layer: Any, h: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                      blocks: Any = None) -> Tensor:
             self.before_layer(self.index[id(layer)])
             if inner is not None:
-                return inner(layer, h, cos, sin, positions)
+                return inner(layer, h, cos, sin, positions, blocks)
             return layer(h, cos, sin, positions, blocks)
 
         return (tokens, input_pos), {**named, "block_fn": run_layer}

@@ -32,6 +32,7 @@ import torch
 
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
+from infermeter.engine.recorded_forward import recording
 from infermeter.errors import InfermeterError
 from infermeter.offload.reload import (
     CopyStream,
@@ -120,7 +121,7 @@ class StreamedPrefill:
 
     def _forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         """The model's forward pre-hook: a new chunk, at slots end..end + T."""
-        if torch.compiler.is_compiling() or kwargs.get("block_fn") is not None:
+        if torch.compiler.is_compiling() or kwargs.get("block_fn") is not None or recording():
             raise InfermeterError("streamed prefill waits between layers: run it eager (no "
                                   "compiled prefill)")
         tokens = args[0] if args else kwargs["tokens"]  # [B, T]
