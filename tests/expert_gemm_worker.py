@@ -221,7 +221,7 @@ def check_bucketed_prefill_greedy() -> None:
 
 def check_bucketed_prefill(spec, batch: int) -> None:
     """check_bucketed_prefill_greedy for one model at one batch size."""
-    from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
+    from infermeter.engine.generator import GenerationConfig, Generator, _block_step
 
     expert_gemm.block_tiles = SMALL_TILES
     expert_gemv.tiles_for = lambda n_cols, gpu="": (32, 64, 4)  # the gathered decode steps'
@@ -240,8 +240,9 @@ def check_bucketed_prefill(spec, batch: int) -> None:
         graphs.append(gm)
         return gm.forward
 
-    bucketed._compiled_prefill = torch.compile(_prefill_forward, backend=keep, fullgraph=True,
-                                               dynamic=False)
+    # the default layer graphs: each compiled layer holds the grouped kernels
+    bucketed._compiled_layer = torch.compile(_block_step, backend=keep, fullgraph=True,
+                                             dynamic=False)
     exact = Generator(models["torch"], max_seq_len=64)
     calls = []
     real = moe_module.grouped_experts

@@ -204,6 +204,7 @@ def test_the_largest_bucket_edges(length, chunk, forwards):
     want_logits, want_cache = one_forward(model, tokens, cache=1088)
     gen = Generator(model, max_seq_len=1088, prefill_chunk=chunk, bucketed_prefill=True)
     gen._compiled_prefill = _prefill_forward
+    gen._compiled_layer = _block_step  # the layer graphs' function, eagerly
     gen.prepare(1, length, 1)
     assert gen.prefill_lengths(length, True) == forwards
     logits, cache = bucketed_logits(gen, tokens)
@@ -277,6 +278,26 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
     with pytest.raises(InfermeterError, match="unknown prefill graphs 'tiled'") as err:
         Generator(model, prefill_graphs="tiled")
     assert "\n" not in str(err.value)
+
+
+def test_the_layer_graphs_are_the_default_and_give_way_where_no_layer_function_runs():
+    """"layer" by default; "static" where the adds are fused with the norms (tensor
+    parallelism's add_norm, which Transformer.forward refuses to run through a block_fn) or
+    the cudagraphs backend compiles (no inductor to compile a layer alone); what was asked for
+    otherwise."""
+    model = build_model(DEBUG, device="cpu", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
+    assert gen.prefill_graphs == "layer"
+    assert Generator(model, prefill_graphs="dynamic").prefill_graphs == "dynamic"
+    gen.compile_backend = "cudagraphs"  # a CUDA device's choice: set here on the CPU
+    assert gen.prefill_graphs == "static"
+    gen.compile_backend = "inductor"
+    model.add_norm = lambda *a: None
+    try:
+        assert gen.prefill_graphs == "static"
+    finally:
+        model.add_norm = None
+    assert gen.prefill_graphs == "layer"
 
 
 def test_moe_and_eager_prefill_exactly():

@@ -135,22 +135,26 @@ def test_compiled_flex_chunks_on_cuda_give_the_exact_prefill(kind):
             gen.generate(tokens, eager).output_token_ids
 
 
-def test_one_traced_graph_serves_every_later_start():
+@pytest.mark.parametrize("graphs,expected", [("static", 3), ("layer", 6)])
+def test_one_traced_graph_serves_every_later_start(graphs, expected):
     """torch.compile's trace (aot_eager: dynamo's fullgraph trace without inductor's build) of
     the bucketed forward with flex chunks: the tile lists are inputs, so chunks at starts 24
     and 48 of two prompts share one graph; three graphs in all (24 from position 0, 24 and the
-    padded 16 later), and the first tokens equal the eager prefill's."""
+    padded 16 later), and the first tokens equal the eager prefill's. The layer graphs: the
+    same three for each of the two kinds of layer (a ring and a full one)."""
     from torch._dynamo.utils import counters
 
-    from infermeter.engine.generator import GenerationConfig, _prefill_forward
+    from infermeter.engine.generator import GenerationConfig, _block_step, _prefill_forward
 
     spec = PRESETS["debug"].with_updates(n_layers=2, sliding_window=12,
                                          sliding_window_layers=(0,))
     model = build_model(spec, device="cpu", dtype=torch.float32, seed=1)
-    gen = Generator(model, max_seq_len=96, prefill_chunk=24, bucketed_prefill=True)
+    gen = Generator(model, max_seq_len=96, prefill_chunk=24, bucketed_prefill=True,
+                    prefill_graphs=graphs)
     gen.chunk_attention = "flex"  # as the Generator sets it on a GPU
-    gen._compiled_prefill = torch.compile(_prefill_forward, backend="aot_eager",
-                                          fullgraph=True, dynamic=False)
+    traced = {"fullgraph": True, "dynamic": False, "backend": "aot_eager"}
+    gen._compiled_prefill = torch.compile(_prefill_forward, **traced)
+    gen._compiled_layer = torch.compile(_block_step, **traced)
     eager = Generator(model, max_seq_len=96)
     torch._dynamo.reset()
     counters.clear()
@@ -163,4 +167,4 @@ def test_one_traced_graph_serves_every_later_start():
         assert gen.prefill_lengths(length, True) == forwards
         got = gen.prefill(tokens, GenerationConfig(max_new_tokens=2, compile=True)).token
         assert torch.equal(got, want)
-    assert counters["stats"]["unique_graphs"] == 3
+    assert counters["stats"]["unique_graphs"] == expected

@@ -235,7 +235,7 @@ def test_bucketed_prefill_gives_the_eager_tokens() -> None:
     """The compiled mode's bucketed prefill (its forward run eagerly here, as
     test_bucketed_prefill does): a 17-token prompt padded to 32, past the 6-token window, attends
     through the capped products and then decodes eager's greedy tokens."""
-    from infermeter.engine.generator import _prefill_forward
+    from infermeter.engine.generator import _block_step, _prefill_forward
 
     model = _random_model(5, qk_scale=8.0)
     prompt = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
@@ -243,6 +243,7 @@ def test_bucketed_prefill_gives_the_eager_tokens() -> None:
     want = Generator(model, max_seq_len=64).generate(prompt, eager).output_token_ids
     gen = Generator(model, max_seq_len=64, bucketed_prefill=True)
     gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    gen._compiled_layer = _block_step  # the layer graphs' function, eagerly
     gen.prepare(2, 17, 6)
     state = gen.prefill(prompt, GenerationConfig(max_new_tokens=6, compile=True))
     assert gen.prefill_lengths(17, True) == [32]

@@ -18,7 +18,7 @@ import torch
 
 import infermeter.engine.generator as generator_module
 import infermeter.engine.self_attention as attention_module
-from infermeter.engine.generator import GenerationConfig, Generator, _prefill_forward
+from infermeter.engine.generator import GenerationConfig, Generator, _block_step, _prefill_forward
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
@@ -62,6 +62,7 @@ def _prefill(model, prefill: str, chunk: int | None, tokens: torch.Tensor,
     bucketed = prefill == "bucketed"
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
     gen._compiled_prefill = _prefill_forward  # the compiled graph's function, run eagerly
+    gen._compiled_layer = _block_step  # the layer graphs' function, eagerly
     gen.chunk_attention = chunk_attention  # "flex" as a GPU resolves it (its reference here)
     config = GenerationConfig(max_new_tokens=N_NEW, compile=bucketed)
     rows = []
@@ -179,6 +180,7 @@ def test_each_forward_attends_only_over_the_positions_it_needs(monkeypatch):
     seen.update(own=[], cut=[], whole=[])
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK, bucketed_prefill=True)
     gen._compiled_prefill = _prefill_forward
+    gen._compiled_layer = _block_step  # the layer graphs' function, eagerly
     gen.generate(tokens, GenerationConfig(max_new_tokens=N_NEW, compile=True))
     # one graph a chunk length: a later chunk's start is not a constant of it (whole cache)
     assert seen == {"own": [24, 24], "cut": [], "whole": [CACHE, CACHE]}
@@ -243,6 +245,7 @@ def test_the_fit_check_counts_the_capped_scores_the_prefill_holds(mode, prefill,
     bucketed = prefill == "bucketed"
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=chunk, bucketed_prefill=bucketed)
     gen._compiled_prefill = _prefill_forward
+    gen._compiled_layer = _block_step  # the layer graphs' function, eagerly
     if flex:  # as a GPU resolves it (flex's reference implementation runs it here)
         gen.chunk_attention = "flex"
     gen.prepare(1, length, 1)

@@ -3,8 +3,8 @@ it times the compiled mode's bucketed prefill in forwards of at most LADDER_CHUN
 rung in one cache and one Generator, so each bucket or chunk length is compiled once, in the
 warm-up of the first rung that needs it; eager, the eager prefill. The Results record the path,
 and the report's break-even reads their times. CPU, debug model: torch.compile runs with a
-backend that counts dynamo's graphs and runs them uncompiled (the graphs, not inductor's code,
-are under test).
+backend that counts dynamo's graphs (of the layer the default layer graphs compile) and runs
+them uncompiled (the graphs, not inductor's code, are under test).
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ CHUNK = 64  # the CPU ladder's rungs (40, 128, 255) then need two graphs: 64 fro
 
 @pytest.fixture
 def graphs(monkeypatch):
-    """The forward length of each graph dynamo hands a backend."""
+    """The forward length of each graph dynamo hands a backend: a layer's, whose hidden state
+    h [B, T, dim] is its one 3-d floating input (the caches are 4-d), or a whole forward's,
+    whose tokens [B, T] are its one 2-d int64 input."""
     made: list[int] = []
     compile_ = torch.compile
 
     def counting(fn=None, **kwargs):
         def backend(gm, example_inputs):
-            tokens = next(t for t in example_inputs if isinstance(t, torch.Tensor)
-                          and t.dtype == torch.int64 and t.dim() == 2)
-            made.append(tokens.shape[1])
+            rows = next(t for t in example_inputs if isinstance(t, torch.Tensor) and (
+                t.dim() == 3 and t.is_floating_point() or t.dim() == 2
+                and t.dtype == torch.int64))
+            made.append(rows.shape[1])
             return gm.forward
 
         return compile_(fn, backend=backend, fullgraph=kwargs.get("fullgraph", False),

@@ -215,9 +215,12 @@ class Generator:
     lengths (prefill_buckets.py) instead of eager forwards at the prompt's own length (and
     instead of compile_prefill's layer graph). Not for MoE models, whose prefill groups tokens
     by expert (data-dependent shapes: no static graph): they prefill exactly as without it.
-    prefill_graphs: the bucketed prefill's compiled forward per bucket length ("static"), one
-    of symbolic length ("dynamic"), or one layer per bucket length that every layer runs, the
-    forward recorded as a CUDA graph per length ("layer"; prefill_buckets.PREFILL_GRAPHS).
+    prefill_graphs: one layer compiled per bucket length that every layer runs, the forward
+    recorded as a CUDA graph per length ("layer", the default), the whole forward compiled per
+    bucket length ("static") or once, of symbolic length ("dynamic"; prefill_buckets.
+    PREFILL_GRAPHS); self.prefill_graphs says what runs: "static" for a model whose adds are
+    fused with its norms (tensor parallelism's add_norm, which no layer function can run) and
+    under the cudagraphs compile backend.
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
     (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
     "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
@@ -230,16 +233,13 @@ class Generator:
                  compile_prefill: bool = False, decode_attention: str | None = None,
                  pdl: bool = False, prefill_chunk: int | None = None,
                  bucketed_prefill: bool = False, chunk_attention: str = CHUNK_ATTENTION,
-                 prefill_graphs: str = "static") -> None:
+                 prefill_graphs: str = PREFILL_GRAPHS[0]) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
         if prefill_graphs not in PREFILL_GRAPHS:
             raise InfermeterError(f"unknown prefill graphs {prefill_graphs!r} "
                                   f"(use {' or '.join(PREFILL_GRAPHS)})")
-        self.prefill_graphs = prefill_graphs
-        if prefill_graphs == "layer" and compile_backend == "cudagraphs":
-            raise InfermeterError("the layer prefill graphs compile with inductor, not the "
-                                  "cudagraphs compile backend")
+        self._graphs_asked = prefill_graphs  # the prefill_graphs property decides
         if chunk_attention not in CHUNK_ATTENTIONS:
             raise InfermeterError(f"unknown chunk attention {chunk_attention!r} "
                                   f"(use {' or '.join(CHUNK_ATTENTIONS)})")
@@ -303,6 +303,17 @@ class Generator:
         after building the Generator. A bucket's pads route like any token (their experts'
         outputs are computed and discarded with the pads' rows)."""
         return self._bucketed_asked and prefills_without_sync(self.model)
+
+    @property
+    def prefill_graphs(self) -> str:
+        """How the bucketed prefill's forwards are compiled (PREFILL_GRAPHS): as asked, but
+        "static" in place of "layer" where the layer function cannot run: the model's adds are
+        fused with its norms (tensor parallelism's add_norm, set after the Generator is built)
+        or the cudagraphs backend compiles (no inductor to compile a layer alone)."""
+        if self._graphs_asked == "layer" and (self.model.add_norm is not None
+                                             or self.compile_backend == "cudagraphs"):
+            return "static"
+        return self._graphs_asked
 
     def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's
@@ -427,7 +438,7 @@ class Generator:
         batch, prompt_len = tokens.shape
         int64 = {"dtype": torch.int64, "device": self.device}
         self.recorded.follow(self.model.cache_version)  # a new cache: record the graphs anew
-        offset = 0
+        graphs, offset = self.prefill_graphs, 0
         for real, length in prefill_forwards(prompt_len, self.prefill_chunk,
                                              self.model.max_seq_len - start):
             # [B, real] with its own strides: a chunk's view keeps the prompt's row stride (even
@@ -439,7 +450,7 @@ class Generator:
                 piece = torch.cat((piece, piece[:, -1:].expand(batch, length - real)), dim=1)
                 positions = torch.cat((positions, torch.full((length - real,),
                                                              start + prompt_len, **int64)))
-            if self.prefill_graphs == "dynamic":  # one graph: the length symbolic from the start
+            if graphs == "dynamic":  # one graph: the length symbolic from the start
                 torch._dynamo.maybe_mark_dynamic(piece, 1)
                 torch._dynamo.maybe_mark_dynamic(positions, 0)
             if self.device.type == "cuda":
@@ -451,7 +462,7 @@ class Generator:
                 if later and self.chunk_attention == "flex" else None
             last = torch.full((1,), real - 1, **int64)
             with prefill_from(self.model, None if later else 0):
-                if self.prefill_graphs == "layer":
+                if graphs == "layer":
                     logits = self.recorded.run((batch, length, later), self._layer_forward,
                                                (piece, positions, last, *(blocks or ())))
                 else:

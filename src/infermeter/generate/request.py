@@ -20,7 +20,7 @@ from infermeter.engine.generator import GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
 from infermeter.engine.model import STEP_KERNEL
 from infermeter.engine.moe import MOE_KERNEL
-from infermeter.engine.prefill_buckets import PREFILL_KINDS, prefill_chunk_for
+from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, PREFILL_KINDS, prefill_chunk_for
 from infermeter.errors import InfermeterError
 
 DEFAULT_NEW_TOKENS = 64
@@ -62,10 +62,10 @@ class EngineChoices:
     # a bucketed chunk from a later start over a full layer's cache: "mask" or "flex"
     # (engine/chunk_attention.CHUNK_ATTENTIONS)
     chunk_attention: str = CHUNK_ATTENTION
-    # the bucketed prefill's graphs: "static" (one a bucket length), "dynamic" (one of
-    # symbolic length) or "layer" (one layer a bucket length, the forward recorded;
-    # engine/prefill_buckets.PREFILL_GRAPHS); benchmarks only, no CLI flag yet
-    prefill_graphs: str = "static"
+    # the bucketed prefill's graphs: "layer" (one layer a bucket length, the forward recorded),
+    # "static" (the model a bucket length) or "dynamic" (the model, of symbolic length)
+    # (engine/prefill_buckets.PREFILL_GRAPHS, the default first); for benchmarks: no CLI flag
+    prefill_graphs: str = PREFILL_GRAPHS[0]
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
