@@ -17,6 +17,9 @@
 #                        3.0 min on an H200 on 2026-12-05)
 #   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
+#   part step-graphs     the step's CUDA graph replayed by inductor's graph trees against our own
+#                        recording, split and fused kernels, at 135M and 1B (step_kernels_ab.py
+#                        --graphs; the host's time a step, which below 1B the step waits on)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
 #   part moe             torch against Triton experts at batch 1, 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
@@ -35,8 +38,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-batch|dense|moe|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -77,6 +80,9 @@ case "${1:-}" in
     # traced: the summary's kernels/step and gaps columns come from the profiled steps
     python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
+  step-graphs)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded \
+      --trace "$dest/traces-step-graphs" --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \

@@ -16,6 +16,10 @@ the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
 steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
 issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
+With --graphs trees recorded each round times both kinds under each way of replaying the step's
+CUDA graph (engine/generator.STEP_GRAPHS: inductor's graph trees, the default, or our own
+recording, which leaves the host one replay a step), the recorded ones labelled "split/recorded"
+and "fused/recorded", and the summary adds recorded / trees per kernel kind.
 With --trace DIR each case also records a few profiled decode steps after its timed runs
 (DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
 kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels
@@ -43,6 +47,7 @@ from sweep_common import (
     write_summary,
 )
 
+from infermeter.engine.generator import STEP_GRAPHS
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
 from infermeter.measure.trace import make_trace_dir
@@ -58,27 +63,37 @@ MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
 
-def ab_request(model: str, kind: str, **overrides) -> GenerateRequest:
-    """One case of the A/B: `model`'s random weights at batch 1, compiled, with `kind` kernels.
-    overrides (device, dtype, modes, max_new_tokens, repeats, roofline) are for the CPU check."""
+def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
+               **overrides) -> GenerateRequest:
+    """One case of the A/B: `model`'s random weights at batch 1, compiled, with `kind` kernels,
+    the step replayed as `graphs` says. overrides (device, dtype, modes, max_new_tokens,
+    repeats, roofline) are for the CPU check."""
     options = {"device": "cuda", "dtype": MODELS.get(model), "modes": ("compiled",),
                "batch_sizes": (1,), "prompt_lens": (PROMPT_LEN,),
                "max_new_tokens": NEW_TOKENS, "max_seq_len": CACHE, "repeats": REPEATS,
                "warmup": 1, **overrides}
-    return build_request(f"random:{model}", step_kernels=kind, **options)
+    return build_request(f"random:{model}", step_kernels=kind, step_graphs=graphs, **options)
+
+
+def label(kind: str, graphs: str) -> str:
+    """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded."""
+    return kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
-              **overrides) -> None:
-    """Split then fused, `rounds` times, each Result appended to `path` once done; with
-    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
+              graphs: tuple[str, ...] = STEP_GRAPHS[:1], **overrides) -> None:
+    """Split then fused under each of `graphs`, `rounds` times, each Result appended to `path`
+    once done; with `trace` (a folder) each case's profiled steps go to a folder of their own
+    in it."""
     for round_ in range(rounds):
-        for kind in KINDS:
-            if trace:
-                overrides["trace_dir"] = str(make_trace_dir(Path(trace) /
-                                                            f"{model}-{kind}-{round_}"))
-            run_ab_case(ab_request(model, kind, **overrides), env, path, model, kind, round_,
-                        "kernels", "step_kernels")
+        for way in graphs:
+            for kind in KINDS:
+                name = label(kind, way)
+                if trace:
+                    overrides["trace_dir"] = str(make_trace_dir(
+                        Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
+                run_ab_case(ab_request(model, kind, way, **overrides), env, path, model, name,
+                            round_, "kernels", "step_kernels")
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -104,6 +119,9 @@ def summary(results: list[Result]) -> str:
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
+        for kind in KINDS:  # where the recorded step ran too
+            if label(kind, "recorded") in kinds:
+                lines.append(ab_line(name, kinds, kind, label(kind, "recorded")))
     table = render_table(["model", "dtype", "kernels", "ran", "round", "TPOT p50 ms",
                           "run TPOT median", "run TPOT range", "MBU %", "decode tok/s",
                           "warm-up s", "kernels/step", "gaps ms/step", "warnings"], rows)
@@ -115,6 +133,9 @@ def arguments():
     parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
                         "case into DIR (kernels and gaps per step in the summary)")
+    parser.add_argument("--graphs", nargs="+", choices=STEP_GRAPHS, default=list(STEP_GRAPHS[:1]),
+                        help="how the step's CUDA graph is replayed, each in turn (default: "
+                        "trees, inductor's)")
     return parser
 
 
@@ -122,13 +143,13 @@ def main() -> int:
     args = arguments().parse_args()
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
-        run_model(args.one, args.rounds, path, env, trace=args.trace)
+        run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
     run_in_processes(__file__, [] if args.summary_only else args.models,
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
-                      *traced], start)
+                      "--graphs", *args.graphs, *traced], start)
     return write_summary(path, summary, start)
 
 

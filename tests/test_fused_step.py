@@ -219,9 +219,10 @@ def test_each_layer_takes_the_fused_parts_its_architecture_allows(name, parts):
 
 def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
     """benchmarks/step_kernels_ab.py's CPU check: its cases are each model's batch-1 compiled
-    case with one kind of kernels; run here eagerly on the debug model, split then fused append a
-    Result each, labelled with the kernels asked for, and the summary has a row for each and
-    fused / split from the per-run TPOTs."""
+    case with one kind of kernels, under each way of replaying the step asked for; run here
+    eagerly on the debug model, split then fused, trees then recorded, append a Result each,
+    labelled with the kernels (and "/recorded") asked for, and the summary has a row for each,
+    fused / split and recorded / trees from the per-run TPOTs."""
     from infermeter.measure.env import capture_env
     from infermeter.measure.result import read_results
     from tests.benchmark_scripts import load_benchmark
@@ -233,19 +234,25 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
         assert (request.source, request.dtype, request.modes, request.batch_sizes) == \
             (f"random:{model}", dtype, ("compiled",), (1,))
         assert request.engine.step_kernels == "fused" and request.timing.roofline
+        assert request.engine.step_graphs == "trees"
+    assert script.ab_request("debug", "split", "recorded").engine.step_graphs == "recorded"
     path = tmp_path / "ab.jsonl"
     script.run_model("debug", 1, path, capture_env(), trace=str(tmp_path / "traces"),
-                     device="cpu", modes=("eager",), prompt_lens=(4,), max_new_tokens=5,
-                     max_seq_len=16, repeats=2, roofline=False)
-    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["debug-fused-0",
-                                                                       "debug-split-0"]
+                     graphs=("trees", "recorded"), device="cpu", modes=("eager",),
+                     prompt_lens=(4,), max_new_tokens=5, max_seq_len=16, repeats=2,
+                     roofline=False)
+    labels = ["split", "fused", "split/recorded", "fused/recorded"]
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == sorted(
+        f"debug-{name.replace('/', '-')}-0" for name in labels)
     results = read_results(path)
-    assert [r.config["ab"] for r in results] == [{"kernels": k, "round": 0} for k in STEP_KERNELS]
+    assert [r.config["ab"] for r in results] == [{"kernels": k, "round": 0} for k in labels]
     assert all(len(script.run_tpots(r)) == 2 for r in results)
     text = script.summary(results)
     rows = [line.split() for line in text.splitlines() if line.startswith("debug ")]
-    assert [row[2] for row in rows] == list(STEP_KERNELS), text  # the kernels column
+    assert [row[2] for row in rows] == labels, text  # the kernels column
     assert "debug: fused / split TPOT" in text and "kernels/step" in text, text
+    assert "debug: split/recorded / split TPOT" in text, text
+    assert "debug: fused/recorded / fused TPOT" in text, text
     results[1].metrics["breakdown"] = {"step_gaps": {"median_of_steps": {"kernels": 123,
                                                                          "gaps_ms": 0.25}}}
     fused_row = next(line for line in script.summary(results).splitlines()

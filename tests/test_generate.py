@@ -7,6 +7,8 @@ host sync under torch.cuda.set_sync_debug_mode) are marked `gpu`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -259,9 +261,13 @@ def assert_compiled_gives_eager_tokens(gen: Generator, prompts: list[list[int]])
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_graph_decode_matches_eager_without_syncs(dtype):
+@pytest.mark.parametrize("graphs", ["trees", "recorded"])
+def test_cuda_graph_decode_matches_eager_without_syncs(dtype, graphs):
+    """Inductor's graph trees or our recording of the compiled step (generator.STEP_GRAPHS):
+    the eager tokens, and no host sync once warmed up."""
     model = peaked_cuda_model(SPEC, dtype)
-    gen = Generator(model, max_seq_len=64)
+    gen = Generator(model, max_seq_len=64, step_graphs=graphs)
+    assert gen.step_graphs == graphs
     assert_compiled_gives_eager_tokens(gen, PROMPTS)
     sampled = GenerationConfig(max_new_tokens=24, greedy=False, top_p=0.9, seed=3, compile=True)
     gen.warmup(2, 7, sampled)
@@ -382,6 +388,60 @@ def test_decode_attention_used_says_what_really_runs(monkeypatch):
     assert (used("auto", True, 1), used("auto", True, 32)) == ("triton", "triton")
     odd = build_model(SPEC.with_updates(head_dim=24, n_heads=4, n_kv_heads=2, dim=96))
     assert used("triton", True, of=odd) == "math"
+
+
+@pytest.mark.gpu
+def test_recorded_steps_follow_a_new_cache():
+    """A recorded step writes the KV cache at the addresses it was recorded with: a cache of
+    another batch size records anew (one graph, not two), and the tokens stay eager's."""
+    model = peaked_cuda_model(SPEC, torch.float16)
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    assert_compiled_gives_eager_tokens(gen, PROMPTS)
+    assert len(gen.recorded_steps) == 1
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+    assert len(gen.recorded_steps) == 1 and model.max_batch_size == 1
+
+
+def test_step_graphs_are_checked_and_say_what_runs(model, monkeypatch):
+    """One error line for an unknown kind; off a GPU no graph runs (None); on one the kind asked
+    for, graph trees under the cudagraphs backend; the recorded step compiles without
+    inductor's own graphs (triton.cudagraphs off), the trees with them."""
+    import infermeter.engine.generator as generator_module
+
+    with pytest.raises(InfermeterError, match="unknown step graphs 'tiled'") as err:
+        Generator(model, step_graphs="tiled")
+    assert "\n" not in str(err.value)
+    assert Generator(model, step_graphs="recorded").step_graphs is None  # this CPU
+    asked = []
+    monkeypatch.setattr(generator_module.torch, "compile",
+                        lambda fn, **kw: asked.append(kw.get("options", {})) or fn)
+    for kind in ("trees", "recorded"):
+        gen = Generator(model, step_graphs=kind)
+        gen.device = torch.device("cuda")  # what the property reads: a GPU's Generator
+        assert gen.step_graphs == kind
+        gen._compile_step()
+        gen.compile_backend = "cudagraphs"
+        assert gen.step_graphs == "trees"
+    assert [options["triton.cudagraphs"] for options in asked] == [True, False]
+
+
+def test_the_recorded_step_passes_the_state_and_sampling_as_the_trees_do(model, monkeypatch):
+    """The recorded branch of decode_step (forced here: on the CPU the recording runs the step
+    itself) hands the compiled step the state's tensors and the sampling constants as the
+    graph trees' branch does: the same sampled tokens."""
+    sampled = GenerationConfig(max_new_tokens=12, greedy=False, top_p=0.9, seed=5,
+                               compile=True)
+    want = Generator(model, max_seq_len=64).generate(PROMPTS, replace(sampled, compile=False))
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    gen._compiled_step = _decode_one  # the compiled step's function, run eagerly
+    monkeypatch.setattr(Generator, "step_graphs", property(lambda self: "recorded"))
+    calls = []
+    run = gen.recorded_steps.run
+    monkeypatch.setattr(gen.recorded_steps, "run",
+                        lambda key, fn, inputs: calls.append(key) or run(key, fn, inputs))
+    assert gen.generate(PROMPTS, sampled).output_token_ids == want.output_token_ids
+    # the inputs' shapes (token, input_pos, done, stop ids, seed), then the sampling constants
+    assert calls == [((2,), (1,), (2,), (1,), (), False, sampled.temperature, 0.9)] * 11
 
 
 def test_compile_backend_is_checked(model):

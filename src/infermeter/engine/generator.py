@@ -42,6 +42,7 @@ have equal length (no left padding: positions are shared by the whole batch).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,14 @@ def allow_step_graphs() -> None:
 # against eager in another process (124, 149): near-flat random logits whose top-2 gaps fall
 # below rounding, and a GPU run that is not bitwise reproducible; see docs/engine.md.
 COMPILE_BACKENDS = ("inductor", "cudagraphs")
+# How the inductor-compiled step is replayed as a CUDA graph, the default first:
+# - "trees": inductor's own (triton.cudagraphs, cudagraph trees): each step calls the compiled
+#   function, whose guards and graph-tree checks run on the host before the replay;
+# - "recorded": the step compiled without them and recorded by recorded_forward.py, a step then
+#   being its inputs' copies and one replay. On an H200 the traced steps of models under 1B
+#   parameters began with 0.26-0.49 ms of idle GPU after the input copies: the host's time
+#   (docs/engine.md, "The fused step"); the A/B is benchmarks/step_kernels_ab.py --graphs.
+STEP_GRAPHS = ("trees", "recorded")
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,12 @@ class Generator:
     PREFILL_GRAPHS); self.prefill_graphs says what runs: "static" for a model whose adds are
     fused with its norms (tensor parallelism's add_norm, which no layer function can run) and
     under the cudagraphs compile backend.
+    step_graphs: how the compiled decode step's CUDA graph is replayed (STEP_GRAPHS): inductor's
+    graph trees ("trees") or recorded_forward.py's graph ("recorded"); self.step_graphs says
+    what runs (None off a GPU). A recorded graph (the "layer" prefill's too) keeps the kernels
+    it was recorded with, with no guard to notice a change: set the model's kernel choices
+    (set_step_kernels, set_matvec_kernel, set_moe_kernel) before the first step, or build a
+    new Generator.
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
     (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
     "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
@@ -233,13 +248,18 @@ class Generator:
                  compile_prefill: bool = False, decode_attention: str | None = None,
                  pdl: bool = False, prefill_chunk: int | None = None,
                  bucketed_prefill: bool = False, chunk_attention: str = CHUNK_ATTENTION,
-                 prefill_graphs: str = PREFILL_GRAPHS[0]) -> None:
+                 prefill_graphs: str = PREFILL_GRAPHS[0],
+                 step_graphs: str = STEP_GRAPHS[0]) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InfermeterError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
         if prefill_graphs not in PREFILL_GRAPHS:
             raise InfermeterError(f"unknown prefill graphs {prefill_graphs!r} "
                                   f"(use {' or '.join(PREFILL_GRAPHS)})")
         self._graphs_asked = prefill_graphs  # the prefill_graphs property decides
+        if step_graphs not in STEP_GRAPHS:
+            raise InfermeterError(f"unknown step graphs {step_graphs!r} "
+                                  f"(use {' or '.join(STEP_GRAPHS)})")
+        self._step_graphs_asked = step_graphs  # the step_graphs property decides
         if chunk_attention not in CHUNK_ATTENTIONS:
             raise InfermeterError(f"unknown chunk attention {chunk_attention!r} "
                                   f"(use {' or '.join(CHUNK_ATTENTIONS)})")
@@ -285,6 +305,7 @@ class Generator:
         self._compiled_prefill: Callable[..., Tensor] | None = None
         self._compiled_layer: Callable[..., Tensor] | None = None
         self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards
+        self.recorded_steps = RecordedForwards(self.device)  # the "recorded" decode steps
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
                                   "compute capability 9.0 or later (Hopper), Triton and a "
@@ -314,6 +335,15 @@ class Generator:
                                              or self.compile_backend == "cudagraphs"):
             return "static"
         return self._graphs_asked
+
+    @property
+    def step_graphs(self) -> str | None:
+        """How the compiled decode step is replayed (STEP_GRAPHS): as asked on a CUDA device
+        with the inductor backend, "trees" under the cudagraphs backend (its own graphs), None
+        off a GPU (no graph: the compiled function runs)."""
+        if self.device.type != "cuda":
+            return None
+        return "trees" if self.compile_backend == "cudagraphs" else self._step_graphs_asked
 
     def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's
@@ -364,7 +394,7 @@ class Generator:
             # fused with its neighbours: on an H100, fused 7B fp16 decode 5.89 -> 5.59 ms per
             # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile.
             options = {"emulate_precision_casts": True, "coordinate_descent_tuning": True,
-                       "triton.cudagraphs": self.device.type == "cuda",
+                       "triton.cudagraphs": self.step_graphs == "trees",
                        **inductor_options(self.pdl), **self.compile_options}
             compiled = torch.compile(_decode_one, options=options, fullgraph=True,
                                      dynamic=False)
@@ -529,17 +559,24 @@ class Generator:
             raise InfermeterError(f"decode position {state.next_pos} is past the KV cache of "
                                   f"{self.model.max_seq_len} tokens")
         step = _decode_one
-        if config.compile:
-            step = self._compile_step()
-            if self.device.type == "cuda":
-                # A new CUDA-graph iteration: earlier outputs may be overwritten from here on.
-                torch.compiler.cudagraph_mark_step_begin()
-        token, done = step(self.model, state.token, state.input_pos, state.done,
-                           state.stop_ids, state.seed, greedy=config.greedy,
-                           temperature=config.temperature, top_p=config.top_p)
-        if config.compile:
-            # CUDA-graph outputs live in a buffer the next replay overwrites: keep copies.
-            token, done = token.clone(), done.clone()
+        sampling = {"greedy": config.greedy, "temperature": config.temperature,
+                    "top_p": config.top_p}  # constants of the compiled step
+        inputs = (state.token, state.input_pos, state.done, state.stop_ids, state.seed)
+        if config.compile and self.step_graphs == "recorded":
+            self.recorded_steps.follow(self.model.cache_version)  # a new cache: record anew
+            key = (*(tuple(t.shape) for t in inputs), *sampling.values())
+            token, done = self.recorded_steps.run(  # copies of the graph's outputs
+                key, functools.partial(self._compile_step(), self.model, **sampling), inputs)
+        else:
+            if config.compile:
+                step = self._compile_step()
+                if self.device.type == "cuda":
+                    # A new CUDA-graph iteration: earlier outputs may be overwritten from here.
+                    torch.compiler.cudagraph_mark_step_begin()
+            token, done = step(self.model, *inputs, **sampling)
+            if config.compile:
+                # CUDA-graph outputs live in a buffer the next replay overwrites: keep copies.
+                token, done = token.clone(), done.clone()
         state.token, state.done = token, done
         state.input_pos += 1  # in place on the device: no sync, same tensor every step
         state.next_pos += 1

@@ -1,6 +1,8 @@
 """A forward recorded as a CUDA graph per key (its input shapes), replayed with its inputs
 copied in: how the "layer" prefill graphs (prefill_buckets.PREFILL_GRAPHS) replay a forward
-whose layers run one compiled layer function, without a compile of the whole model per length.
+whose layers run one compiled layer function, without a compile of the whole model per length,
+and how the "recorded" decode step (generator.STEP_GRAPHS) replays the compiled step without
+the per-call work of dynamo's guards and inductor's graph trees.
 
 Inductor's own CUDA graphs (triton.cudagraphs) record only what one torch.compile'd function
 runs; here the function is a single layer, called once per layer from the model's Python loop,
@@ -8,7 +10,7 @@ so the recording is ours: torch.cuda.graph around the whole forward. The first r
 runs the forward on a side stream (it compiles there, and its writes, the KV cache's, are the
 ones the replay makes again), then records it; every run replays. All keys share one memory
 pool: forwards never run at once, and the output is cloned before another replay can reuse its
-memory. Off a GPU the forward just runs.
+memory. Off a GPU the forward just runs. A forward returns a tensor or a tuple of them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
+
+Outputs = Tensor | tuple[Tensor, ...]
 
 
 def recording() -> bool:
@@ -30,8 +34,8 @@ class RecordedForwards:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # key -> (graph, the inputs it reads, the output it writes)
-        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
+        # key -> (graph, the inputs it reads, the output(s) it writes)
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Tensor], Outputs]] = {}
         self._pool: tuple[int, int] | None = None  # the first graph's pool, shared by the rest
         self._state: Hashable = None  # what the graphs were recorded under (follow())
 
@@ -47,8 +51,8 @@ class RecordedForwards:
             self._graphs.clear()
             self._state = state
 
-    def run(self, key: Hashable, forward: Callable[..., Tensor],
-            inputs: Sequence[Tensor]) -> Tensor:
+    def run(self, key: Hashable, forward: Callable[..., Outputs],
+            inputs: Sequence[Tensor]) -> Outputs:
         """forward(*inputs); on CUDA from the graph recorded for `key` (recorded now if none
         is): inputs must keep the shapes, dtypes and strides they had when key was recorded."""
         if self.device.type != "cuda":
@@ -65,10 +69,11 @@ class RecordedForwards:
                 held.copy_(given)
         graph, _, out = entry
         graph.replay()
-        return out.clone()  # the pool's memory is another graph's on its next replay
+        # the pool's memory is another graph's on its next replay: copies outlive it
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
-    def _record(self, forward: Callable[..., Tensor], inputs: Sequence[Tensor]
-                ) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]:
+    def _record(self, forward: Callable[..., Outputs], inputs: Sequence[Tensor]
+                ) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Outputs]:
         held = [x.clone() for x in inputs]  # outside the pool: they outlive every replay
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

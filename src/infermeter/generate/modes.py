@@ -37,6 +37,7 @@ class EngineRunner:
                                    bucketed_prefill=engine.prefill_kind == "bucketed",
                                    chunk_attention=engine.chunk_attention,
                                    prefill_graphs=engine.prefill_graphs,
+                                   step_graphs=engine.step_graphs,
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -65,6 +66,7 @@ class EngineRunner:
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
+                "step_graphs": self.generator.step_graphs if compiled else None,
                 **self._prefill_used()}
 
     def _prefill_used(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from infermeter.engine.chunk_attention import CHUNK_ATTENTION
-from infermeter.engine.generator import GenerationConfig
+from infermeter.engine.generator import STEP_GRAPHS, GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
 from infermeter.engine.model import STEP_KERNEL
 from infermeter.engine.moe import MOE_KERNEL
@@ -66,6 +66,9 @@ class EngineChoices:
     # "static" (the model a bucket length) or "dynamic" (the model, of symbolic length)
     # (engine/prefill_buckets.PREFILL_GRAPHS, the default first); for benchmarks: no CLI flag
     prefill_graphs: str = PREFILL_GRAPHS[0]
+    # how the compiled decode step's CUDA graph is replayed: "trees" (inductor's) or "recorded"
+    # (engine/generator.STEP_GRAPHS, the default first); for benchmarks: no CLI flag
+    step_graphs: str = STEP_GRAPHS[0]
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
