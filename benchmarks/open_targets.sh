@@ -11,12 +11,14 @@
 #                        4.3 minutes left: give this part a command of its own)
 #   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
 #   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
-#   part warmup          the compiled prefill's warm-up, one graph of symbolic length against one a bucket
-#                        (run's reference and ladder lengths; ttft_sweep.py warmup)
+#   part warmup          the compiled prefill's warm-up: a layer graph a bucket (the default), one
+#                        model graph of symbolic length, one a bucket (run's reference and ladder
+#                        lengths; ttft_sweep.py warmup; on an H200 on 2026-12-05: 6.5 min)
 #   part ttft            TTFT at 80, 512, 2048 tokens, compiled beside eager (ttft_sweep.py ttft;
 #                        3.0 min on an H200 on 2026-12-05)
 #   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
-#                        (kernels and gaps per step; benchmarks/step_kernels_ab.py)
+#                        (kernels and gaps per step; benchmarks/step_kernels_ab.py; on an H200 on
+#                        2026-12-05, without Qwen3: 5.8 min, about a minute a case)
 #   part step-graphs     the step's CUDA graph replayed by inductor's graph trees against our own
 #                        recording, split and fused kernels, at 135M and 1B (step_kernels_ab.py
 #                        --graphs; the host's time a step, which below 1B the step waits on)
