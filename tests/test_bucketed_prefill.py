@@ -281,10 +281,10 @@ def test_dynamic_prefill_graphs_compile_one_graph_for_every_bucket(monkeypatch):
 
 
 def test_the_layer_graphs_are_the_default_and_give_way_where_no_layer_function_runs():
-    """"layer" by default; "static" where the adds are fused with the norms (tensor
-    parallelism's add_norm, which Transformer.forward refuses to run through a block_fn) or
-    the cudagraphs backend compiles (no inductor to compile a layer alone); what was asked for
-    otherwise."""
+    """"layer" by default; "static" under tensor parallelism (each layer's all-reduce hooks
+    are closures of their own: a graph a layer; add_norm: Transformer.forward refuses a
+    block_fn) or where the cudagraphs backend compiles (no inductor to compile a layer alone);
+    what was asked for otherwise."""
     model = build_model(DEBUG, device="cpu", dtype=torch.float32, seed=1)
     gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True)
     assert gen.prefill_graphs == "layer"
@@ -292,11 +292,12 @@ def test_the_layer_graphs_are_the_default_and_give_way_where_no_layer_function_r
     gen.compile_backend = "cudagraphs"  # a CUDA device's choice: set here on the CPU
     assert gen.prefill_graphs == "static"
     gen.compile_backend = "inductor"
-    model.add_norm = lambda *a: None
-    try:
-        assert gen.prefill_graphs == "static"
-    finally:
-        model.add_norm = None
+    for name in ("add_norm", "tp_collectives"):  # what tensor parallelism sets on the model
+        setattr(model, name, object())
+        try:
+            assert gen.prefill_graphs == "static", name
+        finally:
+            setattr(model, name, None)
     assert gen.prefill_graphs == "layer"
 
 
@@ -373,6 +374,27 @@ def test_bucketed_prefill_on_cuda_matches_the_exact_one(graphs):
 
 @pytest.mark.gpu
 @torch.no_grad()
+def test_a_recording_prefill_runs_each_chunk_once():
+    """The first prefill of a key records its graph and returns the recording run's own
+    logits: a chunk is never run twice, which a ring layer would not survive (its update reads
+    the window it then overwrites). Chunks of 24 past a 12-token window, no warm-up: the first
+    and the replayed prefills both equal the exact one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = build_model(SPECS["window12"], device="cuda", dtype=torch.float32, seed=1)
+    gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs="layer",
+                    prefill_chunk=CHUNK)
+    tokens = prompt(41).cuda()
+    gen.prepare(2, 41, 1)
+    want = gen._exact(tokens, 0, False)
+    for _ in range(2):  # recorded, then replayed
+        gen.prepare(2, 41, 1)
+        torch.testing.assert_close(gen._bucketed(tokens, 0), want, rtol=1e-4, atol=1e-4)
+    assert len(gen.recorded) == 2  # 24 from position 0, 24 later (17 padded)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
 def test_recorded_layer_graphs_follow_a_new_cache():
     """A recorded graph writes the KV cache at the addresses it was recorded with: the same
     cache keeps the graphs (two buckets, two graphs), a cache of a new shape (prepare() for
@@ -391,3 +413,27 @@ def test_recorded_layer_graphs_follow_a_new_cache():
     assert (model.max_batch_size, len(gen.recorded)) == (1, 1)
     gen.prepare(1, 17, 1)
     torch.testing.assert_close(padded, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
+
+
+def test_recorded_graphs_are_kept_per_buffer_state():
+    """RecordedForwards' bookkeeping (the graphs themselves need a GPU: entries stand in for
+    them): a state's graphs come back with the state, a new state starts with none, at most
+    STATES_KEPT states are kept (the least recent dropped), and the pool is forgotten once no
+    graph is left (a pool no graph holds cannot record again)."""
+    from infermeter.engine import recorded_forward as module
+
+    recorded = module.RecordedForwards(torch.device("cpu"))
+    recorded.follow("a")
+    recorded._graphs[16] = recorded._graphs[32] = ("graph", [], None)
+    recorded._pool = (1, 2)
+    recorded.follow("b")
+    assert len(recorded) == 0
+    recorded.follow("a")
+    assert len(recorded) == 2
+    for state in range(module.STATES_KEPT - 1):  # "a" becomes the least recent, then goes
+        recorded.follow(state)
+    assert recorded._pool == (1, 2)
+    recorded.follow("c")
+    assert "a" not in recorded._states and len(recorded._states) == module.STATES_KEPT
+    assert recorded._pool is None
+    assert recorded.run(0, lambda x: x + 1, [torch.ones(2)]).tolist() == [2.0, 2.0]  # no graph

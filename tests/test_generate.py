@@ -404,8 +404,8 @@ def test_recorded_steps_follow_a_new_cache():
 
 def test_step_graphs_are_checked_and_say_what_runs(model, monkeypatch):
     """One error line for an unknown kind; off a GPU no graph runs (None); on one the kind asked
-    for, graph trees under the cudagraphs backend; the recorded step compiles without
-    inductor's own graphs (triton.cudagraphs off), the trees with them."""
+    for, graph trees under the cudagraphs backend and for an MoE model; the recorded step
+    compiles without inductor's own graphs (triton.cudagraphs off), the trees with them."""
     import infermeter.engine.generator as generator_module
 
     with pytest.raises(InfermeterError, match="unknown step graphs 'tiled'") as err:
@@ -423,6 +423,12 @@ def test_step_graphs_are_checked_and_say_what_runs(model, monkeypatch):
         gen.compile_backend = "cudagraphs"
         assert gen.step_graphs == "trees"
     assert [options["triton.cudagraphs"] for options in asked] == [True, False]
+    # an MoE layer notes its routed experts in Python each step: no replay would repeat it
+    moe = build_model(SPEC.with_updates(name="debug-moe", n_experts=4, n_active_experts=2,
+                                        moe_ffn_dim=32), device="cpu", dtype=torch.float32)
+    gen = Generator(moe, step_graphs="recorded")
+    gen.device = torch.device("cuda")
+    assert gen.step_graphs == "trees"
 
 
 def test_the_recorded_step_passes_the_state_and_sampling_as_the_trees_do(model, monkeypatch):

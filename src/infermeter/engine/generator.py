@@ -227,9 +227,8 @@ class Generator:
     prefill_graphs: one layer compiled per bucket length that every layer runs, the forward
     recorded as a CUDA graph per length ("layer", the default), the whole forward compiled per
     bucket length ("static") or once, of symbolic length ("dynamic"; prefill_buckets.
-    PREFILL_GRAPHS); self.prefill_graphs says what runs: "static" for a model whose adds are
-    fused with its norms (tensor parallelism's add_norm, which no layer function can run) and
-    under the cudagraphs compile backend.
+    PREFILL_GRAPHS); self.prefill_graphs says what runs: "static" under tensor parallelism and
+    the cudagraphs compile backend.
     step_graphs: how the compiled decode step's CUDA graph is replayed (STEP_GRAPHS): inductor's
     graph trees ("trees") or recorded_forward.py's graph ("recorded"); self.step_graphs says
     what runs (None off a GPU). A recorded graph (the "layer" prefill's too) keeps the kernels
@@ -306,6 +305,7 @@ class Generator:
         self._compiled_layer: Callable[..., Tensor] | None = None
         self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards
         self.recorded_steps = RecordedForwards(self.device)  # the "recorded" decode steps
+        self._state_version, self._state = -1, ()  # _buffers_state()'s
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
                                   "compute capability 9.0 or later (Hopper), Triton and a "
@@ -328,10 +328,12 @@ class Generator:
     @property
     def prefill_graphs(self) -> str:
         """How the bucketed prefill's forwards are compiled (PREFILL_GRAPHS): as asked, but
-        "static" in place of "layer" where the layer function cannot run: the model's adds are
-        fused with its norms (tensor parallelism's add_norm, set after the Generator is built)
-        or the cudagraphs backend compiles (no inductor to compile a layer alone)."""
-        if self._graphs_asked == "layer" and (self.model.add_norm is not None
+        "static" in place of "layer" under tensor parallelism (set after the Generator is built:
+        each layer's all-reduce hooks are closures of their own, so one layer function would
+        compile a graph per layer; with the adds fused with the norms, add_norm, none runs at
+        all) and under the cudagraphs backend (no inductor to compile a layer alone)."""
+        if self._graphs_asked == "layer" and (self.model.tp_collectives is not None
+                                             or self.model.add_norm is not None
                                              or self.compile_backend == "cudagraphs"):
             return "static"
         return self._graphs_asked
@@ -339,11 +341,15 @@ class Generator:
     @property
     def step_graphs(self) -> str | None:
         """How the compiled decode step is replayed (STEP_GRAPHS): as asked on a CUDA device
-        with the inductor backend, "trees" under the cudagraphs backend (its own graphs), None
-        off a GPU (no graph: the compiled function runs)."""
+        with the inductor backend, "trees" under the cudagraphs backend (its own graphs) and for
+        an MoE model, None off a GPU (no graph: the compiled function runs)."""
         if self.device.type != "cuda":
             return None
-        return "trees" if self.compile_backend == "cudagraphs" else self._step_graphs_asked
+        # an MoE layer notes the experts its step routed to (MoEFeedForward.last_experts, which
+        # the expert count reads after each step) in Python, which a replay would not repeat
+        if self.compile_backend == "cudagraphs" or self.spec.n_experts > 0:
+            return "trees"
+        return self._step_graphs_asked
 
     def decode_attention_used(self, compiled: bool, batch_size: int) -> str | None:
         """The attention a one-token step of batch_size sequences really runs (Attention.forward's
@@ -467,7 +473,7 @@ class Generator:
         start + T (prefill_buckets.py says why they change nothing)."""
         batch, prompt_len = tokens.shape
         int64 = {"dtype": torch.int64, "device": self.device}
-        self.recorded.follow(self.model.cache_version)  # a new cache: record the graphs anew
+        self.recorded.follow(self._buffers_state())  # a new cache: graphs of its own
         graphs, offset = self.prefill_graphs, 0
         for real, length in prefill_forwards(prompt_len, self.prefill_chunk,
                                              self.model.max_seq_len - start):
@@ -563,7 +569,7 @@ class Generator:
                     "top_p": config.top_p}  # constants of the compiled step
         inputs = (state.token, state.input_pos, state.done, state.stop_ids, state.seed)
         if config.compile and self.step_graphs == "recorded":
-            self.recorded_steps.follow(self.model.cache_version)  # a new cache: record anew
+            self.recorded_steps.follow(self._buffers_state())  # a new cache: graphs of its own
             key = (*(tuple(t.shape) for t in inputs), *sampling.values())
             token, done = self.recorded_steps.run(  # copies of the graph's outputs
                 key, functools.partial(self._compile_step(), self.model, **sampling), inputs)
@@ -634,6 +640,15 @@ class Generator:
         self.model.reset_cache()
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _buffers_state(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The model's buffers' (KV caches', RoPE tables') addresses and shapes: what a recorded
+        graph reads and writes besides its inputs (recorded_forward.py keeps graphs per state).
+        Computed again only when the model's cache_version moves (a cache allocated or freed)."""
+        if self._state_version != self.model.cache_version:
+            self._state_version = self.model.cache_version
+            self._state = tuple((b.data_ptr(), tuple(b.shape)) for b in self.model.buffers())
+        return self._state
+
     def _all_done(self, done: Tensor) -> bool:
         """The loop's only host sync before the end: have all sequences hit a stop id?"""
         return bool(done.all())

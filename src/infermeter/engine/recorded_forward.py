@@ -7,20 +7,30 @@ the per-call work of dynamo's guards and inductor's graph trees.
 Inductor's own CUDA graphs (triton.cudagraphs) record only what one torch.compile'd function
 runs; here the function is a single layer, called once per layer from the model's Python loop,
 so the recording is ours: torch.cuda.graph around the whole forward. The first run of a key
-runs the forward on a side stream (it compiles there, and its writes, the KV cache's, are the
-ones the replay makes again), then records it; every run replays. All keys share one memory
-pool: forwards never run at once, and the output is cloned before another replay can reuse its
-memory. Off a GPU the forward just runs. A forward returns a tensor or a tuple of them.
+runs the forward on a side stream (it compiles there) and returns that run's output; the graph
+recorded after it (a recording executes nothing) serves every later run. The first run is not
+replayed: a ring cache's update reads the window it then overwrites, so running a chunk twice
+would not give what running it once gives. All keys share one memory pool: forwards never run
+at once, and the output is cloned before another replay can reuse its memory.
+
+A graph reads and writes the model's buffers (KV caches, RoPE tables) at the addresses it was
+recorded with: the graphs are kept per `state` (follow(): the buffers' addresses and shapes),
+so a cache allocated anew gets graphs of its own, and one allocated again at the old addresses
+(a batch size coming back) finds its graphs again. Off a GPU the forward just runs. A forward
+returns a tensor or a tuple of them.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 Outputs = Tensor | tuple[Tensor, ...]
+Entry = tuple[torch.cuda.CUDAGraph, list[Tensor], Outputs]  # graph, inputs read, outputs written
+STATES_KEPT = 4  # the graphs of this many buffer states at most (the least recent dropped)
 
 
 def recording() -> bool:
@@ -29,27 +39,36 @@ def recording() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _clone(out: Outputs) -> Outputs:
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
 class RecordedForwards:
-    """forward(*inputs) -> Tensor, replayed as a CUDA graph per key on a CUDA device."""
+    """forward(*inputs) -> Tensor(s), replayed as a CUDA graph per key on a CUDA device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # key -> (graph, the inputs it reads, the output(s) it writes)
-        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Tensor], Outputs]] = {}
+        self._states: OrderedDict[Hashable, dict[Hashable, Entry]] = OrderedDict()
+        self._graphs: dict[Hashable, Entry] = {}  # the current state's: key -> entry
         self._pool: tuple[int, int] | None = None  # the first graph's pool, shared by the rest
-        self._state: Hashable = None  # what the graphs were recorded under (follow())
 
     def __len__(self) -> int:
-        """How many graphs were recorded."""
+        """How many graphs the current state holds."""
         return len(self._graphs)
 
     def follow(self, state: Hashable) -> None:
-        """Drop every graph unless they were recorded under `state` (the Generator's: its
-        model's cache_version, since a graph writes the KV cache at the addresses it was
-        recorded with, and a new cache has new ones)."""
-        if state != self._state:
-            self._graphs.clear()
-            self._state = state
+        """Run under `state` from now on: its graphs, recorded earlier under it, or none yet.
+        The graphs of the least recent states beyond STATES_KEPT are dropped (and the pool
+        with the last of them: a pool no graph holds cannot record again)."""
+        if state in self._states:
+            self._states.move_to_end(state)
+        else:
+            self._states[state] = {}
+            while len(self._states) > STATES_KEPT:
+                self._states.popitem(last=False)
+            if not any(self._states.values()):
+                self._pool = None
+        self._graphs = self._states[state]
 
     def run(self, key: Hashable, forward: Callable[..., Outputs],
             inputs: Sequence[Tensor]) -> Outputs:
@@ -59,30 +78,33 @@ class RecordedForwards:
             return forward(*inputs)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._record(forward, inputs)
-        else:
-            for held, given in zip(entry[1], inputs, strict=True):
-                if held.shape != given.shape or held.dtype != given.dtype:
-                    raise ValueError(f"graph {key!r} was recorded with {held.dtype} "
-                                     f"{tuple(held.shape)}, given {given.dtype} "
-                                     f"{tuple(given.shape)}")
-                held.copy_(given)
+            self._graphs[key], first = self._record(forward, inputs)
+            return first
+        for held, given in zip(entry[1], inputs, strict=True):
+            if held.shape != given.shape or held.dtype != given.dtype:
+                raise ValueError(f"graph {key!r} was recorded with {held.dtype} "
+                                 f"{tuple(held.shape)}, given {given.dtype} {tuple(given.shape)}")
+            held.copy_(given)
         graph, _, out = entry
         graph.replay()
-        # the pool's memory is another graph's on its next replay: copies outlive it
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        return _clone(out)  # the pool's memory is another graph's on its next replay
 
     def _record(self, forward: Callable[..., Outputs], inputs: Sequence[Tensor]
-                ) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Outputs]:
+                ) -> tuple[Entry, Outputs]:
+        """(the recorded entry, a copy of the first run's output)."""
         held = [x.clone() for x in inputs]  # outside the pool: they outlive every replay
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):  # compiles and warms (cuBLAS handles, workspaces)
-            forward(*held)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+            first = forward(*held)
+        current.wait_stream(stream)
+        for t in first if isinstance(first, tuple) else (first,):
+            t.record_stream(current)  # made on the side stream, read on this one
+        copies = _clone(first)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = forward(*held)
         if self._pool is None:
             self._pool = graph.pool()
-        return graph, held, out
+        return (graph, held, out), copies
