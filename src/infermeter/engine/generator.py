@@ -564,25 +564,23 @@ class Generator:
         if state.next_pos >= self.model.max_seq_len:
             raise InfermeterError(f"decode position {state.next_pos} is past the KV cache of "
                                   f"{self.model.max_seq_len} tokens")
-        step = _decode_one
         sampling = {"greedy": config.greedy, "temperature": config.temperature,
                     "top_p": config.top_p}  # constants of the compiled step
         inputs = (state.token, state.input_pos, state.done, state.stop_ids, state.seed)
-        if config.compile and self.step_graphs == "recorded":
+        if not config.compile:
+            token, done = _decode_one(self.model, *inputs, **sampling)
+        elif self.step_graphs == "recorded":
             self.recorded_steps.follow(self._buffers_state())  # a new cache: graphs of its own
             key = (*(tuple(t.shape) for t in inputs), *sampling.values())
             token, done = self.recorded_steps.run(  # copies of the graph's outputs
                 key, functools.partial(self._compile_step(), self.model, **sampling), inputs)
         else:
-            if config.compile:
-                step = self._compile_step()
-                if self.device.type == "cuda":
-                    # A new CUDA-graph iteration: earlier outputs may be overwritten from here.
-                    torch.compiler.cudagraph_mark_step_begin()
-            token, done = step(self.model, *inputs, **sampling)
-            if config.compile:
-                # CUDA-graph outputs live in a buffer the next replay overwrites: keep copies.
-                token, done = token.clone(), done.clone()
+            if self.device.type == "cuda":
+                # A new CUDA-graph iteration: earlier outputs may be overwritten from here on.
+                torch.compiler.cudagraph_mark_step_begin()
+            token, done = self._compile_step()(self.model, *inputs, **sampling)
+            # CUDA-graph outputs live in a buffer the next replay overwrites: keep copies.
+            token, done = token.clone(), done.clone()
         state.token, state.done = token, done
         state.input_pos += 1  # in place on the device: no sync, same tensor every step
         state.next_pos += 1

@@ -291,8 +291,8 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.max_batch_size = 0
         self.max_seq_len = 0
-        # bumped whenever the caches are allocated or freed: a recorded CUDA graph holds their
-        # addresses, and is stale once this changes (recorded_forward.py)
+        # bumped whenever the caches are allocated or freed: a recorded CUDA graph holds the
+        # buffers' addresses, which the Generator looks at again only when this moves
         self.cache_version = 0
         self.shard_plan: object | None = None  # set by parallel.shard_model, never read here
         self.tp_collectives: object | None = None  # likewise (parallel.Collectives)
