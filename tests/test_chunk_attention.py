@@ -57,6 +57,37 @@ def test_flex_tiles_give_the_mask_s_attention(heads, kv_heads, first, length, sl
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+def test_a_short_chunk_asks_for_flex_s_main_kernel(sinks, monkeypatch):
+    """A chunk of fewer than 128 queries would get inductor's flex decoding kernel, which with
+    GQA finds no tile size that divides the 128-query tiles (no kernel at all: seen on an H100):
+    every chunk asks for the main kernel, with or without sinks, and still gives the mask's
+    attention."""
+    from infermeter.engine import attention
+
+    asked = []
+    real = attention.flex_attention
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("kernel_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flex_attention", spy)
+    gen = torch.Generator().manual_seed(80)
+    q = torch.randn(1, 4, 80, 16, generator=gen)  # [B, H, T, D]: 80 queries, 2 per KV head
+    keys, values = (torch.randn(1, 2, 384, 16, generator=gen) for _ in range(2))
+    lists = block_lists(200, 80, 384, torch.device("cpu"))
+    out = chunk_flex_attention(q, keys, values, lists, None,
+                               torch.zeros(4) if sinks else None)
+    assert asked == [{"FORCE_USE_FLEX_ATTENTION": True}]
+    expected = masked(q, keys, values, 200)
+    if sinks:  # a zero sink logit: the row's weights scaled by 1 - sigmoid(-lse)
+        torch.testing.assert_close(out.abs() <= expected.abs() + 1e-6,
+                                   torch.ones_like(out, dtype=torch.bool))
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_generator_runs_flex_only_compiled_by_inductor_on_a_gpu():
     model = build_model(PRESETS["debug"].with_updates(n_layers=1), device="cpu",
                         dtype=torch.float32)
@@ -67,14 +98,13 @@ def test_the_generator_runs_flex_only_compiled_by_inductor_on_a_gpu():
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("kind,holds_scores,runs,expected", [
-    ("auto", False, True, "mask"), ("auto", True, True, "flex"), ("mask", True, True, "mask"),
-    ("flex", False, True, "flex"), ("auto", True, False, "mask"), ("flex", False, False, "mask")])
-def test_auto_takes_flex_only_where_the_mask_would_hold_scores_and_flex_runs(
-        kind, holds_scores, runs, expected):
+@pytest.mark.parametrize("kind,runs,expected", [
+    ("auto", True, "flex"), ("mask", True, "mask"), ("flex", True, "flex"),
+    ("auto", False, "mask"), ("flex", False, "mask"), ("mask", False, "mask")])
+def test_auto_takes_flex_wherever_flex_runs(kind, runs, expected):
     from infermeter.engine.chunk_attention import chunk_attention_for, flex_runs
 
-    assert chunk_attention_for(kind, holds_scores, runs) == expected
+    assert chunk_attention_for(kind, runs) == expected
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert flex_runs(cuda, "inductor", True)
     assert not flex_runs(cpu, "inductor", True)

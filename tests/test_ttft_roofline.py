@@ -143,8 +143,10 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     results = [ab("bucketed", 1, 3.70), ab("exact", 2, 3.68), ab("bucketed", 3, 3.71),
                ab("exact", 4, 3.66)]
     assert sweep.tpot_gap_pct(results) == pytest.approx(100 * (3.705 / 3.67 - 1))
-    assert "decode TPOT, bucketed over exact prefill: 0.95 % (target <= 1 %) met" in \
-        sweep.targets(results)
+    assert "decode TPOT, bucketed over exact prefill (+: slower): 0.95 % (target <= 1 %) met" \
+        in sweep.targets(results)
+    faster = [ab("bucketed", 1, 3.60), ab("exact", 2, 3.68)]  # one-sided: a faster decode passes
+    assert "(+: slower): -2.17 % (target <= 1 %) met" in sweep.targets(faster)
     assert sweep.tpot_gap_pct(results, "ablong") is None  # that part's runs only
     longer = [Result("generate", {"name": "llama-2-7b"},
                      {"run": f"ablong-{kind}-{i}", "mode": "compiled", "prompt_len": 1616},

@@ -81,7 +81,8 @@ def _compiled_flex() -> Any:
 
 
 def sink_flex_attention(q: Tensor, keys: Tensor, values: Tensor, sinks: Tensor | None,
-                        score_mod=None, block_mask=None, enable_gqa: bool = False) -> Tensor:
+                        score_mod=None, block_mask=None, enable_gqa: bool = False,
+                        kernel_options: dict | None = None) -> Tensor:
     """flex_attention(q [B, H, L, D], keys/values [B, H_kv, S, D]) -> [B, H, L, D], with
     gpt-oss's sinks when given (a logit per row, broadcast against [B, H, L]: [H, 1] per query
     head, or [H_kv, G] for the folded decode): softmax over [scores, sink] without the sink's
@@ -94,17 +95,19 @@ def sink_flex_attention(q: Tensor, keys: Tensor, values: Tensor, sinks: Tensor |
     attend = _compiled_flex() if q.device.type == "cuda" and not compiling() else flex_attention
     if sinks is None:
         return attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
-                      enable_gqa=enable_gqa)
+                      enable_gqa=enable_gqa, kernel_options=kernel_options)
     # torch 2.11 and 2.13 both take return_aux (return_lse warns as deprecated); an older
     # torch has only return_lse
     aux_request = getattr(flex_module, "AuxRequest", None)
     if aux_request is not None:
         out, aux = attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
-                          enable_gqa=enable_gqa, return_aux=aux_request(lse=True))
+                          enable_gqa=enable_gqa, return_aux=aux_request(lse=True),
+                          kernel_options=kernel_options)
         lse = aux.lse
     else:
         out, lse = attend(q, keys, values, score_mod=score_mod, block_mask=block_mask,
-                          enable_gqa=enable_gqa, return_lse=True)
+                          enable_gqa=enable_gqa, return_lse=True,
+                          kernel_options=kernel_options)
     keep = torch.sigmoid(lse.float() - sinks.float())  # [B, H, L]: 1 - the sink's weight
     return (out.float() * keep[..., None]).to(q.dtype)
 

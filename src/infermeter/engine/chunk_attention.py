@@ -1,6 +1,6 @@
 """Attention of a compiled prefill chunk that starts after position 0, over a full-attention
-layer's cache: "mask" (the default) or "flex" (Generator(chunk_attention=...), generate's
---chunk-attention).
+layer's cache: "flex" (the default where it runs) or "mask" (Generator(chunk_attention=...),
+generate's --chunk-attention).
 
 Why a choice: one compiled graph serves a chunk length at every start, so the graph cannot cut
 the cache at the chunk's end (a start of its own would be a graph of its own). "mask" attends
@@ -19,12 +19,13 @@ which lets a pad see a few more slots than "mask" does: pads' outputs and K/V ar
 (the first decode step overwrites their slot before reading it), so no real token changes.
 Ring (sliding-window) layers keep the mask: their cache is a window, not the prompt.
 
-Whether "flex" is faster is for a GPU to say (benchmarks/ttft_sweep.py, part long); until then
-the default ("auto") keeps the mask, except for models whose masked chunk would hold float32
-scores (gpt-oss's sinks, Gemma 2's soft cap: attention.decode_attention's [B, H_kv, G*T, S]
-a layer, 17 GB for gpt-oss-20b's 2048-token chunks over 32k slots), where flex holds none. It
-needs inductor (compiled on CUDA): the Generator passes tile lists only there; outside
-torch.compile flex_attention is a slow reference that the CPU tests use.
+The default ("auto") is flex wherever it runs: measured on one H100 (ttft_sweep.py, part long;
+docs/engine.md names the Result), Llama-3.1-8B's 32,768-token prompt prefills 1.7x faster on
+flex than on the mask, with a third of the mask's warm-up; and a model whose masked chunk would
+hold float32 scores (gpt-oss's sinks, Gemma 2's soft cap: attention.decode_attention's
+[B, H_kv, G*T, S] a layer, 17 GB for gpt-oss-20b's 2048-token chunks over 32k slots) holds none
+on flex. It needs inductor (compiled on CUDA): the Generator passes tile lists only there;
+outside torch.compile flex_attention is a slow reference that the CPU tests use.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from infermeter.engine.attention import sink_flex_attention
 CHUNK_ATTENTION = "auto"
 CHUNK_ATTENTIONS = ("auto", "mask", "flex")
 TILE = 128  # flex_attention's block: a tile is TILE queries x TILE key slots
+CHUNK_KERNEL = {"FORCE_USE_FLEX_ATTENTION": True}  # chunk_flex_attention's kernel_options
 
 # (kv_num_blocks [1, 1, Qt], kv_indices [1, 1, Qt, Kt], full_kv_num_blocks, full_kv_indices),
 # int32, Qt = ceil(T / TILE), Kt = ceil(S / TILE): a BlockMask's tile lists, and the chunk's
@@ -51,15 +53,12 @@ def flex_runs(device: torch.device, compile_backend: str, bucketed: bool) -> boo
     return bucketed and compile_backend == "inductor" and device.type == "cuda"
 
 
-def chunk_attention_for(kind: str, holds_scores: bool, runs: bool) -> str:
-    """What later chunks run ("mask" or "flex") for the asked kind. holds_scores: the model's
-    masked chunk takes the math products' float32 scores (sinks or a soft cap), which "auto"
-    avoids with flex; runs: flex_runs."""
+def chunk_attention_for(kind: str, runs: bool) -> str:
+    """What later chunks run ("mask" or "flex") for the asked kind; runs: flex_runs. "auto" is
+    flex wherever flex runs (the module's docstring says why)."""
     if not runs:
         return "mask"
-    if kind == "auto":
-        return "flex" if holds_scores else "mask"
-    return kind
+    return "flex" if kind == "auto" else kind
 
 
 def block_lists(first: int, length: int, slots: int, device: torch.device) -> BlockLists:
@@ -94,6 +93,9 @@ def chunk_flex_attention(q: Tensor, keys: Tensor, values: Tensor, lists: BlockLi
     if softcap is not None:
         def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
             return torch.tanh(score / softcap) * softcap
+    # flex's main kernel, never its decoding kernel: that one serves few queries (a chunk of
+    # fewer than 128 picks it) and with GQA finds no tile size dividing our 128-query tiles
     return sink_flex_attention(q, keys, values, None if sinks is None else sinks[:, None],
                                score_mod=score_mod, block_mask=mask,
-                               enable_gqa=q.shape[1] != keys.shape[1])
+                               enable_gqa=q.shape[1] != keys.shape[1],
+                               kernel_options=CHUNK_KERNEL)

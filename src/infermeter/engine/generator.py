@@ -236,7 +236,7 @@ class Generator:
     (set_step_kernels, set_matvec_kernel, set_moe_kernel) before the first step, or build a
     new Generator.
     chunk_attention: how a bucketed chunk from a later start attends over a full layer's cache
-    (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex for a model with sinks or a soft cap);
+    (chunk_attention.CHUNK_ATTENTIONS: "auto" is flex wherever flex runs);
     "flex" only where inductor compiles it on a GPU, self.chunk_attention says what runs.
     """
 
@@ -299,8 +299,7 @@ class Generator:
         # flex needs inductor's kernel (outside it flex_attention is a slow reference): the
         # bucketed prefill compiled by inductor on a GPU, else the mask
         self.chunk_attention = chunk_attention_for(
-            chunk_attention, self.spec.sdpa_cannot_attend,
-            flex_runs(self.device, self.compile_backend, bucketed_prefill))
+            chunk_attention, flex_runs(self.device, self.compile_backend, bucketed_prefill))
         self._compiled_prefill: Callable[..., Tensor] | None = None
         self._compiled_layer: Callable[..., Tensor] | None = None
         self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards

@@ -225,8 +225,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     if moe_kernel == "triton" and not triton_runs_on_device(device):
         moe_kernel = "torch"
     flex_chunks = chunk_attention_for(
-        chunk_attention, spec.sdpa_cannot_attend,
-        flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"
+        chunk_attention, flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"
     free, where = free_memory(device)
     host_free = host_available() if device.type != "cpu" else None
     for case in cases:
