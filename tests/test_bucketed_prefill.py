@@ -415,6 +415,92 @@ def test_recorded_layer_graphs_follow_a_new_cache():
     torch.testing.assert_close(padded, gen._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
 
 
+def test_a_recording_clears_cublas_workspaces_before_and_after(monkeypatch):
+    """cuBLAS's cached workspace must belong to the recording's own pool and outlive no pool:
+    a recording (fakes stand in for the CUDA calls, which need a GPU) clears the workspaces
+    right before the capture and right after it, also when the capture fails; the first run
+    (on the side stream, before) and replays (after) see no clearing."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from infermeter.engine import recorded_forward as module
+
+    events: list[str] = []
+
+    class Graph:
+        def pool(self):
+            return (0, 1)
+
+        def replay(self):
+            events.append("replay")
+
+    @contextmanager
+    def record(graph, pool=None):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    @contextmanager
+    def on_stream(stream):
+        yield
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    fake = SimpleNamespace(Stream=lambda device: stream, current_stream=lambda device: stream,
+                           stream=on_stream, CUDAGraph=Graph, graph=record)
+    monkeypatch.setattr(module.torch, "cuda", fake)
+    monkeypatch.setattr(module, "_clear_workspaces", lambda: events.append("clear"))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    recorded = module.RecordedForwards(torch.device("cuda"))
+    recorded.follow("cache")
+
+    def forward(x):
+        events.append("forward")
+        return x * 2
+
+    assert recorded.run("key", forward, [torch.ones(2)]).tolist() == [2.0, 2.0]
+    assert events == ["forward", "clear", "capture", "forward", "captured", "clear"]
+    events.clear()
+    recorded.run("key", forward, [torch.ones(2)])
+    assert events == ["replay"]
+
+    def failing(x):
+        if "clear" in events:  # the capture's run, not the first one
+            raise RuntimeError("capture failed")
+        return x
+
+    events.clear()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        recorded.run("other", failing, [torch.ones(2)])
+    assert events == ["clear", "capture", "clear"]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_a_generator_s_graphs_outlive_another_generator_s():
+    """Two Generators in one process, as `infermeter run` has: the first records its prefill
+    graphs and its decode step's graph trees, then goes; the second's recorded prefill replays
+    give the exact prefill's logits (seen on an H100 before the workspaces were cleared: the
+    second replay read a cuBLAS workspace in the first one's freed pool, an illegal address)."""
+    import gc
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for seed in (1, 2):
+        model = build_model(SPECS["gqa"], device="cuda", dtype=torch.float32, seed=seed)
+        gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs="layer",
+                        prefill_chunk=CHUNK)
+        tokens = prompt(41)[:1].cuda()
+        gen.warmup(1, 41, COMPILED)  # records the graphs, then the decode step's trees
+        gen.prepare(1, 41, 1)
+        replayed = gen._bucketed(tokens, 0).clone()
+        gen.prepare(1, 41, 1)
+        torch.testing.assert_close(replayed, gen._exact(tokens, 0, False), rtol=1e-4,
+                                   atol=1e-4)
+        del gen, model
+        gc.collect()
+        torch.cuda.empty_cache()  # the first Generator's pool is given back
+
+
 def test_recorded_graphs_are_kept_per_buffer_state():
     """RecordedForwards' bookkeeping (the graphs themselves need a GPU: entries stand in for
     them): a state's graphs come back with the state, a new state starts with none, at most

@@ -13,6 +13,14 @@ replayed: a ring cache's update reads the window it then overwrites, so running 
 would not give what running it once gives. All keys share one memory pool: forwards never run
 at once, and the output is cloned before another replay can reuse its memory.
 
+cuBLAS keeps a workspace per (handle, stream), made on first use and kept: one made while
+recording lands in the recording's pool, and one made earlier may sit in another pool. Each
+recording therefore starts and ends with the workspaces cleared (as inductor's graph trees do):
+the graph's workspace is then its own pool's, and no later recording borrows it, whose replays
+would touch freed memory once this pool goes (on an H100, a second Generator's replay in one
+process hit an illegal address after the first Generator's graphs were freed, and ran clean
+alone: the failure this guards against).
+
 A graph reads and writes the model's buffers (KV caches, RoPE tables) at the addresses it was
 recorded with: the graphs are kept per `state` (follow(): the buffers' addresses and shapes),
 so a cache allocated anew gets graphs of its own, and one allocated again at the old addresses
@@ -37,6 +45,11 @@ def recording() -> bool:
     """Whether a CUDA graph is being recorded on the current stream: a forward hook that waits
     between layers on other streams (offload's layer-wise reload) cannot be recorded."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _clear_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (the next matrix product on a stream makes a new one)."""
+    torch._C._cuda_clearCublasWorkspaces()
 
 
 def _clone(out: Outputs) -> Outputs:
@@ -103,8 +116,12 @@ class RecordedForwards:
             t.record_stream(current)  # made on the side stream, read on this one
         copies = _clone(first)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = forward(*held)
+        _clear_workspaces()  # the recording makes its own, in this pool (the module says why)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = forward(*held)
+        finally:
+            _clear_workspaces()  # nobody else records with a workspace of this pool
         if self._pool is None:
             self._pool = graph.pool()
         return (graph, held, out), copies
