@@ -412,6 +412,11 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     seed_run = record(2, max_new_tokens=432, cache_len=512)
     column = Column(ColumnKey("gpu", "m", 1), generates=[context_run, seed_run])
     assert pick_generate(column) is seed_run
+    # a TTFT run (a long prompt, 2 new tokens) times a prefill, not generation: never picked
+    ttft_run = record(5, max_new_tokens=2, cache_len=512, prompt_len=510)
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[ttft_run])) is None
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1),
+                                generates=[ttft_run, context_run])) is context_run
     # The same shape run with the default kernels (at batch 1: the Triton attention, "auto"'s
     # pick, and the Triton GEMV) and as comparisons (the sweep's kernel part: inductor's
     # products; its gemv part: the math attention; one-shot all-reduces; a Result from before

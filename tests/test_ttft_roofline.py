@@ -133,7 +133,7 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
     assert "'prefill_graphs': 'dynamic'" in planned[-2]
     assert "'prompt_lens': (80,)" in planned[0] and "'max_seq_len': 512" in planned[0]
     assert "'prompt_lens': (1616,)" in planned[4] and "'max_seq_len': 2048" in planned[4]
-    assert "'chunk_attention': 'flex'" in planned[-4] and "chunk_attention" not in planned[-5]
+    assert "'chunk_attention': 'flex'" in planned[-4] and "'chunk_attention': 'mask'" in planned[-5]
 
     def ab(kind: str, i: int, tpot: float) -> Result:
         return Result("generate", {"name": "llama-2-7b"},
@@ -179,9 +179,9 @@ def test_the_ttft_benchmark_plans_its_parts_and_judges_its_targets(capsys):
         ["  layer: -", "  dynamic: -", "  static: -"]  # a kind missing a length: no figure
 
     verdicts = sweep.targets([long("long", 41.0), long("long-flex", 63.5)]).splitlines()
-    assert "32768-token chunked prefill MFU (llama-3.1-8b): 41.00 % (target >= 60 %) MISSED" \
+    assert "prefill MFU (llama-3.1-8b), mask chunks: 41.00 % (target >= 60 %) MISSED" \
         in verdicts[3]
-    assert "32768-token chunked prefill MFU, flex chunks: 63.50 % (target >= 60 %) met" \
+    assert "prefill MFU, flex chunks (the default): 63.50 % (target >= 60 %) met" \
         in verdicts[4]
 
 

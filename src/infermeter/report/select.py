@@ -238,7 +238,19 @@ def _newest_first(record: Record) -> float:
         return math.inf
 
 
+PREFILL_ONLY = 2  # new tokens at most: a prefill timed with one step after it (TTFT's runs)
+
+
+def times_generation(record: Record) -> bool:
+    """A Result that measured generation: timed, and more than PREFILL_ONLY new tokens (a
+    32k-token prompt's TTFT run with 2 new tokens would read as 0.8 tok/s)."""
+    new_tokens = num(record.config.get("max_new_tokens"))
+    return has_timing(record) and (new_tokens is None or new_tokens > PREFILL_ONLY)
+
+
 def pick_generate(column: Column) -> Record | None:
+    """The generate Result that represents the column's token rows: batch 1, fixed length,
+    compiled, the default kernels, then the seed's shape (see rank), the newest first."""
     def rank(record: Record) -> tuple:
         cfg = record.config
         new_tokens = num(cfg.get("max_new_tokens"))
@@ -249,7 +261,7 @@ def pick_generate(column: Column) -> Record | None:
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
                 _context_distance(context(record)), _newest_first(record), record.source)
 
-    timed = [r for r in column.generates if has_timing(r)]
+    timed = [r for r in column.generates if times_generation(r)]
     return min(timed, key=rank) if timed else None
 
 
