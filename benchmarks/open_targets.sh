@@ -62,12 +62,17 @@ case "${1:-}" in
     # cut short by its time limit still says which passed.
     # The copy-traffic tests time decode windows against a host-launched queue: they run
     # after the others, alone, so no other worker's compile slows their launches.
+    # GPU_TESTS_S (default 420): the first pytest gets an interrupt (SIGINT) after that many
+    # seconds, on which pytest stops and still prints each failure's traceback, which a command
+    # killed by the device's own limit would lose; the tests alone get 60 s more.
     workers=$(python3 -c 'import xdist; print("-n 4 --dist loadfile")' 2>/dev/null || true)
     alone="tests/test_traffic.py tests/test_traffic_methods.py"
+    limit=${GPU_TESTS_S:-420}
     # shellcheck disable=SC2086
-    { python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $workers \
-        $(printf -- '--ignore=%s ' $alone) 2>&1
-      python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v $alone 2>&1
+    { timeout --signal=INT "$limit" python3 -m pytest -o addopts= -m gpu -p no:cacheprovider \
+        -v --tb=short $workers $(printf -- '--ignore=%s ' $alone) 2>&1
+      timeout --signal=INT 60 python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v \
+        --tb=short $alone 2>&1
     } | tee "$dest/gpu-tests.txt" || true ;;
   run)
     # refused (one line) where the folder exists: a committed run is never overwritten
