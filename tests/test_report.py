@@ -520,22 +520,31 @@ def test_generate_setting_names_the_kernels_that_ran():
 
 def test_a_machine_with_only_untimed_results_gets_notes_not_a_column(tmp_path):
     """tp_sweep's start-to-exit log is a generate Result without timing (config.benchmark
-    "tp_runs"), as is an out-of-memory case: alone on their machine and model they make no column
-    of dashes in the tables, and the notes still say why each is left out."""
+    "tp_runs"), as is an out-of-memory case, and a TTFT run (2 new tokens) times no generation:
+    alone on their machine and model they make no column of dashes in the tables, and the notes
+    still say why each is left out."""
     result = json.loads((GOOD / "copy-h100.jsonl").read_text().splitlines()[0])
     untimed = {"kind": "generate", "model": {"name": "llama-3.2-1b"}, "env": result["env"],
                "warnings": [], "schema": result.get("schema", 1)}
     runs = {**untimed, "config": {"benchmark": "tp_runs", "tp": 2}, "metrics": {"runs": []}}
     oom = {**untimed, "model": {"name": "llama-2-70b"}, "config": {"batch_size": 64},
            "metrics": {"oom": True, "ttft_ms": None}}
+    # a TTFT run: timed, but its 2 new tokens time a prefill, not generation
+    ttft = {**untimed, "model": {"name": "llama-3.1-8b"},
+            "config": {"batch_size": 1, "prompt_len": 32768, "max_new_tokens": 2,
+                       "mode": "compiled"},
+            "metrics": {"ttft_ms": 1493.99, "token_generation_speed": 0.8}}
     (tmp_path / "copy.jsonl").write_text(json.dumps(result) + "\n")
-    (tmp_path / "runs.jsonl").write_text(json.dumps(runs) + "\n" + json.dumps(oom) + "\n")
+    (tmp_path / "runs.jsonl").write_text(json.dumps(runs) + "\n" + json.dumps(oom) + "\n" +
+                                         json.dumps(ttft) + "\n")
     built = build_report([str(tmp_path)])
     header = table(built, "reference").header
     assert len(header) == 2 and "llama-2-7b" in header[1]  # the copy's column only
     assert any("runs.jsonl:1: a generate Result without timing metrics (benchmark tp_runs)"
                in note for note in built.notes)
     assert any("runs.jsonl:2: a generate Result without timing metrics (out of memory)"
+               in note for note in built.notes)
+    assert any("runs.jsonl:3: a prefill-only generate Result (2 new tokens), not in the tables"
                in note for note in built.notes)
 
 

@@ -27,7 +27,7 @@ from infermeter.report.select import (
     Column,
     column_key,
     group_columns,
-    has_timing,
+    times_generation,
 )
 from infermeter.report.step_gaps import step_gaps_notes, step_gaps_table
 from infermeter.report.tables import (
@@ -85,8 +85,9 @@ def build_report(paths: Sequence[str], with_seed: bool = False,
     require_records(list(paths), loaded)
     columns, kvs = group_columns(loaded.records)
     # A machine and model with nothing to show (only untimed generate Results: a sweep's
-    # start-to-exit log, an out-of-memory case) gets no column of dashes, only its notes.
-    empty = [c for c in columns if not c.copies and not any(map(has_timing, c.generates))]
+    # start-to-exit log, an out-of-memory case; or prefill-only ones, TTFT runs) gets no
+    # column of dashes, only its notes.
+    empty = [c for c in columns if not c.copies and not any(map(times_generation, c.generates))]
     columns = [c for c in columns if c not in empty]
     if with_seed:
         columns.insert(0, seed_column())

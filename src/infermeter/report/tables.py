@@ -24,6 +24,7 @@ from infermeter.report.select import (
     pick_copy,
     pick_generate,
     pick_kv,
+    times_generation,
     tpot,
 )
 
@@ -37,7 +38,8 @@ REFERENCE_CAPTION = (
     "direction (the contiguous layout, then paged, where a Result has no engine layout); time to "
     "move the whole cache one way, htod then dtoh. A column without any pinned case (a CPU run) "
     "shows its pageable case, then the seed's, with the host memory named in the cell. Tokens: "
-    "a batch-1, fixed-length generate Result (compiled mode first, then eager; the seed's shape "
+    "a batch-1, fixed-length generate Result of more than 2 new tokens (compiled mode first, "
+    "then eager; the seed's shape "
     "first: cache nearest 512 tokens, new tokens nearest 432, context nearest 512); Token "
     "Generation Speed = "
     "total tokens / generation time, prefill included, as the seed computed it. MiB = 2^20 bytes, "
@@ -291,14 +293,20 @@ def column_sources(column: Column) -> str:
         parts.append(f"moving from {pick.record.source}")
     if gen:
         parts.append(f"tokens from {gen.source} (context {fmt.count(context(gen))})")
-    return f"{column.key.label}: " + ("; ".join(parts) or "no usable copy or timed generate Result")
+    none = "no usable copy Result, no generate Result timing generation"
+    return f"{column.key.label}: " + ("; ".join(parts) or none)
 
 
 def unused_notes(columns: list[Column]) -> list[str]:
     out = []
     for column in columns:
         for record in column.generates:
-            if has_timing(record):
+            if times_generation(record):
+                continue
+            if has_timing(record):  # a TTFT run: its prefill is its figure
+                out.append(f"{record.source}: a prefill-only generate Result "
+                           f"({record.config.get('max_new_tokens')} new tokens), not in the "
+                           "tables (benchmarks/ttft_sweep.py's summary reads it)")
                 continue
             what = record.config.get("benchmark")
             why = (" (out of memory)" if record.metrics.get("oom") is True
