@@ -477,28 +477,35 @@ def test_a_recording_clears_cublas_workspaces_before_and_after(monkeypatch):
 @pytest.mark.gpu
 @torch.no_grad()
 def test_a_generator_s_graphs_outlive_another_generator_s():
-    """Two Generators in one process, as `infermeter run` has: the first records its prefill
-    graphs and its decode step's graph trees, then goes; the second's recorded prefill replays
-    give the exact prefill's logits (seen on an H100 before the workspaces were cleared: the
-    second replay read a cuBLAS workspace in the first one's freed pool, an illegal address)."""
+    """Two Generators in one process, as `infermeter run` has: both record their prefill
+    graphs (the first's while the second is alive: all recordings share torch's capture
+    stream, and cuBLAS caches a workspace per stream), then the first goes with its graphs'
+    pool; the second's replays still give the exact prefill's logits. Before each recording
+    cleared the workspaces, the second's graphs used a workspace in the first's pool: on an
+    H100 a replay then hit an illegal address. No decode step runs here (inductor's graph
+    trees clear the workspaces themselves, which would hide it)."""
     import gc
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    tokens = prompt(41)[:1].cuda()
+    gens = []
     for seed in (1, 2):
         model = build_model(SPECS["gqa"], device="cuda", dtype=torch.float32, seed=seed)
         gen = Generator(model, max_seq_len=CACHE, bucketed_prefill=True, prefill_graphs="layer",
                         prefill_chunk=CHUNK)
-        tokens = prompt(41)[:1].cuda()
-        gen.warmup(1, 41, COMPILED)  # records the graphs, then the decode step's trees
         gen.prepare(1, 41, 1)
-        replayed = gen._bucketed(tokens, 0).clone()
-        gen.prepare(1, 41, 1)
-        torch.testing.assert_close(replayed, gen._exact(tokens, 0, False), rtol=1e-4,
-                                   atol=1e-4)
-        del gen, model
-        gc.collect()
-        torch.cuda.empty_cache()  # the first Generator's pool is given back
+        gen._bucketed(tokens, 0)  # records both chunks' graphs
+        gens.append(gen)
+    first, second = gens
+    del gens, first, gen, model
+    gc.collect()
+    torch.cuda.empty_cache()  # the first Generator's pool is given back
+    second.prepare(1, 41, 1)
+    replayed = second._bucketed(tokens, 0).clone()
+    torch.cuda.synchronize()
+    second.prepare(1, 41, 1)
+    torch.testing.assert_close(replayed, second._exact(tokens, 0, False), rtol=1e-4, atol=1e-4)
 
 
 def test_recorded_graphs_are_kept_per_buffer_state():

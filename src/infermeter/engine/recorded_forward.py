@@ -14,12 +14,13 @@ would not give what running it once gives. All keys share one memory pool: forwa
 at once, and the output is cloned before another replay can reuse its memory.
 
 cuBLAS keeps a workspace per (handle, stream), made on first use and kept: one made while
-recording lands in the recording's pool, and one made earlier may sit in another pool. Each
-recording therefore starts and ends with the workspaces cleared (as inductor's graph trees do):
-the graph's workspace is then its own pool's, and no later recording borrows it, whose replays
-would touch freed memory once this pool goes (on an H100, a second Generator's replay in one
-process hit an illegal address after the first Generator's graphs were freed, and ran clean
-alone: the failure this guards against).
+recording lands in the recording's pool, and every recording runs on torch's one capture
+stream, so a later recording, of another Generator too, would use that workspace, in a pool
+that goes when the graphs that hold it do. Each recording therefore starts and ends with the
+workspaces cleared (as inductor's graph trees do): a graph's workspace is then its own pool's,
+and no later recording borrows it, whose replays would touch freed memory once this pool
+goes (on an H100, a second Generator's replay in one process hit an illegal address after the
+first Generator's graphs were freed, and ran clean alone: the failure this guards against).
 
 A graph reads and writes the model's buffers (KV caches, RoPE tables) at the addresses it was
 recorded with: the graphs are kept per `state` (follow(): the buffers' addresses and shapes),
