@@ -21,8 +21,8 @@
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py; on an H200 on
 #                        2026-12-05, without Qwen3: 5.8 min, about a minute a case)
 #   part step-graphs     the step's CUDA graph replayed by inductor's graph trees against our own
-#                        recording, split and fused kernels, at 135M and 1B (step_kernels_ab.py
-#                        --graphs; the host's time a step, which below 1B the step waits on)
+#                        recording, split kernels, at 135M and 1B (step_kernels_ab.py --graphs;
+#                        the host's time a step, which below 1B the step waits on)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
 #   part moe             torch against Triton experts at batch 1, 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
@@ -90,7 +90,8 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
   step-graphs)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded \
+    # split only: the fused kernels lost at every small size (results/step-kernels-nvidia-h200*)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split \
       --trace "$dest/traces-step-graphs" --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case

@@ -16,7 +16,8 @@ the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
 steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
 issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
-With --graphs trees recorded each round times both kinds under each way of replaying the step's
+With --kernels split (or fused) only that kind runs. With --graphs trees recorded each round
+times the kinds under each way of replaying the step's
 CUDA graph (engine/generator.STEP_GRAPHS: inductor's graph trees, the default, or our own
 recording, which leaves the host one replay a step), the recorded ones labelled "split/recorded"
 and "fused/recorded", and the summary adds recorded / trees per kernel kind.
@@ -81,13 +82,14 @@ def label(kind: str, graphs: str) -> str:
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
-              graphs: tuple[str, ...] = STEP_GRAPHS[:1], **overrides) -> None:
-    """Split then fused under each of `graphs`, `rounds` times, each Result appended to `path`
-    once done; with `trace` (a folder) each case's profiled steps go to a folder of their own
-    in it."""
+              graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
+              **overrides) -> None:
+    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, each Result
+    appended to `path` once done; with `trace` (a folder) each case's profiled steps go to a
+    folder of their own in it."""
     for round_ in range(rounds):
         for way in graphs:
-            for kind in KINDS:
+            for kind in kinds:
                 name = label(kind, way)
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
@@ -136,6 +138,8 @@ def arguments():
     parser.add_argument("--graphs", nargs="+", choices=STEP_GRAPHS, default=list(STEP_GRAPHS[:1]),
                         help="how the step's CUDA graph is replayed, each in turn (default: "
                         "trees, inductor's)")
+    parser.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="the kernel kinds to time, in this order (default: split fused)")
     return parser
 
 
@@ -143,13 +147,14 @@ def main() -> int:
     args = arguments().parse_args()
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
-        run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs))
+        run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
+                  kinds=tuple(args.kernels))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
     run_in_processes(__file__, [] if args.summary_only else args.models,
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
-                      "--graphs", *args.graphs, *traced], start)
+                      "--graphs", *args.graphs, "--kernels", *args.kernels, *traced], start)
     return write_summary(path, summary, start)
 
 

@@ -258,6 +258,14 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
     fused_row = next(line for line in script.summary(results).splitlines()
                      if line.startswith("debug ") and " fused " in line)
     assert "123" in fused_row.split() and "0.2500" in fused_row.split(), fused_row
+    # --kernels split: only that kind, under each way
+    alone = tmp_path / "split.jsonl"
+    script.run_model("debug", 1, alone, capture_env(), graphs=("trees", "recorded"),
+                     kinds=("split",), device="cpu", modes=("eager",), prompt_lens=(4,),
+                     max_new_tokens=3, max_seq_len=16, repeats=1, roofline=False)
+    assert [r.config["ab"]["kernels"] for r in read_results(alone)] == ["split",
+                                                                         "split/recorded"]
+    assert script.arguments().parse_args(["--kernels", "split"]).kernels == ["split"]
 
 
 def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
