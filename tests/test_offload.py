@@ -263,10 +263,11 @@ def _all_contiguous(pieces, stage=()) -> None:
 @pytest.mark.parametrize("way", ["serial", "layerwise", "paged"])
 def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_cache(
         generator, way):
-    """The cache is [B, H_kv, S, D] and longer than the prefix: its [:, :, :P] is strided, so the
-    reload copies one [P, D] piece per sequence and head (the ring layer, whose window the prefix
-    fills, one piece); a paged one whole blocks into its staging buffer. After it the cache is,
-    bit for bit, the one the prefix's prefill left."""
+    """The cache is [B, H_kv, S, D] and longer than the prefix: its [:, :, :P] is strided, so
+    a full layer's K and V each come back in one copy into the staging buffer and one out of it
+    (the ring layer, whose window the prefix fills, in one copy each, straight in); a paged
+    reload copies whole blocks into its staging buffer. After it the cache is, bit for bit, the
+    one the prefix's prefill left."""
     model = generator.model
     generator.prepare(2, PREFIX + SUFFIX, 1)
     generator.prefill(_tokens()[:, :PREFIX], ONE)
@@ -283,6 +284,10 @@ def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_
     else:
         host.reload(model, copy=_recording(pieces))
     _all_contiguous(pieces, getattr(host, "stage", ()))
+    if way != "paged":  # per layer: K and V, through the stage where the prefix leaves room
+        rings = sum(cache.is_ring for cache in layer_caches(model))
+        full = len(model.layers) - rings
+        assert len(pieces) == 4 * full + 3 * rings  # a ring's key_pos goes back too
     for (k, v, key_pos), cache in zip(recomputed, layer_caches(model)):
         assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
         assert torch.equal(cache.key_pos, key_pos)
@@ -463,9 +468,10 @@ def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkey
 
 
 def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
-    """A paged reload stages one layer's blocks on the device (8,192 tokens of Llama-3.1-8B's
-    K and V in bf16: 32 MiB a block size): free GPU memory with room for everything but that is
-    refused, naming it; the prefill's logits are one row a sequence (bf16 and its float32 copy)."""
+    """A reload stages one layer's K and V on the device (8,192 tokens of Llama-3.1-8B's K and
+    V in bf16: 32 MiB), the whole prefix's and each paged block size's: free GPU memory with room
+    for everything but one is refused, naming it; the prefill's logits are one row a sequence
+    (bf16 and its float32 copy)."""
     from infermeter.offload.fit import check_sizes_fit
     from infermeter.specs.sizes import kv_bytes_per_token_layer
 
@@ -489,6 +495,7 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
                                             + spec.vocab_size * (2 + 4))
     staging = 8192 * kv_bytes_per_token_layer(spec, "bf16")
     assert staging == 32 * 2**20
+    assert plain["reload staging"] == staging
     assert paged == {**plain, "paged reload staging, blocks of 16": staging,
                      "paged reload staging, blocks of 256": staging}
     monkeypatch.undo()

@@ -51,6 +51,10 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                         spec, request.batch_size, forward, dtype)}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
+    # the whole prefix's device staging buffer (reload.HostPrefix): one layer's K and V, which
+    # a layer the prefix does not fill (the cache also holds the suffix) comes back through
+    device_parts["reload staging"] = (request.batch_size * max(request.prefix_lens)
+                                      * kv_bytes_per_token_layer(spec, kv_dtype))
     for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
         blocks = -(-max(request.prefix_lens) // size)
         host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(

@@ -7,10 +7,14 @@ window), plus a ring layer's key_pos [S_layer] (which position each slot holds).
 host tensors are pinned, so a non_blocking copy is a DMA that does not block the host; on the
 CPU they are a second CPU buffer and every copy is synchronous.
 
-Every host-to-device copy lands in a contiguous piece of the cache (slot_pieces): the cache is
-[B, H_kv, S, D], so its first n slots [:, :, :n] are strided unless n == S, and a copy into a
-strided destination goes through a temporary device buffer and an SM copy kernel instead of one
-DMA. One copy per (sequence, KV head), [n, D] each, unless the prefix fills the layer (one copy).
+The cache is [B, H_kv, S, D], so a layer's first n slots [:, :, :n] are strided unless n == S.
+A layer the prefix fills comes back in one DMA per K and V. Any other goes through a device
+staging buffer: one DMA of the host's contiguous [B, H_kv, n, D] into it, then one device copy
+into the cache's slots, both on the copy's stream, in order (the buffer serves every layer in
+turn). One copy per (sequence, KV head) instead, DMA only, took 2,048 copies for Llama-2-7B's
+512-token prefix and reloaded at a tenth of the link's speed on an H100: each copy cost more
+host time to issue than its 128 KiB took to move. (slot_pieces, which cuts such pieces, serves
+the streamed decode, whose pieces are megabytes.)
 
 LayerwiseReload is the overlapped schedule: copies go out on a copy stream, each layer's
 followed by an event, and before each layer runs, the compute stream waits on that layer's
@@ -42,7 +46,8 @@ from infermeter.errors import InfermeterError
 # A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i made to wait for
 # it. Tests read them to check the order.
 Trace = list[tuple[str, int]]
-# copy(dst, src): one host-to-device copy, both contiguous and of one shape.
+# copy(dst, src): one copy of one shape: host to device, both contiguous (a DMA from pinned
+# memory), or device to device out of a staging buffer (dst may be strided)
 Copy = Callable[[Tensor, Tensor], None]
 
 
@@ -173,7 +178,9 @@ class LayerCopies:
 
 
 class HostPrefix(LayerCopies):
-    """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host."""
+    """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host, and
+    `stage`: two device buffers (K, V; flat, each the largest staged layer's size; none when
+    the prefix fills every layer) that a layer the prefix does not fill comes back through."""
 
     def __init__(self, model: Transformer, prefix_len: int) -> None:
         caches = layer_caches(model)
@@ -183,10 +190,16 @@ class HostPrefix(LayerCopies):
         self.layers: list[LayerKV] = []
         for cache in caches:
             n = min(prefix_len, cache.size)
-            # [B, H_kv, n, D], contiguous: [b, h] is the [n, D] source of one piece
+            # [B, H_kv, n, D], contiguous: one DMA's source
             k, v = (pinned_like(t[:, :, :n], pin) for t in (cache.k, cache.v))
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             self.layers.append(LayerKV(k, v, key_pos))
+        staged = [layer.k.numel() for layer, cache in zip(self.layers, caches)
+                  if layer.k.shape[2] < cache.size]
+        first = caches[0].k
+        self.stage: tuple[Tensor, ...] = tuple(
+            torch.empty(max(staged), dtype=first.dtype, device=first.device)
+            for _ in range(2)) if staged else ()
 
     @property
     def nbytes(self) -> int:
@@ -195,13 +208,18 @@ class HostPrefix(LayerCopies):
 
     def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
         """Layer `index`'s K/V into the cache by `copy` (default: on the current stream, async
-        from pinned memory), one contiguous piece at a time (slot_pieces)."""
+        from pinned memory): straight in where the prefix fills the layer, else into the
+        staging buffer and from it into the cache's first n slots, on the same stream."""
         cache = layer_caches(model)[index]
         layer = self.layers[index]
         n = layer.k.shape[2]
-        for host, device in ((layer.k, cache.k), (layer.v, cache.v)):
-            for where, piece in slot_pieces(device, 0, n):
-                copy(piece, host[where])
+        for i, (host, device) in enumerate(((layer.k, cache.k), (layer.v, cache.v))):
+            if n == device.shape[2]:  # every slot: the cache is one contiguous block
+                copy(device, host)
+                continue
+            staged = self.stage[i][:host.numel()].view(host.shape)  # [B, H_kv, n, D]
+            copy(staged, host)
+            copy(device[:, :, :n], staged)  # device to device: strided into the cache
         if layer.key_pos is not None:
             copy(cache.key_pos, layer.key_pos)
 
