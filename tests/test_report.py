@@ -544,8 +544,9 @@ def test_a_machine_with_only_untimed_results_gets_notes_not_a_column(tmp_path):
                in note for note in built.notes)
     assert any("runs.jsonl:2: a generate Result without timing metrics (out of memory)"
                in note for note in built.notes)
-    assert any("runs.jsonl:3: a prefill-only generate Result (2 new tokens), not in the tables"
-               in note for note in built.notes)
+    assert any("runs.jsonl:3: a prefill-only generate Result (2 new tokens) of a machine and "
+               "model with no generation timed, not in the tables" in note
+               for note in built.notes)
 
 
 def test_a_cpu_column_shows_its_host_memory_copy_and_says_why_no_break_even():

@@ -76,6 +76,8 @@ def test_default_run_on_cpu_writes_results_and_report(tmp_path, cpu_only):
     assert results[1]["config"]["device"] == "cpu"
     markdown = (folder / "report.md").read_text()
     assert all(row in markdown for row in REFERENCE_ROWS)
+    # the notes name the Results as the folder holds them, valid wherever it is moved
+    assert "tokens from results.jsonl:3" in markdown and str(folder) not in markdown
     assert f"| Warm-up (not timed) | {warmup['run_warmup_s']:,.2f} s, whole run (reference " \
         "prompt" in markdown
     # the copy stage's host-memory figures, named so (a CPU has no pinned case), and why no

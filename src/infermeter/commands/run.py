@@ -123,7 +123,7 @@ def _write_report(folder: Path, results_path: Path) -> None:
     from infermeter.report.build import build_report, render, write_plots
     from infermeter.report.tables import Report
 
-    report = build_report([str(results_path)])
+    report = build_report([str(results_path)], root=folder)  # notes name "results.jsonl:N"
     for name, fmt in (("report.md", "markdown"), ("report.html", "html")):
         atomic_write(folder / name, render(report, fmt).encode("utf-8"))
     plots = importlib.util.find_spec("matplotlib") is not None  # optional: the report extra

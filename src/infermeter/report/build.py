@@ -76,10 +76,11 @@ def check_plots_folder(folder: str) -> None:
 
 
 def build_report(paths: Sequence[str], with_seed: bool = False,
-                 warn: Callable[[str], None] | None = None) -> Report:
+                 warn: Callable[[str], None] | None = None, root: Path | None = None) -> Report:
     """The report; `warn` gets one line per skipped input (naming it and why), before the
-    error that no Results at all were found, so the user sees why."""
-    loaded = load_records(paths)
+    error that no Results at all were found, so the user sees why. root: the notes name the
+    Results' files relative to it (load.load_records)."""
+    loaded = load_records(paths, root)
     for line in loaded.skipped if warn else []:
         warn(line)
     require_records(list(paths), loaded)
@@ -112,7 +113,7 @@ def assemble(columns: list[Column], records: list[Record], kvs: list[Record],
         notes += [f"{column.key.label}: {w}" for w in warnings]
     notes += [f"{r.source}: {note}" for r in sorted(records, key=lambda r: r.source)
               for note in r.notes]
-    notes += unused_notes([*columns, *empty])
+    notes += unused_notes(columns, empty)
     notes += [f"{r.source}: {r.kind} Result of {r.model.get('name')}, not in these tables "
               f"(`infermeter {r.kind}` prints its own)" for r in records
               if r.kind not in (*COLUMN_KINDS, "kv", "offload")]

@@ -58,19 +58,25 @@ def collect_files(paths: Iterable[str | Path], loaded: Loaded) -> list[Path]:
     return list(dict.fromkeys(files))  # a file named twice (folder + file) is read once
 
 
-def load_records(paths: Iterable[str | Path]) -> Loaded:
+def load_records(paths: Iterable[str | Path], root: Path | None = None) -> Loaded:
+    """The Results in `paths` (files, or folders searched); each Record's source names its file
+    and line, relative to `root` where given (a report written beside its Results names them
+    so wherever the folder goes)."""
     loaded = Loaded()
     for path in collect_files(paths, loaded):
         loaded.files += 1
-        _load_file(path, loaded)
+        inside = root is not None and path.resolve().is_relative_to(root.resolve())
+        _load_file(path, loaded, str(path.resolve().relative_to(root.resolve()))
+                   if inside else str(path))
     return loaded
 
 
-def _load_file(path: Path, loaded: Loaded) -> None:
+def _load_file(path: Path, loaded: Loaded, name: str) -> None:
+    """Read `path`, naming it `name` in every source and skip line."""
     try:
         raw = path.read_bytes()
     except OSError as err:
-        loaded.skipped.append(f"{path}: cannot read ({type(err).__name__}: {err})")
+        loaded.skipped.append(f"{name}: cannot read ({type(err).__name__}: {err})")
         return
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -79,14 +85,14 @@ def _load_file(path: Path, loaded: Loaded) -> None:
     if data is not None:
         items = data if isinstance(data, list) else [data]
         if not any(isinstance(item, dict) for item in items):  # one line for the whole file
-            _add(data, str(path), loaded)
+            _add(data, name, loaded)
             return
         suffix = len(items) > 1
-        wheres = [f"{path}[{index}]" if suffix else str(path)
+        wheres = [f"{name}[{index}]" if suffix else name
                   for index in range(1, len(items) + 1)]
         records = [to_record(item, where) for item, where in zip(items, wheres)]
         if suffix and all(isinstance(r, str) for r in records):  # e.g. a script's own log
-            loaded.skipped.append(f"{path}: not infermeter Results (a list of {len(items)} "
+            loaded.skipped.append(f"{name}: not infermeter Results (a list of {len(items)} "
                                   f"items, none a Result)")
             return
         for record, where in zip(records, wheres):
@@ -96,18 +102,18 @@ def _load_file(path: Path, loaded: Loaded) -> None:
     # alone, not the whole file with it
     lines = [(n, line) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
     if not lines:
-        loaded.skipped.append(f"{path}: empty")
+        loaded.skipped.append(f"{name}: empty")
         return
     for number, line in lines:
         try:
             item = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
-            loaded.skipped.append(f"{path}:{number}: not UTF-8 text")
+            loaded.skipped.append(f"{name}:{number}: not UTF-8 text")
             continue
         except json.JSONDecodeError as err:
-            loaded.skipped.append(f"{path}:{number}: not JSON ({err.msg})")
+            loaded.skipped.append(f"{name}:{number}: not JSON ({err.msg})")
             continue
-        _add(item, f"{path}:{number}", loaded)
+        _add(item, f"{name}:{number}", loaded)
 
 
 def _add(item: Any, where: str, loaded: Loaded) -> None:

@@ -7,6 +7,7 @@ same Results always give the same tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,6 @@ from infermeter.report.select import (
     pick_copy,
     pick_generate,
     pick_kv,
-    times_generation,
     tpot,
 )
 
@@ -297,16 +297,18 @@ def column_sources(column: Column) -> str:
     return f"{column.key.label}: " + ("; ".join(parts) or none)
 
 
-def unused_notes(columns: list[Column]) -> list[str]:
+def unused_notes(columns: list[Column], dropped: Sequence[Column] = ()) -> list[str]:
+    """A note for each generate Result the tables leave out: untimed ones, and the timed
+    prefill-only ones (TTFT runs) of a `dropped` column (one with nothing else to show; in a
+    shown column they feed the prefill and reload-vs-recompute rows)."""
     out = []
-    for column in columns:
+    for column in [*columns, *dropped]:
         for record in column.generates:
-            if times_generation(record):
-                continue
-            if has_timing(record):  # a TTFT run: its prefill is its figure
-                out.append(f"{record.source}: a prefill-only generate Result "
-                           f"({record.config.get('max_new_tokens')} new tokens), not in the "
-                           "tables (benchmarks/ttft_sweep.py's summary reads it)")
+            if has_timing(record):
+                if column in dropped:  # TTFT runs only: their prefill is their figure
+                    out.append(f"{record.source}: a prefill-only generate Result "
+                               f"({record.config.get('max_new_tokens')} new tokens) of a "
+                               "machine and model with no generation timed, not in the tables")
                 continue
             what = record.config.get("benchmark")
             why = (" (out of memory)" if record.metrics.get("oom") is True
