@@ -16,7 +16,8 @@ at once, and the output is cloned before another replay can reuse its memory.
 cuBLAS keeps a workspace per (handle, stream), made on first use and kept: one made while
 recording lands in the recording's pool, and every recording runs on torch's one capture
 stream, so a later recording, of another Generator too, would use that workspace, in a pool
-that goes when the graphs that hold it do. Each recording therefore starts and ends with the
+that goes when the graphs that hold it do (a CUDAGraph's reset clears the capture stream's
+workspace and releases its pool). Each recording therefore starts and ends with the
 workspaces cleared (as inductor's graph trees do): a graph's workspace is then its own pool's,
 and no later recording borrows it, whose replays would touch freed memory once this pool
 goes (on an H100, a second Generator's replay in one process hit an illegal address after the
