@@ -473,6 +473,20 @@ def test_a_recording_clears_cublas_workspaces_before_and_after(monkeypatch):
         recorded.run("other", failing, [torch.ones(2)])
     assert events == ["clear", "capture", "clear"]
 
+    # persistent: the graph reads the caller's buffer in place and returns the one it writes
+    buffer, written = torch.ones(2), torch.zeros(2)
+
+    def into(x):
+        return written.copy_(x * 3)
+
+    assert recorded.run("kept", into, [buffer], persistent=True) is written
+    buffer.fill_(5.0)
+    events.clear()
+    assert recorded.run("kept", into, [buffer], persistent=True) is written  # a replay
+    assert events == ["replay"]
+    with pytest.raises(ValueError, match="reads the buffers it was recorded with"):
+        recorded.run("kept", into, [buffer.clone()], persistent=True)
+
 
 @pytest.mark.gpu
 @torch.no_grad()

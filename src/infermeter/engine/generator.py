@@ -60,6 +60,7 @@ from infermeter.engine.chunk_attention import (
 )
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
+from infermeter.engine.layer_replays import LayerReplays
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.moe import prefills_without_sync
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
@@ -304,6 +305,7 @@ class Generator:
         self._compiled_layer: Callable[..., Tensor] | None = None
         self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards
         self.recorded_steps = RecordedForwards(self.device)  # the "recorded" decode steps
+        self.layer_replays = LayerReplays(self.device)  # the exact prefill's layers
         self._state_version, self._state = -1, ()  # _buffers_state()'s
         if pdl and not supported(self.device):
             raise InfermeterError("programmatic dependent launch (--pdl) needs a CUDA GPU of "
@@ -323,6 +325,14 @@ class Generator:
         after building the Generator. A bucket's pads route like any token (their experts'
         outputs are computed and discarded with the pads' rows)."""
         return self._bucketed_asked and prefills_without_sync(self.model)
+
+    @property
+    def replays_layers(self) -> bool:
+        """Whether the exact compiled prefill replays each layer as a CUDA graph (layer_replays.py):
+        on a GPU, one rank (tensor parallelism's all-reduces sit in the layers' hooks), and a
+        model whose prefill has no host sync (as the bucketed graphs)."""
+        return self.device.type == "cuda" and self.model.tp_collectives is None \
+            and prefills_without_sync(self.model)
 
     @property
     def prefill_graphs(self) -> str:
@@ -543,6 +553,9 @@ class Generator:
         prompt_len = tokens.shape[1]
         chunk = min(self.prefill_chunk or prompt_len, prompt_len)
         block_fn = self._block_fn() if compile and self.compile_prefill and chunk > 1 else None
+        if block_fn is not None and self.replays_layers:
+            self.layer_replays.follow(self._buffers_state())  # a new cache: graphs of its own
+            block_fn = self.layer_replays.wrap(block_fn, self.model.layers)
         int64 = {"dtype": torch.int64, "device": self.device}
         for offset in range(0, prompt_len, chunk):  # each chunk's K/V land in the cache
             end = min(offset + chunk, prompt_len)

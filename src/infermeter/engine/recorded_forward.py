@@ -86,28 +86,36 @@ class RecordedForwards:
         self._graphs = self._states[state]
 
     def run(self, key: Hashable, forward: Callable[..., Outputs],
-            inputs: Sequence[Tensor]) -> Outputs:
+            inputs: Sequence[Tensor], persistent: bool = False) -> Outputs:
         """forward(*inputs); on CUDA from the graph recorded for `key` (recorded now if none
-        is): inputs must keep the shapes, dtypes and strides they had when key was recorded."""
+        is): inputs must keep the shapes, dtypes and strides they had when key was recorded.
+        persistent: the inputs are buffers the caller keeps and fills, read in place (the very
+        tensors the graph was recorded with), and the output one the forward writes, returned
+        as is: no copies either way (layer_replays.py's)."""
         if self.device.type != "cuda":
             return forward(*inputs)
         entry = self._graphs.get(key)
         if entry is None:
-            self._graphs[key], first = self._record(forward, inputs)
+            self._graphs[key], first = self._record(forward, inputs, persistent)
             return first
         for held, given in zip(entry[1], inputs, strict=True):
+            if persistent and held is not given:
+                raise ValueError(f"graph {key!r} reads the buffers it was recorded with")
             if held.shape != given.shape or held.dtype != given.dtype:
                 raise ValueError(f"graph {key!r} was recorded with {held.dtype} "
                                  f"{tuple(held.shape)}, given {given.dtype} {tuple(given.shape)}")
-            held.copy_(given)
+            if not persistent:
+                held.copy_(given)
         graph, _, out = entry
         graph.replay()
-        return _clone(out)  # the pool's memory is another graph's on its next replay
+        # else the pool's memory is another graph's on its next replay
+        return out if persistent else _clone(out)
 
-    def _record(self, forward: Callable[..., Outputs], inputs: Sequence[Tensor]
-                ) -> tuple[Entry, Outputs]:
-        """(the recorded entry, a copy of the first run's output)."""
-        held = [x.clone() for x in inputs]  # outside the pool: they outlive every replay
+    def _record(self, forward: Callable[..., Outputs], inputs: Sequence[Tensor],
+                persistent: bool = False) -> tuple[Entry, Outputs]:
+        """(the recorded entry, the first run's output: a copy, or as is when persistent)."""
+        # outside the pool: they outlive every replay
+        held = list(inputs) if persistent else [x.clone() for x in inputs]
         stream = torch.cuda.Stream(self.device)
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
@@ -116,7 +124,7 @@ class RecordedForwards:
         current.wait_stream(stream)
         for t in first if isinstance(first, tuple) else (first,):
             t.record_stream(current)  # made on the side stream, read on this one
-        copies = _clone(first)
+        copies = first if persistent else _clone(first)
         graph = torch.cuda.CUDAGraph()
         _clear_workspaces()  # the recording makes its own, in this pool (the module says why)
         try:

@@ -4,7 +4,8 @@ an untimed check that every way generates recompute's greedy tokens (job.py has 
 
 Every prefill of a case runs the same way (prefill_kind): on a GPU through the Generator's
 per-layer compiled forward (compile_prefill, not bucketed: the model's Python loop over layers
-stays, so the layer-wise reload still waits between layers), eager on the CPU. The untimed check
+stays, so the layer-wise reload still waits between layers; each layer's call a CUDA graph's
+replay, engine/layer_replays.py), eager on the CPU. The untimed check
 runs every way once first, so the layer graph compiles there (and in the timer's warm-up), never
 in a timed run; the check's decode is eager (its tokens compare the ways, it is not timed)."""
 
