@@ -496,6 +496,7 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
     staging = 8192 * kv_bytes_per_token_layer(spec, "bf16")
     assert staging == 32 * 2**20
     assert plain["reload staging"] == staging
+    assert plain["prefill layer buffers"] == 2 * 8320 * spec.dim * 2  # in and out, bf16
     assert paged == {**plain, "paged reload staging, blocks of 16": staging,
                      "paged reload staging, blocks of 256": staging}
     monkeypatch.undo()

@@ -9,12 +9,15 @@ so a prefill measured that way measured the host. Here each layer's call is reco
 per (layer, length, start) by recorded_forward.RecordedForwards and replayed after, still one
 call a layer from the loop, so a wait can still sit between two layers.
 
-Buffers, not copies: per shape two activation buffers [B, T, dim] serve every layer in turn
-(layer i reads one and writes the other, so layer i + 1 reads what layer i wrote, in place),
-and one set of RoPE rows and positions, filled before each replay (a local-RoPE layer's rows
-differ from a global one's). The buffers are kept for as long as this object: the graphs read
-them at their addresses. A forward's output is the last layer's buffer, read before the next
-forward starts.
+Buffers, not copies: two activation buffers [B, T, dim] serve every layer in turn (layer i
+reads one and writes the other, so layer i + 1 reads what layer i wrote, in place), and one set
+of RoPE rows and positions, filled before each replay (a local-RoPE layer's rows differ from a
+global one's). Every length is a view of the front of the same flat buffers, sized for the
+longest forward seen: memory does not grow with the number of lengths, and a longer forward
+than any before reallocates them and forgets every graph (they read the old addresses), which
+are recorded again at their next first run (the fit checks count the two activation
+buffers: generate/memory.py, offload/fit.py). A forward's output is the last layer's buffer,
+read before the next forward starts.
 """
 
 from __future__ import annotations
@@ -37,19 +40,36 @@ class LayerReplays:
 
     def __init__(self, device: torch.device) -> None:
         self.recorded = RecordedForwards(device)
-        self._buffers: dict[tuple[Any, ...], Buffers] = {}
+        self._flat: tuple[Tensor, ...] = ()  # the five buffers, flat, for `_room` tokens
+        self._room = 0
+        self._family: tuple[Any, ...] = ()  # what the flat buffers were made for, but length
+        self._views: dict[tuple[Any, ...], Buffers] = {}  # per shape: the graphs read these
 
     def follow(self, state: Any) -> None:
         """The model's buffers' state (Generator._buffers_state): graphs are kept per state."""
         self.recorded.follow(state)
 
     def _buffers_for(self, h: Tensor, cos: Tensor, positions: Tensor) -> Buffers:
-        shape = (tuple(h.shape), h.dtype, tuple(cos.shape), cos.dtype, tuple(positions.shape))
-        if shape not in self._buffers:
-            self._buffers[shape] = (torch.empty_like(h), torch.empty_like(h),
-                                    torch.empty_like(cos), torch.empty_like(cos),
-                                    torch.empty_like(positions))
-        return self._buffers[shape]
+        """Views [B, T, dim] x 2, [T, D/2] x 2, [T] of the flat buffers, which are made anew
+        (and every graph forgotten) for a longer T or another batch, width or dtype."""
+        batch, length, dim = h.shape
+        family = (batch, dim, h.dtype, cos.shape[1], cos.dtype, positions.dtype, h.device)
+        if family != self._family or length > self._room:
+            self.recorded.forget()
+            self._views.clear()
+            self._family, self._room = family, length
+            self._flat = tuple(torch.empty(n, dtype=t.dtype, device=t.device) for n, t in (
+                (batch * length * dim, h), (batch * length * dim, h),
+                (length * cos.shape[1], cos), (length * cos.shape[1], cos),
+                (length, positions)))
+        if length not in self._views:  # the same view objects every time: the graphs' inputs
+            first, second, cos_in, sin_in, positions_in = self._flat
+            self._views[length] = (
+                first[:batch * length * dim].view(batch, length, dim),
+                second[:batch * length * dim].view(batch, length, dim),
+                cos_in[:cos.numel()].view(cos.shape), sin_in[:cos.numel()].view(cos.shape),
+                positions_in[:length])
+        return self._views[length]
 
     def wrap(self, compiled: Callable[..., Tensor], layers: Any) -> Callable[..., Tensor]:
         """compiled(layer, h, cos, sin, positions) -> h': the function every layer runs."""

@@ -65,6 +65,7 @@ class RecordedForwards:
         self.device = device
         self._states: OrderedDict[Hashable, dict[Hashable, Entry]] = OrderedDict()
         self._graphs: dict[Hashable, Entry] = {}  # the current state's: key -> entry
+        self._state: Hashable = None  # the current state (follow's)
         self._pool: tuple[int, int] | None = None  # the first graph's pool, shared by the rest
 
     def __len__(self) -> int:
@@ -83,7 +84,14 @@ class RecordedForwards:
                 self._states.popitem(last=False)
             if not any(self._states.values()):
                 self._pool = None
-        self._graphs = self._states[state]
+        self._graphs, self._state = self._states[state], state
+
+    def forget(self) -> None:
+        """Drop every state's graphs and the pool (their inputs are about to move); the current
+        state stays current, with no graphs."""
+        self._states.clear()
+        self._graphs = self._states[self._state] = {}
+        self._pool = None
 
     def run(self, key: Hashable, forward: Callable[..., Outputs],
             inputs: Sequence[Tensor], persistent: bool = False) -> Outputs:
