@@ -161,9 +161,9 @@ def test_on_cuda_replayed_layers_give_the_eager_prefill():
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK, compile_prefill=True,
                     bucketed_prefill=False)
     assert gen.replays_layers
-    tokens = _prompt(71).cuda()
+    tokens = _prompt(73).cuda()  # chunks 24, 24, 24 and a one-token last
     def prefill(start: int, compile: bool) -> torch.Tensor:
-        gen.prepare(2, 71, 4)
+        gen.prepare(2, 73, 4)
         if start:  # the prefix eagerly, as a reload would leave it
             gen._exact(tokens[:, :start], 0, False)
         return gen._exact(tokens[:, start:], start, compile)
@@ -172,7 +172,7 @@ def test_on_cuda_replayed_layers_give_the_eager_prefill():
         want = prefill(start, False)
         for _ in range(2):  # recorded, then replayed
             torch.testing.assert_close(prefill(start, True), want, rtol=1e-4, atol=1e-4)
-    gen.prepare(2, 71, 4)
+    gen.prepare(2, 73, 4)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # a replay that syncs would raise
     try:
