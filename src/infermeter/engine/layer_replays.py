@@ -43,7 +43,7 @@ class LayerReplays:
         self._flat: tuple[Tensor, ...] = ()  # the five buffers, flat, for `_room` tokens
         self._room = 0
         self._family: tuple[Any, ...] = ()  # what the flat buffers were made for, but length
-        self._views: dict[tuple[Any, ...], Buffers] = {}  # per shape: the graphs read these
+        self._views: dict[int, Buffers] = {}  # per length: the graphs read these
 
     def follow(self, state: Any) -> None:
         """The model's buffers' state (Generator._buffers_state): graphs are kept per state."""
