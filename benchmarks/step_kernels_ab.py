@@ -17,10 +17,10 @@ TPOT p50 over every step, the median and range of the per-run TPOTs (a run's dec
 steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
 issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
 With --kernels split (or fused) only that kind runs. With --graphs trees recorded each round
-times the kinds under each way of replaying the step's
-CUDA graph (engine/generator.STEP_GRAPHS: inductor's graph trees, the default, or our own
-recording, which leaves the host one replay a step), the recorded ones labelled "split/recorded"
-and "fused/recorded", and the summary adds recorded / trees per kernel kind.
+times the kinds under each way of replaying the step's CUDA graph (engine/generator.STEP_GRAPHS:
+inductor's graph trees, the default, or our own recording, which leaves the host one replay a
+step), the recorded ones labelled "split/recorded" and "fused/recorded", and the summary adds
+recorded / trees per kernel kind.
 With --trace DIR each case also records a few profiled decode steps after its timed runs
 (DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
 kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels

@@ -111,10 +111,8 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
              "prefill activations": sizes.prefill_activation_bytes(
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
     if mode == "compiled" and not bucketed and tp == 1 and not spec.is_moe:
-        # the exact prefill's layer replays on a GPU (engine/layer_replays.py): two [B, T, dim]
-        # activation buffers, kept
-        parts["prefill layer buffers"] = 2 * batch_size * forward * spec.dim * \
-            dtype_bytes(dtype)
+        parts["prefill layer buffers"] = sizes.layer_replay_bytes(spec, batch_size, forward,
+                                                                  dtype)
     if spec.sdpa_cannot_attend and not mode.startswith("hf"):
         # SDPA cannot soft-cap (Gemma 2) nor take sinks (gpt-oss): a layer's prefill holds its
         # float32 scores [B, heads, T, keys] and their softmax (engine/attention.py); gpt-oss's

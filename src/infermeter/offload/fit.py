@@ -36,10 +36,10 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
     from infermeter.specs.sizes import (
         kv_bytes_per_token_layer,
         kv_cache_bytes,
+        layer_replay_bytes,
         prefill_activation_bytes,
         weight_bytes,
     )
-    from infermeter.units import dtype_bytes
 
     longest = max(request.prefix_lens) + max(request.suffix_lens)
     cache_len = cache_len_for(spec, request, max(request.prefix_lens), max(request.suffix_lens))
@@ -52,9 +52,9 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                         spec, request.batch_size, forward, dtype)}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
-    if device.type == "cuda":  # the prefills' layer replays (engine/layer_replays.py)
-        device_parts["prefill layer buffers"] = 2 * request.batch_size * forward * spec.dim \
-            * dtype_bytes(dtype)
+    if device.type == "cuda":  # the prefills' layer replays
+        device_parts["prefill layer buffers"] = layer_replay_bytes(
+            spec, request.batch_size, forward, dtype)
     # the whole prefix's device staging buffer (reload.HostPrefix): one layer's K and V, which
     # a layer the prefix does not fill (the cache also holds the suffix) comes back through
     device_parts["reload staging"] = (request.batch_size * max(request.prefix_lens)

@@ -63,11 +63,12 @@ def load_records(paths: Iterable[str | Path], root: Path | None = None) -> Loade
     and line, relative to `root` where given (a report written beside its Results names them
     so wherever the folder goes)."""
     loaded = Loaded()
+    base = root.resolve() if root is not None else None
     for path in collect_files(paths, loaded):
         loaded.files += 1
-        inside = root is not None and path.resolve().is_relative_to(root.resolve())
-        _load_file(path, loaded, str(path.resolve().relative_to(root.resolve()))
-                   if inside else str(path))
+        full = path.resolve()
+        inside = base is not None and full.is_relative_to(base)
+        _load_file(path, loaded, str(full.relative_to(base)) if inside else str(path))
     return loaded
 
 

@@ -79,6 +79,12 @@ def prefill_activation_bytes(spec: ModelSpec, batch_size: int, prompt_len: int,
     return logits + ffn
 
 
+def layer_replay_bytes(spec: ModelSpec, batch_size: int, tokens: int, dtype: str) -> int:
+    """The exact compiled prefill's layer replays on a GPU (engine/layer_replays.py): two
+    [B, T, dim] activation buffers, kept while the Generator lives."""
+    return 2 * batch_size * tokens * spec.dim * dtype_bytes(dtype)
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
