@@ -2,6 +2,7 @@
 expert_gemm.py grouped) in MoE decode, on one GPU: the measurement the default waits for (issue 25).
 
     python benchmarks/moe_kernel_ab.py [--models qwen3-30b-a3b mixtral-8x7b] [--rounds 2]
+        [--kernels triton] [--batches 1]
     python benchmarks/moe_kernel_ab.py --summary-only
 
 Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's failure
@@ -26,8 +27,9 @@ p50 over every step, the median and range of the per-run TPOTs (a run's decode t
 MBU, the experts a layer's step read, decode tok/s and the warm-up; then triton / torch per model
 and batch, and whether the per-run ranges are apart; then issue 25's MBU targets on active
 weights at batch 1 (MBU_GOALS) beside each kernel's median MBU, met or MISSED.
-Each compiled case compiles afresh: run one model per command where a command may take 10
-minutes.
+Each compiled case compiles afresh (Qwen3-30B-A3B: over two minutes a batch on an H100 on
+2026-12-05), so a 10-minute command holds about three cases: --kernels and --batches pick them
+(the targets: `--kernels triton --batches 1`).
 """
 
 from __future__ import annotations
@@ -64,24 +66,25 @@ PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
 
 def ab_request(model: str, kind: str, source: str | None = None,
-               **overrides) -> GenerateRequest:
+               batches: tuple[int, ...] = BATCHES, **overrides) -> GenerateRequest:
     """One request of the A/B: `model`'s random weights (or `source`) at each of BATCHES,
     compiled, with `kind` experts. overrides (device, dtype, modes, max_new_tokens, repeats,
     roofline) are for the CPU check."""
     options = {"device": "cuda", "dtype": MODELS.get(model), "modes": ("compiled",),
-               "batch_sizes": BATCHES, "prompt_lens": (PROMPT_LEN,),
+               "batch_sizes": batches, "prompt_lens": (PROMPT_LEN,),
                "max_new_tokens": NEW_TOKENS, "max_seq_len": CACHE, "repeats": REPEATS,
                "warmup": 1, **overrides}
     return build_request(source or f"random:{model}", moe_kernel=kind, **options)
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None = None,
+              kinds: tuple[str, ...] = KINDS, batches: tuple[int, ...] = BATCHES,
               **overrides) -> None:
-    """Torch then triton, `rounds` times, each Result (a batch's) appended to `path` once
-    done."""
+    """`kinds` in order (torch then triton), `rounds` times, each at `batches`, each Result (a
+    batch's) appended to `path` once done."""
     for round_ in range(rounds):
-        for kind in KINDS:
-            request = ab_request(model, kind, source, **overrides)
+        for kind in kinds:
+            request = ab_request(model, kind, source, batches, **overrides)
             run_ab_case(request, env, path, model, kind, round_, "kernel", "moe_kernel")
             # the allocator's cache would hold the weights just freed, and the next request's
             # fit check counts only free memory (Mixtral's 93 GB do not fit twice)
@@ -114,19 +117,24 @@ def summary(results: list[Result]) -> str:
 
 
 def arguments():
-    return ab_arguments(__doc__, list(MODELS), 2, "torch, triton", "moe-kernel")
+    parser = ab_arguments(__doc__, list(MODELS), 2, "torch, triton", "moe-kernel")
+    parser.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="the expert kernels a round times, in this order")
+    parser.add_argument("--batches", nargs="+", type=int, choices=BATCHES, default=list(BATCHES))
+    return parser
 
 
 def main() -> int:
     args = arguments().parse_args()
     env, slug, path = ab_file(args, "moe-kernel")
+    kinds, batches = tuple(args.kernels), tuple(sorted(set(args.batches)))
     if args.one:
-        run_model(args.one, args.rounds, path, env)
+        run_model(args.one, args.rounds, path, env, kinds=kinds, batches=batches)
         return 0
     start = time.perf_counter()
     run_in_processes(__file__, [] if args.summary_only else args.models,
-                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug],
-                     start)
+                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
+                      "--kernels", *kinds, "--batches", *map(str, batches)], start)
     return write_summary(path, summary, start)
 
 

@@ -221,6 +221,29 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
         assert f"{name} batch {batch}: triton / torch TPOT" in text, text
 
 
+def test_the_ab_script_times_only_the_kernels_and_batches_asked_for(monkeypatch, tmp_path):
+    """--kernels and --batches (a case compiles for minutes at Qwen3-30B-A3B: a 10-minute
+    command holds about three): each round requests only the kernels asked for, in their order,
+    each at only the batches asked for; the defaults are every kernel at every batch."""
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("moe_kernel_ab")
+    asked = script.arguments().parse_args(["--kernels", "triton", "--batches", "32", "1"])
+    assert (asked.kernels, sorted(asked.batches)) == (["triton"], [1, 32])
+    default = script.arguments().parse_args([])
+    assert (tuple(default.kernels), tuple(default.batches)) == (MOE_KERNELS, script.BATCHES)
+    with pytest.raises(SystemExit):
+        script.arguments().parse_args(["--batches", "2"])
+    ran: list[tuple[str, tuple[int, ...], int]] = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, kind, round_,
+                        key, ran_key: ran.append((kind, request.batch_sizes, round_)))
+    monkeypatch.setattr(script, "collect", lambda device: None)
+    script.run_model("qwen3-30b-a3b", 2, tmp_path / "ab.jsonl", {}, kinds=("triton", "torch"),
+                     batches=(1,), device="cpu")
+    assert ran == [("triton", (1,), 0), ("torch", (1,), 0), ("triton", (1,), 1),
+                   ("torch", (1,), 1)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
 def test_expert_kernels_on_cuda_match_the_torch_path(name):
