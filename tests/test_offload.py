@@ -21,7 +21,13 @@ from infermeter.offload.breakeven import break_even
 from infermeter.offload.case import measure_case
 from infermeter.offload.job import break_evens, paged_break_evens
 from infermeter.offload.paged import PagedHostPrefix
-from infermeter.offload.reload import HostPrefix, LayerwiseReload, layer_caches
+from infermeter.offload.reload import (
+    STAGE_SLOTS,
+    HostPrefix,
+    LayerCopies,
+    LayerwiseReload,
+    layer_caches,
+)
 from infermeter.offload.request import OffloadRequest
 from infermeter.offload.table import render_offload
 from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
@@ -187,10 +193,10 @@ def test_each_layer_attends_after_its_copy_and_copies_go_ahead(generator, lookah
             assert trace.index(("copy", i + 1)) < trace.index(("attention", i))
     copies = [i for what, i in trace if what == "copy"]
     assert copies == list(range(n))
-    if lookahead is None:  # every copy issued before the first layer computes
-        assert trace[:n] == [("copy", i) for i in range(n)]
-    else:
-        assert trace[:2] == [("copy", 0), ("copy", 1)]
+    if lookahead is None:  # as many copies as the staging slots hold, before any layer
+        assert trace[:n] == [("copy", i) for i in range(n)] and n <= STAGE_SLOTS
+    else:  # one ahead: layer 1's copies go out once layer 0 has waited (and been placed)
+        assert trace[:3] == [("copy", 0), ("wait", 0), ("copy", 1)]
 
 
 @pytest.mark.parametrize("lookahead", [None, 1])
@@ -236,9 +242,63 @@ def test_the_waits_run_outside_the_forwards_block_fn(generator):
 
     _schedule(generator, 1, block_fn=block_fn, trace=trace)
     n = len(model.layers)
-    for i in range(n):  # the wait, then the block_fn that runs the layer, then its attention
-        wait = trace.index(("wait", i))
-        assert trace[wait + 1:wait + 3] == [("block_fn", i), ("attention", i)]
+    for i in range(n):  # the wait, copies issued ahead, the block_fn that runs the layer, then
+        wait = trace.index(("wait", i))  # its attention
+        after = [event for event in trace[wait + 1:] if event[0] != "copy"]
+        assert after[:2] == [("block_fn", i), ("attention", i)]
+
+
+class StagedHost(LayerCopies):
+    """A host copy of `n` staged layers that only records, on a fake clock: ("fetch", i) on the
+    copy stream (1 ms of DMAs, and when they start), ("place", i) on the compute stream
+    (0.25 ms, and when it ends)."""
+
+    def __init__(self, n: int, clock: FakeClock, events: list[tuple[str, int]]) -> None:
+        self.layers, self.clock, self.events = [None] * n, clock, events
+        self.stage_slots = STAGE_SLOTS
+        self.fetch_starts: list[float] = []
+        self.place_ends: list[float] = []
+
+    def fetch_layer(self, model, index, copy=None) -> None:
+        self.events.append(("fetch", index))
+        self.fetch_starts.append(self.clock.copy_end)
+        self.clock.copy_end += 1.0
+
+    def place_layer(self, model, index, copy=None) -> None:
+        self.events.append(("place", index))
+        self.clock.compute += 0.25
+        self.place_ends.append(self.clock.compute)
+
+
+@pytest.mark.parametrize("lookahead", [None, 1, 4])
+def test_a_staging_slot_is_fetched_into_only_after_its_last_layer_is_placed(lookahead):
+    """Six staged layers, two slots: each layer is placed right after its own wait, and a
+    layer's DMAs are issued only once the layer that last used its slot (two before it) has
+    been placed, whatever the lookahead asks (a lookahead of 1 issues one layer ahead). On the
+    fake clock, with layers slower than their DMAs (3 ms against 1), the DMAs into a slot start
+    only after that placement has ended: the copy stream follows the compute stream."""
+    from infermeter.engine.model import build_model
+
+    model = build_model(DEBUG.with_updates(n_layers=6), seed=0)
+    clock, events = FakeClock(1.0), []
+    host = StagedHost(6, clock, events)
+    trace: list[tuple[str, int]] = []
+    reload = LayerwiseReload(model, host, lookahead=lookahead, trace=trace, stream=clock)
+    reload.start()
+    for index in range(6):
+        reload.before_layer(index)
+        clock.compute += 3.0  # the layer's work
+    if lookahead == 1:
+        want = [("fetch", 0)] + [e for i in range(6) for e in (("place", i), ("fetch", i + 1))]
+    else:  # two ahead: as many as the slots hold
+        want = [("fetch", 0), ("fetch", 1)] + [
+            e for i in range(6) for e in (("place", i), ("fetch", i + 2))]
+    assert events == [e for e in want if e[1] < 6]
+    assert [i for what, i in trace if what == "wait"] == list(range(6))
+    for j in range(STAGE_SLOTS, 6):
+        assert host.fetch_starts[j] >= host.place_ends[j - STAGE_SLOTS]
+    # the layers' work bounds it: each waits for its DMAs only at the start
+    assert host.place_ends[-1] == pytest.approx(1.0 + 0.25 + 5 * 3.25)
 
 
 def _recording(pieces: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -276,18 +336,21 @@ def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_
     host = PagedHostPrefix(model, PREFIX, 7) if way == "paged" else HostPrefix(model, PREFIX)
     model.reset_cache()
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if way == "layerwise":
+    if way == "layerwise":  # the schedule without a forward: each layer's wait in turn
         clock = FakeClock(0.0)
         with LayerwiseReload(model, host, stream=clock) as reload:
             reload.start()
-        pieces = clock.copies
+            for index in range(len(model.layers)):
+                reload.before_layer(index)
+        pieces = clock.copies  # the DMAs; a staged layer's placement is on the compute stream
     else:
         host.reload(model, copy=_recording(pieces))
     _all_contiguous(pieces, getattr(host, "stage", ()))
     if way != "paged":  # per layer: K and V, through the stage where the prefix leaves room
         rings = sum(cache.is_ring for cache in layer_caches(model))
         full = len(model.layers) - rings
-        assert len(pieces) == 4 * full + 3 * rings  # a ring's key_pos goes back too
+        placed = 2 * full if way == "serial" else 0  # out of the stage: serial's on its stream
+        assert len(pieces) == 2 * full + placed + 3 * rings  # a ring's key_pos goes back too
     for (k, v, key_pos), cache in zip(recomputed, layer_caches(model)):
         assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
         assert torch.equal(cache.key_pos, key_pos)
@@ -468,10 +531,10 @@ def test_a_traffic_context_too_large_for_memory_is_refused_before_loading(monkey
 
 
 def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
-    """A reload stages one layer's K and V on the device (8,192 tokens of Llama-3.1-8B's K and
-    V in bf16: 32 MiB), the whole prefix's and each paged block size's: free GPU memory with room
-    for everything but one is refused, naming it; the prefill's logits are one row a sequence
-    (bf16 and its float32 copy)."""
+    """A reload stages two layers' K and V on the device (its two slots; a layer is 8,192
+    tokens of Llama-3.1-8B's K and V in bf16: 32 MiB), the whole prefix's and each paged block
+    size's: free GPU memory with room for everything but one is refused, naming it; the
+    prefill's logits are one row a sequence (bf16 and its float32 copy)."""
     from infermeter.offload.fit import check_sizes_fit
     from infermeter.specs.sizes import kv_bytes_per_token_layer
 
@@ -493,8 +556,8 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
     # the 8,320-token forward's MLP (3 bf16 rows of ffn_dim a token) + one logits row (bf16 + fp32)
     assert plain["prefill activations"] == (3 * 8320 * spec.ffn_dim * 2
                                             + spec.vocab_size * (2 + 4))
-    staging = 8192 * kv_bytes_per_token_layer(spec, "bf16")
-    assert staging == 32 * 2**20
+    staging = STAGE_SLOTS * 8192 * kv_bytes_per_token_layer(spec, "bf16")
+    assert staging == 64 * 2**20 and STAGE_SLOTS == 2
     assert plain["reload staging"] == staging
     assert plain["prefill layer buffers"] == 2 * 8320 * spec.dim * 2  # in and out, bf16
     assert paged == {**plain, "paged reload staging, blocks of 16": staging,
@@ -506,7 +569,7 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
                         lambda device: (room, "free on the GPU"))
     request = OffloadRequest("llama-3.1-8b", prefix_lens=(8192,), suffix_lens=(128,),
                              new_tokens=1, block_sizes=(16, 256))
-    with pytest.raises(InfermeterError, match="paged reload staging, blocks of 256 32.0 MiB"):
+    with pytest.raises(InfermeterError, match="paged reload staging, blocks of 256 64.0 MiB"):
         check_sizes_fit(spec, request, cuda, "bf16", "bf16")
 
 

@@ -43,7 +43,8 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                    "rounded up)")
     p.add_argument("--lookahead", type=positive_int, metavar="N",
                    help="layer-wise reload: layers' copies issued ahead of the layer computing "
-                   "(default: all of them when the forward starts)")
+                   "(default: as many as the two staging slots allow; all of them when the "
+                   "forward starts where the prefix fills every layer)")
     p.add_argument("--block-size", type=positive_int, nargs="+", metavar="N",
                    help="also reload the prefix from a paged host copy, in blocks of N tokens "
                    "scattered through a pool, block by block (e.g. 16 256); a break-even per "

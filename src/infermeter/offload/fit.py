@@ -33,6 +33,7 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     kv_dtype: str) -> None:
     """Sizes only, before any allocation: weights + the largest case's cache + its activations on
     the device, the longest prefix's host copy in host memory (one sum on the CPU)."""
+    from infermeter.offload.reload import STAGE_SLOTS
     from infermeter.specs.sizes import (
         kv_bytes_per_token_layer,
         kv_cache_bytes,
@@ -55,17 +56,18 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
     if device.type == "cuda":  # the prefills' layer replays
         device_parts["prefill layer buffers"] = layer_replay_bytes(
             spec, request.batch_size, forward, dtype)
-    # the whole prefix's device staging buffer (reload.HostPrefix): one layer's K and V, which
-    # a layer the prefix does not fill (the cache also holds the suffix) comes back through
-    device_parts["reload staging"] = (request.batch_size * max(request.prefix_lens)
+    # the whole prefix's device staging slots (reload.HostPrefix): a layer's K and V each,
+    # which a layer the prefix does not fill (the cache also holds the suffix) comes back through
+    device_parts["reload staging"] = (STAGE_SLOTS * request.batch_size * max(request.prefix_lens)
                                       * kv_bytes_per_token_layer(spec, kv_dtype))
     for size in request.block_sizes:  # a paged copy rounds each sequence up to whole blocks
         blocks = -(-max(request.prefix_lens) // size)
         host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
             spec, request.batch_size, blocks * size, kv_dtype)
-        # its device staging buffer (paged.py): one full-attention layer's blocks, K and V
+        # its device staging slots (paged.py): a full-attention layer's blocks, K and V, each
         device_parts[f"paged reload staging, blocks of {size}"] = (
-            request.batch_size * blocks * size * kv_bytes_per_token_layer(spec, kv_dtype))
+            STAGE_SLOTS * request.batch_size * blocks * size
+            * kv_bytes_per_token_layer(spec, kv_dtype))
     if request.traffic or request.offloaded_decode:
         from infermeter.offload.traffic import CHUNK_BYTES
 

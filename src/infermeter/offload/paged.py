@@ -12,12 +12,13 @@ contiguous in the pool), into a device staging buffer [B, blocks, H_kv, block, D
 sequence's order, then moves the layer's slots into the cache [B, H_kv, S, D] with two
 device-to-device copies (the whole blocks through a view, then the last, partly filled one):
 the device's layout differs from a page's, as it would in any engine whose cache is not paged
-the same way. The DMAs a reload issues grow as 1 / block size; the staging holds one layer and is
-reused by the next (every copy goes on one stream, in order). A partly filled last block moves
+the same way. The DMAs a reload issues grow as 1 / block size; the staging holds STAGE_SLOTS
+layers, used in turn (`fetch_layer` the DMAs into slot index % STAGE_SLOTS, `place_layer` the
+device copies out of it, as reload.py's HostPrefix). A partly filled last block moves
 whole, as a paged server moves it; nbytes counts the prefix's tokens only.
 
-It offers what reload.py's HostPrefix offers (prefix_len, nbytes, copy_layer, reload), so the
-serial way and LayerwiseReload run over it unchanged.
+It offers what reload.py's HostPrefix offers (prefix_len, nbytes, fetch_layer, place_layer,
+reload, stage_slots), so the serial way and LayerwiseReload run over it unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.offload.reload import (
+    STAGE_SLOTS,
     Copy,
     LayerCopies,
     check_prefix_fits,
@@ -68,8 +70,10 @@ class PagedHostPrefix(LayerCopies):
         most = max(math.ceil(min(prefix_len, cache.size) / block_size) for cache in caches)
         # [B, blocks, H_kv, block, D] on the device, K and V: one layer's blocks in order
         stage = (first.shape[0], most, first.shape[1], block_size, first.shape[3])
+        # slot j's K and V at 2j and 2j + 1
         self.stage = tuple(torch.empty(stage, dtype=first.dtype, device=first.device)
-                           for _ in range(2))
+                           for _ in range(2 * STAGE_SLOTS))
+        self.stage_slots = STAGE_SLOTS
         for cache in caches:
             batch, heads, _, dim = cache.k.shape
             n = min(prefix_len, cache.size)
@@ -96,22 +100,30 @@ class PagedHostPrefix(LayerCopies):
         """Host-to-device copies one reload issues (a block of K or of V, every KV head)."""
         return sum(2 * len(layer.blocks) for layer in self.layers)
 
-    def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
-        """Layer `index` back by `copy` (default: on the current stream, async from pinned
-        memory): each block of K and of V into the staging buffer, contiguous on both sides,
-        then the staged slots into the cache, on the same stream after them."""
-        cache = layer_caches(model)[index]
+    def _pools(self, model: Transformer, index: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Layer `index`'s (host pool, cache, staging slot) for K, then for V."""
+        cache, layer = layer_caches(model)[index], self.layers[index]
+        first = 2 * (index % STAGE_SLOTS)
+        return [(layer.k, cache.k, self.stage[first]), (layer.v, cache.v, self.stage[first + 1])]
+
+    def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s DMAs by `copy` (default: on the current stream, async from pinned
+        memory): each block of K and of V into its staging slot, contiguous on both sides; a
+        ring layer's key_pos straight into the cache."""
         layer = self.layers[index]
-        block, n = self.block_size, layer.slots
-        whole = n // block  # full blocks; a partly filled one after them when n % block
-        for pool, device, stage in ((layer.k, cache.k, self.stage[0]),
-                                    (layer.v, cache.v, self.stage[1])):
+        for pool, _, stage in self._pools(model, index):
             for b, start, _, slot in layer.blocks:
-                copy(stage[b, start // block], pool[slot])  # [H_kv, block, D]
+                copy(stage[b, start // self.block_size], pool[slot])  # [H_kv, block, D]
+        if layer.key_pos is not None:
+            copy(layer_caches(model)[index].key_pos, layer.key_pos)
+
+    def place_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s staged slots into the cache (device to device), after its fetch."""
+        block, n = self.block_size, self.layers[index].slots
+        whole = n // block  # full blocks; a partly filled one after them when n % block
+        for _, device, stage in self._pools(model, index):
             if whole:  # [B, H_kv, whole * block, D] seen as [B, whole, H_kv, block, D]
                 slots = device[:, :, :whole * block].unflatten(2, (whole, block))
                 copy(slots.transpose(1, 2), stage[:, :whole])
             if n > whole * block:  # [B, H_kv, n % block, D]
                 copy(device[:, :, whole * block:n], stage[:, whole, :, :n - whole * block])
-        if layer.key_pos is not None:
-            copy(cache.key_pos, layer.key_pos)

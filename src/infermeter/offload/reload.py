@@ -9,23 +9,32 @@ CPU they are a second CPU buffer and every copy is synchronous.
 
 The cache is [B, H_kv, S, D], so a layer's first n slots [:, :, :n] are strided unless n == S.
 A layer the prefix fills comes back in one DMA per K and V. Any other goes through a device
-staging buffer: one DMA of the host's contiguous [B, H_kv, n, D] into it, then one device copy
-into the cache's slots, both on the copy's stream, in order (the buffer serves every layer in
-turn). One copy per (sequence, KV head) instead, DMA only, took 2,048 copies for Llama-2-7B's
-512-token prefix and reloaded at a tenth of the link's speed on an H100: each copy cost more
-host time to issue than its 128 KiB took to move. (slot_pieces, which cuts such pieces, serves
-the streamed decode, whose pieces are megabytes.)
+staging slot: one DMA of the host's contiguous [B, H_kv, n, D] into it (`fetch_layer`), then
+one device copy into the cache's slots (`place_layer`). STAGE_SLOTS slots serve the layers in
+turn, so one layer's DMA can land while the layer before it is placed. One copy per (sequence,
+KV head) instead, DMA only, took 2,048 copies for Llama-2-7B's 512-token prefix and reloaded at
+a tenth of the link's speed on an H100: each copy cost more host time to issue than its 128 KiB
+took to move. (slot_pieces, which cuts such pieces, serves the streamed decode, whose pieces
+are megabytes.)
 
-LayerwiseReload is the overlapped schedule: copies go out on a copy stream, each layer's
+LayerwiseReload is the overlapped schedule: the DMAs go out on a copy stream, each layer's
 followed by an event, and before each layer runs, the compute stream waits on that layer's
-event only, so layer i computes as soon as its own K/V have arrived while later layers' copies
-are still in flight. The wait sits in the model's Python loop over layers, outside any compiled
-code: a forward pre-hook on the model (outside the engine, which knows nothing of offloading)
-hands it a block_fn that waits, then runs the layer as the forward would have (the Generator's
-compiled layer function when the prefill is compiled, the layer itself when eager). `lookahead`
-copies are issued ahead of the layer being computed (None: every layer's at once, when the
-forward starts: the copy stream never idles). The stream and event operations go through a
-CopyStream (CUDA's, the CPU's synchronous one, or a test's fake clock).
+event only, so layer i computes as soon as its own K/V have arrived while later layers' DMAs
+are still in flight. A staged layer's device copy runs on the compute stream, right after that
+wait. On the copy stream it was a kernel queued between two DMAs, which the next DMA waited
+for, while the forward held the SMs it needed: on an H100 Llama-3.1-8B's 8k prefix with a
+128-token suffix took 1.17x the longer of reload and forward that way
+(results/offload-nvidia-h100-80gb-hbm3.jsonl; the cause is our reading, not yet measured).
+The DMA into a slot now waits for the compute stream's placement of the slot's last layer, so
+with staging the DMAs run at most STAGE_SLOTS layers ahead.
+
+The wait sits in the model's Python loop over layers, outside any compiled code: a forward
+pre-hook on the model (outside the engine, which knows nothing of offloading) hands it a
+block_fn that waits, then runs the layer as the forward would have (the Generator's compiled
+layer function when the prefill is compiled, the layer itself when eager). `lookahead` layers'
+DMAs are issued ahead of the layer being computed (None: as many as the staging slots allow;
+every layer's at once, when the forward starts, where nothing is staged). The stream and event
+operations go through a CopyStream (CUDA's, the CPU's synchronous one, or a test's fake clock).
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ Trace = list[tuple[str, int]]
 # copy(dst, src): one copy of one shape: host to device, both contiguous (a DMA from pinned
 # memory), or device to device out of a staging buffer (dst may be strided)
 Copy = Callable[[Tensor, Tensor], None]
+# staged layers whose K/V can be on the device at once: one placed while the next one lands
+STAGE_SLOTS = 2
 
 
 def copy_piece(dst: Tensor, src: Tensor) -> None:
@@ -163,13 +174,24 @@ def check_prefix_fits(model: Transformer, prefix_len: int) -> None:
 
 
 class LayerCopies:
-    """A prefix's KV in host memory that goes back one layer at a time (`copy_layer`, each
-    layout its own); the serial reload and the layer-wise one (LayerwiseReload) share it."""
+    """A prefix's KV in host memory that goes back one layer at a time, each layout its own
+    way: `fetch_layer` its DMAs (into the cache, or into staging slot index % STAGE_SLOTS), then
+    `place_layer` the staged slots into the cache; the serial reload and the layer-wise one
+    (LayerwiseReload) share it. `stage_slots`: STAGE_SLOTS, or None where nothing is staged."""
 
     layers: list[Any]
+    stage_slots: int | None = None
+
+    def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        raise NotImplementedError
+
+    def place_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        raise NotImplementedError
 
     def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
-        raise NotImplementedError
+        """Layer `index` back, both steps by one `copy` (one stream, in order)."""
+        self.fetch_layer(model, index, copy)
+        self.place_layer(model, index, copy)
 
     def reload(self, model: Transformer, copy: Copy = copy_piece) -> None:
         """Every layer back, in order, on the current stream: the serial way."""
@@ -179,8 +201,9 @@ class LayerCopies:
 
 class HostPrefix(LayerCopies):
     """The KV cache of the first `prefix_len` positions of `model`'s cache, copied to host, and
-    `stage`: two device buffers (K, V; flat, each the largest staged layer's size; none when
-    the prefix fills every layer) that a layer the prefix does not fill comes back through."""
+    `stage`: STAGE_SLOTS pairs of device buffers (K, V; flat, each the largest staged layer's
+    size; slot j's at 2j and 2j + 1; none when the prefix fills every layer) that a layer the
+    prefix does not fill comes back through."""
 
     def __init__(self, model: Transformer, prefix_len: int) -> None:
         caches = layer_caches(model)
@@ -199,29 +222,42 @@ class HostPrefix(LayerCopies):
         first = caches[0].k
         self.stage: tuple[Tensor, ...] = tuple(
             torch.empty(max(staged), dtype=first.dtype, device=first.device)
-            for _ in range(2)) if staged else ()
+            for _ in range(2 * STAGE_SLOTS)) if staged else ()
+        self.stage_slots = STAGE_SLOTS if staged else None
 
     @property
     def nbytes(self) -> int:
         """Bytes one reload moves (K and V of every layer; key_pos is bookkeeping, not payload)."""
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
-    def copy_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
-        """Layer `index`'s K/V into the cache by `copy` (default: on the current stream, async
-        from pinned memory): straight in where the prefix fills the layer, else into the
-        staging buffer and from it into the cache's first n slots, on the same stream."""
-        cache = layer_caches(model)[index]
-        layer = self.layers[index]
-        n = layer.k.shape[2]
+    def _staged(self, model: Transformer,
+                index: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Per K and V of layer `index`: (host [B, H_kv, n, D], the cache, its view of slot
+        index % STAGE_SLOTS of the stage, or None where the prefix fills the layer)."""
+        cache, layer = layer_caches(model)[index], self.layers[index]
         for i, (host, device) in enumerate(((layer.k, cache.k), (layer.v, cache.v))):
-            if n == device.shape[2]:  # every slot: the cache is one contiguous block
-                copy(device, host)
+            if host.shape[2] == device.shape[2]:  # every slot: the cache is one contiguous block
+                yield host, device, None
                 continue
-            staged = self.stage[i][:host.numel()].view(host.shape)  # [B, H_kv, n, D]
-            copy(staged, host)
-            copy(device[:, :, :n], staged)  # device to device: strided into the cache
-        if layer.key_pos is not None:
-            copy(cache.key_pos, layer.key_pos)
+            flat = self.stage[2 * (index % STAGE_SLOTS) + i]
+            yield host, device, flat[:host.numel()].view(host.shape)
+
+    def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s DMAs by `copy` (default: on the current stream, async from pinned
+        memory): K and V straight into the cache where the prefix fills the layer, else into
+        its staging slot; a ring layer's key_pos straight in."""
+        for host, device, staged in self._staged(model, index):
+            copy(device if staged is None else staged, host)
+        key_pos = self.layers[index].key_pos
+        if key_pos is not None:
+            copy(layer_caches(model)[index].key_pos, key_pos)
+
+    def place_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
+        """Layer `index`'s staged K and V into the cache's first n slots (device to device,
+        strided), after its fetch; nothing where the prefix fills the layer."""
+        for host, device, staged in self._staged(model, index):
+            if staged is not None:
+                copy(device[:, :, :host.shape[2]], staged)
 
 
 class LayerwiseReload:
@@ -249,7 +285,8 @@ class LayerwiseReload:
         self.index = {id(layer): i for i, layer in enumerate(model.layers)}
         self.events: list[Any] = []  # per layer: its copies' token
         self.waited: list[bool] = []
-        self.issued = 0
+        self.issued = 0  # layers whose DMAs are issued
+        self.placed = 0  # layers placed into the cache (their staging slot free again)
         self.handles: list[Any] = []
 
     def __enter__(self) -> LayerwiseReload:
@@ -267,31 +304,42 @@ class LayerwiseReload:
         for the compute stream, so no copy overwrites a cache earlier work still reads."""
         self.events = [None] * self.n_layers
         self.waited = [False] * self.n_layers
-        self.issued = 0
+        self.issued = self.placed = 0
         self.stream.follow_compute()
         self._issue_up_to(min(self.lookahead, self.n_layers))
 
     def _issue_up_to(self, end: int) -> None:
+        """Issue the DMAs of layers up to `end`, as far as the staging slots allow: layer j's
+        slot is free once layer j - stage_slots is placed."""
+        if self.host.stage_slots is not None:
+            end = min(end, self.placed + self.host.stage_slots)
         while self.issued < end:
             index = self.issued
-            self.host.copy_layer(self.model, index, self.stream.copy)
+            self.host.fetch_layer(self.model, index, self.stream.copy)
             self.events[index] = self.stream.mark()
             if self.trace is not None:
                 self.trace.append(("copy", index))
             self.issued += 1
 
     def before_layer(self, index: int) -> None:
-        """Before layer `index` runs: issue ahead first (the copy stream gets the next layers'
-        work while this waits), then make the compute stream wait for this layer's copies
-        (once: a later chunk's forward need not wait again)."""
+        """Before layer `index` runs (once: a later chunk's forward need not wait again): make
+        the compute stream wait for this layer's DMAs and place its staged K/V there; then
+        issue ahead, the DMAs into the slot just placed after the placement."""
         if not self.events:
             raise InfermeterError("LayerwiseReload.start() was not called before the forward")
-        self._issue_up_to(min(index + 1 + self.lookahead, self.n_layers))
         if not self.waited[index]:
+            if index >= self.issued:  # layers run in order, each issued by the one before
+                raise InfermeterError(f"layer-wise reload: layer {index} ran before its copies "
+                                      "were issued")
             self.stream.wait(self.events[index])
+            self.host.place_layer(self.model, index)  # on the compute stream
+            self.placed = max(self.placed, index + 1)
             self.waited[index] = True
             if self.trace is not None:
                 self.trace.append(("wait", index))
+            if self.host.stage_slots is not None:  # a DMA into this slot follows the placement
+                self.stream.follow_compute()
+        self._issue_up_to(min(index + 1 + self.lookahead, self.n_layers))
 
     def _wrap_layers(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The model's forward pre-hook: its block_fn (None: the eager layer call) wrapped so

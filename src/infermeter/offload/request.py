@@ -25,7 +25,7 @@ class OffloadRequest:
     new_tokens: int = 4  # greedy tokens generated, untimed, to check the three ways agree
     prefill_chunk: int | None = None  # the longest forward a prefill runs (Generator's)
     max_seq_len: int | None = None  # a fixed KV-cache length for every case
-    lookahead: int | None = None  # layer-wise: copies issued ahead (None: all at once)
+    lookahead: int | None = None  # layer-wise: copies issued ahead (None: all the staging allows)
     block_sizes: tuple[int, ...] = ()  # also reload from a paged host copy, blocks of N tokens
     repeats: int = 5
     warmup: int = 1
