@@ -126,6 +126,10 @@ def test_offloaded_decode_from_two_layer_buffers_gives_the_ordinary_tokens(chunk
     assert len(trace) == STEPS * len(step)
     _all_contiguous(clock.copies)
     assert len(clock.marks) == STEPS * 5  # a mark per layer per step
+    # the copy stream carries only the prompt's K/V out of host memory; the decoded tokens'
+    # go from the device store on the compute stream
+    held = {_storage(t) for pair in prefill.host for t in pair}
+    assert clock.copies and all(_storage(src) in held for _, src in clock.copies)
 
 
 def test_a_model_with_a_sliding_window_layer_gets_no_layer_buffers():

@@ -5,8 +5,13 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
 - before layer i attends, the compute stream waits for layer i's copy into its buffer;
 - after it attends, the step's new K/V of layer i (written by the attention into the buffer) is
   kept in a small device store of the tokens decoded since streaming began, and the copy stream,
-  once that attention is done, streams layer i + 2 into the same buffer: the prompt's K/V from
-  host memory, the decoded tokens' from the store. One buffer fills while the other is read.
+  once that attention is done, streams layer i + 2's prompt K/V from host memory into the same
+  buffer. One buffer fills while the other is read;
+- the decoded tokens' K/V go from the store into the buffer on the compute stream, after the
+  wait (one strided device copy per K and V): on the copy stream each would be a kernel between
+  two DMAs, waiting for SMs the attention holds while the link idled (the decode at 32k on an
+  H100 reached 89.9% of the link's bound that way, results/offload-nvidia-h100-80gb-hbm3.jsonl;
+  the cause is our reading, not yet measured).
 The prompt's K/V (positions 0..context-1) live in host memory only; the store holds the few
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
 moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
@@ -98,15 +103,10 @@ class StreamedDecode:
             self._stream_in(index)
 
     def _stream_in(self, index: int) -> None:
-        buffer, host, recent = self.buffers[index % LAYER_BUFFERS], self.host[index], \
-            self.recent[index]
-        context, decoded = self.context, self.pos - self.context
-        for held, kept, cache in zip(host, recent, (buffer.k, buffer.v)):
-            for where, piece in slot_pieces(cache, 0, context):  # [context, D] each
+        buffer, host = self.buffers[index % LAYER_BUFFERS], self.host[index]
+        for held, cache in zip(host, (buffer.k, buffer.v)):
+            for where, piece in slot_pieces(cache, 0, self.context):  # [context, D] each
                 self.stream.copy(piece, held[where])
-            if decoded:  # tokens decoded since streaming began, device to device
-                for where, piece in slot_pieces(cache, context, self.pos):
-                    self.stream.copy(piece, kept[where][:decoded])
         self.events[index] = self.stream.mark()
         self.issued[index] = True
         if self.trace is not None:
@@ -117,6 +117,11 @@ class StreamedDecode:
             if not self.issued or not self.issued[index]:
                 raise InfermeterError("StreamedDecode.step_at() was not called before the step")
             self.stream.wait(self.events[index])
+            decoded = self.pos - self.context
+            if decoded:  # the store's tokens, [B, H_kv, decoded, D], on the compute stream
+                buffer, recent = self.buffers[index % LAYER_BUFFERS], self.recent[index]
+                for kept, cache in zip(recent, (buffer.k, buffer.v)):
+                    cache[:, :, self.context:self.pos].copy_(kept[:, :, :decoded])
             if self.trace is not None:
                 self.trace.append(("wait", index))
         return wait
