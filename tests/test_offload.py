@@ -255,7 +255,7 @@ class StagedHost(LayerCopies):
 
     def __init__(self, n: int, clock: FakeClock, events: list[tuple[str, int]]) -> None:
         self.layers, self.clock, self.events = [None] * n, clock, events
-        self.stage_slots = STAGE_SLOTS
+        self.slot_of = [i % STAGE_SLOTS for i in range(n)]
         self.fetch_starts: list[float] = []
         self.place_ends: list[float] = []
 
@@ -299,6 +299,40 @@ def test_a_staging_slot_is_fetched_into_only_after_its_last_layer_is_placed(look
         assert host.fetch_starts[j] >= host.place_ends[j - STAGE_SLOTS]
     # the layers' work bounds it: each waits for its DMAs only at the start
     assert host.place_ends[-1] == pytest.approx(1.0 + 0.25 + 5 * 3.25)
+
+
+def test_with_ring_layers_between_them_the_staged_layers_take_both_slots_in_turn():
+    """Gemma's shape of model: window layers (0, 2, 4) that the prefix fills, full ones between
+    them that it does not. The full layers take the two staging slots in turn (by their order
+    among the staged layers, not their index, which would put them all in one), a ring layer's
+    copies go straight in and wait for no slot, and a whole reload on the fake clock (DMAs
+    issued on its copy stream, placements on the compute stream) leaves the cache bit for bit
+    the prefix's prefill, its tokens after the suffix those of recompute."""
+    spec = DEBUG.with_updates(name="debug-gemma-like", n_layers=6, sliding_window=12,
+                              sliding_window_layers=(0, 2, 4))
+    gen = Generator(build_model(spec, device="cpu", seed=3), prefill_chunk=None)
+    model, tokens = gen.model, _tokens()
+    gen.prepare(2, PREFIX + SUFFIX, 1)
+    gen.prefill(tokens[:, :PREFIX], ONE)
+    want = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in layer_caches(model)]
+    host = HostPrefix(model, PREFIX)
+    assert host.slot_of == [None, 0, None, 1, None, 0]
+    assert [host.reuses(i) for i in range(6)] == [None, None, None, None, None, 1]
+    assert len(host.stage) == 2 * STAGE_SLOTS
+    model.reset_cache()
+    clock, trace = FakeClock(1.0), []
+    LayerwiseReload(model, host, trace=trace, stream=clock).whole()
+    for (k, v, key_pos), cache in zip(want, layer_caches(model)):
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+        assert torch.equal(cache.key_pos, key_pos)
+    # layer 5 reuses layer 1's slot: its DMAs go out only after layer 1 waited (was placed)
+    assert trace.index(("wait", 1)) < trace.index(("copy", 5))
+    # nothing else waits for a slot: layers 0-4 all issued before any layer waits
+    assert trace[:5] == [("copy", i) for i in range(5)]
+    staged = {t.untyped_storage().data_ptr(): i for i, t in enumerate(host.stage)}
+    into = {staged[dst.untyped_storage().data_ptr()] // 2 for dst, _ in clock.copies
+            if dst.untyped_storage().data_ptr() in staged}
+    assert into == {0, 1}  # both slots used
 
 
 def _recording(pieces: list[tuple[torch.Tensor, torch.Tensor]]):

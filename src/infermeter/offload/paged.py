@@ -13,12 +13,12 @@ sequence's order, then moves the layer's slots into the cache [B, H_kv, S, D] wi
 device-to-device copies (the whole blocks through a view, then the last, partly filled one):
 the device's layout differs from a page's, as it would in any engine whose cache is not paged
 the same way. The DMAs a reload issues grow as 1 / block size; the staging holds STAGE_SLOTS
-layers, used in turn (`fetch_layer` the DMAs into slot index % STAGE_SLOTS, `place_layer` the
-device copies out of it, as reload.py's HostPrefix). A partly filled last block moves
-whole, as a paged server moves it; nbytes counts the prefix's tokens only.
+layers, used in turn (`fetch_layer` the DMAs into slot index % STAGE_SLOTS: every layer is
+staged; `place_layer` the device copies out of it, as reload.py's HostPrefix). A partly filled
+last block moves whole, as a paged server moves it; nbytes counts the prefix's tokens only.
 
 It offers what reload.py's HostPrefix offers (prefix_len, nbytes, fetch_layer, place_layer,
-reload, stage_slots), so the serial way and LayerwiseReload run over it unchanged.
+reload, slot_of), so the serial way and LayerwiseReload run over it unchanged.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class PagedHostPrefix(LayerCopies):
         # slot j's K and V at 2j and 2j + 1
         self.stage = tuple(torch.empty(stage, dtype=first.dtype, device=first.device)
                            for _ in range(2 * STAGE_SLOTS))
-        self.stage_slots = STAGE_SLOTS
+        self.slot_of: list[int | None] = [i % STAGE_SLOTS for i in range(len(caches))]
         for cache in caches:
             batch, heads, _, dim = cache.k.shape
             n = min(prefix_len, cache.size)
@@ -103,7 +103,7 @@ class PagedHostPrefix(LayerCopies):
     def _pools(self, model: Transformer, index: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Layer `index`'s (host pool, cache, staging slot) for K, then for V."""
         cache, layer = layer_caches(model)[index], self.layers[index]
-        first = 2 * (index % STAGE_SLOTS)
+        first = 2 * self.slot_of[index]
         return [(layer.k, cache.k, self.stage[first]), (layer.v, cache.v, self.stage[first + 1])]
 
     def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:

@@ -7,15 +7,15 @@ window), plus a ring layer's key_pos [S_layer] (which position each slot holds).
 host tensors are pinned, so a non_blocking copy is a DMA that does not block the host; on the
 CPU they are a second CPU buffer and every copy is synchronous.
 
-The cache is [B, H_kv, S, D], so a layer's first n slots [:, :, :n] are strided unless n == S.
-A layer the prefix fills comes back in one DMA per K and V. Any other goes through a device
-staging slot: one DMA of the host's contiguous [B, H_kv, n, D] into it (`fetch_layer`), then
-one device copy into the cache's slots (`place_layer`). STAGE_SLOTS slots serve the layers in
-turn, so one layer's DMA can land while the layer before it is placed. One copy per (sequence,
-KV head) instead, DMA only, took 2,048 copies for Llama-2-7B's 512-token prefix and reloaded at
-a tenth of the link's speed on an H100: each copy cost more host time to issue than its 128 KiB
-took to move. (slot_pieces, which cuts such pieces, serves the streamed decode, whose pieces
-are megabytes.)
+The cache is [B, H_kv, S, D], so a layer's first n slots [:, :, :n] are strided unless n == S. A
+layer the prefix fills comes back in one DMA per K and V. Any other goes through a device
+staging slot: one DMA of the host's contiguous [B, H_kv, n, D] into it (`fetch_layer`), then one
+device copy into the cache's slots (`place_layer`). STAGE_SLOTS slots serve the staged layers in
+turn, so one layer's DMA can land while the one staged before it is placed. One copy per
+(sequence, KV head) instead, DMA only, took 2,048 copies for Llama-2-7B's 512-token prefix and
+reloaded at a tenth of the link's speed on an H100: each copy cost more host time to issue than
+its 128 KiB took to move. (slot_pieces, which cuts such pieces, serves the streamed decode,
+whose pieces are megabytes.)
 
 LayerwiseReload is the overlapped schedule: the DMAs go out on a copy stream, each layer's
 followed by an event, and before each layer runs, the compute stream waits on that layer's
@@ -26,7 +26,8 @@ for, while the forward held the SMs it needed: on an H100 Llama-3.1-8B's 8k pref
 128-token suffix took 1.17x the longer of reload and forward that way
 (results/offload-nvidia-h100-80gb-hbm3.jsonl; the cause is our reading, not yet measured).
 The DMA into a slot now waits for the compute stream's placement of the slot's last layer, so
-with staging the DMAs run at most STAGE_SLOTS layers ahead.
+the DMAs run at most STAGE_SLOTS staged layers ahead. `whole()` is the same schedule with no
+forward between the waits: the reload alone, and the serial way's reload.
 
 The wait sits in the model's Python loop over layers, outside any compiled code: a forward
 pre-hook on the model (outside the engine, which knows nothing of offloading) hands it a
@@ -175,12 +176,21 @@ def check_prefix_fits(model: Transformer, prefix_len: int) -> None:
 
 class LayerCopies:
     """A prefix's KV in host memory that goes back one layer at a time, each layout its own
-    way: `fetch_layer` its DMAs (into the cache, or into staging slot index % STAGE_SLOTS), then
+    way: `fetch_layer` its DMAs (into the cache, or into the layer's staging slot), then
     `place_layer` the staged slots into the cache; the serial reload and the layer-wise one
-    (LayerwiseReload) share it. `stage_slots`: STAGE_SLOTS, or None where nothing is staged."""
+    (LayerwiseReload) share it. `slot_of`: per layer its staging slot, None where its copies
+    go straight into the cache; the staged layers take the slots in turn."""
 
     layers: list[Any]
-    stage_slots: int | None = None
+    slot_of: list[int | None]
+
+    def reuses(self, index: int) -> int | None:
+        """The layer that used layer `index`'s staging slot last (its placement must come
+        before this layer's DMAs), None where there is none."""
+        slot = self.slot_of[index]
+        if slot is None:
+            return None
+        return next((i for i in range(index - 1, -1, -1) if self.slot_of[i] == slot), None)
 
     def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
         raise NotImplementedError
@@ -211,19 +221,22 @@ class HostPrefix(LayerCopies):
         self.prefix_len = prefix_len
         pin = pins_for(caches[0].k.device)
         self.layers: list[LayerKV] = []
+        self.slot_of = []
         for cache in caches:
             n = min(prefix_len, cache.size)
             # [B, H_kv, n, D], contiguous: one DMA's source
             k, v = (pinned_like(t[:, :, :n], pin) for t in (cache.k, cache.v))
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             self.layers.append(LayerKV(k, v, key_pos))
-        staged = [layer.k.numel() for layer, cache in zip(self.layers, caches)
-                  if layer.k.shape[2] < cache.size]
+            staging = n < cache.size  # the cache also holds the suffix: strided slots
+            self.slot_of.append(sum(s is not None for s in self.slot_of) % STAGE_SLOTS
+                                if staging else None)
+        staged = [layer.k.numel() for layer, slot in zip(self.layers, self.slot_of)
+                  if slot is not None]
         first = caches[0].k
         self.stage: tuple[Tensor, ...] = tuple(
             torch.empty(max(staged), dtype=first.dtype, device=first.device)
             for _ in range(2 * STAGE_SLOTS)) if staged else ()
-        self.stage_slots = STAGE_SLOTS if staged else None
 
     @property
     def nbytes(self) -> int:
@@ -232,14 +245,14 @@ class HostPrefix(LayerCopies):
 
     def _staged(self, model: Transformer,
                 index: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """Per K and V of layer `index`: (host [B, H_kv, n, D], the cache, its view of slot
-        index % STAGE_SLOTS of the stage, or None where the prefix fills the layer)."""
-        cache, layer = layer_caches(model)[index], self.layers[index]
+        """Per K and V of layer `index`: (host [B, H_kv, n, D], the cache, its view of the
+        layer's staging slot, or None where the prefix fills the layer)."""
+        cache, layer, slot = layer_caches(model)[index], self.layers[index], self.slot_of[index]
         for i, (host, device) in enumerate(((layer.k, cache.k), (layer.v, cache.v))):
-            if host.shape[2] == device.shape[2]:  # every slot: the cache is one contiguous block
+            if slot is None:  # every slot: the cache is one contiguous block
                 yield host, device, None
                 continue
-            flat = self.stage[2 * (index % STAGE_SLOTS) + i]
+            flat = self.stage[2 * slot + i]
             yield host, device, flat[:host.numel()].view(host.shape)
 
     def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
@@ -309,12 +322,13 @@ class LayerwiseReload:
         self._issue_up_to(min(self.lookahead, self.n_layers))
 
     def _issue_up_to(self, end: int) -> None:
-        """Issue the DMAs of layers up to `end`, as far as the staging slots allow: layer j's
-        slot is free once layer j - stage_slots is placed."""
-        if self.host.stage_slots is not None:
-            end = min(end, self.placed + self.host.stage_slots)
+        """Issue the DMAs of layers up to `end`, in order, as far as the staging slots allow: a
+        staged layer's slot is free once the layer that used it last has been placed."""
         while self.issued < end:
             index = self.issued
+            last = self.host.reuses(index)
+            if last is not None and last >= self.placed:
+                break
             self.host.fetch_layer(self.model, index, self.stream.copy)
             self.events[index] = self.stream.mark()
             if self.trace is not None:
@@ -337,9 +351,17 @@ class LayerwiseReload:
             self.waited[index] = True
             if self.trace is not None:
                 self.trace.append(("wait", index))
-            if self.host.stage_slots is not None:  # a DMA into this slot follows the placement
+            if self.host.slot_of[index] is not None:  # a DMA into its slot follows the placement
                 self.stream.follow_compute()
         self._issue_up_to(min(index + 1 + self.lookahead, self.n_layers))
+
+    def whole(self) -> None:
+        """Every layer back with no forward between the waits: the same DMAs on the copy stream
+        and placements on the compute stream, which ends waiting for the last layer's (the
+        reload alone, and the serial way's reload)."""
+        self.start()
+        for index in range(self.n_layers):
+            self.before_layer(index)
 
     def _wrap_layers(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The model's forward pre-hook: its block_fn (None: the eager layer call) wrapped so

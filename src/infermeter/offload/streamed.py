@@ -15,9 +15,10 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
 The prompt's K/V (positions 0..context-1) live in host memory only; the store holds the few
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
 moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
-copy lands in a contiguous piece of the buffer (reload.slot_pieces: one per sequence and KV
-head), a DMA from pinned memory. The copies and waits go through reload.py's CopyStream: on the
-CPU the copies are synchronous (same order, no overlap), a test can pass a fake clock's.
+copy on the copy stream lands in a contiguous piece of the buffer (reload.slot_pieces: one per
+sequence and KV head), a DMA from pinned memory. The copies and waits go through reload.py's
+CopyStream: on the CPU the copies are synchronous (same order, no overlap), a test can pass a
+fake clock's.
 
 The whole cache is never on the device: the model's cache is two layer buffers from the start
 (streamed_prefill.layer_buffers), and the prompt's prefill writes each layer's K/V back to host
