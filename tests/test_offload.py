@@ -685,7 +685,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert [c["prefix_len"] for c in written.metrics["cases"]] == [8, 24]
     assert {r["way"] for r in written.metrics["break_even"]} == {"serial", "layerwise"}
     assert written.config["host_memory"] == "cpu" and written.config["prefill_chunk"] == 16
-    assert written.config["prefill"] == "eager"
+    assert written.config["prefill"] == "eager" and written.config["staging_slots"] == 2
     [traffic] = written.metrics["traffic"]
     assert (traffic["direction"], traffic["context"], traffic["same_tokens"]) == ("both", 24, True)
     assert written.config["traffic"] == ["both"] and written.config["decode_steps"] == 3

@@ -35,6 +35,7 @@ from infermeter.offload.fit import (
     on_device_refusal,
     traffic_len_for,
 )
+from infermeter.offload.reload import STAGE_SLOTS
 from infermeter.offload.request import OffloadRequest
 
 
@@ -90,6 +91,10 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "block_sizes": list(request.block_sizes),
               "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
+              # the staging slots a staged layer comes back through, placed on the compute
+              # stream (reload.py); absent from Results before 2026-12-05: one buffer, placed
+              # on the copy stream
+              "staging_slots": STAGE_SLOTS,
               "prefill": prefill_kind(generator),
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",
