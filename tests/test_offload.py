@@ -502,6 +502,59 @@ def test_a_paged_reload_puts_back_what_a_whole_reload_does(generator, block):
         assert sorted(pool) == list(range(len(pool))) and pool != sorted(pool)
 
 
+def test_a_divergence_names_where_the_tokens_part_and_how_near_the_choice_was():
+    """Two sequences of 4 tokens: the second parts at step 2, the first at step 3. The report
+    is the earliest (step 2, sequence 1), the reference's top-two gap there, and the largest
+    logit difference over steps 0-2 of every sequence (step 3's inputs already differ)."""
+    from infermeter.offload.divergence import describe, divergence
+
+    want = torch.zeros(2, 4, 5)
+    want[:, :, 1] = 1.0  # token 1 every step, by a margin of 1.0
+    want[1, 2, 3] = 0.75  # at sequence 1's step 2 the runner-up is 0.25 behind
+    got = want.clone()
+    got[1, 2, 3] = 1.25  # ... and the other way's logit there passes it: token 3
+    got[0, 3, 4] = 9.0  # far off, but after the first parting: not counted
+    got[0, 1, 0] = 0.1  # 0.1 off before it: counted
+    tokens = [[1, 1, 1, 1], [1, 1, 1, 1]]
+    parted = [[1, 1, 1, 4], [1, 1, 3, 1]]
+    assert divergence(tokens, want, tokens, got) is None
+    found = divergence(tokens, want, parted, got)
+    assert found == {"step": 2, "sequence": 1, "top2_gap": pytest.approx(0.25),
+                     "max_logit_diff": pytest.approx(0.5)}
+    assert "token 3 of sequence 1" in describe(found) and "0.25 apart" in describe(found)
+    assert divergence(tokens, None, parted, None) == {"step": 2, "sequence": 1,
+                                                      "top2_gap": None, "max_logit_diff": None}
+
+
+def test_a_way_whose_tokens_differ_is_a_warning_that_says_where(generator, monkeypatch):
+    """A reload that leaves the cache wrong (its prefix copied back from a zeroed cache) gives
+    other tokens than recompute: the case says which ways, where they part and by how much the
+    logits differed up to there (far more than rounding), each checked token's logits being what
+    its greedy choice was made from."""
+    import infermeter.offload.case as case_module
+
+    logits_seen = []
+    greedy = case_module.greedy_tokens
+
+    def keep(*args, **kwargs):
+        tokens, logits = greedy(*args, **kwargs)
+        logits_seen.append((tokens, logits))
+        return tokens, logits
+
+    monkeypatch.setattr(case_module, "greedy_tokens", keep)
+    monkeypatch.setattr(HostPrefix, "fetch_layer", lambda self, model, index, copy=None: None)
+    request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=5,
+                             repeats=1, warmup=0)
+    case, _, notes = measure_case(generator, request, PREFIX, SUFFIX)
+    assert not case["same_tokens"] and set(case["divergence"]) == {"serial", "layerwise"}
+    for found in case["divergence"].values():
+        assert found["max_logit_diff"] > 1e-2 and found["top2_gap"] >= 0
+    assert any("greedy tokens of layerwise differ from recompute's, first at token" in note
+               for note in notes)
+    for tokens, logits in logits_seen:  # [B, new, V]: each token is its logits' argmax
+        assert logits.shape[:2] == (2, 5) and logits.argmax(-1).tolist() == tokens
+
+
 def test_same_greedy_tokens_from_the_paged_copy(generator):
     request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=4,
                              repeats=1, warmup=0, block_sizes=(16, 7, 16))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infermeter.measure.timing import Stats
+from infermeter.offload.divergence import describe, divergence
 from infermeter.offload.request import WAYS, OffloadRequest
 
 # Timed items per case: the three ways and the two parts of (a) alone.
@@ -55,20 +56,34 @@ def reload_ways(generator: Any, host: Any, tail: Any, prefix: int, config: Any,
 
 
 def greedy_tokens(generator: Any, first: Callable[[], Any], config: Any,
-                  new_tokens: int) -> list[list[int]]:
+                  new_tokens: int) -> tuple[list[list[int]], Any]:
     """From a zeroed cache: `first` (a way to the first token), then greedy decode (eager: the
-    tokens compare the ways, no decode is timed); [B, new]."""
+    tokens compare the ways, no decode is timed): the tokens [B][new] and the float32 logits
+    each was chosen from [B, new, V] on the host (None where a forward's logits did not pass
+    the model's forward hook, so that they would not line up with the tokens)."""
     import dataclasses
 
     import torch
 
     decode = dataclasses.replace(config, compile=False)
-    generator.model.reset_cache()
-    state = first()
-    generated = [state.token]
-    for _ in range(new_tokens - 1):
-        generated.append(generator.decode_step(state, decode))
-    return torch.stack(generated, dim=1).tolist()
+    seen: list[torch.Tensor] = []  # per forward: its last position's logits [B, V]
+
+    def keep(module: Any, args: Any, out: Any) -> None:
+        if out.shape[1]:  # a chunked prefill's earlier chunks return no logits rows
+            seen.append(out[:, -1].float().cpu())
+
+    handle = generator.model.register_forward_hook(keep)
+    try:
+        generator.model.reset_cache()
+        state = first()
+        del seen[:-1]  # a chunked prefill's earlier forwards: only its last one chose a token
+        generated = [state.token]
+        for _ in range(new_tokens - 1):
+            generated.append(generator.decode_step(state, decode))
+    finally:
+        handle.remove()
+    logits = torch.stack(seen, dim=1) if len(seen) == new_tokens else None
+    return torch.stack(generated, dim=1).tolist(), logits
 
 
 def measure_case(generator: Any, request: OffloadRequest, prefix: int,
@@ -113,11 +128,13 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
                      f"paged{size}_layerwise": paged_layerwise})
 
     # ---- untimed check: each way from a zeroed cache, then greedy decode
-    outputs = {way: greedy_tokens(generator, first, config, request.new_tokens)
+    checked = {way: greedy_tokens(generator, first, config, request.new_tokens)
                for way, first in ways.items()}
-    differ = [way for way in outputs if outputs[way] != outputs["recompute"]]
-    notes = [f"prefix {prefix}, suffix {suffix}: greedy tokens of {', '.join(differ)} differ "
-             "from recompute's"] if differ else []
+    outputs = {way: tokens for way, (tokens, _) in checked.items()}
+    found = {way: divergence(*checked["recompute"], *checked[way]) for way in checked}
+    differ = [way for way in checked if found[way] is not None]
+    notes = [f"prefix {prefix}, suffix {suffix}: greedy tokens of {way} differ from "
+             f"recompute's, {describe(found[way])}" for way in differ]
 
     # ---- timed
     timer = time_cuda if device.type == "cuda" else time_host
@@ -140,6 +157,7 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
             "fastest": min(WAYS, key=lambda way: median[way]),
             "stats": {name: stats[name].to_dict() for name in TIMED},
             "warmup_ms": warmup_ms, "same_tokens": not set(differ) & set(WAYS),
+            "divergence": {way: found[way] for way in differ},
             "output_token_ids": outputs["recompute"]}
     if pages:
         case["paged"] = [paged_entry(size, paged, median, stats, not any(
