@@ -23,6 +23,7 @@ from infermeter.offload.job import break_evens, paged_break_evens
 from infermeter.offload.paged import PagedHostPrefix
 from infermeter.offload.reload import (
     STAGE_SLOTS,
+    CurrentStream,
     HostPrefix,
     LayerCopies,
     LayerwiseReload,
@@ -118,6 +119,10 @@ class FakeClock:
         dst.copy_(src)
         self.copies.append((dst, src))
         self.copy_end += self.copy_ms
+
+    def copy_all(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        for dst, src in zip(dsts, srcs, strict=True):
+            self.copy(dst, src)
 
     def mark(self) -> float:
         self.marks.append(self.copy_end)
@@ -259,7 +264,7 @@ class StagedHost(LayerCopies):
         self.fetch_starts: list[float] = []
         self.place_ends: list[float] = []
 
-    def fetch_layer(self, model, index, copy=None) -> None:
+    def fetch_layer(self, model, index, copies=None) -> None:
         self.events.append(("fetch", index))
         self.fetch_starts.append(self.clock.copy_end)
         self.clock.copy_end += 1.0
@@ -335,11 +340,21 @@ def test_with_ring_layers_between_them_the_staged_layers_take_both_slots_in_turn
     assert into == {0, 1}  # both slots used
 
 
-def _recording(pieces: list[tuple[torch.Tensor, torch.Tensor]]):
-    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-        pieces.append((dst, src))
+class Recording(CurrentStream):
+    """Copies on the current stream, each (dst, src) kept in `pieces`; `batches` counts the
+    copy_all calls (one a layer's blocks, K's and V's, for a paged reload)."""
+
+    def __init__(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pieces, self.batches = pieces, 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.pieces.append((dst, src))
         dst.copy_(src)
-    return copy
+
+    def copy_all(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        self.batches += 1
+        self.pieces.extend(zip(dsts, srcs))
+        super().copy_all(dsts, srcs)  # the foreach copy itself
 
 
 def _all_contiguous(pieces, stage=()) -> None:
@@ -378,7 +393,7 @@ def test_every_reload_copy_is_contiguous_to_contiguous_and_gives_the_recomputed_
                 reload.before_layer(index)
         pieces = clock.copies  # the DMAs; a staged layer's placement is on the compute stream
     else:
-        host.reload(model, copy=_recording(pieces))
+        host.reload(model, Recording(pieces))
     _all_contiguous(pieces, getattr(host, "stage", ()))
     if way != "paged":  # per layer: K and V, through the stage where the prefix leaves room
         rings = sum(cache.is_ring for cache in layer_caches(model))
@@ -491,7 +506,9 @@ def test_a_paged_reload_puts_back_what_a_whole_reload_does(generator, block):
     assert paged.copies == sum(2 * 2 * math.ceil(n / block) for n in slots)
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     model.reset_cache()
-    paged.reload(model, copy=_recording(pieces))
+    recording = Recording(pieces)
+    paged.reload(model, recording)
+    assert recording.batches == len(model.layers)  # a layer's blocks from one call
     staged = {t.untyped_storage().data_ptr() for t in paged.stage}
     from_host = [src for _, src in pieces if src.untyped_storage().data_ptr() not in staged]
     blocks = [src for src in from_host if src.dim() == 3]  # key_pos copies are 1-D
@@ -527,7 +544,7 @@ def test_a_divergence_names_where_the_tokens_part_and_how_near_the_choice_was():
 
 
 def test_a_way_whose_tokens_differ_is_a_warning_that_says_where(generator, monkeypatch):
-    """A reload that leaves the cache wrong (its prefix copied back from a zeroed cache) gives
+    """A reload that leaves the cache wrong (its DMAs replaced by zeroing the staging) gives
     other tokens than recompute: the case says which ways, where they part and by how much the
     logits differed up to there (far more than rounding), each checked token's logits being what
     its greedy choice was made from."""
@@ -542,7 +559,11 @@ def test_a_way_whose_tokens_differ_is_a_warning_that_says_where(generator, monke
         return tokens, logits
 
     monkeypatch.setattr(case_module, "greedy_tokens", keep)
-    monkeypatch.setattr(HostPrefix, "fetch_layer", lambda self, model, index, copy=None: None)
+    def fetch_nothing(self, model, index, copies=None) -> None:  # staging left zero
+        for staging in self.stage:
+            staging.zero_()
+
+    monkeypatch.setattr(HostPrefix, "fetch_layer", fetch_nothing)
     request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=5,
                              repeats=1, warmup=0)
     case, _, notes = measure_case(generator, request, PREFIX, SUFFIX)

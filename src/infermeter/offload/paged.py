@@ -32,8 +32,10 @@ from torch import Tensor
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
 from infermeter.offload.reload import (
+    CURRENT,
     STAGE_SLOTS,
     Copy,
+    CopyStream,
     LayerCopies,
     check_prefix_fits,
     copy_piece,
@@ -50,6 +52,8 @@ class PagedLayer:
     blocks: list[tuple[int, int, int, int]]  # (sequence, first slot, end slot, pool slot)
     key_pos: Tensor | None  # [S_layer] int64, a ring layer's only (pinned on a GPU too)
     slots: int  # n: the layer's slots the prefix fills
+    # its DMAs, made once: (staging views, pool blocks), each [H_kv, block, D], K's then V's
+    pieces: tuple[list[Tensor], list[Tensor]]
 
 
 class PagedHostPrefix(LayerCopies):
@@ -87,7 +91,13 @@ class PagedHostPrefix(LayerCopies):
                 k[slot, :, :end - start].copy_(cache.k[b, :, start:end])
                 v[slot, :, :end - start].copy_(cache.v[b, :, start:end])
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
-            self.layers.append(PagedLayer(k, v, blocks, key_pos, n))
+            slot = 2 * self.slot_of[len(self.layers)]
+            pieces: tuple[list[Tensor], list[Tensor]] = ([], [])
+            for pool, staging in ((k, self.stage[slot]), (v, self.stage[slot + 1])):
+                for b, start, _, at in blocks:
+                    pieces[0].append(staging[b, start // block_size])
+                    pieces[1].append(pool[at])
+            self.layers.append(PagedLayer(k, v, blocks, key_pos, n, pieces))
 
     @property
     def nbytes(self) -> int:
@@ -106,16 +116,15 @@ class PagedHostPrefix(LayerCopies):
         first = 2 * self.slot_of[index]
         return [(layer.k, cache.k, self.stage[first]), (layer.v, cache.v, self.stage[first + 1])]
 
-    def fetch_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
-        """Layer `index`'s DMAs by `copy` (default: on the current stream, async from pinned
-        memory): each block of K and of V into its staging slot, contiguous on both sides; a
-        ring layer's key_pos straight into the cache."""
+    def fetch_layer(self, model: Transformer, index: int,
+                    copies: CopyStream = CURRENT) -> None:
+        """Layer `index`'s DMAs on `copies` (default: the current stream, async from pinned
+        memory), issued from one call: each block of K and of V into its staging slot,
+        contiguous on both sides; a ring layer's key_pos straight into the cache."""
         layer = self.layers[index]
-        for pool, _, stage in self._pools(model, index):
-            for b, start, _, slot in layer.blocks:
-                copy(stage[b, start // self.block_size], pool[slot])  # [H_kv, block, D]
+        copies.copy_all(*layer.pieces)
         if layer.key_pos is not None:
-            copy(layer_caches(model)[index].key_pos, layer.key_pos)
+            copies.copy(layer_caches(model)[index].key_pos, layer.key_pos)
 
     def place_layer(self, model: Transformer, index: int, copy: Copy = copy_piece) -> None:
         """Layer `index`'s staged slots into the cache (device to device), after its fetch."""
