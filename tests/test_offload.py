@@ -537,10 +537,17 @@ def test_a_divergence_names_where_the_tokens_part_and_how_near_the_choice_was():
     assert divergence(tokens, want, tokens, got) is None
     found = divergence(tokens, want, parted, got)
     assert found == {"step": 2, "sequence": 1, "top2_gap": pytest.approx(0.25),
-                     "max_logit_diff": pytest.approx(0.5)}
+                     "max_logit_diff": pytest.approx(0.5), "finite": True}
     assert "token 3 of sequence 1" in describe(found) and "0.25 apart" in describe(found)
-    assert divergence(tokens, None, parted, None) == {"step": 2, "sequence": 1,
-                                                      "top2_gap": None, "max_logit_diff": None}
+    assert divergence(tokens, None, parted, None) == {
+        "step": 2, "sequence": 1, "top2_gap": None, "max_logit_diff": None, "finite": True}
+    # a NaN logit (a cache of garbage): no NaN in the Result, whose JSON refuses it
+    got[0, 0, 2] = float("nan")
+    broken = divergence(tokens, want, parted, got)
+    assert broken["max_logit_diff"] is None and broken["finite"] is False
+    assert broken["top2_gap"] == pytest.approx(0.25)
+    json.dumps(broken, allow_nan=False)
+    assert "not all finite" in describe(broken)
 
 
 def test_a_way_whose_tokens_differ_is_a_warning_that_says_where(generator, monkeypatch):
@@ -681,6 +688,31 @@ def test_the_paged_staging_buffer_is_counted_on_the_device(monkeypatch):
         check_sizes_fit(spec, request, cuda, "bf16", "bf16")
 
 
+def test_a_paged_copys_views_are_counted_in_host_memory(monkeypatch):
+    """A paged reload keeps two views per block of K and of V, every layer (paged.py): in blocks
+    of 1 a 32k prefix of Llama-3.1-8B is 2 x 2 x 32,768 x 32 views, about 4 GiB at VIEW_BYTES
+    (a view's real size or more), which the host check counts with the rest."""
+    from infermeter.offload.fit import VIEW_BYTES, check_sizes_fit
+    from infermeter.offload.paged import PagedHostPrefix
+
+    spec = PRESETS["llama-3.1-8b"]
+    seen: list[dict[str, int]] = []
+    monkeypatch.setattr("infermeter.offload.fit.check_fit",
+                        lambda what, parts, *rest: seen.append(dict(parts)))
+    request = OffloadRequest("llama-3.1-8b", prefix_lens=(32768,), suffix_lens=(128,),
+                             new_tokens=1, block_sizes=(1, 256))
+    check_sizes_fit(spec, request, torch.device("cpu"), "bf16", "bf16")
+    host = seen[0]  # on the CPU host and device are one memory: one check holds every part
+    assert host["paged copy views, blocks of 1"] == 2 * 2 * 32768 * 32 * VIEW_BYTES
+    assert host["paged copy views, blocks of 256"] == 2 * 2 * 128 * 32 * VIEW_BYTES
+    # the views a small paged copy really holds: two per block of K and of V, every layer
+    model = build_model(DEBUG, device="cpu", seed=0)
+    model.setup_cache(2, PREFIX + SUFFIX)
+    paged = PagedHostPrefix(model, PREFIX, 7)
+    held = sum(len(dsts) + len(srcs) for dsts, srcs in (layer.pieces for layer in paged.layers))
+    assert held == 2 * 2 * 2 * 3 * DEBUG.n_layers  # B = 2, 3 blocks of 7 for 20 tokens
+
+
 @pytest.mark.parametrize("field, value, says", [
     ("prefix_lens", (), "at least one length"), ("suffix_lens", (4, 0), "positive"),
     ("prefix_lens", (8, -1), "positive"), ("traffic", ("up",), "unknown direction"),
@@ -760,6 +792,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert {r["way"] for r in written.metrics["break_even"]} == {"serial", "layerwise"}
     assert written.config["host_memory"] == "cpu" and written.config["prefill_chunk"] == 16
     assert written.config["prefill"] == "eager" and written.config["staging_slots"] == 2
+    assert written.config["paged_copy_issue"] == "one call a layer"
     [traffic] = written.metrics["traffic"]
     assert (traffic["direction"], traffic["context"], traffic["same_tokens"]) == ("both", 24, True)
     assert written.config["traffic"] == ["both"] and written.config["decode_steps"] == 3

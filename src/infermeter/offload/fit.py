@@ -13,6 +13,10 @@ from infermeter.measure.fit import check_fit, free_memory
 from infermeter.offload.request import OffloadRequest
 from infermeter.specs.sizes import cache_length
 
+# host memory one tensor view takes (its Python object and TensorImpl): about 600 bytes with
+# torch 2.13 on x86-64, rounded up
+VIEW_BYTES = 1024
+
 
 def cache_len_for(spec: Any, request: OffloadRequest, prefix: int, suffix: int) -> int:
     """The case's cache length; one error line when prefix + suffix + checked tokens do not fit
@@ -64,6 +68,10 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
         blocks = -(-max(request.prefix_lens) // size)
         host_parts[f"paged prefix KV, blocks of {size}"] = kv_cache_bytes(
             spec, request.batch_size, blocks * size, kv_dtype)
+        # its DMAs' views, made once (paged.py): a staging view and a pool block per block of
+        # K and of V, every layer; at blocks of 1 over a long prefix they run to gigabytes
+        host_parts[f"paged copy views, blocks of {size}"] = (
+            2 * 2 * request.batch_size * blocks * spec.n_layers * VIEW_BYTES)
         # its device staging slots (paged.py): a full-attention layer's blocks, K and V, each
         device_parts[f"paged reload staging, blocks of {size}"] = (
             STAGE_SLOTS * request.batch_size * blocks * size

@@ -92,9 +92,10 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "repeats": request.repeats, "warmup": request.warmup, "seed": request.seed,
               "host_memory": "pinned" if device.type == "cuda" else "cpu",
               # the staging slots a staged layer comes back through, placed on the compute
-              # stream (reload.py); absent from Results before 2026-12-05: one buffer, placed
-              # on the copy stream
+              # stream (reload.py); absent from older Results: one buffer, on the copy stream
               "staging_slots": STAGE_SLOTS,
+              # how a paged reload issues its block DMAs (paged.py); older: one Python call each
+              "paged_copy_issue": "one call a layer",
               "prefill": prefill_kind(generator),
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",

@@ -70,8 +70,8 @@ def copy_piece(dst: Tensor, src: Tensor) -> None:
 
 def copy_pieces(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """One copy per pair on the current stream, issued from one call: torch's foreach copy
-    loops in C++, so a paged reload's thousands of block DMAs cost the host a fraction of a
-    Python loop's time (each copy_ from Python is tens of microseconds of host time)."""
+    loops over the pairs in C++ (each still a copy_ with its dispatch), so a paged reload's
+    thousands of block DMAs skip the Python loop's cost; how much that saves a GPU measures."""
     torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 
@@ -149,7 +149,8 @@ class CudaCopyStream:
 
 class CurrentStream:
     """Copies on the current stream, nothing to wait for: on the CPU a copy is done when it
-    returns; on a GPU they are queued in order with the compute (the serial way's reload)."""
+    returns (the CPU's copy stream); on a GPU they are queued in order with the compute
+    (LayerCopies.reload's default: the cache filled before the timed runs)."""
 
     def follow_compute(self) -> None:
         pass
