@@ -121,6 +121,9 @@ def summary(results: list[Result]) -> str:
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
+        recorded = [label(kind, "recorded") for kind in KINDS]
+        if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
+            lines.append(ab_line(name, kinds, *recorded))
         for kind in KINDS:  # where the recorded step ran too
             if label(kind, "recorded") in kinds:
                 lines.append(ab_line(name, kinds, kind, label(kind, "recorded")))

@@ -253,6 +253,8 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
     assert "debug: fused / split TPOT" in text and "kernels/step" in text, text
     assert "debug: split/recorded / split TPOT" in text, text
     assert "debug: fused/recorded / fused TPOT" in text, text
+    # both kernels in the recorded step: the kernels' own A/B, no replay difference in it
+    assert "debug: fused/recorded / split/recorded TPOT" in text, text
     results[1].metrics["breakdown"] = {"step_gaps": {"median_of_steps": {"kernels": 123,
                                                                          "gaps_ms": 0.25}}}
     fused_row = next(line for line in script.summary(results).splitlines()
