@@ -855,6 +855,39 @@ def test_on_cuda_every_way_gives_recomputes_tokens_through_the_compiled_layers(s
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lookahead", [None, 1])
+def test_on_cuda_a_gemma_like_reload_through_both_slots_gives_the_prefills_cache(lookahead):
+    """On a GPU, where the DMAs run on a side stream and the placements on the compute stream:
+    window layers (0, 2, 4) straight in, the full ones through the two staging slots in turn,
+    the reload alone (whole) and (b) under a compiled-layer forward; the cache afterwards is
+    the prefix's prefill's bit for bit, and (b)'s first token is recompute's."""
+    spec = DEBUG.with_updates(name="debug-gemma-like", n_layers=6, sliding_window=12,
+                              sliding_window_layers=(0, 2, 4))
+    gen = _cuda_generator(spec, compile_prefill=True)
+    compiled = GenerationConfig(max_new_tokens=1, compile=True)
+    tokens = _tokens().cuda()
+    gen.prepare(2, PREFIX + SUFFIX, 1)
+    gen.prefill(tokens[:, :PREFIX], compiled)
+    want = [(c.k.clone(), c.v.clone(), c.key_pos.clone()) for c in layer_caches(gen.model)]
+    host = HostPrefix(gen.model, PREFIX)
+    assert host.slot_of == [None, 0, None, 1, None, 0]
+    gen.model.reset_cache()
+    reload = LayerwiseReload(gen.model, host, lookahead)
+    reload.whole()
+    torch.cuda.synchronize()
+    for (k, v, key_pos), cache in zip(want, layer_caches(gen.model)):
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+        assert torch.equal(cache.key_pos, key_pos)
+    gen.model.reset_cache()
+    recomputed = gen.prefill(tokens, compiled).token
+    gen.model.reset_cache()
+    with reload:
+        reload.start()
+        got = gen.prefill(tokens[:, PREFIX:], compiled, start=PREFIX).token
+    assert torch.equal(got, recomputed)
+
+
+@pytest.mark.gpu
 def test_on_cuda_the_layerwise_reload_gives_the_recomputed_logits():
     gen = _cuda_generator(compile_prefill=True)
     compiled = GenerationConfig(max_new_tokens=1, compile=True)
