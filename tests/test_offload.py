@@ -23,13 +23,13 @@ from infermeter.offload.job import break_evens, paged_break_evens
 from infermeter.offload.paged import PagedHostPrefix
 from infermeter.offload.reload import (
     STAGE_SLOTS,
-    CurrentStream,
     HostPrefix,
     LayerCopies,
     LayerwiseReload,
     layer_caches,
 )
 from infermeter.offload.request import OffloadRequest
+from infermeter.offload.streams import CurrentStream
 from infermeter.offload.table import render_offload
 from infermeter.offload.traffic import CopyTraffic, decode_under_traffic
 from infermeter.specs.presets import PRESETS

@@ -31,15 +31,12 @@ from torch import Tensor
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import (
+from infermeter.offload.reload import STAGE_SLOTS, LayerCopies, check_prefix_fits, layer_caches
+from infermeter.offload.streams import (
     CURRENT,
-    STAGE_SLOTS,
     Copy,
     CopyStream,
-    LayerCopies,
-    check_prefix_fits,
     copy_piece,
-    layer_caches,
     pinned_like,
     pins_for,
 )

@@ -15,8 +15,8 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
 The prompt's K/V (positions 0..context-1) live in host memory only; the store holds the few
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
 moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
-copy on the copy stream lands in a contiguous piece of the buffer (reload.slot_pieces: one per
-sequence and KV head), a DMA from pinned memory. The copies and waits go through reload.py's
+copy on the copy stream lands in a contiguous piece of the buffer (streams.slot_pieces: one per
+sequence and KV head), a DMA from pinned memory. The copies and waits go through streams.py's
 CopyStream: on the CPU the copies are synchronous (same order, no overlap), a test can pass a
 fake clock's.
 
@@ -43,8 +43,8 @@ import torch
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import CopyStream, Trace, copy_stream_for, slot_pieces
 from infermeter.offload.streamed_prefill import LAYER_BUFFERS, shared_buffers
+from infermeter.offload.streams import CopyStream, Trace, copy_stream_for, slot_pieces
 
 
 class StreamedDecode:

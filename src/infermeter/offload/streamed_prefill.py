@@ -12,8 +12,8 @@ Generator's prefill_chunk, eager):
 - before layer i + 2 attends (and writes the buffer), the compute stream waits for that mark:
   the copy out of the buffer is done and the buffer holds what the chunk attends over.
 The mirror image of the decode's streaming (streamed.py): the copy stream writes one buffer
-back while the other is computed in. Every copy is one contiguous piece (reload.slot_pieces:
-one per sequence and KV head), a DMA to or from pinned memory, through reload.py's CopyStream
+back while the other is computed in. Every copy is one contiguous piece (streams.slot_pieces:
+one per sequence and KV head), a DMA to or from pinned memory, through streams.py's CopyStream
 (CUDA's, the CPU's synchronous one, or a test's fake clock). When the prefill is done the compute
 stream waits for the last write-back, so the host cache is whole for whoever streams it next.
 
@@ -34,7 +34,7 @@ from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.model import Transformer
 from infermeter.engine.recorded_forward import recording
 from infermeter.errors import InfermeterError
-from infermeter.offload.reload import (
+from infermeter.offload.streams import (
     CopyStream,
     Trace,
     copy_stream_for,
