@@ -88,9 +88,8 @@ class PagedHostPrefix(LayerCopies):
                 k[slot, :, :end - start].copy_(cache.k[b, :, start:end])
                 v[slot, :, :end - start].copy_(cache.v[b, :, start:end])
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
-            slot = 2 * self.slot_of[len(self.layers)]
             pieces: tuple[list[Tensor], list[Tensor]] = ([], [])
-            for pool, staging in ((k, self.stage[slot]), (v, self.stage[slot + 1])):
+            for pool, staging in zip((k, v), self._staging(len(self.layers))):
                 for b, start, _, at in blocks:
                     pieces[0].append(staging[b, start // block_size])
                     pieces[1].append(pool[at])
@@ -110,8 +109,13 @@ class PagedHostPrefix(LayerCopies):
     def _pools(self, model: Transformer, index: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Layer `index`'s (host pool, cache, staging slot) for K, then for V."""
         cache, layer = layer_caches(model)[index], self.layers[index]
+        k_stage, v_stage = self._staging(index)
+        return [(layer.k, cache.k, k_stage), (layer.v, cache.v, v_stage)]
+
+    def _staging(self, index: int) -> tuple[Tensor, Tensor]:
+        """Layer `index`'s staging slot: its K and V buffers [B, blocks, H_kv, block, D]."""
         first = 2 * self.slot_of[index]
-        return [(layer.k, cache.k, self.stage[first]), (layer.v, cache.v, self.stage[first + 1])]
+        return self.stage[first], self.stage[first + 1]
 
     def fetch_layer(self, model: Transformer, index: int,
                     copies: CopyStream = CURRENT) -> None:

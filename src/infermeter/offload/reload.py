@@ -138,17 +138,18 @@ class HostPrefix(LayerCopies):
         pin = pins_for(caches[0].k.device)
         self.layers: list[LayerKV] = []
         self.slot_of = []
+        staged: list[int] = []  # the staged layers' K sizes, in order
         for cache in caches:
             n = min(prefix_len, cache.size)
             # [B, H_kv, n, D], contiguous: one DMA's source
             k, v = (pinned_like(t[:, :, :n], pin) for t in (cache.k, cache.v))
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             self.layers.append(LayerKV(k, v, key_pos))
-            staging = n < cache.size  # the cache also holds the suffix: strided slots
-            self.slot_of.append(sum(s is not None for s in self.slot_of) % STAGE_SLOTS
-                                if staging else None)
-        staged = [layer.k.numel() for layer, slot in zip(self.layers, self.slot_of)
-                  if slot is not None]
+            if n < cache.size:  # the cache also holds the suffix: strided slots, staged
+                self.slot_of.append(len(staged) % STAGE_SLOTS)
+                staged.append(k.numel())
+            else:
+                self.slot_of.append(None)
         first = caches[0].k
         self.stage: tuple[Tensor, ...] = tuple(
             torch.empty(max(staged), dtype=first.dtype, device=first.device)
