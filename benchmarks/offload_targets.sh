@@ -31,5 +31,6 @@ case "$1" in
       --traffic d2h h2d both --traffic-method dma mapped --repeats 5 ;;
   decode)
     python3 -m infermeter offload "${model[@]}" --prefix-len 32768 --suffix-len 128 \
-      --offloaded-decode --context 32768 --repeats 3 ;;
+      --offloaded-decode --context 32768 --repeats 3 \
+      --trace "${2:-results}/traces-offload-decode-$slug" ;;
 esac

@@ -132,6 +132,30 @@ def test_offloaded_decode_from_two_layer_buffers_gives_the_ordinary_tokens(chunk
     assert clock.copies and all(_storage(src) in held for _, src in clock.copies)
 
 
+def test_a_steps_copies_alone_stream_every_layer_in_order_through_the_two_buffers():
+    """copies_alone: one step's copies with no forward, layer after layer; afterwards each
+    buffer holds the prompt K/V of the last layer streamed into it (layers 3 and 4 of 5), and
+    the decode that follows still gives the ordinary tokens (step_at streams its own)."""
+    gen = _generator()
+    tokens = _tokens()
+    _, want_tokens, _ = _ordinary(gen, tokens)
+    gen.model.drop_cache()
+    _buffers(gen)
+    with StreamedPrefill(gen.model, CONTEXT) as prefill:
+        state = gen.prefill(tokens, CONFIG)
+    trace: list[tuple[str, int]] = []
+    with StreamedDecode(gen.model, prefill.host, trace=trace) as streamed:
+        streamed.copies_alone()
+        assert trace == [("copy", i) for i in range(5)]
+        for layer, buffer in ((4, streamed.buffers[0]), (3, streamed.buffers[1])):
+            k, v = prefill.host[layer]
+            assert torch.equal(buffer.k[:, :, :CONTEXT], k)
+            assert torch.equal(buffer.v[:, :, :CONTEXT], v)
+        windows = DecodeWindows(gen, state, CONFIG, STEPS)
+        windows.run(streamed.step_at)
+    assert windows.outputs == [want_tokens]
+
+
 def test_a_model_with_a_sliding_window_layer_gets_no_layer_buffers():
     for layers, says in ((5, "cannot share 2 KV caches"), (2, "sliding-window layers")):
         window = DEBUG.with_updates(name="debug-window", sliding_window=12, n_layers=layers,
@@ -340,6 +364,36 @@ def test_measure_offloaded_decode_gives_the_on_device_tokens(monkeypatch):
     assert metrics["same_tokens"] is True, notes
     assert len(samples["on_device"]) == len(samples["streamed"]) == 1
     assert all(layer.attention.kv_cache is None for layer in gen.model.layers)
+    # a step's copies alone: timed beside the step, their GB/s from the same bytes
+    (copies,) = samples["copies_alone"]
+    assert metrics["copies_alone_ms"] == copies > 0
+    assert metrics["copies_gbps"] == pytest.approx(metrics["bytes_per_step"] / copies / 1e6)
+    assert metrics["pct_of_copies"] == pytest.approx(100 * copies / metrics["tpot_ms"])
+    assert metrics["trace"] is None
+    assert "a step's copies alone" in render_offloaded(metrics)
+
+
+def test_trace_profiles_a_few_offloaded_decode_steps(tmp_path):
+    gen = _generator()
+    folder = tmp_path / "trace"
+    request = OffloadRequest("random:debug", (8,), (4,), batch_size=2, context=CONTEXT,
+                             decode_steps=STEPS, repeats=1, warmup=0, offloaded_decode=True,
+                             trace=str(folder))
+    metrics, _, _ = measure_offloaded_decode(gen, request)
+    path = folder / "trace-rank0.json"
+    assert metrics["trace"] == str(path)
+    data = json.loads(path.read_text())
+    assert data["infermeter"] == {"offloaded_decode": True} and data["traceEvents"]
+    assert f"profiler trace: {path}" in render_offloaded(metrics)
+
+
+def test_trace_without_the_offloaded_decode_is_one_error_line(tmp_path):
+    done = run_cli("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "8",
+                   "--trace", str(tmp_path / "t"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("infermeter: error: --trace profiles the offloaded decode: "
+                                   "give --offloaded-decode too")
+    assert not (tmp_path / "t").exists()
 
 
 # ---- on a GPU: the copy stream, pinned memory ---------------------------------------------------

@@ -72,6 +72,9 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                          "longest --prefix-len)")
     traffic.add_argument("--decode-steps", type=positive_int, metavar="N",
                          help="decode steps a timed window (default 32)")
+    traffic.add_argument("--trace", metavar="DIR",
+                         help="with --offloaded-decode: write a profiler trace of a few of its "
+                         "steps to DIR/trace-rank0.json (read it with `infermeter trace`)")
     add_output_flags(p)
     p.set_defaults(handler=_run_offload)
 
@@ -79,6 +82,7 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
 def _run_offload(args: argparse.Namespace) -> int:
     from infermeter.measure.env import capture_env
     from infermeter.measure.result import append_jsonl, check_output
+    from infermeter.measure.trace import make_trace_dir
     from infermeter.offload.job import run_offload
     from infermeter.offload.request import OffloadRequest
     from infermeter.offload.table import render_offload
@@ -103,7 +107,9 @@ def _run_offload(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         traffic=tuple(args.traffic or ()), traffic_methods=tuple(args.traffic_method or ()),
         context=args.context, decode_steps=args.decode_steps or OffloadRequest.decode_steps,
-        offloaded_decode=args.offloaded_decode)
+        offloaded_decode=args.offloaded_decode, trace=args.trace)
+    if request.trace:  # a folder that cannot be one fails before anything is measured
+        make_trace_dir(request.trace)
     result = run_offload(request, capture_env())
     if args.output:
         append_jsonl(args.output, [result])

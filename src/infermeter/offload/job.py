@@ -38,6 +38,8 @@ from infermeter.offload.fit import (
 from infermeter.offload.reload import STAGE_SLOTS
 from infermeter.offload.request import OffloadRequest
 
+TRACED_STEPS = 4  # --trace: the offloaded decode's steps profiled, after the timed windows
+
 
 def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     """Check, load, measure every (suffix, prefix) case; one `offload` Result."""
@@ -196,6 +198,14 @@ def measure_traffic(generator: Any, request: OffloadRequest, methods: tuple[str,
     return entries, samples, notes
 
 
+def _time(fn: Any, request: OffloadRequest, device: Any) -> list[float]:
+    """Samples in ms of fn() (CUDA events on a GPU, the host clock on the CPU)."""
+    from infermeter.measure.timing import time_cuda, time_host
+
+    timer = time_cuda if device.type == "cuda" else time_host
+    return timer(fn, request.repeats, max(request.warmup, 1))[0]
+
+
 def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                              refusal: str | None = None
                              ) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
@@ -208,6 +218,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
 
     from infermeter.engine.dtypes import torch_dtype
     from infermeter.engine.generator import GenerationConfig
+    from infermeter.measure.trace import profile_to, trace_path
     from infermeter.offload.streamed import StreamedDecode
     from infermeter.offload.streamed_prefill import StreamedPrefill, layer_buffers
     from infermeter.offload.traffic import CopyTraffic, copy_alone_gbps
@@ -248,6 +259,11 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                 samples["streamed"] = [windows.run(streamed.step_at) / steps
                                        for _ in range(request.repeats)]
                 per_step = streamed.bytes_per_step
+                samples["copies_alone"] = _time(streamed.copies_alone, request, device)
+                if request.trace:  # a short window, after the timed ones
+                    traced = DecodeWindows(generator, state, config, TRACED_STEPS)
+                    with profile_to(trace_path(request.trace), {"offloaded_decode": True}):
+                        traced.run(streamed.step_at)
         finally:
             model.drop_cache()
         streamed_out = windows.outputs
@@ -255,6 +271,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
         link = copy_alone_gbps(CopyTraffic(device), "h2d")
     stats = {name: Stats.of(values) for name, values in samples.items()}
     tpot = stats["streamed"].median
+    copies = stats["copies_alone"].median
     on_device = stats["on_device"].median if "on_device" in stats else None
     bound = request.batch_size * link * 1e9 / per_step if per_step else None
     tok_per_s = request.batch_size * 1e3 / tpot
@@ -273,5 +290,13 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                "on_device_tok_per_s": None if on_device is None
                else request.batch_size * 1e3 / on_device,
                "bytes_per_step": per_step, "link_gbps": link, "bound_tok_per_s": bound,
-               "pct_of_bound": 100 * tok_per_s / bound if bound else None, "same_tokens": same}
+               "pct_of_bound": 100 * tok_per_s / bound if bound else None,
+               # a step's copies with no forward, same pieces and buffers: what the layout
+               # and host memory cost against the link (copies_gbps), and what the overlap with
+               # the forward costs against them (pct_of_copies)
+               "copies_alone_ms": copies, "copies_alone_stats": stats["copies_alone"].to_dict(),
+               "copies_gbps": per_step / copies / 1e6 if copies else None,
+               "pct_of_copies": 100 * copies / tpot if tpot else None,
+               "trace": str(trace_path(request.trace)) if request.trace else None,
+               "same_tokens": same}
     return metrics, samples, notes

@@ -36,6 +36,7 @@ class OffloadRequest:
     context: int | None = None  # tokens in the cache when the decode starts (None: longest prefix)
     decode_steps: int = 32  # decode steps a timed window
     offloaded_decode: bool = False  # also decode with the KV cache streamed from host memory
+    trace: str | None = None  # a folder: a profiler trace of a few offloaded decode steps
 
     def __post_init__(self) -> None:
         for name in ("prefix_lens", "suffix_lens"):
@@ -70,6 +71,9 @@ class OffloadRequest:
                                   "are those of the decode-under-traffic copies)")
         object.__setattr__(self, "traffic_methods", tuple(
             m for m in TRAFFIC_METHODS if m in self.traffic_methods))
+        if self.trace and not self.offloaded_decode:
+            raise InfermeterError("--trace profiles the offloaded decode: give "
+                                  "--offloaded-decode too")
         if any(not isinstance(n, int) or n < 1 for n in self.block_sizes):
             raise InfermeterError(f"--block-size: sizes must be positive integers, got "
                                   f"{list(self.block_sizes)}")

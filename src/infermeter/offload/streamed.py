@@ -103,6 +103,20 @@ class StreamedDecode:
         for index in range(LAYER_BUFFERS):
             self._stream_in(index)
 
+    def copies_alone(self) -> None:
+        """One step's copies with no forward: every layer's prompt K/V streamed in turn through
+        the two buffers, the compute stream then waiting for the last. The copy stream runs
+        them in order, so a buffer's refill follows the copies before it. Timed by the caller
+        (job.py): the floor the copies set in this layout, beside the link's bound; the step's
+        time above it is what the overlap with the forward costs. The buffers then hold the
+        last layers' prompt K/V: the next step_at() streams its own."""
+        layers = len(self.model.layers)
+        self.events, self.issued = [None] * layers, [False] * layers
+        self.stream.follow_compute()
+        for index in range(layers):
+            self._stream_in(index)
+        self.stream.wait(self.events[-1])
+
     def _stream_in(self, index: int) -> None:
         buffer, host = self.buffers[index % LAYER_BUFFERS], self.host[index]
         for held, cache in zip(host, (buffer.k, buffer.v)):

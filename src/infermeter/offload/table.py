@@ -90,8 +90,15 @@ def render_offloaded(entry: dict[str, Any]) -> str:
             f"{format_bytes(entry['bytes_per_step'])} streamed a step at "
             f"{entry['link_gbps']:.1f} GB/s host-to-device (measured alone); eager both ways; "
             f"same tokens: {SAME[entry['same_tokens']]}")
-    return "\n".join([head, render_table(["decode", "TPOT ms", "tokens/s", "link bound"],
-                                          rows)])
+    copies = entry.get("copies_alone_ms")  # absent from older Results
+    if copies is not None:
+        rows.append(["a step's copies alone", _ms(copies), "-",
+                     f"{entry['copies_gbps']:.1f} GB/s; the step at {entry['pct_of_copies']:.0f}%"
+                     " of them"])
+    lines = [head, render_table(["decode", "TPOT ms", "tokens/s", "link bound"], rows)]
+    if entry.get("trace"):
+        lines.append(f"profiler trace: {entry['trace']}")
+    return "\n".join(lines)
 
 
 def render_paged(metrics: dict[str, Any]) -> str:
