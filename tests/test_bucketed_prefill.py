@@ -334,8 +334,10 @@ def test_the_fit_check_counts_the_padded_forward():
     assert acts(prefill="exact") == ffn + 6 * spec.vocab_size
     hf = case_memory(spec, 1, 600, 1024, "fp16", "fp16", "hf")["prefill activations"]
     assert hf == ffn + 6 * 600 * spec.vocab_size
-    # the exact compiled prefill's layer replays keep two [B, T, dim] buffers; bucketed none
-    exact = case_memory(spec, 1, 600, 1024, "fp16", "fp16", "compiled", prefill="exact")
+    # the exact compiled prefill's layer replays (--compile-prefill) keep two [B, T, dim]
+    # buffers; bucketed none
+    exact = case_memory(spec, 1, 600, 1024, "fp16", "fp16", "compiled", prefill="exact",
+                        compile_prefill=True)
     assert exact["prefill layer buffers"] == 2 * 600 * spec.dim * 2
     assert "prefill layer buffers" not in case_memory(spec, 1, 600, 1024, "fp16", "fp16",
                                                       "compiled", prefill="bucketed")

@@ -34,8 +34,8 @@ def _generator(monkeypatch, replays: bool, spec=SPEC) -> Generator:
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK, compile_prefill=True,
                     bucketed_prefill=False)
     gen.test_replays = replays
-    monkeypatch.setattr(Generator, "replays_layers",
-                        property(lambda self: getattr(self, "test_replays", False)))
+    monkeypatch.setattr(Generator, "replays_prefill", lambda self, compiled, forward_len:
+                        compiled and getattr(self, "test_replays", False))
     monkeypatch.setattr(Generator, "_block_fn", lambda self: _block_step)
     return gen
 
@@ -57,7 +57,7 @@ def test_replayed_layers_give_the_layer_loop_s_logits_and_cache(monkeypatch, nam
     runs = []
     plain = _generator(monkeypatch, replays=False, spec=SPECS[name])
     replayed = _generator(monkeypatch, replays=True, spec=SPECS[name])
-    assert not plain.replays_layers and replayed.replays_layers
+    assert not plain.replays_prefill(True, CHUNK) and replayed.replays_prefill(True, CHUNK)
     spec = SPECS[name]
     real = replayed.layer_replays.recorded.run
 
@@ -97,11 +97,11 @@ def test_the_generator_replays_only_where_graphs_can_run():
     rank, a prefill without host syncs."""
     model = build_model(SPEC, device="cpu", dtype=torch.float32, seed=3)
     gen = Generator(model, max_seq_len=CACHE, compile_prefill=True, bucketed_prefill=False)
-    assert not gen.replays_layers  # a CPU
+    assert not gen.replays_prefill(True, CHUNK)  # a CPU
     gen.device = torch.device("cuda")  # the rule, not a run: nothing is allocated on it
-    assert gen.replays_layers
+    assert gen.replays_prefill(True, CHUNK)
     model.tp_collectives = object()
-    assert not gen.replays_layers
+    assert not gen.replays_prefill(True, CHUNK)
     model.tp_collectives = None
     assert generator_module.prefills_without_sync(model)
 
@@ -160,7 +160,7 @@ def test_on_cuda_replayed_layers_give_the_eager_prefill():
     model = build_model(SPEC, device="cuda", dtype=torch.float32, seed=3)
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK, compile_prefill=True,
                     bucketed_prefill=False)
-    assert gen.replays_layers
+    assert gen.replays_prefill(True, CHUNK)
     tokens = _prompt(73).cuda()  # chunks 24, 24, 24 and a one-token last
     def prefill(start: int, compile: bool) -> torch.Tensor:
         gen.prepare(2, 73, 4)

@@ -60,7 +60,7 @@ from infermeter.engine.chunk_attention import (
 )
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
-from infermeter.engine.layer_replays import LayerReplays
+from infermeter.engine.layer_replays import LayerReplays, replays_prefill_layers
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.moe import prefills_without_sync
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
@@ -326,13 +326,17 @@ class Generator:
         outputs are computed and discarded with the pads' rows)."""
         return self._bucketed_asked and prefills_without_sync(self.model)
 
-    @property
-    def replays_layers(self) -> bool:
-        """Whether the exact compiled prefill replays each layer as a CUDA graph (layer_replays.py):
-        on a GPU, one rank (tensor parallelism's all-reduces sit in the layers' hooks), and a
-        model whose prefill has no host sync (as the bucketed graphs)."""
-        return self.device.type == "cuda" and self.model.tp_collectives is None \
-            and prefills_without_sync(self.model)
+    def replays_prefill(self, compiled: bool, forward_len: int) -> bool:
+        """Whether a prefill (compiled or not) of forwards forward_len tokens long replays each
+        layer as a CUDA graph: layer_replays.replays_prefill_layers, the rule generate's fit
+        check counts the replays' buffers by (the exact prefill through compile_prefill, on a
+        GPU, one rank, a model whose prefill has no host sync). Asked each prefill, as
+        bucketed_prefill."""
+        return replays_prefill_layers(
+            compiled=compiled, bucketed=compiled and self.bucketed_prefill,
+            compile_prefill=self.compile_prefill, forward_len=forward_len,
+            on_gpu=self.device.type == "cuda", one_rank=self.model.tp_collectives is None,
+            without_sync=prefills_without_sync(self.model))
 
     @property
     def prefill_graphs(self) -> str:
@@ -553,7 +557,7 @@ class Generator:
         prompt_len = tokens.shape[1]
         chunk = min(self.prefill_chunk or prompt_len, prompt_len)
         block_fn = self._block_fn() if compile and self.compile_prefill and chunk > 1 else None
-        if block_fn is not None and self.replays_layers:
+        if block_fn is not None and self.replays_prefill(compile, chunk):
             self.layer_replays.follow(self._buffers_state())  # a new cache: graphs of its own
             block_fn = self.layer_replays.wrap(block_fn, self.model.layers)
         int64 = {"dtype": torch.int64, "device": self.device}

@@ -34,6 +34,18 @@ from infermeter.engine.recorded_forward import RecordedForwards
 Buffers = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def replays_prefill_layers(*, compiled: bool, bucketed: bool, compile_prefill: bool,
+                           forward_len: int, on_gpu: bool, one_rank: bool,
+                           without_sync: bool) -> bool:
+    """Whether a prefill replays its layers here: the Generator's rule, which generate's fit
+    check applies to count the two buffers. A compiled prefill that is not bucketed, through
+    compile_prefill's layer function (forwards of more than one token), on a GPU (the graphs
+    are CUDA's), one rank (tensor parallelism's all-reduces sit in the layers' hooks), and no
+    host sync in a layer (moe.prefills_without_sync: every MoE block on the Triton experts)."""
+    return compiled and not bucketed and compile_prefill and forward_len > 1 and on_gpu \
+        and one_rank and without_sync
+
+
 class LayerReplays:
     """wrap(compiled, layers) -> a block_fn for Transformer.forward whose every layer call is
     a recorded graph's replay (on CUDA; elsewhere the same calls, run)."""

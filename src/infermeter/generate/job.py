@@ -235,7 +235,8 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
                            request.max_new_tokens * request.timing.repeats,
                            request.engine.prefill_chunk, request.engine.prefill_kind,
                            request.engine.moe_kernel, request.engine.chunk_attention,
-                           request.engine.compile_backend or "inductor")
+                           request.engine.compile_backend or "inductor",
+                           request.engine.compile_prefill)
     peaks = measure_roofline(device) if request.timing.roofline else None  # before the weights
     model = load_weights(weights, device, dtype, seed=request.sampling.seed, parallel=parallel)
     notes = []

@@ -9,7 +9,10 @@ tensor, and, in host memory, the prompt and output ids the run keeps in Python l
 id at least), and for an MoE model decoding B x k <= E routed pairs a step through the torch
 kernel, the experts' weights the gathered way copies out (one layer's; --moe-kernel triton reads
 them in the stacked weights by id, no copy), and with the Triton experts past E / k pairs, one
-layer's grouped intermediates ([pairs, moe_ffn] and [pairs, dim]).
+layer's grouped intermediates ([pairs, moe_ffn] and [pairs, dim]), and the two [B, T, dim]
+buffers of an exact prefill that replays its layers (by the Generator's own rule,
+engine/layer_replays.replays_prefill_layers: with --compile-prefill, on a GPU, one rank, a model
+whose prefill has no host sync).
 It reads sizes only, so a huge batch is refused before its prompts exist (cases.Rows). The hf
 mode adds its copies of wq and wk (HF orders their rows for rotate_half RoPE, so they cannot
 share our tensors) and of an MoE layer's gate and up experts (one tensor in transformers 5); its
@@ -27,6 +30,7 @@ from typing import Any
 
 from infermeter.engine.chunk_attention import CHUNK_ATTENTION, chunk_attention_for, flex_runs
 from infermeter.engine.kernels.triton_support import triton_runs_on_device
+from infermeter.engine.layer_replays import replays_prefill_layers
 from infermeter.engine.prefill_buckets import prefill_chunk_for, prefill_forwards
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
@@ -91,13 +95,16 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
                 prefill_chunk: int | None = None, prefill: str = "exact",
-                moe_kernel: str = "torch", flex_chunks: bool = False) -> dict[str, int]:
+                moe_kernel: str = "torch", flex_chunks: bool = False,
+                compile_prefill: bool = False, on_gpu: bool = True) -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
     experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out;
-    flex_chunks: later compiled chunks attend through flex, capped_score_elements)."""
+    flex_chunks: later compiled chunks attend through flex, capped_score_elements;
+    compile_prefill, on_gpu: --compile-prefill and a CUDA device, which with the rest decide
+    whether the exact prefill keeps its layer replays' buffers, by the Generator's rule)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
     # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
     # the torch grouped path's loop over experts asks the host)
@@ -110,7 +117,10 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": sizes.prefill_activation_bytes(
                  spec, batch_size, forward, dtype, every_row=mode.startswith("hf")) // tp}
-    if mode == "compiled" and not bucketed and tp == 1 and not spec.is_moe:
+    if replays_prefill_layers(compiled=mode == "compiled", bucketed=bucketed,
+                              compile_prefill=compile_prefill, forward_len=forward,
+                              on_gpu=on_gpu, one_rank=tp == 1,
+                              without_sync=not spec.is_moe or grouped_kernels):
         parts["prefill layer buffers"] = sizes.layer_replay_bytes(spec, batch_size, forward,
                                                                   dtype)
     if spec.sdpa_cannot_attend and not mode.startswith("hf"):
@@ -215,7 +225,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
                     tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
                     prefill_chunk: int | None = None, prefill: str = "exact",
                     moe_kernel: str = "torch", chunk_attention: str = CHUNK_ATTENTION,
-                    compile_backend: str = "inductor") -> None:
+                    compile_backend: str = "inductor", compile_prefill: bool = False) -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
@@ -224,7 +234,8 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     (moe.takes_expert_kernel), elsewhere the torch path and its copy run. prefill_chunk:
     --prefill-chunk as given; a case runs prefill_chunk_for its mode (compiled: a default).
     chunk_attention, compile_backend: what the Generator resolves later chunks' attention from
-    (chunk_attention.chunk_attention_for)."""
+    (chunk_attention.chunk_attention_for). compile_prefill: --compile-prefill (with the device,
+    whether the exact prefill replays its layers, case_memory)."""
     if moe_kernel == "triton" and not triton_runs_on_device(device):
         moe_kernel = "torch"
     flex_chunks = chunk_attention_for(
@@ -236,7 +247,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
         parts = case_memory(spec, case.largest_group, p.length_range[1], case.cache_len, dtype,
                             kv_dtype, case.mode, tp, all_reduce,
                             prefill_chunk_for(case.mode, prefill_chunk), prefill, moe_kernel,
-                            flex_chunks)
+                            flex_chunks, compile_prefill, device.type == "cuda")
         parts["prompt ids"] = p.prompt_tokens * 8  # every group's [b, T] int64, made up front
         host = {"token ids in host lists": HOST_BYTES_PER_ID * (
             p.prompt_tokens + p.batch_size * outputs_per_row)}
