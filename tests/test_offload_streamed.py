@@ -114,18 +114,24 @@ def test_offloaded_decode_from_two_layer_buffers_gives_the_ordinary_tokens(chunk
     assert all(layer.attention.kv_cache is None for layer in gen.model.layers)
     assert gen.generate(tokens, CONFIG).output_token_ids[0][1:] == want_tokens[0]
     assert len(_distinct_caches(gen.model)) == 5
-    # one step's schedule: layer i streamed in before it waits and attends; its buffer refilled
-    # (layer i + 2) only after it attended
-    step = trace[:trace.index(("attended", 4)) + 1]
+    # the first step's schedule: layer i streamed in before it waits and attends; its buffer
+    # refilled (layer i + 2) only after it attended; the last layer of each buffer (3 and 4)
+    # refills it with the next step's layer that takes it (1 and 0), right after it attended
+    step = trace[:trace.index(("attended", 4)) + 2]
     for i in range(5):
         assert step.index(("copy", i)) < step.index(("wait", i)) < step.index(("attended", i))
         if i + 2 < 5:
             assert step.index(("attended", i)) < step.index(("copy", i + 2))
         if i + 1 < 5:  # the next layer's copy already issued
             assert step.index(("copy", i + 1)) < step.index(("attended", i))
-    assert len(trace) == STEPS * len(step)
+    for last, following in ((3, 1), (4, 0)):
+        assert step[step.index(("attended", last)) + 1] == ("ahead", following)
+    # every later step: its layers 0 and 1 came ahead, the others as in the first step
+    later = trace[len(step):]
+    assert later == (step[2:]) * (STEPS - 1)
+    assert len(trace) == 2 + STEPS * 15  # the first step's own two copies, then 15 a step
     _all_contiguous(clock.copies)
-    assert len(clock.marks) == STEPS * 5  # a mark per layer per step
+    assert len(clock.marks) == STEPS * 5 + 2  # a mark per layer per step, + the first step's
     # the copy stream carries only the prompt's K/V out of host memory; the decoded tokens'
     # go from the device store on the compute stream
     held = {_storage(t) for pair in prefill.host for t in pair}
@@ -154,6 +160,33 @@ def test_a_steps_copies_alone_stream_every_layer_in_order_through_the_two_buffer
         windows = DecodeWindows(gen, state, CONFIG, STEPS)
         windows.run(streamed.step_at)
     assert windows.outputs == [want_tokens]
+
+
+def test_a_windows_first_step_streams_its_own_first_layers_and_copies_alone_drop_the_ahead():
+    """What the step before streamed ahead is used only by a step that follows it: a window
+    starting again at the context streams layers 0 and 1 itself (so its timing holds them), and
+    after copies_alone (which leaves the last layers in the buffers) the next step does too.
+    Every window gives the ordinary tokens."""
+    gen = _generator()
+    tokens = _tokens()
+    _, want_tokens, _ = _ordinary(gen, tokens)
+    gen.model.drop_cache()
+    _buffers(gen)
+    with StreamedPrefill(gen.model, CONTEXT) as prefill:
+        state = gen.prefill(tokens, CONFIG)
+    trace: list[tuple[str, int]] = []
+    windows = DecodeWindows(gen, state, CONFIG, STEPS)
+    with StreamedDecode(gen.model, prefill.host, trace=trace) as streamed:
+        for _ in range(2):
+            begin = len(trace)
+            windows.run(streamed.step_at)
+            assert trace[begin:begin + 2] == [("copy", 0), ("copy", 1)]
+            assert trace[begin + 2:].count(("copy", 0)) == 0  # later steps: ahead only
+        streamed.copies_alone()
+        begin = len(trace)
+        streamed.step_at(CONTEXT + 1)  # not a first step, but nothing ahead
+        assert trace[begin:] == [("copy", 0), ("copy", 1)]
+    assert windows.outputs == [want_tokens, want_tokens]
 
 
 def test_a_model_with_a_sliding_window_layer_gets_no_layer_buffers():

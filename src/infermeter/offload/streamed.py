@@ -7,6 +7,12 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
   kept in a small device store of the tokens decoded since streaming began, and the copy stream,
   once that attention is done, streams layer i + 2's prompt K/V from host memory into the same
   buffer. One buffer fills while the other is read;
+- the last two layers refill their buffers with the next step's layers 0 and 1 (the prompt's
+  K/V does not change from step to step), so the next step's first copies run under this
+  step's tail (the last layers, the head, the sampling) instead of after it: with step_at's
+  copies the link idled for that tail every step (2.4 ms of an 82 ms step at 32k on an H100,
+  results/traces-offload-decode-nvidia-h100-80gb-hbm3/). A window's first step (the decode's
+  first, at the context) streams its own, as a decode's first step must;
 - the decoded tokens' K/V go from the store into the buffer on the compute stream, after the
   wait (one strided device copy per K and V): on the copy stream each would be a kernel between
   two DMAs, waiting for SMs the attention holds while the link idled (the decode at 32k on an
@@ -16,9 +22,11 @@ The prompt's K/V (positions 0..context-1) live in host memory only; the store ho
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
 moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
 copy on the copy stream lands in a contiguous piece of the buffer (streams.slot_pieces: one per
-sequence and KV head), a DMA from pinned memory. The copies and waits go through streams.py's
-CopyStream: on the CPU the copies are synchronous (same order, no overlap), a test can pass a
-fake clock's.
+sequence and KV head), a DMA from pinned memory. The pieces' views are made once, and a layer's
+DMAs are issued by one call (streams.copy_pieces): the eager decode's host already spends most
+of a layer's copy time launching its kernels, and one Python copy_ per piece (16 a layer at
+batch 1 for Llama-3.1-8B) added to it. The copies and waits go through streams.py's CopyStream:
+on the CPU the copies are synchronous (same order, no overlap), a test can pass a fake clock's.
 
 The whole cache is never on the device: the model's cache is two layer buffers from the start
 (streamed_prefill.layer_buffers), and the prompt's prefill writes each layer's K/V back to host
@@ -73,8 +81,19 @@ class StreamedDecode:
                              for _ in range(2)) for _ in model.layers]
         self.events: list[Any] = []  # per layer: the token of its copies this step
         self.issued: list[bool] = []
+        # the next step's layers 0 and 1, streamed by this step's last layers: their tokens
+        self.ahead: dict[int, Any] = {}
         self.handles: list[Any] = []
         self.pos = context
+        # per layer: its copies' (device pieces, host pieces), views made once
+        self.pieces: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        for index, held in enumerate(host):
+            buffer, dsts, srcs = self.buffers[index % LAYER_BUFFERS], [], []
+            for part, cache in zip(held, (buffer.k, buffer.v)):
+                for where, piece in slot_pieces(cache, 0, context):  # [context, D] each
+                    dsts.append(piece)
+                    srcs.append(part[where])
+            self.pieces.append((dsts, srcs))
 
     @property
     def bytes_per_step(self) -> int:
@@ -90,18 +109,27 @@ class StreamedDecode:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+        self.pieces = []  # views of the buffers: they would keep them alive
         self.model.drop_cache()
 
     # ---- the schedule ---------------------------------------------------------------------
     def step_at(self, pos: int) -> None:
-        """Before a decode step that writes position `pos`: stream the first layers in, one a
-        buffer."""
+        """Before a decode step that writes position `pos`: the first layers, one a buffer,
+        streamed in by the step before (its last layers did) or now: at the decode's first
+        step, or where no step came before."""
+        first = pos == self.context
         self.pos = pos
         self.events = [None] * len(self.model.layers)
         self.issued = [False] * len(self.model.layers)
-        self.stream.follow_compute()
-        for index in range(LAYER_BUFFERS):
-            self._stream_in(index)
+        ahead, self.ahead = self.ahead, {}
+        firsts = range(min(LAYER_BUFFERS, len(self.model.layers)))
+        if first or set(ahead) != set(firsts):
+            self.stream.follow_compute()
+            for index in firsts:
+                self._stream_in(index)
+            return
+        for index, token in ahead.items():
+            self.events[index], self.issued[index] = token, True
 
     def copies_alone(self) -> None:
         """One step's copies with no forward: every layer's prompt K/V streamed in turn through
@@ -112,20 +140,21 @@ class StreamedDecode:
         last layers' prompt K/V: the next step_at() streams its own."""
         layers = len(self.model.layers)
         self.events, self.issued = [None] * layers, [False] * layers
+        self.ahead = {}  # the buffers end holding the last layers
         self.stream.follow_compute()
         for index in range(layers):
             self._stream_in(index)
         self.stream.wait(self.events[-1])
 
-    def _stream_in(self, index: int) -> None:
-        buffer, host = self.buffers[index % LAYER_BUFFERS], self.host[index]
-        for held, cache in zip(host, (buffer.k, buffer.v)):
-            for where, piece in slot_pieces(cache, 0, self.context):  # [context, D] each
-                self.stream.copy(piece, held[where])
-        self.events[index] = self.stream.mark()
-        self.issued[index] = True
+    def _stream_in(self, index: int, label: str = "copy") -> Any:
+        """Issue layer `index`'s copies into its buffer; their token."""
+        self.stream.copy_all(*self.pieces[index])
+        token = self.stream.mark()
+        if label == "copy":
+            self.events[index], self.issued[index] = token, True
         if self.trace is not None:
-            self.trace.append(("copy", index))
+            self.trace.append((label, index))
+        return token
 
     def _before(self, index: int) -> Callable[..., None]:
         def wait(module: Any, args: Any) -> None:
@@ -151,7 +180,10 @@ class StreamedDecode:
             rv[:, :, slot].copy_(buffer.v[:, :, self.pos])
             if self.trace is not None:
                 self.trace.append(("attended", index))
+            self.stream.follow_compute()  # the buffer is read until this layer is done
             if index + LAYER_BUFFERS < len(self.model.layers):
-                self.stream.follow_compute()  # the buffer is read until this layer is done
                 self._stream_in(index + LAYER_BUFFERS)
+            else:  # this buffer's last layer this step: the next step's layer that takes it
+                following = index % LAYER_BUFFERS
+                self.ahead[following] = self._stream_in(following, "ahead")
         return keep_and_refill
