@@ -2,7 +2,8 @@
 each case's cache length against the model's context, weights + the largest case's cache and
 activations on the device and the prefixes' host copies in host memory (one sum on the CPU,
 where both are one memory), and the offloaded decode's own phase (two layer buffers, never the
-whole cache), with whether its on-device comparison fits at all."""
+whole cache), with whether its on-device comparison fits at all. The compiled prefill's
+layer-replay buffers count where the job's Generator replays (replays_offload_prefill)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,40 @@ def traffic_len_for(spec: Any, request: OffloadRequest) -> int:
                         f"{request.decode_steps} decode steps + 1")
 
 
+def replays_offload_prefill(spec: Any, device: Any, forward_len: int) -> bool:
+    """Whether the offload job's Generator replays a prefill's layers (forwards of forward_len
+    tokens) as CUDA graphs: layer_replays.replays_prefill_layers with that Generator's inputs,
+    compiled through compile_prefill on a GPU and never bucketed (job.offload_generator,
+    case.prefill_kind; the --traffic decode's prompt compiles on a GPU too), one rank, and
+    MoE blocks on the engine's default expert kernel, which offload never changes (MOE_KERNEL
+    "torch": its grouped loop over experts asks the host, so an MoE prefill replays nothing)."""
+    from infermeter.engine.layer_replays import replays_prefill_layers
+    from infermeter.engine.moe import MOE_KERNEL
+
+    on_gpu = device.type == "cuda"
+    return replays_prefill_layers(compiled=on_gpu, bucketed=False, compile_prefill=on_gpu,
+                                  forward_len=forward_len, on_gpu=on_gpu, one_rank=True,
+                                  without_sync=not spec.is_moe or MOE_KERNEL == "triton")
+
+
+def prefill_replay_parts(spec: Any, request: OffloadRequest, device: Any,
+                         dtype: str) -> dict[str, int]:
+    """The two [B, T, dim] buffers the job's prefills replay their layers through
+    (engine/layer_replays.py), kept while its Generator lives, so in every later phase too:
+    T is the longest replayed forward, a case's (one --prefill-chunk, or prefix + suffix) or
+    the --traffic decode's prompt (--context tokens, chunked alike). None where none replays."""
+    from infermeter.specs.sizes import layer_replay_bytes
+
+    longest = max(request.prefix_lens) + max(request.suffix_lens)
+    prompts = [longest, request.traffic_context] if request.traffic else [longest]
+    forwards = [min(request.prefill_chunk or prompt, prompt) for prompt in prompts]
+    replayed = [n for n in forwards if replays_offload_prefill(spec, device, n)]
+    if not replayed:
+        return {}
+    return {"prefill layer buffers": layer_replay_bytes(spec, request.batch_size, max(replayed),
+                                                        dtype)}
+
+
 def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     kv_dtype: str) -> None:
     """Sizes only, before any allocation: weights + the largest case's cache + its activations on
@@ -41,7 +76,6 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
     from infermeter.specs.sizes import (
         kv_bytes_per_token_layer,
         kv_cache_bytes,
-        layer_replay_bytes,
         prefill_activation_bytes,
         weight_bytes,
     )
@@ -54,12 +88,10 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     # the largest forward's MLP intermediates and one logits row a sequence
                     # (Transformer.forward's rows), as generate's fit check counts them
                     "prefill activations": prefill_activation_bytes(
-                        spec, request.batch_size, forward, dtype)}
+                        spec, request.batch_size, forward, dtype),
+                    **prefill_replay_parts(spec, request, device, dtype)}
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
-    if device.type == "cuda":  # the prefills' layer replays
-        device_parts["prefill layer buffers"] = layer_replay_bytes(
-            spec, request.batch_size, forward, dtype)
     # the whole prefix's device staging slots (reload.HostPrefix): a layer's K and V each,
     # which a layer the prefix does not fill (the cache also holds the suffix) comes back through
     device_parts["reload staging"] = (STAGE_SLOTS * request.batch_size * max(request.prefix_lens)
@@ -123,7 +155,9 @@ def offloaded_fit_parts(spec: Any, request: OffloadRequest, device: Any, dtype: 
     chunk = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     parts = {"weights": weight_bytes(spec, dtype),
              **offloaded_decode_parts(spec, request, dtype, kv_dtype)[0],
-             "copy traffic buffers": 2 * chunk}
+             "copy traffic buffers": 2 * chunk,
+             # the earlier prefills' layer-replay buffers, still held (its own prefill is eager)
+             **prefill_replay_parts(spec, request, device, dtype)}
     if device.type != "cuda":
         parts["offloaded KV in host memory"] = kv_cache_bytes(
             spec, request.batch_size, request.traffic_context, kv_dtype)
@@ -164,7 +198,8 @@ def on_device_refusal(spec: Any, request: OffloadRequest, device: Any, dtype: st
     from infermeter.specs.sizes import weight_bytes
 
     parts = {"weights": weight_bytes(spec, dtype),
-             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[1]}
+             **offloaded_decode_parts(spec, request, dtype, kv_dtype)[1],
+             **prefill_replay_parts(spec, request, device, dtype)}
     try:
         check_fit(f"the whole KV cache at context {request.traffic_context}", parts,
                   *free_memory(device), "only the offloaded decode is measured")

@@ -45,7 +45,6 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     """Check, load, measure every (suffix, prefix) case; one `offload` Result."""
     from infermeter.engine.checkpoint.load import load_weights, spec_for
     from infermeter.engine.dtypes import run_dtypes
-    from infermeter.engine.generator import Generator
     from infermeter.specs.model import check_engine_arch
 
     device = torch_device(request.device)
@@ -62,10 +61,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
         if request.offloaded_decode else None
     methods, warnings = traffic_methods_for(request, device)
     model = load_weights(request.source, device, dtype, seed=request.seed)
-    # every prefill through the per-layer compiled forward on a GPU (case.py's prefill_kind)
-    generator = Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
-                          prefill_chunk=request.prefill_chunk,
-                          compile_prefill=device.type == "cuda", bucketed_prefill=False)
+    generator = offload_generator(model, request, device, kv_dtype)
     cases, samples = [], {}
     for suffix in request.suffix_lens:
         for prefix in request.prefix_lens:
@@ -116,6 +112,16 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     if request.offloaded_decode:
         metrics["offloaded_decode"] = streamed
     return Result("offload", spec.to_dict(), config, env, metrics, samples, warnings)
+
+
+def offload_generator(model: Any, request: OffloadRequest, device: Any, kv_dtype: str) -> Any:
+    """The job's Generator: every prefill through the per-layer compiled forward on a GPU
+    (case.py's prefill_kind), never bucketed; fit.replays_offload_prefill assumes these inputs."""
+    from infermeter.engine.generator import Generator
+
+    return Generator(model, max_seq_len=request.max_seq_len, kv_dtype=kv_dtype,
+                     prefill_chunk=request.prefill_chunk,
+                     compile_prefill=device.type == "cuda", bucketed_prefill=False)
 
 
 def break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...]) -> list[dict]:
