@@ -28,6 +28,9 @@
 #   part step-recorded   split against fused kernels, both in our recorded step graph, at 135M, 0.5B
 #                        and 1B, traced (the least host time a step: where the kernels alone
 #                        decide; about 6 cases of 45 s on an H100)
+#   part step-choice     graph trees against our recorded step, each with split and fused kernels,
+#                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
+#                        default by model size needs (about 8 cases of 45 s)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
@@ -53,8 +56,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -108,6 +111,9 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels split fused \
       --trace "$dest/traces-step-recorded" --results "$dest" \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+  step-choice)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
+      --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
