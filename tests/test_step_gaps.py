@@ -4,7 +4,8 @@ ranges), exact busy / gap / kernel-count figures, the bytes-bound time, the rend
 trace command, the per-layer ranges the eager capture opens; compiled steps without layer
 ranges split into layers by their kernel pattern (a split step whose layers' kernel names
 differ but for a few, the fused step, prologue and epilogue apart) or, where no kernel repeats
-once a layer at one spacing, one note and no per-layer figures."""
+once a layer at one spacing, one note and no per-layer figures; a layer's kernels one by one
+(median duration per position over the layers of the common kernel count)."""
 
 import gzip
 import json
@@ -295,3 +296,83 @@ def test_a_step_that_does_not_repeat_n_layers_times_gets_one_note_and_no_layers(
 def test_layer_ranges_win_over_the_kernel_pattern():
     gaps = bd.breakdown(layered_trace({"n_layers": 2}))["step_gaps"]
     assert gaps["layers_from"] == "ranges" and [r["kernels"] for r in gaps["layers"]] == [3, 3]
+
+
+# A layer's kernels, one by one: 3 layers of kernels a, b, c, d (2, 3, 5, 10 us) with a 1 us
+# gap before each; layer 1's c takes 9 us and layer 2 names its b "b_alt".
+LAYER_KERNELS = [("a", 2), ("b", 3), ("c", 5), ("d", 10)]
+
+
+def _layers_items(layers):
+    """Items of one step from per layer [(name, dur)], laid end to end with 1 us gaps; each
+    layer's items listed last to first (the figures must order them by start)."""
+    items, t = [], 0.0
+    for k, kernels in enumerate(layers):
+        placed = []
+        for name, dur in kernels:
+            placed.append({"name": name, "start": t + 1, "end": t + 1 + dur, "stream": 7,
+                           "layer": k})
+            t += 1 + dur
+        items += placed[::-1]
+    return items
+
+
+def test_a_layers_kernels_are_the_medians_over_the_layers():
+    layers = [list(LAYER_KERNELS) for _ in range(3)]
+    layers[1][2] = ("c", 9)
+    layers[2][1] = ("b_alt", 3)
+    gaps = bd.step_gaps([_layers_items(layers)], 0, {})
+    assert gaps["layer_kernels_from"] == 3
+    assert [(r["position"], r["name"], r["median_us"]) for r in gaps["layer_kernels"]] == [
+        (0, "a", 2), (1, "b", 3), (2, "c", 5), (3, "d", 10)]
+    text = bd.render_gaps(gaps)
+    assert "A layer's kernels (median over 3 layers):" in text
+    # shares of the medians' sum, 20 us
+    assert [line.split() for line in text.splitlines()[-4:]] == [
+        ["0", "a", "2.00", "10"], ["1", "b", "3.00", "15"], ["2", "c", "5.00", "25"],
+        ["3", "d", "10.00", "50"]]
+
+
+def test_layers_of_another_kernel_count_are_left_out_of_a_layers_kernels():
+    layers = [list(LAYER_KERNELS) for _ in range(3)]
+    layers.insert(1, [("moe", 100)] * 5)  # layer 1: 5 slow kernels, not the common 4
+    gaps = bd.step_gaps([_layers_items(layers)], 0, {})
+    assert [r["kernels"] for r in gaps["layers"]] == [4, 5, 4, 4]
+    assert gaps["layer_kernels_from"] == 3
+    assert [(r["name"], r["median_us"]) for r in gaps["layer_kernels"]] == LAYER_KERNELS
+    assert "A layer's kernels (median over 3 layers):" in bd.render_gaps(gaps)
+
+
+def test_a_kernel_pattern_split_gives_a_layers_kernels_by_the_most_common_name():
+    layers = [["triton_poi_fused_index_copy_mm_split_3", "triton_red_fused_bmm_softmax_5",
+               f"triton_red_fused_mm_silu_{tag}"] for tag in (16, 11, 11)]
+    names = SPLIT_PROLOGUE + [n for layer in layers for n in layer] + SPLIT_EPILOGUE
+    gaps = bd.breakdown(compiled_trace(names, {"n_layers": 3}))["step_gaps"]
+    assert gaps["layers_from"] == "kernel pattern" and gaps["layer_kernels_from"] == 3
+    assert [(r["name"], r["median_us"]) for r in gaps["layer_kernels"]] == [
+        (n, 2) for n in layers[1]]
+
+
+def test_a_step_without_layers_has_no_layers_kernels():
+    for trace in (layered_trace(layers=False), compiled_trace(FUSED_LAYER * 3, {})):
+        gaps = bd.breakdown(trace)["step_gaps"]
+        assert gaps["layer_kernels"] is None and gaps["layer_kernels_from"] is None
+        assert "A layer's kernels" not in bd.render_gaps(gaps)
+
+
+def test_trace_command_prints_and_stores_a_layers_kernels(tmp_path, capsys):
+    """layered_trace's two layers name every kernel differently: the first layer's names."""
+    path = tmp_path / "trace-rank0.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(layered_trace()).encode()))
+    assert main(["trace", str(path), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["step_gaps"]
+    assert stored["layer_kernels_from"] == 2
+    assert [(r["name"], r["median_us"]) for r in stored["layer_kernels"]] == [
+        ("l0_a", 10), ("l0_b", 10), ("l0_c", 8)]
+    assert main(["trace", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("A layer's kernels (median over 2 layers):")
+    assert lines[at + 1].split() == ["#", "kernel", "median", "us", "share", "%"]
+    assert [line.split() for line in lines[at + 3:at + 6]] == [
+        ["0", "l0_a", "10.00", "35.7"], ["1", "l0_b", "10.00", "35.7"],
+        ["2", "l0_c", "8.00", "28.6"]]

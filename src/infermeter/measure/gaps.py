@@ -23,6 +23,13 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   layer's last residual add with the next layer's norm and product, so a unit may end with the
   next layer's first product (and the last one with the head's). No such name: no per-layer
   figures, and a note says why, rather than a guess.
+- A layer's kernels (layer_kernels): of the layers whose kernel count is the most common one
+  (ties: the count of the lowest-numbered such layer; a kernel-pattern split gives every layer
+  the same count), position k in each layer (its kernels in start order) gives one row: the
+  name most of those layers run there (ties: the first layer's) and the median of their
+  durations. Layers of another count (an MoE layer among dense ones, a layer whose expert loop
+  launched more) would shift the positions, so they are left out; layer_kernels_from counts
+  the layers used.
 - bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
   HBM bandwidth measured in the same run, both from the trace's "infermeter" metadata; a trace
   without either has no bytes-bound figure.
@@ -31,6 +38,7 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from typing import Any
 
 TOP_GAPS = 5  # the largest idle intervals listed with the kernels either side
@@ -87,6 +95,27 @@ def _layer_rows(items: list[dict[str, Any]], idle: list[tuple[float, float, Any,
     rest = {"kernels": sum(1 for i in items if i.get("layer") is None),
             "gaps_ms": sum(outside) / 1e3, "gap_count": len(outside)}
     return rows, rest, where
+
+
+def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, int | None]:
+    """Per position in a layer: its kernel name and median duration (us) over the layers of the
+    most common kernel count, and how many layers that is; (None, None) without layers."""
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        if item.get("layer") is not None:
+            by_layer.setdefault(item["layer"], []).append(item)
+    if not by_layer:
+        return None, None
+    layers = [sorted(by_layer[k], key=lambda i: (i["start"], i["end"])) for k in sorted(by_layer)]
+    # most_common keeps first-seen order among ties: the lowest-numbered layer's count wins
+    count = Counter(len(layer) for layer in layers).most_common(1)[0][0]
+    used = [layer for layer in layers if len(layer) == count]
+    rows = [{"position": k,
+             "name": Counter(layer[k]["name"] for layer in used).most_common(1)[0][0],
+             "median_us": statistics.median(layer[k]["end"] - layer[k]["start"]
+                                            for layer in used)}
+            for k in range(count)]
+    return rows, len(used)
 
 
 def repeat_layers(names: list[str], n_layers: int) -> tuple[list[int | None], str] | None:
@@ -158,6 +187,7 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any]
                 "layer": where[k]} for k in ranked]
     figures = _figures(items)
     each = [_figures(group) for group in steps]
+    layer_kernels, layer_kernels_from = _layer_kernels(items)
     return {**figures,
             "gaps_pct": 100 * figures["gaps_ms"] / figures["span_ms"] if figures["span_ms"]
             else None,
@@ -166,6 +196,7 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any]
             "mean_gap_us": sum(gap_us) / len(gap_us) if gap_us else None,
             "largest_gaps": largest,
             "layers": layers, "outside_layers": outside if layers else None,
+            "layer_kernels": layer_kernels, "layer_kernels_from": layer_kernels_from,
             "median_of_steps": {key: statistics.median(f[key] for f in each)
                                 for key in ("span_ms", "busy_ms", "gaps_ms", "kernels")},
             "steps": each, **how, **_bytes_bound(meta)}
@@ -175,9 +206,25 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
-    """One line for the step (kernels + gaps against its bytes), its largest gaps, and a table
-    per layer when the trace has layer ranges."""
+def _render_layer_kernels(gaps: dict[str, Any], max_rows: int) -> str:
+    """A layer's kernels one by one: position, name, median us, share of the medians' sum."""
+    from infermeter.textable import render_table
+
+    kernels = gaps["layer_kernels"]
+    total = sum(r["median_us"] for r in kernels)
+    rows = [(r["position"], r["name"][:60], f"{r['median_us']:.2f}",
+             _num(100 * r["median_us"] / total if total else None))
+            for r in kernels[:max_rows]]
+    more = len(kernels) - max_rows
+    return (f"A layer's kernels (median over {gaps['layer_kernels_from']} layers):\n"
+            + render_table(("#", "kernel", "median us", "share %"), rows)
+            + (f"\n... {more} more kernels (--json lists every one)" if more > 0 else ""))
+
+
+def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32,
+                max_kernel_rows: int = 64) -> str:
+    """One line for the step (kernels + gaps against its bytes), its largest gaps, a table
+    per layer when the trace has layers (ranges or kernel pattern), and a layer's kernels."""
     from infermeter.textable import render_table
 
     bound = gaps.get("bytes_bound_ms")
@@ -207,5 +254,7 @@ def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32) -> str:
     how = "" if gaps.get("layers_from") != "kernel pattern" else (
         f" (no layer ranges: found by the kernel pattern, each layer from "
         f"{str(gaps['layer_first_kernel'])[:48]})")
+    kernels = ("\n" + _render_layer_kernels(gaps, max_kernel_rows)
+               if gaps.get("layer_kernels") else "")
     return "\n".join(lines) + f"\nPer layer{how}:\n" + table + (
-        f"\n... {more} more layers (--json lists every one)" if more > 0 else "")
+        f"\n... {more} more layers (--json lists every one)" if more > 0 else "") + kernels
