@@ -200,7 +200,7 @@ def check_compiled_trace() -> None:
         plain = moe(x)
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    assert ours == ["grouped_swiglu_pdl", "grouped_down_pdl"], ours
+    assert ours == ["router_topk_pdl", "grouped_swiglu_pdl", "grouped_down_pdl"], ours
     assert not any("einsum" in t for t in targets), targets  # not every_expert's products
     assert torch.equal(traced, plain), "traced and uncompiled blocks differ"
     torch._dynamo.reset()

@@ -11,7 +11,10 @@ Parameters (Meta-style names under the layer's feed_forward):
 Routing (transformers' MixtralTopKRouter and Qwen3MoeTopKRouter): softmax over all E router
 logits in float32, the top k, renormalised over the k where spec.norm_topk_prob (Mixtral
 always), cast back to the activations' dtype. gpt-oss (GptOssTopKRouter): the top k of the
-biased logits, then a softmax over those k (float32 here).
+biased logits, then a softmax over those k (float32 here). With moe_kernel "triton" (wherever
+the Triton experts run) kernels/router_topk.py computes all of it in one kernel, in the order
+of torch's CUDA kernels (the same bits): torch.topk alone is two CUDA kernels, 9.1 us a layer
+(medians) at E = 128 on an H100 (results/traces-moe-qwen3-nvidia-h100-80gb-hbm3/).
 gpt-oss's experts (GptOssExperts): biased products and a clamped SwiGLU, gate.clamp(max=limit),
 up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate); the gathered and the grouped
 Triton kernels compute both (HAS_BIAS, CLAMPED), so with moe_kernel "triton" such a block runs
@@ -78,6 +81,17 @@ def grouped_experts(*args: Any, **kwargs: Any) -> Tensor:
     return expert_gemm.grouped_experts(*args, **kwargs)
 
 
+def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
+                 softmax_after_topk: bool) -> tuple[Tensor, Tensor] | None:
+    """kernels/router_topk.py's route of the router's logits [N, E] (weights, ids), or None
+    where its kernel cannot run on them."""
+    from infermeter.engine.kernels import router_topk
+
+    if not router_topk.route_usable(logits, top_k):
+        return None
+    return router_topk.route(logits, top_k, renormalize, softmax_after_topk)
+
+
 # How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
 # products) or "triton" (kernels/expert_gemv.py, by expert id). The default waits for a GPU's
 # A/B (benchmarks/moe_kernel_ab.py).
@@ -132,11 +146,17 @@ class MoEFeedForward(nn.Module):
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64)."""
+        """x [N, dim] -> (weights [N, k] in x's dtype, expert ids [N, k] int64); with the
+        Triton experts, kernels/router_topk.py's one kernel (the same numbers on a GPU)."""
+        logits = self.gate(x)  # [N, E]
+        if self.runs_kernels(x):
+            routed = kernel_route(logits, self.top_k, self.renormalize, self.softmax_after_topk)
+            if routed is not None:
+                return routed[0].to(x.dtype), routed[1]
         if self.softmax_after_topk:
-            logits, ids = torch.topk(self.gate(x).float(), self.top_k, dim=-1)
-            return torch.softmax(logits, dim=-1).to(x.dtype), ids
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
+            top, ids = torch.topk(logits.float(), self.top_k, dim=-1)
+            return torch.softmax(top, dim=-1).to(x.dtype), ids
+        probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
