@@ -233,8 +233,9 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     # the fused step's (fused_step.py): each reads a weight matrix
     ("_norm_qkv_rope_kernel", "matmul (unattributed)"), ("_fused_gemv_kernel",
                                                          "matmul (unattributed)"),
-    # expert_gemv.py's, in any trace
+    # expert_gemv.py's and router_topk.py's, in any trace
     ("_experts_swiglu_kernel", "MoE experts"), ("_experts_down_terms_kernel", "MoE experts"),
+    ("_experts_route_kernel", "MoE experts"),
 ])
 def test_inductor_and_library_kernel_names(name, category):
     assert bd._by_name(name) == category

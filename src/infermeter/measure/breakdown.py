@@ -62,7 +62,7 @@ _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split
 # norm_qkv_rope: fused_step.py's norm + wqkv + RoPE kernel, a product first of all
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
                      r"|splitk|norm_qkv_rope", re.I)
-_EXPERTS = re.compile(r"_experts_(swiglu|down)", re.I)  # expert_gemv.py's kernels
+_EXPERTS = re.compile(r"_experts_(swiglu|down|route)", re.I)  # expert_gemv.py and router_topk.py
 _CACHE_WRITE = re.compile(r"index_(copy|put)")
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)
 _NORM = re.compile(r"norm|rsqrt", re.I)
