@@ -31,6 +31,22 @@ would make nothing bitwise. The default in the compiled
 step wherever Triton runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py
 measures it ("fused-triton").
 
+One launch instead of two (COMBINE = "last", set_combine; "separate" stays the default until a
+GPU measures it): at batch 1 a small model's step is bound by its kernel count, and the combine
+is tiny work that costs a launch and a wait on the split kernel (4.05 us against the split's
+2.93 us a layer on an H200 at Llama-3.2-1B). In _split_kv_last_kernel each program stores its
+partials as _split_kv_kernel does, then adds 1 to its row's count (an acq_rel atomic, after a
+barrier: every thread's stores first); the program that finds n_splits - 1 there is the last,
+combines the row's G heads with _combine_kernel's own code (_combine_head: same loads, same
+order of splits, same exact division), and sets the count back to 0, so the next call, and a
+CUDA graph's next replay, start at 0. Who combines changes no bit (tests/test_decode_combine.py).
+The counts are a module-kept int32 [B * H_kv] per (device, B * H_kv) (combine_counter), not an
+argument: the op stays the same for every caller, no cache layout or fit check changes, and the
+tensor is made by the first (eager, warm-up) call, before any capture, and kept, so a captured
+graph's address stays valid. The op is an opaque custom op (split_kv_decode_last), as the PDL
+twin is: a triton_op's body is traced by inductor on fake tensors, where the module's real
+counter cannot go.
+
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
 
@@ -47,6 +63,20 @@ from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
+# Who combines the splits: "separate", a second kernel (_combine_kernel, the default), or
+# "last", the last split program of each row in the same launch (_split_kv_last_kernel)
+COMBINES = ("separate", "last")
+COMBINE = "separate"
+_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}  # combine_counter's, kept for good
+
+
+def set_combine(kind: str) -> None:
+    """Which combine the compiled steps traced from now on use (one of COMBINES)."""
+    global COMBINE
+    if kind not in COMBINES:
+        raise ValueError(f"unknown decode-attention combine {kind!r} (one of "
+                         f"{', '.join(COMBINES)})")
+    COMBINE = kind
 
 
 def kernel_usable(q: Tensor) -> bool:
@@ -68,19 +98,18 @@ if triton is not None:
     from infermeter.engine.kernels.exact_math import exact_tanh
 
     @triton.jit
-    def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
-                         stride_qb, stride_qh, stride_qg,
-                         stride_kb, stride_kh, stride_ks,
-                         stride_vb, stride_vh, stride_vs,
-                         n_kv_heads, groups, slots, chunk, n_splits, window,
-                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
-                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
-        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+    def _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+                        stride_qb, stride_qh, stride_qg,
+                        stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs,
+                        n_kv_heads, groups, slots, chunk, n_splits, window,
+                        SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr):
+        """One program's split: the online softmax over its chunk of slots, stored as its
+        partial acc [G, D], m [G], l [G] (both kernels below share this code, so their
+        partials are the same bits)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // n_kv_heads
@@ -129,22 +158,41 @@ if triton is not None:
         tl.store(L + row * groups + g, l_i, mask=keep)
 
     @triton.jit
-    def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
-                        S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
-        if PDL:  # the splits are the previous kernel's outputs (pdl.py)
+    def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
+                         stride_qb, stride_qh, stride_qg,
+                         stride_kb, stride_kh, stride_ks,
+                         stride_vb, stride_vh, stride_vs,
+                         n_kv_heads, groups, slots, chunk, n_splits, window,
+                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
+        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
-        row = tl.program_id(0) // groups
-        g = tl.program_id(0) % groups
+        _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+                        stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs,
+                        n_kv_heads, groups, slots, chunk, n_splits, window,
+                        SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
+                        INV_SOFTCAP, LIBDEVICE)
+
+    @triton.jit
+    def _combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
+                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      CACHE: tl.constexpr):
+        """Query head g of row (= sequence * H_kv + KV head): its splits' partials weighed
+        and summed in split order, divided once, stored to OUT. CACHE is the partials' load
+        cache modifier (".cg", L2 only, where another program of this kernel wrote them)."""
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D)
         used = s < n_splits
         at = (row * n_splits + s) * groups + g  # [S_PAD] offsets into M, L (ACC's rows)
-        m = tl.load(M + at, mask=used, other=float("-inf"))
-        l_sum = tl.load(L + at, mask=used, other=0.0)
-        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        m = tl.load(M + at, mask=used, other=float("-inf"), cache_modifier=CACHE)
+        l_sum = tl.load(L + at, mask=used, other=0.0, cache_modifier=CACHE)
+        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0,
+                      cache_modifier=CACHE)
         top = tl.max(m, 0)
         if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
             sink = tl.load(SINKS + (row % n_kv_heads) * groups + g).to(tl.float32)
@@ -157,10 +205,74 @@ if triton is not None:
         out = tl.math.div_rn(tl.sum(acc * weight[:, None], 0), total)
         tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
 
+    @triton.jit
+    def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
+                        S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
+        if PDL:  # the splits are the previous kernel's outputs (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
+        _combine_head(ACC, M, L, OUT, SINKS, tl.program_id(0) // groups,
+                      tl.program_id(0) % groups, groups, n_splits, n_kv_heads, S_PAD, D,
+                      HAS_SINKS, "")
+
+    @triton.jit
+    def _split_kv_last_kernel(Q, K, V, KEY_POS, POS, ACC, M, L, OUT, SINKS, COUNTER,
+                              stride_qb, stride_qh, stride_qg,
+                              stride_kb, stride_kh, stride_ks,
+                              stride_vb, stride_vh, stride_vs,
+                              n_kv_heads, groups, slots, chunk, n_splits, window,
+                              SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                              BLOCK: tl.constexpr, IS_RING: tl.constexpr,
+                              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                              S_PAD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                              INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
+                              HAS_SINKS: tl.constexpr = False, PDL: tl.constexpr = False):
+        """_split_kv_kernel, then the combine in the same launch: the last of a row's
+        programs to finish (COUNTER [B * H_kv] int32, zero between calls) combines the row's
+        G heads with _combine_kernel's code, and sets the row's count back to 0."""
+        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+                        stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs,
+                        n_kv_heads, groups, slots, chunk, n_splits, window,
+                        SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
+                        INV_SOFTCAP, LIBDEVICE)
+        row = tl.program_id(0)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        # acq_rel: this program's partials are published with its count; the last program
+        # sees every other program's partials once it reads the count they left
+        done = tl.atomic_add(COUNTER + row, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            for g in range(groups):
+                _combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
+                              S_PAD, D, HAS_SINKS, ".cg")
+            tl.atomic_xchg(COUNTER + row, 0, sem="relaxed", scope="gpu")  # the next call's 0
+
+
+def combine_counter(device: torch.device, rows: int) -> Tensor:
+    """The "last" combine's arrival counts, int32 [rows] (rows = B * H_kv), zero between calls:
+    made on the first call for (device, rows) and kept for good, since a captured CUDA graph
+    holds its address. Every layer of that shape shares it (the kernels that use it run one
+    after another on the step's stream; under PDL one starts only after the one before its
+    predecessor has finished). Made outside any CUDA-graph capture: a tensor made inside one
+    would live in that graph's private pool, which the graph's owner may reuse."""
+    key = (device, rows)
+    if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the decode attention's combine counter for {rows} rows must be "
+                               "made before a CUDA graph is captured: run the step once first")
+        _COUNTERS[key] = torch.zeros(rows, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
+
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     softcap: float, pdl: bool, sinks: Tensor | None = None) -> Tensor:
+                     softcap: float, pdl: bool, sinks: Tensor | None = None,
+                     combine: str = "separate") -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -168,23 +280,30 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
     acc = torch.empty(rows, n_splits, groups, head_dim, device=q.device, dtype=torch.float32)
     m = torch.empty(rows, n_splits, groups, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    launch(_split_kv_kernel, (rows, n_splits), pdl,
-           q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum,
-           q.stride(0), q.stride(1), q.stride(2),
-           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           n_kv_heads, groups, slots, chunk, n_splits, window,
-           # A constant, not a runtime float: inductor types a Python float argument as fp64,
-           # which made the scores, and the loop-carried max, float64 (the first H100 run).
-           SCALE=head_dim ** -0.5, G_PAD=max(16, triton.next_power_of_2(groups)), D=head_dim,
-           BLOCK=BLOCK_N,
-           IS_RING=is_ring, HAS_WINDOW=window > 0,
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap),
-           INV_SOFTCAP=float32_reciprocal(softcap) if softcap > 0 else 0.0,
-           LIBDEVICE=compiled_for_gpu(q))
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
+    strides = (q.stride(0), q.stride(1), q.stride(2),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+               n_kv_heads, groups, slots, chunk, n_splits, window)
+    # A constant, not a runtime float: inductor types a Python float argument as fp64,
+    # which made the scores, and the loop-carried max, float64 (the first H100 run).
+    split = {"SCALE": head_dim ** -0.5, "G_PAD": max(16, triton.next_power_of_2(groups)),
+             "D": head_dim, "BLOCK": BLOCK_N, "IS_RING": is_ring, "HAS_WINDOW": window > 0,
+             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+             "SOFTCAP": float(softcap),
+             "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
+             "LIBDEVICE": compiled_for_gpu(q)}
+    sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
+    if combine == "last":
+        launch(_split_kv_last_kernel, (rows, n_splits), pdl,
+               q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, out, sink_arg,
+               combine_counter(q.device, rows), *strides, **split,
+               S_PAD=triton.next_power_of_2(n_splits), HAS_SINKS=sinks is not None)
+        return out
+    launch(_split_kv_kernel, (rows, n_splits), pdl,
+           q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, *strides, **split)
     launch(_combine_kernel, (rows * groups,), pdl,
-           acc, m, l_sum, out, m if sinks is None else sinks, groups, n_splits, n_kv_heads,
+           acc, m, l_sum, out, sink_arg, groups, n_splits, n_kv_heads,
            S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None)
     return out
 
@@ -218,11 +337,34 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("infermeter::split_kv_decode_last", mutates_args=())
+def split_kv_decode_last(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                         softcap: float = 0.0, sinks: Tensor | None = None,
+                         use_pdl: bool = False) -> Tensor:
+    """split_kv_decode in one launch (COMBINE "last"), with PDL where use_pdl. An opaque
+    custom op in both cases: its body reads the module's counter (combine_counter), a real
+    tensor that inductor's fake-tensor trace of a triton_op's body could not take."""
+    return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                            n_splits, softcap, pdl=use_pdl, sinks=sinks, combine="last")
+
+
+@split_kv_decode_last.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
+      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
+      sinks: Tensor | None = None, use_pdl: bool = False) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
-    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
+    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), its combine
+    as COMBINE says when the step is traced."""
+    if COMBINE == "last":
+        return split_kv_decode_last(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                                    n_splits, softcap, sinks, pdl.enabled())
     if pdl.enabled():
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks)
