@@ -23,9 +23,12 @@ sum at the end):
                   multiplies its w2 rows by every choosing token's activation and writes each
                   weighted term into [N, k, dim]; torch sums the k terms (a small kernel: summing
                   in the weight kernel would need float32 atomics, whose order changes from run
-                  to run).
+                  to run). ONE_TOKEN_DOWN "terms" runs one token this way too (k times the
+                  programs in flight, and a sum kernel after them).
 With TOKENS tokens a program keeps TOKENS float32 partial products a weight tile, so its tiles
-are BLOCK_K / TOKENS columns wide (as many registers as the GEMV's).
+are BLOCK_K / TOKENS columns wide (as many registers as the GEMV's). The tiles come from
+EXPERT_TILES where a GPU's timings (benchmarks/expert_tiles.py) put an entry, else tiles_for's,
+or from the launchers' `tiles` argument (the benchmark's grid).
 
 Numerics are the eager gathered path's rounding points: gate and up products in float32, each
 rounded to the dtype once; silu in float32 as torch's CUDA silu computes it (exact_math.py: an
@@ -37,9 +40,14 @@ each plus its bias, rounded; then MoEFeedForward.activation's ops, each rounded 
 it: the clamps (exact), gate * alpha, sigmoid in float32 (1 / (1 + exp(-x)), exact_math.py's
 exact_sigmoid), gate * sigmoid, up + 1, their product; each down product plus its bias,
 rounded, before the routing weight. So the two paths part only where a float32 sum order
-decides a rounding (the products' order against the batched matmul's). The compiled torch path
-is one rounding further from eager: inductor fuses the routing product into the sum and, with
-emulate_precision_casts off, does not round it first.
+decides a rounding (the products' order against the batched matmul's). One token's two down
+ways hold the same terms (TOKENS = 1 keeps the BLOCK_K of the weighted-sum kernel; each term
+rounded, times its weight rounded) and part only in the k terms' float32 sum: the kernel's runs
+in routing order; torch's CUDA sum (its reduction kernel's four interleaved accumulators) takes
+k <= 4 in routing order but Qwen3's k = 8 as (t0 + t4) + (t1 + t5) + (t2 + t6) + (t3 + t7), as
+eager's `.sum(1)` does (torch's CPU sum too, on the output lanes past its vector width's last
+multiple). The compiled torch path is one rounding further from eager: inductor fuses the
+routing product into the sum and, with emulate_precision_casts off, does not round it first.
 
 Tensor parallelism (experts split by rows): a rank's w1 / w3 hold [E, ffn / tp, dim] and its w2
 [E, dim, ffn / tp] (possibly a column slice: any row stride, unit column stride); the kernels
@@ -186,6 +194,37 @@ if triton is not None:
                      (down * route[:, None]).to(dtype), mask=chose[:, None] & row_ok[None, :])
 
 
+# Tiles of the expert kernels where a GPU's own timings (benchmarks/expert_tiles.py) beat
+# tiles_for's GEMV tiles: by torch.cuda.get_device_name, kernel ("swiglu": w1 / w3 over dim
+# columns; "down": w2 over ffn columns, either way of one token) and that column count, in
+# tiles_for's terms (BLOCK_N weight rows, BLOCK_K columns at one token, num_warps; the launchers
+# halve BLOCK_N into gate and up rows and divide BLOCK_K among tokens). Empty until a GPU measures.
+EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {}
+EXPERT_KERNELS = ("swiglu", "down")
+
+# How experts_down runs one token: "sum", a program a row block runs the k experts in turn and
+# sums them in the kernel; "terms", as several tokens (a program a row block and slot, each
+# writing its weighted term, then torch's sum over k).
+DOWN_WAYS = ("sum", "terms")
+ONE_TOKEN_DOWN = "sum"
+
+
+def expert_tiles_for(kernel: str, n_cols: int, gpu: str = "") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of expert kernel `kernel` over weights of n_cols columns on
+    GPU `gpu` (a device name): EXPERT_TILES' entry, else tiles_for's."""
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"unknown expert kernel {kernel!r}: one of {EXPERT_KERNELS}")
+    return EXPERT_TILES.get(gpu, {}).get(kernel, {}).get(n_cols) or tiles_for(n_cols, gpu)
+
+
+def _checked_tiles(tiles: tuple[int, int, int]) -> tuple[int, int, int]:
+    """An explicit (BLOCK_N, BLOCK_K, num_warps): powers of two (Triton's aranges and warps)."""
+    if len(tiles) != 3 or any(int(t) < 1 or int(t) & (int(t) - 1) for t in tiles):
+        raise ValueError(f"tiles {tuple(tiles)}: three powers of two (BLOCK_N, BLOCK_K, "
+                         "num_warps)")
+    return int(tiles[0]), int(tiles[1]), int(tiles[2])
+
+
 def _token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, int]:
     """tiles_for's tiles for a program that multiplies its weight tile by n_tokens rows: as
     many float32 partial products as the GEMV's (BLOCK_K / TOKENS columns, at least 16)."""
@@ -195,12 +234,16 @@ def _token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, 
 
 def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
                     b1: Tensor | None = None, b3: Tensor | None = None,
-                    limit: float | None = None, alpha: float = 1.0) -> Tensor:
+                    limit: float | None = None, alpha: float = 1.0, *,
+                    tiles: tuple[int, int, int] | None = None) -> Tensor:
+    """experts_swiglu's launch; tiles (expert_tiles_for's terms) replace the table's."""
     n_tokens, top_k = ids.shape
     has_bias = b1 is not None
     b1, b3 = (b1, b3) if has_bias else (w1, w3)  # without biases: never read
     hidden, dim = w1.shape[1], w1.shape[2]
-    block_n, block_k, warps = _token_tiles(tiles_for(dim, gpu_name(w1.device)), n_tokens)
+    tiles = _checked_tiles(tiles) if tiles is not None else \
+        expert_tiles_for("swiglu", dim, gpu_name(w1.device))
+    block_n, block_k, warps = _token_tiles(tiles, n_tokens)
     block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
     out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     launch(_experts_swiglu_kernel, (triton.cdiv(hidden, block_n), n_tokens * top_k), pdl,
@@ -214,14 +257,22 @@ def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
 
 
 def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool,
-                  b2: Tensor | None = None) -> Tensor:
+                  b2: Tensor | None = None, *, tiles: tuple[int, int, int] | None = None,
+                  one_token: str | None = None) -> Tensor:
+    """experts_down's launch; tiles (expert_tiles_for's terms) replace the table's, one_token
+    (DOWN_WAYS) ONE_TOKEN_DOWN."""
     n_tokens, top_k = ids.shape
+    way = ONE_TOKEN_DOWN if one_token is None else one_token
+    if way not in DOWN_WAYS:
+        raise ValueError(f"unknown one-token down way {way!r}: one of {DOWN_WAYS}")
     has_bias = b2 is not None
     b2 = b2 if has_bias else w2  # without a bias: never read
     dim, hidden = w2.shape[1], w2.shape[2]
     act, ids, weights = act.contiguous(), ids.contiguous(), weights.contiguous()
-    if n_tokens == 1:  # k distinct experts: the weighted sum in the kernel
-        block_n, block_k, warps = tiles_for(hidden, gpu_name(w2.device))
+    tiles = _checked_tiles(tiles) if tiles is not None else \
+        expert_tiles_for("down", hidden, gpu_name(w2.device))
+    if n_tokens == 1 and way == "sum":  # k distinct experts: the weighted sum in the kernel
+        block_n, block_k, warps = tiles
         out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
         launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
                act, ids, weights, w2, b2, out, dim, hidden, top_k, w2.stride(0), w2.stride(1),
@@ -230,7 +281,7 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
         return out
     # Tokens share experts: each expert's program writes every choosing token's weighted term,
     # and torch sums the k terms (float32, rounded once) as the eager path does.
-    block_n, block_k, warps = _token_tiles(tiles_for(hidden, gpu_name(w2.device)), n_tokens)
+    block_n, block_k, warps = _token_tiles(tiles, n_tokens)
     terms = torch.empty(n_tokens, top_k, dim, dtype=act.dtype, device=act.device)
     launch(_experts_down_terms_kernel, (triton.cdiv(dim, block_n), n_tokens * top_k), pdl,
            act, ids, weights, w2, b2, terms, dim, hidden, n_tokens, top_k, w2.stride(0),
