@@ -38,6 +38,9 @@
 #                        case compiles for over two minutes: on an H100 on 2026-12-05 the old
 #                        part, every batch, was not past its first kernel in 5 min)
 #   part moe-batches     Triton then torch experts at batch 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
+#   part expert-tiles    the Triton expert kernels' tiles, Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-20b at
+#                        batch 1 and 4, both one-token down ways, CUDA-graph timed (benchmarks/
+#                        expert_tiles.py; about 390 tilings, Qwen3's first; not yet run)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
@@ -56,8 +59,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -132,6 +135,10 @@ case "${1:-}" in
   moe-batches)
     python3 benchmarks/moe_kernel_ab.py --rounds 1 --kernels triton torch --batches 4 32 \
       --results "$dest" --models qwen3-30b-a3b ;;
+  expert-tiles)
+    # writes results/ and $OUT/ itself, after each model (Qwen3, issue 25's target, first)
+    python3 benchmarks/expert_tiles.py --grid quick --batches 1 4 \
+      --models qwen3-30b-a3b mixtral-8x7b gpt-oss-20b ;;
   offload-reload)
     bash benchmarks/offload_targets.sh reload "$dest" ;;
   offload-traffic)
