@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,35 @@ def test_the_counter_is_kept_and_never_made_during_a_capture(monkeypatch):
         kernels.combine_counter(torch.device("cuda"), 5)
     assert kernels.combine_counter(cpu, 5) is counter  # made already: no capture question
     assert (torch.device("cuda"), 5) not in kernels._COUNTERS
+
+
+def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
+    """On a GPU the counter comes from _zeros_in_no_pool, whose zeros are made (and waited
+    for) on another thread than the caller's: a CUDA-graph pool routes only the allocations of
+    the thread that asked for it (the gpu test below checks the pool itself)."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(kernels, "_zeros_in_no_pool",
+                        lambda rows, device: made.append((rows, device)) or torch.zeros(rows))
+    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    cuda = torch.device("cuda", 0)
+    counter = kernels.combine_counter(cuda, 7)
+    assert made == [(7, cuda)] and kernels.combine_counter(cuda, 7) is counter and len(made) == 1
+    monkeypatch.undo()
+
+    threads, synced = [], []
+    real_zeros = torch.zeros
+
+    def zeros(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synced.append(device))
+    cpu = torch.device("cpu")
+    zeros_made = kernels._zeros_in_no_pool(3, cpu)
+    assert zeros_made.dtype == torch.int32 and zeros_made.tolist() == [0, 0, 0]
+    assert threads and threading.get_ident() not in threads and synced == [cpu]
 
 
 def sm90_build(kernel, args: tuple, kwargs: dict):
@@ -165,6 +195,23 @@ def test_the_last_kernel_reduces_as_the_two_kernels_do(monkeypatch, dtype, shape
     want = [r for _, binary in two for r in reductions(binary.asm["ttgir"])]
     assert len(want) == 5  # the split's max and sum, the combine's max and two sums
     assert reductions(one.asm["ttgir"]) == want
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_counter_made_inside_a_pools_routing_stays_out_of_the_pool():
+    """As in inductor's graph-tree warm-up: the step's first call allocates into a private pool
+    (per thread); the counter made then is not in that pool, as a tensor the caller made is."""
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        inside = torch.zeros(5, device="cuda", dtype=torch.int32)
+        counter = kernels.combine_counter(torch.device("cuda", torch.cuda.current_device()), 4099)
+    assert not counter.any() and counter.shape == (4099,)
+
+    def in_pool(tensor):
+        return any(seg["address"] <= tensor.data_ptr() < seg["address"] + seg["total_size"]
+                   for seg in pool.snapshot(include_traces=False))
+
+    assert in_pool(inside) and not in_pool(counter)
 
 
 @pytest.mark.gpu

@@ -42,16 +42,17 @@ order of splits, same exact division), and sets the count back to 0, so the next
 CUDA graph's next replay, start at 0. Who combines changes no bit (tests/test_decode_combine.py).
 The counts are a module-kept int32 [B * H_kv] per (device, B * H_kv) (combine_counter), not an
 argument: the op stays the same for every caller, no cache layout or fit check changes, and the
-tensor is made by the first (eager, warm-up) call, before any capture, and kept, so a captured
-graph's address stays valid. The op is an opaque custom op (split_kv_decode_last), as the PDL
-twin is: a triton_op's body is traced by inductor on fake tensors, where the module's real
-counter cannot go.
+tensor is made by the first (eager, warm-up) call, before any capture, outside any graph's memory
+pool (by a thread of its own), and kept, so a captured graph's address stays valid. The op is
+an opaque custom op (split_kv_decode_last), as the PDL twin is: a triton_op's body is traced by
+inductor on fake tensors, where the module's real counter cannot go.
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 
 import torch
@@ -258,15 +259,31 @@ def combine_counter(device: torch.device, rows: int) -> Tensor:
     made on the first call for (device, rows) and kept for good, since a captured CUDA graph
     holds its address. Every layer of that shape shares it (the kernels that use it run one
     after another on the step's stream; under PDL one starts only after the one before its
-    predecessor has finished). Made outside any CUDA-graph capture: a tensor made inside one
-    would live in that graph's private pool, which the graph's owner may reuse."""
+    predecessor has finished). Never made during a CUDA-graph capture, and on a GPU made by a
+    thread of its own (_zeros_in_no_pool), outside any graph's private memory pool."""
     key = (device, rows)
     if key not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"the decode attention's combine counter for {rows} rows must be "
                                "made before a CUDA graph is captured: run the step once first")
-        _COUNTERS[key] = torch.zeros(rows, device=device, dtype=torch.int32)
+        _COUNTERS[key] = _zeros_in_no_pool(rows, device) if device.type == "cuda" \
+            else torch.zeros(rows, device=device, dtype=torch.int32)
     return _COUNTERS[key]
+
+
+def _zeros_in_no_pool(rows: int, device: torch.device) -> Tensor:
+    """torch.zeros(rows, int32) on a GPU, made and filled by a thread of its own. Why: inductor's
+    graph trees run a step's warm-up (its first, eager call, where the counter is made) with that
+    thread's allocations routed to their private pool, and they may later hand a block of that
+    pool to another graph when they restore an earlier state of it; the routing is per thread
+    (torch.cuda.use_mem_pool's documented rule), so a block made by another thread stays out."""
+    def make() -> Tensor:
+        zeros = torch.zeros(rows, device=device, dtype=torch.int32)
+        torch.cuda.synchronize(device)  # filled before any stream of the step reads it
+        return zeros
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(make).result()
 
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
