@@ -250,7 +250,7 @@ def test_on_cuda_the_last_combine_is_the_separate_ones_to_the_bit(dtype):
             return kernels._split_kv_decode(q, k, v, key_pos, query_pos, *args, use_pdl, sink,
                                             combine=combine)
 
-        counter = kernels.combine_counter(torch.device("cuda"), 8)
+        counter = kernels.combine_counter(torch.zeros(0, device="cuda").device, 8)  # q.device
         for use_pdl in uses_pdl:
             for _ in range(3):
                 tensors = fresh(groups, dim, ring, sinks)
