@@ -138,10 +138,9 @@ def test_offloaded_decode_from_two_layer_buffers_gives_the_ordinary_tokens(chunk
     assert clock.copies and all(_storage(src) in held for _, src in clock.copies)
 
 
-def test_a_steps_copies_alone_stream_every_layer_in_order_through_the_two_buffers():
-    """copies_alone: one step's copies with no forward, layer after layer; afterwards each
-    buffer holds the prompt K/V of the last layer streamed into it (layers 3 and 4 of 5), and
-    the decode that follows still gives the ordinary tokens (step_at streams its own)."""
+def _streamed_prompt():
+    """A generator whose cache is the two buffers, the ordinary decode's tokens, and the
+    prompt prefilled through them (its host cache and decode state)."""
     gen = _generator()
     tokens = _tokens()
     _, want_tokens, _ = _ordinary(gen, tokens)
@@ -149,6 +148,14 @@ def test_a_steps_copies_alone_stream_every_layer_in_order_through_the_two_buffer
     _buffers(gen)
     with StreamedPrefill(gen.model, CONTEXT) as prefill:
         state = gen.prefill(tokens, CONFIG)
+    return gen, want_tokens, prefill, state
+
+
+def test_a_steps_copies_alone_stream_every_layer_in_order_through_the_two_buffers():
+    """copies_alone: one step's copies with no forward, layer after layer; afterwards each
+    buffer holds the prompt K/V of the last layer streamed into it (layers 3 and 4 of 5), and
+    the decode that follows still gives the ordinary tokens (step_at streams its own)."""
+    gen, want_tokens, prefill, state = _streamed_prompt()
     trace: list[tuple[str, int]] = []
     with StreamedDecode(gen.model, prefill.host, trace=trace) as streamed:
         streamed.copies_alone()
@@ -167,13 +174,7 @@ def test_a_windows_first_step_streams_its_own_first_layers_and_copies_alone_drop
     starting again at the context streams layers 0 and 1 itself (so its timing holds them), and
     after copies_alone (which leaves the last layers in the buffers) the next step does too.
     Every window gives the ordinary tokens."""
-    gen = _generator()
-    tokens = _tokens()
-    _, want_tokens, _ = _ordinary(gen, tokens)
-    gen.model.drop_cache()
-    _buffers(gen)
-    with StreamedPrefill(gen.model, CONTEXT) as prefill:
-        state = gen.prefill(tokens, CONFIG)
+    gen, want_tokens, prefill, state = _streamed_prompt()
     trace: list[tuple[str, int]] = []
     windows = DecodeWindows(gen, state, CONFIG, STEPS)
     with StreamedDecode(gen.model, prefill.host, trace=trace) as streamed:
