@@ -216,17 +216,18 @@ def default_row(timed: dict, grid: dict) -> dict | None:
 
 def suggested_table(timed_cases: list[dict], grid: dict, gpu: str) -> dict:
     """The EXPERT_TILES entry the batch-1 bests make: per kernel and column count, the best
-    tiles (the down's over both ways), where they beat tiles_for's."""
+    tiles where they beat tiles_for's. The down's from the way that runs today
+    (expert_gemv.ONE_TOKEN_DOWN) only: an entry applies to whichever way runs, so a best of the
+    other way is a reason to switch ways first, not tiles for this one. An entry also applies
+    at every batch (divided among the tokens), though only batch 1 chose it."""
     entry: dict[str, dict[int, tuple]] = {}
     for timed in timed_cases:
-        top, base = best(timed), default_row(timed, grid)
-        if timed["batch"] != 1 or top is None or (base is not None and base["ms"] <= top["ms"]):
+        if timed["batch"] != 1 or timed.get("way", "") not in ("", expert_gemv.ONE_TOKEN_DOWN):
             continue
-        kernel, cols = timed["kernel"], timed["n_cols"]
-        rivals = [t for t in timed_cases if (t["batch"], t["kernel"], t["n_cols"]) ==
-                  (1, kernel, cols) and best(t) is not None]
-        if best(min(rivals, key=lambda t: best(t)["ms"])) is top:
-            entry.setdefault(kernel, {})[cols] = tuple(top[g] for g in grid)
+        top, base = best(timed), default_row(timed, grid)
+        if top is None or (base is not None and base["ms"] <= top["ms"]):
+            continue
+        entry.setdefault(timed["kernel"], {})[timed["n_cols"]] = tuple(top[g] for g in grid)
     return {gpu: entry} if entry else {}
 
 

@@ -146,6 +146,21 @@ def check_ties() -> None:
         assert torch.equal(weights.float(), rounder(dtype)(want)), label
 
 
+def check_nan() -> None:
+    """A NaN logit: every id still names an expert, distinct within the token, and the weights
+    are NaN (torch's route gives NaN weights too); a token without NaN beside it is unharmed."""
+    for what, n_experts, top_k, renorm, after in CASES:
+        logits = torch.randn(2, n_experts, generator=torch.Generator().manual_seed(3))
+        logits[0, n_experts // 2] = float("nan")
+        weights, ids = router_topk(logits, top_k, renorm, after)
+        assert ((ids >= 0) & (ids < n_experts)).all(), f"{what}: ids {ids.tolist()}"
+        assert len(set(ids[0].tolist())) == top_k, f"{what}: ids {ids.tolist()}"
+        if not after:  # gpt-oss's top k of the logits may leave the NaN out
+            assert weights[0].isnan().all(), f"{what}: weights {weights.tolist()}"
+        want, want_ids = cuda_route(logits[1:], top_k, renorm, after)
+        assert torch.equal(ids[1:], want_ids) and torch.equal(weights[1:], want), what
+
+
 def check_model_greedy() -> None:
     """Tiny random Qwen3-MoE (a dense layer between MoE ones), Mixtral and gpt-oss models
     (float32): prefill then greedy steps, the Triton choice against torch: the same tokens,
@@ -222,7 +237,7 @@ if __name__ == "__main__":
     import sys
     import time
 
-    for check in (check_route, check_ties, check_compiled_trace, check_model_greedy):
+    for check in (check_route, check_ties, check_nan, check_compiled_trace, check_model_greedy):
         start = time.perf_counter()
         check()
         print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -421,6 +421,31 @@ def test_trace_profiles_a_few_offloaded_decode_steps(tmp_path):
     assert f"profiler trace: {path}" in render_offloaded(metrics)
 
 
+def test_the_trace_fits_a_cache_sized_exactly_for_the_timed_windows(tmp_path):
+    """The traced steps start where the timed windows start: with context + steps + 1 a
+    multiple of the cache's rounding (256 slots, none to spare), steps past the timed ones
+    would run off the cache after every measurement was done."""
+    gen = _generator()
+    request = OffloadRequest("random:debug", (8,), (4,), batch_size=2, context=249,
+                             decode_steps=STEPS, repeats=1, warmup=0, offloaded_decode=True,
+                             trace=str(tmp_path / "trace"))
+    metrics, _, notes = measure_offloaded_decode(gen, request)
+    assert metrics["same_tokens"] is True, notes
+    assert (tmp_path / "trace" / "trace-rank0.json").is_file()
+
+
+def test_leaving_waits_for_the_last_steps_copies_ahead():
+    """The last step's copies of the next step's layers 0 and 1 are still in flight when a
+    window ends: on leaving, the compute stream waits for them before the buffers are freed."""
+    gen, _, prefill, state = _streamed_prompt()
+    clock = FakeClock(3.0)
+    windows = DecodeWindows(gen, state, CONFIG, STEPS)
+    with StreamedDecode(gen.model, prefill.host, stream=clock) as streamed:
+        windows.run(streamed.step_at)
+        assert clock.compute < clock.marks[-1]  # the compute stream never waited for them
+    assert clock.compute == clock.marks[-1]
+
+
 def test_trace_without_the_offloaded_decode_is_one_error_line(tmp_path):
     done = run_cli("offload", "--model", "debug", "--device", "cpu", "--prefix-len", "8",
                    "--trace", str(tmp_path / "t"))

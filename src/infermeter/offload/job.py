@@ -259,6 +259,9 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
             with StreamedPrefill(model, context) as prefill:
                 state = generator.prefill(tokens, config)
             windows = DecodeWindows(generator, state, config, steps)
+            # made now: a window starts where the state is when it is made, and the timed
+            # windows leave it steps on (the cache holds steps + 1 past the context, no more)
+            traced = DecodeWindows(generator, state, config, min(TRACED_STEPS, steps))
             with StreamedDecode(model, prefill.host) as streamed:
                 for _ in range(request.warmup):
                     windows.run(streamed.step_at)
@@ -266,8 +269,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                                        for _ in range(request.repeats)]
                 per_step = streamed.bytes_per_step
                 samples["copies_alone"] = _time(streamed.copies_alone, request, device)
-                if request.trace:  # a short window, after the timed ones
-                    traced = DecodeWindows(generator, state, config, TRACED_STEPS)
+                if request.trace:  # a short window from the timed ones' start, after them
                     with profile_to(trace_path(request.trace), {"offloaded_decode": True}):
                         traced.run(streamed.step_at)
         finally:

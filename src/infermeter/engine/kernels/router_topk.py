@@ -119,6 +119,12 @@ if triton is not None:
         for j in tl.static_range(K):  # the best live lane, the lowest index among equals
             best = tl.max(tl.where(live, scores, float("-inf")), 0)
             pick = tl.min(tl.where(live & (scores == best), cols, BLOCK_E), 0)
+            # a NaN logit makes every score NaN, equal to nothing (a GPU's max skips NaN): the
+            # lowest live lane then, weight NaN, so that an id always names an expert (the
+            # expert kernels index the weights with it)
+            found = pick < BLOCK_E
+            pick = tl.where(found, pick, tl.min(tl.where(live, cols, BLOCK_E), 0))
+            best = tl.where(found, best, float("nan"))
             top = tl.where(slots == j, best, top)
             ids = tl.where(slots == j, pick.to(tl.int64), ids)
             live = live & (cols != pick)
