@@ -31,6 +31,9 @@
 #   part step-choice     graph trees against our recorded step, each with split and fused kernels,
 #                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
 #                        default by model size needs (about 8 cases of 45 s)
+#   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
+#                        one round (the fused attention kernels in an MoE layer; issue 25; each
+#                        case compiles for about two minutes)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part last-combine    the split-KV attention's one-launch combine (decode_attention.COMBINE "last")
 #                        against its two kernels, the default step otherwise, at 135M and 1B, one
@@ -62,8 +65,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -120,6 +123,8 @@ case "${1:-}" in
   step-choice)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
+  step-moe)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \

@@ -235,6 +235,9 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
             (f"random:{model}", dtype, ("compiled",), (1,))
         assert request.engine.step_kernels == "fused" and request.timing.roofline
         assert request.engine.step_graphs == "trees"
+        # an MoE model's cases run the Triton experts, a dense one's the default
+        assert request.engine.moe_kernel == script.MOE_KERNELS.get(model, "torch"), model
+    assert script.MOE_KERNELS == {"qwen3-30b-a3b": "triton"}
     assert script.ab_request("debug", "split", "recorded").engine.step_graphs == "recorded"
     path = tmp_path / "ab.jsonl"
     script.run_model("debug", 1, path, capture_env(), trace=str(tmp_path / "traces"),
