@@ -144,8 +144,9 @@ def _category(name: str, label: str | None, cat: str, moe: bool = False) -> str:
 def _inductor_category(name: str, moe: bool = False) -> str | None:
     """An inductor Triton kernel: its name lists the ops it fused, e.g.
     triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_17 (an RMSNorm fused into a
-    matrix-vector product). A reduction that holds an `mm` reads a weight matrix: the matmul
-    is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention. In an MoE
+    matrix-vector product). A reduction that holds an `mm` or the engine's `gemv` op (the
+    residual add and the next norm fused into the product's reduction) reads a weight matrix:
+    the matmul is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention. In an MoE
     model a batched product fed by an index (the stacked experts' rows gathered by the routing
     ids, moe.py's gathered path), and no cache write, is the experts'."""
     match = re.match(r"triton_(red|per|poi)_fused_(.*?)(_\d+)?$", name)
@@ -154,7 +155,7 @@ def _inductor_category(name: str, moe: bool = False) -> str | None:
     ops = set(match.group(2).split("_"))
     if moe and {"bmm", "index"} <= ops and not _CACHE_WRITE.search(match.group(2)):
         return "MoE experts"
-    if match.group(1) != "poi" and ops & {"mm", "addmm"}:
+    if match.group(1) != "poi" and ops & {"mm", "addmm", "gemv"}:
         return "matmul (unattributed)"
     if ops & {"bmm", "softmax", "sdpa"} or "index_copy" in match.group(2) or \
             "scaled_dot_product" in match.group(2):
