@@ -16,8 +16,8 @@ Layer i attends in buffer i % 2. Hooks on every layer's Attention (outside the e
 - the decoded tokens' K/V go from the store into the buffer on the compute stream, after the
   wait (one strided device copy per K and V): on the copy stream each would be a kernel between
   two DMAs, waiting for SMs the attention holds while the link idled (the decode at 32k on an
-  H100 reached 89.9% of the link's bound that way, results/offload-nvidia-h100-80gb-hbm3.jsonl;
-  the cause is our reading, not yet measured).
+  H100 reached 89.9% of the link's bound that way, and 95.2% with them here, in a later run on
+  another H100: results/offload-nvidia-h100-80gb-hbm3.jsonl).
 The prompt's K/V (positions 0..context-1) live in host memory only; the store holds the few
 decoded tokens (a write-back of one strided slot a layer a step would cost a host sync). A step
 moves the whole prompt's K/V host-to-device, so the link bounds it: bytes a step / GB/s. Every
