@@ -124,6 +124,12 @@ class FakeClock:
         for dst, src in zip(dsts, srcs, strict=True):
             self.copy(dst, src)
 
+    def gather(self, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
+        """A gather kernel on the copy stream (the paged mapped way): one copy on this clock."""
+        torch.index_select(src, 0, rows, out=dst)
+        self.copies.append((dst, src))
+        self.copy_end += self.copy_ms
+
     def mark(self) -> float:
         self.marks.append(self.copy_end)
         return self.copy_end
@@ -805,7 +811,7 @@ def test_command_writes_an_offload_result_and_prints_a_table(tmp_path):
     assert written.config["block_sizes"] == [16]
     assert [(r["block_size"], r["way"]) for r in written.metrics["paged_break_even"]] == [
         (16, "serial"), (16, "layerwise")]
-    assert "suffix 4, blocks of 16, (a) serial:" in table
+    assert "suffix 4, blocks of 16 by dma, (a) serial:" in table
     shown = run_cli(*common)
     assert shown.returncode == 0 and "(c) recompute" in shown.stdout, shown.stderr
 

@@ -49,6 +49,10 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
                    help="also reload the prefix from a paged host copy, in blocks of N tokens "
                    "scattered through a pool, block by block (e.g. 16 256); a break-even per "
                    "block size")
+    p.add_argument("--paged-copy", nargs="+", choices=("dma", "mapped"), metavar="METHOD",
+                   help="how that paged reload copies: dma (one DMA per block of K or V, the "
+                   "default), mapped (one SM gather kernel per layer's K or V, reading the pool "
+                   "through its mapping into the GPU); both to measure both in one run")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                    help="timed runs per case and way (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
@@ -94,6 +98,9 @@ def _run_offload(args: argparse.Namespace) -> int:
             if value is not None:
                 raise InfermeterError(f"{flag} sets the decode of --traffic and "
                                       "--offloaded-decode: give one of them too")
+    if args.paged_copy and not args.block_size:  # else ignored without a word
+        raise InfermeterError("--paged-copy: give --block-size too (the methods are those of "
+                              "the paged host copy's reload)")
     if args.device is None:
         import torch
 
@@ -103,7 +110,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         suffix_lens=tuple(args.suffix_len), batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
         prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len, lookahead=args.lookahead,
-        block_sizes=tuple(args.block_size or ()),
+        block_sizes=tuple(args.block_size or ()), paged_copies=tuple(args.paged_copy or ()),
         repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         traffic=tuple(args.traffic or ()), traffic_methods=tuple(args.traffic_method or ()),
         context=args.context, decode_steps=args.decode_steps or OffloadRequest.decode_steps,

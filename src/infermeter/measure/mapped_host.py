@@ -103,5 +103,6 @@ def kernel_copy(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> Non
     """dst = src ([rows, row_words] each) by a gather kernel on the SMs. A contiguous `copy_`
     between two CUDA tensors is issued as cudaMemcpyAsync, which the driver may give to a copy
     engine even when one side is mapped host memory; `index_select` is always a kernel. `rows`:
-    arange(n_rows) on the device."""
+    on the device, arange(n_rows) for a plain copy, any row order for a gather (dst's row i is
+    src's row rows[i])."""
     torch.index_select(src, 0, rows, out=dst)

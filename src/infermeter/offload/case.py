@@ -86,11 +86,18 @@ def greedy_tokens(generator: Any, first: Callable[[], Any], config: Any,
     return torch.stack(generated, dim=1).tolist(), logits
 
 
+def paged_name(size: int, copy: str) -> str:
+    """A paged reload's timed items' stem: `paged<N>` by DMA (as before there were two ways),
+    `paged<N>_mapped` by the gather kernel."""
+    return f"paged{size}" if copy == "dma" else f"paged{size}_{copy}"
+
+
 def measure_case(generator: Any, request: OffloadRequest, prefix: int,
                  suffix: int) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
     """One (prefix, suffix) case: (its metrics, raw samples in ms per timed item, warnings).
-    With request.block_sizes, the same reloads from a paged host copy per block size too
-    (timed items `paged<N>_reload`, `paged<N>_serial`, `paged<N>_layerwise`)."""
+    With request.block_sizes, the same reloads from a paged host copy per block size and
+    request.paged_copies way too (timed items `<stem>_reload`, `<stem>_serial`,
+    `<stem>_layerwise`, the stem paged_name's)."""
     import torch
 
     from infermeter.engine.generator import GenerationConfig
@@ -110,7 +117,8 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
     with torch.no_grad():
         generator.prefill(head, config)
         host = HostPrefix(model, prefix)
-        pages = {size: PagedHostPrefix(model, prefix, size, request.seed)
+        pages = {size: PagedHostPrefix(model, prefix, size, request.seed,
+                                       request.paged_copies)
                  for size in request.block_sizes}
     reload, serial, overlapped = reload_ways(generator, host, tail, prefix, config,
                                              request.lookahead)
@@ -119,13 +127,13 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
     runs = {"reload": reload,
             "suffix_prefill": lambda: generator.prefill(tail, config, start=prefix), **ways}
     for size, paged in pages.items():
-        paged_reload, paged_serial, paged_layerwise = reload_ways(
-            generator, paged, tail, prefix, config, request.lookahead)
-        ways.update({f"paged{size}_serial": paged_serial,
-                     f"paged{size}_layerwise": paged_layerwise})
-        runs.update({f"paged{size}_reload": paged_reload,
-                     f"paged{size}_serial": paged_serial,
-                     f"paged{size}_layerwise": paged_layerwise})
+        for copy in request.paged_copies:  # one host copy and staging, reloaded each way
+            stem = paged_name(size, copy)
+            paged_reload, paged_serial, paged_layerwise = reload_ways(
+                generator, paged.using(copy), tail, prefix, config, request.lookahead)
+            ways.update({f"{stem}_serial": paged_serial, f"{stem}_layerwise": paged_layerwise})
+            runs.update({f"{stem}_reload": paged_reload, f"{stem}_serial": paged_serial,
+                         f"{stem}_layerwise": paged_layerwise})
 
     # ---- untimed check: each way from a zeroed cache, then greedy decode
     checked = {way: greedy_tokens(generator, first, config, request.new_tokens)
@@ -160,18 +168,22 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
             "divergence": {way: found[way] for way in differ},
             "output_token_ids": outputs["recompute"]}
     if pages:
-        case["paged"] = [paged_entry(size, paged, median, stats, not any(
-            way.startswith(f"paged{size}_") for way in differ)) for size, paged in pages.items()]
+        case["paged"] = [paged_entry(size, copy, paged.using(copy), median, stats, not {
+            f"{paged_name(size, copy)}_{way}" for way in ("serial", "layerwise")} & set(differ))
+            for size, paged in pages.items() for copy in request.paged_copies]
     return case, raw, notes
 
 
-def paged_entry(size: int, paged: Any, median: dict[str, float], stats: dict[str, Stats],
-                same: bool) -> dict[str, Any]:
-    """One block size's figures in a case: the paged reload alone, (a) and (b) from it."""
-    names = {part: f"paged{size}_{part}" for part in ("reload", "serial", "layerwise")}
+def paged_entry(size: int, copy: str, paged: Any, median: dict[str, float],
+                stats: dict[str, Stats], same: bool) -> dict[str, Any]:
+    """One block size and copy way's figures in a case: the paged reload alone, (a) and (b)
+    from it. `copy`: "dma" or "mapped" (absent from older Results: dma, the only way then)."""
+    names = {part: f"{paged_name(size, copy)}_{part}" for part in ("reload", "serial",
+                                                                    "layerwise")}
     reload = median[names["reload"]]
     bound = max(reload, median["suffix_prefill"])
-    return {"block_size": size, "copies": paged.copies, "reload_bytes": paged.nbytes,
+    return {"block_size": size, "copy": copy, "copies": paged.copies,
+            "reload_bytes": paged.nbytes,
             "reload_ms": reload, "reload_gbps": paged.nbytes / reload / 1e6 if reload else None,
             "ttft_ms": {way: median[names[way]] for way in ("serial", "layerwise")},
             "layerwise_over_bound": median[names["layerwise"]] / bound if bound else None,

@@ -102,8 +102,14 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
             spec, request.batch_size, blocks * size, kv_dtype)
         # its DMAs' views, made once (paged.py): a staging view and a pool block per block of
         # K and of V, every layer; at blocks of 1 over a long prefix they run to gigabytes
-        host_parts[f"paged copy views, blocks of {size}"] = (
-            2 * 2 * request.batch_size * blocks * spec.n_layers * VIEW_BYTES)
+        if "dma" in request.paged_copies:
+            host_parts[f"paged copy views, blocks of {size}"] = (
+                2 * 2 * request.batch_size * blocks * spec.n_layers * VIEW_BYTES)
+        # the mapped way's block ids, int64 on the device, made once per layer (paged.py); its
+        # gathers read the pools in host memory through their mapping: no device copy of them
+        if "mapped" in request.paged_copies:
+            device_parts[f"paged block ids, blocks of {size}"] = (
+                request.batch_size * blocks * spec.n_layers * 8)
         # its device staging slots (paged.py): a full-attention layer's blocks, K and V, each
         device_parts[f"paged reload staging, blocks of {size}"] = (
             STAGE_SLOTS * request.batch_size * blocks * size

@@ -60,6 +60,7 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
     refusal = on_device_refusal(spec, request, device, dtype, kv_dtype) \
         if request.offloaded_decode else None
     methods, warnings = traffic_methods_for(request, device)
+    check_paged_copies(request, device)
     model = load_weights(request.source, device, dtype, seed=request.seed)
     generator = offload_generator(model, request, device, kv_dtype)
     cases, samples = [], {}
@@ -94,6 +95,8 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
               "staging_slots": STAGE_SLOTS,
               # how a paged reload issues its block DMAs (paged.py); older: one Python call each
               "paged_copy_issue": "one call a layer",
+              # the ways a paged reload copied, each entry's `copy`; older Results: dma only
+              "paged_copies": list(request.paged_copies) if request.block_sizes else [],
               "prefill": prefill_kind(generator),
               "timer": "cuda events" if device.type == "cuda" else "host clock",
               "weights": "random" if request.source.startswith("random:") else "checkpoint",
@@ -106,7 +109,8 @@ def run_offload(request: OffloadRequest, env: dict[str, Any]) -> Result:
                    paged["same_tokens"] for paged in case.get("paged", ())) for case in cases)}
     if request.block_sizes:
         metrics["paged_break_even"] = paged_break_evens(cases, request.suffix_lens,
-                                                        request.block_sizes)
+                                                        request.block_sizes,
+                                                        request.paged_copies)
     if request.traffic:
         metrics["traffic"] = traffic
     if request.offloaded_decode:
@@ -137,20 +141,37 @@ def break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...]) -> li
 
 
 def paged_break_evens(cases: list[dict[str, Any]], suffix_lens: tuple[int, ...],
-                      block_sizes: tuple[int, ...]) -> list[dict]:
-    """Per suffix length, block size and reload way: the prefix length from which reloading
-    the paged host copy beats recompute."""
+                      block_sizes: tuple[int, ...], copies: tuple[str, ...] = ("dma",)
+                      ) -> list[dict]:
+    """Per suffix length, block size, copy way (an entry without `copy`: dma) and reload way:
+    the prefix length from which reloading the paged host copy beats recompute."""
     out = []
     for suffix in suffix_lens:
         rows = [c for c in cases if c["suffix_len"] == suffix]
         for size in block_sizes:
-            paged = [(c, next(e for e in c["paged"] if e["block_size"] == size)) for c in rows]
-            for way in ("serial", "layerwise"):
-                found = break_even([(c["prefix_len"], e["ttft_ms"][way],
-                                     c["ttft_ms"]["recompute"]) for c, e in paged])
-                out.append({"suffix_len": suffix, "block_size": size, "way": way,
-                            **found.to_dict()})
+            for copy in copies:
+                paged = [(c, next(e for e in c["paged"] if e["block_size"] == size
+                                  and e.get("copy", "dma") == copy)) for c in rows]
+                for way in ("serial", "layerwise"):
+                    found = break_even([(c["prefix_len"], e["ttft_ms"][way],
+                                         c["ttft_ms"]["recompute"]) for c, e in paged])
+                    out.append({"suffix_len": suffix, "block_size": size, "copy": copy,
+                                "way": way, **found.to_dict()})
     return out
+
+
+def check_paged_copies(request: OffloadRequest, device: Any) -> None:
+    """--paged-copy mapped on a GPU without mapped pinned memory: one error line, before the
+    weights load (traffic.mapped_refusal's probe). On the CPU it runs: host memory is the CPU's
+    own mapping, so the gathers read the pools themselves (paged.device_mapping)."""
+    from infermeter.errors import InfermeterError
+    from infermeter.offload.traffic import mapped_refusal
+
+    if "mapped" not in request.paged_copies or device.type == "cpu":
+        return
+    why = mapped_refusal(device)
+    if why:
+        raise InfermeterError(f"--paged-copy mapped: {why}; use --paged-copy dma")
 
 
 def traffic_methods_for(request: OffloadRequest, device: Any) -> tuple[tuple[str, ...],

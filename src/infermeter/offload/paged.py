@@ -17,20 +17,34 @@ layers, used in turn (`fetch_layer` the DMAs into slot index % STAGE_SLOTS: ever
 staged; `place_layer` the device copies out of it, as reload.py's HostPrefix). A partly filled
 last block moves whole, as a paged server moves it; nbytes counts the prefix's tokens only.
 
+A second way to fetch (`copy` "mapped", PAGED_COPIES): per layer one gather kernel of K's
+blocks and one of V's (torch.index_select on the copy stream, measure/mapped_host.kernel_copy)
+reads the pool through its device mapping (mapped pinned memory, over the link) into the same
+staging slot, in the same order, by the layer's block ids, kept on the device, made once. The
+blocks are gathered as rows of 8-byte words where their size allows (as the mapped copy method
+moves its rows). A DMA per 64 KiB block is bound by issuing it; the gather is one launch a
+pool, but a kernel on the SMs, which in the layer-wise way competes with the suffix's forward.
+The mapping is injectable (`map_host`): on the CPU a host tensor is its own mapping, so the CPU
+runs the very gathers a GPU runs, from the pool itself. One PagedHostPrefix holds the pools and
+staging for every way asked (`copies`); `using(copy)` gives the same prefix reloaded that way.
+
 It offers what reload.py's HostPrefix offers (prefix_len, nbytes, fetch_layer, place_layer,
 reload, slot_of), so the serial way and LayerwiseReload run over it unchanged.
 """
 
 from __future__ import annotations
 
+import copy as shallow
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from infermeter.engine.model import Transformer
 from infermeter.errors import InfermeterError
+from infermeter.measure.mapped_host import mapped_view
 from infermeter.offload.reload import STAGE_SLOTS, LayerCopies, check_prefix_fits, layer_caches
 from infermeter.offload.streams import (
     CURRENT,
@@ -51,6 +65,34 @@ class PagedLayer:
     slots: int  # n: the layer's slots the prefix fills
     # its DMAs, made once: (staging views, pool blocks), each [H_kv, block, D], K's then V's
     pieces: tuple[list[Tensor], list[Tensor]]
+    # its gathers, made once (the mapped way): (staging rows [n, words], the pool's device
+    # mapping [n_blocks, words], block ids [n] on the device), K's then V's; a row: one block's
+    # [H_kv, block, D] seen as integer words
+    gathers: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+
+PAGED_COPIES = ("dma", "mapped")  # request.PAGED_COPIES: a DMA per block, a gather per pool
+# host memory seen from the device: (a pool's bytes, uint8 [n], device) -> the same bytes as a
+# tensor on the device; raises InfermeterError where there is none
+MapHost = Callable[[Tensor, torch.device], Tensor]
+
+
+def device_mapping(host: Tensor, device: torch.device) -> Tensor:
+    """A pool's device mapping: on the CPU the pool itself (host memory is the CPU's own), on a
+    GPU its mapped pinned memory (measure/mapped_host.mapped_view), or one error line."""
+    if device.type == "cpu":
+        return host
+    view, why = mapped_view(host, device)
+    if view is None:
+        raise InfermeterError(f"--paged-copy mapped: mapped pinned memory unavailable: {why}; "
+                              "use --paged-copy dma")
+    return view
+
+
+def word_dtype(nbytes: int) -> torch.dtype:
+    """The widest integer word a row of `nbytes` divides into: the gather moves whole words."""
+    return next(dtype for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2),
+                                          (torch.uint8, 1)) if nbytes % size == 0)
 
 
 class PagedHostPrefix(LayerCopies):
@@ -58,10 +100,17 @@ class PagedHostPrefix(LayerCopies):
     blocks of `block_size` tokens."""
 
     def __init__(self, model: Transformer, prefix_len: int, block_size: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, copies: tuple[str, ...] = ("dma",),
+                 map_host: MapHost = device_mapping) -> None:
         caches = layer_caches(model)
         if block_size < 1:
             raise InfermeterError(f"--block-size must be at least 1 token, got {block_size}")
+        unknown = [way for way in copies if way not in PAGED_COPIES]
+        if unknown or not copies:
+            raise InfermeterError(f"--paged-copy: unknown method {unknown[0]!r} (use "
+                                  f"{', '.join(PAGED_COPIES)})" if unknown else
+                                  "--paged-copy: give at least one method (dma, mapped)")
+        self.copy, self.ways = copies[0], tuple(copies)
         check_prefix_fits(model, prefix_len)
         self.prefix_len, self.block_size = prefix_len, block_size
         pin = pins_for(caches[0].k.device)
@@ -89,11 +138,45 @@ class PagedHostPrefix(LayerCopies):
                 v[slot, :, :end - start].copy_(cache.v[b, :, start:end])
             key_pos = pinned_like(cache.key_pos, pin) if cache.is_ring else None
             pieces: tuple[list[Tensor], list[Tensor]] = ([], [])
-            for pool, staging in zip((k, v), self._staging(len(self.layers))):
-                for b, start, _, at in blocks:
-                    pieces[0].append(staging[b, start // block_size])
-                    pieces[1].append(pool[at])
-            self.layers.append(PagedLayer(k, v, blocks, key_pos, n, pieces))
+            staged = self._staging(len(self.layers))
+            if "dma" in copies:
+                for pool, staging in zip((k, v), staged):
+                    for b, start, _, at in blocks:
+                        pieces[0].append(staging[b, start // block_size])
+                        pieces[1].append(pool[at])
+            gathers = self._gathers((k, v), staged, table, map_host) \
+                if "mapped" in copies else []
+            self.layers.append(PagedLayer(k, v, blocks, key_pos, n, pieces, gathers))
+
+    def _gathers(self, pools: tuple[Tensor, Tensor], staged: tuple[Tensor, Tensor],
+                 table: list[list[int]], map_host: MapHost) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """A layer's gathers: per pool, its device mapping seen as rows of words
+        [n_blocks, words], the block ids in the sequences' order [B x blocks] on the device, and
+        the staging slot's rows they fill. Where the layer holds fewer blocks a sequence than
+        the slot (a ring layer), the batch's rows are not one run: one gather per sequence."""
+        device, (batch, per_seq), most = staged[0].device, (len(table), len(table[0])), \
+            staged[0].shape[1]
+        ids = torch.tensor(table, dtype=torch.int64).flatten().to(device)  # [B x per_seq]
+        words = word_dtype(staged[0][0, 0].nbytes)
+        runs = [(0, 0, batch * per_seq)] if per_seq == most else \
+            [(b * most, b * per_seq, per_seq) for b in range(batch)]  # (first row, first id, n)
+        out = []
+        for pool, staging in zip(pools, staged):
+            mapped = map_host(pool.view(-1).view(torch.uint8), device)
+            rows = mapped.view(words).view(pool.shape[0], -1)  # [n_blocks, words]
+            stage_rows = staging.view(-1).view(words).view(batch * most, -1)
+            out += [(stage_rows[row:row + count], rows, ids[first:first + count])
+                    for row, first, count in runs]
+        return out
+
+    def using(self, copy: str) -> PagedHostPrefix:
+        """This host copy, its pools and staging shared, reloaded by `copy` (one of `ways`)."""
+        if copy not in self.ways:
+            raise InfermeterError(f"paged host copy made for {', '.join(self.ways)}: no "
+                                  f"{copy!r} way")
+        other = shallow.copy(self)
+        other.copy = copy
+        return other
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +186,10 @@ class PagedHostPrefix(LayerCopies):
 
     @property
     def copies(self) -> int:
-        """Host-to-device copies one reload issues (a block of K or of V, every KV head)."""
+        """Host-to-device copies one reload issues: dma, a block of K or of V, every KV head;
+        mapped, a gather kernel of a layer's K or V blocks (one a sequence in a ring layer)."""
+        if self.copy == "mapped":
+            return sum(len(layer.gathers) for layer in self.layers)
         return sum(2 * len(layer.blocks) for layer in self.layers)
 
     def _pools(self, model: Transformer, index: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -119,11 +205,16 @@ class PagedHostPrefix(LayerCopies):
 
     def fetch_layer(self, model: Transformer, index: int,
                     copies: CopyStream = CURRENT) -> None:
-        """Layer `index`'s DMAs on `copies` (default: the current stream, async from pinned
-        memory), issued from one call: each block of K and of V into its staging slot,
-        contiguous on both sides; a ring layer's key_pos straight into the cache."""
+        """Layer `index`'s copies on `copies` (default: the current stream, async from pinned
+        memory) into its staging slot: dma, its DMAs issued from one call, each block of K and
+        of V contiguous on both sides; mapped, its gathers (a kernel a pool, through the pool's
+        mapping). Either way a ring layer's key_pos straight into the cache, one DMA."""
         layer = self.layers[index]
-        copies.copy_all(*layer.pieces)
+        if self.copy == "mapped":
+            for staging, mapped, ids in layer.gathers:
+                copies.gather(staging, mapped, ids)
+        else:
+            copies.copy_all(*layer.pieces)
         if layer.key_pos is not None:
             copies.copy(layer_caches(model)[index].key_pos, layer.key_pos)
 

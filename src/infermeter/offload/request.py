@@ -11,6 +11,7 @@ from infermeter.errors import InfermeterError
 WAYS = ("serial", "layerwise", "recompute")  # (a) reload then prefill, (b) overlapped, (c)
 TRAFFIC_DIRECTIONS = ("d2h", "h2d", "both")  # traffic.DIRECTIONS, without importing torch
 TRAFFIC_METHODS = ("dma", "mapped")  # traffic.METHODS: copy engines, an SM kernel
+PAGED_COPIES = ("dma", "mapped")  # paged.PAGED_COPIES: a DMA per block, a gather kernel a pool
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class OffloadRequest:
     max_seq_len: int | None = None  # a fixed KV-cache length for every case
     lookahead: int | None = None  # layer-wise: copies issued ahead (None: all the staging allows)
     block_sizes: tuple[int, ...] = ()  # also reload from a paged host copy, blocks of N tokens
+    paged_copies: tuple[str, ...] = ()  # how a paged reload copies: "dma", "mapped"; () dma
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
@@ -78,6 +80,16 @@ class OffloadRequest:
             raise InfermeterError(f"--block-size: sizes must be positive integers, got "
                                   f"{list(self.block_sizes)}")
         object.__setattr__(self, "block_sizes", tuple(sorted(set(self.block_sizes))))
+        unknown = [m for m in self.paged_copies if m not in PAGED_COPIES]
+        if unknown:
+            raise InfermeterError(f"--paged-copy: unknown method {unknown[0]!r} (use "
+                                  f"{', '.join(PAGED_COPIES)})")
+        # the default's normalized form passes, so that a dataclasses.replace keeps working
+        if set(self.paged_copies) - {"dma"} and not self.block_sizes:
+            raise InfermeterError("--paged-copy: give --block-size too (the methods are those "
+                                  "of the paged host copy's reload)")
+        object.__setattr__(self, "paged_copies", tuple(
+            m for m in PAGED_COPIES if m in self.paged_copies) or ("dma",))
 
     @property
     def traffic_context(self) -> int:

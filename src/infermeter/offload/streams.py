@@ -5,7 +5,8 @@ streamed_prefill.StreamedPrefill) issues its copies and how the compute stream w
 on a GPU a side CUDA stream (CudaCopyStream: DMAs from pinned memory, events between the
 streams), on the CPU the current stream (CurrentStream: every copy synchronous, same order, no
 overlap), in the tests a fake clock. Host copies of a cache are pinned on a GPU (pins_for,
-pinned_like), so that a non_blocking copy is a DMA the host does not wait for.
+pinned_like), so that a non_blocking copy is a DMA the host does not wait for. A gather is the
+one copy that is a kernel (paged.py's mapped way: blocks read through a host pool's mapping).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from infermeter.measure.mapped_host import kernel_copy
 
 # A schedule event: ("copy", i) copy of layer i issued, ("wait", i) layer i made to wait for
 # it. Tests read them to check the order.
@@ -74,6 +77,10 @@ class CopyStream(Protocol):
     def copy_all(self, dsts: list[Tensor], srcs: list[Tensor]) -> None:
         """Issue one copy per pair on the copy stream, from one call (copy_pieces)."""
 
+    def gather(self, dst: Tensor, src: Tensor, rows: Tensor) -> None:
+        """Issue dst = src[rows] on the copy stream: a kernel (it runs on the SMs), its source
+        a host pool's device mapping on a GPU (paged.py's mapped way)."""
+
     def mark(self) -> Any:
         """A token for the copies issued so far (an event)."""
 
@@ -99,6 +106,10 @@ class CudaCopyStream:
         with torch.cuda.stream(self.stream):
             copy_pieces(dsts, srcs)
 
+    def gather(self, dst: Tensor, src: Tensor, rows: Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            kernel_copy(dst, src, rows)
+
     def mark(self) -> Any:
         event = torch.cuda.Event()
         event.record(self.stream)
@@ -121,6 +132,9 @@ class CurrentStream:
 
     def copy_all(self, dsts: list[Tensor], srcs: list[Tensor]) -> None:
         copy_pieces(dsts, srcs)
+
+    def gather(self, dst: Tensor, src: Tensor, rows: Tensor) -> None:
+        kernel_copy(dst, src, rows)
 
     def mark(self) -> Any:
         return None

@@ -101,25 +101,33 @@ def render_offloaded(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def paged_copy_of(entry: dict[str, Any]) -> str:
+    """A paged entry's or break-even row's copy way; older Results had dma only and no key."""
+    return entry.get("copy", "dma")
+
+
 def render_paged(metrics: dict[str, Any]) -> str:
-    """The paged reloads: per block size, suffix and prefix, beside the same case's recompute."""
+    """The paged reloads: per block size, copy way, suffix and prefix, beside the same case's
+    recompute."""
     rows = []
     for case in metrics["cases"]:
         for entry in case.get("paged", ()):
             ratio = entry["layerwise_over_bound"]
-            rows.append([entry["block_size"], case["suffix_len"], case["prefix_len"],
-                         entry["copies"], _ms(entry["reload_ms"]),
+            rows.append([entry["block_size"], paged_copy_of(entry), case["suffix_len"],
+                         case["prefix_len"], entry["copies"], _ms(entry["reload_ms"]),
                          _ms(entry["ttft_ms"]["serial"]), _ms(entry["ttft_ms"]["layerwise"]),
                          _ms(case["ttft_ms"]["recompute"]),
                          "-" if ratio is None else f"{ratio:.2f}",
                          "yes" if entry["same_tokens"] else "NO"])
-    rows.sort(key=lambda row: row[:3])
-    lines = ["paged host copy: the prefix in blocks scattered through a pool, reloaded block by "
-             "block (copies: one DMA per block of K or V), medians in ms",
-             render_table(["block", "suffix", "prefix", "copies", "reload", "(a) serial",
-                           "(b) layerwise", "(c) recompute", "(b)/bound", "same tokens"], rows)]
+    rows.sort(key=lambda row: row[:4])
+    lines = ["paged host copy: the prefix in blocks scattered through a pool, reloaded by dma "
+             "(copies: one DMA per block of K or V) or mapped (copies: one SM gather kernel per "
+             "layer's K or V, through the pool's device mapping), medians in ms",
+             render_table(["block", "copy", "suffix", "prefix", "copies", "reload",
+                           "(a) serial", "(b) layerwise", "(c) recompute", "(b)/bound",
+                           "same tokens"], rows)]
     for row in metrics["paged_break_even"]:
         way = "(a) serial" if row["way"] == "serial" else "(b) layerwise"
-        lines.append(f"suffix {row['suffix_len']}, blocks of {row['block_size']}, {way}: "
-                     f"{describe_break_even(row)}")
+        lines.append(f"suffix {row['suffix_len']}, blocks of {row['block_size']} by "
+                     f"{paged_copy_of(row)}, {way}: {describe_break_even(row)}")
     return "\n".join(lines)
