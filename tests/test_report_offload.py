@@ -89,7 +89,8 @@ def test_the_tables_hold_the_results_numbers(tmp_path):
         "whole", "blocks of 16"] * 3
     paged = table(report, "offload-paged").rows
     assert len(paged) == 9
-    assert paged[2] == [LABEL, "16", "16", "256", "64", "1.50 ms", "3.00 ms", "2.50 ms",
+    # these entries have no `copy` (as Results before --paged-copy): dma, the only way then
+    assert paged[2] == [LABEL, "16", "dma", "16", "256", "64", "1.50 ms", "3.00 ms", "2.50 ms",
                         "3.00 ms", "NO"]
     traffic = table(report, "offload-traffic").rows
     assert traffic[0] == [LABEL, "batch 8 at 4,096 tokens", "d2h", "dma", "10.0 ms", "10.4 ms",
@@ -168,3 +169,37 @@ def test_an_offload_result_with_parts_missing_still_renders(tmp_path):
     page = render(report, "html")  # the headline plot, and one offload plot: #2 has no case
     assert page.count("<img ") == 2 and page.count("TTFT against prefix length") == 2
     assert any(f"'{LABEL} #2' in the offload tables" in note for note in report.notes)
+
+
+def test_a_mapped_paged_copy_has_its_own_rows_break_even_and_plot_lines(tmp_path):
+    """--paged-copy dma mapped: each block size's entries per copy way (the mapped one 0.5 ms
+    faster here), shown in the paged table's Copy column, as its own host copy in the
+    break-even table, and as its own lines in the plot."""
+    from infermeter.report.offload import offload_labels
+    from infermeter.report.offload_plot import offload_figure
+
+    result = offload_result(traffic=False)
+    for case in result.metrics["cases"]:
+        dma = case["paged"][0]
+        dma["copy"] = "dma"
+        case["paged"].append({**dma, "copy": "mapped", "copies": 4, "ttft_ms": {
+            way: ms - 0.5 for way, ms in dma["ttft_ms"].items()}})
+    result.metrics["paged_break_even"] = paged_break_evens(
+        result.metrics["cases"], tuple(TTFT), (16,), ("dma", "mapped"))
+    report = report_of(tmp_path, result)
+    paged = table(report, "offload-paged").rows
+    assert len(paged) == 18
+    assert [row[2] for row in paged] == ["dma"] * 9 + ["mapped"] * 9
+    assert paged[11] == [LABEL, "16", "mapped", "16", "256", "4", "1.50 ms", "2.50 ms",
+                         "2.00 ms", "3.00 ms", "NO"]
+    breakeven = {tuple(row[1:3]): row[3:] for row in table(report, "offload-breakeven").rows}
+    assert [row[2] for row in table(report, "offload-breakeven").rows] == [
+        "whole", "blocks of 16", "blocks of 16, mapped"] * 3
+    # mapped, 0.5 ms slower than the whole copy: layer-wise gains -1, -0.5, +1: from
+    # 128 + 128 * 0.5 / 1.5
+    assert breakeven["16", "blocks of 16, mapped"][1] == f"~{128 + 128 * 0.5 / 1.5:.0f} tokens"
+    ((label, record),) = offload_labels(report.offloads)
+    panel = [ax for ax in offload_figure(label, record).axes if ax.get_visible()][0]
+    mapped = next(line for line in panel.lines
+                  if line.get_label() == "(a) serial, blocks of 16, mapped")
+    assert list(mapped.get_ydata()) == [ways[0] + 0.5 for ways in TTFT[16]]

@@ -6,7 +6,8 @@ measured, one row per case, from the Results alone.
 - offload-breakeven: the measured break-even prefix length per Result, suffix, host copy (whole,
   or paged per block size) and reload way (the Result's own `metrics.break_even` and
   `metrics.paged_break_even`: interpolated between measured prefix lengths, never extrapolated);
-- offload-paged: TTFT of (a) and (b) from a paged host copy per block size (--block-size);
+- offload-paged: TTFT of (a) and (b) from a paged host copy per block size (--block-size) and
+  copy way (--paged-copy: dma, or mapped; a Result without the key: dma);
 - offload-traffic: decode TPOT under background copies, the slowdown and the copies' GB/s, per
   direction and method (Results made with --traffic);
 - offload-decode: the offloaded decode's tok/s against the device decode and the link's bound
@@ -43,10 +44,11 @@ BREAKEVEN_CAPTION = (
     "measured prefix; above: recompute is as fast or faster at every one).")
 PAGED_CAPTION = (
     "The same requests with the prefix's KV kept as a paged server keeps it (`--block-size`): "
-    "blocks of `block` tokens scattered through a host pool, reloaded one DMA per block of "
-    "K or V (`copies` a reload, every KV head at once), (a) serially or (b) layer by layer "
-    "under the suffix's forward; (c) is the case's recompute. Medians; same tokens: "
-    "recompute's greedy tokens.")
+    "blocks of `block` tokens scattered through a host pool, reloaded by `copy`: dma, one DMA "
+    "per block of K or V (every KV head at once), or mapped, one SM gather kernel per layer's "
+    "K or V reading the pool through its mapping into the GPU (`copies` a reload), (a) "
+    "serially or (b) layer by layer under the suffix's forward; (c) is the case's recompute. "
+    "Medians; same tokens: recompute's greedy tokens.")
 TRAFFIC_CAPTION = (
     "Decode of a running batch alone and while background copies move bytes at full speed "
     "(d2h: offloading, h2d: reloading, both), by the method named (dma: copy engines; mapped: "
@@ -145,9 +147,20 @@ def describe(row: dict[str, Any] | None) -> str:
     return fmt.MISSING
 
 
+COPIES = ("dma", "mapped")  # a paged reload's copy ways, in the tables' order
+
+
+def _copy(row: dict[str, Any]) -> str:
+    """A paged row's copy way: older Results had dma only and no `copy` key."""
+    return str(row.get("copy") or "dma")
+
+
 def _host_copy(row: dict[str, Any]) -> str:
     size = num(row.get("block_size"))
-    return "whole" if size is None else f"blocks of {size:,.0f}"
+    if size is None:
+        return "whole"
+    copy = _copy(row)
+    return f"blocks of {size:,.0f}" + ("" if copy == "dma" else f", {copy}")
 
 
 def breakeven_table(labelled: list[tuple[str, Record]]) -> Table | None:
@@ -156,10 +169,11 @@ def breakeven_table(labelled: list[tuple[str, Record]]) -> Table | None:
     rows = []
     for label, record in labelled:
         paged = [r for r in record.metrics.get("paged_break_even") or [] if isinstance(r, dict)]
-        grouped: dict[tuple[float, float], dict[str, dict[str, Any]]] = {}
+        grouped: dict[tuple[float, float, int], dict[str, dict[str, Any]]] = {}
         for row in break_evens(record) + paged:
             if (suffix := num(row.get("suffix_len"))) is not None:
-                key = (suffix, num(row.get("block_size")) or 0)  # 0: the whole copy, first
+                key = (suffix, num(row.get("block_size")) or 0,  # 0: the whole copy, first
+                       COPIES.index(_copy(row)) if _copy(row) in COPIES else len(COPIES))
                 grouped.setdefault(key, {})[str(row.get("way"))] = row
         for key in sorted(grouped):
             ways = grouped[key]
@@ -182,8 +196,8 @@ def paged_table(labelled: list[tuple[str, Record]]) -> Table | None:
                 if not isinstance(entry, dict) or num(entry.get("block_size")) is None:
                     continue
                 times = entry.get("ttft_ms") if isinstance(entry.get("ttft_ms"), dict) else {}
-                rows.append((num(entry["block_size"]), [
-                    label, fmt.count(num(entry["block_size"])),
+                rows.append(((num(entry["block_size"]), _copy(entry)), [
+                    label, fmt.count(num(entry["block_size"])), _copy(entry),
                     fmt.count(num(case["suffix_len"])), fmt.count(num(case["prefix_len"])),
                     fmt.count(num(entry.get("copies"))), fmt.ms(num(entry.get("reload_ms"))),
                     fmt.ms(num(times.get("serial"))), fmt.ms(num(times.get("layerwise"))),
@@ -192,7 +206,7 @@ def paged_table(labelled: list[tuple[str, Record]]) -> Table | None:
         return None
     ordered = [row for _, row in sorted(rows, key=lambda r: (r[1][0], r[0]))]  # stable in case
     return Table("offload-paged", "Reload vs recompute, paged host copy (TTFT)", PAGED_CAPTION,
-                 ["Result", "Block", "Suffix", "Prefix", "Copies", "Reload", "(a) serial",
+                 ["Result", "Block", "Copy", "Suffix", "Prefix", "Copies", "Reload", "(a) serial",
                   "(b) layerwise", "(c) recompute", "Same tokens"], ordered)
 
 

@@ -1,6 +1,7 @@
 """The offload plot: TTFT against prefix length for the three ways, one panel per suffix length,
 one PNG per offload Result, with the measured break-even marked (report_plots' figure helpers).
-Reloads from a paged host copy (--block-size) are dashed lines, one colour per block size.
+Reloads from a paged host copy (--block-size) are dashed lines, one colour per block size and
+copy way (--paged-copy).
 
 Each reload way's crossover is a dotted vertical line in that way's colour at the Result's own
 break-even prefix length (metrics.break_even, status "measured"); where the crossing lies
@@ -24,10 +25,10 @@ UNMARKED = {"below": "reload wins at every measured prefix",
             "above": "recompute as fast or faster at every measured prefix"}
 
 
-def _paged_ttft(case: dict[str, Any], size: float, way: str) -> float | None:
+def _paged_ttft(case: dict[str, Any], size: float, copy: str, way: str) -> float | None:
     for entry in case.get("paged") or []:
         if isinstance(entry, dict) and num(entry.get("block_size")) == size \
-                and isinstance(entry.get("ttft_ms"), dict):
+                and (entry.get("copy") or "dma") == copy and isinstance(entry.get("ttft_ms"), dict):
             return num(entry["ttft_ms"].get(way))
     return None
 
@@ -39,15 +40,20 @@ def _panel(ax: Any, record: Record, suffix: float, rows: list[dict[str, Any]]) -
         points = [(x, y) for x, c in zip(xs, rows) if (y := ttft(c, way)) is not None]
         if points:
             ax.plot(*zip(*points), color=color, marker=marker, label=name)
-    sizes = sorted({num(e.get("block_size")) for c in rows for e in c.get("paged") or []
+    # paged host copies (an entry without `copy`: dma, as older Results): dashed, a colour per
+    # block size and copy way
+    sizes = sorted({(num(e.get("block_size")), str(e.get("copy") or "dma"))
+                    for c in rows for e in c.get("paged") or []
                     if isinstance(e, dict) and num(e.get("block_size")) is not None})
-    for index, size in enumerate(sizes):  # paged host copies: dashed, a colour per block size
+    for index, (size, copy) in enumerate(sizes):
+        by = "" if copy == "dma" else f", {copy}"
         for way, name in WAYS[:2]:
-            points = [(x, y) for x, c in zip(xs, rows) if (y := _paged_ttft(c, size, way))]
+            points = [(x, y) for x, c in zip(xs, rows)
+                      if (y := _paged_ttft(c, size, copy, way))]
             if points:
                 ax.plot(*zip(*points), color=f"C{3 + index}", marker=STYLES[way][1],
                         linestyle="--" if way == "serial" else "-.", markersize=4,
-                        label=f"{name}, blocks of {size:,.0f}")
+                        label=f"{name}, blocks of {size:,.0f}{by}")
     unmarked = []
     for way, name in WAYS[:2]:  # the reload ways, each against recompute
         x = crossover(record, suffix, way)
