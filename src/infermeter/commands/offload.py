@@ -52,7 +52,7 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paged-copy", nargs="+", choices=("dma", "mapped"), metavar="METHOD",
                    help="how that paged reload copies: dma (one DMA per block of K or V, the "
                    "default), mapped (one SM gather kernel per layer's K or V, reading the pool "
-                   "through its mapping into the GPU); both to measure both in one run")
+                   "through its mapping into the GPU); give both to measure both")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                    help="timed runs per case and way (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
