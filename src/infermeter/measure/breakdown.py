@@ -146,8 +146,8 @@ def _inductor_category(name: str, moe: bool = False) -> str | None:
     triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_17 (an RMSNorm fused into a
     matrix-vector product). A reduction that holds an `mm` or the engine's `gemv` op (the
     residual add and the next norm fused into the product's reduction) reads a weight matrix:
-    the matmul is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention. In an MoE
-    model a batched product fed by an index (the stacked experts' rows gathered by the routing
+    the matmul is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention.
+    In an MoE model a batched product fed by an index (the stacked experts' rows gathered by the routing
     ids, moe.py's gathered path), and no cache write, is the experts'."""
     match = re.match(r"triton_(red|per|poi)_fused_(.*?)(_\d+)?$", name)
     if match is None:
