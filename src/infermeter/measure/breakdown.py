@@ -147,8 +147,8 @@ def _inductor_category(name: str, moe: bool = False) -> str | None:
     matrix-vector product). A reduction that holds an `mm` or the engine's `gemv` op (the
     residual add and the next norm fused into the product's reduction) reads a weight matrix:
     the matmul is its cost. Else bmm / softmax / the KV-cache write (index_copy) are attention.
-    In an MoE model a batched product fed by an index (the stacked experts' rows gathered by the routing
-    ids, moe.py's gathered path), and no cache write, is the experts'."""
+    In an MoE model a batched product fed by an index (the stacked experts' rows gathered by
+    the routing ids, moe.py's gathered path), and no cache write, is the experts'."""
     match = re.match(r"triton_(red|per|poi)_fused_(.*?)(_\d+)?$", name)
     if match is None:
         return None
