@@ -12,6 +12,7 @@ torch rounds."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 import triton
@@ -373,11 +374,11 @@ def check_model_greedy() -> None:
     moe_module.gathered_experts = real
 
 
-def check_compiled_trace() -> None:
-    """torch.compile (fullgraph) traces a batch-1 MoE block with the Triton choice into the two
-    ops (their PDL twins, opaque custom ops with fake kernels: the interpreter cannot run under
-    dynamo's fake tensors), no gather of the stacked weights left in the graph, and the traced
-    block's output is the uncompiled one's within the router's float32 sum order."""
+def trace_moe_block(router_matvec: str | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A tiny Mixtral MoE block with the Triton choice, at batch 1, traced by torch.compile
+    (fullgraph, PDL on) and run uncompiled: (the last graph dynamo handed its backend, the
+    traced block's output, the plain one's). router_matvec: the router's GEMV kernel, where a
+    check wants eager's sum order."""
     from infermeter.engine.kernels import pdl
     from infermeter.engine.model import build_model
     from infermeter.specs.presets import PRESETS
@@ -392,6 +393,8 @@ def check_compiled_trace() -> None:
                                          moe_ffn_dim=176)
     moe = build_model(spec, seed=9).layers[0].feed_forward
     moe.moe_kernel = "triton"
+    if router_matvec is not None:
+        moe.gate.matvec_kernel = router_matvec
     x = torch.randn(1, 1, spec.dim, generator=torch.Generator().manual_seed(10))
     # the traced and the plain block run the kernels: a few big tiles (the interpreter's cost is
     # per program; the graph does not depend on the tiles)
@@ -400,12 +403,21 @@ def check_compiled_trace() -> None:
         traced = torch.compile(moe, fullgraph=True, dynamic=False, backend=keep)(x)
         plain = moe(x)
     expert_gemv.tiles_for = TILES_FOR
-    targets = [str(node.target) for node in graphs[-1].graph.nodes]
+    return graphs[-1], traced, plain
+
+
+def check_compiled_trace() -> None:
+    """torch.compile (fullgraph) traces a batch-1 MoE block with the Triton choice into the two
+    ops (their PDL twins, opaque custom ops with fake kernels: the interpreter cannot run under
+    dynamo's fake tensors), no gather of the stacked weights left in the graph, and the traced
+    block's output is the uncompiled one's within the router's float32 sum order."""
+    graph, traced, plain = trace_moe_block()
+    targets = [str(node.target) for node in graph.graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
     # the router's product and its routing (router_topk.py), then the experts
     assert ours == ["gemv_pdl", "router_topk_pdl", "experts_swiglu_pdl", "experts_down_pdl"], \
         ours
-    stacked = {node for node in graphs[-1].graph.nodes
+    stacked = {node for node in graph.graph.nodes
                if any(f"{w}_parameters_weight" in node.name for w in ("w1", "w2", "w3"))}
     readers = {str(user.target).split(".")[-2] for node in stacked for user in node.users}
     assert len(stacked) == 3 and readers == {"experts_swiglu_pdl", "experts_down_pdl"}, readers

@@ -21,7 +21,7 @@ from infermeter.engine import moe as moe_module
 from infermeter.engine.kernels import expert_gemv
 from infermeter.engine.kernels.router_topk import router_topk
 from infermeter.engine.moe import MoEFeedForward
-from tests.expert_gemv_worker import moe_model, tiny_gpt_oss, tiny_qwen3_moe
+from tests.expert_gemv_worker import moe_model, tiny_gpt_oss, tiny_qwen3_moe, trace_moe_block
 from tests.fused_step_worker import ULP, rounder
 
 # (what, E, k, renormalize, softmax after top-k): Qwen3-MoE, Mixtral, gpt-oss, and E and k not
@@ -204,29 +204,9 @@ def check_compiled_trace() -> None:
     routing op (its PDL twin: an opaque custom op with a fake kernel, as the interpreter cannot
     run under dynamo's fake tensors) with no softmax or topk left, and the traced block's output
     is the uncompiled one's."""
-    from infermeter.engine.kernels import pdl
-    from infermeter.engine.model import build_model
-    from infermeter.specs.presets import PRESETS
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    spec = PRESETS["debug"].with_updates(arch="mixtral", n_experts=4, n_active_experts=2,
-                                         moe_ffn_dim=176)
-    moe = build_model(spec, seed=9).layers[0].feed_forward
-    moe.moe_kernel = "triton"
     # the router's product as eager computes it (the GEMV's sum order moves a logit's last bit)
-    moe.gate.matvec_kernel = "inductor"
-    x = torch.randn(1, 1, spec.dim, generator=torch.Generator().manual_seed(10))
-    expert_gemv.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
-    with torch.inference_mode(), pdl.launching(True):
-        traced = torch.compile(moe, fullgraph=True, dynamic=False, backend=keep)(x)
-        plain = moe(x)
-    expert_gemv.tiles_for = TILES_FOR
-    targets = [str(node.target) for node in graphs[-1].graph.nodes]
+    graph, traced, plain = trace_moe_block(router_matvec="inductor")
+    targets = [str(node.target) for node in graph.graph.nodes]
     assert "infermeter.router_topk_pdl.default" in targets, targets
     assert not any("topk" in t and "router" not in t or "softmax" in t for t in targets), targets
     assert torch.equal(traced, plain), "traced and uncompiled blocks differ"
