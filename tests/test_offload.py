@@ -137,6 +137,9 @@ class FakeClock:
     def wait(self, token: float) -> None:
         self.compute = max(self.compute, token)
 
+    def settle(self) -> None:
+        self.compute = max(self.compute, self.copy_end)
+
 
 def _schedule(generator, lookahead, clock=None, layer_ms=1.0, block_fn=None, trace=None):
     """The events of one layer-wise reload + forward; ("attention", i) when layer i's attention
@@ -434,6 +437,20 @@ def test_hooks_leave_with_the_reload_and_a_forward_without_start_is_refused(gene
         generator.prefill(_tokens()[:, PREFIX:], ONE, start=PREFIX)
     assert not model._forward_pre_hooks
     assert all(not layer.attention._forward_pre_hooks for layer in model.layers)
+
+
+def test_leaving_a_reload_waits_for_the_copies_no_layer_waited_for(generator):
+    """A forward that never came (or raised) leaves the first layers' copies in flight: on
+    leaving, the compute stream waits for every copy issued, before the prefix or the cache
+    can be freed."""
+    model = generator.model
+    generator.prepare(2, PREFIX + SUFFIX, 1)
+    generator.prefill(_tokens(), ONE)
+    clock = FakeClock(3.0)
+    with LayerwiseReload(model, HostPrefix(model, PREFIX), stream=clock) as reload:
+        reload.start()
+        assert clock.copy_end > 0 and clock.compute == 0.0
+    assert clock.compute == clock.copy_end
 
 
 # ---- break-even arithmetic -----------------------------------------------------------------

@@ -76,6 +76,22 @@ def test_the_mapped_staging_is_dmas_bit_for_bit_and_the_cache_the_prefills(gener
     """Layer by layer, each staging slot filled with a marker first: what the gathers leave in
     it (the rows they fill and the ones they do not) is what the DMAs leave, byte for byte; the
     placements after them give the prefix's prefill's cache."""
+    _check_staging(generator, block)
+
+
+# one KV head of 6 bfloat16 values: a block of 1 or 3 tokens is 12 or 36 bytes, no whole number
+# of 8-byte words, so the gathers move it in smaller words; a ring layer too
+ODD = DEBUG.with_updates(name="debug-odd-rows", n_heads=2, n_kv_heads=1, head_dim=6,
+                         sliding_window=5, sliding_window_layers=(0,))
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_blocks_of_no_whole_number_of_8_byte_words_are_gathered_bit_for_bit(block):
+    model = build_model(ODD, device="cpu", dtype=torch.bfloat16, seed=3)
+    _check_staging(Generator(model, prefill_chunk=None), block)
+
+
+def _check_staging(generator, block):
     model = generator.model
     want = _prefilled(generator)
     paged = PagedHostPrefix(model, PREFIX, block, seed=1, copies=("dma", "mapped"))

@@ -85,15 +85,18 @@ def mapped_view(host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor 
     try:
         view = torch.as_tensor(_CudaArray(ptr, host.numel(), host.dtype, host), device=device)
     except (RuntimeError, TypeError, ValueError) as err:  # PyTorch refused the pointer
-        return None, f"torch.as_tensor refused the mapped pointer: {err}"
+        return None, "torch.as_tensor refused the mapped pointer: " + " ".join(str(err).split())
     if view.device.type != "cuda" or view.data_ptr() != ptr:
         return None, "torch did not alias the mapped pointer"
     # Probe: a kernel (fill_) and a device-to-device memcpy (copy_ of contiguous tensors, which
     # torch issues as cudaMemcpyAsync) write through the mapping; the host must see both.
     probe = host[:8].clone()
-    view[:4].fill_(90)
-    view[4:8].copy_(torch.full((4,), 91, dtype=view.dtype, device=device))
-    torch.cuda.synchronize(device)
+    try:
+        view[:4].fill_(90)
+        view[4:8].copy_(torch.full((4,), 91, dtype=view.dtype, device=device))
+        torch.cuda.synchronize(device)
+    except RuntimeError as err:  # a fault through the mapping: a reason, not a traceback
+        return None, "a write through the mapping failed: " + " ".join(str(err).split())
     ok = bool((host[:4] == 90).all()) and bool((host[4:8] == 91).all())
     host[:8].copy_(probe)
     return (view, how) if ok else (None, "a write through the mapping did not arrive")

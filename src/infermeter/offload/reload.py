@@ -229,6 +229,9 @@ class LayerwiseReload:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        # copies issued ahead that no layer waited for (a forward that raised, or stopped
+        # early): the compute stream waits for them before the prefix or the cache can be freed
+        self.stream.settle()
 
     def start(self) -> None:
         """A new reload: issue the first `lookahead` layers' copies. The copy stream first waits

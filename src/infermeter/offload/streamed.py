@@ -111,8 +111,7 @@ class StreamedDecode:
             handle.remove()
         # the last step's copies ahead may still be writing the buffers: the compute stream
         # waits for them before the buffers go back to the allocator
-        for token in self.ahead.values():
-            self.stream.wait(token)
+        self.stream.settle()
         self.ahead = {}
         self.pieces = []  # views of the buffers: they would keep them alive
         self.model.drop_cache()

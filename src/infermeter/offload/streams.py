@@ -87,6 +87,10 @@ class CopyStream(Protocol):
     def wait(self, token: Any) -> None:
         """Later compute starts after the copies `token` marks."""
 
+    def settle(self) -> None:
+        """Later compute starts after every copy issued so far (before what they read or write
+        goes back to an allocator)."""
+
 
 class CudaCopyStream:
     """A side CUDA stream: copies by DMA from pinned memory, events between the streams."""
@@ -118,6 +122,9 @@ class CudaCopyStream:
     def wait(self, token: Any) -> None:
         torch.cuda.current_stream(self.device).wait_event(token)
 
+    def settle(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
 
 class CurrentStream:
     """Copies on the current stream, nothing to wait for: on the CPU a copy is done when it
@@ -140,6 +147,9 @@ class CurrentStream:
         return None
 
     def wait(self, token: Any) -> None:
+        pass
+
+    def settle(self) -> None:
         pass
 
 
