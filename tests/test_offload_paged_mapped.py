@@ -112,6 +112,30 @@ def _check_staging(generator, block):
         assert torch.equal(cache.key_pos, key_pos)
 
 
+def test_a_way_whose_tokens_part_is_marked_alone(generator, monkeypatch):
+    """A mapping that reads zeros (a broken gather) parts the mapped way's tokens from
+    recompute's: its entry says so and names where, the dma entry of the same blocks stays
+    the same, and so does the case's own verdict on (a), (b) and (c)."""
+    import functools
+
+    from infermeter.offload import paged as paged_module
+
+    def zeros(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return torch.zeros_like(host)
+
+    monkeypatch.setattr(paged_module, "PagedHostPrefix",
+                        functools.partial(PagedHostPrefix, map_host=zeros))
+    request = OffloadRequest("random:debug", (PREFIX,), (SUFFIX,), batch_size=2, new_tokens=4,
+                             repeats=1, warmup=0, block_sizes=(16,),
+                             paged_copies=("dma", "mapped"))
+    case, _, notes = measure_case(generator, request, PREFIX, SUFFIX)
+    assert {e["copy"]: e["same_tokens"] for e in case["paged"]} == {"dma": True,
+                                                                     "mapped": False}
+    assert case["same_tokens"] is True
+    assert set(case["divergence"]) == {"paged16_mapped_serial", "paged16_mapped_layerwise"}
+    assert any("paged16_mapped" in note for note in notes)
+
+
 def test_the_gathers_read_the_injected_mapping_by_block_ids_made_once(generator):
     """The gathers' sources are what the injected mapping returned (one per pool, K and V of
     every layer), seen as rows of words, a block a row; their ids are the block table's, in the
