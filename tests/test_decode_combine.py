@@ -222,10 +222,10 @@ def test_on_cuda_the_last_combine_is_the_separate_ones_to_the_bit(dtype):
     calls (the counter back at 0 after each) and over a CUDA graph's replays with new inputs
     copied in, for GQA shapes, heads of 64 and 128, 1, 3 and 17 splits, a ring layer, a cap
     and sinks."""
-    from infermeter.engine.kernels import pdl
+    from tests.test_pdl import launch_ways
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    uses_pdl = (False, True) if pdl.supported(torch.device("cuda")) else (False,)
+    uses_pdl = launch_ways(torch.device("cuda"))
     cases = [(1, 64, 1, False, 0, 0.0, False), (4, 128, 3, False, 0, 0.0, False),
              (8, 64, 17, False, 0, 0.0, False), (4, 64, 3, True, 100, 0.0, False),
              (4, 128, 17, False, 0, 50.0, False), (8, 128, 3, False, 0, 0.0, True)]

@@ -220,6 +220,7 @@ def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):
     plain and PDL launches: the Triton path within bf16 rounding of the torch grouped path
     (both against the output's scale)."""
     from infermeter.engine.kernels import pdl
+    from tests.test_pdl import launch_ways
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -238,9 +239,7 @@ def test_grouped_kernels_on_cuda_match_the_torch_grouped_path(name):
             want = moe.grouped(x, weights, ids).float()
             moe.moe_kernel = "triton"
             assert moe.runs_kernels(x)
-            for pdl_on in (False, True):
-                if pdl_on and not pdl.supported(x.device):
-                    continue
+            for pdl_on in launch_ways(x.device):
                 with pdl.launching(pdl_on):
                     got = moe(x[:, None]).squeeze(1).float()
                 err = (got - want).abs().max().item()

@@ -252,6 +252,7 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
     path within rounding of the torch gathered path (both against the float32 products'
     scale)."""
     from infermeter.engine.kernels import pdl
+    from tests.test_pdl import launch_ways
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -271,9 +272,7 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
             moe.moe_kernel = "torch"
             want = moe.gathered(x, weights, ids).float()
             moe.moe_kernel = "triton"
-            for pdl_on in (False, True):
-                if pdl_on and not pdl.supported(x.device):
-                    continue
+            for pdl_on in launch_ways(x.device):
                 with pdl.launching(pdl_on):
                     got = moe.gathered(x, weights, ids).float()
                 err = (got - want).abs().max().item()

@@ -151,6 +151,12 @@ def test_launching_sets_and_restores():
     assert not pdl.enabled()
 
 
+def launch_ways(device: torch.device) -> tuple[bool, ...]:
+    """The PDL settings a gpu test runs a kernel under: both where PDL can launch on `device`,
+    else without it only."""
+    return (False, True) if pdl.supported(device) else (False,)
+
+
 def test_inductor_options_and_support_on_this_machine():
     assert pdl.inductor_options(True) == {"triton.enable_pdl": True}
     assert pdl.inductor_options(False) == {}

@@ -55,6 +55,7 @@ def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm,
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from infermeter.engine.kernels import pdl
+    from tests.test_pdl import launch_ways
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
@@ -68,9 +69,7 @@ def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm,
                 want, want_ids = moe.route(x)
                 moe.moe_kernel = "triton"
                 assert moe.runs_kernels(x)
-                for pdl_on in (False, True):
-                    if pdl_on and not pdl.supported(x.device):
-                        continue
+                for pdl_on in launch_ways(x.device):
                     with pdl.launching(pdl_on):
                         got, ids = moe.route(x)
                     what = (dtype, n_tokens, pdl_on)
