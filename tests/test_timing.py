@@ -3,8 +3,9 @@
 import math
 
 import pytest
+import torch
 
-from infermeter.measure.timing import Stats, percentile, time_host
+from infermeter.measure.timing import Stats, percentile, time_cuda, time_host, timer_for
 
 
 def test_percentiles_match_numpy_linear():
@@ -40,3 +41,8 @@ def test_time_host_with_a_synthetic_clock():
     assert warmup_ms == pytest.approx(500.0)
     assert samples == pytest.approx([2.0, 4.0])
     assert len(calls) == 3
+
+
+def test_the_timer_for_a_device_is_cuda_events_on_a_gpu_and_the_host_clock_elsewhere():
+    assert timer_for(torch.device("cuda", 0)) is time_cuda
+    assert timer_for(torch.device("cpu")) is time_host

@@ -107,3 +107,9 @@ def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int = 1,
         end.synchronize()
         samples.append(start.elapsed_time(end))
     return samples, warmup_ms
+
+
+def timer_for(device: Any) -> Callable[..., tuple[list[float], float]]:
+    """time_cuda on a GPU (CUDA events), time_host elsewhere (the host clock): the same
+    arguments, the same (samples in ms, warm-up ms)."""
+    return time_cuda if device.type == "cuda" else time_host

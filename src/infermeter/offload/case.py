@@ -101,7 +101,7 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
     import torch
 
     from infermeter.engine.generator import GenerationConfig
-    from infermeter.measure.timing import time_cuda, time_host
+    from infermeter.measure.timing import timer_for
     from infermeter.offload.paged import PagedHostPrefix
     from infermeter.offload.reload import HostPrefix
 
@@ -145,7 +145,7 @@ def measure_case(generator: Any, request: OffloadRequest, prefix: int,
              f"recompute's, {describe(found[way])}" for way in differ]
 
     # ---- timed
-    timer = time_cuda if device.type == "cuda" else time_host
+    timer = timer_for(device)
     raw, stats, warmup_ms = {}, {}, {}
     with torch.no_grad():
         generator.prepare(batch, prefix + suffix, request.new_tokens)

@@ -225,14 +225,6 @@ def measure_traffic(generator: Any, request: OffloadRequest, methods: tuple[str,
     return entries, samples, notes
 
 
-def _time(fn: Any, request: OffloadRequest, device: Any) -> list[float]:
-    """Samples in ms of fn() (CUDA events on a GPU, the host clock on the CPU)."""
-    from infermeter.measure.timing import time_cuda, time_host
-
-    timer = time_cuda if device.type == "cuda" else time_host
-    return timer(fn, request.repeats, max(request.warmup, 1))[0]
-
-
 def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                              refusal: str | None = None
                              ) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
@@ -245,6 +237,7 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
 
     from infermeter.engine.dtypes import torch_dtype
     from infermeter.engine.generator import GenerationConfig
+    from infermeter.measure.timing import timer_for
     from infermeter.measure.trace import profile_to, trace_path
     from infermeter.offload.streamed import StreamedDecode
     from infermeter.offload.streamed_prefill import StreamedPrefill, layer_buffers
@@ -289,7 +282,8 @@ def measure_offloaded_decode(generator: Any, request: OffloadRequest,
                 samples["streamed"] = [windows.run(streamed.step_at) / steps
                                        for _ in range(request.repeats)]
                 per_step = streamed.bytes_per_step
-                samples["copies_alone"] = _time(streamed.copies_alone, request, device)
+                samples["copies_alone"] = timer_for(device)(
+                    streamed.copies_alone, request.repeats, max(request.warmup, 1))[0]
                 if request.trace:  # a short window from the timed ones' start, after them
                     with profile_to(trace_path(request.trace), {"offloaded_decode": True}):
                         traced.run(streamed.step_at)
