@@ -150,9 +150,9 @@ def test_eager_steps_and_prefill_never_take_the_fused_path(monkeypatch):
 
 
 def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(monkeypatch):
-    """--step-kernels: the CLI's choices are the engine's, "split" by default (until a GPU
-    measures otherwise); the runner sets every layer; the Result records "fused" only for a
-    compiled batch-1 case where Triton runs, "split" otherwise, nothing in eager mode."""
+    """--step-kernels: the CLI's choices are "auto" (the default: step_choice.py's rule) and the
+    engine's; the runner sets every layer; the Result records "fused" only for a compiled
+    batch-1 case where Triton runs, "split" otherwise, nothing in eager mode."""
     from infermeter.cli import build_parser
     from infermeter.commands.generate import STEP_KERNELS as CLI_KINDS
     from infermeter.engine.checkpoint.load import load_weights
@@ -161,9 +161,9 @@ def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(mo
     from infermeter.generate.modes import EngineRunner
     from infermeter.generate.request import EngineChoices, GenerateRequest
 
-    assert CLI_KINDS == STEP_KERNELS
-    assert EngineChoices().step_kernels == "split"
-    assert build_parser().parse_args(["generate", "--model", "debug"]).step_kernels == "split"
+    assert CLI_KINDS == ("auto", *STEP_KERNELS)
+    assert EngineChoices().step_kernels == "auto"
+    assert build_parser().parse_args(["generate", "--model", "debug"]).step_kernels == "auto"
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
     compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
@@ -182,7 +182,7 @@ def test_step_kernels_choice_reaches_every_layer_and_the_result_says_what_ran(mo
     runner.batch_sizes = [1]
     assert runner.describe()["step_kernels"] == "split"  # no Triton here
     assert EngineRunner(model, eager[0], request).describe()["step_kernels"] is None
-    EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
+    EngineRunner(model, compiled[0], GenerateRequest("random:debug"))  # auto, off a GPU
     assert {layer.step_kernels for layer in model.layers} == {"split"}
 
 
@@ -295,6 +295,9 @@ def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[fused, split])) is split
     assert "fused step" in _generate_setting(fused)
     assert "step" not in _generate_setting(split)
+    # left to "auto", which chose it (config.step_choice): the default setting, fused or not
+    chosen = seed_record(4, step_kernels="fused", step_choice="auto: fused, recorded (0.27 GB)")
+    assert not off_default_kernels(chosen)
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import FUSED_PARTS, Transformer, fused_step_parts, set_step_kernels
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel, takes_expert_kernel
+from infermeter.engine.step_choice import AUTO, choose_step, step_weight_bytes
 from infermeter.generate.cases import Case
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
@@ -30,6 +31,14 @@ class EngineRunner:
     def __init__(self, model: Transformer, case: Case, request: GenerateRequest) -> None:
         engine = request.engine
         self.config = replace(request.sampling, compile=case.mode == "compiled")
+        # "auto" kernels and replay: by the bytes a step reads (step_choice.py), decided here
+        # since the rule needs the built model, the case's batch and the ranks
+        choice = choose_step(step_weight_bytes(model), model.tok_embeddings.weight.device,
+                             model.spec.n_experts > 0, request.tp or 1, case.largest_group)
+        # recorded where the kernels were left to the rule (the report's default-setting test)
+        self.step_choice = choice.reason if engine.step_kernels == AUTO else None
+        step_kernels = choice.kernels if engine.step_kernels == AUTO else engine.step_kernels
+        step_graphs = choice.graphs if engine.step_graphs == AUTO else engine.step_graphs
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
@@ -37,7 +46,7 @@ class EngineRunner:
                                    bucketed_prefill=engine.prefill_kind == "bucketed",
                                    chunk_attention=engine.chunk_attention,
                                    prefill_graphs=engine.prefill_graphs,
-                                   step_graphs=engine.step_graphs,
+                                   step_graphs=step_graphs,
                                    decode_attention=engine.decode_attention,
                                    compile_options=dict(engine.compile_options),
                                    pdl=self.config.compile and resolve_pdl(
@@ -45,7 +54,7 @@ class EngineRunner:
                                        engine.compile_backend))
         set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = engine.matvec_kernel
-        set_step_kernels(model, engine.step_kernels)
+        set_step_kernels(model, step_kernels)
         set_moe_kernel(model, engine.moe_kernel)
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
@@ -67,6 +76,7 @@ class EngineRunner:
                 "moe_kernel": self._moe_kernel_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 "step_graphs": self.generator.step_graphs if compiled else None,
+                "step_choice": self.step_choice if compiled else None,
                 **self._prefill_used()}
 
     def _prefill_used(self) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from typing import Any
 from infermeter.engine.chunk_attention import CHUNK_ATTENTION
 from infermeter.engine.generator import STEP_GRAPHS, GenerationConfig
 from infermeter.engine.linear import MATVEC_KERNEL
-from infermeter.engine.model import STEP_KERNEL
+from infermeter.engine.model import STEP_KERNELS
 from infermeter.engine.moe import MOE_KERNEL
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, PREFILL_KINDS, prefill_chunk_for
+from infermeter.engine.step_choice import AUTO
 from infermeter.errors import InfermeterError
 
 DEFAULT_NEW_TOKENS = 64
@@ -49,7 +50,9 @@ class EngineChoices:
     decode_attention: str | None = None  # attention.ATTENTION_KINDS; None: the model's default
     tp_all_reduce: str = "auto"  # parallel/all_reduce.ALL_REDUCE_KINDS (tp > 1)
     matvec_kernel: str = MATVEC_KERNEL  # linear.MATVEC_KERNELS: compiled one-row products
-    step_kernels: str = STEP_KERNEL  # model.STEP_KERNELS: the compiled batch-1 step's layers
+    # model.STEP_KERNELS: the compiled batch-1 step's layers; "auto": by model size
+    # (engine/step_choice.py)
+    step_kernels: str = AUTO
     moe_kernel: str = MOE_KERNEL  # moe.MOE_KERNELS: the gathered experts' products
     pdl: bool | None = None  # programmatic dependent launch; None: wherever it can run
     # the longest prefill forward, in tokens; None: prefill_buckets.COMPILED_PREFILL_CHUNK in
@@ -67,12 +70,17 @@ class EngineChoices:
     # (engine/prefill_buckets.PREFILL_GRAPHS, the default first); for benchmarks: no CLI flag
     prefill_graphs: str = PREFILL_GRAPHS[0]
     # how the compiled decode step's CUDA graph is replayed: "trees" (inductor's) or "recorded"
-    # (engine/generator.STEP_GRAPHS, the default first); for benchmarks: no CLI flag
-    step_graphs: str = STEP_GRAPHS[0]
+    # (engine/generator.STEP_GRAPHS); "auto": by model size, as step_kernels (engine/
+    # step_choice.py); for benchmarks: no CLI flag
+    step_graphs: str = AUTO
     # inductor options the resolved all-reduce kind needs (set by the job, not by users)
     compile_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        for what, kind, kinds in (("step kernels", self.step_kernels, STEP_KERNELS),
+                                  ("step graphs", self.step_graphs, STEP_GRAPHS)):
+            if kind not in (AUTO, *kinds):
+                raise InfermeterError(f"unknown {what} {kind!r} (use {' or '.join((AUTO, *kinds))})")
         if self.prefill is not None and self.prefill not in PREFILL_KINDS:
             raise InfermeterError(f"unknown prefill {self.prefill!r} "
                                   f"(use {' or '.join(PREFILL_KINDS)})")

@@ -1,0 +1,63 @@
+"""What a compiled decode step runs when its kernels and replay are left to "auto" (generate's
+default): the fused step in our recorded graph for small dense models, the split step in
+inductor's graph trees for the rest, by the bytes a step reads.
+
+Why the line falls where it does (docs/engine.md, "Choosing the step by model size"): on an
+H200, both in the recorded step, fused / split TPOT was 0.811 at SmolLM2-135M (0.27 GB of
+weights a step), 0.979 at Qwen2.5-0.5B (0.99 GB) and 1.033 at Llama-3.2-1B (2.47 GB): fewer,
+wider kernels win where a step is many short kernels, and lose where the products dominate
+(results/step-kernels-recorded-nvidia-h200-summary.txt). The fused kernels only pay where the
+host's replay is cheap: in the graph trees the H200's small steps waited on the host and the
+fused step lost at every size (results/step-kernels-nvidia-h200-summary.txt), so the two go
+together.
+
+Left split, in the trees, whatever the size: MoE models (their experts are counted in Python
+each step, which a replay would not repeat), tensor parallelism and batches past one (neither
+measured), and anything off a GPU (no graph to replay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+AUTO = "auto"
+# The most weight bytes a step may read and still take the fused, recorded step: between
+# Qwen2.5-0.5B's 0.99 GB (fused won by 2%) and Llama-3.2-1B's 2.47 GB (fused lost by 3%).
+SMALL_STEP_BYTES = 1.5e9
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    kernels: str  # model.STEP_KERNELS
+    graphs: str  # generator.STEP_GRAPHS
+    reason: str  # one line for the Result's config.step_choice
+
+
+def step_weight_bytes(model: nn.Module) -> int:
+    """The weight bytes one decode step reads: every parameter once (a tied output head is the
+    embedding's Parameter, counted once), less an untied embedding table, of which a step reads
+    one row a token."""
+    embedding = getattr(model, "tok_embeddings", None)
+    output = getattr(model, "output", None)
+    tied = embedding is not None and output is not None and output.weight is embedding.weight
+    skip = set() if tied or embedding is None else {id(embedding.weight)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int,
+                batch: int) -> StepChoice:
+    """The step "auto" runs for a model reading weight_bytes a step on `device`, with MoE layers
+    or not, over tp ranks, at a largest batch of `batch` sequences."""
+    gb = f"{weight_bytes / 1e9:.2f} GB of weights"
+    held = ("off a GPU" if device.type != "cuda" else "an MoE model" if moe
+            else f"tp {tp}" if tp > 1 else f"batch {batch}" if batch > 1 else None)
+    if held is not None:
+        return StepChoice("split", "trees", f"auto: split, trees ({held})")
+    if weight_bytes <= SMALL_STEP_BYTES:
+        return StepChoice("fused", "recorded",
+                          f"auto: fused, recorded ({gb}, at most {SMALL_STEP_BYTES / 1e9:g} GB)")
+    return StepChoice("split", "trees",
+                      f"auto: split, trees ({gb}, over {SMALL_STEP_BYTES / 1e9:g} GB)")

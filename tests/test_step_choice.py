@@ -1,0 +1,99 @@
+"""engine/step_choice.py: what a compiled decode step runs when its kernels and replay are left
+to "auto" (generate's default), and that the runner applies and records that choice."""
+
+import pytest
+import torch
+
+from infermeter.engine.model import build_model
+from infermeter.engine.step_choice import SMALL_STEP_BYTES, StepChoice, choose_step, step_weight_bytes
+from infermeter.specs.presets import PRESETS
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def test_small_dense_models_take_the_fused_recorded_step_up_to_the_line():
+    small = choose_step(int(SMALL_STEP_BYTES), CUDA, moe=False, tp=1, batch=1)
+    assert (small.kernels, small.graphs) == ("fused", "recorded")
+    assert "1.50 GB" in small.reason and "at most 1.5 GB" in small.reason
+    large = choose_step(int(SMALL_STEP_BYTES) + 1, CUDA, moe=False, tp=1, batch=1)
+    assert (large.kernels, large.graphs) == ("split", "trees")
+    assert "over 1.5 GB" in large.reason
+
+
+@pytest.mark.parametrize("device,moe,tp,batch,why", [
+    (CPU, False, 1, 1, "off a GPU"), (CUDA, True, 1, 1, "an MoE model"),
+    (CUDA, False, 2, 1, "tp 2"), (CUDA, False, 1, 8, "batch 8")])
+def test_what_was_not_measured_stays_split_in_the_trees_whatever_its_size(device, moe, tp,
+                                                                         batch, why):
+    choice = choose_step(1000, device, moe=moe, tp=tp, batch=batch)
+    assert (choice.kernels, choice.graphs) == ("split", "trees")
+    assert choice.reason == f"auto: split, trees ({why})"
+
+
+def test_a_step_reads_a_tied_head_once_and_no_untied_embedding_table():
+    """debug in bfloat16: every parameter's bytes once; an untied embedding table (a step reads
+    one row of it) left out, a tied one counted once, as the head it also is."""
+    spec = PRESETS["debug"]
+    for tied in (False, True):
+        model = build_model(spec.with_updates(tie_embeddings=tied), on_meta=True,
+                            dtype=torch.bfloat16)
+        params = {id(p): p for p in model.parameters()}  # a tied Parameter is listed once
+        total = sum(p.numel() * 2 for p in params.values())
+        table = model.tok_embeddings.weight.numel() * 2
+        assert step_weight_bytes(model) == (total if tied else total - table)
+
+
+@pytest.mark.parametrize("name,dtype,fused", [
+    # the three the line was drawn from (step-kernels-recorded-nvidia-h200-summary.txt)
+    ("smollm2-135m", torch.float16, True), ("qwen2.5-0.5b", torch.bfloat16, True),
+    ("llama-3.2-1b", torch.bfloat16, False), ("llama-3.1-8b", torch.bfloat16, False)])
+def test_the_measured_models_fall_on_the_side_their_ab_put_them(name, dtype, fused):
+    model = build_model(PRESETS[name], on_meta=True, dtype=dtype)
+    choice = choose_step(step_weight_bytes(model), CUDA, moe=False, tp=1, batch=1)
+    assert (choice.kernels == "fused") == fused, choice.reason
+
+
+def test_the_runner_applies_auto_records_why_and_keeps_what_was_asked(monkeypatch):
+    """The Generator gets the chosen replay, every layer the chosen kernels, and the Result's
+    config.step_choice the reason; kernels asked for by name run as asked (no step_choice),
+    while the replay left to auto still follows the rule."""
+    from infermeter.engine.checkpoint.load import load_weights
+    from infermeter.generate import modes as modes_module
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    seen = []
+
+    def rule(weight_bytes, device, moe, tp, batch):
+        seen.append((weight_bytes, device.type, moe, tp, batch))
+        return StepChoice("fused", "recorded", "auto: fused, recorded (why)")
+
+    monkeypatch.setattr(modes_module, "choose_step", rule)
+    model = load_weights("random:debug", "cpu", "float32")
+    sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
+    compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
+                       for mode in ("compiled", "eager"))
+    runner = EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
+    assert seen == [(step_weight_bytes(model), "cpu", False, 1, 1)]
+    assert {layer.step_kernels for layer in model.layers} == {"fused"}
+    assert runner.generator._step_graphs_asked == "recorded"
+    assert runner.describe()["step_choice"] == "auto: fused, recorded (why)"
+    eager_runner = EngineRunner(model, eager[0], GenerateRequest("random:debug"))
+    assert eager_runner.describe()["step_choice"] is None  # no compiled step
+    asked = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="split"))
+    runner = EngineRunner(model, compiled[0], asked)
+    assert {layer.step_kernels for layer in model.layers} == {"split"}
+    assert runner.generator._step_graphs_asked == "recorded"
+    assert runner.describe()["step_choice"] is None
+
+
+@pytest.mark.parametrize("field,value", [("step_kernels", "megakernel"),
+                                         ("step_graphs", "graphs")])
+def test_an_unknown_step_setting_is_one_clear_error(field, value):
+    from infermeter.errors import InfermeterError
+    from infermeter.generate.request import EngineChoices
+
+    with pytest.raises(InfermeterError, match=f"unknown {field.replace('_', ' ')} '{value}' "
+                       r"\(use auto or "):
+        EngineChoices(**{field: value})
