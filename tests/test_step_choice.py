@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from infermeter.engine.model import build_model
-from infermeter.engine.step_choice import SMALL_STEP_BYTES, StepChoice, choose_step, step_weight_bytes
+from infermeter.engine.step_choice import (
+    SMALL_STEP_BYTES,
+    StepChoice,
+    choose_step,
+    step_weight_bytes,
+)
 from infermeter.specs.presets import PRESETS
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")

@@ -80,7 +80,8 @@ class EngineChoices:
         for what, kind, kinds in (("step kernels", self.step_kernels, STEP_KERNELS),
                                   ("step graphs", self.step_graphs, STEP_GRAPHS)):
             if kind not in (AUTO, *kinds):
-                raise InfermeterError(f"unknown {what} {kind!r} (use {' or '.join((AUTO, *kinds))})")
+                raise InfermeterError(f"unknown {what} {kind!r} "
+                                      f"(use {' or '.join((AUTO, *kinds))})")
         if self.prefill is not None and self.prefill not in PREFILL_KINDS:
             raise InfermeterError(f"unknown prefill {self.prefill!r} "
                                   f"(use {' or '.join(PREFILL_KINDS)})")
