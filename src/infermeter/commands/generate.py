@@ -115,8 +115,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          metavar="KIND", help="compiled batch-1 products: Triton's GEMV or "
                          "inductor's (default triton)")
     variant.add_argument("--step-kernels", choices=STEP_KERNELS, default="auto", metavar="KIND",
-                         help="compiled batch-1 layers: split, fused into GEMVs, or auto: fused "
-                         "(and a recorded step graph) for small dense models (default auto)")
+                         help="batch-1 layers: auto by model size, split or fused")
     variant.add_argument("--moe-kernel", choices=MOE_KERNELS, default="torch", metavar="KIND",
                          help="gathered MoE experts: torch indexing or Triton by id "
                          "(default torch)")

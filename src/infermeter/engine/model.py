@@ -40,7 +40,8 @@ query rescale and soft cap: self_attention.py; the norms' float32: norms.py):
 - A one-token step attends as self_attention.py says; while compiling, SwiGLU's activation
   runs in swiglu_kernel.py's Triton kernel (or an op inductor cannot inline, opaque_ops.py),
   and one-row products in gemv_kernel.py's GEMV.
-- A layer's step_kernels "fused" (set_step_kernels, opt-in until a GPU measures it) runs a
+- A layer's step_kernels "fused" (set_step_kernels; generate's "auto" sets it for small dense
+  models, step_choice.py) runs a
   compiled batch-1 step's layer as kernels/fused_step.py's four kernels (norms, SwiGLU and
   residual adds inside the products; q/k norms, RoPE and the cache write in wqkv's where
   Attention.fuses_rope_and_cache allows), each where fused_parts() allows it (a Gemma or MoE
@@ -165,8 +166,8 @@ MATERIALIZE_NORM = False
 # and adds as today's kernels) or "fused" (kernels/fused_step.py: norm + wqkv + RoPE + cache
 # write, wo + add, norm + w13 + SwiGLU (or GeGLU), w2 + add: 4 kernels for 7 and RoPE's and the
 # write's).
-# Prefill and batch > 1 are always split. The
-# default waits for a GPU's A/B (benchmarks/step_kernels_ab.py).
+# Prefill and batch > 1 are always split. A layer starts split; generate's "auto" picks per
+# model size (step_choice.py, from benchmarks/step_kernels_ab.py's A/B).
 STEP_KERNEL = "split"
 STEP_KERNELS = ("split", "fused")
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):

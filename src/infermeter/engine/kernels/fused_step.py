@@ -56,8 +56,8 @@ and then (docs/engine.md, "Correctness of the fast paths").
 PDL (pdl.py): a program loads its first [BLOCK_N, BLOCK_K] weight tile (both for SWIGLU)
 before waiting for the kernel that wrote x; unlike gemv.py's up-to-16-KiB first tile this one
 is an ordinary tile going into the accumulator as the loop's first step would, so PDL changes
-no bit here. Whether any of this is faster, and for which model sizes, is for a GPU to say
-(benchmarks/step_kernels_ab.py); until then the default stays "split".
+no bit here. Which model sizes it pays for was measured by benchmarks/step_kernels_ab.py;
+generate's "auto" runs it for small dense models (engine/step_choice.py).
 """
 
 from __future__ import annotations
