@@ -10,8 +10,9 @@ same attention kernels), wo + add, norm + w13 + activation, w2 + add: 4 kernels 
 7 and RoPE's and the cache write's (and, for Qwen3, its per-head q/k norms' between wqkv and
 RoPE: the first kernel norms them too).
 
-One kernel, five constexpr switches, gemv.py's tiling (tiles_for, evict-first weight loads,
-a float32 [BLOCK_N, BLOCK_K] partial product, one row sum at the end):
+One kernel, five constexpr switches, gemv.py's tiling (evict-first weight loads, a float32
+[BLOCK_N, BLOCK_K] partial product, one row sum at the end; the tiles fused_tiles_for's: a GPU's
+FUSED_TILES entry, else the GEMV's tiles_for tiles adapted as below):
   HAS_NORM      x is RMS-normed on the way in. Every program first sums x's squares over K
                 itself (x is a few thousand values, read from L2, cheap against its weight rows;
                 no extra kernel, no grid-wide sync), then normalises each x tile it multiplies.
@@ -289,15 +290,67 @@ if triton is not None:
                 tl.store(KEY_POS + slot, pos)
 
 
+# Tiles of the fused kernels where a GPU's own timings (benchmarks/fused_tiles.py) beat the
+# GEMV's: by torch.cuda.get_device_name, kernel (FUSED_KERNELS) and the weight's column count K,
+# in the launch's own terms: (BLOCK_N, BLOCK_K, num_warps), BLOCK_N the output rows a program
+# writes (gemv_swiglu: gate rows, each with its up row; norm_qkv_rope: whole pairs, so >= 2).
+# With q/k norms a norm_qkv_rope entry is reshaped to one head a program (fused_tiles_for).
+# Empty: every GPU runs the GEMV's tiles until one has measured better ones.
+FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {}
+FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
+
+
+def fused_tiles_for(kernel: str, n_cols: int, gpu: str = "", head_dim: int | None = None,
+                    qk_norm: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of fused kernel `kernel` over a weight of n_cols columns on
+    GPU `gpu` (a device name): FUSED_TILES' entry, else tiles_for's adapted to the kernel
+    (gemv_swiglu: half the rows, gate and up; norm_qkv_rope: at least one pair). qk_norm
+    (norm_qkv_rope only, with head_dim): one head a program, BLOCK_N = head_dim and BLOCK_K as
+    many columns as keep the tile's element count (at least 16)."""
+    if kernel not in FUSED_KERNELS:
+        raise ValueError(f"unknown fused kernel {kernel!r}: one of {FUSED_KERNELS}")
+    if qk_norm and (kernel != "norm_qkv_rope" or head_dim is None):
+        raise ValueError("q/k norms are norm_qkv_rope's, with its head_dim")
+    entry = FUSED_TILES.get(gpu, {}).get(kernel, {}).get(n_cols)
+    if entry is not None:
+        block_n, block_k, warps = _checked_tiles(kernel, entry)
+    else:
+        block_n, block_k, warps = tiles_for(n_cols, gpu)
+        if kernel == "gemv_swiglu":  # a program holds as many weight rows as the GEMV's would
+            block_n = max(1, block_n // 2)
+    if qk_norm:
+        block_n, block_k = head_dim, max(16, block_n * block_k // head_dim)
+    if kernel == "norm_qkv_rope":  # whole pairs: the GEMV's rows, or one pair where it takes one
+        block_n = max(2, block_n)
+    return block_n, block_k, warps
+
+
+def _checked_tiles(kernel: str, tiles: tuple[int, int, int], head_dim: int | None = None,
+                   qk_norm: bool = False) -> tuple[int, int, int]:
+    """An explicit (BLOCK_N, BLOCK_K, num_warps) for `kernel`'s launch: powers of two (Triton's
+    aranges and warps); norm_qkv_rope's BLOCK_N whole pairs, one head (head_dim) with q/k norms."""
+    if len(tiles) != 3 or any(int(t) != t or t < 1 or int(t) & (int(t) - 1) for t in tiles):
+        raise ValueError(f"{kernel} tiles {tuple(tiles)}: three powers of two (BLOCK_N, "
+                         "BLOCK_K, num_warps)")
+    block_n, block_k, warps = (int(t) for t in tiles)
+    if kernel == "norm_qkv_rope" and block_n < 2:
+        raise ValueError(f"{kernel} tiles {tuple(tiles)}: BLOCK_N holds whole pairs, >= 2")
+    if qk_norm and block_n != head_dim:
+        raise ValueError(f"{kernel} tiles {tuple(tiles)}: with q/k norms a program is one "
+                         f"head, BLOCK_N = head_dim {head_dim}")
+    return block_n, block_k, warps
+
+
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
-                eps: float, gemma: bool, swiglu: bool, pdl: bool, gelu: bool = False) -> Tensor:
+                eps: float, gemma: bool, swiglu: bool, pdl: bool, gelu: bool = False, *,
+                tiles: tuple[int, int, int] | None = None) -> Tensor:
     """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]: silu(gate) * up,
-    tanh-GELU's with gelu) in x's dtype."""
+    tanh-GELU's with gelu) in x's dtype. tiles (fused_tiles_for's terms) replace the table's."""
     n_rows, n_cols = weight.shape
     n_out = n_rows // 2 if swiglu else n_rows
-    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
-    if swiglu:  # gate and up rows: a program holds as many weight rows as the GEMV's would
-        block_n = max(1, block_n // 2)
+    kernel = "gemv_swiglu" if swiglu else "gemv_add" if residual is not None else "norm_gemv"
+    block_n, block_k, warps = fused_tiles_for(kernel, n_cols, gpu_name(weight.device)) \
+        if tiles is None else _checked_tiles(kernel, tiles)
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
@@ -314,20 +367,19 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
                    v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
                    is_ring: bool, q_norm_weight: Tensor | None = None,
                    k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
-                   qk_gemma: bool = False, *, pdl: bool) -> Tensor:
+                   qk_gemma: bool = False, *, pdl: bool,
+                   tiles: tuple[int, int, int] | None = None) -> Tensor:
     """x [1, K], wqkv weight [n_q + 2 n_kv, K], cos/sin [1, D / 2] float32 at the step's
     position input_pos [1]; k_cache/v_cache [1, H_kv, S, D] (key_pos [S], written for a ring)
     -> the roped q [1, n_q], k and v written at the slot. q_norm_weight/k_norm_weight [D] (both
     or neither; D a power of two): q's and k's heads RMS-normed (eps qk_eps, Gemma's (1 + w)
-    with qk_gemma) before RoPE."""
+    with qk_gemma) before RoPE. tiles (fused_tiles_for's terms) replace the table's."""
     n_rows, n_cols = weight.shape
     head_dim = k_cache.shape[-1]
-    block_n, block_k, warps = tiles_for(n_cols, gpu_name(weight.device))
     qk_norm = q_norm_weight is not None and k_norm_weight is not None
-    if qk_norm:  # one head a program, on a tile of as many weights as the GEMV's
-        block_k = max(16, block_n * block_k // head_dim)
-        block_n = head_dim
-    block_n = max(2, block_n)  # whole pairs: the GEMV's rows, or one pair where it takes one
+    block_n, block_k, warps = \
+        fused_tiles_for("norm_qkv_rope", n_cols, gpu_name(weight.device), head_dim, qk_norm) \
+        if tiles is None else _checked_tiles("norm_qkv_rope", tiles, head_dim, qk_norm)
     q = torch.empty(1, n_q, dtype=x.dtype, device=x.device)
     launch(_norm_qkv_rope_kernel, (triton.cdiv(n_rows, block_n),), pdl,
            x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
