@@ -47,6 +47,10 @@
 #   part expert-tiles    the Triton expert kernels' tiles, Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-20b at
 #                        batch 1 and 4, both one-token down ways, CUDA-graph timed (benchmarks/
 #                        expert_tiles.py; about 390 tilings, Qwen3's first; not yet run)
+#   part fused-tiles     the fused step kernels' tiles (norm + wqkv + RoPE, wo + add, norm + w13 +
+#                        SwiGLU, w2 + add), Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2-135M at batch 1,
+#                        beside the split GEMV, CUDA-graph timed (benchmarks/fused_tiles.py; about
+#                        280 tilings; not yet run)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
@@ -65,8 +69,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -154,6 +158,10 @@ case "${1:-}" in
     # writes results/ and $OUT/ itself, after each model (Qwen3, issue 25's target, first)
     python3 benchmarks/expert_tiles.py --grid quick --batches 1 4 \
       --models qwen3-30b-a3b mixtral-8x7b gpt-oss-20b ;;
+  fused-tiles)
+    # writes results/ and $OUT/ itself, after each model
+    python3 benchmarks/fused_tiles.py --grid quick \
+      --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
   offload-reload)
     bash benchmarks/offload_targets.sh reload "$dest" ;;
   offload-traffic)
