@@ -5,7 +5,8 @@ model size, on one GPU: the measurement the default waits for (issue 27).
     python benchmarks/step_kernels_ab.py --summary-only
 
 Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
-failure leaves the others), which times "split" then "fused", --rounds times over (ABAB...: drift
+failure leaves the others), which times "split", "fused" and "layer" (the fused step's kernels
+of a layer as one launch, kernels/layer_step.py), --rounds times over (ABAB...: drift
 shows as a difference between rounds), each through `infermeter generate`'s own loop: random
 weights in the model's usual dtype (MODELS), batch 1, compiled, an 80-token prompt and 432 new
 tokens in a 512-token cache (generation_sweep.py's seed case), REPEATS timed runs after one
@@ -14,7 +15,8 @@ results/step-kernels-<device>.jsonl as soon as it is done (config.ab: the kernel
 the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 (results/step-kernels-<device>-summary.txt) gives, for each model's latest run and each kind:
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
-steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
+steps), MBU and the warm-up; then fused / split and layer / fused, and whether the per-run
+ranges are apart; then
 issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
 With --kernels split (or fused) only that kind runs. With --graphs trees recorded each round
 times the kinds under each way of replaying the step's CUDA graph (engine/generator.STEP_GRAPHS:
@@ -63,7 +65,7 @@ MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
           "llama-3.2-1b": "bf16", "llama-2-7b": "fp16", "llama-3.1-8b": "bf16",
           "qwen3-30b-a3b": "bf16"}
 MOE_KERNELS = {"qwen3-30b-a3b": "triton"}  # the experts an MoE model's cases run
-KINDS = ("split", "fused")  # engine/model.STEP_KERNELS, the default first
+KINDS = ("split", "fused", "layer")  # engine/model.STEP_KERNELS, the default first
 # issue 27's targets: decode MBU at batch 1 against the same run's measured HBM bandwidth
 MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
@@ -128,7 +130,11 @@ def summary(results: list[Result]) -> str:
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
-        recorded = [label(kind, "recorded") for kind in KINDS]
+        for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
+            fused, layer = (label(kind, way) for kind in ("fused", "layer"))
+            if layer in kinds:
+                lines.append(ab_line(name, kinds, fused, layer))
+        recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
             lines.append(ab_line(name, kinds, *recorded))
         for kind in KINDS:  # where the recorded step ran too
@@ -142,7 +148,7 @@ def summary(results: list[Result]) -> str:
 
 
 def arguments():
-    parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
+    parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused, layer", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
                         "case into DIR (kernels and gaps per step in the summary)")
     parser.add_argument("--graphs", nargs="+", choices=STEP_GRAPHS, default=list(STEP_GRAPHS[:1]),

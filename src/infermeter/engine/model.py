@@ -169,7 +169,9 @@ MATERIALIZE_NORM = False
 # Prefill and batch > 1 are always split. A layer starts split; generate's "auto" picks per
 # model size (step_choice.py, from benchmarks/step_kernels_ab.py's A/B).
 STEP_KERNEL = "split"
-STEP_KERNELS = ("split", "fused")
+# "layer": the fused step's kernels of a layer as the stages of one launch
+# (kernels/layer_step.py), where takes_layer_kernel() allows; the fused step's where not.
+STEP_KERNELS = ("split", "fused", "layer")
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
 # norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU (or
 # GeGLU), w2 + residual add.
@@ -217,9 +219,22 @@ class TransformerBlock(nn.Module):
         """Whether this layer runs the whole fused step (all four of FUSED_PARTS)."""
         return len(self.fused_parts()) == len(FUSED_PARTS)
 
+    def takes_layer_kernel(self, x: Tensor) -> bool:
+        """Whether step_kernels "layer" runs this layer's batch-1 step x [1, 1, dim] as one
+        launch (kernels/layer_step.py): the whole fused step (fuses_step), its attention one the
+        launch can run (Attention.attends_in_layer_kernel), every weight as the fused kernels
+        read them."""
+        return (self.fuses_step() and self.attention.attends_in_layer_kernel(x)
+                and fused_step_kernels_usable(x, self.fused_step_params(FUSED_PARTS)))
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 blocks: BlockLists | None = None) -> Tensor:
-        if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 and compiling():
+        if self.step_kernels in ("fused", "layer") and x.shape[0] * x.shape[1] == 1 \
+                and compiling():
+            if self.step_kernels == "layer" and self.takes_layer_kernel(x):
+                ffn = self.feed_forward
+                return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
+                                                 self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
             parts = self.fused_parts()
             if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
                 return self._fused_forward(x, cos, sin, input_pos, parts)
@@ -464,15 +479,24 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
 
 
 def fused_step_layers(model: Transformer) -> int:
-    """How many layers a compiled batch-1 step runs wholly fused (asked for, and fuses_step())."""
-    return sum(layer.step_kernels == "fused" and layer.fuses_step() for layer in model.layers)
+    """How many layers a compiled batch-1 step runs wholly fused (asked for, "fused" or
+    "layer", and fuses_step())."""
+    return sum(layer.step_kernels in ("fused", "layer") and layer.fuses_step()
+               for layer in model.layers)
 
 
 def fused_step_parts(model: Transformer) -> int:
     """How many of the layers' FUSED_PARTS a compiled batch-1 step runs fused (of
-    len(FUSED_PARTS) x layers)."""
+    len(FUSED_PARTS) x layers); a layer in one launch counts its four."""
     return sum(len(layer.fused_parts()) for layer in model.layers
-               if layer.step_kernels == "fused")
+               if layer.step_kernels in ("fused", "layer"))
+
+
+def layer_step_layers(model: Transformer, x: Tensor) -> int:
+    """How many layers a compiled batch-1 step of x [1, 1, dim] runs as one launch each
+    (step_kernels "layer" and takes_layer_kernel)."""
+    return sum(layer.step_kernels == "layer" and layer.takes_layer_kernel(x)
+               for layer in model.layers)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

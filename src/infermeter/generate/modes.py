@@ -17,7 +17,13 @@ from infermeter.engine.generator import GenerationOutput, Generator
 from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
-from infermeter.engine.model import FUSED_PARTS, Transformer, fused_step_parts, set_step_kernels
+from infermeter.engine.model import (
+    FUSED_PARTS,
+    Transformer,
+    fused_step_parts,
+    layer_step_layers,
+    set_step_kernels,
+)
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel, takes_expert_kernel
 from infermeter.engine.step_choice import AUTO, choose_step, step_weight_bytes
 from infermeter.generate.cases import Case
@@ -106,17 +112,24 @@ class EngineRunner:
         return "triton" if gemv else "inductor"
 
     def _step_kernels_used(self) -> str | None:
-        """The compiled batch-1 step's layers: "fused" where every layer took all four of
-        fused_step.py's kernels (a batch of 1, Triton runs, model.TransformerBlock.fused_parts),
-        "partly fused" where some took some (a Gemma layer its norm + wqkv, an MoE layer its
-        attention's two), else "split"; None in eager mode."""
+        """The compiled batch-1 step's layers: "layer" where every layer ran as one launch
+        (kernels/layer_step.py, TransformerBlock.takes_layer_kernel), "fused" where every layer
+        took all four of fused_step.py's kernels (a batch of 1, Triton runs,
+        model.TransformerBlock.fused_parts), "partly fused" where some took some (a Gemma layer
+        its norm + wqkv, an MoE layer its attention's two, or only some layers one launch),
+        else "split"; None in eager mode."""
         if not self.config.compile:
             return None
         model = self.generator.model
-        fused = fused_step_parts(model) if 1 in self.batch_sizes and triton_runs_on(
-            model.output.weight) else 0
+        weight = model.tok_embeddings.weight
+        runs = 1 in self.batch_sizes and triton_runs_on(model.output.weight)
+        fused = fused_step_parts(model) if runs else 0
+        # the layers' rule on a batch-1 step's input (its shape, dtype and device)
+        whole = layer_step_layers(model, weight.new_empty(1, 1, weight.shape[1])) if runs else 0
+        if whole == len(model.layers):
+            return "layer"
         return "split" if fused == 0 else "fused" \
-            if fused == len(FUSED_PARTS) * len(model.layers) else "partly fused"
+            if fused == len(FUSED_PARTS) * len(model.layers) and whole == 0 else "partly fused"
 
     def _fused_rope_used(self) -> bool | None:
         """Whether the fused step's wqkv kernel also ropes q and k and writes the cache: True
@@ -130,7 +143,8 @@ class EngineRunner:
         dtype = model.tok_embeddings.weight.dtype
         cache_dtype = dtype if gen.kv_dtype is None else torch_dtype(gen.kv_dtype)
         return all(layer.attention.ropes_in_wqkv(dtype, cache_dtype) for layer in model.layers
-                   if layer.step_kernels == "fused" and "attention_in" in layer.fused_parts())
+                   if layer.step_kernels in ("fused", "layer")
+                   and "attention_in" in layer.fused_parts())
 
     def _moe_kernel_used(self) -> str | None:
         """The decode steps' experts: "triton" where the blocks take the Triton kernels

@@ -99,7 +99,7 @@ if triton is not None:
     from infermeter.engine.kernels.exact_math import exact_tanh
 
     @triton.jit
-    def _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+    def _split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg,
                         stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
@@ -108,11 +108,9 @@ if triton is not None:
                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
                         INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr):
-        """One program's split: the online softmax over its chunk of slots, stored as its
-        partial acc [G, D], m [G], l [G] (both kernels below share this code, so their
-        partials are the same bits)."""
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
+        """Split `split` of row bh (= sequence * H_kv + KV head): the online softmax over its
+        chunk of slots, stored as its partial acc [G, D], m [G], l [G] (every kernel that
+        attends shares this code, so their partials are the same bits)."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
         pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
@@ -172,7 +170,7 @@ if triton is not None:
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+        _split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
                         n_kv_heads, groups, slots, chunk, n_splits, window,
@@ -236,7 +234,7 @@ if triton is not None:
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _split_partials(Q, K, V, KEY_POS, POS, ACC, M, L,
+        _split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
                         n_kv_heads, groups, slots, chunk, n_splits, window,

@@ -81,6 +81,7 @@ if triton is not None:
         exact_silu,
         uncontracted_product,
     )
+    from infermeter.engine.kernels.stage_sync import wait_count
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
     # div.approx.f32, within 2 ulp of the quotient):
@@ -130,7 +131,20 @@ if triton is not None:
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False,
                            GELU: tl.constexpr = False):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _fused_gemv_rows(tl.program_id(0), X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
+                         up_row, X, 0, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
+                         BLOCK_K, LIBDEVICE, PDL, GELU, False)
+
+    @triton.jit
+    def _fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
+                         WAIT, wait_for, EPS: tl.constexpr, HAS_NORM: tl.constexpr,
+                         GEMMA: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
+                         PDL: tl.constexpr, GELU: tl.constexpr, HAS_WAIT: tl.constexpr):
+        """Program pid's BLOCK_N output rows of _fused_gemv_kernel. HAS_WAIT (a stage of the
+        one-launch layer step, layer_step.py): after its first weight tile, the program waits
+        for the int32 count at WAIT to reach wait_for (stage_sync.py), where PDL would wait."""
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < n_cols
@@ -145,6 +159,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # x (and the residual) are earlier kernels' outputs
             tl.extra.cuda.gdc_launch_dependents()
+        if HAS_WAIT:  # x (and the residual) are earlier stages' outputs
+            wait_count(WAIT, wait_for)
         inv_rms = 1.0
         if HAS_NORM:
             inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
@@ -188,15 +204,30 @@ if triton is not None:
                               BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                               QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
                               QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
-        """norm + wqkv + RoPE + cache write: a program's BLOCK_N rows are BLOCK_N / 2 adjacent
-        pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a head's
-        features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles them).
-        Two accumulators, even rows and odd rows (SWIGLU's gate and up), hold both members of
-        each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot.
-        QK_NORM (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]):
-        BLOCK_N == HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's
-        head is RMS-normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
-        pairs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        _norm_qkv_rope_rows(tl.program_id(0), X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT,
+                            K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
+                            stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
+                            IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
+                            QK_GEMMA, QK_EPS, PDL)
+
+    @triton.jit
+    def _norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+                            KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols, stride_w,
+                            stride_ch, stride_cs, cache_size, EPS: tl.constexpr,
+                            GEMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
+                            QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
+                            QK_EPS: tl.constexpr, PDL: tl.constexpr):
+        """norm + wqkv + RoPE + cache write, program pid's: its BLOCK_N rows are BLOCK_N / 2
+        adjacent pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a
+        head's features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles
+        them). Two accumulators, even rows and odd rows (SWIGLU's gate and up), hold both members of
+        each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot. QK_NORM
+        (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]): BLOCK_N ==
+        HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's head is RMS-
+        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
+        pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
         n_out = n_q + 2 * n_kv
         row_ok = rows < n_out
@@ -286,7 +317,7 @@ if triton is not None:
         tl.store(V_CACHE + at, even.to(cache_dtype), mask=is_v)
         tl.store(V_CACHE + at + 1, odd.to(cache_dtype), mask=is_v)
         if IS_RING:  # the slot's position, for the attention's mask (kv_cache.py)
-            if tl.program_id(0) == 0:
+            if pid == 0:
                 tl.store(KEY_POS + slot, pos)
 
 
