@@ -31,6 +31,10 @@
 #   part step-choice     graph trees against our recorded step, each with split and fused kernels,
 #                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
 #                        default by model size needs (about 8 cases of 45 s)
+#   part step-layer      the one-launch layer step (--step-kernels layer, kernels/layer_step.py): its
+#                        gpu test first (a wait that never ends fails it after 300 s), then fused
+#                        against layer, both in the recorded step, at 135M, 0.5B and 1B, traced
+#                        (about 6 cases of 45 s; not yet run)
 #   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
 #                        one round (the fused attention kernels in an MoE layer; issue 25; each
 #                        case compiles for about two minutes)
@@ -69,8 +73,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -127,6 +131,12 @@ case "${1:-}" in
   step-choice)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
+  step-layer)
+    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v --tb=short \
+      tests/test_layer_step.py 2>&1 | tee "$dest/gpu-tests-layer.txt" || true
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
+      --trace "$dest/traces-step-layer" --results "$dest" \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
   step-batch)

@@ -37,7 +37,7 @@ is tiny work that costs a launch and a wait on the split kernel (4.05 us against
 2.93 us a layer on an H200 at Llama-3.2-1B). In _split_kv_last_kernel each program stores its
 partials as _split_kv_kernel does, then adds 1 to its row's count (an acq_rel atomic, after a
 barrier: every thread's stores first); the program that finds n_splits - 1 there is the last,
-combines the row's G heads with _combine_kernel's own code (_combine_head: same loads, same
+combines the row's G heads with _combine_kernel's own code (combine_head: same loads, same
 order of splits, same exact division), and sets the count back to 0, so the next call, and a
 CUDA graph's next replay, start at 0. Who combines changes no bit (tests/test_decode_combine.py).
 The counts are a module-kept int32 [B * H_kv] per (device, B * H_kv) (combine_counter), not an
@@ -99,7 +99,7 @@ if triton is not None:
     from infermeter.engine.kernels.exact_math import exact_tanh
 
     @triton.jit
-    def _split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
+    def split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg,
                         stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
@@ -170,7 +170,7 @@ if triton is not None:
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
+        split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
                         n_kv_heads, groups, slots, chunk, n_splits, window,
@@ -178,7 +178,7 @@ if triton is not None:
                         INV_SOFTCAP, LIBDEVICE)
 
     @triton.jit
-    def _combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
+    def combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
                       S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
                       CACHE: tl.constexpr):
         """Query head g of row (= sequence * H_kv + KV head): its splits' partials weighed
@@ -212,7 +212,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
-        _combine_head(ACC, M, L, OUT, SINKS, tl.program_id(0) // groups,
+        combine_head(ACC, M, L, OUT, SINKS, tl.program_id(0) // groups,
                       tl.program_id(0) % groups, groups, n_splits, n_kv_heads, S_PAD, D,
                       HAS_SINKS, "")
 
@@ -234,7 +234,7 @@ if triton is not None:
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
+        split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
                         n_kv_heads, groups, slots, chunk, n_splits, window,
@@ -247,7 +247,7 @@ if triton is not None:
         done = tl.atomic_add(COUNTER + row, 1, sem="acq_rel", scope="gpu")
         if done == n_splits - 1:
             for g in range(groups):
-                _combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
+                combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
                               S_PAD, D, HAS_SINKS, ".cg")
             tl.atomic_xchg(COUNTER + row, 0, sem="relaxed", scope="gpu")  # the next call's 0
 

@@ -131,12 +131,12 @@ if triton is not None:
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False,
                            GELU: tl.constexpr = False):
-        _fused_gemv_rows(tl.program_id(0), X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
+        fused_gemv_rows(tl.program_id(0), X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
                          up_row, X, 0, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
                          BLOCK_K, LIBDEVICE, PDL, GELU, False)
 
     @triton.jit
-    def _fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
+    def fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
                          WAIT, wait_for, EPS: tl.constexpr, HAS_NORM: tl.constexpr,
                          GEMMA: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
@@ -204,14 +204,14 @@ if triton is not None:
                               BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                               QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
                               QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
-        _norm_qkv_rope_rows(tl.program_id(0), X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT,
+        norm_qkv_rope_rows(tl.program_id(0), X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT,
                             K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
                             stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
                             IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
                             QK_GEMMA, QK_EPS, PDL)
 
     @triton.jit
-    def _norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+    def norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
                             KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols, stride_w,
                             stride_ch, stride_cs, cache_size, EPS: tl.constexpr,
                             GEMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,

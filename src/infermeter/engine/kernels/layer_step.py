@@ -21,8 +21,8 @@ Each GEMV stage's program loads its first weight tile before it waits (as under 
 next stage's weights stream in while the stage before finishes. stage_sync.py says why the
 waits cannot deadlock and how the stores are published.
 
-The stages are the fused step's own code (fused_step._norm_qkv_rope_rows, _fused_gemv_rows,
-decode_attention._split_partials and _combine_head) at the fused step's tiles, so a step gives
+The stages are the fused step's own code (fused_step.norm_qkv_rope_rows, fused_gemv_rows,
+decode_attention.split_partials and combine_head) at the fused step's tiles, so a step gives
 the fused step's bits wherever the sums' order is the same: always under Triton's interpreter
 (tests/test_layer_step.py); on a GPU one num_warps serves every stage (the largest the stages'
 tiles ask), which may change a reduction's order against the fused kernels' own.
@@ -51,8 +51,8 @@ from infermeter.engine.kernels.triton_support import tl, triton
 STAGE_COUNTS = 5  # COUNT[0..4]: qkv, attend (rows combined), wo, w13, w2; then one a KV head
 
 if triton is not None:
-    from infermeter.engine.kernels.decode_attention import _combine_head, _split_partials
-    from infermeter.engine.kernels.fused_step import _fused_gemv_rows, _norm_qkv_rope_rows
+    from infermeter.engine.kernels.decode_attention import combine_head, split_partials
+    from infermeter.engine.kernels.fused_step import fused_gemv_rows, norm_qkv_rope_rows
     from infermeter.engine.kernels.stage_sync import count_done, wait_count
 
     @triton.jit
@@ -73,7 +73,7 @@ if triton is not None:
             BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         if pid < end_qkv:
-            _norm_qkv_rope_rows(pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
+            norm_qkv_rope_rows(pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
                                 V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, dim,
                                 stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
                                 IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
@@ -84,30 +84,30 @@ if triton is not None:
             row = part // n_splits  # the KV head (batch 1)
             wait_count(COUNT, end_qkv)  # q and this step's k, v
             # q [1, H_kv, G, D], the cache [1, H_kv, S, D] (unit feature stride)
-            _split_partials(row, part % n_splits, Q, K_CACHE, V_CACHE, KEY_POS, POS, ACC, M, L,
+            split_partials(row, part % n_splits, Q, K_CACHE, V_CACHE, KEY_POS, POS, ACC, M, L,
                             n_q, groups * HEAD_DIM, HEAD_DIM, 0, stride_ch, stride_cs,
                             0, stride_ch, stride_cs, n_kv_heads, groups, slots, chunk,
                             n_splits, window, SCALE, G_PAD, HEAD_DIM, ATTENTION_BLOCK,
                             IS_RING, HAS_WINDOW, PRECISION, 0.0, 0.0, LIBDEVICE)
             if count_done(COUNT + STAGES + row) == n_splits - 1:
                 for g in range(groups):  # the row's last program: decode_attention's combine
-                    _combine_head(ACC, M, L, ATTN, M, row, g, groups, n_splits, n_kv_heads,
+                    combine_head(ACC, M, L, ATTN, M, row, g, groups, n_splits, n_kv_heads,
                                   S_PAD, HEAD_DIM, False, ".cg")
                 tl.atomic_xchg(COUNT + STAGES + row, 0, sem="relaxed",
                                scope="gpu")
                 count_done(COUNT + 1)
         elif pid < end_wo:  # h = x + wo(attention)
-            _fused_gemv_rows(pid - end_attend, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
+            fused_gemv_rows(pid - end_attend, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
                              COUNT + 1, n_kv_heads, 0.0, False, False, False, True, BN_WO,
                              BK_WO, LIBDEVICE, False, False, True)
             count_done(COUNT + 2)
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
-            _fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
+            fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
                              ffn, COUNT + 2, end_wo - end_attend, FFN_EPS, True, False, True,
                              False, BN_W13, BK_W13, LIBDEVICE, False, False, True)
             count_done(COUNT + 3)
         else:  # out = h + w2(act)
-            _fused_gemv_rows(pid - end_w13, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
+            fused_gemv_rows(pid - end_w13, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
                              COUNT + 3, end_w13 - end_wo, 0.0, False, False, False, True, BN_W2,
                              BK_W2, LIBDEVICE, False, False, True)
             if count_done(COUNT + 4) == end_w2 - end_w13 - 1:
