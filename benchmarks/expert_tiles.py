@@ -25,11 +25,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tile_grid import (  # benchmarks/ beside this script
+    ROTATE_BYTES,
+    best,
+    default_row,
+    fits,
+    table_json,
+    tiles_of,
+    time_tilings,
+    with_default,
+    write_result,
+)
 
 from infermeter.engine.kernels import expert_gemv
 from infermeter.specs.presets import PRESETS
@@ -42,9 +51,6 @@ GRIDS = {"quick": {"BLOCK_N": (1, 2, 4, 8), "BLOCK_K": (512, 1024, 2048, 4096),
                    "num_warps": (4, 8)},
          "full": {"BLOCK_N": (1, 2, 4, 8, 16), "BLOCK_K": (256, 512, 1024, 2048, 4096),
                   "num_warps": (2, 4, 8, 16)}}
-MAX_TILE = 16384  # weight elements a program holds in float32 partial products (twice the GEMV's)
-MIN_PER_THREAD = 4  # elements a thread at least (8 bytes of bf16)
-ROTATE_BYTES = 256 * 2**20  # weight bytes a graph replay reads at least
 LAYER_BUDGET = 8 * 2**30  # stacked weights made a model at most
 
 
@@ -105,14 +111,11 @@ def cases(models: tuple[str, ...] = MODELS, batches: tuple[int, ...] = BATCHES) 
 
 
 def tilings(n_cols: int, grid: dict, default: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """The grid's (BLOCK_N, BLOCK_K, num_warps) that fit weights of n_cols columns: BLOCK_K no
-    wider than n_cols rounded up to a power of two (past that, masked lanes only), a tile of at
-    most MAX_TILE elements with MIN_PER_THREAD a thread; then tiles_for's own, if the grid lacks
-    it (each case's baseline)."""
-    widest = max(min(grid["BLOCK_K"]), 1 << (n_cols - 1).bit_length())
-    out = [(n, k, w) for n, k, w in itertools.product(*grid.values())
-           if k <= widest and w * 32 * MIN_PER_THREAD <= n * k <= MAX_TILE]
-    return out if default in out else [*out, default]
+    """The grid's (BLOCK_N, BLOCK_K, num_warps) that fit weights of n_cols columns (tile_grid.fits,
+    a program holding a BLOCK_N x BLOCK_K tile); then tiles_for's own, if the grid lacks it
+    (each case's baseline)."""
+    return with_default([(n, k, w) for n, k, w in itertools.product(*grid.values())
+                         if fits(n_cols, grid, k, w, n * k)], default)
 
 
 def calls_per_replay(shape: Shape, case: Case) -> int:
@@ -179,42 +182,18 @@ def time_case(case: Case, shape: Shape, layers: list[dict], grid: dict, gpu: str
               dtype: torch.dtype) -> dict:
     """Every tiling of the grid for `case`: ms a call, GB/s, and its relative error against
     tiles_for's tiles (other tiles sum in other float32 orders)."""
-    from gemv_tiles import time_per_call  # benchmarks/ beside this script
-
     calls = calls_per_replay(shape, case)
     call, distinct = case_calls(case, shape, layers, calls, torch.Generator().manual_seed(0),
                                 dtype)
     nbytes = distinct * shape.expert_bytes(case.kernel)
     default = expert_gemv.expert_tiles_for(case.kernel, case.n_cols(shape), gpu)
-    reference = call(0, default).float()
-    rows = []
-    for tiles in tilings(case.n_cols(shape), grid, default):
-        row = dict(zip(grid, tiles, strict=True))
-        try:
-            error = float((call(0, tiles).float() - reference).norm() / reference.norm())
-            ms = time_per_call(lambda t=tiles: [call(i, t) for i in range(calls)], calls, True)
-        except Exception as failure:  # noqa: BLE001 - e.g. out of registers: skip it
-            rows.append({**row, "error": f"{type(failure).__name__}: {failure}"[:200]})
-            continue
-        rows.append({**row, "ms": ms, "gbps": nbytes / ms / 1e6, "rel_error": error})
+    rows = time_tilings(call, calls, tilings(case.n_cols(shape), grid, default), default, nbytes)
     return {**case._asdict(), "n_cols": case.n_cols(shape), "calls_per_replay": calls,
             "layers": len(layers), "distinct_experts": distinct, "bytes": nbytes,
             "default_tiles": list(default), "tiles": rows}
 
 
-def best(timed: dict) -> dict | None:
-    """The fastest tiling of a timed case (None: none ran)."""
-    ran = [r for r in timed["tiles"] if "ms" in r]
-    return min(ran, key=lambda r: r["ms"]) if ran else None
-
-
-def default_row(timed: dict, grid: dict) -> dict | None:
-    want = tuple(timed["default_tiles"])
-    return next((r for r in timed["tiles"] if "ms" in r and tuple(r[g] for g in grid) == want),
-                None)
-
-
-def suggested_table(timed_cases: list[dict], grid: dict, gpu: str) -> dict:
+def suggested_table(timed_cases: list[dict], gpu: str) -> dict:
     """The EXPERT_TILES entry the batch-1 bests make: per kernel and column count, the best
     tiles where they beat tiles_for's. The down's from the way that runs today
     (expert_gemv.ONE_TOKEN_DOWN) only: an entry applies to whichever way runs, so a best of the
@@ -224,10 +203,10 @@ def suggested_table(timed_cases: list[dict], grid: dict, gpu: str) -> dict:
     for timed in timed_cases:
         if timed["batch"] != 1 or timed.get("way", "") not in ("", expert_gemv.ONE_TOKEN_DOWN):
             continue
-        top, base = best(timed), default_row(timed, grid)
+        top, base = best(timed), default_row(timed)
         if top is None or (base is not None and base["ms"] <= top["ms"]):
             continue
-        entry.setdefault(timed["kernel"], {})[timed["n_cols"]] = tuple(top[g] for g in grid)
+        entry.setdefault(timed["kernel"], {})[timed["n_cols"]] = tiles_of(top)
     return {gpu: entry} if entry else {}
 
 
@@ -245,7 +224,6 @@ def main() -> int:
 
     from infermeter.engine.kernels.gemv import gpu_name
     from infermeter.measure.env import capture_env, device_slug
-    from infermeter.measure.result import Result, write_json
 
     args = arguments().parse_args()
     if any(b < 1 for b in args.batches):
@@ -264,30 +242,25 @@ def main() -> int:
         for case in mine:
             timed = time_case(case, shape, layers, grid, gpu, dtype)
             timed_cases.append(timed)
-            top, base = best(timed), default_row(timed, grid)
+            top, base = best(timed), default_row(timed)
             line = f"{case.label:36s} {timed['n_cols']:6d} cols"
             if base is not None:
                 line += f"; tiles_for {timed['default_tiles']} {base['ms'] * 1e3:7.2f} us " \
                         f"{base['gbps']:5.0f} GB/s"
             if top is not None:
-                line += f"; best {[top[g] for g in grid]} {top['ms'] * 1e3:7.2f} us " \
+                line += f"; best {list(tiles_of(top))} {top['ms'] * 1e3:7.2f} us " \
                         f"{top['gbps']:5.0f} GB/s ({100 * top['gbps'] / hbm:.0f}% of the copy)"
             print(line, flush=True)
         del layers
         torch.cuda.empty_cache()
-        table = suggested_table(timed_cases, grid, gpu)
-        metrics = {"copy_gbps": hbm, "cases": timed_cases, "suggested_expert_tiles":
-                   {g: {k: {str(c): list(t) for c, t in v.items()} for k, v in e.items()}
-                    for g, e in table.items()}}
+        metrics = {"copy_gbps": hbm, "cases": timed_cases,
+                   "suggested_expert_tiles": table_json(suggested_table(timed_cases, gpu))}
         config = {"benchmark": "expert_tiles", "dtype": "bf16", "grid": grid,
                   "batches": args.batches, "timing": "graph", "models": args.models}
-        result = Result("generate", {"name": "+".join(args.models),
-                                     "models": {m: PRESETS[m].to_dict() for m in args.models}},
-                        config, env, metrics)
         infix = "" if args.grid == "quick" else f"{args.grid}-"
-        for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
-            write_json(Path(folder) / f"expert-tiles-{infix}{device_slug(env)}.json", result)
-    print(f"EXPERT_TILES entry from the batch-1 bests: {suggested_table(timed_cases, grid, gpu)}")
+        write_result(f"expert-tiles-{infix}{device_slug(env)}.json", args.models, config, env,
+                     metrics)
+    print(f"EXPERT_TILES entry from the batch-1 bests: {suggested_table(timed_cases, gpu)}")
     return 0
 
 

@@ -23,11 +23,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tile_grid import (  # benchmarks/ beside this script
+    ROTATE_BYTES,
+    best,
+    default_row,
+    fits,
+    table_json,
+    tiles_of,
+    time_tilings,
+    with_default,
+    write_result,
+)
 
 from infermeter.engine.kernels import fused_step
 from infermeter.specs.presets import PRESETS
@@ -38,16 +47,12 @@ MODELS = {"llama-3.2-1b": "bf16", "qwen2.5-0.5b": "bf16", "smollm2-135m": "fp16"
           "qwen3-0.6b": "bf16"}
 DEFAULT_MODELS = ("llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TILE_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps")
 # Candidates; tilings() keeps those that fit a shape. quick: the open_targets part (three models
 # in one 10-minute command); full: one or two models a command.
 GRIDS = {"quick": {"BLOCK_N": (1, 2, 4, 8), "BLOCK_K": (256, 512, 1024, 2048),
                    "num_warps": (4, 8)},
          "full": {"BLOCK_N": (1, 2, 4, 8, 16), "BLOCK_K": (128, 256, 512, 1024, 2048, 4096),
                   "num_warps": (2, 4, 8, 16)}}
-MAX_TILE = 16384  # weights a program holds in float32 partial products (twice the GEMV's most)
-MIN_PER_THREAD = 4  # weights a thread at least (8 bytes of 16-bit)
-ROTATE_BYTES = 256 * 2**20  # weight bytes a graph replay reads at least
 CACHE_LEN, POSITION = 128, 100  # the wqkv kernel's cache [1, H_kv, CACHE_LEN, D] and slot
 EPS = 1e-5
 
@@ -96,12 +101,9 @@ def fused_shapes(model: str) -> list[FusedShape]:
 
 def tilings(shape: FusedShape, grid: dict,
             default: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """The grid's tilings that fit `shape`: BLOCK_K no wider than n_cols rounded up to a power of
-    two (past that, masked lanes only), at most MAX_TILE weights a program holds (SwiGLU: gate
-    and up rows) with MIN_PER_THREAD a thread; wqkv's BLOCK_N whole pairs. With q/k norms
-    BLOCK_N is head_dim and BLOCK_K each grid tile's size over it. Then `default` (the baseline)
-    if the grid lacks it."""
-    widest = max(min(grid["BLOCK_K"]), 1 << (shape.n_cols - 1).bit_length())
+    """The grid's tilings that fit `shape` (tile_grid.fits; SwiGLU's programs hold gate and up
+    rows); wqkv's BLOCK_N whole pairs. With q/k norms BLOCK_N is head_dim and BLOCK_K each grid
+    tile's size over it. Then `default` (the baseline) if the grid lacks it."""
     if shape.qk_norm:
         pairs = [(shape.head_dim, max(16, n * k // shape.head_dim))
                  for n, k in itertools.product(grid["BLOCK_N"], grid["BLOCK_K"])]
@@ -110,10 +112,9 @@ def tilings(shape: FusedShape, grid: dict,
     out = []
     for (n, k), warps in itertools.product(dict.fromkeys(pairs), grid["num_warps"]):
         held = 2 * n * k if shape.kernel == "gemv_swiglu" else n * k
-        if k <= widest and warps * 32 * MIN_PER_THREAD <= held <= MAX_TILE \
-                and (shape.kernel != "norm_qkv_rope" or n >= 2):
+        if fits(shape.n_cols, grid, k, warps, held) and (shape.kernel != "norm_qkv_rope" or n >= 2):
             out.append((n, k, warps))
-    return out if default in out else [*out, default]
+    return with_default(out, default)
 
 
 def calls_per_replay(shape: FusedShape, itemsize: int) -> int:
@@ -164,7 +165,7 @@ def shape_calls(shape: FusedShape, calls: int, dtype: torch.dtype):
 def time_shape(shape: FusedShape, grid: dict, gpu: str, dtype: torch.dtype) -> dict:
     """Every tiling of the grid for `shape`: ms a call, GB/s and the relative error against the
     default tiles' output (other tiles sum in other float32 orders); and the split GEMV's."""
-    from gemv_tiles import time_per_call  # benchmarks/ beside this script
+    from gemv_tiles import time_per_call  # benchmarks/ beside this script, for the split GEMV
 
     from infermeter.engine.kernels.gemv import tiles_for
 
@@ -173,37 +174,12 @@ def time_shape(shape: FusedShape, grid: dict, gpu: str, dtype: torch.dtype) -> d
     nbytes = shape.weight_bytes(dtype.itemsize)
     split_ms = time_per_call(lambda: [split(i) for i in range(calls)], calls, True)
     default = shape.default_tiles(gpu)
-    reference = fused(0, default).float()
-    rows = []
-    for tiles in tilings(shape, grid, default):
-        row = dict(zip(TILE_KEYS, tiles, strict=True))
-        try:
-            error = float((fused(0, tiles).float() - reference).norm() / reference.norm())
-            ms = time_per_call(lambda t=tiles: [fused(i, t) for i in range(calls)], calls, True)
-        except Exception as failure:  # noqa: BLE001 - e.g. out of registers: skip it
-            rows.append({**row, "error": f"{type(failure).__name__}: {failure}"[:200]})
-            continue
-        rows.append({**row, "ms": ms, "gbps": nbytes / ms / 1e6, "rel_error": error})
+    rows = time_tilings(fused, calls, tilings(shape, grid, default), default, nbytes)
     return {**shape._asdict(), "label": shape.label, "bytes": nbytes, "calls_per_replay": calls,
             "default_tiles": list(default),
             "split_gemv": {"tiles": list(tiles_for(shape.n_cols, gpu)), "ms": split_ms,
                            "gbps": nbytes / split_ms / 1e6},
             "tiles": rows}
-
-
-def tiles_of(row: dict) -> tuple[int, int, int]:
-    return tuple(row[key] for key in TILE_KEYS)
-
-
-def best(timed: dict) -> dict | None:
-    """The fastest tiling of a timed shape (None: none ran)."""
-    ran = [r for r in timed["tiles"] if "ms" in r]
-    return min(ran, key=lambda r: r["ms"]) if ran else None
-
-
-def default_row(timed: dict) -> dict | None:
-    want = tuple(timed["default_tiles"])
-    return next((r for r in timed["tiles"] if "ms" in r and tiles_of(r) == want), None)
 
 
 def suggested_table(timed_shapes: list[dict], gpu: str) -> dict:
@@ -261,7 +237,6 @@ def main() -> int:
 
     from infermeter.engine.kernels.gemv import gpu_name
     from infermeter.measure.env import capture_env, device_slug
-    from infermeter.measure.result import Result, write_json
 
     args = arguments().parse_args()
     if not torch.cuda.is_available():
@@ -279,17 +254,12 @@ def main() -> int:
             timed_shapes.append(timed)
             print(summary_line(timed, hbm), flush=True)
             torch.cuda.empty_cache()
-        table = suggested_table(timed_shapes, gpu)
-        metrics = {"copy_gbps": hbm, "shapes": timed_shapes, "suggested_fused_tiles":
-                   {g: {k: {str(c): list(t) for c, t in v.items()} for k, v in e.items()}
-                    for g, e in table.items()}}
+        metrics = {"copy_gbps": hbm, "shapes": timed_shapes,
+                   "suggested_fused_tiles": table_json(suggested_table(timed_shapes, gpu))}
         config = {"benchmark": "fused_tiles", "dtypes": {m: MODELS[m] for m in args.models},
                   "grid": grid, "batch_size": 1, "timing": "graph", "models": args.models}
-        result = Result("generate", {"name": "+".join(args.models),
-                                     "models": {m: PRESETS[m].to_dict() for m in args.models}},
-                        config, env, metrics)
-        for folder in filter(None, [Path("results"), os.environ.get("OUT")]):
-            write_json(Path(folder) / f"fused-tiles-{args.grid}-{device_slug(env)}.json", result)
+        write_result(f"fused-tiles-{args.grid}-{device_slug(env)}.json", args.models, config,
+                     env, metrics)
     print(f"FUSED_TILES entry from the bests: {suggested_table(timed_shapes, gpu)}")
     return 0
 

@@ -24,6 +24,7 @@ from infermeter.engine.kernels.expert_gemv import (  # noqa: E402
 )
 from infermeter.engine.kernels.gemv import tiles_for  # noqa: E402
 from tests.benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+from tests.tile_launches import tile_launches  # noqa: E402
 from tests.triton_interpreter import run_under_interpreter  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -44,19 +45,6 @@ def test_an_empty_table_gives_tiles_for_and_an_entry_only_its_own_shape(monkeypa
         expert_tiles_for("gate", 768, H100)
 
 
-def _launches(monkeypatch, call) -> list[tuple[str, tuple, int, int, int]]:
-    """(kernel, grid, BLOCK_N, BLOCK_K, num_warps) of each launch `call` makes (none run)."""
-    seen = []
-
-    def launch(kernel, grid, pdl, *args, **kwargs):
-        seen.append((kernel.fn.__name__, grid, kwargs["BLOCK_N"], kwargs["BLOCK_K"],
-                     kwargs["num_warps"]))
-
-    monkeypatch.setattr(expert_gemv, "launch", launch)
-    call()
-    return seen
-
-
 def test_the_table_and_the_override_reach_each_launch(monkeypatch):
     """Qwen3-30B-A3B's shapes (dim 2048, ffn 768, 8 of 128 experts): with the table empty each
     launch carries tiles_for's tiles (gate/up: half the rows; several tokens: BLOCK_K shared
@@ -68,7 +56,7 @@ def test_the_table_and_the_override_reach_each_launch(monkeypatch):
     def run(n, tiles=None, way=None):
         x, ids = torch.zeros(n, dim, dtype=dtype), torch.zeros(n, k, dtype=torch.int64)
         act, weights = torch.zeros(n, k, ffn, dtype=dtype), torch.zeros(n, k, dtype=dtype)
-        return _launches(monkeypatch, lambda: (
+        return tile_launches(monkeypatch, expert_gemv, lambda: (
             _experts_swiglu(x, ids, w13, w13, False, tiles=tiles),
             _experts_down(act, ids, weights, w2, False, tiles=tiles, one_token=way)))
 
@@ -102,7 +90,7 @@ def test_the_benchmark_times_each_model_s_kernels_at_batch_1_and_4():
     down ways at batch 1 only; each shape the preset's; every grid tiling fits the shape and
     tiles_for's own tiles are always among them; a graph replay reads enough rows to outrun L2,
     and no model's layers pass the memory budget."""
-    script = load_benchmark("expert_tiles")
+    script, tile_grid = load_benchmark("expert_tiles"), load_benchmark("tile_grid")
     assert script.MODELS == ("qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b")
     labels = [case.label for case in script.cases(script.MODELS[:1])]
     assert labels == ["qwen3-30b-a3b N1 swiglu", "qwen3-30b-a3b N1 down sum",
@@ -125,7 +113,7 @@ def test_the_benchmark_times_each_model_s_kernels_at_batch_1_and_4():
         for name, grid in script.GRIDS.items():
             tiles = script.tilings(cols, grid, tiles_for(cols))
             assert tiles_for(cols) in tiles and len(set(tiles)) == len(tiles) > 10, name
-            assert all(n * k <= script.MAX_TILE and k <= max(1024, 2 * cols)
+            assert all(n * k <= tile_grid.MAX_TILE and k <= max(1024, 2 * cols)
                        for n, k, _ in tiles), name
         calls = script.calls_per_replay(shape, case)
         chosen = min(case.batch * shape.top_k, shape.n_experts)
@@ -154,10 +142,10 @@ def test_the_suggested_table_takes_batch_1_bests_that_beat_tiles_for():
             timed("down", "terms", 1, 768, [((4, 1024, 8), 0.9), ((1, 1024, 4), 0.8)]),
             timed("swiglu", "", 4, 2048, [((4, 1024, 8), 2.0), ((8, 512, 8), 0.5)])]
     # the down's best is the terms way's: not an entry for the sum way, which runs today
-    assert script.suggested_table(runs, grid, H100) == {H100: {"swiglu": {2048: (2, 2048, 4)}}}
-    assert script.suggested_table(runs[1:2], grid, H100) == {}  # tiles_for's was fastest
+    assert script.suggested_table(runs, H100) == {H100: {"swiglu": {2048: (2, 2048, 4)}}}
+    assert script.suggested_table(runs[1:2], H100) == {}  # tiles_for's was fastest
     faster_sum = timed("down", "sum", 1, 768, [((4, 1024, 8), 1.0), ((8, 512, 4), 0.7)])
-    assert script.suggested_table([faster_sum, runs[2]], grid, H100) == {
+    assert script.suggested_table([faster_sum, runs[2]], H100) == {
         H100: {"down": {768: (8, 512, 4)}}}
 
 

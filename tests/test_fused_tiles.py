@@ -24,9 +24,11 @@ from infermeter.engine.kernels.fused_step import (  # noqa: E402
 )
 from infermeter.engine.kernels.gemv import tiles_for  # noqa: E402
 from tests.benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+from tests.tile_launches import tile_launches  # noqa: E402
 from tests.triton_interpreter import run_under_interpreter  # noqa: E402
 
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+TILE_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps")  # a timed row's tiles in the Result file
 GEMV_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add")
 
 
@@ -73,19 +75,6 @@ def test_a_table_entry_serves_its_gpu_kernel_and_width_only(monkeypatch):
         fused_tiles_for("gemv_swiglu", 2048, H100)
 
 
-def _launches(monkeypatch, call) -> list[tuple[str, tuple, int, int, int]]:
-    """(kernel, grid, BLOCK_N, BLOCK_K, num_warps) of each launch `call` makes (none run)."""
-    seen = []
-
-    def launch(kernel, grid, pdl, *args, **kwargs):
-        seen.append((kernel.fn.__name__, grid, kwargs["BLOCK_N"], kwargs["BLOCK_K"],
-                     kwargs["num_warps"]))
-
-    monkeypatch.setattr(fused_step, "launch", launch)
-    call()
-    return seen
-
-
 def _step_calls(tiles=None, qk_norm=False):
     """A Llama-3.2-1B-like layer's four fused launches on the CPU (x [1, 2048], wqkv [3072, 2048]
     of 32 + 2 x 8 heads of 64, wo [2048, 2048], w13 [16384, 2048], w2 [2048, 8192])."""
@@ -125,20 +114,23 @@ def test_the_table_and_the_override_reach_each_launch(monkeypatch):
         return [(name, (grid(t[0]),), *t)
                 for name, grid, t in zip(names, grids, tiles_each, strict=True)]
 
-    assert _launches(monkeypatch, _step_calls()) == launched(
+    def step_launches(tiles=None, qk_norm=False):
+        return tile_launches(monkeypatch, fused_step, _step_calls(tiles, qk_norm))
+
+    assert step_launches() == launched(
         [(4, 2048, 8), (4, 2048, 8), (2, 2048, 8), (2, 4096, 16), (4, 2048, 8)])
-    assert _launches(monkeypatch, _step_calls((8, 256, 2))) == launched([(8, 256, 2)] * 5)
+    assert step_launches((8, 256, 2)) == launched([(8, 256, 2)] * 5)
     monkeypatch.setitem(fused_step.FUSED_TILES, "", {
         "norm_qkv_rope": {2048: (16, 128, 4)}, "gemv_add": {8192: (1, 1024, 2)},
         "gemv_swiglu": {2048: (8, 512, 4)}, "norm_gemv": {2048: (2, 1024, 4)}})
-    assert _launches(monkeypatch, _step_calls()) == launched(
+    assert step_launches() == launched(
         [(16, 128, 4), (4, 2048, 8), (8, 512, 4), (1, 1024, 2), (2, 1024, 4)])
-    assert _launches(monkeypatch, _step_calls({"gemv_swiglu": (4, 256, 8)}))[2] == \
+    assert step_launches({"gemv_swiglu": (4, 256, 8)})[2] == \
         ("_fused_gemv_kernel", (8192 // 4,), 4, 256, 8)
     monkeypatch.setitem(fused_step.FUSED_TILES, H200, {"gemv_add": {2048: (16, 64, 2)}})
-    assert _launches(monkeypatch, _step_calls())[1] == ("_fused_gemv_kernel", (512,), 4, 2048, 8)
+    assert step_launches()[1] == ("_fused_gemv_kernel", (512,), 4, 2048, 8)
     # q/k norms: one head of 64 a program (the entry's 2048 weights), 48 programs
-    assert _launches(monkeypatch, _step_calls(qk_norm=True))[0] == \
+    assert step_launches(qk_norm=True)[0] == \
         ("_norm_qkv_rope_kernel", (48,), 64, 32, 4)
 
 
@@ -204,7 +196,7 @@ def test_the_benchmark_s_shapes_are_the_model_s_weights(name):
 
 
 def test_the_benchmark_s_models_grids_and_rotation():
-    script = load_benchmark("fused_tiles")
+    script, tile_grid = load_benchmark("fused_tiles"), load_benchmark("tile_grid")
     assert script.DEFAULT_MODELS == ("llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m")
     assert script.MODELS["smollm2-135m"] == "fp16" and script.MODELS["llama-3.2-1b"] == "bf16"
     llama = script.fused_shapes("llama-3.2-1b")
@@ -221,7 +213,7 @@ def test_the_benchmark_s_models_grids_and_rotation():
                     if (n, k, warps) == default:
                         continue
                     held = 2 * n * k if shape.kernel == "gemv_swiglu" else n * k
-                    assert held <= script.MAX_TILE and k < 2 * shape.n_cols, (name, shape)
+                    assert held <= tile_grid.MAX_TILE and k < 2 * shape.n_cols, (name, shape)
                     assert shape.kernel != "norm_qkv_rope" or n >= 2
                     assert not shape.qk_norm or n == shape.head_dim
                     fused_step._checked_tiles(shape.kernel, (n, k, warps), shape.head_dim,
@@ -238,29 +230,29 @@ def test_the_benchmark_s_models_grids_and_rotation():
         script.arguments().parse_args(["--models", "llama-3.2"])
 
 
-def _timed(script, kernel, cols, rows, default=(4, 1024, 8), qk_norm=False):
+def _timed(kernel, cols, rows, default=(4, 1024, 8), qk_norm=False):
     return {"label": f"m {kernel}", "kernel": kernel, "n_rows": 1024, "n_cols": cols,
             "qk_norm": qk_norm, "default_tiles": list(default),
             "split_gemv": {"tiles": [4, 1024, 8], "ms": 0.002, "gbps": 2000.0},
-            "tiles": [{**dict(zip(script.TILE_KEYS, t, strict=True)), "ms": ms,
+            "tiles": [{**dict(zip(TILE_KEYS, t, strict=True)), "ms": ms,
                        "gbps": 4.0 / ms} for t, ms in rows]}
 
 
 def test_the_suggested_table_takes_bests_that_beat_today_s_tiles():
     script = load_benchmark("fused_tiles")
     a, b, base = (2, 512, 4), (8, 256, 4), (4, 1024, 8)
-    runs = [_timed(script, "gemv_swiglu", 2048, [(base, 2.0), (a, 1.0)]),
-            _timed(script, "gemv_add", 896, [(base, 1.0), (a, 1.5)]),  # today's fastest
+    runs = [_timed("gemv_swiglu", 2048, [(base, 2.0), (a, 1.0)]),
+            _timed("gemv_add", 896, [(base, 1.0), (a, 1.5)]),  # today's fastest
             # two gemv_add shapes of 2048 columns: the least summed time, b (1.7 against 1.8)
-            _timed(script, "gemv_add", 2048, [(base, 1.0), (a, 0.6), (b, 0.9)]),
-            _timed(script, "gemv_add", 2048, [(base, 1.0), (a, 1.2), (b, 0.8)]),
-            _timed(script, "norm_qkv_rope", 1024, [((128, 32, 8), 2.0), ((128, 64, 4), 1.0)],
+            _timed("gemv_add", 2048, [(base, 1.0), (a, 0.6), (b, 0.9)]),
+            _timed("gemv_add", 2048, [(base, 1.0), (a, 1.2), (b, 0.8)]),
+            _timed("norm_qkv_rope", 1024, [((128, 32, 8), 2.0), ((128, 64, 4), 1.0)],
                    (128, 32, 8), qk_norm=True)]  # one head a program: not an entry
     assert script.suggested_table(runs, H200) == {
         H200: {"gemv_swiglu": {2048: a}, "gemv_add": {2048: b}}}
     assert script.suggested_table(runs[1:2], H200) == {}
-    failed = _timed(script, "gemv_add", 896, [(base, 1.0)])
-    failed["tiles"].append({**dict(zip(script.TILE_KEYS, a, strict=True)), "error": "x"})
+    failed = _timed("gemv_add", 896, [(base, 1.0)])
+    failed["tiles"].append({**dict(zip(TILE_KEYS, a, strict=True)), "error": "x"})
     assert script.suggested_table([failed], H200) == {}
     line = script.summary_line(runs[0], 4000.0)
     assert line.startswith("m gemv_swiglu") and "split GEMV [4, 1024, 8]" in line
@@ -290,7 +282,7 @@ def test_the_benchmark_times_a_tiling_on_cuda():
     shapes = script.fused_shapes("smollm2-135m")
     for shape in (shapes[0], shapes[1]):
         timed = script.time_shape(shape, grid, gpu, torch.float16)
-        assert [tuple(r[k] for k in script.TILE_KEYS) for r in timed["tiles"]] == \
+        assert [tuple(r[k] for k in TILE_KEYS) for r in timed["tiles"]] == \
             [(2, 512, 4), shape.default_tiles(gpu)]
         for row in timed["tiles"]:
             assert "error" not in row and row["ms"] > 0 and row["rel_error"] < 1e-2, row
