@@ -17,6 +17,7 @@ from infermeter.engine.kernels import expert_gemv
 from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
 from tests.expert_gemv_worker import experts, picks, routing
 from tests.fused_step_worker import rounder
+from tests.triton_interpreter import run_checks
 
 REAL_LAUNCH = expert_gemv.launch
 # (BLOCK_N, BLOCK_K, num_warps) in expert_tiles_for's terms: several column tiles, ragged ones,
@@ -107,11 +108,4 @@ def check_one_token_down_ways() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    import time
-
-    for check in (check_tiles_reach_the_kernels_and_change_no_bit, check_one_token_down_ways):
-        start = time.perf_counter()
-        check()
-        print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print("ok")
+    run_checks(check_tiles_reach_the_kernels_and_change_no_bit, check_one_token_down_ways)

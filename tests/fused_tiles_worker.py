@@ -15,6 +15,7 @@ import torch
 from infermeter.engine.kernels import fused_step
 from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
 from infermeter.engine.kv_cache import LayerKVCache
+from tests.triton_interpreter import run_checks
 
 REAL_LAUNCH = fused_step.launch
 # (BLOCK_N, BLOCK_K, num_warps): one row a program, ragged rows and column tiles, one tile
@@ -121,11 +122,4 @@ def check_norm_qkv_rope() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    import time
-
-    for check in (check_fused_gemv, check_norm_qkv_rope):
-        start = time.perf_counter()
-        check()
-        print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print("ok")
+    run_checks(check_fused_gemv, check_norm_qkv_rope)

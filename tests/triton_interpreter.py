@@ -1,11 +1,13 @@
 """Running a tests/ worker script under Triton's CPU interpreter: in a subprocess, since
-TRITON_INTERPRET must be set before triton is first imported."""
+TRITON_INTERPRET must be set before triton is first imported; run_checks is the worker's side."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,3 +21,14 @@ def run_under_interpreter(worker: Path) -> None:
     run = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def run_checks(*checks: Callable[[], None]) -> None:
+    """A worker's main: each check in turn, its seconds on stderr (the slow ones show in a
+    failure's output), then the "ok" run_under_interpreter waits for; a failing check's
+    assertion ends the worker non-zero before it."""
+    for check in checks:
+        start = time.perf_counter()
+        check()
+        print(f"{check.__name__} {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print("ok")
