@@ -234,6 +234,8 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     # the fused step's (fused_step.py): each reads a weight matrix
     ("_norm_qkv_rope_kernel", "matmul (unattributed)"), ("_fused_gemv_kernel",
                                                          "matmul (unattributed)"),
+    # layer_step.py's one launch a layer: the layer's products and all, weights first
+    ("_layer_kernel", "matmul (unattributed)"),
     # expert_gemv.py's and router_topk.py's, in any trace
     ("_experts_swiglu_kernel", "MoE experts"), ("_experts_down_terms_kernel", "MoE experts"),
     ("_experts_route_kernel", "MoE experts"),

@@ -301,6 +301,9 @@ def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
     # left to "auto", which chose it (config.step_choice): the default setting, fused or not
     chosen = seed_record(4, step_kernels="fused", step_choice="auto: fused, recorded (0.27 GB)")
     assert not off_default_kernels(chosen)
+    # asked for by name: a comparison, even split (the default may have fused this model)
+    asked = seed_record(5, step_kernels="split", step_choice="asked: split, trees")
+    assert off_default_kernels(asked)
 
 
 @pytest.mark.gpu

@@ -70,24 +70,31 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
     ("smollm2-135m", torch.float16), ("qwen2.5-0.5b", torch.bfloat16),
     ("qwen3-0.6b", torch.bfloat16), ("llama-3.2-1b", torch.bfloat16)])
 def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, name, dtype):
-    """Built for sm_90 as launched: each of the four waits polls with volatile loads (L2) and
-    then takes the count with an acquire load; each of the six counts (qkv, an attention row,
-    the rows combined, wo, w13, w2) is an acq_rel add that follows a barrier with no store of
-    its own between them (every thread's stores first); the counts go back to 0 with exchanges;
-    no float64 anywhere."""
+    """Built for sm_90 as launched: the program's ticket is one thread's relaxed add; each of
+    the four waits polls with one thread's acquire loads (at least one before its loop and one
+    in it; no volatile loads of every thread); each of the six counts (qkv, an attention row,
+    the rows combined, wo, w13, w2) is one thread's acq_rel add after a barrier with no store
+    between them (every thread's stores first); the row's count and the ticket and five stage
+    counts go back to 0 with exchanges; no float64 anywhere."""
     from tests.test_pdl import sm90_lines
 
     _, lines = sm90_lines(*recorded_launch(monkeypatch, name, dtype))
-    polls = [i for i, line in enumerate(lines) if "ld.volatile.global.b32" in line]
-    acquires = [i for i, line in enumerate(lines) if "ld.global.gpu.acquire.b32" in line]
-    adds = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
-    assert len(acquires) == 4 and len(adds) == 6, (name, len(acquires), len(adds))
-    assert all(any(p < a for p in polls) for a in acquires), name  # a poll before each acquire
+
+    def atomics(pattern: str) -> list[int]:
+        found = [i for i, line in enumerate(lines) if pattern in line]
+        assert all(lines[i].strip().startswith("@") for i in found), (name, pattern)  # one thread
+        return found
+
+    assert len(atomics("atom.global.gpu.relaxed.add")) == 1, name
+    assert len(atomics("ld.global.gpu.acquire.b32")) >= 8, name
+    assert not [line for line in lines if "ld.volatile" in line], name
+    adds = atomics("atom.global.gpu.acq_rel.add")
+    assert len(adds) == 6, (name, len(adds))
     for add in adds:
         barrier = max(i for i in range(add) if "bar.sync" in lines[i])
         stores = [lines[i].strip() for i in range(barrier, add) if "st.global" in lines[i]]
         assert not stores, (name, stores)
-    assert sum("atom.global.gpu.relaxed.exch" in line for line in lines) >= 2, name
+    assert len(atomics("atom.global.gpu.relaxed.exch")) == 7, name
     assert not [line for line in lines if ".f64" in line], name
 
 
@@ -107,35 +114,44 @@ def small_model(spec, monkeypatch):
 
 
 def test_which_layers_take_one_launch(monkeypatch):
-    """A Llama-like layer does; none without a cache, with another decode attention than
-    Triton's, with Gemma's post-norms, or in an MoE or gpt-oss model (those layers run their
-    fused parts instead), nor where step_kernels is not "layer"."""
+    """A Llama-like layer does, whole; an MoE layer its attention side (Qwen3-MoE; its
+    experts run after the launch); none without a cache or with another decode attention than
+    Triton's, nor Gemma's (its norms and post-norms) or gpt-oss's (sinks) layers, which run
+    their fused parts instead."""
     debug = PRESETS["debug"]
     x = torch.zeros(1, 1, debug.dim)
+
+    def taking(model) -> list[bool]:
+        return [layer.takes_layer_kernel(x) for layer in model.layers]
+
     model = small_model(debug, monkeypatch)
-    assert layer_step_layers(model, x) == debug.n_layers
+    assert taking(model) == [True] * debug.n_layers
     model.layers[0].attention.decode_attention = "math"
-    assert layer_step_layers(model, x) == debug.n_layers - 1
-    set_step_kernels(model, "fused")
-    assert layer_step_layers(model, x) == 0
+    assert taking(model) == [False] + [True] * (debug.n_layers - 1)
     model = build_model(debug, seed=0)
     fuse_projections(model)
-    set_step_kernels(model, "layer")
-    assert layer_step_layers(model, x) == 0  # no cache yet
-    others = {"gemma": debug.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32,
-                                          norms_per_layer=4, query_pre_attn_scalar=24.0),
-              "moe": debug.with_updates(arch="qwen3_moe", n_experts=4, n_active_experts=2,
-                                        moe_ffn_dim=48),
-              "gpt-oss": PRESETS["gpt-oss-20b"].with_updates(
+    assert taking(model) == [False] * debug.n_layers  # no cache yet
+    others = {"gemma": (debug.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32,
+                                           norms_per_layer=4, query_pre_attn_scalar=24.0),
+                        [False, False]),
+              "qwen3-moe": (debug.with_updates(arch="qwen3_moe", n_experts=4,
+                                               n_active_experts=2, moe_ffn_dim=48),
+                            [True, True]),
+              "gpt-oss": (PRESETS["gpt-oss-20b"].with_updates(
                   n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=128,
                   n_experts=4, n_active_experts=2, moe_ffn_dim=32, ffn_dim=32,
-                  sliding_window_layers=(0,))}
-    for name, spec in others.items():
+                  sliding_window_layers=(0,)), [False, False])}
+    for name, (spec, takes) in others.items():
         model = small_model(spec, monkeypatch)
-        assert layer_step_layers(model, torch.zeros(1, 1, spec.dim)) == 0, name
+        x = torch.zeros(1, 1, spec.dim)
+        assert taking(model) == takes, name
 
 
-def test_the_result_says_layer_where_every_layer_took_one_launch(monkeypatch):
+def test_the_result_says_layer_where_the_traced_steps_ran_every_layer_in_one_launch(
+        monkeypatch):
+    """config.step_kernels is "layer" where every layer's traced batch-1 step took the launch
+    (TransformerBlock.took_layer_kernel, set as the step is traced), "partly fused" where only
+    some did, and set_step_kernels starts the record afresh."""
     from infermeter.generate import modes as modes_module
     from infermeter.generate.cases import plan_cases, prompt_sets
     from infermeter.generate.modes import EngineRunner
@@ -149,11 +165,19 @@ def test_the_result_says_layer_where_every_layer_took_one_launch(monkeypatch):
     runner = EngineRunner(model, case, GenerateRequest(
         "random:debug", engine=EngineChoices(step_kernels="layer")))
     runner.batch_sizes = [1]
-    model.setup_cache(1, 32)  # the runner's Generator sets up its own when it runs
+    assert runner.describe()["step_kernels"] == "fused"  # nothing traced yet
+    # what TransformerBlock.forward does as it traces a batch-1 step in one launch
+    monkeypatch.setattr(type(model.layers[0].attention), "layer_step",
+                        lambda self, x, *args: x)
+    for layer in model.layers:
+        layer._layer_forward(torch.zeros(1, 1, debug.dim), None, None, None)
+    assert layer_step_layers(model) == debug.n_layers
     assert runner.describe()["step_kernels"] == "layer"
     assert runner.describe()["fused_rope"] is True
-    model.layers[0].attention.decode_attention = "math"
+    model.layers[0].took_layer_kernel = False
     assert runner.describe()["step_kernels"] == "partly fused"
+    set_step_kernels(model, "layer")
+    assert layer_step_layers(model) == 0
 
 
 @pytest.mark.gpu

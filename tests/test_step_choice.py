@@ -25,14 +25,28 @@ def test_small_dense_models_take_the_fused_recorded_step_up_to_the_line():
     assert "over 1.5 GB" in large.reason
 
 
-@pytest.mark.parametrize("device,moe,tp,batch,why", [
-    (CPU, False, 1, 1, "off a GPU"), (CUDA, True, 1, 1, "an MoE model"),
-    (CUDA, False, 2, 1, "tp 2"), (CUDA, False, 1, 8, "batch 8")])
+@pytest.mark.parametrize("device,moe,tp,batch,backend,why", [
+    (CPU, False, 1, 1, None, "off a GPU"), (CUDA, True, 1, 1, None, "an MoE model"),
+    (CUDA, False, 2, 1, None, "tp 2"), (CUDA, False, 1, 8, None, "batch 8"),
+    (CUDA, False, 1, 1, "cudagraphs", "the cudagraphs backend")])
 def test_what_was_not_measured_stays_split_in_the_trees_whatever_its_size(device, moe, tp,
-                                                                         batch, why):
-    choice = choose_step(1000, device, moe=moe, tp=tp, batch=batch)
+                                                                         batch, backend, why):
+    choice = choose_step(1000, device, moe=moe, tp=tp, batch=batch, backend=backend)
     assert (choice.kernels, choice.graphs) == ("split", "trees")
     assert choice.reason == f"auto: split, trees ({why})"
+    assert choose_step(1000, device, moe, tp, batch, "inductor" if backend is None else backend,
+                       "fused").reason == f"asked: fused, trees ({why})"
+
+
+def test_kernels_asked_by_name_run_as_asked_with_their_own_replay_whatever_the_size():
+    """The fused kernels (and one launch a layer) in the recorded graph, split in the trees;
+    the reason says they were asked for (the report's test for a comparison run)."""
+    for size in (1000, int(SMALL_STEP_BYTES) * 10):
+        for kernels, graphs in (("split", "trees"), ("fused", "recorded"),
+                                ("layer", "recorded")):
+            choice = choose_step(size, CUDA, False, 1, 1, None, kernels)
+            assert (choice.kernels, choice.graphs) == (kernels, graphs)
+            assert choice.reason == f"asked: {kernels}, {graphs}"
 
 
 def test_a_step_reads_a_tied_head_once_and_no_untied_embedding_table():
@@ -58,10 +72,11 @@ def test_the_measured_models_fall_on_the_side_their_ab_put_them(name, dtype, fus
     assert (choice.kernels == "fused") == fused, choice.reason
 
 
-def test_the_runner_applies_auto_records_why_and_keeps_what_was_asked(monkeypatch):
-    """The Generator gets the chosen replay, every layer the chosen kernels, and the Result's
-    config.step_choice the reason; kernels asked for by name run as asked (no step_choice),
-    while the replay left to auto still follows the rule."""
+def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
+    """The rule gets the model's step bytes, device, MoE-ness, ranks, the case's largest batch,
+    the backend and the kernels asked; the Generator gets the chosen replay, every layer the
+    chosen kernels, and the Result's config.step_choice the rule's reason, or "asked: ..."
+    where the replay was named too and differs from the rule's."""
     from infermeter.engine.checkpoint.load import load_weights
     from infermeter.generate import modes as modes_module
     from infermeter.generate.cases import plan_cases, prompt_sets
@@ -70,9 +85,10 @@ def test_the_runner_applies_auto_records_why_and_keeps_what_was_asked(monkeypatc
 
     seen = []
 
-    def rule(weight_bytes, device, moe, tp, batch):
-        seen.append((weight_bytes, device.type, moe, tp, batch))
-        return StepChoice("fused", "recorded", "auto: fused, recorded (why)")
+    def rule(weight_bytes, device, moe, tp, batch, backend, kernels):
+        seen.append((weight_bytes, device.type, moe, tp, batch, backend, kernels))
+        picked = "fused" if kernels == "auto" else kernels
+        return StepChoice(picked, "recorded", f"why {picked}")
 
     monkeypatch.setattr(modes_module, "choose_step", rule)
     model = load_weights("random:debug", "cpu", "float32")
@@ -80,17 +96,21 @@ def test_the_runner_applies_auto_records_why_and_keeps_what_was_asked(monkeypatc
     compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
                        for mode in ("compiled", "eager"))
     runner = EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
-    assert seen == [(step_weight_bytes(model), "cpu", False, 1, 1)]
+    assert seen == [(step_weight_bytes(model), "cpu", False, 1, 1, None, "auto")]
     assert {layer.step_kernels for layer in model.layers} == {"fused"}
     assert runner.generator._step_graphs_asked == "recorded"
-    assert runner.describe()["step_choice"] == "auto: fused, recorded (why)"
+    assert runner.describe()["step_choice"] == "why fused"
     eager_runner = EngineRunner(model, eager[0], GenerateRequest("random:debug"))
     assert eager_runner.describe()["step_choice"] is None  # no compiled step
     asked = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="split"))
     runner = EngineRunner(model, compiled[0], asked)
     assert {layer.step_kernels for layer in model.layers} == {"split"}
-    assert runner.generator._step_graphs_asked == "recorded"
-    assert runner.describe()["step_choice"] is None
+    assert runner.describe()["step_choice"] == "why split"
+    named = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="split",
+                                                                 step_graphs="trees"))
+    runner = EngineRunner(model, compiled[0], named)
+    assert runner.generator._step_graphs_asked == "trees"
+    assert runner.describe()["step_choice"] == "asked: split, trees"
 
 
 @pytest.mark.parametrize("field,value", [("step_kernels", "megakernel"),

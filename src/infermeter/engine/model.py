@@ -196,6 +196,7 @@ class TransformerBlock(nn.Module):
         self.ffn_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
         self.materialize_norm = MATERIALIZE_NORM
         self.step_kernels = STEP_KERNEL
+        self.took_layer_kernel = False  # a traced batch-1 step ran this layer in one launch
 
     def fused_parts(self) -> tuple[str, ...]:
         """Which of FUSED_PARTS this layer's step can take. attention_in needs wqkv fused;
@@ -220,21 +221,35 @@ class TransformerBlock(nn.Module):
         return len(self.fused_parts()) == len(FUSED_PARTS)
 
     def takes_layer_kernel(self, x: Tensor) -> bool:
-        """Whether step_kernels "layer" runs this layer's batch-1 step x [1, 1, dim] as one
-        launch (kernels/layer_step.py): the whole fused step (fuses_step), its attention one the
-        launch can run (Attention.attends_in_layer_kernel), every weight as the fused kernels
-        read them."""
-        return (self.fuses_step() and self.attention.attends_in_layer_kernel(x)
-                and fused_step_kernels_usable(x, self.fused_step_params(FUSED_PARTS)))
+        """Whether step_kernels "layer" runs this layer's batch-1 step x [1, 1, dim] in one
+        launch (kernels/layer_step.py): RMSNorm's (not Gemma's), the fused step's attention
+        side with an attention the launch can run (Attention.attends_in_layer_kernel), and
+        either a dense SwiGLU FFN fused whole (fuses_step) or MoE experts (run after the
+        launch), every weight as the fused kernels read them."""
+        ffn, parts = self.feed_forward, self.fused_parts()
+        ffn_fits = self.fuses_step() and not ffn.gelu if isinstance(ffn, FeedForward) \
+            else {"attention_in", "attention_out"} <= set(parts)
+        return (ffn_fits and not isinstance(self.attention_norm, GemmaRMSNorm)
+                and self.attention.attends_in_layer_kernel(x)
+                and fused_step_kernels_usable(x, self.fused_step_params(parts)))
+
+    def _layer_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
+        """takes_layer_kernel's step: the layer in one launch, or an MoE layer's attention side
+        in one launch and its experts after it (x [1, 1, dim])."""
+        self.took_layer_kernel = True  # traced so: the runner's record of what ran
+        ffn = self.feed_forward
+        if isinstance(ffn, FeedForward):
+            return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
+                                             self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
+        h = self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos)
+        return self._split_ffn(h)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 blocks: BlockLists | None = None) -> Tensor:
         if self.step_kernels in ("fused", "layer") and x.shape[0] * x.shape[1] == 1 \
                 and compiling():
             if self.step_kernels == "layer" and self.takes_layer_kernel(x):
-                ffn = self.feed_forward
-                return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
-                                                 self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
+                return self._layer_forward(x, cos, sin, input_pos)
             parts = self.fused_parts()
             if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
                 return self._fused_forward(x, cos, sin, input_pos, parts)
@@ -476,6 +491,7 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
         raise ValueError(f"unknown step kernels {kind!r} (use {STEP_KERNELS})")
     for layer in model.layers:
         layer.step_kernels = kind
+        layer.took_layer_kernel = False
 
 
 def fused_step_layers(model: Transformer) -> int:
@@ -492,11 +508,10 @@ def fused_step_parts(model: Transformer) -> int:
                if layer.step_kernels in ("fused", "layer"))
 
 
-def layer_step_layers(model: Transformer, x: Tensor) -> int:
-    """How many layers a compiled batch-1 step of x [1, 1, dim] runs as one launch each
-    (step_kernels "layer" and takes_layer_kernel)."""
-    return sum(layer.step_kernels == "layer" and layer.takes_layer_kernel(x)
-               for layer in model.layers)
+def layer_step_layers(model: Transformer) -> int:
+    """How many layers the compiled batch-1 steps traced since set_step_kernels ran in one
+    launch (step_kernels "layer", where takes_layer_kernel allowed it)."""
+    return sum(layer.took_layer_kernel for layer in model.layers)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

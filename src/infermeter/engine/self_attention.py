@@ -114,11 +114,13 @@ class Attention(nn.Module):
                 and decode_kernel_usable(q))
 
     def layer_step(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                   ffn_norm: RMSNorm, w13: Tensor, w2: Tensor) -> Tensor:
+                   ffn_norm: RMSNorm | None = None, w13: Tensor | None = None,
+                   w2: Tensor | None = None) -> Tensor:
         """The batch-1 step of the layer around this attention in one launch (x [1, 1, dim] ->
         [1, 1, dim]): its norm, wqkv, q/k norms, RoPE, cache write, attention over the cache
         (split as _attend splits it), wo + residual, then the FFN's norm + w13 + SwiGLU and
-        w2 + residual. For attends_in_layer_kernel's layers."""
+        w2 + residual; without the FFN's weights, up to x + wo(attention). For
+        attends_in_layer_kernel's layers."""
         from infermeter.engine.kernels.decode_attention import split_count
         from infermeter.engine.kernels.layer_step import layer_step
 
@@ -127,8 +129,9 @@ class Attention(nn.Module):
             x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
             input_pos, cache.k, cache.v, cache.key_pos,
             None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
-            self.wo.weight, ffn_norm.weight, w13, w2, self.qkv_split[0], norm.eps,
-            ffn_norm.eps, 0.0 if q_norm is None else q_norm.eps, cache.is_ring,
+            self.wo.weight, None if ffn_norm is None else ffn_norm.weight, w13, w2,
+            self.qkv_split[0], norm.eps, 0.0 if ffn_norm is None else ffn_norm.eps,
+            0.0 if q_norm is None else q_norm.eps, cache.is_ring,
             cache.window or 0, split_count(self.n_kv_heads, cache.size, x.device))
         return out.view_as(x)
 

@@ -13,7 +13,9 @@ together.
 
 Left split, in the trees, whatever the size: MoE models (their experts are counted in Python
 each step, which a replay would not repeat), tensor parallelism and batches past one (neither
-measured), and anything off a GPU (no graph to replay).
+measured), the cudagraphs compile backend (its own graphs) and anything off a GPU (no graph to
+replay). Kernels asked for by name keep their replay by the same pairing: fused (or one
+launch a layer) recorded, split in the trees.
 """
 
 from __future__ import annotations
@@ -47,13 +49,22 @@ def step_weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
-def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int,
-                batch: int) -> StepChoice:
-    """The step "auto" runs for a model reading weight_bytes a step on `device`, with MoE layers
-    or not, over tp ranks, at a largest batch of `batch` sequences."""
+def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, batch: int,
+                backend: str | None = None, kernels: str = AUTO) -> StepChoice:
+    """The step for a model reading weight_bytes a step on `device`, with MoE layers or not,
+    over tp ranks, at a largest batch of `batch` sequences, compiled by `backend` (None:
+    inductor). `kernels` asked for by name run as asked, replayed as those kernels are best
+    replayed: the fused ones (and one launch a layer) in the recorded graph, split in the trees;
+    "auto" picks them by size. The reason says which ("auto: ..." or "asked: ...")."""
     gb = f"{weight_bytes / 1e9:.2f} GB of weights"
-    held = ("off a GPU" if device.type != "cuda" else "an MoE model" if moe
-            else f"tp {tp}" if tp > 1 else f"batch {batch}" if batch > 1 else None)
+    held = ("off a GPU" if device.type != "cuda"
+            else f"the {backend} backend" if backend not in (None, "inductor")
+            else "an MoE model" if moe else f"tp {tp}" if tp > 1
+            else f"batch {batch}" if batch > 1 else None)
+    if kernels != AUTO:
+        graphs = "trees" if held or kernels == "split" else "recorded"
+        return StepChoice(kernels, graphs,
+                          f"asked: {kernels}, {graphs}" + (f" ({held})" if held else ""))
     if held is not None:
         return StepChoice("split", "trees", f"auto: split, trees ({held})")
     if weight_bytes <= SMALL_STEP_BYTES:

@@ -37,14 +37,17 @@ class EngineRunner:
     def __init__(self, model: Transformer, case: Case, request: GenerateRequest) -> None:
         engine = request.engine
         self.config = replace(request.sampling, compile=case.mode == "compiled")
-        # "auto" kernels and replay: by the bytes a step reads (step_choice.py), decided here
-        # since the rule needs the built model, the case's batch and the ranks
+        # the step's kernels and replay: "auto" by the bytes a step reads (step_choice.py),
+        # decided here since the rule needs the built model, the case's batch and the ranks
         choice = choose_step(step_weight_bytes(model), model.tok_embeddings.weight.device,
-                             model.spec.n_experts > 0, request.tp or 1, case.largest_group)
-        # recorded where the kernels were left to the rule (the report's default-setting test)
-        self.step_choice = choice.reason if engine.step_kernels == AUTO else None
-        step_kernels = choice.kernels if engine.step_kernels == AUTO else engine.step_kernels
+                             model.spec.n_experts > 0, request.tp or 1, case.largest_group,
+                             engine.compile_backend, engine.step_kernels)
+        step_kernels = choice.kernels
         step_graphs = choice.graphs if engine.step_graphs == AUTO else engine.step_graphs
+        # the Result's config.step_choice: the rule's reason ("auto: ..." where it chose, the
+        # report's default-setting test), or what was asked where the replay was named too
+        self.step_choice = choice.reason if step_graphs == choice.graphs \
+            else f"asked: {step_kernels}, {step_graphs}"
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
@@ -112,7 +115,7 @@ class EngineRunner:
         return "triton" if gemv else "inductor"
 
     def _step_kernels_used(self) -> str | None:
-        """The compiled batch-1 step's layers: "layer" where every layer ran as one launch
+        """The compiled batch-1 step's layers: "layer" where every layer ran whole in one launch
         (kernels/layer_step.py, TransformerBlock.takes_layer_kernel), "fused" where every layer
         took all four of fused_step.py's kernels (a batch of 1, Triton runs,
         model.TransformerBlock.fused_parts), "partly fused" where some took some (a Gemma layer
@@ -121,12 +124,10 @@ class EngineRunner:
         if not self.config.compile:
             return None
         model = self.generator.model
-        weight = model.tok_embeddings.weight
         runs = 1 in self.batch_sizes and triton_runs_on(model.output.weight)
         fused = fused_step_parts(model) if runs else 0
-        # the layers' rule on a batch-1 step's input (its shape, dtype and device)
-        whole = layer_step_layers(model, weight.new_empty(1, 1, weight.shape[1])) if runs else 0
-        if whole == len(model.layers):
+        whole = layer_step_layers(model) if runs else 0  # as the traced steps ran them
+        if whole == len(model.layers) and fused == len(FUSED_PARTS) * len(model.layers):
             return "layer"
         return "split" if fused == 0 else "fused" \
             if fused == len(FUSED_PARTS) * len(model.layers) and whole == 0 else "partly fused"

@@ -60,8 +60,9 @@ _ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::|_peer_", re.I)
 _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split_kv"
                         r"|_combine_kernel", re.I)
 # norm_qkv_rope: fused_step.py's norm + wqkv + RoPE kernel, a product first of all
+# layer_step.py's one launch a layer counts as products: its time is mostly weight reads
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
-                     r"|splitk|norm_qkv_rope", re.I)
+                     r"|splitk|norm_qkv_rope|_layer_kernel", re.I)
 _EXPERTS = re.compile(r"_experts_(swiglu|down|route)", re.I)  # expert_gemv.py and router_topk.py
 _CACHE_WRITE = re.compile(r"index_(copy|put)")
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)

@@ -202,8 +202,9 @@ def mode_rank(record: Record) -> int:
 # torch-free).
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
-# generate --step-kernels: "auto" (engine/step_choice.py), which a Result records as its
-# config.step_choice; one without it ran the kernels asked for, and split was the default
+# generate --step-kernels: "auto" (engine/step_choice.py); a Result records how its kernels
+# were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
+# kernels asked for, and split was the default
 DEFAULT_STEP_KERNELS = "split"
 DEFAULT_MOE_KERNEL = "torch"  # generate --moe-kernel (engine/moe.py); unrecorded: torch
 
@@ -212,11 +213,11 @@ def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
     inductor's matrix-vector products (the GEMV is the default), other all-reduces than
     auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused), another --pdl than the
-    default, a step's kernels asked for rather than left to "auto" (config.step_choice) and
-    other than split, or Triton's gathered experts (--moe-kernel): a
-    comparison run (e.g. the generation sweep's kernel or gemv part), not the representative.
-    A Result from before a setting was recorded ran what existed then: inductor's reductions
-    and NCCL's all-reduces."""
+    default, a step's kernels asked for by name rather than left to "auto"
+    (config.step_choice; before it was recorded: other than split), or Triton's gathered
+    experts (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv
+    part), not the representative. A Result from before a setting was recorded ran what
+    existed then: inductor's reductions and NCCL's all-reduces."""
     cfg = record.config
     if cfg.get("mode") != "compiled":
         return False
@@ -228,9 +229,17 @@ def off_default_kernels(record: Record) -> bool:
     all_reduce = cfg.get("tp_all_reduce") or unrecorded
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
-            or (not cfg.get("step_choice")
-                and (cfg.get("step_kernels") or DEFAULT_STEP_KERNELS) != DEFAULT_STEP_KERNELS)
+            or _step_off_default(cfg)
             or (cfg.get("moe_kernel") or DEFAULT_MOE_KERNEL) != DEFAULT_MOE_KERNEL)
+
+
+def _step_off_default(cfg: dict) -> bool:
+    """The step's kernels were not the default's: asked for by name (config.step_choice
+    "asked: ..."), or, in a Result from before step_choice was recorded, other than split."""
+    choice = cfg.get("step_choice")
+    if choice is not None:
+        return not str(choice).startswith("auto")
+    return (cfg.get("step_kernels") or DEFAULT_STEP_KERNELS) != DEFAULT_STEP_KERNELS
 
 
 def _newest_first(record: Record) -> float:

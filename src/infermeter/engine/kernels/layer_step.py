@@ -1,37 +1,40 @@
-"""A dense layer's batch-1 decode step in one launch (the "layer" step kernels, model.py).
+"""A layer's batch-1 decode step in one launch (the "layer" step kernels, model.py).
 
 Why: a small model's step is hundreds of kernels of a few microseconds, and each kernel boundary
 costs a launch and a drain however few bytes the kernel reads (docs/engine.md, "The fused
 step"). Here the fused step's five kernels of a layer (norm + wqkv + RoPE + cache write, the
 split-KV attention with its combine, wo + residual, norm + w13 + SwiGLU, w2 + residual) are
-stages of one launch, their programs in that order of program ids:
+stages of one launch, each program's stage given by the ticket it draws as it starts
+(stage_sync.take_ticket), in this order:
 
   stage   programs                      waits for              then counts
-  qkv     cdiv(n_q + 2 n_kv, BLOCK_N)   nothing (x is the      COUNT[0]
+  qkv     cdiv(n_q + 2 n_kv, BLOCK_N)   nothing (x is the      its stage's count
                                         previous launch's)
-  attend  H_kv x n_splits               COUNT[0] = all qkv     its row's COUNT[5 + h]; the
-                                                               row's last program combines
-                                                               the row and counts COUNT[1]
-  wo      cdiv(dim, BLOCK_N)            COUNT[1] = H_kv rows   COUNT[2]
-  w13     cdiv(ffn, BLOCK_N)            COUNT[2] = all wo      COUNT[3]
-  w2      cdiv(dim, BLOCK_N)            COUNT[3] = all w13     COUNT[4]; the last sets every
-                                                               count back to 0
+  attend  H_kv x n_splits               every qkv program      its row's count; the row's last
+                                                               program combines the row and
+                                                               counts the rows combined
+  wo      cdiv(dim, BLOCK_N)            the H_kv rows          its stage's count
+  w13     cdiv(ffn, BLOCK_N)            every wo program       its stage's count
+  w2      cdiv(dim, BLOCK_N)            every w13 program      its stage's count; the last
+                                                               sets the ticket and counts to 0
 
-Each GEMV stage's program loads its first weight tile before it waits (as under PDL), so the
-next stage's weights stream in while the stage before finishes. stage_sync.py says why the
-waits cannot deadlock and how the stores are published.
+An MoE layer runs the first three alone (its experts run apart, after the launch): its last wo
+program resets. Each GEMV stage's program loads its first weight tile before it waits (as
+under PDL), so the next stage's weights stream in while the stage before finishes.
+stage_sync.py says why the waits cannot deadlock and how the stores are published.
 
 The stages are the fused step's own code (fused_step.norm_qkv_rope_rows, fused_gemv_rows,
-decode_attention.split_partials and combine_head) at the fused step's tiles, so a step gives
-the fused step's bits wherever the sums' order is the same: always under Triton's interpreter
+decode_attention.split_partials and combine_head) at the fused step's tiles, so a step gives the
+fused step's bits wherever the sums' order is the same: always under Triton's interpreter
 (tests/test_layer_step.py); on a GPU one num_warps serves every stage (the largest the stages'
 tiles ask), which may change a reduction's order against the fused kernels' own.
 
-What takes it (TransformerBlock.takes_layer_kernel): a layer that runs the whole fused step with
-RoPE and the cache write in wqkv's kernel and Triton's split-KV decode attention, without
-Gemma's soft cap or query scale or gpt-oss's sinks. The counts are combine_counter's kept int32
-zeros, one per (device, size): every launch that uses them returns them to 0 before it ends,
-and launches on the step's stream run one after another.
+What takes it (TransformerBlock.takes_layer_kernel): a layer that runs the fused step's
+attention side with RoPE and the cache write in wqkv's kernel and Triton's split-KV decode
+attention, without Gemma's norms, query scale or soft cap, or gpt-oss's sinks; the FFN too
+where the layer is dense. The counts are combine_counter's kept int32 zeros, one block per
+(device, size): every launch that uses them returns them to 0 before it ends, and launches on
+the step's stream run one after another.
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ from infermeter.engine.kernels.decode_attention import combine_counter
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.fused_step import fused_tiles_for
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
+from infermeter.engine.kernels.stage_sync import LINE
 from infermeter.engine.kernels.triton_support import tl, triton
 
-STAGE_COUNTS = 5  # COUNT[0..4]: qkv, attend (rows combined), wo, w13, w2; then one a KV head
+STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w13, w2
 
 if triton is not None:
     from infermeter.engine.kernels.decode_attention import combine_head, split_partials
     from infermeter.engine.kernels.fused_step import fused_gemv_rows, norm_qkv_rope_rows
-    from infermeter.engine.kernels.stage_sync import count_done, wait_count
+    from infermeter.engine.kernels.stage_sync import count_done, take_ticket, wait_count
 
     @triton.jit
     def _layer_kernel(
@@ -70,70 +74,86 @@ if triton is not None:
             LIBDEVICE: tl.constexpr,
             BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
-            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr):
-        pid = tl.program_id(0)
+            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
+            LINE: tl.constexpr, FFN: tl.constexpr):
+        # COUNT [(1 + STAGES + H_kv) x LINE] int32: the ticket, each stage's count, each
+        # attention row's count, a line apart (stage_sync.py)
+        pid = take_ticket(COUNT)  # this program's place, in program order of the stages
         if pid < end_qkv:
             norm_qkv_rope_rows(pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
-                                V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, dim,
-                                stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
-                                IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
-                                False, QK_EPS, False)
-            count_done(COUNT)
+                               V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, dim,
+                               stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
+                               IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
+                               False, QK_EPS, False)
+            count_done(COUNT + LINE)
         elif pid < end_attend:
             part = pid - end_qkv
             row = part // n_splits  # the KV head (batch 1)
-            wait_count(COUNT, end_qkv)  # q and this step's k, v
+            wait_count(COUNT + LINE, end_qkv)  # q and this step's k, v
             # q [1, H_kv, G, D], the cache [1, H_kv, S, D] (unit feature stride)
             split_partials(row, part % n_splits, Q, K_CACHE, V_CACHE, KEY_POS, POS, ACC, M, L,
-                            n_q, groups * HEAD_DIM, HEAD_DIM, 0, stride_ch, stride_cs,
-                            0, stride_ch, stride_cs, n_kv_heads, groups, slots, chunk,
-                            n_splits, window, SCALE, G_PAD, HEAD_DIM, ATTENTION_BLOCK,
-                            IS_RING, HAS_WINDOW, PRECISION, 0.0, 0.0, LIBDEVICE)
-            if count_done(COUNT + STAGES + row) == n_splits - 1:
+                           n_q, groups * HEAD_DIM, HEAD_DIM, 0, stride_ch, stride_cs,
+                           0, stride_ch, stride_cs, n_kv_heads, groups, slots, chunk,
+                           n_splits, window, SCALE, G_PAD, HEAD_DIM, ATTENTION_BLOCK,
+                           IS_RING, HAS_WINDOW, PRECISION, 0.0, 0.0, LIBDEVICE)
+            row_count = COUNT + (1 + STAGES + row) * LINE
+            if count_done(row_count) == n_splits - 1:
                 for g in range(groups):  # the row's last program: decode_attention's combine
                     combine_head(ACC, M, L, ATTN, M, row, g, groups, n_splits, n_kv_heads,
-                                  S_PAD, HEAD_DIM, False, ".cg")
-                tl.atomic_xchg(COUNT + STAGES + row, 0, sem="relaxed",
-                               scope="gpu")
-                count_done(COUNT + 1)
+                                 S_PAD, HEAD_DIM, False, ".cg")
+                tl.atomic_xchg(row_count, 0, sem="relaxed", scope="gpu")
+                count_done(COUNT + 2 * LINE)
         elif pid < end_wo:  # h = x + wo(attention)
             fused_gemv_rows(pid - end_attend, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
-                             COUNT + 1, n_kv_heads, 0.0, False, False, False, True, BN_WO,
-                             BK_WO, LIBDEVICE, False, False, True)
-            count_done(COUNT + 2)
+                            COUNT + 2 * LINE, n_kv_heads, 0.0, False, False, False, True,
+                            BN_WO, BK_WO, LIBDEVICE, False, False, True)
+            done = count_done(COUNT + 3 * LINE)
+            if not FFN:  # the attention side alone (an MoE layer): wo is the last stage
+                if done == end_wo - end_attend - 1:
+                    _reset(COUNT, STAGES, LINE)
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
             fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
-                             ffn, COUNT + 2, end_wo - end_attend, FFN_EPS, True, False, True,
-                             False, BN_W13, BK_W13, LIBDEVICE, False, False, True)
-            count_done(COUNT + 3)
+                            ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, False,
+                            True, False, BN_W13, BK_W13, LIBDEVICE, False, False, True)
+            count_done(COUNT + 4 * LINE)
         else:  # out = h + w2(act)
             fused_gemv_rows(pid - end_w13, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
-                             COUNT + 3, end_w13 - end_wo, 0.0, False, False, False, True, BN_W2,
-                             BK_W2, LIBDEVICE, False, False, True)
-            if count_done(COUNT + 4) == end_w2 - end_w13 - 1:
-                # the last program of the last stage: every program is past its wait
-                for stage in range(STAGES):
-                    tl.atomic_xchg(COUNT + stage, 0, sem="relaxed", scope="gpu")
+                            COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, False, True,
+                            BN_W2, BK_W2, LIBDEVICE, False, False, True)
+            if count_done(COUNT + 5 * LINE) == end_w2 - end_w13 - 1:
+                _reset(COUNT, STAGES, LINE)
+
+    @triton.jit
+    def _reset(COUNT, STAGES: tl.constexpr, LINE: tl.constexpr):
+        """The last program of the last stage: every program has drawn its ticket and passed
+        its wait, so the ticket and every stage's count go back to 0 for the next launch (the
+        rows' counts are back at 0 already: their combiners set them)."""
+        for stage in range(1 + STAGES):
+            tl.atomic_xchg(COUNT + stage * LINE, 0, sem="relaxed", scope="gpu")
 
 
 def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
                 gpu: str) -> dict[str, tuple[int, int, int]]:
     """Each GEMV stage's (BLOCK_N, BLOCK_K, num_warps): the fused step's kernel's own, so
-    that each row's sums run in the same order as there."""
-    return {"qkv": fused_tiles_for("norm_qkv_rope", dim, gpu, head_dim, qk_norm),
-            "wo": fused_tiles_for("gemv_add", n_q, gpu),
+    that each row's sums run in the same order as there (ffn 0, no FFN stages: wo's tiles
+    stand in for theirs, which nothing runs)."""
+    wo = fused_tiles_for("gemv_add", n_q, gpu)
+    if ffn == 0:
+        return {"qkv": fused_tiles_for("norm_qkv_rope", dim, gpu, head_dim, qk_norm),
+                "wo": wo, "w13": wo, "w2": wo}
+    return {"qkv": fused_tiles_for("norm_qkv_rope", dim, gpu, head_dim, qk_norm), "wo": wo,
             "w13": fused_tiles_for("gemv_swiglu", dim, gpu),
             "w2": fused_tiles_for("gemv_add", ffn, gpu)}
 
 
 def layer_programs(n_rows_qkv: int, n_kv_heads: int, n_splits: int, dim: int, ffn: int,
                    blocks: dict[str, int]) -> tuple[int, int, int, int, int]:
-    """The program-id ends of the five stages (qkv, attend, wo, w13, w2), the last the grid:
-    blocks the BLOCK_N of each GEMV stage by name."""
+    """The ticket ends of the five stages (qkv, attend, wo, w13, w2), the last the grid:
+    blocks the BLOCK_N of each GEMV stage by name (ffn 0: no FFN stages)."""
     ends, end = [], 0
     for programs in (math.ceil(n_rows_qkv / blocks["qkv"]), n_kv_heads * n_splits,
                      math.ceil(dim / blocks["wo"]), math.ceil(ffn / blocks["w13"]),
-                     math.ceil(dim / blocks["w2"])):
+                     math.ceil(dim / blocks["w2"]) if ffn else 0):
         end += programs
         ends.append(end)
     return tuple(ends)
@@ -142,13 +162,16 @@ def layer_programs(n_rows_qkv: int, n_kv_heads: int, n_splits: int, dim: int, ff
 def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | None,
                 cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
                 key_pos: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, wo: Tensor,
-                ffn_norm: Tensor, w13: Tensor, w2: Tensor, n_q: int, eps: float,
-                ffn_eps: float, qk_eps: float, is_ring: bool, window: int,
+                ffn_norm: Tensor | None, w13: Tensor | None, w2: Tensor | None, n_q: int,
+                eps: float, ffn_eps: float, qk_eps: float, is_ring: bool, window: int,
                 n_splits: int) -> Tensor:
     """x [1, dim] -> the layer's output [1, dim]; k and v written into the cache at input_pos
     (a ring's key_pos too). wqkv [n_q + 2 n_kv, dim], wo [dim, n_q], w13 [2 ffn, dim],
-    w2 [dim, ffn]; the cache [1, H_kv, S, D]."""
-    dim, ffn = x.shape[-1], w13.shape[0] // 2
+    w2 [dim, ffn]; the cache [1, H_kv, S, D]. Without the FFN's weights (an MoE layer, whose
+    experts run apart) the launch ends after wo: -> h = x + wo(attention) [1, dim]."""
+    dim = x.shape[-1]
+    has_ffn = ffn_norm is not None and w13 is not None and w2 is not None
+    ffn = w13.shape[0] // 2 if has_ffn else 0
     if v_cache.stride() != k_cache.stride():  # the attention stage reads both with k's strides
         raise ValueError("layer_step: the K and V caches must share their layout")
     n_kv_heads, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -163,15 +186,17 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
     l_sum = torch.empty_like(m)
     q, attention = (torch.empty(1, n_q, dtype=x.dtype, device=x.device) for _ in range(2))
     h, out = torch.empty_like(x), torch.empty_like(x)
-    act = torch.empty(1, ffn, dtype=x.dtype, device=x.device)
-    counts = combine_counter(x.device, STAGE_COUNTS + rows)
+    act = torch.empty(1, ffn, dtype=x.dtype, device=x.device) if has_ffn else x
+    counts = combine_counter(x.device, (1 + STAGE_COUNTS + rows) * LINE)
     _layer_kernel[(ends[-1],)](
         x, attention_norm, wqkv, x if bias is None else bias, cos, sin, input_pos, q, k_cache,
         v_cache, key_pos, q_norm if qk_norm else x, k_norm if qk_norm else x, acc, m, l_sum,
-        attention, wo, h, ffn_norm, w13, act, w2, out, counts,
+        attention, wo, h, ffn_norm if has_ffn else x, w13 if has_ffn else wo, act,
+        w2 if has_ffn else wo, out, counts,
         dim, ffn, n_q, (wqkv.shape[0] - n_q) // 2, wqkv.stride(0), wo.stride(0),
-        w13.stride(0), w2.stride(0), k_cache.stride(1), k_cache.stride(2), slots, n_kv_heads,
-        groups, math.ceil(slots / n_splits), n_splits, window, *ends,
+        w13.stride(0) if has_ffn else 0, w2.stride(0) if has_ffn else 0, k_cache.stride(1),
+        k_cache.stride(2), slots, n_kv_heads, groups, math.ceil(slots / n_splits), n_splits,
+        window, *ends,
         EPS=eps, FFN_EPS=ffn_eps, QK_EPS=qk_eps if qk_norm else 0.0, HAS_BIAS=bias is not None,
         QK_NORM=qk_norm, IS_RING=is_ring, HAS_WINDOW=window > 0, HEAD_DIM=head_dim,
         G_PAD=max(16, triton.next_power_of_2(groups)), S_PAD=triton.next_power_of_2(n_splits),
@@ -180,10 +205,9 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
         LIBDEVICE=compiled_for_gpu(x),
         BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
         BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
-        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1],
-        STAGES=STAGE_COUNTS, num_warps=max(t[2] for t in tiles.values()),
-        num_stages=NUM_STAGES)
-    return out
+        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], STAGES=STAGE_COUNTS, LINE=LINE,
+        FFN=has_ffn, num_warps=max(t[2] for t in tiles.values()), num_stages=NUM_STAGES)
+    return out if has_ffn else h
 
 
 @torch.library.custom_op("infermeter::layer_step", mutates_args=("k_cache", "v_cache",
@@ -191,9 +215,11 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
 def layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | None,
                cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
                key_pos: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, wo: Tensor,
-               ffn_norm: Tensor, w13: Tensor, w2: Tensor, n_q: int, eps: float, ffn_eps: float,
-               qk_eps: float, is_ring: bool, window: int, n_splits: int) -> Tensor:
-    """The layer's batch-1 step in one launch (module docstring). An opaque custom op: its body
+               ffn_norm: Tensor | None, w13: Tensor | None, w2: Tensor | None, n_q: int,
+               eps: float, ffn_eps: float, qk_eps: float, is_ring: bool, window: int,
+               n_splits: int) -> Tensor:
+    """The layer's batch-1 step in one launch (module docstring); without the FFN's weights,
+    its attention side only. An opaque custom op: its body
     reads the module's kept counts (combine_counter), a real tensor that inductor's fake-tensor
     trace of a triton_op's body could not take."""
     return _layer_step(x, attention_norm, wqkv, bias, cos, sin, input_pos, k_cache, v_cache,
@@ -204,7 +230,7 @@ def layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | N
 @layer_step.register_fake
 def _(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | None, cos: Tensor,
       sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-      q_norm: Tensor | None, k_norm: Tensor | None, wo: Tensor, ffn_norm: Tensor, w13: Tensor,
-      w2: Tensor, n_q: int, eps: float, ffn_eps: float, qk_eps: float, is_ring: bool,
-      window: int, n_splits: int) -> Tensor:
+      q_norm: Tensor | None, k_norm: Tensor | None, wo: Tensor, ffn_norm: Tensor | None,
+      w13: Tensor | None, w2: Tensor | None, n_q: int, eps: float, ffn_eps: float,
+      qk_eps: float, is_ring: bool, window: int, n_splits: int) -> Tensor:
     return torch.empty_like(x)
