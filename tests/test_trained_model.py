@@ -146,9 +146,9 @@ def test_trained_check_names_where_modes_part() -> None:
 
 
 def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
-    """Each of the check's commands parses with today's generate flags, and the four runs it
-    compares are told apart by mode and by the fused step (issue 27: the trained model's tokens
-    through the fused kernels too)."""
+    """Each of the check's commands parses with today's generate flags, and the five runs it
+    compares are told apart by mode and by the step kernels (issue 27: the trained model's
+    tokens through the fused kernels and through one launch a layer too)."""
     from infermeter.cli import build_parser
 
     script = load_benchmark("trained_check")
@@ -157,10 +157,10 @@ def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
         args = build_parser().parse_args(["generate", "--model", "debug", *extra])
         runs += [(mode, args.step_kernels) for mode in args.mode]
     assert runs == [("eager", "split"), ("compiled", "split"), ("hf", "split"),
-                    ("compiled", "fused")]
+                    ("compiled", "fused"), ("compiled", "layer")]
     labels = [script.label({"config": {"mode": m, "step_kernels": k if m == "compiled" else None}})
               for m, k in runs]
-    assert labels == ["eager", "compiled", "hf", "compiled-fused"]
+    assert labels == ["eager", "compiled", "hf", "compiled-fused", "compiled-layer"]
 
 
 @pytest.mark.gpu
