@@ -41,12 +41,17 @@ RUNS = (("modes", ["--mode", *MODES, "--step-kernels", "split"]),
         ("layer", ["--mode", "compiled", "--step-kernels", "layer"]))
 
 
-def label(result: dict) -> str:
-    """A Result's run: its mode, "compiled-fused" or "compiled-layer" where the compiled step
-    ran fused or one launch a layer."""
-    config = result["config"]
-    kernels = config.get("step_kernels")
-    return config["mode"] + (f"-{kernels}" if kernels in ("fused", "layer") else "")
+def label(result: dict, run: str) -> str:
+    """A Result's name in the comparison: its mode, with the RUNS name of a step-kernels run
+    ("compiled-fused", "compiled-layer"). Named by the run that asked, not by what the Result
+    says ran, so that a run which fell back cannot stand in for another."""
+    mode = result["config"]["mode"]
+    return mode if run == RUNS[0][0] else f"{mode}-{run}"
+
+
+def ran_as_asked(result: dict, run: str) -> bool:
+    """A step-kernels run's Result says its step ran the kernels it asked for."""
+    return run == RUNS[0][0] or result["config"].get("step_kernels") == run
 
 
 def default_gguf() -> Path | None:
@@ -78,10 +83,11 @@ def main() -> int:
     import_gguf()  # one clear line now if gguf is not importable, not three runs later
     name = f"trained-check-{device_slug(capture_env())}.jsonl"
     lines: list[str] = []
+    runs_of: list[str] = []  # each line's RUNS name
     with tempfile.TemporaryDirectory() as tmp:
         dialogs, out = Path(tmp) / "dialog.json", Path(tmp) / "results.jsonl"
         dialogs.write_text(json.dumps([DIALOG]))
-        for _, extra in RUNS:
+        for run, extra in RUNS:
             command = [sys.executable, "-m", "infermeter", "generate", "--checkpoint",
                        str(args.gguf), "--dialogs", str(dialogs), *extra, "--dtype", args.dtype,
                        "--device", "cuda", "--max-new-tokens", str(args.tokens), "--repeats",
@@ -89,14 +95,18 @@ def main() -> int:
             done = subprocess.run(command, stdout=subprocess.DEVNULL)  # PYTHONPATH passes on
             if done.returncode != 0:
                 return done.returncode
-        lines = out.read_text().splitlines()
+            lines = out.read_text().splitlines()
+            runs_of += [run] * (len(lines) - len(runs_of))
     args.results.mkdir(parents=True, exist_ok=True)
     with open(args.results / name, "a") as handle:
         handle.writelines(line + "\n" for line in lines)
     tokens = {}
-    for line in lines:
+    for line, run in zip(lines, runs_of, strict=True):
         result = json.loads(line)
-        tokens[label(result)] = result["output_token_ids"][0]
+        if not ran_as_asked(result, run):
+            print(f"the {run} run's step ran {result['config'].get('step_kernels')}, not {run}")
+            return 1
+        tokens[label(result, run)] = result["output_token_ids"][0]
     weight_format = json.loads(lines[0])["config"].get("weight_format")
     print(f"{args.gguf.name} ({weight_format}), {args.dtype}, {args.tokens} greedy tokens; "
           f"Results appended to {args.results / name}")

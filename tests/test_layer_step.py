@@ -72,7 +72,8 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
 def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, name, dtype):
     """Built for sm_90 as launched: the program's ticket is one thread's relaxed add; each of
     the four waits polls with one thread's acquire loads (at least one before its loop and one
-    in it; no volatile loads of every thread); each of the six counts (qkv, an attention row,
+    in it; no volatile loads of every thread), each value passed on through shared memory
+    between two barriers; each of the six counts (qkv, an attention row,
     the rows combined, wo, w13, w2) is one thread's acq_rel add after a barrier with no store
     between them (every thread's stores first); the row's count and the ticket and five stage
     counts go back to 0 with exchanges; no float64 anywhere."""
@@ -86,7 +87,16 @@ def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, n
         return found
 
     assert len(atomics("atom.global.gpu.relaxed.add")) == 1, name
-    assert len(atomics("ld.global.gpu.acquire.b32")) >= 8, name
+    acquires = atomics("ld.global.gpu.acquire.b32")
+    assert len(acquires) >= 8, name
+    for poll in acquires:  # thread 0's value reaches the others through shared memory
+        before = max(i for i in range(poll) if "bar.sync" in lines[i])
+        store = next(i for i in range(poll, len(lines)) if "st.shared" in lines[i])
+        after = next(i for i in range(store, len(lines)) if "bar.sync" in lines[i])
+        # a barrier before the poll (every thread has read the last value before thread 0
+        # overwrites it) and between its store and any read
+        assert not [i for i in (*range(before, poll), *range(store, after))
+                    if "ld.shared" in lines[i]], (name, poll)
     assert not [line for line in lines if "ld.volatile" in line], name
     adds = atomics("atom.global.gpu.acq_rel.add")
     assert len(adds) == 6, (name, len(adds))

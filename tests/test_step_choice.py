@@ -74,9 +74,10 @@ def test_the_measured_models_fall_on_the_side_their_ab_put_them(name, dtype, fus
 
 def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
     """The rule gets the model's step bytes, device, MoE-ness, ranks, the case's largest batch,
-    the backend and the kernels asked; the Generator gets the chosen replay, every layer the
-    chosen kernels, and the Result's config.step_choice the rule's reason, or "asked: ..."
-    where the replay was named too and differs from the rule's."""
+    the backend and the kernels asked; the Generator gets the chosen replay (or the one named),
+    every layer the chosen kernels. The Result's config.step_choice is the default's reason
+    where the step runs what the default would (kernels and the Generator's replay), even if
+    asked for by name, else "asked: <kernels>, <replay>"."""
     from infermeter.engine.checkpoint.load import load_weights
     from infermeter.generate import modes as modes_module
     from infermeter.generate.cases import plan_cases, prompt_sets
@@ -85,32 +86,38 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
 
     seen = []
 
-    def rule(weight_bytes, device, moe, tp, batch, backend, kernels):
+    def rule(weight_bytes, device, moe, tp, batch, backend, kernels="auto"):
         seen.append((weight_bytes, device.type, moe, tp, batch, backend, kernels))
         picked = "fused" if kernels == "auto" else kernels
-        return StepChoice(picked, "recorded", f"why {picked}")
+        return StepChoice(picked, "trees", f"why {picked}")  # off a GPU: the trees, as here
 
     monkeypatch.setattr(modes_module, "choose_step", rule)
     model = load_weights("random:debug", "cpu", "float32")
     sets = prompt_sets((1,), (4,), (), PRESETS["debug"].vocab_size, 0, ())
     compiled, eager = (plan_cases(PRESETS["debug"], sets, (mode,), 4, None, None)
                        for mode in ("compiled", "eager"))
-    runner = EngineRunner(model, compiled[0], GenerateRequest("random:debug"))
-    assert seen == [(step_weight_bytes(model), "cpu", False, 1, 1, None, "auto")]
+
+    def runner_for(**choices) -> EngineRunner:
+        return EngineRunner(model, compiled[0], GenerateRequest(
+            "random:debug", engine=EngineChoices(**choices)))
+
+    runner = runner_for()
+    facts = (step_weight_bytes(model), "cpu", False, 1, 1, None)
+    assert seen == [(*facts, "auto"), (*facts, "auto")]  # the choice, then the default's
     assert {layer.step_kernels for layer in model.layers} == {"fused"}
-    assert runner.generator._step_graphs_asked == "recorded"
+    assert runner.generator._step_graphs_asked == "trees"
     assert runner.describe()["step_choice"] == "why fused"
     eager_runner = EngineRunner(model, eager[0], GenerateRequest("random:debug"))
     assert eager_runner.describe()["step_choice"] is None  # no compiled step
-    asked = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="split"))
-    runner = EngineRunner(model, compiled[0], asked)
+    runner = runner_for(step_kernels="split")
     assert {layer.step_kernels for layer in model.layers} == {"split"}
-    assert runner.describe()["step_choice"] == "why split"
-    named = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="split",
-                                                                 step_graphs="trees"))
-    runner = EngineRunner(model, compiled[0], named)
-    assert runner.generator._step_graphs_asked == "trees"
     assert runner.describe()["step_choice"] == "asked: split, trees"
+    # asked for by name, but what the default runs: the default's reason
+    assert runner_for(step_kernels="fused").describe()["step_choice"] == "why fused"
+    named = runner_for(step_kernels="split", step_graphs="recorded")
+    assert named.generator._step_graphs_asked == "recorded"
+    # off a GPU the Generator replays no graph: what ran is recorded
+    assert named.describe()["step_choice"] == "asked: split, trees"
 
 
 @pytest.mark.parametrize("field,value", [("step_kernels", "megakernel"),

@@ -153,14 +153,20 @@ def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
 
     script = load_benchmark("trained_check")
     runs = []
-    for _, extra in script.RUNS:
+    for run, extra in script.RUNS:
         args = build_parser().parse_args(["generate", "--model", "debug", *extra])
-        runs += [(mode, args.step_kernels) for mode in args.mode]
-    assert runs == [("eager", "split"), ("compiled", "split"), ("hf", "split"),
-                    ("compiled", "fused"), ("compiled", "layer")]
-    labels = [script.label({"config": {"mode": m, "step_kernels": k if m == "compiled" else None}})
-              for m, k in runs]
+        runs += [(run, mode, args.step_kernels) for mode in args.mode]
+    assert [(m, k) for _, m, k in runs] == [("eager", "split"), ("compiled", "split"),
+                                            ("hf", "split"), ("compiled", "fused"),
+                                            ("compiled", "layer")]
+    labels = [script.label({"config": {"mode": m}}, run) for run, m, _ in runs]
     assert labels == ["eager", "compiled", "hf", "compiled-fused", "compiled-layer"]
+    # a step-kernels run whose step fell back to other kernels fails the check, named by
+    # the run that asked, not by what ran
+    assert script.ran_as_asked({"config": {"step_kernels": "layer"}}, "layer")
+    assert not script.ran_as_asked({"config": {"step_kernels": "fused"}}, "layer")
+    assert not script.ran_as_asked({"config": {"step_kernels": "partly fused"}}, "fused")
+    assert script.ran_as_asked({"config": {"step_kernels": None}}, "modes")
 
 
 @pytest.mark.gpu

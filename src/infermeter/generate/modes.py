@@ -39,15 +39,12 @@ class EngineRunner:
         self.config = replace(request.sampling, compile=case.mode == "compiled")
         # the step's kernels and replay: "auto" by the bytes a step reads (step_choice.py),
         # decided here since the rule needs the built model, the case's batch and the ranks
-        choice = choose_step(step_weight_bytes(model), model.tok_embeddings.weight.device,
-                             model.spec.n_experts > 0, request.tp or 1, case.largest_group,
-                             engine.compile_backend, engine.step_kernels)
+        facts = (step_weight_bytes(model), model.tok_embeddings.weight.device,
+                 model.spec.n_experts > 0, request.tp or 1, case.largest_group,
+                 engine.compile_backend)
+        choice, default = choose_step(*facts, engine.step_kernels), choose_step(*facts)
         step_kernels = choice.kernels
         step_graphs = choice.graphs if engine.step_graphs == AUTO else engine.step_graphs
-        # the Result's config.step_choice: the rule's reason ("auto: ..." where it chose, the
-        # report's default-setting test), or what was asked where the replay was named too
-        self.step_choice = choice.reason if step_graphs == choice.graphs \
-            else f"asked: {step_kernels}, {step_graphs}"
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,
                                    compile_backend=engine.compile_backend,
                                    compile_prefill=engine.compile_prefill,
@@ -61,6 +58,13 @@ class EngineRunner:
                                    pdl=self.config.compile and resolve_pdl(
                                        engine.pdl, model.tok_embeddings.weight.device,
                                        engine.compile_backend))
+        # the Result's config.step_choice: the default's reason ("auto: ...", the report's
+        # default-setting test) where the step runs what the default would, kernels and replay
+        # (the Generator's, which holds MoE and the cudagraphs backend to the trees), else
+        # what was asked
+        ran = self.generator.step_graphs or "trees"  # off a GPU: no graph, as the rule says
+        self.step_choice = default.reason if (step_kernels, ran) == \
+            (default.kernels, default.graphs) else f"asked: {step_kernels}, {ran}"
         set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = engine.matvec_kernel
         set_step_kernels(model, step_kernels)
@@ -115,8 +119,9 @@ class EngineRunner:
         return "triton" if gemv else "inductor"
 
     def _step_kernels_used(self) -> str | None:
-        """The compiled batch-1 step's layers: "layer" where every layer ran whole in one launch
-        (kernels/layer_step.py, TransformerBlock.takes_layer_kernel), "fused" where every layer
+        """The compiled batch-1 step's layers: "layer" where every layer ran in one launch (a
+        dense layer whole, an MoE layer its attention side: kernels/layer_step.py,
+        TransformerBlock.takes_layer_kernel), "fused" where every layer
         took all four of fused_step.py's kernels (a batch of 1, Triton runs,
         model.TransformerBlock.fused_parts), "partly fused" where some took some (a Gemma layer
         its norm + wqkv, an MoE layer its attention's two, or only some layers one launch),
@@ -127,7 +132,7 @@ class EngineRunner:
         runs = 1 in self.batch_sizes and triton_runs_on(model.output.weight)
         fused = fused_step_parts(model) if runs else 0
         whole = layer_step_layers(model) if runs else 0  # as the traced steps ran them
-        if whole == len(model.layers) and fused == len(FUSED_PARTS) * len(model.layers):
+        if whole == len(model.layers):  # an MoE layer: its attention side in the launch
             return "layer"
         return "split" if fused == 0 else "fused" \
             if fused == len(FUSED_PARTS) * len(model.layers) and whole == 0 else "partly fused"
