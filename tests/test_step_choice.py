@@ -111,12 +111,14 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
     assert eager_runner.describe()["step_choice"] is None  # no compiled step
     runner = runner_for(step_kernels="split")
     assert {layer.step_kernels for layer in model.layers} == {"split"}
-    assert runner.describe()["step_choice"] == "asked: split, trees"
+    assert runner.describe()["step_choice"] == "why split"  # the asked kernels' own reason
     # asked for by name, but what the default runs: the default's reason
     assert runner_for(step_kernels="fused").describe()["step_choice"] == "why fused"
+    monkeypatch.setattr(modes_module, "choose_step",
+                        lambda *facts: StepChoice("split", "recorded", "why recorded"))
     named = runner_for(step_kernels="split", step_graphs="recorded")
     assert named.generator._step_graphs_asked == "recorded"
-    # off a GPU the Generator replays no graph: what ran is recorded
+    # off a GPU the Generator replays no graph: what ran, neither reason's replay
     assert named.describe()["step_choice"] == "asked: split, trees"
 
 

@@ -61,10 +61,11 @@ class EngineRunner:
         # the Result's config.step_choice: the default's reason ("auto: ...", the report's
         # default-setting test) where the step runs what the default would, kernels and replay
         # (the Generator's, which holds MoE and the cudagraphs backend to the trees), else
-        # what was asked
+        # the asked kernels' ("asked: ...", with why they stay in the trees if they do)
         ran = self.generator.step_graphs or "trees"  # off a GPU: no graph, as the rule says
         self.step_choice = default.reason if (step_kernels, ran) == \
-            (default.kernels, default.graphs) else f"asked: {step_kernels}, {ran}"
+            (default.kernels, default.graphs) else choice.reason if ran == choice.graphs \
+            else f"asked: {step_kernels}, {ran}"
         set_matvec_kernel(model, engine.matvec_kernel)  # after the Generator fused w13/wqkv
         self.matvec_kernel = engine.matvec_kernel
         set_step_kernels(model, step_kernels)
