@@ -82,7 +82,7 @@ def check_against_the_fused_chain(device: str) -> None:
         # the middle, the last slot (a ring: past its size), and once the first position
         # (every split but the first empty: their max is -inf)
         first = (0,) if name == "gqa float32" else ()
-        for pos in (*first, slots // 2 + 5, slots + 7 if ring else slots - 1):
+        for at, pos in enumerate((*first, slots // 2 + 5, slots + 7 if ring else slots - 1)):
             position = torch.tensor([pos], device=device)
             cos, sin = (t.to(device) for t in rope(position.cpu(), head_dim))
             x = rand(1, dim, scale=1.0)
@@ -100,19 +100,65 @@ def check_against_the_fused_chain(device: str) -> None:
                               *mine, weights[3], weights[4], weights[5], weights[6],
                               weights[7], weights[8], n_q, 1e-5, 1e-5,
                               1e-5 if qk else 0.0, ring, window, splits)
-            # the attention side alone (an MoE layer's launch): x + wo(attention)
-            alone = (k.clone(), v.clone(), key_pos.clone())
-            h = _layer_step(x, weights[0], weights[1], weights[2], cos, sin, position, *alone,
-                            weights[3], weights[4], weights[5], None, None, None, n_q, 1e-5,
-                            0.0, 1e-5 if qk else 0.0, ring, window, splits)
             what = f"{name} at position {pos}"
             assert torch.equal(mine[2], key_pos), f"{what}: key_pos"
-            for got_, want_, part in ((got, want, "out"), (mine[0], k, "k"), (mine[1], v, "v"),
-                                      (h, want_h, "h"), (alone[0], k, "k alone")):
+            for got_, want_, part in ((got, want, "out"), (mine[0], k, "k"), (mine[1], v, "v")):
                 same(got_, want_, exact, f"{what}: {part}")
+            if at == 0:  # the attention side alone (an MoE layer's launch): x + wo(attention)
+                alone = (k.clone(), v.clone(), key_pos.clone())
+                h = _layer_step(x, weights[0], weights[1], weights[2], cos, sin, position,
+                                *alone, weights[3], weights[4], weights[5], None, None, None,
+                                n_q, 1e-5, 0.0, 1e-5 if qk else 0.0, ring, window, splits)
+                same(h, want_h, exact, f"{what}: h")
+                same(alone[0], k, exact, f"{what}: k, the attention side alone")
     for key, counts in decode_attention._COUNTERS.items():  # every launch left its counts at 0
         assert int(counts.abs().sum()) == 0, f"counts {key} not back to 0: {counts.tolist()}"
     assert any(n >= STAGE_COUNTS for _, n in decode_attention._COUNTERS), "no layer counts made"
+
+
+# name: (dim, experts, k, ffn, renormalise (Qwen3's norm_topk_prob; Mixtral's), dtype)
+MOE_CASES = {"qwen3-like float32": (64, 8, 4, 48, True, torch.float32),
+             "k 2 float16": (48, 6, 2, 40, True, torch.float16),
+             "no renormalisation float32": (64, 8, 2, 32, False, torch.float32)}
+
+
+def check_moe_step_against_its_kernels(device: str) -> None:
+    """The MoE block's launch (moe_step.py) against the engine's own kernels one after another
+    on the normed h the launch stored: the fused norm + router GEMV, the routing kernel, the two
+    expert kernels, then the residual add in the dtype; the same ids, and the same output to the
+    bit under the interpreter (a few ulps on a GPU). The normed h is eager's RMSNorm within
+    float32 sum-order error. Every launch leaves its counts at 0."""
+    from infermeter.engine.kernels.expert_gemv import _experts_down, _experts_swiglu
+    from infermeter.engine.kernels.moe_step import _moe_step
+    from infermeter.engine.kernels.router_topk import _route
+
+    exact = device == "cpu"
+    for name, (dim, experts, top_k, ffn, renormalize, dtype) in MOE_CASES.items():
+        gen = torch.Generator().manual_seed(len(name))
+
+        def rand(*shape, scale=0.2, gen=gen, dtype=dtype):
+            return (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+
+        norm, router = 1 + rand(dim, scale=0.1), rand(experts, dim, scale=0.5)
+        w1, w3, w2 = rand(experts, ffn, dim), rand(experts, ffn, dim), rand(experts, dim, ffn)
+        for trial in range(2):
+            h = rand(1, dim, scale=1.0)
+            out, ids, normed = _moe_step(h, norm, router, w1, w3, w2, 1e-5, top_k, renormalize)
+            logits = _fused_gemv(h, router, norm, None, 1e-5, False, False, pdl=False)
+            weights, want_ids = _route(logits, top_k, renormalize, False, False)
+            act = _experts_swiglu(normed, want_ids, w1, w3, False)
+            moe = _experts_down(act, want_ids, weights, w2, False)
+            want = (h.float() + moe.float()).to(dtype)
+            what = f"moe {name} #{trial}"
+            assert torch.equal(ids, want_ids), f"{what}: ids {ids} against {want_ids}"
+            same(out, want, exact, f"{what}: out")
+            eager = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+            eager = (eager.to(dtype).float() * norm.float()).to(dtype)
+            ulp = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}[dtype]
+            assert (normed.float() - eager.float()).abs().max().item() <= \
+                8 * ulp * eager.float().abs().max().item(), f"{what}: normed h"
+    for key, counts in decode_attention._COUNTERS.items():
+        assert int(counts.abs().sum()) == 0, f"counts {key} not back to 0: {counts.tolist()}"
 
 
 def check_each_wait_counts_exactly_its_stage() -> None:
@@ -136,23 +182,33 @@ def check_each_wait_counts_exactly_its_stage() -> None:
 
         waits.append((scalar(tl.load(COUNT)), scalar(target)))
 
-    real = layer_module.wait_count, fused_step.wait_count
-    layer_module.wait_count = fused_step.wait_count = exact
+    from infermeter.engine.kernels import moe_step as moe_module
+    from infermeter.engine.kernels.moe_step import moe_programs, moe_tiles
+
+    real = layer_module.wait_count, fused_step.wait_count, moe_module.wait_count
+    layer_module.wait_count = fused_step.wait_count = moe_module.wait_count = exact
     try:
-        global CASES
+        global CASES, MOE_CASES
         kept, CASES = CASES, {"gqa float32": CASES["gqa float32"]}
+        kept_moe, MOE_CASES = MOE_CASES, {"qwen3-like float32": MOE_CASES["qwen3-like float32"]}
         check_against_the_fused_chain("cpu")
+        layer_waits = len(waits)
+        check_moe_step_against_its_kernels("cpu")
     finally:
-        CASES = kept
-        layer_module.wait_count, fused_step.wait_count = real
+        CASES, MOE_CASES = kept, kept_moe
+        layer_module.wait_count, fused_step.wait_count, moe_module.wait_count = real
+    dim, experts, top_k, ffn = MOE_CASES["qwen3-like float32"][:4]
+    moe_ends = moe_programs(experts, top_k, dim, ffn, moe_tiles(dim, ffn, ""))
+    assert len(waits) - layer_waits == 2 * (moe_ends[-1] - moe_ends[0]), (len(waits), moe_ends)
     dim, heads, kv_heads, head_dim, ffn, slots, splits = CASES["gqa float32"][:7]
     tiles = stage_tiles(dim, heads * head_dim, ffn, head_dim, False, "")
     ends = layer_programs(heads * head_dim + 2 * kv_heads * head_dim, kv_heads, splits, dim,
                           ffn, {name: t[0] for name, t in tiles.items()})
     # the three positions check_against_the_fused_chain runs this case at, each a whole
-    # layer's launch and an attention side's (its stages up to wo)
+    # layer's launch, and the first an attention side's too (its stages up to wo)
     positions = 3
-    assert len(waits) == positions * (ends[4] - ends[0] + ends[2] - ends[0]), (len(waits), ends)
+    assert layer_waits == positions * (ends[4] - ends[0]) + ends[2] - ends[0], (layer_waits,
+                                                                                ends)
     bad = [(seen, target) for seen, target in waits if seen != target]
     assert not bad, f"waits that found another count than their target: {bad[:5]}"
 
@@ -161,7 +217,11 @@ def check_model_steps() -> None:
     """The debug model (float32) with the Triton decode attention, compiled as if ("compiling"
     patched on, every kernel interpreted): step_kernels "layer" gives the fused step's logits to
     the bit over a prompt and 3 greedy steps; every layer took one launch a step; a Gemma 3 layer
-    (post-norms, a query scale) never does, and runs its fused parts instead."""
+    (post-norms, a query scale) never does, and runs its fused parts instead. A Qwen3-MoE-like
+    model: each layer's attention side in one launch, and with the Triton experts its MoE
+    layer's experts in a second (moe_step.py), whose router is a norm + GEMV of the fused
+    step's rather than the split GEMV: the same greedy tokens, logits within float32 sum-order
+    error, the routed ids noted as the block notes them."""
     from infermeter.engine import linear as linear_module
     from infermeter.engine import model as model_module
     from infermeter.engine import self_attention as attention_module
@@ -174,9 +234,13 @@ def check_model_steps() -> None:
     model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
     # small tiles for every product: the interpreter's cost is per program
     gemv.tiles_for = fused_step.tiles_for = lambda n_cols, gpu="": (32, 64, 4)
-    launches = []
-    real = layer_module._layer_step
+    from infermeter.engine.kernels import moe_step as moe_module
+    from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
+
+    launches, moe_launches = [], []
+    real, real_moe = layer_module._layer_step, moe_module._moe_step
     layer_module._layer_step = lambda *args: launches.append(1) or real(*args)
+    moe_module._moe_step = lambda *args: moe_launches.append(1) or real_moe(*args)
     debug = PRESETS["debug"]
     # (spec, layers in one launch): Qwen3-MoE's MoE layer its attention side (the experts,
     # torch's, after the launch), its dense layer whole
@@ -188,13 +252,16 @@ def check_model_steps() -> None:
                  arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True, n_experts=4,
                  n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True,
                  moe_dense_layers=(1,), norm_eps=1e-6), 2)}
+    specs["qwen3_moe triton"] = specs["qwen3_moe"]  # the Triton experts: a second launch
     steps, prompt = 3, 4
     for arch, (spec, whole) in specs.items():
-        logits = {}
+        logits, tokens = {}, {}
         for kind in ("fused", "layer"):
             model = build_model(spec, seed=3, dtype=torch.float32)
             fuse_projections(model)
             set_step_kernels(model, kind)
+            set_moe_kernel(model, "triton" if arch.endswith("triton") else "torch")
+            moe_launches.clear()
             model.setup_cache(1, 128)
             ids = torch.randint(0, spec.vocab_size, (1, prompt),
                                 generator=torch.Generator().manual_seed(2))
@@ -206,17 +273,32 @@ def check_model_steps() -> None:
                     outs.append(out[:, -1:])
                     ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
                     out = model(ids[:, -1:], torch.tensor([i]))
-            logits[kind] = torch.cat(outs, dim=1)
+            logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
             if kind == "layer":
                 assert len(launches) == whole * steps, (arch, len(launches))
                 assert layer_step_layers(model) == whole, arch  # what the runner records
-        assert torch.equal(logits["layer"], logits["fused"]), arch
+                moe = arch.endswith("triton")
+                assert len(moe_launches) == steps * moe, (arch, len(moe_launches))
+                noted = [m.last_experts for m in model.modules()
+                         if isinstance(m, MoEFeedForward)]
+                assert all(ids is not None and ids.shape == (1, 2) for ids in noted), arch
+        if arch.endswith("triton"):
+            assert torch.equal(tokens["layer"], tokens["fused"]), arch
+            gap = (logits["layer"] - logits["fused"]).abs().max().item()
+            assert gap <= 1e-5 * logits["fused"].abs().max().item(), (arch, gap)
+        else:
+            assert torch.equal(logits["layer"], logits["fused"]), arch
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    check_against_the_fused_chain(device)
-    if device == "cpu":
+    # "cpu kernels", "cpu model" (two processes: the suite runs them side by side) or "cuda"
+    device, part = (sys.argv[1:] + ["cpu", "kernels"])[:2] if len(sys.argv) > 1 \
+        else ("cpu", "kernels")
+    if device == "cuda" or part == "kernels":
+        check_against_the_fused_chain(device)
+        check_moe_step_against_its_kernels(device)
+    if device == "cpu" and part == "kernels":
         check_each_wait_counts_exactly_its_stage()
+    if device == "cpu" and part == "model":
         check_model_steps()
     print("ok")

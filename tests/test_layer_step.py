@@ -1,13 +1,16 @@
-"""The one-launch layer step (engine/kernels/layer_step.py, --step-kernels layer).
+"""The one-launch layer step (engine/kernels/layer_step.py, --step-kernels layer) and the MoE
+block's (engine/kernels/moe_step.py).
 
-Under Triton's CPU interpreter in a subprocess (tests/layer_step_worker.py): the launch against
-the fused step's own kernels one after another, to the bit (MHA and GQA, Qwen2's bias, Qwen3's
-q/k norms, a ring layer, one split and several, float32 and float16), every wait finding exactly
-its stage's count, the counts back at 0, and the debug model's greedy steps against the fused
-step's. Here: the kernel as Triton builds it for an H100 (no GPU needed: ptxas ships with
-Triton) keeps stage_sync.py's memory order, and which layers take the launch. On a GPU (marked
-gpu): the same worker against the fused kernels, in a subprocess whose timeout turns a wait that
-never ends into a failure. Which is faster is benchmarks/step_kernels_ab.py's to say.
+Under Triton's CPU interpreter in subprocesses (tests/layer_step_worker.py): the layer's launch
+against the fused step's own kernels one after another, to the bit (MHA and GQA, Qwen2's bias,
+Qwen3's q/k norms, a ring layer, one split and several, float32 and float16; the attention side
+alone), the MoE block's against the router, routing and expert kernels, every wait finding
+exactly its stage's count, the counts back at 0, and greedy steps of the debug and a Qwen3-MoE-
+like model against the fused step's. Here: the kernel as Triton builds it for an H100 (no GPU
+needed: ptxas ships with Triton) keeps stage_sync.py's memory order, and which layers take the
+launch. On a GPU (marked gpu): the same worker against the fused kernels, in a subprocess whose
+timeout turns a wait that never ends into a failure. Which is faster is
+benchmarks/step_kernels_ab.py's to say.
 """
 
 from __future__ import annotations
@@ -30,8 +33,56 @@ WORKER = Path(__file__).with_name("layer_step_worker.py")
 
 
 @needs_triton
-def test_layer_step_under_the_triton_interpreter():
-    run_under_interpreter(WORKER)
+@pytest.mark.parametrize("part", ["kernels", "model"])
+def test_layer_step_under_the_triton_interpreter(part):
+    """kernels: the launches against the kernels they are made of, and each wait's count;
+    model: the models' greedy steps (two processes, so the suite runs them side by side)."""
+    run_under_interpreter(WORKER, "cpu", part)
+
+
+def sm90_build(kernel, args, kwargs) -> tuple[list[str], list[str]]:
+    """One recorded launch built for sm_90 as tests/test_pdl.py's sm90_lines builds it: (its
+    Triton GPU IR lines, where each atomic op of the source is still one op, and its PTX lines,
+    where LLVM may have merged two alike atomics of different branches into one)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_decode_kernel import inductor_signature
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature = inductor_signature(kernel, args, kwargs)
+    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    return binary.asm["ttgir"].splitlines(), binary.asm["ptx"].splitlines()
+
+
+def ops(ir: list[str], op: str, order: str) -> int:
+    """How many `tt.atomic_rmw <op>, <order>` the IR holds."""
+    return sum(f"tt.atomic_rmw {op}, {order}, gpu" in line for line in ir)
+
+
+def keeps_the_memory_order(lines: list[str], what: str) -> None:
+    """The PTX's atomics are one thread's; every acq_rel add follows a barrier with no store of
+    its own between them; every acquire poll's value reaches the other threads through shared
+    memory between two barriers; no float64."""
+    atomics = [i for i, line in enumerate(lines)
+               if "atom.global" in line or "ld.global.gpu.acquire" in line]
+    assert atomics and all(lines[i].strip().startswith("@") for i in atomics), what
+    for add in (i for i in atomics if "acq_rel.add" in lines[i]):
+        barrier = max(i for i in range(add) if "bar.sync" in lines[i])
+        stores = [lines[i].strip() for i in range(barrier, add) if "st.global" in lines[i]]
+        assert not stores, (what, stores)
+    for poll in (i for i in atomics if "ld.global.gpu.acquire" in lines[i]):
+        before = max(i for i in range(poll) if "bar.sync" in lines[i])
+        store = next(i for i in range(poll, len(lines)) if "st.shared" in lines[i])
+        after = next(i for i in range(store, len(lines)) if "bar.sync" in lines[i])
+        assert not [i for i in (*range(before, poll), *range(store, after))
+                    if "ld.shared" in lines[i]], (what, poll)
+    assert not [line for line in lines if "ld.volatile" in line], what
+    assert not [line for line in lines if ".f64" in line], what
 
 
 def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
@@ -70,42 +121,49 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
     ("smollm2-135m", torch.float16), ("qwen2.5-0.5b", torch.bfloat16),
     ("qwen3-0.6b", torch.bfloat16), ("llama-3.2-1b", torch.bfloat16)])
 def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, name, dtype):
-    """Built for sm_90 as launched: the program's ticket is one thread's relaxed add; each of
-    the four waits polls with one thread's acquire loads (at least one before its loop and one
-    in it; no volatile loads of every thread), each value passed on through shared memory
-    between two barriers; each of the six counts (qkv, an attention row,
-    the rows combined, wo, w13, w2) is one thread's acq_rel add after a barrier with no store
-    between them (every thread's stores first); the row's count and the ticket and five stage
-    counts go back to 0 with exchanges; no float64 anywhere."""
-    from tests.test_pdl import sm90_lines
+    """Built for sm_90 as launched: the program's ticket is a relaxed add; each of the four
+    waits polls with acquire loads (one before its loop, one in it); each of the six counts
+    (qkv, an attention row, the rows combined, wo, w13, w2) is an acq_rel add; the row's count
+    and the ticket and five stage counts go back to 0 with exchanges; and the PTX keeps the
+    memory order (keeps_the_memory_order)."""
+    ir, lines = sm90_build(*recorded_launch(monkeypatch, name, dtype))
+    assert ops(ir, "add", "relaxed") == 1, name
+    assert ops(ir, "add", "acquire") == 8, name
+    assert ops(ir, "add", "acq_rel") == 6, name
+    assert ops(ir, "exch", "relaxed") == 2, name  # the row's, and the stage loop's
+    keeps_the_memory_order(lines, name)
 
-    _, lines = sm90_lines(*recorded_launch(monkeypatch, name, dtype))
 
-    def atomics(pattern: str) -> list[int]:
-        found = [i for i, line in enumerate(lines) if pattern in line]
-        assert all(lines[i].strip().startswith("@") for i in found), (name, pattern)  # one thread
-        return found
+@needs_triton
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_the_moe_launch_builds_for_an_h100_with_the_same_order(monkeypatch, name):
+    """The MoE block's launch (moe_step.py) for the preset's shapes in bf16, built for sm_90:
+    its ticket, three waits and four counts, the counts back to 0, and the PTX's memory order
+    (keeps_the_memory_order)."""
+    from infermeter.engine.kernels import moe_step as moe_module
 
-    assert len(atomics("atom.global.gpu.relaxed.add")) == 1, name
-    acquires = atomics("ld.global.gpu.acquire.b32")
-    assert len(acquires) >= 8, name
-    for poll in acquires:  # thread 0's value reaches the others through shared memory
-        before = max(i for i in range(poll) if "bar.sync" in lines[i])
-        store = next(i for i in range(poll, len(lines)) if "st.shared" in lines[i])
-        after = next(i for i in range(store, len(lines)) if "bar.sync" in lines[i])
-        # a barrier before the poll (every thread has read the last value before thread 0
-        # overwrites it) and between its store and any read
-        assert not [i for i in (*range(before, poll), *range(store, after))
-                    if "ld.shared" in lines[i]], (name, poll)
-    assert not [line for line in lines if "ld.volatile" in line], name
-    adds = atomics("atom.global.gpu.acq_rel.add")
-    assert len(adds) == 6, (name, len(adds))
-    for add in adds:
-        barrier = max(i for i in range(add) if "bar.sync" in lines[i])
-        stores = [lines[i].strip() for i in range(barrier, add) if "st.global" in lines[i]]
-        assert not stores, (name, stores)
-    assert len(atomics("atom.global.gpu.relaxed.exch")) == 7, name
-    assert not [line for line in lines if ".f64" in line], name
+    spec, launches = PRESETS[name], []
+    kernel = moe_module._moe_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+
+    monkeypatch.setattr(moe_module, "_moe_kernel", Recorder())
+    experts, ffn, dim = spec.n_experts, spec.moe_ffn_dim, spec.dim
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16)
+
+    moe_module._moe_step(zeros(1, dim), zeros(dim), zeros(experts, dim),
+                         zeros(experts, ffn, dim), zeros(experts, ffn, dim),
+                         zeros(experts, dim, ffn), 1e-6, spec.n_active_experts, True)
+    ir, lines = sm90_build(*launches[0])
+    assert ops(ir, "add", "relaxed") == 1, name
+    assert ops(ir, "add", "acquire") == 6, name
+    assert ops(ir, "add", "acq_rel") == 4, name
+    assert ops(ir, "exch", "relaxed") == 1, name  # the loop over the ticket and counts
+    keeps_the_memory_order(lines, name)
 
 
 def small_model(spec, monkeypatch):

@@ -235,13 +235,16 @@ class TransformerBlock(nn.Module):
 
     def _layer_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
         """takes_layer_kernel's step: the layer in one launch, or an MoE layer's attention side
-        in one launch and its experts after it (x [1, 1, dim])."""
+        in one launch and its experts after it: a second launch with the Triton experts
+        (MoEFeedForward.takes_step_kernel), else split (x [1, 1, dim])."""
         self.took_layer_kernel = True  # traced so: the runner's record of what ran
         ffn = self.feed_forward
         if isinstance(ffn, FeedForward):
             return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
                                              self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
         h = self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos)
+        if ffn.takes_step_kernel(h):  # the experts' side in one launch too (moe_step.py)
+            return ffn.step_kernel(h, self.ffn_norm)
         return self._split_ffn(h)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,

@@ -47,7 +47,7 @@ Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ from torch import Tensor, nn
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
+
+if TYPE_CHECKING:
+    from infermeter.engine.norms import RMSNorm
 
 
 # The expert kernels' modules are imported when a block takes them: importing one registers
@@ -79,6 +82,13 @@ def grouped_experts(*args: Any, **kwargs: Any) -> Tensor:
     from infermeter.engine.kernels import expert_gemm
 
     return expert_gemm.grouped_experts(*args, **kwargs)
+
+
+def moe_step_kernel(*args: Any) -> tuple[Tensor, Tensor]:
+    """kernels/moe_step.py's moe_step (its arguments)."""
+    from infermeter.engine.kernels import moe_step
+
+    return moe_step.moe_step(*args)
 
 
 def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
@@ -200,6 +210,29 @@ class MoEFeedForward(nn.Module):
         take them."""
         return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
                 self.down_bias)
+
+    def takes_step_kernel(self, h: Tensor) -> bool:
+        """Whether a batch-1 step of h [1, 1, dim] runs this block, its norm and its residual
+        add as one launch (kernels/moe_step.py, with the "layer" step kernels): the Triton
+        experts (runs_kernels), a router the routing kernel takes, and none of gpt-oss's biases,
+        clamped SwiGLU or top-k-then-softmax."""
+        from infermeter.engine.kernels.router_topk import MAX_EXPERTS
+
+        flat = h.reshape(-1, h.shape[-1])
+        return (flat.shape[0] == 1 and self.runs_kernels(flat) and self.gate.bias is None
+                and self.w1.bias is None and self.swiglu_limit is None
+                and not self.softmax_after_topk and self.n_experts <= MAX_EXPERTS
+                and self.gate.weight.dtype == h.dtype and self.gate.weight.stride(-1) == 1
+                and not (self.gate._forward_hooks or self.gate._forward_pre_hooks))
+
+    def step_kernel(self, h: Tensor, norm: RMSNorm) -> Tensor:
+        """takes_step_kernel's one launch: h + this block's output for h [1, 1, dim] normed by
+        `norm` (the layer's ffn_norm); the routed ids noted as a forward notes them."""
+        out, ids = moe_step_kernel(h.reshape(1, -1), norm.weight, self.gate.weight,
+                                   self.w1.weight, self.w3.weight, self.w2.weight, norm.eps,
+                                   self.top_k, self.renormalize)
+        self.last_experts = ids
+        return out.view_as(h)
 
     def runs_kernels(self, x: Tensor) -> bool:
         """Whether a forward of x [N, dim] runs the Triton expert kernels (expert_gemv.py's

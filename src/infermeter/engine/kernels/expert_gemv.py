@@ -97,8 +97,21 @@ if triton is not None:
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                HAS_BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False,
                                LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        slot = tl.program_id(1)
+        experts_swiglu_rows(tl.program_id(0), tl.program_id(1), X, IDS, W1, W3, B1, B3, OUT,
+                            n_rows, n_cols, n_tokens, top_k, stride_x, stride_e1, stride_r1,
+                            stride_e3, stride_r3, stride_b1, stride_b3, limit, alpha, TOKENS,
+                            TOPK, BLOCK_N, BLOCK_K, HAS_BIAS, CLAMPED, LIBDEVICE, PDL)
+
+    @triton.jit
+    def experts_swiglu_rows(row_block, slot, X, IDS, W1, W3, B1, B3, OUT, n_rows, n_cols,
+                            n_tokens, top_k, stride_x, stride_e1, stride_r1, stride_e3,
+                            stride_r3, stride_b1, stride_b3, limit, alpha, TOKENS: tl.constexpr,
+                            TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
+                            LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+        """_experts_swiglu_kernel's program (row_block, slot): BLOCK_N / 2 gate and up rows of
+        slot's expert, for every token that chose it (the one-launch MoE step calls it too)."""
+        rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         if PDL:  # x and the ids are the previous kernels' outputs, and the rows follow the ids
             tl.extra.cuda.gdc_wait()
@@ -136,8 +149,20 @@ if triton is not None:
     def _experts_down_kernel(ACT, IDS, ROUTE, W2, B2, OUT, n_rows, n_cols, top_k, stride_e,
                              stride_r, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        token = tl.program_id(1).to(tl.int64)
+        experts_down_rows(tl.program_id(0), tl.program_id(1), ACT, IDS, ROUTE, W2, B2, OUT, OUT,
+                          n_rows, n_cols, top_k, stride_e, stride_r, stride_b, BLOCK_N, BLOCK_K,
+                          HAS_BIAS, False, PDL)
+
+    @triton.jit
+    def experts_down_rows(row_block, token, ACT, IDS, ROUTE, W2, B2, OUT, RES, n_rows, n_cols,
+                          top_k, stride_e, stride_r, stride_b, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+        """_experts_down_kernel's program (row_block, token): BLOCK_N rows of the token's k
+        experts' weighted sum; HAS_RESIDUAL (the one-launch MoE step): RES's rows [n_rows] plus
+        that sum rounded, as the block's residual add rounds it."""
+        rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        token = token.to(tl.int64)
         row_ok = rows < n_rows
         if PDL:  # the activations, ids and routing weights are earlier kernels' outputs
             tl.extra.cuda.gdc_wait()
@@ -155,6 +180,9 @@ if triton is not None:
                 down = (down + bias.to(tl.float32)).to(dtype).to(tl.float32)
             route = tl.load(ROUTE + slot).to(tl.float32)
             out += (down * route).to(dtype).to(tl.float32)
+        if HAS_RESIDUAL:  # residual + the sum rounded, as two dtype tensors add
+            residual = tl.load(RES + token * n_rows + rows, mask=row_ok, other=0.0)
+            out = residual.to(tl.float32) + out.to(dtype).to(tl.float32)
         tl.store(OUT + token * n_rows + rows, out.to(dtype), mask=row_ok)
 
     @triton.jit

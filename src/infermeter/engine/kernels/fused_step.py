@@ -125,6 +125,19 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def normed_row(X, NORM_W, OUT, n_cols, EPS: tl.constexpr, GEMMA: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """Store RMSNorm(x) [n_cols] to OUT as the fused kernels norm it (eager's rounding
+        points): what a later stage reads where the normed row itself is the input (the
+        one-launch MoE step's experts)."""
+        inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            tile = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
+            tl.store(OUT + cols, tile.to(OUT.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
     def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
                            EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
                            SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,

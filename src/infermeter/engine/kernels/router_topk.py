@@ -101,7 +101,20 @@ if triton is not None:
                               LOG2_WIDTH: tl.constexpr, RENORMALIZE: tl.constexpr,
                               SOFTMAX_AFTER_TOPK: tl.constexpr, LIBDEVICE: tl.constexpr,
                               PDL: tl.constexpr = False):
-        token = tl.program_id(0).to(tl.int64)
+        experts_route_row(tl.program_id(0), LOGITS, WEIGHTS, IDS, n_experts, stride_row, K,
+                          BLOCK_E, LANES, LOG2_LANES, TOPK, TOPK_LANES, LOG2_TOPK_LANES,
+                          LOG2_WIDTH, RENORMALIZE, SOFTMAX_AFTER_TOPK, LIBDEVICE, PDL)
+
+    @triton.jit
+    def experts_route_row(token, LOGITS, WEIGHTS, IDS, n_experts, stride_row, K: tl.constexpr,
+                          BLOCK_E: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+                          TOPK: tl.constexpr, TOPK_LANES: tl.constexpr,
+                          LOG2_TOPK_LANES: tl.constexpr, LOG2_WIDTH: tl.constexpr,
+                          RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr,
+                          LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+        """_experts_route_kernel's program for `token`: its k weights and expert ids (the
+        one-launch MoE step calls it too)."""
+        token = token.to(tl.int64)
         if PDL:  # the logits are the router GEMV's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -152,16 +165,23 @@ def _route(logits: Tensor, top_k: int, renormalize: bool, softmax_after_topk: bo
     if n_tokens == 0:
         return weights, ids
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    launch(_experts_route_kernel, (n_tokens,), pdl_launch, logits, weights, ids, n_experts,
+           logits.stride(0), **route_constants(n_experts, top_k, renormalize, softmax_after_topk,
+                                               compiled_for_gpu(logits)),
+           num_warps=1 if triton.next_power_of_2(n_experts) <= 256 else 4)
+    return weights, ids
+
+
+def route_constants(n_experts: int, top_k: int, renormalize: bool, softmax_after_topk: bool,
+                    libdevice: bool) -> dict:
+    """experts_route_row's constexprs for E experts and top k (a warp's lanes, as torch's)."""
     block = triton.next_power_of_2(n_experts)
     topk_block = triton.next_power_of_2(top_k)
-    lanes, topk_lanes = min(block, 32), min(topk_block, 32)  # a warp's lanes, as torch's
-    launch(_experts_route_kernel, (n_tokens,), pdl_launch, logits, weights, ids, n_experts,
-           logits.stride(0), K=top_k, BLOCK_E=block, LANES=lanes, LOG2_LANES=_log2(lanes),
-           TOPK=topk_block, TOPK_LANES=topk_lanes, LOG2_TOPK_LANES=_log2(topk_lanes),
-           LOG2_WIDTH=_log2(top_k), RENORMALIZE=renormalize,
-           SOFTMAX_AFTER_TOPK=softmax_after_topk, LIBDEVICE=compiled_for_gpu(logits),
-           num_warps=1 if block <= 256 else 4)
-    return weights, ids
+    lanes, topk_lanes = min(block, 32), min(topk_block, 32)
+    return {"K": top_k, "BLOCK_E": block, "LANES": lanes, "LOG2_LANES": _log2(lanes),
+            "TOPK": topk_block, "TOPK_LANES": topk_lanes, "LOG2_TOPK_LANES": _log2(topk_lanes),
+            "LOG2_WIDTH": _log2(top_k), "RENORMALIZE": renormalize,
+            "SOFTMAX_AFTER_TOPK": softmax_after_topk, "LIBDEVICE": libdevice}
 
 
 # A torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step) and a
