@@ -239,6 +239,7 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     # expert_gemv.py's and router_topk.py's, in any trace
     ("_experts_swiglu_kernel", "MoE experts"), ("_experts_down_terms_kernel", "MoE experts"),
     ("_experts_route_kernel", "MoE experts"),
+    ("_moe_kernel", "MoE experts"),  # moe_step.py: an MoE block's router and experts at once
     # the engine's GEMV with the residual add and the next norm fused into its reduction (a
     # Qwen3-30B-A3B layer's wqkv on an H100, results/traces-moe-qwen3-nvidia-h100-80gb-hbm3/):
     # the product is its cost; a pointwise kernel beside a gemv is not the product

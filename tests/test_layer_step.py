@@ -215,6 +215,48 @@ def test_which_layers_take_one_launch(monkeypatch):
         assert taking(model) == takes, name
 
 
+def test_which_moe_blocks_take_one_launch(monkeypatch):
+    """With the Triton experts a Qwen3-MoE block does; not with torch's experts, a hook on the
+    block (tensor parallelism's all-reduce) or its router, a norm weight of another dtype,
+    more experts than the routing kernel holds, or gpt-oss's block (router bias, clamped
+    SwiGLU, top k then softmax)."""
+    from infermeter.engine import moe as moe_module
+    from infermeter.engine.kernels.router_topk import MAX_EXPERTS
+    from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
+    from infermeter.engine.norms import RMSNorm
+
+    monkeypatch.setattr(moe_module, "experts_kernel_usable", lambda x, *weights: True)
+    debug = PRESETS["debug"]
+    spec = debug.with_updates(arch="qwen3_moe", n_experts=4, n_active_experts=2, moe_ffn_dim=48)
+    h = torch.zeros(1, 1, spec.dim)
+    norm = RMSNorm(spec.dim, 1e-6)
+
+    def block(of_spec) -> MoEFeedForward:
+        model = build_model(of_spec, seed=0)
+        set_moe_kernel(model, "triton")
+        return next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+
+    moe = block(spec)
+    assert moe.takes_step_kernel(h, norm)
+    moe.moe_kernel = "torch"
+    assert not moe.takes_step_kernel(h, norm)
+    moe.moe_kernel = "triton"
+    assert not moe.takes_step_kernel(h.expand(1, 2, -1), norm)  # two tokens
+    handle = moe.register_forward_hook(lambda *args: None)
+    assert not moe.takes_step_kernel(h, norm)
+    handle.remove()
+    handle = moe.gate.register_forward_pre_hook(lambda *args: None)
+    assert not moe.takes_step_kernel(h, norm)
+    handle.remove()
+    assert not moe.takes_step_kernel(h, RMSNorm(spec.dim, 1e-6).to(torch.float64))
+    moe.n_experts = MAX_EXPERTS + 1
+    assert not moe.takes_step_kernel(h, norm)
+    oss = PRESETS["gpt-oss-20b"].with_updates(
+        n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=128, n_experts=4,
+        n_active_experts=2, moe_ffn_dim=32, ffn_dim=32, sliding_window_layers=(0,))
+    assert not block(oss).takes_step_kernel(torch.zeros(1, 1, oss.dim), RMSNorm(oss.dim, 1e-5))
+
+
 def test_the_result_says_layer_where_the_traced_steps_ran_every_layer_in_one_launch(
         monkeypatch):
     """config.step_kernels is "layer" where every layer's traced batch-1 step took the launch

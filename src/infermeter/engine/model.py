@@ -243,7 +243,7 @@ class TransformerBlock(nn.Module):
             return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
                                              self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
         h = self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos)
-        if ffn.takes_step_kernel(h):  # the experts' side in one launch too (moe_step.py)
+        if ffn.takes_step_kernel(h, self.ffn_norm):  # the experts' side in one launch too
             return ffn.step_kernel(h, self.ffn_norm)
         return self._split_ffn(h)
 

@@ -211,19 +211,24 @@ class MoEFeedForward(nn.Module):
         return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
                 self.down_bias)
 
-    def takes_step_kernel(self, h: Tensor) -> bool:
-        """Whether a batch-1 step of h [1, 1, dim] runs this block, its norm and its residual
-        add as one launch (kernels/moe_step.py, with the "layer" step kernels): the Triton
-        experts (runs_kernels), a router the routing kernel takes, and none of gpt-oss's biases,
-        clamped SwiGLU or top-k-then-softmax."""
+    def takes_step_kernel(self, h: Tensor, norm: RMSNorm) -> bool:
+        """Whether a batch-1 step of h [1, 1, dim] runs this block, its norm (`norm`, the
+        layer's ffn_norm) and its residual add as one launch (kernels/moe_step.py, with the
+        "layer" step kernels): the Triton experts (runs_kernels), a router the routing kernel
+        takes, the norm's and router's weights as the kernels read them (h's dtype, unit column
+        stride), no hook on the block or its router (tensor parallelism's all-reduce must come
+        before the residual add), and none of gpt-oss's biases, clamped SwiGLU or
+        top-k-then-softmax."""
         from infermeter.engine.kernels.router_topk import MAX_EXPERTS
 
         flat = h.reshape(-1, h.shape[-1])
-        return (flat.shape[0] == 1 and self.runs_kernels(flat) and self.gate.bias is None
-                and self.w1.bias is None and self.swiglu_limit is None
-                and not self.softmax_after_topk and self.n_experts <= MAX_EXPERTS
-                and self.gate.weight.dtype == h.dtype and self.gate.weight.stride(-1) == 1
-                and not (self.gate._forward_hooks or self.gate._forward_pre_hooks))
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.gate))
+        return (flat.shape[0] == 1 and not hooked and self.runs_kernels(flat)
+                and self.gate.bias is None and self.w1.bias is None
+                and self.swiglu_limit is None and not self.softmax_after_topk
+                and self.n_experts <= MAX_EXPERTS
+                and all(w.dtype == h.dtype and w.stride(-1) == 1
+                        for w in (self.gate.weight, norm.weight)))
 
     def step_kernel(self, h: Tensor, norm: RMSNorm) -> Tensor:
         """takes_step_kernel's one launch: h + this block's output for h [1, 1, dim] normed by

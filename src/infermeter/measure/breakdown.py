@@ -63,7 +63,8 @@ _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split
 # layer_step.py's one launch a layer counts as products: its time is mostly weight reads
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
                      r"|splitk|norm_qkv_rope|_layer_kernel", re.I)
-_EXPERTS = re.compile(r"_experts_(swiglu|down|route)", re.I)  # expert_gemv.py and router_topk.py
+# expert_gemv.py's, router_topk.py's, and moe_step.py's one launch of an MoE block
+_EXPERTS = re.compile(r"_experts_(swiglu|down|route)|_moe_kernel", re.I)
 _CACHE_WRITE = re.compile(r"index_(copy|put)")
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)
 _NORM = re.compile(r"norm|rsqrt", re.I)

@@ -253,7 +253,7 @@ def _checked_tiles(tiles: tuple[int, int, int]) -> tuple[int, int, int]:
     return int(tiles[0]), int(tiles[1]), int(tiles[2])
 
 
-def _token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, int]:
+def token_tiles(tiles: tuple[int, int, int], n_tokens: int) -> tuple[int, int, int]:
     """tiles_for's tiles for a program that multiplies its weight tile by n_tokens rows: as
     many float32 partial products as the GEMV's (BLOCK_K / TOKENS columns, at least 16)."""
     block_n, block_k, warps = tiles
@@ -271,7 +271,7 @@ def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
     hidden, dim = w1.shape[1], w1.shape[2]
     tiles = _checked_tiles(tiles) if tiles is not None else \
         expert_tiles_for("swiglu", dim, gpu_name(w1.device))
-    block_n, block_k, warps = _token_tiles(tiles, n_tokens)
+    block_n, block_k, warps = token_tiles(tiles, n_tokens)
     block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
     out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     launch(_experts_swiglu_kernel, (triton.cdiv(hidden, block_n), n_tokens * top_k), pdl,
@@ -309,7 +309,7 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
         return out
     # Tokens share experts: each expert's program writes every choosing token's weighted term,
     # and torch sums the k terms (float32, rounded once) as the eager path does.
-    block_n, block_k, warps = _token_tiles(tiles, n_tokens)
+    block_n, block_k, warps = token_tiles(tiles, n_tokens)
     terms = torch.empty(n_tokens, top_k, dim, dtype=act.dtype, device=act.device)
     launch(_experts_down_terms_kernel, (triton.cdiv(dim, block_n), n_tokens * top_k), pdl,
            act, ids, weights, w2, b2, terms, dim, hidden, n_tokens, top_k, w2.stride(0),

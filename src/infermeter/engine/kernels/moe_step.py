@@ -35,7 +35,7 @@ from torch import Tensor
 
 from infermeter.engine.kernels.decode_attention import combine_counter
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
-from infermeter.engine.kernels.expert_gemv import expert_tiles_for
+from infermeter.engine.kernels.expert_gemv import expert_tiles_for, token_tiles
 from infermeter.engine.kernels.fused_step import fused_tiles_for
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
 from infermeter.engine.kernels.router_topk import route_constants
@@ -100,7 +100,7 @@ if triton is not None:
 def moe_tiles(dim: int, ffn: int, gpu: str) -> dict[str, tuple[int, int, int]]:
     """Each stage's (BLOCK_N, BLOCK_K, num_warps): the router's as the fused norm + GEMV's, the
     experts' as their kernels' at one token (gate and up rows halving BLOCK_N)."""
-    swiglu = expert_tiles_for("swiglu", dim, gpu)
+    swiglu = token_tiles(expert_tiles_for("swiglu", dim, gpu), 1)  # as experts_swiglu's
     return {"router": fused_tiles_for("norm_gemv", dim, gpu),
             "swiglu": (max(1, swiglu[0] // 2), swiglu[1], swiglu[2]),
             "down": expert_tiles_for("down", ffn, gpu)}
