@@ -118,8 +118,9 @@ case "${1:-}" in
     python3 benchmarks/ttft_sweep.py --parts ttft --results "$dest" ;;
   step)
     # traced: the summary's kernels/step and gaps columns come from the profiled steps
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --trace "$dest/traces-step" \
-      --results "$dest" --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split fused \
+      --trace "$dest/traces-step" --results "$dest" \
+      --models smollm2-135m qwen2.5-0.5b qwen3-0.6b llama-3.2-1b ;;
   step-graphs)
     # split only: the fused kernels lost at every small size on an H200 (results/step-kernels-nvidia-h200*)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split \
@@ -188,7 +189,8 @@ case "${1:-}" in
       -p no:cacheprovider -q tests/test_trained_model.py 2>&1 | tee "$dest/trained-tests.txt" \
       || true ;;
   step-large)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models llama-2-7b llama-3.1-8b ;;
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split fused --results "$dest" \
+      --models llama-2-7b llama-3.1-8b ;;
   moe-large)
     python3 benchmarks/moe_kernel_ab.py --rounds 1 --kernels triton torch --batches 1 \
       --results "$dest" --models mixtral-8x7b ;;
