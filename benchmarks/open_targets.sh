@@ -36,8 +36,9 @@
 #                        against layer, both in the recorded step, at 135M, 0.5B and 1B, traced
 #                        (about 6 cases of 45 s; not yet run)
 #   part step-moe        split, fused and layer step kernels at Qwen3-30B-A3B, Triton experts, batch
-#                        1, one round (an MoE layer's attention side as fused kernels, then as one
-#                        launch; issue 25; each case compiles for about two minutes)
+#                        1, one round (an MoE layer's attention side as fused kernels, then the
+#                        layer as two launches; issue 25; each case compiles for about two minutes,
+#                        about 8 minutes in all; each case's Result is written as it ends)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part last-combine    the split-KV attention's one-launch combine (decode_attention.COMBINE "last")
 #                        against its two kernels, the default step otherwise, at 135M and 1B, one

@@ -65,7 +65,7 @@ MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
           "llama-3.2-1b": "bf16", "llama-2-7b": "fp16", "llama-3.1-8b": "bf16",
           "qwen3-30b-a3b": "bf16"}
 MOE_KERNELS = {"qwen3-30b-a3b": "triton"}  # the experts an MoE model's cases run
-KINDS = ("split", "fused", "layer")  # engine/model.STEP_KERNELS, the default first
+KINDS = ("split", "fused", "layer")  # engine/model.STEP_KERNELS, each named (not generate's auto)
 # issue 27's targets: decode MBU at batch 1 against the same run's measured HBM bandwidth
 MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
@@ -155,7 +155,8 @@ def arguments():
                         help="how the step's CUDA graph is replayed, each in turn (default: "
                         "trees, inductor's)")
     parser.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS),
-                        help="the kernel kinds to time, in this order (default: split fused)")
+                        help="the kernel kinds to time, in this order (default: split fused "
+                        "layer)")
     return parser
 
 
