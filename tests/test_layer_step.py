@@ -261,7 +261,8 @@ def test_the_result_says_layer_where_the_traced_steps_ran_every_layer_in_one_lau
         monkeypatch):
     """config.step_kernels is "layer" where every layer's traced batch-1 step took the launch
     (TransformerBlock.took_layer_kernel, set as the step is traced), "partly fused" where only
-    some did, and set_step_kernels starts the record afresh."""
+    some did; set_step_kernels starts the record afresh when the kind changes, and keeps it
+    for the same kind (a runner that shares compiled steps never traces them again)."""
     from infermeter.generate import modes as modes_module
     from infermeter.generate.cases import plan_cases, prompt_sets
     from infermeter.generate.modes import EngineRunner
@@ -286,7 +287,9 @@ def test_the_result_says_layer_where_the_traced_steps_ran_every_layer_in_one_lau
     assert runner.describe()["fused_rope"] is True
     model.layers[0].took_layer_kernel = False
     assert runner.describe()["step_kernels"] == "partly fused"
-    set_step_kernels(model, "layer")
+    set_step_kernels(model, "layer")  # the same kind (a runner sharing compiled steps): kept
+    assert layer_step_layers(model) == debug.n_layers - 1
+    set_step_kernels(model, "fused")
     assert layer_step_layers(model) == 0
 
 

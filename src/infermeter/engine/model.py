@@ -493,8 +493,9 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
     if kind not in STEP_KERNELS:
         raise ValueError(f"unknown step kernels {kind!r} (use {STEP_KERNELS})")
     for layer in model.layers:
+        if layer.step_kernels != kind:  # same kind (a runner sharing compiled steps): kept
+            layer.took_layer_kernel = False
         layer.step_kernels = kind
-        layer.took_layer_kernel = False
 
 
 def fused_step_layers(model: Transformer) -> int:
@@ -512,8 +513,8 @@ def fused_step_parts(model: Transformer) -> int:
 
 
 def layer_step_layers(model: Transformer) -> int:
-    """How many layers the compiled batch-1 steps traced since set_step_kernels ran in one
-    launch (step_kernels "layer", where takes_layer_kernel allowed it)."""
+    """How many layers the compiled batch-1 steps traced since set_step_kernels last changed
+    their kind ran in one launch (step_kernels "layer", where takes_layer_kernel allowed it)."""
     return sum(layer.took_layer_kernel for layer in model.layers)
 
 
