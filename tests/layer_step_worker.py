@@ -284,9 +284,10 @@ def check_model_steps() -> None:
                 assert layer_step_layers(model) == whole, arch  # what the runner records
                 moe = arch.endswith("triton")
                 assert len(moe_launches) == steps * moe, (arch, len(moe_launches))
-                noted = [m.last_experts for m in model.modules()
-                         if isinstance(m, MoEFeedForward)]
-                assert all(ids is not None and ids.shape == (1, 2) for ids in noted), arch
+                blocks = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+                assert all(b.last_experts is not None and b.last_experts.shape == (1, 2)
+                           for b in blocks), arch
+                assert all(b.took_step_kernel == moe for b in blocks), arch  # the record
         if arch.endswith("triton"):
             assert torch.equal(tokens["layer"], tokens["fused"]), arch
             gap = (logits["layer"] - logits["fused"]).abs().max().item()

@@ -219,7 +219,8 @@ def test_which_moe_blocks_take_one_launch(monkeypatch):
     """With the Triton experts a Qwen3-MoE block does; not with torch's experts, a hook on the
     block (tensor parallelism's all-reduce) or its router, a norm weight of another dtype,
     more experts than the routing kernel holds, or gpt-oss's block (router bias, clamped
-    SwiGLU, top k then softmax)."""
+    SwiGLU, top k then softmax). The Result's config.moe_step says whether the traced steps
+    ran every block in one launch."""
     from infermeter.engine import moe as moe_module
     from infermeter.engine.kernels.router_topk import MAX_EXPERTS
     from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
@@ -251,6 +252,28 @@ def test_which_moe_blocks_take_one_launch(monkeypatch):
     assert not moe.takes_step_kernel(h, RMSNorm(spec.dim, 1e-6).to(torch.float64))
     moe.n_experts = MAX_EXPERTS + 1
     assert not moe.takes_step_kernel(h, norm)
+    # the runner's record: whether the traced steps ran every MoE block in one launch
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    model = build_model(spec, seed=0)
+    set_moe_kernel(model, "triton")
+    sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
+    compiled, eager = (plan_cases(spec, sets, (mode,), 4, None, None)[0]
+                       for mode in ("compiled", "eager"))
+    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="layer",
+                                                                   moe_kernel="triton"))
+    runner = EngineRunner(model, compiled, request)
+    assert runner.describe()["moe_step"] is False
+    monkeypatch.setattr(moe_module, "moe_step_kernel",
+                        lambda h, *args: (h, torch.zeros(1, 2, dtype=torch.long)))
+    for traced in (m for m in model.modules() if isinstance(m, MoEFeedForward)):
+        traced.step_kernel(h, norm)  # as a traced batch-1 step runs it
+    assert runner.describe()["moe_step"] is True
+    assert EngineRunner(model, eager, request).describe()["moe_step"] is None
+    set_step_kernels(model, "fused")  # another kind: the record starts afresh
+    assert runner.describe()["moe_step"] is False
     oss = PRESETS["gpt-oss-20b"].with_updates(
         n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=128, n_experts=4,
         n_active_experts=2, moe_ffn_dim=32, ffn_dim=32, sliding_window_layers=(0,))

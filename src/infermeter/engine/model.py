@@ -495,6 +495,8 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
     for layer in model.layers:
         if layer.step_kernels != kind:  # same kind (a runner sharing compiled steps): kept
             layer.took_layer_kernel = False
+            if isinstance(layer.feed_forward, MoEFeedForward):
+                layer.feed_forward.took_step_kernel = False
         layer.step_kernels = kind
 
 

@@ -136,6 +136,7 @@ class MoEFeedForward(nn.Module):
         self.softmax_after_topk = bias
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
+        self.took_step_kernel = False  # a traced batch-1 step ran this block in one launch
         self.moe_kernel = MOE_KERNEL
         # False: w2's bias [E, dim] is kept but not added. Under tensor parallelism the block's
         # output is all-reduced, so only rank 0 adds it (sharding.py); w1's and w3's are split.
@@ -237,6 +238,7 @@ class MoEFeedForward(nn.Module):
                                    self.w1.weight, self.w3.weight, self.w2.weight, norm.eps,
                                    self.top_k, self.renormalize)
         self.last_experts = ids
+        self.took_step_kernel = True  # traced so: the runner's record of what ran
         return out.view_as(h)
 
     def runs_kernels(self, x: Tensor) -> bool:

@@ -87,7 +87,7 @@ class EngineRunner:
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
-                "moe_kernel": self._moe_kernel_used(),
+                "moe_kernel": self._moe_kernel_used(), "moe_step": self._moe_step_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 "step_graphs": self.generator.step_graphs if compiled else None,
                 "step_choice": self.step_choice if compiled else None,
@@ -164,6 +164,15 @@ class EngineRunner:
         # after warmup() learned the batches (none yet: nothing ran)
         kernel = bool(self.batch_sizes) and all(takes_expert_kernel(block) for block in blocks)
         return "triton" if kernel else "torch"
+
+    def _moe_step_used(self) -> bool | None:
+        """Whether every MoE block of the traced batch-1 steps ran in one launch
+        (kernels/moe_step.py, --step-kernels layer with the Triton experts); None for a model
+        without MoE layers and in eager mode."""
+        blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
+        if not blocks or not self.config.compile:
+            return None
+        return all(block.took_step_kernel for block in blocks)
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
