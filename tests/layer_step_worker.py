@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from infermeter.engine.kernels import decode_attention
+from infermeter.engine.kernels import stage_sync
 from infermeter.engine.kernels.decode_attention import _split_kv_decode
 from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
 from infermeter.engine.kernels.layer_step import STAGE_COUNTS, _layer_step
@@ -112,9 +112,9 @@ def check_against_the_fused_chain(device: str) -> None:
                                 n_q, 1e-5, 0.0, 1e-5 if qk else 0.0, ring, window, splits)
                 same(h, want_h, exact, f"{what}: h")
                 same(alone[0], k, exact, f"{what}: k, the attention side alone")
-    for key, counts in decode_attention._COUNTERS.items():  # every launch left its counts at 0
+    for key, counts in stage_sync._KEPT.items():  # every launch left its counts at 0
         assert int(counts.abs().sum()) == 0, f"counts {key} not back to 0: {counts.tolist()}"
-    assert any(n >= STAGE_COUNTS for _, n in decode_attention._COUNTERS), "no layer counts made"
+    assert any(n >= STAGE_COUNTS for _, n in stage_sync._KEPT), "no layer counts made"
 
 
 # name: (dim, experts, k, ffn, renormalise (Qwen3's norm_topk_prob; Mixtral's), dtype)
@@ -162,7 +162,7 @@ def check_moe_step_against_its_kernels(device: str) -> None:
                    torch.bfloat16: 2.0 ** -7}[dtype]
             assert (normed.float() - eager.float()).abs().max().item() <= \
                 8 * ulp * eager.float().abs().max().item(), f"{what}: normed h"
-    for key, counts in decode_attention._COUNTERS.items():
+    for key, counts in stage_sync._KEPT.items():
         assert int(counts.abs().sum()) == 0, f"counts {key} not back to 0: {counts.tolist()}"
 
 

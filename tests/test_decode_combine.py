@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from infermeter.engine.kernels import decode_attention as kernels
-from tests.test_decode_kernel import inductor_signature, recorded_launches
+from infermeter.engine.kernels import stage_sync
+from tests.test_decode_kernel import recorded_launches
+from tests.test_pdl import sm90_binary
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("decode_combine_worker.py")
@@ -78,7 +80,7 @@ def test_the_counter_is_kept_and_never_made_during_a_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="before a CUDA graph is captured"):
         kernels.combine_counter(torch.device("cuda"), 5)
     assert kernels.combine_counter(cpu, 5) is counter  # made already: no capture question
-    assert (torch.device("cuda"), 5) not in kernels._COUNTERS
+    assert (torch.device("cuda"), 5) not in stage_sync._KEPT
 
 
 def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
@@ -87,9 +89,9 @@ def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
     the thread that asked for it (the gpu test below checks the pool itself)."""
     made = []
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(kernels, "_zeros_in_no_pool",
+    monkeypatch.setattr(stage_sync, "_zeros_in_no_pool",
                         lambda rows, device: made.append((rows, device)) or torch.zeros(rows))
-    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    monkeypatch.setattr(stage_sync, "_KEPT", {})
     cuda = torch.device("cuda", 0)
     counter = kernels.combine_counter(cuda, 7)
     assert made == [(7, cuda)] and kernels.combine_counter(cuda, 7) is counter and len(made) == 1
@@ -105,24 +107,9 @@ def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
     monkeypatch.setattr(torch, "zeros", zeros)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synced.append(device))
     cpu = torch.device("cpu")
-    zeros_made = kernels._zeros_in_no_pool(3, cpu)
+    zeros_made = stage_sync._zeros_in_no_pool(3, cpu)
     assert zeros_made.dtype == torch.int32 and zeros_made.tolist() == [0, 0, 0]
     assert threads and threading.get_ident() not in threads and synced == [cpu]
-
-
-def sm90_build(kernel, args: tuple, kwargs: dict):
-    """One recorded launch built for sm_90 as Triton would at that launch."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl")
-               if k in kwargs}
-    signature = inductor_signature(kernel, args, kwargs)
-    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def pdl_builds(monkeypatch, combine: str, dtype: torch.dtype, groups: int, head_dim: int,
@@ -139,7 +126,7 @@ def pdl_builds(monkeypatch, combine: str, dtype: torch.dtype, groups: int, head_
         launches = pdl_launches(patch, lambda: kernels._split_kv_decode(
             q, cache, cache, pos, pos[:1], 0, False, splits, softcap, pdl=True, sinks=sink,
             combine=combine))
-    return [(launch, sm90_build(*launch)) for launch in launches]
+    return [(launch, sm90_binary(*launch)) for launch in launches]
 
 
 @needs_triton

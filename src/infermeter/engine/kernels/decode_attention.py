@@ -52,7 +52,6 @@ Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the test
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 
 import torch
@@ -61,6 +60,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
 from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.stage_sync import kept_counts
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
@@ -68,7 +68,6 @@ BLOCK_N = 64  # cache slots per inner iteration
 # "last", the last split program of each row in the same launch (_split_kv_last_kernel)
 COMBINES = ("separate", "last")
 COMBINE = "separate"
-_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}  # combine_counter's, kept for good
 
 
 def set_combine(kind: str) -> None:
@@ -254,34 +253,11 @@ if triton is not None:
 
 def combine_counter(device: torch.device, rows: int) -> Tensor:
     """The "last" combine's arrival counts, int32 [rows] (rows = B * H_kv), zero between calls:
-    made on the first call for (device, rows) and kept for good, since a captured CUDA graph
-    holds its address. Every layer of that shape shares it (the kernels that use it run one
+    stage_sync.kept_counts' (made once per (device, size) and kept, since a captured CUDA graph
+    holds its address). Every layer of that shape shares it (the kernels that use it run one
     after another on the step's stream; under PDL one starts only after the one before its
-    predecessor has finished). Never made during a CUDA-graph capture, and on a GPU made by a
-    thread of its own (_zeros_in_no_pool), outside any graph's private memory pool."""
-    key = (device, rows)
-    if key not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the decode attention's combine counter for {rows} rows must be "
-                               "made before a CUDA graph is captured: run the step once first")
-        _COUNTERS[key] = _zeros_in_no_pool(rows, device) if device.type == "cuda" \
-            else torch.zeros(rows, device=device, dtype=torch.int32)
-    return _COUNTERS[key]
-
-
-def _zeros_in_no_pool(rows: int, device: torch.device) -> Tensor:
-    """torch.zeros(rows, int32) on a GPU, made and filled by a thread of its own. Why: inductor's
-    graph trees run a step's warm-up (its first, eager call, where the counter is made) with that
-    thread's allocations routed to their private pool, and they may later hand a block of that
-    pool to another graph when they restore an earlier state of it; the routing is per thread
-    (torch.cuda.use_mem_pool's documented rule), so a block made by another thread stays out."""
-    def make() -> Tensor:
-        zeros = torch.zeros(rows, device=device, dtype=torch.int32)
-        torch.cuda.synchronize(device)  # filled before any stream of the step reads it
-        return zeros
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(make).result()
+    predecessor has finished)."""
+    return kept_counts(device, rows)
 
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,

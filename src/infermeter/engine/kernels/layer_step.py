@@ -32,7 +32,7 @@ tiles ask), which may change a reduction's order against the fused kernels' own.
 What takes it (TransformerBlock.takes_layer_kernel): a layer that runs the fused step's
 attention side with RoPE and the cache write in wqkv's kernel and Triton's split-KV decode
 attention, without Gemma's norms, query scale or soft cap, or gpt-oss's sinks; the FFN too
-where the layer is dense. The counts are combine_counter's kept int32 zeros, one block per
+where the layer is dense. The counts are stage_sync.kept_counts' int32 zeros, one block per
 (device, size): every launch that uses them returns them to 0 before it ends, and launches on
 the step's stream run one after another.
 """
@@ -45,11 +45,10 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
-from infermeter.engine.kernels.decode_attention import combine_counter
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.fused_step import fused_tiles_for
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
-from infermeter.engine.kernels.stage_sync import LINE
+from infermeter.engine.kernels.stage_sync import LINE, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
 STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w13, w2
@@ -57,7 +56,12 @@ STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w1
 if triton is not None:
     from infermeter.engine.kernels.decode_attention import combine_head, split_partials
     from infermeter.engine.kernels.fused_step import fused_gemv_rows, norm_qkv_rope_rows
-    from infermeter.engine.kernels.stage_sync import count_done, take_ticket, wait_count
+    from infermeter.engine.kernels.stage_sync import (
+        count_done,
+        reset_counts,
+        take_ticket,
+        wait_count,
+    )
 
     @triton.jit
     def _layer_kernel(
@@ -110,7 +114,7 @@ if triton is not None:
             done = count_done(COUNT + 3 * LINE)
             if not FFN:  # the attention side alone (an MoE layer): wo is the last stage
                 if done == end_wo - end_attend - 1:
-                    _reset(COUNT, STAGES, LINE)
+                    reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
             fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
                             ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, False,
@@ -121,15 +125,7 @@ if triton is not None:
                             COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, False, True,
                             BN_W2, BK_W2, LIBDEVICE, False, False, True)
             if count_done(COUNT + 5 * LINE) == end_w2 - end_w13 - 1:
-                _reset(COUNT, STAGES, LINE)
-
-    @triton.jit
-    def _reset(COUNT, STAGES: tl.constexpr, LINE: tl.constexpr):
-        """The last program of the last stage: every program has drawn its ticket and passed
-        its wait, so the ticket and every stage's count go back to 0 for the next launch (the
-        rows' counts are back at 0 already: their combiners set them)."""
-        for stage in range(1 + STAGES):
-            tl.atomic_xchg(COUNT + stage * LINE, 0, sem="relaxed", scope="gpu")
+                reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
 
 
 def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
@@ -187,7 +183,7 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
     q, attention = (torch.empty(1, n_q, dtype=x.dtype, device=x.device) for _ in range(2))
     h, out = torch.empty_like(x), torch.empty_like(x)
     act = torch.empty(1, ffn, dtype=x.dtype, device=x.device) if has_ffn else x
-    counts = combine_counter(x.device, (1 + STAGE_COUNTS + rows) * LINE)
+    counts = kept_counts(x.device, (1 + STAGE_COUNTS + rows) * LINE)
     _layer_kernel[(ends[-1],)](
         x, attention_norm, wqkv, x if bias is None else bias, cos, sin, input_pos, q, k_cache,
         v_cache, key_pos, q_norm if qk_norm else x, k_norm if qk_norm else x, acc, m, l_sum,
@@ -220,7 +216,7 @@ def layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | N
                n_splits: int) -> Tensor:
     """The layer's batch-1 step in one launch (module docstring); without the FFN's weights,
     its attention side only. An opaque custom op: its body
-    reads the module's kept counts (combine_counter), a real tensor that inductor's fake-tensor
+    reads stage_sync's kept counts (kept_counts), a real tensor that inductor's fake-tensor
     trace of a triton_op's body could not take."""
     return _layer_step(x, attention_norm, wqkv, bias, cos, sin, input_pos, k_cache, v_cache,
                        key_pos, q_norm, k_norm, wo, ffn_norm, w13, w2, n_q, eps, ffn_eps,

@@ -33,13 +33,12 @@ import math
 import torch
 from torch import Tensor
 
-from infermeter.engine.kernels.decode_attention import combine_counter
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.expert_gemv import expert_tiles_for, token_tiles
 from infermeter.engine.kernels.fused_step import fused_tiles_for
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
 from infermeter.engine.kernels.router_topk import route_constants
-from infermeter.engine.kernels.stage_sync import LINE
+from infermeter.engine.kernels.stage_sync import LINE, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
 STAGE_COUNTS = 4  # counts after the ticket: router, route, swiglu, down
@@ -48,7 +47,12 @@ if triton is not None:
     from infermeter.engine.kernels.expert_gemv import experts_down_rows, experts_swiglu_rows
     from infermeter.engine.kernels.fused_step import fused_gemv_rows, normed_row
     from infermeter.engine.kernels.router_topk import experts_route_row
-    from infermeter.engine.kernels.stage_sync import count_done, take_ticket, wait_count
+    from infermeter.engine.kernels.stage_sync import (
+        count_done,
+        reset_counts,
+        take_ticket,
+        wait_count,
+    )
 
     @triton.jit
     def _moe_kernel(
@@ -92,9 +96,7 @@ if triton is not None:
                               dim, ffn, K, stride_e2, stride_r2, 0, BN_D, BK_D, False, True,
                               False)
             if count_done(COUNT + 4 * LINE) == end_down - end_swiglu - 1:
-                # the last program: every ticket drawn, every wait passed
-                for stage in range(1 + STAGES):
-                    tl.atomic_xchg(COUNT + stage * LINE, 0, sem="relaxed", scope="gpu")
+                reset_counts(COUNT, 1 + STAGES, LINE)
 
 
 def moe_tiles(dim: int, ffn: int, gpu: str) -> dict[str, tuple[int, int, int]]:
@@ -132,7 +134,7 @@ def _moe_step(h: Tensor, norm_weight: Tensor, router: Tensor, w1: Tensor, w3: Te
     weights = torch.empty(1, top_k, dtype=h.dtype, device=h.device)
     ids = torch.empty(1, top_k, dtype=torch.int64, device=h.device)
     act = torch.empty(1, top_k, ffn, dtype=h.dtype, device=h.device)
-    counts = combine_counter(h.device, (1 + STAGE_COUNTS) * LINE)
+    counts = kept_counts(h.device, (1 + STAGE_COUNTS) * LINE)
     _moe_kernel[(ends[-1],)](
         h, norm_weight, router, logits, normed, weights, ids, w1, w3, act, w2, out, counts,
         dim, ffn, n_experts, router.stride(0), w1.stride(0), w1.stride(1), w3.stride(0),
@@ -150,7 +152,7 @@ def moe_step(h: Tensor, norm_weight: Tensor, router: Tensor, w1: Tensor, w3: Ten
              w2: Tensor, eps: float, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """The MoE block's batch-1 step and its residual add in one launch (module docstring):
     (h + the block's output [1, dim], the expert ids [1, k]). An opaque custom op: its body
-    reads the module's kept counts (combine_counter), which a fake-tensor trace could not."""
+    reads stage_sync's kept counts (kept_counts), which a fake-tensor trace could not."""
     out, ids, _ = _moe_step(h, norm_weight, router, w1, w3, w2, eps, top_k, renormalize)
     return out, ids
 

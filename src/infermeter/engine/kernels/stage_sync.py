@@ -18,9 +18,48 @@ stage never share a line with another stage's counting.
 
 from __future__ import annotations
 
+import concurrent.futures
+
+import torch
+from torch import Tensor
+
 from infermeter.engine.kernels.triton_support import tl, triton
 
 LINE = 32  # int32s between two counts: a 128-byte L2 line each
+_KEPT: dict[tuple[torch.device, int], Tensor] = {}  # kept_counts', kept for good
+
+
+def kept_counts(device: torch.device, size: int) -> Tensor:
+    """int32 [size] zeros for a launch's counts (this module's, the decode attention's "last"
+    combine), zero between launches (each launch sets them back): made on the first call for
+    (device, size) and kept for good, since a captured CUDA graph holds its address; launches
+    of one size share them, one after another on the step's stream. Never made during a
+    CUDA-graph capture, and on a GPU made by a thread of its own (_zeros_in_no_pool), outside
+    any graph's private memory pool."""
+    key = (device, size)
+    if key not in _KEPT:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"kept counts of {size} int32s must be made before a CUDA graph "
+                               "is captured: run the step once first")
+        _KEPT[key] = _zeros_in_no_pool(size, device) if device.type == "cuda" \
+            else torch.zeros(size, device=device, dtype=torch.int32)
+    return _KEPT[key]
+
+
+def _zeros_in_no_pool(size: int, device: torch.device) -> Tensor:
+    """torch.zeros(size, int32) on a GPU, made and filled by a thread of its own. Why: inductor's
+    graph trees run a step's warm-up (its first, eager call, where the counts are made) with that
+    thread's allocations routed to their private pool, and they may later hand a block of that
+    pool to another graph when they restore an earlier state of it; the routing is per thread
+    (torch.cuda.use_mem_pool's documented rule), so a block made by another thread stays out."""
+    def make() -> Tensor:
+        zeros = torch.zeros(size, device=device, dtype=torch.int32)
+        torch.cuda.synchronize(device)  # filled before any stream of the step reads it
+        return zeros
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(make).result()
+
 
 if triton is not None:
 
@@ -46,3 +85,11 @@ if triton is not None:
         the count before the add."""
         tl.debug_barrier()
         return tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
+
+    @triton.jit
+    def reset_counts(COUNT, COUNTS: tl.constexpr, LINE: tl.constexpr):
+        """The first COUNTS counts (the ticket's included) back to 0 for the next launch: for
+        the last program of a launch's last stage, when every program has drawn its ticket and
+        passed its wait."""
+        for index in range(COUNTS):
+            tl.atomic_xchg(COUNT + index * LINE, 0, sem="relaxed", scope="gpu")
