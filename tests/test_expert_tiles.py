@@ -23,7 +23,7 @@ from infermeter.engine.kernels.expert_gemv import (  # noqa: E402
     expert_tiles_for,
 )
 from infermeter.engine.kernels.gemv import tiles_for  # noqa: E402
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark, part_arguments  # noqa: E402
 from tests.tile_launches import tile_launches  # noqa: E402
 from tests.triton_interpreter import run_under_interpreter  # noqa: E402
 
@@ -151,10 +151,7 @@ def test_the_suggested_table_takes_batch_1_bests_that_beat_tiles_for():
 
 def test_the_open_targets_part_runs_the_benchmark_on_the_three_models():
     text = (BENCHMARKS / "open_targets.sh").read_text()
-    body = re.search(r"^  expert-tiles\)\n(.*?);;", text, re.M | re.S).group(1)
-    (line,) = re.findall(r"^\s*python3 benchmarks/expert_tiles\.py ([^\n]*)",
-                         re.sub(r"\\\n\s*", " ", body), re.M)
-    args = load_benchmark("expert_tiles").arguments().parse_args(line.split())
+    args = part_arguments("expert-tiles", "expert_tiles")
     assert args.models == ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"]  # issue 25's first
     assert (args.batches, args.grid) == ([1, 4], "quick")
     assert re.search(r"^#   part expert-tiles ", text, re.M)

@@ -23,7 +23,7 @@ from infermeter.engine.kernels.fused_step import (  # noqa: E402
     fused_tiles_for,
 )
 from infermeter.engine.kernels.gemv import tiles_for  # noqa: E402
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark, part_arguments  # noqa: E402
 from tests.tile_launches import tile_launches  # noqa: E402
 from tests.triton_interpreter import run_under_interpreter  # noqa: E402
 
@@ -261,10 +261,7 @@ def test_the_suggested_table_takes_bests_that_beat_today_s_tiles():
 
 def test_the_open_targets_part_runs_the_quick_grid_on_the_three_models():
     text = (BENCHMARKS / "open_targets.sh").read_text()
-    body = re.search(r"^  fused-tiles\)\n(.*?);;", text, re.M | re.S).group(1)
-    (line,) = re.findall(r"^\s*python3 benchmarks/fused_tiles\.py ([^\n]*)",
-                         re.sub(r"\\\n\s*", " ", body), re.M)
-    args = load_benchmark("fused_tiles").arguments().parse_args(line.split())
+    args = part_arguments("fused-tiles", "fused_tiles")
     assert args.models == ["llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m"]
     assert args.grid == "quick"
     assert re.search(r"^#   part fused-tiles .*not yet run", text, re.M | re.S)

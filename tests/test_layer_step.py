@@ -41,21 +41,12 @@ def test_layer_step_under_the_triton_interpreter(part):
 
 
 def sm90_build(kernel, args, kwargs) -> tuple[list[str], list[str]]:
-    """One recorded launch built for sm_90 as tests/test_pdl.py's sm90_lines builds it: (its
-    Triton GPU IR lines, where each atomic op of the source is still one op, and its PTX lines,
-    where LLVM may have merged two alike atomics of different branches into one)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """One recorded launch built for sm_90 (test_pdl.sm90_binary): (its Triton GPU IR lines,
+    where each atomic op of the source is still one op, and its PTX lines, where LLVM may have
+    merged two alike atomics of different branches into one)."""
+    from tests.test_pdl import sm90_binary
 
-    from tests.test_decode_kernel import inductor_signature
-
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    signature = inductor_signature(kernel, args, kwargs)
-    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                            target=GPUTarget("cuda", 90, 32), options=options)
+    binary = sm90_binary(kernel, args, kwargs)
     return binary.asm["ttgir"].splitlines(), binary.asm["ptx"].splitlines()
 
 
@@ -85,19 +76,27 @@ def keeps_the_memory_order(lines: list[str], what: str) -> None:
     assert not [line for line in lines if ".f64" in line], what
 
 
+def recorded(monkeypatch, module, kernel_name: str, call) -> tuple:
+    """(kernel, args, kwargs) of the one launch call() makes of module's kernel_name, recorded
+    instead of run."""
+    kernel, launches = getattr(module, kernel_name), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+
+    monkeypatch.setattr(module, kernel_name, Recorder())
+    call()
+    (launch,) = launches
+    return launch
+
+
 def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
     """(kernel, args, kwargs) of the layer step's launch for preset `name`'s shapes (one layer,
     a 512-slot cache, 4 splits), recorded instead of run."""
     from infermeter.engine.kernels import layer_step as layer_module
 
     spec = PRESETS[name]
-    kernel, launches = layer_module._layer_kernel, []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-
-    monkeypatch.setattr(layer_module, "_layer_kernel", Recorder())
     dim, head_dim, kv = spec.dim, spec.head_dim, spec.n_kv_heads
     n_q = spec.n_heads * head_dim
 
@@ -105,15 +104,14 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
         return torch.zeros(*shape, dtype=dtype)
 
     norms = (zeros(head_dim), zeros(head_dim)) if spec.qk_norm else (None, None)
-    layer_module._layer_step(
+    return recorded(monkeypatch, layer_module, "_layer_kernel", lambda: layer_module._layer_step(
         zeros(1, dim), zeros(dim), zeros(n_q + 2 * kv * head_dim, dim),
         zeros(n_q + 2 * kv * head_dim) if spec.qkv_bias else None,
         torch.zeros(1, head_dim // 2), torch.zeros(1, head_dim // 2),
         torch.zeros(1, dtype=torch.long), zeros(1, kv, 512, head_dim),
         zeros(1, kv, 512, head_dim), torch.arange(512), *norms, zeros(dim, n_q), zeros(dim),
         zeros(2 * spec.ffn_dim, dim), zeros(dim, spec.ffn_dim), n_q, 1e-5, 1e-5,
-        1e-6 if spec.qk_norm else 0.0, False, 0, 4)
-    return launches[0]
+        1e-6 if spec.qk_norm else 0.0, False, 0, 4))
 
 
 @needs_triton
@@ -142,23 +140,16 @@ def test_the_moe_launch_builds_for_an_h100_with_the_same_order(monkeypatch, name
     (keeps_the_memory_order)."""
     from infermeter.engine.kernels import moe_step as moe_module
 
-    spec, launches = PRESETS[name], []
-    kernel = moe_module._moe_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-
-    monkeypatch.setattr(moe_module, "_moe_kernel", Recorder())
+    spec = PRESETS[name]
     experts, ffn, dim = spec.n_experts, spec.moe_ffn_dim, spec.dim
 
     def zeros(*shape):
         return torch.zeros(*shape, dtype=torch.bfloat16)
 
-    moe_module._moe_step(zeros(1, dim), zeros(dim), zeros(experts, dim),
-                         zeros(experts, ffn, dim), zeros(experts, ffn, dim),
-                         zeros(experts, dim, ffn), 1e-6, spec.n_active_experts, True)
-    ir, lines = sm90_build(*launches[0])
+    launch = recorded(monkeypatch, moe_module, "_moe_kernel", lambda: moe_module._moe_step(
+        zeros(1, dim), zeros(dim), zeros(experts, dim), zeros(experts, ffn, dim),
+        zeros(experts, ffn, dim), zeros(experts, dim, ffn), 1e-6, spec.n_active_experts, True))
+    ir, lines = sm90_build(*launch)
     assert ops(ir, "add", "relaxed") == 1, name
     assert ops(ir, "add", "acquire") == 6, name
     assert ops(ir, "add", "acq_rel") == 4, name

@@ -37,6 +37,13 @@ def pdl_launches(monkeypatch, call) -> list:
 def sm90_lines(kernel, args, kwargs) -> tuple[object, list[str]]:
     """Build one recorded launch for sm_90 as Triton would at that launch: (metadata, PTX
     lines)."""
+    binary = sm90_binary(kernel, args, kwargs)
+    return binary.metadata, binary.asm["ptx"].splitlines()
+
+
+def sm90_binary(kernel, args, kwargs):
+    """One recorded launch built for sm_90 as Triton would build it at that launch (typed as
+    inductor types it): the compiled kernel, its IR of each stage in .asm."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -48,9 +55,8 @@ def sm90_lines(kernel, args, kwargs) -> tuple[object, list[str]]:
                if k in kwargs}
     signature = inductor_signature(kernel, args, kwargs)
     where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    return binary.metadata, binary.asm["ptx"].splitlines()
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def first(lines: list[str], pattern: str, after: int = -1) -> int:
