@@ -158,7 +158,7 @@ class EngineRunner:
         (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones while
         batch x k <= E, expert_gemm.py's grouped ones past that, every model's experts; eager
         and compiled alike), else "torch"; None for a model without MoE layers."""
-        blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
+        blocks = self._moe_blocks()
         if not blocks:
             return None
         # after warmup() learned the batches (none yet: nothing ran)
@@ -169,10 +169,13 @@ class EngineRunner:
         """Whether every MoE block of the traced batch-1 steps ran in one launch
         (kernels/moe_step.py, --step-kernels layer with the Triton experts); None for a model
         without MoE layers and in eager mode."""
-        blocks = [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
+        blocks = self._moe_blocks()
         if not blocks or not self.config.compile:
             return None
         return all(block.took_step_kernel for block in blocks)
+
+    def _moe_blocks(self) -> list[MoEFeedForward]:
+        return [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]
 
     def warmup(self, shapes: set[tuple[int, int]]) -> None:
         """Compile and capture (compiled) or a short run (eager) for every (batch, length)."""
