@@ -23,8 +23,7 @@ import torch
 
 from infermeter.engine.kernels import decode_attention as kernels
 from infermeter.engine.kernels import stage_sync
-from tests.test_decode_kernel import recorded_launches
-from tests.test_pdl import sm90_binary
+from tests.sm90_build import recorded_launches, sm90_binary
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("decode_combine_worker.py")

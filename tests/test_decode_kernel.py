@@ -19,6 +19,7 @@ import torch
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_count
 from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
+from tests.sm90_build import LAUNCH_OPTIONS, inductor_signature, recorded_launches, sm90_binary
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("decode_kernel_worker.py")
@@ -111,44 +112,6 @@ def test_without_triton_the_triton_choices_fall_back(monkeypatch):
     torch.testing.assert_close(logits["triton"], logits["math"], atol=1e-6, rtol=0)
 
 
-TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-                torch.int64: "*i64", torch.int32: "*i32"}
-
-
-def recorded_launches(monkeypatch, call) -> list:
-    """Run call() with torch.library.wrap_triton replaced by a recorder: the (kernel, args,
-    constexpr kwargs) each op really launches with, on CPU tensors, nothing executed."""
-    launches = []
-
-    def wrap(kernel):
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-        return Grid()
-
-    monkeypatch.setattr(torch.library, "wrap_triton", wrap)
-    call()
-    return launches
-
-
-# Launch keywords that are compile options, not kernel arguments (inductor moves them to a Config)
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
-
-
-def inductor_signature(kernel, args: tuple, constants: dict) -> dict:
-    """The signature inductor gives a user kernel's launch: a tensor is a pointer to its dtype,
-    an int i32, and a Python float fp64 (what it does; a float runtime argument made the split-
-    KV kernel's scores float64 on the first H100 run)."""
-    names = [p.name for p in kernel.params]
-    def typed(value):
-        if isinstance(value, torch.Tensor):
-            return TRITON_TYPES[value.dtype]
-        return "fp64" if isinstance(value, float) else "i32"
-    signature = {name: typed(value) for name, value in zip(names, args, strict=False)}
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    return {name: signature[name] for name in names if name in signature}  # the kernel's order
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
@@ -157,10 +120,6 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     path's type and shape rules (loop bounds, tl.dot sizes, no float64) hold, for full and ring
     layouts, 64- and 128-wide heads, MHA/GQA and a soft cap (Gemma 2), in float16 and
     bfloat16."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from infermeter.engine.kernels.decode_attention import split_kv_decode
     from infermeter.engine.kernels.gemv import gemv
     from infermeter.engine.kernels.swiglu import silu_mul_triton
@@ -183,14 +142,12 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
     launches = [launch for call in calls for launch in recorded_launches(monkeypatch, call)]
     assert len(launches) == len(calls) + 4  # the attention calls launch a combine kernel too
     for kernel, args, kwargs in launches:
-        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}  # not arguments
-        signature = inductor_signature(kernel, args, kwargs)
+        constants = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+        signature = inductor_signature(kernel, args, constants)
         assert list(signature) == [p.name for p in kernel.params]  # every argument typed
-        where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                                target=GPUTarget("cuda", 90, 32), options=options)
+        binary = sm90_binary(kernel, args, kwargs)
         assert binary.asm["cubin"]
-        assert binary.metadata.num_warps == options.get("num_warps", 4)
+        assert binary.metadata.num_warps == kwargs.get("num_warps", 4)
 
 
 def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkeypatch):

@@ -41,10 +41,10 @@ def test_layer_step_under_the_triton_interpreter(part):
 
 
 def sm90_build(kernel, args, kwargs) -> tuple[list[str], list[str]]:
-    """One recorded launch built for sm_90 (test_pdl.sm90_binary): (its Triton GPU IR lines,
+    """One recorded launch built for sm_90 (sm90_build.sm90_binary): (its Triton GPU IR lines,
     where each atomic op of the source is still one op, and its PTX lines, where LLVM may have
     merged two alike atomics of different branches into one)."""
-    from tests.test_pdl import sm90_binary
+    from tests.sm90_build import sm90_binary
 
     binary = sm90_binary(kernel, args, kwargs)
     return binary.asm["ttgir"].splitlines(), binary.asm["ptx"].splitlines()

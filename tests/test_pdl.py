@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from infermeter.engine.kernels import pdl
+from tests.sm90_build import recorded_launches, sm90_binary
 from tests.test_peer_all_reduce import needs_triton
 
 
@@ -39,24 +40,6 @@ def sm90_lines(kernel, args, kwargs) -> tuple[object, list[str]]:
     lines)."""
     binary = sm90_binary(kernel, args, kwargs)
     return binary.metadata, binary.asm["ptx"].splitlines()
-
-
-def sm90_binary(kernel, args, kwargs):
-    """One recorded launch built for sm_90 as Triton would build it at that launch (typed as
-    inductor types it): the compiled kernel, its IR of each stage in .asm."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from tests.test_decode_kernel import inductor_signature
-
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl")
-               if k in kwargs}
-    signature = inductor_signature(kernel, args, kwargs)
-    where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def first(lines: list[str], pattern: str, after: int = -1) -> int:
@@ -136,7 +119,6 @@ def test_without_pdl_the_ops_launch_as_before(monkeypatch):
     """pdl=False (the default): through wrap_triton, with the PDL constexpr off and no launch
     attribute, whatever the device."""
     from infermeter.engine.kernels.gemv import _gemv
-    from tests.test_decode_kernel import recorded_launches
 
     monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)
     launches = recorded_launches(monkeypatch, lambda: _gemv(

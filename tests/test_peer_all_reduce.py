@@ -130,19 +130,11 @@ def test_triton_all_reduce_is_refused_where_it_cannot_run(capsys) -> None:
 def sm90_ptx(monkeypatch, launch) -> list[tuple[str, str]]:
     """(kernel name, PTX) of every Triton launch `launch()` makes, each built for an H100
     (sm_90) with Triton's compiler as the launch asked: nothing runs, no GPU needed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from tests.test_decode_kernel import LAUNCH_OPTIONS, inductor_signature, recorded_launches
+    from tests.sm90_build import recorded_launches, sm90_binary
 
     built = []
     for kernel, args, kwargs in recorded_launches(monkeypatch, launch):
-        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-        signature = inductor_signature(kernel, args, kwargs)
-        where = {(list(signature).index(name),): value for name, value in kwargs.items()}
-        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
-                                target=GPUTarget("cuda", 90, 32), options=options)
+        binary = sm90_binary(kernel, args, kwargs)
         assert binary.asm["cubin"]
         built.append((kernel.fn.__name__, binary.asm["ptx"]))
     return built
