@@ -134,11 +134,17 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
   step-layer)
-    python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v --tb=short \
-      tests/test_layer_step.py 2>&1 | tee "$dest/gpu-tests-layer.txt" || true
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
-      --trace "$dest/traces-step-layer" --results "$dest" \
-      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+    # the A/B only after the test passed: a launch that hangs there would hang each case here
+    if python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v --tb=short \
+        tests/test_layer_step.py > "$dest/gpu-tests-layer.txt" 2>&1; then
+      cat "$dest/gpu-tests-layer.txt"
+      python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
+        --trace "$dest/traces-step-layer" --results "$dest" \
+        --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
+    else
+      cat "$dest/gpu-tests-layer.txt"
+      echo "step-layer: the layer launch's gpu test failed; its A/B was not run" >&2
+    fi ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
   step-batch)
