@@ -89,9 +89,105 @@ def test_an_output_that_cannot_be_written_fails_before_measuring(tmp_path, monke
 @pytest.mark.parametrize("args, message", [
     # said "argument --gpu-memory: expected one argument", as if the value were missing
     (("--gpu-memory", "-5GiB"), "cannot read size '-5GiB'"),
-    (("--gpu-memory", "80GiB", "--reserve", "-1%"), "reserve '-1%' must be within 0% and 100%"),
+    (("--gpu-memory", "80GiB", "--reserve", "-1%"),
+     "reserve '-1%' must be at least 0% and below 100%"),
 ])
 def test_a_negative_size_is_read_as_a_value(args, message):
     out = run("kv", *args)
     assert_one_error_line(out, message)
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("command, runner", [
+    (["kv"], "infermeter.kv.job.kv_results"),
+    (["copy", "--device", "cpu"], "infermeter.copy.job.run_copy"),
+    (["generate", "--device", "cpu"], "infermeter.generate.job.run_generate"),
+])
+def test_an_output_results_cannot_be_appended_to_fails_before_measuring(
+        tmp_path, monkeypatch, capsys, command, runner):
+    """A binary file, a file of other text, and a folder that takes no new file were found only
+    when the Results were appended, after the timing (the Results lost, or mixed into the
+    other file's text); a file of Results lines takes more, untouched until the end."""
+    import tempfile
+
+    from infermeter.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before checking --output")
+
+    monkeypatch.setattr(runner, measured)
+    binary, notes, results = (tmp_path / name for name in ("b.jsonl", "notes.md", "r.jsonl"))
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    notes.write_text("# notes\nnot results\n")
+    results.write_text('{"kind": "kv"}\n\n{"kind": "copy"}\n')
+    for output, message in ((binary, "cannot append Results to it"),
+                            (notes, "line 1 is not a JSON object")):
+        before = output.read_bytes()
+        assert main([*command, "--model", "debug", "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and str(output) in err[0], err
+        assert output.read_bytes() == before
+    with pytest.raises(AssertionError, match="measured before checking"):  # passed the checks
+        main([*command, "--model", "debug", "--output", str(results)])
+    capsys.readouterr()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    assert main([*command, "--model", "debug", "--output", str(tmp_path / "new.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"infermeter: error: {tmp_path / 'new.jsonl'}: cannot write in folder "
+                   f"{tmp_path} (Permission denied)"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--output", "OUT"], "--output"), (["--json"], "--json"), (["--trace", "OUT"], "--trace"),
+    (["--json", "--tp", "2"], "--json, --tp")])
+def test_copy_without_a_gpu_refuses_what_asks_for_a_measurement(tmp_path, monkeypatch, capsys,
+                                                                flags, named):
+    """With no GPU and no --device, copy prints what it would move and exits 0. Asked for a
+    Result, a JSON line, a trace or ranks, it exited 0 with none of them (and --tp started
+    torchrun first); now one line naming the flags, before any folder or rank exists."""
+    from infermeter.cli import main
+    from infermeter.copy import job
+
+    monkeypatch.setattr(job, "gpu_available", lambda: False)
+    monkeypatch.setattr("infermeter.launch.relaunch_if_needed",
+                        lambda tp, argv: pytest.fail("started torchrun") if tp else None)
+    out = tmp_path / "out"
+    args = [str(out) if flag == "OUT" else flag for flag in flags]
+    assert main(["copy", "--model", "debug", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"infermeter: error: no CUDA GPU found, so nothing to measure for {named} "
+                   "(--device cpu runs a host-memcpy version)"]
+    assert not out.exists()
+    assert main(["copy", "--model", "debug"]) == 0  # the plan alone
+    assert "it would move" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seq_len", ["1", "257", "1000000000000"])
+def test_run_refuses_a_cache_length_before_any_stage(tmp_path, seq_len):
+    """The kv stage ran and wrote its Results, then each later stage failed with its own error
+    line (exit 2, a folder of kv Results alone)."""
+    out = run("run", "--model", "debug", "--seq-len", seq_len, "--out", str(tmp_path / "r"))
+    assert_one_error_line(out, f"--seq-len {seq_len}: the cache holds a prompt and new tokens, "
+                          "so it takes 2 to 256 tokens (debug's context)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_trace_folder_is_made_only_when_a_trace_is_written(tmp_path):
+    """--trace made its folder first; a check failing after it left an empty folder behind.
+    A folder that cannot be made is still refused up front."""
+    trace = tmp_path / "deep" / "trace"
+    out = run("generate", "--model", "debug", "--device", "cpu", "--trace", str(trace),
+              "--max-new-tokens", "300")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert not (tmp_path / "deep").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for folder, message in ((blocker, "a file, not a folder"),
+                            (blocker / "trace", f"cannot create the folder ({blocker} is a file)")):
+        out = run("generate", "--model", "debug", "--device", "cpu", "--trace", str(folder),
+                  "--max-new-tokens", "2")
+        assert_one_error_line(out, f"--trace {folder}: {message}")

@@ -23,8 +23,11 @@ def test_cli_without_gpu_prints_sizes_and_exits_0():
     assert len(out.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in out.stderr
     assert "268,435,456" in out.stdout and "2,048" in out.stdout and "128.0 KiB" in out.stdout
     assert "69 cases would be timed" in out.stdout
-    out = run_cli("--json")
-    assert out.returncode == 0 and out.stdout == ""
+    out = run_cli("--json")  # it exited 0 with no JSON line: now the one error line
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["infermeter: error: no CUDA GPU found, so nothing to "
+                                       "measure for --json (--device cpu runs a host-memcpy "
+                                       "version)"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

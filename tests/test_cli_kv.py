@@ -159,7 +159,7 @@ def test_python_dash_m_and_version():
     (("kv", "--seq-len", "-4"), "seq-len"),
     (("kv", "--kv-dtype", "fp4"), "unknown dtype"),
     (("kv", "--gpu-memory", "lots"), "cannot read size"),
-    (("kv", "--gpu-memory", "80GiB", "--reserve", "120%"), "within 0% and 100%"),
+    (("kv", "--gpu-memory", "80GiB", "--reserve", "120%"), "at least 0% and below 100%"),
     (("kv", "--frobnicate"), "unrecognized arguments"),
     (("nonsense",), "invalid choice"),
 ])
@@ -186,7 +186,7 @@ def test_bad_config_file_on_the_cli(tmp_path, content, message):
 
 @pytest.mark.parametrize("args, message", [
     # read only when a GPU memory was known: passed on a machine without one
-    (("--reserve", "150%"), "reserve '150%' must be within 0% and 100%"),
+    (("--reserve", "150%"), "reserve '150%' must be at least 0% and below 100%"),
     (("--reserve", "lots"), "cannot read size 'lots'"),
     # printed "experts mxfp4" for a model without experts
     (("--expert-dtype", "mxfp4"), "--expert-dtype applies to the experts of a MoE model; "

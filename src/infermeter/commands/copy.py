@@ -60,7 +60,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     )
     from infermeter.copy.table import progress_bar, render_copy, render_plan
     from infermeter.launch import is_rank_zero, relaunch_if_needed, under_torchrun
-    from infermeter.measure.result import append_jsonl, check_output
+    from infermeter.measure.result import append_jsonl, check_appendable
     from infermeter.specs.loaders import resolve_model
 
     def unique(values: list) -> tuple:  # repeated flag values once, in the order given
@@ -68,15 +68,21 @@ def _run_copy(args: argparse.Namespace) -> int:
 
     spec = resolve_model(args.model)
     if args.output:
-        check_output(args.output)
+        check_appendable(args.output)
     device = args.device or "cuda"
     if args.device == "cuda" and not gpu_available():  # named, so an error, as in generate
         raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible (--device cpu "
                               "runs a host-memcpy version)")
+    if device == "cuda" and not gpu_available():  # the plan alone: nothing for these flags
+        asked = [flag for flag, value in (("--output", args.output), ("--json", args.json),
+                                          ("--trace", args.trace), ("--tp", args.tp)) if value]
+        if asked:
+            raise InfermeterError(f"no CUDA GPU found, so nothing to measure for "
+                                  f"{', '.join(asked)} (--device cpu runs a host-memcpy version)")
     if args.trace:  # a bad folder fails now, not after the copies
-        from infermeter.measure.trace import make_trace_dir
+        from infermeter.measure.trace import check_trace_dir
 
-        make_trace_dir(args.trace)
+        check_trace_dir(args.trace)
     # ---- tensor parallelism (launch.py, engine/parallel/): each rank copies its KV shard
     if args.tp:  # a --tp the heads refuse fails here, not after torchrun starts every rank
         from infermeter.specs.sizes import check_tp
@@ -96,8 +102,7 @@ def _run_copy(args: argparse.Namespace) -> int:
     if device == "cuda" and not gpu_available():
         print("infermeter copy: no CUDA GPU found, nothing measured (--device cpu runs a "
               "host-memcpy version); it would move:", file=sys.stderr)
-        if not args.json:
-            print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
+        print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))
         return 0
     if n_runnable(request, device) == 0:  # else exit 0 with a Result holding no case
         raise InfermeterError(f"none of the cases these flags name can run on {device} "

@@ -169,10 +169,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     from infermeter.generate.table import progress_bar, render_generate, render_outputs
     from infermeter.launch import is_rank_zero, relaunch_if_needed
     from infermeter.measure.env import capture_env
-    from infermeter.measure.result import append_jsonl, check_output
+    from infermeter.measure.result import append_jsonl, check_appendable
 
     if args.output:
-        check_output(args.output)
+        check_appendable(args.output)
     _check_flags_go_together(args)
     # ---- tensor parallelism (launch.py): --dry-run plans; --tp N starts torchrun for N ranks
     if args.dry_run:
@@ -181,9 +181,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         return code
     # ---- end tensor parallelism
     if args.trace:  # a bad folder fails now, not after the timed runs
-        from infermeter.measure.trace import make_trace_dir
+        from infermeter.measure.trace import check_trace_dir
 
-        make_trace_dir(args.trace)
+        check_trace_dir(args.trace)
     device = args.device or default_device()
     sampling = args.temperature is not None and args.temperature > 0
     request = GenerateRequest(

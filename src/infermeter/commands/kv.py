@@ -33,12 +33,12 @@ def add_kv_parser(sub: argparse._SubParsersAction) -> None:
 def _run_kv(args: argparse.Namespace) -> int:
     from infermeter.kv.job import KvRequest, kv_results, render_kv
     from infermeter.measure.env import capture_env, nvml_facts
-    from infermeter.measure.result import append_jsonl, check_output
+    from infermeter.measure.result import append_jsonl, check_appendable
     from infermeter.specs.loaders import resolve_model
     from infermeter.units import parse_size
 
     if args.output:  # the same one line as the measuring commands' for a folder or a typo
-        check_output(args.output)
+        check_appendable(args.output)
     spec = resolve_model(args.model)
     env = capture_env()
     gpu_memory, source = None, None

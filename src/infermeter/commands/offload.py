@@ -85,14 +85,14 @@ def add_offload_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_offload(args: argparse.Namespace) -> int:
     from infermeter.measure.env import capture_env
-    from infermeter.measure.result import append_jsonl, check_output
-    from infermeter.measure.trace import make_trace_dir
+    from infermeter.measure.result import append_jsonl, check_appendable
+    from infermeter.measure.trace import check_trace_dir
     from infermeter.offload.job import run_offload
     from infermeter.offload.request import OffloadRequest
     from infermeter.offload.table import render_offload
 
     if args.output:
-        check_output(args.output)
+        check_appendable(args.output)
     if not (args.traffic or args.offloaded_decode):  # else they were ignored without a word
         for flag, value in (("--context", args.context), ("--decode-steps", args.decode_steps)):
             if value is not None:
@@ -116,7 +116,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         context=args.context, decode_steps=args.decode_steps or OffloadRequest.decode_steps,
         offloaded_decode=args.offloaded_decode, trace=args.trace)
     if request.trace:  # a folder that cannot be one fails before anything is measured
-        make_trace_dir(request.trace)
+        check_trace_dir(request.trace)
     result = run_offload(request, capture_env())
     if args.output:
         append_jsonl(args.output, [result])

@@ -164,9 +164,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.trace:  # a bad folder fails before the results folder exists
         import dataclasses
 
-        from infermeter.measure.trace import make_trace_dir
+        from infermeter.measure.trace import check_trace_dir
 
-        make_trace_dir(args.trace)
+        check_trace_dir(args.trace)
         setting = dataclasses.replace(setting, trace_dir=args.trace)
     folder = _out_folder(args.out)
     env = capture_env()

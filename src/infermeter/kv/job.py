@@ -62,7 +62,8 @@ class KvRequest:
             except ValueError:
                 raise InfermeterError(f"cannot read reserve {self.reserve!r}") from None
             if not 0 <= percent < 100:
-                raise InfermeterError(f"reserve {self.reserve!r} must be within 0% and 100%")
+                raise InfermeterError(f"reserve {self.reserve!r} must be at least 0% and below "
+                                      "100%")
             return int((self.gpu_memory or 0) * percent / 100)
         return parse_size(text)
 

@@ -105,14 +105,47 @@ def write_json(path: Path, result: Result) -> None:
 
 
 def check_output(path: str | Path, names: str = "a JSONL file") -> None:
-    """--output can take Results (its folder exists, it is no folder itself): asked before a
-    measurement, so a typo does not cost the minutes of timing that come first. names: what
-    --output is for that command (report's: the report file)."""
+    """--output can take a file written at the end (its folder exists and takes a new file, it
+    is no folder itself): asked before a measurement, so a typo does not cost the minutes of
+    timing that come first. names: what --output is for that command (report's: the report
+    file)."""
     path = Path(path)
     if path.is_dir():
         raise InfermeterError(f"{path}: a folder; --output names {names}")
     if not path.parent.is_dir():
         raise InfermeterError(f"{path}: folder {path.parent} does not exist")
+    # the write is atomic_write's: a temp file in the folder, then a rename; so try that file
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as err:
+        raise InfermeterError(f"{path}: cannot write in folder {path.parent} "
+                              f"({err.strerror or err})") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+
+
+def check_appendable(path: str | Path) -> None:
+    """check_output for a JSONL file that Results are appended to: a file already there must
+    hold Results lines (JSON objects), so that appending neither fails after the measurement
+    (a binary file) nor mixes Results into another file's text."""
+    check_output(path)
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InfermeterError(f"{path}: cannot append Results to it ({err})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            item = None
+        if not isinstance(item, dict):
+            raise InfermeterError(f"{path}: line {number} is not a JSON object; --output "
+                                  "appends Results to a JSONL file of Results")
 
 
 def append_jsonl(path: Path, results: list[Result]) -> None:

@@ -46,6 +46,25 @@ def make_trace_dir(folder: str | Path) -> Path:
     return Path(folder)
 
 
+def check_trace_dir(folder: str | Path) -> None:
+    """--trace's folder can be made (or is one), asked before anything is measured; it is made
+    only when the first trace is written (profile_to), so a run stopped by a later check leaves
+    no empty folder behind."""
+    import os
+
+    from infermeter.errors import InfermeterError
+
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise InfermeterError(f"--trace {folder}: a file, not a folder")
+    made = next(p for p in (path, *path.absolute().parents) if p.exists())  # the nearest made
+    if not made.is_dir():
+        raise InfermeterError(f"--trace {folder}: cannot create the folder ({made} is a file)")
+    if not os.access(made, os.W_OK | os.X_OK):
+        raise InfermeterError(f"--trace {folder}: cannot create the folder ({made} is not "
+                              "writable)")
+
+
 def trace_path(folder: str | Path, case_index: int = 0, n_cases: int = 1) -> Path:
     """trace-rank0.json; with several cases trace-case2-rank0.json etc."""
     case = f"case{case_index + 1}-" if n_cases > 1 else ""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
+from infermeter.errors import InfermeterError
 from infermeter.measure.result import Result
 from infermeter.specs.model import ModelSpec
 
@@ -131,6 +132,12 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
     from infermeter.engine.dtypes import torch_dtype
 
     torch_dtype(setting.dtype)  # the engine's three: fp8 or int8 failed in each stage instead
+    # the cache holds the prompt and the new tokens (one each at least), within the model's
+    # context: else every stage past kv would fail on its own, one error line each
+    if not 2 <= setting.seq_len <= spec.max_seq_len:
+        raise InfermeterError(f"--seq-len {setting.seq_len}: the cache holds a prompt and new "
+                              f"tokens, so it takes 2 to {spec.max_seq_len} tokens "
+                              f"({spec.name}'s context)")
     is_reference = gpu and not checkpoint and (setting.spec.name, setting.batch,
                                                setting.seq_len, setting.dtype) == (
         REFERENCE["model"], REFERENCE["batch"], REFERENCE["seq_len"], REFERENCE["dtype"])
@@ -288,7 +295,6 @@ def generate_stage(setting: RunSetting, env: dict[str, Any]) -> list[Result]:
     whole warm-up (run_warmup), also printed as one line on stderr."""
     import sys
 
-    from infermeter.errors import InfermeterError
     from infermeter.generate.job import run_generate
     from infermeter.generate.table import progress_bar
 
