@@ -143,6 +143,11 @@ def test_a_gzipped_trace_reads_like_the_plain_one(tmp_path, capsys):
     # JSON with no event a summary can use: once "no kernels ... found" and exit 0
     "[]", "[1, 2, 3]", '{"traceEvents": [1, "x"]}',
     '{"traceEvents": [{"ph": "X", "name": "gemv", "cat": "kernel", "ts": "abc", "dur": 5}]}',
+    # a pid or tid that is not a scalar (it was a TypeError: unhashable type): skipped too
+    '{"traceEvents": [{"ph": "X", "name": "aten::mm", "cat": "cpu_op", "pid": {}, "tid": 1, '
+    '"ts": 0, "dur": 5}]}',
+    '{"traceEvents": [{"ph": "X", "name": "aten::mm", "cat": "cpu_op", "pid": 1, "tid": [1], '
+    '"ts": 0, "dur": 5}]}',
     # traceEvents not a list; bytes that are not text
     '{"traceEvents": {"ph": "X"}}', "\x00\x01binary",
 ])
@@ -153,6 +158,28 @@ def test_corrupt_trace_is_one_clear_error(tmp_path, capsys, text):
     err = capsys.readouterr().err.strip()
     assert err.startswith("infermeter: error:") and len(err.splitlines()) == 1
     assert main(["trace", str(tmp_path / "missing.json")]) == 2
+
+
+def test_an_event_with_a_pid_or_tid_that_is_not_a_scalar_is_skipped(tmp_path):
+    """Like any other malformed event: the rest of the trace is summarised as without it (a CPU
+    trace groups its ops by (pid, tid): such an op was a TypeError, unhashable type)."""
+    from tests.cli_in_process import run_cli
+
+    def op(name, ts, dur, pid=1, tid=1):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "pid": pid,
+                "tid": tid}
+
+    events = [{**op("im/decode_step", 0, 100), "cat": "user_annotation"},
+              op("aten::mm", 10, 30), op("aten::argmax", 50, 10)]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(events))
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(events + [op("aten::mm", 20, 5, pid={}),
+                                          op("aten::add", 70, 5, tid=[1])]))
+    out = run_cli("trace", str(mixed), "--json")
+    assert out.returncode == 0 and out.stderr == ""
+    expected = run_cli("trace", str(good), "--json")
+    assert expected.returncode == 0 and json.loads(out.stdout) == json.loads(expected.stdout)
 
 
 def test_copy_trace_lists_each_case_copies(tmp_path):

@@ -22,6 +22,7 @@ from infermeter.report.derive import CONTEXTS, break_even, prefill_ms
 from infermeter.report.load import Record
 from infermeter.report.select import Column, ColumnKey
 from infermeter.report.tables import REFERENCE_ROWS
+from tests.cli_in_process import run_cli as run_in_process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOOD, BAD = FIXTURES / "report", FIXTURES / "report-bad"
@@ -340,6 +341,39 @@ def test_cli_an_output_it_cannot_write_is_the_only_line(tmp_path):
         assert out.returncode == 2 and out.stdout == ""
         assert out.stderr.splitlines() == [f"infermeter: error: {output}: {says}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_an_output_that_is_an_input_is_refused_and_left_unchanged(tmp_path):
+    """It was overwritten by the report of itself, exit 0: named as a file, found in a named
+    folder, or reached through a link."""
+    import shutil
+
+    results = tmp_path / "A"
+    shutil.copytree(GOOD, results)
+    victim = results / "generate-h100.jsonl"
+    before = victim.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(victim)
+    for inputs, output in (([str(victim)], str(victim)), ([str(results)], str(victim)),
+                           ([str(results)], str(tmp_path / "link.jsonl"))):
+        out = run_in_process("report", *inputs, "--output", output, "--format", "csv")
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"infermeter: error: --output {output} is the input {victim}: the report would "
+            "overwrite it; name another file"]
+        assert victim.read_bytes() == before
+    assert sorted(p.name for p in results.iterdir()) == sorted(p.name for p in GOOD.iterdir())
+
+
+def test_cli_an_existing_folder_as_output_is_named_as_a_folder(tmp_path):
+    """Without --format, a folder got "cannot tell the report format from a name without a
+    suffix": the format was asked first."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    out = run_in_process("report", str(GOOD), "--output", str(folder))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"infermeter: error: {folder}: a folder; --output names the report file"]
+    assert list(folder.iterdir()) == []
 
 
 def test_cli_writes_the_format_its_output_names(tmp_path):

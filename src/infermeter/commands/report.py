@@ -45,13 +45,17 @@ def _run_report(args: argparse.Namespace) -> int:
     def warn(line: str) -> None:
         print(f"infermeter report: warning: skipped {line}", file=sys.stderr)
 
-    fmt = choose_format(args.format, args.output)  # bad flags fail before any reading
+    # bad flags fail before any reading; --output's own check before its suffix's, so that a
+    # folder is named as one, not as a name without a suffix
     if args.output:
         check_output(args.output, "the report file")
+    fmt = choose_format(args.format, args.output)
     # a mistyped path is an error, not a warning above a report that lacks its Results
     for path in args.paths:
         if not os.path.exists(path):
             raise InfermeterError(f"{path}: no such file or folder")
+    if args.output:
+        _check_output_is_no_input(args.output, args.paths)
     if args.plots:
         check_plots_folder(args.plots)
     report = build_report(args.paths, with_seed=args.with_seed, warn=warn)
@@ -66,3 +70,16 @@ def _run_report(args: argparse.Namespace) -> int:
     for path in plots:
         print(f"infermeter report: wrote {path}", file=sys.stderr)
     return 0
+
+
+def _check_output_is_no_input(output: str, paths: list[str]) -> None:
+    """--output may not be one of the Result files read (named, or found in a named folder):
+    the report would replace the Results it was made from."""
+    from infermeter.report.load import Loaded, collect_files
+
+    if not os.path.exists(output):
+        return
+    for found in collect_files(paths, Loaded()):
+        if os.path.samefile(found, output):
+            raise InfermeterError(f"--output {output} is the input {found}: the report would "
+                                  "overwrite it; name another file")
