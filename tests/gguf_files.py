@@ -5,6 +5,7 @@ optionally a vocabulary."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,10 +55,12 @@ def round_to(model: torch.nn.Module, quant: str) -> None:
 def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
                arch: str | None = None, drop: tuple[str, ...] = (),
                raw: dict[str, tuple[np.ndarray, int]] | None = None,
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None,
+               keys: dict[str, Any] | None = None) -> Path:
     """`model`'s weights as a llama.cpp GGUF. drop: GGUF tensor names left out; raw: GGUF name ->
     (bytes [rows, bytes per row], ggml type id) written instead of the weight; extra: more F32
-    tensors (rope_freqs.weight)."""
+    tensors (rope_freqs.weight); keys: metadata key -> value written instead of the model's
+    (its type from the Python value: int INT32, float FLOAT32, list ARRAY), None: left out."""
     spec = model.spec
     arch = arch or GGUF_ARCH[spec.arch]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -88,6 +91,12 @@ def write_gguf(model: torch.nn.Module, path: Path, quant: str = "F32", *,
         writer.add_expert_used_count(spec.n_active_experts)
         if spec.arch == "qwen3_moe":  # Mixtral's experts are feed_forward_length wide
             writer.add_expert_feed_forward_length(spec.moe_ffn_dim)
+    for key, value in (keys or {}).items():
+        writer.kv_data[0].pop(key, None)
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif value is not None:
+            writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
     for name, tensor in meta_state_dict(model).items():
         if name == "output.weight" and spec.tie_embeddings:
             continue

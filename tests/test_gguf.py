@@ -194,6 +194,63 @@ def test_unsupported_architecture(tmp_path, capsys) -> None:
     assert message in _cli_error(["kv", "--model", str(path)], capsys)
 
 
+# metadata values as config.json's fields are checked: key -> value written, and the error line
+HEADS, DIM, EPS = "llama.attention.head_count", "llama.embedding_length", \
+    "llama.attention.layer_norm_rms_epsilon"
+BAD_KEYS = [
+    ({HEADS: 0}, f"GGUF key {HEADS} must be a positive integer, got 0"),
+    ({HEADS: 4.5}, f"GGUF key {HEADS} must be an integer, got 4.5"),
+    ({HEADS: True}, f"GGUF key {HEADS} must be an integer, got True"),
+    ({HEADS: [4, 0]}, f"GGUF key {HEADS} must be a positive integer, got 0"),  # per layer
+    ({HEADS: ["4", "4"]}, f"GGUF key {HEADS} must be an integer, got '4'"),
+    ({HEADS: [4, 2]}, f"{HEADS} differs between layers ([4, 2]...); the engine needs one value "
+                      "for every layer"),
+    ({DIM: "abc"}, f"GGUF key {DIM} must be an integer, got 'abc'"),
+    ({DIM: [64, 64]}, f"GGUF key {DIM} must be an integer, got [64, 64]"),  # not a per-layer key
+    ({"llama.context_length": -5}, "GGUF key llama.context_length must be a positive integer, "
+                                   "got -5"),
+    ({"llama.block_count": 100_000}, "GGUF key llama.block_count is 100,000, more layers than "
+                                     "any model has (at most 10,000)"),
+    ({HEADS: 3, "llama.attention.key_length": None},
+     f"llama.embedding_length 64 is not a multiple of {HEADS} 3 and there is no "
+     "llama.attention.key_length: the head size is unknown"),
+    ({"llama.rope.freq_base": "x"}, "GGUF key llama.rope.freq_base must be a positive number, "
+                                    "got 'x'"),
+    ({"llama.rope.freq_base": math.nan}, "GGUF key llama.rope.freq_base must be a positive "
+                                         "number, got nan"),
+    ({EPS: "x"}, f"GGUF key {EPS} must be a positive number, got 'x'"),
+    ({EPS: 0.0}, f"GGUF key {EPS} must be a positive number, got 0.0"),
+    ({EPS: math.inf}, f"GGUF key {EPS} must be a positive number, got inf"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": -1.0},
+     "GGUF key llama.rope.scaling.factor must be a positive number, got -1.0"),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0,
+      "llama.rope.scaling.original_context_length": 0},
+     "GGUF key llama.rope.scaling.original_context_length must be a positive integer, got 0"),
+    ({"general.file_type": "x"}, "GGUF key general.file_type must be an integer, got 'x'"),
+]
+
+
+@pytest.fixture(scope="module")
+def llama_f32():
+    return _source("llama", "F32")
+
+
+@pytest.mark.parametrize(("keys", "message"), BAD_KEYS)
+def test_bad_metadata_value(llama_f32, tmp_path, keys, message, capsys) -> None:
+    """A count that is 0, not an integer or an array, a float that is not a positive number:
+    one error line naming the key and the value, before any arithmetic uses it."""
+    path = write_gguf(llama_f32, tmp_path / "m.gguf", keys=keys)
+    assert _cli_error(["kv", "--model", str(path)], capsys) == \
+        f"infermeter: error: {path}: {message}"
+
+
+@pytest.mark.parametrize("heads", [4.0, [4, 4]])  # written as a float; one value a layer
+def test_head_count_a_float_or_per_layer_reads_as_the_integer(llama_f32, tmp_path,
+                                                              heads) -> None:
+    path = write_gguf(llama_f32, tmp_path / "m.gguf", keys={HEADS: heads})
+    assert spec_from_gguf(path).n_heads == 4
+
+
 def test_without_the_gguf_package(good, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     good.write_bytes(good.read_bytes() + b"\0")  # a new size: not the cached reader

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
+from infermeter.specs.checked import checked_int, checked_layer_count, checked_number
 from infermeter.specs.model import ModelSpec, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
@@ -55,6 +56,8 @@ _GPT_OSS_YARN = (("beta_fast", 32.0), ("beta_slow", 1.0), ("truncate", False))
 # Tensors a GGUF may carry that are not weights of the model: llama.cpp's precomputed Llama 3.1
 # RoPE divisors (read into the spec's rope_scaling below).
 ROPE_FREQS = "rope_freqs.weight"
+# The keys llama.cpp reads per layer (get_key_or_arr): a file may hold one value a layer.
+_PER_LAYER_KEYS = (".attention.head_count", ".attention.head_count_kv", ".feed_forward_length")
 
 
 def import_gguf() -> Any:
@@ -140,23 +143,51 @@ def _need(reader: Any, key: str, path: Path) -> Any:
     return value
 
 
-def _int(reader: Any, key: str, path: Path, default: int | None = None) -> int:
+def _key_name(path: Path, key: str) -> str:
+    """How an error line names a metadata key: "<file>: GGUF key llama.block_count"."""
+    return f"{path}: GGUF key {key}"
+
+
+def _whole(value: Any) -> Any:
+    """A count a writer stored as a float (4.0) is the integer it holds; 4.5 is not one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int(reader: Any, key: str, path: Path, default: int | None = None,
+         minimum: int = 1) -> int:
+    """An integer key, at least `minimum` (1: a positive count or size), checked as config.json's
+    fields are: a string, a bool, 4.5 or an array (but a per-layer key's) is one error line."""
     value = field(reader, key, default)
     if value is None:
         value = _need(reader, key, path)
-    if isinstance(value, list):  # per-layer counts: the engine needs one value for all layers
-        if not value or len(set(value)) != 1:
+    name = _key_name(path, key)
+    if isinstance(value, list) and value and key.endswith(_PER_LAYER_KEYS):
+        counts = [checked_int(_whole(count), name, minimum) for count in value]
+        if len(set(counts)) != 1:  # the engine needs one value for all layers
             raise InfermeterError(f"{path}: {key} differs between layers ({value[:8]}...); "
                                   "the engine needs one value for every layer")
-        value = value[0]
-    return int(value)
+        return counts[0]
+    return checked_int(_whole(value), name, minimum)
+
+
+def _number(reader: Any, key: str, path: Path, default: float | None = None) -> float:
+    """A positive, finite float key (norm epsilons, RoPE bases and factors), checked as
+    config.json's fields are, then as written (_float)."""
+    value = field(reader, key, default)
+    if value is None:
+        value = _need(reader, key, path)
+    return _float(checked_number(value, _key_name(path, key)))
 
 
 def _float(value: float) -> float:
     """GGUF stores float32: 1e-5 comes back as 9.99999974e-06; keep the decimal it was written
-    as (the shortest that rounds to the same float32)."""
+    as (the shortest that rounds to the same float32). A float64 key beyond float32's range is
+    kept as it is, not made 0 or inf."""
     import numpy as np
 
+    single = np.finfo(np.float32)
+    if not single.tiny <= value <= single.max:
+        return float(value)
     return float(str(np.float32(value)))
 
 
@@ -198,28 +229,30 @@ def _rope_scaling(reader: Any, arch: str, path: Path, theta: float,
     """rope.scaling.* keys (linear, yarn), or Llama 3.1's divisors in the rope_freqs tensor."""
     kind = field(reader, f"{arch}.rope.scaling.type")
     factor = field(reader, f"{arch}.rope.scaling.factor")
-    original = field(reader, f"{arch}.rope.scaling.original_context_length")
+    original = f"{arch}.rope.scaling.original_context_length"
     freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if freqs is not None:
         import numpy as np
 
         gguf = import_gguf()
         divisors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
-        guess = RopeScaling("llama3", float(divisors.max()), 1.0, 4.0, int(original or 8192))
+        guess = RopeScaling("llama3", float(divisors.max()), 1.0, 4.0,
+                            _int(reader, original, path, default=8192))
         if len(divisors) != head_dim // 2 or not np.allclose(
                 divisors, _llama3_divisors(theta, head_dim, guess), rtol=1e-4):
             raise InfermeterError(f"{path}: {ROPE_FREQS} holds RoPE factors other than Llama "
                                   "3.1's (factor, 1, 4, 8192); the engine cannot run them")
         return guess
-    if kind in (None, "none") or not factor:
+    if kind in (None, "none") or factor is None or factor == 0:  # llama.cpp: 0 scales nothing
         return None
     extra: tuple[tuple[str, Any], ...] = ()
     if arch == "gpt-oss" and kind == "yarn":
-        extra = tuple((key, _float(field(reader, f"{arch}.rope.scaling.yarn_{key}", value))
+        extra = tuple((key, _number(reader, f"{arch}.rope.scaling.yarn_{key}", path, value)
                        if key.startswith("beta") else value) for key, value in _GPT_OSS_YARN)
-    return RopeScaling(str(kind), _float(factor),
-                       original_max_position=int(original or field(
-                           reader, f"{arch}.context_length", 4096)), extra=extra)
+    context = _int(reader, f"{arch}.context_length", path, default=4096)
+    return RopeScaling(str(kind), _number(reader, f"{arch}.rope.scaling.factor", path),
+                       original_max_position=_int(reader, original, path, default=context),
+                       extra=extra)
 
 
 def spec_from_gguf(path: Path | str) -> ModelSpec:
@@ -235,15 +268,21 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
     embedding = shapes.get("token_embd.weight")
     if embedding is None:
         raise InfermeterError(f"{path}: missing tensor token_embd.weight")
+    # every count is checked before any arithmetic uses it (dim // n_heads just below)
     dim, n_heads = _int(reader, f"{arch}.embedding_length", path), _int(
         reader, f"{arch}.attention.head_count", path)
-    head_dim = _int(reader, f"{arch}.attention.key_length", path, default=dim // n_heads)
+    head_dim_key = f"{arch}.attention.key_length"
+    if field(reader, head_dim_key) is None and dim % n_heads:
+        raise InfermeterError(f"{path}: {arch}.embedding_length {dim} is not a multiple of "
+                              f"{arch}.attention.head_count {n_heads} and there is no "
+                              f"{head_dim_key}: the head size is unknown")
+    head_dim = _int(reader, head_dim_key, path, default=dim // n_heads)
     rotary = _int(reader, f"{arch}.rope.dimension_count", path, default=head_dim)
     if rotary != head_dim:
         raise InfermeterError(f"{path}: RoPE on {rotary} of {head_dim} head features; the "
                               "engine rotates whole heads")
-    theta = _float(field(reader, f"{arch}.rope.freq_base", 10000.0))
-    n_layers = _int(reader, f"{arch}.block_count", path)
+    theta = _number(reader, f"{arch}.rope.freq_base", path, 10000.0)
+    n_layers = _layer_count(reader, f"{arch}.block_count", path)
     gemma = arch in _GEMMA_PATTERN
     fields = dict(
         name=path.stem, arch=_arch(reader, arch, path),
@@ -251,8 +290,8 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
         n_kv_heads=_int(reader, f"{arch}.attention.head_count_kv", path, default=n_heads),
         head_dim=head_dim, ffn_dim=_int(reader, f"{arch}.feed_forward_length", path),
         vocab_size=embedding[0],
-        norm_eps=_float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon",
-                              1e-6 if gemma else 1e-5)),
+        norm_eps=_number(reader, f"{arch}.attention.layer_norm_rms_epsilon", path,
+                         1e-6 if gemma else 1e-5),
         rope_theta=theta, rope_scaling=_rope_scaling(reader, arch, path, theta, head_dim),
         max_seq_len=_int(reader, f"{arch}.context_length", path, default=4096),
         tie_embeddings="output.weight" not in shapes,
@@ -268,8 +307,14 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
         raise InfermeterError(f"{path}: {err}") from None
 
 
+def _layer_count(reader: Any, key: str, path: Path) -> int:
+    """block_count: a positive integer, at most checked.MAX_LAYERS (sizing walks every layer)."""
+
+    return checked_layer_count(_int(reader, key, path), _key_name(path, key))
+
+
 def _arch(reader: Any, arch: str, path: Path) -> str:
-    if arch == "llama" and _int(reader, "llama.expert_count", path, default=0):
+    if arch == "llama" and _int(reader, "llama.expert_count", path, default=0, minimum=0):
         return "mixtral"
     return ARCHS[arch]
 
@@ -283,18 +328,17 @@ def _gemma(reader: Any, arch: str, path: Path, n_layers: int, dim: int, n_heads:
         window = _int(reader, f"{arch}.attention.sliding_window", path)
     layers = _window_layers(reader, arch, path, n_layers, _GEMMA_PATTERN[arch])
 
-    def cap(key: str) -> float | None:
+    def cap(key: str) -> float | None:  # absent or 0: no cap
         value = field(reader, f"{arch}.{key}")
-        return _float(value) if value else None
+        return None if value is None or value == 0 else _number(reader, f"{arch}.{key}", path)
 
     scalar = dim // n_heads if n_layers == _GEMMA_27B_LAYERS[arch] else head_dim
-    local = field(reader, f"{arch}.rope.freq_base_swa")
     return {"sliding_window": window if layers else None, "sliding_window_layers": layers,
             "norms_per_layer": 4, "query_pre_attn_scalar": float(scalar),
             "attn_logit_softcap": cap("attn_logit_softcapping"),
             "final_logit_softcap": cap("final_logit_softcapping"),
             "rope_local_theta": None if arch == "gemma2" else
-            _float(local) if local is not None else _GEMMA3_LOCAL_THETA}
+            _number(reader, f"{arch}.rope.freq_base_swa", path, _GEMMA3_LOCAL_THETA)}
 
 
 def _window_layers(reader: Any, arch: str, path: Path, n_layers: int,
@@ -306,7 +350,8 @@ def _window_layers(reader: Any, arch: str, path: Path, n_layers: int,
             raise InfermeterError(f"{path}: {arch}.attention.sliding_window_pattern has "
                                   f"{len(pattern)} entries for {n_layers} layers")
         return tuple(i for i, slides in enumerate(pattern) if slides)
-    n = int(pattern)  # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
+    # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
+    n = _int(reader, f"{arch}.attention.sliding_window_pattern", path, default, minimum=0)
     return tuple(i for i in range(n_layers) if n and i % n < n - 1)
 
 
@@ -324,7 +369,7 @@ def _experts(reader: Any, arch: str, path: Path,
              shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Mixtral ("llama" with experts), Qwen3-MoE and gpt-oss: experts in every layer (as llama.cpp
     builds them), stacked [E, ...] per projection."""
-    n_experts = _int(reader, f"{arch}.expert_count", path, default=0)
+    n_experts = _int(reader, f"{arch}.expert_count", path, default=0, minimum=0)
     if not n_experts:
         return {}
     if arch not in ("llama", "qwen3moe", "gpt-oss"):
@@ -367,8 +412,8 @@ def gguf_facts(path: Path | str) -> GGUFFacts:
     name = None
     if file_type is not None:
         try:
-            name = gguf.LlamaFileType(int(file_type)).name
-        except ValueError:
+            name = gguf.LlamaFileType(_int(reader, "general.file_type", path, minimum=0)).name
+        except ValueError:  # a type this gguf does not know: guessed from the tensors below
             name = None
     if name is None or name == "GUESSED":
         by_type: dict[str, int] = {}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from infermeter.errors import InfermeterError
+from infermeter.specs.checked import checked_int, checked_layer_count, checked_number
 from infermeter.specs.gguf_meta import is_gguf, spec_from_gguf
 from infermeter.specs.model import SIZING_ARCHS, ModelSpec, RopeScaling, all_layers
 from infermeter.specs.presets import PRESETS
@@ -36,9 +36,6 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 _REQUIRED = object()  # a field without a default: missing is an error
-# More layers than any model has; a larger count is a typo (and sizing walks every layer).
-MAX_LAYERS = 10_000
-
 
 def _field(cfg: dict[str, Any], key: str, path: Path, default: Any, prefix: str) -> Any:
     value = cfg.get(key)
@@ -52,24 +49,15 @@ def _field(cfg: dict[str, Any], key: str, path: Path, default: Any, prefix: str)
 def _int(cfg: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED,
          minimum: int = 1, prefix: str = "") -> int:
     """An integer field, at least `minimum` (1: a positive count or size)."""
-    value = _field(cfg, key, path, default, prefix)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InfermeterError(f"{path}: field '{prefix}{key}' must be an integer, got {value!r}")
-    if value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise InfermeterError(f"{path}: field '{prefix}{key}' must be {what}, got {value}")
-    return value
+    return checked_int(_field(cfg, key, path, default, prefix), f"{path}: field '{prefix}{key}'",
+                       minimum)
 
 
 def _float(cfg: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED,
            prefix: str = "") -> float:
     """A positive, finite number (norm epsilons, RoPE bases and factors)."""
-    value = _field(cfg, key, path, default, prefix)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise InfermeterError(f"{path}: field '{prefix}{key}' must be a positive number, "
-                              f"got {value!r}")
-    return float(value)
+    return checked_number(_field(cfg, key, path, default, prefix),
+                          f"{path}: field '{prefix}{key}'")
 
 
 def _bool(cfg: dict[str, Any], key: str, path: Path, default: bool = False) -> bool:
@@ -87,11 +75,7 @@ def _object(cfg: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 
 
 def _layers(cfg: dict[str, Any], key: str, path: Path) -> int:
-    n_layers = _int(cfg, key, path)
-    if n_layers > MAX_LAYERS:
-        raise InfermeterError(f"{path}: field '{key}' is {n_layers:,}, more layers than any "
-                              f"model has (at most {MAX_LAYERS:,})")
-    return n_layers
+    return checked_layer_count(_field(cfg, key, path, _REQUIRED, ""), f"{path}: field '{key}'")
 
 
 def _head_dim(cfg: dict[str, Any], path: Path, dim: int, n_heads: int, dim_key: str,
