@@ -70,14 +70,26 @@ def test_kv_sizes_a_billion_by_arithmetic():
     assert rss_kib < MAX_RSS_KIB
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len"])
-def test_run_refuses_a_billion_stage_by_stage(flag, tmp_path):
-    out, rss_kib = _child(["run", flag, str(BILLION), "--out", str(tmp_path / "out")])
+def test_run_refuses_a_billion_stage_by_stage(tmp_path):
+    """A batch of a billion: each stage's own fit check refuses it, before its allocation."""
+    out, rss_kib = _child(["run", "--batch-size", str(BILLION), "--out", str(tmp_path / "out")])
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert any("copy stage failed" in line for line in errors), out.stderr
     assert any("generate stage failed" in line for line in errors), out.stderr
     assert "Traceback" not in out.stderr
+    assert rss_kib < MAX_RSS_KIB
+
+
+def test_run_refuses_a_billion_tokens_before_any_stage(tmp_path):
+    """A cache of a billion tokens is past the model's context: one line before the first
+    stage, no results folder."""
+    out, rss_kib = _child(["run", "--seq-len", str(BILLION), "--out", str(tmp_path / "out")])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"infermeter: error: --seq-len {BILLION}: the cache holds a prompt and new tokens, so it "
+        "takes 2 to 256 tokens (debug's context)"]
+    assert not (tmp_path / "out").exists()
     assert rss_kib < MAX_RSS_KIB
 
 
