@@ -61,3 +61,24 @@ def sm90_binary(kernel, args, kwargs):
     where = {(list(signature).index(name),): value for name, value in constants.items()}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
                           target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sm90_registers(ptx: str, tmp_path) -> tuple[int, int]:
+    """(registers a thread, spilled bytes stored and loaded) of a kernel's PTX, as the ptxas that
+    Triton builds sm_90 code with reports them (`ptxas -v`): spills put a kernel's values in
+    local memory, and registers x threads per program bound how many programs an SM holds."""
+    import re
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(source),
+                             "-o", str(tmp_path / "kernel.cubin")],
+                            capture_output=True, text=True, check=True)
+    text = report.stdout + report.stderr
+    registers = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
+    assert len(registers) == 1 and len(spills) == 2, text  # one kernel's report, read whole
+    return int(registers[0]), sum(int(n) for n in spills)

@@ -26,6 +26,7 @@ import torch
 from infermeter.engine.fusion import fuse_projections
 from infermeter.engine.model import build_model, layer_step_layers, set_step_kernels
 from infermeter.specs.presets import PRESETS
+from tests.sm90_build import sm90_registers
 from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
 
@@ -118,13 +119,16 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
 @pytest.mark.parametrize("name,dtype", [
     ("smollm2-135m", torch.float16), ("qwen2.5-0.5b", torch.bfloat16),
     ("qwen3-0.6b", torch.bfloat16), ("llama-3.2-1b", torch.bfloat16)])
-def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, name, dtype):
+def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, tmp_path, name,
+                                                                  dtype):
     """Built for sm_90 as launched: the program's ticket is a relaxed add; each of the four
     waits polls with acquire loads (one before its loop, one in it); each of the six counts
     (qkv, an attention row, the rows combined, wo, w13, w2) is an acq_rel add; the row's count
-    and the ticket and five stage counts go back to 0 with exchanges; and the PTX keeps the
-    memory order (keeps_the_memory_order)."""
+    and the ticket and five stage counts go back to 0 with exchanges; the PTX keeps the
+    memory order (keeps_the_memory_order); and no value spills to local memory, though the
+    one launch holds the registers of its hungriest stage (docs/engine.md)."""
     ir, lines = sm90_build(*recorded_launch(monkeypatch, name, dtype))
+    assert sm90_registers("\n".join(lines), tmp_path)[1] == 0, name
     assert ops(ir, "add", "relaxed") == 1, name
     assert ops(ir, "add", "acquire") == 8, name
     assert ops(ir, "add", "acq_rel") == 6, name
@@ -133,11 +137,36 @@ def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, n
 
 
 @needs_triton
+def test_the_register_report_sees_a_planted_spill(tmp_path):
+    """sm90_registers, which the no-spill checks above read, finds a spill where one is: a scan
+    of 8,192 float32 values in one warp (256 a thread) spills; of 256 it does not."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def scan(x, y, N: tl.constexpr):
+        offsets = tl.arange(0, N)
+        values = tl.load(x + offsets)
+        tl.store(y + offsets, tl.cumsum(values * values, 0) + values)
+
+    def spills(n: int) -> int:
+        binary = triton.compile(ASTSource(fn=scan, signature={"x": "*fp32", "y": "*fp32",
+                                                              "N": "constexpr"},
+                                          constexprs={(2,): n}),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+        return sm90_registers(binary.asm["ptx"], tmp_path)[1]
+
+    assert spills(256) == 0 and spills(8192) > 0
+
+
+@needs_triton
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
-def test_the_moe_launch_builds_for_an_h100_with_the_same_order(monkeypatch, name):
+def test_the_moe_launch_builds_for_an_h100_with_the_same_order(monkeypatch, tmp_path, name):
     """The MoE block's launch (moe_step.py) for the preset's shapes in bf16, built for sm_90:
-    its ticket, three waits and four counts, the counts back to 0, and the PTX's memory order
-    (keeps_the_memory_order)."""
+    its ticket, three waits and four counts, the counts back to 0, the PTX's memory order
+    (keeps_the_memory_order), and no spills."""
     from infermeter.engine.kernels import moe_step as moe_module
 
     spec = PRESETS[name]
@@ -150,6 +179,7 @@ def test_the_moe_launch_builds_for_an_h100_with_the_same_order(monkeypatch, name
         zeros(1, dim), zeros(dim), zeros(experts, dim), zeros(experts, ffn, dim),
         zeros(experts, ffn, dim), zeros(experts, dim, ffn), 1e-6, spec.n_active_experts, True))
     ir, lines = sm90_build(*launch)
+    assert sm90_registers("\n".join(lines), tmp_path)[1] == 0, name
     assert ops(ir, "add", "relaxed") == 1, name
     assert ops(ir, "add", "acquire") == 6, name
     assert ops(ir, "add", "acq_rel") == 4, name
