@@ -103,3 +103,14 @@ def test_every_option_says_what_it_does() -> None:
             for name, command in sub.choices.items() for action in command._actions
             if action.option_strings and not action.help]
     assert bare == []
+
+
+def test_no_command_prints_the_help_then_one_error_line(capsys) -> None:
+    """A bare `infermeter` printed the help and exited 2 with no error line saying why."""
+    from infermeter.cli import main
+
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: infermeter")
+    assert err.splitlines() == ["infermeter: error: give a command (kv, copy, generate, offload, "
+                                "presets, report, run, trace)"]

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_run_parser(sub)
     add_trace_parser(sub)
+    parser.set_defaults(commands=tuple(sub.choices))  # named when none is given
     return parser
 
 
@@ -54,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not is_rank_zero():
             return 0
-    if not getattr(args, "handler", None):
+    if not getattr(args, "handler", None):  # no command: the help, then what was missing
         parser.print_help()
+        print(f"infermeter: error: give a command ({', '.join(args.commands)})",
+              file=sys.stderr)
         return 2
     try:
         return args.handler(args)
