@@ -180,6 +180,12 @@ def test_an_event_with_a_pid_or_tid_that_is_not_a_scalar_is_skipped(tmp_path):
     assert out.returncode == 0 and out.stderr == ""
     expected = run_cli("trace", str(good), "--json")
     assert expected.returncode == 0 and json.loads(out.stdout) == json.loads(expected.stdout)
+    # a foreign trace without pid and tid (they are optional) is still read, as one thread
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps([{k: v for k, v in e.items() if k not in ("pid", "tid")}
+                                for e in events]))
+    out = run_cli("trace", str(bare), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == json.loads(expected.stdout)
 
 
 def test_copy_trace_lists_each_case_copies(tmp_path):

@@ -336,6 +336,18 @@ def test_overrides_leave_the_reference_setting():
     assert (cpu.spec.name, cpu.device, cpu.seq_len, cpu.reference) == ("debug", "cpu", 64, False)
 
 
+def test_the_default_cache_fits_a_small_model_s_context():
+    """On a GPU the default cache is the reference's 512 tokens; a model of a shorter context
+    (debug's 256) gets its context instead of a refusal naming a --seq-len nobody gave. A
+    --seq-len given past the context is still refused, before any stage."""
+    from infermeter.errors import InfermeterError
+
+    small = stages.plan_setting("debug", None, None, None, None, gpu=True)
+    assert (small.seq_len, small.reference) == (256, False)
+    with pytest.raises(InfermeterError, match="--seq-len 512: .* 2 to 256 tokens"):
+        stages.plan_setting("debug", None, None, 512, None, gpu=True)
+
+
 def test_offload_stage_lengths_come_from_the_setting():
     from infermeter.errors import InfermeterError
     from infermeter.specs.loaders import resolve_model

@@ -31,7 +31,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         from infermeter.errors import InfermeterError
 
         raise InfermeterError(f"{args.file}: no kernels, ops or copies in this trace (no complete "
-                              "'X' events with numeric ts and dur and an int or string pid and "
-                              "tid): not a profile of a run")
+                              "'X' events with numeric ts and dur, and a pid and tid, if any, "
+                              "of an int or a string): not a profile of a run")
     print(json.dumps(found) if args.json else render_breakdown(found))
     return 0

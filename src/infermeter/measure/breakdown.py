@@ -95,15 +95,15 @@ def load_trace(path: str | Path) -> dict[str, Any]:
 
 
 def _spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
-    """Complete ('X') events with finite numeric ts and dur >= 0 and an int or string pid and
-    tid (ops are grouped by thread: an object or list there is no key); anything else is
-    skipped, as a malformed event of a foreign trace."""
+    """Complete ('X') events with finite numeric ts and dur >= 0 and a pid and tid that are an
+    int, a string or absent (ops are grouped by thread: an object or list there is no key);
+    anything else is skipped, as a malformed event of a foreign trace."""
     out = []
     for e in trace["traceEvents"]:
         if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("ts"), (int, float)) \
                 and isinstance(e.get("dur"), (int, float)) and math.isfinite(e["ts"]) \
                 and math.isfinite(e["dur"]) and e["dur"] >= 0 \
-                and isinstance(e.get("pid"), (int, str)) and isinstance(e.get("tid"), (int, str)):
+                and all(isinstance(e.get(key), (int, str, type(None))) for key in ("pid", "tid")):
             out.append(e if isinstance(e.get("args", {}), dict) else {**e, "args": {}})
     return out
 

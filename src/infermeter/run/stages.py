@@ -126,7 +126,8 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
         default_dtype = "float32"  # half-precision matmuls on a CPU are slow or missing
     setting = RunSetting(spec=spec, model=checkpoint or model or base["model"],
                          checkpoint=checkpoint, batch=batch or base["batch"],
-                         seq_len=seq_len or base["seq_len"],
+                         # the default cache fits the model (a small one's context)
+                         seq_len=seq_len or min(base["seq_len"], spec.max_seq_len),
                          dtype=canonical_dtype(dtype or default_dtype),
                          device="cuda" if gpu else "cpu", reference=False)
     from infermeter.engine.dtypes import torch_dtype
