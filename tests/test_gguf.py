@@ -201,7 +201,10 @@ BAD_KEYS = [
     ({HEADS: 0}, f"GGUF key {HEADS} must be a positive integer, got 0"),
     ({HEADS: 4.5}, f"GGUF key {HEADS} must be an integer, got 4.5"),
     ({HEADS: True}, f"GGUF key {HEADS} must be an integer, got True"),
-    ({HEADS: [4, 0]}, f"GGUF key {HEADS} must be a positive integer, got 0"),  # per layer
+    ({HEADS: [0, 0]}, f"GGUF key {HEADS} must be a positive integer, got 0"),  # per layer
+    # a hybrid model's 0 on its layers without attention: what the engine lacks, said first
+    ({HEADS: [0, 4]}, f"{HEADS} differs between layers ([0, 4]...); the engine needs one value "
+                      "for every layer"),
     ({HEADS: ["4", "4"]}, f"GGUF key {HEADS} must be an integer, got '4'"),
     ({HEADS: [4, 2]}, f"{HEADS} differs between layers ([4, 2]...); the engine needs one value "
                       "for every layer"),

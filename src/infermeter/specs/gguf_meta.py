@@ -162,11 +162,14 @@ def _int(reader: Any, key: str, path: Path, default: int | None = None,
         value = _need(reader, key, path)
     name = _key_name(path, key)
     if isinstance(value, list) and value and key.endswith(_PER_LAYER_KEYS):
-        counts = [checked_int(_whole(count), name, minimum) for count in value]
-        if len(set(counts)) != 1:  # the engine needs one value for all layers
+        # one value for all layers first: a hybrid model's 0 on its layers without attention
+        # is told as what the engine lacks, not as a bad count
+        numbers = {c if isinstance(c, (int, float)) and not isinstance(c, bool) else repr(c)
+                   for c in value}  # 4 and 4.0 are one value; any other entry as written
+        if len(numbers) != 1:
             raise InfermeterError(f"{path}: {key} differs between layers ({value[:8]}...); "
                                   "the engine needs one value for every layer")
-        return counts[0]
+        return checked_int(_whole(value[0]), name, minimum)
     return checked_int(_whole(value), name, minimum)
 
 
