@@ -70,10 +70,11 @@ def _run_copy(args: argparse.Namespace) -> int:
     if args.output:
         check_appendable(args.output)
     device = args.device or "cuda"
-    if args.device == "cuda" and not gpu_available():  # named, so an error, as in generate
+    no_gpu = device == "cuda" and not gpu_available()
+    if no_gpu and args.device == "cuda":  # named, so an error, as in generate
         raise InfermeterError("--device cuda asked for, but no CUDA GPU is visible (--device cpu "
                               "runs a host-memcpy version)")
-    if device == "cuda" and not gpu_available():  # the plan alone: nothing for these flags
+    if no_gpu:  # the plan alone: nothing for these flags
         asked = [flag for flag, value in (("--output", args.output), ("--json", args.json),
                                           ("--trace", args.trace), ("--tp", args.tp)) if value]
         if asked:
@@ -99,7 +100,7 @@ def _run_copy(args: argparse.Namespace) -> int:
                           hosts=unique(args.host), directions=unique(args.direction),
                           methods=unique(args.method), block_tokens=unique(args.block_tokens),
                           repeats=args.repeats, warmup=args.warmup, device=device)
-    if device == "cuda" and not gpu_available():
+    if no_gpu:
         print("infermeter copy: no CUDA GPU found, nothing measured (--device cpu runs a "
               "host-memcpy version); it would move:", file=sys.stderr)
         print(render_plan(plan_rows(request), n_cases(request), n_runnable(request)))

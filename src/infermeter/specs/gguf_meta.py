@@ -136,8 +136,9 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
     return default if found is None else found.contents()
 
 
-def _need(reader: Any, key: str, path: Path) -> Any:
-    value = field(reader, key)
+def _need(reader: Any, key: str, path: Path, default: Any = None) -> Any:
+    """The key's value, else `default`; neither is one error line."""
+    value = field(reader, key, default)
     if value is None:
         raise InfermeterError(f"{path}: GGUF metadata has no {key!r}")
     return value
@@ -157,10 +158,7 @@ def _int(reader: Any, key: str, path: Path, default: int | None = None,
          minimum: int = 1) -> int:
     """An integer key, at least `minimum` (1: a positive count or size), checked as config.json's
     fields are: a string, a bool, 4.5 or an array (but a per-layer key's) is one error line."""
-    value = field(reader, key, default)
-    if value is None:
-        value = _need(reader, key, path)
-    name = _key_name(path, key)
+    value = _need(reader, key, path, default)
     if isinstance(value, list) and value and key.endswith(_PER_LAYER_KEYS):
         # one value for all layers first: a hybrid model's 0 on its layers without attention
         # is told as what the engine lacks, not as a bad count
@@ -169,16 +167,14 @@ def _int(reader: Any, key: str, path: Path, default: int | None = None,
         if len(numbers) != 1:
             raise InfermeterError(f"{path}: {key} differs between layers ({value[:8]}...); "
                                   "the engine needs one value for every layer")
-        return checked_int(_whole(value[0]), name, minimum)
-    return checked_int(_whole(value), name, minimum)
+        value = value[0]
+    return checked_int(_whole(value), _key_name(path, key), minimum)
 
 
 def _number(reader: Any, key: str, path: Path, default: float | None = None) -> float:
     """A positive, finite float key (norm epsilons, RoPE bases and factors), checked as
     config.json's fields are, then as written (_float)."""
-    value = field(reader, key, default)
-    if value is None:
-        value = _need(reader, key, path)
+    value = _need(reader, key, path, default)
     return _float(checked_number(value, _key_name(path, key)))
 
 
@@ -312,7 +308,6 @@ def spec_from_gguf(path: Path | str) -> ModelSpec:
 
 def _layer_count(reader: Any, key: str, path: Path) -> int:
     """block_count: a positive integer, at most checked.MAX_LAYERS (sizing walks every layer)."""
-
     return checked_layer_count(_int(reader, key, path), _key_name(path, key))
 
 

@@ -37,6 +37,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 _REQUIRED = object()  # a field without a default: missing is an error
 
+
 def _field(cfg: dict[str, Any], key: str, path: Path, default: Any, prefix: str) -> Any:
     value = cfg.get(key)
     if value is None:  # absent or null: the default, if the field has one
