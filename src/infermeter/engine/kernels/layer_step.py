@@ -27,7 +27,8 @@ The stages are the fused step's own code (fused_step.norm_qkv_rope_rows, fused_g
 decode_attention.split_partials and combine_head) at the fused step's tiles, so a step gives the
 fused step's bits wherever the sums' order is the same: always under Triton's interpreter
 (tests/test_layer_step.py); on a GPU one num_warps serves every stage (the largest the stages'
-tiles ask), which may change a reduction's order against the fused kernels' own.
+tiles ask, at most MAX_WARPS), which may change a reduction's order against the fused kernels'
+own.
 
 What takes it (TransformerBlock.takes_layer_kernel): a layer that runs the fused step's
 attention side with RoPE and the cache write in wqkv's kernel and Triton's split-KV decode
@@ -52,6 +53,12 @@ from infermeter.engine.kernels.stage_sync import LINE, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
 STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w13, w2
+# The most warps a launch takes. A program holds the registers of its hungriest stage: built
+# for sm_90, Llama-3.2-1B's launch at the 16 warps its w2 tile asks for needs 107 registers a
+# thread, one program an SM, half the weight bytes in flight of two; at 8 warps and one
+# stage, 128, two programs an SM (65,536 registers; docs/engine.md, "What one launch costs in
+# registers").
+MAX_WARPS = 8
 
 if triton is not None:
     from infermeter.engine.kernels.decode_attention import combine_head, split_partials
@@ -142,6 +149,15 @@ def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
             "w2": fused_tiles_for("gemv_add", ffn, gpu)}
 
 
+def launch_shape(tiles: dict[str, tuple[int, int, int]]) -> tuple[int, int]:
+    """(num_warps, num_stages) of the launch: the most warps a stage's tile asks for, at most
+    MAX_WARPS; a launch held to MAX_WARPS takes one stage, as two stages cost 1B's 8-warp
+    program 144 registers (one program an SM), and the fused GEMV timed 1, 2 and 4 stages
+    within 0.4% of each other (gemv.NUM_STAGES)."""
+    warps = max(t[2] for t in tiles.values())
+    return (warps, NUM_STAGES) if warps <= MAX_WARPS else (MAX_WARPS, 1)
+
+
 def layer_programs(n_rows_qkv: int, n_kv_heads: int, n_splits: int, dim: int, ffn: int,
                    blocks: dict[str, int]) -> tuple[int, int, int, int, int]:
     """The ticket ends of the five stages (qkv, attend, wo, w13, w2), the last the grid:
@@ -184,6 +200,7 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
     h, out = torch.empty_like(x), torch.empty_like(x)
     act = torch.empty(1, ffn, dtype=x.dtype, device=x.device) if has_ffn else x
     counts = kept_counts(x.device, (1 + STAGE_COUNTS + rows) * LINE)
+    warps, stages = launch_shape(tiles)
     _layer_kernel[(ends[-1],)](
         x, attention_norm, wqkv, x if bias is None else bias, cos, sin, input_pos, q, k_cache,
         v_cache, key_pos, q_norm if qk_norm else x, k_norm if qk_norm else x, acc, m, l_sum,
@@ -202,7 +219,7 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
         BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
         BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
         BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], STAGES=STAGE_COUNTS, LINE=LINE,
-        FFN=has_ffn, num_warps=max(t[2] for t in tiles.values()), num_stages=NUM_STAGES)
+        FFN=has_ffn, num_warps=warps, num_stages=stages)
     return out if has_ffn else h
 
 
