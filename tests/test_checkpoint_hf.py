@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infermeter.engine.checkpoint.hf import INDEX_FILE, hf_to_meta_name, permute, unpermute
-from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import (
+    check_checkpoint,
+    load_model,
+    load_weights,
+    save_checkpoint,
+)
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import RopeScaling
@@ -66,6 +71,7 @@ def test_round_trip(name: str, n_shards: int, tmp_path) -> None:
     source = build_model(spec)
     save_checkpoint(source, tmp_path, "hf", n_shards=n_shards)
     assert (tmp_path / INDEX_FILE).is_file() == (n_shards > 1)
+    check_checkpoint(tmp_path)  # what loads passes the check (tied: no lm_head in the files)
     loaded = load_weights(tmp_path)
     assert loaded.spec == spec.with_updates(name=tmp_path.name)
     _same_state(loaded, source)
@@ -142,6 +148,78 @@ def test_missing_tensor_and_wrong_shape(folder) -> None:
     with pytest.raises(InfermeterError, match=r"model.layers.0.mlp.gate_proj.weight has shape "
                                               r"\[176, 64\], config.json implies \[192, 64\]"):
         load_weights(folder)
+
+
+def _no_tensor_data(monkeypatch) -> None:
+    """Reading a tensor's data (hf._read) fails the test: the check reads headers only."""
+    def read(*args):
+        raise AssertionError("tensor data read")
+    monkeypatch.setattr("infermeter.engine.checkpoint.hf._read", read)
+
+
+def _check_error(folder) -> str:
+    """check_checkpoint's error: one line, the loader's own."""
+    with pytest.raises(InfermeterError) as checked:
+        check_checkpoint(folder)
+    with pytest.raises(InfermeterError) as loaded:
+        load_weights(folder)
+    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
+    return str(checked.value)
+
+
+def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor_from_headers(
+        folder, monkeypatch) -> None:
+    """`run` calls it before its first stage: such a checkpoint failed only in generate."""
+    _no_tensor_data(monkeypatch)
+    check_checkpoint(folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    up = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, path)
+    assert _check_error(folder) == f"{folder}: missing tensor model.layers.1.mlp.up_proj.weight"
+    tensors["model.layers.1.mlp.up_proj.weight"] = up[:, :32].contiguous()
+    save_file(tensors, path)
+    assert _check_error(folder) == (f"{path}: tensor model.layers.1.mlp.up_proj.weight has "
+                                    "shape [176, 32], config.json implies [176, 64]")
+    tensors["model.layers.1.mlp.up_proj.weight"] = up
+    tensors["model.layers.2.mlp.up_proj.weight"] = up.clone()
+    save_file(tensors, path)
+    assert "unexpected tensor model.layers.2.mlp.up_proj.weight" in _check_error(folder)
+
+
+def test_check_checkpoint_takes_an_expert_s_shape_from_its_stacked_tensor(tmp_path,
+                                                                          monkeypatch) -> None:
+    spec = DEBUG.with_updates(arch="qwen3_moe", qk_norm=True, n_experts=4, n_active_experts=2,
+                              moe_ffn_dim=48, norm_topk_prob=True)
+    save_checkpoint(build_model(spec), tmp_path, "hf")
+    _no_tensor_data(monkeypatch)
+    check_checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    tensors[name] = tensors[name][:40].contiguous()
+    save_file(tensors, path)
+    assert _check_error(tmp_path) == (f"{path}: tensor {name} has shape [40, 64], config.json "
+                                      "implies [48, 64]")
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_check_checkpoint_takes_a_tied_model_with_or_without_lm_head(tmp_path, lm_head) -> None:
+    """As the loader: a tied model needs no lm_head and may keep one (a copy of the
+    embedding); an untied one needs it."""
+    save_checkpoint(build_model(SPECS["qwen2-tied"]), tmp_path, "hf")  # no lm_head
+    path = tmp_path / "model.safetensors"
+    if lm_head:
+        tensors = load_file(path)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, path)
+    check_checkpoint(tmp_path)
+    load_weights(tmp_path)
+    _write_config(tmp_path, tie_word_embeddings=False)
+    if lm_head:
+        check_checkpoint(tmp_path)
+    else:
+        assert _check_error(tmp_path) == f"{tmp_path}: missing tensor lm_head.weight"
 
 
 def test_unexpected_tensor_and_bad_index(folder) -> None:

@@ -8,7 +8,12 @@ import shutil
 import pytest
 import torch
 
-from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import (
+    check_checkpoint,
+    load_model,
+    load_weights,
+    save_checkpoint,
+)
 from infermeter.engine.checkpoint.meta import load_pth, shard_for_rank, split_dim
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
@@ -129,6 +134,34 @@ def test_missing_and_unexpected_tensors(folders, tmp_path) -> None:
     torch.save(state, path)
     with pytest.raises(InfermeterError, match="consolidated.00.pth: missing tensor norm.weight"):
         load_weights(folder)
+
+
+def _check_error(folder) -> str:
+    """check_checkpoint's error: one line, the loader's own."""
+    with pytest.raises(InfermeterError) as checked:
+        check_checkpoint(folder)
+    with pytest.raises(InfermeterError) as loaded:
+        load_weights(folder)
+    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
+    return str(checked.value)
+
+
+def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(folders, tmp_path) -> None:
+    """`run` calls it before its first stage (such a checkpoint failed only in generate): every
+    shard's names and shapes, read through torch.load's mmap."""
+    for folder in folders.values():
+        check_checkpoint(folder)
+    folder = _copy(folders[2], tmp_path)
+    path = folder / "consolidated.01.pth"
+    state = torch.load(path, weights_only=True)
+    wk = state.pop("layers.1.attention.wk.weight")
+    torch.save(state, path)
+    assert _check_error(folder) == f"{path}: missing tensor layers.1.attention.wk.weight"
+    state["layers.1.attention.wk.weight"] = wk[:8].clone()
+    torch.save(state, path)
+    assert _check_error(folder) == (
+        f"{path}: tensor layers.1.attention.wk.weight has shape [8, 64], but params.json "
+        "implies [16, 64] per shard (2 shard(s), full [32, 64])")
 
 
 def test_pickle_needing_code_execution_is_refused(folders, tmp_path, capsys) -> None:

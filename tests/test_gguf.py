@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_weights
+from infermeter.engine.checkpoint.load import check_checkpoint, load_weights
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs.gguf_meta import spec_from_gguf
@@ -184,6 +184,33 @@ def test_missing_tensor(tmp_path) -> None:
     path = write_gguf(_source("llama", "F32"), tmp_path / "m.gguf", drop=("blk.1.ffn_up.weight",))
     with pytest.raises(InfermeterError, match="missing tensor blk.1.ffn_up.weight"):
         load_weights(path)
+
+
+def _check_error(path) -> str:
+    """check_checkpoint's error: one line, the loader's own."""
+    with pytest.raises(InfermeterError) as checked:
+        check_checkpoint(path)
+    with pytest.raises(InfermeterError) as loaded:
+        load_weights(path)
+    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
+    return str(checked.value)
+
+
+def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(tmp_path, monkeypatch) -> None:
+    """`run` calls it before its first stage (such a file failed only in generate): names and
+    shapes from the tensor descriptions, no tensor dequantized."""
+    def no_data(tensor):
+        raise AssertionError(f"{tensor.name} dequantized")
+    monkeypatch.setattr("infermeter.engine.checkpoint.gguf.dequantize", no_data)
+    source = _source("llama", "F32")
+    check_checkpoint(write_gguf(source, tmp_path / "good.gguf"))
+    check_checkpoint(write_gguf(_source("llama-tied", "F16"), tmp_path / "tied.gguf"))
+    missing = write_gguf(source, tmp_path / "missing.gguf", drop=("blk.1.ffn_up.weight",))
+    assert _check_error(missing) == f"{missing}: missing tensor blk.1.ffn_up.weight"
+    misshapen = write_gguf(source, tmp_path / "misshapen.gguf", drop=("blk.1.ffn_up.weight",),
+                           extra={"blk.1.ffn_up.weight": np.zeros((128, 32))})
+    assert _check_error(misshapen) == (f"{misshapen}: tensor blk.1.ffn_up.weight has shape "
+                                       "[128, 32], the metadata implies [128, 64]")
 
 
 def test_unsupported_architecture(tmp_path, capsys) -> None:

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from infermeter.cli import main
-from infermeter.engine.checkpoint.load import load_model, load_weights, save_checkpoint
+from infermeter.engine.checkpoint.load import (
+    check_checkpoint,
+    load_model,
+    load_weights,
+    save_checkpoint,
+)
 from infermeter.engine.generator import GenerationConfig, Generator
 from infermeter.engine.model import build_model
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel
@@ -311,6 +316,44 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(checkpoint, tmp_pat
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(InfermeterError, match="MXFP4 blocks .* do not pair up"):
         load_model(tmp_path, max_batch_size=1, max_seq_len=8)
+
+
+def test_check_checkpoint_takes_both_layouts_and_refuses_what_the_loader_refuses(
+        checkpoint, tmp_path) -> None:
+    """`run` calls it before its first stage: the bf16 layout and MXFP4 _blocks / _scales pass;
+    a missing half, blocks that do not pair with their scales or with config.json's shape are
+    the loader's own line, from the headers (no MXFP4 tensor dequantized)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoint
+    check_checkpoint(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.down_proj"  # [E, ffn, dim]: rows dim 32, 32 inputs
+    del tensors[name]
+    tensors[f"{name}_blocks"] = torch.zeros(4, 32, 1, 16, dtype=torch.uint8)
+    tensors[f"{name}_scales"] = torch.full((4, 32, 1), 127, dtype=torch.uint8)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    path = tmp_path / "model.safetensors"
+
+    def error(changes: dict[str, torch.Tensor | None]) -> str:
+        changed = {key: value for key, value in {**tensors, **changes}.items()
+                   if value is not None}
+        save_file(changed, str(path))
+        with pytest.raises(InfermeterError) as checked:
+            check_checkpoint(tmp_path)
+        with pytest.raises(InfermeterError) as loaded:
+            load_weights(tmp_path)
+        assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
+        return str(checked.value)
+
+    save_file(tensors, str(path))
+    check_checkpoint(tmp_path)
+    assert error({f"{name}_scales": None}) == f"{tmp_path}: missing tensor {name}_scales"
+    assert error({f"{name}_scales": torch.zeros(4, 16, 1, dtype=torch.uint8)}) == (
+        "MXFP4 blocks [4, 32, 1, 16] (U8) and scales [4, 16, 1] (U8) do not pair up")
+    assert error({f"{name}_blocks": torch.zeros(4, 32, 2, 16, dtype=torch.uint8),
+                  f"{name}_scales": torch.zeros(4, 32, 2, dtype=torch.uint8)}) == (
+        f"{path}: MXFP4 tensor {name} has shape [4, 64, 32], config.json implies [4, 32, 32]")
 
 
 def test_mxfp4_dequantize_equals_transformers() -> None:

@@ -239,6 +239,52 @@ def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, cpu_only):
     assert not out.exists()
 
 
+def _broken_checkpoint(fmt, folder):
+    """The debug preset's checkpoint in `fmt`, intact and then with one tensor missing (hf,
+    gguf) or of the wrong shape (meta, its second shard): (its path, what the error names)."""
+    import torch
+
+    from infermeter.engine.checkpoint.load import save_checkpoint
+    from infermeter.engine.model import build_model
+    from infermeter.specs.presets import PRESETS
+
+    model = build_model(PRESETS["debug"])
+    if fmt == "gguf":
+        from tests.gguf_files import write_gguf
+
+        path = write_gguf(model, folder / "debug.gguf")
+        intact = stages.plan_setting(None, str(path), None, None, None, gpu=False)
+        assert intact.checkpoint == str(path)
+        return write_gguf(model, path, drop=("blk.1.ffn_up.weight",)), "blk.1.ffn_up.weight"
+    save_checkpoint(model, folder, fmt, n_shards=2 if fmt == "meta" else 1)
+    assert stages.plan_setting(None, str(folder), None, None, None, gpu=False).checkpoint
+    if fmt == "hf":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, folder / "model.safetensors")
+        return folder, "missing tensor model.layers.1.mlp.up_proj.weight"
+    path = folder / "consolidated.01.pth"
+    state = torch.load(path, weights_only=True)
+    state["layers.0.attention.wk.weight"] = state["layers.0.attention.wk.weight"][:8].clone()
+    torch.save(state, path)
+    return folder, "tensor layers.0.attention.wk.weight has shape [8, 64]"
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+def test_a_checkpoint_missing_or_misshaping_a_tensor_is_one_line_and_writes_nothing(
+        tmp_path, cpu_only, fmt):
+    """It ran kv and copy into the results folder, then generate failed loading the weights.
+    The checkpoint's names and shapes are checked before the first stage now."""
+    checkpoint, error = _broken_checkpoint(fmt, tmp_path)
+    out = tmp_path / "out"
+    done = run_cli("--checkpoint", str(checkpoint), "--out", str(out))
+    assert done.returncode == 2, done.stdout
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("infermeter: error: ")
+    assert error in done.stdout and not out.exists()
+
+
 def test_an_out_that_is_a_file_is_named_so(tmp_path, cpu_only):
     """It said "cannot create the results folder ([Errno 17] File exists: ...)"."""
     taken = tmp_path / "results"

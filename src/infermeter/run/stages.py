@@ -139,6 +139,12 @@ def plan_setting(model: str | None, checkpoint: str | None, batch: int | None,
         raise InfermeterError(f"--seq-len {setting.seq_len}: the cache holds a prompt and new "
                               f"tokens, so it takes 2 to {spec.max_seq_len} tokens "
                               f"({spec.name}'s context)")
+    if checkpoint:
+        from infermeter.engine.checkpoint.load import check_checkpoint
+
+        # the loader's name and shape checks, from the files' headers: a missing or misshapen
+        # tensor is one line here, not a generate stage failing after kv and copy ran
+        check_checkpoint(checkpoint)
     is_reference = gpu and not checkpoint and (setting.spec.name, setting.batch,
                                                setting.seq_len, setting.dtype) == (
         REFERENCE["model"], REFERENCE["batch"], REFERENCE["seq_len"], REFERENCE["dtype"])

@@ -24,8 +24,9 @@ its pre-FFN norm is named post_attention_norm, and the sinks [n_heads] are attn_
 
 Memory: one tensor at a time, dequantized on the host in float32 ([rows, cols], the file's
 quantized blocks never leave the memory map), then converted by load.assign_tensors to the run
-dtype and device before the next one is read. Every tensor's quant type is checked before the
-first one is read, so a file the reader cannot dequantize fails before any work.
+dtype and device before the next one is read. Every tensor's name, shape and quant type is
+checked before the first one is read (check_gguf_tensors: those checks alone), so a file the
+reader would refuse or cannot dequantize fails before any work.
 """
 
 from __future__ import annotations
@@ -165,6 +166,36 @@ def _check_types(path: Path, tensors: list[Any]) -> None:
                                   "(pip install -U gguf may)") from None
 
 
+def _parts(tensor: Any) -> list[Any]:
+    """The reader tensors a _match_names entry stands for: itself, or the older layout's
+    experts."""
+    return tensor if isinstance(tensor, list) else [tensor]
+
+
+def _checked_tensors(path: Path, reader: Any, spec: ModelSpec,
+                     expected: dict[str, torch.Size]) -> dict[str, Any]:
+    """_match_names' answer once every tensor's shape (from the file's tensor descriptions) is
+    what the metadata implies and every quant type can be dequantized (_check_types): all of
+    it before any weight is read."""
+    by_meta = _match_names(path, reader, spec, expected)
+    shapes = tensor_shapes(reader)
+    for name, shape in expected.items():
+        want = tuple(shape[1:]) if isinstance(by_meta[name], list) else tuple(shape)
+        for part in _parts(by_meta[name]):
+            if shapes[part.name] != want:
+                raise InfermeterError(f"{path}: tensor {part.name} has shape "
+                                      f"{list(shapes[part.name])}, the metadata implies "
+                                      f"{list(want)}")
+    _check_types(path, [part for name in expected for part in _parts(by_meta[name])])
+    return by_meta
+
+
+def check_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Size]) -> None:
+    """read_gguf_tensors' checks alone (names and shapes from the tensor descriptions, one row
+    of each quant type): an error for a file it would refuse, before any work."""
+    _checked_tensors(path, open_gguf(path), spec, expected)
+
+
 def read_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Size],
                       shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield (Meta name, float32 CPU tensor in Meta layout) for every name in `expected`.
@@ -172,22 +203,10 @@ def read_gguf_tensors(path: Path, spec: ModelSpec, expected: dict[str, torch.Siz
     shard (tensor parallel): the whole tensor is dequantized (blocks run along a row), then the
     rank keeps its slice (a copy, so the full tensor's memory goes with it).
     """
-    reader = open_gguf(path)
-    by_meta = _match_names(path, reader, spec, expected)
-    _check_types(path, [t for name in expected
-                        for t in (by_meta[name] if isinstance(by_meta[name], list)
-                                  else [by_meta[name]])])
-    shapes = tensor_shapes(reader)
-    for name, shape in expected.items():
+    by_meta = _checked_tensors(path, open_gguf(path), spec, expected)
+    for name in expected:
         tensor = by_meta[name]
-        parts, want = (tensor, tuple(shape[1:])) if isinstance(tensor, list) \
-            else ([tensor], tuple(shape))
-        for part in parts:
-            if shapes[part.name] != want:
-                raise InfermeterError(f"{path}: tensor {part.name} has shape "
-                                      f"{list(shapes[part.name])}, the metadata implies "
-                                      f"{list(want)}")
-        out = torch.from_numpy(np.stack([dequantize(part) for part in parts])
+        out = torch.from_numpy(np.stack([dequantize(part) for part in tensor])
                                if isinstance(tensor, list) else dequantize(tensor))
         heads = rope_heads(name, spec)
         if heads is not None and spec.arch in _HF_ROW_ORDER:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,30 +265,59 @@ def _match_names(files: dict[str, Path], spec: ModelSpec,
     return names
 
 
+def _check_shapes(files: dict[str, Path], spec: ModelSpec, expected: dict[str, torch.Size],
+                  names: dict[str, list[str]], handles: dict[Path, Any]) -> None:
+    """Every matched tensor's shape, from its file's header, as config.json implies it (an
+    expert's: its stacked tensor's less the experts' dim)."""
+    for meta, shape in expected.items():
+        want = shape[1:] if _stacked(meta, shape, spec) else shape
+        for hf_name in names[meta]:
+            _check_shape(files, hf_name, want, handles)
+
+
+def _checked_plan(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
+                  handles: dict[Path, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """(HF name -> file, Meta name -> where it comes from: _match_names' answer, or
+    _gpt_oss_plan's) once every expected tensor is there, none unexpected and each shape as
+    config.json implies; from the safetensors headers only, no tensor data read."""
+    files = weight_files(folder)
+    if spec.arch == "gpt_oss":
+        return files, _gpt_oss_plan(files, spec, expected, handles)
+    names = _match_names(files, spec, expected)
+    _check_shapes(files, spec, expected, names, handles)
+    return files, names
+
+
+def check_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size]) -> None:
+    """read_hf_tensors' checks of names and shapes alone (headers only): an error for a
+    checkpoint it would refuse, before any work."""
+    _checked_plan(folder, spec, expected, {})
+
+
 def read_hf_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
                     shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield (Meta name, CPU tensor in Meta layout) for every name in `expected` (full shapes).
+    Every name and shape is checked (check_hf_tensors) before the first tensor is read.
 
     shard (tensor parallel): only the rank's slice of each tensor is read (get_slice reads just
     those bytes). The q/k permutation is within each head and a rank's slice is whole heads, so
     unpermuting the slice's heads gives exactly the slice of the unpermuted tensor.
     """
-    files = weight_files(folder)
-    if spec.arch == "gpt_oss":
-        yield from _gpt_oss_tensors(files, spec, expected, shard)
-        return
-    by_meta = _match_names(files, spec, expected)
     handles: dict[Path, Any] = {}
+    files, plan = _checked_plan(folder, spec, expected, handles)
+    if spec.arch == "gpt_oss":
+        yield from _gpt_oss_tensors(files, plan, spec, expected, handles, shard)
+        return
     for name, shape in expected.items():
         if _stacked(name, shape, spec):  # E expert files -> one [E, out, in] tensor
             piece = shard.slice_of(name) if shard is not None else None
             part = None if piece is None else piece._replace(dim=piece.dim - 1)  # one expert's
-            yield name, torch.stack([_read(files, hf_name, shape[1:], handles, part)
-                                     for hf_name in by_meta[name]])
+            yield name, torch.stack([_read(files, hf_name, handles, part)
+                                     for hf_name in plan[name]])
             continue
-        hf_name = by_meta[name][0]
+        hf_name = plan[name][0]
         piece = shard.slice_of(name) if shard is not None else None
-        tensor = _read(files, hf_name, shape, handles, piece)
+        tensor = _read(files, hf_name, handles, piece)
         if rope_heads(name, spec) is None:
             yield name, tensor
         else:  # whole heads: rows // head_dim (all of wq / wk, the rank's, a q/k norm's one)
@@ -317,13 +347,12 @@ def _gpt_oss_file_shape(meta_shape: torch.Size, half: int | None) -> list[int]:
     return list(meta_shape)
 
 
-def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec, expected: dict[str, torch.Size],
-                     shard: ShardPlan | None) -> Iterator[tuple[str, Tensor]]:
-    """read_hf_tensors for gpt-oss: each engine tensor from its file tensor (an interleaved
-    half of gate_up, a transposed matrix, MXFP4 dequantized to bf16); a file tensor two engine
-    tensors come from is read once and kept until both are made. shard: the rank's slice of
-    each engine tensor, cut from the whole one (MXFP4 blocks and the interleaving run along
-    the split dims, so a rank reads and dequantizes whole tensors, one or two at a time)."""
+def _gpt_oss_plan(files: dict[str, Path], spec: ModelSpec, expected: dict[str, torch.Size],
+                  handles: dict[Path, Any]) -> dict[str, tuple[str, int | None]]:
+    """Meta name -> (its file tensor, which interleaved half: _gpt_oss_source) for every
+    expected tensor, each checked from its file's header: there (as itself, or as MXFP4
+    _blocks and _scales that pair up) with the shape config.json implies; a file tensor no
+    engine tensor comes from is an error."""
     sources: dict[str, tuple[str, int | None]] = {}
     for name in expected:
         source = _gpt_oss_source(name)
@@ -334,26 +363,43 @@ def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec, expected: dict[str
         if hf_name not in wanted and hf_name not in packed and not _IGNORED.search(hf_name):
             raise InfermeterError(f"{path}: unexpected tensor {hf_name} "
                                   f"(not part of a {spec.arch} model)")
-    left = {hf: sum(source == hf for source, _ in sources.values()) for hf in wanted}
-    handles: dict[Path, Any] = {}
-    kept: dict[str, Tensor] = {}
     for name, shape in expected.items():
         hf_name, half = sources[name]
         file_shape = _gpt_oss_file_shape(shape, half)
+        blocks, scales = f"{hf_name}_blocks", f"{hf_name}_scales"
+        if hf_name in files:
+            _check_shape(files, hf_name, file_shape, handles)
+        elif blocks in files and scales in files:
+            found = _mxfp4_shape(_header(files, blocks, handles), _header(files, scales, handles))
+            if found != file_shape:
+                raise InfermeterError(f"{files[blocks]}: MXFP4 tensor {hf_name} has shape "
+                                      f"{found}, config.json implies {file_shape}")
+        else:
+            absent = scales if blocks in files else hf_name
+            raise InfermeterError(f"{next(iter(files.values())).parent}: missing tensor {absent}")
+    return sources
+
+
+def _gpt_oss_tensors(files: dict[str, Path], sources: dict[str, tuple[str, int | None]],
+                     spec: ModelSpec, expected: dict[str, torch.Size], handles: dict[Path, Any],
+                     shard: ShardPlan | None) -> Iterator[tuple[str, Tensor]]:
+    """read_hf_tensors for gpt-oss, from _gpt_oss_plan's sources: each engine tensor from its
+    file tensor (an interleaved half of gate_up, a transposed matrix, MXFP4 dequantized to
+    bf16); a file tensor two engine tensors come from is read once and kept until both are
+    made. shard: the rank's slice of each engine tensor, cut from the whole one (MXFP4 blocks
+    and the interleaving run along the split dims, so a rank reads and dequantizes whole
+    tensors, one or two at a time)."""
+    left = Counter(hf for hf, _ in sources.values())  # engine tensors still to make of each
+    kept: dict[str, Tensor] = {}
+    for name in expected:
+        hf_name, half = sources[name]
         if hf_name in kept:
             full = kept[hf_name]
-        elif hf_name not in files and f"{hf_name}_blocks" in files:
-            full = _dequantize_mxfp4(_read(files, f"{hf_name}_blocks", None, handles, None),
-                                     _read(files, f"{hf_name}_scales", None, handles, None))
-            if list(full.shape) != file_shape:
-                raise InfermeterError(f"{files[hf_name + '_blocks']}: MXFP4 tensor {hf_name} "
-                                      f"has shape {list(full.shape)}, config.json implies "
-                                      f"{file_shape}")
-        elif hf_name not in files:
-            raise InfermeterError(f"{next(iter(files.values())).parent}: missing tensor "
-                                  f"{hf_name}")
-        else:
-            full = _read(files, hf_name, torch.Size(file_shape), handles, None)
+        elif hf_name in files:
+            full = _read(files, hf_name, handles, None)
+        else:  # MXFP4, as _gpt_oss_plan found it
+            full = _dequantize_mxfp4(_read(files, f"{hf_name}_blocks", handles, None),
+                                     _read(files, f"{hf_name}_scales", handles, None))
         left[hf_name] -= 1
         if left[hf_name]:
             kept[hf_name] = full
@@ -370,15 +416,25 @@ def _gpt_oss_tensors(files: dict[str, Path], spec: ModelSpec, expected: dict[str
         yield name, tensor.contiguous()
 
 
+def _mxfp4_shape(blocks: tuple[list[int], str], scales: tuple[list[int], str]) -> list[int]:
+    """The x @ W shape [E, G * 32, rows] that MXFP4 blocks (shape, safetensors dtype) uint8
+    [E, rows, G, 16] and scales uint8 [E, rows, G] dequantize to; blocks and scales that do not
+    pair up are an error."""
+    (blocks_shape, blocks_dtype), (scales_shape, scales_dtype) = blocks, scales
+    if blocks_dtype != "U8" or scales_dtype != "U8" or len(blocks_shape) != 4 \
+            or blocks_shape[-1] != 16 or blocks_shape[:-1] != scales_shape:
+        raise InfermeterError(f"MXFP4 blocks {blocks_shape} ({blocks_dtype}) and scales "
+                              f"{scales_shape} ({scales_dtype}) do not pair up")
+    n_experts, rows, groups, _ = blocks_shape
+    return [n_experts, groups * 32, rows]
+
+
 def _dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
     """MXFP4 -> bf16, as transformers' convert_moe_packed_tensors: blocks uint8
     [E, rows, G, 16] (two 4-bit codes a byte, the low nibble first), scales uint8 [E, rows, G]
-    (a power of two, biased by 127, per 32 values) -> [E, G * 32, rows] (x @ W layout). bf16
-    holds every such value exactly (a 1-bit mantissa, float32's exponent range)."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 \
-            or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-        raise InfermeterError(f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales "
-                              f"{list(scales.shape)} ({scales.dtype}) do not pair up")
+    (a power of two, biased by 127, per 32 values) -> [E, G * 32, rows] (x @ W layout), blocks
+    and scales as _mxfp4_shape checked them. bf16 holds every such value exactly (a 1-bit
+    mantissa, float32's exponent range)."""
     lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
     n_experts, rows, groups, _ = blocks.shape
     out = torch.empty(n_experts, rows, groups * 32, dtype=torch.bfloat16)
@@ -389,25 +445,41 @@ def _dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
     return out.transpose(1, 2)  # [E, G * 32, rows]
 
 
-def _read(files: dict[str, Path], hf_name: str, shape: torch.Size | None,
-          handles: dict[Path, Any],
-          piece: Any) -> Tensor:
-    """One tensor (or the `piece`, a sharding Slice, of it), its shape checked first."""
+def _handle(files: dict[str, Path], hf_name: str, handles: dict[Path, Any]) -> Any:
+    """The open file holding hf_name (opened once, kept in handles)."""
     path = files[hf_name]
     if path not in handles:
         handles[path] = _open(path)
+    return handles[path]
+
+
+def _header(files: dict[str, Path], hf_name: str,
+            handles: dict[Path, Any]) -> tuple[list[int], str]:
+    """A tensor's shape and safetensors dtype ('U8', 'BF16', ...): its file's header only."""
     try:
-        found = list(handles[path].get_slice(hf_name).get_shape())  # header only, no data
+        view = _handle(files, hf_name, handles).get_slice(hf_name)
     except SafetensorError:
-        raise InfermeterError(f"{path}: has no tensor {hf_name} "
+        raise InfermeterError(f"{files[hf_name]}: has no tensor {hf_name} "
                               f"(listed there by {INDEX_FILE})") from None
-    if shape is not None and found != list(shape):
-        raise InfermeterError(f"{path}: tensor {hf_name} has shape {found}, "
+    return list(view.get_shape()), view.get_dtype()
+
+
+def _check_shape(files: dict[str, Path], hf_name: str, shape: torch.Size | list[int],
+                 handles: dict[Path, Any]) -> None:
+    found = _header(files, hf_name, handles)[0]
+    if found != list(shape):
+        raise InfermeterError(f"{files[hf_name]}: tensor {hf_name} has shape {found}, "
                               f"config.json implies {list(shape)}")
+
+
+def _read(files: dict[str, Path], hf_name: str, handles: dict[Path, Any],
+          piece: Any) -> Tensor:
+    """One tensor (or the `piece`, a sharding Slice, of it), its shape already checked."""
+    handle = _handle(files, hf_name, handles)
     if piece is None:
-        return handles[path].get_tensor(hf_name)
+        return handle.get_tensor(hf_name)
     index = [slice(None)] * piece.dim + [slice(piece.start, piece.start + piece.length)]
-    return handles[path].get_slice(hf_name)[tuple(index)]
+    return handle.get_slice(hf_name)[tuple(index)]
 
 
 # ---- writer ----------------------------------------------------------------------------------

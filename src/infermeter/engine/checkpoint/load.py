@@ -14,6 +14,9 @@ converted to the target dtype/device and assigned (load_state_dict(assign=True))
 one is read. Host memory therefore peaks at the loaded model (when device is cpu) plus one tensor,
 never twice the model. With one Meta shard or matching dtypes on cpu, tensors stay mmap-backed.
 Parameters are loaded with requires_grad=False: this is an inference engine.
+Every reader checks the tensors' names and shapes before it reads the first one (a
+tensor-parallel rank of a Meta checkpoint: each file it opens); `check_checkpoint` runs those
+checks alone, from the headers, for a command to call before its work.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from infermeter.engine.checkpoint.gguf import read_gguf_tensors
-from infermeter.engine.checkpoint.hf import read_hf_tensors, save_hf_checkpoint
-from infermeter.engine.checkpoint.meta import read_meta_tensors, save_meta_checkpoint
+from infermeter.engine.checkpoint.gguf import check_gguf_tensors, read_gguf_tensors
+from infermeter.engine.checkpoint.hf import check_hf_tensors, read_hf_tensors, save_hf_checkpoint
+from infermeter.engine.checkpoint.meta import (
+    check_meta_tensors,
+    read_meta_tensors,
+    save_meta_checkpoint,
+)
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.model import Transformer, build_model
 from infermeter.engine.random_weights import init_random_weights
@@ -40,6 +47,10 @@ if TYPE_CHECKING:
     from infermeter.engine.parallel.group import TensorParallel
 
 RANDOM_PREFIX = "random:"
+# per format: (the reader, its name and shape checks alone, which read no tensor data)
+FORMATS = {"hf": (read_hf_tensors, check_hf_tensors),
+           "meta": (read_meta_tensors, check_meta_tensors),
+           "gguf": (read_gguf_tensors, check_gguf_tensors)}
 
 
 def detect_format(folder: Path) -> str:
@@ -129,13 +140,27 @@ def load_weights(source: str | Path | ModelSpec, device: torch.device | str = "c
         model.tie_weights()
         init_random_weights(model, seed=seed, shard=shard)
         return model
-    if fmt == "hf":
-        tensors = read_hf_tensors(folder, spec, shapes, shard)
-    elif fmt == "gguf":
-        tensors = read_gguf_tensors(folder, spec, shapes, shard)
-    else:
-        tensors = read_meta_tensors(folder, spec, shapes, shard)
-    return assign_tensors(model, tensors, device, target)
+    read = FORMATS[fmt][0]
+    return assign_tensors(model, read(folder, spec, shapes, shard), device, target)
+
+
+def check_checkpoint(source: str | Path | ModelSpec) -> None:
+    """Refuse, with load_weights' own error line, a checkpoint whose tensors load_weights would
+    refuse: a missing or unexpected tensor, a wrong shape (a GGUF's quant type the reader
+    cannot dequantize too). Reads names and shapes from the files' headers (a Meta shard's
+    through torch.load's mmap; a GGUF's one row of each quant type), no weights, so a command
+    calls it before work a bad checkpoint would waste. Random weights pass, and so does a
+    model the engine cannot run: kv still sizes it, and each stage that needs the engine
+    says what it lacks."""
+    spec, folder, fmt = spec_for(source)
+    if folder is None:
+        return
+    try:
+        check_engine_arch(spec)  # the model below cannot be built otherwise
+    except InfermeterError:
+        return
+    shapes = expected_shapes(build_model(spec, on_meta=True))
+    FORMATS[fmt][1](folder, spec, shapes)
 
 
 def load_model(source: str | Path | ModelSpec, device: torch.device | str = "cpu",

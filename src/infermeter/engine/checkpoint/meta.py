@@ -86,6 +86,15 @@ def check_shard_count(spec: ModelSpec, n_shards: int, folder: Path) -> None:
                               f"{', '.join(bad)} (params.json)")
 
 
+def check_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size]) -> None:
+    """read_meta_tensors' checks of every shard alone (names and shapes, from torch.load's
+    mmap: no tensor data read): an error for a checkpoint it would refuse, before any work."""
+    paths = shard_paths(folder)
+    check_shard_count(spec, len(paths), folder)
+    for path in paths:
+        _check_shard(path, load_pth(path), expected, len(paths))
+
+
 def read_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size],
                       shard: ShardPlan | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, CPU tensor) for every name in `expected` (full shapes).
@@ -97,6 +106,7 @@ def read_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.S
     many files as ranks, rank r opens consolidated.r.pth alone and yields its tensors as they
     are (mmap-backed, no merge): parallel.ShardPlan splits every tensor as Meta's files do.
     Other counts re-shard: each file's overlap with the rank's slice, concatenated.
+    Each file's names and shapes are checked (_check_shard) when it is opened.
     """
     paths = shard_paths(folder)
     check_shard_count(spec, len(paths), folder)
@@ -105,18 +115,18 @@ def read_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.S
     def state(index: int) -> dict[str, Tensor]:  # a file is opened only when a slice needs it
         if index not in opened:
             opened[index] = load_pth(paths[index])
-            _check_names([opened[index]], [paths[index]], expected)
+            _check_shard(paths[index], opened[index], expected, len(paths))
         return opened[index]
 
     n_files = len(paths)
     # Replicated tensors (norms) come from a file this rank reads anyway.
     home = [0] if shard is None else [shard.rank * n_files // shard.world]
+    if shard is None:  # every file holds a slice of the split tensors: all are checked first
+        for index in range(n_files):
+            state(index)
     for name, full_shape in expected.items():
         dim = split_dim(name)
         if dim is None:
-            for index in range(n_files) if shard is None else home:
-                _check_part(paths[index], name, state(index)[name], list(full_shape), full_shape,
-                            n_files)
             yield name, state(home[0])[name]
             continue
         piece = shard.slice_of(name) if shard is not None else None
@@ -124,39 +134,39 @@ def read_meta_tensors(folder: Path, spec: ModelSpec, expected: dict[str, torch.S
             raise InfermeterError(f"internal: {name} is split along dim {piece.dim} by the "
                                   f"tensor-parallel plan but along {dim} in Meta's files")
         start, length = (0, full_shape[dim]) if piece is None else (piece.start, piece.length)
-        want = list(full_shape)
-        want[dim] //= n_files
-        per_file = want[dim]
+        per_file = full_shape[dim] // n_files
         parts = []
         for index in range(start // per_file, (start + length - 1) // per_file + 1):
             part = state(index)[name]
-            _check_part(paths[index], name, part, want, full_shape, n_files)
             lo = max(start - index * per_file, 0)
             hi = min(start + length - index * per_file, per_file)
             parts.append(part if (lo, hi) == (0, per_file) else part.narrow(dim, lo, hi - lo))
         yield name, parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _check_part(path: Path, name: str, part: Tensor, want: list[int], full_shape: torch.Size,
-                n_files: int) -> None:
-    if list(part.shape) != want:
-        raise InfermeterError(
-            f"{path}: tensor {name} has shape {list(part.shape)}, but params.json "
-            f"implies {want} per shard ({n_files} shard(s), full {list(full_shape)})")
-
-
-def _check_names(shards: list[dict[str, Tensor]], paths: list[Path],
-                 expected: dict[str, torch.Size]) -> None:
-    for path, state in zip(paths, shards):
-        names = set(state) - set(IGNORED_KEYS)
-        missing = sorted(set(expected) - names)
-        extra = sorted(names - set(expected))
-        if missing:
-            raise InfermeterError(f"{path}: missing tensor {missing[0]}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if extra:
-            raise InfermeterError(f"{path}: unexpected tensor {extra[0]} (params.json describes "
-                                  "a different model?)")
+def _check_shard(path: Path, state: dict[str, Tensor], expected: dict[str, torch.Size],
+                 n_files: int) -> None:
+    """One of n_files shards against params.json: every expected name and no other
+    (IGNORED_KEYS aside), each tensor its share of the full shape (split along split_dim, or
+    whole); names and shapes only, no tensor data read."""
+    names = set(state) - set(IGNORED_KEYS)
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
+    if missing:
+        raise InfermeterError(f"{path}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise InfermeterError(f"{path}: unexpected tensor {extra[0]} (params.json describes "
+                              "a different model?)")
+    for name, full_shape in expected.items():
+        want = list(full_shape)
+        dim = split_dim(name)
+        if dim is not None:
+            want[dim] //= n_files
+        if list(state[name].shape) != want:
+            raise InfermeterError(
+                f"{path}: tensor {name} has shape {list(state[name].shape)}, but params.json "
+                f"implies {want} per shard ({n_files} shard(s), full {list(full_shape)})")
 
 
 # ---- writer ----------------------------------------------------------------------------------
