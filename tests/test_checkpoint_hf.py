@@ -135,6 +135,20 @@ def test_unsupported_architecture(folder, model_type: str, message: str) -> None
         load_weights(folder)
 
 
+def test_check_checkpoint_leaves_an_architecture_the_engine_cannot_run_to_the_stages(
+        folder) -> None:
+    """kv still sizes such a model in run (check_checkpoint passes it, even with a tensor
+    missing), while loading it is the engine's one line."""
+    _write_config(folder, model_type="phi3")
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path)
+    check_checkpoint(folder)
+    with pytest.raises(InfermeterError, match="can be sized but not run"):
+        load_weights(folder)
+
+
 def test_missing_tensor_and_wrong_shape(folder) -> None:
     path = folder / "model.safetensors"
     tensors = load_file(path)
