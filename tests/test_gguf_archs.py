@@ -97,7 +97,11 @@ def test_gguf_reads_as_transformers_reads_it(name, tmp_path) -> None:
         write_gguf(_source(name, **FOR_TRANSFORMERS[name]), tmp_path / "m.gguf"), PROMPT)
 
 
-def test_gemma_metadata_follows_llama_cpp(tmp_path) -> None:
+@pytest.mark.parametrize(("pattern", "slides"), [
+    ([i % 3 < 2 for i in range(62)], lambda i: i % 3 < 2),  # a flag a layer
+    (3, lambda i: i % 3 < 2),  # all but every third layer (llama.cpp's set_swa_pattern)
+    (0, lambda i: True)])  # llama.cpp's 0: every layer slides
+def test_gemma_metadata_follows_llama_cpp(tmp_path, pattern, slides) -> None:
     """What llama.cpp fixes in code: a 62-layer Gemma 3 is the 27B, whose query scalar is
     dim / heads; a file's own pattern and local base win over the defaults."""
     spec = SPECS["gemma3"]
@@ -110,7 +114,7 @@ def test_gemma_metadata_follows_llama_cpp(tmp_path) -> None:
                        (writer.add_key_length, 128), (writer.add_feed_forward_length, 21504),
                        (writer.add_sliding_window, 1024), (writer.add_rope_freq_base, 1e6),
                        (writer.add_rope_freq_base_swa, 20000.0),
-                       (writer.add_sliding_window_pattern, [i % 3 < 2 for i in range(62)])):
+                       (writer.add_sliding_window_pattern, pattern)):
         add(value)
     writer.add_tensor("token_embd.weight", torch.zeros(8, 5376).numpy())
     writer.write_header_to_file()
@@ -119,7 +123,7 @@ def test_gemma_metadata_follows_llama_cpp(tmp_path) -> None:
     writer.close()
     big = spec_from_gguf(tmp_path / "big.gguf")
     assert big.query_pre_attn_scalar == 168.0 and big.rope_local_theta == 20000.0
-    assert big.sliding_window_layers == tuple(i for i in range(62) if i % 3 < 2)
+    assert big.sliding_window_layers == tuple(i for i in range(62) if slides(i))
 
 
 @pytest.mark.parametrize(("name", "dropped"), [("mixtral", "blk.1.ffn_up_exps.weight"),

@@ -348,9 +348,9 @@ def _window_layers(reader: Any, arch: str, path: Path, n_layers: int,
             raise InfermeterError(f"{path}: {arch}.attention.sliding_window_pattern has "
                                   f"{len(pattern)} entries for {n_layers} layers")
         return tuple(i for i, slides in enumerate(pattern) if slides)
-    # llama.cpp's set_swa_pattern(n): all but every n-th layer slide
+    # llama.cpp's set_swa_pattern(n): all but every n-th layer slide; n = 0: every layer does
     n = _int(reader, f"{arch}.attention.sliding_window_pattern", path, default, minimum=0)
-    return tuple(i for i in range(n_layers) if n and i % n < n - 1)
+    return tuple(i for i in range(n_layers) if n == 0 or i % n < n - 1)
 
 
 def _gpt_oss(reader: Any, arch: str, path: Path, n_layers: int,
