@@ -149,6 +149,27 @@ def test_check_checkpoint_leaves_an_architecture_the_engine_cannot_run_to_the_st
         load_weights(folder)
 
 
+def test_check_checkpoint_leaves_a_rope_the_engine_cannot_run_to_the_stages(folder) -> None:
+    """A RoPE scaling the engine lacks is build_model's line, which the stages give; kv still
+    sizes the model."""
+    _write_config(folder, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    check_checkpoint(folder)
+    with pytest.raises(InfermeterError, match="RoPE scaling 'dynamic' is not supported"):
+        load_weights(folder)
+
+
+@pytest.mark.parametrize("how", ["empty file", "empty index"])
+def test_safetensors_without_tensors_is_one_line(folder, how) -> None:
+    if how == "empty file":
+        save_file({}, folder / "model.safetensors")
+    else:
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    for call in (check_checkpoint, load_weights):
+        with pytest.raises(InfermeterError, match="safetensors files hold no tensors"):
+            call(folder)
+
+
 def test_missing_tensor_and_wrong_shape(folder) -> None:
     path = folder / "model.safetensors"
     tensors = load_file(path)

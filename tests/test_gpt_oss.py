@@ -314,7 +314,7 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(checkpoint, tmp_pat
     # blocks that do not pair with their scales, or with config.json's shapes: one line
     tensors["model.layers.1.mlp.experts.down_proj_scales"] = scales[:, :16].contiguous()
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(InfermeterError, match="MXFP4 blocks .* do not pair up"):
+    with pytest.raises(InfermeterError, match="MXFP4 tensor .*down_proj: blocks .* do not pair up"):
         load_model(tmp_path, max_batch_size=1, max_seq_len=8)
 
 
@@ -350,7 +350,8 @@ def test_check_checkpoint_takes_both_layouts_and_refuses_what_the_loader_refuses
     check_checkpoint(tmp_path)
     assert error({f"{name}_scales": None}) == f"{tmp_path}: missing tensor {name}_scales"
     assert error({f"{name}_scales": torch.zeros(4, 16, 1, dtype=torch.uint8)}) == (
-        "MXFP4 blocks [4, 32, 1, 16] (U8) and scales [4, 16, 1] (U8) do not pair up")
+        f"{path}: MXFP4 tensor {name}: blocks [4, 32, 1, 16] (U8) and scales [4, 16, 1] (U8) "
+        "do not pair up")
     assert error({f"{name}_blocks": torch.zeros(4, 32, 2, 16, dtype=torch.uint8),
                   f"{name}_scales": torch.zeros(4, 32, 2, dtype=torch.uint8)}) == (
         f"{path}: MXFP4 tensor {name} has shape [4, 64, 32], config.json implies [4, 32, 32]")

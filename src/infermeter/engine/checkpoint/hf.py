@@ -281,6 +281,8 @@ def _checked_plan(folder: Path, spec: ModelSpec, expected: dict[str, torch.Size]
     _gpt_oss_plan's) once every expected tensor is there, none unexpected and each shape as
     config.json implies; from the safetensors headers only, no tensor data read."""
     files = weight_files(folder)
+    if not files:  # an empty file, or an index's empty weight_map: nothing to name a file by
+        raise InfermeterError(f"{folder}: its safetensors files hold no tensors")
     if spec.arch == "gpt_oss":
         return files, _gpt_oss_plan(files, spec, expected, handles)
     names = _match_names(files, spec, expected)
@@ -370,7 +372,8 @@ def _gpt_oss_plan(files: dict[str, Path], spec: ModelSpec, expected: dict[str, t
         if hf_name in files:
             _check_shape(files, hf_name, file_shape, handles)
         elif blocks in files and scales in files:
-            found = _mxfp4_shape(_header(files, blocks, handles), _header(files, scales, handles))
+            found = _mxfp4_shape(_header(files, blocks, handles), _header(files, scales, handles),
+                                 f"{files[blocks]}: MXFP4 tensor {hf_name}")
             if found != file_shape:
                 raise InfermeterError(f"{files[blocks]}: MXFP4 tensor {hf_name} has shape "
                                       f"{found}, config.json implies {file_shape}")
@@ -416,14 +419,15 @@ def _gpt_oss_tensors(files: dict[str, Path], sources: dict[str, tuple[str, int |
         yield name, tensor.contiguous()
 
 
-def _mxfp4_shape(blocks: tuple[list[int], str], scales: tuple[list[int], str]) -> list[int]:
+def _mxfp4_shape(blocks: tuple[list[int], str], scales: tuple[list[int], str],
+                 what: str) -> list[int]:
     """The x @ W shape [E, G * 32, rows] that MXFP4 blocks (shape, safetensors dtype) uint8
     [E, rows, G, 16] and scales uint8 [E, rows, G] dequantize to; blocks and scales that do not
-    pair up are an error."""
+    pair up are an error, which `what` (the file and tensor) begins."""
     (blocks_shape, blocks_dtype), (scales_shape, scales_dtype) = blocks, scales
     if blocks_dtype != "U8" or scales_dtype != "U8" or len(blocks_shape) != 4 \
             or blocks_shape[-1] != 16 or blocks_shape[:-1] != scales_shape:
-        raise InfermeterError(f"MXFP4 blocks {blocks_shape} ({blocks_dtype}) and scales "
+        raise InfermeterError(f"{what}: blocks {blocks_shape} ({blocks_dtype}) and scales "
                               f"{scales_shape} ({scales_dtype}) do not pair up")
     n_experts, rows, groups, _ = blocks_shape
     return [n_experts, groups * 32, rows]

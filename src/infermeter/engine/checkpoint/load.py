@@ -155,11 +155,11 @@ def check_checkpoint(source: str | Path | ModelSpec) -> None:
     spec, folder, fmt = spec_for(source)
     if folder is None:
         return
-    try:
-        check_engine_arch(spec)  # the model below cannot be built otherwise
+    try:  # the engine's own checks (its architectures, RoPE, head size), as build_model's
+        check_engine_arch(spec)
+        shapes = expected_shapes(build_model(spec, on_meta=True))
     except InfermeterError:
         return
-    shapes = expected_shapes(build_model(spec, on_meta=True))
     FORMATS[fmt][1](folder, spec, shapes)
 
 
