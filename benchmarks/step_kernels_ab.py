@@ -65,7 +65,8 @@ MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
           "llama-3.2-1b": "bf16", "llama-2-7b": "fp16", "llama-3.1-8b": "bf16",
           "qwen3-30b-a3b": "bf16"}
 MOE_KERNELS = {"qwen3-30b-a3b": "triton"}  # the experts an MoE model's cases run
-KINDS = ("split", "fused", "layer")  # engine/model.STEP_KERNELS, each named (not generate's auto)
+# engine/model.STEP_KERNELS, each named (not generate's auto)
+KINDS = ("split", "fused", "layer", "model")
 # issue 27's targets: decode MBU at batch 1 against the same run's measured HBM bandwidth
 MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
@@ -131,9 +132,12 @@ def summary(results: list[Result]) -> str:
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
         for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
-            fused, layer = (label(kind, way) for kind in ("fused", "layer"))
+            fused, layer, whole = (label(kind, way) for kind in ("fused", "layer", "model"))
             if layer in kinds:
                 lines.append(ab_line(name, kinds, fused, layer))
+            if whole in kinds:  # the model a launch against a layer a launch, and the kernels
+                lines.extend(ab_line(name, kinds, base, whole) for base in (layer, fused)
+                             if base in kinds)
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
             lines.append(ab_line(name, kinds, *recorded))

@@ -20,7 +20,8 @@ from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
 DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # all_reduce.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
-STEP_KERNELS = ("auto", "split", "fused", "layer")  # engine/step_choice.AUTO and engine/model.py's
+# engine/step_choice.AUTO and engine/model.py's
+STEP_KERNELS = ("auto", "split", "fused", "layer", "model")
 MOE_KERNELS = ("torch", "triton")  # engine/moe.py's, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
 CHUNK_ATTENTIONS = ("auto", "mask", "flex")  # engine/chunk_attention.py's, likewise
@@ -115,7 +116,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          metavar="KIND", help="compiled batch-1 products: Triton's GEMV or "
                          "inductor's (default triton)")
     variant.add_argument("--step-kernels", choices=STEP_KERNELS, default="auto", metavar="KIND",
-                         help="batch-1 layers: auto by model size, split, fused or layer")
+                         help="batch-1 layers: auto by model size, split, fused, layer or model")
     variant.add_argument("--moe-kernel", choices=MOE_KERNELS, default="torch", metavar="KIND",
                          help="gathered MoE experts: torch indexing or Triton by id "
                          "(default torch)")

@@ -18,6 +18,7 @@ from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import (
+    FUSED_KINDS,
     FUSED_PARTS,
     Transformer,
     fused_step_parts,
@@ -120,7 +121,9 @@ class EngineRunner:
         return "triton" if gemv else "inductor"
 
     def _step_kernels_used(self) -> str | None:
-        """The compiled batch-1 step's layers: "layer" where every layer ran in one launch (a
+        """The compiled batch-1 step's layers: "model" where the traced step ran every layer in
+        one launch (kernels/model_step.py, Transformer.takes_model_kernel), "layer" where every
+        layer ran in one launch (a
         dense layer whole, an MoE layer its attention side: kernels/layer_step.py,
         TransformerBlock.takes_layer_kernel), "fused" where every layer
         took all four of fused_step.py's kernels (a batch of 1, Triton runs,
@@ -133,6 +136,8 @@ class EngineRunner:
         runs = 1 in self.batch_sizes and triton_runs_on(model.output.weight)
         fused = fused_step_parts(model) if runs else 0
         whole = layer_step_layers(model) if runs else 0  # as the traced steps ran them
+        if runs and model.took_model_kernel:
+            return "model"
         if whole == len(model.layers):  # an MoE layer: its attention side in the launch
             return "layer"
         return "split" if fused == 0 else "fused" \
@@ -150,7 +155,7 @@ class EngineRunner:
         dtype = model.tok_embeddings.weight.dtype
         cache_dtype = dtype if gen.kv_dtype is None else torch_dtype(gen.kv_dtype)
         return all(layer.attention.ropes_in_wqkv(dtype, cache_dtype) for layer in model.layers
-                   if layer.step_kernels in ("fused", "layer")
+                   if layer.step_kernels in FUSED_KINDS
                    and "attention_in" in layer.fused_parts())
 
     def _moe_kernel_used(self) -> str | None:

@@ -221,7 +221,7 @@ if triton is not None:
                             K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
                             stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
                             IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
-                            QK_GEMMA, QK_EPS, PDL)
+                            QK_GEMMA, QK_EPS, PDL, X, 0, False)
 
     @triton.jit
     def norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
@@ -231,7 +231,8 @@ if triton is not None:
                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                             QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
-                            QK_EPS: tl.constexpr, PDL: tl.constexpr):
+                            QK_EPS: tl.constexpr, PDL: tl.constexpr, WAIT, wait_for,
+                            HAS_WAIT: tl.constexpr):
         """norm + wqkv + RoPE + cache write, program pid's: its BLOCK_N rows are BLOCK_N / 2
         adjacent pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a
         head's features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles
@@ -239,7 +240,9 @@ if triton is not None:
         each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot. QK_NORM
         (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]): BLOCK_N ==
         HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's head is RMS-
-        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
+        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not. HAS_WAIT (a
+        layer after the first in the one-launch model step, model_step.py): after its first
+        weight tiles, the program waits for the int32 count at WAIT to reach wait_for."""
         pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
         n_out = n_q + 2 * n_kv
@@ -255,6 +258,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if HAS_WAIT:  # x is the layer before's output
+            wait_count(WAIT, wait_for)
         inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
         x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
         acc_even = w_even.to(tl.float32) * x[None, :]  # [BLOCK_N / 2, BLOCK_K]

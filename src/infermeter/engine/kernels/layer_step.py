@@ -71,10 +71,10 @@ if triton is not None:
     )
 
     @triton.jit
-    def _layer_kernel(
-            X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE, V_CACHE, KEY_POS,
+    def layer_stages(
+            pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE, V_CACHE, KEY_POS,
             Q_NORM_W, K_NORM_W, ACC, M, L, ATTN, WO, H, FFN_NORM_W, W13, ACT, W2, OUT, COUNT,
-            dim, ffn, n_q, n_kv, stride_wqkv, stride_wo, stride_w13, stride_w2,
+            WAIT, wait_for, dim, ffn, n_q, n_kv, stride_wqkv, stride_wo, stride_w13, stride_w2,
             stride_ch, stride_cs, slots, n_kv_heads, groups, chunk, n_splits, window,
             end_qkv, end_attend, end_wo, end_w13, end_w2,
             EPS: tl.constexpr, FFN_EPS: tl.constexpr, QK_EPS: tl.constexpr,
@@ -86,16 +86,21 @@ if triton is not None:
             BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
             BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
-            LINE: tl.constexpr, FFN: tl.constexpr):
-        # COUNT [(1 + STAGES + H_kv) x LINE] int32: the ticket, each stage's count, each
-        # attention row's count, a line apart (stage_sync.py)
-        pid = take_ticket(COUNT)  # this program's place, in program order of the stages
+            LINE: tl.constexpr, FFN: tl.constexpr, HAS_WAIT: tl.constexpr):
+        """Program pid's stage of one layer's step (the module docstring's table), pid its
+        place among the layer's programs. COUNT [(1 + STAGES + H_kv) x LINE] int32: a slot
+        (the ticket's, in this launch), each stage's count, each attention row's count, a line
+        apart (stage_sync.py). HAS_WAIT: the qkv stage first waits for the int32 at WAIT to
+        reach wait_for (the layer before's last count, in the model step). Returns 1 for the
+        program that counted the layer's last stage whole (w2's last; wo's without the FFN),
+        else 0: the caller's to reset the counts."""
+        last = 0
         if pid < end_qkv:
             norm_qkv_rope_rows(pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
                                V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, dim,
                                stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
                                IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
-                               False, QK_EPS, False)
+                               False, QK_EPS, False, WAIT, wait_for, HAS_WAIT)
             count_done(COUNT + LINE)
         elif pid < end_attend:
             part = pid - end_qkv
@@ -121,7 +126,7 @@ if triton is not None:
             done = count_done(COUNT + 3 * LINE)
             if not FFN:  # the attention side alone (an MoE layer): wo is the last stage
                 if done == end_wo - end_attend - 1:
-                    reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
+                    last = 1
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
             fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
                             ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, False,
@@ -132,7 +137,39 @@ if triton is not None:
                             COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, False, True,
                             BN_W2, BK_W2, LIBDEVICE, False, False, True)
             if count_done(COUNT + 5 * LINE) == end_w2 - end_w13 - 1:
-                reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
+                last = 1
+        return last
+
+    @triton.jit
+    def _layer_kernel(
+            X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE, V_CACHE, KEY_POS,
+            Q_NORM_W, K_NORM_W, ACC, M, L, ATTN, WO, H, FFN_NORM_W, W13, ACT, W2, OUT, COUNT,
+            dim, ffn, n_q, n_kv, stride_wqkv, stride_wo, stride_w13, stride_w2,
+            stride_ch, stride_cs, slots, n_kv_heads, groups, chunk, n_splits, window,
+            end_qkv, end_attend, end_wo, end_w13, end_w2,
+            EPS: tl.constexpr, FFN_EPS: tl.constexpr, QK_EPS: tl.constexpr,
+            HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IS_RING: tl.constexpr,
+            HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr,
+            S_PAD: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+            ATTENTION_BLOCK: tl.constexpr, UNCONTRACTED: tl.constexpr,
+            LIBDEVICE: tl.constexpr,
+            BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
+            BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
+            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
+            LINE: tl.constexpr, FFN: tl.constexpr):
+        # COUNT [(1 + STAGES + H_kv) x LINE] int32: the ticket, then layer_stages' counts
+        pid = take_ticket(COUNT)  # this program's place, in program order of the stages
+        last = layer_stages(
+            pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE, V_CACHE, KEY_POS,
+            Q_NORM_W, K_NORM_W, ACC, M, L, ATTN, WO, H, FFN_NORM_W, W13, ACT, W2, OUT, COUNT,
+            COUNT, 0, dim, ffn, n_q, n_kv, stride_wqkv, stride_wo, stride_w13, stride_w2,
+            stride_ch, stride_cs, slots, n_kv_heads, groups, chunk, n_splits, window,
+            end_qkv, end_attend, end_wo, end_w13, end_w2, EPS, FFN_EPS, QK_EPS, HAS_BIAS,
+            QK_NORM, IS_RING, HAS_WINDOW, HEAD_DIM, G_PAD, S_PAD, SCALE, PRECISION,
+            ATTENTION_BLOCK, UNCONTRACTED, LIBDEVICE, BN_QKV, BK_QKV, BN_WO, BK_WO, BN_W13,
+            BK_W13, BN_W2, BK_W2, STAGES, LINE, FFN, False)
+        if last:
+            reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
 
 
 def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,

@@ -19,6 +19,7 @@ stage never share a line with another stage's counting.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ from infermeter.engine.kernels.triton_support import tl, triton
 
 LINE = 32  # int32s between two counts: a 128-byte L2 line each
 _KEPT: dict[tuple[torch.device, int], Tensor] = {}  # kept_counts', kept for good
+_TABLES: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}  # kept_addresses', for good
 
 
 def kept_counts(device: torch.device, size: int) -> Tensor:
@@ -46,19 +48,42 @@ def kept_counts(device: torch.device, size: int) -> Tensor:
     return _KEPT[key]
 
 
+def kept_addresses(device: torch.device, addresses: tuple[int, ...]) -> Tensor:
+    """int64 [len(addresses)] on `device`: a launch's table of tensors' addresses (the model
+    step's per-layer weights and caches), made on the first call for these addresses and kept
+    for good as kept_counts' counts are (a captured CUDA graph holds the table's address; a
+    cache allocated anew has new addresses, so a table of its own). Never made during a
+    CUDA-graph capture."""
+    key = (device, addresses)
+    if key not in _TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("an address table must be made before a CUDA graph is "
+                               "captured: run the step once first")
+        values = torch.tensor(addresses, dtype=torch.int64)
+        _TABLES[key] = _in_no_pool(lambda: values.to(device)) if device.type == "cuda" \
+            else values
+    return _TABLES[key]
+
+
 def _zeros_in_no_pool(size: int, device: torch.device) -> Tensor:
     """torch.zeros(size, int32) on a GPU, made and filled by a thread of its own. Why: inductor's
     graph trees run a step's warm-up (its first, eager call, where the counts are made) with that
     thread's allocations routed to their private pool, and they may later hand a block of that
     pool to another graph when they restore an earlier state of it; the routing is per thread
     (torch.cuda.use_mem_pool's documented rule), so a block made by another thread stays out."""
-    def make() -> Tensor:
-        zeros = torch.zeros(size, device=device, dtype=torch.int32)
-        torch.cuda.synchronize(device)  # filled before any stream of the step reads it
-        return zeros
+    return _in_no_pool(lambda: torch.zeros(size, device=device, dtype=torch.int32))
+
+
+def _in_no_pool(make: Callable[[], Tensor]) -> Tensor:
+    """make()'s GPU tensor, made and filled by a thread of its own (_zeros_in_no_pool says
+    why), and synchronized: filled before any stream of the step reads it."""
+    def made() -> Tensor:
+        tensor = make()
+        torch.cuda.synchronize(tensor.device)
+        return tensor
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(make).result()
+        return pool.submit(made).result()
 
 
 if triton is not None:
