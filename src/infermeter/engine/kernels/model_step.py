@@ -50,7 +50,7 @@ from infermeter.engine.kernels.stage_sync import LINE, kept_addresses, kept_coun
 from infermeter.engine.kernels.triton_support import tl, triton
 
 # The table's rows: each layer's tensors whose address it reads (bias and the q/k norms only
-# where the model has them; a missing one's row holds layer 0's x, never read)
+# where the model has them; a missing one's row holds 0, never read)
 ROWS = ("attention_norm", "wqkv", "bias", "q_norm", "k_norm", "wo", "ffn_norm", "w13", "w2",
         "k_cache", "v_cache")
 
@@ -141,8 +141,10 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
     columns = {"attention_norm": attention_norms, "wqkv": wqkvs, "bias": biases,
                "q_norm": q_norms, "k_norm": k_norms, "wo": wos, "ffn_norm": ffn_norms,
                "w13": w13s, "w2": w2s, "k_cache": k_caches, "v_cache": v_caches}
+    # a row the model lacks holds 0, never read: a tensor's address there (x's changes from
+    # step to step) would ask for a new table at the CUDA graph's capture
     table = kept_addresses(x.device, tuple(
-        (columns[row][layer] if columns[row] else x).data_ptr()
+        columns[row][layer].data_ptr() if columns[row] else 0
         for row in ROWS for layer in range(layers)))
     acc = torch.empty(n_kv_heads, n_splits, groups, head_dim, device=x.device,
                       dtype=torch.float32)
