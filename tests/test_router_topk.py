@@ -51,7 +51,11 @@ def test_pdl_launch_waits_before_reading_the_logits(monkeypatch):
 @pytest.mark.parametrize("n_experts,top_k,renorm,after", ROUTERS)
 def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm, after):
     """On a GPU, bfloat16 and float32 at 1, 5 and 64 tokens: MoEFeedForward.route with the
-    Triton choice gives torch's route to the bit (ids and weights), eager and with PDL."""
+    Triton choice gives torch's route (ids and weights), eager and with PDL: bfloat16's weights
+    to the bit; float32's within 2^-23 of their size (a unit or two in the last place), since
+    on an H100 (source 3ccbd29,
+    results/gpu-tests-3ccbd29-nvidia-h100-80gb-hbm3.txt) Qwen3's renormalised top 8 of 128
+    differed from torch's by 6e-8 at 0.99 at 5 tokens: a float32 sum's order."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from infermeter.engine.kernels import pdl
@@ -81,8 +85,11 @@ def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm,
                     assert torch.equal(logits.gather(1, ids), logits.gather(1, want_ids)), what
                     untied = _untied(logits, want_ids)
                     assert torch.equal(ids[untied], want_ids[untied]), what
-                    assert torch.equal(got, want), \
-                        (what, (got.float() - want.float()).abs().max().item())
+                    gap = (got.float() - want.float()).abs().max().item()
+                    if dtype == torch.bfloat16:
+                        assert torch.equal(got, want), (what, gap)
+                    else:
+                        assert torch.allclose(got, want, rtol=2.0 ** -23, atol=0.0), (what, gap)
 
 
 def _untied(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
