@@ -51,8 +51,6 @@ from sweep_common import (
     write_summary,
 )
 
-from infermeter.engine.devices import torch_device
-from infermeter.generate.memory import collect
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
 from infermeter.textable import render_table
@@ -84,11 +82,10 @@ def run_model(model: str, rounds: int, path: Path, env: dict, source: str | None
     batch's) appended to `path` once done."""
     for round_ in range(rounds):
         for kind in kinds:
+            # each request gives its weights' memory back before the next one's fit check
+            # (Mixtral's 93 GB do not fit twice)
             request = ab_request(model, kind, source, batches, **overrides)
             run_ab_case(request, env, path, model, kind, round_, "kernel", "moe_kernel")
-            # the allocator's cache would hold the weights just freed, and the next request's
-            # fit check counts only free memory (Mixtral's 93 GB do not fit twice)
-            collect(torch_device(request.device))
 
 
 def summary(results: list[Result]) -> str:

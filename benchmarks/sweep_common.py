@@ -57,16 +57,32 @@ def progress(start: float, name: str) -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] {name}", file=sys.stderr, flush=True)
 
 
+def give_back_memory(device: str) -> None:
+    """After a generate request failed: a request that failed after loading its weights (a
+    Generator refusing its options, say) left them to the error's frames, gone only once its
+    except clause is over; their blocks, and any compiled graphs, go back here, before the next
+    request's fit check, which counts torch's cached blocks as used. (run_generate gives its
+    memory back itself when it returns.) device: the request's ("cuda" needs no GPU here)."""
+    import torch
+
+    from infermeter.generate.memory import collect
+
+    collect(torch.device(device))
+
+
 def run_parts(parts: list[str], run_part: Callable[[str, Path, dict], None], path: Path,
               env: dict, start: float) -> None:
     """run_part(part, path, env) for each part in turn; one part's user-level failure
-    (InfermeterError: a model that does not fit, say) is one line, and the rest still run."""
+    (InfermeterError: a model that does not fit, say) is one line, its memory is given back, and
+    the rest still run."""
     for part in parts:
         progress(start, part)
         try:
             run_part(part, path, env)
+            continue
         except InfermeterError as err:
             print(f"{part}: error: {err}", file=sys.stderr)
+        give_back_memory("cuda")  # the sweeps' parts run on the GPU
 
 
 def run_in_processes(script: str, models: list[str], args: list[str], start: float) -> None:
@@ -127,7 +143,8 @@ def run_ab_case(request: object, env: dict, path: Path, model: str, kind: str, r
     """One request of an A/B script: each of its Results labelled config.ab = {key: kind,
     "round": round_}, appended to `path` as soon as it is done and printed with what ran
     (config[ran]); a request that fails (e.g. a model that does not fit) prints its error and
-    the A/B goes on."""
+    the A/B goes on, with the memory of either given back before the next request's fit check
+    (a fit check counts torch's cached blocks as used)."""
     from infermeter.generate.job import run_generate
 
     def save(result: Result) -> None:
@@ -141,8 +158,10 @@ def run_ab_case(request: object, env: dict, path: Path, model: str, kind: str, r
 
     try:
         run_generate(request, env, on_result=save)
+        return  # run_generate gave its weights' memory back
     except InfermeterError as err:
         print(f"{model} {kind}: error: {err}", file=sys.stderr)
+    give_back_memory(request.device)
 
 
 def run_tpot_cells(runs: list[float]) -> list[str]:

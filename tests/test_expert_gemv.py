@@ -237,7 +237,6 @@ def test_the_ab_script_times_only_the_kernels_and_batches_asked_for(monkeypatch,
     ran: list[tuple[str, tuple[int, ...], int]] = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, kind, round_,
                         key, ran_key: ran.append((kind, request.batch_sizes, round_)))
-    monkeypatch.setattr(script, "collect", lambda device: None)
     script.run_model("qwen3-30b-a3b", 2, tmp_path / "ab.jsonl", {}, kinds=("triton", "torch"),
                      batches=(1,), device="cpu")
     assert ran == [("triton", (1,), 0), ("torch", (1,), 0), ("triton", (1,), 1),

@@ -281,6 +281,27 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
     assert script.arguments().parse_args(["--kernels", "split"]).kernels == ["split"]
 
 
+def test_each_ab_case_gives_its_weights_back_before_the_next_fit_check(tmp_path, monkeypatch):
+    """A model's cases run one after another in its process, and a fit check counts torch's
+    cached blocks as used: each case's model must be gone, and its memory collected, before the
+    next case is checked (qwen3-30b-a3b's split case left its 57 GB cached, and fused and
+    layer were refused with 21 GiB free)."""
+    from infermeter.measure.env import capture_env
+    from tests.benchmark_scripts import load_benchmark
+    from tests.test_sweep_merge import record_memory_events
+
+    script = load_benchmark("step_kernels_ab")
+    events = record_memory_events(monkeypatch)
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", capture_env(), kinds=("split", "fused"),
+                     device="cpu", modes=("eager",), prompt_lens=(4,), max_new_tokens=3,
+                     max_seq_len=16, repeats=1, warmup=0, roofline=False)
+    fits = [i for i, (what, _) in enumerate(events) if what == "fit"]
+    assert [events[i] for i in fits] == [("fit", []), ("fit", [True])]
+    # the first case's model died, then its memory was collected, before the second's check
+    assert events[fits[1] - 1] == ("collect", [True])
+    assert events[-1] == ("collect", [True, True])  # and the second's before run_model returns
+
+
 def test_the_report_takes_a_fused_result_for_a_comparison_and_says_so():
     """A compiled Result whose step ran fused is an A/B run while split is the default: a column
     is represented by the split one, and the setting names the fused step."""

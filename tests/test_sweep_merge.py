@@ -145,3 +145,63 @@ def test_an_ab_line_is_the_ratio_of_per_run_medians_and_says_whether_the_ranges_
     assert common.ab_line("m", runs, "split", "fused").endswith("ranges overlap)")
     assert common.ab_line("m", {"split": [2.0]}, "split", "fused") == \
         "m: fused / split: - (a side has no timed runs)"
+
+
+def record_memory_events(monkeypatch) -> list[tuple[str, list[bool]]]:
+    """From now on, each generate request's fit check ("fit") and each memory collect
+    ("collect"), in order, each with whether every model loaded so far is gone (a weakref to
+    it dead), in load order."""
+    import weakref
+
+    import infermeter.engine.checkpoint.load as checkpoint
+    from infermeter.generate import memory
+
+    models, events = [], []
+    load, collect, check = checkpoint.load_weights, memory.collect, memory.check_cases_fit
+
+    def loading(*args, **kwargs):
+        model = load(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def recorded(what, call):
+        def wrapper(*args, **kwargs):
+            events.append((what, [model() is None for model in models]))
+            return call(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(checkpoint, "load_weights", loading)
+    monkeypatch.setattr(memory, "collect", recorded("collect", collect))
+    monkeypatch.setattr(memory, "check_cases_fit", recorded("fit", check))
+    return events
+
+
+def test_a_failed_request_gives_its_weights_back(tmp_path, monkeypatch, capsys):
+    """A request that fails after loading its weights (a Generator refusing its options, say),
+    as an A/B's case (run_ab_case) or in a sweep's part (run_parts), is one error line, and its
+    model is gone and its memory collected before the next request can start: the next fit check
+    counts torch's cached blocks as used."""
+    from infermeter.errors import InfermeterError
+    from infermeter.generate import loop
+    from infermeter.generate.job import run_generate
+    from infermeter.generate.request import build_request
+
+    common = load_benchmark("sweep_common")
+    events = record_memory_events(monkeypatch)
+
+    def refusing(*args, **kwargs):
+        raise InfermeterError("refused")
+
+    monkeypatch.setattr(loop, "run_generation", refusing)
+    request = build_request("random:debug", device="cpu", modes=("eager",), prompt_lens=(4,),
+                            max_new_tokens=3, max_seq_len=16, repeats=1, roofline=False)
+    common.run_ab_case(request, {}, tmp_path / "ab.jsonl", "debug", "split", 0, "kernels",
+                       "step_kernels")
+    assert capsys.readouterr().err == "debug split: error: refused\n"
+    assert events == [("fit", []), ("collect", [True])]
+    assert not (tmp_path / "ab.jsonl").exists()
+    events.clear()
+    common.run_parts(["seed"], lambda part, path, env: run_generate(request, env),
+                     tmp_path / "sweep.jsonl", {}, 0.0)
+    assert capsys.readouterr().err.endswith("seed\nseed: error: refused\n")
+    assert events == [("fit", [True]), ("collect", [True, True])]

@@ -269,6 +269,12 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
 
     run_generation(model, cases, request, env, _base_config(request, device, dtype, kv_dtype,
                                                             spec), peaks, progress, finish)
+    # The weights' blocks would stay in torch's caching allocator, which the next request's fit
+    # check in this process (an A/B's or a sweep's next case) counts as used: run_generation
+    # gives back each case's memory but not the weights, held here until now. Its collects
+    # already dropped dynamo's caches.
+    del model
+    memory.collect(device, compiled=False)
     first = next((r.output_token_ids for r in results if r.output_token_ids), [])
     texts = [tokenizer.decode(ids) if tokenizer else "" for ids in first]
     return results, texts
