@@ -174,7 +174,7 @@ def check_each_wait_counts_exactly_its_stage() -> None:
     w2's on every program of the stage before."""
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import layer_step as layer_module
-    from infermeter.engine.kernels.layer_step import layer_programs, stage_tiles
+    from infermeter.engine.kernels.layer_step import launch_plan
 
     def scalar(value) -> int:  # an interpreter tensor's value, or a plain int
         handle = getattr(value, "handle", None)
@@ -206,9 +206,10 @@ def check_each_wait_counts_exactly_its_stage() -> None:
     moe_ends = moe_programs(experts, top_k, dim, ffn, moe_tiles(dim, ffn, ""))
     assert len(waits) - layer_waits == 2 * (moe_ends[-1] - moe_ends[0]), (len(waits), moe_ends)
     dim, heads, kv_heads, head_dim, ffn, slots, splits = CASES["gqa float32"][:7]
-    tiles = stage_tiles(dim, heads * head_dim, ffn, head_dim, False, "")
-    ends = layer_programs(heads * head_dim + 2 * kv_heads * head_dim, kv_heads, splits, dim,
-                          ffn, {name: t[0] for name, t in tiles.items()})
+    _, chunks, ends = launch_plan(heads * head_dim + 2 * kv_heads * head_dim, dim,
+                                  heads * head_dim, ffn, head_dim, False, kv_heads, splits,
+                                  torch.device("cpu"))
+    assert max(chunks.values()) > 1, chunks  # the chunks' loops ran
     # the three positions check_against_the_fused_chain runs this case at, each a whole
     # layer's launch, and the first an attention side's too (its stages up to wo)
     positions = 3

@@ -8,19 +8,24 @@ stages of one launch, each program's stage given by the ticket it draws as it st
 (stage_sync.take_ticket), in this order:
 
   stage   programs                      waits for              then counts
-  qkv     cdiv(n_q + 2 n_kv, BLOCK_N)   nothing (x is the      its stage's count
+  qkv     chunks of n_q + 2 n_kv rows   nothing (x is the      its stage's count
                                         previous launch's)
   attend  H_kv x n_splits               every qkv program      its row's count; the row's last
                                                                program combines the row and
                                                                counts the rows combined
-  wo      cdiv(dim, BLOCK_N)            the H_kv rows          its stage's count
-  w13     cdiv(ffn, BLOCK_N)            every wo program       its stage's count
-  w2      cdiv(dim, BLOCK_N)            every w13 program      its stage's count; the last
+  wo      chunks of dim rows            the H_kv rows          its stage's count
+  w13     chunks of ffn rows            every wo program       its stage's count
+  w2      chunks of dim rows            every w13 program      its stage's count; the last
                                                                sets the ticket and counts to 0
 
-An MoE layer runs the first three alone (its experts run apart, after the launch): its last wo
-program resets. Each GEMV stage's program loads its first weight tile before it waits (as
-under PDL), so the next stage's weights stream in while the stage before finishes.
+A GEMV stage's program runs a chunk of its row blocks (BLOCK_N rows each, the fused step's
+tiles), one after another, so that the stage is about one program an SM (stage_chunks): every
+program draws a ticket, counts and polls, atomics on shared addresses, and a program a block
+(up to 6,464 a layer at Llama-3.2-1B) ran 1.34x to 1.45x slower than the fused kernels on an
+H100. An MoE layer runs the first three stages alone (its experts run apart, after the
+launch): its last wo program resets. Each GEMV stage's program loads its first weight tile
+before it waits (as under PDL), so the next stage's weights stream in while the stage before
+finishes.
 stage_sync.py says why the waits cannot deadlock and how the stores are published.
 
 The stages are the fused step's own code (fused_step.norm_qkv_rope_rows, fused_gemv_rows,
@@ -48,7 +53,7 @@ from torch import Tensor
 from infermeter.engine.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.fused_step import fused_tiles_for
-from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
+from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.stage_sync import LINE, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
@@ -59,6 +64,9 @@ STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w1
 # stage, 128, two programs an SM (65,536 registers; docs/engine.md, "What one launch costs in
 # registers").
 MAX_WARPS = 8
+# The programs a GEMV stage is cut into off a GPU (stage_chunks): few, so that Triton's
+# interpreter runs the chunks' loops the GPU runs (3: the tests' stages end in a short chunk)
+INTERPRETER_PROGRAMS = 3
 
 if triton is not None:
     from infermeter.engine.kernels.decode_attention import combine_head, split_partials
@@ -85,8 +93,10 @@ if triton is not None:
             LIBDEVICE: tl.constexpr,
             BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
-            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
-            LINE: tl.constexpr, FFN: tl.constexpr, HAS_WAIT: tl.constexpr):
+            BN_W2: tl.constexpr, BK_W2: tl.constexpr, CH_QKV: tl.constexpr,
+            CH_WO: tl.constexpr, CH_W13: tl.constexpr, CH_W2: tl.constexpr,
+            STAGES: tl.constexpr, LINE: tl.constexpr, FFN: tl.constexpr,
+            HAS_WAIT: tl.constexpr):
         """Program pid's stage of one layer's step (the module docstring's table), pid its
         place among the layer's programs. COUNT [(1 + STAGES + H_kv) x LINE] int32: a slot
         (the ticket's, in this launch), each stage's count, each attention row's count, a line
@@ -95,12 +105,21 @@ if triton is not None:
         program that counted the layer's last stage whole (w2's last; wo's without the FFN),
         else 0: the caller's to reset the counts."""
         last = 0
-        if pid < end_qkv:
-            norm_qkv_rope_rows(pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
+        if pid < end_qkv:  # CH_QKV blocks of BN_QKV rows; the first waits where one must
+            first = pid * CH_QKV
+            norm_qkv_rope_rows(first, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE,
                                V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, dim,
                                stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
                                IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
                                False, QK_EPS, False, WAIT, wait_for, HAS_WAIT)
+            for block in range(first + 1, first + CH_QKV):
+                if block < tl.cdiv(n_q + 2 * n_kv, BN_QKV):
+                    norm_qkv_rope_rows(block, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q,
+                                       K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv,
+                                       dim, stride_wqkv, stride_ch, stride_cs, slots, EPS,
+                                       False, HAS_BIAS, IS_RING, HEAD_DIM, BN_QKV, BK_QKV,
+                                       UNCONTRACTED, QK_NORM, False, QK_EPS, False, WAIT,
+                                       wait_for, False)
             count_done(COUNT + LINE)
         elif pid < end_attend:
             part = pid - end_qkv
@@ -120,22 +139,40 @@ if triton is not None:
                 tl.atomic_xchg(row_count, 0, sem="relaxed", scope="gpu")
                 count_done(COUNT + 2 * LINE)
         elif pid < end_wo:  # h = x + wo(attention)
-            fused_gemv_rows(pid - end_attend, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
+            first = (pid - end_attend) * CH_WO
+            fused_gemv_rows(first, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
                             COUNT + 2 * LINE, n_kv_heads, 0.0, False, False, False, True,
                             BN_WO, BK_WO, LIBDEVICE, False, False, True)
+            for block in range(first + 1, first + CH_WO):
+                if block < tl.cdiv(dim, BN_WO):
+                    fused_gemv_rows(block, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
+                                    COUNT, 0, 0.0, False, False, False, True, BN_WO, BK_WO,
+                                    LIBDEVICE, False, False, False)
             done = count_done(COUNT + 3 * LINE)
             if not FFN:  # the attention side alone (an MoE layer): wo is the last stage
                 if done == end_wo - end_attend - 1:
                     last = 1
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
-            fused_gemv_rows(pid - end_wo, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
+            first = (pid - end_wo) * CH_W13
+            fused_gemv_rows(first, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
                             ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, False,
                             True, False, BN_W13, BK_W13, LIBDEVICE, False, False, True)
+            for block in range(first + 1, first + CH_W13):
+                if block < tl.cdiv(ffn, BN_W13):
+                    fused_gemv_rows(block, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
+                                    ffn, COUNT, 0, FFN_EPS, True, False, True, False, BN_W13,
+                                    BK_W13, LIBDEVICE, False, False, False)
             count_done(COUNT + 4 * LINE)
         else:  # out = h + w2(act)
-            fused_gemv_rows(pid - end_w13, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
+            first = (pid - end_w13) * CH_W2
+            fused_gemv_rows(first, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
                             COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, False, True,
                             BN_W2, BK_W2, LIBDEVICE, False, False, True)
+            for block in range(first + 1, first + CH_W2):
+                if block < tl.cdiv(dim, BN_W2):
+                    fused_gemv_rows(block, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
+                                    COUNT, 0, 0.0, False, False, False, True, BN_W2, BK_W2,
+                                    LIBDEVICE, False, False, False)
             if count_done(COUNT + 5 * LINE) == end_w2 - end_w13 - 1:
                 last = 1
         return last
@@ -155,8 +192,9 @@ if triton is not None:
             LIBDEVICE: tl.constexpr,
             BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
-            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
-            LINE: tl.constexpr, FFN: tl.constexpr):
+            BN_W2: tl.constexpr, BK_W2: tl.constexpr, CH_QKV: tl.constexpr,
+            CH_WO: tl.constexpr, CH_W13: tl.constexpr, CH_W2: tl.constexpr,
+            STAGES: tl.constexpr, LINE: tl.constexpr, FFN: tl.constexpr):
         # COUNT [(1 + STAGES + H_kv) x LINE] int32: the ticket, then layer_stages' counts
         pid = take_ticket(COUNT)  # this program's place, in program order of the stages
         last = layer_stages(
@@ -167,7 +205,7 @@ if triton is not None:
             end_qkv, end_attend, end_wo, end_w13, end_w2, EPS, FFN_EPS, QK_EPS, HAS_BIAS,
             QK_NORM, IS_RING, HAS_WINDOW, HEAD_DIM, G_PAD, S_PAD, SCALE, PRECISION,
             ATTENTION_BLOCK, UNCONTRACTED, LIBDEVICE, BN_QKV, BK_QKV, BN_WO, BK_WO, BN_W13,
-            BK_W13, BN_W2, BK_W2, STAGES, LINE, FFN, False)
+            BK_W13, BN_W2, BK_W2, CH_QKV, CH_WO, CH_W13, CH_W2, STAGES, LINE, FFN, False)
         if last:
             reset_counts(COUNT, 1 + STAGES, LINE)  # the rows': back at 0 already
 
@@ -188,24 +226,57 @@ def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
 
 def launch_shape(tiles: dict[str, tuple[int, int, int]]) -> tuple[int, int]:
     """(num_warps, num_stages) of the launch: the most warps a stage's tile asks for, at most
-    MAX_WARPS; a launch held to MAX_WARPS takes one stage, as two stages cost 1B's 8-warp
-    program 144 registers (one program an SM), and the fused GEMV timed 1, 2 and 4 stages
-    within 0.4% of each other (gemv.NUM_STAGES)."""
-    warps = max(t[2] for t in tiles.values())
-    return (warps, NUM_STAGES) if warps <= MAX_WARPS else (MAX_WARPS, 1)
+    MAX_WARPS, and one pipeline stage. Two stages cost 1B's 8-warp program 144 registers (one
+    program an SM), and with a stage's chunk loop around the GEMV's own loop they spill (12
+    bytes at 135M, 120 at 1B, built for sm_90); the fused GEMV timed 1, 2 and 4 stages within
+    0.4% of each other (gemv.NUM_STAGES)."""
+    return min(MAX_WARPS, max(t[2] for t in tiles.values())), 1
 
 
-def layer_programs(n_rows_qkv: int, n_kv_heads: int, n_splits: int, dim: int, ffn: int,
-                   blocks: dict[str, int]) -> tuple[int, int, int, int, int]:
-    """The ticket ends of the five stages (qkv, attend, wo, w13, w2), the last the grid:
-    blocks the BLOCK_N of each GEMV stage by name (ffn 0: no FFN stages)."""
+def stage_rows(n_rows_qkv: int, dim: int, ffn: int) -> dict[str, int]:
+    """Each GEMV stage's output rows (ffn 0: no FFN stages)."""
+    return {"qkv": n_rows_qkv, "wo": dim, "w13": ffn, "w2": dim if ffn else 0}
+
+
+def stage_chunks(rows: dict[str, int], tiles: dict[str, tuple[int, int, int]],
+                 programs: int) -> dict[str, int]:
+    """Each GEMV stage's row blocks a program: as many as leave the stage about `programs`
+    programs. Why: every program of the launch draws a ticket, counts itself and polls a count,
+    atomics on a few shared addresses, and the fused step's tiles give a stage hundreds to
+    thousands of programs of 1 to 4 rows (Llama-3.2-1B: 6,464 a layer), where one launch a
+    layer ran 1.34x to 1.45x slower than the fused kernels that need none of them."""
+    return {name: max(1, math.ceil(rows[name] / tiles[name][0]) // programs) for name in rows}
+
+
+def layer_programs(n_kv_heads: int, n_splits: int, rows: dict[str, int],
+                   tiles: dict[str, tuple[int, int, int]],
+                   chunks: dict[str, int]) -> tuple[int, int, int, int, int]:
+    """The ticket ends of the five stages (qkv, attend, wo, w13, w2), the last the grid: a
+    GEMV stage's programs are its row blocks (stage_rows over each tile's BLOCK_N) in chunks
+    (stage_chunks); the attention's one a KV head and split."""
+    def programs(name: str) -> int:
+        return math.ceil(math.ceil(rows[name] / tiles[name][0]) / chunks[name])
+
     ends, end = [], 0
-    for programs in (math.ceil(n_rows_qkv / blocks["qkv"]), n_kv_heads * n_splits,
-                     math.ceil(dim / blocks["wo"]), math.ceil(ffn / blocks["w13"]),
-                     math.ceil(dim / blocks["w2"]) if ffn else 0):
-        end += programs
+    for count in (programs("qkv"), n_kv_heads * n_splits, programs("wo"), programs("w13"),
+                  programs("w2")):
+        end += count
         ends.append(end)
     return tuple(ends)
+
+
+def launch_plan(n_rows_qkv: int, dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
+                n_kv_heads: int, n_splits: int,
+                device: torch.device) -> tuple[dict, dict, tuple[int, ...]]:
+    """(tiles, chunks, ticket ends) of a layer's launch on `device`: a GEMV stage is about
+    one program an SM (off a GPU, INTERPRETER_PROGRAMS: Triton's interpreter runs the same
+    chunks' code)."""
+    tiles = stage_tiles(dim, n_q, ffn, head_dim, qk_norm, gpu_name(device))
+    rows = stage_rows(n_rows_qkv, dim, ffn)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else INTERPRETER_PROGRAMS
+    chunks = stage_chunks(rows, tiles, sms)
+    return tiles, chunks, layer_programs(n_kv_heads, n_splits, rows, tiles, chunks)
 
 
 def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | None,
@@ -226,9 +297,8 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
     n_kv_heads, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     groups = n_q // (n_kv_heads * head_dim)
     qk_norm = q_norm is not None and k_norm is not None
-    tiles = stage_tiles(dim, n_q, ffn, head_dim, qk_norm, gpu_name(x.device))
-    ends = layer_programs(wqkv.shape[0], n_kv_heads, n_splits, dim, ffn,
-                          {name: t[0] for name, t in tiles.items()})
+    tiles, chunks, ends = launch_plan(wqkv.shape[0], dim, n_q, ffn, head_dim, qk_norm,
+                                      n_kv_heads, n_splits, x.device)
     rows = n_kv_heads  # batch 1: one attention row a KV head
     acc = torch.empty(rows, n_splits, groups, head_dim, device=x.device, dtype=torch.float32)
     m = torch.empty(rows, n_splits, groups, device=x.device, dtype=torch.float32)
@@ -255,7 +325,8 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
         LIBDEVICE=compiled_for_gpu(x),
         BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
         BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
-        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], STAGES=STAGE_COUNTS, LINE=LINE,
+        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], CH_QKV=chunks["qkv"], CH_WO=chunks["wo"],
+        CH_W13=chunks["w13"], CH_W2=chunks["w2"], STAGES=STAGE_COUNTS, LINE=LINE,
         FFN=has_ffn, num_warps=warps, num_stages=stages)
     return out if has_ffn else h
 

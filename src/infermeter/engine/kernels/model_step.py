@@ -5,7 +5,7 @@ Why: the one-launch layer step (layer_step.py) still ends a launch per layer, an
 a drain of the GPU and a launch however few bytes the layer reads: at SmolLM2-135M's 30 layers
 of 9 MB, a step is mostly those boundaries. Here the layers follow each other inside one
 launch: program t (its ticket, stage_sync.take_ticket) runs stage t % P of layer t // P, P a
-layer's programs (layer_step.layer_programs), and layer l's qkv stage waits, after loading its
+layer's programs (layer_step.launch_plan), and layer l's qkv stage waits, after loading its
 first weight tiles, for layer l - 1's w2 stage to have counted all its programs. So layer l's
 weights start streaming in while layer l - 1 finishes, with no launch between them.
 
@@ -39,18 +39,17 @@ from torch import Tensor
 
 from infermeter.engine.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
-from infermeter.engine.kernels.gemv import gpu_name
-from infermeter.engine.kernels.layer_step import (
-    STAGE_COUNTS,
-    launch_shape,
-    layer_programs,
-    stage_tiles,
-)
+from infermeter.engine.kernels.layer_step import STAGE_COUNTS, launch_plan, launch_shape
 from infermeter.engine.kernels.stage_sync import LINE, kept_addresses, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
 # The table's rows: each layer's tensors whose address it reads (bias and the q/k norms only
 # where the model has them; a missing one's row holds 0, never read)
+# The most warps the launch takes: built for sm_90 at 8 warps, the table's addresses and the
+# chunks' loops need more than the 128 registers a thread ptxas then allows (8 bytes spilled at
+# 135M, 88 at 1B); at 4 warps none spill and two programs still share an SM (222 and 231
+# registers a thread)
+MAX_WARPS = 4
 ROWS = ("attention_norm", "wqkv", "bias", "q_norm", "k_norm", "wo", "ffn_norm", "w13", "w2",
         "k_cache", "v_cache")
 
@@ -78,8 +77,9 @@ if triton is not None:
             UNCONTRACTED: tl.constexpr, LIBDEVICE: tl.constexpr,
             BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_WO: tl.constexpr,
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
-            BN_W2: tl.constexpr, BK_W2: tl.constexpr, STAGES: tl.constexpr,
-            LINE: tl.constexpr):
+            BN_W2: tl.constexpr, BK_W2: tl.constexpr, CH_QKV: tl.constexpr,
+            CH_WO: tl.constexpr, CH_W13: tl.constexpr, CH_W2: tl.constexpr,
+            STAGES: tl.constexpr, LINE: tl.constexpr):
         # COUNT [layers x block] int32, block = (1 + STAGES + H_kv) x LINE: a layer's counts
         # as layer_stages reads them; layer 0's first slot is the ticket
         ticket = take_ticket(COUNT)
@@ -112,7 +112,8 @@ if triton is not None:
             stride_cs, slots, n_kv_heads, groups, chunk, n_splits, 0, end_qkv, end_attend,
             end_wo, end_w13, end_w2, EPS, FFN_EPS, QK_EPS, HAS_BIAS, QK_NORM, False, False,
             HEAD_DIM, G_PAD, S_PAD, SCALE, PRECISION, ATTENTION_BLOCK, UNCONTRACTED, LIBDEVICE,
-            BN_QKV, BK_QKV, BN_WO, BK_WO, BN_W13, BK_W13, BN_W2, BK_W2, STAGES, LINE, True, True)
+            BN_QKV, BK_QKV, BN_WO, BK_WO, BN_W13, BK_W13, BN_W2, BK_W2, CH_QKV, CH_WO, CH_W13,
+            CH_W2, STAGES, LINE, True, True)
         if layer == n_layers - 1:
             if last == 1:  # every program of the launch has counted
                 for index in range(n_layers):
@@ -135,9 +136,8 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
     n_kv_heads, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     groups = n_q // (n_kv_heads * head_dim)
     qk_norm, has_bias = bool(q_norms), bool(biases)
-    tiles = stage_tiles(dim, n_q, ffn, head_dim, qk_norm, gpu_name(x.device))
-    ends = layer_programs(wqkvs[0].shape[0], n_kv_heads, n_splits, dim, ffn,
-                          {name: t[0] for name, t in tiles.items()})
+    tiles, chunks, ends = launch_plan(wqkvs[0].shape[0], dim, n_q, ffn, head_dim, qk_norm,
+                                      n_kv_heads, n_splits, x.device)
     columns = {"attention_norm": attention_norms, "wqkv": wqkvs, "bias": biases,
                "q_norm": q_norms, "k_norm": k_norms, "wo": wos, "ffn_norm": ffn_norms,
                "w13": w13s, "w2": w2s, "k_cache": k_caches, "v_cache": v_caches}
@@ -158,6 +158,7 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
     block = (1 + STAGE_COUNTS + n_kv_heads) * LINE
     counts = kept_counts(x.device, layers * block)
     warps, stages = launch_shape(tiles)
+    warps = min(warps, MAX_WARPS)
     _model_kernel[(layers * ends[-1],)](
         x, acts, out, table, layers, block, attention_norms[0], wqkvs[0],
         biases[0] if has_bias else x, cos, sin, input_pos, q, k_cache, v_caches[0], key_pos,
@@ -174,7 +175,8 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
         LIBDEVICE=compiled_for_gpu(x),
         BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
         BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
-        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], STAGES=STAGE_COUNTS, LINE=LINE,
+        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], CH_QKV=chunks["qkv"], CH_WO=chunks["wo"],
+        CH_W13=chunks["w13"], CH_W2=chunks["w2"], STAGES=STAGE_COUNTS, LINE=LINE,
         num_warps=warps, num_stages=stages)
     return out
 
