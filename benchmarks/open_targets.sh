@@ -31,10 +31,11 @@
 #   part step-choice     graph trees against our recorded step, each with split and fused kernels,
 #                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
 #                        default by model size needs (about 8 cases of 45 s)
-#   part step-layer      the one-launch layer step (--step-kernels layer, kernels/layer_step.py): its
-#                        gpu test first (a wait that never ends fails it after 300 s), then fused
-#                        against layer, both in the recorded step, at 135M, 0.5B and 1B, traced
-#                        (about 6 cases of 45 s; not yet run)
+#   part step-layer      the one-launch layer and model steps (--step-kernels layer and model,
+#                        kernels/layer_step.py, model_step.py): their gpu tests first (a wait
+#                        that never ends fails one), then fused, layer and model, all in the
+#                        recorded step, at 135M, 0.5B and 1B, untraced (9 cases; on an H100 on
+#                        2026-12-06 the tests took 91 s and a case about 20 s)
 #   part step-moe        split, fused and layer step kernels at Qwen3-30B-A3B, Triton experts, batch
 #                        1, one round (an MoE layer's attention side as fused kernels, then the
 #                        layer as two launches; issue 25; each case compiles for about two minutes,
@@ -136,14 +137,14 @@ case "${1:-}" in
   step-layer)
     # the A/B only after the test passed: a launch that hangs there would hang each case here
     if python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v --tb=short \
-        tests/test_layer_step.py > "$dest/gpu-tests-layer.txt" 2>&1; then
+        tests/test_layer_step.py tests/test_model_step.py > "$dest/gpu-tests-layer.txt" 2>&1; then
       cat "$dest/gpu-tests-layer.txt"
-      python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
-        --trace "$dest/traces-step-layer" --results "$dest" \
+      python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded \
+        --kernels fused layer model --results "$dest" \
         --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
     else
       cat "$dest/gpu-tests-layer.txt"
-      echo "step-layer: the layer launch's gpu test failed; its A/B was not run" >&2
+      echo "step-layer: a launch's gpu test failed; the A/B was not run" >&2
     fi ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
