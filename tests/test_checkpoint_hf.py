@@ -20,6 +20,7 @@ from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs.model import RopeScaling
 from infermeter.specs.presets import PRESETS
+from tests.checkpoint_errors import check_error
 
 DEBUG = PRESETS["debug"]
 SPECS = {
@@ -192,16 +193,6 @@ def _no_tensor_data(monkeypatch) -> None:
     monkeypatch.setattr("infermeter.engine.checkpoint.hf._read", read)
 
 
-def _check_error(folder) -> str:
-    """check_checkpoint's error: one line, the loader's own."""
-    with pytest.raises(InfermeterError) as checked:
-        check_checkpoint(folder)
-    with pytest.raises(InfermeterError) as loaded:
-        load_weights(folder)
-    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
-    return str(checked.value)
-
-
 def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor_from_headers(
         folder, monkeypatch) -> None:
     """`run` calls it before its first stage: such a checkpoint failed only in generate."""
@@ -211,15 +202,15 @@ def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor_from_headers(
     tensors = load_file(path)
     up = tensors.pop("model.layers.1.mlp.up_proj.weight")
     save_file(tensors, path)
-    assert _check_error(folder) == f"{folder}: missing tensor model.layers.1.mlp.up_proj.weight"
+    assert check_error(folder) == f"{folder}: missing tensor model.layers.1.mlp.up_proj.weight"
     tensors["model.layers.1.mlp.up_proj.weight"] = up[:, :32].contiguous()
     save_file(tensors, path)
-    assert _check_error(folder) == (f"{path}: tensor model.layers.1.mlp.up_proj.weight has "
+    assert check_error(folder) == (f"{path}: tensor model.layers.1.mlp.up_proj.weight has "
                                     "shape [176, 32], config.json implies [176, 64]")
     tensors["model.layers.1.mlp.up_proj.weight"] = up
     tensors["model.layers.2.mlp.up_proj.weight"] = up.clone()
     save_file(tensors, path)
-    assert "unexpected tensor model.layers.2.mlp.up_proj.weight" in _check_error(folder)
+    assert "unexpected tensor model.layers.2.mlp.up_proj.weight" in check_error(folder)
 
 
 def test_check_checkpoint_takes_an_expert_s_shape_from_its_stacked_tensor(tmp_path,
@@ -234,7 +225,7 @@ def test_check_checkpoint_takes_an_expert_s_shape_from_its_stacked_tensor(tmp_pa
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     tensors[name] = tensors[name][:40].contiguous()
     save_file(tensors, path)
-    assert _check_error(tmp_path) == (f"{path}: tensor {name} has shape [40, 64], config.json "
+    assert check_error(tmp_path) == (f"{path}: tensor {name} has shape [40, 64], config.json "
                                       "implies [48, 64]")
 
 
@@ -254,7 +245,7 @@ def test_check_checkpoint_takes_a_tied_model_with_or_without_lm_head(tmp_path, l
     if lm_head:
         check_checkpoint(tmp_path)
     else:
-        assert _check_error(tmp_path) == f"{tmp_path}: missing tensor lm_head.weight"
+        assert check_error(tmp_path) == f"{tmp_path}: missing tensor lm_head.weight"
 
 
 def test_unexpected_tensor_and_bad_index(folder) -> None:

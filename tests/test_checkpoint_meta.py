@@ -18,6 +18,7 @@ from infermeter.engine.checkpoint.meta import load_pth, shard_for_rank, split_di
 from infermeter.engine.model import build_model
 from infermeter.errors import InfermeterError
 from infermeter.specs.presets import PRESETS
+from tests.checkpoint_errors import check_error
 
 # GQA with 4 query heads and 2 KV heads, so a 2-shard checkpoint splits the KV heads too.
 SPEC = PRESETS["debug"].with_updates(name="meta-test")
@@ -136,16 +137,6 @@ def test_missing_and_unexpected_tensors(folders, tmp_path) -> None:
         load_weights(folder)
 
 
-def _check_error(folder) -> str:
-    """check_checkpoint's error: one line, the loader's own."""
-    with pytest.raises(InfermeterError) as checked:
-        check_checkpoint(folder)
-    with pytest.raises(InfermeterError) as loaded:
-        load_weights(folder)
-    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
-    return str(checked.value)
-
-
 def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(folders, tmp_path) -> None:
     """`run` calls it before its first stage (such a checkpoint failed only in generate): every
     shard's names and shapes, read through torch.load's mmap."""
@@ -156,10 +147,10 @@ def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(folders, tmp_pat
     state = torch.load(path, weights_only=True)
     wk = state.pop("layers.1.attention.wk.weight")
     torch.save(state, path)
-    assert _check_error(folder) == f"{path}: missing tensor layers.1.attention.wk.weight"
+    assert check_error(folder) == f"{path}: missing tensor layers.1.attention.wk.weight"
     state["layers.1.attention.wk.weight"] = wk[:8].clone()
     torch.save(state, path)
-    assert _check_error(folder) == (
+    assert check_error(folder) == (
         f"{path}: tensor layers.1.attention.wk.weight has shape [8, 64], but params.json "
         "implies [16, 64] per shard (2 shard(s), full [32, 64])")
 

@@ -20,6 +20,7 @@ from infermeter.errors import InfermeterError
 from infermeter.specs.gguf_meta import spec_from_gguf
 from infermeter.specs.model import RopeScaling
 from infermeter.specs.presets import PRESETS
+from tests.checkpoint_errors import check_error
 from tests.gguf_files import (
     assert_loads_as_safetensors,
     assert_transformers_reads_gguf,
@@ -186,16 +187,6 @@ def test_missing_tensor(tmp_path) -> None:
         load_weights(path)
 
 
-def _check_error(path) -> str:
-    """check_checkpoint's error: one line, the loader's own."""
-    with pytest.raises(InfermeterError) as checked:
-        check_checkpoint(path)
-    with pytest.raises(InfermeterError) as loaded:
-        load_weights(path)
-    assert str(checked.value) == str(loaded.value) and "\n" not in str(checked.value)
-    return str(checked.value)
-
-
 def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(tmp_path, monkeypatch) -> None:
     """`run` calls it before its first stage (such a file failed only in generate): names and
     shapes from the tensor descriptions, no tensor dequantized."""
@@ -206,10 +197,10 @@ def test_check_checkpoint_refuses_a_missing_or_misshapen_tensor(tmp_path, monkey
     check_checkpoint(write_gguf(source, tmp_path / "good.gguf"))
     check_checkpoint(write_gguf(_source("llama-tied", "F16"), tmp_path / "tied.gguf"))
     missing = write_gguf(source, tmp_path / "missing.gguf", drop=("blk.1.ffn_up.weight",))
-    assert _check_error(missing) == f"{missing}: missing tensor blk.1.ffn_up.weight"
+    assert check_error(missing) == f"{missing}: missing tensor blk.1.ffn_up.weight"
     misshapen = write_gguf(source, tmp_path / "misshapen.gguf", drop=("blk.1.ffn_up.weight",),
                            extra={"blk.1.ffn_up.weight": np.zeros((128, 32))})
-    assert _check_error(misshapen) == (f"{misshapen}: tensor blk.1.ffn_up.weight has shape "
+    assert check_error(misshapen) == (f"{misshapen}: tensor blk.1.ffn_up.weight has shape "
                                        "[128, 32], the metadata implies [128, 64]")
 
 
