@@ -279,6 +279,23 @@ def launch_plan(n_rows_qkv: int, dim: int, n_q: int, ffn: int, head_dim: int, qk
     return tiles, chunks, layer_programs(n_kv_heads, n_splits, rows, tiles, chunks)
 
 
+def stage_constexprs(x: Tensor, head_dim: int, groups: int, n_splits: int,
+                     tiles: dict[str, tuple[int, int, int]],
+                     chunks: dict[str, int]) -> dict[str, object]:
+    """The constexprs layer_stages takes from the launch's plan and x [1, dim] (the layer and
+    model launches' alike): the attention's paddings, scale and precision, each GEMV stage's
+    tile and chunk, the count layout."""
+    return dict(
+        G_PAD=max(16, triton.next_power_of_2(groups)), S_PAD=triton.next_power_of_2(n_splits),
+        SCALE=head_dim ** -0.5, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ATTENTION_BLOCK=ATTENTION_BLOCK, UNCONTRACTED=compiled_for_gpu(x),
+        LIBDEVICE=compiled_for_gpu(x),
+        BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
+        BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
+        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], CH_QKV=chunks["qkv"], CH_WO=chunks["wo"],
+        CH_W13=chunks["w13"], CH_W2=chunks["w2"], STAGES=STAGE_COUNTS, LINE=LINE)
+
+
 def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | None,
                 cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
                 key_pos: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, wo: Tensor,
@@ -319,14 +336,7 @@ def _layer_step(x: Tensor, attention_norm: Tensor, wqkv: Tensor, bias: Tensor | 
         window, *ends,
         EPS=eps, FFN_EPS=ffn_eps, QK_EPS=qk_eps if qk_norm else 0.0, HAS_BIAS=bias is not None,
         QK_NORM=qk_norm, IS_RING=is_ring, HAS_WINDOW=window > 0, HEAD_DIM=head_dim,
-        G_PAD=max(16, triton.next_power_of_2(groups)), S_PAD=triton.next_power_of_2(n_splits),
-        SCALE=head_dim ** -0.5, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ATTENTION_BLOCK=ATTENTION_BLOCK, UNCONTRACTED=compiled_for_gpu(x),
-        LIBDEVICE=compiled_for_gpu(x),
-        BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
-        BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
-        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], CH_QKV=chunks["qkv"], CH_WO=chunks["wo"],
-        CH_W13=chunks["w13"], CH_W2=chunks["w2"], STAGES=STAGE_COUNTS, LINE=LINE,
+        **stage_constexprs(x, head_dim, groups, n_splits, tiles, chunks),
         FFN=has_ffn, num_warps=warps, num_stages=stages)
     return out if has_ffn else h
 

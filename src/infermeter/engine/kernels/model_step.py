@@ -37,9 +37,12 @@ import math
 import torch
 from torch import Tensor
 
-from infermeter.engine.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
-from infermeter.engine.kernels.exact_math import compiled_for_gpu
-from infermeter.engine.kernels.layer_step import STAGE_COUNTS, launch_plan, launch_shape
+from infermeter.engine.kernels.layer_step import (
+    STAGE_COUNTS,
+    launch_plan,
+    launch_shape,
+    stage_constexprs,
+)
 from infermeter.engine.kernels.stage_sync import LINE, kept_addresses, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
@@ -168,15 +171,8 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
         w13s[0].stride(0), w2s[0].stride(0), k_cache.stride(1), k_cache.stride(2), slots,
         n_kv_heads, groups, math.ceil(slots / n_splits), n_splits, *ends,
         EPS=eps, FFN_EPS=ffn_eps, QK_EPS=qk_eps if qk_norm else 0.0, HAS_BIAS=has_bias,
-        QK_NORM=qk_norm, HEAD_DIM=head_dim, G_PAD=max(16, triton.next_power_of_2(groups)),
-        S_PAD=triton.next_power_of_2(n_splits), SCALE=head_dim ** -0.5,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ATTENTION_BLOCK=ATTENTION_BLOCK, UNCONTRACTED=compiled_for_gpu(x),
-        LIBDEVICE=compiled_for_gpu(x),
-        BN_QKV=tiles["qkv"][0], BK_QKV=tiles["qkv"][1], BN_WO=tiles["wo"][0],
-        BK_WO=tiles["wo"][1], BN_W13=tiles["w13"][0], BK_W13=tiles["w13"][1],
-        BN_W2=tiles["w2"][0], BK_W2=tiles["w2"][1], CH_QKV=chunks["qkv"], CH_WO=chunks["wo"],
-        CH_W13=chunks["w13"], CH_W2=chunks["w2"], STAGES=STAGE_COUNTS, LINE=LINE,
+        QK_NORM=qk_norm, HEAD_DIM=head_dim,
+        **stage_constexprs(x, head_dim, groups, n_splits, tiles, chunks),
         num_warps=warps, num_stages=stages)
     return out
 
