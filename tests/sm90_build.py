@@ -58,8 +58,18 @@ def sm90_binary(kernel, args, kwargs):
     constants = dict(kwargs)
     options = {k: constants.pop(k) for k in LAUNCH_OPTIONS if k in constants}
     signature = inductor_signature(kernel, args, constants)
-    where = {(list(signature).index(name),): value for name, value in constants.items()}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where),
+    names = list(signature)
+    where = {(names.index(name),): value for name, value in constants.items()}
+    # What the launch specialises on: a tensor's address (a GPU allocation's: a multiple of 16)
+    # and an int that is a multiple of 16 are marked divisible by 16, so the loads the GPU
+    # runs are vectorised here too (without it a build's registers and spills are another
+    # binary's)
+    attrs = {(index,): [["tt.divisibility", 16]] for index, value in enumerate(args)
+             if index < len(names) and names[index] not in constants
+             and (isinstance(value, torch.Tensor)
+                  or (type(value) is int and value != 0 and value % 16 == 0))}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=where,
+                                    attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 

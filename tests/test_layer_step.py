@@ -31,6 +31,7 @@ from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("layer_step_worker.py")
+H100_SMS = 132  # the launches built for sm_90 here are cut into an H100's chunks
 
 
 @needs_triton
@@ -100,6 +101,7 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
     spec = PRESETS[name]
     dim, head_dim, kv = spec.dim, spec.head_dim, spec.n_kv_heads
     n_q = spec.n_heads * head_dim
+    monkeypatch.setattr(layer_module, "INTERPRETER_PROGRAMS", H100_SMS)  # an H100's chunks
 
     def zeros(*shape):
         return torch.zeros(*shape, dtype=dtype)
@@ -116,23 +118,23 @@ def recorded_launch(monkeypatch, name: str, dtype: torch.dtype) -> tuple:
 
 
 @needs_triton
-@pytest.mark.parametrize("name,dtype,per_sm", [
-    ("smollm2-135m", torch.float16, 2), ("qwen2.5-0.5b", torch.bfloat16, 2),
-    ("qwen3-0.6b", torch.bfloat16, 1), ("llama-3.2-1b", torch.bfloat16, 2)])
+@pytest.mark.parametrize("name,dtype,per_sm,spilled", [
+    ("smollm2-135m", torch.float16, 3, 0), ("qwen2.5-0.5b", torch.bfloat16, 4, 0),
+    ("qwen3-0.6b", torch.bfloat16, 2, 12), ("llama-3.2-1b", torch.bfloat16, 2, 0)])
 def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, tmp_path, name,
-                                                                  dtype, per_sm):
+                                                                  dtype, per_sm, spilled):
     """Built for sm_90 as launched: the program's ticket is a relaxed add; each of the four
     waits polls with acquire loads (one before its loop, one in it); each of the six counts
     (qkv, an attention row, the rows combined, wo, w13, w2) is an acq_rel add; the row's count
     and the ticket and five stage counts go back to 0 with exchanges; the PTX keeps the
-    memory order (keeps_the_memory_order); and no value spills to local memory, though the
-    one launch holds the registers of its hungriest stage (docs/engine.md). per_sm: the
-    programs an SM's 65,536 registers hold (1B's two need layer_step.MAX_WARPS; Qwen3's q/k
-    norms keep it at one)."""
+    memory order (keeps_the_memory_order). per_sm: the programs an SM's 65,536 registers hold,
+    though the one launch holds the registers of its hungriest stage; spilled: the bytes it
+    spills to local memory, none but Qwen3-0.6B's 12 at 8 warps (docs/engine.md, "What one
+    launch costs in registers")."""
     launch = recorded_launch(monkeypatch, name, dtype)
     ir, lines = sm90_build(*launch)
-    registers, spilled = sm90_registers("\n".join(lines), tmp_path)
-    assert spilled == 0, name
+    registers, spills = sm90_registers("\n".join(lines), tmp_path)
+    assert spills == spilled, (name, spills)
     assert 65536 // (registers * 32 * launch[2]["num_warps"]) == per_sm, (name, registers)
     assert ops(ir, "add", "relaxed") == 1, name
     assert ops(ir, "add", "acquire") == 8, name

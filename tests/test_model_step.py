@@ -23,7 +23,14 @@ from infermeter.engine.fusion import fuse_projections
 from infermeter.engine.model import build_model, set_step_kernels
 from infermeter.specs.presets import PRESETS
 from tests.sm90_build import sm90_registers
-from tests.test_layer_step import keeps_the_memory_order, ops, recorded, sm90_build
+from tests.test_layer_step import (
+    H100_SMS,
+    keeps_the_memory_order,
+    ops,
+    recorded,
+    recorded_launch,
+    sm90_build,
+)
 from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
 
@@ -37,11 +44,13 @@ def test_model_step_under_the_triton_interpreter():
 
 def recorded_model_launch(monkeypatch, name: str, dtype: torch.dtype, layers: int = 2) -> tuple:
     """The model launch of `layers` layers of preset `name`'s shapes, recorded, not run."""
+    from infermeter.engine.kernels import layer_step as layer_module
     from infermeter.engine.kernels import model_step as model_module
 
     spec = PRESETS[name]
     dim, head_dim, kv = spec.dim, spec.head_dim, spec.n_kv_heads
     n_q = spec.n_heads * head_dim
+    monkeypatch.setattr(layer_module, "INTERPRETER_PROGRAMS", H100_SMS)  # an H100's chunks
 
     def each(*shape):
         return [torch.zeros(*shape, dtype=dtype) for _ in range(layers)]
@@ -68,6 +77,11 @@ def test_the_launch_builds_for_an_h100_and_keeps_its_memory_order(monkeypatch, t
     stage counts, one for an attention row); the PTX keeps the memory order; no spills."""
     ir, lines = sm90_build(*recorded_model_launch(monkeypatch, name, dtype))
     assert sm90_registers("\n".join(lines), tmp_path)[1] == 0, name
+    # the weights and caches through the address table load 16 bytes at a time, as the layer
+    # launch's do (a loaded pointer's alignment unsaid, every such load was 2 bytes)
+    wide = sum("ld.global" in line and ".v4." in line for line in lines)
+    layer_lines = sm90_build(*recorded_launch(monkeypatch, name, dtype))[1]
+    assert wide >= sum("ld.global" in line and ".v4." in line for line in layer_lines), name
     assert ops(ir, "add", "relaxed") == 1, name
     assert ops(ir, "add", "acquire") == 10, name
     assert ops(ir, "add", "acq_rel") == 6, name

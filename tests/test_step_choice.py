@@ -11,6 +11,7 @@ from infermeter.engine.step_choice import (
     choose_step,
     step_weight_bytes,
 )
+from infermeter.errors import InfermeterError
 from infermeter.specs.presets import PRESETS
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -47,6 +48,22 @@ def test_kernels_asked_by_name_run_as_asked_with_their_own_replay_whatever_the_s
             choice = choose_step(size, CUDA, False, 1, 1, None, kernels)
             assert (choice.kernels, choice.graphs) == (kernels, graphs)
             assert choice.reason == f"asked: {kernels}, {graphs}"
+
+
+@pytest.mark.parametrize("moe,tp,batch,backend,why", [
+    (True, 1, 1, None, "an MoE model"), (False, 2, 1, None, "tp 2"),
+    (False, 1, 8, None, "batch 8"), (False, 1, 1, "cudagraphs", "the cudagraphs backend")])
+def test_one_launch_a_model_outside_the_recorded_step_is_one_line_up_front(moe, tp, batch,
+                                                                           backend, why):
+    """The model launch's address table is made on the step's first, eager run, which the
+    trees may skip when they record a step anew: asked for where the step would run in them,
+    it is refused before the work. Off a GPU it runs eagerly (no graph), and in the recorded
+    step as asked."""
+    with pytest.raises(InfermeterError, match=f"model runs only in the recorded step, which "
+                                              f"{why} does not take"):
+        choose_step(1000, CUDA, moe, tp, batch, backend, "model")
+    assert choose_step(1000, CUDA, False, 1, 1, None, "model").graphs == "recorded"
+    assert choose_step(1000, CPU, False, 1, 1, None, "model").kernels == "model"
 
 
 def test_a_step_reads_a_tied_head_once_and_no_untied_embedding_table():

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from infermeter.errors import InfermeterError
+
 AUTO = "auto"
 # The most weight bytes a step may read and still take the fused, recorded step: between
 # Qwen2.5-0.5B's 0.99 GB (fused won by 2%) and Llama-3.2-1B's 2.47 GB (fused lost by 3%).
@@ -61,6 +63,11 @@ def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, bat
             else f"the {backend} backend" if backend not in (None, "inductor")
             else "an MoE model" if moe else f"tp {tp}" if tp > 1
             else f"batch {batch}" if batch > 1 else None)
+    if kernels == "model" and held not in (None, "off a GPU"):
+        # its address table is made on the step's first, eager run; the trees may record a
+        # step anew (a cache at new addresses) with no eager run before, where it cannot be
+        raise InfermeterError(f"--step-kernels model runs only in the recorded step, which "
+                              f"{held} does not take: ask for layer (one launch a layer)")
     if kernels != AUTO:
         graphs = "trees" if held or kernels == "split" else "recorded"
         return StepChoice(kernels, graphs,

@@ -58,11 +58,11 @@ from infermeter.engine.kernels.stage_sync import LINE, kept_counts
 from infermeter.engine.kernels.triton_support import tl, triton
 
 STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w13, w2
-# The most warps a launch takes. A program holds the registers of its hungriest stage: built
-# for sm_90, Llama-3.2-1B's launch at the 16 warps its w2 tile asks for needs 107 registers a
-# thread, one program an SM, half the weight bytes in flight of two; at 8 warps and one
-# stage, 128, two programs an SM (65,536 registers; docs/engine.md, "What one launch costs in
-# registers").
+# The most warps a launch takes. A program holds the registers of its hungriest stage; built
+# for sm_90 as launched (tests/sm90_build.py), at 8 warps and one pipeline stage every checked
+# preset's layer and model launches fit two programs an SM, and only Qwen3-0.6B's layer launch
+# spills (12 bytes); at 16 (1B's w2 tile asks for them) the 1B model launch spills 76 bytes
+# (docs/engine.md, "What one launch costs in registers").
 MAX_WARPS = 8
 # The programs a GEMV stage is cut into off a GPU (stage_chunks): few, so that Triton's
 # interpreter runs the chunks' loops the GPU runs (3: the tests' stages end in a short chunk)
@@ -226,10 +226,9 @@ def stage_tiles(dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
 
 def launch_shape(tiles: dict[str, tuple[int, int, int]]) -> tuple[int, int]:
     """(num_warps, num_stages) of the launch: the most warps a stage's tile asks for, at most
-    MAX_WARPS, and one pipeline stage. Two stages cost 1B's 8-warp program 144 registers (one
-    program an SM), and with a stage's chunk loop around the GEMV's own loop they spill (12
-    bytes at 135M, 120 at 1B, built for sm_90); the fused GEMV timed 1, 2 and 4 stages within
-    0.4% of each other (gemv.NUM_STAGES)."""
+    MAX_WARPS, and one pipeline stage: with two, the chunk loop around the GEMV's own made
+    135M's build spill 44 bytes, and the fused GEMV timed 1, 2 and 4 stages within 0.4% of each
+    other (gemv.NUM_STAGES)."""
     return min(MAX_WARPS, max(t[2] for t in tiles.values())), 1
 
 
@@ -240,12 +239,13 @@ def stage_rows(n_rows_qkv: int, dim: int, ffn: int) -> dict[str, int]:
 
 def stage_chunks(rows: dict[str, int], tiles: dict[str, tuple[int, int, int]],
                  programs: int) -> dict[str, int]:
-    """Each GEMV stage's row blocks a program: as many as leave the stage about `programs`
+    """Each GEMV stage's row blocks a program: as few as leave the stage at most `programs`
     programs. Why: every program of the launch draws a ticket, counts itself and polls a count,
     atomics on a few shared addresses, and the fused step's tiles give a stage hundreds to
     thousands of programs of 1 to 4 rows (Llama-3.2-1B: 6,464 a layer), where one launch a
     layer ran 1.34x to 1.45x slower than the fused kernels that need none of them."""
-    return {name: max(1, math.ceil(rows[name] / tiles[name][0]) // programs) for name in rows}
+    return {name: max(1, math.ceil(math.ceil(rows[name] / tiles[name][0]) / programs))
+            for name in rows}
 
 
 def layer_programs(n_kv_heads: int, n_splits: int, rows: dict[str, int],

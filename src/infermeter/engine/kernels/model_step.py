@@ -48,11 +48,6 @@ from infermeter.engine.kernels.triton_support import tl, triton
 
 # The table's rows: each layer's tensors whose address it reads (bias and the q/k norms only
 # where the model has them; a missing one's row holds 0, never read)
-# The most warps the launch takes: built for sm_90 at 8 warps, the table's addresses and the
-# chunks' loops need more than the 128 registers a thread ptxas then allows (8 bytes spilled at
-# 135M, 88 at 1B); at 4 warps none spill and two programs still share an SM (222 and 231
-# registers a thread)
-MAX_WARPS = 4
 ROWS = ("attention_norm", "wqkv", "bias", "q_norm", "k_norm", "wo", "ffn_norm", "w13", "w2",
         "k_cache", "v_cache")
 
@@ -61,9 +56,16 @@ if triton is not None:
     from infermeter.engine.kernels.stage_sync import reset_counts, take_ticket
 
     @triton.jit
-    def _address(TABLE, row: tl.constexpr, n_layers, layer, TYPED):
-        """Layer `layer`'s tensor of table row `row`, as a pointer of TYPED's element type."""
-        return tl.load(TABLE + row * n_layers + layer).to(tl.pointer_type(TYPED.dtype.element_ty))
+    def _address(TABLE, row: tl.constexpr, n_layers, layer, TYPED, ALIGNED: tl.constexpr):
+        """Layer `layer`'s tensor of table row `row`, as a pointer of TYPED's element type.
+        ALIGNED: every address of the table is a multiple of 16, said to the compiler, which
+        otherwise knows nothing of a loaded pointer and reads through it 2 bytes a load (a
+        kernel argument's alignment it learns from the launch)."""
+        address = tl.load(TABLE + row * n_layers + layer).to(
+            tl.pointer_type(TYPED.dtype.element_ty))
+        if ALIGNED:
+            address = tl.multiple_of(address, 16)
+        return address
 
     @triton.jit
     def _model_kernel(
@@ -82,7 +84,7 @@ if triton is not None:
             BK_WO: tl.constexpr, BN_W13: tl.constexpr, BK_W13: tl.constexpr,
             BN_W2: tl.constexpr, BK_W2: tl.constexpr, CH_QKV: tl.constexpr,
             CH_WO: tl.constexpr, CH_W13: tl.constexpr, CH_W2: tl.constexpr,
-            STAGES: tl.constexpr, LINE: tl.constexpr):
+            STAGES: tl.constexpr, LINE: tl.constexpr, ALIGNED: tl.constexpr):
         # COUNT [layers x block] int32, block = (1 + STAGES + H_kv) x LINE: a layer's counts
         # as layer_stages reads them; layer 0's first slot is the ticket
         ticket = take_ticket(COUNT)
@@ -100,17 +102,23 @@ if triton is not None:
         if layer == 0:
             wait = COUNT + 5 * LINE
             wait_for = 0
+        # this layer's tensors (ROWS' order in the table)
+        norm_w, wqkv, bias, q_norm_w, k_norm_w, wo, ffn_norm_w, w13, w2, k_cache, v_cache = (
+            _address(TABLE, 0, n_layers, layer, ATTN_NORM_W, ALIGNED),
+            _address(TABLE, 1, n_layers, layer, WQKV, ALIGNED),
+            _address(TABLE, 2, n_layers, layer, BIAS, ALIGNED),
+            _address(TABLE, 3, n_layers, layer, Q_NORM_W, ALIGNED),
+            _address(TABLE, 4, n_layers, layer, K_NORM_W, ALIGNED),
+            _address(TABLE, 5, n_layers, layer, WO, ALIGNED),
+            _address(TABLE, 6, n_layers, layer, FFN_NORM_W, ALIGNED),
+            _address(TABLE, 7, n_layers, layer, W13, ALIGNED),
+            _address(TABLE, 8, n_layers, layer, W2, ALIGNED),
+            _address(TABLE, 9, n_layers, layer, K_CACHE, ALIGNED),
+            _address(TABLE, 10, n_layers, layer, V_CACHE, ALIGNED))
         last = layer_stages(
-            ticket - layer * end_w2, x, _address(TABLE, 0, n_layers, layer, ATTN_NORM_W),
-            _address(TABLE, 1, n_layers, layer, WQKV), _address(TABLE, 2, n_layers, layer, BIAS),
-            COS, SIN, POS, Q, _address(TABLE, 9, n_layers, layer, K_CACHE),
-            _address(TABLE, 10, n_layers, layer, V_CACHE), KEY_POS,
-            _address(TABLE, 3, n_layers, layer, Q_NORM_W),
-            _address(TABLE, 4, n_layers, layer, K_NORM_W), ACC, M, L, ATTN,
-            _address(TABLE, 5, n_layers, layer, WO), H,
-            _address(TABLE, 6, n_layers, layer, FFN_NORM_W),
-            _address(TABLE, 7, n_layers, layer, W13), ACT,
-            _address(TABLE, 8, n_layers, layer, W2), out, counts, wait, wait_for,
+            ticket - layer * end_w2, x, norm_w, wqkv, bias, COS, SIN, POS, Q, k_cache, v_cache,
+            KEY_POS, q_norm_w, k_norm_w, ACC, M, L, ATTN, wo, H, ffn_norm_w, w13, ACT, w2, out,
+            counts, wait, wait_for,
             dim, ffn, n_q, n_kv, stride_wqkv, stride_wo, stride_w13, stride_w2, stride_ch,
             stride_cs, slots, n_kv_heads, groups, chunk, n_splits, 0, end_qkv, end_attend,
             end_wo, end_w13, end_w2, EPS, FFN_EPS, QK_EPS, HAS_BIAS, QK_NORM, False, False,
@@ -146,9 +154,9 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
                "w13": w13s, "w2": w2s, "k_cache": k_caches, "v_cache": v_caches}
     # a row the model lacks holds 0, never read: a tensor's address there (x's changes from
     # step to step) would ask for a new table at the CUDA graph's capture
-    table = kept_addresses(x.device, tuple(
-        columns[row][layer].data_ptr() if columns[row] else 0
-        for row in ROWS for layer in range(layers)))
+    addresses = tuple(columns[row][layer].data_ptr() if columns[row] else 0
+                      for row in ROWS for layer in range(layers))
+    table = kept_addresses(x.device, addresses)
     acc = torch.empty(n_kv_heads, n_splits, groups, head_dim, device=x.device,
                       dtype=torch.float32)
     m = torch.empty(n_kv_heads, n_splits, groups, device=x.device, dtype=torch.float32)
@@ -161,7 +169,6 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
     block = (1 + STAGE_COUNTS + n_kv_heads) * LINE
     counts = kept_counts(x.device, layers * block)
     warps, stages = launch_shape(tiles)
-    warps = min(warps, MAX_WARPS)
     _model_kernel[(layers * ends[-1],)](
         x, acts, out, table, layers, block, attention_norms[0], wqkvs[0],
         biases[0] if has_bias else x, cos, sin, input_pos, q, k_cache, v_caches[0], key_pos,
@@ -173,6 +180,7 @@ def _model_step(x: Tensor, attention_norms: list[Tensor], wqkvs: list[Tensor],
         EPS=eps, FFN_EPS=ffn_eps, QK_EPS=qk_eps if qk_norm else 0.0, HAS_BIAS=has_bias,
         QK_NORM=qk_norm, HEAD_DIM=head_dim,
         **stage_constexprs(x, head_dim, groups, n_splits, tiles, chunks),
+        ALIGNED=all(address % 16 == 0 for address in addresses),
         num_warps=warps, num_stages=stages)
     return out
 
