@@ -15,9 +15,6 @@ benchmarks/step_kernels_ab.py's to say.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from infermeter.engine.model import build_model, layer_step_layers, set_step_ker
 from infermeter.specs.presets import PRESETS
 from tests.sm90_build import sm90_registers
 from tests.test_peer_all_reduce import needs_triton
-from tests.triton_interpreter import run_under_interpreter
+from tests.triton_interpreter import run_under_interpreter, run_worker
 
 WORKER = Path(__file__).with_name("layer_step_worker.py")
 H100_SMS = 132  # the launches built for sm_90 here are cut into an H100's chunks
@@ -349,9 +346,4 @@ def test_the_result_says_layer_where_the_traced_steps_ran_every_layer_in_one_lau
 def test_on_cuda_the_launch_gives_the_fused_kernels_results_and_ends():
     """The worker's comparisons on a GPU, in a subprocess: a stage that waited for a count
     never reached would hang the launch, so a timeout is a failure, not a stuck suite."""
-    root = WORKER.resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(root / "src"), str(root), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER), "cuda"], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_worker(WORKER, ("cuda",), {}, 300)

@@ -11,9 +11,6 @@ benchmarks/step_kernels_ab.py's to say.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ from tests.test_layer_step import (
     sm90_build,
 )
 from tests.test_peer_all_reduce import needs_triton
-from tests.triton_interpreter import run_under_interpreter
+from tests.triton_interpreter import run_under_interpreter, run_worker
 
 WORKER = Path(__file__).with_name("model_step_worker.py")
 
@@ -130,9 +127,4 @@ def test_which_models_take_one_launch(monkeypatch):
 def test_on_cuda_the_launch_gives_the_layer_launches_results_and_ends():
     """The worker's comparisons on a GPU, in a subprocess: a wait for a count never reached
     would hang the launch, so a timeout is a failure, not a stuck suite."""
-    root = WORKER.resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(root / "src"), str(root), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(WORKER), "cuda"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_worker(WORKER, ("cuda",), {}, 120)

@@ -15,12 +15,20 @@ def run_under_interpreter(worker: Path, *args: str) -> None:
     """Run `worker` (with `args`) with TRITON_INTERPRET=1 and src/ and the repository on
     PYTHONPATH (a worker may import tests' helpers); it must exit 0 with its output ending in
     "ok"."""
+    run_worker(worker, args, {"TRITON_INTERPRET": "1"}, 300)
+
+
+def run_worker(worker: Path, args: tuple[str, ...], env: dict[str, str], timeout: int) -> None:
+    """Run `worker` (with `args`, `env` added) in a subprocess with src/ and the repository on
+    PYTHONPATH; it must exit 0 with its output ending in "ok" within `timeout` seconds. On a GPU
+    a kernel's wait for a count never reached is a hang: the timeout makes it a failure, not a
+    stuck suite."""
     root = worker.resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
+    env = {**os.environ, **env,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), str(root),
                                                        os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, str(worker), *args], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=timeout)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
