@@ -8,6 +8,7 @@ from infermeter.engine.model import build_model
 from infermeter.engine.step_choice import (
     SMALL_STEP_BYTES,
     StepChoice,
+    check_model_kernels,
     choose_step,
     step_weight_bytes,
 )
@@ -64,6 +65,11 @@ def test_one_launch_a_model_outside_the_recorded_step_is_one_line_up_front(moe, 
         choose_step(1000, CUDA, moe, tp, batch, backend, "model")
     assert choose_step(1000, CUDA, False, 1, 1, None, "model").graphs == "recorded"
     assert choose_step(1000, CPU, False, 1, 1, None, "model").kernels == "model"
+    # generate's check before the weights: the trees asked for by name too
+    with pytest.raises(InfermeterError, match="which --step-graphs trees does not take"):
+        check_model_kernels(CUDA, False, 1, 1, None, "trees")
+    check_model_kernels(CUDA, False, 1, 1, None, "recorded")
+    check_model_kernels(CPU, False, 1, 8, None, "trees")  # eager: no graph to record
 
 
 def test_a_step_reads_a_tied_head_once_and_no_untied_embedding_table():

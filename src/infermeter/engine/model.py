@@ -568,8 +568,8 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
 
 
 def fused_step_layers(model: Transformer) -> int:
-    """How many layers a compiled batch-1 step runs wholly fused (asked for, "fused" or
-    "layer", and fuses_step())."""
+    """How many layers a compiled batch-1 step runs wholly fused (asked for, one of
+    FUSED_KINDS, and fuses_step())."""
     return sum(layer.step_kernels in FUSED_KINDS and layer.fuses_step()
                for layer in model.layers)
 

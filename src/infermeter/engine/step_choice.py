@@ -51,6 +51,29 @@ def step_weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
+def held_in_trees(device: torch.device, moe: bool, tp: int, batch: int,
+                  backend: str | None) -> str | None:
+    """Why a step stays split in the trees whatever its size (the module docstring), or None."""
+    return ("off a GPU" if device.type != "cuda"
+            else f"the {backend} backend" if backend not in (None, "inductor")
+            else "an MoE model" if moe else f"tp {tp}" if tp > 1
+            else f"batch {batch}" if batch > 1 else None)
+
+
+def check_model_kernels(device: torch.device, moe: bool, tp: int, batch: int,
+                        backend: str | None, graphs: str = AUTO) -> None:
+    """Refuse step kernels "model" where its step would replay in inductor's trees (held
+    there, or `graphs` "trees" asked for): its address table is made on the step's first,
+    eager run, and the trees may record a step anew (a cache at new addresses) with no eager
+    run before it. Off a GPU it runs eagerly: no graph."""
+    held = held_in_trees(device, moe, tp, batch, backend)
+    if graphs == "trees" and device.type == "cuda":
+        held = "--step-graphs trees"
+    if held not in (None, "off a GPU"):
+        raise InfermeterError(f"--step-kernels model runs only in the recorded step, which "
+                              f"{held} does not take: ask for layer (one launch a layer)")
+
+
 def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, batch: int,
                 backend: str | None = None, kernels: str = AUTO) -> StepChoice:
     """The step for a model reading weight_bytes a step on `device`, with MoE layers or not,
@@ -59,15 +82,9 @@ def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, bat
     replayed: the fused ones (and one launch a layer) in the recorded graph, split in the trees;
     "auto" picks them by size. The reason says which ("auto: ..." or "asked: ...")."""
     gb = f"{weight_bytes / 1e9:.2f} GB of weights"
-    held = ("off a GPU" if device.type != "cuda"
-            else f"the {backend} backend" if backend not in (None, "inductor")
-            else "an MoE model" if moe else f"tp {tp}" if tp > 1
-            else f"batch {batch}" if batch > 1 else None)
-    if kernels == "model" and held not in (None, "off a GPU"):
-        # its address table is made on the step's first, eager run; the trees may record a
-        # step anew (a cache at new addresses) with no eager run before, where it cannot be
-        raise InfermeterError(f"--step-kernels model runs only in the recorded step, which "
-                              f"{held} does not take: ask for layer (one launch a layer)")
+    held = held_in_trees(device, moe, tp, batch, backend)
+    if kernels == "model":
+        check_model_kernels(device, moe, tp, batch, backend)
     if kernels != AUTO:
         graphs = "trees" if held or kernels == "split" else "recorded"
         return StepChoice(kernels, graphs,
