@@ -66,7 +66,7 @@ def test_one_launch_a_model_outside_the_recorded_step_is_one_line_up_front(moe, 
     assert choose_step(1000, CUDA, False, 1, 1, None, "model").graphs == "recorded"
     assert choose_step(1000, CPU, False, 1, 1, None, "model").kernels == "model"
     # generate's check before the weights: the trees asked for by name too
-    with pytest.raises(InfermeterError, match="which --step-graphs trees does not take"):
+    with pytest.raises(InfermeterError, match="a step replayed in the trees as asked does not"):
         check_model_kernels(CUDA, False, 1, 1, None, "trees")
     check_model_kernels(CUDA, False, 1, 1, None, "recorded")
     check_model_kernels(CPU, False, 1, 8, None, "trees")  # eager: no graph to record

@@ -68,7 +68,7 @@ def check_model_kernels(device: torch.device, moe: bool, tp: int, batch: int,
     run before it. Off a GPU it runs eagerly: no graph."""
     held = held_in_trees(device, moe, tp, batch, backend)
     if graphs == "trees" and device.type == "cuda":
-        held = "--step-graphs trees"
+        held = "a step replayed in the trees as asked"
     if held not in (None, "off a GPU"):
         raise InfermeterError(f"--step-kernels model runs only in the recorded step, which "
                               f"{held} does not take: ask for layer (one launch a layer)")
