@@ -21,13 +21,13 @@ layers: layer l's qkv waits for layer l - 1's last stage, which waited for every
 so nothing of layer l - 1 still reads them. The residual stream is ACTS [layers - 1, dim]: layer
 l writes row l and reads row l - 1; layer 0 reads x, the last layer writes OUT. The counts
 (stage_sync.kept_counts) are a layer_step block per layer; layer 0's first slot is the launch's
-ticket. The program that counts
-the last layer's w2 whole resets every layer's counts: every wait of the launch has been passed
-by then (each program waits before it counts).
+ticket. The program that counts the last layer's w2 whole resets every layer's counts: every
+wait of the launch has been passed by then (each program waits before it counts).
 
 What takes it (Transformer.takes_model_kernel): every layer a dense one that takes the layer
 launch, with a cache that is not a ring (no sliding window) and no per-layer RoPE base, all
-alike.
+alike. It runs only in the recorded step (step_choice.check_model_kernels): its address table
+is made on the step's first, eager run, which inductor's trees may skip when they record anew.
 """
 
 from __future__ import annotations
