@@ -79,6 +79,24 @@ if triton is not None:
     )
 
     @triton.jit
+    def gemv_chunk(chunk, CHUNK: tl.constexpr, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
+                   up_row, WAIT, wait_for, EPS: tl.constexpr, HAS_NORM: tl.constexpr,
+                   SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr):
+        """A GEMV stage's program `chunk`: its CHUNK row blocks of fused_gemv_rows, one after
+        another (the last chunk may hold fewer); the first waits for the int32 at WAIT to reach
+        wait_for after loading its first weight tile, the rest need not."""
+        first = chunk * CHUNK
+        fused_gemv_rows(first, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row, WAIT,
+                        wait_for, EPS, HAS_NORM, False, SWIGLU, HAS_RESIDUAL, BLOCK_N, BLOCK_K,
+                        LIBDEVICE, False, False, True)
+        for block in range(first + 1, first + CHUNK):
+            if block < tl.cdiv(n_out, BLOCK_N):
+                fused_gemv_rows(block, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
+                                WAIT, 0, EPS, HAS_NORM, False, SWIGLU, HAS_RESIDUAL, BLOCK_N,
+                                BLOCK_K, LIBDEVICE, False, False, False)
+
+    @triton.jit
     def layer_stages(
             pid, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q, K_CACHE, V_CACHE, KEY_POS,
             Q_NORM_W, K_NORM_W, ACC, M, L, ATTN, WO, H, FFN_NORM_W, W13, ACT, W2, OUT, COUNT,
@@ -139,40 +157,22 @@ if triton is not None:
                 tl.atomic_xchg(row_count, 0, sem="relaxed", scope="gpu")
                 count_done(COUNT + 2 * LINE)
         elif pid < end_wo:  # h = x + wo(attention)
-            first = (pid - end_attend) * CH_WO
-            fused_gemv_rows(first, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
-                            COUNT + 2 * LINE, n_kv_heads, 0.0, False, False, False, True,
-                            BN_WO, BK_WO, LIBDEVICE, False, False, True)
-            for block in range(first + 1, first + CH_WO):
-                if block < tl.cdiv(dim, BN_WO):
-                    fused_gemv_rows(block, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
-                                    COUNT, 0, 0.0, False, False, False, True, BN_WO, BK_WO,
-                                    LIBDEVICE, False, False, False)
+            gemv_chunk(pid - end_attend, CH_WO, ATTN, ATTN, WO, X, H, dim, n_q, stride_wo, dim,
+                       COUNT + 2 * LINE, n_kv_heads, 0.0, False, False, True, BN_WO, BK_WO,
+                       LIBDEVICE)
             done = count_done(COUNT + 3 * LINE)
             if not FFN:  # the attention side alone (an MoE layer): wo is the last stage
                 if done == end_wo - end_attend - 1:
                     last = 1
         elif pid < end_w13:  # silu(gate) * up of ffn_norm(h)
-            first = (pid - end_wo) * CH_W13
-            fused_gemv_rows(first, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
-                            ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, False,
-                            True, False, BN_W13, BK_W13, LIBDEVICE, False, False, True)
-            for block in range(first + 1, first + CH_W13):
-                if block < tl.cdiv(ffn, BN_W13):
-                    fused_gemv_rows(block, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
-                                    ffn, COUNT, 0, FFN_EPS, True, False, True, False, BN_W13,
-                                    BK_W13, LIBDEVICE, False, False, False)
+            gemv_chunk(pid - end_wo, CH_W13, H, FFN_NORM_W, W13, H, ACT, ffn, dim, stride_w13,
+                       ffn, COUNT + 3 * LINE, end_wo - end_attend, FFN_EPS, True, True, False,
+                       BN_W13, BK_W13, LIBDEVICE)
             count_done(COUNT + 4 * LINE)
         else:  # out = h + w2(act)
-            first = (pid - end_w13) * CH_W2
-            fused_gemv_rows(first, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
-                            COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, False, True,
-                            BN_W2, BK_W2, LIBDEVICE, False, False, True)
-            for block in range(first + 1, first + CH_W2):
-                if block < tl.cdiv(dim, BN_W2):
-                    fused_gemv_rows(block, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
-                                    COUNT, 0, 0.0, False, False, False, True, BN_W2, BK_W2,
-                                    LIBDEVICE, False, False, False)
+            gemv_chunk(pid - end_w13, CH_W2, ACT, ACT, W2, H, OUT, dim, ffn, stride_w2, dim,
+                       COUNT + 4 * LINE, end_w13 - end_wo, 0.0, False, False, True, BN_W2,
+                       BK_W2, LIBDEVICE)
             if count_done(COUNT + 5 * LINE) == end_w2 - end_w13 - 1:
                 last = 1
         return last
