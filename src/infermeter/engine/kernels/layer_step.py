@@ -19,13 +19,12 @@ stages of one launch, each program's stage given by the ticket it draws as it st
                                                                sets the ticket and counts to 0
 
 A GEMV stage's program runs a chunk of its row blocks (BLOCK_N rows each, the fused step's
-tiles), one after another, so that the stage is about one program an SM (stage_chunks): every
-program draws a ticket, counts and polls, atomics on shared addresses, and a program a block
-(up to 6,464 a layer at Llama-3.2-1B) ran 1.34x to 1.45x slower than the fused kernels on an
-H100. An MoE layer runs the first three stages alone (its experts run apart, after the
-launch): its last wo program resets. Each GEMV stage's program loads its first weight tile
-before it waits (as under PDL), so the next stage's weights stream in while the stage before
-finishes.
+tiles), one after another (stage_chunks). On a GPU a chunk is one block unless
+PROGRAMS_PER_SM asks for fewer, longer programs: cut to one program an SM, the launch ran
+slower still (docs/engine.md). An MoE layer runs the first three stages alone (its experts run
+apart, after the launch): its last wo program resets. Each GEMV stage's program loads its first
+weight tile before it waits (as under PDL), so the next stage's weights stream in while the
+stage before finishes.
 stage_sync.py says why the waits cannot deadlock and how the stores are published.
 
 The stages are the fused step's own code (fused_step.norm_qkv_rope_rows, fused_gemv_rows,
@@ -60,13 +59,18 @@ from infermeter.engine.kernels.triton_support import tl, triton
 STAGE_COUNTS = 5  # counts after the ticket: qkv, attend (rows combined), wo, w13, w2
 # The most warps a launch takes. A program holds the registers of its hungriest stage; built
 # for sm_90 as launched (tests/sm90_build.py), at 8 warps and one pipeline stage every checked
-# preset's layer and model launches fit two programs an SM, and only Qwen3-0.6B's layer launch
-# spills (12 bytes); at 16 (1B's w2 tile asks for them) the 1B model launch spills 76 bytes
+# preset's layer and model launches fit two programs an SM (docs/engine.md says which spill);
+# at 16 (1B's w2 tile asks for them) the 1B model launch spills 76 bytes
 # (docs/engine.md, "What one launch costs in registers").
 MAX_WARPS = 8
+# On a GPU, the programs an SM a GEMV stage is cut down to (stage_chunks), or None: a program
+# a row block. None since an H100's run of one program an SM (8 warps walking a chunk of
+# blocks; fewer bytes in flight an SM) was 1.3x to 1.4x the layer launch's TPOT before
+# (docs/engine.md); kept for an A/B of 2, 4, ...
+PROGRAMS_PER_SM: int | None = None
 # The programs a GEMV stage is cut into off a GPU (stage_chunks): few, so that Triton's
-# interpreter runs the chunks' loops the GPU runs (3: the tests' stages end in a short chunk)
-INTERPRETER_PROGRAMS = 3
+# interpreter runs the chunk loops (3: the tests' stages end in a short chunk); None: none
+INTERPRETER_PROGRAMS: int | None = 3
 
 if triton is not None:
     from infermeter.engine.kernels.decode_attention import combine_head, split_partials
@@ -90,11 +94,12 @@ if triton is not None:
         fused_gemv_rows(first, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row, WAIT,
                         wait_for, EPS, HAS_NORM, False, SWIGLU, HAS_RESIDUAL, BLOCK_N, BLOCK_K,
                         LIBDEVICE, False, False, True)
-        for block in range(first + 1, first + CHUNK):
-            if block < tl.cdiv(n_out, BLOCK_N):
-                fused_gemv_rows(block, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
-                                WAIT, 0, EPS, HAS_NORM, False, SWIGLU, HAS_RESIDUAL, BLOCK_N,
-                                BLOCK_K, LIBDEVICE, False, False, False)
+        if CHUNK > 1:  # no loop at all in a program of one block (a GPU's default)
+            for block in range(first + 1, first + CHUNK):
+                if block < tl.cdiv(n_out, BLOCK_N):
+                    fused_gemv_rows(block, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
+                                    up_row, WAIT, 0, EPS, HAS_NORM, False, SWIGLU, HAS_RESIDUAL,
+                                    BLOCK_N, BLOCK_K, LIBDEVICE, False, False, False)
 
     @triton.jit
     def layer_stages(
@@ -238,12 +243,14 @@ def stage_rows(n_rows_qkv: int, dim: int, ffn: int) -> dict[str, int]:
 
 
 def stage_chunks(rows: dict[str, int], tiles: dict[str, tuple[int, int, int]],
-                 programs: int) -> dict[str, int]:
+                 programs: int | None) -> dict[str, int]:
     """Each GEMV stage's row blocks a program: as few as leave the stage at most `programs`
-    programs. Why: every program of the launch draws a ticket, counts itself and polls a count,
-    atomics on a few shared addresses, and the fused step's tiles give a stage hundreds to
-    thousands of programs of 1 to 4 rows (Llama-3.2-1B: 6,464 a layer), where one launch a
-    layer ran 1.34x to 1.45x slower than the fused kernels that need none of them."""
+    programs (None: one). Why chunks at all: every program of the launch draws a ticket,
+    counts itself and polls a count, atomics on a few shared addresses, and the fused step's
+    tiles give a stage hundreds to thousands of programs of 1 to 4 rows (Llama-3.2-1B: 6,464
+    a layer). Measured, fewer programs cost more than the atomics they saved (PROGRAMS_PER_SM)."""
+    if programs is None:
+        return dict.fromkeys(rows, 1)
     return {name: max(1, math.ceil(math.ceil(rows[name] / tiles[name][0]) / programs))
             for name in rows}
 
@@ -268,14 +275,18 @@ def layer_programs(n_kv_heads: int, n_splits: int, rows: dict[str, int],
 def launch_plan(n_rows_qkv: int, dim: int, n_q: int, ffn: int, head_dim: int, qk_norm: bool,
                 n_kv_heads: int, n_splits: int,
                 device: torch.device) -> tuple[dict, dict, tuple[int, ...]]:
-    """(tiles, chunks, ticket ends) of a layer's launch on `device`: a GEMV stage is about
-    one program an SM (off a GPU, INTERPRETER_PROGRAMS: Triton's interpreter runs the same
-    chunks' code)."""
+    """(tiles, chunks, ticket ends) of a layer's launch on `device`: on a GPU a program a
+    row block, or PROGRAMS_PER_SM an SM; off a GPU, INTERPRETER_PROGRAMS a stage (Triton's
+    interpreter runs the chunk loops)."""
     tiles = stage_tiles(dim, n_q, ffn, head_dim, qk_norm, gpu_name(device))
     rows = stage_rows(n_rows_qkv, dim, ffn)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else INTERPRETER_PROGRAMS
-    chunks = stage_chunks(rows, tiles, sms)
+    if device.type != "cuda":
+        programs = INTERPRETER_PROGRAMS
+    elif PROGRAMS_PER_SM is None:
+        programs = None
+    else:
+        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = stage_chunks(rows, tiles, programs)
     return tiles, chunks, layer_programs(n_kv_heads, n_splits, rows, tiles, chunks)
 
 

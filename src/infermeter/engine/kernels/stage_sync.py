@@ -9,19 +9,16 @@ none), so every program it waits for makes progress. Triton's CPU interpreter ru
 one after another, so there the tickets are the program ids and every wait is met on arrival.
 
 Memory order: a program's stores are published by a release on its count, after a barrier
-(every thread's stores first). A waiting program polls with acquire loads (`ld.acquire.gpu`,
-PTX's own load with acquire order), so the loads after the wait see what the counted programs
-wrote. A poll is a load, not an atomic: the L2 serves the loads of many waiting programs
-together, where each atomic on one address (an `add 0` was the poll at first) is served one
-after another, queued with the counting programs' adds. Each count has a 128-byte line of its
-own (LINE int32s), so the polls of one stage never share a line with another stage's counting.
-Triton's interpreter runs no PTX: there the poll is an acquire add of 0 (POLL_BY_LOAD).
+(every thread's stores first). A waiting program polls with acquire loads from one thread (a
+scalar atomic: Triton issues it from thread 0 and broadcasts its value), so one load a program
+per poll reaches the count's L2 line, and the loads after the wait see what the counted
+programs wrote. Each count has a 128-byte line of its own (LINE int32s), so the polls of one
+stage never share a line with another stage's counting.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from collections.abc import Callable
 
 import torch
@@ -30,8 +27,6 @@ from torch import Tensor
 from infermeter.engine.kernels.triton_support import tl, triton
 
 LINE = 32  # int32s between two counts: a 128-byte L2 line each
-# False under Triton's interpreter (TRITON_INTERPRET=1, the tests'), which runs no inline PTX
-POLL_BY_LOAD = os.environ.get("TRITON_INTERPRET") != "1"
 _KEPT: dict[tuple[torch.device, int], Tensor] = {}  # kept_counts', kept for good
 _TABLES: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}  # kept_addresses', for good
 
@@ -99,25 +94,13 @@ if triton is not None:
         (the programs' count of starts so far)."""
         return tl.atomic_add(TICKET, 1, sem="relaxed", scope="gpu")
 
-    _POLL_BY_LOAD = tl.constexpr(POLL_BY_LOAD)
-
-    @triton.jit
-    def read_count(COUNT):
-        """The int32 at COUNT, read with acquire order: a load on a GPU (every thread issues
-        it; a warp's loads of one address are one request), an add of 0 in the interpreter."""
-        if _POLL_BY_LOAD:
-            return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
-                                             [COUNT], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            return tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
-
     @triton.jit
     def wait_count(COUNT, target):
-        """Spin until the int32 at COUNT reaches target, each poll an acquire load (every
-        thread of the program past the wait: a barrier)."""
-        seen = read_count(COUNT)
+        """Spin until the int32 at COUNT reaches target, each poll an acquire (every thread of
+        the program past the wait: a barrier)."""
+        seen = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
         while seen < target:
-            seen = read_count(COUNT)
+            seen = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
 
     @triton.jit
