@@ -31,7 +31,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 
 def test_an_empty_table_gives_tiles_for_and_an_entry_only_its_own_shape(monkeypatch):
-    assert expert_gemv.EXPERT_TILES == {}  # until a GPU measures: the GEMV's tiles
+    monkeypatch.setattr(expert_gemv, "EXPERT_TILES", {})  # a GPU nobody measured
     for kernel in expert_gemv.EXPERT_KERNELS:
         for cols in (768, 2048, 2880, 4096, 14336):
             for gpu in ("", H100, "NVIDIA H200"):
@@ -41,6 +41,11 @@ def test_an_empty_table_gives_tiles_for_and_an_entry_only_its_own_shape(monkeypa
     assert expert_tiles_for("down", 2048, H100) == tiles_for(2048, H100)  # another width
     assert expert_tiles_for("swiglu", 768, H100) == tiles_for(768, H100)  # another kernel
     assert expert_tiles_for("down", 768, "NVIDIA H200") == tiles_for(768, "NVIDIA H200")
+    monkeypatch.undo()  # the measured table: an H100 at Qwen3's widths, nothing else
+    assert expert_tiles_for("swiglu", 2048, H100) == (2, 2048, 4)
+    assert expert_tiles_for("down", 768, H100) == (2, 1024, 4)
+    assert expert_tiles_for("down", 768, "NVIDIA H200") == tiles_for(768, "NVIDIA H200")
+    assert expert_tiles_for("swiglu", 4096, H100) == tiles_for(4096, H100)
     with pytest.raises(ValueError, match="unknown expert kernel"):
         expert_tiles_for("gate", 768, H100)
 

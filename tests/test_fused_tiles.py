@@ -32,11 +32,11 @@ TILE_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps")  # a timed row's tiles in the Re
 GEMV_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add")
 
 
-def test_an_empty_table_gives_today_s_tiles():
+def test_an_empty_table_gives_today_s_tiles(monkeypatch):
     """Without an entry each kernel runs the tiles it ran before the table: the GEMV's, SwiGLU's
     rows halved into gate and up, wqkv's at least one pair, with q/k norms one head a program
     on a tile of the GEMV's element count."""
-    assert fused_step.FUSED_TILES == {}  # until a GPU measures: the GEMV's tiles
+    monkeypatch.setattr(fused_step, "FUSED_TILES", {})  # a GPU nobody measured
     for cols in (576, 896, 1024, 1536, 2048, 4096, 4864, 5120, 8192, 14336):
         for gpu in ("", H100, H200):
             n, k, w = tiles_for(cols, gpu)
@@ -59,7 +59,21 @@ def test_an_empty_table_gives_today_s_tiles():
     assert fused_tiles_for("norm_qkv_rope", 4096, H100, 128, True) == (128, 64, 16)
 
 
+def test_the_measured_table_holds_valid_tiles_for_its_widths_only():
+    """The H100's entry (benchmarks/fused_tiles.py's bests): each tile three powers of two, used
+    at its kernel and width; another width, kernel or GPU keeps the GEMV's tiles."""
+    for gpu, kernels in fused_step.FUSED_TILES.items():
+        for kernel, widths in kernels.items():
+            for cols, tile in widths.items():
+                assert fused_tiles_for(kernel, cols, gpu, 64) == tile, (gpu, kernel, cols)
+    assert fused_tiles_for("gemv_swiglu", 2048, H100) == (1, 2048, 4)
+    assert fused_tiles_for("gemv_add", 8192, H100) == tiles_for(8192, H100)  # 1B's w2: none
+    assert fused_tiles_for("norm_gemv", 2048, H100) == tiles_for(2048, H100)
+    assert fused_tiles_for("gemv_swiglu", 2048, H200) == (2, 2048, 8)  # the H200: none
+
+
 def test_a_table_entry_serves_its_gpu_kernel_and_width_only(monkeypatch):
+    monkeypatch.setattr(fused_step, "FUSED_TILES", {})  # only the entries below
     monkeypatch.setitem(fused_step.FUSED_TILES, H200, {"gemv_add": {2048: (8, 256, 4)},
                                                        "norm_qkv_rope": {2048: (4, 512, 4)}})
     assert fused_tiles_for("gemv_add", 2048, H200) == (8, 256, 4)

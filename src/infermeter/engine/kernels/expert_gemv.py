@@ -227,7 +227,11 @@ if triton is not None:
 # columns; "down": w2 over ffn columns, either way of one token) and that column count, in
 # tiles_for's terms (BLOCK_N weight rows, BLOCK_K columns at one token, num_warps; the launchers
 # halve BLOCK_N into gate and up rows and divide BLOCK_K among tokens). Empty until a GPU measures.
-EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {}
+# The batch-1 bests of benchmarks/expert_tiles.py on an H100 (Qwen3-30B-A3B's widths;
+# results/expert-tiles-nvidia-h100-80gb-hbm3.json, 2026-12-06)
+EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
+    "NVIDIA H100 80GB HBM3": {"swiglu": {2048: (2, 2048, 4)}, "down": {768: (2, 1024, 4)}},
+}
 EXPERT_KERNELS = ("swiglu", "down")
 
 # How experts_down runs one token: "sum", a program a row block runs the k experts in turn and

@@ -345,7 +345,15 @@ if triton is not None:
 # writes (gemv_swiglu: gate rows, each with its up row; norm_qkv_rope: whole pairs, so >= 2).
 # With q/k norms a norm_qkv_rope entry is reshaped to one head a program (fused_tiles_for).
 # Empty: every GPU runs the GEMV's tiles until one has measured better ones.
-FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {}
+# The bests of benchmarks/fused_tiles.py on an H100 (Llama-3.2-1B's, Qwen2.5-0.5B's and
+# SmolLM2-135M's widths; results/fused-tiles-quick-nvidia-h100-80gb-hbm3.json, 2026-12-06)
+FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
+    "NVIDIA H100 80GB HBM3": {
+        "norm_qkv_rope": {2048: (2, 1024, 4), 896: (2, 1024, 4), 576: (2, 1024, 4)},
+        "gemv_add": {2048: (1, 2048, 4), 1536: (2, 2048, 8)},
+        "gemv_swiglu": {2048: (1, 2048, 4), 896: (4, 256, 4), 576: (2, 1024, 4)},
+    },
+}
 FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
 
 
