@@ -52,11 +52,12 @@
 #   part moe-batches     Triton then torch experts at batch 4 (gathered) and 32 (grouped), Qwen3-30B-A3B
 #   part expert-tiles    the Triton expert kernels' tiles, Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-20b at
 #                        batch 1 and 4, both one-token down ways, CUDA-graph timed (benchmarks/
-#                        expert_tiles.py; about 390 tilings, Qwen3's first; not yet run)
+#                        expert_tiles.py; about 390 tilings, Qwen3's first; Qwen3's alone took
+#                        48 s on an H100 on 2026-12-06)
 #   part fused-tiles     the fused step kernels' tiles (norm + wqkv + RoPE, wo + add, norm + w13 +
 #                        SwiGLU, w2 + add), Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2-135M at batch 1,
 #                        beside the split GEMV, CUDA-graph timed (benchmarks/fused_tiles.py; about
-#                        280 tilings; not yet run)
+#                        280 tilings; 141 s on an H100 on 2026-12-06)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
