@@ -36,6 +36,9 @@
 #                        that never ends fails one), then fused, layer and model, all in the
 #                        recorded step, at 135M, 0.5B and 1B, untraced (9 cases; on an H100 on
 #                        2026-12-06 the tests took 91 s and a case about 20 s)
+#   part step-chunks     the layer launch a program a row block against 1, 2 and 4 programs an SM
+#                        (step_kernels_ab.py --programs-per-sm), fused beside, at 135M and 1B, in
+#                        the recorded step: the same-run A/B of the chunks (10 cases of about 25 s)
 #   part step-moe        split, fused and layer step kernels at Qwen3-30B-A3B, Triton experts, batch
 #                        1, one round (an MoE layer's attention side as fused kernels, then the
 #                        layer as two launches; issue 25; each case compiles for about two minutes,
@@ -76,8 +79,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-chunks|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-chunks|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -147,6 +150,9 @@ case "${1:-}" in
       cat "$dest/gpu-tests-layer.txt"
       echo "step-layer: a launch's gpu test failed; the A/B was not run" >&2
     fi ;;
+  step-chunks)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
+      --programs-per-sm none 1 2 4 --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
   step-batch)

@@ -27,6 +27,10 @@ With --trace DIR each case also records a few profiled decode steps after its ti
 (DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
 kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels
 the fused step removed, and what that did to the gaps.
+With --programs-per-sm the one-launch kinds (layer, model) run once for each value given: the
+programs an SM each GEMV stage is cut down to (kernels/layer_step.PROGRAMS_PER_SM; "none": a
+program a row block, the default), labelled "layer/recorded/2-per-SM" and so on, and the summary
+adds each against the same kind unchunked.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -86,26 +90,51 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
     return build_request(f"random:{model}", step_kernels=kind, step_graphs=graphs, **options)
 
 
-def label(kind: str, graphs: str) -> str:
-    """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded."""
-    return kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
+# the kinds whose GEMV stages a launch plans by the GPU's size (layer_step.launch_plan)
+LAUNCH_KINDS = ("layer", "model")
+
+
+def label(kind: str, graphs: str, per_sm: int | None = None) -> str:
+    """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
+    "/N-per-SM" where a one-launch kind's stages are cut to N programs an SM."""
+    name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
+    return name if per_sm is None else f"{name}/{per_sm}-per-SM"
+
+
+def programs_per_sm(text: str) -> int | None:
+    """--programs-per-sm's value: "none" (a program a row block) or a positive int."""
+    if text == "none":
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"programs an SM must be at least 1, not {value}")
+    return value
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
-              **overrides) -> None:
-    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, each Result
+              per_sm: tuple[int | None, ...] = (None,), **overrides) -> None:
+    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, a one-launch
+    kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM, set back after), each Result
     appended to `path` once done; with `trace` (a folder) each case's profiled steps go to a
     folder of their own in it."""
-    for round_ in range(rounds):
-        for way in graphs:
-            for kind in kinds:
-                name = label(kind, way)
-                if trace:
-                    overrides["trace_dir"] = str(make_trace_dir(
-                        Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
-                run_ab_case(ab_request(model, kind, way, **overrides), env, path, model, name,
-                            round_, "kernels", "step_kernels")
+    from infermeter.engine.kernels import layer_step
+
+    kept = layer_step.PROGRAMS_PER_SM
+    try:
+        for round_ in range(rounds):
+            for way in graphs:
+                for kind in kinds:
+                    for cut in per_sm if kind in LAUNCH_KINDS else (None,):
+                        layer_step.PROGRAMS_PER_SM = cut
+                        name = label(kind, way, cut)
+                        if trace:
+                            overrides["trace_dir"] = str(make_trace_dir(
+                                Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
+                        run_ab_case(ab_request(model, kind, way, **overrides), env, path, model,
+                                    name, round_, "kernels", "step_kernels")
+    finally:
+        layer_step.PROGRAMS_PER_SM = kept
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -131,6 +160,9 @@ def summary(results: list[Result]) -> str:
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
+        for kind in kinds:  # a launch cut to N programs an SM against the same one unchunked
+            if kind.endswith("-per-SM"):
+                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
             fused, layer, whole = (label(kind, way) for kind in ("fused", "layer", "model"))
             if layer in kinds:
@@ -161,6 +193,9 @@ def arguments():
     parser.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS),
                         help="the kernel kinds to time, in this order (default: split fused "
                         "layer)")
+    parser.add_argument("--programs-per-sm", nargs="+", type=programs_per_sm, default=[None],
+                        metavar="N", help="the one-launch kinds once for each: their GEMV "
+                        "stages cut to N programs an SM, or 'none' (default: none)")
     return parser
 
 
@@ -169,13 +204,15 @@ def main() -> int:
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
-                  kinds=tuple(args.kernels))
+                  kinds=tuple(args.kernels), per_sm=tuple(args.programs_per_sm))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
+    cuts = ["none" if cut is None else str(cut) for cut in args.programs_per_sm]
     run_in_processes(__file__, [] if args.summary_only else args.models,
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
-                      "--graphs", *args.graphs, "--kernels", *args.kernels, *traced], start)
+                      "--graphs", *args.graphs, "--kernels", *args.kernels,
+                      "--programs-per-sm", *cuts, *traced], start)
     return write_summary(path, summary, start)
 
 
