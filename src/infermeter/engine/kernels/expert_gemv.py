@@ -226,7 +226,7 @@ if triton is not None:
 # tiles_for's GEMV tiles: by torch.cuda.get_device_name, kernel ("swiglu": w1 / w3 over dim
 # columns; "down": w2 over ffn columns, either way of one token) and that column count, in
 # tiles_for's terms (BLOCK_N weight rows, BLOCK_K columns at one token, num_warps; the launchers
-# halve BLOCK_N into gate and up rows and divide BLOCK_K among tokens). Empty until a GPU measures.
+# halve BLOCK_N into gate and up rows and divide BLOCK_K among tokens). No entry: tiles_for's.
 # The batch-1 bests of benchmarks/expert_tiles.py on an H100 (Qwen3-30B-A3B's widths;
 # results/expert-tiles-nvidia-h100-80gb-hbm3.json, 2026-12-06)
 EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {

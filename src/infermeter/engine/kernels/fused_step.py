@@ -344,7 +344,7 @@ if triton is not None:
 # in the launch's own terms: (BLOCK_N, BLOCK_K, num_warps), BLOCK_N the output rows a program
 # writes (gemv_swiglu: gate rows, each with its up row; norm_qkv_rope: whole pairs, so >= 2).
 # With q/k norms a norm_qkv_rope entry is reshaped to one head a program (fused_tiles_for).
-# Empty: every GPU runs the GEMV's tiles until one has measured better ones.
+# A GPU, kernel or width without an entry runs the GEMV's tiles (adapted as fused_tiles_for says).
 # The bests of benchmarks/fused_tiles.py on an H100 (Llama-3.2-1B's, Qwen2.5-0.5B's and
 # SmolLM2-135M's widths; results/fused-tiles-quick-nvidia-h100-80gb-hbm3.json, 2026-12-06)
 FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
