@@ -157,6 +157,32 @@ def test_the_chunked_launch_builds_for_an_h100_with_the_same_order(monkeypatch, 
     keeps_the_memory_order(lines, "chunked")
 
 
+def test_programs_per_sm_cuts_a_gpu_plan_only(monkeypatch):
+    """On a GPU (its name and SM count faked here) Llama-3.2-1B's plan is a program a row block
+    with layer_step.PROGRAMS_PER_SM None, and N x 132 programs a GEMV stage at most with N; off
+    a GPU PROGRAMS_PER_SM is not read (INTERPRETER_PROGRAMS is). The model launch plans through
+    the same launch_plan."""
+    from types import SimpleNamespace
+
+    from infermeter.engine.kernels import layer_step as layer_module
+
+    monkeypatch.setattr(layer_module, "gpu_name", lambda device: "")  # the CPU's tiles
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(multi_processor_count=H100_SMS))
+
+    def chunks(device: str) -> dict[str, int]:  # 1B: wqkv 3072 rows, 8 KV heads, 4 splits
+        return layer_module.launch_plan(3072, 2048, 2048, 8192, 64, False, 8, 4,
+                                        torch.device(device))[1]
+
+    assert chunks("cuda") == {"qkv": 1, "wo": 1, "w13": 1, "w2": 1}
+    monkeypatch.setattr(layer_module, "PROGRAMS_PER_SM", 1)
+    assert chunks("cuda") == {"qkv": 6, "wo": 4, "w13": 32, "w2": 8}  # 768, 512, 4096, 1024
+    monkeypatch.setattr(layer_module, "PROGRAMS_PER_SM", 2)
+    assert chunks("cuda") == {"qkv": 3, "wo": 2, "w13": 16, "w2": 4}
+    monkeypatch.setattr(layer_module, "INTERPRETER_PROGRAMS", None)
+    assert chunks("cpu") == {"qkv": 1, "wo": 1, "w13": 1, "w2": 1}
+
+
 @needs_triton
 def test_the_register_report_sees_a_planted_spill(tmp_path):
     """sm90_registers, which the no-spill checks above read, finds a spill where one is: a scan
