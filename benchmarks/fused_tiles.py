@@ -186,7 +186,7 @@ def suggested_table(timed_shapes: list[dict], gpu: str) -> dict:
     """The FUSED_TILES entry the bests make: per kernel and column count, the tiles of least
     summed time over the shapes that share them (the table keys on both only), where they beat
     the default tiles' sum. Shapes with q/k norms are left out: their tiles are one head a
-    program, and an entry, in the plain kernel's terms, is reshaped for them."""
+    program, and they take no entry (fused_step.fused_tiles_for)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for timed in timed_shapes:
         if not timed.get("qk_norm"):

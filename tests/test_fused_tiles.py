@@ -80,8 +80,9 @@ def test_a_table_entry_serves_its_gpu_kernel_and_width_only(monkeypatch):
     assert fused_tiles_for("gemv_add", 2048, H100) == tiles_for(2048, H100)  # another GPU
     assert fused_tiles_for("gemv_add", 2048, "") == tiles_for(2048, "")
     assert fused_tiles_for("norm_qkv_rope", 2048, H200, 64) == (4, 512, 4)
-    # with q/k norms the entry's 2048 weights a program become one head's
-    assert fused_tiles_for("norm_qkv_rope", 2048, H200, 128, True) == (128, 16, 4)
+    # with q/k norms no entry applies (it timed the pairs' kernel): the GEMV's tile, one head
+    n, k, w = tiles_for(2048, H200)
+    assert fused_tiles_for("norm_qkv_rope", 2048, H200, 128, True) == (128, n * k // 128, w)
     monkeypatch.setitem(fused_step.FUSED_TILES, H100, {"gemv_swiglu": {2048: (3, 256, 4)}})
     with pytest.raises(ValueError, match="three powers of two"):  # a bad entry is refused
         fused_tiles_for("gemv_swiglu", 2048, H100)
@@ -141,9 +142,10 @@ def test_the_table_and_the_override_reach_each_launch(monkeypatch):
         ("_fused_gemv_kernel", (8192 // 4,), 4, 256, 8)
     monkeypatch.setitem(fused_step.FUSED_TILES, H200, {"gemv_add": {2048: (16, 64, 2)}})
     assert step_launches()[1] == ("_fused_gemv_kernel", (512,), 4, 2048, 8)
-    # q/k norms: one head of 64 a program (the entry's 2048 weights), 48 programs
+    # q/k norms: one head of 64 a program, 48 programs, on the GEMV's tile (4 x 2048 weights),
+    # not the pairs' entry
     assert step_launches(qk_norm=True)[0] == \
-        ("_norm_qkv_rope_kernel", (48,), 64, 32, 4)
+        ("_norm_qkv_rope_kernel", (48,), 64, 128, 8)
 
 
 @pytest.mark.parametrize("kernel, tiles, qk_norm, message", [

@@ -21,6 +21,7 @@ from infermeter.engine.model import build_model, set_step_kernels
 from infermeter.specs.presets import PRESETS
 from tests.sm90_build import sm90_registers
 from tests.test_layer_step import (
+    H100,
     keeps_the_memory_order,
     ops,
     recorded,
@@ -47,6 +48,7 @@ def recorded_model_launch(monkeypatch, name: str, dtype: torch.dtype, layers: in
     dim, head_dim, kv = spec.dim, spec.head_dim, spec.n_kv_heads
     n_q = spec.n_heads * head_dim
     monkeypatch.setattr(layer_module, "INTERPRETER_PROGRAMS", None)  # as on a GPU: no chunks
+    monkeypatch.setattr(layer_module, "gpu_name", lambda device: H100)  # an H100's tiles
 
     def each(*shape):
         return [torch.zeros(*shape, dtype=dtype) for _ in range(layers)]

@@ -343,7 +343,8 @@ if triton is not None:
 # GEMV's: by torch.cuda.get_device_name, kernel (FUSED_KERNELS) and the weight's column count K,
 # in the launch's own terms: (BLOCK_N, BLOCK_K, num_warps), BLOCK_N the output rows a program
 # writes (gemv_swiglu: gate rows, each with its up row; norm_qkv_rope: whole pairs, so >= 2).
-# With q/k norms a norm_qkv_rope entry is reshaped to one head a program (fused_tiles_for).
+# With q/k norms norm_qkv_rope takes no entry: the GEMV's tiles, reshaped to one head a
+# program (fused_tiles_for).
 # A GPU, kernel or width without an entry runs the GEMV's tiles (adapted as fused_tiles_for says).
 # The bests of benchmarks/fused_tiles.py on an H100 (Llama-3.2-1B's, Qwen2.5-0.5B's and
 # SmolLM2-135M's widths; results/fused-tiles-quick-nvidia-h100-80gb-hbm3.json, 2026-12-06)
@@ -363,12 +364,14 @@ def fused_tiles_for(kernel: str, n_cols: int, gpu: str = "", head_dim: int | Non
     GPU `gpu` (a device name): FUSED_TILES' entry, else tiles_for's adapted to the kernel
     (gemv_swiglu: half the rows, gate and up; norm_qkv_rope: at least one pair). qk_norm
     (norm_qkv_rope only, with head_dim): one head a program, BLOCK_N = head_dim and BLOCK_K as
-    many columns as keep the tile's element count (at least 16)."""
+    many columns as keep tiles_for's element count (at least 16); no entry applies."""
     if kernel not in FUSED_KERNELS:
         raise ValueError(f"unknown fused kernel {kernel!r}: one of {FUSED_KERNELS}")
     if qk_norm and (kernel != "norm_qkv_rope" or head_dim is None):
         raise ValueError("q/k norms are norm_qkv_rope's, with its head_dim")
-    entry = FUSED_TILES.get(gpu, {}).get(kernel, {}).get(n_cols)
+    # An entry times the pairs' kernel, never the one-head-a-program kernel q/k norms take:
+    # reshaped to one head, a (2, 1024) best would be a 16-column sliver. Those keep the GEMV's.
+    entry = None if qk_norm else FUSED_TILES.get(gpu, {}).get(kernel, {}).get(n_cols)
     if entry is not None:
         block_n, block_k, warps = _checked_tiles(kernel, entry)
     else:

@@ -135,14 +135,15 @@ if triton is not None:
                                stride_wqkv, stride_ch, stride_cs, slots, EPS, False, HAS_BIAS,
                                IS_RING, HEAD_DIM, BN_QKV, BK_QKV, UNCONTRACTED, QK_NORM,
                                False, QK_EPS, False, WAIT, wait_for, HAS_WAIT)
-            for block in range(first + 1, first + CH_QKV):
-                if block < tl.cdiv(n_q + 2 * n_kv, BN_QKV):
-                    norm_qkv_rope_rows(block, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q,
-                                       K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv,
-                                       dim, stride_wqkv, stride_ch, stride_cs, slots, EPS,
-                                       False, HAS_BIAS, IS_RING, HEAD_DIM, BN_QKV, BK_QKV,
-                                       UNCONTRACTED, QK_NORM, False, QK_EPS, False, WAIT,
-                                       wait_for, False)
+            if CH_QKV > 1:  # no loop at all in a program of one block (a GPU's default)
+                for block in range(first + 1, first + CH_QKV):
+                    if block < tl.cdiv(n_q + 2 * n_kv, BN_QKV):
+                        norm_qkv_rope_rows(block, X, ATTN_NORM_W, WQKV, BIAS, COS, SIN, POS, Q,
+                                           K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q,
+                                           n_kv, dim, stride_wqkv, stride_ch, stride_cs, slots,
+                                           EPS, False, HAS_BIAS, IS_RING, HEAD_DIM, BN_QKV,
+                                           BK_QKV, UNCONTRACTED, QK_NORM, False, QK_EPS, False,
+                                           WAIT, wait_for, False)
             count_done(COUNT + LINE)
         elif pid < end_attend:
             part = pid - end_qkv
