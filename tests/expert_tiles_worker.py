@@ -47,9 +47,14 @@ def launched(tiles: tuple[int, int, int], kernel: str, n_tokens: int, way: str) 
 
 
 def check_tiles_reach_the_kernels_and_change_no_bit() -> None:
+    """bfloat16 only: the tiles reach the kernels by the same launch arithmetic and the same
+    kernel code in any dtype (only the final casts name it), and with one +-0.75 a row every
+    product is exact in float16 too; float16 took as long again under the interpreter.
+    check_one_token_down_ways runs float32, float16 and bfloat16 through the down kernels,
+    with tiles_for's tiles and an override."""
     gen = torch.Generator().manual_seed(31)
     n_experts, top_k, hidden, dim = 8, 2, 12, 40
-    for dtype, n_tokens in itertools.product((torch.float16, torch.bfloat16), (1, 4)):
+    for dtype, n_tokens in itertools.product((torch.bfloat16,), (1, 4)):
         x = (torch.randn(n_tokens, dim, generator=gen) * 3).to(dtype)
         w1, w3 = (picks(gen, n_experts, hidden, dim).to(dtype) for _ in range(2))
         w2 = picks(gen, n_experts, dim, hidden).to(dtype)
