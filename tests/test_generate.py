@@ -325,11 +325,12 @@ def test_compiled_gemv_kernel_on_cuda_gives_the_eager_tokens(dtype):
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
 
 
-def test_one_process_compiles_more_step_graphs_than_dynamos_default(model, monkeypatch):
+def test_one_process_compiles_more_step_graphs_than_dynamos_default(monkeypatch):
     """Every (batch size, cache length) is one graph of the same step function; dynamo fails a
     fullgraph compile past its recompile_limit (8) unless the Generator raises it: ten batch
     sizes in one process (a sweep, the GPU test suite) must compile. The eager backend stands in
-    for inductor (same dynamo guards and limits, no code generation)."""
+    for inductor (same dynamo guards and limits, no code generation), and a one-layer model for
+    the debug one: the limit counts graphs of the step function, whatever each one holds."""
     import infermeter.engine.generator as generate_module
 
     real_compile = torch.compile
@@ -337,6 +338,7 @@ def test_one_process_compiles_more_step_graphs_than_dynamos_default(model, monke
         fn, backend="eager", fullgraph=True, dynamic=False))
     torch._dynamo.reset()
     config = GenerationConfig(max_new_tokens=2, compile=True)
+    model = build_model(SPEC.with_updates(n_layers=1), device="cpu", dtype=torch.float32)
     with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default; restored after
         for batch in range(1, 11):
             gen = Generator(model, max_seq_len=16)
