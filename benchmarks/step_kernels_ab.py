@@ -31,6 +31,10 @@ With --programs-per-sm the one-launch kinds (layer, model) run once for each val
 programs an SM each GEMV stage is cut down to (kernels/layer_step.PROGRAMS_PER_SM; "none": a
 program a row block, the default), labelled "layer/recorded/2-per-SM" and so on, and the summary
 adds each against the same kind unchunked.
+With --qk-norm-kernels 1 2 the fused kind runs once for each way of a model's per-head q/k norms
+(kernels/fused_step.QK_NORM_KERNELS: 2, a kernel of their own after norm + wqkv, the default;
+1, in the wqkv kernel, a program a head), the latter labelled "fused/qk-norms-in-wqkv", and the
+summary adds one against the other. A model without q/k norms runs the same kernels either way.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -94,10 +98,18 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
 LAUNCH_KINDS = ("layer", "model")
 
 
-def label(kind: str, graphs: str, per_sm: int | None = None) -> str:
+# fused_step.QK_NORM_KERNELS's values, the default first
+QK_NORM_WAYS = (2, 1)
+QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
+
+
+def label(kind: str, graphs: str, per_sm: int | None = None, qk_kernels: int = 2) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
-    "/N-per-SM" where a one-launch kind's stages are cut to N programs an SM."""
+    "/N-per-SM" where a one-launch kind's stages are cut to N programs an SM,
+    "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
+    if qk_kernels == 1:
+        name = f"{name}/{QK_IN_WQKV}"
     return name if per_sm is None else f"{name}/{per_sm}-per-SM"
 
 
@@ -113,28 +125,31 @@ def programs_per_sm(text: str) -> int | None:
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
-              per_sm: tuple[int | None, ...] = (None,), **overrides) -> None:
+              per_sm: tuple[int | None, ...] = (None,), qk_ways: tuple[int, ...] = (2,),
+              **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, a one-launch
-    kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM, set back after), each Result
-    appended to `path` once done; with `trace` (a folder) each case's profiled steps go to a
-    folder of their own in it."""
-    from infermeter.engine.kernels import layer_step
+    kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM), the fused kind once for each
+    of `qk_ways` (fused_step.QK_NORM_KERNELS), both set back after, each Result appended to
+    `path` once done; with `trace` (a folder) each case's profiled steps go to a folder of
+    their own in it."""
+    from infermeter.engine.kernels import fused_step, layer_step
 
-    kept = layer_step.PROGRAMS_PER_SM
+    kept, kept_qk = layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
                     for cut in per_sm if kind in LAUNCH_KINDS else (None,):
-                        layer_step.PROGRAMS_PER_SM = cut
-                        name = label(kind, way, cut)
-                        if trace:
-                            overrides["trace_dir"] = str(make_trace_dir(
-                                Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
-                        run_ab_case(ab_request(model, kind, way, **overrides), env, path, model,
-                                    name, round_, "kernels", "step_kernels")
+                        for qk in qk_ways if kind == "fused" else (kept_qk,):
+                            layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS = cut, qk
+                            name = label(kind, way, cut, qk)
+                            if trace:
+                                overrides["trace_dir"] = str(make_trace_dir(
+                                    Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
+                            run_ab_case(ab_request(model, kind, way, **overrides), env, path,
+                                        model, name, round_, "kernels", "step_kernels")
     finally:
-        layer_step.PROGRAMS_PER_SM = kept
+        layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS = kept, kept_qk
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -162,6 +177,8 @@ def summary(results: list[Result]) -> str:
         lines.append(ab_line(name, kinds, "split", "fused"))
         for kind in kinds:  # a launch cut to N programs an SM against the same one unchunked
             if kind.endswith("-per-SM"):
+                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
+            if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
             fused, layer, whole = (label(kind, way) for kind in ("fused", "layer", "model"))
@@ -196,6 +213,10 @@ def arguments():
     parser.add_argument("--programs-per-sm", nargs="+", type=programs_per_sm, default=[None],
                         metavar="N", help="the one-launch kinds once for each: their GEMV "
                         "stages cut to N programs an SM, or 'none' (default: none)")
+    parser.add_argument("--qk-norm-kernels", nargs="+", type=int, choices=QK_NORM_WAYS,
+                        default=[QK_NORM_WAYS[0]], metavar="N", help="the fused kind once for "
+                        "each: a model's q/k norms in a kernel after wqkv (2) or in wqkv's (1) "
+                        "(default: 2)")
     return parser
 
 
@@ -204,7 +225,8 @@ def main() -> int:
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
-                  kinds=tuple(args.kernels), per_sm=tuple(args.programs_per_sm))
+                  kinds=tuple(args.kernels), per_sm=tuple(args.programs_per_sm),
+                  qk_ways=tuple(args.qk_norm_kernels))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -212,7 +234,8 @@ def main() -> int:
     run_in_processes(__file__, [] if args.summary_only else args.models,
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
-                      "--programs-per-sm", *cuts, *traced], start)
+                      "--programs-per-sm", *cuts,
+                      "--qk-norm-kernels", *map(str, args.qk_norm_kernels), *traced], start)
     return write_summary(path, summary, start)
 
 

@@ -120,6 +120,11 @@ def check_kernels() -> None:
             sums = (want_act.abs().amax() * w2.float().abs().sum(-1)).max().item() * top_k
             close(out, want, sums, 2 * top_k * ULP[dtype] * want.abs().max().item(),
                   f"down {what}")
+            # with the block's residual add in it (the fused step's MoE block): residual + the
+            # sum as two dtype tensors add, the sum the kernel's own to the bit
+            residual = torch.randn(n_tokens, dim, generator=gen).to(dtype)
+            added = experts_down(want_act.to(dtype), ids, weights, w2, None, residual)
+            assert torch.equal(added, residual + out), f"down + residual {what}"
     expert_gemv.tiles_for = TILES_FOR
 
 

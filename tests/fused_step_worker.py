@@ -20,10 +20,13 @@ from infermeter.engine import self_attention as attention_module
 from infermeter.engine.kernels.fused_step import (
     _fused_gemv,
     _norm_qkv_rope,
+    _qk_norm_rope,
     gemv_add,
     gemv_swiglu,
     norm_gemv,
+    norm_gemv_keeping,
     norm_qkv_rope,
+    qk_norm_rope,
 )
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.norms import GemmaRMSNorm, RMSNorm
@@ -130,6 +133,14 @@ def check_norm_gemv() -> None:
                 assert got.dtype == dtype and got.shape == (1, n_rows), f"norm_gemv {dtype}"
                 close(got, want, terms.sum(1).max().item(), ULP[dtype] * terms.max().item(),
                       f"norm_gemv {dtype} {n_rows}x{n_cols} gemma {gemma} pdl {pdl}")
+            # norm_gemv_keeping (an MoE block's norm + router): the same product, and the
+            # normed row it read: the reference's within the units that the sum of squares'
+            # order (another rsqrt by an ulp) can move a rounding
+            got, kept = norm_gemv_keeping(x, norm_w, w, EPS, gemma)
+            assert torch.equal(got, norm_gemv(x, norm_w, w, EPS, gemma)), f"keeping {dtype}"
+            assert kept.dtype == dtype and kept.shape == x.shape, f"keeping {dtype}"
+            torch.testing.assert_close(kept.float(), normed, rtol=2 * ULP[dtype], atol=0,
+                                       msg=lambda m, d=dtype, n=n_cols: f"keeping {d} {n}: {m}")
 
 
 def gelu_tanh(gate: torch.Tensor) -> torch.Tensor:
@@ -224,6 +235,7 @@ def check_model_step() -> None:
     from infermeter.engine.kernels import gemv as gemv_module
     from infermeter.engine.kernels.gemv import matvec
     from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
+    from infermeter.engine.moe import set_moe_kernel
     from infermeter.specs.presets import PRESETS
 
     model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
@@ -237,7 +249,8 @@ def check_model_step() -> None:
 
     # the engine imports each kernel from its module where a compiled step takes it
     gemv_module.matvec = counted("gemv", matvec)
-    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache"):
+    for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache",
+                 "qk_norm_rope_cache", "norm_matvec_keeping"):
         setattr(fused_step, name, counted(name, getattr(fused_step, name)))
     debug = PRESETS["debug"]
     # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
@@ -246,6 +259,8 @@ def check_model_step() -> None:
              "qwen3": debug.with_updates(arch="qwen3", qk_norm=True, head_dim=32,
                                          norm_eps=1e-6)}
     specs["qwen3 head_dim 24"] = specs["qwen3"].with_updates(head_dim=24)
+    # the q/k norms in wqkv's kernel, one program a head (QK_NORM_KERNELS 1)
+    specs["qwen3 in wqkv"] = specs["qwen3"]
     # layers that take some of the four: Gemma 3 its norm + wqkv and norm + w13 + GeGLU (its
     # post-norms keep wo and w2 split), an MoE layer its attention's two (the experts split;
     # layer 1 of this one is dense: all four)
@@ -257,15 +272,24 @@ def check_model_step() -> None:
         arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True, n_experts=4,
         n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True, moe_dense_layers=(1,),
         norm_eps=1e-6)
-    per_layer = {"gemma3": [["norm_qkv_rope_cache", "gemv", "norm_matvec_swiglu", "gemv"]] * 2,
+    # the Triton experts: the MoE layer's block in the fused step's four kernels (norm +
+    # router keeping the normed row, the routing, the experts, the down product + add)
+    specs["qwen3_moe triton"] = specs["qwen3_moe"]
+    # q/k norms: norm + wqkv, then their own kernel (QK_NORM_KERNELS 2)
+    apart = ["norm_matvec", "qk_norm_rope_cache"]
+    per_layer = {"gemma3": [apart + ["gemv", "norm_matvec_swiglu", "gemv"]] * 2,
                  # the router's product runs the GEMV; the experts torch's gathered products
-                 "qwen3_moe": [["norm_qkv_rope_cache", "matvec_add", "gemv"],
-                               ["norm_qkv_rope_cache", "matvec_add", "norm_matvec_swiglu",
-                                "matvec_add"]]}
+                 "qwen3_moe": [apart + ["matvec_add", "gemv"],
+                               apart + ["matvec_add", "norm_matvec_swiglu", "matvec_add"]],
+                 "qwen3_moe triton": [apart + ["matvec_add", "norm_matvec_keeping"],
+                                      apart + ["matvec_add", "norm_matvec_swiglu",
+                                               "matvec_add"]],
+                 "qwen3": [apart + ["matvec_add", "norm_matvec_swiglu", "matvec_add"]] * 2}
     steps, prompt = 3, 4
     dtypes = (torch.float32, torch.float16, torch.float32, torch.float32, torch.float32,
-              torch.float32)
+              torch.float32, torch.float32, torch.float32)
     for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
+        fused_step.QK_NORM_KERNELS = 1 if arch == "qwen3 in wqkv" else 2
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
             # eager: the module forwards with no kernel at all (compiling() False)
@@ -278,9 +302,11 @@ def check_model_step() -> None:
                     param.copy_(1 + 0.3 * torch.randn(param.shape, generator=norm_gen))
             fuse_projections(model)
             set_step_kernels(model, "split" if kind == "eager" else kind)
+            if arch == "qwen3_moe triton":
+                set_moe_kernel(model, "triton")
             for layer in model.layers:  # the attention is not what differs: the quick one
                 layer.attention.decode_attention = "math"
-            whole = 0 if kind != "fused" else 1 if arch == "qwen3_moe" else \
+            whole = 0 if kind != "fused" else 1 if arch.startswith("qwen3_moe") else \
                 0 if arch == "gemma3" else spec.n_layers
             assert fused_step_layers(model) == whole, f"{arch} {kind}"
             model.setup_cache(1, 16)
@@ -298,17 +324,22 @@ def check_model_step() -> None:
             first = "norm_qkv_rope_cache" if spec.head_dim != 24 else "norm_matvec"
             fused = per_layer.get(arch, [[first, "matvec_add", "norm_matvec_swiglu",
                                           "matvec_add"]] * spec.n_layers)
-            split = [["gemv"] * (3 if arch == "qwen3_moe" and i == 0 else 4)
+            split = [["gemv"] * (3 if arch.startswith("qwen3_moe") and i == 0 else 4)
                      for i in range(spec.n_layers)]
             want = {"eager": [], "split": sum(split, []) + ["gemv"],
                     "fused": sum(fused, []) + ["gemv"]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
+            took = [layer.feed_forward.took_fused_step for layer in model.layers
+                    if hasattr(layer.feed_forward, "took_fused_step")]
+            assert took == ([kind == "fused" and arch == "qwen3_moe triton"]
+                            if arch.startswith("qwen3_moe") else []), f"{arch} {kind}: {took}"
         model_module.compiling = attention_module.compiling = linear_module.compiling = lambda: True
         assert torch.equal(tokens["fused"], tokens["split"]), f"{arch}: tokens differ"
         assert torch.equal(tokens["fused"], tokens["eager"]), f"{arch}: tokens differ from eager"
         err = (logits["fused"] - logits["split"]).abs().max().item()
         bound = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < bound, f"{arch} {dtype}: logits differ by {err}"
+    fused_step.QK_NORM_KERNELS = 2
 
 
 def check_rounding_points() -> None:
@@ -437,7 +468,9 @@ def check_norm_qkv_rope_qk_norm() -> None:
     their squares' sum exact in any order, so only the rounding points show, among them the
     head's rsqrt, its normed values' and their weighted values'. Columns in one ragged tile
     (72) and two (1100: BLOCK_K 1024 in a one-head program), GQA, MHA with a bias, and a ring
-    layer (slot = position % 4) with MQA; v's heads are written un-normed and un-roped."""
+    layer (slot = position % 4) with MQA; v's heads are written un-normed and un-roped.
+    Where there is no bias, the two-kernel way too (QK_NORM_KERNELS 2): norm_gemv's product,
+    then qk_norm_rope's program a head, into a cache of its own: the same q and cache."""
     from infermeter.engine.rope import apply_rope
 
     gen = torch.Generator().manual_seed(16)
@@ -473,7 +506,7 @@ def check_norm_qkv_rope_qk_norm() -> None:
                 norm.weight.data.copy_(q_w)
                 assert torch.equal(q_normed, norm(q.to(dtype)).float()), "q norm ref"
             caches = [LayerKVCache(1, 12 if window else max_len, n_kv, head_dim, window, dtype,
-                                   "cpu") for _ in range(2)]
+                                   "cpu") for _ in range(3)]
             start = torch.randn(caches[0].k.shape, generator=gen)
             for cache in caches:
                 cache.k.copy_(start)
@@ -486,7 +519,7 @@ def check_norm_qkv_rope_qk_norm() -> None:
                 if dtype != torch.bfloat16:
                     eager = apply_rope(q_normed.to(dtype)[None, None], cos, sin)
                     assert torch.equal(want_q, eager.float().view_as(want_q)), "rope ref"
-                ref, got = caches
+                ref, got, apart = caches
                 ref.update(want_k.to(dtype)[None, :, None], v.to(dtype)[None, :, None], input_pos)
                 args = (x, norm_w, w.to(dtype), bias, cos, sin, input_pos, got.k, got.v,
                         got.key_pos, n_q, 0.0, gemma, got.is_ring, q_w, k_w, qk_eps, gemma)
@@ -495,6 +528,15 @@ def check_norm_qkv_rope_qk_norm() -> None:
                 what = f"qk-norm rope {dtype} {n_heads}/{n_kv} heads {n_cols} ring " \
                        f"{got.is_ring} position {pos}"
                 assert_q_and_cache(out, want_q, got, ref, dtype, n_q, what)
+                if bias is not None:
+                    continue
+                qkv_rounded = norm_gemv(x, norm_w, w.to(dtype), 0.0, gemma)
+                assert torch.equal(qkv_rounded.float(), qkv), f"{what}: norm_gemv's product"
+                apart_args = (qkv_rounded, cos, sin, input_pos, apart.k, apart.v,
+                              apart.key_pos, q_w, k_w, n_q, apart.is_ring, qk_eps, gemma)
+                out = qk_norm_rope(*apart_args) if i == 0 else \
+                    _qk_norm_rope(*apart_args, pdl=True)
+                assert_q_and_cache(out, want_q, apart, ref, dtype, n_q, f"{what}, two kernels")
 
 
 
@@ -523,6 +565,7 @@ def check_compiled_trace() -> None:
     kernel too); a Gemma 3-like one takes its two input kernels (GeGLU's, gelu=True) and keeps
     the GEMV and each post-norm for wo and w2."""
     from infermeter.engine.model import build_model
+    from infermeter.engine.moe import set_moe_kernel
     from infermeter.specs.presets import PRESETS
 
     graphs = []
@@ -540,21 +583,35 @@ def check_compiled_trace() -> None:
     gemv_module.tiles_for = fused_step.tiles_for = lambda n_cols, gpu="": (128, 64, 4)
     debug = PRESETS["debug"]
     whole = ["norm_qkv_rope_pdl", "gemv_add_pdl", "gemv_swiglu_pdl", "gemv_add_pdl"]
+    apart = ["norm_gemv_pdl", "qk_norm_rope_pdl"]  # q/k norms: their own kernel after wqkv
     gemma = debug.with_updates(arch="gemma3_text", qk_norm=True, head_dim=32,
                                tie_embeddings=True, norms_per_layer=4, norm_eps=1e-6)
     # (spec, a layer's ops, RMSNorms left in the graph: the final one and Gemma's post-norms)
     for spec, layer_ops, norms in (
-            (debug, whole, 1), (debug.with_updates(arch="qwen3", qk_norm=True), whole, 1),
-            (gemma, ["norm_qkv_rope_pdl", "gemv_pdl", "gemv_swiglu_pdl", "gemv_pdl"],
+            (debug, whole, 1),
+            (debug.with_updates(arch="qwen3", qk_norm=True), apart + whole[1:], 1),
+            (gemma, apart + ["gemv_pdl", "gemv_swiglu_pdl", "gemv_pdl"],
              1 + 2 * gemma.n_layers)):
         graphs.clear()
-        trace_step(build_model(spec, seed=1), keep, graphs, layer_ops, norms)
+        trace_step(build_model(spec, seed=1), keep, graphs, [layer_ops] * spec.n_layers, norms)
+    # Qwen3-MoE with the Triton experts: its MoE layer's block as four ops (norm + router
+    # keeping the normed row, the routing, the experts, down + the residual add), no norm or
+    # add left in the graph; its dense layer whole
+    moe = debug.with_updates(arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True,
+                             n_experts=4, n_active_experts=2, moe_ffn_dim=48,
+                             norm_topk_prob=True, moe_dense_layers=(1,), norm_eps=1e-6)
+    model = build_model(moe, seed=1)
+    set_moe_kernel(model, "triton")
+    graphs.clear()
+    trace_step(model, keep, graphs, [
+        apart + ["gemv_add_pdl", "norm_gemv_keeping_pdl", "router_topk_pdl",
+                 "experts_swiglu_pdl", "experts_down_pdl"], apart + whole[1:]], 1)
     gemv_module.tiles_for = fused_step.tiles_for = real_tiles
 
 
-def trace_step(model, keep, graphs, layer_ops: list[str], norms: int) -> None:
-    """check_compiled_trace's checks on one model (built, no cache yet): a layer's ops in the
-    graph are layer_ops, and `norms` RMSNorms are left."""
+def trace_step(model, keep, graphs, layer_ops: list[list[str]], norms: int) -> None:
+    """check_compiled_trace's checks on one model (built, no cache yet): each layer's ops in
+    the graph are layer_ops' (a list a layer), and `norms` RMSNorms are left."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import pdl
     from infermeter.engine.model import set_step_kernels
@@ -577,10 +634,11 @@ def trace_step(model, keep, graphs, layer_ops: list[str], norms: int) -> None:
         model_module.compiling = attention_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    assert ours == layer_ops * spec.n_layers + ["gemv_pdl"], (spec.arch, ours)
+    assert ours == sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
     gelu = [node.args[5:] == (True,) for node in graphs[-1].graph.nodes
             if "gemv_swiglu_pdl" in str(node.target)]  # GeGLU's op: gelu=True
-    assert gelu == [spec.arch in GEMMA_ARCHS] * spec.n_layers, (spec.arch, gelu)
+    swiglus = sum(ops.count("gemv_swiglu_pdl") for ops in layer_ops)
+    assert gelu == [spec.arch in GEMMA_ARCHS] * swiglus, (spec.arch, gelu)
     assert sum("rsqrt" in t for t in targets) == norms, f"{spec.arch}: a layer's norm left in"
     # RoPE (apply_rope's stack of the rotated pairs) and the cache write run in the kernel
     assert not any("stack" in t or "index_copy" in t for t in targets), \

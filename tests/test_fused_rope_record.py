@@ -1,8 +1,12 @@
 """The Result's config.fused_rope says whether the fused step's wqkv kernel also ropes q and k
-and writes the cache (Attention.ropes_in_wqkv), beside config.step_kernels."""
+and writes the cache (Attention.ropes_in_wqkv), beside config.step_kernels; config.
+qk_norm_kernels how a fused layer ran its per-head q/k norms (fused_step.QK_NORM_KERNELS)."""
 
 from dataclasses import replace
 
+import pytest
+
+from infermeter.engine.kernels import fused_step
 from infermeter.engine.model import build_model
 from infermeter.generate import modes as modes_module
 from infermeter.generate.cases import plan_cases, prompt_sets
@@ -23,6 +27,16 @@ def _described(monkeypatch, spec, mode="compiled", kinds="fused", kv_dtype=None,
     return out["step_kernels"], out["fused_rope"]
 
 
+def _qk_norm_kernels(monkeypatch, spec, kinds="fused") -> int | None:
+    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
+    sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
+    case = plan_cases(spec, sets, ("compiled",), 4, None, None)[0]
+    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels=kinds))
+    runner = EngineRunner(build_model(spec, seed=1), case, request)
+    runner.batch_sizes = [1]
+    return runner.describe()["qk_norm_kernels"]
+
+
 def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):
     debug = PRESETS["debug"]
     assert _described(monkeypatch, debug) == ("fused", True)
@@ -36,3 +50,15 @@ def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):
     assert _described(monkeypatch, debug, kinds="split") == ("split", None)
     assert _described(monkeypatch, debug, batch=2) == ("split", None)
     assert _described(monkeypatch, debug, mode="eager") == (None, None)
+
+
+@pytest.mark.parametrize("kernels", [1, 2])
+def test_the_q_k_norms_way_is_recorded(monkeypatch, kernels):
+    """2 (the default): the q/k norms in a kernel after norm + wqkv; 1: in wqkv's kernel;
+    None without q/k norms, where torch ropes (head_dim 24), or with split kernels."""
+    monkeypatch.setattr(fused_step, "QK_NORM_KERNELS", kernels)
+    debug = PRESETS["debug"]
+    assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True)) == kernels
+    assert _qk_norm_kernels(monkeypatch, debug) is None
+    assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True, head_dim=24)) is None
+    assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True), kinds="split") is None

@@ -120,6 +120,29 @@ def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products
         assert_exact_divisions(lines, True, what)
 
 
+@needs_triton
+def test_the_heads_kernel_waits_first_and_rounds_as_the_rope_kernel(monkeypatch):
+    """The q/k norms' own kernel (QK_NORM_KERNELS 2) launched with PDL, compiled for sm_90:
+    it loads nothing before the wait (all it reads but two small norm weights is the product
+    the kernel before wrote), and as a CUDA tensor launches it RoPE's products and the norm's
+    squares are mul.rn, as in norm_qkv_rope's QK_NORM epilogue, which it shares."""
+    from infermeter.engine.kernels.fused_step import _qk_norm_rope
+    from tests.test_pdl import pdl_launches, pdl_ptx
+
+    dtype = torch.bfloat16
+    cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
+    launches = pdl_launches(monkeypatch, lambda: _qk_norm_rope(
+        torch.zeros(1, 128, dtype=dtype), torch.ones(1, 8), torch.zeros(1, 8),
+        torch.tensor([3]), cache, cache.clone(), key_pos, torch.ones(16, dtype=dtype),
+        torch.ones(16, dtype=dtype), 64, True, 1e-6, False, pdl=True))
+    assert len(launches) == 1
+    kernel, args, kwargs = launches[0]
+    lines, wait = pdl_ptx((kernel, args, {**kwargs, "UNCONTRACTED": True}), "q/k heads")
+    assert not [line for line in lines[:wait] if "ld.global" in line], "a load before the wait"
+    products = sum("mul.rn.f32" in line for line in lines)
+    assert products and products % 6 == 0, products
+    assert_exact_divisions(lines, False, "q/k heads")
+
 @torch.inference_mode()
 def test_eager_steps_and_prefill_never_take_the_fused_path(monkeypatch):
     """Outside a compiled step (eager) a model asked for "fused" runs today's code, even where

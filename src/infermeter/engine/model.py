@@ -282,7 +282,10 @@ class TransformerBlock(nn.Module):
                              norm=self.attention_norm if attention_in else None,
                              residual=x if "attention_out" in parts else None)
         h = out if "attention_out" in parts else x + self._post(self.attention_post_norm, out)
-        if not isinstance(self.feed_forward, FeedForward):  # MoE: split
+        ffn = self.feed_forward
+        if not isinstance(ffn, FeedForward):  # MoE: four kernels where it can, else split
+            if self.ffn_post_norm is None and ffn.takes_step_kernel(h, self.ffn_norm):
+                return ffn.fused_step(h, self.ffn_norm)
             return self._split_ffn(h)
         out = self.feed_forward(h if ffn_in else self.ffn_norm(h),
                                 norm=self.ffn_norm if ffn_in else None,
@@ -564,6 +567,7 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
             layer.took_layer_kernel = False
             if isinstance(layer.feed_forward, MoEFeedForward):
                 layer.feed_forward.took_step_kernel = False
+                layer.feed_forward.took_fused_step = False
         layer.step_kernels = kind
 
 

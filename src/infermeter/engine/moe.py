@@ -137,6 +137,7 @@ class MoEFeedForward(nn.Module):
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
         self.took_step_kernel = False  # a traced batch-1 step ran this block in one launch
+        self.took_fused_step = False  # ... or as the fused step's four kernels (fused_step)
         self.moe_kernel = MOE_KERNEL
         # False: w2's bias [E, dim] is kept but not added. Under tensor parallelism the block's
         # output is all-reduced, so only rank 0 adds it (sharding.py); w1's and w3's are split.
@@ -239,6 +240,30 @@ class MoEFeedForward(nn.Module):
                                    self.top_k, self.renormalize)
         self.last_experts = ids
         self.took_step_kernel = True  # traced so: the runner's record of what ran
+        return out.view_as(h)
+
+    def fused_step(self, h: Tensor, norm: RMSNorm) -> Tensor:
+        """The fused batch-1 step's block (step_kernels "fused", for takes_step_kernel's
+        blocks): h + this block's output for h [1, 1, dim] normed by `norm` (the layer's
+        ffn_norm) in four kernels where the split step takes six (the add and norm, the
+        router's product, the routing, the two expert products, the residual add): the norm
+        and the router's product, which also stores the normed row (fused_step.
+        norm_gemv_keeping); the routing kernel; the experts' gate and up; the down product
+        with the residual add in it. The routed ids noted as a forward notes them."""
+        from infermeter.engine.kernels.fused_step import norm_matvec_keeping
+        from infermeter.engine.norms import GemmaRMSNorm
+
+        flat = h.reshape(1, -1)
+        logits, normed = norm_matvec_keeping(flat, norm.weight, self.gate.weight, norm.eps,
+                                             isinstance(norm, GemmaRMSNorm))  # [1, E], [1, dim]
+        routed = kernel_route(logits, self.top_k, self.renormalize, self.softmax_after_topk)
+        if routed is None:  # takes_step_kernel's blocks always route in the kernel
+            raise RuntimeError("the routing kernel cannot run on this block's router")
+        weights, ids = routed
+        self.last_experts = ids
+        self.took_fused_step = True  # traced so: the runner's record of what ran
+        out = gathered_experts(normed, weights.to(h.dtype), ids, *self.stacked(),
+                               residual=flat)
         return out.view_as(h)
 
     def runs_kernels(self, x: Tensor) -> bool:

@@ -142,6 +142,15 @@ class Attention(nn.Module):
         return wqkv is not None and cache_dtype == dtype \
             and (wqkv.bias is None or wqkv.bias.dtype == dtype) and self._qk_norms_fuse(dtype)
 
+    def qk_norms_apart(self) -> bool:
+        """Whether the fused step's q/k norms, RoPE and cache write run in a kernel of their own
+        after norm + wqkv (fused_step.QK_NORM_KERNELS 2; a layer with q/k norms and no wqkv
+        bias), not in wqkv's, for a layer where fuses_rope_and_cache holds."""
+        from infermeter.engine.kernels import fused_step
+
+        return self.q_norm is not None and self.wqkv is not None and self.wqkv.bias is None \
+            and fused_step.QK_NORM_KERNELS == 2
+
     def _qk_norms_fuse(self, dtype: torch.dtype) -> bool:
         """No q/k norms, or both of one kind and eps with weights in `dtype` and a power-of-two
         head_dim (the kernel's program is one head: a Triton block of head_dim rows)."""
@@ -165,17 +174,25 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         if norm is not None and self.fuses_rope_and_cache(x):
             # one kernel: the norm, wqkv, the q/k norms (if any), RoPE on q and k, k and v into
-            # the cache at input_pos
-            from infermeter.engine.kernels.fused_step import norm_qkv_rope_cache
+            # the cache at input_pos; or, with q/k norms, two (fused_step.QK_NORM_KERNELS)
+            from infermeter.engine.kernels import fused_step
 
             cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
-            q = norm_qkv_rope_cache(
-                x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
-                input_pos, cache.k, cache.v, cache.key_pos, self.qkv_split[0], norm.eps,
-                isinstance(norm, GemmaRMSNorm), cache.is_ring,
-                None if q_norm is None else q_norm.weight,
-                None if k_norm is None else k_norm.weight,
-                0.0 if q_norm is None else q_norm.eps, isinstance(q_norm, GemmaRMSNorm))
+            if self.qk_norms_apart():
+                qkv = fused_step.norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight,
+                                             norm.eps, isinstance(norm, GemmaRMSNorm))
+                q = fused_step.qk_norm_rope_cache(
+                    qkv, cos, sin, input_pos, cache.k, cache.v, cache.key_pos, q_norm.weight,
+                    k_norm.weight, self.qkv_split[0], cache.is_ring, q_norm.eps,
+                    isinstance(q_norm, GemmaRMSNorm))
+            else:
+                q = fused_step.norm_qkv_rope_cache(
+                    x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
+                    input_pos, cache.k, cache.v, cache.key_pos, self.qkv_split[0], norm.eps,
+                    isinstance(norm, GemmaRMSNorm), cache.is_ring,
+                    None if q_norm is None else q_norm.weight,
+                    None if k_norm is None else k_norm.weight,
+                    0.0 if q_norm is None else q_norm.eps, isinstance(q_norm, GemmaRMSNorm))
             if self.q_scale is not None:
                 q = q * self.q_scale
             q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]

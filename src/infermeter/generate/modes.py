@@ -88,7 +88,9 @@ class EngineRunner:
                 "decode_attention": "/".join(map(str, used)) or None,
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
+                "qk_norm_kernels": self._qk_norm_kernels_used(),
                 "moe_kernel": self._moe_kernel_used(), "moe_step": self._moe_step_used(),
+                "moe_fused_step": self._moe_fused_step_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 "step_graphs": self.generator.step_graphs if compiled else None,
                 "step_choice": self.step_choice if compiled else None,
@@ -158,6 +160,22 @@ class EngineRunner:
                    if layer.step_kernels in FUSED_KINDS
                    and "attention_in" in layer.fused_parts())
 
+    def _qk_norm_kernels_used(self) -> int | None:
+        """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes
+        (fused_rope): 2 in a kernel of their own after norm + wqkv (Attention.qk_norms_apart,
+        fused_step.QK_NORM_KERNELS), 1 in wqkv's kernel, a program a head; None where no such
+        layer runs the fused kernels ("fused" or "partly fused" steps only: a one-launch layer
+        has its own)."""
+        if self._step_kernels_used() not in ("fused", "partly fused") \
+                or not self._fused_rope_used():
+            return None
+        layers = [layer.attention for layer in self.generator.model.layers
+                  if layer.step_kernels in FUSED_KINDS and "attention_in" in layer.fused_parts()
+                  and layer.attention.q_norm is not None]
+        if not layers:
+            return None
+        return 2 if all(attention.qk_norms_apart() for attention in layers) else 1
+
     def _moe_kernel_used(self) -> str | None:
         """The decode steps' experts: "triton" where the blocks take the Triton kernels
         (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones while
@@ -178,6 +196,15 @@ class EngineRunner:
         if not blocks or not self.config.compile:
             return None
         return all(block.took_step_kernel for block in blocks)
+
+    def _moe_fused_step_used(self) -> bool | None:
+        """Whether every MoE block of the traced batch-1 steps ran as the fused step's four
+        kernels (MoEFeedForward.fused_step: --step-kernels fused with the Triton experts);
+        None for a model without MoE layers and in eager mode."""
+        blocks = self._moe_blocks()
+        if not blocks or not self.config.compile:
+            return None
+        return all(block.took_fused_step for block in blocks)
 
     def _moe_blocks(self) -> list[MoEFeedForward]:
         return [m for m in self.generator.model.modules() if isinstance(m, MoEFeedForward)]

@@ -146,12 +146,13 @@ if triton is not None:
                      act.to(dtype), mask=chose[:, None] & row_ok[None, :])
 
     @triton.jit
-    def _experts_down_kernel(ACT, IDS, ROUTE, W2, B2, OUT, n_rows, n_cols, top_k, stride_e,
-                             stride_r, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
-        experts_down_rows(tl.program_id(0), tl.program_id(1), ACT, IDS, ROUTE, W2, B2, OUT, OUT,
+    def _experts_down_kernel(ACT, IDS, ROUTE, W2, B2, OUT, RES, n_rows, n_cols, top_k,
+                             stride_e, stride_r, stride_b, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+                             PDL: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
+        experts_down_rows(tl.program_id(0), tl.program_id(1), ACT, IDS, ROUTE, W2, B2, OUT, RES,
                           n_rows, n_cols, top_k, stride_e, stride_r, stride_b, BLOCK_N, BLOCK_K,
-                          HAS_BIAS, False, PDL)
+                          HAS_BIAS, HAS_RESIDUAL, PDL)
 
     @triton.jit
     def experts_down_rows(row_block, token, ACT, IDS, ROUTE, W2, B2, OUT, RES, n_rows, n_cols,
@@ -289,10 +290,12 @@ def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
 
 
 def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bool,
-                  b2: Tensor | None = None, *, tiles: tuple[int, int, int] | None = None,
+                  b2: Tensor | None = None, residual: Tensor | None = None, *,
+                  tiles: tuple[int, int, int] | None = None,
                   one_token: str | None = None) -> Tensor:
     """experts_down's launch; tiles (expert_tiles_for's terms) replace the table's, one_token
-    (DOWN_WAYS) ONE_TOKEN_DOWN."""
+    (DOWN_WAYS) ONE_TOKEN_DOWN. residual [N, dim]: residual + the sum, each rounded (the
+    block's residual add: in the kernel for one token's sum way, else by torch)."""
     n_tokens, top_k = ids.shape
     way = ONE_TOKEN_DOWN if one_token is None else one_token
     if way not in DOWN_WAYS:
@@ -307,8 +310,9 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
         block_n, block_k, warps = tiles
         out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
         launch(_experts_down_kernel, (triton.cdiv(dim, block_n), n_tokens), pdl,
-               act, ids, weights, w2, b2, out, dim, hidden, top_k, w2.stride(0), w2.stride(1),
-               b2.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=has_bias,
+               act, ids, weights, w2, b2, out, out if residual is None else residual.contiguous(),
+               dim, hidden, top_k, w2.stride(0), w2.stride(1), b2.stride(0), BLOCK_N=block_n,
+               BLOCK_K=block_k, HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
                num_warps=warps, num_stages=NUM_STAGES)
         return out
     # Tokens share experts: each expert's program writes every choosing token's weighted term,
@@ -320,7 +324,7 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
            w2.stride(1), b2.stride(0), TOKENS=triton.next_power_of_2(n_tokens),
            TOPK=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_K=block_k,
            HAS_BIAS=has_bias, num_warps=warps, num_stages=NUM_STAGES)
-    return terms.sum(dim=1)
+    return terms.sum(dim=1) if residual is None else residual + terms.sum(dim=1)
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
@@ -355,32 +359,34 @@ def _(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, b1: Tensor | None = None,
 
 @torch.library.triton_op("infermeter::experts_down", mutates_args=())
 def experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor,
-                 b2: Tensor | None = None) -> Tensor:
+                 b2: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """act [N, k, ffn], w2 [E, dim, ffn] -> sum over the k of weights * (act @ w2[id]^T
-    (+ b2[id])): [N, dim]."""
-    return _experts_down(act, ids, weights, w2, False, b2)
+    (+ b2[id])): [N, dim]; with residual [N, dim], residual + that sum (the block's add)."""
+    return _experts_down(act, ids, weights, w2, False, b2, residual)
 
 
 @torch.library.custom_op("infermeter::experts_down_pdl", mutates_args=())
 def experts_down_pdl(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor,
-                     b2: Tensor | None = None) -> Tensor:
-    return _experts_down(act, ids, weights, w2, True, b2)
+                     b2: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    return _experts_down(act, ids, weights, w2, True, b2, residual)
 
 
 @experts_down_pdl.register_fake
-def _(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, b2: Tensor | None = None) -> Tensor:
+def _(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, b2: Tensor | None = None,
+      residual: Tensor | None = None) -> Tensor:
     return act.new_empty(ids.shape[0], w2.shape[1])
 
 
 def gathered_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor,
                      w2: Tensor, b1: Tensor | None = None, b3: Tensor | None = None,
                      b2: Tensor | None = None, limit: float | None = None,
-                     alpha: float = 1.0) -> Tensor:
+                     alpha: float = 1.0, residual: Tensor | None = None) -> Tensor:
     """MoEFeedForward.gathered's output [N, dim] through the two kernels, as a compiled step
-    calls them: with PDL when pdl.enabled()."""
+    calls them: with PDL when pdl.enabled(). residual [N, dim]: residual + that output, the
+    add in the down kernel (the fused step's MoE block)."""
     on = pdl.enabled()
     act = (experts_swiglu_pdl if on else experts_swiglu)(x, ids, w1, w3, b1, b3, limit, alpha)
-    return (experts_down_pdl if on else experts_down)(act, ids, weights, w2, b2)
+    return (experts_down_pdl if on else experts_down)(act, ids, weights, w2, b2, residual)
 
 
 def experts_kernel_usable(x: Tensor, *weights: Tensor | None) -> bool:

@@ -138,15 +138,18 @@ if triton is not None:
             tl.store(OUT + cols, tile.to(OUT.dtype.element_ty), mask=col_ok)
 
     @triton.jit
-    def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
+    def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, NORMED, n_out, n_cols, stride_w, up_row,
                            EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
                            SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False,
-                           GELU: tl.constexpr = False):
+                           GELU: tl.constexpr = False, STORE_NORMED: tl.constexpr = False):
         fused_gemv_rows(tl.program_id(0), X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
                          up_row, X, 0, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
                          BLOCK_K, LIBDEVICE, PDL, GELU, False)
+        if STORE_NORMED:  # the normed x itself for a later kernel (an MoE block's experts)
+            if tl.program_id(0) == 0:
+                normed_row(X, NORM_W, NORMED, n_cols, EPS, GEMMA, BLOCK_K)
 
     @triton.jit
     def fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
@@ -283,6 +286,21 @@ if triton is not None:
             a = (a + tl.load(BIAS + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             b = (b + tl.load(BIAS + rows + 1, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             a, b = a.to(tl.float32), b.to(tl.float32)
+        rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+                       KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
+                       cache_size, IS_RING, HEAD_DIM, UNCONTRACTED, QK_NORM, QK_GEMMA, QK_EPS)
+
+    @triton.jit
+    def rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+                       KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
+                       cache_size, IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       UNCONTRACTED: tl.constexpr, QK_NORM: tl.constexpr,
+                       QK_GEMMA: tl.constexpr, QK_EPS: tl.constexpr):
+        """What follows wqkv's product for pairs (rows, rows + 1) of q, k and v (a, b: float32
+        [BLOCK_N / 2], the dtype's values): with QK_NORM (rows one whole head) q's and k's head
+        RMS-normed, RoPE on q and k, q stored to Q_OUT, k and v to the cache's slot (and a
+        ring's key_pos from program 0)."""
+        dtype = Q_OUT.dtype.element_ty
         is_v = rows >= n_q + n_kv
         is_q = rows < n_q
         if QK_NORM:  # the head's RMSNorm with eager's roundings (as _input_tile's); each
@@ -338,6 +356,35 @@ if triton is not None:
             if pid == 0:
                 tl.store(KEY_POS + slot, pos)
 
+    @triton.jit
+    def _qk_norm_rope_kernel(QKV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, KEY_POS, Q_NORM_W,
+                             K_NORM_W, n_q, n_kv, stride_ch, stride_cs, cache_size,
+                             IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             UNCONTRACTED: tl.constexpr, QK_GEMMA: tl.constexpr,
+                             QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
+        """After norm_gemv's wqkv product QKV [n_q + 2 n_kv] (rounded to the dtype), program pid
+        takes one head of q, k or v: the q/k norm and RoPE of norm_qkv_rope_rows's QK_NORM
+        epilogue, to the bit, and the stores (q to Q_OUT, k and v to the cache)."""
+        pid = tl.program_id(0)
+        if PDL:  # QKV is the kernel before's output; nothing here is worth reading before it
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rows = pid * HEAD_DIM + 2 * tl.arange(0, HEAD_DIM // 2)  # the head's even features
+        row_ok = rows < n_q + 2 * n_kv  # always: one program a head
+        a = tl.load(QKV + rows, mask=row_ok, other=0.0).to(tl.float32)
+        b = tl.load(QKV + rows + 1, mask=row_ok, other=0.0).to(tl.float32)
+        rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+                       KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
+                       cache_size, IS_RING, HEAD_DIM, UNCONTRACTED, True, QK_GEMMA, QK_EPS)
+
+
+# How a fused step runs a layer's norm + wqkv where the layer has per-head q/k norms (Qwen3,
+# Gemma 3; Attention.forward): 2, norm_gemv's product over the GEMV's whole grid of row blocks,
+# then _qk_norm_rope_kernel, one small program a head, for the q/k norms, RoPE and the cache
+# write; 1, all of it in _norm_qkv_rope_kernel, where one program reads a whole head's weight
+# rows: at Qwen3-30B-A3B 40 programs of 0.5 MiB each on a GPU of 132 SMs (its fused step then
+# took 6.16 ms against split's 3.81 on an H100: docs/engine.md). A wqkv bias keeps 1.
+QK_NORM_KERNELS = 2
 
 # Tiles of the fused kernels where a GPU's own timings (benchmarks/fused_tiles.py) beat the
 # GEMV's: by torch.cuda.get_device_name, kernel (FUSED_KERNELS) and the weight's column count K,
@@ -403,9 +450,11 @@ def _checked_tiles(kernel: str, tiles: tuple[int, int, int], head_dim: int | Non
 
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
                 eps: float, gemma: bool, swiglu: bool, pdl: bool, gelu: bool = False, *,
-                tiles: tuple[int, int, int] | None = None) -> Tensor:
+                tiles: tuple[int, int, int] | None = None,
+                normed: Tensor | None = None) -> Tensor:
     """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]: silu(gate) * up,
-    tanh-GELU's with gelu) in x's dtype. tiles (fused_tiles_for's terms) replace the table's."""
+    tanh-GELU's with gelu) in x's dtype. tiles (fused_tiles_for's terms) replace the table's.
+    normed ([1, K], with norm_weight): also filled with the normed x the product read."""
     n_rows, n_cols = weight.shape
     n_out = n_rows // 2 if swiglu else n_rows
     kernel = "gemv_swiglu" if swiglu else "gemv_add" if residual is not None else "norm_gemv"
@@ -414,10 +463,11 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
-           x if residual is None else residual, out, n_out, n_cols, weight.stride(0), n_out,
-           EPS=eps, HAS_NORM=norm_weight is not None, GEMMA=gemma, SWIGLU=swiglu,
-           HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-           LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu, num_warps=warps,
+           x if residual is None else residual, out, x if normed is None else normed, n_out,
+           n_cols, weight.stride(0), n_out, EPS=eps, HAS_NORM=norm_weight is not None,
+           GEMMA=gemma, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
+           BLOCK_K=block_k, LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu,
+           STORE_NORMED=normed is not None and norm_weight is not None, num_warps=warps,
            num_stages=NUM_STAGES)
     return out
 
@@ -454,6 +504,25 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
     return q
 
 
+
+def _qk_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                  v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
+                  k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
+                  qk_gemma: bool, *, pdl: bool) -> Tensor:
+    """qkv [1, n_q + 2 n_kv] (wqkv's product), cos/sin [1, D / 2] float32 at input_pos [1],
+    the cache as _norm_qkv_rope's, q_norm_weight/k_norm_weight [D] (D a power of two) -> q
+    [1, n_q] normed and roped, k normed, roped and written, v written: one program a head."""
+    head_dim = k_cache.shape[-1]
+    q = torch.empty(1, n_q, dtype=qkv.dtype, device=qkv.device)
+    launch(_qk_norm_rope_kernel, (qkv.shape[-1] // head_dim,), pdl,
+           qkv, cos, sin, input_pos, q, k_cache, v_cache, key_pos, q_norm_weight, k_norm_weight,
+           n_q, (qkv.shape[-1] - n_q) // 2, k_cache.stride(1), k_cache.stride(2),
+           k_cache.shape[2], IS_RING=is_ring, HEAD_DIM=head_dim,
+           UNCONTRACTED=compiled_for_gpu(qkv), QK_GEMMA=qk_gemma, QK_EPS=qk_eps, num_warps=1)
+    return q
+
+
+
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
 # and a custom_op twin launched with PDL (pdl.py says why both). Inputs: x, residual [1, K] /
 # [1, N] contiguous rows; norm_weight [K]; weight [N, K] with unit column stride (a fused
@@ -475,6 +544,32 @@ def norm_gemv_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
 def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     return x.new_empty(1, weight.shape[0])
 
+
+def _norm_gemv_keeping(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool,
+                       pdl: bool) -> tuple[Tensor, Tensor]:
+    normed = torch.empty_like(x)
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=pdl,
+                       normed=normed), normed
+
+
+@torch.library.triton_op("infermeter::norm_gemv_keeping", mutates_args=())
+def norm_gemv_keeping(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+                      gemma: bool) -> tuple[Tensor, Tensor]:
+    """norm_gemv's product [1, N] and the normed x [1, K] it read (program 0 stores it): an
+    MoE block's norm, its router's product, and the row its experts read."""
+    return _norm_gemv_keeping(x, norm_weight, weight, eps, gemma, False)
+
+
+@torch.library.custom_op("infermeter::norm_gemv_keeping_pdl", mutates_args=())
+def norm_gemv_keeping_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+                          gemma: bool) -> tuple[Tensor, Tensor]:
+    return _norm_gemv_keeping(x, norm_weight, weight, eps, gemma, True)
+
+
+@norm_gemv_keeping_pdl.register_fake
+def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+      gemma: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(1, weight.shape[0]), torch.empty_like(x)
 
 @torch.library.triton_op("infermeter::gemv_swiglu", mutates_args=())
 def gemv_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
@@ -552,12 +647,44 @@ def _(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, cos: 
     return x.new_empty(1, n_q)
 
 
+
+@torch.library.triton_op("infermeter::qk_norm_rope", mutates_args=_CACHE_ARGS)
+def qk_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                 v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor,
+                 n_q: int, is_ring: bool, qk_eps: float, qk_gemma: bool) -> Tensor:
+    """The per-head q/k norms (Qwen3, Gemma 3), RoPE on q and k and the cache write of k and v
+    at input_pos, after norm_gemv's wqkv product qkv -> the roped q [1, n_q]."""
+    return _qk_norm_rope(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight,
+                         k_norm_weight, n_q, is_ring, qk_eps, qk_gemma, pdl=False)
+
+
+@torch.library.custom_op("infermeter::qk_norm_rope_pdl", mutates_args=_CACHE_ARGS)
+def qk_norm_rope_pdl(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                     k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
+                     k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
+                     qk_gemma: bool) -> Tensor:
+    return _qk_norm_rope(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight,
+                         k_norm_weight, n_q, is_ring, qk_eps, qk_gemma, pdl=True)
+
+
+@qk_norm_rope_pdl.register_fake
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+      v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, n_q: int,
+      is_ring: bool, qk_eps: float, qk_gemma: bool) -> Tensor:
+    return qkv.new_empty(1, n_q)
+
 # As the compiled step calls them: with PDL when pdl.enabled().
 
 def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
                 gemma: bool) -> Tensor:
     return (norm_gemv_pdl if pdl.enabled() else norm_gemv)(x, norm_weight, weight, eps, gemma)
 
+
+def norm_matvec_keeping(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
+                        gemma: bool) -> tuple[Tensor, Tensor]:
+    """norm_matvec's product and the normed x (norm_gemv_keeping)."""
+    op = norm_gemv_keeping_pdl if pdl.enabled() else norm_gemv_keeping
+    return op(x, norm_weight, weight, eps, gemma)
 
 def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
                        gemma: bool, gelu: bool = False) -> Tensor:
@@ -576,6 +703,15 @@ def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Te
     return op(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache, key_pos,
               n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight, qk_eps, qk_gemma)
 
+
+
+def qk_norm_rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                       k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
+                       k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
+                       qk_gemma: bool) -> Tensor:
+    op = qk_norm_rope_pdl if pdl.enabled() else qk_norm_rope
+    return op(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight, k_norm_weight,
+              n_q, is_ring, qk_eps, qk_gemma)
 
 def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     return (gemv_add_pdl if pdl.enabled() else gemv_add)(x, weight, residual)
