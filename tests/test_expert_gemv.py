@@ -93,10 +93,10 @@ def test_without_triton_where_the_model_runs_the_choice_changes_nothing():
 
 
 def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monkeypatch):
-    """--moe-kernel: the CLI's choices are the engine's, "torch" by default (until a GPU
-    measures otherwise); the runner sets every MoE block; the Result records "triton" where
-    Triton runs, eager or compiled (the gathered kernels while batch x k <= E, the grouped ones
-    past that), "torch" otherwise, and nothing for a model without experts."""
+    """--moe-kernel: the CLI's choices are the engine's, "triton" by default (measured faster on an
+    H100; torch's where Triton cannot run); the runner sets every MoE block; the Result records
+    "triton" where Triton runs, eager or compiled (the gathered kernels while batch x k <= E, the
+    grouped ones past that), "torch" otherwise, and nothing for a model without experts."""
     from infermeter.cli import build_parser
     from infermeter.commands.generate import MOE_KERNELS as CLI_KINDS
     from infermeter.engine import moe as moe_module
@@ -107,10 +107,10 @@ def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monk
     from infermeter.generate.request import EngineChoices, GenerateRequest
 
     assert CLI_KINDS == MOE_KERNELS
-    assert EngineChoices().moe_kernel == "torch"
-    assert build_parser().parse_args(["generate", "--model", "debug"]).moe_kernel == "torch"
+    assert EngineChoices().moe_kernel == "triton"
+    assert build_parser().parse_args(["generate", "--model", "debug"]).moe_kernel == "triton"
     assert build_parser().parse_args(["generate", "--model", "debug", "--moe-kernel",
-                                      "triton"]).moe_kernel == "triton"
+                                      "torch"]).moe_kernel == "torch"
     model = build_model(MIXTRAL, seed=0)
     sets = prompt_sets((1,), (4,), (), MIXTRAL.vocab_size, 0, ())
     request = GenerateRequest("random:tiny", engine=EngineChoices(moe_kernel="triton"))
@@ -128,7 +128,8 @@ def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monk
         runner.batch_sizes = [1]
         assert runner.describe()["moe_kernel"] == "torch", mode  # no Triton here
     (case,) = plan_cases(MIXTRAL, sets, ("compiled",), 4, None, None)
-    EngineRunner(model, case, GenerateRequest("random:tiny"))
+    EngineRunner(model, case, GenerateRequest("random:tiny",
+                                              engine=EngineChoices(moe_kernel="torch")))
     assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == {"torch"}
     dense = load_weights("random:debug", "cpu", "float32")
     (case,) = plan_cases(PRESETS["debug"], sets, ("compiled",), 4, None, None)
@@ -278,9 +279,11 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
                 assert err <= 4 * 2 ** -8 * want.abs().max().item(), (batch, pdl_on, err)
 
 
-def test_the_report_takes_a_triton_experts_result_for_a_comparison():
-    """A compiled Result whose gathered experts ran Triton's kernels is an A/B run while torch
-    is the default: a column is represented by the torch one (unrecorded: torch)."""
+def test_the_report_takes_the_experts_of_the_results_day_for_the_default():
+    """Before 2026-12-06 (no config.moe_fused_step) torch's experts were the default: a Triton
+    Result of then is an A/B run, and a column is represented by the torch one. Since then
+    Triton's are, on a GPU: a torch Result there is the A/B run; off a GPU (where Triton's do
+    not run) torch's are what the default ran. Unrecorded: the default."""
     from infermeter.engine.moe import MOE_KERNEL
     from infermeter.report.select import (
         DEFAULT_MOE_KERNEL,
@@ -291,7 +294,7 @@ def test_the_report_takes_a_triton_experts_result_for_a_comparison():
     )
     from tests.report_records import seed_record
 
-    assert DEFAULT_MOE_KERNEL == MOE_KERNEL
+    assert DEFAULT_MOE_KERNEL == MOE_KERNEL == "triton"
     torch_run, triton_run = seed_record(1, moe_kernel="torch"), seed_record(2, moe_kernel="triton")
     older = seed_record(3)
     assert off_default_kernels(triton_run) and not off_default_kernels(torch_run)
@@ -299,6 +302,14 @@ def test_the_report_takes_a_triton_experts_result_for_a_comparison():
     assert not off_default_kernels(seed_record(4, moe_kernel=None))
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[triton_run, torch_run])) \
         is torch_run
+    new = {"moe_fused_step": True, "device": "cuda:0"}
+    torch_now = seed_record(5, moe_kernel="torch", **new)
+    triton_now = seed_record(6, moe_kernel="triton", **new)
+    assert off_default_kernels(torch_now) and not off_default_kernels(triton_now)
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[torch_now, triton_now])) \
+        is triton_now
+    cpu = seed_record(7, moe_kernel="torch", moe_fused_step=None, device="cpu")
+    assert not off_default_kernels(cpu)
 
 
 @pytest.mark.gpu

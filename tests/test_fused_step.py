@@ -25,6 +25,7 @@ from infermeter.engine.model import (
     fused_step_parts,
     set_step_kernels,
 )
+from infermeter.engine.moe import MOE_KERNEL
 from infermeter.specs.presets import PRESETS
 from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
@@ -260,7 +261,7 @@ def test_the_ab_script_runs_both_kinds_and_summarises_them(tmp_path, capsys):
         assert request.engine.step_kernels == "fused" and request.timing.roofline
         assert request.engine.step_graphs == "trees"
         # an MoE model's cases run the Triton experts, a dense one's the default
-        assert request.engine.moe_kernel == script.MOE_KERNELS.get(model, "torch"), model
+        assert request.engine.moe_kernel == script.MOE_KERNELS.get(model, MOE_KERNEL), model
     assert script.MOE_KERNELS == {"qwen3-30b-a3b": "triton"}
     assert script.ab_request("debug", "split", "recorded").engine.step_graphs == "recorded"
     path = tmp_path / "ab.jsonl"

@@ -57,13 +57,24 @@ def test_the_cpu_counts_no_layer_buffers(monkeypatch):
                                                         traffic=("d2h",), context=8192)
 
 
-@pytest.mark.parametrize("spec, asked", [
-    (LLAMA, {"prefill_chunk": 1}),  # forwards of one token run eager
-    (MIXTRAL, {}),  # the torch experts' loop asks the host: no replays
-    (MIXTRAL, {"traffic": ("d2h",), "context": 8192})])
-def test_prefills_that_replay_nothing_count_no_layer_buffers(monkeypatch, spec, asked):
+@pytest.mark.parametrize("spec, asked, experts", [
+    (LLAMA, {"prefill_chunk": 1}, "triton"),  # forwards of one token run eager
+    (MIXTRAL, {}, "torch"),  # the torch experts' loop asks the host: no replays
+    (MIXTRAL, {"traffic": ("d2h",), "context": 8192}, "torch")])
+def test_prefills_that_replay_nothing_count_no_layer_buffers(monkeypatch, spec, asked,
+                                                             experts):
+    monkeypatch.setattr("infermeter.engine.moe.MOE_KERNEL", experts)
     parts = _device_parts(monkeypatch, spec, CUDA, **asked)
     assert "prefill activations" in parts and "prefill layer buffers" not in parts
+
+
+def test_an_moe_prefill_on_the_default_triton_experts_counts_its_layer_buffers(monkeypatch):
+    """The Triton experts (the engine's default) group tokens with no host sync, so an MoE
+    prefill replays its layers as a dense one does: Mixtral's two 4,096-wide bf16 buffers of
+    the longest forward (batch 2, 2,176 tokens)."""
+    monkeypatch.setattr("infermeter.engine.moe.MOE_KERNEL", "triton")
+    parts = _device_parts(monkeypatch, MIXTRAL, CUDA)
+    assert parts["prefill layer buffers"] == 2 * (2 * 2176 * 4096 * 2)
 
 
 def test_the_offloaded_decode_still_holds_the_earlier_prefills_buffers(monkeypatch):
@@ -87,8 +98,10 @@ def test_the_jobs_generator_replays_exactly_where_the_fit_check_counts(monkeypat
     """The Generator run_offload builds (job.offload_generator), asked as its prefills ask it
     (a case's compiled flag is case.prefill_kind's), on a dense and an MoE model, on a GPU or
     the CPU, at forwards of 1 and 16 tokens: it replays its layers exactly where
-    replays_offload_prefill says so. (The device is set on the Generator as its rule reads it;
-    nothing runs.)"""
+    replays_offload_prefill says so. (The device is set on the Generator as its rule reads it,
+    and Triton runs on "its" weights there, as on a GPU: the default Triton experts group an
+    MoE prefill's tokens with no host sync; nothing runs.)"""
+    from infermeter.engine import moe as moe_module
     from infermeter.engine.model import build_model
     from infermeter.offload.case import prefill_kind
     from infermeter.offload.job import offload_generator
@@ -105,6 +118,7 @@ def test_the_jobs_generator_replays_exactly_where_the_fit_check_counts(monkeypat
             request = OffloadRequest("random:debug", (8,), (8,))
             generator = offload_generator(model, request, device, "float32")
             generator.device = device
+            monkeypatch.setattr(moe_module, "triton_runs_on", lambda t, d=device: d == CUDA)
             compiled = prefill_kind(generator) == "compiled layers"
             assert compiled == (device.type == "cuda")  # the --traffic prompt's flag too
             for forward in (1, 16):
@@ -113,4 +127,4 @@ def test_the_jobs_generator_replays_exactly_where_the_fit_check_counts(monkeypat
                     name, device, forward)
                 if replays:
                     replayed.add((name, device.type, forward))
-    assert replayed == {("dense", "cuda", 16)}
+    assert replayed == {("dense", "cuda", 16), ("moe", "cuda", 16)}

@@ -118,6 +118,35 @@ def test_measure_roofline_on_the_cpu():
     assert not any("HBM" in w for w in peaks.warnings)
 
 
+def test_a_gpu_is_measured_once_a_process_and_later_cases_say_they_reused_it(monkeypatch):
+    """On a GPU the first measurement is kept (a copy's figure moved with where its buffers
+    landed after a large model was freed: the module docstring): later calls with the same
+    arguments get it, marked roofline_reused, measuring nothing; other arguments or another
+    device measure anew; a CPU measures every time. The kept copy is not the caller's."""
+    monkeypatch.setattr(rl, "_MEASURED", {})
+    calls = []
+
+    def fake(device, repeats, copy_bytes, matmul_n):
+        calls.append(str(device))
+        return rl.Roofline(str(device), hbm_gbps=3000.0 - len(calls), matmul_tflops=700.0,
+                           samples={"hbm_copy_ms": [0.7]})
+
+    monkeypatch.setattr(rl, "_measure_roofline", fake)
+    gpu = torch.device("cuda:0")
+    first = rl.measure_roofline(gpu)
+    assert first.hbm_gbps == 2999.0 and first.metrics()["roofline_reused"] is False
+    first.samples["hbm_copy_ms"].append(9.9)  # the caller's object, not the kept one
+    again = rl.measure_roofline(gpu)
+    assert calls == ["cuda:0"]
+    assert again.hbm_gbps == 2999.0 and again.metrics()["roofline_reused"] is True
+    assert again.samples == {"hbm_copy_ms": [0.7]}
+    assert rl.measure_roofline(gpu, repeats=3).hbm_gbps == 2998.0  # other arguments
+    assert rl.measure_roofline(torch.device("cuda:1")).hbm_gbps == 2997.0
+    cpu = torch.device("cpu")
+    assert rl.measure_roofline(cpu).hbm_gbps == 2996.0
+    assert rl.measure_roofline(cpu).hbm_gbps == 2995.0  # a CPU: every time
+    assert calls == ["cuda:0", "cuda:0", "cuda:1", "cpu", "cpu"]
+
 def test_measured_peaks_from_a_fake_clock(monkeypatch):
     """Every timed call takes 2^-9 s on the fake clock: the copy of 1 MiB moves 2 MiB (read +
     write) in 1.953125 ms = 2^30 / 1e9 GB/s; the 64^3 matmul does 2 x 64^3 = 2^19 FLOPs in it."""

@@ -40,6 +40,21 @@ def test_what_was_not_measured_stays_split_in_the_trees_whatever_its_size(device
                        "fused").reason == f"asked: fused, trees ({why})"
 
 
+def test_a_qwen3_moe_batch_1_step_with_the_triton_experts_takes_the_fused_kernels_in_the_trees():
+    """moe_fuses (q/k norms and the Triton experts, the measured case): fused, in the trees, at
+    batch 1 on one GPU; a batch over 1, tp, the cudagraphs backend or no GPU keep split; an MoE
+    model without it keeps split; a dense model ignores it."""
+    fused = choose_step(10**11, CUDA, moe=True, tp=1, batch=1, moe_fuses=True)
+    assert (fused.kernels, fused.graphs) == ("fused", "trees")
+    assert fused.reason == "auto: fused, trees (an MoE model with q/k norms and the Triton " \
+                           "experts, at batch 1)"
+    for device, tp, batch, backend in ((CUDA, 1, 2, None), (CUDA, 2, 1, None),
+                                       (CUDA, 1, 1, "cudagraphs"), (CPU, 1, 1, None)):
+        kept = choose_step(10**11, device, True, tp, batch, backend, moe_fuses=True)
+        assert (kept.kernels, kept.graphs) == ("split", "trees"), (device, tp, batch, backend)
+    assert choose_step(10**11, CUDA, True, 1, 1).kernels == "split"
+    assert choose_step(10**11, CUDA, False, 1, 1, moe_fuses=True).kernels == "split"
+
 def test_kernels_asked_by_name_run_as_asked_with_their_own_replay_whatever_the_size():
     """The fused kernels (and one launch a layer) in the recorded graph, split in the trees;
     the reason says they were asked for (the report's test for a comparison run)."""
@@ -96,11 +111,12 @@ def test_the_measured_models_fall_on_the_side_their_ab_put_them(name, dtype, fus
 
 
 def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
-    """The rule gets the model's step bytes, device, MoE-ness, ranks, the case's largest batch,
-    the backend and the kernels asked; the Generator gets the chosen replay (or the one named),
-    every layer the chosen kernels. The Result's config.step_choice is the default's reason
-    where the step runs what the default would (kernels and the Generator's replay), even if
-    asked for by name, else "asked: <kernels>, <replay>"."""
+    """The rule gets the model's step bytes, device, MoE-ness, ranks, the case's largest batch, the
+    backend, the kernels asked and whether an MoE step would take the measured fused case; the
+    Generator gets the chosen replay (or the one named), every layer the chosen kernels. The
+    Result's config.step_choice is the default's reason where the step runs what the default would
+    (kernels and the Generator's replay), even if asked for by name, else "asked: <kernels>,
+    <replay>"."""
     from infermeter.engine.checkpoint.load import load_weights
     from infermeter.generate import modes as modes_module
     from infermeter.generate.cases import plan_cases, prompt_sets
@@ -109,8 +125,8 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
 
     seen = []
 
-    def rule(weight_bytes, device, moe, tp, batch, backend, kernels="auto"):
-        seen.append((weight_bytes, device.type, moe, tp, batch, backend, kernels))
+    def rule(weight_bytes, device, moe, tp, batch, backend, kernels="auto", moe_fuses=None):
+        seen.append((weight_bytes, device.type, moe, tp, batch, backend, kernels, moe_fuses))
         picked = "fused" if kernels == "auto" else kernels
         return StepChoice(picked, "trees", f"why {picked}")  # off a GPU: the trees, as here
 
@@ -126,7 +142,8 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
 
     runner = runner_for()
     facts = (step_weight_bytes(model), "cpu", False, 1, 1, None)
-    assert seen == [(*facts, "auto"), (*facts, "auto")]  # the choice, then the default's
+    # the choice, then the default's; moe_fuses: q/k norms and the Triton experts (not here)
+    assert seen == [(*facts, "auto", False), (*facts, "auto", False)]
     assert {layer.step_kernels for layer in model.layers} == {"fused"}
     assert runner.generator._step_graphs_asked == "trees"
     assert runner.describe()["step_choice"] == "why fused"
@@ -138,7 +155,7 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
     # asked for by name, but what the default runs: the default's reason
     assert runner_for(step_kernels="fused").describe()["step_choice"] == "why fused"
     monkeypatch.setattr(modes_module, "choose_step",
-                        lambda *facts: StepChoice("split", "recorded", "why recorded"))
+                        lambda *facts, **kw: StepChoice("split", "recorded", "why recorded"))
     named = runner_for(step_kernels="split", step_graphs="recorded")
     assert named.generator._step_graphs_asked == "recorded"
     # off a GPU the Generator replays no graph: what ran, neither reason's replay

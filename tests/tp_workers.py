@@ -228,6 +228,7 @@ def peer_model_matches_tp1(parallel: TensorParallel, source: Any, buffers: list[
     from infermeter.engine.checkpoint.load import load_model
     from infermeter.engine.generator import GenerationConfig, Generator
     from infermeter.engine.linear import set_matvec_kernel
+    from infermeter.engine.moe import set_moe_kernel
     from infermeter.engine.parallel import peer_all_reduce
     from infermeter.engine.parallel.all_reduce import use_peer_all_reduce
 
@@ -246,6 +247,7 @@ def peer_model_matches_tp1(parallel: TensorParallel, source: Any, buffers: list[
     got = Generator(shard, CACHE).generate(prompts, config).output_token_ids
     for model in (full, shard):  # our Triton kernels are not traceable when interpreted
         set_matvec_kernel(model, "inductor")
+        set_moe_kernel(model, "torch")
         for layer in model.layers:
             layer.attention.decode_attention = "math"
             layer.feed_forward.activation_kernel = "inline"

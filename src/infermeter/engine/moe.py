@@ -103,9 +103,11 @@ def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
 
 
 # How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
-# products) or "triton" (kernels/expert_gemv.py, by expert id). The default waits for a GPU's
-# A/B (benchmarks/moe_kernel_ab.py).
-MOE_KERNEL = "torch"
+# products) or "triton" (kernels/expert_gemv.py, by expert id; where Triton cannot run, torch's).
+# "triton" since 2026-12-06: in one process on an H100, Qwen3-30B-A3B's batch-1 step took
+# 0.879x torch's TPOT with it (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl,
+# benchmarks/moe_kernel_ab.py), and the fused batch-1 step's MoE block needs it.
+MOE_KERNEL = "triton"
 MOE_KERNELS = ("torch", "triton")
 
 

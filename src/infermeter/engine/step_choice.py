@@ -11,10 +11,17 @@ host's replay is cheap: in the graph trees the H200's small steps waited on the 
 fused step lost at every size (results/step-kernels-nvidia-h200-summary.txt), so the two go
 together.
 
-Left split, in the trees, whatever the size: MoE models (their experts are counted in Python
-each step, which a replay would not repeat), tensor parallelism and batches past one (neither
-measured), the cudagraphs compile backend (its own graphs) and anything off a GPU (no graph to
-replay). Kernels asked for by name keep their replay by the same pairing: fused (or one
+MoE models stay in the trees (their experts are counted in Python each step, which a replay would
+not repeat). At batch 1 on one GPU a Qwen3-MoE model (q/k norms) with the Triton experts takes the
+fused kernels there: its attention side as the fused step's (the q/k norms, RoPE and cache write in
+one kernel after norm + wqkv) and its block as four kernels. On an H100, fused / split TPOT at
+Qwen3-30B-A3B was 0.892 and 0.875 in two runs of opposite order
+(results/step-moe-fused-nvidia-h100-80gb-hbm3.jsonl,
+results/step-qk-heads-nvidia-h100-80gb-hbm3.jsonl). Other MoE steps (torch's experts; Mixtral,
+gpt-oss: no q/k norms, larger or biased experts) stay split until measured.
+Left split, in the trees, whatever the size: other MoE steps, tensor parallelism and batches past
+one (neither measured), the cudagraphs compile backend (its own graphs) and anything off a GPU (no
+graph to replay). Kernels asked for by name keep their replay by the same pairing: fused (or one
 launch a layer) recorded, split in the trees.
 """
 
@@ -75,12 +82,15 @@ def check_model_kernels(device: torch.device, moe: bool, tp: int, batch: int,
 
 
 def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, batch: int,
-                backend: str | None = None, kernels: str = AUTO) -> StepChoice:
+                backend: str | None = None, kernels: str = AUTO,
+                moe_fuses: bool = False) -> StepChoice:
     """The step for a model reading weight_bytes a step on `device`, with MoE layers or not,
     over tp ranks, at a largest batch of `batch` sequences, compiled by `backend` (None:
     inductor). `kernels` asked for by name run as asked, replayed as those kernels are best
     replayed: the fused ones (and one launch a layer) in the recorded graph, split in the trees;
-    "auto" picks them by size. The reason says which ("auto: ..." or "asked: ...")."""
+    "auto" picks them by size, and fused in the trees for an MoE model at batch 1 on one GPU
+    where moe_fuses (q/k norms and the Triton experts: Qwen3-MoE's measured case). The reason
+    says which ("auto: ..." or "asked: ...")."""
     gb = f"{weight_bytes / 1e9:.2f} GB of weights"
     held = held_in_trees(device, moe, tp, batch, backend)
     if kernels == "model":
@@ -89,6 +99,9 @@ def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, bat
         graphs = "trees" if held or kernels == "split" else "recorded"
         return StepChoice(kernels, graphs,
                           f"asked: {kernels}, {graphs}" + (f" ({held})" if held else ""))
+    if held == "an MoE model" and moe_fuses and tp == 1 and batch == 1:
+        return StepChoice("fused", "trees", "auto: fused, trees (an MoE model with q/k norms "
+                          "and the Triton experts, at batch 1)")
     if held is not None:
         return StepChoice("split", "trees", f"auto: split, trees ({held})")
     if weight_bytes <= SMALL_STEP_BYTES:

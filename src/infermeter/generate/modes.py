@@ -43,7 +43,10 @@ class EngineRunner:
         facts = (step_weight_bytes(model), model.tok_embeddings.weight.device,
                  model.spec.n_experts > 0, request.tp or 1, case.largest_group,
                  engine.compile_backend)
-        choice, default = choose_step(*facts, engine.step_kernels), choose_step(*facts)
+        # an MoE model's fused batch-1 step was measured with q/k norms and the Triton experts
+        fuses = model.spec.qk_norm and engine.moe_kernel == "triton"
+        choice = choose_step(*facts, engine.step_kernels, moe_fuses=fuses)
+        default = choose_step(*facts, moe_fuses=fuses)
         step_kernels = choice.kernels
         step_graphs = choice.graphs if engine.step_graphs == AUTO else engine.step_graphs
         self.generator = Generator(model, case.cache_len, kv_dtype=request.kv_dtype,

@@ -39,8 +39,9 @@ def replays_offload_prefill(spec: Any, device: Any, forward_len: int) -> bool:
     tokens) as CUDA graphs: layer_replays.replays_prefill_layers with that Generator's inputs,
     compiled through compile_prefill on a GPU and never bucketed (job.offload_generator,
     case.prefill_kind; the --traffic decode's prompt compiles on a GPU too), one rank, and
-    MoE blocks on the engine's default expert kernel, which offload never changes (MOE_KERNEL
-    "torch": its grouped loop over experts asks the host, so an MoE prefill replays nothing)."""
+    MoE blocks on the engine's default expert kernel, which offload never changes (MOE_KERNEL:
+    "triton" groups tokens with no host sync, so an MoE prefill replays as a dense one; "torch"'s
+    grouped loop over experts asks the host, so its MoE prefill replays nothing)."""
     from infermeter.engine.layer_replays import replays_prefill_layers
     from infermeter.engine.moe import MOE_KERNEL
 

@@ -206,7 +206,9 @@ DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unre
 # were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
 # kernels asked for, and split was the default
 DEFAULT_STEP_KERNELS = "split"
-DEFAULT_MOE_KERNEL = "torch"  # generate --moe-kernel (engine/moe.py); unrecorded: torch
+# generate --moe-kernel (engine/moe.py): "triton" where Triton runs; torch's before 2026-12-06,
+# when Results began to record config.moe_fused_step (unrecorded: torch)
+DEFAULT_MOE_KERNEL, EARLIER_MOE_KERNEL = "triton", "torch"
 
 
 def off_default_kernels(record: Record) -> bool:
@@ -230,7 +232,20 @@ def off_default_kernels(record: Record) -> bool:
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
             or _step_off_default(cfg)
-            or (cfg.get("moe_kernel") or DEFAULT_MOE_KERNEL) != DEFAULT_MOE_KERNEL)
+            or _moe_off_default(cfg))
+
+
+def _moe_off_default(cfg: dict) -> bool:
+    """The experts ran another kernel than the default of the Result's day: Triton's where
+    Triton runs (a GPU) for a Result that records config.moe_fused_step, torch's for one from
+    before (and off a GPU, where Triton's do not run); unrecorded (no experts, or older):
+    the default."""
+    kernel = cfg.get("moe_kernel")
+    if kernel is None:
+        return False
+    gpu = str(cfg.get("device") or "").startswith("cuda")
+    default = DEFAULT_MOE_KERNEL if "moe_fused_step" in cfg and gpu else EARLIER_MOE_KERNEL
+    return kernel != default
 
 
 def _step_off_default(cfg: dict) -> bool:
