@@ -56,7 +56,9 @@ from infermeter.measure.result import Result
 from infermeter.textable import render_table
 
 MODELS = {"qwen3-30b-a3b": "bf16", "mixtral-8x7b": "bf16", "gpt-oss-20b": "bf16"}
-KINDS = ("torch", "triton")  # engine/moe.MOE_KERNELS, the default first
+# engine/moe.MOE_KERNELS' two named kinds (its default, "auto", picks between them by batch:
+# what this A/B measures)
+KINDS = ("torch", "triton")
 # issue 25's targets: decode MBU on the active weights at batch 1
 MBU_GOALS = {"mixtral-8x7b": 75.0, "qwen3-30b-a3b": 60.0}
 BATCHES = (1, 4, 32)  # gathered, gathered, grouped (batch x k past E)

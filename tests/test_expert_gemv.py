@@ -23,6 +23,7 @@ from tests.test_peer_all_reduce import needs_triton
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("expert_gemv_worker.py")
+NAMED_KINDS = MOE_KERNELS[1:]  # torch's and Triton's; "auto" picks between them by batch
 MIXTRAL = PRESETS["debug"].with_updates(name="tiny-mixtral", arch="mixtral", n_experts=4,
                                         n_active_experts=2, moe_ffn_dim=176)
 
@@ -72,8 +73,8 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
 
 @torch.inference_mode()
 def test_without_triton_where_the_model_runs_the_choice_changes_nothing():
-    """On the CPU without the interpreter Triton cannot run: a model asked for "triton" runs
-    the torch path, the same logits; an unknown kind is refused."""
+    """On the CPU without the interpreter Triton cannot run: a model asked for "triton" or
+    "auto" runs the torch path, the same logits; an unknown kind is refused."""
     from infermeter.engine.model import build_model
 
     tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -88,16 +89,20 @@ def test_without_triton_where_the_model_runs_the_choice_changes_nothing():
         logits[kind] = torch.cat(outs, dim=1)
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert torch.equal(logits["triton"], logits["torch"])
+        assert torch.equal(logits["auto"], logits["torch"])
     with pytest.raises(ValueError, match="unknown MoE kernel"):
         set_moe_kernel(model, "cutlass")
 
 
 def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monkeypatch):
-    """--moe-kernel: the CLI's choices are the engine's, "triton" by default (measured faster on an
-    H100; torch's where Triton cannot run); the runner sets every MoE block; the Result records
-    "triton" where Triton runs, eager or compiled (the gathered kernels while batch x k <= E, the
-    grouped ones past that), "torch" otherwise, and nothing for a model without experts."""
+    """--moe-kernel: the CLI's choices are the engine's, "auto" by default; the runner sets
+    every MoE block; the Result records the kind asked (config.moe_kernel_asked) and what the
+    decode steps ran at each batch (config.moe_kernel): "triton" where the Triton kernels run,
+    eager or compiled ("triton": the gathered kernels while batch x k <= E, the grouped ones
+    past that; "auto": at batch 1 and past E / k only, torch's gathered indexing between),
+    "torch" otherwise, both where batches differ, and nothing for a model without experts."""
     from infermeter.cli import build_parser
+    from infermeter.commands.generate import MOE_KERNEL as CLI_DEFAULT
     from infermeter.commands.generate import MOE_KERNELS as CLI_KINDS
     from infermeter.engine import moe as moe_module
     from infermeter.engine.checkpoint.load import load_weights
@@ -106,34 +111,45 @@ def test_moe_kernel_choice_reaches_every_block_and_the_result_says_what_ran(monk
     from infermeter.generate.modes import EngineRunner
     from infermeter.generate.request import EngineChoices, GenerateRequest
 
-    assert CLI_KINDS == MOE_KERNELS
-    assert EngineChoices().moe_kernel == "triton"
-    assert build_parser().parse_args(["generate", "--model", "debug"]).moe_kernel == "triton"
+    assert CLI_KINDS == MOE_KERNELS and CLI_DEFAULT == moe_module.MOE_KERNEL == "auto"
+    assert EngineChoices().moe_kernel == "auto"
+    assert build_parser().parse_args(["generate", "--model", "debug"]).moe_kernel == "auto"
     assert build_parser().parse_args(["generate", "--model", "debug", "--moe-kernel",
                                       "torch"]).moe_kernel == "torch"
-    model = build_model(MIXTRAL, seed=0)
+    model = build_model(MIXTRAL, seed=0)  # 4 experts, 2 a token
     sets = prompt_sets((1,), (4,), (), MIXTRAL.vocab_size, 0, ())
-    request = GenerateRequest("random:tiny", engine=EngineChoices(moe_kernel="triton"))
+    # (kind asked, batches) -> what the Result says the steps ran where Triton runs
+    ran = {("triton", (1, 2)): "triton", ("triton", (3,)): "triton",
+           ("auto", (1,)): "triton", ("auto", (2,)): "torch", ("auto", (1, 2)): "triton/torch",
+           ("auto", (3,)): "triton", ("torch", (1,)): "torch"}
     for mode in ("compiled", "eager"):
         (case,) = plan_cases(MIXTRAL, sets, (mode,), 4, None, None)
-        runner = EngineRunner(model, case, request)
-        assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == \
-            {"triton"}
-        monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
-        runner.batch_sizes = [1, 2]  # 2 x 2 pairs: the 4 experts, still gathered
-        assert runner.describe()["moe_kernel"] == "triton", mode
-        runner.batch_sizes = [3]  # 6 pairs > 4 experts: expert_gemm.py's grouped kernels
-        assert runner.describe()["moe_kernel"] == "triton", mode
-        monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: False)
-        runner.batch_sizes = [1]
-        assert runner.describe()["moe_kernel"] == "torch", mode  # no Triton here
-    (case,) = plan_cases(MIXTRAL, sets, ("compiled",), 4, None, None)
-    EngineRunner(model, case, GenerateRequest("random:tiny",
-                                              engine=EngineChoices(moe_kernel="torch")))
-    assert {m.moe_kernel for m in model.modules() if isinstance(m, MoEFeedForward)} == {"torch"}
+        for (kind, batches), want in ran.items():
+            request = GenerateRequest("random:tiny", engine=EngineChoices(moe_kernel=kind))
+            runner = EngineRunner(model, case, request)
+            assert {m.moe_kernel for m in model.modules()
+                    if isinstance(m, MoEFeedForward)} == {kind}
+            monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
+            runner.batch_sizes = list(batches)
+            described = runner.describe()
+            assert (described["moe_kernel"], described["moe_kernel_asked"]) == (want, kind), \
+                (mode, kind, batches)
+            monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: False)
+            assert runner.describe()["moe_kernel"] == "torch", mode  # no Triton here
     dense = load_weights("random:debug", "cpu", "float32")
     (case,) = plan_cases(PRESETS["debug"], sets, ("compiled",), 4, None, None)
-    assert EngineRunner(dense, case, request).describe()["moe_kernel"] is None
+    described = EngineRunner(dense, case, GenerateRequest("random:tiny")).describe()
+    assert described["moe_kernel"] is None and described["moe_kernel_asked"] is None
+
+
+def test_auto_takes_triton_at_one_token_and_past_e_over_k_only():
+    """uses_triton: "triton" at every count, "torch" at none, "auto" at one token and where
+    N x k passes E (Qwen3-30B-A3B: 128 experts, 8 a token: 1 and 17 up, not 2 to 16)."""
+    from infermeter.engine.moe import uses_triton
+
+    assert all(uses_triton("triton", n, 8, 128) for n in (1, 4, 16, 17, 64))
+    assert not any(uses_triton("torch", n, 8, 128) for n in (1, 4, 16, 17, 64))
+    assert [n for n in range(1, 20) if uses_triton("auto", n, 8, 128)] == [1, 17, 18, 19]
 
 
 def _decode_unions(calls: list[tuple[int, int]], n_layers: int, prompt: int,
@@ -172,7 +188,7 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
     from tests.benchmark_scripts import load_benchmark
 
     script = load_benchmark("moe_kernel_ab")
-    assert tuple(script.KINDS) == MOE_KERNELS
+    assert tuple(script.KINDS) == NAMED_KINDS
     for model, dtype in script.MODELS.items():
         spec = PRESETS[model]
         # every batch but the last gathered; the last grouped (its pairs outnumber the experts)
@@ -202,7 +218,7 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
                      max_new_tokens=3, max_seq_len=8, repeats=2, warmup=0, roofline=False)
     results = read_results(path)
     assert [(r.config["ab"]["kernel"], r.config["batch_size"]) for r in results] == \
-        [(kind, batch) for kind in MOE_KERNELS for batch in script.BATCHES]
+        [(kind, batch) for kind in NAMED_KINDS for batch in script.BATCHES]
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert {r.config["moe_kernel"] for r in results} == {"torch"}  # no Triton here
     assert all(len(script.run_tpots(r)) == 2 for r in results)
@@ -216,7 +232,7 @@ def test_the_ab_script_runs_both_kernels_at_each_batch_and_summarises_them(tmp_p
     name = results[0].model["name"]
     rows = [line.split() for line in text.splitlines()
             if line.startswith(f"{name} ") and "triton / torch" not in line]
-    assert [(row[2], row[3]) for row in rows] == [(str(b), k) for k in MOE_KERNELS
+    assert [(row[2], row[3]) for row in rows] == [(str(b), k) for k in NAMED_KINDS
                                                   for b in script.BATCHES], text
     for batch in script.BATCHES:
         assert f"{name} batch {batch}: triton / torch TPOT" in text, text
@@ -232,7 +248,7 @@ def test_the_ab_script_times_only_the_kernels_and_batches_asked_for(monkeypatch,
     asked = script.arguments().parse_args(["--kernels", "triton", "--batches", "32", "1"])
     assert (asked.kernels, sorted(asked.batches)) == (["triton"], [1, 32])
     default = script.arguments().parse_args([])
-    assert (tuple(default.kernels), tuple(default.batches)) == (MOE_KERNELS, script.BATCHES)
+    assert (tuple(default.kernels), tuple(default.batches)) == (NAMED_KINDS, script.BATCHES)
     with pytest.raises(SystemExit):
         script.arguments().parse_args(["--batches", "2"])
     ran: list[tuple[str, tuple[int, ...], int]] = []
@@ -279,11 +295,11 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
                 assert err <= 4 * 2 ** -8 * want.abs().max().item(), (batch, pdl_on, err)
 
 
-def test_the_report_takes_the_experts_of_the_results_day_for_the_default():
-    """Before 2026-12-06 (no config.moe_fused_step) torch's experts were the default: a Triton
-    Result of then is an A/B run, and a column is represented by the torch one. Since then
-    Triton's are, on a GPU: a torch Result there is the A/B run; off a GPU (where Triton's do
-    not run) torch's are what the default ran. Unrecorded: the default."""
+def test_the_report_takes_the_experts_asked_for_the_default():
+    """Since 2026-12-06 a Result records the experts' kind asked (config.moe_kernel_asked):
+    "auto" (the default) is the representative whatever it ran, a kind named is an A/B run.
+    Before (unrecorded), torch's experts were the default: a Triton Result of then is an A/B
+    run, and a column is represented by the torch one. No experts: the default."""
     from infermeter.engine.moe import MOE_KERNEL
     from infermeter.report.select import (
         DEFAULT_MOE_KERNEL,
@@ -294,22 +310,20 @@ def test_the_report_takes_the_experts_of_the_results_day_for_the_default():
     )
     from tests.report_records import seed_record
 
-    assert DEFAULT_MOE_KERNEL == MOE_KERNEL == "triton"
+    assert DEFAULT_MOE_KERNEL == MOE_KERNEL == "auto"
     torch_run, triton_run = seed_record(1, moe_kernel="torch"), seed_record(2, moe_kernel="triton")
-    older = seed_record(3)
     assert off_default_kernels(triton_run) and not off_default_kernels(torch_run)
-    assert not off_default_kernels(older)
+    assert not off_default_kernels(seed_record(3))
     assert not off_default_kernels(seed_record(4, moe_kernel=None))
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[triton_run, torch_run])) \
         is torch_run
-    new = {"moe_fused_step": True, "device": "cuda:0"}
-    torch_now = seed_record(5, moe_kernel="torch", **new)
-    triton_now = seed_record(6, moe_kernel="triton", **new)
-    assert off_default_kernels(torch_now) and not off_default_kernels(triton_now)
-    assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[torch_now, triton_now])) \
-        is triton_now
-    cpu = seed_record(7, moe_kernel="torch", moe_fused_step=None, device="cpu")
-    assert not off_default_kernels(cpu)
+    auto_now = seed_record(5, moe_kernel="triton", moe_kernel_asked="auto")
+    named_now = seed_record(6, moe_kernel="triton", moe_kernel_asked="triton")
+    assert not off_default_kernels(auto_now) and off_default_kernels(named_now)
+    assert not off_default_kernels(seed_record(7, moe_kernel="torch", moe_kernel_asked="auto"))
+    assert off_default_kernels(seed_record(8, moe_kernel="torch", moe_kernel_asked="torch"))
+    assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[named_now, auto_now])) \
+        is auto_now
 
 
 @pytest.mark.gpu

@@ -431,10 +431,14 @@ def test_triton_experts_take_every_forward(monkeypatch) -> None:
     set_moe_kernel(small, "triton")
     (block,) = [m for m in small.modules() if isinstance(m, MoEFeedForward)]
     monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
-    assert takes_expert_kernel(block) and prefills_without_sync(small)
+    assert all(takes_expert_kernel(block, n) for n in (1, 2, 3)) and prefills_without_sync(small)
     assert Generator(small, bucketed_prefill=True).bucketed_prefill
+    set_moe_kernel(small, "auto")  # Triton's at one token and past E / k = 2 tokens
+    assert [takes_expert_kernel(block, n) for n in (1, 2, 3)] == [True, False, True]
+    assert prefills_without_sync(small)
     set_moe_kernel(small, "torch")
-    assert not takes_expert_kernel(block) and not prefills_without_sync(small)
+    assert not any(takes_expert_kernel(block, n) for n in (1, 2, 3))
+    assert not prefills_without_sync(small)
     set_moe_kernel(small, "triton")
     sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
     (case,) = plan_cases(spec, sets, ("eager",), 4, None, None)

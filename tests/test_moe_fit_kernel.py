@@ -37,6 +37,20 @@ def test_triton_parts_lack_exactly_the_gathered_copy() -> None:
                         tp=tp).values())  # torch is the default
 
 
+def test_auto_counts_triton_s_parts_at_batch_1_and_torch_s_copy_between() -> None:
+    """--moe-kernel auto (the default): Triton's gathered kernels at batch 1 (no copy), torch's
+    gathered indexing at 2 to E / k rows (its copy), the grouped kernels' intermediates for a
+    prefill past E / k either way (a bucketed prefill, no host sync)."""
+    def parts(batch: int, kind: str) -> dict[str, int]:
+        return case_memory(MIXTRAL, batch, 16, 256, "bfloat16", "bfloat16", "compiled",
+                           moe_kernel=kind)
+
+    assert parts(1, "auto") == parts(1, "triton")
+    at_4 = parts(4, "auto")
+    assert at_4["gathered expert weights"] == gathered_expert_bytes(MIXTRAL, 4, "bfloat16")
+    assert at_4["grouped expert activations"] == grouped(16 * 4, 1)
+    assert "gathered expert weights" not in parts(4, "triton")
+
 def _checked_parts(monkeypatch, moe_kernel: str, interpret: bool) -> dict[str, int]:
     """The device parts check_cases_fit weighs for one batch-1 MoE case on the CPU."""
     seen = []

@@ -22,8 +22,8 @@ ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # a
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 # engine/step_choice.AUTO and engine/model.py's
 STEP_KERNELS = ("auto", "split", "fused", "layer", "model")
-MOE_KERNELS = ("torch", "triton")  # engine/moe.py's, likewise
-MOE_KERNEL = "triton"  # engine/moe.py's default, likewise
+MOE_KERNELS = ("auto", "torch", "triton")  # engine/moe.py's, likewise
+MOE_KERNEL = "auto"  # engine/moe.py's default, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
 CHUNK_ATTENTIONS = ("auto", "mask", "flex")  # engine/chunk_attention.py's, likewise
 
@@ -119,8 +119,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--step-kernels", choices=STEP_KERNELS, default="auto", metavar="KIND",
                          help="batch-1 layers: auto by model size, split, fused, layer or model")
     variant.add_argument("--moe-kernel", choices=MOE_KERNELS, default=MOE_KERNEL,
-                         metavar="KIND", help="MoE experts: Triton's by id or torch "
-                         f"indexing (default {MOE_KERNEL})")
+                         metavar="KIND", help=f"MoE experts (default {MOE_KERNEL})")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                          help=f"tokens a prefill forward ({COMPILED_PREFILL_CHUNK} in compiled "
                          "mode)")

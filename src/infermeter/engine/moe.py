@@ -102,13 +102,25 @@ def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
     return router_topk.route(logits, top_k, renormalize, softmax_after_topk)
 
 
-# How the gathered path (N*k <= E) runs the experts: "torch" (index the stacked weights, batched
-# products) or "triton" (kernels/expert_gemv.py, by expert id; where Triton cannot run, torch's).
-# "triton" since 2026-12-06: in one process on an H100, Qwen3-30B-A3B's batch-1 step took
-# 0.879x torch's TPOT with it (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl,
-# benchmarks/moe_kernel_ab.py), and the fused batch-1 step's MoE block needs it.
-MOE_KERNEL = "triton"
-MOE_KERNELS = ("torch", "triton")
+# How a forward runs its experts: "torch" (index the stacked weights, batched products; past
+# E / k tokens the grouped loop), "triton" (kernels/expert_gemv.py's gathered kernels by expert
+# id while N*k <= E, expert_gemm.py's grouped ones past that), or "auto", the default since
+# 2026-12-06: Triton's at one token and past E / k tokens, torch's gathered indexing between
+# (uses_triton). Measured on an H100 at Qwen3-30B-A3B, each pair in one process
+# (benchmarks/moe_kernel_ab.py): at batch 1 Triton's step took 0.879x torch's TPOT
+# (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl), at batch 4 1.41x
+# (results/moe-kernel-batches-nvidia-h100-80gb-hbm3.jsonl, the batch-1 tiles), and its grouped
+# kernels' compiled bucketed prefill of 4 x 80 tokens took 21.5 ms against torch's exact
+# 410 ms. Where Triton cannot run, "triton" and "auto" run torch's.
+MOE_KERNEL = "auto"
+MOE_KERNELS = ("auto", "torch", "triton")
+
+
+def uses_triton(kind: str, n_tokens: int, top_k: int, n_experts: int) -> bool:
+    """Whether a forward of n_tokens with experts kind `kind` (MOE_KERNELS) takes the Triton
+    kernels where Triton runs: "triton" always, "auto" at one token (gathered) and past E / k
+    tokens (grouped), "torch" never."""
+    return kind == "triton" or (kind == "auto" and (n_tokens == 1 or n_tokens * top_k > n_experts))
 
 
 class StackedExperts(nn.Module):
@@ -272,7 +284,8 @@ class MoEFeedForward(nn.Module):
         """Whether a forward of x [N, dim] runs the Triton expert kernels (expert_gemv.py's
         gathered ones while N * k <= E, expert_gemm.py's grouped ones past that): moe_kernel
         "triton" and they can run on x and the stacked weights (and biases)."""
-        return self.moe_kernel == "triton" and experts_kernel_usable(x, *self.stacked())
+        return uses_triton(self.moe_kernel, x.shape[0], self.top_k, self.n_experts) \
+            and experts_kernel_usable(x, *self.stacked())
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each expert on every token: [N, E, ffn] activations, weighted by [N, E] routing."""
@@ -321,22 +334,24 @@ def set_moe_kernel(model: nn.Module, kind: str) -> None:
             module.moe_kernel = kind
 
 
-def takes_expert_kernel(module: MoEFeedForward) -> bool:
-    """Whether forwards of `module` run Triton kernels, at any token count: asked for and
-    Triton runs where the weights are (expert_gemv.py's gathered kernels while N * k <= E,
-    expert_gemm.py's grouped ones past that; both compute every block's experts, gpt-oss's
-    biases and clamped SwiGLU included). forward's rule, without the input's layout (the
-    engine's rows meet it); the generation runner records what ran with it."""
-    return module.moe_kernel == "triton" and triton_runs_on(module.w1.weight)
+def takes_expert_kernel(module: MoEFeedForward, n_tokens: int) -> bool:
+    """Whether a forward of n_tokens through `module` runs Triton kernels: its kind takes them
+    at that count (uses_triton) and Triton runs where the weights are (expert_gemv.py's
+    gathered kernels while N * k <= E, expert_gemm.py's grouped ones past that; both compute
+    every block's experts, gpt-oss's biases and clamped SwiGLU included). forward's rule,
+    without the input's layout (the engine's rows meet it); the generation runner records what
+    ran with it."""
+    return uses_triton(module.moe_kernel, n_tokens, module.top_k, module.n_experts) \
+        and triton_runs_on(module.w1.weight)
 
 
 def prefills_without_sync(model: nn.Module) -> bool:
     """Whether every MoE block of `model` runs a long forward (N * k > E) without a host sync,
-    through expert_gemm.py's grouped kernels (takes_expert_kernel; the engine keeps the weights
-    in the activations' dtype): what lets an MoE model prefill through the compiled bucketed
-    graphs. True for a model without MoE blocks."""
-    return all(takes_expert_kernel(module) for module in model.modules()
-               if isinstance(module, MoEFeedForward))
+    through expert_gemm.py's grouped kernels (the engine keeps the weights in the activations'
+    dtype; shorter forwards gather, with no sync either way): what lets an MoE model prefill
+    through the compiled bucketed graphs. True for a model without MoE blocks."""
+    return all(takes_expert_kernel(module, module.n_experts // module.top_k + 1)
+               for module in model.modules() if isinstance(module, MoEFeedForward))
 
 
 def touched_experts(module: MoEFeedForward) -> Tensor:

@@ -100,15 +100,16 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
-    mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the gathered
-    experts' kernel that will run, moe.MOE_KERNELS: only "torch" copies the experts out;
+    mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the experts'
+    kind that will run, moe.MOE_KERNELS: torch's gathered path copies the experts out ("torch",
+    and "auto" at a batch over 1);
     flex_chunks: later compiled chunks attend through flex, capped_score_elements;
     compile_prefill, on_gpu: --compile-prefill and a CUDA device, which with the rest decide
     whether the exact prefill keeps its layer replays' buffers, by the Generator's rule)."""
     forward = min(prefill_chunk or prompt_len, prompt_len)
     # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
     # the torch grouped path's loop over experts asks the host)
-    grouped_kernels = moe_kernel == "triton"
+    grouped_kernels = moe_kernel in ("triton", "auto")
     bucketed = mode == "compiled" and prefill == "bucketed" and \
         (not spec.is_moe or grouped_kernels)
     if bucketed:
@@ -134,7 +135,10 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         parts[f"{what} attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
         parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
-    copies_experts = mode.startswith("hf") or moe_kernel != "triton"  # hf ignores --moe-kernel
+    # torch's gathered path copies the chosen experts out ("auto" takes it at 2 to E / k rows;
+    # hf ignores --moe-kernel)
+    copies_experts = mode.startswith("hf") or moe_kernel == "torch" or \
+        (moe_kernel == "auto" and batch_size > 1)
     if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts and copies_experts:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
     pairs = batch_size * forward * spec.n_active_experts  # a prefill's (token, expert) pairs
@@ -230,13 +234,14 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64
     tensors against free device memory, and its token ids in host lists (the prompts and
     outputs_per_row = repeats x new tokens ids a row) against host memory (on the CPU, one sum
-    against the one memory). moe_kernel: --moe-kernel; "triton" runs only where Triton does
+    against the one memory). moe_kernel: --moe-kernel; "triton" and "auto" run only where
+    Triton does
     (moe.takes_expert_kernel), elsewhere the torch path and its copy run. prefill_chunk:
     --prefill-chunk as given; a case runs prefill_chunk_for its mode (compiled: a default).
     chunk_attention, compile_backend: what the Generator resolves later chunks' attention from
     (chunk_attention.chunk_attention_for). compile_prefill: --compile-prefill (with the device,
     whether the exact prefill replays its layers, case_memory)."""
-    if moe_kernel == "triton" and not triton_runs_on_device(device):
+    if moe_kernel in ("triton", "auto") and not triton_runs_on_device(device):
         moe_kernel = "torch"
     flex_chunks = chunk_attention_for(
         chunk_attention, flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"

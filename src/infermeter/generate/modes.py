@@ -44,7 +44,7 @@ class EngineRunner:
                  model.spec.n_experts > 0, request.tp or 1, case.largest_group,
                  engine.compile_backend)
         # an MoE model's fused batch-1 step was measured with q/k norms and the Triton experts
-        fuses = model.spec.qk_norm and engine.moe_kernel == "triton"
+        fuses = model.spec.qk_norm and engine.moe_kernel in ("auto", "triton")
         choice = choose_step(*facts, engine.step_kernels, moe_fuses=fuses)
         default = choose_step(*facts, moe_fuses=fuses)
         step_kernels = choice.kernels
@@ -74,6 +74,7 @@ class EngineRunner:
         self.matvec_kernel = engine.matvec_kernel
         set_step_kernels(model, step_kernels)
         set_moe_kernel(model, engine.moe_kernel)
+        self.moe_kernel_asked = engine.moe_kernel
         # one-shot all-reduces are inductor's lowering: only the compiled step has them;
         # "triton" (peer_all_reduce.py, set on the model) runs in eager steps too
         self.all_reduce = None if (request.tp or 1) == 1 else \
@@ -92,7 +93,9 @@ class EngineRunner:
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
                 "qk_norm_kernels": self._qk_norm_kernels_used(),
-                "moe_kernel": self._moe_kernel_used(), "moe_step": self._moe_step_used(),
+                "moe_kernel": self._moe_kernel_used(),
+                "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
+                "moe_step": self._moe_step_used(),
                 "moe_fused_step": self._moe_fused_step_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 "step_graphs": self.generator.step_graphs if compiled else None,
@@ -180,16 +183,19 @@ class EngineRunner:
         return 2 if all(attention.qk_norms_apart() for attention in layers) else 1
 
     def _moe_kernel_used(self) -> str | None:
-        """The decode steps' experts: "triton" where the blocks take the Triton kernels
-        (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered ones while
-        batch x k <= E, expert_gemm.py's grouped ones past that, every model's experts; eager
-        and compiled alike), else "torch"; None for a model without MoE layers."""
+        """The decode steps' experts: "triton" where the blocks take the Triton kernels at the
+        case's batch (moe.takes_expert_kernel, the block's own rule: expert_gemv.py's gathered
+        ones while batch x k <= E, expert_gemm.py's grouped ones past that; "auto" takes them
+        at batch 1 and past E / k; eager and compiled alike), else "torch"; batches that differ
+        give "triton/torch"; None for a model without MoE layers."""
         blocks = self._moe_blocks()
         if not blocks:
             return None
         # after warmup() learned the batches (none yet: nothing ran)
-        kernel = bool(self.batch_sizes) and all(takes_expert_kernel(block) for block in blocks)
-        return "triton" if kernel else "torch"
+        used = dict.fromkeys("triton" if all(takes_expert_kernel(block, batch)
+                                             for block in blocks) else "torch"
+                             for batch in self.batch_sizes)
+        return "/".join(used) or "torch"
 
     def _moe_step_used(self) -> bool | None:
         """Whether every MoE block of the traced batch-1 steps ran in one launch

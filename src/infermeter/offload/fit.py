@@ -40,15 +40,17 @@ def replays_offload_prefill(spec: Any, device: Any, forward_len: int) -> bool:
     compiled through compile_prefill on a GPU and never bucketed (job.offload_generator,
     case.prefill_kind; the --traffic decode's prompt compiles on a GPU too), one rank, and
     MoE blocks on the engine's default expert kernel, which offload never changes (MOE_KERNEL:
-    "triton" groups tokens with no host sync, so an MoE prefill replays as a dense one; "torch"'s
-    grouped loop over experts asks the host, so its MoE prefill replays nothing)."""
+    "auto" and "triton" group a long forward's tokens with no host sync, so an MoE prefill
+    replays as a dense one; "torch"'s grouped loop over experts asks the host, so its MoE
+    prefill replays nothing)."""
     from infermeter.engine.layer_replays import replays_prefill_layers
     from infermeter.engine.moe import MOE_KERNEL
 
     on_gpu = device.type == "cuda"
     return replays_prefill_layers(compiled=on_gpu, bucketed=False, compile_prefill=on_gpu,
                                   forward_len=forward_len, on_gpu=on_gpu, one_rank=True,
-                                  without_sync=not spec.is_moe or MOE_KERNEL == "triton")
+                                  without_sync=not spec.is_moe
+                                  or MOE_KERNEL in ("triton", "auto"))
 
 
 def prefill_replay_parts(spec: Any, request: OffloadRequest, device: Any,

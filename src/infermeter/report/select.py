@@ -206,9 +206,10 @@ DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unre
 # were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
 # kernels asked for, and split was the default
 DEFAULT_STEP_KERNELS = "split"
-# generate --moe-kernel (engine/moe.py): "triton" where Triton runs; torch's before 2026-12-06,
-# when Results began to record config.moe_fused_step (unrecorded: torch)
-DEFAULT_MOE_KERNEL, EARLIER_MOE_KERNEL = "triton", "torch"
+# generate --moe-kernel (engine/moe.py); a Result records the kind asked as
+# config.moe_kernel_asked since 2026-12-06; before, torch's experts were the default
+# (config.moe_kernel "torch"; unrecorded: torch)
+DEFAULT_MOE_KERNEL, EARLIER_MOE_KERNEL = "auto", "torch"
 
 
 def off_default_kernels(record: Record) -> bool:
@@ -236,16 +237,13 @@ def off_default_kernels(record: Record) -> bool:
 
 
 def _moe_off_default(cfg: dict) -> bool:
-    """The experts ran another kernel than the default of the Result's day: Triton's where
-    Triton runs (a GPU) for a Result that records config.moe_fused_step, torch's for one from
-    before (and off a GPU, where Triton's do not run); unrecorded (no experts, or older):
-    the default."""
+    """The experts were asked for by name (config.moe_kernel_asked other than "auto"), or, in a
+    Result from before that was recorded, ran other than torch's, then the default."""
+    asked = cfg.get("moe_kernel_asked")
+    if asked is not None:
+        return asked != DEFAULT_MOE_KERNEL
     kernel = cfg.get("moe_kernel")
-    if kernel is None:
-        return False
-    gpu = str(cfg.get("device") or "").startswith("cuda")
-    default = DEFAULT_MOE_KERNEL if "moe_fused_step" in cfg and gpu else EARLIER_MOE_KERNEL
-    return kernel != default
+    return kernel is not None and kernel != EARLIER_MOE_KERNEL
 
 
 def _step_off_default(cfg: dict) -> bool:
