@@ -32,7 +32,7 @@ programs an SM each GEMV stage is cut down to (kernels/layer_step.PROGRAMS_PER_S
 program a row block, the default), labelled "layer/recorded/2-per-SM" and so on, and the summary
 adds each against the same kind unchunked.
 With --qk-norm-kernels 1 2 the fused kind runs once for each way of a model's per-head q/k norms
-(kernels/fused_step.QK_NORM_KERNELS: 2, a kernel of their own after norm + wqkv, the default;
+(kernels/qk_norm_rope.QK_NORM_KERNELS: 2, a kernel of their own after norm + wqkv, the default;
 1, in the wqkv kernel, a program a head), the latter labelled "fused/qk-norms-in-wqkv", and the
 summary adds one against the other. A model without q/k norms runs the same kernels either way.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
@@ -98,7 +98,7 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
 LAUNCH_KINDS = ("layer", "model")
 
 
-# fused_step.QK_NORM_KERNELS's values, the default first
+# qk_norm_rope.QK_NORM_KERNELS's values, the default first
 QK_NORM_WAYS = (2, 1)
 QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
 
@@ -129,19 +129,19 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, a one-launch
     kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM), the fused kind once for each
-    of `qk_ways` (fused_step.QK_NORM_KERNELS), both set back after, each Result appended to
+    of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), both set back after, each Result appended to
     `path` once done; with `trace` (a folder) each case's profiled steps go to a folder of
     their own in it."""
-    from infermeter.engine.kernels import fused_step, layer_step
+    from infermeter.engine.kernels import layer_step, qk_norm_rope
 
-    kept, kept_qk = layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS
+    kept, kept_qk = layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
                     for cut in per_sm if kind in LAUNCH_KINDS else (None,):
                         for qk in qk_ways if kind == "fused" else (kept_qk,):
-                            layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS = cut, qk
+                            layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = cut, qk
                             name = label(kind, way, cut, qk)
                             if trace:
                                 overrides["trace_dir"] = str(make_trace_dir(
@@ -149,7 +149,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                             run_ab_case(ab_request(model, kind, way, **overrides), env, path,
                                         model, name, round_, "kernels", "step_kernels")
     finally:
-        layer_step.PROGRAMS_PER_SM, fused_step.QK_NORM_KERNELS = kept, kept_qk
+        layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = kept, kept_qk
 
 
 def step_figures(result: Result) -> tuple[str, str]:

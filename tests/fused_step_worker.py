@@ -20,14 +20,13 @@ from infermeter.engine import self_attention as attention_module
 from infermeter.engine.kernels.fused_step import (
     _fused_gemv,
     _norm_qkv_rope,
-    _qk_norm_rope,
     gemv_add,
     gemv_swiglu,
     norm_gemv,
     norm_gemv_keeping,
     norm_qkv_rope,
-    qk_norm_rope,
 )
+from infermeter.engine.kernels.qk_norm_rope import _qk_norm_rope, qk_norm_rope
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.norms import GemmaRMSNorm, RMSNorm
 from infermeter.engine.opaque_ops import compiling
@@ -233,6 +232,7 @@ def check_model_step() -> None:
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
+    from infermeter.engine.kernels import qk_norm_rope as qk_module
     from infermeter.engine.kernels.gemv import matvec
     from infermeter.engine.model import build_model, fused_step_layers, set_step_kernels
     from infermeter.engine.moe import set_moe_kernel
@@ -250,8 +250,9 @@ def check_model_step() -> None:
     # the engine imports each kernel from its module where a compiled step takes it
     gemv_module.matvec = counted("gemv", matvec)
     for name in ("norm_matvec", "norm_matvec_swiglu", "matvec_add", "norm_qkv_rope_cache",
-                 "qk_norm_rope_cache", "norm_matvec_keeping"):
+                 "norm_matvec_keeping"):
         setattr(fused_step, name, counted(name, getattr(fused_step, name)))
+    qk_module.qk_norm_rope_cache = counted("qk_norm_rope_cache", qk_module.qk_norm_rope_cache)
     debug = PRESETS["debug"]
     # llama's layer 1 a ring of 3 slots (the 4-token prompt already wraps it)
     specs = {"llama": debug.with_updates(sliding_window=3, sliding_window_layers=(1,)),
@@ -289,7 +290,7 @@ def check_model_step() -> None:
     dtypes = (torch.float32, torch.float16, torch.float32, torch.float32, torch.float32,
               torch.float32, torch.float32, torch.float32)
     for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
-        fused_step.QK_NORM_KERNELS = 1 if arch == "qwen3 in wqkv" else 2
+        qk_module.QK_NORM_KERNELS = 1 if arch == "qwen3 in wqkv" else 2
         logits, tokens = {}, {}
         for kind in ("eager", "split", "fused"):
             # eager: the module forwards with no kernel at all (compiling() False)
@@ -339,7 +340,7 @@ def check_model_step() -> None:
         err = (logits["fused"] - logits["split"]).abs().max().item()
         bound = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < bound, f"{arch} {dtype}: logits differ by {err}"
-    fused_step.QK_NORM_KERNELS = 2
+    qk_module.QK_NORM_KERNELS = 2
 
 
 def check_rounding_points() -> None:

@@ -234,22 +234,22 @@ def test_the_step_ab_cuts_only_the_one_launch_kinds_and_sets_the_cut_back(monkey
 
 def test_the_step_ab_runs_the_fused_kind_each_q_k_norm_way_and_sets_it_back(monkeypatch,
                                                                              tmp_path):
-    """--qk-norm-kernels 2 1: the fused case runs once with fused_step.QK_NORM_KERNELS 2 (its
+    """--qk-norm-kernels 2 1: the fused case runs once with qk_norm_rope.QK_NORM_KERNELS 2 (its
     usual label) and once with 1 ("fused/qk-norms-in-wqkv"); split runs once, at the module's
     value; that value comes back after; the summary sets one way against the other; the
     command line takes only 1 and 2."""
-    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels import qk_norm_rope
     from tests.benchmark_scripts import load_benchmark
 
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, name, *rest:
-                        seen.append((name, fused_step.QK_NORM_KERNELS)))
-    monkeypatch.setattr(fused_step, "QK_NORM_KERNELS", 2)
+                        seen.append((name, qk_norm_rope.QK_NORM_KERNELS)))
+    monkeypatch.setattr(qk_norm_rope, "QK_NORM_KERNELS", 2)
     script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
                      qk_ways=(2, 1), device="cpu")
     assert seen == [("split", 2), ("fused", 2), ("fused/qk-norms-in-wqkv", 1)]
-    assert fused_step.QK_NORM_KERNELS == 2
+    assert qk_norm_rope.QK_NORM_KERNELS == 2
     results = [_ab_result("qwen3-30b-a3b", "kernels", kind, 0, 50.0)
                for kind in ("fused", "fused/qk-norms-in-wqkv")]
     assert "qwen3-30b-a3b: fused/qk-norms-in-wqkv / fused:" in script.summary(results)

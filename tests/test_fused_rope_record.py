@@ -1,12 +1,13 @@
 """The Result's config.fused_rope says whether the fused step's wqkv kernel also ropes q and k
 and writes the cache (Attention.ropes_in_wqkv), beside config.step_kernels; config.
-qk_norm_kernels how a fused layer ran its per-head q/k norms (fused_step.QK_NORM_KERNELS)."""
+qk_norm_kernels how a fused layer ran its per-head q/k norms
+(kernels/qk_norm_rope.QK_NORM_KERNELS)."""
 
 from dataclasses import replace
 
 import pytest
 
-from infermeter.engine.kernels import fused_step
+from infermeter.engine.kernels import qk_norm_rope
 from infermeter.engine.model import build_model
 from infermeter.generate import modes as modes_module
 from infermeter.generate.cases import plan_cases, prompt_sets
@@ -56,7 +57,7 @@ def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):
 def test_the_q_k_norms_way_is_recorded(monkeypatch, kernels):
     """2 (the default): the q/k norms in a kernel after norm + wqkv; 1: in wqkv's kernel;
     None without q/k norms, where torch ropes (head_dim 24), or with split kernels."""
-    monkeypatch.setattr(fused_step, "QK_NORM_KERNELS", kernels)
+    monkeypatch.setattr(qk_norm_rope, "QK_NORM_KERNELS", kernels)
     debug = PRESETS["debug"]
     assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True)) == kernels
     assert _qk_norm_kernels(monkeypatch, debug) is None

@@ -123,11 +123,11 @@ def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products
 
 @needs_triton
 def test_the_heads_kernel_waits_first_and_rounds_as_the_rope_kernel(monkeypatch):
-    """The q/k norms' own kernel (QK_NORM_KERNELS 2) launched with PDL, compiled for sm_90:
+    """The q/k norms' own kernel (kernels/qk_norm_rope.py) launched with PDL, for sm_90:
     it loads nothing before the wait (all it reads but two small norm weights is the product
     the kernel before wrote), and as a CUDA tensor launches it RoPE's products and the norm's
     squares are mul.rn, as in norm_qkv_rope's QK_NORM epilogue, which it shares."""
-    from infermeter.engine.kernels.fused_step import _qk_norm_rope
+    from infermeter.engine.kernels.qk_norm_rope import _qk_norm_rope
     from tests.test_pdl import pdl_launches, pdl_ptx
 
     dtype = torch.bfloat16

@@ -144,12 +144,12 @@ class Attention(nn.Module):
 
     def qk_norms_apart(self) -> bool:
         """Whether the fused step's q/k norms, RoPE and cache write run in a kernel of their own
-        after norm + wqkv (fused_step.QK_NORM_KERNELS 2; a layer with q/k norms and no wqkv
+        after norm + wqkv (qk_norm_rope.QK_NORM_KERNELS 2; a layer with q/k norms and no wqkv
         bias), not in wqkv's, for a layer where fuses_rope_and_cache holds."""
-        from infermeter.engine.kernels import fused_step
+        from infermeter.engine.kernels import qk_norm_rope
 
         return self.q_norm is not None and self.wqkv is not None and self.wqkv.bias is None \
-            and fused_step.QK_NORM_KERNELS == 2
+            and qk_norm_rope.QK_NORM_KERNELS == 2
 
     def _qk_norms_fuse(self, dtype: torch.dtype) -> bool:
         """No q/k norms, or both of one kind and eps with weights in `dtype` and a power-of-two
@@ -174,14 +174,14 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         if norm is not None and self.fuses_rope_and_cache(x):
             # one kernel: the norm, wqkv, the q/k norms (if any), RoPE on q and k, k and v into
-            # the cache at input_pos; or, with q/k norms, two (fused_step.QK_NORM_KERNELS)
-            from infermeter.engine.kernels import fused_step
+            # the cache at input_pos; or, with q/k norms, two (qk_norm_rope.QK_NORM_KERNELS)
+            from infermeter.engine.kernels import fused_step, qk_norm_rope
 
             cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
             if self.qk_norms_apart():
                 qkv = fused_step.norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight,
                                              norm.eps, isinstance(norm, GemmaRMSNorm))
-                q = fused_step.qk_norm_rope_cache(
+                q = qk_norm_rope.qk_norm_rope_cache(
                     qkv, cos, sin, input_pos, cache.k, cache.v, cache.key_pos, q_norm.weight,
                     k_norm.weight, self.qkv_split[0], cache.is_ring, q_norm.eps,
                     isinstance(q_norm, GemmaRMSNorm))

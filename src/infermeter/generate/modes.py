@@ -169,7 +169,7 @@ class EngineRunner:
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes
         (fused_rope): 2 in a kernel of their own after norm + wqkv (Attention.qk_norms_apart,
-        fused_step.QK_NORM_KERNELS), 1 in wqkv's kernel, a program a head; None where no such
+        qk_norm_rope.QK_NORM_KERNELS), 1 in wqkv's kernel, a program a head; None where no such
         layer runs the fused kernels ("fused" or "partly fused" steps only: a one-launch layer
         has its own)."""
         if self._step_kernels_used() not in ("fused", "partly fused") \

@@ -29,6 +29,9 @@ it rotates q's and k's pairs in registers and stores q, and k and v into the cac
 Gemma 3) a program's rows are one whole head (BLOCK_N = head_dim, BLOCK_K as many columns as
 keep the GEMV's tile size): its pairs' products give the head's RMS over head_dim before RoPE,
 with no other program's rows needed; v's heads are not normed. Off, the kernel is the one above.
+The fused step takes that QK_NORM way only where asked (qk_norm_rope.QK_NORM_KERNELS 1) and in
+the one-launch steps; by default such a layer runs norm_gemv, then qk_norm_rope.py's kernel,
+which shares this kernel's epilogue (rope_and_store).
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
 - the normed x is rounded as eager's RMSNorm rounds it, not kept in float32 into the product:
@@ -356,35 +359,6 @@ if triton is not None:
             if pid == 0:
                 tl.store(KEY_POS + slot, pos)
 
-    @triton.jit
-    def _qk_norm_rope_kernel(QKV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, KEY_POS, Q_NORM_W,
-                             K_NORM_W, n_q, n_kv, stride_ch, stride_cs, cache_size,
-                             IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             UNCONTRACTED: tl.constexpr, QK_GEMMA: tl.constexpr,
-                             QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
-        """After norm_gemv's wqkv product QKV [n_q + 2 n_kv] (rounded to the dtype), program pid
-        takes one head of q, k or v: the q/k norm and RoPE of norm_qkv_rope_rows's QK_NORM
-        epilogue, to the bit, and the stores (q to Q_OUT, k and v to the cache)."""
-        pid = tl.program_id(0)
-        if PDL:  # QKV is the kernel before's output; nothing here is worth reading before it
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = pid * HEAD_DIM + 2 * tl.arange(0, HEAD_DIM // 2)  # the head's even features
-        row_ok = rows < n_q + 2 * n_kv  # always: one program a head
-        a = tl.load(QKV + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b = tl.load(QKV + rows + 1, mask=row_ok, other=0.0).to(tl.float32)
-        rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
-                       KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
-                       cache_size, IS_RING, HEAD_DIM, UNCONTRACTED, True, QK_GEMMA, QK_EPS)
-
-
-# How a fused step runs a layer's norm + wqkv where the layer has per-head q/k norms (Qwen3,
-# Gemma 3; Attention.forward): 2, norm_gemv's product over the GEMV's whole grid of row blocks,
-# then _qk_norm_rope_kernel, one small program a head, for the q/k norms, RoPE and the cache
-# write; 1, all of it in _norm_qkv_rope_kernel, where one program reads a whole head's weight
-# rows: at Qwen3-30B-A3B 40 programs of 0.5 MiB each on a GPU of 132 SMs (its fused step then
-# took 6.16 ms against split's 3.81 on an H100: docs/engine.md). A wqkv bias keeps 1.
-QK_NORM_KERNELS = 2
 
 # Tiles of the fused kernels where a GPU's own timings (benchmarks/fused_tiles.py) beat the
 # GEMV's: by torch.cuda.get_device_name, kernel (FUSED_KERNELS) and the weight's column count K,
@@ -502,25 +476,6 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
            num_warps=warps, num_stages=NUM_STAGES)
     return q
-
-
-
-def _qk_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
-                  v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
-                  k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
-                  qk_gemma: bool, *, pdl: bool) -> Tensor:
-    """qkv [1, n_q + 2 n_kv] (wqkv's product), cos/sin [1, D / 2] float32 at input_pos [1],
-    the cache as _norm_qkv_rope's, q_norm_weight/k_norm_weight [D] (D a power of two) -> q
-    [1, n_q] normed and roped, k normed, roped and written, v written: one program a head."""
-    head_dim = k_cache.shape[-1]
-    q = torch.empty(1, n_q, dtype=qkv.dtype, device=qkv.device)
-    launch(_qk_norm_rope_kernel, (qkv.shape[-1] // head_dim,), pdl,
-           qkv, cos, sin, input_pos, q, k_cache, v_cache, key_pos, q_norm_weight, k_norm_weight,
-           n_q, (qkv.shape[-1] - n_q) // 2, k_cache.stride(1), k_cache.stride(2),
-           k_cache.shape[2], IS_RING=is_ring, HEAD_DIM=head_dim,
-           UNCONTRACTED=compiled_for_gpu(qkv), QK_GEMMA=qk_gemma, QK_EPS=qk_eps, num_warps=1)
-    return q
-
 
 
 # Each op as a torch.library.triton_op (inductor keeps it whole in the compiled CUDA-graph step)
@@ -647,32 +602,6 @@ def _(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, cos: 
     return x.new_empty(1, n_q)
 
 
-
-@torch.library.triton_op("infermeter::qk_norm_rope", mutates_args=_CACHE_ARGS)
-def qk_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
-                 v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor,
-                 n_q: int, is_ring: bool, qk_eps: float, qk_gemma: bool) -> Tensor:
-    """The per-head q/k norms (Qwen3, Gemma 3), RoPE on q and k and the cache write of k and v
-    at input_pos, after norm_gemv's wqkv product qkv -> the roped q [1, n_q]."""
-    return _qk_norm_rope(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight,
-                         k_norm_weight, n_q, is_ring, qk_eps, qk_gemma, pdl=False)
-
-
-@torch.library.custom_op("infermeter::qk_norm_rope_pdl", mutates_args=_CACHE_ARGS)
-def qk_norm_rope_pdl(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                     k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
-                     k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
-                     qk_gemma: bool) -> Tensor:
-    return _qk_norm_rope(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight,
-                         k_norm_weight, n_q, is_ring, qk_eps, qk_gemma, pdl=True)
-
-
-@qk_norm_rope_pdl.register_fake
-def _(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
-      v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, n_q: int,
-      is_ring: bool, qk_eps: float, qk_gemma: bool) -> Tensor:
-    return qkv.new_empty(1, n_q)
-
 # As the compiled step calls them: with PDL when pdl.enabled().
 
 def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
@@ -703,15 +632,6 @@ def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Te
     return op(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache, key_pos,
               n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight, qk_eps, qk_gemma)
 
-
-
-def qk_norm_rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                       k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, q_norm_weight: Tensor,
-                       k_norm_weight: Tensor, n_q: int, is_ring: bool, qk_eps: float,
-                       qk_gemma: bool) -> Tensor:
-    op = qk_norm_rope_pdl if pdl.enabled() else qk_norm_rope
-    return op(qkv, cos, sin, input_pos, k_cache, v_cache, key_pos, q_norm_weight, k_norm_weight,
-              n_q, is_ring, qk_eps, qk_gemma)
 
 def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     return (gemv_add_pdl if pdl.enabled() else gemv_add)(x, weight, residual)
