@@ -66,9 +66,9 @@ from infermeter.textable import render_table
 
 # issue 27's models and dtypes: the small ones, then the 7-8B that must not lose
 # qwen3-0.6b: the fused kernel's q/k-norm variant (one program a head), no target of its own
-# qwen3-30b-a3b: an MoE layer takes the fused attention kernels (norm + wqkv + q/k norms + RoPE
-# + cache write, wo + add) and keeps its experts split, here the Triton ones (MOE_KERNELS):
-# a layer's attention side is 7 small kernels of its ~17 in the split step (issue 25)
+# qwen3-30b-a3b: an MoE layer takes the fused attention kernels (norm + wqkv, the q/k norms' own
+# kernel, wo + add) and, with the Triton experts (MOE_KERNELS), its block as four kernels: 9 or
+# 10 kernels a layer where the split step runs 17 (issue 25)
 MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
           "llama-3.2-1b": "bf16", "llama-2-7b": "fp16", "llama-3.1-8b": "bf16",
           "qwen3-30b-a3b": "bf16"}

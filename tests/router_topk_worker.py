@@ -163,8 +163,9 @@ def check_nan() -> None:
 
 def check_model_greedy() -> None:
     """Tiny random Qwen3-MoE (a dense layer between MoE ones), Mixtral and gpt-oss models
-    (float32): prefill then greedy steps, the Triton choice against torch: the same tokens,
-    and every MoE layer of every forward routed through the kernel."""
+    (float32): prefill then greedy steps, the Triton and "auto" choices against torch: the same
+    tokens, and every MoE layer of every forward routed through the kernel wherever the kind
+    takes Triton's experts (all for "triton"; one row or past E / k rows for "auto")."""
     from infermeter.specs.presets import PRESETS
 
     expert_gemv.tiles_for = lambda n_cols, gpu="": (128, 64, 4)  # few programs
@@ -191,10 +192,13 @@ def check_model_greedy() -> None:
                     ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
                     out = model(ids[:, -1:], torch.tensor([i]))
             tokens[kind] = ids
-            want = [prompt] * moe_layers + [batch] * moe_layers * steps if kind == "triton" \
-                else []
+            # each forward of n rows routes in the kernel where its kind takes Triton's experts
+            # there ("auto": one row, or past E / k rows)
+            want = [n for n in [prompt] * moe_layers + [batch] * moe_layers * steps
+                    if moe_module.uses_triton(kind, n, spec.n_active_experts, spec.n_experts)]
             assert calls == want, f"{arch} {kind}: routed {calls}"
         assert torch.equal(tokens["triton"], tokens["torch"]), f"{arch}: tokens"
+        assert torch.equal(tokens["auto"], tokens["torch"]), f"{arch}: auto's tokens"
     moe_module.kernel_route = real
     expert_gemv.tiles_for = TILES_FOR
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -298,8 +299,9 @@ def test_expert_kernels_on_cuda_match_the_torch_path(name):
 def test_the_report_takes_the_experts_asked_for_the_default():
     """Since 2026-12-06 a Result records the experts' kind asked (config.moe_kernel_asked):
     "auto" (the default) is the representative whatever it ran, a kind named is an A/B run.
-    Before (unrecorded), torch's experts were the default: a Triton Result of then is an A/B
-    run, and a column is represented by the torch one. No experts: the default."""
+    That day's earlier Results are judged by what "auto" runs at their batch. Before
+    (unrecorded), torch's experts were the default: a Triton Result of then is an A/B run, and
+    a column is represented by the torch one. No experts: the default."""
     from infermeter.engine.moe import MOE_KERNEL
     from infermeter.report.select import (
         DEFAULT_MOE_KERNEL,
@@ -324,6 +326,19 @@ def test_the_report_takes_the_experts_asked_for_the_default():
     assert off_default_kernels(seed_record(8, moe_kernel="torch", moe_kernel_asked="torch"))
     assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=[named_now, auto_now])) \
         is auto_now
+    # made on 2026-12-06 before the asked kind was recorded (moe_fused_step present): judged by
+    # what "auto" runs at the batch, Triton's at 1 and past E / k, torch's between
+    model = {"name": "m", "n_experts": 128, "n_active_experts": 8}
+
+    def that_day(line: int, kernel: str, batch: int):
+        record = seed_record(line, moe_kernel=kernel, moe_fused_step=True, batch_size=batch)
+        return replace(record, model=model)
+
+    assert not off_default_kernels(that_day(9, "triton", 1))
+    assert off_default_kernels(that_day(10, "torch", 1))
+    assert not off_default_kernels(that_day(11, "torch", 4))
+    assert off_default_kernels(that_day(12, "triton", 4))
+    assert not off_default_kernels(that_day(13, "triton", 32))
 
 
 @pytest.mark.gpu

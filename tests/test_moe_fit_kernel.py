@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import torch
 
 from infermeter.generate import memory
-from infermeter.generate.memory import case_memory, gathered_expert_bytes
+from infermeter.generate.memory import case_memory
+from infermeter.specs.expert_memory import gathered_expert_bytes
 from infermeter.specs.presets import PRESETS
 
 MIXTRAL = PRESETS["mixtral-8x7b"]  # 2 of 8 experts, each 3 x 4096 x 14336
@@ -27,14 +28,16 @@ def test_triton_parts_lack_exactly_the_gathered_copy() -> None:
                                   tp=tp, moe_kernel="torch")
         triton_parts = case_memory(MIXTRAL, batch, 16, 256, "bfloat16", "bfloat16", "compiled",
                                    tp=tp, moe_kernel="triton")
+        auto_parts = case_memory(MIXTRAL, batch, 16, 256, "bfloat16", "bfloat16", "compiled",
+                                 tp=tp)  # "auto", the default
         copy = gathered_expert_bytes(MIXTRAL, batch, "bfloat16") // tp
+        # auto: Triton's at one row and past E / k (the prefill), torch's copy at batch 4
+        assert auto_parts == {**triton_parts, **({"gathered expert weights": copy}
+                                                 if batch > 1 else {})}
         assert copy > 0 and torch_parts.pop("gathered expert weights") == copy
         # the 16-token prefill: 32 pairs a sequence of 8 experts, grouped
         assert triton_parts.pop("grouped expert activations") == grouped(16 * batch, tp)
         assert torch_parts == triton_parts
-        assert sum(torch_parts.values()) + copy == sum(
-            case_memory(MIXTRAL, batch, 16, 256, "bfloat16", "bfloat16", "compiled",
-                        tp=tp).values())  # torch is the default
 
 
 def test_auto_counts_triton_s_parts_at_batch_1_and_torch_s_copy_between() -> None:
@@ -50,6 +53,35 @@ def test_auto_counts_triton_s_parts_at_batch_1_and_torch_s_copy_between() -> Non
     assert at_4["gathered expert weights"] == gathered_expert_bytes(MIXTRAL, 4, "bfloat16")
     assert at_4["grouped expert activations"] == grouped(16 * 4, 1)
     assert "gathered expert weights" not in parts(4, "triton")
+
+def test_a_short_prefill_that_gathers_counts_its_rows_copy() -> None:
+    """A prefill forward of N rows with N x k <= E gathers too: Qwen3-30B-A3B (8 of 128
+    experts) at batch 1 with a 16-token prompt copies 16 rows' experts under torch's and
+    "auto"'s way (2 to E / k rows), none under Triton's; a 4-token last chunk of a 20-token
+    prompt in 16-token forwards gathers 4 rows' where the 16-token one (also gathering) is the
+    larger; past E / k rows (a 17-token forward) nothing gathers but the decode batch."""
+    qwen = PRESETS["qwen3-30b-a3b"]
+
+    def copy(prompt: int, kind: str, chunk: int | None = None) -> int | None:
+        return case_memory(qwen, 1, prompt, 64, "bfloat16", "bfloat16", "eager",
+                           prefill_chunk=chunk, moe_kernel=kind).get("gathered expert weights")
+
+    rows = lambda n: gathered_expert_bytes(qwen, n, "bfloat16")  # noqa: E731
+    assert copy(16, "auto") == copy(16, "torch") == rows(16)
+    assert copy(16, "triton") is None
+    assert copy(20, "auto", chunk=16) == rows(16)
+    assert copy(17, "auto") is None and copy(17, "torch") == rows(1)  # the decode step's
+
+
+def test_the_fit_checks_rule_is_the_engines():
+    """memory.gathers_with_torch, spelled out torch-free, is engine/moe.uses_triton's opposite
+    for every kind at every gathering row count."""
+    from infermeter.engine.moe import MOE_KERNELS, uses_triton
+    from infermeter.specs.expert_memory import gathers_with_torch
+
+    for kind in MOE_KERNELS:
+        for rows in range(1, 17):
+            assert gathers_with_torch(kind, rows) == (not uses_triton(kind, rows, 8, 128))
 
 def _checked_parts(monkeypatch, moe_kernel: str, interpret: bool) -> dict[str, int]:
     """The device parts check_cases_fit weighs for one batch-1 MoE case on the CPU."""

@@ -68,13 +68,22 @@ def test_prefills_that_replay_nothing_count_no_layer_buffers(monkeypatch, spec, 
     assert "prefill activations" in parts and "prefill layer buffers" not in parts
 
 
-def test_an_moe_prefill_on_the_default_triton_experts_counts_its_layer_buffers(monkeypatch):
-    """The Triton experts (the engine's default) group tokens with no host sync, so an MoE
-    prefill replays its layers as a dense one does: Mixtral's two 4,096-wide bf16 buffers of
-    the longest forward (batch 2, 2,176 tokens)."""
-    monkeypatch.setattr("infermeter.engine.moe.MOE_KERNEL", "triton")
+def test_an_moe_prefill_on_the_default_experts_counts_its_layer_buffers_and_groups(monkeypatch):
+    """The engine's default experts ("auto") group a long forward's tokens in the Triton
+    kernels with no host sync, so an MoE prefill replays its layers as a dense one does
+    (Mixtral's two 4,096-wide bf16 buffers of the longest forward: batch 2, 2,176 tokens) and
+    holds the grouped kernels' intermediates (2 x 2,176 rows x 2 experts, [pairs, 14,336] and
+    [pairs, 4,096] in bf16); its decode batch of 2 (4 pairs of 8 experts) gathers torch's way,
+    copying 2 rows' experts."""
+    from infermeter.engine.moe import MOE_KERNEL
+    from infermeter.specs.expert_memory import gathered_expert_bytes
+
+    assert MOE_KERNEL == "auto"
     parts = _device_parts(monkeypatch, MIXTRAL, CUDA)
     assert parts["prefill layer buffers"] == 2 * (2 * 2176 * 4096 * 2)
+    assert parts["grouped expert activations"] == 2 * 2176 * 2 * (14336 + 4096) * 2
+    assert parts["gathered expert weights"] == gathered_expert_bytes(MIXTRAL, 2, "bf16")
+    assert "grouped expert activations" not in _device_parts(monkeypatch, LLAMA, CUDA)
 
 
 def test_the_offloaded_decode_still_holds_the_earlier_prefills_buffers(monkeypatch):

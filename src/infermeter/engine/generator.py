@@ -320,10 +320,10 @@ class Generator:
     def bucketed_prefill(self) -> bool:
         """Whether the compiled mode prefills through the bucketed graphs: asked for, and the
         model's MoE blocks (if any) group their tokens by expert without a host sync (moe_kernel
-        "triton" where Triton runs: kernels/expert_gemm.py; the torch grouped path's loop over
-        experts holds no static graph). Asked each prefill, since the runner sets moe_kernel
-        after building the Generator. A bucket's pads route like any token (their experts'
-        outputs are computed and discarded with the pads' rows)."""
+        "triton" or "auto" where Triton runs: kernels/expert_gemm.py; the torch grouped path's
+        loop over experts holds no static graph). Asked each prefill, since the runner sets
+        moe_kernel after building the Generator. A bucket's pads route like any token (their
+        experts' outputs are computed and discarded with the pads' rows)."""
         return self._bucketed_asked and prefills_without_sync(self.model)
 
     def replays_prefill(self, compiled: bool, forward_len: int) -> bool:

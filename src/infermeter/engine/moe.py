@@ -40,7 +40,8 @@ have a Triton implementation with the same rounding points:
   static shapes (each expert's group padded to a block) and runs each block's expert on its
   tokens: no host sync, so it compiles (fullgraph) and an MoE model can prefill through the
   compiled bucketed graphs (prefills_without_sync, the Generator's rule), gpt-oss's included.
-Both stay opt-in until a GPU measures them (benchmarks/moe_kernel_ab.py).
+The default, "auto" (MOE_KERNEL), takes the Triton kernels at one token and past E / k tokens
+and torch's gathered indexing between, as measured (benchmarks/moe_kernel_ab.py).
 `last_experts` keeps the last forward's routing ids [N, k] (a reference, no copy, no sync):
 `touched_experts` turns it into the set a step read, for the roofline's byte count.
 """
@@ -206,7 +207,8 @@ class MoEFeedForward(nn.Module):
 
     def gathered(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each token's k experts by index: [N, k, ffn, dim] gathered rows, batched products;
-        with moe_kernel "triton" (where it can run) the kernels read the rows by id instead."""
+        where runs_kernels says so ("triton", "auto" at one token) the kernels read the rows by
+        id instead."""
         if self.runs_kernels(x):
             return gathered_experts(x, weights, ids, *self.stacked(), self.swiglu_limit,
                                     self.swiglu_alpha or 1.0)
@@ -283,7 +285,8 @@ class MoEFeedForward(nn.Module):
     def runs_kernels(self, x: Tensor) -> bool:
         """Whether a forward of x [N, dim] runs the Triton expert kernels (expert_gemv.py's
         gathered ones while N * k <= E, expert_gemm.py's grouped ones past that): moe_kernel
-        "triton" and they can run on x and the stacked weights (and biases)."""
+        "triton", or "auto" at one row and past E / k rows (uses_triton), and they can run on x
+        and the stacked weights (and biases)."""
         return uses_triton(self.moe_kernel, x.shape[0], self.top_k, self.n_experts) \
             and experts_kernel_usable(x, *self.stacked())
 

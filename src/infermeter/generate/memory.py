@@ -35,18 +35,12 @@ from infermeter.engine.prefill_buckets import prefill_chunk_for, prefill_forward
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.specs import sizes
+from infermeter.specs.expert_memory import expert_parts
 from infermeter.specs.model import ModelSpec
 from infermeter.specs.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.units import dtype_bytes
 
 ADVICE = "use a smaller --batch-size, --prompt-len, --context or --max-seq-len"
-
-
-def gathered_expert_bytes(spec: ModelSpec, batch_size: int, dtype: str) -> int:
-    """An MoE decode step of B tokens with B x k <= E experts (engine/moe.py's gathered way)
-    copies out each token's k experts' w1, w3 and w2 (one layer at a time)."""
-    return batch_size * spec.n_active_experts * 3 * spec.dim * spec.moe_ffn_dim * \
-        dtype_bytes(dtype)
 
 
 def hf_extra_bytes(spec: ModelSpec, dtype: str) -> int:
@@ -95,14 +89,14 @@ def capped_score_elements(spec: ModelSpec, prompt_len: int, cache_len: int, mode
 def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: int, dtype: str,
                 kv_dtype: str, mode: str, tp: int = 1, all_reduce: str = "nccl",
                 prefill_chunk: int | None = None, prefill: str = "exact",
-                moe_kernel: str = "torch", flex_chunks: bool = False,
+                moe_kernel: str = "auto", flex_chunks: bool = False,
                 compile_prefill: bool = False, on_gpu: bool = True) -> dict[str, int]:
     """What a case needs, by part (bytes, per rank under tensor parallelism; all_reduce: the
     --tp-all-reduce kind, whose Triton kernels hold a symmetric-memory buffer; prefill_chunk:
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the experts'
-    kind that will run, moe.MOE_KERNELS: torch's gathered path copies the experts out ("torch",
-    and "auto" at a batch over 1);
+    kind that will run, moe.MOE_KERNELS (the engine's default "auto"): torch's gathered path
+    copies the experts out (gathers_with_torch);
     flex_chunks: later compiled chunks attend through flex, capped_score_elements;
     compile_prefill, on_gpu: --compile-prefill and a CUDA device, which with the rest decide
     whether the exact prefill keeps its layer replays' buffers, by the Generator's rule)."""
@@ -113,7 +107,10 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     bucketed = mode == "compiled" and prefill == "bucketed" and \
         (not spec.is_moe or grouped_kernels)
     if bucketed:
-        forward = max(n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len))
+        forwards = [n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len)]
+    else:  # chunks of `forward` tokens, the last one the rest
+        forwards = [min(forward, prompt_len - start) for start in range(0, prompt_len, forward)]
+    forward = max(forwards, default=forward)
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": sizes.prefill_activation_bytes(
@@ -135,18 +132,9 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
         parts[f"{what} attention scores"] = 2 * batch_size * heads * scores * 4
     if mode.startswith("hf"):
         parts["hf weight copies"] = hf_extra_bytes(spec, dtype) // tp
-    # torch's gathered path copies the chosen experts out ("auto" takes it at 2 to E / k rows;
-    # hf ignores --moe-kernel)
-    copies_experts = mode.startswith("hf") or moe_kernel == "torch" or \
-        (moe_kernel == "auto" and batch_size > 1)
-    if spec.is_moe and batch_size * spec.n_active_experts <= spec.n_experts and copies_experts:
-        parts["gathered expert weights"] = gathered_expert_bytes(spec, batch_size, dtype) // tp
-    pairs = batch_size * forward * spec.n_active_experts  # a prefill's (token, expert) pairs
-    if spec.is_moe and grouped_kernels and not mode.startswith("hf") and pairs > spec.n_experts:
-        # the grouped Triton experts (kernels/expert_gemm.py): one layer's [pairs, moe_ffn]
-        # SwiGLU output and [pairs, dim] down products (the pair ids and blocks: int64, small)
-        parts["grouped expert activations"] = pairs * (
-            -(-spec.moe_ffn_dim // tp) + spec.dim) * dtype_bytes(dtype)
+    if spec.is_moe:
+        parts.update(expert_parts(spec, batch_size, forwards, dtype, moe_kernel, tp,
+                                  hf=mode.startswith("hf")))
     if uses_peer_buffer(tp, all_reduce):
         parts["all-reduce buffer"] = model_buffer_bytes(spec.n_layers, tp)
     return parts
@@ -228,7 +216,7 @@ HOST_BYTES_PER_ID = 8
 def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str, device: Any,
                     tp: int = 1, all_reduce: str = "nccl", outputs_per_row: int = 0,
                     prefill_chunk: int | None = None, prefill: str = "exact",
-                    moe_kernel: str = "torch", chunk_attention: str = CHUNK_ATTENTION,
+                    moe_kernel: str = "auto", chunk_attention: str = CHUNK_ATTENTION,
                     compile_backend: str = "inductor", compile_prefill: bool = False) -> None:
     """Before any allocation, from the cases' sizes alone (no prompt is made here): every case's
     weights + cache + activations (+ the Triton all-reduce's buffer) + its prompts as int64

@@ -177,7 +177,7 @@ class EngineRunner:
             return None
         layers = [layer.attention for layer in self.generator.model.layers
                   if layer.step_kernels in FUSED_KINDS and "attention_in" in layer.fused_parts()
-                  and layer.attention.q_norm is not None]
+                  and layer.attention.q_norm is not None and not layer.took_layer_kernel]
         if not layers:
             return None
         return 2 if all(attention.qk_norms_apart() for attention in layers) else 1

@@ -93,6 +93,12 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     "prefill activations": prefill_activation_bytes(
                         spec, request.batch_size, forward, dtype),
                     **prefill_replay_parts(spec, request, device, dtype)}
+    if spec.is_moe:  # the engine's default experts, which offload never changes
+        from infermeter.engine.moe import MOE_KERNEL
+        from infermeter.specs.expert_memory import expert_parts
+
+        forwards = [min(forward, longest - start) for start in range(0, longest, forward)]
+        device_parts.update(expert_parts(spec, request.batch_size, forwards, dtype, MOE_KERNEL))
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}
     # the whole prefix's device staging slots (reload.HostPrefix): a layer's K and V each,

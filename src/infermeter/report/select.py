@@ -207,8 +207,8 @@ DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unre
 # kernels asked for, and split was the default
 DEFAULT_STEP_KERNELS = "split"
 # generate --moe-kernel (engine/moe.py); a Result records the kind asked as
-# config.moe_kernel_asked since 2026-12-06; before, torch's experts were the default
-# (config.moe_kernel "torch"; unrecorded: torch)
+# config.moe_kernel_asked since 2026-12-06 (_moe_off_default says how earlier ones are read);
+# before that day torch's experts were the default (config.moe_kernel "torch"; unrecorded: torch)
 DEFAULT_MOE_KERNEL, EARLIER_MOE_KERNEL = "auto", "torch"
 
 
@@ -233,17 +233,27 @@ def off_default_kernels(record: Record) -> bool:
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
             or _step_off_default(cfg)
-            or _moe_off_default(cfg))
+            or _moe_off_default(cfg, record.model))
 
 
-def _moe_off_default(cfg: dict) -> bool:
-    """The experts were asked for by name (config.moe_kernel_asked other than "auto"), or, in a
-    Result from before that was recorded, ran other than torch's, then the default."""
+def _moe_off_default(cfg: dict, model: dict) -> bool:
+    """The experts were asked for by name (config.moe_kernel_asked other than "auto"); in a
+    Result of 2026-12-06 made before the asked kind was recorded (config.moe_fused_step
+    present), ran other than "auto" runs at its batch (Triton's at one token and past E / k,
+    torch's between: engine/moe.uses_triton); in an older Result, ran other than torch's, then
+    the default."""
     asked = cfg.get("moe_kernel_asked")
     if asked is not None:
         return asked != DEFAULT_MOE_KERNEL
     kernel = cfg.get("moe_kernel")
-    return kernel is not None and kernel != EARLIER_MOE_KERNEL
+    if kernel is None:
+        return False
+    if "moe_fused_step" not in cfg:
+        return kernel != EARLIER_MOE_KERNEL
+    batch = num(cfg.get("batch_size")) or 1
+    experts, top_k = num(model.get("n_experts")) or 0, num(model.get("n_active_experts")) or 1
+    auto = "triton" if batch == 1 or batch * top_k > experts else "torch"
+    return kernel != auto
 
 
 def _step_off_default(cfg: dict) -> bool:

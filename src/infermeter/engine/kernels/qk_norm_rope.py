@@ -10,7 +10,8 @@ and this kernel, one small program a head, reads that product (a few hundred byt
   _qk_norm_rope_kernel  grid (heads of q, k and v,): a program loads its head's even and odd
                         features and runs fused_step.rope_and_store, the wqkv kernel's own
                         QK_NORM epilogue (the q/k norm, RoPE, the stores of q and of k and v
-                        into the cache), so the two ways give the same bits.
+                        into the cache): from the same product, the same bits (the two ways'
+                        products part only in their float32 sum order: other tiles).
 PDL (pdl.py): all it reads but two small norm weights is the product the kernel before wrote,
 so the PDL twin waits first.
 """
