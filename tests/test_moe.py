@@ -266,14 +266,22 @@ def test_trace_puts_the_moe_blocks_time_in_its_own_category(tmp_path) -> None:
 
 
 def test_the_fit_check_counts_the_gathered_experts() -> None:
+    """torch's gathered way copies the chosen experts out: at batch 1 and 4 (tp 2: half on
+    each rank), not past E / k; "auto", the default, gathers with Triton's kernels at batch 1
+    (no copy) and torch's at 4."""
     mixtral = PRESETS["mixtral-8x7b"]  # 2 of 8 experts, each 3 x 4096 x 14336
-    parts = case_memory(mixtral, 1, 16, 256, "bfloat16", "bfloat16", "compiled")
-    assert parts["gathered expert weights"] == 2 * 3 * 4096 * 14336 * 2
-    assert case_memory(mixtral, 4, 16, 256, "bfloat16", "bfloat16", "compiled", tp=2)[
-        "gathered expert weights"] == 8 * 3 * 4096 * 14336  # 8 experts, half on each rank
+
+    def copy(batch: int, kind: str, tp: int = 1) -> int | None:
+        return case_memory(mixtral, batch, 16, 256, "bfloat16", "bfloat16", "compiled", tp=tp,
+                           moe_kernel=kind).get("gathered expert weights")
+
+    assert copy(1, "torch") == 2 * 3 * 4096 * 14336 * 2
+    assert copy(4, "torch", tp=2) == 8 * 3 * 4096 * 14336  # 8 experts, half on each rank
     # 5 x 2 pairs > 8 experts: a step runs every expert (compiled) or groups (eager)
-    assert "gathered expert weights" not in case_memory(mixtral, 5, 16, 256, "bfloat16",
-                                                        "bfloat16", "compiled")
+    assert copy(5, "torch") is None
+    assert copy(1, "auto") is None and copy(4, "auto", tp=2) == copy(4, "torch", tp=2)
+    assert case_memory(mixtral, 1, 16, 256, "bfloat16", "bfloat16", "compiled") == \
+        case_memory(mixtral, 1, 16, 256, "bfloat16", "bfloat16", "compiled", moe_kernel="auto")
 
 
 @pytest.mark.parametrize("name, missing", [
