@@ -163,9 +163,10 @@ def check_nan() -> None:
 
 def check_model_greedy() -> None:
     """Tiny random Qwen3-MoE (a dense layer between MoE ones), Mixtral and gpt-oss models
-    (float32): prefill then greedy steps, the Triton and "auto" choices against torch: the same
-    tokens, and every MoE layer of every forward routed through the kernel wherever the kind
-    takes Triton's experts (all for "triton"; one row or past E / k rows for "auto")."""
+    (float32): prefill then greedy steps, the Triton choice (and Qwen3-MoE's "auto") against
+    torch: the same tokens, and every MoE layer of every forward routed through the kernel
+    wherever the kind takes Triton's experts (all for "triton"; one row or past E / k rows for
+    "auto")."""
     from infermeter.specs.presets import PRESETS
 
     expert_gemv.tiles_for = lambda n_cols, gpu="": (128, 64, 4)  # few programs
@@ -180,7 +181,8 @@ def check_model_greedy() -> None:
     for arch, spec in specs.items():
         moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.n_layers))
         tokens = {}
-        for kind in moe_module.MOE_KERNELS:
+        # "auto" on Qwen3-MoE only (its 5-token prompt past E / k: routed in the kernel)
+        for kind in moe_module.MOE_KERNELS if arch == "qwen3_moe" else ("torch", "triton"):
             calls.clear()
             model = moe_model(spec, kind)
             model.setup_cache(batch, 16)
@@ -198,7 +200,8 @@ def check_model_greedy() -> None:
                     if moe_module.uses_triton(kind, n, spec.n_active_experts, spec.n_experts)]
             assert calls == want, f"{arch} {kind}: routed {calls}"
         assert torch.equal(tokens["triton"], tokens["torch"]), f"{arch}: tokens"
-        assert torch.equal(tokens["auto"], tokens["torch"]), f"{arch}: auto's tokens"
+        if "auto" in tokens:
+            assert torch.equal(tokens["auto"], tokens["torch"]), f"{arch}: auto's tokens"
     moe_module.kernel_route = real
     expert_gemv.tiles_for = TILES_FOR
 

@@ -50,11 +50,24 @@ def test_an_empty_table_gives_tiles_for_and_an_entry_only_its_own_shape(monkeypa
         expert_tiles_for("gate", 768, H100)
 
 
+def test_a_token_count_entry_serves_that_count_only():
+    """EXPERT_TOKEN_TILES: the H100's batch-4 bests at Qwen3-30B-A3B's widths serve 4 tokens;
+    1, 2, 3 and 5 take the width's entry (or tiles_for's); another width or GPU, its own."""
+    assert expert_tiles_for("swiglu", 2048, H100, 4) == (8, 1024, 4)
+    assert expert_tiles_for("down", 768, H100, 4) == (8, 512, 4)
+    for tokens in (1, 2, 3, 5):
+        assert expert_tiles_for("swiglu", 2048, H100, tokens) == (2, 2048, 4)
+        assert expert_tiles_for("down", 768, H100, tokens) == (2, 1024, 4)
+    assert expert_tiles_for("down", 2048, H100, 4) == tiles_for(2048, H100)
+    assert expert_tiles_for("down", 768, "NVIDIA H200", 4) == tiles_for(768, "NVIDIA H200")
+
+
 def test_the_table_and_the_override_reach_each_launch(monkeypatch):
     """Qwen3-30B-A3B's shapes (dim 2048, ffn 768, 8 of 128 experts): with the table empty each
     launch carries tiles_for's tiles (gate/up: half the rows; several tokens: BLOCK_K shared
-    among them); an EXPERT_TILES entry for this device ("" on the CPU) and an explicit override
-    replace them; the terms way runs one token on the several-token kernel, a program a slot."""
+    among them); an EXPERT_TILES entry for this device ("" on the CPU), an EXPERT_TOKEN_TILES
+    entry at its token count and an explicit override replace them; the terms way runs one
+    token on the several-token kernel, a program a slot."""
     dtype, e, k, dim, ffn = torch.bfloat16, 128, 8, 2048, 768
     w13, w2 = torch.empty(e, ffn, dim, dtype=dtype), torch.empty(e, dim, ffn, dtype=dtype)
 
@@ -78,6 +91,12 @@ def test_the_table_and_the_override_reach_each_launch(monkeypatch):
     assert run(1) == [("_experts_swiglu_kernel", (768 // 8, 8), 8, 1024, 4),
                       ("_experts_down_kernel", (2048, 1), 1, 256, 2)]
     assert run(1, (4, 2048, 8))[0] == ("_experts_swiglu_kernel", (768 // 2, 8), 2, 2048, 8)
+    monkeypatch.setitem(expert_gemv.EXPERT_TOKEN_TILES, "", {"swiglu": {(dim, 4): (8, 1024, 4)},
+                                                            "down": {(ffn, 4): (8, 512, 4)}})
+    # four tokens take their count's entry (BLOCK_K shared among them), one token the width's
+    assert run(4) == [("_experts_swiglu_kernel", (768 // 4, 32), 4, 256, 4),
+                      ("_experts_down_terms_kernel", (2048 // 8, 32), 8, 128, 4)]
+    assert run(1)[0] == ("_experts_swiglu_kernel", (768 // 8, 8), 8, 1024, 4)
     monkeypatch.setattr(expert_gemv, "ONE_TOKEN_DOWN", "terms")  # the module's choice
     assert run(1)[1] == ("_experts_down_terms_kernel", (2048, 8), 1, 256, 2)
     with pytest.raises(ValueError, match="three powers of two"):

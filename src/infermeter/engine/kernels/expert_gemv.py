@@ -27,7 +27,8 @@ sum at the end):
                   programs in flight, and a sum kernel after them).
 With TOKENS tokens a program keeps TOKENS float32 partial products a weight tile, so its tiles
 are BLOCK_K / TOKENS columns wide (as many registers as the GEMV's). The tiles come from
-EXPERT_TILES where a GPU's timings (benchmarks/expert_tiles.py) put an entry, else tiles_for's,
+EXPERT_TOKEN_TILES or EXPERT_TILES where a GPU's timings (benchmarks/expert_tiles.py) put an
+entry (for that token count, or that width), else tiles_for's,
 or from the launchers' `tiles` argument (the benchmark's grid).
 
 Numerics are the eager gathered path's rounding points: gate and up products in float32, each
@@ -234,6 +235,16 @@ if triton is not None:
 EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
     "NVIDIA H100 80GB HBM3": {"swiglu": {2048: (2, 2048, 4)}, "down": {768: (2, 1024, 4)}},
 }
+# Bests at a token count the benchmark timed besides one, by device name, kernel and (column
+# count, tokens), in the same terms: they serve that count only, the table above every other.
+# The batch-4 bests on an H100 (results/expert-tiles-nvidia-h100-80gb-hbm3.json, 2026-12-06:
+# gate/up 156.96 -> 92.99 us, down's terms 120.26 -> 71.23 us against tiles_for's; the batch-1
+# bests had made gate/up a little slower there). A step's TPOT with them is not measured yet,
+# so moe.py's "auto" still gathers four tokens with torch's indexing.
+EXPERT_TOKEN_TILES: dict[str, dict[str, dict[tuple[int, int], tuple[int, int, int]]]] = {
+    "NVIDIA H100 80GB HBM3": {"swiglu": {(2048, 4): (8, 1024, 4)},
+                              "down": {(768, 4): (8, 512, 4)}},
+}
 EXPERT_KERNELS = ("swiglu", "down")
 
 # How experts_down runs one token: "sum", a program a row block runs the k experts in turn and
@@ -243,12 +254,16 @@ DOWN_WAYS = ("sum", "terms")
 ONE_TOKEN_DOWN = "sum"
 
 
-def expert_tiles_for(kernel: str, n_cols: int, gpu: str = "") -> tuple[int, int, int]:
+def expert_tiles_for(kernel: str, n_cols: int, gpu: str = "",
+                     n_tokens: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of expert kernel `kernel` over weights of n_cols columns on
-    GPU `gpu` (a device name): EXPERT_TILES' entry, else tiles_for's."""
+    GPU `gpu` (a device name) for a forward of n_tokens: EXPERT_TOKEN_TILES' entry for that
+    count, else EXPERT_TILES' for the width, else tiles_for's."""
     if kernel not in EXPERT_KERNELS:
         raise ValueError(f"unknown expert kernel {kernel!r}: one of {EXPERT_KERNELS}")
-    return EXPERT_TILES.get(gpu, {}).get(kernel, {}).get(n_cols) or tiles_for(n_cols, gpu)
+    by_tokens = EXPERT_TOKEN_TILES.get(gpu, {}).get(kernel, {}).get((n_cols, n_tokens))
+    return by_tokens or EXPERT_TILES.get(gpu, {}).get(kernel, {}).get(n_cols) \
+        or tiles_for(n_cols, gpu)
 
 
 def _checked_tiles(tiles: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -276,7 +291,7 @@ def _experts_swiglu(x: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, pdl: bool,
     b1, b3 = (b1, b3) if has_bias else (w1, w3)  # without biases: never read
     hidden, dim = w1.shape[1], w1.shape[2]
     tiles = _checked_tiles(tiles) if tiles is not None else \
-        expert_tiles_for("swiglu", dim, gpu_name(w1.device))
+        expert_tiles_for("swiglu", dim, gpu_name(w1.device), n_tokens)
     block_n, block_k, warps = token_tiles(tiles, n_tokens)
     block_n = max(1, block_n // 2)  # gate and up rows: the GEMV's number of rows a program
     out = torch.empty(n_tokens, top_k, hidden, dtype=x.dtype, device=x.device)
@@ -306,7 +321,7 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
     dim, hidden = w2.shape[1], w2.shape[2]
     act, ids, weights = act.contiguous(), ids.contiguous(), weights.contiguous()
     tiles = _checked_tiles(tiles) if tiles is not None else \
-        expert_tiles_for("down", hidden, gpu_name(w2.device))
+        expert_tiles_for("down", hidden, gpu_name(w2.device), n_tokens)
     if n_tokens == 1 and way == "sum":  # k distinct experts: the weighted sum in the kernel
         block_n, block_k, warps = tiles
         out = torch.empty(n_tokens, dim, dtype=act.dtype, device=act.device)
