@@ -39,10 +39,11 @@
 #   part step-chunks     the layer launch a program a row block against 1, 2 and 4 programs an SM
 #                        (step_kernels_ab.py --programs-per-sm), fused beside, at 135M and 1B, in
 #                        the recorded step: the same-run A/B of the chunks (10 cases of about 25 s)
-#   part step-moe        split, fused and layer step kernels at Qwen3-30B-A3B, Triton experts, batch
-#                        1, one round (an MoE layer's attention side as fused kernels, then the
-#                        layer as two launches; issue 25; each case compiles for about two minutes,
-#                        about 8 minutes in all; each case's Result is written as it ends)
+#   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
+#                        one round, traced (the fused step, the default there since 2026-12-06:
+#                        the q/k norms' own kernel, the MoE block as four kernels; issue 25; on an
+#                        H100 on 2026-12-06 2.3 min; the one-launch layer kind lost at 1.7x split
+#                        and is left out)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part last-combine    the split-KV attention's one-launch combine (decode_attention.COMBINE "last")
 #                        against its two kernels, the default step otherwise, at 135M and 1B, one
@@ -154,7 +155,8 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
       --programs-per-sm none 1 2 4 --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-moe)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --results "$dest" --models qwen3-30b-a3b ;;
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split fused \
+      --trace "$dest/traces-step-moe" --results "$dest" --models qwen3-30b-a3b ;;
   step-batch)
     # issue 27's "batch 8 and 32 at 1B": the default kernels, generate's seed case
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
