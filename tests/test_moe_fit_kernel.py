@@ -74,14 +74,18 @@ def test_a_short_prefill_that_gathers_counts_its_rows_copy() -> None:
 
 
 def test_the_fit_checks_rule_is_the_engines():
-    """memory.gathers_with_torch, spelled out torch-free, is engine/moe.uses_triton's opposite
-    for every kind at every gathering row count."""
-    from infermeter.engine.moe import MOE_KERNELS, uses_triton
-    from infermeter.specs.expert_memory import gathers_with_torch
+    """One rule (specs/expert_memory.uses_triton) for the engine and the fit checks: the
+    engine's name is that function; for rows that gather (rows x k <= E), torch's way (the
+    copy) under "torch" always, under "auto" past one row, under "triton" never."""
+    from infermeter.engine import moe
+    from infermeter.specs import expert_memory
 
-    for kind in MOE_KERNELS:
+    assert moe.uses_triton is expert_memory.uses_triton
+    for kind in moe.MOE_KERNELS:
         for rows in range(1, 17):
-            assert gathers_with_torch(kind, rows) == (not uses_triton(kind, rows, 8, 128))
+            torch_way = kind == "torch" or (kind == "auto" and rows > 1)
+            assert torch_way == (not expert_memory.uses_triton(kind, rows, 8, 128))
+    assert [expert_memory.takes_triton(kind) for kind in moe.MOE_KERNELS] == [True, False, True]
 
 def _checked_parts(monkeypatch, moe_kernel: str, interpret: bool) -> dict[str, int]:
     """The device parts check_cases_fit weighs for one batch-1 MoE case on the CPU."""

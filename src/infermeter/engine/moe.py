@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import Linear
 from infermeter.engine.opaque_ops import compiling
+from infermeter.specs.expert_memory import takes_triton, uses_triton
 
 if TYPE_CHECKING:
     from infermeter.engine.norms import RMSNorm
@@ -112,16 +113,11 @@ def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
 # (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl), at batch 4 1.41x
 # (results/moe-kernel-batches-nvidia-h100-80gb-hbm3.jsonl, the batch-1 tiles), and its grouped
 # kernels' compiled bucketed prefill of 4 x 80 tokens took 21.5 ms against torch's exact
-# 410 ms. Where Triton cannot run, "triton" and "auto" run torch's.
+# 410 ms. Where Triton cannot run, "triton" and "auto" run torch's. The rule itself is
+# specs/expert_memory.uses_triton, which the fit checks and the report read too.
 MOE_KERNEL = "auto"
 MOE_KERNELS = ("auto", "torch", "triton")
 
-
-def uses_triton(kind: str, n_tokens: int, top_k: int, n_experts: int) -> bool:
-    """Whether a forward of n_tokens with experts kind `kind` (MOE_KERNELS) takes the Triton
-    kernels where Triton runs: "triton" always, "auto" at one token (gathered) and past E / k
-    tokens (grouped), "torch" never."""
-    return kind == "triton" or (kind == "auto" and (n_tokens == 1 or n_tokens * top_k > n_experts))
 
 
 class StackedExperts(nn.Module):
@@ -353,7 +349,7 @@ def prefills_without_sync(model: nn.Module) -> bool:
     through expert_gemm.py's grouped kernels (the engine keeps the weights in the activations'
     dtype; shorter forwards gather, with no sync either way): what lets an MoE model prefill
     through the compiled bucketed graphs. True for a model without MoE blocks."""
-    return all(takes_expert_kernel(module, module.n_experts // module.top_k + 1)
+    return all(takes_triton(module.moe_kernel) and triton_runs_on(module.w1.weight)
                for module in model.modules() if isinstance(module, MoEFeedForward))
 
 

@@ -35,7 +35,7 @@ from infermeter.engine.prefill_buckets import prefill_chunk_for, prefill_forward
 from infermeter.measure.env import host_available
 from infermeter.measure.fit import check_fit, free_memory
 from infermeter.specs import sizes
-from infermeter.specs.expert_memory import expert_parts
+from infermeter.specs.expert_memory import expert_parts, takes_triton
 from infermeter.specs.model import ModelSpec
 from infermeter.specs.peer_buffers import model_buffer_bytes, uses_peer_buffer
 from infermeter.units import dtype_bytes
@@ -96,21 +96,19 @@ def case_memory(spec: ModelSpec, batch_size: int, prompt_len: int, cache_len: in
     the longest prefill forward, which bounds the prefill's activations; prefill: the compiled
     mode's, whose "bucketed" forwards are padded to their buckets; moe_kernel: the experts'
     kind that will run, moe.MOE_KERNELS (the engine's default "auto"): torch's gathered path
-    copies the experts out (gathers_with_torch);
+    copies the experts out (specs/expert_memory.expert_parts);
     flex_chunks: later compiled chunks attend through flex, capped_score_elements;
     compile_prefill, on_gpu: --compile-prefill and a CUDA device, which with the rest decide
     whether the exact prefill keeps its layer replays' buffers, by the Generator's rule)."""
-    forward = min(prefill_chunk or prompt_len, prompt_len)
     # an MoE model's prefill is bucketed only through the grouped Triton kernels (no host sync;
     # the torch grouped path's loop over experts asks the host)
-    grouped_kernels = moe_kernel in ("triton", "auto")
+    grouped_kernels = takes_triton(moe_kernel)
     bucketed = mode == "compiled" and prefill == "bucketed" and \
         (not spec.is_moe or grouped_kernels)
-    if bucketed:
-        forwards = [n for _, n in prefill_forwards(prompt_len, prefill_chunk, cache_len)]
-    else:  # chunks of `forward` tokens, the last one the rest
-        forwards = [min(forward, prompt_len - start) for start in range(0, prompt_len, forward)]
-    forward = max(forwards, default=forward)
+    # each prefill forward's length: its bucket where bucketed, else its real tokens
+    chunks = prefill_forwards(prompt_len, prefill_chunk, cache_len)
+    forwards = [n for _, n in chunks] if bucketed else [real for real, _ in chunks]
+    forward = max(forwards)
     parts = {"weights": sizes.weight_bytes_per_rank(spec, dtype, tp),
              "KV cache": sizes.kv_cache_bytes(spec, batch_size, cache_len, kv_dtype, tp),
              "prefill activations": sizes.prefill_activation_bytes(
@@ -229,7 +227,7 @@ def check_cases_fit(spec: ModelSpec, cases: list[Any], dtype: str, kv_dtype: str
     chunk_attention, compile_backend: what the Generator resolves later chunks' attention from
     (chunk_attention.chunk_attention_for). compile_prefill: --compile-prefill (with the device,
     whether the exact prefill replays its layers, case_memory)."""
-    if moe_kernel in ("triton", "auto") and not triton_runs_on_device(device):
+    if takes_triton(moe_kernel) and not triton_runs_on_device(device):
         moe_kernel = "torch"
     flex_chunks = chunk_attention_for(
         chunk_attention, flex_runs(device, compile_backend, prefill == "bucketed")) == "flex"

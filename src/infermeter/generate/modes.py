@@ -30,6 +30,7 @@ from infermeter.engine.step_choice import AUTO, choose_step, step_weight_bytes
 from infermeter.generate.cases import Case
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
+from infermeter.specs.expert_memory import takes_triton
 
 
 class EngineRunner:
@@ -44,7 +45,7 @@ class EngineRunner:
                  model.spec.n_experts > 0, request.tp or 1, case.largest_group,
                  engine.compile_backend)
         # an MoE model's fused batch-1 step was measured with q/k norms and the Triton experts
-        fuses = model.spec.qk_norm and engine.moe_kernel in ("auto", "triton")
+        fuses = model.spec.qk_norm and takes_triton(engine.moe_kernel)
         choice = choose_step(*facts, engine.step_kernels, moe_fuses=fuses)
         default = choose_step(*facts, moe_fuses=fuses)
         step_kernels = choice.kernels

@@ -45,12 +45,12 @@ def replays_offload_prefill(spec: Any, device: Any, forward_len: int) -> bool:
     prefill replays nothing)."""
     from infermeter.engine.layer_replays import replays_prefill_layers
     from infermeter.engine.moe import MOE_KERNEL
+    from infermeter.specs.expert_memory import takes_triton
 
     on_gpu = device.type == "cuda"
     return replays_prefill_layers(compiled=on_gpu, bucketed=False, compile_prefill=on_gpu,
                                   forward_len=forward_len, on_gpu=on_gpu, one_rank=True,
-                                  without_sync=not spec.is_moe
-                                  or MOE_KERNEL in ("triton", "auto"))
+                                  without_sync=not spec.is_moe or takes_triton(MOE_KERNEL))
 
 
 def prefill_replay_parts(spec: Any, request: OffloadRequest, device: Any,
@@ -95,9 +95,11 @@ def check_sizes_fit(spec: Any, request: OffloadRequest, device: Any, dtype: str,
                     **prefill_replay_parts(spec, request, device, dtype)}
     if spec.is_moe:  # the engine's default experts, which offload never changes
         from infermeter.engine.moe import MOE_KERNEL
+        from infermeter.engine.prefill_buckets import prefill_forwards
         from infermeter.specs.expert_memory import expert_parts
 
-        forwards = [min(forward, longest - start) for start in range(0, longest, forward)]
+        forwards = [real for real, _ in prefill_forwards(longest, request.prefill_chunk,
+                                                         longest)]  # exact: real tokens
         device_parts.update(expert_parts(spec, request.batch_size, forwards, dtype, MOE_KERNEL))
     host_parts = {"prefix KV in host memory": kv_cache_bytes(
         spec, request.batch_size, max(request.prefix_lens), kv_dtype)}

@@ -28,6 +28,7 @@ from typing import Any
 
 from infermeter.engine.attention_choice import resolve_attention
 from infermeter.report.load import Record
+from infermeter.specs.expert_memory import uses_triton
 
 SEED_CONTEXT = 512
 SEED_NEW_TOKENS = 432
@@ -240,8 +241,8 @@ def _moe_off_default(cfg: dict, model: dict) -> bool:
     """The experts were asked for by name (config.moe_kernel_asked other than "auto"); in a
     Result of 2026-12-06 made before the asked kind was recorded (config.moe_fused_step
     present), ran other than "auto" runs at its batch (Triton's at one token and past E / k,
-    torch's between: engine/moe.uses_triton); in an older Result, ran other than torch's, then
-    the default."""
+    torch's between: specs/expert_memory.uses_triton); in an older Result, ran other than
+    torch's, then the default."""
     asked = cfg.get("moe_kernel_asked")
     if asked is not None:
         return asked != DEFAULT_MOE_KERNEL
@@ -250,9 +251,9 @@ def _moe_off_default(cfg: dict, model: dict) -> bool:
         return False
     if "moe_fused_step" not in cfg:
         return kernel != EARLIER_MOE_KERNEL
-    batch = num(cfg.get("batch_size")) or 1
+    batch = int(num(cfg.get("batch_size")) or 1)
     experts, top_k = num(model.get("n_experts")) or 0, num(model.get("n_active_experts")) or 1
-    auto = "triton" if batch == 1 or batch * top_k > experts else "torch"
+    auto = "triton" if uses_triton(DEFAULT_MOE_KERNEL, batch, top_k, experts) else "torch"
     return kernel != auto
 
 

@@ -1,6 +1,8 @@
-"""What an MoE model's experts hold besides the weights while a case runs, by the experts' kind
-(engine/moe.py's MOE_KERNELS): generate's fit check (generate/memory.py) and offload's
-(offload/fit.py) count the same parts. Arithmetic on the spec only: no torch."""
+"""Which kernels an MoE model's experts take, by the experts' kind (engine/moe.py's
+MOE_KERNELS), and what they hold besides the weights while a case runs: the engine's rule
+(uses_triton) and what generate's fit check (generate/memory.py) and offload's (offload/fit.py)
+count from it. Arithmetic on the spec only: no torch, so the fit checks and the report read the
+rule the engine runs."""
 
 from __future__ import annotations
 
@@ -15,11 +17,19 @@ def gathered_expert_bytes(spec: ModelSpec, batch_size: int, dtype: str) -> int:
         dtype_bytes(dtype)
 
 
-def gathers_with_torch(moe_kernel: str, rows: int) -> bool:
-    """Whether a forward of `rows` rows that gathers (rows x k <= E) takes torch's way, which
-    copies the experts out: "torch" always, "auto" past one row (engine/moe.uses_triton, spelled
-    out here so the fit check needs no torch; a test keeps the two equal), "triton" never."""
-    return moe_kernel == "torch" or (moe_kernel == "auto" and rows > 1)
+def takes_triton(kind: str) -> bool:
+    """Whether experts kind `kind` takes Triton's kernels at all where Triton runs ("triton",
+    "auto"): each such kind takes them past E / k rows (grouped, no host sync)."""
+    return kind in ("triton", "auto")
+
+
+def uses_triton(kind: str, n_tokens: int, top_k: int, n_experts: int) -> bool:
+    """Whether a forward of n_tokens with experts kind `kind` takes the Triton kernels where
+    Triton runs: "triton" always, "auto" at one token (gathered) and past E / k tokens
+    (grouped), "torch" never; elsewhere torch's way (a gather of N x k <= E rows copies the
+    chosen experts out)."""
+    return takes_triton(kind) and (kind == "triton" or n_tokens == 1
+                                   or n_tokens * top_k > n_experts)
 
 
 def expert_parts(spec: ModelSpec, batch_size: int, forwards: list[int], dtype: str,
@@ -32,13 +42,14 @@ def expert_parts(spec: ModelSpec, batch_size: int, forwards: list[int], dtype: s
     the longest forward past E / k rows (kernels/expert_gemm.py; the pair ids: int64, small)."""
     parts = {}
     rows = [batch_size] if hf else [batch_size] + [batch_size * n for n in forwards]
-    gathering = [n for n in rows if n * spec.n_active_experts <= spec.n_experts
-                 and (hf or gathers_with_torch(moe_kernel, n))]
+    k, experts = spec.n_active_experts, spec.n_experts
+    gathering = [n for n in rows if n * k <= experts
+                 and (hf or not uses_triton(moe_kernel, n, k, experts))]
     if gathering:
         parts["gathered expert weights"] = gathered_expert_bytes(spec, max(gathering),
                                                                  dtype) // tp
-    pairs = batch_size * max(forwards, default=0) * spec.n_active_experts
-    if moe_kernel in ("triton", "auto") and not hf and pairs > spec.n_experts:
+    pairs = batch_size * max(forwards, default=0) * k
+    if takes_triton(moe_kernel) and not hf and pairs > experts:
         parts["grouped expert activations"] = pairs * (
             -(-spec.moe_ffn_dim // tp) + spec.dim) * dtype_bytes(dtype)
     return parts
