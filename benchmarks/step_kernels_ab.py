@@ -35,6 +35,10 @@ With --qk-norm-kernels 1 2 the fused kind runs once for each way of a model's pe
 (kernels/qk_norm_rope.QK_NORM_KERNELS: 2, a kernel of their own after norm + wqkv, the default;
 1, in the wqkv kernel, a program a head), the latter labelled "fused/qk-norms-in-wqkv", and the
 summary adds one against the other. A model without q/k norms runs the same kernels either way.
+With --prefetch 0 2 the fused kind runs once for each prefetch distance (kernels/prefetch.py:
+each fused kernel pulls the first bytes of the product that many kernels on into L2; 0, none,
+the default), labelled "fused/recorded/prefetch-2" and so on, and the summary adds each against
+the same kind without.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -59,6 +63,7 @@ from sweep_common import (
 )
 
 from infermeter.engine.generator import STEP_GRAPHS
+from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
 from infermeter.measure.trace import make_trace_dir
@@ -101,15 +106,20 @@ LAUNCH_KINDS = ("layer", "model")
 # qk_norm_rope.QK_NORM_KERNELS's values, the default first
 QK_NORM_WAYS = (2, 1)
 QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
+PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DISTANCE)
 
 
-def label(kind: str, graphs: str, per_sm: int | None = None, qk_kernels: int = 2) -> str:
+def label(kind: str, graphs: str, per_sm: int | None = None, qk_kernels: int = 2,
+          distance: int = 0) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/N-per-SM" where a one-launch kind's stages are cut to N programs an SM,
-    "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel."""
+    "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
+    "/prefetch-N" where its kernels prefetch N kernels ahead."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     if qk_kernels == 1:
         name = f"{name}/{QK_IN_WQKV}"
+    if distance:
+        name = f"{name}/{PREFETCHED}{distance}"
     return name if per_sm is None else f"{name}/{per_sm}-per-SM"
 
 
@@ -126,30 +136,33 @@ def programs_per_sm(text: str) -> int | None:
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               per_sm: tuple[int | None, ...] = (None,), qk_ways: tuple[int, ...] = (2,),
-              **overrides) -> None:
+              distances: tuple[int, ...] = (0,), **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, a one-launch
     kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM), the fused kind once for each
-    of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), both set back after, each Result appended to
-    `path` once done; with `trace` (a folder) each case's profiled steps go to a folder of
-    their own in it."""
-    from infermeter.engine.kernels import layer_step, qk_norm_rope
+    of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS) and of `distances` (prefetch.DISTANCE), all set
+    back after, each Result appended to `path` once done; with `trace` (a folder) each case's
+    profiled steps go to a folder of their own in it."""
+    from infermeter.engine.kernels import layer_step, prefetch, qk_norm_rope
 
-    kept, kept_qk = layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS
+    kept = layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE
+    fused_ways = [(qk, distance) for qk in qk_ways for distance in distances]
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
                     for cut in per_sm if kind in LAUNCH_KINDS else (None,):
-                        for qk in qk_ways if kind == "fused" else (kept_qk,):
+                        for qk, distance in fused_ways if kind == "fused" else [kept[1:]]:
                             layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = cut, qk
-                            name = label(kind, way, cut, qk)
+                            prefetch.set_distance(distance)
+                            name = label(kind, way, cut, qk, distance)
                             if trace:
                                 overrides["trace_dir"] = str(make_trace_dir(
                                     Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
                             run_ab_case(ab_request(model, kind, way, **overrides), env, path,
                                         model, name, round_, "kernels", "step_kernels")
     finally:
-        layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = kept, kept_qk
+        layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = kept[:2]
+        prefetch.set_distance(kept[2])
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -179,6 +192,8 @@ def summary(results: list[Result]) -> str:
             if kind.endswith("-per-SM"):
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
             if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
+                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
+            if kind.rsplit("/", 1)[-1].startswith(PREFETCHED):  # prefetching against not
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
             fused, layer, whole = (label(kind, way) for kind in ("fused", "layer", "model"))
@@ -217,6 +232,9 @@ def arguments():
                         default=[QK_NORM_WAYS[0]], metavar="N", help="the fused kind once for "
                         "each: a model's q/k norms in a kernel after wqkv (2) or in wqkv's (1) "
                         "(default: 2)")
+    parser.add_argument("--prefetch", nargs="+", type=int, choices=PREFETCH_DISTANCES,
+                        default=[0], metavar="N", help="the fused kind once for each: its "
+                        "kernels prefetch the weight N kernels on into L2 (0: none; default: 0)")
     return parser
 
 
@@ -226,7 +244,7 @@ def main() -> int:
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), per_sm=tuple(args.programs_per_sm),
-                  qk_ways=tuple(args.qk_norm_kernels))
+                  qk_ways=tuple(args.qk_norm_kernels), distances=tuple(args.prefetch))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -235,7 +253,8 @@ def main() -> int:
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
                       "--programs-per-sm", *cuts,
-                      "--qk-norm-kernels", *map(str, args.qk_norm_kernels), *traced], start)
+                      "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
+                      "--prefetch", *map(str, args.prefetch), *traced], start)
     return write_summary(path, summary, start)
 
 

@@ -644,7 +644,7 @@ def trace_step(model, keep, graphs, layer_ops: list[list[str]], norms: int) -> N
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
     assert ours == sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
-    gelu = [node.args[5:] == (True,) for node in graphs[-1].graph.nodes
+    gelu = [node.args[5:6] == (True,) for node in graphs[-1].graph.nodes
             if "gemv_swiglu_pdl" in str(node.target)]  # GeGLU's op: gelu=True
     swiglus = sum(ops.count("gemv_swiglu_pdl") for ops in layer_ops)
     assert gelu == [spec.arch in GEMMA_ARCHS] * swiglus, (spec.arch, gelu)

@@ -113,22 +113,25 @@ class FeedForward(nn.Module):
         self.activation_kernel = ACTIVATION_KERNEL
 
     def forward(self, x: Tensor, norm: RMSNorm | None = None,
-                residual: Tensor | None = None) -> Tensor:
+                residual: Tensor | None = None,
+                ahead: tuple[Tensor | None, ...] = (None, None)) -> Tensor:
         """x [B, T, dim] -> [B, T, dim]. The fused batch-1 step (TransformerBlock.fused_parts)
         may pass x un-normed with its norm (norm + w13 + SwiGLU or GeGLU in one kernel) and the
-        residual (w2 + the add in one kernel: the output is then residual + FFN(x))."""
+        residual (w2 + the add in one kernel: the output is then residual + FFN(x)); ahead:
+        the weights those two kernels prefetch (kernels/prefetch.py)."""
         if norm is not None and self.w13 is not None:
             from infermeter.engine.kernels.fused_step import norm_matvec_swiglu
 
             act = norm_matvec_swiglu(x.reshape(1, -1), norm.weight, self.w13.weight, norm.eps,
-                                     isinstance(norm, GemmaRMSNorm), self.gelu)  # [1, hidden]
+                                     isinstance(norm, GemmaRMSNorm), self.gelu,
+                                     ahead[0])  # [1, hidden]
         else:
             act = self._activation(x)  # [B, T, hidden]
         if residual is not None:
             from infermeter.engine.kernels.fused_step import matvec_add
 
             return matvec_add(act.reshape(1, -1), self.w2.weight,
-                              residual.reshape(1, -1)).view_as(residual)
+                              residual.reshape(1, -1), ahead[1]).view_as(residual)
         return self.w2(act.view(*x.shape[:-1], -1))
 
     def _activation(self, x: Tensor) -> Tensor:
@@ -252,14 +255,17 @@ class TransformerBlock(nn.Module):
         return self._split_ffn(h)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                blocks: BlockLists | None = None) -> Tensor:
+                blocks: BlockLists | None = None,
+                ahead: tuple[Tensor | None, ...] | None = None) -> Tensor:
+        """ahead: the weights the fused step's four kernels prefetch (Transformer.prefetch_plan),
+        or None."""
         if self.step_kernels in FUSED_KINDS and x.shape[0] * x.shape[1] == 1 \
                 and compiling():
             if self.step_kernels in ("layer", "model") and self.takes_layer_kernel(x):
                 return self._layer_forward(x, cos, sin, input_pos)
             parts = self.fused_parts()
             if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
-                return self._fused_forward(x, cos, sin, input_pos, parts)
+                return self._fused_forward(x, cos, sin, input_pos, parts, ahead)
         normed = self.attention_norm(x)
         # Only a single row (batch 1, one token) becomes a matrix-vector reduction in inductor;
         # larger products go to cuBLAS, which reads a materialized input anyway.
@@ -274,13 +280,17 @@ class TransformerBlock(nn.Module):
         return h + self._post(self.ffn_post_norm, self.feed_forward(self.ffn_norm(h)))
 
     def _fused_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                       parts: tuple[str, ...]) -> Tensor:
+                       parts: tuple[str, ...],
+                       ahead: tuple[Tensor | None, ...] | None = None) -> Tensor:
         """The batch-1 step x [1, 1, dim] with `parts` (fused_parts) in fused_step.py's kernels
-        and the rest as forward's split step runs it."""
+        and the rest as forward's split step runs it; ahead (a whole fused layer's only): what
+        its four kernels prefetch."""
+        ahead = ahead or (None,) * len(FUSED_PARTS)
         attention_in, ffn_in = "attention_in" in parts, "ffn_in" in parts
         out = self.attention(x if attention_in else self.attention_norm(x), cos, sin, input_pos,
                              norm=self.attention_norm if attention_in else None,
-                             residual=x if "attention_out" in parts else None)
+                             residual=x if "attention_out" in parts else None,
+                             ahead=ahead[:2])
         h = out if "attention_out" in parts else x + self._post(self.attention_post_norm, out)
         ffn = self.feed_forward
         if not isinstance(ffn, FeedForward):  # MoE: four kernels where it can, else split
@@ -289,13 +299,19 @@ class TransformerBlock(nn.Module):
             return self._split_ffn(h)
         out = self.feed_forward(h if ffn_in else self.ffn_norm(h),
                                 norm=self.ffn_norm if ffn_in else None,
-                                residual=h if "ffn_out" in parts else None)
+                                residual=h if "ffn_out" in parts else None, ahead=ahead[2:])
         return out if "ffn_out" in parts else h + self._post(self.ffn_post_norm, out)
 
     @staticmethod
     def _post(norm: RMSNorm | None, out: Tensor) -> Tensor:
         """Gemma's post-norm of a block's output, where the layer has one."""
         return out if norm is None else norm(out)
+
+    def products(self) -> list[Tensor]:
+        """The weights of the fused step's four products, in step order: wqkv, wo, w13, w2 (a
+        layer that fuses_step())."""
+        return [self.attention.wqkv.weight, self.attention.wo.weight,
+                self.feed_forward.w13.weight, self.feed_forward.w2.weight]
 
     def fused_step_params(self, parts: tuple[str, ...]) -> list[Tensor]:
         """The weights the fused step's kernels read for `parts` (fused_parts())."""
@@ -325,6 +341,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
         self.norm = norm_class(spec)(spec.dim, spec.norm_eps)
         self.took_model_kernel = False  # a traced batch-1 step ran every layer in one launch
+        self.prefetch_distance = 0  # a traced fused step's kernels prefetched (prefetch_plan)
         # Gemma multiplies the embeddings by sqrt(dim) rounded to the model dtype, as HF does
         # (bf16: sqrt(3840) = 61.97 becomes 62.0); setup_cache rounds it to the weights' dtype.
         self.embed_scale: float | None = None
@@ -460,11 +477,34 @@ class Transformer(nn.Module):
         if block_fn is None and self.takes_model_kernel(h):
             h = self._model_forward(h, cos, sin, input_pos)
             return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
-        for layer in self.layers:
+        plan = self.prefetch_plan(h) if block_fn is None else None
+        for index, layer in enumerate(self.layers):
             c, s = local if layer.attention.local_rope else (cos, sin)
-            h = layer(h, c, s, input_pos, blocks) if block_fn is None else \
-                block_fn(layer, h, c, s, input_pos, blocks)
+            h = layer(h, c, s, input_pos, blocks, plan and plan[index]) if block_fn is None \
+                else block_fn(layer, h, c, s, input_pos, blocks)
         return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
+
+    def prefetch_plan(self, x: Tensor) -> list[tuple[Tensor | None, ...]] | None:
+        """What each fused kernel of the compiled batch-1 step x [1, 1, dim] prefetches into L2
+        (kernels/prefetch.py): per layer, for its four kernels (FUSED_PARTS' order), the weight
+        of the product prefetch.DISTANCE kernels on in the chain wqkv, wo, w13, w2 of each layer
+        and then the output head's (None past it). None (no prefetch) where the distance is 0,
+        off a compiled batch-1 step, or where any layer is not the whole fused step
+        (step_kernels "fused" and fuses_step(): the chain is then not these four kernels)."""
+        from infermeter.engine.kernels import prefetch
+
+        distance = prefetch.DISTANCE
+        if distance == 0 or x.shape[0] * x.shape[1] != 1 or not compiling() \
+                or not all(layer.step_kernels == "fused" and layer.fuses_step()
+                           for layer in self.layers):
+            return None
+        chain = [weight for layer in self.layers for weight in layer.products()]
+        chain.append(self.output.weight)
+        ahead = [chain[i + distance] if i + distance < len(chain) else None
+                 for i in range(len(chain) - 1)]
+        self.prefetch_distance = distance  # traced so: the runner's record of what ran
+        width = len(FUSED_PARTS)
+        return [tuple(ahead[i:i + width]) for i in range(0, len(ahead), width)]
 
     def takes_model_kernel(self, x: Tensor) -> bool:
         """Whether step_kernels "model" runs the batch-1 step x [1, 1, dim] of every layer in one
@@ -562,6 +602,8 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
         raise ValueError(f"unknown step kernels {kind!r} (use {STEP_KERNELS})")
     if kind != "model":
         model.took_model_kernel = False
+    if kind != "fused":
+        model.prefetch_distance = 0
     for layer in model.layers:
         if layer.step_kernels != kind:  # same kind (a runner sharing compiled steps): kept
             layer.took_layer_kernel = False

@@ -163,10 +163,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 norm: RMSNorm | None = None, residual: Tensor | None = None,
-                blocks: BlockLists | None = None) -> Tensor:
+                blocks: BlockLists | None = None,
+                ahead: tuple[Tensor | None, ...] = (None, None)) -> Tensor:
         """x [B, T, dim]; cos/sin [T, head_dim/2] at input_pos; returns [B, T, dim].
         The fused batch-1 step (TransformerBlock.forward) passes x un-normed with its norm and
-        the residual: the norm runs in wqkv's kernel, the add in wo's (fused_step.py).
+        the residual: the norm runs in wqkv's kernel, the add in wo's (fused_step.py); ahead:
+        the weights those two kernels prefetch (kernels/prefetch.py).
         blocks: a later prefill chunk's tile lists (chunk_attention.py), for flex attention
         over a full layer's cache."""
         if self.kv_cache is None:
@@ -180,7 +182,7 @@ class Attention(nn.Module):
             cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
             if self.qk_norms_apart():
                 qkv = fused_step.norm_matvec(x.reshape(1, -1), norm.weight, self.wqkv.weight,
-                                             norm.eps, isinstance(norm, GemmaRMSNorm))
+                                             norm.eps, isinstance(norm, GemmaRMSNorm), ahead[0])
                 q = qk_norm_rope.qk_norm_rope_cache(
                     qkv, cos, sin, input_pos, cache.k, cache.v, cache.key_pos, q_norm.weight,
                     k_norm.weight, self.qkv_split[0], cache.is_ring, q_norm.eps,
@@ -192,11 +194,13 @@ class Attention(nn.Module):
                     isinstance(norm, GemmaRMSNorm), cache.is_ring,
                     None if q_norm is None else q_norm.weight,
                     None if k_norm is None else k_norm.weight,
-                    0.0 if q_norm is None else q_norm.eps, isinstance(q_norm, GemmaRMSNorm))
+                    0.0 if q_norm is None else q_norm.eps, isinstance(q_norm, GemmaRMSNorm),
+                    ahead[0])
             if self.q_scale is not None:
                 q = q * self.q_scale
             q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]
-            return self._attend(q, *cache.written(input_pos, q.dtype), input_pos, residual)
+            return self._attend(q, *cache.written(input_pos, q.dtype), input_pos, residual,
+                                ahead[1])
         if norm is not None and self.wqkv is not None:
             from infermeter.engine.kernels.fused_step import norm_matvec
 
@@ -252,12 +256,13 @@ class Attention(nn.Module):
             return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         span = cache.update_from(k, v, input_pos, start) if start is not None else None
         keys, values, mask = span or cache.update(k, v, input_pos)
-        return self._attend(q, keys, values, mask, input_pos, residual)
+        return self._attend(q, keys, values, mask, input_pos, residual, ahead[1])
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
-                input_pos: Tensor, residual: Tensor | None) -> Tensor:
+                input_pos: Tensor, residual: Tensor | None,
+                ahead: Tensor | None = None) -> Tensor:
         """q [B, H, T, D] over keys/values [B, H_kv, S, D] with mask [T, S], then wo (and the
-        fused step's residual add) -> [B, T, dim]."""
+        fused step's residual add, its kernel prefetching `ahead`) -> [B, T, dim]."""
         bsz, _, seqlen, _ = q.shape
         # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
         groups = self.n_heads // self.n_kv_heads
@@ -294,5 +299,5 @@ class Attention(nn.Module):
             from infermeter.engine.kernels.fused_step import matvec_add
 
             return matvec_add(out.reshape(1, -1), self.wo.weight,
-                              residual.reshape(1, -1)).view_as(residual)
+                              residual.reshape(1, -1), ahead).view_as(residual)
         return self.wo(out)

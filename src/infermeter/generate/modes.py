@@ -94,6 +94,7 @@ class EngineRunner:
                 "tp_all_reduce": self.all_reduce, "matvec_kernel": self._matvec_used(),
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
                 "qk_norm_kernels": self._qk_norm_kernels_used(),
+                "prefetch": self._prefetch_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_step": self._moe_step_used(),
@@ -166,6 +167,14 @@ class EngineRunner:
         return all(layer.attention.ropes_in_wqkv(dtype, cache_dtype) for layer in model.layers
                    if layer.step_kernels in FUSED_KINDS
                    and "attention_in" in layer.fused_parts())
+
+    def _prefetch_used(self) -> int | None:
+        """How far ahead the fused step's kernels prefetched weights into L2 (kernels/
+        prefetch.py, Transformer.prefetch_plan): the distance, 0 where they prefetched none;
+        None where the step was not wholly fused."""
+        if self._step_kernels_used() != "fused":
+            return None
+        return self.generator.model.prefetch_distance
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

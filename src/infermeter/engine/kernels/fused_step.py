@@ -73,6 +73,7 @@ from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.prefetch import ahead_bytes, prefetchable
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 if triton is not None:
@@ -84,6 +85,7 @@ if triton is not None:
         exact_silu,
         uncontracted_product,
     )
+    from infermeter.engine.kernels.prefetch import prefetch_share
     from infermeter.engine.kernels.stage_sync import wait_count
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
@@ -141,13 +143,17 @@ if triton is not None:
             tl.store(OUT + cols, tile.to(OUT.dtype.element_ty), mask=col_ok)
 
     @triton.jit
-    def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, NORMED, n_out, n_cols, stride_w, up_row,
-                           EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
-                           SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           LIBDEVICE: tl.constexpr = False, PDL: tl.constexpr = False,
-                           GELU: tl.constexpr = False, STORE_NORMED: tl.constexpr = False):
-        fused_gemv_rows(tl.program_id(0), X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
+    def _fused_gemv_kernel(X, NORM_W, W, RES, OUT, NORMED, AHEAD, n_out, n_cols, stride_w,
+                           up_row, ahead_total, EPS: tl.constexpr, HAS_NORM: tl.constexpr,
+                           GEMMA: tl.constexpr, SWIGLU: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr = False,
+                           PDL: tl.constexpr = False, GELU: tl.constexpr = False,
+                           STORE_NORMED: tl.constexpr = False, AHEAD_ON: tl.constexpr = False):
+        pid = tl.program_id(0)
+        if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py), before anything
+            pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
+        fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
                          up_row, X, 0, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
                          BLOCK_K, LIBDEVICE, PDL, GELU, False)
         if STORE_NORMED:  # the normed x itself for a later kernel (an MoE block's experts)
@@ -222,8 +228,12 @@ if triton is not None:
                               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                               QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
-                              QK_EPS: tl.constexpr, PDL: tl.constexpr = False):
-        norm_qkv_rope_rows(tl.program_id(0), X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT,
+                              QK_EPS: tl.constexpr, PDL: tl.constexpr = False,
+                              AHEAD=None, ahead_total=0, AHEAD_ON: tl.constexpr = False):
+        pid = tl.program_id(0)
+        if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py)
+            pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
+        norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT,
                             K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
                             stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
                             IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
@@ -425,25 +435,38 @@ def _checked_tiles(kernel: str, tiles: tuple[int, int, int], head_dim: int | Non
 def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual: Tensor | None,
                 eps: float, gemma: bool, swiglu: bool, pdl: bool, gelu: bool = False, *,
                 tiles: tuple[int, int, int] | None = None,
-                normed: Tensor | None = None) -> Tensor:
+                normed: Tensor | None = None, ahead: Tensor | None = None) -> Tensor:
     """x [1, K], weight [N, K] (w13 [2H, K] with swiglu) -> [1, N] (or [1, H]: silu(gate) * up,
     tanh-GELU's with gelu) in x's dtype. tiles (fused_tiles_for's terms) replace the table's.
-    normed ([1, K], with norm_weight): also filled with the normed x the product read."""
+    normed ([1, K], with norm_weight): also filled with the normed x the product read.
+    ahead: a later product's weight, whose first bytes the programs prefetch into L2 (on a GPU;
+    prefetch.py)."""
     n_rows, n_cols = weight.shape
     n_out = n_rows // 2 if swiglu else n_rows
     kernel = "gemv_swiglu" if swiglu else "gemv_add" if residual is not None else "norm_gemv"
     block_n, block_k, warps = fused_tiles_for(kernel, n_cols, gpu_name(weight.device)) \
         if tiles is None else _checked_tiles(kernel, tiles)
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    ahead, total = _ahead(x, ahead)
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
-           x if residual is None else residual, out, x if normed is None else normed, n_out,
-           n_cols, weight.stride(0), n_out, EPS=eps, HAS_NORM=norm_weight is not None,
-           GEMMA=gemma, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
-           BLOCK_K=block_k, LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu,
-           STORE_NORMED=normed is not None and norm_weight is not None, num_warps=warps,
-           num_stages=NUM_STAGES)
+           x if residual is None else residual, out, x if normed is None else normed, ahead,
+           n_out, n_cols, weight.stride(0), n_out, total, EPS=eps,
+           HAS_NORM=norm_weight is not None, GEMMA=gemma, SWIGLU=swiglu,
+           HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+           LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu,
+           STORE_NORMED=normed is not None and norm_weight is not None, AHEAD_ON=total > 0,
+           num_warps=warps, num_stages=NUM_STAGES)
     return out
+
+
+def _ahead(x: Tensor, ahead: Tensor | None) -> tuple[Tensor, int]:
+    """The kernel's AHEAD pointer and byte count: `ahead`'s first bytes (prefetch.ahead_bytes)
+    where a GPU build can prefetch them, else x and 0 (no prefetch: the interpreter runs no
+    PTX)."""
+    if ahead is None or not compiled_for_gpu(x) or not prefetchable(ahead):
+        return x, 0
+    return ahead, ahead_bytes(ahead)
 
 
 def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
@@ -452,12 +475,14 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
                    is_ring: bool, q_norm_weight: Tensor | None = None,
                    k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
                    qk_gemma: bool = False, *, pdl: bool,
-                   tiles: tuple[int, int, int] | None = None) -> Tensor:
+                   tiles: tuple[int, int, int] | None = None,
+                   ahead: Tensor | None = None) -> Tensor:
     """x [1, K], wqkv weight [n_q + 2 n_kv, K], cos/sin [1, D / 2] float32 at the step's
     position input_pos [1]; k_cache/v_cache [1, H_kv, S, D] (key_pos [S], written for a ring)
     -> the roped q [1, n_q], k and v written at the slot. q_norm_weight/k_norm_weight [D] (both
     or neither; D a power of two): q's and k's heads RMS-normed (eps qk_eps, Gemma's (1 + w)
-    with qk_gemma) before RoPE. tiles (fused_tiles_for's terms) replace the table's."""
+    with qk_gemma) before RoPE. tiles (fused_tiles_for's terms) replace the table's. ahead:
+    as _fused_gemv's."""
     n_rows, n_cols = weight.shape
     head_dim = k_cache.shape[-1]
     qk_norm = q_norm_weight is not None and k_norm_weight is not None
@@ -465,6 +490,7 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
         fused_tiles_for("norm_qkv_rope", n_cols, gpu_name(weight.device), head_dim, qk_norm) \
         if tiles is None else _checked_tiles("norm_qkv_rope", tiles, head_dim, qk_norm)
     q = torch.empty(1, n_q, dtype=x.dtype, device=x.device)
+    ahead, total = _ahead(x, ahead)
     launch(_norm_qkv_rope_kernel, (triton.cdiv(n_rows, block_n),), pdl,
            x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
            k_cache, v_cache, key_pos, q_norm_weight if qk_norm else x,
@@ -474,7 +500,8 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            BLOCK_N=block_n, BLOCK_K=block_k,
            UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
-           num_warps=warps, num_stages=NUM_STAGES)
+           AHEAD=ahead, ahead_total=total, AHEAD_ON=total > 0, num_warps=warps,
+           num_stages=NUM_STAGES)
     return q
 
 
@@ -484,19 +511,22 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
 # matrix's rows are fine); all of x's dtype.
 
 @torch.library.triton_op("infermeter::norm_gemv", mutates_args=())
-def norm_gemv(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
-    """(rmsnorm(x) * norm_weight) @ weight^T -> [1, N]: the norm before wqkv and its product."""
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=False)
+def norm_gemv(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool,
+              ahead: Tensor | None = None) -> Tensor:
+    """(rmsnorm(x) * norm_weight) @ weight^T -> [1, N]: the norm before wqkv and its product.
+    ahead (every op here): a later product's weight to prefetch into L2 (prefetch.py)."""
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=False, ahead=ahead)
 
 
 @torch.library.custom_op("infermeter::norm_gemv_pdl", mutates_args=())
 def norm_gemv_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
-                  gemma: bool) -> Tensor:
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=True)
+                  gemma: bool, ahead: Tensor | None = None) -> Tensor:
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, False, pdl=True, ahead=ahead)
 
 
 @norm_gemv_pdl.register_fake
-def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, gemma: bool,
+      ahead: Tensor | None = None) -> Tensor:
     return x.new_empty(1, weight.shape[0])
 
 
@@ -528,38 +558,42 @@ def _(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
 
 @torch.library.triton_op("infermeter::gemv_swiglu", mutates_args=())
 def gemv_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                gemma: bool, gelu: bool = False) -> Tensor:
+                gemma: bool, gelu: bool = False, ahead: Tensor | None = None) -> Tensor:
     """silu(gate) * up [1, H] for w13 = weight [2H, K] (gate rows, then up rows), of x RMS-
     normed first when norm_weight is given: the norm before w13, w13 and the activation. gelu:
     GeGLU's gelu(gate, approximate="tanh") * up instead (Gemma)."""
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=False, gelu=gelu)
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=False, gelu=gelu,
+                       ahead=ahead)
 
 
 @torch.library.custom_op("infermeter::gemv_swiglu_pdl", mutates_args=())
 def gemv_swiglu_pdl(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                    gemma: bool, gelu: bool = False) -> Tensor:
-    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=True, gelu=gelu)
+                    gemma: bool, gelu: bool = False, ahead: Tensor | None = None) -> Tensor:
+    return _fused_gemv(x, weight, norm_weight, None, eps, gemma, True, pdl=True, gelu=gelu,
+                       ahead=ahead)
 
 
 @gemv_swiglu_pdl.register_fake
 def _(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float, gemma: bool,
-      gelu: bool = False) -> Tensor:
+      gelu: bool = False, ahead: Tensor | None = None) -> Tensor:
     return x.new_empty(1, weight.shape[0] // 2)
 
 
 @torch.library.triton_op("infermeter::gemv_add", mutates_args=())
-def gemv_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+def gemv_add(x: Tensor, weight: Tensor, residual: Tensor,
+             ahead: Tensor | None = None) -> Tensor:
     """residual + x @ weight^T -> [1, N]: wo or w2 and the residual add after it."""
-    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=False)
+    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=False, ahead=ahead)
 
 
 @torch.library.custom_op("infermeter::gemv_add_pdl", mutates_args=())
-def gemv_add_pdl(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
-    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=True)
+def gemv_add_pdl(x: Tensor, weight: Tensor, residual: Tensor,
+                 ahead: Tensor | None = None) -> Tensor:
+    return _fused_gemv(x, weight, None, residual, 0.0, False, False, pdl=True, ahead=ahead)
 
 
 @gemv_add_pdl.register_fake
-def _(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+def _(x: Tensor, weight: Tensor, residual: Tensor, ahead: Tensor | None = None) -> Tensor:
     return x.new_empty(1, weight.shape[0])
 
 
@@ -572,13 +606,13 @@ def norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor |
                   v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
                   is_ring: bool, q_norm_weight: Tensor | None = None,
                   k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
-                  qk_gemma: bool = False) -> Tensor:
+                  qk_gemma: bool = False, ahead: Tensor | None = None) -> Tensor:
     """The norm before wqkv, wqkv (and its bias), the per-head q/k norms where their weights
     are given (Qwen3, Gemma 3), RoPE on q and k, and the cache write of k and v at input_pos
     (slot input_pos % S for a ring, key_pos too) -> the roped q [1, n_q]."""
     return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
                           key_pos, n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight,
-                          qk_eps, qk_gemma, pdl=False)
+                          qk_eps, qk_gemma, pdl=False, ahead=ahead)
 
 
 @torch.library.custom_op("infermeter::norm_qkv_rope_pdl", mutates_args=_CACHE_ARGS)
@@ -587,10 +621,10 @@ def norm_qkv_rope_pdl(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tens
                       v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
                       is_ring: bool, q_norm_weight: Tensor | None = None,
                       k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
-                      qk_gemma: bool = False) -> Tensor:
+                      qk_gemma: bool = False, ahead: Tensor | None = None) -> Tensor:
     return _norm_qkv_rope(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache,
                           key_pos, n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight,
-                          qk_eps, qk_gemma, pdl=True)
+                          qk_eps, qk_gemma, pdl=True, ahead=ahead)
 
 
 @norm_qkv_rope_pdl.register_fake
@@ -598,15 +632,16 @@ def _(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, cos: 
       sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
       n_q: int, eps: float, gemma: bool, is_ring: bool, q_norm_weight: Tensor | None = None,
       k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
-      qk_gemma: bool = False) -> Tensor:
+      qk_gemma: bool = False, ahead: Tensor | None = None) -> Tensor:
     return x.new_empty(1, n_q)
 
 
 # As the compiled step calls them: with PDL when pdl.enabled().
 
 def norm_matvec(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
-                gemma: bool) -> Tensor:
-    return (norm_gemv_pdl if pdl.enabled() else norm_gemv)(x, norm_weight, weight, eps, gemma)
+                gemma: bool, ahead: Tensor | None = None) -> Tensor:
+    return (norm_gemv_pdl if pdl.enabled() else norm_gemv)(x, norm_weight, weight, eps, gemma,
+                                                           ahead)
 
 
 def norm_matvec_keeping(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float,
@@ -616,10 +651,10 @@ def norm_matvec_keeping(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: flo
     return op(x, norm_weight, weight, eps, gemma)
 
 def norm_matvec_swiglu(x: Tensor, norm_weight: Tensor | None, weight: Tensor, eps: float,
-                       gemma: bool, gelu: bool = False) -> Tensor:
+                       gemma: bool, gelu: bool = False, ahead: Tensor | None = None) -> Tensor:
     """The norm, w13 and act(gate) * up: SwiGLU, or GeGLU's tanh-GELU with gelu."""
     return (gemv_swiglu_pdl if pdl.enabled() else gemv_swiglu)(x, norm_weight, weight, eps,
-                                                                 gemma, gelu)
+                                                                 gemma, gelu, ahead)
 
 
 def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
@@ -627,14 +662,15 @@ def norm_qkv_rope_cache(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Te
                         v_cache: Tensor, key_pos: Tensor, n_q: int, eps: float, gemma: bool,
                         is_ring: bool, q_norm_weight: Tensor | None = None,
                         k_norm_weight: Tensor | None = None, qk_eps: float = 0.0,
-                        qk_gemma: bool = False) -> Tensor:
+                        qk_gemma: bool = False, ahead: Tensor | None = None) -> Tensor:
     op = norm_qkv_rope_pdl if pdl.enabled() else norm_qkv_rope
     return op(x, norm_weight, weight, bias, cos, sin, input_pos, k_cache, v_cache, key_pos,
-              n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight, qk_eps, qk_gemma)
+              n_q, eps, gemma, is_ring, q_norm_weight, k_norm_weight, qk_eps, qk_gemma, ahead)
 
 
-def matvec_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
-    return (gemv_add_pdl if pdl.enabled() else gemv_add)(x, weight, residual)
+def matvec_add(x: Tensor, weight: Tensor, residual: Tensor,
+               ahead: Tensor | None = None) -> Tensor:
+    return (gemv_add_pdl if pdl.enabled() else gemv_add)(x, weight, residual, ahead)
 
 
 def fused_step_usable(x: Tensor, *params: Tensor) -> bool:
