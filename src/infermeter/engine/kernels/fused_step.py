@@ -223,13 +223,13 @@ if triton is not None:
     @triton.jit
     def _norm_qkv_rope_kernel(X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
                               KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols, stride_w,
-                              stride_ch, stride_cs, cache_size, EPS: tl.constexpr,
-                              GEMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RING: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
-                              QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
-                              QK_EPS: tl.constexpr, PDL: tl.constexpr = False,
-                              AHEAD=None, ahead_total=0, AHEAD_ON: tl.constexpr = False):
+                              stride_ch, stride_cs, cache_size, AHEAD, ahead_total,
+                              EPS: tl.constexpr, GEMMA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              UNCONTRACTED: tl.constexpr, QK_NORM: tl.constexpr,
+                              QK_GEMMA: tl.constexpr, QK_EPS: tl.constexpr,
+                              PDL: tl.constexpr = False, AHEAD_ON: tl.constexpr = False):
         pid = tl.program_id(0)
         if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py)
             pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
@@ -495,13 +495,13 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
            k_cache, v_cache, key_pos, q_norm_weight if qk_norm else x,
            k_norm_weight if qk_norm else x, n_q, (n_rows - n_q) // 2, n_cols,
-           weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], EPS=eps,
+           weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], ahead, total,
+           EPS=eps,
            GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim,
            BLOCK_N=block_n, BLOCK_K=block_k,
            UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
-           AHEAD=ahead, ahead_total=total, AHEAD_ON=total > 0, num_warps=warps,
-           num_stages=NUM_STAGES)
+           AHEAD_ON=total > 0, num_warps=warps, num_stages=NUM_STAGES)
     return q
 
 

@@ -1,0 +1,259 @@
+"""The fused step's kernels prefetching a later product's weight into L2
+(engine/kernels/prefetch.py): each program's share of the bytes (under Triton's interpreter,
+tests/prefetch_worker.py), the instruction in each kernel's sm_90 build and nowhere without a
+weight to prefetch, the chain each kernel of a step is handed (Transformer.prefetch_plan), the
+Result's record of it, the A/B script's cases, and on a GPU the eager tokens with it on."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from infermeter.engine.fusion import fuse_projections
+from infermeter.engine.kernels import fused_step, prefetch
+from infermeter.engine.model import build_model, set_step_kernels
+from infermeter.specs.presets import PRESETS
+from tests.test_peer_all_reduce import needs_triton
+from tests.triton_interpreter import run_under_interpreter
+
+WORKER = Path(__file__).with_name("prefetch_worker.py")
+DEBUG = PRESETS["debug"]
+PREFETCH_LINE = "cp.async.bulk.prefetch.L2.global"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_programs_shares_cover_the_bytes_once_under_the_interpreter():
+    run_under_interpreter(WORKER)
+
+
+def test_a_kernel_prefetches_a_products_first_bytes_up_to_the_cap():
+    small = torch.zeros(960, 576, dtype=torch.float16)  # 135M's wqkv: 1,105,920 bytes
+    assert prefetch.ahead_bytes(small) == 960 * 576 * 2
+    assert prefetch.ahead_bytes(torch.zeros(16384, 2048, dtype=torch.bfloat16)) == prefetch.CAP
+    assert prefetch.ahead_bytes(torch.zeros(3, 5, dtype=torch.float16)) == 16  # 30 bytes, whole 16s
+    assert not prefetch.prefetchable(small)  # off a GPU: nothing to prefetch into
+    with pytest.raises(ValueError, match="prefetch distance"):
+        prefetch.set_distance(3)
+
+
+def _launch_as_on_a_gpu(monkeypatch, call):
+    """call()'s PDL launch as a CUDA x makes it (recorded, not run): the weight it is handed
+    counts as prefetchable."""
+    from tests.test_pdl import pdl_launches
+
+    monkeypatch.setattr(fused_step, "compiled_for_gpu", lambda x: True)
+    monkeypatch.setattr(fused_step, "prefetchable", lambda weight: True)
+    launches = pdl_launches(monkeypatch, call)
+    assert len(launches) == 1
+    return launches[0]
+
+
+@needs_triton
+def test_each_fused_kernel_prefetches_from_one_thread_before_its_wait(monkeypatch):
+    """Built for sm_90: with a weight to prefetch, one bulk prefetch into L2, predicated (thread
+    0 of a program with bytes left), before the PDL wait (weights need no wait), and the kernel
+    is handed that weight and its bytes; without one, no prefetch is built in."""
+    from tests.test_pdl import pdl_ptx
+
+    dtype = torch.float16
+    x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
+    w13, w2 = torch.zeros(3072, 576, dtype=dtype), torch.zeros(576, 1536, dtype=dtype)
+    wqkv, cos = torch.zeros(960, 576, dtype=dtype), torch.zeros(1, 32)
+    cache = torch.zeros(1, 3, 16, 64, dtype=dtype)
+    calls = {
+        "norm + w13 + swiglu": lambda ahead: fused_step._fused_gemv(
+            x, w13, norm_w, None, 1e-5, False, True, pdl=True, ahead=ahead),
+        "w2 + add": lambda ahead: fused_step._fused_gemv(
+            torch.zeros(1, 1536, dtype=dtype), w2, None, x, 0.0, False, False, pdl=True,
+            ahead=ahead),
+        "norm + wqkv + rope": lambda ahead: fused_step._norm_qkv_rope(
+            x, norm_w, wqkv, None, cos, cos, torch.tensor([3]), cache, cache.clone(),
+            torch.arange(16), 576, 1e-5, False, False, pdl=True, ahead=ahead),
+    }
+    for name, call in calls.items():
+        for ahead in (w2, None):
+            kernel, args, kwargs = _launch_as_on_a_gpu(monkeypatch, lambda c=call, a=ahead: c(a))
+            assert kwargs["AHEAD_ON"] is (ahead is not None), name
+            if ahead is not None:
+                names = [p.name for p in kernel.params]
+                assert args[names.index("AHEAD")] is ahead, name
+                assert args[names.index("ahead_total")] == prefetch.ahead_bytes(ahead) \
+                    == 576 * 1536 * 2, name
+            lines, wait = pdl_ptx((kernel, args, kwargs), name)
+            at = [i for i, line in enumerate(lines) if PREFETCH_LINE in line]
+            if ahead is None:
+                assert at == [], name
+                continue
+            assert len(at) == 1 and at[0] < wait, (name, at, wait)
+            assert lines[at[0]].strip().startswith("@"), name  # one thread's, where bytes are left
+
+
+def _fused_debug(spec=DEBUG, kinds="fused"):
+    model = build_model(spec, seed=1)
+    fuse_projections(model)
+    set_step_kernels(model, kinds)
+    return model
+
+
+def _products(model) -> list[torch.Tensor]:
+    return [w for layer in model.layers for w in layer.products()] + [model.output.weight]
+
+
+@pytest.mark.parametrize("distance", [1, 2])
+def test_each_kernel_is_handed_the_product_distance_kernels_on(monkeypatch, distance):
+    """The chain wqkv, wo, w13, w2 of every layer, then the output head: kernel i of the step
+    prefetches product i + distance, none past the head; the model records the distance."""
+    from infermeter.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "compiling", lambda: True)
+    monkeypatch.setattr(prefetch, "DISTANCE", distance)
+    model = _fused_debug()
+    plan = model.prefetch_plan(torch.zeros(1, 1, DEBUG.dim))
+    chain = _products(model)
+    handed = [weight for layer in plan for weight in layer]
+    assert len(plan) == DEBUG.n_layers and all(len(layer) == 4 for layer in plan)
+    assert len(handed) == len(chain) - 1
+    for i, weight in enumerate(handed):
+        if i + distance < len(chain):
+            assert weight is chain[i + distance], i
+        else:
+            assert weight is None, i
+    assert model.prefetch_distance == distance
+    set_step_kernels(model, "split")  # a kind that prefetches nothing forgets the record
+    assert model.prefetch_distance == 0
+
+
+def test_no_plan_where_the_step_is_not_the_whole_fused_step(monkeypatch):
+    """Distance 0, split or one-launch kinds, a model whose layers do not all take the four
+    kernels (Gemma 3), a batch over one, an eager step: no plan, and nothing recorded."""
+    from infermeter.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "compiling", lambda: True)
+    one = torch.zeros(1, 1, DEBUG.dim)
+    monkeypatch.setattr(prefetch, "DISTANCE", 0)
+    assert _fused_debug().prefetch_plan(one) is None
+    monkeypatch.setattr(prefetch, "DISTANCE", 2)
+    for kinds in ("split", "layer"):
+        assert _fused_debug(kinds=kinds).prefetch_plan(one) is None, kinds
+    gemma = DEBUG.with_updates(arch="gemma3_text", qk_norm=True)  # post-norms: two parts a layer
+    model = _fused_debug(gemma)
+    assert model.prefetch_plan(torch.zeros(1, 1, gemma.dim)) is None
+    model = _fused_debug()
+    assert model.prefetch_plan(torch.zeros(2, 1, DEBUG.dim)) is None
+    monkeypatch.setattr(model_module, "compiling", lambda: False)
+    assert model.prefetch_plan(one) is None
+    assert model.prefetch_distance == 0
+
+
+def test_the_step_hands_each_fused_kernel_its_planned_weight(monkeypatch):
+    """A fused step of the debug model, its four kernels replaced by recorders (their outputs
+    zeros of the right shape): wqkv's kernel, wo's, w13's and w2's are handed, in step order,
+    the plan's weights (distance 2)."""
+    from infermeter.engine import model as model_module
+    from infermeter.engine import self_attention
+
+    handed: list[torch.Tensor | None] = []
+
+    def qkv(x, norm_weight, weight, bias, *rest):
+        handed.append(rest[-1])
+        return torch.zeros(1, rest[6], dtype=x.dtype)  # rest[6]: n_q
+
+    def swiglu(x, norm_weight, weight, eps, gemma, gelu=False, ahead=None):
+        handed.append(ahead)
+        return torch.zeros(1, weight.shape[0] // 2, dtype=x.dtype)
+
+    def add(x, weight, residual, ahead=None):
+        handed.append(ahead)
+        return residual.clone()
+
+    monkeypatch.setattr(fused_step, "norm_qkv_rope_cache", qkv)
+    monkeypatch.setattr(fused_step, "norm_matvec_swiglu", swiglu)
+    monkeypatch.setattr(fused_step, "matvec_add", add)
+    monkeypatch.setattr(model_module, "compiling", lambda: True)
+    monkeypatch.setattr(self_attention, "compiling", lambda: True)
+    monkeypatch.setattr(model_module, "fused_step_kernels_usable", lambda x, params: True)
+    monkeypatch.setattr(prefetch, "DISTANCE", 2)
+    model = _fused_debug()
+    for layer in model.layers:
+        layer.attention.decode_attention = "math"
+        monkeypatch.setattr(layer.attention, "fuses_rope_and_cache", lambda x: True)
+    model.setup_cache(1, 8)
+    with torch.inference_mode():
+        model(torch.tensor([[3]]), torch.tensor([0]))
+    chain = _products(model)
+    assert len(handed) == len(chain) - 1
+    assert all(weight is chain[i + 2] for i, weight in enumerate(handed[:-1]))
+    assert handed[-1] is None  # the last layer's w2: nothing two kernels past the head
+
+
+def _recorded_prefetch(monkeypatch, traced: int, kinds: str = "fused") -> int | None:
+    """config.prefetch of a compiled batch-1 case whose traced step prefetched `traced` ahead."""
+    from infermeter.generate import modes as modes_module
+    from infermeter.generate.cases import plan_cases, prompt_sets
+    from infermeter.generate.modes import EngineRunner
+    from infermeter.generate.request import EngineChoices, GenerateRequest
+
+    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
+    sets = prompt_sets((1,), (4,), (), DEBUG.vocab_size, 0, ())
+    case = plan_cases(DEBUG, sets, ("compiled",), 4, None, None)[0]
+    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels=kinds))
+    runner = EngineRunner(build_model(DEBUG, seed=1), case, request)
+    runner.batch_sizes = [1]
+    runner.generator.model.prefetch_distance = traced
+    return runner.describe()["prefetch"]
+
+
+def test_the_result_records_the_distance_where_the_step_was_fused(monkeypatch):
+    assert _recorded_prefetch(monkeypatch, 2) == 2
+    assert _recorded_prefetch(monkeypatch, 0) == 0
+    assert _recorded_prefetch(monkeypatch, 0, kinds="split") is None
+
+
+def test_the_step_ab_runs_the_fused_kind_at_each_distance_and_sets_it_back(monkeypatch,
+                                                                          tmp_path):
+    """--prefetch 0 2: the fused case once at each distance ("fused" and "fused/prefetch-2"),
+    split once at the module's value, which comes back after; the summary sets one against the
+    other; the command line takes only the distances there are."""
+    from tests.benchmark_scripts import load_benchmark
+    from tests.test_benchmark_shell import _ab_result
+
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, name, *rest:
+                        seen.append((name, prefetch.DISTANCE)))
+    monkeypatch.setattr(prefetch, "DISTANCE", 0)
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     distances=(0, 2), device="cpu")
+    assert seen == [("split", 0), ("fused", 0), ("fused/prefetch-2", 2)]
+    assert prefetch.DISTANCE == 0
+    results = [_ab_result("smollm2-135m", "kernels", kind, 0, 19.0)
+               for kind in ("fused/recorded", "fused/recorded/prefetch-2")]
+    assert "smollm2-135m: fused/recorded/prefetch-2 / fused/recorded:" \
+        in script.summary(results)
+    parser = script.arguments()
+    assert parser.parse_args(["--prefetch", "2", "0"]).prefetch == [2, 0]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefetch", "3"])
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_prefetching_fused_step_gives_the_eager_tokens(monkeypatch):
+    """The fused step in our recorded CUDA graph with every kernel prefetching two products
+    ahead: eager's greedy tokens (a prefetch moves no value), and the plan ran."""
+    from infermeter.engine.generator import Generator
+    from tests.test_generate import (
+        PROMPTS,
+        SPEC,
+        assert_compiled_gives_eager_tokens,
+        peaked_cuda_model,
+    )
+
+    monkeypatch.setattr(prefetch, "DISTANCE", 2)
+    model = peaked_cuda_model(SPEC, torch.float16)
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    set_step_kernels(model, "fused")
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+    assert model.prefetch_distance == 2
