@@ -4,8 +4,10 @@ ranges), exact busy / gap / kernel-count figures, the bytes-bound time, the rend
 trace command, the per-layer ranges the eager capture opens; compiled steps without layer
 ranges split into layers by their kernel pattern (a split step whose layers' kernel names
 differ but for a few, the fused step, prologue and epilogue apart) or, where no kernel repeats
-once a layer at one spacing, one note and no per-layer figures; a layer's kernels one by one
-(median duration per position over the layers of the common kernel count)."""
+once a layer at one spacing, at the most regular name that occurs once a layer, and where none
+does, one note and no per-layer figures; a layer's kernels one by one (median duration, and
+median time added past the kernels started before it, per position over the layers of the
+common kernel count)."""
 
 import gzip
 import json
@@ -278,10 +280,25 @@ def test_without_prologue_or_epilogue_the_layers_are_the_whole_step():
                                       "gap_count": 2}
 
 
+def test_a_step_whose_layers_run_an_extra_kernel_here_and_there_still_splits():
+    """No name keeps one spacing (an extra kernel before layer 2, two at the end of layer 3):
+    the most regular of the names that occur once a layer starts each, the last layer as long
+    as the common spacing; the extra kernels belong to the layer they run in."""
+    names = (["triton_poi_fused_embedding_0"] + FUSED_LAYER * 2 + ["_extra_kernel"]
+             + FUSED_LAYER + FUSED_LAYER + ["_extra_a", "_extra_b"] + FUSED_LAYER
+             + ["triton_red_fused_argmax_2"])
+    gaps = bd.breakdown(compiled_trace(names, {"n_layers": 5}))["step_gaps"]
+    assert (gaps["layers_from"], gaps["layer_first_kernel"]) == ("kernel pattern",
+                                                                  "_norm_qkv_rope_kernel")
+    assert [r["kernels"] for r in gaps["layers"]] == [6, 7, 6, 8, 6]
+    assert gaps["outside_layers"]["kernels"] == 2  # the embedding and the argmax
+    assert gaps["layer_kernels_from"] == 3  # the layers of 6 kernels
+    assert [r["name"] for r in gaps["layer_kernels"]] == FUSED_LAYER
+
+
 def test_a_step_that_does_not_repeat_n_layers_times_gets_one_note_and_no_layers():
-    uneven = FUSED_LAYER * 2 + ["_extra_kernel"] + FUSED_LAYER  # layer 2 one kernel later
     for names, meta, why in [
-            (uneven, {"n_layers": 3}, "its 19 kernels do not split into 3 layers"),
+            (FUSED_LAYER * 2, {"n_layers": 3}, "its 12 kernels do not split into 3 layers"),
             (FUSED_LAYER * 3, {"n_layers": 4}, "its 18 kernels do not split into 4 layers"),
             (FUSED_LAYER * 3, {}, "the trace gives no layer count")]:
         gaps = bd.breakdown(compiled_trace(names, meta))["step_gaps"]
@@ -326,11 +343,25 @@ def test_a_layers_kernels_are_the_medians_over_the_layers():
     assert [(r["position"], r["name"], r["median_us"]) for r in gaps["layer_kernels"]] == [
         (0, "a", 2), (1, "b", 3), (2, "c", 5), (3, "d", 10)]
     text = bd.render_gaps(gaps)
-    assert "A layer's kernels (median over 3 layers):" in text
-    # shares of the medians' sum, 20 us
+    assert "A layer's kernels (median over 3 layers; adds: " in text
+    # none overlaps: each adds its duration; shares of the adds' sum, 20 us
     assert [line.split() for line in text.splitlines()[-4:]] == [
-        ["0", "a", "2.00", "10"], ["1", "b", "3.00", "15"], ["2", "c", "5.00", "25"],
-        ["3", "d", "10.00", "50"]]
+        ["0", "a", "2.00", "2.00", "10"], ["1", "b", "3.00", "3.00", "15"],
+        ["2", "c", "5.00", "5.00", "25"], ["3", "d", "10.00", "10.00", "50"]]
+
+
+def test_a_kernel_adds_only_its_time_past_the_kernels_started_before_it():
+    """PDL's overlap: b starts 4 us into a's 10 and ends 3 us after it (adds 3, lasts 9); c
+    starts and ends inside b (adds 0); d starts after a 2 us gap (adds its 5, not the gap).
+    A layer's adds sum to its busy time."""
+    def layer(k, t):
+        return [{"name": name, "start": t + a, "end": t + b, "stream": 7, "layer": k}
+                for name, a, b in (("a", 0, 10), ("b", 4, 13), ("c", 5, 8), ("d", 15, 20))]
+    gaps = bd.step_gaps([layer(0, 0.0) + layer(1, 30.0)], 0, {})
+    rows = gaps["layer_kernels"]
+    assert [(r["name"], r["median_us"], r["adds_us"]) for r in rows] == [
+        ("a", 10, 10), ("b", 9, 3), ("c", 3, 0), ("d", 5, 5)]
+    assert sum(r["adds_us"] for r in rows) == pytest.approx(1e3 * gaps["layers"][0]["busy_ms"])
 
 
 def test_layers_of_another_kernel_count_are_left_out_of_a_layers_kernels():
@@ -340,7 +371,7 @@ def test_layers_of_another_kernel_count_are_left_out_of_a_layers_kernels():
     assert [r["kernels"] for r in gaps["layers"]] == [4, 5, 4, 4]
     assert gaps["layer_kernels_from"] == 3
     assert [(r["name"], r["median_us"]) for r in gaps["layer_kernels"]] == LAYER_KERNELS
-    assert "A layer's kernels (median over 3 layers):" in bd.render_gaps(gaps)
+    assert "A layer's kernels (median over 3 layers; adds: " in bd.render_gaps(gaps)
 
 
 def test_a_kernel_pattern_split_gives_a_layers_kernels_by_the_most_common_name():
@@ -371,8 +402,9 @@ def test_trace_command_prints_and_stores_a_layers_kernels(tmp_path, capsys):
         ("l0_a", 10), ("l0_b", 10), ("l0_c", 8)]
     assert main(["trace", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    at = lines.index("A layer's kernels (median over 2 layers):")
-    assert lines[at + 1].split() == ["#", "kernel", "median", "us", "share", "%"]
+    at = next(k for k, line in enumerate(lines)
+              if line.startswith("A layer's kernels (median over 2 layers; adds: "))
+    assert lines[at + 1].split() == ["#", "kernel", "median", "us", "adds", "us", "share", "%"]
     assert [line.split() for line in lines[at + 3:at + 6]] == [
-        ["0", "l0_a", "10.00", "35.7"], ["1", "l0_b", "10.00", "35.7"],
-        ["2", "l0_c", "8.00", "28.6"]]
+        ["0", "l0_a", "10.00", "10.00", "35.7"], ["1", "l0_b", "10.00", "10.00", "35.7"],
+        ["2", "l0_c", "8.00", "8.00", "28.6"]]

@@ -21,13 +21,22 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   (embedding, cache bookkeeping) and after the last (final norm, head, sampling) are outside
   the layers. The repeat's first kernel need not be a layer's first op: inductor fuses a
   layer's last residual add with the next layer's norm and product, so a unit may end with the
-  next layer's first product (and the last one with the head's). No such name: no per-layer
+  next layer's first product (and the last one with the head's). Where no name keeps one
+  spacing (a step whose layers run an extra kernel here and there: inductor's small index
+  kernels between some of the fused step's layers), a name that occurs exactly n_layers times
+  still starts each layer: the most regular such name (the most spacings equal to their most
+  common value P; then the largest P, then the earliest), each layer the kernels from one
+  occurrence to the next, the last layer at most P kernels. No such name: no per-layer
   figures, and a note says why, rather than a guess.
 - A layer's kernels (layer_kernels): of the layers whose kernel count is the most common one
   (ties: the count of the lowest-numbered such layer; a kernel-pattern split gives every layer
   the same count), position k in each layer (its kernels in start order) gives one row: the
-  name most of those layers run there (ties: the first layer's) and the median of their
-  durations. Layers of another count (an MoE layer among dense ones, a layer whose expert loop
+  name most of those layers run there (ties: the first layer's), the median of their
+  durations, and the median of what each adds to the step: the part of its run that no
+  kernel started before it already covers (end - max(start, the latest end before it)). With
+  PDL a kernel starts while the one before it runs and waits inside, so its duration counts
+  that wait; what it adds does not, and a step's adds sum to its busy time. Layers of another
+  count (an MoE layer among dense ones, a layer whose expert loop
   launched more) would shift the positions, so they are left out; layer_kernels_from counts
   the layers used.
 - bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
@@ -97,9 +106,21 @@ def _layer_rows(items: list[dict[str, Any]], idle: list[tuple[float, float, Any,
     return rows, rest, where
 
 
+def _adds(items: list[dict[str, Any]]) -> dict[int, float]:
+    """What each item adds to the step's busy time (us), keyed by id(item): its end past the
+    latest end of the items started before it, from its start at the earliest."""
+    added, latest = {}, float("-inf")
+    for item in sorted(items, key=lambda i: (i["start"], i["end"])):
+        added[id(item)] = max(0.0, item["end"] - max(item["start"], latest))
+        latest = max(latest, item["end"])
+    return added
+
+
 def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, int | None]:
-    """Per position in a layer: its kernel name and median duration (us) over the layers of the
-    most common kernel count, and how many layers that is; (None, None) without layers."""
+    """Per position in a layer: its kernel name, median duration and median time added to the
+    step (us) over the layers of the most common kernel count, and how many layers that is;
+    (None, None) without layers."""
+    added = _adds(items)
     by_layer: dict[int, list[dict[str, Any]]] = {}
     for item in items:
         if item.get("layer") is not None:
@@ -113,7 +134,8 @@ def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | 
     rows = [{"position": k,
              "name": Counter(layer[k]["name"] for layer in used).most_common(1)[0][0],
              "median_us": statistics.median(layer[k]["end"] - layer[k]["start"]
-                                            for layer in used)}
+                                            for layer in used),
+             "adds_us": statistics.median(added[id(layer[k])] for layer in used)}
             for k in range(count)]
     return rows, len(used)
 
@@ -121,7 +143,8 @@ def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | 
 def repeat_layers(names: list[str], n_layers: int) -> tuple[list[int | None], str] | None:
     """Each item's layer (None: before the first layer or after the last) from the step's
     kernel names in start order, and the name that starts each layer; None where no name occurs
-    exactly n_layers (>= 2) times at one spacing with room for a last layer (module docstring)."""
+    exactly n_layers (>= 2) times (module docstring: one spacing first, else the most regular
+    spacings)."""
     if n_layers < 2:
         return None
     where: dict[str, list[int]] = {}
@@ -136,12 +159,34 @@ def repeat_layers(names: list[str], n_layers: int) -> tuple[list[int | None], st
             continue
         if best is None or (period, -at[0]) > best[:2]:
             best = (period, -at[0], name)
+    if best is not None:
+        period, first = best[0], -best[1]
+        layers = [(k - first) // period if first <= k < first + n_layers * period else None
+                  for k in range(len(names))]
+        return layers, best[2]
+    return _uneven_layers(names, where, n_layers)
+
+
+def _uneven_layers(names: list[str], where: dict[str, list[int]],
+                   n_layers: int) -> tuple[list[int | None], str] | None:
+    """repeat_layers where no name keeps one spacing: the most regular name of exactly n_layers
+    occurrences starts each layer (module docstring), or None."""
+    best: tuple[int, int, int, str] | None = None  # (regular spacings, P, -first, name)
+    for name, at in where.items():
+        if len(at) != n_layers:
+            continue
+        spacings = Counter(b - a for a, b in zip(at, at[1:]))
+        period, regular = spacings.most_common(1)[0]
+        if best is None or (regular, period, -at[0]) > best[:3]:
+            best = (regular, period, -at[0], name)
     if best is None:
         return None
-    period, first = best[0], -best[1]
-    layers = [(k - first) // period if first <= k < first + n_layers * period else None
-              for k in range(len(names))]
-    return layers, best[2]
+    period, at = best[1], where[best[3]]
+    ends = at[1:] + [min(at[-1] + period, len(names))]
+    layers: list[int | None] = [None] * len(names)
+    for layer, (start, end) in enumerate(zip(at, ends)):
+        layers[start:end] = [layer] * (end - start)
+    return layers, best[3]
 
 
 def _bytes_bound(meta: dict[str, Any]) -> dict[str, Any]:
@@ -211,13 +256,14 @@ def _render_layer_kernels(gaps: dict[str, Any], max_rows: int) -> str:
     from infermeter.textable import render_table
 
     kernels = gaps["layer_kernels"]
-    total = sum(r["median_us"] for r in kernels)
-    rows = [(r["position"], r["name"][:60], f"{r['median_us']:.2f}",
-             _num(100 * r["median_us"] / total if total else None))
+    total = sum(r["adds_us"] for r in kernels)
+    rows = [(r["position"], r["name"][:60], f"{r['median_us']:.2f}", f"{r['adds_us']:.2f}",
+             _num(100 * r["adds_us"] / total if total else None))
             for r in kernels[:max_rows]]
     more = len(kernels) - max_rows
-    return (f"A layer's kernels (median over {gaps['layer_kernels_from']} layers):\n"
-            + render_table(("#", "kernel", "median us", "share %"), rows)
+    return (f"A layer's kernels (median over {gaps['layer_kernels_from']} layers; adds: its "
+            "time past the kernels started before it, what it costs the step under PDL):\n"
+            + render_table(("#", "kernel", "median us", "adds us", "share %"), rows)
             + (f"\n... {more} more kernels (--json lists every one)" if more > 0 else ""))
 
 
