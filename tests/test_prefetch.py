@@ -35,6 +35,19 @@ def test_a_kernel_prefetches_a_products_first_bytes_up_to_the_cap():
     assert prefetch.ahead_bytes(torch.zeros(16384, 2048, dtype=torch.bfloat16)) == prefetch.CAP
     assert prefetch.ahead_bytes(torch.zeros(3, 5, dtype=torch.float16)) == 16  # 30 bytes, whole 16s
     assert not prefetch.prefetchable(small)  # off a GPU: nothing to prefetch into
+    assert prefetch.aligned(small) and prefetch.aligned(small[8:])  # 8 rows of 1,152 bytes
+    assert not prefetch.aligned(small.view(-1)[1:])  # 2 bytes in
+    assert not prefetch.aligned(small[:, :64])  # not contiguous
+
+
+def test_alignment_is_read_without_an_address():
+    """The triton_op's body runs on fake tensors while the step is traced (a GPU run found it):
+    no data pointer there, the storage offset is."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        weight = torch.empty(960, 576, dtype=torch.float16)
+        assert prefetch.aligned(weight[4:]) and not prefetch.aligned(weight.view(-1)[3:])
     with pytest.raises(ValueError, match="prefetch distance"):
         prefetch.set_distance(3)
 

@@ -51,9 +51,16 @@ def set_distance(distance: int) -> None:
 
 
 def prefetchable(weight: Tensor) -> bool:
-    """A weight the bulk prefetch can take: on a GPU, contiguous, its address 16-byte aligned
-    (a row block of a fused matrix is, at any width a multiple of 8 in 2-byte values)."""
-    return weight.is_cuda and weight.is_contiguous() and weight.data_ptr() % ALIGN == 0
+    """A weight the bulk prefetch can take: on a GPU and aligned()."""
+    return weight.is_cuda and aligned(weight)
+
+
+def aligned(weight: Tensor) -> bool:
+    """Contiguous, and its first byte 16 bytes into its storage (a row block of a fused matrix
+    is, at any width a multiple of 8 in 2-byte values); the storage itself starts aligned (the
+    caching allocator's blocks do). Read from the offset, not the address: a traced op's body
+    runs on fake tensors, which have no address."""
+    return weight.is_contiguous() and weight.storage_offset() * weight.element_size() % ALIGN == 0
 
 
 def ahead_bytes(weight: Tensor) -> int:
