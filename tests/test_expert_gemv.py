@@ -151,6 +151,48 @@ def test_auto_takes_triton_at_one_token_and_past_e_over_k_only():
     assert all(uses_triton("triton", n, 8, 128) for n in (1, 4, 16, 17, 64))
     assert not any(uses_triton("torch", n, 8, 128) for n in (1, 4, 16, 17, 64))
     assert [n for n in range(1, 20) if uses_triton("auto", n, 8, 128)] == [1, 17, 18, 19]
+    # a count the GPU has measured tiles for: "auto" takes Triton's there too, "torch" never
+    assert [n for n in range(1, 20) if uses_triton("auto", n, 8, 128, tuned=n == 4)] == [
+        1, 4, 17, 18, 19]
+    assert not uses_triton("torch", 4, 8, 128, tuned=True)
+
+
+def test_auto_takes_triton_at_the_token_counts_its_gpu_has_tiles_for(monkeypatch):
+    """tiled_token_counts: the counts EXPERT_TOKEN_TILES holds for the device's GPU at both
+    kernels' widths (the H100's four tokens at Qwen3-30B-A3B's 2048 and 768 columns; none at
+    another width or GPU); a block's tiled_tokens then take "auto" to Triton at four tokens
+    (takes_expert_kernel, what the Result records); the Generator notes them, and off a GPU
+    there are none."""
+    from infermeter.engine import generator as generator_module
+    from infermeter.engine import moe as moe_module
+    from infermeter.engine.generator import Generator
+    from infermeter.engine.kernels import expert_gemv
+    from infermeter.engine.moe import MoEFeedForward, takes_expert_kernel
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    monkeypatch.setattr(expert_gemv, "gpu_name", lambda device: h100)
+    cuda = torch.device("cuda")
+    assert expert_gemv.tiled_token_counts(cuda, 2048, 768) == {4}
+    assert expert_gemv.tiled_token_counts(cuda, 2048, 1536) == frozenset()  # down's width
+    monkeypatch.setattr(expert_gemv, "gpu_name", lambda device: "NVIDIA H200")
+    assert expert_gemv.tiled_token_counts(cuda, 2048, 768) == frozenset()
+    from infermeter.engine.model import build_model
+
+    spec = PRESETS["debug"].with_updates(  # a Qwen3-MoE of 8 experts, 2 a token: E / k = 4
+        arch="qwen3_moe", n_layers=2, head_dim=32, qk_norm=True, n_experts=8,
+        n_active_experts=2, moe_ffn_dim=48, norm_topk_prob=True)
+    model = build_model(spec, seed=7)
+    block = next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+    monkeypatch.setattr(moe_module, "triton_runs_on", lambda x: True)
+    assert [n for n in range(1, 6) if takes_expert_kernel(block, n)] == [1, 5]
+    block.tiled_tokens = frozenset({3})
+    assert [n for n in range(1, 6) if takes_expert_kernel(block, n)] == [1, 3, 5]
+    noted = []
+    monkeypatch.setattr(generator_module, "note_token_tiles", noted.append)
+    Generator(model)
+    assert noted == [model]
+    moe_module.note_token_tiles(model)  # on the CPU: no GPU, no counts
+    assert block.tiled_tokens == frozenset()
 
 
 def _decode_unions(calls: list[tuple[int, int]], n_layers: int, prompt: int,

@@ -62,7 +62,7 @@ from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.layer_replays import LayerReplays, replays_prefill_layers
 from infermeter.engine.model import Transformer, prefill_from
-from infermeter.engine.moe import prefills_without_sync
+from infermeter.engine.moe import note_token_tiles, prefills_without_sync
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
 from infermeter.engine.recorded_forward import RecordedForwards
 from infermeter.engine.sampling import sample
@@ -276,6 +276,7 @@ class Generator:
             from infermeter.engine.fusion import fuse_projections
 
             fuse_projections(model)
+        note_token_tiles(model)  # where this GPU's measured tiles take "auto" experts to Triton
         self.model = model
         self.compile_options = dict(compile_options or {})  # extra inductor options
         self.spec = model.spec

@@ -108,10 +108,12 @@ def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
 # E / k tokens the grouped loop), "triton" (kernels/expert_gemv.py's gathered kernels by expert
 # id while N*k <= E, expert_gemm.py's grouped ones past that), or "auto", the default since
 # 2026-12-06: Triton's at one token and past E / k tokens, torch's gathered indexing between
-# (uses_triton). Measured on an H100 at Qwen3-30B-A3B, each pair in one process
+# (uses_triton), except at a count the GPU has measured tiles for (EXPERT_TOKEN_TILES, where
+# Triton's gather too). Measured on an H100 at Qwen3-30B-A3B, each pair in one process
 # (benchmarks/moe_kernel_ab.py): at batch 1 Triton's step took 0.879x torch's TPOT
-# (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl), at batch 4 1.41x
-# (results/moe-kernel-batches-nvidia-h100-80gb-hbm3.jsonl, the batch-1 tiles), and its grouped
+# (results/moe-kernel-ab-nvidia-h100-80gb-hbm3.jsonl), at batch 4 1.41x with the batch-1
+# tiles (results/moe-kernel-batches-nvidia-h100-80gb-hbm3.jsonl) and 0.949x with the four-token
+# ones (results/moe-kernel-token-tiles-nvidia-h100-80gb-hbm3.jsonl), and its grouped
 # kernels' compiled bucketed prefill of 4 x 80 tokens took 21.5 ms against torch's exact
 # 410 ms. Where Triton cannot run, "triton" and "auto" run torch's. The rule itself is
 # specs/expert_memory.uses_triton, which the fit checks and the report read too.
@@ -150,6 +152,9 @@ class MoEFeedForward(nn.Module):
         self.took_step_kernel = False  # a traced batch-1 step ran this block in one launch
         self.took_fused_step = False  # ... or as the fused step's four kernels (fused_step)
         self.moe_kernel = MOE_KERNEL
+        # Token counts past one that this GPU has measured expert tiles for, where "auto" takes
+        # the Triton kernels too (note_token_tiles; set outside any compiled region)
+        self.tiled_tokens: frozenset[int] = frozenset()
         # False: w2's bias [E, dim] is kept but not added. Under tensor parallelism the block's
         # output is all-reduced, so only rank 0 adds it (sharding.py); w1's and w3's are split.
         self.adds_down_bias = True
@@ -281,9 +286,11 @@ class MoEFeedForward(nn.Module):
     def runs_kernels(self, x: Tensor) -> bool:
         """Whether a forward of x [N, dim] runs the Triton expert kernels (expert_gemv.py's
         gathered ones while N * k <= E, expert_gemm.py's grouped ones past that): moe_kernel
-        "triton", or "auto" at one row and past E / k rows (uses_triton), and they can run on x
-        and the stacked weights (and biases)."""
-        return uses_triton(self.moe_kernel, x.shape[0], self.top_k, self.n_experts) \
+        "triton", or "auto" at one row, at a tiled count (tiled_tokens) and past E / k rows
+        (uses_triton), and they can run on x and the stacked weights (and biases)."""
+        n_tokens = x.shape[0]
+        return uses_triton(self.moe_kernel, n_tokens, self.top_k, self.n_experts,
+                           n_tokens in self.tiled_tokens) \
             and experts_kernel_usable(x, *self.stacked())
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
@@ -340,8 +347,25 @@ def takes_expert_kernel(module: MoEFeedForward, n_tokens: int) -> bool:
     every block's experts, gpt-oss's biases and clamped SwiGLU included). forward's rule,
     without the input's layout (the engine's rows meet it); the generation runner records what
     ran with it."""
-    return uses_triton(module.moe_kernel, n_tokens, module.top_k, module.n_experts) \
+    return uses_triton(module.moe_kernel, n_tokens, module.top_k, module.n_experts,
+                       n_tokens in module.tiled_tokens) \
         and triton_runs_on(module.w1.weight)
+
+
+def note_token_tiles(model: nn.Module) -> None:
+    """Each MoE block's tiled_tokens: the token counts past one for which its weights' GPU has
+    measured tiles of both expert kernels at its widths (expert_gemv.tiled_token_counts), where
+    "auto" runs the Triton kernels. Read once here, outside any compiled region (the GPU's name
+    is a host query); empty off a GPU."""
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            weight = module.w1.weight
+            module.tiled_tokens = frozenset()
+            if weight.is_cuda:
+                from infermeter.engine.kernels import expert_gemv
+
+                module.tiled_tokens = expert_gemv.tiled_token_counts(
+                    weight.device, weight.shape[-1], weight.shape[-2])
 
 
 def prefills_without_sync(model: nn.Module) -> bool:

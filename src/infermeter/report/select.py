@@ -218,8 +218,9 @@ def off_default_kernels(record: Record) -> bool:
     inductor's matrix-vector products (the GEMV is the default), other all-reduces than
     auto's Triton kernel on GPUs (NCCL, one-shot, triton-unfused), another --pdl than the
     default, a step's kernels asked for by name rather than left to "auto"
-    (config.step_choice; before it was recorded: other than split), or Triton's gathered
-    experts (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv
+    (config.step_choice; before it was recorded: other than split), a step whose kernels
+    prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
+    or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv
     part), not the representative. A Result from before a setting was recorded ran what
     existed then: inductor's reductions and NCCL's all-reduces."""
     cfg = record.config
@@ -233,7 +234,7 @@ def off_default_kernels(record: Record) -> bool:
     all_reduce = cfg.get("tp_all_reduce") or unrecorded
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
-            or _step_off_default(cfg)
+            or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or _moe_off_default(cfg, record.model))
 
 

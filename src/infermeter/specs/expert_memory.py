@@ -23,12 +23,15 @@ def takes_triton(kind: str) -> bool:
     return kind in ("triton", "auto")
 
 
-def uses_triton(kind: str, n_tokens: int, top_k: int, n_experts: int) -> bool:
+def uses_triton(kind: str, n_tokens: int, top_k: int, n_experts: int,
+                tuned: bool = False) -> bool:
     """Whether a forward of n_tokens with experts kind `kind` takes the Triton kernels where
-    Triton runs: "triton" always, "auto" at one token (gathered) and past E / k tokens
-    (grouped), "torch" never; elsewhere torch's way (a gather of N x k <= E rows copies the
-    chosen experts out)."""
-    return takes_triton(kind) and (kind == "triton" or n_tokens == 1
+    Triton runs: "triton" always, "auto" at one token (gathered), at a count the GPU has
+    measured tiles for (`tuned`: engine/kernels/expert_gemv.EXPERT_TOKEN_TILES, gathered) and
+    past E / k tokens (grouped), "torch" never; elsewhere torch's way (a gather of N x k <= E
+    rows copies the chosen experts out). The fit checks and the report know no GPU and pass
+    no `tuned`: where it holds they count torch's gathered copy, more than runs."""
+    return takes_triton(kind) and (kind == "triton" or n_tokens == 1 or tuned
                                    or n_tokens * top_k > n_experts)
 
 

@@ -239,13 +239,24 @@ EXPERT_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
 # count, tokens), in the same terms: they serve that count only, the table above every other.
 # The batch-4 bests on an H100 (results/expert-tiles-nvidia-h100-80gb-hbm3.json, 2026-12-06:
 # gate/up 156.96 -> 92.99 us, down's terms 120.26 -> 71.23 us against tiles_for's; the batch-1
-# bests had made gate/up a little slower there). A step's TPOT with them is not measured yet,
-# so moe.py's "auto" still gathers four tokens with torch's indexing.
+# bests had made gate/up a little slower there). With them Qwen3-30B-A3B's batch-4 step took
+# 0.949x torch's gathering (results/moe-kernel-token-tiles-nvidia-h100-80gb-hbm3.jsonl), so
+# moe.py's "auto" takes the Triton kernels at a count listed here for both kernels
+# (tiled_token_counts).
 EXPERT_TOKEN_TILES: dict[str, dict[str, dict[tuple[int, int], tuple[int, int, int]]]] = {
     "NVIDIA H100 80GB HBM3": {"swiglu": {(2048, 4): (8, 1024, 4)},
                               "down": {(768, 4): (8, 512, 4)}},
 }
 EXPERT_KERNELS = ("swiglu", "down")
+
+
+def tiled_token_counts(device: torch.device, dim: int, ffn: int) -> frozenset[int]:
+    """The token counts EXPERT_TOKEN_TILES holds for `device`'s GPU at both expert kernels'
+    widths: gate/up over dim columns, down over ffn."""
+    tiles = EXPERT_TOKEN_TILES.get(gpu_name(device), {})
+    swiglu = {n for cols, n in tiles.get("swiglu", {}) if cols == dim}
+    down = {n for cols, n in tiles.get("down", {}) if cols == ffn}
+    return frozenset(swiglu & down)
 
 # How experts_down runs one token: "sum", a program a row block runs the k experts in turn and
 # sums them in the kernel; "terms", as several tokens (a program a row block and slot, each
