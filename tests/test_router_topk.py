@@ -52,10 +52,12 @@ def test_pdl_launch_waits_before_reading_the_logits(monkeypatch):
 def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm, after):
     """On a GPU, bfloat16 and float32 at 1, 5 and 64 tokens: MoEFeedForward.route with the
     Triton choice gives torch's route (ids and weights), eager and with PDL: bfloat16's weights
-    to the bit; float32's within 2^-23 of their size (a unit or two in the last place), since
-    on an H100 (source 3ccbd29,
-    results/gpu-tests-3ccbd29-nvidia-h100-80gb-hbm3.txt) Qwen3's renormalised top 8 of 128
-    differed from torch's by 6e-8 at 0.99 at 5 tokens: a float32 sum's order."""
+    to the bit; float32's within two units in the last place, since on an H100 (source
+    3ccbd29, results/gpu-tests-3ccbd29-nvidia-h100-80gb-hbm3.txt) Qwen3's renormalised top 8
+    of 128 differed from torch's by 6e-8 at 0.99 at 5 tokens (a float32 sum's order), and in
+    a later run (source 226d568, results/gpu-tests-226d568-nvidia-h100-80gb-hbm3.txt) by
+    2^-23 at 64 tokens, two units of a weight just under 1.0, which the earlier bound of a
+    relative 2^-23 missed by a hair."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from infermeter.engine.kernels import pdl
@@ -89,7 +91,10 @@ def test_route_through_the_kernel_equals_torch_on_cuda(n_experts, top_k, renorm,
                     if dtype == torch.bfloat16:
                         assert torch.equal(got, want), (what, gap)
                     else:
-                        assert torch.allclose(got, want, rtol=2.0 ** -23, atol=0.0), (what, gap)
+                        # two units in the last place of each weight (a weight just under
+                        # 1.0 has units of 2^-24: a relative 2^-23 of it falls a hair short)
+                        unit = torch.nextafter(want, torch.full_like(want, 2.0)) - want
+                        assert bool(((got - want).abs() <= 2 * unit).all()), (what, gap)
 
 
 def _untied(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
