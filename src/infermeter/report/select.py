@@ -221,8 +221,8 @@ def off_default_kernels(record: Record) -> bool:
     (config.step_choice; before it was recorded: other than split), a step whose kernels
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
     or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
-    sweep's kernel or gemv part), not the representative. A Result from before a setting was recorded ran what
-    existed then: inductor's reductions and NCCL's all-reduces."""
+    sweep's kernel or gemv part), not the representative. A Result from before a setting was
+    recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
     cfg = record.config
     if cfg.get("mode") != "compiled":
         return False
