@@ -232,31 +232,48 @@ def test_the_step_ab_cuts_only_the_one_launch_kinds_and_sets_the_cut_back(monkey
         script.programs_per_sm("0")
 
 
-def test_the_step_ab_runs_the_fused_kind_each_q_k_norm_way_and_sets_it_back(monkeypatch,
-                                                                             tmp_path):
-    """--qk-norm-kernels 2 1: the fused case runs once with qk_norm_rope.QK_NORM_KERNELS 2 (its
-    usual label) and once with 1 ("fused/qk-norms-in-wqkv"); split runs once, at the module's
-    value; that value comes back after; the summary sets one way against the other; the
-    command line takes only 1 and 2."""
-    from infermeter.engine.kernels import qk_norm_rope
+# The fused kind's switches step_kernels_ab.py runs it once for each value of: the kernels
+# module and its attribute, run_model's keyword, the values (the module's own first), the other
+# value's label, the command line's flag and its parsed name
+FUSED_SWITCHES = {
+    "q/k norms": ("qk_norm_rope", "QK_NORM_KERNELS", "qk_ways", (2, 1),
+                  "fused/qk-norms-in-wqkv", "--qk-norm-kernels", "qk_norm_kernels"),
+    "prefetch": ("prefetch", "DISTANCE", "distances", (0, 2), "fused/prefetch-2", "--prefetch",
+                 "prefetch"),
+}
+
+
+@pytest.mark.parametrize("switch", FUSED_SWITCHES)
+def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(monkeypatch,
+                                                                             tmp_path, switch):
+    """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
+    own, or in wqkv's) and --prefetch 0 2 (prefetch.DISTANCE): the fused case runs once with
+    each value, the module's own under its usual label; split runs once, at the module's value;
+    that value comes back after; the summary sets one against the other; the command line
+    takes the values in either order and refuses one there is not."""
+    import importlib
+
     from tests.benchmark_scripts import load_benchmark
 
+    name, attribute, keyword, values, other, flag, dest = FUSED_SWITCHES[switch]
+    module = importlib.import_module(f"infermeter.engine.kernels.{name}")
     script = load_benchmark("step_kernels_ab")
     seen = []
-    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, name, *rest:
-                        seen.append((name, qk_norm_rope.QK_NORM_KERNELS)))
-    monkeypatch.setattr(qk_norm_rope, "QK_NORM_KERNELS", 2)
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, getattr(module, attribute))))
+    monkeypatch.setattr(module, attribute, values[0])
     script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
-                     qk_ways=(2, 1), device="cpu")
-    assert seen == [("split", 2), ("fused", 2), ("fused/qk-norms-in-wqkv", 1)]
-    assert qk_norm_rope.QK_NORM_KERNELS == 2
+                     device="cpu", **{keyword: values})
+    assert seen == [("split", values[0]), ("fused", values[0]), (other, values[1])]
+    assert getattr(module, attribute) == values[0]
     results = [_ab_result("qwen3-30b-a3b", "kernels", kind, 0, 50.0)
-               for kind in ("fused", "fused/qk-norms-in-wqkv")]
-    assert "qwen3-30b-a3b: fused/qk-norms-in-wqkv / fused:" in script.summary(results)
+               for kind in ("fused", other)]
+    assert f"qwen3-30b-a3b: {other} / fused:" in script.summary(results)
     parser = script.arguments()
-    assert parser.parse_args(["--qk-norm-kernels", "1", "2"]).qk_norm_kernels == [1, 2]
+    backwards = [str(value) for value in values[::-1]]
+    assert getattr(parser.parse_args([flag, *backwards]), dest) == list(values[::-1])
     with pytest.raises(SystemExit):
-        parser.parse_args(["--qk-norm-kernels", "3"])
+        parser.parse_args([flag, "3"])
 
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     from tests.benchmark_scripts import load_benchmark

@@ -28,14 +28,20 @@ def _described(monkeypatch, spec, mode="compiled", kinds="fused", kv_dtype=None,
     return out["step_kernels"], out["fused_rope"]
 
 
-def _qk_norm_kernels(monkeypatch, spec, kinds="fused") -> int | None:
+def batch_one_runner(monkeypatch, spec, kinds="fused") -> EngineRunner:
+    """A compiled batch-1 case's runner of `spec` with `kinds` step kernels, as if Triton ran:
+    its describe() is what the Result records."""
     monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
     sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
     case = plan_cases(spec, sets, ("compiled",), 4, None, None)[0]
     request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels=kinds))
     runner = EngineRunner(build_model(spec, seed=1), case, request)
     runner.batch_sizes = [1]
-    return runner.describe()["qk_norm_kernels"]
+    return runner
+
+
+def _qk_norm_kernels(monkeypatch, spec, kinds="fused") -> int | None:
+    return batch_one_runner(monkeypatch, spec, kinds).describe()["qk_norm_kernels"]
 
 
 def test_fused_rope_is_recorded_beside_step_kernels(monkeypatch):

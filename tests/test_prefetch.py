@@ -2,7 +2,8 @@
 (engine/kernels/prefetch.py): each program's share of the bytes (under Triton's interpreter,
 tests/prefetch_worker.py), the instruction in each kernel's sm_90 build and nowhere without a
 weight to prefetch, the chain each kernel of a step is handed (Transformer.prefetch_plan), the
-Result's record of it, the A/B script's cases, and on a GPU the eager tokens with it on."""
+Result's record of it, and on a GPU the eager tokens with it on. The A/B script's cases:
+tests/test_benchmark_shell.py."""
 
 from __future__ import annotations
 
@@ -204,17 +205,9 @@ def test_the_step_hands_each_fused_kernel_its_planned_weight(monkeypatch):
 
 def _recorded_prefetch(monkeypatch, traced: int, kinds: str = "fused") -> int | None:
     """config.prefetch of a compiled batch-1 case whose traced step prefetched `traced` ahead."""
-    from infermeter.generate import modes as modes_module
-    from infermeter.generate.cases import plan_cases, prompt_sets
-    from infermeter.generate.modes import EngineRunner
-    from infermeter.generate.request import EngineChoices, GenerateRequest
+    from tests.test_fused_rope_record import batch_one_runner
 
-    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
-    sets = prompt_sets((1,), (4,), (), DEBUG.vocab_size, 0, ())
-    case = plan_cases(DEBUG, sets, ("compiled",), 4, None, None)[0]
-    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels=kinds))
-    runner = EngineRunner(build_model(DEBUG, seed=1), case, request)
-    runner.batch_sizes = [1]
+    runner = batch_one_runner(monkeypatch, DEBUG, kinds)
     runner.generator.model.prefetch_distance = traced
     return runner.describe()["prefetch"]
 
@@ -223,33 +216,6 @@ def test_the_result_records_the_distance_where_the_step_was_fused(monkeypatch):
     assert _recorded_prefetch(monkeypatch, 2) == 2
     assert _recorded_prefetch(monkeypatch, 0) == 0
     assert _recorded_prefetch(monkeypatch, 0, kinds="split") is None
-
-
-def test_the_step_ab_runs_the_fused_kind_at_each_distance_and_sets_it_back(monkeypatch,
-                                                                          tmp_path):
-    """--prefetch 0 2: the fused case once at each distance ("fused" and "fused/prefetch-2"),
-    split once at the module's value, which comes back after; the summary sets one against the
-    other; the command line takes only the distances there are."""
-    from tests.benchmark_scripts import load_benchmark
-    from tests.test_benchmark_shell import _ab_result
-
-    script = load_benchmark("step_kernels_ab")
-    seen = []
-    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, name, *rest:
-                        seen.append((name, prefetch.DISTANCE)))
-    monkeypatch.setattr(prefetch, "DISTANCE", 0)
-    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
-                     distances=(0, 2), device="cpu")
-    assert seen == [("split", 0), ("fused", 0), ("fused/prefetch-2", 2)]
-    assert prefetch.DISTANCE == 0
-    results = [_ab_result("smollm2-135m", "kernels", kind, 0, 19.0)
-               for kind in ("fused/recorded", "fused/recorded/prefetch-2")]
-    assert "smollm2-135m: fused/recorded/prefetch-2 / fused/recorded:" \
-        in script.summary(results)
-    parser = script.arguments()
-    assert parser.parse_args(["--prefetch", "2", "0"]).prefetch == [2, 0]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--prefetch", "3"])
 
 
 @pytest.mark.gpu
