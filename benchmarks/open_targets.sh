@@ -31,22 +31,13 @@
 #   part step-choice     graph trees against our recorded step, each with split and fused kernels,
 #                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
 #                        default by model size needs (about 8 cases of 45 s)
-#   part step-layer      the one-launch layer and model steps (--step-kernels layer and model,
-#                        kernels/layer_step.py, model_step.py): their gpu tests first (a wait
-#                        that never ends fails one), then fused, layer and model, all in the
-#                        recorded step, at 135M, 0.5B and 1B, untraced (9 cases; on an H100 on
-#                        2026-12-06 the tests took 91 s and a case about 20 s)
-#   part step-chunks     the layer launch a program a row block against 1, 2 and 4 programs an SM
-#                        (step_kernels_ab.py --programs-per-sm), fused beside, at 135M and 1B, in
-#                        the recorded step: the same-run A/B of the chunks (10 cases of about 25 s)
 #   part step-prefetch   the fused step at prefetch distances 0 and 2 (kernels/prefetch.py), at
 #                        135M, 0.5B and 1B, in the recorded step, one round (on an H100 on
 #                        2026-12-06: 135M gained 5%, 0.5B and 1B lost; not yet run on an H200)
 #   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
 #                        one round, traced (the fused step, the default there since 2026-12-06:
 #                        the q/k norms' own kernel, the MoE block as four kernels; issue 25; on an
-#                        H100 on 2026-12-06 2.3 min; the one-launch layer kind lost at 1.7x split
-#                        and is left out)
+#                        H100 on 2026-12-06 2.3 min)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
 #   part last-combine    the split-KV attention's one-launch combine (decode_attention.COMBINE "last")
 #                        against its two kernels, the default step otherwise, at 135M and 1B, one
@@ -83,8 +74,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-chunks|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-layer|step-chunks|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -142,21 +133,6 @@ case "${1:-}" in
   step-choice)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
-  step-layer)
-    # the A/B only after the test passed: a launch that hangs there would hang each case here
-    if python3 -m pytest -o addopts= -m gpu -p no:cacheprovider -v --tb=short \
-        tests/test_layer_step.py tests/test_model_step.py > "$dest/gpu-tests-layer.txt" 2>&1; then
-      cat "$dest/gpu-tests-layer.txt"
-      python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded \
-        --kernels fused layer model --results "$dest" \
-        --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
-    else
-      cat "$dest/gpu-tests-layer.txt"
-      echo "step-layer: a launch's gpu test failed; the A/B was not run" >&2
-    fi ;;
-  step-chunks)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused layer \
-      --programs-per-sm none 1 2 4 --results "$dest" --models smollm2-135m llama-3.2-1b ;;
   step-prefetch)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --prefetch 0 2 --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;

@@ -5,8 +5,7 @@ model size, on one GPU: the measurement the default waits for (issue 27).
     python benchmarks/step_kernels_ab.py --summary-only
 
 Each model runs in a process of its own (a fresh CUDA context and dynamo cache; one model's
-failure leaves the others), which times "split", "fused" and "layer" (the fused step's kernels
-of a layer as one launch, kernels/layer_step.py), --rounds times over (ABAB...: drift
+failure leaves the others), which times "split" and "fused", --rounds times over (ABAB...: drift
 shows as a difference between rounds), each through `infermeter generate`'s own loop: random
 weights in the model's usual dtype (MODELS), batch 1, compiled, an 80-token prompt and 432 new
 tokens in a 512-token cache (generation_sweep.py's seed case), REPEATS timed runs after one
@@ -15,8 +14,7 @@ results/step-kernels-<device>.jsonl as soon as it is done (config.ab: the kernel
 the round; config.step_kernels: what ran), and $OUT gets a copy. The summary
 (results/step-kernels-<device>-summary.txt) gives, for each model's latest run and each kind:
 TPOT p50 over every step, the median and range of the per-run TPOTs (a run's decode time over its
-steps), MBU and the warm-up; then fused / split and layer / fused, and whether the per-run
-ranges are apart; then
+steps), MBU and the warm-up; then fused / split, and whether the per-run ranges are apart; then
 issue 27's MBU targets (MBU_GOALS) beside each kind's median MBU, met or MISSED.
 With --kernels split (or fused) only that kind runs. With --graphs trees recorded each round
 times the kinds under each way of replaying the step's CUDA graph (engine/generator.STEP_GRAPHS:
@@ -27,10 +25,6 @@ With --trace DIR each case also records a few profiled decode steps after its ti
 (DIR/<model>-<kernels>-<round>/, as generate --trace), and the summary adds the median step's
 kernel count and the time between its kernels (metrics.breakdown.step_gaps): how many kernels
 the fused step removed, and what that did to the gaps.
-With --programs-per-sm the one-launch kinds (layer, model) run once for each value given: the
-programs an SM each GEMV stage is cut down to (kernels/layer_step.PROGRAMS_PER_SM; "none": a
-program a row block, the default), labelled "layer/recorded/2-per-SM" and so on, and the summary
-adds each against the same kind unchunked.
 With --qk-norm-kernels 1 2 the fused kind runs once for each way of a model's per-head q/k norms
 (kernels/qk_norm_rope.QK_NORM_KERNELS: 2, a kernel of their own after norm + wqkv, the default;
 1, in the wqkv kernel, a program a head), the latter labelled "fused/qk-norms-in-wqkv", and the
@@ -79,7 +73,7 @@ MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
           "qwen3-30b-a3b": "bf16"}
 MOE_KERNELS = {"qwen3-30b-a3b": "triton"}  # the experts an MoE model's cases run
 # engine/model.STEP_KERNELS, each named (not generate's auto)
-KINDS = ("split", "fused", "layer", "model")
+KINDS = ("split", "fused")
 # issue 27's targets: decode MBU at batch 1 against the same run's measured HBM bandwidth
 MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
@@ -99,70 +93,50 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
     return build_request(f"random:{model}", step_kernels=kind, step_graphs=graphs, **options)
 
 
-# the kinds whose GEMV stages a launch plans by the GPU's size (layer_step.launch_plan)
-LAUNCH_KINDS = ("layer", "model")
-
-
 # qk_norm_rope.QK_NORM_KERNELS's values, the default first
 QK_NORM_WAYS = (2, 1)
 QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
 PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DISTANCE)
 
 
-def label(kind: str, graphs: str, per_sm: int | None = None, qk_kernels: int = 2,
-          distance: int = 0) -> str:
+def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
-    "/N-per-SM" where a one-launch kind's stages are cut to N programs an SM,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     if qk_kernels == 1:
         name = f"{name}/{QK_IN_WQKV}"
-    if distance:
-        name = f"{name}/{PREFETCHED}{distance}"
-    return name if per_sm is None else f"{name}/{per_sm}-per-SM"
-
-
-def programs_per_sm(text: str) -> int | None:
-    """--programs-per-sm's value: "none" (a program a row block) or a positive int."""
-    if text == "none":
-        return None
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"programs an SM must be at least 1, not {value}")
-    return value
+    return f"{name}/{PREFETCHED}{distance}" if distance else name
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
-              per_sm: tuple[int | None, ...] = (None,), qk_ways: tuple[int, ...] = (2,),
-              distances: tuple[int, ...] = (0,), **overrides) -> None:
-    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, a one-launch
-    kind once for each of `per_sm` (layer_step.PROGRAMS_PER_SM), the fused kind once for each
-    of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS) and of `distances` (prefetch.DISTANCE), all set
-    back after, each Result appended to `path` once done; with `trace` (a folder) each case's
-    profiled steps go to a folder of their own in it."""
-    from infermeter.engine.kernels import layer_step, prefetch, qk_norm_rope
+              qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
+              **overrides) -> None:
+    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
+    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS) and of `distances`
+    (prefetch.DISTANCE), both set back after, each Result appended to `path` once done; with
+    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
+    from infermeter.engine.kernels import prefetch, qk_norm_rope
 
-    kept = layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE
+    kept = qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE
     fused_ways = [(qk, distance) for qk in qk_ways for distance in distances]
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
-                    for cut in per_sm if kind in LAUNCH_KINDS else (None,):
-                        for qk, distance in fused_ways if kind == "fused" else [kept[1:]]:
-                            layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = cut, qk
-                            prefetch.set_distance(distance)
-                            name = label(kind, way, cut, qk, distance)
-                            if trace:
-                                overrides["trace_dir"] = str(make_trace_dir(
-                                    Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
-                            run_ab_case(ab_request(model, kind, way, **overrides), env, path,
-                                        model, name, round_, "kernels", "step_kernels")
+                    for qk, distance in fused_ways if kind == "fused" else [kept]:
+                        qk_norm_rope.QK_NORM_KERNELS = qk
+                        prefetch.set_distance(distance)
+                        name = label(kind, way, qk, distance)
+                        if trace:
+                            overrides["trace_dir"] = str(make_trace_dir(
+                                Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
+                        run_ab_case(ab_request(model, kind, way, **overrides), env, path,
+                                    model, name, round_, "kernels", "step_kernels")
     finally:
-        layer_step.PROGRAMS_PER_SM, qk_norm_rope.QK_NORM_KERNELS = kept[:2]
-        prefetch.set_distance(kept[2])
+        qk_norm_rope.QK_NORM_KERNELS = kept[0]
+        prefetch.set_distance(kept[1])
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -188,20 +162,11 @@ def summary(results: list[Result]) -> str:
                      fmt(m.get("warmup_s")), *step_figures(r), len(r.warnings)])
     for name, kinds in by_model.items():
         lines.append(ab_line(name, kinds, "split", "fused"))
-        for kind in kinds:  # a launch cut to N programs an SM against the same one unchunked
-            if kind.endswith("-per-SM"):
-                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
+        for kind in kinds:
             if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
             if kind.rsplit("/", 1)[-1].startswith(PREFETCHED):  # prefetching against not
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
-        for way in ("trees", "recorded"):  # a layer a launch against the same kernels apart
-            fused, layer, whole = (label(kind, way) for kind in ("fused", "layer", "model"))
-            if layer in kinds:
-                lines.append(ab_line(name, kinds, fused, layer))
-            if whole in kinds:  # the model a launch against a layer a launch, and the kernels
-                lines.extend(ab_line(name, kinds, base, whole) for base in (layer, fused)
-                             if base in kinds)
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
             lines.append(ab_line(name, kinds, *recorded))
@@ -216,18 +181,14 @@ def summary(results: list[Result]) -> str:
 
 
 def arguments():
-    parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused, layer", "step-kernels")
+    parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
                         "case into DIR (kernels and gaps per step in the summary)")
     parser.add_argument("--graphs", nargs="+", choices=STEP_GRAPHS, default=list(STEP_GRAPHS[:1]),
                         help="how the step's CUDA graph is replayed, each in turn (default: "
                         "trees, inductor's)")
     parser.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS),
-                        help="the kernel kinds to time, in this order (default: split fused "
-                        "layer)")
-    parser.add_argument("--programs-per-sm", nargs="+", type=programs_per_sm, default=[None],
-                        metavar="N", help="the one-launch kinds once for each: their GEMV "
-                        "stages cut to N programs an SM, or 'none' (default: none)")
+                        help="the kernel kinds to time, in this order (default: split fused)")
     parser.add_argument("--qk-norm-kernels", nargs="+", type=int, choices=QK_NORM_WAYS,
                         default=[QK_NORM_WAYS[0]], metavar="N", help="the fused kind once for "
                         "each: a model's q/k norms in a kernel after wqkv (2) or in wqkv's (1) "
@@ -243,16 +204,14 @@ def main() -> int:
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
-                  kinds=tuple(args.kernels), per_sm=tuple(args.programs_per_sm),
-                  qk_ways=tuple(args.qk_norm_kernels), distances=tuple(args.prefetch))
+                  kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
+                  distances=tuple(args.prefetch))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
-    cuts = ["none" if cut is None else str(cut) for cut in args.programs_per_sm]
     run_in_processes(__file__, [] if args.summary_only else args.models,
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
-                      "--programs-per-sm", *cuts,
                       "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
                       "--prefetch", *map(str, args.prefetch), *traced], start)
     return write_summary(path, summary, start)

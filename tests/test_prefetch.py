@@ -141,8 +141,8 @@ def test_each_kernel_is_handed_the_product_distance_kernels_on(monkeypatch, dist
 
 
 def test_no_plan_where_the_step_is_not_the_whole_fused_step(monkeypatch):
-    """Distance 0, split or one-launch kinds, a model whose layers do not all take the four
-    kernels (Gemma 3), a batch over one, an eager step: no plan, and nothing recorded."""
+    """Distance 0, split kernels, a model whose layers do not all take the four kernels
+    (Gemma 3), a batch over one, an eager step: no plan, and nothing recorded."""
     from infermeter.engine import model as model_module
 
     monkeypatch.setattr(model_module, "compiling", lambda: True)
@@ -150,8 +150,7 @@ def test_no_plan_where_the_step_is_not_the_whole_fused_step(monkeypatch):
     monkeypatch.setattr(prefetch, "DISTANCE", 0)
     assert _fused_debug().prefetch_plan(one) is None
     monkeypatch.setattr(prefetch, "DISTANCE", 2)
-    for kinds in ("split", "layer"):
-        assert _fused_debug(kinds=kinds).prefetch_plan(one) is None, kinds
+    assert _fused_debug(kinds="split").prefetch_plan(one) is None
     gemma = DEBUG.with_updates(arch="gemma3_text", qk_norm=True)  # post-norms: two parts a layer
     model = _fused_debug(gemma)
     assert model.prefetch_plan(torch.zeros(1, 1, gemma.dim)) is None

@@ -146,9 +146,9 @@ def test_trained_check_names_where_modes_part() -> None:
 
 
 def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
-    """Each of the check's commands parses with today's generate flags, and the five runs it
+    """Each of the check's commands parses with today's generate flags, and the four runs it
     compares are told apart by mode and by the step kernels (issue 27: the trained model's
-    tokens through the fused kernels and through one launch a layer too)."""
+    tokens through the fused kernels too)."""
     from infermeter.cli import build_parser
 
     script = load_benchmark("trained_check")
@@ -157,14 +157,13 @@ def test_trained_check_runs_the_three_modes_and_the_fused_step() -> None:
         args = build_parser().parse_args(["generate", "--model", "debug", *extra])
         runs += [(run, mode, args.step_kernels) for mode in args.mode]
     assert [(m, k) for _, m, k in runs] == [("eager", "split"), ("compiled", "split"),
-                                            ("hf", "split"), ("compiled", "fused"),
-                                            ("compiled", "layer")]
+                                            ("hf", "split"), ("compiled", "fused")]
     labels = [script.label({"config": {"mode": m}}, run) for run, m, _ in runs]
-    assert labels == ["eager", "compiled", "hf", "compiled-fused", "compiled-layer"]
+    assert labels == ["eager", "compiled", "hf", "compiled-fused"]
     # a step-kernels run whose step fell back to other kernels fails the check, named by
     # the run that asked, not by what ran
-    assert script.ran_as_asked({"config": {"step_kernels": "layer"}}, "layer")
-    assert not script.ran_as_asked({"config": {"step_kernels": "fused"}}, "layer")
+    assert script.ran_as_asked({"config": {"step_kernels": "fused"}}, "fused")
+    assert not script.ran_as_asked({"config": {"step_kernels": "split"}}, "fused")
     assert not script.ran_as_asked({"config": {"step_kernels": "partly fused"}}, "fused")
     assert script.ran_as_asked({"config": {"step_kernels": None}}, "modes")
 

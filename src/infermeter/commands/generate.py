@@ -21,7 +21,7 @@ DECODE_ATTENTION_KINDS = ("auto", "math", "sdpa", "flex", "triton")
 ALL_REDUCE_KINDS = ("auto", "nccl", "one-shot", "triton", "triton-unfused")  # all_reduce.py's
 MATVEC_KERNELS = ("inductor", "triton")  # engine/linear.py's, likewise
 # engine/step_choice.AUTO and engine/model.py's
-STEP_KERNELS = ("auto", "split", "fused", "layer", "model")
+STEP_KERNELS = ("auto", "split", "fused")
 MOE_KERNELS = ("auto", "torch", "triton")  # engine/moe.py's, likewise
 MOE_KERNEL = "auto"  # engine/moe.py's default, likewise
 PREFILL_KINDS = ("bucketed", "exact")  # engine/prefill_buckets.py's, likewise
@@ -117,7 +117,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          metavar="KIND", help="compiled batch-1 products: Triton's GEMV or "
                          "inductor's (default triton)")
     variant.add_argument("--step-kernels", choices=STEP_KERNELS, default="auto", metavar="KIND",
-                         help="batch-1 layers: auto by model size, split, fused, layer or model")
+                         help="batch-1 layers: auto by model size, split or fused")
     variant.add_argument("--moe-kernel", choices=MOE_KERNELS, default=MOE_KERNEL,
                          metavar="KIND", help=f"MoE experts (default {MOE_KERNEL})")
     variant.add_argument("--prefill-chunk", type=positive_int, metavar="N",

@@ -172,13 +172,12 @@ MATERIALIZE_NORM = False
 # Prefill and batch > 1 are always split. A layer starts split; generate's "auto" picks per
 # model size (step_choice.py, from benchmarks/step_kernels_ab.py's A/B).
 STEP_KERNEL = "split"
-# "layer": the fused step's kernels of a layer as the stages of one launch
-# (kernels/layer_step.py), where takes_layer_kernel() allows; the fused step's where not.
-# "model": every layer's in one launch (kernels/model_step.py), where
-# Transformer.takes_model_kernel() allows; "layer"'s launches where not.
-STEP_KERNELS = ("split", "fused", "layer", "model")
-# The kinds that run a layer's batch-1 step as fused_step.py's kernels or launches made of them
-FUSED_KINDS = ("fused", "layer", "model")
+# (One launch a layer, and one a model, whose stages waited for each other inside the launch,
+# lost to these kernels at every size and were removed on 2026-12-06: docs/engine.md, "Tried
+# and lost".)
+STEP_KERNELS = ("split", "fused")
+# The kinds that run a layer's batch-1 step as fused_step.py's kernels
+FUSED_KINDS = ("fused",)
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
 # norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU (or
 # GeGLU), w2 + residual add.
@@ -203,7 +202,6 @@ class TransformerBlock(nn.Module):
         self.ffn_post_norm = norm(spec.dim, spec.norm_eps) if gemma else None
         self.materialize_norm = MATERIALIZE_NORM
         self.step_kernels = STEP_KERNEL
-        self.took_layer_kernel = False  # a traced batch-1 step ran this layer in one launch
 
     def fused_parts(self) -> tuple[str, ...]:
         """Which of FUSED_PARTS this layer's step can take. attention_in needs wqkv fused;
@@ -227,33 +225,6 @@ class TransformerBlock(nn.Module):
         """Whether this layer runs the whole fused step (all four of FUSED_PARTS)."""
         return len(self.fused_parts()) == len(FUSED_PARTS)
 
-    def takes_layer_kernel(self, x: Tensor) -> bool:
-        """Whether step_kernels "layer" runs this layer's batch-1 step x [1, 1, dim] in one
-        launch (kernels/layer_step.py): RMSNorm's (not Gemma's), the fused step's attention
-        side with an attention the launch can run (Attention.attends_in_layer_kernel), and
-        either a dense SwiGLU FFN fused whole (fuses_step) or MoE experts (run after the
-        launch), every weight as the fused kernels read them."""
-        ffn, parts = self.feed_forward, self.fused_parts()
-        ffn_fits = self.fuses_step() and not ffn.gelu if isinstance(ffn, FeedForward) \
-            else {"attention_in", "attention_out"} <= set(parts)
-        return (ffn_fits and not isinstance(self.attention_norm, GemmaRMSNorm)
-                and self.attention.attends_in_layer_kernel(x)
-                and fused_step_kernels_usable(x, self.fused_step_params(parts)))
-
-    def _layer_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
-        """takes_layer_kernel's step: the layer in one launch, or an MoE layer's attention side
-        in one launch and its experts after it: a second launch with the Triton experts
-        (MoEFeedForward.takes_step_kernel), else split (x [1, 1, dim])."""
-        self.took_layer_kernel = True  # traced so: the runner's record of what ran
-        ffn = self.feed_forward
-        if isinstance(ffn, FeedForward):
-            return self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos,
-                                             self.ffn_norm, ffn.w13.weight, ffn.w2.weight)
-        h = self.attention.layer_step(x, self.attention_norm, cos, sin, input_pos)
-        if ffn.takes_step_kernel(h, self.ffn_norm):  # the experts' side in one launch too
-            return ffn.step_kernel(h, self.ffn_norm)
-        return self._split_ffn(h)
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                 blocks: BlockLists | None = None,
                 ahead: tuple[Tensor | None, ...] | None = None) -> Tensor:
@@ -261,8 +232,6 @@ class TransformerBlock(nn.Module):
         or None."""
         if self.step_kernels in FUSED_KINDS and x.shape[0] * x.shape[1] == 1 \
                 and compiling():
-            if self.step_kernels in ("layer", "model") and self.takes_layer_kernel(x):
-                return self._layer_forward(x, cos, sin, input_pos)
             parts = self.fused_parts()
             if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
                 return self._fused_forward(x, cos, sin, input_pos, parts, ahead)
@@ -340,7 +309,6 @@ class Transformer(nn.Module):
         self.tok_embeddings = Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
         self.norm = norm_class(spec)(spec.dim, spec.norm_eps)
-        self.took_model_kernel = False  # a traced batch-1 step ran every layer in one launch
         self.prefetch_distance = 0  # a traced fused step's kernels prefetched (prefetch_plan)
         # Gemma multiplies the embeddings by sqrt(dim) rounded to the model dtype, as HF does
         # (bf16: sqrt(3840) = 61.97 becomes 62.0); setup_cache rounds it to the weights' dtype.
@@ -474,9 +442,6 @@ class Transformer(nn.Module):
                                       "cannot be fused with add and norm (use NCCL's)")
             normed = self._forward_prenormed(h, cos, sin, input_pos, self.add_norm)
             return self._logits(normed if rows is None else normed.index_select(1, rows))
-        if block_fn is None and self.takes_model_kernel(h):
-            h = self._model_forward(h, cos, sin, input_pos)
-            return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
         plan = self.prefetch_plan(h) if block_fn is None else None
         for index, layer in enumerate(self.layers):
             c, s = local if layer.attention.local_rope else (cos, sin)
@@ -505,49 +470,6 @@ class Transformer(nn.Module):
         self.prefetch_distance = distance  # traced so: the runner's record of what ran
         width = len(FUSED_PARTS)
         return [tuple(ahead[i:i + width]) for i in range(0, len(ahead), width)]
-
-    def takes_model_kernel(self, x: Tensor) -> bool:
-        """Whether step_kernels "model" runs the batch-1 step x [1, 1, dim] of every layer in one
-        launch (kernels/model_step.py): each layer asked for it, dense and taking the layer
-        launch (TransformerBlock.takes_layer_kernel), with one RoPE base, a cache that is no
-        ring, and every layer alike (model_step_shape)."""
-        layers = self.layers
-        if not (x.shape[0] * x.shape[1] == 1 and compiling()
-                and all(layer.step_kernels == "model" for layer in layers)):
-            return False
-        return all(isinstance(layer.feed_forward, FeedForward) and not layer.attention.local_rope
-                   and not layer.attention.kv_cache.is_ring and layer.takes_layer_kernel(x)
-                   for layer in layers) \
-            and len({model_step_shape(layer) for layer in layers}) == 1
-
-    def _model_forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor) -> Tensor:
-        """takes_model_kernel's step: every layer in one launch, x [1, 1, dim] -> the last
-        layer's output [1, 1, dim]."""
-        from infermeter.engine.kernels.decode_attention import split_count
-        from infermeter.engine.kernels.model_step import model_step
-
-        self.took_model_kernel = True  # traced so: the runner's record of what ran
-        blocks = list(self.layers)
-        attentions = [block.attention for block in blocks]
-        first = attentions[0]
-        cache, q_norm = first.kv_cache, first.q_norm
-
-        def weights(get: Callable[[TransformerBlock], nn.Module | None]) -> list[Tensor]:
-            return [] if get(blocks[0]) is None else [get(block).weight for block in blocks]
-
-        out = model_step(
-            x.reshape(1, -1), weights(lambda b: b.attention_norm),
-            weights(lambda b: b.attention.wqkv),
-            [] if first.wqkv.bias is None else [a.wqkv.bias for a in attentions], cos, sin,
-            input_pos, [a.kv_cache.k for a in attentions], [a.kv_cache.v for a in attentions],
-            cache.key_pos, weights(lambda b: b.attention.q_norm),
-            weights(lambda b: b.attention.k_norm), weights(lambda b: b.attention.wo),
-            weights(lambda b: b.ffn_norm), weights(lambda b: b.feed_forward.w13),
-            weights(lambda b: b.feed_forward.w2), first.qkv_split[0],
-            blocks[0].attention_norm.eps, blocks[0].ffn_norm.eps,
-            0.0 if q_norm is None else q_norm.eps,
-            split_count(first.n_kv_heads, cache.size, x.device))
-        return out.view_as(x)
 
     def _logits(self, normed: Tensor) -> Tensor:
         """[B, R, dim] final-normed -> [B, R, vocab] float32, soft-capped where the model is."""
@@ -582,33 +504,15 @@ def prefill_from(model: Transformer, start: int | None) -> Iterator[None]:
             layer.attention.prefill_start = None
 
 
-def model_step_shape(block: TransformerBlock) -> tuple:
-    """What the model launch needs alike in every layer (one set of constexprs and strides
-    serves them all): each tensor's shape, strides and dtype, and the norms' epsilons."""
-    attention, ffn = block.attention, block.feed_forward
-    tensors = (block.attention_norm.weight, attention.wqkv.weight, attention.wqkv.bias,
-               None if attention.q_norm is None else attention.q_norm.weight,
-               None if attention.k_norm is None else attention.k_norm.weight,
-               attention.wo.weight, block.ffn_norm.weight, ffn.w13.weight, ffn.w2.weight,
-               attention.kv_cache.k, attention.kv_cache.v)
-    return (tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in tensors),
-            block.attention_norm.eps, block.ffn_norm.eps,
-            None if attention.q_norm is None else attention.q_norm.eps, tuple(attention.qkv_split))
-
-
 def set_step_kernels(model: Transformer, kind: str) -> None:
     """Every layer of `model` runs its compiled batch-1 step as `kind` (STEP_KERNELS)."""
     if kind not in STEP_KERNELS:
         raise ValueError(f"unknown step kernels {kind!r} (use {STEP_KERNELS})")
-    if kind != "model":
-        model.took_model_kernel = False
     if kind != "fused":
         model.prefetch_distance = 0
     for layer in model.layers:
         if layer.step_kernels != kind:  # same kind (a runner sharing compiled steps): kept
-            layer.took_layer_kernel = False
             if isinstance(layer.feed_forward, MoEFeedForward):
-                layer.feed_forward.took_step_kernel = False
                 layer.feed_forward.took_fused_step = False
         layer.step_kernels = kind
 
@@ -622,15 +526,9 @@ def fused_step_layers(model: Transformer) -> int:
 
 def fused_step_parts(model: Transformer) -> int:
     """How many of the layers' FUSED_PARTS a compiled batch-1 step runs fused (of
-    len(FUSED_PARTS) x layers); a layer in one launch counts its four."""
+    len(FUSED_PARTS) x layers)."""
     return sum(len(layer.fused_parts()) for layer in model.layers
                if layer.step_kernels in FUSED_KINDS)
-
-
-def layer_step_layers(model: Transformer) -> int:
-    """How many layers the compiled batch-1 steps traced since set_step_kernels last changed
-    their kind ran in one launch (step_kernels "layer", where takes_layer_kernel allowed it)."""
-    return sum(layer.took_layer_kernel for layer in model.layers)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

@@ -86,13 +86,6 @@ def grouped_experts(*args: Any, **kwargs: Any) -> Tensor:
     return expert_gemm.grouped_experts(*args, **kwargs)
 
 
-def moe_step_kernel(*args: Any) -> tuple[Tensor, Tensor]:
-    """kernels/moe_step.py's moe_step (its arguments)."""
-    from infermeter.engine.kernels import moe_step
-
-    return moe_step.moe_step(*args)
-
-
 def kernel_route(logits: Tensor, top_k: int, renormalize: bool,
                  softmax_after_topk: bool) -> tuple[Tensor, Tensor] | None:
     """kernels/router_topk.py's route of the router's logits [N, E] (weights, ids), or None
@@ -149,8 +142,7 @@ class MoEFeedForward(nn.Module):
         self.softmax_after_topk = bias
         self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.last_experts: Tensor | None = None  # [N, k] routing ids of the last forward
-        self.took_step_kernel = False  # a traced batch-1 step ran this block in one launch
-        self.took_fused_step = False  # ... or as the fused step's four kernels (fused_step)
+        self.took_fused_step = False  # a traced batch-1 step ran the four kernels (fused_step)
         self.moe_kernel = MOE_KERNEL
         # Token counts past one that this GPU has measured expert tiles for, where "auto" takes
         # the Triton kernels too (note_token_tiles; set outside any compiled region)
@@ -231,9 +223,9 @@ class MoEFeedForward(nn.Module):
                 self.down_bias)
 
     def takes_step_kernel(self, h: Tensor, norm: RMSNorm) -> bool:
-        """Whether a batch-1 step of h [1, 1, dim] runs this block, its norm (`norm`, the
-        layer's ffn_norm) and its residual add as one launch (kernels/moe_step.py, with the
-        "layer" step kernels): the Triton experts (runs_kernels), a router the routing kernel
+        """Whether the fused batch-1 step of h [1, 1, dim] runs this block, its norm (`norm`,
+        the layer's ffn_norm) and its residual add as fused_step's four kernels: the Triton
+        experts (runs_kernels), a router the routing kernel
         takes, the norm's and router's weights as the kernels read them (h's dtype, unit column
         stride), no hook on the block or its router (tensor parallelism's all-reduce must come
         before the residual add), and none of gpt-oss's biases, clamped SwiGLU or
@@ -248,16 +240,6 @@ class MoEFeedForward(nn.Module):
                 and self.n_experts <= MAX_EXPERTS
                 and all(w.dtype == h.dtype and w.stride(-1) == 1
                         for w in (self.gate.weight, norm.weight)))
-
-    def step_kernel(self, h: Tensor, norm: RMSNorm) -> Tensor:
-        """takes_step_kernel's one launch: h + this block's output for h [1, 1, dim] normed by
-        `norm` (the layer's ffn_norm); the routed ids noted as a forward notes them."""
-        out, ids = moe_step_kernel(h.reshape(1, -1), norm.weight, self.gate.weight,
-                                   self.w1.weight, self.w3.weight, self.w2.weight, norm.eps,
-                                   self.top_k, self.renormalize)
-        self.last_experts = ids
-        self.took_step_kernel = True  # traced so: the runner's record of what ran
-        return out.view_as(h)
 
     def fused_step(self, h: Tensor, norm: RMSNorm) -> Tensor:
         """The fused batch-1 step's block (step_kernels "fused", for takes_step_kernel's

@@ -102,39 +102,6 @@ class Attention(nn.Module):
         return cache is not None and self.ropes_in_wqkv(x.dtype, cache.k.dtype) \
             and cache.k.shape[0] == 1 and cache.k.stride(-1) == 1
 
-    def attends_in_layer_kernel(self, x: Tensor) -> bool:
-        """Whether the one-launch layer step (kernels/layer_step.py) can run this attention for
-        the batch-1 step x [1, 1, dim]: RoPE and the cache write in wqkv's kernel
-        (fuses_rope_and_cache), the split-KV Triton decode attention that the step would run
-        ("auto" picks it at batch 1) over a head size it takes, and none of Gemma's query
-        scale and soft cap or gpt-oss's sinks."""
-        q = x.new_empty(1, 1, 1, self.head_dim)  # the decode kernel's test needs only its shape
-        return (self.fuses_rope_and_cache(x) and self.q_scale is None and self.softcap is None
-                and self.sinks is None and resolve_attention(self.decode_attention, 1) == "triton"
-                and decode_kernel_usable(q))
-
-    def layer_step(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                   ffn_norm: RMSNorm | None = None, w13: Tensor | None = None,
-                   w2: Tensor | None = None) -> Tensor:
-        """The batch-1 step of the layer around this attention in one launch (x [1, 1, dim] ->
-        [1, 1, dim]): its norm, wqkv, q/k norms, RoPE, cache write, attention over the cache
-        (split as _attend splits it), wo + residual, then the FFN's norm + w13 + SwiGLU and
-        w2 + residual; without the FFN's weights, up to x + wo(attention). For
-        attends_in_layer_kernel's layers."""
-        from infermeter.engine.kernels.decode_attention import split_count
-        from infermeter.engine.kernels.layer_step import layer_step
-
-        cache, q_norm, k_norm = self.kv_cache, self.q_norm, self.k_norm
-        out = layer_step(
-            x.reshape(1, -1), norm.weight, self.wqkv.weight, self.wqkv.bias, cos, sin,
-            input_pos, cache.k, cache.v, cache.key_pos,
-            None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
-            self.wo.weight, None if ffn_norm is None else ffn_norm.weight, w13, w2,
-            self.qkv_split[0], norm.eps, 0.0 if ffn_norm is None else ffn_norm.eps,
-            0.0 if q_norm is None else q_norm.eps, cache.is_ring,
-            cache.window or 0, split_count(self.n_kv_heads, cache.size, x.device))
-        return out.view_as(x)
-
     def ropes_in_wqkv(self, dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
         """fuses_rope_and_cache's rule before a cache exists: activations in `dtype`, a batch-1
         cache of `cache_dtype` (Generator.prepare's, contiguous). The runner records it."""

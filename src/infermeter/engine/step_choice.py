@@ -21,8 +21,8 @@ results/step-qk-heads-nvidia-h100-80gb-hbm3.jsonl). Other MoE steps (torch's exp
 gpt-oss: no q/k norms, larger or biased experts) stay split until measured.
 Left split, in the trees, whatever the size: other MoE steps, tensor parallelism and batches past
 one (neither measured), the cudagraphs compile backend (its own graphs) and anything off a GPU (no
-graph to replay). Kernels asked for by name keep their replay by the same pairing: fused (or one
-launch a layer) recorded, split in the trees.
+graph to replay). Kernels asked for by name keep their replay by the same pairing: fused
+recorded, split in the trees.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from infermeter.errors import InfermeterError
 
 AUTO = "auto"
 # The most weight bytes a step may read and still take the fused, recorded step: between
@@ -67,34 +65,18 @@ def held_in_trees(device: torch.device, moe: bool, tp: int, batch: int,
             else f"batch {batch}" if batch > 1 else None)
 
 
-def check_model_kernels(device: torch.device, moe: bool, tp: int, batch: int,
-                        backend: str | None, graphs: str = AUTO) -> None:
-    """Refuse step kernels "model" where its step would replay in inductor's trees (held
-    there, or `graphs` "trees" asked for): its address table is made on the step's first,
-    eager run, and the trees may record a step anew (a cache at new addresses) with no eager
-    run before it. Off a GPU it runs eagerly: no graph."""
-    held = held_in_trees(device, moe, tp, batch, backend)
-    if graphs == "trees" and device.type == "cuda":
-        held = "a step replayed in the trees as asked"
-    if held not in (None, "off a GPU"):
-        raise InfermeterError(f"--step-kernels model runs only in the recorded step, which "
-                              f"{held} does not take: ask for layer (one launch a layer)")
-
-
 def choose_step(weight_bytes: int, device: torch.device, moe: bool, tp: int, batch: int,
                 backend: str | None = None, kernels: str = AUTO,
                 moe_fuses: bool = False) -> StepChoice:
     """The step for a model reading weight_bytes a step on `device`, with MoE layers or not,
     over tp ranks, at a largest batch of `batch` sequences, compiled by `backend` (None:
     inductor). `kernels` asked for by name run as asked, replayed as those kernels are best
-    replayed: the fused ones (and one launch a layer) in the recorded graph, split in the trees;
+    replayed: the fused ones in the recorded graph, split in the trees;
     "auto" picks them by size, and fused in the trees for an MoE model at batch 1 on one GPU
     where moe_fuses (q/k norms and the Triton experts: Qwen3-MoE's measured case). The reason
     says which ("auto: ..." or "asked: ...")."""
     gb = f"{weight_bytes / 1e9:.2f} GB of weights"
     held = held_in_trees(device, moe, tp, batch, backend)
-    if kernels == "model":
-        check_model_kernels(device, moe, tp, batch, backend)
     if kernels != AUTO:
         graphs = "trees" if held or kernels == "split" else "recorded"
         return StepChoice(kernels, graphs,

@@ -230,13 +230,6 @@ def run_generate(request: GenerateRequest, env: dict[str, Any],
     request = _resolved(request, parallel, resolve_all_reduce(request, parallel, spec), tokenizer)
     # ---- end tensor parallelism ----
     _check_hf(cases, parallel, spec)
-    if request.engine.step_kernels == "model" and any(c.mode == "compiled" for c in cases):
-        from infermeter.engine.step_choice import check_model_kernels
-
-        # before the weights: where its step would replay in the trees it cannot run
-        check_model_kernels(device, spec.n_experts > 0, request.tp or 1,
-                            max(c.largest_group for c in cases if c.mode == "compiled"),
-                            request.engine.compile_backend, request.engine.step_graphs)
     memory.check_cases_fit(spec, cases, dtype, kv_dtype, device, request.tp,
                            request.engine.tp_all_reduce,
                            request.max_new_tokens * request.timing.repeats,

@@ -22,7 +22,6 @@ from infermeter.engine.model import (
     FUSED_PARTS,
     Transformer,
     fused_step_parts,
-    layer_step_layers,
     set_step_kernels,
 )
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel, takes_expert_kernel
@@ -97,7 +96,6 @@ class EngineRunner:
                 "prefetch": self._prefetch_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
-                "moe_step": self._moe_step_used(),
                 "moe_fused_step": self._moe_fused_step_used(),
                 "pdl": self.generator.pdl, "prefill_chunk": self.generator.prefill_chunk,
                 "step_graphs": self.generator.step_graphs if compiled else None,
@@ -131,27 +129,17 @@ class EngineRunner:
         return "triton" if gemv else "inductor"
 
     def _step_kernels_used(self) -> str | None:
-        """The compiled batch-1 step's layers: "model" where the traced step ran every layer in
-        one launch (kernels/model_step.py, Transformer.takes_model_kernel), "layer" where every
-        layer ran in one launch (a
-        dense layer whole, an MoE layer its attention side: kernels/layer_step.py,
-        TransformerBlock.takes_layer_kernel), "fused" where every layer
-        took all four of fused_step.py's kernels (a batch of 1, Triton runs,
-        model.TransformerBlock.fused_parts), "partly fused" where some took some (a Gemma layer
-        its norm + wqkv, an MoE layer its attention's two, or only some layers one launch),
-        else "split"; None in eager mode."""
+        """The compiled batch-1 step's layers: "fused" where every layer took all four of
+        fused_step.py's kernels (a batch of 1, Triton runs, model.TransformerBlock.fused_parts),
+        "partly fused" where some took some (a Gemma layer its norm + wqkv, an MoE layer its
+        attention's two), else "split"; None in eager mode."""
         if not self.config.compile:
             return None
         model = self.generator.model
         runs = 1 in self.batch_sizes and triton_runs_on(model.output.weight)
         fused = fused_step_parts(model) if runs else 0
-        whole = layer_step_layers(model) if runs else 0  # as the traced steps ran them
-        if runs and model.took_model_kernel:
-            return "model"
-        if whole == len(model.layers):  # an MoE layer: its attention side in the launch
-            return "layer"
         return "split" if fused == 0 else "fused" \
-            if fused == len(FUSED_PARTS) * len(model.layers) and whole == 0 else "partly fused"
+            if fused == len(FUSED_PARTS) * len(model.layers) else "partly fused"
 
     def _fused_rope_used(self) -> bool | None:
         """Whether the fused step's wqkv kernel also ropes q and k and writes the cache: True
@@ -180,14 +168,13 @@ class EngineRunner:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes
         (fused_rope): 2 in a kernel of their own after norm + wqkv (Attention.qk_norms_apart,
         qk_norm_rope.QK_NORM_KERNELS), 1 in wqkv's kernel, a program a head; None where no such
-        layer runs the fused kernels ("fused" or "partly fused" steps only: a one-launch layer
-        has its own)."""
+        layer runs the fused kernels ("fused" or "partly fused" steps only)."""
         if self._step_kernels_used() not in ("fused", "partly fused") \
                 or not self._fused_rope_used():
             return None
         layers = [layer.attention for layer in self.generator.model.layers
                   if layer.step_kernels in FUSED_KINDS and "attention_in" in layer.fused_parts()
-                  and layer.attention.q_norm is not None and not layer.took_layer_kernel]
+                  and layer.attention.q_norm is not None]
         if not layers:
             return None
         return 2 if all(attention.qk_norms_apart() for attention in layers) else 1
@@ -206,15 +193,6 @@ class EngineRunner:
                                              for block in blocks) else "torch"
                              for batch in self.batch_sizes)
         return "/".join(used) or "torch"
-
-    def _moe_step_used(self) -> bool | None:
-        """Whether every MoE block of the traced batch-1 steps ran in one launch
-        (kernels/moe_step.py, --step-kernels layer with the Triton experts); None for a model
-        without MoE layers and in eager mode."""
-        blocks = self._moe_blocks()
-        if not blocks or not self.config.compile:
-            return None
-        return all(block.took_step_kernel for block in blocks)
 
     def _moe_fused_step_used(self) -> bool | None:
         """Whether every MoE block of the traced batch-1 steps ran as the fused step's four

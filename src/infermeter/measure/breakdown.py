@@ -60,10 +60,11 @@ _ALLREDUCE = re.compile(r"nccl|all_?reduce|c10d::|_peer_", re.I)
 _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|bmm|split_kv"
                         r"|_combine_kernel", re.I)
 # norm_qkv_rope: fused_step.py's norm + wqkv + RoPE kernel, a product first of all
-# layer_step.py's one launch a layer counts as products: its time is mostly weight reads
+# _layer_kernel (one launch a layer, removed 2026-12-06; in older traces) counts as products
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|matmul|linear)$"
                      r"|splitk|norm_qkv_rope|_layer_kernel", re.I)
-# expert_gemv.py's, router_topk.py's, and moe_step.py's one launch of an MoE block
+# expert_gemv.py's, router_topk.py's, and _moe_kernel (one launch of an MoE block, removed
+# 2026-12-06; in older traces)
 _EXPERTS = re.compile(r"_experts_(swiglu|down|route)|_moe_kernel", re.I)
 _CACHE_WRITE = re.compile(r"index_(copy|put)")
 _ROTARY = re.compile(r"mul|neg|cat|stack|rope|rotary|complex|sub", re.I)

@@ -59,8 +59,8 @@ from torch import Tensor
 
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
+from infermeter.engine.kernels.kept_counts import kept_counts
 from infermeter.engine.kernels.pdl import launch
-from infermeter.engine.kernels.stage_sync import kept_counts
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
@@ -253,7 +253,7 @@ if triton is not None:
 
 def combine_counter(device: torch.device, rows: int) -> Tensor:
     """The "last" combine's arrival counts, int32 [rows] (rows = B * H_kv), zero between calls:
-    stage_sync.kept_counts' (made once per (device, size) and kept, since a captured CUDA graph
+    kept_counts.kept_counts' (made once per (device, size) and kept, since a captured CUDA graph
     holds its address). Every layer of that shape shares it (the kernels that use it run one
     after another on the step's stream; under PDL one starts only after the one before its
     predecessor has finished)."""

@@ -112,7 +112,7 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
                             LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
         """_experts_swiglu_kernel's program (row_block, slot): BLOCK_N / 2 gate and up rows of
-        slot's expert, for every token that chose it (the one-launch MoE step calls it too)."""
+        slot's expert, for every token that chose it."""
         rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         if PDL:  # x and the ids are the previous kernels' outputs, and the rows follow the ids
@@ -162,8 +162,8 @@ if triton is not None:
                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         """_experts_down_kernel's program (row_block, token): BLOCK_N rows of the token's k
-        experts' weighted sum; HAS_RESIDUAL (the one-launch MoE step): RES's rows [n_rows] plus
-        that sum rounded, as the block's residual add rounds it."""
+        experts' weighted sum; HAS_RESIDUAL (the fused step's MoE block): RES's rows [n_rows]
+        plus that sum rounded, as the block's residual add rounds it."""
         rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
         token = token.to(tl.int64)
         row_ok = rows < n_rows

@@ -29,8 +29,8 @@ it rotates q's and k's pairs in registers and stores q, and k and v into the cac
 Gemma 3) a program's rows are one whole head (BLOCK_N = head_dim, BLOCK_K as many columns as
 keep the GEMV's tile size): its pairs' products give the head's RMS over head_dim before RoPE,
 with no other program's rows needed; v's heads are not normed. Off, the kernel is the one above.
-The fused step takes that QK_NORM way only where asked (qk_norm_rope.QK_NORM_KERNELS 1) and in
-the one-launch steps; by default such a layer runs norm_gemv, then qk_norm_rope.py's kernel,
+The fused step takes that QK_NORM way only where asked (qk_norm_rope.QK_NORM_KERNELS 1); by
+default such a layer runs norm_gemv, then qk_norm_rope.py's kernel,
 which shares this kernel's epilogue (rope_and_store).
 
 Numerics: the eager path's rounding points, so that a fused step stays as near eager as it can:
@@ -86,7 +86,6 @@ if triton is not None:
         uncontracted_product,
     )
     from infermeter.engine.kernels.prefetch import prefetch_share
-    from infermeter.engine.kernels.stage_sync import wait_count
 
     # Exact where eager is (built for sm_90, Triton's `/` on float32 is div.full.f32 or
     # div.approx.f32, within 2 ulp of the quotient):
@@ -133,8 +132,8 @@ if triton is not None:
     def normed_row(X, NORM_W, OUT, n_cols, EPS: tl.constexpr, GEMMA: tl.constexpr,
                    BLOCK_K: tl.constexpr):
         """Store RMSNorm(x) [n_cols] to OUT as the fused kernels norm it (eager's rounding
-        points): what a later stage reads where the normed row itself is the input (the
-        one-launch MoE step's experts)."""
+        points): what a later kernel reads where the normed row itself is the input (the fused
+        step's MoE experts)."""
         inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -154,21 +153,19 @@ if triton is not None:
         if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py), before anything
             pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
         fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
-                         up_row, X, 0, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
-                         BLOCK_K, LIBDEVICE, PDL, GELU, False)
+                         up_row, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
+                         BLOCK_K, LIBDEVICE, PDL, GELU)
         if STORE_NORMED:  # the normed x itself for a later kernel (an MoE block's experts)
             if tl.program_id(0) == 0:
                 normed_row(X, NORM_W, NORMED, n_cols, EPS, GEMMA, BLOCK_K)
 
     @triton.jit
     def fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w, up_row,
-                         WAIT, wait_for, EPS: tl.constexpr, HAS_NORM: tl.constexpr,
-                         GEMMA: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
+                         SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
-                         PDL: tl.constexpr, GELU: tl.constexpr, HAS_WAIT: tl.constexpr):
-        """Program pid's BLOCK_N output rows of _fused_gemv_kernel. HAS_WAIT (a stage of the
-        one-launch layer step, layer_step.py): after its first weight tile, the program waits
-        for the int32 count at WAIT to reach wait_for (stage_sync.py), where PDL would wait."""
+                         PDL: tl.constexpr, GELU: tl.constexpr):
+        """Program pid's BLOCK_N output rows of _fused_gemv_kernel."""
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -184,8 +181,6 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # x (and the residual) are earlier kernels' outputs
             tl.extra.cuda.gdc_launch_dependents()
-        if HAS_WAIT:  # x (and the residual) are earlier stages' outputs
-            wait_count(WAIT, wait_for)
         inv_rms = 1.0
         if HAS_NORM:
             inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
@@ -237,7 +232,7 @@ if triton is not None:
                             K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
                             stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
                             IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
-                            QK_GEMMA, QK_EPS, PDL, X, 0, False)
+                            QK_GEMMA, QK_EPS, PDL)
 
     @triton.jit
     def norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
@@ -247,8 +242,7 @@ if triton is not None:
                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                             QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
-                            QK_EPS: tl.constexpr, PDL: tl.constexpr, WAIT, wait_for,
-                            HAS_WAIT: tl.constexpr):
+                            QK_EPS: tl.constexpr, PDL: tl.constexpr):
         """norm + wqkv + RoPE + cache write, program pid's: its BLOCK_N rows are BLOCK_N / 2
         adjacent pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a
         head's features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles
@@ -256,9 +250,7 @@ if triton is not None:
         each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot. QK_NORM
         (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]): BLOCK_N ==
         HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's head is RMS-
-        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not. HAS_WAIT (a
-        layer after the first in the one-launch model step, model_step.py): after its first
-        weight tiles, the program waits for the int32 count at WAIT to reach wait_for."""
+        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
         pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
         n_out = n_q + 2 * n_kv
@@ -274,8 +266,6 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        if HAS_WAIT:  # x is the layer before's output
-            wait_count(WAIT, wait_for)
         inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
         x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
         acc_even = w_even.to(tl.float32) * x[None, :]  # [BLOCK_N / 2, BLOCK_K]

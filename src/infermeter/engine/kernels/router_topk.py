@@ -112,8 +112,7 @@ if triton is not None:
                           LOG2_TOPK_LANES: tl.constexpr, LOG2_WIDTH: tl.constexpr,
                           RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr,
                           LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
-        """_experts_route_kernel's program for `token`: its k weights and expert ids (the
-        one-launch MoE step calls it too)."""
+        """_experts_route_kernel's program for `token`: its k weights and expert ids."""
         token = token.to(tl.int64)
         if PDL:  # the logits are the router GEMV's output
             tl.extra.cuda.gdc_wait()
