@@ -8,7 +8,6 @@ from infermeter.engine.model import build_model
 from infermeter.engine.step_choice import (
     SMALL_STEP_BYTES,
     StepChoice,
-    check_model_kernels,
     choose_step,
     step_weight_bytes,
 )
@@ -56,35 +55,13 @@ def test_a_qwen3_moe_batch_1_step_with_the_triton_experts_takes_the_fused_kernel
     assert choose_step(10**11, CUDA, False, 1, 1, moe_fuses=True).kernels == "split"
 
 def test_kernels_asked_by_name_run_as_asked_with_their_own_replay_whatever_the_size():
-    """The fused kernels (and one launch a layer) in the recorded graph, split in the trees;
-    the reason says they were asked for (the report's test for a comparison run)."""
+    """The fused kernels in the recorded graph, split in the trees; the reason says they were
+    asked for (the report's test for a comparison run)."""
     for size in (1000, int(SMALL_STEP_BYTES) * 10):
-        for kernels, graphs in (("split", "trees"), ("fused", "recorded"),
-                                ("layer", "recorded")):
+        for kernels, graphs in (("split", "trees"), ("fused", "recorded")):
             choice = choose_step(size, CUDA, False, 1, 1, None, kernels)
             assert (choice.kernels, choice.graphs) == (kernels, graphs)
             assert choice.reason == f"asked: {kernels}, {graphs}"
-
-
-@pytest.mark.parametrize("moe,tp,batch,backend,why", [
-    (True, 1, 1, None, "an MoE model"), (False, 2, 1, None, "tp 2"),
-    (False, 1, 8, None, "batch 8"), (False, 1, 1, "cudagraphs", "the cudagraphs backend")])
-def test_one_launch_a_model_outside_the_recorded_step_is_one_line_up_front(moe, tp, batch,
-                                                                           backend, why):
-    """The model launch's address table is made on the step's first, eager run, which the
-    trees may skip when they record a step anew: asked for where the step would run in them,
-    it is refused before the work. Off a GPU it runs eagerly (no graph), and in the recorded
-    step as asked."""
-    with pytest.raises(InfermeterError, match=f"model runs only in the recorded step, which "
-                                              f"{why} does not take"):
-        choose_step(1000, CUDA, moe, tp, batch, backend, "model")
-    assert choose_step(1000, CUDA, False, 1, 1, None, "model").graphs == "recorded"
-    assert choose_step(1000, CPU, False, 1, 1, None, "model").kernels == "model"
-    # generate's check before the weights: the trees asked for by name too
-    with pytest.raises(InfermeterError, match="a step replayed in the trees as asked does not"):
-        check_model_kernels(CUDA, False, 1, 1, None, "trees")
-    check_model_kernels(CUDA, False, 1, 1, None, "recorded")
-    check_model_kernels(CPU, False, 1, 8, None, "trees")  # eager: no graph to record
 
 
 def test_a_step_reads_a_tied_head_once_and_no_untied_embedding_table():
@@ -165,7 +142,6 @@ def test_the_runner_applies_the_choice_and_records_why(monkeypatch):
 @pytest.mark.parametrize("field,value", [("step_kernels", "megakernel"),
                                          ("step_graphs", "graphs")])
 def test_an_unknown_step_setting_is_one_clear_error(field, value):
-    from infermeter.errors import InfermeterError
     from infermeter.generate.request import EngineChoices
 
     with pytest.raises(InfermeterError, match=f"unknown {field.replace('_', ' ')} '{value}' "
