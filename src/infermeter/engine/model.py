@@ -176,8 +176,6 @@ STEP_KERNEL = "split"
 # lost to these kernels at every size and were removed on 2026-12-06: docs/engine.md, "Tried
 # and lost".)
 STEP_KERNELS = ("split", "fused")
-# The kinds that run a layer's batch-1 step as fused_step.py's kernels
-FUSED_KINDS = ("fused",)
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
 # norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU (or
 # GeGLU), w2 + residual add.
@@ -230,7 +228,7 @@ class TransformerBlock(nn.Module):
                 ahead: tuple[Tensor | None, ...] | None = None) -> Tensor:
         """ahead: the weights the fused step's four kernels prefetch (Transformer.prefetch_plan),
         or None."""
-        if self.step_kernels in FUSED_KINDS and x.shape[0] * x.shape[1] == 1 \
+        if self.step_kernels == "fused" and x.shape[0] * x.shape[1] == 1 \
                 and compiling():
             parts = self.fused_parts()
             if parts and fused_step_kernels_usable(x, self.fused_step_params(parts)):
@@ -263,7 +261,7 @@ class TransformerBlock(nn.Module):
         h = out if "attention_out" in parts else x + self._post(self.attention_post_norm, out)
         ffn = self.feed_forward
         if not isinstance(ffn, FeedForward):  # MoE: four kernels where it can, else split
-            if self.ffn_post_norm is None and ffn.takes_step_kernel(h, self.ffn_norm):
+            if self.ffn_post_norm is None and ffn.takes_fused_step(h, self.ffn_norm):
                 return ffn.fused_step(h, self.ffn_norm)
             return self._split_ffn(h)
         out = self.feed_forward(h if ffn_in else self.ffn_norm(h),
@@ -518,9 +516,9 @@ def set_step_kernels(model: Transformer, kind: str) -> None:
 
 
 def fused_step_layers(model: Transformer) -> int:
-    """How many layers a compiled batch-1 step runs wholly fused (asked for, one of
-    FUSED_KINDS, and fuses_step())."""
-    return sum(layer.step_kernels in FUSED_KINDS and layer.fuses_step()
+    """How many layers a compiled batch-1 step runs wholly fused (step_kernels "fused" and
+    fuses_step())."""
+    return sum(layer.step_kernels == "fused" and layer.fuses_step()
                for layer in model.layers)
 
 
@@ -528,7 +526,7 @@ def fused_step_parts(model: Transformer) -> int:
     """How many of the layers' FUSED_PARTS a compiled batch-1 step runs fused (of
     len(FUSED_PARTS) x layers)."""
     return sum(len(layer.fused_parts()) for layer in model.layers
-               if layer.step_kernels in FUSED_KINDS)
+               if layer.step_kernels == "fused")
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

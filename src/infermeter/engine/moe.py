@@ -222,7 +222,7 @@ class MoEFeedForward(nn.Module):
         return (self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias,
                 self.down_bias)
 
-    def takes_step_kernel(self, h: Tensor, norm: RMSNorm) -> bool:
+    def takes_fused_step(self, h: Tensor, norm: RMSNorm) -> bool:
         """Whether the fused batch-1 step of h [1, 1, dim] runs this block, its norm (`norm`,
         the layer's ffn_norm) and its residual add as fused_step's four kernels: the Triton
         experts (runs_kernels), a router the routing kernel
@@ -242,7 +242,7 @@ class MoEFeedForward(nn.Module):
                         for w in (self.gate.weight, norm.weight)))
 
     def fused_step(self, h: Tensor, norm: RMSNorm) -> Tensor:
-        """The fused batch-1 step's block (step_kernels "fused", for takes_step_kernel's
+        """The fused batch-1 step's block (step_kernels "fused", for takes_fused_step's
         blocks): h + this block's output for h [1, 1, dim] normed by `norm` (the layer's
         ffn_norm) in four kernels where the split step takes six (the add and norm, the
         router's product, the routing, the two expert products, the residual add): the norm
@@ -256,7 +256,7 @@ class MoEFeedForward(nn.Module):
         logits, normed = norm_matvec_keeping(flat, norm.weight, self.gate.weight, norm.eps,
                                              isinstance(norm, GemmaRMSNorm))  # [1, E], [1, dim]
         routed = kernel_route(logits, self.top_k, self.renormalize, self.softmax_after_topk)
-        if routed is None:  # takes_step_kernel's blocks always route in the kernel
+        if routed is None:  # takes_fused_step's blocks always route in the kernel
             raise RuntimeError("the routing kernel cannot run on this block's router")
         weights, ids = routed
         self.last_experts = ids

@@ -18,7 +18,6 @@ from infermeter.engine.kernels.pdl import resolve as resolve_pdl
 from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import (
-    FUSED_KINDS,
     FUSED_PARTS,
     Transformer,
     fused_step_parts,
@@ -153,7 +152,7 @@ class EngineRunner:
         dtype = model.tok_embeddings.weight.dtype
         cache_dtype = dtype if gen.kv_dtype is None else torch_dtype(gen.kv_dtype)
         return all(layer.attention.ropes_in_wqkv(dtype, cache_dtype) for layer in model.layers
-                   if layer.step_kernels in FUSED_KINDS
+                   if layer.step_kernels == "fused"
                    and "attention_in" in layer.fused_parts())
 
     def _prefetch_used(self) -> int | None:
@@ -173,7 +172,7 @@ class EngineRunner:
                 or not self._fused_rope_used():
             return None
         layers = [layer.attention for layer in self.generator.model.layers
-                  if layer.step_kernels in FUSED_KINDS and "attention_in" in layer.fused_parts()
+                  if layer.step_kernels == "fused" and "attention_in" in layer.fused_parts()
                   and layer.attention.q_norm is not None]
         if not layers:
             return None

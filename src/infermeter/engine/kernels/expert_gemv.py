@@ -56,8 +56,9 @@ run on the shard as on a whole model, and the MoE block's all-reduce follows as 
 PDL (pdl.py): nothing either kernel reads is independent of the kernel before it (the expert
 ids come from the router's top-k, and the rows to read from them), so the PDL twins wait first
 and gain only the launch overlap. Measured against the torch path (benchmarks/moe_kernel_ab.py):
-faster at one token, slower at batch 4 with these tiles, so the default ("auto", moe.py) runs
-them at one token only.
+faster at one token, slower at batch 4 with the one-token tiles and faster with the H100's
+four-token ones (EXPERT_TOKEN_TILES), so the default ("auto", moe.py) runs them at one token
+and at a count the GPU has tiles for.
 """
 
 from __future__ import annotations

@@ -485,11 +485,9 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            x, norm_weight, weight, x if bias is None else bias, cos, sin, input_pos, q,
            k_cache, v_cache, key_pos, q_norm_weight if qk_norm else x,
            k_norm_weight if qk_norm else x, n_q, (n_rows - n_q) // 2, n_cols,
-           weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], ahead, total,
-           EPS=eps,
-           GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring, HEAD_DIM=head_dim,
-           BLOCK_N=block_n, BLOCK_K=block_k,
-           UNCONTRACTED=compiled_for_gpu(x),
+           weight.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], ahead,
+           total, EPS=eps, GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring,
+           HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_K=block_k, UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
            AHEAD_ON=total > 0, num_warps=warps, num_stages=NUM_STAGES)
     return q
