@@ -27,13 +27,11 @@ import torch
 
 from infermeter.engine.checkpoint.load import load_weights
 from infermeter.engine.generator import GenerationConfig, Generator
-from infermeter.engine.kernels import decode_attention
 from infermeter.engine.linear import set_matvec_kernel
 from infermeter.measure.env import capture_env, device_slug
 from infermeter.measure.result import Result, write_json
 
-# name: (fuse projections?, extra inductor options, decode attention (":last": with the
-# one-launch combine, decode_attention.COMBINE), SwiGLU activation kernel
+# name: (fuse projections?, extra inductor options, decode attention, SwiGLU activation kernel
 # (model.ACTIVATION_KERNELS), materialized attention norm (opaque_ops.materialize), one-row
 # products (linear.MATVEC_KERNELS)). Unfused
 # variants run first: fusing is in place and irreversible.
@@ -68,9 +66,6 @@ VARIANTS = {
     # beside the GEMV (whose opaque wo left the math attention's PV product unfused: ~20 us a layer)
     "fused-gemv-triton": (True, {}, "triton", "aten", False, "triton"),
     "fused-gemv-all-triton": (True, {}, "triton", "triton", False, "triton"),  # the defaults
-    # the defaults with the split-KV attention in one launch: the last split program of each
-    # row combines (decode_attention.COMBINE "last") instead of a second kernel (issue 27)
-    "fused-gemv-all-triton-last-combine": (True, {}, "triton:last", "triton", False, "triton"),
 }
 PROMPT_LEN, CACHE, STEPS, RUNS = 80, 512, 128, 3
 
@@ -134,8 +129,6 @@ def main() -> int:
     name_part = f"decode-tuning-{args.tag}-" if args.tag else "decode-tuning-"
     for name in names:
         fuse, options, attention, opaque_act, opaque_norm, matvec = VARIANTS[name]
-        attention, _, combine = attention.partition(":")
-        decode_attention.set_combine(combine or "separate")  # read when the step is traced
         for layer in model.layers:
             layer.attention.decode_attention = attention
             layer.feed_forward.activation_kernel = opaque_act
@@ -154,7 +147,6 @@ def main() -> int:
         runs = time_decode(generator, config)
         tpot = statistics.median(runs)
         row = {"options": options, "fused": fuse, "decode_attention": attention,
-               "decode_attention_combine": decode_attention.COMBINE,
                "activation_kernel": opaque_act, "materialized_norm": opaque_norm,
                "matvec_kernel": matvec,
                "warmup_s": warmup_s,

@@ -39,9 +39,6 @@
 #                        the q/k norms' own kernel, the MoE block as four kernels; issue 25; on an
 #                        H100 on 2026-12-06 2.3 min)
 #   part step-batch      Llama-3.2-1B bf16 compiled at batch 8 and 32, default kernels (infermeter generate)
-#   part last-combine    the split-KV attention's one-launch combine (decode_attention.COMBINE "last")
-#                        against its two kernels, the default step otherwise, at 135M and 1B, one
-#                        process a model (decode_tuning.py, with each variant's top kernels; not yet run)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -74,8 +71,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|last-combine|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -144,13 +141,6 @@ case "${1:-}" in
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
       --batch-size 8 32 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
       --output "$dest/step-batch-$slug.jsonl" ;;
-  last-combine)
-    # writes results/ and $OUT/ itself, after each variant
-    for model in smollm2-135m llama-3.2-1b; do
-      python3 benchmarks/decode_tuning.py --model "$model" --tag "last-combine-$model" \
-        --variants fused-gemv-all-triton fused-gemv-all-triton-last-combine \
-        || echo "$model: failed" >&2
-    done ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do

@@ -261,7 +261,7 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     ("_peer_add_norm_kernel", "all-reduce"),  # all-reduce + residual add + RMSNorm in one
     # the engine's own Triton kernels
     ("_split_kv_kernel", "attention"), ("_combine_kernel", "attention"),
-    ("_split_kv_last_kernel", "attention"),  # the one-launch combine (COMBINE "last")
+    ("_split_kv_last_kernel", "attention"),  # the one-launch combine (removed 2026-12-06)
     ("_gemv_kernel", "matmul (unattributed)"),
     ("_silu_mul_kernel", "other (residual, activation, embedding)"),
     # the fused step's (fused_step.py): each reads a weight matrix

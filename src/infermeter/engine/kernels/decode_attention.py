@@ -31,21 +31,9 @@ would make nothing bitwise. The default in the compiled
 step wherever Triton runs (attention.DECODE_ATTENTION says why); benchmarks/decode_tuning.py
 measures it ("fused-triton").
 
-One launch instead of two (COMBINE = "last", set_combine; "separate" stays the default until a
-GPU measures it): at batch 1 a small model's step is bound by its kernel count, and the combine
-is tiny work that costs a launch and a wait on the split kernel (4.05 us against the split's
-2.93 us a layer on an H200 at Llama-3.2-1B). In _split_kv_last_kernel each program stores its
-partials as _split_kv_kernel does, then adds 1 to its row's count (an acq_rel atomic, after a
-barrier: every thread's stores first); the program that finds n_splits - 1 there is the last,
-combines the row's G heads with _combine_kernel's own code (combine_head: same loads, same
-order of splits, same exact division), and sets the count back to 0, so the next call, and a
-CUDA graph's next replay, start at 0. Who combines changes no bit (tests/test_decode_combine.py).
-The counts are a module-kept int32 [B * H_kv] per (device, B * H_kv) (combine_counter), not an
-argument: the op stays the same for every caller, no cache layout or fit check changes, and the
-tensor is made by the first (eager, warm-up) call, before any capture, outside any graph's memory
-pool (by a thread of its own), and kept, so a captured graph's address stays valid. The op is
-an opaque custom op (split_kv_decode_last), as the PDL twin is: a triton_op's body is traced by
-inductor on fake tensors, where the module's real counter cannot go.
+A one-launch variant, the last split program of each row combining it (an atomic count), was
+tried and removed on 2026-12-06: on an H100 it ran 3-8% slower than the two kernels at
+SmolLM2-135M and Llama-3.2-1B (docs/engine.md, "Split-KV decode attention").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
@@ -59,24 +47,10 @@ from torch import Tensor
 
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
-from infermeter.engine.kernels.kept_counts import kept_counts
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
-# Who combines the splits: "separate", a second kernel (_combine_kernel, the default), or
-# "last", the last split program of each row in the same launch (_split_kv_last_kernel)
-COMBINES = ("separate", "last")
-COMBINE = "separate"
-
-
-def set_combine(kind: str) -> None:
-    """Which combine the compiled steps traced from now on use (one of COMBINES)."""
-    global COMBINE
-    if kind not in COMBINES:
-        raise ValueError(f"unknown decode-attention combine {kind!r} (one of "
-                         f"{', '.join(COMBINES)})")
-    COMBINE = kind
 
 
 def kernel_usable(q: Tensor) -> bool:
@@ -178,19 +152,16 @@ if triton is not None:
 
     @triton.jit
     def combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
-                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
-                      CACHE: tl.constexpr):
+                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr):
         """Query head g of row (= sequence * H_kv + KV head): its splits' partials weighed
-        and summed in split order, divided once, stored to OUT. CACHE is the partials' load
-        cache modifier (".cg", L2 only, where another program of this kernel wrote them)."""
+        and summed in split order, divided once, stored to OUT."""
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D)
         used = s < n_splits
         at = (row * n_splits + s) * groups + g  # [S_PAD] offsets into M, L (ACC's rows)
-        m = tl.load(M + at, mask=used, other=float("-inf"), cache_modifier=CACHE)
-        l_sum = tl.load(L + at, mask=used, other=0.0, cache_modifier=CACHE)
-        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0,
-                      cache_modifier=CACHE)
+        m = tl.load(M + at, mask=used, other=float("-inf"))
+        l_sum = tl.load(L + at, mask=used, other=0.0)
+        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
         top = tl.max(m, 0)
         if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
             sink = tl.load(SINKS + (row % n_kv_heads) * groups + g).to(tl.float32)
@@ -213,57 +184,12 @@ if triton is not None:
         # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
         combine_head(ACC, M, L, OUT, SINKS, tl.program_id(0) // groups,
                       tl.program_id(0) % groups, groups, n_splits, n_kv_heads, S_PAD, D,
-                      HAS_SINKS, "")
-
-    @triton.jit
-    def _split_kv_last_kernel(Q, K, V, KEY_POS, POS, ACC, M, L, OUT, SINKS, COUNTER,
-                              stride_qb, stride_qh, stride_qg,
-                              stride_kb, stride_kh, stride_ks,
-                              stride_vb, stride_vh, stride_vs,
-                              n_kv_heads, groups, slots, chunk, n_splits, window,
-                              SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                              BLOCK: tl.constexpr, IS_RING: tl.constexpr,
-                              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                              S_PAD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
-                              INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                              HAS_SINKS: tl.constexpr = False, PDL: tl.constexpr = False):
-        """_split_kv_kernel, then the combine in the same launch: the last of a row's
-        programs to finish (COUNTER [B * H_kv] int32, zero between calls) combines the row's
-        G heads with _combine_kernel's code, and sets the row's count back to 0."""
-        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
-                        stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs,
-                        n_kv_heads, groups, slots, chunk, n_splits, window,
-                        SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
-                        INV_SOFTCAP, LIBDEVICE)
-        row = tl.program_id(0)
-        tl.debug_barrier()  # every thread's partial stored before the release below
-        # acq_rel: this program's partials are published with its count; the last program
-        # sees every other program's partials once it reads the count they left
-        done = tl.atomic_add(COUNTER + row, 1, sem="acq_rel", scope="gpu")
-        if done == n_splits - 1:
-            for g in range(groups):
-                combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
-                              S_PAD, D, HAS_SINKS, ".cg")
-            tl.atomic_xchg(COUNTER + row, 0, sem="relaxed", scope="gpu")  # the next call's 0
-
-
-def combine_counter(device: torch.device, rows: int) -> Tensor:
-    """The "last" combine's arrival counts, int32 [rows] (rows = B * H_kv), zero between calls:
-    kept_counts.kept_counts' (made once per (device, size) and kept, since a captured CUDA graph
-    holds its address). Every layer of that shape shares it (the kernels that use it run one
-    after another on the step's stream; under PDL one starts only after the one before its
-    predecessor has finished)."""
-    return kept_counts(device, rows)
+                      HAS_SINKS)
 
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     softcap: float, pdl: bool, sinks: Tensor | None = None,
-                     combine: str = "separate") -> Tensor:
+                     softcap: float, pdl: bool, sinks: Tensor | None = None) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -285,12 +211,6 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
              "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
              "LIBDEVICE": compiled_for_gpu(q)}
     sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
-    if combine == "last":
-        launch(_split_kv_last_kernel, (rows, n_splits), pdl,
-               q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, out, sink_arg,
-               combine_counter(q.device, rows), *strides, **split,
-               S_PAD=triton.next_power_of_2(n_splits), HAS_SINKS=sinks is not None)
-        return out
     launch(_split_kv_kernel, (rows, n_splits), pdl,
            q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, *strides, **split)
     launch(_combine_kernel, (rows * groups,), pdl,
@@ -328,34 +248,11 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("infermeter::split_kv_decode_last", mutates_args=())
-def split_kv_decode_last(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                         softcap: float = 0.0, sinks: Tensor | None = None,
-                         use_pdl: bool = False) -> Tensor:
-    """split_kv_decode in one launch (COMBINE "last"), with PDL where use_pdl. An opaque
-    custom op in both cases: its body reads the module's counter (combine_counter), a real
-    tensor that inductor's fake-tensor trace of a triton_op's body could not take."""
-    return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, softcap, pdl=use_pdl, sinks=sinks, combine="last")
-
-
-@split_kv_decode_last.register_fake
-def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
-      sinks: Tensor | None = None, use_pdl: bool = False) -> Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
-    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), its combine
-    as COMBINE says when the step is traced."""
-    if COMBINE == "last":
-        return split_kv_decode_last(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                    n_splits, softcap, sinks, pdl.enabled())
+    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
     if pdl.enabled():
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks)
