@@ -32,7 +32,9 @@ summary adds one against the other. A model without q/k norms runs the same kern
 With --prefetch 0 2 the fused kind runs once for each prefetch distance (kernels/prefetch.py:
 each fused kernel pulls the first bytes of the product that many kernels on into L2; 0, none,
 the default), labelled "fused/recorded/prefetch-2" and so on, and the summary adds each against
-the same kind without.
+the same kind without. With --attention-pdl 1 0 it runs once with the decode attention's two
+kernels launched with PDL as the rest of the step (1, the default) and once without (0,
+decode_attention.USES_PDL), labelled "fused/recorded/attention-no-pdl".
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -97,38 +99,46 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
 QK_NORM_WAYS = (2, 1)
 QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
 PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DISTANCE)
+ATTENTION_NO_PDL = "attention-no-pdl"  # the label's mark of decode_attention.USES_PDL 0
 
 
-def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0) -> str:
+def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
+          attention_pdl: int = 1) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
-    "/prefetch-N" where its kernels prefetch N kernels ahead."""
+    "/prefetch-N" where its kernels prefetch N kernels ahead, "/attention-no-pdl" where the
+    decode attention launches without PDL."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     if qk_kernels == 1:
         name = f"{name}/{QK_IN_WQKV}"
-    return f"{name}/{PREFETCHED}{distance}" if distance else name
+    if distance:
+        name = f"{name}/{PREFETCHED}{distance}"
+    return name if attention_pdl else f"{name}/{ATTENTION_NO_PDL}"
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
-              **overrides) -> None:
+              attention_pdl: tuple[int, ...] = (1,), **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
-    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS) and of `distances`
-    (prefetch.DISTANCE), both set back after, each Result appended to `path` once done; with
-    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
-    from infermeter.engine.kernels import prefetch, qk_norm_rope
+    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), of `distances`
+    (prefetch.DISTANCE) and of `attention_pdl` (decode_attention.USES_PDL), each set back
+    after, each Result appended to `path` once done; with `trace` (a folder) each case's
+    profiled steps go to a folder of their own in it."""
+    from infermeter.engine.kernels import decode_attention, prefetch, qk_norm_rope
 
-    kept = qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE
-    fused_ways = [(qk, distance) for qk in qk_ways for distance in distances]
+    kept = qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.USES_PDL
+    fused_ways = [(qk, distance, uses) for qk in qk_ways for distance in distances
+                  for uses in attention_pdl]
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
-                    for qk, distance in fused_ways if kind == "fused" else [kept]:
+                    for qk, distance, uses in fused_ways if kind == "fused" else [kept]:
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
-                        name = label(kind, way, qk, distance)
+                        decode_attention.USES_PDL = uses
+                        name = label(kind, way, qk, distance, uses)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -137,6 +147,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     finally:
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
+        decode_attention.USES_PDL = kept[2]
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -167,6 +178,8 @@ def summary(results: list[Result]) -> str:
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
             if kind.rsplit("/", 1)[-1].startswith(PREFETCHED):  # prefetching against not
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
+            if kind.endswith(ATTENTION_NO_PDL):  # the attention without PDL against with it
+                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
             lines.append(ab_line(name, kinds, *recorded))
@@ -196,6 +209,10 @@ def arguments():
     parser.add_argument("--prefetch", nargs="+", type=int, choices=PREFETCH_DISTANCES,
                         default=[0], metavar="N", help="the fused kind once for each: its "
                         "kernels prefetch the weight N kernels on into L2 (0: none; default: 0)")
+    parser.add_argument("--attention-pdl", nargs="+", type=int, choices=(1, 0), default=[1],
+                        metavar="N", help="the fused kind once for each: the decode attention's "
+                        "kernels launched with PDL as the step's others (1) or without (0) "
+                        "(default: 1)")
     return parser
 
 
@@ -205,7 +222,7 @@ def main() -> int:
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
-                  distances=tuple(args.prefetch))
+                  distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -213,7 +230,8 @@ def main() -> int:
                      ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
                       "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
-                      "--prefetch", *map(str, args.prefetch), *traced], start)
+                      "--prefetch", *map(str, args.prefetch),
+                      "--attention-pdl", *map(str, args.attention_pdl), *traced], start)
     return write_summary(path, summary, start)
 
 

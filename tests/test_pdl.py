@@ -126,6 +126,28 @@ def test_without_pdl_the_ops_launch_as_before(monkeypatch):
     assert [(kw["PDL"], "launch_pdl" in kw) for _, _, kw in launches] == [(False, False)]
 
 
+@pytest.mark.parametrize("uses_pdl", [True, False])
+def test_the_attention_leaves_pdl_only_where_told(monkeypatch, uses_pdl):
+    """decode_attention.USES_PDL (an A/B's switch, benchmarks/step_kernels_ab.py
+    --attention-pdl): with PDL on for the step, the decode attention takes its PDL op where
+    it is true (the default) and the plain one where false; with PDL off, the plain one
+    either way."""
+    from infermeter.engine.kernels import decode_attention
+
+    assert decode_attention.USES_PDL is True
+    calls = []
+    for name in ("split_kv_decode", "split_kv_decode_pdl"):
+        monkeypatch.setattr(decode_attention, name,
+                            lambda *args, name=name: calls.append(name))
+    monkeypatch.setattr(decode_attention, "USES_PDL", uses_pdl)
+    args = (None,) * 5 + (0, False, 1)
+    with pdl.launching(True):
+        decode_attention.decode_attention_kernel(*args)
+    decode_attention.decode_attention_kernel(*args)
+    wanted = "split_kv_decode_pdl" if uses_pdl else "split_kv_decode"
+    assert calls == [wanted, "split_kv_decode"]
+
+
 def test_launching_sets_and_restores():
     assert not pdl.enabled()
     with pdl.launching(True):

@@ -51,6 +51,12 @@ from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
+# Whether the attention's two kernels launch with PDL where the step's others do
+# (pdl.enabled()). On by default; off only for an A/B (benchmarks/step_kernels_ab.py
+# --attention-pdl): on an H100 at SmolLM2-135M the split kernel, launched early under PDL,
+# finished 2.7, 4.0 or 5.1 us after the kernel it waits on, in steps of ~1.2 us
+# (docs/engine.md, "Prefetching the next weights into L2"), so its early launch is suspect.
+USES_PDL = True
 
 
 def kernel_usable(q: Tensor) -> bool:
@@ -252,8 +258,9 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
-    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled()."""
-    if pdl.enabled():
+    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled() (and
+    USES_PDL, read when the step is traced)."""
+    if pdl.enabled() and USES_PDL:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
