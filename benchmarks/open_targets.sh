@@ -34,6 +34,11 @@
 #   part step-prefetch   the fused step at prefetch distances 0 and 2 (kernels/prefetch.py), at
 #                        135M, 0.5B and 1B, in the recorded step, one round (on an H100 on
 #                        2026-12-06: 135M gained 5%, 0.5B and 1B lost; not yet run on an H200)
+#   part step-attention  the fused step's decode attention under PDL at 135M and 0.5B: both
+#                        kernels early (the default) or the split kernel launched plainly, each
+#                        with Triton's pipeline stages and with one; the recorded step, one
+#                        round, traced (step_kernels_ab.py --attention-pdl, --split-stages;
+#                        about 8 cases of 45 s)
 #   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
 #                        one round, traced (the fused step, the default there since 2026-12-06:
 #                        the q/k norms' own kernel, the MoE block as four kernels; issue 25; on an
@@ -71,8 +76,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -133,6 +138,10 @@ case "${1:-}" in
   step-prefetch)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --prefetch 0 2 --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+  step-attention)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --attention-pdl both combine --split-stages 0 1 --trace "$dest/traces-step-attention" \
+      --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split fused \
       --trace "$dest/traces-step-moe" --results "$dest" --models qwen3-30b-a3b ;;

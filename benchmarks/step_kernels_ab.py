@@ -32,9 +32,12 @@ summary adds one against the other. A model without q/k norms runs the same kern
 With --prefetch 0 2 the fused kind runs once for each prefetch distance (kernels/prefetch.py:
 each fused kernel pulls the first bytes of the product that many kernels on into L2; 0, none,
 the default), labelled "fused/recorded/prefetch-2" and so on, and the summary adds each against
-the same kind without. With --attention-pdl 1 0 it runs once with the decode attention's two
-kernels launched with PDL as the rest of the step (1, the default) and once without (0,
-decode_attention.USES_PDL), labelled "fused/recorded/attention-no-pdl".
+the same kind without. With --attention-pdl both combine none it runs once for each way the
+decode attention's two kernels launch under PDL (decode_attention.ATTENTION_PDL: both with
+it, the default; the split kernel plainly and the combine with it; neither), labelled
+"fused/recorded", "fused/recorded/attention-pdl-combine" and "fused/recorded/attention-no-pdl";
+with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
+(decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1".
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -59,6 +62,7 @@ from sweep_common import (
 )
 
 from infermeter.engine.generator import STEP_GRAPHS
+from infermeter.engine.kernels.decode_attention import ATTENTION_PDL_WAYS
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
@@ -99,46 +103,53 @@ def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
 QK_NORM_WAYS = (2, 1)
 QK_IN_WQKV = "qk-norms-in-wqkv"  # the label's mark of QK_NORM_KERNELS 1
 PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DISTANCE)
-ATTENTION_NO_PDL = "attention-no-pdl"  # the label's mark of decode_attention.USES_PDL 0
+# the label's marks of decode_attention.ATTENTION_PDL's other ways and of SPLIT_STAGES
+ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "attention-no-pdl"}
+SPLIT_STAGED = "split-stages-"
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
-          attention_pdl: int = 1) -> str:
+          attention_pdl: str = "both", split_stages: int = 0) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
-    "/prefetch-N" where its kernels prefetch N kernels ahead, "/attention-no-pdl" where the
-    decode attention launches without PDL."""
+    "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
+    decode attention launches other than both kernels under PDL, "/split-stages-N" where
+    its split kernel has N pipeline stages."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
-    if qk_kernels == 1:
-        name = f"{name}/{QK_IN_WQKV}"
-    if distance:
-        name = f"{name}/{PREFETCHED}{distance}"
-    return name if attention_pdl else f"{name}/{ATTENTION_NO_PDL}"
+    marks = [QK_IN_WQKV if qk_kernels == 1 else "",
+             f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
+             f"{SPLIT_STAGED}{split_stages}" if split_stages else ""]
+    return "/".join([name, *filter(None, marks)])
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
-              attention_pdl: tuple[int, ...] = (1,), **overrides) -> None:
+              attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
+              **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
-    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), of `distances`
-    (prefetch.DISTANCE) and of `attention_pdl` (decode_attention.USES_PDL), each set back
-    after, each Result appended to `path` once done; with `trace` (a folder) each case's
-    profiled steps go to a folder of their own in it."""
+    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
+    (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL) and `split_stages`
+    (decode_attention.SPLIT_STAGES), each set back after, each Result appended to `path` once
+    done; with `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
+    import itertools
+
     from infermeter.engine.kernels import decode_attention, prefetch, qk_norm_rope
 
-    kept = qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.USES_PDL
-    fused_ways = [(qk, distance, uses) for qk in qk_ways for distance in distances
-                  for uses in attention_pdl]
+    kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
+            decode_attention.SPLIT_STAGES)
+    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages))
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
-                    for qk, distance, uses in fused_ways if kind == "fused" else [kept]:
+                    for qk, distance, attention, stages in (fused_ways if kind == "fused"
+                                                            else [kept]):
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
-                        decode_attention.USES_PDL = uses
-                        name = label(kind, way, qk, distance, uses)
+                        decode_attention.ATTENTION_PDL = attention
+                        decode_attention.SPLIT_STAGES = stages
+                        name = label(kind, way, qk, distance, attention, stages)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -147,7 +158,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     finally:
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
-        decode_attention.USES_PDL = kept[2]
+        decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:]
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -176,9 +187,9 @@ def summary(results: list[Result]) -> str:
         for kind in kinds:
             if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
-            if kind.rsplit("/", 1)[-1].startswith(PREFETCHED):  # prefetching against not
-                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
-            if kind.endswith(ATTENTION_NO_PDL):  # the attention without PDL against with it
+            last = kind.rsplit("/", 1)[-1]
+            # prefetching, the attention's other launches, other split stages: against not
+            if last.startswith((PREFETCHED, SPLIT_STAGED)) or last in ATTENTION_MARKS.values():
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -209,10 +220,13 @@ def arguments():
     parser.add_argument("--prefetch", nargs="+", type=int, choices=PREFETCH_DISTANCES,
                         default=[0], metavar="N", help="the fused kind once for each: its "
                         "kernels prefetch the weight N kernels on into L2 (0: none; default: 0)")
-    parser.add_argument("--attention-pdl", nargs="+", type=int, choices=(1, 0), default=[1],
-                        metavar="N", help="the fused kind once for each: the decode attention's "
-                        "kernels launched with PDL as the step's others (1) or without (0) "
-                        "(default: 1)")
+    parser.add_argument("--attention-pdl", nargs="+", choices=ATTENTION_PDL_WAYS,
+                        default=[ATTENTION_PDL_WAYS[0]], help="the fused kind once for each way "
+                        "the decode attention's two kernels launch under PDL: both with it, the "
+                        "split kernel plainly (combine), neither (default: both)")
+    parser.add_argument("--split-stages", nargs="+", type=int, choices=(0, 1, 2),
+                        default=[0], metavar="N", help="the fused kind once for each: the split "
+                        "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
     return parser
 
 
@@ -222,7 +236,8 @@ def main() -> int:
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
-                  distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl))
+                  distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
+                  split_stages=tuple(args.split_stages))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -231,7 +246,8 @@ def main() -> int:
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
                       "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
                       "--prefetch", *map(str, args.prefetch),
-                      "--attention-pdl", *map(str, args.attention_pdl), *traced], start)
+                      "--attention-pdl", *args.attention_pdl,
+                      "--split-stages", *map(str, args.split_stages), *traced], start)
     return write_summary(path, summary, start)
 
 

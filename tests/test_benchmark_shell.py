@@ -204,8 +204,13 @@ FUSED_SWITCHES = {
                   "fused/qk-norms-in-wqkv", "--qk-norm-kernels", "qk_norm_kernels"),
     "prefetch": ("prefetch", "DISTANCE", "distances", (0, 2), "fused/prefetch-2", "--prefetch",
                  "prefetch"),
-    "attention pdl": ("decode_attention", "USES_PDL", "attention_pdl", (1, 0),
-                      "fused/attention-no-pdl", "--attention-pdl", "attention_pdl"),
+    "attention pdl": ("decode_attention", "ATTENTION_PDL", "attention_pdl", ("both", "combine"),
+                      "fused/attention-pdl-combine", "--attention-pdl", "attention_pdl"),
+    "attention without pdl": ("decode_attention", "ATTENTION_PDL", "attention_pdl",
+                              ("both", "none"), "fused/attention-no-pdl", "--attention-pdl",
+                              "attention_pdl"),
+    "split stages": ("decode_attention", "SPLIT_STAGES", "split_stages", (0, 1),
+                     "fused/split-stages-1", "--split-stages", "split_stages"),
 }
 
 
@@ -213,8 +218,9 @@ FUSED_SWITCHES = {
 def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(monkeypatch,
                                                                              tmp_path, switch):
     """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
-    own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE) and --attention-pdl 1 0
-    (decode_attention.USES_PDL): the fused case runs once with
+    own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
+    (decode_attention.ATTENTION_PDL) and --split-stages 0 1 (decode_attention.SPLIT_STAGES):
+    the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
     takes the values in either order and refuses one there is not."""

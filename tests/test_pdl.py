@@ -126,26 +126,63 @@ def test_without_pdl_the_ops_launch_as_before(monkeypatch):
     assert [(kw["PDL"], "launch_pdl" in kw) for _, _, kw in launches] == [(False, False)]
 
 
-@pytest.mark.parametrize("uses_pdl", [True, False])
-def test_the_attention_leaves_pdl_only_where_told(monkeypatch, uses_pdl):
-    """decode_attention.USES_PDL (an A/B's switch, benchmarks/step_kernels_ab.py
-    --attention-pdl): with PDL on for the step, the decode attention takes its PDL op where
-    it is true (the default) and the plain one where false; with PDL off, the plain one
-    either way."""
+@pytest.mark.parametrize("way", ["both", "combine", "none"])
+def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way):
+    """decode_attention.ATTENTION_PDL (an A/B's switch, benchmarks/step_kernels_ab.py
+    --attention-pdl) with PDL on for the step: "both" (the default) and "combine" take the PDL
+    op, the split kernel early in the first only, with SPLIT_STAGES passed on; "none" the
+    plain op. With PDL off, the plain op whatever the way; a way there is not is an error."""
     from infermeter.engine.kernels import decode_attention
 
-    assert decode_attention.USES_PDL is True
+    assert (decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES) == ("both", 0)
     calls = []
     for name in ("split_kv_decode", "split_kv_decode_pdl"):
         monkeypatch.setattr(decode_attention, name,
-                            lambda *args, name=name: calls.append(name))
-    monkeypatch.setattr(decode_attention, "USES_PDL", uses_pdl)
+                            lambda *args, name=name: calls.append((name, args[10:])))
+    monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
+    monkeypatch.setattr(decode_attention, "SPLIT_STAGES", 2)
     args = (None,) * 5 + (0, False, 1)
     with pdl.launching(True):
         decode_attention.decode_attention_kernel(*args)
     decode_attention.decode_attention_kernel(*args)
-    wanted = "split_kv_decode_pdl" if uses_pdl else "split_kv_decode"
-    assert calls == [wanted, "split_kv_decode"]
+    wanted = {"both": ("split_kv_decode_pdl", (True, 2)),
+              "combine": ("split_kv_decode_pdl", (False, 2)),
+              "none": ("split_kv_decode", ())}[way]
+    assert calls == [wanted, ("split_kv_decode", ())]
+    monkeypatch.setattr(decode_attention, "ATTENTION_PDL", "first")
+    with pytest.raises(ValueError, match="ATTENTION_PDL"):
+        decode_attention.decode_attention_kernel(*args)
+
+
+@needs_triton
+def test_a_plainly_launched_split_kernel_releases_the_combine_and_takes_its_stages(monkeypatch):
+    """ATTENTION_PDL "combine": the split kernel is launched without the PDL attribute (so it
+    starts once the kernel before has ended) and compiled with no wait but with the release,
+    which lets the combine, launched with PDL, start early; the combine waits before reading
+    the splits. SPLIT_STAGES reaches the split kernel's build: one stage holds no pipeline
+    buffers, so it takes less shared memory than Triton's default."""
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+
+    q = torch.zeros(1, 3, 3, 64, dtype=torch.float16)  # SmolLM2-135M's heads
+    cache = torch.zeros(1, 3, 512, 64, dtype=torch.float16)
+    pos = torch.arange(512)
+    split, combine = pdl_launches(monkeypatch, lambda: _split_kv_decode(
+        q, cache, cache, pos, pos[:1], 0, False, 8, 0.0, pdl=True, early_split=False))
+    kernel, args, kwargs = split
+    assert (kwargs["PDL"], kwargs["RELEASE"], "launch_pdl" in kwargs) == (False, True, False)
+    metadata, lines = sm90_lines(kernel, args, kwargs)
+    assert not metadata.launch_pdl
+    assert first(lines, "griddepcontrol.wait") == len(lines)  # nothing to wait for
+    assert first(lines, "griddepcontrol.launch_dependents") < len(lines)
+    lines, wait = pdl_ptx(combine, "combine")
+    assert [line for line in lines[:wait] if "ld.global" in line] == []
+    shared = {}
+    for stages in (0, 1):
+        (kernel, args, kwargs), _ = pdl_launches(monkeypatch, lambda s=stages: _split_kv_decode(
+            q, cache, cache, pos, pos[:1], 0, False, 8, 0.0, pdl=True, split_stages=s))
+        assert kwargs.get("num_stages", 0) == stages
+        shared[stages] = sm90_lines(kernel, args, kwargs)[0].shared
+    assert shared[1] < shared[0], shared
 
 
 def test_launching_sets_and_restores():
@@ -203,3 +240,27 @@ def test_pdl_gemv_on_cuda_matches_the_float32_product(dtype):
             got = _gemv(x, w, pdl=pdl_on).float()
             err = (got - want).abs().max().item()
             assert err <= 2 ** -7 * scale, (n_cols, pdl_on, err)  # one 16-bit rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("way, stages", [("combine", 0), ("both", 1)])
+def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch, way, stages):
+    """The fused step in our recorded CUDA graph with the split kernel launched plainly
+    (ATTENTION_PDL "combine") or with one pipeline stage (SPLIT_STAGES 1): eager's greedy
+    tokens (neither moves a value), PDL on where it runs."""
+    from infermeter.engine.generator import Generator
+    from infermeter.engine.kernels import decode_attention
+    from infermeter.engine.model import set_step_kernels
+    from tests.test_generate import (
+        PROMPTS,
+        SPEC,
+        assert_compiled_gives_eager_tokens,
+        peaked_cuda_model,
+    )
+
+    monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
+    monkeypatch.setattr(decode_attention, "SPLIT_STAGES", stages)
+    model = peaked_cuda_model(SPEC, torch.float16)
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    set_step_kernels(model, "fused")
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])

@@ -47,16 +47,23 @@ from torch import Tensor
 
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
-from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.pdl import launch, launch_releasing
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
-# Whether the attention's two kernels launch with PDL where the step's others do
-# (pdl.enabled()). On by default; off only for an A/B (benchmarks/step_kernels_ab.py
-# --attention-pdl): on an H100 at SmolLM2-135M the split kernel, launched early under PDL,
-# finished 2.7, 4.0 or 5.1 us after the kernel it waits on, in steps of ~1.2 us
-# (docs/engine.md, "Prefetching the next weights into L2"), so its early launch is suspect.
-USES_PDL = True
+# How the attention's two kernels launch where the step's others use PDL (pdl.enabled()):
+# "both" with PDL (the default); "combine", the split kernel launched plainly, once the kernel
+# before it has ended, yet letting the combine start early, the combine with PDL; "none",
+# neither. Read when the step is traced; the default is the only setting, the others are an
+# A/B's (benchmarks/step_kernels_ab.py --attention-pdl): on an H100 at SmolLM2-135M the split
+# kernel, launched early, ended 2.4-5.3 us after the kernel it waits on, launched plainly a
+# steady 3 us (docs/engine.md, "The split-KV attention's early launch (PDL)").
+ATTENTION_PDL_WAYS = ("both", "combine", "none")
+ATTENTION_PDL = "both"
+# The split kernel's software-pipeline depth (Triton's num_stages) in the PDL launches; 0,
+# Triton's own (the default). An A/B's (--split-stages): with one cache block a program (batch 1,
+# short contexts) the pipeline's buffers are shared memory the kernel does not use.
+SPLIT_STAGES = 0
 
 
 def kernel_usable(q: Tensor) -> bool:
@@ -145,9 +152,11 @@ if triton is not None:
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
                          INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False, RELEASE: tl.constexpr = False):
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        elif RELEASE:  # launched plainly (the kernel before has ended): the combine may start
             tl.extra.cuda.gdc_launch_dependents()
         split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
@@ -195,7 +204,8 @@ if triton is not None:
 
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     softcap: float, pdl: bool, sinks: Tensor | None = None) -> Tensor:
+                     softcap: float, pdl: bool, sinks: Tensor | None = None,
+                     early_split: bool = True, split_stages: int = 0) -> Tensor:
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -217,8 +227,14 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
              "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
              "LIBDEVICE": compiled_for_gpu(q)}
     sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
-    launch(_split_kv_kernel, (rows, n_splits), pdl,
-           q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, *strides, **split)
+    if split_stages:
+        split["num_stages"] = split_stages
+    if pdl and not early_split:  # ATTENTION_PDL "combine"
+        launch_releasing(_split_kv_kernel, (rows, n_splits),
+                         q, k_cache, v_cache, key_pos, query_pos, acc, m, l_sum, *strides, **split)
+    else:
+        launch(_split_kv_kernel, (rows, n_splits), pdl, q, k_cache, v_cache, key_pos, query_pos,
+               acc, m, l_sum, *strides, RELEASE=False, **split)
     launch(_combine_kernel, (rows * groups,), pdl,
            acc, m, l_sum, out, sink_arg, groups, n_splits, n_kv_heads,
            S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None)
@@ -241,16 +257,20 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
 @torch.library.custom_op("infermeter::split_kv_decode_pdl", mutates_args=())
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                        softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
-    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py)."""
+                        softcap: float = 0.0, sinks: Tensor | None = None,
+                        early_split: bool = True, split_stages: int = 0) -> Tensor:
+    """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
+    without early_split the split kernel is launched plainly and only releases the combine
+    early (ATTENTION_PDL "combine"); split_stages > 0 sets its num_stages (SPLIT_STAGES)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                            n_splits, softcap, pdl=True, sinks=sinks)
+                            n_splits, softcap, pdl=True, sinks=sinks, early_split=early_split,
+                            split_stages=split_stages)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
       window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
-      sinks: Tensor | None = None) -> Tensor:
+      sinks: Tensor | None = None, early_split: bool = True, split_stages: int = 0) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -258,10 +278,13 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
-    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled() (and
-    USES_PDL, read when the step is traced)."""
-    if pdl.enabled() and USES_PDL:
+    """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
+    ATTENTION_PDL and SPLIT_STAGES say when the step is traced."""
+    if ATTENTION_PDL not in ATTENTION_PDL_WAYS:
+        raise ValueError(f"unknown ATTENTION_PDL {ATTENTION_PDL!r}: one of {ATTENTION_PDL_WAYS}")
+    if pdl.enabled() and ATTENTION_PDL != "none":
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, softcap, sinks)
+                                   n_splits, softcap, sinks, ATTENTION_PDL == "both",
+                                   SPLIT_STAGES)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)

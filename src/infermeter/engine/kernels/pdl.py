@@ -110,3 +110,15 @@ def launch(kernel: Any, grid: tuple, pdl: bool, *args: Any, **kwargs: Any) -> No
         direct(kernel)[grid](*args, PDL=True, launch_pdl=True, **kwargs)
     else:
         torch.library.wrap_triton(kernel)[grid](*args, PDL=False, **kwargs)
+
+
+def launch_releasing(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
+    """Launch a Triton kernel plainly (it starts once the kernel before it has ended, so it
+    needs no wait) but compiled to let the next kernel, if launched with PDL, start early: its
+    RELEASE constexpr. The rule above holds: nothing before it is still running. Without a GPU,
+    as launch() without PDL (the interpreter has no grid dependency control)."""
+    tensor = next(a for a in args if isinstance(a, Tensor))
+    if on_gpu(tensor):
+        direct(kernel)[grid](*args, PDL=False, RELEASE=True, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, PDL=False, RELEASE=False, **kwargs)
