@@ -264,3 +264,31 @@ def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch
     gen = Generator(model, max_seq_len=64, step_graphs="recorded")
     set_step_kernels(model, "fused")
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+
+
+@pytest.mark.parametrize("way, stages", [("both", 0), ("combine", 1), ("none", 1)])
+def test_the_result_records_the_attentions_launch_and_the_report_sets_others_aside(
+        monkeypatch, way, stages):
+    """config.attention_pdl and config.split_stages: what the compiled step's split-KV attention
+    ran under PDL (split_stages only where a kernel launched with it), None where it ran no
+    such kernel under PDL; the report takes a Result of any way but the default as a
+    comparison, never the column's representative, and one from before the fields as default."""
+    from infermeter.engine.kernels import decode_attention
+    from infermeter.report.select import off_default_kernels
+    from infermeter.specs.presets import PRESETS
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
+    monkeypatch.setattr(decode_attention, "SPLIT_STAGES", stages)
+    runner = batch_one_runner(monkeypatch, PRESETS["debug"])
+    monkeypatch.setattr(runner.generator, "decode_attention_used", lambda *args: "triton")
+    described = {}
+    for pdl_on in (True, False):
+        runner.generator.pdl = pdl_on
+        config = runner.describe()
+        described[pdl_on] = (config["attention_pdl"], config["split_stages"])
+    assert described == {True: (way, None if way == "none" else stages), False: (None, None)}
+    record = seed_record(1, attention_pdl=way, split_stages=described[True][1])
+    assert off_default_kernels(record) == (way != "both" or stages != 0)
+    assert not off_default_kernels(seed_record(2))  # before the fields: the default

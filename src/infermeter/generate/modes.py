@@ -93,6 +93,7 @@ class EngineRunner:
                 "step_kernels": self._step_kernels_used(), "fused_rope": self._fused_rope_used(),
                 "qk_norm_kernels": self._qk_norm_kernels_used(),
                 "prefetch": self._prefetch_used(),
+                **self._attention_launch_used(used),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_fused_step": self._moe_fused_step_used(),
@@ -162,6 +163,19 @@ class EngineRunner:
         if self._step_kernels_used() != "fused":
             return None
         return self.generator.model.prefetch_distance
+
+    def _attention_launch_used(self, used: dict) -> dict[str, Any]:
+        """How the split-KV decode attention's kernels launched under PDL (kernels/
+        decode_attention.py): attention_pdl "both" (the default), "combine" or "none", and
+        split_stages, its split kernel's num_stages under PDL (0: Triton's own); None where
+        the compiled step ran no such kernel under PDL (eager, PDL off, another attention)."""
+        from infermeter.engine.kernels import decode_attention
+
+        ran = self.config.compile and self.generator.pdl and "triton" in used
+        way = decode_attention.ATTENTION_PDL if ran else None
+        return {"attention_pdl": way,
+                "split_stages": decode_attention.SPLIT_STAGES if way in ("both", "combine")
+                else None}
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

@@ -220,6 +220,8 @@ def off_default_kernels(record: Record) -> bool:
     default, a step's kernels asked for by name rather than left to "auto"
     (config.step_choice; before it was recorded: other than split), a step whose kernels
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
+    a decode attention launched other than both kernels under PDL or with other pipeline stages
+    (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's),
     or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
     sweep's kernel or gemv part), not the representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
@@ -235,6 +237,8 @@ def off_default_kernels(record: Record) -> bool:
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
+            or cfg.get("attention_pdl", "both") not in (None, "both")
+            or bool(num(cfg.get("split_stages")))
             or _moe_off_default(cfg, record.model))
 
 
