@@ -169,10 +169,12 @@ class EngineRunner:
         decode_attention.py): attention_pdl "both" (the default), "combine" or "none", and
         split_stages, its split kernel's num_stages under PDL (0: Triton's own); None where
         the compiled step ran no such kernel under PDL (eager, PDL off, another attention)."""
+        if not (self.config.compile and self.generator.pdl and "triton" in used):
+            return {"attention_pdl": None, "split_stages": None}
+        # only here: the kernels' module defines triton ops, which an eager run never imports
         from infermeter.engine.kernels import decode_attention
 
-        ran = self.config.compile and self.generator.pdl and "triton" in used
-        way = decode_attention.ATTENTION_PDL if ran else None
+        way = decode_attention.ATTENTION_PDL
         return {"attention_pdl": way,
                 "split_stages": decode_attention.SPLIT_STAGES if way in ("both", "combine")
                 else None}
