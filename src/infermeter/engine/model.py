@@ -173,8 +173,8 @@ MATERIALIZE_NORM = False
 # model size (step_choice.py, from benchmarks/step_kernels_ab.py's A/B).
 STEP_KERNEL = "split"
 # (One launch a layer, and one a model, whose stages waited for each other inside the launch,
-# lost to these kernels at every size and were removed on 2026-12-06: docs/engine.md, "Tried
-# and lost".)
+# lost to these kernels at every size and were removed on 2026-12-06: docs/engine.md, "One
+# launch a layer or a model (tried; removed 2026-12-06)".)
 STEP_KERNELS = ("split", "fused")
 # The fused step's four kernels, each a part a layer may take (TransformerBlock.fused_parts):
 # norm + wqkv (+ q/k norms, RoPE, cache write), wo + residual add, norm + w13 + SwiGLU (or

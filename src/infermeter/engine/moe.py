@@ -114,7 +114,6 @@ MOE_KERNEL = "auto"
 MOE_KERNELS = ("auto", "torch", "triton")
 
 
-
 class StackedExperts(nn.Module):
     """One weight [E, out, in] holding E experts' matrices of one projection (and, with bias,
     their biases [E, out])."""
@@ -270,10 +269,13 @@ class MoEFeedForward(nn.Module):
         gathered ones while N * k <= E, expert_gemm.py's grouped ones past that): moe_kernel
         "triton", or "auto" at one row, at a tiled count (tiled_tokens) and past E / k rows
         (uses_triton), and they can run on x and the stacked weights (and biases)."""
-        n_tokens = x.shape[0]
+        return self.picks_triton(x.shape[0]) and experts_kernel_usable(x, *self.stacked())
+
+    def picks_triton(self, n_tokens: int) -> bool:
+        """The rule alone (uses_triton) for a forward of n_tokens rows: moe_kernel, the
+        routing's shape and whether this GPU has measured tiles at that count."""
         return uses_triton(self.moe_kernel, n_tokens, self.top_k, self.n_experts,
-                           n_tokens in self.tiled_tokens) \
-            and experts_kernel_usable(x, *self.stacked())
+                           n_tokens in self.tiled_tokens)
 
     def every_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Each expert on every token: [N, E, ffn] activations, weighted by [N, E] routing."""
@@ -329,9 +331,7 @@ def takes_expert_kernel(module: MoEFeedForward, n_tokens: int) -> bool:
     every block's experts, gpt-oss's biases and clamped SwiGLU included). forward's rule,
     without the input's layout (the engine's rows meet it); the generation runner records what
     ran with it."""
-    return uses_triton(module.moe_kernel, n_tokens, module.top_k, module.n_experts,
-                       n_tokens in module.tiled_tokens) \
-        and triton_runs_on(module.w1.weight)
+    return module.picks_triton(n_tokens) and triton_runs_on(module.w1.weight)
 
 
 def note_token_tiles(model: nn.Module) -> None:

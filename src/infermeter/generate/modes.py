@@ -176,8 +176,7 @@ class EngineRunner:
 
         way = decode_attention.ATTENTION_PDL
         return {"attention_pdl": way,
-                "split_stages": decode_attention.SPLIT_STAGES if way in ("both", "combine")
-                else None}
+                "split_stages": None if way == "none" else decode_attention.SPLIT_STAGES}
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

@@ -237,7 +237,7 @@ def off_default_kernels(record: Record) -> bool:
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
-            or cfg.get("attention_pdl", "both") not in (None, "both")
+            or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages")))
             or _moe_off_default(cfg, record.model))
 

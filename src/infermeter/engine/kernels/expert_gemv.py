@@ -259,6 +259,7 @@ def tiled_token_counts(device: torch.device, dim: int, ffn: int) -> frozenset[in
     down = {n for cols, n in tiles.get("down", {}) if cols == ffn}
     return frozenset(swiglu & down)
 
+
 # How experts_down runs one token: "sum", a program a row block runs the k experts in turn and
 # sums them in the kernel; "terms", as several tokens (a program a row block and slot, each
 # writing its weighted term, then torch's sum over k).

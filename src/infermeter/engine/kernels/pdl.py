@@ -117,8 +117,7 @@ def launch_releasing(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Non
     needs no wait) but compiled to let the next kernel, if launched with PDL, start early: its
     RELEASE constexpr. The rule above holds: nothing before it is still running. Without a GPU,
     as launch() without PDL (the interpreter has no grid dependency control)."""
-    tensor = next(a for a in args if isinstance(a, Tensor))
-    if on_gpu(tensor):
+    if on_gpu(next(a for a in args if isinstance(a, Tensor))):
         direct(kernel)[grid](*args, PDL=False, RELEASE=True, **kwargs)
     else:
-        torch.library.wrap_triton(kernel)[grid](*args, PDL=False, RELEASE=False, **kwargs)
+        launch(kernel, grid, False, *args, RELEASE=False, **kwargs)
