@@ -44,6 +44,7 @@ the large models one per command where a command may take 10 minutes.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -132,8 +133,6 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL) and `split_stages`
     (decode_attention.SPLIT_STAGES), each set back after, each Result appended to `path` once
     done; with `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
-    import itertools
-
     from infermeter.engine.kernels import decode_attention, prefetch, qk_norm_rope
 
     kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
