@@ -37,7 +37,9 @@ decode attention's two kernels launch under PDL (decode_attention.ATTENTION_PDL:
 it, the default; the split kernel plainly and the combine with it; neither), labelled
 "fused/recorded", "fused/recorded/attention-pdl-combine" and "fused/recorded/attention-no-pdl";
 with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
-(decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1".
+(decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1"; with
+--fold-combine off on once without and once with the attention's combine folded into wo's
+kernel (combine_wo.FOLD), labelled ".../combine-in-wo".
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -63,6 +65,7 @@ from sweep_common import (
 )
 
 from infermeter.engine.generator import STEP_GRAPHS
+from infermeter.engine.kernels.combine_wo import FOLD_WAYS
 from infermeter.engine.kernels.decode_attention import ATTENTION_PDL_WAYS
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.generate.request import GenerateRequest, build_request
@@ -107,19 +110,22 @@ PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DI
 # the label's marks of decode_attention.ATTENTION_PDL's other ways and of SPLIT_STAGES
 ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "attention-no-pdl"}
 SPLIT_STAGED = "split-stages-"
+FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
-          attention_pdl: str = "both", split_stages: int = 0) -> str:
+          attention_pdl: str = "both", split_stages: int = 0, fold: str = "off") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
-    its split kernel has N pipeline stages."""
+    its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
+    attention's splits."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
-             f"{SPLIT_STAGED}{split_stages}" if split_stages else ""]
+             f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
+             FOLDED if fold == "on" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -127,28 +133,30 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
-              **overrides) -> None:
+              folds: tuple[str, ...] = ("off",), **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
-    (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL) and `split_stages`
-    (decode_attention.SPLIT_STAGES), each set back after, each Result appended to `path` once
-    done; with `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
-    from infermeter.engine.kernels import decode_attention, prefetch, qk_norm_rope
+    (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
+    (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD), each set back after, each
+    Result appended to `path` once done; with `trace` (a folder) each case's profiled steps go
+    to a folder of their own in it."""
+    from infermeter.engine.kernels import combine_wo, decode_attention, prefetch, qk_norm_rope
 
     kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
-            decode_attention.SPLIT_STAGES)
-    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages))
+            decode_attention.SPLIT_STAGES, combine_wo.FOLD)
+    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages, folds))
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
-                    for qk, distance, attention, stages in (fused_ways if kind == "fused"
-                                                            else [kept]):
+                    for qk, distance, attention, stages, fold in (fused_ways if kind == "fused"
+                                                                  else [kept]):
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
                         decode_attention.ATTENTION_PDL = attention
                         decode_attention.SPLIT_STAGES = stages
-                        name = label(kind, way, qk, distance, attention, stages)
+                        combine_wo.FOLD = fold
+                        name = label(kind, way, qk, distance, attention, stages, fold)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -157,7 +165,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     finally:
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
-        decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:]
+        decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:4]
+        combine_wo.FOLD = kept[4]
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -187,8 +196,10 @@ def summary(results: list[Result]) -> str:
             if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
             last = kind.rsplit("/", 1)[-1]
-            # prefetching, the attention's other launches, other split stages: against not
-            if last.startswith((PREFETCHED, SPLIT_STAGED)) or last in ATTENTION_MARKS.values():
+            # prefetching, the attention's other launches, other split stages, the fold:
+            # against not
+            if last.startswith((PREFETCHED, SPLIT_STAGED)) or last == FOLDED \
+                    or last in ATTENTION_MARKS.values():
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -226,6 +237,9 @@ def arguments():
     parser.add_argument("--split-stages", nargs="+", type=int, choices=(0, 1, 2),
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
+    parser.add_argument("--fold-combine", nargs="+", choices=FOLD_WAYS, default=[FOLD_WAYS[0]],
+                        help="the fused kind once for each: the decode attention's combine in "
+                        "a kernel of its own (off) or in wo's (on) (default: off)")
     return parser
 
 
@@ -236,7 +250,7 @@ def main() -> int:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
-                  split_stages=tuple(args.split_stages))
+                  split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine))
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -246,7 +260,8 @@ def main() -> int:
                       "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
                       "--prefetch", *map(str, args.prefetch),
                       "--attention-pdl", *args.attention_pdl,
-                      "--split-stages", *map(str, args.split_stages), *traced], start)
+                      "--split-stages", *map(str, args.split_stages),
+                      "--fold-combine", *args.fold_combine, *traced], start)
     return write_summary(path, summary, start)
 
 

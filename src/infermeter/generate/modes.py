@@ -94,6 +94,7 @@ class EngineRunner:
                 "qk_norm_kernels": self._qk_norm_kernels_used(),
                 "prefetch": self._prefetch_used(),
                 **self._attention_launch_used(used),
+                "combine_in_wo": self._combine_in_wo_used(used),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_fused_step": self._moe_fused_step_used(),
@@ -177,6 +178,16 @@ class EngineRunner:
         way = decode_attention.ATTENTION_PDL
         return {"attention_pdl": way,
                 "split_stages": None if way == "none" else decode_attention.SPLIT_STAGES}
+
+    def _combine_in_wo_used(self, used: dict) -> bool | None:
+        """Whether the fused step's wo kernel combined the split-KV attention's partials itself
+        (kernels/combine_wo.py, FOLD: an A/B's setting); None where no layer's wo + add ran
+        fused after that attention."""
+        if self._step_kernels_used() in (None, "split") or "triton" not in used:
+            return None
+        from infermeter.engine.kernels import combine_wo  # only here, as decode_attention
+
+        return combine_wo.FOLD == "on"
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

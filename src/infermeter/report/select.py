@@ -221,7 +221,8 @@ def off_default_kernels(record: Record) -> bool:
     (config.step_choice; before it was recorded: other than split), a step whose kernels
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
     a decode attention launched other than both kernels under PDL or with other pipeline stages
-    (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's),
+    (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's), its
+    combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's),
     or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
     sweep's kernel or gemv part), not the representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
@@ -238,7 +239,7 @@ def off_default_kernels(record: Record) -> bool:
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
-            or bool(num(cfg.get("split_stages")))
+            or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
             or _moe_off_default(cfg, record.model))
 
 

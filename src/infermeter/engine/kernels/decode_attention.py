@@ -166,28 +166,32 @@ if triton is not None:
                         INV_SOFTCAP, LIBDEVICE)
 
     @triton.jit
-    def combine_head(ACC, M, L, OUT, SINKS, row, g, groups, n_splits, n_kv_heads,
-                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr):
-        """Query head g of row (= sequence * H_kv + KV head): its splits' partials weighed
-        and summed in split order, divided once, stored to OUT."""
+    def combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
+                        S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr):
+        """float32 [C]: the attention's output at columns `cols` [C] of its flattened
+        [B * H_kv * G * D] (a row of [1, H * D] at batch 1), each from its head's splits: the
+        partials weighed by exp(m - max m) and summed, divided once by the weighed sum of l
+        (div.rn, as torch's softmax divides by its sum). 0 where col_ok is off."""
         s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D)
-        used = s < n_splits
-        at = (row * n_splits + s) * groups + g  # [S_PAD] offsets into M, L (ACC's rows)
+        head = cols // D  # sequence * H + query head = row * groups + g
+        row = head // groups  # sequence * H_kv + KV head
+        g = head % groups
+        used = (s[:, None] < n_splits) & col_ok[None, :]
+        at = (row[None, :] * n_splits + s[:, None]) * groups + g[None, :]  # [S_PAD, C]
         m = tl.load(M + at, mask=used, other=float("-inf"))
         l_sum = tl.load(L + at, mask=used, other=0.0)
-        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
-        top = tl.max(m, 0)
+        acc = tl.load(ACC + at * D + (cols % D)[None, :], mask=used, other=0.0)
+        top = tl.where(col_ok, tl.max(m, 0), 0.0)  # [C]; a column off: no -inf - -inf
         if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
-            sink = tl.load(SINKS + (row % n_kv_heads) * groups + g).to(tl.float32)
+            sink = tl.load(SINKS + (row % n_kv_heads) * groups + g, mask=col_ok,
+                           other=0.0).to(tl.float32)
             top = tl.maximum(top, sink)
-        weight = tl.exp(m - top)  # [S_PAD]; an empty split (m = -inf) weighs 0
+        weight = tl.exp(m - top[None, :])  # an empty split (m = -inf) weighs 0
         total = tl.sum(l_sum * weight, 0)
         if HAS_SINKS:
             total = total + tl.exp(sink - top)
-        # [D]; divided once, rounded once (div.rn), as torch's softmax divides by its sum
-        out = tl.math.div_rn(tl.sum(acc * weight[:, None], 0), total)
-        tl.store(OUT + (row * groups + g) * D + d, out.to(OUT.dtype.element_ty))
+        total = tl.where(col_ok, total, 1.0)
+        return tl.math.div_rn(tl.sum(acc * weight, 0), total)
 
     @triton.jit
     def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
@@ -196,16 +200,19 @@ if triton is not None:
         if PDL:  # the splits are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # One program per query head: row = sequence * H_kv + KV head, g = head in its group.
-        combine_head(ACC, M, L, OUT, SINKS, tl.program_id(0) // groups,
-                      tl.program_id(0) % groups, groups, n_splits, n_kv_heads, S_PAD, D,
-                      HAS_SINKS)
+        # One program per query head (sequence * H + head): its D columns.
+        cols = tl.program_id(0) * D + tl.arange(0, D)
+        out = combine_columns(ACC, M, L, SINKS, cols, cols >= 0, groups, n_splits, n_kv_heads,
+                              S_PAD, D, HAS_SINKS)
+        tl.store(OUT + cols, out.to(OUT.dtype.element_ty))
 
 
-def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                     softcap: float, pdl: bool, sinks: Tensor | None = None,
-                     early_split: bool = True, split_stages: int = 0) -> Tensor:
+def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                    query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                    softcap: float, pdl: bool, early_split: bool = True,
+                    split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The split kernel's launch: its partials acc [B * H_kv, n_splits, G, D], m and l
+    [B * H_kv, n_splits, G], all float32."""
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -213,7 +220,6 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
     acc = torch.empty(rows, n_splits, groups, head_dim, device=q.device, dtype=torch.float32)
     m = torch.empty(rows, n_splits, groups, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     strides = (q.stride(0), q.stride(1), q.stride(2),
                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -226,7 +232,6 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
              "SOFTCAP": float(softcap),
              "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
              "LIBDEVICE": compiled_for_gpu(q)}
-    sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
     if split_stages:
         split["num_stages"] = split_stages
     if pdl and not early_split:  # ATTENTION_PDL "combine"
@@ -235,7 +240,19 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
     else:
         launch(_split_kv_kernel, (rows, n_splits), pdl, q, k_cache, v_cache, key_pos, query_pos,
                acc, m, l_sum, *strides, RELEASE=False, **split)
-    launch(_combine_kernel, (rows * groups,), pdl,
+    return acc, m, l_sum
+
+
+def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                     softcap: float, pdl: bool, sinks: Tensor | None = None,
+                     early_split: bool = True, split_stages: int = 0) -> Tensor:
+    bsz, n_kv_heads, groups, head_dim = q.shape
+    acc, m, l_sum = _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                                    n_splits, softcap, pdl, early_split, split_stages)
+    out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
+    sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
+    launch(_combine_kernel, (bsz * n_kv_heads * groups,), pdl,
            acc, m, l_sum, out, sink_arg, groups, n_splits, n_kv_heads,
            S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None)
     return out
@@ -274,17 +291,65 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.triton_op("infermeter::split_kv_partials", mutates_args=())
+def split_kv_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                      softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """split_kv_decode's split kernel alone, for a kernel that combines the splits itself
+    (combine_wo.py): acc [B * H_kv, n_splits, G, D], m and l [B * H_kv, n_splits, G], float32."""
+    return _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
+                           softcap, pdl=False)
+
+
+@torch.library.custom_op("infermeter::split_kv_partials_pdl", mutates_args=())
+def split_kv_partials_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                          query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                          softcap: float = 0.0, early_split: bool = True,
+                          split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """split_kv_partials launched with PDL (early_split, split_stages: split_kv_decode_pdl's)."""
+    return _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
+                           softcap, pdl=True, early_split=early_split, split_stages=split_stages)
+
+
+@split_kv_partials_pdl.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
+      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0, early_split: bool = True,
+      split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    bsz, n_kv_heads, groups, head_dim = q.shape
+    m = q.new_empty(bsz * n_kv_heads, n_splits, groups, dtype=torch.float32)
+    return m.new_empty(*m.shape, head_dim), m, torch.empty_like(m)
+
+
+def _launch_way() -> tuple[bool, bool]:
+    """(PDL, the split kernel early) for the compiled step, as pdl.enabled() and ATTENTION_PDL
+    say."""
+    if ATTENTION_PDL not in ATTENTION_PDL_WAYS:
+        raise ValueError(f"unknown ATTENTION_PDL {ATTENTION_PDL!r}: one of {ATTENTION_PDL_WAYS}")
+    return pdl.enabled() and ATTENTION_PDL != "none", ATTENTION_PDL == "both"
+
+
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
     ATTENTION_PDL and SPLIT_STAGES say when the step is traced."""
-    if ATTENTION_PDL not in ATTENTION_PDL_WAYS:
-        raise ValueError(f"unknown ATTENTION_PDL {ATTENTION_PDL!r}: one of {ATTENTION_PDL_WAYS}")
-    if pdl.enabled() and ATTENTION_PDL != "none":
+    with_pdl, early = _launch_way()
+    if with_pdl:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, softcap, sinks, ATTENTION_PDL == "both",
-                                   SPLIT_STAGES)
+                                   n_splits, softcap, sinks, early, SPLIT_STAGES)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)
+
+
+def decode_attention_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                              query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
+                              softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """split_kv_partials as the compiled step calls it (decode_attention_kernel's launch
+    rules)."""
+    with_pdl, early = _launch_way()
+    if with_pdl:
+        return split_kv_partials_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                                     n_splits, softcap, early, SPLIT_STAGES)
+    return split_kv_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                             n_splits, softcap)

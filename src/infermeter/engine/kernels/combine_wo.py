@@ -1,0 +1,166 @@
+"""The split-KV attention's combine folded into wo + the residual add: one kernel a layer fewer
+in the fused batch-1 step (issue 27: a small model's step is its kernels' count, not its bytes).
+
+Why: the split-KV attention is two kernels (decode_attention.py): the splits, then a combine
+that turns their partials into the attention's output [1, H * D]. wo's kernel is next and reads
+that row whole in every program. Here wo's programs combine the partials themselves, each the
+whole row, so the combine kernel goes: on an H100 at SmolLM2-135M it added 1.3-1.5 us to a
+layer of ~14.5 us (results/step-attention-pdl-nvidia-h100-80gb-hbm3-summary.txt).
+The price is the combine redone in every program: n_splits x H x D float32 partials read from
+L2 each. So a program takes more rows than the GEMV's tiles would give it (at most about one
+program an SM: fold_tiles) and the setting is per model size, by measurement (FOLD).
+
+Numerics: the combine's formula (decode_attention.combine_columns, shared with the combine
+kernel), its output rounded to the activation dtype as the combine kernel stores it, then wo's
+product as fused_step.py's gemv_add (float32 products and sums, the product rounded, the
+residual added and rounded). The combine's float32 sums over the splits may run in another
+order than the combine kernel's (Triton's reduction over another tile shape), so the two paths
+agree to rounding, not bitwise.
+
+PDL: a program loads its first weight tile before the wait, as fused_step.py's kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infermeter.engine.kernels import pdl, prefetch
+from infermeter.engine.kernels.fused_step import fused_tiles_for
+from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
+from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.triton_support import tl, triton
+
+# Whether the fused step folds the combine into wo: "off" (the default), "on". Read when the
+# step is traced; benchmarks/step_kernels_ab.py --fold-combine sets it for an A/B.
+FOLD_WAYS = ("off", "on")
+FOLD = "off"
+# Partial values a program holds at once, [S_PAD, BLOCK_K] float32 each of acc, m and l: the
+# fold's BLOCK_K is cut to keep them in registers (S_PAD * BLOCK_K at most this).
+HELD = 4096
+
+
+def fold_tiles(n_out: int, n_cols: int, n_splits: int, sms: int,
+               gpu: str = "") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of the folded kernel over wo [n_out, n_cols] with
+    n_splits partials a head: gemv_add's tiles, with rows enough for at most about one program
+    an SM (each program combines the whole row) and BLOCK_K cut to HELD // S_PAD (>= 16)."""
+    block_n, block_k, warps = fused_tiles_for("gemv_add", n_cols, gpu)
+    block_n = max(block_n, _power_of_two(-(-n_out // sms)))
+    block_k = max(16, min(block_k, HELD // _power_of_two(n_splits)))
+    return block_n, block_k, warps
+
+
+def _power_of_two(n: int) -> int:
+    """The least power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+if triton is not None:
+    from infermeter.engine.kernels.decode_attention import combine_columns
+
+    @triton.jit
+    def _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
+                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      DTYPE: tl.constexpr):
+        """float32 [BLOCK_K]: the attention's output at cols, rounded to DTYPE as the combine
+        kernel stores it."""
+        x = combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
+                            S_PAD, D, HAS_SINKS)
+        return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _combine_gemv_add_kernel(ACC, M, L, SINKS, W, RES, OUT, n_out, n_cols, stride_w,
+                                 groups, n_splits, n_kv_heads, S_PAD: tl.constexpr,
+                                 D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 PDL: tl.constexpr = False):
+        """Program i: out rows [i * BLOCK_N, (i + 1) * BLOCK_N) = residual + wo @ attention,
+        the attention combined from its partials tile by tile."""
+        dtype = OUT.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_out
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < n_cols
+        w_at = W + rows[:, None] * stride_w + cols[None, :]
+        # The first weight tile before anything another kernel wrote: no kernel writes weights.
+        w = tl.load(w_at, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the partials and the residual are earlier kernels'
+            tl.extra.cuda.gdc_launch_dependents()
+        x = _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads, S_PAD,
+                          D, HAS_SINKS, dtype)
+        acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
+        for k0 in range(BLOCK_K, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            x = _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
+                              S_PAD, D, HAS_SINKS, dtype)
+            w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x[None, :]
+        # residual + the product rounded, as two dtype tensors add (fused_step.py's gemv_add)
+        residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = residual + tl.sum(acc, 1).to(dtype).to(tl.float32)
+        tl.store(OUT + rows, out.to(dtype), mask=row_ok)
+
+
+def _combine_gemv_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None,
+                      weight: Tensor, residual: Tensor, pdl: bool,
+                      tiles: tuple[int, int, int] | None = None) -> Tensor:
+    rows, n_splits, groups, head_dim = acc.shape
+    n_out, n_cols = weight.shape
+    if rows * groups * head_dim != n_cols:
+        raise ValueError(f"partials of {rows * groups * head_dim} columns for wo of {n_cols}")
+    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count \
+        if weight.is_cuda else 132
+    block_n, block_k, warps = tiles or fold_tiles(n_out, n_cols, n_splits, sms,
+                                                  gpu_name(weight.device))
+    out = torch.empty(1, n_out, dtype=residual.dtype, device=residual.device)
+    launch(_combine_gemv_add_kernel, (triton.cdiv(n_out, block_n),), pdl,
+           acc, m, l_sum, m if sinks is None else sinks, weight, residual, out, n_out, n_cols,
+           weight.stride(0), groups, n_splits, rows, S_PAD=_power_of_two(n_splits),
+           D=head_dim, HAS_SINKS=sinks is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=NUM_STAGES)
+    return out
+
+
+@torch.library.triton_op("infermeter::combine_gemv_add", mutates_args=())
+def combine_gemv_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None,
+                     weight: Tensor, residual: Tensor) -> Tensor:
+    """residual + attention @ weight^T -> [1, N], the attention [1, K] (K = H * D) combined
+    from the split kernel's partials at batch 1 (decode_attention.split_kv_partials: acc
+    [H_kv, n_splits, G, D], m and l [H_kv, n_splits, G]; sinks [H] or None, as
+    split_kv_decode's); weight [N, K] with unit column stride, residual [1, N] contiguous."""
+    return _combine_gemv_add(acc, m, l_sum, sinks, weight, residual, pdl=False)
+
+
+@torch.library.custom_op("infermeter::combine_gemv_add_pdl", mutates_args=())
+def combine_gemv_add_pdl(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None,
+                         weight: Tensor, residual: Tensor) -> Tensor:
+    return _combine_gemv_add(acc, m, l_sum, sinks, weight, residual, pdl=True)
+
+
+@combine_gemv_add_pdl.register_fake
+def _(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None, weight: Tensor,
+      residual: Tensor) -> Tensor:
+    return residual.new_empty(1, weight.shape[0])
+
+
+def combine_matvec_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None,
+                       weight: Tensor, residual: Tensor) -> Tensor:
+    """combine_gemv_add as the compiled step calls it: with PDL when pdl.enabled()."""
+    op = combine_gemv_add_pdl if pdl.enabled() else combine_gemv_add
+    return op(acc, m, l_sum, sinks, weight, residual)
+
+
+def folds() -> bool:
+    """Whether the fused step folds the combine into wo (FOLD). The folded kernel prefetches
+    nothing: with prefetch.DISTANCE above 0 it is refused, not quietly left out."""
+    if FOLD not in FOLD_WAYS:
+        raise ValueError(f"unknown FOLD {FOLD!r}: one of {FOLD_WAYS}")
+    if FOLD == "on" and prefetch.DISTANCE:
+        raise ValueError("the combine folded into wo prefetches nothing: prefetch distance 0")
+    return FOLD == "on"

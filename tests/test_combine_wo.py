@@ -1,0 +1,58 @@
+"""The split-KV attention's combine folded into wo + the residual add (engine/kernels/
+combine_wo.py, FOLD "on").
+
+Under Triton's CPU interpreter in a subprocess (tests/combine_wo_worker.py): the folded kernel
+against a float64 combine with the dtype's roundings and against the two kernels it replaces
+(float32, float16, bfloat16; sinks; empty splits; ragged tiles), its tiles, and the debug
+model's fused steps folded against not and against eager. No GPU: which is faster is
+benchmarks/step_kernels_ab.py --fold-combine's to say.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.triton_interpreter import run_under_interpreter
+
+WORKER = Path(__file__).with_name("combine_wo_worker.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_folded_combine_under_the_triton_interpreter():
+    run_under_interpreter(WORKER)
+
+
+@pytest.mark.parametrize("fold", ["off", "on"])
+def test_the_result_records_the_fold_and_the_report_sets_it_aside(monkeypatch, fold):
+    """config.combine_in_wo: whether the fused step's wo combined the split-KV attention's
+    splits (FOLD), None where no fused wo followed that attention (split kernels, another
+    attention, eager); the report takes a folded Result as a comparison, never the column's
+    representative."""
+    from infermeter.engine.kernels import combine_wo
+    from infermeter.report.select import off_default_kernels
+    from infermeter.specs.presets import PRESETS
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    monkeypatch.setattr(combine_wo, "FOLD", fold)
+    described = {}
+    for kinds, attention in (("fused", "triton"), ("fused", "math"), ("split", "triton")):
+        runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+        monkeypatch.setattr(runner.generator, "decode_attention_used",
+                            lambda *args, kind=attention: kind)
+        described[kinds, attention] = runner.describe()["combine_in_wo"]
+    assert described == {("fused", "triton"): fold == "on", ("fused", "math"): None,
+                         ("split", "triton"): None}
+    assert off_default_kernels(seed_record(1, combine_in_wo=fold == "on")) == (fold == "on")
+    assert not off_default_kernels(seed_record(2))  # before the field: not folded
+
+
+def test_an_unknown_fold_is_refused(monkeypatch):
+    from infermeter.engine.kernels import combine_wo
+
+    monkeypatch.setattr(combine_wo, "FOLD", "maybe")
+    with pytest.raises(ValueError, match="unknown FOLD 'maybe'"):
+        combine_wo.folds()
