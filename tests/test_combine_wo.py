@@ -56,3 +56,28 @@ def test_an_unknown_fold_is_refused(monkeypatch):
     monkeypatch.setattr(combine_wo, "FOLD", "maybe")
     with pytest.raises(ValueError, match="unknown FOLD 'maybe'"):
         combine_wo.folds()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_folded_kernel_reads_only_weights_before_the_wait_and_divides_exactly(monkeypatch):
+    """Launched with PDL, compiled for sm_90: before the wait only the first weight tile is
+    loaded (evict-first); the partials and the residual after it; the combine's one division
+    is div.rn (as the combine kernel's), no approximate one."""
+    import torch
+
+    from infermeter.engine.kernels.combine_wo import _combine_gemv_add
+    from tests.test_fused_step import assert_exact_divisions
+    from tests.test_pdl import first, pdl_launches, pdl_ptx
+
+    acc = torch.zeros(3, 8, 3, 64)
+    m, l_sum = torch.zeros(3, 8, 3), torch.ones(3, 8, 3)
+    weight, residual = torch.zeros(576, 576, dtype=torch.bfloat16), \
+        torch.zeros(1, 576, dtype=torch.bfloat16)
+    launches = pdl_launches(monkeypatch, lambda: _combine_gemv_add(
+        acc, m, l_sum, None, weight, residual, pdl=True))
+    assert len(launches) == 1
+    lines, wait = pdl_ptx(launches[0], "combine + wo + add")
+    early = [line for line in lines[:wait] if "ld.global" in line]
+    assert early and all("evict_first" in line for line in early)
+    assert first(lines, "ld.global", wait) < len(lines)  # the partials, after the wait
+    assert_exact_divisions(lines, True, "combine + wo + add")
