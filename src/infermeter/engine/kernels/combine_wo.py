@@ -89,6 +89,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials and the residual are earlier kernels'
             tl.extra.cuda.gdc_launch_dependents()
+        # issued with the first partials, not after the product's reduction (fused_step.py's)
+        residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
         x = _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads, S_PAD,
                           D, HAS_SINKS, dtype)
         acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
@@ -102,7 +104,6 @@ if triton is not None:
                         eviction_policy="evict_first")
             acc += w.to(tl.float32) * x[None, :]
         # residual + the product rounded, as two dtype tensors add (fused_step.py's gemv_add)
-        residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
         out = residual + tl.sum(acc, 1).to(dtype).to(tl.float32)
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
 

@@ -116,9 +116,17 @@ if triton is not None:
                     GEMMA: tl.constexpr):
         """float32 [BLOCK_K]: x's columns `cols`, normed and rounded as eager's RMSNorm rounds
         them (module docstring) when HAS_NORM."""
-        x = tl.load(X + cols, mask=col_ok, other=0.0)
+        w = 0.0
         if HAS_NORM:
-            w = tl.load(NORM_W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(NORM_W + cols, mask=col_ok, other=0.0)
+        return _normed_tile(tl.load(X + cols, mask=col_ok, other=0.0), w, inv_rms, HAS_NORM,
+                            GEMMA)
+
+    @triton.jit
+    def _normed_tile(x, w, inv_rms, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr):
+        """_input_tile of x's loaded tile and the norm weight's w (both [BLOCK_K])."""
+        if HAS_NORM:
+            w = w.to(tl.float32)
             normed = x.to(tl.float32) * inv_rms
             if GEMMA:  # (normed * (1 + w)).type_as(x)
                 tile = (normed * (1.0 + w)).to(x.dtype).to(tl.float32)
@@ -172,19 +180,28 @@ if triton is not None:
         col_ok = cols < n_cols
         tile_ok = row_ok[:, None] & col_ok[None, :]
         w_at = W + rows[:, None] * stride_w + cols[None, :]
-        # The first weight tile (gate's and up's with SWIGLU) before anything another kernel
-        # wrote: no kernel writes weights.
+        # The first weight tile (gate's and up's with SWIGLU), and the norm's weights for it,
+        # before anything another kernel wrote: no kernel writes weights.
         w = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
         if SWIGLU:
             w_up = tl.load(w_at + up_row * stride_w, mask=tile_ok, other=0.0,
                            eviction_policy="evict_first")
+        w_norm = 0.0
+        if HAS_NORM:
+            w_norm = tl.load(NORM_W + cols, mask=col_ok, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x (and the residual) are earlier kernels' outputs
             tl.extra.cuda.gdc_launch_dependents()
+        # Every load after the wait is issued before the first value is used: each one left
+        # behind a reduction would wait a round trip of its own (a reduction's barrier keeps
+        # the compiler from moving loads above it).
+        if HAS_RESIDUAL:
+            residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
+        x = tl.load(X + cols, mask=col_ok, other=0.0)
         inv_rms = 1.0
         if HAS_NORM:
             inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
-        x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, HAS_NORM, GEMMA)
+        x = _normed_tile(x, w_norm, inv_rms, HAS_NORM, GEMMA)
         acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
         if SWIGLU:
             acc_up = w_up.to(tl.float32) * x[None, :]
@@ -211,7 +228,6 @@ if triton is not None:
                 act = exact_silu(gate, LIBDEVICE)
             out = act.to(dtype).to(tl.float32) * up
         if HAS_RESIDUAL:  # residual + the product rounded, as two dtype tensors add
-            residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
             out = residual + out.to(dtype).to(tl.float32)
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
 
@@ -263,11 +279,15 @@ if triton is not None:
         # position): no kernel writes weights.
         w_even = tl.load(w_at, mask=tile_ok, other=0.0, eviction_policy="evict_first")
         w_odd = tl.load(w_at + stride_w, mask=tile_ok, other=0.0, eviction_policy="evict_first")
+        w_norm = tl.load(NORM_W + cols, mask=col_ok, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        # RoPE's inputs with x, before any value is used (as fused_gemv_rows' loads)
+        cos, sin, pos = rope_inputs(COS, SIN, POS, rows, row_ok, HEAD_DIM)
+        x = tl.load(X + cols, mask=col_ok, other=0.0)
         inv_rms = _inv_rms(X, n_cols, EPS, BLOCK_K)
-        x = _input_tile(X, NORM_W, cols, col_ok, inv_rms, True, GEMMA)
+        x = _normed_tile(x, w_norm, inv_rms, True, GEMMA)
         acc_even = w_even.to(tl.float32) * x[None, :]  # [BLOCK_N / 2, BLOCK_K]
         acc_odd = w_odd.to(tl.float32) * x[None, :]
         for k0 in range(BLOCK_K, n_cols, BLOCK_K):
@@ -289,20 +309,29 @@ if triton is not None:
             a = (a + tl.load(BIAS + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             b = (b + tl.load(BIAS + rows + 1, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
             a, b = a.to(tl.float32), b.to(tl.float32)
-        rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+        rope_and_store(pid, a, b, rows, row_ok, cos, sin, pos, Q_OUT, K_CACHE, V_CACHE,
                        KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
                        cache_size, IS_RING, HEAD_DIM, UNCONTRACTED, QK_NORM, QK_GEMMA, QK_EPS)
 
     @triton.jit
-    def rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+    def rope_inputs(COS, SIN, POS, rows, row_ok, HEAD_DIM: tl.constexpr):
+        """The cos and sin [BLOCK_N / 2] of pairs (rows, rows + 1) at the step's position, and
+        that position: what rope_and_store takes, all earlier kernels' outputs."""
+        angle = (rows % HEAD_DIM) // 2  # the pair's feature index, the same for q's and k's
+        cos = tl.load(COS + angle, mask=row_ok, other=1.0)
+        sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
+        return cos, sin, tl.load(POS)
+
+    @triton.jit
+    def rope_and_store(pid, a, b, rows, row_ok, cos, sin, pos, Q_OUT, K_CACHE, V_CACHE,
                        KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
                        cache_size, IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr,
                        UNCONTRACTED: tl.constexpr, QK_NORM: tl.constexpr,
                        QK_GEMMA: tl.constexpr, QK_EPS: tl.constexpr):
         """What follows wqkv's product for pairs (rows, rows + 1) of q, k and v (a, b: float32
-        [BLOCK_N / 2], the dtype's values): with QK_NORM (rows one whole head) q's and k's head
-        RMS-normed, RoPE on q and k, q stored to Q_OUT, k and v to the cache's slot (and a
-        ring's key_pos from program 0)."""
+        [BLOCK_N / 2], the dtype's values; cos, sin, pos: rope_inputs'): with QK_NORM (rows
+        one whole head) q's and k's head RMS-normed, RoPE on q and k, q stored to Q_OUT, k and
+        v to the cache's slot (and a ring's key_pos from program 0)."""
         dtype = Q_OUT.dtype.element_ty
         is_v = rows >= n_q + n_kv
         is_q = rows < n_q
@@ -326,11 +355,7 @@ if triton is not None:
                 b_normed = ((b * head_inv_rms).to(dtype).to(tl.float32) * w_b).to(dtype)
             a = tl.where(is_v, a, a_normed.to(tl.float32))  # v: no norm
             b = tl.where(is_v, b, b_normed.to(tl.float32))
-        # apply_rope in float32 (q and k rows; v keeps a, b): (a + ib)(cos + i sin), the pair's
-        # angle at its feature index i = (row % HEAD_DIM) / 2, the same for q's and k's heads
-        angle = (rows % HEAD_DIM) // 2
-        cos = tl.load(COS + angle, mask=row_ok, other=1.0)
-        sin = tl.load(SIN + angle, mask=row_ok, other=0.0)
+        # apply_rope in float32 (q and k rows; v keeps a, b): (a + ib)(cos + i sin)
         # each product rounded before its add, as eager's (mul.rn on a GPU: never an FMA)
         a_cos = uncontracted_product(a, cos, UNCONTRACTED)
         b_sin = uncontracted_product(b, sin, UNCONTRACTED)
@@ -341,7 +366,6 @@ if triton is not None:
         tl.store(Q_OUT + rows, even, mask=row_ok & is_q)
         tl.store(Q_OUT + rows + 1, odd, mask=row_ok & is_q)
         # k and v into the cache [1, H_kv, S, HEAD_DIM] (unit feature stride) at the step's slot
-        pos = tl.load(POS)
         slot = pos % cache_size if IS_RING else pos
         kv_row = tl.where(is_v, rows - n_q - n_kv, rows - n_q)  # head * HEAD_DIM + feature
         at = (kv_row // HEAD_DIM) * stride_ch + slot * stride_cs + kv_row % HEAD_DIM

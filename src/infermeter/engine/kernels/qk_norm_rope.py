@@ -36,7 +36,7 @@ QK_NORM_KERNELS = 2
 if triton is not None:
     import triton.language as tl
 
-    from infermeter.engine.kernels.fused_step import rope_and_store
+    from infermeter.engine.kernels.fused_step import rope_and_store, rope_inputs
 
     @triton.jit
     def _qk_norm_rope_kernel(QKV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, KEY_POS, Q_NORM_W,
@@ -55,7 +55,8 @@ if triton is not None:
         row_ok = rows < n_q + 2 * n_kv  # always: one program a head
         a = tl.load(QKV + rows, mask=row_ok, other=0.0).to(tl.float32)
         b = tl.load(QKV + rows + 1, mask=row_ok, other=0.0).to(tl.float32)
-        rope_and_store(pid, a, b, rows, row_ok, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
+        cos, sin, pos = rope_inputs(COS, SIN, POS, rows, row_ok, HEAD_DIM)
+        rope_and_store(pid, a, b, rows, row_ok, cos, sin, pos, Q_OUT, K_CACHE, V_CACHE,
                        KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, stride_ch, stride_cs,
                        cache_size, IS_RING, HEAD_DIM, UNCONTRACTED, True, QK_GEMMA, QK_EPS)
 
