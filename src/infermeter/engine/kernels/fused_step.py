@@ -57,10 +57,14 @@ squares; the products' order against cuBLAS's); fused and split also where induc
 norm rounding differs from eager's two. Random weights make such ties flip greedy tokens now
 and then (docs/engine.md, "Correctness of the fast paths").
 
-PDL (pdl.py): a program loads its first [BLOCK_N, BLOCK_K] weight tile (both for SWIGLU)
-before waiting for the kernel that wrote x; unlike gemv.py's up-to-16-KiB first tile this one
-is an ordinary tile going into the accumulator as the loop's first step would, so PDL changes
-no bit here. Which model sizes it pays for was measured by benchmarks/step_kernels_ab.py;
+PDL (pdl.py): a program loads its first [BLOCK_N, BLOCK_K] weight tile (both for SWIGLU) and
+the norm's weights for it before waiting for the kernel that wrote x; unlike gemv.py's
+up-to-16-KiB first tile this one is an ordinary tile going into the accumulator as the loop's
+first step would, so PDL changes no bit here. After the wait every load the first tile needs
+(x, the residual, RoPE's cos, sin and position) goes out before the first reduction: a
+reduction's barrier keeps the compiler from moving a load above it, so a load written after
+one waited a round trip of its own (at one column tile, a small model's case, that was two or
+three round trips after the wait where one will do). Which model sizes it pays for was measured by benchmarks/step_kernels_ab.py;
 generate's "auto" runs it for small dense models (engine/step_choice.py).
 """
 
