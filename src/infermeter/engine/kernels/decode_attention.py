@@ -116,13 +116,17 @@ if triton is not None:
         for n0 in range(start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             inside = n < end
+            # the block's keys, values and positions go out together: a load written after the
+            # scores' reductions (a barrier) would wait a round trip of its own
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
                         other=0.0)  # [BLOCK, D]
+            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
+                        other=0.0)  # [BLOCK, D]
+            held = tl.load(KEY_POS + n, mask=inside, other=-1)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
             if SOFTCAP > 0:  # Gemma 2: tanh(s / cap) * cap as torch computes it on CUDA: s
                 # times cap's float32 reciprocal, libdevice's tanhf (exact_math.py)
                 s = exact_tanh(s * INV_SOFTCAP, LIBDEVICE) * SOFTCAP
-            held = tl.load(KEY_POS + n, mask=inside, other=-1)
             seen = inside & (held >= 0) & (held <= pos)
             if HAS_WINDOW:
                 seen = seen & (pos - held < window)
@@ -132,8 +136,6 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
-                        other=0.0)  # [BLOCK, D]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         row = bh * n_splits + split  # ACC [B*H_kv, n_splits, G, D], M/L [B*H_kv, n_splits, G]
