@@ -159,8 +159,9 @@ def test_a_plainly_launched_split_kernel_releases_the_combine_and_takes_its_stag
     """ATTENTION_PDL "combine": the split kernel is launched without the PDL attribute (so it
     starts once the kernel before has ended) and compiled with no wait but with the release,
     which lets the combine, launched with PDL, start early; the combine waits before reading
-    the splits. SPLIT_STAGES reaches the split kernel's build: one stage holds no pipeline
-    buffers, so it takes less shared memory than Triton's default."""
+    the splits. SPLIT_STAGES reaches the split kernel's build where a program loops over
+    blocks: one stage holds no pipeline buffers, so it takes less shared memory than Triton's
+    default."""
     from infermeter.engine.kernels.decode_attention import _split_kv_decode
 
     q = torch.zeros(1, 3, 3, 64, dtype=torch.float16)  # SmolLM2-135M's heads
@@ -177,12 +178,44 @@ def test_a_plainly_launched_split_kernel_releases_the_combine_and_takes_its_stag
     lines, wait = pdl_ptx(combine, "combine")
     assert [line for line in lines[:wait] if "ld.global" in line] == []
     shared = {}
-    for stages in (0, 1):
+    for stages in (0, 1):  # 3 splits of 512 slots: blocks to loop over (8 would be one each)
         (kernel, args, kwargs), _ = pdl_launches(monkeypatch, lambda s=stages: _split_kv_decode(
-            q, cache, cache, pos, pos[:1], 0, False, 8, 0.0, pdl=True, split_stages=s))
+            q, cache, cache, pos, pos[:1], 0, False, 3, 0.0, pdl=True, split_stages=s))
+        assert kwargs["ONE_BLOCK"] is False
         assert kwargs.get("num_stages", 0) == stages
         shared[stages] = sm90_lines(kernel, args, kwargs)[0].shared
     assert shared[1] < shared[0], shared
+
+
+@needs_triton
+def test_a_one_block_split_kernel_loads_its_block_before_the_wait(monkeypatch):
+    """A program with one cache block (chunk <= BLOCK_N: 512 slots in 8 splits, a batch-1
+    step's usual case) loads the position and its block's keys, values and slot positions
+    before the PDL wait, and q and the step's own slot (the kernel before wrote them) after
+    it; it has no loop, so no pipeline's shared memory. More slots a program: the loop, every
+    load after the wait."""
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+
+    q = torch.zeros(1, 3, 3, 64, dtype=torch.float16)
+    cache = torch.zeros(1, 3, 512, 64, dtype=torch.float16)
+    pos = torch.arange(512)
+    loads, shared = {}, {}
+    for splits in (8, 3):
+        (kernel, args, kwargs), _ = pdl_launches(monkeypatch, lambda n=splits: _split_kv_decode(
+            q, cache, cache, pos, pos[:1], 0, False, n, 0.0, pdl=True))
+        assert kwargs["ONE_BLOCK"] is (splits == 8)
+        lines, wait = pdl_ptx((kernel, args, kwargs), f"split, {splits} splits")
+        loads[splits] = ([line for line in lines[:wait] if "ld.global" in line],
+                         [line for line in lines[wait:] if "ld.global" in line])
+        shared[splits] = sm90_lines(kernel, args, kwargs)[0].shared
+    before, after = loads[8]
+    # the position (b64), the keys' and values' block (16-byte vectors), the slots' positions
+    assert any(".b64" in line and ".v" not in line for line in before)
+    assert sum(".v4" in line for line in before) >= 2
+    # q, and the step's own slot's key, value and position again
+    assert sum(".v" in line for line in after) >= 1 and len(after) >= 4
+    assert loads[3][0] == []
+    assert shared[8] < shared[3], shared
 
 
 def test_launching_sets_and_restores():

@@ -85,6 +85,40 @@ if triton is not None:
     from infermeter.engine.kernels.exact_math import exact_tanh
 
     @triton.jit
+    def _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d):
+        """Cache slots n [BLOCK]'s keys and values [BLOCK, D] and held positions [BLOCK],
+        loaded together (a load written after the scores' reductions, a barrier, would wait a
+        round trip of its own)."""
+        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        return k, v, tl.load(KEY_POS + n, mask=inside, other=-1)
+
+    @triton.jit
+    def _online_step(q, k, v, held, inside, pos, window, m_i, l_i, acc,
+                     SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                     SOFTCAP: tl.constexpr, INV_SOFTCAP: tl.constexpr,
+                     LIBDEVICE: tl.constexpr):
+        """One block of the online softmax: (m_i, l_i, acc) [G_PAD], [G_PAD], [G_PAD, D] after
+        q [G_PAD, D] attends to the block's visible keys k and values v [BLOCK, D]."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
+        if SOFTCAP > 0:  # Gemma 2: tanh(s / cap) * cap as torch computes it on CUDA: s
+            # times cap's float32 reciprocal, libdevice's tanhf (exact_math.py)
+            s = exact_tanh(s * INV_SOFTCAP, LIBDEVICE) * SOFTCAP
+        seen = inside & (held >= 0) & (held <= pos)
+        if HAS_WINDOW:
+            seen = seen & (pos - held < window)
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg,
                         stride_kb, stride_kh, stride_ks,
@@ -93,51 +127,68 @@ if triton is not None:
                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr):
+                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
+                        ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
         """Split `split` of row bh (= sequence * H_kv + KV head): the online softmax over its
-        chunk of slots, stored as its partial acc [G, D], m [G], l [G] (every kernel that
-        attends shares this code, so their partials are the same bits)."""
+        chunk of slots, stored as its partial acc [G, D], m [G], l [G]. PDL: waits for the
+        kernel before (which wrote q and this step's slot) and releases the next; RELEASE
+        (launched plainly) releases it only.
+        ONE_BLOCK (chunk <= BLOCK: a batch-1 step's usual case, one block a program): the block
+        is loaded before the wait, with the position, and only the step's own slot is read
+        again after it. Safe: the position is the step's input, copied in before its first
+        kernel, and the other slots were written by earlier steps; under PDL every kernel but
+        the one just before has ended once this one starts (each releases the next only after
+        its own wait). So the block's bytes come while the kernel before still runs."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
-        pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
-                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
         start = split * chunk
-        end = tl.minimum(start + chunk, slots)
-        if not IS_RING:  # slot j holds position j: nothing after the current one is visible
-            end = tl.minimum(end, pos + 1)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        for n0 in range(start, end, BLOCK):
-            n = n0 + tl.arange(0, BLOCK)
+        if ONE_BLOCK:
+            pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
+            end = tl.minimum(start + chunk, slots)
+            if not IS_RING:  # slot j holds position j: nothing after the current one is visible
+                end = tl.minimum(end, pos + 1)
+            n = start + tl.arange(0, BLOCK)
             inside = n < end
-            # the block's keys, values and positions go out together: a load written after the
-            # scores' reductions (a barrier) would wait a round trip of its own
-            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=inside[:, None],
-                        other=0.0)  # [BLOCK, D]
-            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=inside[:, None],
-                        other=0.0)  # [BLOCK, D]
-            held = tl.load(KEY_POS + n, mask=inside, other=-1)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [G_PAD, BLOCK]
-            if SOFTCAP > 0:  # Gemma 2: tanh(s / cap) * cap as torch computes it on CUDA: s
-                # times cap's float32 reciprocal, libdevice's tanhf (exact_math.py)
-                s = exact_tanh(s * INV_SOFTCAP, LIBDEVICE) * SOFTCAP
-            seen = inside & (held >= 0) & (held <= pos)
-            if HAS_WINDOW:
-                seen = seen & (pos - held < window)
-            s = tl.where(seen[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            k, v, held = _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d)
+        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        elif RELEASE:  # launched plainly (the kernel before has ended): the next may start
+            tl.extra.cuda.gdc_launch_dependents()
+        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
+                    mask=g[:, None] < groups, other=0.0)  # [G_PAD, D]
+        if ONE_BLOCK:  # the step's own slot, just written: k and v again, and a ring's position
+            slot = pos % slots if IS_RING else pos
+            fresh = inside & (n == slot)  # [BLOCK]
+            row = d * 0 + slot  # [D] (a scalar in a mask fails in the interpreter)
+            here = (row >= start) & (row < start + BLOCK) & (row < slots)
+            k = tl.where(fresh[:, None], tl.load(k_base + slot * stride_ks + d, mask=here,
+                                                 other=0.0)[None, :], k)
+            v = tl.where(fresh[:, None], tl.load(v_base + slot * stride_vs + d, mask=here,
+                                                 other=0.0)[None, :], v)
+            held = tl.where(fresh, tl.load(KEY_POS + n, mask=fresh, other=-1), held)
+            m_i, l_i, acc = _online_step(q, k, v, held, inside, pos, window, m_i, l_i, acc,
+                                         SCALE, HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP,
+                                         LIBDEVICE)
+        else:
+            pos = tl.load(POS).to(tl.int32)
+            end = tl.minimum(start + chunk, slots)
+            if not IS_RING:
+                end = tl.minimum(end, pos + 1)
+            for n0 in range(start, end, BLOCK):
+                n = n0 + tl.arange(0, BLOCK)
+                inside = n < end
+                k, v, held = _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d)
+                m_i, l_i, acc = _online_step(q, k, v, held, inside, pos, window, m_i, l_i,
+                                             acc, SCALE, HAS_WINDOW, PRECISION, SOFTCAP,
+                                             INV_SOFTCAP, LIBDEVICE)
         row = bh * n_splits + split  # ACC [B*H_kv, n_splits, G, D], M/L [B*H_kv, n_splits, G]
         keep = g < groups
         tl.store(ACC + (row * groups + g[:, None]) * D + d[None, :], acc, mask=keep[:, None])
@@ -154,18 +205,14 @@ if triton is not None:
                          BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
                          INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                         PDL: tl.constexpr = False, RELEASE: tl.constexpr = False):
-        if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        elif RELEASE:  # launched plainly (the kernel before has ended): the combine may start
-            tl.extra.cuda.gdc_launch_dependents()
+                         ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
+                         RELEASE: tl.constexpr = False):
         split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
                         stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
                         n_kv_heads, groups, slots, chunk, n_splits, window,
                         SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
-                        INV_SOFTCAP, LIBDEVICE)
+                        INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE)
 
     @triton.jit
     def combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
@@ -233,7 +280,7 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
              "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
              "SOFTCAP": float(softcap),
              "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
-             "LIBDEVICE": compiled_for_gpu(q)}
+             "LIBDEVICE": compiled_for_gpu(q), "ONE_BLOCK": chunk <= BLOCK_N}
     if split_stages:
         split["num_stages"] = split_stages
     if pdl and not early_split:  # ATTENTION_PDL "combine"
