@@ -21,6 +21,7 @@ from infermeter.engine.kernels.decode_attention import _combine_kernel
 from infermeter.engine.kernels.fused_step import gemv_add
 from infermeter.engine.kernels.pdl import launch
 from tests.fused_step_worker import ULP, close, rounder
+from tests.greedy import greedy_decode
 from tests.triton_interpreter import run_checks
 
 
@@ -147,15 +148,7 @@ def check_model_step() -> None:
         model.setup_cache(1, 16)
         ids = torch.randint(0, spec.vocab_size, (1, prompt),
                             generator=torch.Generator().manual_seed(2))
-        outs = []
-        with torch.inference_mode():
-            out = model(ids, torch.arange(prompt))
-            calls.clear()
-            for i in range(prompt, prompt + steps):
-                outs.append(out[:, -1:])
-                ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
-                out = model(ids[:, -1:], torch.tensor([i]))
-        tokens[way], logits[way] = ids, torch.cat(outs, dim=1)
+        tokens[way], logits[way] = greedy_decode(model, ids, steps, calls.clear)
         want = {"eager": [], "off": ["decode_attention_kernel"],
                 "on": ["combine_matvec_add"]}[way] * spec.n_layers * steps
         assert calls == want, f"{way}: ran {calls}"

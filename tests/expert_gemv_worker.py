@@ -29,6 +29,7 @@ from infermeter.engine.kernels.expert_gemv import (
 )
 from infermeter.engine.moe import MoEFeedForward
 from tests.fused_step_worker import ULP, close, rounder
+from tests.greedy import greedy_decode
 
 # (E, k, N tokens, ffn, dim, tiles): tiles_for's own tiles, or (BLOCK_N, BLOCK_K, warps) small
 # enough that tiny shapes take several column tiles and ragged row blocks (the interpreter's
@@ -365,15 +366,7 @@ def check_model_greedy() -> None:
                 model.setup_cache(batch, 16)
                 ids = torch.randint(0, spec.vocab_size, (batch, prompt),
                                     generator=torch.Generator().manual_seed(8))
-                outs = []
-                with torch.inference_mode():
-                    out = model(ids, torch.arange(prompt))
-                    calls.clear()
-                    for i in range(prompt, prompt + steps):
-                        outs.append(out[:, -1:])
-                        ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
-                        out = model(ids[:, -1:], torch.tensor([i]))
-                logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
+                tokens[kind], logits[kind] = greedy_decode(model, ids, steps, calls.clear)
                 # "auto": Triton's at one token, torch's gathered indexing at 2 to E / k
                 takes = kind == "triton" or (kind == "auto" and batch == 1)
                 want = [batch] * moe_layers * steps if takes else []

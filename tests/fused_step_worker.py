@@ -31,6 +31,7 @@ from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.norms import GemmaRMSNorm, RMSNorm
 from infermeter.engine.opaque_ops import compiling
 from infermeter.specs.model import GEMMA_ARCHS
+from tests.greedy import greedy_decode
 
 EPS = 1e-5
 # torch's CUDA tanh-GELU constants as float32: kBeta = M_SQRT2 * M_2_SQRTPI * 0.5, kKappa
@@ -320,15 +321,7 @@ def check_model_step() -> None:
             model.setup_cache(1, 16)
             ids = torch.randint(0, spec.vocab_size, (1, prompt),
                                 generator=torch.Generator().manual_seed(2))
-            outs = []
-            with torch.inference_mode():
-                out = model(ids, torch.arange(prompt))
-                calls.clear()
-                for i in range(prompt, prompt + steps):  # greedy decoding
-                    outs.append(out[:, -1:])
-                    ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
-                    out = model(ids[:, -1:], torch.tensor([i]))
-            logits[kind], tokens[kind] = torch.cat(outs, dim=1), ids
+            tokens[kind], logits[kind] = greedy_decode(model, ids, steps, calls.clear)
             first = "norm_qkv_rope_cache" if spec.head_dim != 24 else "norm_matvec"
             fused = per_layer.get(arch, [[first, "matvec_add", "norm_matvec_swiglu",
                                           "matvec_add"]] * spec.n_layers)

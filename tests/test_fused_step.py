@@ -54,7 +54,8 @@ def assert_exact_divisions(lines: list[str], divides: bool, what: str) -> None:
 def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
     """Each fused op launched with PDL, compiled for sm_90: the wait comes before the release,
     and before the wait only weights are loaded (evict-first: the first tile; the norm's
-    weights, not evict-first: every program reads them); x and the residual after it. No approximate division anywhere (the norm's mean, SiLU).
+    weights, not evict-first: every program reads them); x and the residual after it. No
+    approximate division anywhere (the norm's mean, SiLU).
     GeGLU's gelu (Gemma's norm), as a CUDA x launches it: its five products a value besides
     kappa * x^3 (one FMA with x's add, as in torch's build) are PTX mul.rn, never contracted,
     and its tanh is libdevice's (tanhf's ex2.approx.ftz, not tl.exp's ex2.approx.f32)."""
@@ -94,7 +95,8 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
 def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products(monkeypatch):
     """norm + wqkv + RoPE + cache write launched with PDL, compiled for sm_90, without and with
     the per-head q/k norms (QK_NORM, a head a program): only weights before the wait, the
-    product's and the input norm's (x, the position and the cache after it); and as a CUDA x launches it (UNCONTRACTED), RoPE's four
+    product's and the input norm's (x, the position and the cache after it); and as a CUDA x
+    launches it (UNCONTRACTED), RoPE's four
     float32 products (and the head norm's squares) are PTX mul.rn, which is never folded into an
     FMA with the add after it (eager rounds each product). Neither mean (the input's, the
     heads') divides approximately."""
