@@ -64,8 +64,9 @@ first step would, so PDL changes no bit here. After the wait every load the firs
 (x, the residual, RoPE's cos, sin and position) goes out before the first reduction: a
 reduction's barrier keeps the compiler from moving a load above it, so a load written after
 one waited a round trip of its own (at one column tile, a small model's case, that was two or
-three round trips after the wait where one will do). Which model sizes it pays for was measured by benchmarks/step_kernels_ab.py;
-generate's "auto" runs it for small dense models (engine/step_choice.py).
+three round trips after the wait where one will do). Which model sizes PDL pays for was
+measured by benchmarks/step_kernels_ab.py; generate's "auto" runs it for small dense models
+(engine/step_choice.py).
 """
 
 from __future__ import annotations
