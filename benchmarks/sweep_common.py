@@ -185,7 +185,9 @@ def ab_line(case: str, runs: dict[str, list[float]], base: str, other: str) -> s
 
 def write_summary(path: Path, summarise: Callable[[list[Result]], str], start: float) -> int:
     """Print summarise(the Results in `path`) and write it beside them as <stem>-summary.txt;
-    where $OUT is set, the JSONL and the summary go there too. 1 where `path` holds nothing."""
+    where $OUT is set, the JSONL and the summary go there too, unless `path` is in $OUT or a
+    folder under it (it comes back from there already; a copy would overwrite $OUT's own file
+    of that name, another run's Results). 1 where `path` holds nothing."""
     if not path.exists():
         print(f"no results in {path}", file=sys.stderr)
         return 1
@@ -194,10 +196,9 @@ def write_summary(path: Path, summarise: Callable[[list[Result]], str], start: f
     name = f"{path.stem}-summary.txt"
     (path.parent / name).write_text(text + "\n")
     out = os.environ.get("OUT")
-    if out:
+    if out and not path.resolve().is_relative_to(Path(out).resolve()):
         Path(out).mkdir(parents=True, exist_ok=True)
-        if (Path(out) / path.name).resolve() != path.resolve():  # --results $OUT: already there
-            shutil.copy(path, Path(out) / path.name)
+        shutil.copy(path, Path(out) / path.name)
         (Path(out) / name).write_text(text + "\n")
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0

@@ -118,7 +118,7 @@ def test_gemv_part_is_batch_1_with_the_triton_gemv_and_has_its_mbu_line():
 def test_the_summary_goes_beside_the_results_and_to_out(tmp_path, monkeypatch, capsys):
     """benchmarks/sweep_common.py, which the generate sweeps and A/B scripts share: the summary
     is printed, written beside the JSONL as <stem>-summary.txt and, with $OUT set, copied there
-    with the JSONL (not onto itself where --results is $OUT); no Results is exit 1."""
+    with the JSONL (not where --results is $OUT or a folder under it); no Results is exit 1."""
     common = load_benchmark("sweep_common")
     path, out = tmp_path / "results" / "x-gpu.jsonl", tmp_path / "out"
     monkeypatch.setenv("OUT", str(out))
@@ -134,6 +134,16 @@ def test_the_summary_goes_beside_the_results_and_to_out(tmp_path, monkeypatch, c
     monkeypatch.setenv("OUT", str(path.parent))
     assert common.write_summary(path, lambda results: "again", 0.0) == 0
     assert tags(path) == [("seed", "a"), ("seed", "b")]
+    # --results a folder under $OUT (a second tree's A/B beside the first's): nothing copied
+    # over $OUT's own file of that name, which holds the other run's Results
+    other = out / "base" / "x-gpu.jsonl"
+    other.parent.mkdir()
+    append_jsonl(other, [result("base", "c")])
+    monkeypatch.setenv("OUT", str(out))
+    assert common.write_summary(other, lambda results: "base", 0.0) == 0
+    assert tags(out / "x-gpu.jsonl") == [("seed", "a"), ("seed", "b")]
+    assert (out / "x-gpu-summary.txt").read_text() == "2 results\n"
+    assert (other.parent / "x-gpu-summary.txt").read_text() == "base\n"
 
 
 def test_an_ab_line_is_the_ratio_of_per_run_medians_and_says_whether_the_ranges_meet():
