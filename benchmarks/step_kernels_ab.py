@@ -133,13 +133,14 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
-              folds: tuple[str, ...] = ("off",), **overrides) -> None:
+              folds: tuple[str, ...] = ("off",), baseline: bool = False,
+              **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
     (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
     (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD), each set back after, each
-    Result appended to `path` once done; with `trace` (a folder) each case's profiled steps go
-    to a folder of their own in it."""
+    Result appended to `path` once done (marked an older tree's with `baseline`); with `trace`
+    (a folder) each case's profiled steps go to a folder of their own in it."""
     from infermeter.engine.kernels import combine_wo, decode_attention, prefetch, qk_norm_rope
 
     kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
@@ -161,7 +162,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
                         run_ab_case(ab_request(model, kind, way, **overrides), env, path,
-                                    model, name, round_, "kernels", "step_kernels")
+                                    model, name, round_, "kernels", "step_kernels", baseline)
     finally:
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
@@ -237,6 +238,9 @@ def arguments():
     parser.add_argument("--split-stages", nargs="+", type=int, choices=(0, 1, 2),
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
+    parser.add_argument("--baseline", action="store_true", help="mark the Results an older "
+                        "source tree's, timed as the A/B's baseline (run with that tree's src/ "
+                        "on PYTHONPATH); the report never takes them for a column's figure")
     parser.add_argument("--fold-combine", nargs="+", choices=FOLD_WAYS, default=[FOLD_WAYS[0]],
                         help="the fused kind once for each: the decode attention's combine in "
                         "a kernel of its own (off) or in wo's (on) (default: off)")
@@ -250,7 +254,8 @@ def main() -> int:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
-                  split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine))
+                  split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
+                  baseline=args.baseline)
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -261,7 +266,8 @@ def main() -> int:
                       "--prefetch", *map(str, args.prefetch),
                       "--attention-pdl", *args.attention_pdl,
                       "--split-stages", *map(str, args.split_stages),
-                      "--fold-combine", *args.fold_combine, *traced], start)
+                      "--fold-combine", *args.fold_combine, *traced,
+                      *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)
 
 

@@ -139,16 +139,19 @@ def ab_file(args: argparse.Namespace, name: str) -> tuple[dict, str, Path]:
 
 
 def run_ab_case(request: object, env: dict, path: Path, model: str, kind: str, round_: int,
-                key: str, ran: str) -> None:
+                key: str, ran: str, baseline: bool = False) -> None:
     """One request of an A/B script: each of its Results labelled config.ab = {key: kind,
-    "round": round_}, appended to `path` as soon as it is done and printed with what ran
-    (config[ran]); a request that fails (e.g. a model that does not fit) prints its error and
-    the A/B goes on, with the memory of either given back before the next request's fit check
-    (a fit check counts torch's cached blocks as used)."""
+    "round": round_} (and "baseline": true where the run times an older source tree as the
+    A/B's baseline: the report never takes such a Result for a column's figure), appended to
+    `path` as soon as it is done and printed with what ran (config[ran]); a request that fails
+    (e.g. a model that does not fit) prints its error and the A/B goes on, with the memory of
+    either given back before the next request's fit check (a fit check counts torch's cached
+    blocks as used)."""
     from infermeter.generate.job import run_generate
 
     def save(result: Result) -> None:
-        result.config["ab"] = {key: kind, "round": round_}
+        result.config["ab"] = {key: kind, "round": round_, **({"baseline": True} if baseline
+                                                                else {})}
         append_jsonl(path, [result])
         m = result.metrics
         print(f"  {model} batch {result.config.get('batch_size')} {kind} (ran "

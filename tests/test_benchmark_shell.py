@@ -262,3 +262,21 @@ def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     assert "  qwen3-30b-a3b batch 1 decode MBU, torch: 41.00 % (target >= 60 %) MISSED" in text
     assert "  mixtral-8x7b batch 1 decode MBU: - % (target >= 75 %) -" in text
     assert "90.00 %" not in text  # batch 4 is not the target's
+
+
+def test_the_step_ab_marks_a_baseline_trees_results(monkeypatch, tmp_path):
+    """--baseline (an older source tree timed as the A/B's baseline): every case it runs is
+    marked (run_ab_case's baseline), the default marks none; the flag reaches each model's
+    process."""
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, round_,
+                        key, ran, baseline=False: seen.append((label, baseline)))
+    for baseline in (False, True):
+        script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                         device="cpu", baseline=baseline)
+    assert seen == [("split", False), ("fused", False), ("split", True), ("fused", True)]
+    assert script.arguments().parse_args(["--baseline"]).baseline
+    assert not script.arguments().parse_args([]).baseline

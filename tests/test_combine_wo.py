@@ -81,3 +81,15 @@ def test_the_folded_kernel_reads_only_weights_before_the_wait_and_divides_exactl
     assert early and all("evict_first" in line for line in early)
     assert first(lines, "ld.global", wait) < len(lines)  # the partials, after the wait
     assert_exact_divisions(lines, True, "combine + wo + add")
+
+
+def test_an_older_trees_baseline_is_never_a_columns_figure():
+    """config.ab.baseline (step_kernels_ab.py --baseline: the A/B's run of an older source
+    tree, timed after the new one): the report sets it aside as a comparison, however late its
+    timestamp; a plain A/B case stays a candidate."""
+    from infermeter.report.select import off_default_kernels
+    from tests.report_records import seed_record
+
+    assert off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0,
+                                                  "baseline": True}))
+    assert not off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0}))

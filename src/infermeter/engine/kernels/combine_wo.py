@@ -8,7 +8,10 @@ whole row, so the combine kernel goes: on an H100 at SmolLM2-135M it added 1.3-1
 layer of ~14.5 us (results/step-attention-pdl-nvidia-h100-80gb-hbm3-summary.txt).
 The price is the combine redone in every program: n_splits x H x D float32 partials read from
 L2 each. So a program takes more rows than the GEMV's tiles would give it (at most about one
-program an SM: fold_tiles) and the setting is per model size, by measurement (FOLD).
+program an SM: fold_tiles). Measured on an H100 (2026-12-06, docs/engine.md, "Fewer round
+trips a kernel") the price was far above the launch saved: the step took 1.60x as long at
+SmolLM2-135M and 1.33x at Qwen2.5-0.5B. So FOLD is off; the kernel stays as the A/B's other
+way.
 
 Numerics: the combine's formula (decode_attention.combine_columns, shared with the combine
 kernel), its output rounded to the activation dtype as the combine kernel stores it, then wo's
@@ -31,8 +34,9 @@ from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import tl, triton
 
-# Whether the fused step folds the combine into wo: "off" (the default), "on". Read when the
-# step is traced; benchmarks/step_kernels_ab.py --fold-combine sets it for an A/B.
+# Whether the fused step folds the combine into wo: "off" (the default: "on" lost at 135M and
+# 0.5B on an H100), "on". Read when the step is traced; benchmarks/step_kernels_ab.py
+# --fold-combine sets it for an A/B.
 FOLD_WAYS = ("off", "on")
 FOLD = "off"
 # Partial values a program holds at once, [S_PAD, BLOCK_K] float32 each of acc, m and l: the
