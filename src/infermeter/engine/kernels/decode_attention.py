@@ -85,6 +85,16 @@ if triton is not None:
     from infermeter.engine.kernels.exact_math import exact_tanh
 
     @triton.jit
+    def _bounds(POS, start, chunk, slots, IS_RING: tl.constexpr):
+        """The step's position and the end of the chunk from `start`: the cache's end, and for
+        a full layer (slot j holds position j) nothing after the current position."""
+        pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
+        end = tl.minimum(start + chunk, slots)
+        if not IS_RING:
+            end = tl.minimum(end, pos + 1)
+        return pos, end
+
+    @triton.jit
     def _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d):
         """Cache slots n [BLOCK]'s keys and values [BLOCK, D] and held positions [BLOCK],
         loaded together (a load written after the scores' reductions, a barrier, would wait a
@@ -150,10 +160,7 @@ if triton is not None:
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
         if ONE_BLOCK:
-            pos = tl.load(POS).to(tl.int32)  # loop bounds and masks in one integer type
-            end = tl.minimum(start + chunk, slots)
-            if not IS_RING:  # slot j holds position j: nothing after the current one is visible
-                end = tl.minimum(end, pos + 1)
+            pos, end = _bounds(POS, start, chunk, slots, IS_RING)
             n = start + tl.arange(0, BLOCK)
             inside = n < end
             k, v, held = _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d)
@@ -178,10 +185,7 @@ if triton is not None:
                                          SCALE, HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP,
                                          LIBDEVICE)
         else:
-            pos = tl.load(POS).to(tl.int32)
-            end = tl.minimum(start + chunk, slots)
-            if not IS_RING:
-                end = tl.minimum(end, pos + 1)
+            pos, end = _bounds(POS, start, chunk, slots, IS_RING)
             for n0 in range(start, end, BLOCK):
                 n = n0 + tl.arange(0, BLOCK)
                 inside = n < end
