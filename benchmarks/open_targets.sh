@@ -44,6 +44,9 @@
 #                        launched early or plainly, at 135M and 0.5B, the recorded step, one
 #                        round, traced (step_kernels_ab.py --fold-combine; 8 cases of ~45 s)
 #   part step-fold-1b    the same fold off and on at Llama-3.2-1B (2 cases)
+#   part step-argmax     the fused step with its argmax over a row in one reduction or in 64
+#                        parts (engine/sampling.py), at 135M and 0.5B, the recorded step, one
+#                        round (step_kernels_ab.py --argmax-parts; 4 cases of ~45 s)
 #   part step-moe        split against fused step kernels at Qwen3-30B-A3B, Triton experts, batch 1,
 #                        one round, traced (the fused step, the default there since 2026-12-06:
 #                        the q/k norms' own kernel, the MoE block as four kernels; issue 25; on an
@@ -81,8 +84,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -155,6 +158,9 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --fold-combine off on --trace "$dest/traces-step-fold" --results "$dest" \
       --models llama-3.2-1b ;;
+  step-argmax)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --argmax-parts 0 64 --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
   step-moe)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split fused \
       --trace "$dest/traces-step-moe" --results "$dest" --models qwen3-30b-a3b ;;

@@ -39,7 +39,9 @@ it, the default; the split kernel plainly and the combine with it; neither), lab
 with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
 (decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1"; with
 --fold-combine off on once without and once with the attention's combine folded into wo's
-kernel (combine_wo.FOLD), labelled ".../combine-in-wo".
+kernel (combine_wo.FOLD), labelled ".../combine-in-wo"; with --argmax-parts 0 64 once for each
+way the step's argmax reduces a row (sampling.ARGMAX_PARTS: 0, torch's; N, in N parts),
+labelled ".../argmax-parts-64".
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -111,21 +113,24 @@ PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DI
 ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "attention-no-pdl"}
 SPLIT_STAGED = "split-stages-"
 FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
+ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS past 1
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
-          attention_pdl: str = "both", split_stages: int = 0, fold: str = "off") -> str:
+          attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
+          argmax_parts: int = 0) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
     its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
-    attention's splits."""
+    attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
-             FOLDED if fold == "on" else ""]
+             FOLDED if fold == "on" else "",
+             f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts > 1 else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -133,31 +138,35 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
-              folds: tuple[str, ...] = ("off",), baseline: bool = False,
-              **overrides) -> None:
+              folds: tuple[str, ...] = ("off",), argmax_parts: tuple[int, ...] = (0,),
+              baseline: bool = False, **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
     (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
-    (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD), each set back after, each
+    (decode_attention.SPLIT_STAGES), `folds` (combine_wo.FOLD) and `argmax_parts`
+    (sampling.ARGMAX_PARTS), each set back after, each
     Result appended to `path` once done (marked an older tree's with `baseline`); with `trace`
     (a folder) each case's profiled steps go to a folder of their own in it."""
+    from infermeter.engine import sampling
     from infermeter.engine.kernels import combine_wo, decode_attention, prefetch, qk_norm_rope
 
     kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
-            decode_attention.SPLIT_STAGES, combine_wo.FOLD)
-    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages, folds))
+            decode_attention.SPLIT_STAGES, combine_wo.FOLD, sampling.ARGMAX_PARTS)
+    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages, folds,
+                                        argmax_parts))
     try:
         for round_ in range(rounds):
             for way in graphs:
                 for kind in kinds:
-                    for qk, distance, attention, stages, fold in (fused_ways if kind == "fused"
-                                                                  else [kept]):
+                    for qk, distance, attention, stages, fold, parts in (
+                            fused_ways if kind == "fused" else [kept]):
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
                         decode_attention.ATTENTION_PDL = attention
                         decode_attention.SPLIT_STAGES = stages
                         combine_wo.FOLD = fold
-                        name = label(kind, way, qk, distance, attention, stages, fold)
+                        sampling.ARGMAX_PARTS = parts
+                        name = label(kind, way, qk, distance, attention, stages, fold, parts)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -167,7 +176,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
         decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:4]
-        combine_wo.FOLD = kept[4]
+        combine_wo.FOLD, sampling.ARGMAX_PARTS = kept[4:]
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -199,7 +208,7 @@ def summary(results: list[Result]) -> str:
             last = kind.rsplit("/", 1)[-1]
             # prefetching, the attention's other launches, other split stages, the fold:
             # against not
-            if last.startswith((PREFETCHED, SPLIT_STAGED)) or last == FOLDED \
+            if last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) or last == FOLDED \
                     or last in ATTENTION_MARKS.values():
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
@@ -238,6 +247,9 @@ def arguments():
     parser.add_argument("--split-stages", nargs="+", type=int, choices=(0, 1, 2),
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
+    parser.add_argument("--argmax-parts", nargs="+", type=int, choices=(0, 16, 64, 256),
+                        default=[0], metavar="N", help="the fused kind once for each: the "
+                        "step's argmax over a row in one reduction (0) or in N parts (default: 0)")
     parser.add_argument("--baseline", action="store_true", help="mark the Results an older "
                         "source tree's, timed as the A/B's baseline (run with that tree's src/ "
                         "on PYTHONPATH); the report never takes them for a column's figure")
@@ -255,7 +267,7 @@ def main() -> int:
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
                   split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
-                  baseline=args.baseline)
+                  argmax_parts=tuple(args.argmax_parts), baseline=args.baseline)
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -266,7 +278,8 @@ def main() -> int:
                       "--prefetch", *map(str, args.prefetch),
                       "--attention-pdl", *args.attention_pdl,
                       "--split-stages", *map(str, args.split_stages),
-                      "--fold-combine", *args.fold_combine, *traced,
+                      "--fold-combine", *args.fold_combine,
+                      "--argmax-parts", *map(str, args.argmax_parts), *traced,
                       *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)
 

@@ -17,9 +17,35 @@ no cumulative search, no .item().
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
+# How argmax_rows reduces a row: 0, torch.argmax as it is (the default); N > 1, in N parts, then
+# over the parts' maxima. Why: in the compiled step inductor reduces a row of logits in one
+# program, a serial walk over the vocabulary: about 9 us a step at SmolLM2-135M's 49,152 logits
+# and 22 us at Qwen2.5-0.5B's 151,936 on an H100 (2-4% of those steps; docs/engine.md, "Fewer
+# round trips a kernel"), where the bytes take well under a microsecond. Parts are read by a
+# program each. An A/B's setting until timed (benchmarks/step_kernels_ab.py
+# --argmax-parts); read when a step is traced.
+ARGMAX_PARTS = 0
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """torch.argmax(x, dim=-1) for x [B, V] (int64 [B]), the same index whatever ARGMAX_PARTS
+    says: the first of equal maxima, a NaN counting as the largest (the first NaN). In parts,
+    each part's max and its first index (torch.max over a dim returns the first), then the
+    first part holding the largest; padding past V is -inf, never picked over a real value
+    (an all -inf row gives 0, as torch.argmax does)."""
+    parts = ARGMAX_PARTS
+    if parts <= 1:
+        return torch.argmax(x, dim=-1)
+    rows, vocab = x.shape
+    size = -(-vocab // parts)
+    padded = F.pad(x, (0, parts * size - vocab), value=float("-inf"))
+    top, where = padded.view(rows, parts, size).max(dim=-1)  # [B, parts] each
+    best = torch.argmax(top, dim=-1, keepdim=True)  # [B, 1]
+    return (best * size + where.gather(-1, best)).squeeze(-1)
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -62,14 +88,14 @@ def sample(logits: Tensor, *, greedy: bool, temperature: float, top_p: float, se
     of the graph, so the branches below cost nothing at run time.
     """
     if greedy:
-        return torch.argmax(logits, dim=-1)
+        return argmax_rows(logits)
     batch_size, vocab = logits.shape
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V] float32
     if top_p < 1.0:
         probs = probs.masked_fill(probs < _top_p_threshold(probs, top_p), 0.0)
     token_ids = torch.arange(vocab, device=logits.device, dtype=torch.int64)  # [V]
     exp_noise = -torch.log(uniform_noise(seed, pos, token_ids, batch_size))  # Exp(1) [B, V]
-    return torch.argmax(probs / exp_noise, dim=-1)
+    return argmax_rows(probs / exp_noise)
 
 
 def _top_p_threshold(probs: Tensor, top_p: float) -> Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine import sampling
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.generator import GenerationOutput, Generator
 from infermeter.engine.kernels.pdl import resolve as resolve_pdl
@@ -95,6 +96,7 @@ class EngineRunner:
                 "prefetch": self._prefetch_used(),
                 **self._attention_launch_used(used),
                 "combine_in_wo": self._combine_in_wo_used(used),
+                "argmax_parts": sampling.ARGMAX_PARTS,
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_fused_step": self._moe_fused_step_used(),

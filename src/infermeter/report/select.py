@@ -223,7 +223,8 @@ def off_default_kernels(record: Record) -> bool:
     a decode attention launched other than both kernels under PDL or with other pipeline stages
     (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's), its
     combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's), an A/B's
-    baseline run of an older source tree (config.ab.baseline),
+    baseline run of an older source tree (config.ab.baseline), the argmax over a row in
+    parts (config.argmax_parts past 1; engine/sampling.py, an A/B's),
     or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
     sweep's kernel or gemv part), not the representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
@@ -241,7 +242,7 @@ def off_default_kernels(record: Record) -> bool:
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
-            or bool(dig(cfg, "ab", "baseline"))
+            or bool(dig(cfg, "ab", "baseline")) or (num(cfg.get("argmax_parts")) or 0) > 1
             or _moe_off_default(cfg, record.model))
 
 
