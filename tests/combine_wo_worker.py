@@ -61,8 +61,8 @@ def combined(acc, m, l_sum, sinks, dtype) -> torch.Tensor:
 
 def check_against_the_reference_and_the_two_kernels() -> None:
     """GQA and MHA shapes; 1, 3 and 5 splits (S_PAD above the count), some empty; with and
-    without gpt-oss's sinks; float32, float16, bfloat16; tiles that loop over ragged column
-    tiles and ragged rows, and the default tiles (fold_tiles): the folded kernel equals the
+    without gpt-oss's sinks; float32, float16, bfloat16; tiles that loop over column tiles
+    with ragged rows, and the default tiles (fold_tiles): the folded kernel equals the
     reference within the product's rounding, and the combine kernel + gemv_add within the
     same (the attention's float32 sums may run in another order)."""
     gen = torch.Generator().manual_seed(21)
@@ -79,7 +79,7 @@ def check_against_the_reference_and_the_two_kernels() -> None:
             want = rnd(residual.float() + rnd(attention.float() @ weight.float().T))
             scale = (attention.float().abs() @ weight.float().abs().T).max().item()
             two = gemv_add(combined(acc, m, l_sum, sinks, dtype), weight, residual)
-            for tiles in ((4, 16, 4), (8, 32, 2), None):
+            for tiles in ((4, 16, 4), None):
                 got = _combine_gemv_add(acc, m, l_sum, sinks, weight, residual, False, tiles)
                 what = f"case {n} {dtype} tiles {tiles}"
                 assert got.dtype == dtype and got.shape == (1, n_out), what
@@ -133,7 +133,7 @@ def check_model_step() -> None:
     counted(decode_attention, "decode_attention_kernel")
     counted(combine_wo, "combine_matvec_add")
     spec = PRESETS["debug"].with_updates(sliding_window=3, sliding_window_layers=(1,))
-    steps, prompt = 3, 4
+    steps, prompt = 2, 4
     tokens, logits = {}, {}
     for way in ("eager", "off", "on"):
         on = way != "eager"
