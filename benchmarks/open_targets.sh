@@ -35,14 +35,15 @@
 #                        135M, 0.5B and 1B, in the recorded step, one round (on an H100 on
 #                        2026-12-06: 135M gained 5%, 0.5B and 1B lost; not yet run on an H200)
 #   part step-attention  the fused step's decode attention under PDL at 135M and 0.5B: both
-#                        kernels early (the default) or the split kernel launched plainly, each
-#                        with Triton's pipeline stages and with one; the recorded step, one
-#                        round, traced (step_kernels_ab.py --attention-pdl, --split-stages;
-#                        about 8 cases of 45 s)
+#                        kernels early (the default) or the split kernel launched plainly; the
+#                        recorded step, one round, traced (step_kernels_ab.py --attention-pdl;
+#                        4 cases of ~45 s). Its split programs have one cache block each there
+#                        (512 slots), with no pipeline: --split-stages would change nothing
 #   part step-fold       the fused step with the attention's combine in a kernel of its own or
 #                        folded into wo's (kernels/combine_wo.py), each with the split kernel
 #                        launched early or plainly, at 135M and 0.5B, the recorded step, one
-#                        round, traced (step_kernels_ab.py --fold-combine; 8 cases of ~45 s)
+#                        round, traced (step_kernels_ab.py --fold-combine; 8 cases of ~45 s; the
+#                        fold, early, lost at both on an H100 on 2026-12-06)
 #   part step-fold-1b    the same fold off and on at Llama-3.2-1B (2 cases)
 #   part step-argmax     the fused step with its argmax over a row in one reduction or in 64
 #                        parts (engine/sampling.py), at 135M and 0.5B, the recorded step, one
@@ -148,7 +149,7 @@ case "${1:-}" in
       --prefetch 0 2 --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-attention)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
-      --attention-pdl both combine --split-stages 0 1 --trace "$dest/traces-step-attention" \
+      --attention-pdl both combine --trace "$dest/traces-step-attention" \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
   step-fold)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
