@@ -50,14 +50,9 @@ def fold_tiles(n_out: int, n_cols: int, n_splits: int, sms: int,
     n_splits partials a head: gemv_add's tiles, with rows enough for at most about one program
     an SM (each program combines the whole row) and BLOCK_K cut to HELD // S_PAD (>= 16)."""
     block_n, block_k, warps = fused_tiles_for("gemv_add", n_cols, gpu)
-    block_n = max(block_n, _power_of_two(-(-n_out // sms)))
-    block_k = max(16, min(block_k, HELD // _power_of_two(n_splits)))
+    block_n = max(block_n, triton.next_power_of_2(-(-n_out // sms)))
+    block_k = max(16, min(block_k, HELD // triton.next_power_of_2(n_splits)))
     return block_n, block_k, warps
-
-
-def _power_of_two(n: int) -> int:
-    """The least power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
 
 
 if triton is not None:
@@ -126,7 +121,7 @@ def _combine_gemv_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | Non
     out = torch.empty(1, n_out, dtype=residual.dtype, device=residual.device)
     launch(_combine_gemv_add_kernel, (triton.cdiv(n_out, block_n),), pdl,
            acc, m, l_sum, m if sinks is None else sinks, weight, residual, out, n_out, n_cols,
-           weight.stride(0), groups, n_splits, rows, S_PAD=_power_of_two(n_splits),
+           weight.stride(0), groups, n_splits, rows, S_PAD=triton.next_power_of_2(n_splits),
            D=head_dim, HAS_SINKS=sinks is not None, BLOCK_N=block_n, BLOCK_K=block_k,
            num_warps=warps, num_stages=NUM_STAGES)
     return out

@@ -34,6 +34,8 @@ measures it ("fused-triton").
 A one-launch variant, the last split program of each row combining it (an atomic count), was
 tried and removed on 2026-12-06: on an H100 it ran 3-8% slower than the two kernels at
 SmolLM2-135M and Llama-3.2-1B (docs/engine.md, "Split-KV decode attention").
+The combine folded into wo's kernel instead (combine_wo.py, split_kv_partials here) is an A/B's
+setting, off: it lost on an H100 (docs/engine.md, "Fewer round trips a kernel").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
@@ -61,8 +63,8 @@ BLOCK_N = 64  # cache slots per inner iteration
 ATTENTION_PDL_WAYS = ("both", "combine", "none")
 ATTENTION_PDL = "both"
 # The split kernel's software-pipeline depth (Triton's num_stages) in the PDL launches; 0,
-# Triton's own (the default). An A/B's (--split-stages): with one cache block a program (batch 1,
-# short contexts) the pipeline's buffers are shared memory the kernel does not use.
+# Triton's own (the default). An A/B's (--split-stages). It reaches only programs that loop over
+# blocks: one with a single block (ONE_BLOCK, batch 1 at short contexts) has no pipeline.
 SPLIT_STAGES = 0
 
 
