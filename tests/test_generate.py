@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
+from infermeter.engine.generator import GenerationConfig, Generator, _decode_in_place, _decode_one
 from infermeter.engine.model import build_model
 from infermeter.engine.sampling import sample, uniform_noise
 from infermeter.errors import InfermeterError
@@ -441,15 +441,23 @@ def test_the_recorded_step_passes_the_state_and_sampling_as_the_trees_do(model, 
                                compile=True)
     want = Generator(model, max_seq_len=64).generate(PROMPTS, replace(sampled, compile=False))
     gen = Generator(model, max_seq_len=64, step_graphs="recorded")
-    gen._compiled_step = _decode_one  # the compiled step's function, run eagerly
+    gen._compiled_step = _decode_in_place  # the compiled step's function, run eagerly
     monkeypatch.setattr(Generator, "step_graphs", property(lambda self: "recorded"))
     calls = []
     run = gen.recorded_steps.run
-    monkeypatch.setattr(gen.recorded_steps, "run",
-                        lambda key, fn, inputs: calls.append(key) or run(key, fn, inputs))
+
+    def noted(key, fn, inputs, persistent=False):
+        calls.append((key, persistent, inputs))
+        return run(key, fn, inputs, persistent)
+
+    monkeypatch.setattr(gen.recorded_steps, "run", noted)
     assert gen.generate(PROMPTS, sampled).output_token_ids == want.output_token_ids
-    # the inputs' shapes (token, input_pos, done, stop ids, seed), then the sampling constants
-    assert calls == [((2,), (1,), (2,), (1,), (), False, sampled.temperature, 0.9)] * 11
+    # the inputs' shapes (token, input_pos, done, stop ids, seed), the cache's length, then the
+    # sampling constants; read in place, the same tensors every step
+    assert [key for key, _, _ in calls] == \
+        [((2,), (1,), (2,), (1,), (), 64, False, sampled.temperature, 0.9)] * 11
+    assert all(persistent for _, persistent, _ in calls)
+    assert all(a is b for _, _, inputs in calls for a, b in zip(inputs, calls[0][2], strict=True))
 
 
 def test_compile_backend_is_checked(model):

@@ -59,6 +59,7 @@ from infermeter.engine.chunk_attention import (
     flex_runs,
 )
 from infermeter.engine.dtypes import torch_dtype
+from infermeter.engine.held_step import HeldSteps
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
 from infermeter.engine.layer_replays import LayerReplays, replays_prefill_layers
 from infermeter.engine.model import Transformer, prefill_from
@@ -104,9 +105,10 @@ COMPILE_BACKENDS = ("inductor", "cudagraphs")
 # - "trees": inductor's own (triton.cudagraphs, cudagraph trees): each step calls the compiled
 #   function, whose guards and graph-tree checks run on the host before the replay;
 # - "recorded": the step compiled without them and recorded by recorded_forward.py, a step then
-#   being its inputs' copies and one replay. On an H200 the traced steps of models under 1B
-#   parameters began with 0.26-0.49 ms of idle GPU after the input copies: the host's time
-#   (docs/engine.md, "The fused step"); the A/B is benchmarks/step_kernels_ab.py --graphs.
+#   being one replay that reads and advances its state in place (held_step.py). On an H200
+#   the traced steps of models under 1B parameters began with 0.26-0.49 ms of idle GPU after
+#   the input copies, the host's time, in the trees (docs/engine.md, "The fused step"); the
+#   A/B is benchmarks/step_kernels_ab.py --graphs.
 STEP_GRAPHS = ("trees", "recorded")
 
 
@@ -175,6 +177,21 @@ def _decode_one(model: Transformer, token: Tensor, input_pos: Tensor, done: Tens
                         seed=seed, pos=input_pos + 1)
     done = done | (next_token[:, None] == stop_ids[None, :]).any(dim=-1)
     return next_token, done
+
+
+def _decode_in_place(model: Transformer, token: Tensor, input_pos: Tensor, done: Tensor,
+                     stop_ids: Tensor, seed: Tensor, history: Tensor, *, greedy: bool,
+                     temperature: float, top_p: float) -> tuple[()]:
+    """The recorded step (held_step.py): _decode_one, then the state advanced in place: the
+    new token [B] into token and into history [L + 1, B] at row input_pos + 1, done or'ed,
+    input_pos + 1. Returns nothing: the caller reads the history."""
+    next_token, next_done = _decode_one(model, token, input_pos, done, stop_ids, seed,
+                                        greedy=greedy, temperature=temperature, top_p=top_p)
+    history.index_copy_(0, input_pos + 1, next_token[None])
+    token.copy_(next_token)
+    done.copy_(next_done)
+    input_pos.add_(1)  # after every read of it (functionalisation orders the compiled step so)
+    return ()
 
 
 def _prefill_forward(model: Transformer, tokens: Tensor, positions: Tensor,
@@ -292,7 +309,7 @@ class Generator:
                                   f"(use {' or '.join(COMPILE_BACKENDS)})")
         if self.compile_backend == "cudagraphs" and self.device.type != "cuda":
             raise InfermeterError("the cudagraphs compile backend needs a CUDA device")
-        self._compiled_step: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self._compiled_step: Callable[..., tuple[Tensor, ...]] | None = None
         self.compile_prefill = compile_prefill
         self.decode_attention = model.layers[0].attention.decode_attention if model.layers \
             else None
@@ -306,6 +323,7 @@ class Generator:
         self._compiled_layer: Callable[..., Tensor] | None = None
         self.recorded = RecordedForwards(self.device)  # the "layer" prefill graphs' forwards
         self.recorded_steps = RecordedForwards(self.device)  # the "recorded" decode steps
+        self.held_steps = HeldSteps()  # the state those steps read and advance in place
         self.layer_replays = LayerReplays(self.device)  # the exact prefill's layers
         self._state_version, self._state = -1, ()  # _buffers_state()'s
         if pdl and not supported(self.device):
@@ -400,7 +418,7 @@ class Generator:
         else:
             model.setup_cache(batch_size, length, dtype=dtype, device=self.device)
 
-    def _compile_step(self) -> Callable[..., tuple[Tensor, Tensor]]:
+    def _compile_step(self) -> Callable[..., tuple[Tensor, ...]]:
         if self._compiled_step is None:
             allow_step_graphs()
             if self.compile_backend == "cudagraphs":
@@ -416,10 +434,12 @@ class Generator:
             options = {"emulate_precision_casts": True, "coordinate_descent_tuning": True,
                        "triton.cudagraphs": self.step_graphs == "trees",
                        **inductor_options(self.pdl), **self.compile_options}
-            compiled = torch.compile(_decode_one, options=options, fullgraph=True,
-                                     dynamic=False)
+            # the recorded step advances its state in place (held_step.py), the trees' returns it
+            compiled = torch.compile(
+                _decode_in_place if self.step_graphs == "recorded" else _decode_one,
+                options=options, fullgraph=True, dynamic=False)
 
-            def step(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            def step(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
                 with launching(self.pdl):  # the ops the trace picks (and dynamo guards on)
                     return compiled(*args, **kwargs)
 
@@ -588,9 +608,15 @@ class Generator:
             token, done = _decode_one(self.model, *inputs, **sampling)
         elif self.step_graphs == "recorded":
             self.recorded_steps.follow(self._buffers_state())  # a new cache: graphs of its own
-            key = (*(tuple(t.shape) for t in inputs), *sampling.values())
-            token, done = self.recorded_steps.run(  # copies of the graph's outputs
-                key, functools.partial(self._compile_step(), self.model, **sampling), inputs)
+            length = self.model.max_seq_len
+            key = (*(tuple(t.shape) for t in inputs), length, *sampling.values())
+            held = self.held_steps.hold(state, key, length)  # state's fields are now held's
+            # one replay: the graph reads the state in place and advances it (held_step.py)
+            self.recorded_steps.run(key, functools.partial(self._compile_step(), self.model,
+                                                           **sampling),
+                                    held.inputs(), persistent=True)
+            state.next_pos += 1
+            return held.history[state.next_pos]  # [B], the token fed at next_pos
         else:
             if self.device.type == "cuda":
                 # A new CUDA-graph iteration: earlier outputs may be overwritten from here on.
