@@ -147,10 +147,12 @@ if triton is not None:
         (launched plainly) releases it only.
         ONE_BLOCK (chunk <= BLOCK: a batch-1 step's usual case, one block a program): the block
         is loaded before the wait, with the position, and only the step's own slot is read
-        again after it. Safe: the position is the step's input, copied in before its first
-        kernel, and the other slots were written by earlier steps; under PDL every kernel but
-        the one just before has ended once this one starts (each releases the next only after
-        its own wait). So the block's bytes come while the kernel before still runs."""
+        again after it. Safe: the position is the step's input, set before its first kernel
+        (the step before advanced it in place, held_step.py, in its own kernels, which ended
+        before this replay began), and the other slots were written by earlier steps; under
+        PDL every kernel but the one just before has ended once this one starts (each releases
+        the next only after its own wait). So the block's bytes come while the kernel before
+        still runs."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
         g = tl.arange(0, G_PAD)
