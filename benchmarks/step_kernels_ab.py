@@ -39,9 +39,9 @@ it, the default; the split kernel plainly and the combine with it; neither), lab
 with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
 (decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1"; with
 --fold-combine off on once without and once with the attention's combine folded into wo's
-kernel (combine_wo.FOLD), labelled ".../combine-in-wo"; with --argmax-parts 0 64 once for each
-way the step's argmax reduces a row (sampling.ARGMAX_PARTS: 0, torch's; N, in N parts),
-labelled ".../argmax-parts-64".
+kernel (combine_wo.FOLD), labelled ".../combine-in-wo"; with --argmax-parts 64 0 once for each
+way the step's argmax reduces a row (sampling.ARGMAX_PARTS: N, in N parts, 64 the default; 0,
+torch's in one reduction), labelled ".../argmax-parts-0" off the default.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -70,6 +70,7 @@ from infermeter.engine.generator import STEP_GRAPHS
 from infermeter.engine.kernels.combine_wo import FOLD_WAYS
 from infermeter.engine.kernels.decode_attention import ATTENTION_PDL_WAYS
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
+from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
 from infermeter.generate.request import GenerateRequest, build_request
 from infermeter.measure.result import Result
 from infermeter.measure.trace import make_trace_dir
@@ -113,24 +114,25 @@ PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DI
 ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "attention-no-pdl"}
 SPLIT_STAGED = "split-stages-"
 FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
-ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS past 1
+ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off its default
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
-          argmax_parts: int = 0) -> str:
+          argmax_parts: int = DEFAULT_ARGMAX_PARTS) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
     its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
-    attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts."""
+    attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
+    the default's (0: in one reduction)."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              FOLDED if fold == "on" else "",
-             f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts > 1 else ""]
+             f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -138,7 +140,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
-              folds: tuple[str, ...] = ("off",), argmax_parts: tuple[int, ...] = (0,),
+              folds: tuple[str, ...] = ("off",),
+              argmax_parts: tuple[int, ...] = (DEFAULT_ARGMAX_PARTS,),
               baseline: bool = False, **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
@@ -248,8 +251,9 @@ def arguments():
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
     parser.add_argument("--argmax-parts", nargs="+", type=int, choices=(0, 16, 64, 256),
-                        default=[0], metavar="N", help="the fused kind once for each: the "
-                        "step's argmax over a row in one reduction (0) or in N parts (default: 0)")
+                        default=[DEFAULT_ARGMAX_PARTS], metavar="N", help="the fused kind once "
+                        "for each: the step's argmax over a row in one reduction (0) or in N "
+                        f"parts (default: {DEFAULT_ARGMAX_PARTS})")
     parser.add_argument("--baseline", action="store_true", help="mark the Results an older "
                         "source tree's, timed as the A/B's baseline (run with that tree's src/ "
                         "on PYTHONPATH); the report never takes them for a column's figure")

@@ -1,5 +1,5 @@
-"""engine/sampling.argmax_rows: torch.argmax over a row, in parts where ARGMAX_PARTS > 1 (an
-A/B's setting: inductor reduces a row of logits in one program). Every way gives torch's index:
+"""engine/sampling.argmax_rows: torch.argmax over a row, in parts where ARGMAX_PARTS > 1 (the
+default, 64: inductor reduces a row of logits in one program). Every way gives torch's index:
 ties (the first), NaN (the first), -inf rows, a vocabulary not a multiple of the parts, a row
 whose maximum sits in the padding's part; and greedy and sampled draws take it. Compiled: the
 gpu test (inductor's CUDA max-with-index)."""
@@ -43,6 +43,7 @@ def test_greedy_and_sampled_draws_take_the_parts(monkeypatch):
     argmax too), and the parts' path is the one that ran."""
     x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(4))
     seed, pos = torch.tensor([11]), torch.tensor([7])
+    monkeypatch.setattr(sampling, "ARGMAX_PARTS", 0)  # torch's argmax
     want = {greedy: sample(x, greedy=greedy, temperature=0.8, top_p=0.9, seed=seed, pos=pos)
             for greedy in (True, False)}
     calls = []
@@ -70,8 +71,10 @@ def test_on_cuda_the_compiled_parts_give_torchs_index(monkeypatch, dtype):
         assert torch.equal(compiled(rows), torch.argmax(rows, dim=-1))
 
 
-@pytest.mark.parametrize("parts", [0, 64])
+@pytest.mark.parametrize("parts", [0, 16, 64])
 def test_the_result_records_the_parts_and_the_report_sets_them_aside(monkeypatch, parts):
+    """The Result records the parts; the report sets aside only a count neither default's
+    (0 until 2026-12-06, 64 since), and takes a Result from before the field."""
     from infermeter.report.select import off_default_kernels
     from infermeter.specs.presets import PRESETS
     from tests.report_records import seed_record
@@ -79,5 +82,5 @@ def test_the_result_records_the_parts_and_the_report_sets_them_aside(monkeypatch
 
     monkeypatch.setattr(sampling, "ARGMAX_PARTS", parts)
     assert batch_one_runner(monkeypatch, PRESETS["debug"]).describe()["argmax_parts"] == parts
-    assert off_default_kernels(seed_record(1, argmax_parts=parts)) == (parts > 1)
+    assert off_default_kernels(seed_record(1, argmax_parts=parts)) == (parts == 16)
     assert not off_default_kernels(seed_record(2))  # before the field: one reduction

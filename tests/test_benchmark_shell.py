@@ -213,8 +213,8 @@ FUSED_SWITCHES = {
                      "fused/split-stages-1", "--split-stages", "split_stages"),
     "combine in wo": ("combine_wo", "FOLD", "folds", ("off", "on"), "fused/combine-in-wo",
                       "--fold-combine", "fold_combine"),
-    "argmax parts": ("sampling", "ARGMAX_PARTS", "argmax_parts", (0, 64),
-                     "fused/argmax-parts-64", "--argmax-parts", "argmax_parts"),
+    "argmax parts": ("sampling", "ARGMAX_PARTS", "argmax_parts", (64, 0),
+                     "fused/argmax-parts-0", "--argmax-parts", "argmax_parts"),
 }
 
 
@@ -224,7 +224,7 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
     (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES) and
-    --fold-combine off on (combine_wo.FOLD), --argmax-parts 0 64 (sampling.ARGMAX_PARTS):
+    --fold-combine off on (combine_wo.FOLD), --argmax-parts 64 0 (sampling.ARGMAX_PARTS):
     the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line

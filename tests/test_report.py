@@ -498,6 +498,9 @@ def test_report_knows_the_engines_default_kernels():
         == cli.matvec_kernel
     assert ALL_REDUCE_KINDS[0] == request.engine.tp_all_reduce == cli.tp_all_reduce == "auto"
     assert DEFAULT_TP_ALL_REDUCE == AUTO_ALL_REDUCE  # what auto picks on one host's GPUs
+    from infermeter.engine.sampling import ARGMAX_PARTS, DEFAULT_ARGMAX_PARTS
+    from infermeter.report.select import DEFAULT_ARGMAX_PARTS as REPORTED
+    assert REPORTED == DEFAULT_ARGMAX_PARTS == ARGMAX_PARTS
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

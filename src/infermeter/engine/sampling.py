@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
-# How argmax_rows reduces a row: 0, torch.argmax as it is (the default); N > 1, in N parts, then
-# over the parts' maxima. Why: in the compiled step inductor reduces a row of logits in one
-# program, a serial walk over the vocabulary: about 9 us a step at SmolLM2-135M's 49,152 logits
-# and 22 us at Qwen2.5-0.5B's 151,936 on an H100 (2-4% of those steps; docs/engine.md, "Fewer
-# round trips a kernel"), where the bytes take well under a microsecond. Parts are read by a
-# program each. An A/B's setting until timed (benchmarks/step_kernels_ab.py
-# --argmax-parts); read when a step is traced.
-ARGMAX_PARTS = 0
+# How argmax_rows reduces a row: 0, torch.argmax as it is (the default until 2026-12-06); N > 1,
+# in N parts, each read by a program of its own, then over the parts' maxima (the default, 64).
+# Why: in the compiled step inductor reduces a row of logits in one program, a serial walk over
+# the vocabulary: about 9 us a step at SmolLM2-135M's 49,152 logits and 22 us at Qwen2.5-0.5B's
+# 151,936 on an H100, where the bytes take well under a microsecond. In parts, the fused
+# recorded step took 0.994x its time at 135M and 0.967x at 0.5B on an H100 (docs/engine.md,
+# "One replay a step"). Read when a step is traced; the A/B is benchmarks/step_kernels_ab.py
+# --argmax-parts.
+DEFAULT_ARGMAX_PARTS = 64
+ARGMAX_PARTS = DEFAULT_ARGMAX_PARTS
 
 
 def argmax_rows(x: Tensor) -> Tensor:

@@ -203,6 +203,7 @@ def mode_rank(record: Record) -> int:
 # torch-free).
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
+DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 # generate --step-kernels: "auto" (engine/step_choice.py); a Result records how its kernels
 # were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
 # kernels asked for, and split was the default
@@ -224,7 +225,8 @@ def off_default_kernels(record: Record) -> bool:
     (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's), its
     combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's), an A/B's
     baseline run of an older source tree (config.ab.baseline), the argmax over a row in
-    parts (config.argmax_parts past 1; engine/sampling.py, an A/B's),
+    a number of parts other than the default's (config.argmax_parts other than 0, the
+    default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
     or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
     sweep's kernel or gemv part), not the representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
@@ -242,7 +244,8 @@ def off_default_kernels(record: Record) -> bool:
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
-            or bool(dig(cfg, "ab", "baseline")) or (num(cfg.get("argmax_parts")) or 0) > 1
+            or bool(dig(cfg, "ab", "baseline"))
+            or (num(cfg.get("argmax_parts")) or 0) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
 
 
