@@ -84,3 +84,20 @@ def test_the_result_records_the_parts_and_the_report_sets_them_aside(monkeypatch
     assert batch_one_runner(monkeypatch, PRESETS["debug"]).describe()["argmax_parts"] == parts
     assert off_default_kernels(seed_record(1, argmax_parts=parts)) == (parts == 16)
     assert not off_default_kernels(seed_record(2))  # before the field: one reduction
+
+
+def test_the_report_takes_the_default_parts_over_one_reduction_timed_with_them():
+    """One A/B process times both ways with one timestamp: the column's figure is the run of
+    today's default (64 parts), wherever it stands in the file; a one-reduction run (the
+    default before 2026-12-06, or a Result from before the field) comes before a count
+    neither default's."""
+    from infermeter.report.select import Column, ColumnKey, pick_generate
+    from tests.report_records import seed_record
+
+    torch_way, parts, unrecorded = (seed_record(1, argmax_parts=0), seed_record(2, argmax_parts=64),
+                                    seed_record(3))
+    key = ColumnKey("gpu", "m", 1)
+    assert pick_generate(Column(key, generates=[torch_way, parts])) is parts
+    assert pick_generate(Column(key, generates=[parts, unrecorded])) is parts
+    off = seed_record(4, argmax_parts=16)  # neither default's: an A/B's comparison
+    assert pick_generate(Column(key, generates=[off, unrecorded])) is unrecorded

@@ -287,6 +287,14 @@ def _newest_first(record: Record) -> float:
         return math.inf
 
 
+def _earlier_default(record: Record) -> bool:
+    """A Result that ran a default since replaced, where one of today's is otherwise its
+    equal: the argmax over a row in one reduction (config.argmax_parts 0, or from before the
+    field) where DEFAULT_ARGMAX_PARTS parts are the default now. One A/B process times both
+    ways with one timestamp, so newest-first alone cannot tell them apart."""
+    return (num(record.config.get("argmax_parts")) or 0) != DEFAULT_ARGMAX_PARTS
+
+
 PREFILL_ONLY = 2  # new tokens at most: a prefill timed with one step after it (TTFT's runs)
 
 
@@ -305,7 +313,7 @@ def pick_generate(column: Column) -> Record | None:
         new_tokens = num(cfg.get("max_new_tokens"))
         return (batch_size(record) != 1, bool(cfg.get("until_eos")),
                 bool(cfg.get("prefill_ladder")), mode_rank(record),
-                off_default_kernels(record),
+                off_default_kernels(record), _earlier_default(record),
                 _context_distance(cfg.get("cache_len", cfg.get("max_seq_len"))),
                 abs(new_tokens - SEED_NEW_TOKENS) if new_tokens else math.inf,
                 _context_distance(context(record)), _newest_first(record), record.source)
