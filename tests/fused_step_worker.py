@@ -636,7 +636,8 @@ def trace_step(model, keep, graphs, layer_ops: list[list[str]], norms: int) -> N
         model_module.compiling = attention_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    assert ours == sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
+    # RoPE's rows gathered once for every layer (opaque_ops.rope_at), then the layers' ops
+    assert ours == ["rope_at"] + sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
     gelu = [node.args[5:6] == (True,) for node in graphs[-1].graph.nodes
             if "gemv_swiglu_pdl" in str(node.target)]  # GeGLU's op: gelu=True
     swiglus = sum(ops.count("gemv_swiglu_pdl") for ops in layer_ops)

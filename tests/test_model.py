@@ -299,3 +299,27 @@ def test_compiled_step_routes_activation_and_norm_through_opaque_ops(batch: int)
     torch.library.opcheck(materialize, (x,))
     copy = materialize(x)
     assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
+
+
+@torch.inference_mode()
+def test_a_fused_one_token_step_gathers_ropes_rows_once(monkeypatch) -> None:
+    """While compiling a one-token step whose layers run the fused kernels, the model gathers
+    RoPE's rows through infermeter::rope_at, once a step (inductor re-gathered them for every
+    few layers' custom ops); the rows are the tables' at the position. A split step and a
+    longer chunk index the tables as before (for inductor to fuse)."""
+    from infermeter.engine.model import rope_at
+
+    model = _model(DEBUG, batch=1, max_seq_len=8)
+    calls = []
+    monkeypatch.setattr(model_module, "compiling", lambda: True)
+    monkeypatch.setattr(model_module, "rope_at", lambda *a: calls.append(a) or rope_at(*a))
+    position, chunk = torch.tensor([5]), torch.arange(2)
+    plain = model._rope_rows(model.rope_cos, model.rope_sin, position)
+    for layer in model.layers:
+        layer.step_kernels = "fused"
+    assert not calls and model._rope_rows(model.rope_cos, model.rope_sin, chunk) is not None
+    assert not calls
+    cos, sin = model._rope_rows(model.rope_cos, model.rope_sin, position)
+    assert len(calls) == 1 and torch.equal(cos, plain[0]) and torch.equal(sin, plain[1])
+    assert torch.equal(cos, model.rope_cos[5:6]) and torch.equal(sin, model.rope_sin[5:6])
+    torch.library.opcheck(rope_at, (model.rope_cos, model.rope_sin, position))

@@ -67,7 +67,7 @@ from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.moe import MoEFeedForward
 from infermeter.engine.norms import GemmaRMSNorm, RMSNorm, norm_class
-from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
+from infermeter.engine.opaque_ops import compiling, materialize, rope_at, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import check_rope, rope_tables
 from infermeter.engine.self_attention import Attention
@@ -424,8 +424,8 @@ class Transformer(nn.Module):
         """
         if self.max_seq_len == 0:
             raise InfermeterError("call setup_cache() before running the model")
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, head_dim/2]
-        local = (self.rope_cos_local[input_pos], self.rope_sin_local[input_pos]) \
+        cos, sin = self._rope_rows(self.rope_cos, self.rope_sin, input_pos)  # [T, head_dim/2]
+        local = self._rope_rows(self.rope_cos_local, self.rope_sin_local, input_pos) \
             if self.spec.rope_local_theta is not None else (cos, sin)
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         if self.embed_scale is not None:
@@ -446,6 +446,16 @@ class Transformer(nn.Module):
             h = layer(h, c, s, input_pos, blocks, plan and plan[index]) if block_fn is None \
                 else block_fn(layer, h, c, s, input_pos, blocks)
         return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
+
+    def _rope_rows(self, cos_table: Tensor, sin_table: Tensor,
+                   input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin rows at input_pos [T] -> [T, head_dim/2] each. In a compiled
+        one-token step with fused layers, gathered once by an op inductor cannot see into
+        (opaque_ops.rope_at says why); elsewhere indexed, for inductor to fuse where it may."""
+        if input_pos.shape[0] == 1 and compiling() and \
+                any(layer.step_kernels == "fused" for layer in self.layers):
+            return rope_at(cos_table, sin_table, input_pos)
+        return cos_table[input_pos], sin_table[input_pos]
 
     def prefetch_plan(self, x: Tensor) -> list[tuple[Tensor | None, ...]] | None:
         """What each fused kernel of the compiled batch-1 step x [1, 1, dim] prefetches into L2
