@@ -252,6 +252,10 @@ def test_step_ranges_name_each_phase_and_balance(monkeypatch):
     ("triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_12", "norms & rotary"),
     ("triton_poi_fused__unsafe_view_mul_silu_6", "other (residual, activation, embedding)"),
     ("triton_red_fused_argmax_5", "sampling"),
+    # the recorded step's argmax, whose kernel also writes the token into its history row
+    # (an index_copy, as the KV write's) and advances the state (H100, 2026-12-06)
+    ("triton_per_fused_add_any_argmax_bitwise_or_copy__eq_gather_index_copy_mul_squeeze_"
+     "unsqueeze_3", "sampling"),
     ("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "matmul (unattributed)"),  # cuBLAS
     ("nvjet_sm90_hsh_128x8_64x12_4x1_v_bz_TNT", "matmul (unattributed)"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>", "matmul (unattributed)"),

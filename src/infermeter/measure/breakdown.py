@@ -163,13 +163,15 @@ def _inductor_category(name: str, moe: bool = False) -> str | None:
         return "MoE experts"
     if match.group(1) != "poi" and ops & {"mm", "addmm", "gemv"}:
         return "matmul (unattributed)"
+    # before the cache write's index_copy: the recorded step's argmax kernel also writes the
+    # token into its history row by index_copy (held_step.py)
+    if ops & {"argmax", "topk", "sort", "cumsum"}:
+        return "sampling"
     if ops & {"bmm", "softmax", "sdpa"} or "index_copy" in match.group(2) or \
             "scaled_dot_product" in match.group(2):
         return "attention"
     if ops & {"mean", "rsqrt"}:
         return "norms & rotary"
-    if ops & {"argmax", "topk", "sort", "cumsum"}:
-        return "sampling"
     return "other (residual, activation, embedding)"
 
 
