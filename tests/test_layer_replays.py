@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from infermeter.engine import generator as generator_module
-from infermeter.engine.generator import GenerationConfig, Generator, _block_step
+from infermeter.engine.generator import GenerationConfig, Generator, _block_step, _decode_one
 from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
 
@@ -28,11 +28,13 @@ EAGER = GenerationConfig(max_new_tokens=4)
 
 
 def _generator(monkeypatch, replays: bool, spec=SPEC) -> Generator:
-    """A Generator whose exact compiled prefill runs the eager layer function (no inductor on
-    the CPU), replaying its layers or not (this object's own setting)."""
+    """A Generator whose exact compiled prefill runs the eager layer function and whose
+    compiled decode step the eager step function (no inductor on the CPU: the replays are the
+    prefill's), replaying its layers or not (this object's own setting)."""
     model = build_model(spec, device="cpu", dtype=torch.float32, seed=3)
     gen = Generator(model, max_seq_len=CACHE, prefill_chunk=CHUNK, compile_prefill=True,
                     bucketed_prefill=False)
+    gen._compiled_step = _decode_one
     gen.test_replays = replays
     monkeypatch.setattr(Generator, "replays_prefill", lambda self, compiled, forward_len:
                         compiled and getattr(self, "test_replays", False))
