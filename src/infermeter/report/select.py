@@ -245,7 +245,7 @@ def off_default_kernels(record: Record) -> bool:
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
             or bool(dig(cfg, "ab", "baseline"))
-            or (num(cfg.get("argmax_parts")) or 0) not in (0, DEFAULT_ARGMAX_PARTS)
+            or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
 
 
@@ -292,7 +292,13 @@ def _earlier_default(record: Record) -> bool:
     equal: the argmax over a row in one reduction (config.argmax_parts 0, or from before the
     field) where DEFAULT_ARGMAX_PARTS parts are the default now. One A/B process times both
     ways with one timestamp, so newest-first alone cannot tell them apart."""
-    return (num(record.config.get("argmax_parts")) or 0) != DEFAULT_ARGMAX_PARTS
+    return _argmax_parts(record.config) != DEFAULT_ARGMAX_PARTS
+
+
+def _argmax_parts(cfg: dict) -> float:
+    """The parts the step's argmax reduced a row in: config.argmax_parts, 0 (one reduction)
+    where the Result is from before the field."""
+    return num(cfg.get("argmax_parts")) or 0
 
 
 PREFILL_ONLY = 2  # new tokens at most: a prefill timed with one step after it (TTFT's runs)
