@@ -636,8 +636,8 @@ def trace_step(model, keep, graphs, layer_ops: list[list[str]], norms: int) -> N
         model_module.compiling = attention_module.compiling = linear_module.compiling = compiling
     targets = [str(node.target) for node in graphs[-1].graph.nodes]
     ours = [t.split(".")[1] for t in targets if t.startswith("infermeter.")]
-    # RoPE's rows gathered once for every layer (opaque_ops.rope_at), then the layers' ops
-    assert ours == ["rope_at"] + sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
+    # RoPE's rows gathered once for every layer (kernels/rope_rows.py), then the layers' ops
+    assert ours == ["rope_rows_pdl"] + sum(layer_ops, []) + ["gemv_pdl"], (spec.arch, ours)
     gelu = [node.args[5:6] == (True,) for node in graphs[-1].graph.nodes
             if "gemv_swiglu_pdl" in str(node.target)]  # GeGLU's op: gelu=True
     swiglus = sum(ops.count("gemv_swiglu_pdl") for ops in layer_ops)
@@ -648,6 +648,28 @@ def trace_step(model, keep, graphs, layer_ops: list[list[str]], norms: int) -> N
         f"{spec.arch}: RoPE or a cache write"
     assert torch.equal(traced, plain), f"{spec.arch}: traced and uncompiled fused steps differ"
     torch._dynamo.reset()
+
+
+def check_rope_rows() -> None:
+    """kernels/rope_rows.py: cos and sin rows at each position, the tables' own bits (both ops,
+    one and several positions, the first and last rows); a position past the tables reads
+    zeros, not memory past them; the fake's shapes and dtypes are the kernel's."""
+    from infermeter.engine.kernels.rope_rows import rope_rows_pdl, rope_rows_triton
+
+    gen = torch.Generator().manual_seed(7)
+    cos_table, sin_table = torch.randn(12, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    for op in (rope_rows_triton, rope_rows_pdl):
+        for positions in ([5], [0], [11], [3, 0, 11, 3]):
+            at = torch.tensor(positions)
+            cos, sin = op(cos_table, sin_table, at)
+            assert torch.equal(cos, cos_table[at]) and torch.equal(sin, sin_table[at]), positions
+        cos, sin = op(cos_table, sin_table, torch.tensor([12, 2], dtype=torch.int32))
+        assert not cos[0].any() and not sin[0].any(), "a position past the tables read"
+        assert torch.equal(cos[1], cos_table[2]) and torch.equal(sin[1], sin_table[2])
+    torch.library.opcheck(rope_rows_pdl, (cos_table, sin_table, torch.tensor([4])))
+    half = torch.randn(6, 12, generator=gen)  # a head of 24: not a power of two's half
+    cos, _ = rope_rows_triton(half, half, torch.tensor([5]))
+    assert torch.equal(cos, half[5:6])
 
 
 def check_layers_it_cannot_fuse_stay_split() -> None:
@@ -677,6 +699,7 @@ if __name__ == "__main__":
     check_rounding_points()
     check_norm_qkv_rope()
     check_norm_qkv_rope_qk_norm()
+    check_rope_rows()
     check_layers_it_cannot_fuse_stay_split()
     check_compiled_trace()
     check_model_step()

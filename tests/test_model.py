@@ -304,15 +304,17 @@ def test_compiled_step_routes_activation_and_norm_through_opaque_ops(batch: int)
 @torch.inference_mode()
 def test_a_fused_one_token_step_gathers_ropes_rows_once(monkeypatch) -> None:
     """While compiling a one-token step whose layers run the fused kernels, the model gathers
-    RoPE's rows through infermeter::rope_at, once a step (inductor re-gathered them for every
-    few layers' custom ops); the rows are the tables' at the position. A split step and a
-    longer chunk index the tables as before (for inductor to fuse)."""
-    from infermeter.engine.model import rope_at
+    RoPE's rows through kernels/rope_rows.py's op, once a step (inductor re-gathered them for
+    every few layers' custom ops), from the tables at the position. A split step and a longer
+    chunk index the tables as before (for inductor to fuse). The kernel's own values are
+    checked under Triton's interpreter (tests/fused_step_worker.py)."""
+    from infermeter.engine.kernels import rope_rows as rope_rows_module
 
     model = _model(DEBUG, batch=1, max_seq_len=8)
     calls = []
     monkeypatch.setattr(model_module, "compiling", lambda: True)
-    monkeypatch.setattr(model_module, "rope_at", lambda *a: calls.append(a) or rope_at(*a))
+    monkeypatch.setattr(rope_rows_module, "rope_rows",
+                        lambda *a: calls.append(a) or (a[0][a[2]], a[1][a[2]]))
     position, chunk = torch.tensor([5]), torch.arange(2)
     plain = model._rope_rows(model.rope_cos, model.rope_sin, position)
     for layer in model.layers:
@@ -321,5 +323,6 @@ def test_a_fused_one_token_step_gathers_ropes_rows_once(monkeypatch) -> None:
     assert not calls
     cos, sin = model._rope_rows(model.rope_cos, model.rope_sin, position)
     assert len(calls) == 1 and torch.equal(cos, plain[0]) and torch.equal(sin, plain[1])
-    assert torch.equal(cos, model.rope_cos[5:6]) and torch.equal(sin, model.rope_sin[5:6])
-    torch.library.opcheck(rope_at, (model.rope_cos, model.rope_sin, position))
+    table_cos, table_sin, at = calls[0]
+    assert table_cos is model.rope_cos and table_sin is model.rope_sin and at is position
+    assert torch.equal(plain[0], model.rope_cos[5:6]) and torch.equal(plain[1], model.rope_sin[5:6])

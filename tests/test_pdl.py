@@ -66,6 +66,7 @@ def pdl_ptx(launch, name: str) -> tuple[list[str], int]:
 def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
     from infermeter.engine.kernels.decode_attention import _split_kv_decode
     from infermeter.engine.kernels.gemv import _gemv
+    from infermeter.engine.kernels.rope_rows import _rope_rows
     from infermeter.engine.kernels.swiglu import _silu_mul
 
     q = torch.zeros(1, 4, 2, 64, dtype=dtype)
@@ -74,7 +75,10 @@ def test_pdl_launches_wait_before_reading_and_release_after(monkeypatch, dtype):
     gate = torch.zeros(1, 1, 1000, dtype=dtype)
     calls = {"attention": lambda: _split_kv_decode(q, cache, cache, pos, pos[:1], 0, False, 3, 0.0,
                                                     pdl=True),
-             "activation": lambda: _silu_mul(gate, gate, pdl=True)}
+             "activation": lambda: _silu_mul(gate, gate, pdl=True),
+             # the position is the held step's argmax's output, the kernel just before
+             "rope rows": lambda: _rope_rows(pos[:, None].float(), pos[:, None].float(), pos[:1],
+                                             pdl=True)}
     for n_cols in (2560, 4096, 5120, 11008):  # every tiling rule of tiles_for
         row, weight = torch.zeros(1, n_cols, dtype=dtype), torch.zeros(40, n_cols, dtype=dtype)
         calls[f"gemv {n_cols}"] = lambda r=row, w=weight: _gemv(r, w, pdl=True)
@@ -273,6 +277,26 @@ def test_pdl_gemv_on_cuda_matches_the_float32_product(dtype):
             got = _gemv(x, w, pdl=pdl_on).float()
             err = (got - want).abs().max().item()
             assert err <= 2 ** -7 * scale, (n_cols, pdl_on, err)  # one 16-bit rounding
+
+
+@pytest.mark.gpu
+def test_on_cuda_ropes_rows_are_the_tables():
+    """kernels/rope_rows.py on a GPU, plainly and with PDL where it runs: the tables' rows at
+    the positions, to the bit (int64 and int32 positions, the first and last rows)."""
+    from infermeter.engine.kernels.rope_rows import _rope_rows
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cos_table = torch.randn(512, 32, device="cuda", generator=gen)
+    sin_table = torch.randn(512, 32, device="cuda", generator=gen)
+    for pdl_on in launch_ways(cos_table.device):
+        for positions in ([0], [511], [80, 3, 511]):
+            for index_dtype in (torch.int64, torch.int32):
+                at = torch.tensor(positions, device="cuda", dtype=index_dtype)
+                cos, sin = _rope_rows(cos_table, sin_table, at, pdl=pdl_on)
+                assert torch.equal(cos, cos_table[at.long()]), (pdl_on, positions)
+                assert torch.equal(sin, sin_table[at.long()]), (pdl_on, positions)
 
 
 @pytest.mark.gpu

@@ -67,7 +67,7 @@ from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.moe import MoEFeedForward
 from infermeter.engine.norms import GemmaRMSNorm, RMSNorm, norm_class
-from infermeter.engine.opaque_ops import compiling, materialize, rope_at, silu_mul
+from infermeter.engine.opaque_ops import compiling, materialize, silu_mul
 from infermeter.engine.random_weights import init_random_weights
 from infermeter.engine.rope import check_rope, rope_tables
 from infermeter.engine.self_attention import Attention
@@ -450,11 +450,14 @@ class Transformer(nn.Module):
     def _rope_rows(self, cos_table: Tensor, sin_table: Tensor,
                    input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE's cos and sin rows at input_pos [T] -> [T, head_dim/2] each. In a compiled
-        one-token step with fused layers, gathered once by an op inductor cannot see into
-        (opaque_ops.rope_at says why); elsewhere indexed, for inductor to fuse where it may."""
+        one-token step with fused layers (Triton kernels, so Triton runs here), gathered once
+        by one kernel inductor cannot see into (kernels/rope_rows.py says why); elsewhere
+        indexed, for inductor to fuse where it may."""
         if input_pos.shape[0] == 1 and compiling() and \
                 any(layer.step_kernels == "fused" for layer in self.layers):
-            return rope_at(cos_table, sin_table, input_pos)
+            from infermeter.engine.kernels.rope_rows import rope_rows
+
+            return rope_rows(cos_table, sin_table, input_pos)
         return cos_table[input_pos], sin_table[input_pos]
 
     def prefetch_plan(self, x: Tensor) -> list[tuple[Tensor | None, ...]] | None:

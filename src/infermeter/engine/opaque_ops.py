@@ -57,22 +57,3 @@ def materialize(x: Tensor) -> Tensor:
 @materialize.register_fake
 def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
-
-
-@torch.library.custom_op("infermeter::rope_at", mutates_args=())
-def rope_at(cos_table: Tensor, sin_table: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """RoPE's rows at the step's positions, (cos_table[input_pos], sin_table[input_pos]), each
-    [T, D / 2], computed once into buffers that torch.compile cannot see through.
-
-    Used in a one-token compiled step whose layers run the fused step's kernels. Those take cos
-    and sin as inputs of custom ops, and inductor gathered the rows again for every few layers
-    (a small kernel of its own each time, several a step: the "index ... norm_qkv_rope" kernels
-    of the H100 traces), where one gather serves every layer. Same values: the eager code.
-    """
-    return cos_table[input_pos], sin_table[input_pos]
-
-
-@rope_at.register_fake
-def _(cos_table: Tensor, sin_table: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-    rows = (input_pos.shape[0], cos_table.shape[1])
-    return cos_table.new_empty(rows), sin_table.new_empty(rows)
