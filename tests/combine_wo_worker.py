@@ -15,7 +15,7 @@ import torch
 
 from infermeter.engine import model as model_module
 from infermeter.engine import self_attention as attention_module
-from infermeter.engine.kernels import combine_wo, fused_step
+from infermeter.engine.kernels import combine_wo
 from infermeter.engine.kernels.combine_wo import _combine_gemv_add, combine_gemv_add
 from infermeter.engine.kernels.decode_attention import _combine_kernel
 from infermeter.engine.kernels.fused_step import gemv_add
@@ -61,8 +61,8 @@ def combined(acc, m, l_sum, sinks, dtype) -> torch.Tensor:
 
 def check_against_the_reference_and_the_two_kernels() -> None:
     """GQA and MHA shapes; 1, 3 and 5 splits (S_PAD above the count), some empty; with and
-    without gpt-oss's sinks; float32, float16, bfloat16; tiles that loop over column tiles
-    with ragged rows, and the default tiles (fold_tiles): the folded kernel equals the
+    without gpt-oss's sinks; float32, float16, bfloat16; tiles with ragged rows, and the
+    default tiles (fold_tiles); heads not a power of two: the folded kernel equals the
     reference within the product's rounding, and the combine kernel + gemv_add within the
     same (the attention's float32 sums may run in another order)."""
     gen = torch.Generator().manual_seed(21)
@@ -79,7 +79,7 @@ def check_against_the_reference_and_the_two_kernels() -> None:
             want = rnd(residual.float() + rnd(attention.float() @ weight.float().T))
             scale = (attention.float().abs() @ weight.float().abs().T).max().item()
             two = gemv_add(combined(acc, m, l_sum, sinks, dtype), weight, residual)
-            for tiles in ((4, 16, 4), None):
+            for tiles in ((4, 4), None):
                 got = _combine_gemv_add(acc, m, l_sum, sinks, weight, residual, False, tiles)
                 what = f"case {n} {dtype} tiles {tiles}"
                 assert got.dtype == dtype and got.shape == (1, n_out), what
@@ -93,15 +93,11 @@ def check_against_the_reference_and_the_two_kernels() -> None:
 
 
 def check_tiles() -> None:
-    """fold_tiles: at most about one program an SM (135M's wo on 132 SMs: 576 rows, 8 a
-    program), never fewer rows than gemv_add's tiles give; BLOCK_K within HELD // S_PAD;
-    mismatched partials refused."""
-    assert combine_wo.fold_tiles(576, 576, 8, 132)[:2] == (8, combine_wo.HELD // 8)
-    assert combine_wo.fold_tiles(576, 576, 1, 132)[1] == \
-        fused_step.fused_tiles_for("gemv_add", 576)[1]
-    assert combine_wo.fold_tiles(2048, 2048, 200, 132)[:2] == (16, 16)  # S_PAD 256: >= 16
-    assert combine_wo.fold_tiles(10, 576, 8, 132)[0] == fused_step.fused_tiles_for(
-        "gemv_add", 576)[0]
+    """fold_tiles: rows enough for at most about one program an SM (135M's wo on 132 SMs: 576
+    rows, 8 a program; 1B's 2048, 16), one at least; mismatched partials refused."""
+    assert combine_wo.fold_tiles(576, 132) == (8, combine_wo.WARPS)
+    assert combine_wo.fold_tiles(2048, 132) == (16, combine_wo.WARPS)
+    assert combine_wo.fold_tiles(10, 132) == (1, combine_wo.WARPS)
     acc, m, l_sum = partials(torch.Generator().manual_seed(0), 2, 2, 2, 16, 2)
     try:
         combine_gemv_add(acc, m, l_sum, None, torch.zeros(8, 60), torch.zeros(1, 8))

@@ -93,3 +93,29 @@ def test_an_older_trees_baseline_is_never_a_columns_figure():
     assert off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0,
                                                   "baseline": True}))
     assert not off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0}))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_folded_kernel_holds_its_tiles_in_registers(monkeypatch, tmp_path):
+    """Built for sm_90 at SmolLM2-135M's, Qwen2.5-0.5B's and Llama-3.2-1B's shapes (the
+    default tiles, 8 splits): the weight tile and the partials [S_PAD, H_PAD, D] a program
+    holds spill nothing to local memory, and a program's registers fit an SM."""
+    import torch
+
+    from infermeter.engine.kernels.combine_wo import _combine_gemv_add
+    from tests.sm90_build import sm90_binary, sm90_registers
+    from tests.test_pdl import pdl_launches
+
+    for kv_heads, groups, width in ((3, 3, 576), (2, 7, 896), (8, 4, 2048)):
+        acc = torch.zeros(kv_heads, 8, groups, 64)
+        m, l_sum = torch.zeros(kv_heads, 8, groups), torch.ones(kv_heads, 8, groups)
+        weight = torch.zeros(width, width, dtype=torch.bfloat16)
+        residual = torch.zeros(1, width, dtype=torch.bfloat16)
+        operands = (acc, m, l_sum, None, weight, residual)
+        (kernel, args, kwargs), = pdl_launches(
+            monkeypatch, lambda ops=operands: _combine_gemv_add(*ops, pdl=True))
+        folder = tmp_path / str(width)
+        folder.mkdir()
+        registers, spilled = sm90_registers(sm90_binary(kernel, args, kwargs).asm["ptx"], folder)
+        assert spilled == 0, (width, registers, spilled)
+        assert registers * 32 * kwargs["num_warps"] <= 65536, (width, registers)

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from infermeter.engine.kernels import pdl, prefetch
-from infermeter.engine.kernels.fused_step import fused_tiles_for
-from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name
+from infermeter.engine.kernels.gemv import NUM_STAGES
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import tl, triton
 
@@ -39,91 +38,83 @@ from infermeter.engine.kernels.triton_support import tl, triton
 # --fold-combine sets it for an A/B.
 FOLD_WAYS = ("off", "on")
 FOLD = "off"
-# Partial values a program holds at once, [S_PAD, BLOCK_K] float32 each of acc, m and l: the
-# fold's BLOCK_K is cut to keep them in registers (S_PAD * BLOCK_K at most this).
-HELD = 4096
+WARPS = 8  # a program holds its whole weight tile and the head's partials [S_PAD, H_PAD, D]
 
 
-def fold_tiles(n_out: int, n_cols: int, n_splits: int, sms: int,
-               gpu: str = "") -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of the folded kernel over wo [n_out, n_cols] with
-    n_splits partials a head: gemv_add's tiles, with rows enough for at most about one program
-    an SM (each program combines the whole row) and BLOCK_K cut to HELD // S_PAD (>= 16)."""
-    block_n, block_k, warps = fused_tiles_for("gemv_add", n_cols, gpu)
-    block_n = max(block_n, triton.next_power_of_2(-(-n_out // sms)))
-    block_k = max(16, min(block_k, HELD // triton.next_power_of_2(n_splits)))
-    return block_n, block_k, warps
+def fold_tiles(n_out: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the folded kernel over wo's n_out rows: rows enough for at most
+    about one program an SM (each program combines every head's splits again), at least one."""
+    return triton.next_power_of_2(-(-n_out // sms)), WARPS
 
 
 if triton is not None:
-    from infermeter.engine.kernels.decode_attention import combine_columns
 
     @triton.jit
-    def _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
-                      S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
-                      DTYPE: tl.constexpr):
-        """float32 [BLOCK_K]: the attention's output at cols, rounded to DTYPE as the combine
-        kernel stores it."""
-        x = combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
-                            S_PAD, D, HAS_SINKS)
-        return x.to(DTYPE).to(tl.float32)
-
-    @triton.jit
-    def _combine_gemv_add_kernel(ACC, M, L, SINKS, W, RES, OUT, n_out, n_cols, stride_w,
-                                 groups, n_splits, n_kv_heads, S_PAD: tl.constexpr,
+    def _combine_gemv_add_kernel(ACC, M, L, SINKS, W, RES, OUT, n_out, stride_w, groups,
+                                 n_splits, n_heads, S_PAD: tl.constexpr, H_PAD: tl.constexpr,
                                  D: tl.constexpr, HAS_SINKS: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 PDL: tl.constexpr = False):
-        """Program i: out rows [i * BLOCK_N, (i + 1) * BLOCK_N) = residual + wo @ attention,
-        the attention combined from its partials tile by tile."""
+                                 BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+        """Program i: out rows [i * BLOCK_N, (i + 1) * BLOCK_N) = residual + wo @ attention.
+        Its weight rows are one tile [BLOCK_N, H_PAD, D] (column h * D + d: head h's feature d),
+        loaded before the wait; after it the program combines every head's splits at once, as
+        [S_PAD, H_PAD, D] partials (acc[kv, s, g, d] for head h = kv * groups + g), the
+        weights of the splits reckoned once a head, not once a column."""
         dtype = OUT.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
-        cols = tl.arange(0, BLOCK_K)
-        col_ok = cols < n_cols
-        w_at = W + rows[:, None] * stride_w + cols[None, :]
-        # The first weight tile before anything another kernel wrote: no kernel writes weights.
-        w = tl.load(w_at, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        h = tl.arange(0, H_PAD)
+        d = tl.arange(0, D)
+        s = tl.arange(0, S_PAD)
+        h_ok = h < n_heads
+        # the whole weight tile before anything another kernel wrote: no kernel writes weights
+        w = tl.load(W + rows[:, None, None] * stride_w + (h * D)[None, :, None] + d[None, None, :],
+                    mask=row_ok[:, None, None] & h_ok[None, :, None], other=0.0,
                     eviction_policy="evict_first")
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials and the residual are earlier kernels'
             tl.extra.cuda.gdc_launch_dependents()
-        # issued with the first partials, not after the product's reduction (fused_step.py's)
+        used = (s[:, None] < n_splits) & h_ok[None, :]  # [S_PAD, H_PAD]
+        at = ((h // groups)[None, :] * n_splits + s[:, None]) * groups + (h % groups)[None, :]
+        m = tl.load(M + at, mask=used, other=float("-inf"))
+        l_sum = tl.load(L + at, mask=used, other=0.0)
+        acc = tl.load(ACC + at[:, :, None] * D + d[None, None, :], mask=used[:, :, None],
+                      other=0.0)  # [S_PAD, H_PAD, D]
         residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
-        x = _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads, S_PAD,
-                          D, HAS_SINKS, dtype)
-        acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
-        for k0 in range(BLOCK_K, n_cols, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < n_cols
-            x = _combine_tile(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
-                              S_PAD, D, HAS_SINKS, dtype)
-            w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
+        # decode_attention.combine_columns' formula, a head at a time
+        top = tl.where(h_ok, tl.max(m, 0), 0.0)  # [H_PAD]; a head past n_heads: no -inf - -inf
+        if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
+            sink = tl.load(SINKS + h, mask=h_ok, other=0.0).to(tl.float32)
+            top = tl.maximum(top, sink)
+        weight = tl.exp(m - top[None, :])  # an empty split (m = -inf) weighs 0
+        total = tl.sum(l_sum * weight, 0)
+        if HAS_SINKS:
+            total = total + tl.exp(sink - top)
+        total = tl.where(h_ok, total, 1.0)
+        x = tl.math.div_rn(tl.sum(acc * weight[:, :, None], 0), total[:, None])  # [H_PAD, D]
+        x = x.to(dtype).to(tl.float32)  # rounded as the combine kernel stores it
+        product = tl.sum(tl.sum(w.to(tl.float32) * x[None, :, :], 2), 1)  # [BLOCK_N]
         # residual + the product rounded, as two dtype tensors add (fused_step.py's gemv_add)
-        out = residual + tl.sum(acc, 1).to(dtype).to(tl.float32)
+        out = residual + product.to(dtype).to(tl.float32)
         tl.store(OUT + rows, out.to(dtype), mask=row_ok)
 
 
 def _combine_gemv_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | None,
                       weight: Tensor, residual: Tensor, pdl: bool,
-                      tiles: tuple[int, int, int] | None = None) -> Tensor:
+                      tiles: tuple[int, int] | None = None) -> Tensor:
     rows, n_splits, groups, head_dim = acc.shape
     n_out, n_cols = weight.shape
     if rows * groups * head_dim != n_cols:
         raise ValueError(f"partials of {rows * groups * head_dim} columns for wo of {n_cols}")
     sms = torch.cuda.get_device_properties(weight.device).multi_processor_count \
         if weight.is_cuda else 132
-    block_n, block_k, warps = tiles or fold_tiles(n_out, n_cols, n_splits, sms,
-                                                  gpu_name(weight.device))
+    block_n, warps = tiles or fold_tiles(n_out, sms)
     out = torch.empty(1, n_out, dtype=residual.dtype, device=residual.device)
     launch(_combine_gemv_add_kernel, (triton.cdiv(n_out, block_n),), pdl,
-           acc, m, l_sum, m if sinks is None else sinks, weight, residual, out, n_out, n_cols,
-           weight.stride(0), groups, n_splits, rows, S_PAD=triton.next_power_of_2(n_splits),
-           D=head_dim, HAS_SINKS=sinks is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-           num_warps=warps, num_stages=NUM_STAGES)
+           acc, m, l_sum, m if sinks is None else sinks, weight, residual, out, n_out,
+           weight.stride(0), groups, n_splits, rows * groups,
+           S_PAD=triton.next_power_of_2(n_splits), H_PAD=triton.next_power_of_2(rows * groups),
+           D=head_dim, HAS_SINKS=sinks is not None, BLOCK_N=block_n, num_warps=warps,
+           num_stages=NUM_STAGES)
     return out
 
 
