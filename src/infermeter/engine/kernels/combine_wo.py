@@ -8,19 +8,21 @@ whole row, so the combine kernel goes: on an H100 at SmolLM2-135M it added 1.3-1
 layer of ~14.5 us (results/step-attention-pdl-nvidia-h100-80gb-hbm3-summary.txt).
 The price is the combine redone in every program: n_splits x H x D float32 partials read from
 L2 each. So a program takes more rows than the GEMV's tiles would give it (at most about one
-program an SM: fold_tiles). Measured on an H100 (2026-12-06, docs/engine.md, "Fewer round
-trips a kernel") the price was far above the launch saved: the step took 1.60x as long at
-SmolLM2-135M and 1.33x at Qwen2.5-0.5B. So FOLD is off; the kernel stays as the A/B's other
-way.
+program an SM: fold_tiles), holds its whole weight tile [BLOCK_N, H_PAD, D] from before the
+PDL wait, and reckons the splits' weights once a head over [S_PAD, H_PAD, D] partials.
+The first build (until 2026-12-06) combined a column at a time inside a loop over column
+tiles: on an H100 the step took 1.60x as long at SmolLM2-135M and 1.33x at Qwen2.5-0.5B
+(docs/engine.md, "Fewer round trips a kernel"). FOLD stays off until this build is measured.
 
-Numerics: the combine's formula (decode_attention.combine_columns, shared with the combine
-kernel), its output rounded to the activation dtype as the combine kernel stores it, then wo's
-product as fused_step.py's gemv_add (float32 products and sums, the product rounded, the
-residual added and rounded). The combine's float32 sums over the splits may run in another
-order than the combine kernel's (Triton's reduction over another tile shape), so the two paths
-agree to rounding, not bitwise.
+Numerics: the combine's formula (decode_attention.combine_columns', a head at a time), its
+output rounded to the activation dtype as the combine kernel stores it, then wo's product as
+fused_step.py's gemv_add (float32 products and sums, the product rounded, the residual added
+and rounded). The combine's float32 sums over the splits, and the product's over the columns,
+may run in another order than the two kernels' (other tile shapes), so the two paths agree to
+rounding, not bitwise.
 
-PDL: a program loads its first weight tile before the wait, as fused_step.py's kernels do.
+PDL: a program loads its weight tile before the wait, as fused_step.py's kernels do their
+first tile.
 """
 
 from __future__ import annotations
