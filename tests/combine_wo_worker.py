@@ -108,10 +108,11 @@ def check_tiles() -> None:
 
 
 def check_model_step() -> None:
-    """The debug model's batch-1 fused steps with the split-KV kernel (while 'compiling', every
-    kernel run by the interpreter), the combine folded into wo against not: the same greedy
-    tokens as each other and as eager, logits within sum-order error; folded, no layer runs the
-    combine kernel's op and each runs the folded one once. Llama with a ring layer, float32;
+    """The debug model's batch-1 fused step with the split-KV kernel (while 'compiling', every
+    kernel run by the interpreter), the combine folded into wo: eager's greedy tokens, logits
+    within float32 sum-order error of eager's; no layer runs the combine kernel's op and each
+    runs the folded one once (the fused step unfolded is checked against eager in
+    fused_step_worker.py). Llama with a ring layer, float32;
     with prefetch on, the fold is refused."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import decode_attention
@@ -131,7 +132,7 @@ def check_model_step() -> None:
     spec = PRESETS["debug"].with_updates(sliding_window=3, sliding_window_layers=(1,))
     steps, prompt = 2, 4
     tokens, logits = {}, {}
-    for way in ("eager", "off", "on"):
+    for way in ("eager", "on"):  # off: the fused step itself, against eager in its own tests
         on = way != "eager"
         attention_module.compiling = model_module.compiling = compiling if not on \
             else (lambda: True)
@@ -145,13 +146,12 @@ def check_model_step() -> None:
         ids = torch.randint(0, spec.vocab_size, (1, prompt),
                             generator=torch.Generator().manual_seed(2))
         tokens[way], logits[way] = greedy_decode(model, ids, steps, calls.clear)
-        want = {"eager": [], "off": ["decode_attention_kernel"],
+        want = {"eager": [],
                 "on": ["combine_matvec_add"]}[way] * spec.n_layers * steps
         assert calls == want, f"{way}: ran {calls}"
-    assert torch.equal(tokens["on"], tokens["off"]), "folded tokens differ"
     assert torch.equal(tokens["on"], tokens["eager"]), "folded tokens differ from eager"
-    err = (logits["on"] - logits["off"]).abs().max().item()
-    assert err < 1e-4, f"folded logits differ by {err}"
+    err = (logits["on"] - logits["eager"]).abs().max().item()
+    assert err < 1e-4, f"folded logits differ from eager's by {err}"
     prefetch_module.DISTANCE = 2
     try:
         combine_wo.folds()

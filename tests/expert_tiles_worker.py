@@ -96,7 +96,8 @@ def check_one_token_down_ways() -> None:
         _, _, w2 = experts(gen, n_experts, hidden, dim, dtype, 2.0)
         act = (torch.randn(1, top_k, hidden, generator=gen) * 2).to(dtype)
         ids, weights = routing(gen, 1, n_experts, top_k, dtype)
-        for tiles in (None, (2, 16, 4)):
+        # other tiles once a routing shape (float16's: a 16-bit rounding), not in every dtype
+        for tiles in (None, (2, 16, 4)) if dtype == torch.float16 else (None,):
             one = _experts_down(act, ids, weights, w2, False, tiles=tiles, one_token="sum")
             terms = _experts_down(act, ids, weights, w2, False, tiles=tiles, one_token="terms")
             each = torch.stack([_experts_down(act[:, j:j + 1], ids[:, j:j + 1],

@@ -111,10 +111,10 @@ def test_align_breaks_are_caught():
 @needs_triton
 def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     """Both grouped kernels launched with PDL at Qwen3-30B-A3B's shapes (64 tokens, 8 of 128
-    experts each), Mixtral's bf16 widths and gpt-oss-20b's (biases, the clamped SwiGLU with
-    libdevice's expf), compiled for sm_90 (so they build for a GPU at all, tl.dot included):
-    the wait comes before the release and before every global load (the pair ids say which
-    rows to read)."""
+    experts each) and gpt-oss-20b's (biases, the clamped SwiGLU with libdevice's expf;
+    Mixtral's widths build the same code), compiled for sm_90 (so they build for a GPU at all,
+    tl.dot included): the wait comes before the release and before every global load (the pair
+    ids say which rows to read)."""
     from infermeter.engine.kernels import expert_gemm
     from infermeter.engine.kernels.expert_gemm import _grouped_down, _grouped_swiglu, block_tiles
     from tests.test_pdl import first, pdl_launches, pdl_ptx
@@ -123,7 +123,6 @@ def test_pdl_launches_wait_before_reading_anything(monkeypatch):
     dtype = torch.bfloat16
     calls = {}
     for name, n_experts, top_k, hidden, dim in (("qwen3", 128, 8, 768, 2048),
-                                                 ("mixtral", 8, 2, 14336, 4096),
                                                  ("gpt-oss", 32, 4, 2880, 2880)):
         n_tokens = 64
         ids = torch.zeros(n_tokens, top_k, dtype=torch.int64)

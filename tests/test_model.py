@@ -305,14 +305,16 @@ def test_compiled_step_routes_activation_and_norm_through_opaque_ops(batch: int)
 def test_a_fused_one_token_step_gathers_ropes_rows_once(monkeypatch) -> None:
     """While compiling a one-token step whose layers run the fused kernels, the model gathers
     RoPE's rows through kernels/rope_rows.py's op, once a step (inductor re-gathered them for
-    every few layers' custom ops), from the tables at the position. A split step and a longer
-    chunk index the tables as before (for inductor to fuse). The kernel's own values are
-    checked under Triton's interpreter (tests/fused_step_worker.py)."""
+    every few layers' custom ops), from the tables at the position. A split step, a longer
+    chunk, and tables where Triton cannot run index the tables as before. The kernel's own
+    values are checked under Triton's interpreter (tests/fused_step_worker.py)."""
     from infermeter.engine.kernels import rope_rows as rope_rows_module
+    from infermeter.engine.kernels import triton_support
 
     model = _model(DEBUG, batch=1, max_seq_len=8)
     calls = []
     monkeypatch.setattr(model_module, "compiling", lambda: True)
+    monkeypatch.setattr(triton_support, "triton_runs_on", lambda x: True)
     monkeypatch.setattr(rope_rows_module, "rope_rows",
                         lambda *a: calls.append(a) or (a[0][a[2]], a[1][a[2]]))
     position, chunk = torch.tensor([5]), torch.arange(2)
@@ -326,3 +328,6 @@ def test_a_fused_one_token_step_gathers_ropes_rows_once(monkeypatch) -> None:
     table_cos, table_sin, at = calls[0]
     assert table_cos is model.rope_cos and table_sin is model.rope_sin and at is position
     assert torch.equal(plain[0], model.rope_cos[5:6]) and torch.equal(plain[1], model.rope_sin[5:6])
+    monkeypatch.setattr(triton_support, "triton_runs_on", lambda x: False)  # indexed, no kernel
+    assert torch.equal(model._rope_rows(model.rope_cos, model.rope_sin, position)[0], plain[0])
+    assert len(calls) == 1

@@ -450,14 +450,17 @@ class Transformer(nn.Module):
     def _rope_rows(self, cos_table: Tensor, sin_table: Tensor,
                    input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE's cos and sin rows at input_pos [T] -> [T, head_dim/2] each. In a compiled
-        one-token step with fused layers (Triton kernels, so Triton runs here), gathered once
-        by one kernel inductor cannot see into (kernels/rope_rows.py says why); elsewhere
-        indexed, for inductor to fuse where it may."""
+        one-token step with fused layers, where Triton runs, gathered once by one kernel
+        inductor cannot see into (kernels/rope_rows.py says why); elsewhere indexed, for
+        inductor to fuse where it may."""
         if input_pos.shape[0] == 1 and compiling() and \
                 any(layer.step_kernels == "fused" for layer in self.layers):
-            from infermeter.engine.kernels.rope_rows import rope_rows
+            from infermeter.engine.kernels.triton_support import triton_runs_on
 
-            return rope_rows(cos_table, sin_table, input_pos)
+            if triton_runs_on(cos_table):
+                from infermeter.engine.kernels.rope_rows import rope_rows
+
+                return rope_rows(cos_table, sin_table, input_pos)
         return cos_table[input_pos], sin_table[input_pos]
 
     def prefetch_plan(self, x: Tensor) -> list[tuple[Tensor | None, ...]] | None:
