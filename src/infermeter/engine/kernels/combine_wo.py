@@ -10,9 +10,12 @@ The price is the combine redone in every program: n_splits x H x D float32 parti
 L2 each. So a program takes more rows than the GEMV's tiles would give it (at most about one
 program an SM: fold_tiles), holds its whole weight tile [BLOCK_N, H_PAD, D] from before the
 PDL wait, and reckons the splits' weights once a head over [S_PAD, H_PAD, D] partials.
-The first build (until 2026-12-06) combined a column at a time inside a loop over column
-tiles: on an H100 the step took 1.60x as long at SmolLM2-135M and 1.33x at Qwen2.5-0.5B
-(docs/engine.md, "Fewer round trips a kernel"). FOLD stays off until this build is measured.
+Measured on an H100 (docs/engine.md, "RoPE's rows in one kernel; the fold rebuilt") it still
+lost: the step took 1.200x as long at SmolLM2-135M and 1.112x at Qwen2.5-0.5B, where the first
+build (a column at a time inside a loop over column tiles) took 1.60x and 1.33x. Folded, the
+combine and wo added 5.73 us to a 0.5B layer where the two kernels added 3.42: every program
+reads all the partials again after the wait. So FOLD is off; the kernel stays as the A/B's
+other way.
 
 Numerics: the combine's formula (decode_attention.combine_columns', a head at a time), its
 output rounded to the activation dtype as the combine kernel stores it, then wo's product as
