@@ -53,6 +53,7 @@ def fold_tiles(n_out: int, sms: int) -> tuple[int, int]:
 
 
 if triton is not None:
+    from infermeter.engine.kernels.decode_attention import split_weights
 
     @triton.jit
     def _combine_gemv_add_kernel(ACC, M, L, SINKS, W, RES, OUT, n_out, stride_w, groups,
@@ -86,15 +87,7 @@ if triton is not None:
                       other=0.0)  # [S_PAD, H_PAD, D]
         residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
         # decode_attention.combine_columns' formula, a head at a time
-        top = tl.where(h_ok, tl.max(m, 0), 0.0)  # [H_PAD]; a head past n_heads: no -inf - -inf
-        if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
-            sink = tl.load(SINKS + h, mask=h_ok, other=0.0).to(tl.float32)
-            top = tl.maximum(top, sink)
-        weight = tl.exp(m - top[None, :])  # an empty split (m = -inf) weighs 0
-        total = tl.sum(l_sum * weight, 0)
-        if HAS_SINKS:
-            total = total + tl.exp(sink - top)
-        total = tl.where(h_ok, total, 1.0)
+        weight, total = split_weights(m, l_sum, SINKS + h, h_ok, HAS_SINKS)  # [S_PAD, H_PAD]
         x = tl.math.div_rn(tl.sum(acc * weight[:, :, None], 0), total[:, None])  # [H_PAD, D]
         x = x.to(dtype).to(tl.float32)  # rounded as the combine kernel stores it
         product = tl.sum(tl.sum(w.to(tl.float32) * x[None, :, :], 2), 1)  # [BLOCK_N]

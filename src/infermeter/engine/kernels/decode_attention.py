@@ -238,17 +238,26 @@ if triton is not None:
         m = tl.load(M + at, mask=used, other=float("-inf"))
         l_sum = tl.load(L + at, mask=used, other=0.0)
         acc = tl.load(ACC + at * D + (cols % D)[None, :], mask=used, other=0.0)
-        top = tl.where(col_ok, tl.max(m, 0), 0.0)  # [C]; a column off: no -inf - -inf
-        if HAS_SINKS:  # gpt-oss: the head's sink logit is one more term of the denominator
-            sink = tl.load(SINKS + (row % n_kv_heads) * groups + g, mask=col_ok,
-                           other=0.0).to(tl.float32)
+        weight, total = split_weights(m, l_sum, SINKS + (row % n_kv_heads) * groups + g, col_ok,
+                                      HAS_SINKS)
+        return tl.math.div_rn(tl.sum(acc * weight, 0), total)
+
+    @triton.jit
+    def split_weights(m, l_sum, sink_at, ok, HAS_SINKS: tl.constexpr):
+        """The combine's weights of the splits, exp(m - top) [S_PAD, C], and the denominator,
+        their weighed sum of l [C] (1 where ok is off), for partial maxima m and sums l_sum
+        [S_PAD, C] (an empty split: m = -inf, l = 0), top the largest m. HAS_SINKS (gpt-oss):
+        each column's sink logit, loaded at sink_at [C], joins the max and adds its own term
+        to the denominator only."""
+        top = tl.where(ok, tl.max(m, 0), 0.0)  # [C]; a column off: no -inf - -inf
+        if HAS_SINKS:
+            sink = tl.load(sink_at, mask=ok, other=0.0).to(tl.float32)
             top = tl.maximum(top, sink)
         weight = tl.exp(m - top[None, :])  # an empty split (m = -inf) weighs 0
         total = tl.sum(l_sum * weight, 0)
         if HAS_SINKS:
             total = total + tl.exp(sink - top)
-        total = tl.where(col_ok, total, 1.0)
-        return tl.math.div_rn(tl.sum(acc * weight, 0), total)
+        return weight, tl.where(ok, total, 1.0)
 
     @triton.jit
     def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
