@@ -3,13 +3,16 @@ default): the fused step in our recorded graph for small dense models, the split
 inductor's graph trees for the rest, by the bytes a step reads.
 
 Why the line falls where it does (docs/engine.md, "Choosing the step by model size"): on an
-H200, both in the recorded step, fused / split TPOT was 0.811 at SmolLM2-135M (0.27 GB of
-weights a step), 0.979 at Qwen2.5-0.5B (0.99 GB) and 1.033 at Llama-3.2-1B (2.47 GB): fewer,
-wider kernels win where a step is many short kernels, and lose where the products dominate
-(results/step-kernels-recorded-nvidia-h200-summary.txt). The fused kernels only pay where the
-host's replay is cheap: in the graph trees the H200's small steps waited on the host and the
-fused step lost at every size (results/step-kernels-nvidia-h200-summary.txt), so the two go
-together.
+H200 on 2026-12-05, both in the recorded step, fused / split TPOT was 0.811 at SmolLM2-135M
+(0.27 GB of weights a step), 0.979 at Qwen2.5-0.5B (0.99 GB) and 1.033 at Llama-3.2-1B
+(2.47 GB) (results/step-kernels-recorded-nvidia-h200-summary.txt), so the line sat at 1.5 GB.
+The fused kernels have changed since (fewer round trips a kernel, the held step, RoPE's rows in
+one kernel): on an H100 on 2026-12-06 the fused step in the recorded graph took 0.903x the
+default's split step in the trees at Llama-3.2-1B (results/step-line-1b-nvidia-h100-80gb-hbm3
+.jsonl), so the line moved to 3 GB, past 1B and short of every 3-8B model, none of which has
+been timed fused since. The fused kernels only pay where the host's replay is cheap: in the
+graph trees the H200's small steps waited on the host and the fused step lost at every size
+(results/step-kernels-nvidia-h200-summary.txt), so the two go together.
 
 MoE models stay in the trees (their experts are counted in Python each step, which a replay would
 not repeat). At batch 1 on one GPU a Qwen3-MoE model (q/k norms) with the Triton experts takes the
@@ -33,9 +36,9 @@ import torch
 from torch import nn
 
 AUTO = "auto"
-# The most weight bytes a step may read and still take the fused, recorded step: between
-# Qwen2.5-0.5B's 0.99 GB (fused won by 2%) and Llama-3.2-1B's 2.47 GB (fused lost by 3%).
-SMALL_STEP_BYTES = 1.5e9
+# The most weight bytes a step may read and still take the fused, recorded step: past
+# Llama-3.2-1B's 2.47 GB (fused 0.903x split on an H100), short of Llama-3.2-3B's 6.4 GB.
+SMALL_STEP_BYTES = 3e9
 
 
 @dataclass(frozen=True)
