@@ -39,9 +39,12 @@ it, the default; the split kernel plainly and the combine with it; neither), lab
 with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
 (decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1"; with
 --fold-combine off on once without and once with the attention's combine folded into wo's
-kernel (combine_wo.FOLD), labelled ".../combine-in-wo"; with --argmax-parts 64 0 once for each
-way the step's argmax reduces a row (sampling.ARGMAX_PARTS: N, in N parts, 64 the default; 0,
-torch's in one reduction), labelled ".../argmax-parts-0" off the default.
+kernel (combine_wo.FOLD), labelled ".../combine-in-wo". With --argmax-parts 64 0 every kind
+runs once for each way the step's argmax reduces a row (sampling.ARGMAX_PARTS: N, in N parts, 64
+the default; 0, torch's in one reduction), labelled ".../argmax-parts-0" off the default.
+With --batch N the cases run N sequences instead of one, labelled ".../batch-N"; past one the
+step is split whatever --kernels asks (only batch 1 fuses), and issue 27's MBU targets, which
+are batch 1's, leave those Results out.
 Each compiled case compiles afresh: at 7-8B a warm-up is over a minute (docs/engine.md), so run
 the large models one per command where a command may take 10 minutes.
 """
@@ -66,6 +69,7 @@ from sweep_common import (
     write_summary,
 )
 
+from infermeter.commands.common import positive_int
 from infermeter.engine.generator import STEP_GRAPHS
 from infermeter.engine.kernels.combine_wo import FOLD_WAYS
 from infermeter.engine.kernels.decode_attention import ATTENTION_PDL_WAYS
@@ -92,13 +96,13 @@ MBU_GOALS = {"llama-3.2-1b": 80.0, "qwen2.5-0.5b": 65.0, "smollm2-135m": 40.0}
 PROMPT_LEN, NEW_TOKENS, CACHE, REPEATS = 80, 432, 512, 5
 
 
-def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0],
+def ab_request(model: str, kind: str, graphs: str = STEP_GRAPHS[0], batch: int = 1,
                **overrides) -> GenerateRequest:
-    """One case of the A/B: `model`'s random weights at batch 1, compiled, with `kind` kernels,
-    the step replayed as `graphs` says. overrides (device, dtype, modes, max_new_tokens,
-    repeats, roofline) are for the CPU check."""
+    """One case of the A/B: `model`'s random weights at `batch` sequences (1 unless asked),
+    compiled, with `kind` kernels, the step replayed as `graphs` says. overrides (device,
+    dtype, modes, max_new_tokens, repeats, roofline) are for the CPU check."""
     options = {"device": "cuda", "dtype": MODELS.get(model), "modes": ("compiled",),
-               "batch_sizes": (1,), "prompt_lens": (PROMPT_LEN,),
+               "batch_sizes": (batch,), "prompt_lens": (PROMPT_LEN,),
                "max_new_tokens": NEW_TOKENS, "max_seq_len": CACHE, "repeats": REPEATS,
                "warmup": 1, **overrides}
     if model in MOE_KERNELS:
@@ -115,12 +119,14 @@ ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "atte
 SPLIT_STAGED = "split-stages-"
 FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
 ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off its default
+BATCHED = "batch-"  # the label's mark of a batch past one
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
-          argmax_parts: int = DEFAULT_ARGMAX_PARTS) -> str:
+          argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
+    "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
@@ -128,7 +134,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
     the default's (0: in one reduction)."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
-    marks = [QK_IN_WQKV if qk_kernels == 1 else "",
+    marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              FOLDED if fold == "on" else "",
@@ -141,15 +147,15 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
               folds: tuple[str, ...] = ("off",),
-              argmax_parts: tuple[int, ...] = (DEFAULT_ARGMAX_PARTS,),
+              argmax_parts: tuple[int, ...] = (DEFAULT_ARGMAX_PARTS,), batch: int = 1,
               baseline: bool = False, **overrides) -> None:
-    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, the fused
+    """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, at `batch`
+    sequences, every kind once for each of `argmax_parts` (sampling.ARGMAX_PARTS), the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
     (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
-    (decode_attention.SPLIT_STAGES), `folds` (combine_wo.FOLD) and `argmax_parts`
-    (sampling.ARGMAX_PARTS), each set back after, each
-    Result appended to `path` once done (marked an older tree's with `baseline`); with `trace`
-    (a folder) each case's profiled steps go to a folder of their own in it."""
+    (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD) too, each set back after,
+    each Result appended to `path` once done (marked an older tree's with `baseline`); with
+    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
     from infermeter.engine import sampling
     from infermeter.engine.kernels import combine_wo, decode_attention, prefetch, qk_norm_rope
 
@@ -162,18 +168,20 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
             for way in graphs:
                 for kind in kinds:
                     for qk, distance, attention, stages, fold, parts in (
-                            fused_ways if kind == "fused" else [kept]):
+                            fused_ways if kind == "fused"
+                            else [(*kept[:5], parts) for parts in argmax_parts]):
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
                         decode_attention.ATTENTION_PDL = attention
                         decode_attention.SPLIT_STAGES = stages
                         combine_wo.FOLD = fold
                         sampling.ARGMAX_PARTS = parts
-                        name = label(kind, way, qk, distance, attention, stages, fold, parts)
+                        name = label(kind, way, qk, distance, attention, stages, fold, parts,
+                                     batch)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
-                        run_ab_case(ab_request(model, kind, way, **overrides), env, path,
+                        run_ab_case(ab_request(model, kind, way, batch, **overrides), env, path,
                                     model, name, round_, "kernels", "step_kernels", baseline)
     finally:
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
@@ -251,9 +259,12 @@ def arguments():
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
     parser.add_argument("--argmax-parts", nargs="+", type=int, choices=(0, 16, 64, 256),
-                        default=[DEFAULT_ARGMAX_PARTS], metavar="N", help="the fused kind once "
+                        default=[DEFAULT_ARGMAX_PARTS], metavar="N", help="every kind once "
                         "for each: the step's argmax over a row in one reduction (0) or in N "
                         f"parts (default: {DEFAULT_ARGMAX_PARTS})")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                        help="the sequences each case decodes (default: 1; past one the step "
+                        "is split, whatever --kernels asks)")
     parser.add_argument("--baseline", action="store_true", help="mark the Results an older "
                         "source tree's, timed as the A/B's baseline (run with that tree's src/ "
                         "on PYTHONPATH); the report never takes them for a column's figure")
@@ -271,7 +282,8 @@ def main() -> int:
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
                   split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
-                  argmax_parts=tuple(args.argmax_parts), baseline=args.baseline)
+                  argmax_parts=tuple(args.argmax_parts), batch=args.batch,
+                  baseline=args.baseline)
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -283,7 +295,8 @@ def main() -> int:
                       "--attention-pdl", *args.attention_pdl,
                       "--split-stages", *map(str, args.split_stages),
                       "--fold-combine", *args.fold_combine,
-                      "--argmax-parts", *map(str, args.argmax_parts), *traced,
+                      "--argmax-parts", *map(str, args.argmax_parts),
+                      "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)
 

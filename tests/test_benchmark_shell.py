@@ -213,8 +213,6 @@ FUSED_SWITCHES = {
                      "fused/split-stages-1", "--split-stages", "split_stages"),
     "combine in wo": ("combine_wo", "FOLD", "folds", ("off", "on"), "fused/combine-in-wo",
                       "--fold-combine", "fold_combine"),
-    "argmax parts": ("sampling", "ARGMAX_PARTS", "argmax_parts", (64, 0),
-                     "fused/argmax-parts-0", "--argmax-parts", "argmax_parts"),
 }
 
 
@@ -224,8 +222,7 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
     (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES) and
-    --fold-combine off on (combine_wo.FOLD), --argmax-parts 64 0 (sampling.ARGMAX_PARTS):
-    the fused case runs once with
+    --fold-combine off on (combine_wo.FOLD): the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
     takes the values in either order and refuses one there is not."""
@@ -234,8 +231,7 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     from tests.benchmark_scripts import load_benchmark
 
     name, attribute, keyword, values, other, flag, dest = FUSED_SWITCHES[switch]
-    package = "infermeter.engine" if name == "sampling" else "infermeter.engine.kernels"
-    module = importlib.import_module(f"{package}.{name}")
+    module = importlib.import_module(f"infermeter.engine.kernels.{name}")
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
@@ -253,6 +249,42 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     assert getattr(parser.parse_args([flag, *backwards]), dest) == list(values[::-1])
     with pytest.raises(SystemExit):
         parser.parse_args([flag, "3"])
+
+def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked(monkeypatch,
+                                                                              tmp_path):
+    """--argmax-parts 64 0 (sampling.ARGMAX_PARTS) reaches every kind, split too (every step
+    ends in the argmax), the module's value under the usual label and set back after; --batch 8
+    makes each case's request decode 8 sequences, labelled "/batch-8" before any other mark;
+    the summary sets each way against the default's, and issue 27's targets (batch 1's) leave
+    batch-8 Results out; the command line refuses a batch of 0 and a part count there is not."""
+    from infermeter.engine import sampling
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, sampling.ARGMAX_PARTS, request.batch_sizes)))
+    monkeypatch.setattr(sampling, "ARGMAX_PARTS", 64)
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     device="cpu", argmax_parts=(64, 0), batch=8)
+    assert seen == [("split/batch-8", 64, (8,)), ("split/batch-8/argmax-parts-0", 0, (8,)),
+                    ("fused/batch-8", 64, (8,)), ("fused/batch-8/argmax-parts-0", 0, (8,))]
+    assert sampling.ARGMAX_PARTS == 64
+    seen.clear()
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split",), device="cpu")
+    assert seen == [("split", 64, (1,))]  # the defaults: batch 1, the module's parts
+    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0, batch=8)
+               for kind in ("split/batch-8", "split/batch-8/argmax-parts-0")]
+    text = script.summary(results)
+    assert "llama-3.2-1b: split/batch-8/argmax-parts-0 / split/batch-8:" in text, text
+    assert "50.00 %" not in text  # batch 8 is not the targets'
+    parser = script.arguments()
+    assert parser.parse_args(["--batch", "8"]).batch == 8 and parser.parse_args([]).batch == 1
+    assert parser.parse_args(["--argmax-parts", "0", "64"]).argmax_parts == [0, 64]
+    for bad in (["--batch", "0"], ["--argmax-parts", "3"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
 
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     from tests.benchmark_scripts import load_benchmark
