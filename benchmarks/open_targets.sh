@@ -31,6 +31,10 @@
 #   part step-choice     graph trees against our recorded step, each with split and fused kernels,
 #                        at 135M and 0.5B, one process each (untraced): the same-run A/B that a
 #                        default by model size needs (about 8 cases of 45 s)
+#   part step-line       the step's size line (engine/step_choice.py, 3 GB since 2026-12-06) from
+#                        both sides: graph trees against our recorded step, each with split and
+#                        fused kernels, at Llama-3.2-1B (2.47 GB) and Llama-3.2-3B (6.4 GB), one
+#                        process a model (8 cases; not yet run as a part: 1B's took 31-38 s a case)
 #   part step-prefetch   the fused step at prefetch distances 0 and 2 (kernels/prefetch.py), at
 #                        135M, 0.5B and 1B, in the recorded step, one round (on an H100 on
 #                        2026-12-06: 135M gained 5%, 0.5B and 1B lost; not yet run on an H200)
@@ -88,8 +92,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -147,6 +151,9 @@ case "${1:-}" in
   step-choice)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
+  step-line)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded --kernels split fused \
+      --results "$dest" --models llama-3.2-1b llama-3.2-3b ;;
   step-prefetch)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --prefetch 0 2 --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;

@@ -85,9 +85,10 @@ from infermeter.textable import render_table
 # qwen3-30b-a3b: an MoE layer takes the fused attention kernels (norm + wqkv, the q/k norms' own
 # kernel, wo + add) and, with the Triton experts (MOE_KERNELS), its block as four kernels: 9 or
 # 10 kernels a layer where the split step runs 17 (issue 25)
+# llama-3.2-3b: the first size past the step's size line (step_choice.SMALL_STEP_BYTES, 3 GB)
 MODELS = {"smollm2-135m": "fp16", "qwen2.5-0.5b": "bf16", "qwen3-0.6b": "bf16",
-          "llama-3.2-1b": "bf16", "llama-2-7b": "fp16", "llama-3.1-8b": "bf16",
-          "qwen3-30b-a3b": "bf16"}
+          "llama-3.2-1b": "bf16", "llama-3.2-3b": "bf16", "llama-2-7b": "fp16",
+          "llama-3.1-8b": "bf16", "qwen3-30b-a3b": "bf16"}
 MOE_KERNELS = {"qwen3-30b-a3b": "triton"}  # the experts an MoE model's cases run
 # engine/model.STEP_KERNELS, each named (not generate's auto)
 KINDS = ("split", "fused")
