@@ -8,11 +8,12 @@ H200 on 2026-12-05, both in the recorded step, fused / split TPOT was 0.811 at S
 (2.47 GB) (results/step-kernels-recorded-nvidia-h200-summary.txt), so the line sat at 1.5 GB.
 The fused kernels have changed since (fewer round trips a kernel, the held step, RoPE's rows in
 one kernel): on an H100 on 2026-12-06 the fused step in the recorded graph took 0.903x the
-default's split step in the trees at Llama-3.2-1B (results/step-line-1b-nvidia-h100-80gb-hbm3
-.jsonl), so the line moved to 3 GB, past 1B and short of every 3-8B model, none of which has
-been timed fused since. The fused kernels only pay where the host's replay is cheap: in the
-graph trees the H200's small steps waited on the host and the fused step lost at every size
-(results/step-kernels-nvidia-h200-summary.txt), so the two go together.
+default's split step in the trees at Llama-3.2-1B
+(results/step-line-1b-nvidia-h100-80gb-hbm3.jsonl), so the line moved to 3 GB, past 1B and
+short of every 3-8B model, none of which has been timed fused since. The fused kernels only
+pay where the host's replay is cheap: in the graph trees the H200's small steps waited on the
+host and the fused step lost at every size (results/step-kernels-nvidia-h200-summary.txt), so
+the two go together.
 
 MoE models stay in the trees (their experts are counted in Python each step, which a replay would
 not repeat). At batch 1 on one GPU a Qwen3-MoE model (q/k norms) with the Triton experts takes the
