@@ -12,11 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infermeter.engine.generator import GenerationConfig, Generator, _decode_in_place, _decode_one
+from infermeter.engine.generator import GenerationConfig, Generator, _decode_one
 from infermeter.engine.model import build_model
 from infermeter.engine.sampling import sample, uniform_noise
 from infermeter.errors import InfermeterError
 from infermeter.specs.presets import PRESETS
+from tests.test_held_step import recorded
 
 SPEC = PRESETS["debug"]
 # Batch 2, T = 7; chosen so that neither greedy continuation repeats one token (stop tests).
@@ -440,9 +441,7 @@ def test_the_recorded_step_passes_the_state_and_sampling_as_the_trees_do(model, 
     sampled = GenerationConfig(max_new_tokens=12, greedy=False, top_p=0.9, seed=5,
                                compile=True)
     want = Generator(model, max_seq_len=64).generate(PROMPTS, replace(sampled, compile=False))
-    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
-    gen._compiled_step = _decode_in_place  # the compiled step's function, run eagerly
-    monkeypatch.setattr(Generator, "step_graphs", property(lambda self: "recorded"))
+    gen = recorded(model, monkeypatch)  # the compiled step's function, run eagerly
     calls = []
     run = gen.recorded_steps.run
 
