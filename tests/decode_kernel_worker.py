@@ -19,11 +19,12 @@ from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
 
 
-def reference(q, k, v, key_pos, pos, window):
+def reference(q, k, v, key_pos, pos, window, sinks=None):
     visible = (key_pos >= 0) & (key_pos <= pos)
     if window > 0:
         visible &= pos - key_pos < window
-    return decode_attention(q, k, v, visible[None, :].expand(q.shape[2], -1))
+    return decode_attention(q, k, v, visible[None, :].expand(q.shape[2], -1),
+                            sinks=None if sinks is None else sinks.view(q.shape[1], -1))
 
 
 def check_against_math() -> None:
@@ -56,6 +57,50 @@ def check_against_math() -> None:
                     case = f"kv_heads {n_kv_heads} groups {groups} pos {pos} ring {is_ring} " \
                         f"window {window} splits {splits}"
                     assert got.shape == want.shape and err < 1e-5, f"{case}: max error {err}"
+
+
+def check_unsplit() -> None:
+    """n_splits 0, the unsplit kernel (one program a row over its whole cache, no combine):
+    the math path's output for GQA and MQA, full and ring layouts, windows, first / middle /
+    last positions, with and without gpt-oss's sinks; where the cache is one block (at most
+    BLOCK_N slots) the two kernels' output at one split to the bit (one split's combine weighs
+    it by exp(0) = 1 and divides once, as the unsplit kernel does), Gemma 2's cap too; a full
+    layer never reads past the position."""
+    gen = torch.Generator().manual_seed(6)
+    for slots in (2 * BLOCK_N + 5, BLOCK_N - 14):  # a block of 256, 123 slots off; one block
+        for n_kv_heads, groups in ((2, 4), (1, 8)):
+            q = torch.randn(2, n_kv_heads, groups, 16, generator=gen)
+            k, v = (torch.randn(2, n_kv_heads, slots, 16, generator=gen) for _ in range(2))
+            sinks = torch.randn(n_kv_heads * groups, generator=gen) * 2
+            # each position meets one layout, each layout one position (the interpreter's
+            # cost is a dot of the whole block a program)
+            for pos, (is_ring, window) in zip((0, 37, slots - 1),
+                                              ((True, 0), (False, 9), (False, 0)), strict=True):
+                key_pos = torch.arange(slots)
+                if is_ring:
+                    key_pos = torch.randperm(slots, generator=gen) - 3
+                    key_pos[key_pos == pos] = -1
+                    key_pos[pos % slots] = pos
+                at = torch.tensor([pos])
+                case = f"unsplit: slots {slots} kv_heads {n_kv_heads} pos {pos} " \
+                    f"ring {is_ring} window {window}"
+                got = split_kv_decode(q, k, v, key_pos, at, window, is_ring, 0)
+                err = (got - reference(q, k, v, key_pos, pos, window)).abs().max().item()
+                assert err < 1e-5, f"{case}: max error {err}"
+                sunk = split_kv_decode(q, k, v, key_pos, at, window, is_ring, 0, 0.0, sinks)
+                want = reference(q, k, v, key_pos, pos, window, sinks)
+                err = (sunk - want).abs().max().item()
+                assert err < 1e-5 and (sunk - got).abs().max() > 1e-3, \
+                    f"{case}, sinks: max error {err}"
+                if slots <= BLOCK_N:
+                    for softcap, sink in ((0.0, None), (0.0, sinks), (5.0, None)):
+                        args = (q, k, v, key_pos, at, window, is_ring)
+                        assert torch.equal(split_kv_decode(*args, 0, softcap, sink),
+                                           split_kv_decode(*args, 1, softcap, sink)), \
+                            f"{case}, cap {softcap}: not one split's output to the bit"
+    k[:, :, 41:], v[:, :, 41:] = float("nan"), float("nan")
+    got = split_kv_decode(q, k, v, torch.arange(slots), torch.tensor([40]), 0, False, 0)
+    assert torch.isfinite(got).all(), "unsplit: a slot after the position was read"
 
 
 def check_half_precision() -> None:
@@ -188,14 +233,24 @@ def check_model_gemv() -> None:
 
 def check_model_decode() -> None:
     """The model's one-token steps with decode_attention="triton" (while 'compiling') give the
-    math path's logits: a GQA model, and one with a wrapping sliding-window ring layer."""
+    math path's logits, split and unsplit (UNSPLIT on: every call's n_splits 0): a GQA model,
+    and one with a wrapping sliding-window ring layer."""
     # the kernel is picked only while tracing (self_attention.py); the layers' own checks too
     model_module.compiling = attention_module.compiling = lambda: True
     calls = []
 
+    kernel = attention_kernels.decode_attention_kernel  # honours UNSPLIT
+    splits_seen = []  # the split count the op was given: 0 unsplit
+
     def counted(*args):
         calls.append(args[0].shape)
+        return kernel(*args)
+
+    def op(*args):
+        splits_seen.append(args[7])
         return split_kv_decode(*args)
+
+    attention_kernels.split_kv_decode = op
 
     # the model imports the kernels from their modules where a compiled step takes them
     attention_kernels.decode_attention_kernel = counted
@@ -213,29 +268,38 @@ def check_model_decode() -> None:
         tokens = torch.randint(0, spec.vocab_size, (2, 4 + steps), generator=torch.Generator()
                                .manual_seed(2))
         logits = {}
-        for kind in ("math", "triton"):
+        for kind in ("math", "triton", "unsplit"):
+            attention_kernels.UNSPLIT = "on" if kind == "unsplit" else "off"
+            kind_asked = "triton" if kind == "unsplit" else kind
             model = build_model(spec, seed=3)
             model.setup_cache(2, 16)
             for layer in model.layers:
-                layer.attention.decode_attention = kind
-                layer.feed_forward.activation_kernel = "triton" if kind == "triton" else "aten"
+                layer.attention.decode_attention = kind_asked
+                layer.feed_forward.activation_kernel = "aten" if kind == "math" else "triton"
             with torch.inference_mode():
                 outs = [model(tokens[:, :4], torch.arange(4))]
                 outs += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 4 + steps)]
             logits[kind] = torch.cat(outs, dim=1)
-        assert len(calls) == steps * spec.n_layers, f"the kernel ran {len(calls)} times"
+            if kind != "math":
+                assert set(splits_seen) == ({0} if kind == "unsplit" else {1}), splits_seen
+                splits_seen.clear()
+        assert len(calls) == 2 * steps * spec.n_layers, f"the kernel ran {len(calls)} times"
         # the activation kernel also runs in the 4-token prefill while "compiling" is forced
-        assert len(activations) == (steps + 1) * spec.n_layers, \
+        assert len(activations) == 2 * (steps + 1) * spec.n_layers, \
             f"swiglu ran {len(activations)} times"
         calls.clear()
         activations.clear()
-        err = (logits["triton"] - logits["math"]).abs().max().item()
-        assert err < 1e-5, f"{spec.arch}: model logits differ by {err}"
+        for kind in ("triton", "unsplit"):
+            err = (logits[kind] - logits["math"]).abs().max().item()
+            assert err < 1e-5, f"{spec.arch}, {kind}: model logits differ by {err}"
         assert kernel_usable(torch.empty(1, 1, 1, 16))
+    attention_kernels.UNSPLIT = "off"
+    attention_kernels.split_kv_decode = split_kv_decode
 
 
 if __name__ == "__main__":
     check_against_math()
+    check_unsplit()
     check_half_precision()
     check_swiglu_kernel()
     check_full_layer_never_reads_past_the_position()

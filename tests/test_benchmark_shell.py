@@ -286,6 +286,34 @@ def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked
             parser.parse_args(bad)
 
 
+def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
+    """--unsplit off on (decode_attention.UNSPLIT) reaches every kind, split too (both steps
+    run the split-KV attention), after each argmax way, "off" under the usual label; the
+    module's value comes back after; the summary sets one against the other."""
+    from infermeter.engine.kernels import decode_attention
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, decode_attention.UNSPLIT)))
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     device="cpu", argmax_parts=(64, 0), unsplits=("off", "on"))
+    assert seen == [("split", "off"), ("split/unsplit", "on"),
+                    ("split/argmax-parts-0", "off"), ("split/argmax-parts-0/unsplit", "on"),
+                    ("fused", "off"), ("fused/unsplit", "on"),
+                    ("fused/argmax-parts-0", "off"), ("fused/argmax-parts-0/unsplit", "on")]
+    assert decode_attention.UNSPLIT == "off"
+    results = [_ab_result("qwen2.5-0.5b", "kernels", kind, 0, 50.0)
+               for kind in ("fused/recorded", "fused/recorded/unsplit")]
+    assert "qwen2.5-0.5b: fused/recorded/unsplit / fused/recorded:" in script.summary(results)
+    parser = script.arguments()
+    assert parser.parse_args(["--unsplit", "on", "off"]).unsplit == ["on", "off"]
+    assert parser.parse_args([]).unsplit == ["off"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--unsplit", "maybe"])
+
+
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     from tests.benchmark_scripts import load_benchmark
 

@@ -199,3 +199,52 @@ def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkey
     assert model.layers[0].feed_forward.w13.matvec_kernel == "triton"
     with pytest.raises(ValueError, match="unknown matrix-vector kernel 'cublas'"):
         set_matvec_kernel(model, "cublas")
+
+
+def test_unsplit_takes_a_cache_one_program_holds(monkeypatch):
+    """decode_attention.UNSPLIT "on" (an A/B's): the compiled step's attention passes n_splits 0
+    (one program a row, no combine) where next_power_of_2(slots) x head size fits
+    UNSPLIT_ELEMENTS, and the split count it was given elsewhere; "off" never; an unknown way
+    is an error."""
+    from infermeter.engine.kernels import decode_attention
+
+    calls = []
+    monkeypatch.setattr(decode_attention, "split_kv_decode",
+                        lambda *args: calls.append(args[7]))
+    def attend(slots: int, head_dim: int) -> int:
+        q = torch.empty(1, 2, 7, head_dim)
+        cache = torch.empty(1, 2, slots, head_dim)
+        decode_attention.decode_attention_kernel(q, cache, cache, None, None, 0, False, 8)
+        return calls.pop()
+
+    assert decode_attention.UNSPLIT == "off"
+    assert [attend(*shape) for shape in ((512, 64), (40, 64))] == [8, 8]
+    monkeypatch.setattr(decode_attention, "UNSPLIT", "on")
+    assert [attend(*shape) for shape in ((512, 64), (300, 64), (256, 128), (40, 64))] == [0] * 4
+    assert [attend(*shape) for shape in ((513, 64), (512, 128))] == [8, 8]  # past one program
+    monkeypatch.setattr(decode_attention, "UNSPLIT", "sometimes")
+    with pytest.raises(ValueError, match="unknown UNSPLIT 'sometimes'"):
+        attend(512, 64)
+
+
+@pytest.mark.parametrize("way", ["off", "on"])
+def test_the_result_records_unsplit_and_the_report_sets_it_aside(monkeypatch, way):
+    """config.attention_unsplit: UNSPLIT wherever the compiled step ran the split-KV kernel
+    (fused or split step), None where it ran another attention; the report takes an unsplit
+    Result as a comparison, never a column's representative."""
+    from infermeter.engine.kernels import decode_attention
+    from infermeter.report.select import off_default_kernels
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    monkeypatch.setattr(decode_attention, "UNSPLIT", way)
+    described = {}
+    for kinds, attention in (("fused", "triton"), ("split", "triton"), ("fused", "math")):
+        runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+        monkeypatch.setattr(runner.generator, "decode_attention_used",
+                            lambda *args, kind=attention: kind)
+        described[kinds, attention] = runner.describe()["attention_unsplit"]
+    assert described == {("fused", "triton"): way == "on", ("split", "triton"): way == "on",
+                         ("fused", "math"): None}
+    assert off_default_kernels(seed_record(1, attention_unsplit=way == "on")) == (way == "on")
+    assert not off_default_kernels(seed_record(2))  # before the field: split

@@ -222,6 +222,38 @@ def test_a_one_block_split_kernel_loads_its_block_before_the_wait(monkeypatch):
     assert shared[8] < shared[3], shared
 
 
+@needs_triton
+def test_an_unsplit_kernel_loads_the_whole_cache_before_the_wait(monkeypatch, tmp_path):
+    """n_splits 0, the unsplit kernel, at SmolLM2-135M's, Qwen2.5-0.5B's and Llama-3.2-1B's
+    heads over a 512-slot cache, built for sm_90 with PDL: one launch (no combine), the keys and
+    values loaded before the wait and q after it, as a one-block split; its whole block held in
+    registers at UNSPLIT_WARPS warps, at most 16 bytes a thread spilled to local memory."""
+    from infermeter.engine.kernels.decode_attention import UNSPLIT_WARPS, _split_kv_decode
+    from tests.sm90_build import sm90_registers
+
+    for kv_heads, groups in ((3, 3), (2, 7), (8, 4)):
+        q = torch.zeros(1, kv_heads, groups, 64, dtype=torch.bfloat16)
+        cache = torch.zeros(1, kv_heads, 512, 64, dtype=torch.bfloat16)
+        pos = torch.arange(512)
+        launches = pdl_launches(monkeypatch, lambda q=q, c=cache, p=pos: _split_kv_decode(
+            q, c, c, p, p[:1], 0, False, 0, 0.0, pdl=True))
+        assert len(launches) == 1, f"{groups} groups: {len(launches)} launches"
+        kernel, args, kwargs = launches[0]
+        assert (kwargs["BLOCK"], kwargs["num_warps"]) == (512, UNSPLIT_WARPS)
+        lines, wait = pdl_ptx(launches[0], f"unsplit, {groups} groups")
+        before = [line for line in lines[:wait] if "ld.global" in line]
+        after = [line for line in lines[wait:] if "ld.global" in line]
+        assert sum(".v4" in line for line in before) >= 2, before  # keys and values
+        assert sum(".v" in line for line in after) >= 1, after  # q (and the step's own slot)
+        folder = tmp_path / str(groups)
+        folder.mkdir()
+        registers, spilled = sm90_registers("\n".join(lines), folder)
+        # 8 warps: 255 registers a thread and 16 bytes spilled (16 warps spilled 216 bytes at
+        # their 128 registers): keys and values are 128 of them
+        assert spilled <= 16 and registers * 32 * UNSPLIT_WARPS <= 65536, (groups, registers,
+                                                                         spilled)
+
+
 def test_launching_sets_and_restores():
     assert not pdl.enabled()
     with pdl.launching(True):

@@ -96,6 +96,7 @@ class EngineRunner:
                 "prefetch": self._prefetch_used(),
                 **self._attention_launch_used(used),
                 "combine_in_wo": self._combine_in_wo_used(used),
+                "attention_unsplit": self._unsplit_used(used),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
@@ -190,6 +191,16 @@ class EngineRunner:
         from infermeter.engine.kernels import combine_wo  # only here, as decode_attention
 
         return combine_wo.FOLD == "on"
+
+    def _unsplit_used(self, used: dict) -> bool | None:
+        """Whether the compiled step's split-KV decode attention ran unsplit where the cache
+        fits one program (kernels/decode_attention.py, UNSPLIT: an A/B's setting); None where
+        the compiled step ran no such kernel."""
+        if not (self.config.compile and "triton" in used):
+            return None
+        from infermeter.engine.kernels import decode_attention  # only here, as above
+
+        return decode_attention.UNSPLIT == "on"
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

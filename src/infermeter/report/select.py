@@ -223,7 +223,8 @@ def off_default_kernels(record: Record) -> bool:
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
     a decode attention launched other than both kernels under PDL or with other pipeline stages
     (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's), its
-    combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's), an A/B's
+    combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's) or run
+    unsplit (config.attention_unsplit; kernels/decode_attention.py, an A/B's), an A/B's
     baseline run of an older source tree (config.ab.baseline), the argmax over a row in
     a number of parts other than the default's (config.argmax_parts other than 0, the
     default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
@@ -244,6 +245,7 @@ def off_default_kernels(record: Record) -> bool:
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
+            or bool(cfg.get("attention_unsplit"))
             or bool(dig(cfg, "ab", "baseline"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))

@@ -66,6 +66,20 @@ ATTENTION_PDL = "both"
 # Triton's own (the default). An A/B's (--split-stages). It reaches only programs that loop over
 # blocks: one with a single block (ONE_BLOCK, batch 1 at short contexts) has no pipeline.
 SPLIT_STAGES = 0
+# How a step's attention runs where a row's whole cache fits one program (unsplit_fits): "off",
+# in splits with a combine kernel after (the default); "on", unsplit: one program a (sequence,
+# KV head) over every slot, loaded before the PDL wait as a one-block split's is, normalised in
+# place, so a layer has one launch and one wait fewer. Why it may pay: at batch 1 the combine is a
+# launch and a wait, not work (1.60 us a layer at Qwen2.5-0.5B on an H100, docs/engine.md); why
+# it may not: one SM then loads the row's every key and value. An A/B's setting, read when the
+# step is traced (benchmarks/step_kernels_ab.py --unsplit).
+UNSPLIT_WAYS = ("off", "on")
+UNSPLIT = "off"
+# The most cache elements (slots x head size, each of keys and values) one unsplit program holds:
+# 512 slots of a 64-wide head, 128 registers a thread of keys and values at UNSPLIT_WARPS (its
+# sm_90 build: 255 registers a thread, 16 bytes spilled; at 16 warps 128 and 216 bytes).
+UNSPLIT_ELEMENTS = 512 * 64
+UNSPLIT_WARPS = 8
 
 
 def kernel_usable(q: Tensor) -> bool:
@@ -81,6 +95,20 @@ def split_count(programs: int, slots: int, device: torch.device) -> int:
         if device.type == "cuda" else 132
     wanted = math.ceil(4 * sms / programs)
     return max(1, min(wanted, math.ceil(slots / BLOCK_N)))
+
+
+def unsplit_fits(slots: int, head_dim: int) -> bool:
+    """One program can hold a row's whole cache of `slots` slots (a power of two's block of
+    them) of a head_dim-wide head: the unsplit kernel's bound."""
+    return triton is not None and triton.next_power_of_2(slots) * head_dim <= UNSPLIT_ELEMENTS
+
+
+def unsplits(q: Tensor, k_cache: Tensor) -> bool:
+    """Whether a step's attention of q [B, H_kv, G, D] over k_cache [B, H_kv, S, D] runs
+    unsplit (UNSPLIT on, and it fits)."""
+    if UNSPLIT not in UNSPLIT_WAYS:
+        raise ValueError(f"unknown UNSPLIT {UNSPLIT!r}: one of {UNSPLIT_WAYS}")
+    return UNSPLIT == "on" and unsplit_fits(k_cache.shape[2], q.shape[-1])
 
 
 if triton is not None:
@@ -131,20 +159,20 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
-                        stride_qb, stride_qh, stride_qg,
-                        stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs,
-                        n_kv_heads, groups, slots, chunk, n_splits, window,
-                        SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                        BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
-                        ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
-        """Split `split` of row bh (= sequence * H_kv + KV head): the online softmax over its
-        chunk of slots, stored as its partial acc [G, D], m [G], l [G]. PDL: waits for the
-        kernel before (which wrote q and this step's slot) and releases the next; RELEASE
-        (launched plainly) releases it only.
+    def chunk_softmax(bh, start, Q, K, V, KEY_POS, POS,
+                      stride_qb, stride_qh, stride_qg,
+                      stride_kb, stride_kh, stride_ks,
+                      stride_vb, stride_vh, stride_vs,
+                      n_kv_heads, groups, slots, chunk, window,
+                      SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                      BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                      INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
+                      ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
+        """Row bh (= sequence * H_kv + KV head)'s online softmax over the `chunk` slots from
+        `start`: its running max m [G_PAD], sum l [G_PAD] and unnormalised output acc
+        [G_PAD, D], float32. PDL: waits for the kernel before (which wrote q and this step's
+        slot) and releases the next; RELEASE (launched plainly) releases it only.
         ONE_BLOCK (chunk <= BLOCK: a batch-1 step's usual case, one block a program): the block
         is loaded before the wait, with the position, and only the step's own slot is read
         again after it. Safe: the position is the step's input, set before its first kernel
@@ -157,7 +185,6 @@ if triton is not None:
         h = bh % n_kv_heads
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
-        start = split * chunk
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -197,6 +224,28 @@ if triton is not None:
                 m_i, l_i, acc = _online_step(q, k, v, held, inside, pos, window, m_i, l_i,
                                              acc, SCALE, HAS_WINDOW, PRECISION, SOFTCAP,
                                              INV_SOFTCAP, LIBDEVICE)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
+                        stride_qb, stride_qh, stride_qg,
+                        stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs,
+                        n_kv_heads, groups, slots, chunk, n_splits, window,
+                        SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
+                        ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
+        """Split `split` of row bh: chunk_softmax over its chunk, stored as its partial
+        acc [G, D], m [G], l [G]."""
+        m_i, l_i, acc = chunk_softmax(
+            bh, split * chunk, Q, K, V, KEY_POS, POS, stride_qb, stride_qh, stride_qg,
+            stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+            n_kv_heads, groups, slots, chunk, window, SCALE, G_PAD, D, BLOCK, IS_RING,
+            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
         row = bh * n_splits + split  # ACC [B*H_kv, n_splits, G, D], M/L [B*H_kv, n_splits, G]
         keep = g < groups
         tl.store(ACC + (row * groups + g[:, None]) * D + d[None, :], acc, mask=keep[:, None])
@@ -221,6 +270,39 @@ if triton is not None:
                         n_kv_heads, groups, slots, chunk, n_splits, window,
                         SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
                         INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE)
+
+    @triton.jit
+    def _unsplit_kernel(Q, K, V, KEY_POS, POS, OUT, SINKS,
+                        stride_qb, stride_qh, stride_qg,
+                        stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs,
+                        n_kv_heads, groups, slots, window,
+                        SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                        INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
+                        HAS_SINKS: tl.constexpr = False, PDL: tl.constexpr = False):
+        """Row bh = program 0 (sequence * H_kv + KV head) over all its slots in one block
+        (BLOCK >= slots, loaded before the PDL wait: chunk_softmax's ONE_BLOCK), normalised
+        as the combine normalises one split: acc * exp(m - top) divided once by
+        l * exp(m - top) (+ exp(sink - top)), top the larger of m and the sink; without sinks
+        the weight is exp(0) = 1, so the output is the two kernels' at one split, to the bit.
+        OUT [B, H_kv, G, D] in q's dtype."""
+        bh = tl.program_id(0)
+        m_i, l_i, acc = chunk_softmax(
+            bh, 0, Q, K, V, KEY_POS, POS, stride_qb, stride_qh, stride_qg,
+            stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+            n_kv_heads, groups, slots, slots, window, SCALE, G_PAD, D, BLOCK, IS_RING,
+            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, True, PDL, False)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        keep = g < groups
+        # the combine's weights over one split: [1, G_PAD] and [G_PAD]
+        weight, total = split_weights(m_i[None, :], l_i[None, :],
+                                      SINKS + (bh % n_kv_heads) * groups + g, keep, HAS_SINKS)
+        out = tl.math.div_rn(acc * tl.sum(weight, 0)[:, None], total[:, None])  # [G_PAD, D]
+        tl.store(OUT + (bh * groups + g[:, None]) * D + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=keep[:, None])
 
     @triton.jit
     def combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
@@ -290,14 +372,8 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                n_kv_heads, groups, slots, chunk, n_splits, window)
-    # A constant, not a runtime float: inductor types a Python float argument as fp64,
-    # which made the scores, and the loop-carried max, float64 (the first H100 run).
-    split = {"SCALE": head_dim ** -0.5, "G_PAD": max(16, triton.next_power_of_2(groups)),
-             "D": head_dim, "BLOCK": BLOCK_N, "IS_RING": is_ring, "HAS_WINDOW": window > 0,
-             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-             "SOFTCAP": float(softcap),
-             "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
-             "LIBDEVICE": compiled_for_gpu(q), "ONE_BLOCK": chunk <= BLOCK_N}
+    split = {"BLOCK": BLOCK_N, "ONE_BLOCK": chunk <= BLOCK_N,
+             **_softmax_constants(q, is_ring, window, softcap)}
     if split_stages:
         split["num_stages"] = split_stages
     if pdl and not early_split:  # ATTENTION_PDL "combine"
@@ -309,10 +385,46 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     return acc, m, l_sum
 
 
+def _unsplit_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
+                    query_pos: Tensor, window: int, is_ring: bool, softcap: float, pdl: bool,
+                    sinks: Tensor | None = None) -> Tensor:
+    """The unsplit kernel's launch: one program a (sequence, KV head), the output [B, H_kv, G,
+    D] in q's dtype. unsplit_fits(slots, head size) must hold."""
+    bsz, n_kv_heads, groups, head_dim = q.shape
+    slots = k_cache.shape[2]
+    out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
+    launch(_unsplit_kernel, (bsz * n_kv_heads,), pdl, q, k_cache, v_cache, key_pos, query_pos,
+           out, out if sinks is None else sinks,  # a placeholder pointer where there are none
+           q.stride(0), q.stride(1), q.stride(2),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           n_kv_heads, groups, slots, window, BLOCK=triton.next_power_of_2(slots),
+           HAS_SINKS=sinks is not None, num_warps=UNSPLIT_WARPS,
+           **_softmax_constants(q, is_ring, window, softcap))
+    return out
+
+
+def _softmax_constants(q: Tensor, is_ring: bool, window: int, softcap: float) -> dict:
+    """The constexprs the split and unsplit kernels share, for q [B, H_kv, G, D]."""
+    groups, head_dim = q.shape[2:]
+    # A constant, not a runtime float: inductor types a Python float argument as fp64,
+    # which made the scores, and the loop-carried max, float64 (the first H100 run).
+    return {"SCALE": head_dim ** -0.5, "G_PAD": max(16, triton.next_power_of_2(groups)),
+            "D": head_dim, "IS_RING": is_ring, "HAS_WINDOW": window > 0,
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "SOFTCAP": float(softcap),
+            "INV_SOFTCAP": float32_reciprocal(softcap) if softcap > 0 else 0.0,
+            "LIBDEVICE": compiled_for_gpu(q)}
+
+
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                      softcap: float, pdl: bool, sinks: Tensor | None = None,
                      early_split: bool = True, split_stages: int = 0) -> Tensor:
+    """n_splits 0: the unsplit kernel alone (no combine)."""
+    if n_splits == 0:
+        return _unsplit_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
+                               softcap, pdl, sinks)
     bsz, n_kv_heads, groups, head_dim = q.shape
     acc, m, l_sum = _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                     n_splits, softcap, pdl, early_split, split_stages)
@@ -332,7 +444,8 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     [B, H_kv, S, D], key_pos int64 [S], query_pos int64 [1]; window <= 0 means none;
     softcap > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2), 0 none;
     sinks [H_kv * G] (gpt-oss: query head h * G + g's logit in every softmax's denominator,
-    taken in float32) or None. Returns [B, H_kv, G, D] in q's dtype."""
+    taken in float32) or None; n_splits 0: unsplit, one program a row over its whole cache and
+    no combine kernel (unsplit_fits must hold). Returns [B, H_kv, G, D] in q's dtype."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                             n_splits, softcap, pdl=False, sinks=sinks)
 
@@ -399,8 +512,10 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
-    ATTENTION_PDL and SPLIT_STAGES say when the step is traced."""
+    ATTENTION_PDL, SPLIT_STAGES and UNSPLIT say when the step is traced (unsplit: n_splits 0)."""
     with_pdl, early = _launch_way()
+    if unsplits(q, k_cache):
+        n_splits = 0
     if with_pdl:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks, early, SPLIT_STAGES)
