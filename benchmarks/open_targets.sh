@@ -49,6 +49,10 @@
 #                        round, traced (step_kernels_ab.py --fold-combine; 8 cases of ~45 s; the
 #                        fold, early, lost at both on an H100 on 2026-12-06)
 #   part step-fold-1b    the same fold off and on at Llama-3.2-1B (2 cases)
+#   part step-unsplit    the fused step with its decode attention split (a combine kernel after)
+#                        and unsplit (one program a KV head over the whole 512-slot cache, no
+#                        combine; decode_attention.UNSPLIT), at 135M, 0.5B and 1B, the recorded
+#                        step, one round, traced (step_kernels_ab.py --unsplit; 6 cases)
 #   part step-argmax     the fused step with its argmax over a row in one reduction or in 64
 #                        parts (engine/sampling.py), at 135M and 0.5B, the recorded step, one
 #                        round (step_kernels_ab.py --argmax-parts; 4 cases of ~45 s)
@@ -92,8 +96,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -180,6 +184,10 @@ case "${1:-}" in
     python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
       --batch-size 8 32 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
       --output "$dest/step-batch-$slug.jsonl" ;;
+  step-unsplit)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --unsplit off on --trace "$dest/traces-step-unsplit" --results "$dest" \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-batch-argmax)
     python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --batch 8 \
       --argmax-parts 64 0 --results "$dest" --models llama-3.2-1b ;;
