@@ -248,3 +248,35 @@ def test_the_result_records_unsplit_and_the_report_sets_it_aside(monkeypatch, wa
                          ("fused", "math"): None}
     assert off_default_kernels(seed_record(1, attention_unsplit=way == "on")) == (way == "on")
     assert not off_default_kernels(seed_record(2))  # before the field: split
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_the_unsplit_kernel_is_the_math_paths_attention(dtype):
+    """The unsplit kernel (n_splits 0) on a GPU at SmolLM2-135M's, Qwen2.5-0.5B's and
+    Llama-3.2-1B's heads over a 512-slot cache, plainly and with PDL where it runs: within one
+    16-bit rounding of the float32 math attention, as the 8-split kernels are, at the
+    prompt's end, mid-way and the cache's last slot."""
+    from infermeter.engine.attention import decode_attention
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ways = (False, True) if pdl.supported(torch.device("cuda")) else (False,)
+    for kv_heads, groups in ((3, 3), (2, 7), (8, 4)):
+        q, k, v = (torch.randn(1, kv_heads, n, 64, device="cuda", generator=gen).to(dtype)
+                   for n in (groups, 512, 512))
+        key_pos = torch.arange(512, device="cuda")
+        for pos in (80, 300, 511):
+            at = torch.tensor([pos], device="cuda")
+            visible = (key_pos <= pos)[None, :].expand(groups, -1)
+            want = decode_attention(q.float(), k.float(), v.float(), visible)
+            for with_pdl in ways:
+                for splits in (0, 8):
+                    got = _split_kv_decode(q, k, v, key_pos, at, 0, False, splits, 0.0,
+                                           pdl=with_pdl).float()
+                    err = (got - want).abs().max().item()
+                    assert err <= 2 ** -7 * want.abs().max().item(), \
+                        (kv_heads, groups, pos, with_pdl, splits, err)
