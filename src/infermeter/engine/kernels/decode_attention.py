@@ -71,7 +71,9 @@ SPLIT_STAGES = 0
 # KV head) over every slot, loaded before the PDL wait as a one-block split's is, normalised in
 # place, so a layer has one launch and one wait fewer. Why it may pay: at batch 1 the combine is a
 # launch and a wait, not work (1.60 us a layer at Qwen2.5-0.5B on an H100, docs/engine.md); why
-# it may not: one SM then loads the row's every key and value. An A/B's setting, read when the
+# it may not: one SM then loads the row's every key and value. On an H100 the fused step took
+# 1.063x its time at SmolLM2-135M, 1.075x at Qwen2.5-0.5B and 0.992x at Llama-3.2-1B unsplit
+# (docs/engine.md, "The attention unsplit"), so it is off: an A/B's setting, read when the
 # step is traced (benchmarks/step_kernels_ab.py --unsplit).
 UNSPLIT_WAYS = ("off", "on")
 UNSPLIT = "off"
