@@ -67,7 +67,7 @@ def check_unsplit() -> None:
     it by exp(0) = 1 and divides once, as the unsplit kernel does), Gemma 2's cap too; a full
     layer never reads past the position."""
     gen = torch.Generator().manual_seed(6)
-    for slots in (2 * BLOCK_N + 5, BLOCK_N - 14):  # a block of 256, 123 slots off; one block
+    for slots in (BLOCK_N + 36, BLOCK_N - 14):  # a block of 128, 28 slots off; one block
         for n_kv_heads, groups in ((2, 4), (1, 8)):
             q = torch.randn(2, n_kv_heads, groups, 16, generator=gen)
             k, v = (torch.randn(2, n_kv_heads, slots, 16, generator=gen) for _ in range(2))
