@@ -33,17 +33,12 @@ def test_the_result_records_the_fold_and_the_report_sets_it_aside(monkeypatch, f
     representative."""
     from infermeter.engine.kernels import combine_wo
     from infermeter.report.select import off_default_kernels
-    from infermeter.specs.presets import PRESETS
     from tests.report_records import seed_record
-    from tests.test_fused_rope_record import batch_one_runner
+    from tests.test_fused_rope_record import recorded_under
 
     monkeypatch.setattr(combine_wo, "FOLD", fold)
-    described = {}
-    for kinds, attention in (("fused", "triton"), ("fused", "math"), ("split", "triton")):
-        runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
-        monkeypatch.setattr(runner.generator, "decode_attention_used",
-                            lambda *args, kind=attention: kind)
-        described[kinds, attention] = runner.describe()["combine_in_wo"]
+    described = recorded_under(monkeypatch, "combine_in_wo", (
+        ("fused", "triton"), ("fused", "math"), ("split", "triton")))
     assert described == {("fused", "triton"): fold == "on", ("fused", "math"): None,
                          ("split", "triton"): None}
     assert off_default_kernels(seed_record(1, combine_in_wo=fold == "on")) == (fold == "on")

@@ -235,15 +235,11 @@ def test_the_result_records_unsplit_and_the_report_sets_it_aside(monkeypatch, wa
     from infermeter.engine.kernels import decode_attention
     from infermeter.report.select import off_default_kernels
     from tests.report_records import seed_record
-    from tests.test_fused_rope_record import batch_one_runner
+    from tests.test_fused_rope_record import recorded_under
 
     monkeypatch.setattr(decode_attention, "UNSPLIT", way)
-    described = {}
-    for kinds, attention in (("fused", "triton"), ("split", "triton"), ("fused", "math")):
-        runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
-        monkeypatch.setattr(runner.generator, "decode_attention_used",
-                            lambda *args, kind=attention: kind)
-        described[kinds, attention] = runner.describe()["attention_unsplit"]
+    described = recorded_under(monkeypatch, "attention_unsplit", (
+        ("fused", "triton"), ("split", "triton"), ("fused", "math")))
     assert described == {("fused", "triton"): way == "on", ("split", "triton"): way == "on",
                          ("fused", "math"): None}
     assert off_default_kernels(seed_record(1, attention_unsplit=way == "on")) == (way == "on")

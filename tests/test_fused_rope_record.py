@@ -40,6 +40,19 @@ def batch_one_runner(monkeypatch, spec, kinds="fused") -> EngineRunner:
     return runner
 
 
+def recorded_under(monkeypatch, key: str,
+                   cases: tuple[tuple[str, str], ...]) -> dict[tuple[str, str], object]:
+    """config[key] of a compiled batch-1 debug case for each (step kernels, decode attention
+    that ran) in cases: what the Result records for each."""
+    described = {}
+    for kinds, attention in cases:
+        runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+        monkeypatch.setattr(runner.generator, "decode_attention_used",
+                            lambda *args, kind=attention: kind)
+        described[kinds, attention] = runner.describe()[key]
+    return described
+
+
 def _qk_norm_kernels(monkeypatch, spec, kinds="fused") -> int | None:
     return batch_one_runner(monkeypatch, spec, kinds).describe()["qk_norm_kernels"]
 

@@ -229,18 +229,20 @@ if triton is not None:
         return m_i, l_i, acc
 
     @triton.jit
-    def split_partials(bh, split, Q, K, V, KEY_POS, POS, ACC, M, L,
-                        stride_qb, stride_qh, stride_qg,
-                        stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs,
-                        n_kv_heads, groups, slots, chunk, n_splits, window,
-                        SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                        BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                        INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
-                        ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
-        """Split `split` of row bh: chunk_softmax over its chunk, stored as its partial
-        acc [G, D], m [G], l [G]."""
+    def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
+                         stride_qb, stride_qh, stride_qg,
+                         stride_kb, stride_kh, stride_ks,
+                         stride_vb, stride_vh, stride_vs,
+                         n_kv_heads, groups, slots, chunk, n_splits, window,
+                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
+                         ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
+                         RELEASE: tl.constexpr = False):
+        """Split program_id(1) of row bh = program_id(0): chunk_softmax over its chunk,
+        stored as its partial acc [G, D], m [G], l [G]."""
+        bh, split = tl.program_id(0), tl.program_id(1)
         m_i, l_i, acc = chunk_softmax(
             bh, split * chunk, Q, K, V, KEY_POS, POS, stride_qb, stride_qh, stride_qg,
             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -253,25 +255,6 @@ if triton is not None:
         tl.store(ACC + (row * groups + g[:, None]) * D + d[None, :], acc, mask=keep[:, None])
         tl.store(M + row * groups + g, m_i, mask=keep)
         tl.store(L + row * groups + g, l_i, mask=keep)
-
-    @triton.jit
-    def _split_kv_kernel(Q, K, V, KEY_POS, POS, ACC, M, L,
-                         stride_qb, stride_qh, stride_qg,
-                         stride_kb, stride_kh, stride_ks,
-                         stride_vb, stride_vh, stride_vs,
-                         n_kv_heads, groups, slots, chunk, n_splits, window,
-                         SCALE: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
-                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                         ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
-                         RELEASE: tl.constexpr = False):
-        split_partials(tl.program_id(0), tl.program_id(1), Q, K, V, KEY_POS, POS, ACC, M, L,
-                        stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs,
-                        n_kv_heads, groups, slots, chunk, n_splits, window,
-                        SCALE, G_PAD, D, BLOCK, IS_RING, HAS_WINDOW, PRECISION, SOFTCAP,
-                        INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE)
 
     @triton.jit
     def _unsplit_kernel(Q, K, V, KEY_POS, POS, OUT, SINKS,
