@@ -64,6 +64,10 @@
 #   part step-batch-argmax  Llama-3.2-1B bf16 at batch 8, the split step with its argmax in 64
 #                        parts and in one reduction, two rounds (step_kernels_ab.py --batch 8
 #                        --argmax-parts; batch 8 lost 2.9% against the source issue 27 was filed on)
+#   part step-batch-block  Llama-3.2-1B bf16 at batch 8, the split step with its one-block split
+#                        programs loading their blocks before the PDL wait (the default) and
+#                        after it, two rounds (step_kernels_ab.py --batch 8 --early-block; the
+#                        other suspect in batch 8's 2.9% against issue 27's source)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -96,8 +100,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -191,6 +195,9 @@ case "${1:-}" in
   step-batch-argmax)
     python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --batch 8 \
       --argmax-parts 64 0 --results "$dest" --models llama-3.2-1b ;;
+  step-batch-block)
+    python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --batch 8 \
+      --early-block on off --results "$dest" --models llama-3.2-1b ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do

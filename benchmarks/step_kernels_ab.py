@@ -44,7 +44,9 @@ runs once for each way the step's argmax reduces a row (sampling.ARGMAX_PARTS: N
 the default; 0, torch's in one reduction), labelled ".../argmax-parts-0" off the default.
 With --unsplit off on every kind runs once with the decode attention split over programs and
 a combine kernel after (the default) and once unsplit where a row's cache fits one program
-(decode_attention.UNSPLIT: no combine kernel), labelled ".../unsplit".
+(decode_attention.UNSPLIT: no combine kernel), labelled ".../unsplit"; with --early-block on
+off once with a one-block split program's block loaded before the PDL wait (the default) and
+once after it (decode_attention.EARLY_BLOCK), labelled ".../late-block".
 With --batch N the cases run N sequences instead of one, labelled ".../batch-N"; past one the
 step is split whatever --kernels asks (only batch 1 fuses), and issue 27's MBU targets, which
 are batch 1's, leave those Results out.
@@ -75,7 +77,11 @@ from sweep_common import (
 from infermeter.commands.common import positive_int
 from infermeter.engine.generator import STEP_GRAPHS
 from infermeter.engine.kernels.combine_wo import FOLD_WAYS
-from infermeter.engine.kernels.decode_attention import ATTENTION_PDL_WAYS, UNSPLIT_WAYS
+from infermeter.engine.kernels.decode_attention import (
+    ATTENTION_PDL_WAYS,
+    EARLY_BLOCK_WAYS,
+    UNSPLIT_WAYS,
+)
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
 from infermeter.generate.request import GenerateRequest, build_request
@@ -125,11 +131,13 @@ FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
 ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off its default
 BATCHED = "batch-"  # the label's mark of a batch past one
 UNSPLIT_MARK = "unsplit"  # the label's mark of decode_attention.UNSPLIT "on"
+LATE_BLOCK = "late-block"  # the label's mark of decode_attention.EARLY_BLOCK "off"
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
-          argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off") -> str:
+          argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
+          early_block: str = "on") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -137,14 +145,15 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
     its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
     attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
-    the default's (0: in one reduction), "/unsplit" where the attention ran unsplit."""
+    the default's (0: in one reduction), "/unsplit" where the attention ran unsplit,
+    "/late-block" where a one-block split program loaded its block after the wait."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              FOLDED if fold == "on" else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
-             UNSPLIT_MARK if unsplit == "on" else ""]
+             UNSPLIT_MARK if unsplit == "on" else "", LATE_BLOCK if early_block == "off" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -154,11 +163,12 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
               attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
               folds: tuple[str, ...] = ("off",),
               argmax_parts: tuple[int, ...] = (DEFAULT_ARGMAX_PARTS,), batch: int = 1,
-              unsplits: tuple[str, ...] = ("off",), baseline: bool = False,
+              unsplits: tuple[str, ...] = ("off",), early_blocks: tuple[str, ...] = ("on",),
+              baseline: bool = False,
               **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, at `batch`
-    sequences, every kind once for each of `argmax_parts` (sampling.ARGMAX_PARTS) and of
-    `unsplits` (decode_attention.UNSPLIT), the fused
+    sequences, every kind once for each of `argmax_parts` (sampling.ARGMAX_PARTS), of
+    `unsplits` (decode_attention.UNSPLIT) and of `early_blocks` (EARLY_BLOCK), the fused
     kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
     (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
     (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD) too, each set back after,
@@ -169,7 +179,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
 
     kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
             decode_attention.SPLIT_STAGES, combine_wo.FOLD, sampling.ARGMAX_PARTS,
-            decode_attention.UNSPLIT)
+            decode_attention.UNSPLIT, decode_attention.EARLY_BLOCK)
     fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages, folds,
                                         argmax_parts))
     try:
@@ -178,8 +188,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 for kind in kinds:
                     ways = fused_ways if kind == "fused" \
                         else [(*kept[:5], parts) for parts in argmax_parts]
-                    for (qk, distance, attention, stages, fold, parts), unsplit in \
-                            itertools.product(ways, unsplits):
+                    for (qk, distance, attention, stages, fold, parts), unsplit, block in \
+                            itertools.product(ways, unsplits, early_blocks):
                         qk_norm_rope.QK_NORM_KERNELS = qk
                         prefetch.set_distance(distance)
                         decode_attention.ATTENTION_PDL = attention
@@ -187,8 +197,9 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                         combine_wo.FOLD = fold
                         sampling.ARGMAX_PARTS = parts
                         decode_attention.UNSPLIT = unsplit
+                        decode_attention.EARLY_BLOCK = block
                         name = label(kind, way, qk, distance, attention, stages, fold, parts,
-                                     batch, unsplit)
+                                     batch, unsplit, block)
                         if trace:
                             overrides["trace_dir"] = str(make_trace_dir(
                                 Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -198,7 +209,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
         qk_norm_rope.QK_NORM_KERNELS = kept[0]
         prefetch.set_distance(kept[1])
         decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:4]
-        combine_wo.FOLD, sampling.ARGMAX_PARTS, decode_attention.UNSPLIT = kept[4:]
+        combine_wo.FOLD, sampling.ARGMAX_PARTS = kept[4:6]
+        decode_attention.UNSPLIT, decode_attention.EARLY_BLOCK = kept[6:]
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -231,7 +243,7 @@ def summary(results: list[Result]) -> str:
             # prefetching, the attention's other launches, other split stages, the fold, unsplit:
             # against not
             if last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
-                    or last in (FOLDED, UNSPLIT_MARK, *ATTENTION_MARKS.values()):
+                    or last in (FOLDED, UNSPLIT_MARK, LATE_BLOCK, *ATTENTION_MARKS.values()):
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -283,6 +295,10 @@ def arguments():
                         help="every kind once for each: the decode attention split over "
                         "programs with a combine kernel (off) or unsplit where a row's cache "
                         "fits one program (on) (default: off)")
+    parser.add_argument("--early-block", nargs="+", choices=EARLY_BLOCK_WAYS,
+                        default=[EARLY_BLOCK_WAYS[0]], help="every kind once for each: a "
+                        "one-block split program loads its block before the PDL wait (on) or "
+                        "after it (off) (default: on)")
     parser.add_argument("--fold-combine", nargs="+", choices=FOLD_WAYS, default=[FOLD_WAYS[0]],
                         help="the fused kind once for each: the decode attention's combine in "
                         "a kernel of its own (off) or in wo's (on) (default: off)")
@@ -298,7 +314,8 @@ def main() -> int:
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
                   split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
-                  unsplits=tuple(args.unsplit), baseline=args.baseline)
+                  unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
+                  baseline=args.baseline)
         return 0
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
@@ -311,7 +328,7 @@ def main() -> int:
                       "--split-stages", *map(str, args.split_stages),
                       "--fold-combine", *args.fold_combine,
                       "--argmax-parts", *map(str, args.argmax_parts),
-                      "--unsplit", *args.unsplit,
+                      "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)

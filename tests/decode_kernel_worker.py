@@ -104,6 +104,24 @@ def check_unsplit() -> None:
     assert torch.isfinite(got).all(), "unsplit: a slot after the position was read"
 
 
+def check_the_late_block_changes_no_bit() -> None:
+    """EARLY_BLOCK off (a one-block split program loads its block after the wait, as the loop
+    does): the same output to the bit, full and ring layouts, with a window."""
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 2, 4, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 2 * BLOCK_N + 5, 16, generator=gen) for _ in range(2))
+    ring_pos = torch.randperm(k.shape[2], generator=gen) - 3
+    ring_pos[70 % k.shape[2]] = 70
+    for key_pos, is_ring, window in ((torch.arange(k.shape[2]), False, 0),
+                                     (ring_pos, True, 9)):
+        args = (q, k, v, key_pos, torch.tensor([70]), window, is_ring, 3, 0.0)  # 45-slot chunks
+        early = _split_kv_decode(*args, pdl=False)
+        late = _split_kv_decode(*args, pdl=False, early_block=False)
+        assert torch.equal(early, late), f"ring {is_ring}: the late block changed the output"
+
+
 def check_half_precision() -> None:
     """float16 inputs (the GPU's case): fp16 out, within fp16 rounding of a float32 reference.
     (bfloat16 cannot be checked here: the interpreter's tl.dot mishandles it; the gpu test runs
@@ -301,6 +319,7 @@ def check_model_decode() -> None:
 if __name__ == "__main__":
     check_against_math()
     check_unsplit()
+    check_the_late_block_changes_no_bit()
     check_half_precision()
     check_swiglu_kernel()
     check_full_layer_never_reads_past_the_position()

@@ -289,7 +289,8 @@ def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked
 def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     """--unsplit off on (decode_attention.UNSPLIT) reaches every kind, split too (both steps
     run the split-KV attention), after each argmax way, "off" under the usual label; the
-    module's value comes back after; the summary sets one against the other."""
+    module's value comes back after; the summary sets one against the other. --early-block
+    on off (EARLY_BLOCK) likewise, "off" labelled ".../late-block"."""
     from infermeter.engine.kernels import decode_attention
     from tests.benchmark_scripts import load_benchmark
 
@@ -307,11 +308,24 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     results = [_ab_result("qwen2.5-0.5b", "kernels", kind, 0, 50.0)
                for kind in ("fused/recorded", "fused/recorded/unsplit")]
     assert "qwen2.5-0.5b: fused/recorded/unsplit / fused/recorded:" in script.summary(results)
+    seen.clear()
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, decode_attention.EARLY_BLOCK)))
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split",), device="cpu",
+                     batch=8, early_blocks=("on", "off"))
+    assert seen == [("split/batch-8", "on"), ("split/batch-8/late-block", "off")]
+    assert decode_attention.EARLY_BLOCK == "on"
+    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0, batch=8)
+               for kind in ("split/batch-8", "split/batch-8/late-block")]
+    assert "llama-3.2-1b: split/batch-8/late-block / split/batch-8:" in script.summary(results)
     parser = script.arguments()
     assert parser.parse_args(["--unsplit", "on", "off"]).unsplit == ["on", "off"]
     assert parser.parse_args([]).unsplit == ["off"]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--unsplit", "maybe"])
+    assert parser.parse_args(["--early-block", "off", "on"]).early_block == ["off", "on"]
+    assert parser.parse_args([]).early_block == ["on"]
+    for bad in (["--unsplit", "maybe"], ["--early-block", "late"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
 
 
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():

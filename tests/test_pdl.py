@@ -131,31 +131,39 @@ def test_without_pdl_the_ops_launch_as_before(monkeypatch):
 
 
 @pytest.mark.parametrize("way", ["both", "combine", "none"])
-def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way):
-    """decode_attention.ATTENTION_PDL (an A/B's switch, benchmarks/step_kernels_ab.py
-    --attention-pdl) with PDL on for the step: "both" (the default) and "combine" take the PDL
-    op, the split kernel early in the first only, with SPLIT_STAGES passed on; "none" the
-    plain op. With PDL off, the plain op whatever the way; a way there is not is an error."""
+@pytest.mark.parametrize("block", ["on", "off"])
+def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
+    """decode_attention.ATTENTION_PDL and EARLY_BLOCK (A/B switches, benchmarks/
+    step_kernels_ab.py --attention-pdl, --early-block) with PDL on for the step: "both" (the
+    default) and "combine" take the PDL op, the split kernel early in the first only, with
+    SPLIT_STAGES and EARLY_BLOCK passed on; "none" the plain op. With PDL off, the plain op
+    whatever the way; a way there is not is an error."""
     from infermeter.engine.kernels import decode_attention
 
-    assert (decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES) == ("both", 0)
+    assert (decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES,
+            decode_attention.EARLY_BLOCK) == ("both", 0, "on")
     calls = []
     for name in ("split_kv_decode", "split_kv_decode_pdl"):
         monkeypatch.setattr(decode_attention, name,
                             lambda *args, name=name: calls.append((name, args[10:])))
     monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", 2)
+    monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
     args = (None,) * 5 + (0, False, 1)
     with pdl.launching(True):
         decode_attention.decode_attention_kernel(*args)
     decode_attention.decode_attention_kernel(*args)
-    wanted = {"both": ("split_kv_decode_pdl", (True, 2)),
-              "combine": ("split_kv_decode_pdl", (False, 2)),
+    early_block = block == "on"
+    wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block)),
+              "combine": ("split_kv_decode_pdl", (False, 2, early_block)),
               "none": ("split_kv_decode", ())}[way]
     assert calls == [wanted, ("split_kv_decode", ())]
-    monkeypatch.setattr(decode_attention, "ATTENTION_PDL", "first")
-    with pytest.raises(ValueError, match="ATTENTION_PDL"):
-        decode_attention.decode_attention_kernel(*args)
+    for name, value in (("ATTENTION_PDL", "first"), ("EARLY_BLOCK", "late")):
+        monkeypatch.setattr(decode_attention, name, value)
+        with pytest.raises(ValueError, match=name):
+            decode_attention.decode_attention_kernel(*args)
+        monkeypatch.setattr(decode_attention, name, {"ATTENTION_PDL": way,
+                                                     "EARLY_BLOCK": block}[name])
 
 
 @needs_triton
@@ -196,8 +204,8 @@ def test_a_one_block_split_kernel_loads_its_block_before_the_wait(monkeypatch):
     """A program with one cache block (chunk <= BLOCK_N: 512 slots in 8 splits, a batch-1
     step's usual case) loads the position and its block's keys, values and slot positions
     before the PDL wait, and q and the step's own slot (the kernel before wrote them) after
-    it; it has no loop, so no pipeline's shared memory. More slots a program: the loop, every
-    load after the wait."""
+    it; it has no loop, so no pipeline's shared memory. More slots a program, or the block
+    asked late (early_block off, EARLY_BLOCK): the loop, every load after the wait."""
     from infermeter.engine.kernels.decode_attention import _split_kv_decode
 
     q = torch.zeros(1, 3, 3, 64, dtype=torch.float16)
@@ -212,6 +220,11 @@ def test_a_one_block_split_kernel_loads_its_block_before_the_wait(monkeypatch):
         loads[splits] = ([line for line in lines[:wait] if "ld.global" in line],
                          [line for line in lines[wait:] if "ld.global" in line])
         shared[splits] = sm90_lines(kernel, args, kwargs)[0].shared
+    (kernel, args, kwargs), _ = pdl_launches(monkeypatch, lambda: _split_kv_decode(
+        q, cache, cache, pos, pos[:1], 0, False, 8, 0.0, pdl=True, early_block=False))
+    assert kwargs["ONE_BLOCK"] is False  # EARLY_BLOCK "off": the loop's one block, after it
+    lines, wait = pdl_ptx((kernel, args, kwargs), "split, 8 splits, the block late")
+    assert [line for line in lines[:wait] if "ld.global" in line] == []
     before, after = loads[8]
     # the position (b64), the keys' and values' block (16-byte vectors), the slots' positions
     assert any(".b64" in line and ".v" not in line for line in before)
@@ -359,13 +372,15 @@ def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
 
 
-@pytest.mark.parametrize("way, stages", [("both", 0), ("combine", 1), ("none", 1)])
+@pytest.mark.parametrize("way, stages, block", [("both", 0, "on"), ("combine", 1, "on"),
+                                               ("none", 1, "on"), ("both", 0, "off")])
 def test_the_result_records_the_attentions_launch_and_the_report_sets_others_aside(
-        monkeypatch, way, stages):
-    """config.attention_pdl and config.split_stages: what the compiled step's split-KV attention
-    ran under PDL (split_stages only where a kernel launched with it), None where it ran no
-    such kernel under PDL; the report takes a Result of any way but the default as a
-    comparison, never the column's representative, and one from before the fields as default."""
+        monkeypatch, way, stages, block):
+    """config.attention_pdl, config.split_stages and config.early_block: what the compiled
+    step's split-KV attention ran under PDL (the last two only where a kernel launched with
+    it), None where it ran no such kernel under PDL; the report takes a Result of any way but
+    the default as a comparison, never the column's representative, and one from before the
+    fields as default."""
     from infermeter.engine.kernels import decode_attention
     from infermeter.report.select import off_default_kernels
     from infermeter.specs.presets import PRESETS
@@ -374,14 +389,20 @@ def test_the_result_records_the_attentions_launch_and_the_report_sets_others_asi
 
     monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", stages)
+    monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
     runner = batch_one_runner(monkeypatch, PRESETS["debug"])
     monkeypatch.setattr(runner.generator, "decode_attention_used", lambda *args: "triton")
     described = {}
     for pdl_on in (True, False):
         runner.generator.pdl = pdl_on
         config = runner.describe()
-        described[pdl_on] = (config["attention_pdl"], config["split_stages"])
-    assert described == {True: (way, None if way == "none" else stages), False: (None, None)}
-    record = seed_record(1, attention_pdl=way, split_stages=described[True][1])
-    assert off_default_kernels(record) == (way != "both" or stages != 0)
+        described[pdl_on] = (config["attention_pdl"], config["split_stages"],
+                             config["early_block"])
+    launched = way != "none"
+    assert described == {True: (way, stages if launched else None,
+                                block == "on" if launched else None),
+                         False: (None, None, None)}
+    record = seed_record(1, attention_pdl=way, split_stages=described[True][1],
+                         early_block=described[True][2])
+    assert off_default_kernels(record) == (way != "both" or stages != 0 or block == "off")
     assert not off_default_kernels(seed_record(2))  # before the fields: the default

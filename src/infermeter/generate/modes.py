@@ -170,17 +170,21 @@ class EngineRunner:
 
     def _attention_launch_used(self, used: dict) -> dict[str, Any]:
         """How the split-KV decode attention's kernels launched under PDL (kernels/
-        decode_attention.py): attention_pdl "both" (the default), "combine" or "none", and
-        split_stages, its split kernel's num_stages under PDL (0: Triton's own); None where
-        the compiled step ran no such kernel under PDL (eager, PDL off, another attention)."""
+        decode_attention.py): attention_pdl "both" (the default), "combine" or "none";
+        split_stages, its split kernel's num_stages under PDL (0: Triton's own); early_block,
+        whether a one-block split program loaded its block before the wait (EARLY_BLOCK);
+        None where the compiled step ran no such kernel under PDL (eager, PDL off, another
+        attention)."""
         if not (self.config.compile and self.generator.pdl and "triton" in used):
-            return {"attention_pdl": None, "split_stages": None}
+            return {"attention_pdl": None, "split_stages": None, "early_block": None}
         # only here: the kernels' module defines triton ops, which an eager run never imports
         from infermeter.engine.kernels import decode_attention
 
         way = decode_attention.ATTENTION_PDL
+        launched = way != "none"
         return {"attention_pdl": way,
-                "split_stages": None if way == "none" else decode_attention.SPLIT_STAGES}
+                "split_stages": decode_attention.SPLIT_STAGES if launched else None,
+                "early_block": decode_attention.EARLY_BLOCK == "on" if launched else None}
 
     def _combine_in_wo_used(self, used: dict) -> bool | None:
         """Whether the fused step's wo kernel combined the split-KV attention's partials itself

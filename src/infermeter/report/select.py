@@ -221,8 +221,9 @@ def off_default_kernels(record: Record) -> bool:
     default, a step's kernels asked for by name rather than left to "auto"
     (config.step_choice; before it was recorded: other than split), a step whose kernels
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
-    a decode attention launched other than both kernels under PDL or with other pipeline stages
-    (config.attention_pdl, config.split_stages; kernels/decode_attention.py, an A/B's), its
+    a decode attention launched other than both kernels under PDL, with other pipeline stages
+    or with a one-block program's block loaded after the wait (config.attention_pdl,
+    config.split_stages, config.early_block false; kernels/decode_attention.py, an A/B's), its
     combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's) or run
     unsplit (config.attention_unsplit; kernels/decode_attention.py, an A/B's), an A/B's
     baseline run of an older source tree (config.ab.baseline), the argmax over a row in
@@ -245,7 +246,7 @@ def off_default_kernels(record: Record) -> bool:
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
-            or bool(cfg.get("attention_unsplit"))
+            or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
             or bool(dig(cfg, "ab", "baseline"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))

@@ -77,6 +77,14 @@ SPLIT_STAGES = 0
 # step is traced (benchmarks/step_kernels_ab.py --unsplit).
 UNSPLIT_WAYS = ("off", "on")
 UNSPLIT = "off"
+# Whether a one-block split program (ONE_BLOCK: a chunk of at most BLOCK_N slots) loads its
+# block before the PDL wait ("on", the default since 2026-12-06) or after it, as a program of
+# several blocks does ("off"). An A/B's setting, read when the step is traced
+# (benchmarks/step_kernels_ab.py --early-block): the suspect in batch 8's loss at
+# Llama-3.2-1B, whose 512 split programs would wait holding their blocks (docs/engine.md,
+# "Batch 8 and 32 at Llama-3.2-1B"). Either way the program computes the same values.
+EARLY_BLOCK_WAYS = ("on", "off")
+EARLY_BLOCK = "on"
 # The most cache elements (slots x head size, each of keys and values) one unsplit program holds:
 # 512 slots of a 64-wide head, 128 registers a thread of keys and values at UNSPLIT_WARPS (its
 # sm_90 build: 255 registers a thread, 16 bytes spilled; at 16 warps 128 and 216 bytes).
@@ -343,9 +351,11 @@ if triton is not None:
 def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                     softcap: float, pdl: bool, early_split: bool = True,
-                    split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                    split_stages: int = 0, early_block: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The split kernel's launch: its partials acc [B * H_kv, n_splits, G, D], m and l
-    [B * H_kv, n_splits, G], all float32."""
+    [B * H_kv, n_splits, G], all float32; a one-block program's block loaded before the PDL
+    wait only with early_block (EARLY_BLOCK)."""
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -357,7 +367,7 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                n_kv_heads, groups, slots, chunk, n_splits, window)
-    split = {"BLOCK": BLOCK_N, "ONE_BLOCK": chunk <= BLOCK_N,
+    split = {"BLOCK": BLOCK_N, "ONE_BLOCK": chunk <= BLOCK_N and early_block,
              **_softmax_constants(q, is_ring, window, softcap)}
     if split_stages:
         split["num_stages"] = split_stages
@@ -405,14 +415,16 @@ def _softmax_constants(q: Tensor, is_ring: bool, window: int, softcap: float) ->
 def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                      softcap: float, pdl: bool, sinks: Tensor | None = None,
-                     early_split: bool = True, split_stages: int = 0) -> Tensor:
+                     early_split: bool = True, split_stages: int = 0,
+                     early_block: bool = True) -> Tensor:
     """n_splits 0: the unsplit kernel alone (no combine)."""
     if n_splits == 0:
         return _unsplit_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                softcap, pdl, sinks)
     bsz, n_kv_heads, groups, head_dim = q.shape
     acc, m, l_sum = _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                    n_splits, softcap, pdl, early_split, split_stages)
+                                    n_splits, softcap, pdl, early_split, split_stages,
+                                    early_block)
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
     launch(_combine_kernel, (bsz * n_kv_heads * groups,), pdl,
@@ -439,19 +451,22 @@ def split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
 def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                         softcap: float = 0.0, sinks: Tensor | None = None,
-                        early_split: bool = True, split_stages: int = 0) -> Tensor:
+                        early_split: bool = True, split_stages: int = 0,
+                        early_block: bool = True) -> Tensor:
     """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
     without early_split the split kernel is launched plainly and only releases the combine
-    early (ATTENTION_PDL "combine"); split_stages > 0 sets its num_stages (SPLIT_STAGES)."""
+    early (ATTENTION_PDL "combine"); split_stages > 0 sets its num_stages (SPLIT_STAGES);
+    without early_block a one-block program loads its block after the wait (EARLY_BLOCK)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                             n_splits, softcap, pdl=True, sinks=sinks, early_split=early_split,
-                            split_stages=split_stages)
+                            split_stages=split_stages, early_block=early_block)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
       window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
-      sinks: Tensor | None = None, early_split: bool = True, split_stages: int = 0) -> Tensor:
+      sinks: Tensor | None = None, early_split: bool = True, split_stages: int = 0,
+      early_block: bool = True) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -469,27 +484,33 @@ def split_kv_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tens
 def split_kv_partials_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                           query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                           softcap: float = 0.0, early_split: bool = True,
-                          split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """split_kv_partials launched with PDL (early_split, split_stages: split_kv_decode_pdl's)."""
+                          split_stages: int = 0,
+                          early_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """split_kv_partials launched with PDL (early_split, split_stages, early_block:
+    split_kv_decode_pdl's)."""
     return _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
-                           softcap, pdl=True, early_split=early_split, split_stages=split_stages)
+                           softcap, pdl=True, early_split=early_split, split_stages=split_stages,
+                           early_block=early_block)
 
 
 @split_kv_partials_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
       window: int, is_ring: bool, n_splits: int, softcap: float = 0.0, early_split: bool = True,
-      split_stages: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+      split_stages: int = 0, early_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     bsz, n_kv_heads, groups, head_dim = q.shape
     m = q.new_empty(bsz * n_kv_heads, n_splits, groups, dtype=torch.float32)
     return m.new_empty(*m.shape, head_dim), m, torch.empty_like(m)
 
 
-def _launch_way() -> tuple[bool, bool]:
-    """(PDL, the split kernel early) for the compiled step, as pdl.enabled() and ATTENTION_PDL
-    say."""
+def _launch_way() -> tuple[bool, bool, bool]:
+    """(PDL, the split kernel early, a one-block program's block before the wait) for the
+    compiled step, as pdl.enabled(), ATTENTION_PDL and EARLY_BLOCK say."""
     if ATTENTION_PDL not in ATTENTION_PDL_WAYS:
         raise ValueError(f"unknown ATTENTION_PDL {ATTENTION_PDL!r}: one of {ATTENTION_PDL_WAYS}")
-    return pdl.enabled() and ATTENTION_PDL != "none", ATTENTION_PDL == "both"
+    if EARLY_BLOCK not in EARLY_BLOCK_WAYS:
+        raise ValueError(f"unknown EARLY_BLOCK {EARLY_BLOCK!r}: one of {EARLY_BLOCK_WAYS}")
+    return (pdl.enabled() and ATTENTION_PDL != "none", ATTENTION_PDL == "both",
+            EARLY_BLOCK == "on")
 
 
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
@@ -497,13 +518,14 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
-    ATTENTION_PDL, SPLIT_STAGES and UNSPLIT say when the step is traced (unsplit: n_splits 0)."""
-    with_pdl, early = _launch_way()
+    ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK and UNSPLIT say when the step is traced (unsplit:
+    n_splits 0)."""
+    with_pdl, early, early_block = _launch_way()
     if unsplits(q, k_cache):
         n_splits = 0
     if with_pdl:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, softcap, sinks, early, SPLIT_STAGES)
+                                   n_splits, softcap, sinks, early, SPLIT_STAGES, early_block)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)
 
@@ -513,9 +535,9 @@ def decode_attention_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_p
                               softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """split_kv_partials as the compiled step calls it (decode_attention_kernel's launch
     rules)."""
-    with_pdl, early = _launch_way()
+    with_pdl, early, early_block = _launch_way()
     if with_pdl:
         return split_kv_partials_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                     n_splits, softcap, early, SPLIT_STAGES)
+                                     n_splits, softcap, early, SPLIT_STAGES, early_block)
     return split_kv_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                              n_splits, softcap)
