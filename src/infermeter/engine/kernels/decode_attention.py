@@ -35,7 +35,10 @@ A one-launch variant, the last split program of each row combining it (an atomic
 tried and removed on 2026-12-06: on an H100 it ran 3-8% slower than the two kernels at
 SmolLM2-135M and Llama-3.2-1B (docs/engine.md, "Split-KV decode attention").
 The combine folded into wo's kernel instead (combine_wo.py, split_kv_partials here) is an A/B's
-setting, off: it lost on an H100 (docs/engine.md, "Fewer round trips a kernel").
+setting, off: it lost on an H100 (docs/engine.md, "Fewer round trips a kernel"). So is the
+attention unsplit (n_splits 0, UNSPLIT: grid B * H_kv, one program over a row's whole cache,
+normalised in place, no combine kernel), off: it lost below 1B on an H100 (docs/engine.md,
+"The attention unsplit").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
