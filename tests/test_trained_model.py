@@ -109,8 +109,9 @@ def test_greedy_tokens_and_chat_ids_are_transformers(smollm2) -> None:
 
 def test_compiled_decode_gives_the_eager_tokens_and_the_chat_answer_is_printed(
         smollm2, tmp_path, capsys) -> None:
-    """Both compile the same 30-layer decode step (the CLI's default mode is compiled): in one
-    process the second compile reuses the first one's graphs instead of building them again."""
+    """The compiled decode step of the 30-layer model gives eager's greedy tokens; then the
+    CLI, in its default mode on a CPU (eager), answers the chat question and stops at the
+    template's end of turn."""
     path, model, tok = smollm2
     prompt = encode_dialog(tok, QUESTION)
     assert _greedy(model, prompt, 8, compile=True) == _greedy(model, prompt, 8)
