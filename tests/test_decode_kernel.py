@@ -230,8 +230,9 @@ def test_unsplit_takes_a_cache_one_program_holds(monkeypatch):
 @pytest.mark.parametrize("way", ["off", "on"])
 def test_the_result_records_unsplit_and_the_report_sets_it_aside(monkeypatch, way):
     """config.attention_unsplit: UNSPLIT wherever the compiled step ran the split-KV kernel
-    (fused or split step), None where it ran another attention; the report takes an unsplit
-    Result as a comparison, never a column's representative."""
+    (fused or split step) over a cache one program holds, false over one it does not, None
+    where it ran another attention; the report takes an unsplit Result as a comparison, never
+    a column's representative."""
     from infermeter.engine.kernels import decode_attention
     from infermeter.report.select import off_default_kernels
     from tests.report_records import seed_record
@@ -244,6 +245,10 @@ def test_the_result_records_unsplit_and_the_report_sets_it_aside(monkeypatch, wa
                          ("fused", "math"): None}
     assert off_default_kernels(seed_record(1, attention_unsplit=way == "on")) == (way == "on")
     assert not off_default_kernels(seed_record(2))  # before the field: split
+    # a cache no program holds: the kernel ran split whatever UNSPLIT says
+    monkeypatch.setattr(decode_attention, "UNSPLIT_ELEMENTS", 1)
+    assert recorded_under(monkeypatch, "attention_unsplit", (("fused", "triton"),)) == {
+        ("fused", "triton"): False}
 
 
 @pytest.mark.gpu

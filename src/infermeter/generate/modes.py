@@ -197,14 +197,19 @@ class EngineRunner:
         return combine_wo.FOLD == "on"
 
     def _unsplit_used(self, used: dict) -> bool | None:
-        """Whether the compiled step's split-KV decode attention ran unsplit where the cache
-        fits one program (kernels/decode_attention.py, UNSPLIT: an A/B's setting); None where
-        the compiled step ran no such kernel."""
+        """Whether the compiled step's split-KV decode attention ran unsplit (kernels/
+        decode_attention.py, UNSPLIT: an A/B's setting): on, and some layer's cache (the case's
+        length, a windowed layer's at most its window) fits one program; None where the
+        compiled step ran no such kernel."""
         if not (self.config.compile and "triton" in used):
             return None
         from infermeter.engine.kernels import decode_attention  # only here, as above
 
-        return decode_attention.UNSPLIT == "on"
+        spec = self.generator.model.spec
+        slots = self.generator.max_seq_len or spec.max_seq_len
+        layer_slots = {min(slots, spec.layer_window(i) or slots) for i in range(spec.n_layers)}
+        return decode_attention.UNSPLIT == "on" and any(
+            decode_attention.unsplit_fits(n, spec.head_dim) for n in layer_slots)
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes
