@@ -366,10 +366,8 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     acc = torch.empty(rows, n_splits, groups, head_dim, device=q.device, dtype=torch.float32)
     m = torch.empty(rows, n_splits, groups, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    strides = (q.stride(0), q.stride(1), q.stride(2),
-               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-               n_kv_heads, groups, slots, chunk, n_splits, window)
+    strides = (*_strides(q, k_cache, v_cache), n_kv_heads, groups, slots, chunk, n_splits,
+               window)
     split = {"BLOCK": BLOCK_N, "ONE_BLOCK": chunk <= BLOCK_N and early_block,
              **_softmax_constants(q, is_ring, window, softcap)}
     if split_stages:
@@ -393,13 +391,16 @@ def _unsplit_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     launch(_unsplit_kernel, (bsz * n_kv_heads,), pdl, q, k_cache, v_cache, key_pos, query_pos,
            out, out if sinks is None else sinks,  # a placeholder pointer where there are none
-           q.stride(0), q.stride(1), q.stride(2),
-           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           n_kv_heads, groups, slots, window, BLOCK=triton.next_power_of_2(slots),
-           HAS_SINKS=sinks is not None, num_warps=UNSPLIT_WARPS,
-           **_softmax_constants(q, is_ring, window, softcap))
+           *_strides(q, k_cache, v_cache), n_kv_heads, groups, slots, window,
+           BLOCK=triton.next_power_of_2(slots), HAS_SINKS=sinks is not None,
+           num_warps=UNSPLIT_WARPS, **_softmax_constants(q, is_ring, window, softcap))
     return out
+
+
+def _strides(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[int, ...]:
+    """The split and unsplit kernels' stride arguments: q's, the keys' and the values' over
+    their first three dims (a head's D values are contiguous)."""
+    return (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
 
 
 def _softmax_constants(q: Tensor, is_ring: bool, window: int, softcap: float) -> dict:
