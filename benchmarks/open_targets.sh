@@ -82,6 +82,10 @@
 #                        SwiGLU, w2 + add), Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2-135M at batch 1,
 #                        beside the split GEMV, CUDA-graph timed (benchmarks/fused_tiles.py; about
 #                        280 tilings; 141 s on an H100 on 2026-12-06)
+#   part step-tiles      the fused-tiles part, then the fused step in the recorded graph with the
+#                        table's tiles (the GEMV's where it has no entry for the GPU) against the
+#                        entry those bests suggest, at the same three models, one round
+#                        (step_kernels_ab.py --fused-tiles table file; about 141 s and 6 cases)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
@@ -100,8 +104,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -219,6 +223,11 @@ case "${1:-}" in
     # writes results/ and $OUT/ itself, after each model
     python3 benchmarks/fused_tiles.py --grid quick \
       --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
+  step-tiles)
+    python3 benchmarks/fused_tiles.py --grid quick --models llama-3.2-1b qwen2.5-0.5b smollm2-135m
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --fused-tiles table file --tiles-file "results/fused-tiles-quick-$slug.json" \
+      --results "$dest" --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
   offload-reload)
     bash benchmarks/offload_targets.sh reload "$dest" ;;
   offload-traffic)

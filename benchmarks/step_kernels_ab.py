@@ -60,6 +60,7 @@ import itertools
 import time
 from pathlib import Path
 
+import torch
 from sweep_common import (
     ab_arguments,
     ab_file,
@@ -73,6 +74,7 @@ from sweep_common import (
     run_tpots,
     write_summary,
 )
+from tile_grid import table_from_json  # benchmarks/ beside this script
 
 from infermeter.commands.common import positive_int
 from infermeter.engine.generator import STEP_GRAPHS
@@ -82,10 +84,13 @@ from infermeter.engine.kernels.decode_attention import (
     EARLY_BLOCK_WAYS,
     UNSPLIT_WAYS,
 )
+from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
+from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
+from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest, build_request
-from infermeter.measure.result import Result
+from infermeter.measure.result import Result, read_results
 from infermeter.measure.trace import make_trace_dir
 from infermeter.textable import render_table
 
@@ -132,12 +137,14 @@ ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off
 BATCHED = "batch-"  # the label's mark of a batch past one
 UNSPLIT_MARK = "unsplit"  # the label's mark of decode_attention.UNSPLIT "on"
 LATE_BLOCK = "late-block"  # the label's mark of decode_attention.EARLY_BLOCK "off"
+# the label's marks of fused_step.TILES_FROM off the table
+TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
-          early_block: str = "on") -> str:
+          early_block: str = "on", tiles: str = "table") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -146,71 +153,96 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
     attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
     the default's (0: in one reduction), "/unsplit" where the attention ran unsplit,
-    "/late-block" where a one-block split program loaded its block after the wait."""
+    "/late-block" where a one-block split program loaded its block after the wait,
+    TILE_MARKS' mark where the fused kernels took their tiles from other than the table."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              FOLDED if fold == "on" else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
-             UNSPLIT_MARK if unsplit == "on" else "", LATE_BLOCK if early_block == "off" else ""]
+             UNSPLIT_MARK if unsplit == "on" else "", LATE_BLOCK if early_block == "off" else "",
+             TILE_MARKS[tiles]]
     return "/".join([name, *filter(None, marks)])
+
+
+def _settings() -> list[tuple[str, object, str, bool]]:
+    """What run_model varies, in the order its cases nest: (its keyword, the module and the
+    attribute the keyword's values set, whether every kind takes them or the fused one only)."""
+    from infermeter.engine import sampling
+    from infermeter.engine.kernels import (
+        combine_wo,
+        decode_attention,
+        fused_step,
+        prefetch,
+        qk_norm_rope,
+    )
+
+    return [("qk_ways", qk_norm_rope, "QK_NORM_KERNELS", False),
+            ("distances", prefetch, "DISTANCE", False),
+            ("attention_pdl", decode_attention, "ATTENTION_PDL", False),
+            ("split_stages", decode_attention, "SPLIT_STAGES", False),
+            ("folds", combine_wo, "FOLD", False),
+            ("tiles", fused_step, "TILES_FROM", False),
+            ("argmax_parts", sampling, "ARGMAX_PARTS", True),
+            ("unsplits", decode_attention, "UNSPLIT", True),
+            ("early_blocks", decode_attention, "EARLY_BLOCK", True)]
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
-              qk_ways: tuple[int, ...] = (2,), distances: tuple[int, ...] = (0,),
-              attention_pdl: tuple[str, ...] = ("both",), split_stages: tuple[int, ...] = (0,),
-              folds: tuple[str, ...] = ("off",),
-              argmax_parts: tuple[int, ...] = (DEFAULT_ARGMAX_PARTS,), batch: int = 1,
-              unsplits: tuple[str, ...] = ("off",), early_blocks: tuple[str, ...] = ("on",),
-              baseline: bool = False,
+              batch: int = 1, baseline: bool = False, tiles_file: str | None = None,
               **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, at `batch`
-    sequences, every kind once for each of `argmax_parts` (sampling.ARGMAX_PARTS), of
-    `unsplits` (decode_attention.UNSPLIT) and of `early_blocks` (EARLY_BLOCK), the fused
-    kind once for each of `qk_ways` (qk_norm_rope.QK_NORM_KERNELS), `distances`
-    (prefetch.DISTANCE), `attention_pdl` (decode_attention.ATTENTION_PDL), `split_stages`
-    (decode_attention.SPLIT_STAGES) and `folds` (combine_wo.FOLD) too, each set back after,
-    each Result appended to `path` once done (marked an older tree's with `baseline`); with
+    sequences, once for each combination of the values asked of _settings()' keywords in
+    `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
+    attention_pdl and split_stages: decode_attention's; folds: combine_wo.FOLD; tiles:
+    fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; argmax_parts:
+    sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
+    EARLY_BLOCK), a fused-only setting at the module's own value for split; each set back
+    after. The other overrides go to the request (device, dtype, ... for the CPU check). Each
+    Result is appended to `path` once done (marked an older tree's with `baseline`); with
     `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
-    from infermeter.engine import sampling
-    from infermeter.engine.kernels import combine_wo, decode_attention, prefetch, qk_norm_rope
+    from infermeter.engine.kernels import fused_step
 
-    kept = (qk_norm_rope.QK_NORM_KERNELS, prefetch.DISTANCE, decode_attention.ATTENTION_PDL,
-            decode_attention.SPLIT_STAGES, combine_wo.FOLD, sampling.ARGMAX_PARTS,
-            decode_attention.UNSPLIT, decode_attention.EARLY_BLOCK)
-    fused_ways = list(itertools.product(qk_ways, distances, attention_pdl, split_stages, folds,
-                                        argmax_parts))
+    settings = _settings()
+    kept = {keyword: getattr(module, attribute) for keyword, module, attribute, _ in settings}
+    asked = {keyword: tuple(overrides.pop(keyword, (kept[keyword],))) for keyword in kept}
+    kept_entry = fused_step.FILE_ENTRY
+    if "file" in asked["tiles"]:
+        device = torch.device(overrides.get("device", "cuda"))
+        fused_step.FILE_ENTRY = file_entry(tiles_file, gpu_name(device))
     try:
-        for round_ in range(rounds):
-            for way in graphs:
-                for kind in kinds:
-                    ways = fused_ways if kind == "fused" \
-                        else [(*kept[:5], parts) for parts in argmax_parts]
-                    for (qk, distance, attention, stages, fold, parts), unsplit, block in \
-                            itertools.product(ways, unsplits, early_blocks):
-                        qk_norm_rope.QK_NORM_KERNELS = qk
-                        prefetch.set_distance(distance)
-                        decode_attention.ATTENTION_PDL = attention
-                        decode_attention.SPLIT_STAGES = stages
-                        combine_wo.FOLD = fold
-                        sampling.ARGMAX_PARTS = parts
-                        decode_attention.UNSPLIT = unsplit
-                        decode_attention.EARLY_BLOCK = block
-                        name = label(kind, way, qk, distance, attention, stages, fold, parts,
-                                     batch, unsplit, block)
-                        if trace:
-                            overrides["trace_dir"] = str(make_trace_dir(
-                                Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
-                        run_ab_case(ab_request(model, kind, way, batch, **overrides), env, path,
-                                    model, name, round_, "kernels", "step_kernels", baseline)
+        for round_, way, kind in itertools.product(range(rounds), graphs, kinds):
+            values = [asked[keyword] if every or kind == "fused" else (kept[keyword],)
+                      for keyword, _, _, every in settings]
+            for combination in itertools.product(*values):
+                case = dict(zip(kept, combination))
+                for (_, module, attribute, _), value in zip(settings, combination):
+                    setattr(module, attribute, value)
+                name = label(kind, way, case["qk_ways"], case["distances"],
+                             case["attention_pdl"], case["split_stages"], case["folds"],
+                             case["argmax_parts"], batch, case["unsplits"],
+                             case["early_blocks"], case["tiles"])
+                if trace:
+                    overrides["trace_dir"] = str(make_trace_dir(
+                        Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
+                run_ab_case(ab_request(model, kind, way, batch, **overrides), env, path,
+                            model, name, round_, "kernels", "step_kernels", baseline)
     finally:
-        qk_norm_rope.QK_NORM_KERNELS = kept[0]
-        prefetch.set_distance(kept[1])
-        decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES = kept[2:4]
-        combine_wo.FOLD, sampling.ARGMAX_PARTS = kept[4:6]
-        decode_attention.UNSPLIT, decode_attention.EARLY_BLOCK = kept[6:]
+        for keyword, module, attribute, _ in settings:
+            setattr(module, attribute, kept[keyword])
+        fused_step.FILE_ENTRY = kept_entry
+
+
+def file_entry(tiles_file: str | None, gpu: str) -> dict:
+    """The FUSED_TILES entry a benchmarks/fused_tiles.py Result file suggests for GPU `gpu` (a
+    device name, gemv.gpu_name's), {} where it suggests none there."""
+    if tiles_file is None:
+        raise InfermeterError("--fused-tiles file needs --tiles-file (a fused_tiles.py Result)")
+    results = read_results(Path(tiles_file))
+    suggested = (results[-1].metrics.get("suggested_fused_tiles") or {}) if results else {}
+    return table_from_json(suggested).get(gpu, {})
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -243,7 +275,8 @@ def summary(results: list[Result]) -> str:
             # prefetching, the attention's other launches, other split stages, the fold, unsplit:
             # against not
             if last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
-                    or last in (FOLDED, UNSPLIT_MARK, LATE_BLOCK, *ATTENTION_MARKS.values()):
+                    or last in (FOLDED, UNSPLIT_MARK, LATE_BLOCK, *ATTENTION_MARKS.values(),
+                                *TILE_MARKS.values()):
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -302,11 +335,21 @@ def arguments():
     parser.add_argument("--fold-combine", nargs="+", choices=FOLD_WAYS, default=[FOLD_WAYS[0]],
                         help="the fused kind once for each: the decode attention's combine in "
                         "a kernel of its own (off) or in wo's (on) (default: off)")
+    parser.add_argument("--fused-tiles", nargs="+", choices=TILES_FROM_WAYS,
+                        default=[TILES_FROM_WAYS[0]], help="the fused kind once for each place "
+                        "its kernels take their tiles from: the table (FUSED_TILES), none (the "
+                        "GEMV's, adapted), or the entry --tiles-file suggests for this GPU "
+                        "(default: table)")
+    parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
+                        "Result, for --fused-tiles file")
     return parser
 
 
 def main() -> int:
-    args = arguments().parse_args()
+    parser = arguments()
+    args = parser.parse_args()
+    if "file" in args.fused_tiles and not args.tiles_file:
+        parser.error("--fused-tiles file needs --tiles-file")
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
@@ -315,6 +358,7 @@ def main() -> int:
                   split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
+                  tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
                   baseline=args.baseline)
         return 0
     start = time.perf_counter()
@@ -329,6 +373,8 @@ def main() -> int:
                       "--fold-combine", *args.fold_combine,
                       "--argmax-parts", *map(str, args.argmax_parts),
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
+                      "--fused-tiles", *args.fused_tiles,
+                      *(["--tiles-file", args.tiles_file] if args.tiles_file else []),
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)

@@ -76,6 +76,12 @@ def table_json(table: dict) -> dict:
                   for kernel, widths in entry.items()} for gpu, entry in table.items()}
 
 
+def table_from_json(table: dict) -> dict:
+    """table_json's inverse: columns as ints, tiles as tuples."""
+    return {gpu: {kernel: {int(cols): tuple(tiles) for cols, tiles in widths.items()}
+                  for kernel, widths in entry.items()} for gpu, entry in table.items()}
+
+
 def write_result(file_name: str, models: list[str], config: dict, env, metrics: dict) -> None:
     """A generate Result of `models` (their presets) to results/<file_name>, and to $OUT/ when
     set."""

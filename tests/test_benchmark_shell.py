@@ -213,6 +213,8 @@ FUSED_SWITCHES = {
                      "fused/split-stages-1", "--split-stages", "split_stages"),
     "combine in wo": ("combine_wo", "FOLD", "folds", ("off", "on"), "fused/combine-in-wo",
                       "--fold-combine", "fold_combine"),
+    "tiles": ("fused_step", "TILES_FROM", "tiles", ("table", "gemv"), "fused/gemv-tiles",
+              "--fused-tiles", "fused_tiles"),
 }
 
 
@@ -249,6 +251,45 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     assert getattr(parser.parse_args([flag, *backwards]), dest) == list(values[::-1])
     with pytest.raises(SystemExit):
         parser.parse_args([flag, "3"])
+
+def test_the_step_ab_times_a_tiles_file_s_entry_and_sets_the_table_back(monkeypatch, tmp_path):
+    """--fused-tiles table file --tiles-file F: the fused kind runs once with the table's tiles
+    and once with the entry F (a fused_tiles.py Result) suggests for this GPU (the CPU's name,
+    "" here), labelled ".../file-tiles"; split once; FILE_ENTRY and TILES_FROM come back after.
+    A file with no entry for this GPU gives {} (the GEMV's tiles); "file" without a file is
+    refused, on the command line and in run_model, before any case."""
+    from infermeter.engine.kernels import fused_step
+    from infermeter.errors import InfermeterError
+    from infermeter.measure.result import Result, write_json
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    tiles = tmp_path / "fused-tiles-quick.json"
+    suggested = {"": {"gemv_add": {"64": [2, 64, 4]}}, "NVIDIA H200": {"gemv_add": {"64": [8,
+                                                                                          128, 8]}}}
+    write_json(tiles, Result("generate", {"name": "debug"}, {}, {},
+                             {"suggested_fused_tiles": suggested}))
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, fused_step.TILES_FROM, fused_step.tile_entry(""))))
+    table = fused_step.tile_entry("")
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     device="cpu", tiles=("table", "file"), tiles_file=str(tiles))
+    assert seen == [("split", "table", table), ("fused", "table", table),
+                    ("fused/file-tiles", "file", {"gemv_add": {64: (2, 64, 4)}})]
+    assert (fused_step.TILES_FROM, fused_step.FILE_ENTRY) == ("table", {})
+    assert script.file_entry(str(tiles), "NVIDIA H100 80GB HBM3") == {}  # none for that GPU
+    with pytest.raises(InfermeterError, match="needs --tiles-file"):
+        script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("fused",),
+                         device="cpu", tiles=("file",))
+    assert len(seen) == 3  # refused before any case
+    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0)
+               for kind in ("fused/recorded", "fused/recorded/file-tiles")]
+    assert "llama-3.2-1b: fused/recorded/file-tiles / fused/recorded:" in \
+        script.summary(results)
+    with pytest.raises(SystemExit):
+        script.arguments().parse_args(["--fused-tiles", "file", "--tiles-file"])
+
 
 def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked(monkeypatch,
                                                                               tmp_path):

@@ -88,6 +88,54 @@ def test_a_table_entry_serves_its_gpu_kernel_and_width_only(monkeypatch):
         fused_tiles_for("gemv_swiglu", 2048, H100)
 
 
+@pytest.mark.parametrize("way", fused_step.TILES_FROM_WAYS)
+def test_the_tiles_come_from_the_table_the_gemv_or_a_file_s_entry(monkeypatch, way):
+    """TILES_FROM (an A/B's setting): "table" takes FUSED_TILES' entry, "gemv" none (the GEMV's
+    tiles adapted, as on a GPU nobody measured), "file" FILE_ENTRY (a fused_tiles.py run's
+    suggestion) and not the table's; a way there is not is refused."""
+    monkeypatch.setattr(fused_step, "FUSED_TILES", {H200: {"gemv_add": {2048: (8, 256, 4)}}})
+    monkeypatch.setattr(fused_step, "FILE_ENTRY", {"gemv_swiglu": {2048: (4, 512, 8)}})
+    monkeypatch.setattr(fused_step, "TILES_FROM", way)
+    n, k, w = tiles_for(2048, H200)
+    wanted = {"table": [(8, 256, 4), (max(1, n // 2), k, w)],
+              "gemv": [(n, k, w), (max(1, n // 2), k, w)],
+              "file": [(n, k, w), (4, 512, 8)]}[way]
+    assert [fused_tiles_for("gemv_add", 2048, H200),
+            fused_tiles_for("gemv_swiglu", 2048, H200)] == wanted
+    assert fused_step.tile_entry(H200) == {"table": fused_step.FUSED_TILES[H200], "gemv": {},
+                                           "file": fused_step.FILE_ENTRY}[way]
+    monkeypatch.setattr(fused_step, "TILES_FROM", "guess")
+    with pytest.raises(ValueError, match="fused tiles from 'guess'"):
+        fused_tiles_for("gemv_add", 2048, H200)
+
+
+@pytest.mark.parametrize("way", fused_step.TILES_FROM_WAYS)
+def test_the_result_records_the_tiles_and_the_report_sets_other_sources_aside(monkeypatch,
+                                                                               way):
+    """config.fused_tiles_from and config.fused_tiles: where a fused step's kernels took their
+    tiles from and the entry they took on this GPU (JSON's string widths, list tiles; {} for
+    the GEMV's), both None where no layer ran fused; the report takes a Result of tiles from
+    anywhere but the table as a comparison, never a column's figure, and one from before the
+    fields as the table's."""
+    from infermeter.report.select import off_default_kernels
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import recorded_under
+
+    # the debug model runs on the CPU, whose device name is ""
+    monkeypatch.setattr(fused_step, "FUSED_TILES", {"": {"gemv_add": {64: (2, 64, 4)}}})
+    monkeypatch.setattr(fused_step, "FILE_ENTRY", {"gemv_swiglu": {64: (1, 64, 2)}})
+    monkeypatch.setattr(fused_step, "TILES_FROM", way)
+    entry = {"table": {"gemv_add": {"64": [2, 64, 4]}}, "gemv": {},
+             "file": {"gemv_swiglu": {"64": [1, 64, 2]}}}[way]
+    cases = (("fused", "triton"), ("split", "triton"))
+    assert recorded_under(monkeypatch, "fused_tiles_from", cases) == {
+        ("fused", "triton"): way, ("split", "triton"): None}
+    assert recorded_under(monkeypatch, "fused_tiles", cases) == {
+        ("fused", "triton"): entry, ("split", "triton"): None}
+    assert off_default_kernels(seed_record(1, fused_tiles_from=way)) == (way != "table")
+    assert not off_default_kernels(seed_record(2))  # before the fields: the table's
+
+
 def _step_calls(tiles=None, qk_norm=False):
     """A Llama-3.2-1B-like layer's four fused launches on the CPU (x [1, 2048], wqkv [3072, 2048]
     of 32 + 2 x 8 heads of 64, wo [2048, 2048], w13 [16384, 2048], w2 [2048, 8192])."""
@@ -281,6 +329,19 @@ def test_the_open_targets_part_runs_the_quick_grid_on_the_three_models():
     # listed in the header, with its time on an H100 since it ran (1e5c1b1)
     listed = text.split("#   part fused-tiles ", 1)[1].split("#   part ", 1)[0]
     assert "s on an H100 on 2026-12-06" in listed
+
+
+def test_the_step_tiles_part_times_the_step_with_the_entry_its_bests_suggest():
+    """open_targets.sh step-tiles: the quick grid on the three models, then the recorded fused
+    step with the table's tiles and with the entry of the file that grid wrote."""
+    timed = part_arguments("step-tiles", "fused_tiles")
+    assert (timed.models, timed.grid) == (["llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m"],
+                                          "quick")
+    step = part_arguments("step-tiles", "step_kernels_ab")
+    assert (step.fused_tiles, step.kernels, step.graphs) == (["table", "file"], ["fused"],
+                                                             ["recorded"])
+    assert step.tiles_file == '"results/fused-tiles-quick-$slug.json"'  # the grid's file
+    assert step.models == timed.models
 
 
 @pytest.mark.gpu

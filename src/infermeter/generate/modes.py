@@ -97,6 +97,7 @@ class EngineRunner:
                 **self._attention_launch_used(used),
                 "combine_in_wo": self._combine_in_wo_used(used),
                 "attention_unsplit": self._unsplit_used(used),
+                **self._fused_tiles_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
@@ -210,6 +211,21 @@ class EngineRunner:
         layer_slots = {min(slots, spec.layer_window(i) or slots) for i in range(spec.n_layers)}
         return decode_attention.UNSPLIT == "on" and any(
             decode_attention.unsplit_fits(n, spec.head_dim) for n in layer_slots)
+
+    def _fused_tiles_used(self) -> dict[str, Any]:
+        """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the
+        default; "gemv" or "file", an A/B's settings) and the entry they took on this GPU
+        (kernel -> column count -> [BLOCK_N, BLOCK_K, num_warps]; {}: the GEMV's tiles,
+        adapted); both None where no layer ran fused."""
+        if self._step_kernels_used() in (None, "split"):
+            return {"fused_tiles_from": None, "fused_tiles": None}
+        from infermeter.engine.kernels import fused_step  # only here, as decode_attention
+        from infermeter.engine.kernels.gemv import gpu_name
+
+        entry = fused_step.tile_entry(gpu_name(self.generator.model.output.weight.device))
+        return {"fused_tiles_from": fused_step.TILES_FROM,
+                "fused_tiles": {kernel: {str(cols): list(tiles) for cols, tiles in widths.items()}
+                                for kernel, widths in entry.items()}}
 
     def _qk_norm_kernels_used(self) -> int | None:
         """How the fused layers with per-head q/k norms ran them where the wqkv kernel ropes

@@ -247,6 +247,7 @@ def off_default_kernels(record: Record) -> bool:
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
             or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
+            or cfg.get("fused_tiles_from") not in (None, "table")
             or bool(dig(cfg, "ab", "baseline"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))

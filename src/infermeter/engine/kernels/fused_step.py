@@ -406,12 +406,29 @@ FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
     },
 }
 FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
+# Where the fused kernels take their tiles from (an A/B's setting, benchmarks/step_kernels_ab.py
+# --fused-tiles): "table", FUSED_TILES (the default); "gemv", no entry at all, the GEMV's tiles
+# adapted as on a GPU nobody measured; "file", FILE_ENTRY, the entry a benchmarks/fused_tiles.py
+# run suggests for this GPU, timed in the step before it is committed. Recorded in the Result
+# (config.fused_tiles_from and config.fused_tiles).
+TILES_FROM_WAYS = ("table", "gemv", "file")
+TILES_FROM = "table"
+FILE_ENTRY: dict[str, dict[int, tuple[int, int, int]]] = {}
+
+
+def tile_entry(gpu: str) -> dict[str, dict[int, tuple[int, int, int]]]:
+    """The entry (kernel -> column count -> tiles) the fused kernels take on GPU `gpu` under
+    TILES_FROM; {} where they take the GEMV's tiles."""
+    if TILES_FROM not in TILES_FROM_WAYS:
+        raise ValueError(f"fused tiles from {TILES_FROM!r}: one of {TILES_FROM_WAYS}")
+    return {"table": FUSED_TILES.get(gpu, {}), "gemv": {}, "file": FILE_ENTRY}[TILES_FROM]
 
 
 def fused_tiles_for(kernel: str, n_cols: int, gpu: str = "", head_dim: int | None = None,
                     qk_norm: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of fused kernel `kernel` over a weight of n_cols columns on
-    GPU `gpu` (a device name): FUSED_TILES' entry, else tiles_for's adapted to the kernel
+    GPU `gpu` (a device name): tile_entry's (FUSED_TILES' by default), else tiles_for's adapted
+    to the kernel
     (gemv_swiglu: half the rows, gate and up; norm_qkv_rope: at least one pair). qk_norm
     (norm_qkv_rope only, with head_dim): one head a program, BLOCK_N = head_dim and BLOCK_K as
     many columns as keep tiles_for's element count (at least 16); no entry applies."""
@@ -421,7 +438,7 @@ def fused_tiles_for(kernel: str, n_cols: int, gpu: str = "", head_dim: int | Non
         raise ValueError("q/k norms are norm_qkv_rope's, with its head_dim")
     # An entry times the pairs' kernel, never the one-head-a-program kernel q/k norms take:
     # reshaped to one head, a (2, 1024) best would be a 16-column sliver. Those keep the GEMV's.
-    entry = None if qk_norm else FUSED_TILES.get(gpu, {}).get(kernel, {}).get(n_cols)
+    entry = None if qk_norm else tile_entry(gpu).get(kernel, {}).get(n_cols)
     if entry is not None:
         block_n, block_k, warps = _checked_tiles(kernel, entry)
     else:
