@@ -86,6 +86,9 @@
 #                        table's tiles (the GEMV's where it has no entry for the GPU) against the
 #                        entry those bests suggest, at the same three models, one round
 #                        (step_kernels_ab.py --fused-tiles table file; about 141 s and 6 cases)
+#   part step-head       the fused step with its final norm and output head as two kernels and as
+#                        one (model.FUSED_HEAD), at 135M, 0.5B and 1B, the recorded step, one
+#                        round (step_kernels_ab.py --fused-head off on; 6 cases)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
@@ -104,8 +107,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -228,6 +231,9 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --fused-tiles table file --tiles-file "results/fused-tiles-quick-$slug.json" \
       --results "$dest" --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
+  step-head)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --fused-head off on --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   offload-reload)
     bash benchmarks/offload_targets.sh reload "$dest" ;;
   offload-traffic)

@@ -87,6 +87,7 @@ from infermeter.engine.kernels.decode_attention import (
 from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
+from infermeter.engine.model import FUSED_HEAD_WAYS
 from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
 from infermeter.errors import InfermeterError
 from infermeter.generate.request import GenerateRequest, build_request
@@ -139,12 +140,13 @@ UNSPLIT_MARK = "unsplit"  # the label's mark of decode_attention.UNSPLIT "on"
 LATE_BLOCK = "late-block"  # the label's mark of decode_attention.EARLY_BLOCK "off"
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
+FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
-          early_block: str = "on", tiles: str = "table") -> str:
+          early_block: str = "on", tiles: str = "table", head: str = "off") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -154,7 +156,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
     the default's (0: in one reduction), "/unsplit" where the attention ran unsplit,
     "/late-block" where a one-block split program loaded its block after the wait,
-    TILE_MARKS' mark where the fused kernels took their tiles from other than the table."""
+    TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
+    "/fused-head" where the final norm and the head ran as one kernel."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -162,13 +165,14 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              FOLDED if fold == "on" else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
              UNSPLIT_MARK if unsplit == "on" else "", LATE_BLOCK if early_block == "off" else "",
-             TILE_MARKS[tiles]]
+             TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
 def _settings() -> list[tuple[str, object, str, bool]]:
     """What run_model varies, in the order its cases nest: (its keyword, the module and the
     attribute the keyword's values set, whether every kind takes them or the fused one only)."""
+    from infermeter.engine import model as engine_model
     from infermeter.engine import sampling
     from infermeter.engine.kernels import (
         combine_wo,
@@ -184,6 +188,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("split_stages", decode_attention, "SPLIT_STAGES", False),
             ("folds", combine_wo, "FOLD", False),
             ("tiles", fused_step, "TILES_FROM", False),
+            ("heads", engine_model, "FUSED_HEAD", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
             ("early_blocks", decode_attention, "EARLY_BLOCK", True)]
@@ -197,7 +202,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     sequences, once for each combination of the values asked of _settings()' keywords in
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
     attention_pdl and split_stages: decode_attention's; folds: combine_wo.FOLD; tiles:
-    fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; argmax_parts:
+    fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
+    model.FUSED_HEAD; argmax_parts:
     sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
     EARLY_BLOCK), a fused-only setting at the module's own value for split; each set back
     after. The other overrides go to the request (device, dtype, ... for the CPU check). Each
@@ -223,7 +229,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 name = label(kind, way, case["qk_ways"], case["distances"],
                              case["attention_pdl"], case["split_stages"], case["folds"],
                              case["argmax_parts"], batch, case["unsplits"],
-                             case["early_blocks"], case["tiles"])
+                             case["early_blocks"], case["tiles"], case["heads"])
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
                         Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -276,7 +282,7 @@ def summary(results: list[Result]) -> str:
             # against not
             if last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
                     or last in (FOLDED, UNSPLIT_MARK, LATE_BLOCK, *ATTENTION_MARKS.values(),
-                                *TILE_MARKS.values()):
+                                *TILE_MARKS.values(), FUSED_HEAD_MARK):
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -340,6 +346,10 @@ def arguments():
                         "its kernels take their tiles from: the table (FUSED_TILES), none (the "
                         "GEMV's, adapted), or the entry --tiles-file suggests for this GPU "
                         "(default: table)")
+    parser.add_argument("--fused-head", nargs="+", choices=FUSED_HEAD_WAYS,
+                        default=[FUSED_HEAD_WAYS[0]], help="the fused kind once for each: the "
+                        "final norm and the output head as two kernels (off) or one (on) "
+                        "(default: off)")
     parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
                         "Result, for --fused-tiles file")
     return parser
@@ -359,6 +369,7 @@ def main() -> int:
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
+                  heads=tuple(args.fused_head),
                   baseline=args.baseline)
         return 0
     start = time.perf_counter()
@@ -373,7 +384,7 @@ def main() -> int:
                       "--fold-combine", *args.fold_combine,
                       "--argmax-parts", *map(str, args.argmax_parts),
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
-                      "--fused-tiles", *args.fused_tiles,
+                      "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
                       *(["--tiles-file", args.tiles_file] if args.tiles_file else []),
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)

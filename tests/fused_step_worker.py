@@ -229,7 +229,9 @@ def check_model_step() -> None:
     block: norm + wqkv, then torch's q/k norms, RoPE and cache write) in float32; layers that
     take some of the four: Gemma 3 (norm + wqkv and norm + w13 + GeGLU fused, the products
     before its post-norms split) and Qwen3-MoE (an MoE layer's attention fused, its experts
-    split; its dense layer whole), float32."""
+    split; its dense layer whole), float32. Llama's and Gemma 3's again with the final norm and
+    the head as one kernel (FUSED_HEAD "on"; Gemma's (1 + w) norm and soft cap): the decode
+    step's head is norm_matvec, not the GEMV, with the same tokens."""
     from infermeter.engine.fusion import fuse_projections
     from infermeter.engine.kernels import fused_step
     from infermeter.engine.kernels import gemv as gemv_module
@@ -277,6 +279,10 @@ def check_model_step() -> None:
     # the Triton experts: the MoE layer's block in the fused step's four kernels (norm +
     # router keeping the normed row, the routing, the experts, the down product + add)
     specs["qwen3_moe triton"] = specs["qwen3_moe"]
+    # the final norm and the output head in one kernel (model.FUSED_HEAD "on"): RMSNorm, and
+    # Gemma's (1 + w) norm with its soft-capped logits, where only some layer parts fuse
+    heads = {"llama fused head": "llama", "gemma3 fused head": "gemma3"}
+    specs.update({arch: specs[base] for arch, base in heads.items()})
     # q/k norms: norm + wqkv, then their own kernel (QK_NORM_KERNELS 2)
     apart = ["norm_matvec", "qk_norm_rope_cache"]
     per_layer = {"gemma3": [apart + ["gemv", "norm_matvec_swiglu", "gemv"]] * 2,
@@ -290,12 +296,13 @@ def check_model_step() -> None:
     steps, prompt = 3, 4
     # the variants whose split step is another case's (the q/k norms' way and the experts'
     # kind change only the fused step; split with Triton's experts: expert_gemv_worker.py)
-    same_split = {"qwen3 in wqkv": "qwen3", "qwen3_moe triton": "qwen3_moe"}
+    same_split = {"qwen3 in wqkv": "qwen3", "qwen3_moe triton": "qwen3_moe", **heads}
     splits = {}
     dtypes = (torch.float32, torch.float16, torch.float32, torch.float32, torch.float32,
-              torch.float32, torch.float32, torch.float32)
+              torch.float32, torch.float32, torch.float32, torch.float32, torch.float32)
     for (arch, spec), dtype in zip(specs.items(), dtypes, strict=True):
         qk_module.QK_NORM_KERNELS = 1 if arch == "qwen3 in wqkv" else 2
+        model_module.FUSED_HEAD = "on" if arch in heads else "off"
         logits, tokens = {}, {}
         base = same_split.get(arch)  # a variant's split step is its base case's: not run again
         if base is not None:
@@ -316,19 +323,21 @@ def check_model_step() -> None:
             for layer in model.layers:  # the attention is not what differs: the quick one
                 layer.attention.decode_attention = "math"
             whole = 0 if kind != "fused" else 1 if arch.startswith("qwen3_moe") else \
-                0 if arch == "gemma3" else spec.n_layers
+                0 if arch.startswith("gemma3") else spec.n_layers
             assert fused_step_layers(model) == whole, f"{arch} {kind}"
             model.setup_cache(1, 16)
             ids = torch.randint(0, spec.vocab_size, (1, prompt),
                                 generator=torch.Generator().manual_seed(2))
             tokens[kind], logits[kind] = greedy_decode(model, ids, steps, calls.clear)
             first = "norm_qkv_rope_cache" if spec.head_dim != 24 else "norm_matvec"
-            fused = per_layer.get(arch, [[first, "matvec_add", "norm_matvec_swiglu",
-                                          "matvec_add"]] * spec.n_layers)
+            fused = per_layer.get(heads.get(arch, arch),
+                                  [[first, "matvec_add", "norm_matvec_swiglu",
+                                    "matvec_add"]] * spec.n_layers)
+            head = "norm_matvec" if arch in heads else "gemv"
             split = [["gemv"] * (3 if arch.startswith("qwen3_moe") and i == 0 else 4)
                      for i in range(spec.n_layers)]
             want = {"eager": [], "split": sum(split, []) + ["gemv"],
-                    "fused": sum(fused, []) + ["gemv"]}[kind]  # + the output head
+                    "fused": sum(fused, []) + [head]}[kind]  # + the output head
             assert calls == want * steps, f"{arch} {kind}: ran {calls[:12]}..."
             took = [layer.feed_forward.took_fused_step for layer in model.layers
                     if hasattr(layer.feed_forward, "took_fused_step")]
@@ -342,6 +351,7 @@ def check_model_step() -> None:
         bound = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < bound, f"{arch} {dtype}: logits differ by {err}"
     qk_module.QK_NORM_KERNELS = 2
+    model_module.FUSED_HEAD = "off"
 
 
 def check_rounding_points() -> None:

@@ -215,6 +215,8 @@ FUSED_SWITCHES = {
                       "--fold-combine", "fold_combine"),
     "tiles": ("fused_step", "TILES_FROM", "tiles", ("table", "gemv"), "fused/gemv-tiles",
               "--fused-tiles", "fused_tiles"),
+    "head": ("infermeter.engine.model", "FUSED_HEAD", "heads", ("off", "on"), "fused/fused-head",
+             "--fused-head", "fused_head"),
 }
 
 
@@ -233,7 +235,7 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     from tests.benchmark_scripts import load_benchmark
 
     name, attribute, keyword, values, other, flag, dest = FUSED_SWITCHES[switch]
-    module = importlib.import_module(f"infermeter.engine.kernels.{name}")
+    module = importlib.import_module(name if "." in name else f"infermeter.engine.kernels.{name}")
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:

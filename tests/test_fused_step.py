@@ -451,3 +451,55 @@ def test_on_cuda_the_geglu_is_eagers_to_the_bit(dtype):
     gate, up = norm(x)[:, pick].chunk(2, dim=-1)  # quarter-integers: the sum of squares exact
     got = gemv_swiglu(x, norm.weight, w13, 1e-6, True, True)
     assert torch.equal(got, F.gelu(gate, approximate="tanh") * up), dtype
+
+
+@pytest.mark.parametrize("way", ["off", "on"])
+def test_the_result_records_the_fused_head_and_the_report_sets_the_other_way_aside(monkeypatch,
+                                                                                  way):
+    """config.fused_head: whether the fused step ran its final norm and output head as one
+    kernel (model.FUSED_HEAD), None where no layer ran fused; a head with hooks (tensor
+    parallelism's gather) never fuses; the report takes a Result of the way that is not the
+    default as a comparison, and one from before the field as the default's; a way there is
+    not is refused."""
+    from infermeter.engine import model as model_module
+    from infermeter.report.select import DEFAULT_FUSED_HEAD, off_default_kernels
+    from infermeter.specs.presets import PRESETS
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner, recorded_under
+
+    assert DEFAULT_FUSED_HEAD is (model_module.FUSED_HEAD == "on")  # the engine's default
+    monkeypatch.setattr(model_module, "FUSED_HEAD", way)
+    assert recorded_under(monkeypatch, "fused_head", (("fused", "triton"), ("split", "triton"))) \
+        == {("fused", "triton"): way == "on", ("split", "triton"): None}
+    runner = batch_one_runner(monkeypatch, PRESETS["debug"])
+    handle = runner.generator.model.output.register_forward_hook(lambda *args: None)
+    assert runner.describe()["fused_head"] is False
+    handle.remove()
+    assert off_default_kernels(seed_record(1, fused_head=way == "on")) == (way == "on")
+    assert not off_default_kernels(seed_record(2))  # before the field: the default
+    monkeypatch.setattr(model_module, "FUSED_HEAD", "maybe")
+    with pytest.raises(ValueError, match="unknown FUSED_HEAD 'maybe'"):
+        runner.generator.model.head_fuses()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
+    """On a GPU: the fused step in the recorded graph with its final norm and output head as
+    one kernel (FUSED_HEAD "on") gives eager's greedy tokens (a peaked model: no near ties)."""
+    from infermeter.engine import model as model_module
+    from infermeter.engine.generator import Generator
+    from infermeter.engine.model import set_step_kernels
+    from tests.test_generate import (
+        PROMPTS,
+        SPEC,
+        assert_compiled_gives_eager_tokens,
+        peaked_cuda_model,
+    )
+
+    monkeypatch.setattr(model_module, "FUSED_HEAD", "on")
+    model = peaked_cuda_model(SPEC, dtype)
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    set_step_kernels(model, "fused")
+    assert model.head_fuses()
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])

@@ -344,6 +344,13 @@ def test_the_step_tiles_part_times_the_step_with_the_entry_its_bests_suggest():
     assert step.models == timed.models
 
 
+def test_the_step_head_part_times_the_head_apart_and_fused():
+    step = part_arguments("step-head", "step_kernels_ab")
+    assert (step.fused_head, step.kernels, step.graphs) == (["off", "on"], ["fused"],
+                                                            ["recorded"])
+    assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
+
+
 @pytest.mark.gpu
 def test_the_benchmark_times_a_tiling_on_cuda():
     """On a GPU: SmolLM2's wo + add and wqkv kernels at their default tiles and one other, with

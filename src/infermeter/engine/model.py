@@ -93,6 +93,13 @@ class Embedding(nn.Embedding):
         pass
 
 
+# Whether the fused step runs its final norm and the output head as one kernel (Transformer.
+# fuses_head): "off", the norm as inductor's kernel and the head as the GEMV (the default until
+# benchmarks/step_kernels_ab.py --fused-head says otherwise), "on". Recorded in the Result
+# (config.fused_head).
+FUSED_HEAD_WAYS = ("off", "on")
+FUSED_HEAD = "off"
+
 # How a compiled step computes SwiGLU's activation: "triton" (the default: swiglu_kernel.py, one
 # kernel; falls back to "aten" where Triton cannot run), "aten" (opaque_ops.silu_mul, two eager
 # kernels, measured faster than "inline" on an H100) or "inline" (inductor fuses it into w2's
@@ -445,7 +452,31 @@ class Transformer(nn.Module):
             c, s = local if layer.attention.local_rope else (cos, sin)
             h = layer(h, c, s, input_pos, blocks, plan and plan[index]) if block_fn is None \
                 else block_fn(layer, h, c, s, input_pos, blocks)
-        return self._logits(self.norm(h if rows is None else h.index_select(1, rows)))
+        final = h if rows is None else h.index_select(1, rows)  # [B, R, dim]
+        if tokens.shape[1] == 1 and self.fuses_head(final):  # a decode step, not a prefill
+            from infermeter.engine.kernels.fused_step import norm_matvec
+
+            logits = norm_matvec(final.view(1, -1), self.norm.weight, self.output.weight,
+                                 self.norm.eps, isinstance(self.norm, GemmaRMSNorm))
+            return self._capped(logits.view(1, 1, -1).float())
+        return self._logits(self.norm(final))
+
+    def fuses_head(self, x: Tensor) -> bool:
+        """Whether the compiled batch-1 step x [1, 1, dim] runs its final norm and the output
+        head as one kernel (fused_step's norm + GEMV, as a layer's norm + w13): FUSED_HEAD on,
+        some layer on the fused step, a head without bias or hooks (tensor parallelism gathers
+        its vocabulary shards), where the fused kernels run."""
+        return (x.shape[0] * x.shape[1] == 1 and compiling() and self.head_fuses()
+                and fused_step_kernels_usable(x, [self.norm.weight, self.output.weight]))
+
+    def head_fuses(self) -> bool:
+        """fuses_head's rules that hold for every step: FUSED_HEAD on, some layer on the fused
+        step, a head without bias or hooks."""
+        if FUSED_HEAD not in FUSED_HEAD_WAYS:
+            raise ValueError(f"unknown FUSED_HEAD {FUSED_HEAD!r}: one of {FUSED_HEAD_WAYS}")
+        head = self.output
+        return (FUSED_HEAD == "on" and any(layer.step_kernels == "fused" for layer in self.layers)
+                and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks))
 
     def _rope_rows(self, cos_table: Tensor, sin_table: Tensor,
                    input_pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -487,7 +518,10 @@ class Transformer(nn.Module):
 
     def _logits(self, normed: Tensor) -> Tensor:
         """[B, R, dim] final-normed -> [B, R, vocab] float32, soft-capped where the model is."""
-        logits = self.output(normed).float()
+        return self._capped(self.output(normed).float())
+
+    def _capped(self, logits: Tensor) -> Tensor:
+        """float32 logits, soft-capped where the model is (Gemma 2)."""
         cap = self.spec.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

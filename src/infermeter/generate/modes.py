@@ -98,6 +98,7 @@ class EngineRunner:
                 "combine_in_wo": self._combine_in_wo_used(used),
                 "attention_unsplit": self._unsplit_used(used),
                 **self._fused_tiles_used(),
+                "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
@@ -211,6 +212,13 @@ class EngineRunner:
         layer_slots = {min(slots, spec.layer_window(i) or slots) for i in range(spec.n_layers)}
         return decode_attention.UNSPLIT == "on" and any(
             decode_attention.unsplit_fits(n, spec.head_dim) for n in layer_slots)
+
+    def _fused_head_used(self) -> bool | None:
+        """Whether the fused step ran its final norm and output head as one kernel
+        (model.FUSED_HEAD, Transformer.head_fuses); None where no layer ran fused."""
+        if self._step_kernels_used() in (None, "split"):
+            return None
+        return self.generator.model.head_fuses()
 
     def _fused_tiles_used(self) -> dict[str, Any]:
         """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the

@@ -204,6 +204,7 @@ def mode_rank(record: Record) -> int:
 DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
+DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
 # generate --step-kernels: "auto" (engine/step_choice.py); a Result records how its kernels
 # were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
 # kernels asked for, and split was the default
@@ -229,8 +230,11 @@ def off_default_kernels(record: Record) -> bool:
     baseline run of an older source tree (config.ab.baseline), the argmax over a row in
     a number of parts other than the default's (config.argmax_parts other than 0, the
     default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
-    or Triton's gathered experts (--moe-kernel): a comparison run (e.g. the generation
-    sweep's kernel or gemv part), not the representative. A Result from before a setting was
+    the fused kernels' tiles taken from elsewhere than their table (config.fused_tiles_from;
+    kernels/fused_step.py, an A/B's), the final norm and head fused other than by default
+    (config.fused_head; engine/model.py's FUSED_HEAD), or Triton's gathered experts
+    (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv part), not the
+    representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
     cfg = record.config
     if cfg.get("mode") != "compiled":
@@ -248,6 +252,7 @@ def off_default_kernels(record: Record) -> bool:
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
             or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
             or cfg.get("fused_tiles_from") not in (None, "table")
+            or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
             or bool(dig(cfg, "ab", "baseline"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
