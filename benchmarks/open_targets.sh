@@ -68,6 +68,10 @@
 #                        programs loading their blocks before the PDL wait (the default) and
 #                        after it, two rounds (step_kernels_ab.py --batch 8 --early-block; the
 #                        other suspect in batch 8's 2.9% against issue 27's source)
+#   part step-batch-prefill  Llama-3.2-1B bf16 at batch 8, default kernels: the default prefill
+#                        (the layer prefill graphs), an eager exact prefill (--prefill exact) and
+#                        PDL off, one process each, two rounds (batch 8's loss against issue 27's
+#                        source: which change stopped its kernels' overlaps; about 6 x 50 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -107,8 +111,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -205,6 +209,15 @@ case "${1:-}" in
   step-batch-block)
     python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --batch 8 \
       --early-block on off --results "$dest" --models llama-3.2-1b ;;
+  step-batch-prefill)
+    for round in 0 1; do
+      for extra in "" "--prefill exact" "--no-pdl"; do
+        # shellcheck disable=SC2086
+        python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
+          --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
+          $extra --output "$dest/step-batch-prefill-$slug.jsonl" || echo "${extra:-default}: failed" >&2
+      done
+    done ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do

@@ -147,6 +147,24 @@ def test_the_generate_parts_run_compiled_bf16_seed_cases():
                                                                "--decode-attention"))
 
 
+def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
+    """step-batch-prefill: Llama-3.2-1B bf16 at batch 8, the seed case, with the default
+    prefill, an eager exact one and PDL off, the same command otherwise, two rounds."""
+    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-prefill"]
+    assert "for round in 0 1; do" in branch
+    extras = re.search(r'for extra in ((?:"[^"]*" ?)+); do', branch).group(1)
+    (line,) = re.findall(r"-m infermeter (generate [^\n]*)", branch)
+    parser = build_parser()
+    ways = []
+    for extra in shlex.split(extras):
+        args = parser.parse_args(_words(line.replace("$extra", extra)))
+        assert (args.model, args.dtype, args.batch_size, args.mode) == \
+            ("llama-3.2-1b", "bf16", [8], ["compiled"])
+        assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
+        ways.append((args.prefill, args.pdl, args.compile_prefill))
+    assert ways == [(None, None, False), ("exact", None, False), (None, False, False)]
+
+
 def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
     lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh") if argv[0] == "run"]
     assert len(lines) == 1
