@@ -46,7 +46,12 @@ With --unsplit off on every kind runs once with the decode attention split over 
 a combine kernel after (the default) and once unsplit where a row's cache fits one program
 (decode_attention.UNSPLIT: no combine kernel), labelled ".../unsplit"; with --early-block on
 off once with a one-block split program's block loaded before the PDL wait (the default) and
-once after it (decode_attention.EARLY_BLOCK), labelled ".../late-block".
+once after it (decode_attention.EARLY_BLOCK), labelled ".../late-block". With --fused-tiles
+table file --tiles-file F the fused kind runs once with FUSED_TILES and once with the entry F (a
+fused_tiles.py Result) suggests for this GPU (fused_step.TILES_FROM), labelled
+".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
+with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
+".../fused-head".
 With --batch N the cases run N sequences instead of one, labelled ".../batch-N"; past one the
 step is split whatever --kernels asks (only batch 1 fuses), and issue 27's MBU targets, which
 are batch 1's, leave those Results out.
@@ -297,6 +302,12 @@ def summary(results: list[Result]) -> str:
     return "\n\n".join([table, "\n".join(lines), targets])
 
 
+def _ways(parser, flag: str, ways: tuple[str, ...], text: str) -> None:
+    """A flag taking one or more of `ways` (each case runs once for each), the first the
+    default."""
+    parser.add_argument(flag, nargs="+", choices=ways, default=[ways[0]], help=text)
+
+
 def arguments():
     parser = ab_arguments(__doc__, list(MODELS), 1, "split, fused", "step-kernels")
     parser.add_argument("--trace", metavar="DIR", help="profile a few decode steps of each "
@@ -313,10 +324,9 @@ def arguments():
     parser.add_argument("--prefetch", nargs="+", type=int, choices=PREFETCH_DISTANCES,
                         default=[0], metavar="N", help="the fused kind once for each: its "
                         "kernels prefetch the weight N kernels on into L2 (0: none; default: 0)")
-    parser.add_argument("--attention-pdl", nargs="+", choices=ATTENTION_PDL_WAYS,
-                        default=[ATTENTION_PDL_WAYS[0]], help="the fused kind once for each way "
-                        "the decode attention's two kernels launch under PDL: both with it, the "
-                        "split kernel plainly (combine), neither (default: both)")
+    _ways(parser, "--attention-pdl", ATTENTION_PDL_WAYS, "the fused kind once for each way the "
+          "decode attention's two kernels launch under PDL: both with it, the split kernel "
+          "plainly (combine), neither (default: both)")
     parser.add_argument("--split-stages", nargs="+", type=int, choices=(0, 1, 2),
                         default=[0], metavar="N", help="the fused kind once for each: the split "
                         "kernel's pipeline stages under PDL (0: Triton's own; default: 0)")
@@ -330,26 +340,19 @@ def arguments():
     parser.add_argument("--baseline", action="store_true", help="mark the Results an older "
                         "source tree's, timed as the A/B's baseline (run with that tree's src/ "
                         "on PYTHONPATH); the report never takes them for a column's figure")
-    parser.add_argument("--unsplit", nargs="+", choices=UNSPLIT_WAYS, default=[UNSPLIT_WAYS[0]],
-                        help="every kind once for each: the decode attention split over "
-                        "programs with a combine kernel (off) or unsplit where a row's cache "
-                        "fits one program (on) (default: off)")
-    parser.add_argument("--early-block", nargs="+", choices=EARLY_BLOCK_WAYS,
-                        default=[EARLY_BLOCK_WAYS[0]], help="every kind once for each: a "
-                        "one-block split program loads its block before the PDL wait (on) or "
-                        "after it (off) (default: on)")
-    parser.add_argument("--fold-combine", nargs="+", choices=FOLD_WAYS, default=[FOLD_WAYS[0]],
-                        help="the fused kind once for each: the decode attention's combine in "
-                        "a kernel of its own (off) or in wo's (on) (default: off)")
-    parser.add_argument("--fused-tiles", nargs="+", choices=TILES_FROM_WAYS,
-                        default=[TILES_FROM_WAYS[0]], help="the fused kind once for each place "
-                        "its kernels take their tiles from: the table (FUSED_TILES), none (the "
-                        "GEMV's, adapted), or the entry --tiles-file suggests for this GPU "
-                        "(default: table)")
-    parser.add_argument("--fused-head", nargs="+", choices=FUSED_HEAD_WAYS,
-                        default=[FUSED_HEAD_WAYS[0]], help="the fused kind once for each: the "
-                        "final norm and the output head as two kernels (off) or one (on) "
-                        "(default: off)")
+    _ways(parser, "--unsplit", UNSPLIT_WAYS, "every kind once for each: the decode attention "
+          "split over programs with a combine kernel (off) or unsplit where a row's cache fits "
+          "one program (on) (default: off)")
+    _ways(parser, "--early-block", EARLY_BLOCK_WAYS, "every kind once for each: a one-block "
+          "split program loads its block before the PDL wait (on) or after it (off) (default: "
+          "on)")
+    _ways(parser, "--fold-combine", FOLD_WAYS, "the fused kind once for each: the decode "
+          "attention's combine in a kernel of its own (off) or in wo's (on) (default: off)")
+    _ways(parser, "--fused-tiles", TILES_FROM_WAYS, "the fused kind once for each place its "
+          "kernels take their tiles from: the table (FUSED_TILES), none (the GEMV's, adapted), "
+          "or the entry --tiles-file suggests for this GPU (default: table)")
+    _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
+          "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
                         "Result, for --fused-tiles file")
     return parser
