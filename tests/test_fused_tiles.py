@@ -105,7 +105,7 @@ def test_the_tiles_come_from_the_table_the_gemv_or_a_file_s_entry(monkeypatch, w
     assert fused_step.tile_entry(H200) == {"table": fused_step.FUSED_TILES[H200], "gemv": {},
                                            "file": fused_step.FILE_ENTRY}[way]
     monkeypatch.setattr(fused_step, "TILES_FROM", "guess")
-    with pytest.raises(ValueError, match="fused tiles from 'guess'"):
+    with pytest.raises(ValueError, match="unknown TILES_FROM 'guess'"):
         fused_tiles_for("gemv_add", 2048, H200)
 
 

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from infermeter.engine.chunk_attention import BlockLists
 from infermeter.engine.dtypes import torch_dtype
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kv_cache import LayerKVCache
 from infermeter.engine.linear import Linear
 from infermeter.engine.moe import MoEFeedForward
@@ -472,10 +473,9 @@ class Transformer(nn.Module):
     def head_fuses(self) -> bool:
         """fuses_head's rules that hold for every step: FUSED_HEAD on, some layer on the fused
         step, a head without bias or hooks."""
-        if FUSED_HEAD not in FUSED_HEAD_WAYS:
-            raise ValueError(f"unknown FUSED_HEAD {FUSED_HEAD!r}: one of {FUSED_HEAD_WAYS}")
         head = self.output
-        return (FUSED_HEAD == "on" and any(layer.step_kernels == "fused" for layer in self.layers)
+        return (checked_way(FUSED_HEAD, "FUSED_HEAD", FUSED_HEAD_WAYS) == "on"
+                and any(layer.step_kernels == "fused" for layer in self.layers)
                 and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks))
 
     def _rope_rows(self, cos_table: Tensor, sin_table: Tensor,

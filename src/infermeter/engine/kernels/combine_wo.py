@@ -36,6 +36,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl, prefetch
 from infermeter.engine.kernels.gemv import NUM_STAGES
 from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import tl, triton
 
 # Whether the fused step folds the combine into wo: "off" (the default: "on" lost at 135M and
@@ -148,8 +149,6 @@ def combine_matvec_add(acc: Tensor, m: Tensor, l_sum: Tensor, sinks: Tensor | No
 def folds() -> bool:
     """Whether the fused step folds the combine into wo (FOLD). The folded kernel prefetches
     nothing: with prefetch.DISTANCE above 0 it is refused, not quietly left out."""
-    if FOLD not in FOLD_WAYS:
-        raise ValueError(f"unknown FOLD {FOLD!r}: one of {FOLD_WAYS}")
-    if FOLD == "on" and prefetch.DISTANCE:
+    if checked_way(FOLD, "FOLD", FOLD_WAYS) == "on" and prefetch.DISTANCE:
         raise ValueError("the combine folded into wo prefetches nothing: prefetch distance 0")
     return FOLD == "on"

@@ -53,6 +53,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu, float32_reciprocal
 from infermeter.engine.kernels.pdl import launch, launch_releasing
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import head_size_fits, tl, triton, triton_runs_on
 
 BLOCK_N = 64  # cache slots per inner iteration
@@ -119,9 +120,8 @@ def unsplit_fits(slots: int, head_dim: int) -> bool:
 def unsplits(q: Tensor, k_cache: Tensor) -> bool:
     """Whether a step's attention of q [B, H_kv, G, D] over k_cache [B, H_kv, S, D] runs
     unsplit (UNSPLIT on, and it fits)."""
-    if UNSPLIT not in UNSPLIT_WAYS:
-        raise ValueError(f"unknown UNSPLIT {UNSPLIT!r}: one of {UNSPLIT_WAYS}")
-    return UNSPLIT == "on" and unsplit_fits(k_cache.shape[2], q.shape[-1])
+    return checked_way(UNSPLIT, "UNSPLIT", UNSPLIT_WAYS) == "on" \
+        and unsplit_fits(k_cache.shape[2], q.shape[-1])
 
 
 if triton is not None:
@@ -509,12 +509,9 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
 def _launch_way() -> tuple[bool, bool, bool]:
     """(PDL, the split kernel early, a one-block program's block before the wait) for the
     compiled step, as pdl.enabled(), ATTENTION_PDL and EARLY_BLOCK say."""
-    if ATTENTION_PDL not in ATTENTION_PDL_WAYS:
-        raise ValueError(f"unknown ATTENTION_PDL {ATTENTION_PDL!r}: one of {ATTENTION_PDL_WAYS}")
-    if EARLY_BLOCK not in EARLY_BLOCK_WAYS:
-        raise ValueError(f"unknown EARLY_BLOCK {EARLY_BLOCK!r}: one of {EARLY_BLOCK_WAYS}")
-    return (pdl.enabled() and ATTENTION_PDL != "none", ATTENTION_PDL == "both",
-            EARLY_BLOCK == "on")
+    way = checked_way(ATTENTION_PDL, "ATTENTION_PDL", ATTENTION_PDL_WAYS)
+    early_block = checked_way(EARLY_BLOCK, "EARLY_BLOCK", EARLY_BLOCK_WAYS) == "on"
+    return pdl.enabled() and way != "none", way == "both", early_block
 
 
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,

@@ -70,6 +70,7 @@ from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 if triton is not None:
@@ -327,8 +328,7 @@ def _experts_down(act: Tensor, ids: Tensor, weights: Tensor, w2: Tensor, pdl: bo
     block's residual add: in the kernel for one token's sum way, else by torch)."""
     n_tokens, top_k = ids.shape
     way = ONE_TOKEN_DOWN if one_token is None else one_token
-    if way not in DOWN_WAYS:
-        raise ValueError(f"unknown one-token down way {way!r}: one of {DOWN_WAYS}")
+    checked_way(way, "one-token down way", DOWN_WAYS)
     has_bias = b2 is not None
     b2 = b2 if has_bias else w2  # without a bias: never read
     dim, hidden = w2.shape[1], w2.shape[2]

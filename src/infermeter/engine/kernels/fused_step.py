@@ -79,6 +79,7 @@ from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.prefetch import ahead_bytes, prefetchable
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
 if triton is not None:
@@ -419,19 +420,17 @@ FILE_ENTRY: dict[str, dict[int, tuple[int, int, int]]] = {}
 def tile_entry(gpu: str) -> dict[str, dict[int, tuple[int, int, int]]]:
     """The entry (kernel -> column count -> tiles) the fused kernels take on GPU `gpu` under
     TILES_FROM; {} where they take the GEMV's tiles."""
-    if TILES_FROM not in TILES_FROM_WAYS:
-        raise ValueError(f"fused tiles from {TILES_FROM!r}: one of {TILES_FROM_WAYS}")
-    return {"table": FUSED_TILES.get(gpu, {}), "gemv": {}, "file": FILE_ENTRY}[TILES_FROM]
+    way = checked_way(TILES_FROM, "TILES_FROM", TILES_FROM_WAYS)
+    return {"table": FUSED_TILES.get(gpu, {}), "gemv": {}, "file": FILE_ENTRY}[way]
 
 
 def fused_tiles_for(kernel: str, n_cols: int, gpu: str = "", head_dim: int | None = None,
                     qk_norm: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of fused kernel `kernel` over a weight of n_cols columns on
     GPU `gpu` (a device name): tile_entry's (FUSED_TILES' by default), else tiles_for's adapted
-    to the kernel
-    (gemv_swiglu: half the rows, gate and up; norm_qkv_rope: at least one pair). qk_norm
-    (norm_qkv_rope only, with head_dim): one head a program, BLOCK_N = head_dim and BLOCK_K as
-    many columns as keep tiles_for's element count (at least 16); no entry applies."""
+    to the kernel (gemv_swiglu: half the rows, gate and up; norm_qkv_rope: at least one pair).
+    qk_norm (norm_qkv_rope only, with head_dim): one head a program, BLOCK_N = head_dim and
+    BLOCK_K as many columns as keep tiles_for's element count (at least 16); no entry applies."""
     if kernel not in FUSED_KERNELS:
         raise ValueError(f"unknown fused kernel {kernel!r}: one of {FUSED_KERNELS}")
     if qk_norm and (kernel != "norm_qkv_rope" or head_dim is None):
