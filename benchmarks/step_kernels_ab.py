@@ -176,7 +176,9 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
 
 def _settings() -> list[tuple[str, object, str, bool]]:
     """What run_model varies, in the order its cases nest: (its keyword, the module and the
-    attribute the keyword's values set, whether every kind takes them or the fused one only)."""
+    attribute the keyword's values set, whether every kind takes them or the fused one only).
+    A module's own checked setter, where it has one (prefetch.set_distance), sets the value:
+    _apply."""
     from infermeter.engine import model as engine_model
     from infermeter.engine import sampling
     from infermeter.engine.kernels import (
@@ -208,12 +210,12 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
     attention_pdl and split_stages: decode_attention's; folds: combine_wo.FOLD; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
-    model.FUSED_HEAD; argmax_parts:
-    sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
-    EARLY_BLOCK), a fused-only setting at the module's own value for split; each set back
-    after. The other overrides go to the request (device, dtype, ... for the CPU check). Each
-    Result is appended to `path` once done (marked an older tree's with `baseline`); with
-    `trace` (a folder) each case's profiled steps go to a folder of their own in it."""
+    model.FUSED_HEAD; argmax_parts: sampling.ARGMAX_PARTS; unsplits and early_blocks:
+    decode_attention's UNSPLIT and EARLY_BLOCK), a fused-only setting at the module's own value
+    for split; each set back after. The other overrides go to the request (device, dtype, ...
+    for the CPU check). Each Result is appended to `path` once done (marked an older tree's with
+    `baseline`); with `trace` (a folder) each case's profiled steps go to a folder of their own
+    in it."""
     from infermeter.engine.kernels import fused_step
 
     settings = _settings()
@@ -230,7 +232,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
             for combination in itertools.product(*values):
                 case = dict(zip(kept, combination))
                 for (_, module, attribute, _), value in zip(settings, combination):
-                    setattr(module, attribute, value)
+                    _apply(module, attribute, value)
                 name = label(kind, way, case["qk_ways"], case["distances"],
                              case["attention_pdl"], case["split_stages"], case["folds"],
                              case["argmax_parts"], batch, case["unsplits"],
@@ -242,8 +244,18 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                             model, name, round_, "kernels", "step_kernels", baseline)
     finally:
         for keyword, module, attribute, _ in settings:
-            setattr(module, attribute, kept[keyword])
+            _apply(module, attribute, kept[keyword])
         fused_step.FILE_ENTRY = kept_entry
+
+
+def _apply(module: object, attribute: str, value: object) -> None:
+    """module.attribute = value, through the module's set_<attribute> where it has one (it
+    refuses a value it cannot run)."""
+    setter = getattr(module, f"set_{attribute.lower()}", None)
+    if setter is None:
+        setattr(module, attribute, value)
+    else:
+        setter(value)
 
 
 def file_entry(tiles_file: str | None, gpu: str) -> dict:

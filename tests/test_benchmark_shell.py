@@ -272,6 +272,23 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     with pytest.raises(SystemExit):
         parser.parse_args([flag, "3"])
 
+def test_the_step_ab_sets_the_prefetch_distance_through_its_checked_setter(monkeypatch,
+                                                                          tmp_path):
+    """run_model sets prefetch.DISTANCE through prefetch.set_distance: a distance it cannot run
+    is refused before any case, and the distance comes back after."""
+    from infermeter.engine.kernels import prefetch
+    from tests.benchmark_scripts import load_benchmark
+
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda *args: seen.append(args[4]))
+    monkeypatch.setattr(prefetch, "DISTANCE", 0)
+    with pytest.raises(ValueError, match="prefetch distance must be one of"):
+        script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("fused",),
+                         device="cpu", distances=(5,))
+    assert seen == [] and prefetch.DISTANCE == 0
+
+
 def test_the_step_ab_times_a_tiles_file_s_entry_and_sets_the_table_back(monkeypatch, tmp_path):
     """--fused-tiles table file --tiles-file F: the fused kind runs once with the table's tiles
     and once with the entry F (a fused_tiles.py Result) suggests for this GPU (the CPU's name,
