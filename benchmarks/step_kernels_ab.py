@@ -373,8 +373,11 @@ def arguments():
 def main() -> int:
     parser = arguments()
     args = parser.parse_args()
-    if "file" in args.fused_tiles and not args.tiles_file:
-        parser.error("--fused-tiles file needs --tiles-file")
+    if "file" in args.fused_tiles:  # no file, or one that cannot be read: one line, before any case
+        try:
+            file_entry(args.tiles_file, "")
+        except InfermeterError as err:
+            raise SystemExit(f"error: {err}") from None
     env, slug, path = ab_file(args, "step-kernels")
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),

@@ -6,9 +6,11 @@ target beside the figure measured for it."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,6 +328,18 @@ def test_the_step_ab_times_a_tiles_file_s_entry_and_sets_the_table_back(monkeypa
         script.summary(results)
     with pytest.raises(SystemExit):
         script.arguments().parse_args(["--fused-tiles", "file", "--tiles-file"])
+    # the command line: no file, or one not there, is one error line and exit 1, no case run
+    root = BENCHMARKS.parent
+    for extra in ([], ["--tiles-file", str(tmp_path / "missing.json")]):
+        run = subprocess.run([sys.executable, str(BENCHMARKS / "step_kernels_ab.py"),
+                              "--fused-tiles", "table", "file", "--results", str(tmp_path),
+                              *extra], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(root / "src")})
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines() == [run.stderr.strip()], run.stderr
+        assert run.stderr.startswith("error: ") and ("--tiles-file" in run.stderr
+                                                     or "no such file" in run.stderr), run.stderr
+    assert not list(tmp_path.glob("step-kernels-*"))
 
 
 def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked(monkeypatch,
