@@ -150,6 +150,43 @@ def test_kernels_compile_for_an_h100_without_one(monkeypatch, dtype):
         assert binary.metadata.num_warps == kwargs.get("num_warps", 4)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("sinks", [False, True])
+def test_the_combine_loads_a_heads_maxima_and_sums_once(monkeypatch, sinks):
+    """The combine kernel (one program a query head) loads its head's split maxima and sums as
+    one column [S_PAD, 1], not once per output element: its sm_90 build at batch 8 of Llama-3.2-
+    1B's attention (8 KV heads of 4 queries, 64 wide, 8 splits, PDL) has at most 4 global load
+    instructions (5 with sinks), where the per-element form had 9 (13) and ran about 1.5 us
+    longer a layer on an H100 (docs/engine.md, "Batch 8 and 32 at Llama-3.2-1B")."""
+    import re
+
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.kernels.decode_attention import _split_kv_decode
+
+    monkeypatch.setattr(pdl, "on_gpu", lambda tensor: True)  # the PDL launches, recorded
+    q = torch.zeros(8, 8, 4, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(8, 8, 512, 64, dtype=torch.bfloat16)
+    pos = torch.arange(512)
+    sink = torch.zeros(32, dtype=torch.float32) if sinks else None
+    launches = []
+
+    def recorder(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        return Grid()
+
+    monkeypatch.setattr(pdl, "direct", recorder)
+
+    _split_kv_decode(q, cache, cache, pos, pos[100:101], 0, False, 8, 0.0, True, sinks=sink)
+    (kernel, args, kwargs), = [launch for launch in launches
+                               if launch[0].fn.__name__ == "_combine_kernel"]
+    assert kwargs["PDL"] and kwargs["HAS_SINKS"] is sinks
+    ptx = sm90_binary(kernel, args, kwargs).asm["ptx"]
+    loads = re.findall(r"^\s*(?:@%p\d+\s+)?ld\.global", ptx, flags=re.MULTILINE)
+    assert len(loads) <= (5 if sinks else 4), ptx
+
+
 def test_linear_takes_the_gemv_kernel_only_for_one_row_in_a_compiled_step(monkeypatch):
     """engine/linear.py: the GEMV kernel for a one-row product while compiling, with
     matvec_kernel "triton" and a usable kernel; F.linear otherwise. The module's forward hooks

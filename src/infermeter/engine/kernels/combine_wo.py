@@ -17,7 +17,7 @@ combine and wo added 5.73 us to a 0.5B layer where the two kernels added 3.42: e
 reads all the partials again after the wait. So FOLD is off; the kernel stays as the A/B's
 other way.
 
-Numerics: the combine's formula (decode_attention.combine_columns', a head at a time), its
+Numerics: the combine's formula (decode_attention._combine_kernel's, a head at a time), its
 output rounded to the activation dtype as the combine kernel stores it, then wo's product as
 fused_step.py's gemv_add (float32 products and sums, the product rounded, the residual added
 and rounded). The combine's float32 sums over the splits, and the product's over the columns,
@@ -87,7 +87,7 @@ if triton is not None:
         acc = tl.load(ACC + at[:, :, None] * D + d[None, None, :], mask=used[:, :, None],
                       other=0.0)  # [S_PAD, H_PAD, D]
         residual = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32)
-        # decode_attention.combine_columns' formula, a head at a time
+        # decode_attention._combine_kernel's formula, a head at a time
         weight, total = split_weights(m, l_sum, SINKS + h, h_ok, HAS_SINKS)  # [S_PAD, H_PAD]
         x = tl.math.div_rn(tl.sum(acc * weight[:, :, None], 0), total[:, None])  # [H_PAD, D]
         x = x.to(dtype).to(tl.float32)  # rounded as the combine kernel stores it

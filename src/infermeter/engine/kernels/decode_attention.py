@@ -301,26 +301,6 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=keep[:, None])
 
     @triton.jit
-    def combine_columns(ACC, M, L, SINKS, cols, col_ok, groups, n_splits, n_kv_heads,
-                        S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr):
-        """float32 [C]: the attention's output at columns `cols` [C] of its flattened
-        [B * H_kv * G * D] (a row of [1, H * D] at batch 1), each from its head's splits: the
-        partials weighed by exp(m - max m) and summed, divided once by the weighed sum of l
-        (div.rn, as torch's softmax divides by its sum). 0 where col_ok is off."""
-        s = tl.arange(0, S_PAD)
-        head = cols // D  # sequence * H + query head = row * groups + g
-        row = head // groups  # sequence * H_kv + KV head
-        g = head % groups
-        used = (s[:, None] < n_splits) & col_ok[None, :]
-        at = (row[None, :] * n_splits + s[:, None]) * groups + g[None, :]  # [S_PAD, C]
-        m = tl.load(M + at, mask=used, other=float("-inf"))
-        l_sum = tl.load(L + at, mask=used, other=0.0)
-        acc = tl.load(ACC + at * D + (cols % D)[None, :], mask=used, other=0.0)
-        weight, total = split_weights(m, l_sum, SINKS + (row % n_kv_heads) * groups + g, col_ok,
-                                      HAS_SINKS)
-        return tl.math.div_rn(tl.sum(acc * weight, 0), total)
-
-    @triton.jit
     def split_weights(m, l_sum, sink_at, ok, HAS_SINKS: tl.constexpr):
         """The combine's weights of the splits, exp(m - top) [S_PAD, C], and the denominator,
         their weighed sum of l [C] (1 where ok is off), for partial maxima m and sums l_sum
@@ -341,14 +321,30 @@ if triton is not None:
     def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
                         S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr = False,
                         PDL: tl.constexpr = False):
+        """One program a query head (sequence * H + head = row * groups + g): its splits'
+        partials weighed by exp(m - max m) and summed, divided once by the weighed sum of l
+        (div.rn, as torch's softmax divides by its sum). A head's m and l are loaded once,
+        [S_PAD, 1] (a column per program, not per output element: on an H100 at batch 8 the
+        per-element form's index arithmetic and loads made the kernel the step's slowest small
+        one, docs/engine.md "Batch 8 and 32 at Llama-3.2-1B")."""
         if PDL:  # the splits are the previous kernel's outputs (pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # One program per query head (sequence * H + head): its D columns.
-        cols = tl.program_id(0) * D + tl.arange(0, D)
-        out = combine_columns(ACC, M, L, SINKS, cols, cols >= 0, groups, n_splits, n_kv_heads,
-                              S_PAD, D, HAS_SINKS)
-        tl.store(OUT + cols, out.to(OUT.dtype.element_ty))
+        head = tl.program_id(0)
+        row = head // groups  # sequence * H_kv + KV head
+        g = head % groups
+        s = tl.arange(0, S_PAD)[:, None]  # [S_PAD, 1]
+        d = tl.arange(0, D)
+        one = tl.arange(0, 1) >= 0  # [1]: the head's single column of weights
+        used = s < n_splits
+        at = (row * n_splits + s) * groups + g  # [S_PAD, 1] offsets into M, L (ACC's rows)
+        m = tl.load(M + at, mask=used, other=float("-inf"))
+        l_sum = tl.load(L + at, mask=used, other=0.0)
+        acc = tl.load(ACC + at * D + d[None, :], mask=used, other=0.0)  # [S_PAD, D]
+        weight, total = split_weights(m, l_sum, SINKS + (row % n_kv_heads) * groups + g
+                                      + tl.arange(0, 1), one, HAS_SINKS)  # [S_PAD, 1], [1]
+        out = tl.math.div_rn(tl.sum(acc * weight, 0), total)  # [D]
+        tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty))
 
 
 def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
