@@ -80,14 +80,16 @@ def test_the_folded_kernel_reads_only_weights_before_the_wait_and_divides_exactl
 
 def test_an_older_trees_baseline_is_never_a_columns_figure():
     """config.ab.baseline (step_kernels_ab.py --baseline: the A/B's run of an older source
-    tree, timed after the new one): the report sets it aside as a comparison, however late its
-    timestamp; a plain A/B case stays a candidate."""
+    tree, timed after the new one) and config.ab.environment (a setting made in the process's
+    environment, outside the engine): the report sets either aside as a comparison, however
+    late its timestamp; a plain A/B case stays a candidate."""
     from infermeter.report.select import off_default_kernels
     from tests.report_records import seed_record
 
     assert off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0,
                                                   "baseline": True}))
     assert not off_default_kernels(seed_record(1, ab={"kernels": "fused", "round": 0}))
+    assert off_default_kernels(seed_record(1, ab={"environment": "TORCHINDUCTOR_ENABLE_PDL=1"}))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

@@ -227,7 +227,9 @@ def off_default_kernels(record: Record) -> bool:
     config.split_stages, config.early_block false; kernels/decode_attention.py, an A/B's), its
     combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's) or run
     unsplit (config.attention_unsplit; kernels/decode_attention.py, an A/B's), an A/B's
-    baseline run of an older source tree (config.ab.baseline), the argmax over a row in
+    baseline run of an older source tree (config.ab.baseline) or a run with a setting made
+    outside the engine, in its environment (config.ab.environment, e.g. inductor's PDL for
+    every compile: TORCHINDUCTOR_ENABLE_PDL=1), the argmax over a row in
     a number of parts other than the default's (config.argmax_parts other than 0, the
     default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
     the fused kernels' tiles taken from elsewhere than their table (config.fused_tiles_from;
@@ -253,7 +255,7 @@ def off_default_kernels(record: Record) -> bool:
             or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
-            or bool(dig(cfg, "ab", "baseline"))
+            or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
 
