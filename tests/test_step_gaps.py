@@ -344,16 +344,20 @@ def test_a_layers_kernels_are_the_medians_over_the_layers():
         (0, "a", 2), (1, "b", 3), (2, "c", 5), (3, "d", 10)]
     text = bd.render_gaps(gaps)
     assert "A layer's kernels (median over 3 layers; adds: " in text
-    # none overlaps: each adds its duration; shares of the adds' sum, 20 us
+    # none overlaps: each adds its duration and starts 1 us after the one before it ends (the
+    # step's first kernel has none before it: layers 1 and 2 give a's); shares of the adds'
+    # sum, 20 us
     assert [line.split() for line in text.splitlines()[-4:]] == [
-        ["0", "a", "2.00", "2.00", "10"], ["1", "b", "3.00", "3.00", "15"],
-        ["2", "c", "5.00", "5.00", "25"], ["3", "d", "10.00", "10.00", "50"]]
+        ["0", "a", "2.00", "2.00", "1.00", "10"], ["1", "b", "3.00", "3.00", "1.00", "15"],
+        ["2", "c", "5.00", "5.00", "1.00", "25"], ["3", "d", "10.00", "10.00", "1.00", "50"]]
 
 
 def test_a_kernel_adds_only_its_time_past_the_kernels_started_before_it():
-    """PDL's overlap: b starts 4 us into a's 10 and ends 3 us after it (adds 3, lasts 9); c
-    starts and ends inside b (adds 0); d starts after a 2 us gap (adds its 5, not the gap).
-    A layer's adds sum to its busy time."""
+    """PDL's overlap: b starts 4 us into a's 10 and ends 3 us after it (adds 3, lasts 9, starts
+    6 us before a's end); c starts and ends inside b (adds 0, starts 8 us before b's end); d
+    starts after a 2 us gap (adds its 5, not the gap; starts 2 us after). A layer's adds sum
+    to its busy time. The step's first kernel starts after none: a's start is layer 1's, 10 us
+    after layer 0's d."""
     def layer(k, t):
         return [{"name": name, "start": t + a, "end": t + b, "stream": 7, "layer": k}
                 for name, a, b in (("a", 0, 10), ("b", 4, 13), ("c", 5, 8), ("d", 15, 20))]
@@ -362,6 +366,18 @@ def test_a_kernel_adds_only_its_time_past_the_kernels_started_before_it():
     assert [(r["name"], r["median_us"], r["adds_us"]) for r in rows] == [
         ("a", 10, 10), ("b", 9, 3), ("c", 3, 0), ("d", 5, 5)]
     assert sum(r["adds_us"] for r in rows) == pytest.approx(1e3 * gaps["layers"][0]["busy_ms"])
+    assert [r["starts_us"] for r in rows] == [10, -6, -8, 2]
+    text = bd.render_gaps(gaps)
+    assert "starts: its start less their latest end, below 0 launched early" in text
+    assert [line.split()[4] for line in text.splitlines()[-4:]] == ["10.00", "-6.00", "-8.00",
+                                                                   "2.00"]
+
+
+def test_a_kernel_with_no_kernel_before_it_in_any_layer_starts_after_none():
+    """One layer: its first kernel is the step's first, so nothing starts before it ("-")."""
+    gaps = bd.step_gaps([_layers_items([list(LAYER_KERNELS)])], 0, {})
+    assert [r["starts_us"] for r in gaps["layer_kernels"]] == [None, 1, 1, 1]
+    assert bd.render_gaps(gaps).splitlines()[-4].split()[4] == "-"
 
 
 def test_layers_of_another_kernel_count_are_left_out_of_a_layers_kernels():
@@ -404,7 +420,12 @@ def test_trace_command_prints_and_stores_a_layers_kernels(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     at = next(k for k, line in enumerate(lines)
               if line.startswith("A layer's kernels (median over 2 layers; adds: "))
-    assert lines[at + 1].split() == ["#", "kernel", "median", "us", "adds", "us", "share", "%"]
+    assert lines[at + 1].split() == ["#", "kernel", "median", "us", "adds", "us", "starts", "us",
+                                     "share", "%"]
+    # starts: the gaps before each kernel, medians over the two layers (the embedding -> l0_a
+    # 2 us and l0_c -> l1_a 5 us; l0_a -> l0_b 3 and l1_a -> l1_b 0; l0_b -> l0_c 1 and
+    # l1_b -> l1_c 4)
     assert [line.split() for line in lines[at + 3:at + 6]] == [
-        ["0", "l0_a", "10.00", "10.00", "35.7"], ["1", "l0_b", "10.00", "10.00", "35.7"],
-        ["2", "l0_c", "8.00", "8.00", "28.6"]]
+        ["0", "l0_a", "10.00", "10.00", "3.50", "35.7"],
+        ["1", "l0_b", "10.00", "10.00", "1.50", "35.7"],
+        ["2", "l0_c", "8.00", "8.00", "2.50", "28.6"]]

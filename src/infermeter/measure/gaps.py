@@ -35,7 +35,10 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   durations, and the median of what each adds to the step: the part of its run that no
   kernel started before it already covers (end - max(start, the latest end before it)). With
   PDL a kernel starts while the one before it runs and waits inside, so its duration counts
-  that wait; what it adds does not, and a step's adds sum to its busy time. Layers of another
+  that wait; what it adds does not, and a step's adds sum to its busy time. And the median of
+  when it starts: its start less the latest end of the kernels started before it, below 0 where
+  it was launched while one still ran (PDL's early launch), above 0 the idle time before it (a
+  launch's latency, the most a kernel's dependency costs in a CUDA graph). Layers of another
   count (an MoE layer among dense ones, a layer whose expert loop
   launched more) would shift the positions, so they are left out; layer_kernels_from counts
   the layers used.
@@ -106,21 +109,25 @@ def _layer_rows(items: list[dict[str, Any]], idle: list[tuple[float, float, Any,
     return rows, rest, where
 
 
-def _adds(items: list[dict[str, Any]]) -> dict[int, float]:
+def _adds(items: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, float]]:
     """What each item adds to the step's busy time (us), keyed by id(item): its end past the
-    latest end of the items started before it, from its start at the earliest."""
-    added, latest = {}, float("-inf")
+    latest end of the items started before it, from its start at the earliest; and its start
+    less that latest end (below 0: it started while one ran), the first item's absent."""
+    added, starts, latest = {}, {}, float("-inf")
     for item in sorted(items, key=lambda i: (i["start"], i["end"])):
         added[id(item)] = max(0.0, item["end"] - max(item["start"], latest))
+        if latest > float("-inf"):
+            starts[id(item)] = item["start"] - latest
         latest = max(latest, item["end"])
-    return added
+    return added, starts
 
 
 def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, int | None]:
-    """Per position in a layer: its kernel name, median duration and median time added to the
-    step (us) over the layers of the most common kernel count, and how many layers that is;
-    (None, None) without layers."""
-    added = _adds(items)
+    """Per position in a layer: its kernel name, median duration, median time added to the
+    step and median start after the kernels before it (us; None where no layer's kernel there
+    has one before it) over the layers of the most common kernel count, and how many layers
+    that is; (None, None) without layers."""
+    added, starts = _adds(items)
     by_layer: dict[int, list[dict[str, Any]]] = {}
     for item in items:
         if item.get("layer") is not None:
@@ -135,7 +142,9 @@ def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | 
              "name": Counter(layer[k]["name"] for layer in used).most_common(1)[0][0],
              "median_us": statistics.median(layer[k]["end"] - layer[k]["start"]
                                             for layer in used),
-             "adds_us": statistics.median(added[id(layer[k])] for layer in used)}
+             "adds_us": statistics.median(added[id(layer[k])] for layer in used),
+             "starts_us": _median_or_none([starts[id(layer[k])] for layer in used
+                                           if id(layer[k]) in starts])}
             for k in range(count)]
     return rows, len(used)
 
@@ -247,6 +256,10 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any]
             "steps": each, **how, **_bytes_bound(meta)}
 
 
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
@@ -258,12 +271,15 @@ def _render_layer_kernels(gaps: dict[str, Any], max_rows: int) -> str:
     kernels = gaps["layer_kernels"]
     total = sum(r["adds_us"] for r in kernels)
     rows = [(r["position"], r["name"][:60], f"{r['median_us']:.2f}", f"{r['adds_us']:.2f}",
+             "-" if r.get("starts_us") is None else f"{r['starts_us']:.2f}",
              _num(100 * r["adds_us"] / total if total else None))
             for r in kernels[:max_rows]]
     more = len(kernels) - max_rows
     return (f"A layer's kernels (median over {gaps['layer_kernels_from']} layers; adds: its "
-            "time past the kernels started before it, what it costs the step under PDL):\n"
-            + render_table(("#", "kernel", "median us", "adds us", "share %"), rows)
+            "time past the kernels started before it, what it costs the step under PDL; "
+            "starts: its start less their latest end, below 0 launched early):\n"
+            + render_table(("#", "kernel", "median us", "adds us", "starts us", "share %"),
+                           rows)
             + (f"\n... {more} more kernels (--json lists every one)" if more > 0 else ""))
 
 
