@@ -17,18 +17,22 @@ TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 
 
-def recorded_launches(monkeypatch, call) -> list:
-    """Run call() with torch.library.wrap_triton replaced by a recorder: the (kernel, args,
-    constexpr kwargs) each op really launches with, on CPU tensors, nothing executed."""
-    launches = []
-
+def launch_recorder(launches: list):
+    """A stand-in for torch.library.wrap_triton (or pdl.direct): kernel[grid](*args, **kwargs)
+    appends (kernel, args, kwargs) to `launches` and runs nothing."""
     def wrap(kernel):
         class Grid:
             def __getitem__(self, grid):
                 return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
         return Grid()
+    return wrap
 
-    monkeypatch.setattr(torch.library, "wrap_triton", wrap)
+
+def recorded_launches(monkeypatch, call) -> list:
+    """Run call() with torch.library.wrap_triton replaced by a recorder: the (kernel, args,
+    constexpr kwargs) each op really launches with, on CPU tensors, nothing executed."""
+    launches = []
+    monkeypatch.setattr(torch.library, "wrap_triton", launch_recorder(launches))
     call()
     return launches
 

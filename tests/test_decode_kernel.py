@@ -19,7 +19,13 @@ import torch
 from infermeter.engine.kernels.decode_attention import BLOCK_N, kernel_usable, split_count
 from infermeter.engine.model import build_model
 from infermeter.specs.presets import PRESETS
-from tests.sm90_build import LAUNCH_OPTIONS, inductor_signature, recorded_launches, sm90_binary
+from tests.sm90_build import (
+    LAUNCH_OPTIONS,
+    inductor_signature,
+    launch_recorder,
+    recorded_launches,
+    sm90_binary,
+)
 from tests.triton_interpreter import run_under_interpreter
 
 WORKER = Path(__file__).with_name("decode_kernel_worker.py")
@@ -169,14 +175,7 @@ def test_the_combine_loads_a_heads_maxima_and_sums_once(monkeypatch, sinks):
     pos = torch.arange(512)
     sink = torch.zeros(32, dtype=torch.float32) if sinks else None
     launches = []
-
-    def recorder(kernel):
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-        return Grid()
-
-    monkeypatch.setattr(pdl, "direct", recorder)
+    monkeypatch.setattr(pdl, "direct", launch_recorder(launches))
 
     _split_kv_decode(q, cache, cache, pos, pos[100:101], 0, False, 8, 0.0, True, sinks=sink)
     (kernel, args, kwargs), = [launch for launch in launches
