@@ -1,0 +1,222 @@
+"""Time one `infermeter generate` case on several source trees, one process each, in
+alternating order: what a commit cost (or won), measured on one machine in one command.
+
+Why a script: a step's speed moves 1-2% between processes on the same GPU, so two trees are
+compared only by alternating their processes (ABAB) in one device command, and an older tree
+runs its own code, not today's, so it runs as a process of its own with its src/ first on the
+path. The device has no git: the trees travel as folders, made here first.
+
+  python benchmarks/trees_ab.py snapshot REV [REV ...] --into DIR
+      each revision's src/ and pyproject.toml, from git, into DIR/<12-hex>/, with a REV file
+  python benchmarks/trees_ab.py run TREE [TREE ...] --name NAME [--rounds N] [--timeout S]
+          -- GENERATE_FLAGS
+      per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
+      with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV; the Results go
+      to results/NAME-<device>.jsonl, each labelled config.ab = {"tree": its 12 hex digits,
+      "round": k, "command": this command's start}, and "baseline": true on every tree after
+      the first (the tree under test comes first; the report never takes a baseline's figure);
+      then the summary (below)
+  python benchmarks/trees_ab.py summary --name NAME
+      the latest command's Results: each process's TPOT p50, per-run range, decode tok/s and
+      MBU, and per batch each baseline against the first tree (per-run TPOT medians; whether
+      the ranges are apart), beside the Results as NAME-<device>-summary.txt
+
+A process that fails or passes --timeout prints one line and the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, write_summary  # noqa: E402
+
+from infermeter.errors import InfermeterError  # noqa: E402
+from infermeter.measure.result import Result, append_jsonl, read_results  # noqa: E402
+from infermeter.textable import render_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+REVISION = re.compile(r"[0-9a-f]{40}")
+
+
+def tree_revision(tree: Path) -> str:
+    """The 40-hex revision a snapshot folder holds (its REV file); InfermeterError where the
+    folder is not one (no src/infermeter, no REV, or a REV that is no revision)."""
+    if not (tree / "src" / "infermeter" / "__init__.py").is_file():
+        raise InfermeterError(f"{tree}: not a source tree (no src/infermeter/__init__.py); "
+                              "make one with `trees_ab.py snapshot`")
+    try:
+        rev = (tree / "REV").read_text().strip()
+    except OSError:
+        raise InfermeterError(f"{tree}: no REV file naming its revision") from None
+    if not REVISION.fullmatch(rev):
+        raise InfermeterError(f"{tree}/REV: {rev[:50]!r} is not a 40-hex revision")
+    return rev
+
+
+def snapshot(revisions: list[str], into: Path) -> list[Path]:
+    """Each revision's src/ and pyproject.toml from git into `into`/<12 hex>/ with its REV."""
+    trees = []
+    for name in revisions:
+        found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
+                               capture_output=True, text=True)
+        if found.returncode:
+            raise InfermeterError(f"{name}: no such commit in this repository")
+        rev = found.stdout.strip()
+        tree = into / rev[:12]
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "src", "pyproject.toml"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        (tree / "REV").write_text(rev + "\n")
+        trees.append(tree)
+    return trees
+
+
+def child_env(tree: Path, rev: str) -> dict[str, str]:
+    """The environment a tree's process runs in: its src/ ahead of whatever PYTHONPATH held
+    (a device's installed wheels stay reachable), its revision named for its Results."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tree.resolve() / "src"), os.environ.get("PYTHONPATH")) if p)
+    env["INFERMETER_SOURCE_REVISION"] = rev
+    env.pop("OUT", None)  # an older tree's scripts must not write into the device's $OUT
+    return env
+
+
+def run_tree(tree: Path, rev: str, flags: list[str], timeout: float | None,
+             output: Path) -> str | None:
+    """`generate FLAGS --output OUTPUT` in the tree's process; None, or why it gave nothing."""
+    command = [sys.executable, "-m", "infermeter", "generate", *flags, "--output", str(output)]
+    child = subprocess.Popen(command, cwd=tree, env=child_env(tree, rev),
+                             start_new_session=True)  # its compile workers die with it
+    try:
+        code = child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return f"timed out after {timeout:g} s"
+    return f"exited with {code}" if code else None
+
+
+def labelled(results: list[Result], rev: str, round_: int, command: str,
+             baseline: bool) -> list[Result]:
+    for result in results:
+        result.config["ab"] = {"tree": rev[:12], "round": round_, "command": command,
+                               **({"baseline": True} if baseline else {})}
+    return results
+
+
+def run(trees: list[Path], flags: list[str], rounds: int, timeout: float | None,
+        path: Path, start: float) -> None:
+    """rounds x trees processes, each tree's Results labelled and appended to `path`."""
+    revs = [tree_revision(tree) for tree in trees]  # every tree checked before any runs
+    command = datetime.now(UTC).isoformat(timespec="microseconds")
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(rounds):
+            for index, (tree, rev) in enumerate(zip(trees, revs, strict=True)):
+                progress(start, f"round {round_}: {rev[:12]} ({tree})")
+                output = Path(scratch) / f"{round_}-{index}.jsonl"
+                failed = run_tree(tree, rev, flags, timeout, output)
+                try:
+                    found = read_results(output) if output.exists() else []
+                except InfermeterError as err:
+                    failed, found = f"its Results cannot be read here ({err})", []
+                if failed or not found:
+                    print(f"{rev[:12]} round {round_}: {failed or 'wrote no Result'}",
+                          file=sys.stderr)
+                if found:
+                    append_jsonl(path, labelled(found, rev, round_, command, index > 0))
+
+
+def summarise(results: list[Result]) -> str:
+    """The latest command's processes in the order they ran, and each baseline tree against
+    the first, per batch size."""
+    ours = [r for r in results if isinstance(r.config.get("ab"), dict)
+            and "tree" in r.config["ab"]]
+    if not ours:
+        return "no Results of trees_ab.py in this file"
+    latest = max(r.config["ab"].get("command", "") for r in ours)
+    ours = [r for r in ours if r.config["ab"].get("command", "") == latest]
+    rows, runs = [], {}
+    for r in ours:
+        ab, m, tpots = r.config["ab"], r.metrics, run_tpots(r)
+        batch = r.config.get("batch_size")
+        rows.append([ab["tree"], ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
+                     ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
+                     fmt(m.get("mbu_pct"))])
+        runs.setdefault(batch, {}).setdefault(ab["tree"], []).extend(tpots)
+    first = next(r.config["ab"]["tree"] for r in ours if not r.config["ab"].get("baseline"))
+    lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
+             f"{first} (the others marked config.ab.baseline); command of {latest}",
+             render_table(("tree", "round", "batch", "TPOT p50 ms", "per-run TPOT ms (range)",
+                           "decode tok/s", "MBU %"), rows)]
+    for batch, by_tree in runs.items():
+        lines += [ab_line(f"batch {batch}", by_tree, first, tree)
+                  for tree in by_tree if tree != first]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    ours = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    snap = sub.add_parser("snapshot", help="revisions from git into folders")
+    snap.add_argument("revisions", nargs="+")
+    snap.add_argument("--into", required=True)
+    timed = sub.add_parser("run", help="time `generate -- FLAGS` on each tree, alternating")
+    timed.add_argument("trees", nargs="+")
+    timed.add_argument("--rounds", type=int, default=2)
+    timed.add_argument("--timeout", type=float, help="seconds a process may run")
+    for p in (timed, sub.add_parser("summary", help="the latest command's summary")):
+        p.add_argument("--name", required=True, help="results/NAME-<device>.jsonl")
+        p.add_argument("--results", default=str(RESULTS))
+        p.add_argument("--slug", help="the device part of the file name (default: this one's)")
+    args = parser.parse_args(ours)
+    start = time.perf_counter()
+    try:
+        if args.action == "snapshot":
+            for tree in snapshot(args.revisions, Path(args.into)):
+                print(tree)
+            return 0
+        if args.action == "run":
+            if args.rounds < 1:
+                raise InfermeterError(f"--rounds {args.rounds}: at least 1")
+            if not flags or "--output" in flags or "-o" in flags:
+                raise InfermeterError("give generate's flags after --, without --output (each "
+                                      "process writes its own, gathered here)")
+            for tree in args.trees:
+                tree_revision(Path(tree))
+        path = results_path(args)
+        if args.action == "run":
+            run([Path(t) for t in args.trees], flags, args.rounds, args.timeout, path, start)
+        return write_summary(path, summarise, start)
+    except InfermeterError as err:
+        print(f"trees_ab.py: error: {err}", file=sys.stderr)
+        return 1
+
+
+def results_path(args: argparse.Namespace) -> Path:
+    slug = args.slug
+    if slug is None:
+        from infermeter.measure.env import capture_env, device_slug
+
+        slug = device_slug(capture_env())
+    path = Path(args.results) / f"{args.name}-{slug}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

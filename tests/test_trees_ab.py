@@ -1,0 +1,181 @@
+"""benchmarks/trees_ab.py: one generate case over source trees, one process each, alternating.
+
+The trees here are stand-ins: each holds an `infermeter` package whose `generate` writes one
+Result (its TPOT per run from the tree's own speed, its revision from the environment the
+script sets), sleeps past the timeout, or fails, so the script's order, labels, checks and
+summary are tested without a model or a GPU. snapshot runs git on a small repository made here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infermeter.measure.result import read_results
+from tests.benchmark_scripts import load_benchmark
+
+trees_ab = load_benchmark("trees_ab")
+
+# A stand-in `python -m infermeter generate ... --output F`: one generate Result whose runs
+# take MS a step (the tree's speed, from its file), its env.source_revision the environment's,
+# its batch from --batch-size; it records its argv and PYTHONPATH's first entry beside it.
+STAND_IN = '''
+import json, os, sys, time
+from pathlib import Path
+here = Path(__file__).resolve().parents[2]
+mode = (here / "MODE").read_text().strip()
+args = sys.argv[1:]
+if mode == "sleep":
+    time.sleep(60)
+if mode == "fail":
+    sys.exit(3)
+ms = float((here / "MS").read_text())
+batch = int(args[args.index("--batch-size") + 1])
+with open(here / "calls", "a") as calls:
+    calls.write(json.dumps({"argv": args, "path": os.environ["PYTHONPATH"].split(os.pathsep)[0],
+                            "out": os.environ.get("OUT")}) + "\\n")
+result = {"schema": SCHEMA, "kind": "generate", "model": {"name": "m"},
+          "config": {"batch_size": batch, "mode": "compiled"},
+          "env": {"source_revision": os.environ["INFERMETER_SOURCE_REVISION"]},
+          "metrics": {"tpot_ms": {"p50": ms}, "decode_tok_per_s": batch * 1000 / ms,
+                      "mbu_pct": 50.0, "decode_steps": 10},
+          "samples": {"decode_ms": [10 * ms, 10 * ms * 1.001]}, "warnings": []}
+with open(args[args.index("--output") + 1], "a") as out:
+    out.write(json.dumps(result) + "\\n")
+'''
+
+
+def stand_in_tree(root: Path, rev: str, ms: float = 1.0, mode: str = "ok") -> Path:
+    from infermeter.measure.result import SCHEMA_VERSION
+
+    tree = root / rev[:12]
+    package = tree / "src" / "infermeter"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(STAND_IN.replace("SCHEMA", str(SCHEMA_VERSION)))
+    (tree / "REV").write_text(rev + "\n")
+    (tree / "MS").write_text(str(ms))
+    (tree / "MODE").write_text(mode)
+    return tree
+
+
+NEW, OLD = "a" * 40, "b" * 40
+FLAGS = ["--", "--model", "llama-3.2-1b", "--batch-size", "8"]
+
+
+def run_ab(tmp_path, trees, *extra):
+    return trees_ab.main(["run", *map(str, trees), "--name", "t", "--results",
+                          str(tmp_path / "results"), "--slug", "gpu", *extra, *FLAGS])
+
+
+def test_trees_alternate_each_in_its_own_process_and_the_baselines_are_marked(tmp_path,
+                                                                              capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    new, old = stand_in_tree(tmp_path, NEW, 1.0), stand_in_tree(tmp_path, OLD, 1.1)
+    assert run_ab(tmp_path, [new, old], "--rounds", "2") == 0
+    path = tmp_path / "results" / "t-gpu.jsonl"
+    results = read_results(path)
+    # ABAB: each process ran its own tree's code and named its own revision
+    assert [r.env["source_revision"] for r in results] == [NEW, OLD, NEW, OLD]
+    assert [(r.config["ab"]["tree"], r.config["ab"]["round"], r.config["ab"].get("baseline"))
+            for r in results] == [(NEW[:12], 0, None), (OLD[:12], 0, True),
+                                  (NEW[:12], 1, None), (OLD[:12], 1, True)]
+    assert len({r.config["ab"]["command"] for r in results}) == 1
+    for tree in (new, old):
+        calls = [json.loads(line) for line in (tree / "calls").read_text().splitlines()]
+        assert [c["path"] for c in calls] == [str((tree / "src").resolve())] * 2
+        assert all(c["argv"][:5] == ["generate", "--model", "llama-3.2-1b", "--batch-size", "8"]
+                   and c["out"] is None for c in calls)  # $OUT kept from the trees
+    text = (tmp_path / "results" / "t-gpu-summary.txt").read_text()
+    assert text == capsys.readouterr().out
+    assert f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.100" in text and "ranges apart" in text
+    # where $OUT is set the Results and the summary come back through it too
+    assert (tmp_path / "out" / "t-gpu-summary.txt").read_text() == text
+
+
+def test_the_summary_is_the_latest_commands(tmp_path, capsys):
+    new, old = stand_in_tree(tmp_path, NEW, 1.0), stand_in_tree(tmp_path, OLD, 1.2)
+    assert run_ab(tmp_path, [new, old], "--rounds", "1") == 0
+    (new / "MS").write_text("1.3")  # the next command: the first tree is now the slower one
+    assert run_ab(tmp_path, [new, old], "--rounds", "1") == 0
+    assert len(read_results(tmp_path / "results" / "t-gpu.jsonl")) == 4
+    capsys.readouterr()
+    assert trees_ab.main(["summary", "--name", "t", "--results", str(tmp_path / "results"),
+                          "--slug", "gpu"]) == 0
+    text = capsys.readouterr().out
+    assert f"TPOT {1.2 / 1.3:.3f}" in text and "1.0000" not in text
+
+
+def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_path, capsys):
+    slow = stand_in_tree(tmp_path, "c" * 40, mode="sleep")
+    broken = stand_in_tree(tmp_path, "d" * 40, mode="fail")
+    new = stand_in_tree(tmp_path, NEW, 1.0)
+    assert run_ab(tmp_path, [new, slow, broken], "--rounds", "1", "--timeout", "2") == 0
+    err = capsys.readouterr().err
+    assert f"{'c' * 12} round 0: timed out after 2 s" in err
+    assert f"{'d' * 12} round 0: exited with 3" in err
+    assert [r.env["source_revision"] for r in read_results(tmp_path / "results" / "t-gpu.jsonl")] \
+        == [NEW]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not a source tree"),
+    ("no REV", "no REV file"),
+    ("bad REV", "is not a 40-hex revision"),
+    ("output", "without --output"),
+    ("no flags", "give generate's flags after --"),
+    ("rounds", "--rounds 0: at least 1"),
+])
+def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, message):
+    new = stand_in_tree(tmp_path, NEW)
+    other = stand_in_tree(tmp_path, OLD)
+    flags = list(FLAGS)
+    extra = []
+    if case == "missing":
+        other = tmp_path / "nowhere"
+    elif case == "no REV":
+        (other / "REV").unlink()
+    elif case == "bad REV":
+        (other / "REV").write_text("main\n")
+    elif case == "output":
+        flags += ["--output", "x.jsonl"]
+    elif case == "no flags":
+        flags = []
+    else:
+        extra = ["--rounds", "0"]
+    code = trees_ab.main(["run", str(new), str(other), "--name", "t", "--results",
+                          str(tmp_path / "results"), "--slug", "gpu", *extra, *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and message in err
+    assert not (new / "calls").exists() and not (tmp_path / "results").exists()
+
+
+def test_snapshot_takes_each_revisions_source_and_names_it(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    (repo / "src" / "infermeter").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    revs = []
+    for text in ("one", "two"):
+        (repo / "src" / "infermeter" / "__init__.py").write_text(f"# {text}\n")
+        (repo / "pyproject.toml").write_text("")
+        (repo / "notes.txt").write_text(text)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", text], check=True)
+        revs.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   check=True).stdout.strip())
+    monkeypatch.chdir(repo)
+    assert trees_ab.main(["snapshot", "HEAD~1", "HEAD", "--into", str(tmp_path / "trees")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "trees" / rev[:12]) for rev in revs]
+    for rev, text in zip(revs, ("one", "two"), strict=True):
+        tree = tmp_path / "trees" / rev[:12]
+        assert trees_ab.tree_revision(tree) == rev
+        assert (tree / "src" / "infermeter" / "__init__.py").read_text() == f"# {text}\n"
+        assert not (tree / "notes.txt").exists()  # src/ and pyproject.toml only
+    assert trees_ab.main(["snapshot", "nosuchrev", "--into", str(tmp_path / "trees")]) == 1
+    assert "nosuchrev: no such commit in this repository" in capsys.readouterr().err
