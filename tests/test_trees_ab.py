@@ -114,9 +114,9 @@ def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_pat
     slow = stand_in_tree(tmp_path, "c" * 40, mode="sleep")
     broken = stand_in_tree(tmp_path, "d" * 40, mode="fail")
     new = stand_in_tree(tmp_path, NEW, 1.0)
-    assert run_ab(tmp_path, [new, slow, broken], "--rounds", "1", "--timeout", "2") == 0
+    assert run_ab(tmp_path, [new, slow, broken], "--rounds", "1", "--timeout", "4") == 0
     err = capsys.readouterr().err
-    assert f"{'c' * 12} round 0: timed out after 2 s" in err
+    assert f"{'c' * 12} round 0: timed out after 4 s" in err
     assert f"{'d' * 12} round 0: exited with 3" in err
     assert [r.env["source_revision"] for r in read_results(tmp_path / "results" / "t-gpu.jsonl")] \
         == [NEW]
