@@ -429,3 +429,85 @@ def test_trace_command_prints_and_stores_a_layers_kernels(tmp_path, capsys):
         ["0", "l0_a", "10.00", "10.00", "3.50", "35.7"],
         ["1", "l0_b", "10.00", "10.00", "1.50", "35.7"],
         ["2", "l0_c", "8.00", "8.00", "2.50", "28.6"]]
+
+
+# --against: two builds of one step, side by side (measure/against.py)
+
+def _shifted_items(delay: float, slow_c: float = 0.0):
+    """LAYER_KERNELS' 3 layers with each kernel's gap before it `delay` us longer (1 + delay)
+    and c slow_c us longer."""
+    items, t = [], 0.0
+    for k in range(3):
+        for name, dur in LAYER_KERNELS:
+            dur += slow_c if name == "c" else 0.0
+            items.append({"name": name, "start": t + 1 + delay, "end": t + 1 + delay + dur,
+                          "stream": 7, "layer": k})
+            t += 1 + delay + dur
+    return items
+
+
+def test_against_lines_up_a_layers_kernels_and_says_what_changed():
+    """The other build starts every kernel 0.5 us later and runs c 2 us longer: the starts
+    change by +0.50 everywhere, c's duration and adds by +2.00, nothing else."""
+    from infermeter.measure.against import against, render_against
+
+    here = bd.step_gaps([_shifted_items(0.0)], 0, {})
+    there = bd.step_gaps([_shifted_items(0.5, slow_c=2.0)], 0, {})
+    compared = against(here, there)
+    assert compared["note"] is None
+    assert [(r["name"], r["median_us"], r["adds_us"], r["starts_us"])
+            for r in compared["rows"]] == [
+        ("a", [2, 2], [2, 2], [1, 1.5]), ("b", [3, 3], [3, 3], [1, 1.5]),
+        ("c", [5, 7], [5, 7], [1, 1.5]), ("d", [10, 10], [10, 10], [1, 1.5])]
+    # 12 kernels and 11 gaps inside each step's span: 60 + 11 us here; 2 us longer a layer and
+    # 0.5 us longer a gap there
+    assert compared["step"]["span_ms"] == pytest.approx([0.071, 0.071 + 0.006 + 0.0055])
+    assert compared["step"]["kernels"] == [12, 12]
+    text = render_against(compared, "other.json")
+    assert text.startswith("Against other.json: step 0.0710 and 0.0825 ms")
+    assert [line.split() for line in text.splitlines()[-4:]] == [
+        ["0", "a", "2.00", "2.00", "+0.00", "2.00", "2.00", "+0.00", "1.00", "1.50", "+0.50"],
+        ["1", "b", "3.00", "3.00", "+0.00", "3.00", "3.00", "+0.00", "1.00", "1.50", "+0.50"],
+        ["2", "c", "5.00", "7.00", "+2.00", "5.00", "7.00", "+2.00", "1.00", "1.50", "+0.50"],
+        ["3", "d", "10.00", "10.00", "+0.00", "10.00", "10.00", "+0.00", "1.00", "1.50",
+         "+0.50"]]
+
+
+def test_against_keeps_both_names_and_refuses_layers_of_other_counts():
+    from infermeter.measure.against import against, render_against
+
+    here = bd.step_gaps([_shifted_items(0.0)], 0, {})
+    renamed = [dict(item, name="b2" if item["name"] == "b" else item["name"])
+               for item in _shifted_items(0.0)]
+    compared = against(here, bd.step_gaps([renamed], 0, {}))
+    assert [(r["name"], r["other_name"]) for r in compared["rows"]][1] == ("b", "b2")
+    assert "b | there b2" in render_against(compared, "o")
+    longer = [list(LAYER_KERNELS) + [("e", 1)] for _ in range(3)]
+    compared = against(here, bd.step_gaps([_layers_items(longer)], 0, {}))
+    assert compared["rows"] is None
+    assert render_against(compared, "o").splitlines()[-1] == \
+        "a layer's kernels not compared: 4 a layer here, 5 in the other trace"
+    flat = bd.breakdown(compiled_trace(FUSED_LAYER * 3, {}))["step_gaps"]
+    assert against(here, flat)["note"] == \
+        "a layer's kernels: none in the other trace (no layers found)"
+
+
+def test_trace_against_prints_and_stores_the_comparison(tmp_path, capsys):
+    here, there = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
+    here.write_bytes(gzip.compress(json.dumps(layered_trace()).encode()))
+    there.write_bytes(gzip.compress(json.dumps(layered_trace()).encode()))
+    assert main(["trace", str(here), "--against", str(there)]) == 0
+    out = capsys.readouterr().out
+    assert f"Against {there}: step 0.0900 and 0.0900 ms" in out
+    assert "A layer's kernels here and there (change: there less here):" in out
+    assert main(["trace", str(here), "--against", str(there), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["against"]
+    assert stored["file"] == str(there) and stored["note"] is None
+    assert [r["name"] for r in stored["rows"]] == ["l0_a", "l0_b", "l0_c"]
+    # a trace without a GPU decode step: one line, exit 2, nothing printed
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"traceEvents": [_event("cpu_op", "aten::mm", 0, 5)]}))
+    assert main(["trace", str(here), "--against", str(cpu)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().count("\n") == 0
+    assert f"--against: {cpu} has no GPU decode step to compare" in captured.err

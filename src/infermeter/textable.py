@@ -8,7 +8,7 @@ from typing import Any
 
 def _is_number(text: str) -> bool:
     stripped = text.replace(",", "").replace(".", "", 1).replace("%", "").strip()
-    return stripped.lstrip("-").isdigit()
+    return stripped.lstrip("-+").isdigit()
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

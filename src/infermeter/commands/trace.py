@@ -18,6 +18,9 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE",
                    help="trace JSON, plain or gzipped (e.g. trace-rank0.json, trace.json.gz)")
     p.add_argument("--json", action="store_true", help="print the breakdown as one JSON object")
+    p.add_argument("--against", metavar="OTHER",
+                   help="a second decode trace (another build or setting of the same step): "
+                   "the two steps' figures and a layer's kernels side by side")
     p.set_defaults(handler=_run_trace)
 
 
@@ -33,5 +36,22 @@ def _run_trace(args: argparse.Namespace) -> int:
         raise InfermeterError(f"{args.file}: no kernels, ops or copies in this trace (no complete "
                               "'X' events with numeric ts and dur, and a pid and tid, if any, "
                               "of an int or a string): not a profile of a run")
-    print(json.dumps(found) if args.json else render_breakdown(found))
+    if args.against:
+        from infermeter.measure.against import against, render_against
+
+        other = summarize_trace(args.against)
+        if not found.get("step_gaps") or not other.get("step_gaps"):
+            from infermeter.errors import InfermeterError
+
+            which = args.file if not found.get("step_gaps") else args.against
+            raise InfermeterError(f"--against: {which} has no GPU decode step to compare")
+        found["against"] = {"file": args.against,
+                            **against(found["step_gaps"], other["step_gaps"])}
+    if args.json:
+        print(json.dumps(found))
+        return 0
+    text = render_breakdown(found)
+    if args.against:
+        text += "\n\n" + render_against(found["against"], args.against)
+    print(text)
     return 0
