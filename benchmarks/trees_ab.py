@@ -7,7 +7,10 @@ runs its own code, not today's, so it runs as a process of its own with its src/
 path. The device has no git: the trees travel as folders, made here first.
 
   python benchmarks/trees_ab.py snapshot REV [REV ...] --into DIR
-      each revision's src/ and pyproject.toml, from git, into DIR/<12-hex>/, with a REV file
+      each revision's src/ and pyproject.toml, from git, into DIR/<12-hex>/, with a REV file;
+      with --between OLD NEW --points N, also N commits evenly spaced among the first-parent
+      commits after OLD up to NEW that touch --paths (default src/): a bisection's next
+      points
   python benchmarks/trees_ab.py run TREE [TREE ...] --name NAME [--rounds N] [--timeout S]
           -- GENERATE_FLAGS
       per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
@@ -74,12 +77,29 @@ def snapshot(revisions: list[str], into: Path) -> list[Path]:
         rev = found.stdout.strip()
         tree = into / rev[:12]
         tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", rev, "src", "pyproject.toml"],
-                                 capture_output=True, check=True).stdout
+        held = [path for path in ("src", "pyproject.toml") if not subprocess.run(
+            ["git", "cat-file", "-e", f"{rev}:{path}"], capture_output=True).returncode]
+        if "src" not in held:
+            raise InfermeterError(f"{name}: no src/ in that commit")
+        archive = subprocess.run(["git", "archive", rev, *held], capture_output=True,
+                                 check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         (tree / "REV").write_text(rev + "\n")
         trees.append(tree)
     return trees
+
+
+def spaced_commits(old: str, new: str, points: int, paths: list[str]) -> list[str]:
+    """`points` commits evenly spaced among the first-parent commits after `old` up to `new`
+    that touch `paths`, oldest first (all of them where there are no more than that)."""
+    listed = subprocess.run(["git", "rev-list", "--reverse", "--first-parent", f"{old}..{new}",
+                             "--", *paths], capture_output=True, text=True)
+    if listed.returncode:
+        raise InfermeterError(f"--between {old} {new}: {listed.stderr.strip() or 'no range'}")
+    commits = listed.stdout.split()
+    if len(commits) <= points:
+        return commits
+    return [commits[(i + 1) * len(commits) // (points + 1)] for i in range(points)]
 
 
 def child_env(tree: Path, rev: str) -> dict[str, str]:
@@ -173,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     snap = sub.add_parser("snapshot", help="revisions from git into folders")
-    snap.add_argument("revisions", nargs="+")
+    snap.add_argument("revisions", nargs="*")
     snap.add_argument("--into", required=True)
+    snap.add_argument("--between", nargs=2, metavar=("OLD", "NEW"),
+                      help="also --points commits between these two")
+    snap.add_argument("--points", type=int, default=5)
+    snap.add_argument("--paths", nargs="+", default=["src/"],
+                      help="the commits --between counts are those touching these")
     timed = sub.add_parser("run", help="time `generate -- FLAGS` on each tree, alternating")
     timed.add_argument("trees", nargs="+")
     timed.add_argument("--rounds", type=int, default=2)
@@ -187,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.action == "snapshot":
-            for tree in snapshot(args.revisions, Path(args.into)):
+            if args.points < 1:
+                raise InfermeterError(f"--points {args.points}: at least 1")
+            between = spaced_commits(*args.between, args.points, args.paths) \
+                if args.between else []
+            if not args.revisions and not between:
+                raise InfermeterError("name revisions, or --between OLD NEW with commits "
+                                      "between them")
+            for tree in snapshot(args.revisions + between, Path(args.into)):
                 print(tree)
             return 0
         if args.action == "run":

@@ -179,3 +179,34 @@ def test_snapshot_takes_each_revisions_source_and_names_it(tmp_path, monkeypatch
         assert not (tree / "notes.txt").exists()  # src/ and pyproject.toml only
     assert trees_ab.main(["snapshot", "nosuchrev", "--into", str(tmp_path / "trees")]) == 1
     assert "nosuchrev: no such commit in this repository" in capsys.readouterr().err
+
+
+def test_snapshot_between_two_commits_takes_evenly_spaced_ones_touching_the_paths(
+        tmp_path, monkeypatch, capsys):
+    """Seven commits after the first; six touch src/ (one only notes.txt): --points 2 takes the
+    2nd and 4th of those six, oldest first, and --points past their count takes them all."""
+    repo = tmp_path / "repo"
+    (repo / "src" / "infermeter").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    revs = []
+    for k in range(8):
+        target = repo / ("notes.txt" if k == 3 else "src/infermeter/__init__.py")
+        target.write_text(f"# {k}\n")
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", str(k)], check=True)
+        revs.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   check=True).stdout.strip())
+    touching = [rev for k, rev in enumerate(revs[1:], start=1) if k != 3]
+    monkeypatch.chdir(repo)
+    into = tmp_path / "trees"
+    assert trees_ab.main(["snapshot", "--between", revs[0], revs[-1], "--points", "2",
+                          "--into", str(into)]) == 0
+    assert capsys.readouterr().out.split() == [str(into / touching[k][:12]) for k in (2, 4)]
+    assert trees_ab.spaced_commits(revs[0], revs[-1], 9, ["src/"]) == touching
+    assert trees_ab.main(["snapshot", "--into", str(into)]) == 1
+    assert "name revisions, or --between OLD NEW" in capsys.readouterr().err
+    subprocess.run([*git, "rm", "-rq", "src"], check=True)
+    subprocess.run([*git, "commit", "-qm", "no source"], check=True)
+    assert trees_ab.main(["snapshot", "HEAD", "--into", str(into)]) == 1
+    assert "HEAD: no src/ in that commit" in capsys.readouterr().err
