@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "run":
             if args.rounds < 1:
                 raise InfermeterError(f"--rounds {args.rounds}: at least 1")
+            if args.timeout is not None and not args.timeout > 0:
+                raise InfermeterError(f"--timeout {args.timeout:g}: a number of seconds above 0")
             if not flags or "--output" in flags or "-o" in flags:
                 raise InfermeterError("give generate's flags after --, without --output (each "
                                       "process writes its own, gathered here)")

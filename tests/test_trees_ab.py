@@ -129,6 +129,7 @@ def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_pat
     ("output", "without --output"),
     ("no flags", "give generate's flags after --"),
     ("rounds", "--rounds 0: at least 1"),
+    ("timeout", "--timeout 0: a number of seconds above 0"),
 ])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, message):
     new = stand_in_tree(tmp_path, NEW)
@@ -145,8 +146,10 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, mess
         flags += ["--output", "x.jsonl"]
     elif case == "no flags":
         flags = []
-    else:
+    elif case == "rounds":
         extra = ["--rounds", "0"]
+    else:
+        extra = ["--timeout", "0"]
     code = trees_ab.main(["run", str(new), str(other), "--name", "t", "--results",
                           str(tmp_path / "results"), "--slug", "gpu", *extra, *flags])
     err = capsys.readouterr().err
