@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,7 +140,7 @@ def run(trees: list[Path], flags: list[str], rounds: int, timeout: float | None,
         path: Path, start: float) -> None:
     """rounds x trees processes, each tree's Results labelled and appended to `path`."""
     revs = [tree_revision(tree) for tree in trees]  # every tree checked before any runs
-    command = datetime.now(UTC).isoformat(timespec="microseconds")
+    command = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
             for index, (tree, rev) in enumerate(zip(trees, revs, strict=True)):
