@@ -156,6 +156,11 @@ def run(trees: list[Path], flags: list[str], rounds: int, timeout: float | None,
                           file=sys.stderr)
                 if found:
                     append_jsonl(path, labelled(found, rev, round_, command, index > 0))
+                for result in found:  # as it goes: a command cut short still shows these
+                    m = result.metrics
+                    print(f"{rev[:12]} round {round_}, batch {result.config.get('batch_size')}: "
+                          f"TPOT p50 {fmt((m.get('tpot_ms') or {}).get('p50'), '.4f')} ms, "
+                          f"decode tok/s {fmt(m.get('decode_tok_per_s'))}", flush=True)
 
 
 def summarise(results: list[Result]) -> str:
