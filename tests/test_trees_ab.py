@@ -164,20 +164,28 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, mess
     assert not (new / "calls").exists() and not (tmp_path / "results").exists()
 
 
-def test_snapshot_takes_each_revisions_source_and_names_it(tmp_path, monkeypatch, capsys):
+def _repo(tmp_path, commits):
+    """A git repository with one commit per entry of `commits` (each: path -> text, written
+    and added): the repository, its git command prefix and the commits' revisions."""
     repo = tmp_path / "repo"
     (repo / "src" / "infermeter").mkdir(parents=True)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     revs = []
-    for text in ("one", "two"):
-        (repo / "src" / "infermeter" / "__init__.py").write_text(f"# {text}\n")
-        (repo / "pyproject.toml").write_text("")
-        (repo / "notes.txt").write_text(text)
+    for k, files in enumerate(commits):
+        for path, text in files.items():
+            (repo / path).write_text(text)
         subprocess.run([*git, "add", "-A"], check=True)
-        subprocess.run([*git, "commit", "-qm", text], check=True)
+        subprocess.run([*git, "commit", "-qm", str(k)], check=True)
         revs.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
                                    check=True).stdout.strip())
+    return repo, git, revs
+
+
+def test_snapshot_takes_each_revisions_source_and_names_it(tmp_path, monkeypatch, capsys):
+    repo, _, revs = _repo(tmp_path, [{"src/infermeter/__init__.py": f"# {text}\n",
+                                      "pyproject.toml": "", "notes.txt": text}
+                                     for text in ("one", "two")])
     monkeypatch.chdir(repo)
     assert trees_ab.main(["snapshot", "HEAD~1", "HEAD", "--into", str(tmp_path / "trees")]) == 0
     printed = capsys.readouterr().out.split()
@@ -195,18 +203,8 @@ def test_snapshot_between_two_commits_takes_evenly_spaced_ones_touching_the_path
         tmp_path, monkeypatch, capsys):
     """Seven commits after the first; six touch src/ (one only notes.txt): --points 2 takes the
     2nd and 4th of those six, oldest first, and --points past their count takes them all."""
-    repo = tmp_path / "repo"
-    (repo / "src" / "infermeter").mkdir(parents=True)
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    revs = []
-    for k in range(8):
-        target = repo / ("notes.txt" if k == 3 else "src/infermeter/__init__.py")
-        target.write_text(f"# {k}\n")
-        subprocess.run([*git, "add", "-A"], check=True)
-        subprocess.run([*git, "commit", "-qm", str(k)], check=True)
-        revs.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                   check=True).stdout.strip())
+    repo, git, revs = _repo(tmp_path, [
+        {"notes.txt" if k == 3 else "src/infermeter/__init__.py": f"# {k}\n"} for k in range(8)])
     touching = [rev for k, rev in enumerate(revs[1:], start=1) if k != 3]
     monkeypatch.chdir(repo)
     into = tmp_path / "trees"
