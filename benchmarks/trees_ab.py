@@ -136,10 +136,10 @@ def labelled(results: list[Result], rev: str, round_: int, command: str,
     return results
 
 
-def run(trees: list[Path], flags: list[str], rounds: int, timeout: float | None,
-        path: Path, start: float) -> None:
-    """rounds x trees processes, each tree's Results labelled and appended to `path`."""
-    revs = [tree_revision(tree) for tree in trees]  # every tree checked before any runs
+def run(trees: list[Path], revs: list[str], flags: list[str], rounds: int,
+        timeout: float | None, path: Path, start: float) -> None:
+    """rounds x trees processes (revs: each tree's revision, tree_revision's), each tree's
+    Results labelled and appended to `path`."""
     command = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             if not flags or "--output" in flags or "-o" in flags:
                 raise InfermeterError("give generate's flags after --, without --output (each "
                                       "process writes its own, gathered here)")
-            for tree in args.trees:
-                tree_revision(Path(tree))
+            trees = [Path(tree) for tree in args.trees]
+            revs = [tree_revision(tree) for tree in trees]  # every tree checked before any runs
         path = results_path(args)
         if args.action == "run":
-            run([Path(t) for t in args.trees], flags, args.rounds, args.timeout, path, start)
+            run(trees, revs, flags, args.rounds, args.timeout, path, start)
         return write_summary(path, summarise, start)
     except InfermeterError as err:
         print(f"trees_ab.py: error: {err}", file=sys.stderr)
