@@ -335,14 +335,14 @@ if triton is not None:
         g = head % groups
         s = tl.arange(0, S_PAD)[:, None]  # [S_PAD, 1]
         d = tl.arange(0, D)
-        one = tl.arange(0, 1) >= 0  # [1]: the head's single column of weights
+        column = tl.arange(0, 1)  # [1]: the head's single column of weights
         used = s < n_splits
         at = (row * n_splits + s) * groups + g  # [S_PAD, 1] offsets into M, L (ACC's rows)
         m = tl.load(M + at, mask=used, other=float("-inf"))
         l_sum = tl.load(L + at, mask=used, other=0.0)
         acc = tl.load(ACC + at * D + d[None, :], mask=used, other=0.0)  # [S_PAD, D]
         weight, total = split_weights(m, l_sum, SINKS + (row % n_kv_heads) * groups + g
-                                      + tl.arange(0, 1), one, HAS_SINKS)  # [S_PAD, 1], [1]
+                                      + column, column >= 0, HAS_SINKS)  # [S_PAD, 1], [1]
         out = tl.math.div_rn(tl.sum(acc * weight, 0), total)  # [D]
         tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty))
 
