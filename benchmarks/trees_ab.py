@@ -11,14 +11,17 @@ path. The device has no git: the trees travel as folders, made here first.
       with --between OLD NEW --points N, also N commits evenly spaced among the first-parent
       commits after OLD up to NEW that touch --paths (default src/): a bisection's next
       points
-  python benchmarks/trees_ab.py run TREE [TREE ...] --name NAME [--rounds N] [--timeout S]
-          -- GENERATE_FLAGS
+  python benchmarks/trees_ab.py run TREE[@KEY=VALUE...] [...] --name NAME [--rounds N]
+          [--timeout S] -- GENERATE_FLAGS
       per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
-      with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV; the Results go
-      to results/NAME-<device>.jsonl, each labelled config.ab = {"tree": its 12 hex digits,
-      "round": k, "command": this command's start}, and "baseline": true on every tree after
-      the first (the tree under test comes first; the report never takes a baseline's figure);
-      then the summary (below)
+      with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV, and each
+      @KEY=VALUE set in that process's environment (a tree may come twice, with and without:
+      an allocator or compiler setting timed against the default in one command); the
+      Results go to results/NAME-<device>.jsonl, each labelled config.ab = {"tree": its 12 hex
+      digits, "round": k, "command": this command's start}, "environment": "KEY=VALUE ..."
+      where the entry set some, and "baseline": true on every entry after the first (the one
+      under test comes first; the report never takes a baseline's or an environment's
+      figure); then the summary (below)
   python benchmarks/trees_ab.py summary --name NAME
       the latest command's Results: each process's TPOT p50, per-run range, decode tok/s and
       MBU, and per batch each baseline against the first tree (per-run TPOT medians; whether
@@ -39,6 +42,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, write_summary  # noqa: E402
@@ -49,6 +53,31 @@ from infermeter.textable import render_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 REVISION = re.compile(r"[0-9a-f]{40}")
+SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
+
+
+class Entry(NamedTuple):
+    """One timed process a round: a snapshot folder, its revision, and the environment
+    settings its entry named (TREE@KEY=VALUE...), in the order given."""
+    tree: Path
+    rev: str
+    settings: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How the summary names it: the revision's 12 hex digits, then its settings."""
+        return " ".join((self.rev[:12], *self.settings))
+
+
+def parse_entry(text: str) -> Entry:
+    """TREE[@KEY=VALUE...] -> Entry; InfermeterError where the tree is not a snapshot or a
+    setting is not KEY=VALUE."""
+    tree, *settings = text.split("@")
+    for setting in settings:
+        if not SETTING.fullmatch(setting):
+            raise InfermeterError(f"{text}: {setting!r} is not an environment setting "
+                                  "KEY=VALUE")
+    return Entry(Path(tree), tree_revision(Path(tree)), tuple(settings))
 
 
 def tree_revision(tree: Path) -> str:
@@ -102,22 +131,25 @@ def spaced_commits(old: str, new: str, points: int, paths: list[str]) -> list[st
     return [commits[(i + 1) * len(commits) // (points + 1)] for i in range(points)]
 
 
-def child_env(tree: Path, rev: str) -> dict[str, str]:
-    """The environment a tree's process runs in: its src/ ahead of whatever PYTHONPATH held
-    (a device's installed wheels stay reachable), its revision named for its Results."""
+def child_env(entry: Entry) -> dict[str, str]:
+    """The environment an entry's process runs in: its tree's src/ ahead of whatever
+    PYTHONPATH held (a device's installed wheels stay reachable), its revision named for its
+    Results, its own settings over the rest."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(tree.resolve() / "src"), os.environ.get("PYTHONPATH")) if p)
-    env["INFERMETER_SOURCE_REVISION"] = rev
+        p for p in (str(entry.tree.resolve() / "src"), os.environ.get("PYTHONPATH")) if p)
+    env["INFERMETER_SOURCE_REVISION"] = entry.rev
+    env.update(setting.split("=", 1) for setting in entry.settings)
     env.pop("OUT", None)  # an older tree's scripts must not write into the device's $OUT
     return env
 
 
-def run_tree(tree: Path, rev: str, flags: list[str], timeout: float | None,
+def run_tree(entry: Entry, flags: list[str], timeout: float | None,
              output: Path) -> str | None:
-    """`generate FLAGS --output OUTPUT` in the tree's process; None, or why it gave nothing."""
+    """`generate FLAGS --output OUTPUT` in the entry's process; None, or why it gave
+    nothing."""
     command = [sys.executable, "-m", "infermeter", "generate", *flags, "--output", str(output)]
-    child = subprocess.Popen(command, cwd=tree, env=child_env(tree, rev),
+    child = subprocess.Popen(command, cwd=entry.tree, env=child_env(entry),
                              start_new_session=True)  # its compile workers die with it
     try:
         code = child.wait(timeout=timeout)
@@ -128,37 +160,44 @@ def run_tree(tree: Path, rev: str, flags: list[str], timeout: float | None,
     return f"exited with {code}" if code else None
 
 
-def labelled(results: list[Result], rev: str, round_: int, command: str,
+def labelled(results: list[Result], entry: Entry, round_: int, command: str,
              baseline: bool) -> list[Result]:
     for result in results:
-        result.config["ab"] = {"tree": rev[:12], "round": round_, "command": command,
+        result.config["ab"] = {"tree": entry.rev[:12], "round": round_, "command": command,
+                               **({"environment": " ".join(entry.settings)}
+                                  if entry.settings else {}),
                                **({"baseline": True} if baseline else {})}
     return results
 
 
-def run(trees: list[Path], revs: list[str], flags: list[str], rounds: int,
-        timeout: float | None, path: Path, start: float) -> None:
-    """rounds x trees processes (revs: each tree's revision, tree_revision's), each tree's
-    Results labelled and appended to `path`."""
+def label(result: Result) -> str:
+    """A labelled Result's entry as the summary names it (Entry.label)."""
+    ab = result.config["ab"]
+    return " ".join(p for p in (ab["tree"], ab.get("environment")) if p)
+
+
+def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | None,
+        path: Path, start: float) -> None:
+    """rounds x entries processes, each entry's Results labelled and appended to `path`."""
     command = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
-            for index, (tree, rev) in enumerate(zip(trees, revs, strict=True)):
-                progress(start, f"round {round_}: {rev[:12]} ({tree})")
+            for index, entry in enumerate(entries):
+                progress(start, f"round {round_}: {entry.label} ({entry.tree})")
                 output = Path(scratch) / f"{round_}-{index}.jsonl"
-                failed = run_tree(tree, rev, flags, timeout, output)
+                failed = run_tree(entry, flags, timeout, output)
                 try:
                     found = read_results(output) if output.exists() else []
                 except InfermeterError as err:
                     failed, found = f"its Results cannot be read here ({err})", []
                 if failed or not found:
-                    print(f"{rev[:12]} round {round_}: {failed or 'wrote no Result'}",
+                    print(f"{entry.label} round {round_}: {failed or 'wrote no Result'}",
                           file=sys.stderr)
                 if found:
-                    append_jsonl(path, labelled(found, rev, round_, command, index > 0))
+                    append_jsonl(path, labelled(found, entry, round_, command, index > 0))
                 for result in found:  # as it goes: a command cut short still shows these
                     m = result.metrics
-                    print(f"{rev[:12]} round {round_}, batch {result.config.get('batch_size')}: "
+                    print(f"{entry.label} round {round_}, batch {result.config.get('batch_size')}: "
                           f"TPOT p50 {fmt((m.get('tpot_ms') or {}).get('p50'), '.4f')} ms, "
                           f"decode tok/s {fmt(m.get('decode_tok_per_s'))}", flush=True)
 
@@ -176,11 +215,11 @@ def summarise(results: list[Result]) -> str:
     for r in ours:
         ab, m, tpots = r.config["ab"], r.metrics, run_tpots(r)
         batch = r.config.get("batch_size")
-        rows.append([ab["tree"], ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
+        rows.append([label(r), ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
                      ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
                      fmt(m.get("mbu_pct"))])
-        runs.setdefault(batch, {}).setdefault(ab["tree"], []).extend(tpots)
-    first = next(r.config["ab"]["tree"] for r in ours if not r.config["ab"].get("baseline"))
+        runs.setdefault(batch, {}).setdefault(label(r), []).extend(tpots)
+    first = next(label(r) for r in ours if not r.config["ab"].get("baseline"))
     lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
              f"{first} (the others marked config.ab.baseline); command of {latest}",
              render_table(("tree", "round", "batch", "TPOT p50 ms", "per-run TPOT ms (range)",
@@ -206,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     snap.add_argument("--paths", nargs="+", default=["src/"],
                       help="the commits --between counts are those touching these")
     timed = sub.add_parser("run", help="time `generate -- FLAGS` on each tree, alternating")
-    timed.add_argument("trees", nargs="+")
+    timed.add_argument("trees", nargs="+", metavar="TREE[@KEY=VALUE...]")
     timed.add_argument("--rounds", type=int, default=2)
     timed.add_argument("--timeout", type=float, help="seconds a process may run")
     for p in (timed, sub.add_parser("summary", help="the latest command's summary")):
@@ -235,11 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             if not flags or "--output" in flags or "-o" in flags:
                 raise InfermeterError("give generate's flags after --, without --output (each "
                                       "process writes its own, gathered here)")
-            trees = [Path(tree) for tree in args.trees]
-            revs = [tree_revision(tree) for tree in trees]  # every tree checked before any runs
+            entries = [parse_entry(text) for text in args.trees]  # all checked before any runs
         path = results_path(args)
         if args.action == "run":
-            run(trees, revs, flags, args.rounds, args.timeout, path, start)
+            run(entries, flags, args.rounds, args.timeout, path, start)
         return write_summary(path, summarise, start)
     except InfermeterError as err:
         print(f"trees_ab.py: error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ summary are tested without a model or a GPU. snapshot runs git on a small reposi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,8 @@ trees_ab = load_benchmark("trees_ab")
 
 # A stand-in `python -m infermeter generate ... --output F`: one generate Result whose runs
 # take MS a step (the tree's speed, from its file), its env.source_revision the environment's,
-# its batch from --batch-size; it records its argv and PYTHONPATH's first entry beside it.
+# its batch from --batch-size, AB_SLOWER in its environment multiplying MS; it records its
+# argv and PYTHONPATH's first entry beside it.
 STAND_IN = '''
 import json, os, sys, time
 from pathlib import Path
@@ -32,7 +34,7 @@ if mode == "sleep":
     time.sleep(60)
 if mode == "fail":
     sys.exit(3)
-ms = float((here / "MS").read_text())
+ms = float((here / "MS").read_text()) * float(os.environ.get("AB_SLOWER", "1"))
 batch = int(args[args.index("--batch-size") + 1])
 with open(here / "calls", "a") as calls:
     calls.write(json.dumps({"argv": args, "path": os.environ["PYTHONPATH"].split(os.pathsep)[0],
@@ -117,6 +119,24 @@ def test_the_summary_is_the_latest_commands(tmp_path, capsys):
     assert f"TPOT {1.2 / 1.3:.3f}" in text and "1.0000" not in text
 
 
+def test_a_tree_with_environment_settings_is_an_entry_of_its_own(tmp_path, monkeypatch):
+    """TREE@KEY=VALUE: the same tree with a setting in its process's environment, timed in
+    alternation with the plain tree and labelled config.ab.environment (the report's mark);
+    several settings in one entry; the summary names each entry by tree and settings."""
+    monkeypatch.delenv("AB_SLOWER", raising=False)
+    tree = stand_in_tree(tmp_path, NEW, 1.0)
+    slower = f"{tree}@AB_SLOWER=1.25@OTHER=a=b"  # a value may hold "="
+    assert run_ab(tmp_path, [tree, slower], "--rounds", "2") == 0
+    results = read_results(tmp_path / "results" / "t-gpu.jsonl")
+    assert [(r.config["ab"].get("environment"), r.config["ab"].get("baseline"),
+             r.metrics["tpot_ms"]["p50"]) for r in results] == \
+        [(None, None, 1.0), ("AB_SLOWER=1.25 OTHER=a=b", True, 1.25)] * 2
+    assert {r.env["source_revision"] for r in results} == {NEW}
+    text = (tmp_path / "results" / "t-gpu-summary.txt").read_text()
+    assert f"batch 8: {NEW[:12]} AB_SLOWER=1.25 OTHER=a=b / {NEW[:12]} TPOT 1.250" in text
+    assert "AB_SLOWER" not in os.environ  # set in the child's environment, not this one's
+
+
 def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_path, capsys):
     slow = stand_in_tree(tmp_path, "c" * 40, mode="sleep")
     broken = stand_in_tree(tmp_path, "d" * 40, mode="fail")
@@ -137,6 +157,7 @@ def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_pat
     ("no flags", "give generate's flags after --"),
     ("rounds", "--rounds 0: at least 1"),
     ("timeout", "--timeout 0: a number of seconds above 0"),
+    ("setting", "'AB SLOWER' is not an environment setting KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, message):
     new = stand_in_tree(tmp_path, NEW)
@@ -155,6 +176,8 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, mess
         flags = []
     elif case == "rounds":
         extra = ["--rounds", "0"]
+    elif case == "setting":
+        other = f"{other}@AB SLOWER"
     else:
         extra = ["--timeout", "0"]
     code = trees_ab.main(["run", str(new), str(other), "--name", "t", "--results",
