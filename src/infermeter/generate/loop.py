@@ -18,14 +18,16 @@ For every case (prompt set x mode; one `generate` Result each):
    the roofline is flagged as a measurement error;
 5. memory (memory.py): torch peak allocated / reserved since the case began, NVML's figure for
    this process. A case that runs out of memory becomes a Result with `oom: true` and no speed
-   numbers, and the sweep goes on.
+   numbers, and the sweep goes on;
+6. clocks (measure/clocks.py): the GPU's SM and memory clocks as each timed run ended, and why
+   they were below their maxima where NVML says, read between runs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -40,6 +42,7 @@ from infermeter.generate.modes import EngineRunner, make_runner
 from infermeter.generate.request import GenerateRequest
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
+from infermeter.measure.clocks import clock_metrics, clock_warnings, read_clocks
 from infermeter.measure.nvtx import nvtx_range
 from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
@@ -88,11 +91,17 @@ class CaseRun:
     # MoE: per prompt group, the distinct experts a decode step touched per MoE layer (mean
     # over the steps of a counting run after the timed ones; _count_experts)
     experts: list[float | None] | None = None
+    # per timed repeat, the GPU's clocks as it ended (measure/clocks.py; None off a GPU)
+    clocks: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _is_gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _no_hook(event: str, step: int) -> None:
@@ -131,7 +140,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
     _sync(device)
     warmup_runs_s = time.perf_counter() - start
     progress.advance(f"{case.label}: warm-up")
-    repeats, outputs, finished = [], [], [False] * len(prompts)
+    repeats, outputs, finished, clocks = [], [], [False] * len(prompts), []
     for index in range(request.timing.repeats):
         runs, ids = [], [[] for _ in prompts]
         for tokens, group in zip(groups, case.groups):
@@ -145,6 +154,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
                     finished[i] = done
         repeats.append(runs)
         outputs.append(ids)
+        clocks.append(read_clocks(device.index or 0) if _is_gpu(device) else None)
         progress.advance(f"{case.label}: run {index + 1}/{request.timing.repeats}")
     memory_now = memory.memory_metrics(device)  # the trace below must not count in the peaks
     experts = _count_experts(model, runner, groups) if model.spec.is_moe else None
@@ -152,7 +162,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
                     _trace_bound(model, groups[0], request, hbm_gbps, experts)) \
         if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
-                   memory_now, traced, experts)
+                   memory_now, traced, experts, clocks)
 
 
 class ExpertCounter:
@@ -305,6 +315,8 @@ def case_result(model: Transformer, case: Case, run: CaseRun, request: GenerateR
     metrics.update(run.memory, warmup_s=run.warmup_s, warmup_runs_s=run.warmup_runs_s,
                    prompt_tokens=case.prompt_set.prompt_tokens, finished=run.finished, oom=False)
     warnings += rl.roofline_warnings(metrics["mbu_pct"], metrics["mfu_pct"])
+    metrics["gpu_clocks"] = clock_metrics(run.clocks)
+    warnings += clock_warnings(metrics["gpu_clocks"])
     if any(ids != run.outputs[0] for ids in run.outputs[1:]):
         warnings.append("output tokens differ between repeats (nondeterministic kernels?)")
     if peaks:
