@@ -72,6 +72,12 @@
 #                        (the layer prefill graphs), an eager exact prefill (--prefill exact) and
 #                        PDL off, one process each, two rounds (batch 8's loss against issue 27's
 #                        source: which change stopped its kernels' overlaps; about 6 x 50 s)
+#   part step-batch-placement  Llama-3.2-1B bf16 at batch 8, default kernels, this tree plain
+#                        and with the allocator's expandable segments (every buffer placed
+#                        elsewhere), alternating, one process each, three rounds (trees_ab.py;
+#                        the same code ran 1.371 and 1.441 ms in two processes on an H100 on
+#                        2026-12-07; INFERMETER_SOURCE_REVISION must be the 40-hex commit; about
+#                        6 x 40 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -111,8 +117,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -218,6 +224,16 @@ case "${1:-}" in
           $extra --output "$dest/step-batch-prefill-$slug.jsonl" || echo "${extra:-default}: failed" >&2
       done
     done ;;
+  step-batch-placement)
+    # trees_ab.py times snapshot folders: this tree's src/ as one, named by the commit sent
+    here=$(mktemp -d)
+    cp -r src pyproject.toml "$here"/
+    echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+    python3 benchmarks/trees_ab.py run "$here" \
+      "$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" --name step-batch-placement \
+      --results "$dest" --rounds 3 --timeout 150 -- --model llama-3.2-1b --dtype bf16 \
+      --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 \
+      --repeats 5 ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do

@@ -167,6 +167,23 @@ def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     assert ways == [(None, None, False), ("exact", None, False), (None, False, False)]
 
 
+def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
+    """step-batch-placement: trees_ab.py over this tree's snapshot, plain first, then with the
+    allocator's expandable segments in its environment, three rounds, the batch-8 case."""
+    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-placement"]
+    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
+    assert line.split()[1:3] == [
+        '"$here"', '"$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"']
+    words = _words(line)
+    ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
+    assert ours[ours.index("--rounds") + 1] == "3" and ours[ours.index("--results") + 1] == "x"
+    args = build_parser().parse_args(["generate", *flags])
+    assert (args.model, args.dtype, args.batch_size, args.mode) == \
+        ("llama-3.2-1b", "bf16", [8], ["compiled"])
+    assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
+    assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
+
+
 def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
     lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh") if argv[0] == "run"]
     assert len(lines) == 1
