@@ -23,9 +23,10 @@ path. The device has no git: the trees travel as folders, made here first.
       under test comes first; the report never takes a baseline's or an environment's
       figure); then the summary (below)
   python benchmarks/trees_ab.py summary --name NAME
-      the latest command's Results: each process's TPOT p50, per-run range, decode tok/s and
-      MBU, and per batch each baseline against the first tree (per-run TPOT medians; whether
-      the ranges are apart), beside the Results as NAME-<device>-summary.txt
+      the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU
+      and SM clocks as its timed runs ended (where its Results have them), and per batch each
+      baseline against the first tree (per-run TPOT medians; whether the ranges are apart),
+      beside the Results as NAME-<device>-summary.txt
 
 A process that fails or passes --timeout prints one line and the rest still run.
 """
@@ -202,6 +203,13 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
                           f"decode tok/s {fmt(m.get('decode_tok_per_s'))}", flush=True)
 
 
+def sm_clocks(result: Result) -> str:
+    """The SM clock range (MHz) over a Result's timed runs' ends (metrics.gpu_clocks), "-"
+    where it has none (a tree from before the field, no NVML)."""
+    read = ((result.metrics.get("gpu_clocks") or {}).get("sm_mhz")) or []
+    return f"{min(read)}-{max(read)}" if read else "-"
+
+
 def summarise(results: list[Result]) -> str:
     """The latest command's processes in the order they ran, and each baseline tree against
     the first, per batch size."""
@@ -217,13 +225,13 @@ def summarise(results: list[Result]) -> str:
         batch = r.config.get("batch_size")
         rows.append([label(r), ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
                      ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
-                     fmt(m.get("mbu_pct"))])
+                     fmt(m.get("mbu_pct")), sm_clocks(r)])
         runs.setdefault(batch, {}).setdefault(label(r), []).extend(tpots)
     first = next(label(r) for r in ours if not r.config["ab"].get("baseline"))
     lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
              f"{first} (the others marked config.ab.baseline); command of {latest}",
              render_table(("tree", "round", "batch", "TPOT p50 ms", "per-run TPOT ms (range)",
-                           "decode tok/s", "MBU %"), rows)]
+                           "decode tok/s", "MBU %", "SM MHz"), rows)]
     for batch, by_tree in runs.items():
         lines += [ab_line(f"batch {batch}", by_tree, first, tree)
                   for tree in by_tree if tree != first]
