@@ -139,3 +139,23 @@ def test_generate_reads_the_clocks_once_after_each_timed_run(monkeypatch):
     assert result.metrics["gpu_clocks"]["reasons"] == ["sw_power_cap"]
     assert any(w.startswith("GPU clocks: a timed run ended under sw_power_cap")
                for w in result.warnings)
+
+
+def test_the_generate_headline_gives_the_clocks_the_runs_ended_at():
+    from infermeter.generate.table import headline
+    from infermeter.measure.result import Result
+
+    def case(clocks):
+        config = {"batch_size": 1, "prompt_len": 8, "context": None, "mode": "compiled",
+                  "weights": "random", "dtype": "bf16", "kv_dtype": "bf16", "repeats": 2,
+                  "warmup": 1}
+        return Result("generate", {"name": "m"}, config, {"device_name": "gpu"},
+                      {"gpu_clocks": clocks})
+
+    one = clocks.clock_metrics([reading(1980), reading(1980)])
+    two = clocks.clock_metrics([reading(1755), reading(1830)])
+    assert headline([case(one)]).endswith("; SM clock 1,980 MHz (of 1,980) as the timed runs "
+                                          "ended")
+    assert headline([case(one), case(two)]).endswith("; SM clock 1,755-1,980 MHz (of 1,980) "
+                                                     "as the timed runs ended")
+    assert "SM clock" not in headline([case(None)])  # the CPU, no NVML: nothing to say

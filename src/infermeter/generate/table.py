@@ -71,7 +71,19 @@ def headline(results: Sequence[Any]) -> str:
                  f"({format_bytes(m['roofline_copy_bytes'])}), "
                  f"{m['matmul_tflops_measured']:,.3g} TFLOP/s matmul "
                  f"({m['roofline_matmul_dtype']} {m['roofline_matmul_n']}^3)")
-    return line
+    return line + clock_note(results)
+
+
+def clock_note(results: Sequence[Any]) -> str:
+    """The SM clocks every case's timed runs ended at (metrics.gpu_clocks), for the headline:
+    '' where no Result has them (the CPU, no NVML)."""
+    read = [r.metrics["gpu_clocks"] for r in results if r.metrics.get("gpu_clocks")]
+    clocks = [mhz for c in read for mhz in c["sm_mhz"]]
+    if not clocks:
+        return ""
+    low, high = min(clocks), max(clocks)
+    span = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    return f"; SM clock {span} MHz (of {read[0]['sm_max_mhz']:,}) as the timed runs ended"
 
 
 def render_generate(results: Sequence[Any]) -> str:
