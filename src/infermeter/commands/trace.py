@@ -27,12 +27,11 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:
 def _run_trace(args: argparse.Namespace) -> int:
     import json
 
+    from infermeter.errors import InfermeterError
     from infermeter.measure.breakdown import render_breakdown, summarize_trace
 
     found = summarize_trace(args.file)  # a bad file: InfermeterError -> one line, exit 2
     if not found.get("categories") and not found.get("copies"):
-        from infermeter.errors import InfermeterError
-
         raise InfermeterError(f"{args.file}: no kernels, ops or copies in this trace (no complete "
                               "'X' events with numeric ts and dur, and a pid and tid, if any, "
                               "of an int or a string): not a profile of a run")
@@ -41,8 +40,6 @@ def _run_trace(args: argparse.Namespace) -> int:
 
         other = summarize_trace(args.against)
         if not found.get("step_gaps") or not other.get("step_gaps"):
-            from infermeter.errors import InfermeterError
-
             which = args.file if not found.get("step_gaps") else args.against
             raise InfermeterError(f"--against: {which} has no GPU decode step to compare")
         found["against"] = {"file": args.against,
