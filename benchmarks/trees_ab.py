@@ -43,7 +43,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, write_summary  # noqa: E402
@@ -65,9 +65,11 @@ class Entry(NamedTuple):
     settings: tuple[str, ...] = ()
 
     @property
-    def label(self) -> str:
-        """How the summary names it: the revision's 12 hex digits, then its settings."""
-        return " ".join((self.rev[:12], *self.settings))
+    def ab(self) -> dict[str, str]:
+        """What names the entry in its Results' config.ab: its tree's 12 hex digits and, where
+        it has settings, "environment": them, space-separated."""
+        return {"tree": self.rev[:12],
+                **({"environment": " ".join(self.settings)} if self.settings else {})}
 
 
 def parse_entry(text: str) -> Entry:
@@ -164,16 +166,14 @@ def run_tree(entry: Entry, flags: list[str], timeout: float | None,
 def labelled(results: list[Result], entry: Entry, round_: int, command: str,
              baseline: bool) -> list[Result]:
     for result in results:
-        result.config["ab"] = {"tree": entry.rev[:12], "round": round_, "command": command,
-                               **({"environment": " ".join(entry.settings)}
-                                  if entry.settings else {}),
+        result.config["ab"] = {**entry.ab, "round": round_, "command": command,
                                **({"baseline": True} if baseline else {})}
     return results
 
 
-def label(result: Result) -> str:
-    """A labelled Result's entry as the summary names it (Entry.label)."""
-    ab = result.config["ab"]
+def label(ab: dict[str, Any]) -> str:
+    """An entry as the progress lines and the summary name it, from its config.ab (Entry.ab):
+    the tree's 12 hex digits, then its settings."""
     return " ".join(p for p in (ab["tree"], ab.get("environment")) if p)
 
 
@@ -184,7 +184,8 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
             for index, entry in enumerate(entries):
-                progress(start, f"round {round_}: {entry.label} ({entry.tree})")
+                name = label(entry.ab)
+                progress(start, f"round {round_}: {name} ({entry.tree})")
                 output = Path(scratch) / f"{round_}-{index}.jsonl"
                 failed = run_tree(entry, flags, timeout, output)
                 try:
@@ -192,13 +193,13 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
                 except InfermeterError as err:
                     failed, found = f"its Results cannot be read here ({err})", []
                 if failed or not found:
-                    print(f"{entry.label} round {round_}: {failed or 'wrote no Result'}",
+                    print(f"{name} round {round_}: {failed or 'wrote no Result'}",
                           file=sys.stderr)
                 if found:
                     append_jsonl(path, labelled(found, entry, round_, command, index > 0))
                 for result in found:  # as it goes: a command cut short still shows these
                     m = result.metrics
-                    print(f"{entry.label} round {round_}, batch {result.config.get('batch_size')}: "
+                    print(f"{name} round {round_}, batch {result.config.get('batch_size')}: "
                           f"TPOT p50 {fmt((m.get('tpot_ms') or {}).get('p50'), '.4f')} ms, "
                           f"decode tok/s {fmt(m.get('decode_tok_per_s'))}", flush=True)
 
@@ -223,11 +224,11 @@ def summarise(results: list[Result]) -> str:
     for r in ours:
         ab, m, tpots = r.config["ab"], r.metrics, run_tpots(r)
         batch = r.config.get("batch_size")
-        rows.append([label(r), ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
+        rows.append([label(ab), ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
                      ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
                      fmt(m.get("mbu_pct")), sm_clocks(r)])
-        runs.setdefault(batch, {}).setdefault(label(r), []).extend(tpots)
-    first = next(label(r) for r in ours if not r.config["ab"].get("baseline"))
+        runs.setdefault(batch, {}).setdefault(label(ab), []).extend(tpots)
+    first = next(label(r.config["ab"]) for r in ours if not r.config["ab"].get("baseline"))
     lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
              f"{first} (the others marked config.ab.baseline); command of {latest}",
              render_table(("tree", "round", "batch", "TPOT p50 ms", "per-run TPOT ms (range)",
