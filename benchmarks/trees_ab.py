@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, write_summary  # noqa: E402
 
 from infermeter.errors import InfermeterError  # noqa: E402
+from infermeter.measure.clocks import sm_span  # noqa: E402
 from infermeter.measure.result import Result, append_jsonl, read_results  # noqa: E402
 from infermeter.textable import render_table  # noqa: E402
 
@@ -208,7 +209,7 @@ def sm_clocks(result: Result) -> str:
     """The SM clock range (MHz) over a Result's timed runs' ends (metrics.gpu_clocks), "-"
     where it has none (a tree from before the field, no NVML)."""
     read = ((result.metrics.get("gpu_clocks") or {}).get("sm_mhz")) or []
-    return f"{min(read)}-{max(read)}" if read else "-"
+    return sm_span(read)
 
 
 def summarise(results: list[Result]) -> str:

@@ -88,12 +88,19 @@ def reading(sm, reasons=()):
             "reasons": list(reasons)}
 
 
+def test_an_sm_range_is_written_one_way():
+    """The headline, the slowdown warning and the A/B summary all write clocks so."""
+    assert clocks.sm_span([1755, 1980, 1830]) == "1,755-1,980"
+    assert clocks.sm_span([1980, 1980]) == "1,980"
+    assert clocks.sm_span([]) == "-"
+
+
 def test_a_result_keeps_each_runs_clocks_and_every_reason_and_warns_on_a_slowdown():
     got = clocks.clock_metrics([reading(1980), None, reading(1830, ["sw_power_cap"])])
     assert got == {"sm_mhz": [1980, 1830], "memory_mhz": [2619, 2619], "sm_max_mhz": 1980,
                    "memory_max_mhz": 2619, "reasons": ["sw_power_cap"]}
     assert clocks.clock_warnings(got) == [
-        "GPU clocks: a timed run ended under sw_power_cap (SM 1830-1980 of 1980 MHz)"]
+        "GPU clocks: a timed run ended under sw_power_cap (SM 1,830-1,980 of 1,980 MHz)"]
     # idle and the application setting are not slowdowns; nothing read: nothing kept
     quiet = clocks.clock_metrics([reading(1980, ["gpu_idle", "applications_clocks_setting"])])
     assert quiet["reasons"] == ["applications_clocks_setting", "gpu_idle"]

@@ -139,7 +139,7 @@ def test_a_tree_with_environment_settings_is_an_entry_of_its_own(tmp_path, monke
         in text
     # the SM clocks as the runs ended, where a Result has them
     rows = [line.split() for line in text.splitlines() if line.startswith(NEW[:12])]
-    assert [row[-1] for row in rows] == ["-", "1755-1980", "-", "1755-1980"]
+    assert [row[-1] for row in rows] == ["-", "1,755-1,980", "-", "1,755-1,980"]
     assert "AB_SLOWER" not in os.environ  # set in the child's environment, not this one's
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from infermeter.measure.clocks import sm_span
 from infermeter.textable import render_table
 from infermeter.units import format_bytes
 
@@ -81,9 +82,8 @@ def clock_note(results: Sequence[Any]) -> str:
     clocks = [mhz for c in read for mhz in c["sm_mhz"]]
     if not clocks:
         return ""
-    low, high = min(clocks), max(clocks)
-    span = f"{low:,}" if low == high else f"{low:,}-{high:,}"
-    return f"; SM clock {span} MHz (of {read[0]['sm_max_mhz']:,}) as the timed runs ended"
+    return (f"; SM clock {sm_span(clocks)} MHz (of {read[0]['sm_max_mhz']:,}) as the timed "
+            "runs ended")
 
 
 def render_generate(results: Sequence[Any]) -> str:

@@ -80,6 +80,15 @@ def clock_metrics(readings: list[dict[str, Any] | None]) -> dict[str, Any] | Non
             "reasons": reasons if any(r.get("reasons") is not None for r in read) else None}
 
 
+def sm_span(mhz: list[int]) -> str:
+    """A list of SM clocks (MHz) as the one way every report writes it: "1,980" where all are
+    equal, else "1,755-1,980"; "-" where there are none."""
+    if not mhz:
+        return "-"
+    low, high = min(mhz), max(mhz)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
 def clock_warnings(clocks: dict[str, Any] | None) -> list[str]:
     """A warning where a timed run ended with the GPU slowing itself down (SLOWDOWNS): its
     figures are the slowed GPU's."""
@@ -87,4 +96,4 @@ def clock_warnings(clocks: dict[str, Any] | None) -> list[str]:
     if not slowed:
         return []
     return [f"GPU clocks: a timed run ended under {', '.join(slowed)} (SM "
-            f"{min(clocks['sm_mhz'])}-{max(clocks['sm_mhz'])} of {clocks['sm_max_mhz']} MHz)"]
+            f"{sm_span(clocks['sm_mhz'])} of {clocks['sm_max_mhz']:,} MHz)"]
