@@ -184,6 +184,25 @@ def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segm
     assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
 
 
+def test_the_batch_tuning_part_gives_each_process_a_cache_of_its_own_twice():
+    """step-batch-tuning: trees_ab.py over this tree's snapshot as four entries, each with an
+    inductor cache of its own (four different folders), two rounds (the first tunes afresh,
+    the second reloads its own picks), the batch-8 case; then the picks come back."""
+    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-tuning"]
+    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
+    words = _words(line)
+    ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
+    entries = re.findall(r'"\$here@[^"]*"', line)
+    assert entries == [f'"$here@TORCHINDUCTOR_CACHE_DIR=$caches/{i}"' for i in (1, 2, 3, 4)]
+    assert ours[ours.index("--rounds") + 1] == "2" and ours[ours.index("--results") + 1] == "x"
+    args = build_parser().parse_args(["generate", *flags])
+    assert (args.model, args.dtype, args.batch_size, args.mode) == \
+        ("llama-3.2-1b", "bf16", [8], ["compiled"])
+    assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
+    assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
+    assert "-name '*.best_config'" in branch and "step-batch-tuning-picks-$slug.tar.gz" in branch
+
+
 def test_the_run_part_runs_the_main_job_on_its_default_into_a_device_folder():
     lines = [argv for argv in _command_lines(BENCHMARKS / "open_targets.sh") if argv[0] == "run"]
     assert len(lines) == 1
