@@ -78,14 +78,14 @@
 #                        the same code ran 1.371 and 1.441 ms in two processes on an H100 on
 #                        2026-12-07; INFERMETER_SOURCE_REVISION must be the 40-hex commit; about
 #                        6 x 40 s)
-#   part step-batch-tuning  Llama-3.2-1B bf16 at batch 8, default kernels, this tree in four
-#                        processes with four empty compiler caches, then again on those caches
+#   part step-batch-tuning  Llama-3.2-1B bf16 at batch 8, default kernels, this tree in three
+#                        processes with three empty compiler caches, then again on those caches
 #                        (trees_ab.py, two rounds): whether the speed a process lands on is the
 #                        kernel configs inductor's coordinate descent picked by timing them (a
 #                        fresh cache tunes anew, a warm one reloads the picks); every pick
 #                        (*.best_config) comes back in step-batch-tuning-picks-<device>.tar.gz, to
 #                        diff a fast and a slow cache (INFERMETER_SOURCE_REVISION: the 40-hex
-#                        commit; about 4 x 70 s, then 4 x 35 s)
+#                        commit; about 3 x 70 s, then 3 x 35 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -249,7 +249,7 @@ case "${1:-}" in
     caches=$(mktemp -d)
     python3 benchmarks/trees_ab.py run "$here@TORCHINDUCTOR_CACHE_DIR=$caches/1" \
       "$here@TORCHINDUCTOR_CACHE_DIR=$caches/2" "$here@TORCHINDUCTOR_CACHE_DIR=$caches/3" \
-      "$here@TORCHINDUCTOR_CACHE_DIR=$caches/4" --name step-batch-tuning --results "$dest" \
+      --name step-batch-tuning --results "$dest" \
       --rounds 2 --timeout 150 -- --model llama-3.2-1b --dtype bf16 --mode compiled \
       --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 || true
     (cd "$caches" && find . -name '*.best_config' -print0 | tar -czf - --null -T -) \

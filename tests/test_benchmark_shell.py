@@ -185,15 +185,15 @@ def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segm
 
 
 def test_the_batch_tuning_part_gives_each_process_a_cache_of_its_own_twice():
-    """step-batch-tuning: trees_ab.py over this tree's snapshot as four entries, each with an
-    inductor cache of its own (four different folders), two rounds (the first tunes afresh,
+    """step-batch-tuning: trees_ab.py over this tree's snapshot as three entries, each with an
+    inductor cache of its own (three different folders), two rounds (the first tunes afresh,
     the second reloads its own picks), the batch-8 case; then the picks come back."""
     branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-tuning"]
     (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
     entries = re.findall(r'"\$here@[^"]*"', line)
-    assert entries == [f'"$here@TORCHINDUCTOR_CACHE_DIR=$caches/{i}"' for i in (1, 2, 3, 4)]
+    assert entries == [f'"$here@TORCHINDUCTOR_CACHE_DIR=$caches/{i}"' for i in (1, 2, 3)]
     assert ours[ours.index("--rounds") + 1] == "2" and ours[ours.index("--results") + 1] == "x"
     args = build_parser().parse_args(["generate", *flags])
     assert (args.model, args.dtype, args.batch_size, args.mode) == \
