@@ -23,8 +23,9 @@ path. The device has no git: the trees travel as folders, made here first.
       under test comes first; the report never takes a baseline's or an environment's
       figure); then the summary (below)
   python benchmarks/trees_ab.py summary --name NAME
-      the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU
-      and SM clocks as its timed runs ended (where its Results have them), and per batch each
+      the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU,
+      SM clocks as its timed runs ended and the kernel configs its compile timed (0: every
+      pick reloaded from the compiler's cache; where its Results have them), and per batch each
       baseline against the first tree (per-run TPOT medians; whether the ranges are apart),
       beside the Results as NAME-<device>-summary.txt
 
@@ -212,6 +213,13 @@ def sm_clocks(result: Result) -> str:
     return sm_span(read)
 
 
+def tuned(result: Result) -> str:
+    """How many kernel configs the process timed to pick them (metrics.compiler): 0 where it
+    reloaded every pick from the compiler's cache; "-" where the Result has no such count."""
+    count = (result.metrics.get("compiler") or {}).get("tuning_benchmarks")
+    return "-" if count is None else str(count)
+
+
 def summarise(results: list[Result]) -> str:
     """The latest command's processes in the order they ran, and each baseline tree against
     the first, per batch size."""
@@ -227,13 +235,14 @@ def summarise(results: list[Result]) -> str:
         batch = r.config.get("batch_size")
         rows.append([label(ab), ab["round"], batch, fmt((m.get("tpot_ms") or {}).get("p50"),
                      ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
-                     fmt(m.get("mbu_pct")), sm_clocks(r)])
+                     fmt(m.get("mbu_pct")), sm_clocks(r), tuned(r)])
         runs.setdefault(batch, {}).setdefault(label(ab), []).extend(tpots)
     first = next(label(r.config["ab"]) for r in ours if not r.config["ab"].get("baseline"))
     lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
              f"{first} (the others marked config.ab.baseline); command of {latest}",
              render_table(("tree", "round", "batch", "TPOT p50 ms", "per-run TPOT ms (range)",
-                           "decode tok/s", "MBU %", "SM MHz"), rows)]
+                           "decode tok/s", "MBU %", "SM MHz", "configs timed"),
+                          rows)]
     for batch, by_tree in runs.items():
         lines += [ab_line(f"batch {batch}", by_tree, first, tree)
                   for tree in by_tree if tree != first]

@@ -23,7 +23,8 @@ trees_ab = load_benchmark("trees_ab")
 # A stand-in `python -m infermeter generate ... --output F`: one generate Result whose runs
 # take MS a step (the tree's speed, from its file), its env.source_revision the environment's,
 # its batch from --batch-size, AB_SLOWER in its environment multiplying MS, AB_SM its SM clock
-# (metrics.gpu_clocks); it records its argv and PYTHONPATH's first entry beside it.
+# (metrics.gpu_clocks), AB_TUNED the configs its compile timed (metrics.compiler); it records
+# its argv and PYTHONPATH's first entry beside it.
 STAND_IN = '''
 import json, os, sys, time
 from pathlib import Path
@@ -47,6 +48,8 @@ result = {"schema": SCHEMA, "kind": "generate", "model": {"name": "m"},
           "samples": {"decode_ms": [10 * ms, 10 * ms * 1.001]}, "warnings": []}
 if "AB_SM" in os.environ:  # the SM clock a GPU's Result records as its runs end
     result["metrics"]["gpu_clocks"] = {"sm_mhz": [1980, int(os.environ["AB_SM"])]}
+if "AB_TUNED" in os.environ:  # the configs its compile timed (metrics.compiler)
+    result["metrics"]["compiler"] = {"tuning_benchmarks": int(os.environ["AB_TUNED"])}
 with open(args[args.index("--output") + 1], "a") as out:
     out.write(json.dumps(result) + "\\n")
 '''
@@ -127,19 +130,19 @@ def test_a_tree_with_environment_settings_is_an_entry_of_its_own(tmp_path, monke
     several settings in one entry; the summary names each entry by tree and settings."""
     monkeypatch.delenv("AB_SLOWER", raising=False)
     tree = stand_in_tree(tmp_path, NEW, 1.0)
-    slower = f"{tree}@AB_SLOWER=1.25@AB_SM=1755@OTHER=a=b"  # a value may hold "="
+    slower = f"{tree}@AB_SLOWER=1.25@AB_SM=1755@AB_TUNED=40@OTHER=a=b"  # a value may hold "="
     assert run_ab(tmp_path, [tree, slower], "--rounds", "2") == 0
     results = read_results(tmp_path / "results" / "t-gpu.jsonl")
     assert [(r.config["ab"].get("environment"), r.config["ab"].get("baseline"),
              r.metrics["tpot_ms"]["p50"]) for r in results] == \
-        [(None, None, 1.0), ("AB_SLOWER=1.25 AB_SM=1755 OTHER=a=b", True, 1.25)] * 2
+        [(None, None, 1.0), ("AB_SLOWER=1.25 AB_SM=1755 AB_TUNED=40 OTHER=a=b", True, 1.25)] * 2
     assert {r.env["source_revision"] for r in results} == {NEW}
     text = (tmp_path / "results" / "t-gpu-summary.txt").read_text()
-    assert f"batch 8: {NEW[:12]} AB_SLOWER=1.25 AB_SM=1755 OTHER=a=b / {NEW[:12]} TPOT 1.250" \
-        in text
-    # the SM clocks as the runs ended, where a Result has them
+    settings = "AB_SLOWER=1.25 AB_SM=1755 AB_TUNED=40 OTHER=a=b"
+    assert f"batch 8: {NEW[:12]} {settings} / {NEW[:12]} TPOT 1.250" in text
+    # the SM clocks as the runs ended, and the configs its compile timed, where Results have them
     rows = [line.split() for line in text.splitlines() if line.startswith(NEW[:12])]
-    assert [row[-1] for row in rows] == ["-", "1,755-1,980", "-", "1,755-1,980"]
+    assert [row[-2:] for row in rows] == [["-", "-"], ["1,755-1,980", "40"]] * 2
     assert "AB_SLOWER" not in os.environ  # set in the child's environment, not this one's
 
 

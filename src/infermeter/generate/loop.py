@@ -20,7 +20,9 @@ For every case (prompt set x mode; one `generate` Result each):
    this process. A case that runs out of memory becomes a Result with `oom: true` and no speed
    numbers, and the sweep goes on;
 6. clocks (measure/clocks.py): the GPU's SM and memory clocks as each timed run ended, and why
-   they were below their maxima where NVML says, read between runs.
+   they were below their maxima where NVML says, read between runs;
+7. compiler (measure/compiler.py): over the warm-up, how many kernel configs torch's compiler
+   timed afresh and how many compiled graphs it loaded from its cache.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from infermeter.generate.request import GenerateRequest
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
 from infermeter.measure.clocks import clock_metrics, clock_warnings, read_clocks
+from infermeter.measure.compiler import compiler_counts, compiler_metrics
 from infermeter.measure.nvtx import nvtx_range
 from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
@@ -93,6 +96,8 @@ class CaseRun:
     experts: list[float | None] | None = None
     # per timed repeat, the GPU's clocks as it ended (measure/clocks.py; None off a GPU)
     clocks: list[dict[str, Any] | None] = field(default_factory=list)
+    # over the warm-up (both parts), what the compiler tuned and loaded (measure/compiler.py)
+    compiler: dict[str, int] = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -128,6 +133,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
     ranks_meet(device)
+    counted = compiler_counts()
     start = time.perf_counter()
     with nvtx_range(f"warm-up {case.label}"):
         runner.warmup({tuple(t.shape) for t in groups})
@@ -139,6 +145,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
             runner.run(tokens, _no_hook)
     _sync(device)
     warmup_runs_s = time.perf_counter() - start
+    compiler = compiler_metrics(counted, compiler_counts())
     progress.advance(f"{case.label}: warm-up")
     repeats, outputs, finished, clocks = [], [], [False] * len(prompts), []
     for index in range(request.timing.repeats):
@@ -162,7 +169,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
                     _trace_bound(model, groups[0], request, hbm_gbps, experts)) \
         if trace_path else None
     return CaseRun(repeats, outputs, finished, warmup_s, warmup_runs_s, runner.describe(),
-                   memory_now, traced, experts, clocks)
+                   memory_now, traced, experts, clocks, compiler)
 
 
 class ExpertCounter:
@@ -317,6 +324,7 @@ def case_result(model: Transformer, case: Case, run: CaseRun, request: GenerateR
     warnings += rl.roofline_warnings(metrics["mbu_pct"], metrics["mfu_pct"])
     metrics["gpu_clocks"] = clock_metrics(run.clocks)
     warnings += clock_warnings(metrics["gpu_clocks"])
+    metrics["compiler"] = run.compiler
     if any(ids != run.outputs[0] for ids in run.outputs[1:]):
         warnings.append("output tokens differ between repeats (nondeterministic kernels?)")
     if peaks:
