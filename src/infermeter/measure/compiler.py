@@ -13,6 +13,8 @@ the warm-up, so an earlier case of the process does not count in a later one's.
 
 from __future__ import annotations
 
+import sys
+
 # torch's counter -> the name a Result's metrics.compiler gives it
 COUNTERS = {
     "coordesc_tuning_bench": "tuning_benchmarks",  # configs timed by coordinate descent
@@ -23,10 +25,11 @@ COUNTERS = {
 
 
 def compiler_counts() -> dict[str, int]:
-    """torch's compiler counters now, by COUNTERS' names (0 where torch has not counted any)."""
-    from torch._dynamo.utils import counters
-
-    inductor = counters["inductor"]
+    """torch's compiler counters now, by COUNTERS' names (0 where torch has not counted any).
+    Where the compiler was never imported nothing was compiled: all 0, and it stays unimported
+    (an eager run does not pay its import)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    inductor = utils.counters["inductor"] if utils is not None else {}
     return {name: int(inductor.get(counter, 0)) for counter, name in COUNTERS.items()}
 
 
