@@ -12,7 +12,7 @@ path. The device has no git: the trees travel as folders, made here first.
       commits after OLD up to NEW that touch --paths (default src/): a bisection's next
       points
   python benchmarks/trees_ab.py run TREE[@KEY=VALUE...] [...] --name NAME [--rounds N]
-          [--timeout S] -- GENERATE_FLAGS
+          [--timeout S] [--caches shared|own|fresh] -- GENERATE_FLAGS
       per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
       with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV, and each
       @KEY=VALUE set in that process's environment (a tree may come twice, with and without:
@@ -21,7 +21,10 @@ path. The device has no git: the trees travel as folders, made here first.
       digits, "round": k, "command": this command's start}, "environment": "KEY=VALUE ..."
       where the entry set some, and "baseline": true on every entry after the first (the one
       under test comes first; the report never takes a baseline's or an environment's
-      figure); then the summary (below)
+      figure); with --caches own or fresh, each entry's process compiles into a compiler cache
+      of that entry's (empty in round 0, reused after) or an empty one of its own, so no tree
+      reloads kernel configs another tree's compile tuned ("caches" in config.ab); then the
+      summary (below)
   python benchmarks/trees_ab.py summary --name NAME
       the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU,
       SM clocks as its timed runs ended and the kernel configs its compile timed (0: every
@@ -57,6 +60,7 @@ from infermeter.textable import render_table  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 REVISION = re.compile(r"[0-9a-f]{40}")
 SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
+CACHES = ("shared", "own", "fresh")  # --caches: cache_settings says what each gives
 
 
 class Entry(NamedTuple):
@@ -136,25 +140,37 @@ def spaced_commits(old: str, new: str, points: int, paths: list[str]) -> list[st
     return [commits[(i + 1) * len(commits) // (points + 1)] for i in range(points)]
 
 
-def child_env(entry: Entry) -> dict[str, str]:
+def cache_settings(caches: str, scratch: Path, index: int, round_: int) -> tuple[str, ...]:
+    """The compiler cache (TORCHINDUCTOR_CACHE_DIR) the index-th entry's process gets in round
+    round_, under --caches: "shared", none set (the environment's, as every process shares by
+    default); "own", a folder of the entry's, empty in its first round and reused after (each
+    tree tunes its own kernel configs once, never reloading another tree's picks); "fresh", an
+    empty folder for every process (each tunes anew)."""
+    if caches == "shared":
+        return ()
+    folder = f"cache-{index}" if caches == "own" else f"cache-{index}-round-{round_}"
+    return (f"TORCHINDUCTOR_CACHE_DIR={scratch / folder}",)
+
+
+def child_env(entry: Entry, extra: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment an entry's process runs in: its tree's src/ ahead of whatever
     PYTHONPATH held (a device's installed wheels stay reachable), its revision named for its
-    Results, its own settings over the rest."""
+    Results, `extra` settings (its compiler cache), then its own settings over the rest."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(entry.tree.resolve() / "src"), os.environ.get("PYTHONPATH")) if p)
     env["INFERMETER_SOURCE_REVISION"] = entry.rev
-    env.update(setting.split("=", 1) for setting in entry.settings)
+    env.update(setting.split("=", 1) for setting in (*extra, *entry.settings))
     env.pop("OUT", None)  # an older tree's scripts must not write into the device's $OUT
     return env
 
 
-def run_tree(entry: Entry, flags: list[str], timeout: float | None,
-             output: Path) -> str | None:
+def run_tree(entry: Entry, flags: list[str], timeout: float | None, output: Path,
+             extra: tuple[str, ...] = ()) -> str | None:
     """`generate FLAGS --output OUTPUT` in the entry's process; None, or why it gave
     nothing."""
     command = [sys.executable, "-m", "infermeter", "generate", *flags, "--output", str(output)]
-    child = subprocess.Popen(command, cwd=entry.tree, env=child_env(entry),
+    child = subprocess.Popen(command, cwd=entry.tree, env=child_env(entry, extra),
                              start_new_session=True)  # its compile workers die with it
     try:
         code = child.wait(timeout=timeout)
@@ -166,10 +182,11 @@ def run_tree(entry: Entry, flags: list[str], timeout: float | None,
 
 
 def labelled(results: list[Result], entry: Entry, round_: int, command: str,
-             baseline: bool) -> list[Result]:
+             baseline: bool, caches: str = "shared") -> list[Result]:
     for result in results:
         result.config["ab"] = {**entry.ab, "round": round_, "command": command,
-                               **({"baseline": True} if baseline else {})}
+                               **({"baseline": True} if baseline else {}),
+                               **({"caches": caches} if caches != "shared" else {})}
     return results
 
 
@@ -180,8 +197,9 @@ def label(ab: dict[str, Any]) -> str:
 
 
 def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | None,
-        path: Path, start: float) -> None:
-    """rounds x entries processes, each entry's Results labelled and appended to `path`."""
+        path: Path, start: float, caches: str = "shared") -> None:
+    """rounds x entries processes, each entry's Results labelled and appended to `path`; each
+    process's compiler cache as cache_settings says."""
     command = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
@@ -189,7 +207,8 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
                 name = label(entry.ab)
                 progress(start, f"round {round_}: {name} ({entry.tree})")
                 output = Path(scratch) / f"{round_}-{index}.jsonl"
-                failed = run_tree(entry, flags, timeout, output)
+                failed = run_tree(entry, flags, timeout, output,
+                                  cache_settings(caches, Path(scratch), index, round_))
                 try:
                     found = read_results(output) if output.exists() else []
                 except InfermeterError as err:
@@ -198,7 +217,8 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
                     print(f"{name} round {round_}: {failed or 'wrote no Result'}",
                           file=sys.stderr)
                 if found:
-                    append_jsonl(path, labelled(found, entry, round_, command, index > 0))
+                    append_jsonl(path, labelled(found, entry, round_, command, index > 0,
+                                                caches))
                 for result in found:  # as it goes: a command cut short still shows these
                     m = result.metrics
                     print(f"{name} round {round_}, batch {result.config.get('batch_size')}: "
@@ -267,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     timed.add_argument("trees", nargs="+", metavar="TREE[@KEY=VALUE...]")
     timed.add_argument("--rounds", type=int, default=2)
     timed.add_argument("--timeout", type=float, help="seconds a process may run")
+    timed.add_argument("--caches", choices=CACHES, default="shared",
+                       help="each process's compiler cache: the environment's (shared), one "
+                            "of each entry's own, or an empty one every process (fresh)")
     for p in (timed, sub.add_parser("summary", help="the latest command's summary")):
         p.add_argument("--name", required=True, help="results/NAME-<device>.jsonl")
         p.add_argument("--results", default=str(RESULTS))
@@ -296,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = [parse_entry(text) for text in args.trees]  # all checked before any runs
         path = results_path(args)
         if args.action == "run":
-            run(entries, flags, args.rounds, args.timeout, path, start)
+            run(entries, flags, args.rounds, args.timeout, path, start, args.caches)
         return write_summary(path, summarise, start)
     except InfermeterError as err:
         print(f"trees_ab.py: error: {err}", file=sys.stderr)

@@ -24,7 +24,7 @@ trees_ab = load_benchmark("trees_ab")
 # take MS a step (the tree's speed, from its file), its env.source_revision the environment's,
 # its batch from --batch-size, AB_SLOWER in its environment multiplying MS, AB_SM its SM clock
 # (metrics.gpu_clocks), AB_TUNED the configs its compile timed (metrics.compiler); it records
-# its argv and PYTHONPATH's first entry beside it.
+# its argv, PYTHONPATH's first entry and its compiler cache beside it.
 STAND_IN = '''
 import json, os, sys, time
 from pathlib import Path
@@ -39,7 +39,8 @@ ms = float((here / "MS").read_text()) * float(os.environ.get("AB_SLOWER", "1"))
 batch = int(args[args.index("--batch-size") + 1])
 with open(here / "calls", "a") as calls:
     calls.write(json.dumps({"argv": args, "path": os.environ["PYTHONPATH"].split(os.pathsep)[0],
-                            "out": os.environ.get("OUT")}) + "\\n")
+                            "out": os.environ.get("OUT"),
+                            "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}) + "\\n")
 result = {"schema": SCHEMA, "kind": "generate", "model": {"name": "m"},
           "config": {"batch_size": batch, "mode": "compiled"},
           "env": {"source_revision": os.environ["INFERMETER_SOURCE_REVISION"]},
@@ -109,6 +110,32 @@ def test_trees_alternate_each_in_its_own_process_and_the_baselines_are_marked(tm
     assert f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.100" in text and "ranges apart" in text
     # where $OUT is set the Results and the summary come back through it too
     assert (tmp_path / "out" / "t-gpu-summary.txt").read_text() == text
+
+
+def caches_of(tree: Path) -> list[str | None]:
+    """The compiler cache each of the stand-in tree's processes ran with, in order."""
+    return [json.loads(line)["cache"] for line in (tree / "calls").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("caches", ["shared", "own", "fresh"])
+def test_each_process_compiles_into_the_cache_caches_gives_it(tmp_path, monkeypatch, caches):
+    """shared: the environment's for all; own: a folder an entry, the same in every round and
+    apart from the other entry's; fresh: a folder a process. An entry's own setting wins."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    new, old = stand_in_tree(tmp_path, NEW, 1.0), stand_in_tree(tmp_path, OLD, 1.1)
+    pinned = f"{old}@TORCHINDUCTOR_CACHE_DIR=/pinned"
+    assert run_ab(tmp_path, [new, pinned], "--rounds", "2", "--caches", caches) == 0
+    ours = caches_of(new)
+    assert caches_of(old) == ["/pinned", "/pinned"]
+    if caches == "shared":
+        assert ours == [None, None]
+    elif caches == "own":
+        assert ours[0] == ours[1] and ours[0].endswith("cache-0")
+    else:
+        assert ours[0] != ours[1] and all(c and "/pinned" not in c for c in ours)
+    labels = [r.config["ab"].get("caches")
+              for r in read_results(tmp_path / "results" / "t-gpu.jsonl")]
+    assert labels == [None if caches == "shared" else caches] * 4
 
 
 def test_the_summary_is_the_latest_commands(tmp_path, capsys):
