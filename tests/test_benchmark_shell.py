@@ -167,39 +167,40 @@ def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     assert ways == [(None, None, False), ("exact", None, False), (None, False, False)]
 
 
-def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
-    """step-batch-placement: trees_ab.py over this tree's snapshot, plain first, then with the
-    allocator's expandable segments in its environment, three rounds, the batch-8 case."""
-    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-placement"]
+def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
+    """A trees_ab.py part over this tree's snapshot: its branch, its run line and that line's
+    own words (before --), after checking what every such part shares: the batch-8 case of
+    Llama-3.2-1B, Results into $dest, and a stop where no 40-hex revision is given."""
+    branch = _branches(BENCHMARKS / "open_targets.sh")[part]
     (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
-    assert line.split()[1:3] == [
-        '"$here"', '"$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"']
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
-    assert ours[ours.index("--rounds") + 1] == "3" and ours[ours.index("--results") + 1] == "x"
+    assert ours[ours.index("--results") + 1] == "x"
     args = build_parser().parse_args(["generate", *flags])
     assert (args.model, args.dtype, args.batch_size, args.mode) == \
         ("llama-3.2-1b", "bf16", [8], ["compiled"])
     assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
     assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
+    return branch, line, ours
+
+
+def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
+    """step-batch-placement: trees_ab.py over this tree's snapshot, plain first, then with the
+    allocator's expandable segments in its environment, three rounds, the batch-8 case."""
+    _, line, ours = _batch8_trees_ab("step-batch-placement")
+    assert line.split()[1:3] == [
+        '"$here"', '"$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"']
+    assert ours[ours.index("--rounds") + 1] == "3"
 
 
 def test_the_batch_tuning_part_gives_each_process_a_cache_of_its_own_twice():
     """step-batch-tuning: trees_ab.py over this tree's snapshot as three entries, each with an
     inductor cache of its own (three different folders), two rounds (the first tunes afresh,
     the second reloads its own picks), the batch-8 case; then the picks come back."""
-    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-tuning"]
-    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
-    words = _words(line)
-    ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
+    branch, line, ours = _batch8_trees_ab("step-batch-tuning")
     entries = re.findall(r'"\$here@[^"]*"', line)
     assert entries == [f'"$here@TORCHINDUCTOR_CACHE_DIR=$caches/{i}"' for i in (1, 2, 3)]
-    assert ours[ours.index("--rounds") + 1] == "2" and ours[ours.index("--results") + 1] == "x"
-    args = build_parser().parse_args(["generate", *flags])
-    assert (args.model, args.dtype, args.batch_size, args.mode) == \
-        ("llama-3.2-1b", "bf16", [8], ["compiled"])
-    assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
-    assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
+    assert ours[ours.index("--rounds") + 1] == "2"
     assert "-name '*.best_config'" in branch and "step-batch-tuning-picks-$slug.tar.gz" in branch
 
 
