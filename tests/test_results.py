@@ -6,7 +6,7 @@ import os
 import pytest
 
 from infermeter.errors import InfermeterError
-from infermeter.measure.env import capture_env, nvml_facts
+from infermeter.measure.env import SETTING_PREFIXES, capture_env, nvml_facts
 from infermeter.measure.result import (
     REQUIRED_FIELDS,
     Result,
@@ -16,7 +16,8 @@ from infermeter.measure.result import (
 )
 
 ENV_FIELDS = ("device_name", "device_count", "driver", "cuda", "torch", "pcie_gen",
-              "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version")
+              "pcie_width", "host_cpu", "hostname", "timestamp", "infermeter_version",
+              "source_revision", "settings")
 
 
 def make(kind="kv", n=1):
@@ -107,6 +108,21 @@ def test_env_capture_without_gpu():
     assert all(name in env for name in ENV_FIELDS)
     json.dumps(env)  # JSON-ready
     assert env["host_cpu"] and env["timestamp"].endswith("+00:00")
+
+
+def test_env_keeps_the_settings_that_change_how_torch_runs_and_nothing_else(monkeypatch):
+    """env.settings: the allocator's, compiler's, Triton's, CUDA's and NCCL's variables that are
+    set, by name; an unrelated variable (a token, a path) is not a setting."""
+    for name in [n for n in os.environ if n.startswith(SETTING_PREFIXES)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/own")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    monkeypatch.setenv("TORCHVISION_THING", "x")  # TORCH without the underscore: not ours
+    assert capture_env()["settings"] == {
+        "NCCL_NVLS_ENABLE": "0", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "TORCHINDUCTOR_CACHE_DIR": "/tmp/own"}
 
 
 def test_source_revision_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ from infermeter.generate.request import GenerateRequest
 from infermeter.generate.timing import RunTiming, StepRecorder, make_clock, summarize
 from infermeter.measure import roofline as rl
 from infermeter.measure.clocks import clock_metrics, clock_warnings, read_clocks
-from infermeter.measure.compiler import compiler_counts, compiler_metrics
+from infermeter.measure.compiler import NOTHING, compiler_counts, compiler_metrics
 from infermeter.measure.nvtx import nvtx_range
 from infermeter.measure.ranks import group_size, ranks_meet
 from infermeter.measure.result import Result
@@ -133,7 +133,8 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
     groups = [torch.tensor([prompts[i] for i in g], dtype=torch.int64, device=device)
               for g in case.groups]  # one [b, T] per group, made before anything is timed
     ranks_meet(device)
-    counted = compiler_counts()
+    compiles = case.mode not in ("eager", "hf-eager")  # an eager case never imports the compiler
+    counted = compiler_counts() if compiles else NOTHING
     start = time.perf_counter()
     with nvtx_range(f"warm-up {case.label}"):
         runner.warmup({tuple(t.shape) for t in groups})
@@ -145,7 +146,7 @@ def time_case(model: Transformer, case: Case, request: GenerateRequest,
             runner.run(tokens, _no_hook)
     _sync(device)
     warmup_runs_s = time.perf_counter() - start
-    compiler = compiler_metrics(counted, compiler_counts())
+    compiler = compiler_metrics(counted, compiler_counts() if compiles else NOTHING)
     progress.advance(f"{case.label}: warm-up")
     repeats, outputs, finished, clocks = [], [], [False] * len(prompts), []
     for index in range(request.timing.repeats):

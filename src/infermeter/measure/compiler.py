@@ -13,8 +13,6 @@ the warm-up, so an earlier case of the process does not count in a later one's.
 
 from __future__ import annotations
 
-import sys
-
 # torch's counter -> the name a Result's metrics.compiler gives it
 COUNTERS = {
     "coordesc_tuning_bench": "tuning_benchmarks",  # configs timed by coordinate descent
@@ -24,12 +22,16 @@ COUNTERS = {
 }
 
 
+# what a case that compiles nothing records (an eager one, which never imports the compiler)
+NOTHING = dict.fromkeys(COUNTERS.values(), 0)
+
+
 def compiler_counts() -> dict[str, int]:
     """torch's compiler counters now, by COUNTERS' names (0 where torch has not counted any).
-    Where the compiler was never imported nothing was compiled: all 0, and it stays unimported
-    (an eager run does not pay its import)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    inductor = utils.counters["inductor"] if utils is not None else {}
+    Imports the compiler: only for a case that compiles."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
     return {name: int(inductor.get(counter, 0)) for counter, name in COUNTERS.items()}
 
 

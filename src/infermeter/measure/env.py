@@ -19,6 +19,19 @@ from infermeter import __version__
 
 REVISION_ENV = "INFERMETER_SOURCE_REVISION"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Environment variables by which torch, its compiler, Triton, CUDA, cuBLAS or NCCL may run a
+# measurement differently (an allocator setting, a compiler cache, NVLink multicast off): a
+# Result keeps the ones set, so a figure can be reproduced with them. Prefixes, not names: each
+# release adds knobs.
+SETTING_PREFIXES = ("PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "CUDA_", "CUBLAS_",
+                    "NCCL_", "NVSHMEM_")
+
+
+def runtime_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) named with SETTING_PREFIXES, by
+    name."""
+    environ = dict(os.environ) if environ is None else environ
+    return {name: environ[name] for name in sorted(environ) if name.startswith(SETTING_PREFIXES)}
 
 
 def host_cpu_name() -> str:
@@ -131,7 +144,7 @@ def capture_env() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "infermeter_version": __version__, "python": platform.python_version(),
-        "source_revision": source_revision(),
+        "source_revision": source_revision(), "settings": runtime_settings(),
     }
     env.update(_torch_facts())
     if env["device_count"]:
