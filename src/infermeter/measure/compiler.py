@@ -21,7 +21,6 @@ COUNTERS = {
     "fxgraph_cache_bypass": "graph_cache_bypasses",  # compiled afresh, not cacheable
 }
 
-
 # what a case that compiles nothing records (an eager one, which never imports the compiler)
 NOTHING = dict.fromkeys(COUNTERS.values(), 0)
 

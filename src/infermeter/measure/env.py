@@ -27,11 +27,10 @@ SETTING_PREFIXES = ("PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "CUDA_", 
                     "NCCL_", "NVSHMEM_")
 
 
-def runtime_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The variables of `environ` (default: this process's) named with SETTING_PREFIXES, by
-    name."""
-    environ = dict(os.environ) if environ is None else environ
-    return {name: environ[name] for name in sorted(environ) if name.startswith(SETTING_PREFIXES)}
+def runtime_settings() -> dict[str, str]:
+    """This process's environment variables named with SETTING_PREFIXES, by name."""
+    return {name: os.environ[name] for name in sorted(os.environ)
+            if name.startswith(SETTING_PREFIXES)}
 
 
 def host_cpu_name() -> str:
