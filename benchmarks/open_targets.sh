@@ -107,6 +107,10 @@
 #   part step-head       the fused step with its final norm and output head as two kernels and as
 #                        one (model.FUSED_HEAD), at 135M, 0.5B and 1B, the recorded step, one
 #                        round (step_kernels_ab.py --fused-head off on; 6 cases)
+#   part step-head-stall where the fused head's 135M warm-up spends its time: that one case
+#                        under benchmarks/stack_watch.py, its main thread's whole stack every 20
+#                        s into step-head-stall-<device>.txt, ended after STALL_S seconds
+#                        (default 200)
 #   part offload-reload  reload vs recompute at prefix 8192, suffixes 128 and 1024, paged blocks
 #                        16 and 256 (benchmarks/offload_targets.sh reload; 1.4 min on an H100 on
 #                        2026-12-05)
@@ -125,8 +129,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -283,6 +287,12 @@ case "${1:-}" in
   step-head)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --fused-head off on --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+  step-head-stall)
+    # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
+    # (docs/engine.md): the stack watch writes the outer frames that started it too
+    timeout -s KILL "${STALL_S:-200}" python3 benchmarks/stack_watch.py --every 20 \
+      --out "$dest/step-head-stall-$slug.txt" benchmarks/step_kernels_ab.py --one smollm2-135m \
+      --rounds 1 --graphs recorded --kernels fused --fused-head on --results "$dest" || true ;;
   offload-reload)
     bash benchmarks/offload_targets.sh reload "$dest" ;;
   offload-traffic)
