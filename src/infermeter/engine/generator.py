@@ -418,6 +418,15 @@ class Generator:
         else:
             model.setup_cache(batch_size, length, dtype=dtype, device=self.device)
 
+    def _options(self, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Inductor's options for each of our compiles: eager's roundings (emulate_precision_
+        casts), our ops made fallbacks before lowering (op_fallbacks.py), `settings`, then the
+        request's own options, which win."""
+        from infermeter.engine.op_fallbacks import compile_options
+
+        return {"emulate_precision_casts": True, **compile_options(), **(settings or {}),
+                **self.compile_options}
+
     def _compile_step(self) -> Callable[..., tuple[Tensor, ...]]:
         if self._compiled_step is None:
             allow_step_graphs()
@@ -431,9 +440,9 @@ class Generator:
             # at compile time, and turns each matrix-vector product into a Triton reduction
             # fused with its neighbours: on an H100, fused 7B fp16 decode 5.89 -> 5.59 ms per
             # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile.
-            options = {"emulate_precision_casts": True, "coordinate_descent_tuning": True,
-                       "triton.cudagraphs": self.step_graphs == "trees",
-                       **inductor_options(self.pdl), **self.compile_options}
+            options = self._options({"coordinate_descent_tuning": True,
+                                     "triton.cudagraphs": self.step_graphs == "trees",
+                                     **inductor_options(self.pdl)})
             # the recorded step advances its state in place (held_step.py), the trees' returns it
             compiled = torch.compile(
                 _decode_in_place if self.step_graphs == "recorded" else _decode_one,
@@ -450,8 +459,8 @@ class Generator:
         """The compiled prefill's layer function: one graph for every layer (modules are
         inlined, their weights become inputs) and every prompt length (dynamic=True)."""
         if self._compiled_block is None:
-            options = {"emulate_precision_casts": True, **self.compile_options}
-            self._compiled_block = torch.compile(_block_step, options=options, dynamic=True)
+            self._compiled_block = torch.compile(_block_step, options=self._options(),
+                                                 dynamic=True)
         return self._compiled_block
 
     def _prefill_fn(self) -> Callable[..., Tensor]:
@@ -466,9 +475,7 @@ class Generator:
                 self._compiled_prefill = torch.compile(_prefill_forward, backend="cudagraphs",
                                                        fullgraph=True, dynamic=dynamic)
             else:
-                options = {"emulate_precision_casts": True,
-                           "triton.cudagraphs": self.device.type == "cuda",
-                           **self.compile_options}
+                options = self._options({"triton.cudagraphs": self.device.type == "cuda"})
                 self._compiled_prefill = torch.compile(_prefill_forward, options=options,
                                                        fullgraph=True, dynamic=dynamic)
         return self._compiled_prefill
@@ -480,9 +487,8 @@ class Generator:
         forward is recorded as one (recorded_forward.py)."""
         if self._compiled_layer is None:
             allow_step_graphs()
-            options = {"emulate_precision_casts": True, **self.compile_options}
-            self._compiled_layer = torch.compile(_block_step, options=options, fullgraph=True,
-                                                 dynamic=False)
+            self._compiled_layer = torch.compile(_block_step, options=self._options(),
+                                                 fullgraph=True, dynamic=False)
         return self._compiled_layer
 
     def _layer_forward(self, tokens: Tensor, positions: Tensor, last: Tensor,
