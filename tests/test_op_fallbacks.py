@@ -99,3 +99,24 @@ def test_every_compile_of_the_generator_runs_the_pass() -> None:
     mine = Generator(build_model(PRESETS["debug"]),
                      compile_options={"post_grad_custom_pre_pass": None})
     assert mine._options()["post_grad_custom_pre_pass"] is None
+
+
+def test_graphs_compiled_with_the_pass_stay_cached() -> None:
+    """The pass has a uuid, so inductor's graph cache keeps such graphs: a second compile of the
+    same function loads the first's graph (a pass without one would bypass the cache, and every
+    warm-up would compile afresh)."""
+    from torch._dynamo.utils import counters
+
+    op = _probe("fallback_probe_cached")
+    x = torch.arange(4.0)
+    seen = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        before = dict(counters["inductor"])
+        step = torch.compile(lambda x: op(x * 2) - 1, options={**compile_options(),
+                                                                "fx_graph_cache": True})
+        assert torch.equal(step(x), (x * 2) * 3 + 1 - 1)
+        seen.append({key: counters["inductor"][key] - before.get(key, 0)
+                     for key in ("fxgraph_cache_hit", "fxgraph_cache_bypass")})
+    assert seen[1] == {"fxgraph_cache_hit": 1, "fxgraph_cache_bypass": 0}, seen
+    assert seen[0]["fxgraph_cache_bypass"] == 0, seen
