@@ -10,7 +10,7 @@ from torch._inductor import exc as inductor_exc
 from torch._inductor.lowering import lowerings, maybe_layout_constraints
 
 from infermeter.engine.generator import Generator
-from infermeter.engine.op_fallbacks import FALLBACKS, compile_options, lacks_lowering
+from infermeter.engine.op_fallbacks import FALLBACKS, inductor_options, lacks_lowering
 
 
 def _probe(name: str) -> torch._ops.OpOverload:
@@ -77,7 +77,7 @@ def test_a_compile_with_the_pass_never_formats_an_op_s_arguments(formatted) -> N
     for with_pass in (False, True):
         op = _probe(f"fallback_probe_{'with' if with_pass else 'without'}")
         torch._dynamo.reset()
-        options = {"fx_graph_cache": False, **(compile_options() if with_pass else {})}
+        options = {"fx_graph_cache": False, **(inductor_options() if with_pass else {})}
         step = torch.compile(lambda x, op=op: op(x + 1) * 2, options=options, fullgraph=True)
         assert torch.equal(step(x), ((x + 1) * 3 + 1) * 2)
         assert (str(op) in formatted) is not with_pass, formatted
@@ -113,7 +113,7 @@ def test_graphs_compiled_with_the_pass_stay_cached() -> None:
     for _ in range(2):
         torch._dynamo.reset()
         before = dict(counters["inductor"])
-        step = torch.compile(lambda x: op(x * 2) - 1, options={**compile_options(),
+        step = torch.compile(lambda x: op(x * 2) - 1, options={**inductor_options(),
                                                                 "fx_graph_cache": True})
         assert torch.equal(step(x), (x * 2) * 3 + 1 - 1)
         seen.append({key: counters["inductor"][key] - before.get(key, 0)

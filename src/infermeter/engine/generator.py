@@ -422,10 +422,10 @@ class Generator:
         """Inductor's options for each of our compiles: eager's roundings (emulate_precision_
         casts), our ops made fallbacks before lowering (op_fallbacks.py), `settings`, then the
         request's own options, which win."""
-        from infermeter.engine.op_fallbacks import compile_options
+        from infermeter.engine import op_fallbacks
 
-        return {"emulate_precision_casts": True, **compile_options(), **(settings or {}),
-                **self.compile_options}
+        return {"emulate_precision_casts": True, **op_fallbacks.inductor_options(),
+                **(settings or {}), **self.compile_options}
 
     def _compile_step(self) -> Callable[..., tuple[Tensor, ...]]:
         if self._compiled_step is None:

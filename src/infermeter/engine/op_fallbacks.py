@@ -33,9 +33,9 @@ def lacks_lowering(target: object) -> bool:
 
 def register_fallback(op: torch._ops.OpOverload) -> None:
     """`op` as inductor's implicit fallback makes it (torch/_inductor/graph.py's call_function,
-    forward graphs): its layout constraint from the op's tags, needs_fixed_stride_order by
-    default. Where a torch lacks these internals, nothing: inductor makes the fallback itself,
-    as without this pass."""
+    forward graphs): its layout constraint from the op's tags, or from the default tag torch
+    gives a custom op without one. Where a torch lacks these internals, nothing: inductor
+    makes the fallback itself, as without this pass."""
     try:
         from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
@@ -62,6 +62,7 @@ class OpFallbacks(CustomGraphPass):
 FALLBACKS = OpFallbacks()
 
 
-def compile_options() -> dict[str, object]:
-    """The torch.compile option that runs FALLBACKS before each graph is lowered."""
+def inductor_options() -> dict[str, object]:
+    """The torch.compile option that runs FALLBACKS before each graph is lowered (as
+    kernels/pdl.py's inductor_options give inductor's own kernels PDL)."""
     return {"post_grad_custom_pre_pass": FALLBACKS}
