@@ -86,6 +86,11 @@
 #                        (*.best_config) comes back in step-batch-tuning-picks-<device>.tar.gz, to
 #                        diff a fast and a slow cache (INFERMETER_SOURCE_REVISION: the 40-hex
 #                        commit; about 3 x 70 s, then 3 x 35 s)
+#   part step-batch-issue-tree  Llama-3.2-1B bf16 at batch 8, default kernels: the tree issue 27
+#                        was filed on (cdd90d2, a folder made beforehand by `trees_ab.py snapshot
+#                        cdd90d2 --into .trees`, carried to the GPU) against this tree, alternating,
+#                        every process compiling into an empty cache of its own (--caches fresh),
+#                        so each samples its own tuning; two rounds (about 4 x 60 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -129,8 +134,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -258,6 +263,16 @@ case "${1:-}" in
       --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 || true
     (cd "$caches" && find . -name '*.best_config' -print0 | tar -czf - --null -T -) \
       > "$dest/step-batch-tuning-picks-$slug.tar.gz" ;;
+  step-batch-issue-tree)
+    issue=.trees/cdd90d230f8d
+    [ -f "$issue/REV" ] || { echo "no snapshot $issue: python3 benchmarks/trees_ab.py snapshot cdd90d2 --into .trees" >&2; exit 2; }
+    here=$(mktemp -d)
+    cp -r src pyproject.toml "$here"/
+    echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+    python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh \
+      --name step-batch-issue-tree --results "$dest" --rounds 2 --timeout 150 -- \
+      --model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 \
+      --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do
