@@ -23,7 +23,7 @@ REMARKS = ("one run", " vs ", " vs. ")
 # What only picks an implementation of the same computation (generate's advanced group).
 ENGINE_VARIANTS = ("--compile-backend", "--compile-prefill", "--matvec-kernel", "--pdl",
                    "--decode-attention", "--tp-all-reduce", "--prefill-chunk", "--step-kernels",
-                   "--moe-kernel")
+                   "--moe-kernel", "--prefill-graphs")
 GENERATE_HELP_MAX_LINES = 75  # at 100 columns
 
 

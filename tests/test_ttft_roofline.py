@@ -107,6 +107,33 @@ def test_prefill_choice_is_checked_and_recorded():
     assert (config["prefill"], config["prefill_forward_lens"]) == ("exact", [6])  # never pads
 
 
+def test_prefill_graphs_flag_reaches_the_request_and_is_checked(monkeypatch):
+    """--prefill-graphs picks the bucketed prefill's graphs for an A/B in separate processes;
+    beside an exact prefill it would be ignored, so it is an error there."""
+    import infermeter.generate.job as job
+
+    args = ("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--no-roofline")
+    for exact in (("--prefill", "exact"), ("--compile-prefill",)):
+        both = run_cli(*args, "--prefill-graphs", "static", *exact)
+        assert both.returncode != 0 and both.stderr.count("\n") == 1, both.stderr
+        assert both.stderr.startswith("infermeter: error: --prefill-graphs static")
+    assert run_cli(*args, "--prefill-graphs", "tiled").returncode == 2
+    seen = []
+
+    def record(request, env, progress=None):
+        seen.append(request.engine.prefill_graphs)
+        return [], []
+
+    monkeypatch.setattr(job, "run_generate", record)
+    for extra, graphs in (((), "layer"), (("--prefill-graphs", "static"), "static"),
+                          (("--prefill-graphs", "dynamic"), "dynamic")):
+        done = run_cli(*args, *extra)
+        assert done.returncode == 0, done.stderr
+        assert seen[-1] == graphs
+    assert len(seen) == 3
+
+
 def test_request_prefill_kind():
     from infermeter.errors import InfermeterError
     from infermeter.generate.request import EngineChoices

@@ -13,7 +13,7 @@ from infermeter.commands.common import (
     temperature_arg,
     top_p_arg,
 )
-from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK
+from infermeter.engine.prefill_buckets import COMPILED_PREFILL_CHUNK, PREFILL_GRAPHS
 
 # engine/attention.py's ATTENTION_KINDS, spelled out so parsing the command line needs no torch
 # (a test keeps the two equal).
@@ -126,11 +126,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     variant.add_argument("--prefill", choices=PREFILL_KINDS, metavar="KIND",
                          help="compiled mode: bucketed (padded, few graphs) or exact (default "
                          "bucketed)")
+    variant.add_argument("--prefill-graphs", choices=PREFILL_GRAPHS, metavar="KIND",
+                         help=f"bucketed prefill: {', '.join(PREFILL_GRAPHS)} (default "
+                         f"{PREFILL_GRAPHS[0]})")
     variant.add_argument("--chunk-attention", choices=CHUNK_ATTENTIONS, default="auto",
                          metavar="KIND", help="later prefill chunks: mask, flex or auto (default)")
     variant.add_argument("--pdl", action=argparse.BooleanOptionalAction,
-                         help="compiled mode: let each kernel start while the one before it ends "
-                         "(default: on for Hopper or later with the inductor backend)")
+                         help="kernels start as the one before ends (default: on Hopper+ with "
+                         "inductor)")
     variant.add_argument("--decode-attention", choices=DECODE_ATTENTION_KINDS,
                          help="a one-token step's attention over the cache (default auto: "
                          "triton's split-KV kernel where Triton runs, else math)")
@@ -157,6 +160,9 @@ def _check_flags_go_together(args: argparse.Namespace) -> None:
     if args.chat_format and not args.dialogs:  # only dialogs are formatted
         raise InfermeterError(f"--chat-format {args.chat_format} formats --dialogs: give "
                               "--dialogs FILE too")
+    if args.prefill_graphs and (args.prefill == "exact" or args.compile_prefill):
+        raise InfermeterError(f"--prefill-graphs {args.prefill_graphs} compiles the bucketed "
+                              "prefill: drop --prefill exact / --compile-prefill")
     if args.gpu_memory and not args.dry_run:  # a run fits the GPU it finds
         raise InfermeterError(f"--gpu-memory {args.gpu_memory} sizes the --dry-run plan: give "
                               "--dry-run too")
@@ -208,7 +214,9 @@ def _run_generate(args: argparse.Namespace) -> int:
                              step_kernels=args.step_kernels,
                              moe_kernel=args.moe_kernel,
                              pdl=args.pdl, prefill_chunk=args.prefill_chunk,
-                             prefill=args.prefill, chunk_attention=args.chunk_attention))
+                             prefill=args.prefill, chunk_attention=args.chunk_attention,
+                             **({"prefill_graphs": args.prefill_graphs}
+                                if args.prefill_graphs else {})))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

@@ -67,7 +67,7 @@ class EngineChoices:
     chunk_attention: str = CHUNK_ATTENTION
     # the bucketed prefill's graphs: "layer" (one layer a bucket length, the forward recorded),
     # "static" (the model a bucket length) or "dynamic" (the model, of symbolic length)
-    # (engine/prefill_buckets.PREFILL_GRAPHS, the default first); for benchmarks: no CLI flag
+    # (engine/prefill_buckets.PREFILL_GRAPHS, the default first; generate --prefill-graphs)
     prefill_graphs: str = PREFILL_GRAPHS[0]
     # how the compiled decode step's CUDA graph is replayed: "trees" (inductor's) or "recorded"
     # (engine/generator.STEP_GRAPHS); "auto": by model size, as step_kernels (engine/
