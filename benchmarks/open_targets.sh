@@ -95,7 +95,10 @@
 #                        ways, one process each on an empty compiler cache: the layer prefill
 #                        graphs (the default), --prefill-graphs static (the graphs before e2ae286
 #                        made layer the default) and --prefill exact (eager), two rounds: whether
-#                        batch 8's step speed follows the prefill's graphs (about 6 x 60 s)
+#                        batch 8's step speed follows the prefill's graphs; then layer and static
+#                        once more, traced, and `infermeter trace` of each and static --against
+#                        layer in traces-prefill-graphs-<device>/summary.txt: whether the lost
+#                        PDL overlaps come back (about 8 x 60 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -288,7 +291,23 @@ case "${1:-}" in
           --max-seq-len 512 --repeats 5 $extra \
           --output "$dest/step-batch-prefill-graphs-$slug.jsonl" || echo "${extra:-default}: failed" >&2
       done
-    done ;;
+    done
+    traces="$dest/traces-prefill-graphs-$slug"
+    for graphs in layer static; do
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
+        --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
+        --max-seq-len 512 --repeats 5 --prefill-graphs "$graphs" --trace "$traces/$graphs" \
+        --output "$traces/results.jsonl" || echo "traced $graphs: failed" >&2
+    done
+    { for graphs in layer static; do
+        echo "== llama-3.2-1b batch 8, --prefill-graphs $graphs"
+        python3 -m infermeter trace "$traces/$graphs/trace-rank0.json" || true
+      done
+      echo "== static against layer"
+      python3 -m infermeter trace "$traces/static/trace-rank0.json" \
+        --against "$traces/layer/trace-rank0.json" || true
+    } > "$traces/summary.txt" 2>&1
+    gzip -f "$traces"/*/trace-rank0.json || true ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do
