@@ -91,14 +91,16 @@
 #                        cdd90d2 --into .trees`, carried to the GPU) against this tree, alternating,
 #                        every process compiling into an empty cache of its own (--caches fresh),
 #                        so each samples its own tuning; two rounds (about 4 x 60 s)
-#   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree three
-#                        ways, one process each on an empty compiler cache: the layer prefill
-#                        graphs (the default), --prefill-graphs static (the graphs before e2ae286
-#                        made layer the default) and --prefill exact (eager), two rounds: whether
-#                        batch 8's step speed follows the prefill's graphs; then layer and static
-#                        once more, traced, and `infermeter trace` of each and static --against
-#                        layer in traces-prefill-graphs-<device>/summary.txt: whether the lost
-#                        PDL overlaps come back (about 8 x 60 s)
+#   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
+#                        process each on an empty compiler cache: round 0 the layer prefill graphs
+#                        (the default), --prefill-graphs static (the default before e2ae286),
+#                        --prefill exact (eager) and static with --no-pdl; round 1 layer and static
+#                        again: whether batch 8's step follows the prefill's graphs, and whether
+#                        its speed is PDL's (about 6 x 60 s)
+#   part step-batch-prefill-traces  layer and static once more, traced, with `infermeter trace` of
+#                        each and static --against layer in traces-prefill-graphs-<device>/
+#                        summary.txt: whether the PDL overlaps lost at batch 8 come back (about
+#                        2 x 70 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -142,8 +144,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -282,16 +284,21 @@ case "${1:-}" in
       --model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 \
       --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
   step-batch-prefill-graphs)
-    for round in 0 1; do
-      for extra in "" "--prefill-graphs static" "--prefill exact"; do
-        echo "round $round: ${extra:-default}"
+    # round 0 four ways, round 1 the two that decide ('|' between the ways, the first empty:
+    # the default); one process each on an empty cache
+    for extras in "|--prefill-graphs static|--prefill exact|--prefill-graphs static --no-pdl" \
+                  "|--prefill-graphs static"; do
+      IFS='|' read -r -a ways <<< "$extras|"
+      for extra in "${ways[@]}"; do
+        echo "${extra:-default}"
         # shellcheck disable=SC2086
         TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
           --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
           --max-seq-len 512 --repeats 5 $extra \
           --output "$dest/step-batch-prefill-graphs-$slug.jsonl" || echo "${extra:-default}: failed" >&2
       done
-    done
+    done ;;
+  step-batch-prefill-traces)
     traces="$dest/traces-prefill-graphs-$slug"
     for graphs in layer static; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
