@@ -373,6 +373,23 @@ def test_a_kernel_adds_only_its_time_past_the_kernels_started_before_it():
                                                                    "2.00"]
 
 
+def test_the_step_counts_its_kernels_started_early():
+    """The same two PDL layers over the whole step: of the 7 kernels with one before them, b
+    and c start early in each layer (4), d 2 us after and layer 1's a 10 us after; the median
+    start is -6 us. One kernel alone has nothing to start after: no line."""
+    def layer(k, t):
+        return [{"name": name, "start": t + a, "end": t + b, "stream": 7, "layer": k}
+                for name, a, b in (("a", 0, 10), ("b", 4, 13), ("c", 5, 8), ("d", 15, 20))]
+    gaps = bd.step_gaps([layer(0, 0.0) + layer(1, 30.0)], 0, {})
+    assert (gaps["early_starts"], gaps["starts_counted"], gaps["median_start_us"]) == (4, 7, -6)
+    assert ("4 of 7 kernels started before the one ahead ended (PDL's early launch); median "
+            "start -6.00 us after the one ahead") in bd.render_gaps(gaps).splitlines()
+    alone = bd.step_gaps([[{"name": "a", "start": 0.0, "end": 5.0, "stream": 7}]], 0, {})
+    assert (alone["early_starts"], alone["starts_counted"], alone["median_start_us"]) == \
+        (0, 0, None)
+    assert "started before the one ahead" not in bd.render_gaps(alone)
+
+
 def test_a_kernel_with_no_kernel_before_it_in_any_layer_starts_after_none():
     """One layer: its first kernel is the step's first, so nothing starts before it ("-")."""
     gaps = bd.step_gaps([_layers_items([list(LAYER_KERNELS)])], 0, {})
@@ -465,6 +482,10 @@ def test_against_lines_up_a_layers_kernels_and_says_what_changed():
     assert compared["step"]["kernels"] == [12, 12]
     text = render_against(compared, "other.json")
     assert text.startswith("Against other.json: step 0.0710 and 0.0825 ms")
+    # no kernel overlaps in either: none early, each starting 1 us (0.5 later there) after
+    assert compared["step"]["early_starts"] == [0, 0]
+    assert text.splitlines()[1] == ("Kernels started before the one ahead ended: 0 and 0; "
+                                    "median start 1.00 and 1.50 us (here, there)")
     assert [line.split() for line in text.splitlines()[-4:]] == [
         ["0", "a", "2.00", "2.00", "+0.00", "2.00", "2.00", "+0.00", "1.00", "1.50", "+0.50"],
         ["1", "b", "3.00", "3.00", "+0.00", "3.00", "3.00", "+0.00", "1.00", "1.50", "+0.50"],

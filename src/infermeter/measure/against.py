@@ -16,11 +16,12 @@ from typing import Any
 
 def against(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """this, other: step_gaps of two traces -> {"step": {figure: [this, other]} for span_ms,
-    busy_ms, gaps_ms, kernels; "rows": per layer position {position, name, other_name,
-    median_us, adds_us, starts_us: [this, other]} or None; "note": why there are no rows, or
-    None}."""
+    busy_ms, gaps_ms, kernels, early_starts, median_start_us; "rows": per layer position
+    {position, name, other_name, median_us, adds_us, starts_us: [this, other]} or None; "note":
+    why there are no rows, or None}."""
     step = {key: [this.get(key), other.get(key)] for key in ("span_ms", "busy_ms", "gaps_ms",
-                                                               "kernels")}
+                                                               "kernels", "early_starts",
+                                                               "median_start_us")}
     mine, theirs = this.get("layer_kernels"), other.get("layer_kernels")
     if not mine or not theirs:
         which = "either trace" if not mine and not theirs else \
@@ -54,6 +55,11 @@ def render_against(compared: dict[str, Any], other_file: str) -> str:
     lines = [f"Against {other_file}: step {_ms(step['span_ms'])} ms, kernels "
              f"{_ms(step['busy_ms'])} ms, gaps {_ms(step['gaps_ms'])} ms (here, there); "
              f"{step['kernels'][0]} and {step['kernels'][1]} kernels"]
+    if None not in step["early_starts"]:  # traces read before the starts were counted lack them
+        lines.append(f"Kernels started before the one ahead ended: {step['early_starts'][0]} "
+                     f"and {step['early_starts'][1]}; median start "
+                     f"{_us(step['median_start_us'][0])} and {_us(step['median_start_us'][1])} "
+                     "us (here, there)")
     if compared["rows"] is None:
         return "\n".join([*lines, compared["note"]])
     rows = [(r["position"], r["name"][:48] if r["name"] == r["other_name"]

@@ -42,6 +42,11 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   count (an MoE layer among dense ones, a layer whose expert loop
   launched more) would shift the positions, so they are left out; layer_kernels_from counts
   the layers used.
+- The step's starts (starts_from_step): every kernel's start less the latest end of the
+  kernels started before it, as in a layer's kernels, over the whole step: how many started
+  early (below 0: launched while one still ran, PDL's early launch) of those with one before
+  them, and the median. A step whose PDL works shows most of its kernels early; a step that
+  lost it, none, every kernel starting a launch's latency after the one ahead ends.
 - bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
   HBM bandwidth measured in the same run, both from the trace's "infermeter" metadata; a trace
   without either has no bytes-bound figure.
@@ -120,6 +125,14 @@ def _adds(items: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, floa
             starts[id(item)] = item["start"] - latest
         latest = max(latest, item["end"])
     return added, starts
+
+
+def _step_starts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many of the step's kernels started early (before the latest end of those started
+    before them), of how many have one before them, and the median start (us; None alone)."""
+    starts = list(_adds(items)[1].values())
+    return {"early_starts": sum(1 for v in starts if v < 0), "starts_counted": len(starts),
+            "median_start_us": statistics.median(starts) if starts else None}
 
 
 def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, int | None]:
@@ -248,7 +261,7 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any]
             "streams": len({(str(i.get("device")), i.get("stream")) for i in items}),
             "gap_count": len(idle),
             "mean_gap_us": sum(gap_us) / len(gap_us) if gap_us else None,
-            "largest_gaps": largest,
+            "largest_gaps": largest, **_step_starts(items),
             "layers": layers, "outside_layers": outside if layers else None,
             "layer_kernels": layer_kernels, "layer_kernels_from": layer_kernels_from,
             "median_of_steps": {key: statistics.median(f[key] for f in each)
@@ -297,6 +310,10 @@ def render_gaps(gaps: dict[str, Any], max_layer_rows: int = 32,
                "; bytes alone: unknown (no measured bandwidth in the trace)"))
     lines = [head, f"{gaps['kernels']} kernels on {gaps['streams']} stream(s), "
                    f"{gaps['gap_count']} gaps, mean gap {_num(gaps['mean_gap_us'])} us"]
+    if gaps.get("starts_counted"):
+        lines.append(f"{gaps['early_starts']} of {gaps['starts_counted']} kernels started "
+                     "before the one ahead ended (PDL's early launch); median start "
+                     f"{gaps['median_start_us']:+.2f} us after the one ahead")
     for g in gaps["largest_gaps"]:
         where = "" if g["layer"] is None else f" (layer {g['layer']})"
         lines.append(f"  gap {_num(g['gap_us'])} us{where}: {g['before'][:48]} -> "
