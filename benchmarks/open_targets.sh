@@ -76,8 +76,8 @@
 #                        and with the allocator's expandable segments (every buffer placed
 #                        elsewhere), alternating, one process each, three rounds (trees_ab.py;
 #                        the same code ran 1.371 and 1.441 ms in two processes on an H100 on
-#                        2026-12-07; INFERMETER_SOURCE_REVISION must be the 40-hex commit; about
-#                        6 x 40 s)
+#                        2026-12-07; INFERMETER_SOURCE_REVISION must be the 40-hex commit; each
+#                        process on a fresh compiler cache, trees_ab.py's default: about 6 x 60 s)
 #   part step-batch-tuning  Llama-3.2-1B bf16 at batch 8, default kernels, this tree in three
 #                        processes with three empty compiler caches, then again on those caches
 #                        (trees_ab.py, two rounds): whether the speed a process lands on is the

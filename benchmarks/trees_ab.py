@@ -12,7 +12,7 @@ path. The device has no git: the trees travel as folders, made here first.
       commits after OLD up to NEW that touch --paths (default src/): a bisection's next
       points
   python benchmarks/trees_ab.py run TREE[@KEY=VALUE...] [...] --name NAME [--rounds N]
-          [--timeout S] [--caches shared|own|fresh] -- GENERATE_FLAGS
+          [--timeout S] [--caches fresh|own|shared] -- GENERATE_FLAGS
       per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
       with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV, and each
       @KEY=VALUE set in that process's environment (a tree may come twice, with and without:
@@ -21,9 +21,10 @@ path. The device has no git: the trees travel as folders, made here first.
       digits, "round": k, "command": this command's start}, "environment": "KEY=VALUE ..."
       where the entry set some, and "baseline": true on every entry after the first (the one
       under test comes first; the report never takes a baseline's or an environment's
-      figure); with --caches own or fresh, each entry's process compiles into a compiler cache
-      of that entry's (empty in round 0, reused after) or an empty one of its own, so no tree
-      reloads kernel configs another tree's compile tuned ("caches" in config.ab); then the
+      figure); each process compiles into an empty compiler cache of its own (--caches fresh,
+      the default: each tunes anew) or, with --caches own, into its entry's (empty in round
+      0, reused after), so no tree reloads what another tree's process compiled and tuned
+      ("caches" in config.ab); --caches shared leaves the environment's to all; then the
       summary (below)
   python benchmarks/trees_ab.py summary --name NAME
       the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU,
@@ -287,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     timed.add_argument("trees", nargs="+", metavar="TREE[@KEY=VALUE...]")
     timed.add_argument("--rounds", type=int, default=2)
     timed.add_argument("--timeout", type=float, help="seconds a process may run")
-    timed.add_argument("--caches", choices=CACHES, default="shared",
-                       help="each process's compiler cache: the environment's (shared), one "
-                            "of each entry's own, or an empty one every process (fresh)")
+    # fresh by default: on an H100 on 2026-12-07 one tree ran at two speeds 5% apart on a
+    # cache the trees shared (a process reloading what another tree's had compiled) and at
+    # one speed on fresh caches, where the two trees stood 7.3% apart (docs/engine.md)
+    timed.add_argument("--caches", choices=CACHES, default="fresh",
+                       help="each process's compiler cache: an empty one every process "
+                            "(fresh, the default), one of each entry's own, or the "
+                            "environment's (shared)")
     for p in (timed, sub.add_parser("summary", help="the latest command's summary")):
         p.add_argument("--name", required=True, help="results/NAME-<device>.jsonl")
         p.add_argument("--results", default=str(RESULTS))

@@ -117,14 +117,17 @@ def caches_of(tree: Path) -> list[str | None]:
     return [json.loads(line)["cache"] for line in (tree / "calls").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("caches", ["shared", "own", "fresh"])
+@pytest.mark.parametrize("caches", ["shared", "own", "fresh", None])
 def test_each_process_compiles_into_the_cache_caches_gives_it(tmp_path, monkeypatch, caches):
     """shared: the environment's for all; own: a folder an entry, the same in every round and
-    apart from the other entry's; fresh: a folder a process. An entry's own setting wins."""
+    apart from the other entry's; fresh (also without --caches): a folder a process. An
+    entry's own setting wins."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     new, old = stand_in_tree(tmp_path, NEW, 1.0), stand_in_tree(tmp_path, OLD, 1.1)
     pinned = f"{old}@TORCHINDUCTOR_CACHE_DIR=/pinned"
-    assert run_ab(tmp_path, [new, pinned], "--rounds", "2", "--caches", caches) == 0
+    flag = () if caches is None else ("--caches", caches)
+    assert run_ab(tmp_path, [new, pinned], "--rounds", "2", *flag) == 0
+    caches = caches or "fresh"
     ours = caches_of(new)
     assert caches_of(old) == ["/pinned", "/pinned"]
     if caches == "shared":
