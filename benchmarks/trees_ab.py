@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     timed.add_argument("--rounds", type=int, default=2)
     timed.add_argument("--timeout", type=float, help="seconds a process may run")
     # fresh by default: on an H100 on 2026-12-07 one tree ran at two speeds 5% apart on a
-    # cache the trees shared (a process reloading what another tree's had compiled) and at
-    # one speed on fresh caches, where the two trees stood 7.3% apart (docs/engine.md)
+    # cache the trees shared (fast where its process compiled afresh, slow where it loaded the
+    # cache) and at one speed on fresh caches, 7.3% from the next tree (docs/engine.md)
     timed.add_argument("--caches", choices=CACHES, default="fresh",
                        help="each process's compiler cache: an empty one every process "
                             "(fresh, the default), one of each entry's own, or the "
