@@ -92,11 +92,13 @@
 #                        every process compiling into an empty cache of its own (--caches fresh),
 #                        so each samples its own tuning; two rounds (about 4 x 60 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
-#                        process each on an empty compiler cache: round 0 the layer prefill graphs
-#                        (the default), --prefill-graphs static (the default before e2ae286),
-#                        --prefill exact (eager) and static with --no-pdl; round 1 layer and static
-#                        again: whether batch 8's step follows the prefill's graphs, and whether
-#                        its speed is PDL's (about 6 x 60 s)
+#                        process each: round 0 the layer prefill graphs (the default),
+#                        --prefill-graphs static (the default before e2ae286), --prefill exact
+#                        (eager) and static with --no-pdl, each compiling into an empty cache;
+#                        round 1 layer and static again, each loading its round-0 cache: whether
+#                        batch 8's step follows the prefill's graphs, whether its speed is PDL's,
+#                        and whether a process that loads its graphs runs as one that compiles
+#                        them (the metrics.compiler of each says which it did; about 6 x 60 s)
 #   part step-batch-prefill-traces  layer and static once more, traced, with `infermeter trace` of
 #                        each and static --against layer in traces-prefill-graphs-<device>/
 #                        summary.txt: whether the PDL overlaps lost at batch 8 come back (about
@@ -289,15 +291,18 @@ case "${1:-}" in
       --model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 \
       --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
   step-batch-prefill-graphs)
-    # round 0 four ways, round 1 the two that decide ('|' between the ways, the first empty:
-    # the default); one process each on an empty cache
+    # round 0 four ways, each compiling into an empty cache of its own; round 1 the two that
+    # decide, each loading its round-0 cache ('|' between the ways, the first empty: the
+    # default)
+    caches=$(mktemp -d)
     for extras in "|--prefill-graphs static|--prefill exact|--prefill-graphs static --no-pdl" \
                   "|--prefill-graphs static"; do
       IFS='|' read -r -a ways <<< "$extras|"
-      for extra in "${ways[@]}"; do
-        echo "${extra:-default}"
+      for i in "${!ways[@]}"; do
+        extra=${ways[$i]}
+        echo "${extra:-default} (cache $i)"
         # shellcheck disable=SC2086
-        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
+        TORCHINDUCTOR_CACHE_DIR="$caches/$i" python3 -m infermeter generate --model llama-3.2-1b \
           --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
           --max-seq-len 512 --repeats 5 $extra \
           --output "$dest/step-batch-prefill-graphs-$slug.jsonl" || echo "${extra:-default}: failed" >&2
