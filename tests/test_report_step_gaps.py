@@ -58,6 +58,9 @@ def test_the_table_splits_the_step_into_kernels_and_gaps(tmp_path):
     assert rows["Step (kernels + gaps)"] == "0.060 ms = 0.049 ms + 0.011 ms"
     assert rows["Gaps"] == "18.3% of the step (3 gaps, mean 3.7 µs)"
     assert rows["Kernels per step"] == "5 on 1 stream(s); 2.0 a layer over 2 layers"
+    # no kernel starts before the one ahead ends: 0 of 4, starting 2, 5, 0 and 4 us after it
+    # (the median of 0, 2, 4, 5: 3)
+    assert rows["Started early (PDL)"] == "0 of 4 kernels; median start +3.00 µs"
     assert rows["Bytes-bound time"] == "0.002 ms (1.9 MiB at 1,000.0 GB/s); step/bound 30.00"
     assert rows["Largest gap"] == "5.0 µs, after l0_b"
     assert rows["Median of the traced steps"] == \
@@ -77,6 +80,20 @@ def test_without_bandwidth_the_bound_is_unknown_and_without_gaps_no_table(tmp_pa
 def test_every_format_shows_it(tmp_path, fmt):
     report = _report(tmp_path, _generate("gpu-a", _gaps({})))
     assert "2.0 a layer over 2 layers" in render(report, fmt, width=200)
+
+
+def test_early_starts_are_counted_and_an_older_result_shows_none(tmp_path):
+    """PDL's overlap: l0_b starts 3 us before l0_a ends (starts -3, 5, 0, 4: median 2); a
+    Result traced before the starts were counted (no such fields) shows '-'."""
+    overlapping = [(0, 10, "l0_a", 0), (7, 20, "l0_b", 0), (25, 40, "l1_a", 1),
+                   (40, 50, "l1_b", 1), (54, 60, "head", None)]
+    gaps = step_gaps([_items(overlapping)], 0, {})
+    rows = {row[0]: row[1] for row in _table(_report(tmp_path, _generate("gpu-a", gaps))).rows}
+    assert rows["Started early (PDL)"] == "1 of 4 kernels; median start +2.00 µs"
+    older = {k: v for k, v in gaps.items()
+             if k not in ("early_starts", "starts_counted", "median_start_us")}
+    rows = {row[0]: row[1] for row in _table(_report(tmp_path, _generate("gpu-b", older))).rows}
+    assert rows["Started early (PDL)"] == "-"
 
 
 def test_a_column_shows_its_traced_result_that_has_gaps(tmp_path):

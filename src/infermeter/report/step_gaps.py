@@ -15,8 +15,8 @@ from infermeter.report.load import Record
 from infermeter.report.select import Column, batch_size, context, num, pick_traced
 from infermeter.report.tables import Table
 
-ROWS = ("Traced run", "Step (kernels + gaps)", "Gaps", "Kernels per step", "Bytes-bound time",
-        "Largest gap", "Median of the traced steps")
+ROWS = ("Traced run", "Step (kernels + gaps)", "Gaps", "Kernels per step", "Started early (PDL)",
+        "Bytes-bound time", "Largest gap", "Median of the traced steps")
 
 CAPTION = (
     "One decode step per column, from its traced generate Result (`--trace` on a GPU; batch 1 "
@@ -25,8 +25,10 @@ CAPTION = (
     "kernel runs (launch overhead, host stalls, syncs). Kernels: the step's GPU work items "
     "(kernels, memcpys, memsets). Bytes-bound time: the bytes one step must read (weights + KV, "
     "as MBU counts them) at the HBM bandwidth measured in the same run, '-' where the trace "
-    "lacks either; step/bound says how far the step is from it. Columns without a GPU trace "
-    "are left out.")
+    "lacks either; step/bound says how far the step is from it. Started early: the kernels "
+    "that started before the one ahead ended (PDL's early launch), of those with one ahead, and "
+    "the median start after the one ahead ends ('-' in Results traced before it was counted). "
+    "Columns without a GPU trace are left out.")
 
 
 def _ms(value: float | None) -> str:
@@ -57,6 +59,15 @@ def _kernels(g: dict[str, Any]) -> str:
     return cell
 
 
+def _early(g: dict[str, Any]) -> str:
+    early, counted = num(g.get("early_starts")), num(g.get("starts_counted"))
+    median = num(g.get("median_start_us"))
+    if early is None or not counted:
+        return fmt.MISSING
+    return (f"{fmt.count(early)} of {fmt.count(counted)} kernels"
+            + (f"; median start {median:+,.2f} µs" if median is not None else ""))
+
+
 def _bound(g: dict[str, Any]) -> str:
     bound, span = num(g.get("bytes_bound_ms")), num(g.get("span_ms"))
     if bound is None:
@@ -85,7 +96,7 @@ def cells(record: Record) -> list[str]:
     gaps = fmt.MISSING if pct is None else f"{fmt.pct(pct)} of the step" + (
         f" ({fmt.count(count)} gaps, mean {mean:,.1f} µs)" if count and mean is not None else "")
     median = g.get("median_of_steps") if isinstance(g.get("median_of_steps"), dict) else {}
-    return [run, _split(g), gaps, _kernels(g), _bound(g), _largest(g),
+    return [run, _split(g), gaps, _kernels(g), _early(g), _bound(g), _largest(g),
             (_split(median) + f", {fmt.count(num(median.get('kernels')))} kernels "
              f"({len(steps)} steps)") if median else fmt.MISSING]
 
