@@ -103,11 +103,12 @@
 #                        each and static --against layer in traces-prefill-graphs-<device>/
 #                        summary.txt: whether the PDL overlaps lost at batch 8 come back (about
 #                        2 x 70 s)
-#   part step-batch-graphs  Llama-3.2-1B bf16 at batch 8, the split step replayed by inductor's
-#                        graph trees (the default past batch 1) and recorded as one graph of ours
-#                        (recorded_forward.py, as the batch-1 fused step), two rounds in one
-#                        process (step_kernels_ab.py --batch 8 --graphs trees recorded): a step
-#                        recorded apart from the trees, against batch 8's loss (about 4 x 40 s)
+#   part step-batch-graphs  Llama-3.2-1B bf16 at batch 8, then 32, the split step replayed by
+#                        inductor's graph trees (the default past batch 1) and recorded as one
+#                        graph of ours (recorded_forward.py, as the batch-1 fused step), one round
+#                        in one process a batch (step_kernels_ab.py --batch N --graphs trees
+#                        recorded): a step recorded apart from the trees, against batch 8's loss,
+#                        and whether batch 32 keeps its speed so (about 4 x 45 s)
 #   part dense           Gemma-3-12B and Gemma-2-9B decode MBU at batch 1 (issue 25; Qwen3-8B is measured;
 #                        4.7 min on an H100 on 2026-12-05)
 #   part moe             Triton then torch experts at batch 1, Qwen3-30B-A3B (issue 25's target; each
@@ -326,8 +327,10 @@ case "${1:-}" in
     } > "$traces/summary.txt" 2>&1
     gzip -f "$traces"/*/trace-rank0.json || true ;;
   step-batch-graphs)
-    python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --batch 8 \
-      --graphs trees recorded --results "$dest" --models llama-3.2-1b ;;
+    for batch in 8 32; do
+      python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --batch "$batch" \
+        --graphs trees recorded --results "$dest" --models llama-3.2-1b || echo "batch $batch: failed" >&2
+    done ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do
