@@ -42,11 +42,12 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   count (an MoE layer among dense ones, a layer whose expert loop
   launched more) would shift the positions, so they are left out; layer_kernels_from counts
   the layers used.
-- The step's starts (starts_from_step): every kernel's start less the latest end of the
-  kernels started before it, as in a layer's kernels, over the whole step: how many started
-  early (below 0: launched while one still ran, PDL's early launch) of those with one before
-  them, and the median. A step whose PDL works shows most of its kernels early; a step that
-  lost it, none, every kernel starting a launch's latency after the one ahead ends.
+- The step's starts (early_starts, starts_counted, median_start_us): every kernel's start
+  less the latest end of the kernels started before it, as in a layer's kernels, over the
+  whole step: how many started early (below 0: launched while one still ran, PDL's early
+  launch) of those with one before them, and the median. A step whose PDL works shows most
+  of its kernels early; a step that lost it, none, every kernel starting a launch's latency
+  after the one ahead ends.
 - bytes-bound: the bytes one step must read (weights + KV, as the roofline counts them) / the
   HBM bandwidth measured in the same run, both from the trace's "infermeter" metadata; a trace
   without either has no bytes-bound figure.
@@ -127,20 +128,21 @@ def _adds(items: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, floa
     return added, starts
 
 
-def _step_starts(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many of the step's kernels started early (before the latest end of those started
-    before them), of how many have one before them, and the median start (us; None alone)."""
-    starts = list(_adds(items)[1].values())
+def _step_starts(starts: dict[int, float]) -> dict[str, Any]:
+    """From _adds' starts: how many of the step's kernels started early (before the latest end
+    of those started before them), of how many have one before them, and the median start (us;
+    None alone)."""
+    starts = list(starts.values())
     return {"early_starts": sum(1 for v in starts if v < 0), "starts_counted": len(starts),
             "median_start_us": statistics.median(starts) if starts else None}
 
 
-def _layer_kernels(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, int | None]:
+def _layer_kernels(items: list[dict[str, Any]], added: dict[int, float],
+                   starts: dict[int, float]) -> tuple[list[dict[str, Any]] | None, int | None]:
     """Per position in a layer: its kernel name, median duration, median time added to the
     step and median start after the kernels before it (us; None where no layer's kernel there
-    has one before it) over the layers of the most common kernel count, and how many layers
-    that is; (None, None) without layers."""
-    added, starts = _adds(items)
+    has one before it; added and starts: _adds' of the step's items) over the layers of the
+    most common kernel count, and how many layers that is; (None, None) without layers."""
     by_layer: dict[int, list[dict[str, Any]]] = {}
     for item in items:
         if item.get("layer") is not None:
@@ -254,14 +256,15 @@ def step_gaps(steps: list[list[dict[str, Any]]], pick: int, meta: dict[str, Any]
                 "layer": where[k]} for k in ranked]
     figures = _figures(items)
     each = [_figures(group) for group in steps]
-    layer_kernels, layer_kernels_from = _layer_kernels(items)
+    added, starts = _adds(items)
+    layer_kernels, layer_kernels_from = _layer_kernels(items, added, starts)
     return {**figures,
             "gaps_pct": 100 * figures["gaps_ms"] / figures["span_ms"] if figures["span_ms"]
             else None,
             "streams": len({(str(i.get("device")), i.get("stream")) for i in items}),
             "gap_count": len(idle),
             "mean_gap_us": sum(gap_us) / len(gap_us) if gap_us else None,
-            "largest_gaps": largest, **_step_starts(items),
+            "largest_gaps": largest, **_step_starts(starts),
             "layers": layers, "outside_layers": outside if layers else None,
             "layer_kernels": layer_kernels, "layer_kernels_from": layer_kernels_from,
             "median_of_steps": {key: statistics.median(f[key] for f in each)
