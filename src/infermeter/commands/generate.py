@@ -215,8 +215,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                              moe_kernel=args.moe_kernel,
                              pdl=args.pdl, prefill_chunk=args.prefill_chunk,
                              prefill=args.prefill, chunk_attention=args.chunk_attention,
-                             **({"prefill_graphs": args.prefill_graphs}
-                                if args.prefill_graphs else {})))
+                             prefill_graphs=args.prefill_graphs or PREFILL_GRAPHS[0]))
     with progress_bar(enabled=not args.json and is_rank_zero()) as bar:
         results, texts = run_generate(request, capture_env(), progress=bar)
     if not is_rank_zero():  # tensor parallel: only rank 0 prints and writes

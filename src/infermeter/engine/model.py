@@ -96,7 +96,7 @@ class Embedding(nn.Embedding):
 
 # Whether the fused step runs its final norm and the output head as one kernel (Transformer.
 # fuses_head): "off", the norm as inductor's kernel and the head as the GEMV (the default: on
-# an H100 the fused head was 1.017x and 1.011x slower at 135M and 0.5B, even at 1B; docs/
+# an H100 the fused head was 1.017x and 1.011x slower at 135M and 0.5B, level at 1B; docs/
 # engine.md), "on". Recorded in the Result (config.fused_head).
 FUSED_HEAD_WAYS = ("off", "on")
 FUSED_HEAD = "off"
