@@ -92,9 +92,13 @@ def test_the_generate_table_shows_the_floor_its_bound_and_the_crossover():
     assert "prefill of batch 1 turns compute-bound at 203 prompt tokens" in text
 
 
+# a generate run on the debug model that is over in a moment: 2 tokens, one timed run
+QUICK_GENERATE = ("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
+                  "--repeats", "1", "--warmup", "0", "--no-roofline")
+
+
 def test_prefill_choice_is_checked_and_recorded():
-    args = ("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--no-roofline")
+    args = QUICK_GENERATE
     both = run_cli(*args, "--prefill", "bucketed", "--compile-prefill")
     assert both.returncode != 0 and both.stderr.count("\n") == 1
     assert both.stderr.startswith("infermeter: error: --compile-prefill")
@@ -112,8 +116,7 @@ def test_prefill_graphs_flag_reaches_the_request_and_is_checked(monkeypatch):
     beside an exact prefill it would be ignored, so it is an error there."""
     import infermeter.generate.job as job
 
-    args = ("generate", "--model", "debug", "--device", "cpu", "--max-new-tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--no-roofline")
+    args = QUICK_GENERATE
     for exact in (("--prefill", "exact"), ("--compile-prefill",)):
         both = run_cli(*args, "--prefill-graphs", "static", *exact)
         assert both.returncode != 0 and both.stderr.count("\n") == 1, both.stderr
