@@ -311,6 +311,7 @@ case "${1:-}" in
     done ;;
   step-batch-prefill-traces)
     traces="$dest/traces-prefill-graphs-$slug"
+    mkdir -p "$traces"
     for graphs in layer static; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
         --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
