@@ -103,6 +103,10 @@
 #                        each and static --against layer in traces-prefill-graphs-<device>/
 #                        summary.txt: whether the PDL overlaps lost at batch 8 come back (about
 #                        2 x 70 s)
+#   part step-batch-launcher  step-batch-prefill-graphs' layer and static without inductor's static
+#                        launcher (TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0: Triton's own launcher
+#                        starts every kernel), each compiling into an empty cache, then each
+#                        loading it (layer, static, static, layer; about 4 x 45 s)
 #   part step-batch-graphs  Llama-3.2-1B bf16 at batch 8, then 32, the split step replayed by
 #                        inductor's graph trees (the default past batch 1) and recorded as one
 #                        graph of ours (recorded_forward.py, as the batch-1 fused step), one round
@@ -152,8 +156,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -327,6 +331,17 @@ case "${1:-}" in
         --against "$traces/layer/trace-rank0.json" || true
     } > "$traces/summary.txt" 2>&1
     gzip -f "$traces"/*/trace-rank0.json || true ;;
+  step-batch-launcher)
+    caches=$(mktemp -d)
+    for run in "0 layer" "1 static" "1 static" "0 layer"; do
+      read -r cache graphs <<< "$run"
+      echo "--prefill-graphs $graphs (cache $cache)"
+      TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 TORCHINDUCTOR_CACHE_DIR="$caches/$cache" \
+        python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
+        --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 2 \
+        --prefill-graphs "$graphs" --output "$dest/step-batch-launcher-$slug.jsonl" \
+        || echo "$graphs: failed" >&2
+    done ;;
   step-batch-graphs)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --batch 8 \
       --graphs trees recorded --results "$dest" --models llama-3.2-1b || echo "batch 8: failed" >&2
