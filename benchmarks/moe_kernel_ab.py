@@ -125,14 +125,15 @@ def arguments():
 
 def main() -> int:
     args = arguments().parse_args()
-    env, slug, path = ab_file(args, "moe-kernel")
+    env, slug, path = ab_file(args)
     kinds, batches = tuple(args.kernels), tuple(sorted(set(args.batches)))
     if args.one:
         run_model(args.one, args.rounds, path, env, kinds=kinds, batches=batches)
         return 0
     start = time.perf_counter()
     run_in_processes(__file__, [] if args.summary_only else args.models,
-                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
+                     ["--rounds", str(args.rounds), "--results", args.results, "--name", args.name,
+                      "--slug", slug,
                       "--kernels", *kinds, "--batches", *map(str, batches)], start)
     return write_summary(path, summary, start)
 

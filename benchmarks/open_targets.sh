@@ -344,9 +344,11 @@ case "${1:-}" in
     done ;;
   step-batch-graphs)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --batch 8 \
-      --graphs trees recorded --results "$dest" --models llama-3.2-1b || echo "batch 8: failed" >&2
+      --graphs trees recorded --results "$dest" --name step-batch-graphs \
+      --models llama-3.2-1b || echo "batch 8: failed" >&2
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --batch 32 \
-      --graphs trees recorded --results "$dest" --models llama-3.2-1b ;;
+      --graphs trees recorded --results "$dest" --name step-batch-graphs \
+      --models llama-3.2-1b ;;
   dense)
     # the engine's new dense architectures at batch 1, bf16, compiled, generate's seed case
     for model in gemma-3-12b gemma-2-9b; do
@@ -375,7 +377,8 @@ case "${1:-}" in
       --results "$dest" --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
   step-head)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
-      --fused-head off on --results "$dest" --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+      --fused-head off on --results "$dest" --name step-head \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
     # (docs/engine.md): the stack watch writes the outer frames that started it too

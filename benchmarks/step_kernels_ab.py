@@ -378,7 +378,7 @@ def main() -> int:
             file_entry(args.tiles_file, "")
         except InfermeterError as err:
             raise SystemExit(f"error: {err}") from None
-    env, slug, path = ab_file(args, "step-kernels")
+    env, slug, path = ab_file(args)
     if args.one:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
@@ -393,7 +393,8 @@ def main() -> int:
     start = time.perf_counter()
     traced = ["--trace", args.trace] if args.trace else []
     run_in_processes(__file__, [] if args.summary_only else args.models,
-                     ["--rounds", str(args.rounds), "--results", args.results, "--slug", slug,
+                     ["--rounds", str(args.rounds), "--results", args.results, "--name", args.name,
+                      "--slug", slug,
                       "--graphs", *args.graphs, "--kernels", *args.kernels,
                       "--qk-norm-kernels", *map(str, args.qk_norm_kernels),
                       "--prefetch", *map(str, args.prefetch),

@@ -114,26 +114,30 @@ def run_tpots(result: Result) -> list[float]:
 def ab_arguments(doc: str, models: list[str], rounds: int, order: str,
                  name: str) -> argparse.ArgumentParser:
     """The A/B scripts' common flags: --models, --rounds (`order`: the kinds one round runs),
-    --results, --summary-only, --slug (of results/NAME-SLUG.jsonl) and --one (a child's model;
-    run_in_processes passes it)."""
+    --results, --summary-only, --name and --slug (of results/NAME-SLUG.jsonl) and --one (a
+    child's model; run_in_processes passes it)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=models, default=models)
     parser.add_argument("--rounds", type=int, default=rounds, help=f"{order}, repeated (ABAB)")
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
     parser.add_argument("--summary-only", action="store_true")
-    parser.add_argument("--slug", help=f"summarise results/{name}-SLUG.jsonl (default: this "
+    parser.add_argument("--name", default=name, help=f"the Results' file, results/NAME-<device>"
+                        f".jsonl, and its summary (default: {name}): a measurement of its own "
+                        "keeps apart from the A/B's usual file")
+    parser.add_argument("--slug", help="summarise results/NAME-SLUG.jsonl (default: this "
                         "machine's device)")
     parser.add_argument("--one", choices=models, help=argparse.SUPPRESS)
     return parser
 
 
-def ab_file(args: argparse.Namespace, name: str) -> tuple[dict, str, Path]:
-    """(this machine's env, the device slug, the A/B's JSONL path, its folder made)."""
+def ab_file(args: argparse.Namespace) -> tuple[dict, str, Path]:
+    """(this machine's env, the device slug, the A/B's JSONL path (--name, --slug), its folder
+    made)."""
     from infermeter.measure.env import capture_env, device_slug
 
     env = capture_env()
     slug = args.slug or device_slug(env)
-    path = Path(args.results) / f"{name}-{slug}.jsonl"
+    path = Path(args.results) / f"{args.name}-{slug}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     return env, slug, path
 

@@ -487,3 +487,24 @@ def test_the_step_ab_marks_a_baseline_trees_results(monkeypatch, tmp_path):
     assert seen == [("split", False), ("fused", False), ("split", True), ("fused", True)]
     assert script.arguments().parse_args(["--baseline"]).baseline
     assert not script.arguments().parse_args([]).baseline
+
+
+def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_one(tmp_path):
+    """--name keeps a part's Results out of the A/B's usual results/step-kernels-<device>.jsonl
+    (the file the docs' step A/Bs cite): step-batch-graphs' two batches both land in
+    step-batch-graphs-<device>.jsonl, and a line without --name writes step-kernels-."""
+    from tests.benchmark_scripts import load_benchmark
+
+    module = load_benchmark("step_kernels_ab")
+    body = _branches(BENCHMARKS / "open_targets.sh")["step-batch-graphs"]
+    lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
+    parsed = [module.arguments().parse_args(_words(line)) for line in lines]
+    assert [args.batch for args in parsed] == [8, 32]
+    assert {args.name for args in parsed} == {"step-batch-graphs"}
+    assert all(args.graphs == ["trees", "recorded"] for args in parsed)
+    args = module.arguments().parse_args(["--results", str(tmp_path), "--slug", "gpu"])
+    named = module.arguments().parse_args(["--results", str(tmp_path / "d"), "--slug", "gpu",
+                                           "--name", "mine"])
+    assert module.ab_file(args)[1:] == ("gpu", tmp_path / "step-kernels-gpu.jsonl")
+    assert module.ab_file(named)[2] == tmp_path / "d" / "mine-gpu.jsonl"
+    assert (tmp_path / "d").is_dir()  # made for the Results to come
