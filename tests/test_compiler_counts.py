@@ -55,3 +55,31 @@ def test_a_compiled_case_counts_its_graphs_and_an_eager_or_reusing_case_counts_n
     assert first["graph_cache_hits"] + first["graph_cache_misses"] + \
         first["graph_cache_bypasses"] >= 1
     assert counts[("compiled", 6)] == none  # the runner, its graphs and picks reused
+
+
+def test_generate_says_per_case_what_its_compiler_did_and_why_it_matters():
+    """generate/table.py: a case that compiled afresh, one that reloaded, one that did nothing
+    (eager, or an earlier case's step reused: no line), and the caution once, after them."""
+    from infermeter.generate.table import compiler_line, compiler_lines
+    from infermeter.measure.result import Result
+
+    fresh = {"tuning_benchmarks": 110, "graph_cache_hits": 0, "graph_cache_misses": 2,
+             "graph_cache_bypasses": 0}
+    loaded = {"tuning_benchmarks": 0, "graph_cache_hits": 2, "graph_cache_misses": 0,
+              "graph_cache_bypasses": 0}
+    mixed = {"tuning_benchmarks": 1, "graph_cache_hits": 1, "graph_cache_misses": 0,
+             "graph_cache_bypasses": 1}
+    assert compiler_line(fresh) == "compiled 2 graphs afresh, timed 110 kernel configs"
+    assert compiler_line(loaded) == "loaded 2 from the compiler's cache, timed no kernel config"
+    assert compiler_line(mixed) == ("compiled 1 graph afresh, loaded 1 from the compiler's "
+                                    "cache, timed 1 kernel config")
+    assert compiler_line(compiler.NOTHING) is None and compiler_line({}) is None
+
+    def case(counts):
+        return Result("generate", {"name": "debug"}, {}, {}, {"compiler": counts})
+
+    lines = compiler_lines([case(compiler.NOTHING), case(fresh), case(loaded)])
+    assert [line.split(":")[0] for line in lines] == ["compiler, row 2", "compiler, row 3",
+                                                      "compiler"]
+    assert "Comparing two runs" in lines[-1]
+    assert compiler_lines([case(compiler.NOTHING), case({})]) == []  # eager only: nothing said

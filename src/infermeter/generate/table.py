@@ -98,6 +98,7 @@ def render_generate(results: Sequence[Any]) -> str:
         where = f"row {index} (batch {cfg['batch_size']}, {cfg['mode']})"
         lines += [f"warning: {where}: {note}" for note in result.warnings]
     lines += crossover_lines(results)
+    lines += compiler_lines(results)
     lines.append("TTFT: prefill to first token (sampled); TTFT floor: the larger of the prefill's "
                  "bytes (weights once, K/V written) at the HBM bandwidth and its FLOPs at the "
                  "matmul peak; TPOT: one decode step; decode tok/s: batch x steps / decode time "
@@ -115,6 +116,35 @@ def crossover_lines(results: Sequence[Any]) -> list[str]:
     return [f"prefill of batch {batch} turns compute-bound at {length:,} prompt tokens on the "
             "peaks measured here (shorter prompts: judge by prefill MBU; longer: by MFU)"
             for batch, length in found.items() if length]
+
+
+def compiler_line(compiler: dict[str, int]) -> str | None:
+    """What the compiler did over a case's warm-up (metrics.compiler, measure/compiler.py), in
+    words: 'compiled 2 graphs afresh, timed 110 kernel configs'; None where it did nothing (an
+    eager case, or one whose compiled step an earlier case made)."""
+    made = compiler.get("graph_cache_misses", 0) + compiler.get("graph_cache_bypasses", 0)
+    loaded, timed = compiler.get("graph_cache_hits", 0), compiler.get("tuning_benchmarks", 0)
+    if not (made or loaded or timed):
+        return None
+    done = [f"compiled {made} graph{'s' * (made != 1)} afresh"] if made else []
+    if loaded:
+        done.append(f"loaded {loaded} from the compiler's cache")
+    done.append(f"timed {timed:,} kernel config{'s' * (timed != 1)}" if timed
+                else "timed no kernel config")
+    return ", ".join(done)
+
+
+def compiler_lines(results: Sequence[Any]) -> list[str]:
+    """Per case that compiled, what its warm-up compiled, loaded and tuned, then why it is
+    said: a process compiling afresh and one reloading from the cache may run one step at
+    different speeds, so two figures compare only from processes of one kind."""
+    lines = [f"compiler, row {index}: {line}" for index, result in enumerate(results, start=1)
+             if (line := compiler_line(result.metrics.get("compiler") or {}))]
+    if lines:
+        lines.append("compiler: a process that compiles afresh and one that reloads from the "
+                     "cache may run one step at different speeds; compare runs of one kind "
+                     "(docs/generate.md, \"Comparing two runs\")")
+    return lines
 
 
 def render_outputs(result: Any, texts: Sequence[str]) -> str:
