@@ -91,6 +91,9 @@
 #                        cdd90d2 --into .trees`, carried to the GPU) against this tree, alternating,
 #                        every process compiling into an empty cache of its own (--caches fresh),
 #                        so each samples its own tuning; two rounds (about 4 x 60 s)
+#   part step-large-issue-tree  Llama-2-7B fp16 at batch 1, default kernels: the issue's tree against
+#                        this one as step-batch-issue-tree, one round (issue 27's no-loss check at
+#                        7B; about 2 x 100 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
 #                        process each: round 0 the layer prefill graphs (the default),
 #                        --prefill-graphs static (the default before e2ae286), --prefill exact
@@ -156,8 +159,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -168,6 +171,22 @@ slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; 
 # as soon as it is done.
 dest=${OUT:-results}
 mkdir -p "$dest"
+
+snapshot_here() {
+  # $here: this tree's src/ as a folder trees_ab.py times, named by the 40-hex commit sent
+  # (INFERMETER_SOURCE_REVISION; without it the part stops)
+  here=$(mktemp -d)
+  cp -r src pyproject.toml "$here"/
+  echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+}
+
+issue_pair() {
+  # $here, and $issue: the tree issue 27 was filed on (cdd90d2), a snapshot made beforehand by
+  # `trees_ab.py snapshot cdd90d2 --into .trees` and carried to the GPU
+  issue=.trees/cdd90d230f8d
+  [ -f "$issue/REV" ] || { echo "no snapshot $issue: python3 benchmarks/trees_ab.py snapshot cdd90d2 --into .trees" >&2; exit 2; }
+  snapshot_here
+}
 case "${1:-}" in
   gpu-tests)
     # addopts cleared: the project's own name xdist's -n, which a bare machine may lack; with
@@ -264,19 +283,14 @@ case "${1:-}" in
       done
     done ;;
   step-batch-placement)
-    # trees_ab.py times snapshot folders: this tree's src/ as one, named by the commit sent
-    here=$(mktemp -d)
-    cp -r src pyproject.toml "$here"/
-    echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+    snapshot_here
     python3 benchmarks/trees_ab.py run "$here" \
       "$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" --name step-batch-placement \
       --results "$dest" --rounds 3 --timeout 150 -- --model llama-3.2-1b --dtype bf16 \
       --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 \
       --repeats 5 ;;
   step-batch-tuning)
-    here=$(mktemp -d)
-    cp -r src pyproject.toml "$here"/
-    echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+    snapshot_here
     caches=$(mktemp -d)
     python3 benchmarks/trees_ab.py run "$here@TORCHINDUCTOR_CACHE_DIR=$caches/1" \
       "$here@TORCHINDUCTOR_CACHE_DIR=$caches/2" "$here@TORCHINDUCTOR_CACHE_DIR=$caches/3" \
@@ -286,14 +300,16 @@ case "${1:-}" in
     (cd "$caches" && find . -name '*.best_config' -print0 | tar -czf - --null -T -) \
       > "$dest/step-batch-tuning-picks-$slug.tar.gz" ;;
   step-batch-issue-tree)
-    issue=.trees/cdd90d230f8d
-    [ -f "$issue/REV" ] || { echo "no snapshot $issue: python3 benchmarks/trees_ab.py snapshot cdd90d2 --into .trees" >&2; exit 2; }
-    here=$(mktemp -d)
-    cp -r src pyproject.toml "$here"/
-    echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
+    issue_pair
     python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh \
       --name step-batch-issue-tree --results "$dest" --rounds 2 --timeout 150 -- \
       --model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 \
+      --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
+  step-large-issue-tree)
+    issue_pair
+    python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh \
+      --name step-large-issue-tree --results "$dest" --rounds 1 --timeout 200 -- \
+      --model llama-2-7b --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 \
       --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
   step-batch-prefill-graphs)
     # round 0 four ways, each compiling into an empty cache of its own; round 1 the two that

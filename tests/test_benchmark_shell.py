@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,21 +168,50 @@ def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     assert ways == [(None, None, False), ("exact", None, False), (None, False, False)]
 
 
-def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
-    """A trees_ab.py part over this tree's snapshot: its branch, its run line and that line's
-    own words (before --), after checking what every such part shares: the batch-8 case of
-    Llama-3.2-1B, Results into $dest, and a stop where no 40-hex revision is given."""
+def _trees_ab(part: str) -> tuple[str, list[str], Any]:
+    """A trees_ab.py part over this tree's snapshot: its branch, its run line's own words
+    (before --) and generate's parse of the rest, after checking what every such part shares:
+    Results into $dest, and this tree snapshotted by the function that stops where no 40-hex
+    revision is given."""
+    text = (BENCHMARKS / "open_targets.sh").read_text()
     branch = _branches(BENCHMARKS / "open_targets.sh")[part]
     (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
     assert ours[ours.index("--results") + 1] == "x"
-    args = build_parser().parse_args(["generate", *flags])
+    assert re.search(r"^\s+(snapshot_here|issue_pair)$", branch, re.M)
+    snapshot = re.search(r"^snapshot_here\(\) \{\n(.*?)^\}", text, re.M | re.S).group(1)
+    assert 'echo "${INFERMETER_SOURCE_REVISION:?' in snapshot  # no REV: the part stops
+    return branch, ours, build_parser().parse_args(["generate", *flags])
+
+
+def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
+    """_trees_ab's part, on the batch-8 case of Llama-3.2-1B: its branch, run line and words."""
+    branch, ours, args = _trees_ab(part)
     assert (args.model, args.dtype, args.batch_size, args.mode) == \
         ("llama-3.2-1b", "bf16", [8], ["compiled"])
     assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
-    assert 'echo "${INFERMETER_SOURCE_REVISION:?' in branch  # no REV: the part stops
+    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
     return branch, line, ours
+
+
+def test_the_issue_tree_parts_time_the_issue_s_snapshot_against_this_tree_on_fresh_caches():
+    """step-batch-issue-tree (batch 8 at 1B, two rounds) and step-large-issue-tree (issue 27's
+    no-loss check at 7B: Llama-2-7B fp16, batch 1, one round): this tree, then cdd90d2's
+    snapshot, every process on an empty compiler cache of its own."""
+    text = (BENCHMARKS / "open_targets.sh").read_text()
+    pair = re.search(r"^issue_pair\(\) \{\n(.*?)^\}", text, re.M | re.S).group(1)
+    assert "issue=.trees/cdd90d230f8d" in pair and "snapshot_here" in pair
+    for part, rounds in (("step-batch-issue-tree", "2"), ("step-large-issue-tree", "1")):
+        branch, ours, args = _trees_ab(part)
+        assert "issue_pair" in branch and ours[1:3] == ["x", "x"]  # "$here" "$issue"
+        assert ours[ours.index("--caches") + 1] == "fresh"
+        assert ours[ours.index("--rounds") + 1] == rounds
+        assert ours[ours.index("--name") + 1] == part
+    _, _, large = _trees_ab("step-large-issue-tree")
+    assert (large.model, large.dtype, large.batch_size, large.mode) == \
+        ("llama-2-7b", "fp16", [1], ["compiled"])
+    assert (large.prompt_len, large.max_new_tokens, large.max_seq_len) == ([80], 432, 512)
 
 
 def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
