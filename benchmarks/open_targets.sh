@@ -110,6 +110,10 @@
 #                        launcher (TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0: Triton's own launcher
 #                        starts every kernel), each compiling into an empty cache, then each
 #                        loading it (layer, static, static, layer; about 4 x 45 s)
+#   part step-batch-edges  the batch-8 case three ways, each process under graph_edges.py (every
+#                        CUDA graph's programmatic edges, kernel by kernel): layer and static
+#                        compiling into empty caches, then static loading its cache; the edges in
+#                        step-batch-edges-<device>/N-WAY.json beside the Results (about 3 x 60 s)
 #   part step-batch-graphs  Llama-3.2-1B bf16 at batch 8, then 32, the split step replayed by
 #                        inductor's graph trees (the default past batch 1) and recorded as one
 #                        graph of ours (recorded_forward.py, as the batch-1 fused step), one round
@@ -159,8 +163,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -356,6 +360,18 @@ case "${1:-}" in
         python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
         --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 2 \
         --prefill-graphs "$graphs" --output "$dest/step-batch-launcher-$slug.jsonl" \
+        || echo "$graphs: failed" >&2
+    done ;;
+  step-batch-edges)
+    caches=$(mktemp -d)
+    edges="$dest/step-batch-edges-$slug"
+    mkdir -p "$edges"
+    for run in "0 0 layer" "1 1 static" "2 1 static"; do
+      read -r n cache graphs <<< "$run"
+      TORCHINDUCTOR_CACHE_DIR="$caches/$cache" python3 benchmarks/graph_edges.py \
+        --edges "$edges/$n-$graphs.json" -- generate --model llama-3.2-1b --dtype bf16 \
+        --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 \
+        --repeats 2 --prefill-graphs "$graphs" --output "$dest/step-batch-edges-$slug.jsonl" \
         || echo "$graphs: failed" >&2
     done ;;
   step-batch-graphs)

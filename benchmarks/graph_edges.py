@@ -1,0 +1,201 @@
+"""Which dependencies of each CUDA graph a process captures are programmatic (PDL's early
+launch), kernel by kernel: any `infermeter generate` command, run under a hook that reads every
+graph as it is captured.
+
+    python3 benchmarks/graph_edges.py --edges FILE.json -- generate --model llama-3.2-1b ...
+
+Why: a kernel launched with programmatic dependent launch may start before the one ahead ends
+only where the captured graph holds a programmatic edge between the two. Batch 8 at 1B runs
+with most of its kernels starting early in one process and few in another of the same code
+(docs/engine.md, "Batch 8 and 32 at Llama-3.2-1B"); the edges say whether the difference is in
+the graph as captured or in how the GPU runs it.
+
+How: torch.cuda.CUDAGraph is made with keep_graph=True (so the captured cudaGraph_t survives
+capture_end), and instantiated right after capture as it would be without; the CUDA driver
+(libcuda, through ctypes) then lists the graph's nodes (type, kernel name) and edges (with
+their data: type 1, or a from-port 1 or 2, is programmatic). FILE gets one summary a graph, in
+capture order: node counts by type, kernel-to-kernel edges, programmatic ones, and each kernel
+name's count and programmatic in-edges. The generate command's own Result (its --output) says
+how fast the step ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from infermeter.errors import InfermeterError
+from infermeter.measure.result import atomic_write
+
+# CUgraphNodeType, by value (cuda.h)
+NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty",
+              6: "wait event", 7: "event record", 8: "semaphore signal", 9: "semaphore wait",
+              10: "mem alloc", 11: "mem free", 12: "batch mem op", 13: "conditional"}
+PROGRAMMATIC_TYPE = 1  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+PROGRAMMATIC_PORTS = (1, 2)  # CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC, _LAUNCH_ORDER
+
+
+def is_programmatic(from_port: int, kind: int) -> bool:
+    """An edge's data (CUgraphEdgeData): programmatic by its type or by its from-port."""
+    return kind == PROGRAMMATIC_TYPE or from_port in PROGRAMMATIC_PORTS
+
+
+def summarize(nodes: dict[int, tuple[str, str]],
+              edges: Iterable[tuple[int, int, int, int]]) -> dict[str, Any]:
+    """One graph's summary. nodes: handle -> (type, kernel name or ""), in the driver's order;
+    edges: (from, to, from_port, type) per dependency."""
+    types: dict[str, int] = {}
+    kernels: dict[str, dict[str, Any]] = {}
+    for kind, name in nodes.values():
+        types[kind] = types.get(kind, 0) + 1
+        if kind == "kernel":
+            kernels.setdefault(name, {"name": name, "count": 0, "programmatic_in": 0})
+            kernels[name]["count"] += 1
+    between = programmatic = 0
+    for source, target, port, kind in edges:
+        if nodes[source][0] != "kernel" or nodes[target][0] != "kernel":
+            continue
+        between += 1
+        if is_programmatic(port, kind):
+            programmatic += 1
+            kernels[nodes[target][1]]["programmatic_in"] += 1
+    return {"nodes": len(nodes), "node_types": types, "kernel_edges": between,
+            "programmatic_edges": programmatic, "kernels": list(kernels.values())}
+
+
+class Driver:
+    """The few CUDA driver calls that read a graph (CUDA 12.3 or later: edge data, names)."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        self._check(self.lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
+        if version.value < 12030:
+            raise InfermeterError(f"the CUDA driver is {version.value}: reading a graph's edge "
+                                  "data needs 12.3 or later")
+        # CUDA 13 gave the _v2 signatures the plain names
+        self.get_edges = self._pick("cuGraphGetEdges_v2", "cuGraphGetEdges", version.value)
+        self.kernel_params = self._pick("cuGraphKernelNodeGetParams_v2",
+                                        "cuGraphKernelNodeGetParams", version.value)
+
+    def _pick(self, v2: str, plain: str, version: int) -> Any:
+        if hasattr(self.lib, v2):
+            return getattr(self.lib, v2)
+        if version >= 13000:
+            return getattr(self.lib, plain)
+        raise InfermeterError(f"this CUDA driver has no {v2}")
+
+    @staticmethod
+    def _check(status: int, call: str) -> None:
+        if status != 0:
+            raise InfermeterError(f"{call} failed with CUDA driver error {status}")
+
+    def kernel_name(self, node: int) -> str:
+        # CUDA_KERNEL_NODE_PARAMS_v2: func at 0, kern (a library kernel) at 56; 128 bytes hold it
+        params = (ctypes.c_uint64 * 16)()
+        self._check(self.kernel_params(ctypes.c_void_p(node), params), "kernel node params")
+        name = ctypes.c_char_p()
+        if params[0]:
+            self._check(self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(params[0])),
+                        "cuFuncGetName")
+        elif params[7]:
+            self._check(self.lib.cuKernelGetName(ctypes.byref(name), ctypes.c_void_p(params[7])),
+                        "cuKernelGetName")
+        return (name.value or b"?").decode(errors="replace")
+
+    def read(self, graph: int) -> tuple[dict[int, tuple[str, str]], list[tuple[int, ...]]]:
+        """(nodes: handle -> (type, name), edges: (from, to, from_port, type)) of a CUgraph."""
+        handle = ctypes.c_void_p(graph)
+        count = ctypes.c_size_t()
+        self._check(self.lib.cuGraphGetNodes(handle, None, ctypes.byref(count)), "cuGraphGetNodes")
+        found = (ctypes.c_void_p * count.value)()
+        self._check(self.lib.cuGraphGetNodes(handle, found, ctypes.byref(count)),
+                    "cuGraphGetNodes")
+        nodes = {}
+        for node in found[:count.value]:
+            kind = ctypes.c_int()
+            self._check(self.lib.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)),
+                        "cuGraphNodeGetType")
+            name = NODE_TYPES.get(kind.value, f"type {kind.value}")
+            nodes[node] = (name, self.kernel_name(node) if name == "kernel" else "")
+        self._check(self.get_edges(handle, None, None, None, ctypes.byref(count)), "edges")
+        sources, targets = (ctypes.c_void_p * count.value)(), (ctypes.c_void_p * count.value)()
+        data = (ctypes.c_uint8 * (8 * count.value))()  # CUgraphEdgeData: from_port, to_port, type
+        self._check(self.get_edges(handle, sources, targets, data, ctypes.byref(count)), "edges")
+        edges = [(sources[i], targets[i], data[8 * i], data[8 * i + 2]) for i in range(count.value)]
+        return nodes, edges
+
+
+def hook(driver: Driver, graphs: list[dict[str, Any]]) -> None:
+    """Every CUDAGraph made from now on keeps its cudaGraph_t; each capture is instantiated at
+    once (as without the hook) and summarized into `graphs`."""
+    import torch
+
+    cls = torch.cuda.CUDAGraph
+    if "keep_graph" not in inspect.signature(cls.__new__).parameters:
+        raise InfermeterError(f"torch {torch.__version__}'s CUDAGraph has no keep_graph")
+    new, end = cls.__new__, cls.capture_end
+
+    def keeping(kind: type, keep_graph: bool = False) -> Any:
+        return new(kind, True)
+
+    def capture_end(self: Any) -> None:
+        end(self)
+        self.instantiate()
+        graphs.append(summarize(*driver.read(self.raw_cuda_graph())))
+
+    cls.__new__ = keeping
+    cls.capture_end = capture_end
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edges", required=True, metavar="FILE",
+                        help="where the graphs' summaries go (JSON)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="-- then an infermeter command (generate ...)")
+    return parser
+
+
+def infermeter_command(args: argparse.Namespace) -> list[str]:
+    """The infermeter command's words, after the `--`."""
+    return args.command[1:] if args.command[:1] == ["--"] else args.command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
+    args = parser.parse_args(argv)
+    command = infermeter_command(args)
+    if not command:
+        parser.error("give the infermeter command after --")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InfermeterError("reading CUDA graphs needs a CUDA GPU")
+        if not Path(args.edges).resolve().parent.is_dir():
+            raise InfermeterError(f"{args.edges}: its folder does not exist")
+        graphs: list[dict[str, Any]] = []
+        hook(Driver(), graphs)
+    except InfermeterError as err:
+        print(f"graph_edges: error: {err}", file=sys.stderr)
+        return 2
+    from infermeter.cli import main as infermeter
+
+    status = infermeter(command)
+    atomic_write(args.edges, (json.dumps(graphs, indent=1) + "\n").encode())
+    print(f"graph_edges: {len(graphs)} graphs; the largest: "
+          + "; ".join(f"{g['node_types'].get('kernel', 0)} kernels, {g['programmatic_edges']} of "
+                      f"{g['kernel_edges']} kernel edges programmatic"
+                      for g in sorted(graphs, key=lambda g: -g["nodes"])[:3]))
+    return status or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""benchmarks/graph_edges.py: which edges of a captured CUDA graph are programmatic (PDL), by
+kernel. The driver's reading needs a GPU; its summary, the hook's wiring and the refusals are
+checked here with stand-ins."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from infermeter.cli import build_parser
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+edges = load_benchmark("graph_edges")
+
+
+def test_an_edge_is_programmatic_by_its_type_or_its_from_port():
+    assert edges.is_programmatic(0, 1) and edges.is_programmatic(1, 0)
+    assert edges.is_programmatic(2, 0)  # launch order: PDL's event kind
+    assert not edges.is_programmatic(0, 0)
+
+
+def test_a_graph_s_summary_counts_kernel_edges_and_the_programmatic_ones_by_kernel():
+    """Three kernels (two of one name) behind a memcpy: the memcpy's edge is no kernel edge;
+    of the two kernel edges one is programmatic (by type), into the second kernel's name."""
+    nodes = {1: ("memcpy", ""), 2: ("kernel", "norm"), 3: ("kernel", "gemv"),
+             4: ("kernel", "norm")}
+    graph = edges.summarize(nodes, [(1, 2, 0, 0), (2, 3, 0, 1), (3, 4, 0, 0)])
+    assert graph["nodes"] == 4 and graph["node_types"] == {"memcpy": 1, "kernel": 3}
+    assert (graph["kernel_edges"], graph["programmatic_edges"]) == (2, 1)
+    assert graph["kernels"] == [{"name": "norm", "count": 2, "programmatic_in": 0},
+                                {"name": "gemv", "count": 1, "programmatic_in": 1}]
+    assert edges.summarize({}, []) == {"nodes": 0, "node_types": {}, "kernel_edges": 0,
+                                       "programmatic_edges": 0, "kernels": []}
+
+
+def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(monkeypatch):
+    """Every CUDAGraph is made with keep_graph=True; after capture_end the graph is instantiated
+    (as capture_end does without keep_graph) and read, in capture order."""
+    cls = torch.cuda.CUDAGraph
+    made, ended = [], []
+    monkeypatch.setattr(cls, "__new__", lambda kind, keep_graph=False: made.append(keep_graph))
+    monkeypatch.setattr(cls, "capture_end", lambda self: ended.append("end"))
+    driver = SimpleNamespace(read=lambda graph: ({graph: ("kernel", "k")}, []))
+    graphs: list = []
+    edges.hook(driver, graphs)
+    cls.__new__(cls)
+    assert made == [True]
+    calls = []
+    graph = SimpleNamespace(instantiate=lambda: calls.append("instantiate"),
+                            raw_cuda_graph=lambda: 7)
+    cls.capture_end(graph)
+    assert ended == ["end"] and calls == ["instantiate"]
+    assert graphs == [edges.summarize({7: ("kernel", "k")}, [])]
+
+
+def test_without_a_gpu_or_a_command_it_refuses_in_one_line(tmp_path, capsys):
+    out = tmp_path / "edges.json"
+    if not torch.cuda.is_available():
+        status = edges.main(["--edges", str(out), "--", "generate", "--model", "debug"])
+        err = capsys.readouterr().err
+        assert status == 2 and err == "graph_edges: error: reading CUDA graphs needs a CUDA GPU\n"
+        assert not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        edges.main(["--edges", str(out)])
+    assert stop.value.code == 2 and "after --" in capsys.readouterr().err
+
+
+def test_the_edges_part_runs_batch_8_three_ways_under_the_hook():
+    """open_targets.sh step-batch-edges: layer and static each compiling into an empty cache,
+    then static reloading the cache static filled; each edges file named apart."""
+    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
+    body = re.search(r"^  step-batch-edges\)\n(.*?);;", text, re.M | re.S).group(1)
+    runs = re.search(r"for run in ([^;]*); do", body).group(1)
+    assert re.findall(r'"(\d) (\d) (\w+)"', runs) == \
+        [("0", "0", "layer"), ("1", "1", "static"), ("2", "1", "static")]
+    (line,) = re.findall(r"python3 benchmarks/graph_edges\.py ([^\n]*)", body)
+    line = line.split("||")[0].replace('"$graphs"', "static")
+    args = edges.arguments().parse_args(re.sub(r'"[^"]*\$[^"]*"', "x", line).split())
+    assert args.edges == "x"
+    generate = build_parser().parse_args(edges.infermeter_command(args))
+    assert (generate.model, generate.dtype, generate.batch_size) == ("llama-3.2-1b", "bf16", [8])
+    assert generate.prefill_graphs == "static" and generate.output == "x"
