@@ -70,9 +70,10 @@ def test_generate_says_per_case_what_its_compiler_did_and_why_it_matters():
     mixed = {"tuning_benchmarks": 1, "graph_cache_hits": 1, "graph_cache_misses": 0,
              "graph_cache_bypasses": 1}
     assert compiler_line(fresh) == "compiled 2 graphs afresh, timed 110 kernel configs"
-    assert compiler_line(loaded) == "loaded 2 from the compiler's cache, timed no kernel config"
-    assert compiler_line(mixed) == ("compiled 1 graph afresh, loaded 1 from the compiler's "
-                                    "cache, timed 1 kernel config")
+    assert compiler_line(loaded) == ("loaded 2 graphs from the compiler's cache, timed no "
+                                     "kernel config")
+    assert compiler_line(mixed) == ("compiled 1 graph afresh, loaded 1 graph from the "
+                                    "compiler's cache, timed 1 kernel config")
     assert compiler_line(compiler.NOTHING) is None and compiler_line({}) is None
 
     def case(counts):

@@ -128,7 +128,7 @@ def compiler_line(compiler: dict[str, int]) -> str | None:
         return None
     done = [f"compiled {made} graph{'s' * (made != 1)} afresh"] if made else []
     if loaded:
-        done.append(f"loaded {loaded} from the compiler's cache")
+        done.append(f"loaded {loaded} graph{'s' * (loaded != 1)} from the compiler's cache")
     done.append(f"timed {timed:,} kernel config{'s' * (timed != 1)}" if timed
                 else "timed no kernel config")
     return ", ".join(done)
