@@ -251,13 +251,15 @@ def test_bad_inputs_are_skipped_with_a_warning_naming_each(report):
     mixed = build_report([str(GOOD), str(BAD), str(FIXTURES / "nowhere.json")],
                          warn=warnings.append)
     named = " ".join(warnings)
-    for name in ("binary.json", "broken.jsonl:1", "not-a-result.json", "numbers.json",
+    for name in ("binary.json", "broken.jsonl", "not-a-result.json", "numbers.json",
                  "unknown-kind.json", "nowhere.json", "script-log.json"):
         assert name in named
-    # numbers.json (a list of no objects) and script-log.json (a list of objects, none a
-    # Result: a benchmark's own log) are one warning each, not one per item
-    assert len(warnings) == 8
+    # numbers.json (a list of no objects), script-log.json (a list of objects, none a Result:
+    # a benchmark's own log) and broken.jsonl (two lines, neither a Result) are one warning
+    # each, not one per item or line
+    assert len(warnings) == 7
     assert "script-log.json: not infermeter Results (a list of 3 items" in named
+    assert "broken.jsonl: not infermeter Results (2 lines, none a Result; line 1: " in named
     assert render(mixed, "markdown") == render(report, "markdown")
 
 
@@ -637,6 +639,22 @@ def test_a_line_that_is_not_utf8_skips_that_line_only(tmp_path):
     loaded = load_records([path])
     assert [r.source for r in loaded.records] == [f"{path}:1", f"{path}:3"]
     assert loaded.skipped == [f"{path}:2: not UTF-8 text"]
+
+
+def test_a_file_with_no_result_on_any_line_is_one_warning(tmp_path):
+    """A text file or a log handed to the report (every line skipped) gives one warning
+    naming its first line's reason, not one per line; a one-line file keeps its own."""
+    from infermeter.report.load import load_records
+
+    log = tmp_path / "run.log"
+    log.write_text("compiling...\n{\"step\": 1}\n\ndone\n")
+    note = tmp_path / "note.jsonl"
+    note.write_text("not json\n")
+    loaded = load_records([log, note])
+    assert loaded.records == []
+    assert loaded.skipped == [
+        f"{log}: not infermeter Results (3 lines, none a Result; line 1: not JSON (Expecting "
+        "value))", f"{note}:1: not JSON (Expecting value)"]
 
 
 def test_prefill_ladder_results_feed_the_breakeven_not_the_reference_column():

@@ -105,6 +105,7 @@ def _load_file(path: Path, loaded: Loaded, name: str) -> None:
     if not lines:
         loaded.skipped.append(f"{name}: empty")
         return
+    kept, skipped = len(loaded.records), len(loaded.skipped)
     for number, line in lines:
         try:
             item = json.loads(line.decode("utf-8"))
@@ -115,6 +116,11 @@ def _load_file(path: Path, loaded: Loaded, name: str) -> None:
             loaded.skipped.append(f"{name}:{number}: not JSON ({err.msg})")
             continue
         _add(item, f"{name}:{number}", loaded)
+    if len(lines) > 1 and len(loaded.records) == kept:  # no line a Result (a log, a text file):
+        first = loaded.skipped[skipped].removeprefix(f"{name}:")  # one warning, not one a line
+        del loaded.skipped[skipped:]
+        loaded.skipped.append(f"{name}: not infermeter Results ({len(lines)} lines, none a "
+                              f"Result; line {first})")
 
 
 def _add(item: Any, where: str, loaded: Loaded) -> None:
