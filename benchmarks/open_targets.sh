@@ -94,6 +94,10 @@
 #   part step-large-issue-tree  Llama-2-7B fp16 at batch 1, default kernels: the issue's tree against
 #                        this one as step-batch-issue-tree, one round (issue 27's no-loss check at
 #                        7B; about 2 x 100 s)
+#   part step-large-prefill-graphs  Llama-2-7B fp16 at batch 1 (the main job's case), this tree: the
+#                        layer prefill graphs (the default), then static, each compiling into an
+#                        empty cache: whether 7B's step, too, runs faster after a fresh static
+#                        compile, and what each costs the TTFT (about 2 x 100 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
 #                        process each: round 0 the layer prefill graphs (the default),
 #                        --prefill-graphs static (the default before e2ae286), --prefill exact
@@ -163,8 +167,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -315,6 +319,13 @@ case "${1:-}" in
       --name step-large-issue-tree --results "$dest" --rounds 1 --timeout 200 -- \
       --model llama-2-7b --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 \
       --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
+  step-large-prefill-graphs)
+    for graphs in layer static; do
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-2-7b \
+        --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 --max-new-tokens 432 \
+        --max-seq-len 512 --repeats 5 --prefill-graphs "$graphs" \
+        --output "$dest/step-large-prefill-graphs-$slug.jsonl" || echo "$graphs: failed" >&2
+    done ;;
   step-batch-prefill-graphs)
     # round 0 four ways, each compiling into an empty cache of its own; round 1 the two that
     # decide, each loading its round-0 cache ('|' between the ways, the first empty: the

@@ -538,3 +538,17 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
     assert module.ab_file(args)[1:] == ("gpu", tmp_path / "step-kernels-gpu.jsonl")
     assert module.ab_file(named)[2] == tmp_path / "d" / "mine-gpu.jsonl"
     assert (tmp_path / "d").is_dir()  # made for the Results to come
+
+
+def test_the_large_prefill_graphs_part_times_7b_layer_then_static_on_empty_caches():
+    """step-large-prefill-graphs: the main job's case (Llama-2-7B fp16, batch 1, the seed
+    lengths), the layer prefill graphs then static, each process on an empty compiler cache."""
+    branch = _branches(BENCHMARKS / "open_targets.sh")["step-large-prefill-graphs"]
+    assert "for graphs in layer static; do" in branch
+    assert "TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)" in branch
+    (argv,) = _command_lines(BENCHMARKS / "open_targets.sh", branch)
+    args = build_parser().parse_args([word if word != "x" else "static" for word in argv[:-2]])
+    assert (args.model, args.dtype, args.batch_size, args.mode) == \
+        ("llama-2-7b", "fp16", [1], ["compiled"])
+    assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
+    assert args.prefill_graphs == "static" and argv[-2:] == ["--output", "x"]  # "$graphs"
