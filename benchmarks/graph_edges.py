@@ -13,10 +13,10 @@ the graph as captured or in how the GPU runs it.
 How: torch.cuda.CUDAGraph is made with keep_graph=True (so the captured cudaGraph_t survives
 capture_end), and instantiated right after capture as it would be without; the CUDA driver
 (libcuda, through ctypes) then lists the graph's nodes (type, kernel name) and edges (with
-their data: type 1, or a from-port 1 or 2, is programmatic). FILE gets one summary a graph, in
-capture order: node counts by type, kernel-to-kernel edges, programmatic ones, and each kernel
-name's count and programmatic in-edges. The generate command's own Result (its --output) says
-how fast the step ran.
+their data: its type, programmatic or full, and the port it leaves the kernel ahead from). FILE
+gets one summary a graph, in capture order: node counts by type, kernel-to-kernel edges, the
+programmatic ones, the edges by kind, and each kernel name's count and programmatic in-edges.
+The generate command's own Result (its --output) says how fast the step ran.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "
               6: "wait event", 7: "event record", 8: "semaphore signal", 9: "semaphore wait",
               10: "mem alloc", 11: "mem free", 12: "batch mem op", 13: "conditional"}
 PROGRAMMATIC_TYPE = 1  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-PROGRAMMATIC_PORTS = (1, 2)  # CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC, _LAUNCH_ORDER
+# CU_GRAPH_KERNEL_NODE_PORT_*: when the edge fires on the upstream kernel
+PORTS = {0: "at its end", 1: "at its trigger (programmatic)", 2: "once all its blocks began"}
 
 
-def is_programmatic(from_port: int, kind: int) -> bool:
-    """An edge's data (CUgraphEdgeData): programmatic by its type or by its from-port."""
-    return kind == PROGRAMMATIC_TYPE or from_port in PROGRAMMATIC_PORTS
+def edge_kind(from_port: int, kind: int) -> str:
+    """An edge's data (CUgraphEdgeData) in words: its type, and the port it leaves from."""
+    named = "programmatic" if kind == PROGRAMMATIC_TYPE else "full" if kind == 0 else f"type {kind}"
+    return f"{named}, {PORTS.get(from_port, f'port {from_port}')}"
 
 
 def summarize(nodes: dict[int, tuple[str, str]],
@@ -58,15 +60,18 @@ def summarize(nodes: dict[int, tuple[str, str]],
             kernels.setdefault(name, {"name": name, "count": 0, "programmatic_in": 0})
             kernels[name]["count"] += 1
     between = programmatic = 0
+    kinds: dict[str, int] = {}
     for source, target, port, kind in edges:
         if nodes[source][0] != "kernel" or nodes[target][0] != "kernel":
             continue
         between += 1
-        if is_programmatic(port, kind):
+        kinds[edge_kind(port, kind)] = kinds.get(edge_kind(port, kind), 0) + 1
+        if kind == PROGRAMMATIC_TYPE:
             programmatic += 1
             kernels[nodes[target][1]]["programmatic_in"] += 1
     return {"nodes": len(nodes), "node_types": types, "kernel_edges": between,
-            "programmatic_edges": programmatic, "kernels": list(kernels.values())}
+            "programmatic_edges": programmatic, "edge_kinds": kinds,
+            "kernels": list(kernels.values())}
 
 
 class Driver:

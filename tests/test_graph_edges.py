@@ -16,24 +16,27 @@ from tests.benchmark_scripts import BENCHMARKS, load_benchmark
 edges = load_benchmark("graph_edges")
 
 
-def test_an_edge_is_programmatic_by_its_type_or_its_from_port():
-    assert edges.is_programmatic(0, 1) and edges.is_programmatic(1, 0)
-    assert edges.is_programmatic(2, 0)  # launch order: PDL's event kind
-    assert not edges.is_programmatic(0, 0)
+def test_an_edge_is_named_by_its_type_and_the_port_it_leaves_from():
+    assert edges.edge_kind(0, 0) == "full, at its end"
+    assert edges.edge_kind(1, 1) == "programmatic, at its trigger (programmatic)"
+    assert edges.edge_kind(2, 1) == "programmatic, once all its blocks began"
+    assert edges.edge_kind(7, 3) == "type 3, port 7"
 
 
 def test_a_graph_s_summary_counts_kernel_edges_and_the_programmatic_ones_by_kernel():
     """Three kernels (two of one name) behind a memcpy: the memcpy's edge is no kernel edge;
-    of the two kernel edges one is programmatic (by type), into the second kernel's name."""
+    of the two kernel edges one is programmatic, into the second kernel's name."""
     nodes = {1: ("memcpy", ""), 2: ("kernel", "norm"), 3: ("kernel", "gemv"),
              4: ("kernel", "norm")}
-    graph = edges.summarize(nodes, [(1, 2, 0, 0), (2, 3, 0, 1), (3, 4, 0, 0)])
+    graph = edges.summarize(nodes, [(1, 2, 0, 0), (2, 3, 1, 1), (3, 4, 0, 0)])
     assert graph["nodes"] == 4 and graph["node_types"] == {"memcpy": 1, "kernel": 3}
     assert (graph["kernel_edges"], graph["programmatic_edges"]) == (2, 1)
+    assert graph["edge_kinds"] == {"programmatic, at its trigger (programmatic)": 1,
+                                   "full, at its end": 1}
     assert graph["kernels"] == [{"name": "norm", "count": 2, "programmatic_in": 0},
                                 {"name": "gemv", "count": 1, "programmatic_in": 1}]
     assert edges.summarize({}, []) == {"nodes": 0, "node_types": {}, "kernel_edges": 0,
-                                       "programmatic_edges": 0, "kernels": []}
+                                       "programmatic_edges": 0, "edge_kinds": {}, "kernels": []}
 
 
 def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(monkeypatch):
