@@ -143,8 +143,10 @@ def hook(driver: Driver, graphs: list[dict[str, Any]]) -> None:
     import torch
 
     cls = torch.cuda.CUDAGraph
-    if "keep_graph" not in inspect.signature(cls.__new__).parameters:
-        raise InfermeterError(f"torch {torch.__version__}'s CUDAGraph has no keep_graph")
+    if "keep_graph" not in inspect.signature(cls.__new__).parameters or \
+            not hasattr(cls, "instantiate") or not hasattr(cls, "raw_cuda_graph"):
+        raise InfermeterError(f"torch {torch.__version__}'s CUDAGraph cannot keep its graph "
+                              "(keep_graph, instantiate, raw_cuda_graph)")
     new, end = cls.__new__, cls.capture_end
 
     def keeping(kind: type, keep_graph: bool = False) -> Any:

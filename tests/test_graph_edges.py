@@ -59,6 +59,12 @@ def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(
     assert graphs == [edges.summarize({7: ("kernel", "k")}, [])]
 
 
+def test_a_torch_whose_graphs_cannot_be_kept_is_refused(monkeypatch):
+    monkeypatch.delattr(torch.cuda.CUDAGraph, "raw_cuda_graph")
+    with pytest.raises(edges.InfermeterError, match="cannot keep its graph"):
+        edges.hook(SimpleNamespace(), [])
+
+
 def test_without_a_gpu_or_a_command_it_refuses_in_one_line(tmp_path, capsys):
     out = tmp_path / "edges.json"
     if not torch.cuda.is_available():
