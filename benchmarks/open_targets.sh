@@ -195,6 +195,13 @@ issue_pair() {
   [ -f "$issue/REV" ] || { echo "no snapshot $issue: python3 benchmarks/trees_ab.py snapshot cdd90d2 --into .trees" >&2; exit 2; }
   snapshot_here
 }
+
+issue_ab() {
+  # the issue's tree against this one, alternating, every process compiling into an empty cache
+  # of its own: issue_ab (trees_ab.py's --name, --rounds, --timeout) -- (generate's flags)
+  issue_pair
+  python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh --results "$dest" "$@"
+}
 case "${1:-}" in
   gpu-tests)
     # addopts cleared: the project's own name xdist's -n, which a bare machine may lack; with
@@ -308,17 +315,13 @@ case "${1:-}" in
     (cd "$caches" && find . -name '*.best_config' -print0 | tar -czf - --null -T -) \
       > "$dest/step-batch-tuning-picks-$slug.tar.gz" ;;
   step-batch-issue-tree)
-    issue_pair
-    python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh \
-      --name step-batch-issue-tree --results "$dest" --rounds 2 --timeout 150 -- \
-      --model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 \
-      --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
+    issue_ab --name step-batch-issue-tree --rounds 2 --timeout 150 -- --model llama-3.2-1b \
+      --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
+      --max-seq-len 512 --repeats 5 ;;
   step-large-issue-tree)
-    issue_pair
-    python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh \
-      --name step-large-issue-tree --results "$dest" --rounds 1 --timeout 200 -- \
-      --model llama-2-7b --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 \
-      --max-new-tokens 432 --max-seq-len 512 --repeats 5 ;;
+    issue_ab --name step-large-issue-tree --rounds 1 --timeout 200 -- --model llama-2-7b \
+      --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 --max-new-tokens 432 \
+      --max-seq-len 512 --repeats 5 ;;
   step-large-prefill-graphs)
     for graphs in layer static; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-2-7b \

@@ -173,16 +173,33 @@ def _trees_ab(part: str) -> tuple[str, list[str], Any]:
     (before --) and generate's parse of the rest, after checking what every such part shares:
     Results into $dest, and this tree snapshotted by the function that stops where no 40-hex
     revision is given."""
-    text = (BENCHMARKS / "open_targets.sh").read_text()
+    text = _joined(BENCHMARKS / "open_targets.sh")
     branch = _branches(BENCHMARKS / "open_targets.sh")[part]
-    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
+    line = _trees_ab_line(text, branch)
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
     assert ours[ours.index("--results") + 1] == "x"
-    assert re.search(r"^\s+(snapshot_here|issue_pair)$", branch, re.M)
+    assert re.search(r"^\s+(snapshot_here|issue_ab) ?", branch, re.M)
     snapshot = re.search(r"^snapshot_here\(\) \{\n(.*?)^\}", text, re.M | re.S).group(1)
     assert 'echo "${INFERMETER_SOURCE_REVISION:?' in snapshot  # no REV: the part stops
     return branch, ours, build_parser().parse_args(["generate", *flags])
+
+
+def _function(text: str, name: str) -> str:
+    """The body of open_targets.sh's shell function `name`."""
+    return re.search(rf"^{name}\(\) \{{\n(.*?)^\}}", text, re.M | re.S).group(1)
+
+
+def _trees_ab_line(text: str, branch: str) -> str:
+    """A part's trees_ab.py run line: its own, or issue_ab's with the part's words for "$@"."""
+    pattern = r"python3 benchmarks/trees_ab\.py (run [^\n]*)"
+    found = re.findall(pattern, branch)
+    if found:
+        (line,) = found
+        return line
+    (call,) = re.findall(r"^\s+issue_ab ([^\n]*)", branch, re.M)
+    (line,) = re.findall(pattern, _function(text, "issue_ab"))
+    return line.replace('"$@"', call.split(";;")[0])
 
 
 def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
@@ -199,12 +216,13 @@ def test_the_issue_tree_parts_time_the_issue_s_snapshot_against_this_tree_on_fre
     """step-batch-issue-tree (batch 8 at 1B, two rounds) and step-large-issue-tree (issue 27's
     no-loss check at 7B: Llama-2-7B fp16, batch 1, one round): this tree, then cdd90d2's
     snapshot, every process on an empty compiler cache of its own."""
-    text = (BENCHMARKS / "open_targets.sh").read_text()
-    pair = re.search(r"^issue_pair\(\) \{\n(.*?)^\}", text, re.M | re.S).group(1)
+    text = _joined(BENCHMARKS / "open_targets.sh")
+    pair = _function(text, "issue_pair")
     assert "issue=.trees/cdd90d230f8d" in pair and "snapshot_here" in pair
+    assert "issue_pair" in _function(text, "issue_ab")
     for part, rounds in (("step-batch-issue-tree", "2"), ("step-large-issue-tree", "1")):
         branch, ours, args = _trees_ab(part)
-        assert "issue_pair" in branch and ours[1:3] == ["x", "x"]  # "$here" "$issue"
+        assert "issue_ab " in branch and ours[1:3] == ["x", "x"]  # "$here" "$issue"
         assert ours[ours.index("--caches") + 1] == "fresh"
         assert ours[ours.index("--rounds") + 1] == rounds
         assert ours[ours.index("--name") + 1] == part
