@@ -677,3 +677,27 @@ def test_prefill_ladder_results_feed_the_breakeven_not_the_reference_column():
     assert not [w for w in column_warnings(column) if "no decode timing" in w]
     del ladder.config["prefill_ladder"]  # an ordinary prefill-only Result is still flagged
     assert [w for w in column_warnings(column) if "no decode timing" in w]
+
+
+def test_the_warm_up_cell_says_whether_the_process_compiled_afresh_or_loaded():
+    """The extended table's warm-up: the case's own or the whole run's, then how its process
+    got the compiled step (metrics.compiler), since the two kinds may run at different speeds;
+    nothing added for a Result without the counts or one that compiled nothing."""
+    from infermeter.report.tables import _warmup_cell
+
+    fresh = {"graph_cache_misses": 2, "graph_cache_hits": 0, "tuning_benchmarks": 110}
+    loaded = {"graph_cache_misses": 0, "graph_cache_bypasses": 0, "graph_cache_hits": 2}
+    assert _warmup_cell({"warmup_s": 59.6, "compiler": fresh}) == \
+        "59.60 s (this case; compiled afresh)"
+    assert _warmup_cell({"warmup_s": 12.6, "compiler": loaded}) == \
+        "12.60 s (this case; loaded from the compiler's cache)"
+    assert _warmup_cell({"warmup_s": 0.2, "compiler": {"graph_cache_hits": 0}}) == \
+        "0.20 s (this case)"
+    run = {"run_warmup_s": 70.94, "run_warmup_parts": {"reference_s": 50.0,
+                                                       "prefill_ladder_s": 20.94}}
+    assert _warmup_cell(run) == "70.94 s, whole run (reference prompt 50.00 s + prefill " \
+        "ladder 20.94 s)"
+    assert _warmup_cell({**run, "compiler": fresh}) == "70.94 s, whole run (reference prompt " \
+        "50.00 s + prefill ladder 20.94 s; compiled afresh)"
+    assert _warmup_cell({"run_warmup_s": 3.0, "compiler": loaded}) == \
+        "3.00 s, whole run (loaded from the compiler's cache)"

@@ -54,7 +54,9 @@ EXTENDED_CAPTION = (
     "MBU, MFU (prefill): against the HBM bandwidth and matmul FLOP/s measured in the same run; "
     "prefill compute-bound from: the shortest prompt whose FLOPs outlast its bytes there. "
     "Warm-up: compile and CUDA-graph capture before the timed runs, in none of the figures "
-    "above; 'whole run' for `infermeter run` (its reference prompt and prefill ladder summed). "
+    "above; 'whole run' for `infermeter run` (its reference prompt and prefill ladder summed); "
+    "whether the process compiled afresh or loaded its compiled graphs from the compiler's "
+    "cache, which can change a step's speed. "
     "Warnings: the "
     "Results' own and the report's plausibility checks, listed in the notes.")
 
@@ -219,16 +221,36 @@ EXTENDED_ROWS = ("Link", "Link % (htod, dtoh)", "Moving case (htod, dtoh)", "Gen
 
 def _warmup_cell(m: dict) -> str:
     """`infermeter run`'s whole generate warm-up where the Result carries it (run_warmup_s:
-    the reference prompt and the prefill ladder), else the case's own (warmup_s)."""
+    the reference prompt and the prefill ladder), else the case's own (warmup_s); then how the
+    case's process got its compiled step (_compiled_how)."""
+    how = _compiled_how(m.get("compiler"))
     total = num(m.get("run_warmup_s"))
     if total is None:
         own = num(m.get("warmup_s"))
-        return fmt.MISSING if own is None else f"{fmt.seconds(own)} (this case)"
+        return fmt.MISSING if own is None else \
+            f"{fmt.seconds(own)} ({'; '.join(['this case', *how])})"
     parts = m.get("run_warmup_parts") or {}
     reference, ladder = num(parts.get("reference_s")), num(parts.get("prefill_ladder_s"))
     split = [f"reference prompt {fmt.seconds(reference)}"] if reference is not None else []
     split += [f"prefill ladder {fmt.seconds(ladder)}"] if ladder is not None else []
-    return f"{fmt.seconds(total)}, whole run" + (f" ({' + '.join(split)})" if split else "")
+    notes = [" + ".join(split)] if split else []
+    return f"{fmt.seconds(total)}, whole run" + \
+        (f" ({'; '.join(notes + how)})" if notes or how else "")
+
+
+def _compiled_how(compiler: Any) -> list[str]:
+    """["compiled afresh"] or ["loaded from the compiler's cache"] by the Result's
+    metrics.compiler (measure/compiler.py); [] where it has none or compiled nothing. The two
+    kinds of process may run one step at different speeds (docs/generate.md, "Comparing two
+    runs"), so a column says which it came from."""
+    counts = compiler if isinstance(compiler, dict) else {}
+
+    def count(name: str) -> float:
+        return num(counts.get(name)) or 0
+
+    if count("graph_cache_misses") + count("graph_cache_bypasses") > 0:
+        return ["compiled afresh"]
+    return ["loaded from the compiler's cache"] if count("graph_cache_hits") > 0 else []
 
 
 def _ttft_floor(m: dict) -> str:
