@@ -105,13 +105,13 @@ class Driver:
         # CUDA_KERNEL_NODE_PARAMS_v2: func at 0, kern (a library kernel) at 56; 128 bytes hold it
         params = (ctypes.c_uint64 * 16)()
         self._check(self.kernel_params(ctypes.c_void_p(node), params), "kernel node params")
-        name = ctypes.c_char_p()
+        name, status = ctypes.c_char_p(), 0
         if params[0]:
-            self._check(self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(params[0])),
-                        "cuFuncGetName")
+            status = self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(params[0]))
         elif params[7]:
-            self._check(self.lib.cuKernelGetName(ctypes.byref(name), ctypes.c_void_p(params[7])),
-                        "cuKernelGetName")
+            status = self.lib.cuKernelGetName(ctypes.byref(name), ctypes.c_void_p(params[7]))
+        if status:  # a kernel without a name still counts, and its edges with it
+            return f"? (driver error {status})"
         return (name.value or b"?").decode(errors="replace")
 
     def read(self, graph: int) -> tuple[dict[int, tuple[str, str]], list[tuple[int, ...]]]:
@@ -155,7 +155,10 @@ def hook(driver: Driver, graphs: list[dict[str, Any]]) -> None:
     def capture_end(self: Any) -> None:
         end(self)
         self.instantiate()
-        graphs.append(summarize(*driver.read(self.raw_cuda_graph())))
+        try:
+            graphs.append(summarize(*driver.read(self.raw_cuda_graph())))
+        except InfermeterError as err:  # the run goes on; the file says what was not read
+            graphs.append({"error": str(err)})
 
     cls.__new__ = keeping
     cls.capture_end = capture_end
@@ -197,10 +200,13 @@ def main(argv: list[str] | None = None) -> int:
 
     status = infermeter(command)
     atomic_write(args.edges, (json.dumps(graphs, indent=1) + "\n").encode())
+    read = [g for g in graphs if "error" not in g]
+    unread = [g for g in graphs if "error" in g]
     print(f"graph_edges: {len(graphs)} graphs; the largest: "
           + "; ".join(f"{g['node_types'].get('kernel', 0)} kernels, {g['programmatic_edges']} of "
                       f"{g['kernel_edges']} kernel edges programmatic"
-                      for g in sorted(graphs, key=lambda g: -g["nodes"])[:3]))
+                      for g in sorted(read, key=lambda g: -g["nodes"])[:3])
+          + (f"; {len(graphs) - len(read)} not read ({unread[0]['error']})" if unread else ""))
     return status or 0
 
 

@@ -58,6 +58,13 @@ def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(
     assert ended == ["end"] and calls == ["instantiate"]
     assert graphs == [edges.summarize({7: ("kernel", "k")}, [])]
 
+    def broken(graph):
+        raise edges.InfermeterError("cuFuncGetName failed with CUDA driver error 1")
+
+    driver.read = broken  # a graph the driver cannot read: noted, and the run goes on
+    cls.capture_end(graph)
+    assert graphs[-1] == {"error": "cuFuncGetName failed with CUDA driver error 1"}
+
 
 def test_a_torch_whose_graphs_cannot_be_kept_is_refused(monkeypatch):
     monkeypatch.delattr(torch.cuda.CUDAGraph, "raw_cuda_graph")
