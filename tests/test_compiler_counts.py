@@ -84,3 +84,14 @@ def test_generate_says_per_case_what_its_compiler_did_and_why_it_matters():
                                                       "compiler"]
     assert "Comparing two runs" in lines[-1]
     assert compiler_lines([case(compiler.NOTHING), case({})]) == []  # eager only: nothing said
+
+
+def test_graphs_built_reads_made_and_loaded_from_any_result():
+    """measure/compiler.graphs_built, which generate's line and the report's cell share: misses
+    and bypasses are graphs compiled afresh, hits graphs loaded; a count missing or not a
+    number (another tool's Result) counts 0."""
+    assert compiler.graphs_built({"graph_cache_misses": 2, "graph_cache_bypasses": 1,
+                                  "graph_cache_hits": 3}) == (3, 3)
+    assert compiler.graphs_built({"graph_cache_hits": "2", "graph_cache_misses": True,
+                                  "graph_cache_bypasses": float("nan")}) == (0, 0)
+    assert compiler.graphs_built(None) == compiler.graphs_built({}) == (0, 0)

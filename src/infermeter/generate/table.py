@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from infermeter.measure.clocks import sm_span
+from infermeter.measure.compiler import graphs_built
 from infermeter.textable import render_table
 from infermeter.units import format_bytes
 
@@ -122,8 +123,7 @@ def compiler_line(compiler: dict[str, int]) -> str | None:
     """What the compiler did over a case's warm-up (metrics.compiler, measure/compiler.py), in
     words: 'compiled 2 graphs afresh, timed 110 kernel configs'; None where it did nothing (an
     eager case, or one whose compiled step an earlier case made)."""
-    made = compiler.get("graph_cache_misses", 0) + compiler.get("graph_cache_bypasses", 0)
-    loaded, timed = compiler.get("graph_cache_hits", 0), compiler.get("tuning_benchmarks", 0)
+    (made, loaded), timed = graphs_built(compiler), compiler.get("tuning_benchmarks", 0)
     if not (made or loaded or timed):
         return None
     done = [f"compiled {made} graph{'s' * (made != 1)} afresh"] if made else []

@@ -13,6 +13,9 @@ the warm-up, so an earlier case of the process does not count in a later one's.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 # torch's counter -> the name a Result's metrics.compiler gives it
 COUNTERS = {
     "coordesc_tuning_bench": "tuning_benchmarks",  # configs timed by coordinate descent
@@ -37,3 +40,16 @@ def compiler_counts() -> dict[str, int]:
 def compiler_metrics(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """The Result's metrics.compiler: each count's growth from `before` to `after`."""
     return {name: after[name] - before[name] for name in COUNTERS.values()}
+
+
+def graphs_built(compiler: Any) -> tuple[int, int]:
+    """(graphs compiled afresh: cache misses and bypasses, graphs loaded from the cache) from a
+    Result's metrics.compiler; a count missing or not a number (a Result from elsewhere, or
+    from before the counts) counts 0. What generate's compiler line and the report's warm-up
+    cell both say a process did."""
+    def count(name: str) -> int:
+        value = compiler.get(name) if isinstance(compiler, dict) else None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return int(value) if number and math.isfinite(value) else 0
+
+    return count("graph_cache_misses") + count("graph_cache_bypasses"), count("graph_cache_hits")

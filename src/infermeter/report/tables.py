@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from infermeter.measure.compiler import graphs_built
 from infermeter.report import baseline
 from infermeter.report import format as fmt
 from infermeter.report.derive import BreakEven, break_even, break_even_contexts, max_positions
@@ -243,14 +244,10 @@ def _compiled_how(compiler: Any) -> list[str]:
     metrics.compiler (measure/compiler.py); [] where it has none or compiled nothing. The two
     kinds of process may run one step at different speeds (docs/generate.md, "Comparing two
     runs"), so a column says which it came from."""
-    counts = compiler if isinstance(compiler, dict) else {}
-
-    def count(name: str) -> float:
-        return num(counts.get(name)) or 0
-
-    if count("graph_cache_misses") + count("graph_cache_bypasses") > 0:
+    made, loaded = graphs_built(compiler)
+    if made:
         return ["compiled afresh"]
-    return ["loaded from the compiler's cache"] if count("graph_cache_hits") > 0 else []
+    return ["loaded from the compiler's cache"] if loaded else []
 
 
 def _ttft_floor(m: dict) -> str:
