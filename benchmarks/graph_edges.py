@@ -65,7 +65,8 @@ def summarize(nodes: dict[int, tuple[str, str]],
         if nodes[source][0] != "kernel" or nodes[target][0] != "kernel":
             continue
         between += 1
-        kinds[edge_kind(port, kind)] = kinds.get(edge_kind(port, kind), 0) + 1
+        named = edge_kind(port, kind)
+        kinds[named] = kinds.get(named, 0) + 1
         if kind == PROGRAMMATIC_TYPE:
             programmatic += 1
             kernels[nodes[target][1]]["programmatic_in"] += 1
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           + "; ".join(f"{g['node_types'].get('kernel', 0)} kernels, {g['programmatic_edges']} of "
                       f"{g['kernel_edges']} kernel edges programmatic"
                       for g in sorted(read, key=lambda g: -g["nodes"])[:3])
-          + (f"; {len(graphs) - len(read)} not read ({unread[0]['error']})" if unread else ""))
+          + (f"; {len(unread)} not read ({unread[0]['error']})" if unread else ""))
     return status or 0
 
 
