@@ -179,6 +179,9 @@ slug=$(python3 -c 'from infermeter.measure.env import capture_env, device_slug; 
 # as soon as it is done.
 dest=${OUT:-results}
 mkdir -p "$dest"
+# issue 27's batch-8 case (generate's seed case at batch 8), the one the step-batch-* parts share
+batch8=(--model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80
+        --max-new-tokens 432 --max-seq-len 512)
 
 snapshot_here() {
   # $here: this tree's src/ as a folder trees_ab.py times, named by the 40-hex commit sent
@@ -292,32 +295,26 @@ case "${1:-}" in
     for round in 0 1; do
       for extra in "" "--prefill exact" "--no-pdl"; do
         # shellcheck disable=SC2086
-        python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
-          --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 \
-          $extra --output "$dest/step-batch-prefill-$slug.jsonl" || echo "${extra:-default}: failed" >&2
+        python3 -m infermeter generate "${batch8[@]}" --repeats 5 $extra \
+          --output "$dest/step-batch-prefill-$slug.jsonl" || echo "${extra:-default}: failed" >&2
       done
     done ;;
   step-batch-placement)
     snapshot_here
     python3 benchmarks/trees_ab.py run "$here" \
       "$here@PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" --name step-batch-placement \
-      --results "$dest" --rounds 3 --timeout 150 -- --model llama-3.2-1b --dtype bf16 \
-      --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 \
-      --repeats 5 ;;
+      --results "$dest" --rounds 3 --timeout 150 -- "${batch8[@]}" --repeats 5 ;;
   step-batch-tuning)
     snapshot_here
     caches=$(mktemp -d)
     python3 benchmarks/trees_ab.py run "$here@TORCHINDUCTOR_CACHE_DIR=$caches/1" \
       "$here@TORCHINDUCTOR_CACHE_DIR=$caches/2" "$here@TORCHINDUCTOR_CACHE_DIR=$caches/3" \
       --name step-batch-tuning --results "$dest" \
-      --rounds 2 --timeout 150 -- --model llama-3.2-1b --dtype bf16 --mode compiled \
-      --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 5 || true
+      --rounds 2 --timeout 150 -- "${batch8[@]}" --repeats 5 || true
     (cd "$caches" && find . -name '*.best_config' -print0 | tar -czf - --null -T -) \
       > "$dest/step-batch-tuning-picks-$slug.tar.gz" ;;
   step-batch-issue-tree)
-    issue_ab --name step-batch-issue-tree --rounds 2 --timeout 150 -- --model llama-3.2-1b \
-      --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
-      --max-seq-len 512 --repeats 5 ;;
+    issue_ab --name step-batch-issue-tree --rounds 2 --timeout 150 -- "${batch8[@]}" --repeats 5 ;;
   step-large-issue-tree)
     issue_ab --name step-large-issue-tree --rounds 1 --timeout 200 -- --model llama-2-7b \
       --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 --max-new-tokens 432 \
@@ -341,19 +338,17 @@ case "${1:-}" in
         extra=${ways[$i]}
         echo "${extra:-default} (cache $i)"
         # shellcheck disable=SC2086
-        TORCHINDUCTOR_CACHE_DIR="$caches/$i" python3 -m infermeter generate --model llama-3.2-1b \
-          --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
-          --max-seq-len 512 --repeats 5 $extra \
-          --output "$dest/step-batch-prefill-graphs-$slug.jsonl" || echo "${extra:-default}: failed" >&2
+        TORCHINDUCTOR_CACHE_DIR="$caches/$i" python3 -m infermeter generate "${batch8[@]}" \
+          --repeats 5 $extra --output "$dest/step-batch-prefill-graphs-$slug.jsonl" \
+          || echo "${extra:-default}: failed" >&2
       done
     done ;;
   step-batch-prefill-traces)
     traces="$dest/traces-prefill-graphs-$slug"
     mkdir -p "$traces"
     for graphs in layer static; do
-      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-3.2-1b \
-        --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 \
-        --max-seq-len 512 --repeats 5 --prefill-graphs "$graphs" --trace "$traces/$graphs" \
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate "${batch8[@]}" \
+        --repeats 5 --prefill-graphs "$graphs" --trace "$traces/$graphs" \
         --output "$traces/results.jsonl" || echo "traced $graphs: failed" >&2
     done
     { for graphs in layer static; do
@@ -371,9 +366,8 @@ case "${1:-}" in
       read -r cache graphs <<< "$run"
       echo "--prefill-graphs $graphs (cache $cache)"
       TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 TORCHINDUCTOR_CACHE_DIR="$caches/$cache" \
-        python3 -m infermeter generate --model llama-3.2-1b --dtype bf16 --mode compiled \
-        --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 --repeats 2 \
-        --prefill-graphs "$graphs" --output "$dest/step-batch-launcher-$slug.jsonl" \
+        python3 -m infermeter generate "${batch8[@]}" --repeats 2 --prefill-graphs "$graphs" \
+        --output "$dest/step-batch-launcher-$slug.jsonl" \
         || echo "$graphs: failed" >&2
     done ;;
   step-batch-edges)
@@ -383,9 +377,8 @@ case "${1:-}" in
     for run in "0 0 layer" "1 1 static" "2 1 static"; do
       read -r n cache graphs <<< "$run"
       TORCHINDUCTOR_CACHE_DIR="$caches/$cache" python3 benchmarks/graph_edges.py \
-        --edges "$edges/$n-$graphs.json" -- generate --model llama-3.2-1b --dtype bf16 \
-        --mode compiled --batch-size 8 --prompt-len 80 --max-new-tokens 432 --max-seq-len 512 \
-        --repeats 2 --prefill-graphs "$graphs" --output "$dest/step-batch-edges-$slug.jsonl" \
+        --edges "$edges/$n-$graphs.json" -- generate "${batch8[@]}" --repeats 2 \
+        --prefill-graphs "$graphs" --output "$dest/step-batch-edges-$slug.jsonl" \
         || echo "$graphs: failed" >&2
     done ;;
   step-batch-graphs)

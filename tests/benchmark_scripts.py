@@ -20,10 +20,24 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
+def shell_text(script: Path) -> str:
+    """A shell script's text, continuations joined and each "${name[@]}" of an array set as
+    name=(...) written out, so a line reads as the command it runs."""
+    text = re.sub(r"\\\n\s*", " ", script.read_text())
+    arrays = {name: " ".join(body.split())  # an array may go on over lines
+              for name, body in re.findall(r"^\s*(\w+)=\(([^)]*)\)", text, re.M)}
+    return re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays.get(m.group(1), m.group(0)), text)
+
+
+def part_body(part: str) -> str:
+    """open_targets.sh's branch `part`, read by shell_text, up to its ';;'."""
+    text = shell_text(BENCHMARKS / "open_targets.sh")
+    return re.search(rf"^  {re.escape(part)}\)\n(.*?);;", text, re.M | re.S).group(1)
+
+
 def part_arguments(part: str, script: str):
     """The parsed flags of open_targets.sh's part `part` running benchmarks/<script>.py (its one
-    such line, continuations joined), by the script's own parser."""
-    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
-    body = re.search(rf"^  {re.escape(part)}\)\n(.*?);;", text, re.M | re.S).group(1)
+    such line), by the script's own parser."""
+    body = part_body(part)
     (line,) = re.findall(rf"^\s*python3 benchmarks/{script}\.py ([^\n]*)", body, re.M)
     return load_benchmark(script).arguments().parse_args(line.split())

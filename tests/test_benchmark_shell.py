@@ -17,12 +17,7 @@ from typing import Any
 import pytest
 
 from infermeter.cli import build_parser
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _joined(script: Path) -> str:
-    return re.sub(r"\\\n\s*", " ", script.read_text())
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark, shell_text
 
 
 def _words(line: str) -> list[str]:
@@ -34,23 +29,20 @@ def _words(line: str) -> list[str]:
 
 def _branches(script: Path) -> dict[str, str]:
     """The body of each `  name)` branch of the script's last case statement."""
-    body = _joined(script).rsplit('case "', 1)[1]
+    body = shell_text(script).rsplit('case "', 1)[1]
     return dict(re.findall(r"^  ([\w-]+)\)\n(.*?);;", body, re.M | re.S))
 
 
 def _command_lines(script: Path, within: str | None = None) -> list[list[str]]:
     """`python3 -m infermeter ...` lines (continuations joined) of the script, or of `within`
-    (one of its branches), "${name[@]}" arrays expanded, other shell variables (file paths
+    (one of its branches, from _branches), arrays expanded, other shell variables (file paths
     there) given a placeholder."""
-    text = _joined(script)
-    arrays = {name: body for name, body in re.findall(r"^\s*(\w+)=\((.*?)\)\s*$", text, re.M)}
     lines = []
-    for line in (within or text).splitlines():
+    for line in (within or shell_text(script)).splitlines():
         if "-m infermeter " not in line or line.lstrip().startswith("#"):
             continue
         line = line.split("-m infermeter ", 1)[1].split(">", 1)[0].split("||", 1)[0]
         line = line.split(";;", 1)[0]  # a case branch's end
-        line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays[m.group(1)], line)
         line = re.sub(r'"[^"]*\$[^"]*"', "x", line)  # a quoted word holding a variable
         line = re.sub(r'\$\{?\w+\}?(/[\w./-]*)?', "x", line)
         lines.append(shlex.split(line))
@@ -114,8 +106,6 @@ def test_the_offload_parts_run_one_target_each():
 
 def test_every_benchmark_script_line_parses_with_its_script_s_flags():
     """`python3 benchmarks/X.py ...` in a part: X's own parser takes the line."""
-    from tests.benchmark_scripts import load_benchmark
-
     branches = _branches(BENCHMARKS / "open_targets.sh")
     parsed = {}
     for part, body in branches.items():
@@ -173,7 +163,7 @@ def _trees_ab(part: str) -> tuple[str, list[str], Any]:
     (before --) and generate's parse of the rest, after checking what every such part shares:
     Results into $dest, and this tree snapshotted by the function that stops where no 40-hex
     revision is given."""
-    text = _joined(BENCHMARKS / "open_targets.sh")
+    text = shell_text(BENCHMARKS / "open_targets.sh")
     branch = _branches(BENCHMARKS / "open_targets.sh")[part]
     line = _trees_ab_line(text, branch)
     words = _words(line)
@@ -216,7 +206,7 @@ def test_the_issue_tree_parts_time_the_issue_s_snapshot_against_this_tree_on_fre
     """step-batch-issue-tree (batch 8 at 1B, two rounds) and step-large-issue-tree (issue 27's
     no-loss check at 7B: Llama-2-7B fp16, batch 1, one round): this tree, then cdd90d2's
     snapshot, every process on an empty compiler cache of its own."""
-    text = _joined(BENCHMARKS / "open_targets.sh")
+    text = shell_text(BENCHMARKS / "open_targets.sh")
     pair = _function(text, "issue_pair")
     assert "issue=.trees/cdd90d230f8d" in pair and "snapshot_here" in pair
     assert "issue_pair" in _function(text, "issue_ab")
@@ -263,8 +253,6 @@ def test_every_part_names_only_models_its_script_knows():
     """`benchmarks/X.py ... --models A B` lines of the parts script: A and B are X's MODELS
     (a typo would otherwise fail on the device, after the machine started); together the step
     parts, and the MoE parts, cover every model of their A/B."""
-    from tests.benchmark_scripts import load_benchmark
-
     text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
     lines = re.findall(r"benchmarks/(\w+)\.py [^\n]*--models ([\w.\- ]+)", text)
     assert {script for script, _ in lines} >= {"step_kernels_ab", "moe_kernel_ab"}
@@ -286,8 +274,6 @@ def _ab_result(model: str, key: str, kind: str, round_: int, mbu: float, batch: 
 
 
 def test_the_step_summary_judges_issue_27s_mbu_targets_from_the_results():
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     results = [_ab_result("llama-3.2-1b", "kernels", "split", 0, 60.0),
                _ab_result("llama-3.2-1b", "kernels", "fused", 0, 82.0),
@@ -337,8 +323,6 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     takes the values in either order and refuses one there is not."""
     import importlib
 
-    from tests.benchmark_scripts import load_benchmark
-
     name, attribute, keyword, values, other, flag, dest = FUSED_SWITCHES[switch]
     module = importlib.import_module(name if "." in name else f"infermeter.engine.kernels.{name}")
     script = load_benchmark("step_kernels_ab")
@@ -364,8 +348,6 @@ def test_the_step_ab_sets_the_prefetch_distance_through_its_checked_setter(monke
     """run_model sets prefetch.DISTANCE through prefetch.set_distance: a distance it cannot run
     is refused before any case, and the distance comes back after."""
     from infermeter.engine.kernels import prefetch
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda *args: seen.append(args[4]))
@@ -385,8 +367,6 @@ def test_the_step_ab_times_a_tiles_file_s_entry_and_sets_the_table_back(monkeypa
     from infermeter.engine.kernels import fused_step
     from infermeter.errors import InfermeterError
     from infermeter.measure.result import Result, write_json
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     tiles = tmp_path / "fused-tiles-quick.json"
     suggested = {"": {"gemv_add": {"64": [2, 64, 4]}}, "NVIDIA H200": {"gemv_add": {"64": [8,
@@ -435,8 +415,6 @@ def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked
     the summary sets each way against the default's, and issue 27's targets (batch 1's) leave
     batch-8 Results out; the command line refuses a batch of 0 and a part count there is not."""
     from infermeter.engine import sampling
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
@@ -469,8 +447,6 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     module's value comes back after; the summary sets one against the other. --early-block
     on off (EARLY_BLOCK) likewise, "off" labelled ".../late-block"."""
     from infermeter.engine.kernels import decode_attention
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
@@ -506,8 +482,6 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
 
 
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("moe_kernel_ab")
     results = [_ab_result("qwen3-30b-a3b", "kernel", "torch", 0, 41.0),
                _ab_result("qwen3-30b-a3b", "kernel", "triton", 0, 61.5),
@@ -523,8 +497,6 @@ def test_the_step_ab_marks_a_baseline_trees_results(monkeypatch, tmp_path):
     """--baseline (an older source tree timed as the A/B's baseline): every case it runs is
     marked (run_ab_case's baseline), the default marks none; the flag reaches each model's
     process."""
-    from tests.benchmark_scripts import load_benchmark
-
     script = load_benchmark("step_kernels_ab")
     seen = []
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, round_,
@@ -541,8 +513,6 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
     """--name keeps a part's Results out of the A/B's usual results/step-kernels-<device>.jsonl
     (the file the docs' step A/Bs cite): step-batch-graphs' two batches both land in
     step-batch-graphs-<device>.jsonl, and a line without --name writes step-kernels-."""
-    from tests.benchmark_scripts import load_benchmark
-
     module = load_benchmark("step_kernels_ab")
     body = _branches(BENCHMARKS / "open_targets.sh")["step-batch-graphs"]
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infermeter.cli import build_parser
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+from tests.benchmark_scripts import load_benchmark, part_body
 
 edges = load_benchmark("graph_edges")
 
@@ -87,8 +87,7 @@ def test_without_a_gpu_or_a_command_it_refuses_in_one_line(tmp_path, capsys):
 def test_the_edges_part_runs_batch_8_three_ways_under_the_hook():
     """open_targets.sh step-batch-edges: layer and static each compiling into an empty cache,
     then static reloading the cache static filled; each edges file named apart."""
-    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
-    body = re.search(r"^  step-batch-edges\)\n(.*?);;", text, re.M | re.S).group(1)
+    body = part_body("step-batch-edges")
     runs = re.search(r"for run in ([^;]*); do", body).group(1)
     assert re.findall(r'"(\d) (\d) (\w+)"', runs) == \
         [("0", "0", "layer"), ("1", "1", "static"), ("2", "1", "static")]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark, part_body
 
 folded = load_benchmark("stack_watch").folded
 
@@ -81,8 +81,7 @@ def test_a_message_exit_and_a_missing_script(tmp_path) -> None:
 def test_the_stall_part_watches_the_fused_head_s_135m_case() -> None:
     """open_targets.sh step-head-stall: the stack watch, then step_kernels_ab.py's one case
     whose warm-up stalled, with arguments its own parser takes."""
-    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
-    body = re.search(r"^  step-head-stall\)\n(.*?);;", text, re.M | re.S).group(1)
+    body = part_body("step-head-stall")
     (line,) = re.findall(r"python3 benchmarks/stack_watch\.py (.*?) \|\| true", body)
     words = line.split()
     assert words[:4] == ["--every", "20", "--out", '"$dest/step-head-stall-$slug.txt"']
