@@ -148,10 +148,12 @@ def hook(driver: Driver, graphs: list[dict[str, Any]]) -> None:
             not hasattr(cls, "instantiate") or not hasattr(cls, "raw_cuda_graph"):
         raise InfermeterError(f"torch {torch.__version__}'s CUDAGraph cannot keep its graph "
                               "(keep_graph, instantiate, raw_cuda_graph)")
-    new, end = cls.__new__, cls.capture_end
+    # keep_graph reaches the C++ graph through __init__ (pybind builds the object there, with
+    # the call's own arguments): a __new__ that passes True is not enough
+    init, end = cls.__init__, cls.capture_end
 
-    def keeping(kind: type, keep_graph: bool = False) -> Any:
-        return new(kind, True)
+    def keeping(self: Any, keep_graph: bool = False) -> None:
+        init(self, True)
 
     def capture_end(self: Any) -> None:
         end(self)
@@ -161,7 +163,7 @@ def hook(driver: Driver, graphs: list[dict[str, Any]]) -> None:
         except InfermeterError as err:  # the run goes on; the file says what was not read
             graphs.append({"error": str(err)})
 
-    cls.__new__ = keeping
+    cls.__init__ = keeping
     cls.capture_end = capture_end
 
 
