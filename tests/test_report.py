@@ -467,12 +467,27 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
                       tp_all_reduce="one-shot", **shape)
     older = record(12, **shape)
     no_pdl = record(13, decode_attention="triton", matvec_kernel="triton", pdl=False, **shape)
-    runs = [kernel_part, gemv_part, one_shot, older, no_pdl, default]
+    # the whole model compiled per bucket (--prefill-graphs static), not the default layer graphs
+    static = record(14, decode_attention="triton", matvec_kernel="triton", pdl=True,
+                    prefill_graphs="static", **shape)
+    runs = [kernel_part, gemv_part, one_shot, older, no_pdl, static, default]
     for order in (runs, runs[::-1]):
         assert pick_generate(Column(ColumnKey("gpu", "m", 1), generates=order)) is default
     for other in runs[:-1]:
         assert off_default_kernels(other), other.source
     assert not off_default_kernels(default)
+    for graphs in ("layer", None):  # None: an exact prefill, or a Result from before the field
+        assert not off_default_kernels(dataclasses.replace(
+            default, config={**default.config, "prefill_graphs": graphs}))
+    # "static" was the default until 2026-12-05 14:29 UTC (commit e2ae286): a Result made
+    # before then ran the default; "dynamic" never was one
+    for graphs, stamp, off in (("static", "2026-12-05T14:13:45+00:00", False),
+                               ("static", "2026-12-05T14:30:00+00:00", True),
+                               ("static", None, True),
+                               ("dynamic", "2026-12-05T14:00:48+00:00", True)):
+        run = dataclasses.replace(static, env={"timestamp": stamp} if stamp else {})
+        assert off_default_kernels(dataclasses.replace(
+            run, config={**static.config, "prefill_graphs": graphs})) is off, (graphs, stamp)
     # The same case measured again later (e.g. the sweep's seed1 part after a kernel change):
     # the newest timestamp represents the column, whatever the file lines; no timestamp is last.
     def stamped(line: int, stamp: str | None) -> Record:
@@ -503,6 +518,9 @@ def test_report_knows_the_engines_default_kernels():
     from infermeter.engine.sampling import ARGMAX_PARTS, DEFAULT_ARGMAX_PARTS
     from infermeter.report.select import DEFAULT_ARGMAX_PARTS as REPORTED
     assert REPORTED == DEFAULT_ARGMAX_PARTS == ARGMAX_PARTS
+    from infermeter.engine.prefill_buckets import PREFILL_GRAPHS
+    from infermeter.report.select import DEFAULT_PREFILL_GRAPHS
+    assert DEFAULT_PREFILL_GRAPHS == PREFILL_GRAPHS[0] == request.engine.prefill_graphs
 
 
 def test_breakdown_plot_stacks_each_traced_column(tmp_path):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from infermeter.engine.attention_choice import resolve_attention
@@ -205,6 +205,11 @@ DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
+# generate --prefill-graphs (engine/prefill_buckets.py's PREFILL_GRAPHS[0]); a Result records it
+# as config.prefill_graphs (None where the prefill was not bucketed). "static" was the default
+# until commit e2ae286 (2026-12-05 14:29 UTC): a Result made before then ran the default with it
+DEFAULT_PREFILL_GRAPHS, EARLIER_PREFILL_GRAPHS = "layer", "static"
+LAYER_PREFILL_SINCE = datetime(2026, 12, 5, 14, 29, 39, tzinfo=timezone.utc)
 # generate --step-kernels: "auto" (engine/step_choice.py); a Result records how its kernels
 # were chosen as config.step_choice ("auto: ..." or "asked: ..."); one from before that ran the
 # kernels asked for, and split was the default
@@ -234,7 +239,9 @@ def off_default_kernels(record: Record) -> bool:
     default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
     the fused kernels' tiles taken from elsewhere than their table (config.fused_tiles_from;
     kernels/fused_step.py, an A/B's), the final norm and head fused other than by default
-    (config.fused_head; engine/model.py's FUSED_HEAD), or Triton's gathered experts
+    (config.fused_head; engine/model.py's FUSED_HEAD), a bucketed prefill compiled other than
+    by the default of the Result's day (config.prefill_graphs: they set the TTFT, and the
+    process's compile may set the step's speed, docs/engine.md), or Triton's gathered experts
     (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv part), not the
     representative. A Result from before a setting was
     recorded ran what existed then: inductor's reductions and NCCL's all-reduces."""
@@ -255,6 +262,7 @@ def off_default_kernels(record: Record) -> bool:
             or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
+            or _prefill_off_default(record)
             or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
@@ -278,6 +286,20 @@ def _moe_off_default(cfg: dict, model: dict) -> bool:
     experts, top_k = num(model.get("n_experts")) or 0, num(model.get("n_active_experts")) or 1
     auto = "triton" if uses_triton(DEFAULT_MOE_KERNEL, batch, top_k, experts) else "torch"
     return kernel != auto
+
+
+def _prefill_off_default(record: Record) -> bool:
+    """The bucketed prefill's graphs were not the default's of the Result's day: other than
+    "layer", save "static" in a Result made before "layer" became the default (one without a
+    readable timestamp is read as made after)."""
+    graphs = record.config.get("prefill_graphs")
+    if graphs in (None, DEFAULT_PREFILL_GRAPHS):
+        return False
+    try:
+        made = datetime.fromisoformat(str(record.env.get("timestamp")))
+    except ValueError:
+        return True
+    return graphs != EARLIER_PREFILL_GRAPHS or made >= LAYER_PREFILL_SINCE
 
 
 def _step_off_default(cfg: dict) -> bool:
