@@ -98,6 +98,12 @@
 #                        layer prefill graphs (the default), then static, each compiling into an
 #                        empty cache: whether 7B's step, too, runs faster after a fresh static
 #                        compile, and what each costs the TTFT (about 2 x 100 s)
+#   part step-large-switches  Llama-2-7B fp16 at batch 1, the split step in the graph trees (the
+#                        default at that size), one process a switch: its argmax in 64 parts
+#                        and in one reduction (--argmax-parts 64 0), then its one-block split
+#                        programs loading their block before and after the PDL wait
+#                        (--early-block on off): the two changes since the issue's tree that
+#                        reach a 7B step, against its 1.2% (about 4 x 75 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
 #                        process each: round 0 the layer prefill graphs (the default),
 #                        --prefill-graphs static (the default before e2ae286), --prefill exact
@@ -167,8 +173,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -326,6 +332,12 @@ case "${1:-}" in
         --max-seq-len 512 --repeats 5 --prefill-graphs "$graphs" \
         --output "$dest/step-large-prefill-graphs-$slug.jsonl" || echo "$graphs: failed" >&2
     done ;;
+  step-large-switches)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --argmax-parts 64 0 \
+      --results "$dest" --name step-large-switches --models llama-2-7b \
+      || echo "argmax parts: failed" >&2
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --early-block on off \
+      --results "$dest" --name step-large-switches --models llama-2-7b ;;
   step-batch-prefill-graphs)
     # round 0 four ways, each compiling into an empty cache of its own; round 1 the two that
     # decide, each loading its round-0 cache ('|' between the ways, the first empty: the

@@ -540,3 +540,22 @@ def test_the_large_prefill_graphs_part_times_7b_layer_then_static_on_empty_cache
         ("llama-2-7b", "fp16", [1], ["compiled"])
     assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
     assert args.prefill_graphs == "static" and argv[-2:] == ["--output", "x"]  # "$graphs"
+
+
+def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
+    """step-large-switches: Llama-2-7B at batch 1, the split step in the graph trees, one
+    process a switch, each into step-large-switches-<device>.jsonl: the argmax in 64 parts
+    (the default) and in one reduction, then the one-block programs' block loaded before the
+    PDL wait (the default) and after it. Nothing else differs from the default step."""
+    module = load_benchmark("step_kernels_ab")
+    body = _branches(BENCHMARKS / "open_targets.sh")["step-large-switches"]
+    lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
+    parsed = [module.arguments().parse_args(_words(line)) for line in lines]
+    default = module.arguments().parse_args([])
+    assert [(args.argmax_parts, args.early_block) for args in parsed] == \
+        [([64, 0], default.early_block), (default.argmax_parts, ["on", "off"])]
+    for args in parsed:
+        assert (args.models, args.kernels, args.batch, args.rounds) == \
+            (["llama-2-7b"], ["split"], 1, 1)
+        assert args.graphs == ["trees"] and args.name == "step-large-switches"
+        assert module.MODELS["llama-2-7b"] == "fp16"
