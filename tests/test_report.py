@@ -484,6 +484,8 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
     for graphs, stamp, off in (("static", "2026-12-05T14:13:45+00:00", False),
                                ("static", "2026-12-05T14:30:00+00:00", True),
                                ("static", None, True),
+                               ("static", "2026-12-05T14:00:00", False),  # no zone: UTC
+                               ("static", "2026-12-05 15:00", True),
                                ("dynamic", "2026-12-05T14:00:48+00:00", True)):
         run = dataclasses.replace(static, env={"timestamp": stamp} if stamp else {})
         assert off_default_kernels(dataclasses.replace(

@@ -299,6 +299,8 @@ def _prefill_off_default(record: Record) -> bool:
         made = datetime.fromisoformat(str(record.env.get("timestamp")))
     except ValueError:
         return True
+    if made.tzinfo is None:  # a timestamp without a zone (a Result written by hand): UTC
+        made = made.replace(tzinfo=timezone.utc)
     return graphs != EARLIER_PREFILL_GRAPHS or made >= LAYER_PREFILL_SINCE
 
 
