@@ -490,6 +490,17 @@ def test_reference_column_takes_the_seed_shaped_generate_result(tmp_path):
         run = dataclasses.replace(static, env={"timestamp": stamp} if stamp else {})
         assert off_default_kernels(dataclasses.replace(
             run, config={**static.config, "prefill_graphs": graphs})) is off, (graphs, stamp)
+    # where the default's "layer" runs as "static" (a Result records what ran): tensor
+    # parallelism and the cudagraphs backend
+    later = dataclasses.replace(static, env={"timestamp": "2026-12-06T00:00:00+00:00"})
+    for extra, off in (({"tp": 2, "tp_all_reduce": "triton"}, False),
+                       ({"compile_backend": "cudagraphs"}, False),
+                       ({"tp": 1, "compile_backend": "inductor"}, True)):
+        assert off_default_kernels(dataclasses.replace(
+            later, config={**static.config, **extra})) is off, extra
+    assert off_default_kernels(dataclasses.replace(
+        later, config={**static.config, "tp": 2, "tp_all_reduce": "triton",
+                       "prefill_graphs": "dynamic"}))
     # The same case measured again later (e.g. the sweep's seed1 part after a kernel change):
     # the newest timestamp represents the column, whatever the file lines; no timestamp is last.
     def stamped(line: int, stamp: str | None) -> Record:

@@ -289,11 +289,16 @@ def _moe_off_default(cfg: dict, model: dict) -> bool:
 
 
 def _prefill_off_default(record: Record) -> bool:
-    """The bucketed prefill's graphs were not the default's of the Result's day: other than
-    "layer", save "static" in a Result made before "layer" became the default (one without a
-    readable timestamp is read as made after)."""
-    graphs = record.config.get("prefill_graphs")
+    """The bucketed prefill's graphs (as run) were not the default of the Result's day: other
+    than "layer", save "static" where the default runs it (under tensor parallelism and the
+    cudagraphs backend: engine/generator.py's Generator.prefill_graphs) and in a Result made
+    before "layer" became the default (one without a readable timestamp: made after)."""
+    cfg = record.config
+    graphs = cfg.get("prefill_graphs")
     if graphs in (None, DEFAULT_PREFILL_GRAPHS):
+        return False
+    if graphs == EARLIER_PREFILL_GRAPHS and ((num(cfg.get("tp")) or 1) > 1
+                                             or cfg.get("compile_backend") == "cudagraphs"):
         return False
     try:
         made = datetime.fromisoformat(str(record.env.get("timestamp")))
