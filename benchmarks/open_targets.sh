@@ -103,7 +103,8 @@
 #                        and in one reduction (--argmax-parts 64 0), then its one-block split
 #                        programs loading their block before and after the PDL wait
 #                        (--early-block on off): the two changes since the tree that
-#                        reach a 7B step, against its 1.2% (about 4 x 75 s)
+#                        reach a 7B step and can be switched back, against its 1.2% (about
+#                        4 x 75 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
 #                        process each: round 0 the layer prefill graphs (the default),
 #                        --prefill-graphs static (the default before e2ae286), --prefill exact
