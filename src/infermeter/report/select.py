@@ -252,7 +252,7 @@ def off_default_kernels(record: Record) -> bool:
     attention_off = bool(kind) and kind != resolve_attention("auto", batch_size(record) or 1)
     matvec = cfg.get("matvec_kernel") or "inductor"  # unrecorded: it ran before the GEMV existed
     # unrecorded: one GPU (no all-reduce), or tensor parallelism from before the setting (NCCL)
-    unrecorded = "nccl" if (num(cfg.get("tp")) or 1) > 1 else DEFAULT_TP_ALL_REDUCE
+    unrecorded = "nccl" if _tensor_parallel(cfg) else DEFAULT_TP_ALL_REDUCE
     all_reduce = cfg.get("tp_all_reduce") or unrecorded
     return (attention_off or matvec != DEFAULT_MATVEC_KERNEL
             or all_reduce != DEFAULT_TP_ALL_REDUCE or bool(cfg.get("pdl")) != DEFAULT_PDL
@@ -266,6 +266,11 @@ def off_default_kernels(record: Record) -> bool:
             or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
             or _moe_off_default(cfg, record.model))
+
+
+def _tensor_parallel(cfg: dict) -> bool:
+    """The Result ran on more than one rank (config.tp; unrecorded: one)."""
+    return (num(cfg.get("tp")) or 1) > 1
 
 
 def _moe_off_default(cfg: dict, model: dict) -> bool:
@@ -297,12 +302,11 @@ def _prefill_off_default(record: Record) -> bool:
     graphs = cfg.get("prefill_graphs")
     if graphs in (None, DEFAULT_PREFILL_GRAPHS):
         return False
-    if graphs == EARLIER_PREFILL_GRAPHS and ((num(cfg.get("tp")) or 1) > 1
+    if graphs == EARLIER_PREFILL_GRAPHS and (_tensor_parallel(cfg)
                                              or cfg.get("compile_backend") == "cudagraphs"):
         return False
-    try:
-        made = datetime.fromisoformat(str(record.env.get("timestamp")))
-    except ValueError:
+    made = _made_at(record)
+    if made is None:
         return True
     if made.tzinfo is None:  # a timestamp without a zone (a Result written by hand): UTC
         made = made.replace(tzinfo=timezone.utc)
@@ -318,13 +322,19 @@ def _step_off_default(cfg: dict) -> bool:
     return (cfg.get("step_kernels") or DEFAULT_STEP_KERNELS) != DEFAULT_STEP_KERNELS
 
 
+def _made_at(record: Record) -> datetime | None:
+    """When the Result was made (env.timestamp, ISO 8601), None where it is not readable."""
+    try:
+        return datetime.fromisoformat(str(record.env.get("timestamp")))
+    except ValueError:
+        return None
+
+
 def _newest_first(record: Record) -> float:
     """A sort key putting the latest env.timestamp first among otherwise equal Results (a case
     re-measured with later code); one without a readable timestamp comes last."""
-    try:
-        return -datetime.fromisoformat(str(record.env.get("timestamp"))).timestamp()
-    except ValueError:
-        return math.inf
+    made = _made_at(record)
+    return math.inf if made is None else -made.timestamp()
 
 
 def _earlier_default(record: Record) -> bool:
