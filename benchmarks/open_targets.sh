@@ -189,6 +189,9 @@ mkdir -p "$dest"
 # issue 27's batch-8 case (generate's seed case at batch 8), the one the step-batch-* parts share
 batch8=(--model llama-3.2-1b --dtype bf16 --mode compiled --batch-size 8 --prompt-len 80
         --max-new-tokens 432 --max-seq-len 512)
+# the main job's generate case (Llama-2-7B fp16, batch 1, the seed lengths) two step-large parts share
+seed7b=(--model llama-2-7b --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80
+        --max-new-tokens 432 --max-seq-len 512)
 
 snapshot_here() {
   # $here: this tree's src/ as a folder trees_ab.py times, named by the 40-hex commit sent
@@ -323,14 +326,11 @@ case "${1:-}" in
   step-batch-issue-tree)
     issue_ab --name step-batch-issue-tree --rounds 2 --timeout 150 -- "${batch8[@]}" --repeats 5 ;;
   step-large-issue-tree)
-    issue_ab --name step-large-issue-tree --rounds 1 --timeout 200 -- --model llama-2-7b \
-      --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 --max-new-tokens 432 \
-      --max-seq-len 512 --repeats 5 ;;
+    issue_ab --name step-large-issue-tree --rounds 1 --timeout 200 -- "${seed7b[@]}" --repeats 5 ;;
   step-large-prefill-graphs)
     for graphs in layer static; do
-      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate --model llama-2-7b \
-        --dtype fp16 --mode compiled --batch-size 1 --prompt-len 80 --max-new-tokens 432 \
-        --max-seq-len 512 --repeats 5 --prefill-graphs "$graphs" \
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate "${seed7b[@]}" \
+        --repeats 5 --prefill-graphs "$graphs" \
         --output "$dest/step-large-prefill-graphs-$slug.jsonl" || echo "$graphs: failed" >&2
     done ;;
   step-large-switches)
