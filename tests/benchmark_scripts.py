@@ -29,10 +29,16 @@ def shell_text(script: Path) -> str:
     return re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: arrays.get(m.group(1), m.group(0)), text)
 
 
+def case_branches(script: Path) -> dict[str, str]:
+    """The body of each `  name)` branch of the script's last case statement, read by
+    shell_text, up to its ';;'."""
+    body = shell_text(script).rsplit('case "', 1)[1]
+    return dict(re.findall(r"^  ([\w-]+)\)\n(.*?);;", body, re.M | re.S))
+
+
 def part_body(part: str) -> str:
-    """open_targets.sh's branch `part`, read by shell_text, up to its ';;'."""
-    text = shell_text(BENCHMARKS / "open_targets.sh")
-    return re.search(rf"^  {re.escape(part)}\)\n(.*?);;", text, re.M | re.S).group(1)
+    """open_targets.sh's branch `part` (case_branches)."""
+    return case_branches(BENCHMARKS / "open_targets.sh")[part]
 
 
 def part_arguments(part: str, script: str):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from infermeter.cli import build_parser
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark, shell_text
+from tests.benchmark_scripts import BENCHMARKS, case_branches, load_benchmark, shell_text
 
 
 def _words(line: str) -> list[str]:
@@ -27,15 +27,9 @@ def _words(line: str) -> list[str]:
     return shlex.split(re.sub(r'\$\{?\w+\}?(/[\w./-]*)?', "x", line))
 
 
-def _branches(script: Path) -> dict[str, str]:
-    """The body of each `  name)` branch of the script's last case statement."""
-    body = shell_text(script).rsplit('case "', 1)[1]
-    return dict(re.findall(r"^  ([\w-]+)\)\n(.*?);;", body, re.M | re.S))
-
-
 def _command_lines(script: Path, within: str | None = None) -> list[list[str]]:
     """`python3 -m infermeter ...` lines (continuations joined) of the script, or of `within`
-    (one of its branches, from _branches), arrays expanded, other shell variables (file paths
+    (one of its branches, from case_branches), arrays expanded, other shell variables (file paths
     there) given a placeholder."""
     lines = []
     for line in (within or shell_text(script)).splitlines():
@@ -51,7 +45,7 @@ def _command_lines(script: Path, within: str | None = None) -> list[list[str]]:
 
 def test_the_offload_targets_parse_one_command_a_target():
     """reload, traffic, decode: one `infermeter offload` each, issue 26's measurements."""
-    branches = _branches(BENCHMARKS / "offload_targets.sh")
+    branches = case_branches(BENCHMARKS / "offload_targets.sh")
     assert sorted(branches) == ["decode", "reload", "traffic"]
     lines = _command_lines(BENCHMARKS / "offload_targets.sh")
     assert len(lines) == 3
@@ -89,7 +83,7 @@ def test_every_part_is_handled_listed_and_in_the_usage():
     script = BENCHMARKS / "open_targets.sh"
     text = script.read_text()
     parts = _parts()
-    assert sorted(_branches(script)) == sorted(parts)
+    assert sorted(case_branches(script)) == sorted(parts)
     listed = re.findall(r"^#   part ([\w-]+) ", text, re.M)
     assert listed == parts  # the header lists them in the order the script takes them
     assert "{" + "|".join(parts) + "}" in text  # the usage line
@@ -98,7 +92,7 @@ def test_every_part_is_handled_listed_and_in_the_usage():
 
 
 def test_the_offload_parts_run_one_target_each():
-    branches = _branches(BENCHMARKS / "open_targets.sh")
+    branches = case_branches(BENCHMARKS / "open_targets.sh")
     for target in ("reload", "traffic", "decode"):
         assert _words(branches[f"offload-{target}"].strip()) == [
             "bash", "benchmarks/offload_targets.sh", target, "x"]
@@ -106,7 +100,7 @@ def test_the_offload_parts_run_one_target_each():
 
 def test_every_benchmark_script_line_parses_with_its_script_s_flags():
     """`python3 benchmarks/X.py ...` in a part: X's own parser takes the line."""
-    branches = _branches(BENCHMARKS / "open_targets.sh")
+    branches = case_branches(BENCHMARKS / "open_targets.sh")
     parsed = {}
     for part, body in branches.items():
         for script, rest in re.findall(r"python3 benchmarks/(\w+)\.py ([^\n]*)", body):
@@ -123,7 +117,7 @@ def test_every_benchmark_script_line_parses_with_its_script_s_flags():
 def test_the_generate_parts_run_compiled_bf16_seed_cases():
     """dense: Gemma-3-12B and Gemma-2-9B at batch 1 (Qwen3-8B is measured and committed);
     step-batch: Llama-3.2-1B at batch 8 and 32, default kernels."""
-    branches = _branches(BENCHMARKS / "open_targets.sh")
+    branches = case_branches(BENCHMARKS / "open_targets.sh")
     parser = build_parser()
     for part, batches in (("dense", [1]), ("step-batch", [8, 32])):
         (line,) = re.findall(r"-m infermeter (generate [^\n]*)", branches[part])
@@ -143,7 +137,7 @@ def test_the_generate_parts_run_compiled_bf16_seed_cases():
 def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     """step-batch-prefill: Llama-3.2-1B bf16 at batch 8, the seed case, with the default
     prefill, an eager exact one and PDL off, the same command otherwise, two rounds."""
-    branch = _branches(BENCHMARKS / "open_targets.sh")["step-batch-prefill"]
+    branch = case_branches(BENCHMARKS / "open_targets.sh")["step-batch-prefill"]
     assert "for round in 0 1; do" in branch
     extras = re.search(r'for extra in ((?:"[^"]*" ?)+); do', branch).group(1)
     (line,) = re.findall(r"-m infermeter (generate [^\n]*)", branch)
@@ -158,13 +152,16 @@ def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     assert ways == [(None, None, False), ("exact", None, False), (None, False, False)]
 
 
+TREES_AB_RUN = r"python3 benchmarks/trees_ab\.py (run [^\n]*)"  # its words from "run"
+
+
 def _trees_ab(part: str) -> tuple[str, list[str], Any]:
     """A trees_ab.py part over this tree's snapshot: its branch, its run line's own words
     (before --) and generate's parse of the rest, after checking what every such part shares:
     Results into $dest, and this tree snapshotted by the function that stops where no 40-hex
     revision is given."""
     text = shell_text(BENCHMARKS / "open_targets.sh")
-    branch = _branches(BENCHMARKS / "open_targets.sh")[part]
+    branch = case_branches(BENCHMARKS / "open_targets.sh")[part]
     line = _trees_ab_line(text, branch)
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
@@ -182,13 +179,12 @@ def _function(text: str, name: str) -> str:
 
 def _trees_ab_line(text: str, branch: str) -> str:
     """A part's trees_ab.py run line: its own, or issue_ab's with the part's words for "$@"."""
-    pattern = r"python3 benchmarks/trees_ab\.py (run [^\n]*)"
-    found = re.findall(pattern, branch)
+    found = re.findall(TREES_AB_RUN, branch)
     if found:
         (line,) = found
         return line
     (call,) = re.findall(r"^\s+issue_ab ([^\n]*)", branch, re.M)
-    (line,) = re.findall(pattern, _function(text, "issue_ab"))
+    (line,) = re.findall(TREES_AB_RUN, _function(text, "issue_ab"))
     return line.replace('"$@"', call.split(";;")[0])
 
 
@@ -198,7 +194,7 @@ def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
     assert (args.model, args.dtype, args.batch_size, args.mode) == \
         ("llama-3.2-1b", "bf16", [8], ["compiled"])
     assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
-    (line,) = re.findall(r"python3 benchmarks/trees_ab\.py (run [^\n]*)", branch)
+    (line,) = re.findall(TREES_AB_RUN, branch)
     return branch, line, ours
 
 
@@ -253,7 +249,7 @@ def test_every_part_names_only_models_its_script_knows():
     """`benchmarks/X.py ... --models A B` lines of the parts script: A and B are X's MODELS
     (a typo would otherwise fail on the device, after the machine started); together the step
     parts, and the MoE parts, cover every model of their A/B."""
-    text = re.sub(r"\\\n\s*", " ", (BENCHMARKS / "open_targets.sh").read_text())
+    text = shell_text(BENCHMARKS / "open_targets.sh")
     lines = re.findall(r"benchmarks/(\w+)\.py [^\n]*--models ([\w.\- ]+)", text)
     assert {script for script, _ in lines} >= {"step_kernels_ab", "moe_kernel_ab"}
     named: dict[str, set[str]] = {}
@@ -514,7 +510,7 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
     (the file the docs' step A/Bs cite): step-batch-graphs' two batches both land in
     step-batch-graphs-<device>.jsonl, and a line without --name writes step-kernels-."""
     module = load_benchmark("step_kernels_ab")
-    body = _branches(BENCHMARKS / "open_targets.sh")["step-batch-graphs"]
+    body = case_branches(BENCHMARKS / "open_targets.sh")["step-batch-graphs"]
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
     parsed = [module.arguments().parse_args(_words(line)) for line in lines]
     assert [args.batch for args in parsed] == [8, 32]
@@ -531,7 +527,7 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
 def test_the_large_prefill_graphs_part_times_7b_layer_then_static_on_empty_caches():
     """step-large-prefill-graphs: the main job's case (Llama-2-7B fp16, batch 1, the seed
     lengths), the layer prefill graphs then static, each process on an empty compiler cache."""
-    branch = _branches(BENCHMARKS / "open_targets.sh")["step-large-prefill-graphs"]
+    branch = case_branches(BENCHMARKS / "open_targets.sh")["step-large-prefill-graphs"]
     assert "for graphs in layer static; do" in branch
     assert "TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)" in branch
     (argv,) = _command_lines(BENCHMARKS / "open_targets.sh", branch)
@@ -548,7 +544,7 @@ def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
     (the default) and in one reduction, then the one-block programs' block loaded before the
     PDL wait (the default) and after it. Nothing else differs from the default step."""
     module = load_benchmark("step_kernels_ab")
-    body = _branches(BENCHMARKS / "open_targets.sh")["step-large-switches"]
+    body = case_branches(BENCHMARKS / "open_targets.sh")["step-large-switches"]
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
     parsed = [module.arguments().parse_args(_words(line)) for line in lines]
     default = module.arguments().parse_args([])
