@@ -105,6 +105,12 @@
 #                        (--early-block on off): the two changes since the issue's tree that
 #                        reach a 7B step and can be switched back, against its 1.2% (about
 #                        4 x 75 s)
+#   part step-block      the one-block programs' load by step: 7B's split step with the block
+#                        after the PDL wait first, then before it (step-large-switches' order
+#                        reversed, into step-large-switches-reversed-<device>.jsonl), then the
+#                        fused step in the recorded graph at SmolLM2-135M and Llama-3.2-1B
+#                        before and after (step-small-block-<device>.jsonl): what
+#                        decode_attention.EARLY_BLOCK "auto" chooses by (about 70 + 145 s)
 #   part step-batch-prefill-graphs  Llama-3.2-1B bf16 at batch 8, default kernels, this tree, one
 #                        process each: round 0 the layer prefill graphs (the default),
 #                        --prefill-graphs static (the default before e2ae286), --prefill exact
@@ -174,8 +180,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -339,6 +345,13 @@ case "${1:-}" in
       || echo "argmax parts: failed" >&2
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --early-block on off \
       --results "$dest" --name step-large-switches --models llama-2-7b ;;
+  step-block)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --early-block off on \
+      --results "$dest" --name step-large-switches-reversed --models llama-2-7b \
+      || echo "7B's block: failed" >&2
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --early-block on off --results "$dest" --name step-small-block \
+      --models smollm2-135m llama-3.2-1b ;;
   step-batch-prefill-graphs)
     # round 0 four ways, each compiling into an empty cache of its own; round 1 the two that
     # decide, each loading its round-0 cache ('|' between the ways, the first empty: the

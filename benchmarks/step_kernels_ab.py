@@ -45,8 +45,10 @@ the default; 0, torch's in one reduction), labelled ".../argmax-parts-0" off the
 With --unsplit off on every kind runs once with the decode attention split over programs and
 a combine kernel after (the default) and once unsplit where a row's cache fits one program
 (decode_attention.UNSPLIT: no combine kernel), labelled ".../unsplit"; with --early-block on
-off once with a one-block split program's block loaded before the PDL wait (the default) and
-once after it (decode_attention.EARLY_BLOCK), labelled ".../late-block". With --fused-tiles
+off once with a one-block split program's block loaded before the PDL wait, labelled
+".../early-block", and once after it, ".../late-block" (decode_attention.EARLY_BLOCK; the
+default, "auto", loads it before the wait in the fused step and after it in the split one,
+and adds no mark). With --fused-tiles
 table file --tiles-file F the fused kind runs once with FUSED_TILES and once with the entry F (a
 fused_tiles.py Result) suggests for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
@@ -142,7 +144,8 @@ FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
 ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off its default
 BATCHED = "batch-"  # the label's mark of a batch past one
 UNSPLIT_MARK = "unsplit"  # the label's mark of decode_attention.UNSPLIT "on"
-LATE_BLOCK = "late-block"  # the label's mark of decode_attention.EARLY_BLOCK "off"
+# the label's marks of decode_attention.EARLY_BLOCK asked by name ("auto" has none)
+BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
@@ -151,7 +154,7 @@ FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
-          early_block: str = "on", tiles: str = "table", head: str = "off") -> str:
+          early_block: str = "auto", tiles: str = "table", head: str = "off") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -160,7 +163,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
     attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
     the default's (0: in one reduction), "/unsplit" where the attention ran unsplit,
-    "/late-block" where a one-block split program loaded its block after the wait,
+    BLOCK_MARKS' mark where a one-block split program loaded its block before ("/early-block")
+    or after ("/late-block") the wait by name rather than by the step's default,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
     "/fused-head" where the final norm and the head ran as one kernel."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
@@ -169,7 +173,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              FOLDED if fold == "on" else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
-             UNSPLIT_MARK if unsplit == "on" else "", LATE_BLOCK if early_block == "off" else "",
+             UNSPLIT_MARK if unsplit == "on" else "", BLOCK_MARKS[early_block],
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else ""]
     return "/".join([name, *filter(None, marks)])
 
@@ -294,13 +298,17 @@ def summary(results: list[Result]) -> str:
         for kind in kinds:
             if kind.endswith(QK_IN_WQKV):  # the q/k norms in wqkv's kernel against apart
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
-            last = kind.rsplit("/", 1)[-1]
-            # prefetching, the attention's other launches, other split stages, the fold, unsplit:
-            # against not
-            if last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
-                    or last in (FOLDED, UNSPLIT_MARK, LATE_BLOCK, *ATTENTION_MARKS.values(),
-                                *TILE_MARKS.values(), FUSED_HEAD_MARK):
-                lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
+            base, last = kind.rsplit("/", 1) if "/" in kind else ("", kind)
+            early = f"{base}/{BLOCK_MARKS['on']}"
+            if last == BLOCK_MARKS["off"] and early in kinds:  # the block late against early
+                lines.append(ab_line(name, kinds, early, kind))
+            # prefetching, the attention's other launches, other split stages, the fold, unsplit,
+            # a block asked by name: against not
+            elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
+                    or last in (FOLDED, UNSPLIT_MARK, *ATTENTION_MARKS.values(),
+                                *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
+                                FUSED_HEAD_MARK):
+                lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
             lines.append(ab_line(name, kinds, *recorded))
@@ -356,8 +364,8 @@ def arguments():
           "split over programs with a combine kernel (off) or unsplit where a row's cache fits "
           "one program (on) (default: off)")
     _ways(parser, "--early-block", EARLY_BLOCK_WAYS, "every kind once for each: a one-block "
-          "split program loads its block before the PDL wait (on) or after it (off) (default: "
-          "on)")
+          "split program loads its block before the PDL wait (on), after it (off), or before "
+          "it in the fused step and after it in the split one (auto; the default)")
     _ways(parser, "--fold-combine", FOLD_WAYS, "the fused kind once for each: the decode "
           "attention's combine in a kernel of its own (off) or in wo's (on) (default: off)")
     _ways(parser, "--fused-tiles", TILES_FROM_WAYS, "the fused kind once for each place its "

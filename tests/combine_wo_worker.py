@@ -125,7 +125,7 @@ def check_model_step() -> None:
 
     def counted(module, name):
         real = getattr(module, name)
-        setattr(module, name, lambda *args: calls.append(name) or real(*args))
+        setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
 
     counted(decode_attention, "decode_attention_kernel")
     counted(combine_wo, "combine_matvec_add")

@@ -261,9 +261,10 @@ def check_model_decode() -> None:
     kernel = attention_kernels.decode_attention_kernel  # honours UNSPLIT
     splits_seen = []  # the split count the op was given: 0 unsplit
 
-    def counted(*args):
+    def counted(*args, fused_step=False):
         calls.append(args[0].shape)
-        return kernel(*args)
+        assert not fused_step  # the split step's layers (EARLY_BLOCK "auto": their block late)
+        return kernel(*args, fused_step=fused_step)
 
     def op(*args):
         splits_seen.append(args[7])

@@ -441,7 +441,8 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     """--unsplit off on (decode_attention.UNSPLIT) reaches every kind, split too (both steps
     run the split-KV attention), after each argmax way, "off" under the usual label; the
     module's value comes back after; the summary sets one against the other. --early-block
-    on off (EARLY_BLOCK) likewise, "off" labelled ".../late-block"."""
+    on off (EARLY_BLOCK) likewise, labelled ".../early-block" and ".../late-block" (the
+    default, "auto", unmarked), the late one set against the early one where both ran."""
     from infermeter.engine.kernels import decode_attention
     script = load_benchmark("step_kernels_ab")
     seen = []
@@ -461,17 +462,23 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
                         seen.append((label, decode_attention.EARLY_BLOCK)))
     script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split",), device="cpu",
-                     batch=8, early_blocks=("on", "off"))
-    assert seen == [("split/batch-8", "on"), ("split/batch-8/late-block", "off")]
-    assert decode_attention.EARLY_BLOCK == "on"
-    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0, batch=8)
-               for kind in ("split/batch-8", "split/batch-8/late-block")]
+                     batch=8, early_blocks=("auto", "on", "off"))
+    assert seen == [("split/batch-8", "auto"), ("split/batch-8/early-block", "on"),
+                    ("split/batch-8/late-block", "off")]
+    assert decode_attention.EARLY_BLOCK == "auto"
+    kinds = ("split/batch-8", "split/batch-8/early-block", "split/batch-8/late-block")
+    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0, batch=8) for kind in kinds]
+    summary = script.summary(results)
+    assert "llama-3.2-1b: split/batch-8/late-block / split/batch-8/early-block:" in summary
+    assert "llama-3.2-1b: split/batch-8/early-block / split/batch-8:" in summary
+    assert "llama-3.2-1b: split/batch-8/late-block / split/batch-8:" not in summary
+    results = [r for r in results if r.config["ab"]["kernels"] != kinds[1]]  # no early one
     assert "llama-3.2-1b: split/batch-8/late-block / split/batch-8:" in script.summary(results)
     parser = script.arguments()
     assert parser.parse_args(["--unsplit", "on", "off"]).unsplit == ["on", "off"]
     assert parser.parse_args([]).unsplit == ["off"]
     assert parser.parse_args(["--early-block", "off", "on"]).early_block == ["off", "on"]
-    assert parser.parse_args([]).early_block == ["on"]
+    assert parser.parse_args([]).early_block == ["auto"]
     for bad in (["--unsplit", "maybe"], ["--early-block", "late"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
@@ -555,3 +562,23 @@ def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
             (["llama-2-7b"], ["split"], 1, 1)
         assert args.graphs == ["trees"] and args.name == "step-large-switches"
         assert module.MODELS["llama-2-7b"] == "fp16"
+
+
+def test_the_block_part_times_the_early_load_in_each_step_both_ways():
+    """step-block: Llama-2-7B's split step in the graph trees with the one-block programs'
+    block after the PDL wait, then before it (step-large-switches' order reversed), then the
+    fused step in the recorded graph at SmolLM2-135M and Llama-3.2-1B before and after; each
+    command one round into a file of its own. Nothing else differs from the default step."""
+    module = load_benchmark("step_kernels_ab")
+    body = case_branches(BENCHMARKS / "open_targets.sh")["step-block"]
+    lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
+    parsed = [module.arguments().parse_args(_words(line)) for line in lines]
+    default = module.arguments().parse_args([])
+    assert [(args.models, args.kernels, args.graphs, args.early_block, args.name)
+            for args in parsed] == \
+        [(["llama-2-7b"], ["split"], ["trees"], ["off", "on"], "step-large-switches-reversed"),
+         (["smollm2-135m", "llama-3.2-1b"], ["fused"], ["recorded"], ["on", "off"],
+          "step-small-block")]
+    for args in parsed:
+        assert (args.batch, args.rounds, args.argmax_parts, args.unsplit) == \
+            (1, 1, default.argmax_parts, default.unsplit)

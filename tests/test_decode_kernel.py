@@ -66,8 +66,8 @@ def test_auto_attention_calls_the_kernel_at_every_batch(monkeypatch, batch):
 
     calls = []
 
-    def kernel(q, keys, values, *rest):  # the kernel's contract, computed the math way
-        calls.append(q.shape[0])
+    def kernel(q, keys, values, *rest, fused_step=None):  # its contract, the math way
+        calls.append((q.shape[0], fused_step))
         groups = q.shape[2]
         visible = torch.arange(keys.shape[2]) <= rest[1][0]
         return decode_attention(q, keys, values, visible.expand(groups, -1))
@@ -85,7 +85,43 @@ def test_auto_attention_calls_the_kernel_at_every_batch(monkeypatch, batch):
     model(tokens[:, :4], torch.arange(4))  # prefill: SDPA, never the kernel
     assert calls == []
     model(tokens[:, 4:], torch.tensor([4]))
-    assert calls == [batch] * PRESETS["debug"].n_layers
+    # the split step's: under EARLY_BLOCK "auto" its one-block programs load after the wait
+    assert calls == [(batch, False)] * PRESETS["debug"].n_layers
+
+
+@torch.inference_mode()
+def test_the_attention_tells_the_kernel_when_the_fused_step_surrounds_it(monkeypatch):
+    """An attention handed the residual (the fused step's wo + add kernel after it) calls the
+    split-KV kernel with fused_step, so EARLY_BLOCK "auto" loads a one-block program's block
+    before the wait there; without it (the split step), not. The fused kernels are stand-ins
+    computing the same thing in torch: the products' rounding is their own tests' matter."""
+    from infermeter.engine import self_attention as attention_module
+    from infermeter.engine.attention import decode_attention
+
+    calls = []
+
+    def kernel(q, keys, values, key_pos, query_pos, *rest, fused_step=None):
+        calls.append(fused_step)
+        visible = key_pos <= query_pos[0]
+        return decode_attention(q, keys, values, visible.expand(q.shape[2], -1))
+
+    def matvec_add(x, weight, residual, ahead=None):  # [1, K] @ [N, K].T + [1, N]
+        return residual + x @ weight.T
+
+    monkeypatch.setattr(attention_module, "compiling", lambda: True)
+    monkeypatch.setattr(attention_module, "decode_kernel_usable", lambda q: True)
+    monkeypatch.setattr("infermeter.engine.kernels.decode_attention.decode_attention_kernel",
+                        kernel)
+    monkeypatch.setattr("infermeter.engine.kernels.fused_step.matvec_add", matvec_add)
+    model = build_model(PRESETS["debug"], seed=1)
+    model.setup_cache(1, 8)
+    attention = model.layers[0].attention
+    x = torch.randn(1, 1, PRESETS["debug"].dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = (t[4:5] for t in (model.rope_cos, model.rope_sin))
+    split = attention(x, cos, sin, torch.tensor([4]))
+    fused = attention(x, cos, sin, torch.tensor([4]), residual=x)
+    assert calls == [False, True]
+    torch.testing.assert_close(fused, x + split)  # the same attention, the residual added
 
 
 @torch.inference_mode()

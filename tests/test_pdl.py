@@ -131,17 +131,18 @@ def test_without_pdl_the_ops_launch_as_before(monkeypatch):
 
 
 @pytest.mark.parametrize("way", ["both", "combine", "none"])
-@pytest.mark.parametrize("block", ["on", "off"])
+@pytest.mark.parametrize("block", ["auto", "on", "off"])
 def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     """decode_attention.ATTENTION_PDL and EARLY_BLOCK (A/B switches, benchmarks/
     step_kernels_ab.py --attention-pdl, --early-block) with PDL on for the step: "both" (the
     default) and "combine" take the PDL op, the split kernel early in the first only, with
-    SPLIT_STAGES and EARLY_BLOCK passed on; "none" the plain op. With PDL off, the plain op
-    whatever the way; a way there is not is an error."""
+    SPLIT_STAGES and the block's load passed on: "auto" (the default) before the wait in the
+    fused step and after it in the split one, "on" and "off" in both; "none" the plain op.
+    With PDL off, the plain op whatever the way; a way there is not is an error."""
     from infermeter.engine.kernels import decode_attention
 
     assert (decode_attention.ATTENTION_PDL, decode_attention.SPLIT_STAGES,
-            decode_attention.EARLY_BLOCK) == ("both", 0, "on")
+            decode_attention.EARLY_BLOCK) == ("both", 0, "auto")
     calls = []
     for name in ("split_kv_decode", "split_kv_decode_pdl"):
         monkeypatch.setattr(decode_attention, name,
@@ -150,14 +151,17 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", 2)
     monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
     args = (None,) * 5 + (0, False, 1)
-    with pdl.launching(True):
-        decode_attention.decode_attention_kernel(*args)
-    decode_attention.decode_attention_kernel(*args)
-    early_block = block == "on"
-    wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block)),
-              "combine": ("split_kv_decode_pdl", (False, 2, early_block)),
-              "none": ("split_kv_decode", ())}[way]
-    assert calls == [wanted, ("split_kv_decode", ())]
+    for fused in (True, False):
+        calls.clear()
+        with pdl.launching(True):
+            decode_attention.decode_attention_kernel(*args, fused_step=fused)
+        decode_attention.decode_attention_kernel(*args, fused_step=fused)
+        early_block = {"auto": fused, "on": True, "off": False}[block]
+        assert decode_attention.early_block_for(fused) is early_block
+        wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block)),
+                  "combine": ("split_kv_decode_pdl", (False, 2, early_block)),
+                  "none": ("split_kv_decode", ())}[way]
+        assert calls == [wanted, ("split_kv_decode", ())], (block, fused)
     for name, value in (("ATTENTION_PDL", "first"), ("EARLY_BLOCK", "late")):
         monkeypatch.setattr(decode_attention, name, value)
         with pytest.raises(ValueError, match=name):
@@ -372,15 +376,19 @@ def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
 
 
-@pytest.mark.parametrize("way, stages, block", [("both", 0, "on"), ("combine", 1, "on"),
-                                               ("none", 1, "on"), ("both", 0, "off")])
+@pytest.mark.parametrize("way, stages, block, kinds", [
+    ("both", 0, "auto", "fused"), ("both", 0, "auto", "split"), ("combine", 1, "auto", "fused"),
+    ("none", 1, "auto", "split"), ("both", 0, "on", "split"), ("both", 0, "off", "fused"),
+    ("both", 0, "on", "fused")])
 def test_the_result_records_the_attentions_launch_and_the_report_sets_others_aside(
-        monkeypatch, way, stages, block):
-    """config.attention_pdl, config.split_stages and config.early_block: what the compiled
-    step's split-KV attention ran under PDL (the last two only where a kernel launched with
-    it), None where it ran no such kernel under PDL; the report takes a Result of any way but
-    the default as a comparison, never the column's representative, and one from before the
-    fields as default."""
+        monkeypatch, way, stages, block, kinds):
+    """config.attention_pdl, config.split_stages, config.early_block and
+    config.early_block_way: what the compiled step's split-KV attention ran under PDL (the
+    last three only where a kernel launched with it; the block by the step's kernels under
+    "auto": before the wait in the fused step, after it in the split one), None where it ran no
+    such kernel under PDL; the report takes a Result of any way but the default as a
+    comparison, never the column's representative, and one from before the fields as default
+    (before the way, a block loaded late was the A/B's)."""
     from infermeter.engine.kernels import decode_attention
     from infermeter.report.select import off_default_kernels
     from infermeter.specs.presets import PRESETS
@@ -390,19 +398,27 @@ def test_the_result_records_the_attentions_launch_and_the_report_sets_others_asi
     monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", stages)
     monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
-    runner = batch_one_runner(monkeypatch, PRESETS["debug"])
+    runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
     monkeypatch.setattr(runner.generator, "decode_attention_used", lambda *args: "triton")
     described = {}
     for pdl_on in (True, False):
         runner.generator.pdl = pdl_on
         config = runner.describe()
+        assert config["step_kernels"] == kinds
         described[pdl_on] = (config["attention_pdl"], config["split_stages"],
-                             config["early_block"])
+                             config["early_block"], config["early_block_way"])
     launched = way != "none"
+    early = {"auto": kinds == "fused", "on": True, "off": False}[block]
     assert described == {True: (way, stages if launched else None,
-                                block == "on" if launched else None),
-                         False: (None, None, None)}
-    record = seed_record(1, attention_pdl=way, split_stages=described[True][1],
-                         early_block=described[True][2])
-    assert off_default_kernels(record) == (way != "both" or stages != 0 or block == "off")
+                                early if launched else None, block if launched else None),
+                         False: (None, None, None, None)}
+    _, split_stages, early_block, early_block_way = described[True]
+    record = seed_record(1, attention_pdl=way, split_stages=split_stages,
+                         early_block=early_block, early_block_way=early_block_way)
+    off = way != "both" or stages != 0 or block != "auto"
+    assert off_default_kernels(record) == off
+    # before the way was recorded: "on" was the default, a block loaded late the A/B's
+    older = seed_record(3, attention_pdl=way, split_stages=split_stages,
+                        early_block=early_block)
+    assert off_default_kernels(older) == (way != "both" or stages != 0 or early_block is False)
     assert not off_default_kernels(seed_record(2))  # before the fields: the default

@@ -174,19 +174,33 @@ class EngineRunner:
         """How the split-KV decode attention's kernels launched under PDL (kernels/
         decode_attention.py): attention_pdl "both" (the default), "combine" or "none";
         split_stages, its split kernel's num_stages under PDL (0: Triton's own); early_block,
-        whether a one-block split program loaded its block before the wait (EARLY_BLOCK);
-        None where the compiled step ran no such kernel under PDL (eager, PDL off, another
-        attention)."""
+        whether a one-block split program loaded its block before the wait, in the step
+        step_kernels names (the fused step's where a batch of 1 fused its attention), and
+        early_block_way, the EARLY_BLOCK that chose it ("auto", the default, or an A/B's "on"
+        or "off"); None where the compiled step ran no such kernel under PDL (eager, PDL off,
+        another attention)."""
         if not (self.config.compile and self.generator.pdl and "triton" in used):
-            return {"attention_pdl": None, "split_stages": None, "early_block": None}
+            return {"attention_pdl": None, "split_stages": None, "early_block": None,
+                    "early_block_way": None}
         # only here: the kernels' module defines triton ops, which an eager run never imports
         from infermeter.engine.kernels import decode_attention
 
         way = decode_attention.ATTENTION_PDL
         launched = way != "none"
+        early = decode_attention.early_block_for(self._attention_fused())
         return {"attention_pdl": way,
                 "split_stages": decode_attention.SPLIT_STAGES if launched else None,
-                "early_block": decode_attention.EARLY_BLOCK == "on" if launched else None}
+                "early_block": early if launched else None,
+                "early_block_way": decode_attention.EARLY_BLOCK if launched else None}
+
+    def _attention_fused(self) -> bool:
+        """Whether the compiled batch-1 step ran some layer's attention among the fused step's
+        kernels (its norm + wqkv or its wo + add fused: Attention.forward's `fused`)."""
+        if self._step_kernels_used() in (None, "split"):
+            return False
+        return any(layer.step_kernels == "fused"
+                   and {"attention_in", "attention_out"} & set(layer.fused_parts())
+                   for layer in self.generator.model.layers)
 
     def _combine_in_wo_used(self, used: dict) -> bool | None:
         """Whether the fused step's wo kernel combined the split-KV attention's partials itself

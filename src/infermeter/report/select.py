@@ -220,6 +220,15 @@ DEFAULT_STEP_KERNELS = "split"
 DEFAULT_MOE_KERNEL, EARLIER_MOE_KERNEL = "auto", "torch"
 
 
+def _early_block_off_default(cfg: dict) -> bool:
+    """A one-block split program's load asked by name (config.early_block_way "on" or "off";
+    "auto" chooses by step, the default since 2026-12-07); before that field the block loaded
+    after the wait (config.early_block false) was the A/B's way, "on" the default."""
+    if "early_block_way" in cfg:
+        return cfg["early_block_way"] not in (None, "auto")
+    return cfg.get("early_block") is False
+
+
 def off_default_kernels(record: Record) -> bool:
     """The Result ran another decode attention than the default ("auto") picks at its batch,
     inductor's matrix-vector products (the GEMV is the default), other all-reduces than
@@ -228,8 +237,10 @@ def off_default_kernels(record: Record) -> bool:
     (config.step_choice; before it was recorded: other than split), a step whose kernels
     prefetched weights into L2 (config.prefetch past 0; kernels/prefetch.py, off by default),
     a decode attention launched other than both kernels under PDL, with other pipeline stages
-    or with a one-block program's block loaded after the wait (config.attention_pdl,
-    config.split_stages, config.early_block false; kernels/decode_attention.py, an A/B's), its
+    or with a one-block program's block loaded where its step's default would not
+    (config.attention_pdl, config.split_stages; config.early_block_way other than "auto", or
+    before that field, the default "on" until 2026-12-07, config.early_block false;
+    kernels/decode_attention.py, an A/B's), its
     combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's) or run
     unsplit (config.attention_unsplit; kernels/decode_attention.py, an A/B's), an A/B's
     baseline run of an older source tree (config.ab.baseline) or a run with a setting made
@@ -259,7 +270,7 @@ def off_default_kernels(record: Record) -> bool:
             or _step_off_default(cfg) or bool(num(cfg.get("prefetch")))
             or cfg.get("attention_pdl") not in (None, "both")
             or bool(num(cfg.get("split_stages"))) or bool(cfg.get("combine_in_wo"))
-            or bool(cfg.get("attention_unsplit")) or cfg.get("early_block") is False
+            or bool(cfg.get("attention_unsplit")) or _early_block_off_default(cfg)
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
             or _prefill_off_default(record)

@@ -82,13 +82,15 @@ SPLIT_STAGES = 0
 UNSPLIT_WAYS = ("off", "on")
 UNSPLIT = "off"
 # Whether a one-block split program (ONE_BLOCK: a chunk of at most BLOCK_N slots) loads its
-# block before the PDL wait ("on", the default since 2026-12-06) or after it, as a program of
-# several blocks does ("off"). An A/B's setting, read when the step is traced
-# (benchmarks/step_kernels_ab.py --early-block): the suspect in batch 8's loss at
-# Llama-3.2-1B, whose 512 split programs would wait holding their blocks (docs/engine.md,
-# "Batch 8 and 32 at Llama-3.2-1B"). Either way the program computes the same values.
-EARLY_BLOCK_WAYS = ("on", "off")
-EARLY_BLOCK = "on"
+# block before the PDL wait ("on") or after it, as a program of several blocks does ("off").
+# "auto", the default since 2026-12-07: before it in the fused step, after it in the split one.
+# On an H100 (docs/engine.md, "The one-block attention's early load, by step"): in the fused
+# step the late block took 1.120x the step's time at SmolLM2-135M and 1.029x at Llama-3.2-1B;
+# in the split step 0.996x at Llama-2-7B, in both orders; at batch 8 (split) 1.003x, within
+# the drift between rounds. Read when the step is traced; "on" and "off" are an A/B's
+# (benchmarks/step_kernels_ab.py --early-block). Either way the program computes the same values.
+EARLY_BLOCK_WAYS = ("auto", "on", "off")
+EARLY_BLOCK = "auto"
 # The most cache elements (slots x head size, each of keys and values) one unsplit program holds:
 # 512 slots of a 64-wide head, 128 registers a thread of keys and values at UNSPLIT_WARPS (its
 # sm_90 build: 255 registers a thread, 16 bytes spilled; at 16 warps 128 and 216 bytes).
@@ -502,22 +504,28 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
     return m.new_empty(*m.shape, head_dim), m, torch.empty_like(m)
 
 
-def _launch_way() -> tuple[bool, bool, bool]:
+def early_block_for(fused_step: bool) -> bool:
+    """Whether a one-block split program loads its block before the PDL wait, in the fused step
+    (fused_step) or the split one, as EARLY_BLOCK says."""
+    way = checked_way(EARLY_BLOCK, "EARLY_BLOCK", EARLY_BLOCK_WAYS)
+    return fused_step if way == "auto" else way == "on"
+
+
+def _launch_way(fused_step: bool) -> tuple[bool, bool, bool]:
     """(PDL, the split kernel early, a one-block program's block before the wait) for the
-    compiled step, as pdl.enabled(), ATTENTION_PDL and EARLY_BLOCK say."""
+    compiled step, fused or split, as pdl.enabled(), ATTENTION_PDL and EARLY_BLOCK say."""
     way = checked_way(ATTENTION_PDL, "ATTENTION_PDL", ATTENTION_PDL_WAYS)
-    early_block = checked_way(EARLY_BLOCK, "EARLY_BLOCK", EARLY_BLOCK_WAYS) == "on"
-    return pdl.enabled() and way != "none", way == "both", early_block
+    return pdl.enabled() and way != "none", way == "both", early_block_for(fused_step)
 
 
 def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                             query_pos: Tensor, window: int, is_ring: bool,
                             n_splits: int, softcap: float = 0.0,
-                            sinks: Tensor | None = None) -> Tensor:
+                            sinks: Tensor | None = None, fused_step: bool = False) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
-    ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK and UNSPLIT say when the step is traced (unsplit:
-    n_splits 0)."""
-    with_pdl, early, early_block = _launch_way()
+    ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK (for the fused step or the split one: fused_step)
+    and UNSPLIT say when the step is traced (unsplit: n_splits 0)."""
+    with_pdl, early, early_block = _launch_way(fused_step)
     if unsplits(q, k_cache):
         n_splits = 0
     if with_pdl:
@@ -531,8 +539,8 @@ def decode_attention_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_p
                               query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                               softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """split_kv_partials as the compiled step calls it (decode_attention_kernel's launch
-    rules)."""
-    with_pdl, early, early_block = _launch_way()
+    rules; only the fused step's wo kernel combines partials, so its EARLY_BLOCK)."""
+    with_pdl, early, early_block = _launch_way(fused_step=True)
     if with_pdl:
         return split_kv_partials_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                      n_splits, softcap, early, SPLIT_STAGES, early_block)
