@@ -167,7 +167,7 @@ class Attention(nn.Module):
                 q = q * self.q_scale
             q = q.view(bsz, self.n_heads, seqlen, self.head_dim)  # [1, H, 1, D]
             return self._attend(q, *cache.written(input_pos, q.dtype), input_pos, residual,
-                                ahead[1], fused=True)
+                                ahead[1], fused_step=True)
         if norm is not None and self.wqkv is not None:
             from infermeter.engine.kernels.fused_step import norm_matvec
 
@@ -225,14 +225,15 @@ class Attention(nn.Module):
         keys, values, mask = span or cache.update(k, v, input_pos)
         # the fused step's kernels around it where it was handed a norm or a residual
         return self._attend(q, keys, values, mask, input_pos, residual, ahead[1],
-                            fused=norm is not None or residual is not None)
+                            fused_step=norm is not None or residual is not None)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
                 input_pos: Tensor, residual: Tensor | None,
-                ahead: Tensor | None = None, fused: bool = False) -> Tensor:
+                ahead: Tensor | None = None, fused_step: bool = False) -> Tensor:
         """q [B, H, T, D] over keys/values [B, H_kv, S, D] with mask [T, S], then wo (and the
-        fused step's residual add, its kernel prefetching `ahead`) -> [B, T, dim]. fused: the
-        step around it is the fused one (the split-KV kernel's EARLY_BLOCK "auto" reads it)."""
+        fused step's residual add, its kernel prefetching `ahead`) -> [B, T, dim].
+        fused_step: the step around it is the fused one (the split-KV kernel's EARLY_BLOCK
+        "auto" reads it)."""
         bsz, _, seqlen, _ = q.shape
         # Fold the G query heads of each KV head into the query length: [B, H_kv, G*T, D].
         groups = self.n_heads // self.n_kv_heads
@@ -258,7 +259,7 @@ class Attention(nn.Module):
                 return self._combined_into_wo(q, keys, values, input_pos, splits, residual)
             out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
                                           cache.window or 0, cache.is_ring, splits,
-                                          self.softcap or 0.0, self.sinks, fused_step=fused)
+                                          self.softcap or 0.0, self.sinks, fused_step=fused_step)
         elif seqlen == 1 and kind in ("math", "flex", "triton") or self.softcap is not None \
                 or sinks is not None:
             # a capped or sink model's prefill and "sdpa" steps too (SDPA can do neither):
