@@ -12,10 +12,12 @@ the graph as captured or in how the GPU runs it.
 
 How: torch.cuda.CUDAGraph is made with keep_graph=True (so the captured cudaGraph_t survives
 capture_end), and instantiated right after capture as it would be without; the CUDA driver
-(libcuda, through ctypes) then lists the graph's nodes (type, kernel name) and edges (with
-their data: its type, programmatic or full, and the port it leaves the kernel ahead from). FILE
-gets one summary a graph, in capture order: node counts by type, kernel-to-kernel edges, the
-programmatic ones, the edges by kind, and each kernel name's count and programmatic in-edges.
+(libcuda, through ctypes) then lists the graph's nodes (type; a kernel's name and launch
+shape: grid, block, dynamic shared memory) and edges (with their data: its type, programmatic or
+full, and the port it leaves the kernel ahead from). FILE gets one summary a graph, in capture
+order: node counts by type, kernel-to-kernel edges, the programmatic ones, the edges by kind,
+and each kernel name's count, programmatic in-edges and launch shapes (two processes' kernels
+of one name but other tiles differ there).
 The generate command's own Result (its --output) says how fast the step ran.
 """
 
@@ -25,6 +27,7 @@ import argparse
 import ctypes
 import inspect
 import json
+import struct
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,17 +51,28 @@ def edge_kind(from_port: int, kind: int) -> str:
     return f"{named}, {PORTS.get(from_port, f'port {from_port}')}"
 
 
-def summarize(nodes: dict[int, tuple[str, str]],
+def launch_shape(params: bytes) -> str:
+    """A kernel node's launch in words, from its CUDA_KERNEL_NODE_PARAMS_v2 (func, then grid
+    x, y, z, block x, y, z and shared memory bytes as unsigned 32-bit ints, little-endian)."""
+    grid_x, grid_y, grid_z, block_x, block_y, block_z, shared = struct.unpack_from("<7I", params, 8)
+    return (f"grid {grid_x}x{grid_y}x{grid_z}, block {block_x}x{block_y}x{block_z}, "
+            f"shared {shared}")
+
+
+def summarize(nodes: dict[int, tuple[str, str, str]],
               edges: Iterable[tuple[int, int, int, int]]) -> dict[str, Any]:
-    """One graph's summary. nodes: handle -> (type, kernel name or ""), in the driver's order;
-    edges: (from, to, from_port, type) per dependency."""
+    """One graph's summary. nodes: handle -> (type, kernel name or "", launch shape or ""), in
+    the driver's order; edges: (from, to, from_port, type) per dependency."""
     types: dict[str, int] = {}
     kernels: dict[str, dict[str, Any]] = {}
-    for kind, name in nodes.values():
+    for kind, name, shape in nodes.values():
         types[kind] = types.get(kind, 0) + 1
         if kind == "kernel":
-            kernels.setdefault(name, {"name": name, "count": 0, "programmatic_in": 0})
+            kernels.setdefault(name, {"name": name, "count": 0, "programmatic_in": 0,
+                                      "launches": {}})
             kernels[name]["count"] += 1
+            launches = kernels[name]["launches"]
+            launches[shape] = launches.get(shape, 0) + 1
     between = programmatic = 0
     kinds: dict[str, int] = {}
     for source, target, port, kind in edges:
@@ -102,21 +116,24 @@ class Driver:
         if status != 0:
             raise InfermeterError(f"{call} failed with CUDA driver error {status}")
 
-    def kernel_name(self, node: int) -> str:
+    def kernel(self, node: int) -> tuple[str, str]:
+        """A kernel node's (name, launch shape)."""
         # CUDA_KERNEL_NODE_PARAMS_v2: func at 0, kern (a library kernel) at 56; 128 bytes hold it
         params = (ctypes.c_uint64 * 16)()
         self._check(self.kernel_params(ctypes.c_void_p(node), params), "kernel node params")
+        shape = launch_shape(bytes(params))
         name, status = ctypes.c_char_p(), 0
         if params[0]:
             status = self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(params[0]))
         elif params[7]:
             status = self.lib.cuKernelGetName(ctypes.byref(name), ctypes.c_void_p(params[7]))
         if status:  # a kernel without a name still counts, and its edges with it
-            return f"? (driver error {status})"
-        return (name.value or b"?").decode(errors="replace")
+            return f"? (driver error {status})", shape
+        return (name.value or b"?").decode(errors="replace"), shape
 
-    def read(self, graph: int) -> tuple[dict[int, tuple[str, str]], list[tuple[int, ...]]]:
-        """(nodes: handle -> (type, name), edges: (from, to, from_port, type)) of a CUgraph."""
+    def read(self, graph: int) -> tuple[dict[int, tuple[str, str, str]], list[tuple[int, ...]]]:
+        """(nodes: handle -> (type, name, launch shape), edges: (from, to, from_port, type)) of
+        a CUgraph."""
         handle = ctypes.c_void_p(graph)
         count = ctypes.c_size_t()
         self._check(self.lib.cuGraphGetNodes(handle, None, ctypes.byref(count)), "cuGraphGetNodes")
@@ -129,7 +146,7 @@ class Driver:
             self._check(self.lib.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)),
                         "cuGraphNodeGetType")
             name = NODE_TYPES.get(kind.value, f"type {kind.value}")
-            nodes[node] = (name, self.kernel_name(node) if name == "kernel" else "")
+            nodes[node] = (name, *self.kernel(node)) if name == "kernel" else (name, "", "")
         self._check(self.get_edges(handle, None, None, None, ctypes.byref(count)), "edges")
         sources, targets = (ctypes.c_void_p * count.value)(), (ctypes.c_void_p * count.value)()
         data = (ctypes.c_uint8 * (8 * count.value))()  # CUgraphEdgeData: from_port, to_port, type

@@ -23,18 +23,32 @@ def test_an_edge_is_named_by_its_type_and_the_port_it_leaves_from():
     assert edges.edge_kind(7, 3) == "type 3, port 7"
 
 
+def test_a_kernel_s_launch_shape_is_read_from_its_node_params():
+    """CUDA_KERNEL_NODE_PARAMS_v2 as the driver fills the 16 words: func, grid, block, shared
+    memory (32-bit each, after the 64-bit func), then pointers the shape leaves out."""
+    import ctypes
+    import struct
+
+    raw = struct.pack("<Q7I", 0xDEADBEEF, 64, 8, 1, 128, 1, 1, 18432)
+    params = (ctypes.c_uint64 * 16).from_buffer_copy(raw.ljust(128, b"\xff"))
+    assert edges.launch_shape(bytes(params)) == "grid 64x8x1, block 128x1x1, shared 18432"
+
+
 def test_a_graph_s_summary_counts_kernel_edges_and_the_programmatic_ones_by_kernel():
-    """Three kernels (two of one name) behind a memcpy: the memcpy's edge is no kernel edge;
-    of the two kernel edges one is programmatic, into the second kernel's name."""
-    nodes = {1: ("memcpy", ""), 2: ("kernel", "norm"), 3: ("kernel", "gemv"),
-             4: ("kernel", "norm")}
+    """Three kernels (two of one name, launched two ways) behind a memcpy: the memcpy's edge is
+    no kernel edge; of the two kernel edges one is programmatic, into the second kernel's
+    name; each name counts its launch shapes."""
+    small, large = "grid 8x1x1, block 128x1x1, shared 0", "grid 16x1x1, block 256x1x1, shared 0"
+    nodes = {1: ("memcpy", "", ""), 2: ("kernel", "norm", small), 3: ("kernel", "gemv", large),
+             4: ("kernel", "norm", large)}
     graph = edges.summarize(nodes, [(1, 2, 0, 0), (2, 3, 1, 1), (3, 4, 0, 0)])
     assert graph["nodes"] == 4 and graph["node_types"] == {"memcpy": 1, "kernel": 3}
     assert (graph["kernel_edges"], graph["programmatic_edges"]) == (2, 1)
     assert graph["edge_kinds"] == {"programmatic, at its trigger (programmatic)": 1,
                                    "full, at its end": 1}
-    assert graph["kernels"] == [{"name": "norm", "count": 2, "programmatic_in": 0},
-                                {"name": "gemv", "count": 1, "programmatic_in": 1}]
+    assert graph["kernels"] == [
+        {"name": "norm", "count": 2, "programmatic_in": 0, "launches": {small: 1, large: 1}},
+        {"name": "gemv", "count": 1, "programmatic_in": 1, "launches": {large: 1}}]
     assert edges.summarize({}, []) == {"nodes": 0, "node_types": {}, "kernel_edges": 0,
                                        "programmatic_edges": 0, "edge_kinds": {}, "kernels": []}
 
@@ -49,7 +63,7 @@ def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(
                         lambda self, keep_graph=False: made.append(keep_graph))
     monkeypatch.setattr(cls, "capture_end", lambda self: ended.append("end"))
     monkeypatch.setattr(cls, "__init__", cls.__init__)  # the hook's own, undone after the test
-    driver = SimpleNamespace(read=lambda graph: ({graph: ("kernel", "k")}, []))
+    driver = SimpleNamespace(read=lambda graph: ({graph: ("kernel", "k", "")}, []))
     graphs: list = []
     edges.hook(driver, graphs)
     # what CUDAGraph() and CUDAGraph(keep_graph=False) run once the object exists (torch's
@@ -62,7 +76,7 @@ def test_the_hook_keeps_each_graph_instantiates_it_at_capture_and_summarizes_it(
                             raw_cuda_graph=lambda: 7)
     cls.capture_end(graph)
     assert ended == ["end"] and calls == ["instantiate"]
-    assert graphs == [edges.summarize({7: ("kernel", "k")}, [])]
+    assert graphs == [edges.summarize({7: ("kernel", "k", "")}, [])]
 
     def broken(graph):
         raise edges.InfermeterError("cuFuncGetName failed with CUDA driver error 1")
