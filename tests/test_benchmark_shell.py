@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 
 from infermeter.cli import build_parser
-from tests.benchmark_scripts import BENCHMARKS, case_branches, load_benchmark, shell_text
+from tests.benchmark_scripts import (
+    BENCHMARKS,
+    case_branches,
+    load_benchmark,
+    part_body,
+    shell_text,
+)
 
 
 def _words(line: str) -> list[str]:
@@ -137,7 +143,7 @@ def test_the_generate_parts_run_compiled_bf16_seed_cases():
 def test_the_batch_prefill_part_runs_batch_8_three_ways_twice():
     """step-batch-prefill: Llama-3.2-1B bf16 at batch 8, the seed case, with the default
     prefill, an eager exact one and PDL off, the same command otherwise, two rounds."""
-    branch = case_branches(BENCHMARKS / "open_targets.sh")["step-batch-prefill"]
+    branch = part_body("step-batch-prefill")
     assert "for round in 0 1; do" in branch
     extras = re.search(r'for extra in ((?:"[^"]*" ?)+); do', branch).group(1)
     (line,) = re.findall(r"-m infermeter (generate [^\n]*)", branch)
@@ -161,7 +167,7 @@ def _trees_ab(part: str) -> tuple[str, list[str], Any]:
     Results into $dest, and this tree snapshotted by the function that stops where no 40-hex
     revision is given."""
     text = shell_text(BENCHMARKS / "open_targets.sh")
-    branch = case_branches(BENCHMARKS / "open_targets.sh")[part]
+    branch = part_body(part)
     line = _trees_ab_line(text, branch)
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
@@ -517,7 +523,7 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
     (the file the docs' step A/Bs cite): step-batch-graphs' two batches both land in
     step-batch-graphs-<device>.jsonl, and a line without --name writes step-kernels-."""
     module = load_benchmark("step_kernels_ab")
-    body = case_branches(BENCHMARKS / "open_targets.sh")["step-batch-graphs"]
+    body = part_body("step-batch-graphs")
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
     parsed = [module.arguments().parse_args(_words(line)) for line in lines]
     assert [args.batch for args in parsed] == [8, 32]
@@ -534,7 +540,7 @@ def test_a_part_measuring_on_its_own_names_its_file_and_the_a_b_keeps_its_usual_
 def test_the_large_prefill_graphs_part_times_7b_layer_then_static_on_empty_caches():
     """step-large-prefill-graphs: the main job's case (Llama-2-7B fp16, batch 1, the seed
     lengths), the layer prefill graphs then static, each process on an empty compiler cache."""
-    branch = case_branches(BENCHMARKS / "open_targets.sh")["step-large-prefill-graphs"]
+    branch = part_body("step-large-prefill-graphs")
     assert "for graphs in layer static; do" in branch
     assert "TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)" in branch
     (argv,) = _command_lines(BENCHMARKS / "open_targets.sh", branch)
@@ -551,7 +557,7 @@ def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
     (the default) and in one reduction, then the one-block programs' block loaded before the
     PDL wait (the default) and after it. Nothing else differs from the default step."""
     module = load_benchmark("step_kernels_ab")
-    body = case_branches(BENCHMARKS / "open_targets.sh")["step-large-switches"]
+    body = part_body("step-large-switches")
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
     parsed = [module.arguments().parse_args(_words(line)) for line in lines]
     default = module.arguments().parse_args([])
@@ -570,7 +576,7 @@ def test_the_block_part_times_the_early_load_in_each_step_both_ways():
     fused step in the recorded graph at SmolLM2-135M and Llama-3.2-1B before and after; each
     command one round into a file of its own. Nothing else differs from the default step."""
     module = load_benchmark("step_kernels_ab")
-    body = case_branches(BENCHMARKS / "open_targets.sh")["step-block"]
+    body = part_body("step-block")
     lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*)", body)
     parsed = [module.arguments().parse_args(_words(line)) for line in lines]
     default = module.arguments().parse_args([])
