@@ -195,7 +195,8 @@ class EngineRunner:
 
     def _attention_fused(self) -> bool:
         """Whether the compiled batch-1 step ran some layer's attention among the fused step's
-        kernels (its norm + wqkv or its wo + add fused: Attention.forward's `fused`)."""
+        kernels (its norm + wqkv or its wo + add fused: what Attention.forward passes as
+        fused_step)."""
         if self._step_kernels_used() in (None, "split"):
             return False
         return any(layer.step_kernels == "fused"

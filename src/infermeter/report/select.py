@@ -319,8 +319,6 @@ def _prefill_off_default(record: Record) -> bool:
     made = _made_at(record)
     if made is None:
         return True
-    if made.tzinfo is None:  # a timestamp without a zone (a Result written by hand): UTC
-        made = made.replace(tzinfo=timezone.utc)
     return graphs != EARLIER_PREFILL_GRAPHS or made >= LAYER_PREFILL_SINCE
 
 
@@ -334,11 +332,13 @@ def _step_off_default(cfg: dict) -> bool:
 
 
 def _made_at(record: Record) -> datetime | None:
-    """When the Result was made (env.timestamp, ISO 8601), None where it is not readable."""
+    """When the Result was made (env.timestamp, ISO 8601; one without a zone, as a Result
+    written by hand may have, read as UTC), None where it is not readable."""
     try:
-        return datetime.fromisoformat(str(record.env.get("timestamp")))
+        made = datetime.fromisoformat(str(record.env.get("timestamp")))
     except ValueError:
         return None
+    return made if made.tzinfo is not None else made.replace(tzinfo=timezone.utc)
 
 
 def _newest_first(record: Record) -> float:
