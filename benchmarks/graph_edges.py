@@ -12,12 +12,13 @@ the graph as captured or in how the GPU runs it.
 
 How: torch.cuda.CUDAGraph is made with keep_graph=True (so the captured cudaGraph_t survives
 capture_end), and instantiated right after capture as it would be without; the CUDA driver
-(libcuda, through ctypes) then lists the graph's nodes (type; a kernel's name and launch
-shape: grid, block, dynamic shared memory) and edges (with their data: its type, programmatic or
+(libcuda, through ctypes) then lists the graph's nodes (type; a kernel's name, launch
+shape: grid, block, dynamic shared memory, and code: registers a thread, local (spilled) and
+static shared bytes) and edges (with their data: its type, programmatic or
 full, and the port it leaves the kernel ahead from). FILE gets one summary a graph, in capture
 order: node counts by type, kernel-to-kernel edges, the programmatic ones, the edges by kind,
-and each kernel name's count, programmatic in-edges and launch shapes (two processes' kernels
-of one name but other tiles differ there).
+and each kernel name's count, programmatic in-edges, launch shapes and codes (two processes'
+kernels of one name but other tiles differ in the shapes; built other ways, in the codes).
 The generate command's own Result (its --output) says how fast the step ran.
 """
 
@@ -43,6 +44,8 @@ NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "
 PROGRAMMATIC_TYPE = 1  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
 # CU_GRAPH_KERNEL_NODE_PORT_*: when the edge fires on the upstream kernel
 PORTS = {0: "at its end", 1: "at its trigger (programmatic)", 2: "once all its blocks began"}
+# CUfunction_attribute, by value: what a kernel's build fixed
+CODE_ATTRIBUTES = {"registers": 4, "local": 3, "static shared": 1}
 
 
 def edge_kind(from_port: int, kind: int) -> str:
@@ -59,20 +62,29 @@ def launch_shape(params: bytes) -> str:
             f"shared {shared}")
 
 
-def summarize(nodes: dict[int, tuple[str, str, str]],
+def code_text(values: dict[str, int | None]) -> str:
+    """A kernel's build in words: each CODE_ATTRIBUTES value, "?" where the driver gave none
+    (registers a thread; local and static shared memory in bytes)."""
+    return ", ".join(f"{name} {'?' if values.get(name) is None else values[name]}"
+                     for name in CODE_ATTRIBUTES)
+
+
+def summarize(nodes: dict[int, tuple[str, str, str, str]],
               edges: Iterable[tuple[int, int, int, int]]) -> dict[str, Any]:
-    """One graph's summary. nodes: handle -> (type, kernel name or "", launch shape or ""), in
-    the driver's order; edges: (from, to, from_port, type) per dependency."""
+    """One graph's summary. nodes: handle -> (type, kernel name, launch shape, code; "" for
+    all three off a kernel), in the driver's order; edges: (from, to, from_port, type) per
+    dependency."""
     types: dict[str, int] = {}
     kernels: dict[str, dict[str, Any]] = {}
-    for kind, name, shape in nodes.values():
+    for kind, name, shape, code in nodes.values():
         types[kind] = types.get(kind, 0) + 1
         if kind == "kernel":
             kernels.setdefault(name, {"name": name, "count": 0, "programmatic_in": 0,
-                                      "launches": {}})
+                                      "launches": {}, "codes": {}})
             kernels[name]["count"] += 1
-            launches = kernels[name]["launches"]
-            launches[shape] = launches.get(shape, 0) + 1
+            for counts, key in ((kernels[name]["launches"], shape),
+                                (kernels[name]["codes"], code)):
+                counts[key] = counts.get(key, 0) + 1
     between = programmatic = 0
     kinds: dict[str, int] = {}
     for source, target, port, kind in edges:
@@ -116,24 +128,45 @@ class Driver:
         if status != 0:
             raise InfermeterError(f"{call} failed with CUDA driver error {status}")
 
-    def kernel(self, node: int) -> tuple[str, str]:
-        """A kernel node's (name, launch shape)."""
+    def kernel(self, node: int) -> tuple[str, str, str]:
+        """A kernel node's (name, launch shape, code)."""
         # CUDA_KERNEL_NODE_PARAMS_v2: func at 0, kern (a library kernel) at 56; 128 bytes hold it
         params = (ctypes.c_uint64 * 16)()
         self._check(self.kernel_params(ctypes.c_void_p(node), params), "kernel node params")
         shape = launch_shape(bytes(params))
+        code = code_text(self.code(params[0], params[7]))
         name, status = ctypes.c_char_p(), 0
         if params[0]:
             status = self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(params[0]))
         elif params[7]:
             status = self.lib.cuKernelGetName(ctypes.byref(name), ctypes.c_void_p(params[7]))
         if status:  # a kernel without a name still counts, and its edges with it
-            return f"? (driver error {status})", shape
-        return (name.value or b"?").decode(errors="replace"), shape
+            return f"? (driver error {status})", shape, code
+        return (name.value or b"?").decode(errors="replace"), shape, code
 
-    def read(self, graph: int) -> tuple[dict[int, tuple[str, str, str]], list[tuple[int, ...]]]:
-        """(nodes: handle -> (type, name, launch shape), edges: (from, to, from_port, type)) of
-        a CUgraph."""
+    def code(self, function: int, library_kernel: int) -> dict[str, int | None]:
+        """What the build of a node's kernel fixed (CODE_ATTRIBUTES), from its CUfunction, or
+        from its CUkernel on the current context's device; None where the driver gave none."""
+        values: dict[str, int | None] = {}
+        device = ctypes.c_int()
+        if not function and self.lib.cuCtxGetDevice(ctypes.byref(device)):
+            library_kernel = 0
+        for name, attribute in CODE_ATTRIBUTES.items():
+            value, status = ctypes.c_int(), 1
+            if function:
+                status = self.lib.cuFuncGetAttribute(ctypes.byref(value), attribute,
+                                                     ctypes.c_void_p(function))
+            elif library_kernel:
+                status = self.lib.cuKernelGetAttribute(ctypes.byref(value), attribute,
+                                                       ctypes.c_void_p(library_kernel),
+                                                       device)
+            values[name] = None if status else value.value
+        return values
+
+    def read(self, graph: int) -> tuple[dict[int, tuple[str, str, str, str]],
+                                        list[tuple[int, ...]]]:
+        """(nodes: handle -> (type, name, launch shape, code), edges: (from, to, from_port,
+        type)) of a CUgraph."""
         handle = ctypes.c_void_p(graph)
         count = ctypes.c_size_t()
         self._check(self.lib.cuGraphGetNodes(handle, None, ctypes.byref(count)), "cuGraphGetNodes")
@@ -146,7 +179,7 @@ class Driver:
             self._check(self.lib.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)),
                         "cuGraphNodeGetType")
             name = NODE_TYPES.get(kind.value, f"type {kind.value}")
-            nodes[node] = (name, *self.kernel(node)) if name == "kernel" else (name, "", "")
+            nodes[node] = (name, *self.kernel(node)) if name == "kernel" else (name, "", "", "")
         self._check(self.get_edges(handle, None, None, None, ctypes.byref(count)), "edges")
         sources, targets = (ctypes.c_void_p * count.value)(), (ctypes.c_void_p * count.value)()
         data = (ctypes.c_uint8 * (8 * count.value))()  # CUgraphEdgeData: from_port, to_port, type
