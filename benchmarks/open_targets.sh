@@ -43,12 +43,6 @@
 #                        recorded step, one round, traced (step_kernels_ab.py --attention-pdl;
 #                        4 cases of ~45 s). Its split programs have one cache block each there
 #                        (512 slots), with no pipeline: --split-stages would change nothing
-#   part step-fold       the fused step with the attention's combine in a kernel of its own or
-#                        folded into wo's (kernels/combine_wo.py), each with the split kernel
-#                        launched early or plainly, at 135M and 0.5B, the recorded step, one
-#                        round, traced (step_kernels_ab.py --fold-combine; 8 cases of ~45 s; the
-#                        fold, early, lost at both on an H100 on 2026-12-06)
-#   part step-fold-1b    the same fold off and on at Llama-3.2-1B (2 cases)
 #   part step-unsplit    the fused step with its decode attention split (a combine kernel after)
 #                        and unsplit (one program a KV head over the whole 512-slot cache, no
 #                        combine; decode_attention.UNSPLIT), at 135M, 0.5B and 1B, the recorded
@@ -180,8 +174,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-fold|step-fold-1b|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -278,14 +272,6 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --attention-pdl both combine --trace "$dest/traces-step-attention" \
       --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
-  step-fold)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
-      --fold-combine off on --attention-pdl both combine --trace "$dest/traces-step-fold" \
-      --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;
-  step-fold-1b)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
-      --fold-combine off on --trace "$dest/traces-step-fold" --results "$dest" \
-      --models llama-3.2-1b ;;
   step-argmax)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --argmax-parts 0 64 --results "$dest" --models smollm2-135m qwen2.5-0.5b ;;

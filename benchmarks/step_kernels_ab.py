@@ -37,9 +37,8 @@ decode attention's two kernels launch under PDL (decode_attention.ATTENTION_PDL:
 it, the default; the split kernel plainly and the combine with it; neither), labelled
 "fused/recorded", "fused/recorded/attention-pdl-combine" and "fused/recorded/attention-no-pdl";
 with --split-stages 0 1 once for each num_stages of the split kernel's PDL launches
-(decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1"; with
---fold-combine off on once without and once with the attention's combine folded into wo's
-kernel (combine_wo.FOLD), labelled ".../combine-in-wo". With --argmax-parts 64 0 every kind
+(decode_attention.SPLIT_STAGES; 0, Triton's own), labelled ".../split-stages-1". With
+--argmax-parts 64 0 every kind
 runs once for each way the step's argmax reduces a row (sampling.ARGMAX_PARTS: N, in N parts, 64
 the default; 0, torch's in one reduction), labelled ".../argmax-parts-0" off the default.
 With --unsplit off on every kind runs once with the decode attention split over programs and
@@ -85,7 +84,6 @@ from tile_grid import table_from_json  # benchmarks/ beside this script
 
 from infermeter.commands.common import positive_int
 from infermeter.engine.generator import STEP_GRAPHS
-from infermeter.engine.kernels.combine_wo import FOLD_WAYS
 from infermeter.engine.kernels.decode_attention import (
     ATTENTION_PDL_WAYS,
     EARLY_BLOCK_WAYS,
@@ -140,7 +138,6 @@ PREFETCHED = "prefetch-"  # the label's mark of a prefetch distance (prefetch.DI
 # the label's marks of decode_attention.ATTENTION_PDL's other ways and of SPLIT_STAGES
 ATTENTION_MARKS = {"both": "", "combine": "attention-pdl-combine", "none": "attention-no-pdl"}
 SPLIT_STAGED = "split-stages-"
-FOLDED = "combine-in-wo"  # the label's mark of combine_wo.FOLD "on"
 ARGMAX_PARTED = "argmax-parts-"  # the label's mark of sampling.ARGMAX_PARTS off its default
 BATCHED = "batch-"  # the label's mark of a batch past one
 UNSPLIT_MARK = "unsplit"  # the label's mark of decode_attention.UNSPLIT "on"
@@ -152,7 +149,7 @@ FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
-          attention_pdl: str = "both", split_stages: int = 0, fold: str = "off",
+          attention_pdl: str = "both", split_stages: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
@@ -160,9 +157,9 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
     "/prefetch-N" where its kernels prefetch N kernels ahead, ATTENTION_MARKS' mark where the
     decode attention launches other than both kernels under PDL, "/split-stages-N" where
-    its split kernel has N pipeline stages, "/combine-in-wo" where wo's kernel combines the
-    attention's splits, "/argmax-parts-N" where the argmax reduces a row in N parts other than
-    the default's (0: in one reduction), "/unsplit" where the attention ran unsplit,
+    its split kernel has N pipeline stages, "/argmax-parts-N" where the argmax reduces a row
+    in N parts other than the default's (0: in one reduction), "/unsplit" where the attention
+    ran unsplit,
     BLOCK_MARKS' mark where a one-block split program loaded its block before ("/early-block")
     or after ("/late-block") the wait by name rather than by the step's default,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
@@ -171,7 +168,6 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
-             FOLDED if fold == "on" else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
              UNSPLIT_MARK if unsplit == "on" else "", BLOCK_MARKS[early_block],
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else ""]
@@ -186,7 +182,6 @@ def _settings() -> list[tuple[str, object, str, bool]]:
     from infermeter.engine import model as engine_model
     from infermeter.engine import sampling
     from infermeter.engine.kernels import (
-        combine_wo,
         decode_attention,
         fused_step,
         prefetch,
@@ -197,7 +192,6 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("distances", prefetch, "DISTANCE", False),
             ("attention_pdl", decode_attention, "ATTENTION_PDL", False),
             ("split_stages", decode_attention, "SPLIT_STAGES", False),
-            ("folds", combine_wo, "FOLD", False),
             ("tiles", fused_step, "TILES_FROM", False),
             ("heads", engine_model, "FUSED_HEAD", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
@@ -212,7 +206,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, at `batch`
     sequences, once for each combination of the values asked of _settings()' keywords in
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
-    attention_pdl and split_stages: decode_attention's; folds: combine_wo.FOLD; tiles:
+    attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
     model.FUSED_HEAD; argmax_parts: sampling.ARGMAX_PARTS; unsplits and early_blocks:
     decode_attention's UNSPLIT and EARLY_BLOCK), a fused-only setting at the module's own value
@@ -238,7 +232,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 for (_, module, attribute, _), value in zip(settings, combination):
                     _apply(module, attribute, value)
                 name = label(kind, way, case["qk_ways"], case["distances"],
-                             case["attention_pdl"], case["split_stages"], case["folds"],
+                             case["attention_pdl"], case["split_stages"],
                              case["argmax_parts"], batch, case["unsplits"],
                              case["early_blocks"], case["tiles"], case["heads"])
                 if trace:
@@ -302,10 +296,10 @@ def summary(results: list[Result]) -> str:
             early = f"{base}/{BLOCK_MARKS['on']}"
             if last == BLOCK_MARKS["off"] and early in kinds:  # the block late against early
                 lines.append(ab_line(name, kinds, early, kind))
-            # prefetching, the attention's other launches, other split stages, the fold, unsplit,
+            # prefetching, the attention's other launches, other split stages, unsplit,
             # a block asked by name: against not
             elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
-                    or last in (FOLDED, UNSPLIT_MARK, *ATTENTION_MARKS.values(),
+                    or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
                                 FUSED_HEAD_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
@@ -366,8 +360,6 @@ def arguments():
     _ways(parser, "--early-block", EARLY_BLOCK_WAYS, "every kind once for each: a one-block "
           "split program loads its block before the PDL wait (on), after it (off), or before "
           "it in the fused step and after it in the split one (auto; the default)")
-    _ways(parser, "--fold-combine", FOLD_WAYS, "the fused kind once for each: the decode "
-          "attention's combine in a kernel of its own (off) or in wo's (on) (default: off)")
     _ways(parser, "--fused-tiles", TILES_FROM_WAYS, "the fused kind once for each place its "
           "kernels take their tiles from: the table (FUSED_TILES), none (the GEMV's, adapted), "
           "or the entry --tiles-file suggests for this GPU (default: table)")
@@ -391,7 +383,7 @@ def main() -> int:
         run_model(args.one, args.rounds, path, env, trace=args.trace, graphs=tuple(args.graphs),
                   kinds=tuple(args.kernels), qk_ways=tuple(args.qk_norm_kernels),
                   distances=tuple(args.prefetch), attention_pdl=tuple(args.attention_pdl),
-                  split_stages=tuple(args.split_stages), folds=tuple(args.fold_combine),
+                  split_stages=tuple(args.split_stages),
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
@@ -408,7 +400,6 @@ def main() -> int:
                       "--prefetch", *map(str, args.prefetch),
                       "--attention-pdl", *args.attention_pdl,
                       "--split-stages", *map(str, args.split_stages),
-                      "--fold-combine", *args.fold_combine,
                       "--argmax-parts", *map(str, args.argmax_parts),
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,

@@ -304,8 +304,6 @@ FUSED_SWITCHES = {
                               "attention_pdl"),
     "split stages": ("decode_attention", "SPLIT_STAGES", "split_stages", (0, 1),
                      "fused/split-stages-1", "--split-stages", "split_stages"),
-    "combine in wo": ("combine_wo", "FOLD", "folds", ("off", "on"), "fused/combine-in-wo",
-                      "--fold-combine", "fold_combine"),
     "tiles": ("fused_step", "TILES_FROM", "tiles", ("table", "gemv"), "fused/gemv-tiles",
               "--fused-tiles", "fused_tiles"),
     "head": ("infermeter.engine.model", "FUSED_HEAD", "heads", ("off", "on"), "fused/fused-head",
@@ -318,8 +316,9 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
                                                                              tmp_path, switch):
     """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
-    (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES) and
-    --fold-combine off on (combine_wo.FOLD): the fused case runs once with
+    (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES),
+    --fused-tiles table gemv (fused_step.TILES_FROM) and --fused-head off on
+    (model.FUSED_HEAD): the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
     takes the values in either order and refuses one there is not."""

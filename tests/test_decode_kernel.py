@@ -353,3 +353,18 @@ def test_on_cuda_the_unsplit_kernel_is_the_math_paths_attention(dtype):
                     err = (got - want).abs().max().item()
                     assert err <= 2 ** -7 * want.abs().max().item(), \
                         (kv_heads, groups, pos, with_pdl, splits, err)
+
+
+def test_a_result_whose_wo_combined_the_splits_stays_a_comparison(monkeypatch):
+    """The combine folded into wo's kernel was removed on 2026-12-07: a Result of the fused step
+    no longer records config.combine_in_wo, and an older Result with it true is still a
+    comparison, never a column's representative (false or absent: the default)."""
+    from infermeter.report.select import off_default_kernels
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    assert "combine_in_wo" not in batch_one_runner(monkeypatch, PRESETS["debug"],
+                                                   "fused").describe()
+    assert off_default_kernels(seed_record(1, combine_in_wo=True))
+    assert not off_default_kernels(seed_record(2, combine_in_wo=False))
+    assert not off_default_kernels(seed_record(3))

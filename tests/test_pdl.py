@@ -349,16 +349,13 @@ def test_on_cuda_ropes_rows_are_the_tables():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("way, stages, fold", [("combine", 0, "off"), ("both", 1, "off"),
-                                               ("both", 0, "on"), ("combine", 0, "on")])
-def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch, way, stages,
-                                                                      fold):
+@pytest.mark.parametrize("way, stages", [("combine", 0), ("both", 1)])
+def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch, way, stages):
     """The fused step in our recorded CUDA graph with the split kernel launched plainly
-    (ATTENTION_PDL "combine") or with one pipeline stage (SPLIT_STAGES 1), or the combine
-    folded into wo's kernel (combine_wo.FOLD "on"): eager's greedy tokens, PDL on where it
-    runs."""
+    (ATTENTION_PDL "combine") or with one pipeline stage (SPLIT_STAGES 1): eager's greedy
+    tokens, PDL on where it runs."""
     from infermeter.engine.generator import Generator
-    from infermeter.engine.kernels import combine_wo, decode_attention
+    from infermeter.engine.kernels import decode_attention
     from infermeter.engine.model import set_step_kernels
     from tests.test_generate import (
         PROMPTS,
@@ -369,7 +366,6 @@ def test_on_cuda_the_attentions_other_launches_give_the_eager_tokens(monkeypatch
 
     monkeypatch.setattr(decode_attention, "ATTENTION_PDL", way)
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", stages)
-    monkeypatch.setattr(combine_wo, "FOLD", fold)
     model = peaked_cuda_model(SPEC, torch.float16)
     gen = Generator(model, max_seq_len=64, step_graphs="recorded")
     set_step_kernels(model, "fused")

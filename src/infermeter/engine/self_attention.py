@@ -247,7 +247,6 @@ class Attention(nn.Module):
             out = flex_decode_attention(q, keys, values, self.kv_cache.key_pos, input_pos,
                                         self.kv_cache.window, self.softcap, sinks)
         elif seqlen == 1 and kind == "triton" and compiling() and decode_kernel_usable(q):
-            from infermeter.engine.kernels.combine_wo import folds
             from infermeter.engine.kernels.decode_attention import (
                 decode_attention_kernel,
                 split_count,
@@ -255,8 +254,6 @@ class Attention(nn.Module):
 
             cache = self.kv_cache
             splits = split_count(bsz * self.n_kv_heads, cache.size, q.device)
-            if residual is not None and folds():  # the fused step, its combine in wo's kernel
-                return self._combined_into_wo(q, keys, values, input_pos, splits, residual)
             out = decode_attention_kernel(q, keys, values, cache.key_pos, input_pos,
                                           cache.window or 0, cache.is_ring, splits,
                                           self.softcap or 0.0, self.sinks, fused_step=fused_step)
@@ -275,17 +272,3 @@ class Attention(nn.Module):
             return matvec_add(out.reshape(1, -1), self.wo.weight,
                               residual.reshape(1, -1), ahead).view_as(residual)
         return self.wo(out)
-
-    def _combined_into_wo(self, q: Tensor, keys: Tensor, values: Tensor, input_pos: Tensor,
-                          splits: int, residual: Tensor) -> Tensor:
-        """The fused step's attention, wo and residual add in two kernels: the split kernel's
-        partials, then wo's kernel combining them (combine_wo.py) -> [1, 1, dim]."""
-        from infermeter.engine.kernels.combine_wo import combine_matvec_add
-        from infermeter.engine.kernels.decode_attention import decode_attention_partials
-
-        cache = self.kv_cache
-        acc, m, l_sum = decode_attention_partials(q, keys, values, cache.key_pos, input_pos,
-                                                  cache.window or 0, cache.is_ring, splits,
-                                                  self.softcap or 0.0)
-        return combine_matvec_add(acc, m, l_sum, self.sinks, self.wo.weight,
-                                  residual.reshape(1, -1)).view_as(residual)

@@ -95,7 +95,6 @@ class EngineRunner:
                 "qk_norm_kernels": self._qk_norm_kernels_used(),
                 "prefetch": self._prefetch_used(),
                 **self._attention_launch_used(used),
-                "combine_in_wo": self._combine_in_wo_used(used),
                 "attention_unsplit": self._unsplit_used(used),
                 **self._fused_tiles_used(),
                 "fused_head": self._fused_head_used(),
@@ -202,16 +201,6 @@ class EngineRunner:
         return any(layer.step_kernels == "fused"
                    and {"attention_in", "attention_out"} & set(layer.fused_parts())
                    for layer in self.generator.model.layers)
-
-    def _combine_in_wo_used(self, used: dict) -> bool | None:
-        """Whether the fused step's wo kernel combined the split-KV attention's partials itself
-        (kernels/combine_wo.py, FOLD: an A/B's setting); None where no layer's wo + add ran
-        fused after that attention."""
-        if self._step_kernels_used() in (None, "split") or "triton" not in used:
-            return None
-        from infermeter.engine.kernels import combine_wo  # only here, as decode_attention
-
-        return combine_wo.FOLD == "on"
 
     def _unsplit_used(self, used: dict) -> bool | None:
         """Whether the compiled step's split-KV decode attention ran unsplit (kernels/

@@ -241,7 +241,8 @@ def off_default_kernels(record: Record) -> bool:
     (config.attention_pdl, config.split_stages; config.early_block_way other than "auto", or
     before that field, the default "on" until 2026-12-07, config.early_block false;
     kernels/decode_attention.py, an A/B's), its
-    combine folded into wo (config.combine_in_wo; kernels/combine_wo.py, an A/B's) or run
+    combine folded into wo (config.combine_in_wo, in Results until 2026-12-07, when that A/B's
+    kernel was removed) or run
     unsplit (config.attention_unsplit; kernels/decode_attention.py, an A/B's), an A/B's
     baseline run of an older source tree (config.ab.baseline) or a run with a setting made
     outside the engine, in its environment (config.ab.environment, e.g. inductor's PDL for

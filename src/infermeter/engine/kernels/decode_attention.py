@@ -34,11 +34,11 @@ measures it ("fused-triton").
 A one-launch variant, the last split program of each row combining it (an atomic count), was
 tried and removed on 2026-12-06: on an H100 it ran 3-8% slower than the two kernels at
 SmolLM2-135M and Llama-3.2-1B (docs/engine.md, "Split-KV decode attention").
-The combine folded into wo's kernel instead (combine_wo.py, split_kv_partials here) is an A/B's
-setting, off: it lost on an H100 (docs/engine.md, "Fewer round trips a kernel"). So is the
-attention unsplit (n_splits 0, UNSPLIT: grid B * H_kv, one program over a row's whole cache,
-normalised in place, no combine kernel), off: it lost below 1B on an H100 (docs/engine.md,
-"The attention unsplit").
+So was the combine folded into wo's kernel (removed on 2026-12-07 after losing on an H100
+twice: docs/engine.md, "Fewer round trips a kernel"). The attention unsplit (n_splits 0,
+UNSPLIT: grid B * H_kv, one program over a row's whole cache, normalised in place, no combine
+kernel) is an A/B's setting, off: it lost below 1B on an H100 (docs/engine.md, "The attention
+unsplit").
 
 Works where Triton does: CUDA, or the CPU under TRITON_INTERPRET=1 (how the tests run it).
 """
@@ -472,38 +472,6 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: T
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.triton_op("infermeter::split_kv_partials", mutates_args=())
-def split_kv_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                      softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """split_kv_decode's split kernel alone, for a kernel that combines the splits itself
-    (combine_wo.py): acc [B * H_kv, n_splits, G, D], m and l [B * H_kv, n_splits, G], float32."""
-    return _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
-                           softcap, pdl=False)
-
-
-@torch.library.custom_op("infermeter::split_kv_partials_pdl", mutates_args=())
-def split_kv_partials_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                          query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                          softcap: float = 0.0, early_split: bool = True,
-                          split_stages: int = 0,
-                          early_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """split_kv_partials launched with PDL (early_split, split_stages, early_block:
-    split_kv_decode_pdl's)."""
-    return _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
-                           softcap, pdl=True, early_split=early_split, split_stages=split_stages,
-                           early_block=early_block)
-
-
-@split_kv_partials_pdl.register_fake
-def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
-      window: int, is_ring: bool, n_splits: int, softcap: float = 0.0, early_split: bool = True,
-      split_stages: int = 0, early_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    bsz, n_kv_heads, groups, head_dim = q.shape
-    m = q.new_empty(bsz * n_kv_heads, n_splits, groups, dtype=torch.float32)
-    return m.new_empty(*m.shape, head_dim), m, torch.empty_like(m)
-
-
 def early_block_for(fused_step: bool) -> bool:
     """Whether a one-block split program loads its block before the PDL wait, in the fused step
     (fused_step) or the split one, as EARLY_BLOCK says."""
@@ -533,16 +501,3 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                                    n_splits, softcap, sinks, early, SPLIT_STAGES, early_block)
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)
-
-
-def decode_attention_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
-                              query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
-                              softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """split_kv_partials as the compiled step calls it (decode_attention_kernel's launch
-    rules; only the fused step's wo kernel combines partials, so its EARLY_BLOCK)."""
-    with_pdl, early, early_block = _launch_way(fused_step=True)
-    if with_pdl:
-        return split_kv_partials_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                     n_splits, softcap, early, SPLIT_STAGES, early_block)
-    return split_kv_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                             n_splits, softcap)
