@@ -99,6 +99,14 @@
 #                        (--early-block on off): the two changes since the issue's tree that
 #                        reach a 7B step and can be switched back, against its 1.2% (about
 #                        4 x 75 s)
+#   part step-large-bisect  Llama-2-7B fp16 at batch 1, default kernels: this tree, then the
+#                        snapshots of 0558cf5 (2026-12-07, before the op-fallback pass and
+#                        EARLY_BLOCK "auto") and 86471a7 (2026-12-06, after the held step, the
+#                        argmax in parts and the one-block programs), then the issue's tree,
+#                        one round, every process on an empty compiler cache: where between the
+#                        issue's tree and this one 7B's step lost its 1.2-1.9% (folders made
+#                        beforehand by `trees_ab.py snapshot 0558cf5 86471a7 cdd90d2 --into
+#                        .trees`; about 4 x 110 s)
 #   part step-block      the one-block programs' load by step: 7B's split step with the block
 #                        after the PDL wait first, then before it (step-large-switches' order
 #                        reversed, into step-large-switches-reversed-<device>.jsonl), then the
@@ -174,8 +182,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -331,6 +339,14 @@ case "${1:-}" in
       || echo "argmax parts: failed" >&2
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --early-block on off \
       --results "$dest" --name step-large-switches --models llama-2-7b ;;
+  step-large-bisect)
+    issue_pair
+    for tree in .trees/0558cf5e868b .trees/86471a7fda23; do
+      [ -f "$tree/REV" ] || { echo "no snapshot $tree: python3 benchmarks/trees_ab.py snapshot ${tree#.trees/} --into .trees" >&2; exit 2; }
+    done
+    python3 benchmarks/trees_ab.py run "$here" .trees/0558cf5e868b .trees/86471a7fda23 "$issue" \
+      --caches fresh --rounds 1 --timeout 150 --name step-large-bisect --results "$dest" \
+      -- "${seed7b[@]}" --repeats 5 ;;
   step-block)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --kernels split --early-block off on \
       --results "$dest" --name step-large-switches-reversed --models llama-2-7b \

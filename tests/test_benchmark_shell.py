@@ -172,7 +172,8 @@ def _trees_ab(part: str) -> tuple[str, list[str], Any]:
     words = _words(line)
     ours, flags = words[:words.index("--")], words[words.index("--") + 1:]
     assert ours[ours.index("--results") + 1] == "x"
-    assert re.search(r"^\s+(snapshot_here|issue_ab) ?", branch, re.M)
+    # this tree snapshotted: by snapshot_here itself, or by issue_pair / issue_ab, which call it
+    assert re.search(r"^\s+(snapshot_here|issue_pair|issue_ab) ?", branch, re.M)
     snapshot = re.search(r"^snapshot_here\(\) \{\n(.*?)^\}", text, re.M | re.S).group(1)
     assert 'echo "${INFERMETER_SOURCE_REVISION:?' in snapshot  # no REV: the part stops
     return branch, ours, build_parser().parse_args(["generate", *flags])
@@ -587,3 +588,23 @@ def test_the_block_part_times_the_early_load_in_each_step_both_ways():
     for args in parsed:
         assert (args.batch, args.rounds, args.argmax_parts, args.unsplit) == \
             (1, 1, default.argmax_parts, default.unsplit)
+
+
+def test_the_7b_bisect_part_times_this_tree_two_snapshots_between_and_the_issue_s():
+    """step-large-bisect: this tree, then 0558cf5's and 86471a7's snapshots (each checked for
+    before anything runs), then the issue's tree, one round, each process on an empty compiler
+    cache, the main job's 7B case."""
+    branch, ours, args = _trees_ab("step-large-bisect")
+    assert "issue_pair" in branch
+    # "$here" and "$issue" read as x (a quoted variable), the two snapshots as themselves
+    assert ours[1:5] == ["x", ".trees/0558cf5e868b", ".trees/86471a7fda23", "x"]
+    assert 'trees_ab.py run "$here" .trees/0558cf5e868b .trees/86471a7fda23 "$issue"' in branch
+    checked = re.search(r"for tree in ([^;]*); do", branch).group(1).split()
+    assert checked == [".trees/0558cf5e868b", ".trees/86471a7fda23"]
+    assert branch.index("for tree in") < branch.index("trees_ab.py run")
+    assert ours[ours.index("--caches") + 1] == "fresh"
+    assert ours[ours.index("--rounds") + 1] == "1"
+    assert ours[ours.index("--name") + 1] == "step-large-bisect"
+    assert (args.model, args.dtype, args.batch_size, args.mode) == \
+        ("llama-2-7b", "fp16", [1], ["compiled"])
+    assert (args.prompt_len, args.max_new_tokens, args.max_seq_len) == ([80], 432, 512)
