@@ -209,11 +209,17 @@ snapshot_here() {
   echo "${INFERMETER_SOURCE_REVISION:?the 40-hex commit sent}" > "$here/REV"
 }
 
+need_snapshot() {
+  # a folder under .trees made beforehand by `trees_ab.py snapshot` and carried to the GPU: the
+  # part stops, saying how to make it, where it is missing
+  [ -f "$1/REV" ] || { echo "no snapshot $1: python3 benchmarks/trees_ab.py snapshot ${1#.trees/} --into .trees" >&2; exit 2; }
+}
+
 issue_pair() {
   # $here, and $issue: the tree issue 27 was filed on (cdd90d2), a snapshot made beforehand by
   # `trees_ab.py snapshot cdd90d2 --into .trees` and carried to the GPU
   issue=.trees/cdd90d230f8d
-  [ -f "$issue/REV" ] || { echo "no snapshot $issue: python3 benchmarks/trees_ab.py snapshot cdd90d2 --into .trees" >&2; exit 2; }
+  need_snapshot "$issue"
   snapshot_here
 }
 
@@ -341,9 +347,7 @@ case "${1:-}" in
       --results "$dest" --name step-large-switches --models llama-2-7b ;;
   step-large-bisect)
     issue_pair
-    for tree in .trees/0558cf5e868b .trees/86471a7fda23; do
-      [ -f "$tree/REV" ] || { echo "no snapshot $tree: python3 benchmarks/trees_ab.py snapshot ${tree#.trees/} --into .trees" >&2; exit 2; }
-    done
+    for tree in .trees/0558cf5e868b .trees/86471a7fda23; do need_snapshot "$tree"; done
     python3 benchmarks/trees_ab.py run "$here" .trees/0558cf5e868b .trees/86471a7fda23 "$issue" \
       --caches fresh --rounds 1 --timeout 150 --name step-large-bisect --results "$dest" \
       -- "${seed7b[@]}" --repeats 5 ;;
