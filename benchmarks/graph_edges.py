@@ -147,20 +147,21 @@ class Driver:
     def code(self, function: int, library_kernel: int) -> dict[str, int | None]:
         """What the build of a node's kernel fixed (CODE_ATTRIBUTES), from its CUfunction, or
         from its CUkernel on the current context's device; None where the driver gave none."""
+        if function:
+            def ask(out: Any, attribute: int) -> int:
+                return self.lib.cuFuncGetAttribute(out, attribute, ctypes.c_void_p(function))
+        else:
+            device = ctypes.c_int()
+            if not library_kernel or self.lib.cuCtxGetDevice(ctypes.byref(device)):
+                return dict.fromkeys(CODE_ATTRIBUTES)
+
+            def ask(out: Any, attribute: int) -> int:
+                return self.lib.cuKernelGetAttribute(out, attribute,
+                                                     ctypes.c_void_p(library_kernel), device)
         values: dict[str, int | None] = {}
-        device = ctypes.c_int()
-        if not function and self.lib.cuCtxGetDevice(ctypes.byref(device)):
-            library_kernel = 0
         for name, attribute in CODE_ATTRIBUTES.items():
-            value, status = ctypes.c_int(), 1
-            if function:
-                status = self.lib.cuFuncGetAttribute(ctypes.byref(value), attribute,
-                                                     ctypes.c_void_p(function))
-            elif library_kernel:
-                status = self.lib.cuKernelGetAttribute(ctypes.byref(value), attribute,
-                                                       ctypes.c_void_p(library_kernel),
-                                                       device)
-            values[name] = None if status else value.value
+            value = ctypes.c_int()
+            values[name] = None if ask(ctypes.byref(value), attribute) else value.value
         return values
 
     def read(self, graph: int) -> tuple[dict[int, tuple[str, str, str, str]],
