@@ -206,23 +206,26 @@ def _batch8_trees_ab(part: str) -> tuple[str, str, list[str]]:
 
 
 def test_the_issue_tree_parts_time_the_issue_s_snapshot_against_this_tree_on_fresh_caches():
-    """step-batch-issue-tree (batch 8 at 1B, two rounds) and step-large-issue-tree (issue 27's
-    no-loss check at 7B: Llama-2-7B fp16, batch 1, one round): this tree, then cdd90d2's
+    """step-batch-issue-tree (batch 8 at 1B, two rounds), step-large-issue-tree (issue 27's
+    no-loss check at 7B: Llama-2-7B fp16, batch 1, one round) and step-large-spread (the same
+    case, three rounds: the spread between processes beside the trees'): this tree, then cdd90d2's
     snapshot, every process on an empty compiler cache of its own."""
     text = shell_text(BENCHMARKS / "open_targets.sh")
     pair = _function(text, "issue_pair")
     assert "issue=.trees/cdd90d230f8d" in pair and "snapshot_here" in pair
     assert "issue_pair" in _function(text, "issue_ab")
-    for part, rounds in (("step-batch-issue-tree", "2"), ("step-large-issue-tree", "1")):
+    for part, rounds in (("step-batch-issue-tree", "2"), ("step-large-issue-tree", "1"),
+                         ("step-large-spread", "3")):
         branch, ours, args = _trees_ab(part)
         assert "issue_ab " in branch and ours[1:3] == ["x", "x"]  # "$here" "$issue"
         assert ours[ours.index("--caches") + 1] == "fresh"
         assert ours[ours.index("--rounds") + 1] == rounds
         assert ours[ours.index("--name") + 1] == part
-    _, _, large = _trees_ab("step-large-issue-tree")
-    assert (large.model, large.dtype, large.batch_size, large.mode) == \
-        ("llama-2-7b", "fp16", [1], ["compiled"])
-    assert (large.prompt_len, large.max_new_tokens, large.max_seq_len) == ([80], 432, 512)
+    for part in ("step-large-issue-tree", "step-large-spread"):
+        _, _, large = _trees_ab(part)
+        assert (large.model, large.dtype, large.batch_size, large.mode) == \
+            ("llama-2-7b", "fp16", [1], ["compiled"])
+        assert (large.prompt_len, large.max_new_tokens, large.max_seq_len) == ([80], 432, 512)
 
 
 def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
