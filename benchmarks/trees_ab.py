@@ -30,8 +30,11 @@ path. The device has no git: the trees travel as folders, made here first.
       the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU,
       SM clocks as its timed runs ended and the kernel configs its compile timed (0: every
       pick reloaded from the compiler's cache; where its Results have them), and per batch each
-      baseline against the first tree (per-run TPOT medians; whether the ranges are apart),
-      beside the Results as NAME-<device>-summary.txt
+      baseline against the first tree twice: over runs (per-run TPOT medians; whether the
+      ranges are apart) and over processes (each process's median one sample: whether the
+      processes' ranges are apart, and each tree's spread between its processes; with one
+      process a side, a line that says the runs cannot tell), beside the Results as
+      NAME-<device>-summary.txt
 
 A process that fails or passes --timeout prints one line and the rest still run.
 """
@@ -42,6 +45,7 @@ import argparse
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -250,7 +254,7 @@ def summarise(results: list[Result]) -> str:
         return "no Results of trees_ab.py in this file"
     latest = max(r.config["ab"].get("command", "") for r in ours)
     ours = [r for r in ours if r.config["ab"].get("command", "") == latest]
-    rows, runs = [], {}
+    rows, runs, processes = [], {}, {}
     for r in ours:
         ab, m, tpots = r.config["ab"], r.metrics, run_tpots(r)
         batch = r.config.get("batch_size")
@@ -258,6 +262,9 @@ def summarise(results: list[Result]) -> str:
                      ".4f"), *run_tpot_cells(tpots)[1:], fmt(m.get("decode_tok_per_s")),
                      fmt(m.get("mbu_pct")), sm_clocks(r), tuned(r)])
         runs.setdefault(batch, {}).setdefault(label(ab), []).extend(tpots)
+        if tpots:
+            processes.setdefault(batch, {}).setdefault(label(ab), []).append(
+                statistics.median(tpots))
     first = next(label(r.config["ab"]) for r in ours if not r.config["ab"].get("baseline"))
     lines = [f"{ours[0].model.get('name')}, `generate` one process a tree, the first tree "
              f"{first} (the others marked config.ab.baseline); command of {latest}",
@@ -265,9 +272,34 @@ def summarise(results: list[Result]) -> str:
                            "decode tok/s", "MBU %", "SM MHz", "configs timed"),
                           rows)]
     for batch, by_tree in runs.items():
-        lines += [ab_line(f"batch {batch}", by_tree, first, tree)
-                  for tree in by_tree if tree != first]
+        for tree in by_tree:
+            if tree != first:
+                lines += [ab_line(f"batch {batch}", by_tree, first, tree),
+                          process_line(f"batch {batch}", processes.get(batch, {}), first,
+                                       tree)]
     return "\n".join(lines)
+
+
+def process_line(case: str, processes: dict[str, list[float]], base: str, other: str) -> str:
+    """The verdict over processes, not runs: each process's median per-run TPOT is one sample
+    (a step's speed moves more between processes than between one process's runs). With two
+    or more processes a side, other / base from the medians of those samples, whether the two
+    sides' process ranges are apart, and each side's own spread (max / min - 1); with fewer,
+    a line that says the runs' verdict above cannot tell the trees from the processes."""
+    base_p, other_p = processes.get(base, []), processes.get(other, [])
+    if min(len(base_p), len(other_p)) < 2:
+        return (f"{case}: {other} / {base}: one process a side, so the ranges above are one "
+                f"process's runs; a process's speed moves more (alternate two rounds or more)")
+    ratio = statistics.median(other_p) / statistics.median(base_p)
+    apart = max(other_p) < min(base_p) or max(base_p) < min(other_p)
+
+    def spread(values: list[float]) -> str:
+        return f"{(max(values) / min(values) - 1) * 100:.1f}%"
+
+    return (f"{case}: {other} / {base} TPOT {ratio:.3f} over processes (medians of {len(base_p)} "
+            f"and {len(other_p)} processes' per-run medians; processes "
+            f"{'apart' if apart else 'overlap'}; spread within {base} {spread(base_p)}, within "
+            f"{other} {spread(other_p)})")
 
 
 def main(argv: list[str] | None = None) -> int:

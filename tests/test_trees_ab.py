@@ -21,7 +21,8 @@ from tests.benchmark_scripts import load_benchmark
 trees_ab = load_benchmark("trees_ab")
 
 # A stand-in `python -m infermeter generate ... --output F`: one generate Result whose runs
-# take MS a step (the tree's speed, from its file), its env.source_revision the environment's,
+# take MS a step (the tree's speed, from its file; "1.0,1.2": its first process 1.0, its
+# second 1.2, cycling), its env.source_revision the environment's,
 # its batch from --batch-size, AB_SLOWER in its environment multiplying MS, AB_SM its SM clock
 # (metrics.gpu_clocks), AB_TUNED the configs its compile timed (metrics.compiler); it records
 # its argv, PYTHONPATH's first entry and its compiler cache beside it.
@@ -35,7 +36,9 @@ if mode == "sleep":
     time.sleep(60)
 if mode == "fail":
     sys.exit(3)
-ms = float((here / "MS").read_text()) * float(os.environ.get("AB_SLOWER", "1"))
+done = len((here / "calls").read_text().splitlines()) if (here / "calls").exists() else 0
+speeds = (here / "MS").read_text().split(",")  # the k-th process of the tree takes the k-th
+ms = float(speeds[done % len(speeds)]) * float(os.environ.get("AB_SLOWER", "1"))
 batch = int(args[args.index("--batch-size") + 1])
 with open(here / "calls", "a") as calls:
     calls.write(json.dumps({"argv": args, "path": os.environ["PYTHONPATH"].split(os.pathsep)[0],
@@ -56,7 +59,7 @@ with open(args[args.index("--output") + 1], "a") as out:
 '''
 
 
-def stand_in_tree(root: Path, rev: str, ms: float = 1.0, mode: str = "ok") -> Path:
+def stand_in_tree(root: Path, rev: str, ms: float | str = 1.0, mode: str = "ok") -> Path:
     from infermeter.measure.result import SCHEMA_VERSION
 
     tree = root / rev[:12]
@@ -107,9 +110,40 @@ def test_trees_alternate_each_in_its_own_process_and_the_baselines_are_marked(tm
         f"{NEW[:12]} round 1, batch 8: TPOT p50 1.0000 ms, decode tok/s 8000.0",
         f"{OLD[:12]} round 1, batch 8: TPOT p50 1.1000 ms, decode tok/s 7272.7"]
     assert out.endswith(text)
-    assert f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.100" in text and "ranges apart" in text
+    assert f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.100 (per-run" in text
+    assert "ranges apart" in text
+    assert (f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.100 over processes (medians of 2 and 2 "
+            f"processes' per-run medians; processes apart; spread within {NEW[:12]} 0.0%, "
+            f"within {OLD[:12]} 0.0%)") in text
     # where $OUT is set the Results and the summary come back through it too
     assert (tmp_path / "out" / "t-gpu-summary.txt").read_text() == text
+
+
+def test_the_verdict_over_processes_sees_what_one_process_a_tree_cannot(tmp_path):
+    """Each tree's processes at three speeds, the trees 1% apart by their medians: the line
+    over processes gives that ratio, says the processes overlap and gives each tree's spread
+    between its processes (4% and 7%, larger than the trees' difference). One round of trees
+    1.05 apart: the runs' ranges are apart, and a line says that one process a side cannot
+    tell the trees from the processes."""
+    new = stand_in_tree(tmp_path, NEW, "1.00,1.04,1.02")
+    old = stand_in_tree(tmp_path, OLD, "0.99,1.06,1.03")
+    assert run_ab(tmp_path, [new, old], "--rounds", "3") == 0
+    lines = (tmp_path / "results" / "t-gpu-summary.txt").read_text().splitlines()
+    runs, processes = lines[-2:]
+    assert runs.startswith(f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.010 (per-run medians, "
+                           "6 and 6 runs; ranges overlap)")
+    assert processes == (f"batch 8: {OLD[:12]} / {NEW[:12]} TPOT 1.010 over processes "
+                         "(medians of 3 and 3 processes' per-run medians; processes overlap; "
+                         f"spread within {NEW[:12]} 4.0%, within {OLD[:12]} 7.1%)")
+    apart = tmp_path / "apart"
+    apart.mkdir()
+    new, old = stand_in_tree(apart, NEW, "1.00"), stand_in_tree(apart, OLD, "1.05")
+    assert run_ab(apart, [new, old], "--rounds", "1") == 0
+    runs, last = (apart / "results" / "t-gpu-summary.txt").read_text().splitlines()[-2:]
+    assert runs.endswith("TPOT 1.050 (per-run medians, 2 and 2 runs; ranges apart)")
+    assert last == (f"batch 8: {OLD[:12]} / {NEW[:12]}: one process a side, so the ranges above "
+                    "are one process's runs; a process's speed moves more (alternate two rounds "
+                    "or more)")
 
 
 def caches_of(tree: Path) -> list[str | None]:
