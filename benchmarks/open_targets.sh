@@ -112,6 +112,11 @@
 #                        compiler cache: the spread between processes beside the trees'
 #                        difference (one round each found this tree 1.2% and 1.9% slower, then
 #                        0.4% faster; about 6 x 88 s)
+#   part step-large-traces  step-large-issue-tree's two processes (this tree, the issue's), each
+#                        tracing a few decode steps (trees_ab.py --trace), then `infermeter
+#                        trace` of each and of this tree --against the issue's into
+#                        traces-large-<device>/summary.txt: which kernels hold 7B's 1.6% (about
+#                        2 x 100 s)
 #   part step-block      the one-block programs' load by step: 7B's split step with the block
 #                        after the PDL wait first, then before it (step-large-switches' order
 #                        reversed, into step-large-switches-reversed-<device>.jsonl), then the
@@ -187,8 +192,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -340,6 +345,19 @@ case "${1:-}" in
     issue_ab --name step-large-issue-tree --rounds 1 --timeout 200 -- "${seed7b[@]}" --repeats 5 ;;
   step-large-spread)
     issue_ab --name step-large-spread --rounds 3 --timeout 170 -- "${seed7b[@]}" --repeats 5 ;;
+  step-large-traces)
+    traces="$dest/traces-large-$slug"
+    issue_ab --name step-large-traces --rounds 1 --timeout 200 --trace "$traces" -- "${seed7b[@]}" --repeats 5
+    ours="$traces/0-0-$(head -c 12 "$here/REV")/trace-rank0.json"
+    theirs="$traces/0-1-cdd90d230f8d/trace-rank0.json"
+    { for trace in "$ours" "$theirs"; do
+        echo "== llama-2-7b batch 1, ${trace#"$traces"/}"
+        python3 -m infermeter trace "$trace" || true
+      done
+      echo "== this tree against the issue's"
+      python3 -m infermeter trace "$ours" --against "$theirs" || true
+    } > "$traces/summary.txt" 2>&1
+    gzip -f "$traces"/*/trace-rank0.json || true ;;
   step-large-prefill-graphs)
     for graphs in layer static; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate "${seed7b[@]}" \

@@ -12,7 +12,7 @@ path. The device has no git: the trees travel as folders, made here first.
       commits after OLD up to NEW that touch --paths (default src/): a bisection's next
       points
   python benchmarks/trees_ab.py run TREE[@KEY=VALUE...] [...] --name NAME [--rounds N]
-          [--timeout S] [--caches fresh|own|shared] -- GENERATE_FLAGS
+          [--timeout S] [--caches fresh|own|shared] [--trace DIR] -- GENERATE_FLAGS
       per round, each TREE in the order given: `python -m infermeter generate GENERATE_FLAGS`
       with TREE/src first on PYTHONPATH and INFERMETER_SOURCE_REVISION its REV, and each
       @KEY=VALUE set in that process's environment (a tree may come twice, with and without:
@@ -24,8 +24,9 @@ path. The device has no git: the trees travel as folders, made here first.
       figure); each process compiles into an empty compiler cache of its own (--caches fresh,
       the default: each tunes anew) or, with --caches own, into its entry's (empty in round
       0, reused after), so no tree reloads what another tree's process compiled and tuned
-      ("caches" in config.ab); --caches shared leaves the environment's to all; then the
-      summary (below)
+      ("caches" in config.ab); --caches shared leaves the environment's to all; with --trace
+      DIR each process also traces a few decode steps into DIR/<round>-<entry>-<12 hex>/ (for
+      `infermeter trace A --against B`); then the summary (below)
   python benchmarks/trees_ab.py summary --name NAME
       the latest command's Results: each process's TPOT p50, per-run range, decode tok/s, MBU,
       SM clocks as its timed runs ended and the kernel configs its compile timed (0: every
@@ -171,10 +172,11 @@ def child_env(entry: Entry, extra: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def run_tree(entry: Entry, flags: list[str], timeout: float | None, output: Path,
-             extra: tuple[str, ...] = ()) -> str | None:
-    """`generate FLAGS --output OUTPUT` in the entry's process; None, or why it gave
-    nothing."""
-    command = [sys.executable, "-m", "infermeter", "generate", *flags, "--output", str(output)]
+             extra: tuple[str, ...] = (), trace: Path | None = None) -> str | None:
+    """`generate FLAGS --output OUTPUT` (and `--trace TRACE`, a folder of this process's own)
+    in the entry's process; None, or why it gave nothing."""
+    command = [sys.executable, "-m", "infermeter", "generate", *flags, "--output", str(output),
+               *(("--trace", str(trace)) if trace else ())]
     child = subprocess.Popen(command, cwd=entry.tree, env=child_env(entry, extra),
                              start_new_session=True)  # its compile workers die with it
     try:
@@ -201,10 +203,16 @@ def label(ab: dict[str, Any]) -> str:
     return " ".join(p for p in (ab["tree"], ab.get("environment")) if p)
 
 
+def trace_folder(traces: Path | None, round_: int, index: int, entry: Entry) -> Path | None:
+    """--trace: a process's own folder under TRACES, <round>-<entry's place>-<tree's 12 hex>
+    (an entry's place tells apart one tree run with and without settings)."""
+    return traces / f"{round_}-{index}-{entry.rev[:12]}" if traces else None
+
+
 def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | None,
-        path: Path, start: float, caches: str = "shared") -> None:
+        path: Path, start: float, caches: str = "shared", traces: Path | None = None) -> None:
     """rounds x entries processes, each entry's Results labelled and appended to `path`; each
-    process's compiler cache as cache_settings says."""
+    process's compiler cache as cache_settings says, and its trace folder as trace_folder."""
     command = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
@@ -213,7 +221,8 @@ def run(entries: list[Entry], flags: list[str], rounds: int, timeout: float | No
                 progress(start, f"round {round_}: {name} ({entry.tree})")
                 output = Path(scratch) / f"{round_}-{index}.jsonl"
                 failed = run_tree(entry, flags, timeout, output,
-                                  cache_settings(caches, Path(scratch), index, round_))
+                                  cache_settings(caches, Path(scratch), index, round_),
+                                  trace_folder(traces, round_, index, entry))
                 try:
                     found = read_results(output) if output.exists() else []
                 except InfermeterError as err:
@@ -320,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     timed.add_argument("trees", nargs="+", metavar="TREE[@KEY=VALUE...]")
     timed.add_argument("--rounds", type=int, default=2)
     timed.add_argument("--timeout", type=float, help="seconds a process may run")
+    timed.add_argument("--trace", metavar="DIR",
+                       help="each process traces a few decode steps (generate --trace) into a "
+                            "folder of its own under DIR: <round>-<entry>-<tree's 12 hex>")
     # fresh by default: on an H100 on 2026-12-07 one tree ran at two speeds 5% apart on a
     # cache the trees shared (fast where its process compiled afresh, slow where it loaded the
     # cache) and at one speed on fresh caches, 7.3% from the next tree (docs/engine.md)
@@ -353,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             if not flags or "--output" in flags or "-o" in flags:
                 raise InfermeterError("give generate's flags after --, without --output (each "
                                       "process writes its own, gathered here)")
+            if "--trace" in flags:
+                raise InfermeterError("give --trace DIR before --, not among generate's flags "
+                                      "(each process traces into a folder of its own under it)")
             entries = [parse_entry(text) for text in args.trees]  # all checked before any runs
         path = results_path(args)
         if args.action == "run":
-            run(entries, flags, args.rounds, args.timeout, path, start, args.caches)
+            run(entries, flags, args.rounds, args.timeout, path, start, args.caches,
+                Path(args.trace) if args.trace else None)
         return write_summary(path, summarise, start)
     except InfermeterError as err:
         print(f"trees_ab.py: error: {err}", file=sys.stderr)

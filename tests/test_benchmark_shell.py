@@ -228,6 +228,26 @@ def test_the_issue_tree_parts_time_the_issue_s_snapshot_against_this_tree_on_fre
         assert (large.prompt_len, large.max_new_tokens, large.max_seq_len) == ([80], 432, 512)
 
 
+def test_the_large_traces_part_reads_the_folders_trees_ab_traces_into():
+    """step-large-traces: the 7B case on this tree and the issue's, one round, each process
+    tracing under $traces; the summary reads each trace from the folder trees_ab.trace_folder
+    names (round 0, the entry's place, the tree's 12 hex) and this tree's --against the
+    issue's."""
+    branch, ours, args = _trees_ab("step-large-traces")
+    assert ours[ours.index("--rounds") + 1] == "1" and ours[ours.index("--trace") + 1] == "x"
+    assert ours[ours.index("--caches") + 1] == "fresh"
+    assert (args.model, args.dtype, args.batch_size) == ("llama-2-7b", "fp16", [1])
+    trees_ab = load_benchmark("trees_ab")
+    here = trees_ab.Entry(Path("here"), "a" * 40)
+    issue = trees_ab.Entry(Path(".trees/cdd90d230f8d"), "cdd90d230f8d" + "0" * 28)
+    ours_folder = trees_ab.trace_folder(Path("T"), 0, 0, here).name
+    theirs_folder = trees_ab.trace_folder(Path("T"), 0, 1, issue).name
+    assert ours_folder == "0-0-" + "a" * 12  # the part spells it 0-0-$(head -c 12 $here/REV)
+    assert 'ours="$traces/0-0-$(head -c 12 "$here/REV")/trace-rank0.json"' in branch
+    assert f'theirs="$traces/{theirs_folder}/trace-rank0.json"' in branch
+    assert 'infermeter trace "$ours" --against "$theirs"' in branch
+
+
 def test_the_batch_placement_part_times_this_tree_plain_and_with_expandable_segments():
     """step-batch-placement: trees_ab.py over this tree's snapshot, plain first, then with the
     allocator's expandable segments in its environment, three rounds, the batch-8 case."""

@@ -146,6 +146,29 @@ def test_the_verdict_over_processes_sees_what_one_process_a_tree_cannot(tmp_path
                     "or more)")
 
 
+def test_each_process_traces_into_a_folder_of_its_own_under_trace(tmp_path):
+    """--trace DIR: every process's generate gets --trace DIR/<round>-<entry>-<12 hex>, so the
+    same tree twice (plain and with a setting) and its two rounds never share a folder; without
+    --trace no process traces."""
+    new, old = stand_in_tree(tmp_path, NEW), stand_in_tree(tmp_path, OLD)
+    traces = tmp_path / "traces"
+    assert run_ab(tmp_path, [new, old, f"{new}@AB_SLOWER=2"], "--rounds", "2",
+                  "--trace", str(traces)) == 0
+
+    def traced(tree: Path) -> list[str | None]:
+        argvs = [json.loads(line)["argv"] for line in (tree / "calls").read_text().splitlines()]
+        return [argv[argv.index("--trace") + 1] if "--trace" in argv else None
+                for argv in argvs]
+
+    assert traced(new) == [str(traces / f"{r}-{i}-{NEW[:12]}") for r in (0, 1) for i in (0, 2)]
+    assert traced(old) == [str(traces / f"{r}-1-{OLD[:12]}") for r in (0, 1)]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    lone = stand_in_tree(plain, NEW)
+    assert run_ab(plain, [lone], "--rounds", "1") == 0
+    assert traced(lone) == [None]
+
+
 def caches_of(tree: Path) -> list[str | None]:
     """The compiler cache each of the stand-in tree's processes ran with, in order."""
     return [json.loads(line)["cache"] for line in (tree / "calls").read_text().splitlines()]
@@ -231,6 +254,7 @@ def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_pat
     ("rounds", "--rounds 0: at least 1"),
     ("timeout", "--timeout 0: a number of seconds above 0"),
     ("setting", "'AB SLOWER' is not an environment setting KEY=VALUE"),
+    ("trace", "give --trace DIR before --"),
 ])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, message):
     new = stand_in_tree(tmp_path, NEW)
@@ -251,6 +275,8 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, mess
         extra = ["--rounds", "0"]
     elif case == "setting":
         other = f"{other}@AB SLOWER"
+    elif case == "trace":
+        flags += ["--trace", "traces"]
     else:
         extra = ["--timeout", "0"]
     code = trees_ab.main(["run", str(new), str(other), "--name", "t", "--results",
