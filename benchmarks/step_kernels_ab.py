@@ -52,7 +52,10 @@ table file --tiles-file F the fused kind runs once with FUSED_TILES and once wit
 fused_tiles.py Result) suggests for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
 with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
-".../fused-head".
+".../fused-head". With --silu-block 1024 128 every kind runs once for each count of columns a
+program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024 the default),
+labelled ".../silu-block-128" off the default (the split step launches that kernel; the fused
+step's layers compute the activation in their own kernel, its prefill still launches it).
 With --batch N the cases run N sequences instead of one, labelled ".../batch-N"; past one the
 step is split whatever --kernels asks (only batch 1 fuses), and issue 27's MBU targets, which
 are batch 1's, leave those Results out.
@@ -92,6 +95,7 @@ from infermeter.engine.kernels.decode_attention import (
 from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
+from infermeter.engine.kernels.swiglu import BLOCKS as SILU_BLOCKS
 from infermeter.engine.model import FUSED_HEAD_WAYS
 from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
 from infermeter.errors import InfermeterError
@@ -146,12 +150,15 @@ BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
+SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
+DEFAULT_SILU_BLOCK = 1024  # swiglu.BLOCK's default (report/select.py's DEFAULT_SILU_BLOCK)
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
-          early_block: str = "auto", tiles: str = "table", head: str = "off") -> str:
+          early_block: str = "auto", tiles: str = "table", head: str = "off",
+          silu_block: int = DEFAULT_SILU_BLOCK) -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -163,14 +170,16 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     BLOCK_MARKS' mark where a one-block split program loaded its block before ("/early-block")
     or after ("/late-block") the wait by name rather than by the step's default,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
-    "/fused-head" where the final norm and the head ran as one kernel."""
+    "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
+    the activation kernel's programs took N columns other than the default's."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
              f"{SPLIT_STAGED}{split_stages}" if split_stages else "",
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
              UNSPLIT_MARK if unsplit == "on" else "", BLOCK_MARKS[early_block],
-             TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else ""]
+             TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else "",
+             f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -186,6 +195,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
         fused_step,
         prefetch,
         qk_norm_rope,
+        swiglu,
     )
 
     return [("qk_ways", qk_norm_rope, "QK_NORM_KERNELS", False),
@@ -196,7 +206,8 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("heads", engine_model, "FUSED_HEAD", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
-            ("early_blocks", decode_attention, "EARLY_BLOCK", True)]
+            ("early_blocks", decode_attention, "EARLY_BLOCK", True),
+            ("silu_blocks", swiglu, "BLOCK", True)]
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
@@ -209,11 +220,11 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
     model.FUSED_HEAD; argmax_parts: sampling.ARGMAX_PARTS; unsplits and early_blocks:
-    decode_attention's UNSPLIT and EARLY_BLOCK), a fused-only setting at the module's own value
-    for split; each set back after. The other overrides go to the request (device, dtype, ...
-    for the CPU check). Each Result is appended to `path` once done (marked an older tree's with
-    `baseline`); with `trace` (a folder) each case's profiled steps go to a folder of their own
-    in it."""
+    decode_attention's UNSPLIT and EARLY_BLOCK; silu_blocks: swiglu.BLOCK), a fused-only
+    setting at the module's own value for split; each set back after. The other overrides go
+    to the request (device, dtype, ... for the CPU check). Each Result is appended to `path`
+    once done (marked an older tree's with `baseline`); with `trace` (a folder) each case's
+    profiled steps go to a folder of their own in it."""
     from infermeter.engine.kernels import fused_step
 
     settings = _settings()
@@ -234,7 +245,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                 name = label(kind, way, case["qk_ways"], case["distances"],
                              case["attention_pdl"], case["split_stages"],
                              case["argmax_parts"], batch, case["unsplits"],
-                             case["early_blocks"], case["tiles"], case["heads"])
+                             case["early_blocks"], case["tiles"], case["heads"],
+                             case["silu_blocks"])
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
                         Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -297,8 +309,8 @@ def summary(results: list[Result]) -> str:
             if last == BLOCK_MARKS["off"] and early in kinds:  # the block late against early
                 lines.append(ab_line(name, kinds, early, kind))
             # prefetching, the attention's other launches, other split stages, unsplit,
-            # a block asked by name: against not
-            elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED)) \
+            # a block asked by name, other activation blocks: against not
+            elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED, SILU_BLOCKED)) \
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
                                 FUSED_HEAD_MARK):
@@ -367,6 +379,10 @@ def arguments():
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
                         "Result, for --fused-tiles file")
+    parser.add_argument("--silu-block", nargs="+", type=int, choices=SILU_BLOCKS,
+                        default=[DEFAULT_SILU_BLOCK], metavar="N", help="every kind once for "
+                        "each: the SwiGLU activation kernel's programs take N columns "
+                        f"(default: {DEFAULT_SILU_BLOCK})")
     return parser
 
 
@@ -387,7 +403,7 @@ def main() -> int:
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
-                  heads=tuple(args.fused_head),
+                  heads=tuple(args.fused_head), silu_blocks=tuple(args.silu_block),
                   baseline=args.baseline)
         return 0
     start = time.perf_counter()
@@ -403,6 +419,7 @@ def main() -> int:
                       "--argmax-parts", *map(str, args.argmax_parts),
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
+                      "--silu-block", *map(str, args.silu_block),
                       *(["--tiles-file", args.tiles_file] if args.tiles_file else []),
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)

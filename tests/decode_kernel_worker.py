@@ -159,7 +159,9 @@ def check_full_layer_never_reads_past_the_position() -> None:
 
 def check_swiglu_kernel() -> None:
     """silu_mul_triton on the two halves of a fused w13 output (strided views, a width that is
-    not a multiple of the block): equal to eager's silu(gate) * up, to rounding."""
+    not a multiple of the block): equal to eager's silu(gate) * up, to rounding; at every
+    block of swiglu.BLOCKS the same bits (a column's maths does not depend on its program)."""
+    from infermeter.engine.kernels import swiglu
     from infermeter.engine.kernels.swiglu import silu_mul_triton
 
     h13 = torch.randn(3, 1, 2 * 2500, generator=torch.Generator().manual_seed(5)) * 4
@@ -170,6 +172,13 @@ def check_swiglu_kernel() -> None:
         # within 2 units in the last place of each value (Triton's exp is not CUDA's expf)
         torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp,
                                    msg=lambda m, d=dtype: f"swiglu {d}: {m}")
+        kept = swiglu.BLOCK
+        try:
+            for block in swiglu.BLOCKS:
+                swiglu.set_block(block)
+                assert torch.equal(silu_mul_triton(gate, up), got), f"swiglu block {block}"
+        finally:
+            swiglu.set_block(kept)
 
 
 def check_gemv_kernel() -> None:

@@ -21,6 +21,7 @@ from tests.benchmark_scripts import (
     BENCHMARKS,
     case_branches,
     load_benchmark,
+    part_arguments,
     part_body,
     shell_text,
 )
@@ -513,6 +514,39 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
             parser.parse_args(bad)
 
 
+def test_the_step_ab_runs_every_kind_at_each_silu_block_through_its_checked_setter(
+        monkeypatch, tmp_path):
+    """--silu-block 1024 128 (swiglu.BLOCK) reaches every kind, the default under the usual
+    label, set through swiglu.set_block and back after; the summary sets the other block
+    against the default's; a block there is not is refused by the command line, and by the
+    setter before any case; the script's default is the kernel's and the report's."""
+    from infermeter.engine.kernels import swiglu
+    from infermeter.report.select import DEFAULT_SILU_BLOCK
+    script = load_benchmark("step_kernels_ab")
+    assert script.DEFAULT_SILU_BLOCK == swiglu.BLOCK == DEFAULT_SILU_BLOCK
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, swiglu.BLOCK)))
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     device="cpu", silu_blocks=(1024, 128))
+    assert seen == [("split", 1024), ("split/silu-block-128", 128),
+                    ("fused", 1024), ("fused/silu-block-128", 128)]
+    assert swiglu.BLOCK == 1024
+    results = [_ab_result("llama-2-7b", "kernels", kind, 0, 50.0)
+               for kind in ("split", "split/silu-block-128")]
+    assert "llama-2-7b: split/silu-block-128 / split:" in script.summary(results)
+    seen.clear()
+    with pytest.raises(ValueError, match="unknown silu BLOCK 100"):
+        script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split",),
+                         device="cpu", silu_blocks=(100,))
+    assert seen == [] and swiglu.BLOCK == 1024
+    parser = script.arguments()
+    assert parser.parse_args(["--silu-block", "128", "1024"]).silu_block == [128, 1024]
+    assert parser.parse_args([]).silu_block == [1024]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--silu-block", "100"])
+
+
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     script = load_benchmark("moe_kernel_ab")
     results = [_ab_result("qwen3-30b-a3b", "kernel", "torch", 0, 41.0),
@@ -591,6 +625,20 @@ def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
             (["llama-2-7b"], ["split"], 1, 1)
         assert args.graphs == ["trees"] and args.name == "step-large-switches"
         assert module.MODELS["llama-2-7b"] == "fp16"
+
+
+def test_the_large_silu_part_times_7b_s_split_step_at_both_activation_blocks():
+    """step-large-silu: Llama-2-7B at batch 1, the split step in the graph trees, the activation
+    kernel at 1024 columns a program (the default) and 128, two rounds in one command into
+    step-large-silu-<device>.jsonl. Nothing else differs from the default step."""
+    module = load_benchmark("step_kernels_ab")
+    args = part_arguments("step-large-silu", "step_kernels_ab")
+    default = module.arguments().parse_args([])
+    assert args.silu_block == [1024, 128]
+    assert (args.models, args.kernels, args.batch, args.rounds, args.graphs, args.name) == \
+        (["llama-2-7b"], ["split"], 1, 2, ["trees"], "step-large-silu")
+    assert (args.argmax_parts, args.early_block, args.unsplit) == \
+        (default.argmax_parts, default.early_block, default.unsplit)
 
 
 def test_the_block_part_times_the_early_load_in_each_step_both_ways():

@@ -71,6 +71,34 @@ def test_silu_kernels_divide_exactly_with_libdevices_exp(monkeypatch, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("block, divisions", [(1024, 8), (256, 2), (128, 1)])
+def test_the_activation_kernel_s_block_sets_the_exact_divisions_a_thread(monkeypatch, block,
+                                                                         divisions):
+    """swiglu.BLOCK (an A/B's setting): each of a program's 128 threads computes BLOCK / 128
+    silus, each one div.rn in the sm_90 build, so 1024 gives a thread eight exact divisions
+    and 128 one; the launch's grid follows (11,008 columns: 11 programs, 43, 86); set_block
+    refuses a block it has no way for, and the value stays."""
+    gate = torch.zeros(1, 11008, dtype=torch.float16)
+    swiglu.set_block(block)
+    try:
+        (launch,) = launches_as_on_a_gpu(
+            monkeypatch, swiglu, lambda: swiglu._silu_mul(gate, gate, pdl=True))
+        lines = gpu_ptx(launch)
+        assert sum("div.rn.f32" in line for line in lines) == divisions
+        assert launch[2]["BLOCK"] == block
+        grids = []
+        monkeypatch.setattr(swiglu, "launch", lambda kernel, grid, *args, **kwargs:
+                            grids.append(grid))
+        swiglu._silu_mul(gate, gate, pdl=True)
+        assert grids == [(1, -(-11008 // block))]
+        with pytest.raises(ValueError, match="unknown silu BLOCK 100"):
+            swiglu.set_block(100)
+        assert swiglu.BLOCK == block
+    finally:
+        swiglu.set_block(1024)
+
+
+@needs_triton
 def test_the_soft_cap_is_torchs_tanh_and_the_combine_divides_exactly(monkeypatch):
     """The split-KV kernel with Gemma 2's cap, as on a GPU: tanh is libdevice's (no sigmoid's
     approximate division left), of the score times cap's float32 reciprocal (what torch's CUDA

@@ -20,6 +20,7 @@ from infermeter.engine.kernels.triton_support import triton_runs_on
 from infermeter.engine.linear import set_matvec_kernel, takes_gemv
 from infermeter.engine.model import (
     FUSED_PARTS,
+    FeedForward,
     Transformer,
     fused_step_parts,
     set_step_kernels,
@@ -99,6 +100,7 @@ class EngineRunner:
                 **self._fused_tiles_used(),
                 "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
+                "silu_block": self._silu_block_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_fused_step": self._moe_fused_step_used(),
@@ -216,6 +218,21 @@ class EngineRunner:
         layer_slots = {min(slots, spec.layer_window(i) or slots) for i in range(spec.n_layers)}
         return decode_attention.UNSPLIT == "on" and any(
             decode_attention.unsplit_fits(n, spec.head_dim) for n in layer_slots)
+
+    def _silu_block_used(self) -> int | None:
+        """The columns a program of the SwiGLU activation kernel handled (kernels/swiglu.py,
+        BLOCK: an A/B's setting), where a compiled run could launch it: some SwiGLU layer
+        takes the Triton activation and Triton runs on the weights' device; else None (eager,
+        GeGLU, "inline" or "aten", no Triton there)."""
+        model = self.generator.model
+        swiglus = [layer.feed_forward for layer in model.layers
+                   if isinstance(layer.feed_forward, FeedForward) and not layer.feed_forward.gelu]
+        if not (self.config.compile and triton_runs_on(model.tok_embeddings.weight)
+                and any(ffn.activation_kernel == "triton" for ffn in swiglus)):
+            return None
+        from infermeter.engine.kernels import swiglu  # only here, as decode_attention
+
+        return swiglu.BLOCK
 
     def _fused_head_used(self) -> bool | None:
         """Whether the fused step ran its final norm and output head as one kernel

@@ -205,6 +205,7 @@ DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
+DEFAULT_SILU_BLOCK = 1024  # kernels/swiglu.py's BLOCK: the activation kernel's columns a program
 # generate --prefill-graphs (engine/prefill_buckets.py's PREFILL_GRAPHS[0]); a Result records it
 # as config.prefill_graphs (None where the prefill was not bucketed). "static" was the default
 # until commit e2ae286 (2026-12-05 14:29 UTC): a Result made before then ran the default with it
@@ -251,7 +252,9 @@ def off_default_kernels(record: Record) -> bool:
     default until 2026-12-06, and sampling.DEFAULT_ARGMAX_PARTS, the default since),
     the fused kernels' tiles taken from elsewhere than their table (config.fused_tiles_from;
     kernels/fused_step.py, an A/B's), the final norm and head fused other than by default
-    (config.fused_head; engine/model.py's FUSED_HEAD), a bucketed prefill compiled other than
+    (config.fused_head; engine/model.py's FUSED_HEAD), the SwiGLU activation kernel at other
+    columns a program than its default (config.silu_block; kernels/swiglu.py's BLOCK, an A/B's),
+    a bucketed prefill compiled other than
     by the default of the Result's day (config.prefill_graphs: they set the TTFT, and the
     process's compile may set the step's speed, docs/engine.md), or Triton's gathered experts
     (--moe-kernel): a comparison run (e.g. the generation sweep's kernel or gemv part), not the
@@ -274,6 +277,7 @@ def off_default_kernels(record: Record) -> bool:
             or bool(cfg.get("attention_unsplit")) or _early_block_off_default(cfg)
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
+            or cfg.get("silu_block") not in (None, DEFAULT_SILU_BLOCK)
             or _prefill_off_default(record)
             or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)

@@ -24,7 +24,22 @@ from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.pdl import launch
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 
-BLOCK = 1024  # columns a program handles
+# Columns a program handles, 128 threads (4 warps) a program: BLOCK / 128 columns a thread,
+# each silu an IEEE division with a branch of its own (exact_math), which the compiler does
+# not interleave. An A/B's setting (set_block; benchmarks/step_kernels_ab.py --silu-block):
+# at Llama-2-7B (11,008 columns, 11 programs of 8 columns a thread) this kernel took 4.06 us
+# in an H100 trace against 2.61 us before the exact division (docs/engine.md). Recorded in
+# the Result as config.silu_block.
+BLOCK = 1024
+BLOCKS = (128, 256, 512, 1024)
+
+
+def set_block(value: int) -> None:
+    """BLOCK = value, one of BLOCKS, else one error line naming it."""
+    global BLOCK
+    if value not in BLOCKS:
+        raise ValueError(f"unknown silu BLOCK {value!r}: one of {BLOCKS}")
+    BLOCK = value
 
 if triton is not None:
     import triton.language as tl
