@@ -627,16 +627,19 @@ def test_the_large_switches_part_times_7b_s_split_step_each_switch_both_ways():
         assert module.MODELS["llama-2-7b"] == "fp16"
 
 
-def test_the_large_silu_part_times_7b_s_split_step_at_both_activation_blocks():
-    """step-large-silu: Llama-2-7B at batch 1, the split step in the graph trees, the activation
-    kernel at 1024 columns a program (the default) and 128, two rounds in one command into
-    step-large-silu-<device>.jsonl. Nothing else differs from the default step."""
+@pytest.mark.parametrize("part, model, batch", [("step-large-silu", "llama-2-7b", 1),
+                                                ("step-batch-silu", "llama-3.2-1b", 8)])
+def test_the_silu_parts_time_the_split_step_at_both_activation_blocks(part, model, batch):
+    """step-large-silu (Llama-2-7B at batch 1) and step-batch-silu (Llama-3.2-1B at issue 27's
+    batch 8): the split step in the graph trees, the activation kernel at 1024 columns a
+    program (the default) and 128, two rounds in one command into <part>-<device>.jsonl.
+    Nothing else differs from the default step."""
     module = load_benchmark("step_kernels_ab")
-    args = part_arguments("step-large-silu", "step_kernels_ab")
+    args = part_arguments(part, "step_kernels_ab")
     default = module.arguments().parse_args([])
     assert args.silu_block == [1024, 128]
     assert (args.models, args.kernels, args.batch, args.rounds, args.graphs, args.name) == \
-        (["llama-2-7b"], ["split"], 1, 2, ["trees"], "step-large-silu")
+        ([model], ["split"], batch, 2, ["trees"], part)
     assert (args.argmax_parts, args.early_block, args.unsplit) == \
         (default.argmax_parts, default.early_block, default.unsplit)
 

@@ -139,14 +139,22 @@ def test_the_gpu_tests_expert_ids_are_distinct_within_a_token():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.inference_mode()
 def test_on_cuda_the_silu_kernels_are_eagers_to_the_bit(dtype):
-    """On a GPU: the activation kernel equals F.silu(gate) * up, and the experts' gate/up kernel
-    eager's gathered chain, to the bit (weight rows that each pick one column of x: products
-    exact in any order), over gates from -90 to 90."""
+    """On a GPU: the activation kernel equals F.silu(gate) * up at every block of
+    swiglu.BLOCKS, and the experts' gate/up kernel eager's gathered chain, to the bit (weight
+    rows that each pick one column of x: products exact in any order), over gates from -90
+    to 90."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     gate = torch.cat([torch.randn(3, 4000, device="cuda", generator=gen) * s for s in (1, 8)]
                      + [torch.linspace(-90, 90, 4000, device="cuda")[None]]).to(dtype)
     up = torch.randn(gate.shape, device="cuda", generator=gen).to(dtype)
-    assert torch.equal(swiglu.silu_mul_triton(gate, up), F.silu(gate) * up), dtype
+    kept = swiglu.BLOCK
+    try:
+        for block in swiglu.BLOCKS:
+            swiglu.set_block(block)
+            assert torch.equal(swiglu.silu_mul_triton(gate, up), F.silu(gate) * up), \
+                (dtype, block)
+    finally:
+        swiglu.set_block(kept)
     n_experts, ffn, dim = 6, 96, 512
     for tokens in (1, 3):
         x = (torch.randn(tokens, dim, device="cuda", generator=gen) * 6).to(dtype)
