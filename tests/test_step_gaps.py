@@ -513,6 +513,40 @@ def test_against_keeps_both_names_and_refuses_layers_of_other_counts():
         "a layer's kernels: none in the other trace (no layers found)"
 
 
+def test_against_lists_the_kernels_launched_otherwise():
+    """Each layer's kernel carries its trace event's launch fields: c runs 4 warps here and 32
+    there (inductor's tuning picks), in every layer, and d's registers differ in one layer only
+    (the layers' most common launch is compared); a and b launch alike. Under the table one
+    line for c, none for the others; a trace without launch fields (a memcpy, an older
+    trace) lists nothing."""
+    from infermeter.measure.against import against, render_against
+
+    def launched(items, c_block, d_registers_in_layer_1):
+        for item in items:
+            block = c_block if item["name"] == "c" else [256, 1, 1]
+            registers = d_registers_in_layer_1 if (item["name"], item["layer"]) == ("d", 1) \
+                else 40
+            item["args"] = {"grid": [1, 11, 1], "block": block,
+                            "registers per thread": registers, "shared memory": 16}
+        return items
+
+    here = bd.step_gaps([launched(_shifted_items(0.0), [128, 1, 1], 99)], 0, {})
+    there = bd.step_gaps([launched(_shifted_items(0.0), [1024, 1, 1], 40)], 0, {})
+    assert [r["launch"] for r in here["layer_kernels"]][2] == {
+        "grid": [1, 11, 1], "block": [128, 1, 1], "registers": 40, "shared_bytes": 16}
+    compared = against(here, there)
+    assert [r["launch"][0] == r["launch"][1] for r in compared["rows"]] == \
+        [True, True, False, True]
+    text = render_against(compared, "o").splitlines()
+    assert text[-2:] == [
+        "Launched otherwise (here; there):",
+        " 2  c: grid 1x11x1, block 128x1x1, 40 registers, 16 B shared; grid 1x11x1, "
+        "block 1024x1x1, 40 registers, 16 B shared"]
+    plain = bd.step_gaps([_shifted_items(0.0)], 0, {})
+    assert all(r["launch"] is None for r in plain["layer_kernels"])
+    assert "Launched otherwise" not in render_against(against(plain, there), "o")
+
+
 def test_trace_against_prints_and_stores_the_comparison(tmp_path, capsys):
     here, there = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
     here.write_bytes(gzip.compress(json.dumps(layered_trace()).encode()))

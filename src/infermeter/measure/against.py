@@ -1,7 +1,9 @@
 """Two traced decode steps side by side (`infermeter trace FILE --against OTHER`): the step's
 span, kernels and gaps in each, and a layer's kernels position by position, so a change between
 two builds or settings of one model shows where it lands: in a kernel's own time, in what it
-adds to the step, or in when it starts.
+adds to the step, or in when it starts; and a kernel launched otherwise in the two (another
+grid, block, register count or shared memory: inductor's tuning picks, another build) is
+listed under the table.
 
 Both are gaps.py's figures (step_gaps), each trace's own. A layer's kernels are compared only
 where both traces have them with the same number a layer (the same step, built twice); a row
@@ -17,8 +19,8 @@ from typing import Any
 def against(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """this, other: step_gaps of two traces -> {"step": {figure: [this, other]} for span_ms,
     busy_ms, gaps_ms, kernels, early_starts, median_start_us; "rows": per layer position
-    {position, name, other_name, median_us, adds_us, starts_us: [this, other]} or None; "note":
-    why there are no rows, or None}."""
+    {position, name, other_name, median_us, adds_us, starts_us, launch: [this, other]} or
+    None; "note": why there are no rows, or None}."""
     step = {key: [this.get(key), other.get(key)] for key in ("span_ms", "busy_ms", "gaps_ms",
                                                                "kernels", "early_starts",
                                                                "median_start_us")}
@@ -33,7 +35,8 @@ def against(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
                 "note": f"a layer's kernels not compared: {len(mine)} a layer here, "
                         f"{len(theirs)} in the other trace"}
     rows = [{"position": a["position"], "name": a["name"], "other_name": b["name"],
-             **{key: [a.get(key), b.get(key)] for key in ("median_us", "adds_us", "starts_us")}}
+             **{key: [a.get(key), b.get(key)]
+                for key in ("median_us", "adds_us", "starts_us", "launch")}}
             for a, b in zip(mine, theirs, strict=True)]
     return {"step": step, "rows": rows, "note": None}
 
@@ -69,8 +72,27 @@ def render_against(compared: dict[str, Any], other_file: str) -> str:
             for r in compared["rows"]]
     header = ("#", "kernel", "median us", "there", "change", "adds us", "there", "change",
               "starts us", "there", "change")
-    return "\n".join([*lines, "A layer's kernels here and there (change: there less here):",
-                      render_table(header, rows)])
+    lines += ["A layer's kernels here and there (change: there less here):",
+              render_table(header, rows)]
+    launched = [r for r in compared["rows"] if None not in (r.get("launch") or [None])
+                and r["launch"][0] != r["launch"][1]]
+    if launched:  # inductor's tuning picks, another build: the same kernel launched otherwise
+        lines.append("Launched otherwise (here; there):")
+        lines += [f"{r['position']:>2}  {r['name'][:48]}: {_launch(r['launch'][0])}; "
+                  f"{_launch(r['launch'][1])}" for r in launched]
+    return "\n".join(lines)
+
+
+def _launch(shape: dict[str, Any]) -> str:
+    """grid 1x11x1, block 128x1x1, 32 registers, 0 B shared (the fields the trace has)."""
+    def dims(value: Any) -> str:
+        return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    parts = [f"grid {dims(shape['grid'])}" if "grid" in shape else "",
+             f"block {dims(shape['block'])}" if "block" in shape else "",
+             f"{shape['registers']} registers" if "registers" in shape else "",
+             f"{shape['shared_bytes']} B shared" if "shared_bytes" in shape else ""]
+    return ", ".join(filter(None, parts))
 
 
 def _ms(pair: list[float | None]) -> str:

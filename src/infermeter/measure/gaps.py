@@ -42,6 +42,9 @@ per step and per layer, from a GPU trace (breakdown.py places the work items; do
   count (an MoE layer among dense ones, a layer whose expert loop
   launched more) would shift the positions, so they are left out; layer_kernels_from counts
   the layers used.
+  Each row also gives the launch most of those layers ran it with (grid, block, registers a
+  thread, shared memory bytes: the trace event's own fields), so two builds of one kernel
+  that differ in their launch show it (measure/against.py).
 - The step's starts (early_starts, starts_counted, median_start_us): every kernel's start
   less the latest end of the kernels started before it, as in a layer's kernels, over the
   whole step: how many started early (below 0: launched while one still ran, PDL's early
@@ -159,9 +162,33 @@ def _layer_kernels(items: list[dict[str, Any]], added: dict[int, float],
                                             for layer in used),
              "adds_us": statistics.median(added[id(layer[k])] for layer in used),
              "starts_us": _median_or_none([starts[id(layer[k])] for layer in used
-                                           if id(layer[k]) in starts])}
+                                           if id(layer[k]) in starts]),
+             "launch": _common_launch([layer[k] for layer in used])}
             for k in range(count)]
     return rows, len(used)
+
+
+# The trace's fields of a kernel's launch (Kineto's event args) and the names a row gives them
+LAUNCH_FIELDS = {"grid": "grid", "block": "block", "registers per thread": "registers",
+                 "shared memory": "shared_bytes"}
+
+
+def launch_shape(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A kernel's launch as its trace event records it: grid, block, registers a thread and
+    static + dynamic shared memory bytes, those of them present; None where none is (a memcpy,
+    a trace without them)."""
+    args = item.get("args") or {}
+    shape = {key: args[field] for field, key in LAUNCH_FIELDS.items() if field in args}
+    return shape or None
+
+
+def _common_launch(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The launch most of these items (one position in each layer) ran with (ties: the first
+    layer's): a kernel's grid is its own in every layer of one model."""
+    shapes = [launch_shape(item) for item in items]
+    counts = Counter(repr(shape) for shape in shapes)
+    top = counts.most_common(1)[0][0]
+    return next(shape for shape in shapes if repr(shape) == top)
 
 
 def repeat_layers(names: list[str], n_layers: int) -> tuple[list[int | None], str] | None:
