@@ -125,6 +125,12 @@
 #   part step-batch-silu  step-large-silu's two blocks at issue 27's batch-8 case (Llama-3.2-1B
 #                        bf16, 8 rows of 8,192 columns: 64 programs of eight divisions a thread
 #                        at 1024), two rounds in one process (about 4 x 45 s)
+#   part step-compile-tuning  inductor tuning the step's own kernels by timing them (the default)
+#                        and keeping its heuristic configs, the split step at Llama-2-7B, then
+#                        at issue 27's batch-8 case, two rounds each in one process
+#                        (step_kernels_ab.py --compile-tuning on off; tuning kept different
+#                        picks in different processes, one of them 1.3 us slower a 7B layer;
+#                        about 4 x 80 + 4 x 45 s)
 #   part step-block      the one-block programs' load by step: 7B's split step with the block
 #                        after the PDL wait first, then before it (step-large-switches' order
 #                        reversed, into step-large-switches-reversed-<device>.jsonl), then the
@@ -200,8 +206,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-head|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -372,6 +378,12 @@ case "${1:-}" in
   step-batch-silu)
     python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --silu-block 1024 128 \
       --batch 8 --results "$dest" --name step-batch-silu --models llama-3.2-1b ;;
+  step-compile-tuning)
+    python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --compile-tuning on off \
+      --results "$dest" --name step-compile-tuning --models llama-2-7b \
+      || echo "7b: failed" >&2
+    python3 benchmarks/step_kernels_ab.py --rounds 2 --kernels split --compile-tuning on off \
+      --batch 8 --results "$dest" --name step-compile-tuning --models llama-3.2-1b ;;
   step-large-prefill-graphs)
     for graphs in layer static; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m infermeter generate "${seed7b[@]}" \

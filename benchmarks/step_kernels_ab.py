@@ -56,6 +56,9 @@ with the final norm and the head apart and once as one kernel (model.FUSED_HEAD)
 program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024 the default),
 labelled ".../silu-block-128" off the default (the split step launches that kernel; the fused
 step's layers compute the activation in their own kernel, its prefill still launches it).
+With --compile-tuning on off every kind runs once with inductor tuning the step's own kernels
+by timing them while it compiles (generator.COMPILE_TUNING "on", the default) and once with
+its heuristic configs, labelled ".../no-tuning".
 With --batch N the cases run N sequences instead of one, labelled ".../batch-N"; past one the
 step is split whatever --kernels asks (only batch 1 fuses), and issue 27's MBU targets, which
 are batch 1's, leave those Results out.
@@ -86,7 +89,7 @@ from sweep_common import (
 from tile_grid import table_from_json  # benchmarks/ beside this script
 
 from infermeter.commands.common import positive_int
-from infermeter.engine.generator import STEP_GRAPHS
+from infermeter.engine.generator import COMPILE_TUNING_WAYS, STEP_GRAPHS
 from infermeter.engine.kernels.decode_attention import (
     ATTENTION_PDL_WAYS,
     EARLY_BLOCK_WAYS,
@@ -151,6 +154,7 @@ BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
+NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 DEFAULT_SILU_BLOCK = 1024  # swiglu.BLOCK's default (report/select.py's DEFAULT_SILU_BLOCK)
 
 
@@ -158,7 +162,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off",
-          silu_block: int = DEFAULT_SILU_BLOCK) -> str:
+          silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -171,7 +175,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     or after ("/late-block") the wait by name rather than by the step's default,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
     "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
-    the activation kernel's programs took N columns other than the default's."""
+    the activation kernel's programs took N columns other than the default's, "/no-tuning"
+    where inductor kept its heuristic configs."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -179,7 +184,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              f"{ARGMAX_PARTED}{argmax_parts}" if argmax_parts != DEFAULT_ARGMAX_PARTS else "",
              UNSPLIT_MARK if unsplit == "on" else "", BLOCK_MARKS[early_block],
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else "",
-             f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else ""]
+             f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else "",
+             NO_TUNING_MARK if tuning == "off" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -188,6 +194,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
     attribute the keyword's values set, whether every kind takes them or the fused one only).
     A module's own checked setter, where it has one (prefetch.set_distance), sets the value:
     _apply."""
+    from infermeter.engine import generator as engine_generator
     from infermeter.engine import model as engine_model
     from infermeter.engine import sampling
     from infermeter.engine.kernels import (
@@ -207,7 +214,8 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
             ("early_blocks", decode_attention, "EARLY_BLOCK", True),
-            ("silu_blocks", swiglu, "BLOCK", True)]
+            ("silu_blocks", swiglu, "BLOCK", True),
+            ("tunings", engine_generator, "COMPILE_TUNING", True)]
 
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
@@ -220,7 +228,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
     model.FUSED_HEAD; argmax_parts: sampling.ARGMAX_PARTS; unsplits and early_blocks:
-    decode_attention's UNSPLIT and EARLY_BLOCK; silu_blocks: swiglu.BLOCK), a fused-only
+    decode_attention's UNSPLIT and EARLY_BLOCK; silu_blocks: swiglu.BLOCK; tunings:
+    generator.COMPILE_TUNING), a fused-only
     setting at the module's own value for split; each set back after. The other overrides go
     to the request (device, dtype, ... for the CPU check). Each Result is appended to `path`
     once done (marked an older tree's with `baseline`); with `trace` (a folder) each case's
@@ -246,7 +255,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                              case["attention_pdl"], case["split_stages"],
                              case["argmax_parts"], batch, case["unsplits"],
                              case["early_blocks"], case["tiles"], case["heads"],
-                             case["silu_blocks"])
+                             case["silu_blocks"], case["tunings"])
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
                         Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -313,7 +322,7 @@ def summary(results: list[Result]) -> str:
             elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED, SILU_BLOCKED)) \
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
-                                FUSED_HEAD_MARK):
+                                FUSED_HEAD_MARK, NO_TUNING_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -379,6 +388,9 @@ def arguments():
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
                         "Result, for --fused-tiles file")
+    _ways(parser, "--compile-tuning", COMPILE_TUNING_WAYS, "every kind once for each: inductor "
+          "tunes the step's own kernels by timing them while compiling (on) or keeps its "
+          "heuristic configs (off) (default: on)")
     parser.add_argument("--silu-block", nargs="+", type=int, choices=SILU_BLOCKS,
                         default=[DEFAULT_SILU_BLOCK], metavar="N", help="every kind once for "
                         "each: the SwiGLU activation kernel's programs take N columns "
@@ -404,6 +416,7 @@ def main() -> int:
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
                   heads=tuple(args.fused_head), silu_blocks=tuple(args.silu_block),
+                  tunings=tuple(args.compile_tuning),
                   baseline=args.baseline)
         return 0
     start = time.perf_counter()
@@ -420,6 +433,7 @@ def main() -> int:
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
                       "--silu-block", *map(str, args.silu_block),
+                      "--compile-tuning", *args.compile_tuning,
                       *(["--tiles-file", args.tiles_file] if args.tiles_file else []),
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)

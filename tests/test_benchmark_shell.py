@@ -547,6 +547,49 @@ def test_the_step_ab_runs_every_kind_at_each_silu_block_through_its_checked_sett
         parser.parse_args(["--silu-block", "100"])
 
 
+def test_the_step_ab_runs_every_kind_with_inductor_s_tuning_and_without(monkeypatch, tmp_path):
+    """--compile-tuning on off (generator.COMPILE_TUNING) reaches every kind, "on" under the
+    usual label, "off" labelled ".../no-tuning", the module's value back after; the summary
+    sets one against the other; the command line refuses a way there is not."""
+    from infermeter.engine import generator
+    script = load_benchmark("step_kernels_ab")
+    seen = []
+    monkeypatch.setattr(script, "run_ab_case", lambda request, env, path, model, label, *rest:
+                        seen.append((label, generator.COMPILE_TUNING)))
+    script.run_model("debug", 1, tmp_path / "ab.jsonl", {}, kinds=("split", "fused"),
+                     device="cpu", tunings=("on", "off"), batch=8)
+    assert seen == [("split/batch-8", "on"), ("split/batch-8/no-tuning", "off"),
+                    ("fused/batch-8", "on"), ("fused/batch-8/no-tuning", "off")]
+    assert generator.COMPILE_TUNING == "on"
+    results = [_ab_result("llama-2-7b", "kernels", kind, 0, 50.0)
+               for kind in ("split", "split/no-tuning")]
+    assert "llama-2-7b: split/no-tuning / split:" in script.summary(results)
+    parser = script.arguments()
+    assert parser.parse_args(["--compile-tuning", "off", "on"]).compile_tuning == ["off", "on"]
+    assert parser.parse_args([]).compile_tuning == ["on"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile-tuning", "maybe"])
+
+
+def test_the_compile_tuning_part_times_7b_then_batch_8_with_and_without_tuning():
+    """step-compile-tuning: the split step in the graph trees at Llama-2-7B batch 1, then at
+    Llama-3.2-1B batch 8, each with inductor's tuning and without, two rounds, into one file.
+    Nothing else differs from the default step."""
+    module = load_benchmark("step_kernels_ab")
+    body = part_body("step-compile-tuning")
+    lines = re.findall(r"python3 benchmarks/step_kernels_ab\.py ([^\n]*(?:\\\n[^\n]*)*)", body)
+    parsed = [module.arguments().parse_args(_words(line.replace("\\\n", " ")))
+              for line in lines]
+    default = module.arguments().parse_args([])
+    assert [(args.models, args.batch) for args in parsed] == [(["llama-2-7b"], 1),
+                                                              (["llama-3.2-1b"], 8)]
+    for args in parsed:
+        assert (args.compile_tuning, args.kernels, args.rounds, args.graphs, args.name) == \
+            (["on", "off"], ["split"], 2, ["trees"], "step-compile-tuning")
+        assert (args.silu_block, args.argmax_parts, args.early_block) == \
+            (default.silu_block, default.argmax_parts, default.early_block)
+
+
 def test_the_moe_summary_judges_issue_25s_targets_at_batch_1_only():
     script = load_benchmark("moe_kernel_ab")
     results = [_ab_result("qwen3-30b-a3b", "kernel", "torch", 0, 41.0),

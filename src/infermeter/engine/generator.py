@@ -61,6 +61,7 @@ from infermeter.engine.chunk_attention import (
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.held_step import HeldSteps
 from infermeter.engine.kernels.pdl import inductor_options, launching, supported
+from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.layer_replays import LayerReplays, replays_prefill_layers
 from infermeter.engine.model import Transformer, prefill_from
 from infermeter.engine.moe import note_token_tiles, prefills_without_sync
@@ -110,6 +111,14 @@ COMPILE_BACKENDS = ("inductor", "cudagraphs")
 #   the input copies, the host's time, in the trees (docs/engine.md, "The fused step"); the
 #   A/B is benchmarks/step_kernels_ab.py --graphs.
 STEP_GRAPHS = ("trees", "recorded")
+# Whether inductor tunes its own kernels' configs (block sizes, warps) for the decode step by
+# timing neighbours while it compiles (coordinate descent, as gpt-fast): an A/B's setting, "on"
+# by default; "off" keeps inductor's heuristic configs, the same in every process. Timing
+# kernels of a few microseconds keeps different picks in different processes: at Llama-2-7B on
+# an H100 one process ran an add + RMSNorm at 128 threads, another at 1,024, 4.38 against 3.09
+# us (docs/engine.md). Recorded in the Result as config.compile_tuning.
+COMPILE_TUNING_WAYS = ("on", "off")
+COMPILE_TUNING = "on"
 
 
 @dataclass(frozen=True)
@@ -439,8 +448,10 @@ class Generator:
             # coordinate_descent_tuning (as gpt-fast) tunes the Triton kernels' block sizes
             # at compile time, and turns each matrix-vector product into a Triton reduction
             # fused with its neighbours: on an H100, fused 7B fp16 decode 5.89 -> 5.59 ms per
-            # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile.
-            options = self._options({"coordinate_descent_tuning": True,
+            # step (results/decode-tuning-nvidia-h100-80gb-hbm3.json), for ~30 s more compile;
+            # that was before the GEMV took the products (COMPILE_TUNING's A/B asks again).
+            tuning = checked_way(COMPILE_TUNING, "COMPILE_TUNING", COMPILE_TUNING_WAYS) == "on"
+            options = self._options({"coordinate_descent_tuning": tuning,
                                      "triton.cudagraphs": self.step_graphs == "trees",
                                      **inductor_options(self.pdl)})
             # the recorded step advances its state in place (held_step.py), the trees' returns it

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine import generator as generator_module
 from infermeter.engine import sampling
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.generator import GenerationOutput, Generator
@@ -101,6 +102,7 @@ class EngineRunner:
                 "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "silu_block": self._silu_block_used(),
+                "compile_tuning": self._compile_tuning_used(),
                 "moe_kernel": self._moe_kernel_used(),
                 "moe_kernel_asked": self.moe_kernel_asked if self._moe_blocks() else None,
                 "moe_fused_step": self._moe_fused_step_used(),
@@ -218,6 +220,14 @@ class EngineRunner:
         layer_slots = {min(slots, spec.layer_window(i) or slots) for i in range(spec.n_layers)}
         return decode_attention.UNSPLIT == "on" and any(
             decode_attention.unsplit_fits(n, spec.head_dim) for n in layer_slots)
+
+    def _compile_tuning_used(self) -> str | None:
+        """Whether inductor tuned the compiled decode step's own kernels by timing them
+        (generator.COMPILE_TUNING: "on", the default, or an A/B's "off"); None where no step
+        was compiled by inductor (eager, the cudagraphs backend)."""
+        if not (self.config.compile and self.generator.compile_backend == "inductor"):
+            return None
+        return generator_module.COMPILE_TUNING
 
     def _silu_block_used(self) -> int | None:
         """The columns a program of the SwiGLU activation kernel handled (kernels/swiglu.py,

@@ -254,6 +254,8 @@ def off_default_kernels(record: Record) -> bool:
     kernels/fused_step.py, an A/B's), the final norm and head fused other than by default
     (config.fused_head; engine/model.py's FUSED_HEAD), the SwiGLU activation kernel at other
     columns a program than its default (config.silu_block; kernels/swiglu.py's BLOCK, an A/B's),
+    a step compiled without inductor's tuning by timing (config.compile_tuning "off";
+    engine/generator.py's COMPILE_TUNING, an A/B's),
     a bucketed prefill compiled other than
     by the default of the Result's day (config.prefill_graphs: they set the TTFT, and the
     process's compile may set the step's speed, docs/engine.md), or Triton's gathered experts
@@ -278,6 +280,7 @@ def off_default_kernels(record: Record) -> bool:
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
             or cfg.get("silu_block") not in (None, DEFAULT_SILU_BLOCK)
+            or cfg.get("compile_tuning") not in (None, "on")
             or _prefill_off_default(record)
             or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)
