@@ -61,6 +61,7 @@ from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, writ
 from infermeter.errors import InfermeterError  # noqa: E402
 from infermeter.measure.clocks import sm_span  # noqa: E402
 from infermeter.measure.result import Result, append_jsonl, read_results  # noqa: E402
+from infermeter.measure.trace import check_trace_dir  # noqa: E402
 from infermeter.textable import render_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             if "--trace" in flags:
                 raise InfermeterError("give --trace DIR before --, not among generate's flags "
                                       "(each process traces into a folder of its own under it)")
+            if args.trace:  # a folder that cannot be made: one line now, not one per process
+                check_trace_dir(args.trace)
             entries = [parse_entry(text) for text in args.trees]  # all checked before any runs
         path = results_path(args)
         if args.action == "run":

@@ -255,6 +255,7 @@ def test_a_process_past_its_time_or_failing_is_one_line_and_the_rest_run(tmp_pat
     ("timeout", "--timeout 0: a number of seconds above 0"),
     ("setting", "'AB SLOWER' is not an environment setting KEY=VALUE"),
     ("trace", "give --trace DIR before --"),
+    ("trace file", "a file, not a folder"),
 ])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, message):
     new = stand_in_tree(tmp_path, NEW)
@@ -277,6 +278,9 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, case, mess
         other = f"{other}@AB SLOWER"
     elif case == "trace":
         flags += ["--trace", "traces"]
+    elif case == "trace file":
+        (tmp_path / "traces").write_text("")
+        extra = ["--trace", str(tmp_path / "traces")]
     else:
         extra = ["--timeout", "0"]
     code = trees_ab.main(["run", str(new), str(other), "--name", "t", "--results",
