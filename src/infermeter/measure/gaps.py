@@ -175,8 +175,8 @@ LAUNCH_FIELDS = {"grid": "grid", "block": "block", "registers per thread": "regi
 
 def launch_shape(item: dict[str, Any]) -> dict[str, Any] | None:
     """A kernel's launch as its trace event records it: grid, block, registers a thread and
-    static + dynamic shared memory bytes, those of them present; None where none is (a memcpy,
-    a trace without them)."""
+    shared memory bytes (the event's "shared memory"), those of them present; None where none
+    is (a memcpy, a trace without them)."""
     args = item.get("args") or {}
     shape = {key: args[field] for field, key in LAUNCH_FIELDS.items() if field in args}
     return shape or None
