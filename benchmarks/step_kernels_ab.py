@@ -99,6 +99,7 @@ from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.kernels.swiglu import BLOCKS as SILU_BLOCKS
+from infermeter.engine.kernels.swiglu import DEFAULT_BLOCK as DEFAULT_SILU_BLOCK
 from infermeter.engine.model import FUSED_HEAD_WAYS
 from infermeter.engine.sampling import DEFAULT_ARGMAX_PARTS
 from infermeter.errors import InfermeterError
@@ -155,7 +156,6 @@ TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
-DEFAULT_SILU_BLOCK = 1024  # swiglu.BLOCK's default (report/select.py's DEFAULT_SILU_BLOCK)
 
 
 def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,

@@ -178,14 +178,20 @@ def run_tpot_cells(runs: list[float]) -> list[str]:
     return [fmt(statistics.median(runs), ".4f"), f"{min(runs):.4f}-{max(runs):.4f}"]
 
 
+def median_ratio(base: list[float], other: list[float]) -> tuple[float, bool]:
+    """other / base from their medians, and whether the two ranges are apart (neither side's
+    values reach into the other's)."""
+    ratio = statistics.median(other) / statistics.median(base)
+    return ratio, max(other) < min(base) or max(base) < min(other)
+
+
 def ab_line(case: str, runs: dict[str, list[float]], base: str, other: str) -> str:
     """An A/B's verdict for one case: other / base TPOT from the medians of their per-run TPOTs
     (`runs` by kind), and whether the two ranges of runs are apart (drift or noise overlaps)."""
     base_runs, other_runs = runs.get(base), runs.get(other)
     if not base_runs or not other_runs:
         return f"{case}: {other} / {base}: - (a side has no timed runs)"
-    ratio = statistics.median(other_runs) / statistics.median(base_runs)
-    apart = max(other_runs) < min(base_runs) or max(base_runs) < min(other_runs)
+    ratio, apart = median_ratio(base_runs, other_runs)
     return (f"{case}: {other} / {base} TPOT {ratio:.3f} (per-run medians, {len(base_runs)} and "
             f"{len(other_runs)} runs; ranges {'apart' if apart else 'overlap'})")
 

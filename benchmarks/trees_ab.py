@@ -56,7 +56,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_common import ab_line, fmt, progress, run_tpot_cells, run_tpots, write_summary  # noqa: E402
+from sweep_common import (  # noqa: E402
+    ab_line,
+    fmt,
+    median_ratio,
+    progress,
+    run_tpot_cells,
+    run_tpots,
+    write_summary,
+)
 
 from infermeter.errors import InfermeterError  # noqa: E402
 from infermeter.measure.clocks import sm_span  # noqa: E402
@@ -300,8 +308,7 @@ def process_line(case: str, processes: dict[str, list[float]], base: str, other:
     if min(len(base_p), len(other_p)) < 2:
         return (f"{case}: {other} / {base}: one process a side, so the ranges above are one "
                 f"process's runs; a process's speed moves more (alternate two rounds or more)")
-    ratio = statistics.median(other_p) / statistics.median(base_p)
-    apart = max(other_p) < min(base_p) or max(base_p) < min(other_p)
+    ratio, apart = median_ratio(base_p, other_p)
 
     def spread(values: list[float]) -> str:
         return f"{(max(values) / min(values) - 1) * 100:.1f}%"

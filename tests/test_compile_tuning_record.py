@@ -12,7 +12,7 @@ import torch
 from infermeter.engine import generator as generator_module
 from infermeter.engine.generator import Generator
 from infermeter.engine.model import build_model
-from infermeter.report.select import off_default_kernels
+from infermeter.report.select import DEFAULT_COMPILE_TUNING, off_default_kernels
 from infermeter.specs.presets import PRESETS
 from tests.report_records import seed_record
 from tests.test_fused_rope_record import batch_one_runner
@@ -38,6 +38,7 @@ def test_the_step_asks_for_tuning_as_the_setting_says_and_the_result_records_it(
 
 
 def test_an_unknown_way_is_refused_and_eager_records_none(monkeypatch):
+    assert DEFAULT_COMPILE_TUNING == generator_module.COMPILE_TUNING == "on"  # the report's
     with pytest.raises(ValueError, match="unknown COMPILE_TUNING 'maybe'"):
         compile_options_asked(monkeypatch, "maybe")
     assert generator_module.COMPILE_TUNING_WAYS[0] == "on"  # the default first

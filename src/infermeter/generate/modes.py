@@ -235,10 +235,10 @@ class EngineRunner:
         takes the Triton activation and Triton runs on the weights' device; else None (eager,
         GeGLU, "inline" or "aten", no Triton there)."""
         model = self.generator.model
-        swiglus = [layer.feed_forward for layer in model.layers
-                   if isinstance(layer.feed_forward, FeedForward) and not layer.feed_forward.gelu]
         if not (self.config.compile and triton_runs_on(model.tok_embeddings.weight)
-                and any(ffn.activation_kernel == "triton" for ffn in swiglus)):
+                and any(isinstance(ffn, FeedForward) and not ffn.gelu
+                        and ffn.activation_kernel == "triton"
+                        for ffn in (layer.feed_forward for layer in model.layers))):
             return None
         from infermeter.engine.kernels import swiglu  # only here, as decode_attention
 

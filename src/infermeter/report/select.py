@@ -206,6 +206,7 @@ DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unre
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
 DEFAULT_SILU_BLOCK = 1024  # kernels/swiglu.py's BLOCK: the activation kernel's columns a program
+DEFAULT_COMPILE_TUNING = "on"  # engine/generator.py's COMPILE_TUNING: inductor tunes by timing
 # generate --prefill-graphs (engine/prefill_buckets.py's PREFILL_GRAPHS[0]); a Result records it
 # as config.prefill_graphs (None where the prefill was not bucketed). "static" was the default
 # until commit e2ae286 (2026-12-05 14:29 UTC): a Result made before then ran the default with it
@@ -280,7 +281,7 @@ def off_default_kernels(record: Record) -> bool:
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
             or cfg.get("silu_block") not in (None, DEFAULT_SILU_BLOCK)
-            or cfg.get("compile_tuning") not in (None, "on")
+            or cfg.get("compile_tuning") not in (None, DEFAULT_COMPILE_TUNING)
             or _prefill_off_default(record)
             or bool(dig(cfg, "ab", "baseline")) or bool(dig(cfg, "ab", "environment"))
             or _argmax_parts(cfg) not in (0, DEFAULT_ARGMAX_PARTS)

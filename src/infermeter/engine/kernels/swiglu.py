@@ -30,7 +30,8 @@ from infermeter.engine.kernels.triton_support import triton, triton_runs_on
 # at Llama-2-7B (11,008 columns, 11 programs of 8 columns a thread) this kernel took 4.06 us
 # in an H100 trace against 2.61 us before the exact division (docs/engine.md). Recorded in
 # the Result as config.silu_block.
-BLOCK = 1024
+DEFAULT_BLOCK = 1024
+BLOCK = DEFAULT_BLOCK
 BLOCKS = (128, 256, 512, 1024)
 
 
