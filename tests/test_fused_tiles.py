@@ -67,7 +67,36 @@ def test_the_measured_table_holds_valid_tiles_for_its_widths_only():
     assert fused_tiles_for("gemv_swiglu", 2048, H100) == (1, 2048, 4)
     assert fused_tiles_for("gemv_add", 8192, H100) == tiles_for(8192, H100)  # 1B's w2: none
     assert fused_tiles_for("norm_gemv", 2048, H100) == tiles_for(2048, H100)
-    assert fused_tiles_for("gemv_swiglu", 2048, H200) == (2, 2048, 8)  # the H200: none
+    assert fused_tiles_for("gemv_swiglu", 2048, H200) == (2, 2048, 4)
+    assert fused_tiles_for("gemv_add", 8192, H200) == (1, 1024, 4)  # the H200's has 1B's w2
+    assert fused_tiles_for("norm_gemv", 2048, H200) == tiles_for(2048, H200)
+    assert fused_tiles_for("gemv_add", 896, H200) == tiles_for(896, H200)  # its best: the GEMV's
+
+
+@pytest.mark.parametrize("gpu", sorted(fused_step.FUSED_TILES))
+def test_each_gpu_s_entry_is_the_one_its_committed_grid_suggests(gpu):
+    """A GPU's FUSED_TILES entry is, tile for tile, the suggestion of the fused_tiles.py Result
+    its comment names (results/fused-tiles-quick-<device>.json), so the table holds what was
+    measured and nothing edited by hand."""
+    from pathlib import Path
+
+    from infermeter.measure.env import device_slug
+
+    slug = device_slug({"device_name": gpu})  # a Result file's device part
+    path = Path(__file__).resolve().parents[1] / "results" / f"fused-tiles-quick-{slug}.json"
+    assert f"results/{path.name}" in _table_comment()
+    suggested = load_benchmark("step_kernels_ab").file_entry(str(path), gpu)
+    assert suggested and suggested == fused_step.FUSED_TILES[gpu]
+
+
+def _table_comment() -> str:
+    """The comment lines above FUSED_TILES in fused_step.py."""
+    import inspect
+
+    lines = inspect.getsource(fused_step).splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("FUSED_TILES: "))
+    start = max(i for i in range(end) if not lines[i].startswith("#")) + 1
+    return "\n".join(lines[start:end])
 
 
 def test_a_table_entry_serves_its_gpu_kernel_and_width_only(monkeypatch):
@@ -342,6 +371,14 @@ def test_the_step_tiles_part_times_the_step_with_the_entry_its_bests_suggest():
                                                              ["recorded"])
     assert step.tiles_file == '"results/fused-tiles-quick-$slug.json"'  # the grid's file
     assert step.models == timed.models
+
+
+def test_the_step_tiles_table_part_times_the_committed_entry_against_the_gemv_s_tiles():
+    step = part_arguments("step-tiles-table", "step_kernels_ab")
+    assert (step.fused_tiles, step.kernels, step.graphs, step.rounds) == (
+        ["table", "gemv"], ["fused"], ["recorded"], 1)
+    assert step.models == ["llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m"]
+    assert step.name == "step-tiles-table"  # its own file: not step-kernels-<device>'s
 
 
 def test_the_step_head_part_times_the_head_apart_and_fused():

@@ -397,13 +397,21 @@ if triton is not None:
 # With q/k norms norm_qkv_rope takes no entry: the GEMV's tiles, reshaped to one head a
 # program (fused_tiles_for).
 # A GPU, kernel or width without an entry runs the GEMV's tiles (adapted as fused_tiles_for says).
-# The bests of benchmarks/fused_tiles.py on an H100 (Llama-3.2-1B's, Qwen2.5-0.5B's and
-# SmolLM2-135M's widths; results/fused-tiles-quick-nvidia-h100-80gb-hbm3.json, 2026-12-06)
+# The bests of benchmarks/fused_tiles.py at Llama-3.2-1B's, Qwen2.5-0.5B's and SmolLM2-135M's
+# widths: on an H100 (results/fused-tiles-quick-nvidia-h100-80gb-hbm3.json, 2026-12-06) and on
+# an H200 (results/fused-tiles-quick-nvidia-h200.json, 2026-12-07; in the step they took 0.92,
+# 0.82 and 0.85 of the GEMV's tiles' TPOT, results/step-tiles-58787a6-nvidia-h200.jsonl)
 FUSED_TILES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
     "NVIDIA H100 80GB HBM3": {
         "norm_qkv_rope": {2048: (2, 1024, 4), 896: (2, 1024, 4), 576: (2, 1024, 4)},
         "gemv_add": {2048: (1, 2048, 4), 1536: (2, 2048, 8)},
         "gemv_swiglu": {2048: (1, 2048, 4), 896: (4, 256, 4), 576: (2, 1024, 4)},
+    },
+    "NVIDIA H200": {
+        "norm_qkv_rope": {2048: (4, 1024, 4), 896: (2, 1024, 4), 576: (4, 1024, 4)},
+        "gemv_add": {2048: (1, 1024, 4), 8192: (1, 1024, 4), 4864: (1, 2048, 8),
+                     1536: (2, 2048, 4)},
+        "gemv_swiglu": {2048: (2, 2048, 4), 896: (4, 256, 4), 576: (2, 1024, 4)},
     },
 }
 FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
