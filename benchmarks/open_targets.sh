@@ -184,9 +184,9 @@
 #   part step-tiles-table the fused step in the recorded graph with the table's tiles against the
 #                        GEMV's (adapted, as on a GPU without an entry), at the same three models,
 #                        one round: a GPU's committed entry timed in the step once more (6 cases)
-#   part step-tiles-full the full grid (2 to 16 warps, BLOCK_N to 16, BLOCK_K 128 to 4096) at 1B and
-#                        0.5B, then the recorded fused step with the table's tiles against the
-#                        entry its bests suggest, one round (4 cases)
+#   part step-tiles-full the full grid (2 to 16 warps, BLOCK_N to 16, BLOCK_K 128 to 4096) at 1B,
+#                        the model nearest its target, then the recorded fused step with the
+#                        table's tiles against the entry its bests suggest, one round (2 cases)
 #   part step-head       the fused step with its final norm and output head as two kernels and as
 #                        one (model.FUSED_HEAD), at 135M, 0.5B and 1B, the recorded step, one
 #                        round (step_kernels_ab.py --fused-head off on; 6 cases)
@@ -508,10 +508,10 @@ case "${1:-}" in
       --fused-tiles table gemv --results "$dest" --name step-tiles-table \
       --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
   step-tiles-full)
-    python3 benchmarks/fused_tiles.py --grid full --models llama-3.2-1b qwen2.5-0.5b
+    python3 benchmarks/fused_tiles.py --grid full --models llama-3.2-1b
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --fused-tiles table file --tiles-file "results/fused-tiles-full-$slug.json" \
-      --results "$dest" --name step-tiles-full --models llama-3.2-1b qwen2.5-0.5b ;;
+      --results "$dest" --name step-tiles-full --models llama-3.2-1b ;;
   step-head)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --fused-head off on --results "$dest" --name step-head \
