@@ -9,6 +9,9 @@ exact."""
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +24,7 @@ from infermeter.engine.kernels.fused_step import (  # noqa: E402
     fused_tiles_for,
 )
 from infermeter.engine.kernels.gemv import tiles_for  # noqa: E402
+from infermeter.measure.env import device_slug  # noqa: E402
 from tests.benchmark_scripts import BENCHMARKS, load_benchmark, part_arguments  # noqa: E402
 from tests.tile_launches import tile_launches  # noqa: E402
 from tests.triton_interpreter import run_under_interpreter  # noqa: E402
@@ -78,10 +82,6 @@ def test_each_gpu_s_entry_is_the_one_its_committed_grid_suggests(gpu):
     """A GPU's FUSED_TILES entry is, tile for tile, the suggestion of the fused_tiles.py Result
     its comment names (results/fused-tiles-quick-<device>.json), so the table holds what was
     measured and nothing edited by hand."""
-    from pathlib import Path
-
-    from infermeter.measure.env import device_slug
-
     slug = device_slug({"device_name": gpu})  # a Result file's device part
     path = Path(__file__).resolve().parents[1] / "results" / f"fused-tiles-quick-{slug}.json"
     assert f"results/{path.name}" in _table_comment()
@@ -91,8 +91,6 @@ def test_each_gpu_s_entry_is_the_one_its_committed_grid_suggests(gpu):
 
 def _table_comment() -> str:
     """The comment lines above FUSED_TILES in fused_step.py."""
-    import inspect
-
     lines = inspect.getsource(fused_step).splitlines()
     end = next(i for i, line in enumerate(lines) if line.startswith("FUSED_TILES: "))
     start = max(i for i in range(end) if not lines[i].startswith("#")) + 1
