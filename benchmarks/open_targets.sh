@@ -186,7 +186,9 @@
 #                        one round: a GPU's committed entry timed in the step once more (6 cases)
 #   part step-tiles-full the full grid (2 to 16 warps, BLOCK_N to 16, BLOCK_K 128 to 4096) at 1B,
 #                        the model nearest its target, then the recorded fused step with the
-#                        table's tiles against the entry its bests suggest, one round (2 cases)
+#                        table's tiles and with the entry its bests suggest, each with the
+#                        attention split and unsplit (decode_attention.UNSPLIT, which gained at 1B
+#                        on an H100: docs/engine.md), one round (4 cases)
 #   part step-head       the fused step with its final norm and output head as two kernels and as
 #                        one (model.FUSED_HEAD), at 135M, 0.5B and 1B, the recorded step, one
 #                        round (step_kernels_ab.py --fused-head off on; 6 cases)
@@ -509,7 +511,8 @@ case "${1:-}" in
       --models llama-3.2-1b qwen2.5-0.5b smollm2-135m ;;
   step-tiles-full)
     python3 benchmarks/fused_tiles.py --grid full --models llama-3.2-1b
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded \
+      --kernels fused --unsplit off on \
       --fused-tiles table file --tiles-file "results/fused-tiles-full-$slug.json" \
       --results "$dest" --name step-tiles-full --models llama-3.2-1b ;;
   step-head)

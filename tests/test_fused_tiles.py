@@ -381,12 +381,14 @@ def test_the_step_tiles_table_part_times_the_committed_entry_against_the_gemv_s_
 
 def test_the_step_tiles_full_part_times_the_table_against_the_full_grid_s_bests():
     """open_targets.sh step-tiles-full: the full grid at 1B (one command's worth), then
-    the recorded fused step with the table's tiles and with the entry of the file it wrote."""
+    the recorded fused step with the table's tiles and with the entry of the file it wrote,
+    each with the attention split and unsplit, one round."""
     timed = part_arguments("step-tiles-full", "fused_tiles")
     assert (timed.models, timed.grid) == (["llama-3.2-1b"], "full")
     step = part_arguments("step-tiles-full", "step_kernels_ab")
-    assert (step.fused_tiles, step.kernels, step.graphs, step.name) == (
-        ["table", "file"], ["fused"], ["recorded"], "step-tiles-full")
+    assert (step.fused_tiles, step.unsplit, step.kernels, step.graphs, step.name,
+            step.rounds) == (["table", "file"], ["off", "on"], ["fused"], ["recorded"],
+                             "step-tiles-full", 1)
     assert step.tiles_file == '"results/fused-tiles-full-$slug.json"'  # the grid's own file
     assert step.models == timed.models
 
