@@ -10,7 +10,6 @@ exact."""
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +82,7 @@ def test_each_gpu_s_entry_is_the_one_its_committed_grid_suggests(gpu):
     its comment names (results/fused-tiles-quick-<device>.json), so the table holds what was
     measured and nothing edited by hand."""
     slug = device_slug({"device_name": gpu})  # a Result file's device part
-    path = Path(__file__).resolve().parents[1] / "results" / f"fused-tiles-quick-{slug}.json"
+    path = BENCHMARKS.parent / "results" / f"fused-tiles-quick-{slug}.json"
     assert f"results/{path.name}" in _table_comment()
     suggested = load_benchmark("step_kernels_ab").file_entry(str(path), gpu)
     assert suggested and suggested == fused_step.FUSED_TILES[gpu]
