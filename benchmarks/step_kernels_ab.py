@@ -49,7 +49,8 @@ off once with a one-block split program's block loaded before the PDL wait, labe
 default, "auto", loads it before the wait in the fused step and after it in the split one,
 and adds no mark). With --fused-tiles
 table file --tiles-file F the fused kind runs once with FUSED_TILES and once with the entry F (a
-fused_tiles.py Result) suggests for this GPU (fused_step.TILES_FROM), labelled
+fused_tiles.py Result; several, each over the ones before it at the widths it timed) suggests
+for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
 with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
 ".../fused-head". With --silu-block 1024 128 every kind runs once for each count of columns a
@@ -220,7 +221,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
 
 def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None = None,
               graphs: tuple[str, ...] = STEP_GRAPHS[:1], kinds: tuple[str, ...] = KINDS,
-              batch: int = 1, baseline: bool = False, tiles_file: str | None = None,
+              batch: int = 1, baseline: bool = False, tiles_file: str | list[str] | None = None,
               **overrides) -> None:
     """Each of `kinds` (split then fused) under each of `graphs`, `rounds` times, at `batch`
     sequences, once for each combination of the values asked of _settings()' keywords in
@@ -277,14 +278,27 @@ def _apply(module: object, attribute: str, value: object) -> None:
         setter(value)
 
 
-def file_entry(tiles_file: str | None, gpu: str) -> dict:
-    """The FUSED_TILES entry a benchmarks/fused_tiles.py Result file suggests for GPU `gpu` (a
-    device name, gemv.gpu_name's), {} where it suggests none there."""
-    if tiles_file is None:
+def file_entry(tiles_files: str | list[str] | None, gpu: str) -> dict:
+    """The FUSED_TILES entry benchmarks/fused_tiles.py Result files suggest for GPU `gpu` (a
+    device name, gemv.gpu_name's), {} where they suggest none there. Several files are read in
+    order, each replacing what the ones before it suggested at every (kernel, width) it timed,
+    its best there or, where its best was the default tiles (a grid leaves those out), nothing:
+    a full grid at one model's widths over a quick grid of several models."""
+    if not tiles_files:
         raise InfermeterError("--fused-tiles file needs --tiles-file (a fused_tiles.py Result)")
-    results = read_results(Path(tiles_file))
-    suggested = (results[-1].metrics.get("suggested_fused_tiles") or {}) if results else {}
-    return table_from_json(suggested).get(gpu, {})
+    entry: dict[str, dict] = {}
+    for name in [tiles_files] if isinstance(tiles_files, str) else tiles_files:
+        results = read_results(Path(name))
+        if not results:
+            continue
+        metrics = results[-1].metrics
+        for shape in metrics.get("shapes") or []:  # the cells this file timed (q/k norms: none)
+            if not shape.get("qk_norm"):
+                entry.get(shape["kernel"], {}).pop(int(shape["n_cols"]), None)
+        suggested = table_from_json(metrics.get("suggested_fused_tiles") or {}).get(gpu, {})
+        for kernel, cells in suggested.items():
+            entry.setdefault(kernel, {}).update(cells)
+    return {kernel: cells for kernel, cells in entry.items() if cells}
 
 
 def step_figures(result: Result) -> tuple[str, str]:
@@ -386,8 +400,9 @@ def arguments():
           "or the entry --tiles-file suggests for this GPU (default: table)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
-    parser.add_argument("--tiles-file", metavar="FILE", help="a benchmarks/fused_tiles.py "
-                        "Result, for --fused-tiles file")
+    parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"
+                        "fused_tiles.py Results, for --fused-tiles file: each file's bests "
+                        "replace the ones before it at the widths it timed")
     _ways(parser, "--compile-tuning", COMPILE_TUNING_WAYS, "every kind once for each: inductor "
           "tunes the step's own kernels by timing them while compiling (on) or keeps its "
           "heuristic configs (off) (default: on)")
@@ -434,7 +449,7 @@ def main() -> int:
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
                       "--silu-block", *map(str, args.silu_block),
                       "--compile-tuning", *args.compile_tuning,
-                      *(["--tiles-file", args.tiles_file] if args.tiles_file else []),
+                      *(["--tiles-file", *args.tiles_file] if args.tiles_file else []),
                       "--batch", str(args.batch), *traced,
                       *(["--baseline"] if args.baseline else [])], start)
     return write_summary(path, summary, start)

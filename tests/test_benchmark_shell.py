@@ -433,6 +433,38 @@ def test_the_step_ab_times_a_tiles_file_s_entry_and_sets_the_table_back(monkeypa
     assert not list(tmp_path.glob("step-kernels-*"))
 
 
+def test_a_later_tiles_file_replaces_the_earlier_ones_at_the_widths_it_timed(tmp_path):
+    """--tiles-file A B: B's bests replace A's at every (kernel, width) B timed, and where B
+    timed a width but suggests nothing there (its best was the default tiles) A's cell goes
+    too; A's other cells stay; a width with q/k norms (no entry) removes nothing."""
+    from infermeter.measure.result import Result, write_json
+    script = load_benchmark("step_kernels_ab")
+    gpu = "NVIDIA H200"
+
+    def grid(name, suggested, timed):
+        path = tmp_path / name
+        shapes = [{"kernel": kernel, "n_cols": width, "qk_norm": qk} for kernel, width, qk in timed]
+        write_json(path, Result("generate", {"name": "debug"}, {}, {},
+                                {"suggested_fused_tiles": {gpu: suggested}, "shapes": shapes}))
+        return str(path)
+
+    quick = grid("quick.json", {"gemv_add": {"2048": [1, 1024, 4], "896": [2, 512, 4]},
+                                "gemv_swiglu": {"2048": [2, 2048, 4]},
+                                "norm_qkv_rope": {"2048": [4, 1024, 4]}},
+                 [("gemv_add", 2048, False), ("gemv_add", 896, False),
+                  ("gemv_swiglu", 2048, False), ("norm_qkv_rope", 2048, False)])
+    full = grid("full.json", {"gemv_add": {"2048": [2, 2048, 8]}},
+                [("gemv_add", 2048, False), ("gemv_swiglu", 2048, False),
+                 ("norm_qkv_rope", 2048, True)])
+    assert script.file_entry([quick, full], gpu) == {
+        "gemv_add": {2048: (2, 2048, 8), 896: (2, 512, 4)},  # full's best; 896 untimed there
+        "norm_qkv_rope": {2048: (4, 1024, 4)}}  # full timed it with q/k norms only
+    assert script.file_entry([full, quick], gpu) == script.file_entry(quick, gpu)  # order counts
+    assert script.file_entry([quick], gpu) == script.file_entry(quick, gpu)
+    args = script.arguments().parse_args(["--fused-tiles", "file", "--tiles-file", quick, full])
+    assert args.tiles_file == [quick, full]
+
+
 def test_the_step_ab_runs_every_kind_once_for_each_argmax_way_at_the_batch_asked(monkeypatch,
                                                                               tmp_path):
     """--argmax-parts 64 0 (sampling.ARGMAX_PARTS) reaches every kind, split too (every step

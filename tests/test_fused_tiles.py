@@ -10,6 +10,7 @@ exact."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -77,14 +78,16 @@ def test_the_measured_table_holds_valid_tiles_for_its_widths_only():
 
 
 @pytest.mark.parametrize("gpu", sorted(fused_step.FUSED_TILES))
-def test_each_gpu_s_entry_is_the_one_its_committed_grid_suggests(gpu):
-    """A GPU's FUSED_TILES entry is, tile for tile, the suggestion of the fused_tiles.py Result
-    its comment names (results/fused-tiles-quick-<device>.json), so the table holds what was
+def test_each_gpu_s_entry_is_the_one_its_committed_grids_suggest(gpu):
+    """A GPU's FUSED_TILES entry is, tile for tile, the suggestion of the fused_tiles.py Results
+    its comment names (results/fused-tiles-<grid>-<device>.json: the quick grid, then any grid
+    that timed some widths again, each over the ones before it), so the table holds what was
     measured and nothing edited by hand."""
     slug = device_slug({"device_name": gpu})  # a Result file's device part
-    path = BENCHMARKS.parent / "results" / f"fused-tiles-quick-{slug}.json"
-    assert f"results/{path.name}" in _table_comment()
-    suggested = load_benchmark("step_kernels_ab").file_entry(str(path), gpu)
+    named = re.findall(rf"results/(fused-tiles-[a-z]+-{re.escape(slug)}\.json)", _table_comment())
+    assert named and named[0] == f"fused-tiles-quick-{slug}.json", named
+    paths = [str(BENCHMARKS.parent / "results" / name) for name in named]
+    suggested = load_benchmark("step_kernels_ab").file_entry(paths, gpu)
     assert suggested and suggested == fused_step.FUSED_TILES[gpu]
 
 
@@ -366,7 +369,7 @@ def test_the_step_tiles_part_times_the_step_with_the_entry_its_bests_suggest():
     step = part_arguments("step-tiles", "step_kernels_ab")
     assert (step.fused_tiles, step.kernels, step.graphs) == (["table", "file"], ["fused"],
                                                              ["recorded"])
-    assert step.tiles_file == '"results/fused-tiles-quick-$slug.json"'  # the grid's file
+    assert step.tiles_file == ['"results/fused-tiles-quick-$slug.json"']  # the grid's file
     assert step.models == timed.models
 
 
@@ -388,7 +391,7 @@ def test_the_step_tiles_full_part_times_the_table_against_the_full_grid_s_bests(
     assert (step.fused_tiles, step.unsplit, step.kernels, step.graphs, step.name,
             step.rounds) == (["table", "file"], ["off", "on"], ["fused"], ["recorded"],
                              "step-tiles-full", 1)
-    assert step.tiles_file == '"results/fused-tiles-full-$slug.json"'  # the grid's own file
+    assert step.tiles_file == ['"results/fused-tiles-full-$slug.json"']  # the grid's own file
     assert step.models == timed.models
 
 
