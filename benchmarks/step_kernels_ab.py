@@ -53,7 +53,9 @@ fused_tiles.py Result; several, each over the ones before it at the widths it ti
 for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
 with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
-".../fused-head". With --silu-block 1024 128 every kind runs once for each count of columns a
+".../fused-head"; with --early-release off on once with wo's, w13's and w2's kernels releasing
+the next kernel after their PDL wait and once before it (fused_step.EARLY_RELEASE), labelled
+".../early-release". With --silu-block 1024 128 every kind runs once for each count of columns a
 program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024 the default),
 labelled ".../silu-block-128" off the default (the split step launches that kernel; the fused
 step's layers compute the activation in their own kernel, its prefill still launches it).
@@ -96,7 +98,7 @@ from infermeter.engine.kernels.decode_attention import (
     EARLY_BLOCK_WAYS,
     UNSPLIT_WAYS,
 )
-from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
+from infermeter.engine.kernels.fused_step import EARLY_RELEASE_WAYS, TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.kernels.swiglu import BLOCKS as SILU_BLOCKS
@@ -155,6 +157,7 @@ BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
+EARLY_RELEASE_MARK = "early-release"  # the label's mark of fused_step.EARLY_RELEASE "on"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -163,7 +166,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           attention_pdl: str = "both", split_stages: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off",
-          silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on") -> str:
+          silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on",
+          release: str = "off") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -177,7 +181,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
     "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
     the activation kernel's programs took N columns other than the default's, "/no-tuning"
-    where inductor kept its heuristic configs."""
+    where inductor kept its heuristic configs, "/early-release" where the fused products
+    released the next kernel before their PDL wait."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -186,7 +191,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              UNSPLIT_MARK if unsplit == "on" else "", BLOCK_MARKS[early_block],
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else "",
              f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else "",
-             NO_TUNING_MARK if tuning == "off" else ""]
+             NO_TUNING_MARK if tuning == "off" else "",
+             EARLY_RELEASE_MARK if release == "on" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -212,6 +218,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("split_stages", decode_attention, "SPLIT_STAGES", False),
             ("tiles", fused_step, "TILES_FROM", False),
             ("heads", engine_model, "FUSED_HEAD", False),
+            ("releases", fused_step, "EARLY_RELEASE", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
             ("early_blocks", decode_attention, "EARLY_BLOCK", True),
@@ -228,9 +235,9 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
     attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
-    model.FUSED_HEAD; argmax_parts: sampling.ARGMAX_PARTS; unsplits and early_blocks:
-    decode_attention's UNSPLIT and EARLY_BLOCK; silu_blocks: swiglu.BLOCK; tunings:
-    generator.COMPILE_TUNING), a fused-only
+    model.FUSED_HEAD; releases: fused_step.EARLY_RELEASE; argmax_parts:
+    sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
+    EARLY_BLOCK; silu_blocks: swiglu.BLOCK; tunings: generator.COMPILE_TUNING), a fused-only
     setting at the module's own value for split; each set back after. The other overrides go
     to the request (device, dtype, ... for the CPU check). Each Result is appended to `path`
     once done (marked an older tree's with `baseline`); with `trace` (a folder) each case's
@@ -256,7 +263,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                              case["attention_pdl"], case["split_stages"],
                              case["argmax_parts"], batch, case["unsplits"],
                              case["early_blocks"], case["tiles"], case["heads"],
-                             case["silu_blocks"], case["tunings"])
+                             case["silu_blocks"], case["tunings"], case["releases"])
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
                         Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -336,7 +343,7 @@ def summary(results: list[Result]) -> str:
             elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED, SILU_BLOCKED)) \
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
-                                FUSED_HEAD_MARK, NO_TUNING_MARK):
+                                FUSED_HEAD_MARK, NO_TUNING_MARK, EARLY_RELEASE_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -398,6 +405,9 @@ def arguments():
     _ways(parser, "--fused-tiles", TILES_FROM_WAYS, "the fused kind once for each place its "
           "kernels take their tiles from: the table (FUSED_TILES), none (the GEMV's, adapted), "
           "or the entry --tiles-file suggests for this GPU (default: table)")
+    _ways(parser, "--early-release", EARLY_RELEASE_WAYS, "the fused kind once for each: wo's, "
+          "w13's and w2's kernels release the next kernel after their PDL wait (off) or before "
+          "it (on) (default: off)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"
@@ -430,7 +440,8 @@ def main() -> int:
                   argmax_parts=tuple(args.argmax_parts), batch=args.batch,
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
-                  heads=tuple(args.fused_head), silu_blocks=tuple(args.silu_block),
+                  heads=tuple(args.fused_head), releases=tuple(args.early_release),
+                  silu_blocks=tuple(args.silu_block),
                   tunings=tuple(args.compile_tuning),
                   baseline=args.baseline)
         return 0
@@ -447,6 +458,7 @@ def main() -> int:
                       "--argmax-parts", *map(str, args.argmax_parts),
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
+                      "--early-release", *args.early_release,
                       "--silu-block", *map(str, args.silu_block),
                       "--compile-tuning", *args.compile_tuning,
                       *(["--tiles-file", *args.tiles_file] if args.tiles_file else []),

@@ -333,6 +333,8 @@ FUSED_SWITCHES = {
               "--fused-tiles", "fused_tiles"),
     "head": ("infermeter.engine.model", "FUSED_HEAD", "heads", ("off", "on"), "fused/fused-head",
              "--fused-head", "fused_head"),
+    "early release": ("fused_step", "EARLY_RELEASE", "releases", ("off", "on"),
+                      "fused/early-release", "--early-release", "early_release"),
 }
 
 
@@ -342,8 +344,8 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     """--qk-norm-kernels 2 1 (qk_norm_rope.QK_NORM_KERNELS: the q/k norms in a kernel of their
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
     (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES),
-    --fused-tiles table gemv (fused_step.TILES_FROM) and --fused-head off on
-    (model.FUSED_HEAD): the fused case runs once with
+    --fused-tiles table gemv (fused_step.TILES_FROM), --fused-head off on (model.FUSED_HEAD)
+    and --early-release off on (fused_step.EARLY_RELEASE): the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
     takes the values in either order and refuses one there is not."""

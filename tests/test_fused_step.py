@@ -91,6 +91,66 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
             assert not any("ex2.approx.f32" in line for line in lines), name
 
 
+def _instructions(lines: list[str], leave_out: str) -> list[str]:
+    """A kernel's PTX without its source-line marks (.loc), comments (inline asm's begin and
+    end), blank lines, its debug sections (which name those lines) and any line with
+    `leave_out`: what it executes, to compare two builds."""
+    from tests.test_pdl import first
+
+    body = lines[:first(lines, ".section")]  # the debug sections come last
+    return [line for line in body if line.strip() and not line.strip().startswith((".loc", "//"))
+            and leave_out not in line]
+
+
+@needs_triton
+def test_an_early_release_moves_only_wo_w13_and_w2_s_release_above_their_wait(monkeypatch):
+    """fused_step.EARLY_RELEASE "on": the PDL launches of product + add (wo, w2) and norm +
+    w13 + SwiGLU release the next kernel before their wait, after their weight loads, and their
+    sm_90 PTX is otherwise the default's line for line (the same loads and maths: no value
+    changes); norm + product (wqkv where the q/k norms run apart) and norm + wqkv + RoPE, which
+    the attention follows, keep releasing after the wait; "off" is pdl.py's order everywhere; a
+    way there is not is refused."""
+    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
+    from tests.test_pdl import first, pdl_launches, sm90_lines
+
+    dtype, tiles = torch.float16, (2, 1024, 4)
+    x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
+    weight, residual = torch.zeros(64, 576, dtype=dtype), torch.zeros(1, 64, dtype=dtype)
+    cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
+    calls = {"product + add": (True, lambda: _fused_gemv(
+                 x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles)),
+             "norm + w13 + swiglu": (True, lambda: _fused_gemv(
+                 x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles)),
+             "norm + product": (False, lambda: _fused_gemv(
+                 x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles)),
+             "norm + wqkv + rope": (False, lambda: _norm_qkv_rope(
+                 x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
+                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles))}
+    release = "griddepcontrol.launch_dependents"
+    for name, (moves, call) in calls.items():
+        built = {}
+        for way in fused_step.EARLY_RELEASE_WAYS:
+            monkeypatch.setattr(fused_step, "EARLY_RELEASE", way)
+            kernel, args, kwargs = pdl_launches(monkeypatch, call)[0]
+            built[way] = sm90_lines(kernel, args, kwargs)[1]
+        early, late = built["on"], built["off"]
+        wait = first(late, "griddepcontrol.wait")
+        assert wait < first(late, release) < len(late), name  # pdl.py's order
+        if not moves:
+            assert early == late, name
+            continue
+        wait, freed = first(early, "griddepcontrol.wait"), first(early, release)
+        assert freed < wait < len(early), name
+        before = [line for line in early[:freed] if "ld.global" in line]
+        assert before and all("evict_first" in line or name.startswith("norm") for line in before)
+        assert not any("ld.global" in line for line in early[freed:wait]), name
+        assert _instructions(early, release) == _instructions(late, release), name
+    monkeypatch.setattr(fused_step, "EARLY_RELEASE", "soon")
+    with pytest.raises(ValueError, match="unknown EARLY_RELEASE 'soon'"):
+        pdl_launches(monkeypatch, calls["product + add"][1])
+
+
 @needs_triton
 def test_the_rope_kernel_reads_weights_before_the_wait_and_rounds_ropes_products(monkeypatch):
     """norm + wqkv + RoPE + cache write launched with PDL, compiled for sm_90, without and with
@@ -482,6 +542,32 @@ def test_the_result_records_the_fused_head_and_the_report_sets_the_other_way_asi
         runner.generator.model.head_fuses()
 
 
+@pytest.mark.parametrize("way", ["off", "on"])
+def test_the_result_records_the_early_release_and_the_report_sets_it_aside(monkeypatch, way):
+    """config.early_release: whether the fused step's wo, w13 and w2 kernels released the next
+    kernel before their PDL wait (fused_step.EARLY_RELEASE); None where no layer ran fused or
+    the step ran without PDL; the report takes a Result released early as a comparison, and
+    one from before the field as the default's."""
+    from infermeter.engine.kernels import fused_step
+    from infermeter.report.select import DEFAULT_EARLY_RELEASE, off_default_kernels
+    from infermeter.specs.presets import PRESETS
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    assert DEFAULT_EARLY_RELEASE is (fused_step.EARLY_RELEASE == "on")  # the engine's default
+    monkeypatch.setattr(fused_step, "EARLY_RELEASE", way)
+    described = {}
+    for kinds in ("fused", "split"):
+        for pdl in (True, False):
+            runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+            monkeypatch.setattr(runner.generator, "pdl", pdl)
+            described[kinds, pdl] = runner.describe()["early_release"]
+    assert described == {("fused", True): way == "on", ("fused", False): None,
+                         ("split", True): None, ("split", False): None}
+    assert off_default_kernels(seed_record(1, early_release=way == "on")) == (way == "on")
+    assert not off_default_kernels(seed_record(2))  # before the field: the default
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
@@ -503,3 +589,42 @@ def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
     set_step_kernels(model, "fused")
     assert model.head_fuses()
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_an_early_release_gives_eager_s_tokens(monkeypatch, dtype):
+    """On a GPU with PDL: the fused step in the recorded graph with wo's, w13's and w2's kernels
+    releasing the next kernel before their wait (EARLY_RELEASE "on") gives eager's greedy tokens
+    (a peaked model: no near ties); a kernel that read its input before the one writing it had
+    ended would part from them."""
+    from infermeter.engine.generator import Generator
+    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.model import set_step_kernels
+    from tests.test_generate import (
+        PROMPTS,
+        SPEC,
+        assert_compiled_gives_eager_tokens,
+        peaked_cuda_model,
+    )
+
+    monkeypatch.setattr(fused_step, "EARLY_RELEASE", "on")
+    model = peaked_cuda_model(SPEC, dtype)
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded", pdl=True)
+    set_step_kernels(model, "fused")
+    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+
+
+def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():
+    """open_targets.sh step-early-release: the recorded fused step at the three small models,
+    released after the wait and before it, one round, in a file of its own; then the gpu test
+    above, by its name (a renamed test would leave the part running nothing)."""
+    from tests.benchmark_scripts import part_arguments, part_body
+
+    step = part_arguments("step-early-release", "step_kernels_ab")
+    assert (step.early_release, step.kernels, step.graphs, step.rounds, step.name) == (
+        ["off", "on"], ["fused"], ["recorded"], 1, "step-early-release")
+    assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
+    test = "test_on_cuda_an_early_release_gives_eager_s_tokens"
+    assert f"tests/test_fused_step.py::{test}" in part_body("step-early-release")
+    assert callable(globals()[test])

@@ -99,6 +99,7 @@ class EngineRunner:
                 **self._attention_launch_used(used),
                 "attention_unsplit": self._unsplit_used(used),
                 **self._fused_tiles_used(),
+                "early_release": self._early_release_used(),
                 "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "silu_block": self._silu_block_used(),
@@ -250,6 +251,16 @@ class EngineRunner:
         if self._step_kernels_used() in (None, "split"):
             return None
         return self.generator.model.head_fuses()
+
+    def _early_release_used(self) -> bool | None:
+        """Whether the fused step's wo, w13 and w2 kernels released the next kernel before their
+        PDL wait (fused_step.EARLY_RELEASE "on", an A/B's setting); None where no layer ran fused
+        or the step ran without PDL (no release to move)."""
+        if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
+            return None
+        from infermeter.engine.kernels import fused_step  # only here, as decode_attention
+
+        return fused_step.EARLY_RELEASE == "on"
 
     def _fused_tiles_used(self) -> dict[str, Any]:
         """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the

@@ -193,9 +193,10 @@ if triton is not None:
         again after it. Safe: the position is the step's input, set before its first kernel
         (the step before advanced it in place, held_step.py, in its own kernels, which ended
         before this replay began), and the other slots were written by earlier steps; under
-        PDL every kernel but the one just before has ended once this one starts (each releases
-        the next only after its own wait). So the block's bytes come while the kernel before
-        still runs."""
+        PDL every kernel but the one just before has ended once this one starts (the one
+        before, norm + wqkv or the q/k norms' kernel, releases it only after its own wait;
+        fused_step.EARLY_RELEASE never reaches them). So the block's bytes come while the
+        kernel before still runs."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
         g = tl.arange(0, G_PAD)

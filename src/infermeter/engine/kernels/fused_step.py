@@ -162,13 +162,14 @@ if triton is not None:
                            HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr = False,
                            PDL: tl.constexpr = False, GELU: tl.constexpr = False,
-                           STORE_NORMED: tl.constexpr = False, AHEAD_ON: tl.constexpr = False):
+                           STORE_NORMED: tl.constexpr = False, AHEAD_ON: tl.constexpr = False,
+                           EARLY_RELEASE: tl.constexpr = False):
         pid = tl.program_id(0)
         if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py), before anything
             pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
         fused_gemv_rows(pid, X, NORM_W, W, RES, OUT, n_out, n_cols, stride_w,
                          up_row, EPS, HAS_NORM, GEMMA, SWIGLU, HAS_RESIDUAL, BLOCK_N,
-                         BLOCK_K, LIBDEVICE, PDL, GELU)
+                         BLOCK_K, LIBDEVICE, PDL, GELU, EARLY_RELEASE)
         if STORE_NORMED:  # the normed x itself for a later kernel (an MoE block's experts)
             if tl.program_id(0) == 0:
                 normed_row(X, NORM_W, NORMED, n_cols, EPS, GEMMA, BLOCK_K)
@@ -178,8 +179,10 @@ if triton is not None:
                          EPS: tl.constexpr, HAS_NORM: tl.constexpr, GEMMA: tl.constexpr,
                          SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
-                         PDL: tl.constexpr, GELU: tl.constexpr):
-        """Program pid's BLOCK_N output rows of _fused_gemv_kernel."""
+                         PDL: tl.constexpr, GELU: tl.constexpr,
+                         EARLY_RELEASE: tl.constexpr = False):
+        """Program pid's BLOCK_N output rows of _fused_gemv_kernel. EARLY_RELEASE (with PDL):
+        the next kernel may start before this one's wait, not after it (EARLY_RELEASE below)."""
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -196,8 +199,11 @@ if triton is not None:
         if HAS_NORM:
             w_norm = tl.load(NORM_W + cols, mask=col_ok, other=0.0)
         if PDL:
+            if EARLY_RELEASE:  # the next kernel's weights start while this one still waits
+                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # x (and the residual) are earlier kernels' outputs
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY_RELEASE:
+                tl.extra.cuda.gdc_launch_dependents()
         # Every load after the wait is issued before the first value is used: each one left
         # behind a reduction would wait a round trip of its own (a reduction's barrier keeps
         # the compiler from moving loads above it).
@@ -421,6 +427,18 @@ FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
 # run suggests for this GPU, timed in the step before it is committed. Recorded in the Result
 # (config.fused_tiles_from and config.fused_tiles).
 TILES_FROM_WAYS = ("table", "gemv", "file")
+# Whether wo's, w13's and w2's kernels (gemv_add, gemv_swiglu) release the next kernel before
+# their own PDL wait ("on") rather than after it ("off", pdl.py's rule and the default): an
+# A/B's setting (benchmarks/step_kernels_ab.py --early-release), recorded in the Result
+# (config.early_release). On a GPU where a kernel's programs all fit at once, the next kernel
+# then starts, and loads its first weight tiles, while this one still waits for the one before.
+# Safe here because what follows these kernels reads only weights before its own wait (the
+# next product's kernel, an MoE block's router, inductor's kernels, which wait first), and that
+# wait returns only once this kernel has ended, which it does only after its own wait: every
+# earlier kernel is done by then. The attention, which reads its cache before its wait, comes
+# after norm + wqkv (or the q/k norms' kernel), which keep releasing after their wait.
+EARLY_RELEASE_WAYS = ("off", "on")
+EARLY_RELEASE = "off"
 TILES_FROM = "table"
 FILE_ENTRY: dict[str, dict[int, tuple[int, int, int]]] = {}
 
@@ -491,6 +509,8 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
         if tiles is None else _checked_tiles(kernel, tiles)
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     ahead, total = _ahead(x, ahead)
+    early = pdl and kernel != "norm_gemv" \
+        and checked_way(EARLY_RELEASE, "EARLY_RELEASE", EARLY_RELEASE_WAYS) == "on"
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
            x if residual is None else residual, out, x if normed is None else normed, ahead,
@@ -499,7 +519,7 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
            LIBDEVICE=compiled_for_gpu(x), GELU=swiglu and gelu,
            STORE_NORMED=normed is not None and norm_weight is not None, AHEAD_ON=total > 0,
-           num_warps=warps, num_stages=NUM_STAGES)
+           EARLY_RELEASE=early, num_warps=warps, num_stages=NUM_STAGES)
     return out
 
 

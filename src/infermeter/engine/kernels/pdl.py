@@ -13,7 +13,10 @@ still runs.
 The rule that keeps it correct, in every kernel here and in inductor's (its triton.enable_pdl
 codegen): a kernel calls launch_dependents only after its own wait. So when a kernel starts,
 every kernel before its predecessor has finished, and only reads of the predecessor's outputs
-need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always.
+need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always. The
+one exception is an A/B's (fused_step.EARLY_RELEASE, off by default): wo's, w13's and w2's
+fused kernels may release before their wait, because every kernel that can follow them reads
+only weights before its own wait, and that wait still implies every earlier kernel has ended.
 
 How it is launched: the Triton kernels take a PDL constexpr (the wait and the trigger are
 compiled in only then) and the launch attribute `launch_pdl`. Inductor does not pass launch
