@@ -528,7 +528,7 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --early-release off on --results "$dest" --name step-early-release \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
-    python3 -m pytest -m gpu -p no:cacheprovider -o addopts="" -q \
+    python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
       "tests/test_fused_step.py::test_on_cuda_an_early_release_gives_eager_s_tokens" \
       > "$dest/gpu-tests-early-release-$slug.txt" 2>&1 || echo "gpu test: failed" >&2 ;;
   step-head-stall)
