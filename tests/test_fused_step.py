@@ -568,12 +568,9 @@ def test_the_result_records_the_early_release_and_the_report_sets_it_aside(monke
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
-    """On a GPU: the fused step in the recorded graph with its final norm and output head as
-    one kernel (FUSED_HEAD "on") gives eager's greedy tokens (a peaked model: no near ties)."""
-    from infermeter.engine import model as model_module
+def _fused_recorded_step_gives_eager_tokens(dtype: torch.dtype, pdl: bool = False):
+    """On a GPU: a peaked model's (no near ties) fused step in the recorded graph, with PDL
+    where asked, gives eager's greedy tokens; the model, for a caller's further checks."""
     from infermeter.engine.generator import Generator
     from infermeter.engine.model import set_step_kernels
     from tests.test_generate import (
@@ -583,12 +580,22 @@ def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
         peaked_cuda_model,
     )
 
-    monkeypatch.setattr(model_module, "FUSED_HEAD", "on")
     model = peaked_cuda_model(SPEC, dtype)
-    gen = Generator(model, max_seq_len=64, step_graphs="recorded")
+    gen = Generator(model, max_seq_len=64, step_graphs="recorded", pdl=pdl)
     set_step_kernels(model, "fused")
-    assert model.head_fuses()
     assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
+    """On a GPU: the fused step in the recorded graph with its final norm and output head as
+    one kernel (FUSED_HEAD "on") gives eager's greedy tokens (a peaked model: no near ties)."""
+    from infermeter.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "FUSED_HEAD", "on")
+    assert _fused_recorded_step_gives_eager_tokens(dtype).head_fuses()
 
 
 @pytest.mark.gpu
@@ -598,22 +605,10 @@ def test_on_cuda_an_early_release_gives_eager_s_tokens(monkeypatch, dtype):
     releasing the next kernel before their wait (EARLY_RELEASE "on") gives eager's greedy tokens
     (a peaked model: no near ties); a kernel that read its input before the one writing it had
     ended would part from them."""
-    from infermeter.engine.generator import Generator
     from infermeter.engine.kernels import fused_step
-    from infermeter.engine.model import set_step_kernels
-    from tests.test_generate import (
-        PROMPTS,
-        SPEC,
-        assert_compiled_gives_eager_tokens,
-        peaked_cuda_model,
-    )
 
     monkeypatch.setattr(fused_step, "EARLY_RELEASE", "on")
-    model = peaked_cuda_model(SPEC, dtype)
-    gen = Generator(model, max_seq_len=64, step_graphs="recorded", pdl=True)
-    set_step_kernels(model, "fused")
-    assert_compiled_gives_eager_tokens(gen, PROMPTS[:1])
-
+    _fused_recorded_step_gives_eager_tokens(dtype, pdl=True)
 
 def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():
     """open_targets.sh step-early-release: the recorded fused step at the three small models,
