@@ -192,8 +192,9 @@
 #   part step-head       the fused step with its final norm and output head as two kernels and as
 #                        one (model.FUSED_HEAD), at 135M, 0.5B and 1B, the recorded step, one
 #                        round (step_kernels_ab.py --fused-head off on; 6 cases)
-#   part step-early-release the fused step with wo's, w13's and w2's kernels releasing the next
-#                        kernel after their PDL wait and before it (fused_step.EARLY_RELEASE), at
+#   part step-early-release the fused step with wo's, w13's and w2's kernels and the combine
+#                        releasing the next kernel after their PDL wait and before it
+#                        (pdl.EARLY_RELEASE), at
 #                        135M, 0.5B and 1B, the recorded step, one round (6 cases), then the
 #                        early release's gpu test (eager's tokens) into
 #                        gpu-tests-early-release-<device>.txt

@@ -53,8 +53,9 @@ fused_tiles.py Result; several, each over the ones before it at the widths it ti
 for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
 with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
-".../fused-head"; with --early-release off on once with wo's, w13's and w2's kernels releasing
-the next kernel after their PDL wait and once before it (fused_step.EARLY_RELEASE), labelled
+".../fused-head"; with --early-release off on once with wo's, w13's and w2's kernels and the
+combine releasing the next kernel after their PDL wait and once before it (pdl.EARLY_RELEASE),
+labelled
 ".../early-release". With --silu-block 1024 128 every kind runs once for each count of columns a
 program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024 the default),
 labelled ".../silu-block-128" off the default (the split step launches that kernel; the fused
@@ -98,8 +99,9 @@ from infermeter.engine.kernels.decode_attention import (
     EARLY_BLOCK_WAYS,
     UNSPLIT_WAYS,
 )
-from infermeter.engine.kernels.fused_step import EARLY_RELEASE_WAYS, TILES_FROM_WAYS
+from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
+from infermeter.engine.kernels.pdl import EARLY_RELEASE_WAYS
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.kernels.swiglu import BLOCKS as SILU_BLOCKS
 from infermeter.engine.kernels.swiglu import DEFAULT_BLOCK as DEFAULT_SILU_BLOCK
@@ -157,7 +159,7 @@ BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
-EARLY_RELEASE_MARK = "early-release"  # the label's mark of fused_step.EARLY_RELEASE "on"
+EARLY_RELEASE_MARK = "early-release"  # the label's mark of pdl.EARLY_RELEASE "on"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -207,6 +209,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
     from infermeter.engine.kernels import (
         decode_attention,
         fused_step,
+        pdl,
         prefetch,
         qk_norm_rope,
         swiglu,
@@ -218,7 +221,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("split_stages", decode_attention, "SPLIT_STAGES", False),
             ("tiles", fused_step, "TILES_FROM", False),
             ("heads", engine_model, "FUSED_HEAD", False),
-            ("releases", fused_step, "EARLY_RELEASE", False),
+            ("releases", pdl, "EARLY_RELEASE", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
             ("early_blocks", decode_attention, "EARLY_BLOCK", True),
@@ -235,7 +238,7 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
     attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
-    model.FUSED_HEAD; releases: fused_step.EARLY_RELEASE; argmax_parts:
+    model.FUSED_HEAD; releases: pdl.EARLY_RELEASE; argmax_parts:
     sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
     EARLY_BLOCK; silu_blocks: swiglu.BLOCK; tunings: generator.COMPILE_TUNING), a fused-only
     setting at the module's own value for split; each set back after. The other overrides go
@@ -406,8 +409,8 @@ def arguments():
           "kernels take their tiles from: the table (FUSED_TILES), none (the GEMV's, adapted), "
           "or the entry --tiles-file suggests for this GPU (default: table)")
     _ways(parser, "--early-release", EARLY_RELEASE_WAYS, "the fused kind once for each: wo's, "
-          "w13's and w2's kernels release the next kernel after their PDL wait (off) or before "
-          "it (on) (default: off)")
+          "w13's and w2's kernels and the attention's combine release the next kernel after "
+          "their PDL wait (off) or before it (on) (default: off)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"

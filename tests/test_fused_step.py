@@ -102,51 +102,85 @@ def _instructions(lines: list[str], leave_out: str) -> list[str]:
             and leave_out not in line]
 
 
+def _builds_each_way(monkeypatch, call) -> dict[str, list[list[str]]]:
+    """pdl.EARLY_RELEASE way -> the sm_90 PTX lines of each PDL launch call() makes under it."""
+    from infermeter.engine.kernels import pdl
+    from tests.test_pdl import pdl_launches, sm90_lines
+
+    built = {}
+    for way in pdl.EARLY_RELEASE_WAYS:
+        monkeypatch.setattr(pdl, "EARLY_RELEASE", way)
+        with pdl.launching(True):
+            built[way] = [sm90_lines(*launch)[1] for launch in pdl_launches(monkeypatch, call)]
+    return built
+
+
+def _not_params(lines: list[str]) -> list[str]:
+    """PTX lines other than a kernel parameter's read (ld.param), whose place the compiler
+    may change around a release without changing anything the kernel computes."""
+    return [line for line in lines if "ld.param" not in line]
+
+
 @needs_triton
-def test_an_early_release_moves_only_wo_w13_and_w2_s_release_above_their_wait(monkeypatch):
-    """fused_step.EARLY_RELEASE "on": the PDL launches of product + add (wo, w2) and norm +
-    w13 + SwiGLU release the next kernel before their wait, after their weight loads, and their
-    sm_90 PTX is otherwise the default's line for line (the same loads and maths: no value
-    changes); norm + product (wqkv where the q/k norms run apart) and norm + wqkv + RoPE, which
-    the attention follows, keep releasing after the wait; "off" is pdl.py's order everywhere; a
+def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monkeypatch):
+    """pdl.EARLY_RELEASE "on": the PDL launches of product + add (wo, w2), norm + w13 + SwiGLU
+    and, in the fused step, the attention's combine release the next kernel before their wait
+    (after the products' weight loads, with nothing loaded between the release and the wait),
+    and their sm_90 PTX is otherwise the default's: the same instructions in the same order,
+    but for where a kernel parameter is read (the same loads and maths: no value changes).
+    norm + product (wqkv where the q/k norms run apart), norm + wqkv + RoPE and the split
+    kernel, which read the cache before their wait or come before the kernel that does, keep
+    pdl.py's order, as does the split step's combine; "off" is pdl.py's order everywhere; a
     way there is not is refused."""
-    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.kernels.decode_attention import decode_attention_kernel
     from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
-    from tests.test_pdl import first, pdl_launches, sm90_lines
+    from tests.test_pdl import first, pdl_launches
 
     dtype, tiles = torch.float16, (2, 1024, 4)
     x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
     weight, residual = torch.zeros(64, 576, dtype=dtype), torch.zeros(1, 64, dtype=dtype)
     cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
-    calls = {"product + add": (True, lambda: _fused_gemv(
+    q, kv = torch.zeros(1, 2, 2, 64, dtype=dtype), torch.zeros(1, 2, 256, 64, dtype=dtype)
+
+    def attention(fused):
+        return lambda: decode_attention_kernel(q, kv, kv.clone(), torch.arange(256),
+                                               torch.tensor([100]), 0, False, 4, fused_step=fused)
+
+    # name -> (which launches move, the call)
+    calls = {"product + add": ((True,), lambda: _fused_gemv(
                  x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "norm + w13 + swiglu": (True, lambda: _fused_gemv(
+             "norm + w13 + swiglu": ((True,), lambda: _fused_gemv(
                  x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles)),
-             "norm + product": (False, lambda: _fused_gemv(
+             "norm + product": ((False,), lambda: _fused_gemv(
                  x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "norm + wqkv + rope": (False, lambda: _norm_qkv_rope(
+             "norm + wqkv + rope": ((False,), lambda: _norm_qkv_rope(
                  x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
-                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles))}
+                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles)),
+             "fused step's attention": ((False, True), attention(True)),  # split, combine
+             "split step's attention": ((False, False), attention(False))}
     release = "griddepcontrol.launch_dependents"
     for name, (moves, call) in calls.items():
-        built = {}
-        for way in fused_step.EARLY_RELEASE_WAYS:
-            monkeypatch.setattr(fused_step, "EARLY_RELEASE", way)
-            kernel, args, kwargs = pdl_launches(monkeypatch, call)[0]
-            built[way] = sm90_lines(kernel, args, kwargs)[1]
-        early, late = built["on"], built["off"]
-        wait = first(late, "griddepcontrol.wait")
-        assert wait < first(late, release) < len(late), name  # pdl.py's order
-        if not moves:
-            assert early == late, name
-            continue
-        wait, freed = first(early, "griddepcontrol.wait"), first(early, release)
-        assert freed < wait < len(early), name
-        before = [line for line in early[:freed] if "ld.global" in line]
-        assert before and all("evict_first" in line or name.startswith("norm") for line in before)
-        assert not any("ld.global" in line for line in early[freed:wait]), name
-        assert _instructions(early, release) == _instructions(late, release), name
-    monkeypatch.setattr(fused_step, "EARLY_RELEASE", "soon")
+        built = _builds_each_way(monkeypatch, call)
+        assert len(built["on"]) == len(built["off"]) == len(moves), name
+        for moved, early, late in zip(moves, built["on"], built["off"], strict=True):
+            wait = first(late, "griddepcontrol.wait")
+            assert wait < first(late, release) < len(late), name  # pdl.py's order
+            if not moved:
+                assert early == late, name
+                continue
+            wait, freed = first(early, "griddepcontrol.wait"), first(early, release)
+            assert freed < wait < len(early), name
+            before = [line for line in early[:freed] if "ld.global" in line]
+            # a product's weight tile (and a norm's weights); the combine loads nothing first
+            assert all("evict_first" in line or name.startswith("norm") for line in before)
+            assert bool(before) != name.endswith("attention"), name
+            assert not any("ld.global" in line for line in early[freed:wait]), name
+            # the same instructions, in the same order but for where a kernel parameter is read
+            ran, default = _instructions(early, release), _instructions(late, release)
+            assert sorted(ran) == sorted(default), name
+            assert _not_params(ran) == _not_params(default), name
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "soon")
     with pytest.raises(ValueError, match="unknown EARLY_RELEASE 'soon'"):
         pdl_launches(monkeypatch, calls["product + add"][1])
 
@@ -545,23 +579,23 @@ def test_the_result_records_the_fused_head_and_the_report_sets_the_other_way_asi
 @pytest.mark.parametrize("way", ["off", "on"])
 def test_the_result_records_the_early_release_and_the_report_sets_it_aside(monkeypatch, way):
     """config.early_release: whether the fused step's wo, w13 and w2 kernels released the next
-    kernel before their PDL wait (fused_step.EARLY_RELEASE); None where no layer ran fused or
+    kernel before their PDL wait (pdl.EARLY_RELEASE); None where no layer ran fused or
     the step ran without PDL; the report takes a Result released early as a comparison, and
     one from before the field as the default's."""
-    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels import pdl
     from infermeter.report.select import DEFAULT_EARLY_RELEASE, off_default_kernels
     from infermeter.specs.presets import PRESETS
     from tests.report_records import seed_record
     from tests.test_fused_rope_record import batch_one_runner
 
-    assert DEFAULT_EARLY_RELEASE is (fused_step.EARLY_RELEASE == "on")  # the engine's default
-    monkeypatch.setattr(fused_step, "EARLY_RELEASE", way)
+    assert DEFAULT_EARLY_RELEASE is (pdl.EARLY_RELEASE == "on")  # the engine's default
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", way)
     described = {}
     for kinds in ("fused", "split"):
-        for pdl in (True, False):
+        for launched in (True, False):  # with PDL or without
             runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
-            monkeypatch.setattr(runner.generator, "pdl", pdl)
-            described[kinds, pdl] = runner.describe()["early_release"]
+            monkeypatch.setattr(runner.generator, "pdl", launched)
+            described[kinds, launched] = runner.describe()["early_release"]
     assert described == {("fused", True): way == "on", ("fused", False): None,
                          ("split", True): None, ("split", False): None}
     assert off_default_kernels(seed_record(1, early_release=way == "on")) == (way == "on")
@@ -602,12 +636,13 @@ def test_on_cuda_the_fused_head_gives_eager_s_tokens(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_on_cuda_an_early_release_gives_eager_s_tokens(monkeypatch, dtype):
     """On a GPU with PDL: the fused step in the recorded graph with wo's, w13's and w2's kernels
-    releasing the next kernel before their wait (EARLY_RELEASE "on") gives eager's greedy tokens
+    and the combine releasing the next kernel before their wait (EARLY_RELEASE "on") gives
+    eager's greedy tokens
     (a peaked model: no near ties); a kernel that read its input before the one writing it had
     ended would part from them."""
-    from infermeter.engine.kernels import fused_step
+    from infermeter.engine.kernels import pdl
 
-    monkeypatch.setattr(fused_step, "EARLY_RELEASE", "on")
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "on")
     _fused_recorded_step_gives_eager_tokens(dtype, pdl=True)
 
 def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():

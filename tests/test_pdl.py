@@ -9,6 +9,8 @@ reads something (its weights) before the wait.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -137,7 +139,8 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     step_kernels_ab.py --attention-pdl, --early-block) with PDL on for the step: "both" (the
     default) and "combine" take the PDL op, the split kernel early in the first only, with
     SPLIT_STAGES and the block's load passed on: "auto" (the default) before the wait in the
-    fused step and after it in the split one, "on" and "off" in both; "none" the plain op.
+    fused step and after it in the split one, "on" and "off" in both, and the combine's early
+    release (pdl.EARLY_RELEASE) in the fused step only; "none" the plain op.
     With PDL off, the plain op whatever the way; a way there is not is an error."""
     from infermeter.engine.kernels import decode_attention
 
@@ -151,17 +154,19 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", 2)
     monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
     args = (None,) * 5 + (0, False, 1)
-    for fused in (True, False):
+    for fused, release in itertools.product((True, False), pdl.EARLY_RELEASE_WAYS):
+        monkeypatch.setattr(pdl, "EARLY_RELEASE", release)
         calls.clear()
         with pdl.launching(True):
             decode_attention.decode_attention_kernel(*args, fused_step=fused)
         decode_attention.decode_attention_kernel(*args, fused_step=fused)
         early_block = {"auto": fused, "on": True, "off": False}[block]
         assert decode_attention.early_block_for(fused) is early_block
-        wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block)),
-                  "combine": ("split_kv_decode_pdl", (False, 2, early_block)),
+        released = fused and release == "on"  # the combine's early release: the fused step's
+        wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block, released)),
+                  "combine": ("split_kv_decode_pdl", (False, 2, early_block, released)),
                   "none": ("split_kv_decode", ())}[way]
-        assert calls == [wanted, ("split_kv_decode", ())], (block, fused)
+        assert calls == [wanted, ("split_kv_decode", ())], (block, fused, release)
     for name, value in (("ATTENTION_PDL", "first"), ("EARLY_BLOCK", "late")):
         monkeypatch.setattr(decode_attention, name, value)
         with pytest.raises(ValueError, match=name):

@@ -253,14 +253,14 @@ class EngineRunner:
         return self.generator.model.head_fuses()
 
     def _early_release_used(self) -> bool | None:
-        """Whether the fused step's wo, w13 and w2 kernels released the next kernel before their
-        PDL wait (fused_step.EARLY_RELEASE "on", an A/B's setting); None where no layer ran fused
-        or the step ran without PDL (no release to move)."""
+        """Whether the fused step's wo, w13 and w2 kernels and its attention's combine released
+        the next kernel before their PDL wait (pdl.EARLY_RELEASE "on", an A/B's setting); None
+        where no layer ran fused or the step ran without PDL (no release to move)."""
         if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
             return None
-        from infermeter.engine.kernels import fused_step  # only here, as decode_attention
+        from infermeter.engine.kernels import pdl  # only here, as decode_attention
 
-        return fused_step.EARLY_RELEASE == "on"
+        return pdl.early_release()
 
     def _fused_tiles_used(self) -> dict[str, Any]:
         """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the

@@ -195,8 +195,8 @@ if triton is not None:
         before this replay began), and the other slots were written by earlier steps; under
         PDL every kernel but the one just before has ended once this one starts (the one
         before, norm + wqkv or the q/k norms' kernel, releases it only after its own wait;
-        fused_step.EARLY_RELEASE never reaches them). So the block's bytes come while the
-        kernel before still runs."""
+        pdl.EARLY_RELEASE never reaches them). So the block's bytes come while the kernel
+        before still runs."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
         g = tl.arange(0, G_PAD)
@@ -323,7 +323,7 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(ACC, M, L, OUT, SINKS, groups, n_splits, n_kv_heads,
                         S_PAD: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, EARLY_RELEASE: tl.constexpr = False):
         """One program a query head (sequence * H + head = row * groups + g): its splits'
         partials weighed by exp(m - max m) and summed, divided once by the weighed sum of l
         (div.rn, as torch's softmax divides by its sum). A head's m and l are loaded once,
@@ -331,8 +331,11 @@ if triton is not None:
         per-element form's index arithmetic and loads made the kernel the step's slowest small
         one, docs/engine.md "Batch 8 and 32 at Llama-3.2-1B")."""
         if PDL:  # the splits are the previous kernel's outputs (pdl.py)
+            if EARLY_RELEASE:  # wo's weights start while this waits (pdl.EARLY_RELEASE)
+                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY_RELEASE:
+                tl.extra.cuda.gdc_launch_dependents()
         head = tl.program_id(0)
         row = head // groups  # sequence * H_kv + KV head
         g = head % groups
@@ -419,8 +422,9 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                      softcap: float, pdl: bool, sinks: Tensor | None = None,
                      early_split: bool = True, split_stages: int = 0,
-                     early_block: bool = True) -> Tensor:
-    """n_splits 0: the unsplit kernel alone (no combine)."""
+                     early_block: bool = True, early_release: bool = False) -> Tensor:
+    """n_splits 0: the unsplit kernel alone (no combine); early_release (with pdl): the
+    combine releases the next kernel before its wait (pdl.EARLY_RELEASE)."""
     if n_splits == 0:
         return _unsplit_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                softcap, pdl, sinks)
@@ -432,7 +436,8 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
     sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
     launch(_combine_kernel, (bsz * n_kv_heads * groups,), pdl,
            acc, m, l_sum, out, sink_arg, groups, n_splits, n_kv_heads,
-           S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None)
+           S_PAD=triton.next_power_of_2(n_splits), D=head_dim, HAS_SINKS=sinks is not None,
+           EARLY_RELEASE=pdl and early_release)
     return out
 
 
@@ -455,21 +460,24 @@ def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Te
                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                         softcap: float = 0.0, sinks: Tensor | None = None,
                         early_split: bool = True, split_stages: int = 0,
-                        early_block: bool = True) -> Tensor:
+                        early_block: bool = True, early_release: bool = False) -> Tensor:
     """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
     without early_split the split kernel is launched plainly and only releases the combine
     early (ATTENTION_PDL "combine"); split_stages > 0 sets its num_stages (SPLIT_STAGES);
-    without early_block a one-block program loads its block after the wait (EARLY_BLOCK)."""
+    without early_block a one-block program loads its block after the wait (EARLY_BLOCK);
+    with early_release the combine releases the next kernel before its wait (the fused step's,
+    pdl.EARLY_RELEASE)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                             n_splits, softcap, pdl=True, sinks=sinks, early_split=early_split,
-                            split_stages=split_stages, early_block=early_block)
+                            split_stages=split_stages, early_block=early_block,
+                            early_release=early_release)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
       window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
       sinks: Tensor | None = None, early_split: bool = True, split_stages: int = 0,
-      early_block: bool = True) -> Tensor:
+      early_block: bool = True, early_release: bool = False) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -492,13 +500,15 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             n_splits: int, softcap: float = 0.0,
                             sinks: Tensor | None = None, fused_step: bool = False) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
-    ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK (for the fused step or the split one: fused_step)
-    and UNSPLIT say when the step is traced (unsplit: n_splits 0)."""
+    ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK (for the fused step or the split one: fused_step),
+    UNSPLIT and, in the fused step, pdl.EARLY_RELEASE say when the step is traced (unsplit:
+    n_splits 0)."""
     with_pdl, early, early_block = _launch_way(fused_step)
     if unsplits(q, k_cache):
         n_splits = 0
     if with_pdl:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                                   n_splits, softcap, sinks, early, SPLIT_STAGES, early_block)
+                                   n_splits, softcap, sinks, early, SPLIT_STAGES, early_block,
+                                   fused_step and pdl.early_release())
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)

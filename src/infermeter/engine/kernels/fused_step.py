@@ -77,7 +77,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
-from infermeter.engine.kernels.pdl import launch
+from infermeter.engine.kernels.pdl import early_release, launch
 from infermeter.engine.kernels.prefetch import ahead_bytes, prefetchable
 from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
@@ -182,7 +182,7 @@ if triton is not None:
                          PDL: tl.constexpr, GELU: tl.constexpr,
                          EARLY_RELEASE: tl.constexpr = False):
         """Program pid's BLOCK_N output rows of _fused_gemv_kernel. EARLY_RELEASE (with PDL):
-        the next kernel may start before this one's wait, not after it (EARLY_RELEASE below)."""
+        the next kernel may start before this one's wait, not after it (pdl.EARLY_RELEASE)."""
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -427,18 +427,6 @@ FUSED_KERNELS = ("norm_gemv", "gemv_swiglu", "gemv_add", "norm_qkv_rope")
 # run suggests for this GPU, timed in the step before it is committed. Recorded in the Result
 # (config.fused_tiles_from and config.fused_tiles).
 TILES_FROM_WAYS = ("table", "gemv", "file")
-# Whether wo's, w13's and w2's kernels (gemv_add, gemv_swiglu) release the next kernel before
-# their own PDL wait ("on") rather than after it ("off", pdl.py's rule and the default): an
-# A/B's setting (benchmarks/step_kernels_ab.py --early-release), recorded in the Result
-# (config.early_release). On a GPU where a kernel's programs all fit at once, the next kernel
-# then starts, and loads its first weight tiles, while this one still waits for the one before.
-# Safe here because what follows these kernels reads only weights before its own wait (the
-# next product's kernel, an MoE block's router, inductor's kernels, which wait first), and that
-# wait returns only once this kernel has ended, which it does only after its own wait: every
-# earlier kernel is done by then. The attention, which reads its cache before its wait, comes
-# after norm + wqkv (or the q/k norms' kernel), which keep releasing after their wait.
-EARLY_RELEASE_WAYS = ("off", "on")
-EARLY_RELEASE = "off"
 TILES_FROM = "table"
 FILE_ENTRY: dict[str, dict[int, tuple[int, int, int]]] = {}
 
@@ -509,8 +497,7 @@ def _fused_gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, residual:
         if tiles is None else _checked_tiles(kernel, tiles)
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     ahead, total = _ahead(x, ahead)
-    early = pdl and kernel != "norm_gemv" \
-        and checked_way(EARLY_RELEASE, "EARLY_RELEASE", EARLY_RELEASE_WAYS) == "on"
+    early = pdl and kernel != "norm_gemv" and early_release()  # wo, w13, w2
     launch(_fused_gemv_kernel, (triton.cdiv(n_out, block_n),), pdl,
            x, x if norm_weight is None else norm_weight, weight,
            x if residual is None else residual, out, x if normed is None else normed, ahead,

@@ -14,9 +14,7 @@ The rule that keeps it correct, in every kernel here and in inductor's (its trit
 codegen): a kernel calls launch_dependents only after its own wait. So when a kernel starts,
 every kernel before its predecessor has finished, and only reads of the predecessor's outputs
 need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always. The
-one exception is an A/B's (fused_step.EARLY_RELEASE, off by default): wo's, w13's and w2's
-fused kernels may release before their wait, because every kernel that can follow them reads
-only weights before its own wait, and that wait still implies every earlier kernel has ended.
+one exception is an A/B's (EARLY_RELEASE below, off by default).
 
 How it is launched: the Triton kernels take a PDL constexpr (the wait and the trigger are
 compiled in only then) and the launch attribute `launch_pdl`. Inductor does not pass launch
@@ -35,7 +33,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infermeter.engine.kernels.settings import checked_way
+
 _ENABLED = False
+# Whether the fused step's wo, w13 and w2 kernels (fused_step.py's gemv_add and gemv_swiglu) and
+# its attention's combine release the next kernel before their own wait ("on") rather than
+# after it ("off", the rule above and the default): an A/B's setting, read when the step is
+# traced (benchmarks/step_kernels_ab.py --early-release), recorded in the Result
+# (config.early_release). Where a kernel's programs all fit on the GPU at once, the next kernel
+# then starts, and loads its first weight tiles, while this one still waits for the one before.
+# Safe because what follows these kernels reads only weights before its own wait (the next
+# product's kernel, an MoE block's router, the GEMV, inductor's kernels, which wait first), and
+# that wait returns only once this kernel has ended, which it does only after its own wait:
+# every earlier kernel is done by then. The attention, which reads its cache before its wait,
+# comes after norm + wqkv (or the q/k norms' kernel), which keep releasing after their wait.
+EARLY_RELEASE_WAYS = ("off", "on")
+EARLY_RELEASE = "off"
 
 
 def set_pdl(on: bool) -> None:
@@ -58,6 +71,11 @@ def launching(on: bool) -> Iterator[None]:
         yield
     finally:
         set_pdl(before)
+
+
+def early_release() -> bool:
+    """EARLY_RELEASE is "on" (a way there is not: a ValueError naming it)."""
+    return checked_way(EARLY_RELEASE, "EARLY_RELEASE", EARLY_RELEASE_WAYS) == "on"
 
 
 def inductor_has_pdl() -> bool:
