@@ -53,13 +53,14 @@ fused_tiles.py Result; several, each over the ones before it at the widths it ti
 for this GPU (fused_step.TILES_FROM), labelled
 ".../file-tiles" ("gemv", the GEMV's tiles: ".../gemv-tiles"); with --fused-head off on once
 with the final norm and the head apart and once as one kernel (model.FUSED_HEAD), labelled
-".../fused-head"; with --early-release off on once with wo's, w13's and w2's kernels and the
-combine releasing the next kernel after their PDL wait and once before it (pdl.EARLY_RELEASE),
-labelled
-".../early-release". With --silu-block 1024 128 every kind runs once for each count of columns a
-program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024 the default),
-labelled ".../silu-block-128" off the default (the split step launches that kernel; the fused
-step's layers compute the activation in their own kernel, its prefill still launches it).
+".../fused-head"; with --early-release on off once with wo's, w13's and w2's kernels and the
+combine releasing the next kernel before their PDL wait (the default) and once after it
+(pdl.EARLY_RELEASE), labelled ".../late-release" (".../early-release" marks "on" in Results from
+before it became the default). With --silu-block 1024 128 every kind runs once for each count
+of columns a program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024
+the default), labelled ".../silu-block-128" off the default (the split step launches that
+kernel; the fused step's layers compute the activation in their own kernel, its prefill still
+launches it).
 With --compile-tuning on off every kind runs once with inductor tuning the step's own kernels
 by timing them while it compiles (generator.COMPILE_TUNING "on", the default) and once with
 its heuristic configs, labelled ".../no-tuning".
@@ -159,7 +160,9 @@ BLOCK_MARKS = {"auto": "", "on": "early-block", "off": "late-block"}
 # the label's marks of fused_step.TILES_FROM off the table
 TILE_MARKS = {"table": "", "gemv": "gemv-tiles", "file": "file-tiles"}
 FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
-EARLY_RELEASE_MARK = "early-release"  # the label's mark of pdl.EARLY_RELEASE "on"
+# the label's marks of pdl.EARLY_RELEASE off its default ("on" since 2026-12-07), and of "on"
+# in the Results from before that day
+LATE_RELEASE_MARK, EARLY_RELEASE_MARK = "late-release", "early-release"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -169,7 +172,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off",
           silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on",
-          release: str = "off") -> str:
+          release: str = "on") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -183,8 +186,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     TILE_MARKS' mark where the fused kernels took their tiles from other than the table,
     "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
     the activation kernel's programs took N columns other than the default's, "/no-tuning"
-    where inductor kept its heuristic configs, "/early-release" where the fused products
-    released the next kernel before their PDL wait."""
+    where inductor kept its heuristic configs, "/late-release" where the fused products and
+    combine released the next kernel after their PDL wait."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -194,7 +197,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else "",
              f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else "",
              NO_TUNING_MARK if tuning == "off" else "",
-             EARLY_RELEASE_MARK if release == "on" else ""]
+             LATE_RELEASE_MARK if release == "off" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -346,7 +349,8 @@ def summary(results: list[Result]) -> str:
             elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED, SILU_BLOCKED)) \
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
-                                FUSED_HEAD_MARK, NO_TUNING_MARK, EARLY_RELEASE_MARK):
+                                FUSED_HEAD_MARK, NO_TUNING_MARK, LATE_RELEASE_MARK,
+                                EARLY_RELEASE_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -410,7 +414,7 @@ def arguments():
           "or the entry --tiles-file suggests for this GPU (default: table)")
     _ways(parser, "--early-release", EARLY_RELEASE_WAYS, "the fused kind once for each: wo's, "
           "w13's and w2's kernels and the attention's combine release the next kernel after "
-          "their PDL wait (off) or before it (on) (default: off)")
+          "their PDL wait (off) or before it (on) (default: on)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"

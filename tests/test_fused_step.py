@@ -59,9 +59,12 @@ def test_pdl_launches_read_only_weights_before_the_wait(monkeypatch):
     GeGLU's gelu (Gemma's norm), as a CUDA x launches it: its five products a value besides
     kappa * x^3 (one FMA with x's add, as in torch's build) are PTX mul.rn, never contracted,
     and its tanh is libdevice's (tanhf's ex2.approx.ftz, not tl.exp's ex2.approx.f32)."""
+    from infermeter.engine.kernels import pdl
     from infermeter.engine.kernels.fused_step import _fused_gemv
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
+    # pdl.py's order, which pdl_ptx checks (the early release: its own test below)
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "off")
     dtype = torch.bfloat16
     x, norm_w = torch.zeros(1, 2560, dtype=dtype), torch.ones(2560, dtype=dtype)
     weight, residual = torch.zeros(40, 2560, dtype=dtype), torch.zeros(1, 40, dtype=dtype)
@@ -123,15 +126,15 @@ def _not_params(lines: list[str]) -> list[str]:
 
 @needs_triton
 def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monkeypatch):
-    """pdl.EARLY_RELEASE "on": the PDL launches of product + add (wo, w2), norm + w13 + SwiGLU
-    and, in the fused step, the attention's combine release the next kernel before their wait
-    (after the products' weight loads, with nothing loaded between the release and the wait),
-    and their sm_90 PTX is otherwise the default's: the same instructions in the same order,
-    but for where a kernel parameter is read (the same loads and maths: no value changes).
-    norm + product (wqkv where the q/k norms run apart), norm + wqkv + RoPE and the split
-    kernel, which read the cache before their wait or come before the kernel that does, keep
-    pdl.py's order, as does the split step's combine; "off" is pdl.py's order everywhere; a
-    way there is not is refused."""
+    """pdl.EARLY_RELEASE "on" (the default): the PDL launches of product + add (wo, w2), norm +
+    w13 + SwiGLU and, in the fused step, the attention's combine release the next kernel
+    before their wait (after the products' weight loads, with nothing loaded between the
+    release and the wait), and their sm_90 PTX is otherwise "off"'s: the same instructions in
+    the same order, but for where a kernel parameter is read (the same loads and maths: no
+    value changes). norm + product (wqkv where the q/k norms run apart), norm + wqkv + RoPE
+    and the split kernel, which read the cache before their wait or come before the kernel
+    that does, keep pdl.py's order, as does the split step's combine; "off" is pdl.py's order
+    everywhere; a way there is not is refused."""
     from infermeter.engine.kernels import pdl
     from infermeter.engine.kernels.decode_attention import decode_attention_kernel
     from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
@@ -230,9 +233,11 @@ def test_after_the_wait_every_load_goes_out_before_a_reduction_waits(monkeypatch
     x (two), norm + w13 x and x again for the sum of squares (one each), norm + wqkv + RoPE
     cos, sin, the position and x twice; before, x alone in each (the residual, cos, sin and
     the position after the reduction, the norm's weights after its sum)."""
+    from infermeter.engine.kernels import pdl
     from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
     from tests.test_pdl import first, pdl_launches, pdl_ptx
 
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "off")  # pdl.py's order, which pdl_ptx checks
     dtype, tiles = torch.bfloat16, (2, 1024, 4)
     x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
     weight, residual = torch.zeros(64, 576, dtype=dtype), torch.zeros(1, 64, dtype=dtype)
@@ -577,11 +582,11 @@ def test_the_result_records_the_fused_head_and_the_report_sets_the_other_way_asi
 
 
 @pytest.mark.parametrize("way", ["off", "on"])
-def test_the_result_records_the_early_release_and_the_report_sets_it_aside(monkeypatch, way):
-    """config.early_release: whether the fused step's wo, w13 and w2 kernels released the next
-    kernel before their PDL wait (pdl.EARLY_RELEASE); None where no layer ran fused or
-    the step ran without PDL; the report takes a Result released early as a comparison, and
-    one from before the field as the default's."""
+def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(monkeypatch, way):
+    """config.early_release: whether the fused step's wo, w13 and w2 kernels and its combine
+    released the next kernel before their PDL wait (pdl.EARLY_RELEASE, "on" by default); None
+    where no layer ran fused or the step ran without PDL; the report takes a Result released
+    after the wait as a comparison, and one from before the field as the default's."""
     from infermeter.engine.kernels import pdl
     from infermeter.report.select import DEFAULT_EARLY_RELEASE, off_default_kernels
     from infermeter.specs.presets import PRESETS
@@ -598,7 +603,7 @@ def test_the_result_records_the_early_release_and_the_report_sets_it_aside(monke
             described[kinds, launched] = runner.describe()["early_release"]
     assert described == {("fused", True): way == "on", ("fused", False): None,
                          ("split", True): None, ("split", False): None}
-    assert off_default_kernels(seed_record(1, early_release=way == "on")) == (way == "on")
+    assert off_default_kernels(seed_record(1, early_release=way == "on")) == (way == "off")
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
 

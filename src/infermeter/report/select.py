@@ -205,7 +205,7 @@ DEFAULT_MATVEC_KERNEL, DEFAULT_TP_ALL_REDUCE = "triton", "triton"
 DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unrecorded: without
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
-DEFAULT_EARLY_RELEASE = False  # kernels/pdl.py's EARLY_RELEASE "off": release after the wait
+DEFAULT_EARLY_RELEASE = True  # kernels/pdl.py's EARLY_RELEASE "on": released before the wait
 DEFAULT_SILU_BLOCK = 1024  # kernels/swiglu.py's BLOCK: the activation kernel's columns a program
 DEFAULT_COMPILE_TUNING = "on"  # engine/generator.py's COMPILE_TUNING: inductor tunes by timing
 # generate --prefill-graphs (engine/prefill_buckets.py's PREFILL_GRAPHS[0]); a Result records it
@@ -255,9 +255,10 @@ def off_default_kernels(record: Record) -> bool:
     the fused kernels' tiles taken from elsewhere than their table (config.fused_tiles_from;
     kernels/fused_step.py, an A/B's), the final norm and head fused other than by default
     (config.fused_head; engine/model.py's FUSED_HEAD), the fused products releasing the next
-    kernel before their PDL wait (config.early_release; kernels/pdl.py's EARLY_RELEASE,
-    an A/B's), the SwiGLU activation kernel at other
-    columns a program than its default (config.silu_block; kernels/swiglu.py's BLOCK, an A/B's),
+    kernel after their PDL wait (config.early_release false; kernels/pdl.py's EARLY_RELEASE
+    "off", an A/B's since "on" became the default on 2026-12-07), the SwiGLU activation kernel
+    at other columns a program than its default (config.silu_block; kernels/swiglu.py's BLOCK,
+    an A/B's),
     a step compiled without inductor's tuning by timing (config.compile_tuning "off";
     engine/generator.py's COMPILE_TUNING, an A/B's),
     a bucketed prefill compiled other than
