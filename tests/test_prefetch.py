@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infermeter.engine.fusion import fuse_projections
-from infermeter.engine.kernels import fused_step, prefetch
+from infermeter.engine.kernels import fused_step, pdl, prefetch
 from infermeter.engine.model import build_model, set_step_kernels
 from infermeter.specs.presets import PRESETS
 from tests.test_peer_all_reduce import needs_triton
@@ -70,7 +70,6 @@ def test_each_fused_kernel_prefetches_from_one_thread_before_its_wait(monkeypatc
     """Built for sm_90: with a weight to prefetch, one bulk prefetch into L2, predicated (thread
     0 of a program with bytes left), before the PDL wait (weights need no wait), and the kernel
     is handed that weight and its bytes; without one, no prefetch is built in."""
-    from infermeter.engine.kernels import pdl
     from tests.test_pdl import pdl_ptx
 
     # pdl.py's order, which pdl_ptx checks (the early release's: tests/test_fused_step.py)

@@ -254,8 +254,9 @@ class EngineRunner:
 
     def _early_release_used(self) -> bool | None:
         """Whether the fused step's wo, w13 and w2 kernels and its attention's combine released
-        the next kernel before their PDL wait (pdl.EARLY_RELEASE "on", an A/B's setting); None
-        where no layer ran fused or the step ran without PDL (no release to move)."""
+        the next kernel before their PDL wait (pdl.EARLY_RELEASE "on", the default; "off" an
+        A/B's); None where no layer ran fused or the step ran without PDL (no release to
+        move)."""
         if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
             return None
         from infermeter.engine.kernels import pdl  # only here, as decode_attention
