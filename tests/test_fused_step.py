@@ -105,14 +105,16 @@ def _instructions(lines: list[str], leave_out: str) -> list[str]:
             and leave_out not in line]
 
 
-def _builds_each_way(monkeypatch, call) -> dict[str, list[list[str]]]:
-    """pdl.EARLY_RELEASE way -> the sm_90 PTX lines of each PDL launch call() makes under it."""
+def _builds_each_way(monkeypatch, call, setting: str = "EARLY_RELEASE"
+                     ) -> dict[str, list[list[str]]]:
+    """pdl.<setting> way (EARLY_RELEASE's or ATTENTION_RELEASE's) -> the sm_90 PTX lines of
+    each PDL launch call() makes under it."""
     from infermeter.engine.kernels import pdl
     from tests.test_pdl import pdl_launches, sm90_lines
 
     built = {}
-    for way in pdl.EARLY_RELEASE_WAYS:
-        monkeypatch.setattr(pdl, "EARLY_RELEASE", way)
+    for way in getattr(pdl, f"{setting}_WAYS"):
+        monkeypatch.setattr(pdl, setting, way)
         with pdl.launching(True):
             built[way] = [sm90_lines(*launch)[1] for launch in pdl_launches(monkeypatch, call)]
     return built
@@ -186,6 +188,70 @@ def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monk
     monkeypatch.setattr(pdl, "EARLY_RELEASE", "soon")
     with pytest.raises(ValueError, match="unknown EARLY_RELEASE 'soon'"):
         pdl_launches(monkeypatch, calls["product + add"][1])
+
+
+@needs_triton
+def test_an_attention_release_moves_only_norm_wqkv_s_and_the_split_kernel_s_release(
+        monkeypatch):
+    """pdl.ATTENTION_RELEASE "before" (an A/B's; "after" the default): the PDL launches of
+    norm + wqkv + RoPE and, in the fused step, the attention's split kernel (and the unsplit
+    one) release the next kernel before their wait, after what they load first (weight tiles
+    and the norm's weights; the cache block and the position), with nothing loaded between
+    the release and the wait; their sm_90 PTX is otherwise "after"'s, but for where a kernel
+    parameter is read (no value changes). The products, the combine (EARLY_RELEASE "on", the
+    default, either way) and the split step's attention build the same either way; a way
+    there is not is refused."""
+    from infermeter.engine.kernels import decode_attention, pdl
+    from infermeter.engine.kernels.decode_attention import decode_attention_kernel
+    from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
+    from tests.test_pdl import first, pdl_launches
+
+    dtype, tiles = torch.float16, (2, 1024, 4)
+    x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
+    weight, residual = torch.zeros(64, 576, dtype=dtype), torch.zeros(1, 64, dtype=dtype)
+    cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
+    q, kv = torch.zeros(1, 2, 2, 64, dtype=dtype), torch.zeros(1, 2, 256, 64, dtype=dtype)
+
+    def attention(fused, unsplit="off"):
+        def call():
+            monkeypatch.setattr(decode_attention, "UNSPLIT", unsplit)
+            return decode_attention_kernel(q, kv, kv.clone(), torch.arange(256),
+                                           torch.tensor([100]), 0, False, 4, fused_step=fused)
+        return call
+
+    # name -> (which launches move, the call)
+    calls = {"norm + wqkv + rope": ((True,), lambda: _norm_qkv_rope(
+                 x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
+                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles)),
+             "fused step's attention": ((True, False), attention(True)),  # split, combine
+             "fused step's unsplit attention": ((True,), attention(True, "on")),
+             "split step's attention": ((False, False), attention(False)),
+             "product + add": ((False,), lambda: _fused_gemv(
+                 x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles)),
+             "norm + w13 + swiglu": ((False,), lambda: _fused_gemv(
+                 x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles)),
+             "norm + product": ((False,), lambda: _fused_gemv(
+                 x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles))}
+    release, wait_line = "griddepcontrol.launch_dependents", "griddepcontrol.wait"
+    for name, (moves, call) in calls.items():
+        built = _builds_each_way(monkeypatch, call, "ATTENTION_RELEASE")
+        assert len(built["before"]) == len(built["after"]) == len(moves), name
+        for moved, early, late in zip(moves, built["before"], built["after"], strict=True):
+            if not moved:
+                assert early == late, name
+                continue
+            wait = first(late, wait_line)
+            assert wait < first(late, release) < len(late), name  # pdl.py's order
+            wait, freed = first(early, wait_line), first(early, release)
+            assert freed < wait < len(early), name
+            assert any("ld.global" in line for line in early[:freed]), name
+            assert not any("ld.global" in line for line in early[freed:wait]), name
+            ran, default = _instructions(early, release), _instructions(late, release)
+            assert sorted(ran) == sorted(default), name
+            assert _not_params(ran) == _not_params(default), name
+    monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "soon")
+    with pytest.raises(ValueError, match="unknown ATTENTION_RELEASE 'soon'"):
+        pdl_launches(monkeypatch, calls["norm + wqkv + rope"][1])
 
 
 @needs_triton
@@ -607,6 +673,33 @@ def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(mon
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
 
+@pytest.mark.parametrize("way", ["after", "before"])
+def test_the_result_records_the_attention_s_release_and_the_report_sets_an_early_one_aside(
+        monkeypatch, way):
+    """config.attention_release: where the fused step's norm + wqkv and split kernels released
+    the next kernel, "after" their PDL wait (pdl.ATTENTION_RELEASE's default) or "before" it;
+    None where no layer ran fused or the step ran without PDL; the report takes a Result
+    released before as a comparison, and one from before the field as the default's."""
+    from infermeter.engine.kernels import pdl
+    from infermeter.report.select import DEFAULT_ATTENTION_RELEASE, off_default_kernels
+    from infermeter.specs.presets import PRESETS
+    from tests.report_records import seed_record
+    from tests.test_fused_rope_record import batch_one_runner
+
+    assert DEFAULT_ATTENTION_RELEASE == pdl.ATTENTION_RELEASE  # the engine's default
+    monkeypatch.setattr(pdl, "ATTENTION_RELEASE", way)
+    described = {}
+    for kinds in ("fused", "split"):
+        for launched in (True, False):  # with PDL or without
+            runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+            monkeypatch.setattr(runner.generator, "pdl", launched)
+            described[kinds, launched] = runner.describe()["attention_release"]
+    assert described == {("fused", True): way, ("fused", False): None,
+                         ("split", True): None, ("split", False): None}
+    assert off_default_kernels(seed_record(1, attention_release=way)) == (way == "before")
+    assert not off_default_kernels(seed_record(2))  # before the field: the default
+
+
 def _fused_recorded_step_gives_eager_tokens(dtype: torch.dtype, pdl: bool = False):
     """On a GPU: a peaked model's (no near ties) fused step in the recorded graph, with PDL
     where asked, gives eager's greedy tokens; the model, for a caller's further checks."""
@@ -650,6 +743,21 @@ def test_on_cuda_an_early_release_gives_eager_s_tokens(monkeypatch, dtype):
     monkeypatch.setattr(pdl, "EARLY_RELEASE", "on")
     _fused_recorded_step_gives_eager_tokens(dtype, pdl=True)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_an_early_attention_release_gives_eager_s_tokens(monkeypatch, dtype):
+    """On a GPU with PDL: the fused step in the recorded graph with every kernel of a layer
+    releasing the next one before its wait (EARLY_RELEASE "on", ATTENTION_RELEASE "before")
+    gives eager's greedy tokens (a peaked model: no near ties); a split kernel that kept a
+    stale copy of the step's own slot, or any kernel that read its input before the one
+    writing it had ended, would part from them."""
+    from infermeter.engine.kernels import pdl
+
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "on")
+    monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "before")
+    _fused_recorded_step_gives_eager_tokens(dtype, pdl=True)
+
 def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():
     """open_targets.sh step-early-release: the recorded fused step at the three small models,
     released after the wait and before it, one round, in a file of its own; then the gpu test
@@ -662,4 +770,19 @@ def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():
     assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
     test = "test_on_cuda_an_early_release_gives_eager_s_tokens"
     assert f"tests/test_fused_step.py::{test}" in part_body("step-early-release")
+    assert callable(globals()[test])
+
+
+def test_the_attention_release_part_times_both_then_checks_eager_s_tokens():
+    """open_targets.sh step-attention-release: the recorded fused step at the three small
+    models with norm + wqkv and the split kernel releasing after their wait and before it, one
+    round, in a file of its own; then the gpu test above, by its name."""
+    from tests.benchmark_scripts import part_arguments, part_body
+
+    step = part_arguments("step-attention-release", "step_kernels_ab")
+    assert (step.attention_release, step.kernels, step.graphs, step.rounds, step.name) == (
+        ["after", "before"], ["fused"], ["recorded"], 1, "step-attention-release")
+    assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
+    test = "test_on_cuda_an_early_attention_release_gives_eager_s_tokens"
+    assert f"tests/test_fused_step.py::{test}" in part_body("step-attention-release")
     assert callable(globals()[test])

@@ -140,7 +140,8 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     default) and "combine" take the PDL op, the split kernel early in the first only, with
     SPLIT_STAGES and the block's load passed on: "auto" (the default) before the wait in the
     fused step and after it in the split one, "on" and "off" in both, and the combine's early
-    release (pdl.EARLY_RELEASE) in the fused step only; "none" the plain op.
+    release (pdl.EARLY_RELEASE) and the split kernel's (pdl.ATTENTION_RELEASE) in the fused
+    step only; "none" the plain op.
     With PDL off, the plain op whatever the way; a way there is not is an error."""
     from infermeter.engine.kernels import decode_attention
 
@@ -154,8 +155,10 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
     monkeypatch.setattr(decode_attention, "SPLIT_STAGES", 2)
     monkeypatch.setattr(decode_attention, "EARLY_BLOCK", block)
     args = (None,) * 5 + (0, False, 1)
-    for fused, release in itertools.product((True, False), pdl.EARLY_RELEASE_WAYS):
+    for fused, release, split_release in itertools.product(
+            (True, False), pdl.EARLY_RELEASE_WAYS, pdl.ATTENTION_RELEASE_WAYS):
         monkeypatch.setattr(pdl, "EARLY_RELEASE", release)
+        monkeypatch.setattr(pdl, "ATTENTION_RELEASE", split_release)
         calls.clear()
         with pdl.launching(True):
             decode_attention.decode_attention_kernel(*args, fused_step=fused)
@@ -163,10 +166,13 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
         early_block = {"auto": fused, "on": True, "off": False}[block]
         assert decode_attention.early_block_for(fused) is early_block
         released = fused and release == "on"  # the combine's early release: the fused step's
-        wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block, released)),
-                  "combine": ("split_kv_decode_pdl", (False, 2, early_block, released)),
+        split_first = fused and split_release == "before"  # the split kernel's, likewise
+        wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block, released, split_first)),
+                  "combine": ("split_kv_decode_pdl",
+                              (False, 2, early_block, released, split_first)),
                   "none": ("split_kv_decode", ())}[way]
-        assert calls == [wanted, ("split_kv_decode", ())], (block, fused, release)
+        assert calls == [wanted, ("split_kv_decode", ())], (block, fused, release,
+                                                           split_release)
     for name, value in (("ATTENTION_PDL", "first"), ("EARLY_BLOCK", "late")):
         monkeypatch.setattr(decode_attention, name, value)
         with pytest.raises(ValueError, match=name):

@@ -100,6 +100,7 @@ class EngineRunner:
                 "attention_unsplit": self._unsplit_used(used),
                 **self._fused_tiles_used(),
                 "early_release": self._early_release_used(),
+                "attention_release": self._attention_release_used(),
                 "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "silu_block": self._silu_block_used(),
@@ -262,6 +263,16 @@ class EngineRunner:
         from infermeter.engine.kernels import pdl  # only here, as decode_attention
 
         return pdl.early_release()
+
+    def _attention_release_used(self) -> str | None:
+        """Where the fused step's norm + wqkv and split kernels released the next kernel:
+        "after" their PDL wait (pdl.ATTENTION_RELEASE's default) or "before" it (an A/B's);
+        None where no layer ran fused or the step ran without PDL (no release to move)."""
+        if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
+            return None
+        from infermeter.engine.kernels import pdl  # only here, as decode_attention
+
+        return "before" if pdl.attention_release() else "after"
 
     def _fused_tiles_used(self) -> dict[str, Any]:
         """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the

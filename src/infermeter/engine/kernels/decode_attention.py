@@ -183,7 +183,8 @@ if triton is not None:
                       BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
                       INV_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
-                      ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr):
+                      ONE_BLOCK: tl.constexpr, PDL: tl.constexpr, RELEASE: tl.constexpr,
+                      EARLY_RELEASE: tl.constexpr = False):
         """Row bh (= sequence * H_kv + KV head)'s online softmax over the `chunk` slots from
         `start`: its running max m [G_PAD], sum l [G_PAD] and unnormalised output acc
         [G_PAD, D], float32. PDL: waits for the kernel before (which wrote q and this step's
@@ -193,10 +194,14 @@ if triton is not None:
         again after it. Safe: the position is the step's input, set before its first kernel
         (the step before advanced it in place, held_step.py, in its own kernels, which ended
         before this replay began), and the other slots were written by earlier steps; under
-        PDL every kernel but the one just before has ended once this one starts (the one
-        before, norm + wqkv or the q/k norms' kernel, releases it only after its own wait;
-        pdl.EARLY_RELEASE never reaches them). So the block's bytes come while the kernel
-        before still runs."""
+        PDL, where the kernel before (norm + wqkv or the q/k norms' kernel) releases this one
+        only after its own wait, every kernel but that one has ended once this one starts; where
+        norm + wqkv releases it before (pdl.ATTENTION_RELEASE "before"), kernels of the layer
+        before may still run, but none of them writes the cache or the position, and the
+        step's first kernels release only after their wait, so every earlier step has ended.
+        So the block's bytes come while the kernel before still runs. EARLY_RELEASE (with
+        PDL): the next kernel (the combine) may start before this one's wait
+        (pdl.ATTENTION_RELEASE)."""
         b = bh // n_kv_heads
         h = bh % n_kv_heads
         g = tl.arange(0, G_PAD)
@@ -212,8 +217,11 @@ if triton is not None:
             inside = n < end
             k, v, held = _block(k_base, v_base, KEY_POS, n, inside, stride_ks, stride_vs, d)
         if PDL:  # q and this step's slot are the previous kernel's outputs (pdl.py)
+            if EARLY_RELEASE:  # the combine reads only this kernel's outputs, after its wait
+                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY_RELEASE:
+                tl.extra.cuda.gdc_launch_dependents()
         elif RELEASE:  # launched plainly (the kernel before has ended): the next may start
             tl.extra.cuda.gdc_launch_dependents()
         q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
@@ -253,7 +261,7 @@ if triton is not None:
                          PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
                          INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
                          ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
-                         RELEASE: tl.constexpr = False):
+                         RELEASE: tl.constexpr = False, EARLY_RELEASE: tl.constexpr = False):
         """Split program_id(1) of row bh = program_id(0): chunk_softmax over its chunk,
         stored as its partial acc [G, D], m [G], l [G]."""
         bh, split = tl.program_id(0), tl.program_id(1)
@@ -261,7 +269,8 @@ if triton is not None:
             bh, split * chunk, Q, K, V, KEY_POS, POS, stride_qb, stride_qh, stride_qg,
             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
             n_kv_heads, groups, slots, chunk, window, SCALE, G_PAD, D, BLOCK, IS_RING,
-            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE)
+            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, ONE_BLOCK, PDL, RELEASE,
+            EARLY_RELEASE)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         row = bh * n_splits + split  # ACC [B*H_kv, n_splits, G, D], M/L [B*H_kv, n_splits, G]
@@ -280,7 +289,8 @@ if triton is not None:
                         BLOCK: tl.constexpr, IS_RING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
                         INV_SOFTCAP: tl.constexpr = 0.0, LIBDEVICE: tl.constexpr = False,
-                        HAS_SINKS: tl.constexpr = False, PDL: tl.constexpr = False):
+                        HAS_SINKS: tl.constexpr = False, PDL: tl.constexpr = False,
+                        EARLY_RELEASE: tl.constexpr = False):
         """Row bh = program 0 (sequence * H_kv + KV head) over all its slots in one block
         (BLOCK >= slots, loaded before the PDL wait: chunk_softmax's ONE_BLOCK), normalised
         as the combine normalises one split: acc * exp(m - top) divided once by
@@ -292,7 +302,8 @@ if triton is not None:
             bh, 0, Q, K, V, KEY_POS, POS, stride_qb, stride_qh, stride_qg,
             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
             n_kv_heads, groups, slots, slots, window, SCALE, G_PAD, D, BLOCK, IS_RING,
-            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, True, PDL, False)
+            HAS_WINDOW, PRECISION, SOFTCAP, INV_SOFTCAP, LIBDEVICE, True, PDL, False,
+            EARLY_RELEASE)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         keep = g < groups
@@ -356,11 +367,12 @@ if triton is not None:
 def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                     query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                     softcap: float, pdl: bool, early_split: bool = True,
-                    split_stages: int = 0, early_block: bool = True
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    split_stages: int = 0, early_block: bool = True,
+                    split_release: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The split kernel's launch: its partials acc [B * H_kv, n_splits, G, D], m and l
     [B * H_kv, n_splits, G], all float32; a one-block program's block loaded before the PDL
-    wait only with early_block (EARLY_BLOCK)."""
+    wait only with early_block (EARLY_BLOCK); split_release (with PDL): the combine released
+    before the wait (pdl.ATTENTION_RELEASE)."""
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     chunk = math.ceil(slots / n_splits)
@@ -371,6 +383,7 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
     strides = (*_strides(q, k_cache, v_cache), n_kv_heads, groups, slots, chunk, n_splits,
                window)
     split = {"BLOCK": BLOCK_N, "ONE_BLOCK": chunk <= BLOCK_N and early_block,
+             "EARLY_RELEASE": pdl and early_split and split_release,
              **_softmax_constants(q, is_ring, window, softcap)}
     if split_stages:
         split["num_stages"] = split_stages
@@ -385,9 +398,10 @@ def _split_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
 
 def _unsplit_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor,
                     query_pos: Tensor, window: int, is_ring: bool, softcap: float, pdl: bool,
-                    sinks: Tensor | None = None) -> Tensor:
+                    sinks: Tensor | None = None, split_release: bool = False) -> Tensor:
     """The unsplit kernel's launch: one program a (sequence, KV head), the output [B, H_kv, G,
-    D] in q's dtype. unsplit_fits(slots, head size) must hold."""
+    D] in q's dtype. unsplit_fits(slots, head size) must hold. split_release: as
+    _split_partials'."""
     bsz, n_kv_heads, groups, head_dim = q.shape
     slots = k_cache.shape[2]
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
@@ -395,7 +409,8 @@ def _unsplit_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor
            out, out if sinks is None else sinks,  # a placeholder pointer where there are none
            *_strides(q, k_cache, v_cache), n_kv_heads, groups, slots, window,
            BLOCK=triton.next_power_of_2(slots), HAS_SINKS=sinks is not None,
-           num_warps=UNSPLIT_WARPS, **_softmax_constants(q, is_ring, window, softcap))
+           EARLY_RELEASE=pdl and split_release, num_warps=UNSPLIT_WARPS,
+           **_softmax_constants(q, is_ring, window, softcap))
     return out
 
 
@@ -422,16 +437,18 @@ def _split_kv_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tenso
                      query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                      softcap: float, pdl: bool, sinks: Tensor | None = None,
                      early_split: bool = True, split_stages: int = 0,
-                     early_block: bool = True, early_release: bool = False) -> Tensor:
+                     early_block: bool = True, early_release: bool = False,
+                     split_release: bool = False) -> Tensor:
     """n_splits 0: the unsplit kernel alone (no combine); early_release (with pdl): the
-    combine releases the next kernel before its wait (pdl.EARLY_RELEASE)."""
+    combine releases the next kernel before its wait (pdl.EARLY_RELEASE); split_release (with
+    pdl): the split (or unsplit) kernel does (pdl.ATTENTION_RELEASE)."""
     if n_splits == 0:
         return _unsplit_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
-                               softcap, pdl, sinks)
+                               softcap, pdl, sinks, split_release)
     bsz, n_kv_heads, groups, head_dim = q.shape
     acc, m, l_sum = _split_partials(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                     n_splits, softcap, pdl, early_split, split_stages,
-                                    early_block)
+                                    early_block, split_release)
     out = torch.empty(bsz, n_kv_heads, groups, head_dim, device=q.device, dtype=q.dtype)
     sink_arg = m if sinks is None else sinks  # a placeholder pointer where there are none
     launch(_combine_kernel, (bsz * n_kv_heads * groups,), pdl,
@@ -460,24 +477,26 @@ def split_kv_decode_pdl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Te
                         query_pos: Tensor, window: int, is_ring: bool, n_splits: int,
                         softcap: float = 0.0, sinks: Tensor | None = None,
                         early_split: bool = True, split_stages: int = 0,
-                        early_block: bool = True, early_release: bool = False) -> Tensor:
+                        early_block: bool = True, early_release: bool = False,
+                        split_release: bool = False) -> Tensor:
     """split_kv_decode, its two kernels launched with programmatic dependent launch (pdl.py);
     without early_split the split kernel is launched plainly and only releases the combine
     early (ATTENTION_PDL "combine"); split_stages > 0 sets its num_stages (SPLIT_STAGES);
     without early_block a one-block program loads its block after the wait (EARLY_BLOCK);
     with early_release the combine releases the next kernel before its wait (the fused step's,
-    pdl.EARLY_RELEASE)."""
+    pdl.EARLY_RELEASE); with split_release the split kernel does (pdl.ATTENTION_RELEASE)."""
     return _split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                             n_splits, softcap, pdl=True, sinks=sinks, early_split=early_split,
                             split_stages=split_stages, early_block=early_block,
-                            early_release=early_release)
+                            early_release=early_release, split_release=split_release)
 
 
 @split_kv_decode_pdl.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos: Tensor, query_pos: Tensor,
       window: int, is_ring: bool, n_splits: int, softcap: float = 0.0,
       sinks: Tensor | None = None, early_split: bool = True, split_stages: int = 0,
-      early_block: bool = True, early_release: bool = False) -> Tensor:
+      early_block: bool = True, early_release: bool = False,
+      split_release: bool = False) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -501,14 +520,15 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
                             sinks: Tensor | None = None, fused_step: bool = False) -> Tensor:
     """split_kv_decode as the compiled step calls it: with PDL when pdl.enabled(), as
     ATTENTION_PDL, SPLIT_STAGES, EARLY_BLOCK (for the fused step or the split one: fused_step),
-    UNSPLIT and, in the fused step, pdl.EARLY_RELEASE say when the step is traced (unsplit:
-    n_splits 0)."""
+    UNSPLIT and, in the fused step, pdl.EARLY_RELEASE and pdl.ATTENTION_RELEASE say when the
+    step is traced (unsplit: n_splits 0)."""
     with_pdl, early, early_block = _launch_way(fused_step)
     if unsplits(q, k_cache):
         n_splits = 0
     if with_pdl:
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks, early, SPLIT_STAGES, early_block,
-                                   fused_step and pdl.early_release())
+                                   fused_step and pdl.early_release(),
+                                   fused_step and pdl.attention_release())
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)

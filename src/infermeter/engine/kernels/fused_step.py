@@ -77,7 +77,7 @@ from torch import Tensor
 from infermeter.engine.kernels import pdl
 from infermeter.engine.kernels.exact_math import compiled_for_gpu
 from infermeter.engine.kernels.gemv import NUM_STAGES, gpu_name, tiles_for
-from infermeter.engine.kernels.pdl import early_release, launch
+from infermeter.engine.kernels.pdl import attention_release, early_release, launch
 from infermeter.engine.kernels.prefetch import ahead_bytes, prefetchable
 from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.kernels.triton_support import triton, triton_runs_on
@@ -252,7 +252,8 @@ if triton is not None:
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               UNCONTRACTED: tl.constexpr, QK_NORM: tl.constexpr,
                               QK_GEMMA: tl.constexpr, QK_EPS: tl.constexpr,
-                              PDL: tl.constexpr = False, AHEAD_ON: tl.constexpr = False):
+                              PDL: tl.constexpr = False, AHEAD_ON: tl.constexpr = False,
+                              EARLY_RELEASE: tl.constexpr = False):
         pid = tl.program_id(0)
         if AHEAD_ON:  # a later product's first bytes into L2 (prefetch.py)
             pid += prefetch_share(AHEAD, ahead_total, pid, tl.num_programs(0))
@@ -260,7 +261,7 @@ if triton is not None:
                             K_CACHE, V_CACHE, KEY_POS, Q_NORM_W, K_NORM_W, n_q, n_kv, n_cols,
                             stride_w, stride_ch, stride_cs, cache_size, EPS, GEMMA, HAS_BIAS,
                             IS_RING, HEAD_DIM, BLOCK_N, BLOCK_K, UNCONTRACTED, QK_NORM,
-                            QK_GEMMA, QK_EPS, PDL)
+                            QK_GEMMA, QK_EPS, PDL, EARLY_RELEASE)
 
     @triton.jit
     def norm_qkv_rope_rows(pid, X, NORM_W, W, BIAS, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE,
@@ -270,7 +271,8 @@ if triton is not None:
                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, UNCONTRACTED: tl.constexpr,
                             QK_NORM: tl.constexpr, QK_GEMMA: tl.constexpr,
-                            QK_EPS: tl.constexpr, PDL: tl.constexpr):
+                            QK_EPS: tl.constexpr, PDL: tl.constexpr,
+                            EARLY_RELEASE: tl.constexpr = False):
         """norm + wqkv + RoPE + cache write, program pid's: its BLOCK_N rows are BLOCK_N / 2
         adjacent pairs (2p, 2p + 1) of wqkv's q, k and v rows [n_q + 2 n_kv] (rope.py's pairs: a
         head's features (2i, 2i + 1); heads and q/k/v start at even rows, so no pair straddles
@@ -278,7 +280,8 @@ if triton is not None:
         each pair, rotated in registers. q goes to Q_OUT [n_q], k and v to the cache's slot. QK_NORM
         (Qwen3's, Gemma 3's per-head q/k norms, weights Q_NORM_W / K_NORM_W [HEAD_DIM]): BLOCK_N ==
         HEAD_DIM, so a program's rows are one whole head of q, k or v; q's and k's head is RMS-
-        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not."""
+        normed over its HEAD_DIM values before RoPE (QK_GEMMA: (1 + w)), v's not. EARLY_RELEASE
+        (with PDL): the attention may start before this kernel's wait (pdl.ATTENTION_RELEASE)."""
         pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = 2 * pairs  # the even member of each pair; the odd one is rows + 1
         n_out = n_q + 2 * n_kv
@@ -293,8 +296,11 @@ if triton is not None:
         w_odd = tl.load(w_at + stride_w, mask=tile_ok, other=0.0, eviction_policy="evict_first")
         w_norm = tl.load(NORM_W + cols, mask=col_ok, other=0.0)
         if PDL:
+            if EARLY_RELEASE:  # the attention's old cache slots start while this one waits
+                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY_RELEASE:
+                tl.extra.cuda.gdc_launch_dependents()
         # RoPE's inputs with x, before any value is used (as fused_gemv_rows' loads)
         cos, sin, pos = rope_inputs(COS, SIN, POS, rows, row_ok, HEAD_DIM)
         x = tl.load(X + cols, mask=col_ok, other=0.0)
@@ -549,7 +555,8 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            total, EPS=eps, GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring,
            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_K=block_k, UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
-           AHEAD_ON=total > 0, num_warps=warps, num_stages=NUM_STAGES)
+           AHEAD_ON=total > 0, EARLY_RELEASE=pdl and attention_release(), num_warps=warps,
+           num_stages=NUM_STAGES)
     return q
 
 

@@ -14,7 +14,8 @@ The rule that keeps it correct, in every kernel here and in inductor's (its trit
 codegen): a kernel calls launch_dependents only after its own wait. So when a kernel starts,
 every kernel before its predecessor has finished, and only reads of the predecessor's outputs
 need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always. The
-one exception is the fused step's products and combine (EARLY_RELEASE below).
+exceptions are the fused step's products and combine (EARLY_RELEASE below) and, as an A/B's
+setting, its norm + wqkv and split kernels (ATTENTION_RELEASE).
 
 How it is launched: the Triton kernels take a PDL constexpr (the wait and the trigger are
 compiled in only then) and the launch attribute `launch_pdl`. Inductor does not pass launch
@@ -52,6 +53,21 @@ _ENABLED = False
 # comes after norm + wqkv (or the q/k norms' kernel), which keep releasing after their wait.
 EARLY_RELEASE_WAYS = ("on", "off")
 EARLY_RELEASE = "on"
+# Whether the fused step's norm + wqkv (+ RoPE, cache write) kernel and its attention's split
+# kernel (or the unsplit one) release the next kernel after their own wait ("after", the
+# default) or before it ("before", an A/B's: benchmarks/step_kernels_ab.py
+# --attention-release), recorded in the Result (config.attention_release). With both on
+# "before", and EARLY_RELEASE "on", no kernel of a fused layer holds the next one back: each
+# next kernel starts, and loads what it may read before its wait, as soon as every program of
+# this one has started. Safe because what may read anything but weights before its wait after
+# them is only the split kernel (after norm + wqkv), and it reads there only cache slots that
+# earlier steps wrote and the step's position (set before the step's first kernel): the
+# slot norm + wqkv writes is read again after the wait (decode_attention.chunk_softmax). Those
+# earlier writes are done: kernels at a step's start (RoPE's rows, inductor's) release only
+# after their wait. And whatever a kernel reads after its wait, every kernel before it has
+# finished: the wait returns once the kernel before has ended, which it does after its own.
+ATTENTION_RELEASE_WAYS = ("after", "before")
+ATTENTION_RELEASE = "after"
 
 
 def set_pdl(on: bool) -> None:
@@ -79,6 +95,11 @@ def launching(on: bool) -> Iterator[None]:
 def early_release() -> bool:
     """EARLY_RELEASE is "on" (a way there is not: a ValueError naming it)."""
     return checked_way(EARLY_RELEASE, "EARLY_RELEASE", EARLY_RELEASE_WAYS) == "on"
+
+
+def attention_release() -> bool:
+    """ATTENTION_RELEASE is "before" (a way there is not: a ValueError naming it)."""
+    return checked_way(ATTENTION_RELEASE, "ATTENTION_RELEASE", ATTENTION_RELEASE_WAYS) == "before"
 
 
 def inductor_has_pdl() -> bool:
