@@ -272,6 +272,15 @@ issue_ab() {
   issue_pair
   python3 benchmarks/trees_ab.py run "$here" "$issue" --caches fresh --results "$dest" "$@"
 }
+fused_gpu_test() {
+  # tests/test_fused_step.py's gpu test $1 into $dest/gpu-tests-$2-<device>.txt; pytest's banner
+  # line, which names its run with a word the layout test keeps out of the repository, dropped
+  local file="$dest/gpu-tests-$2-$slug.txt"
+  python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
+    "tests/test_fused_step.py::$1" > "$file" 2>&1 || echo "gpu test: failed" >&2
+  sed -i '/^=* test .* starts =*$/d' "$file"
+}
+
 case "${1:-}" in
   gpu-tests)
     # addopts cleared: the project's own name xdist's -n, which a bare machine may lack; with
@@ -534,18 +543,13 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --early-release off on --results "$dest" --name step-early-release \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
-    python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
-      "tests/test_fused_step.py::test_on_cuda_an_early_release_gives_eager_s_tokens" \
-      > "$dest/gpu-tests-early-release-$slug.txt" 2>&1 || echo "gpu test: failed" >&2 ;;
+    fused_gpu_test test_on_cuda_an_early_release_gives_eager_s_tokens early-release ;;
   step-attention-release)
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --attention-release after before --results "$dest" --name step-attention-release \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
-    python3 -m pytest -m gpu -p no:cacheprovider -o addopts= -v --tb=short \
-      "tests/test_fused_step.py::test_on_cuda_an_early_attention_release_gives_eager_s_tokens" \
-      > "$dest/gpu-tests-attention-release-$slug.txt" 2>&1 || echo "gpu test: failed" >&2
-    # pytest's banner line names its run with a word the layout test keeps out of the repository
-    sed -i '/^=* test .* starts =*$/d' "$dest/gpu-tests-attention-release-$slug.txt" ;;
+    fused_gpu_test test_on_cuda_an_early_attention_release_gives_eager_s_tokens \
+      attention-release ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
     # (docs/engine.md): the stack watch writes the outer frames that started it too

@@ -126,85 +126,12 @@ def _not_params(lines: list[str]) -> list[str]:
     return [line for line in lines if "ld.param" not in line]
 
 
-@needs_triton
-def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monkeypatch):
-    """pdl.EARLY_RELEASE "on" (the default): the PDL launches of product + add (wo, w2), norm +
-    w13 + SwiGLU and, in the fused step, the attention's combine release the next kernel
-    before their wait (after the products' weight loads, with nothing loaded between the
-    release and the wait), and their sm_90 PTX is otherwise "off"'s: the same instructions in
-    the same order, but for where a kernel parameter is read (the same loads and maths: no
-    value changes). norm + product (wqkv where the q/k norms run apart), norm + wqkv + RoPE
-    and the split kernel, which read the cache before their wait or come before the kernel
-    that does, keep pdl.py's order, as does the split step's combine; "off" is pdl.py's order
-    everywhere; a way there is not is refused."""
-    from infermeter.engine.kernels import pdl
+def _release_calls(monkeypatch) -> dict[str, object]:
+    """name -> a call making one fused-step op's PDL launches on CPU tensors (the attention's:
+    split then combine, or the unsplit kernel alone)."""
+    from infermeter.engine.kernels import decode_attention
     from infermeter.engine.kernels.decode_attention import decode_attention_kernel
     from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
-    from tests.test_pdl import first, pdl_launches
-
-    dtype, tiles = torch.float16, (2, 1024, 4)
-    x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
-    weight, residual = torch.zeros(64, 576, dtype=dtype), torch.zeros(1, 64, dtype=dtype)
-    cache, key_pos = torch.zeros(1, 2, 16, 16, dtype=dtype), torch.zeros(16, dtype=torch.int64)
-    q, kv = torch.zeros(1, 2, 2, 64, dtype=dtype), torch.zeros(1, 2, 256, 64, dtype=dtype)
-
-    def attention(fused):
-        return lambda: decode_attention_kernel(q, kv, kv.clone(), torch.arange(256),
-                                               torch.tensor([100]), 0, False, 4, fused_step=fused)
-
-    # name -> (which launches move, the call)
-    calls = {"product + add": ((True,), lambda: _fused_gemv(
-                 x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "norm + w13 + swiglu": ((True,), lambda: _fused_gemv(
-                 x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles)),
-             "norm + product": ((False,), lambda: _fused_gemv(
-                 x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "norm + wqkv + rope": ((False,), lambda: _norm_qkv_rope(
-                 x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
-                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "fused step's attention": ((False, True), attention(True)),  # split, combine
-             "split step's attention": ((False, False), attention(False))}
-    release = "griddepcontrol.launch_dependents"
-    for name, (moves, call) in calls.items():
-        built = _builds_each_way(monkeypatch, call)
-        assert len(built["on"]) == len(built["off"]) == len(moves), name
-        for moved, early, late in zip(moves, built["on"], built["off"], strict=True):
-            wait = first(late, "griddepcontrol.wait")
-            assert wait < first(late, release) < len(late), name  # pdl.py's order
-            if not moved:
-                assert early == late, name
-                continue
-            wait, freed = first(early, "griddepcontrol.wait"), first(early, release)
-            assert freed < wait < len(early), name
-            before = [line for line in early[:freed] if "ld.global" in line]
-            # a product's weight tile (and a norm's weights); the combine loads nothing first
-            assert all("evict_first" in line or name.startswith("norm") for line in before)
-            assert bool(before) != name.endswith("attention"), name
-            assert not any("ld.global" in line for line in early[freed:wait]), name
-            # the same instructions, in the same order but for where a kernel parameter is read
-            ran, default = _instructions(early, release), _instructions(late, release)
-            assert sorted(ran) == sorted(default), name
-            assert _not_params(ran) == _not_params(default), name
-    monkeypatch.setattr(pdl, "EARLY_RELEASE", "soon")
-    with pytest.raises(ValueError, match="unknown EARLY_RELEASE 'soon'"):
-        pdl_launches(monkeypatch, calls["product + add"][1])
-
-
-@needs_triton
-def test_an_attention_release_moves_only_norm_wqkv_s_and_the_split_kernel_s_release(
-        monkeypatch):
-    """pdl.ATTENTION_RELEASE "before" (an A/B's; "after" the default): the PDL launches of
-    norm + wqkv + RoPE and, in the fused step, the attention's split kernel (and the unsplit
-    one) release the next kernel before their wait, after what they load first (weight tiles
-    and the norm's weights; the cache block and the position), with nothing loaded between
-    the release and the wait; their sm_90 PTX is otherwise "after"'s, but for where a kernel
-    parameter is read (no value changes). The products, the combine (EARLY_RELEASE "on", the
-    default, either way) and the split step's attention build the same either way; a way
-    there is not is refused."""
-    from infermeter.engine.kernels import decode_attention, pdl
-    from infermeter.engine.kernels.decode_attention import decode_attention_kernel
-    from infermeter.engine.kernels.fused_step import _fused_gemv, _norm_qkv_rope
-    from tests.test_pdl import first, pdl_launches
 
     dtype, tiles = torch.float16, (2, 1024, 4)
     x, norm_w = torch.zeros(1, 576, dtype=dtype), torch.ones(576, dtype=dtype)
@@ -219,39 +146,103 @@ def test_an_attention_release_moves_only_norm_wqkv_s_and_the_split_kernel_s_rele
                                            torch.tensor([100]), 0, False, 4, fused_step=fused)
         return call
 
-    # name -> (which launches move, the call)
-    calls = {"norm + wqkv + rope": ((True,), lambda: _norm_qkv_rope(
-                 x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
-                 cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "fused step's attention": ((True, False), attention(True)),  # split, combine
-             "fused step's unsplit attention": ((True,), attention(True, "on")),
-             "split step's attention": ((False, False), attention(False)),
-             "product + add": ((False,), lambda: _fused_gemv(
-                 x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles)),
-             "norm + w13 + swiglu": ((False,), lambda: _fused_gemv(
-                 x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles)),
-             "norm + product": ((False,), lambda: _fused_gemv(
-                 x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles))}
+    return {"product + add": lambda: _fused_gemv(
+                x, weight, None, residual, 1e-5, False, False, pdl=True, tiles=tiles),
+            "norm + w13 + swiglu": lambda: _fused_gemv(
+                x, weight, norm_w, None, 1e-5, False, True, pdl=True, tiles=tiles),
+            "norm + product": lambda: _fused_gemv(
+                x, weight, norm_w, None, 1e-5, False, False, pdl=True, tiles=tiles),
+            "norm + wqkv + rope": lambda: _norm_qkv_rope(
+                x, norm_w, weight, None, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([3]),
+                cache, cache.clone(), key_pos, 32, 1e-5, False, False, pdl=True, tiles=tiles),
+            "fused step's attention": attention(True),
+            "fused step's unsplit attention": attention(True, "on"),
+            "split step's attention": attention(False)}
+
+
+def _releases_moved(monkeypatch, setting: str, early_way: str, moves: dict) -> None:
+    """For each name -> which of its launches move (_release_calls'), built under each way of
+    pdl.<setting>: "late" way's build keeps pdl.py's order (wait, then release); a launch that
+    does not move builds the same under early_way; one that moves releases before its wait,
+    after some load and with nothing loaded between the release and the wait, and is
+    otherwise the same instructions in the same order, but for where a kernel parameter is
+    read (the same loads and maths: no value changes). Returns nothing; asserts."""
+    from infermeter.engine.kernels import pdl
+    from tests.test_pdl import first
+
+    calls = _release_calls(monkeypatch)
     release, wait_line = "griddepcontrol.launch_dependents", "griddepcontrol.wait"
-    for name, (moves, call) in calls.items():
-        built = _builds_each_way(monkeypatch, call, "ATTENTION_RELEASE")
-        assert len(built["before"]) == len(built["after"]) == len(moves), name
-        for moved, early, late in zip(moves, built["before"], built["after"], strict=True):
+    late_way = next(way for way in getattr(pdl, f"{setting}_WAYS") if way != early_way)
+    for name, moving in moves.items():
+        built = _builds_each_way(monkeypatch, calls[name], setting)
+        assert len(built[early_way]) == len(built[late_way]) == len(moving), name
+        for moved, early, late in zip(moving, built[early_way], built[late_way], strict=True):
+            wait = first(late, wait_line)
+            assert wait < first(late, release) < len(late), name  # pdl.py's order
             if not moved:
                 assert early == late, name
                 continue
-            wait = first(late, wait_line)
-            assert wait < first(late, release) < len(late), name  # pdl.py's order
             wait, freed = first(early, wait_line), first(early, release)
             assert freed < wait < len(early), name
-            assert any("ld.global" in line for line in early[:freed]), name
             assert not any("ld.global" in line for line in early[freed:wait]), name
             ran, default = _instructions(early, release), _instructions(late, release)
             assert sorted(ran) == sorted(default), name
             assert _not_params(ran) == _not_params(default), name
+            first_loads = [line for line in early[:freed] if "ld.global" in line]
+            if setting == "EARLY_RELEASE":  # a product's weight tile (and a norm's weights)
+                assert all("evict_first" in line or name.startswith("norm")
+                           for line in first_loads), name
+                assert bool(first_loads) != name.endswith("attention"), name  # the combine: none
+            else:  # norm + wqkv's weights; the split kernel's cache block and position
+                assert first_loads, name
+
+
+@needs_triton
+def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monkeypatch):
+    """pdl.EARLY_RELEASE "on" (the default): the PDL launches of product + add (wo, w2), norm +
+    w13 + SwiGLU and, in the fused step, the attention's combine release the next kernel
+    before their wait (after the products' weight loads; the combine loads nothing first),
+    their builds otherwise "off"'s (_releases_moved). norm + product (wqkv where the q/k norms
+    run apart), norm + wqkv + RoPE and the split kernel keep pdl.py's order, as does the split
+    step's combine; "off" is pdl.py's order everywhere; a way there is not is refused."""
+    from infermeter.engine.kernels import pdl
+    from tests.test_pdl import pdl_launches
+
+    monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "after")
+    _releases_moved(monkeypatch, "EARLY_RELEASE", "on", {
+        "product + add": (True,), "norm + w13 + swiglu": (True,), "norm + product": (False,),
+        "norm + wqkv + rope": (False,),
+        "fused step's attention": (False, True),  # split, combine
+        "split step's attention": (False, False)})
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "soon")
+    with pytest.raises(ValueError, match="unknown EARLY_RELEASE 'soon'"):
+        pdl_launches(monkeypatch, _release_calls(monkeypatch)["product + add"])
+
+
+@needs_triton
+def test_an_attention_release_moves_only_norm_wqkv_s_and_the_split_kernel_s_release(
+        monkeypatch):
+    """pdl.ATTENTION_RELEASE "before" (an A/B's; "after" the default): the PDL launches of
+    norm + wqkv + RoPE and, in the fused step, the attention's split kernel (and the unsplit
+    one) release the next kernel before their wait, after what they load first (weight tiles
+    and the norm's weights; the cache block and the position), their builds otherwise
+    "after"'s (_releases_moved). The products, the combine and the split step's attention
+    build the same either way (here with EARLY_RELEASE "off", so that every "after" build is
+    pdl.py's order; the split kernel's build does not read it); a way there is not is
+    refused."""
+    from infermeter.engine.kernels import pdl
+    from tests.test_pdl import pdl_launches
+
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", "off")
+    _releases_moved(monkeypatch, "ATTENTION_RELEASE", "before", {
+        "norm + wqkv + rope": (True,),
+        "fused step's attention": (True, False),  # split, combine
+        "fused step's unsplit attention": (True,),
+        "split step's attention": (False, False), "product + add": (False,),
+        "norm + w13 + swiglu": (False,), "norm + product": (False,)})
     monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "soon")
     with pytest.raises(ValueError, match="unknown ATTENTION_RELEASE 'soon'"):
-        pdl_launches(monkeypatch, calls["norm + wqkv + rope"][1])
+        pdl_launches(monkeypatch, _release_calls(monkeypatch)["norm + wqkv + rope"])
 
 
 @needs_triton
@@ -769,7 +760,7 @@ def test_the_early_release_part_times_both_orders_then_checks_eager_s_tokens():
         ["off", "on"], ["fused"], ["recorded"], 1, "step-early-release")
     assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
     test = "test_on_cuda_an_early_release_gives_eager_s_tokens"
-    assert f"tests/test_fused_step.py::{test}" in part_body("step-early-release")
+    assert f"fused_gpu_test {test} " in part_body("step-early-release")  # a shell function
     assert callable(globals()[test])
 
 
@@ -784,5 +775,5 @@ def test_the_attention_release_part_times_both_then_checks_eager_s_tokens():
         ["after", "before"], ["fused"], ["recorded"], 1, "step-attention-release")
     assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
     test = "test_on_cuda_an_early_attention_release_gives_eager_s_tokens"
-    assert f"tests/test_fused_step.py::{test}" in part_body("step-attention-release")
+    assert f"fused_gpu_test {test} " in part_body("step-attention-release")
     assert callable(globals()[test])
