@@ -638,6 +638,21 @@ def test_the_result_records_the_fused_head_and_the_report_sets_the_other_way_asi
         runner.generator.model.head_fuses()
 
 
+def _described_by_step(monkeypatch, key: str) -> dict:
+    """(step kernels asked, "fused" or "split"; launched with PDL) -> the debug model's batch-1
+    runner's config[key]."""
+    from infermeter.specs.presets import PRESETS
+    from tests.test_fused_rope_record import batch_one_runner
+
+    described = {}
+    for kinds in ("fused", "split"):
+        for launched in (True, False):
+            runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
+            monkeypatch.setattr(runner.generator, "pdl", launched)
+            described[kinds, launched] = runner.describe()[key]
+    return described
+
+
 @pytest.mark.parametrize("way", ["off", "on"])
 def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(monkeypatch, way):
     """config.early_release: whether the fused step's wo, w13 and w2 kernels and its combine
@@ -646,20 +661,13 @@ def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(mon
     after the wait as a comparison, and one from before the field as the default's."""
     from infermeter.engine.kernels import pdl
     from infermeter.report.select import DEFAULT_EARLY_RELEASE, off_default_kernels
-    from infermeter.specs.presets import PRESETS
     from tests.report_records import seed_record
-    from tests.test_fused_rope_record import batch_one_runner
 
     assert DEFAULT_EARLY_RELEASE is (pdl.EARLY_RELEASE == "on")  # the engine's default
     monkeypatch.setattr(pdl, "EARLY_RELEASE", way)
-    described = {}
-    for kinds in ("fused", "split"):
-        for launched in (True, False):  # with PDL or without
-            runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
-            monkeypatch.setattr(runner.generator, "pdl", launched)
-            described[kinds, launched] = runner.describe()["early_release"]
-    assert described == {("fused", True): way == "on", ("fused", False): None,
-                         ("split", True): None, ("split", False): None}
+    assert _described_by_step(monkeypatch, "early_release") == {
+        ("fused", True): way == "on", ("fused", False): None, ("split", True): None,
+        ("split", False): None}
     assert off_default_kernels(seed_record(1, early_release=way == "on")) == (way == "off")
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
@@ -673,20 +681,13 @@ def test_the_result_records_the_attention_s_release_and_the_report_sets_an_early
     released before as a comparison, and one from before the field as the default's."""
     from infermeter.engine.kernels import pdl
     from infermeter.report.select import DEFAULT_ATTENTION_RELEASE, off_default_kernels
-    from infermeter.specs.presets import PRESETS
     from tests.report_records import seed_record
-    from tests.test_fused_rope_record import batch_one_runner
 
     assert DEFAULT_ATTENTION_RELEASE == pdl.ATTENTION_RELEASE  # the engine's default
     monkeypatch.setattr(pdl, "ATTENTION_RELEASE", way)
-    described = {}
-    for kinds in ("fused", "split"):
-        for launched in (True, False):  # with PDL or without
-            runner = batch_one_runner(monkeypatch, PRESETS["debug"], kinds)
-            monkeypatch.setattr(runner.generator, "pdl", launched)
-            described[kinds, launched] = runner.describe()["attention_release"]
-    assert described == {("fused", True): way, ("fused", False): None,
-                         ("split", True): None, ("split", False): None}
+    assert _described_by_step(monkeypatch, "attention_release") == {
+        ("fused", True): way, ("fused", False): None, ("split", True): None,
+        ("split", False): None}
     assert off_default_kernels(seed_record(1, attention_release=way)) == (way == "before")
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
