@@ -58,7 +58,8 @@ combine releasing the next kernel before their PDL wait (the default) and once a
 (pdl.EARLY_RELEASE), labelled ".../late-release" (".../early-release" marks "on" in Results from
 before it became the default); with --attention-release after before once with norm +
 wqkv's kernel and the attention's split kernel releasing the next kernel after their PDL wait
-(the default) and once before it (pdl.ATTENTION_RELEASE), labelled ".../early-attention". With
+and once before it (pdl.ATTENTION_RELEASE; "auto", the default, picks by the step's weight
+bytes), labelled ".../late-attention" and ".../early-attention". With
 --silu-block 1024 128 every kind runs once for each count
 of columns a program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024
 the default), labelled ".../silu-block-128" off the default (the split step launches that
@@ -166,7 +167,8 @@ FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 # the label's marks of pdl.EARLY_RELEASE off its default ("on" since 2026-12-07), and of "on"
 # in the Results from before that day
 LATE_RELEASE_MARK, EARLY_RELEASE_MARK = "late-release", "early-release"
-EARLY_ATTENTION_MARK = "early-attention"  # the label's mark of pdl.ATTENTION_RELEASE "before"
+# the label's marks of pdl.ATTENTION_RELEASE asked by name ("auto" has none)
+ATTENTION_RELEASE_MARKS = {"auto": "", "after": "late-attention", "before": "early-attention"}
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -176,7 +178,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
           argmax_parts: int = DEFAULT_ARGMAX_PARTS, batch: int = 1, unsplit: str = "off",
           early_block: str = "auto", tiles: str = "table", head: str = "off",
           silu_block: int = DEFAULT_SILU_BLOCK, tuning: str = "on",
-          release: str = "on", attention_release: str = "after") -> str:
+          release: str = "on", attention_release: str = "auto") -> str:
     """An A/B case's name: the kernel kind, "/recorded" added where the step is recorded,
     "/batch-N" where it runs N sequences,
     "/qk-norms-in-wqkv" where the fused kind's q/k norms run in the wqkv kernel,
@@ -191,8 +193,9 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     "/fused-head" where the final norm and the head ran as one kernel, "/silu-block-N" where
     the activation kernel's programs took N columns other than the default's, "/no-tuning"
     where inductor kept its heuristic configs, "/late-release" where the fused products and
-    combine released the next kernel after their PDL wait, "/early-attention" where norm +
-    wqkv and the split kernel released it before theirs."""
+    combine released the next kernel after their PDL wait, ATTENTION_RELEASE_MARKS' mark where
+    norm + wqkv and the split kernel released it after ("/late-attention") or before
+    ("/early-attention") theirs by name rather than by the step's size."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -203,7 +206,7 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
              f"{SILU_BLOCKED}{silu_block}" if silu_block != DEFAULT_SILU_BLOCK else "",
              NO_TUNING_MARK if tuning == "off" else "",
              LATE_RELEASE_MARK if release == "off" else "",
-             EARLY_ATTENTION_MARK if attention_release == "before" else ""]
+             ATTENTION_RELEASE_MARKS[attention_release]]
     return "/".join([name, *filter(None, marks)])
 
 
@@ -351,15 +354,19 @@ def summary(results: list[Result]) -> str:
                 lines.append(ab_line(name, kinds, kind.rsplit("/", 1)[0], kind))
             base, last = kind.rsplit("/", 1) if "/" in kind else ("", kind)
             early = f"{base}/{BLOCK_MARKS['on']}"
+            late_attention = f"{base}/{ATTENTION_RELEASE_MARKS['after']}"
             if last == BLOCK_MARKS["off"] and early in kinds:  # the block late against early
                 lines.append(ab_line(name, kinds, early, kind))
+            elif last == ATTENTION_RELEASE_MARKS["before"] and late_attention in kinds:
+                lines.append(ab_line(name, kinds, late_attention, kind))  # before / after
             # prefetching, the attention's other launches, other split stages, unsplit,
             # a block asked by name, other activation blocks: against not
             elif last.startswith((PREFETCHED, SPLIT_STAGED, ARGMAX_PARTED, SILU_BLOCKED)) \
                     or last in (UNSPLIT_MARK, *ATTENTION_MARKS.values(),
                                 *filter(None, BLOCK_MARKS.values()), *TILE_MARKS.values(),
+                                *filter(None, ATTENTION_RELEASE_MARKS.values()),
                                 FUSED_HEAD_MARK, NO_TUNING_MARK, LATE_RELEASE_MARK,
-                                EARLY_RELEASE_MARK, EARLY_ATTENTION_MARK):
+                                EARLY_RELEASE_MARK):
                 lines.append(ab_line(name, kinds, base, kind))
         recorded = [label(kind, "recorded") for kind in KINDS[:2]]
         if all(kind in kinds for kind in recorded):  # both kernels in the recorded step

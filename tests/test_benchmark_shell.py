@@ -335,8 +335,11 @@ FUSED_SWITCHES = {
              "--fused-head", "fused_head"),
     "early release": ("pdl", "EARLY_RELEASE", "releases", ("on", "off"),
                       "fused/late-release", "--early-release", "early_release"),
-    "attention release": ("pdl", "ATTENTION_RELEASE", "attention_releases", ("after", "before"),
+    "attention release": ("pdl", "ATTENTION_RELEASE", "attention_releases", ("auto", "before"),
                           "fused/early-attention", "--attention-release", "attention_release"),
+    "attention release after": ("pdl", "ATTENTION_RELEASE", "attention_releases",
+                                ("auto", "after"), "fused/late-attention", "--attention-release",
+                                "attention_release"),
 }
 
 
@@ -347,7 +350,7 @@ def test_the_step_ab_runs_the_fused_kind_once_for_each_value_and_sets_it_back(mo
     own, or in wqkv's), --prefetch 0 2 (prefetch.DISTANCE), --attention-pdl both combine|none
     (decode_attention.ATTENTION_PDL), --split-stages 0 1 (decode_attention.SPLIT_STAGES),
     --fused-tiles table gemv (fused_step.TILES_FROM), --fused-head off on (model.FUSED_HEAD)
-    --early-release on off (pdl.EARLY_RELEASE) and --attention-release after before
+    --early-release on off (pdl.EARLY_RELEASE) and --attention-release auto before|after
     (pdl.ATTENTION_RELEASE): the fused case runs once with
     each value, the module's own under its usual label; split runs once, at the module's value;
     that value comes back after; the summary sets one against the other; the command line
@@ -549,6 +552,27 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
     for bad in (["--unsplit", "maybe"], ["--early-block", "late"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_the_step_ab_sets_the_attention_s_early_release_against_its_late_one():
+    """--attention-release after before: the summary sets ".../early-attention" against
+    ".../late-attention" where both ran (their ratio, before / after), each against the
+    unmarked "auto" case only where the other did not run."""
+    script = load_benchmark("step_kernels_ab")
+    kinds = ("fused/recorded", "fused/recorded/late-attention",
+             "fused/recorded/early-attention")
+    results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0) for kind in kinds]
+    summary = script.summary(results)
+    pair = "llama-3.2-1b: fused/recorded/early-attention / fused/recorded/late-attention:"
+    assert pair in summary
+    assert "llama-3.2-1b: fused/recorded/early-attention / fused/recorded:" not in summary
+    results = [r for r in results if r.config["ab"]["kernels"] != kinds[1]]  # no late one
+    assert "llama-3.2-1b: fused/recorded/early-attention / fused/recorded:" \
+        in script.summary(results)
+    parser = script.arguments()
+    assert parser.parse_args([]).attention_release == ["auto"]
+    assert parser.parse_args(["--attention-release", "after", "before"]).attention_release \
+        == ["after", "before"]
 
 
 def test_the_step_ab_runs_every_kind_at_each_silu_block_through_its_checked_setter(

@@ -172,9 +172,12 @@ def _releases_moved(monkeypatch, setting: str, early_way: str, moves: dict) -> N
 
     calls = _release_calls(monkeypatch)
     release, wait_line = "griddepcontrol.launch_dependents", "griddepcontrol.wait"
-    late_way = next(way for way in getattr(pdl, f"{setting}_WAYS") if way != early_way)
+    late_way = next(way for way in getattr(pdl, f"{setting}_WAYS")
+                    if way not in (early_way, "auto"))
     for name, moving in moves.items():
         built = _builds_each_way(monkeypatch, calls[name], setting)
+        if "auto" in built:  # outside the generator's step, "auto" releases late
+            assert built["auto"] == built[late_way], name
         assert len(built[early_way]) == len(built[late_way]) == len(moving), name
         for moved, early, late in zip(moving, built[early_way], built[late_way], strict=True):
             wait = first(late, wait_line)
@@ -672,24 +675,82 @@ def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(mon
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
 
-@pytest.mark.parametrize("way", ["after", "before"])
-def test_the_result_records_the_attention_s_release_and_the_report_sets_an_early_one_aside(
+@pytest.mark.parametrize("way", ["auto", "after", "before"])
+def test_the_result_records_the_attention_s_release_and_the_report_sets_a_named_one_aside(
         monkeypatch, way):
     """config.attention_release: where the fused step's norm + wqkv and split kernels released
-    the next kernel, "after" their PDL wait (pdl.ATTENTION_RELEASE's default) or "before" it;
-    None where no layer ran fused or the step ran without PDL; the report takes a Result
-    released before as a comparison, and one from before the field as the default's."""
+    the next kernel, "after" or "before" their PDL wait (pdl.ATTENTION_RELEASE; "auto", the
+    default, by the step's weight bytes: the debug model's few kilobytes, "after"), and
+    config.attention_release_asked the way asked; both None where no layer ran fused or the
+    step ran without PDL. The report takes a way asked by name as a comparison, and, from
+    before the asked field, "before" as one ("after" was the default then)."""
     from infermeter.engine.kernels import pdl
     from infermeter.report.select import DEFAULT_ATTENTION_RELEASE, off_default_kernels
     from tests.report_records import seed_record
 
     assert DEFAULT_ATTENTION_RELEASE == pdl.ATTENTION_RELEASE  # the engine's default
     monkeypatch.setattr(pdl, "ATTENTION_RELEASE", way)
-    assert _described_by_step(monkeypatch, "attention_release") == {
-        ("fused", True): way, ("fused", False): None, ("split", True): None,
-        ("split", False): None}
-    assert off_default_kernels(seed_record(1, attention_release=way)) == (way == "before")
+    ran = "after" if way == "auto" else way
+    for key, value in (("attention_release", ran), ("attention_release_asked", way)):
+        assert _described_by_step(monkeypatch, key) == {
+            ("fused", True): value, ("fused", False): None, ("split", True): None,
+            ("split", False): None}
+    record = seed_record(1, attention_release=ran, attention_release_asked=way)
+    assert off_default_kernels(record) == (way != "auto")
+    assert off_default_kernels(seed_record(1, attention_release="before"))  # no asked field
+    assert not off_default_kernels(seed_record(1, attention_release="after"))
     assert not off_default_kernels(seed_record(2))  # before the field: the default
+
+
+@pytest.mark.parametrize("line", [0, 1e12])
+def test_the_generator_s_step_runs_inside_its_size_s_attention_release(monkeypatch, line):
+    """The compiled step is called inside pdl.releasing_attention with its model's answer
+    (step_choice.attention_release_way of its weight bytes), so "auto" reaches the kernels the
+    step launches: early from ATTENTION_FIRST_BYTES on (here moved below and above the debug
+    model's bytes), late below; and set back after the call."""
+    from infermeter.engine import generator as generator_module
+    from infermeter.engine import step_choice
+    from infermeter.engine.generator import Generator
+    from infermeter.engine.kernels import pdl
+    from tests.test_generate import SPEC, build_model
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: lambda *args, **kwargs:
+                        seen.append(pdl.attention_release()))
+    monkeypatch.setattr(step_choice, "ATTENTION_FIRST_BYTES", line)
+    monkeypatch.setattr(generator_module, "allow_step_graphs", lambda: None)
+    gen = Generator(build_model(SPEC, device="cpu", dtype=torch.float32), max_seq_len=32)
+    gen._compile_step()()
+    assert seen == [line == 0]
+    assert pdl.attention_release() is False
+
+
+def test_the_attention_releases_early_from_its_line_of_weight_bytes_as_asked(monkeypatch):
+    """step_choice.attention_release_way: "auto" (the default) releases before the wait from
+    ATTENTION_FIRST_BYTES on (between Qwen2.5-0.5B's 0.99 GB, which lost, and Llama-3.2-1B's
+    2.47 GB, which gained), a way by name whatever the size; pdl.attention_release() answers
+    "auto" as the generator's releasing_attention says around its step, "after" outside it;
+    a way there is not is refused."""
+    from infermeter.engine.kernels import pdl
+    from infermeter.engine.step_choice import ATTENTION_FIRST_BYTES, attention_release_way
+
+    assert 0.99e9 < ATTENTION_FIRST_BYTES <= 2.47e9
+    assert pdl.ATTENTION_RELEASE == "auto"
+    assert [attention_release_way(int(b)) for b in (0.27e9, 0.99e9, ATTENTION_FIRST_BYTES,
+                                                     2.47e9)] == ["after"] * 2 + ["before"] * 2
+    assert pdl.attention_release() is False
+    for first in (True, False):
+        with pdl.releasing_attention(first):
+            assert pdl.attention_release() is first
+    assert pdl.attention_release() is False  # set back
+    for way in ("after", "before"):
+        monkeypatch.setattr(pdl, "ATTENTION_RELEASE", way)
+        assert attention_release_way(int(2.47e9)) == attention_release_way(0) == way
+        with pdl.releasing_attention(way == "after"):  # a way by name wins over the size
+            assert pdl.attention_release() is (way == "before")
+    monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "early")
+    with pytest.raises(ValueError, match="unknown ATTENTION_RELEASE 'early'"):
+        attention_release_way(0)
 
 
 def _fused_recorded_step_gives_eager_tokens(dtype: torch.dtype, pdl: bool = False):

@@ -60,7 +60,12 @@ from infermeter.engine.chunk_attention import (
 )
 from infermeter.engine.dtypes import torch_dtype
 from infermeter.engine.held_step import HeldSteps
-from infermeter.engine.kernels.pdl import inductor_options, launching, supported
+from infermeter.engine.kernels.pdl import (
+    inductor_options,
+    launching,
+    releasing_attention,
+    supported,
+)
 from infermeter.engine.kernels.settings import checked_way
 from infermeter.engine.layer_replays import LayerReplays, replays_prefill_layers
 from infermeter.engine.model import Transformer, prefill_from
@@ -68,6 +73,7 @@ from infermeter.engine.moe import note_token_tiles, prefills_without_sync
 from infermeter.engine.prefill_buckets import PREFILL_GRAPHS, prefill_forwards
 from infermeter.engine.recorded_forward import RecordedForwards
 from infermeter.engine.sampling import sample
+from infermeter.engine.step_choice import attention_release_way, step_weight_bytes
 from infermeter.errors import InfermeterError
 from infermeter.specs.sizes import cache_length
 
@@ -459,8 +465,12 @@ class Generator:
                 _decode_in_place if self.step_graphs == "recorded" else _decode_one,
                 options=options, fullgraph=True, dynamic=False)
 
+            # where the fused step's attention kernels release the next one, by its size
+            first = attention_release_way(step_weight_bytes(self.model)) == "before"
+
             def step(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
-                with launching(self.pdl):  # the ops the trace picks (and dynamo guards on)
+                # the ops the trace picks (and dynamo guards on), and how they launch
+                with launching(self.pdl), releasing_attention(first):
                     return compiled(*args, **kwargs)
 
             self._compiled_step = step

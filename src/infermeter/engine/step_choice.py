@@ -36,10 +36,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from infermeter.engine.kernels import pdl
+from infermeter.engine.kernels.settings import checked_way
+
 AUTO = "auto"
 # The most weight bytes a step may read and still take the fused, recorded step: past
 # Llama-3.2-1B's 2.47 GB (fused 0.903x split on an H100), short of Llama-3.2-3B's 6.4 GB.
 SMALL_STEP_BYTES = 3e9
+
+
+# The fewest weight bytes a fused step reads and still releases the next kernel before its
+# wait in norm + wqkv and the split kernel (kernels/pdl.py's ATTENTION_RELEASE "auto"): on an
+# H100 on 2026-12-07 that took 0.983-0.984 of the step's time at Llama-3.2-1B (2.47 GB), and
+# 1.012 at Qwen2.5-0.5B (0.99 GB) and 1.034-1.037 at SmolLM2-135M (0.27 GB)
+# (results/step-attention-release-nvidia-h100-80gb-hbm3.jsonl and its -reversed- file).
+ATTENTION_FIRST_BYTES = 1.5e9
+
+
+def attention_release_way(weight_bytes: int) -> str:
+    """Where the fused step's norm + wqkv and split kernels release the next kernel, for a step
+    reading weight_bytes: "before" or "after" their wait, as pdl.ATTENTION_RELEASE asks, its
+    "auto" "before" from ATTENTION_FIRST_BYTES on."""
+    way = checked_way(pdl.ATTENTION_RELEASE, "ATTENTION_RELEASE", pdl.ATTENTION_RELEASE_WAYS)
+    if way != "auto":
+        return way
+    return "before" if weight_bytes >= ATTENTION_FIRST_BYTES else "after"
 
 
 @dataclass(frozen=True)

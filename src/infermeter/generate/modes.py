@@ -27,7 +27,12 @@ from infermeter.engine.model import (
     set_step_kernels,
 )
 from infermeter.engine.moe import MoEFeedForward, set_moe_kernel, takes_expert_kernel
-from infermeter.engine.step_choice import AUTO, choose_step, step_weight_bytes
+from infermeter.engine.step_choice import (
+    AUTO,
+    attention_release_way,
+    choose_step,
+    step_weight_bytes,
+)
 from infermeter.generate.cases import Case
 from infermeter.generate.request import GenerateRequest
 from infermeter.measure.nvtx import cuda_ready, nvtx_range, range_pop, range_push
@@ -101,6 +106,7 @@ class EngineRunner:
                 **self._fused_tiles_used(),
                 "early_release": self._early_release_used(),
                 "attention_release": self._attention_release_used(),
+                "attention_release_asked": self._attention_release_asked(),
                 "fused_head": self._fused_head_used(),
                 "argmax_parts": sampling.ARGMAX_PARTS,
                 "silu_block": self._silu_block_used(),
@@ -266,13 +272,21 @@ class EngineRunner:
 
     def _attention_release_used(self) -> str | None:
         """Where the fused step's norm + wqkv and split kernels released the next kernel:
-        "after" their PDL wait (pdl.ATTENTION_RELEASE's default) or "before" it (an A/B's);
-        None where no layer ran fused or the step ran without PDL (no release to move)."""
+        "after" their PDL wait or "before" it (pdl.ATTENTION_RELEASE: "auto", the default, by
+        the step's weight bytes; either by name an A/B's); None where no layer ran fused or the
+        step ran without PDL (no release to move)."""
         if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
+            return None
+        return attention_release_way(step_weight_bytes(self.generator.model))
+
+    def _attention_release_asked(self) -> str | None:
+        """pdl.ATTENTION_RELEASE as asked ("auto", the default, or a way by name, an A/B's),
+        where _attention_release_used says a way."""
+        if self._attention_release_used() is None:
             return None
         from infermeter.engine.kernels import pdl  # only here, as decode_attention
 
-        return "before" if pdl.attention_release() else "after"
+        return pdl.ATTENTION_RELEASE
 
     def _fused_tiles_used(self) -> dict[str, Any]:
         """Where the fused kernels took their tiles from (fused_step.TILES_FROM: "table", the

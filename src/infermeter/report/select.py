@@ -206,7 +206,7 @@ DEFAULT_PDL = True  # generate --pdl, on where it can run (kernels/pdl.py); unre
 DEFAULT_ARGMAX_PARTS = 64  # engine/sampling.py's, since 2026-12-06 (0, torch's, before it)
 DEFAULT_FUSED_HEAD = False  # engine/model.py's FUSED_HEAD "off": the final norm apart from the head
 DEFAULT_EARLY_RELEASE = True  # kernels/pdl.py's EARLY_RELEASE "on": released before the wait
-DEFAULT_ATTENTION_RELEASE = "after"  # kernels/pdl.py's ATTENTION_RELEASE: released after the wait
+DEFAULT_ATTENTION_RELEASE = "auto"  # kernels/pdl.py's ATTENTION_RELEASE: by the step's size
 DEFAULT_SILU_BLOCK = 1024  # kernels/swiglu.py's BLOCK: the activation kernel's columns a program
 DEFAULT_COMPILE_TUNING = "on"  # engine/generator.py's COMPILE_TUNING: inductor tunes by timing
 # generate --prefill-graphs (engine/prefill_buckets.py's PREFILL_GRAPHS[0]); a Result records it
@@ -231,6 +231,16 @@ def _early_block_off_default(cfg: dict) -> bool:
     if "early_block_way" in cfg:
         return cfg["early_block_way"] not in (None, "auto")
     return cfg.get("early_block") is False
+
+
+def _attention_release_off_default(cfg: dict) -> bool:
+    """The fused norm + wqkv and split kernels' release asked by name
+    (config.attention_release_asked "after" or "before"; "auto" chooses by the step's size,
+    the default since 2026-12-08); before that field "after" was the default and "before"
+    (config.attention_release) the A/B's way."""
+    if "attention_release_asked" in cfg:
+        return cfg["attention_release_asked"] not in (None, DEFAULT_ATTENTION_RELEASE)
+    return cfg.get("attention_release") == "before"
 
 
 def off_default_kernels(record: Record) -> bool:
@@ -258,8 +268,8 @@ def off_default_kernels(record: Record) -> bool:
     (config.fused_head; engine/model.py's FUSED_HEAD), the fused products releasing the next
     kernel after their PDL wait (config.early_release false; kernels/pdl.py's EARLY_RELEASE
     "off", an A/B's since "on" became the default on 2026-12-07), the fused norm + wqkv and
-    split kernels releasing the next kernel before their PDL wait (config.attention_release
-    "before"; kernels/pdl.py's ATTENTION_RELEASE, an A/B's), the SwiGLU activation kernel
+    split kernels' release asked by name (_attention_release_off_default; kernels/pdl.py's
+    ATTENTION_RELEASE), the SwiGLU activation kernel
     at other columns a program than its default (config.silu_block; kernels/swiglu.py's BLOCK,
     an A/B's),
     a step compiled without inductor's tuning by timing (config.compile_tuning "off";
@@ -288,7 +298,7 @@ def off_default_kernels(record: Record) -> bool:
             or cfg.get("fused_tiles_from") not in (None, "table")
             or cfg.get("fused_head") not in (None, DEFAULT_FUSED_HEAD)
             or cfg.get("early_release") not in (None, DEFAULT_EARLY_RELEASE)
-            or cfg.get("attention_release") not in (None, DEFAULT_ATTENTION_RELEASE)
+            or _attention_release_off_default(cfg)
             or cfg.get("silu_block") not in (None, DEFAULT_SILU_BLOCK)
             or cfg.get("compile_tuning") not in (None, DEFAULT_COMPILE_TUNING)
             or _prefill_off_default(record)

@@ -54,20 +54,26 @@ _ENABLED = False
 EARLY_RELEASE_WAYS = ("on", "off")
 EARLY_RELEASE = "on"
 # Whether the fused step's norm + wqkv (+ RoPE, cache write) kernel and its attention's split
-# kernel (or the unsplit one) release the next kernel after their own wait ("after", the
-# default) or before it ("before", an A/B's: benchmarks/step_kernels_ab.py
-# --attention-release), recorded in the Result (config.attention_release). With both on
-# "before", and EARLY_RELEASE "on", no kernel of a fused layer holds the next one back: each
-# next kernel starts, and loads what it may read before its wait, as soon as every program of
-# this one has started. Safe because what may read anything but weights before its wait after
-# them is only the split kernel (after norm + wqkv), and it reads there only cache slots that
-# earlier steps wrote and the step's position (set before the step's first kernel): the
-# slot norm + wqkv writes is read again after the wait (decode_attention.chunk_softmax). Those
-# earlier writes are done: kernels at a step's start (RoPE's rows, inductor's) release only
-# after their wait. And whatever a kernel reads after its wait, every kernel before it has
-# finished: the wait returns once the kernel before has ended, which it does after its own.
-ATTENTION_RELEASE_WAYS = ("after", "before")
-ATTENTION_RELEASE = "after"
+# kernel (or the unsplit one) release the next kernel after their own wait ("after") or before
+# it ("before"); "auto", the default since 2026-12-08, by the step's weight bytes
+# (engine/step_choice.py's attention_release_way, which the generator passes in through
+# releasing_attention while it records a step). Read when the step is traced and recorded in
+# the Result (config.attention_release); "after" and "before" by name are an A/B's
+# (benchmarks/step_kernels_ab.py --attention-release). With "before", and EARLY_RELEASE "on", no
+# kernel of a fused layer holds the next one back: each next kernel starts, and loads what it
+# may read before its wait, as soon as every program of this one has started. On an H100 that
+# took 0.983-0.984 of the step's time at Llama-3.2-1B and 1.034-1.037 at SmolLM2-135M, in both
+# orders, 1.012 at Qwen2.5-0.5B (docs/engine.md, "The attention's early release").
+# Safe because what may read anything but weights before its wait after them is only the
+# split kernel (after norm + wqkv), and it reads there only cache slots that earlier steps
+# wrote and the step's position (set before the step's first kernel): the slot norm + wqkv
+# writes is read again after the wait (decode_attention.chunk_softmax). Those earlier writes
+# are done: kernels at a step's start (RoPE's rows, inductor's) release only after their wait.
+# And whatever a kernel reads after its wait, every kernel before it has finished: the wait
+# returns once the kernel before has ended, which it does after its own.
+ATTENTION_RELEASE_WAYS = ("auto", "after", "before")
+ATTENTION_RELEASE = "auto"
+_ATTENTION_FIRST = False  # "auto"'s answer for the step being recorded (releasing_attention)
 
 
 def set_pdl(on: bool) -> None:
@@ -97,9 +103,25 @@ def early_release() -> bool:
     return checked_way(EARLY_RELEASE, "EARLY_RELEASE", EARLY_RELEASE_WAYS) == "on"
 
 
+@contextlib.contextmanager
+def releasing_attention(first: bool) -> Iterator[None]:
+    """For the block, ATTENTION_RELEASE "auto" means "before" where `first`, else "after"
+    (the generator's answer for its model, around each call of its compiled step)."""
+    global _ATTENTION_FIRST
+    before = _ATTENTION_FIRST
+    _ATTENTION_FIRST = first
+    try:
+        yield
+    finally:
+        _ATTENTION_FIRST = before
+
+
 def attention_release() -> bool:
-    """ATTENTION_RELEASE is "before" (a way there is not: a ValueError naming it)."""
-    return checked_way(ATTENTION_RELEASE, "ATTENTION_RELEASE", ATTENTION_RELEASE_WAYS) == "before"
+    """Whether the fused step's norm + wqkv and split kernels release before their wait:
+    ATTENTION_RELEASE "before", or "auto" inside releasing_attention(True) (a way there is
+    not: a ValueError naming it)."""
+    way = checked_way(ATTENTION_RELEASE, "ATTENTION_RELEASE", ATTENTION_RELEASE_WAYS)
+    return way == "before" or (way == "auto" and _ATTENTION_FIRST)
 
 
 def inductor_has_pdl() -> bool:
