@@ -203,6 +203,10 @@
 #                        (pdl.ATTENTION_RELEASE), at 135M, 0.5B and 1B, the recorded step, one
 #                        round (6 cases), then its gpu test (eager's tokens) into
 #                        gpu-tests-attention-release-<device>.txt
+#   part step-attention-parts which of the two moves the attention's early release's gain
+#                        at 1B and loss below: the recorded fused step with both releasing
+#                        after their wait, then only the split kernel before it, then only
+#                        norm + wqkv, at 135M, 0.5B and 1B, one round (9 cases; not yet run)
 #   part step-head-stall where the fused head's 135M warm-up spends its time: that one case
 #                        under benchmarks/stack_watch.py, its main thread's whole stack every 20
 #                        s into step-head-stall-<device>.txt, ended after STALL_S seconds
@@ -225,8 +229,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -550,6 +554,10 @@ case "${1:-}" in
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b
     fused_gpu_test test_on_cuda_an_early_attention_release_gives_eager_s_tokens \
       attention-release ;;
+  step-attention-parts)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
+      --attention-release after split wqkv --results "$dest" --name step-attention-parts \
+      --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
     # (docs/engine.md): the stack watch writes the outer frames that started it too

@@ -59,7 +59,9 @@ combine releasing the next kernel before their PDL wait (the default) and once a
 before it became the default); with --attention-release after before once with norm +
 wqkv's kernel and the attention's split kernel releasing the next kernel after their PDL wait
 and once before it (pdl.ATTENTION_RELEASE; "auto", the default, picks by the step's weight
-bytes), labelled ".../late-attention" and ".../early-attention". With
+bytes), labelled ".../late-attention" and ".../early-attention"; "split" and "wqkv" move only
+the split kernel's or norm + wqkv's release, ".../early-split" and ".../early-wqkv", each set
+against ".../late-attention" where it ran. With
 --silu-block 1024 128 every kind runs once for each count
 of columns a program of the SwiGLU activation kernel handles (kernels/swiglu.py's BLOCK; 1024
 the default), labelled ".../silu-block-128" off the default (the split step launches that
@@ -167,8 +169,10 @@ FUSED_HEAD_MARK = "fused-head"  # the label's mark of model.FUSED_HEAD "on"
 # the label's marks of pdl.EARLY_RELEASE off its default ("on" since 2026-12-07), and of "on"
 # in the Results from before that day
 LATE_RELEASE_MARK, EARLY_RELEASE_MARK = "late-release", "early-release"
-# the label's marks of pdl.ATTENTION_RELEASE asked by name ("auto" has none)
-ATTENTION_RELEASE_MARKS = {"auto": "", "after": "late-attention", "before": "early-attention"}
+# the label's marks of pdl.ATTENTION_RELEASE asked by name ("auto" has none); the early ones
+ATTENTION_RELEASE_MARKS = {"auto": "", "after": "late-attention", "before": "early-attention",
+                           "split": "early-split", "wqkv": "early-wqkv"}
+EARLY_ATTENTION_MARKS = tuple(ATTENTION_RELEASE_MARKS[way] for way in ("before", "split", "wqkv"))
 SILU_BLOCKED = "silu-block-"  # the label's mark of swiglu.BLOCK off its default
 NO_TUNING_MARK = "no-tuning"  # the label's mark of generator.COMPILE_TUNING "off"
 
@@ -195,7 +199,8 @@ def label(kind: str, graphs: str, qk_kernels: int = 2, distance: int = 0,
     where inductor kept its heuristic configs, "/late-release" where the fused products and
     combine released the next kernel after their PDL wait, ATTENTION_RELEASE_MARKS' mark where
     norm + wqkv and the split kernel released it after ("/late-attention") or before
-    ("/early-attention") theirs by name rather than by the step's size."""
+    ("/early-attention"; the one kernel's alone: "/early-split", "/early-wqkv") theirs by name
+    rather than by the step's size."""
     name = kind if graphs == STEP_GRAPHS[0] else f"{kind}/{graphs}"
     marks = [f"{BATCHED}{batch}" if batch != 1 else "", QK_IN_WQKV if qk_kernels == 1 else "",
              f"{PREFETCHED}{distance}" if distance else "", ATTENTION_MARKS[attention_pdl],
@@ -357,7 +362,7 @@ def summary(results: list[Result]) -> str:
             late_attention = f"{base}/{ATTENTION_RELEASE_MARKS['after']}"
             if last == BLOCK_MARKS["off"] and early in kinds:  # the block late against early
                 lines.append(ab_line(name, kinds, early, kind))
-            elif last == ATTENTION_RELEASE_MARKS["before"] and late_attention in kinds:
+            elif last in EARLY_ATTENTION_MARKS and late_attention in kinds:
                 lines.append(ab_line(name, kinds, late_attention, kind))  # before / after
             # prefetching, the attention's other launches, other split stages, unsplit,
             # a block asked by name, other activation blocks: against not
@@ -433,7 +438,8 @@ def arguments():
           "their PDL wait (off) or before it (on) (default: on)")
     _ways(parser, "--attention-release", ATTENTION_RELEASE_WAYS, "the fused kind once for "
           "each: norm + wqkv's kernel and the attention's split kernel release the next kernel "
-          "after their PDL wait or before it (default: after)")
+          "after their PDL wait, before it, or only the split kernel or norm + wqkv before it "
+          "(default: auto, by the step's weight bytes)")
     _ways(parser, "--fused-head", FUSED_HEAD_WAYS, "the fused kind once for each: the final norm "
           "and the output head as two kernels (off) or one (on) (default: off)")
     parser.add_argument("--tiles-file", nargs="+", metavar="FILE", help="benchmarks/"

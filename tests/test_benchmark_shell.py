@@ -555,17 +555,19 @@ def test_the_step_ab_runs_every_kind_unsplit_and_not(monkeypatch, tmp_path):
 
 
 def test_the_step_ab_sets_the_attention_s_early_release_against_its_late_one():
-    """--attention-release after before: the summary sets ".../early-attention" against
-    ".../late-attention" where both ran (their ratio, before / after), each against the
-    unmarked "auto" case only where the other did not run."""
+    """--attention-release after before split wqkv: the summary sets ".../early-attention",
+    ".../early-split" and ".../early-wqkv" against ".../late-attention" where it ran (their
+    ratio, before / after), each against the unmarked "auto" case only where it did not."""
     script = load_benchmark("step_kernels_ab")
     kinds = ("fused/recorded", "fused/recorded/late-attention",
-             "fused/recorded/early-attention")
+             "fused/recorded/early-attention", "fused/recorded/early-split",
+             "fused/recorded/early-wqkv")
     results = [_ab_result("llama-3.2-1b", "kernels", kind, 0, 50.0) for kind in kinds]
     summary = script.summary(results)
-    pair = "llama-3.2-1b: fused/recorded/early-attention / fused/recorded/late-attention:"
-    assert pair in summary
-    assert "llama-3.2-1b: fused/recorded/early-attention / fused/recorded:" not in summary
+    for early in ("attention", "split", "wqkv"):
+        pair = f"llama-3.2-1b: fused/recorded/early-{early} / fused/recorded/late-attention:"
+        assert pair in summary
+        assert f"llama-3.2-1b: fused/recorded/early-{early} / fused/recorded:" not in summary
     results = [r for r in results if r.config["ab"]["kernels"] != kinds[1]]  # no late one
     assert "llama-3.2-1b: fused/recorded/early-attention / fused/recorded:" \
         in script.summary(results)

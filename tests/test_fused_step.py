@@ -225,24 +225,27 @@ def test_an_early_release_moves_only_the_products_and_the_combine_s_release(monk
 @needs_triton
 def test_an_attention_release_moves_only_norm_wqkv_s_and_the_split_kernel_s_release(
         monkeypatch):
-    """pdl.ATTENTION_RELEASE "before" (an A/B's; "after" the default): the PDL launches of
-    norm + wqkv + RoPE and, in the fused step, the attention's split kernel (and the unsplit
-    one) release the next kernel before their wait, after what they load first (weight tiles
-    and the norm's weights; the cache block and the position), their builds otherwise
-    "after"'s (_releases_moved). The products, the combine and the split step's attention
-    build the same either way (here with EARLY_RELEASE "off", so that every "after" build is
+    """pdl.ATTENTION_RELEASE "before" (by name; "auto", the default, is "after" outside a
+    generator's step): the PDL launches of norm + wqkv + RoPE and, in the fused step, the
+    attention's split kernel (and the unsplit one) release the next kernel before their wait,
+    after what they load first (weight tiles and the norm's weights; the cache block and the
+    position), their builds otherwise "after"'s (_releases_moved); "wqkv" and "split" move
+    only that kernel's release. The products, the combine and the split step's attention
+    build the same every way (here with EARLY_RELEASE "off", so that every "after" build is
     pdl.py's order; the split kernel's build does not read it); a way there is not is
     refused."""
     from infermeter.engine.kernels import pdl
     from tests.test_pdl import pdl_launches
 
     monkeypatch.setattr(pdl, "EARLY_RELEASE", "off")
-    _releases_moved(monkeypatch, "ATTENTION_RELEASE", "before", {
-        "norm + wqkv + rope": (True,),
-        "fused step's attention": (True, False),  # split, combine
-        "fused step's unsplit attention": (True,),
-        "split step's attention": (False, False), "product + add": (False,),
-        "norm + w13 + swiglu": (False,), "norm + product": (False,)})
+    for early_way, wqkv, split in (("before", True, True), ("wqkv", True, False),
+                                   ("split", False, True)):  # "split", "wqkv": one kernel's
+        _releases_moved(monkeypatch, "ATTENTION_RELEASE", early_way, {
+            "norm + wqkv + rope": (wqkv,),
+            "fused step's attention": (split, False),  # split, combine
+            "fused step's unsplit attention": (split,),
+            "split step's attention": (False, False), "product + add": (False,),
+            "norm + w13 + swiglu": (False,), "norm + product": (False,)})
     monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "soon")
     with pytest.raises(ValueError, match="unknown ATTENTION_RELEASE 'soon'"):
         pdl_launches(monkeypatch, _release_calls(monkeypatch)["norm + wqkv + rope"])
@@ -675,7 +678,7 @@ def test_the_result_records_the_release_and_the_report_sets_a_late_one_aside(mon
     assert not off_default_kernels(seed_record(2))  # before the field: the default
 
 
-@pytest.mark.parametrize("way", ["auto", "after", "before"])
+@pytest.mark.parametrize("way", ["auto", "after", "before", "split"])
 def test_the_result_records_the_attention_s_release_and_the_report_sets_a_named_one_aside(
         monkeypatch, way):
     """config.attention_release: where the fused step's norm + wqkv and split kernels released
@@ -716,13 +719,13 @@ def test_the_generator_s_step_runs_inside_its_size_s_attention_release(monkeypat
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **options: lambda *args, **kwargs:
-                        seen.append(pdl.attention_release()))
+                        seen.append(pdl.attention_release("split")))
     monkeypatch.setattr(step_choice, "ATTENTION_FIRST_BYTES", line)
     monkeypatch.setattr(generator_module, "allow_step_graphs", lambda: None)
     gen = Generator(build_model(SPEC, device="cpu", dtype=torch.float32), max_seq_len=32)
     gen._compile_step()()
     assert seen == [line == 0]
-    assert pdl.attention_release() is False
+    assert pdl.attention_release("split") is False
 
 
 def test_the_attention_releases_early_from_its_line_of_weight_bytes_as_asked(monkeypatch):
@@ -738,16 +741,20 @@ def test_the_attention_releases_early_from_its_line_of_weight_bytes_as_asked(mon
     assert pdl.ATTENTION_RELEASE == "auto"
     assert [attention_release_way(int(b)) for b in (0.27e9, 0.99e9, ATTENTION_FIRST_BYTES,
                                                      2.47e9)] == ["after"] * 2 + ["before"] * 2
-    assert pdl.attention_release() is False
+    assert not any(pdl.attention_release(kernel) for kernel in pdl.ATTENTION_KERNELS)
     for first in (True, False):
         with pdl.releasing_attention(first):
-            assert pdl.attention_release() is first
-    assert pdl.attention_release() is False  # set back
-    for way in ("after", "before"):
+            assert all(pdl.attention_release(kernel) is first
+                       for kernel in pdl.ATTENTION_KERNELS)
+    assert not any(pdl.attention_release(kernel) for kernel in pdl.ATTENTION_KERNELS)
+    for way in ("after", "before", "split", "wqkv"):
         monkeypatch.setattr(pdl, "ATTENTION_RELEASE", way)
         assert attention_release_way(int(2.47e9)) == attention_release_way(0) == way
         with pdl.releasing_attention(way == "after"):  # a way by name wins over the size
-            assert pdl.attention_release() is (way == "before")
+            assert [pdl.attention_release(kernel) for kernel in ("split", "wqkv")] == [
+                way in ("before", "split"), way in ("before", "wqkv")], way
+    with pytest.raises(ValueError, match="unknown attention kernel 'wo'"):
+        pdl.attention_release("wo")
     monkeypatch.setattr(pdl, "ATTENTION_RELEASE", "early")
     with pytest.raises(ValueError, match="unknown ATTENTION_RELEASE 'early'"):
         attention_release_way(0)
@@ -839,3 +846,15 @@ def test_the_attention_release_part_times_both_then_checks_eager_s_tokens():
     test = "test_on_cuda_an_early_attention_release_gives_eager_s_tokens"
     assert f"fused_gpu_test {test} " in part_body("step-attention-release")
     assert callable(globals()[test])
+
+
+def test_the_attention_parts_part_times_each_kernel_s_release_alone():
+    """open_targets.sh step-attention-parts: the recorded fused step at the three small
+    models with both attention kernels releasing after their wait, then the split kernel's
+    alone before it, then norm + wqkv's alone, one round, in a file of its own."""
+    from tests.benchmark_scripts import part_arguments
+
+    step = part_arguments("step-attention-parts", "step_kernels_ab")
+    assert (step.attention_release, step.kernels, step.graphs, step.rounds, step.name) == (
+        ["after", "split", "wqkv"], ["fused"], ["recorded"], 1, "step-attention-parts")
+    assert step.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]

@@ -166,7 +166,8 @@ def test_the_attention_takes_the_pdl_way_it_is_told(monkeypatch, way, block):
         early_block = {"auto": fused, "on": True, "off": False}[block]
         assert decode_attention.early_block_for(fused) is early_block
         released = fused and release == "on"  # the combine's early release: the fused step's
-        split_first = fused and split_release == "before"  # the split kernel's, likewise
+        # the split kernel's, likewise ("auto" outside a generator's step: after the wait)
+        split_first = fused and split_release in ("before", "split")
         wanted = {"both": ("split_kv_decode_pdl", (True, 2, early_block, released, split_first)),
                   "combine": ("split_kv_decode_pdl",
                               (False, 2, early_block, released, split_first)),

@@ -55,8 +55,9 @@ ATTENTION_FIRST_BYTES = 1.5e9
 
 def attention_release_way(weight_bytes: int) -> str:
     """Where the fused step's norm + wqkv and split kernels release the next kernel, for a step
-    reading weight_bytes: "before" or "after" their wait, as pdl.ATTENTION_RELEASE asks, its
-    "auto" "before" from ATTENTION_FIRST_BYTES on."""
+    reading weight_bytes, as pdl.ATTENTION_RELEASE asks ("after" or "before" their wait, or
+    only one of them before: "split", "wqkv"), its "auto" "before" from ATTENTION_FIRST_BYTES
+    on and "after" below."""
     way = checked_way(pdl.ATTENTION_RELEASE, "ATTENTION_RELEASE", pdl.ATTENTION_RELEASE_WAYS)
     if way != "auto":
         return way

@@ -529,6 +529,6 @@ def decode_attention_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_pos
         return split_kv_decode_pdl(q, k_cache, v_cache, key_pos, query_pos, window, is_ring,
                                    n_splits, softcap, sinks, early, SPLIT_STAGES, early_block,
                                    fused_step and pdl.early_release(),
-                                   fused_step and pdl.attention_release())
+                                   fused_step and pdl.attention_release("split"))
     return split_kv_decode(q, k_cache, v_cache, key_pos, query_pos, window, is_ring, n_splits,
                            softcap, sinks)

@@ -555,7 +555,7 @@ def _norm_qkv_rope(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor 
            total, EPS=eps, GEMMA=gemma, HAS_BIAS=bias is not None, IS_RING=is_ring,
            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_K=block_k, UNCONTRACTED=compiled_for_gpu(x),
            QK_NORM=qk_norm, QK_GEMMA=qk_norm and qk_gemma, QK_EPS=qk_eps if qk_norm else 0.0,
-           AHEAD_ON=total > 0, EARLY_RELEASE=pdl and attention_release(), num_warps=warps,
+           AHEAD_ON=total > 0, EARLY_RELEASE=pdl and attention_release("wqkv"), num_warps=warps,
            num_stages=NUM_STAGES)
     return q
 

@@ -55,10 +55,11 @@ EARLY_RELEASE_WAYS = ("on", "off")
 EARLY_RELEASE = "on"
 # Whether the fused step's norm + wqkv (+ RoPE, cache write) kernel and its attention's split
 # kernel (or the unsplit one) release the next kernel after their own wait ("after") or before
-# it ("before"); "auto", the default since 2026-12-08, by the step's weight bytes
+# it ("before"), or only one of them before ("split": the split kernel; "wqkv": norm + wqkv);
+# "auto", the default since 2026-12-08, "before" or "after" by the step's weight bytes
 # (engine/step_choice.py's attention_release_way, which the generator passes in through
 # releasing_attention while it records a step). Read when the step is traced and recorded in
-# the Result (config.attention_release); "after" and "before" by name are an A/B's
+# the Result (config.attention_release); the ways by name are an A/B's
 # (benchmarks/step_kernels_ab.py --attention-release). With "before", and EARLY_RELEASE "on", no
 # kernel of a fused layer holds the next one back: each next kernel starts, and loads what it
 # may read before its wait, as soon as every program of this one has started. On an H100 that
@@ -71,7 +72,8 @@ EARLY_RELEASE = "on"
 # are done: kernels at a step's start (RoPE's rows, inductor's) release only after their wait.
 # And whatever a kernel reads after its wait, every kernel before it has finished: the wait
 # returns once the kernel before has ended, which it does after its own.
-ATTENTION_RELEASE_WAYS = ("auto", "after", "before")
+ATTENTION_RELEASE_WAYS = ("auto", "after", "before", "split", "wqkv")
+ATTENTION_KERNELS = ("split", "wqkv")  # the two kernels whose release it moves
 ATTENTION_RELEASE = "auto"
 _ATTENTION_FIRST = False  # "auto"'s answer for the step being recorded (releasing_attention)
 
@@ -116,12 +118,13 @@ def releasing_attention(first: bool) -> Iterator[None]:
         _ATTENTION_FIRST = before
 
 
-def attention_release() -> bool:
-    """Whether the fused step's norm + wqkv and split kernels release before their wait:
-    ATTENTION_RELEASE "before", or "auto" inside releasing_attention(True) (a way there is
-    not: a ValueError naming it)."""
+def attention_release(kernel: str) -> bool:
+    """Whether the fused step's `kernel` ("split" or "wqkv", ATTENTION_KERNELS) releases
+    before its wait: ATTENTION_RELEASE "before" or that kernel's own way, or "auto" inside
+    releasing_attention(True) (a way or a kernel there is not: a ValueError naming it)."""
     way = checked_way(ATTENTION_RELEASE, "ATTENTION_RELEASE", ATTENTION_RELEASE_WAYS)
-    return way == "before" or (way == "auto" and _ATTENTION_FIRST)
+    checked_way(kernel, "attention kernel", ATTENTION_KERNELS)
+    return way in ("before", kernel) or (way == "auto" and _ATTENTION_FIRST)
 
 
 def inductor_has_pdl() -> bool:
