@@ -196,7 +196,7 @@ if triton is not None:
         before this replay began), and the other slots were written by earlier steps; under
         PDL, where the kernel before (norm + wqkv or the q/k norms' kernel) releases this one
         only after its own wait, every kernel but that one has ended once this one starts; where
-        norm + wqkv releases it before (pdl.ATTENTION_RELEASE "before"), kernels of the layer
+        norm + wqkv releases it before (pdl.ATTENTION_RELEASE), kernels of the layer
         before may still run, but none of them writes the cache or the position, and the
         step's first kernels release only after their wait, so every earlier step has ended.
         So the block's bytes come while the kernel before still runs. EARLY_RELEASE (with

@@ -50,7 +50,7 @@ _ENABLED = False
 # product's kernel, an MoE block's router, the GEMV, inductor's kernels, which wait first), and
 # that wait returns only once this kernel has ended, which it does only after its own wait:
 # every earlier kernel is done by then. The attention, which reads its cache before its wait,
-# comes after norm + wqkv (or the q/k norms' kernel), which keep releasing after their wait.
+# comes after norm + wqkv (or the q/k norms' kernel), whose release ATTENTION_RELEASE places.
 EARLY_RELEASE_WAYS = ("on", "off")
 EARLY_RELEASE = "on"
 # Whether the fused step's norm + wqkv (+ RoPE, cache write) kernel and its attention's split
