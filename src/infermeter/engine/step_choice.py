@@ -57,11 +57,13 @@ def attention_release_way(weight_bytes: int) -> str:
     """Where the fused step's norm + wqkv and split kernels release the next kernel, for a step
     reading weight_bytes, as pdl.ATTENTION_RELEASE asks ("after" or "before" their wait, or
     only one of them before: "split", "wqkv"), its "auto" "before" from ATTENTION_FIRST_BYTES
-    on and "after" below."""
+    up to SMALL_STEP_BYTES (the fused recorded step's sizes, where it was measured) and
+    "after" elsewhere: below, where it lost, and above, where a fused step (a Qwen3-MoE
+    model's, or one asked for by name) has not been timed with it."""
     way = checked_way(pdl.ATTENTION_RELEASE, "ATTENTION_RELEASE", pdl.ATTENTION_RELEASE_WAYS)
     if way != "auto":
         return way
-    return "before" if weight_bytes >= ATTENTION_FIRST_BYTES else "after"
+    return "before" if ATTENTION_FIRST_BYTES <= weight_bytes <= SMALL_STEP_BYTES else "after"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ codegen): a kernel calls launch_dependents only after its own wait. So when a ke
 every kernel before its predecessor has finished, and only reads of the predecessor's outputs
 need the wait. Kernels launched without the attribute (cuBLAS, copies) behave as always. The
 exceptions are the fused step's products and combine (EARLY_RELEASE below) and, in the fused
-step of a model of 1.5 GB or more, its norm + wqkv and split kernels (ATTENTION_RELEASE).
+step of a model of 1.5 to 3 GB, its norm + wqkv and split kernels (ATTENTION_RELEASE).
 
 How it is launched: the Triton kernels take a PDL constexpr (the wait and the trigger are
 compiled in only then) and the launch attribute `launch_pdl`. Inductor does not pass launch
