@@ -259,12 +259,17 @@ class EngineRunner:
             return None
         return self.generator.model.head_fuses()
 
+    def _releases_movable(self) -> bool:
+        """Some layer ran fused, with PDL: the fused kernels had a release to move (the three
+        release fields below are None otherwise)."""
+        return self._step_kernels_used() not in (None, "split") and self.generator.pdl
+
     def _early_release_used(self) -> bool | None:
         """Whether the fused step's wo, w13 and w2 kernels and its attention's combine released
         the next kernel before their PDL wait (pdl.EARLY_RELEASE "on", the default; "off" an
         A/B's); None where no layer ran fused or the step ran without PDL (no release to
         move)."""
-        if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
+        if not self._releases_movable():
             return None
         from infermeter.engine.kernels import pdl  # only here, as decode_attention
 
@@ -275,14 +280,14 @@ class EngineRunner:
         "after" their PDL wait or "before" it (pdl.ATTENTION_RELEASE: "auto", the default, by
         the step's weight bytes; either by name an A/B's); None where no layer ran fused or the
         step ran without PDL (no release to move)."""
-        if self._step_kernels_used() in (None, "split") or not self.generator.pdl:
+        if not self._releases_movable():
             return None
         return attention_release_way(step_weight_bytes(self.generator.model))
 
     def _attention_release_asked(self) -> str | None:
         """pdl.ATTENTION_RELEASE as asked ("auto", the default, or a way by name, an A/B's),
         where _attention_release_used says a way."""
-        if self._attention_release_used() is None:
+        if not self._releases_movable():
             return None
         from infermeter.engine.kernels import pdl  # only here, as decode_attention
 

@@ -235,9 +235,9 @@ def _early_block_off_default(cfg: dict) -> bool:
 
 def _attention_release_off_default(cfg: dict) -> bool:
     """The fused norm + wqkv and split kernels' release asked by name
-    (config.attention_release_asked "after" or "before"; "auto" chooses by the step's size,
-    the default since 2026-12-08); before that field "after" was the default and "before"
-    (config.attention_release) the A/B's way."""
+    (config.attention_release_asked "after", "before", "split" or "wqkv"; "auto" chooses by
+    the step's size, the default since 2026-12-08); before that field "after" was the default
+    and "before" (config.attention_release) the A/B's way."""
     if "attention_release_asked" in cfg:
         return cfg["attention_release_asked"] not in (None, DEFAULT_ATTENTION_RELEASE)
     return cfg.get("attention_release") == "before"
