@@ -207,6 +207,10 @@
 #                        at 1B and loss below: the recorded fused step with both releasing
 #                        after their wait, then only the split kernel before it, then only
 #                        norm + wqkv, at 135M, 0.5B and 1B, one round (9 cases; not yet run)
+#   part step-large-fused Llama-2-7B fp16 at batch 1: split and fused step kernels, each in
+#                        inductor's graph trees and in our recorded step (4 cases, one
+#                        process, one round; about 4 x 80 s): whether the fused step, never
+#                        timed past 3 GB, beats the split one (the default there) at 7B too
 #   part step-head-stall where the fused head's 135M warm-up spends its time: that one case
 #                        under benchmarks/stack_watch.py, its main thread's whole stack every 20
 #                        s into step-head-stall-<device>.txt, ended after STALL_S seconds
@@ -229,8 +233,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
-  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
+  gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-large-fused|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss) ;;
+  *) echo "usage: bash benchmarks/open_targets.sh {gpu-tests|run|ab|ab-long|warmup|ttft|step|step-graphs|step-recorded|step-choice|step-line|step-prefetch|step-attention|step-unsplit|step-argmax|step-moe|step-batch|step-batch-argmax|step-batch-block|step-batch-prefill|step-batch-placement|step-batch-tuning|step-batch-issue-tree|step-large-issue-tree|step-large-prefill-graphs|step-large-switches|step-large-bisect|step-large-spread|step-large-traces|step-large-silu|step-batch-silu|step-compile-tuning|step-block|step-batch-prefill-graphs|step-batch-prefill-traces|step-batch-launcher|step-batch-edges|step-batch-graphs|dense|moe|moe-batches|expert-tiles|fused-tiles|step-tiles|step-tiles-table|step-tiles-full|step-head|step-early-release|step-attention-release|step-attention-parts|step-large-fused|step-head-stall|offload-reload|offload-traffic|offload-decode|long|trained|step-large|moe-large|gpt-oss} [GGUF]" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -558,6 +562,9 @@ case "${1:-}" in
     python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded --kernels fused \
       --attention-release after split wqkv --results "$dest" --name step-attention-parts \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
+  step-large-fused)
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded \
+      --kernels split fused --results "$dest" --name step-large-fused --models llama-2-7b ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there
     # (docs/engine.md): the stack watch writes the outer frames that started it too
