@@ -208,9 +208,10 @@
 #                        after their wait, then only the split kernel before it, then only
 #                        norm + wqkv, at 135M, 0.5B and 1B, one round (9 cases; not yet run)
 #   part step-large-fused Llama-2-7B fp16 at batch 1: split and fused step kernels, each in
-#                        inductor's graph trees and in our recorded step (4 cases, one
-#                        process, one round; about 4 x 80 s): whether the fused step, never
-#                        timed past 3 GB, beats the split one (the default there) at 7B too
+#                        our recorded step, then in inductor's graph trees (4 cases, one
+#                        process, one round; about 4 x 80 s; fused recorded against split in
+#                        the trees, the default there, come second and third): whether the
+#                        fused step, never timed past 3 GB, beats the split one at 7B too
 #   part step-head-stall where the fused head's 135M warm-up spends its time: that one case
 #                        under benchmarks/stack_watch.py, its main thread's whole stack every 20
 #                        s into step-head-stall-<device>.txt, ended after STALL_S seconds
@@ -563,7 +564,7 @@ case "${1:-}" in
       --attention-release after split wqkv --results "$dest" --name step-attention-parts \
       --models smollm2-135m qwen2.5-0.5b llama-3.2-1b ;;
   step-large-fused)
-    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs trees recorded \
+    python3 benchmarks/step_kernels_ab.py --rounds 1 --graphs recorded trees \
       --kernels split fused --results "$dest" --name step-large-fused --models llama-2-7b ;;
   step-head-stall)
     # faulthandler's dumps keep the innermost 100 frames, all inside inductor's recursion there

@@ -870,10 +870,12 @@ def test_the_attention_parts_part_times_each_kernel_s_release_alone():
 
 def test_the_large_fused_part_times_both_kernels_in_both_replays_at_7b():
     """open_targets.sh step-large-fused: Llama-2-7B, past the 3 GB line where `auto` runs the
-    split step in the trees, with split and fused kernels each in the trees and in our recorded
-    step, one round, in a file of its own, every other setting at its default."""
+    split step in the trees, with split and fused kernels each in our recorded step and then in
+    the trees (so the pair that decides, fused recorded and split in the trees, runs second
+    and third, before a cut at the command's limit), one round, in a file of its own, every
+    other setting at its default."""
     from tests.benchmark_scripts import part_arguments
 
     step = part_arguments("step-large-fused", "step_kernels_ab")
     assert (step.kernels, step.graphs, step.rounds, step.name, step.models, step.batch) == (
-        ["split", "fused"], ["trees", "recorded"], 1, "step-large-fused", ["llama-2-7b"], 1)
+        ["split", "fused"], ["recorded", "trees"], 1, "step-large-fused", ["llama-2-7b"], 1)
