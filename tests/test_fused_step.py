@@ -874,8 +874,12 @@ def test_the_large_fused_part_times_both_kernels_in_both_replays_at_7b():
     the trees (so the pair that decides, fused recorded and split in the trees, runs second
     and third, before a cut at the command's limit), one round, in a file of its own, every
     other setting at its default."""
-    from tests.benchmark_scripts import part_arguments
+    from tests.benchmark_scripts import load_benchmark, part_arguments
 
     step = part_arguments("step-large-fused", "step_kernels_ab")
     assert (step.kernels, step.graphs, step.rounds, step.name, step.models, step.batch) == (
         ["split", "fused"], ["recorded", "trees"], 1, "step-large-fused", ["llama-2-7b"], 1)
+    defaults = vars(load_benchmark("step_kernels_ab").arguments().parse_args([]))
+    named = {"kernels", "graphs", "rounds", "name", "models", "results"}
+    assert {k: v for k, v in vars(step).items() if k not in named} == {
+        k: v for k, v in defaults.items() if k not in named}
